@@ -1,0 +1,155 @@
+//! The hypervisor driver: the one seam between drover and the thing that runs VMs.
+//!
+//! The engine drives VMs only through [`Hypervisor`]. There are two implementations:
+//! - [`qemu::QemuDriver`] — the product path. Each VM is a `qemu-system-x86_64` process that outlives
+//!   drover, controlled over QMP on a unix socket; the guest talks back over a virtio-serial channel.
+//! - [`sim::SimulatedHypervisor`] — **a simulation for fast tests**. It keeps VMs in memory and
+//!   never starts a process. The product never falls back to it: `drover serve` builds it only when
+//!   asked with `--hypervisor simulated`, and it reports `kind() == "simulated"` everywhere.
+//!
+//! Every method is idempotent, because the session engine may run a saga step twice after a crash:
+//! powering on a running VM returns the running VM, powering off a stopped VM succeeds, deleting a
+//! deleted VM succeeds.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub mod image;
+pub mod qemu;
+pub mod qmp;
+pub mod sim;
+
+/// What the driver needs to know to run one VM. Built by the engine from the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub id: Uuid,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// In boot order; the first disk is the guest's data disk for the tiny guest.
+    pub disks: Vec<DiskSpec>,
+    pub nics: Vec<NicSpec>,
+    pub boot: BootSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Absolute path of a qcow2 image.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// The network name from the inventory. Without a configured bridge the NIC has no uplink.
+    pub network: String,
+    pub mac: String,
+}
+
+/// Direct kernel boot (what the tiny guest uses) or boot from the first disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    /// No process (never started, shut down, or powered off).
+    Off,
+    Running,
+    Paused,
+    /// The process is gone but drover did not stop it (crash, OOM, killed from outside).
+    Died,
+}
+
+/// What the guest reports over its channel.
+// No `Eq`: `uptime_secs` is an `f64`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Seconds since the guest booted, as the guest counts them.
+    pub uptime_secs: f64,
+    /// Content of the marker file on the data disk, when there is one.
+    pub marker: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownOutcome {
+    /// The guest shut itself down when asked (ACPI power button).
+    Graceful,
+    /// The guest did not stop within the timeout and was powered off.
+    ForcedOff,
+    /// It was not running.
+    AlreadyOff,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("VM {0} is not known to the driver")]
+    UnknownVm(Uuid),
+    #[error("VM {0} is not running")]
+    NotRunning(Uuid),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Qmp { command: String, class: String, desc: String },
+    #[error("QMP protocol: {0}")]
+    QmpProtocol(String),
+    #[error("guest channel: {0}")]
+    GuestChannel(String),
+    #[error("{program} failed: {stderr}")]
+    Tool { program: String, stderr: String },
+    #[error("invalid VM specification: {0}")]
+    InvalidSpec(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HvError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        HvError::Io { context: context.into(), source }
+    }
+}
+
+pub type HvResult<T> = Result<T, HvError>;
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync + std::fmt::Debug {
+    /// `"qemu"` or `"simulated"`; shown in `drover serve`'s start-up line and in the API.
+    fn kind(&self) -> &'static str;
+
+    /// Starts the VM. Idempotent: a running VM is left as it is.
+    async fn power_on(&self, spec: &VmSpec) -> HvResult<()>;
+
+    /// Asks the guest to shut down (ACPI), waits up to `timeout`, then powers off.
+    async fn shutdown(&self, vm: Uuid, timeout: Duration) -> HvResult<ShutdownOutcome>;
+
+    /// Stops the VM at once. Idempotent.
+    async fn power_off(&self, vm: Uuid) -> HvResult<()>;
+
+    async fn status(&self, vm: Uuid) -> HvResult<PowerState>;
+
+    /// Waits until the guest answers on its channel.
+    async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat>;
+
+    /// Writes the marker file on the guest's data disk and syncs it.
+    async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()>;
+
+    /// Removes what the driver keeps for the VM (runtime directory). Powers it off first.
+    /// Idempotent. Disk images are the engine's to delete, through [`image`].
+    async fn forget(&self, vm: Uuid) -> HvResult<()>;
+
+    /// Finds VMs that outlived a restart of drover and re-attaches to them.
+    /// Returns every VM the driver has state for, with its power state.
+    async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>>;
+}

@@ -1,0 +1,40 @@
+//! The domain error. Each API dialect maps it to HTTP in exactly one place.
+
+/// What went wrong, classified by who has to act: the caller (4xx) or us (`Internal`, `Unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The request is well-formed but the object's current state does not allow it.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn not_found(kind: &'static str, id: impl ToString) -> Self {
+        Error::NotFound { kind, id: id.to_string() }
+    }
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidRequest(msg.into())
+    }
+    pub fn conflict(msg: impl Into<String>) -> Self {
+        Error::Conflict(msg.into())
+    }
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

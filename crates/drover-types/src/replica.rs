@@ -1,0 +1,205 @@
+//! Replication jobs, replicas and restore points, and the replica lifecycle (DESIGN.md).
+//!
+//! ```text
+//!  Ready ─replication─▶ Processing ─done─▶ Ready
+//!  Ready ─failover ok─▶ Failover          Ready ─failover failed─▶ FailedFailover
+//!  Failover, FailedFailover ─undo─▶ Ready
+//!  Failover ─permanent─▶ PermanentFailover
+//!  Failover ─failback synced─▶ ReadyToSwitch ─switchover─▶ Failback
+//!  Failover ─switchover (one-shot failback)─▶ Failback
+//!  Failback ─commit─▶ Ready          Failback, ReadyToSwitch ─undo failback─▶ Failover
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    DatastoreId, Error, HostId, ReplicaId, ReplicationJobId, RestorePointId, Result, TenantId, Timestamp, VmId,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReplicaState {
+    Ready,
+    Processing,
+    Failover,
+    FailedFailover,
+    PermanentFailover,
+    ReadyToSwitch,
+    Failback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReplicaEvent {
+    ReplicationStarted,
+    ReplicationFinished,
+    FailedOver,
+    FailoverFailed,
+    FailoverUndone,
+    MadePermanent,
+    FailbackSynced,
+    SwitchedOver,
+    FailbackCommitted,
+    FailbackUndone,
+}
+
+impl ReplicaState {
+    pub fn apply(self, event: ReplicaEvent) -> Result<ReplicaState> {
+        use ReplicaEvent as E;
+        use ReplicaState as S;
+        Ok(match (self, event) {
+            (S::Ready, E::ReplicationStarted) => S::Processing,
+            (S::Processing, E::ReplicationFinished) => S::Ready,
+            (S::Ready, E::FailedOver) => S::Failover,
+            (S::Ready, E::FailoverFailed) => S::FailedFailover,
+            (S::Failover | S::FailedFailover, E::FailoverUndone) => S::Ready,
+            (S::Failover, E::MadePermanent) => S::PermanentFailover,
+            (S::Failover, E::FailbackSynced) => S::ReadyToSwitch,
+            (S::Failover | S::ReadyToSwitch, E::SwitchedOver) => S::Failback,
+            (S::Failback, E::FailbackCommitted) => S::Ready,
+            (S::Failback | S::ReadyToSwitch, E::FailbackUndone) => S::Failover,
+            (s, e) => return Err(Error::conflict(format!("a replica that is {s:?} cannot take {e:?}"))),
+        })
+    }
+
+    /// Replication may write restore points only in these states.
+    pub fn accepts_replication(self) -> bool {
+        self == ReplicaState::Ready
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Schedule {
+    /// Only on demand.
+    Manual,
+    Interval { secs: u32 },
+    /// Start the next cycle as soon as one ends.
+    Continuous,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationJob {
+    pub id: ReplicationJobId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub vm_ids: Vec<VmId>,
+    pub target_host_id: HostId,
+    pub target_datastore_id: DatastoreId,
+    pub schedule: Schedule,
+    /// Restore points to keep per replica.
+    pub retention_points: u32,
+    pub enabled: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+pub const MIN_INTERVAL_SECS: u32 = 10;
+pub const MAX_RETENTION_POINTS: u32 = 10_000;
+
+impl ReplicationJob {
+    pub fn validate(&self) -> Result<()> {
+        crate::validate_name("replication job", &self.name)?;
+        if self.vm_ids.is_empty() {
+            return Err(Error::invalid("a replication job needs at least one VM"));
+        }
+        let unique: std::collections::HashSet<_> = self.vm_ids.iter().collect();
+        if unique.len() != self.vm_ids.len() {
+            return Err(Error::invalid("a VM appears twice in the replication job"));
+        }
+        if let Schedule::Interval { secs } = self.schedule {
+            if secs < MIN_INTERVAL_SECS {
+                return Err(Error::invalid(format!("schedule interval must be at least {MIN_INTERVAL_SECS} s")));
+            }
+        }
+        if self.retention_points == 0 || self.retention_points > MAX_RETENTION_POINTS {
+            return Err(Error::invalid(format!("retention_points must be between 1 and {MAX_RETENTION_POINTS}")));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: ReplicaId,
+    pub tenant_id: TenantId,
+    pub job_id: ReplicationJobId,
+    pub source_vm_id: VmId,
+    pub target_datastore_id: DatastoreId,
+    pub state: ReplicaState,
+    /// The point a failed-over replica booted from.
+    pub failover_point_id: Option<RestorePointId>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePoint {
+    pub id: RestorePointId,
+    pub replica_id: ReplicaId,
+    /// Increases by one per published point of a replica.
+    pub sequence: u64,
+    pub created_at: Timestamp,
+    /// Total bytes written into this point's overlays.
+    pub size_bytes: u64,
+    /// Hash over the per-disk block manifests.
+    pub manifest_hash: String,
+    pub verified: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_event() -> impl Strategy<Value = ReplicaEvent> {
+        use ReplicaEvent as E;
+        prop_oneof![
+            Just(E::ReplicationStarted),
+            Just(E::ReplicationFinished),
+            Just(E::FailedOver),
+            Just(E::FailoverFailed),
+            Just(E::FailoverUndone),
+            Just(E::MadePermanent),
+            Just(E::FailbackSynced),
+            Just(E::SwitchedOver),
+            Just(E::FailbackCommitted),
+            Just(E::FailbackUndone),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn permanent_failover_is_final(events in proptest::collection::vec(any_event(), 0..50)) {
+            let mut s = ReplicaState::Ready;
+            let mut permanent = false;
+            for e in events {
+                if let Ok(next) = s.apply(e) {
+                    prop_assert!(!permanent, "left PermanentFailover with {:?}", e);
+                    permanent = next == ReplicaState::PermanentFailover;
+                    s = next;
+                }
+            }
+        }
+
+        #[test]
+        fn replication_never_touches_a_failed_over_replica(events in proptest::collection::vec(any_event(), 0..50)) {
+            let mut s = ReplicaState::Ready;
+            for e in events {
+                let r = s.apply(e);
+                if e == ReplicaEvent::ReplicationStarted {
+                    prop_assert_eq!(r.is_ok(), s == ReplicaState::Ready);
+                }
+                if let Ok(next) = r { s = next; }
+            }
+        }
+    }
+
+    #[test]
+    fn the_failback_story() {
+        use ReplicaEvent as E;
+        let s = [E::FailedOver, E::FailbackSynced, E::SwitchedOver, E::FailbackCommitted]
+            .into_iter()
+            .try_fold(ReplicaState::Ready, |s, e| s.apply(e))
+            .unwrap();
+        assert_eq!(s, ReplicaState::Ready);
+        assert!(ReplicaState::Ready.apply(E::FailbackCommitted).is_err());
+    }
+}
