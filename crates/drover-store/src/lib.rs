@@ -1,1 +1,1049 @@
-//! placeholder
+//! The Store facade: the only code in drover that speaks SQL.
+//!
+//! The engine and the application layer call the methods here; nothing else issues queries.
+//! SQLite in WAL mode is the embedded default. Queries use `$N` placeholders and portable SQL so
+//! that a PostgreSQL backend can sit behind the same facade (a later issue adds it).
+//!
+//! Inventory objects (sites, hosts, datastores, VMs, jobs, replicas, plans, recovery locations) are
+//! stored as typed JSON documents with their queried columns beside them, see [`Entity`]; sessions,
+//! tasks, logs, saga steps, users and tokens have tables of their own because they are filtered,
+//! paged and updated field by field.
+//!
+//! Invariant: every write that must not be half-done (a session with its tasks, an object with its
+//! references) happens in one transaction.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use drover_types::{
+    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionResult, SessionState,
+    SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+mod entity;
+pub use entity::Entity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Domain(#[from] Error),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Domain(d) => d,
+            StoreError::Database(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Error::AlreadyExists(format!("an object with the same name already exists ({})", db.message()))
+            }
+            StoreError::Database(sqlx::Error::PoolTimedOut) => Error::Unavailable("the database is busy".into()),
+            other => {
+                // Keep the chain in the message: this is what an operator reads in the log.
+                let mut msg = other.to_string();
+                let mut src = std::error::Error::source(&other);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                Error::Internal(msg)
+            }
+        }
+    }
+}
+
+type StoreResult<T> = std::result::Result<T, StoreError>;
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Filters for listing sessions. Every field narrows the list.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    pub kind: Option<SessionKind>,
+    pub state: Option<SessionState>,
+    pub result: Option<SessionResult>,
+    pub target_id: Option<Uuid>,
+    pub created_after: Option<Timestamp>,
+    /// Newest first when false (the default), oldest first when true.
+    pub oldest_first: bool,
+    pub offset: u64,
+    pub limit: u64,
+}
+
+/// A token as stored: only the hash of its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub hash: String,
+    pub kind: TokenKind,
+    pub user_id: UserId,
+    pub family: Uuid,
+    pub expires_at: Timestamp,
+    pub used_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Access,
+    Refresh,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Access => "access",
+            TokenKind::Refresh => "refresh",
+        }
+    }
+}
+
+/// What `refresh_token_consume` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The token was valid and is now used.
+    Consumed(TokenRecord),
+    /// The token had been used before: a sign of theft. Its whole family has been revoked.
+    Reused,
+    /// Unknown or expired.
+    Invalid,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> StoreResult<Timestamp> {
+    chrono::DateTime::from_timestamp_millis(v).ok_or_else(|| StoreError::Corrupt(format!("timestamp {v}")))
+}
+
+fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<Timestamp>> {
+    v.map(from_ms).transpose()
+}
+
+/// Unit enums are stored by their serde name ("Working"), the same name the JSON API shows.
+fn enum_str<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+fn enum_parse<T: DeserializeOwned>(s: &str) -> StoreResult<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| StoreError::Corrupt(format!("unknown enum value {s:?}")))
+}
+
+fn uuid_parse(s: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(s).map_err(|_| StoreError::Corrupt(format!("bad uuid {s:?}")))
+}
+
+fn json_parse<T: DeserializeOwned>(s: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad JSON document: {e}")))
+}
+
+fn json_str<T: Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and brings its schema up to date.
+    pub async fn open_sqlite(path: &Path) -> Result<Store> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a committed transaction survives a power cut, not only a killed process.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(StoreError::from)?;
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/sqlite").run(&self.pool).await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    /// Cheap liveness check for health endpoints.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Tenants and users
+
+    pub async fn tenant_create(&self, tenant: &Tenant) -> Result<()> {
+        sqlx::query("INSERT INTO tenants (id, name, is_system, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(tenant.id.to_string())
+            .bind(&tenant.name)
+            .bind(tenant.is_system)
+            .bind(ms(tenant.created_at))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| unique_as(e, format!("a tenant named {:?} already exists", tenant.name)))?;
+        Ok(())
+    }
+
+    pub async fn tenant_get(&self, id: TenantId) -> Result<Tenant> {
+        let row = sqlx::query("SELECT id, name, is_system, created_at FROM tenants WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?
+            .ok_or_else(|| Error::not_found(TenantId::KIND, id))?;
+        Ok(tenant_from_row(&row)?)
+    }
+
+    pub async fn tenant_list(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query("SELECT id, name, is_system, created_at FROM tenants ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows.iter().map(tenant_from_row).collect::<StoreResult<_>>()?)
+    }
+
+    pub async fn tenant_system(&self) -> Result<Option<Tenant>> {
+        let row = sqlx::query("SELECT id, name, is_system, created_at FROM tenants WHERE is_system = $1")
+            .bind(true)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(row.as_ref().map(tenant_from_row).transpose()?)
+    }
+
+    pub async fn user_create(&self, user: &User, password_hash: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (id, tenant_id, name, role, password_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(user.id.to_string())
+        .bind(user.tenant_id.to_string())
+        .bind(&user.name)
+        .bind(user.role.as_str())
+        .bind(password_hash)
+        .bind(ms(user.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| unique_as(e, format!("a user named {:?} already exists", user.name)))?;
+        Ok(())
+    }
+
+    pub async fn user_get(&self, id: UserId) -> Result<User> {
+        let row = sqlx::query("SELECT id, tenant_id, name, role, created_at FROM users WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?
+            .ok_or_else(|| Error::not_found(UserId::KIND, id))?;
+        Ok(user_from_row(&row)?)
+    }
+
+    /// The user and its password hash, for logging in. Names are matched exactly.
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<(User, String)>> {
+        let row =
+            sqlx::query("SELECT id, tenant_id, name, role, created_at, password_hash FROM users WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::from)?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let hash: String = r.try_get("password_hash").map_err(StoreError::from)?;
+                Ok(Some((user_from_row(&r)?, hash)))
+            }
+        }
+    }
+
+    pub async fn user_list(&self, tenant: TenantId) -> Result<Vec<User>> {
+        let rows =
+            sqlx::query("SELECT id, tenant_id, name, role, created_at FROM users WHERE tenant_id = $1 ORDER BY name")
+                .bind(tenant.to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::from)?;
+        Ok(rows.iter().map(user_from_row).collect::<StoreResult<_>>()?)
+    }
+
+    pub async fn user_count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(n as u64)
+    }
+
+    pub async fn user_delete(&self, tenant: TenantId, id: UserId) -> Result<()> {
+        let done = sqlx::query("DELETE FROM users WHERE id = $1 AND tenant_id = $2")
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(UserId::KIND, id));
+        }
+        Ok(())
+    }
+
+    pub async fn user_set_password(&self, id: UserId, password_hash: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(password_hash)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(UserId::KIND, id));
+        }
+        // A new password ends every login made with the old one.
+        sqlx::query("DELETE FROM tokens WHERE user_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Tokens
+
+    pub async fn token_insert(&self, t: &TokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens (hash, kind, user_id, family, expires_at, used_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&t.hash)
+        .bind(t.kind.as_str())
+        .bind(t.user_id.to_string())
+        .bind(t.family.to_string())
+        .bind(ms(t.expires_at))
+        .bind(t.used_at.map(ms))
+        .bind(ms(t.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// A valid (unexpired) access token.
+    pub async fn access_token_get(&self, hash: &str, now: Timestamp) -> Result<Option<TokenRecord>> {
+        let row = sqlx::query(
+            "SELECT hash, kind, user_id, family, expires_at, used_at, created_at FROM tokens
+             WHERE hash = $1 AND kind = 'access' AND expires_at > $2",
+        )
+        .bind(hash)
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(row.as_ref().map(token_from_row).transpose()?)
+    }
+
+    /// Uses a refresh token once. The check and the marking are one conditional UPDATE, so two
+    /// concurrent uses cannot both succeed; a second use revokes the whole family.
+    pub async fn refresh_token_consume(&self, hash: &str, now: Timestamp) -> Result<RefreshOutcome> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let updated = sqlx::query(
+            "UPDATE tokens SET used_at = $1 WHERE hash = $2 AND kind = 'refresh' AND used_at IS NULL AND expires_at > $1",
+        )
+        .bind(ms(now))
+        .bind(hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let row = sqlx::query(
+            "SELECT hash, kind, user_id, family, expires_at, used_at, created_at FROM tokens WHERE hash = $1 AND kind = 'refresh'",
+        )
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let outcome = match row {
+            None => RefreshOutcome::Invalid,
+            Some(r) => {
+                let rec = token_from_row(&r)?;
+                if updated.rows_affected() == 1 {
+                    RefreshOutcome::Consumed(rec)
+                } else if rec.used_at.is_some() && rec.expires_at > now {
+                    sqlx::query("DELETE FROM tokens WHERE family = $1")
+                        .bind(rec.family.to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                    RefreshOutcome::Reused
+                } else {
+                    RefreshOutcome::Invalid
+                }
+            }
+        };
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(outcome)
+    }
+
+    pub async fn tokens_purge_expired(&self, now: Timestamp) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM tokens WHERE expires_at <= $1")
+            .bind(ms(now))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(done.rows_affected())
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Inventory
+
+    /// Inserts a new object with its references, in one transaction. Every referenced object must
+    /// exist in the same tenant.
+    pub async fn object_insert<T: Entity>(&self, obj: &T) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        check_refs(&mut tx, obj).await?;
+        let now = ms(drover_types::now());
+        sqlx::query(
+            "INSERT INTO inventory (kind, id, tenant_id, name, body, version, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, 1, $6, $6)",
+        )
+        .bind(T::KIND)
+        .bind(obj.id().to_string())
+        .bind(obj.tenant().to_string())
+        .bind(obj.name())
+        .bind(json_str(obj)?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unique_as(e, format!("a {} named {:?} already exists", T::LABEL, obj.name())))?;
+        write_refs(&mut tx, obj).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    pub async fn object_get<T: Entity>(&self, tenant: TenantId, id: Uuid) -> Result<T> {
+        let row = sqlx::query("SELECT body FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?
+            .ok_or_else(|| Error::not_found(T::LABEL, id))?;
+        let body: String = row.try_get("body").map_err(StoreError::from)?;
+        Ok(json_parse(&body)?)
+    }
+
+    /// Looks an object up in any tenant. Only for the engine's recovery and background work,
+    /// never on behalf of a user.
+    pub async fn object_get_any_tenant<T: Entity>(&self, id: Uuid) -> Result<T> {
+        let row = sqlx::query("SELECT body FROM inventory WHERE kind = $1 AND id = $2")
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?
+            .ok_or_else(|| Error::not_found(T::LABEL, id))?;
+        let body: String = row.try_get("body").map_err(StoreError::from)?;
+        Ok(json_parse(&body)?)
+    }
+
+    /// All objects of a kind in a tenant, by name.
+    pub async fn object_list<T: Entity>(&self, tenant: TenantId) -> Result<Vec<T>> {
+        let rows = sqlx::query("SELECT body FROM inventory WHERE kind = $1 AND tenant_id = $2 ORDER BY name")
+            .bind(T::KIND)
+            .bind(tenant.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|r| {
+                let body: String = r.try_get("body").map_err(StoreError::from)?;
+                Ok(json_parse(&body)?)
+            })
+            .collect()
+    }
+
+    /// Reads, changes and writes one object. `change` may refuse with a domain error, which is
+    /// returned and changes nothing. A concurrent writer makes the cycle start again.
+    pub async fn object_modify<T, F, R>(&self, tenant: TenantId, id: Uuid, mut change: F) -> Result<(T, R)>
+    where
+        T: Entity,
+        F: FnMut(&mut T) -> Result<R>,
+    {
+        for _ in 0..20 {
+            let row = sqlx::query("SELECT body, version FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
+                .bind(T::KIND)
+                .bind(id.to_string())
+                .bind(tenant.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::from)?
+                .ok_or_else(|| Error::not_found(T::LABEL, id))?;
+            let body: String = row.try_get("body").map_err(StoreError::from)?;
+            let version: i64 = row.try_get("version").map_err(StoreError::from)?;
+            let mut obj: T = json_parse(&body)?;
+            let out = change(&mut obj)?;
+            if obj.id() != id || obj.tenant() != tenant {
+                return Err(Error::internal("an update may not change an object's id or tenant"));
+            }
+            let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+            check_refs(&mut tx, &obj).await?;
+            let done = sqlx::query(
+                "UPDATE inventory SET name = $1, body = $2, version = version + 1, updated_at = $3
+                 WHERE kind = $4 AND id = $5 AND version = $6",
+            )
+            .bind(obj.name())
+            .bind(json_str(&obj)?)
+            .bind(ms(drover_types::now()))
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unique_as(e, format!("a {} named {:?} already exists", T::LABEL, obj.name())))?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await.map_err(StoreError::from)?;
+                tokio_yield().await;
+                continue;
+            }
+            sqlx::query("DELETE FROM inventory_refs WHERE from_kind = $1 AND from_id = $2")
+                .bind(T::KIND)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            write_refs(&mut tx, &obj).await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            return Ok((obj, out));
+        }
+        Err(Error::Unavailable(format!("{} {id} is being changed by others; try again", T::LABEL)))
+    }
+
+    /// Deletes an object nothing refers to.
+    pub async fn object_delete<T: Entity>(&self, tenant: TenantId, id: Uuid) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let exists = sqlx::query("SELECT 1 FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if exists.is_none() {
+            return Err(Error::not_found(T::LABEL, id));
+        }
+        let users = sqlx::query(
+            "SELECT r.from_kind, i.name FROM inventory_refs r JOIN inventory i ON i.kind = r.from_kind AND i.id = r.from_id
+             WHERE r.to_kind = $1 AND r.to_id = $2 ORDER BY i.name",
+        )
+        .bind(T::KIND)
+        .bind(id.to_string())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        if !users.is_empty() {
+            let names: Vec<String> = users
+                .iter()
+                .take(5)
+                .map(|r| {
+                    let kind: String = r.get("from_kind");
+                    let name: String = r.get("name");
+                    format!("{} {name:?}", entity::label_of(&kind))
+                })
+                .collect();
+            return Err(Error::conflict(format!(
+                "{} {id} is still used by {}{}",
+                T::LABEL,
+                names.join(", "),
+                if users.len() > 5 { " and others" } else { "" }
+            )));
+        }
+        sqlx::query("DELETE FROM inventory WHERE kind = $1 AND id = $2")
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        sqlx::query("DELETE FROM inventory_refs WHERE from_kind = $1 AND from_id = $2")
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Sessions, tasks, logs, saga steps
+
+    /// Creates a session with its tasks in one transaction.
+    pub async fn session_insert(&self, s: &Session, tasks: &[Task]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let (target_kind, target_id) = target_parts(&s.target);
+        sqlx::query(
+            "INSERT INTO sessions (id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
+                                   failure_message, params, halt_requested, created_at, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(s.id.to_string())
+        .bind(s.tenant_id.to_string())
+        .bind(s.kind.as_str())
+        .bind(&s.name)
+        .bind(target_kind)
+        .bind(target_id.to_string())
+        .bind(enum_str(&s.state))
+        .bind(enum_str(&s.result))
+        .bind(i64::from(s.progress))
+        .bind(&s.failure_message)
+        .bind(json_str(&s.params)?)
+        .bind(s.halt_requested)
+        .bind(ms(s.created_at))
+        .bind(s.ended_at.map(ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        for (position, t) in tasks.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO tasks (id, session_id, position, vm_id, name, state, result, progress, weight,
+                                    failure_message, created_at, ended_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(t.id.to_string())
+            .bind(s.id.to_string())
+            .bind(position as i64)
+            .bind(t.vm_id.map(|v| v.to_string()))
+            .bind(&t.name)
+            .bind(enum_str(&t.state))
+            .bind(enum_str(&t.result))
+            .bind(i64::from(t.progress))
+            .bind(i64::from(t.weight))
+            .bind(&t.failure_message)
+            .bind(ms(t.created_at))
+            .bind(t.ended_at.map(ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    pub async fn session_get(&self, tenant: Option<TenantId>, id: SessionId) -> Result<Session> {
+        let row = sqlx::query(&format!("{SESSION_SELECT} WHERE id = $1 AND ($2 IS NULL OR tenant_id = $2)"))
+            .bind(id.to_string())
+            .bind(tenant.map(|t| t.to_string()))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?
+            .ok_or_else(|| Error::not_found(SessionId::KIND, id))?;
+        Ok(session_from_row(&row)?)
+    }
+
+    /// A page of a tenant's sessions and the total that match the filter.
+    pub async fn session_list(&self, tenant: TenantId, f: &SessionFilter) -> Result<(Vec<Session>, u64)> {
+        let where_clause = "WHERE tenant_id = $1 AND ($2 IS NULL OR kind = $2) AND ($3 IS NULL OR state = $3)
+             AND ($4 IS NULL OR result = $4) AND ($5 IS NULL OR target_id = $5) AND ($6 IS NULL OR created_at >= $6)";
+        let order = if f.oldest_first { "ASC" } else { "DESC" };
+        let sql = format!("{SESSION_SELECT} {where_clause} ORDER BY created_at {order}, id {order} LIMIT $7 OFFSET $8");
+        let rows = sqlx::query(&sql)
+            .bind(tenant.to_string())
+            .bind(f.kind.map(|k| k.as_str()))
+            .bind(f.state.map(|s| enum_str(&s)))
+            .bind(f.result.map(|r| enum_str(&r)))
+            .bind(f.target_id.map(|t| t.to_string()))
+            .bind(f.created_after.map(ms))
+            .bind(f.limit.min(i64::MAX as u64) as i64)
+            .bind(f.offset.min(i64::MAX as u64) as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM sessions {where_clause}"))
+            .bind(tenant.to_string())
+            .bind(f.kind.map(|k| k.as_str()))
+            .bind(f.state.map(|s| enum_str(&s)))
+            .bind(f.result.map(|r| enum_str(&r)))
+            .bind(f.target_id.map(|t| t.to_string()))
+            .bind(f.created_after.map(ms))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        let sessions = rows.iter().map(session_from_row).collect::<StoreResult<_>>()?;
+        Ok((sessions, total as u64))
+    }
+
+    /// Sessions that are not stopped, oldest first: what the engine resumes on start.
+    pub async fn sessions_unfinished(&self) -> Result<Vec<Session>> {
+        let rows = sqlx::query(&format!("{SESSION_SELECT} WHERE state <> 'Stopped' ORDER BY created_at"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows.iter().map(session_from_row).collect::<StoreResult<_>>()?)
+    }
+
+    /// Writes a session's mutable fields.
+    pub async fn session_update(&self, s: &Session) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE sessions SET state = $1, result = $2, progress = $3, failure_message = $4, params = $5,
+                                 halt_requested = $6, ended_at = $7 WHERE id = $8",
+        )
+        .bind(enum_str(&s.state))
+        .bind(enum_str(&s.result))
+        .bind(i64::from(s.progress))
+        .bind(&s.failure_message)
+        .bind(json_str(&s.params)?)
+        .bind(s.halt_requested)
+        .bind(s.ended_at.map(ms))
+        .bind(s.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(SessionId::KIND, s.id));
+        }
+        Ok(())
+    }
+
+    /// Marks a halt request; returns false when the session had already stopped.
+    pub async fn session_request_halt(&self, id: SessionId) -> Result<bool> {
+        let done = sqlx::query("UPDATE sessions SET halt_requested = $1 WHERE id = $2 AND state <> 'Stopped'")
+            .bind(true)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn tasks_of(&self, session: SessionId) -> Result<Vec<Task>> {
+        let rows = sqlx::query(
+            "SELECT id, session_id, vm_id, name, state, result, progress, weight, failure_message, created_at, ended_at
+             FROM tasks WHERE session_id = $1 ORDER BY position",
+        )
+        .bind(session.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(rows.iter().map(task_from_row).collect::<StoreResult<_>>()?)
+    }
+
+    pub async fn task_update(&self, t: &Task) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = $1, result = $2, progress = $3, failure_message = $4, ended_at = $5 WHERE id = $6",
+        )
+        .bind(enum_str(&t.state))
+        .bind(enum_str(&t.result))
+        .bind(i64::from(t.progress))
+        .bind(&t.failure_message)
+        .bind(t.ended_at.map(ms))
+        .bind(t.id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(TaskId::KIND, t.id));
+        }
+        Ok(())
+    }
+
+    /// Appends to a session's log and returns the entry's position.
+    pub async fn log_append(
+        &self,
+        session: SessionId,
+        task: Option<TaskId>,
+        level: LogLevel,
+        message: &str,
+    ) -> Result<i64> {
+        // The sequence is computed inside the INSERT so concurrent appends cannot share it; a
+        // collision (two writers at once) is retried.
+        for _ in 0..10 {
+            let res = sqlx::query_scalar::<_, i64>(
+                "INSERT INTO session_log (session_id, seq, task_id, at, level, message)
+                 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM session_log WHERE session_id = $1
+                 RETURNING seq",
+            )
+            .bind(session.to_string())
+            .bind(task.map(|t| t.to_string()))
+            .bind(ms(drover_types::now()))
+            .bind(enum_str(&level))
+            .bind(message)
+            .fetch_one(&self.pool)
+            .await;
+            match res {
+                Ok(seq) => return Ok(seq),
+                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => continue,
+                Err(e) => return Err(StoreError::from(e).into()),
+            }
+        }
+        Err(Error::Unavailable("the session log is busy".into()))
+    }
+
+    /// Log entries after `after_seq`, at most `limit`.
+    pub async fn log_list(&self, session: SessionId, after_seq: i64, limit: u64) -> Result<Vec<LogEntry>> {
+        let rows = sqlx::query(
+            "SELECT session_id, seq, task_id, at, level, message FROM session_log
+             WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(session.to_string())
+        .bind(after_seq)
+        .bind(limit.min(i64::MAX as u64) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|r| -> StoreResult<LogEntry> {
+                Ok(LogEntry {
+                    session_id: SessionId(uuid_parse(r.try_get("session_id")?)?),
+                    seq: r.try_get("seq")?,
+                    task_id: r
+                        .try_get::<Option<String>, _>("task_id")?
+                        .map(|t| uuid_parse(&t).map(TaskId))
+                        .transpose()?,
+                    at: from_ms(r.try_get("at")?)?,
+                    level: enum_parse(r.try_get("level")?)?,
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect::<StoreResult<_>>()
+            .map_err(Error::from)
+    }
+
+    /// Records a saga step's state. Written before a step runs and after it ends.
+    pub async fn step_put(&self, s: &StepRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO saga_steps (session_id, position, task_id, name, state, attempts, output, error, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (session_id, position) DO UPDATE SET task_id = excluded.task_id, name = excluded.name,
+                 state = excluded.state, attempts = excluded.attempts, output = excluded.output,
+                 error = excluded.error, updated_at = excluded.updated_at",
+        )
+        .bind(s.session_id.to_string())
+        .bind(i64::from(s.index))
+        .bind(s.task_id.map(|t| t.to_string()))
+        .bind(&s.name)
+        .bind(enum_str(&s.state))
+        .bind(i64::from(s.attempts))
+        .bind(json_str(&s.output)?)
+        .bind(&s.error)
+        .bind(ms(s.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    pub async fn steps_of(&self, session: SessionId) -> Result<Vec<StepRecord>> {
+        let rows = sqlx::query(
+            "SELECT session_id, position, task_id, name, state, attempts, output, error, updated_at
+             FROM saga_steps WHERE session_id = $1 ORDER BY position",
+        )
+        .bind(session.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|r| -> StoreResult<StepRecord> {
+                let position: i64 = r.try_get("position")?;
+                let attempts: i64 = r.try_get("attempts")?;
+                Ok(StepRecord {
+                    session_id: SessionId(uuid_parse(r.try_get("session_id")?)?),
+                    task_id: r
+                        .try_get::<Option<String>, _>("task_id")?
+                        .map(|t| uuid_parse(&t).map(TaskId))
+                        .transpose()?,
+                    index: u32::try_from(position).map_err(|_| StoreError::Corrupt("step position".into()))?,
+                    name: r.try_get("name")?,
+                    state: enum_parse::<StepState>(r.try_get("state")?)?,
+                    attempts: u32::try_from(attempts).map_err(|_| StoreError::Corrupt("step attempts".into()))?,
+                    output: json_parse(r.try_get("output")?)?,
+                    error: r.try_get("error")?,
+                    updated_at: from_ms(r.try_get("updated_at")?)?,
+                })
+            })
+            .collect::<StoreResult<_>>()
+            .map_err(Error::from)
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Settings
+
+    pub async fn setting_get(&self, name: &str) -> Result<Option<String>> {
+        let v = sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(v)
+    }
+
+    pub async fn setting_put(&self, name: &str, value: &str) -> Result<()> {
+        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+            .bind(name)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+}
+
+async fn tokio_yield() {
+    tokio::task::yield_now().await;
+}
+
+const SESSION_SELECT: &str = "SELECT id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
+    failure_message, params, halt_requested, created_at, ended_at FROM sessions";
+
+fn unique_as(e: sqlx::Error, message: String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Domain(Error::AlreadyExists(message)),
+        _ => StoreError::Database(e),
+    }
+}
+
+async fn check_refs<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, obj: &T) -> Result<()> {
+    for (kind, id) in obj.refs() {
+        let found = sqlx::query("SELECT 1 FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
+            .bind(kind)
+            .bind(id.to_string())
+            .bind(obj.tenant().to_string())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(StoreError::from)?;
+        if found.is_none() {
+            return Err(Error::invalid(format!("{} {id} does not exist", entity::label_of(kind))));
+        }
+    }
+    Ok(())
+}
+
+async fn write_refs<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, obj: &T) -> Result<()> {
+    for (kind, id) in obj.refs() {
+        sqlx::query(
+            "INSERT INTO inventory_refs (from_kind, from_id, to_kind, to_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(T::KIND)
+        .bind(obj.id().to_string())
+        .bind(kind)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::from)?;
+    }
+    Ok(())
+}
+
+fn target_parts(t: &SessionTarget) -> (&'static str, Uuid) {
+    match t {
+        SessionTarget::Vm(v) => ("vm", v.0),
+        SessionTarget::Plan(p) => ("plan", p.0),
+        SessionTarget::ReplicationJob(j) => ("replication_job", j.0),
+    }
+}
+
+fn tenant_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<Tenant> {
+    Ok(Tenant {
+        id: TenantId(uuid_parse(r.try_get("id")?)?),
+        name: r.try_get("name")?,
+        is_system: r.try_get("is_system")?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+    })
+}
+
+fn user_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
+    Ok(User {
+        id: UserId(uuid_parse(r.try_get("id")?)?),
+        tenant_id: TenantId(uuid_parse(r.try_get("tenant_id")?)?),
+        name: r.try_get("name")?,
+        role: Role::from_str(r.try_get("role")?).map_err(StoreError::Domain)?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+    })
+}
+
+fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<TokenRecord> {
+    let kind: String = r.try_get("kind")?;
+    Ok(TokenRecord {
+        hash: r.try_get("hash")?,
+        kind: if kind == "refresh" { TokenKind::Refresh } else { TokenKind::Access },
+        user_id: UserId(uuid_parse(r.try_get("user_id")?)?),
+        family: uuid_parse(r.try_get("family")?)?,
+        expires_at: from_ms(r.try_get("expires_at")?)?,
+        used_at: opt_from_ms(r.try_get("used_at")?)?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+    })
+}
+
+fn session_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<Session> {
+    let target_kind: String = r.try_get("target_kind")?;
+    let target_id = uuid_parse(r.try_get("target_id")?)?;
+    let target = match target_kind.as_str() {
+        "vm" => SessionTarget::Vm(target_id.into()),
+        "plan" => SessionTarget::Plan(target_id.into()),
+        "replication_job" => SessionTarget::ReplicationJob(target_id.into()),
+        other => return Err(StoreError::Corrupt(format!("session target kind {other:?}"))),
+    };
+    let progress: i64 = r.try_get("progress")?;
+    Ok(Session {
+        id: SessionId(uuid_parse(r.try_get("id")?)?),
+        tenant_id: TenantId(uuid_parse(r.try_get("tenant_id")?)?),
+        kind: SessionKind::from_str(r.try_get("kind")?).map_err(StoreError::Domain)?,
+        name: r.try_get("name")?,
+        target,
+        state: enum_parse(r.try_get("state")?)?,
+        result: enum_parse(r.try_get("result")?)?,
+        progress: progress.clamp(0, 100) as u8,
+        failure_message: r.try_get("failure_message")?,
+        params: json_parse(r.try_get("params")?)?,
+        halt_requested: r.try_get("halt_requested")?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+        ended_at: opt_from_ms(r.try_get("ended_at")?)?,
+    })
+}
+
+fn task_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<Task> {
+    let progress: i64 = r.try_get("progress")?;
+    let weight: i64 = r.try_get("weight")?;
+    Ok(Task {
+        id: TaskId(uuid_parse(r.try_get("id")?)?),
+        session_id: SessionId(uuid_parse(r.try_get("session_id")?)?),
+        vm_id: r.try_get::<Option<String>, _>("vm_id")?.map(|v| uuid_parse(&v).map(Into::into)).transpose()?,
+        name: r.try_get("name")?,
+        state: enum_parse(r.try_get("state")?)?,
+        result: enum_parse(r.try_get("result")?)?,
+        progress: progress.clamp(0, 100) as u8,
+        weight: u32::try_from(weight).map_err(|_| StoreError::Corrupt("task weight".into()))?,
+        failure_message: r.try_get("failure_message")?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+        ended_at: opt_from_ms(r.try_get("ended_at")?)?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

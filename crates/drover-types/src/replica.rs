@@ -120,6 +120,8 @@ impl ReplicationJob {
 pub struct Replica {
     pub id: ReplicaId,
     pub tenant_id: TenantId,
+    /// `<source VM name>_replica`, as the Veeam products name replicas.
+    pub name: String,
     pub job_id: ReplicationJobId,
     pub source_vm_id: VmId,
     pub target_datastore_id: DatastoreId,

@@ -1,0 +1,228 @@
+//! The store's conformance suite. Written against the facade only, so the same tests can run
+//! against every backend.
+
+use super::*;
+use drover_types::*;
+
+async fn fresh() -> (Store, tempfile::TempDir, Tenant) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+    let tenant = Tenant { id: TenantId::new(), name: "default".into(), is_system: true, created_at: now() };
+    store.tenant_create(&tenant).await.unwrap();
+    (store, dir, tenant)
+}
+
+fn site(tenant: TenantId, name: &str) -> Site {
+    Site { id: SiteId::new(), tenant_id: tenant, name: name.into(), kind: SiteKind::Production, created_at: now() }
+}
+
+fn host(tenant: TenantId, site: SiteId, name: &str) -> Host {
+    Host { id: HostId::new(), tenant_id: tenant, site_id: site, name: name.into(), address: "local".into(), created_at: now() }
+}
+
+fn session(tenant: TenantId, kind: SessionKind, at: Timestamp) -> Session {
+    Session {
+        id: SessionId::new(),
+        tenant_id: tenant,
+        kind,
+        name: "s".into(),
+        target: SessionTarget::Vm(VmId::new()),
+        state: SessionState::Starting,
+        result: SessionResult::None,
+        progress: 0,
+        failure_message: None,
+        params: serde_json::json!({"a": 1}),
+        halt_requested: false,
+        created_at: at,
+        ended_at: None,
+    }
+}
+
+#[tokio::test]
+async fn objects_round_trip_and_names_are_unique_per_tenant() {
+    let (store, _dir, t) = fresh().await;
+    let s = site(t.id, "prod");
+    store.object_insert(&s).await.unwrap();
+    assert_eq!(store.object_get::<Site>(t.id, s.id.0).await.unwrap(), s);
+    let dup = store.object_insert(&site(t.id, "prod")).await.unwrap_err();
+    assert!(matches!(dup, Error::AlreadyExists(ref m) if m.contains("prod")), "{dup:?}");
+
+    // Another tenant may use the name, and cannot see the first tenant's object.
+    let other = Tenant { id: TenantId::new(), name: "acme".into(), is_system: false, created_at: now() };
+    store.tenant_create(&other).await.unwrap();
+    store.object_insert(&site(other.id, "prod")).await.unwrap();
+    assert!(matches!(store.object_get::<Site>(other.id, s.id.0).await, Err(Error::NotFound { .. })));
+    assert_eq!(store.object_list::<Site>(t.id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn references_must_exist_and_protect_what_they_point_to() {
+    let (store, _dir, t) = fresh().await;
+    let orphan = host(t.id, SiteId::new(), "h1");
+    assert!(matches!(store.object_insert(&orphan).await, Err(Error::InvalidRequest(_))));
+    let s = site(t.id, "prod");
+    store.object_insert(&s).await.unwrap();
+    let h = host(t.id, s.id, "h1");
+    store.object_insert(&h).await.unwrap();
+    let err = store.object_delete::<Site>(t.id, s.id.0).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict(ref m) if m.contains("h1")), "{err:?}");
+    store.object_delete::<Host>(t.id, h.id.0).await.unwrap();
+    store.object_delete::<Site>(t.id, s.id.0).await.unwrap();
+    assert!(matches!(store.object_delete::<Site>(t.id, s.id.0).await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn concurrent_modifications_are_all_applied() {
+    let (store, _dir, t) = fresh().await;
+    let s = site(t.id, "n0");
+    store.object_insert(&s).await.unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            store
+                .object_modify::<Site, _, _>(t.id, s.id.0, |s| {
+                    let n: u32 = s.name[1..].parse().unwrap();
+                    s.name = format!("n{}", n + 1);
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(store.object_get::<Site>(t.id, s.id.0).await.unwrap().name, "n8");
+    // A refused change changes nothing.
+    let err = store
+        .object_modify::<Site, _, ()>(t.id, s.id.0, |s| {
+            s.name = "changed".into();
+            Err(Error::conflict("no"))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err, Error::conflict("no"));
+    assert_eq!(store.object_get::<Site>(t.id, s.id.0).await.unwrap().name, "n8");
+}
+
+#[tokio::test]
+async fn sessions_filter_page_and_survive_reopen() {
+    let (store, dir, t) = fresh().await;
+    let base = now();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let kind = if i % 2 == 0 { SessionKind::VmPowerOn } else { SessionKind::VmShutdown };
+        let s = session(t.id, kind, base + chrono::Duration::seconds(i));
+        let task = Task {
+            id: TaskId::new(),
+            session_id: s.id,
+            vm_id: None,
+            name: format!("task {i}"),
+            state: SessionState::Starting,
+            result: SessionResult::None,
+            progress: 0,
+            weight: 1,
+            failure_message: None,
+            created_at: s.created_at,
+            ended_at: None,
+        };
+        store.session_insert(&s, &[task]).await.unwrap();
+        ids.push(s.id);
+    }
+    let f = SessionFilter { kind: Some(SessionKind::VmPowerOn), limit: 2, ..Default::default() };
+    let (page, total) = store.session_list(t.id, &f).await.unwrap();
+    assert_eq!(total, 3);
+    assert_eq!(page.iter().map(|s| s.id).collect::<Vec<_>>(), vec![ids[4], ids[2]]);
+    let f = SessionFilter { offset: 4, limit: 10, oldest_first: true, ..Default::default() };
+    let (page, total) = store.session_list(t.id, &f).await.unwrap();
+    assert_eq!((page.len(), total), (1, 5));
+    assert_eq!(page[0].id, ids[4]);
+
+    let mut s = store.session_get(Some(t.id), ids[0]).await.unwrap();
+    s.state = SessionState::Stopped;
+    s.result = SessionResult::Success;
+    s.ended_at = Some(now());
+    store.session_update(&s).await.unwrap();
+    assert_eq!(store.sessions_unfinished().await.unwrap().len(), 4);
+    drop(store);
+
+    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+    assert_eq!(store.session_get(None, ids[0]).await.unwrap(), s);
+    assert_eq!(store.tasks_of(ids[1]).await.unwrap()[0].name, "task 1");
+    let other_tenant = TenantId::new();
+    assert!(store.session_get(Some(other_tenant), ids[0]).await.is_err());
+}
+
+#[tokio::test]
+async fn log_sequence_is_dense_under_concurrent_appends() {
+    let (store, _dir, t) = fresh().await;
+    let s = session(t.id, SessionKind::VmCreate, now());
+    store.session_insert(&s, &[]).await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            store.log_append(s.id, None, LogLevel::Info, &format!("line {i}")).await.unwrap()
+        }));
+    }
+    let mut seqs: Vec<i64> = Vec::new();
+    for h in handles {
+        seqs.push(h.await.unwrap());
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    let tail = store.log_list(s.id, 18, 100).await.unwrap();
+    assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![19, 20]);
+}
+
+#[tokio::test]
+async fn refresh_tokens_are_single_use_and_reuse_revokes_the_family() {
+    let (store, _dir, t) = fresh().await;
+    let user = User { id: UserId::new(), tenant_id: t.id, name: "admin".into(), role: Role::Administrator, created_at: now() };
+    store.user_create(&user, "hash").await.unwrap();
+    let family = Uuid::new_v4();
+    let mk = |hash: &str, kind| TokenRecord {
+        hash: hash.into(),
+        kind,
+        user_id: user.id,
+        family,
+        expires_at: now() + chrono::Duration::minutes(10),
+        used_at: None,
+        created_at: now(),
+    };
+    store.token_insert(&mk("r1", TokenKind::Refresh)).await.unwrap();
+    store.token_insert(&mk("a1", TokenKind::Access)).await.unwrap();
+    assert!(matches!(store.refresh_token_consume("r1", now()).await.unwrap(), RefreshOutcome::Consumed(_)));
+    assert_eq!(store.refresh_token_consume("r1", now()).await.unwrap(), RefreshOutcome::Reused);
+    // The reuse revoked the access token of the same login.
+    assert!(store.access_token_get("a1", now()).await.unwrap().is_none());
+    assert_eq!(store.refresh_token_consume("nope", now()).await.unwrap(), RefreshOutcome::Invalid);
+    // An access token is not a refresh token.
+    store.token_insert(&mk("a2", TokenKind::Access)).await.unwrap();
+    assert_eq!(store.refresh_token_consume("a2", now()).await.unwrap(), RefreshOutcome::Invalid);
+    assert!(store.access_token_get("a2", now() + chrono::Duration::minutes(11)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn saga_steps_upsert_by_position() {
+    let (store, _dir, t) = fresh().await;
+    let s = session(t.id, SessionKind::VmCreate, now());
+    store.session_insert(&s, &[]).await.unwrap();
+    let mut rec = StepRecord {
+        session_id: s.id,
+        task_id: None,
+        index: 0,
+        name: "create_disks".into(),
+        state: StepState::Started,
+        attempts: 1,
+        output: serde_json::Value::Null,
+        error: None,
+        updated_at: now(),
+    };
+    store.step_put(&rec).await.unwrap();
+    rec.state = StepState::Done;
+    rec.output = serde_json::json!({"paths": ["/a"]});
+    store.step_put(&rec).await.unwrap();
+    assert_eq!(store.steps_of(s.id).await.unwrap(), vec![rec]);
+}
