@@ -1,1 +1,302 @@
-//! placeholder
+//! The session engine and the application layer.
+//!
+//! - [`Engine`] runs operations as sagas ([`saga`]), persists every state change before it is
+//!   reported, and on start resumes or unwinds every unfinished session.
+//! - [`app::App`] is the application layer every API dialect calls: authentication, roles and
+//!   tenants, inventory, and starting operations. Handlers never reach past it.
+//! - [`ops`] holds the sagas of the VM operations; [`monitor`] notices VMs that died.
+//!
+//! The engine knows no HTTP and no SQL: it talks to the store through its facade and to VMs
+//! through the [`drover_hv::Hypervisor`] trait.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_hv::Hypervisor;
+use drover_store::Store;
+use drover_types::{LogLevel, Session, SessionId, SessionKind, SessionState, Task, TaskId, TenantId};
+use tokio::sync::broadcast;
+
+pub mod app;
+pub mod auth;
+pub mod monitor;
+pub mod ops;
+mod plan_ops;
+pub mod saga;
+
+pub use drover_types::{Error, Result};
+use saga::{ContinueOption, RunOutcome, Saga, TestHooks};
+
+/// Builds a session's saga from its record. Must give the same steps every time for the same
+/// session, because a restart rebuilds the saga to resume it.
+pub type SagaBuilder = Arc<dyn Fn(&Session, &[Task]) -> Result<Saga> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How long power-on waits for the guest's first heartbeat.
+    pub heartbeat_timeout: Duration,
+    /// How long a graceful shutdown may take before the VM is powered off.
+    pub shutdown_timeout: Duration,
+    /// How often the monitor compares VM power states with the hypervisor.
+    pub monitor_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            heartbeat_timeout: Duration::from_secs(120),
+            shutdown_timeout: Duration::from_secs(60),
+            monitor_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A change worth telling watchers about (server-sent events read it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionChanged {
+    pub session_id: SessionId,
+    pub tenant_id: TenantId,
+}
+
+/// A cheap handle; clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    hv: Arc<dyn Hypervisor>,
+    config: EngineConfig,
+    changes: broadcast::Sender<SessionChanged>,
+    running: Mutex<HashSet<SessionId>>,
+    builders: Mutex<HashMap<SessionKind, SagaBuilder>>,
+    hooks: TestHooks,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("hypervisor", &self.inner.hv.kind()).finish()
+    }
+}
+
+impl Engine {
+    pub fn new(store: Store, hv: Arc<dyn Hypervisor>, config: EngineConfig) -> Engine {
+        let (changes, _) = broadcast::channel(1024);
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                hv,
+                config,
+                changes,
+                running: Mutex::new(HashSet::new()),
+                builders: Mutex::new(HashMap::new()),
+                hooks: TestHooks::default(),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        ops::register(&engine);
+        plan_ops::register(&engine);
+        engine
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+    pub fn hv(&self) -> &Arc<dyn Hypervisor> {
+        &self.inner.hv
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+    /// Fault injection for tests; inert unless a test sets it.
+    pub fn hooks(&self) -> &TestHooks {
+        &self.inner.hooks
+    }
+    pub fn subscribe(&self) -> broadcast::Receiver<SessionChanged> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Sets (or replaces, in tests) how sessions of a kind are built.
+    pub fn register_saga(&self, kind: SessionKind, builder: SagaBuilder) {
+        self.inner.builders.lock().unwrap_or_else(|e| e.into_inner()).insert(kind, builder);
+    }
+
+    fn builder(&self, kind: SessionKind) -> Result<SagaBuilder> {
+        self.inner
+            .builders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .cloned()
+            .ok_or_else(|| Error::internal(format!("no saga is registered for {}", kind.as_str())))
+    }
+
+    /// Recovers after a start: re-attaches to VMs that outlived the last process, reconciles VM
+    /// power states, and resumes or unwinds every unfinished session. Then starts the monitor.
+    pub async fn start(&self) -> Result<()> {
+        monitor::reconcile(self).await?;
+        let unfinished = self.store().sessions_unfinished().await?;
+        for s in unfinished {
+            if s.halted {
+                tracing::info!(session = %s.id, "session is halted; it waits for Continue or Undo");
+                continue;
+            }
+            tracing::info!(session = %s.id, kind = s.kind.as_str(), "resuming unfinished session");
+            self.log(s.id, None, LogLevel::Warning, "resumed after a restart of drover").await;
+            self.spawn(s.id, s.kind);
+        }
+        let engine = self.clone();
+        let handle = tokio::spawn(async move { monitor::run(engine).await });
+        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        Ok(())
+    }
+
+    /// Stops background work (the monitor). Running sessions are left to finish or to be resumed.
+    pub fn shutdown(&self) {
+        for h in self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Records a new session with its tasks and starts running it. Returns at once.
+    pub async fn submit(&self, session: Session, tasks: Vec<Task>) -> Result<SessionId> {
+        // Build first, so a session whose saga cannot be built is never recorded.
+        self.builder(session.kind)?(&session, &tasks)?;
+        self.store().session_insert(&session, &tasks).await?;
+        self.notify(&session);
+        self.spawn(session.id, session.kind);
+        Ok(session.id)
+    }
+
+    /// Runs a session's saga in the background unless it already runs.
+    fn spawn(&self, id: SessionId, kind: SessionKind) {
+        {
+            let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+            if !running.insert(id) {
+                return;
+            }
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let outcome = engine.run_now(id, kind).await;
+            engine.inner.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            match outcome {
+                Ok(o) => tracing::debug!(session = %id, ?o, "session runner returned"),
+                Err(e) => {
+                    // The store failed under us; the session stays unfinished and is resumed on
+                    // the next start.
+                    tracing::error!(session = %id, error = %e, "session runner stopped");
+                }
+            }
+        });
+    }
+
+    async fn run_now(&self, id: SessionId, kind: SessionKind) -> Result<RunOutcome> {
+        let session = self.store().session_get(None, id).await?;
+        let tasks = self.store().tasks_of(id).await?;
+        let saga = self.builder(kind)?(&session, &tasks)?;
+        saga::run(self, id, saga).await
+    }
+
+    /// Runs a session in the caller's task and waits for it (tests, and the CLI's lab).
+    pub async fn run_to_end(&self, id: SessionId) -> Result<RunOutcome> {
+        let session = self.store().session_get(None, id).await?;
+        self.run_now(id, session.kind).await
+    }
+
+    pub fn is_running(&self, id: SessionId) -> bool {
+        self.inner.running.lock().unwrap_or_else(|e| e.into_inner()).contains(&id)
+    }
+
+    /// Waits until a session stops or halts, or the timeout passes. Returns the last record.
+    pub async fn wait(&self, id: SessionId, timeout: Duration) -> Result<Session> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.store().session_get(None, id).await?;
+            if s.state == SessionState::Stopped || (s.halted && !self.is_running(id)) {
+                return Ok(s);
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Unavailable(format!("session {id} did not finish within {timeout:?}")));
+            }
+            // Wake on any change, and poll now and then in case a notification was missed.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), rx.recv()).await;
+        }
+    }
+
+    /// Asks a running session to halt after its running step.
+    pub async fn halt(&self, id: SessionId) -> Result<()> {
+        if !self.store().session_request_halt(id).await? {
+            return Err(Error::conflict(format!("session {id} has already stopped")));
+        }
+        let s = self.store().session_get(None, id).await?;
+        self.log(id, None, LogLevel::Warning, "halt requested: the running step finishes first").await;
+        self.notify(&s);
+        Ok(())
+    }
+
+    /// Goes on with a halted session.
+    pub async fn resume(&self, id: SessionId, option: ContinueOption) -> Result<()> {
+        let mut s = self.store().session_get(None, id).await?;
+        if !s.halted || s.state == SessionState::Stopped || self.is_running(id) {
+            return Err(Error::conflict(format!("session {id} is not halted")));
+        }
+        let tasks = self.store().tasks_of(id).await?;
+        let saga = self.builder(s.kind)?(&s, &tasks)?;
+        saga::apply_continue(self, id, &saga, option).await?;
+        s.halted = false;
+        s.failure_message = None;
+        self.session_save(&s).await?;
+        self.log(id, None, LogLevel::Info, &format!("continuing: {option:?}")).await;
+        self.spawn(id, s.kind);
+        Ok(())
+    }
+
+    /// Unwinds a halted session: every step that had effects is undone.
+    pub async fn undo(&self, id: SessionId) -> Result<()> {
+        let mut s = self.store().session_get(None, id).await?;
+        if !s.halted || s.state == SessionState::Stopped || self.is_running(id) {
+            return Err(Error::conflict(format!("session {id} is not halted")));
+        }
+        if let Some(obj) = s.params.as_object_mut() {
+            obj.insert("_undo".into(), serde_json::Value::Bool(true));
+        }
+        s.halted = false;
+        self.session_save(&s).await?;
+        self.log(id, None, LogLevel::Warning, "undo requested").await;
+        self.spawn(id, s.kind);
+        Ok(())
+    }
+
+    /// Persists a session, then tells watchers. The order is the invariant: nobody hears of a
+    /// state that is not stored.
+    pub async fn session_save(&self, s: &Session) -> Result<()> {
+        self.store().session_update(s).await?;
+        self.notify(s);
+        Ok(())
+    }
+
+    fn notify(&self, s: &Session) {
+        let _ = self.inner.changes.send(SessionChanged { session_id: s.id, tenant_id: s.tenant_id });
+    }
+
+    /// Appends to a session's log. A log write that fails is reported in the process log but does
+    /// not fail the operation.
+    pub async fn log(&self, session: SessionId, task: Option<TaskId>, level: LogLevel, message: &str) {
+        match level {
+            LogLevel::Error => tracing::warn!(%session, "{message}"),
+            _ => tracing::info!(%session, "{message}"),
+        }
+        if let Err(e) = self.store().log_append(session, task, level, message).await {
+            tracing::error!(%session, error = %e, "cannot write the session log");
+        }
+        if let Ok(s) = self.store().session_get(None, session).await {
+            self.notify(&s);
+        }
+    }
+}

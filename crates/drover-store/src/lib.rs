@@ -489,6 +489,21 @@ impl Store {
             .collect()
     }
 
+    /// All objects of a kind in every tenant. Only for the engine's background work.
+    pub async fn object_list_all<T: Entity>(&self) -> Result<Vec<T>> {
+        let rows = sqlx::query("SELECT body FROM inventory WHERE kind = $1 ORDER BY tenant_id, name")
+            .bind(T::KIND)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|r| {
+                let body: String = r.try_get("body").map_err(StoreError::from)?;
+                Ok(json_parse(&body)?)
+            })
+            .collect()
+    }
+
     /// Reads, changes and writes one object. `change` may refuse with a domain error, which is
     /// returned and changes nothing. A concurrent writer makes the cycle start again.
     pub async fn object_modify<T, F, R>(&self, tenant: TenantId, id: Uuid, mut change: F) -> Result<(T, R)>
@@ -609,8 +624,8 @@ impl Store {
         let (target_kind, target_id) = target_parts(&s.target);
         sqlx::query(
             "INSERT INTO sessions (id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
-                                   failure_message, params, halt_requested, created_at, ended_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                                   failure_message, params, halt_requested, halted, created_at, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(s.id.to_string())
         .bind(s.tenant_id.to_string())
@@ -624,6 +639,7 @@ impl Store {
         .bind(&s.failure_message)
         .bind(json_str(&s.params)?)
         .bind(s.halt_requested)
+        .bind(s.halted)
         .bind(ms(s.created_at))
         .bind(s.ended_at.map(ms))
         .execute(&mut *tx)
@@ -711,7 +727,7 @@ impl Store {
     pub async fn session_update(&self, s: &Session) -> Result<()> {
         let done = sqlx::query(
             "UPDATE sessions SET state = $1, result = $2, progress = $3, failure_message = $4, params = $5,
-                                 halt_requested = $6, ended_at = $7 WHERE id = $8",
+                                 halt_requested = $6, halted = $7, ended_at = $8 WHERE id = $9",
         )
         .bind(enum_str(&s.state))
         .bind(enum_str(&s.result))
@@ -719,6 +735,7 @@ impl Store {
         .bind(&s.failure_message)
         .bind(json_str(&s.params)?)
         .bind(s.halt_requested)
+        .bind(s.halted)
         .bind(s.ended_at.map(ms))
         .bind(s.id.to_string())
         .execute(&self.pool)
@@ -918,7 +935,7 @@ async fn tokio_yield() {
 }
 
 const SESSION_SELECT: &str = "SELECT id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
-    failure_message, params, halt_requested, created_at, ended_at FROM sessions";
+    failure_message, params, halt_requested, halted, created_at, ended_at FROM sessions";
 
 fn unique_as(e: sqlx::Error, message: String) -> StoreError {
     match &e {
@@ -1022,6 +1039,7 @@ fn session_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<Session> {
         failure_message: r.try_get("failure_message")?,
         params: json_parse(r.try_get("params")?)?,
         halt_requested: r.try_get("halt_requested")?,
+        halted: r.try_get("halted")?,
         created_at: from_ms(r.try_get("created_at")?)?,
         ended_at: opt_from_ms(r.try_get("ended_at")?)?,
     })

@@ -33,6 +33,7 @@ fn session(tenant: TenantId, kind: SessionKind, at: Timestamp) -> Session {
         failure_message: None,
         params: serde_json::json!({"a": 1}),
         halt_requested: false,
+        halted: false,
         created_at: at,
         ended_at: None,
     }

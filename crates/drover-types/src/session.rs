@@ -144,6 +144,9 @@ pub struct Session {
     pub params: serde_json::Value,
     /// Set when a user asks the session to stop; running steps finish first.
     pub halt_requested: bool,
+    /// The session stopped between steps (asked to, or a step failed under the halt policy) and
+    /// waits for Continue or Undo. A halted session is not finished: its state stays `Working`.
+    pub halted: bool,
     pub created_at: Timestamp,
     pub ended_at: Option<Timestamp>,
 }
@@ -184,6 +187,8 @@ pub struct LogEntry {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StepState {
+    /// To run (again): set by Continue with a retry option.
+    Pending,
     Started,
     Done,
     Failed,

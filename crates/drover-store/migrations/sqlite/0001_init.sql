@@ -67,6 +67,7 @@ CREATE TABLE sessions (
     failure_message  TEXT,
     params           TEXT NOT NULL,
     halt_requested   INTEGER NOT NULL,
+    halted           INTEGER NOT NULL,
     created_at       INTEGER NOT NULL,
     ended_at         INTEGER
 );

@@ -1,0 +1,910 @@
+//! The application layer: what a caller may do, checked and carried out.
+//!
+//! Every API dialect (native, and later the Veeam ones) calls these methods with an
+//! authenticated [`Caller`]; they check the role, confine the caller to its tenant (another
+//! tenant's object is simply not found), validate the input, and either change the inventory or
+//! start an operation and return its session at once. Nothing here knows HTTP.
+
+use std::path::Path;
+
+use drover_store::{RefreshOutcome, SessionFilter};
+use drover_types::*;
+use serde_json::json;
+
+use crate::auth::{self, TokenPair};
+use crate::ops::{self, VmOpParams};
+use crate::saga::ContinueOption;
+use crate::{Engine, Error, Result};
+
+/// Who is calling, as established from a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: UserId,
+    pub name: String,
+    pub tenant_id: TenantId,
+    pub role: Role,
+    /// Administrators of the system tenant may manage tenants.
+    pub system_tenant: bool,
+}
+
+impl Caller {
+    pub fn require(&self, needed: Role) -> Result<()> {
+        if self.role.allows(needed) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "this needs the {} role; {} has {}",
+                needed.as_str(),
+                self.name,
+                self.role.as_str()
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub name: String,
+    pub password: String,
+    pub role: Role,
+    /// Another tenant than the caller's: only for administrators of the system tenant.
+    pub tenant_id: Option<TenantId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewHost {
+    pub site_id: SiteId,
+    pub name: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDatastore {
+    pub host_id: HostId,
+    pub name: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub name: String,
+    pub host_id: HostId,
+    pub datastore_id: DatastoreId,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<VmDisk>,
+    /// Network names; MACs are derived from the VM id when not given.
+    pub nics: Vec<(String, Option<String>)>,
+    pub tags: Vec<Tag>,
+    pub boot: VmBoot,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VmPatch {
+    pub name: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub tags: Option<Vec<Tag>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    PowerOn,
+    Shutdown,
+    PowerOff,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRecoveryLocation {
+    pub name: String,
+    pub description: String,
+    pub host_id: HostId,
+    pub datastore_id: DatastoreId,
+    pub network_mappings: Vec<NetworkMapping>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewReplicationJob {
+    pub name: String,
+    pub vm_ids: Vec<VmId>,
+    pub target_host_id: HostId,
+    pub target_datastore_id: DatastoreId,
+    pub schedule: Schedule,
+    pub retention_points: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub name: String,
+    pub description: String,
+    pub recovery_location_id: RecoveryLocationId,
+    pub groups: Vec<PlanGroup>,
+}
+
+#[derive(Clone, Debug)]
+pub struct App {
+    engine: Engine,
+}
+
+impl App {
+    pub fn new(engine: Engine) -> App {
+        App { engine }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn store(&self) -> &drover_store::Store {
+        self.engine.store()
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Start-up and authentication
+
+    /// On the first start, creates the system tenant and the `admin` user. Returns the password
+    /// when it was generated (to be printed once), `None` when it came from the caller or when
+    /// users exist already.
+    pub async fn bootstrap(&self, admin_password: Option<String>) -> Result<Option<String>> {
+        if self.store().user_count().await? > 0 {
+            return Ok(None);
+        }
+        let tenant = match self.store().tenant_system().await? {
+            Some(t) => t,
+            None => {
+                let t = Tenant { id: TenantId::new(), name: "default".into(), is_system: true, created_at: now() };
+                self.store().tenant_create(&t).await?;
+                t
+            }
+        };
+        let (password, generated) = match admin_password {
+            Some(p) if !p.is_empty() => (p, false),
+            _ => (auth::random_secret(18), true),
+        };
+        let user = User { id: UserId::new(), tenant_id: tenant.id, name: "admin".into(), role: Role::Administrator, created_at: now() };
+        self.store().user_create(&user, &auth::hash_password(&password)?).await?;
+        Ok(generated.then_some(password))
+    }
+
+    /// Password login. User names may come as `DOMAIN\USER`; the domain part is ignored.
+    pub async fn login(&self, username: &str, password: &str) -> Result<TokenPair> {
+        let name = username.rsplit('\\').next().unwrap_or(username);
+        let bad = || Error::Unauthorized("wrong user name or password".into());
+        let Some((user, hash)) = self.store().user_by_name(name).await? else {
+            // Spend the time a real check takes, so a probe cannot tell names apart by timing.
+            let _ = auth::verify_password(password, "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+            return Err(bad());
+        };
+        let ok = tokio::task::spawn_blocking({
+            let password = password.to_string();
+            move || auth::verify_password(&password, &hash)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("password check: {e}")))?;
+        if !ok {
+            return Err(bad());
+        }
+        self.issue_tokens(user.id, uuid::Uuid::new_v4()).await
+    }
+
+    async fn issue_tokens(&self, user: UserId, family: uuid::Uuid) -> Result<TokenPair> {
+        let (pair, records) = auth::issue(user, family, now());
+        for r in &records {
+            self.store().token_insert(r).await?;
+        }
+        Ok(pair)
+    }
+
+    /// Trades a refresh token (once) for a new pair.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair> {
+        match self.store().refresh_token_consume(&auth::token_hash(refresh_token), now()).await? {
+            RefreshOutcome::Consumed(rec) => self.issue_tokens(rec.user_id, rec.family).await,
+            RefreshOutcome::Reused => Err(Error::Unauthorized(
+                "refresh token was already used; the login has been revoked, log in again".into(),
+            )),
+            RefreshOutcome::Invalid => Err(Error::Unauthorized("refresh token is invalid or expired".into())),
+        }
+    }
+
+    /// The caller behind a bearer token.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Caller> {
+        let rec = self
+            .store()
+            .access_token_get(&auth::token_hash(bearer), now())
+            .await?
+            .ok_or_else(|| Error::Unauthorized("access token is invalid or expired".into()))?;
+        let user = match self.store().user_get(rec.user_id).await {
+            Ok(u) => u,
+            Err(Error::NotFound { .. }) => return Err(Error::Unauthorized("the token's user no longer exists".into())),
+            Err(e) => return Err(e),
+        };
+        let tenant = self.store().tenant_get(user.tenant_id).await?;
+        Ok(Caller { user_id: user.id, name: user.name, tenant_id: user.tenant_id, role: user.role, system_tenant: tenant.is_system })
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Tenants and users
+
+    pub async fn tenant_create(&self, caller: &Caller, name: &str) -> Result<Tenant> {
+        caller.require(Role::Administrator)?;
+        if !caller.system_tenant {
+            return Err(Error::Forbidden("only administrators of the system tenant create tenants".into()));
+        }
+        validate_name("tenant", name)?;
+        let t = Tenant { id: TenantId::new(), name: name.trim().to_string(), is_system: false, created_at: now() };
+        self.store().tenant_create(&t).await?;
+        Ok(t)
+    }
+
+    pub async fn tenant_list(&self, caller: &Caller) -> Result<Vec<Tenant>> {
+        if caller.system_tenant && caller.role == Role::Administrator {
+            self.store().tenant_list().await
+        } else {
+            Ok(vec![self.store().tenant_get(caller.tenant_id).await?])
+        }
+    }
+
+    pub async fn user_create(&self, caller: &Caller, new: NewUser) -> Result<User> {
+        caller.require(Role::Administrator)?;
+        let tenant_id = match new.tenant_id {
+            Some(t) if t != caller.tenant_id => {
+                if !caller.system_tenant {
+                    return Err(Error::not_found(TenantId::KIND, t));
+                }
+                self.store().tenant_get(t).await?.id
+            }
+            _ => caller.tenant_id,
+        };
+        validate_name("user", &new.name)?;
+        if new.name.contains('\\') || new.name.contains(':') {
+            return Err(Error::invalid("user name must not contain '\\' or ':'"));
+        }
+        if new.password.chars().count() < 8 {
+            return Err(Error::invalid("password must be at least 8 characters"));
+        }
+        let user = User { id: UserId::new(), tenant_id, name: new.name, role: new.role, created_at: now() };
+        self.store().user_create(&user, &auth::hash_password(&new.password)?).await?;
+        Ok(user)
+    }
+
+    pub async fn user_list(&self, caller: &Caller) -> Result<Vec<User>> {
+        caller.require(Role::Administrator)?;
+        self.store().user_list(caller.tenant_id).await
+    }
+
+    pub async fn user_delete(&self, caller: &Caller, id: UserId) -> Result<()> {
+        caller.require(Role::Administrator)?;
+        if id == caller.user_id {
+            return Err(Error::conflict("you cannot delete your own user"));
+        }
+        self.store().user_delete(caller.tenant_id, id).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Sites, hosts, datastores, recovery locations
+
+    pub async fn site_create(&self, caller: &Caller, name: &str, kind: SiteKind) -> Result<Site> {
+        caller.require(Role::PlanAuthor)?;
+        validate_name("site", name)?;
+        let site = Site { id: SiteId::new(), tenant_id: caller.tenant_id, name: name.trim().into(), kind, created_at: now() };
+        self.store().object_insert(&site).await?;
+        Ok(site)
+    }
+
+    pub async fn host_create(&self, caller: &Caller, new: NewHost) -> Result<Host> {
+        caller.require(Role::PlanAuthor)?;
+        validate_name("host", &new.name)?;
+        if new.address.trim().is_empty() {
+            return Err(Error::invalid("host address must not be empty (use \"local\" for the built-in agent)"));
+        }
+        self.get::<Site>(caller, new.site_id.0).await?;
+        let host = Host {
+            id: HostId::new(),
+            tenant_id: caller.tenant_id,
+            site_id: new.site_id,
+            name: new.name.trim().into(),
+            address: new.address.trim().into(),
+            created_at: now(),
+        };
+        self.store().object_insert(&host).await?;
+        Ok(host)
+    }
+
+    pub async fn datastore_create(&self, caller: &Caller, new: NewDatastore) -> Result<Datastore> {
+        caller.require(Role::PlanAuthor)?;
+        validate_name("datastore", &new.name)?;
+        let path = Path::new(&new.path);
+        if !path.is_absolute() {
+            return Err(Error::invalid(format!("datastore path {:?} must be absolute", new.path)));
+        }
+        let host = self.get::<Host>(caller, new.host_id.0).await?;
+        if host.address == "local" {
+            tokio::fs::create_dir_all(path)
+                .await
+                .map_err(|e| Error::invalid(format!("cannot use {:?} as a datastore: {e}", new.path)))?;
+        }
+        let ds = Datastore {
+            id: DatastoreId::new(),
+            tenant_id: caller.tenant_id,
+            host_id: host.id,
+            name: new.name.trim().into(),
+            path: new.path,
+            created_at: now(),
+        };
+        self.store().object_insert(&ds).await?;
+        Ok(ds)
+    }
+
+    pub async fn recovery_location_create(&self, caller: &Caller, new: NewRecoveryLocation) -> Result<RecoveryLocation> {
+        caller.require(Role::PlanAuthor)?;
+        validate_name("recovery location", &new.name)?;
+        if new.name.trim().eq_ignore_ascii_case(RecoveryLocation::ORIGINAL_NAME) {
+            return Err(Error::AlreadyExists(format!("{:?} is built in", RecoveryLocation::ORIGINAL_NAME)));
+        }
+        let ds = self.get::<Datastore>(caller, new.datastore_id.0).await?;
+        if ds.host_id != new.host_id {
+            return Err(Error::invalid(format!("datastore {} is not on host {}", ds.id, new.host_id)));
+        }
+        for m in &new.network_mappings {
+            validate_name("network", &m.from)?;
+            validate_name("network", &m.to)?;
+        }
+        let loc = RecoveryLocation {
+            id: RecoveryLocationId::new(),
+            tenant_id: caller.tenant_id,
+            name: new.name.trim().into(),
+            description: new.description,
+            kind: RecoveryLocationKind::Restore,
+            host_id: Some(new.host_id),
+            datastore_id: Some(new.datastore_id),
+            network_mappings: new.network_mappings,
+            created_at: now(),
+        };
+        self.store().object_insert(&loc).await?;
+        Ok(loc)
+    }
+
+    /// Every location of the tenant, the built-in "Original VM Location" first.
+    pub async fn recovery_location_list(&self, caller: &Caller) -> Result<Vec<RecoveryLocation>> {
+        let mut all = vec![RecoveryLocation::original(caller.tenant_id)];
+        all.extend(self.list::<RecoveryLocation>(caller).await?);
+        Ok(all)
+    }
+
+    pub async fn recovery_location_get(&self, caller: &Caller, id: RecoveryLocationId) -> Result<RecoveryLocation> {
+        if id == RecoveryLocationId::ORIGINAL {
+            return Ok(RecoveryLocation::original(caller.tenant_id));
+        }
+        self.get(caller, id.0).await
+    }
+
+    pub async fn recovery_location_delete(&self, caller: &Caller, id: RecoveryLocationId) -> Result<()> {
+        if id == RecoveryLocationId::ORIGINAL {
+            caller.require(Role::PlanAuthor)?;
+            return Err(Error::conflict("the Original VM Location is built in and cannot be deleted"));
+        }
+        self.delete::<RecoveryLocation>(caller, id.0).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Generic reads and deletes of inventory objects
+
+    pub async fn get<T: drover_store::Entity>(&self, caller: &Caller, id: uuid::Uuid) -> Result<T> {
+        self.store().object_get::<T>(caller.tenant_id, id).await
+    }
+
+    pub async fn list<T: drover_store::Entity>(&self, caller: &Caller) -> Result<Vec<T>> {
+        self.store().object_list::<T>(caller.tenant_id).await
+    }
+
+    /// Deletes an object nothing refers to. VMs are deleted through [`App::vm_delete`].
+    pub async fn delete<T: drover_store::Entity>(&self, caller: &Caller, id: uuid::Uuid) -> Result<()> {
+        caller.require(Role::PlanAuthor)?;
+        if T::KIND == "vm" {
+            return Err(Error::internal("VMs are deleted by a session"));
+        }
+        if T::KIND == "plan" {
+            let plan: Plan = self.store().object_get(caller.tenant_id, id).await?;
+            if !plan.lifecycle.state.is_default() {
+                return Err(Error::conflict(format!(
+                    "plan {:?} is {}; reset it before deleting it",
+                    plan.name,
+                    plan.lifecycle.state.display_name()
+                )));
+            }
+        }
+        self.store().object_delete::<T>(caller.tenant_id, id).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // VMs
+
+    /// Records the VM and starts the session that creates its disks.
+    pub async fn vm_create(&self, caller: &Caller, new: NewVm) -> Result<(Vm, SessionId)> {
+        caller.require(Role::PlanAuthor)?;
+        let ds = self.get::<Datastore>(caller, new.datastore_id.0).await?;
+        if ds.host_id != new.host_id {
+            return Err(Error::invalid(format!("datastore {:?} is not on host {}", ds.name, new.host_id)));
+        }
+        self.get::<Host>(caller, new.host_id.0).await?;
+        let id = VmId::new();
+        let nics = new
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, (network, mac))| VmNic { network: network.clone(), mac: mac.clone().unwrap_or_else(|| mac_for(id, i)) })
+            .collect();
+        for d in &new.disks {
+            if let Some(src) = &d.import_from {
+                check_file(&format!("disk {:?} import_from", d.name), src).await?;
+            }
+        }
+        for (what, path) in [("boot kernel", &new.boot.kernel), ("boot initrd", &new.boot.initrd)] {
+            if let Some(p) = path {
+                check_file(what, p).await?;
+            }
+        }
+        let t = now();
+        let vm = Vm {
+            id,
+            tenant_id: caller.tenant_id,
+            name: new.name.trim().to_string(),
+            host_id: new.host_id,
+            datastore_id: new.datastore_id,
+            vcpus: new.vcpus,
+            memory_mib: new.memory_mib,
+            disks: new.disks,
+            nics,
+            tags: new.tags,
+            boot: new.boot,
+            power_state: VmPowerState::Off,
+            provisioned: false,
+            created_at: t,
+            updated_at: t,
+        };
+        vm.validate()?;
+        self.store().object_insert(&vm).await?;
+        let params = VmOpParams { vm_id: id, tenant_id: caller.tenant_id, disk_dir: ops::disk_dir(&ds, id), wait_heartbeat: false };
+        match self.submit_vm_session(caller, &vm, SessionKind::VmCreate, &params).await {
+            Ok(s) => Ok((vm, s)),
+            Err(e) => {
+                let _ = self.store().object_delete::<Vm>(caller.tenant_id, id.0).await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn vm_update(&self, caller: &Caller, id: VmId, patch: VmPatch) -> Result<Vm> {
+        caller.require(Role::PlanAuthor)?;
+        let (vm, ()) = self
+            .store()
+            .object_modify::<Vm, _, _>(caller.tenant_id, id.0, |vm| {
+                let hardware = patch.vcpus.is_some() || patch.memory_mib.is_some();
+                if hardware && !matches!(vm.power_state, VmPowerState::Off | VmPowerState::Died) {
+                    return Err(Error::conflict(format!(
+                        "VM {:?} is {:?}; power it off before changing vcpus or memory",
+                        vm.name, vm.power_state
+                    )));
+                }
+                if let Some(n) = &patch.name {
+                    vm.name = n.trim().to_string();
+                }
+                if let Some(v) = patch.vcpus {
+                    vm.vcpus = v;
+                }
+                if let Some(m) = patch.memory_mib {
+                    vm.memory_mib = m;
+                }
+                if let Some(t) = &patch.tags {
+                    vm.tags = t.clone();
+                }
+                vm.validate()?;
+                vm.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        Ok(vm)
+    }
+
+    /// Starts a power operation. The VM's state moves at once, so a second request gets 409.
+    pub async fn vm_power(&self, caller: &Caller, id: VmId, action: PowerAction) -> Result<SessionId> {
+        caller.require(Role::PlanOperator)?;
+        let event = match action {
+            PowerAction::PowerOn => VmPowerEvent::PowerOnRequested,
+            PowerAction::Shutdown | PowerAction::PowerOff => VmPowerEvent::StopRequested,
+        };
+        let (vm, before) = self
+            .store()
+            .object_modify::<Vm, _, _>(caller.tenant_id, id.0, |vm| {
+                if !vm.provisioned {
+                    return Err(Error::conflict(format!("VM {:?} is still being created", vm.name)));
+                }
+                let before = vm.power_state;
+                vm.power_state = vm.power_state.apply(event).map_err(|_| {
+                    Error::conflict(format!("VM {:?} is {:?}; cannot {action:?} now", vm.name, vm.power_state))
+                })?;
+                vm.updated_at = now();
+                Ok(before)
+            })
+            .await?;
+        let kind = match action {
+            PowerAction::PowerOn => SessionKind::VmPowerOn,
+            PowerAction::Shutdown => SessionKind::VmShutdown,
+            PowerAction::PowerOff => SessionKind::VmPowerOff,
+        };
+        let ds = self.get::<Datastore>(caller, vm.datastore_id.0).await?;
+        let params = VmOpParams {
+            vm_id: id,
+            tenant_id: caller.tenant_id,
+            disk_dir: ops::disk_dir(&ds, id),
+            wait_heartbeat: action == PowerAction::PowerOn,
+        };
+        match self.submit_vm_session(caller, &vm, kind, &params).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                // Not started: put the state back so the VM is not stuck.
+                let _ = self
+                    .store()
+                    .object_modify::<Vm, _, _>(caller.tenant_id, id.0, |vm| {
+                        vm.power_state = before;
+                        Ok(())
+                    })
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn vm_delete(&self, caller: &Caller, id: VmId) -> Result<SessionId> {
+        caller.require(Role::PlanAuthor)?;
+        let vm = self.get::<Vm>(caller, id.0).await?;
+        if !matches!(vm.power_state, VmPowerState::Off | VmPowerState::Died) {
+            return Err(Error::conflict(format!("VM {:?} is {:?}; power it off first", vm.name, vm.power_state)));
+        }
+        let busy = self
+            .store()
+            .session_list(caller.tenant_id, &SessionFilter { target_id: Some(id.0), state: Some(SessionState::Working), limit: 1, ..Default::default() })
+            .await?;
+        if busy.1 > 0 {
+            return Err(Error::conflict(format!("VM {:?} has an operation under way", vm.name)));
+        }
+        let ds = self.get::<Datastore>(caller, vm.datastore_id.0).await?;
+        let params = VmOpParams { vm_id: id, tenant_id: caller.tenant_id, disk_dir: ops::disk_dir(&ds, id), wait_heartbeat: false };
+        self.submit_vm_session(caller, &vm, SessionKind::VmDelete, &params).await
+    }
+
+    async fn submit_vm_session(&self, caller: &Caller, vm: &Vm, kind: SessionKind, params: &VmOpParams) -> Result<SessionId> {
+        let t = now();
+        let session = Session {
+            id: SessionId::new(),
+            tenant_id: caller.tenant_id,
+            kind,
+            name: vm.name.clone(),
+            target: SessionTarget::Vm(vm.id),
+            state: SessionState::Starting,
+            result: SessionResult::None,
+            progress: 0,
+            failure_message: None,
+            params: serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?,
+            halt_requested: false,
+            halted: false,
+            created_at: t,
+            ended_at: None,
+        };
+        let task = Task {
+            id: TaskId::new(),
+            session_id: session.id,
+            vm_id: Some(vm.id),
+            name: vm.name.clone(),
+            state: SessionState::Starting,
+            result: SessionResult::None,
+            progress: 0,
+            weight: 1,
+            failure_message: None,
+            created_at: t,
+            ended_at: None,
+        };
+        self.engine.submit(session, vec![task]).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Replication jobs
+
+    pub async fn replication_job_create(&self, caller: &Caller, new: NewReplicationJob) -> Result<ReplicationJob> {
+        caller.require(Role::PlanAuthor)?;
+        let ds = self.get::<Datastore>(caller, new.target_datastore_id.0).await?;
+        if ds.host_id != new.target_host_id {
+            return Err(Error::invalid(format!("datastore {:?} is not on host {}", ds.name, new.target_host_id)));
+        }
+        for vm in &new.vm_ids {
+            let vm = self.get::<Vm>(caller, vm.0).await?;
+            if vm.datastore_id == ds.id {
+                return Err(Error::invalid(format!(
+                    "VM {:?} lives on the target datastore; replicate it somewhere else",
+                    vm.name
+                )));
+            }
+        }
+        let t = now();
+        let job = ReplicationJob {
+            id: ReplicationJobId::new(),
+            tenant_id: caller.tenant_id,
+            name: new.name.trim().to_string(),
+            vm_ids: new.vm_ids,
+            target_host_id: new.target_host_id,
+            target_datastore_id: new.target_datastore_id,
+            schedule: new.schedule,
+            retention_points: new.retention_points,
+            enabled: true,
+            created_at: t,
+            updated_at: t,
+        };
+        job.validate()?;
+        self.store().object_insert(&job).await?;
+        Ok(job)
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Plans
+
+    async fn plan_check_refs(&self, caller: &Caller, input: &PlanInput) -> Result<()> {
+        for g in &input.groups {
+            for v in &g.vms {
+                self.get::<Vm>(caller, v.vm_id.0).await.map_err(|e| match e {
+                    Error::NotFound { .. } => Error::invalid(format!("VM {} does not exist", v.vm_id)),
+                    e => e,
+                })?;
+            }
+        }
+        self.recovery_location_get(caller, input.recovery_location_id).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::invalid(format!("recovery location {} does not exist", input.recovery_location_id)),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    pub async fn plan_create(&self, caller: &Caller, input: PlanInput) -> Result<Plan> {
+        caller.require(Role::PlanAuthor)?;
+        let t = now();
+        let plan = Plan {
+            id: PlanId::new(),
+            tenant_id: caller.tenant_id,
+            name: input.name.trim().to_string(),
+            description: input.description.clone(),
+            enabled: true,
+            lifecycle: PlanLifecycle::default(),
+            recovery_location_id: input.recovery_location_id,
+            groups: input.groups.clone(),
+            created_at: t,
+            updated_at: t,
+        };
+        plan.validate()?;
+        self.plan_check_refs(caller, &input).await?;
+        self.store().object_insert(&plan).await?;
+        Ok(plan)
+    }
+
+    /// Replaces a plan's definition. Only while the plan is in a default state (not IN-USE).
+    pub async fn plan_update(&self, caller: &Caller, id: PlanId, input: PlanInput) -> Result<Plan> {
+        caller.require(Role::PlanAuthor)?;
+        self.plan_check_refs(caller, &input).await?;
+        let (plan, ()) = self
+            .store()
+            .object_modify::<Plan, _, _>(caller.tenant_id, id.0, |p| {
+                if !p.lifecycle.state.is_default() {
+                    return Err(Error::conflict(format!(
+                        "plan {:?} is IN-USE ({}); reset it before editing",
+                        p.name,
+                        p.lifecycle.state.display_name()
+                    )));
+                }
+                p.name = input.name.trim().to_string();
+                p.description = input.description.clone();
+                p.recovery_location_id = input.recovery_location_id;
+                p.groups = input.groups.clone();
+                p.updated_at = now();
+                p.validate()
+            })
+            .await?;
+        Ok(plan)
+    }
+
+    pub async fn plan_set_enabled(&self, caller: &Caller, id: PlanId, enabled: bool) -> Result<Plan> {
+        caller.require(Role::PlanOperator)?;
+        let (plan, ()) = self
+            .store()
+            .object_modify::<Plan, _, _>(caller.tenant_id, id.0, |p| {
+                if p.lifecycle.state.is_running() {
+                    return Err(Error::conflict(format!("plan {:?} is running", p.name)));
+                }
+                p.enabled = enabled;
+                p.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        Ok(plan)
+    }
+
+    /// Applies a lifecycle request to a plan. Actions that need replicas (failover and the rest)
+    /// are refused with 409 until every VM of the plan has a ready replica.
+    pub async fn plan_action(&self, caller: &Caller, id: PlanId, action: PlanAction, cont: Option<ContinueOption>) -> Result<Plan> {
+        caller.require(Role::PlanOperator)?;
+        let plan = self.get::<Plan>(caller, id.0).await?;
+        if matches!(action, PlanAction::Failover | PlanAction::ReadinessCheck) && !plan.enabled {
+            return Err(Error::conflict(format!("plan {:?} is disabled; enable it first", plan.name)));
+        }
+        // Check the transition before anything else, so an illegal request changes nothing.
+        plan.lifecycle.apply(PlanEvent::Requested(action), true)?;
+        let running_session = || async {
+            let (s, _) = self
+                .store()
+                .session_list(caller.tenant_id, &SessionFilter { target_id: Some(id.0), limit: 1, ..Default::default() })
+                .await?;
+            s.into_iter().next().filter(|s| s.state != SessionState::Stopped).ok_or_else(|| {
+                Error::conflict(format!("plan {:?} has no session to act on", plan.name))
+            })
+        };
+        match action {
+            PlanAction::Halt => self.engine.halt(running_session().await?.id).await?,
+            PlanAction::Continue => {
+                let s = running_session().await?;
+                self.engine.resume(s.id, cont.unwrap_or(ContinueOption::RetryFailedStep)).await?
+            }
+            PlanAction::Undo if plan.lifecycle.state == PlanState::Halted => {
+                self.engine.undo(running_session().await?.id).await?
+            }
+            PlanAction::ResetState => {
+                let (p, ()) = self
+                    .store()
+                    .object_modify::<Plan, _, _>(caller.tenant_id, id.0, |p| {
+                        p.lifecycle = p.lifecycle.apply(PlanEvent::Requested(PlanAction::ResetState), true)?;
+                        p.enabled = false;
+                        p.updated_at = now();
+                        Ok(())
+                    })
+                    .await?;
+                return Ok(p);
+            }
+            PlanAction::ReadinessCheck => {
+                // The check itself is a session; its saga lands the plan in Verified or NotVerified.
+                self.plan_submit(caller, &plan, SessionKind::PlanReadinessCheck, action).await?;
+            }
+            other => {
+                let missing = self.vms_without_ready_replica(caller, &plan).await?;
+                if !missing.is_empty() {
+                    return Err(Error::conflict(format!(
+                        "{other:?} needs a ready replica of every VM in the plan; none for {}",
+                        missing.join(", ")
+                    )));
+                }
+                return Err(Error::Unavailable(format!("{other:?} is not available in this version of drover")));
+            }
+        }
+        self.get::<Plan>(caller, id.0).await
+    }
+
+    async fn vms_without_ready_replica(&self, caller: &Caller, plan: &Plan) -> Result<Vec<String>> {
+        let replicas = self.list::<Replica>(caller).await?;
+        let mut missing = Vec::new();
+        for vm_id in plan.vm_ids() {
+            if !replicas.iter().any(|r| r.source_vm_id == vm_id && r.state == ReplicaState::Ready) {
+                let name = self.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
+                missing.push(name);
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn plan_submit(&self, caller: &Caller, plan: &Plan, kind: SessionKind, action: PlanAction) -> Result<SessionId> {
+        let t = now();
+        let session = Session {
+            id: SessionId::new(),
+            tenant_id: caller.tenant_id,
+            kind,
+            name: plan.name.clone(),
+            target: SessionTarget::Plan(plan.id),
+            state: SessionState::Starting,
+            result: SessionResult::None,
+            progress: 0,
+            failure_message: None,
+            params: json!({ "plan_id": plan.id, "tenant_id": caller.tenant_id, "action": action }),
+            halt_requested: false,
+            halted: false,
+            created_at: t,
+            ended_at: None,
+        };
+        let mut tasks = Vec::new();
+        for vm_id in plan.vm_ids() {
+            let name = self.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
+            tasks.push(Task {
+                id: TaskId::new(),
+                session_id: session.id,
+                vm_id: Some(vm_id),
+                name,
+                state: SessionState::Starting,
+                result: SessionResult::None,
+                progress: 0,
+                weight: 1,
+                failure_message: None,
+                created_at: t,
+                ended_at: None,
+            });
+        }
+        // Move the plan first: a concurrent request then gets 409. If the session cannot be
+        // recorded, the move is reverted.
+        self.store()
+            .object_modify::<Plan, _, _>(caller.tenant_id, plan.id.0, |p| {
+                p.lifecycle = p.lifecycle.apply(PlanEvent::Requested(action), true)?;
+                p.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        match self.engine.submit(session, tasks).await {
+            Ok(id) => Ok(id),
+            Err(e) => {
+                let before = plan.lifecycle;
+                let _ = self
+                    .store()
+                    .object_modify::<Plan, _, _>(caller.tenant_id, plan.id.0, |p| {
+                        p.lifecycle = before;
+                        Ok(())
+                    })
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Sessions
+
+    pub async fn session_list(&self, caller: &Caller, filter: &SessionFilter) -> Result<(Vec<Session>, u64)> {
+        if filter.limit == 0 || filter.limit > 1000 {
+            return Err(Error::invalid("limit must be between 1 and 1000"));
+        }
+        self.store().session_list(caller.tenant_id, filter).await
+    }
+
+    pub async fn session_get(&self, caller: &Caller, id: SessionId) -> Result<(Session, Vec<Task>)> {
+        let s = self.store().session_get(Some(caller.tenant_id), id).await?;
+        let tasks = self.store().tasks_of(id).await?;
+        Ok((s, tasks))
+    }
+
+    pub async fn session_log(&self, caller: &Caller, id: SessionId, after_seq: i64, limit: u64) -> Result<Vec<LogEntry>> {
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        if limit == 0 || limit > 10_000 {
+            return Err(Error::invalid("limit must be between 1 and 10000"));
+        }
+        self.store().log_list(id, after_seq, limit).await
+    }
+
+    pub async fn session_halt(&self, caller: &Caller, id: SessionId) -> Result<()> {
+        caller.require(Role::PlanOperator)?;
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        self.engine.halt(id).await
+    }
+
+    pub async fn session_continue(&self, caller: &Caller, id: SessionId, option: ContinueOption) -> Result<()> {
+        caller.require(Role::PlanOperator)?;
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        self.engine.resume(id, option).await
+    }
+
+    pub async fn session_undo(&self, caller: &Caller, id: SessionId) -> Result<()> {
+        caller.require(Role::PlanOperator)?;
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        self.engine.undo(id).await
+    }
+}
+
+async fn check_file(what: &str, path: &str) -> Result<()> {
+    if !Path::new(path).is_absolute() {
+        return Err(Error::invalid(format!("{what} {path:?} must be an absolute path")));
+    }
+    match tokio::fs::metadata(path).await {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::invalid(format!("{what} {path:?} is not a file"))),
+        Err(e) => Err(Error::invalid(format!("{what} {path:?} cannot be read: {e}"))),
+    }
+}

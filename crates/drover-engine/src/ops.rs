@@ -1,0 +1,438 @@
+//! The sagas of the VM operations.
+//!
+//! | operation | steps |
+//! |---|---|
+//! | create    | `reserve` (undo: remove the VM record) → `create_disks` (undo: remove them) → `mark_provisioned` |
+//! | power on  | `begin_start` (undo: back to Off) → `power_on` (undo: power off) → `wait_heartbeat` → `mark_running` |
+//! | shutdown  | `begin_stop` (undo: state from the hypervisor) → `shutdown_guest` → `mark_off` |
+//! | power off | `begin_stop` → `power_off` → `mark_off` |
+//! | delete    | `power_off` → `remove_record` → `forget_runtime` → `delete_disks` |
+//!
+//! The API layer moves the VM's power state to `Starting`/`Stopping` before it submits the
+//! session, so a second request is refused at once (409); the first step of each saga checks that
+//! state and its undo puts the VM back as it really is.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use drover_hv::{BootSpec, DiskSpec, NicSpec, VmSpec, image};
+use drover_types::{
+    Datastore, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent,
+    VmPowerState,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::saga::{Saga, SagaStep, Step, StepCtx};
+use crate::{Engine, Error, Result};
+
+/// What the VM sessions carry in `params`: enough to finish even after the VM record is gone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmOpParams {
+    pub vm_id: VmId,
+    pub tenant_id: TenantId,
+    /// `<datastore>/<vm id>`: where the VM's disk images live.
+    pub disk_dir: PathBuf,
+    #[serde(default)]
+    pub wait_heartbeat: bool,
+}
+
+pub(crate) fn register(engine: &Engine) {
+    engine.register_saga(SessionKind::VmCreate, Arc::new(|s, t| vm_saga(s, t)));
+    engine.register_saga(SessionKind::VmPowerOn, Arc::new(|s, t| vm_saga(s, t)));
+    engine.register_saga(SessionKind::VmShutdown, Arc::new(|s, t| vm_saga(s, t)));
+    engine.register_saga(SessionKind::VmPowerOff, Arc::new(|s, t| vm_saga(s, t)));
+    engine.register_saga(SessionKind::VmDelete, Arc::new(|s, t| vm_saga(s, t)));
+}
+
+pub fn disk_dir(datastore: &Datastore, vm: VmId) -> PathBuf {
+    Path::new(&datastore.path).join(vm.to_string())
+}
+
+pub fn disk_path(dir: &Path, disk: &str) -> PathBuf {
+    dir.join(format!("{disk}.qcow2"))
+}
+
+fn params(session: &Session) -> Result<VmOpParams> {
+    serde_json::from_value(session.params.clone())
+        .map_err(|e| Error::internal(format!("session {} has unreadable parameters: {e}", session.id)))
+}
+
+fn vm_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let SessionTarget::Vm(_) = session.target else {
+        return Err(Error::internal("a VM operation needs a VM target"));
+    };
+    let p = params(session)?;
+    if tasks.len() != 1 {
+        return Err(Error::internal("a VM operation has exactly one task"));
+    }
+    let step = |weight: u32, step: Box<dyn Step>| SagaStep { task: Some(0), group: None, weight, critical: true, step };
+    let steps = match session.kind {
+        SessionKind::VmCreate => vec![
+            step(1, Box::new(Reserve(p.clone()))),
+            step(8, Box::new(CreateDisks(p.clone()))),
+            step(1, Box::new(MarkProvisioned(p))),
+        ],
+        SessionKind::VmPowerOn => {
+            let mut s = vec![
+                step(1, Box::new(BeginPower { p: p.clone(), expect: VmPowerState::Starting })),
+                step(4, Box::new(PowerOn(p.clone()))),
+            ];
+            if p.wait_heartbeat {
+                s.push(step(4, Box::new(WaitHeartbeat(p.clone()))));
+            }
+            s.push(step(1, Box::new(MarkPower { p, event: VmPowerEvent::CameUp })));
+            s
+        }
+        SessionKind::VmShutdown | SessionKind::VmPowerOff => vec![
+            step(1, Box::new(BeginPower { p: p.clone(), expect: VmPowerState::Stopping })),
+            step(8, Box::new(Stop { p: p.clone(), graceful: session.kind == SessionKind::VmShutdown })),
+            step(1, Box::new(MarkPower { p, event: VmPowerEvent::WentDown })),
+        ],
+        SessionKind::VmDelete => vec![
+            step(3, Box::new(Stop { p: p.clone(), graceful: false })),
+            step(1, Box::new(RemoveRecord(p.clone()))),
+            step(1, Box::new(ForgetRuntime(p.clone()))),
+            step(3, Box::new(DeleteDisks(p))),
+        ],
+        other => return Err(Error::internal(format!("{} is not a VM operation", other.as_str()))),
+    };
+    Ok(Saga::unwinding(steps))
+}
+
+/// The hypervisor's view of a VM, built from the inventory.
+pub fn vm_spec(vm: &Vm, disk_dir: &Path) -> VmSpec {
+    VmSpec {
+        id: vm.id.0,
+        name: vm.name.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disks: vm.disks.iter().map(|d| DiskSpec { path: disk_path(disk_dir, &d.name) }).collect(),
+        nics: vm.nics.iter().map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone() }).collect(),
+        boot: BootSpec {
+            kernel: vm.boot.kernel.as_ref().map(PathBuf::from),
+            initrd: vm.boot.initrd.as_ref().map(PathBuf::from),
+            cmdline: vm.boot.cmdline.clone(),
+        },
+    }
+}
+
+fn hv_err(e: drover_hv::HvError) -> Error {
+    match e {
+        drover_hv::HvError::InvalidSpec(m) => Error::invalid(m),
+        drover_hv::HvError::UnknownVm(id) => Error::not_found(VmId::KIND, id),
+        other => {
+            let mut msg = other.to_string();
+            let mut src = std::error::Error::source(&other);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            Error::Unavailable(msg)
+        }
+    }
+}
+
+async fn vm_get(ctx: &StepCtx, p: &VmOpParams) -> Result<Vm> {
+    ctx.engine.store().object_get::<Vm>(p.tenant_id, p.vm_id.0).await
+}
+
+async fn vm_set_state(ctx: &StepCtx, p: &VmOpParams, f: impl Fn(&mut Vm) -> Result<()>) -> Result<Vm> {
+    let (vm, ()) = ctx.engine.store().object_modify::<Vm, _, _>(p.tenant_id, p.vm_id.0, |vm| {
+        f(vm)?;
+        vm.updated_at = drover_types::now();
+        Ok(())
+    })
+    .await?;
+    Ok(vm)
+}
+
+/// The VM state that matches what the hypervisor says now.
+async fn observed_state(ctx: &StepCtx, p: &VmOpParams) -> Result<VmPowerState> {
+    Ok(match ctx.engine.hv().status(p.vm_id.0).await {
+        Ok(drover_hv::PowerState::Running | drover_hv::PowerState::Paused) => VmPowerState::Running,
+        Ok(drover_hv::PowerState::Died) => VmPowerState::Died,
+        Ok(drover_hv::PowerState::Off) | Err(drover_hv::HvError::UnknownVm(_)) => VmPowerState::Off,
+        Err(e) => return Err(hv_err(e)),
+    })
+}
+
+struct Reserve(VmOpParams);
+
+#[async_trait]
+impl Step for Reserve {
+    fn name(&self) -> String {
+        "reserve".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        vm_get(ctx, &self.0).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        match ctx.engine.store().object_delete::<Vm>(self.0.tenant_id, self.0.vm_id.0).await {
+            Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+struct CreateDisks(VmOpParams);
+
+#[async_trait]
+impl Step for CreateDisks {
+    fn name(&self) -> String {
+        "create_disks".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let vm = vm_get(ctx, &self.0).await?;
+        tokio::fs::create_dir_all(&self.0.disk_dir)
+            .await
+            .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", self.0.disk_dir.display())))?;
+        let mut paths = Vec::new();
+        for d in &vm.disks {
+            let path = disk_path(&self.0.disk_dir, &d.name);
+            // Idempotent: an image that is there and readable was made by an earlier attempt,
+            // which wrote it under a temporary name and renamed it only when complete.
+            if image::info(&path).await.is_ok() {
+                paths.push(path);
+                continue;
+            }
+            let partial = path.with_extension("qcow2.partial");
+            let _ = image::remove(&partial).await;
+            match &d.import_from {
+                Some(src) => {
+                    ctx.log(LogLevel::Info, format!("importing disk {} from {src}", d.name)).await;
+                    image::import_qcow2(Path::new(src), &partial).await.map_err(hv_err)?;
+                }
+                None => {
+                    ctx.log(LogLevel::Info, format!("creating disk {} ({} bytes)", d.name, d.size_bytes)).await;
+                    image::create_qcow2(&partial, d.size_bytes).await.map_err(hv_err)?;
+                }
+            }
+            tokio::fs::rename(&partial, &path)
+                .await
+                .map_err(|e| Error::Unavailable(format!("cannot move {} into place: {e}", path.display())))?;
+            paths.push(path);
+        }
+        Ok(json!({ "paths": paths }))
+    }
+    async fn undo(&self, _ctx: &StepCtx, _: &Value) -> Result<()> {
+        remove_dir(&self.0.disk_dir).await
+    }
+}
+
+async fn remove_dir(dir: &Path) -> Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Unavailable(format!("cannot remove {}: {e}", dir.display()))),
+    }
+}
+
+struct MarkProvisioned(VmOpParams);
+
+#[async_trait]
+impl Step for MarkProvisioned {
+    fn name(&self) -> String {
+        "mark_provisioned".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        vm_set_state(ctx, &self.0, |vm| {
+            vm.provisioned = true;
+            Ok(())
+        })
+        .await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        match vm_set_state(ctx, &self.0, |vm| {
+            vm.provisioned = false;
+            Ok(())
+        })
+        .await
+        {
+            Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Checks the state the API layer set; its undo restores the state the hypervisor shows.
+struct BeginPower {
+    p: VmOpParams,
+    expect: VmPowerState,
+}
+
+#[async_trait]
+impl Step for BeginPower {
+    fn name(&self) -> String {
+        "begin".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let vm = vm_get(ctx, &self.p).await?;
+        if vm.power_state != self.expect {
+            return Err(Error::conflict(format!(
+                "VM {} is {:?}, expected {:?}",
+                vm.name, vm.power_state, self.expect
+            )));
+        }
+        Ok(Value::Null)
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        let observed = observed_state(ctx, &self.p).await?;
+        vm_set_state(ctx, &self.p, |vm| {
+            vm.power_state = observed;
+            Ok(())
+        })
+        .await?;
+        ctx.log(LogLevel::Info, format!("VM state set to {observed:?} as the hypervisor reports")).await;
+        Ok(())
+    }
+}
+
+struct PowerOn(VmOpParams);
+
+#[async_trait]
+impl Step for PowerOn {
+    fn name(&self) -> String {
+        "power_on".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let vm = vm_get(ctx, &self.0).await?;
+        if !vm.provisioned {
+            return Err(Error::conflict(format!("VM {} has no disks yet: its create session did not finish", vm.name)));
+        }
+        let spec = vm_spec(&vm, &self.0.disk_dir);
+        ctx.engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        ctx.log(LogLevel::Info, format!("VM {} powered on ({})", vm.name, ctx.engine.hv().kind())).await;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        ctx.engine.hv().power_off(self.0.vm_id.0).await.map_err(hv_err)
+    }
+}
+
+struct WaitHeartbeat(VmOpParams);
+
+#[async_trait]
+impl Step for WaitHeartbeat {
+    fn name(&self) -> String {
+        "wait_heartbeat".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let timeout = ctx.engine.config().heartbeat_timeout;
+        let hb = ctx.engine.hv().wait_heartbeat(self.0.vm_id.0, timeout).await.map_err(hv_err)?;
+        ctx.log(LogLevel::Info, format!("heartbeat: guest up {:.1} s", hb.uptime_secs)).await;
+        Ok(json!({ "uptime_secs": hb.uptime_secs, "marker": hb.marker }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct MarkPower {
+    p: VmOpParams,
+    event: VmPowerEvent,
+}
+
+#[async_trait]
+impl Step for MarkPower {
+    fn name(&self) -> String {
+        "mark_state".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let event = self.event;
+        let vm = vm_set_state(ctx, &self.p, |vm| {
+            vm.power_state = vm.power_state.apply(event)?;
+            Ok(())
+        })
+        .await?;
+        Ok(json!({ "power_state": vm.power_state }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        // The earlier steps' undos restore the real state.
+        Ok(())
+    }
+}
+
+struct Stop {
+    p: VmOpParams,
+    graceful: bool,
+}
+
+#[async_trait]
+impl Step for Stop {
+    fn name(&self) -> String {
+        if self.graceful { "shutdown_guest".into() } else { "power_off".into() }
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let hv = ctx.engine.hv();
+        if self.graceful {
+            let outcome =
+                hv.shutdown(self.p.vm_id.0, ctx.engine.config().shutdown_timeout).await.map_err(hv_err)?;
+            let level = if outcome == drover_hv::ShutdownOutcome::ForcedOff { LogLevel::Warning } else { LogLevel::Info };
+            ctx.log(level, format!("shutdown: {outcome:?}")).await;
+            Ok(json!({ "outcome": outcome }))
+        } else {
+            hv.power_off(self.p.vm_id.0).await.map_err(hv_err)?;
+            Ok(Value::Null)
+        }
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        // A stopped VM is not started again by an undo; `begin`'s undo records the real state.
+        Ok(())
+    }
+}
+
+struct RemoveRecord(VmOpParams);
+
+#[async_trait]
+impl Step for RemoveRecord {
+    fn name(&self) -> String {
+        "remove_record".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        match ctx.engine.store().object_delete::<Vm>(self.0.tenant_id, self.0.vm_id.0).await {
+            Ok(()) | Err(Error::NotFound { .. }) => Ok(Value::Null),
+            Err(e) => Err(e),
+        }
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct ForgetRuntime(VmOpParams);
+
+#[async_trait]
+impl Step for ForgetRuntime {
+    fn name(&self) -> String {
+        "forget_runtime".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        ctx.engine.hv().forget(self.0.vm_id.0).await.map_err(hv_err)?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct DeleteDisks(VmOpParams);
+
+#[async_trait]
+impl Step for DeleteDisks {
+    fn name(&self) -> String {
+        "delete_disks".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        remove_dir(&self.0.disk_dir).await?;
+        ctx.log(LogLevel::Info, format!("removed {}", self.0.disk_dir.display())).await;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}

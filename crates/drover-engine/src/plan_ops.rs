@@ -1,0 +1,132 @@
+//! The sagas of plan operations available before replication exists: the readiness check.
+//!
+//! Readiness check: one `check_vm:<n>` step per VM of the plan (the VM exists and is provisioned,
+//! and a ready replica of it exists), then `conclude`, which lands the plan in `Verified` when
+//! every VM passed and in `NotVerified` otherwise. The first step's undo moves a plan that is
+//! still `Checking` to `NotVerified`, so a failed or unwound check never leaves it busy.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use drover_types::{LogLevel, Plan, PlanEvent, PlanId, PlanState, Replica, ReplicaState, SessionKind, TenantId, Vm, VmId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::saga::{Saga, SagaStep, Step, StepCtx};
+use crate::{Engine, Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+struct PlanParams {
+    plan_id: PlanId,
+    tenant_id: TenantId,
+}
+
+pub(crate) fn register(engine: &Engine) {
+    engine.register_saga(
+        SessionKind::PlanReadinessCheck,
+        Arc::new(|session, tasks| {
+            let p: PlanParams = serde_json::from_value(session.params.clone())
+                .map_err(|e| Error::internal(format!("session {}: unreadable parameters: {e}", session.id)))?;
+            let mut steps = vec![SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Begin(p.clone())) }];
+            for (i, t) in tasks.iter().enumerate() {
+                let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
+                steps.push(SagaStep { task: Some(i), group: None, weight: 1, critical: true, step: Box::new(CheckVm { p: p.clone(), vm, index: i }) });
+            }
+            let n = tasks.len();
+            steps.push(SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Conclude { p, vms: n }) });
+            Ok(Saga::unwinding(steps))
+        }),
+    );
+}
+
+async fn plan_event(ctx: &StepCtx, p: &PlanParams, event: PlanEvent, passed: bool, only_if: PlanState) -> Result<()> {
+    let r = ctx
+        .engine
+        .store()
+        .object_modify::<Plan, _, _>(p.tenant_id, p.plan_id.0, |plan| {
+            if plan.lifecycle.state == only_if {
+                plan.lifecycle = plan.lifecycle.apply(event, passed)?;
+                plan.updated_at = drover_types::now();
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+struct Begin(PlanParams);
+
+#[async_trait]
+impl Step for Begin {
+    fn name(&self) -> String {
+        "begin".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        ctx.engine.store().object_get::<Plan>(self.0.tenant_id, self.0.plan_id.0).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        plan_event(ctx, &self.0, PlanEvent::Failed, false, PlanState::Checking).await
+    }
+}
+
+struct CheckVm {
+    p: PlanParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for CheckVm {
+    fn name(&self) -> String {
+        format!("check_vm:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let store = ctx.engine.store();
+        let mut problems = Vec::new();
+        match store.object_get::<Vm>(self.p.tenant_id, self.vm.0).await {
+            Ok(vm) if !vm.provisioned => problems.push(format!("VM {} has no disks yet", vm.name)),
+            Ok(_) => {}
+            Err(Error::NotFound { .. }) => problems.push(format!("VM {} no longer exists", self.vm)),
+            Err(e) => return Err(e),
+        }
+        let replicas = store.object_list::<Replica>(self.p.tenant_id).await?;
+        if !replicas.iter().any(|r| r.source_vm_id == self.vm && r.state == ReplicaState::Ready) {
+            problems.push(format!("VM {} has no ready replica", self.vm));
+        }
+        for p in &problems {
+            ctx.log(LogLevel::Warning, p).await;
+        }
+        Ok(json!({ "ok": problems.is_empty(), "problems": problems }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Conclude {
+    p: PlanParams,
+    vms: usize,
+}
+
+#[async_trait]
+impl Step for Conclude {
+    fn name(&self) -> String {
+        "conclude".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let passed = (0..self.vms).all(|i| {
+            ctx.outputs.get(&format!("check_vm:{i}")).and_then(|o| o.get("ok")).and_then(Value::as_bool) == Some(true)
+        });
+        plan_event(ctx, &self.p, PlanEvent::Completed, passed, PlanState::Checking).await?;
+        let level = if passed { LogLevel::Info } else { LogLevel::Warning };
+        ctx.log(level, if passed { "readiness check passed" } else { "readiness check found problems" }).await;
+        Ok(json!({ "passed": passed }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,511 @@
+//! Sagas: operations as named, idempotent steps with undo, recorded in the store as they run.
+//!
+//! A saga is rebuilt from its session record (kind + params + tasks) whenever it runs, so the same
+//! step list comes back after a restart. The runner's protocol for step `i`:
+//!
+//! ```text
+//!  record Started (attempts+1) ─▶ run ─ok──▶ record Done(output) ─▶ task progress ─▶ next step
+//!                                    └─err─▶ record Failed(error) ─▶ policy: Unwind | Halt
+//!  Unwind: for every step that may have had effects, newest first:
+//!          record UndoStarted ─▶ undo(output) ─▶ record Undone;  then the session stops Failed.
+//!  Halt:   the session stays Working with `halted`; Continue retries or skips, Undo unwinds.
+//! ```
+//!
+//! Every record is written before the effect it describes is reported, so after a crash the runner
+//! knows which steps may have run: a step found `Started` is run again (steps are idempotent), a
+//! saga found unwinding keeps unwinding. Steps never touch the store themselves except through
+//! [`StepCtx`], and report progress through it.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use drover_types::{
+    LogLevel, Session, SessionId, SessionResult, SessionState, StepRecord, StepState, Task, TaskId,
+    weighted_progress,
+};
+use serde_json::Value;
+
+use crate::{Engine, Error, Result};
+
+/// What a failed step means for the saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Undo everything done so far and stop `Failed` (single-object operations).
+    Unwind,
+    /// Stop between steps and wait for Continue or Undo (plans: a critical failure halts).
+    Halt,
+}
+
+/// How a halted saga goes on (the options of the Recovery Orchestrator's Continue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ContinueOption {
+    RetryFailedStep,
+    ProceedToNextStep,
+    RetryFailedVm,
+    ProceedToNextVm,
+    RetryFailedGroup,
+    ProceedToNextGroup,
+}
+
+#[async_trait]
+pub trait Step: Send + Sync {
+    /// Unique within its saga; shown in logs.
+    fn name(&self) -> String;
+
+    /// Does the work. Must be idempotent: it may run again after a crash, or after it succeeded.
+    /// Returns what later steps and the undo need.
+    async fn run(&self, ctx: &StepCtx) -> Result<Value>;
+
+    /// Reverses the work, given what `run` returned (`Null` when it never finished). Idempotent.
+    async fn undo(&self, ctx: &StepCtx, output: &Value) -> Result<()>;
+}
+
+/// One step in a saga and where it belongs.
+pub struct SagaStep {
+    /// Index into the session's tasks; `None` for session-wide steps.
+    pub task: Option<usize>,
+    /// Plan group number, for the group-wide continue options.
+    pub group: Option<u32>,
+    /// Share of its task's progress.
+    pub weight: u32,
+    /// A failed non-critical step gives a warning and the saga goes on.
+    pub critical: bool,
+    pub step: Box<dyn Step>,
+}
+
+impl std::fmt::Debug for SagaStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaStep").field("name", &self.step.name()).field("task", &self.task).finish()
+    }
+}
+
+#[derive(Debug)]
+pub struct Saga {
+    pub steps: Vec<SagaStep>,
+    pub on_failure: FailurePolicy,
+}
+
+impl Saga {
+    pub fn unwinding(steps: Vec<SagaStep>) -> Saga {
+        Saga { steps, on_failure: FailurePolicy::Unwind }
+    }
+}
+
+/// What a step sees while it runs.
+pub struct StepCtx {
+    pub engine: Engine,
+    pub session: Session,
+    pub task_id: Option<TaskId>,
+    /// Outputs of the steps that are done, by step name.
+    pub outputs: HashMap<String, Value>,
+}
+
+impl std::fmt::Debug for StepCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepCtx").field("session", &self.session.id).field("task", &self.task_id).finish()
+    }
+}
+
+impl StepCtx {
+    pub async fn log(&self, level: LogLevel, message: impl AsRef<str>) {
+        self.engine.log(self.session.id, self.task_id, level, message.as_ref()).await;
+    }
+}
+
+/// Hooks for the saga tests: make a step fail or "crash" (stop the runner as a killed process
+/// would, leaving the step `Started`), and run every step twice to prove idempotence. All off in
+/// the product.
+#[derive(Default)]
+pub struct TestHooks {
+    pub fail_step: std::sync::Mutex<Option<(String, u32)>>,
+    pub crash_before_record: std::sync::Mutex<Option<String>>,
+    pub run_each_step_twice: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for TestHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHooks")
+    }
+}
+
+impl TestHooks {
+    /// Fails the named step on its `attempt`-th attempt (1-based).
+    pub fn fail(&self, step: &str, attempt: u32) {
+        *self.fail_step.lock().unwrap_or_else(|e| e.into_inner()) = Some((step.to_string(), attempt));
+    }
+    /// Stops the runner right after the named step ran, before its outcome is recorded.
+    pub fn crash_after(&self, step: &str) {
+        *self.crash_before_record.lock().unwrap_or_else(|e| e.into_inner()) = Some(step.to_string());
+    }
+    fn should_fail(&self, step: &str, attempt: u32) -> bool {
+        let g = self.fail_step.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(&*g, Some((s, a)) if s == step && *a == attempt)
+    }
+    fn take_crash(&self, step: &str) -> bool {
+        let mut g = self.crash_before_record.lock().unwrap_or_else(|e| e.into_inner());
+        if g.as_deref() == Some(step) {
+            *g = None;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why the runner returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Finished(SessionResult),
+    Halted,
+    /// The test hook stopped it as a crash would.
+    Crashed,
+}
+
+/// Runs (or resumes) a session's saga until it finishes, halts or unwinds.
+pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> Result<RunOutcome> {
+    let mut session = engine.store().session_get(None, session_id).await?;
+    if session.state == SessionState::Stopped {
+        return Ok(RunOutcome::Finished(session.result));
+    }
+    let mut tasks = engine.store().tasks_of(session_id).await?;
+    let mut records = load_records(engine, session_id, &saga).await?;
+
+    if session.state == SessionState::Starting {
+        session.state = session.state.apply(drover_types::SessionEvent::Began)?;
+        engine.session_save(&session).await?;
+        engine.log(session_id, None, LogLevel::Info, &format!("{} started", session.kind.as_str())).await;
+    }
+    // A session found unwinding (after a crash, or asked to by Undo) keeps unwinding.
+    let unwinding = records.iter().any(|r| matches!(r.state, StepState::UndoStarted | StepState::Undone))
+        || session.params.get("_undo").and_then(Value::as_bool) == Some(true);
+    if unwinding {
+        return unwind(engine, &saga, session, tasks, records, None).await;
+    }
+    let mut warnings = 0u32;
+    let hooks = engine.hooks();
+    for i in 0..saga.steps.len() {
+        let entry = &saga.steps[i];
+        if matches!(records[i].state, StepState::Done | StepState::Skipped) {
+            continue;
+        }
+        // Halt between steps: the running step has finished, nothing new starts.
+        let fresh = engine.store().session_get(None, session_id).await?;
+        if fresh.halt_requested {
+            session.halt_requested = false;
+            session.halted = true;
+            engine.session_save(&session).await?;
+            engine.log(session_id, None, LogLevel::Warning, "halted on request; waiting for Continue or Undo").await;
+            return Ok(RunOutcome::Halted);
+        }
+        let task_id = entry.task.and_then(|t| tasks.get(t)).map(|t| t.id);
+        let name = entry.step.name();
+        let rec = &mut records[i];
+        rec.state = StepState::Started;
+        rec.attempts += 1;
+        rec.error = None;
+        rec.task_id = task_id;
+        rec.updated_at = drover_types::now();
+        engine.store().step_put(rec).await?;
+        if let Some(t) = entry.task {
+            task_begin(engine, &mut tasks[t]).await?;
+        }
+        let ctx = StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(&saga, &records) };
+        let attempt = records[i].attempts;
+        let mut result = if hooks.should_fail(&name, attempt) {
+            Err(Error::internal(format!("injected failure in step {name}")))
+        } else {
+            entry.step.run(&ctx).await
+        };
+        if result.is_ok() && hooks.run_each_step_twice.load(std::sync::atomic::Ordering::Relaxed) {
+            result = entry.step.run(&ctx).await;
+        }
+        if hooks.take_crash(&name) {
+            return Ok(RunOutcome::Crashed);
+        }
+        let rec = &mut records[i];
+        rec.updated_at = drover_types::now();
+        match result {
+            Ok(output) => {
+                rec.state = StepState::Done;
+                rec.output = output;
+                engine.store().step_put(rec).await?;
+                if let Some(t) = entry.task {
+                    task_progress(engine, &saga, &records, &mut tasks, t).await?;
+                }
+                session_progress(engine, &mut session, &tasks).await?;
+            }
+            Err(err) => {
+                let msg = err.to_string();
+                rec.state = StepState::Failed;
+                rec.error = Some(msg.clone());
+                engine.store().step_put(rec).await?;
+                engine.log(session_id, task_id, LogLevel::Error, &format!("step {name} failed: {msg}")).await;
+                if !entry.critical {
+                    warnings += 1;
+                    rec.state = StepState::Skipped;
+                    engine.store().step_put(rec).await?;
+                    if let Some(t) = entry.task {
+                        tasks[t].failure_message = Some(msg);
+                        task_progress(engine, &saga, &records, &mut tasks, t).await?;
+                    }
+                    continue;
+                }
+                if let Some(t) = entry.task {
+                    tasks[t].failure_message = Some(msg.clone());
+                    tasks[t].result = SessionResult::Failed;
+                    engine.store().task_update(&tasks[t]).await?;
+                }
+                session.failure_message = Some(format!("{name}: {msg}"));
+                match saga.on_failure {
+                    FailurePolicy::Unwind => return unwind(engine, &saga, session, tasks, records, Some(i)).await,
+                    FailurePolicy::Halt => {
+                        session.halted = true;
+                        engine.session_save(&session).await?;
+                        engine
+                            .log(session_id, task_id, LogLevel::Warning, "halted after a critical failure; waiting for Continue or Undo")
+                            .await;
+                        return Ok(RunOutcome::Halted);
+                    }
+                }
+            }
+        }
+    }
+    // Every step is done or skipped. Skipped critical steps (Continue with a proceed option) and
+    // failed non-critical ones make a warning.
+    let skipped = records.iter().filter(|r| r.state == StepState::Skipped).count() as u32;
+    let result = if warnings > 0 || skipped > 0 { SessionResult::Warning } else { SessionResult::Success };
+    for t in tasks.iter_mut() {
+        if t.state != SessionState::Stopped {
+            t.state = SessionState::Stopped;
+            if t.result == SessionResult::None {
+                t.result = if t.failure_message.is_some() { SessionResult::Warning } else { SessionResult::Success };
+            }
+            t.progress = 100;
+            t.ended_at = Some(drover_types::now());
+            engine.store().task_update(t).await?;
+        }
+    }
+    finish(engine, session, result, &tasks).await?;
+    Ok(RunOutcome::Finished(result))
+}
+
+/// Undoes, newest first, every step that may have had effects, then stops the session `Failed`.
+async fn unwind(
+    engine: &Engine,
+    saga: &Saga,
+    mut session: Session,
+    mut tasks: Vec<Task>,
+    mut records: Vec<StepRecord>,
+    failed_at: Option<usize>,
+) -> Result<RunOutcome> {
+    let hooks = engine.hooks();
+    if let Some(i) = failed_at {
+        engine.log(session.id, None, LogLevel::Warning, &format!("undoing after {} failed", saga.steps[i].step.name())).await;
+    }
+    let mut undo_errors = Vec::new();
+    for i in (0..saga.steps.len()).rev() {
+        let state = records[i].state;
+        if !matches!(state, StepState::Started | StepState::Done | StepState::Failed | StepState::UndoStarted) {
+            continue;
+        }
+        let entry = &saga.steps[i];
+        let name = entry.step.name();
+        let rec = &mut records[i];
+        rec.state = StepState::UndoStarted;
+        rec.updated_at = drover_types::now();
+        engine.store().step_put(rec).await?;
+        let task_id = rec.task_id;
+        let ctx = StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(saga, &records) };
+        let output = records[i].output.clone();
+        let mut result = entry.step.undo(&ctx, &output).await;
+        if result.is_ok() && hooks.run_each_step_twice.load(std::sync::atomic::Ordering::Relaxed) {
+            result = entry.step.undo(&ctx, &output).await;
+        }
+        if hooks.take_crash(&format!("undo:{name}")) {
+            return Ok(RunOutcome::Crashed);
+        }
+        let rec = &mut records[i];
+        rec.updated_at = drover_types::now();
+        match result {
+            Ok(()) => {
+                rec.state = StepState::Undone;
+                engine.store().step_put(rec).await?;
+                engine.log(session.id, task_id, LogLevel::Info, &format!("undid {name}")).await;
+            }
+            Err(e) => {
+                // Leave it UndoStarted: a later run (restart) tries the undo again.
+                rec.error = Some(format!("undo failed: {e}"));
+                engine.store().step_put(rec).await?;
+                engine.log(session.id, task_id, LogLevel::Error, &format!("undo of {name} failed: {e}")).await;
+                undo_errors.push(format!("undo of {name} failed: {e}"));
+            }
+        }
+    }
+    if !undo_errors.is_empty() {
+        let msg = undo_errors.join("; ");
+        session.failure_message =
+            Some(session.failure_message.map(|m| format!("{m}; {msg}")).unwrap_or(msg));
+    } else if session.failure_message.is_none() {
+        session.failure_message = Some("undone on request".to_string());
+    }
+    for t in tasks.iter_mut() {
+        if t.state != SessionState::Stopped {
+            t.state = SessionState::Stopped;
+            t.result = SessionResult::Failed;
+            t.ended_at = Some(drover_types::now());
+            engine.store().task_update(t).await?;
+        }
+    }
+    finish(engine, session, SessionResult::Failed, &tasks).await?;
+    Ok(RunOutcome::Finished(SessionResult::Failed))
+}
+
+async fn finish(engine: &Engine, mut session: Session, result: SessionResult, tasks: &[Task]) -> Result<()> {
+    session.state = SessionState::Stopped;
+    session.result = result;
+    session.halted = false;
+    session.halt_requested = false;
+    session.ended_at = Some(drover_types::now());
+    if result != SessionResult::Failed {
+        session.progress = 100;
+    } else {
+        let p: Vec<(u32, u8)> = tasks.iter().map(|t| (t.weight, t.progress)).collect();
+        session.progress = weighted_progress(&p);
+    }
+    engine.session_save(&session).await?;
+    let level = if result == SessionResult::Failed { LogLevel::Error } else { LogLevel::Info };
+    engine
+        .log(session.id, None, level, &format!("{} finished: {result:?}", session.kind.as_str()))
+        .await;
+    Ok(())
+}
+
+async fn load_records(engine: &Engine, session_id: SessionId, saga: &Saga) -> Result<Vec<StepRecord>> {
+    let stored = engine.store().steps_of(session_id).await?;
+    let mut records = Vec::with_capacity(saga.steps.len());
+    for (i, entry) in saga.steps.iter().enumerate() {
+        let name = entry.step.name();
+        match stored.iter().find(|r| r.index as usize == i) {
+            Some(r) if r.name == name => records.push(r.clone()),
+            Some(r) => {
+                return Err(Error::internal(format!(
+                    "session {session_id}: step {i} is recorded as {:?} but the saga has {name:?}",
+                    r.name
+                )));
+            }
+            None => records.push(StepRecord {
+                session_id,
+                task_id: None,
+                index: i as u32,
+                name,
+                state: StepState::Pending,
+                attempts: 0,
+                output: Value::Null,
+                error: None,
+                updated_at: drover_types::now(),
+            }),
+        }
+    }
+    Ok(records)
+}
+
+fn outputs_of(saga: &Saga, records: &[StepRecord]) -> HashMap<String, Value> {
+    saga.steps
+        .iter()
+        .zip(records)
+        .filter(|(_, r)| r.state == StepState::Done)
+        .map(|(s, r)| (s.step.name(), r.output.clone()))
+        .collect()
+}
+
+async fn task_begin(engine: &Engine, task: &mut Task) -> Result<()> {
+    if task.state == SessionState::Starting {
+        task.state = SessionState::Working;
+        engine.store().task_update(task).await?;
+    }
+    Ok(())
+}
+
+async fn task_progress(engine: &Engine, saga: &Saga, records: &[StepRecord], tasks: &mut [Task], t: usize) -> Result<()> {
+    let (done, total) = saga.steps.iter().zip(records).filter(|(s, _)| s.task == Some(t)).fold(
+        (0u64, 0u64),
+        |(done, total), (s, r)| {
+            let w = u64::from(s.weight);
+            let finished = matches!(r.state, StepState::Done | StepState::Skipped);
+            (done + if finished { w } else { 0 }, total + w)
+        },
+    );
+    let task = &mut tasks[t];
+    task.progress = if total == 0 { 100 } else { (done * 100 / total) as u8 };
+    if done == total {
+        task.state = SessionState::Stopped;
+        if task.result == SessionResult::None {
+            task.result = if task.failure_message.is_some() { SessionResult::Warning } else { SessionResult::Success };
+        }
+        task.ended_at = Some(drover_types::now());
+    }
+    engine.store().task_update(task).await?;
+    Ok(())
+}
+
+async fn session_progress(engine: &Engine, session: &mut Session, tasks: &[Task]) -> Result<()> {
+    let p: Vec<(u32, u8)> = tasks.iter().map(|t| (t.weight, t.progress)).collect();
+    let progress = weighted_progress(&p);
+    if progress != session.progress {
+        session.progress = progress;
+        engine.session_save(session).await?;
+    }
+    Ok(())
+}
+
+/// Prepares a halted session to go on: marks failed steps to run again, or skips them.
+pub(crate) async fn apply_continue(
+    engine: &Engine,
+    session_id: SessionId,
+    saga: &Saga,
+    option: ContinueOption,
+) -> Result<()> {
+    let mut records = load_records(engine, session_id, saga).await?;
+    let failed = records.iter().position(|r| r.state == StepState::Failed);
+    let Some(f) = failed else {
+        // Halted on request, not by a failure: nothing to retry or skip.
+        return Ok(());
+    };
+    let (task, group) = (saga.steps[f].task, saga.steps[f].group);
+    let same_vm = |i: usize| task.is_some() && saga.steps[i].task == task;
+    let same_group = |i: usize| group.is_some() && saga.steps[i].group == group;
+    for (i, rec) in records.iter_mut().enumerate() {
+        let target = match option {
+            ContinueOption::RetryFailedStep if i == f => Some(StepState::Pending),
+            ContinueOption::ProceedToNextStep if i == f => Some(StepState::Skipped),
+            ContinueOption::RetryFailedVm if same_vm(i) || i == f => Some(StepState::Pending),
+            ContinueOption::ProceedToNextVm if (same_vm(i) || i == f) && rec.state != StepState::Done => {
+                Some(StepState::Skipped)
+            }
+            ContinueOption::RetryFailedGroup if same_group(i) || i == f => Some(StepState::Pending),
+            ContinueOption::ProceedToNextGroup if (same_group(i) || i == f) && rec.state != StepState::Done => {
+                Some(StepState::Skipped)
+            }
+            _ => None,
+        };
+        if let Some(state) = target {
+            rec.state = state;
+            rec.updated_at = drover_types::now();
+            engine.store().step_put(rec).await?;
+        }
+    }
+    // A retried task is no longer failed.
+    if matches!(option, ContinueOption::RetryFailedStep | ContinueOption::RetryFailedVm | ContinueOption::RetryFailedGroup) {
+        let mut tasks = engine.store().tasks_of(session_id).await?;
+        for (i, t) in tasks.iter_mut().enumerate() {
+            let retried = saga.steps.iter().zip(&records).any(|(s, r)| s.task == Some(i) && r.state == StepState::Pending);
+            if retried && t.result == SessionResult::Failed {
+                t.result = SessionResult::None;
+                t.failure_message = None;
+                t.state = SessionState::Working;
+                engine.store().task_update(t).await?;
+            }
+        }
+    }
+    Ok(())
+}
