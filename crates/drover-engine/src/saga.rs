@@ -191,9 +191,9 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
         // Halt between steps: the running step has finished, nothing new starts.
         let fresh = engine.store().session_get(None, session_id).await?;
         if fresh.halt_requested {
-            session.halt_requested = false;
             session.halted = true;
             engine.session_save(&session).await?;
+            engine.store().session_clear_halt_request(session_id).await?;
             engine.log(session_id, None, LogLevel::Warning, "halted on request; waiting for Continue or Undo").await;
             return Ok(RunOutcome::Halted);
         }
@@ -364,7 +364,6 @@ async fn finish(engine: &Engine, mut session: Session, result: SessionResult, ta
     session.state = SessionState::Stopped;
     session.result = result;
     session.halted = false;
-    session.halt_requested = false;
     session.ended_at = Some(drover_types::now());
     if result != SessionResult::Failed {
         session.progress = 100;
@@ -373,6 +372,7 @@ async fn finish(engine: &Engine, mut session: Session, result: SessionResult, ta
         session.progress = weighted_progress(&p);
     }
     engine.session_save(&session).await?;
+    engine.store().session_clear_halt_request(session.id).await?;
     let level = if result == SessionResult::Failed { LogLevel::Error } else { LogLevel::Info };
     engine
         .log(session.id, None, level, &format!("{} finished: {result:?}", session.kind.as_str()))

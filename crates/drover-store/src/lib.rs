@@ -187,6 +187,13 @@ impl Store {
         Ok(())
     }
 
+    /// A write transaction. SQLite's default (deferred) transaction that reads and then writes
+    /// fails at once with SQLITE_BUSY when another writer got in between, without waiting;
+    /// `BEGIN IMMEDIATE` takes the write lock up front and so honours the busy timeout.
+    async fn write_tx(&self) -> std::result::Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     pub fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -314,7 +321,7 @@ impl Store {
     }
 
     pub async fn user_set_password(&self, id: UserId, password_hash: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
             .bind(password_hash)
             .bind(id.to_string())
@@ -372,7 +379,7 @@ impl Store {
     /// Uses a refresh token once. The check and the marking are one conditional UPDATE, so two
     /// concurrent uses cannot both succeed; a second use revokes the whole family.
     pub async fn refresh_token_consume(&self, hash: &str, now: Timestamp) -> Result<RefreshOutcome> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         let updated = sqlx::query(
             "UPDATE tokens SET used_at = $1 WHERE hash = $2 AND kind = 'refresh' AND used_at IS NULL AND expires_at > $1",
         )
@@ -425,7 +432,7 @@ impl Store {
     /// Inserts a new object with its references, in one transaction. Every referenced object must
     /// exist in the same tenant.
     pub async fn object_insert<T: Entity>(&self, obj: &T) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         check_refs(&mut tx, obj).await?;
         let now = ms(drover_types::now());
         sqlx::query(
@@ -527,7 +534,7 @@ impl Store {
             if obj.id() != id || obj.tenant() != tenant {
                 return Err(Error::internal("an update may not change an object's id or tenant"));
             }
-            let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+            let mut tx = self.write_tx().await.map_err(StoreError::from)?;
             check_refs(&mut tx, &obj).await?;
             let done = sqlx::query(
                 "UPDATE inventory SET name = $1, body = $2, version = version + 1, updated_at = $3
@@ -562,7 +569,7 @@ impl Store {
 
     /// Deletes an object nothing refers to.
     pub async fn object_delete<T: Entity>(&self, tenant: TenantId, id: Uuid) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         let exists = sqlx::query("SELECT 1 FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
             .bind(T::KIND)
             .bind(id.to_string())
@@ -620,7 +627,7 @@ impl Store {
 
     /// Creates a session with its tasks in one transaction.
     pub async fn session_insert(&self, s: &Session, tasks: &[Task]) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         let (target_kind, target_id) = target_parts(&s.target);
         sqlx::query(
             "INSERT INTO sessions (id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
@@ -723,18 +730,19 @@ impl Store {
         Ok(rows.iter().map(session_from_row).collect::<StoreResult<_>>()?)
     }
 
-    /// Writes a session's mutable fields.
+    /// Writes a session's mutable fields, except `halt_requested`, which only
+    /// [`Store::session_request_halt`] and [`Store::session_clear_halt_request`] change (a runner's
+    /// copy of the session must not overwrite a halt that a user asked for meanwhile).
     pub async fn session_update(&self, s: &Session) -> Result<()> {
         let done = sqlx::query(
             "UPDATE sessions SET state = $1, result = $2, progress = $3, failure_message = $4, params = $5,
-                                 halt_requested = $6, halted = $7, ended_at = $8 WHERE id = $9",
+                                 halted = $6, ended_at = $7 WHERE id = $8",
         )
         .bind(enum_str(&s.state))
         .bind(enum_str(&s.result))
         .bind(i64::from(s.progress))
         .bind(&s.failure_message)
         .bind(json_str(&s.params)?)
-        .bind(s.halt_requested)
         .bind(s.halted)
         .bind(s.ended_at.map(ms))
         .bind(s.id.to_string())
@@ -756,6 +764,16 @@ impl Store {
             .await
             .map_err(StoreError::from)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn session_clear_halt_request(&self, id: SessionId) -> Result<()> {
+        sqlx::query("UPDATE sessions SET halt_requested = $1 WHERE id = $2")
+            .bind(false)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
     }
 
     pub async fn tasks_of(&self, session: SessionId) -> Result<Vec<Task>> {

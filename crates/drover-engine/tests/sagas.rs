@@ -1,0 +1,443 @@
+//! Saga tests against a real store and real qcow2 images, with the simulated hypervisor (a test
+//! double: no QEMU process). Every VM saga is run with each step twice, with a failure injected
+//! at each step, and with a crash after each step followed by recovery in a fresh engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_engine::app::{App, Caller, NewDatastore, NewHost, NewVm, PowerAction};
+use drover_engine::saga::{ContinueOption, FailurePolicy, Saga, SagaStep, Step, StepCtx};
+use drover_engine::{Engine, EngineConfig};
+use drover_hv::sim::SimulatedHypervisor;
+use drover_store::Store;
+use drover_types::*;
+use serde_json::Value;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    ds_path: std::path::PathBuf,
+    hv: Arc<SimulatedHypervisor>,
+    app: App,
+    caller: Caller,
+    host: HostId,
+    ds: DatastoreId,
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        heartbeat_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(2),
+        monitor_interval: Duration::from_millis(100),
+    }
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("drover.db");
+    let hv = Arc::new(SimulatedHypervisor::new());
+    let store = Store::open_sqlite(&db).await.unwrap();
+    let app = App::new(Engine::new(store, hv.clone(), config()));
+    app.bootstrap(Some("adminpass".into())).await.unwrap();
+    let tokens = app.login("admin", "adminpass").await.unwrap();
+    let caller = app.authenticate(&tokens.access_token).await.unwrap();
+    let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
+    let host = app.host_create(&caller, NewHost { site_id: site.id, name: "h1".into(), address: "local".into() }).await.unwrap();
+    let ds_path = dir.path().join("ds1");
+    let ds = app
+        .datastore_create(&caller, NewDatastore { host_id: host.id, name: "ds1".into(), path: ds_path.to_string_lossy().into() })
+        .await
+        .unwrap();
+    Env { db, ds_path, hv, app, caller, host: host.id, ds: ds.id, _dir: dir }
+}
+
+impl Env {
+    /// A second engine over the same database: what a restarted `drover serve` is.
+    async fn restart(&mut self) {
+        self.app.engine().shutdown();
+        let store = Store::open_sqlite(&self.db).await.unwrap();
+        self.app = App::new(Engine::new(store, self.hv.clone(), config()));
+    }
+
+    fn new_vm(&self, name: &str) -> NewVm {
+        NewVm {
+            name: name.into(),
+            host_id: self.host,
+            datastore_id: self.ds,
+            vcpus: 1,
+            memory_mib: 96,
+            disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
+            nics: vec![("lan".into(), None)],
+            tags: vec!["env:test".parse().unwrap()],
+            boot: VmBoot { kernel: None, initrd: None, cmdline: None },
+        }
+    }
+
+    async fn wait(&self, id: SessionId) -> Session {
+        self.app.engine().wait(id, Duration::from_secs(20)).await.unwrap()
+    }
+
+    async fn vm(&self, id: VmId) -> Option<Vm> {
+        match self.app.get::<Vm>(&self.caller, id.0).await {
+            Ok(vm) => Some(vm),
+            Err(Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Creates a VM and waits for its disks.
+    async fn provisioned_vm(&self, name: &str) -> Vm {
+        let (vm, s) = self.app.vm_create(&self.caller, self.new_vm(name)).await.unwrap();
+        assert_eq!(self.wait(s).await.result, SessionResult::Success);
+        self.vm(vm.id).await.unwrap()
+    }
+
+    async fn steps(&self, s: SessionId) -> Vec<StepRecord> {
+        self.app.engine().store().steps_of(s).await.unwrap()
+    }
+}
+
+/// Checks what every finished session record must satisfy.
+async fn assert_consistent(env: &Env, s: &Session) {
+    let (session, tasks) = env.app.session_get(&env.caller, s.id).await.unwrap();
+    assert_eq!(session.state, SessionState::Stopped);
+    assert_ne!(session.result, SessionResult::None);
+    assert!(session.ended_at.is_some());
+    assert!(!session.halted);
+    for t in &tasks {
+        assert_eq!(t.state, SessionState::Stopped, "task {} not stopped", t.name);
+        assert_ne!(t.result, SessionResult::None);
+    }
+    if session.result == SessionResult::Success {
+        assert_eq!(session.progress, 100);
+        assert!(tasks.iter().all(|t| t.progress == 100 && t.result == SessionResult::Success));
+        assert!(env.steps(s.id).await.iter().all(|r| r.state == StepState::Done));
+    } else {
+        assert!(session.failure_message.is_some());
+    }
+    let log = env.app.session_log(&env.caller, s.id, 0, 1000).await.unwrap();
+    assert!(log.len() >= 2, "a session logs at least its start and end");
+    assert!(log.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+}
+
+#[tokio::test]
+async fn vm_lifecycle_records_every_session() {
+    let env = env().await;
+    let vm = env.provisioned_vm("web").await;
+    assert!(vm.provisioned);
+    assert!(env.ds_path.join(vm.id.to_string()).join("data.qcow2").is_file());
+
+    let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    // The state moved before the call returned, so a second request is refused.
+    let again = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap_err();
+    assert!(matches!(again, Error::Conflict(_)), "{again:?}");
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
+    assert_consistent(&env, &done).await;
+    assert_eq!(env.vm(vm.id).await.unwrap().power_state, VmPowerState::Running);
+
+    let s = env.app.vm_power(&env.caller, vm.id, PowerAction::Shutdown).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success);
+    assert_eq!(env.vm(vm.id).await.unwrap().power_state, VmPowerState::Off);
+
+    let s = env.app.vm_delete(&env.caller, vm.id).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
+    assert!(env.vm(vm.id).await.is_none());
+    assert!(!env.ds_path.join(vm.id.to_string()).exists());
+}
+
+/// The steps of each VM saga, in order, for the loops below.
+const CREATE_STEPS: [&str; 3] = ["reserve", "create_disks", "mark_provisioned"];
+const POWER_ON_STEPS: [&str; 4] = ["begin", "power_on", "wait_heartbeat", "mark_state"];
+const SHUTDOWN_STEPS: [&str; 3] = ["begin", "shutdown_guest", "mark_state"];
+
+#[tokio::test]
+async fn every_step_is_idempotent() {
+    let env = env().await;
+    env.app.engine().hooks().run_each_step_twice.store(true, std::sync::atomic::Ordering::Relaxed);
+    let vm = env.provisioned_vm("twice").await;
+    for action in [PowerAction::PowerOn, PowerAction::Shutdown, PowerAction::PowerOn, PowerAction::PowerOff] {
+        let s = env.app.vm_power(&env.caller, vm.id, action).await.unwrap();
+        let done = env.wait(s).await;
+        assert_eq!(done.result, SessionResult::Success, "{action:?}: {:?}", done.failure_message);
+        assert_consistent(&env, &done).await;
+    }
+    let s = env.app.vm_delete(&env.caller, vm.id).await.unwrap();
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    assert!(env.vm(vm.id).await.is_none());
+}
+
+#[tokio::test]
+async fn a_failure_at_any_create_step_unwinds_completely() {
+    let env = env().await;
+    for step in CREATE_STEPS {
+        env.app.engine().hooks().fail(step, 1);
+        let (vm, s) = env.app.vm_create(&env.caller, env.new_vm(&format!("fail-{step}"))).await.unwrap();
+        let done = env.wait(s).await;
+        assert_eq!(done.result, SessionResult::Failed, "failure in {step}");
+        assert!(done.failure_message.as_deref().unwrap().contains(step));
+        assert_consistent(&env, &done).await;
+        // Nothing is left: no record, no disk directory.
+        assert!(env.vm(vm.id).await.is_none(), "{step}: VM record left behind");
+        assert!(!env.ds_path.join(vm.id.to_string()).exists(), "{step}: disks left behind");
+        let states: Vec<_> = env.steps(s).await.iter().map(|r| r.state).collect();
+        assert!(states.iter().all(|s| matches!(s, StepState::Undone | StepState::Pending)), "{step}: {states:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failure_at_any_power_step_leaves_the_true_state() {
+    let env = env().await;
+    let vm = env.provisioned_vm("p").await;
+    for step in POWER_ON_STEPS {
+        env.app.engine().hooks().fail(step, 1);
+        let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+        let done = env.wait(s).await;
+        assert_eq!(done.result, SessionResult::Failed, "failure in {step}");
+        assert_consistent(&env, &done).await;
+        // The power-on was undone: the VM is off, and the hypervisor agrees.
+        assert_eq!(env.vm(vm.id).await.unwrap().power_state, VmPowerState::Off, "after failing {step}");
+        assert_eq!(env.hv.status(vm.id.0).await.unwrap_or(drover_hv::PowerState::Off), drover_hv::PowerState::Off);
+    }
+    env.app.engine().hooks().fail("none", 1);
+    let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    for step in SHUTDOWN_STEPS {
+        env.app.engine().hooks().fail(step, 1);
+        let s = env.app.vm_power(&env.caller, vm.id, PowerAction::Shutdown).await.unwrap();
+        let done = env.wait(s).await;
+        assert_eq!(done.result, SessionResult::Failed, "failure in {step}");
+        assert_consistent(&env, &done).await;
+        let observed = env.hv.status(vm.id.0).await.unwrap();
+        let recorded = env.vm(vm.id).await.unwrap().power_state;
+        let expected = if observed == drover_hv::PowerState::Running { VmPowerState::Running } else { VmPowerState::Off };
+        assert_eq!(recorded, expected, "after failing {step}: recorded state disagrees with the hypervisor");
+        if recorded == VmPowerState::Off {
+            env.app.engine().hooks().fail("none", 1);
+            let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+            assert_eq!(env.wait(s).await.result, SessionResult::Success);
+        }
+    }
+}
+
+use drover_hv::Hypervisor as _;
+
+#[tokio::test]
+async fn a_crash_after_any_step_is_resumed_by_the_next_engine() {
+    let mut env = env().await;
+    let vm = env.provisioned_vm("crashy").await;
+    for step in POWER_ON_STEPS {
+        env.app.engine().hooks().crash_after(step);
+        let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+        // The runner stops as a killed process would: the session is left unfinished.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mid = env.app.engine().store().session_get(None, s).await.unwrap();
+        assert_ne!(mid.state, SessionState::Stopped, "crash after {step} should leave the session unfinished");
+        env.restart().await;
+        env.app.engine().start().await.unwrap();
+        let done = env.wait(s).await;
+        assert_eq!(done.result, SessionResult::Success, "resume after crash in {step}: {:?}", done.failure_message);
+        assert_consistent(&env, &done).await;
+        let log = env.app.session_log(&env.caller, s, 0, 100).await.unwrap();
+        assert!(log.iter().any(|e| e.message.contains("resumed after a restart")));
+        assert_eq!(env.vm(vm.id).await.unwrap().power_state, VmPowerState::Running);
+        let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOff).await.unwrap();
+        assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    }
+    // A crash during an unwind: the next engine finishes the unwind.
+    env.app.engine().hooks().fail("wait_heartbeat", 1);
+    env.app.engine().hooks().crash_after("undo:power_on");
+    let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.restart().await;
+    env.app.engine().start().await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Failed);
+    assert_consistent(&env, &done).await;
+    assert_eq!(env.vm(vm.id).await.unwrap().power_state, VmPowerState::Off);
+}
+
+#[tokio::test]
+async fn the_monitor_notices_a_vm_that_died() {
+    let env = env().await;
+    env.app.engine().start().await.unwrap();
+    let vm = env.provisioned_vm("fragile").await;
+    let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    assert!(env.hv.crash(vm.id.0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if env.vm(vm.id).await.unwrap().power_state == VmPowerState::Died {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "monitor did not record the death");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A died VM can be powered on again.
+    let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+}
+
+/// A step that counts its runs and undos, for the halt and continue tests.
+struct Counting {
+    name: String,
+    runs: Arc<std::sync::atomic::AtomicU32>,
+    undos: Arc<std::sync::atomic::AtomicU32>,
+    pause: Duration,
+}
+
+#[async_trait]
+impl Step for Counting {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    async fn run(&self, _: &StepCtx) -> drover_types::Result<Value> {
+        tokio::time::sleep(self.pause).await;
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> drover_types::Result<()> {
+        self.undos.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+type Counter = Arc<std::sync::atomic::AtomicU32>;
+
+/// Registers, for a kind no product saga uses yet, two groups of two steps under the halt policy.
+fn install_halting_saga(env: &Env, pause: Duration) -> (Counter, Counter) {
+    let runs: Counter = Default::default();
+    let undos: Counter = Default::default();
+    let (r, u) = (runs.clone(), undos.clone());
+    env.app.engine().register_saga(
+        SessionKind::PlanTestFailover,
+        Arc::new(move |_, _| {
+            let step = |task: usize, n: &str| SagaStep {
+                task: Some(0),
+                group: Some(task as u32),
+                weight: 1,
+                critical: true,
+                step: Box::new(Counting { name: n.into(), runs: r.clone(), undos: u.clone(), pause }),
+            };
+            Ok(Saga { steps: vec![step(0, "a1"), step(0, "a2"), step(1, "b1"), step(1, "b2")], on_failure: FailurePolicy::Halt })
+        }),
+    );
+    (runs, undos)
+}
+
+async fn start_test_session(env: &Env) -> SessionId {
+    let t = now();
+    let session = Session {
+        id: SessionId::new(),
+        tenant_id: env.caller.tenant_id,
+        kind: SessionKind::PlanTestFailover,
+        name: "test".into(),
+        target: SessionTarget::Plan(PlanId::new()),
+        state: SessionState::Starting,
+        result: SessionResult::None,
+        progress: 0,
+        failure_message: None,
+        params: serde_json::json!({}),
+        halt_requested: false,
+        halted: false,
+        created_at: t,
+        ended_at: None,
+    };
+    let task = Task {
+        id: TaskId::new(),
+        session_id: session.id,
+        vm_id: None,
+        name: "t".into(),
+        state: SessionState::Starting,
+        result: SessionResult::None,
+        progress: 0,
+        weight: 1,
+        failure_message: None,
+        created_at: t,
+        ended_at: None,
+    };
+    env.app.engine().submit(session, vec![task]).await.unwrap()
+}
+
+#[tokio::test]
+async fn halt_on_failure_then_retry_or_skip() {
+    let env = env().await;
+    let (runs, _) = install_halting_saga(&env, Duration::ZERO);
+
+    // Retry: the failed step runs again and the session succeeds.
+    env.app.engine().hooks().fail("a2", 1);
+    let s = start_test_session(&env).await;
+    let halted = env.wait(s).await;
+    assert!(halted.halted && halted.state == SessionState::Working, "{halted:?}");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    env.app.session_continue(&env.caller, s, ContinueOption::RetryFailedStep).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success);
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+    // Proceed to the next group: the rest of group 0 is skipped, group 1 runs, result Warning.
+    runs.store(0, std::sync::atomic::Ordering::SeqCst);
+    env.app.engine().hooks().fail("a1", 1);
+    let s = start_test_session(&env).await;
+    assert!(env.wait(s).await.halted);
+    env.app.session_continue(&env.caller, s, ContinueOption::ProceedToNextGroup).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Warning);
+    let states: Vec<_> = env.steps(s).await.iter().map(|r| (r.name.clone(), r.state)).collect();
+    assert_eq!(
+        states,
+        vec![
+            ("a1".into(), StepState::Skipped),
+            ("a2".into(), StepState::Skipped),
+            ("b1".into(), StepState::Done),
+            ("b2".into(), StepState::Done)
+        ]
+    );
+    // Continue on a session that is not halted is a conflict.
+    let err = env.app.session_continue(&env.caller, s, ContinueOption::RetryFailedStep).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)));
+}
+
+#[tokio::test]
+async fn halt_on_request_lets_the_running_step_finish_then_undo_unwinds() {
+    let env = env().await;
+    let (runs, undos) = install_halting_saga(&env, Duration::from_millis(300));
+    let s = start_test_session(&env).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.app.session_halt(&env.caller, s).await.unwrap();
+    let halted = env.wait(s).await;
+    assert!(halted.halted);
+    // The step that was running when the halt came finished; nothing after it started.
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let states: Vec<_> = env.steps(s).await.iter().map(|r| r.state).collect();
+    // Steps that never started have no record yet.
+    assert_eq!(states, vec![StepState::Done]);
+    // Undo unwinds what ran.
+    env.app.session_undo(&env.caller, s).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Failed);
+    assert_eq!(undos.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_consistent(&env, &done).await;
+}
+
+#[tokio::test]
+async fn a_halted_session_stays_halted_across_a_restart() {
+    let mut env = env().await;
+    install_halting_saga(&env, Duration::ZERO);
+    env.app.engine().hooks().fail("b1", 1);
+    let s = start_test_session(&env).await;
+    assert!(env.wait(s).await.halted);
+    env.restart().await;
+    let (runs, _) = install_halting_saga(&env, Duration::ZERO);
+    env.app.engine().start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0, "a halted session must wait for Continue");
+    env.app.session_continue(&env.caller, s, ContinueOption::RetryFailedStep).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success);
+    // Only the failed step and the one after it ran in the new engine.
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
