@@ -1,1 +1,1268 @@
-//! Placeholder; being written.
+//! `QemuDriver`: each VM is a `qemu-system-x86_64` process that outlives drover.
+//!
+//! # Layout
+//! One directory per VM, `<runtime_dir>/<uuid>/`:
+//! ```text
+//!   spec.json     the VmSpec it was last started with (written before the process starts)
+//!   qemu.pid      QEMU's -pidfile
+//!   qmp.sock      QMP (unix socket server, one client at a time)
+//!   agent.sock    the guest channel: virtio-serial port `org.drover.agent` (socket server)
+//!   console.log   the guest's serial console (console.prev.log: the boot before)
+//!   stopped       present when drover stopped the VM on purpose
+//! ```
+//! Disks are `-blockdev` qcow2 nodes named `disk0`, `disk1`, ... (files `file0`, ...), each on a
+//! virtio-blk device `vblk<i>`; NICs are virtio-net `nic<i>` on netdev `net<i>`. Later QMP work
+//! (dirty bitmaps, NBD export) addresses the disks by these node names.
+//!
+//! # Power state, from the outside
+//! ```text
+//!   process alive (pidfile pid whose /proc cmdline holds our uuid) -> QMP query-status:
+//!        running -> Running, anything else -> Paused
+//!   no process, spec.json present, no `stopped` file               -> Died
+//!   otherwise                                                      -> Off
+//! ```
+//! `shutdown`/`power_off` write `stopped` *before* they stop the process, so a drover that dies
+//! mid-stop still reports Off rather than Died afterwards; `power_on` removes it once QEMU runs.
+//! A guest that powers itself off from inside is reported as Died: drover did not ask for it.
+//!
+//! # Why the process outlives drover
+//! QEMU is started with `-daemonize`: it forks, calls `setsid` and is re-parented away from drover,
+//! so killing drover (or its process group, or its systemd unit with KillMode=process) leaves the
+//! VMs running, and a restarted drover finds them again with [`Hypervisor::reattach`]. Nothing is
+//! kept in memory that is not also on disk, so every method works on a fresh `QemuDriver`.
+//!
+//! # Acceleration
+//! On the machines drover is developed on, `/dev/kvm` exists but a normal guest hangs under it.
+//! [`Accel::Tcg`] is the default; [`Accel::Auto`] uses KVM only after [`probe_kvm`] booted the
+//! tiny guest under it within a timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Command;
+use tokio::sync::{Mutex as AsyncMutex, OnceCell};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::qmp::QmpClient;
+use crate::{
+    BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec,
+};
+
+/// Name of the virtio-serial port the guest agent listens on.
+pub const AGENT_CHANNEL: &str = "org.drover.agent";
+
+/// Bound on one QMP connection + command; QEMU answers in milliseconds unless wedged.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on `qemu-system-x86_64 -daemonize` returning (it returns once the VM is set up).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// After QMP `quit`, how long before SIGKILL.
+const QUIT_WAIT: Duration = Duration::from_secs(3);
+/// After SIGKILL, how long until we call the process unkillable.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// One request/reply on the guest channel; a booted guest answers in milliseconds.
+const AGENT_ATTEMPT: Duration = Duration::from_secs(3);
+/// `write_marker` has no timeout parameter; this bounds its retries.
+const WRITE_MARKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Markers travel as one hex line; keep them small.
+const MAX_MARKER_BYTES: usize = 4096;
+/// Poll interval while waiting for a process to exit (a graceful guest stops in ~60 ms).
+const EXIT_POLL: Duration = Duration::from_millis(25);
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// Emulation. Slow but works everywhere; the default.
+    #[default]
+    Tcg,
+    /// Hardware virtualisation, unconditionally.
+    Kvm,
+    /// KVM if [`probe_kvm`] succeeds with [`QemuConfig::kvm_probe_guest`], else TCG.
+    Auto,
+}
+
+/// How the driver is set up. [`QemuConfig::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Parent of the per-VM directories. Keep it short: unix socket paths are limited to 107
+    /// bytes (`<runtime_dir>/<36-char uuid>/agent.sock`).
+    pub runtime_dir: PathBuf,
+    pub qemu_binary: PathBuf,
+    pub accel: Accel,
+    /// The guest [`Accel::Auto`] boots to probe KVM (normally the tiny guest). Without one,
+    /// `Auto` means TCG.
+    pub kvm_probe_guest: Option<BootSpec>,
+    /// Network name → host bridge. A NIC on a network listed here gets `-netdev bridge`
+    /// (needs qemu-bridge-helper set up for that bridge); any other NIC has no uplink.
+    pub bridges: BTreeMap<String, String>,
+}
+
+impl QemuConfig {
+    pub fn new(runtime_dir: impl Into<PathBuf>) -> Self {
+        QemuConfig {
+            runtime_dir: runtime_dir.into(),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Tcg,
+            kvm_probe_guest: None,
+            bridges: BTreeMap::new(),
+        }
+    }
+}
+
+/// The tiny guest built by `scripts/build-guest`: where its files are and how to boot it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TinyGuest {
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub kernel_version: String,
+}
+
+impl TinyGuest {
+    /// Reads `<dir>/guest.json` and checks that the files it names exist.
+    pub fn load(dir: &Path) -> HvResult<Self> {
+        #[derive(Deserialize)]
+        struct Manifest {
+            vmlinux: PathBuf,
+            initramfs: PathBuf,
+            cmdline: String,
+            kernel_version: String,
+        }
+        let path = dir.join("guest.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| HvError::io(format!("reading {}", path.display()), e))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            HvError::InvalidSpec(format!("{} is not a guest manifest: {e}", path.display()))
+        })?;
+        let guest = TinyGuest {
+            vmlinux: dir.join(m.vmlinux),
+            initramfs: dir.join(m.initramfs),
+            cmdline: m.cmdline,
+            kernel_version: m.kernel_version,
+        };
+        for file in [&guest.vmlinux, &guest.initramfs] {
+            if !file.is_file() {
+                return Err(HvError::InvalidSpec(format!(
+                    "{} is missing",
+                    file.display()
+                )));
+            }
+        }
+        Ok(guest)
+    }
+
+    pub fn boot_spec(&self) -> BootSpec {
+        BootSpec {
+            kernel: Some(self.vmlinux.clone()),
+            initrd: Some(self.initramfs.clone()),
+            cmdline: Some(self.cmdline.clone()),
+        }
+    }
+}
+
+/// The files of one VM's runtime directory.
+#[derive(Debug, Clone)]
+struct VmPaths {
+    dir: PathBuf,
+    spec: PathBuf,
+    pidfile: PathBuf,
+    qmp: PathBuf,
+    agent: PathBuf,
+    console: PathBuf,
+    console_prev: PathBuf,
+    stopped: PathBuf,
+}
+
+impl VmPaths {
+    fn new(runtime_dir: &Path, vm: Uuid) -> Self {
+        let dir = runtime_dir.join(vm.to_string());
+        VmPaths {
+            spec: dir.join("spec.json"),
+            pidfile: dir.join("qemu.pid"),
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            console: dir.join("console.log"),
+            console_prev: dir.join("console.prev.log"),
+            stopped: dir.join("stopped"),
+            dir,
+        }
+    }
+}
+
+/// The accelerator after `Auto` is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResolvedAccel {
+    Tcg,
+    Kvm,
+}
+
+/// The product's hypervisor driver. See the module documentation.
+#[derive(Debug)]
+pub struct QemuDriver {
+    config: QemuConfig,
+    accel: OnceCell<ResolvedAccel>,
+    /// Serialises power_on/shutdown/power_off/forget per VM inside this process, so concurrent
+    /// saga steps cannot start two QEMUs for one VM. Heartbeats and status do not take it: they
+    /// only read, and must not wait behind a long shutdown.
+    vm_locks: StdMutex<HashMap<Uuid, Arc<AsyncMutex<()>>>>,
+}
+
+impl QemuDriver {
+    pub fn new(config: QemuConfig) -> Self {
+        QemuDriver {
+            config,
+            accel: OnceCell::new(),
+            vm_locks: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The accelerator VMs are started with (runs the KVM probe once under [`Accel::Auto`]).
+    pub async fn effective_accel(&self) -> Accel {
+        match self.resolved_accel().await {
+            ResolvedAccel::Tcg => Accel::Tcg,
+            ResolvedAccel::Kvm => Accel::Kvm,
+        }
+    }
+
+    /// The VM's runtime directory (it may not exist).
+    pub fn vm_dir(&self, vm: Uuid) -> PathBuf {
+        self.paths(vm).dir
+    }
+
+    /// The guest's serial console log of the current (or last) boot.
+    pub fn console_log_path(&self, vm: Uuid) -> PathBuf {
+        self.paths(vm).console
+    }
+
+    /// The VM's QMP socket, for commands beyond the trait (dirty bitmaps, NBD export). QEMU
+    /// serves one QMP client at a time: connect with [`QemuDriver::qmp`] and drop it soon.
+    pub fn qmp_socket_path(&self, vm: Uuid) -> PathBuf {
+        self.paths(vm).qmp
+    }
+
+    /// A negotiated QMP connection to a running VM.
+    pub async fn qmp(&self, vm: Uuid) -> HvResult<QmpClient> {
+        let paths = self.paths(vm);
+        if running_pid(&paths, vm).is_none() {
+            return Err(self.not_running(vm));
+        }
+        QmpClient::connect_timeout(&paths.qmp, QMP_TIMEOUT).await
+    }
+
+    /// The QEMU process id, when the VM's process is alive.
+    pub fn pid(&self, vm: Uuid) -> Option<u32> {
+        running_pid(&self.paths(vm), vm).and_then(|p| u32::try_from(p.as_raw()).ok())
+    }
+
+    fn paths(&self, vm: Uuid) -> VmPaths {
+        VmPaths::new(&self.config.runtime_dir, vm)
+    }
+
+    fn not_running(&self, vm: Uuid) -> HvError {
+        if self.paths(vm).spec.exists() {
+            HvError::NotRunning(vm)
+        } else {
+            HvError::UnknownVm(vm)
+        }
+    }
+
+    fn vm_lock(&self, vm: Uuid) -> Arc<AsyncMutex<()>> {
+        let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(vm).or_default().clone()
+    }
+
+    async fn resolved_accel(&self) -> ResolvedAccel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                match self.config.accel {
+                    Accel::Tcg => ResolvedAccel::Tcg,
+                    Accel::Kvm => ResolvedAccel::Kvm,
+                    Accel::Auto => match &self.config.kvm_probe_guest {
+                        Some(guest) => {
+                            let ok =
+                                probe_kvm(&self.config.qemu_binary, guest, Duration::from_secs(30))
+                                    .await;
+                            tracing::info!(
+                                kvm = ok,
+                                "KVM probe finished; VMs use {}",
+                                if ok { "KVM" } else { "TCG" }
+                            );
+                            if ok {
+                                ResolvedAccel::Kvm
+                            } else {
+                                ResolvedAccel::Tcg
+                            }
+                        }
+                        None => {
+                            tracing::warn!("accel=auto without a probe guest: using TCG");
+                            ResolvedAccel::Tcg
+                        }
+                    },
+                }
+            })
+            .await
+    }
+
+    /// Writes the clean-stop marker (only if the VM has a runtime directory).
+    async fn mark_stopped(&self, paths: &VmPaths) -> HvResult<()> {
+        match tokio::fs::write(&paths.stopped, b"").await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(HvError::io(
+                format!("writing {}", paths.stopped.display()),
+                e,
+            )),
+        }
+    }
+
+    /// Stops the process now: QMP `quit`, then SIGKILL. Returns once the process is gone.
+    async fn force_off(&self, paths: &VmPaths, vm: Uuid, pid: Pid) -> HvResult<()> {
+        match QmpClient::connect_timeout(&paths.qmp, QMP_TIMEOUT).await {
+            Ok(mut qmp) => {
+                // QEMU may close the socket before its reply arrives; the exit is what counts.
+                if let Err(e) = qmp.execute_timeout("quit", Value::Null, QMP_TIMEOUT).await {
+                    tracing::debug!(%vm, error = %e, "QMP quit");
+                }
+            }
+            Err(e) => tracing::warn!(%vm, error = %e, "no QMP for quit; killing QEMU"),
+        }
+        if wait_exit(pid, vm, QUIT_WAIT).await {
+            return Ok(());
+        }
+        tracing::warn!(%vm, pid = pid.as_raw(), "QEMU did not quit; sending SIGKILL");
+        match kill(pid, Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(HvError::io(format!("killing QEMU pid {pid}"), e.into())),
+        }
+        if wait_exit(pid, vm, KILL_WAIT).await {
+            Ok(())
+        } else {
+            Err(HvError::Timeout(KILL_WAIT, "QEMU to exit after SIGKILL"))
+        }
+    }
+
+    /// Power state as described in the module documentation. Takes no lock.
+    async fn read_status(&self, vm: Uuid) -> HvResult<PowerState> {
+        let paths = self.paths(vm);
+        if running_pid(&paths, vm).is_some() {
+            return Ok(self.query_running_state(&paths, vm).await);
+        }
+        if !paths.spec.exists() || paths.stopped.exists() {
+            Ok(PowerState::Off)
+        } else {
+            Ok(PowerState::Died)
+        }
+    }
+
+    /// Running or Paused from QMP. The process is alive, so when QMP cannot tell (another
+    /// client holds the socket, QEMU is busy) it is reported Running rather than failing.
+    async fn query_running_state(&self, paths: &VmPaths, vm: Uuid) -> PowerState {
+        let status = async {
+            let mut qmp = QmpClient::connect_timeout(&paths.qmp, QMP_TIMEOUT).await?;
+            qmp.execute_timeout("query-status", Value::Null, QMP_TIMEOUT)
+                .await
+        }
+        .await;
+        match status {
+            Ok(s) if s.get("running").and_then(Value::as_bool) == Some(true) => PowerState::Running,
+            Ok(s) => {
+                tracing::debug!(%vm, status = %s, "VM not running");
+                PowerState::Paused
+            }
+            Err(e) => {
+                tracing::warn!(%vm, error = %e, "query-status failed; process alive, assuming running");
+                PowerState::Running
+            }
+        }
+    }
+
+    /// One request line on the guest channel, reading reply lines until `accept` recognises
+    /// one. Lines it does not recognise (e.g. a late answer to an earlier, timed-out request) are
+    /// skipped. The outer error is the transport (worth retrying: the guest may still be
+    /// booting); the inner result is the guest's answer (final).
+    async fn agent_exchange<T>(
+        paths: &VmPaths,
+        request: &str,
+        accept: impl Fn(&str) -> Option<HvResult<T>>,
+    ) -> HvResult<HvResult<T>> {
+        let stream = UnixStream::connect(&paths.agent)
+            .await
+            .map_err(|e| HvError::io(format!("connecting to {}", paths.agent.display()), e))?;
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .map_err(|e| HvError::io("writing to the guest channel", e))?;
+        let mut lines = BufReader::new(read).lines();
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .map_err(|e| HvError::io("reading from the guest channel", e))?
+                .ok_or_else(|| HvError::GuestChannel("channel closed".into()))?;
+            match accept(line.trim_end()) {
+                Some(answer) => return Ok(answer),
+                None => tracing::debug!(line, "skipping unexpected guest line"),
+            }
+        }
+    }
+
+    /// Repeats the exchange until the guest answers, the VM stops, or `timeout` passes.
+    async fn agent_retry<T>(
+        &self,
+        vm: Uuid,
+        timeout: Duration,
+        what: &'static str,
+        request: &str,
+        accept: impl Fn(&str) -> Option<HvResult<T>> + Copy,
+    ) -> HvResult<T> {
+        let paths = self.paths(vm);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if running_pid(&paths, vm).is_none() {
+                return Err(self.not_running(vm));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(HvError::Timeout(timeout, what));
+            }
+            let attempt = remaining.min(AGENT_ATTEMPT);
+            match tokio::time::timeout(attempt, Self::agent_exchange(&paths, request, accept)).await
+            {
+                Ok(Ok(answer)) => return answer,
+                Ok(Err(e)) => tracing::debug!(%vm, error = %e, "guest channel not ready"),
+                Err(_) => tracing::debug!(%vm, "guest channel: no answer yet"),
+            }
+            let pause =
+                Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuDriver {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn power_on(&self, spec: &VmSpec) -> HvResult<()> {
+        validate_spec(spec)?;
+        let lock = self.vm_lock(spec.id);
+        let _guard = lock.lock().await;
+        let paths = self.paths(spec.id);
+        for socket in [&paths.qmp, &paths.agent] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(HvError::InvalidSpec(format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter runtime_dir",
+                    socket.display()
+                )));
+            }
+        }
+        if running_pid(&paths, spec.id).is_some() {
+            tracing::debug!(vm = %spec.id, "power_on: already running");
+            return Ok(());
+        }
+        let accel = self.resolved_accel().await;
+
+        tokio::fs::create_dir_all(&paths.dir)
+            .await
+            .map_err(|e| HvError::io(format!("creating {}", paths.dir.display()), e))?;
+        // Leftovers of a previous run (a killed QEMU leaves its sockets and pidfile).
+        for stale in [&paths.qmp, &paths.agent, &paths.pidfile] {
+            remove_if_present(stale).await?;
+        }
+        if tokio::fs::metadata(&paths.console).await.is_ok() {
+            tokio::fs::rename(&paths.console, &paths.console_prev)
+                .await
+                .map_err(|e| HvError::io("rotating console.log", e))?;
+        }
+        let spec_json = serde_json::to_vec_pretty(spec)
+            .map_err(|e| HvError::InvalidSpec(format!("spec does not serialise: {e}")))?;
+        write_atomic(&paths.spec, &spec_json).await?;
+
+        let args = qemu_args(spec, &paths, accel, &self.config.bridges)?;
+        tracing::info!(vm = %spec.id, name = %spec.name, ?accel, "starting QEMU");
+        tracing::debug!(vm = %spec.id, ?args, "QEMU command line");
+        let start = Command::new(&self.config.qemu_binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .kill_on_drop(false)
+            .output();
+        let output = tokio::time::timeout(START_TIMEOUT, start)
+            .await
+            .map_err(|_| HvError::Timeout(START_TIMEOUT, "QEMU to start"))?
+            .map_err(|e| {
+                HvError::io(format!("running {}", self.config.qemu_binary.display()), e)
+            })?;
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        if !output.status.success() {
+            self.mark_stopped(&paths).await?;
+            return Err(HvError::Tool {
+                program: self.config.qemu_binary.display().to_string(),
+                stderr: if stderr.is_empty() {
+                    format!("exited with {}", output.status)
+                } else {
+                    stderr
+                },
+            });
+        }
+        if !stderr.is_empty() {
+            tracing::debug!(vm = %spec.id, stderr, "QEMU warnings");
+        }
+        if running_pid(&paths, spec.id).is_none() {
+            self.mark_stopped(&paths).await?;
+            return Err(HvError::Tool {
+                program: self.config.qemu_binary.display().to_string(),
+                stderr: format!(
+                    "QEMU exited right after starting; see {}",
+                    paths.console.display()
+                ),
+            });
+        }
+        // From here on, a vanished process means Died.
+        remove_if_present(&paths.stopped).await?;
+        Ok(())
+    }
+
+    async fn shutdown(&self, vm: Uuid, timeout: Duration) -> HvResult<ShutdownOutcome> {
+        let lock = self.vm_lock(vm);
+        let _guard = lock.lock().await;
+        let paths = self.paths(vm);
+        self.mark_stopped(&paths).await?;
+        let Some(pid) = running_pid(&paths, vm) else {
+            return Ok(ShutdownOutcome::AlreadyOff);
+        };
+        let deadline = Instant::now() + timeout;
+        let ask = async {
+            let mut qmp = QmpClient::connect(&paths.qmp).await?;
+            qmp.execute("system_powerdown", Value::Null).await
+        };
+        let budget = timeout.min(QMP_TIMEOUT);
+        match tokio::time::timeout(budget, ask).await {
+            Ok(Ok(_)) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if wait_exit(pid, vm, remaining).await {
+                    tracing::info!(%vm, "guest shut down");
+                    return Ok(ShutdownOutcome::Graceful);
+                }
+                tracing::warn!(%vm, ?timeout, "guest ignored the power button; powering off");
+            }
+            Ok(Err(e)) => tracing::warn!(%vm, error = %e, "system_powerdown failed; powering off"),
+            Err(_) => tracing::warn!(%vm, "system_powerdown timed out; powering off"),
+        }
+        self.force_off(&paths, vm, pid).await?;
+        Ok(ShutdownOutcome::ForcedOff)
+    }
+
+    async fn power_off(&self, vm: Uuid) -> HvResult<()> {
+        let lock = self.vm_lock(vm);
+        let _guard = lock.lock().await;
+        let paths = self.paths(vm);
+        self.mark_stopped(&paths).await?;
+        match running_pid(&paths, vm) {
+            Some(pid) => {
+                self.force_off(&paths, vm, pid).await?;
+                tracing::info!(%vm, "powered off");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn status(&self, vm: Uuid) -> HvResult<PowerState> {
+        self.read_status(vm).await
+    }
+
+    async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
+        self.agent_retry(vm, timeout, "guest heartbeat", "ping", parse_pong)
+            .await
+    }
+
+    async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()> {
+        if marker.len() > MAX_MARKER_BYTES {
+            return Err(HvError::InvalidSpec(format!(
+                "marker is {} bytes; at most {MAX_MARKER_BYTES}",
+                marker.len()
+            )));
+        }
+        let request = format!("marker-write {}", hex_encode(marker.as_bytes()));
+        self.agent_retry(
+            vm,
+            WRITE_MARKER_TIMEOUT,
+            "marker write",
+            &request,
+            parse_write_reply,
+        )
+        .await
+    }
+
+    async fn forget(&self, vm: Uuid) -> HvResult<()> {
+        self.power_off(vm).await?;
+        let lock = self.vm_lock(vm);
+        let _guard = lock.lock().await;
+        let dir = self.paths(vm).dir;
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(HvError::io(format!("removing {}", dir.display()), e)),
+        }
+        self.vm_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm);
+        Ok(())
+    }
+
+    async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>> {
+        let root = &self.config.runtime_dir;
+        let mut entries = match tokio::fs::read_dir(root).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HvError::io(format!("reading {}", root.display()), e)),
+        };
+        let mut vms = Vec::new();
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| HvError::io(format!("reading {}", root.display()), e))?
+        {
+            let Some(vm) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Uuid::parse_str(n).ok())
+            else {
+                continue;
+            };
+            if !entry.path().join("spec.json").exists() {
+                tracing::warn!(%vm, "runtime directory without spec.json; ignoring it");
+                continue;
+            }
+            let state = self.read_status(vm).await?;
+            tracing::info!(%vm, ?state, "reattached");
+            vms.push((vm, state));
+        }
+        vms.sort_by_key(|(vm, _)| *vm);
+        Ok(vms)
+    }
+}
+
+/// Boots `guest` under KVM and reports whether its init printed a `drover-guest:` line on the
+/// serial console within `timeout`. Used by [`Accel::Auto`]: on some hosts `/dev/kvm` exists but
+/// guests hang under it, so its presence proves nothing. The probe VM is a child process with a
+/// scratch disk in a temporary directory; both are gone when this returns.
+pub async fn probe_kvm(qemu_binary: &Path, guest: &BootSpec, timeout: Duration) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        tracing::info!("KVM probe: /dev/kvm is not usable");
+        return false;
+    }
+    let dir = std::env::temp_dir().join(format!("drover-kvm-probe-{}", Uuid::new_v4()));
+    let result = probe_kvm_in(qemu_binary, guest, timeout, &dir).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::info!(error = %e, "KVM probe failed");
+            false
+        }
+    }
+}
+
+async fn probe_kvm_in(
+    qemu_binary: &Path,
+    guest: &BootSpec,
+    timeout: Duration,
+    dir: &Path,
+) -> HvResult<bool> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| HvError::io("creating the probe directory", e))?;
+    // A data disk, so the guest does not wait for one before it prints.
+    let disk = dir.join("probe.qcow2");
+    crate::image::create_qcow2(&disk, 16 << 20).await?;
+    let mut cmd = Command::new(qemu_binary);
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        "pc",
+    ])
+    .args([
+        "-accel", "kvm", "-cpu", "host", "-m", "128M", "-serial", "stdio",
+    ])
+    .arg("-blockdev")
+    .arg(format!(
+        "driver=file,node-name=file0,filename={}",
+        qemu_opt_path(&disk)?
+    ))
+    .args([
+        "-blockdev",
+        "driver=qcow2,node-name=disk0,file=file0",
+        "-device",
+        "virtio-blk-pci,drive=disk0",
+    ]);
+    if let Some(kernel) = &guest.kernel {
+        cmd.arg("-kernel").arg(kernel);
+    }
+    if let Some(initrd) = &guest.initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    if let Some(cmdline) = &guest.cmdline {
+        cmd.arg("-append").arg(cmdline);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| HvError::io(format!("running {}", qemu_binary.display()), e))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| HvError::GuestChannel("no probe stdout".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let seen = tokio::time::timeout(timeout, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("drover-guest:") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    let _ = child.kill().await;
+    Ok(seen)
+}
+
+/// The pid of the VM's QEMU if it is alive. A pid is only trusted when `/proc/<pid>/cmdline`
+/// mentions the VM's uuid (QEMU runs with `-uuid <vm>`), because after a reboot of the host or a
+/// crash the pidfile may name an unrelated process that reused the number. A zombie has an
+/// empty cmdline and so counts as gone.
+fn running_pid(paths: &VmPaths, vm: Uuid) -> Option<Pid> {
+    let text = std::fs::read_to_string(&paths.pidfile).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    process_is_vm(pid, vm).then(|| Pid::from_raw(pid))
+}
+
+fn process_is_vm(pid: i32, vm: Uuid) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = vm.to_string();
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
+}
+
+/// Polls until the process is gone; true if it went within `timeout`.
+async fn wait_exit(pid: Pid, vm: Uuid, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !process_is_vm(pid.as_raw(), vm) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(EXIT_POLL).await;
+    }
+}
+
+async fn remove_if_present(path: &Path) -> HvResult<()> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HvError::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// Write-then-rename, so a crash never leaves a half-written spec.json.
+async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    tokio::fs::write(&tmp, bytes)
+        .await
+        .map_err(|e| HvError::io(format!("writing {}", tmp.display()), e))?;
+    tokio::fs::rename(&tmp, path)
+        .await
+        .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
+}
+
+fn validate_spec(spec: &VmSpec) -> HvResult<()> {
+    if spec.vcpus == 0 {
+        return Err(HvError::InvalidSpec("vcpus must be at least 1".into()));
+    }
+    if spec.memory_mib < 16 {
+        return Err(HvError::InvalidSpec(format!(
+            "memory_mib {} is too small",
+            spec.memory_mib
+        )));
+    }
+    for disk in &spec.disks {
+        if !disk.path.is_absolute() {
+            return Err(HvError::InvalidSpec(format!(
+                "disk path {} is not absolute",
+                disk.path.display()
+            )));
+        }
+        if !disk.path.is_file() {
+            return Err(HvError::InvalidSpec(format!(
+                "disk {} does not exist",
+                disk.path.display()
+            )));
+        }
+    }
+    for nic in &spec.nics {
+        if !is_mac(&nic.mac) {
+            return Err(HvError::InvalidSpec(format!(
+                "{:?} is not a MAC address",
+                nic.mac
+            )));
+        }
+    }
+    if spec.boot.kernel.is_none() && (spec.boot.initrd.is_some() || spec.boot.cmdline.is_some()) {
+        return Err(HvError::InvalidSpec(
+            "initrd or cmdline given without a kernel".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn is_mac(mac: &str) -> bool {
+    let parts: Vec<_> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// QEMU's option syntax separates `key=value` pairs with commas; a comma inside a value is
+/// written twice.
+fn qemu_opt_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn qemu_opt_path(path: &Path) -> HvResult<String> {
+    path.to_str()
+        .map(qemu_opt_escape)
+        .ok_or_else(|| HvError::InvalidSpec(format!("path {} is not UTF-8", path.display())))
+}
+
+/// The QEMU command line for `spec`. Pure, so it is tested against a golden string.
+fn qemu_args(
+    spec: &VmSpec,
+    paths: &VmPaths,
+    accel: ResolvedAccel,
+    bridges: &BTreeMap<String, String>,
+) -> HvResult<Vec<OsString>> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&[
+        "-name",
+        &format!("guest={},process=drover-qemu", qemu_opt_escape(&spec.name)),
+    ]);
+    push(&["-uuid", &spec.id.to_string()]);
+    push(&["-daemonize", "-pidfile", &qemu_opt_path(&paths.pidfile)?]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        "pc",
+    ]);
+    match accel {
+        ResolvedAccel::Tcg => push(&["-accel", "tcg"]),
+        ResolvedAccel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    push(&[
+        "-m",
+        &format!("{}M", spec.memory_mib),
+        "-smp",
+        &spec.vcpus.to_string(),
+    ]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qemu_opt_path(&paths.qmp)?),
+    ]);
+    push(&[
+        "-chardev",
+        &format!("file,id=serial0,path={}", qemu_opt_path(&paths.console)?),
+    ]);
+    push(&["-serial", "chardev:serial0"]);
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            qemu_opt_path(&paths.agent)?
+        ),
+    ]);
+    push(&[
+        "-device",
+        &format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_CHANNEL}"),
+    ]);
+    for (i, disk) in spec.disks.iter().enumerate() {
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=file,node-name=file{i},filename={}",
+                qemu_opt_path(&disk.path)?
+            ),
+        ]);
+        push(&[
+            "-blockdev",
+            &format!("driver=qcow2,node-name=disk{i},file=file{i},discard=unmap"),
+        ]);
+        let boot = if i == 0 && spec.boot.kernel.is_none() {
+            ",bootindex=0"
+        } else {
+            ""
+        };
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{boot}"),
+        ]);
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        // A hub with one port: the NIC exists (and keeps its MAC) but reaches nothing.
+        let netdev = match bridges.get(&nic.network) {
+            Some(bridge) => format!("bridge,id=net{i},br={}", qemu_opt_escape(bridge)),
+            None => format!("hubport,id=net{i},hubid={i}"),
+        };
+        push(&["-netdev", &netdev]);
+        push(&[
+            "-device",
+            &format!("virtio-net-pci,netdev=net{i},mac={},id=nic{i}", nic.mac),
+        ]);
+    }
+    if let Some(kernel) = &spec.boot.kernel {
+        args.push("-kernel".into());
+        args.push(kernel.clone().into_os_string());
+    }
+    if let Some(initrd) = &spec.boot.initrd {
+        args.push("-initrd".into());
+        args.push(initrd.clone().into_os_string());
+    }
+    if let Some(cmdline) = &spec.boot.cmdline {
+        args.push("-append".into());
+        args.push(cmdline.into());
+    }
+    Ok(args)
+}
+
+/// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
+fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
+    let rest = line.strip_prefix("pong ")?;
+    let mut fields = rest.splitn(2, ' ');
+    let uptime = fields.next().unwrap_or("");
+    let marker = fields.next();
+    let parsed = (|| {
+        let uptime_secs: f64 = uptime
+            .parse()
+            .map_err(|_| HvError::GuestChannel(format!("bad uptime in {line:?}")))?;
+        let marker = match marker {
+            None => {
+                return Err(HvError::GuestChannel(format!(
+                    "no marker field in {line:?}"
+                )));
+            }
+            Some("-") => None,
+            Some(hex) => {
+                let bytes = hex_decode(hex)
+                    .ok_or_else(|| HvError::GuestChannel(format!("bad marker hex in {line:?}")))?;
+                Some(String::from_utf8_lossy(&bytes).into_owned())
+            }
+        };
+        Ok(Heartbeat {
+            uptime_secs,
+            marker,
+        })
+    })();
+    Some(parsed)
+}
+
+/// `ok` or `err <reason>` (a refusal from the guest, final); anything else is skipped.
+fn parse_write_reply(line: &str) -> Option<HvResult<()>> {
+    if line == "ok" {
+        Some(Ok(()))
+    } else {
+        line.strip_prefix("err ").map(|reason| {
+            Err(HvError::GuestChannel(format!(
+                "guest refused the marker write: {reason}"
+            )))
+        })
+    }
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskSpec, NicSpec};
+
+    #[test]
+    fn pong_lines() {
+        let hb = parse_pong("pong 4.19 -").unwrap().unwrap();
+        assert_eq!(
+            hb,
+            Heartbeat {
+                uptime_secs: 4.19,
+                marker: None
+            }
+        );
+        let hb = parse_pong("pong 12.5 68656c6c6f").unwrap().unwrap();
+        assert_eq!(hb.marker.as_deref(), Some("hello"));
+        assert_eq!(
+            parse_pong("pong 1.0 ").unwrap().unwrap().marker.as_deref(),
+            Some("")
+        );
+        assert!(parse_pong("ok").is_none());
+        assert!(parse_pong("pong x -").unwrap().is_err());
+        assert!(parse_pong("pong 1.0").unwrap().is_err());
+        assert!(parse_pong("pong 1.0 6").unwrap().is_err());
+        assert!(parse_pong("pong 1.0 zz").unwrap().is_err());
+    }
+
+    #[test]
+    fn write_replies() {
+        assert!(parse_write_reply("ok").unwrap().is_ok());
+        assert!(matches!(
+            parse_write_reply("err no-data-disk"),
+            Some(Err(HvError::GuestChannel(_)))
+        ));
+        assert!(parse_write_reply("pong 1 -").is_none());
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let s = "marker: ünïcode, spaces\tand tabs";
+        assert_eq!(hex_decode(&hex_encode(s.as_bytes())).unwrap(), s.as_bytes());
+        assert_eq!(hex_encode(b""), "");
+        assert_eq!(hex_decode("").unwrap(), b"");
+    }
+
+    #[test]
+    fn macs() {
+        assert!(is_mac("52:54:00:12:34:56"));
+        assert!(!is_mac("52:54:00:12:34"));
+        assert!(!is_mac("52:54:00:12:34:5g"));
+    }
+
+    #[test]
+    fn command_line_golden() {
+        let id = Uuid::parse_str("6f1c1c9e-0000-4000-8000-000000000001").unwrap();
+        let spec = VmSpec {
+            id,
+            name: "web,1".into(),
+            vcpus: 2,
+            memory_mib: 96,
+            disks: vec![
+                DiskSpec {
+                    path: "/images/a.qcow2".into(),
+                },
+                DiskSpec {
+                    path: "/images/b,c.qcow2".into(),
+                },
+            ],
+            nics: vec![
+                NicSpec {
+                    network: "lan".into(),
+                    mac: "52:54:00:00:00:01".into(),
+                },
+                NicSpec {
+                    network: "dmz".into(),
+                    mac: "52:54:00:00:00:02".into(),
+                },
+            ],
+            boot: BootSpec {
+                kernel: Some("/g/vmlinux".into()),
+                initrd: Some("/g/initramfs.img".into()),
+                cmdline: Some("console=ttyS0 quiet".into()),
+            },
+        };
+        let paths = VmPaths::new(Path::new("/run/drover"), id);
+        let bridges = BTreeMap::from([("dmz".to_owned(), "br-dmz".to_owned())]);
+        let args = qemu_args(&spec, &paths, ResolvedAccel::Tcg, &bridges).unwrap();
+        let line = args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let d = "/run/drover/6f1c1c9e-0000-4000-8000-000000000001";
+        let expected = format!(
+            "-name guest=web,,1,process=drover-qemu -uuid {id} -daemonize -pidfile {d}/qemu.pid \
+             -nodefaults -no-user-config -display none -machine pc -accel tcg -m 96M -smp 2 \
+             -qmp unix:{d}/qmp.sock,server=on,wait=off -chardev file,id=serial0,path={d}/console.log \
+             -serial chardev:serial0 -device virtio-serial-pci,id=vser0 \
+             -chardev socket,id=agent,path={d}/agent.sock,server=on,wait=off \
+             -device virtserialport,bus=vser0.0,chardev=agent,name=org.drover.agent \
+             -blockdev driver=file,node-name=file0,filename=/images/a.qcow2 \
+             -blockdev driver=qcow2,node-name=disk0,file=file0,discard=unmap \
+             -device virtio-blk-pci,drive=disk0,id=vblk0 \
+             -blockdev driver=file,node-name=file1,filename=/images/b,,c.qcow2 \
+             -blockdev driver=qcow2,node-name=disk1,file=file1,discard=unmap \
+             -device virtio-blk-pci,drive=disk1,id=vblk1 \
+             -netdev hubport,id=net0,hubid=0 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,id=nic0 \
+             -netdev bridge,id=net1,br=br-dmz -device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,id=nic1 \
+             -kernel /g/vmlinux -initrd /g/initramfs.img -append console=ttyS0 quiet"
+        );
+        assert_eq!(line, expected);
+
+        let kvm = qemu_args(&spec, &paths, ResolvedAccel::Kvm, &BTreeMap::new()).unwrap();
+        let kvm = kvm
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(kvm.contains("-accel kvm -cpu host"));
+        assert!(kvm.contains("-netdev hubport,id=net1,hubid=1"));
+    }
+
+    #[test]
+    fn disk_boot_without_kernel_sets_bootindex() {
+        let id = Uuid::new_v4();
+        let spec = VmSpec {
+            id,
+            name: "vm".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disks: vec![DiskSpec {
+                path: "/images/a.qcow2".into(),
+            }],
+            nics: vec![],
+            boot: BootSpec {
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+            },
+        };
+        let args = qemu_args(
+            &spec,
+            &VmPaths::new(Path::new("/r"), id),
+            ResolvedAccel::Tcg,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(
+            args.iter()
+                .any(|a| a == "virtio-blk-pci,drive=disk0,id=vblk0,bootindex=0")
+        );
+        assert!(!args.iter().any(|a| a == "-kernel"));
+    }
+
+    #[test]
+    fn specs_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.qcow2");
+        std::fs::write(&disk, b"").unwrap();
+        let ok = VmSpec {
+            id: Uuid::new_v4(),
+            name: "vm".into(),
+            vcpus: 1,
+            memory_mib: 96,
+            disks: vec![DiskSpec { path: disk }],
+            nics: vec![NicSpec {
+                network: "n".into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+            boot: BootSpec {
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+            },
+        };
+        validate_spec(&ok).unwrap();
+        let bad = |f: &dyn Fn(&mut VmSpec)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            assert!(matches!(validate_spec(&s), Err(HvError::InvalidSpec(_))));
+        };
+        bad(&|s| s.vcpus = 0);
+        bad(&|s| s.memory_mib = 1);
+        bad(&|s| s.disks[0].path = "relative.qcow2".into());
+        bad(&|s| s.disks[0].path = "/nonexistent/x.qcow2".into());
+        bad(&|s| s.nics[0].mac = "nope".into());
+        bad(&|s| s.boot.cmdline = Some("x".into()));
+    }
+
+    #[tokio::test]
+    async fn unknown_vm_is_off_and_stops_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let hv = QemuDriver::new(QemuConfig::new(dir.path()));
+        let vm = Uuid::new_v4();
+        assert_eq!(hv.kind(), "qemu");
+        assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
+        hv.power_off(vm).await.unwrap();
+        assert_eq!(
+            hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(),
+            ShutdownOutcome::AlreadyOff
+        );
+        assert!(matches!(
+            hv.wait_heartbeat(vm, Duration::from_secs(1)).await,
+            Err(HvError::UnknownVm(_))
+        ));
+        hv.forget(vm).await.unwrap();
+        assert!(hv.reattach().await.unwrap().is_empty());
+        assert!(!hv.vm_dir(vm).exists());
+    }
+
+    #[tokio::test]
+    async fn a_vanished_process_is_died_unless_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let hv = QemuDriver::new(QemuConfig::new(dir.path()));
+        let vm = Uuid::new_v4();
+        let paths = hv.paths(vm);
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(&paths.spec, b"{}").unwrap();
+        // A pidfile naming a live process that is not ours (pid reuse) does not count.
+        std::fs::write(&paths.pidfile, std::process::id().to_string()).unwrap();
+        assert_eq!(hv.status(vm).await.unwrap(), PowerState::Died);
+        assert_eq!(hv.reattach().await.unwrap(), vec![(vm, PowerState::Died)]);
+        hv.power_off(vm).await.unwrap();
+        assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
+    }
+}

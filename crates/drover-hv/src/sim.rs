@@ -27,9 +27,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::{
-    Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec,
-};
+use crate::{Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec};
 
 /// Names accepted by [`SimulatedHypervisor::fail_next`]: one per trait method.
 pub const SIM_OPS: &[&str] = &[
@@ -81,7 +79,10 @@ impl SimulatedHypervisor {
     /// # Panics
     /// On an unknown op name, so a typo in a test does not silently inject nothing.
     pub fn fail_next(&self, op: &'static str) {
-        assert!(SIM_OPS.contains(&op), "unknown simulated op {op:?}; expected one of {SIM_OPS:?}");
+        assert!(
+            SIM_OPS.contains(&op),
+            "unknown simulated op {op:?}; expected one of {SIM_OPS:?}"
+        );
         *self.lock().failures.entry(op).or_default() += 1;
     }
 
@@ -155,21 +156,23 @@ impl SimulatedHypervisor {
     /// The mutex only guards plain data, so a panic in another test thread cannot leave it
     /// inconsistent; recover from poisoning instead of cascading the panic.
     fn lock(&self) -> MutexGuard<'_, SimInner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts the call and consumes one injected failure for `op`, if any.
     fn enter(&self, op: &'static str) -> HvResult<()> {
         let mut inner = self.lock();
         *inner.calls.entry(op).or_default() += 1;
-        if let Some(n) = inner.failures.get_mut(op) {
-            if *n > 0 {
-                *n -= 1;
-                return Err(HvError::Tool {
-                    program: "simulated-hypervisor".into(),
-                    stderr: format!("injected failure in {op}"),
-                });
-            }
+        if let Some(n) = inner.failures.get_mut(op)
+            && *n > 0
+        {
+            *n -= 1;
+            return Err(HvError::Tool {
+                program: "simulated-hypervisor".into(),
+                stderr: format!("injected failure in {op}"),
+            });
         }
         Ok(())
     }
@@ -188,7 +191,9 @@ impl Hypervisor for SimulatedHypervisor {
     async fn power_on(&self, spec: &VmSpec) -> HvResult<()> {
         self.enter("power_on")?;
         if spec.memory_mib == 0 || spec.vcpus == 0 {
-            return Err(HvError::InvalidSpec("vcpus and memory_mib must be positive".into()));
+            return Err(HvError::InvalidSpec(
+                "vcpus and memory_mib must be positive".into(),
+            ));
         }
         let mut inner = self.lock();
         let now = Instant::now();
@@ -202,7 +207,11 @@ impl Hypervisor for SimulatedHypervisor {
             None => {
                 inner.vms.insert(
                     spec.id,
-                    SimVm { spec: spec.clone(), state: PowerState::Running, booted_at: Some(now) },
+                    SimVm {
+                        spec: spec.clone(),
+                        state: PowerState::Running,
+                        booted_at: Some(now),
+                    },
                 );
             }
         }
@@ -231,7 +240,11 @@ impl Hypervisor for SimulatedHypervisor {
             v.state = PowerState::Off;
             v.booted_at = None;
         }
-        Ok(if ignore_acpi { ShutdownOutcome::ForcedOff } else { ShutdownOutcome::Graceful })
+        Ok(if ignore_acpi {
+            ShutdownOutcome::ForcedOff
+        } else {
+            ShutdownOutcome::Graceful
+        })
     }
 
     async fn power_off(&self, vm: Uuid) -> HvResult<()> {
@@ -245,7 +258,11 @@ impl Hypervisor for SimulatedHypervisor {
 
     async fn status(&self, vm: Uuid) -> HvResult<PowerState> {
         self.enter("status")?;
-        Ok(self.lock().vms.get(&vm).map_or(PowerState::Off, |v| v.state))
+        Ok(self
+            .lock()
+            .vms
+            .get(&vm)
+            .map_or(PowerState::Off, |v| v.state))
     }
 
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
@@ -260,8 +277,8 @@ impl Hypervisor for SimulatedHypervisor {
                     (PowerState::Running, Some(booted)) => {
                         let ready_at = booted + inner.heartbeat_delay;
                         if Instant::now() >= ready_at {
-                            let marker =
-                                first_disk(&v.spec).and_then(|d| inner.disk_markers.get(&d).cloned());
+                            let marker = first_disk(&v.spec)
+                                .and_then(|d| inner.disk_markers.get(&d).cloned());
                             return Ok(Heartbeat {
                                 uptime_secs: booted.elapsed().as_secs_f64(),
                                 marker,
@@ -288,8 +305,9 @@ impl Hypervisor for SimulatedHypervisor {
         if v.state != PowerState::Running {
             return Err(HvError::NotRunning(vm));
         }
-        let disk = first_disk(&v.spec)
-            .ok_or_else(|| HvError::GuestChannel("the VM has no data disk for the marker".into()))?;
+        let disk = first_disk(&v.spec).ok_or_else(|| {
+            HvError::GuestChannel("the VM has no data disk for the marker".into())
+        })?;
         inner.disk_markers.insert(disk, marker.to_owned());
         Ok(())
     }
@@ -303,7 +321,12 @@ impl Hypervisor for SimulatedHypervisor {
 
     async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>> {
         self.enter("reattach")?;
-        let mut all: Vec<_> = self.lock().vms.iter().map(|(id, v)| (*id, v.state)).collect();
+        let mut all: Vec<_> = self
+            .lock()
+            .vms
+            .iter()
+            .map(|(id, v)| (*id, v.state))
+            .collect();
         all.sort_by_key(|(id, _)| *id);
         Ok(all)
     }
@@ -320,9 +343,15 @@ mod tests {
             name: "vm".into(),
             vcpus: 1,
             memory_mib: 96,
-            disks: vec![DiskSpec { path: PathBuf::from(disk) }],
+            disks: vec![DiskSpec {
+                path: PathBuf::from(disk),
+            }],
             nics: vec![],
-            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
+            boot: BootSpec {
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+            },
         }
     }
 
@@ -333,11 +362,17 @@ mod tests {
         assert_eq!(hv.kind(), "simulated");
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Off);
         hv.power_off(s.id).await.unwrap();
-        assert_eq!(hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(), ShutdownOutcome::AlreadyOff);
+        assert_eq!(
+            hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(),
+            ShutdownOutcome::AlreadyOff
+        );
         hv.power_on(&s).await.unwrap();
         hv.power_on(&s).await.unwrap();
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Running);
-        assert_eq!(hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(), ShutdownOutcome::Graceful);
+        assert_eq!(
+            hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(),
+            ShutdownOutcome::Graceful
+        );
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Off);
         hv.power_off(s.id).await.unwrap();
         hv.forget(s.id).await.unwrap();
@@ -351,15 +386,30 @@ mod tests {
         let hv = SimulatedHypervisor::new();
         let s = spec("/d/b.qcow2");
         hv.power_on(&s).await.unwrap();
-        assert_eq!(hv.wait_heartbeat(s.id, Duration::from_secs(1)).await.unwrap().marker, None);
+        assert_eq!(
+            hv.wait_heartbeat(s.id, Duration::from_secs(1))
+                .await
+                .unwrap()
+                .marker,
+            None
+        );
         hv.write_marker(s.id, "m1").await.unwrap();
         hv.power_off(s.id).await.unwrap();
-        assert!(matches!(hv.write_marker(s.id, "x").await, Err(HvError::NotRunning(_))));
+        assert!(matches!(
+            hv.write_marker(s.id, "x").await,
+            Err(HvError::NotRunning(_))
+        ));
         hv.forget(s.id).await.unwrap();
         hv.power_on(&s).await.unwrap();
-        let hb = hv.wait_heartbeat(s.id, Duration::from_secs(1)).await.unwrap();
+        let hb = hv
+            .wait_heartbeat(s.id, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(hb.marker.as_deref(), Some("m1"));
-        assert_eq!(hv.disk_marker(Path::new("/d/b.qcow2")).as_deref(), Some("m1"));
+        assert_eq!(
+            hv.disk_marker(Path::new("/d/b.qcow2")).as_deref(),
+            Some("m1")
+        );
     }
 
     #[tokio::test]
@@ -390,10 +440,14 @@ mod tests {
             hv.wait_heartbeat(s.id, Duration::from_millis(50)).await,
             Err(HvError::Timeout(..))
         ));
-        let hb = hv.wait_heartbeat(s.id, Duration::from_secs(10)).await.unwrap();
+        let hb = hv
+            .wait_heartbeat(s.id, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert!(hb.uptime_secs >= 0.3);
         assert!(matches!(
-            hv.wait_heartbeat(Uuid::new_v4(), Duration::from_secs(1)).await,
+            hv.wait_heartbeat(Uuid::new_v4(), Duration::from_secs(1))
+                .await,
             Err(HvError::UnknownVm(_))
         ));
     }
@@ -412,7 +466,10 @@ mod tests {
         assert!(hv.crash(s.id));
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Died);
         assert_eq!(hv.reattach().await.unwrap(), vec![(s.id, PowerState::Died)]);
-        assert!(matches!(hv.wait_heartbeat(s.id, Duration::from_secs(1)).await, Err(HvError::NotRunning(_))));
+        assert!(matches!(
+            hv.wait_heartbeat(s.id, Duration::from_secs(1)).await,
+            Err(HvError::NotRunning(_))
+        ));
         hv.power_on(&s).await.unwrap();
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Running);
     }

@@ -1,0 +1,254 @@
+//! The QEMU driver against real QEMU processes running the tiny guest (`scripts/build-guest`).
+//!
+//! Needs `qemu-system-x86_64`, `qemu-img` (scripts/install-deps) and the built guest, found in
+//! `$DROVER_GUEST_DIR` or `<workspace>/guest/out`. A missing guest is a failure, not a skip: a
+//! silently skipped test proves nothing. VMs run under TCG with no network uplink; every test
+//! kills what it started, also when it fails (see [`KillOnDrop`]).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest, probe_kvm};
+use drover_hv::{
+    DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, VmSpec, image,
+};
+use uuid::Uuid;
+
+/// Generous: the guest needs ~3-4 s under TCG, but CI machines may be loaded.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("DROVER_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"))
+}
+
+fn tiny_guest() -> TinyGuest {
+    let dir = guest_dir();
+    TinyGuest::load(&dir).unwrap_or_else(|e| {
+        panic!(
+            "the tiny guest is not built in {} ({e}); run scripts/build-guest \
+             (or set DROVER_GUEST_DIR)",
+            dir.display()
+        )
+    })
+}
+
+/// Kills every QEMU started under `runtime_dir` when dropped, so a failing assertion does not
+/// leave VMs running (they are daemonized and would outlive the test binary).
+struct KillOnDrop {
+    runtime_dir: PathBuf,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.runtime_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
+                continue;
+            };
+            let Ok(pid) = pid.trim().parse::<i32>() else {
+                continue;
+            };
+            let is_ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&name))
+                .unwrap_or(false);
+            if is_ours {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+struct Fixture {
+    // Field order matters: the guard kills QEMU before the directory is removed.
+    _guard: KillOnDrop,
+    dir: tempfile::TempDir,
+    guest: TinyGuest,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let guest = tiny_guest();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("run")).unwrap();
+        Fixture {
+            _guard: KillOnDrop {
+                runtime_dir: dir.path().join("run"),
+            },
+            dir,
+            guest,
+        }
+    }
+
+    fn config(&self) -> QemuConfig {
+        let mut config = QemuConfig::new(self.dir.path().join("run"));
+        config.accel = Accel::Tcg;
+        config
+    }
+
+    async fn spec(&self, name: &str) -> VmSpec {
+        let disk = self.dir.path().join(format!("{name}.qcow2"));
+        image::create_qcow2(&disk, 64 << 20).await.unwrap();
+        VmSpec {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 96,
+            disks: vec![DiskSpec { path: disk }],
+            nics: vec![NicSpec {
+                network: "test-net".into(),
+                mac: "52:54:00:d0:00:01".into(),
+            }],
+            boot: self.guest.boot_spec(),
+        }
+    }
+}
+
+fn console(hv: &QemuDriver, vm: Uuid) -> String {
+    std::fs::read_to_string(hv.console_log_path(vm)).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn marker_survives_a_graceful_shutdown_and_a_new_boot() {
+    let fx = Fixture::new();
+    let hv = QemuDriver::new(fx.config());
+    let spec = fx.spec("persist").await;
+    let vm = spec.id;
+
+    let started = Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    let pid = hv.pid(vm).expect("QEMU runs");
+    hv.power_on(&spec).await.unwrap(); // idempotent: the same process
+    assert_eq!(hv.pid(vm), Some(pid));
+    let hb = hv
+        .wait_heartbeat(vm, BOOT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no heartbeat: {e}; console:\n{}", console(&hv, vm)));
+    eprintln!(
+        "first boot (with mke2fs): heartbeat {:.2} s after power_on, guest uptime {:.2} s",
+        started.elapsed().as_secs_f64(),
+        hb.uptime_secs
+    );
+    assert_eq!(hb.marker, None, "a fresh disk has no marker");
+    assert!(console(&hv, vm).contains("drover-guest: ready"));
+    assert_eq!(hv.status(vm).await.unwrap(), PowerState::Running);
+
+    hv.write_marker(vm, "restore-point 1, ünïcode")
+        .await
+        .unwrap();
+    let hb = hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("restore-point 1, ünïcode"));
+
+    let t = Instant::now();
+    assert_eq!(
+        hv.shutdown(vm, Duration::from_secs(30)).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    eprintln!("graceful shutdown took {} ms", t.elapsed().as_millis());
+    assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
+    assert_eq!(
+        hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(),
+        ShutdownOutcome::AlreadyOff
+    );
+    assert!(matches!(
+        hv.wait_heartbeat(vm, Duration::from_secs(1)).await,
+        Err(HvError::NotRunning(_))
+    ));
+    assert!(
+        !image::info(&spec.disks[0].path)
+            .await
+            .unwrap()
+            .format
+            .is_empty()
+    );
+
+    let started = Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    let hb = hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
+    eprintln!(
+        "second boot: heartbeat {:.2} s after power_on",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        hb.marker.as_deref(),
+        Some("restore-point 1, ünïcode"),
+        "the marker is on the disk"
+    );
+
+    hv.power_off(vm).await.unwrap();
+    assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
+    hv.power_off(vm).await.unwrap();
+    hv.forget(vm).await.unwrap();
+    assert!(!hv.vm_dir(vm).exists());
+    assert!(spec.disks[0].path.exists(), "forget leaves disks alone");
+}
+
+#[tokio::test]
+async fn a_new_driver_reattaches_and_sees_a_killed_vm_as_died() {
+    let fx = Fixture::new();
+    let spec = fx.spec("reattach").await;
+    let vm = spec.id;
+    {
+        let first = QemuDriver::new(fx.config());
+        first.power_on(&spec).await.unwrap();
+    } // drover "restarts": the first driver is gone, QEMU is not
+
+    let hv = QemuDriver::new(fx.config());
+    assert_eq!(
+        hv.reattach().await.unwrap(),
+        vec![(vm, PowerState::Running)]
+    );
+    hv.wait_heartbeat(vm, BOOT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no heartbeat: {e}; console:\n{}", console(&hv, vm)));
+
+    // A shutdown that may not wait is a forced power-off.
+    assert_eq!(
+        hv.shutdown(vm, Duration::ZERO).await.unwrap(),
+        ShutdownOutcome::ForcedOff
+    );
+    assert_eq!(hv.reattach().await.unwrap(), vec![(vm, PowerState::Off)]);
+
+    hv.power_on(&spec).await.unwrap();
+    let pid = hv.pid(vm).expect("QEMU runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hv.status(vm).await.unwrap() != PowerState::Died {
+        assert!(Instant::now() < deadline, "status never became Died");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restarted = QemuDriver::new(fx.config());
+    assert_eq!(
+        restarted.reattach().await.unwrap(),
+        vec![(vm, PowerState::Died)]
+    );
+    restarted.power_off(vm).await.unwrap();
+    assert_eq!(restarted.status(vm).await.unwrap(), PowerState::Off);
+    restarted.forget(vm).await.unwrap();
+}
+
+/// `Accel::Auto` relies on the probe: whatever the host's KVM does, the probe must answer within
+/// its timeout and leave nothing behind.
+#[tokio::test]
+async fn kvm_probe_answers_within_its_timeout() {
+    let guest = tiny_guest();
+    let started = Instant::now();
+    let timeout = Duration::from_secs(4);
+    let ok = probe_kvm(Path::new("qemu-system-x86_64"), &guest.boot_spec(), timeout).await;
+    eprintln!(
+        "KVM probe: {ok} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(started.elapsed() < timeout + Duration::from_secs(5));
+}
