@@ -161,7 +161,13 @@ impl App {
             Some(p) if !p.is_empty() => (p, false),
             _ => (auth::random_secret(18), true),
         };
-        let user = User { id: UserId::new(), tenant_id: tenant.id, name: "admin".into(), role: Role::Administrator, created_at: now() };
+        let user = User {
+            id: UserId::new(),
+            tenant_id: tenant.id,
+            name: "admin".into(),
+            role: Role::Administrator,
+            created_at: now(),
+        };
         self.store().user_create(&user, &auth::hash_password(&password)?).await?;
         Ok(generated.then_some(password))
     }
@@ -172,7 +178,10 @@ impl App {
         let bad = || Error::Unauthorized("wrong user name or password".into());
         let Some((user, hash)) = self.store().user_by_name(name).await? else {
             // Spend the time a real check takes, so a probe cannot tell names apart by timing.
-            let _ = auth::verify_password(password, "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+            let _ = auth::verify_password(
+                password,
+                "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            );
             return Err(bad());
         };
         let ok = tokio::task::spawn_blocking({
@@ -219,7 +228,13 @@ impl App {
             Err(e) => return Err(e),
         };
         let tenant = self.store().tenant_get(user.tenant_id).await?;
-        Ok(Caller { user_id: user.id, name: user.name, tenant_id: user.tenant_id, role: user.role, system_tenant: tenant.is_system })
+        Ok(Caller {
+            user_id: user.id,
+            name: user.name,
+            tenant_id: user.tenant_id,
+            role: user.role,
+            system_tenant: tenant.is_system,
+        })
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -286,7 +301,8 @@ impl App {
     pub async fn site_create(&self, caller: &Caller, name: &str, kind: SiteKind) -> Result<Site> {
         caller.require(Role::PlanAuthor)?;
         validate_name("site", name)?;
-        let site = Site { id: SiteId::new(), tenant_id: caller.tenant_id, name: name.trim().into(), kind, created_at: now() };
+        let site =
+            Site { id: SiteId::new(), tenant_id: caller.tenant_id, name: name.trim().into(), kind, created_at: now() };
         self.store().object_insert(&site).await?;
         Ok(site)
     }
@@ -335,7 +351,11 @@ impl App {
         Ok(ds)
     }
 
-    pub async fn recovery_location_create(&self, caller: &Caller, new: NewRecoveryLocation) -> Result<RecoveryLocation> {
+    pub async fn recovery_location_create(
+        &self,
+        caller: &Caller,
+        new: NewRecoveryLocation,
+    ) -> Result<RecoveryLocation> {
         caller.require(Role::PlanAuthor)?;
         validate_name("recovery location", &new.name)?;
         if new.name.trim().eq_ignore_ascii_case(RecoveryLocation::ORIGINAL_NAME) {
@@ -432,7 +452,10 @@ impl App {
             .nics
             .iter()
             .enumerate()
-            .map(|(i, (network, mac))| VmNic { network: network.clone(), mac: mac.clone().unwrap_or_else(|| mac_for(id, i)) })
+            .map(|(i, (network, mac))| VmNic {
+                network: network.clone(),
+                mac: mac.clone().unwrap_or_else(|| mac_for(id, i)),
+            })
             .collect();
         for d in &new.disks {
             if let Some(src) = &d.import_from {
@@ -464,7 +487,12 @@ impl App {
         };
         vm.validate()?;
         self.store().object_insert(&vm).await?;
-        let params = VmOpParams { vm_id: id, tenant_id: caller.tenant_id, disk_dir: ops::disk_dir(&ds, id), wait_heartbeat: false };
+        let params = VmOpParams {
+            vm_id: id,
+            tenant_id: caller.tenant_id,
+            disk_dir: ops::disk_dir(&ds, id),
+            wait_heartbeat: false,
+        };
         match self.submit_vm_session(caller, &vm, SessionKind::VmCreate, &params).await {
             Ok(s) => Ok((vm, s)),
             Err(e) => {
@@ -563,17 +591,36 @@ impl App {
         }
         let busy = self
             .store()
-            .session_list(caller.tenant_id, &SessionFilter { target_id: Some(id.0), state: Some(SessionState::Working), limit: 1, ..Default::default() })
+            .session_list(
+                caller.tenant_id,
+                &SessionFilter {
+                    target_id: Some(id.0),
+                    state: Some(SessionState::Working),
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
             .await?;
         if busy.1 > 0 {
             return Err(Error::conflict(format!("VM {:?} has an operation under way", vm.name)));
         }
         let ds = self.get::<Datastore>(caller, vm.datastore_id.0).await?;
-        let params = VmOpParams { vm_id: id, tenant_id: caller.tenant_id, disk_dir: ops::disk_dir(&ds, id), wait_heartbeat: false };
+        let params = VmOpParams {
+            vm_id: id,
+            tenant_id: caller.tenant_id,
+            disk_dir: ops::disk_dir(&ds, id),
+            wait_heartbeat: false,
+        };
         self.submit_vm_session(caller, &vm, SessionKind::VmDelete, &params).await
     }
 
-    async fn submit_vm_session(&self, caller: &Caller, vm: &Vm, kind: SessionKind, params: &VmOpParams) -> Result<SessionId> {
+    async fn submit_vm_session(
+        &self,
+        caller: &Caller,
+        vm: &Vm,
+        kind: SessionKind,
+        params: &VmOpParams,
+    ) -> Result<SessionId> {
         let t = now();
         let session = Session {
             id: SessionId::new(),
@@ -657,7 +704,9 @@ impl App {
             }
         }
         self.recovery_location_get(caller, input.recovery_location_id).await.map_err(|e| match e {
-            Error::NotFound { .. } => Error::invalid(format!("recovery location {} does not exist", input.recovery_location_id)),
+            Error::NotFound { .. } => {
+                Error::invalid(format!("recovery location {} does not exist", input.recovery_location_id))
+            }
             e => e,
         })?;
         Ok(())
@@ -727,7 +776,13 @@ impl App {
 
     /// Applies a lifecycle request to a plan. Actions that need replicas (failover and the rest)
     /// are refused with 409 until every VM of the plan has a ready replica.
-    pub async fn plan_action(&self, caller: &Caller, id: PlanId, action: PlanAction, cont: Option<ContinueOption>) -> Result<Plan> {
+    pub async fn plan_action(
+        &self,
+        caller: &Caller,
+        id: PlanId,
+        action: PlanAction,
+        cont: Option<ContinueOption>,
+    ) -> Result<Plan> {
         caller.require(Role::PlanOperator)?;
         let plan = self.get::<Plan>(caller, id.0).await?;
         if matches!(action, PlanAction::Failover | PlanAction::ReadinessCheck) && !plan.enabled {
@@ -738,11 +793,15 @@ impl App {
         let running_session = || async {
             let (s, _) = self
                 .store()
-                .session_list(caller.tenant_id, &SessionFilter { target_id: Some(id.0), limit: 1, ..Default::default() })
+                .session_list(
+                    caller.tenant_id,
+                    &SessionFilter { target_id: Some(id.0), limit: 1, ..Default::default() },
+                )
                 .await?;
-            s.into_iter().next().filter(|s| s.state != SessionState::Stopped).ok_or_else(|| {
-                Error::conflict(format!("plan {:?} has no session to act on", plan.name))
-            })
+            s.into_iter()
+                .next()
+                .filter(|s| s.state != SessionState::Stopped)
+                .ok_or_else(|| Error::conflict(format!("plan {:?} has no session to act on", plan.name)))
         };
         match action {
             PlanAction::Halt => self.engine.halt(running_session().await?.id).await?,
@@ -795,7 +854,13 @@ impl App {
         Ok(missing)
     }
 
-    async fn plan_submit(&self, caller: &Caller, plan: &Plan, kind: SessionKind, action: PlanAction) -> Result<SessionId> {
+    async fn plan_submit(
+        &self,
+        caller: &Caller,
+        plan: &Plan,
+        kind: SessionKind,
+        action: PlanAction,
+    ) -> Result<SessionId> {
         let t = now();
         let session = Session {
             id: SessionId::new(),
@@ -871,7 +936,13 @@ impl App {
         Ok((s, tasks))
     }
 
-    pub async fn session_log(&self, caller: &Caller, id: SessionId, after_seq: i64, limit: u64) -> Result<Vec<LogEntry>> {
+    pub async fn session_log(
+        &self,
+        caller: &Caller,
+        id: SessionId,
+        after_seq: i64,
+        limit: u64,
+    ) -> Result<Vec<LogEntry>> {
         self.store().session_get(Some(caller.tenant_id), id).await?;
         if limit == 0 || limit > 10_000 {
             return Err(Error::invalid("limit must be between 1 and 10000"));

@@ -5,8 +5,8 @@
 //! hashes, so a copy of the database holds no usable credential. Reusing a refresh token revokes
 //! the whole login (a stolen token is worth nothing once the rightful client refreshes).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine as _;
 use drover_store::{TokenKind, TokenRecord};
 use drover_types::{Error, Result, Timestamp, UserId};
@@ -59,7 +59,8 @@ pub fn issue(user: UserId, family: uuid::Uuid, now: Timestamp) -> (TokenPair, [T
         used_at: None,
         created_at: now,
     };
-    let records = [rec(&access, TokenKind::Access, ACCESS_TOKEN_SECS), rec(&refresh, TokenKind::Refresh, REFRESH_TOKEN_SECS)];
+    let records =
+        [rec(&access, TokenKind::Access, ACCESS_TOKEN_SECS), rec(&refresh, TokenKind::Refresh, REFRESH_TOKEN_SECS)];
     (TokenPair { access_token: access, refresh_token: refresh, expires_in: ACCESS_TOKEN_SECS - 1 }, records)
 }
 

@@ -17,7 +17,11 @@ fn recorded_for(observed: Option<PowerState>, recorded: VmPowerState) -> VmPower
         // drover believed it up and nothing stopped it: it died.
         (Some(PowerState::Died), _) => VmPowerState::Died,
         (Some(PowerState::Off) | None, VmPowerState::Running | VmPowerState::Starting | VmPowerState::Stopping) => {
-            if recorded == VmPowerState::Running { VmPowerState::Died } else { VmPowerState::Off }
+            if recorded == VmPowerState::Running {
+                VmPowerState::Died
+            } else {
+                VmPowerState::Off
+            }
         }
         (Some(PowerState::Off) | None, other) => other,
     }

@@ -18,8 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use drover_hv::{BootSpec, DiskSpec, NicSpec, VmSpec, image};
 use drover_types::{
-    Datastore, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent,
-    VmPowerState,
+    Datastore, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent, VmPowerState,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -39,11 +38,11 @@ pub struct VmOpParams {
 }
 
 pub(crate) fn register(engine: &Engine) {
-    engine.register_saga(SessionKind::VmCreate, Arc::new(|s, t| vm_saga(s, t)));
-    engine.register_saga(SessionKind::VmPowerOn, Arc::new(|s, t| vm_saga(s, t)));
-    engine.register_saga(SessionKind::VmShutdown, Arc::new(|s, t| vm_saga(s, t)));
-    engine.register_saga(SessionKind::VmPowerOff, Arc::new(|s, t| vm_saga(s, t)));
-    engine.register_saga(SessionKind::VmDelete, Arc::new(|s, t| vm_saga(s, t)));
+    engine.register_saga(SessionKind::VmCreate, Arc::new(vm_saga));
+    engine.register_saga(SessionKind::VmPowerOn, Arc::new(vm_saga));
+    engine.register_saga(SessionKind::VmShutdown, Arc::new(vm_saga));
+    engine.register_saga(SessionKind::VmPowerOff, Arc::new(vm_saga));
+    engine.register_saga(SessionKind::VmDelete, Arc::new(vm_saga));
 }
 
 pub fn disk_dir(datastore: &Datastore, vm: VmId) -> PathBuf {
@@ -140,12 +139,15 @@ async fn vm_get(ctx: &StepCtx, p: &VmOpParams) -> Result<Vm> {
 }
 
 async fn vm_set_state(ctx: &StepCtx, p: &VmOpParams, f: impl Fn(&mut Vm) -> Result<()>) -> Result<Vm> {
-    let (vm, ()) = ctx.engine.store().object_modify::<Vm, _, _>(p.tenant_id, p.vm_id.0, |vm| {
-        f(vm)?;
-        vm.updated_at = drover_types::now();
-        Ok(())
-    })
-    .await?;
+    let (vm, ()) = ctx
+        .engine
+        .store()
+        .object_modify::<Vm, _, _>(p.tenant_id, p.vm_id.0, |vm| {
+            f(vm)?;
+            vm.updated_at = drover_types::now();
+            Ok(())
+        })
+        .await?;
     Ok(vm)
 }
 
@@ -273,10 +275,7 @@ impl Step for BeginPower {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let vm = vm_get(ctx, &self.p).await?;
         if vm.power_state != self.expect {
-            return Err(Error::conflict(format!(
-                "VM {} is {:?}, expected {:?}",
-                vm.name, vm.power_state, self.expect
-            )));
+            return Err(Error::conflict(format!("VM {} is {:?}, expected {:?}", vm.name, vm.power_state, self.expect)));
         }
         Ok(Value::Null)
     }
@@ -370,9 +369,9 @@ impl Step for Stop {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let hv = ctx.engine.hv();
         if self.graceful {
-            let outcome =
-                hv.shutdown(self.p.vm_id.0, ctx.engine.config().shutdown_timeout).await.map_err(hv_err)?;
-            let level = if outcome == drover_hv::ShutdownOutcome::ForcedOff { LogLevel::Warning } else { LogLevel::Info };
+            let outcome = hv.shutdown(self.p.vm_id.0, ctx.engine.config().shutdown_timeout).await.map_err(hv_err)?;
+            let level =
+                if outcome == drover_hv::ShutdownOutcome::ForcedOff { LogLevel::Warning } else { LogLevel::Info };
             ctx.log(level, format!("shutdown: {outcome:?}")).await;
             Ok(json!({ "outcome": outcome }))
         } else {

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use drover_types::{LogLevel, Plan, PlanEvent, PlanId, PlanState, Replica, ReplicaState, SessionKind, TenantId, Vm, VmId};
+use drover_types::{
+    LogLevel, Plan, PlanEvent, PlanId, PlanState, Replica, ReplicaState, SessionKind, TenantId, Vm, VmId,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -27,13 +29,26 @@ pub(crate) fn register(engine: &Engine) {
         Arc::new(|session, tasks| {
             let p: PlanParams = serde_json::from_value(session.params.clone())
                 .map_err(|e| Error::internal(format!("session {}: unreadable parameters: {e}", session.id)))?;
-            let mut steps = vec![SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Begin(p.clone())) }];
+            let mut steps =
+                vec![SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Begin(p.clone())) }];
             for (i, t) in tasks.iter().enumerate() {
                 let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
-                steps.push(SagaStep { task: Some(i), group: None, weight: 1, critical: true, step: Box::new(CheckVm { p: p.clone(), vm, index: i }) });
+                steps.push(SagaStep {
+                    task: Some(i),
+                    group: None,
+                    weight: 1,
+                    critical: true,
+                    step: Box::new(CheckVm { p: p.clone(), vm, index: i }),
+                });
             }
             let n = tasks.len();
-            steps.push(SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Conclude { p, vms: n }) });
+            steps.push(SagaStep {
+                task: None,
+                group: None,
+                weight: 1,
+                critical: true,
+                step: Box::new(Conclude { p, vms: n }),
+            });
             Ok(Saga::unwinding(steps))
         }),
     );

@@ -20,8 +20,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use drover_types::{
-    LogLevel, Session, SessionId, SessionResult, SessionState, StepRecord, StepState, Task, TaskId,
-    weighted_progress,
+    LogLevel, Session, SessionId, SessionResult, SessionState, StepRecord, StepState, Task, TaskId, weighted_progress,
 };
 use serde_json::Value;
 
@@ -209,7 +208,8 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
         if let Some(t) = entry.task {
             task_begin(engine, &mut tasks[t]).await?;
         }
-        let ctx = StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(&saga, &records) };
+        let ctx =
+            StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(&saga, &records) };
         let attempt = records[i].attempts;
         let mut result = if hooks.should_fail(&name, attempt) {
             Err(Error::internal(format!("injected failure in step {name}")))
@@ -262,7 +262,12 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
                         session.halted = true;
                         engine.session_save(&session).await?;
                         engine
-                            .log(session_id, task_id, LogLevel::Warning, "halted after a critical failure; waiting for Continue or Undo")
+                            .log(
+                                session_id,
+                                task_id,
+                                LogLevel::Warning,
+                                "halted after a critical failure; waiting for Continue or Undo",
+                            )
                             .await;
                         return Ok(RunOutcome::Halted);
                     }
@@ -300,7 +305,9 @@ async fn unwind(
 ) -> Result<RunOutcome> {
     let hooks = engine.hooks();
     if let Some(i) = failed_at {
-        engine.log(session.id, None, LogLevel::Warning, &format!("undoing after {} failed", saga.steps[i].step.name())).await;
+        engine
+            .log(session.id, None, LogLevel::Warning, &format!("undoing after {} failed", saga.steps[i].step.name()))
+            .await;
     }
     let mut undo_errors = Vec::new();
     for i in (0..saga.steps.len()).rev() {
@@ -315,7 +322,8 @@ async fn unwind(
         rec.updated_at = drover_types::now();
         engine.store().step_put(rec).await?;
         let task_id = rec.task_id;
-        let ctx = StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(saga, &records) };
+        let ctx =
+            StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(saga, &records) };
         let output = records[i].output.clone();
         let mut result = entry.step.undo(&ctx, &output).await;
         if result.is_ok() && hooks.run_each_step_twice.load(std::sync::atomic::Ordering::Relaxed) {
@@ -343,8 +351,7 @@ async fn unwind(
     }
     if !undo_errors.is_empty() {
         let msg = undo_errors.join("; ");
-        session.failure_message =
-            Some(session.failure_message.map(|m| format!("{m}; {msg}")).unwrap_or(msg));
+        session.failure_message = Some(session.failure_message.map(|m| format!("{m}; {msg}")).unwrap_or(msg));
     } else if session.failure_message.is_none() {
         session.failure_message = Some("undone on request".to_string());
     }
@@ -374,9 +381,7 @@ async fn finish(engine: &Engine, mut session: Session, result: SessionResult, ta
     engine.session_save(&session).await?;
     engine.store().session_clear_halt_request(session.id).await?;
     let level = if result == SessionResult::Failed { LogLevel::Error } else { LogLevel::Info };
-    engine
-        .log(session.id, None, level, &format!("{} finished: {result:?}", session.kind.as_str()))
-        .await;
+    engine.log(session.id, None, level, &format!("{} finished: {result:?}", session.kind.as_str())).await;
     Ok(())
 }
 
@@ -426,7 +431,13 @@ async fn task_begin(engine: &Engine, task: &mut Task) -> Result<()> {
     Ok(())
 }
 
-async fn task_progress(engine: &Engine, saga: &Saga, records: &[StepRecord], tasks: &mut [Task], t: usize) -> Result<()> {
+async fn task_progress(
+    engine: &Engine,
+    saga: &Saga,
+    records: &[StepRecord],
+    tasks: &mut [Task],
+    t: usize,
+) -> Result<()> {
     let (done, total) = saga.steps.iter().zip(records).filter(|(s, _)| s.task == Some(t)).fold(
         (0u64, 0u64),
         |(done, total), (s, r)| {
@@ -436,7 +447,7 @@ async fn task_progress(engine: &Engine, saga: &Saga, records: &[StepRecord], tas
         },
     );
     let task = &mut tasks[t];
-    task.progress = if total == 0 { 100 } else { (done * 100 / total) as u8 };
+    task.progress = (done * 100).checked_div(total).map_or(100, |p| p as u8);
     if done == total {
         task.state = SessionState::Stopped;
         if task.result == SessionResult::None {
@@ -495,10 +506,14 @@ pub(crate) async fn apply_continue(
         }
     }
     // A retried task is no longer failed.
-    if matches!(option, ContinueOption::RetryFailedStep | ContinueOption::RetryFailedVm | ContinueOption::RetryFailedGroup) {
+    if matches!(
+        option,
+        ContinueOption::RetryFailedStep | ContinueOption::RetryFailedVm | ContinueOption::RetryFailedGroup
+    ) {
         let mut tasks = engine.store().tasks_of(session_id).await?;
         for (i, t) in tasks.iter_mut().enumerate() {
-            let retried = saga.steps.iter().zip(&records).any(|(s, r)| s.task == Some(i) && r.state == StepState::Pending);
+            let retried =
+                saga.steps.iter().zip(&records).any(|(s, r)| s.task == Some(i) && r.state == StepState::Pending);
             if retried && t.result == SessionResult::Failed {
                 t.result = SessionResult::None;
                 t.failure_message = None;

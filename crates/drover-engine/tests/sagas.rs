@@ -43,10 +43,16 @@ async fn env() -> Env {
     let tokens = app.login("admin", "adminpass").await.unwrap();
     let caller = app.authenticate(&tokens.access_token).await.unwrap();
     let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
-    let host = app.host_create(&caller, NewHost { site_id: site.id, name: "h1".into(), address: "local".into() }).await.unwrap();
+    let host = app
+        .host_create(&caller, NewHost { site_id: site.id, name: "h1".into(), address: "local".into() })
+        .await
+        .unwrap();
     let ds_path = dir.path().join("ds1");
     let ds = app
-        .datastore_create(&caller, NewDatastore { host_id: host.id, name: "ds1".into(), path: ds_path.to_string_lossy().into() })
+        .datastore_create(
+            &caller,
+            NewDatastore { host_id: host.id, name: "ds1".into(), path: ds_path.to_string_lossy().into() },
+        )
         .await
         .unwrap();
     Env { db, ds_path, hv, app, caller, host: host.id, ds: ds.id, _dir: dir }
@@ -213,7 +219,8 @@ async fn a_failure_at_any_power_step_leaves_the_true_state() {
         assert_consistent(&env, &done).await;
         let observed = env.hv.status(vm.id.0).await.unwrap();
         let recorded = env.vm(vm.id).await.unwrap().power_state;
-        let expected = if observed == drover_hv::PowerState::Running { VmPowerState::Running } else { VmPowerState::Off };
+        let expected =
+            if observed == drover_hv::PowerState::Running { VmPowerState::Running } else { VmPowerState::Off };
         assert_eq!(recorded, expected, "after failing {step}: recorded state disagrees with the hypervisor");
         if recorded == VmPowerState::Off {
             env.app.engine().hooks().fail("none", 1);
@@ -322,7 +329,10 @@ fn install_halting_saga(env: &Env, pause: Duration) -> (Counter, Counter) {
                 critical: true,
                 step: Box::new(Counting { name: n.into(), runs: r.clone(), undos: u.clone(), pause }),
             };
-            Ok(Saga { steps: vec![step(0, "a1"), step(0, "a2"), step(1, "b1"), step(1, "b2")], on_failure: FailurePolicy::Halt })
+            Ok(Saga {
+                steps: vec![step(0, "a1"), step(0, "a2"), step(1, "b1"), step(1, "b2")],
+                on_failure: FailurePolicy::Halt,
+            })
         }),
     );
     (runs, undos)

@@ -32,11 +32,7 @@ pub struct ImageInfo {
 /// [`HvError::Tool`] naming the subcommand.
 async fn qemu_img(args: &[&std::ffi::OsStr]) -> HvResult<Vec<u8>> {
     let output = run_qemu_img(args).await?;
-    if output.status.success() {
-        Ok(output.stdout)
-    } else {
-        Err(tool_error(args, &output))
-    }
+    if output.status.success() { Ok(output.stdout) } else { Err(tool_error(args, &output)) }
 }
 
 async fn run_qemu_img(args: &[&std::ffi::OsStr]) -> HvResult<std::process::Output> {
@@ -50,18 +46,11 @@ async fn run_qemu_img(args: &[&std::ffi::OsStr]) -> HvResult<std::process::Outpu
 }
 
 fn tool_error(args: &[&std::ffi::OsStr], output: &std::process::Output) -> HvError {
-    let sub = args
-        .first()
-        .map(|a| a.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let sub = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     HvError::Tool {
         program: format!("{QEMU_IMG} {sub}"),
-        stderr: if stderr.is_empty() {
-            format!("exited with {}", output.status)
-        } else {
-            stderr
-        },
+        stderr: if stderr.is_empty() { format!("exited with {}", output.status) } else { stderr },
     }
 }
 
@@ -91,15 +80,8 @@ pub async fn create_qcow2(path: &Path, size_bytes: u64) -> HvResult<()> {
         Err(e) => return Err(HvError::io(format!("checking {}", path.display()), e)),
     }
     let size = size_bytes.to_string();
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        path.as_os_str(),
-        size.as_ref(),
-    ])
-    .await?;
+    qemu_img(&["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])
+        .await?;
     Ok(())
 }
 
@@ -124,24 +106,15 @@ pub async fn import_qcow2(src: &Path, dst: &Path) -> HvResult<()> {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(e);
     }
-    tokio::fs::rename(&part, dst).await.map_err(|e| {
-        HvError::io(
-            format!("renaming {} to {}", part.display(), dst.display()),
-            e,
-        )
-    })
+    tokio::fs::rename(&part, dst)
+        .await
+        .map_err(|e| HvError::io(format!("renaming {} to {}", part.display(), dst.display()), e))
 }
 
 /// Reads an image's metadata without taking its lock (`-U`), so it works while a VM runs.
 pub async fn info(path: &Path) -> HvResult<ImageInfo> {
-    let stdout = qemu_img(&[
-        "info".as_ref(),
-        "-U".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-        path.as_os_str(),
-    ])
-    .await?;
+    let stdout =
+        qemu_img(&["info".as_ref(), "-U".as_ref(), "--output".as_ref(), "json".as_ref(), path.as_os_str()]).await?;
     parse_info(&stdout)
 }
 
@@ -161,11 +134,7 @@ fn parse_info(json: &[u8]) -> HvResult<ImageInfo> {
         program: format!("{QEMU_IMG} info"),
         stderr: format!("unexpected JSON output: {e}"),
     })?;
-    Ok(ImageInfo {
-        virtual_size: raw.virtual_size,
-        format: raw.format,
-        backing: raw.full_backing.or(raw.backing),
-    })
+    Ok(ImageInfo { virtual_size: raw.virtual_size, format: raw.format, backing: raw.full_backing.or(raw.backing) })
 }
 
 /// Deletes an image. Idempotent: a missing file is success.
@@ -186,12 +155,7 @@ pub async fn compare(a: &Path, b: &Path) -> HvResult<bool> {
     if info(a).await?.virtual_size != info(b).await?.virtual_size {
         return Ok(false);
     }
-    let args = [
-        "compare".as_ref(),
-        "-q".as_ref(),
-        a.as_os_str(),
-        b.as_os_str(),
-    ];
+    let args = ["compare".as_ref(), "-q".as_ref(), a.as_os_str(), b.as_os_str()];
     let output = run_qemu_img(&args).await?;
     // qemu-img compare: 0 identical, 1 different, 2+ error.
     match output.status.code() {
@@ -218,11 +182,7 @@ mod tests {
         }"#;
         assert_eq!(
             parse_info(json).unwrap(),
-            ImageInfo {
-                virtual_size: 1 << 30,
-                format: "qcow2".into(),
-                backing: Some(PathBuf::from("/x/base.qcow2"))
-            }
+            ImageInfo { virtual_size: 1 << 30, format: "qcow2".into(), backing: Some(PathBuf::from("/x/base.qcow2")) }
         );
         let plain = br#"{"virtual-size": 512, "format": "raw"}"#;
         assert_eq!(parse_info(plain).unwrap().backing, None);
@@ -236,15 +196,9 @@ mod tests {
         let a = dir.path().join("a.qcow2");
         create_qcow2(&a, 64 << 20).await.unwrap();
         create_qcow2(&a, 64 << 20).await.unwrap(); // idempotent
-        assert!(
-            create_qcow2(&a, 32 << 20).await.is_err(),
-            "must not overwrite"
-        );
+        assert!(create_qcow2(&a, 32 << 20).await.is_err(), "must not overwrite");
         let i = info(&a).await.unwrap();
-        assert_eq!(
-            (i.virtual_size, i.format.as_str(), i.backing),
-            (64 << 20, "qcow2", None)
-        );
+        assert_eq!((i.virtual_size, i.format.as_str(), i.backing), (64 << 20, "qcow2", None));
 
         let raw = dir.path().join("b.raw");
         std::fs::write(&raw, vec![7u8; 64 << 20]).unwrap();
@@ -269,11 +223,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            import_qcow2(&missing, &dir.path().join("c.qcow2"))
-                .await
-                .is_err()
-        );
+        assert!(import_qcow2(&missing, &dir.path().join("c.qcow2")).await.is_err());
         assert!(!dir.path().join("c.qcow2.part").exists());
 
         remove(&a).await.unwrap();

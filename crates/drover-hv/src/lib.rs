@@ -98,11 +98,7 @@ pub enum HvError {
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Qmp {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Qmp { command: String, class: String, desc: String },
     #[error("QMP protocol: {0}")]
     QmpProtocol(String),
     #[error("guest channel: {0}")]
@@ -121,10 +117,7 @@ pub enum HvError {
 
 impl HvError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        HvError::Io {
-            context: context.into(),
-            source,
-        }
+        HvError::Io { context: context.into(), source }
     }
 }
 

@@ -57,9 +57,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::qmp::QmpClient;
-use crate::{
-    BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec,
-};
+use crate::{BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec};
 
 /// Name of the virtio-serial port the guest agent listens on.
 pub const AGENT_CHANNEL: &str = "org.drover.agent";
@@ -144,11 +142,9 @@ impl TinyGuest {
             kernel_version: String,
         }
         let path = dir.join("guest.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| HvError::io(format!("reading {}", path.display()), e))?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
-            HvError::InvalidSpec(format!("{} is not a guest manifest: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| HvError::io(format!("reading {}", path.display()), e))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| HvError::InvalidSpec(format!("{} is not a guest manifest: {e}", path.display())))?;
         let guest = TinyGuest {
             vmlinux: dir.join(m.vmlinux),
             initramfs: dir.join(m.initramfs),
@@ -157,10 +153,7 @@ impl TinyGuest {
         };
         for file in [&guest.vmlinux, &guest.initramfs] {
             if !file.is_file() {
-                return Err(HvError::InvalidSpec(format!(
-                    "{} is missing",
-                    file.display()
-                )));
+                return Err(HvError::InvalidSpec(format!("{} is missing", file.display())));
             }
         }
         Ok(guest)
@@ -224,11 +217,7 @@ pub struct QemuDriver {
 
 impl QemuDriver {
     pub fn new(config: QemuConfig) -> Self {
-        QemuDriver {
-            config,
-            accel: OnceCell::new(),
-            vm_locks: StdMutex::new(HashMap::new()),
-        }
+        QemuDriver { config, accel: OnceCell::new(), vm_locks: StdMutex::new(HashMap::new()) }
     }
 
     pub fn config(&self) -> &QemuConfig {
@@ -278,11 +267,7 @@ impl QemuDriver {
     }
 
     fn not_running(&self, vm: Uuid) -> HvError {
-        if self.paths(vm).spec.exists() {
-            HvError::NotRunning(vm)
-        } else {
-            HvError::UnknownVm(vm)
-        }
+        if self.paths(vm).spec.exists() { HvError::NotRunning(vm) } else { HvError::UnknownVm(vm) }
     }
 
     fn vm_lock(&self, vm: Uuid) -> Arc<AsyncMutex<()>> {
@@ -299,19 +284,9 @@ impl QemuDriver {
                     Accel::Kvm => ResolvedAccel::Kvm,
                     Accel::Auto => match &self.config.kvm_probe_guest {
                         Some(guest) => {
-                            let ok =
-                                probe_kvm(&self.config.qemu_binary, guest, Duration::from_secs(30))
-                                    .await;
-                            tracing::info!(
-                                kvm = ok,
-                                "KVM probe finished; VMs use {}",
-                                if ok { "KVM" } else { "TCG" }
-                            );
-                            if ok {
-                                ResolvedAccel::Kvm
-                            } else {
-                                ResolvedAccel::Tcg
-                            }
+                            let ok = probe_kvm(&self.config.qemu_binary, guest, Duration::from_secs(30)).await;
+                            tracing::info!(kvm = ok, "KVM probe finished; VMs use {}", if ok { "KVM" } else { "TCG" });
+                            if ok { ResolvedAccel::Kvm } else { ResolvedAccel::Tcg }
                         }
                         None => {
                             tracing::warn!("accel=auto without a probe guest: using TCG");
@@ -328,10 +303,7 @@ impl QemuDriver {
         match tokio::fs::write(&paths.stopped, b"").await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(HvError::io(
-                format!("writing {}", paths.stopped.display()),
-                e,
-            )),
+            Err(e) => Err(HvError::io(format!("writing {}", paths.stopped.display()), e)),
         }
     }
 
@@ -367,11 +339,7 @@ impl QemuDriver {
         if running_pid(&paths, vm).is_some() {
             return Ok(self.query_running_state(&paths, vm).await);
         }
-        if !paths.spec.exists() || paths.stopped.exists() {
-            Ok(PowerState::Off)
-        } else {
-            Ok(PowerState::Died)
-        }
+        if !paths.spec.exists() || paths.stopped.exists() { Ok(PowerState::Off) } else { Ok(PowerState::Died) }
     }
 
     /// Running or Paused from QMP. The process is alive, so when QMP cannot tell (another
@@ -379,8 +347,7 @@ impl QemuDriver {
     async fn query_running_state(&self, paths: &VmPaths, vm: Uuid) -> PowerState {
         let status = async {
             let mut qmp = QmpClient::connect_timeout(&paths.qmp, QMP_TIMEOUT).await?;
-            qmp.execute_timeout("query-status", Value::Null, QMP_TIMEOUT)
-                .await
+            qmp.execute_timeout("query-status", Value::Null, QMP_TIMEOUT).await
         }
         .await;
         match status {
@@ -447,14 +414,12 @@ impl QemuDriver {
                 return Err(HvError::Timeout(timeout, what));
             }
             let attempt = remaining.min(AGENT_ATTEMPT);
-            match tokio::time::timeout(attempt, Self::agent_exchange(&paths, request, accept)).await
-            {
+            match tokio::time::timeout(attempt, Self::agent_exchange(&paths, request, accept)).await {
                 Ok(Ok(answer)) => return answer,
                 Ok(Err(e)) => tracing::debug!(%vm, error = %e, "guest channel not ready"),
                 Err(_) => tracing::debug!(%vm, "guest channel: no answer yet"),
             }
-            let pause =
-                Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()));
+            let pause = Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(pause).await;
         }
     }
@@ -504,27 +469,18 @@ impl Hypervisor for QemuDriver {
         let args = qemu_args(spec, &paths, accel, &self.config.bridges)?;
         tracing::info!(vm = %spec.id, name = %spec.name, ?accel, "starting QEMU");
         tracing::debug!(vm = %spec.id, ?args, "QEMU command line");
-        let start = Command::new(&self.config.qemu_binary)
-            .args(&args)
-            .stdin(Stdio::null())
-            .kill_on_drop(false)
-            .output();
+        let start =
+            Command::new(&self.config.qemu_binary).args(&args).stdin(Stdio::null()).kill_on_drop(false).output();
         let output = tokio::time::timeout(START_TIMEOUT, start)
             .await
             .map_err(|_| HvError::Timeout(START_TIMEOUT, "QEMU to start"))?
-            .map_err(|e| {
-                HvError::io(format!("running {}", self.config.qemu_binary.display()), e)
-            })?;
+            .map_err(|e| HvError::io(format!("running {}", self.config.qemu_binary.display()), e))?;
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         if !output.status.success() {
             self.mark_stopped(&paths).await?;
             return Err(HvError::Tool {
                 program: self.config.qemu_binary.display().to_string(),
-                stderr: if stderr.is_empty() {
-                    format!("exited with {}", output.status)
-                } else {
-                    stderr
-                },
+                stderr: if stderr.is_empty() { format!("exited with {}", output.status) } else { stderr },
             });
         }
         if !stderr.is_empty() {
@@ -534,10 +490,7 @@ impl Hypervisor for QemuDriver {
             self.mark_stopped(&paths).await?;
             return Err(HvError::Tool {
                 program: self.config.qemu_binary.display().to_string(),
-                stderr: format!(
-                    "QEMU exited right after starting; see {}",
-                    paths.console.display()
-                ),
+                stderr: format!("QEMU exited right after starting; see {}", paths.console.display()),
             });
         }
         // From here on, a vanished process means Died.
@@ -595,26 +548,15 @@ impl Hypervisor for QemuDriver {
     }
 
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
-        self.agent_retry(vm, timeout, "guest heartbeat", "ping", parse_pong)
-            .await
+        self.agent_retry(vm, timeout, "guest heartbeat", "ping", parse_pong).await
     }
 
     async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()> {
         if marker.len() > MAX_MARKER_BYTES {
-            return Err(HvError::InvalidSpec(format!(
-                "marker is {} bytes; at most {MAX_MARKER_BYTES}",
-                marker.len()
-            )));
+            return Err(HvError::InvalidSpec(format!("marker is {} bytes; at most {MAX_MARKER_BYTES}", marker.len())));
         }
         let request = format!("marker-write {}", hex_encode(marker.as_bytes()));
-        self.agent_retry(
-            vm,
-            WRITE_MARKER_TIMEOUT,
-            "marker write",
-            &request,
-            parse_write_reply,
-        )
-        .await
+        self.agent_retry(vm, WRITE_MARKER_TIMEOUT, "marker write", &request, parse_write_reply).await
     }
 
     async fn forget(&self, vm: Uuid) -> HvResult<()> {
@@ -627,10 +569,7 @@ impl Hypervisor for QemuDriver {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(HvError::io(format!("removing {}", dir.display()), e)),
         }
-        self.vm_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vm);
+        self.vm_locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&vm);
         Ok(())
     }
 
@@ -642,16 +581,10 @@ impl Hypervisor for QemuDriver {
             Err(e) => return Err(HvError::io(format!("reading {}", root.display()), e)),
         };
         let mut vms = Vec::new();
-        while let Some(entry) = entries
-            .next_entry()
-            .await
-            .map_err(|e| HvError::io(format!("reading {}", root.display()), e))?
+        while let Some(entry) =
+            entries.next_entry().await.map_err(|e| HvError::io(format!("reading {}", root.display()), e))?
         {
-            let Some(vm) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Uuid::parse_str(n).ok())
-            else {
+            let Some(vm) = entry.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else {
                 continue;
             };
             if !entry.path().join("spec.json").exists() {
@@ -672,12 +605,7 @@ impl Hypervisor for QemuDriver {
 /// guests hang under it, so its presence proves nothing. The probe VM is a child process with a
 /// scratch disk in a temporary directory; both are gone when this returns.
 pub async fn probe_kvm(qemu_binary: &Path, guest: &BootSpec, timeout: Duration) -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         tracing::info!("KVM probe: /dev/kvm is not usable");
         return false;
     }
@@ -693,41 +621,17 @@ pub async fn probe_kvm(qemu_binary: &Path, guest: &BootSpec, timeout: Duration) 
     }
 }
 
-async fn probe_kvm_in(
-    qemu_binary: &Path,
-    guest: &BootSpec,
-    timeout: Duration,
-    dir: &Path,
-) -> HvResult<bool> {
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| HvError::io("creating the probe directory", e))?;
+async fn probe_kvm_in(qemu_binary: &Path, guest: &BootSpec, timeout: Duration, dir: &Path) -> HvResult<bool> {
+    tokio::fs::create_dir_all(dir).await.map_err(|e| HvError::io("creating the probe directory", e))?;
     // A data disk, so the guest does not wait for one before it prints.
     let disk = dir.join("probe.qcow2");
     crate::image::create_qcow2(&disk, 16 << 20).await?;
     let mut cmd = Command::new(qemu_binary);
-    cmd.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-machine",
-        "pc",
-    ])
-    .args([
-        "-accel", "kvm", "-cpu", "host", "-m", "128M", "-serial", "stdio",
-    ])
-    .arg("-blockdev")
-    .arg(format!(
-        "driver=file,node-name=file0,filename={}",
-        qemu_opt_path(&disk)?
-    ))
-    .args([
-        "-blockdev",
-        "driver=qcow2,node-name=disk0,file=file0",
-        "-device",
-        "virtio-blk-pci,drive=disk0",
-    ]);
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc"])
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "128M", "-serial", "stdio"])
+        .arg("-blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", qemu_opt_path(&disk)?))
+        .args(["-blockdev", "driver=qcow2,node-name=disk0,file=file0", "-device", "virtio-blk-pci,drive=disk0"]);
     if let Some(kernel) = &guest.kernel {
         cmd.arg("-kernel").arg(kernel);
     }
@@ -744,10 +648,7 @@ async fn probe_kvm_in(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| HvError::io(format!("running {}", qemu_binary.display()), e))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| HvError::GuestChannel("no probe stdout".into()))?;
+    let stdout = child.stdout.take().ok_or_else(|| HvError::GuestChannel("no probe stdout".into()))?;
     let mut lines = BufReader::new(stdout).lines();
     let seen = tokio::time::timeout(timeout, async {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -778,9 +679,7 @@ fn process_is_vm(pid: i32, vm: Uuid) -> bool {
         return false;
     };
     let needle = vm.to_string();
-    cmdline
-        .split(|b| *b == 0)
-        .any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
+    cmdline.split(|b| *b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_bytes()))
 }
 
 /// Polls until the process is gone; true if it went within `timeout`.
@@ -810,12 +709,8 @@ async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    tokio::fs::write(&tmp, bytes)
-        .await
-        .map_err(|e| HvError::io(format!("writing {}", tmp.display()), e))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
+    tokio::fs::write(&tmp, bytes).await.map_err(|e| HvError::io(format!("writing {}", tmp.display()), e))?;
+    tokio::fs::rename(&tmp, path).await.map_err(|e| HvError::io(format!("writing {}", path.display()), e))
 }
 
 fn validate_spec(spec: &VmSpec) -> HvResult<()> {
@@ -823,47 +718,30 @@ fn validate_spec(spec: &VmSpec) -> HvResult<()> {
         return Err(HvError::InvalidSpec("vcpus must be at least 1".into()));
     }
     if spec.memory_mib < 16 {
-        return Err(HvError::InvalidSpec(format!(
-            "memory_mib {} is too small",
-            spec.memory_mib
-        )));
+        return Err(HvError::InvalidSpec(format!("memory_mib {} is too small", spec.memory_mib)));
     }
     for disk in &spec.disks {
         if !disk.path.is_absolute() {
-            return Err(HvError::InvalidSpec(format!(
-                "disk path {} is not absolute",
-                disk.path.display()
-            )));
+            return Err(HvError::InvalidSpec(format!("disk path {} is not absolute", disk.path.display())));
         }
         if !disk.path.is_file() {
-            return Err(HvError::InvalidSpec(format!(
-                "disk {} does not exist",
-                disk.path.display()
-            )));
+            return Err(HvError::InvalidSpec(format!("disk {} does not exist", disk.path.display())));
         }
     }
     for nic in &spec.nics {
         if !is_mac(&nic.mac) {
-            return Err(HvError::InvalidSpec(format!(
-                "{:?} is not a MAC address",
-                nic.mac
-            )));
+            return Err(HvError::InvalidSpec(format!("{:?} is not a MAC address", nic.mac)));
         }
     }
     if spec.boot.kernel.is_none() && (spec.boot.initrd.is_some() || spec.boot.cmdline.is_some()) {
-        return Err(HvError::InvalidSpec(
-            "initrd or cmdline given without a kernel".into(),
-        ));
+        return Err(HvError::InvalidSpec("initrd or cmdline given without a kernel".into()));
     }
     Ok(())
 }
 
 fn is_mac(mac: &str) -> bool {
     let parts: Vec<_> = mac.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// QEMU's option syntax separates `key=value` pairs with commas; a comma inside a value is
@@ -887,72 +765,26 @@ fn qemu_args(
 ) -> HvResult<Vec<OsString>> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&[
-        "-name",
-        &format!("guest={},process=drover-qemu", qemu_opt_escape(&spec.name)),
-    ]);
+    push(&["-name", &format!("guest={},process=drover-qemu", qemu_opt_escape(&spec.name))]);
     push(&["-uuid", &spec.id.to_string()]);
     push(&["-daemonize", "-pidfile", &qemu_opt_path(&paths.pidfile)?]);
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-machine",
-        "pc",
-    ]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc"]);
     match accel {
         ResolvedAccel::Tcg => push(&["-accel", "tcg"]),
         ResolvedAccel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
-    push(&[
-        "-m",
-        &format!("{}M", spec.memory_mib),
-        "-smp",
-        &spec.vcpus.to_string(),
-    ]);
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qemu_opt_path(&paths.qmp)?),
-    ]);
-    push(&[
-        "-chardev",
-        &format!("file,id=serial0,path={}", qemu_opt_path(&paths.console)?),
-    ]);
+    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", qemu_opt_path(&paths.qmp)?)]);
+    push(&["-chardev", &format!("file,id=serial0,path={}", qemu_opt_path(&paths.console)?)]);
     push(&["-serial", "chardev:serial0"]);
     push(&["-device", "virtio-serial-pci,id=vser0"]);
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            qemu_opt_path(&paths.agent)?
-        ),
-    ]);
-    push(&[
-        "-device",
-        &format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_CHANNEL}"),
-    ]);
+    push(&["-chardev", &format!("socket,id=agent,path={},server=on,wait=off", qemu_opt_path(&paths.agent)?)]);
+    push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_CHANNEL}")]);
     for (i, disk) in spec.disks.iter().enumerate() {
-        push(&[
-            "-blockdev",
-            &format!(
-                "driver=file,node-name=file{i},filename={}",
-                qemu_opt_path(&disk.path)?
-            ),
-        ]);
-        push(&[
-            "-blockdev",
-            &format!("driver=qcow2,node-name=disk{i},file=file{i},discard=unmap"),
-        ]);
-        let boot = if i == 0 && spec.boot.kernel.is_none() {
-            ",bootindex=0"
-        } else {
-            ""
-        };
-        push(&[
-            "-device",
-            &format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{boot}"),
-        ]);
+        push(&["-blockdev", &format!("driver=file,node-name=file{i},filename={}", qemu_opt_path(&disk.path)?)]);
+        push(&["-blockdev", &format!("driver=qcow2,node-name=disk{i},file=file{i},discard=unmap")]);
+        let boot = if i == 0 && spec.boot.kernel.is_none() { ",bootindex=0" } else { "" };
+        push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{boot}")]);
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         // A hub with one port: the NIC exists (and keeps its MAC) but reaches nothing.
@@ -961,10 +793,7 @@ fn qemu_args(
             None => format!("hubport,id=net{i},hubid={i}"),
         };
         push(&["-netdev", &netdev]);
-        push(&[
-            "-device",
-            &format!("virtio-net-pci,netdev=net{i},mac={},id=nic{i}", nic.mac),
-        ]);
+        push(&["-device", &format!("virtio-net-pci,netdev=net{i},mac={},id=nic{i}", nic.mac)]);
     }
     if let Some(kernel) = &spec.boot.kernel {
         args.push("-kernel".into());
@@ -988,26 +817,19 @@ fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
     let uptime = fields.next().unwrap_or("");
     let marker = fields.next();
     let parsed = (|| {
-        let uptime_secs: f64 = uptime
-            .parse()
-            .map_err(|_| HvError::GuestChannel(format!("bad uptime in {line:?}")))?;
+        let uptime_secs: f64 = uptime.parse().map_err(|_| HvError::GuestChannel(format!("bad uptime in {line:?}")))?;
         let marker = match marker {
             None => {
-                return Err(HvError::GuestChannel(format!(
-                    "no marker field in {line:?}"
-                )));
+                return Err(HvError::GuestChannel(format!("no marker field in {line:?}")));
             }
             Some("-") => None,
             Some(hex) => {
-                let bytes = hex_decode(hex)
-                    .ok_or_else(|| HvError::GuestChannel(format!("bad marker hex in {line:?}")))?;
+                let bytes =
+                    hex_decode(hex).ok_or_else(|| HvError::GuestChannel(format!("bad marker hex in {line:?}")))?;
                 Some(String::from_utf8_lossy(&bytes).into_owned())
             }
         };
-        Ok(Heartbeat {
-            uptime_secs,
-            marker,
-        })
+        Ok(Heartbeat { uptime_secs, marker })
     })();
     Some(parsed)
 }
@@ -1017,11 +839,8 @@ fn parse_write_reply(line: &str) -> Option<HvResult<()>> {
     if line == "ok" {
         Some(Ok(()))
     } else {
-        line.strip_prefix("err ").map(|reason| {
-            Err(HvError::GuestChannel(format!(
-                "guest refused the marker write: {reason}"
-            )))
-        })
+        line.strip_prefix("err ")
+            .map(|reason| Err(HvError::GuestChannel(format!("guest refused the marker write: {reason}"))))
     }
 }
 
@@ -1033,10 +852,7 @@ fn hex_decode(hex: &str) -> Option<Vec<u8>> {
     if !hex.len().is_multiple_of(2) {
         return None;
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
 }
 
 #[cfg(test)]
@@ -1047,19 +863,10 @@ mod tests {
     #[test]
     fn pong_lines() {
         let hb = parse_pong("pong 4.19 -").unwrap().unwrap();
-        assert_eq!(
-            hb,
-            Heartbeat {
-                uptime_secs: 4.19,
-                marker: None
-            }
-        );
+        assert_eq!(hb, Heartbeat { uptime_secs: 4.19, marker: None });
         let hb = parse_pong("pong 12.5 68656c6c6f").unwrap().unwrap();
         assert_eq!(hb.marker.as_deref(), Some("hello"));
-        assert_eq!(
-            parse_pong("pong 1.0 ").unwrap().unwrap().marker.as_deref(),
-            Some("")
-        );
+        assert_eq!(parse_pong("pong 1.0 ").unwrap().unwrap().marker.as_deref(), Some(""));
         assert!(parse_pong("ok").is_none());
         assert!(parse_pong("pong x -").unwrap().is_err());
         assert!(parse_pong("pong 1.0").unwrap().is_err());
@@ -1070,10 +877,7 @@ mod tests {
     #[test]
     fn write_replies() {
         assert!(parse_write_reply("ok").unwrap().is_ok());
-        assert!(matches!(
-            parse_write_reply("err no-data-disk"),
-            Some(Err(HvError::GuestChannel(_)))
-        ));
+        assert!(matches!(parse_write_reply("err no-data-disk"), Some(Err(HvError::GuestChannel(_)))));
         assert!(parse_write_reply("pong 1 -").is_none());
     }
 
@@ -1100,23 +904,10 @@ mod tests {
             name: "web,1".into(),
             vcpus: 2,
             memory_mib: 96,
-            disks: vec![
-                DiskSpec {
-                    path: "/images/a.qcow2".into(),
-                },
-                DiskSpec {
-                    path: "/images/b,c.qcow2".into(),
-                },
-            ],
+            disks: vec![DiskSpec { path: "/images/a.qcow2".into() }, DiskSpec { path: "/images/b,c.qcow2".into() }],
             nics: vec![
-                NicSpec {
-                    network: "lan".into(),
-                    mac: "52:54:00:00:00:01".into(),
-                },
-                NicSpec {
-                    network: "dmz".into(),
-                    mac: "52:54:00:00:00:02".into(),
-                },
+                NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into() },
+                NicSpec { network: "dmz".into(), mac: "52:54:00:00:00:02".into() },
             ],
             boot: BootSpec {
                 kernel: Some("/g/vmlinux".into()),
@@ -1127,11 +918,7 @@ mod tests {
         let paths = VmPaths::new(Path::new("/run/drover"), id);
         let bridges = BTreeMap::from([("dmz".to_owned(), "br-dmz".to_owned())]);
         let args = qemu_args(&spec, &paths, ResolvedAccel::Tcg, &bridges).unwrap();
-        let line = args
-            .iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let line = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
         let d = "/run/drover/6f1c1c9e-0000-4000-8000-000000000001";
         let expected = format!(
             "-name guest=web,,1,process=drover-qemu -uuid {id} -daemonize -pidfile {d}/qemu.pid \
@@ -1153,11 +940,7 @@ mod tests {
         assert_eq!(line, expected);
 
         let kvm = qemu_args(&spec, &paths, ResolvedAccel::Kvm, &BTreeMap::new()).unwrap();
-        let kvm = kvm
-            .iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let kvm = kvm.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"));
         assert!(kvm.contains("-netdev hubport,id=net1,hubid=1"));
     }
@@ -1170,27 +953,12 @@ mod tests {
             name: "vm".into(),
             vcpus: 1,
             memory_mib: 256,
-            disks: vec![DiskSpec {
-                path: "/images/a.qcow2".into(),
-            }],
+            disks: vec![DiskSpec { path: "/images/a.qcow2".into() }],
             nics: vec![],
-            boot: BootSpec {
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-            },
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
         };
-        let args = qemu_args(
-            &spec,
-            &VmPaths::new(Path::new("/r"), id),
-            ResolvedAccel::Tcg,
-            &BTreeMap::new(),
-        )
-        .unwrap();
-        assert!(
-            args.iter()
-                .any(|a| a == "virtio-blk-pci,drive=disk0,id=vblk0,bootindex=0")
-        );
+        let args = qemu_args(&spec, &VmPaths::new(Path::new("/r"), id), ResolvedAccel::Tcg, &BTreeMap::new()).unwrap();
+        assert!(args.iter().any(|a| a == "virtio-blk-pci,drive=disk0,id=vblk0,bootindex=0"));
         assert!(!args.iter().any(|a| a == "-kernel"));
     }
 
@@ -1205,15 +973,8 @@ mod tests {
             vcpus: 1,
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
-            nics: vec![NicSpec {
-                network: "n".into(),
-                mac: "52:54:00:00:00:01".into(),
-            }],
-            boot: BootSpec {
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-            },
+            nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into() }],
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
         };
         validate_spec(&ok).unwrap();
         let bad = |f: &dyn Fn(&mut VmSpec)| {
@@ -1237,14 +998,8 @@ mod tests {
         assert_eq!(hv.kind(), "qemu");
         assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
         hv.power_off(vm).await.unwrap();
-        assert_eq!(
-            hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(),
-            ShutdownOutcome::AlreadyOff
-        );
-        assert!(matches!(
-            hv.wait_heartbeat(vm, Duration::from_secs(1)).await,
-            Err(HvError::UnknownVm(_))
-        ));
+        assert_eq!(hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(), ShutdownOutcome::AlreadyOff);
+        assert!(matches!(hv.wait_heartbeat(vm, Duration::from_secs(1)).await, Err(HvError::UnknownVm(_))));
         hv.forget(vm).await.unwrap();
         assert!(hv.reattach().await.unwrap().is_empty());
         assert!(!hv.vm_dir(vm).exists());

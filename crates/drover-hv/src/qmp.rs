@@ -52,15 +52,8 @@ pub struct QmpEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum QmpMessage {
     Greeting(Value),
-    Return {
-        id: Option<Value>,
-        value: Value,
-    },
-    Error {
-        id: Option<Value>,
-        class: String,
-        desc: String,
-    },
+    Return { id: Option<Value>, value: Value },
+    Error { id: Option<Value>, class: String, desc: String },
     Event(QmpEvent),
 }
 
@@ -70,9 +63,7 @@ pub fn parse_message(line: &str) -> HvResult<QmpMessage> {
     let value: Value = serde_json::from_str(line)
         .map_err(|e| HvError::QmpProtocol(format!("invalid JSON from QEMU ({e}): {line}")))?;
     let Value::Object(mut obj) = value else {
-        return Err(HvError::QmpProtocol(format!(
-            "expected a JSON object: {line}"
-        )));
+        return Err(HvError::QmpProtocol(format!("expected a JSON object: {line}")));
     };
     let id = obj.remove("id");
     if let Some(greeting) = obj.remove("QMP") {
@@ -82,27 +73,15 @@ pub fn parse_message(line: &str) -> HvResult<QmpMessage> {
         return Ok(QmpMessage::Return { id, value });
     }
     if let Some(error) = obj.remove("error") {
-        let field = |name: &str| {
-            error
-                .get(name)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned()
-        };
-        return Ok(QmpMessage::Error {
-            id,
-            class: field("class"),
-            desc: field("desc"),
-        });
+        let field = |name: &str| error.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+        return Ok(QmpMessage::Error { id, class: field("class"), desc: field("desc") });
     }
     if obj.contains_key("event") {
         let event: QmpEvent = serde_json::from_value(Value::Object(obj))
             .map_err(|e| HvError::QmpProtocol(format!("malformed event ({e}): {line}")))?;
         return Ok(QmpMessage::Event(event));
     }
-    Err(HvError::QmpProtocol(format!(
-        "unrecognised message: {line}"
-    )))
+    Err(HvError::QmpProtocol(format!("unrecognised message: {line}")))
 }
 
 /// Builds the request line for `command`. `args` of `null` or `{}` sends no `arguments` member,
@@ -112,9 +91,7 @@ fn request_line(command: &str, args: &Value, id: u64) -> HvResult<String> {
     let empty = args.is_null() || args.as_object().is_some_and(|o| o.is_empty());
     if !empty {
         if !args.is_object() {
-            return Err(HvError::QmpProtocol(format!(
-                "arguments of {command} must be a JSON object, got {args}"
-            )));
+            return Err(HvError::QmpProtocol(format!("arguments of {command} must be a JSON object, got {args}")));
         }
         request["arguments"] = args.clone();
     }
@@ -136,9 +113,9 @@ pub struct QmpClient {
 impl QmpClient {
     /// Connects, reads the greeting and leaves capabilities-negotiation mode.
     pub async fn connect(socket: &Path) -> HvResult<Self> {
-        let stream = UnixStream::connect(socket).await.map_err(|e| {
-            HvError::io(format!("connecting to QMP socket {}", socket.display()), e)
-        })?;
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| HvError::io(format!("connecting to QMP socket {}", socket.display()), e))?;
         let (read, writer) = stream.into_split();
         let mut client = QmpClient {
             reader: BufReader::new(read),
@@ -155,9 +132,7 @@ impl QmpClient {
                 }
                 QmpMessage::Event(e) => client.push_event(e),
                 other => {
-                    return Err(HvError::QmpProtocol(format!(
-                        "expected a greeting, got {other:?}"
-                    )));
+                    return Err(HvError::QmpProtocol(format!("expected a greeting, got {other:?}")));
                 }
             }
         }
@@ -191,22 +166,11 @@ impl QmpClient {
         loop {
             match self.read_message().await? {
                 QmpMessage::Event(e) => self.push_event(e),
-                QmpMessage::Return {
-                    id: reply_id,
-                    value,
-                } if Self::matches(&reply_id, id) => {
+                QmpMessage::Return { id: reply_id, value } if Self::matches(&reply_id, id) => {
                     return Ok(value);
                 }
-                QmpMessage::Error {
-                    id: reply_id,
-                    class,
-                    desc,
-                } if Self::matches(&reply_id, id) => {
-                    return Err(HvError::Qmp {
-                        command: command.to_owned(),
-                        class,
-                        desc,
-                    });
+                QmpMessage::Error { id: reply_id, class, desc } if Self::matches(&reply_id, id) => {
+                    return Err(HvError::Qmp { command: command.to_owned(), class, desc });
                 }
                 // A reply to an earlier command whose caller gave up (timeout): not ours.
                 other => tracing::warn!(command, id, ?other, "skipping unexpected QMP message"),
@@ -215,12 +179,7 @@ impl QmpClient {
     }
 
     /// [`QmpClient::execute`] bounded in time.
-    pub async fn execute_timeout(
-        &mut self,
-        command: &str,
-        args: Value,
-        timeout: Duration,
-    ) -> HvResult<Value> {
+    pub async fn execute_timeout(&mut self, command: &str, args: Value, timeout: Duration) -> HvResult<Value> {
         tokio::time::timeout(timeout, self.execute(command, args))
             .await
             .map_err(|_| HvError::Timeout(timeout, "QMP reply"))?
@@ -268,15 +227,9 @@ impl QmpClient {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self
-                .reader
-                .read_line(&mut line)
-                .await
-                .map_err(|e| HvError::io("reading from QMP socket", e))?;
+            let n = self.reader.read_line(&mut line).await.map_err(|e| HvError::io("reading from QMP socket", e))?;
             if n == 0 {
-                return Err(HvError::QmpProtocol(
-                    "QEMU closed the QMP connection".into(),
-                ));
+                return Err(HvError::QmpProtocol("QEMU closed the QMP connection".into()));
             }
             if !line.trim().is_empty() {
                 return parse_message(line.trim_end());
@@ -293,27 +246,14 @@ mod tests {
     #[test]
     fn parses_each_message_shape() {
         let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
-        assert!(
-            matches!(parse_message(greeting).unwrap(), QmpMessage::Greeting(g) if g["capabilities"][0] == "oob")
+        assert!(matches!(parse_message(greeting).unwrap(), QmpMessage::Greeting(g) if g["capabilities"][0] == "oob"));
+        assert_eq!(
+            parse_message(r#"{"return": {"status": "running", "running": true}, "id": 3}"#).unwrap(),
+            QmpMessage::Return { id: Some(json!(3)), value: json!({"status": "running", "running": true}) }
         );
         assert_eq!(
-            parse_message(r#"{"return": {"status": "running", "running": true}, "id": 3}"#)
-                .unwrap(),
-            QmpMessage::Return {
-                id: Some(json!(3)),
-                value: json!({"status": "running", "running": true})
-            }
-        );
-        assert_eq!(
-            parse_message(
-                r#"{"error": {"class": "GenericError", "desc": "no such node"}, "id": 4}"#
-            )
-            .unwrap(),
-            QmpMessage::Error {
-                id: Some(json!(4)),
-                class: "GenericError".into(),
-                desc: "no such node".into()
-            }
+            parse_message(r#"{"error": {"class": "GenericError", "desc": "no such node"}, "id": 4}"#).unwrap(),
+            QmpMessage::Error { id: Some(json!(4)), class: "GenericError".into(), desc: "no such node".into() }
         );
         let event = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#;
         match parse_message(event).unwrap() {
@@ -330,27 +270,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(
-            parse_message("not json"),
-            Err(HvError::QmpProtocol(_))
-        ));
+        assert!(matches!(parse_message("not json"), Err(HvError::QmpProtocol(_))));
         assert!(matches!(parse_message("[1]"), Err(HvError::QmpProtocol(_))));
-        assert!(matches!(
-            parse_message("{\"foo\": 1}"),
-            Err(HvError::QmpProtocol(_))
-        ));
+        assert!(matches!(parse_message("{\"foo\": 1}"), Err(HvError::QmpProtocol(_))));
     }
 
     #[test]
     fn request_lines_omit_empty_arguments() {
-        assert_eq!(
-            request_line("query-status", &Value::Null, 7).unwrap(),
-            "{\"execute\":\"query-status\",\"id\":7}\n"
-        );
-        assert_eq!(
-            request_line("query-status", &json!({}), 7).unwrap(),
-            "{\"execute\":\"query-status\",\"id\":7}\n"
-        );
+        assert_eq!(request_line("query-status", &Value::Null, 7).unwrap(), "{\"execute\":\"query-status\",\"id\":7}\n");
+        assert_eq!(request_line("query-status", &json!({}), 7).unwrap(), "{\"execute\":\"query-status\",\"id\":7}\n");
         assert_eq!(
             request_line("set_link", &json!({"name": "nic0", "up": false}), 8).unwrap(),
             "{\"arguments\":{\"name\":\"nic0\",\"up\":false},\"execute\":\"set_link\",\"id\":8}\n"
@@ -369,36 +297,18 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
-            write
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .unwrap();
-            let caps: Value =
-                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            write.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+            let caps: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(caps["execute"], "qmp_capabilities");
-            write
-                .write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]).as_bytes())
-                .await
-                .unwrap();
+            write.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]).as_bytes()).await.unwrap();
 
-            let req: Value =
-                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            let req: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(req["execute"], "system_powerdown");
-            write
-                .write_all(b"{\"event\": \"POWERDOWN\", \"data\": {}, \"timestamp\": {}}\n")
-                .await
-                .unwrap();
-            write
-                .write_all(b"{\"return\": {}, \"id\": 999}\n")
-                .await
-                .unwrap();
-            write
-                .write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", req["id"]).as_bytes())
-                .await
-                .unwrap();
+            write.write_all(b"{\"event\": \"POWERDOWN\", \"data\": {}, \"timestamp\": {}}\n").await.unwrap();
+            write.write_all(b"{\"return\": {}, \"id\": 999}\n").await.unwrap();
+            write.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", req["id"]).as_bytes()).await.unwrap();
 
-            let req: Value =
-                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            let req: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(req["arguments"]["node-name"], "nope");
             write
                 .write_all(
@@ -411,48 +321,26 @@ mod tests {
                 .await
                 .unwrap();
             write
-                .write_all(
-                    b"{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true}, \"timestamp\": {}}\n",
-                )
+                .write_all(b"{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true}, \"timestamp\": {}}\n")
                 .await
                 .unwrap();
             // Keep the connection open until the client is done.
             let _ = lines.next_line().await;
         });
 
-        let mut client = QmpClient::connect_timeout(&path, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(
-            client
-                .execute("system_powerdown", Value::Null)
-                .await
-                .unwrap(),
-            json!({})
-        );
-        let err = client
-            .execute(
-                "block-dirty-bitmap-add",
-                json!({"node-name": "nope", "name": "bm"}),
-            )
-            .await
-            .unwrap_err();
+        let mut client = QmpClient::connect_timeout(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(client.execute("system_powerdown", Value::Null).await.unwrap(), json!({}));
+        let err =
+            client.execute("block-dirty-bitmap-add", json!({"node-name": "nope", "name": "bm"})).await.unwrap_err();
         match err {
-            HvError::Qmp {
-                command,
-                class,
-                desc,
-            } => {
+            HvError::Qmp { command, class, desc } => {
                 assert_eq!(command, "block-dirty-bitmap-add");
                 assert_eq!(class, "GenericError");
                 assert_eq!(desc, "Cannot find node nope");
             }
             other => panic!("{other:?}"),
         }
-        let shutdown = client
-            .wait_event("SHUTDOWN", Duration::from_secs(5))
-            .await
-            .unwrap();
+        let shutdown = client.wait_event("SHUTDOWN", Duration::from_secs(5)).await.unwrap();
         assert_eq!(shutdown.data["guest"], true);
         let events: Vec<_> = client.take_events().into_iter().map(|e| e.event).collect();
         assert_eq!(events, vec!["POWERDOWN"]);

@@ -30,16 +30,8 @@ use uuid::Uuid;
 use crate::{Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec};
 
 /// Names accepted by [`SimulatedHypervisor::fail_next`]: one per trait method.
-pub const SIM_OPS: &[&str] = &[
-    "power_on",
-    "shutdown",
-    "power_off",
-    "status",
-    "wait_heartbeat",
-    "write_marker",
-    "forget",
-    "reattach",
-];
+pub const SIM_OPS: &[&str] =
+    &["power_on", "shutdown", "power_off", "status", "wait_heartbeat", "write_marker", "forget", "reattach"];
 
 #[derive(Debug, Clone)]
 struct SimVm {
@@ -79,10 +71,7 @@ impl SimulatedHypervisor {
     /// # Panics
     /// On an unknown op name, so a typo in a test does not silently inject nothing.
     pub fn fail_next(&self, op: &'static str) {
-        assert!(
-            SIM_OPS.contains(&op),
-            "unknown simulated op {op:?}; expected one of {SIM_OPS:?}"
-        );
+        assert!(SIM_OPS.contains(&op), "unknown simulated op {op:?}; expected one of {SIM_OPS:?}");
         *self.lock().failures.entry(op).or_default() += 1;
     }
 
@@ -156,9 +145,7 @@ impl SimulatedHypervisor {
     /// The mutex only guards plain data, so a panic in another test thread cannot leave it
     /// inconsistent; recover from poisoning instead of cascading the panic.
     fn lock(&self) -> MutexGuard<'_, SimInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts the call and consumes one injected failure for `op`, if any.
@@ -191,9 +178,7 @@ impl Hypervisor for SimulatedHypervisor {
     async fn power_on(&self, spec: &VmSpec) -> HvResult<()> {
         self.enter("power_on")?;
         if spec.memory_mib == 0 || spec.vcpus == 0 {
-            return Err(HvError::InvalidSpec(
-                "vcpus and memory_mib must be positive".into(),
-            ));
+            return Err(HvError::InvalidSpec("vcpus and memory_mib must be positive".into()));
         }
         let mut inner = self.lock();
         let now = Instant::now();
@@ -205,14 +190,9 @@ impl Hypervisor for SimulatedHypervisor {
                 v.booted_at = Some(now);
             }
             None => {
-                inner.vms.insert(
-                    spec.id,
-                    SimVm {
-                        spec: spec.clone(),
-                        state: PowerState::Running,
-                        booted_at: Some(now),
-                    },
-                );
+                inner
+                    .vms
+                    .insert(spec.id, SimVm { spec: spec.clone(), state: PowerState::Running, booted_at: Some(now) });
             }
         }
         Ok(())
@@ -240,11 +220,7 @@ impl Hypervisor for SimulatedHypervisor {
             v.state = PowerState::Off;
             v.booted_at = None;
         }
-        Ok(if ignore_acpi {
-            ShutdownOutcome::ForcedOff
-        } else {
-            ShutdownOutcome::Graceful
-        })
+        Ok(if ignore_acpi { ShutdownOutcome::ForcedOff } else { ShutdownOutcome::Graceful })
     }
 
     async fn power_off(&self, vm: Uuid) -> HvResult<()> {
@@ -258,11 +234,7 @@ impl Hypervisor for SimulatedHypervisor {
 
     async fn status(&self, vm: Uuid) -> HvResult<PowerState> {
         self.enter("status")?;
-        Ok(self
-            .lock()
-            .vms
-            .get(&vm)
-            .map_or(PowerState::Off, |v| v.state))
+        Ok(self.lock().vms.get(&vm).map_or(PowerState::Off, |v| v.state))
     }
 
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
@@ -277,12 +249,8 @@ impl Hypervisor for SimulatedHypervisor {
                     (PowerState::Running, Some(booted)) => {
                         let ready_at = booted + inner.heartbeat_delay;
                         if Instant::now() >= ready_at {
-                            let marker = first_disk(&v.spec)
-                                .and_then(|d| inner.disk_markers.get(&d).cloned());
-                            return Ok(Heartbeat {
-                                uptime_secs: booted.elapsed().as_secs_f64(),
-                                marker,
-                            });
+                            let marker = first_disk(&v.spec).and_then(|d| inner.disk_markers.get(&d).cloned());
+                            return Ok(Heartbeat { uptime_secs: booted.elapsed().as_secs_f64(), marker });
                         }
                         ready_at
                     }
@@ -305,9 +273,8 @@ impl Hypervisor for SimulatedHypervisor {
         if v.state != PowerState::Running {
             return Err(HvError::NotRunning(vm));
         }
-        let disk = first_disk(&v.spec).ok_or_else(|| {
-            HvError::GuestChannel("the VM has no data disk for the marker".into())
-        })?;
+        let disk = first_disk(&v.spec)
+            .ok_or_else(|| HvError::GuestChannel("the VM has no data disk for the marker".into()))?;
         inner.disk_markers.insert(disk, marker.to_owned());
         Ok(())
     }
@@ -321,12 +288,7 @@ impl Hypervisor for SimulatedHypervisor {
 
     async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>> {
         self.enter("reattach")?;
-        let mut all: Vec<_> = self
-            .lock()
-            .vms
-            .iter()
-            .map(|(id, v)| (*id, v.state))
-            .collect();
+        let mut all: Vec<_> = self.lock().vms.iter().map(|(id, v)| (*id, v.state)).collect();
         all.sort_by_key(|(id, _)| *id);
         Ok(all)
     }
@@ -343,15 +305,9 @@ mod tests {
             name: "vm".into(),
             vcpus: 1,
             memory_mib: 96,
-            disks: vec![DiskSpec {
-                path: PathBuf::from(disk),
-            }],
+            disks: vec![DiskSpec { path: PathBuf::from(disk) }],
             nics: vec![],
-            boot: BootSpec {
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-            },
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
         }
     }
 
@@ -362,17 +318,11 @@ mod tests {
         assert_eq!(hv.kind(), "simulated");
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Off);
         hv.power_off(s.id).await.unwrap();
-        assert_eq!(
-            hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(),
-            ShutdownOutcome::AlreadyOff
-        );
+        assert_eq!(hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(), ShutdownOutcome::AlreadyOff);
         hv.power_on(&s).await.unwrap();
         hv.power_on(&s).await.unwrap();
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Running);
-        assert_eq!(
-            hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(),
-            ShutdownOutcome::Graceful
-        );
+        assert_eq!(hv.shutdown(s.id, Duration::from_secs(1)).await.unwrap(), ShutdownOutcome::Graceful);
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Off);
         hv.power_off(s.id).await.unwrap();
         hv.forget(s.id).await.unwrap();
@@ -386,30 +336,15 @@ mod tests {
         let hv = SimulatedHypervisor::new();
         let s = spec("/d/b.qcow2");
         hv.power_on(&s).await.unwrap();
-        assert_eq!(
-            hv.wait_heartbeat(s.id, Duration::from_secs(1))
-                .await
-                .unwrap()
-                .marker,
-            None
-        );
+        assert_eq!(hv.wait_heartbeat(s.id, Duration::from_secs(1)).await.unwrap().marker, None);
         hv.write_marker(s.id, "m1").await.unwrap();
         hv.power_off(s.id).await.unwrap();
-        assert!(matches!(
-            hv.write_marker(s.id, "x").await,
-            Err(HvError::NotRunning(_))
-        ));
+        assert!(matches!(hv.write_marker(s.id, "x").await, Err(HvError::NotRunning(_))));
         hv.forget(s.id).await.unwrap();
         hv.power_on(&s).await.unwrap();
-        let hb = hv
-            .wait_heartbeat(s.id, Duration::from_secs(1))
-            .await
-            .unwrap();
+        let hb = hv.wait_heartbeat(s.id, Duration::from_secs(1)).await.unwrap();
         assert_eq!(hb.marker.as_deref(), Some("m1"));
-        assert_eq!(
-            hv.disk_marker(Path::new("/d/b.qcow2")).as_deref(),
-            Some("m1")
-        );
+        assert_eq!(hv.disk_marker(Path::new("/d/b.qcow2")).as_deref(), Some("m1"));
     }
 
     #[tokio::test]
@@ -436,20 +371,10 @@ mod tests {
         hv.set_heartbeat_delay(Duration::from_millis(300));
         let s = spec("/d/d.qcow2");
         hv.power_on(&s).await.unwrap();
-        assert!(matches!(
-            hv.wait_heartbeat(s.id, Duration::from_millis(50)).await,
-            Err(HvError::Timeout(..))
-        ));
-        let hb = hv
-            .wait_heartbeat(s.id, Duration::from_secs(10))
-            .await
-            .unwrap();
+        assert!(matches!(hv.wait_heartbeat(s.id, Duration::from_millis(50)).await, Err(HvError::Timeout(..))));
+        let hb = hv.wait_heartbeat(s.id, Duration::from_secs(10)).await.unwrap();
         assert!(hb.uptime_secs >= 0.3);
-        assert!(matches!(
-            hv.wait_heartbeat(Uuid::new_v4(), Duration::from_secs(1))
-                .await,
-            Err(HvError::UnknownVm(_))
-        ));
+        assert!(matches!(hv.wait_heartbeat(Uuid::new_v4(), Duration::from_secs(1)).await, Err(HvError::UnknownVm(_))));
     }
 
     #[tokio::test]
@@ -458,18 +383,12 @@ mod tests {
         let s = spec("/d/e.qcow2");
         hv.power_on(&s).await.unwrap();
         hv.set_ignore_acpi(true);
-        assert_eq!(
-            hv.shutdown(s.id, Duration::from_millis(20)).await.unwrap(),
-            ShutdownOutcome::ForcedOff
-        );
+        assert_eq!(hv.shutdown(s.id, Duration::from_millis(20)).await.unwrap(), ShutdownOutcome::ForcedOff);
         hv.power_on(&s).await.unwrap();
         assert!(hv.crash(s.id));
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Died);
         assert_eq!(hv.reattach().await.unwrap(), vec![(s.id, PowerState::Died)]);
-        assert!(matches!(
-            hv.wait_heartbeat(s.id, Duration::from_secs(1)).await,
-            Err(HvError::NotRunning(_))
-        ));
+        assert!(matches!(hv.wait_heartbeat(s.id, Duration::from_secs(1)).await, Err(HvError::NotRunning(_))));
         hv.power_on(&s).await.unwrap();
         assert_eq!(hv.status(s.id).await.unwrap(), PowerState::Running);
     }

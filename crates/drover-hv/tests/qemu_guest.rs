@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest, probe_kvm};
-use drover_hv::{
-    DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, VmSpec, image,
-};
+use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, VmSpec, image};
 use uuid::Uuid;
 
 /// Generous: the guest needs ~3-4 s under TCG, but CI machines may be loaded.
@@ -57,10 +55,7 @@ impl Drop for KillOnDrop {
                 .map(|c| String::from_utf8_lossy(&c).contains(&name))
                 .unwrap_or(false);
             if is_ours {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
@@ -78,13 +73,7 @@ impl Fixture {
         let guest = tiny_guest();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("run")).unwrap();
-        Fixture {
-            _guard: KillOnDrop {
-                runtime_dir: dir.path().join("run"),
-            },
-            dir,
-            guest,
-        }
+        Fixture { _guard: KillOnDrop { runtime_dir: dir.path().join("run") }, dir, guest }
     }
 
     fn config(&self) -> QemuConfig {
@@ -102,10 +91,7 @@ impl Fixture {
             vcpus: 1,
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
-            nics: vec![NicSpec {
-                network: "test-net".into(),
-                mac: "52:54:00:d0:00:01".into(),
-            }],
+            nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:00:01".into() }],
             boot: self.guest.boot_spec(),
         }
     }
@@ -140,47 +126,23 @@ async fn marker_survives_a_graceful_shutdown_and_a_new_boot() {
     assert!(console(&hv, vm).contains("drover-guest: ready"));
     assert_eq!(hv.status(vm).await.unwrap(), PowerState::Running);
 
-    hv.write_marker(vm, "restore-point 1, ünïcode")
-        .await
-        .unwrap();
+    hv.write_marker(vm, "restore-point 1, ünïcode").await.unwrap();
     let hb = hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
     assert_eq!(hb.marker.as_deref(), Some("restore-point 1, ünïcode"));
 
     let t = Instant::now();
-    assert_eq!(
-        hv.shutdown(vm, Duration::from_secs(30)).await.unwrap(),
-        ShutdownOutcome::Graceful
-    );
+    assert_eq!(hv.shutdown(vm, Duration::from_secs(30)).await.unwrap(), ShutdownOutcome::Graceful);
     eprintln!("graceful shutdown took {} ms", t.elapsed().as_millis());
     assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
-    assert_eq!(
-        hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(),
-        ShutdownOutcome::AlreadyOff
-    );
-    assert!(matches!(
-        hv.wait_heartbeat(vm, Duration::from_secs(1)).await,
-        Err(HvError::NotRunning(_))
-    ));
-    assert!(
-        !image::info(&spec.disks[0].path)
-            .await
-            .unwrap()
-            .format
-            .is_empty()
-    );
+    assert_eq!(hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(), ShutdownOutcome::AlreadyOff);
+    assert!(matches!(hv.wait_heartbeat(vm, Duration::from_secs(1)).await, Err(HvError::NotRunning(_))));
+    assert!(!image::info(&spec.disks[0].path).await.unwrap().format.is_empty());
 
     let started = Instant::now();
     hv.power_on(&spec).await.unwrap();
     let hb = hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
-    eprintln!(
-        "second boot: heartbeat {:.2} s after power_on",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        hb.marker.as_deref(),
-        Some("restore-point 1, ünïcode"),
-        "the marker is on the disk"
-    );
+    eprintln!("second boot: heartbeat {:.2} s after power_on", started.elapsed().as_secs_f64());
+    assert_eq!(hb.marker.as_deref(), Some("restore-point 1, ünïcode"), "the marker is on the disk");
 
     hv.power_off(vm).await.unwrap();
     assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
@@ -201,38 +163,26 @@ async fn a_new_driver_reattaches_and_sees_a_killed_vm_as_died() {
     } // drover "restarts": the first driver is gone, QEMU is not
 
     let hv = QemuDriver::new(fx.config());
-    assert_eq!(
-        hv.reattach().await.unwrap(),
-        vec![(vm, PowerState::Running)]
-    );
+    assert_eq!(hv.reattach().await.unwrap(), vec![(vm, PowerState::Running)]);
     hv.wait_heartbeat(vm, BOOT_TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("no heartbeat: {e}; console:\n{}", console(&hv, vm)));
 
     // A shutdown that may not wait is a forced power-off.
-    assert_eq!(
-        hv.shutdown(vm, Duration::ZERO).await.unwrap(),
-        ShutdownOutcome::ForcedOff
-    );
+    assert_eq!(hv.shutdown(vm, Duration::ZERO).await.unwrap(), ShutdownOutcome::ForcedOff);
     assert_eq!(hv.reattach().await.unwrap(), vec![(vm, PowerState::Off)]);
 
     hv.power_on(&spec).await.unwrap();
     let pid = hv.pid(vm).expect("QEMU runs");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while hv.status(vm).await.unwrap() != PowerState::Died {
         assert!(Instant::now() < deadline, "status never became Died");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let restarted = QemuDriver::new(fx.config());
-    assert_eq!(
-        restarted.reattach().await.unwrap(),
-        vec![(vm, PowerState::Died)]
-    );
+    assert_eq!(restarted.reattach().await.unwrap(), vec![(vm, PowerState::Died)]);
     restarted.power_off(vm).await.unwrap();
     assert_eq!(restarted.status(vm).await.unwrap(), PowerState::Off);
     restarted.forget(vm).await.unwrap();
@@ -246,9 +196,6 @@ async fn kvm_probe_answers_within_its_timeout() {
     let started = Instant::now();
     let timeout = Duration::from_secs(4);
     let ok = probe_kvm(Path::new("qemu-system-x86_64"), &guest.boot_spec(), timeout).await;
-    eprintln!(
-        "KVM probe: {ok} after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("KVM probe: {ok} after {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < timeout + Duration::from_secs(5));
 }

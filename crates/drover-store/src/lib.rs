@@ -17,8 +17,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionResult, SessionState,
-    SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
+    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionResult, SessionState, SessionTarget,
+    StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -274,12 +274,11 @@ impl Store {
 
     /// The user and its password hash, for logging in. Names are matched exactly.
     pub async fn user_by_name(&self, name: &str) -> Result<Option<(User, String)>> {
-        let row =
-            sqlx::query("SELECT id, tenant_id, name, role, created_at, password_hash FROM users WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::from)?;
+        let row = sqlx::query("SELECT id, tenant_id, name, role, created_at, password_hash FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
         match row {
             None => Ok(None),
             Some(r) => {
@@ -300,10 +299,8 @@ impl Store {
     }
 
     pub async fn user_count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.pool).await.map_err(StoreError::from)?;
         Ok(n as u64)
     }
 

@@ -17,7 +17,14 @@ fn site(tenant: TenantId, name: &str) -> Site {
 }
 
 fn host(tenant: TenantId, site: SiteId, name: &str) -> Host {
-    Host { id: HostId::new(), tenant_id: tenant, site_id: site, name: name.into(), address: "local".into(), created_at: now() }
+    Host {
+        id: HostId::new(),
+        tenant_id: tenant,
+        site_id: site,
+        name: name.into(),
+        address: "local".into(),
+        created_at: now(),
+    }
 }
 
 fn session(tenant: TenantId, kind: SessionKind, at: Timestamp) -> Session {
@@ -180,7 +187,8 @@ async fn log_sequence_is_dense_under_concurrent_appends() {
 #[tokio::test]
 async fn refresh_tokens_are_single_use_and_reuse_revokes_the_family() {
     let (store, _dir, t) = fresh().await;
-    let user = User { id: UserId::new(), tenant_id: t.id, name: "admin".into(), role: Role::Administrator, created_at: now() };
+    let user =
+        User { id: UserId::new(), tenant_id: t.id, name: "admin".into(), role: Role::Administrator, created_at: now() };
     store.user_create(&user, "hash").await.unwrap();
     let family = Uuid::new_v4();
     let mk = |hash: &str, kind| TokenRecord {

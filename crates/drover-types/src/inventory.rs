@@ -4,10 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    DatastoreId, Error, HostId, RecoveryLocationId, Result, SiteId, TenantId, Timestamp, UserId,
-    VmId,
-};
+use crate::{DatastoreId, Error, HostId, RecoveryLocationId, Result, SiteId, TenantId, Timestamp, UserId, VmId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
@@ -52,14 +49,11 @@ impl std::str::FromStr for Role {
     fn from_str(s: &str) -> Result<Self> {
         // Accept the spaced forms the Veeam products show ("Plan Author").
         let folded: String = s.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str().to_ascii_lowercase() == folded)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown role {s:?}: expected one of Viewer, PlanOperator, PlanAuthor, Administrator"
-                ))
-            })
+        Role::ALL.into_iter().find(|r| r.as_str().to_ascii_lowercase() == folded).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown role {s:?}: expected one of Viewer, PlanOperator, PlanAuthor, Administrator"
+            ))
+        })
     }
 }
 

@@ -364,10 +364,10 @@ impl Plan {
         let mut vms = std::collections::HashSet::new();
         for g in &self.groups {
             crate::validate_name("group", &g.name)?;
-            if let GroupMode::Parallel { max } = g.mode {
-                if max == 0 || max > 256 {
-                    return Err(Error::invalid(format!("group {:?}: parallel max must be between 1 and 256", g.name)));
-                }
+            if let GroupMode::Parallel { max } = g.mode
+                && (max == 0 || max > 256)
+            {
+                return Err(Error::invalid(format!("group {:?}: parallel max must be between 1 and 256", g.name)));
             }
             if g.delay_secs > PLAN_MAX_GROUP_DELAY_SECS {
                 return Err(Error::invalid(format!(

@@ -70,7 +70,9 @@ impl ReplicaState {
 pub enum Schedule {
     /// Only on demand.
     Manual,
-    Interval { secs: u32 },
+    Interval {
+        secs: u32,
+    },
     /// Start the next cycle as soon as one ends.
     Continuous,
 }
@@ -104,10 +106,10 @@ impl ReplicationJob {
         if unique.len() != self.vm_ids.len() {
             return Err(Error::invalid("a VM appears twice in the replication job"));
         }
-        if let Schedule::Interval { secs } = self.schedule {
-            if secs < MIN_INTERVAL_SECS {
-                return Err(Error::invalid(format!("schedule interval must be at least {MIN_INTERVAL_SECS} s")));
-            }
+        if let Schedule::Interval { secs } = self.schedule
+            && secs < MIN_INTERVAL_SECS
+        {
+            return Err(Error::invalid(format!("schedule interval must be at least {MIN_INTERVAL_SECS} s")));
         }
         if self.retention_points == 0 || self.retention_points > MAX_RETENTION_POINTS {
             return Err(Error::invalid(format!("retention_points must be between 1 and {MAX_RETENTION_POINTS}")));
