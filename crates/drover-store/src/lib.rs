@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionResult, SessionState, SessionTarget,
+    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionTarget,
     StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -66,19 +66,7 @@ impl From<StoreError> for Error {
 type StoreResult<T> = std::result::Result<T, StoreError>;
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Filters for listing sessions. Every field narrows the list.
-#[derive(Debug, Clone, Default)]
-pub struct SessionFilter {
-    pub kind: Option<SessionKind>,
-    pub state: Option<SessionState>,
-    pub result: Option<SessionResult>,
-    pub target_id: Option<Uuid>,
-    pub created_after: Option<Timestamp>,
-    /// Newest first when false (the default), oldest first when true.
-    pub oldest_first: bool,
-    pub offset: u64,
-    pub limit: u64,
-}
+pub use drover_types::SessionFilter;
 
 /// A token as stored: only the hash of its value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -214,6 +214,20 @@ pub struct StepRecord {
     pub updated_at: Timestamp,
 }
 
+/// Filters for listing sessions. Every field narrows the list.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    pub kind: Option<SessionKind>,
+    pub state: Option<SessionState>,
+    pub result: Option<SessionResult>,
+    pub target_id: Option<uuid::Uuid>,
+    pub created_after: Option<Timestamp>,
+    /// Newest first when false (the default), oldest first when true.
+    pub oldest_first: bool,
+    pub offset: u64,
+    pub limit: u64,
+}
+
 /// Progress of a session from its tasks' progress, weighted. 0 when there are no tasks.
 pub fn weighted_progress(tasks: &[(u32, u8)]) -> u8 {
     let total: u64 = tasks.iter().map(|(w, _)| u64::from(*w)).sum();

@@ -1,0 +1,599 @@
+//! The native API's handlers. Each one parses, calls the application layer, and renders; none
+//! touches the store or the engine directly.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use drover_engine::app::{NewDatastore, NewHost, NewRecoveryLocation, NewReplicationJob, NewUser, PowerAction, VmPatch};
+use drover_engine::saga::ContinueOption;
+use drover_types::SessionFilter;
+use drover_types::{self as d, Error};
+use futures::Stream;
+use uuid::Uuid;
+
+use crate::error::{ApiResult, ErrorBody, Json, Path, Query};
+use crate::views::*;
+use crate::{ApiState, Auth};
+
+fn list<T, V: From<T>>(items: Vec<T>) -> Json<Page<V>> {
+    let items: Vec<V> = items.into_iter().map(V::from).collect();
+    Json(Page { total: items.len() as u64, items })
+}
+
+fn created<T: serde::Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, axum::Json(v)).into_response()
+}
+
+fn accepted(session: d::SessionId) -> Response {
+    (StatusCode::ACCEPTED, axum::Json(Accepted { session_id: session.0 })).into_response()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Token
+
+/// Logs in (`grant_type=password`) or trades a refresh token (`grant_type=refresh_token`).
+#[utoipa::path(post, path = "/v1/token", tag = "auth",
+    request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn token(State(st): State<ApiState>, req: axum::extract::Request) -> ApiResult<Json<TokenResponse>> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let body: TokenRequest = if is_json {
+        let axum::Json(b) = axum::Json::<TokenRequest>::from_request(req, &()).await.map_err(crate::error::ApiError::from)?;
+        b
+    } else {
+        let axum::Form(b) = axum::Form::<TokenRequest>::from_request(req, &())
+            .await
+            .map_err(|r| Error::invalid(format!("bad token request: {}", r.body_text())))?;
+        b
+    };
+    let pair = match body.grant_type.as_str() {
+        "password" => {
+            let (Some(u), Some(p)) = (body.username.as_deref(), body.password.as_deref()) else {
+                return Err(Error::invalid("grant_type=password needs username and password").into());
+            };
+            st.app.login(u, p).await?
+        }
+        "refresh_token" => {
+            let Some(r) = body.refresh_token.as_deref() else {
+                return Err(Error::invalid("grant_type=refresh_token needs refresh_token").into());
+            };
+            st.app.refresh(r).await?
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "unsupported grant_type {other:?}: use password or refresh_token"
+            ))
+            .into());
+        }
+    };
+    Ok(Json(pair.into()))
+}
+
+use axum::extract::FromRequest as _;
+
+// ------------------------------------------------------------------------------------------------
+// Tenants and users
+
+#[utoipa::path(get, path = "/v1/tenants", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = Page<TenantView>)))]
+pub async fn tenants_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<TenantView>>> {
+    Ok(list(st.app.tenant_list(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tenants", tag = "admin", security(("bearer" = [])), request_body = CreateTenant,
+    responses((status = 201, body = TenantView), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn tenants_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateTenant>) -> ApiResult<Response> {
+    Ok(created(TenantView::from(st.app.tenant_create(&c, &b.name).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/users", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = Page<UserView>), (status = 403, body = ErrorBody)))]
+pub async fn users_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<UserView>>> {
+    Ok(list(st.app.user_list(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/users", tag = "admin", security(("bearer" = [])), request_body = CreateUser,
+    responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn users_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateUser>) -> ApiResult<Response> {
+    let role: d::Role = b.role.parse()?;
+    let user = st
+        .app
+        .user_create(&c, NewUser { name: b.name, password: b.password, role, tenant_id: b.tenant_id.map(Into::into) })
+        .await?;
+    Ok(created(UserView::from(user)))
+}
+
+#[utoipa::path(delete, path = "/v1/users/{id}", tag = "admin", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn users_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.user_delete(&c, id.into()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Sites, hosts, datastores
+
+#[utoipa::path(get, path = "/v1/sites", tag = "inventory", security(("bearer" = [])), responses((status = 200, body = Page<SiteView>)))]
+pub async fn sites_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<SiteView>>> {
+    Ok(list(st.app.list::<d::Site>(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sites", tag = "inventory", security(("bearer" = [])), request_body = CreateSite,
+    responses((status = 201, body = SiteView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn sites_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateSite>) -> ApiResult<Response> {
+    Ok(created(SiteView::from(st.app.site_create(&c, &b.name, b.kind).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/sites/{id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = SiteView), (status = 404, body = ErrorBody)))]
+pub async fn sites_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<SiteView>> {
+    Ok(Json(st.app.get::<d::Site>(&c, id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/sites/{id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn sites_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.delete::<d::Site>(&c, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/hosts", tag = "inventory", security(("bearer" = [])), responses((status = 200, body = Page<HostView>)))]
+pub async fn hosts_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<HostView>>> {
+    Ok(list(st.app.list::<d::Host>(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/hosts", tag = "inventory", security(("bearer" = [])), request_body = CreateHost,
+    responses((status = 201, body = HostView), (status = 400, body = ErrorBody)))]
+pub async fn hosts_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateHost>) -> ApiResult<Response> {
+    let h = st.app.host_create(&c, NewHost { site_id: b.site_id.into(), name: b.name, address: b.address }).await?;
+    Ok(created(HostView::from(h)))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody)))]
+pub async fn hosts_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<HostView>> {
+    Ok(Json(st.app.get::<d::Host>(&c, id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn hosts_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.delete::<d::Host>(&c, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/datastores", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = Page<DatastoreView>)))]
+pub async fn datastores_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<DatastoreView>>> {
+    Ok(list(st.app.list::<d::Datastore>(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/datastores", tag = "inventory", security(("bearer" = [])), request_body = CreateDatastore,
+    responses((status = 201, body = DatastoreView), (status = 400, body = ErrorBody)))]
+pub async fn datastores_create(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Json(b): Json<CreateDatastore>,
+) -> ApiResult<Response> {
+    let x = st.app.datastore_create(&c, NewDatastore { host_id: b.host_id.into(), name: b.name, path: b.path }).await?;
+    Ok(created(DatastoreView::from(x)))
+}
+
+#[utoipa::path(get, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = DatastoreView), (status = 404, body = ErrorBody)))]
+pub async fn datastores_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<DatastoreView>> {
+    Ok(Json(st.app.get::<d::Datastore>(&c, id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn datastores_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.delete::<d::Datastore>(&c, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ------------------------------------------------------------------------------------------------
+// VMs
+
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", security(("bearer" = [])), responses((status = 200, body = Page<VmView>)))]
+pub async fn vms_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<VmView>>> {
+    Ok(list(st.app.list::<d::Vm>(&c).await?))
+}
+
+/// Records the VM and starts the session that creates its disks.
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", security(("bearer" = [])), request_body = CreateVm,
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vms_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateVm>) -> ApiResult<Response> {
+    let (vm, session) = st.app.vm_create(&c, b.into_new_vm()?).await?;
+    let mut resp = accepted(session);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("/v1/vms/{}", vm.id)) {
+        resp.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+pub async fn vms_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<VmView>> {
+    Ok(Json(st.app.get::<d::Vm>(&c, id).await?.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])), request_body = PatchVm,
+    responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vms_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchVm>,
+) -> ApiResult<Json<VmView>> {
+    let tags = b.tags.as_deref().map(parse_tags).transpose()?;
+    let patch = VmPatch { name: b.name, vcpus: b.vcpus, memory_mib: b.memory_mib, tags };
+    Ok(Json(st.app.vm_update(&c, id.into(), patch).await?.into()))
+}
+
+/// Powers the VM off if needed, removes it and deletes its disks.
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vms_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
+    Ok(accepted(st.app.vm_delete(&c, id.into()).await?))
+}
+
+async fn power(st: ApiState, c: drover_engine::app::Caller, id: Uuid, action: PowerAction) -> ApiResult<Response> {
+    Ok(accepted(st.app.vm_power(&c, id.into(), action).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/power-on", tag = "vms", security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vms_power_on(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
+    power(st, c, id, PowerAction::PowerOn).await
+}
+
+/// Graceful shutdown (ACPI), then power off after the configured timeout.
+#[utoipa::path(post, path = "/v1/vms/{id}/shutdown", tag = "vms", security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vms_shutdown(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
+    power(st, c, id, PowerAction::Shutdown).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/power-off", tag = "vms", security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn vms_power_off(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
+    power(st, c, id, PowerAction::PowerOff).await
+}
+
+// ------------------------------------------------------------------------------------------------
+// Replication jobs and recovery locations
+
+#[utoipa::path(get, path = "/v1/replication-jobs", tag = "replication", security(("bearer" = [])),
+    responses((status = 200, body = Page<ReplicationJobView>)))]
+pub async fn jobs_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<ReplicationJobView>>> {
+    Ok(list(st.app.list::<d::ReplicationJob>(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/replication-jobs", tag = "replication", security(("bearer" = [])),
+    request_body = CreateReplicationJob,
+    responses((status = 201, body = ReplicationJobView), (status = 400, body = ErrorBody)))]
+pub async fn jobs_create(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Json(b): Json<CreateReplicationJob>,
+) -> ApiResult<Response> {
+    let job = st
+        .app
+        .replication_job_create(
+            &c,
+            NewReplicationJob {
+                name: b.name,
+                vm_ids: b.vm_ids.into_iter().map(Into::into).collect(),
+                target_host_id: b.target_host_id.into(),
+                target_datastore_id: b.target_datastore_id.into(),
+                schedule: b.schedule.into(),
+                retention_points: b.retention_points,
+            },
+        )
+        .await?;
+    Ok(created(ReplicationJobView::from(job)))
+}
+
+#[utoipa::path(get, path = "/v1/replication-jobs/{id}", tag = "replication", security(("bearer" = [])),
+    responses((status = 200, body = ReplicationJobView), (status = 404, body = ErrorBody)))]
+pub async fn jobs_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<ReplicationJobView>> {
+    Ok(Json(st.app.get::<d::ReplicationJob>(&c, id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/replication-jobs/{id}", tag = "replication", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn jobs_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.delete::<d::ReplicationJob>(&c, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/recovery-locations", tag = "plans", security(("bearer" = [])),
+    responses((status = 200, body = Page<RecoveryLocationView>)))]
+pub async fn locations_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<RecoveryLocationView>>> {
+    Ok(list(st.app.recovery_location_list(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/recovery-locations", tag = "plans", security(("bearer" = [])),
+    request_body = CreateRecoveryLocation,
+    responses((status = 201, body = RecoveryLocationView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn locations_create(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Json(b): Json<CreateRecoveryLocation>,
+) -> ApiResult<Response> {
+    let loc = st
+        .app
+        .recovery_location_create(
+            &c,
+            NewRecoveryLocation {
+                name: b.name,
+                description: b.description,
+                host_id: b.host_id.into(),
+                datastore_id: b.datastore_id.into(),
+                network_mappings: b
+                    .network_mappings
+                    .into_iter()
+                    .map(|m| d::NetworkMapping { from: m.from, to: m.to })
+                    .collect(),
+            },
+        )
+        .await?;
+    Ok(created(RecoveryLocationView::from(loc)))
+}
+
+#[utoipa::path(get, path = "/v1/recovery-locations/{id}", tag = "plans", security(("bearer" = [])),
+    responses((status = 200, body = RecoveryLocationView), (status = 404, body = ErrorBody)))]
+pub async fn locations_get(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<RecoveryLocationView>> {
+    Ok(Json(st.app.recovery_location_get(&c, id.into()).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/recovery-locations/{id}", tag = "plans", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn locations_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.recovery_location_delete(&c, id.into()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Plans
+
+#[utoipa::path(get, path = "/v1/plans", tag = "plans", security(("bearer" = [])), responses((status = 200, body = Page<PlanView>)))]
+pub async fn plans_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<PlanView>>> {
+    Ok(list(st.app.list::<d::Plan>(&c).await?))
+}
+
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", security(("bearer" = [])), request_body = PlanBody,
+    responses((status = 201, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn plans_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<PlanBody>) -> ApiResult<Response> {
+    Ok(created(PlanView::from(st.app.plan_create(&c, b.into_input()).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/plans/{id}", tag = "plans", security(("bearer" = [])),
+    responses((status = 200, body = PlanView), (status = 404, body = ErrorBody)))]
+pub async fn plans_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<PlanView>> {
+    Ok(Json(st.app.get::<d::Plan>(&c, id).await?.into()))
+}
+
+/// Replaces the plan's definition; only while it is not IN-USE.
+#[utoipa::path(put, path = "/v1/plans/{id}", tag = "plans", security(("bearer" = [])), request_body = PlanBody,
+    responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn plans_put(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PlanBody>,
+) -> ApiResult<Json<PlanView>> {
+    Ok(Json(st.app.plan_update(&c, id.into(), b.into_input()).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/plans/{id}", tag = "plans", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn plans_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.delete::<d::Plan>(&c, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs a plan action: `enable`, `disable`, `readiness-check`, `failover`, `permanent-failover`,
+/// `prepare-failback`, `failback`, `switchover`, `commit-failback`, `undo`, `halt`, `continue`
+/// (body: `ContinueBody`), `reset`. Returns the plan as it is once the action is accepted.
+#[utoipa::path(post, path = "/v1/plans/{id}/{action}", tag = "plans", security(("bearer" = [])),
+    params(("id" = Uuid, Path), ("action" = String, Path)),
+    request_body(content = Option<ContinueBody>),
+    responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn plans_action(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path((id, action)): Path<(Uuid, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<PlanView>> {
+    let id: d::PlanId = id.into();
+    let action = match action.as_str() {
+        "enable" => return Ok(Json(st.app.plan_set_enabled(&c, id, true).await?.into())),
+        "disable" => return Ok(Json(st.app.plan_set_enabled(&c, id, false).await?.into())),
+        "readiness-check" => d::PlanAction::ReadinessCheck,
+        "failover" => d::PlanAction::Failover,
+        "permanent-failover" => d::PlanAction::PermanentFailover,
+        "prepare-failback" => d::PlanAction::PrepareToFailback,
+        "failback" => d::PlanAction::FailbackToProduction,
+        "switchover" => d::PlanAction::SwitchoverToProduction,
+        "commit-failback" => d::PlanAction::CommitFailback,
+        "undo" => d::PlanAction::Undo,
+        "halt" => d::PlanAction::Halt,
+        "continue" => d::PlanAction::Continue,
+        "reset" => d::PlanAction::ResetState,
+        other => return Err(Error::not_found("plan action", other).into()),
+    };
+    let option = if body.is_empty() {
+        None
+    } else {
+        let b: ContinueBody =
+            serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?;
+        b.option
+    };
+    Ok(Json(st.app.plan_action(&c, id, action, option).await?.into()))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Sessions
+
+fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, v: &str) -> d::Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.to_string()))
+        .map_err(|_| Error::invalid(format!("unknown {what} {v:?}")))
+}
+
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", security(("bearer" = [])), params(SessionQuery),
+    responses((status = 200, body = Page<SessionView>), (status = 400, body = ErrorBody)))]
+pub async fn sessions_list(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Query(q): Query<SessionQuery>,
+) -> ApiResult<Json<Page<SessionView>>> {
+    let filter = SessionFilter {
+        kind: q.kind.as_deref().map(str::parse).transpose()?,
+        state: q.state.as_deref().map(|s| parse_enum("state", s)).transpose()?,
+        result: q.result.as_deref().map(|s| parse_enum("result", s)).transpose()?,
+        target_id: q.target_id,
+        created_after: q.since,
+        oldest_first: match q.order.as_deref() {
+            None | Some("newest") => false,
+            Some("oldest") => true,
+            Some(o) => return Err(Error::invalid(format!("order must be newest or oldest, not {o:?}")).into()),
+        },
+        offset: q.offset,
+        limit: q.limit.unwrap_or(100),
+    };
+    let (items, total) = st.app.session_list(&c, &filter).await?;
+    Ok(Json(Page { total, items: items.into_iter().map(SessionView::from).collect() }))
+}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions", security(("bearer" = [])),
+    responses((status = 200, body = SessionView), (status = 404, body = ErrorBody)))]
+pub async fn sessions_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<SessionView>> {
+    let (s, tasks) = st.app.session_get(&c, id.into()).await?;
+    let mut v = SessionView::from(s);
+    v.tasks = Some(tasks.into_iter().map(TaskView::from).collect());
+    Ok(Json(v))
+}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}/log", tag = "sessions", security(("bearer" = [])), params(LogQuery),
+    responses((status = 200, body = Page<LogEntryView>), (status = 404, body = ErrorBody)))]
+pub async fn sessions_log(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Json<Page<LogEntryView>>> {
+    Ok(list(st.app.session_log(&c, id.into(), q.after, q.limit.unwrap_or(1000)).await?))
+}
+
+/// Live progress: a `session` event (the session with its tasks) whenever it changes and a `log`
+/// event per log line, until the session stops or halts.
+#[utoipa::path(get, path = "/v1/sessions/{id}/events", tag = "sessions", security(("bearer" = [])),
+    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)))]
+pub async fn sessions_events(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let id: d::SessionId = id.into();
+    st.app.session_get(&c, id).await?;
+    let mut rx = st.app.engine().subscribe();
+    let app = st.app.clone();
+    let stream = async_stream(move |tx| async move {
+        let mut last_seq = 0i64;
+        let mut last_sent: Option<String> = None;
+        loop {
+            let Ok((s, tasks)) = app.session_get(&c, id).await else { break };
+            if let Ok(entries) = app.session_log(&c, id, last_seq, 1000).await {
+                for e in entries {
+                    last_seq = e.seq;
+                    let data = serde_json::to_string(&LogEntryView::from(e)).unwrap_or_default();
+                    if tx.send(Event::default().event("log").data(data)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let done = s.state == d::SessionState::Stopped || s.halted;
+            let mut v = SessionView::from(s);
+            v.tasks = Some(tasks.into_iter().map(TaskView::from).collect());
+            let data = serde_json::to_string(&v).unwrap_or_default();
+            if last_sent.as_deref() != Some(&data) {
+                if tx.send(Event::default().event("session").data(data.clone())).await.is_err() {
+                    return;
+                }
+                last_sent = Some(data);
+            }
+            if done {
+                break;
+            }
+            // Wake on a change of this session, or every second in case one was missed.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                loop {
+                    match rx.recv().await {
+                        Ok(ch) if ch.session_id == id => break,
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(_) => {
+                            futures::future::pending::<()>().await;
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a channel (no macro crate needed for one generator).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+#[utoipa::path(post, path = "/v1/sessions/{id}/halt", tag = "sessions", security(("bearer" = [])),
+    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn sessions_halt(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.session_halt(&c, id.into()).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(post, path = "/v1/sessions/{id}/continue", tag = "sessions", security(("bearer" = [])),
+    request_body = ContinueBody,
+    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn sessions_continue(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<ContinueBody>,
+) -> ApiResult<StatusCode> {
+    st.app.session_continue(&c, id.into(), b.option.unwrap_or(ContinueOption::RetryFailedStep)).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(post, path = "/v1/sessions/{id}/undo", tag = "sessions", security(("bearer" = [])),
+    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn sessions_undo(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    st.app.session_undo(&c, id.into()).await?;
+    Ok(StatusCode::ACCEPTED)
+}

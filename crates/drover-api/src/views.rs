@@ -1,0 +1,794 @@
+//! The native API's wire types: what goes over HTTP as JSON, separate from the domain types and
+//! converted with explicit `From`s. Request bodies refuse unknown fields, so a misspelt field is
+//! a 400 rather than silently ignored.
+
+use drover_types as d;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// A started operation: follow it at `/v1/sessions/{session_id}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    pub session_id: Uuid,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub total: u64,
+    pub items: Vec<T>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Auth
+
+/// `POST /v1/token`, as a form (`application/x-www-form-urlencoded`) or as JSON.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TokenRequest {
+    /// `password` or `refresh_token`.
+    pub grant_type: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub refresh_token: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    /// Single use: each refresh returns a new one.
+    pub refresh_token: String,
+}
+
+impl From<drover_engine::auth::TokenPair> for TokenResponse {
+    fn from(p: drover_engine::auth::TokenPair) -> Self {
+        TokenResponse {
+            access_token: p.access_token,
+            token_type: "bearer".into(),
+            expires_in: p.expires_in,
+            refresh_token: p.refresh_token,
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tenants and users
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TenantView {
+    pub id: Uuid,
+    pub name: String,
+    pub is_system: bool,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Tenant> for TenantView {
+    fn from(t: d::Tenant) -> Self {
+        TenantView { id: t.id.0, name: t.name, is_system: t.is_system, created_at: t.created_at }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    /// `Viewer`, `PlanOperator`, `PlanAuthor` or `Administrator`.
+    #[schema(value_type = String)]
+    pub role: d::Role,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::User> for UserView {
+    fn from(u: d::User) -> Self {
+        UserView { id: u.id.0, tenant_id: u.tenant_id.0, name: u.name, role: u.role, created_at: u.created_at }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub name: String,
+    /// At least 8 characters.
+    pub password: String,
+    /// `Viewer`, `PlanOperator`, `PlanAuthor` or `Administrator` ("Plan Author" also accepted).
+    pub role: String,
+    /// Another tenant: only for administrators of the system tenant.
+    pub tenant_id: Option<Uuid>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Sites, hosts, datastores
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteView {
+    pub id: Uuid,
+    pub name: String,
+    /// `Production` or `DisasterRecovery`.
+    #[schema(value_type = String)]
+    pub kind: d::SiteKind,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Site> for SiteView {
+    fn from(s: d::Site) -> Self {
+        SiteView { id: s.id.0, name: s.name, kind: s.kind, created_at: s.created_at }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSite {
+    pub name: String,
+    #[schema(value_type = String)]
+    pub kind: d::SiteKind,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    pub id: Uuid,
+    pub site_id: Uuid,
+    pub name: String,
+    pub address: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Host> for HostView {
+    fn from(h: d::Host) -> Self {
+        HostView { id: h.id.0, site_id: h.site_id.0, name: h.name, address: h.address, created_at: h.created_at }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHost {
+    pub site_id: Uuid,
+    pub name: String,
+    /// `local` for the agent inside `drover serve`.
+    pub address: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DatastoreView {
+    pub id: Uuid,
+    pub host_id: Uuid,
+    pub name: String,
+    pub path: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Datastore> for DatastoreView {
+    fn from(x: d::Datastore) -> Self {
+        DatastoreView { id: x.id.0, host_id: x.host_id.0, name: x.name, path: x.path, created_at: x.created_at }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDatastore {
+    pub host_id: Uuid,
+    pub name: String,
+    /// An absolute directory on the host; created when missing.
+    pub path: String,
+}
+
+// ------------------------------------------------------------------------------------------------
+// VMs
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskBody {
+    /// Letters, digits, '-' and '_'; the image is `<name>.qcow2`.
+    pub name: String,
+    /// Size of an empty disk; ignored when importing.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// An existing image to copy (never moved).
+    pub import_from: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicBody {
+    pub network: String,
+    /// Derived from the VM id when absent.
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootBody {
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    pub host_id: Uuid,
+    pub datastore_id: Uuid,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskBody>,
+    #[serde(default)]
+    pub nics: Vec<NicBody>,
+    /// `category:name`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub boot: BootBody,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchVm {
+    pub name: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub tags: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmView {
+    pub id: Uuid,
+    pub name: String,
+    pub host_id: Uuid,
+    pub datastore_id: Uuid,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskBody>,
+    pub nics: Vec<NicBody>,
+    pub tags: Vec<String>,
+    pub boot: BootBody,
+    /// `Off`, `Starting`, `Running`, `Stopping` or `Died`.
+    #[schema(value_type = String)]
+    pub power_state: d::VmPowerState,
+    /// False until the create session has made the disks.
+    pub provisioned: bool,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Vm> for VmView {
+    fn from(v: d::Vm) -> Self {
+        VmView {
+            id: v.id.0,
+            name: v.name,
+            host_id: v.host_id.0,
+            datastore_id: v.datastore_id.0,
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            disks: v
+                .disks
+                .into_iter()
+                .map(|x| DiskBody { name: x.name, size_bytes: x.size_bytes, import_from: x.import_from })
+                .collect(),
+            nics: v.nics.into_iter().map(|n| NicBody { network: n.network, mac: Some(n.mac) }).collect(),
+            tags: v.tags.iter().map(ToString::to_string).collect(),
+            boot: BootBody { kernel: v.boot.kernel, initrd: v.boot.initrd, cmdline: v.boot.cmdline },
+            power_state: v.power_state,
+            provisioned: v.provisioned,
+            created_at: v.created_at,
+            updated_at: v.updated_at,
+        }
+    }
+}
+
+pub fn parse_tags(tags: &[String]) -> d::Result<Vec<d::Tag>> {
+    tags.iter().map(|t| t.parse()).collect()
+}
+
+impl CreateVm {
+    pub fn into_new_vm(self) -> d::Result<drover_engine::app::NewVm> {
+        Ok(drover_engine::app::NewVm {
+            name: self.name,
+            host_id: self.host_id.into(),
+            datastore_id: self.datastore_id.into(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disks: self
+                .disks
+                .into_iter()
+                .map(|x| d::VmDisk { name: x.name, size_bytes: x.size_bytes, import_from: x.import_from })
+                .collect(),
+            nics: self.nics.into_iter().map(|n| (n.network, n.mac)).collect(),
+            tags: parse_tags(&self.tags)?,
+            boot: d::VmBoot { kernel: self.boot.kernel, initrd: self.boot.initrd, cmdline: self.boot.cmdline },
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Replication jobs and recovery locations
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum ScheduleBody {
+    Manual,
+    Interval { secs: u32 },
+    Continuous,
+}
+
+impl From<ScheduleBody> for d::Schedule {
+    fn from(s: ScheduleBody) -> Self {
+        match s {
+            ScheduleBody::Manual => d::Schedule::Manual,
+            ScheduleBody::Interval { secs } => d::Schedule::Interval { secs },
+            ScheduleBody::Continuous => d::Schedule::Continuous,
+        }
+    }
+}
+
+impl From<d::Schedule> for ScheduleBody {
+    fn from(s: d::Schedule) -> Self {
+        match s {
+            d::Schedule::Manual => ScheduleBody::Manual,
+            d::Schedule::Interval { secs } => ScheduleBody::Interval { secs },
+            d::Schedule::Continuous => ScheduleBody::Continuous,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReplicationJob {
+    pub name: String,
+    pub vm_ids: Vec<Uuid>,
+    pub target_host_id: Uuid,
+    pub target_datastore_id: Uuid,
+    pub schedule: ScheduleBody,
+    pub retention_points: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplicationJobView {
+    pub id: Uuid,
+    pub name: String,
+    pub vm_ids: Vec<Uuid>,
+    pub target_host_id: Uuid,
+    pub target_datastore_id: Uuid,
+    pub schedule: ScheduleBody,
+    pub retention_points: u32,
+    pub enabled: bool,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::ReplicationJob> for ReplicationJobView {
+    fn from(j: d::ReplicationJob) -> Self {
+        ReplicationJobView {
+            id: j.id.0,
+            name: j.name,
+            vm_ids: j.vm_ids.into_iter().map(|v| v.0).collect(),
+            target_host_id: j.target_host_id.0,
+            target_datastore_id: j.target_datastore_id.0,
+            schedule: j.schedule.into(),
+            retention_points: j.retention_points,
+            enabled: j.enabled,
+            created_at: j.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkMappingBody {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRecoveryLocation {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub host_id: Uuid,
+    pub datastore_id: Uuid,
+    #[serde(default)]
+    pub network_mappings: Vec<NetworkMappingBody>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RecoveryLocationView {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    /// `Original` (the built-in "Original VM Location") or `Restore`.
+    #[schema(value_type = String)]
+    pub kind: d::RecoveryLocationKind,
+    pub is_original: bool,
+    pub host_id: Option<Uuid>,
+    pub datastore_id: Option<Uuid>,
+    pub network_mappings: Vec<NetworkMappingBody>,
+}
+
+impl From<d::RecoveryLocation> for RecoveryLocationView {
+    fn from(l: d::RecoveryLocation) -> Self {
+        RecoveryLocationView {
+            id: l.id.0,
+            name: l.name,
+            description: l.description,
+            kind: l.kind,
+            is_original: l.kind == d::RecoveryLocationKind::Original,
+            host_id: l.host_id.map(|h| h.0),
+            datastore_id: l.datastore_id.map(|x| x.0),
+            network_mappings: l
+                .network_mappings
+                .into_iter()
+                .map(|m| NetworkMappingBody { from: m.from, to: m.to })
+                .collect(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Plans
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum StepKindBody {
+    PowerOn,
+    WaitHeartbeat { timeout_secs: u32 },
+    CheckTcpPort { port: u16, timeout_secs: u32 },
+    RunScript { path: String, #[serde(default)] args: Vec<String>, timeout_secs: u32 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanStepBody {
+    /// Assigned when absent.
+    pub id: Option<Uuid>,
+    pub name: String,
+    pub kind: StepKindBody,
+    #[serde(default = "yes")]
+    pub critical: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanVmBody {
+    pub vm_id: Uuid,
+    /// When absent: power on, then wait for the heartbeat (120 s).
+    pub steps: Option<Vec<PlanStepBody>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanGroupBody {
+    /// Assigned when absent.
+    pub id: Option<Uuid>,
+    pub name: String,
+    /// VMs of the group started at once; 1 (the default) means one after another.
+    #[serde(default = "one")]
+    pub max_parallel: u32,
+    #[serde(default)]
+    pub delay_secs: u32,
+    #[serde(default)]
+    pub critical: bool,
+    #[serde(default)]
+    pub restore_tags: bool,
+    pub vms: Vec<PlanVmBody>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Defaults to the Original VM Location.
+    pub recovery_location_id: Option<Uuid>,
+    #[serde(default)]
+    pub groups: Vec<PlanGroupBody>,
+}
+
+impl PlanBody {
+    pub fn into_input(self) -> drover_engine::app::PlanInput {
+        drover_engine::app::PlanInput {
+            name: self.name,
+            description: self.description,
+            recovery_location_id: self.recovery_location_id.map(Into::into).unwrap_or(d::RecoveryLocationId::ORIGINAL),
+            groups: self.groups.into_iter().map(group_from_body).collect(),
+        }
+    }
+}
+
+fn group_from_body(g: PlanGroupBody) -> d::PlanGroup {
+    d::PlanGroup {
+        id: g.id.map(Into::into).unwrap_or_default(),
+        name: g.name,
+        mode: if g.max_parallel <= 1 { d::GroupMode::Sequential } else { d::GroupMode::Parallel { max: g.max_parallel } },
+        delay_secs: g.delay_secs,
+        critical: g.critical,
+        restore_tags: g.restore_tags,
+        vms: g
+            .vms
+            .into_iter()
+            .map(|v| d::PlanVm {
+                vm_id: v.vm_id.into(),
+                steps: match v.steps {
+                    Some(steps) => steps.into_iter().map(step_from_body).collect(),
+                    None => default_steps(),
+                },
+            })
+            .collect(),
+    }
+}
+
+fn default_steps() -> Vec<d::PlanStep> {
+    vec![
+        d::PlanStep { id: d::PlanStepId::new(), name: "Power on".into(), kind: d::PlanStepKind::PowerOn, critical: true },
+        d::PlanStep {
+            id: d::PlanStepId::new(),
+            name: "Wait for heartbeat".into(),
+            kind: d::PlanStepKind::WaitHeartbeat { timeout_secs: 120 },
+            critical: true,
+        },
+    ]
+}
+
+fn step_from_body(s: PlanStepBody) -> d::PlanStep {
+    d::PlanStep {
+        id: s.id.map(Into::into).unwrap_or_default(),
+        name: s.name,
+        kind: match s.kind {
+            StepKindBody::PowerOn => d::PlanStepKind::PowerOn,
+            StepKindBody::WaitHeartbeat { timeout_secs } => d::PlanStepKind::WaitHeartbeat { timeout_secs },
+            StepKindBody::CheckTcpPort { port, timeout_secs } => d::PlanStepKind::CheckTcpPort { port, timeout_secs },
+            StepKindBody::RunScript { path, args, timeout_secs } => {
+                d::PlanStepKind::RunScript { path, args, timeout_secs }
+            }
+        },
+        critical: s.critical,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlanView {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+    /// `Enabled`, `Disabled` or `InUse`.
+    #[schema(value_type = String)]
+    pub mode: d::PlanMode,
+    /// API identifier of the state, e.g. `Failover`, `FailbackInProgress`.
+    #[schema(value_type = String)]
+    pub state: d::PlanState,
+    /// The UI name, e.g. `FAILOVER`.
+    pub state_name: String,
+    #[schema(value_type = String)]
+    pub last_stable_state: d::PlanState,
+    /// What was running when the plan halted.
+    #[schema(value_type = Option<String>)]
+    pub interrupted_state: Option<d::PlanState>,
+    pub recovery_location_id: Uuid,
+    pub groups: Vec<PlanGroupBody>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Plan> for PlanView {
+    fn from(p: d::Plan) -> Self {
+        let mode = p.mode();
+        PlanView {
+            id: p.id.0,
+            name: p.name,
+            description: p.description,
+            enabled: p.enabled,
+            mode,
+            state: p.lifecycle.state,
+            state_name: p.lifecycle.state.display_name().into(),
+            last_stable_state: p.lifecycle.last_stable,
+            interrupted_state: p.lifecycle.interrupted,
+            recovery_location_id: p.recovery_location_id.0,
+            groups: p
+                .groups
+                .into_iter()
+                .map(|g| PlanGroupBody {
+                    id: Some(g.id.0),
+                    name: g.name,
+                    max_parallel: match g.mode {
+                        d::GroupMode::Sequential => 1,
+                        d::GroupMode::Parallel { max } => max,
+                    },
+                    delay_secs: g.delay_secs,
+                    critical: g.critical,
+                    restore_tags: g.restore_tags,
+                    vms: g
+                        .vms
+                        .into_iter()
+                        .map(|v| PlanVmBody {
+                            vm_id: v.vm_id.0,
+                            steps: Some(
+                                v.steps
+                                    .into_iter()
+                                    .map(|s| PlanStepBody {
+                                        id: Some(s.id.0),
+                                        name: s.name,
+                                        kind: match s.kind {
+                                            d::PlanStepKind::PowerOn => StepKindBody::PowerOn,
+                                            d::PlanStepKind::WaitHeartbeat { timeout_secs } => {
+                                                StepKindBody::WaitHeartbeat { timeout_secs }
+                                            }
+                                            d::PlanStepKind::CheckTcpPort { port, timeout_secs } => {
+                                                StepKindBody::CheckTcpPort { port, timeout_secs }
+                                            }
+                                            d::PlanStepKind::RunScript { path, args, timeout_secs } => {
+                                                StepKindBody::RunScript { path, args, timeout_secs }
+                                            }
+                                        },
+                                        critical: s.critical,
+                                    })
+                                    .collect(),
+                            ),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            created_at: p.created_at,
+            updated_at: p.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContinueBody {
+    /// `RetryFailedStep` (default), `ProceedToNextStep`, `RetryFailedVm`, `ProceedToNextVm`,
+    /// `RetryFailedGroup` or `ProceedToNextGroup`.
+    #[schema(value_type = Option<String>)]
+    pub option: Option<drover_engine::saga::ContinueOption>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Sessions
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub id: Uuid,
+    pub vm_id: Option<Uuid>,
+    pub name: String,
+    #[schema(value_type = String)]
+    pub state: d::SessionState,
+    #[schema(value_type = String)]
+    pub result: d::SessionResult,
+    pub progress: u8,
+    pub failure_message: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl From<d::Task> for TaskView {
+    fn from(t: d::Task) -> Self {
+        TaskView {
+            id: t.id.0,
+            vm_id: t.vm_id.map(|v| v.0),
+            name: t.name,
+            state: t.state,
+            result: t.result,
+            progress: t.progress,
+            failure_message: t.failure_message,
+            created_at: t.created_at,
+            ended_at: t.ended_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub id: Uuid,
+    /// e.g. `VmPowerOn`, `PlanFailover`.
+    #[schema(value_type = String)]
+    pub kind: d::SessionKind,
+    pub name: String,
+    /// `vm`, `plan` or `replication_job`.
+    pub target_kind: String,
+    pub target_id: Uuid,
+    /// `Starting`, `Working`, `Stopping` or `Stopped`.
+    #[schema(value_type = String)]
+    pub state: d::SessionState,
+    /// `None` while running, then `Success`, `Warning` or `Failed`.
+    #[schema(value_type = String)]
+    pub result: d::SessionResult,
+    pub progress: u8,
+    /// Halted and waiting for continue or undo.
+    pub halted: bool,
+    pub failure_message: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Present on `GET /v1/sessions/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskView>>,
+}
+
+impl From<d::Session> for SessionView {
+    fn from(s: d::Session) -> Self {
+        let (target_kind, target_id) = match s.target {
+            d::SessionTarget::Vm(v) => ("vm", v.0),
+            d::SessionTarget::Plan(p) => ("plan", p.0),
+            d::SessionTarget::ReplicationJob(j) => ("replication_job", j.0),
+        };
+        SessionView {
+            id: s.id.0,
+            kind: s.kind,
+            name: s.name,
+            target_kind: target_kind.into(),
+            target_id,
+            state: s.state,
+            result: s.result,
+            progress: s.progress,
+            halted: s.halted,
+            failure_message: s.failure_message,
+            created_at: s.created_at,
+            ended_at: s.ended_at,
+            tasks: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LogEntryView {
+    pub seq: i64,
+    pub task_id: Option<Uuid>,
+    pub at: chrono::DateTime<chrono::Utc>,
+    #[schema(value_type = String)]
+    pub level: d::LogLevel,
+    pub message: String,
+}
+
+impl From<d::LogEntry> for LogEntryView {
+    fn from(e: d::LogEntry) -> Self {
+        LogEntryView { seq: e.seq, task_id: e.task_id.map(|t| t.0), at: e.at, level: e.level, message: e.message }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SessionQuery {
+    /// Session kind, e.g. `VmPowerOn`.
+    pub kind: Option<String>,
+    /// `Starting`, `Working`, `Stopping` or `Stopped`.
+    pub state: Option<String>,
+    /// `None`, `Success`, `Warning` or `Failed`.
+    pub result: Option<String>,
+    /// Only sessions of this VM, plan or job.
+    pub target_id: Option<Uuid>,
+    /// Only sessions created at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// `newest` (default) or `oldest` first.
+    pub order: Option<String>,
+    #[serde(default)]
+    pub offset: u64,
+    /// 1-1000, default 100.
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// Entries after this sequence number (default 0: from the start).
+    #[serde(default)]
+    pub after: i64,
+    /// 1-10000, default 1000.
+    pub limit: Option<u64>,
+}
