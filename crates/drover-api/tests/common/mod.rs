@@ -138,3 +138,21 @@ pub fn fast_config() -> EngineConfig {
         monitor_interval: Duration::from_millis(200),
     }
 }
+
+/// The tiny guest built by `scripts/build-guest`. Fails (never skips) when it is missing.
+pub fn tiny_guest() -> drover_hv::qemu::TinyGuest {
+    let dir = std::env::var_os("DROVER_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
+    drover_hv::qemu::TinyGuest::load(&dir)
+        .unwrap_or_else(|e| panic!("the tiny guest is missing ({e}): run scripts/build-guest first"))
+}
+
+/// A server whose VMs are real QEMU processes (TCG).
+pub async fn with_qemu() -> (Server, Arc<drover_hv::qemu::QemuDriver>) {
+    // Keep the runtime directory short: unix socket paths are limited to 107 bytes.
+    let run = tempfile::Builder::new().prefix("drv").tempdir_in("/tmp").unwrap().keep();
+    let driver = Arc::new(drover_hv::qemu::QemuDriver::new(drover_hv::qemu::QemuConfig::new(run)));
+    let config = EngineConfig { heartbeat_timeout: Duration::from_secs(90), shutdown_timeout: Duration::from_secs(30), monitor_interval: Duration::from_millis(500) };
+    (Server::start(driver.clone(), config).await, driver)
+}
