@@ -52,7 +52,8 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, axum::Json(ErrorBody { error: code, message: self.0.to_string() })).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
         resp
     }

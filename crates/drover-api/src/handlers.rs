@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use drover_engine::app::{NewDatastore, NewHost, NewRecoveryLocation, NewReplicationJob, NewUser, PowerAction, VmPatch};
+use drover_engine::app::{
+    NewDatastore, NewHost, NewRecoveryLocation, NewReplicationJob, NewUser, PowerAction, VmPatch,
+};
 use drover_engine::saga::ContinueOption;
 use drover_types::SessionFilter;
 use drover_types::{self as d, Error};
@@ -47,7 +49,8 @@ pub async fn token(State(st): State<ApiState>, req: axum::extract::Request) -> A
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let body: TokenRequest = if is_json {
-        let axum::Json(b) = axum::Json::<TokenRequest>::from_request(req, &()).await.map_err(crate::error::ApiError::from)?;
+        let axum::Json(b) =
+            axum::Json::<TokenRequest>::from_request(req, &()).await.map_err(crate::error::ApiError::from)?;
         b
     } else {
         let axum::Form(b) = axum::Form::<TokenRequest>::from_request(req, &())
@@ -69,10 +72,9 @@ pub async fn token(State(st): State<ApiState>, req: axum::extract::Request) -> A
             st.app.refresh(r).await?
         }
         other => {
-            return Err(Error::invalid(format!(
-                "unsupported grant_type {other:?}: use password or refresh_token"
-            ))
-            .into());
+            return Err(
+                Error::invalid(format!("unsupported grant_type {other:?}: use password or refresh_token")).into()
+            );
         }
     };
     Ok(Json(pair.into()))
@@ -91,7 +93,11 @@ pub async fn tenants_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResul
 
 #[utoipa::path(post, path = "/v1/tenants", tag = "admin", security(("bearer" = [])), request_body = CreateTenant,
     responses((status = 201, body = TenantView), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn tenants_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateTenant>) -> ApiResult<Response> {
+pub async fn tenants_create(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Json(b): Json<CreateTenant>,
+) -> ApiResult<Response> {
     Ok(created(TenantView::from(st.app.tenant_create(&c, &b.name).await?)))
 }
 
@@ -190,13 +196,21 @@ pub async fn datastores_create(
 
 #[utoipa::path(get, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])),
     responses((status = 200, body = DatastoreView), (status = 404, body = ErrorBody)))]
-pub async fn datastores_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<DatastoreView>> {
+pub async fn datastores_get(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<DatastoreView>> {
     Ok(Json(st.app.get::<d::Datastore>(&c, id).await?.into()))
 }
 
 #[utoipa::path(delete, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn datastores_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+pub async fn datastores_delete(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<StatusCode> {
     st.app.delete::<d::Datastore>(&c, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -306,7 +320,11 @@ pub async fn jobs_create(
 
 #[utoipa::path(get, path = "/v1/replication-jobs/{id}", tag = "replication", security(("bearer" = [])),
     responses((status = 200, body = ReplicationJobView), (status = 404, body = ErrorBody)))]
-pub async fn jobs_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<ReplicationJobView>> {
+pub async fn jobs_get(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<ReplicationJobView>> {
     Ok(Json(st.app.get::<d::ReplicationJob>(&c, id).await?.into()))
 }
 
@@ -363,7 +381,11 @@ pub async fn locations_get(
 
 #[utoipa::path(delete, path = "/v1/recovery-locations/{id}", tag = "plans", security(("bearer" = [])),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn locations_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+pub async fn locations_delete(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<StatusCode> {
     st.app.recovery_location_delete(&c, id.into()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -483,7 +505,11 @@ pub async fn sessions_list(
 
 #[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions", security(("bearer" = [])),
     responses((status = 200, body = SessionView), (status = 404, body = ErrorBody)))]
-pub async fn sessions_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<SessionView>> {
+pub async fn sessions_get(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<SessionView>> {
     let (s, tasks) = st.app.session_get(&c, id.into()).await?;
     let mut v = SessionView::from(s);
     v.tasks = Some(tasks.into_iter().map(TaskView::from).collect());

@@ -80,7 +80,10 @@ impl utoipa::Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -129,10 +132,13 @@ pub fn router(app: App) -> Router {
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {
-            (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(error::ErrorBody {
-                error: "method_not_allowed",
-                message: "this path does not take that method".into(),
-            }))
+            (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                axum::Json(error::ErrorBody {
+                    error: "method_not_allowed",
+                    message: "this path does not take that method".into(),
+                }),
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
         .with_state(ApiState { app })

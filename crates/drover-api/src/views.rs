@@ -439,9 +439,19 @@ impl From<d::RecoveryLocation> for RecoveryLocationView {
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum StepKindBody {
     PowerOn,
-    WaitHeartbeat { timeout_secs: u32 },
-    CheckTcpPort { port: u16, timeout_secs: u32 },
-    RunScript { path: String, #[serde(default)] args: Vec<String>, timeout_secs: u32 },
+    WaitHeartbeat {
+        timeout_secs: u32,
+    },
+    CheckTcpPort {
+        port: u16,
+        timeout_secs: u32,
+    },
+    RunScript {
+        path: String,
+        #[serde(default)]
+        args: Vec<String>,
+        timeout_secs: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -516,7 +526,11 @@ fn group_from_body(g: PlanGroupBody) -> d::PlanGroup {
     d::PlanGroup {
         id: g.id.map(Into::into).unwrap_or_default(),
         name: g.name,
-        mode: if g.max_parallel <= 1 { d::GroupMode::Sequential } else { d::GroupMode::Parallel { max: g.max_parallel } },
+        mode: if g.max_parallel <= 1 {
+            d::GroupMode::Sequential
+        } else {
+            d::GroupMode::Parallel { max: g.max_parallel }
+        },
         delay_secs: g.delay_secs,
         critical: g.critical,
         restore_tags: g.restore_tags,
@@ -536,7 +550,12 @@ fn group_from_body(g: PlanGroupBody) -> d::PlanGroup {
 
 fn default_steps() -> Vec<d::PlanStep> {
     vec![
-        d::PlanStep { id: d::PlanStepId::new(), name: "Power on".into(), kind: d::PlanStepKind::PowerOn, critical: true },
+        d::PlanStep {
+            id: d::PlanStepId::new(),
+            name: "Power on".into(),
+            kind: d::PlanStepKind::PowerOn,
+            critical: true,
+        },
         d::PlanStep {
             id: d::PlanStepId::new(),
             name: "Wait for heartbeat".into(),

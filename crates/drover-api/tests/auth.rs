@@ -108,7 +108,12 @@ async fn tokens_refresh_once_and_bad_logins_are_refused() {
     assert!(pair["expires_in"].as_i64().unwrap() > 800 && pair["expires_in"].as_i64().unwrap() <= 900);
     // DOMAIN\user is accepted, JSON bodies too.
     let (status, _) = server
-        .call(None, Method::POST, "/v1/token", Some(json!({"grant_type": "password", "username": "CORP\\admin", "password": ADMIN_PASSWORD})))
+        .call(
+            None,
+            Method::POST,
+            "/v1/token",
+            Some(json!({"grant_type": "password", "username": "CORP\\admin", "password": ADMIN_PASSWORD})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
 
@@ -149,7 +154,9 @@ async fn roles_are_enforced_and_tenants_are_isolated() {
     let vm = server.vm(&admin, &host, &ds, "app", json!({})).await;
 
     for (name, role) in [("viewer", "Viewer"), ("operator", "PlanOperator"), ("author", "PlanAuthor")] {
-        server.ok(&admin, Method::POST, "/v1/users", Some(json!({"name": name, "password": "password1", "role": role}))).await;
+        server
+            .ok(&admin, Method::POST, "/v1/users", Some(json!({"name": name, "password": "password1", "role": role})))
+            .await;
     }
     let viewer = server.token("viewer", "password1").await;
     let operator = server.token("operator", "password1").await;
@@ -174,7 +181,9 @@ async fn roles_are_enforced_and_tenants_are_isolated() {
     let (status, _) = server.call(Some(&operator), Method::POST, format!("/v1/vms/{vm}/power-on").as_str(), None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     // Authors edit the inventory but do not manage users.
-    let (status, _) = server.call(Some(&author), Method::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"}))).await;
+    let (status, _) = server
+        .call(Some(&author), Method::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"})))
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, _) = server.call(Some(&author), Method::GET, "/v1/users", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);

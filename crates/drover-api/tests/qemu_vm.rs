@@ -31,7 +31,8 @@ async fn follow(server: &Server, token: &str, session: &str) -> (Vec<u64>, Vec<S
         buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            let kind = event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim).unwrap_or_default().to_string();
+            let kind =
+                event.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim).unwrap_or_default().to_string();
             let data: String = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
             if data.is_empty() {
                 continue;
@@ -122,11 +123,13 @@ async fn a_real_vm_is_created_powered_on_and_shut_down_over_http() {
     assert_finished(&s, "VmShutdown");
     assert_eq!(driver.status(vm_id).await.unwrap(), drover_hv::PowerState::Off);
     assert!(process_gone(pid).await, "QEMU process {pid} still running after the shutdown");
-    let (_, log) = server.call(Some(&t), Method::GET, &format!("/v1/sessions/{}/log", s["id"].as_str().unwrap()), None).await;
+    let (_, log) =
+        server.call(Some(&t), Method::GET, &format!("/v1/sessions/{}/log", s["id"].as_str().unwrap()), None).await;
     assert!(log["items"].as_array().unwrap().iter().any(|e| e["message"] == "shutdown: Graceful"), "{log}");
 
     // Every session of the VM, checked.
-    let (_, sessions) = server.call(Some(&t), Method::GET, &format!("/v1/sessions?target_id={vm}&order=oldest"), None).await;
+    let (_, sessions) =
+        server.call(Some(&t), Method::GET, &format!("/v1/sessions?target_id={vm}&order=oldest"), None).await;
     let kinds: Vec<&str> = sessions["items"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["VmCreate", "VmPowerOn", "VmShutdown"]);
     for item in sessions["items"].as_array().unwrap() {
@@ -134,11 +137,18 @@ async fn a_real_vm_is_created_powered_on_and_shut_down_over_http() {
         let s = server.ok(&t, Method::GET, &format!("/v1/sessions/{id}"), None).await;
         assert_finished(&s, item["kind"].as_str().unwrap());
         let (_, log) = server.call(Some(&t), Method::GET, &format!("/v1/sessions/{id}/log"), None).await;
-        let messages: Vec<&str> = log["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+        let messages: Vec<&str> =
+            log["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
         assert!(messages.first().unwrap().ends_with("started"), "{messages:?}");
         assert!(messages.last().unwrap().ends_with("finished: Success"), "{messages:?}");
     }
-    let steps = server.app.engine().store().steps_of(sessions["items"][1]["id"].as_str().unwrap().parse().unwrap()).await.unwrap();
+    let steps = server
+        .app
+        .engine()
+        .store()
+        .steps_of(sessions["items"][1]["id"].as_str().unwrap().parse().unwrap())
+        .await
+        .unwrap();
     let names: Vec<_> = steps.iter().map(|s| (s.name.as_str(), s.state)).collect();
     use drover_types::StepState::Done;
     assert_eq!(names, [("begin", Done), ("power_on", Done), ("wait_heartbeat", Done), ("mark_state", Done)]);

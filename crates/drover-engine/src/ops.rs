@@ -6,11 +6,15 @@
 //! | power on  | `begin_start` (undo: back to Off) → `power_on` (undo: power off) → `wait_heartbeat` → `mark_running` |
 //! | shutdown  | `begin_stop` (undo: state from the hypervisor) → `shutdown_guest` → `mark_off` |
 //! | power off | `begin_stop` → `power_off` → `mark_off` |
-//! | delete    | `power_off` → `remove_record` → `forget_runtime` → `delete_disks` |
+//! | delete    | `power_off` → `check_unreferenced` → `forget_runtime` → `delete_disks` → `remove_record` |
 //!
 //! The API layer moves the VM's power state to `Starting`/`Stopping` before it submits the
 //! session, so a second request is refused at once (409); the first step of each saga checks that
 //! state and its undo puts the VM back as it really is.
+//!
+//! Deleting is not undone. Its record goes last, so a delete that fails half-way leaves a VM
+//! record (marked not provisioned once its disks are going) that a second delete finishes;
+//! nothing is ever left on disk without a record that points at it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,9 +95,10 @@ fn vm_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
         ],
         SessionKind::VmDelete => vec![
             step(3, Box::new(Stop { p: p.clone(), graceful: false })),
-            step(1, Box::new(RemoveRecord(p.clone()))),
+            step(1, Box::new(CheckUnreferenced(p.clone()))),
             step(1, Box::new(ForgetRuntime(p.clone()))),
-            step(3, Box::new(DeleteDisks(p))),
+            step(3, Box::new(DeleteDisks(p.clone()))),
+            step(1, Box::new(RemoveRecord(p))),
         ],
         other => return Err(Error::internal(format!("{} is not a VM operation", other.as_str()))),
     };
@@ -385,6 +390,22 @@ impl Step for Stop {
     }
 }
 
+struct CheckUnreferenced(VmOpParams);
+
+#[async_trait]
+impl Step for CheckUnreferenced {
+    fn name(&self) -> String {
+        "check_unreferenced".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        ctx.engine.store().object_check_unreferenced::<Vm>(self.0.tenant_id, self.0.vm_id.0).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
 struct RemoveRecord(VmOpParams);
 
 #[async_trait]
@@ -427,6 +448,16 @@ impl Step for DeleteDisks {
         "delete_disks".into()
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        // First say the disks are going, so the record never claims disks that are gone.
+        match vm_set_state(ctx, &self.0, |vm| {
+            vm.provisioned = false;
+            Ok(())
+        })
+        .await
+        {
+            Ok(_) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
         remove_dir(&self.0.disk_dir).await?;
         ctx.log(LogLevel::Info, format!("removed {}", self.0.disk_dir.display())).await;
         Ok(Value::Null)

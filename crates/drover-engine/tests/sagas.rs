@@ -451,3 +451,89 @@ async fn a_halted_session_stays_halted_across_a_restart() {
     // Only the failed step and the one after it ran in the new engine.
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+const DELETE_STEPS: [&str; 5] = ["power_off", "check_unreferenced", "forget_runtime", "delete_disks", "remove_record"];
+
+#[tokio::test]
+async fn a_failure_at_any_delete_step_fails_clearly_and_a_retry_finishes() {
+    let env = env().await;
+    for step in DELETE_STEPS {
+        let vm = env.provisioned_vm(&format!("del-{step}")).await;
+        env.app.engine().hooks().fail(step, 1);
+        let s = env.app.vm_delete(&env.caller, vm.id).await.unwrap();
+        let done = env.wait(s).await;
+        assert_eq!(done.result, SessionResult::Failed, "failure in {step}");
+        assert_consistent(&env, &done).await;
+        // Deleting is not undone, but the record goes last: it is still there, and a second
+        // delete finishes the job and leaves no disk behind.
+        let left = env.vm(vm.id).await.expect("the record outlives a failed delete");
+        let dir = env.ds_path.join(vm.id.to_string());
+        assert!(left.provisioned || dir.exists() || step == "remove_record", "{step}");
+        env.app.engine().hooks().fail("none", 1);
+        let s = env.app.vm_delete(&env.caller, vm.id).await.unwrap();
+        assert_eq!(env.wait(s).await.result, SessionResult::Success, "retry after {step}");
+        assert!(env.vm(vm.id).await.is_none());
+        assert!(!dir.exists(), "{step}: disks left behind");
+    }
+}
+
+async fn plan_with(env: &Env, vms: &[VmId]) -> Plan {
+    let groups = vec![PlanGroup {
+        id: PlanGroupId::new(),
+        name: "g".into(),
+        mode: GroupMode::Sequential,
+        delay_secs: 0,
+        critical: true,
+        restore_tags: false,
+        vms: vms.iter().map(|v| PlanVm { vm_id: *v, steps: vec![] }).collect(),
+    }];
+    env.app
+        .plan_create(
+            &env.caller,
+            drover_engine::app::PlanInput {
+                name: format!("plan-{}", uuid::Uuid::new_v4()),
+                description: String::new(),
+                recovery_location_id: RecoveryLocationId::ORIGINAL,
+                groups,
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn readiness(env: &Env, plan: &Plan) -> (Session, Plan) {
+    env.app.plan_action(&env.caller, plan.id, PlanAction::ReadinessCheck, None).await.unwrap();
+    let (sessions, _) = env
+        .app
+        .session_list(&env.caller, &SessionFilter { target_id: Some(plan.id.0), limit: 1, ..Default::default() })
+        .await
+        .unwrap();
+    let s = env.wait(sessions[0].id).await;
+    let p = env.app.get::<Plan>(&env.caller, plan.id.0).await.unwrap();
+    (s, p)
+}
+
+#[tokio::test]
+async fn the_readiness_check_saga_twice_and_with_failures() {
+    let env = env().await;
+    let a = env.provisioned_vm("a").await;
+    let b = env.provisioned_vm("b").await;
+    let plan = plan_with(&env, &[a.id, b.id]).await;
+
+    env.app.engine().hooks().run_each_step_twice.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, p) = readiness(&env, &plan).await;
+    assert_eq!(s.result, SessionResult::Success);
+    assert_consistent(&env, &s).await;
+    // No replicas exist yet: the check passes as a session and finds the plan not verified.
+    assert_eq!(p.lifecycle.state, PlanState::NotVerified);
+    env.app.engine().hooks().run_each_step_twice.store(false, std::sync::atomic::Ordering::Relaxed);
+
+    for step in ["begin", "check_vm:0", "check_vm:1", "conclude"] {
+        env.app.engine().hooks().fail(step, 1);
+        let (s, p) = readiness(&env, &plan).await;
+        assert_eq!(s.result, SessionResult::Failed, "failure in {step}");
+        assert_consistent(&env, &s).await;
+        // Never left busy: a failed check lands in NotVerified.
+        assert_eq!(p.lifecycle.state, PlanState::NotVerified, "after failing {step}");
+    }
+}

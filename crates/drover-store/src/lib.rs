@@ -17,8 +17,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionTarget,
-    StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
+    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionTarget, StepRecord, StepState, Task,
+    TaskId, Tenant, TenantId, Timestamp, User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -552,6 +552,16 @@ impl Store {
         Err(Error::Unavailable(format!("{} {id} is being changed by others; try again", T::LABEL)))
     }
 
+    /// `Conflict` when other objects still refer to this one (what a delete would refuse).
+    pub async fn object_check_unreferenced<T: Entity>(&self, tenant: TenantId, id: Uuid) -> Result<()> {
+        self.object_get::<T>(tenant, id).await?;
+        // Read-only: a deferred transaction is enough.
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        refuse_if_referenced::<T>(&mut tx, id).await?;
+        tx.rollback().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
     /// Deletes an object nothing refers to.
     pub async fn object_delete<T: Entity>(&self, tenant: TenantId, id: Uuid) -> Result<()> {
         let mut tx = self.write_tx().await.map_err(StoreError::from)?;
@@ -565,32 +575,7 @@ impl Store {
         if exists.is_none() {
             return Err(Error::not_found(T::LABEL, id));
         }
-        let users = sqlx::query(
-            "SELECT r.from_kind, i.name FROM inventory_refs r JOIN inventory i ON i.kind = r.from_kind AND i.id = r.from_id
-             WHERE r.to_kind = $1 AND r.to_id = $2 ORDER BY i.name",
-        )
-        .bind(T::KIND)
-        .bind(id.to_string())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
-        if !users.is_empty() {
-            let names: Vec<String> = users
-                .iter()
-                .take(5)
-                .map(|r| {
-                    let kind: String = r.get("from_kind");
-                    let name: String = r.get("name");
-                    format!("{} {name:?}", entity::label_of(&kind))
-                })
-                .collect();
-            return Err(Error::conflict(format!(
-                "{} {id} is still used by {}{}",
-                T::LABEL,
-                names.join(", "),
-                if users.len() > 5 { " and others" } else { "" }
-            )));
-        }
+        refuse_if_referenced::<T>(&mut tx, id).await?;
         sqlx::query("DELETE FROM inventory WHERE kind = $1 AND id = $2")
             .bind(T::KIND)
             .bind(id.to_string())
@@ -945,6 +930,37 @@ fn unique_as(e: sqlx::Error, message: String) -> StoreError {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Domain(Error::AlreadyExists(message)),
         _ => StoreError::Database(e),
     }
+}
+
+/// `Conflict` naming the objects that still refer to `id`.
+async fn refuse_if_referenced<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, id: Uuid) -> Result<()> {
+    let users = sqlx::query(
+        "SELECT r.from_kind, i.name FROM inventory_refs r JOIN inventory i ON i.kind = r.from_kind AND i.id = r.from_id
+             WHERE r.to_kind = $1 AND r.to_id = $2 ORDER BY i.name",
+    )
+    .bind(T::KIND)
+    .bind(id.to_string())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(StoreError::from)?;
+    if !users.is_empty() {
+        let names: Vec<String> = users
+            .iter()
+            .take(5)
+            .map(|r| {
+                let kind: String = r.get("from_kind");
+                let name: String = r.get("name");
+                format!("{} {name:?}", entity::label_of(&kind))
+            })
+            .collect();
+        return Err(Error::conflict(format!(
+            "{} {id} is still used by {}{}",
+            T::LABEL,
+            names.join(", "),
+            if users.len() > 5 { " and others" } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 async fn check_refs<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, obj: &T) -> Result<()> {

@@ -30,9 +30,10 @@ impl Server {
         let app = App::new(engine.clone());
         app.bootstrap(Some(ADMIN_PASSWORD.into())).await.unwrap();
         engine.start().await.unwrap();
-        let listener = drover_api::listen(drover_api::router(app.clone()), "127.0.0.1:0".parse().unwrap(), drover_api::Tls::Plain)
-            .await
-            .unwrap();
+        let listener =
+            drover_api::listen(drover_api::router(app.clone()), "127.0.0.1:0".parse().unwrap(), drover_api::Tls::Plain)
+                .await
+                .unwrap();
         let base = listener.url();
         Server { dir, app, base, http: reqwest::Client::new(), listener: Some(listener) }
     }
@@ -65,7 +66,13 @@ impl Server {
     }
 
     /// Sends a request and returns the status and the JSON body (Null when empty).
-    pub async fn call(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -76,7 +83,11 @@ impl Server {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let bytes = resp.bytes().await.unwrap();
-        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())) };
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
         (status, value)
     }
 
@@ -103,11 +114,21 @@ impl Server {
     pub async fn infrastructure(&self, token: &str) -> (String, String) {
         let site = self.ok(token, Method::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
         let host = self
-            .ok(token, Method::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h1", "address": "local"})))
+            .ok(
+                token,
+                Method::POST,
+                "/v1/hosts",
+                Some(json!({"site_id": site["id"], "name": "h1", "address": "local"})),
+            )
             .await;
         let path = self.dir.path().join("ds1");
         let ds = self
-            .ok(token, Method::POST, "/v1/datastores", Some(json!({"host_id": host["id"], "name": "ds1", "path": path})))
+            .ok(
+                token,
+                Method::POST,
+                "/v1/datastores",
+                Some(json!({"host_id": host["id"], "name": "ds1", "path": path})),
+            )
             .await;
         (host["id"].as_str().unwrap().into(), ds["id"].as_str().unwrap().into())
     }
@@ -153,6 +174,10 @@ pub async fn with_qemu() -> (Server, Arc<drover_hv::qemu::QemuDriver>) {
     // Keep the runtime directory short: unix socket paths are limited to 107 bytes.
     let run = tempfile::Builder::new().prefix("drv").tempdir_in("/tmp").unwrap().keep();
     let driver = Arc::new(drover_hv::qemu::QemuDriver::new(drover_hv::qemu::QemuConfig::new(run)));
-    let config = EngineConfig { heartbeat_timeout: Duration::from_secs(90), shutdown_timeout: Duration::from_secs(30), monitor_interval: Duration::from_millis(500) };
+    let config = EngineConfig {
+        heartbeat_timeout: Duration::from_secs(90),
+        shutdown_timeout: Duration::from_secs(30),
+        monitor_interval: Duration::from_millis(500),
+    };
     (Server::start(driver.clone(), config).await, driver)
 }

@@ -1,0 +1,222 @@
+//! `drover serve` killed with SIGKILL in the middle of multi-step operations on a real QEMU VM,
+//! restarted on the same data directory: the sessions resume, their records are consistent, and
+//! the VM's QEMU process, which outlived drover, is re-attached rather than restarted.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "kill-test-password";
+
+struct Serve {
+    child: Child,
+    base: String,
+}
+
+impl Serve {
+    fn start(data: &Path) -> Serve {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--heartbeat-timeout-secs", "120"])
+            .arg("--data-dir")
+            .arg(data)
+            .env("DROVER_ADMIN_PASSWORD", PASSWORD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start drover serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_string();
+        Serve { child, base }
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills every QEMU process started under `data` (they outlive drover by design).
+struct QemuReaper(PathBuf);
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for pid in qemu_pids(&self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn qemu_pids(data: &Path) -> Vec<u32> {
+    let needle = data.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("qemu-system") && String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    async fn login(base: &str) -> Api {
+        let http = reqwest::Client::new();
+        let v: Value = http
+            .post(format!("{base}/v1/token"))
+            .form(&[("grant_type", "password"), ("username", "admin"), ("password", PASSWORD)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Api { http, base: base.into(), token: v["access_token"].as_str().unwrap().into() }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{method} {path}: {status} {v}");
+        v
+    }
+
+    async fn wait(&self, session: &str) -> Value {
+        for _ in 0..1200 {
+            let s = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}"), None).await;
+            if s["state"] == "Stopped" {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("session {session} did not finish");
+    }
+
+    async fn log(&self, session: &str) -> Vec<String> {
+        let v = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}/log"), None).await;
+        v["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
+    }
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("DROVER_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"))
+}
+
+#[tokio::test]
+async fn sigkill_mid_operation_then_restart_resumes_every_session() {
+    let guest = guest_dir();
+    assert!(guest.join("guest.json").is_file(), "the tiny guest is missing: run scripts/build-guest first");
+    // Short path: QEMU's unix sockets live under it.
+    let data = tempfile::Builder::new().prefix("drk").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(data.path().to_path_buf());
+    let mut serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    use reqwest::Method as M;
+    let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
+    let host = api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
+    let ds = api
+        .call(M::POST, "/v1/datastores", Some(json!({"host_id": host["id"], "name": "ds", "path": data.path().join("ds")})))
+        .await;
+    let vm_body = json!({
+        "name": "tiny", "host_id": host["id"], "datastore_id": ds["id"], "vcpus": 1, "memory_mib": 128,
+        "disks": [{"name": "data", "size_bytes": 33554432}],
+        "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
+    });
+    let created = api.call(M::POST, "/v1/vms", Some(vm_body)).await;
+    let s = api.wait(created["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success");
+    let vm = s["target_id"].as_str().unwrap().to_string();
+
+    // 1. Power on; kill drover once QEMU is up and the heartbeat wait has begun.
+    let accepted = api.call(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    let session = accepted["session_id"].as_str().unwrap().to_string();
+    for _ in 0..600 {
+        if api.log(&session).await.iter().any(|l| l.contains("powered on")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serve.kill();
+    let pids = qemu_pids(data.path());
+    assert_eq!(pids.len(), 1, "the VM's QEMU process outlives drover");
+
+    let mut serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let s = api.wait(&session).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    assert_eq!(s["progress"], 100);
+    assert!(s["tasks"].as_array().unwrap().iter().all(|t| t["state"] == "Stopped" && t["result"] == "Success"));
+    let log = api.log(&session).await;
+    assert!(log.iter().any(|l| l.contains("resumed after a restart")), "{log:?}");
+    assert!(log.iter().any(|l| l.starts_with("heartbeat: guest up")), "{log:?}");
+    assert_eq!(qemu_pids(data.path()), pids, "re-attached to the same QEMU, not a new one");
+    let v = api.call(M::GET, &format!("/v1/vms/{vm}"), None).await;
+    assert_eq!(v["power_state"], "Running");
+
+    // 2. Shutdown, killed right after it was accepted: it resumes and the VM ends Off.
+    let accepted = api.call(M::POST, &format!("/v1/vms/{vm}/shutdown"), None).await;
+    let session = accepted["session_id"].as_str().unwrap().to_string();
+    serve.kill();
+    let mut serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let s = api.wait(&session).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    let v = api.call(M::GET, &format!("/v1/vms/{vm}"), None).await;
+    assert_eq!(v["power_state"], "Off");
+    for _ in 0..50 {
+        if qemu_pids(data.path()).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(qemu_pids(data.path()).is_empty());
+
+    // 3. A VM that died while drover was down is recorded as Died on the next start.
+    let accepted = api.call(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    assert_eq!(api.wait(accepted["session_id"].as_str().unwrap()).await["result"], "Success");
+    serve.kill();
+    for pid in qemu_pids(data.path()) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let v = api.call(M::GET, &format!("/v1/vms/{vm}"), None).await;
+    assert_eq!(v["power_state"], "Died");
+
+    // Every session is finished, none half-done.
+    let all = api.call(M::GET, "/v1/sessions?limit=100", None).await;
+    for s in all["items"].as_array().unwrap() {
+        assert_eq!(s["state"], "Stopped", "{s}");
+        assert_eq!(s["result"], "Success", "{s}");
+    }
+    drop(serve);
+}
