@@ -254,7 +254,7 @@ pub async fn vms_patch(
     Ok(Json(st.app.vm_update(&c, id.into(), patch).await?.into()))
 }
 
-/// Powers the VM off if needed, removes it and deletes its disks.
+/// Deletes a VM that is off: its disks, its runtime files, then its record. A running VM is a 409.
 #[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])),
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn vms_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod client;
+mod lab;
 mod serve;
 
 #[derive(Debug, Parser)]
@@ -19,6 +20,9 @@ struct Cli {
 enum Command {
     /// Run the control plane (API, store, session engine) with its local agent.
     Serve(serve::ServeArgs),
+    /// The embedded default on one machine: serve, plus a production and a DR site and small
+    /// real VMs running the tiny guest.
+    Lab(lab::LabArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -26,9 +30,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| "warn,drover=info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Lab(args) => lab::run(args).await,
             Command::Client(cmd) => client::run(cmd, &cli.global).await,
         }
     });

@@ -94,7 +94,9 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
                 config.kvm_probe_guest = drover_hv::qemu::TinyGuest::load(dir).ok().map(|g| g.boot_spec());
             }
             if which("qemu-system-x86_64").is_none() {
-                bail!("qemu-system-x86_64 is not installed: run scripts/install-deps (or use --hypervisor simulated for a demo without VMs)");
+                bail!(
+                    "qemu-system-x86_64 is not installed: run scripts/install-deps (or use --hypervisor simulated for a demo without VMs)"
+                );
             }
             Arc::new(QemuDriver::new(config))
         }
@@ -130,7 +132,11 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = start(&args).await?;
     let kind = server.app.engine().hv().kind();
-    println!("drover serving on {} (hypervisor: {kind}, store: sqlite at {})", server.listener.url(), args.data_dir.join("drover.db").display());
+    println!(
+        "drover serving on {} (hypervisor: {kind}, store: sqlite at {})",
+        server.listener.url(),
+        args.data_dir.join("drover.db").display()
+    );
     if let Some(p) = &server.generated_admin_password {
         println!("admin password (shown once; set DROVER_ADMIN_PASSWORD to choose it): {p}");
     }

@@ -69,7 +69,9 @@ fn qemu_pids(data: &Path) -> Vec<u32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("qemu-system") && String::from_utf8_lossy(&c).contains(&needle))
+                .map(|c| {
+                    String::from_utf8_lossy(&c).contains("qemu-system") && String::from_utf8_lossy(&c).contains(&needle)
+                })
                 .unwrap_or(false)
         })
         .collect()
@@ -142,9 +144,14 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
     let api = Api::login(&serve.base).await;
     use reqwest::Method as M;
     let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
-    let host = api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
+    let host =
+        api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
     let ds = api
-        .call(M::POST, "/v1/datastores", Some(json!({"host_id": host["id"], "name": "ds", "path": data.path().join("ds")})))
+        .call(
+            M::POST,
+            "/v1/datastores",
+            Some(json!({"host_id": host["id"], "name": "ds", "path": data.path().join("ds")})),
+        )
         .await;
     let vm_body = json!({
         "name": "tiny", "host_id": host["id"], "datastore_id": ds["id"], "vcpus": 1, "memory_mib": 128,

@@ -1,0 +1,198 @@
+//! `drover lab`: the embedded default on one machine. Starts the control plane on SQLite with its
+//! local agent, lays out a production and a DR site with a datastore each, creates two small real
+//! VMs running the tiny guest, powers them on (waiting for their heartbeats), and serves the API.
+//!
+//! It is idempotent: run it again on the same data directory and it reuses what is there, powering
+//! on the lab VMs that are off.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use drover_engine::app::{App, Caller, NewDatastore, NewHost, NewVm, PowerAction};
+use drover_types::{
+    Datastore, Host, Plan, RecoveryLocationId, Session, SessionResult, Site, SiteKind, Vm, VmPowerState,
+};
+
+use crate::serve::{self, ServeArgs};
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Lab VMs to create.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub vms: u32,
+    /// Start, report, and stop instead of serving (for scripts and CI).
+    #[arg(long)]
+    pub exit: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+const LAB_PASSWORD_ENV: &str = "DROVER_ADMIN_PASSWORD";
+
+pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
+    // The tiny guest built by scripts/build-guest (`--guest-dir`, default guest/out).
+    let dir = args.serve.guest_dir.clone().unwrap_or_else(|| PathBuf::from("guest/out"));
+    let dir = std::fs::canonicalize(&dir)
+        .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
+    let guest = drover_hv::qemu::TinyGuest::load(&dir)
+        .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
+    args.serve.guest_dir = Some(dir);
+    if args.serve.data_dir == serve::default_data_dir() {
+        args.serve.data_dir = args.serve.data_dir.with_file_name("drover-lab");
+    }
+    let started = Instant::now();
+    let server = serve::start(&args.serve).await?;
+    let app = server.app.clone();
+    let admin = admin_caller(&app).await?;
+    let (prod_ds, dr_ds) = layout(&app, &admin, &args.serve.data_dir).await?;
+
+    let mut vms = Vec::new();
+    for i in 1..=args.vms {
+        let name = format!("lab-vm{i}");
+        let vm = match app.list::<Vm>(&admin).await?.into_iter().find(|v| v.name == name) {
+            Some(vm) => vm,
+            None => {
+                let new = NewVm {
+                    name: name.clone(),
+                    host_id: prod_ds.host_id,
+                    datastore_id: prod_ds.id,
+                    vcpus: 1,
+                    memory_mib: 128,
+                    disks: vec![drover_types::VmDisk { name: "data".into(), size_bytes: 256 << 20, import_from: None }],
+                    nics: vec![("lan".into(), None)],
+                    tags: vec!["lab:web".parse()?],
+                    boot: drover_types::VmBoot {
+                        kernel: Some(guest.vmlinux.to_string_lossy().into()),
+                        initrd: Some(guest.initramfs.to_string_lossy().into()),
+                        cmdline: Some(guest.cmdline.clone()),
+                    },
+                };
+                let (vm, session) = app.vm_create(&admin, new).await?;
+                expect_success(&app, session, "create", &name).await?;
+                vm
+            }
+        };
+        vms.push(vm);
+    }
+    for vm in &vms {
+        let vm = app.get::<Vm>(&admin, vm.id.0).await?;
+        if matches!(vm.power_state, VmPowerState::Off | VmPowerState::Died) {
+            let s = app.vm_power(&admin, vm.id, PowerAction::PowerOn).await?;
+            expect_success(&app, s, "power on", &vm.name).await?;
+        }
+    }
+    // A plan over the lab VMs, ready for the replication issue to fail over and back.
+    if !app.list::<Plan>(&admin).await?.iter().any(|p| p.name == "lab-plan") {
+        let groups = vec![drover_types::PlanGroup {
+            id: Default::default(),
+            name: "web".into(),
+            mode: drover_types::GroupMode::Parallel { max: 2 },
+            delay_secs: 0,
+            critical: true,
+            restore_tags: true,
+            vms: vms.iter().map(|v| drover_types::PlanVm { vm_id: v.id, steps: Vec::new() }).collect(),
+        }];
+        let input = drover_engine::app::PlanInput {
+            name: "lab-plan".into(),
+            description: "The lab VMs, in one group".into(),
+            recovery_location_id: RecoveryLocationId::ORIGINAL,
+            groups,
+        };
+        app.plan_create(&admin, input).await?;
+    }
+
+    let url = server.listener.url();
+    println!("drover lab is up in {:.1} s", started.elapsed().as_secs_f64());
+    println!("  API:        {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+    println!("  data:       {} (SQLite: drover.db)", args.serve.data_dir.display());
+    match (&server.generated_admin_password, std::env::var(LAB_PASSWORD_ENV)) {
+        (Some(p), _) => println!("  login:      admin / {p}   (shown once)"),
+        (None, Ok(_)) => println!("  login:      admin / ${LAB_PASSWORD_ENV}"),
+        (None, Err(_)) => println!("  login:      admin / the password shown on the lab's first start"),
+    }
+    if server.listener.tls {
+        println!(
+            "  CLI:        drover --server {url} --ca-cert {} login --user admin",
+            args.serve.data_dir.join("tls-cert.pem").display()
+        );
+    } else {
+        println!("  CLI:        drover --server {url} login --user admin");
+    }
+    println!("  production: datastore {} on site prod; DR: datastore {} on site dr", prod_ds.path, dr_ds.path);
+    for vm in &vms {
+        let vm = app.get::<Vm>(&admin, vm.id.0).await?;
+        let hb = app.engine().hv().wait_heartbeat(vm.id.0, Duration::from_secs(5)).await;
+        let beat = hb
+            .map(|h| format!("heartbeat, guest up {:.1} s", h.uptime_secs))
+            .unwrap_or_else(|e| format!("no heartbeat: {e}"));
+        println!("  VM {:<10} {:?}, {beat}", vm.name, vm.power_state);
+    }
+    if args.exit {
+        app.engine().shutdown();
+        server.listener.stop().await;
+        println!("lab stopped (--exit); the VMs keep running and are re-attached on the next start");
+        return Ok(());
+    }
+    println!("Ctrl-C stops drover; the VMs keep running and are re-attached on the next start.");
+    tokio::signal::ctrl_c().await?;
+    app.engine().shutdown();
+    Ok(())
+}
+
+async fn admin_caller(app: &App) -> anyhow::Result<Caller> {
+    let (user, _) = app.engine().store().user_by_name("admin").await?.context("the admin user is missing")?;
+    let tenant = app.engine().store().tenant_get(user.tenant_id).await?;
+    Ok(Caller {
+        user_id: user.id,
+        name: user.name,
+        tenant_id: user.tenant_id,
+        role: user.role,
+        system_tenant: tenant.is_system,
+    })
+}
+
+/// The production and DR sites with a local host and a datastore each. Returns the datastores.
+async fn layout(app: &App, admin: &Caller, data: &std::path::Path) -> anyhow::Result<(Datastore, Datastore)> {
+    let mut out = Vec::new();
+    for (site_name, kind) in [("prod", SiteKind::Production), ("dr", SiteKind::DisasterRecovery)] {
+        let site = match app.list::<Site>(admin).await?.into_iter().find(|s| s.name == site_name) {
+            Some(s) => s,
+            None => app.site_create(admin, site_name, kind).await?,
+        };
+        let host_name = format!("{site_name}-host");
+        let host = match app.list::<Host>(admin).await?.into_iter().find(|h| h.name == host_name) {
+            Some(h) => h,
+            None => {
+                app.host_create(admin, NewHost { site_id: site.id, name: host_name, address: "local".into() }).await?
+            }
+        };
+        let ds_name = format!("{site_name}-ds");
+        let ds = match app.list::<Datastore>(admin).await?.into_iter().find(|d| d.name == ds_name) {
+            Some(d) => d,
+            None => {
+                let path = data.join("datastores").join(site_name).to_string_lossy().to_string();
+                app.datastore_create(admin, NewDatastore { host_id: host.id, name: ds_name, path }).await?
+            }
+        };
+        out.push(ds);
+    }
+    let dr = out.pop().context("no DR datastore")?;
+    let prod = out.pop().context("no production datastore")?;
+    Ok((prod, dr))
+}
+
+async fn expect_success(app: &App, session: drover_types::SessionId, what: &str, vm: &str) -> anyhow::Result<Session> {
+    print!("  {what} {vm} ... ");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let t = Instant::now();
+    let s = app.engine().wait(session, Duration::from_secs(300)).await?;
+    if s.result != SessionResult::Success {
+        println!("{:?}", s.result);
+        bail!("{what} {vm} failed: {}", s.failure_message.unwrap_or_default());
+    }
+    println!("ok ({:.1} s)", t.elapsed().as_secs_f64());
+    Ok(s)
+}
