@@ -125,8 +125,85 @@ pub async fn users_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): P
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(patch, path = "/v1/users/{id}", tag = "admin", security(("bearer" = [])), request_body = PatchUser,
+    responses((status = 200, body = UserView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn users_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchUser>,
+) -> ApiResult<Json<UserView>> {
+    let role = b.role.as_deref().map(str::parse).transpose()?;
+    Ok(Json(st.app.user_update(&c, id.into(), b.password, role).await?.into()))
+}
+
 // ------------------------------------------------------------------------------------------------
 // Sites, hosts, datastores
+
+#[utoipa::path(patch, path = "/v1/sites/{id}", tag = "inventory", security(("bearer" = [])), request_body = PatchName,
+    responses((status = 200, body = SiteView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn sites_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchName>,
+) -> ApiResult<Json<SiteView>> {
+    Ok(Json(st.app.update::<d::Site, _>(&c, id, b.name, |_| Ok(())).await?.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])), request_body = PatchHost,
+    responses((status = 200, body = HostView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn hosts_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchHost>,
+) -> ApiResult<Json<HostView>> {
+    let host = st.app.host_update(&c, id.into(), b.name, b.address).await?;
+    Ok(Json(host.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])), request_body = PatchName,
+    responses((status = 200, body = DatastoreView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn datastores_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchName>,
+) -> ApiResult<Json<DatastoreView>> {
+    Ok(Json(st.app.update::<d::Datastore, _>(&c, id, b.name, |_| Ok(())).await?.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/recovery-locations/{id}", tag = "plans", security(("bearer" = [])),
+    request_body = PatchRecoveryLocation,
+    responses((status = 200, body = RecoveryLocationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn locations_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchRecoveryLocation>,
+) -> ApiResult<Json<RecoveryLocationView>> {
+    let mappings =
+        b.network_mappings.map(|m| m.into_iter().map(|x| d::NetworkMapping { from: x.from, to: x.to }).collect());
+    let loc = st.app.recovery_location_update(&c, id.into(), b.name, b.description, mappings).await?;
+    Ok(Json(loc.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/replication-jobs/{id}", tag = "replication", security(("bearer" = [])),
+    request_body = PatchReplicationJob,
+    responses((status = 200, body = ReplicationJobView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn jobs_patch(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<PatchReplicationJob>,
+) -> ApiResult<Json<ReplicationJobView>> {
+    let job = st
+        .app
+        .replication_job_update(&c, id.into(), b.name, b.schedule.map(Into::into), b.retention_points, b.enabled)
+        .await?;
+    Ok(Json(job.into()))
+}
 
 #[utoipa::path(get, path = "/v1/sites", tag = "inventory", security(("bearer" = [])), responses((status = 200, body = Page<SiteView>)))]
 pub async fn sites_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<SiteView>>> {

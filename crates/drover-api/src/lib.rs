@@ -56,14 +56,14 @@ impl FromRequestParts<ApiState> for Auth {
     paths(
         handlers::token,
         handlers::tenants_list, handlers::tenants_create,
-        handlers::users_list, handlers::users_create, handlers::users_delete,
-        handlers::sites_list, handlers::sites_create, handlers::sites_get, handlers::sites_delete,
-        handlers::hosts_list, handlers::hosts_create, handlers::hosts_get, handlers::hosts_delete,
-        handlers::datastores_list, handlers::datastores_create, handlers::datastores_get, handlers::datastores_delete,
+        handlers::users_list, handlers::users_create, handlers::users_delete, handlers::users_patch,
+        handlers::sites_list, handlers::sites_create, handlers::sites_get, handlers::sites_patch, handlers::sites_delete,
+        handlers::hosts_list, handlers::hosts_create, handlers::hosts_get, handlers::hosts_patch, handlers::hosts_delete,
+        handlers::datastores_list, handlers::datastores_create, handlers::datastores_get, handlers::datastores_patch, handlers::datastores_delete,
         handlers::vms_list, handlers::vms_create, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
         handlers::vms_power_on, handlers::vms_shutdown, handlers::vms_power_off,
-        handlers::jobs_list, handlers::jobs_create, handlers::jobs_get, handlers::jobs_delete,
-        handlers::locations_list, handlers::locations_create, handlers::locations_get, handlers::locations_delete,
+        handlers::jobs_list, handlers::jobs_create, handlers::jobs_get, handlers::jobs_patch, handlers::jobs_delete,
+        handlers::locations_list, handlers::locations_create, handlers::locations_get, handlers::locations_patch, handlers::locations_delete,
         handlers::plans_list, handlers::plans_create, handlers::plans_get, handlers::plans_put, handlers::plans_delete,
         handlers::plans_action,
         handlers::sessions_list, handlers::sessions_get, handlers::sessions_log, handlers::sessions_events,
@@ -102,22 +102,22 @@ pub fn router(app: App) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/tenants", get(h::tenants_list).post(h::tenants_create))
         .route("/users", get(h::users_list).post(h::users_create))
-        .route("/users/{id}", axum::routing::delete(h::users_delete))
+        .route("/users/{id}", axum::routing::delete(h::users_delete).patch(h::users_patch))
         .route("/sites", get(h::sites_list).post(h::sites_create))
-        .route("/sites/{id}", get(h::sites_get).delete(h::sites_delete))
+        .route("/sites/{id}", get(h::sites_get).patch(h::sites_patch).delete(h::sites_delete))
         .route("/hosts", get(h::hosts_list).post(h::hosts_create))
-        .route("/hosts/{id}", get(h::hosts_get).delete(h::hosts_delete))
+        .route("/hosts/{id}", get(h::hosts_get).patch(h::hosts_patch).delete(h::hosts_delete))
         .route("/datastores", get(h::datastores_list).post(h::datastores_create))
-        .route("/datastores/{id}", get(h::datastores_get).delete(h::datastores_delete))
+        .route("/datastores/{id}", get(h::datastores_get).patch(h::datastores_patch).delete(h::datastores_delete))
         .route("/vms", get(h::vms_list).post(h::vms_create))
         .route("/vms/{id}", get(h::vms_get).patch(h::vms_patch).delete(h::vms_delete))
         .route("/vms/{id}/power-on", post(h::vms_power_on))
         .route("/vms/{id}/shutdown", post(h::vms_shutdown))
         .route("/vms/{id}/power-off", post(h::vms_power_off))
         .route("/replication-jobs", get(h::jobs_list).post(h::jobs_create))
-        .route("/replication-jobs/{id}", get(h::jobs_get).delete(h::jobs_delete))
+        .route("/replication-jobs/{id}", get(h::jobs_get).patch(h::jobs_patch).delete(h::jobs_delete))
         .route("/recovery-locations", get(h::locations_list).post(h::locations_create))
-        .route("/recovery-locations/{id}", get(h::locations_get).delete(h::locations_delete))
+        .route("/recovery-locations/{id}", get(h::locations_get).patch(h::locations_patch).delete(h::locations_delete))
         .route("/plans", get(h::plans_list).post(h::plans_create))
         .route("/plans/{id}", get(h::plans_get).put(h::plans_put).delete(h::plans_delete))
         .route("/plans/{id}/{action}", post(h::plans_action))

@@ -106,6 +106,45 @@ pub struct CreateUser {
     pub tenant_id: Option<Uuid>,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchUser {
+    /// At least 8 characters. Users may change their own; administrators anyone's in their tenant.
+    pub password: Option<String>,
+    pub role: Option<String>,
+}
+
+/// A new name: for sites and datastores.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchName {
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchHost {
+    pub name: Option<String>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRecoveryLocation {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub network_mappings: Option<Vec<NetworkMappingBody>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchReplicationJob {
+    pub name: Option<String>,
+    pub schedule: Option<ScheduleBody>,
+    pub retention_points: Option<u32>,
+    pub enabled: Option<bool>,
+}
+
 // ------------------------------------------------------------------------------------------------
 // Sites, hosts, datastores
 

@@ -24,7 +24,9 @@ fn routes() -> Vec<(Method, String)> {
         r.push((Method::GET, format!("/v1/{coll}/{id}")));
         r.push((Method::DELETE, format!("/v1/{coll}/{id}")));
     }
-    r.push((Method::PATCH, format!("/v1/vms/{id}")));
+    for coll in ["users", "sites", "hosts", "datastores", "vms", "replication-jobs", "recovery-locations"] {
+        r.push((Method::PATCH, format!("/v1/{coll}/{id}")));
+    }
     for a in ["power-on", "shutdown", "power-off"] {
         r.push((Method::POST, format!("/v1/vms/{id}/{a}")));
     }

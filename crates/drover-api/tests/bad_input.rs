@@ -480,3 +480,207 @@ async fn plan_lifecycle_conflicts_are_409_and_the_readiness_check_runs() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn updates_apply_and_bad_updates_change_nothing() {
+    let server = Server::simulated().await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let vm = server.vm(&t, &host, &ds, "app", json!({})).await;
+    let site = server.ok(&t, Method::GET, "/v1/sites", None).await["items"][0]["id"].as_str().unwrap().to_string();
+    // Replicating onto the VM's own datastore is refused.
+    let body = |target: &str| {
+        json!({
+            "name": "j", "vm_ids": [vm], "target_host_id": host, "target_datastore_id": target,
+            "schedule": {"type": "Interval", "secs": 600}, "retention_points": 7
+        })
+    };
+    expect(
+        &server,
+        &t,
+        Method::POST,
+        "/v1/replication-jobs",
+        Some(body(&ds)),
+        StatusCode::BAD_REQUEST,
+        "target datastore",
+    )
+    .await;
+    let dr_path = server.dir.path().join("dr");
+    let dr = server
+        .ok(&t, Method::POST, "/v1/datastores", Some(json!({"host_id": host, "name": "dr", "path": dr_path})))
+        .await;
+    let job = server
+        .ok(
+            &t,
+            Method::POST,
+            "/v1/replication-jobs",
+            Some(json!({
+                "name": "j", "vm_ids": [vm], "target_host_id": host, "target_datastore_id": dr["id"],
+                "schedule": {"type": "Interval", "secs": 600}, "retention_points": 7
+            })),
+        )
+        .await;
+    assert_eq!(server.call(Some(&t), Method::GET, "/v1/replication-jobs", None).await.1["total"], 1);
+    let job = job["id"].as_str().unwrap().to_string();
+
+    // Good updates apply.
+    let v = server.ok(&t, Method::PATCH, &format!("/v1/sites/{site}"), Some(json!({"name": "production"}))).await;
+    assert_eq!(v["name"], "production");
+    let v = server.ok(&t, Method::PATCH, &format!("/v1/hosts/{host}"), Some(json!({"address": "local"}))).await;
+    assert_eq!(v["address"], "local");
+    let v = server
+        .ok(
+            &t,
+            Method::PATCH,
+            &format!("/v1/replication-jobs/{job}"),
+            Some(json!({"retention_points": 3, "enabled": false})),
+        )
+        .await;
+    assert_eq!((v["retention_points"].as_u64(), v["enabled"].as_bool()), (Some(3), Some(false)));
+    let v = server
+        .ok(&t, Method::PATCH, &format!("/v1/vms/{vm}"), Some(json!({"name": "app2", "tags": ["tier:web"]})))
+        .await;
+    assert_eq!((v["name"].as_str(), v["tags"][0].as_str()), (Some("app2"), Some("tier:web")));
+
+    let before = snapshot(&server, &t).await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/sites/{site}"),
+        Some(json!({"name": ""})),
+        StatusCode::BAD_REQUEST,
+        "empty",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/sites/{site}"),
+        Some(json!({"nom": "x"})),
+        StatusCode::BAD_REQUEST,
+        "nom",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/hosts/{host}"),
+        Some(json!({"address": " "})),
+        StatusCode::BAD_REQUEST,
+        "address",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/datastores/{ds}"),
+        Some(json!({"name": 7})),
+        StatusCode::BAD_REQUEST,
+        "",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/replication-jobs/{job}"),
+        Some(json!({"retention_points": 0})),
+        StatusCode::BAD_REQUEST,
+        "retention_points",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/replication-jobs/{job}"),
+        Some(json!({"schedule": {"type": "Interval", "secs": 1}})),
+        StatusCode::BAD_REQUEST,
+        "interval",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        "/v1/recovery-locations/00000000-0000-0000-0000-000000000000",
+        Some(json!({"name": "x"})),
+        StatusCode::CONFLICT,
+        "built in",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/sites/{}", uuid::Uuid::new_v4()),
+        Some(json!({"name": "x"})),
+        StatusCode::NOT_FOUND,
+        "not found",
+    )
+    .await;
+    // Two sites cannot share a name.
+    server.ok(&t, Method::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"}))).await;
+    let before = {
+        let mut b = before;
+        b["sites"] = server.ok(&t, Method::GET, "/v1/sites", None).await;
+        b
+    };
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/sites/{site}"),
+        Some(json!({"name": "dr"})),
+        StatusCode::CONFLICT,
+        "already exists",
+    )
+    .await;
+    // Users: the password rule is checked before the role changes.
+    let u = server
+        .ok(&t, Method::POST, "/v1/users", Some(json!({"name": "op", "password": "password1", "role": "PlanOperator"})))
+        .await;
+    let before = {
+        let mut b = before;
+        b["users"] = server.ok(&t, Method::GET, "/v1/users", None).await;
+        b
+    };
+    let uid = u["id"].as_str().unwrap();
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/users/{uid}"),
+        Some(json!({"role": "Viewer", "password": "short"})),
+        StatusCode::BAD_REQUEST,
+        "8 characters",
+    )
+    .await;
+    expect(
+        &server,
+        &t,
+        Method::PATCH,
+        &format!("/v1/users/{uid}"),
+        Some(json!({"role": "Overlord"})),
+        StatusCode::BAD_REQUEST,
+        "role",
+    )
+    .await;
+    assert_eq!(before, snapshot(&server, &t).await);
+
+    // A user changes their own password, not their role; the old password stops working.
+    let op = server.token("op", "password1").await;
+    let (status, _) = server
+        .call(Some(&op), Method::PATCH, &format!("/v1/users/{uid}"), Some(json!({"role": "Administrator"})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    server.ok(&op, Method::PATCH, &format!("/v1/users/{uid}"), Some(json!({"password": "password2"}))).await;
+    let (status, _) = server.call(Some(&op), Method::GET, "/v1/vms", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a new password ends the old logins");
+    server.token("op", "password2").await;
+    server.stop().await;
+}

@@ -215,18 +215,9 @@ impl App {
         }
     }
 
-    /// The caller behind a bearer token.
-    pub async fn authenticate(&self, bearer: &str) -> Result<Caller> {
-        let rec = self
-            .store()
-            .access_token_get(&auth::token_hash(bearer), now())
-            .await?
-            .ok_or_else(|| Error::Unauthorized("access token is invalid or expired".into()))?;
-        let user = match self.store().user_get(rec.user_id).await {
-            Ok(u) => u,
-            Err(Error::NotFound { .. }) => return Err(Error::Unauthorized("the token's user no longer exists".into())),
-            Err(e) => return Err(e),
-        };
+    /// The caller a user is, for in-process use (the lab) and for token checks.
+    pub async fn caller_for(&self, user: UserId) -> Result<Caller> {
+        let user = self.store().user_get(user).await?;
         let tenant = self.store().tenant_get(user.tenant_id).await?;
         Ok(Caller {
             user_id: user.id,
@@ -235,6 +226,19 @@ impl App {
             role: user.role,
             system_tenant: tenant.is_system,
         })
+    }
+
+    /// The caller behind a bearer token.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Caller> {
+        let rec = self
+            .store()
+            .access_token_get(&auth::token_hash(bearer), now())
+            .await?
+            .ok_or_else(|| Error::Unauthorized("access token is invalid or expired".into()))?;
+        match self.caller_for(rec.user_id).await {
+            Err(Error::NotFound { .. }) => Err(Error::Unauthorized("the token's user no longer exists".into())),
+            other => other,
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -404,6 +408,135 @@ impl App {
             return Err(Error::conflict("the Original VM Location is built in and cannot be deleted"));
         }
         self.delete::<RecoveryLocation>(caller, id.0).await
+    }
+
+    /// Renames a site, host, datastore, recovery location or replication job; `also` may change
+    /// more of the object under the same checks. VMs and plans have their own updates.
+    pub async fn update<T, F>(&self, caller: &Caller, id: uuid::Uuid, name: Option<String>, also: F) -> Result<T>
+    where
+        T: drover_store::Entity,
+        F: Fn(&mut T) -> Result<()>,
+    {
+        caller.require(Role::PlanAuthor)?;
+        if let Some(n) = &name {
+            validate_name(T::LABEL, n)?;
+        }
+        let (obj, ()) = self
+            .store()
+            .object_modify::<T, _, _>(caller.tenant_id, id, |o| {
+                if let Some(n) = &name {
+                    o.set_name(n.trim().to_string());
+                }
+                also(o)
+            })
+            .await?;
+        Ok(obj)
+    }
+
+    pub async fn host_update(
+        &self,
+        caller: &Caller,
+        id: HostId,
+        name: Option<String>,
+        address: Option<String>,
+    ) -> Result<Host> {
+        if address.as_deref().is_some_and(|a| a.trim().is_empty()) {
+            return Err(Error::invalid("host address must not be empty"));
+        }
+        self.update::<Host, _>(caller, id.0, name, |h| {
+            if let Some(a) = &address {
+                h.address = a.trim().to_string();
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn recovery_location_update(
+        &self,
+        caller: &Caller,
+        id: RecoveryLocationId,
+        name: Option<String>,
+        description: Option<String>,
+        network_mappings: Option<Vec<NetworkMapping>>,
+    ) -> Result<RecoveryLocation> {
+        caller.require(Role::PlanAuthor)?;
+        if id == RecoveryLocationId::ORIGINAL {
+            return Err(Error::conflict("the Original VM Location is built in and cannot be edited"));
+        }
+        if name.as_deref().is_some_and(|n| n.trim().eq_ignore_ascii_case(RecoveryLocation::ORIGINAL_NAME)) {
+            return Err(Error::AlreadyExists(format!("{:?} is built in", RecoveryLocation::ORIGINAL_NAME)));
+        }
+        for m in network_mappings.iter().flatten() {
+            validate_name("network", &m.from)?;
+            validate_name("network", &m.to)?;
+        }
+        self.update::<RecoveryLocation, _>(caller, id.0, name, |l| {
+            if let Some(d) = &description {
+                l.description = d.clone();
+            }
+            if let Some(m) = &network_mappings {
+                l.network_mappings = m.clone();
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn replication_job_update(
+        &self,
+        caller: &Caller,
+        id: ReplicationJobId,
+        name: Option<String>,
+        schedule: Option<Schedule>,
+        retention_points: Option<u32>,
+        enabled: Option<bool>,
+    ) -> Result<ReplicationJob> {
+        self.update::<ReplicationJob, _>(caller, id.0, name, |j| {
+            if let Some(s) = &schedule {
+                j.schedule = s.clone();
+            }
+            if let Some(r) = retention_points {
+                j.retention_points = r;
+            }
+            if let Some(e) = enabled {
+                j.enabled = e;
+            }
+            j.updated_at = now();
+            j.validate()
+        })
+        .await
+    }
+
+    pub async fn user_update(
+        &self,
+        caller: &Caller,
+        id: UserId,
+        password: Option<String>,
+        role: Option<Role>,
+    ) -> Result<User> {
+        // Everyone may change their own password; everything else is for administrators.
+        if id != caller.user_id || role.is_some() {
+            caller.require(Role::Administrator)?;
+        }
+        let user = self.store().user_get(id).await?;
+        if user.tenant_id != caller.tenant_id {
+            return Err(Error::not_found(UserId::KIND, id));
+        }
+        // Check everything before changing anything.
+        if password.as_ref().is_some_and(|p| p.chars().count() < 8) {
+            return Err(Error::invalid("password must be at least 8 characters"));
+        }
+        if role.is_some_and(|r| id == caller.user_id && r != Role::Administrator) {
+            return Err(Error::conflict("you cannot take the Administrator role from yourself"));
+        }
+        if let Some(r) = role {
+            self.store().user_set_role(id, r).await?;
+        }
+        if let Some(p) = password {
+            self.store().user_set_password(id, &auth::hash_password(&p)?).await?;
+        }
+        self.store().user_get(id).await
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -621,36 +754,9 @@ impl App {
         kind: SessionKind,
         params: &VmOpParams,
     ) -> Result<SessionId> {
-        let t = now();
-        let session = Session {
-            id: SessionId::new(),
-            tenant_id: caller.tenant_id,
-            kind,
-            name: vm.name.clone(),
-            target: SessionTarget::Vm(vm.id),
-            state: SessionState::Starting,
-            result: SessionResult::None,
-            progress: 0,
-            failure_message: None,
-            params: serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?,
-            halt_requested: false,
-            halted: false,
-            created_at: t,
-            ended_at: None,
-        };
-        let task = Task {
-            id: TaskId::new(),
-            session_id: session.id,
-            vm_id: Some(vm.id),
-            name: vm.name.clone(),
-            state: SessionState::Starting,
-            result: SessionResult::None,
-            progress: 0,
-            weight: 1,
-            failure_message: None,
-            created_at: t,
-            ended_at: None,
-        };
+        let params = serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?;
+        let session = Session::new(caller.tenant_id, kind, vm.name.clone(), SessionTarget::Vm(vm.id), params);
+        let task = session.task(Some(vm.id), vm.name.clone());
         self.engine.submit(session, vec![task]).await
     }
 
@@ -861,39 +967,12 @@ impl App {
         kind: SessionKind,
         action: PlanAction,
     ) -> Result<SessionId> {
-        let t = now();
-        let session = Session {
-            id: SessionId::new(),
-            tenant_id: caller.tenant_id,
-            kind,
-            name: plan.name.clone(),
-            target: SessionTarget::Plan(plan.id),
-            state: SessionState::Starting,
-            result: SessionResult::None,
-            progress: 0,
-            failure_message: None,
-            params: json!({ "plan_id": plan.id, "tenant_id": caller.tenant_id, "action": action }),
-            halt_requested: false,
-            halted: false,
-            created_at: t,
-            ended_at: None,
-        };
+        let params = json!({ "plan_id": plan.id, "tenant_id": caller.tenant_id, "action": action });
+        let session = Session::new(caller.tenant_id, kind, plan.name.clone(), SessionTarget::Plan(plan.id), params);
         let mut tasks = Vec::new();
         for vm_id in plan.vm_ids() {
             let name = self.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
-            tasks.push(Task {
-                id: TaskId::new(),
-                session_id: session.id,
-                vm_id: Some(vm_id),
-                name,
-                state: SessionState::Starting,
-                result: SessionResult::None,
-                progress: 0,
-                weight: 1,
-                failure_message: None,
-                created_at: t,
-                ended_at: None,
-            });
+            tasks.push(session.task(Some(vm_id), name));
         }
         // Move the plan first: a concurrent request then gets 409. If the session cannot be
         // recorded, the move is reverted.

@@ -126,16 +126,7 @@ fn hv_err(e: drover_hv::HvError) -> Error {
     match e {
         drover_hv::HvError::InvalidSpec(m) => Error::invalid(m),
         drover_hv::HvError::UnknownVm(id) => Error::not_found(VmId::KIND, id),
-        other => {
-            let mut msg = other.to_string();
-            let mut src = std::error::Error::source(&other);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            Error::Unavailable(msg)
-        }
+        other => Error::Unavailable(drover_types::error_chain(&other)),
     }
 }
 

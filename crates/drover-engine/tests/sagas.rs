@@ -339,36 +339,14 @@ fn install_halting_saga(env: &Env, pause: Duration) -> (Counter, Counter) {
 }
 
 async fn start_test_session(env: &Env) -> SessionId {
-    let t = now();
-    let session = Session {
-        id: SessionId::new(),
-        tenant_id: env.caller.tenant_id,
-        kind: SessionKind::PlanTestFailover,
-        name: "test".into(),
-        target: SessionTarget::Plan(PlanId::new()),
-        state: SessionState::Starting,
-        result: SessionResult::None,
-        progress: 0,
-        failure_message: None,
-        params: serde_json::json!({}),
-        halt_requested: false,
-        halted: false,
-        created_at: t,
-        ended_at: None,
-    };
-    let task = Task {
-        id: TaskId::new(),
-        session_id: session.id,
-        vm_id: None,
-        name: "t".into(),
-        state: SessionState::Starting,
-        result: SessionResult::None,
-        progress: 0,
-        weight: 1,
-        failure_message: None,
-        created_at: t,
-        ended_at: None,
-    };
+    let session = Session::new(
+        env.caller.tenant_id,
+        SessionKind::PlanTestFailover,
+        "test",
+        SessionTarget::Plan(PlanId::new()),
+        serde_json::json!({}),
+    );
+    let task = session.task(None, "t");
     env.app.engine().submit(session, vec![task]).await.unwrap()
 }
 

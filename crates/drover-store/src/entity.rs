@@ -16,6 +16,7 @@ pub trait Entity: Serialize + DeserializeOwned + Send + Sync + Unpin {
     fn id(&self) -> Uuid;
     fn tenant(&self) -> TenantId;
     fn name(&self) -> &str;
+    fn set_name(&mut self, name: String);
     /// `(kind, id)` of every object this one refers to.
     fn refs(&self) -> Vec<(&'static str, Uuid)>;
 }
@@ -33,6 +34,9 @@ macro_rules! entity {
             }
             fn name(&self) -> &str {
                 &self.name
+            }
+            fn set_name(&mut self, name: String) {
+                self.name = name;
             }
             fn refs(&$s) -> Vec<(&'static str, Uuid)> {
                 $refs

@@ -48,17 +48,8 @@ impl From<StoreError> for Error {
                 Error::AlreadyExists(format!("an object with the same name already exists ({})", db.message()))
             }
             StoreError::Database(sqlx::Error::PoolTimedOut) => Error::Unavailable("the database is busy".into()),
-            other => {
-                // Keep the chain in the message: this is what an operator reads in the log.
-                let mut msg = other.to_string();
-                let mut src = std::error::Error::source(&other);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
-                }
-                Error::Internal(msg)
-            }
+            // Keep the chain in the message: this is what an operator reads in the log.
+            other => Error::Internal(drover_types::error_chain(&other)),
         }
     }
 }
@@ -142,6 +133,12 @@ fn uuid_parse(s: &str) -> StoreResult<Uuid> {
 
 fn json_parse<T: DeserializeOwned>(s: &str) -> StoreResult<T> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad JSON document: {e}")))
+}
+
+/// The domain value of an inventory row.
+fn body_of<T: DeserializeOwned>(row: &sqlx::sqlite::SqliteRow) -> Result<T> {
+    let body: String = row.try_get("body").map_err(StoreError::from)?;
+    Ok(json_parse(&body)?)
 }
 
 fn json_str<T: Serialize>(v: &T) -> StoreResult<String> {
@@ -305,6 +302,19 @@ impl Store {
         Ok(())
     }
 
+    pub async fn user_set_role(&self, id: UserId, role: Role) -> Result<()> {
+        let done = sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
+            .bind(role.as_str())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(UserId::KIND, id));
+        }
+        Ok(())
+    }
+
     pub async fn user_set_password(&self, id: UserId, password_hash: &str) -> Result<()> {
         let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
@@ -447,8 +457,7 @@ impl Store {
             .await
             .map_err(StoreError::from)?
             .ok_or_else(|| Error::not_found(T::LABEL, id))?;
-        let body: String = row.try_get("body").map_err(StoreError::from)?;
-        Ok(json_parse(&body)?)
+        body_of(&row)
     }
 
     /// Looks an object up in any tenant. Only for the engine's recovery and background work,
@@ -461,8 +470,7 @@ impl Store {
             .await
             .map_err(StoreError::from)?
             .ok_or_else(|| Error::not_found(T::LABEL, id))?;
-        let body: String = row.try_get("body").map_err(StoreError::from)?;
-        Ok(json_parse(&body)?)
+        body_of(&row)
     }
 
     /// All objects of a kind in a tenant, by name.
@@ -473,12 +481,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::from)?;
-        rows.iter()
-            .map(|r| {
-                let body: String = r.try_get("body").map_err(StoreError::from)?;
-                Ok(json_parse(&body)?)
-            })
-            .collect()
+        rows.iter().map(body_of).collect()
     }
 
     /// All objects of a kind in every tenant. Only for the engine's background work.
@@ -488,12 +491,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::from)?;
-        rows.iter()
-            .map(|r| {
-                let body: String = r.try_get("body").map_err(StoreError::from)?;
-                Ok(json_parse(&body)?)
-            })
-            .collect()
+        rows.iter().map(body_of).collect()
     }
 
     /// Reads, changes and writes one object. `change` may refuse with a domain error, which is

@@ -11,7 +11,7 @@ pub mod plan;
 pub mod replica;
 pub mod session;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, error_chain};
 pub use ids::*;
 pub use inventory::*;
 pub use plan::*;

@@ -151,6 +151,51 @@ pub struct Session {
     pub ended_at: Option<Timestamp>,
 }
 
+impl Session {
+    /// A new session, not yet started.
+    pub fn new(
+        tenant_id: TenantId,
+        kind: SessionKind,
+        name: impl Into<String>,
+        target: SessionTarget,
+        params: serde_json::Value,
+    ) -> Session {
+        Session {
+            id: SessionId::new(),
+            tenant_id,
+            kind,
+            name: name.into(),
+            target,
+            state: SessionState::Starting,
+            result: SessionResult::None,
+            progress: 0,
+            failure_message: None,
+            params,
+            halt_requested: false,
+            halted: false,
+            created_at: crate::now(),
+            ended_at: None,
+        }
+    }
+
+    /// A new task of this session, with weight 1.
+    pub fn task(&self, vm_id: Option<VmId>, name: impl Into<String>) -> Task {
+        Task {
+            id: TaskId::new(),
+            session_id: self.id,
+            vm_id,
+            name: name.into(),
+            state: SessionState::Starting,
+            result: SessionResult::None,
+            progress: 0,
+            weight: 1,
+            failure_message: None,
+            created_at: self.created_at,
+            ended_at: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub id: TaskId,

@@ -143,14 +143,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
 
 async fn admin_caller(app: &App) -> anyhow::Result<Caller> {
     let (user, _) = app.engine().store().user_by_name("admin").await?.context("the admin user is missing")?;
-    let tenant = app.engine().store().tenant_get(user.tenant_id).await?;
-    Ok(Caller {
-        user_id: user.id,
-        name: user.name,
-        tenant_id: user.tenant_id,
-        role: user.role,
-        system_tenant: tenant.is_system,
-    })
+    Ok(app.caller_for(user.id).await?)
 }
 
 /// The production and DR sites with a local host and a datastore each. Returns the datastores.
