@@ -74,6 +74,10 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const AGENT_ATTEMPT: Duration = Duration::from_secs(3);
 /// `write_marker` has no timeout parameter; this bounds its retries.
 const WRITE_MARKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The tiny guest reaches its ready line in about 3 s under TCG and faster under a working KVM;
+/// a guest that has not after 10 s under KVM is hanging (the trap this probe exists for), and
+/// every start of drover with `--accel auto` pays this much on such a host.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Markers travel as one hex line; keep them small.
 const MAX_MARKER_BYTES: usize = 4096;
 /// Poll interval while waiting for a process to exit (a graceful guest stops in ~60 ms).
@@ -284,7 +288,7 @@ impl QemuDriver {
                     Accel::Kvm => ResolvedAccel::Kvm,
                     Accel::Auto => match &self.config.kvm_probe_guest {
                         Some(guest) => {
-                            let ok = probe_kvm(&self.config.qemu_binary, guest, Duration::from_secs(30)).await;
+                            let ok = probe_kvm(&self.config.qemu_binary, guest, KVM_PROBE_TIMEOUT).await;
                             tracing::info!(kvm = ok, "KVM probe finished; VMs use {}", if ok { "KVM" } else { "TCG" });
                             if ok { ResolvedAccel::Kvm } else { ResolvedAccel::Tcg }
                         }

@@ -47,8 +47,10 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "qemu")]
     pub hypervisor: HypervisorKind,
-    /// CPU acceleration for QEMU. TCG is the safe default; see the README before using KVM.
-    #[arg(long, value_enum, default_value = "tcg")]
+    /// CPU acceleration for QEMU. `auto` uses KVM only when /dev/kvm opens and a probe boot of
+    /// the tiny guest under KVM reaches the guest in time (some hosts hang normal guests under
+    /// KVM); otherwise, and without the tiny guest to probe with, TCG.
+    #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
     /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
     #[arg(long, env = "DROVER_GUEST_DIR")]
