@@ -508,22 +508,24 @@ pub async fn plans_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): P
 
 /// Runs a plan action: `enable`, `disable`, `readiness-check`, `failover`, `permanent-failover`,
 /// `prepare-failback`, `failback`, `switchover`, `commit-failback`, `undo`, `halt`, `continue`
-/// (body: `ContinueBody`), `reset`. Returns the plan as it is once the action is accepted.
+/// (body: `ContinueBody`), `reset`. Returns the plan as it is once the action is accepted, with
+/// the session the action started or acted on.
 #[utoipa::path(post, path = "/v1/plans/{id}/{action}", tag = "plans", security(("bearer" = [])),
     params(("id" = Uuid, Path), ("action" = String, Path)),
     request_body(content = Option<ContinueBody>),
-    responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = PlanActionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 pub async fn plans_action(
     State(st): State<ApiState>,
     Auth(c): Auth,
     Path((id, action)): Path<(Uuid, String)>,
     body: axum::body::Bytes,
-) -> ApiResult<Json<PlanView>> {
+) -> ApiResult<Json<PlanActionView>> {
     let id: d::PlanId = id.into();
+    let no_session = |p: d::Plan| Json(PlanActionView { plan: p.into(), session_id: None });
     let action = match action.as_str() {
-        "enable" => return Ok(Json(st.app.plan_set_enabled(&c, id, true).await?.into())),
-        "disable" => return Ok(Json(st.app.plan_set_enabled(&c, id, false).await?.into())),
+        "enable" => return Ok(no_session(st.app.plan_set_enabled(&c, id, true).await?)),
+        "disable" => return Ok(no_session(st.app.plan_set_enabled(&c, id, false).await?)),
         "readiness-check" => d::PlanAction::ReadinessCheck,
         "failover" => d::PlanAction::Failover,
         "permanent-failover" => d::PlanAction::PermanentFailover,
@@ -544,7 +546,8 @@ pub async fn plans_action(
             serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?;
         b.option
     };
-    Ok(Json(st.app.plan_action(&c, id, action, option).await?.into()))
+    let (plan, session) = st.app.plan_action(&c, id, action, option).await?;
+    Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -709,6 +709,15 @@ impl From<d::Plan> for PlanView {
     }
 }
 
+/// The answer to a plan action: the plan as it is once the action was accepted, and the session
+/// the action started or acted on (absent for enable, disable and reset, which run no session).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlanActionView {
+    #[serde(flatten)]
+    pub plan: PlanView,
+    pub session_id: Option<Uuid>,
+}
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContinueBody {

@@ -888,7 +888,7 @@ impl App {
         id: PlanId,
         action: PlanAction,
         cont: Option<ContinueOption>,
-    ) -> Result<Plan> {
+    ) -> Result<(Plan, Option<SessionId>)> {
         caller.require(Role::PlanOperator)?;
         let plan = self.get::<Plan>(caller, id.0).await?;
         if matches!(action, PlanAction::Failover | PlanAction::ReadinessCheck) && !plan.enabled {
@@ -909,14 +909,21 @@ impl App {
                 .filter(|s| s.state != SessionState::Stopped)
                 .ok_or_else(|| Error::conflict(format!("plan {:?} has no session to act on", plan.name)))
         };
-        match action {
-            PlanAction::Halt => self.engine.halt(running_session().await?.id).await?,
+        let session = match action {
+            PlanAction::Halt => {
+                let s = running_session().await?.id;
+                self.engine.halt(s).await?;
+                s
+            }
             PlanAction::Continue => {
-                let s = running_session().await?;
-                self.engine.resume(s.id, cont.unwrap_or(ContinueOption::RetryFailedStep)).await?
+                let s = running_session().await?.id;
+                self.engine.resume(s, cont.unwrap_or(ContinueOption::RetryFailedStep)).await?;
+                s
             }
             PlanAction::Undo if plan.lifecycle.state == PlanState::Halted => {
-                self.engine.undo(running_session().await?.id).await?
+                let s = running_session().await?.id;
+                self.engine.undo(s).await?;
+                s
             }
             PlanAction::ResetState => {
                 let (p, ()) = self
@@ -928,11 +935,11 @@ impl App {
                         Ok(())
                     })
                     .await?;
-                return Ok(p);
+                return Ok((p, None));
             }
+            // The check itself is a session; its saga lands the plan in Verified or NotVerified.
             PlanAction::ReadinessCheck => {
-                // The check itself is a session; its saga lands the plan in Verified or NotVerified.
-                self.plan_submit(caller, &plan, SessionKind::PlanReadinessCheck, action).await?;
+                self.plan_submit(caller, &plan, SessionKind::PlanReadinessCheck, action).await?
             }
             other => {
                 let missing = self.vms_without_ready_replica(caller, &plan).await?;
@@ -944,8 +951,8 @@ impl App {
                 }
                 return Err(Error::Unavailable(format!("{other:?} is not available in this version of drover")));
             }
-        }
-        self.get::<Plan>(caller, id.0).await
+        };
+        Ok((self.get::<Plan>(caller, id.0).await?, Some(session)))
     }
 
     async fn vms_without_ready_replica(&self, caller: &Caller, plan: &Plan) -> Result<Vec<String>> {

@@ -480,13 +480,8 @@ async fn plan_with(env: &Env, vms: &[VmId]) -> Plan {
 }
 
 async fn readiness(env: &Env, plan: &Plan) -> (Session, Plan) {
-    env.app.plan_action(&env.caller, plan.id, PlanAction::ReadinessCheck, None).await.unwrap();
-    let (sessions, _) = env
-        .app
-        .session_list(&env.caller, &SessionFilter { target_id: Some(plan.id.0), limit: 1, ..Default::default() })
-        .await
-        .unwrap();
-    let s = env.wait(sessions[0].id).await;
+    let (_, session) = env.app.plan_action(&env.caller, plan.id, PlanAction::ReadinessCheck, None).await.unwrap();
+    let s = env.wait(session.expect("the check runs as a session")).await;
     let p = env.app.get::<Plan>(&env.caller, plan.id.0).await.unwrap();
     (s, p)
 }

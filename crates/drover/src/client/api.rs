@@ -61,7 +61,6 @@ pub struct Api {
 /// A successful answer.
 #[derive(Debug)]
 pub struct ApiResponse {
-    pub status: StatusCode,
     pub location: Option<String>,
     pub body: Vec<u8>,
 }
@@ -186,10 +185,9 @@ impl Api {
     /// [`ApiError`].
     pub async fn send(&self, req: Request<'_>) -> anyhow::Result<ApiResponse> {
         let resp = self.send_raw(req).await?;
-        let status = resp.status();
         let location = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = resp.bytes().await.map_err(|e| self.transport_error(e))?.to_vec();
-        Ok(ApiResponse { status, location, body })
+        Ok(ApiResponse { location, body })
     }
 
     /// Sends `req` with a bearer token, refreshing once on 401, and returns the response unread

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
-use drover_api::views::{BootBody, DiskBody, NetworkMappingBody, NicBody, Page, PlanView, ScheduleBody, SessionView};
+use drover_api::views::{
+    BootBody, DiskBody, NetworkMappingBody, NicBody, PlanActionView, PlanView, ScheduleBody, SessionView,
+};
 use drover_engine::saga::ContinueOption;
-use drover_types::SessionState;
-use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -744,33 +744,19 @@ async fn plan(ctx: &Ctx, cmd: PlanCommand) -> anyhow::Result<()> {
     plan_action(ctx, id, name, body, &wait).await
 }
 
-/// The plan's newest session, if it has any.
-async fn newest_plan_session(ctx: &Ctx, plan: Uuid) -> anyhow::Result<Option<SessionView>> {
-    let page: Page<SessionView> =
-        ctx.api.send(Request::get("/sessions").query("target_id", plan).query("limit", 1)).await?.parse()?;
-    Ok(page.items.into_iter().next())
-}
-
-/// `POST /v1/plans/{id}/{action}`. The API answers with the plan, not the session it started or
-/// acted on, so that session is found as the plan's newest one: a new session, or one still
-/// running (halt, continue and undo act on the running one).
+/// `POST /v1/plans/{id}/{action}`. The API answers with the plan and the session the action
+/// started or acted on (halt, continue and undo act on the running one), which is followed.
 async fn plan_action(ctx: &Ctx, id: Uuid, action: &str, body: Option<Value>, wait: &WaitArgs) -> anyhow::Result<()> {
-    let has_session = !matches!(action, "enable" | "disable" | "reset");
-    let before = if has_session { newest_plan_session(ctx, id).await?.map(|s| s.id) } else { None };
     let path = format!("/plans/{id}/{action}");
     let mut req = Request::post(&path);
     if let Some(b) = body {
         req = req.json(b);
     }
     let resp = ctx.api.send(req).await?;
-    // Should the API start answering with the session itself, follow that.
-    if resp.status == StatusCode::ACCEPTED {
-        return ctx.started(&resp, wait).await.map(drop);
-    }
-    let session = if has_session {
-        newest_plan_session(ctx, id).await?.filter(|s| s.state != SessionState::Stopped || Some(s.id) != before)
-    } else {
-        None
+    let started: Option<Uuid> = resp.parse::<PlanActionView>()?.session_id;
+    let session = match started {
+        Some(s) => Some(ctx.api.send(Request::get(&format!("/sessions/{s}"))).await?.parse::<SessionView>()?),
+        None => None,
     };
     let session = match session {
         Some(s) if !wait.no_wait => s,
