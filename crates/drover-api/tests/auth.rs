@@ -217,3 +217,46 @@ async fn roles_are_enforced_and_tenants_are_isolated() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.stop().await;
 }
+
+/// Every `$ref` in the OpenAPI document names a schema the document defines.
+#[tokio::test]
+async fn the_openapi_document_is_self_contained() {
+    let server = Server::simulated().await;
+    let (status, doc) = server.call(None, Method::GET, "/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(all.len() > 20);
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected ref {r}"));
+        assert!(doc["components"]["schemas"][name].is_object(), "{r} is not defined");
+    }
+    // Every route of the router is documented.
+    for (method, path) in routes() {
+        let templated = path
+            .split('/')
+            .map(|seg| if uuid::Uuid::parse_str(seg).is_ok() { "{id}" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let templated = if templated.starts_with("/v1/plans/{id}/") && method == Method::POST {
+            "/v1/plans/{id}/{action}".to_string()
+        } else {
+            templated
+        };
+        let op = &doc["paths"][&templated][method.as_str().to_lowercase()];
+        assert!(op.is_object(), "{method} {templated} is not in the OpenAPI document");
+    }
+    server.stop().await;
+}

@@ -73,14 +73,26 @@ async fn set_state(engine: &Engine, vm: &Vm, state: VmPowerState) -> Result<()> 
     Ok(())
 }
 
-/// Polls running VMs and records the ones that died.
+/// How often expired tokens are deleted (each login leaves two rows behind).
+const TOKEN_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Polls running VMs and records the ones that died; now and then deletes expired tokens.
 pub async fn run(engine: Engine) {
     let mut tick = tokio::time::interval(engine.config().monitor_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_purge: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         if let Err(e) = check_running(&engine).await {
             tracing::warn!(error = %e, "VM monitor pass failed");
+        }
+        if last_purge.is_none_or(|t| t.elapsed() >= TOKEN_PURGE_EVERY) {
+            last_purge = Some(tokio::time::Instant::now());
+            match engine.store().tokens_purge_expired(drover_types::now()).await {
+                Ok(n) if n > 0 => tracing::info!(tokens = n, "deleted expired tokens"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot delete expired tokens"),
+            }
         }
     }
 }
