@@ -159,6 +159,7 @@ async fn vm_lifecycle_records_every_session() {
 const CREATE_STEPS: [&str; 3] = ["reserve", "create_disks", "mark_provisioned"];
 const POWER_ON_STEPS: [&str; 4] = ["begin", "power_on", "wait_heartbeat", "mark_state"];
 const SHUTDOWN_STEPS: [&str; 3] = ["begin", "shutdown_guest", "mark_state"];
+const POWER_OFF_STEPS: [&str; 3] = ["begin", "power_off", "mark_state"];
 
 #[tokio::test]
 async fn every_step_is_idempotent() {
@@ -211,9 +212,13 @@ async fn a_failure_at_any_power_step_leaves_the_true_state() {
     env.app.engine().hooks().fail("none", 1);
     let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
     assert_eq!(env.wait(s).await.result, SessionResult::Success);
-    for step in SHUTDOWN_STEPS {
+    let stops = SHUTDOWN_STEPS
+        .map(|s| (s, PowerAction::Shutdown))
+        .into_iter()
+        .chain(POWER_OFF_STEPS.map(|s| (s, PowerAction::PowerOff)));
+    for (step, action) in stops {
         env.app.engine().hooks().fail(step, 1);
-        let s = env.app.vm_power(&env.caller, vm.id, PowerAction::Shutdown).await.unwrap();
+        let s = env.app.vm_power(&env.caller, vm.id, action).await.unwrap();
         let done = env.wait(s).await;
         assert_eq!(done.result, SessionResult::Failed, "failure in {step}");
         assert_consistent(&env, &done).await;
