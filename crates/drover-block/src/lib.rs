@@ -1,0 +1,10 @@
+//! The data path of replication.
+//!
+//! - [`nbd`]: an NBD client (newstyle handshake, structured replies, block status with meta
+//!   contexts such as `qemu:dirty-bitmap:<name>` and `base:allocation`, reads and writes).
+//! - [`extents`]: sets of byte ranges: union, intersection, clipping, chunking.
+//! - [`hash`]: fixed-size block hashes and manifests.
+//! - [`chain`]: restore points on the target as a chain of qcow2 overlays per disk.
+
+pub mod extents;
+pub mod nbd;
