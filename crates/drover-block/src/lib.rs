@@ -6,5 +6,7 @@
 //! - [`hash`]: fixed-size block hashes and manifests.
 //! - [`chain`]: restore points on the target as a chain of qcow2 overlays per disk.
 
+pub mod chain;
 pub mod extents;
+pub mod hash;
 pub mod nbd;
