@@ -17,8 +17,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    Error, LogEntry, LogLevel, Role, Session, SessionId, SessionKind, SessionTarget, StepRecord, StepState, Task,
-    TaskId, Tenant, TenantId, Timestamp, User, UserId,
+    Error, LogEntry, LogLevel, ReplicaId, RestorePoint, RestorePointDisk, RestorePointId, RestorePointState, Role,
+    Session, SessionId, SessionKind, SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp,
+    User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -894,6 +895,126 @@ impl Store {
     }
 
     // ---------------------------------------------------------------------------------------------
+    // Restore points
+
+    /// Publishes a restore point: from this moment it exists. Its sequence is assigned here, one
+    /// more than the replica's newest. Idempotent per session: publishing again from the same
+    /// session returns the point already published.
+    pub async fn restore_point_publish(&self, tenant: TenantId, point: &RestorePoint) -> Result<RestorePoint> {
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+        let existing = sqlx::query(&format!("{POINT_SELECT} WHERE replica_id = $1 AND session_id = $2"))
+            .bind(point.replica_id.to_string())
+            .bind(point.session_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if let Some(row) = existing {
+            return Ok(point_from_row(&row)?);
+        }
+        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(sequence) FROM restore_points WHERE replica_id = $1")
+            .bind(point.replica_id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        let mut stored = point.clone();
+        stored.sequence = max.unwrap_or(0) as u64 + 1;
+        sqlx::query(
+            "INSERT INTO restore_points (id, replica_id, tenant_id, sequence, session_id, state, created_at,
+                                         bytes_written, disks, verified)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(stored.id.to_string())
+        .bind(stored.replica_id.to_string())
+        .bind(tenant.to_string())
+        .bind(stored.sequence as i64)
+        .bind(stored.session_id.to_string())
+        .bind(enum_str(&stored.state))
+        .bind(ms(stored.created_at))
+        .bind(stored.bytes_written as i64)
+        .bind(json_str(&stored.disks)?)
+        .bind(stored.verified)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(stored)
+    }
+
+    /// A replica's points, oldest first.
+    pub async fn restore_points_of(&self, tenant: TenantId, replica: ReplicaId) -> Result<Vec<RestorePoint>> {
+        let rows = sqlx::query(&format!("{POINT_SELECT} WHERE replica_id = $1 AND tenant_id = $2 ORDER BY sequence"))
+            .bind(replica.to_string())
+            .bind(tenant.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows.iter().map(point_from_row).collect::<StoreResult<_>>()?)
+    }
+
+    pub async fn restore_point_set_state(&self, id: RestorePointId, state: RestorePointState) -> Result<()> {
+        let done = sqlx::query("UPDATE restore_points SET state = $1 WHERE id = $2")
+            .bind(enum_str(&state))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(RestorePointId::KIND, id));
+        }
+        Ok(())
+    }
+
+    pub async fn restore_point_set_verified(&self, id: RestorePointId, verified: bool) -> Result<()> {
+        sqlx::query("UPDATE restore_points SET verified = $1 WHERE id = $2")
+            .bind(verified)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// The end of retention: in one transaction, removes the retiring oldest point and records
+    /// the files that now hold the next point.
+    pub async fn restore_point_retire(
+        &self,
+        oldest: RestorePointId,
+        next: RestorePointId,
+        next_disks: &[RestorePointDisk],
+    ) -> Result<()> {
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM restore_points WHERE id = $1")
+            .bind(oldest.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        match state.as_deref() {
+            // Already retired by an earlier run: nothing to do.
+            None => return Ok(()),
+            Some("Retiring") => {}
+            Some(other) => {
+                return Err(Error::conflict(format!("restore point {oldest} is {other}, not Retiring")));
+            }
+        }
+        sqlx::query("DELETE FROM restore_points WHERE id = $1")
+            .bind(oldest.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        let done = sqlx::query("UPDATE restore_points SET disks = $1 WHERE id = $2")
+            .bind(json_str(&next_disks)?)
+            .bind(next.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found(RestorePointId::KIND, next));
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------
     // Settings
 
     pub async fn setting_get(&self, name: &str) -> Result<Option<String>> {
@@ -918,6 +1039,25 @@ impl Store {
 
 async fn tokio_yield() {
     tokio::task::yield_now().await;
+}
+
+const POINT_SELECT: &str = "SELECT id, replica_id, sequence, session_id, state, created_at, bytes_written, disks,
+    verified FROM restore_points";
+
+fn point_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<RestorePoint> {
+    let sequence: i64 = r.try_get("sequence")?;
+    let bytes: i64 = r.try_get("bytes_written")?;
+    Ok(RestorePoint {
+        id: RestorePointId(uuid_parse(r.try_get("id")?)?),
+        replica_id: ReplicaId(uuid_parse(r.try_get("replica_id")?)?),
+        sequence: sequence as u64,
+        session_id: SessionId(uuid_parse(r.try_get("session_id")?)?),
+        state: enum_parse(r.try_get("state")?)?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+        bytes_written: bytes as u64,
+        disks: json_parse(r.try_get("disks")?)?,
+        verified: r.try_get("verified")?,
+    })
 }
 
 const SESSION_SELECT: &str = "SELECT id, tenant_id, kind, name, target_kind, target_id, state, result, progress,

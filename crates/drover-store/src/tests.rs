@@ -235,3 +235,50 @@ async fn saga_steps_upsert_by_position() {
     store.step_put(&rec).await.unwrap();
     assert_eq!(store.steps_of(s.id).await.unwrap(), vec![rec]);
 }
+
+#[tokio::test]
+async fn restore_points_publish_once_and_retire_atomically() {
+    let (store, _dir, t) = fresh().await;
+    let replica = ReplicaId::new();
+    let point = |session: SessionId, file: &str| RestorePoint {
+        id: RestorePointId::new(),
+        replica_id: replica,
+        sequence: 0,
+        session_id: session,
+        state: RestorePointState::Published,
+        created_at: now(),
+        bytes_written: 65536,
+        disks: vec![RestorePointDisk {
+            disk: "data".into(),
+            file: file.into(),
+            size_bytes: 1 << 20,
+            manifest_digest: "d".into(),
+        }],
+        verified: false,
+    };
+    let s1 = SessionId::new();
+    let p1 = store.restore_point_publish(t.id, &point(s1, "/a.qcow2")).await.unwrap();
+    assert_eq!(p1.sequence, 1);
+    // Publishing again from the same session (a retried step) returns the same point.
+    let again = store.restore_point_publish(t.id, &point(s1, "/other.qcow2")).await.unwrap();
+    assert_eq!(again, p1);
+    let p2 = store.restore_point_publish(t.id, &point(SessionId::new(), "/b.qcow2")).await.unwrap();
+    let p3 = store.restore_point_publish(t.id, &point(SessionId::new(), "/c.qcow2")).await.unwrap();
+    assert_eq!((p2.sequence, p3.sequence), (2, 3));
+    assert_eq!(store.restore_points_of(t.id, replica).await.unwrap().len(), 3);
+    assert!(store.restore_points_of(TenantId::new(), replica).await.unwrap().is_empty(), "tenant-scoped");
+
+    // Retire refuses a point that was not marked retiring, and changes nothing.
+    let moved = vec![RestorePointDisk { file: "/a.qcow2".into(), ..p2.disks[0].clone() }];
+    assert!(matches!(store.restore_point_retire(p1.id, p2.id, &moved).await, Err(Error::Conflict(_))));
+    store.restore_point_set_state(p1.id, RestorePointState::Retiring).await.unwrap();
+    store.restore_point_retire(p1.id, p2.id, &moved).await.unwrap();
+    // A second run (after a crash) is a no-op.
+    store.restore_point_retire(p1.id, p2.id, &moved).await.unwrap();
+    let left = store.restore_points_of(t.id, replica).await.unwrap();
+    assert_eq!(left.iter().map(|p| p.sequence).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(left[0].disks[0].file, "/a.qcow2");
+    // Sequences keep growing after retention.
+    let p4 = store.restore_point_publish(t.id, &point(SessionId::new(), "/d.qcow2")).await.unwrap();
+    assert_eq!(p4.sequence, 4);
+}

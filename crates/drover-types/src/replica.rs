@@ -134,17 +134,41 @@ pub struct Replica {
     pub updated_at: Timestamp,
 }
 
+/// A restore point is offered for failover only while `Published`. Retention marks the oldest
+/// point `Retiring` before it starts merging it away, so a crash in the middle never leaves a
+/// half-merged point on offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RestorePointState {
+    Published,
+    Retiring,
+}
+
+/// One disk of a restore point: the qcow2 file whose chain reads as the disk at that point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePointDisk {
+    /// The VM disk's name.
+    pub disk: String,
+    /// Absolute path of the point's file on the target datastore.
+    pub file: String,
+    pub size_bytes: u64,
+    /// Digest of the disk's block manifest at this point.
+    pub manifest_digest: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestorePoint {
     pub id: RestorePointId,
     pub replica_id: ReplicaId,
     /// Increases by one per published point of a replica.
     pub sequence: u64,
+    /// The replication session that made it; publishing twice from one session is a no-op.
+    pub session_id: crate::SessionId,
+    pub state: RestorePointState,
     pub created_at: Timestamp,
-    /// Total bytes written into this point's overlays.
-    pub size_bytes: u64,
-    /// Hash over the per-disk block manifests.
-    pub manifest_hash: String,
+    /// Bytes written into this point's files by its cycle.
+    pub bytes_written: u64,
+    pub disks: Vec<RestorePointDisk>,
+    /// Set when a check found the target's data equal to the manifests.
     pub verified: bool,
 }
 
