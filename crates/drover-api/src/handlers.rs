@@ -412,6 +412,34 @@ pub async fn jobs_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Pa
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Replicas appear with the first replication run of their job.
+#[utoipa::path(get, path = "/v1/replicas", tag = "replication", security(("bearer" = [])),
+    responses((status = 200, body = Page<ReplicaView>)))]
+pub async fn replicas_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<ReplicaView>>> {
+    Ok(list(st.app.list::<d::Replica>(&c).await?))
+}
+
+#[utoipa::path(get, path = "/v1/replicas/{id}", tag = "replication", security(("bearer" = [])),
+    responses((status = 200, body = ReplicaView), (status = 404, body = ErrorBody)))]
+pub async fn replicas_get(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<ReplicaView>> {
+    Ok(Json(st.app.get::<d::Replica>(&c, id).await?.into()))
+}
+
+/// A replica's restore points, oldest first.
+#[utoipa::path(get, path = "/v1/replicas/{id}/restore-points", tag = "replication", security(("bearer" = [])),
+    responses((status = 200, body = Page<RestorePointView>), (status = 404, body = ErrorBody)))]
+pub async fn replicas_points(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Page<RestorePointView>>> {
+    Ok(list(st.app.restore_points(&c, id.into()).await?))
+}
+
 #[utoipa::path(get, path = "/v1/recovery-locations", tag = "plans", security(("bearer" = [])),
     responses((status = 200, body = Page<RecoveryLocationView>)))]
 pub async fn locations_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Json<Page<RecoveryLocationView>>> {

@@ -419,6 +419,84 @@ impl From<d::ReplicationJob> for ReplicationJobView {
     }
 }
 
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaView {
+    pub id: Uuid,
+    /// `<source VM>_replica`.
+    pub name: String,
+    pub job_id: Uuid,
+    pub source_vm_id: Uuid,
+    pub target_datastore_id: Uuid,
+    /// `Ready`, `Processing`, `Failover`, `FailedFailover`, `PermanentFailover`, `ReadyToSwitch`, `Failback`.
+    #[schema(value_type = String)]
+    pub state: d::ReplicaState,
+    /// The point a failed-over replica booted from.
+    pub failover_point_id: Option<Uuid>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<d::Replica> for ReplicaView {
+    fn from(r: d::Replica) -> Self {
+        ReplicaView {
+            id: r.id.0,
+            name: r.name,
+            job_id: r.job_id.0,
+            source_vm_id: r.source_vm_id.0,
+            target_datastore_id: r.target_datastore_id.0,
+            state: r.state,
+            failover_point_id: r.failover_point_id.map(|p| p.0),
+            created_at: r.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestorePointDiskView {
+    pub disk: String,
+    pub size_bytes: u64,
+    pub manifest_digest: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RestorePointView {
+    pub id: Uuid,
+    pub replica_id: Uuid,
+    pub sequence: u64,
+    /// The replication session that made it.
+    pub session_id: Uuid,
+    /// `Published`, or `Retiring` while retention merges it away.
+    #[schema(value_type = String)]
+    pub state: d::RestorePointState,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub bytes_written: u64,
+    pub verified: bool,
+    pub disks: Vec<RestorePointDiskView>,
+}
+
+impl From<d::RestorePoint> for RestorePointView {
+    fn from(p: d::RestorePoint) -> Self {
+        RestorePointView {
+            id: p.id.0,
+            replica_id: p.replica_id.0,
+            sequence: p.sequence,
+            session_id: p.session_id.0,
+            state: p.state,
+            created_at: p.created_at,
+            bytes_written: p.bytes_written,
+            verified: p.verified,
+            disks: p
+                .disks
+                .into_iter()
+                .map(|x| RestorePointDiskView {
+                    disk: x.disk,
+                    size_bytes: x.size_bytes,
+                    manifest_digest: x.manifest_digest,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkMappingBody {

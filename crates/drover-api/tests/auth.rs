@@ -34,6 +34,9 @@ fn routes() -> Vec<(Method, String)> {
     for a in ["enable", "failover", "halt", "reset"] {
         r.push((Method::POST, format!("/v1/plans/{id}/{a}")));
     }
+    r.push((Method::GET, "/v1/replicas".into()));
+    r.push((Method::GET, format!("/v1/replicas/{id}")));
+    r.push((Method::GET, format!("/v1/replicas/{id}/restore-points")));
     r.push((Method::GET, "/v1/sessions".into()));
     for s in ["", "/log", "/events"] {
         r.push((Method::GET, format!("/v1/sessions/{id}{s}")));

@@ -797,6 +797,12 @@ impl App {
         Ok(job)
     }
 
+    /// A replica's restore points, oldest first.
+    pub async fn restore_points(&self, caller: &Caller, replica: ReplicaId) -> Result<Vec<RestorePoint>> {
+        self.get::<Replica>(caller, replica.0).await?;
+        self.store().restore_points_of(caller.tenant_id, replica).await
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Plans
 
