@@ -96,7 +96,7 @@ impl Manifest {
 
     /// Records every block of `data` read at `offset` (block-aligned).
     pub fn set_range(&mut self, offset: u64, data: &[u8]) -> Result<(), ManifestError> {
-        if offset % self.block_size != 0 {
+        if !offset.is_multiple_of(self.block_size) {
             return Err(ManifestError::Shape(format!("offset {offset} is not block-aligned")));
         }
         let mut block = offset / self.block_size;
