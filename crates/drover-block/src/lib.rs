@@ -4,9 +4,11 @@
 //!   contexts such as `qemu:dirty-bitmap:<name>` and `base:allocation`, reads and writes).
 //! - [`extents`]: sets of byte ranges: union, intersection, clipping, chunking.
 //! - [`hash`]: fixed-size block hashes and manifests.
+//! - [`copy`]: moving extents between exports, and the hash-compare sync.
 //! - [`chain`]: restore points on the target as a chain of qcow2 overlays per disk.
 
 pub mod chain;
+pub mod copy;
 pub mod extents;
 pub mod hash;
 pub mod nbd;
