@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod client;
 mod lab;
 mod serve;
@@ -23,6 +24,9 @@ enum Command {
     /// The embedded default on one machine: serve, plus a production and a DR site and small
     /// real VMs running the tiny guest.
     Lab(lab::LabArgs),
+    /// Measure the data path against baselines.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Lab(args) => lab::run(args).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
             Command::Client(cmd) => client::run(cmd, &cli.global).await,
         }
     });

@@ -1,0 +1,436 @@
+//! `drover bench replication`: the data path measured on one disk image, with the baselines
+//! beside it, all in the same run and on the same data.
+//!
+//! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full copy).
+//! 2. A persistent dirty bitmap is added, `--change` of the 64 KiB blocks are rewritten at random.
+//! 3. Incremental: the dirty granules go into a new overlay on the seed (bytes read and sent).
+//! 4. Hash-compare: a stale overlay on the seed is brought level by block hashes.
+//! 5. Failback: a replica boots through an overlay on the new point and writes; production writes
+//!    too (tracked by the next bitmap). The union of the two is what must travel back; it is sent
+//!    and production is checked equal to the replica.
+//! 6. Baselines: reading both images once, `rsync --inplace --no-whole-file` between raw copies,
+//!    and `qemu-img convert`.
+//!
+//! All I/O goes through `qemu-storage-daemon` NBD exports and drover's own NBD client: the same
+//! path replication uses.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use drover_block::copy::{copy_extents, hash_compare_sync};
+use drover_block::extents::{Extent, ExtentSet};
+use drover_block::hash::{BLOCK_SIZE, Manifest};
+use drover_block::nbd::NbdClient;
+use drover_hv::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use rand::{Rng, RngCore, SeedableRng};
+use serde::Serialize;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Full, incremental and hash-compare replication of one disk, failback bytes, and baselines.
+    Replication(ReplicationArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplicationArgs {
+    /// Disk size, e.g. 256MiB, 1GiB.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Fraction of 64 KiB blocks changed, e.g. 1% or 0.5%.
+    #[arg(long, default_value = "1%", value_parser = parse_percent)]
+    pub change: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Work directory (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Seed of the random data and block choice, for repeatable runs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("G", 1 << 30), ("M", 1 << 20)]
+        .iter()
+        .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
+        .unwrap_or((s, 1));
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size like 1GiB or 256MiB"))?;
+    let bytes = n.checked_mul(mult).ok_or("size overflows")?;
+    if bytes < 4 << 20 || bytes % BLOCK_SIZE != 0 {
+        return Err(format!("size must be at least 4MiB and a multiple of 64KiB, got {bytes}"));
+    }
+    Ok(bytes)
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| format!("{s:?} is not a percentage like 1%"))?;
+    if !(0.0..=100.0).contains(&v) || v == 0.0 {
+        return Err("change must be above 0% and at most 100%".into());
+    }
+    Ok(v / 100.0)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Phase {
+    pub seconds: f64,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub size_bytes: u64,
+    pub change_fraction: f64,
+    pub changed_bytes: u64,
+    pub full_copy: Phase,
+    pub incremental: Phase,
+    pub hash_compare: Phase,
+    /// Reading source and target once each, sequentially: the floor for hash-compare.
+    pub read_both_seconds: f64,
+    pub failback: FailbackReport,
+    pub rsync_seconds: Option<f64>,
+    pub qemu_img_convert_seconds: f64,
+    /// `incremental.bytes_sent / changed_bytes` (target ≤ 1.05).
+    pub incremental_ratio: f64,
+    /// `hash_compare.seconds / rsync_seconds` (target ≤ 0.5).
+    pub hash_compare_vs_rsync: Option<f64>,
+    /// `hash_compare.seconds / read_both_seconds` (target ≤ 1.5).
+    pub hash_compare_vs_read_both: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FailbackReport {
+    /// Bytes the replica changed while failed over, plus bytes production changed since the point.
+    pub changed_bytes: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+    /// `bytes_sent / changed_bytes` (target ≤ 1.1).
+    pub ratio: f64,
+    /// Production equals the replica after the failback (`qemu-img compare`).
+    pub equal_after: bool,
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Replication(args) => {
+            let report = replication(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One daemon, the nodes and exports of the benchmark, and clients to them.
+struct Rig {
+    qsd: StorageDaemon,
+    counter: u32,
+}
+
+type Client = NbdClient<tokio::net::UnixStream>;
+
+impl Rig {
+    async fn export(&mut self, path: &Path, backing: Backing, writable: bool, bitmaps: &[&str]) -> anyhow::Result<(String, String)> {
+        self.counter += 1;
+        let node = format!("n{}", self.counter);
+        self.qsd
+            .add_qcow2(&Qcow2Node { node_name: node.clone(), path: path.to_path_buf(), backing, read_only: !writable })
+            .await?;
+        let endpoint = self
+            .qsd
+            .add_nbd_export(&NbdExport {
+                id: format!("e{}", self.counter),
+                node_name: node.clone(),
+                name: node.clone(),
+                writable,
+                bitmaps: bitmaps.iter().map(|b| b.to_string()).collect(),
+            })
+            .await?;
+        Ok((node, endpoint.export_name))
+    }
+
+    async fn client(&self, export: &str, contexts: &[&str]) -> anyhow::Result<Client> {
+        Ok(NbdClient::connect_unix(self.qsd.nbd_socket_path(), export, contexts).await?)
+    }
+
+    async fn close(&self, node: &str) -> anyhow::Result<()> {
+        let id = format!("e{}", node.trim_start_matches('n'));
+        self.qsd.remove_nbd_export(&id).await?;
+        self.qsd.remove_node(node).await?;
+        Ok(())
+    }
+}
+
+fn qemu_img(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("qemu-img").args(args).output().context("running qemu-img")?;
+    if !out.status.success() {
+        bail!("qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn timed<T>(start: Instant, v: T) -> (T, f64) {
+    (v, start.elapsed().as_secs_f64())
+}
+
+/// `count` distinct random 64 KiB blocks of the disk.
+fn random_blocks(rng: &mut impl Rng, size: u64, count: u64) -> ExtentSet {
+    let blocks = size / BLOCK_SIZE;
+    let mut picked = std::collections::BTreeSet::new();
+    while (picked.len() as u64) < count.min(blocks) {
+        picked.insert(rng.gen_range(0..blocks));
+    }
+    let mut set = ExtentSet::new();
+    for b in picked {
+        set.insert(Extent::new(b * BLOCK_SIZE, BLOCK_SIZE));
+    }
+    set
+}
+
+async fn write_random(client: &mut Client, rng: &mut impl RngCore, extents: &ExtentSet) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 4 << 20];
+    for e in extents.chunks(buf.len() as u64) {
+        let chunk = &mut buf[..e.len as usize];
+        rng.fill_bytes(chunk);
+        client.write(e.offset, chunk).await?;
+    }
+    client.flush().await?;
+    Ok(())
+}
+
+pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            // Short path: the daemon's sockets live in it.
+            temp = tempfile::Builder::new().prefix("drb").tempdir_in("/tmp")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let size = args.size;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let path = |n: &str| dir.join(n);
+    let size_s = size.to_string();
+    for f in ["source.qcow2", "seed.qcow2"] {
+        qemu_img(&["create", "-q", "-f", "qcow2", path(f).to_str().unwrap_or_default(), &size_s])?;
+    }
+    let mut rig = Rig { qsd: StorageDaemon::start(&dir.join("qsd")).await?, counter: 0 };
+    rig.qsd.start_nbd_server().await?;
+
+    // The source: random data everywhere, so that every byte is real work.
+    let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
+    let mut src = rig.client(&src_export, &["base:allocation"]).await?;
+    write_random(&mut src, &mut rng, &ExtentSet::from_range(0, size)).await?;
+
+    // 1. Full copy into the empty seed.
+    let (seed_node, seed_export) = rig.export(&path("seed.qcow2"), Backing::None, true, &[]).await?;
+    let mut seed = rig.client(&seed_export, &[]).await?;
+    let mut manifest = Manifest::zeroed(size);
+    let start = Instant::now();
+    let data = src.data_extents(0, size).await?;
+    let (stats, full_secs) = timed(start, copy_extents(&mut src, &mut seed, &data, &mut manifest, |_, _| {}).await?);
+    let full_copy = Phase { seconds: full_secs, bytes_read: stats.source_read, bytes_sent: stats.written };
+    seed.disconnect().await?;
+    rig.close(&seed_node).await?;
+
+    // 2. Tracking from here: a persistent bitmap on the source; then random blocks change.
+    rig.qsd.execute("block-dirty-bitmap-add", serde_json::json!({"node": src_node, "name": "bm1", "persistent": true})).await?;
+    let changed = random_blocks(&mut rng, size, ((size / BLOCK_SIZE) as f64 * args.change).ceil() as u64);
+    write_random(&mut src, &mut rng, &changed).await?;
+    let changed_bytes = changed.total_bytes();
+    src.disconnect().await?;
+    rig.close(&src_node).await?;
+    // A read-only export may only carry a disabled bitmap; the next bitmap tracks what follows.
+    let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
+    rig.qsd
+        .execute(
+            "transaction",
+            serde_json::json!({"actions": [
+                {"type": "block-dirty-bitmap-disable", "data": {"node": src_node, "name": "bm1"}},
+                {"type": "block-dirty-bitmap-add", "data": {"node": src_node, "name": "bm2", "persistent": true}}
+            ]}),
+        )
+        .await?;
+    rig.close(&src_node).await?;
+    let (src_node, src_export) = {
+        let _ = src_export;
+        rig.export(&path("source.qcow2"), Backing::None, false, &["bm1"]).await?
+    };
+
+    // 3. Incremental: only the dirty granules, into a new point on the seed.
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path("seed.qcow2").to_str().unwrap_or_default(), path("point2.qcow2").to_str().unwrap_or_default()])?;
+    let (p2_node, p2_export) = rig.export(&path("point2.qcow2"), Backing::FromImage, true, &[]).await?;
+    let mut src = rig.client(&src_export, &["qemu:dirty-bitmap:bm1"]).await?;
+    let mut p2 = rig.client(&p2_export, &[]).await?;
+    let start = Instant::now();
+    let dirty = src.dirty_extents("qemu:dirty-bitmap:bm1", 0, size).await?;
+    let (stats, incr_secs) = timed(start, copy_extents(&mut src, &mut p2, &dirty, &mut manifest, |_, _| {}).await?);
+    let incremental = Phase { seconds: incr_secs, bytes_read: stats.source_read, bytes_sent: stats.written };
+    p2.disconnect().await?;
+    rig.close(&p2_node).await?;
+
+    // 4. Hash-compare into a stale overlay on the seed.
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path("seed.qcow2").to_str().unwrap_or_default(), path("stale.qcow2").to_str().unwrap_or_default()])?;
+    let (st_node, st_export) = rig.export(&path("stale.qcow2"), Backing::FromImage, true, &[]).await?;
+    let mut stale = rig.client(&st_export, &[]).await?;
+    let mut hc_manifest = Manifest::zeroed(size);
+    let start = Instant::now();
+    let (stats, hc_secs) = timed(start, hash_compare_sync(&mut src, &mut stale, &mut hc_manifest, |_, _| {}).await?);
+    let hash_compare = Phase { seconds: hc_secs, bytes_read: stats.source_read + stats.target_read, bytes_sent: stats.written };
+    if hc_manifest != manifest {
+        bail!("hash-compare and the incremental path disagree on the source's content");
+    }
+    // The floor: read both once, sequentially.
+    let start = Instant::now();
+    let mut off = 0;
+    while off < size {
+        let len = (4u64 << 20).min(size - off);
+        let (a, b) = tokio::join!(src.read(off, len), stale.read(off, len));
+        a?;
+        b?;
+        off += len;
+    }
+    let read_both_seconds = start.elapsed().as_secs_f64();
+    stale.disconnect().await?;
+    rig.close(&st_node).await?;
+    src.disconnect().await?;
+    rig.close(&src_node).await?;
+
+    // 5. Failback. The replica boots from point 2 through an overlay and writes; production writes
+    // too (bm2 tracks it). What must travel back is the union; production must end equal.
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path("point2.qcow2").to_str().unwrap_or_default(), path("failover.qcow2").to_str().unwrap_or_default()])?;
+    let n = ((size / BLOCK_SIZE) as f64 * args.change / 2.0).ceil() as u64;
+    let replica_writes = random_blocks(&mut rng, size, n);
+    let prod_writes = random_blocks(&mut rng, size, n);
+    let (fo_node, fo_export) = rig.export(&path("failover.qcow2"), Backing::FromImage, true, &[]).await?;
+    let mut fo = rig.client(&fo_export, &[]).await?;
+    write_random(&mut fo, &mut rng, &replica_writes).await?;
+    fo.disconnect().await?;
+    rig.close(&fo_node).await?;
+    let (pr_node, pr_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
+    let mut prod = rig.client(&pr_export, &[]).await?;
+    write_random(&mut prod, &mut rng, &prod_writes).await?;
+    prod.disconnect().await?;
+    rig.close(&pr_node).await?;
+    let really_changed = replica_writes.union(&prod_writes).total_bytes();
+
+    let start = Instant::now();
+    // (a) What the replica wrote: the failover overlay's own clusters (opened without its backing).
+    let (ov_node, ov_export) = rig.export(&path("failover.qcow2"), Backing::None, false, &[]).await?;
+    let mut ov = rig.client(&ov_export, &["base:allocation"]).await?;
+    let replica_changed = ov.data_extents(0, size).await?;
+    ov.disconnect().await?;
+    rig.close(&ov_node).await?;
+    // (b) What production wrote since the point: bm2.
+    let (pr_node, _) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
+    rig.qsd.execute("block-dirty-bitmap-disable", serde_json::json!({"node": pr_node, "name": "bm2"})).await?;
+    rig.close(&pr_node).await?;
+    let (pr_node, pr_export) = rig.export(&path("source.qcow2"), Backing::None, true, &["bm2"]).await?;
+    let mut prod = rig.client(&pr_export, &["qemu:dirty-bitmap:bm2"]).await?;
+    let prod_changed = prod.dirty_extents("qemu:dirty-bitmap:bm2", 0, size).await?;
+    let union = replica_changed.union(&prod_changed);
+    // Send the union from the replica's view (the failover overlay over its chain) to production.
+    let (fv_node, fv_export) = rig.export(&path("failover.qcow2"), Backing::FromImage, false, &[]).await?;
+    let mut replica = rig.client(&fv_export, &[]).await?;
+    let mut fb_manifest = manifest.clone();
+    let stats = copy_extents(&mut replica, &mut prod, &union, &mut fb_manifest, |_, _| {}).await?;
+    let fb_secs = start.elapsed().as_secs_f64();
+    replica.disconnect().await?;
+    prod.disconnect().await?;
+    rig.close(&fv_node).await?;
+    rig.close(&pr_node).await?;
+    rig.qsd.shutdown().await?;
+    let equal_after = std::process::Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(path("source.qcow2"))
+        .arg(path("failover.qcow2"))
+        .status()?
+        .success();
+    let failback = FailbackReport {
+        changed_bytes: really_changed,
+        bytes_sent: stats.written,
+        seconds: fb_secs,
+        ratio: stats.written as f64 / really_changed.max(1) as f64,
+        equal_after,
+    };
+
+    // 6. Baselines on the same data.
+    let raw = |n: &str| path(n).with_extension("raw");
+    qemu_img(&["convert", "-O", "raw", path("source.qcow2").to_str().unwrap_or_default(), raw("source").to_str().unwrap_or_default()])?;
+    qemu_img(&["convert", "-O", "raw", path("seed.qcow2").to_str().unwrap_or_default(), raw("seed").to_str().unwrap_or_default()])?;
+    let rsync_seconds = match std::process::Command::new("rsync").arg("--version").output() {
+        Ok(o) if o.status.success() => {
+            let start = Instant::now();
+            let ok = std::process::Command::new("rsync")
+                .args(["--inplace", "--no-whole-file"])
+                .arg(raw("source"))
+                .arg(raw("seed"))
+                .status()?
+                .success();
+            if !ok {
+                bail!("rsync failed");
+            }
+            Some(start.elapsed().as_secs_f64())
+        }
+        _ => None,
+    };
+    let start = Instant::now();
+    qemu_img(&["convert", "-O", "qcow2", path("source.qcow2").to_str().unwrap_or_default(), path("convert.qcow2").to_str().unwrap_or_default()])?;
+    let qemu_img_convert_seconds = start.elapsed().as_secs_f64();
+    for f in ["source.raw", "seed.raw", "convert.qcow2"] {
+        let _ = std::fs::remove_file(path(f));
+    }
+
+    Ok(Report {
+        size_bytes: size,
+        change_fraction: args.change,
+        changed_bytes,
+        incremental_ratio: incremental.bytes_sent as f64 / changed_bytes.max(1) as f64,
+        hash_compare_vs_rsync: rsync_seconds.map(|r| hash_compare.seconds / r.max(1e-9)),
+        hash_compare_vs_read_both: hash_compare.seconds / read_both_seconds.max(1e-9),
+        full_copy,
+        incremental,
+        hash_compare,
+        read_both_seconds,
+        failback,
+        rsync_seconds,
+        qemu_img_convert_seconds,
+    })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn print_report(r: &Report) {
+    let d = |s: f64| format!("{:.3} s", Duration::from_secs_f64(s).as_secs_f64());
+    println!("disk {} , {:.2}% of blocks changed ({})", mib(r.size_bytes), r.change_fraction * 100.0, mib(r.changed_bytes));
+    println!("  full copy      {:>10}  read {:>12}  sent {:>12}", d(r.full_copy.seconds), mib(r.full_copy.bytes_read), mib(r.full_copy.bytes_sent));
+    println!("  incremental    {:>10}  read {:>12}  sent {:>12}  sent/changed {:.3}", d(r.incremental.seconds), mib(r.incremental.bytes_read), mib(r.incremental.bytes_sent), r.incremental_ratio);
+    println!("  hash-compare   {:>10}  read {:>12}  sent {:>12}", d(r.hash_compare.seconds), mib(r.hash_compare.bytes_read), mib(r.hash_compare.bytes_sent));
+    println!("  read both once {:>10}  (hash-compare / read-both {:.2})", d(r.read_both_seconds), r.hash_compare_vs_read_both);
+    match (r.rsync_seconds, r.hash_compare_vs_rsync) {
+        (Some(s), Some(x)) => println!("  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2})", d(s), x),
+        _ => println!("  rsync: not installed"),
+    }
+    println!("  qemu-img convert {:>10}", d(r.qemu_img_convert_seconds));
+    println!(
+        "  failback       {:>10}  sent {:>12} for {} really changed (ratio {:.3}); production equals replica: {}",
+        d(r.failback.seconds),
+        mib(r.failback.bytes_sent),
+        mib(r.failback.changed_bytes),
+        r.failback.ratio,
+        r.failback.equal_after
+    );
+}
