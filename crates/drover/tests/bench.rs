@@ -1,0 +1,41 @@
+//! `drover bench replication` on a small disk: the byte counts it reports must meet the design's
+//! targets (these are counts, not timings, so they hold on any machine), and failback must leave
+//! production equal to the replica.
+
+use serde_json::Value;
+
+#[test]
+fn bench_replication_reports_what_moved() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["bench", "replication", "--size", "32MiB", "--change", "3%", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let changed = r["changed_bytes"].as_u64().unwrap();
+    assert!(changed > 0);
+    assert_eq!(r["full_copy"]["bytes_sent"].as_u64(), Some(32 << 20), "the seed sends the whole (random) disk");
+    // Incremental: only the changed data, read once.
+    assert!(r["incremental_ratio"].as_f64().unwrap() <= 1.05, "{r}");
+    assert_eq!(r["incremental"]["bytes_read"], r["incremental"]["bytes_sent"]);
+    // Hash-compare: each side read once, only the differing blocks sent.
+    assert_eq!(r["hash_compare"]["bytes_read"].as_u64(), Some(2 * (32 << 20)));
+    assert_eq!(r["hash_compare"]["bytes_sent"].as_u64(), Some(changed));
+    // Failback: no more than 1.1x what really changed, and production ends equal to the replica.
+    assert!(r["failback"]["ratio"].as_f64().unwrap() <= 1.1, "{r}");
+    assert_eq!(r["failback"]["equal_after"], true);
+    assert!(r["qemu_img_convert_seconds"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_refuses_bad_arguments() {
+    for args in [["--size", "3MiB"], ["--size", "lots"], ["--change", "0%"], ["--change", "150%"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["bench", "replication"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+    }
+}
