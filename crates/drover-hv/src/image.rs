@@ -165,6 +165,54 @@ pub async fn compare(a: &Path, b: &Path) -> HvResult<bool> {
     }
 }
 
+/// Creates a qcow2 overlay at `path` whose backing file is `backing` (a qcow2, referenced by its
+/// absolute path). The overlay reads as its backing until written. Refuses to overwrite a file.
+pub async fn create_overlay(path: &Path, backing: &Path) -> HvResult<()> {
+    if tokio::fs::try_exists(path).await.map_err(|e| HvError::io(format!("checking {}", path.display()), e))? {
+        return Err(HvError::io(
+            format!("{} exists; refusing to overwrite it with an overlay", path.display()),
+            std::io::Error::from(ErrorKind::AlreadyExists),
+        ));
+    }
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        path.as_os_str(),
+    ])
+    .await?;
+    Ok(())
+}
+
+/// Writes the clusters of `top` into its backing file, leaving `top` as it was (`-d`), so the view
+/// through `top` never changes while this runs and a retry after a crash is harmless.
+pub async fn commit_into_backing(top: &Path) -> HvResult<()> {
+    qemu_img(&["commit".as_ref(), "-q".as_ref(), "-d".as_ref(), top.as_os_str()]).await?;
+    Ok(())
+}
+
+/// Points `image` at another backing file without copying anything (`rebase -u`). Only correct
+/// when the new backing reads exactly as the old one did; the caller guarantees that.
+pub async fn set_backing_unsafe(image: &Path, backing: &Path) -> HvResult<()> {
+    qemu_img(&[
+        "rebase".as_ref(),
+        "-q".as_ref(),
+        "-u".as_ref(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        image.as_os_str(),
+    ])
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,52 +278,4 @@ mod tests {
         remove(&a).await.unwrap();
         assert!(!a.exists());
     }
-}
-
-/// Creates a qcow2 overlay at `path` whose backing file is `backing` (a qcow2, referenced by its
-/// absolute path). The overlay reads as its backing until written. Refuses to overwrite a file.
-pub async fn create_overlay(path: &Path, backing: &Path) -> HvResult<()> {
-    if tokio::fs::try_exists(path).await.map_err(|e| HvError::io(format!("checking {}", path.display()), e))? {
-        return Err(HvError::io(
-            format!("{} exists; refusing to overwrite it with an overlay", path.display()),
-            std::io::Error::from(ErrorKind::AlreadyExists),
-        ));
-    }
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        backing.as_os_str(),
-        path.as_os_str(),
-    ])
-    .await?;
-    Ok(())
-}
-
-/// Writes the clusters of `top` into its backing file, leaving `top` as it was (`-d`), so the view
-/// through `top` never changes while this runs and a retry after a crash is harmless.
-pub async fn commit_into_backing(top: &Path) -> HvResult<()> {
-    qemu_img(&["commit".as_ref(), "-q".as_ref(), "-d".as_ref(), top.as_os_str()]).await?;
-    Ok(())
-}
-
-/// Points `image` at another backing file without copying anything (`rebase -u`). Only correct
-/// when the new backing reads exactly as the old one did; the caller guarantees that.
-pub async fn set_backing_unsafe(image: &Path, backing: &Path) -> HvResult<()> {
-    qemu_img(&[
-        "rebase".as_ref(),
-        "-q".as_ref(),
-        "-u".as_ref(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        backing.as_os_str(),
-        image.as_os_str(),
-    ])
-    .await?;
-    Ok(())
 }

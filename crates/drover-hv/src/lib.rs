@@ -21,7 +21,9 @@ use uuid::Uuid;
 pub mod image;
 pub mod qemu;
 pub mod qmp;
+pub mod qsd;
 pub mod sim;
+pub mod tracking;
 
 /// What the driver needs to know to run one VM. Built by the engine from the inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +109,10 @@ pub enum HvError {
     Tool { program: String, stderr: String },
     #[error("invalid VM specification: {0}")]
     InvalidSpec(String),
+    /// A dirty bitmap is missing or cannot be trusted (QEMU did not close the image cleanly):
+    /// the disk must fall back to hash-compare. See [`tracking`].
+    #[error("dirty bitmap {bitmap:?} {reason}")]
+    BitmapUnusable { bitmap: String, reason: String },
     #[error("{context}")]
     Io {
         context: String,
