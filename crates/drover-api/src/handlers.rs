@@ -412,6 +412,13 @@ pub async fn jobs_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Pa
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Runs the job now; the run is a session with a task per VM.
+#[utoipa::path(post, path = "/v1/replication-jobs/{id}/run", tag = "replication", security(("bearer" = [])),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn jobs_run(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
+    Ok(accepted(st.app.replication_job_run(&c, id.into()).await?))
+}
+
 /// Replicas appear with the first replication run of their job.
 #[utoipa::path(get, path = "/v1/replicas", tag = "replication", security(("bearer" = [])),
     responses((status = 200, body = Page<ReplicaView>)))]

@@ -63,7 +63,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::vms_list, handlers::vms_create, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
         handlers::vms_power_on, handlers::vms_shutdown, handlers::vms_power_off,
         handlers::jobs_list, handlers::jobs_create, handlers::jobs_get, handlers::jobs_patch, handlers::jobs_delete,
-        handlers::replicas_list, handlers::replicas_get, handlers::replicas_points,
+        handlers::jobs_run, handlers::replicas_list, handlers::replicas_get, handlers::replicas_points,
         handlers::locations_list, handlers::locations_create, handlers::locations_get, handlers::locations_patch, handlers::locations_delete,
         handlers::plans_list, handlers::plans_create, handlers::plans_get, handlers::plans_put, handlers::plans_delete,
         handlers::plans_action,
@@ -117,6 +117,7 @@ pub fn router(app: App) -> Router {
         .route("/vms/{id}/power-off", post(h::vms_power_off))
         .route("/replication-jobs", get(h::jobs_list).post(h::jobs_create))
         .route("/replication-jobs/{id}", get(h::jobs_get).patch(h::jobs_patch).delete(h::jobs_delete))
+        .route("/replication-jobs/{id}/run", post(h::jobs_run))
         .route("/replicas", get(h::replicas_list))
         .route("/replicas/{id}", get(h::replicas_get))
         .route("/replicas/{id}/restore-points", get(h::replicas_points))

@@ -34,6 +34,7 @@ fn routes() -> Vec<(Method, String)> {
     for a in ["enable", "failover", "halt", "reset"] {
         r.push((Method::POST, format!("/v1/plans/{id}/{a}")));
     }
+    r.push((Method::POST, format!("/v1/replication-jobs/{id}/run")));
     r.push((Method::GET, "/v1/replicas".into()));
     r.push((Method::GET, format!("/v1/replicas/{id}")));
     r.push((Method::GET, format!("/v1/replicas/{id}/restore-points")));

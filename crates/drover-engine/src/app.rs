@@ -797,6 +797,16 @@ impl App {
         Ok(job)
     }
 
+    /// Starts a run of a replication job now.
+    pub async fn replication_job_run(&self, caller: &Caller, id: ReplicationJobId) -> Result<SessionId> {
+        caller.require(Role::PlanOperator)?;
+        let job = self.get::<ReplicationJob>(caller, id.0).await?;
+        if !job.enabled {
+            return Err(Error::conflict(format!("replication job {:?} is disabled", job.name)));
+        }
+        crate::replication::submit(&self.engine, &job).await
+    }
+
     /// A replica's restore points, oldest first.
     pub async fn restore_points(&self, caller: &Caller, replica: ReplicaId) -> Result<Vec<RestorePoint>> {
         self.get::<Replica>(caller, replica.0).await?;

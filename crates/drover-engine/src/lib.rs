@@ -23,6 +23,7 @@ pub mod auth;
 pub mod monitor;
 pub mod ops;
 mod plan_ops;
+pub mod replication;
 pub mod saga;
 
 pub use drover_types::{Error, Result};
@@ -40,6 +41,9 @@ pub struct EngineConfig {
     pub shutdown_timeout: Duration,
     /// How often the monitor compares VM power states with the hypervisor.
     pub monitor_interval: Duration,
+    /// Where replication runs keep their sockets and daemons. Keep it short: unix socket paths
+    /// are limited to 107 bytes.
+    pub work_dir: std::path::PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +52,7 @@ impl Default for EngineConfig {
             heartbeat_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
+            work_dir: std::env::temp_dir().join("drover-work"),
         }
     }
 }
@@ -99,6 +104,7 @@ impl Engine {
         };
         ops::register(&engine);
         plan_ops::register(&engine);
+        replication::register(&engine);
         engine
     }
 

@@ -30,6 +30,7 @@ fn config() -> EngineConfig {
         heartbeat_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(2),
         monitor_interval: Duration::from_millis(100),
+        ..EngineConfig::default()
     }
 }
 

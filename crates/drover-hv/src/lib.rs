@@ -155,6 +155,12 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Idempotent. Disk images are the engine's to delete, through [`image`].
     async fn forget(&self, vm: Uuid) -> HvResult<()>;
 
+    /// The QEMU driver behind this hypervisor, for what only QMP can do (live change tracking,
+    /// see [`tracking`]). `None` for the simulated hypervisor.
+    fn qemu(&self) -> Option<&qemu::QemuDriver> {
+        None
+    }
+
     /// Finds VMs that outlived a restart of drover and re-attaches to them.
     /// Returns every VM the driver has state for, with its power state.
     async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>>;

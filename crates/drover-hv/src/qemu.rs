@@ -431,6 +431,10 @@ impl QemuDriver {
 
 #[async_trait]
 impl Hypervisor for QemuDriver {
+    fn qemu(&self) -> Option<&QemuDriver> {
+        Some(self)
+    }
+
     fn kind(&self) -> &'static str {
         "qemu"
     }

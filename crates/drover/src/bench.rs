@@ -137,7 +137,13 @@ struct Rig {
 type Client = NbdClient<tokio::net::UnixStream>;
 
 impl Rig {
-    async fn export(&mut self, path: &Path, backing: Backing, writable: bool, bitmaps: &[&str]) -> anyhow::Result<(String, String)> {
+    async fn export(
+        &mut self,
+        path: &Path,
+        backing: Backing,
+        writable: bool,
+        bitmaps: &[&str],
+    ) -> anyhow::Result<(String, String)> {
         self.counter += 1;
         let node = format!("n{}", self.counter);
         self.qsd
@@ -245,7 +251,9 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     rig.close(&seed_node).await?;
 
     // 2. Tracking from here: a persistent bitmap on the source; then random blocks change.
-    rig.qsd.execute("block-dirty-bitmap-add", serde_json::json!({"node": src_node, "name": "bm1", "persistent": true})).await?;
+    rig.qsd
+        .execute("block-dirty-bitmap-add", serde_json::json!({"node": src_node, "name": "bm1", "persistent": true}))
+        .await?;
     let changed = random_blocks(&mut rng, size, ((size / BLOCK_SIZE) as f64 * args.change).ceil() as u64);
     write_random(&mut src, &mut rng, &changed).await?;
     let changed_bytes = changed.total_bytes();
@@ -269,7 +277,17 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     };
 
     // 3. Incremental: only the dirty granules, into a new point on the seed.
-    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path("seed.qcow2").to_str().unwrap_or_default(), path("point2.qcow2").to_str().unwrap_or_default()])?;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        path("seed.qcow2").to_str().unwrap_or_default(),
+        path("point2.qcow2").to_str().unwrap_or_default(),
+    ])?;
     let (p2_node, p2_export) = rig.export(&path("point2.qcow2"), Backing::FromImage, true, &[]).await?;
     let mut src = rig.client(&src_export, &["qemu:dirty-bitmap:bm1"]).await?;
     let mut p2 = rig.client(&p2_export, &[]).await?;
@@ -281,13 +299,24 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     rig.close(&p2_node).await?;
 
     // 4. Hash-compare into a stale overlay on the seed.
-    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path("seed.qcow2").to_str().unwrap_or_default(), path("stale.qcow2").to_str().unwrap_or_default()])?;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        path("seed.qcow2").to_str().unwrap_or_default(),
+        path("stale.qcow2").to_str().unwrap_or_default(),
+    ])?;
     let (st_node, st_export) = rig.export(&path("stale.qcow2"), Backing::FromImage, true, &[]).await?;
     let mut stale = rig.client(&st_export, &[]).await?;
     let mut hc_manifest = Manifest::zeroed(size);
     let start = Instant::now();
     let (stats, hc_secs) = timed(start, hash_compare_sync(&mut src, &mut stale, &mut hc_manifest, |_, _| {}).await?);
-    let hash_compare = Phase { seconds: hc_secs, bytes_read: stats.source_read + stats.target_read, bytes_sent: stats.written };
+    let hash_compare =
+        Phase { seconds: hc_secs, bytes_read: stats.source_read + stats.target_read, bytes_sent: stats.written };
     if hc_manifest != manifest {
         bail!("hash-compare and the incremental path disagree on the source's content");
     }
@@ -309,7 +338,17 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
 
     // 5. Failback. The replica boots from point 2 through an overlay and writes; production writes
     // too (bm2 tracks it). What must travel back is the union; production must end equal.
-    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path("point2.qcow2").to_str().unwrap_or_default(), path("failover.qcow2").to_str().unwrap_or_default()])?;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        path("point2.qcow2").to_str().unwrap_or_default(),
+        path("failover.qcow2").to_str().unwrap_or_default(),
+    ])?;
     let n = ((size / BLOCK_SIZE) as f64 * args.change / 2.0).ceil() as u64;
     let replica_writes = random_blocks(&mut rng, size, n);
     let prod_writes = random_blocks(&mut rng, size, n);
@@ -367,8 +406,20 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
 
     // 6. Baselines on the same data.
     let raw = |n: &str| path(n).with_extension("raw");
-    qemu_img(&["convert", "-O", "raw", path("source.qcow2").to_str().unwrap_or_default(), raw("source").to_str().unwrap_or_default()])?;
-    qemu_img(&["convert", "-O", "raw", path("seed.qcow2").to_str().unwrap_or_default(), raw("seed").to_str().unwrap_or_default()])?;
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path("source.qcow2").to_str().unwrap_or_default(),
+        raw("source").to_str().unwrap_or_default(),
+    ])?;
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path("seed.qcow2").to_str().unwrap_or_default(),
+        raw("seed").to_str().unwrap_or_default(),
+    ])?;
     let rsync_seconds = match std::process::Command::new("rsync").arg("--version").output() {
         Ok(o) if o.status.success() => {
             let start = Instant::now();
@@ -386,7 +437,13 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         _ => None,
     };
     let start = Instant::now();
-    qemu_img(&["convert", "-O", "qcow2", path("source.qcow2").to_str().unwrap_or_default(), path("convert.qcow2").to_str().unwrap_or_default()])?;
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        path("source.qcow2").to_str().unwrap_or_default(),
+        path("convert.qcow2").to_str().unwrap_or_default(),
+    ])?;
     let qemu_img_convert_seconds = start.elapsed().as_secs_f64();
     for f in ["source.raw", "seed.raw", "convert.qcow2"] {
         let _ = std::fs::remove_file(path(f));
@@ -415,13 +472,40 @@ fn mib(b: u64) -> String {
 
 fn print_report(r: &Report) {
     let d = |s: f64| format!("{:.3} s", Duration::from_secs_f64(s).as_secs_f64());
-    println!("disk {} , {:.2}% of blocks changed ({})", mib(r.size_bytes), r.change_fraction * 100.0, mib(r.changed_bytes));
-    println!("  full copy      {:>10}  read {:>12}  sent {:>12}", d(r.full_copy.seconds), mib(r.full_copy.bytes_read), mib(r.full_copy.bytes_sent));
-    println!("  incremental    {:>10}  read {:>12}  sent {:>12}  sent/changed {:.3}", d(r.incremental.seconds), mib(r.incremental.bytes_read), mib(r.incremental.bytes_sent), r.incremental_ratio);
-    println!("  hash-compare   {:>10}  read {:>12}  sent {:>12}", d(r.hash_compare.seconds), mib(r.hash_compare.bytes_read), mib(r.hash_compare.bytes_sent));
-    println!("  read both once {:>10}  (hash-compare / read-both {:.2})", d(r.read_both_seconds), r.hash_compare_vs_read_both);
+    println!(
+        "disk {} , {:.2}% of blocks changed ({})",
+        mib(r.size_bytes),
+        r.change_fraction * 100.0,
+        mib(r.changed_bytes)
+    );
+    println!(
+        "  full copy      {:>10}  read {:>12}  sent {:>12}",
+        d(r.full_copy.seconds),
+        mib(r.full_copy.bytes_read),
+        mib(r.full_copy.bytes_sent)
+    );
+    println!(
+        "  incremental    {:>10}  read {:>12}  sent {:>12}  sent/changed {:.3}",
+        d(r.incremental.seconds),
+        mib(r.incremental.bytes_read),
+        mib(r.incremental.bytes_sent),
+        r.incremental_ratio
+    );
+    println!(
+        "  hash-compare   {:>10}  read {:>12}  sent {:>12}",
+        d(r.hash_compare.seconds),
+        mib(r.hash_compare.bytes_read),
+        mib(r.hash_compare.bytes_sent)
+    );
+    println!(
+        "  read both once {:>10}  (hash-compare / read-both {:.2})",
+        d(r.read_both_seconds),
+        r.hash_compare_vs_read_both
+    );
     match (r.rsync_seconds, r.hash_compare_vs_rsync) {
-        (Some(s), Some(x)) => println!("  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2})", d(s), x),
+        (Some(s), Some(x)) => {
+            println!("  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2})", d(s), x)
+        }
         _ => println!("  rsync: not installed"),
     }
     println!("  qemu-img convert {:>10}", d(r.qemu_img_convert_seconds));

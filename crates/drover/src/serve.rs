@@ -110,6 +110,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
     let config = EngineConfig {
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
+        work_dir: args.data_dir.join("work"),
         ..EngineConfig::default()
     };
     let engine = Engine::new(store, hv, config);

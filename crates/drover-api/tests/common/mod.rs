@@ -157,6 +157,7 @@ pub fn fast_config() -> EngineConfig {
         heartbeat_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(2),
         monitor_interval: Duration::from_millis(200),
+        ..EngineConfig::default()
     }
 }
 
@@ -178,6 +179,7 @@ pub async fn with_qemu() -> (Server, Arc<drover_hv::qemu::QemuDriver>) {
         heartbeat_timeout: Duration::from_secs(90),
         shutdown_timeout: Duration::from_secs(30),
         monitor_interval: Duration::from_millis(500),
+        ..EngineConfig::default()
     };
     (Server::start(driver.clone(), config).await, driver)
 }

@@ -1,0 +1,636 @@
+//! Replication runs: one session per run of a replication job, one task per VM.
+//!
+//! Per VM, in this order:
+//!
+//! | step | does | undo |
+//! |---|---|---|
+//! | `prepare:<i>` | finds or creates the replica, moves it `Ready → Processing`, decides each disk's bitmaps | back to `Ready` |
+//! | `transfer:<i>` | cuts a point in time of each disk (live over QMP, or offline with a storage daemon), copies what changed into a new point file on the target, flushes, writes the manifest | ends the cut as failed (the changes stay tracked) and deletes the unpublished file |
+//! | `publish:<i>` | records the restore point: from now on it exists | none: a published point is valid |
+//! | `release:<i>` | ends the cut as successful (the old bitmap goes), replica `Ready`, garbage of the chain removed | none |
+//! | `retention:<i>` | retires the oldest points beyond the job's retention | none |
+//!
+//! Each disk moves by one of three modes, recorded in the session log and the step output:
+//! `seed` (no point yet: the allocated data), `bitmap` (the dirty granules since the last point),
+//! `hash-compare` (a point exists but no bitmap can be trusted: after a crash of the VM, a new
+//! disk; both sides are read and only differing blocks written).
+//!
+//! Invariants. The cut's bitmap is dropped only after the point is published, so a crash at any
+//! moment loses no change: an unfinished cut is ended as failed, which merges its changes into
+//! the next bitmap. A point file is never visible before its data is flushed and its manifest is
+//! written. Bitmap names follow the points: after point `k` is published, `drover-k` records.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use drover_block::chain::{ChainDir, manifest_path};
+use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync};
+use drover_block::hash::Manifest;
+use drover_block::nbd::NbdClient;
+use drover_hv::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use drover_hv::tracking::{self, CycleExport};
+use drover_hv::{HvError, PowerState};
+use drover_types::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::ops::{disk_dir, disk_path};
+use crate::saga::{Saga, SagaStep, Step, StepCtx};
+use crate::{Engine, Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicationParams {
+    pub job_id: ReplicationJobId,
+    pub tenant_id: TenantId,
+}
+
+pub(crate) fn register(engine: &Engine) {
+    engine.register_saga(SessionKind::Replication, Arc::new(saga));
+}
+
+fn saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let p: ReplicationParams = serde_json::from_value(session.params.clone())
+        .map_err(|e| Error::internal(format!("session {}: unreadable parameters: {e}", session.id)))?;
+    let mut steps = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let vm = t.vm_id.ok_or_else(|| Error::internal("a replication task without a VM"))?;
+        let step = |weight, critical, step: Box<dyn Step>| SagaStep {
+            task: Some(i),
+            group: Some(i as u32),
+            weight,
+            critical,
+            step,
+        };
+        let ctx = VmCtx { p: p.clone(), vm, index: i };
+        steps.push(step(1, true, Box::new(Prepare(ctx.clone()))));
+        steps.push(step(8, true, Box::new(Transfer(ctx.clone()))));
+        steps.push(step(1, true, Box::new(Publish(ctx.clone()))));
+        steps.push(step(1, true, Box::new(Release(ctx.clone()))));
+        steps.push(step(1, false, Box::new(Retention(ctx))));
+    }
+    Ok(Saga::unwinding(steps))
+}
+
+/// Starts a replication run of a job now. Refused while another run of the job is unfinished.
+pub async fn submit(engine: &Engine, job: &ReplicationJob) -> Result<SessionId> {
+    let (running, _) = engine
+        .store()
+        .session_list(
+            job.tenant_id,
+            &SessionFilter {
+                target_id: Some(job.id.0),
+                kind: Some(SessionKind::Replication),
+                limit: 5,
+                ..Default::default()
+            },
+        )
+        .await?;
+    if running.iter().any(|s| s.state != SessionState::Stopped) {
+        return Err(Error::conflict(format!("replication job {:?} is already running", job.name)));
+    }
+    let params = serde_json::to_value(ReplicationParams { job_id: job.id, tenant_id: job.tenant_id })
+        .map_err(|e| Error::internal(e.to_string()))?;
+    let session = Session::new(
+        job.tenant_id,
+        SessionKind::Replication,
+        job.name.clone(),
+        SessionTarget::ReplicationJob(job.id),
+        params,
+    );
+    let mut tasks = Vec::new();
+    for vm_id in &job.vm_ids {
+        let name = engine
+            .store()
+            .object_get::<Vm>(job.tenant_id, vm_id.0)
+            .await
+            .map(|v| v.name)
+            .unwrap_or_else(|_| vm_id.to_string());
+        tasks.push(session.task(Some(*vm_id), name));
+    }
+    engine.submit(session, tasks).await
+}
+
+#[derive(Debug, Clone)]
+struct VmCtx {
+    p: ReplicationParams,
+    vm: VmId,
+    index: usize,
+}
+
+/// What `prepare` decided for one disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DiskPlan {
+    index: usize,
+    name: String,
+    size: u64,
+    /// The source image.
+    image: PathBuf,
+    chain_dir: PathBuf,
+    /// The newest published point's file and manifest, if any.
+    prev_file: Option<PathBuf>,
+    current_bitmap: String,
+    next_bitmap: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Prepared {
+    replica_id: ReplicaId,
+    running: bool,
+    disks: Vec<DiskPlan>,
+    /// Where this run's sockets and daemons live.
+    work_dir: PathBuf,
+}
+
+/// What `transfer` made for one disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Transferred {
+    disk: String,
+    file: PathBuf,
+    size: u64,
+    manifest_digest: String,
+    mode: String,
+    reason: Option<String>,
+    bytes_read: u64,
+    bytes_written: u64,
+    /// The live cut, to end after publishing. `None` for an offline cut.
+    live: Option<CycleExport>,
+    offline_dir: Option<PathBuf>,
+    current_bitmap: String,
+    next_bitmap: String,
+    image: PathBuf,
+}
+
+fn bitmap_name(point: u64) -> String {
+    format!("drover-{point}")
+}
+
+fn output<T: for<'de> Deserialize<'de>>(ctx: &StepCtx, step: &str) -> Result<T> {
+    let v = ctx.outputs.get(step).ok_or_else(|| Error::internal(format!("step {step} has no output")))?;
+    serde_json::from_value(v.clone()).map_err(|e| Error::internal(format!("output of {step}: {e}")))
+}
+
+fn hv_err(e: HvError) -> Error {
+    Error::Unavailable(drover_types::error_chain(&e))
+}
+
+async fn replica_for(ctx: &StepCtx, c: &VmCtx) -> Result<Option<Replica>> {
+    let all = ctx.engine.store().object_list::<Replica>(c.p.tenant_id).await?;
+    Ok(all.into_iter().find(|r| r.job_id == c.p.job_id && r.source_vm_id == c.vm))
+}
+
+async fn replica_event(
+    ctx: &StepCtx,
+    tenant: TenantId,
+    id: ReplicaId,
+    event: ReplicaEvent,
+    unless: ReplicaState,
+) -> Result<()> {
+    ctx.engine
+        .store()
+        .object_modify::<Replica, _, _>(tenant, id.0, |r| {
+            if r.state != unless {
+                r.state = r.state.apply(event)?;
+                r.updated_at = now();
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+struct Prepare(VmCtx);
+
+#[async_trait]
+impl Step for Prepare {
+    fn name(&self) -> String {
+        format!("prepare:{}", self.0.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let c = &self.0;
+        let store = ctx.engine.store();
+        let job = store.object_get::<ReplicationJob>(c.p.tenant_id, c.p.job_id.0).await?;
+        let vm = store.object_get::<Vm>(c.p.tenant_id, c.vm.0).await?;
+        if !vm.provisioned {
+            return Err(Error::conflict(format!("VM {} has no disks yet", vm.name)));
+        }
+        let source_ds = store.object_get::<Datastore>(c.p.tenant_id, vm.datastore_id.0).await?;
+        let target_ds = store.object_get::<Datastore>(c.p.tenant_id, job.target_datastore_id.0).await?;
+        let replica = match replica_for(ctx, c).await? {
+            Some(r) => r,
+            None => {
+                let t = now();
+                let r = Replica {
+                    id: ReplicaId::new(),
+                    tenant_id: c.p.tenant_id,
+                    name: format!("{}_replica", vm.name),
+                    job_id: job.id,
+                    source_vm_id: vm.id,
+                    target_datastore_id: target_ds.id,
+                    state: ReplicaState::Ready,
+                    failover_point_id: None,
+                    created_at: t,
+                    updated_at: t,
+                };
+                store.object_insert(&r).await?;
+                ctx.log(LogLevel::Info, format!("created replica {}", r.name)).await;
+                r
+            }
+        };
+        // A rerun of this step finds the replica already Processing.
+        replica_event(ctx, c.p.tenant_id, replica.id, ReplicaEvent::ReplicationStarted, ReplicaState::Processing)
+            .await?;
+        let points = store.restore_points_of(c.p.tenant_id, replica.id).await?;
+        let newest = points.iter().rev().find(|p| p.state == RestorePointState::Published);
+        let k = newest.map_or(0, |p| p.sequence);
+        let running = matches!(ctx.engine.hv().status(vm.id.0).await, Ok(PowerState::Running | PowerState::Paused));
+        let src_dir = disk_dir(&source_ds, vm.id);
+        let mut disks = Vec::new();
+        for (index, d) in vm.disks.iter().enumerate() {
+            let image = disk_path(&src_dir, &d.name);
+            let size = drover_hv::image::info(&image).await.map_err(hv_err)?.virtual_size;
+            let prev_file =
+                newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PathBuf::from(&x.file));
+            disks.push(DiskPlan {
+                index,
+                name: d.name.clone(),
+                size,
+                image,
+                chain_dir: Path::new(&target_ds.path).join(replica.id.to_string()).join(&d.name),
+                prev_file,
+                current_bitmap: bitmap_name(k),
+                next_bitmap: bitmap_name(k + 1),
+            });
+        }
+        let work_dir = ctx.engine.config().work_dir.join(format!("r{}-{}", &ctx.session.id.to_string()[..8], c.index));
+        let out = Prepared { replica_id: replica.id, running, disks, work_dir };
+        serde_json::to_value(out).map_err(|e| Error::internal(e.to_string()))
+    }
+    async fn undo(&self, ctx: &StepCtx, out: &Value) -> Result<()> {
+        let replica = match serde_json::from_value::<Prepared>(out.clone()) {
+            Ok(p) => Some(p.replica_id),
+            Err(_) => replica_for(ctx, &self.0).await?.map(|r| r.id),
+        };
+        if let Some(id) = replica {
+            replica_event(ctx, self.0.p.tenant_id, id, ReplicaEvent::ReplicationFinished, ReplicaState::Ready).await?;
+        }
+        Ok(())
+    }
+}
+
+struct Transfer(VmCtx);
+
+impl Transfer {
+    fn prepared(&self, ctx: &StepCtx) -> Result<Prepared> {
+        output(ctx, &format!("prepare:{}", self.0.index))
+    }
+}
+
+#[async_trait]
+impl Step for Transfer {
+    fn name(&self) -> String {
+        format!("transfer:{}", self.0.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let prep = self.prepared(ctx)?;
+        let mut done = Vec::new();
+        for d in &prep.disks {
+            let t = transfer_disk(ctx, &self.0, &prep, d).await?;
+            let level = if t.mode == "hash-compare" { LogLevel::Warning } else { LogLevel::Info };
+            ctx.log(
+                level,
+                format!(
+                    "disk {}: {} mode{}, read {} bytes, sent {} bytes",
+                    d.name,
+                    t.mode,
+                    t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                    t.bytes_read,
+                    t.bytes_written
+                ),
+            )
+            .await;
+            done.push(t);
+        }
+        serde_json::to_value(done).map_err(|e| Error::internal(e.to_string()))
+    }
+    async fn undo(&self, ctx: &StepCtx, out: &Value) -> Result<()> {
+        let Ok(prep) = self.prepared(ctx) else { return Ok(()) };
+        let transferred: Vec<Transferred> = serde_json::from_value(out.clone()).unwrap_or_default();
+        for d in &prep.disks {
+            // End the cut as failed, so the changes it covered stay tracked for the next run.
+            match transferred.iter().find(|t| t.disk == d.name).and_then(|t| t.live.clone()) {
+                Some(live) => {
+                    if let Some(q) = ctx.engine.hv().qemu() {
+                        tracking::end_cycle(q, &live, false).await.map_err(hv_err)?;
+                    }
+                }
+                None if !prep.running => {
+                    let dir = prep.work_dir.join(format!("src{}", d.index));
+                    match tracking::recover_cycle_offline(&d.image, &d.current_bitmap, &d.next_bitmap, &dir, false)
+                        .await
+                    {
+                        Ok(()) | Err(HvError::BitmapUnusable { .. }) => {}
+                        Err(e) => return Err(hv_err(e)),
+                    }
+                }
+                None => {}
+            }
+            collect_garbage(ctx, &self.0, &prep.replica_id, d).await?;
+        }
+        let _ = tokio::fs::remove_dir_all(&prep.work_dir).await;
+        Ok(())
+    }
+}
+
+/// Removes from a disk's chain directory everything no published point uses.
+async fn collect_garbage(ctx: &StepCtx, c: &VmCtx, replica: &ReplicaId, d: &DiskPlan) -> Result<()> {
+    let points = ctx.engine.store().restore_points_of(c.p.tenant_id, *replica).await?;
+    let keep: Vec<PathBuf> = points
+        .iter()
+        .flat_map(|p| p.disks.iter())
+        .filter(|x| x.disk == d.name)
+        .map(|x| PathBuf::from(&x.file))
+        .collect();
+    ChainDir::new(&d.chain_dir).collect_garbage(&keep).await.map_err(|e| Error::Unavailable(error_chain(&e)))?;
+    Ok(())
+}
+
+fn block_err(e: impl std::error::Error + 'static) -> Error {
+    Error::Unavailable(error_chain(&e))
+}
+
+async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) -> Result<Transferred> {
+    // A file left by an interrupted attempt is not a point: clear it first.
+    collect_garbage(ctx, c, &prep.replica_id, d).await?;
+    let seed = d.prev_file.is_none();
+    // Decide the mode and cut the point in time.
+    let (mode, reason, live, offline) = if prep.running {
+        let q = ctx.engine.hv().qemu().ok_or_else(|| {
+            Error::conflict("a running VM is replicated through QMP, which the simulated hypervisor does not have")
+        })?;
+        let (mode, reason) = choose_mode_live(q, c.vm, d, seed).await?;
+        let dir = prep.work_dir.join("live");
+        let x =
+            tracking::begin_cycle(q, c.vm.0, d.index, &d.current_bitmap, &d.next_bitmap, &dir).await.map_err(hv_err)?;
+        (mode, reason, Some(x), None)
+    } else {
+        let (mode, reason) = choose_mode_offline(d, seed).await?;
+        let dir = prep.work_dir.join(format!("src{}", d.index));
+        let x =
+            tracking::begin_cycle_offline(&d.image, &d.current_bitmap, &d.next_bitmap, &dir).await.map_err(hv_err)?;
+        (mode, reason, None, Some(x))
+    };
+    let (endpoint, context) = match (&live, &offline) {
+        (Some(x), _) => (x.nbd.clone(), x.meta_context.clone()),
+        (_, Some(x)) => (x.nbd.clone(), x.meta_context.clone()),
+        _ => return Err(Error::internal("no cut")),
+    };
+    // The target: a new point file, written through a storage daemon of its own.
+    let chain = ChainDir::new(&d.chain_dir);
+    let file = chain.new_point_file(d.size, d.prev_file.as_deref()).await.map_err(block_err)?;
+    let daemon = StorageDaemon::start(&prep.work_dir.join(format!("dst{}", d.index))).await.map_err(hv_err)?;
+    let result = async {
+        daemon.start_nbd_server().await?;
+        daemon
+            .add_qcow2(&Qcow2Node {
+                node_name: "target".into(),
+                path: file.clone(),
+                backing: Backing::FromImage,
+                read_only: false,
+            })
+            .await?;
+        daemon
+            .add_nbd_export(&NbdExport {
+                id: "target".into(),
+                node_name: "target".into(),
+                name: "target".into(),
+                writable: true,
+                bitmaps: vec![],
+            })
+            .await
+    }
+    .await;
+    let target = match result {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = daemon.shutdown().await;
+            return Err(hv_err(e));
+        }
+    };
+    let copy = async {
+        let mut src =
+            NbdClient::connect_unix(&endpoint.socket, &endpoint.export_name, &[&context, "base:allocation"]).await?;
+        let mut dst = NbdClient::connect_unix(&target.socket, &target.export_name, &[]).await?;
+        let mut manifest = match &d.prev_file {
+            Some(prev) => Manifest::load(&manifest_path(prev)).await?,
+            None => Manifest::zeroed(d.size),
+        };
+        let total_hint = d.size;
+        let stats: CopyStats = match mode {
+            "seed" => {
+                let data = src.data_extents(0, d.size).await?;
+                copy_extents(&mut src, &mut dst, &data, &mut manifest, |_, _| {}).await?
+            }
+            "bitmap" => {
+                let dirty = src.dirty_extents(&context, 0, d.size).await?;
+                copy_extents(&mut src, &mut dst, &dirty, &mut manifest, |_, _| {}).await?
+            }
+            _ => hash_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
+        };
+        let _ = total_hint;
+        dst.disconnect().await?;
+        let _ = src.disconnect().await;
+        manifest.save(&manifest_path(&file)).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((stats, manifest.digest()))
+    }
+    .await;
+    let _ = daemon.shutdown().await;
+    // An offline cut's daemon goes now; its bitmaps are ended after publishing (release).
+    drop(offline);
+    let (stats, digest) = copy.map_err(|e| Error::Unavailable(format!("disk {}: {e}", d.name)))?;
+    Ok(Transferred {
+        disk: d.name.clone(),
+        file,
+        size: d.size,
+        manifest_digest: digest,
+        mode: mode.to_string(),
+        reason,
+        bytes_read: stats.source_read + stats.target_read,
+        bytes_written: stats.written,
+        live,
+        offline_dir: (!prep.running).then(|| prep.work_dir.join(format!("src{}", d.index))),
+        current_bitmap: d.current_bitmap.clone(),
+        next_bitmap: d.next_bitmap.clone(),
+        image: d.image.clone(),
+    })
+}
+
+async fn choose_mode_live(
+    q: &drover_hv::qemu::QemuDriver,
+    vm: VmId,
+    d: &DiskPlan,
+    seed: bool,
+) -> Result<(&'static str, Option<String>)> {
+    let states = tracking::bitmap_state(q, vm.0, d.index).await.map_err(hv_err)?;
+    let current = states.iter().find(|b| b.name == d.current_bitmap);
+    let usable = current.is_some_and(|b| !b.inconsistent && b.persistent);
+    if !usable {
+        tracking::remove_tracking(q, vm.0, d.index, &d.current_bitmap).await.map_err(hv_err)?;
+        tracking::enable_tracking(q, vm.0, d.index, &d.current_bitmap).await.map_err(hv_err)?;
+    }
+    Ok(match (seed, usable, current) {
+        (true, _, _) => ("seed", None),
+        (false, true, _) => ("bitmap", None),
+        (false, false, None) => ("hash-compare", Some(format!("no bitmap {} on the disk", d.current_bitmap))),
+        (false, false, Some(_)) => ("hash-compare", Some(format!("bitmap {} is inconsistent", d.current_bitmap))),
+    })
+}
+
+async fn choose_mode_offline(d: &DiskPlan, seed: bool) -> Result<(&'static str, Option<String>)> {
+    let states = tracking::bitmap_state_offline(&d.image).await.map_err(hv_err)?;
+    let current = states.iter().find(|b| b.name == d.current_bitmap);
+    let usable = current.is_some_and(|b| !b.inconsistent && b.persistent);
+    if !usable {
+        tracking::remove_tracking_offline(&d.image, &d.current_bitmap).await.map_err(hv_err)?;
+        tracking::enable_tracking_offline(&d.image, &d.current_bitmap).await.map_err(hv_err)?;
+    }
+    Ok(match (seed, usable, current) {
+        (true, _, _) => ("seed", None),
+        (false, true, _) => ("bitmap", None),
+        (false, false, None) => ("hash-compare", Some(format!("no bitmap {} on the disk", d.current_bitmap))),
+        (false, false, Some(_)) => ("hash-compare", Some(format!("bitmap {} is inconsistent", d.current_bitmap))),
+    })
+}
+
+struct Publish(VmCtx);
+
+#[async_trait]
+impl Step for Publish {
+    fn name(&self) -> String {
+        format!("publish:{}", self.0.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let prep: Prepared = output(ctx, &format!("prepare:{}", self.0.index))?;
+        let done: Vec<Transferred> = output(ctx, &format!("transfer:{}", self.0.index))?;
+        let point = RestorePoint {
+            id: RestorePointId::new(),
+            replica_id: prep.replica_id,
+            sequence: 0,
+            session_id: ctx.session.id,
+            state: RestorePointState::Published,
+            created_at: now(),
+            bytes_written: done.iter().map(|t| t.bytes_written).sum(),
+            disks: done
+                .iter()
+                .map(|t| RestorePointDisk {
+                    disk: t.disk.clone(),
+                    file: t.file.to_string_lossy().into_owned(),
+                    size_bytes: t.size,
+                    manifest_digest: t.manifest_digest.clone(),
+                })
+                .collect(),
+            verified: false,
+        };
+        let stored = ctx.engine.store().restore_point_publish(self.0.p.tenant_id, &point).await?;
+        ctx.log(
+            LogLevel::Info,
+            format!("restore point {} published ({} bytes)", stored.sequence, stored.bytes_written),
+        )
+        .await;
+        Ok(json!({ "point_id": stored.id, "sequence": stored.sequence }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Release(VmCtx);
+
+#[async_trait]
+impl Step for Release {
+    fn name(&self) -> String {
+        format!("release:{}", self.0.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let prep: Prepared = output(ctx, &format!("prepare:{}", self.0.index))?;
+        let done: Vec<Transferred> = output(ctx, &format!("transfer:{}", self.0.index))?;
+        for t in &done {
+            match (&t.live, &t.offline_dir) {
+                (Some(live), _) => {
+                    let q =
+                        ctx.engine.hv().qemu().ok_or_else(|| Error::internal("a live cut without the QEMU driver"))?;
+                    tracking::end_cycle(q, live, true).await.map_err(hv_err)?;
+                }
+                (None, Some(dir)) => {
+                    tracking::recover_cycle_offline(&t.image, &t.current_bitmap, &t.next_bitmap, dir, true)
+                        .await
+                        .map_err(hv_err)?;
+                }
+                (None, None) => {}
+            }
+        }
+        replica_event(ctx, self.0.p.tenant_id, prep.replica_id, ReplicaEvent::ReplicationFinished, ReplicaState::Ready)
+            .await?;
+        for d in &prep.disks {
+            collect_garbage(ctx, &self.0, &prep.replica_id, d).await?;
+        }
+        let _ = tokio::fs::remove_dir_all(&prep.work_dir).await;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Retention(VmCtx);
+
+#[async_trait]
+impl Step for Retention {
+    fn name(&self) -> String {
+        format!("retention:{}", self.0.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let c = &self.0;
+        let prep: Prepared = output(ctx, &format!("prepare:{}", c.index))?;
+        let store = ctx.engine.store();
+        let job = store.object_get::<ReplicationJob>(c.p.tenant_id, c.p.job_id.0).await?;
+        let mut retired = 0;
+        loop {
+            let points = store.restore_points_of(c.p.tenant_id, prep.replica_id).await?;
+            if points.len() as u64 <= u64::from(job.retention_points) || points.len() < 2 {
+                break;
+            }
+            let (oldest, next) = (&points[0], &points[1]);
+            let after = points.get(2);
+            store.restore_point_set_state(oldest.id, RestorePointState::Retiring).await?;
+            let mut moved = Vec::new();
+            for nd in &next.disks {
+                let od = oldest.disks.iter().find(|x| x.disk == nd.disk);
+                let Some(od) = od else {
+                    // A disk added after the oldest point: nothing to merge.
+                    moved.push(nd.clone());
+                    continue;
+                };
+                let ad = after.and_then(|a| a.disks.iter().find(|x| x.disk == nd.disk)).map(|x| PathBuf::from(&x.file));
+                let chain = ChainDir::new(Path::new(&nd.file).parent().unwrap_or(Path::new("/")));
+                let holder = chain
+                    .retire_oldest(Path::new(&od.file), Path::new(&nd.file), ad.as_deref())
+                    .await
+                    .map_err(block_err)?;
+                moved.push(RestorePointDisk { file: holder.to_string_lossy().into_owned(), ..nd.clone() });
+            }
+            store.restore_point_retire(oldest.id, next.id, &moved).await?;
+            retired += 1;
+        }
+        for d in &prep.disks {
+            collect_garbage(ctx, c, &prep.replica_id, d).await?;
+        }
+        if retired > 0 {
+            ctx.log(LogLevel::Info, format!("retention: merged {retired} oldest point(s)")).await;
+        }
+        Ok(json!({ "retired": retired }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
