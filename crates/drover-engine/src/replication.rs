@@ -18,7 +18,10 @@
 //! Invariants. The cut's bitmap is dropped only after the point is published, so a crash at any
 //! moment loses no change: an unfinished cut is ended as failed, which merges its changes into
 //! the next bitmap. A point file is never visible before its data is flushed and its manifest is
-//! written. Bitmap names follow the points: after point `k` is published, `drover-k` records.
+//! written. Bitmaps are found, not derived: the one recording, consistent `drover-*` bitmap of a
+//! disk is the cut's `current`, and `next` is named after the run (`drover-<session>`), so a
+//! failed or crashed run (whose cut ends by merging `current` into `next`) hands the next run a
+//! bitmap that still covers everything since the last point. See [`plan_bitmaps`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,8 +132,82 @@ struct DiskPlan {
     chain_dir: PathBuf,
     /// The newest published point's file and manifest, if any.
     prev_file: Option<PathBuf>,
+    bitmaps: BitmapPlan,
     current_bitmap: String,
     next_bitmap: String,
+}
+
+/// How one disk's changes are found in a run: decided from the bitmaps the disk has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitmapPlan {
+    /// `seed`, `bitmap` or `hash-compare`.
+    pub mode: String,
+    pub reason: Option<String>,
+    /// The bitmap the cut exports and then drops.
+    pub current: String,
+    /// The bitmap that records from the cut on.
+    pub next: String,
+    /// `current` must be created before the cut (there is no usable one).
+    pub fresh: bool,
+    /// Bitmaps of ours to remove before the cut (inconsistent ones, or all when it is unclear
+    /// which one covers the time since the last point).
+    pub remove: Vec<String>,
+}
+
+/// Decides a disk's bitmaps. `ours` are the disk's `drover-*` bitmaps as
+/// `(name, recording, persistent, inconsistent)`; `seed` says there is no point yet.
+pub fn plan_bitmaps(ours: &[(String, bool, bool, bool)], seed: bool, run: &str) -> BitmapPlan {
+    let next = format!("drover-{run}");
+    let fresh_name = format!("drover-{run}-base");
+    // A rerun of the same run finds its own `next` already made by an earlier cut attempt: the
+    // cut is then resumed with the same names, which begin_cycle accepts.
+    let usable: Vec<&(String, bool, bool, bool)> =
+        ours.iter().filter(|(n, rec, pers, inc)| *rec && *pers && !*inc && *n != next).collect();
+    let broken: Vec<String> = ours.iter().filter(|(_, _, _, inc)| *inc).map(|(n, ..)| n.clone()).collect();
+    let plan = |mode: &str, reason: Option<String>, current: String, fresh: bool, remove: Vec<String>| BitmapPlan {
+        mode: mode.into(),
+        reason,
+        current,
+        next: next.clone(),
+        fresh,
+        remove,
+    };
+    match (seed, usable.as_slice()) {
+        (true, [one]) => plan("seed", None, one.0.clone(), false, broken),
+        (true, _) => {
+            plan("seed", None, fresh_name, true, ours.iter().map(|(n, ..)| n.clone()).filter(|n| *n != next).collect())
+        }
+        (false, [one]) => plan("bitmap", None, one.0.clone(), false, broken),
+        (false, []) => {
+            let why = if broken.is_empty() {
+                "no bitmap records this disk's changes".to_string()
+            } else {
+                format!("bitmap {} is inconsistent (the VM stopped uncleanly)", broken.join(", "))
+            };
+            plan(
+                "hash-compare",
+                Some(why),
+                fresh_name,
+                true,
+                ours.iter().map(|(n, ..)| n.clone()).filter(|n| *n != next).collect(),
+            )
+        }
+        (false, many) => plan(
+            "hash-compare",
+            Some(format!("{} bitmaps record this disk; which covers the last point is unclear", many.len())),
+            fresh_name,
+            true,
+            ours.iter().map(|(n, ..)| n.clone()).filter(|n| *n != next).collect(),
+        ),
+    }
+}
+
+fn ours(states: &[tracking::BitmapState]) -> Vec<(String, bool, bool, bool)> {
+    states
+        .iter()
+        .filter(|b| b.name.starts_with("drover-"))
+        .map(|b| (b.name.clone(), b.recording, b.persistent, b.inconsistent))
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,10 +236,6 @@ struct Transferred {
     current_bitmap: String,
     next_bitmap: String,
     image: PathBuf,
-}
-
-fn bitmap_name(point: u64) -> String {
-    format!("drover-{point}")
 }
 
 fn output<T: for<'de> Deserialize<'de>>(ctx: &StepCtx, step: &str) -> Result<T> {
@@ -242,7 +315,7 @@ impl Step for Prepare {
             .await?;
         let points = store.restore_points_of(c.p.tenant_id, replica.id).await?;
         let newest = points.iter().rev().find(|p| p.state == RestorePointState::Published);
-        let k = newest.map_or(0, |p| p.sequence);
+        let run = ctx.session.id.to_string()[..8].to_string();
         let running = matches!(ctx.engine.hv().status(vm.id.0).await, Ok(PowerState::Running | PowerState::Paused));
         let src_dir = disk_dir(&source_ds, vm.id);
         let mut disks = Vec::new();
@@ -251,6 +324,17 @@ impl Step for Prepare {
             let size = drover_hv::image::info(&image).await.map_err(hv_err)?.virtual_size;
             let prev_file =
                 newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PathBuf::from(&x.file));
+            let states = if running {
+                let q = ctx.engine.hv().qemu().ok_or_else(|| {
+                    Error::conflict(
+                        "a running VM is replicated through QMP, which the simulated hypervisor does not have",
+                    )
+                })?;
+                tracking::bitmap_state(q, vm.id.0, index).await.map_err(hv_err)?
+            } else {
+                tracking::bitmap_state_offline(&image).await.map_err(hv_err)?
+            };
+            let bitmaps = plan_bitmaps(&ours(&states), prev_file.is_none(), &run);
             disks.push(DiskPlan {
                 index,
                 name: d.name.clone(),
@@ -258,8 +342,9 @@ impl Step for Prepare {
                 image,
                 chain_dir: Path::new(&target_ds.path).join(replica.id.to_string()).join(&d.name),
                 prev_file,
-                current_bitmap: bitmap_name(k),
-                next_bitmap: bitmap_name(k + 1),
+                current_bitmap: bitmaps.current.clone(),
+                next_bitmap: bitmaps.next.clone(),
+                bitmaps,
             });
         }
         let work_dir = ctx.engine.config().work_dir.join(format!("r{}-{}", &ctx.session.id.to_string()[..8], c.index));
@@ -362,23 +447,32 @@ fn block_err(e: impl std::error::Error + 'static) -> Error {
 async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) -> Result<Transferred> {
     // A file left by an interrupted attempt is not a point: clear it first.
     collect_garbage(ctx, c, &prep.replica_id, d).await?;
-    let seed = d.prev_file.is_none();
-    // Decide the mode and cut the point in time.
-    let (mode, reason, live, offline) = if prep.running {
+    let plan = &d.bitmaps;
+    let (mode, reason) = (plan.mode.as_str(), plan.reason.clone());
+    // Set the bitmaps up as planned, then cut the point in time.
+    let (live, offline) = if prep.running {
         let q = ctx.engine.hv().qemu().ok_or_else(|| {
             Error::conflict("a running VM is replicated through QMP, which the simulated hypervisor does not have")
         })?;
-        let (mode, reason) = choose_mode_live(q, c.vm, d, seed).await?;
+        for b in &plan.remove {
+            tracking::remove_tracking(q, c.vm.0, d.index, b).await.map_err(hv_err)?;
+        }
+        if plan.fresh {
+            tracking::enable_tracking(q, c.vm.0, d.index, &plan.current).await.map_err(hv_err)?;
+        }
         let dir = prep.work_dir.join("live");
-        let x =
-            tracking::begin_cycle(q, c.vm.0, d.index, &d.current_bitmap, &d.next_bitmap, &dir).await.map_err(hv_err)?;
-        (mode, reason, Some(x), None)
+        let x = tracking::begin_cycle(q, c.vm.0, d.index, &plan.current, &plan.next, &dir).await.map_err(hv_err)?;
+        (Some(x), None)
     } else {
-        let (mode, reason) = choose_mode_offline(d, seed).await?;
+        for b in &plan.remove {
+            tracking::remove_tracking_offline(&d.image, b).await.map_err(hv_err)?;
+        }
+        if plan.fresh {
+            tracking::enable_tracking_offline(&d.image, &plan.current).await.map_err(hv_err)?;
+        }
         let dir = prep.work_dir.join(format!("src{}", d.index));
-        let x =
-            tracking::begin_cycle_offline(&d.image, &d.current_bitmap, &d.next_bitmap, &dir).await.map_err(hv_err)?;
-        (mode, reason, None, Some(x))
+        let x = tracking::begin_cycle_offline(&d.image, &plan.current, &plan.next, &dir).await.map_err(hv_err)?;
+        (None, Some(x))
     };
     let (endpoint, context) = match (&live, &offline) {
         (Some(x), _) => (x.nbd.clone(), x.meta_context.clone()),
@@ -462,43 +556,6 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
         current_bitmap: d.current_bitmap.clone(),
         next_bitmap: d.next_bitmap.clone(),
         image: d.image.clone(),
-    })
-}
-
-async fn choose_mode_live(
-    q: &drover_hv::qemu::QemuDriver,
-    vm: VmId,
-    d: &DiskPlan,
-    seed: bool,
-) -> Result<(&'static str, Option<String>)> {
-    let states = tracking::bitmap_state(q, vm.0, d.index).await.map_err(hv_err)?;
-    let current = states.iter().find(|b| b.name == d.current_bitmap);
-    let usable = current.is_some_and(|b| !b.inconsistent && b.persistent);
-    if !usable {
-        tracking::remove_tracking(q, vm.0, d.index, &d.current_bitmap).await.map_err(hv_err)?;
-        tracking::enable_tracking(q, vm.0, d.index, &d.current_bitmap).await.map_err(hv_err)?;
-    }
-    Ok(match (seed, usable, current) {
-        (true, _, _) => ("seed", None),
-        (false, true, _) => ("bitmap", None),
-        (false, false, None) => ("hash-compare", Some(format!("no bitmap {} on the disk", d.current_bitmap))),
-        (false, false, Some(_)) => ("hash-compare", Some(format!("bitmap {} is inconsistent", d.current_bitmap))),
-    })
-}
-
-async fn choose_mode_offline(d: &DiskPlan, seed: bool) -> Result<(&'static str, Option<String>)> {
-    let states = tracking::bitmap_state_offline(&d.image).await.map_err(hv_err)?;
-    let current = states.iter().find(|b| b.name == d.current_bitmap);
-    let usable = current.is_some_and(|b| !b.inconsistent && b.persistent);
-    if !usable {
-        tracking::remove_tracking_offline(&d.image, &d.current_bitmap).await.map_err(hv_err)?;
-        tracking::enable_tracking_offline(&d.image, &d.current_bitmap).await.map_err(hv_err)?;
-    }
-    Ok(match (seed, usable, current) {
-        (true, _, _) => ("seed", None),
-        (false, true, _) => ("bitmap", None),
-        (false, false, None) => ("hash-compare", Some(format!("no bitmap {} on the disk", d.current_bitmap))),
-        (false, false, Some(_)) => ("hash-compare", Some(format!("bitmap {} is inconsistent", d.current_bitmap))),
     })
 }
 
@@ -632,5 +689,55 @@ impl Step for Retention {
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(name: &str, recording: bool, inconsistent: bool) -> (String, bool, bool, bool) {
+        (name.into(), recording, true, inconsistent)
+    }
+
+    #[test]
+    fn the_one_recording_bitmap_is_current_and_next_is_named_after_the_run() {
+        let p = plan_bitmaps(&[b("drover-aaaa", true, false)], false, "bbbb");
+        assert_eq!(
+            (p.mode.as_str(), p.current.as_str(), p.next.as_str(), p.fresh),
+            ("bitmap", "drover-aaaa", "drover-bbbb", false)
+        );
+        assert!(p.remove.is_empty());
+        // A disabled leftover is not a candidate, and is left alone.
+        let p = plan_bitmaps(&[b("drover-old", false, false), b("drover-aaaa", true, false)], false, "bbbb");
+        assert_eq!((p.mode.as_str(), p.current.as_str()), ("bitmap", "drover-aaaa"));
+    }
+
+    #[test]
+    fn anything_unclear_falls_back_to_hash_compare_with_a_fresh_bitmap() {
+        let none = plan_bitmaps(&[], false, "r1");
+        assert_eq!((none.mode.as_str(), none.current.as_str(), none.fresh), ("hash-compare", "drover-r1-base", true));
+        let broken = plan_bitmaps(&[b("drover-x", true, true)], false, "r1");
+        assert_eq!(broken.mode, "hash-compare");
+        assert!(broken.reason.unwrap().contains("inconsistent"));
+        assert_eq!(broken.remove, vec!["drover-x".to_string()]);
+        let two = plan_bitmaps(&[b("drover-x", true, false), b("drover-y", true, false)], false, "r1");
+        assert_eq!((two.mode.as_str(), two.remove.len()), ("hash-compare", 2));
+    }
+
+    #[test]
+    fn a_rerun_keeps_its_own_next_bitmap() {
+        // A first attempt of run r1 already added drover-r1 and disabled drover-a.
+        let p = plan_bitmaps(&[b("drover-a", false, false), b("drover-r1", true, false)], false, "r1");
+        assert_ne!(p.current, "drover-r1", "the run's own next is never its current");
+        assert!(!p.remove.contains(&"drover-r1".to_string()));
+    }
+
+    #[test]
+    fn a_seed_uses_a_recording_bitmap_or_makes_one() {
+        assert_eq!(plan_bitmaps(&[], true, "r").mode, "seed");
+        assert!(plan_bitmaps(&[], true, "r").fresh);
+        let p = plan_bitmaps(&[b("drover-z", true, false)], true, "r");
+        assert_eq!((p.mode.as_str(), p.current.as_str(), p.fresh), ("seed", "drover-z", false));
     }
 }

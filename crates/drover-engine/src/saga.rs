@@ -117,6 +117,8 @@ impl StepCtx {
 #[derive(Default)]
 pub struct TestHooks {
     pub fail_step: std::sync::Mutex<Option<(String, u32)>>,
+    /// Like `fail_step`, but the step runs first: its effects happen and its output is lost.
+    pub fail_after_step: std::sync::Mutex<Option<(String, u32)>>,
     pub crash_before_record: std::sync::Mutex<Option<String>>,
     pub run_each_step_twice: std::sync::atomic::AtomicBool,
 }
@@ -131,6 +133,14 @@ impl TestHooks {
     /// Fails the named step on its `attempt`-th attempt (1-based).
     pub fn fail(&self, step: &str, attempt: u32) {
         *self.fail_step.lock().unwrap_or_else(|e| e.into_inner()) = Some((step.to_string(), attempt));
+    }
+    /// Lets the named step run on its `attempt`-th attempt, then reports it failed.
+    pub fn fail_after(&self, step: &str, attempt: u32) {
+        *self.fail_after_step.lock().unwrap_or_else(|e| e.into_inner()) = Some((step.to_string(), attempt));
+    }
+    fn should_fail_after(&self, step: &str, attempt: u32) -> bool {
+        let g = self.fail_after_step.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(&*g, Some((s, a)) if s == step && *a == attempt)
     }
     /// Stops the runner right after the named step ran, before its outcome is recorded.
     pub fn crash_after(&self, step: &str) {
@@ -218,6 +228,9 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
         };
         if result.is_ok() && hooks.run_each_step_twice.load(std::sync::atomic::Ordering::Relaxed) {
             result = entry.step.run(&ctx).await;
+        }
+        if result.is_ok() && hooks.should_fail_after(&name, attempt) {
+            result = Err(Error::internal(format!("injected failure after step {name} ran")));
         }
         if hooks.take_crash(&name) {
             return Ok(RunOutcome::Crashed);

@@ -193,3 +193,205 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
     // The point itself was never written.
     assert!(compare(&source, &newest));
 }
+
+/// An offline rig: a VM that never runs, whose image is written with `qemu-io` between runs.
+struct Rig {
+    dir: tempfile::TempDir,
+    app: App,
+    caller: Caller,
+    driver: Arc<QemuDriver>,
+    job: ReplicationJobId,
+    source: PathBuf,
+}
+
+impl Rig {
+    fn config(root: &Path) -> EngineConfig {
+        EngineConfig {
+            heartbeat_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(10),
+            monitor_interval: Duration::from_secs(1),
+            work_dir: root.join("w"),
+        }
+    }
+
+    async fn new() -> Rig {
+        let dir = tempfile::Builder::new().prefix("drf").tempdir_in("/tmp").unwrap();
+        let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
+        let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+        let app = App::new(Engine::new(store, driver.clone(), Rig::config(dir.path())));
+        app.bootstrap(Some("password1".into())).await.unwrap();
+        let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
+        let site = app.site_create(&caller, "s", SiteKind::Production).await.unwrap();
+        let host = app
+            .host_create(&caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() })
+            .await
+            .unwrap();
+        let root = dir.path();
+        let ds =
+            |n: &str| NewDatastore { host_id: host.id, name: n.into(), path: root.join(n).to_string_lossy().into() };
+        let prod = app.datastore_create(&caller, ds("prod")).await.unwrap();
+        let dr = app.datastore_create(&caller, ds("dr")).await.unwrap();
+        let new_vm = NewVm {
+            name: "db".into(),
+            host_id: host.id,
+            datastore_id: prod.id,
+            vcpus: 1,
+            memory_mib: 96,
+            disks: vec![VmDisk { name: "data".into(), size_bytes: 16 << 20, import_from: None }],
+            nics: vec![],
+            tags: vec![],
+            boot: VmBoot { kernel: None, initrd: None, cmdline: None },
+        };
+        let (vm, s) = app.vm_create(&caller, new_vm).await.unwrap();
+        assert_eq!(wait(&app, s).await.result, SessionResult::Success);
+        let job = app
+            .replication_job_create(
+                &caller,
+                NewReplicationJob {
+                    name: "j".into(),
+                    vm_ids: vec![vm.id],
+                    target_host_id: host.id,
+                    target_datastore_id: dr.id,
+                    schedule: Schedule::Manual,
+                    retention_points: 3,
+                },
+            )
+            .await
+            .unwrap();
+        let source = root.join("prod").join(vm.id.to_string()).join("data.qcow2");
+        Rig { app, caller, driver, job: job.id, source, dir }
+    }
+
+    /// What a restarted drover is: a new engine over the same database and the same VMs.
+    async fn restart(&mut self) {
+        self.app.engine().shutdown();
+        let store = Store::open_sqlite(&self.dir.path().join("drover.db")).await.unwrap();
+        self.app = App::new(Engine::new(store, self.driver.clone(), Rig::config(self.dir.path())));
+    }
+
+    fn write(&self, pattern: u8, offset: u64) {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P {pattern} {offset} 4096")])
+            .arg(&self.source)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    async fn run(&self) -> Session {
+        let s = self.app.replication_job_run(&self.caller, self.job).await.unwrap();
+        wait(&self.app, s).await
+    }
+
+    async fn points(&self) -> Vec<RestorePoint> {
+        match self.app.list::<Replica>(&self.caller).await.unwrap().pop() {
+            Some(r) => self.app.restore_points(&self.caller, r.id).await.unwrap(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Every published point's chain reads as a whole disk, the newest equals the source, the
+    /// chain directory holds nothing else, and the replica is Ready.
+    async fn assert_consistent(&self) {
+        let points = self.points().await;
+        let newest = points.last().expect("a point");
+        assert!(compare(&self.source, Path::new(&newest.disks[0].file)), "the newest point equals the source");
+        let dir = Path::new(&newest.disks[0].file).parent().unwrap().to_path_buf();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+            .collect();
+        files.sort();
+        let mut expected: Vec<PathBuf> = points.iter().map(|p| PathBuf::from(&p.disks[0].file)).collect();
+        expected.sort();
+        assert_eq!(files, expected, "only published points' files are kept");
+        for p in &points {
+            let m =
+                drover_block::hash::Manifest::load(&drover_block::chain::manifest_path(Path::new(&p.disks[0].file)))
+                    .await
+                    .unwrap();
+            assert_eq!(m.digest(), p.disks[0].manifest_digest, "point {} manifest", p.sequence);
+        }
+        let replica = self.app.list::<Replica>(&self.caller).await.unwrap().pop().unwrap();
+        assert_eq!(replica.state, ReplicaState::Ready);
+    }
+}
+
+const STEPS: [&str; 5] = ["prepare:0", "transfer:0", "publish:0", "release:0", "retention:0"];
+
+#[tokio::test]
+async fn every_replication_step_is_idempotent_and_survives_failures_and_crashes() {
+    let mut rig = Rig::new().await;
+    rig.write(0x11, 0);
+    // Each step twice.
+    rig.app.engine().hooks().run_each_step_twice.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rig.run().await.result, SessionResult::Success);
+    rig.write(0x12, 1 << 20);
+    assert_eq!(rig.run().await.result, SessionResult::Success);
+    rig.app.engine().hooks().run_each_step_twice.store(false, std::sync::atomic::Ordering::Relaxed);
+    rig.assert_consistent().await;
+
+    // A failure at each step, before it runs and after it ran: the run fails, no change is
+    // lost, and the next run catches up.
+    let cases = STEPS.iter().map(|s| (*s, false)).chain(STEPS.iter().map(|s| (*s, true)));
+    for (n, (step, after_it_ran)) in cases.enumerate() {
+        rig.write(0x20 + n as u8, (2 + (n as u64 % 8)) << 20);
+        let before = rig.points().await.len();
+        if after_it_ran {
+            rig.app.engine().hooks().fail_after(step, 1);
+        } else {
+            rig.app.engine().hooks().fail(step, 1);
+        }
+        let failed = rig.run().await;
+        // A point stands once `publish` has run (a failure after it does not take it back).
+        let published_anyway = matches!(step, "release:0" | "retention:0") || (after_it_ran && step == "publish:0");
+        if step == "retention:0" {
+            // Retention is not critical: the point stands, the run warns.
+            assert_eq!(failed.result, SessionResult::Warning, "{step}");
+        } else {
+            assert_eq!(failed.result, SessionResult::Failed, "{step}: {:?}", failed.failure_message);
+        }
+        let after = rig.points().await.len();
+        assert!(
+            after == before || (published_anyway && after == before + 1) || after == 3,
+            "{step}: {before} -> {after}"
+        );
+        rig.app.engine().hooks().fail("none", 1);
+        rig.app.engine().hooks().fail_after("none", 1);
+        let ok = rig.run().await;
+        assert_eq!(ok.result, SessionResult::Success, "after failing {step}: {:?}", ok.failure_message);
+        // The failed run's changes are still tracked: the catch-up is incremental, not a
+        // hash-compare of the whole disk (which would also converge, but by reading everything).
+        let lines = log(&rig.app, &rig.caller, ok.id).await;
+        assert!(
+            lines.iter().any(|l| l.contains("bitmap mode")),
+            "after failing {step} (ran: {after_it_ran}): {lines:?}"
+        );
+        rig.assert_consistent().await;
+    }
+
+    // A crash after each step: the next engine resumes the run to success.
+    for (n, step) in STEPS.iter().enumerate() {
+        rig.write(0x40 + n as u8, (10 + n as u64) << 20);
+        rig.app.engine().hooks().crash_after(step);
+        let s = rig.app.replication_job_run(&rig.caller, rig.job).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_ne!(rig.app.engine().store().session_get(None, s).await.unwrap().state, SessionState::Stopped, "{step}");
+        rig.restart().await;
+        rig.app.engine().start().await.unwrap();
+        let done = wait(&rig.app, s).await;
+        assert_eq!(done.result, SessionResult::Success, "resumed after a crash in {step}: {:?}", done.failure_message);
+        rig.assert_consistent().await;
+        // And the run after that is still incremental.
+        rig.write(0x50 + n as u8, (10 + n as u64) << 20);
+        let next = rig.run().await;
+        assert!(
+            log(&rig.app, &rig.caller, next.id).await.iter().any(|l| l.contains("bitmap mode")),
+            "after a crash in {step}"
+        );
+        rig.assert_consistent().await;
+    }
+    assert_eq!(rig.points().await.len(), 3, "retention holds");
+}
