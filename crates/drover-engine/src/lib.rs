@@ -25,6 +25,7 @@ pub mod ops;
 mod plan_ops;
 pub mod replication;
 pub mod saga;
+pub mod scheduler;
 
 pub use drover_types::{Error, Result};
 use saga::{ContinueOption, RunOutcome, Saga, TestHooks};
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub shutdown_timeout: Duration,
     /// How often the monitor compares VM power states with the hypervisor.
     pub monitor_interval: Duration,
+    /// How often the scheduler looks for replication jobs that are due.
+    pub scheduler_interval: Duration,
     /// Where replication runs keep their sockets and daemons. Keep it short: unix socket paths
     /// are limited to 107 bytes.
     pub work_dir: std::path::PathBuf,
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             heartbeat_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
+            scheduler_interval: Duration::from_secs(5),
             work_dir: std::env::temp_dir().join("drover-work"),
         }
     }
@@ -155,12 +159,14 @@ impl Engine {
             self.spawn(s.id, s.kind);
         }
         let engine = self.clone();
-        let handle = tokio::spawn(async move { monitor::run(engine).await });
-        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        let monitor = tokio::spawn(async move { monitor::run(engine).await });
+        let engine = self.clone();
+        let scheduler = tokio::spawn(async move { scheduler::run(engine).await });
+        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend([monitor, scheduler]);
         Ok(())
     }
 
-    /// Stops background work (the monitor). Running sessions are left to finish or to be resumed.
+    /// Stops background work (the monitor and the scheduler). Running sessions are left to finish or to be resumed.
     pub fn shutdown(&self) {
         for h in self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             h.abort();

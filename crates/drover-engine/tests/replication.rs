@@ -65,6 +65,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
         shutdown_timeout: Duration::from_secs(30),
         monitor_interval: Duration::from_secs(1),
         work_dir: dir.path().join("w"),
+        ..EngineConfig::default()
     };
     let app = App::new(Engine::new(store, driver.clone(), config));
     app.bootstrap(Some("password1".into())).await.unwrap();
@@ -211,6 +212,7 @@ impl Rig {
             shutdown_timeout: Duration::from_secs(10),
             monitor_interval: Duration::from_secs(1),
             work_dir: root.join("w"),
+            scheduler_interval: Duration::from_millis(200),
         }
     }
 
@@ -394,4 +396,40 @@ async fn every_replication_step_is_idempotent_and_survives_failures_and_crashes(
         rig.assert_consistent().await;
     }
     assert_eq!(rig.points().await.len(), 3, "retention holds");
+}
+
+#[tokio::test]
+async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
+    let rig = Rig::new().await;
+    rig.write(0x61, 0);
+    rig.app.replication_job_update(&rig.caller, rig.job, None, Some(Schedule::Continuous), None, None).await.unwrap();
+    rig.app.engine().start().await.unwrap();
+    let finished = || async {
+        let (s, _) = rig
+            .app
+            .session_list(&rig.caller, &SessionFilter { target_id: Some(rig.job.0), limit: 100, ..Default::default() })
+            .await
+            .unwrap();
+        s
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while finished().await.iter().filter(|s| s.result == SessionResult::Success).count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the scheduler did not run the job twice");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Runs never overlap.
+    let runs = finished().await;
+    assert!(runs.iter().filter(|s| s.state != SessionState::Stopped).count() <= 1);
+    // Disabled: the running one ends, nothing new starts.
+    rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, Some(false)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while finished().await.iter().any(|s| s.state != SessionState::Stopped) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = finished().await.len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(finished().await.len(), count, "a disabled job does not run");
+    rig.assert_consistent().await;
+    rig.app.engine().shutdown();
 }
