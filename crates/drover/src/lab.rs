@@ -83,7 +83,36 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             expect_success(&app, s, "power on", &vm.name).await?;
         }
     }
-    // A plan over the lab VMs, ready for the replication issue to fail over and back.
+    // Replication of the lab VMs to the DR site, every 5 minutes, and its first run now.
+    let job =
+        match app.list::<drover_types::ReplicationJob>(&admin).await?.into_iter().find(|j| j.name == "lab-replication")
+        {
+            Some(j) => j,
+            None => {
+                let new = drover_engine::app::NewReplicationJob {
+                    name: "lab-replication".into(),
+                    vm_ids: vms.iter().map(|v| v.id).collect(),
+                    target_host_id: dr_ds.host_id,
+                    target_datastore_id: dr_ds.id,
+                    schedule: drover_types::Schedule::Interval { secs: 300 },
+                    retention_points: 7,
+                };
+                app.replication_job_create(&admin, new).await?
+            }
+        };
+    match app.replication_job_run(&admin, job.id).await {
+        Ok(s) => {
+            let done = expect_success(&app, s, "replicate", "the lab VMs").await?;
+            let log = app.session_log(&admin, done.id, 0, 1000).await?;
+            for line in log.iter().filter(|e| e.message.starts_with("disk ")) {
+                println!("    {}", line.message);
+            }
+        }
+        // The scheduler got there first; that run is as good.
+        Err(drover_types::Error::Conflict(m)) => println!("  replicate: {m}"),
+        Err(e) => return Err(e.into()),
+    }
+    // A plan over the lab VMs, ready to fail over and back.
     if !app.list::<Plan>(&admin).await?.iter().any(|p| p.name == "lab-plan") {
         let groups = vec![drover_types::PlanGroup {
             id: Default::default(),
@@ -121,6 +150,10 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         println!("  CLI:        drover --server {url} login --user admin");
     }
     println!("  production: datastore {} on site prod; DR: datastore {} on site dr", prod_ds.path, dr_ds.path);
+    for r in app.list::<drover_types::Replica>(&admin).await? {
+        let points = app.restore_points(&admin, r.id).await?;
+        println!("  replica {:<16} {:?}, {} restore point(s)", r.name, r.state, points.len());
+    }
     for vm in &vms {
         let vm = app.get::<Vm>(&admin, vm.id.0).await?;
         let hb = app.engine().hv().wait_heartbeat(vm.id.0, Duration::from_secs(5)).await;
