@@ -547,7 +547,7 @@ pub async fn plans_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): P
 /// the session the action started or acted on.
 #[utoipa::path(post, path = "/v1/plans/{id}/{action}", tag = "plans", security(("bearer" = [])),
     params(("id" = Uuid, Path), ("action" = String, Path)),
-    request_body(content = Option<ContinueBody>),
+    request_body(content = Option<PlanActionBody>),
     responses((status = 200, body = PlanActionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 pub async fn plans_action(
@@ -574,14 +574,13 @@ pub async fn plans_action(
         "reset" => d::PlanAction::ResetState,
         other => return Err(Error::not_found("plan action", other).into()),
     };
-    let option = if body.is_empty() {
-        None
+    let b: PlanActionBody = if body.is_empty() {
+        PlanActionBody::default()
     } else {
-        let b: ContinueBody =
-            serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?;
-        b.option
+        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
     };
-    let (plan, session) = st.app.plan_action(&c, id, action, option).await?;
+    let opts = drover_engine::app::PlanActionOptions { continue_option: b.option, point_date: b.restore_point_date };
+    let (plan, session) = st.app.plan_action(&c, id, action, opts).await?;
     Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))
 }
 

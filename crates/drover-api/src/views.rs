@@ -796,6 +796,17 @@ pub struct PlanActionView {
     pub session_id: Option<Uuid>,
 }
 
+/// The optional body of a plan action.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanActionBody {
+    /// For `continue`: as in `ContinueBody`.
+    #[schema(value_type = Option<String>)]
+    pub option: Option<drover_engine::saga::ContinueOption>,
+    /// For `failover`: the newest restore point at or before this time (default: the newest).
+    pub restore_point_date: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContinueBody {

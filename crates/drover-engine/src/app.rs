@@ -113,6 +113,15 @@ pub struct NewReplicationJob {
     pub retention_points: u32,
 }
 
+/// What some plan actions take besides the action.
+#[derive(Debug, Clone, Default)]
+pub struct PlanActionOptions {
+    /// For Continue: how to go on (default: retry the failed step).
+    pub continue_option: Option<ContinueOption>,
+    /// For Failover: the newest point at or before this time (default: the newest point).
+    pub point_date: Option<Timestamp>,
+}
+
 #[derive(Debug, Clone)]
 pub struct PlanInput {
     pub name: String,
@@ -903,7 +912,7 @@ impl App {
         caller: &Caller,
         id: PlanId,
         action: PlanAction,
-        cont: Option<ContinueOption>,
+        opts: PlanActionOptions,
     ) -> Result<(Plan, Option<SessionId>)> {
         caller.require(Role::PlanOperator)?;
         let plan = self.get::<Plan>(caller, id.0).await?;
@@ -925,21 +934,48 @@ impl App {
                 .filter(|s| s.state != SessionState::Stopped)
                 .ok_or_else(|| Error::conflict(format!("plan {:?} has no session to act on", plan.name)))
         };
+        // Moves the plan's lifecycle for an action that acts on the running session.
+        let move_plan = |action: PlanAction| async move {
+            self.store()
+                .object_modify::<Plan, _, _>(caller.tenant_id, id.0, |p| {
+                    p.lifecycle = p.lifecycle.apply(PlanEvent::Requested(action), true)?;
+                    p.updated_at = now();
+                    Ok(())
+                })
+                .await
+        };
         let session = match action {
             PlanAction::Halt => {
                 let s = running_session().await?.id;
+                move_plan(action).await?;
                 self.engine.halt(s).await?;
                 s
             }
             PlanAction::Continue => {
                 let s = running_session().await?.id;
-                self.engine.resume(s, cont.unwrap_or(ContinueOption::RetryFailedStep)).await?;
+                self.engine.resume(s, opts.continue_option.unwrap_or(ContinueOption::RetryFailedStep)).await?;
+                move_plan(action).await?;
                 s
             }
             PlanAction::Undo if plan.lifecycle.state == PlanState::Halted => {
                 let s = running_session().await?.id;
+                move_plan(action).await?;
                 self.engine.undo(s).await?;
                 s
+            }
+            PlanAction::Failover => {
+                let missing = self.vms_without_ready_replica(caller, &plan).await?;
+                if !missing.is_empty() {
+                    return Err(Error::conflict(format!(
+                        "failover needs a ready replica of every VM in the plan; none for {}",
+                        missing.join(", ")
+                    )));
+                }
+                let extra = json!({ "point_date": opts.point_date, "plan": plan });
+                self.plan_submit(caller, &plan, SessionKind::PlanFailover, action, extra).await?
+            }
+            PlanAction::Undo if plan.lifecycle.state == PlanState::Failover => {
+                self.plan_submit(caller, &plan, SessionKind::PlanUndoFailover, action, json!({})).await?
             }
             PlanAction::ResetState => {
                 let (p, ()) = self
@@ -955,17 +991,12 @@ impl App {
             }
             // The check itself is a session; its saga lands the plan in Verified or NotVerified.
             PlanAction::ReadinessCheck => {
-                self.plan_submit(caller, &plan, SessionKind::PlanReadinessCheck, action).await?
+                self.plan_submit(caller, &plan, SessionKind::PlanReadinessCheck, action, json!({})).await?
             }
             other => {
-                let missing = self.vms_without_ready_replica(caller, &plan).await?;
-                if !missing.is_empty() {
-                    return Err(Error::conflict(format!(
-                        "{other:?} needs a ready replica of every VM in the plan; none for {}",
-                        missing.join(", ")
-                    )));
-                }
-                return Err(Error::Unavailable(format!("{other:?} is not available in this version of drover")));
+                return Err(Error::Unavailable(format!(
+                    "{other:?} is not available in this version of drover (failover and its undo are)"
+                )));
             }
         };
         Ok((self.get::<Plan>(caller, id.0).await?, Some(session)))
@@ -989,8 +1020,12 @@ impl App {
         plan: &Plan,
         kind: SessionKind,
         action: PlanAction,
+        extra: serde_json::Value,
     ) -> Result<SessionId> {
-        let params = json!({ "plan_id": plan.id, "tenant_id": caller.tenant_id, "action": action });
+        let mut params = json!({ "plan_id": plan.id, "tenant_id": caller.tenant_id, "action": action });
+        if let (Some(p), Some(e)) = (params.as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
         let session = Session::new(caller.tenant_id, kind, plan.name.clone(), SessionTarget::Plan(plan.id), params);
         let mut tasks = Vec::new();
         for vm_id in plan.vm_ids() {

@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 
 pub mod app;
 pub mod auth;
+mod failover;
 pub mod monitor;
 pub mod ops;
 mod plan_ops;
@@ -109,6 +110,7 @@ impl Engine {
         ops::register(&engine);
         plan_ops::register(&engine);
         replication::register(&engine);
+        failover::register(&engine);
         engine
     }
 

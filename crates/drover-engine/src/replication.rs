@@ -252,17 +252,19 @@ async fn replica_for(ctx: &StepCtx, c: &VmCtx) -> Result<Option<Replica>> {
     Ok(all.into_iter().find(|r| r.job_id == c.p.job_id && r.source_vm_id == c.vm))
 }
 
+/// Applies `event` to the replica when it is in one of `only_if` (so a rerun, or an undo of a
+/// step that never moved it, changes nothing).
 async fn replica_event(
     ctx: &StepCtx,
     tenant: TenantId,
     id: ReplicaId,
     event: ReplicaEvent,
-    unless: ReplicaState,
+    only_if: &[ReplicaState],
 ) -> Result<()> {
     ctx.engine
         .store()
         .object_modify::<Replica, _, _>(tenant, id.0, |r| {
-            if r.state != unless {
+            if only_if.contains(&r.state) {
                 r.state = r.state.apply(event)?;
                 r.updated_at = now();
             }
@@ -310,9 +312,14 @@ impl Step for Prepare {
                 r
             }
         };
-        // A rerun of this step finds the replica already Processing.
-        replica_event(ctx, c.p.tenant_id, replica.id, ReplicaEvent::ReplicationStarted, ReplicaState::Processing)
-            .await?;
+        // Only a Ready replica takes a new point; a rerun of this step finds it Processing already.
+        if !matches!(replica.state, ReplicaState::Ready | ReplicaState::Processing) {
+            return Err(Error::conflict(format!(
+                "replica {} is {:?}; replication resumes after failback or undo",
+                replica.name, replica.state
+            )));
+        }
+        replica_event(ctx, c.p.tenant_id, replica.id, ReplicaEvent::ReplicationStarted, &[ReplicaState::Ready]).await?;
         let points = store.restore_points_of(c.p.tenant_id, replica.id).await?;
         let newest = points.iter().rev().find(|p| p.state == RestorePointState::Published);
         let run = ctx.session.id.to_string()[..8].to_string();
@@ -357,7 +364,8 @@ impl Step for Prepare {
             Err(_) => replica_for(ctx, &self.0).await?.map(|r| r.id),
         };
         if let Some(id) = replica {
-            replica_event(ctx, self.0.p.tenant_id, id, ReplicaEvent::ReplicationFinished, ReplicaState::Ready).await?;
+            replica_event(ctx, self.0.p.tenant_id, id, ReplicaEvent::ReplicationFinished, &[ReplicaState::Processing])
+                .await?;
         }
         Ok(())
     }
@@ -626,8 +634,14 @@ impl Step for Release {
                 (None, None) => {}
             }
         }
-        replica_event(ctx, self.0.p.tenant_id, prep.replica_id, ReplicaEvent::ReplicationFinished, ReplicaState::Ready)
-            .await?;
+        replica_event(
+            ctx,
+            self.0.p.tenant_id,
+            prep.replica_id,
+            ReplicaEvent::ReplicationFinished,
+            &[ReplicaState::Processing],
+        )
+        .await?;
         for d in &prep.disks {
             collect_garbage(ctx, &self.0, &prep.replica_id, d).await?;
         }

@@ -78,15 +78,28 @@ impl std::fmt::Debug for SagaStep {
     }
 }
 
-#[derive(Debug)]
 pub struct Saga {
     pub steps: Vec<SagaStep>,
     pub on_failure: FailurePolicy,
+    /// Told when the saga halts (on request or by a critical failure), after the session
+    /// records it: e.g. a plan moves to HALTED.
+    pub on_halt: Option<Box<dyn HaltHook>>,
+}
+
+impl std::fmt::Debug for Saga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saga").field("steps", &self.steps).field("on_failure", &self.on_failure).finish()
+    }
+}
+
+#[async_trait]
+pub trait HaltHook: Send + Sync {
+    async fn halted(&self, engine: &Engine, session: &Session) -> Result<()>;
 }
 
 impl Saga {
     pub fn unwinding(steps: Vec<SagaStep>) -> Saga {
-        Saga { steps, on_failure: FailurePolicy::Unwind }
+        Saga { steps, on_failure: FailurePolicy::Unwind, on_halt: None }
     }
 }
 
@@ -204,6 +217,9 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
             engine.session_save(&session).await?;
             engine.store().session_clear_halt_request(session_id).await?;
             engine.log(session_id, None, LogLevel::Warning, "halted on request; waiting for Continue or Undo").await;
+            if let Some(h) = &saga.on_halt {
+                h.halted(engine, &session).await?;
+            }
             return Ok(RunOutcome::Halted);
         }
         let task_id = entry.task.and_then(|t| tasks.get(t)).map(|t| t.id);
@@ -282,6 +298,9 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
                                 "halted after a critical failure; waiting for Continue or Undo",
                             )
                             .await;
+                        if let Some(h) = &saga.on_halt {
+                            h.halted(engine, &session).await?;
+                        }
                         return Ok(RunOutcome::Halted);
                     }
                 }

@@ -433,3 +433,206 @@ async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     rig.assert_consistent().await;
     rig.app.engine().shutdown();
 }
+
+#[tokio::test]
+async fn failover_boots_the_replica_and_undo_discards_its_changes() {
+    let guest = guest();
+    let dir = tempfile::Builder::new().prefix("drv").tempdir_in("/tmp").unwrap();
+    let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
+    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+    let config = EngineConfig {
+        heartbeat_timeout: Duration::from_secs(90),
+        work_dir: dir.path().join("w"),
+        ..EngineConfig::default()
+    };
+    let app = App::new(Engine::new(store, driver.clone(), config));
+    app.bootstrap(Some("password1".into())).await.unwrap();
+    let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
+    let env = Env { _dir: dir, app, caller, driver };
+    let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
+    let site = app.site_create(caller, "prod", SiteKind::Production).await.unwrap();
+    let host =
+        app.host_create(caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() }).await.unwrap();
+    let ds = |n: &str| NewDatastore { host_id: host.id, name: n.into(), path: root.join(n).to_string_lossy().into() };
+    let prod = app.datastore_create(caller, ds("prod")).await.unwrap();
+    let dr = app.datastore_create(caller, ds("dr")).await.unwrap();
+    let boot = VmBoot {
+        kernel: Some(guest.vmlinux.to_string_lossy().into()),
+        initrd: Some(guest.initramfs.to_string_lossy().into()),
+        cmdline: Some(guest.cmdline.clone()),
+    };
+    let new_vm = NewVm {
+        name: "app".into(),
+        host_id: host.id,
+        datastore_id: prod.id,
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
+        nics: vec![],
+        tags: vec!["tier:web".parse().unwrap()],
+        boot,
+    };
+    let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let job = app
+        .replication_job_create(
+            caller,
+            NewReplicationJob {
+                name: "j".into(),
+                vm_ids: vec![vm.id],
+                target_host_id: host.id,
+                target_datastore_id: dr.id,
+                schedule: Schedule::Manual,
+                retention_points: 5,
+            },
+        )
+        .await
+        .unwrap();
+    // Point 1: the VM booted once (its disk formatted), no marker. Point 2: with the marker.
+    let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    assert_eq!(wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await.result, SessionResult::Success);
+    let between = now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.driver.write_marker(vm.id.0, "production").await.unwrap();
+    assert_eq!(wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await.result, SessionResult::Success);
+    let s = app.vm_power(caller, vm.id, PowerAction::PowerOff).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let replica = app.list::<Replica>(caller).await.unwrap().pop().unwrap();
+    let points_before = app.restore_points(caller, replica.id).await.unwrap();
+    assert_eq!(points_before.len(), 2);
+
+    let plan = app
+        .plan_create(
+            caller,
+            drover_engine::app::PlanInput {
+                name: "p".into(),
+                description: String::new(),
+                recovery_location_id: RecoveryLocationId::ORIGINAL,
+                groups: vec![PlanGroup {
+                    id: PlanGroupId::new(),
+                    name: "web".into(),
+                    mode: GroupMode::Sequential,
+                    delay_secs: 0,
+                    critical: true,
+                    restore_tags: true,
+                    vms: vec![PlanVm {
+                        vm_id: vm.id,
+                        steps: vec![
+                            PlanStep {
+                                id: PlanStepId::new(),
+                                name: "on".into(),
+                                kind: PlanStepKind::PowerOn,
+                                critical: true,
+                            },
+                            PlanStep {
+                                id: PlanStepId::new(),
+                                name: "hb".into(),
+                                kind: PlanStepKind::WaitHeartbeat { timeout_secs: 90 },
+                                critical: true,
+                            },
+                        ],
+                    }],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+
+    // Failover to the newest point: the replica runs and sees production's marker.
+    let (p, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    assert_eq!(p.lifecycle.state, PlanState::FailoverInProgress);
+    let done = wait(app, s.unwrap()).await;
+    assert_eq!(
+        done.result,
+        SessionResult::Success,
+        "{:?}: {:?}",
+        done.failure_message,
+        log(app, caller, done.id).await
+    );
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state, PlanState::Failover);
+    let r = app.get::<Replica>(caller, replica.id.0).await.unwrap();
+    assert_eq!((r.state, r.failover_point_id), (ReplicaState::Failover, Some(points_before[1].id)));
+    let hb = env.driver.wait_heartbeat(replica.id.0, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("production"));
+    assert!(log(app, caller, done.id).await.iter().any(|l| l.contains("tags tier:web")));
+    // Failover again is a conflict; a replication run does not touch a failed-over replica.
+    assert!(matches!(
+        app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await,
+        Err(Error::Conflict(_))
+    ));
+    let refused = wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await;
+    assert_eq!(refused.result, SessionResult::Failed);
+    assert!(refused.failure_message.as_deref().unwrap_or_default().contains("Failover"), "{refused:?}");
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Failover);
+    // The replica writes; undo throws that away and leaves the points as they were.
+    env.driver.write_marker(replica.id.0, "written in the replica").await.unwrap();
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    let done = wait(app, s.unwrap()).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state, PlanState::UndoFailover);
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
+    assert_eq!(env.driver.status(replica.id.0).await.unwrap(), drover_hv::PowerState::Off);
+    let points_after = app.restore_points(caller, replica.id).await.unwrap();
+    assert_eq!(points_after, points_before, "restore points are never written by a failover");
+    let chain_dir = Path::new(&points_after[1].disks[0].file).parent().unwrap().to_path_buf();
+    assert_eq!(
+        std::fs::read_dir(&chain_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "qcow2"))
+            .count(),
+        2,
+        "the overlay is gone"
+    );
+
+    // Failover to a date before point 2 boots point 1: no marker there.
+    let opts = drover_engine::app::PlanActionOptions { point_date: Some(between), ..Default::default() };
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, opts).await.unwrap();
+    assert_eq!(wait(app, s.unwrap()).await.result, SessionResult::Success);
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().failover_point_id, Some(points_before[0].id));
+    let hb = env.driver.wait_heartbeat(replica.id.0, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(hb.marker, None);
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    assert_eq!(wait(app, s.unwrap()).await.result, SessionResult::Success);
+
+    // A critical step that fails halts the plan; Undo unwinds it.
+    let script = root.join("fail.sh");
+    std::fs::write(&script, "#!/bin/sh\necho no >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut input_plan = app.get::<Plan>(caller, plan.id.0).await.unwrap();
+    input_plan.groups[0].vms[0].steps.push(PlanStep {
+        id: PlanStepId::new(),
+        name: "check".into(),
+        kind: PlanStepKind::RunScript { path: script.to_string_lossy().into(), args: vec![], timeout_secs: 10 },
+        critical: true,
+    });
+    app.plan_action(caller, plan.id, PlanAction::ResetState, Default::default()).await.unwrap();
+    app.plan_set_enabled(caller, plan.id, true).await.unwrap();
+    app.plan_update(
+        caller,
+        plan.id,
+        drover_engine::app::PlanInput {
+            name: "p".into(),
+            description: String::new(),
+            recovery_location_id: RecoveryLocationId::ORIGINAL,
+            groups: input_plan.groups,
+        },
+    )
+    .await
+    .unwrap();
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    let halted = wait(app, s.unwrap()).await;
+    assert!(halted.halted, "{halted:?}");
+    let p = app.get::<Plan>(caller, plan.id.0).await.unwrap();
+    assert_eq!((p.lifecycle.state, p.lifecycle.interrupted), (PlanState::Halted, Some(PlanState::FailoverInProgress)));
+    assert!(log(app, caller, halted.id).await.iter().any(|l| l.contains("exited with")));
+    let (_, s2) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    assert_eq!(s2, Some(halted.id), "undo acts on the halted session");
+    let done = wait(app, halted.id).await;
+    assert_eq!(done.result, SessionResult::Failed);
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state, PlanState::UndoFailover);
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
+    assert_eq!(env.driver.status(replica.id.0).await.unwrap(), drover_hv::PowerState::Off);
+    assert_eq!(app.restore_points(caller, replica.id).await.unwrap(), points_before);
+}

@@ -338,6 +338,7 @@ fn install_halting_saga(env: &Env, pause: Duration) -> (Counter, Counter) {
             Ok(Saga {
                 steps: vec![step(0, "a1"), step(0, "a2"), step(1, "b1"), step(1, "b2")],
                 on_failure: FailurePolicy::Halt,
+                on_halt: None,
             })
         }),
     );
@@ -486,7 +487,8 @@ async fn plan_with(env: &Env, vms: &[VmId]) -> Plan {
 }
 
 async fn readiness(env: &Env, plan: &Plan) -> (Session, Plan) {
-    let (_, session) = env.app.plan_action(&env.caller, plan.id, PlanAction::ReadinessCheck, None).await.unwrap();
+    let (_, session) =
+        env.app.plan_action(&env.caller, plan.id, PlanAction::ReadinessCheck, Default::default()).await.unwrap();
     let s = env.wait(session.expect("the check runs as a session")).await;
     let p = env.app.get::<Plan>(&env.caller, plan.id.0).await.unwrap();
     (s, p)

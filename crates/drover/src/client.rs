@@ -94,6 +94,9 @@ pub enum ClientCommand {
     /// Replication jobs.
     #[command(subcommand)]
     Job(commands::JobCommand),
+    /// Replicas on the recovery side and their restore points.
+    #[command(subcommand)]
+    Replica(commands::ReplicaCommand),
     /// Recovery locations for plans.
     #[command(subcommand)]
     Location(commands::LocationCommand),
@@ -214,6 +217,17 @@ impl Ctx {
         render: impl FnOnce(&T) -> String,
     ) -> anyhow::Result<()> {
         let resp = self.api.send(Request::post(path).json(body)).await?;
+        self.show(&resp, render)
+    }
+
+    /// `PATCH path` with `body`; prints the updated object.
+    async fn update<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Value,
+        render: impl FnOnce(&T) -> String,
+    ) -> anyhow::Result<()> {
+        let resp = self.api.send(Request::new(reqwest::Method::PATCH, path).json(body)).await?;
         self.show(&resp, render)
     }
 

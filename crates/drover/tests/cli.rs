@@ -13,13 +13,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_drover");
 const ADMIN_PASSWORD: &str = "correct-horse-battery";
 
 /// Environment a developer's shell might carry that would change what the client does.
-const CLIENT_ENV: [&str; 7] = [
+const CLIENT_ENV: [&str; 8] = [
     "DROVER_URL",
     "DROVER_TOKEN",
     "DROVER_OUTPUT",
     "DROVER_INSECURE",
     "DROVER_CA_CERT",
     "DROVER_PASSWORD",
+    "DROVER_NEW_PASSWORD",
     "DROVER_LOG",
 ];
 
@@ -379,4 +380,175 @@ fn cli_over_tls() {
     by_env.login();
     let not_by_env = Client { env: vec![("DROVER_INSECURE", "0")], ..Client::new(&server) };
     assert!(not_by_env.fails(&["login", "--user", "admin", "--password", ADMIN_PASSWORD]).contains("certificate"));
+}
+
+/// The one file under `dir` (recursively) whose name ends with `.{ext}`.
+fn find_file(dir: &Path, ext: &str) -> PathBuf {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == ext) {
+                found.push(path);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "one .{ext} file expected under {}: {found:?}", dir.display());
+    found.pop().unwrap()
+}
+
+/// The restore points' sequence numbers of `replica`, oldest first.
+fn sequences(cli: &Client, replica: &str) -> Vec<u64> {
+    let points = cli.json(&["replica", "points", replica]);
+    points["items"].as_array().unwrap().iter().map(|p| p["sequence"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn cli_replicates_and_keeps_restore_points() {
+    let server = Server::start(false);
+    let cli = Client::new(&server);
+    cli.login();
+
+    // One host with a production and a recovery datastore; a powered-off VM on production (the
+    // simulated hypervisor still makes its disk a real qcow2, which replication reads).
+    let (host, prod) = inventory(&cli, &server);
+    let dr_path = server.data_dir.path().join("dr-datastore");
+    let dr = id(&cli.json(&["datastore", "create", "dr", "--host", &host, "--path", dr_path.to_str().unwrap()]));
+    let session = cli.json(&["vm", "create", "web-1", "--host", &host, "--datastore", &prod, "--disk", "root:16MiB"]);
+    let vm = session["target_id"].as_str().unwrap().to_string();
+    let job = cli.json(&[
+        "job",
+        "create",
+        "nightly",
+        "--vm",
+        &vm,
+        "--target-host",
+        &host,
+        "--target-datastore",
+        &dr,
+        "--manual",
+        "--retention",
+        "3",
+    ]);
+    let job = id(&job);
+    let before = cli.run(&["replica", "list"]);
+    assert!(before.status.success() && before.stdout.is_empty(), "no replica before the first run");
+    assert!(String::from_utf8_lossy(&before.stderr).contains("no replicas"));
+
+    // The first run seeds the replica; it is followed like any session.
+    let out = cli.run(&["job", "run", &job]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Replication nightly: Success (100%)"), "{stdout}");
+    assert!(stdout.contains("web-1_replica") && stdout.contains("1 restore point, newest #1"), "{stdout}");
+    assert!(stderr.contains("restore point 1 published") && stderr.contains("Replication finished"), "{stderr}");
+
+    let replicas = cli.json(&["replica", "list"]);
+    let items = replicas["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{replicas}");
+    assert_eq!(items[0]["state"], "Ready");
+    assert_eq!(items[0]["source_vm_id"], vm.as_str());
+    assert_eq!(items[0]["job_id"], job.as_str());
+    let replica = id(&items[0]);
+    let table = cli.ok(&["replica", "list"]);
+    assert!(table.contains("web-1_replica") && table.contains("Ready"), "{table}");
+    let details = cli.ok(&["replica", "get", &replica]);
+    assert!(details.contains("Ready") && details.contains(&dr), "{details}");
+
+    let table = cli.ok(&["replica", "points", &replica]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("SEQUENCE") && lines[0].contains("BYTES WRITTEN"), "{table}");
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[1].starts_with("1 ") && lines[1].contains("Published"), "{table}");
+    assert_eq!(sequences(&cli, &replica), [1]);
+
+    // The VM's disk changes while it is off; a second run adds a point with those bytes, and
+    // --output json prints the final session.
+    let disk = find_file(&server.data_dir.path().join("datastore"), "qcow2");
+    let write = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 0 1M"]).arg(&disk).output().unwrap();
+    assert!(write.status.success(), "qemu-io: {}", String::from_utf8_lossy(&write.stderr));
+    let session = cli.json(&["job", "run", &job]);
+    assert_eq!((session["kind"].as_str(), session["result"].as_str()), (Some("Replication"), Some("Success")));
+    assert_eq!(session["target_id"], job.as_str());
+    assert_eq!(session["tasks"].as_array().map(Vec::len), Some(1), "one task per VM: {session}");
+    assert_eq!(sequences(&cli, &replica), [1, 2]);
+    let points = cli.json(&["replica", "points", &replica]);
+    assert!(points["items"][1]["bytes_written"].as_u64().unwrap() >= 1 << 20, "{points}");
+    let table = cli.ok(&["replica", "points", &replica]);
+    assert!(table.lines().nth(2).is_some_and(|l| l.starts_with("2 ") && l.contains(" MiB")), "{table}");
+
+    // A disabled job does not run; the API says why.
+    assert_eq!(cli.json(&["job", "update", &job, "--disable"])["enabled"], false);
+    let err = cli.fails(&["job", "run", &job]);
+    assert!(err.contains("disabled") && err.contains("(HTTP 409)"), "{err}");
+
+    // Retention 1: the third run merges the older points away.
+    let updated = cli.json(&["job", "update", &job, "--retention", "1", "--enable", "--interval", "3600"]);
+    assert_eq!(updated["retention_points"], 1, "{updated}");
+    assert_eq!(updated["enabled"], true, "{updated}");
+    assert_eq!(updated["schedule"]["type"], "Interval", "{updated}");
+    let shown = cli.ok(&["job", "update", &job, "--manual", "--name", "nightly"]);
+    assert!(shown.contains("manual") && shown.contains("1 restore points"), "{shown}");
+    let out = cli.ok(&["job", "run", &job]);
+    assert!(out.contains("1 restore point, newest #3"), "{out}");
+    assert_eq!(sequences(&cli, &replica), [3]);
+
+    // --no-wait hands back the session; nothing changes meanwhile for the replica list.
+    let started = cli.json(&["job", "run", &job, "--no-wait"]);
+    let run = started["session_id"].as_str().unwrap().to_string();
+    assert_eq!(cli.json(&["session", "watch", &run])["result"], "Success");
+    assert_eq!(sequences(&cli, &replica), [4]);
+
+    // Unknown ids: the API's message and a non-zero exit.
+    let nowhere = "00000000-0000-0000-0000-000000000001";
+    let err = cli.fails(&["job", "run", nowhere]);
+    assert!(err.contains("not found (HTTP 404)"), "{err}");
+    assert!(cli.fails(&["replica", "points", nowhere]).contains("(HTTP 404)"));
+    assert!(cli.fails(&["job", "update", &job]).contains("nothing to update"));
+}
+
+#[test]
+fn cli_updates_inventory_locations_and_users() {
+    let server = Server::start(false);
+    let cli = Client::new(&server);
+    cli.login();
+    let (host, ds) = inventory(&cli, &server);
+
+    let site = cli.json(&["host", "get", &host])["site_id"].as_str().unwrap().to_string();
+    assert_eq!(cli.json(&["site", "update", &site, "--name", "main"])["name"], "main");
+    assert!(cli.ok(&["site", "get", &site]).contains("main"));
+    let h = cli.json(&["host", "update", &host, "--name", "host-a"]);
+    assert_eq!((h["name"].as_str(), h["address"].as_str()), (Some("host-a"), Some("local")));
+    assert!(cli.ok(&["datastore", "update", &ds, "--name", "slow"]).contains("slow"));
+    assert_eq!(cli.json(&["datastore", "get", &ds])["name"], "slow");
+
+    let loc = cli.json(&["location", "create", "far", "--host", &host, "--datastore", &ds, "--network", "lan=dr-lan"]);
+    let loc = id(&loc);
+    let updated = cli.json(&["location", "update", &loc, "--description", "the far one", "--network", "a=b"]);
+    assert_eq!(updated["description"], "the far one");
+    assert_eq!(updated["network_mappings"], serde_json::json!([{"from": "a", "to": "b"}]));
+    let cleared = cli.json(&["location", "update", &loc, "--clear-networks"]);
+    assert_eq!(cleared["network_mappings"], serde_json::json!([]));
+    assert_eq!(cleared["name"], "far");
+
+    // A new password from the environment (kept out of the process list), then a new role.
+    let user = cli.json(&["user", "create", "olive", "--role", "Viewer", "--password", "first-password"]);
+    let user = id(&user);
+    let with_env = Client { env: vec![("DROVER_NEW_PASSWORD", "second-password")], ..Client::new(&server) };
+    std::fs::copy(cli.credentials(), with_env.credentials()).unwrap();
+    assert_eq!(with_env.json(&["user", "update", &user])["name"], "olive");
+    let table = cli.ok(&["user", "update", &user, "--role", "PlanOperator"]);
+    assert!(table.contains("PlanOperator"), "{table}");
+    let olive = Client::new(&server);
+    let err = olive.fails(&["login", "--user", "olive", "--password", "first-password"]);
+    assert!(err.contains("(HTTP 401)"), "{err}");
+    olive.ok(&["login", "--user", "olive", "--password", "second-password"]);
+    // The new role holds: an operator may not create users, and says so.
+    let err = olive.fails(&["user", "create", "x", "--role", "Viewer", "--password", "whatever-password"]);
+    assert!(err.contains("(HTTP 403)"), "{err}");
+    assert!(cli.fails(&["user", "update", &user, "--password", "short"]).contains("(HTTP 400)"));
+    assert!(cli.fails(&["user", "update", &user]).contains("--password"));
 }

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use drover_api::views::{
-    BootBody, DiskBody, NetworkMappingBody, NicBody, PlanActionView, PlanView, ScheduleBody, SessionView,
+    BootBody, DiskBody, NetworkMappingBody, NicBody, PlanActionView, PlanView, ReplicationJobView, ScheduleBody,
+    SessionView,
 };
 use drover_engine::saga::ContinueOption;
 use serde_json::{Value, json};
@@ -60,8 +61,18 @@ pub enum SiteCommand {
     },
     /// Shows a site.
     Get(IdArg),
+    /// Renames a site.
+    Update(RenameArgs),
     /// Deletes a site.
     Delete(IdArg),
+}
+
+// An id and a new name (sites, datastores).
+#[derive(Debug, Args)]
+pub struct RenameArgs {
+    pub id: Uuid,
+    #[arg(long)]
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +91,16 @@ pub enum HostCommand {
     },
     /// Shows a host.
     Get(IdArg),
+    /// Renames a host or changes how it is reached.
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["name", "address"])))]
+    Update {
+        id: Uuid,
+        #[arg(long)]
+        name: Option<String>,
+        /// How the server reaches the host's agent; `local` is the agent inside `drover serve`.
+        #[arg(long)]
+        address: Option<String>,
+    },
     /// Removes a host.
     Delete(IdArg),
 }
@@ -99,6 +120,8 @@ pub enum DatastoreCommand {
     },
     /// Shows a datastore.
     Get(IdArg),
+    /// Renames a datastore (its path cannot change).
+    Update(RenameArgs),
     /// Removes a datastore.
     Delete(IdArg),
 }
@@ -213,6 +236,32 @@ pub struct JobCreateArgs {
     pub retention: u32,
 }
 
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("schedule").args(["interval", "manual", "continuous"])))]
+pub struct JobUpdateArgs {
+    pub id: Uuid,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replicate every SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<u32>,
+    /// Replicate only when asked.
+    #[arg(long)]
+    pub manual: bool,
+    /// Replicate continuously.
+    #[arg(long)]
+    pub continuous: bool,
+    /// Restore points to keep; older ones are merged away by the next run.
+    #[arg(long, value_name = "N")]
+    pub retention: Option<u32>,
+    /// Lets the job run again (on its schedule and when asked).
+    #[arg(long, conflicts_with = "disable")]
+    pub enable: bool,
+    /// Stops the job from running; its replicas and restore points stay.
+    #[arg(long)]
+    pub disable: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Lists the replication jobs.
@@ -221,8 +270,22 @@ pub enum JobCommand {
     Create(JobCreateArgs),
     /// Shows a replication job.
     Get(IdArg),
+    /// Changes the name, schedule, retention, or enables/disables the job.
+    Update(JobUpdateArgs),
+    /// Runs the job now and follows the run (one task per VM).
+    Run(OpArgs),
     /// Deletes a replication job.
     Delete(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Lists the replicas (made by the first run of their job).
+    List,
+    /// Shows a replica.
+    Get(IdArg),
+    /// Lists a replica's restore points, oldest first.
+    Points(IdArg),
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +302,21 @@ pub struct LocationCreateArgs {
     pub networks: Vec<(String, String)>,
 }
 
+#[derive(Debug, Args)]
+pub struct LocationUpdateArgs {
+    pub id: Uuid,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Replaces all network mappings with these (`FROM=TO`, repeatable).
+    #[arg(long = "network", value_name = "FROM=TO", value_parser = parse_mapping, conflicts_with = "clear_networks")]
+    pub networks: Vec<(String, String)>,
+    /// Removes all network mappings.
+    #[arg(long)]
+    pub clear_networks: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum LocationCommand {
     /// Lists the recovery locations.
@@ -247,6 +325,8 @@ pub enum LocationCommand {
     Create(LocationCreateArgs),
     /// Shows a recovery location.
     Get(IdArg),
+    /// Changes the name, description or network mappings.
+    Update(LocationUpdateArgs),
     /// Deletes a recovery location.
     Delete(IdArg),
 }
@@ -378,6 +458,18 @@ pub enum UserCommand {
         /// Another tenant (administrators of the system tenant only).
         #[arg(long)]
         tenant: Option<Uuid>,
+    },
+    /// Changes a user's password or role (users may change their own password).
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["password", "role"])))]
+    Update {
+        id: Uuid,
+        /// The new password, at least 8 characters. Visible to other local users in the process
+        /// list: prefer DROVER_NEW_PASSWORD.
+        #[arg(long, env = "DROVER_NEW_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// Viewer, PlanOperator, PlanAuthor or Administrator.
+        #[arg(long)]
+        role: Option<String>,
     },
     /// Deletes a user.
     Delete(IdArg),
@@ -514,13 +606,19 @@ fn vm_update_body(a: &VmUpdateArgs) -> anyhow::Result<Value> {
     Ok(Value::Object(body))
 }
 
+/// The schedule of `--interval`, `--manual` or `--continuous` (clap lets at most one through).
+fn schedule_arg(interval: Option<u32>, manual: bool, continuous: bool) -> Option<ScheduleBody> {
+    match (interval, manual, continuous) {
+        (Some(secs), _, _) => Some(ScheduleBody::Interval { secs }),
+        (None, _, true) => Some(ScheduleBody::Continuous),
+        (None, true, false) => Some(ScheduleBody::Manual),
+        (None, false, false) => None,
+    }
+}
+
 fn job_body(a: &JobCreateArgs) -> Value {
     // clap's group makes exactly one of the three present.
-    let schedule = match (a.interval, a.continuous) {
-        (Some(secs), _) => ScheduleBody::Interval { secs },
-        (None, true) => ScheduleBody::Continuous,
-        (None, false) => ScheduleBody::Manual,
-    };
+    let schedule = schedule_arg(a.interval, a.manual, a.continuous).unwrap_or(ScheduleBody::Manual);
     json!({
         "name": a.name,
         "vm_ids": a.vms,
@@ -531,9 +629,54 @@ fn job_body(a: &JobCreateArgs) -> Value {
     })
 }
 
+fn job_update_body(a: &JobUpdateArgs) -> anyhow::Result<Value> {
+    let mut body = serde_json::Map::new();
+    if let Some(n) = &a.name {
+        body.insert("name".into(), json!(n));
+    }
+    if let Some(s) = schedule_arg(a.interval, a.manual, a.continuous) {
+        body.insert("schedule".into(), json!(s));
+    }
+    if let Some(r) = a.retention {
+        body.insert("retention_points".into(), json!(r));
+    }
+    if a.enable || a.disable {
+        body.insert("enabled".into(), json!(a.enable));
+    }
+    if body.is_empty() {
+        bail!("nothing to update: give --name, --interval, --manual, --continuous, --retention, --enable or --disable");
+    }
+    Ok(Value::Object(body))
+}
+
+fn mappings_body(networks: &[(String, String)]) -> Vec<NetworkMappingBody> {
+    networks.iter().map(|(from, to)| NetworkMappingBody { from: from.clone(), to: to.clone() }).collect()
+}
+
+fn location_update_body(a: &LocationUpdateArgs) -> anyhow::Result<Value> {
+    let mut body = serde_json::Map::new();
+    if let Some(n) = &a.name {
+        body.insert("name".into(), json!(n));
+    }
+    if let Some(d) = &a.description {
+        body.insert("description".into(), json!(d));
+    }
+    if a.clear_networks || !a.networks.is_empty() {
+        body.insert("network_mappings".into(), json!(mappings_body(&a.networks)));
+    }
+    if body.is_empty() {
+        bail!("nothing to update: give --name, --description, --network or --clear-networks");
+    }
+    Ok(Value::Object(body))
+}
+
+/// A PATCH body of the given fields, leaving out the absent ones.
+fn patch_body(fields: &[(&str, Option<&str>)]) -> Value {
+    Value::Object(fields.iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), json!(v)))).collect())
+}
+
 fn location_body(a: &LocationCreateArgs) -> Value {
-    let mappings: Vec<NetworkMappingBody> =
-        a.networks.iter().map(|(from, to)| NetworkMappingBody { from: from.clone(), to: to.clone() }).collect();
+    let mappings = mappings_body(&a.networks);
     json!({
         "name": a.name,
         "description": a.description,
@@ -620,6 +763,7 @@ pub async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Datastore(c) => datastore(ctx, c).await,
         ClientCommand::Vm(c) => vm(ctx, c).await,
         ClientCommand::Job(c) => job(ctx, c).await,
+        ClientCommand::Replica(c) => replica(ctx, c).await,
         ClientCommand::Location(c) => location(ctx, c).await,
         ClientCommand::Plan(c) => plan(ctx, c).await,
         ClientCommand::Session(c) => session(ctx, c).await,
@@ -633,6 +777,10 @@ async fn site(ctx: &Ctx, cmd: SiteCommand) -> anyhow::Result<()> {
         SiteCommand::List => ctx.list(Request::get("/sites"), "sites", render::sites).await,
         SiteCommand::Create { name, kind } => ctx.create("/sites", site_body(&name, kind), render::site).await,
         SiteCommand::Get(a) => ctx.get(&format!("/sites/{}", a.id), render::site).await,
+        SiteCommand::Update(a) => {
+            let body = patch_body(&[("name", Some(&a.name))]);
+            ctx.update(&format!("/sites/{}", a.id), body, render::site).await
+        }
         SiteCommand::Delete(a) => ctx.delete(&format!("/sites/{}", a.id), "site", a.id).await,
     }
 }
@@ -645,6 +793,10 @@ async fn host(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
             ctx.create("/hosts", body, render::host).await
         }
         HostCommand::Get(a) => ctx.get(&format!("/hosts/{}", a.id), render::host).await,
+        HostCommand::Update { id, name, address } => {
+            let body = patch_body(&[("name", name.as_deref()), ("address", address.as_deref())]);
+            ctx.update(&format!("/hosts/{id}"), body, render::host).await
+        }
         HostCommand::Delete(a) => ctx.delete(&format!("/hosts/{}", a.id), "host", a.id).await,
     }
 }
@@ -660,6 +812,10 @@ async fn datastore(ctx: &Ctx, cmd: DatastoreCommand) -> anyhow::Result<()> {
             ctx.create("/datastores", body, render::datastore).await
         }
         DatastoreCommand::Get(a) => ctx.get(&format!("/datastores/{}", a.id), render::datastore).await,
+        DatastoreCommand::Update(a) => {
+            let body = patch_body(&[("name", Some(&a.name))]);
+            ctx.update(&format!("/datastores/{}", a.id), body, render::datastore).await
+        }
         DatastoreCommand::Delete(a) => ctx.delete(&format!("/datastores/{}", a.id), "datastore", a.id).await,
     }
 }
@@ -679,9 +835,7 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::Update(a) => {
             let body = vm_update_body(&a)?;
-            let path = format!("/vms/{}", a.id);
-            let resp = ctx.api.send(Request::new(reqwest::Method::PATCH, &path).json(body)).await?;
-            ctx.show(&resp, render::vm)
+            ctx.update(&format!("/vms/{}", a.id), body, render::vm).await
         }
         VmCommand::Delete(a) => ctx.start(Request::delete(&format!("/vms/{}", a.id)), &a.wait).await.map(drop),
         VmCommand::PowerOn(a) => ctx.start(Request::post(&format!("/vms/{}/power-on", a.id)), &a.wait).await.map(drop),
@@ -697,7 +851,59 @@ async fn job(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<()> {
         JobCommand::List => ctx.list(Request::get("/replication-jobs"), "replication jobs", render::jobs).await,
         JobCommand::Create(a) => ctx.create("/replication-jobs", job_body(&a), render::job).await,
         JobCommand::Get(a) => ctx.get(&format!("/replication-jobs/{}", a.id), render::job).await,
+        JobCommand::Update(a) => {
+            let body = job_update_body(&a)?;
+            ctx.update(&format!("/replication-jobs/{}", a.id), body, render::job).await
+        }
+        JobCommand::Run(a) => job_run(ctx, a).await,
         JobCommand::Delete(a) => ctx.delete(&format!("/replication-jobs/{}", a.id), "replication job", a.id).await,
+    }
+}
+
+/// `POST /v1/replication-jobs/{id}/run`, followed like any session. The human summary ends with
+/// where each VM's restore points stand, which is what a run is for.
+async fn job_run(ctx: &Ctx, a: OpArgs) -> anyhow::Result<()> {
+    let session = ctx.start(Request::post(&format!("/replication-jobs/{}/run", a.id)), &a.wait).await?;
+    if ctx.json() || session.is_none() {
+        return Ok(());
+    }
+    // Best effort: the run succeeded, so a failure to list its results is not the command's.
+    if let Ok(lines) = replica_summary(ctx, a.id).await {
+        for line in lines {
+            emit(line.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// `replica <name>: N restore point(s), newest #S` for each replica of job `job`.
+async fn replica_summary(ctx: &Ctx, job: Uuid) -> anyhow::Result<Vec<String>> {
+    use drover_api::views::{Page, ReplicaView, RestorePointView};
+    let job: ReplicationJobView = ctx.api.send(Request::get(&format!("/replication-jobs/{job}"))).await?.parse()?;
+    let replicas: Page<ReplicaView> = ctx.api.send(Request::get("/replicas")).await?.parse()?;
+    let mut lines = Vec::new();
+    for r in replicas.items.iter().filter(|r| r.job_id == job.id) {
+        let points: Page<RestorePointView> =
+            ctx.api.send(Request::get(&format!("/replicas/{}/restore-points", r.id))).await?.parse()?;
+        let newest = points.items.iter().map(|p| p.sequence).max();
+        let count = points.items.len();
+        let plural = if count == 1 { "" } else { "s" };
+        lines.push(match newest {
+            Some(seq) => format!("replica {} ({}): {count} restore point{plural}, newest #{seq}", r.name, r.id),
+            None => format!("replica {} ({}): no restore points", r.name, r.id),
+        });
+    }
+    Ok(lines)
+}
+
+async fn replica(ctx: &Ctx, cmd: ReplicaCommand) -> anyhow::Result<()> {
+    match cmd {
+        ReplicaCommand::List => ctx.list(Request::get("/replicas"), "replicas", render::replicas).await,
+        ReplicaCommand::Get(a) => ctx.get(&format!("/replicas/{}", a.id), render::replica).await,
+        ReplicaCommand::Points(a) => {
+            let path = format!("/replicas/{}/restore-points", a.id);
+            ctx.list(Request::get(&path), "restore points", render::restore_points).await
+        }
     }
 }
 
@@ -708,6 +914,10 @@ async fn location(ctx: &Ctx, cmd: LocationCommand) -> anyhow::Result<()> {
         }
         LocationCommand::Create(a) => ctx.create("/recovery-locations", location_body(&a), render::location).await,
         LocationCommand::Get(a) => ctx.get(&format!("/recovery-locations/{}", a.id), render::location).await,
+        LocationCommand::Update(a) => {
+            let body = location_update_body(&a)?;
+            ctx.update(&format!("/recovery-locations/{}", a.id), body, render::location).await
+        }
         LocationCommand::Delete(a) => {
             ctx.delete(&format!("/recovery-locations/{}", a.id), "recovery location", a.id).await
         }
@@ -852,6 +1062,10 @@ async fn user(ctx: &Ctx, cmd: UserCommand) -> anyhow::Result<()> {
             let body = json!({ "name": name, "password": password, "role": role, "tenant_id": tenant });
             ctx.create("/users", body, render::user).await
         }
+        UserCommand::Update { id, password, role } => {
+            let body = patch_body(&[("password", password.as_deref()), ("role", role.as_deref())]);
+            ctx.update(&format!("/users/{id}"), body, render::user).await
+        }
         UserCommand::Delete(a) => ctx.delete(&format!("/users/{}", a.id), "user", a.id).await,
     }
 }
@@ -871,7 +1085,7 @@ mod tests {
     use super::*;
 
     /// Parses `args` as the real binary would, minus the program name.
-    fn parse(args: &[&str]) -> ClientCommand {
+    fn try_parse(args: &[&str]) -> Result<ClientCommand, clap::Error> {
         #[derive(Debug, clap::Parser)]
         struct Cli {
             #[command(subcommand)]
@@ -879,7 +1093,11 @@ mod tests {
         }
         let mut argv = vec!["drover"];
         argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}")).command
+        Cli::try_parse_from(argv).map(|c| c.command)
+    }
+
+    fn parse(args: &[&str]) -> ClientCommand {
+        try_parse(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     const A: &str = "00000000-0000-0000-0000-00000000000a";
@@ -997,6 +1215,82 @@ mod tests {
             assert_eq!(body["schedule"]["type"], expected);
             let _: v::CreateReplicationJob = serde_json::from_value(body).unwrap();
         }
+    }
+
+    #[test]
+    fn job_update_bodies_are_patches() {
+        let ClientCommand::Job(JobCommand::Update(a)) =
+            parse(&["job", "update", A, "--retention", "1", "--continuous", "--disable"])
+        else {
+            panic!()
+        };
+        let body = job_update_body(&a).unwrap();
+        assert_eq!(body, json!({"schedule": {"type": "Continuous"}, "retention_points": 1, "enabled": false}));
+        let patch: v::PatchReplicationJob = serde_json::from_value(body).unwrap();
+        assert_eq!(patch.retention_points, Some(1));
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--name", "n", "--enable"]) else {
+            panic!()
+        };
+        assert_eq!(job_update_body(&a).unwrap(), json!({"name": "n", "enabled": true}));
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--interval", "60"]) else {
+            panic!()
+        };
+        let _: v::PatchReplicationJob = serde_json::from_value(job_update_body(&a).unwrap()).unwrap();
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A]) else { panic!() };
+        assert!(job_update_body(&a).unwrap_err().to_string().contains("nothing to update"));
+    }
+
+    #[test]
+    fn conflicting_flags_are_refused() {
+        for args in [
+            vec!["job", "update", A, "--manual", "--interval", "5"],
+            vec!["job", "update", A, "--enable", "--disable"],
+            vec!["location", "update", A, "--network", "a=b", "--clear-networks"],
+            vec!["host", "update", A],
+            vec!["site", "update", A],
+        ] {
+            assert!(try_parse(&args).is_err(), "{args:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn update_bodies_match_the_api() {
+        let ClientCommand::Host(HostCommand::Update { name, address, .. }) =
+            parse(&["host", "update", A, "--address", "10.0.0.2:7000"])
+        else {
+            panic!()
+        };
+        let body = patch_body(&[("name", name.as_deref()), ("address", address.as_deref())]);
+        assert_eq!(body, json!({"address": "10.0.0.2:7000"}));
+        let _: v::PatchHost = serde_json::from_value(body).unwrap();
+        let ClientCommand::Site(SiteCommand::Update(a)) = parse(&["site", "update", A, "--name", "s"]) else {
+            panic!()
+        };
+        let _: v::PatchName = serde_json::from_value(patch_body(&[("name", Some(&a.name))])).unwrap();
+        let ClientCommand::User(UserCommand::Update { password, role, .. }) =
+            parse(&["user", "update", A, "--role", "Viewer"])
+        else {
+            panic!()
+        };
+        let body = patch_body(&[("password", password.as_deref()), ("role", role.as_deref())]);
+        assert_eq!(body, json!({"role": "Viewer"}));
+        let _: v::PatchUser = serde_json::from_value(body).unwrap();
+
+        let ClientCommand::Location(LocationCommand::Update(a)) =
+            parse(&["location", "update", A, "--description", "d", "--network", "lan=dr-lan"])
+        else {
+            panic!()
+        };
+        let patch: v::PatchRecoveryLocation = serde_json::from_value(location_update_body(&a).unwrap()).unwrap();
+        assert_eq!(patch.network_mappings.unwrap()[0].to, "dr-lan");
+        assert_eq!(patch.name, None);
+        let ClientCommand::Location(LocationCommand::Update(a)) = parse(&["location", "update", A, "--clear-networks"])
+        else {
+            panic!()
+        };
+        assert_eq!(location_update_body(&a).unwrap(), json!({"network_mappings": []}));
+        let ClientCommand::Location(LocationCommand::Update(a)) = parse(&["location", "update", A]) else { panic!() };
+        assert!(location_update_body(&a).is_err());
     }
 
     #[test]

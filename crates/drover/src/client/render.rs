@@ -235,6 +235,49 @@ pub fn job(j: &ReplicationJobView) -> String {
     ])
 }
 
+pub fn replicas(page: &Page<ReplicaView>) -> Table {
+    let mut t = Table::new(&["ID", "NAME", "STATE", "SOURCE VM", "JOB", "CREATED"]);
+    for r in &page.items {
+        t.row(vec![
+            r.id.to_string(),
+            r.name.clone(),
+            wire_name(&r.state),
+            r.source_vm_id.to_string(),
+            r.job_id.to_string(),
+            local_time(&r.created_at),
+        ]);
+    }
+    t
+}
+
+pub fn replica(r: &ReplicaView) -> String {
+    details(&[
+        ("id", r.id.to_string()),
+        ("name", r.name.clone()),
+        ("state", wire_name(&r.state)),
+        ("source vm", r.source_vm_id.to_string()),
+        ("job", r.job_id.to_string()),
+        ("target datastore", r.target_datastore_id.to_string()),
+        ("failover point", opt(&r.failover_point_id)),
+        ("created", local_time(&r.created_at)),
+    ])
+}
+
+pub fn restore_points(page: &Page<RestorePointView>) -> Table {
+    let mut t = Table::new(&["SEQUENCE", "CREATED", "STATE", "BYTES WRITTEN", "VERIFIED", "ID"]);
+    for p in &page.items {
+        t.row(vec![
+            p.sequence.to_string(),
+            local_time(&p.created_at),
+            wire_name(&p.state),
+            approx_size(p.bytes_written),
+            if p.verified { "yes" } else { "no" }.into(),
+            p.id.to_string(),
+        ]);
+    }
+    t
+}
+
 fn mappings(l: &RecoveryLocationView) -> Vec<String> {
     l.network_mappings.iter().map(|m| format!("{}={}", m.from, m.to)).collect()
 }
@@ -414,6 +457,18 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// `1536` → `1.5 KiB`: one decimal in the largest binary unit that fits, for amounts of data
+/// rather than configured sizes.
+pub fn approx_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (name, size) in UNITS {
+        if bytes >= size {
+            return format!("{:.1} {name}", bytes as f64 / size as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +491,15 @@ mod tests {
         assert_eq!(format_size(64 << 20), "64 MiB");
         assert_eq!(format_size(1 << 30), "1 GiB");
         assert_eq!(format_size(1000), "1000 B");
+    }
+
+    #[test]
+    fn amounts_of_data_round_to_one_decimal() {
+        assert_eq!(approx_size(0), "0 B");
+        assert_eq!(approx_size(1023), "1023 B");
+        assert_eq!(approx_size(1536), "1.5 KiB");
+        assert_eq!(approx_size(64 << 20), "64.0 MiB");
+        assert_eq!(approx_size((3 << 30) + (1 << 29)), "3.5 GiB");
     }
 
     #[test]
