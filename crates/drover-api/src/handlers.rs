@@ -579,7 +579,11 @@ pub async fn plans_action(
     } else {
         serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
     };
-    let opts = drover_engine::app::PlanActionOptions { continue_option: b.option, point_date: b.restore_point_date };
+    let opts = drover_engine::app::PlanActionOptions {
+        continue_option: b.option,
+        point_date: b.restore_point_date,
+        recovery_location_id: b.recovery_location_id.map(Into::into),
+    };
     let (plan, session) = st.app.plan_action(&c, id, action, opts).await?;
     Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))
 }

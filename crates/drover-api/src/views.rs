@@ -805,6 +805,8 @@ pub struct PlanActionBody {
     pub option: Option<drover_engine::saga::ContinueOption>,
     /// For `failover`: the newest restore point at or before this time (default: the newest).
     pub restore_point_date: Option<chrono::DateTime<chrono::Utc>>,
+    /// For `failback` and `prepare-failback`: the recovery location (default: the plan's).
+    pub recovery_location_id: Option<Uuid>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]

@@ -120,6 +120,8 @@ pub struct PlanActionOptions {
     pub continue_option: Option<ContinueOption>,
     /// For Failover: the newest point at or before this time (default: the newest point).
     pub point_date: Option<Timestamp>,
+    /// For failback: where to (default: the plan's recovery location).
+    pub recovery_location_id: Option<RecoveryLocationId>,
 }
 
 #[derive(Debug, Clone)]
@@ -977,6 +979,32 @@ impl App {
             PlanAction::Undo if plan.lifecycle.state == PlanState::Failover => {
                 self.plan_submit(caller, &plan, SessionKind::PlanUndoFailover, action, json!({})).await?
             }
+            PlanAction::FailbackToProduction | PlanAction::PrepareToFailback => {
+                let location = opts.recovery_location_id.unwrap_or(plan.recovery_location_id);
+                if location != RecoveryLocationId::ORIGINAL {
+                    self.recovery_location_get(caller, location).await?;
+                    return Err(Error::Unavailable(
+                        "failback to another recovery location is not available yet; use the Original VM Location"
+                            .into(),
+                    ));
+                }
+                let (kind, sync, switch) = match (action, plan.lifecycle.state) {
+                    (PlanAction::PrepareToFailback, _) => (SessionKind::PlanPrepareFailback, true, false),
+                    (_, PlanState::PrepareForFailback) => (SessionKind::PlanFailback, false, true),
+                    _ => (SessionKind::PlanFailback, true, true),
+                };
+                self.plan_submit(caller, &plan, kind, action, json!({ "sync": sync, "switch": switch })).await?
+            }
+            PlanAction::SwitchoverToProduction => {
+                let extra = json!({ "sync": false, "switch": true });
+                self.plan_submit(caller, &plan, SessionKind::PlanFailback, action, extra).await?
+            }
+            PlanAction::CommitFailback => {
+                self.plan_submit(caller, &plan, SessionKind::PlanCommitFailback, action, json!({})).await?
+            }
+            PlanAction::Undo if matches!(plan.lifecycle.state, PlanState::Failback | PlanState::PrepareForFailback) => {
+                self.plan_submit(caller, &plan, SessionKind::PlanUndoFailback, action, json!({})).await?
+            }
             PlanAction::ResetState => {
                 let (p, ()) = self
                     .store()
@@ -994,9 +1022,7 @@ impl App {
                 self.plan_submit(caller, &plan, SessionKind::PlanReadinessCheck, action, json!({})).await?
             }
             other => {
-                return Err(Error::Unavailable(format!(
-                    "{other:?} is not available in this version of drover (failover and its undo are)"
-                )));
+                return Err(Error::Unavailable(format!("{other:?} is not available in this version of drover")));
             }
         };
         Ok((self.get::<Plan>(caller, id.0).await?, Some(session)))

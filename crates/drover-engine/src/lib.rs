@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 
 pub mod app;
 pub mod auth;
+mod failback;
 mod failover;
 pub mod monitor;
 pub mod ops;
@@ -111,6 +112,7 @@ impl Engine {
         plan_ops::register(&engine);
         replication::register(&engine);
         failover::register(&engine);
+        failback::register(&engine);
         engine
     }
 

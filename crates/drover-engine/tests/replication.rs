@@ -636,3 +636,160 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
     assert_eq!(env.driver.status(replica.id.0).await.unwrap(), drover_hv::PowerState::Off);
     assert_eq!(app.restore_points(caller, replica.id).await.unwrap(), points_before);
 }
+
+#[tokio::test]
+async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
+    let guest = guest();
+    let dir = tempfile::Builder::new().prefix("drb").tempdir_in("/tmp").unwrap();
+    let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
+    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+    let config = EngineConfig {
+        heartbeat_timeout: Duration::from_secs(90),
+        shutdown_timeout: Duration::from_secs(30),
+        work_dir: dir.path().join("w"),
+        ..EngineConfig::default()
+    };
+    let app = App::new(Engine::new(store, driver.clone(), config));
+    app.bootstrap(Some("password1".into())).await.unwrap();
+    let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
+    let env = Env { _dir: dir, app, caller, driver };
+    let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
+    let site = app.site_create(caller, "prod", SiteKind::Production).await.unwrap();
+    let host =
+        app.host_create(caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() }).await.unwrap();
+    let ds = |n: &str| NewDatastore { host_id: host.id, name: n.into(), path: root.join(n).to_string_lossy().into() };
+    let prod = app.datastore_create(caller, ds("prod")).await.unwrap();
+    let dr = app.datastore_create(caller, ds("dr")).await.unwrap();
+    let new_vm = NewVm {
+        name: "app".into(),
+        host_id: host.id,
+        datastore_id: prod.id,
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
+        nics: vec![],
+        tags: vec![],
+        boot: VmBoot {
+            kernel: Some(guest.vmlinux.to_string_lossy().into()),
+            initrd: Some(guest.initramfs.to_string_lossy().into()),
+            cmdline: Some(guest.cmdline.clone()),
+        },
+    };
+    let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let job = app
+        .replication_job_create(
+            caller,
+            NewReplicationJob {
+                name: "j".into(),
+                vm_ids: vec![vm.id],
+                target_host_id: host.id,
+                target_datastore_id: dr.id,
+                schedule: Schedule::Manual,
+                retention_points: 5,
+            },
+        )
+        .await
+        .unwrap();
+    let run = |expect: &'static str| async move {
+        let s = wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await;
+        assert_eq!(s.result, SessionResult::Success, "{:?}", s.failure_message);
+        let lines = log(app, caller, s.id).await;
+        assert!(lines.iter().any(|l| l.contains(expect)), "expected {expect}: {lines:?}");
+    };
+    let power = |action: PowerAction| async move {
+        let s = app.vm_power(caller, vm.id, action).await.unwrap();
+        assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    };
+    power(PowerAction::PowerOn).await;
+    run("seed mode").await;
+    env.driver.write_marker(vm.id.0, "replicated").await.unwrap();
+    run("bitmap mode").await;
+    // Production writes after the last point, then goes down: only its bitmap knows.
+    env.driver.write_marker(vm.id.0, "lost at the disaster").await.unwrap();
+    power(PowerAction::Shutdown).await;
+
+    let step = |name: &str, kind| PlanStep { id: PlanStepId::new(), name: name.into(), kind, critical: true };
+    let plan = app
+        .plan_create(
+            caller,
+            drover_engine::app::PlanInput {
+                name: "p".into(),
+                description: String::new(),
+                recovery_location_id: RecoveryLocationId::ORIGINAL,
+                groups: vec![PlanGroup {
+                    id: PlanGroupId::new(),
+                    name: "g".into(),
+                    mode: GroupMode::Sequential,
+                    delay_secs: 0,
+                    critical: true,
+                    restore_tags: false,
+                    vms: vec![PlanVm {
+                        vm_id: vm.id,
+                        steps: vec![
+                            step("on", PlanStepKind::PowerOn),
+                            step("hb", PlanStepKind::WaitHeartbeat { timeout_secs: 90 }),
+                        ],
+                    }],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    let act = |action: PlanAction| async move {
+        let (_, s) = app.plan_action(caller, plan.id, action, Default::default()).await.unwrap();
+        let done = wait(app, s.unwrap()).await;
+        assert_eq!(
+            done.result,
+            SessionResult::Success,
+            "{action:?}: {:?} {:?}",
+            done.failure_message,
+            log(app, caller, done.id).await
+        );
+        (done, app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state)
+    };
+    let replica = || async { app.list::<Replica>(caller).await.unwrap().pop().unwrap() };
+
+    // Fail over: the replica has the replicated marker; it writes its own.
+    assert_eq!(act(PlanAction::Failover).await.1, PlanState::Failover);
+    let r = replica().await;
+    assert_eq!(
+        env.driver.wait_heartbeat(r.id.0, Duration::from_secs(30)).await.unwrap().marker.as_deref(),
+        Some("replicated")
+    );
+    env.driver.write_marker(r.id.0, "written in the replica").await.unwrap();
+
+    // Fail back: production becomes the replica (its post-point write is overwritten), moving
+    // only changed extents, and runs again.
+    let (done, state) = act(PlanAction::FailbackToProduction).await;
+    assert_eq!(state, PlanState::Failback);
+    let lines = log(app, caller, done.id).await;
+    assert!(lines.iter().any(|l| l.contains("synced to production by extents")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
+    let sent: u64 = lines.iter().filter_map(|l| l.split("sent ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
+    assert!(sent > 0 && sent < 16 << 20, "failback sent {sent} bytes of a 64 MiB disk: {lines:?}");
+    assert_eq!(replica().await.state, ReplicaState::Failback);
+    assert_eq!(app.get::<Vm>(caller, vm.id.0).await.unwrap().power_state, VmPowerState::Running);
+    let hb = env.driver.wait_heartbeat(vm.id.0, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written in the replica"));
+
+    // Commit: the replica is Ready, its overlay gone; replication resumes incrementally.
+    assert_eq!(act(PlanAction::CommitFailback).await.1, PlanState::CommitFailback);
+    let r = replica().await;
+    assert_eq!((r.state, r.failover_point_id), (ReplicaState::Ready, None));
+    run("bitmap mode").await;
+
+    // Once more, and this time undo the failback: production off, the replica runs on.
+    power(PowerAction::Shutdown).await;
+    assert_eq!(act(PlanAction::Failover).await.1, PlanState::Failover);
+    let r = replica().await;
+    env.driver.write_marker(r.id.0, "second failover").await.unwrap();
+    assert_eq!(act(PlanAction::FailbackToProduction).await.1, PlanState::Failback);
+    assert_eq!(act(PlanAction::Undo).await.1, PlanState::Failover);
+    assert_eq!(replica().await.state, ReplicaState::Failover);
+    assert_eq!(app.get::<Vm>(caller, vm.id.0).await.unwrap().power_state, VmPowerState::Off);
+    let hb = env.driver.wait_heartbeat(r.id.0, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("second failover"));
+    assert_eq!(act(PlanAction::Undo).await.1, PlanState::UndoFailover);
+    assert_eq!(replica().await.state, ReplicaState::Ready);
+}

@@ -1,0 +1,640 @@
+//! Failback to the original VMs, and its commit and undo.
+//!
+//! Production and a failed-over replica last agreed at the restore point the replica booted
+//! from. What must travel back is the union of
+//! - the clusters the replica wrote (its failover overlay's own clusters),
+//! - the clusters of restore points newer than the one it booted from (production wrote those), and
+//! - the blocks production wrote since the last replicated point (its recording dirty bitmap).
+//!
+//! Only those extents move; when production has no bitmap that can be trusted, that disk is
+//! brought level by hash-compare instead, and the session says so.
+//!
+//! Two phases per VM (production must be powered off):
+//! - `sync:<i>` while the replica runs: a fresh bitmap `fb-0` is enabled on the replica first, then
+//!   the union above is computed, then a point-in-time cut of the replica (`fb-0` → `fb-1`) is
+//!   copied into production. Writes during the sync are in `fb-0`/`fb-1`, so none is missed.
+//! - `switch:<i>`: the replica shuts down; what `fb-1` recorded is copied; production is checked
+//!   equal to the replica (`qemu-img compare`); production powers on.
+//!
+//! `FailbackToProduction` runs both phases, `PrepareToFailback` the first (→ PREPARE FOR FAILBACK),
+//! `SwitchoverToProduction` the second. A failure halts the plan (production may be half-synced,
+//! which a retry repairs; it never starts before it compares equal). Commit (`commit:<i>`) discards
+//! the replica's overlay and returns it to `Ready`, so replication resumes production → DR (the
+//! failback's writes are in production's bitmap, so the next run carries them). Undo powers
+//! production off and boots the replica again from its overlay.
+//!
+//! Failback to another recovery location (full copies as new VMs) is not built yet: refused with
+//! a clear message by the application layer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use drover_block::copy::{copy_extents, hash_compare_sync};
+use drover_block::extents::{Extent, ExtentSet};
+use drover_block::hash::Manifest;
+use drover_block::nbd::NbdClient;
+use drover_hv::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
+use drover_hv::tracking;
+use drover_hv::{BootSpec, DiskSpec, VmSpec};
+use drover_types::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::ops::{disk_dir, disk_path};
+use crate::saga::{FailurePolicy, HaltHook, Saga, SagaStep, Step, StepCtx};
+use crate::{Engine, Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailbackParams {
+    pub plan_id: PlanId,
+    pub tenant_id: TenantId,
+    /// Run phase 1 (sync while the replica runs).
+    #[serde(default)]
+    pub sync: bool,
+    /// Run phase 2 (switch over to production).
+    #[serde(default)]
+    pub switch: bool,
+}
+
+pub(crate) fn register(engine: &Engine) {
+    engine.register_saga(SessionKind::PlanPrepareFailback, Arc::new(failback_saga));
+    engine.register_saga(SessionKind::PlanFailback, Arc::new(failback_saga));
+    engine.register_saga(SessionKind::PlanCommitFailback, Arc::new(commit_saga));
+    engine.register_saga(SessionKind::PlanUndoFailback, Arc::new(undo_saga));
+}
+
+fn params(session: &Session) -> Result<FailbackParams> {
+    serde_json::from_value(session.params.clone())
+        .map_err(|e| Error::internal(format!("session {}: unreadable parameters: {e}", session.id)))
+}
+
+fn vm_steps(tasks: &[Task], mk: impl Fn(usize, VmId) -> Box<dyn Step>) -> Result<Vec<SagaStep>> {
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
+            Ok(SagaStep { task: Some(i), group: Some(i as u32), weight: 4, critical: true, step: mk(i, vm) })
+        })
+        .collect()
+}
+
+fn conclude(p: &FailbackParams, from: PlanState) -> SagaStep {
+    SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Conclude { p: p.clone(), from }) }
+}
+
+fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let p = params(session)?;
+    let mut steps = Vec::new();
+    if p.sync {
+        steps.extend(vm_steps(tasks, |i, vm| Box::new(SyncStep { p: p.clone(), vm, index: i }))?);
+    }
+    if p.switch {
+        steps.extend(vm_steps(tasks, |i, vm| Box::new(Switch { p: p.clone(), vm, index: i }))?);
+    }
+    let from = if p.switch { PlanState::FailbackInProgress } else { PlanState::PrepareForFailbackInProgress };
+    steps.push(conclude(&p, from));
+    Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: Some(Box::new(PlanHalted(p))) })
+}
+
+fn commit_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let p = params(session)?;
+    let mut steps = vm_steps(tasks, |i, vm| Box::new(Commit { p: p.clone(), vm, index: i }))?;
+    steps.push(conclude(&p, PlanState::CommitFailbackInProgress));
+    Ok(Saga::unwinding(steps))
+}
+
+fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let p = params(session)?;
+    let mut steps = vm_steps(tasks, |i, vm| Box::new(UndoVm { p: p.clone(), vm, index: i }))?;
+    steps.push(conclude(&p, PlanState::UndoFailbackInProgress));
+    Ok(Saga::unwinding(steps))
+}
+
+fn hv_err(e: drover_hv::HvError) -> Error {
+    Error::Unavailable(error_chain(&e))
+}
+
+fn boxed_err(e: Box<dyn std::error::Error + Send + Sync>) -> Error {
+    Error::Unavailable(e.to_string())
+}
+
+async fn plan_event(engine: &Engine, p: &FailbackParams, event: PlanEvent, only_if: &[PlanState]) -> Result<()> {
+    let r = engine
+        .store()
+        .object_modify::<Plan, _, _>(p.tenant_id, p.plan_id.0, |plan| {
+            if only_if.contains(&plan.lifecycle.state) {
+                plan.lifecycle = plan.lifecycle.apply(event, true)?;
+                plan.updated_at = now();
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+struct PlanHalted(FailbackParams);
+
+#[async_trait]
+impl HaltHook for PlanHalted {
+    async fn halted(&self, engine: &Engine, _: &Session) -> Result<()> {
+        plan_event(engine, &self.0, PlanEvent::HaltReached, &[PlanState::Halting]).await?;
+        plan_event(
+            engine,
+            &self.0,
+            PlanEvent::Failed,
+            &[PlanState::FailbackInProgress, PlanState::PrepareForFailbackInProgress],
+        )
+        .await
+    }
+}
+
+struct Conclude {
+    p: FailbackParams,
+    from: PlanState,
+}
+
+#[async_trait]
+impl Step for Conclude {
+    fn name(&self) -> String {
+        "conclude".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        plan_event(&ctx.engine, &self.p, PlanEvent::Completed, &[self.from]).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Everything a failback step needs to know about one VM.
+struct Parts {
+    vm: Vm,
+    replica: Replica,
+    /// Per disk of the VM: production image, the replica's overlay, and the booted point's file.
+    disks: Vec<(String, PathBuf, PathBuf, PathBuf)>,
+    /// Files of points newer than the booted one, per disk name.
+    newer: Vec<(String, PathBuf)>,
+}
+
+async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> {
+    let store = engine.store();
+    let vm = store.object_get::<Vm>(tenant, vm_id.0).await?;
+    let replica = store
+        .object_list::<Replica>(tenant)
+        .await?
+        .into_iter()
+        .find(|r| r.source_vm_id == vm_id)
+        .ok_or_else(|| Error::conflict(format!("VM {} has no replica", vm.name)))?;
+    let point_id = replica
+        .failover_point_id
+        .ok_or_else(|| Error::conflict(format!("replica {} is not failed over", replica.name)))?;
+    let points = store.restore_points_of(tenant, replica.id).await?;
+    let booted = points
+        .iter()
+        .find(|p| p.id == point_id)
+        .ok_or_else(|| Error::conflict(format!("restore point {point_id} of {} is gone", replica.name)))?;
+    let ds = store.object_get::<Datastore>(tenant, vm.datastore_id.0).await?;
+    let dir = disk_dir(&ds, vm.id);
+    let hv = engine.hv().qemu().ok_or_else(|| Error::conflict("failback needs the QEMU driver"))?;
+    let spec = read_runtime_disks(hv, replica.id)?;
+    let mut disks = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let point_file = booted
+            .disks
+            .iter()
+            .find(|x| x.disk == d.name)
+            .map(|x| PathBuf::from(&x.file))
+            .ok_or_else(|| Error::conflict(format!("the booted point has no disk {}", d.name)))?;
+        let overlay = spec.get(i).cloned().ok_or_else(|| Error::conflict(format!("the replica has no disk {i}")))?;
+        disks.push((d.name.clone(), disk_path(&dir, &d.name), overlay, point_file));
+    }
+    let newer = points
+        .iter()
+        .filter(|p| p.sequence > booted.sequence)
+        .flat_map(|p| p.disks.iter().map(|d| (d.disk.clone(), PathBuf::from(&d.file))))
+        .collect();
+    Ok(Parts { vm, replica, disks, newer })
+}
+
+/// The disk files the replica VM runs on, from its runtime spec (written by the driver).
+fn read_runtime_disks(hv: &drover_hv::qemu::QemuDriver, replica: ReplicaId) -> Result<Vec<PathBuf>> {
+    let path = hv.vm_dir(replica.0).join("spec.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::conflict(format!("the replica VM has no runtime state ({}): {e}", path.display())))?;
+    let spec: VmSpec = serde_json::from_str(&text).map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
+    Ok(spec.disks.into_iter().map(|d| d.path).collect())
+}
+
+/// The clusters an image holds itself (not through its backing), from `qemu-img map`. `-U`: the
+/// image may be open by a running VM; what changes after this read is caught by a bitmap that
+/// was enabled before it.
+async fn own_clusters(image: &Path) -> Result<ExtentSet> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .await
+        .map_err(|e| Error::Unavailable(format!("qemu-img map: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Unavailable(format!(
+            "qemu-img map {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let entries: Vec<Value> =
+        serde_json::from_slice(&out.stdout).map_err(|e| Error::internal(format!("qemu-img map output: {e}")))?;
+    let mut set = ExtentSet::new();
+    for e in entries {
+        let (Some(start), Some(length), Some(depth)) = (e["start"].as_u64(), e["length"].as_u64(), e["depth"].as_u64())
+        else {
+            continue;
+        };
+        let present = e["present"].as_bool().unwrap_or(false);
+        if depth == 0 && present {
+            set.insert(Extent::new(start, length));
+        }
+    }
+    Ok(set)
+}
+
+/// Opens an image in a storage daemon and exports it; `writable` or read-only with `bitmaps`.
+async fn export(dir: &Path, image: &Path, writable: bool, bitmaps: &[String]) -> Result<(StorageDaemon, NbdEndpoint)> {
+    let daemon = StorageDaemon::start(dir).await.map_err(hv_err)?;
+    let r = async {
+        daemon.start_nbd_server().await?;
+        daemon
+            .add_qcow2(&Qcow2Node {
+                node_name: "n".into(),
+                path: image.to_path_buf(),
+                backing: Backing::FromImage,
+                read_only: !writable,
+            })
+            .await?;
+        daemon
+            .add_nbd_export(&NbdExport {
+                id: "e".into(),
+                node_name: "n".into(),
+                name: "n".into(),
+                writable,
+                bitmaps: bitmaps.to_vec(),
+            })
+            .await
+    }
+    .await;
+    match r {
+        Ok(ep) => Ok((daemon, ep)),
+        Err(e) => {
+            let _ = daemon.shutdown().await;
+            Err(hv_err(e))
+        }
+    }
+}
+
+/// Production's dirty extents since the last point, or `None` when no bitmap can be trusted.
+async fn production_changes(work: &Path, image: &Path, size: u64) -> Result<Option<ExtentSet>> {
+    let states = tracking::bitmap_state_offline(image).await.map_err(hv_err)?;
+    let usable: Vec<_> = states
+        .iter()
+        .filter(|b| b.name.starts_with("drover-") && b.recording && b.persistent && !b.inconsistent)
+        .collect();
+    let [bitmap] = usable.as_slice() else { return Ok(None) };
+    let (daemon, ep) = export(&work.join("prod-map"), image, false, std::slice::from_ref(&bitmap.name)).await?;
+    let context = tracking::dirty_bitmap_context(&bitmap.name);
+    let r = async {
+        let mut c = NbdClient::connect_unix(&ep.socket, &ep.export_name, &[&context]).await?;
+        let set = c.dirty_extents(&context, 0, size).await?;
+        let _ = c.disconnect().await;
+        Ok::<_, drover_block::nbd::NbdError>(set)
+    }
+    .await;
+    let _ = daemon.shutdown().await;
+    Ok(Some(r.map_err(|e| Error::Unavailable(error_chain(&e)))?))
+}
+
+/// Copies `extents` (or, with `None`, everything that differs, by hash-compare) from a source
+/// export into production.
+async fn copy_into_production(
+    work: &Path,
+    source: &NbdEndpoint,
+    source_contexts: &[&str],
+    production: &Path,
+    extents: Option<&ExtentSet>,
+    size: u64,
+) -> Result<(u64, u64)> {
+    let (daemon, ep) = export(&work.join("prod"), production, true, &[]).await?;
+    let r = async {
+        let mut src = NbdClient::connect_unix(&source.socket, &source.export_name, source_contexts).await?;
+        let mut dst = NbdClient::connect_unix(&ep.socket, &ep.export_name, &[]).await?;
+        let mut manifest = Manifest::zeroed(size);
+        let stats = match extents {
+            Some(set) => copy_extents(&mut src, &mut dst, set, &mut manifest, |_, _| {}).await?,
+            None => hash_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
+        };
+        dst.disconnect().await?;
+        let _ = src.disconnect().await;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((stats.source_read + stats.target_read, stats.written))
+    }
+    .await;
+    let _ = daemon.shutdown().await;
+    r.map_err(boxed_err)
+}
+
+fn work_dir(ctx: &StepCtx, what: &str, index: usize) -> PathBuf {
+    ctx.engine.config().work_dir.join(format!("{what}{}-{index}", &ctx.session.id.to_string()[..8]))
+}
+
+struct SyncStep {
+    p: FailbackParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for SyncStep {
+    fn name(&self) -> String {
+        format!("sync:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let engine = &ctx.engine;
+        let parts = parts(engine, self.p.tenant_id, self.vm).await?;
+        let q = engine.hv().qemu().ok_or_else(|| Error::conflict("failback needs the QEMU driver"))?;
+        if matches!(engine.hv().status(parts.vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
+            return Err(Error::conflict(format!(
+                "production VM {} is running; power it off to fail back into it",
+                parts.vm.name
+            )));
+        }
+        let work = work_dir(ctx, "fb", self.index);
+        let mut out = Vec::new();
+        for (i, (disk, production, overlay, _point)) in parts.disks.iter().enumerate() {
+            // 1. Catch what the replica writes from now on.
+            tracking::remove_tracking(q, parts.replica.id.0, i, "drover-fb1").await.map_err(hv_err)?;
+            tracking::enable_tracking(q, parts.replica.id.0, i, "drover-fb0").await.map_err(hv_err)?;
+            // 2. The union of what can differ.
+            let size = drover_hv::image::info(production).await.map_err(hv_err)?.virtual_size;
+            let mut union = own_clusters(overlay).await?;
+            for (d, file) in &parts.newer {
+                if d == disk {
+                    union = union.union(&own_clusters(file).await?);
+                }
+            }
+            let prod = production_changes(&work, production, size).await?;
+            // 3. A point-in-time cut of the replica, copied into production.
+            let cut = tracking::begin_cycle(q, parts.replica.id.0, i, "drover-fb0", "drover-fb1", &work.join("live"))
+                .await
+                .map_err(hv_err)?;
+            let (mode, extents) = match &prod {
+                Some(p) => ("extents", Some(union.union(p))),
+                None => ("hash-compare", None),
+            };
+            let result = copy_into_production(&work, &cut.nbd, &[], production, extents.as_ref(), size).await;
+            tracking::end_cycle(q, &cut, result.is_ok()).await.map_err(hv_err)?;
+            let (read, sent) = result?;
+            let why = if prod.is_none() { " (production has no bitmap that can be trusted)" } else { "" };
+            ctx.log(
+                LogLevel::Info,
+                format!(
+                    "{}: disk {disk} synced to production by {mode}{why}: read {read} bytes, sent {sent} bytes",
+                    parts.vm.name
+                ),
+            )
+            .await;
+            out.push(json!({ "disk": disk, "mode": mode, "bytes_read": read, "bytes_sent": sent }));
+        }
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        engine
+            .store()
+            .object_modify::<Replica, _, _>(self.p.tenant_id, parts.replica.id.0, |r| {
+                if r.state == ReplicaState::Failover {
+                    r.state = r.state.apply(ReplicaEvent::FailbackSynced)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(json!({ "disks": out }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Switch {
+    p: FailbackParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for Switch {
+    fn name(&self) -> String {
+        format!("switch:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let engine = &ctx.engine;
+        let parts = parts(engine, self.p.tenant_id, self.vm).await?;
+        let timeout = engine.config().shutdown_timeout;
+        // 1. Stop the replica: a clean stop writes its bitmaps into the overlay.
+        let outcome = engine.hv().shutdown(parts.replica.id.0, timeout).await.map_err(hv_err)?;
+        ctx.log(LogLevel::Info, format!("{} stopped ({outcome:?})", parts.replica.name)).await;
+        let work = work_dir(ctx, "sw", self.index);
+        let mut out = Vec::new();
+        for (disk, production, overlay, _) in &parts.disks {
+            let size = drover_hv::image::info(production).await.map_err(hv_err)?.virtual_size;
+            // 2. The last delta: what the replica wrote since the sync's cut.
+            let states = tracking::bitmap_state_offline(overlay).await.map_err(hv_err)?;
+            let fb1 = states.iter().find(|b| b.name == "drover-fb1" && !b.inconsistent);
+            let (read, sent, mode) = match fb1 {
+                Some(b) => {
+                    let (daemon, ep) =
+                        export(&work.join("replica"), overlay, false, std::slice::from_ref(&b.name)).await?;
+                    let context = tracking::dirty_bitmap_context(&b.name);
+                    let dirty = async {
+                        let mut c = NbdClient::connect_unix(&ep.socket, &ep.export_name, &[&context]).await?;
+                        let set = c.dirty_extents(&context, 0, size).await?;
+                        let _ = c.disconnect().await;
+                        Ok::<_, drover_block::nbd::NbdError>(set)
+                    }
+                    .await
+                    .map_err(|e| Error::Unavailable(error_chain(&e)));
+                    let r = match dirty {
+                        Ok(set) => copy_into_production(&work, &ep, &[], production, Some(&set), size).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = daemon.shutdown().await;
+                    let (read, sent) = r?;
+                    (read, sent, "extents")
+                }
+                None => {
+                    let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
+                    let r = copy_into_production(&work, &ep, &[], production, None, size).await;
+                    let _ = daemon.shutdown().await;
+                    let (read, sent) = r?;
+                    (read, sent, "hash-compare")
+                }
+            };
+            // 3. Production must now read exactly as the replica.
+            let equal = tokio::process::Command::new("qemu-img")
+                .args(["compare", "-q", "-U"])
+                .arg(production)
+                .arg(overlay)
+                .status()
+                .await
+                .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?
+                .success();
+            if !equal {
+                return Err(Error::Unavailable(format!(
+                    "disk {disk}: production does not equal the replica after the switchover copy"
+                )));
+            }
+            ctx.log(LogLevel::Info, format!("{}: disk {disk} switched over by {mode}: read {read} bytes, sent {sent} bytes; production equals the replica", parts.vm.name))
+                .await;
+            out.push(json!({ "disk": disk, "mode": mode, "bytes_read": read, "bytes_sent": sent, "verified": true }));
+        }
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        // 4. Production runs again.
+        let ds = engine.store().object_get::<Datastore>(self.p.tenant_id, parts.vm.datastore_id.0).await?;
+        let spec = crate::ops::vm_spec(&parts.vm, &disk_dir(&ds, parts.vm.id));
+        engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        engine
+            .store()
+            .object_modify::<Vm, _, _>(self.p.tenant_id, parts.vm.id.0, |v| {
+                v.power_state = VmPowerState::Running;
+                v.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        engine
+            .store()
+            .object_modify::<Replica, _, _>(self.p.tenant_id, parts.replica.id.0, |r| {
+                if matches!(r.state, ReplicaState::Failover | ReplicaState::ReadyToSwitch) {
+                    r.state = r.state.apply(ReplicaEvent::SwitchedOver)?;
+                }
+                Ok(())
+            })
+            .await?;
+        ctx.log(LogLevel::Info, format!("production VM {} powered on", parts.vm.name)).await;
+        Ok(json!({ "disks": out }))
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        undo_vm(ctx, &self.p, self.vm).await
+    }
+}
+
+/// Production off, the replica running again from its overlay, replica `Failover`.
+async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
+    let engine = &ctx.engine;
+    let parts = parts(engine, p.tenant_id, vm_id).await?;
+    engine.hv().power_off(parts.vm.id.0).await.map_err(hv_err)?;
+    engine
+        .store()
+        .object_modify::<Vm, _, _>(p.tenant_id, parts.vm.id.0, |v| {
+            v.power_state = VmPowerState::Off;
+            v.updated_at = now();
+            Ok(())
+        })
+        .await?;
+    let spec = VmSpec {
+        id: parts.replica.id.0,
+        name: parts.replica.name.clone(),
+        vcpus: parts.vm.vcpus,
+        memory_mib: parts.vm.memory_mib,
+        disks: parts.disks.iter().map(|(_, _, overlay, _)| DiskSpec { path: overlay.clone() }).collect(),
+        nics: Vec::new(),
+        boot: BootSpec {
+            kernel: parts.vm.boot.kernel.as_ref().map(PathBuf::from),
+            initrd: parts.vm.boot.initrd.as_ref().map(PathBuf::from),
+            cmdline: parts.vm.boot.cmdline.clone(),
+        },
+    };
+    engine.hv().power_on(&spec).await.map_err(hv_err)?;
+    engine
+        .store()
+        .object_modify::<Replica, _, _>(p.tenant_id, parts.replica.id.0, |r| {
+            if matches!(r.state, ReplicaState::Failback | ReplicaState::ReadyToSwitch) {
+                r.state = r.state.apply(ReplicaEvent::FailbackUndone)?;
+            }
+            Ok(())
+        })
+        .await?;
+    ctx.log(LogLevel::Info, format!("production {} off; {} runs again", parts.vm.name, parts.replica.name)).await;
+    Ok(())
+}
+
+struct UndoVm {
+    p: FailbackParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for UndoVm {
+    fn name(&self) -> String {
+        format!("undo:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        undo_vm(ctx, &self.p, self.vm).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Commit {
+    p: FailbackParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for Commit {
+    fn name(&self) -> String {
+        format!("commit:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let engine = &ctx.engine;
+        let store = engine.store();
+        let replica = store
+            .object_list::<Replica>(self.p.tenant_id)
+            .await?
+            .into_iter()
+            .find(|r| r.source_vm_id == self.vm)
+            .ok_or_else(|| Error::conflict("no replica"))?;
+        // The replica's runtime and overlays go; the restore points stay.
+        engine.hv().forget(replica.id.0).await.map_err(hv_err)?;
+        let points = store.restore_points_of(self.p.tenant_id, replica.id).await?;
+        let keep: Vec<PathBuf> = points.iter().flat_map(|p| p.disks.iter()).map(|d| PathBuf::from(&d.file)).collect();
+        let mut dirs: Vec<PathBuf> = keep.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            drover_block::chain::ChainDir::new(dir)
+                .collect_garbage(&keep)
+                .await
+                .map_err(|e| Error::Unavailable(error_chain(&e)))?;
+        }
+        store
+            .object_modify::<Replica, _, _>(self.p.tenant_id, replica.id.0, |r| {
+                if r.state == ReplicaState::Failback {
+                    r.state = r.state.apply(ReplicaEvent::FailbackCommitted)?;
+                }
+                r.failover_point_id = None;
+                r.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        ctx.log(LogLevel::Info, format!("{}: failback committed; replication resumes from production", replica.name))
+            .await;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
