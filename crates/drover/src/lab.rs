@@ -25,6 +25,10 @@ pub struct LabArgs {
     /// Start, report, and stop instead of serving (for scripts and CI).
     #[arg(long)]
     pub exit: bool,
+    /// Then run the whole story: write in production, replicate, fail over, write in the replica,
+    /// fail back, commit, replicate; print each session's result, bytes moved and time.
+    #[arg(long)]
+    pub scenario: bool,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -121,7 +125,26 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             delay_secs: 0,
             critical: true,
             restore_tags: true,
-            vms: vms.iter().map(|v| drover_types::PlanVm { vm_id: v.id, steps: Vec::new() }).collect(),
+            vms: vms
+                .iter()
+                .map(|v| drover_types::PlanVm {
+                    vm_id: v.id,
+                    steps: vec![
+                        drover_types::PlanStep {
+                            id: Default::default(),
+                            name: "Power on".into(),
+                            kind: drover_types::PlanStepKind::PowerOn,
+                            critical: true,
+                        },
+                        drover_types::PlanStep {
+                            id: Default::default(),
+                            name: "Wait for heartbeat".into(),
+                            kind: drover_types::PlanStepKind::WaitHeartbeat { timeout_secs: 120 },
+                            critical: true,
+                        },
+                    ],
+                })
+                .collect(),
         }];
         let input = drover_engine::app::PlanInput {
             name: "lab-plan".into(),
@@ -161,6 +184,9 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             .map(|h| format!("heartbeat, guest up {:.1} s", h.uptime_secs))
             .unwrap_or_else(|e| format!("no heartbeat: {e}"));
         println!("  VM {:<10} {:?}, {beat}", vm.name, vm.power_state);
+    }
+    if args.scenario {
+        scenario(&app, &admin, &vms).await?;
     }
     if args.exit {
         app.engine().shutdown();
@@ -221,4 +247,92 @@ async fn expect_success(app: &App, session: drover_types::SessionId, what: &str,
     }
     println!("ok ({:.1} s)", t.elapsed().as_secs_f64());
     Ok(s)
+}
+
+/// Bytes a session moved, as its log lines report them ("sent N bytes").
+async fn bytes_sent(app: &App, caller: &Caller, s: drover_types::SessionId) -> anyhow::Result<u64> {
+    Ok(app
+        .session_log(caller, s, 0, 10_000)
+        .await?
+        .iter()
+        .filter_map(|e| e.message.split("sent ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// The whole story on the lab, each step a session, with what it did.
+async fn scenario(app: &App, admin: &Caller, vms: &[Vm]) -> anyhow::Result<()> {
+    use drover_types::{PlanAction, Replica};
+    let hv = app.engine().hv().clone();
+    let plan =
+        app.list::<Plan>(admin).await?.into_iter().find(|p| p.name == "lab-plan").context("lab-plan is missing")?;
+    let job = app
+        .list::<drover_types::ReplicationJob>(admin)
+        .await?
+        .into_iter()
+        .find(|j| j.name == "lab-replication")
+        .context("lab-replication is missing")?;
+    println!("\nscenario:");
+    println!("  {:<34} {:<8} {:>12} {:>8}", "step", "result", "bytes sent", "seconds");
+    let report = |what: &str, s: &Session, bytes: u64, t: Instant| {
+        println!("  {what:<34} {:<8} {bytes:>12} {:>8.1}", format!("{:?}", s.result), t.elapsed().as_secs_f64());
+    };
+    let check = |s: &Session, what: &str| -> anyhow::Result<()> {
+        if s.result == SessionResult::Success {
+            Ok(())
+        } else {
+            bail!("{what} failed: {}", s.failure_message.clone().unwrap_or_default())
+        }
+    };
+    let replicate = |what: &'static str| async move {
+        let t = Instant::now();
+        let s = app.engine().wait(app.replication_job_run(admin, job.id).await?, Duration::from_secs(600)).await?;
+        report(what, &s, bytes_sent(app, admin, s.id).await?, t);
+        check(&s, what)
+    };
+    let plan_action = |what: &'static str, action: PlanAction| async move {
+        let t = Instant::now();
+        let (_, s) = app.plan_action(admin, plan.id, action, Default::default()).await?;
+        let s = app.engine().wait(s.context("no session")?, Duration::from_secs(600)).await?;
+        report(what, &s, bytes_sent(app, admin, s.id).await?, t);
+        check(&s, what)
+    };
+
+    for vm in vms {
+        hv.write_marker(vm.id.0, &format!("{} in production", vm.name)).await?;
+    }
+    replicate("replicate (marker in production)").await?;
+    let t = Instant::now();
+    for vm in vms {
+        let s = app
+            .engine()
+            .wait(app.vm_power(admin, vm.id, PowerAction::Shutdown).await?, Duration::from_secs(120))
+            .await?;
+        check(&s, "shutdown of production")?;
+    }
+    println!("  {:<34} {:<8} {:>12} {:>8.1}", "production goes down", "Success", 0, t.elapsed().as_secs_f64());
+    plan_action("fail over to DR", PlanAction::Failover).await?;
+    let replicas = app.list::<Replica>(admin).await?;
+    for vm in vms {
+        let r = replicas.iter().find(|r| r.source_vm_id == vm.id).context("no replica")?;
+        let hb = hv.wait_heartbeat(r.id.0, Duration::from_secs(60)).await?;
+        let want = format!("{} in production", vm.name);
+        if hb.marker.as_deref() != Some(want.as_str()) {
+            bail!("{} at DR shows {:?}, expected {want:?}", r.name, hb.marker);
+        }
+        hv.write_marker(r.id.0, &format!("{} written at DR", vm.name)).await?;
+    }
+    println!("  replicas show production's markers; each writes its own at DR");
+    plan_action("fail back to production", PlanAction::FailbackToProduction).await?;
+    for vm in vms {
+        let hb = hv.wait_heartbeat(vm.id.0, Duration::from_secs(120)).await?;
+        let want = format!("{} written at DR", vm.name);
+        if hb.marker.as_deref() != Some(want.as_str()) {
+            bail!("{} shows {:?} after failback, expected {want:?}", vm.name, hb.marker);
+        }
+    }
+    println!("  production shows the markers written at DR");
+    plan_action("commit failback", PlanAction::CommitFailback).await?;
+    replicate("replicate again (production -> DR)").await?;
+    println!("scenario complete");
+    Ok(())
 }

@@ -1,0 +1,47 @@
+//! The README's first command, as CI can run it: `drover lab --exit --scenario` on a fresh data
+//! directory brings up real VMs, replicates them, fails over, fails back and commits.
+
+use std::path::Path;
+
+#[test]
+fn lab_scenario_runs_the_whole_story() {
+    let guest = std::env::var_os("DROVER_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
+    assert!(guest.join("guest.json").is_file(), "the tiny guest is missing: run scripts/build-guest first");
+    // Short path: QEMU's sockets live under it.
+    let data = tempfile::Builder::new().prefix("drl").tempdir_in("/tmp").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["lab", "--exit", "--scenario", "--accel", "tcg", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--guest-dir")
+        .arg(&guest)
+        .env_remove("DROVER_ADMIN_PASSWORD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The lab's VMs outlive it by design; stop them.
+    let needle = data.path().to_string_lossy().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
+            && let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(&needle)
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "drover lab is up",
+        "replica lab-vm1_replica  Ready, 1 restore point(s)",
+        "fail over to DR",
+        "production shows the markers written at DR",
+        "scenario complete",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("Failed"), "{stdout}");
+    // The admin password is printed once, on this first start.
+    assert!(stdout.contains("login:      admin / "), "{stdout}");
+}
