@@ -541,7 +541,7 @@ pub async fn plans_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): P
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Runs a plan action: `enable`, `disable`, `readiness-check`, `failover`, `permanent-failover`,
+/// Runs a plan action: `enable`, `disable`, `readiness-check`, `failover`, `test-failover`, `permanent-failover`,
 /// `prepare-failback`, `failback`, `switchover`, `commit-failback`, `undo`, `halt`, `continue`
 /// (body: `ContinueBody`), `reset`. Returns the plan as it is once the action is accepted, with
 /// the session the action started or acted on.
@@ -560,6 +560,17 @@ pub async fn plans_action(
     let no_session = |p: d::Plan| Json(PlanActionView { plan: p.into(), session_id: None });
     let action = match action.as_str() {
         "enable" => return Ok(no_session(st.app.plan_set_enabled(&c, id, true).await?)),
+        "test-failover" => {
+            let b: PlanActionBody = if body.is_empty() {
+                PlanActionBody::default()
+            } else {
+                serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
+            };
+            let opts = drover_engine::app::PlanActionOptions { point_date: b.restore_point_date, ..Default::default() };
+            let session = st.app.plan_test_failover(&c, id, opts).await?;
+            let plan = st.app.get::<d::Plan>(&c, id.0).await?;
+            return Ok(Json(PlanActionView { plan: plan.into(), session_id: Some(session.0) }));
+        }
         "disable" => return Ok(no_session(st.app.plan_set_enabled(&c, id, false).await?)),
         "readiness-check" => d::PlanAction::ReadinessCheck,
         "failover" => d::PlanAction::Failover,

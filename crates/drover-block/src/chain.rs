@@ -141,9 +141,20 @@ impl ChainDir {
         Ok(path)
     }
 
+    /// Removes the boot overlay of `label` (the VM on it must be stopped). Idempotent.
+    pub async fn discard_boot_overlay(&self, label: &str) -> Result<()> {
+        let path = self.dir.join(format!("boot-{label}.qcow2"));
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(format!("removing {}", path.display()))(e)),
+        }
+    }
+
     /// Removes every image and manifest in the directory that is not in `keep` (unpublished
-    /// points left by a crash, files merged away by retention, discarded boot overlays).
-    /// Returns what it removed.
+    /// points left by a crash, files merged away by retention). Boot overlays are left alone:
+    /// a VM may be running on one; [`ChainDir::discard_boot_overlay`] removes them. Returns what
+    /// it removed.
     pub async fn collect_garbage(&self, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         let mut entries = match tokio::fs::read_dir(&self.dir).await {
@@ -154,7 +165,8 @@ impl ChainDir {
         let kept: Vec<PathBuf> = keep.iter().flat_map(|k| [k.clone(), manifest_path(k)]).collect();
         while let Some(entry) = entries.next_entry().await.map_err(io(format!("listing {}", self.dir.display())))? {
             let path = entry.path();
-            let ours = matches!(path.extension().and_then(|e| e.to_str()), Some("qcow2" | "manifest" | "tmp"));
+            let boot = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("boot-"));
+            let ours = !boot && matches!(path.extension().and_then(|e| e.to_str()), Some("qcow2" | "manifest" | "tmp"));
             if ours && !kept.contains(&path) {
                 tokio::fs::remove_file(&path).await.map_err(io(format!("removing {}", path.display())))?;
                 removed.push(path);

@@ -979,6 +979,9 @@ impl App {
             PlanAction::Undo if plan.lifecycle.state == PlanState::Failover => {
                 self.plan_submit(caller, &plan, SessionKind::PlanUndoFailover, action, json!({})).await?
             }
+            PlanAction::PermanentFailover => {
+                self.plan_submit(caller, &plan, SessionKind::PlanPermanentFailover, action, json!({})).await?
+            }
             PlanAction::FailbackToProduction | PlanAction::PrepareToFailback => {
                 let location = opts.recovery_location_id.unwrap_or(plan.recovery_location_id);
                 if location != RecoveryLocationId::ORIGINAL {
@@ -1026,6 +1029,50 @@ impl App {
             }
         };
         Ok((self.get::<Plan>(caller, id.0).await?, Some(session)))
+    }
+
+    /// A test failover: the plan's VMs boot from their points as throwaway VMs with no uplink,
+    /// the plan's steps run, and they are discarded. Neither the plan's state nor the replicas
+    /// change.
+    pub async fn plan_test_failover(&self, caller: &Caller, id: PlanId, opts: PlanActionOptions) -> Result<SessionId> {
+        caller.require(Role::PlanOperator)?;
+        let plan = self.get::<Plan>(caller, id.0).await?;
+        if plan.lifecycle.state.is_running() {
+            return Err(Error::conflict(format!(
+                "plan {:?} is busy ({})",
+                plan.name,
+                plan.lifecycle.state.display_name()
+            )));
+        }
+        let (running, _) = self
+            .store()
+            .session_list(caller.tenant_id, &SessionFilter { target_id: Some(id.0), limit: 1, ..Default::default() })
+            .await?;
+        if running.iter().any(|s| s.state != SessionState::Stopped) {
+            return Err(Error::conflict(format!("plan {:?} has a session under way", plan.name)));
+        }
+        let replicas = self.list::<Replica>(caller).await?;
+        for vm in plan.vm_ids() {
+            if !replicas.iter().any(|r| r.source_vm_id == vm) {
+                let name = self.get::<Vm>(caller, vm.0).await.map(|v| v.name).unwrap_or_else(|_| vm.to_string());
+                return Err(Error::conflict(format!("test failover needs a replica of every VM; none for {name}")));
+            }
+        }
+        let params =
+            json!({ "plan_id": plan.id, "tenant_id": caller.tenant_id, "point_date": opts.point_date, "plan": plan });
+        let session = Session::new(
+            caller.tenant_id,
+            SessionKind::PlanTestFailover,
+            plan.name.clone(),
+            SessionTarget::Plan(plan.id),
+            params,
+        );
+        let mut tasks = Vec::new();
+        for vm_id in plan.vm_ids() {
+            let name = self.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
+            tasks.push(session.task(Some(vm_id), name));
+        }
+        self.engine.submit(session, tasks).await
     }
 
     async fn vms_without_ready_replica(&self, caller: &Caller, plan: &Plan) -> Result<Vec<String>> {

@@ -201,8 +201,10 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
         .ok_or_else(|| Error::conflict(format!("restore point {point_id} of {} is gone", replica.name)))?;
     let ds = store.object_get::<Datastore>(tenant, vm.datastore_id.0).await?;
     let dir = disk_dir(&ds, vm.id);
-    let hv = engine.hv().qemu().ok_or_else(|| Error::conflict("failback needs the QEMU driver"))?;
-    let spec = read_runtime_disks(hv, replica.id)?;
+    if engine.hv().qemu().is_none() {
+        return Err(Error::conflict("failback needs the QEMU driver"));
+    }
+    let spec = crate::failover::runtime_disks(engine, replica.id.0)?;
     let mut disks = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
         let point_file = booted
@@ -220,15 +222,6 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
         .flat_map(|p| p.disks.iter().map(|d| (d.disk.clone(), PathBuf::from(&d.file))))
         .collect();
     Ok(Parts { vm, replica, disks, newer })
-}
-
-/// The disk files the replica VM runs on, from its runtime spec (written by the driver).
-fn read_runtime_disks(hv: &drover_hv::qemu::QemuDriver, replica: ReplicaId) -> Result<Vec<PathBuf>> {
-    let path = hv.vm_dir(replica.0).join("spec.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::conflict(format!("the replica VM has no runtime state ({}): {e}", path.display())))?;
-    let spec: VmSpec = serde_json::from_str(&text).map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
-    Ok(spec.disks.into_iter().map(|d| d.path).collect())
 }
 
 /// The clusters an image holds itself (not through its backing), from `qemu-img map`. `-U`: the
@@ -608,18 +601,7 @@ impl Step for Commit {
             .find(|r| r.source_vm_id == self.vm)
             .ok_or_else(|| Error::conflict("no replica"))?;
         // The replica's runtime and overlays go; the restore points stay.
-        engine.hv().forget(replica.id.0).await.map_err(hv_err)?;
-        let points = store.restore_points_of(self.p.tenant_id, replica.id).await?;
-        let keep: Vec<PathBuf> = points.iter().flat_map(|p| p.disks.iter()).map(|d| PathBuf::from(&d.file)).collect();
-        let mut dirs: Vec<PathBuf> = keep.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
-            drover_block::chain::ChainDir::new(dir)
-                .collect_garbage(&keep)
-                .await
-                .map_err(|e| Error::Unavailable(error_chain(&e)))?;
-        }
+        crate::failover::discard_vm(engine, replica.id.0).await?;
         store
             .object_modify::<Replica, _, _>(self.p.tenant_id, replica.id.0, |r| {
                 if r.state == ReplicaState::Failback {

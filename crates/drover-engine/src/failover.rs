@@ -18,6 +18,13 @@
 //! overlays are discarded (its changes are thrown away, the restore points were never written),
 //! the replica returns to `Ready`, and the plan lands in UNDO FAILOVER.
 //!
+//! Permanent failover (`PlanPermanentFailover`, from FAILOVER): the replicas become production;
+//! failback is no longer possible.
+//!
+//! Test failover (`PlanTestFailover`, any stable state): throwaway VMs boot from the points as
+//! above, the plan's steps run, the VMs are discarded; replicas and the plan's state are never
+//! touched, so replication goes on meanwhile.
+//!
 //! Decisions: VMs of a group run one after another for now (the group's parallel maximum is
 //! recorded but not yet used); replica VMs have no network uplink until network mapping exists,
 //! so a `CheckTcpPort` step fails with a clear message.
@@ -48,6 +55,8 @@ pub struct FailoverParams {
 pub(crate) fn register(engine: &Engine) {
     engine.register_saga(SessionKind::PlanFailover, Arc::new(failover_saga));
     engine.register_saga(SessionKind::PlanUndoFailover, Arc::new(undo_saga));
+    engine.register_saga(SessionKind::PlanPermanentFailover, Arc::new(permanent_saga));
+    engine.register_saga(SessionKind::PlanTestFailover, Arc::new(test_saga));
 }
 
 fn params(session: &Session) -> Result<FailoverParams> {
@@ -90,14 +99,16 @@ fn failover_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
             };
             steps.push(step(
                 4,
-                Box::new(Boot { p: p.clone(), vm: pvm.vm_id, index: i, restore_tags: group.restore_tags }),
+                Box::new(Boot { p: p.clone(), vm: pvm.vm_id, index: i, restore_tags: group.restore_tags, test: None }),
             ));
             for (k, s) in pvm.steps.iter().enumerate() {
                 if s.kind == PlanStepKind::PowerOn {
                     continue; // the boot step is the power-on
                 }
-                let mut entry =
-                    step(2, Box::new(PlanVmStep { p: p.clone(), vm: pvm.vm_id, index: i, k, step: s.clone() }));
+                let mut entry = step(
+                    2,
+                    Box::new(PlanVmStep { p: p.clone(), vm: pvm.vm_id, index: i, k, step: s.clone(), test: None }),
+                );
                 entry.critical = group.critical && s.critical;
                 steps.push(entry);
             }
@@ -112,6 +123,122 @@ fn failover_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
         step: Box::new(Conclude { p: p.clone(), from: PlanState::FailoverInProgress }),
     });
     Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: Some(Box::new(PlanHalted(p))) })
+}
+
+/// A test failover: each VM boots from its point through an overlay of its own, as a VM of its
+/// own (QEMU uuid = its task's id, so a rerun finds it), with no uplink; the plan's steps run;
+/// then every test VM is powered off and its overlay discarded. Replicas and the plan's state are
+/// not touched; replication may go on meanwhile.
+fn test_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let p = params(session)?;
+    let plan = plan_of(session)?;
+    let mut steps = Vec::new();
+    let mut ends = Vec::new();
+    let mut i = 0usize;
+    for (g, group) in plan.groups.iter().enumerate() {
+        for pvm in &group.vms {
+            let task = tasks
+                .iter()
+                .position(|t| t.vm_id == Some(pvm.vm_id))
+                .ok_or_else(|| Error::internal("a plan VM without a task"))?;
+            let test = Some(tasks[task].id.0);
+            let step = |weight, step: Box<dyn Step>| SagaStep {
+                task: Some(task),
+                group: Some(g as u32),
+                weight,
+                critical: true,
+                step,
+            };
+            steps.push(step(4, Box::new(Boot { p: p.clone(), vm: pvm.vm_id, index: i, restore_tags: false, test })));
+            for (k, s) in pvm.steps.iter().enumerate() {
+                if s.kind != PlanStepKind::PowerOn {
+                    let mut entry = step(
+                        2,
+                        Box::new(PlanVmStep { p: p.clone(), vm: pvm.vm_id, index: i, k, step: s.clone(), test }),
+                    );
+                    entry.critical = s.critical;
+                    steps.push(entry);
+                }
+            }
+            ends.push(step(1, Box::new(EndTest { vm: tasks[task].id.0, index: i })));
+            i += 1;
+        }
+    }
+    steps.extend(ends);
+    Ok(Saga::unwinding(steps))
+}
+
+struct EndTest {
+    vm: uuid::Uuid,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for EndTest {
+    fn name(&self) -> String {
+        format!("end_test:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        discard_vm(&ctx.engine, self.vm).await?;
+        ctx.log(LogLevel::Info, "test VM powered off; its overlay discarded").await;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn permanent_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
+    let p = params(session)?;
+    let mut steps = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
+        steps.push(SagaStep {
+            task: Some(i),
+            group: None,
+            weight: 1,
+            critical: true,
+            step: Box::new(MakePermanent { p: p.clone(), vm, index: i }),
+        });
+    }
+    steps.push(SagaStep {
+        task: None,
+        group: None,
+        weight: 1,
+        critical: true,
+        step: Box::new(Conclude { p: p.clone(), from: PlanState::PermanentFailoverInProgress }),
+    });
+    Ok(Saga::unwinding(steps))
+}
+
+struct MakePermanent {
+    p: FailoverParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for MakePermanent {
+    fn name(&self) -> String {
+        format!("permanent:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let replica = replica_of(&ctx.engine, self.p.tenant_id, self.vm).await?;
+        ctx.engine
+            .store()
+            .object_modify::<Replica, _, _>(self.p.tenant_id, replica.id.0, |r| {
+                if r.state == ReplicaState::Failover {
+                    r.state = r.state.apply(ReplicaEvent::MadePermanent)?;
+                }
+                Ok(())
+            })
+            .await?;
+        ctx.log(LogLevel::Info, format!("{} is production now; failback is no longer possible", replica.name)).await;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
@@ -235,6 +362,8 @@ struct Boot {
     vm: VmId,
     index: usize,
     restore_tags: bool,
+    /// A test failover's VM (its own uuid and overlay); `None` boots the replica itself.
+    test: Option<uuid::Uuid>,
 }
 
 #[async_trait]
@@ -246,7 +375,7 @@ impl Step for Boot {
         let engine = &ctx.engine;
         let source = engine.store().object_get::<Vm>(self.p.tenant_id, self.vm.0).await?;
         let replica = replica_of(engine, self.p.tenant_id, self.vm).await?;
-        if !matches!(replica.state, ReplicaState::Ready | ReplicaState::Failover) {
+        if self.test.is_none() && !matches!(replica.state, ReplicaState::Ready | ReplicaState::Failover) {
             return Err(Error::conflict(format!("replica {} is {:?}", replica.name, replica.state)));
         }
         let points = engine.store().restore_points_of(self.p.tenant_id, replica.id).await?;
@@ -259,7 +388,10 @@ impl Step for Boot {
                 Some(d) => Error::conflict(format!("replica {} has no restore point at or before {d}", replica.name)),
                 None => Error::conflict(format!("replica {} has no restore point", replica.name)),
             })?;
-        let label = overlay_label(&ctx.session);
+        let label = match self.test {
+            Some(id) => format!("test-{id}"),
+            None => overlay_label(&ctx.session),
+        };
         let mut overlays = Vec::new();
         for d in &source.disks {
             let pd =
@@ -271,8 +403,8 @@ impl Step for Boot {
             overlays.push(chain.boot_overlay(file, &label).await.map_err(|e| Error::Unavailable(error_chain(&e)))?);
         }
         let spec = VmSpec {
-            id: replica.id.0,
-            name: replica.name.clone(),
+            id: self.test.unwrap_or(replica.id.0),
+            name: if self.test.is_some() { format!("{}_test", source.name) } else { replica.name.clone() },
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
             disks: overlays.iter().map(|o| DiskSpec { path: o.clone() }).collect(),
@@ -285,6 +417,15 @@ impl Step for Boot {
             },
         };
         engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        if self.test.is_some() {
+            ctx.log(
+                LogLevel::Info,
+                format!("test VM {} booted from restore point {} (no uplink)", spec.name, point.sequence),
+            )
+            .await;
+            let out = Booted { replica_id: replica.id, point_id: point.id, point_sequence: point.sequence, overlays };
+            return serde_json::to_value(out).map_err(|e| Error::internal(e.to_string()));
+        }
         engine
             .store()
             .object_modify::<Replica, _, _>(self.p.tenant_id, replica.id.0, |r| {
@@ -306,8 +447,42 @@ impl Step for Boot {
         serde_json::to_value(out).map_err(|e| Error::internal(e.to_string()))
     }
     async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
-        stop_replica(ctx, self.p.tenant_id, self.vm).await
+        match self.test {
+            Some(id) => discard_vm(&ctx.engine, id).await,
+            None => stop_replica(ctx, self.p.tenant_id, self.vm).await,
+        }
     }
+}
+
+/// The disk files a VM the driver runs was last started with (its runtime `spec.json`).
+pub(crate) fn runtime_disks(engine: &Engine, vm: uuid::Uuid) -> Result<Vec<PathBuf>> {
+    let Some(q) = engine.hv().qemu() else { return Ok(Vec::new()) };
+    let path = q.vm_dir(vm).join("spec.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Unavailable(format!("reading {}: {e}", path.display()))),
+    };
+    let spec: VmSpec = serde_json::from_str(&text).map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
+    Ok(spec.disks.into_iter().map(|d| d.path).collect())
+}
+
+/// Powers off and forgets a VM that ran on boot overlays (a replica, a test VM), and removes the
+/// overlays. Idempotent.
+pub(crate) async fn discard_vm(engine: &Engine, vm: uuid::Uuid) -> Result<()> {
+    let disks = runtime_disks(engine, vm)?;
+    engine.hv().forget(vm).await.map_err(hv_err)?;
+    for d in disks {
+        let boot = d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("boot-"));
+        if boot {
+            match tokio::fs::remove_file(&d).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Unavailable(format!("removing {}: {e}", d.display()))),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Powers a failed-over replica off, discards its overlays, and returns it to `Ready`.
@@ -318,20 +493,7 @@ async fn stop_replica(ctx: &StepCtx, tenant: TenantId, vm: VmId) -> Result<()> {
         Err(Error::Conflict(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    engine.hv().forget(replica.id.0).await.map_err(hv_err)?;
-    // Keep only the published points' files: the boot overlays go.
-    let points = engine.store().restore_points_of(tenant, replica.id).await?;
-    let mut dirs: Vec<PathBuf> = points
-        .iter()
-        .flat_map(|p| p.disks.iter())
-        .filter_map(|d| Path::new(&d.file).parent().map(Path::to_path_buf))
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    let keep: Vec<PathBuf> = points.iter().flat_map(|p| p.disks.iter()).map(|d| PathBuf::from(&d.file)).collect();
-    for dir in dirs {
-        ChainDir::new(dir).collect_garbage(&keep).await.map_err(|e| Error::Unavailable(error_chain(&e)))?;
-    }
+    discard_vm(engine, replica.id.0).await?;
     engine
         .store()
         .object_modify::<Replica, _, _>(tenant, replica.id.0, |r| {
@@ -353,6 +515,8 @@ struct PlanVmStep {
     index: usize,
     k: usize,
     step: PlanStep,
+    /// The test VM to act on instead of the replica.
+    test: Option<uuid::Uuid>,
 }
 
 #[async_trait]
@@ -362,13 +526,14 @@ impl Step for PlanVmStep {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let replica = replica_of(&ctx.engine, self.p.tenant_id, self.vm).await?;
+        let target = self.test.unwrap_or(replica.id.0);
         match &self.step.kind {
             PlanStepKind::PowerOn => Ok(Value::Null),
             PlanStepKind::WaitHeartbeat { timeout_secs } => {
                 let hb = ctx
                     .engine
                     .hv()
-                    .wait_heartbeat(replica.id.0, Duration::from_secs(u64::from(*timeout_secs)))
+                    .wait_heartbeat(target, Duration::from_secs(u64::from(*timeout_secs)))
                     .await
                     .map_err(hv_err)?;
                 ctx.log(LogLevel::Info, format!("{}: heartbeat, guest up {:.1} s", replica.name, hb.uptime_secs)).await;

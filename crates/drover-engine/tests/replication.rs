@@ -596,6 +596,27 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
     let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
     assert_eq!(wait(app, s.unwrap()).await.result, SessionResult::Success);
 
+    // A test failover boots throwaway VMs, runs the plan's steps, discards them, and touches
+    // neither the plan's state nor the replica.
+    let state_before = app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle;
+    let s = app.plan_test_failover(caller, plan.id, Default::default()).await.unwrap();
+    let done = wait(app, s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", log(app, caller, s).await);
+    let lines = log(app, caller, s).await;
+    assert!(lines.iter().any(|l| l.contains("test VM app_test booted from restore point 2 (no uplink)")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("heartbeat")), "{lines:?}");
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle, state_before);
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
+    assert_eq!(
+        std::fs::read_dir(&chain_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("boot-"))
+            .count(),
+        0
+    );
+    assert_eq!(app.restore_points(caller, replica.id).await.unwrap(), points_before);
+
     // A critical step that fails halts the plan; Undo unwinds it.
     let script = root.join("fail.sh");
     std::fs::write(&script, "#!/bin/sh\necho no >&2\nexit 3\n").unwrap();
@@ -792,4 +813,13 @@ async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
     assert_eq!(hb.marker.as_deref(), Some("second failover"));
     assert_eq!(act(PlanAction::Undo).await.1, PlanState::UndoFailover);
     assert_eq!(replica().await.state, ReplicaState::Ready);
+
+    // Permanent failover: the replica stays up as production; failback is refused from then on.
+    assert_eq!(act(PlanAction::Failover).await.1, PlanState::Failover);
+    assert_eq!(act(PlanAction::PermanentFailover).await.1, PlanState::PermanentFailover);
+    assert_eq!(replica().await.state, ReplicaState::PermanentFailover);
+    let refused = app.plan_action(caller, plan.id, PlanAction::FailbackToProduction, Default::default()).await;
+    assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+    let r = replica().await;
+    assert!(env.driver.wait_heartbeat(r.id.0, Duration::from_secs(30)).await.is_ok(), "the replica runs on");
 }
