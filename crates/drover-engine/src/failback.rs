@@ -432,6 +432,16 @@ impl Step for Switch {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let engine = &ctx.engine;
         let parts = parts(engine, self.p.tenant_id, self.vm).await?;
+        // Production is powered on only after it compared equal to the replica, so a production
+        // that runs already means an earlier run of this step got that far (then drover died):
+        // only the records are left to write.
+        let already = matches!(engine.hv().status(parts.vm.id.0).await, Ok(drover_hv::PowerState::Running));
+        if already {
+            ctx.log(LogLevel::Info, format!("production VM {} already runs: the switchover was done", parts.vm.name))
+                .await;
+            mark_switched(engine, &self.p, &parts).await?;
+            return Ok(json!({ "already_switched": true }));
+        }
         let timeout = engine.config().shutdown_timeout;
         // 1. Stop the replica: a clean stop writes its bitmaps into the overlay.
         let outcome = engine.hv().shutdown(parts.replica.id.0, timeout).await.map_err(hv_err)?;
@@ -495,29 +505,35 @@ impl Step for Switch {
         let ds = engine.store().object_get::<Datastore>(self.p.tenant_id, parts.vm.datastore_id.0).await?;
         let spec = crate::ops::vm_spec(&parts.vm, &disk_dir(&ds, parts.vm.id));
         engine.hv().power_on(&spec).await.map_err(hv_err)?;
-        engine
-            .store()
-            .object_modify::<Vm, _, _>(self.p.tenant_id, parts.vm.id.0, |v| {
-                v.power_state = VmPowerState::Running;
-                v.updated_at = now();
-                Ok(())
-            })
-            .await?;
-        engine
-            .store()
-            .object_modify::<Replica, _, _>(self.p.tenant_id, parts.replica.id.0, |r| {
-                if matches!(r.state, ReplicaState::Failover | ReplicaState::ReadyToSwitch) {
-                    r.state = r.state.apply(ReplicaEvent::SwitchedOver)?;
-                }
-                Ok(())
-            })
-            .await?;
+        mark_switched(engine, &self.p, &parts).await?;
         ctx.log(LogLevel::Info, format!("production VM {} powered on", parts.vm.name)).await;
         Ok(json!({ "disks": out }))
     }
     async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
         undo_vm(ctx, &self.p, self.vm).await
     }
+}
+
+/// Records a finished switchover: production Running, replica `Failback`. Idempotent.
+async fn mark_switched(engine: &Engine, p: &FailbackParams, parts: &Parts) -> Result<()> {
+    engine
+        .store()
+        .object_modify::<Vm, _, _>(p.tenant_id, parts.vm.id.0, |v| {
+            v.power_state = VmPowerState::Running;
+            v.updated_at = now();
+            Ok(())
+        })
+        .await?;
+    engine
+        .store()
+        .object_modify::<Replica, _, _>(p.tenant_id, parts.replica.id.0, |r| {
+            if matches!(r.state, ReplicaState::Failover | ReplicaState::ReadyToSwitch) {
+                r.state = r.state.apply(ReplicaEvent::SwitchedOver)?;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
 }
 
 /// Production off, the replica running again from its overlay, replica `Failover`.

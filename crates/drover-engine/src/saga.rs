@@ -127,18 +127,32 @@ impl StepCtx {
 /// Hooks for the saga tests: make a step fail or "crash" (stop the runner as a killed process
 /// would, leaving the step `Started`), and run every step twice to prove idempotence. All off in
 /// the product.
-#[derive(Default)]
 pub struct TestHooks {
     pub fail_step: std::sync::Mutex<Option<(String, u32)>>,
     /// Like `fail_step`, but the step runs first: its effects happen and its output is lost.
     pub fail_after_step: std::sync::Mutex<Option<(String, u32)>>,
     pub crash_before_record: std::sync::Mutex<Option<String>>,
     pub run_each_step_twice: std::sync::atomic::AtomicBool,
+    /// From `DROVER_TEST_KILL_AFTER_STEP`: the process kills itself with SIGKILL right after this
+    /// step ran, before its outcome is recorded — what the fault tests of the real server use.
+    pub kill_after: Option<String>,
 }
 
 impl std::fmt::Debug for TestHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TestHooks")
+    }
+}
+
+impl Default for TestHooks {
+    fn default() -> Self {
+        TestHooks {
+            fail_step: Default::default(),
+            fail_after_step: Default::default(),
+            crash_before_record: Default::default(),
+            run_each_step_twice: Default::default(),
+            kill_after: std::env::var("DROVER_TEST_KILL_AFTER_STEP").ok().filter(|s| !s.is_empty()),
+        }
     }
 }
 
@@ -250,6 +264,10 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
         }
         if hooks.take_crash(&name) {
             return Ok(RunOutcome::Crashed);
+        }
+        if hooks.kill_after.as_deref() == Some(name.as_str()) {
+            eprintln!("DROVER_TEST_KILL_AFTER_STEP: killing this process after step {name}");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
         let rec = &mut records[i];
         rec.updated_at = drover_types::now();

@@ -18,11 +18,18 @@ struct Serve {
 
 impl Serve {
     fn start(data: &Path) -> Serve {
+        Serve::start_killing(data, None)
+    }
+
+    /// With `kill_after`, the server kills itself (SIGKILL) right after that saga step ran.
+    fn start_killing(data: &Path, kill_after: Option<&str>) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
             .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--heartbeat-timeout-secs", "120"])
+            .args(["--accel", "tcg"])
             .arg("--data-dir")
             .arg(data)
             .env("DROVER_ADMIN_PASSWORD", PASSWORD)
+            .env("DROVER_TEST_KILL_AFTER_STEP", kill_after.unwrap_or(""))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -41,6 +48,19 @@ impl Serve {
     fn kill(&mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
+    }
+
+    /// Waits for the server to kill itself at its hook; true if it died of SIGKILL.
+    fn died_of_sigkill(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.signal() == Some(9);
+            }
+            assert!(std::time::Instant::now() < deadline, "the server did not die at its kill point");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -118,7 +138,8 @@ impl Api {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("session {session} did not finish");
+        let s = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}"), None).await;
+        panic!("session {session} did not finish: {s}\n{:#?}", self.log(session).await);
     }
 
     async fn log(&self, session: &str) -> Vec<String> {
@@ -226,4 +247,142 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
         assert_eq!(s["result"], "Success", "{s}");
     }
     drop(serve);
+}
+
+/// What the store says about the replica's points: (sequence, file, manifest digest).
+async fn points_on_disk(data: &Path) -> Vec<(u64, PathBuf, String)> {
+    let store = drover_store::Store::open_sqlite(&data.join("drover.db")).await.unwrap();
+    let tenant = store.tenant_system().await.unwrap().unwrap().id;
+    let replicas = store.object_list::<drover_types::Replica>(tenant).await.unwrap();
+    let Some(replica) = replicas.first() else { return Vec::new() };
+    store
+        .restore_points_of(tenant, replica.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.sequence, PathBuf::from(&p.disks[0].file), p.disks[0].manifest_digest.clone()))
+        .collect()
+}
+
+fn qemu_img_ok(args: &[&std::ffi::OsStr]) -> bool {
+    Command::new("qemu-img").args(args).status().unwrap().success()
+}
+
+/// Every published point is whole: its chain checks clean and its manifest matches its digest.
+async fn points_intact(data: &Path) {
+    for (seq, file, digest) in points_on_disk(data).await {
+        assert!(
+            qemu_img_ok(&["check".as_ref(), "-q".as_ref(), "-U".as_ref(), file.as_os_str()]),
+            "point {seq} is damaged"
+        );
+        let m = drover_block::hash::Manifest::load(&drover_block::chain::manifest_path(&file)).await.unwrap();
+        assert_eq!(m.digest(), digest, "point {seq}'s manifest");
+    }
+}
+
+#[tokio::test]
+async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
+    use reqwest::Method as M;
+    let guest = guest_dir();
+    assert!(guest.join("guest.json").is_file(), "the tiny guest is missing: run scripts/build-guest first");
+    let data = tempfile::Builder::new().prefix("drs").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(data.path().to_path_buf());
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
+    let host =
+        api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
+    let mut ds = Vec::new();
+    for n in ["prod", "dr"] {
+        ds.push(
+            api.call(
+                M::POST,
+                "/v1/datastores",
+                Some(json!({"host_id": host["id"], "name": n, "path": data.path().join(n)})),
+            )
+            .await,
+        );
+    }
+    let vm_body = json!({
+        "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
+        "disks": [{"name": "data", "size_bytes": 33554432}],
+        "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
+    });
+    let created = api.call(M::POST, "/v1/vms", Some(vm_body)).await;
+    let vm = api.wait(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
+    let job = api
+        .call(
+            M::POST,
+            "/v1/replication-jobs",
+            Some(json!({"name": "j", "vm_ids": [vm], "target_host_id": host["id"],
+            "target_datastore_id": ds[1]["id"], "schedule": {"type": "Manual"}, "retention_points": 3})),
+        )
+        .await;
+    let job = job["id"].as_str().unwrap().to_string();
+    let source = data.path().join("prod").join(&vm).join("data.qcow2");
+    drop(serve);
+
+    // Replication, killed after each of its steps.
+    for (n, step) in ["prepare:0", "transfer:0", "publish:0", "release:0", "retention:0"].iter().enumerate() {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P {} {} 4096", 0x20 + n, (n as u64 + 1) << 20)])
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let mut serve = Serve::start_killing(data.path(), Some(step));
+        let api = Api::login(&serve.base).await;
+        let run = api.call(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+        let session = run["session_id"].as_str().unwrap().to_string();
+        assert!(serve.died_of_sigkill(), "{step}");
+        points_intact(data.path()).await;
+        let serve = Serve::start(data.path());
+        let api = Api::login(&serve.base).await;
+        let s = api.wait(&session).await;
+        assert_eq!(s["result"], "Success", "after SIGKILL at {step}: {s}");
+        assert!(api.log(&session).await.iter().any(|l| l.contains("resumed after a restart")));
+        let points = points_on_disk(data.path()).await;
+        let newest = &points.last().unwrap().1;
+        assert!(
+            qemu_img_ok(&["compare".as_ref(), "-q".as_ref(), "-U".as_ref(), source.as_os_str(), newest.as_os_str()]),
+            "after {step}"
+        );
+        points_intact(data.path()).await;
+        drop(serve);
+    }
+
+    // Failback, killed after each of its steps: it resumes, production ends equal to the replica.
+    let plan_body = json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm}]}]});
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let plan = api.call(M::POST, "/v1/plans", Some(plan_body)).await["id"].as_str().unwrap().to_string();
+    drop(serve);
+    for step in ["sync:0", "switch:0", "conclude"] {
+        let serve = Serve::start(data.path());
+        let api = Api::login(&serve.base).await;
+        let fo = api.call(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
+        assert_eq!(api.wait(fo["session_id"].as_str().unwrap()).await["result"], "Success");
+        drop(serve);
+        let mut serve = Serve::start_killing(data.path(), Some(step));
+        let api = Api::login(&serve.base).await;
+        let fb = api.call(M::POST, &format!("/v1/plans/{plan}/failback"), None).await;
+        let session = fb["session_id"].as_str().unwrap().to_string();
+        assert!(serve.died_of_sigkill(), "{step}");
+        points_intact(data.path()).await;
+        let serve = Serve::start(data.path());
+        let api = Api::login(&serve.base).await;
+        let s = api.wait(&session).await;
+        assert_eq!(s["result"], "Success", "failback after SIGKILL at {step}: {s}");
+        let log = api.log(&session).await;
+        assert!(log.iter().any(|l| l.contains("production equals the replica")), "{step}: {log:?}");
+        let plan_now = api.call(M::GET, &format!("/v1/plans/{plan}"), None).await;
+        assert_eq!(plan_now["state"], "Failback", "{step}");
+        let commit = api.call(M::POST, &format!("/v1/plans/{plan}/commit-failback"), None).await;
+        assert_eq!(api.wait(commit["session_id"].as_str().unwrap()).await["result"], "Success");
+        // Production runs after the failback; power it off for the next round.
+        let off = api.call(M::POST, &format!("/v1/vms/{vm}/power-off"), None).await;
+        assert_eq!(api.wait(off["session_id"].as_str().unwrap()).await["result"], "Success");
+        points_intact(data.path()).await;
+        drop(serve);
+    }
 }
