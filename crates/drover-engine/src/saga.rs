@@ -227,13 +227,15 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
         // Halt between steps: the running step has finished, nothing new starts.
         let fresh = engine.store().session_get(None, session_id).await?;
         if fresh.halt_requested {
-            session.halted = true;
-            engine.session_save(&session).await?;
+            // Log and tell the hook first, record the halt last: whoever sees the session halted
+            // sees its log and its plan complete.
             engine.store().session_clear_halt_request(session_id).await?;
             engine.log(session_id, None, LogLevel::Warning, "halted on request; waiting for Continue or Undo").await;
             if let Some(h) = &saga.on_halt {
                 h.halted(engine, &session).await?;
             }
+            session.halted = true;
+            engine.session_save(&session).await?;
             return Ok(RunOutcome::Halted);
         }
         let task_id = entry.task.and_then(|t| tasks.get(t)).map(|t| t.id);
@@ -306,8 +308,6 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
                 match saga.on_failure {
                     FailurePolicy::Unwind => return unwind(engine, &saga, session, tasks, records, Some(i)).await,
                     FailurePolicy::Halt => {
-                        session.halted = true;
-                        engine.session_save(&session).await?;
                         engine
                             .log(
                                 session_id,
@@ -319,6 +319,8 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
                         if let Some(h) = &saga.on_halt {
                             h.halted(engine, &session).await?;
                         }
+                        session.halted = true;
+                        engine.session_save(&session).await?;
                         return Ok(RunOutcome::Halted);
                     }
                 }
@@ -428,10 +430,11 @@ async fn finish(engine: &Engine, mut session: Session, result: SessionResult, ta
         let p: Vec<(u32, u8)> = tasks.iter().map(|t| (t.weight, t.progress)).collect();
         session.progress = weighted_progress(&p);
     }
-    engine.session_save(&session).await?;
+    // The last log line before the stop is recorded: a stopped session's log is complete.
     engine.store().session_clear_halt_request(session.id).await?;
     let level = if result == SessionResult::Failed { LogLevel::Error } else { LogLevel::Info };
     engine.log(session.id, None, level, &format!("{} finished: {result:?}", session.kind.as_str())).await;
+    engine.session_save(&session).await?;
     Ok(())
 }
 
