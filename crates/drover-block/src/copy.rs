@@ -5,8 +5,11 @@
 //!   granules of a bitmap, or the allocated ranges of a seed), rounded out to manifest blocks,
 //!   and rehashes those blocks into the manifest as they pass.
 //! - [`hash_compare_sync`]: the fallback when no dirty bitmap can be trusted (first cycle after
-//!   an unclean shutdown, a new or resized disk). Both sides are read once, concurrently, block
-//!   hashes are compared, and only differing blocks are written.
+//!   an unclean shutdown, a new or resized disk). Both sides are read once, concurrently, blocks
+//!   are compared, and only differing blocks are written.
+//!
+//! Reads are pipelined on each connection ([`NbdClient::read_many_into`]), a round of
+//! `WINDOW_CHUNKS` chunks at a time.
 //!
 //! Both end with a flush of the target, so that what they report as written is on disk before
 //! the caller publishes the restore point. Progress is reported through a callback, never through
@@ -15,12 +18,17 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::extents::{Extent, ExtentSet};
-use crate::hash::{BLOCK_SIZE, Manifest, ManifestError, hash_block};
-use crate::nbd::{NbdClient, NbdError};
+use crate::hash::{BLOCK_SIZE, Manifest, ManifestError};
+use crate::nbd::{NbdClient, NbdError, READ_DEPTH};
 
 /// How much one read or write moves at most: large enough to amortise a round trip, small
 /// enough to keep memory flat.
 pub const CHUNK: u64 = 4 << 20;
+
+/// How many chunks are read per round: they are pipelined on the connection (see
+/// [`crate::nbd::READ_DEPTH`]), and the next round is read while the current one is written and
+/// hashed. Memory in use is about `4 * WINDOW_CHUNKS * CHUNK` (two rounds, two sides).
+const WINDOW_CHUNKS: usize = READ_DEPTH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -56,8 +64,69 @@ where
     Ok(src.size())
 }
 
+/// A round of chunks and one contiguous buffer holding them in order.
+#[derive(Default)]
+struct Batch {
+    pieces: Vec<Extent>,
+    data: Vec<u8>,
+}
+
+impl Batch {
+    /// Takes the next (up to) `WINDOW_CHUNKS` chunks and sizes the buffer for them.
+    fn fill(&mut self, chunks: &mut impl Iterator<Item = Extent>) {
+        self.pieces.clear();
+        self.pieces.extend(chunks.by_ref().take(WINDOW_CHUNKS));
+        let total: u64 = self.pieces.iter().map(|e| e.len).sum();
+        // Chunks are at most `CHUNK` bytes each, so this fits in memory.
+        self.data.resize(total as usize, 0);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// Each chunk with its part of the buffer.
+    fn iter(&self) -> impl Iterator<Item = (Extent, &[u8])> {
+        let mut at = 0usize;
+        self.pieces.iter().map(move |e| {
+            let piece = &self.data[at..at + e.len as usize];
+            at += e.len as usize;
+            (*e, piece)
+        })
+    }
+}
+
+/// Reads `pieces` into `data` (their lengths summed), pipelined on the connection.
+async fn read_batch<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut NbdClient<S>,
+    pieces: &[Extent],
+    data: &mut [u8],
+) -> Result<()> {
+    let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(pieces.len());
+    let mut rest = data;
+    for e in pieces {
+        let (head, tail) = rest.split_at_mut(e.len as usize);
+        reads.push((e.offset, head));
+        rest = tail;
+    }
+    client.read_many_into(&mut reads).await?;
+    Ok(())
+}
+
+fn chunk_size<A, B>(src: &NbdClient<A>, dst: &NbdClient<B>) -> u64
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let chunk = CHUNK.min(u64::from(src.max_io_size())).min(u64::from(dst.max_io_size())) / BLOCK_SIZE * BLOCK_SIZE;
+    chunk.max(BLOCK_SIZE)
+}
+
 /// Copies `extents` from `src` to `dst`, rounded out to whole manifest blocks, and records those
 /// blocks in `manifest`. `progress(done, total)` is called after every chunk.
+///
+/// Reads are pipelined (a round of up to `WINDOW_CHUNKS` chunks at a time), and the next round
+/// is read from `src` while the current one is written to `dst`.
 pub async fn copy_extents<S, D>(
     src: &mut NbdClient<S>,
     dst: &mut NbdClient<D>,
@@ -72,16 +141,31 @@ where
     let size = check_sizes(src, dst, manifest)?;
     let todo = extents.align_out(BLOCK_SIZE).clip(0, size);
     let total = todo.total_bytes();
-    let chunk = CHUNK.min(u64::from(src.max_io_size())).min(u64::from(dst.max_io_size())) / BLOCK_SIZE * BLOCK_SIZE;
-    let chunk = chunk.max(BLOCK_SIZE);
+    let chunk = chunk_size(src, dst);
+    let mut chunks = todo.chunks(chunk);
     let mut stats = CopyStats::default();
-    for Extent { offset, len } in todo.chunks(chunk) {
-        let data = src.read(offset, len).await?;
-        stats.source_read += len;
-        write_block_data(dst, offset, &data).await?;
-        stats.written += len;
-        manifest.set_range(offset, &data)?;
-        progress(stats.written, total);
+    let (mut current, mut next) = (Batch::default(), Batch::default());
+    current.fill(&mut chunks);
+    read_batch(src, &current.pieces, &mut current.data).await?;
+    stats.source_read += current.bytes();
+    while !current.pieces.is_empty() {
+        next.fill(&mut chunks);
+        let write = async {
+            for (e, data) in current.iter() {
+                write_block_data(dst, e.offset, data).await?;
+            }
+            Ok::<_, CopyError>(())
+        };
+        let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
+        write?;
+        read?;
+        stats.source_read += next.bytes();
+        for (e, data) in current.iter() {
+            stats.written += e.len;
+            manifest.set_range(e.offset, data)?;
+            progress(stats.written, total);
+        }
+        std::mem::swap(&mut current, &mut next);
     }
     dst.flush().await?;
     Ok(stats)
@@ -102,9 +186,29 @@ async fn write_block_data<D: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Makes `dst` equal to `src` by comparing block hashes: each side is read once (concurrently,
-/// over two connections), and only blocks whose hashes differ are written. `manifest` ends as the
-/// source's manifest. `progress(done, total)` counts bytes compared.
+/// The runs of manifest blocks that differ between `a` and `b` (same length), as byte ranges
+/// into them; adjacent differing blocks form one run.
+fn differing_runs(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (x, y)) in a.chunks(BLOCK_SIZE as usize).zip(b.chunks(BLOCK_SIZE as usize)).enumerate() {
+        if x == y {
+            continue;
+        }
+        let (start, end) = (i * BLOCK_SIZE as usize, i * BLOCK_SIZE as usize + x.len());
+        match runs.last_mut() {
+            Some((_, run_end)) if *run_end == start => *run_end = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// Makes `dst` equal to `src` block by block: each side is read once (concurrently, over two
+/// connections, pipelined on each), and only blocks that differ are written. `manifest` ends as
+/// the source's manifest. `progress(done, total)` counts bytes compared.
+///
+/// Both sides are in memory here, so blocks are compared byte for byte (exact, and cheaper than
+/// hashing the target too); the source is hashed once, for the manifest.
 pub async fn hash_compare_sync<S, D>(
     src: &mut NbdClient<S>,
     dst: &mut NbdClient<D>,
@@ -116,41 +220,35 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
 {
     let size = check_sizes(src, dst, manifest)?;
-    let chunk = CHUNK.min(u64::from(src.max_io_size())).min(u64::from(dst.max_io_size())) / BLOCK_SIZE * BLOCK_SIZE;
-    let chunk = chunk.max(BLOCK_SIZE);
+    let chunk = chunk_size(src, dst);
+    let whole = ExtentSet::from_range(0, size);
+    let mut chunks = whole.chunks(chunk);
     let mut stats = CopyStats::default();
-    let mut offset = 0;
-    while offset < size {
-        let len = chunk.min(size - offset);
-        let (a, b) = tokio::join!(src.read(offset, len), dst.read(offset, len));
-        let (a, b) = (a?, b?);
-        stats.source_read += len;
-        stats.target_read += len;
-        // Walk the chunk block by block; write runs of differing blocks in one request each.
-        let mut run: Option<(usize, usize)> = None;
-        let mut at = 0usize;
-        while at < a.len() {
-            let end = (at + BLOCK_SIZE as usize).min(a.len());
-            let differs = hash_block(&a[at..end]) != hash_block(&b[at..end]);
-            match (&mut run, differs) {
-                (Some((_, run_end)), true) => *run_end = end,
-                (None, true) => run = Some((at, end)),
-                (Some((s, e)), false) => {
-                    write_block_data(dst, offset + *s as u64, &a[*s..*e]).await?;
-                    stats.written += (*e - *s) as u64;
-                    run = None;
-                }
-                (None, false) => {}
-            }
-            at = end;
+    let (mut a, mut b) = (Batch::default(), Batch::default());
+    let mut done = 0;
+    loop {
+        a.fill(&mut chunks);
+        if a.pieces.is_empty() {
+            break;
         }
-        if let Some((s, e)) = run {
-            write_block_data(dst, offset + s as u64, &a[s..e]).await?;
+        b.pieces.clone_from(&a.pieces);
+        b.data.resize(a.data.len(), 0);
+        let (ra, rb) = tokio::join!(read_batch(src, &a.pieces, &mut a.data), read_batch(dst, &b.pieces, &mut b.data));
+        ra?;
+        rb?;
+        stats.source_read += a.bytes();
+        stats.target_read += b.bytes();
+        // The batch is contiguous: chunks of one range, in order.
+        let offset = a.pieces[0].offset;
+        for (s, e) in differing_runs(&a.data, &b.data) {
+            write_block_data(dst, offset + s as u64, &a.data[s..e]).await?;
             stats.written += (e - s) as u64;
         }
-        manifest.set_range(offset, &a)?;
-        offset += len;
-        progress(offset, size);
+        for (e, data) in a.iter() {
+            manifest.set_range(e.offset, data)?;
+            done += e.len;
+            progress(done, size);
+        }
     }
     dst.flush().await?;
     Ok(stats)

@@ -23,12 +23,16 @@
 //!
 //! # Transmission
 //!
-//! Exactly one request is in flight at a time: each call sends a request and reads its whole
-//! reply before returning. That is enough for correctness and keeps the reply parser simple.
-//! The code is split so pipelining can come later without touching the parsers: requests carry
-//! a fresh handle (`send_request`), reply headers are read separately from their
-//! payloads, and each command's reply is folded by its own function that checks the handle. A
-//! dispatcher keyed by handle would sit between the two.
+//! Writes, flushes and block status have one request in flight at a time: each call sends a
+//! request and reads its whole reply before returning. Reads are pipelined: [`NbdClient::read_into`]
+//! (for buffers larger than one request) and [`NbdClient::read_many_into`] keep up to
+//! [`READ_DEPTH`] `NBD_CMD_READ` requests in flight on the connection. Replies are routed to
+//! their request by handle; structured reply chunks of different requests may interleave (the
+//! protocol allows it) and each request's chunks are checked on their own (inside the request,
+//! no overlap, full coverage). Results land in the caller's buffers, so the order replies
+//! arrive in does not matter. When one read fails with a server error, no new requests are
+//! sent, the replies of those in flight are still consumed (the stream stays in step), and the
+//! first error is returned.
 //!
 //! # Robustness against a bad server
 //!
@@ -140,6 +144,9 @@ pub const MAX_ERROR_CHUNK: u32 = 6 + 4096 + 8;
 /// Block status chunks: 4 + 8 per extent. QEMU sends at most 2^17 extents per chunk; this
 /// allows 2^20.
 pub const MAX_BLOCK_STATUS_CHUNK: u32 = 4 + 8 * (1 << 20);
+/// How many `NBD_CMD_READ` requests a pipelined read keeps in flight on one connection. QEMU's
+/// server handles up to 16 requests per connection concurrently.
+pub const READ_DEPTH: usize = 8;
 /// A server that keeps answering an option with more and more replies is not making progress.
 const MAX_REPLIES_PER_OPTION: usize = 1024;
 
@@ -293,6 +300,27 @@ enum ReplyHeader {
     Chunk { flags: u16, kind: u16, handle: u64, length: u32 },
 }
 
+impl ReplyHeader {
+    fn handle(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { handle, .. } | ReplyHeader::Chunk { handle, .. } => handle,
+        }
+    }
+}
+
+/// One read in flight in a pipelined read.
+#[derive(Debug)]
+struct PendingRead {
+    handle: u64,
+    /// Which piece of the caller's request it fills.
+    index: usize,
+    /// The parts of the request the reply's chunks covered so far.
+    covered: ExtentSet,
+    /// The first error chunk of the reply; reported once the reply is done.
+    error: Option<ErrorChunk>,
+    chunks_seen: bool,
+}
+
 /// A parsed error chunk.
 #[derive(Debug)]
 struct ErrorChunk {
@@ -439,16 +467,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         Ok(buf)
     }
 
-    /// Fills `buf` from `offset`, in requests of at most [`NbdClient::max_io_size`] bytes.
+    /// Fills `buf` from `offset`, in requests of at most [`NbdClient::max_io_size`] bytes, up to
+    /// [`READ_DEPTH`] of them in flight at a time.
     pub async fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range("read", offset, buf.len() as u64)?;
-        let step = self.max_io_size() as usize;
-        let mut done = 0;
-        for piece in buf.chunks_mut(step) {
-            self.read_request(offset + done, piece).await?;
-            done += piece.len() as u64;
+        self.read_many_into(&mut [(offset, buf)]).await
+    }
+
+    /// Reads several ranges, each into its own buffer: `(offset, buffer)` fills `buffer` from
+    /// `offset`. Requests (ranges are cut at [`NbdClient::max_io_size`]) are pipelined, up to
+    /// [`READ_DEPTH`] in flight. Every range is checked before anything is sent. On a server
+    /// error the first error is returned after the replies in flight were consumed; the
+    /// buffers' contents are then unspecified.
+    pub async fn read_many_into(&mut self, reads: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in reads.iter() {
+            self.check_range("read", *offset, buf.len() as u64)?;
         }
-        Ok(())
+        let step = self.max_io_size() as usize;
+        let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
+        for (offset, buf) in reads.iter_mut() {
+            let mut at = *offset;
+            for piece in buf.chunks_mut(step) {
+                let len = piece.len() as u64;
+                pieces.push((at, piece));
+                at += len;
+            }
+        }
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        self.begin_request()?;
+        let result = self.read_pipelined(&mut pieces, READ_DEPTH).await;
+        self.end_request(result)
+    }
+
+    /// As [`NbdClient::read_many_into`], returning new buffers in the order of `ranges`
+    /// (`(offset, len)` pairs).
+    pub async fn read_many(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let mut bufs = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            self.check_range("read", offset, len)?;
+            let len = usize::try_from(len).map_err(|_| NbdError::InvalidRequest(format!("read of {len} bytes")))?;
+            bufs.push(vec![0; len]);
+        }
+        let mut reads: Vec<(u64, &mut [u8])> =
+            ranges.iter().zip(bufs.iter_mut()).map(|(&(offset, _), buf)| (offset, buf.as_mut_slice())).collect();
+        self.read_many_into(&mut reads).await?;
+        Ok(bufs)
     }
 
     /// Writes `data` at `offset`, in requests of at most [`NbdClient::max_io_size`] bytes.
@@ -803,6 +867,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
 
     /// Sends one request header (and payload, for writes); returns its handle.
     async fn send_request(&mut self, command: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64> {
+        let handle = self.queue_request(command, flags, offset, len, payload).await?;
+        self.stream.flush().await?;
+        Ok(handle)
+    }
+
+    /// As [`NbdClient::send_request`] without flushing the stream: several requests can go out
+    /// in one write.
+    async fn queue_request(&mut self, command: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64> {
         let handle = self.next_handle;
         self.next_handle = self.next_handle.wrapping_add(1);
         let mut header = [0u8; 28];
@@ -814,11 +886,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         header[24..28].copy_from_slice(&len.to_be_bytes());
         self.stream.write_all(&header).await?;
         self.stream.write_all(payload).await?;
-        self.stream.flush().await?;
         Ok(handle)
     }
 
+    /// Reads a reply header that must be for `expected_handle` (the one request in flight).
     async fn read_reply_header(&mut self, expected_handle: u64) -> Result<ReplyHeader> {
+        let header = self.read_reply_header_any().await?;
+        let handle = header.handle();
+        if handle != expected_handle {
+            return Err(protocol(format!("reply for handle {handle} while {expected_handle} is pending")));
+        }
+        Ok(header)
+    }
+
+    /// Reads a reply header for any handle; the caller routes it.
+    async fn read_reply_header_any(&mut self) -> Result<ReplyHeader> {
         let magic = self.stream.read_u32().await?;
         let header = match magic {
             wire::SIMPLE_REPLY_MAGIC => {
@@ -836,12 +918,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
             wire::STRUCTURED_REPLY_MAGIC => return Err(protocol("structured reply that was not negotiated")),
             other => return Err(protocol(format!("bad reply magic {other:#010x}"))),
         };
-        let (ReplyHeader::Simple { handle, .. } | ReplyHeader::Chunk { handle, .. }) = header;
-        // With one request in flight every reply must be for it. A pipelining dispatcher would
-        // route by handle here instead.
-        if handle != expected_handle {
-            return Err(protocol(format!("reply for handle {handle} while {expected_handle} is pending")));
-        }
         Ok(header)
     }
 
@@ -936,89 +1012,128 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         }
     }
 
-    /// One `NBD_CMD_READ` of `buf.len()` ≤ `max_io_size()` bytes.
-    async fn read_request(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.begin_request()?;
-        let result = self.read_request_inner(offset, buf).await;
-        self.end_request(result)
+    /// Reads `pieces` (each at most `max_io_size()` bytes, checked by the caller) with up to
+    /// `depth` requests in flight. An `Err` from a server error leaves the stream in step (all
+    /// replies in flight were consumed); any other `Err` leaves it broken.
+    async fn read_pipelined(&mut self, pieces: &mut [(u64, &mut [u8])], depth: usize) -> Result<()> {
+        let depth = depth.max(1);
+        let mut pending: Vec<PendingRead> = Vec::with_capacity(depth);
+        let mut next = 0;
+        let mut first_error: Option<NbdError> = None;
+        loop {
+            if first_error.is_none() && pending.len() < depth && next < pieces.len() {
+                while pending.len() < depth && next < pieces.len() {
+                    let (offset, buf) = &pieces[next];
+                    // Pieces are at most `max_io_size()`, which fits in 32 bits.
+                    let handle = self.queue_request(wire::CMD_READ, 0, *offset, buf.len() as u32, &[]).await?;
+                    pending.push(PendingRead {
+                        handle,
+                        index: next,
+                        covered: ExtentSet::new(),
+                        error: None,
+                        chunks_seen: false,
+                    });
+                    next += 1;
+                }
+                self.stream.flush().await?;
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let header = self.read_reply_header_any().await?;
+            let handle = header.handle();
+            let Some(pos) = pending.iter().position(|p| p.handle == handle) else {
+                return Err(protocol(format!("reply for handle {handle}, which is not pending")));
+            };
+            let (offset, buf) = &mut pieces[pending[pos].index];
+            if let Some(result) = self.read_reply_part(header, &mut pending[pos], *offset, buf).await? {
+                pending.swap_remove(pos);
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    async fn read_request_inner(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Consumes one reply message (a simple reply with its data, or one structured chunk) for
+    /// the read `state`, whose request was `buf.len()` bytes at `offset`. `Ok(None)`: more
+    /// chunks follow; `Ok(Some(result))`: the reply is complete, with the request's outcome
+    /// (a server error, the stream still in step); `Err`: the stream is broken.
+    async fn read_reply_part(
+        &mut self,
+        header: ReplyHeader,
+        state: &mut PendingRead,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<Result<()>>> {
         let command = wire::CMD_READ;
-        // The caller cut `buf` to at most `max_io_size()`, which fits in 32 bits.
-        let handle = self.send_request(command, 0, offset, buf.len() as u32, &[]).await?;
         let request = (offset, buf.len() as u64);
-        if !self.structured_replies {
-            let ReplyHeader::Simple { error, .. } = self.read_reply_header(handle).await? else {
-                return Err(protocol("structured reply that was not negotiated"));
-            };
-            if error != 0 {
-                // No payload follows an error in a simple reply.
-                return Err(ErrorChunk { errno: error, message: String::new(), offset: None }.into_error(command));
-            }
-            self.stream.read_exact(buf).await?;
-            return Ok(());
-        }
-        // Content chunks may come in any order but must not overlap; track what is covered.
-        let mut covered = ExtentSet::new();
-        let mut error: Option<ErrorChunk> = None;
-        let mut chunks_seen = false;
-        loop {
-            let (flags, kind, length) = match self.read_reply_header(handle).await? {
-                ReplyHeader::Simple { error: errno, .. } if errno != 0 && !chunks_seen => {
-                    // The protocol forbids a simple reply to a read once structured replies are
-                    // on, but an error one carries no payload, so the stream stays in step.
-                    return Err(ErrorChunk { errno, message: String::new(), offset: None }.into_error(command));
-                }
-                ReplyHeader::Simple { .. } => return Err(protocol("simple reply to NBD_CMD_READ")),
-                ReplyHeader::Chunk { flags, kind, length, .. } => (flags, kind, length),
-            };
-            chunks_seen = true;
-            match kind {
-                wire::REPLY_TYPE_OFFSET_DATA => {
-                    let data_len = length
-                        .checked_sub(8)
-                        .filter(|&n| n > 0)
-                        .ok_or_else(|| protocol(format!("NBD_REPLY_TYPE_OFFSET_DATA of {length} bytes")))?;
-                    let at = self.stream.read_u64().await?;
-                    let range = chunk_range(request, &covered, at, u64::from(data_len))?;
-                    self.stream.read_exact(&mut buf[range.clone()]).await?;
-                    covered.insert(Extent::new(at, u64::from(data_len)));
-                }
-                wire::REPLY_TYPE_OFFSET_HOLE => {
-                    if length != 12 {
-                        return Err(protocol(format!("NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes")));
-                    }
-                    let at = self.stream.read_u64().await?;
-                    let hole_len = self.stream.read_u32().await?;
-                    if hole_len == 0 {
-                        return Err(protocol("empty hole chunk"));
-                    }
-                    let range = chunk_range(request, &covered, at, u64::from(hole_len))?;
-                    buf[range].fill(0);
-                    covered.insert(Extent::new(at, u64::from(hole_len)));
-                }
-                wire::REPLY_TYPE_NONE if length == 0 => {}
-                kind if kind & wire::REPLY_TYPE_FLAG_ERROR != 0 => {
-                    let chunk = self.read_error_chunk(kind, length).await?;
-                    error.get_or_insert(chunk);
-                }
-                _ => return Err(protocol(format!("chunk type {kind} ({length} bytes) in a read reply"))),
-            }
-            if flags & wire::REPLY_FLAG_DONE != 0 {
-                if let Some(chunk) = error {
-                    return Err(chunk.into_error(command));
-                }
-                if covered.total_bytes() != request.1 {
-                    return Err(protocol(format!(
-                        "read reply covered {} of {} bytes",
-                        covered.total_bytes(),
-                        request.1
+        let (flags, kind, length) = match header {
+            ReplyHeader::Simple { error, .. } if !self.structured_replies => {
+                if error != 0 {
+                    // No payload follows an error in a simple reply.
+                    return Ok(Some(Err(
+                        ErrorChunk { errno: error, message: String::new(), offset: None }.into_error(command)
                     )));
                 }
-                return Ok(());
+                self.stream.read_exact(buf).await?;
+                return Ok(Some(Ok(())));
             }
+            ReplyHeader::Simple { error: errno, .. } if errno != 0 && !state.chunks_seen => {
+                // The protocol forbids a simple reply to a read once structured replies are
+                // on, but an error one carries no payload, so the stream stays in step.
+                return Ok(Some(Err(ErrorChunk { errno, message: String::new(), offset: None }.into_error(command))));
+            }
+            ReplyHeader::Simple { .. } => return Err(protocol("simple reply to NBD_CMD_READ")),
+            ReplyHeader::Chunk { flags, kind, length, .. } => (flags, kind, length),
+        };
+        state.chunks_seen = true;
+        // Content chunks may come in any order but must not overlap; track what is covered.
+        match kind {
+            wire::REPLY_TYPE_OFFSET_DATA => {
+                let data_len = length
+                    .checked_sub(8)
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| protocol(format!("NBD_REPLY_TYPE_OFFSET_DATA of {length} bytes")))?;
+                let at = self.stream.read_u64().await?;
+                let range = chunk_range(request, &state.covered, at, u64::from(data_len))?;
+                self.stream.read_exact(&mut buf[range]).await?;
+                state.covered.insert(Extent::new(at, u64::from(data_len)));
+            }
+            wire::REPLY_TYPE_OFFSET_HOLE => {
+                if length != 12 {
+                    return Err(protocol(format!("NBD_REPLY_TYPE_OFFSET_HOLE of {length} bytes")));
+                }
+                let at = self.stream.read_u64().await?;
+                let hole_len = self.stream.read_u32().await?;
+                if hole_len == 0 {
+                    return Err(protocol("empty hole chunk"));
+                }
+                let range = chunk_range(request, &state.covered, at, u64::from(hole_len))?;
+                buf[range].fill(0);
+                state.covered.insert(Extent::new(at, u64::from(hole_len)));
+            }
+            wire::REPLY_TYPE_NONE if length == 0 => {}
+            kind if kind & wire::REPLY_TYPE_FLAG_ERROR != 0 => {
+                let chunk = self.read_error_chunk(kind, length).await?;
+                state.error.get_or_insert(chunk);
+            }
+            _ => return Err(protocol(format!("chunk type {kind} ({length} bytes) in a read reply"))),
         }
+        if flags & wire::REPLY_FLAG_DONE == 0 {
+            return Ok(None);
+        }
+        if let Some(chunk) = state.error.take() {
+            return Ok(Some(Err(chunk.into_error(command))));
+        }
+        if state.covered.total_bytes() != request.1 {
+            return Err(protocol(format!("read reply covered {} of {} bytes", state.covered.total_bytes(), request.1)));
+        }
+        Ok(Some(Ok(())))
     }
 
     /// One `NBD_CMD_BLOCK_STATUS`; returns the descriptors `(length, flags)` for `context_id`.
