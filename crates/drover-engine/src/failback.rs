@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::ops::{disk_dir, disk_path};
-use crate::saga::{FailurePolicy, HaltHook, Saga, SagaStep, Step, StepCtx};
+use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
 use crate::{Engine, Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,7 +81,8 @@ fn vm_steps(tasks: &[Task], mk: impl Fn(usize, VmId) -> Box<dyn Step>) -> Result
 }
 
 fn conclude(p: &FailbackParams, from: PlanState) -> SagaStep {
-    SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Conclude { p: p.clone(), from }) }
+    let step = crate::plan_state::Conclude { tenant: p.tenant_id, plan: p.plan_id, from };
+    SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(step) }
 }
 
 fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
@@ -95,7 +96,15 @@ fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     }
     let from = if p.switch { PlanState::FailbackInProgress } else { PlanState::PrepareForFailbackInProgress };
     steps.push(conclude(&p, from));
-    Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: Some(Box::new(PlanHalted(p))) })
+    Ok(Saga {
+        steps,
+        on_failure: FailurePolicy::Halt,
+        on_halt: Some(Box::new(crate::plan_state::PlanHalted {
+            tenant: p.tenant_id,
+            plan: p.plan_id,
+            running: vec![PlanState::FailbackInProgress, PlanState::PrepareForFailbackInProgress],
+        })),
+    })
 }
 
 fn commit_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
@@ -118,58 +127,6 @@ fn hv_err(e: drover_hv::HvError) -> Error {
 
 fn boxed_err(e: Box<dyn std::error::Error + Send + Sync>) -> Error {
     Error::Unavailable(e.to_string())
-}
-
-async fn plan_event(engine: &Engine, p: &FailbackParams, event: PlanEvent, only_if: &[PlanState]) -> Result<()> {
-    let r = engine
-        .store()
-        .object_modify::<Plan, _, _>(p.tenant_id, p.plan_id.0, |plan| {
-            if only_if.contains(&plan.lifecycle.state) {
-                plan.lifecycle = plan.lifecycle.apply(event, true)?;
-                plan.updated_at = now();
-            }
-            Ok(())
-        })
-        .await;
-    match r {
-        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-struct PlanHalted(FailbackParams);
-
-#[async_trait]
-impl HaltHook for PlanHalted {
-    async fn halted(&self, engine: &Engine, _: &Session) -> Result<()> {
-        plan_event(engine, &self.0, PlanEvent::HaltReached, &[PlanState::Halting]).await?;
-        plan_event(
-            engine,
-            &self.0,
-            PlanEvent::Failed,
-            &[PlanState::FailbackInProgress, PlanState::PrepareForFailbackInProgress],
-        )
-        .await
-    }
-}
-
-struct Conclude {
-    p: FailbackParams,
-    from: PlanState,
-}
-
-#[async_trait]
-impl Step for Conclude {
-    fn name(&self) -> String {
-        "conclude".into()
-    }
-    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        plan_event(&ctx.engine, &self.p, PlanEvent::Completed, &[self.from]).await?;
-        Ok(Value::Null)
-    }
-    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// Everything a failback step needs to know about one VM.

@@ -40,7 +40,7 @@ use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::saga::{FailurePolicy, HaltHook, Saga, SagaStep, Step, StepCtx};
+use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
 use crate::{Engine, Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,14 +115,8 @@ fn failover_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
             i += 1;
         }
     }
-    steps.push(SagaStep {
-        task: None,
-        group: None,
-        weight: 1,
-        critical: true,
-        step: Box::new(Conclude { p: p.clone(), from: PlanState::FailoverInProgress }),
-    });
-    Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: Some(Box::new(PlanHalted(p))) })
+    steps.push(conclude(&p, PlanState::FailoverInProgress));
+    Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: halted(&p) })
 }
 
 /// A test failover: each VM boots from its point through an overlay of its own, as a VM of its
@@ -201,13 +195,7 @@ fn permanent_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
             step: Box::new(MakePermanent { p: p.clone(), vm, index: i }),
         });
     }
-    steps.push(SagaStep {
-        task: None,
-        group: None,
-        weight: 1,
-        critical: true,
-        step: Box::new(Conclude { p: p.clone(), from: PlanState::PermanentFailoverInProgress }),
-    });
+    steps.push(conclude(&p, PlanState::PermanentFailoverInProgress));
     Ok(Saga::unwinding(steps))
 }
 
@@ -254,42 +242,22 @@ fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
             step: Box::new(StopReplica { p: p.clone(), vm, index: i }),
         });
     }
-    steps.push(SagaStep {
-        task: None,
-        group: None,
-        weight: 1,
-        critical: true,
-        step: Box::new(Conclude { p: p.clone(), from: PlanState::UndoFailoverInProgress }),
-    });
+    steps.push(conclude(&p, PlanState::UndoFailoverInProgress));
     Ok(Saga::unwinding(steps))
 }
 
 async fn plan_event(engine: &Engine, p: &FailoverParams, event: PlanEvent, only_if: &[PlanState]) -> Result<()> {
-    let r = engine
-        .store()
-        .object_modify::<Plan, _, _>(p.tenant_id, p.plan_id.0, |plan| {
-            if only_if.contains(&plan.lifecycle.state) {
-                plan.lifecycle = plan.lifecycle.apply(event, true)?;
-                plan.updated_at = now();
-            }
-            Ok(())
-        })
-        .await;
-    match r {
-        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
+    crate::plan_state::plan_event(engine, p.tenant_id, p.plan_id, event, true, only_if).await
 }
 
-struct PlanHalted(FailoverParams);
+fn conclude(p: &FailoverParams, from: PlanState) -> SagaStep {
+    let step = crate::plan_state::Conclude { tenant: p.tenant_id, plan: p.plan_id, from };
+    SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(step) }
+}
 
-#[async_trait]
-impl HaltHook for PlanHalted {
-    async fn halted(&self, engine: &Engine, _: &Session) -> Result<()> {
-        // Halting (on request) reaches Halted; a running failover that failed critically too.
-        plan_event(engine, &self.0, PlanEvent::HaltReached, &[PlanState::Halting]).await?;
-        plan_event(engine, &self.0, PlanEvent::Failed, &[PlanState::FailoverInProgress]).await
-    }
+fn halted(p: &FailoverParams) -> Option<Box<dyn crate::saga::HaltHook>> {
+    let running = vec![PlanState::FailoverInProgress];
+    Some(Box::new(crate::plan_state::PlanHalted { tenant: p.tenant_id, plan: p.plan_id, running }))
 }
 
 struct Begin(FailoverParams);
@@ -584,25 +552,6 @@ impl Step for StopReplica {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         stop_replica(ctx, self.p.tenant_id, self.vm).await?;
-        Ok(Value::Null)
-    }
-    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
-        Ok(())
-    }
-}
-
-struct Conclude {
-    p: FailoverParams,
-    from: PlanState,
-}
-
-#[async_trait]
-impl Step for Conclude {
-    fn name(&self) -> String {
-        "conclude".into()
-    }
-    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        plan_event(&ctx.engine, &self.p, PlanEvent::Completed, &[self.from]).await?;
         Ok(Value::Null)
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {

@@ -25,6 +25,7 @@ mod failover;
 pub mod monitor;
 pub mod ops;
 mod plan_ops;
+mod plan_state;
 pub mod replication;
 pub mod saga;
 pub mod scheduler;

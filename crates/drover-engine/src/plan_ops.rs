@@ -55,21 +55,7 @@ pub(crate) fn register(engine: &Engine) {
 }
 
 async fn plan_event(ctx: &StepCtx, p: &PlanParams, event: PlanEvent, passed: bool, only_if: PlanState) -> Result<()> {
-    let r = ctx
-        .engine
-        .store()
-        .object_modify::<Plan, _, _>(p.tenant_id, p.plan_id.0, |plan| {
-            if plan.lifecycle.state == only_if {
-                plan.lifecycle = plan.lifecycle.apply(event, passed)?;
-                plan.updated_at = drover_types::now();
-            }
-            Ok(())
-        })
-        .await;
-    match r {
-        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
+    crate::plan_state::plan_event(&ctx.engine, p.tenant_id, p.plan_id, event, passed, &[only_if]).await
 }
 
 struct Begin(PlanParams);

@@ -76,20 +76,21 @@ fn saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
 }
 
 /// Starts a replication run of a job now. Refused while another run of the job is unfinished.
+/// The newest run of a job, if it ever ran.
+pub async fn newest_run(engine: &Engine, job: &ReplicationJob) -> Result<Option<Session>> {
+    let filter = SessionFilter {
+        target_id: Some(job.id.0),
+        kind: Some(SessionKind::Replication),
+        limit: 1,
+        ..Default::default()
+    };
+    let (runs, _) = engine.store().session_list(job.tenant_id, &filter).await?;
+    Ok(runs.into_iter().next())
+}
+
 pub async fn submit(engine: &Engine, job: &ReplicationJob) -> Result<SessionId> {
-    let (running, _) = engine
-        .store()
-        .session_list(
-            job.tenant_id,
-            &SessionFilter {
-                target_id: Some(job.id.0),
-                kind: Some(SessionKind::Replication),
-                limit: 5,
-                ..Default::default()
-            },
-        )
-        .await?;
-    if running.iter().any(|s| s.state != SessionState::Stopped) {
+    // Runs are one at a time and in order, so only the newest can be unfinished.
+    if newest_run(engine, job).await?.is_some_and(|s| s.state != SessionState::Stopped) {
         return Err(Error::conflict(format!("replication job {:?} is already running", job.name)));
     }
     let params = serde_json::to_value(ReplicationParams { job_id: job.id, tenant_id: job.tenant_id })

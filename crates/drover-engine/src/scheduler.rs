@@ -7,7 +7,7 @@
 //! picks up where it was.
 
 use chrono::Duration as ChronoDuration;
-use drover_types::{ReplicationJob, Schedule, SessionFilter, SessionKind, SessionState, Timestamp};
+use drover_types::{ReplicationJob, Schedule, SessionState, Timestamp};
 
 use crate::{Engine, Result};
 
@@ -31,19 +31,9 @@ pub fn due(job: &ReplicationJob, newest_run: Option<(Timestamp, bool)>, now: Tim
 pub async fn tick(engine: &Engine) -> Result<usize> {
     let mut started = 0;
     for job in engine.store().object_list_all::<ReplicationJob>().await? {
-        let (runs, _) = engine
-            .store()
-            .session_list(
-                job.tenant_id,
-                &SessionFilter {
-                    target_id: Some(job.id.0),
-                    kind: Some(SessionKind::Replication),
-                    limit: 1,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let newest = runs.first().map(|s| (s.created_at, s.state == SessionState::Stopped));
+        let newest = crate::replication::newest_run(engine, &job)
+            .await?
+            .map(|s| (s.created_at, s.state == SessionState::Stopped));
         if due(&job, newest, drover_types::now()) {
             match crate::replication::submit(engine, &job).await {
                 Ok(id) => {

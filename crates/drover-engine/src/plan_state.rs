@@ -1,0 +1,73 @@
+//! What every plan saga does to its plan: move its lifecycle when an operation completes, when
+//! it halts, and when it is undone. One place, so every plan operation follows the state machine
+//! of `drover_types::plan` the same way.
+
+use async_trait::async_trait;
+use drover_types::{Plan, PlanEvent, PlanId, PlanState, Session, TenantId, now};
+use serde_json::Value;
+
+use crate::saga::{HaltHook, Step, StepCtx};
+use crate::{Engine, Error, Result};
+
+/// Applies `event` to the plan if it is in one of `only_if` (so a rerun after a crash, or an
+/// event that no longer applies, changes nothing). `passed` matters for a readiness check only.
+pub(crate) async fn plan_event(
+    engine: &Engine,
+    tenant: TenantId,
+    plan: PlanId,
+    event: PlanEvent,
+    passed: bool,
+    only_if: &[PlanState],
+) -> Result<()> {
+    let r = engine
+        .store()
+        .object_modify::<Plan, _, _>(tenant, plan.0, |p| {
+            if only_if.contains(&p.lifecycle.state) {
+                p.lifecycle = p.lifecycle.apply(event, passed)?;
+                p.updated_at = now();
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The last step of a plan saga: the plan's running state `from` completes.
+pub(crate) struct Conclude {
+    pub tenant: TenantId,
+    pub plan: PlanId,
+    pub from: PlanState,
+}
+
+#[async_trait]
+impl Step for Conclude {
+    fn name(&self) -> String {
+        "conclude".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        plan_event(&ctx.engine, self.tenant, self.plan, PlanEvent::Completed, true, &[self.from]).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// When a plan saga halts: a requested halt reaches HALTED, and a critical failure of one of the
+/// `running` states halts the plan too.
+pub(crate) struct PlanHalted {
+    pub tenant: TenantId,
+    pub plan: PlanId,
+    pub running: Vec<PlanState>,
+}
+
+#[async_trait]
+impl HaltHook for PlanHalted {
+    async fn halted(&self, engine: &Engine, _: &Session) -> Result<()> {
+        plan_event(engine, self.tenant, self.plan, PlanEvent::HaltReached, true, &[PlanState::Halting]).await?;
+        plan_event(engine, self.tenant, self.plan, PlanEvent::Failed, true, &self.running).await
+    }
+}
