@@ -69,17 +69,6 @@ fn params(session: &Session) -> Result<FailbackParams> {
         .map_err(|e| Error::internal(format!("session {}: unreadable parameters: {e}", session.id)))
 }
 
-fn vm_steps(tasks: &[Task], mk: impl Fn(usize, VmId) -> Box<dyn Step>) -> Result<Vec<SagaStep>> {
-    tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
-            Ok(SagaStep { task: Some(i), group: Some(i as u32), weight: 4, critical: true, step: mk(i, vm) })
-        })
-        .collect()
-}
-
 fn conclude(p: &FailbackParams, from: PlanState) -> SagaStep {
     let step = crate::plan_state::Conclude { tenant: p.tenant_id, plan: p.plan_id, from };
     SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(step) }
@@ -89,10 +78,14 @@ fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
     let mut steps = Vec::new();
     if p.sync {
-        steps.extend(vm_steps(tasks, |i, vm| Box::new(SyncStep { p: p.clone(), vm, index: i }))?);
+        steps.extend(crate::plan_state::per_vm_steps(tasks, 4, |i, vm| {
+            Box::new(SyncStep { p: p.clone(), vm, index: i })
+        })?);
     }
     if p.switch {
-        steps.extend(vm_steps(tasks, |i, vm| Box::new(Switch { p: p.clone(), vm, index: i }))?);
+        steps.extend(crate::plan_state::per_vm_steps(tasks, 4, |i, vm| {
+            Box::new(Switch { p: p.clone(), vm, index: i })
+        })?);
     }
     let from = if p.switch { PlanState::FailbackInProgress } else { PlanState::PrepareForFailbackInProgress };
     steps.push(conclude(&p, from));
@@ -109,14 +102,14 @@ fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
 
 fn commit_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
-    let mut steps = vm_steps(tasks, |i, vm| Box::new(Commit { p: p.clone(), vm, index: i }))?;
+    let mut steps = crate::plan_state::per_vm_steps(tasks, 4, |i, vm| Box::new(Commit { p: p.clone(), vm, index: i }))?;
     steps.push(conclude(&p, PlanState::CommitFailbackInProgress));
     Ok(Saga::unwinding(steps))
 }
 
 fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
-    let mut steps = vm_steps(tasks, |i, vm| Box::new(UndoVm { p: p.clone(), vm, index: i }))?;
+    let mut steps = crate::plan_state::per_vm_steps(tasks, 4, |i, vm| Box::new(UndoVm { p: p.clone(), vm, index: i }))?;
     steps.push(conclude(&p, PlanState::UndoFailbackInProgress));
     Ok(Saga::unwinding(steps))
 }

@@ -184,17 +184,8 @@ impl Step for EndTest {
 
 fn permanent_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
-    let mut steps = Vec::new();
-    for (i, t) in tasks.iter().enumerate() {
-        let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
-        steps.push(SagaStep {
-            task: Some(i),
-            group: None,
-            weight: 1,
-            critical: true,
-            step: Box::new(MakePermanent { p: p.clone(), vm, index: i }),
-        });
-    }
+    let mut steps =
+        crate::plan_state::per_vm_steps(tasks, 1, |i, vm| Box::new(MakePermanent { p: p.clone(), vm, index: i }))?;
     steps.push(conclude(&p, PlanState::PermanentFailoverInProgress));
     Ok(Saga::unwinding(steps))
 }
@@ -231,17 +222,8 @@ impl Step for MakePermanent {
 
 fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
-    let mut steps = Vec::new();
-    for (i, t) in tasks.iter().enumerate() {
-        let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
-        steps.push(SagaStep {
-            task: Some(i),
-            group: None,
-            weight: 1,
-            critical: true,
-            step: Box::new(StopReplica { p: p.clone(), vm, index: i }),
-        });
-    }
+    let mut steps =
+        crate::plan_state::per_vm_steps(tasks, 1, |i, vm| Box::new(StopReplica { p: p.clone(), vm, index: i }))?;
     steps.push(conclude(&p, PlanState::UndoFailoverInProgress));
     Ok(Saga::unwinding(steps))
 }

@@ -3,10 +3,10 @@
 //! of `drover_types::plan` the same way.
 
 use async_trait::async_trait;
-use drover_types::{Plan, PlanEvent, PlanId, PlanState, Session, TenantId, now};
+use drover_types::{Plan, PlanEvent, PlanId, PlanState, Session, Task, TenantId, VmId, now};
 use serde_json::Value;
 
-use crate::saga::{HaltHook, Step, StepCtx};
+use crate::saga::{HaltHook, SagaStep, Step, StepCtx};
 use crate::{Engine, Error, Result};
 
 /// Applies `event` to the plan if it is in one of `only_if` (so a rerun after a crash, or an
@@ -70,4 +70,20 @@ impl HaltHook for PlanHalted {
         plan_event(engine, self.tenant, self.plan, PlanEvent::HaltReached, true, &[PlanState::Halting]).await?;
         plan_event(engine, self.tenant, self.plan, PlanEvent::Failed, true, &self.running).await
     }
+}
+
+/// One critical step per VM task of a plan session, made by `mk(task index, VM)`.
+pub(crate) fn per_vm_steps(
+    tasks: &[Task],
+    weight: u32,
+    mk: impl Fn(usize, VmId) -> Box<dyn Step>,
+) -> Result<Vec<SagaStep>> {
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
+            Ok(SagaStep { task: Some(i), group: Some(i as u32), weight, critical: true, step: mk(i, vm) })
+        })
+        .collect()
 }

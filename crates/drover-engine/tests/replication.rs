@@ -434,33 +434,43 @@ async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     rig.app.engine().shutdown();
 }
 
-#[tokio::test]
-async fn failover_boots_the_replica_and_undo_discards_its_changes() {
+/// A real-QEMU site: the engine on a temporary database, a host with a production and a DR
+/// datastore, and the boot settings of the tiny guest.
+async fn qemu_site(prefix: &str) -> (Env, Host, Datastore, Datastore, VmBoot) {
     let guest = guest();
-    let dir = tempfile::Builder::new().prefix("drv").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap();
     let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
     let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
     let config = EngineConfig {
         heartbeat_timeout: Duration::from_secs(90),
+        shutdown_timeout: Duration::from_secs(30),
         work_dir: dir.path().join("w"),
         ..EngineConfig::default()
     };
     let app = App::new(Engine::new(store, driver.clone(), config));
     app.bootstrap(Some("password1".into())).await.unwrap();
     let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
-    let env = Env { _dir: dir, app, caller, driver };
-    let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
-    let site = app.site_create(caller, "prod", SiteKind::Production).await.unwrap();
-    let host =
-        app.host_create(caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() }).await.unwrap();
+    let root = dir.path().to_path_buf();
+    let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
+    let host = app
+        .host_create(&caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() })
+        .await
+        .unwrap();
     let ds = |n: &str| NewDatastore { host_id: host.id, name: n.into(), path: root.join(n).to_string_lossy().into() };
-    let prod = app.datastore_create(caller, ds("prod")).await.unwrap();
-    let dr = app.datastore_create(caller, ds("dr")).await.unwrap();
+    let prod = app.datastore_create(&caller, ds("prod")).await.unwrap();
+    let dr = app.datastore_create(&caller, ds("dr")).await.unwrap();
     let boot = VmBoot {
         kernel: Some(guest.vmlinux.to_string_lossy().into()),
         initrd: Some(guest.initramfs.to_string_lossy().into()),
         cmdline: Some(guest.cmdline.clone()),
     };
+    (Env { _dir: dir, app, caller, driver }, host, prod, dr, boot)
+}
+
+#[tokio::test]
+async fn failover_boots_the_replica_and_undo_discards_its_changes() {
+    let (env, host, prod, dr, boot) = qemu_site("drv").await;
+    let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
     let new_vm = NewVm {
         name: "app".into(),
         host_id: host.id,
@@ -660,27 +670,8 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
 
 #[tokio::test]
 async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
-    let guest = guest();
-    let dir = tempfile::Builder::new().prefix("drb").tempdir_in("/tmp").unwrap();
-    let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
-    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
-    let config = EngineConfig {
-        heartbeat_timeout: Duration::from_secs(90),
-        shutdown_timeout: Duration::from_secs(30),
-        work_dir: dir.path().join("w"),
-        ..EngineConfig::default()
-    };
-    let app = App::new(Engine::new(store, driver.clone(), config));
-    app.bootstrap(Some("password1".into())).await.unwrap();
-    let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
-    let env = Env { _dir: dir, app, caller, driver };
-    let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
-    let site = app.site_create(caller, "prod", SiteKind::Production).await.unwrap();
-    let host =
-        app.host_create(caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() }).await.unwrap();
-    let ds = |n: &str| NewDatastore { host_id: host.id, name: n.into(), path: root.join(n).to_string_lossy().into() };
-    let prod = app.datastore_create(caller, ds("prod")).await.unwrap();
-    let dr = app.datastore_create(caller, ds("dr")).await.unwrap();
+    let (env, host, prod, dr, boot) = qemu_site("drb").await;
+    let (app, caller) = (&env.app, &env.caller);
     let new_vm = NewVm {
         name: "app".into(),
         host_id: host.id,
@@ -690,11 +681,7 @@ async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
         disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
         nics: vec![],
         tags: vec![],
-        boot: VmBoot {
-            kernel: Some(guest.vmlinux.to_string_lossy().into()),
-            initrd: Some(guest.initramfs.to_string_lossy().into()),
-            cmdline: Some(guest.cmdline.clone()),
-        },
+        boot,
     };
     let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
     assert_eq!(wait(app, s).await.result, SessionResult::Success);
