@@ -807,6 +807,9 @@ pub struct PlanActionBody {
     pub restore_point_date: Option<chrono::DateTime<chrono::Utc>>,
     /// For `failback` and `prepare-failback`: the recovery location (default: the plan's).
     pub recovery_location_id: Option<Uuid>,
+    /// For `failback` to another location: give the new VMs the original VMs' tags.
+    #[serde(default)]
+    pub restore_tags: bool,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]

@@ -122,6 +122,8 @@ pub struct PlanActionOptions {
     pub point_date: Option<Timestamp>,
     /// For failback: where to (default: the plan's recovery location).
     pub recovery_location_id: Option<RecoveryLocationId>,
+    /// For failback to another location: give the new VMs the original VMs' tags.
+    pub restore_tags: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -986,10 +988,14 @@ impl App {
                 let location = opts.recovery_location_id.unwrap_or(plan.recovery_location_id);
                 if location != RecoveryLocationId::ORIGINAL {
                     self.recovery_location_get(caller, location).await?;
-                    return Err(Error::Unavailable(
-                        "failback to another recovery location is not available yet; use the Original VM Location"
-                            .into(),
-                    ));
+                    if action == PlanAction::PrepareToFailback {
+                        return Err(Error::conflict(
+                            "prepare-failback syncs into the original VMs; fail back to another location in one step",
+                        ));
+                    }
+                    let extra = json!({ "location": location, "restore_tags": opts.restore_tags });
+                    let s = self.plan_submit(caller, &plan, SessionKind::PlanFailback, action, extra).await?;
+                    return Ok((self.get::<Plan>(caller, id.0).await?, Some(s)));
                 }
                 let (kind, sync, switch) = match (action, plan.lifecycle.state) {
                     (PlanAction::PrepareToFailback, _) => (SessionKind::PlanPrepareFailback, true, false),

@@ -23,8 +23,10 @@
 //! failback's writes are in production's bitmap, so the next run carries them). Undo powers
 //! production off and boots the replica again from its overlay.
 //!
-//! Failback to another recovery location (full copies as new VMs) is not built yet: refused with
-//! a clear message by the application layer.
+//! Failback to another recovery location (`restore:<i>`): the replica stops, its disks are copied
+//! whole into new images on the location's datastore and checked equal, and a new VM
+//! `<vm>_restored` with the original's settings (networks mapped, tags when asked) starts there;
+//! the original VM is not touched. Undo removes the new VM and runs the replica again.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +57,12 @@ pub struct FailbackParams {
     /// Run phase 2 (switch over to production).
     #[serde(default)]
     pub switch: bool,
+    /// Fail back into new VMs at this recovery location instead of the original VMs.
+    #[serde(default)]
+    pub location: Option<RecoveryLocationId>,
+    /// Give the new VMs the original VMs' tags.
+    #[serde(default)]
+    pub restore_tags: bool,
 }
 
 pub(crate) fn register(engine: &Engine) {
@@ -77,6 +85,21 @@ fn conclude(p: &FailbackParams, from: PlanState) -> SagaStep {
 fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
     let mut steps = Vec::new();
+    if let Some(location) = p.location {
+        steps.extend(crate::plan_state::per_vm_steps(tasks, 4, |i, vm| {
+            Box::new(RestoreToLocation { p: p.clone(), vm, index: i, location })
+        })?);
+        steps.push(conclude(&p, PlanState::FailbackInProgress));
+        return Ok(Saga {
+            steps,
+            on_failure: FailurePolicy::Halt,
+            on_halt: Some(Box::new(crate::plan_state::PlanHalted {
+                tenant: p.tenant_id,
+                plan: p.plan_id,
+                running: vec![PlanState::FailbackInProgress],
+            })),
+        });
+    }
     if p.sync {
         steps.extend(crate::plan_state::per_vm_steps(tasks, 4, |i, vm| {
             Box::new(SyncStep { p: p.clone(), vm, index: i })
@@ -538,6 +561,7 @@ impl Step for UndoVm {
         format!("undo:{}", self.index)
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        remove_restored(ctx, &self.p, self.vm).await?;
         undo_vm(ctx, &self.p, self.vm).await?;
         Ok(Value::Null)
     }
@@ -585,4 +609,188 @@ impl Step for Commit {
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
         Ok(())
     }
+}
+
+/// The name of the VM a failback to another location makes from `vm`.
+pub(crate) fn restored_name(vm: &str) -> String {
+    format!("{vm}_restored")
+}
+
+/// Failback into a new VM at another recovery location: the replica stops, its disks (its
+/// overlay over its restore point) are copied whole into new images on the location's datastore
+/// and checked equal, and a new VM with the original's settings (networks mapped, tags when asked)
+/// starts there. The original VM is not touched. Undo removes the new VM and runs the replica again.
+struct RestoreToLocation {
+    p: FailbackParams,
+    vm: VmId,
+    index: usize,
+    location: RecoveryLocationId,
+}
+
+#[async_trait]
+impl Step for RestoreToLocation {
+    fn name(&self) -> String {
+        format!("restore:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let engine = &ctx.engine;
+        let store = engine.store();
+        let parts = parts(engine, self.p.tenant_id, self.vm).await?;
+        let loc = store.object_get::<RecoveryLocation>(self.p.tenant_id, self.location.0).await?;
+        let (Some(host), Some(ds_id)) = (loc.host_id, loc.datastore_id) else {
+            return Err(Error::conflict(format!("recovery location {:?} has no host or datastore", loc.name)));
+        };
+        let ds = store.object_get::<Datastore>(self.p.tenant_id, ds_id.0).await?;
+        // The new VM: found again on a rerun, by its name.
+        let name = restored_name(&parts.vm.name);
+        let existing = store.object_list::<Vm>(self.p.tenant_id).await?.into_iter().find(|v| v.name == name);
+        let new_vm = match existing {
+            Some(v) => v,
+            None => {
+                let t = now();
+                let id = VmId::new();
+                let map = |net: &str| {
+                    loc.network_mappings
+                        .iter()
+                        .find(|m| m.from == net)
+                        .map(|m| m.to.clone())
+                        .unwrap_or_else(|| net.to_string())
+                };
+                let v = Vm {
+                    id,
+                    tenant_id: self.p.tenant_id,
+                    name: name.clone(),
+                    host_id: host,
+                    datastore_id: ds.id,
+                    vcpus: parts.vm.vcpus,
+                    memory_mib: parts.vm.memory_mib,
+                    disks: parts.vm.disks.iter().map(|d| VmDisk { import_from: None, ..d.clone() }).collect(),
+                    nics: parts
+                        .vm
+                        .nics
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| VmNic { network: map(&n.network), mac: mac_for(id, i) })
+                        .collect(),
+                    tags: if self.p.restore_tags { parts.vm.tags.clone() } else { Vec::new() },
+                    boot: parts.vm.boot.clone(),
+                    power_state: VmPowerState::Off,
+                    provisioned: false,
+                    created_at: t,
+                    updated_at: t,
+                };
+                store.object_insert(&v).await?;
+                v
+            }
+        };
+        if matches!(engine.hv().status(new_vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
+            // An earlier run of this step got to the end (it starts the VM last).
+            return Ok(json!({ "vm_id": new_vm.id }));
+        }
+        // A stopped replica is exact: nothing changes under the copy.
+        engine.hv().shutdown(parts.replica.id.0, engine.config().shutdown_timeout).await.map_err(hv_err)?;
+        let dir = disk_dir(&ds, new_vm.id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::Unavailable(format!("creating {}: {e}", dir.display())))?;
+        let work = work_dir(ctx, "rl", self.index);
+        let mut sent_total = 0;
+        for (disk, _production, overlay, _) in &parts.disks {
+            let size = drover_hv::image::info(overlay).await.map_err(hv_err)?.virtual_size;
+            let target = disk_path(&dir, disk);
+            drover_hv::image::create_qcow2(&target, size).await.map_err(hv_err)?;
+            let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
+            let copied = async {
+                let mut src = NbdClient::connect_unix(&ep.socket, &ep.export_name, &["base:allocation"]).await?;
+                let data = src.data_extents(0, size).await?;
+                let _ = src.disconnect().await;
+                Ok::<_, drover_block::nbd::NbdError>(data)
+            }
+            .await
+            .map_err(|e| Error::Unavailable(error_chain(&e)));
+            let r = match copied {
+                Ok(data) => copy_into_production(&work, &ep, &[], &target, Some(&data), size).await,
+                Err(e) => Err(e),
+            };
+            let _ = daemon.shutdown().await;
+            let (_, sent) = r?;
+            sent_total += sent;
+            let equal = tokio::process::Command::new("qemu-img")
+                .args(["compare", "-q", "-U"])
+                .arg(&target)
+                .arg(overlay)
+                .status()
+                .await
+                .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?
+                .success();
+            if !equal {
+                return Err(Error::Unavailable(format!(
+                    "disk {disk}: the copy at {:?} does not equal the replica",
+                    loc.name
+                )));
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        store
+            .object_modify::<Vm, _, _>(self.p.tenant_id, new_vm.id.0, |v| {
+                v.provisioned = true;
+                Ok(())
+            })
+            .await?;
+        let spec = crate::ops::vm_spec(&new_vm, &dir);
+        engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        store
+            .object_modify::<Vm, _, _>(self.p.tenant_id, new_vm.id.0, |v| {
+                v.power_state = VmPowerState::Running;
+                v.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        store
+            .object_modify::<Replica, _, _>(self.p.tenant_id, parts.replica.id.0, |r| {
+                if matches!(r.state, ReplicaState::Failover | ReplicaState::ReadyToSwitch) {
+                    r.state = r.state.apply(ReplicaEvent::SwitchedOver)?;
+                }
+                Ok(())
+            })
+            .await?;
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "{}: restored to {:?} as new VM {name} ({sent_total} bytes copied, equal to the replica); it runs",
+                parts.vm.name, loc.name
+            ),
+        )
+        .await;
+        Ok(json!({ "vm_id": new_vm.id, "bytes_sent": sent_total }))
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        remove_restored(ctx, &self.p, self.vm).await?;
+        undo_vm(ctx, &self.p, self.vm).await
+    }
+}
+
+/// Removes the VM a failback to another location made (powered off, its disks deleted).
+async fn remove_restored(ctx: &StepCtx, p: &FailbackParams, vm: VmId) -> Result<()> {
+    let engine = &ctx.engine;
+    let store = engine.store();
+    let original = store.object_get::<Vm>(p.tenant_id, vm.0).await?;
+    let name = restored_name(&original.name);
+    let Some(new_vm) = store.object_list::<Vm>(p.tenant_id).await?.into_iter().find(|v| v.name == name) else {
+        return Ok(());
+    };
+    engine.hv().forget(new_vm.id.0).await.map_err(hv_err)?;
+    let ds = store.object_get::<Datastore>(p.tenant_id, new_vm.datastore_id.0).await?;
+    let dir = disk_dir(&ds, new_vm.id);
+    match tokio::fs::remove_dir_all(&dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::Unavailable(format!("removing {}: {e}", dir.display()))),
+    }
+    match store.object_delete::<Vm>(p.tenant_id, new_vm.id.0).await {
+        Ok(()) | Err(Error::NotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    ctx.log(LogLevel::Info, format!("removed {name}")).await;
+    Ok(())
 }

@@ -810,3 +810,139 @@ async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
     let r = replica().await;
     assert!(env.driver.wait_heartbeat(r.id.0, Duration::from_secs(30)).await.is_ok(), "the replica runs on");
 }
+
+#[tokio::test]
+async fn failback_to_another_location_makes_a_new_vm_and_undo_removes_it() {
+    let (env, host, prod, dr, boot) = qemu_site("drl").await;
+    let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
+    let elsewhere = app
+        .datastore_create(
+            caller,
+            NewDatastore {
+                host_id: host.id,
+                name: "elsewhere".into(),
+                path: root.join("elsewhere").to_string_lossy().into(),
+            },
+        )
+        .await
+        .unwrap();
+    let new_vm = NewVm {
+        name: "app".into(),
+        host_id: host.id,
+        datastore_id: prod.id,
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
+        nics: vec![("lan".into(), None)],
+        tags: vec!["tier:web".parse().unwrap()],
+        boot,
+    };
+    let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let job = app
+        .replication_job_create(
+            caller,
+            NewReplicationJob {
+                name: "j".into(),
+                vm_ids: vec![vm.id],
+                target_host_id: host.id,
+                target_datastore_id: dr.id,
+                schedule: Schedule::Manual,
+                retention_points: 3,
+            },
+        )
+        .await
+        .unwrap();
+    let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    assert_eq!(wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await.result, SessionResult::Success);
+    let s = app.vm_power(caller, vm.id, PowerAction::PowerOff).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let loc = app
+        .recovery_location_create(
+            caller,
+            drover_engine::app::NewRecoveryLocation {
+                name: "elsewhere".into(),
+                description: String::new(),
+                host_id: host.id,
+                datastore_id: elsewhere.id,
+                network_mappings: vec![NetworkMapping { from: "lan".into(), to: "dr-lan".into() }],
+            },
+        )
+        .await
+        .unwrap();
+    let step = |name: &str, kind| PlanStep { id: PlanStepId::new(), name: name.into(), kind, critical: true };
+    let plan = app
+        .plan_create(
+            caller,
+            drover_engine::app::PlanInput {
+                name: "p".into(),
+                description: String::new(),
+                recovery_location_id: RecoveryLocationId::ORIGINAL,
+                groups: vec![PlanGroup {
+                    id: PlanGroupId::new(),
+                    name: "g".into(),
+                    mode: GroupMode::Sequential,
+                    delay_secs: 0,
+                    critical: true,
+                    restore_tags: false,
+                    vms: vec![PlanVm {
+                        vm_id: vm.id,
+                        steps: vec![
+                            step("on", PlanStepKind::PowerOn),
+                            step("hb", PlanStepKind::WaitHeartbeat { timeout_secs: 90 }),
+                        ],
+                    }],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    let act = |action: PlanAction, opts: drover_engine::app::PlanActionOptions| async move {
+        let (_, s) = app.plan_action(caller, plan.id, action, opts).await.unwrap();
+        let done = wait(app, s.unwrap()).await;
+        assert_eq!(
+            done.result,
+            SessionResult::Success,
+            "{action:?}: {:?} {:?}",
+            done.failure_message,
+            log(app, caller, done.id).await
+        );
+        app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state
+    };
+    let to_location = || drover_engine::app::PlanActionOptions {
+        recovery_location_id: Some(loc.id),
+        restore_tags: true,
+        ..Default::default()
+    };
+    let restored = || async { app.list::<Vm>(caller).await.unwrap().into_iter().find(|v| v.name == "app_restored") };
+
+    assert_eq!(act(PlanAction::Failover, Default::default()).await, PlanState::Failover);
+    let replica = app.list::<Replica>(caller).await.unwrap().pop().unwrap();
+    env.driver.write_marker(replica.id.0, "at DR").await.unwrap();
+
+    // Fail back to the other location: a new VM there, a copy of the replica, with the tags and
+    // mapped networks; the original VM is not touched.
+    assert_eq!(act(PlanAction::FailbackToProduction, to_location()).await, PlanState::Failback);
+    let new = restored().await.expect("a new VM at the location");
+    assert_eq!((new.datastore_id, new.power_state, new.provisioned), (elsewhere.id, VmPowerState::Running, true));
+    assert_eq!(new.tags, vec!["tier:web".parse::<Tag>().unwrap()]);
+    assert_eq!(new.nics[0].network, "dr-lan");
+    assert_ne!(new.nics[0].mac, vm.nics[0].mac);
+    let hb = env.driver.wait_heartbeat(new.id.0, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("at DR"));
+    assert_eq!(app.get::<Vm>(caller, vm.id.0).await.unwrap().power_state, VmPowerState::Off);
+
+    // Undo: the new VM and its disks go; the replica runs again with its data.
+    assert_eq!(act(PlanAction::Undo, Default::default()).await, PlanState::Failover);
+    assert!(restored().await.is_none());
+    assert!(!root.join("elsewhere").join(new.id.to_string()).exists());
+    let hb = env.driver.wait_heartbeat(replica.id.0, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("at DR"));
+
+    // Again, and commit: the new VM stays, the replica is Ready.
+    assert_eq!(act(PlanAction::FailbackToProduction, to_location()).await, PlanState::Failback);
+    assert_eq!(act(PlanAction::CommitFailback, Default::default()).await, PlanState::CommitFailback);
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
+    assert!(restored().await.is_some());
+}
