@@ -345,6 +345,39 @@ pub struct PlanActionArgs {
     pub wait: WaitArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    pub id: Uuid,
+    /// Use the newest restore point at or before this time (RFC 3339, e.g. 2026-11-22T18:00:00Z);
+    /// default: the newest point.
+    #[arg(long)]
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FailbackArgs {
+    pub id: Uuid,
+    /// Fail back into new VMs at this recovery location (default: the plan's location, normally
+    /// the original VMs).
+    #[arg(long)]
+    pub location: Option<Uuid>,
+    /// With --location: give the new VMs the original VMs' tags.
+    #[arg(long, requires = "location")]
+    pub restore_tags: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+fn failover_body(at: Option<chrono::DateTime<chrono::Utc>>) -> Option<Value> {
+    at.map(|t| json!({ "restore_point_date": t }))
+}
+
+fn failback_body(a: &FailbackArgs) -> Option<Value> {
+    a.location.map(|l| json!({ "recovery_location_id": l, "restore_tags": a.restore_tags }))
+}
+
 const CONTINUE_OPTIONS: &str = "RetryFailedStep (default), ProceedToNextStep, RetryFailedVm, ProceedToNextVm, \
                                 RetryFailedGroup or ProceedToNextGroup";
 
@@ -382,13 +415,16 @@ pub enum PlanCommand {
     /// Checks that every VM of the plan could be recovered now.
     ReadinessCheck(PlanActionArgs),
     /// Fails over to the recovery site.
-    Failover(PlanActionArgs),
+    Failover(FailoverArgs),
+    /// Boots the plan's VMs from their restore points as throwaway VMs with no uplink, runs the
+    /// plan's steps, and discards them; nothing else changes.
+    TestFailover(FailoverArgs),
     /// Makes the failover permanent.
     PermanentFailover(PlanActionArgs),
     /// Prepares the failback.
     PrepareFailback(PlanActionArgs),
-    /// Fails back to production.
-    Failback(PlanActionArgs),
+    /// Fails back to production (the original VMs, or new VMs at another recovery location).
+    Failback(FailbackArgs),
     /// Switches over to production.
     Switchover(PlanActionArgs),
     /// Commits the failback.
@@ -940,10 +976,11 @@ async fn plan(ctx: &Ctx, cmd: PlanCommand) -> anyhow::Result<()> {
         PlanCommand::Enable(a) => action("enable", a),
         PlanCommand::Disable(a) => action("disable", a),
         PlanCommand::ReadinessCheck(a) => action("readiness-check", a),
-        PlanCommand::Failover(a) => action("failover", a),
+        PlanCommand::Failover(a) => ("failover", a.id, failover_body(a.at), a.wait),
+        PlanCommand::TestFailover(a) => ("test-failover", a.id, failover_body(a.at), a.wait),
         PlanCommand::PermanentFailover(a) => action("permanent-failover", a),
         PlanCommand::PrepareFailback(a) => action("prepare-failback", a),
-        PlanCommand::Failback(a) => action("failback", a),
+        PlanCommand::Failback(a) => ("failback", a.id, failback_body(&a), a.wait),
         PlanCommand::Switchover(a) => action("switchover", a),
         PlanCommand::CommitFailback(a) => action("commit-failback", a),
         PlanCommand::Undo(a) => action("undo", a),
@@ -1102,6 +1139,29 @@ mod tests {
 
     const A: &str = "00000000-0000-0000-0000-00000000000a";
     const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+    #[test]
+    fn failover_and_failback_bodies_are_what_the_api_takes() {
+        let ClientCommand::Plan(PlanCommand::Failback(a)) =
+            parse(&["plan", "failback", A, "--location", B, "--restore-tags", "--no-wait"])
+        else {
+            panic!("not a failback")
+        };
+        let body = failback_body(&a).unwrap();
+        let parsed: v::PlanActionBody = serde_json::from_value(body).unwrap();
+        assert_eq!(parsed.recovery_location_id.map(|u| u.to_string()).as_deref(), Some(B));
+        assert!(parsed.restore_tags);
+        assert!(try_parse(&["plan", "failback", A, "--restore-tags"]).is_err(), "--restore-tags needs --location");
+        let ClientCommand::Plan(PlanCommand::Failover(a)) =
+            parse(&["plan", "failover", A, "--at", "2026-11-22T18:00:00Z"])
+        else {
+            panic!("not a failover")
+        };
+        let parsed: v::PlanActionBody = serde_json::from_value(failover_body(a.at).unwrap()).unwrap();
+        assert_eq!(parsed.restore_point_date.unwrap().to_rfc3339(), "2026-11-22T18:00:00+00:00");
+        assert!(try_parse(&["plan", "failover", A, "--at", "yesterday"]).is_err());
+        assert!(matches!(parse(&["plan", "test-failover", A]), ClientCommand::Plan(PlanCommand::TestFailover(_))));
+    }
 
     #[test]
     fn sizes() {
