@@ -38,7 +38,7 @@ use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_hv::tracking;
-use drover_hv::{BootSpec, DiskSpec, VmSpec};
+use drover_hv::{DiskSpec, VmSpec};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -375,15 +375,8 @@ impl Step for SyncStep {
             out.push(json!({ "disk": disk, "mode": mode, "bytes_read": read, "bytes_sent": sent }));
         }
         let _ = tokio::fs::remove_dir_all(&work).await;
-        engine
-            .store()
-            .object_modify::<Replica, _, _>(self.p.tenant_id, parts.replica.id.0, |r| {
-                if r.state == ReplicaState::Failover {
-                    r.state = r.state.apply(ReplicaEvent::FailbackSynced)?;
-                }
-                Ok(())
-            })
-            .await?;
+        let (event, only_if) = (ReplicaEvent::FailbackSynced, &[ReplicaState::Failover]);
+        crate::ops::replica_event(engine, self.p.tenant_id, parts.replica.id, event, only_if).await?;
         Ok(json!({ "disks": out }))
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
@@ -412,7 +405,7 @@ impl Step for Switch {
         if already {
             ctx.log(LogLevel::Info, format!("production VM {} already runs: the switchover was done", parts.vm.name))
                 .await;
-            mark_switched(engine, &self.p, &parts).await?;
+            mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
             return Ok(json!({ "already_switched": true }));
         }
         let timeout = engine.config().shutdown_timeout;
@@ -478,7 +471,7 @@ impl Step for Switch {
         let ds = engine.store().object_get::<Datastore>(self.p.tenant_id, parts.vm.datastore_id.0).await?;
         let spec = crate::ops::vm_spec(&parts.vm, &disk_dir(&ds, parts.vm.id));
         engine.hv().power_on(&spec).await.map_err(hv_err)?;
-        mark_switched(engine, &self.p, &parts).await?;
+        mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
         ctx.log(LogLevel::Info, format!("production VM {} powered on", parts.vm.name)).await;
         Ok(json!({ "disks": out }))
     }
@@ -487,26 +480,12 @@ impl Step for Switch {
     }
 }
 
-/// Records a finished switchover: production Running, replica `Failback`. Idempotent.
-async fn mark_switched(engine: &Engine, p: &FailbackParams, parts: &Parts) -> Result<()> {
-    engine
-        .store()
-        .object_modify::<Vm, _, _>(p.tenant_id, parts.vm.id.0, |v| {
-            v.power_state = VmPowerState::Running;
-            v.updated_at = now();
-            Ok(())
-        })
-        .await?;
-    engine
-        .store()
-        .object_modify::<Replica, _, _>(p.tenant_id, parts.replica.id.0, |r| {
-            if matches!(r.state, ReplicaState::Failover | ReplicaState::ReadyToSwitch) {
-                r.state = r.state.apply(ReplicaEvent::SwitchedOver)?;
-            }
-            Ok(())
-        })
-        .await?;
-    Ok(())
+/// Records a finished switchover: the VM that now runs production (the original, or the new VM
+/// at another location) Running, the replica `Failback`. Idempotent.
+async fn mark_switched(engine: &Engine, tenant: TenantId, running: VmId, replica: ReplicaId) -> Result<()> {
+    crate::ops::set_vm_power(engine, tenant, running, VmPowerState::Running).await?;
+    let only_if = &[ReplicaState::Failover, ReplicaState::ReadyToSwitch];
+    crate::ops::replica_event(engine, tenant, replica, ReplicaEvent::SwitchedOver, only_if).await
 }
 
 /// Production off, the replica running again from its overlay, replica `Failover`.
@@ -514,14 +493,7 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
     let engine = &ctx.engine;
     let parts = parts(engine, p.tenant_id, vm_id).await?;
     engine.hv().power_off(parts.vm.id.0).await.map_err(hv_err)?;
-    engine
-        .store()
-        .object_modify::<Vm, _, _>(p.tenant_id, parts.vm.id.0, |v| {
-            v.power_state = VmPowerState::Off;
-            v.updated_at = now();
-            Ok(())
-        })
-        .await?;
+    crate::ops::set_vm_power(engine, p.tenant_id, parts.vm.id, VmPowerState::Off).await?;
     let spec = VmSpec {
         id: parts.replica.id.0,
         name: parts.replica.name.clone(),
@@ -529,22 +501,11 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
         memory_mib: parts.vm.memory_mib,
         disks: parts.disks.iter().map(|(_, _, overlay, _)| DiskSpec { path: overlay.clone() }).collect(),
         nics: Vec::new(),
-        boot: BootSpec {
-            kernel: parts.vm.boot.kernel.as_ref().map(PathBuf::from),
-            initrd: parts.vm.boot.initrd.as_ref().map(PathBuf::from),
-            cmdline: parts.vm.boot.cmdline.clone(),
-        },
+        boot: crate::ops::boot_spec(&parts.vm),
     };
     engine.hv().power_on(&spec).await.map_err(hv_err)?;
-    engine
-        .store()
-        .object_modify::<Replica, _, _>(p.tenant_id, parts.replica.id.0, |r| {
-            if matches!(r.state, ReplicaState::Failback | ReplicaState::ReadyToSwitch) {
-                r.state = r.state.apply(ReplicaEvent::FailbackUndone)?;
-            }
-            Ok(())
-        })
-        .await?;
+    let only_if = &[ReplicaState::Failback, ReplicaState::ReadyToSwitch];
+    crate::ops::replica_event(engine, p.tenant_id, parts.replica.id, ReplicaEvent::FailbackUndone, only_if).await?;
     ctx.log(LogLevel::Info, format!("production {} off; {} runs again", parts.vm.name, parts.replica.name)).await;
     Ok(())
 }
@@ -739,21 +700,7 @@ impl Step for RestoreToLocation {
             .await?;
         let spec = crate::ops::vm_spec(&new_vm, &dir);
         engine.hv().power_on(&spec).await.map_err(hv_err)?;
-        store
-            .object_modify::<Vm, _, _>(self.p.tenant_id, new_vm.id.0, |v| {
-                v.power_state = VmPowerState::Running;
-                v.updated_at = now();
-                Ok(())
-            })
-            .await?;
-        store
-            .object_modify::<Replica, _, _>(self.p.tenant_id, parts.replica.id.0, |r| {
-                if matches!(r.state, ReplicaState::Failover | ReplicaState::ReadyToSwitch) {
-                    r.state = r.state.apply(ReplicaEvent::SwitchedOver)?;
-                }
-                Ok(())
-            })
-            .await?;
+        mark_switched(engine, self.p.tenant_id, new_vm.id, parts.replica.id).await?;
         ctx.log(
             LogLevel::Info,
             format!(

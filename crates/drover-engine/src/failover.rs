@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_block::chain::ChainDir;
-use drover_hv::{BootSpec, DiskSpec, VmSpec};
+use drover_hv::{DiskSpec, VmSpec};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -203,15 +203,8 @@ impl Step for MakePermanent {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let replica = replica_of(&ctx.engine, self.p.tenant_id, self.vm).await?;
-        ctx.engine
-            .store()
-            .object_modify::<Replica, _, _>(self.p.tenant_id, replica.id.0, |r| {
-                if r.state == ReplicaState::Failover {
-                    r.state = r.state.apply(ReplicaEvent::MadePermanent)?;
-                }
-                Ok(())
-            })
-            .await?;
+        let (event, only_if) = (ReplicaEvent::MadePermanent, &[ReplicaState::Failover]);
+        crate::ops::replica_event(&ctx.engine, self.p.tenant_id, replica.id, event, only_if).await?;
         ctx.log(LogLevel::Info, format!("{} is production now; failback is no longer possible", replica.name)).await;
         Ok(Value::Null)
     }
@@ -360,11 +353,7 @@ impl Step for Boot {
             disks: overlays.iter().map(|o| DiskSpec { path: o.clone() }).collect(),
             // No uplink until network mapping exists: the replica cannot reach production.
             nics: Vec::new(),
-            boot: BootSpec {
-                kernel: source.boot.kernel.as_ref().map(PathBuf::from),
-                initrd: source.boot.initrd.as_ref().map(PathBuf::from),
-                cmdline: source.boot.cmdline.clone(),
-            },
+            boot: crate::ops::boot_spec(&source),
         };
         engine.hv().power_on(&spec).await.map_err(hv_err)?;
         if self.test.is_some() {

@@ -114,12 +114,52 @@ pub fn vm_spec(vm: &Vm, disk_dir: &Path) -> VmSpec {
         memory_mib: vm.memory_mib,
         disks: vm.disks.iter().map(|d| DiskSpec { path: disk_path(disk_dir, &d.name) }).collect(),
         nics: vm.nics.iter().map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone() }).collect(),
-        boot: BootSpec {
-            kernel: vm.boot.kernel.as_ref().map(PathBuf::from),
-            initrd: vm.boot.initrd.as_ref().map(PathBuf::from),
-            cmdline: vm.boot.cmdline.clone(),
-        },
+        boot: boot_spec(vm),
     }
+}
+
+/// How the hypervisor boots a VM (or a replica or test VM made from it).
+pub(crate) fn boot_spec(vm: &Vm) -> BootSpec {
+    BootSpec {
+        kernel: vm.boot.kernel.as_ref().map(PathBuf::from),
+        initrd: vm.boot.initrd.as_ref().map(PathBuf::from),
+        cmdline: vm.boot.cmdline.clone(),
+    }
+}
+
+/// Records a VM's power state as drover set it (a VM started or stopped by a plan saga).
+pub(crate) async fn set_vm_power(engine: &Engine, tenant: TenantId, vm: VmId, state: VmPowerState) -> Result<()> {
+    engine
+        .store()
+        .object_modify::<Vm, _, _>(tenant, vm.0, |v| {
+            v.power_state = state;
+            v.updated_at = drover_types::now();
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Applies `event` to a replica when it is in one of `only_if` (so a rerun after a crash, or an
+/// undo of a step that never moved it, changes nothing).
+pub(crate) async fn replica_event(
+    engine: &Engine,
+    tenant: TenantId,
+    replica: drover_types::ReplicaId,
+    event: drover_types::ReplicaEvent,
+    only_if: &[drover_types::ReplicaState],
+) -> Result<()> {
+    engine
+        .store()
+        .object_modify::<drover_types::Replica, _, _>(tenant, replica.0, |r| {
+            if only_if.contains(&r.state) {
+                r.state = r.state.apply(event)?;
+                r.updated_at = drover_types::now();
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
 }
 
 fn hv_err(e: drover_hv::HvError) -> Error {

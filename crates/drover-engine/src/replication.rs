@@ -253,28 +253,6 @@ async fn replica_for(ctx: &StepCtx, c: &VmCtx) -> Result<Option<Replica>> {
     Ok(all.into_iter().find(|r| r.job_id == c.p.job_id && r.source_vm_id == c.vm))
 }
 
-/// Applies `event` to the replica when it is in one of `only_if` (so a rerun, or an undo of a
-/// step that never moved it, changes nothing).
-async fn replica_event(
-    ctx: &StepCtx,
-    tenant: TenantId,
-    id: ReplicaId,
-    event: ReplicaEvent,
-    only_if: &[ReplicaState],
-) -> Result<()> {
-    ctx.engine
-        .store()
-        .object_modify::<Replica, _, _>(tenant, id.0, |r| {
-            if only_if.contains(&r.state) {
-                r.state = r.state.apply(event)?;
-                r.updated_at = now();
-            }
-            Ok(())
-        })
-        .await?;
-    Ok(())
-}
-
 struct Prepare(VmCtx);
 
 #[async_trait]
@@ -320,7 +298,14 @@ impl Step for Prepare {
                 replica.name, replica.state
             )));
         }
-        replica_event(ctx, c.p.tenant_id, replica.id, ReplicaEvent::ReplicationStarted, &[ReplicaState::Ready]).await?;
+        crate::ops::replica_event(
+            &ctx.engine,
+            c.p.tenant_id,
+            replica.id,
+            ReplicaEvent::ReplicationStarted,
+            &[ReplicaState::Ready],
+        )
+        .await?;
         let points = store.restore_points_of(c.p.tenant_id, replica.id).await?;
         let newest = points.iter().rev().find(|p| p.state == RestorePointState::Published);
         let run = ctx.session.id.to_string()[..8].to_string();
@@ -365,8 +350,14 @@ impl Step for Prepare {
             Err(_) => replica_for(ctx, &self.0).await?.map(|r| r.id),
         };
         if let Some(id) = replica {
-            replica_event(ctx, self.0.p.tenant_id, id, ReplicaEvent::ReplicationFinished, &[ReplicaState::Processing])
-                .await?;
+            crate::ops::replica_event(
+                &ctx.engine,
+                self.0.p.tenant_id,
+                id,
+                ReplicaEvent::ReplicationFinished,
+                &[ReplicaState::Processing],
+            )
+            .await?;
         }
         Ok(())
     }
@@ -635,8 +626,8 @@ impl Step for Release {
                 (None, None) => {}
             }
         }
-        replica_event(
-            ctx,
+        crate::ops::replica_event(
+            &ctx.engine,
             self.0.p.tenant_id,
             prep.replica_id,
             ReplicaEvent::ReplicationFinished,
