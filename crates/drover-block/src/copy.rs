@@ -4,9 +4,13 @@
 //! - [`copy_extents`]: the incremental path. Copies exactly the given extents (the dirty
 //!   granules of a bitmap, or the allocated ranges of a seed), rounded out to manifest blocks,
 //!   and rehashes those blocks into the manifest as they pass.
-//! - [`hash_compare_sync`]: the fallback when no dirty bitmap can be trusted (first cycle after
-//!   an unclean shutdown, a new or resized disk). Both sides are read once, concurrently, blocks
-//!   are compared, and only differing blocks are written.
+//! - [`manifest_compare_sync`]: the fallback when no dirty bitmap can be trusted (first cycle
+//!   after an unclean shutdown, a changed bitmap set) and the target's content is described by a
+//!   manifest (a new point on the newest restore point). The source is read once (its holes not
+//!   at all), hashed block by block and compared with the manifest; the target is not read.
+//! - [`hash_compare_sync`]: the same when the target has no manifest to trust (a production disk
+//!   during failback, a resized disk). Both sides are read once, concurrently, blocks are
+//!   compared, and only differing blocks are written.
 //!
 //! Reads are pipelined on each connection ([`NbdClient::read_many_into`]), a round of
 //! `WINDOW_CHUNKS` chunks at a time.
@@ -18,8 +22,8 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::extents::{Extent, ExtentSet};
-use crate::hash::{BLOCK_SIZE, Manifest, ManifestError};
-use crate::nbd::{NbdClient, NbdError, READ_DEPTH};
+use crate::hash::{BLOCK_SIZE, BlockHash, Manifest, ManifestError, hash_block, zero_hash};
+use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, READ_DEPTH};
 
 /// How much one read or write moves at most: large enough to amortise a round trip, small
 /// enough to keep memory flat.
@@ -36,6 +40,8 @@ pub enum CopyError {
     Nbd(#[from] NbdError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error("the hashing thread failed: {0}")]
+    Hashing(String),
     #[error("source and target differ in size: {source_size} vs {target_size} bytes")]
     SizeMismatch { source_size: u64, target_size: u64 },
 }
@@ -249,6 +255,127 @@ where
             done += e.len;
             progress(done, size);
         }
+    }
+    dst.flush().await?;
+    Ok(stats)
+}
+
+/// The hash of every manifest block of a batch, in order. Chunks are whole blocks (only the
+/// disk's last block may be short), so block `i` of a chunk is manifest block `offset / BLOCK_SIZE + i`.
+fn hash_batch(batch: &Batch) -> Vec<BlockHash> {
+    batch.iter().flat_map(|(_, data)| data.chunks(BLOCK_SIZE as usize).map(hash_block)).collect()
+}
+
+/// Writes zeros over `offset..offset + len` of the target: one write-zeroes request where the
+/// server takes them, else zero-filled writes.
+async fn write_zero_range<D: AsyncRead + AsyncWrite + Unpin>(
+    dst: &mut NbdClient<D>,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    if dst.can_write_zeroes() {
+        dst.write_zeroes(offset, len).await?;
+        return Ok(());
+    }
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(CHUNK);
+        dst.write(at, &zeros[..n as usize]).await?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Makes `dst` equal to `src` when `manifest` describes what `dst` holds now (the new point's
+/// file is an empty overlay on the restore point the manifest belongs to). The target is not
+/// read: its hashes are the manifest's, recorded when its blocks were written and flushed.
+///
+/// The source is read once, pipelined; each round is hashed on a blocking thread while the next
+/// one is read. Where `src` negotiated `base:allocation`, its holes are not read at all: a hole
+/// block differs only when the manifest says the target's block is not zeros, and is then
+/// zeroed. Only differing blocks are written; `manifest` ends as the source's manifest.
+/// `progress(done, total)` counts source bytes read.
+pub async fn manifest_compare_sync<S, D>(
+    src: &mut NbdClient<S>,
+    dst: &mut NbdClient<D>,
+    manifest: &mut Manifest,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<CopyStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let size = check_sizes(src, dst, manifest)?;
+    let whole = ExtentSet::from_range(0, size);
+    let data = if src.meta_contexts().iter().any(|c| c.name == BASE_ALLOCATION) {
+        src.data_extents(0, size).await?.align_out(BLOCK_SIZE).clip(0, size)
+    } else {
+        whole.clone()
+    };
+    let mut stats = CopyStats::default();
+
+    // Holes: zeros on the source; the target's block differs only if its hash is not zeros'.
+    let full_zero = zero_hash(BLOCK_SIZE as usize);
+    let mut zeroed = ExtentSet::new();
+    for hole in whole.subtract(&data).iter() {
+        for block in hole.offset / BLOCK_SIZE..hole.end().div_ceil(BLOCK_SIZE) {
+            let (offset, len) = manifest.block_range(block);
+            let zero = if len == BLOCK_SIZE { full_zero } else { zero_hash(len as usize) };
+            if manifest.hash(block) != Some(&zero) {
+                zeroed.insert(Extent::new(offset, len));
+                manifest.set_hash(block, zero)?;
+            }
+        }
+    }
+    for e in zeroed.iter() {
+        write_zero_range(dst, e.offset, e.len).await?;
+        stats.written += e.len;
+    }
+
+    // Data: read, hash off the async threads, compare, write what differs.
+    let total = data.total_bytes();
+    let mut chunks = data.chunks(chunk_size(src, dst));
+    let (mut current, mut next) = (Batch::default(), Batch::default());
+    current.fill(&mut chunks);
+    read_batch(src, &current.pieces, &mut current.data).await?;
+    stats.source_read += current.bytes();
+    while !current.pieces.is_empty() {
+        next.fill(&mut chunks);
+        let hashing = tokio::task::spawn_blocking(move || {
+            let hashes = hash_batch(&current);
+            (current, hashes)
+        });
+        let read = read_batch(src, &next.pieces, &mut next.data).await;
+        let (batch, hashes) = hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))?;
+        current = batch;
+        read?;
+        stats.source_read += next.bytes();
+        let mut hashes = hashes.into_iter();
+        for (e, data) in current.iter() {
+            let first = e.offset / BLOCK_SIZE;
+            // Runs of differing blocks within this chunk, as byte ranges into `data`.
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for (i, piece) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+                let hash = hashes.next().ok_or_else(|| CopyError::Hashing("fewer hashes than blocks".into()))?;
+                let block = first + i as u64;
+                if manifest.hash(block) == Some(&hash) {
+                    continue;
+                }
+                manifest.set_hash(block, hash)?;
+                let start = i * BLOCK_SIZE as usize;
+                match runs.last_mut() {
+                    Some((_, end)) if *end == start => *end += piece.len(),
+                    _ => runs.push((start, start + piece.len())),
+                }
+            }
+            for (s, t) in runs {
+                write_block_data(dst, e.offset + s as u64, &data[s..t]).await?;
+                stats.written += (t - s) as u64;
+            }
+        }
+        progress(stats.source_read, total);
+        std::mem::swap(&mut current, &mut next);
     }
     dst.flush().await?;
     Ok(stats)

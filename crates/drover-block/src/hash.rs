@@ -94,6 +94,17 @@ impl Manifest {
         Ok(())
     }
 
+    /// Records a block's hash computed elsewhere (see [`hash_block`]).
+    pub fn set_hash(&mut self, block: u64, hash: BlockHash) -> Result<(), ManifestError> {
+        let blocks = self.blocks();
+        let slot = self
+            .hashes
+            .get_mut(block as usize)
+            .ok_or_else(|| ManifestError::Shape(format!("block {block} of {blocks}")))?;
+        *slot = hash;
+        Ok(())
+    }
+
     /// Records every block of `data` read at `offset` (block-aligned).
     pub fn set_range(&mut self, offset: u64, data: &[u8]) -> Result<(), ManifestError> {
         if !offset.is_multiple_of(self.block_size) {

@@ -147,6 +147,11 @@ pub const MAX_BLOCK_STATUS_CHUNK: u32 = 4 + 8 * (1 << 20);
 /// How many `NBD_CMD_READ` requests a pipelined read keeps in flight on one connection. QEMU's
 /// server handles up to 16 requests per connection concurrently.
 pub const READ_DEPTH: usize = 8;
+/// How large one pipelined `NBD_CMD_READ` is at most (below the server's maximum). Measured
+/// against QEMU's server on a 1 GiB qcow2 held in the page cache, one connection, 8 in flight:
+/// 4 MiB requests 1.65 s, 1 MiB 1.12 s, 256 KiB 0.46 s, 128 KiB 0.56 s. Large requests make the
+/// server read and send each one whole before the next; small ones keep both ends busy.
+pub const READ_REQUEST: u32 = 256 * 1024;
 /// A server that keeps answering an option with more and more replies is not making progress.
 const MAX_REPLIES_PER_OPTION: usize = 1024;
 
@@ -482,7 +487,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         for (offset, buf) in reads.iter() {
             self.check_range("read", *offset, buf.len() as u64)?;
         }
-        let step = self.max_io_size() as usize;
+        let step = self.max_io_size().min(READ_REQUEST).max(self.block_size.minimum) as usize;
         let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
         for (offset, buf) in reads.iter_mut() {
             let mut at = *offset;

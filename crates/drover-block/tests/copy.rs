@@ -1,13 +1,14 @@
 //! Copying between real NBD exports (qemu-nbd on qcow2 images): a seed copy of the allocated
 //! data, an incremental copy of exactly the dirty granules of a bitmap, and a hash-compare sync
-//! that writes only the blocks that differ. Each ends with images that `qemu-img compare` finds
+//! that writes only the blocks that differ (reading both sides, or the source against the target's
+//! manifest). Each ends with images that `qemu-img compare` finds
 //! equal and a manifest equal to one computed from the whole source.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_block::copy::{copy_extents, hash_compare_sync};
+use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
 
@@ -168,4 +169,59 @@ async fn seed_incremental_and_hash_compare() {
     let dst = Nbd::serve(&other, &[]);
     let (mut s, mut d) = (src.client(&[]).await, dst.client(&[]).await);
     assert!(hash_compare_sync(&mut s, &mut d, &mut Manifest::zeroed(SIZE), |_, _| {}).await.is_err());
+}
+
+/// The fallback of replication: the target is a new overlay on a restore point whose manifest
+/// is known. Only the source is read, its holes not at all; changed blocks are written and
+/// blocks that became zeros on the source are zeroed on the target.
+#[tokio::test]
+async fn manifest_compare_reads_only_the_source_and_skips_its_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", source.to_str().unwrap(), &SIZE.to_string()]);
+    write(&source, 0x11, 0, 1 << 20);
+    write(&source, 0x22, 5 << 20, 320 << 10);
+    // The restore point: a whole copy, with its manifest.
+    let point = dir.path().join("point.qcow2");
+    run("qemu-img", &["convert", "-O", "qcow2", source.to_str().unwrap(), point.to_str().unwrap()]);
+    let point_manifest = full_manifest(&point).await;
+
+    // Production changes with no bitmap to tell: three blocks written, two zeroed (unmapped).
+    for (pattern, offset) in [(0x33u8, 64u64 << 10), (0x44, 8 << 20), (0x55, (16 << 20) - 4096)] {
+        write(&source, pattern, offset, 4096);
+    }
+    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -z -u {} {}", 5 << 20, 128 << 10), source.to_str().unwrap()]);
+
+    let sync = |name: &'static str, contexts: &'static [&'static str]| {
+        let new_point = dir.path().join(name);
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", point.to_str().unwrap(), new_point.to_str().unwrap()],
+        );
+        let source = source.clone();
+        let mut manifest = point_manifest.clone();
+        async move {
+            let src = Nbd::serve(&source, &["--read-only"]);
+            let dst = Nbd::serve(&new_point, &[]);
+            let (mut s, mut d) = (src.client(contexts).await, dst.client(&[]).await);
+            let stats = manifest_compare_sync(&mut s, &mut d, &mut manifest, |_, _| {}).await.unwrap();
+            d.disconnect().await.unwrap();
+            drop(dst);
+            assert!(equal(&source, &new_point), "{name} equals the source");
+            (stats, manifest)
+        }
+    };
+    let truth = full_manifest(&source).await;
+
+    let (stats, manifest) = sync("a.qcow2", &["base:allocation"]).await;
+    assert_eq!(manifest, truth);
+    assert_eq!(stats.target_read, 0, "the target is never read");
+    assert_eq!(stats.written, 3 * BLOCK_SIZE + 2 * BLOCK_SIZE, "changed and zeroed blocks only: {stats:?}");
+    assert!(stats.source_read < SIZE / 4, "the source's holes are not read: {stats:?}");
+
+    // Without allocation status the whole source is read; the outcome is the same.
+    let (stats, manifest) = sync("b.qcow2", &[]).await;
+    assert_eq!(manifest, truth);
+    assert_eq!((stats.source_read, stats.target_read), (SIZE, 0));
+    assert_eq!(stats.written, 5 * BLOCK_SIZE);
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use drover_block::chain::{ChainDir, manifest_path};
-use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync};
+use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_compare_sync};
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
@@ -448,7 +448,16 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
     // A file left by an interrupted attempt is not a point: clear it first.
     collect_garbage(ctx, c, &prep.replica_id, d).await?;
     let plan = &d.bitmaps;
-    let (mode, reason) = (plan.mode.as_str(), plan.reason.clone());
+    let (mode, mut reason) = (plan.mode.as_str(), plan.reason.clone());
+    // Hash-compare onto a new point over the newest one: that point's manifest says what the
+    // target holds, so only the source is read.
+    let against_manifest = mode == "hash-compare" && d.prev_file.is_some();
+    if against_manifest {
+        reason = Some(match reason {
+            Some(r) => format!("{r}; target hashes from the newest point's manifest"),
+            None => "target hashes from the newest point's manifest".into(),
+        });
+    }
     // Set the bitmaps up as planned, then cut the point in time.
     let (live, offline) = if prep.running {
         let q = ctx.engine.hv().qemu().ok_or_else(|| {
@@ -529,6 +538,9 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
                 let dirty = src.dirty_extents(&context, 0, d.size).await?;
                 copy_extents(&mut src, &mut dst, &dirty, &mut manifest, |_, _| {}).await?
             }
+            // The new point is an empty overlay on the newest one, which its manifest describes:
+            // only the source needs reading.
+            _ if against_manifest => manifest_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
             _ => hash_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
         };
         let _ = total_hint;

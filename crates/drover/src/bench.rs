@@ -4,7 +4,10 @@
 //! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full copy).
 //! 2. A persistent dirty bitmap is added, `--change` of the 64 KiB blocks are rewritten at random.
 //! 3. Incremental: the dirty granules go into a new overlay on the seed (bytes read and sent).
-//! 4. Hash-compare: a stale overlay on the seed is brought level by block hashes.
+//! 4. Hash-compare, as replication falls back to it without a trusted bitmap: a stale overlay on
+//!    the seed is brought level by hashing the source against the seed's manifest (the target is
+//!    not read); then the same from scratch reading both sides (no manifest to trust), which is
+//!    what failback does for a production disk whose bitmap was lost.
 //! 5. Failback: a replica boots through an overlay on the new point and writes; production writes
 //!    too (tracked by the next bitmap). The union of the two is what must travel back; it is sent
 //!    and production is checked equal to the replica.
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use drover_block::copy::{copy_extents, hash_compare_sync};
+use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
@@ -88,8 +91,11 @@ pub struct Report {
     pub changed_bytes: u64,
     pub full_copy: Phase,
     pub incremental: Phase,
+    /// Replication's fallback: the source hashed against the target point's manifest.
     pub hash_compare: Phase,
-    /// Reading source and target once each, sequentially: the floor for hash-compare.
+    /// The fallback with no manifest to trust: both sides read once, concurrently.
+    pub hash_compare_reading_target: Phase,
+    /// Reading source and target once each, concurrently: the floor for hash-compare.
     pub read_both_seconds: f64,
     pub failback: FailbackReport,
     pub rsync_seconds: Option<f64>,
@@ -100,6 +106,10 @@ pub struct Report {
     pub hash_compare_vs_rsync: Option<f64>,
     /// `hash_compare.seconds / read_both_seconds` (target ≤ 1.5).
     pub hash_compare_vs_read_both: f64,
+    /// `hash_compare_reading_target.seconds / rsync_seconds`.
+    pub reading_target_vs_rsync: Option<f64>,
+    /// `hash_compare_reading_target.seconds / read_both_seconds`.
+    pub reading_target_vs_read_both: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -247,6 +257,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let data = src.data_extents(0, size).await?;
     let (stats, full_secs) = timed(start, copy_extents(&mut src, &mut seed, &data, &mut manifest, |_, _| {}).await?);
     let full_copy = Phase { seconds: full_secs, bytes_read: stats.source_read, bytes_sent: stats.written };
+    let seed_manifest = manifest.clone();
     seed.disconnect().await?;
     rig.close(&seed_node).await?;
 
@@ -298,29 +309,43 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     p2.disconnect().await?;
     rig.close(&p2_node).await?;
 
-    // 4. Hash-compare into a stale overlay on the seed.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        path("seed.qcow2").to_str().unwrap_or_default(),
-        path("stale.qcow2").to_str().unwrap_or_default(),
-    ])?;
-    let (st_node, st_export) = rig.export(&path("stale.qcow2"), Backing::FromImage, true, &[]).await?;
-    let mut stale = rig.client(&st_export, &[]).await?;
-    let mut hc_manifest = Manifest::zeroed(size);
-    let start = Instant::now();
-    let (stats, hc_secs) = timed(start, hash_compare_sync(&mut src, &mut stale, &mut hc_manifest, |_, _| {}).await?);
-    let hash_compare =
-        Phase { seconds: hc_secs, bytes_read: stats.source_read + stats.target_read, bytes_sent: stats.written };
-    if hc_manifest != manifest {
+    // 4. Hash-compare into stale overlays on the seed: against the seed's manifest, then reading
+    // both sides.
+    let mut hash_compare_into = async |name: &str, reading_target: bool| -> anyhow::Result<(Phase, Manifest)> {
+        let file = path(name);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            path("seed.qcow2").to_str().unwrap_or_default(),
+            file.to_str().unwrap_or_default(),
+        ])?;
+        let (node, export) = rig.export(&file, Backing::FromImage, true, &[]).await?;
+        let mut stale = rig.client(&export, &[]).await?;
+        let mut m = seed_manifest.clone();
+        let start = Instant::now();
+        let stats = if reading_target {
+            hash_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?
+        } else {
+            manifest_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        stale.disconnect().await?;
+        rig.close(&node).await?;
+        Ok((Phase { seconds, bytes_read: stats.source_read + stats.target_read, bytes_sent: stats.written }, m))
+    };
+    let (hash_compare, hc_manifest) = hash_compare_into("stale.qcow2", false).await?;
+    let (hash_compare_reading_target, rt_manifest) = hash_compare_into("stale2.qcow2", true).await?;
+    if hc_manifest != manifest || rt_manifest != manifest {
         bail!("hash-compare and the incremental path disagree on the source's content");
     }
-    // The floor: read both once, sequentially.
+    let (st_node, st_export) = rig.export(&path("stale.qcow2"), Backing::FromImage, false, &[]).await?;
+    let mut stale = rig.client(&st_export, &[]).await?;
+    // The floor: read both once, concurrently.
     let start = Instant::now();
     let mut off = 0;
     while off < size {
@@ -456,9 +481,12 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         incremental_ratio: incremental.bytes_sent as f64 / changed_bytes.max(1) as f64,
         hash_compare_vs_rsync: rsync_seconds.map(|r| hash_compare.seconds / r.max(1e-9)),
         hash_compare_vs_read_both: hash_compare.seconds / read_both_seconds.max(1e-9),
+        reading_target_vs_rsync: rsync_seconds.map(|r| hash_compare_reading_target.seconds / r.max(1e-9)),
+        reading_target_vs_read_both: hash_compare_reading_target.seconds / read_both_seconds.max(1e-9),
         full_copy,
         incremental,
         hash_compare,
+        hash_compare_reading_target,
         read_both_seconds,
         failback,
         rsync_seconds,
@@ -498,14 +526,24 @@ fn print_report(r: &Report) {
         mib(r.hash_compare.bytes_sent)
     );
     println!(
-        "  read both once {:>10}  (hash-compare / read-both {:.2})",
-        d(r.read_both_seconds),
-        r.hash_compare_vs_read_both
+        "  hash-compare reading the target too {:>10}  read {:>12}  sent {:>12}",
+        d(r.hash_compare_reading_target.seconds),
+        mib(r.hash_compare_reading_target.bytes_read),
+        mib(r.hash_compare_reading_target.bytes_sent)
     );
-    match (r.rsync_seconds, r.hash_compare_vs_rsync) {
-        (Some(s), Some(x)) => {
-            println!("  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2})", d(s), x)
-        }
+    println!(
+        "  read both once {:>10}  (hash-compare / read-both {:.2}; reading the target too {:.2})",
+        d(r.read_both_seconds),
+        r.hash_compare_vs_read_both,
+        r.reading_target_vs_read_both
+    );
+    match (r.rsync_seconds, r.hash_compare_vs_rsync, r.reading_target_vs_rsync) {
+        (Some(s), Some(x), Some(y)) => println!(
+            "  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2}; reading the target too {:.2})",
+            d(s),
+            x,
+            y
+        ),
         _ => println!("  rsync: not installed"),
     }
     println!("  qemu-img convert {:>10}", d(r.qemu_img_convert_seconds));
