@@ -98,6 +98,7 @@ fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
                 plan: p.plan_id,
                 running: vec![PlanState::FailbackInProgress],
             })),
+            parallel: Default::default(),
         });
     }
     if p.sync {
@@ -120,6 +121,7 @@ fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
             plan: p.plan_id,
             running: vec![PlanState::FailbackInProgress, PlanState::PrepareForFailbackInProgress],
         })),
+        parallel: Default::default(),
     })
 }
 

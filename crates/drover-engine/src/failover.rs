@@ -25,8 +25,11 @@
 //! above, the plan's steps run, the VMs are discarded; replicas and the plan's state are never
 //! touched, so replication goes on meanwhile.
 //!
-//! Decisions: VMs of a group run one after another for now (the group's parallel maximum is
-//! recorded but not yet used); replica VMs have no network uplink until network mapping exists,
+//! The VMs of a parallel group boot and run their steps at once, up to the group's maximum (each
+//! VM's own steps in order; a critical failure lets the others finish the step they are in, then
+//! halts); a sequential group takes them one after another.
+//!
+//! Decisions: replica VMs have no network uplink until network mapping exists,
 //! so a `CheckTcpPort` step fails with a clear message.
 
 use std::path::{Path, PathBuf};
@@ -116,7 +119,17 @@ fn failover_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
         }
     }
     steps.push(conclude(&p, PlanState::FailoverInProgress));
-    Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: halted(&p) })
+    let parallel = parallel_groups(&plan);
+    Ok(Saga { steps, on_failure: FailurePolicy::Halt, on_halt: halted(&p), parallel })
+}
+
+/// The plan's parallel groups and how many of their VMs start at once.
+fn parallel_groups(plan: &Plan) -> std::collections::HashMap<u32, usize> {
+    let parallel = plan.groups.iter().enumerate().filter_map(|(g, group)| match group.mode {
+        GroupMode::Parallel { max } => Some((g as u32, max as usize)),
+        GroupMode::Sequential => None,
+    });
+    parallel.collect()
 }
 
 /// A test failover: each VM boots from its point through an overlay of its own, as a VM of its
@@ -159,7 +172,7 @@ fn test_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
         }
     }
     steps.extend(ends);
-    Ok(Saga::unwinding(steps))
+    Ok(Saga { parallel: parallel_groups(&plan), ..Saga::unwinding(steps) })
 }
 
 struct EndTest {

@@ -17,6 +17,9 @@
 //! [`StepCtx`], and report progress through it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
 
 use async_trait::async_trait;
 use drover_types::{
@@ -84,6 +87,9 @@ pub struct Saga {
     /// Told when the saga halts (on request or by a critical failure), after the session
     /// records it: e.g. a plan moves to HALTED.
     pub on_halt: Option<Box<dyn HaltHook>>,
+    /// Plan group → how many of its tasks run at once. The consecutive steps of such a group
+    /// that belong to a task form a parallel block; every other step runs alone, in order.
+    pub parallel: HashMap<u32, usize>,
 }
 
 impl std::fmt::Debug for Saga {
@@ -99,7 +105,22 @@ pub trait HaltHook: Send + Sync {
 
 impl Saga {
     pub fn unwinding(steps: Vec<SagaStep>) -> Saga {
-        Saga { steps, on_failure: FailurePolicy::Unwind, on_halt: None }
+        Saga { steps, on_failure: FailurePolicy::Unwind, on_halt: None, parallel: HashMap::new() }
+    }
+
+    /// Where the unit of steps starting at `i` ends (exclusive), and how many of its chains run
+    /// at once: a parallel block, or step `i` alone.
+    fn block_at(&self, i: usize) -> (usize, usize) {
+        let first = &self.steps[i];
+        let max = match (first.group, first.task) {
+            (Some(g), Some(_)) => self.parallel.get(&g).copied(),
+            _ => None,
+        };
+        let Some(max) = max else { return (i + 1, 1) };
+        let end = (i..self.steps.len())
+            .find(|&j| self.steps[j].group != first.group || self.steps[j].task.is_none())
+            .unwrap_or(self.steps.len());
+        (end, max)
     }
 }
 
@@ -198,13 +219,18 @@ pub enum RunOutcome {
 }
 
 /// Runs (or resumes) a session's saga until it finishes, halts or unwinds.
+///
+/// Steps run in order, except a parallel block (see [`Saga::parallel`]): the steps of each of its
+/// tasks run in order as one chain, and up to the block's maximum chains run at once. A critical
+/// failure or a halt request in one chain lets the running steps of the others finish and
+/// starts nothing new; the block then fails or halts as one.
 pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> Result<RunOutcome> {
     let mut session = engine.store().session_get(None, session_id).await?;
     if session.state == SessionState::Stopped {
         return Ok(RunOutcome::Finished(session.result));
     }
-    let mut tasks = engine.store().tasks_of(session_id).await?;
-    let mut records = load_records(engine, session_id, &saga).await?;
+    let tasks = engine.store().tasks_of(session_id).await?;
+    let records = load_records(engine, session_id, &saga).await?;
 
     if session.state == SessionState::Starting {
         session.state = session.state.apply(drover_types::SessionEvent::Began)?;
@@ -217,118 +243,47 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
     if unwinding {
         return unwind(engine, &saga, session, tasks, records, None).await;
     }
-    let mut warnings = 0u32;
-    let hooks = engine.hooks();
-    for i in 0..saga.steps.len() {
-        let entry = &saga.steps[i];
-        if matches!(records[i].state, StepState::Done | StepState::Skipped) {
-            continue;
-        }
-        // Halt between steps: the running step has finished, nothing new starts.
-        let fresh = engine.store().session_get(None, session_id).await?;
-        if fresh.halt_requested {
-            // Log and tell the hook first, record the halt last: whoever sees the session halted
-            // sees its log and its plan complete.
-            engine.store().session_clear_halt_request(session_id).await?;
-            engine.log(session_id, None, LogLevel::Warning, "halted on request; waiting for Continue or Undo").await;
-            if let Some(h) = &saga.on_halt {
-                h.halted(engine, &session).await?;
-            }
-            session.halted = true;
-            engine.session_save(&session).await?;
-            return Ok(RunOutcome::Halted);
-        }
-        let task_id = entry.task.and_then(|t| tasks.get(t)).map(|t| t.id);
-        let name = entry.step.name();
-        let rec = &mut records[i];
-        rec.state = StepState::Started;
-        rec.attempts += 1;
-        rec.error = None;
-        rec.task_id = task_id;
-        rec.updated_at = drover_types::now();
-        engine.store().step_put(rec).await?;
-        if let Some(t) = entry.task {
-            task_begin(engine, &mut tasks[t]).await?;
-        }
-        let ctx =
-            StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(&saga, &records) };
-        let attempt = records[i].attempts;
-        let mut result = if hooks.should_fail(&name, attempt) {
-            Err(Error::internal(format!("injected failure in step {name}")))
+    let state = tokio::sync::Mutex::new(RunState { session, tasks, records, warnings: 0 });
+    let mut i = 0;
+    while i < saga.steps.len() {
+        let (end, max) = saga.block_at(i);
+        let stop = AtomicBool::new(false);
+        let outcome = if end - i == 1 {
+            run_chain(engine, &saga, &state, &[i], &stop).await?
         } else {
-            entry.step.run(&ctx).await
+            run_parallel(engine, &saga, &state, i..end, max, &stop).await?
         };
-        if result.is_ok() && hooks.run_each_step_twice.load(std::sync::atomic::Ordering::Relaxed) {
-            result = entry.step.run(&ctx).await;
+        i = end;
+        let failed_at = match outcome {
+            StepEnd::Next => continue,
+            StepEnd::Crashed => return Ok(RunOutcome::Crashed),
+            StepEnd::HaltRequested => None,
+            StepEnd::Failed(at) => Some(at),
+        };
+        let RunState { mut session, tasks, records, .. } = state.into_inner();
+        if let (Some(at), FailurePolicy::Unwind) = (failed_at, saga.on_failure) {
+            return unwind(engine, &saga, session, tasks, records, Some(at)).await;
         }
-        if result.is_ok() && hooks.should_fail_after(&name, attempt) {
-            result = Err(Error::internal(format!("injected failure after step {name} ran")));
+        // Halt, on request or after a critical failure. Log and tell the hook first, record the
+        // halt last: whoever sees the session halted sees its log and its plan complete.
+        let task_id = failed_at.and_then(|at| records[at].task_id);
+        let why = if failed_at.is_some() {
+            "halted after a critical failure; waiting for Continue or Undo"
+        } else {
+            engine.store().session_clear_halt_request(session_id).await?;
+            "halted on request; waiting for Continue or Undo"
+        };
+        engine.log(session_id, task_id, LogLevel::Warning, why).await;
+        if let Some(h) = &saga.on_halt {
+            h.halted(engine, &session).await?;
         }
-        if hooks.take_crash(&name) {
-            return Ok(RunOutcome::Crashed);
-        }
-        if hooks.kill_after.as_deref() == Some(name.as_str()) {
-            eprintln!("DROVER_TEST_KILL_AFTER_STEP: killing this process after step {name}");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        }
-        let rec = &mut records[i];
-        rec.updated_at = drover_types::now();
-        match result {
-            Ok(output) => {
-                rec.state = StepState::Done;
-                rec.output = output;
-                engine.store().step_put(rec).await?;
-                if let Some(t) = entry.task {
-                    task_progress(engine, &saga, &records, &mut tasks, t).await?;
-                }
-                session_progress(engine, &mut session, &tasks).await?;
-            }
-            Err(err) => {
-                let msg = err.to_string();
-                rec.state = StepState::Failed;
-                rec.error = Some(msg.clone());
-                engine.store().step_put(rec).await?;
-                engine.log(session_id, task_id, LogLevel::Error, &format!("step {name} failed: {msg}")).await;
-                if !entry.critical {
-                    warnings += 1;
-                    rec.state = StepState::Skipped;
-                    engine.store().step_put(rec).await?;
-                    if let Some(t) = entry.task {
-                        tasks[t].failure_message = Some(msg);
-                        task_progress(engine, &saga, &records, &mut tasks, t).await?;
-                    }
-                    continue;
-                }
-                if let Some(t) = entry.task {
-                    tasks[t].failure_message = Some(msg.clone());
-                    tasks[t].result = SessionResult::Failed;
-                    engine.store().task_update(&tasks[t]).await?;
-                }
-                session.failure_message = Some(format!("{name}: {msg}"));
-                match saga.on_failure {
-                    FailurePolicy::Unwind => return unwind(engine, &saga, session, tasks, records, Some(i)).await,
-                    FailurePolicy::Halt => {
-                        engine
-                            .log(
-                                session_id,
-                                task_id,
-                                LogLevel::Warning,
-                                "halted after a critical failure; waiting for Continue or Undo",
-                            )
-                            .await;
-                        if let Some(h) = &saga.on_halt {
-                            h.halted(engine, &session).await?;
-                        }
-                        session.halted = true;
-                        engine.session_save(&session).await?;
-                        return Ok(RunOutcome::Halted);
-                    }
-                }
-            }
-        }
+        session.halted = true;
+        engine.session_save(&session).await?;
+        return Ok(RunOutcome::Halted);
     }
     // Every step is done or skipped. Skipped critical steps (Continue with a proceed option) and
     // failed non-critical ones make a warning.
+    let RunState { session, mut tasks, records, warnings } = state.into_inner();
     let skipped = records.iter().filter(|r| r.state == StepState::Skipped).count() as u32;
     let result = if warnings > 0 || skipped > 0 { SessionResult::Warning } else { SessionResult::Success };
     for t in tasks.iter_mut() {
@@ -344,6 +299,174 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
     }
     finish(engine, session, result, &tasks).await?;
     Ok(RunOutcome::Finished(result))
+}
+
+/// What a run's steps share while they run (several at once in a parallel block).
+struct RunState {
+    session: Session,
+    tasks: Vec<Task>,
+    records: Vec<StepRecord>,
+    /// Non-critical steps that failed.
+    warnings: u32,
+}
+
+/// How a step, a chain of steps or a block ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepEnd {
+    /// Done, already done, or failed without being critical: go on.
+    Next,
+    /// A halt was requested; the step did not start.
+    HaltRequested,
+    /// This critical step failed.
+    Failed(usize),
+    /// The test hook stopped the run as a crash would.
+    Crashed,
+}
+
+/// Runs the steps `indices` in order until one does not end [`StepEnd::Next`], or until `stop`
+/// says another chain of the block ended so (then nothing new starts here).
+async fn run_chain(
+    engine: &Engine,
+    saga: &Saga,
+    state: &tokio::sync::Mutex<RunState>,
+    indices: &[usize],
+    stop: &AtomicBool,
+) -> Result<StepEnd> {
+    for &i in indices {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(StepEnd::Next);
+        }
+        let end = run_step(engine, saga, state, i).await?;
+        if end != StepEnd::Next {
+            stop.store(true, Ordering::SeqCst);
+            return Ok(end);
+        }
+    }
+    Ok(StepEnd::Next)
+}
+
+/// Runs the block `range`: one chain per task, in the order the tasks first appear, up to `max`
+/// at once. The block ends as its worst chain: a crash, else the first critical failure in saga
+/// order, else a halt request.
+async fn run_parallel(
+    engine: &Engine,
+    saga: &Saga,
+    state: &tokio::sync::Mutex<RunState>,
+    range: std::ops::Range<usize>,
+    max: usize,
+    stop: &AtomicBool,
+) -> Result<StepEnd> {
+    let mut chains: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+    for i in range {
+        let task = saga.steps[i].task;
+        match chains.iter_mut().find(|(t, _)| *t == task) {
+            Some((_, chain)) => chain.push(i),
+            None => chains.push((task, vec![i])),
+        }
+    }
+    // Collected first: a lazy iterator of borrowing futures would not be `Send`.
+    let runs: Vec<_> = chains.iter().map(|(_, chain)| run_chain(engine, saga, state, chain, stop)).collect();
+    let ends: Vec<Result<StepEnd>> = futures::stream::iter(runs).buffer_unordered(max.max(1)).collect().await;
+    let ends = ends.into_iter().collect::<Result<Vec<_>>>()?;
+    let first_failure = ends.iter().filter_map(|e| if let StepEnd::Failed(i) = e { Some(*i) } else { None }).min();
+    Ok(if ends.contains(&StepEnd::Crashed) {
+        StepEnd::Crashed
+    } else if let Some(i) = first_failure {
+        StepEnd::Failed(i)
+    } else if ends.contains(&StepEnd::HaltRequested) {
+        StepEnd::HaltRequested
+    } else {
+        StepEnd::Next
+    })
+}
+
+/// Runs step `i` unless it is done already: records it Started, runs it (outside the lock, so
+/// other chains go on meanwhile), records the outcome.
+async fn run_step(engine: &Engine, saga: &Saga, state: &tokio::sync::Mutex<RunState>, i: usize) -> Result<StepEnd> {
+    let entry = &saga.steps[i];
+    let name = entry.step.name();
+    let hooks = engine.hooks();
+    let (ctx, attempt) = {
+        let mut guard = state.lock().await;
+        let s = &mut *guard;
+        if matches!(s.records[i].state, StepState::Done | StepState::Skipped) {
+            return Ok(StepEnd::Next);
+        }
+        // Halt between steps: the running steps finish, nothing new starts.
+        if engine.store().session_get(None, s.session.id).await?.halt_requested {
+            return Ok(StepEnd::HaltRequested);
+        }
+        let task_id = entry.task.and_then(|t| s.tasks.get(t)).map(|t| t.id);
+        let rec = &mut s.records[i];
+        rec.state = StepState::Started;
+        rec.attempts += 1;
+        rec.error = None;
+        rec.task_id = task_id;
+        rec.updated_at = drover_types::now();
+        engine.store().step_put(rec).await?;
+        if let Some(t) = entry.task {
+            task_begin(engine, &mut s.tasks[t]).await?;
+        }
+        let outputs = outputs_of(saga, &s.records);
+        (StepCtx { engine: engine.clone(), session: s.session.clone(), task_id, outputs }, s.records[i].attempts)
+    };
+    let mut result = if hooks.should_fail(&name, attempt) {
+        Err(Error::internal(format!("injected failure in step {name}")))
+    } else {
+        entry.step.run(&ctx).await
+    };
+    if result.is_ok() && hooks.run_each_step_twice.load(Ordering::Relaxed) {
+        result = entry.step.run(&ctx).await;
+    }
+    if result.is_ok() && hooks.should_fail_after(&name, attempt) {
+        result = Err(Error::internal(format!("injected failure after step {name} ran")));
+    }
+    if hooks.take_crash(&name) {
+        return Ok(StepEnd::Crashed);
+    }
+    if hooks.kill_after.as_deref() == Some(name.as_str()) {
+        eprintln!("DROVER_TEST_KILL_AFTER_STEP: killing this process after step {name}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    let mut guard = state.lock().await;
+    let s = &mut *guard;
+    let rec = &mut s.records[i];
+    rec.updated_at = drover_types::now();
+    let err = match result {
+        Ok(output) => {
+            rec.state = StepState::Done;
+            rec.output = output;
+            engine.store().step_put(rec).await?;
+            if let Some(t) = entry.task {
+                task_progress(engine, saga, &s.records, &mut s.tasks, t).await?;
+            }
+            session_progress(engine, &mut s.session, &s.tasks).await?;
+            return Ok(StepEnd::Next);
+        }
+        Err(err) => err,
+    };
+    let msg = err.to_string();
+    rec.state = StepState::Failed;
+    rec.error = Some(msg.clone());
+    engine.store().step_put(rec).await?;
+    engine.log(s.session.id, ctx.task_id, LogLevel::Error, &format!("step {name} failed: {msg}")).await;
+    if !entry.critical {
+        s.warnings += 1;
+        rec.state = StepState::Skipped;
+        engine.store().step_put(rec).await?;
+        if let Some(t) = entry.task {
+            s.tasks[t].failure_message = Some(msg);
+            task_progress(engine, saga, &s.records, &mut s.tasks, t).await?;
+        }
+        return Ok(StepEnd::Next);
+    }
+    if let Some(t) = entry.task {
+        s.tasks[t].failure_message = Some(msg.clone());
+        s.tasks[t].result = SessionResult::Failed;
+        engine.store().task_update(&s.tasks[t]).await?;
+    }
+    s.session.failure_message = Some(format!("{name}: {msg}"));
+    Ok(StepEnd::Failed(i))
 }
 
 /// Undoes, newest first, every step that may have had effects, then stops the session `Failed`.

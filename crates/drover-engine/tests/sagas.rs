@@ -339,6 +339,7 @@ fn install_halting_saga(env: &Env, pause: Duration) -> (Counter, Counter) {
                 steps: vec![step(0, "a1"), step(0, "a2"), step(1, "b1"), step(1, "b2")],
                 on_failure: FailurePolicy::Halt,
                 on_halt: None,
+                parallel: Default::default(),
             })
         }),
     );
@@ -533,4 +534,145 @@ async fn an_imported_disk_is_a_copy_of_its_source() {
     assert!(source.is_file(), "the source is copied, never moved");
     let info = drover_hv::image::info(&copy).await.unwrap();
     assert_eq!((info.format.as_str(), info.virtual_size), ("qcow2", 8 << 20));
+}
+
+/// A step that records when it starts and ends, and how many of its kind run at once.
+struct Tracked {
+    name: String,
+    pause: Duration,
+    in_flight: Counter,
+    peak: Counter,
+    events: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl Step for Tracked {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    async fn run(&self, _: &StepCtx) -> drover_types::Result<Value> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        self.events.lock().unwrap().push(format!("start {}", self.name));
+        tokio::time::sleep(self.pause).await;
+        self.events.lock().unwrap().push(format!("end {}", self.name));
+        self.in_flight.fetch_sub(1, SeqCst);
+        Ok(Value::Null)
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> drover_types::Result<()> {
+        Ok(())
+    }
+}
+
+/// A plan-like saga: a parallel group of three tasks (two steps each, at most `max` tasks at
+/// once), then a step of its own.
+fn install_parallel_saga(env: &Env, max: usize) -> (Counter, Arc<std::sync::Mutex<Vec<String>>>) {
+    let peak: Counter = Default::default();
+    let events: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let in_flight: Counter = Default::default();
+    let (p, e) = (peak.clone(), events.clone());
+    env.app.engine().register_saga(
+        SessionKind::PlanTestFailover,
+        Arc::new(move |_, _| {
+            let step = |task: Option<usize>, group: u32, n: String| SagaStep {
+                task,
+                group: Some(group),
+                weight: 1,
+                critical: true,
+                step: Box::new(Tracked {
+                    name: n,
+                    pause: Duration::from_millis(150),
+                    in_flight: in_flight.clone(),
+                    peak: p.clone(),
+                    events: e.clone(),
+                }),
+            };
+            let mut steps = Vec::new();
+            for t in 0..3 {
+                for k in 0..2 {
+                    steps.push(step(Some(t), 0, format!("vm{t}.{k}")));
+                }
+            }
+            steps.push(step(None, 1, "after".into()));
+            Ok(Saga {
+                steps,
+                on_failure: FailurePolicy::Halt,
+                on_halt: None,
+                parallel: [(0, max)].into_iter().collect(),
+            })
+        }),
+    );
+    (peak, events)
+}
+
+async fn start_session_with_tasks(env: &Env, n: usize) -> SessionId {
+    let session = Session::new(
+        env.caller.tenant_id,
+        SessionKind::PlanTestFailover,
+        "test",
+        SessionTarget::Plan(PlanId::new()),
+        serde_json::json!({}),
+    );
+    let tasks = (0..n).map(|i| session.task(None, format!("t{i}"))).collect();
+    env.app.engine().submit(session, tasks).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_parallel_group_runs_up_to_its_maximum_of_vms_at_once() {
+    let env = env().await;
+    let (peak, events) = install_parallel_saga(&env, 2);
+    let s = start_session_with_tasks(&env, 3).await;
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{done:?}");
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 2, "two VMs at once, never three");
+    let events = events.lock().unwrap().clone();
+    let at = |e: &str| events.iter().position(|x| x == e).unwrap_or_else(|| panic!("{e} in {events:?}"));
+    for t in 0..3 {
+        assert!(at(&format!("end vm{t}.0")) < at(&format!("start vm{t}.1")), "a VM's steps in order: {events:?}");
+    }
+    // The first two VMs started together; the third waited for one of them to finish.
+    assert!(at("start vm1.0") < at("end vm0.0"), "{events:?}");
+    assert!(at("start vm2.0") > at("end vm0.1").min(at("end vm1.1")), "{events:?}");
+    // The step after the group waited for the whole group.
+    assert!(events.iter().take(events.len() - 2).all(|e| !e.contains("after")), "{events:?}");
+    assert_eq!(&events[events.len() - 2..], ["start after", "end after"]);
+    assert!(env.app.engine().store().tasks_of(s).await.unwrap().iter().all(|t| t.result == SessionResult::Success));
+    assert_consistent(&env, &done).await;
+
+    // Sequential is the same block with a maximum of one.
+    let env = self::env().await;
+    let (peak, _) = install_parallel_saga(&env, 1);
+    let s = start_session_with_tasks(&env, 3).await;
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_failure_in_a_parallel_group_lets_the_others_finish_their_step_then_halts() {
+    let env = env().await;
+    let (_, events) = install_parallel_saga(&env, 3);
+    env.app.engine().hooks().fail("vm1.0", 1);
+    let s = start_session_with_tasks(&env, 3).await;
+    let halted = env.wait(s).await;
+    assert!(halted.halted, "{halted:?}");
+    assert!(halted.failure_message.as_deref().unwrap_or_default().contains("vm1.0"), "{halted:?}");
+    let records = env.steps(s).await;
+    let state = |n: &str| records.iter().find(|r| r.name == n).map(|r| r.state);
+    // vm0 was running its first step when vm1 failed: it finished, and nothing new began (vm2
+    // either had started its first step too, and finished it, or never started).
+    assert_eq!(state("vm0.0"), Some(StepState::Done));
+    assert!(matches!(state("vm2.0"), None | Some(StepState::Pending | StepState::Done)), "{records:?}");
+    assert_eq!(state("vm1.0"), Some(StepState::Failed));
+    for n in ["vm0.1", "vm1.1", "vm2.1", "after"] {
+        assert!(matches!(state(n), None | Some(StepState::Pending)), "{n}: {records:?}");
+    }
+    assert!(!events.lock().unwrap().iter().any(|e| e == "start after"));
+
+    env.app.session_continue(&env.caller, s, ContinueOption::RetryFailedStep).await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{done:?}");
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.iter().filter(|e| *e == "start vm0.0").count(), 1, "done steps do not run again: {events:?}");
+    assert_consistent(&env, &done).await;
 }
