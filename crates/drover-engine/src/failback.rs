@@ -472,7 +472,7 @@ impl Step for Switch {
         // 4. Production runs again.
         let ds = engine.store().object_get::<Datastore>(self.p.tenant_id, parts.vm.datastore_id.0).await?;
         let spec = crate::ops::vm_spec(&parts.vm, &disk_dir(&ds, parts.vm.id));
-        engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        crate::ops::power_on(ctx, &spec).await?;
         mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
         ctx.log(LogLevel::Info, format!("production VM {} powered on", parts.vm.name)).await;
         Ok(json!({ "disks": out }))
@@ -505,7 +505,7 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
         nics: Vec::new(),
         boot: crate::ops::boot_spec(&parts.vm),
     };
-    engine.hv().power_on(&spec).await.map_err(hv_err)?;
+    crate::ops::power_on(ctx, &spec).await?;
     let only_if = &[ReplicaState::Failback, ReplicaState::ReadyToSwitch];
     crate::ops::replica_event(engine, p.tenant_id, parts.replica.id, ReplicaEvent::FailbackUndone, only_if).await?;
     ctx.log(LogLevel::Info, format!("production {} off; {} runs again", parts.vm.name, parts.replica.name)).await;
@@ -701,7 +701,7 @@ impl Step for RestoreToLocation {
             })
             .await?;
         let spec = crate::ops::vm_spec(&new_vm, &dir);
-        engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        crate::ops::power_on(ctx, &spec).await?;
         mark_switched(engine, self.p.tenant_id, new_vm.id, parts.replica.id).await?;
         ctx.log(
             LogLevel::Info,

@@ -18,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_hv::{BootSpec, DiskSpec, NicSpec, VmSpec, image};
@@ -327,6 +328,39 @@ impl Step for BeginPower {
     }
 }
 
+/// How long a power-on waits for another process (a replication cut of the powered-off VM,
+/// a retention merge) to let go of a disk image before it fails.
+pub(crate) const IMAGE_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// Powers a VM on; while one of its disk images is held by another process, waits for it (up to
+/// [`IMAGE_LOCK_WAIT`]) and says so in the session's log once.
+pub(crate) async fn power_on(ctx: &StepCtx, spec: &drover_hv::VmSpec) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + IMAGE_LOCK_WAIT;
+    let mut told = false;
+    loop {
+        match ctx.engine.hv().power_on(spec).await {
+            Err(drover_hv::HvError::ImageLocked(why)) if tokio::time::Instant::now() < deadline => {
+                if !told {
+                    let msg = format!(
+                        "{}: a disk is in use by another process (a replication run?); waiting: {why}",
+                        spec.name
+                    );
+                    ctx.log(LogLevel::Warning, msg).await;
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(hv_err(e)),
+            Ok(()) => {
+                if told {
+                    ctx.log(LogLevel::Info, format!("{}: the disk was released", spec.name)).await;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
 struct PowerOn(VmOpParams);
 
 #[async_trait]
@@ -340,7 +374,7 @@ impl Step for PowerOn {
             return Err(Error::conflict(format!("VM {} has no disks yet: its create session did not finish", vm.name)));
         }
         let spec = vm_spec(&vm, &self.0.disk_dir);
-        ctx.engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        power_on(ctx, &spec).await?;
         ctx.log(LogLevel::Info, format!("VM {} powered on ({})", vm.name, ctx.engine.hv().kind())).await;
         Ok(Value::Null)
     }

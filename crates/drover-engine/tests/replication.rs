@@ -516,6 +516,51 @@ async fn qemu_site(prefix: &str) -> (Env, Host, Datastore, Datastore, VmBoot) {
     (Env { _dir: dir, app, caller, driver }, host, prod, dr, boot)
 }
 
+/// A power-on while another process holds the VM's disk (as an offline replication cut does)
+/// waits for the disk instead of failing, and says so in the session's log.
+#[tokio::test]
+async fn a_power_on_waits_for_a_disk_held_by_another_process() {
+    let (env, host, prod, _, boot) = qemu_site("drl").await;
+    let (app, caller) = (&env.app, &env.caller);
+    let new_vm = NewVm {
+        name: "lk".into(),
+        host_id: host.id,
+        datastore_id: prod.id,
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![VmDisk { name: "data".into(), size_bytes: 16 << 20, import_from: None }],
+        nics: vec![],
+        tags: vec![],
+        boot,
+    };
+    let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let image = Path::new(&prod.path).join(vm.id.to_string()).join("data.qcow2");
+    // A storage daemon with the image open for writing, for two seconds.
+    let mut holder = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,filename={},node-name=f", image.display()))
+        .arg("--blockdev")
+        .arg("driver=qcow2,file=f,node-name=d")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(holder.try_wait().unwrap().is_none(), "the storage daemon holds the image");
+    let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = log(app, caller, s).await;
+    assert!(lines.iter().any(|l| l.contains("in use by another process")), "{lines:?}");
+    assert_ne!(app.engine().store().session_get(None, s).await.unwrap().state, SessionState::Stopped, "still waiting");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let done = wait(app, s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
+    assert!(log(app, caller, s).await.iter().any(|l| l.contains("the disk was released")));
+    let s = app.vm_power(caller, vm.id, PowerAction::PowerOff).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+}
+
 #[tokio::test]
 async fn failover_boots_the_replica_and_undo_discards_its_changes() {
     let (env, host, prod, dr, boot) = qemu_site("drv").await;

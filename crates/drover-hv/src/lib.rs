@@ -107,6 +107,10 @@ pub enum HvError {
     GuestChannel(String),
     #[error("{program} failed: {stderr}")]
     Tool { program: String, stderr: String },
+    /// Another process holds a disk image's write lock (e.g. a replication cut of the powered-off
+    /// VM has it open in a storage daemon); it is usually released soon.
+    #[error("a disk image is in use by another process: {0}")]
+    ImageLocked(String),
     #[error("invalid VM specification: {0}")]
     InvalidSpec(String),
     /// A dirty bitmap is missing or cannot be trusted (QEMU did not close the image cleanly):

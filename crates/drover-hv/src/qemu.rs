@@ -486,6 +486,12 @@ impl Hypervisor for QemuDriver {
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         if !output.status.success() {
             self.mark_stopped(&paths).await?;
+            // QEMU's words when another process has the image open for writing (file-posix
+            // image locking); the caller may wait for it.
+            if stderr.contains("Failed to get \"write\" lock") || stderr.contains("Failed to get shared \"write\" lock")
+            {
+                return Err(HvError::ImageLocked(stderr));
+            }
             return Err(HvError::Tool {
                 program: self.config.qemu_binary.display().to_string(),
                 stderr: if stderr.is_empty() { format!("exited with {}", output.status) } else { stderr },
