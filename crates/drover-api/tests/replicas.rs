@@ -37,6 +37,8 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
         target_datastore_id: dr["id"].as_str().unwrap().parse().unwrap(),
         state: ReplicaState::Ready,
         failover_point_id: None,
+        switched_to_vm_id: None,
+        replaced_source_vm_id: None,
         created_at: now(),
         updated_at: now(),
     };

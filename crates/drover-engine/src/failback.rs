@@ -486,8 +486,68 @@ impl Step for Switch {
 /// at another location) Running, the replica `Failback`. Idempotent.
 async fn mark_switched(engine: &Engine, tenant: TenantId, running: VmId, replica: ReplicaId) -> Result<()> {
     crate::ops::set_vm_power(engine, tenant, running, VmPowerState::Running).await?;
+    set_switched_to(engine, tenant, replica, Some(running)).await?;
     let only_if = &[ReplicaState::Failover, ReplicaState::ReadyToSwitch];
     crate::ops::replica_event(engine, tenant, replica, ReplicaEvent::SwitchedOver, only_if).await
+}
+
+/// Records which VM production runs on after a switchover (`None`: back on the replica).
+async fn set_switched_to(engine: &Engine, tenant: TenantId, replica: ReplicaId, vm: Option<VmId>) -> Result<()> {
+    engine
+        .store()
+        .object_modify::<Replica, _, _>(tenant, replica.0, |r| {
+            r.switched_to_vm_id = vm;
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+}
+
+/// After a committed failback to another location, the new VM takes the original's place: in
+/// the replica's job, in the plan, and as the replica's source, so replication goes on from it
+/// into the same restore points (its first run compares it against the newest point's manifest).
+/// Idempotent: what already names the new VM is left as it is.
+async fn adopt_restored_vm(ctx: &StepCtx, p: &FailbackParams, replica: &Replica, old: VmId, new: VmId) -> Result<()> {
+    let store = ctx.engine.store();
+    let swap = |ids: &mut Vec<VmId>| {
+        let had_new = ids.contains(&new);
+        ids.retain(|v| *v != old || !had_new);
+        for v in ids.iter_mut().filter(|v| **v == old) {
+            *v = new;
+        }
+    };
+    store
+        .object_modify::<ReplicationJob, _, _>(p.tenant_id, replica.job_id.0, |j| {
+            swap(&mut j.vm_ids);
+            j.updated_at = now();
+            Ok(())
+        })
+        .await?;
+    store
+        .object_modify::<Plan, _, _>(p.tenant_id, p.plan_id.0, |plan| {
+            for pvm in plan.groups.iter_mut().flat_map(|g| g.vms.iter_mut()).filter(|v| v.vm_id == old) {
+                pvm.vm_id = new;
+            }
+            plan.updated_at = now();
+            Ok(())
+        })
+        .await?;
+    store
+        .object_modify::<Replica, _, _>(p.tenant_id, replica.id.0, |r| {
+            r.source_vm_id = new;
+            r.replaced_source_vm_id = Some(old);
+            Ok(())
+        })
+        .await?;
+    let name = store.object_get::<Vm>(p.tenant_id, new.0).await.map(|v| v.name).unwrap_or_else(|_| new.to_string());
+    ctx.log(
+        LogLevel::Info,
+        format!(
+            "{name} takes the original VM's place in the replication job and the plan; replication goes on from it"
+        ),
+    )
+    .await;
+    Ok(())
 }
 
 /// Production off, the replica running again from its overlay, replica `Failover`.
@@ -506,6 +566,7 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
         boot: crate::ops::boot_spec(&parts.vm),
     };
     crate::ops::power_on(ctx, &spec).await?;
+    set_switched_to(engine, p.tenant_id, parts.replica.id, None).await?;
     let only_if = &[ReplicaState::Failback, ReplicaState::ReadyToSwitch];
     crate::ops::replica_event(engine, p.tenant_id, parts.replica.id, ReplicaEvent::FailbackUndone, only_if).await?;
     ctx.log(LogLevel::Info, format!("production {} off; {} runs again", parts.vm.name, parts.replica.name)).await;
@@ -551,16 +612,20 @@ impl Step for Commit {
             .object_list::<Replica>(self.p.tenant_id)
             .await?
             .into_iter()
-            .find(|r| r.source_vm_id == self.vm)
+            .find(|r| r.source_vm_id == self.vm || r.replaced_source_vm_id == Some(self.vm))
             .ok_or_else(|| Error::conflict("no replica"))?;
         // The replica's runtime and overlays go; the restore points stay.
         crate::failover::discard_vm(engine, replica.id.0).await?;
+        if let Some(new) = replica.switched_to_vm_id.filter(|v| *v != replica.source_vm_id) {
+            adopt_restored_vm(ctx, &self.p, &replica, self.vm, new).await?;
+        }
         store
             .object_modify::<Replica, _, _>(self.p.tenant_id, replica.id.0, |r| {
                 if r.state == ReplicaState::Failback {
                     r.state = r.state.apply(ReplicaEvent::FailbackCommitted)?;
                 }
                 r.failover_point_id = None;
+                r.switched_to_vm_id = None;
                 r.updated_at = now();
                 Ok(())
             })

@@ -283,6 +283,8 @@ impl Step for Prepare {
                     target_datastore_id: target_ds.id,
                     state: ReplicaState::Ready,
                     failover_point_id: None,
+                    switched_to_vm_id: None,
+                    replaced_source_vm_id: None,
                     created_at: t,
                     updated_at: t,
                 };

@@ -1037,6 +1037,29 @@ async fn failback_to_another_location_makes_a_new_vm_and_undo_removes_it() {
     // Again, and commit: the new VM stays, the replica is Ready.
     assert_eq!(act(PlanAction::FailbackToProduction, to_location()).await, PlanState::Failback);
     assert_eq!(act(PlanAction::CommitFailback, Default::default()).await, PlanState::CommitFailback);
-    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
-    assert!(restored().await.is_some());
+    let committed = app.get::<Replica>(caller, replica.id.0).await.unwrap();
+    assert_eq!(committed.state, ReplicaState::Ready);
+    let new = restored().await.expect("the new VM stays");
+
+    // The new VM takes the original's place: in the job, in the plan, as the replica's source.
+    assert_eq!((committed.source_vm_id, committed.replaced_source_vm_id), (new.id, Some(vm.id)));
+    assert_eq!(app.get::<ReplicationJob>(caller, job.id.0).await.unwrap().vm_ids, vec![new.id]);
+    let plan_vms: Vec<VmId> =
+        app.get::<Plan>(caller, plan.id.0).await.unwrap().groups[0].vms.iter().map(|v| v.vm_id).collect();
+    assert_eq!(plan_vms, vec![new.id]);
+    // Replication goes on from it into the same chain: the first run has no bitmap to trust and
+    // compares against the newest point's manifest; the next is incremental.
+    let points_before = app.restore_points(caller, replica.id).await.unwrap().len();
+    let s = wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await;
+    assert_eq!(s.result, SessionResult::Success, "{:?}", s.failure_message);
+    let lines = log(app, caller, s.id).await;
+    assert!(lines.iter().any(|l| l.contains("hash-compare mode") && l.contains("manifest")), "{lines:?}");
+    assert_eq!(app.list::<Replica>(caller).await.unwrap().len(), 1, "no new replica: the same chain goes on");
+    let points = app.restore_points(caller, replica.id).await.unwrap();
+    assert_eq!(points.len(), points_before + 1, "a new point in the same chain");
+    let s = wait(app, app.replication_job_run(caller, job.id).await.unwrap()).await;
+    assert_eq!(s.result, SessionResult::Success, "{:?}", s.failure_message);
+    assert!(log(app, caller, s.id).await.iter().any(|l| l.contains("bitmap mode")));
+    let s = app.vm_power(caller, new.id, PowerAction::PowerOff).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
 }

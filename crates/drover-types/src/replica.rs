@@ -130,6 +130,14 @@ pub struct Replica {
     pub state: ReplicaState,
     /// The point a failed-over replica booted from.
     pub failover_point_id: Option<RestorePointId>,
+    /// The VM production runs on since the last switchover of a failback: the source VM, or the
+    /// new VM of a failback to another recovery location. Cleared by commit and undo.
+    #[serde(default)]
+    pub switched_to_vm_id: Option<VmId>,
+    /// The VM this replica protected before a committed failback to another location made a new
+    /// VM its source.
+    #[serde(default)]
+    pub replaced_source_vm_id: Option<VmId>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
