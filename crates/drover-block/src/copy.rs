@@ -192,18 +192,23 @@ async fn write_block_data<D: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Adds block `i` (of `len` bytes) of a buffer to `runs` of byte ranges into it: adjacent
+/// blocks form one run.
+fn add_to_runs(runs: &mut Vec<(usize, usize)>, i: usize, len: usize) {
+    let start = i * BLOCK_SIZE as usize;
+    match runs.last_mut() {
+        Some((_, end)) if *end == start => *end += len,
+        _ => runs.push((start, start + len)),
+    }
+}
+
 /// The runs of manifest blocks that differ between `a` and `b` (same length), as byte ranges
-/// into them; adjacent differing blocks form one run.
+/// into them.
 fn differing_runs(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, (x, y)) in a.chunks(BLOCK_SIZE as usize).zip(b.chunks(BLOCK_SIZE as usize)).enumerate() {
-        if x == y {
-            continue;
-        }
-        let (start, end) = (i * BLOCK_SIZE as usize, i * BLOCK_SIZE as usize + x.len());
-        match runs.last_mut() {
-            Some((_, run_end)) if *run_end == start => *run_end = end,
-            _ => runs.push((start, end)),
+        if x != y {
+            add_to_runs(&mut runs, i, x.len());
         }
     }
     runs
@@ -363,11 +368,7 @@ where
                     continue;
                 }
                 manifest.set_hash(block, hash)?;
-                let start = i * BLOCK_SIZE as usize;
-                match runs.last_mut() {
-                    Some((_, end)) if *end == start => *end += piece.len(),
-                    _ => runs.push((start, start + piece.len())),
-                }
+                add_to_runs(&mut runs, i, piece.len());
             }
             for (s, t) in runs {
                 write_block_data(dst, e.offset + s as u64, &data[s..t]).await?;

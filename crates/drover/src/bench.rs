@@ -192,6 +192,12 @@ fn qemu_img(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A new qcow2 overlay `file` on `backing`.
+fn overlay(backing: &Path, file: &Path) -> anyhow::Result<()> {
+    let (b, f) = (backing.to_str().unwrap_or_default(), file.to_str().unwrap_or_default());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", b, f])
+}
+
 fn timed<T>(start: Instant, v: T) -> (T, f64) {
     (v, start.elapsed().as_secs_f64())
 }
@@ -288,17 +294,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     };
 
     // 3. Incremental: only the dirty granules, into a new point on the seed.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        path("seed.qcow2").to_str().unwrap_or_default(),
-        path("point2.qcow2").to_str().unwrap_or_default(),
-    ])?;
+    overlay(&path("seed.qcow2"), &path("point2.qcow2"))?;
     let (p2_node, p2_export) = rig.export(&path("point2.qcow2"), Backing::FromImage, true, &[]).await?;
     let mut src = rig.client(&src_export, &["qemu:dirty-bitmap:bm1"]).await?;
     let mut p2 = rig.client(&p2_export, &[]).await?;
@@ -313,17 +309,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     // both sides.
     let mut hash_compare_into = async |name: &str, reading_target: bool| -> anyhow::Result<(Phase, Manifest)> {
         let file = path(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            path("seed.qcow2").to_str().unwrap_or_default(),
-            file.to_str().unwrap_or_default(),
-        ])?;
+        overlay(&path("seed.qcow2"), &file)?;
         let (node, export) = rig.export(&file, Backing::FromImage, true, &[]).await?;
         let mut stale = rig.client(&export, &[]).await?;
         let mut m = seed_manifest.clone();
@@ -363,17 +349,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
 
     // 5. Failback. The replica boots from point 2 through an overlay and writes; production writes
     // too (bm2 tracks it). What must travel back is the union; production must end equal.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        path("point2.qcow2").to_str().unwrap_or_default(),
-        path("failover.qcow2").to_str().unwrap_or_default(),
-    ])?;
+    overlay(&path("point2.qcow2"), &path("failover.qcow2"))?;
     let n = ((size / BLOCK_SIZE) as f64 * args.change / 2.0).ceil() as u64;
     let replica_writes = random_blocks(&mut rng, size, n);
     let prod_writes = random_blocks(&mut rng, size, n);
