@@ -156,21 +156,34 @@ where
     stats.source_read += current.bytes();
     while !current.pieces.is_empty() {
         next.fill(&mut chunks);
+        // The round is hashed on a blocking thread while it is written and the next is read.
+        let round = std::sync::Arc::new(std::mem::take(&mut current));
+        let hashing = {
+            let round = round.clone();
+            tokio::task::spawn_blocking(move || hash_batch(&round))
+        };
         let write = async {
-            for (e, data) in current.iter() {
+            for (e, data) in round.iter() {
                 write_block_data(dst, e.offset, data).await?;
             }
             Ok::<_, CopyError>(())
         };
         let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
+        let hashes = hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))?;
         write?;
         read?;
         stats.source_read += next.bytes();
-        for (e, data) in current.iter() {
+        let mut hashes = hashes.into_iter();
+        for (e, data) in round.iter() {
+            for i in 0..data.len().div_ceil(BLOCK_SIZE as usize) {
+                let hash = hashes.next().ok_or_else(|| CopyError::Hashing("fewer hashes than blocks".into()))?;
+                manifest.set_hash(e.offset / BLOCK_SIZE + i as u64, hash)?;
+            }
             stats.written += e.len;
-            manifest.set_range(e.offset, data)?;
             progress(stats.written, total);
         }
+        // The buffer is ours again (the hashing thread has finished with it): reuse it.
+        current = std::sync::Arc::try_unwrap(round).unwrap_or_default();
         std::mem::swap(&mut current, &mut next);
     }
     dst.flush().await?;
