@@ -18,9 +18,12 @@ fn bench_replication_reports_what_moved() {
     // Incremental: only the changed data, read once.
     assert!(r["incremental_ratio"].as_f64().unwrap() <= 1.05, "{r}");
     assert_eq!(r["incremental"]["bytes_read"], r["incremental"]["bytes_sent"]);
-    // Hash-compare: each side read once, only the differing blocks sent.
-    assert_eq!(r["hash_compare"]["bytes_read"].as_u64(), Some(2 * (32 << 20)));
+    // Hash-compare against the target's manifest: the source read once, the target not at all;
+    // reading both sides: each once. Only the differing blocks are sent either way.
+    assert_eq!(r["hash_compare"]["bytes_read"].as_u64(), Some(32 << 20));
     assert_eq!(r["hash_compare"]["bytes_sent"].as_u64(), Some(changed));
+    assert_eq!(r["hash_compare_reading_target"]["bytes_read"].as_u64(), Some(2 * (32 << 20)));
+    assert_eq!(r["hash_compare_reading_target"]["bytes_sent"].as_u64(), Some(changed));
     // Failback: no more than 1.1x what really changed, and production ends equal to the replica.
     assert!(r["failback"]["ratio"].as_f64().unwrap() <= 1.1, "{r}");
     assert_eq!(r["failback"]["equal_after"], true);
