@@ -2,14 +2,15 @@
 //!
 //! Needs `qemu-system-x86_64`, `qemu-img` (scripts/install-deps) and the built guest, found in
 //! `$DROVER_GUEST_DIR` or `<workspace>/guest/out`. A missing guest is a failure, not a skip: a
-//! silently skipped test proves nothing. VMs run under TCG with no network uplink; every test
+//! silently skipped test proves nothing. VMs run under TCG with no network uplink (user-mode
+//! networking with restrict=on, reachable only through forwards drover adds); every test
 //! kills what it started, also when it fails (see [`KillOnDrop`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest, probe_kvm};
-use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, VmSpec, image};
+use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, TcpPortState, VmSpec, image};
 use uuid::Uuid;
 
 /// Generous: the guest needs ~3-4 s under TCG, but CI machines may be loaded.
@@ -186,6 +187,65 @@ async fn a_new_driver_reattaches_and_sees_a_killed_vm_as_died() {
     restarted.power_off(vm).await.unwrap();
     assert_eq!(restarted.status(vm).await.unwrap(), PowerState::Off);
     restarted.forget(vm).await.unwrap();
+}
+
+/// The guest listens on port 22 only (`drover.listen=22`); the host sees 22 open and 23 closed
+/// through the forwards `check_tcp_port` adds, and none of them is left behind.
+#[tokio::test]
+async fn check_tcp_port_tells_open_from_closed() {
+    let fx = Fixture::new();
+    let hv = QemuDriver::new(fx.config());
+    let mut spec = fx.spec("ports").await;
+    spec.boot = fx.guest.boot_spec_listening(&[22]);
+    let vm = spec.id;
+
+    // Checked right after power-on, while the guest boots: slirp accepts on the host side at
+    // once, but the guest does not answer yet; the check must keep trying, not call that open.
+    let started = Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    let state = hv.check_tcp_port(vm, 22, BOOT_TIMEOUT).await.unwrap();
+    let open_after = started.elapsed();
+    assert_eq!(state, TcpPortState::Open, "console:\n{}", console(&hv, vm));
+    let hb = hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
+    eprintln!(
+        "port 22 open {:.2} s after power_on; heartbeat {:.2} s after (guest uptime {:.2} s)",
+        open_after.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        hb.uptime_secs
+    );
+    assert!(console(&hv, vm).contains("listen=22"), "console:\n{}", console(&hv, vm));
+
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(hv.check_tcp_port(vm, 22, Duration::from_secs(10)).await.unwrap(), TcpPortState::Open);
+        eprintln!("open port 22: decided in {} ms (forward added and removed)", t.elapsed().as_millis());
+        // A zero timeout is one attempt.
+        let t = Instant::now();
+        assert_eq!(hv.check_tcp_port(vm, 23, Duration::ZERO).await.unwrap(), TcpPortState::Closed);
+        eprintln!("closed port 23: decided in {} ms (one attempt)", t.elapsed().as_millis());
+    }
+    let t = Instant::now();
+    assert_eq!(hv.check_tcp_port(vm, 23, Duration::from_secs(2)).await.unwrap(), TcpPortState::Closed);
+    let waited = t.elapsed();
+    // Attempts repeat until less than one pause (200 ms) is left.
+    assert!(
+        waited >= Duration::from_millis(1700) && waited < Duration::from_secs(10),
+        "retried until the timeout: {waited:?}"
+    );
+
+    let mut qmp = hv.qmp(vm).await.unwrap();
+    let info = qmp.execute("human-monitor-command", serde_json::json!({"command-line": "info usernet"})).await.unwrap();
+    let info = info.as_str().unwrap_or_default().to_owned();
+    drop(qmp);
+    assert!(!info.contains("HOST_FORWARD"), "every forward is removed:\n{info}");
+
+    // Without a NIC there is nothing to check through.
+    hv.power_off(vm).await.unwrap();
+    spec.nics.clear();
+    hv.power_on(&spec).await.unwrap();
+    assert!(matches!(hv.check_tcp_port(vm, 22, Duration::ZERO).await, Err(HvError::InvalidSpec(_))));
+    hv.forget(vm).await.unwrap();
+    assert!(matches!(hv.check_tcp_port(vm, 22, Duration::ZERO).await, Err(HvError::UnknownVm(_))));
 }
 
 /// `Accel::Auto` relies on the probe: whatever the host's KVM does, the probe must answer within
