@@ -317,6 +317,9 @@ impl Hypervisor for SimulatedHypervisor {
             let state = {
                 let inner = self.lock();
                 let v = inner.vms.get(&vm).ok_or(HvError::UnknownVm(vm))?;
+                if !matches!(v.state, PowerState::Running | PowerState::Paused) {
+                    return Err(HvError::NotRunning(vm));
+                }
                 if v.spec.nics.is_empty() {
                     return Err(HvError::InvalidSpec(format!("VM {} has no NIC to check a port through", v.spec.name)));
                 }
@@ -329,8 +332,7 @@ impl Hypervisor for SimulatedHypervisor {
                         if open { TcpPortState::Open } else { TcpPortState::Closed }
                     }
                     // Booting or paused: the guest does not answer yet.
-                    (PowerState::Running | PowerState::Paused, _) => TcpPortState::NoAnswer,
-                    _ => return Err(HvError::NotRunning(vm)),
+                    _ => TcpPortState::NoAnswer,
                 }
             };
             if state == TcpPortState::Open || Instant::now() >= deadline {

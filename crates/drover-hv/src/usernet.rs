@@ -60,9 +60,8 @@ const FORWARD_TRIES: usize = 5;
 /// a time and the rest of the driver must not wait behind a port check.
 async fn hmp(qmp_socket: &std::path::Path, command_line: &str) -> HvResult<String> {
     let mut qmp = QmpClient::connect_timeout(qmp_socket, QMP_TIMEOUT).await?;
-    let out = qmp
-        .execute_timeout("human-monitor-command", json!({ "command-line": command_line }), QMP_TIMEOUT)
-        .await?;
+    let out =
+        qmp.execute_timeout("human-monitor-command", json!({ "command-line": command_line }), QMP_TIMEOUT).await?;
     Ok(out.as_str().unwrap_or_default().to_owned())
 }
 
@@ -97,8 +96,8 @@ impl<'a> Forward<'a> {
     }
 
     async fn remove(self) -> HvResult<()> {
-        let out = hmp(self.qmp_socket, &format!("hostfwd_remove {} tcp:127.0.0.1:{}", self.netdev, self.host_port))
-            .await?;
+        let out =
+            hmp(self.qmp_socket, &format!("hostfwd_remove {} tcp:127.0.0.1:{}", self.netdev, self.host_port)).await?;
         if out.contains("removed") {
             Ok(())
         } else {
