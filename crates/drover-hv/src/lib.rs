@@ -50,6 +50,11 @@ pub struct NicSpec {
     /// The network name from the inventory. Without a configured bridge the NIC has no uplink.
     pub network: String,
     pub mac: String,
+    /// Never gives the NIC its network's bridge: user-mode networking with no uplink, whatever
+    /// bridges the driver has. Replica and test VMs get this until network mapping exists, so a
+    /// failover drill cannot reach production's network.
+    #[serde(default)]
+    pub no_uplink: bool,
 }
 
 /// Direct kernel boot (what the tiny guest uses) or boot from the first disk.

@@ -835,7 +835,7 @@ fn qemu_args(
         // Without a bridge: user-mode networking with restrict=on. The guest reaches nothing
         // outside (no uplink); the host reaches it only through forwards drover adds to check a
         // port (see crate::usernet). The netdev id is what those forwards name.
-        let netdev = match bridges.get(&nic.network) {
+        let netdev = match bridges.get(&nic.network).filter(|_| !nic.no_uplink) {
             Some(bridge) => format!("bridge,id=net{i},br={}", qemu_opt_escape(bridge)),
             None => format!("user,id=net{i},restrict=on"),
         };
@@ -860,7 +860,7 @@ fn qemu_args(
 /// The netdev id of the VM's first NIC on user-mode networking (a network without a bridge), as
 /// [`qemu_args`] names it.
 fn user_netdev(spec: &VmSpec, bridges: &BTreeMap<String, String>) -> Option<String> {
-    spec.nics.iter().position(|nic| !bridges.contains_key(&nic.network)).map(|i| format!("net{i}"))
+    spec.nics.iter().position(|nic| nic.no_uplink || !bridges.contains_key(&nic.network)).map(|i| format!("net{i}"))
 }
 
 /// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
@@ -959,8 +959,8 @@ mod tests {
             memory_mib: 96,
             disks: vec![DiskSpec { path: "/images/a.qcow2".into() }, DiskSpec { path: "/images/b,c.qcow2".into() }],
             nics: vec![
-                NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into() },
-                NicSpec { network: "dmz".into(), mac: "52:54:00:00:00:02".into() },
+                NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false },
+                NicSpec { network: "dmz".into(), mac: "52:54:00:00:00:02".into(), no_uplink: false },
             ],
             boot: BootSpec {
                 kernel: Some("/g/vmlinux".into()),
@@ -1002,6 +1002,14 @@ mod tests {
         assert_eq!(user_netdev(&spec, &lan_bridged).as_deref(), Some("net1"));
         let all_bridged = BTreeMap::from([("lan".to_owned(), "br0".to_owned()), ("dmz".to_owned(), "br1".to_owned())]);
         assert_eq!(user_netdev(&spec, &all_bridged), None);
+
+        // A NIC with no uplink is never bridged.
+        let mut isolated = spec.clone();
+        isolated.nics[1].no_uplink = true;
+        let line = qemu_args(&isolated, &paths, ResolvedAccel::Tcg, &bridges).unwrap();
+        let line = line.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+        assert!(line.contains("-netdev user,id=net1,restrict=on"), "{line}");
+        assert_eq!(user_netdev(&isolated, &all_bridged).as_deref(), Some("net1"));
     }
 
     #[test]
@@ -1032,7 +1040,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
-            nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into() }],
+            nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false }],
             boot: BootSpec { kernel: None, initrd: None, cmdline: None },
         };
         validate_spec(&ok).unwrap();

@@ -448,7 +448,7 @@ mod tests {
         hv.power_on(&s).await.unwrap();
         assert!(matches!(hv.check_tcp_port(s.id, 22, short).await, Err(HvError::InvalidSpec(_))), "no NIC");
         hv.power_off(s.id).await.unwrap();
-        s.nics = vec![crate::NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into() }];
+        s.nics = vec![crate::NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false }];
         s.boot.cmdline = Some("console=ttyS0 drover.listen=22,80".into());
         assert!(matches!(hv.check_tcp_port(s.id, 22, short).await, Err(HvError::NotRunning(_))));
         hv.set_heartbeat_delay(Duration::from_millis(100));

@@ -92,7 +92,7 @@ impl Fixture {
             vcpus: 1,
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
-            nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:00:01".into() }],
+            nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:00:01".into(), no_uplink: false }],
             boot: self.guest.boot_spec(),
         }
     }
