@@ -113,7 +113,9 @@ pub struct QemuConfig {
     /// `Auto` means TCG.
     pub kvm_probe_guest: Option<BootSpec>,
     /// Network name → host bridge. A NIC on a network listed here gets `-netdev bridge`
-    /// (needs qemu-bridge-helper set up for that bridge); any other NIC has no uplink.
+    /// (needs qemu-bridge-helper set up for that bridge) unless it is marked `no_uplink`; any
+    /// other NIC has user-mode networking with `restrict=on`: no uplink, reachable from the host
+    /// only through the forward a port check adds.
     pub bridges: BTreeMap<String, String>,
 }
 
