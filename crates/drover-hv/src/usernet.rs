@@ -10,14 +10,18 @@
 //! # The trap, and the rule
 //! slirp accepts the host-side connection at once, before it has even sent the SYN to the guest,
 //! so "connect succeeded" says nothing. What happens next, measured against the tiny guest under
-//! TCG (`tests/qemu_guest.rs` prints its own figures):
+//! TCG with QEMU 10.0 (`tests/qemu_guest.rs` prints its own figures on every run):
 //! ```text
-//!   guest listens       slirp's socket goes SYN_SENT -> ESTABLISHED; the tiny guest's greeting
-//!                       line arrives 4-45 ms after connect
-//!   guest refuses (RST) slirp closes the host socket: end-of-file 1-7 ms after connect
-//!   guest silent        (not booted yet, no address, packets dropped) the host socket stays open
-//!                       and silent, and slirp's socket stays SYN_SENT: it looks exactly like a
-//!                       service that accepted and says nothing first (HTTP)
+//!   guest listens, greets   slirp's socket goes SYN_SENT -> ESTABLISHED; the greeting arrives
+//!                           4-45 ms after connect (a whole check, forward added and removed:
+//!                           6-26 ms)
+//!   guest listens, quiet    ESTABLISHED in `info usernet`, nothing to read (a whole check:
+//!                           28-32 ms)
+//!   guest refuses (RST)     slirp closes the host socket: end-of-file 1-7 ms after connect
+//!   guest silent            (still booting, no address, packets dropped) the host socket stays
+//!                           open and silent and slirp's socket stays SYN_SENT (watched for 3 s
+//!                           while the guest booted): from the host socket alone this looks
+//!                           exactly like a quiet service
 //! ```
 //! So an open socket is not evidence. The rule, polled every [`POLL`] for at most [`ATTEMPT`]:
 //! - bytes from the guest ⇒ **open**;

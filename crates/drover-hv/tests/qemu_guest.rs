@@ -189,14 +189,22 @@ async fn a_new_driver_reattaches_and_sees_a_killed_vm_as_died() {
     restarted.forget(vm).await.unwrap();
 }
 
-/// The guest listens on port 22 only (`drover.listen=22`); the host sees 22 open and 23 closed
-/// through the forwards `check_tcp_port` adds, and none of them is left behind.
+/// The guest listens on port 22 (greeting) and 80 (quiet); the host sees both open and 23 closed
+/// through the forwards `check_tcp_port` adds, none of them is left behind, and the guest itself
+/// reaches nothing outside.
 #[tokio::test]
 async fn check_tcp_port_tells_open_from_closed() {
     let fx = Fixture::new();
     let hv = QemuDriver::new(fx.config());
     let mut spec = fx.spec("ports").await;
     spec.boot = fx.guest.boot_spec_listening(&[22]);
+    // No uplink: the guest tries the host's loopback through slirp's gateway (10.0.2.2), which
+    // an unrestricted user-mode network would let through, and must not get there.
+    let host_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let cmdline = spec.boot.cmdline.take().unwrap();
+    // Port 80 accepts but says nothing first, like HTTP: only slirp's state tells it open.
+    spec.boot.cmdline = Some(format!("{cmdline} drover.listen-quiet=80 drover.reach=10.0.2.2:{host_port}"));
     let vm = spec.id;
 
     // Checked right after power-on, while the guest boots: slirp accepts on the host side at
@@ -224,6 +232,11 @@ async fn check_tcp_port_tells_open_from_closed() {
         assert_eq!(hv.check_tcp_port(vm, 23, Duration::ZERO).await.unwrap(), TcpPortState::Closed);
         eprintln!("closed port 23: decided in {} ms (one attempt)", t.elapsed().as_millis());
     }
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(hv.check_tcp_port(vm, 80, Duration::from_secs(10)).await.unwrap(), TcpPortState::Open);
+        eprintln!("open quiet port 80: decided in {} ms", t.elapsed().as_millis());
+    }
     let t = Instant::now();
     assert_eq!(hv.check_tcp_port(vm, 23, Duration::from_secs(2)).await.unwrap(), TcpPortState::Closed);
     let waited = t.elapsed();
@@ -232,6 +245,15 @@ async fn check_tcp_port_tells_open_from_closed() {
         waited >= Duration::from_millis(1700) && waited < Duration::from_secs(10),
         "retried until the timeout: {waited:?}"
     );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console(&hv, vm).contains("drover-guest: reach ") {
+        assert!(Instant::now() < deadline, "the guest never reported its reach attempt:\n{}", console(&hv, vm));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(console(&hv, vm).contains(&format!("reach 10.0.2.2:{host_port} unreachable")), "{}", console(&hv, vm));
+    let accepted = tokio::time::timeout(Duration::from_millis(100), host_listener.accept()).await;
+    assert!(accepted.is_err(), "the guest reached the host: {accepted:?}");
 
     let mut qmp = hv.qmp(vm).await.unwrap();
     let info = qmp.execute("human-monitor-command", serde_json::json!({"command-line": "info usernet"})).await.unwrap();
