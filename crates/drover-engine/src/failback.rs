@@ -562,7 +562,7 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
         vcpus: parts.vm.vcpus,
         memory_mib: parts.vm.memory_mib,
         disks: parts.disks.iter().map(|(_, _, overlay, _)| DiskSpec { path: overlay.clone() }).collect(),
-        nics: Vec::new(),
+        nics: crate::ops::no_uplink_nics(&parts.vm),
         boot: crate::ops::boot_spec(&parts.vm),
     };
     crate::ops::power_on(ctx, &spec).await?;

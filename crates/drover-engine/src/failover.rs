@@ -8,7 +8,7 @@
 //! | `begin` | checks the plan is failing over | lands the plan in UNDO FAILOVER (this undo runs last) |
 //! | `delay:<g>` | waits the group's delay before the next group | none |
 //! | `boot:<i>` | picks the restore point (newest, or newest at or before the requested date), makes a throwaway overlay on each of its disk files, boots the replica VM from them (QEMU uuid = replica id), replica `Ready → Failover` | powers the replica off, discards the overlays, replica back to `Ready` |
-//! | `step:<i>:<k>` | the plan's per-VM steps after power-on: wait for the heartbeat, run a script | none |
+//! | `step:<i>:<k>` | the plan's per-VM steps after power-on: wait for the heartbeat, check a TCP port, run a script | none |
 //! | `conclude` | plan `FailoverInProgress → Failover` | none |
 //!
 //! A failed step of a critical group halts the plan (HALTED); in a non-critical group it is a
@@ -29,8 +29,12 @@
 //! VM's own steps in order; a critical failure lets the others finish the step they are in, then
 //! halts); a sequential group takes them one after another.
 //!
-//! Decisions: replica VMs have no network uplink until network mapping exists,
-//! so a `CheckTcpPort` step fails with a clear message.
+//! Decisions: replica and test VMs keep their source's NICs (networks, MACs) but have no uplink
+//! until network mapping exists: the QEMU driver gives them user-mode networking with
+//! `restrict=on`, so they reach nothing outside, and the host reaches them only through the port
+//! forward a `CheckTcpPort` step adds for its check (`Hypervisor::check_tcp_port`). The step
+//! retries until its timeout and fails naming the VM, the port and the timeout when the port stays
+//! closed or silent.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +42,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_block::chain::ChainDir;
-use drover_hv::{DiskSpec, VmSpec};
+use drover_hv::{DiskSpec, TcpPortState, VmSpec};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -364,8 +368,9 @@ impl Step for Boot {
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
             disks: overlays.iter().map(|o| DiskSpec { path: o.clone() }).collect(),
-            // No uplink until network mapping exists: the replica cannot reach production.
-            nics: Vec::new(),
+            // No uplink until network mapping exists: the replica cannot reach production, and
+            // the host reaches it only to check a port.
+            nics: crate::ops::no_uplink_nics(&source),
             boot: crate::ops::boot_spec(&source),
         };
         engine.hv().power_on(&spec).await.map_err(hv_err)?;
@@ -491,10 +496,34 @@ impl Step for PlanVmStep {
                 ctx.log(LogLevel::Info, format!("{}: heartbeat, guest up {:.1} s", replica.name, hb.uptime_secs)).await;
                 Ok(json!({ "uptime_secs": hb.uptime_secs }))
             }
-            PlanStepKind::CheckTcpPort { port, .. } => Err(Error::conflict(format!(
-                "step {:?}: cannot check port {port}: replica VMs have no network yet",
-                self.step.name
-            ))),
+            PlanStepKind::CheckTcpPort { port, timeout_secs } => {
+                let name = match self.test {
+                    Some(_) => {
+                        let source = ctx.engine.store().object_get::<Vm>(self.p.tenant_id, self.vm.0).await?;
+                        format!("test VM {}_test", source.name)
+                    }
+                    None => replica.name.clone(),
+                };
+                let timeout = Duration::from_secs(u64::from(*timeout_secs));
+                let started = std::time::Instant::now();
+                let state = ctx.engine.hv().check_tcp_port(target, *port, timeout).await.map_err(|e| {
+                    Error::Unavailable(format!("{name}: cannot check TCP port {port}: {}", error_chain(&e)))
+                })?;
+                let took = started.elapsed().as_secs_f64();
+                match state {
+                    TcpPortState::Open => {
+                        ctx.log(LogLevel::Info, format!("{name}: TCP port {port} is open ({took:.1} s)")).await;
+                        Ok(json!({ "port": port, "state": state }))
+                    }
+                    TcpPortState::Closed => Err(Error::Unavailable(format!(
+                        "{name}: TCP port {port} is closed: the guest refused connections for {timeout_secs} s"
+                    ))),
+                    TcpPortState::NoAnswer => Err(Error::Unavailable(format!(
+                        "{name}: TCP port {port} did not answer within {timeout_secs} s (guest not up, or no \
+                         address on its network)"
+                    ))),
+                }
+            }
             PlanStepKind::RunScript { path, args, timeout_secs } => {
                 let mut cmd = tokio::process::Command::new(path);
                 cmd.args(args)

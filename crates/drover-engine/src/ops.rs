@@ -114,9 +114,19 @@ pub fn vm_spec(vm: &Vm, disk_dir: &Path) -> VmSpec {
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         disks: vm.disks.iter().map(|d| DiskSpec { path: disk_path(disk_dir, &d.name) }).collect(),
-        nics: vm.nics.iter().map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone() }).collect(),
+        nics: vm
+            .nics
+            .iter()
+            .map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone(), no_uplink: false })
+            .collect(),
         boot: boot_spec(vm),
     }
+}
+
+/// The NICs of a replica or test VM made from `vm`: the same networks and MACs, with no uplink
+/// until network mapping exists. The host still reaches them to check a port.
+pub(crate) fn no_uplink_nics(vm: &Vm) -> Vec<NicSpec> {
+    vm.nics.iter().map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone(), no_uplink: true }).collect()
 }
 
 /// How the hypervisor boots a VM (or a replica or test VM made from it).

@@ -565,6 +565,8 @@ async fn a_power_on_waits_for_a_disk_held_by_another_process() {
 async fn failover_boots_the_replica_and_undo_discards_its_changes() {
     let (env, host, prod, dr, boot) = qemu_site("drv").await;
     let (app, caller, root) = (&env.app, &env.caller, env._dir.path().to_path_buf());
+    // The guest listens on port 22, which the plan checks through the replica's NIC.
+    let boot = VmBoot { cmdline: boot.cmdline.map(|c| format!("{c} drover.listen=22")), ..boot };
     let new_vm = NewVm {
         name: "app".into(),
         host_id: host.id,
@@ -572,7 +574,7 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
         vcpus: 1,
         memory_mib: 128,
         disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
-        nics: vec![],
+        nics: vec![("lan".into(), None)],
         tags: vec!["tier:web".parse().unwrap()],
         boot,
     };
@@ -635,6 +637,12 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
                                 kind: PlanStepKind::WaitHeartbeat { timeout_secs: 90 },
                                 critical: true,
                             },
+                            PlanStep {
+                                id: PlanStepId::new(),
+                                name: "ssh".into(),
+                                kind: PlanStepKind::CheckTcpPort { port: 22, timeout_secs: 30 },
+                                critical: true,
+                            },
                         ],
                     }],
                 }],
@@ -660,6 +668,7 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
     let hb = env.driver.wait_heartbeat(replica.id.0, Duration::from_secs(30)).await.unwrap();
     assert_eq!(hb.marker.as_deref(), Some("production"));
     assert!(log(app, caller, done.id).await.iter().any(|l| l.contains("tags tier:web")));
+    assert!(log(app, caller, done.id).await.iter().any(|l| l.contains("app_replica: TCP port 22 is open")));
     // Failover again is a conflict; a replication run does not touch a failed-over replica.
     assert!(matches!(
         app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await,
@@ -709,6 +718,7 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
     let lines = log(app, caller, s).await;
     assert!(lines.iter().any(|l| l.contains("test VM app_test booted from restore point 2 (no uplink)")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("heartbeat")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("test VM app_test: TCP port 22 is open")), "{lines:?}");
     assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle, state_before);
     assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
     assert_eq!(

@@ -676,3 +676,161 @@ async fn a_failure_in_a_parallel_group_lets_the_others_finish_their_step_then_ha
     assert_eq!(events.iter().filter(|e| *e == "start vm0.0").count(), 1, "done steps do not run again: {events:?}");
     assert_consistent(&env, &done).await;
 }
+
+/// A VM with a replica and one published restore point, made by hand (the simulated hypervisor
+/// cannot replicate): a real qcow2 file in a chain directory, so failover's boot overlay works.
+async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
+    let mut new = env.new_vm(name);
+    new.boot.cmdline = Some(cmdline.into());
+    let (vm, s) = env.app.vm_create(&env.caller, new).await.unwrap();
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    let dr_path = env.ds_path.with_file_name("dr");
+    let dr = env
+        .app
+        .datastore_create(
+            &env.caller,
+            NewDatastore { host_id: env.host, name: "dr".into(), path: dr_path.to_string_lossy().into() },
+        )
+        .await
+        .unwrap();
+    let job = env
+        .app
+        .replication_job_create(
+            &env.caller,
+            drover_engine::app::NewReplicationJob {
+                name: format!("{name}-job"),
+                vm_ids: vec![vm.id],
+                target_host_id: env.host,
+                target_datastore_id: dr.id,
+                schedule: Schedule::Manual,
+                retention_points: 2,
+            },
+        )
+        .await
+        .unwrap();
+    let t = now();
+    let replica = Replica {
+        id: ReplicaId::new(),
+        tenant_id: env.caller.tenant_id,
+        name: format!("{name}_replica"),
+        job_id: job.id,
+        source_vm_id: vm.id,
+        target_datastore_id: dr.id,
+        state: ReplicaState::Ready,
+        failover_point_id: None,
+        switched_to_vm_id: None,
+        replaced_source_vm_id: None,
+        created_at: t,
+        updated_at: t,
+    };
+    env.app.engine().store().object_insert(&replica).await.unwrap();
+    let chain = dr_path.join(replica.id.to_string()).join("data");
+    std::fs::create_dir_all(&chain).unwrap();
+    let file = chain.join("point-1.qcow2");
+    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
+    let point = RestorePoint {
+        id: RestorePointId::new(),
+        replica_id: replica.id,
+        sequence: 0,
+        session_id: SessionId::new(),
+        state: RestorePointState::Published,
+        created_at: t,
+        bytes_written: 0,
+        disks: vec![RestorePointDisk {
+            disk: "data".into(),
+            file: file.to_string_lossy().into(),
+            size_bytes: 64 << 20,
+            manifest_digest: String::new(),
+        }],
+        verified: false,
+    };
+    env.app.engine().store().restore_point_publish(env.caller.tenant_id, &point).await.unwrap();
+    (env.vm(vm.id).await.unwrap(), replica)
+}
+
+fn port_check_groups(vm: VmId, port: u16, timeout_secs: u32) -> Vec<PlanGroup> {
+    let step = |name: &str, kind| PlanStep { id: PlanStepId::new(), name: name.into(), kind, critical: true };
+    vec![PlanGroup {
+        id: PlanGroupId::new(),
+        name: "g".into(),
+        mode: GroupMode::Sequential,
+        delay_secs: 0,
+        critical: true,
+        restore_tags: false,
+        vms: vec![PlanVm {
+            vm_id: vm,
+            steps: vec![
+                step("on", PlanStepKind::PowerOn),
+                step("port", PlanStepKind::CheckTcpPort { port, timeout_secs }),
+            ],
+        }],
+    }]
+}
+
+async fn log_lines(env: &Env, s: SessionId) -> Vec<String> {
+    env.app.session_log(&env.caller, s, 0, 1000).await.unwrap().into_iter().map(|e| e.message).collect()
+}
+
+/// `CheckTcpPort` asks the hypervisor about the VM being started (the replica, or the test VM):
+/// an open port passes; a closed one halts a failover and fails a test failover, naming the VM,
+/// the port and the timeout. The guest listens where its kernel command line says, as the tiny
+/// guest does.
+#[tokio::test]
+async fn a_check_tcp_port_step_passes_when_open_and_halts_when_closed() {
+    let env = env().await;
+    let (vm, replica) = replicated_vm(&env, "web", "console=ttyS0 drover.listen=22").await;
+    let (app, caller) = (&env.app, &env.caller);
+    let input = |port| drover_engine::app::PlanInput {
+        name: "ports".into(),
+        description: String::new(),
+        recovery_location_id: RecoveryLocationId::ORIGINAL,
+        groups: port_check_groups(vm.id, port, 1),
+    };
+    let plan = app.plan_create(caller, input(22)).await.unwrap();
+
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    let done = env.wait(s.unwrap()).await;
+    let lines = log_lines(&env, done.id).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {lines:?}", done.failure_message);
+    assert!(lines.iter().any(|l| l.contains("web_replica: TCP port 22 is open")), "{lines:?}");
+    let spec = env.hv.spec(replica.id.0).unwrap();
+    assert_eq!(spec.nics.len(), 1);
+    assert!(spec.nics[0].no_uplink && spec.nics[0].mac == vm.nics[0].mac, "{spec:?}");
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    assert_eq!(env.wait(s.unwrap()).await.result, SessionResult::Success);
+
+    // Port 23: nothing listens. The failover halts on the step; Undo unwinds it.
+    app.plan_action(caller, plan.id, PlanAction::ResetState, Default::default()).await.unwrap();
+    app.plan_set_enabled(caller, plan.id, true).await.unwrap();
+    app.plan_update(caller, plan.id, input(23)).await.unwrap();
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    let halted = env.wait(s.unwrap()).await;
+    assert!(halted.halted, "{halted:?}");
+    let message = "web_replica: TCP port 23 is closed: the guest refused connections for 1 s";
+    let lines = log_lines(&env, halted.id).await;
+    assert!(lines.iter().any(|l| l.contains(message)), "{lines:?}");
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state, PlanState::Halted);
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    let undone = env.wait(s.unwrap()).await;
+    assert_eq!(undone.result, SessionResult::Failed);
+    assert_eq!(app.get::<Replica>(caller, replica.id.0).await.unwrap().state, ReplicaState::Ready);
+
+    // A test failover checks its own throwaway VM and fails with the same kind of message.
+    let s = app.plan_test_failover(caller, plan.id, Default::default()).await.unwrap();
+    let failed = env.wait(s).await;
+    assert_eq!(failed.result, SessionResult::Failed);
+    let text = failed.failure_message.clone().unwrap_or_default();
+    assert!(text.contains("test VM web_test: TCP port 23 is closed"), "{failed:?}");
+    // The simulated guest opens 23 too: the test failover passes and leaves nothing running.
+    let task_vm = |s: SessionId| async move {
+        let (_, tasks) = app.session_get(caller, s).await.unwrap();
+        tasks[0].id.0
+    };
+    let s = app.plan_test_failover(caller, plan.id, Default::default()).await.unwrap();
+    env.hv.set_open_ports(task_vm(s).await, &[23]);
+    let done = env.wait(s).await;
+    let lines = log_lines(&env, s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {lines:?}", done.failure_message);
+    assert!(lines.iter().any(|l| l.contains("test VM web_test: TCP port 23 is open")), "{lines:?}");
+    assert_eq!(env.hv.status(task_vm(s).await).await.unwrap(), drover_hv::PowerState::Off);
+}

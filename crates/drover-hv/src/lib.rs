@@ -24,6 +24,7 @@ pub mod qmp;
 pub mod qsd;
 pub mod sim;
 pub mod tracking;
+pub mod usernet;
 
 /// What the driver needs to know to run one VM. Built by the engine from the inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,11 @@ pub struct NicSpec {
     /// The network name from the inventory. Without a configured bridge the NIC has no uplink.
     pub network: String,
     pub mac: String,
+    /// Never gives the NIC its network's bridge: user-mode networking with no uplink, whatever
+    /// bridges the driver has. Replica and test VMs get this until network mapping exists, so a
+    /// failover drill cannot reach production's network.
+    #[serde(default)]
+    pub no_uplink: bool,
 }
 
 /// Direct kernel boot (what the tiny guest uses) or boot from the first disk.
@@ -78,6 +84,18 @@ pub struct Heartbeat {
     pub uptime_secs: f64,
     /// Content of the marker file on the data disk, when there is one.
     pub marker: Option<String>,
+}
+
+/// What a guest's TCP port did when the host connected to it (see [`Hypervisor::check_tcp_port`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpPortState {
+    /// The guest accepted the connection.
+    Open,
+    /// The guest refused it: nothing listens on the port.
+    Closed,
+    /// The guest did not answer at all: not booted yet, no address, or its packets are dropped.
+    NoAnswer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +172,12 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
 
     /// Writes the marker file on the guest's data disk and syncs it.
     async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()>;
+
+    /// Checks from the host whether the guest accepts TCP connections on `guest_port`, retrying
+    /// until it does or `timeout` passes: `Open` as soon as it is, otherwise what the last attempt
+    /// saw. The QEMU driver checks through a NIC on a network without a bridge (user-mode
+    /// networking, see [`usernet`]); a VM without one is an error.
+    async fn check_tcp_port(&self, vm: Uuid, guest_port: u16, timeout: Duration) -> HvResult<TcpPortState>;
 
     /// Removes what the driver keeps for the VM (runtime directory). Powers it off first.
     /// Idempotent. Disk images are the engine's to delete, through [`image`].

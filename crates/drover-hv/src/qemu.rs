@@ -12,7 +12,10 @@
 //! ```
 //! Disks are `-blockdev` qcow2 nodes named `disk0`, `disk1`, ... (files `file0`, ...), each on a
 //! virtio-blk device `vblk<i>`; NICs are virtio-net `nic<i>` on netdev `net<i>`. Later QMP work
-//! (dirty bitmaps, NBD export) addresses the disks by these node names.
+//! (dirty bitmaps, NBD export) addresses the disks by these node names, and port checks the
+//! netdevs. A NIC on a network with a configured bridge gets `-netdev bridge`; any other NIC gets
+//! user-mode networking with `restrict=on` (no uplink; the host reaches the guest only through
+//! the forwards a port check adds, see [`crate::usernet`]).
 //!
 //! # Power state, from the outside
 //! ```text
@@ -57,7 +60,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::qmp::QmpClient;
-use crate::{BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec};
+use crate::{BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState, VmSpec};
 
 /// Name of the virtio-serial port the guest agent listens on.
 pub const AGENT_CHANNEL: &str = "org.drover.agent";
@@ -110,7 +113,9 @@ pub struct QemuConfig {
     /// `Auto` means TCG.
     pub kvm_probe_guest: Option<BootSpec>,
     /// Network name → host bridge. A NIC on a network listed here gets `-netdev bridge`
-    /// (needs qemu-bridge-helper set up for that bridge); any other NIC has no uplink.
+    /// (needs qemu-bridge-helper set up for that bridge) unless it is marked `no_uplink`; any
+    /// other NIC has user-mode networking with `restrict=on`: no uplink, reachable from the host
+    /// only through the forward a port check adds.
     pub bridges: BTreeMap<String, String>,
 }
 
@@ -169,6 +174,21 @@ impl TinyGuest {
             initrd: Some(self.initramfs.clone()),
             cmdline: Some(self.cmdline.clone()),
         }
+    }
+
+    /// The kernel command line with `drover.listen=<ports>`: the guest's init starts a TCP
+    /// listener on each port, which greets every connection with one line.
+    pub fn cmdline_listening(&self, ports: &[u16]) -> String {
+        if ports.is_empty() {
+            return self.cmdline.clone();
+        }
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        format!("{} drover.listen={}", self.cmdline, ports.join(","))
+    }
+
+    /// [`TinyGuest::boot_spec`] with a guest that listens on `ports`.
+    pub fn boot_spec_listening(&self, ports: &[u16]) -> BootSpec {
+        BootSpec { cmdline: Some(self.cmdline_listening(ports)), ..self.boot_spec() }
     }
 }
 
@@ -573,6 +593,25 @@ impl Hypervisor for QemuDriver {
         self.agent_retry(vm, WRITE_MARKER_TIMEOUT, "marker write", &request, parse_write_reply).await
     }
 
+    async fn check_tcp_port(&self, vm: Uuid, guest_port: u16, timeout: Duration) -> HvResult<TcpPortState> {
+        let paths = self.paths(vm);
+        if running_pid(&paths, vm).is_none() {
+            return Err(self.not_running(vm));
+        }
+        let text = tokio::fs::read_to_string(&paths.spec)
+            .await
+            .map_err(|e| HvError::io(format!("reading {}", paths.spec.display()), e))?;
+        let spec: VmSpec = serde_json::from_str(&text)
+            .map_err(|e| HvError::InvalidSpec(format!("{} does not parse: {e}", paths.spec.display())))?;
+        let netdev = user_netdev(&spec, &self.config.bridges).ok_or_else(|| {
+            HvError::InvalidSpec(format!(
+                "VM {} has no NIC on a network without a bridge; its ports cannot be checked from the host",
+                spec.name
+            ))
+        })?;
+        crate::usernet::check_tcp_port(&paths.qmp, &netdev, guest_port, timeout).await
+    }
+
     async fn forget(&self, vm: Uuid) -> HvResult<()> {
         self.power_off(vm).await?;
         let lock = self.vm_lock(vm);
@@ -801,10 +840,12 @@ fn qemu_args(
         push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{boot}")]);
     }
     for (i, nic) in spec.nics.iter().enumerate() {
-        // A hub with one port: the NIC exists (and keeps its MAC) but reaches nothing.
-        let netdev = match bridges.get(&nic.network) {
+        // Without a bridge: user-mode networking with restrict=on. The guest reaches nothing
+        // outside (no uplink); the host reaches it only through forwards drover adds to check a
+        // port (see crate::usernet). The netdev id is what those forwards name.
+        let netdev = match bridges.get(&nic.network).filter(|_| !nic.no_uplink) {
             Some(bridge) => format!("bridge,id=net{i},br={}", qemu_opt_escape(bridge)),
-            None => format!("hubport,id=net{i},hubid={i}"),
+            None => format!("user,id=net{i},restrict=on"),
         };
         push(&["-netdev", &netdev]);
         push(&["-device", &format!("virtio-net-pci,netdev=net{i},mac={},id=nic{i}", nic.mac)]);
@@ -822,6 +863,12 @@ fn qemu_args(
         args.push(cmdline.into());
     }
     Ok(args)
+}
+
+/// The netdev id of the VM's first NIC on user-mode networking (a network without a bridge), as
+/// [`qemu_args`] names it.
+fn user_netdev(spec: &VmSpec, bridges: &BTreeMap<String, String>) -> Option<String> {
+    spec.nics.iter().position(|nic| nic.no_uplink || !bridges.contains_key(&nic.network)).map(|i| format!("net{i}"))
 }
 
 /// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
@@ -920,8 +967,8 @@ mod tests {
             memory_mib: 96,
             disks: vec![DiskSpec { path: "/images/a.qcow2".into() }, DiskSpec { path: "/images/b,c.qcow2".into() }],
             nics: vec![
-                NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into() },
-                NicSpec { network: "dmz".into(), mac: "52:54:00:00:00:02".into() },
+                NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false },
+                NicSpec { network: "dmz".into(), mac: "52:54:00:00:00:02".into(), no_uplink: false },
             ],
             boot: BootSpec {
                 kernel: Some("/g/vmlinux".into()),
@@ -947,7 +994,7 @@ mod tests {
              -blockdev driver=file,node-name=file1,filename=/images/b,,c.qcow2 \
              -blockdev driver=qcow2,node-name=disk1,file=file1,discard=unmap \
              -device virtio-blk-pci,drive=disk1,id=vblk1 \
-             -netdev hubport,id=net0,hubid=0 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,id=nic0 \
+             -netdev user,id=net0,restrict=on -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,id=nic0 \
              -netdev bridge,id=net1,br=br-dmz -device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,id=nic1 \
              -kernel /g/vmlinux -initrd /g/initramfs.img -append console=ttyS0 quiet"
         );
@@ -956,7 +1003,21 @@ mod tests {
         let kvm = qemu_args(&spec, &paths, ResolvedAccel::Kvm, &BTreeMap::new()).unwrap();
         let kvm = kvm.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"));
-        assert!(kvm.contains("-netdev hubport,id=net1,hubid=1"));
+        assert!(kvm.contains("-netdev user,id=net1,restrict=on"));
+
+        assert_eq!(user_netdev(&spec, &bridges).as_deref(), Some("net0"));
+        let lan_bridged = BTreeMap::from([("lan".to_owned(), "br0".to_owned())]);
+        assert_eq!(user_netdev(&spec, &lan_bridged).as_deref(), Some("net1"));
+        let all_bridged = BTreeMap::from([("lan".to_owned(), "br0".to_owned()), ("dmz".to_owned(), "br1".to_owned())]);
+        assert_eq!(user_netdev(&spec, &all_bridged), None);
+
+        // A NIC with no uplink is never bridged.
+        let mut isolated = spec.clone();
+        isolated.nics[1].no_uplink = true;
+        let line = qemu_args(&isolated, &paths, ResolvedAccel::Tcg, &bridges).unwrap();
+        let line = line.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+        assert!(line.contains("-netdev user,id=net1,restrict=on"), "{line}");
+        assert_eq!(user_netdev(&isolated, &all_bridged).as_deref(), Some("net1"));
     }
 
     #[test]
@@ -987,7 +1048,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
-            nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into() }],
+            nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false }],
             boot: BootSpec { kernel: None, initrd: None, cmdline: None },
         };
         validate_spec(&ok).unwrap();

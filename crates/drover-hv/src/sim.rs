@@ -14,11 +14,14 @@
 //! - a guest that needs time to boot ([`SimulatedHypervisor::set_heartbeat_delay`]), ignores the
 //!   ACPI button ([`SimulatedHypervisor::set_ignore_acpi`]), or dies from outside
 //!   ([`SimulatedHypervisor::crash`]);
+//! - TCP ports a guest listens on: those named by `drover.listen=<port>,...` on the kernel
+//!   command line, like the tiny guest, or set per VM with [`SimulatedHypervisor::set_open_ports`];
+//!   a port check needs a NIC, like the QEMU driver's;
 //! - one-shot failures of any operation ([`SimulatedHypervisor::fail_next`]).
 //!
 //! Time is measured with `tokio::time`, so tests may run with a paused clock (tokio `test-util`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,11 +30,20 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::{Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, VmSpec};
+use crate::{Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState, VmSpec};
 
 /// Names accepted by [`SimulatedHypervisor::fail_next`]: one per trait method.
-pub const SIM_OPS: &[&str] =
-    &["power_on", "shutdown", "power_off", "status", "wait_heartbeat", "write_marker", "forget", "reattach"];
+pub const SIM_OPS: &[&str] = &[
+    "power_on",
+    "shutdown",
+    "power_off",
+    "status",
+    "wait_heartbeat",
+    "write_marker",
+    "check_tcp_port",
+    "forget",
+    "reattach",
+];
 
 #[derive(Debug, Clone)]
 struct SimVm {
@@ -52,6 +64,8 @@ struct SimInner {
     ignore_acpi: bool,
     /// Calls per op, for tests that assert a step ran (or did not run) again.
     calls: HashMap<&'static str, u64>,
+    /// Open TCP ports per VM, overriding the kernel command line's `drover.listen=`.
+    open_ports: HashMap<Uuid, BTreeSet<u16>>,
 }
 
 /// In-memory hypervisor for tests. See the module documentation.
@@ -117,6 +131,12 @@ impl SimulatedHypervisor {
         }
     }
 
+    /// Declares the TCP ports the VM's guest listens on, instead of those its kernel command line
+    /// names with `drover.listen=`. Kept across power cycles.
+    pub fn set_open_ports(&self, vm: Uuid, ports: &[u16]) {
+        self.lock().open_ports.insert(vm, ports.iter().copied().collect());
+    }
+
     /// The marker stored on a simulated disk, as the guest would read it.
     pub fn disk_marker(&self, disk: &Path) -> Option<String> {
         self.lock().disk_markers.get(disk).cloned()
@@ -163,6 +183,17 @@ impl SimulatedHypervisor {
         }
         Ok(())
     }
+}
+
+/// The ports `drover.listen=22,80` on the kernel command line names, as the tiny guest reads it.
+fn listen_ports(spec: &VmSpec) -> BTreeSet<u16> {
+    let cmdline = spec.boot.cmdline.as_deref().unwrap_or_default();
+    cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.strip_prefix("drover.listen="))
+        .flat_map(|ports| ports.split(','))
+        .filter_map(|port| port.parse().ok())
+        .collect()
 }
 
 fn first_disk(spec: &VmSpec) -> Option<PathBuf> {
@@ -279,6 +310,38 @@ impl Hypervisor for SimulatedHypervisor {
         Ok(())
     }
 
+    async fn check_tcp_port(&self, vm: Uuid, guest_port: u16, timeout: Duration) -> HvResult<TcpPortState> {
+        self.enter("check_tcp_port")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = {
+                let inner = self.lock();
+                let v = inner.vms.get(&vm).ok_or(HvError::UnknownVm(vm))?;
+                if !matches!(v.state, PowerState::Running | PowerState::Paused) {
+                    return Err(HvError::NotRunning(vm));
+                }
+                if v.spec.nics.is_empty() {
+                    return Err(HvError::InvalidSpec(format!("VM {} has no NIC to check a port through", v.spec.name)));
+                }
+                match (v.state, v.booted_at) {
+                    (PowerState::Running, Some(booted)) if Instant::now() >= booted + inner.heartbeat_delay => {
+                        let open = match inner.open_ports.get(&vm) {
+                            Some(ports) => ports.contains(&guest_port),
+                            None => listen_ports(&v.spec).contains(&guest_port),
+                        };
+                        if open { TcpPortState::Open } else { TcpPortState::Closed }
+                    }
+                    // Booting or paused: the guest does not answer yet.
+                    _ => TcpPortState::NoAnswer,
+                }
+            };
+            if state == TcpPortState::Open || Instant::now() >= deadline {
+                return Ok(state);
+            }
+            tokio::time::sleep(Duration::from_millis(10).min(deadline - Instant::now())).await;
+        }
+    }
+
     async fn forget(&self, vm: Uuid) -> HvResult<()> {
         self.enter("forget")?;
         // Disk content (markers) stays: disks are the engine's to delete.
@@ -375,6 +438,28 @@ mod tests {
         let hb = hv.wait_heartbeat(s.id, Duration::from_secs(10)).await.unwrap();
         assert!(hb.uptime_secs >= 0.3);
         assert!(matches!(hv.wait_heartbeat(Uuid::new_v4(), Duration::from_secs(1)).await, Err(HvError::UnknownVm(_))));
+    }
+
+    #[tokio::test]
+    async fn tcp_ports_from_the_command_line_or_declared() {
+        let hv = SimulatedHypervisor::new();
+        let mut s = spec("/d/f.qcow2");
+        let short = Duration::from_millis(30);
+        hv.power_on(&s).await.unwrap();
+        assert!(matches!(hv.check_tcp_port(s.id, 22, short).await, Err(HvError::InvalidSpec(_))), "no NIC");
+        hv.power_off(s.id).await.unwrap();
+        s.nics = vec![crate::NicSpec { network: "lan".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false }];
+        s.boot.cmdline = Some("console=ttyS0 drover.listen=22,80".into());
+        assert!(matches!(hv.check_tcp_port(s.id, 22, short).await, Err(HvError::NotRunning(_))));
+        hv.set_heartbeat_delay(Duration::from_millis(100));
+        hv.power_on(&s).await.unwrap();
+        assert_eq!(hv.check_tcp_port(s.id, 22, short).await.unwrap(), TcpPortState::NoAnswer, "still booting");
+        assert_eq!(hv.check_tcp_port(s.id, 22, Duration::from_secs(5)).await.unwrap(), TcpPortState::Open);
+        assert_eq!(hv.check_tcp_port(s.id, 80, short).await.unwrap(), TcpPortState::Open);
+        assert_eq!(hv.check_tcp_port(s.id, 443, short).await.unwrap(), TcpPortState::Closed);
+        hv.set_open_ports(s.id, &[443]);
+        assert_eq!(hv.check_tcp_port(s.id, 443, short).await.unwrap(), TcpPortState::Open);
+        assert_eq!(hv.check_tcp_port(s.id, 22, short).await.unwrap(), TcpPortState::Closed);
     }
 
     #[tokio::test]

@@ -2,14 +2,15 @@
 //!
 //! Needs `qemu-system-x86_64`, `qemu-img` (scripts/install-deps) and the built guest, found in
 //! `$DROVER_GUEST_DIR` or `<workspace>/guest/out`. A missing guest is a failure, not a skip: a
-//! silently skipped test proves nothing. VMs run under TCG with no network uplink; every test
+//! silently skipped test proves nothing. VMs run under TCG with no network uplink (user-mode
+//! networking with restrict=on, reachable only through forwards drover adds); every test
 //! kills what it started, also when it fails (see [`KillOnDrop`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest, probe_kvm};
-use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, VmSpec, image};
+use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, TcpPortState, VmSpec, image};
 use uuid::Uuid;
 
 /// Generous: the guest needs ~3-4 s under TCG, but CI machines may be loaded.
@@ -91,7 +92,7 @@ impl Fixture {
             vcpus: 1,
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
-            nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:00:01".into() }],
+            nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:00:01".into(), no_uplink: false }],
             boot: self.guest.boot_spec(),
         }
     }
@@ -186,6 +187,87 @@ async fn a_new_driver_reattaches_and_sees_a_killed_vm_as_died() {
     restarted.power_off(vm).await.unwrap();
     assert_eq!(restarted.status(vm).await.unwrap(), PowerState::Off);
     restarted.forget(vm).await.unwrap();
+}
+
+/// The guest listens on port 22 (greeting) and 80 (quiet); the host sees both open and 23 closed
+/// through the forwards `check_tcp_port` adds, none of them is left behind, and the guest itself
+/// reaches nothing outside.
+#[tokio::test]
+async fn check_tcp_port_tells_open_from_closed() {
+    let fx = Fixture::new();
+    let hv = QemuDriver::new(fx.config());
+    let mut spec = fx.spec("ports").await;
+    spec.boot = fx.guest.boot_spec_listening(&[22]);
+    // No uplink: the guest tries the host's loopback through slirp's gateway (10.0.2.2), which
+    // an unrestricted user-mode network would let through, and must not get there.
+    let host_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let cmdline = spec.boot.cmdline.take().unwrap();
+    // Port 80 accepts but says nothing first, like HTTP: only slirp's state tells it open.
+    spec.boot.cmdline = Some(format!("{cmdline} drover.listen-quiet=80 drover.reach=10.0.2.2:{host_port}"));
+    let vm = spec.id;
+
+    // Checked right after power-on, while the guest boots: slirp accepts on the host side at
+    // once, but the guest does not answer yet; the check must keep trying, not call that open.
+    let started = Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    let state = hv.check_tcp_port(vm, 22, BOOT_TIMEOUT).await.unwrap();
+    let open_after = started.elapsed();
+    assert_eq!(state, TcpPortState::Open, "console:\n{}", console(&hv, vm));
+    let hb = hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
+    eprintln!(
+        "port 22 open {:.2} s after power_on; heartbeat {:.2} s after (guest uptime {:.2} s)",
+        open_after.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        hb.uptime_secs
+    );
+    assert!(console(&hv, vm).contains("listen=22"), "console:\n{}", console(&hv, vm));
+
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(hv.check_tcp_port(vm, 22, Duration::from_secs(10)).await.unwrap(), TcpPortState::Open);
+        eprintln!("open port 22: decided in {} ms (forward added and removed)", t.elapsed().as_millis());
+        // A zero timeout is one attempt.
+        let t = Instant::now();
+        assert_eq!(hv.check_tcp_port(vm, 23, Duration::ZERO).await.unwrap(), TcpPortState::Closed);
+        eprintln!("closed port 23: decided in {} ms (one attempt)", t.elapsed().as_millis());
+    }
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(hv.check_tcp_port(vm, 80, Duration::from_secs(10)).await.unwrap(), TcpPortState::Open);
+        eprintln!("open quiet port 80: decided in {} ms", t.elapsed().as_millis());
+    }
+    let t = Instant::now();
+    assert_eq!(hv.check_tcp_port(vm, 23, Duration::from_secs(2)).await.unwrap(), TcpPortState::Closed);
+    let waited = t.elapsed();
+    // Attempts repeat until less than one pause (200 ms) is left.
+    assert!(
+        waited >= Duration::from_millis(1700) && waited < Duration::from_secs(10),
+        "retried until the timeout: {waited:?}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console(&hv, vm).contains("drover-guest: reach ") {
+        assert!(Instant::now() < deadline, "the guest never reported its reach attempt:\n{}", console(&hv, vm));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(console(&hv, vm).contains(&format!("reach 10.0.2.2:{host_port} unreachable")), "{}", console(&hv, vm));
+    let accepted = tokio::time::timeout(Duration::from_millis(100), host_listener.accept()).await;
+    assert!(accepted.is_err(), "the guest reached the host: {accepted:?}");
+
+    let mut qmp = hv.qmp(vm).await.unwrap();
+    let info = qmp.execute("human-monitor-command", serde_json::json!({"command-line": "info usernet"})).await.unwrap();
+    let info = info.as_str().unwrap_or_default().to_owned();
+    drop(qmp);
+    assert!(!info.contains("HOST_FORWARD"), "every forward is removed:\n{info}");
+
+    // Without a NIC there is nothing to check through.
+    hv.power_off(vm).await.unwrap();
+    spec.nics.clear();
+    hv.power_on(&spec).await.unwrap();
+    assert!(matches!(hv.check_tcp_port(vm, 22, Duration::ZERO).await, Err(HvError::InvalidSpec(_))));
+    hv.forget(vm).await.unwrap();
+    assert!(matches!(hv.check_tcp_port(vm, 22, Duration::ZERO).await, Err(HvError::UnknownVm(_))));
 }
 
 /// `Accel::Auto` relies on the probe: whatever the host's KVM does, the probe must answer within
