@@ -432,6 +432,12 @@ pub struct ReplicaView {
     pub state: d::ReplicaState,
     /// The point a failed-over replica booted from.
     pub failover_point_id: Option<Uuid>,
+    /// The VM production runs on since a failback's switchover (the source VM, or the new VM of
+    /// a failback to another recovery location), until the failback is committed or undone.
+    pub switched_to_vm_id: Option<Uuid>,
+    /// The VM this replica protected before a committed failback to another location made the
+    /// new VM its source.
+    pub replaced_source_vm_id: Option<Uuid>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -445,6 +451,8 @@ impl From<d::Replica> for ReplicaView {
             target_datastore_id: r.target_datastore_id.0,
             state: r.state,
             failover_point_id: r.failover_point_id.map(|p| p.0),
+            switched_to_vm_id: r.switched_to_vm_id.map(|v| v.0),
+            replaced_source_vm_id: r.replaced_source_vm_id.map(|v| v.0),
             created_at: r.created_at,
         }
     }

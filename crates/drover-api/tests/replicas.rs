@@ -70,6 +70,7 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
     let id = replica.id.to_string();
     let one = server.ok(&t, Method::GET, &format!("/v1/replicas/{id}"), None).await;
     assert_eq!(one["source_vm_id"], vm.as_str());
+    assert!(one["switched_to_vm_id"].is_null() && one["replaced_source_vm_id"].is_null(), "{one}");
     let points = server.ok(&t, Method::GET, &format!("/v1/replicas/{id}/restore-points"), None).await;
     assert_eq!(points["total"], 2);
     assert_eq!(points["items"][0]["sequence"], 1);
