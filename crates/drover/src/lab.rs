@@ -70,7 +70,8 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                     boot: drover_types::VmBoot {
                         kernel: Some(guest.vmlinux.to_string_lossy().into()),
                         initrd: Some(guest.initramfs.to_string_lossy().into()),
-                        cmdline: Some(guest.cmdline.clone()),
+                        // The guest listens on port 22, which the plan's port check probes.
+                        cmdline: Some(guest.cmdline_listening(&[22])),
                     },
                 };
                 let (vm, session) = app.vm_create(&admin, new).await?;
@@ -140,6 +141,12 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                             id: Default::default(),
                             name: "Wait for heartbeat".into(),
                             kind: drover_types::PlanStepKind::WaitHeartbeat { timeout_secs: 120 },
+                            critical: true,
+                        },
+                        drover_types::PlanStep {
+                            id: Default::default(),
+                            name: "Check port 22".into(),
+                            kind: drover_types::PlanStepKind::CheckTcpPort { port: 22, timeout_secs: 60 },
                             critical: true,
                         },
                     ],
