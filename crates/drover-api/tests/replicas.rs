@@ -28,20 +28,12 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
         .await;
     let store = server.app.engine().store();
     let admin = store.user_by_name("admin").await.unwrap().unwrap().0;
-    let replica = Replica {
-        id: ReplicaId::new(),
-        tenant_id: admin.tenant_id,
-        name: "app_replica".into(),
-        job_id: job["id"].as_str().unwrap().parse().unwrap(),
-        source_vm_id: vm.parse().unwrap(),
-        target_datastore_id: dr["id"].as_str().unwrap().parse().unwrap(),
-        state: ReplicaState::Ready,
-        failover_point_id: None,
-        switched_to_vm_id: None,
-        replaced_source_vm_id: None,
-        created_at: now(),
-        updated_at: now(),
-    };
+    let replica = Replica::new(
+        admin.tenant_id,
+        job["id"].as_str().unwrap().parse().unwrap(),
+        (vm.parse().unwrap(), "app"),
+        dr["id"].as_str().unwrap().parse().unwrap(),
+    );
     store.object_insert(&replica).await.unwrap();
     for i in 0..2 {
         let p = RestorePoint {

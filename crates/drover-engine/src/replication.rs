@@ -273,21 +273,7 @@ impl Step for Prepare {
         let replica = match replica_for(ctx, c).await? {
             Some(r) => r,
             None => {
-                let t = now();
-                let r = Replica {
-                    id: ReplicaId::new(),
-                    tenant_id: c.p.tenant_id,
-                    name: format!("{}_replica", vm.name),
-                    job_id: job.id,
-                    source_vm_id: vm.id,
-                    target_datastore_id: target_ds.id,
-                    state: ReplicaState::Ready,
-                    failover_point_id: None,
-                    switched_to_vm_id: None,
-                    replaced_source_vm_id: None,
-                    created_at: t,
-                    updated_at: t,
-                };
+                let r = Replica::new(c.p.tenant_id, job.id, (vm.id, &vm.name), target_ds.id);
                 store.object_insert(&r).await?;
                 ctx.log(LogLevel::Info, format!("created replica {}", r.name)).await;
                 r

@@ -347,15 +347,7 @@ fn install_halting_saga(env: &Env, pause: Duration) -> (Counter, Counter) {
 }
 
 async fn start_test_session(env: &Env) -> SessionId {
-    let session = Session::new(
-        env.caller.tenant_id,
-        SessionKind::PlanTestFailover,
-        "test",
-        SessionTarget::Plan(PlanId::new()),
-        serde_json::json!({}),
-    );
-    let task = session.task(None, "t");
-    env.app.engine().submit(session, vec![task]).await.unwrap()
+    start_session_with_tasks(env, 1).await
 }
 
 #[tokio::test]
@@ -708,21 +700,7 @@ async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
         )
         .await
         .unwrap();
-    let t = now();
-    let replica = Replica {
-        id: ReplicaId::new(),
-        tenant_id: env.caller.tenant_id,
-        name: format!("{name}_replica"),
-        job_id: job.id,
-        source_vm_id: vm.id,
-        target_datastore_id: dr.id,
-        state: ReplicaState::Ready,
-        failover_point_id: None,
-        switched_to_vm_id: None,
-        replaced_source_vm_id: None,
-        created_at: t,
-        updated_at: t,
-    };
+    let replica = Replica::new(env.caller.tenant_id, job.id, (vm.id, name), dr.id);
     env.app.engine().store().object_insert(&replica).await.unwrap();
     let chain = dr_path.join(replica.id.to_string()).join("data");
     std::fs::create_dir_all(&chain).unwrap();
@@ -734,7 +712,7 @@ async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
         sequence: 0,
         session_id: SessionId::new(),
         state: RestorePointState::Published,
-        created_at: t,
+        created_at: replica.created_at,
         bytes_written: 0,
         disks: vec![RestorePointDisk {
             disk: "data".into(),

@@ -142,6 +142,27 @@ pub struct Replica {
     pub updated_at: Timestamp,
 }
 
+impl Replica {
+    /// A new replica of `source` (named `<source name>_replica`), `Ready`, with no points yet.
+    pub fn new(tenant_id: TenantId, job_id: ReplicationJobId, source: (VmId, &str), target: DatastoreId) -> Replica {
+        let t = crate::now();
+        Replica {
+            id: ReplicaId::new(),
+            tenant_id,
+            name: format!("{}_replica", source.1),
+            job_id,
+            source_vm_id: source.0,
+            target_datastore_id: target,
+            state: ReplicaState::Ready,
+            failover_point_id: None,
+            switched_to_vm_id: None,
+            replaced_source_vm_id: None,
+            created_at: t,
+            updated_at: t,
+        }
+    }
+}
+
 /// A restore point is offered for failover only while `Published`. Retention marks the oldest
 /// point `Retiring` before it starts merging it away, so a crash in the middle never leaves a
 /// half-merged point on offer.
