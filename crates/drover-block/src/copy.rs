@@ -351,10 +351,12 @@ where
         stats.written += e.len;
     }
 
-    // Data: read, hash off the async threads, compare, write what differs.
+    // Data, in three stages at once: round N+1 is read while round N is hashed on a blocking
+    // thread and what differed in round N-1 is written (copied out of its buffer: a small share).
     let total = data.total_bytes();
     let mut chunks = data.chunks(chunk_size(src, dst));
     let (mut current, mut next) = (Batch::default(), Batch::default());
+    let mut differing: Vec<(u64, Vec<u8>)> = Vec::new();
     current.fill(&mut chunks);
     read_batch(src, &current.pieces, &mut current.data).await?;
     stats.source_read += current.bytes();
@@ -364,10 +366,19 @@ where
             let hashes = hash_batch(&current);
             (current, hashes)
         });
-        let read = read_batch(src, &next.pieces, &mut next.data).await;
+        let to_write = std::mem::take(&mut differing);
+        let write = async {
+            for (offset, data) in &to_write {
+                write_block_data(dst, *offset, data).await?;
+            }
+            Ok::<_, CopyError>(())
+        };
+        let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
         let (batch, hashes) = hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))?;
         current = batch;
         read?;
+        write?;
+        stats.written += to_write.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
         stats.source_read += next.bytes();
         let mut hashes = hashes.into_iter();
         for (e, data) in current.iter() {
@@ -383,13 +394,14 @@ where
                 manifest.set_hash(block, hash)?;
                 add_to_runs(&mut runs, i, piece.len());
             }
-            for (s, t) in runs {
-                write_block_data(dst, e.offset + s as u64, &data[s..t]).await?;
-                stats.written += (t - s) as u64;
-            }
+            differing.extend(runs.into_iter().map(|(s, t)| (e.offset + s as u64, data[s..t].to_vec())));
         }
         progress(stats.source_read, total);
         std::mem::swap(&mut current, &mut next);
+    }
+    for (offset, data) in &differing {
+        write_block_data(dst, *offset, data).await?;
+        stats.written += data.len() as u64;
     }
     dst.flush().await?;
     Ok(stats)
