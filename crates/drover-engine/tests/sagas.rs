@@ -812,3 +812,30 @@ async fn a_check_tcp_port_step_passes_when_open_and_halts_when_closed() {
     assert!(lines.iter().any(|l| l.contains("test VM web_test: TCP port 23 is open")), "{lines:?}");
     assert_eq!(env.hv.status(task_vm(s).await).await.unwrap(), drover_hv::PowerState::Off);
 }
+
+#[tokio::test]
+async fn a_crash_in_a_parallel_group_is_resumed_by_the_next_engine() {
+    let mut env = env().await;
+    install_parallel_saga(&env, 3);
+    env.app.engine().hooks().crash_after("vm1.0");
+    let s = start_session_with_tasks(&env, 3).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mid = env.app.engine().store().session_get(None, s).await.unwrap();
+    assert_ne!(mid.state, SessionState::Stopped, "the crash leaves the session unfinished");
+    let before: Vec<_> = env.steps(s).await.iter().map(|r| (r.name.clone(), r.state)).collect();
+    assert!(before.contains(&("vm1.0".into(), StepState::Started)), "{before:?}");
+
+    env.restart().await;
+    let (_, events) = install_parallel_saga(&env, 3);
+    env.app.engine().start().await.unwrap();
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
+    assert_consistent(&env, &done).await;
+    let events = events.lock().unwrap().clone();
+    // The step that was running when the process died runs again; steps recorded done do not.
+    assert!(events.contains(&"start vm1.0".to_string()), "{events:?}");
+    for (name, state) in before.iter().filter(|(_, st)| *st == StepState::Done) {
+        assert!(!events.contains(&format!("start {name}")), "{name} was {state:?} and ran again: {events:?}");
+    }
+    assert!(env.steps(s).await.iter().all(|r| r.state == StepState::Done));
+}
