@@ -1057,6 +1057,10 @@ async fn failback_to_another_location_makes_a_new_vm_and_undo_removes_it() {
     let plan_vms: Vec<VmId> =
         app.get::<Plan>(caller, plan.id.0).await.unwrap().groups[0].vms.iter().map(|v| v.vm_id).collect();
     assert_eq!(plan_vms, vec![new.id]);
+    // Nothing refers to the original VM any more: it can go.
+    let s = app.vm_delete(caller, vm.id).await.unwrap();
+    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    assert!(app.get::<Vm>(caller, vm.id.0).await.is_err());
     // Replication goes on from it into the same chain: the first run has no bitmap to trust and
     // compares against the newest point's manifest; the next is incremental.
     let points_before = app.restore_points(caller, replica.id).await.unwrap().len();
