@@ -19,6 +19,8 @@
 //! the caller publishes the restore point. Progress is reported through a callback, never through
 //! the store (the data path knows nothing of sessions).
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::extents::{Extent, ExtentSet};
@@ -157,11 +159,8 @@ where
     while !current.pieces.is_empty() {
         next.fill(&mut chunks);
         // The round is hashed on a blocking thread while it is written and the next is read.
-        let round = std::sync::Arc::new(std::mem::take(&mut current));
-        let hashing = {
-            let round = round.clone();
-            tokio::task::spawn_blocking(move || hash_batch(&round))
-        };
+        let round = Arc::new(std::mem::take(&mut current));
+        let hashing = spawn_hashing(&round);
         let write = async {
             for (e, data) in round.iter() {
                 write_block_data(dst, e.offset, data).await?;
@@ -169,21 +168,18 @@ where
             Ok::<_, CopyError>(())
         };
         let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
-        let hashes = hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))?;
+        let hashes = hashes_of(hashing).await?;
         write?;
         read?;
         stats.source_read += next.bytes();
-        let mut hashes = hashes.into_iter();
-        for (e, data) in round.iter() {
-            for i in 0..data.len().div_ceil(BLOCK_SIZE as usize) {
-                let hash = hashes.next().ok_or_else(|| CopyError::Hashing("fewer hashes than blocks".into()))?;
+        for ((e, _), chunk_hashes) in round.iter().zip(hashes) {
+            for (i, hash) in chunk_hashes.into_iter().enumerate() {
                 manifest.set_hash(e.offset / BLOCK_SIZE + i as u64, hash)?;
             }
             stats.written += e.len;
             progress(stats.written, total);
         }
-        // The buffer is ours again (the hashing thread has finished with it): reuse it.
-        current = std::sync::Arc::try_unwrap(round).unwrap_or_default();
+        current = reclaim(round);
         std::mem::swap(&mut current, &mut next);
     }
     dst.flush().await?;
@@ -278,10 +274,24 @@ where
     Ok(stats)
 }
 
-/// The hash of every manifest block of a batch, in order. Chunks are whole blocks (only the
-/// disk's last block may be short), so block `i` of a chunk is manifest block `offset / BLOCK_SIZE + i`.
-fn hash_batch(batch: &Batch) -> Vec<BlockHash> {
-    batch.iter().flat_map(|(_, data)| data.chunks(BLOCK_SIZE as usize).map(hash_block)).collect()
+/// Starts hashing a round's blocks on a blocking thread, while the caller goes on with the round
+/// (writing it, reading the next). The result is, per chunk of the round, its blocks' hashes in
+/// order: chunks are whole blocks (only the disk's last block may be short), so hash `i` of a
+/// chunk is manifest block `offset / BLOCK_SIZE + i`.
+fn spawn_hashing(round: &Arc<Batch>) -> tokio::task::JoinHandle<Vec<Vec<BlockHash>>> {
+    let round = round.clone();
+    tokio::task::spawn_blocking(move || {
+        round.iter().map(|(_, data)| data.chunks(BLOCK_SIZE as usize).map(hash_block).collect()).collect()
+    })
+}
+
+async fn hashes_of(hashing: tokio::task::JoinHandle<Vec<Vec<BlockHash>>>) -> Result<Vec<Vec<BlockHash>>> {
+    hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))
+}
+
+/// The round's buffer, for the next round to reuse (the hashing thread is done with it).
+fn reclaim(round: Arc<Batch>) -> Batch {
+    Arc::try_unwrap(round).unwrap_or_default()
 }
 
 /// Writes zeros over `offset..offset + len` of the target: one write-zeroes request where the
@@ -362,10 +372,8 @@ where
     stats.source_read += current.bytes();
     while !current.pieces.is_empty() {
         next.fill(&mut chunks);
-        let hashing = tokio::task::spawn_blocking(move || {
-            let hashes = hash_batch(&current);
-            (current, hashes)
-        });
+        let round = Arc::new(std::mem::take(&mut current));
+        let hashing = spawn_hashing(&round);
         let to_write = std::mem::take(&mut differing);
         let write = async {
             for (offset, data) in &to_write {
@@ -374,19 +382,16 @@ where
             Ok::<_, CopyError>(())
         };
         let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
-        let (batch, hashes) = hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))?;
-        current = batch;
+        let hashes = hashes_of(hashing).await?;
         read?;
         write?;
         stats.written += to_write.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
         stats.source_read += next.bytes();
-        let mut hashes = hashes.into_iter();
-        for (e, data) in current.iter() {
+        for ((e, data), chunk_hashes) in round.iter().zip(hashes) {
             let first = e.offset / BLOCK_SIZE;
             // Runs of differing blocks within this chunk, as byte ranges into `data`.
             let mut runs: Vec<(usize, usize)> = Vec::new();
-            for (i, piece) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-                let hash = hashes.next().ok_or_else(|| CopyError::Hashing("fewer hashes than blocks".into()))?;
+            for (i, (piece, hash)) in data.chunks(BLOCK_SIZE as usize).zip(chunk_hashes).enumerate() {
                 let block = first + i as u64;
                 if manifest.hash(block) == Some(&hash) {
                     continue;
@@ -397,6 +402,7 @@ where
             differing.extend(runs.into_iter().map(|(s, t)| (e.offset + s as u64, data[s..t].to_vec())));
         }
         progress(stats.source_read, total);
+        current = reclaim(round);
         std::mem::swap(&mut current, &mut next);
     }
     for (offset, data) in &differing {
