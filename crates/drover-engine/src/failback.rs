@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 
 use crate::ops::{disk_dir, disk_path};
 use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
-use crate::{Engine, Error, Result};
+use crate::{Engine, Error, Result, unavailable};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailbackParams {
@@ -139,10 +139,6 @@ fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     Ok(Saga::unwinding(steps))
 }
 
-fn hv_err(e: drover_hv::HvError) -> Error {
-    Error::Unavailable(error_chain(&e))
-}
-
 fn boxed_err(e: Box<dyn std::error::Error + Send + Sync>) -> Error {
     Error::Unavailable(e.to_string())
 }
@@ -234,7 +230,7 @@ async fn own_clusters(image: &Path) -> Result<ExtentSet> {
 
 /// Opens an image in a storage daemon and exports it; `writable` or read-only with `bitmaps`.
 async fn export(dir: &Path, image: &Path, writable: bool, bitmaps: &[String]) -> Result<(StorageDaemon, NbdEndpoint)> {
-    let daemon = StorageDaemon::start(dir).await.map_err(hv_err)?;
+    let daemon = StorageDaemon::start(dir).await.map_err(unavailable)?;
     let r = async {
         daemon.start_nbd_server().await?;
         daemon
@@ -260,14 +256,14 @@ async fn export(dir: &Path, image: &Path, writable: bool, bitmaps: &[String]) ->
         Ok(ep) => Ok((daemon, ep)),
         Err(e) => {
             let _ = daemon.shutdown().await;
-            Err(hv_err(e))
+            Err(unavailable(e))
         }
     }
 }
 
 /// Production's dirty extents since the last point, or `None` when no bitmap can be trusted.
 async fn production_changes(work: &Path, image: &Path, size: u64) -> Result<Option<ExtentSet>> {
-    let states = tracking::bitmap_state_offline(image).await.map_err(hv_err)?;
+    let states = tracking::bitmap_state_offline(image).await.map_err(unavailable)?;
     let usable: Vec<_> = states
         .iter()
         .filter(|b| b.name.starts_with("drover-") && b.recording && b.persistent && !b.inconsistent)
@@ -283,7 +279,7 @@ async fn production_changes(work: &Path, image: &Path, size: u64) -> Result<Opti
     }
     .await;
     let _ = daemon.shutdown().await;
-    Ok(Some(r.map_err(|e| Error::Unavailable(error_chain(&e)))?))
+    Ok(Some(r.map_err(unavailable)?))
 }
 
 /// Copies `extents` (or, with `None`, everything that differs, by hash-compare) from a source
@@ -343,10 +339,10 @@ impl Step for SyncStep {
         let mut out = Vec::new();
         for (i, (disk, production, overlay, _point)) in parts.disks.iter().enumerate() {
             // 1. Catch what the replica writes from now on.
-            tracking::remove_tracking(q, parts.replica.id.0, i, "drover-fb1").await.map_err(hv_err)?;
-            tracking::enable_tracking(q, parts.replica.id.0, i, "drover-fb0").await.map_err(hv_err)?;
+            tracking::remove_tracking(q, parts.replica.id.0, i, "drover-fb1").await.map_err(unavailable)?;
+            tracking::enable_tracking(q, parts.replica.id.0, i, "drover-fb0").await.map_err(unavailable)?;
             // 2. The union of what can differ.
-            let size = drover_hv::image::info(production).await.map_err(hv_err)?.virtual_size;
+            let size = drover_hv::image::info(production).await.map_err(unavailable)?.virtual_size;
             let mut union = own_clusters(overlay).await?;
             for (d, file) in &parts.newer {
                 if d == disk {
@@ -357,13 +353,13 @@ impl Step for SyncStep {
             // 3. A point-in-time cut of the replica, copied into production.
             let cut = tracking::begin_cycle(q, parts.replica.id.0, i, "drover-fb0", "drover-fb1", &work.join("live"))
                 .await
-                .map_err(hv_err)?;
+                .map_err(unavailable)?;
             let (mode, extents) = match &prod {
                 Some(p) => ("extents", Some(union.union(p))),
                 None => ("hash-compare", None),
             };
             let result = copy_into_production(&work, &cut.nbd, &[], production, extents.as_ref(), size).await;
-            tracking::end_cycle(q, &cut, result.is_ok()).await.map_err(hv_err)?;
+            tracking::end_cycle(q, &cut, result.is_ok()).await.map_err(unavailable)?;
             let (read, sent) = result?;
             let why = if prod.is_none() { " (production has no bitmap that can be trusted)" } else { "" };
             ctx.log(
@@ -412,14 +408,14 @@ impl Step for Switch {
         }
         let timeout = engine.config().shutdown_timeout;
         // 1. Stop the replica: a clean stop writes its bitmaps into the overlay.
-        let outcome = engine.hv().shutdown(parts.replica.id.0, timeout).await.map_err(hv_err)?;
+        let outcome = engine.hv().shutdown(parts.replica.id.0, timeout).await.map_err(unavailable)?;
         ctx.log(LogLevel::Info, format!("{} stopped ({outcome:?})", parts.replica.name)).await;
         let work = work_dir(ctx, "sw", self.index);
         let mut out = Vec::new();
         for (disk, production, overlay, _) in &parts.disks {
-            let size = drover_hv::image::info(production).await.map_err(hv_err)?.virtual_size;
+            let size = drover_hv::image::info(production).await.map_err(unavailable)?.virtual_size;
             // 2. The last delta: what the replica wrote since the sync's cut.
-            let states = tracking::bitmap_state_offline(overlay).await.map_err(hv_err)?;
+            let states = tracking::bitmap_state_offline(overlay).await.map_err(unavailable)?;
             let fb1 = states.iter().find(|b| b.name == "drover-fb1" && !b.inconsistent);
             let (read, sent, mode) = match fb1 {
                 Some(b) => {
@@ -433,7 +429,7 @@ impl Step for Switch {
                         Ok::<_, drover_block::nbd::NbdError>(set)
                     }
                     .await
-                    .map_err(|e| Error::Unavailable(error_chain(&e)));
+                    .map_err(unavailable);
                     let r = match dirty {
                         Ok(set) => copy_into_production(&work, &ep, &[], production, Some(&set), size).await,
                         Err(e) => Err(e),
@@ -554,7 +550,7 @@ async fn adopt_restored_vm(ctx: &StepCtx, p: &FailbackParams, replica: &Replica,
 async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
     let engine = &ctx.engine;
     let parts = parts(engine, p.tenant_id, vm_id).await?;
-    engine.hv().power_off(parts.vm.id.0).await.map_err(hv_err)?;
+    engine.hv().power_off(parts.vm.id.0).await.map_err(unavailable)?;
     crate::ops::set_vm_power(engine, p.tenant_id, parts.vm.id, VmPowerState::Off).await?;
     let spec = VmSpec {
         id: parts.replica.id.0,
@@ -716,7 +712,7 @@ impl Step for RestoreToLocation {
             return Ok(json!({ "vm_id": new_vm.id }));
         }
         // A stopped replica is exact: nothing changes under the copy.
-        engine.hv().shutdown(parts.replica.id.0, engine.config().shutdown_timeout).await.map_err(hv_err)?;
+        engine.hv().shutdown(parts.replica.id.0, engine.config().shutdown_timeout).await.map_err(unavailable)?;
         let dir = disk_dir(&ds, new_vm.id);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -724,9 +720,9 @@ impl Step for RestoreToLocation {
         let work = work_dir(ctx, "rl", self.index);
         let mut sent_total = 0;
         for (disk, _production, overlay, _) in &parts.disks {
-            let size = drover_hv::image::info(overlay).await.map_err(hv_err)?.virtual_size;
+            let size = drover_hv::image::info(overlay).await.map_err(unavailable)?.virtual_size;
             let target = disk_path(&dir, disk);
-            drover_hv::image::create_qcow2(&target, size).await.map_err(hv_err)?;
+            drover_hv::image::create_qcow2(&target, size).await.map_err(unavailable)?;
             let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
             let copied = async {
                 let mut src = NbdClient::connect_unix(&ep.socket, &ep.export_name, &["base:allocation"]).await?;
@@ -735,7 +731,7 @@ impl Step for RestoreToLocation {
                 Ok::<_, drover_block::nbd::NbdError>(data)
             }
             .await
-            .map_err(|e| Error::Unavailable(error_chain(&e)));
+            .map_err(unavailable);
             let r = match copied {
                 Ok(data) => copy_into_production(&work, &ep, &[], &target, Some(&data), size).await,
                 Err(e) => Err(e),
@@ -793,7 +789,7 @@ async fn remove_restored(ctx: &StepCtx, p: &FailbackParams, vm: VmId) -> Result<
     let Some(new_vm) = store.object_list::<Vm>(p.tenant_id).await?.into_iter().find(|v| v.name == name) else {
         return Ok(());
     };
-    engine.hv().forget(new_vm.id.0).await.map_err(hv_err)?;
+    engine.hv().forget(new_vm.id.0).await.map_err(unavailable)?;
     let ds = store.object_get::<Datastore>(p.tenant_id, new_vm.datastore_id.0).await?;
     let dir = disk_dir(&ds, new_vm.id);
     match tokio::fs::remove_dir_all(&dir).await {

@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
-use crate::{Engine, Error, Result};
+use crate::{Engine, Error, Result, unavailable};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverParams {
@@ -297,10 +297,6 @@ struct Booted {
     overlays: Vec<PathBuf>,
 }
 
-fn hv_err(e: drover_hv::HvError) -> Error {
-    Error::Unavailable(error_chain(&e))
-}
-
 /// The replica of a VM in the plan's tenant.
 async fn replica_of(engine: &Engine, tenant: TenantId, vm: VmId) -> Result<Replica> {
     engine
@@ -360,7 +356,7 @@ impl Step for Boot {
                 })?;
             let file = Path::new(&pd.file);
             let chain = ChainDir::new(file.parent().unwrap_or(Path::new("/")));
-            overlays.push(chain.boot_overlay(file, &label).await.map_err(|e| Error::Unavailable(error_chain(&e)))?);
+            overlays.push(chain.boot_overlay(file, &label).await.map_err(unavailable)?);
         }
         let spec = VmSpec {
             id: self.test.unwrap_or(replica.id.0),
@@ -373,7 +369,7 @@ impl Step for Boot {
             nics: crate::ops::no_uplink_nics(&source),
             boot: crate::ops::boot_spec(&source),
         };
-        engine.hv().power_on(&spec).await.map_err(hv_err)?;
+        crate::ops::power_on(ctx, &spec).await?;
         if self.test.is_some() {
             ctx.log(
                 LogLevel::Info,
@@ -428,7 +424,7 @@ pub(crate) fn runtime_disks(engine: &Engine, vm: uuid::Uuid) -> Result<Vec<PathB
 /// overlays. Idempotent.
 pub(crate) async fn discard_vm(engine: &Engine, vm: uuid::Uuid) -> Result<()> {
     let disks = runtime_disks(engine, vm)?;
-    engine.hv().forget(vm).await.map_err(hv_err)?;
+    engine.hv().forget(vm).await.map_err(unavailable)?;
     for d in disks {
         let boot = d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("boot-"));
         if boot {
@@ -492,7 +488,7 @@ impl Step for PlanVmStep {
                     .hv()
                     .wait_heartbeat(target, Duration::from_secs(u64::from(*timeout_secs)))
                     .await
-                    .map_err(hv_err)?;
+                    .map_err(unavailable)?;
                 ctx.log(LogLevel::Info, format!("{}: heartbeat, guest up {:.1} s", replica.name, hb.uptime_secs)).await;
                 Ok(json!({ "uptime_secs": hb.uptime_secs }))
             }

@@ -31,6 +31,12 @@ pub mod saga;
 pub mod scheduler;
 
 pub use drover_types::{Error, Result};
+
+/// An error of the hypervisor or the data path as a step reports it: unavailable, with its whole
+/// chain of causes.
+pub(crate) fn unavailable(e: impl std::error::Error + 'static) -> Error {
+    Error::Unavailable(drover_types::error_chain(&e))
+}
 use saga::{ContinueOption, RunOutcome, Saga, TestHooks};
 
 /// Builds a session's saga from its record. Must give the same steps every time for the same

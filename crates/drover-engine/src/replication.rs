@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 
 use crate::ops::{disk_dir, disk_path};
 use crate::saga::{Saga, SagaStep, Step, StepCtx};
-use crate::{Engine, Error, Result};
+use crate::{Engine, Error, Result, unavailable};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicationParams {
@@ -244,10 +244,6 @@ fn output<T: for<'de> Deserialize<'de>>(ctx: &StepCtx, step: &str) -> Result<T> 
     serde_json::from_value(v.clone()).map_err(|e| Error::internal(format!("output of {step}: {e}")))
 }
 
-fn hv_err(e: HvError) -> Error {
-    Error::Unavailable(drover_types::error_chain(&e))
-}
-
 async fn replica_for(ctx: &StepCtx, c: &VmCtx) -> Result<Option<Replica>> {
     let all = ctx.engine.store().object_list::<Replica>(c.p.tenant_id).await?;
     Ok(all.into_iter().find(|r| r.job_id == c.p.job_id && r.source_vm_id == c.vm))
@@ -302,7 +298,7 @@ impl Step for Prepare {
         let mut disks = Vec::new();
         for (index, d) in vm.disks.iter().enumerate() {
             let image = disk_path(&src_dir, &d.name);
-            let size = drover_hv::image::info(&image).await.map_err(hv_err)?.virtual_size;
+            let size = drover_hv::image::info(&image).await.map_err(unavailable)?.virtual_size;
             let prev_file =
                 newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PathBuf::from(&x.file));
             let states = if running {
@@ -311,9 +307,9 @@ impl Step for Prepare {
                         "a running VM is replicated through QMP, which the simulated hypervisor does not have",
                     )
                 })?;
-                tracking::bitmap_state(q, vm.id.0, index).await.map_err(hv_err)?
+                tracking::bitmap_state(q, vm.id.0, index).await.map_err(unavailable)?
             } else {
-                tracking::bitmap_state_offline(&image).await.map_err(hv_err)?
+                tracking::bitmap_state_offline(&image).await.map_err(unavailable)?
             };
             let bitmaps = plan_bitmaps(&ours(&states), prev_file.is_none(), &run);
             disks.push(DiskPlan {
@@ -394,7 +390,7 @@ impl Step for Transfer {
             match transferred.iter().find(|t| t.disk == d.name).and_then(|t| t.live.clone()) {
                 Some(live) => {
                     if let Some(q) = ctx.engine.hv().qemu() {
-                        tracking::end_cycle(q, &live, false).await.map_err(hv_err)?;
+                        tracking::end_cycle(q, &live, false).await.map_err(unavailable)?;
                     }
                 }
                 None if !prep.running => {
@@ -403,7 +399,7 @@ impl Step for Transfer {
                         .await
                     {
                         Ok(()) | Err(HvError::BitmapUnusable { .. }) => {}
-                        Err(e) => return Err(hv_err(e)),
+                        Err(e) => return Err(unavailable(e)),
                     }
                 }
                 None => {}
@@ -424,12 +420,8 @@ async fn collect_garbage(ctx: &StepCtx, c: &VmCtx, replica: &ReplicaId, d: &Disk
         .filter(|x| x.disk == d.name)
         .map(|x| PathBuf::from(&x.file))
         .collect();
-    ChainDir::new(&d.chain_dir).collect_garbage(&keep).await.map_err(|e| Error::Unavailable(error_chain(&e)))?;
+    ChainDir::new(&d.chain_dir).collect_garbage(&keep).await.map_err(unavailable)?;
     Ok(())
-}
-
-fn block_err(e: impl std::error::Error + 'static) -> Error {
-    Error::Unavailable(error_chain(&e))
 }
 
 async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) -> Result<Transferred> {
@@ -452,23 +444,24 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
             Error::conflict("a running VM is replicated through QMP, which the simulated hypervisor does not have")
         })?;
         for b in &plan.remove {
-            tracking::remove_tracking(q, c.vm.0, d.index, b).await.map_err(hv_err)?;
+            tracking::remove_tracking(q, c.vm.0, d.index, b).await.map_err(unavailable)?;
         }
         if plan.fresh {
-            tracking::enable_tracking(q, c.vm.0, d.index, &plan.current).await.map_err(hv_err)?;
+            tracking::enable_tracking(q, c.vm.0, d.index, &plan.current).await.map_err(unavailable)?;
         }
         let dir = prep.work_dir.join("live");
-        let x = tracking::begin_cycle(q, c.vm.0, d.index, &plan.current, &plan.next, &dir).await.map_err(hv_err)?;
+        let x =
+            tracking::begin_cycle(q, c.vm.0, d.index, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
         (Some(x), None)
     } else {
         for b in &plan.remove {
-            tracking::remove_tracking_offline(&d.image, b).await.map_err(hv_err)?;
+            tracking::remove_tracking_offline(&d.image, b).await.map_err(unavailable)?;
         }
         if plan.fresh {
-            tracking::enable_tracking_offline(&d.image, &plan.current).await.map_err(hv_err)?;
+            tracking::enable_tracking_offline(&d.image, &plan.current).await.map_err(unavailable)?;
         }
         let dir = prep.work_dir.join(format!("src{}", d.index));
-        let x = tracking::begin_cycle_offline(&d.image, &plan.current, &plan.next, &dir).await.map_err(hv_err)?;
+        let x = tracking::begin_cycle_offline(&d.image, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
         (None, Some(x))
     };
     let (endpoint, context) = match (&live, &offline) {
@@ -478,8 +471,8 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
     };
     // The target: a new point file, written through a storage daemon of its own.
     let chain = ChainDir::new(&d.chain_dir);
-    let file = chain.new_point_file(d.size, d.prev_file.as_deref()).await.map_err(block_err)?;
-    let daemon = StorageDaemon::start(&prep.work_dir.join(format!("dst{}", d.index))).await.map_err(hv_err)?;
+    let file = chain.new_point_file(d.size, d.prev_file.as_deref()).await.map_err(unavailable)?;
+    let daemon = StorageDaemon::start(&prep.work_dir.join(format!("dst{}", d.index))).await.map_err(unavailable)?;
     let result = async {
         daemon.start_nbd_server().await?;
         daemon
@@ -505,7 +498,7 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
         Ok(t) => t,
         Err(e) => {
             let _ = daemon.shutdown().await;
-            return Err(hv_err(e));
+            return Err(unavailable(e));
         }
     };
     let copy = async {
@@ -616,12 +609,12 @@ impl Step for Release {
                 (Some(live), _) => {
                     let q =
                         ctx.engine.hv().qemu().ok_or_else(|| Error::internal("a live cut without the QEMU driver"))?;
-                    tracking::end_cycle(q, live, true).await.map_err(hv_err)?;
+                    tracking::end_cycle(q, live, true).await.map_err(unavailable)?;
                 }
                 (None, Some(dir)) => {
                     tracking::recover_cycle_offline(&t.image, &t.current_bitmap, &t.next_bitmap, dir, true)
                         .await
-                        .map_err(hv_err)?;
+                        .map_err(unavailable)?;
                 }
                 (None, None) => {}
             }
@@ -679,7 +672,7 @@ impl Step for Retention {
                 let holder = chain
                     .retire_oldest(Path::new(&od.file), Path::new(&nd.file), ad.as_deref())
                     .await
-                    .map_err(block_err)?;
+                    .map_err(unavailable)?;
                 moved.push(RestorePointDisk { file: holder.to_string_lossy().into_owned(), ..nd.clone() });
             }
             store.restore_point_retire(oldest.id, next.id, &moved).await?;
