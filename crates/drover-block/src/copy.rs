@@ -8,6 +8,8 @@
 //!   after an unclean shutdown, a changed bitmap set) and the target's content is described by a
 //!   manifest (a new point on the newest restore point). The source is read once (its holes not
 //!   at all), hashed block by block and compared with the manifest; the target is not read.
+//!   The source is any [`SyncSource`]: an NBD export, or the files of an image nobody writes to
+//!   ([`DirectImage`]), which is several times cheaper to read.
 //! - [`hash_compare_sync`]: the same when the target has no manifest to trust (a production disk
 //!   during failback, a resized disk). Both sides are read once, concurrently, blocks are
 //!   compared, and only differing blocks are written.
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::direct::{DirectError, DirectImage};
 use crate::extents::{Extent, ExtentSet};
 use crate::hash::{BLOCK_SIZE, BlockHash, Manifest, ManifestError, hash_block, zero_hash};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, READ_DEPTH};
@@ -42,8 +45,10 @@ pub enum CopyError {
     Nbd(#[from] NbdError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("the hashing thread failed: {0}")]
-    Hashing(String),
+    #[error(transparent)]
+    Direct(#[from] DirectError),
+    #[error("a worker thread failed: {0}")]
+    Worker(String),
     #[error("source and target differ in size: {source_size} vs {target_size} bytes")]
     SizeMismatch { source_size: u64, target_size: u64 },
 }
@@ -61,15 +66,79 @@ pub struct CopyStats {
     pub written: u64,
 }
 
-fn check_sizes<A, B>(src: &NbdClient<A>, dst: &NbdClient<B>, manifest: &Manifest) -> Result<u64>
+fn check_sizes<B>(source_size: u64, dst: &NbdClient<B>, manifest: &Manifest) -> Result<u64>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    if src.size() != dst.size() || src.size() != manifest.disk_size {
-        return Err(CopyError::SizeMismatch { source_size: src.size(), target_size: dst.size() });
+    if source_size != dst.size() || source_size != manifest.disk_size {
+        return Err(CopyError::SizeMismatch { source_size, target_size: dst.size() });
     }
-    Ok(src.size())
+    Ok(source_size)
+}
+
+/// What a sync reads its source through.
+pub trait SyncSource {
+    /// The size the guest sees.
+    fn size(&self) -> u64;
+    /// The largest read in one request.
+    fn max_read(&self) -> u64;
+    /// Where the source holds data (everything else reads as zeros), if it can tell.
+    fn data_extents(&mut self) -> impl Future<Output = Result<Option<ExtentSet>>> + Send;
+    /// Reads `pieces` into `data` (their lengths summed, in order) and gives the buffer back.
+    fn read_pieces(&mut self, pieces: &[Extent], data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>>> + Send;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> SyncSource for NbdClient<S> {
+    fn size(&self) -> u64 {
+        NbdClient::size(self)
+    }
+
+    fn max_read(&self) -> u64 {
+        u64::from(self.max_io_size())
+    }
+
+    async fn data_extents(&mut self) -> Result<Option<ExtentSet>> {
+        if !self.meta_contexts().iter().any(|c| c.name == BASE_ALLOCATION) {
+            return Ok(None);
+        }
+        let size = NbdClient::size(self);
+        Ok(Some(NbdClient::data_extents(self, 0, size).await?))
+    }
+
+    async fn read_pieces(&mut self, pieces: &[Extent], mut data: Vec<u8>) -> Result<Vec<u8>> {
+        read_batch(self, pieces, &mut data).await?;
+        Ok(data)
+    }
+}
+
+impl SyncSource for DirectImage {
+    fn size(&self) -> u64 {
+        DirectImage::size(self)
+    }
+
+    fn max_read(&self) -> u64 {
+        CHUNK
+    }
+
+    async fn data_extents(&mut self) -> Result<Option<ExtentSet>> {
+        Ok(Some(DirectImage::data_extents(self)))
+    }
+
+    /// `pread`s on a blocking thread (the pages are usually cached: a copy, no waiting).
+    async fn read_pieces(&mut self, pieces: &[Extent], mut data: Vec<u8>) -> Result<Vec<u8>> {
+        let image = self.clone();
+        let pieces = pieces.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut at = 0usize;
+            for e in &pieces {
+                image.read_at(e.offset, &mut data[at..at + e.len as usize])?;
+                at += e.len as usize;
+            }
+            Ok(data)
+        })
+        .await
+        .map_err(|e| CopyError::Worker(format!("reading: {e}")))?
+    }
 }
 
 /// A round of chunks and one contiguous buffer holding them in order.
@@ -121,12 +190,11 @@ async fn read_batch<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn chunk_size<A, B>(src: &NbdClient<A>, dst: &NbdClient<B>) -> u64
+fn chunk_size<B>(src_max_read: u64, dst: &NbdClient<B>) -> u64
 where
-    A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let chunk = CHUNK.min(u64::from(src.max_io_size())).min(u64::from(dst.max_io_size())) / BLOCK_SIZE * BLOCK_SIZE;
+    let chunk = CHUNK.min(src_max_read).min(u64::from(dst.max_io_size())) / BLOCK_SIZE * BLOCK_SIZE;
     chunk.max(BLOCK_SIZE)
 }
 
@@ -146,10 +214,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let size = check_sizes(src, dst, manifest)?;
+    let size = check_sizes(src.size(), dst, manifest)?;
     let todo = extents.align_out(BLOCK_SIZE).clip(0, size);
     let total = todo.total_bytes();
-    let chunk = chunk_size(src, dst);
+    let chunk = chunk_size(u64::from(src.max_io_size()), dst);
     let mut chunks = todo.chunks(chunk);
     let mut stats = CopyStats::default();
     let (mut current, mut next) = (Batch::default(), Batch::default());
@@ -239,8 +307,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let size = check_sizes(src, dst, manifest)?;
-    let chunk = chunk_size(src, dst);
+    let size = check_sizes(src.size(), dst, manifest)?;
+    let chunk = chunk_size(u64::from(src.max_io_size()), dst);
     let whole = ExtentSet::from_range(0, size);
     let mut chunks = whole.chunks(chunk);
     let mut stats = CopyStats::default();
@@ -286,7 +354,7 @@ fn spawn_hashing(round: &Arc<Batch>) -> tokio::task::JoinHandle<Vec<Vec<BlockHas
 }
 
 async fn hashes_of(hashing: tokio::task::JoinHandle<Vec<Vec<BlockHash>>>) -> Result<Vec<Vec<BlockHash>>> {
-    hashing.await.map_err(|e| CopyError::Hashing(e.to_string()))
+    hashing.await.map_err(|e| CopyError::Worker(format!("hashing: {e}")))
 }
 
 /// The round's buffer, for the next round to reuse (the hashing thread is done with it).
@@ -325,21 +393,20 @@ async fn write_zero_range<D: AsyncRead + AsyncWrite + Unpin>(
 /// zeroed. Only differing blocks are written; `manifest` ends as the source's manifest.
 /// `progress(done, total)` counts source bytes read.
 pub async fn manifest_compare_sync<S, D>(
-    src: &mut NbdClient<S>,
+    src: &mut S,
     dst: &mut NbdClient<D>,
     manifest: &mut Manifest,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: SyncSource,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let size = check_sizes(src, dst, manifest)?;
+    let size = check_sizes(src.size(), dst, manifest)?;
     let whole = ExtentSet::from_range(0, size);
-    let data = if src.meta_contexts().iter().any(|c| c.name == BASE_ALLOCATION) {
-        src.data_extents(0, size).await?.align_out(BLOCK_SIZE).clip(0, size)
-    } else {
-        whole.clone()
+    let data = match src.data_extents().await? {
+        Some(data) => data.align_out(BLOCK_SIZE).clip(0, size),
+        None => whole.clone(),
     };
     let mut stats = CopyStats::default();
 
@@ -364,11 +431,11 @@ where
     // Data, in three stages at once: round N+1 is read while round N is hashed on a blocking
     // thread and what differed in round N-1 is written (copied out of its buffer: a small share).
     let total = data.total_bytes();
-    let mut chunks = data.chunks(chunk_size(src, dst));
+    let mut chunks = data.chunks(chunk_size(src.max_read(), dst));
     let (mut current, mut next) = (Batch::default(), Batch::default());
     let mut differing: Vec<(u64, Vec<u8>)> = Vec::new();
     current.fill(&mut chunks);
-    read_batch(src, &current.pieces, &mut current.data).await?;
+    current.data = src.read_pieces(&current.pieces, std::mem::take(&mut current.data)).await?;
     stats.source_read += current.bytes();
     while !current.pieces.is_empty() {
         next.fill(&mut chunks);
@@ -381,9 +448,10 @@ where
             }
             Ok::<_, CopyError>(())
         };
-        let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
+        let buffer = std::mem::take(&mut next.data);
+        let (read, write) = tokio::join!(src.read_pieces(&next.pieces, buffer), write);
         let hashes = hashes_of(hashing).await?;
-        read?;
+        next.data = read?;
         write?;
         stats.written += to_write.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
         stats.source_read += next.bytes();

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::direct::DirectImage;
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
 
@@ -192,7 +193,8 @@ async fn manifest_compare_reads_only_the_source_and_skips_its_holes() {
     }
     run("qemu-io", &["-f", "qcow2", "-c", &format!("write -z -u {} {}", 5 << 20, 128 << 10), source.to_str().unwrap()]);
 
-    let sync = |name: &'static str, contexts: &'static [&'static str]| {
+    // `contexts` None: the source is read from its files, not through NBD.
+    let sync = |name: &'static str, contexts: Option<&'static [&'static str]>| {
         let new_point = dir.path().join(name);
         run(
             "qemu-img",
@@ -201,10 +203,20 @@ async fn manifest_compare_reads_only_the_source_and_skips_its_holes() {
         let source = source.clone();
         let mut manifest = point_manifest.clone();
         async move {
-            let src = Nbd::serve(&source, &["--read-only"]);
             let dst = Nbd::serve(&new_point, &[]);
-            let (mut s, mut d) = (src.client(contexts).await, dst.client(&[]).await);
-            let stats = manifest_compare_sync(&mut s, &mut d, &mut manifest, |_, _| {}).await.unwrap();
+            let mut d = dst.client(&[]).await;
+            let stats = match contexts {
+                Some(contexts) => {
+                    let src = Nbd::serve(&source, &["--read-only"]);
+                    let mut s = src.client(contexts).await;
+                    manifest_compare_sync(&mut s, &mut d, &mut manifest, |_, _| {}).await.unwrap()
+                }
+                None => {
+                    let map = drover_hv::image::host_map(&source).await.unwrap();
+                    let mut s = DirectImage::open(&map).unwrap();
+                    manifest_compare_sync(&mut s, &mut d, &mut manifest, |_, _| {}).await.unwrap()
+                }
+            };
             d.disconnect().await.unwrap();
             drop(dst);
             assert!(equal(&source, &new_point), "{name} equals the source");
@@ -213,15 +225,59 @@ async fn manifest_compare_reads_only_the_source_and_skips_its_holes() {
     };
     let truth = full_manifest(&source).await;
 
-    let (stats, manifest) = sync("a.qcow2", &["base:allocation"]).await;
+    let (stats, manifest) = sync("a.qcow2", Some(&["base:allocation"])).await;
     assert_eq!(manifest, truth);
     assert_eq!(stats.target_read, 0, "the target is never read");
     assert_eq!(stats.written, 3 * BLOCK_SIZE + 2 * BLOCK_SIZE, "changed and zeroed blocks only: {stats:?}");
     assert!(stats.source_read < SIZE / 4, "the source's holes are not read: {stats:?}");
+    let allocation_aware = stats;
 
     // Without allocation status the whole source is read; the outcome is the same.
-    let (stats, manifest) = sync("b.qcow2", &[]).await;
+    let (stats, manifest) = sync("b.qcow2", Some(&[])).await;
     assert_eq!(manifest, truth);
     assert_eq!((stats.source_read, stats.target_read), (SIZE, 0));
     assert_eq!(stats.written, 5 * BLOCK_SIZE);
+
+    // Read from the source's files (mapped by qemu-img): the same, its holes not read either.
+    let (direct, manifest) = sync("c.qcow2", None).await;
+    assert_eq!(manifest, truth);
+    assert_eq!(direct, allocation_aware, "the same blocks read and written as through NBD with base:allocation");
+}
+
+/// An image read from its files (a two-layer chain, zeros and holes among the data) reads as
+/// QEMU reads it, at any offset and length; an image with a compressed cluster is refused.
+#[tokio::test]
+async fn a_direct_image_reads_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top, raw) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"), dir.path().join("top.raw"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), &SIZE.to_string()]);
+    write(&base, 0x11, 0, 3 << 20);
+    write(&base, 0x12, 7 << 20, 100 << 10);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap(), top.to_str().unwrap()],
+    );
+    write(&top, 0x21, (1 << 20) + 4096, 200 << 10);
+    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -z {} {}", 2 << 20, 128 << 10), top.to_str().unwrap()]);
+    run("qemu-img", &["convert", "-O", "raw", top.to_str().unwrap(), raw.to_str().unwrap()]);
+    let truth = std::fs::read(&raw).unwrap();
+
+    let image = DirectImage::open(&drover_hv::image::host_map(&top).await.unwrap()).unwrap();
+    assert_eq!(image.size(), SIZE);
+    let mut whole = vec![0xeeu8; SIZE as usize];
+    image.read_at(0, &mut whole).unwrap();
+    assert!(whole == truth, "the whole image reads as qemu-img convert writes it");
+    // Odd offsets and lengths that cross extents of both layers, zeros and holes.
+    for (offset, len) in [(0u64, 1u64), ((1 << 20) + 4095, 9000), ((2 << 20) - 7, (5 << 20) + 13), (SIZE - 3, 3)] {
+        let mut buf = vec![0xeeu8; len as usize];
+        image.read_at(offset, &mut buf).unwrap();
+        assert!(buf[..] == truth[offset as usize..(offset + len) as usize], "{offset}+{len}");
+    }
+    assert!(image.read_at(SIZE - 3, &mut [0u8; 4]).is_err(), "past the end");
+    let data: u64 = image.data_extents().total_bytes();
+    assert!(data < SIZE / 4, "holes are not data: {data}");
+
+    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -c -P 0x33 {} 65536", 12 << 20), top.to_str().unwrap()]);
+    let err = DirectImage::open(&drover_hv::image::host_map(&top).await.unwrap()).unwrap_err();
+    assert!(err.to_string().contains("compressed"), "{err}");
 }

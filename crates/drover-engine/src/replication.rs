@@ -29,6 +29,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use drover_block::chain::{ChainDir, manifest_path};
 use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::direct::DirectImage;
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
@@ -469,6 +470,18 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
         (_, Some(x)) => (x.nbd.clone(), x.meta_context.clone()),
         _ => return Err(Error::internal("no cut")),
     };
+    // A powered-off disk compared against the manifest is read from its files: the cut's daemon
+    // holds it (nothing writes it) and reading through NBD would cost the daemon as much CPU as
+    // the whole comparison. Anything only QEMU can decode is read through NBD as before.
+    let direct = match &offline {
+        Some(_) if against_manifest => Some(direct_source(&d.image).await),
+        _ => None,
+    };
+    match &direct {
+        Some(Ok(_)) => reason = reason.map(|r| format!("{r}; source read from its files")),
+        Some(Err(why)) => reason = reason.map(|r| format!("{r}; source read through NBD: {why}")),
+        None => {}
+    }
     // The target: a new point file, written through a storage daemon of its own.
     let chain = ChainDir::new(&d.chain_dir);
     let file = chain.new_point_file(d.size, d.prev_file.as_deref()).await.map_err(unavailable)?;
@@ -521,7 +534,10 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
             }
             // The new point is an empty overlay on the newest one, which its manifest describes:
             // only the source needs reading.
-            _ if against_manifest => manifest_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
+            _ if against_manifest => match direct {
+                Some(Ok(mut image)) => manifest_compare_sync(&mut image, &mut dst, &mut manifest, |_, _| {}).await?,
+                _ => manifest_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
+            },
             _ => hash_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
         };
         let _ = total_hint;
@@ -550,6 +566,12 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
         next_bitmap: d.next_bitmap.clone(),
         image: d.image.clone(),
     })
+}
+
+/// The files of `image` to read it from directly, or why they cannot be.
+async fn direct_source(image: &Path) -> std::result::Result<DirectImage, String> {
+    let map = drover_hv::image::host_map(image).await.map_err(|e| e.to_string())?;
+    DirectImage::open(&map).map_err(|e| e.to_string())
 }
 
 struct Publish(VmCtx);

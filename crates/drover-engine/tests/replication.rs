@@ -435,8 +435,9 @@ async fn a_lost_bitmap_falls_back_to_hash_compare_against_the_manifest() {
     let lines = log(&rig.app, &rig.caller, s.id).await;
     let line = lines.iter().find(|l| l.contains("hash-compare mode")).unwrap_or_else(|| panic!("{lines:?}"));
     assert!(line.contains("newest point's manifest"), "{line}");
+    assert!(line.contains("source read from its files"), "a powered-off disk is read from its files: {line}");
     // Four 4 KiB writes in four 64 KiB clusters: that is all there is to read, out of 16 MiB.
-    let read: u64 = line.split("read ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    let read: u64 = line.split(", read ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
     assert_eq!(read, 4 * 64 * 1024, "{line}");
     assert!(line.contains("sent 131072 bytes"), "only the two changed blocks travel: {line}");
     rig.assert_consistent().await;

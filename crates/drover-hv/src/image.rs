@@ -213,6 +213,176 @@ pub async fn set_backing_unsafe(image: &Path, backing: &Path) -> HvResult<()> {
     Ok(())
 }
 
+/// Where an image's guest-visible bytes are in its files: `qemu-img map` over the whole backing
+/// chain. It is what lets a reader that must see every byte of an image nobody writes to (the
+/// hash-compare of a powered-off disk) read the files directly instead of through an NBD server,
+/// whose CPU is the floor of that read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMap {
+    pub virtual_size: u64,
+    /// The chain's files, top first (layer `depth` of an extent).
+    pub files: Vec<PathBuf>,
+    /// In order, covering `0..virtual_size`.
+    pub extents: Vec<HostExtent>,
+    /// Why the files cannot be read directly, if they cannot: a layer encrypted, with an external
+    /// data file, in another format than qcow2 or raw, or not on a plain file.
+    pub unreadable: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostExtent {
+    pub start: u64,
+    pub len: u64,
+    pub at: Placement,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Reads as zeros.
+    Zero,
+    /// Plain bytes at `offset` in file `layer` of [`HostMap::files`].
+    File { layer: usize, offset: u64 },
+    /// Data that is not stored as plain bytes (a compressed cluster): only QEMU can read it.
+    Opaque,
+}
+
+impl HostMap {
+    /// Why the image cannot be read from its files, if it cannot: see [`HostMap::unreadable`],
+    /// and any [`Placement::Opaque`] extent.
+    pub fn why_not_direct(&self) -> Option<String> {
+        if let Some(why) = &self.unreadable {
+            return Some(why.clone());
+        }
+        self.extents
+            .iter()
+            .find(|e| e.at == Placement::Opaque)
+            .map(|e| format!("{} bytes at offset {} are stored compressed", e.len, e.start))
+    }
+}
+
+/// Maps an image (and its backing chain) to its files with `qemu-img map` and `qemu-img info
+/// --backing-chain`, both without taking the image's lock (`-U`): the caller makes sure nobody
+/// writes the image meanwhile (a powered-off VM's disk held by a storage daemon that only reads
+/// it and keeps its bitmaps).
+pub async fn host_map(path: &Path) -> HvResult<HostMap> {
+    let path =
+        tokio::fs::canonicalize(path).await.map_err(|e| HvError::io(format!("resolving {}", path.display()), e))?;
+    let chain = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--backing-chain".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        path.as_os_str(),
+    ])
+    .await?;
+    let map =
+        qemu_img(&["map".as_ref(), "-U".as_ref(), "--output".as_ref(), "json".as_ref(), path.as_os_str()]).await?;
+    parse_host_map(&path, &chain, &map)
+}
+
+fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> HvResult<HostMap> {
+    #[derive(Deserialize)]
+    struct Layer {
+        #[serde(rename = "virtual-size")]
+        virtual_size: u64,
+        format: String,
+        #[serde(default)]
+        encrypted: bool,
+        #[serde(rename = "full-backing-filename")]
+        full_backing: Option<PathBuf>,
+        #[serde(rename = "format-specific", default)]
+        specific: Option<serde_json::Value>,
+        #[serde(default)]
+        children: Vec<serde_json::Value>,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        start: u64,
+        length: u64,
+        #[serde(default)]
+        depth: usize,
+        data: bool,
+        zero: bool,
+        #[serde(default)]
+        compressed: bool,
+        offset: Option<u64>,
+    }
+    let bad = |what: &str, e: serde_json::Error| HvError::Tool {
+        program: format!("{QEMU_IMG} {what}"),
+        stderr: format!("unexpected JSON output: {e}"),
+    };
+    let layers: Vec<Layer> = serde_json::from_slice(chain_json).map_err(|e| bad("info", e))?;
+    let entries: Vec<Entry> = serde_json::from_slice(map_json).map_err(|e| bad("map", e))?;
+    let Some(first) = layers.first() else {
+        return Err(HvError::Tool { program: format!("{QEMU_IMG} info"), stderr: "an empty backing chain".into() });
+    };
+    let mut files = vec![top.to_path_buf()];
+    let mut unreadable = None;
+    for (i, layer) in layers.iter().enumerate() {
+        let name = files[i].display().to_string();
+        let data_file = layer.specific.as_ref().and_then(|s| s.pointer("/data/data-file")).is_some();
+        let protocol = layer.children.iter().find(|c| c["name"] == "file").and_then(|c| c["info"]["format"].as_str());
+        let why = if layer.encrypted {
+            Some(format!("{name} is encrypted"))
+        } else if data_file {
+            Some(format!("{name} keeps its data in an external data file"))
+        } else if !matches!(layer.format.as_str(), "qcow2" | "raw") {
+            Some(format!("{name} is {}", layer.format))
+        } else if protocol.is_some_and(|p| p != "file") {
+            Some(format!("{name} is on {}, not a plain file", protocol.unwrap_or_default()))
+        } else {
+            None
+        };
+        if unreadable.is_none() {
+            unreadable = why;
+        }
+        if i + 1 < layers.len() {
+            match &layer.full_backing {
+                Some(b) if b.is_absolute() => files.push(b.clone()),
+                Some(b) => files.push(files[i].parent().unwrap_or(Path::new("/")).join(b)),
+                None => {
+                    return Err(HvError::Tool {
+                        program: format!("{QEMU_IMG} info"),
+                        stderr: format!("{name} has a backing layer but no backing file name"),
+                    });
+                }
+            }
+        }
+    }
+    let mut extents: Vec<HostExtent> = Vec::with_capacity(entries.len());
+    let mut at = 0;
+    for e in entries {
+        if e.start != at {
+            return Err(HvError::Tool {
+                program: format!("{QEMU_IMG} map"),
+                stderr: format!("the map skips from {at} to {}", e.start),
+            });
+        }
+        at = e.start + e.length;
+        let placement = match (e.data, e.offset) {
+            (true, Some(offset)) if !e.compressed && e.depth < files.len() => {
+                Placement::File { layer: e.depth, offset }
+            }
+            (true, _) => Placement::Opaque,
+            (false, _) if e.zero => Placement::Zero,
+            // Neither data nor known zeros: only QEMU knows what it reads as.
+            (false, _) => Placement::Opaque,
+        };
+        match extents.last_mut() {
+            Some(last) if last.at == Placement::Zero && placement == Placement::Zero => last.len += e.length,
+            _ => extents.push(HostExtent { start: e.start, len: e.length, at: placement }),
+        }
+    }
+    if at != first.virtual_size {
+        return Err(HvError::Tool {
+            program: format!("{QEMU_IMG} map"),
+            stderr: format!("the map covers {at} of {} bytes", first.virtual_size),
+        });
+    }
+    Ok(HostMap { virtual_size: first.virtual_size, files, extents, unreadable })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +405,67 @@ mod tests {
         let plain = br#"{"virtual-size": 512, "format": "raw"}"#;
         assert_eq!(parse_info(plain).unwrap().backing, None);
         assert!(matches!(parse_info(b"nope"), Err(HvError::Tool { .. })));
+    }
+
+    /// A two-layer chain mapped to its files: data of each layer at its offsets (the bytes there
+    /// are the guest's), zeros merged, and a compressed cluster makes the image opaque.
+    #[tokio::test]
+    async fn host_map_points_at_the_bytes_of_each_layer() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+        create_qcow2(&base, 16 << 20).await.unwrap();
+        let io = |image: &Path, cmd: &str| {
+            let out = std::process::Command::new("qemu-io").arg("-c").arg(cmd).arg(image).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        };
+        io(&base, "write -P 0x11 0 1M");
+        io(&base, "write -z 2M 1M");
+        create_overlay(&top, &base).await.unwrap();
+        io(&top, "write -P 0x22 512k 1M");
+
+        let map = host_map(&top).await.unwrap();
+        assert_eq!(map.virtual_size, 16 << 20);
+        assert_eq!(map.files, vec![std::fs::canonicalize(&top).unwrap(), std::fs::canonicalize(&base).unwrap()]);
+        assert_eq!(map.why_not_direct(), None);
+        assert_eq!(map.extents.iter().map(|e| e.len).sum::<u64>(), 16 << 20);
+        let expect = |offset: u64| match offset {
+            o if o < 512 << 10 => 0x11,
+            o if o < (1536 << 10) => 0x22,
+            _ => 0,
+        };
+        for e in &map.extents {
+            let mut buf = vec![0u8; e.len as usize];
+            match e.at {
+                Placement::File { layer, offset } => {
+                    std::fs::File::open(&map.files[layer]).unwrap().read_exact_at(&mut buf, offset).unwrap();
+                }
+                Placement::Zero => {}
+                Placement::Opaque => panic!("nothing is compressed: {map:?}"),
+            }
+            for (i, chunk) in buf.chunks(64 << 10).enumerate() {
+                let at = e.start + (i as u64) * (64 << 10);
+                assert!(chunk.iter().all(|b| *b == expect(at)), "{at}: {e:?}");
+            }
+        }
+        assert!(
+            map.extents.windows(2).all(|w| !(w[0].at == Placement::Zero && w[1].at == Placement::Zero)),
+            "zeros are merged: {map:?}"
+        );
+
+        io(&top, "write -c -P 0x33 8M 64k");
+        let why = host_map(&top).await.unwrap().why_not_direct().unwrap();
+        assert!(why.contains("compressed") && why.contains(&(8u64 << 20).to_string()), "{why}");
+    }
+
+    #[test]
+    fn host_map_names_a_layer_it_cannot_read() {
+        let chain = br#"[{"virtual-size": 1048576, "format": "qcow2", "encrypted": true}]"#;
+        let map = br#"[{"start": 0, "length": 1048576, "depth": 0, "present": false, "zero": true, "data": false}]"#;
+        let m = parse_host_map(Path::new("/x/a.qcow2"), chain, map).unwrap();
+        assert_eq!(m.why_not_direct().unwrap(), "/x/a.qcow2 is encrypted");
+        let gap = br#"[{"start": 4096, "length": 1044480, "depth": 0, "zero": true, "data": false}]"#;
+        assert!(parse_host_map(Path::new("/x/a.qcow2"), chain, gap).is_err());
     }
 
     /// Runs the real qemu-img (installed by scripts/install-deps); each call takes ~10 ms.

@@ -6,16 +6,18 @@
 //! 3. Incremental: the dirty granules go into a new overlay on the seed (bytes read and sent).
 //! 4. Hash-compare, as replication falls back to it without a trusted bitmap: a stale overlay on
 //!    the seed is brought level by hashing the source against the seed's manifest (the target is
-//!    not read); then the same from scratch reading both sides (no manifest to trust), which is
-//!    what failback does for a production disk whose bitmap was lost.
+//!    not read), the source read from its files as for a powered-off VM (mapped with `qemu-img
+//!    map`, timed with it); the same with the source read through NBD, as for a running VM; then
+//!    the same from scratch reading both sides (no manifest to trust), which is what failback
+//!    does for a production disk whose bitmap was lost.
 //! 5. Failback: a replica boots through an overlay on the new point and writes; production writes
 //!    too (tracked by the next bitmap). The union of the two is what must travel back; it is sent
 //!    and production is checked equal to the replica.
 //! 6. Baselines: reading both images once, `rsync --inplace --no-whole-file` between raw copies,
 //!    and `qemu-img convert`.
 //!
-//! All I/O goes through `qemu-storage-daemon` NBD exports and drover's own NBD client: the same
-//! path replication uses.
+//! All other I/O goes through `qemu-storage-daemon` NBD exports and drover's own NBD client: the
+//! same path replication uses.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::direct::DirectImage;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
@@ -91,8 +94,11 @@ pub struct Report {
     pub changed_bytes: u64,
     pub full_copy: Phase,
     pub incremental: Phase,
-    /// Replication's fallback: the source hashed against the target point's manifest.
+    /// Replication's fallback: the source hashed against the target point's manifest, read from
+    /// its files (a powered-off VM's disk).
     pub hash_compare: Phase,
+    /// The same with the source read through NBD (a running VM's disk, read through its QEMU).
+    pub hash_compare_through_nbd: Phase,
     /// The fallback with no manifest to trust: both sides read once, concurrently.
     pub hash_compare_reading_target: Phase,
     /// Reading source and target once each, concurrently: the floor for hash-compare.
@@ -106,6 +112,8 @@ pub struct Report {
     pub hash_compare_vs_rsync: Option<f64>,
     /// `hash_compare.seconds / read_both_seconds` (target ≤ 1.5).
     pub hash_compare_vs_read_both: f64,
+    /// `hash_compare_through_nbd.seconds / rsync_seconds`.
+    pub through_nbd_vs_rsync: Option<f64>,
     /// `hash_compare_reading_target.seconds / rsync_seconds`.
     pub reading_target_vs_rsync: Option<f64>,
     /// `hash_compare_reading_target.seconds / read_both_seconds`.
@@ -307,26 +315,35 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
 
     // 4. Hash-compare into stale overlays on the seed: against the seed's manifest, then reading
     // both sides.
-    let mut hash_compare_into = async |name: &str, reading_target: bool| -> anyhow::Result<(Phase, Manifest)> {
+    enum Hc {
+        Direct,
+        Nbd,
+        ReadingTarget,
+    }
+    let mut hash_compare_into = async |name: &str, how: Hc| -> anyhow::Result<(Phase, Manifest)> {
         let file = path(name);
         overlay(&path("seed.qcow2"), &file)?;
         let (node, export) = rig.export(&file, Backing::FromImage, true, &[]).await?;
         let mut stale = rig.client(&export, &[]).await?;
         let mut m = seed_manifest.clone();
         let start = Instant::now();
-        let stats = if reading_target {
-            hash_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?
-        } else {
-            manifest_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?
+        let stats = match how {
+            Hc::Direct => {
+                let mut image = DirectImage::open(&drover_hv::image::host_map(&path("source.qcow2")).await?)?;
+                manifest_compare_sync(&mut image, &mut stale, &mut m, |_, _| {}).await?
+            }
+            Hc::Nbd => manifest_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?,
+            Hc::ReadingTarget => hash_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?,
         };
         let seconds = start.elapsed().as_secs_f64();
         stale.disconnect().await?;
         rig.close(&node).await?;
         Ok((Phase { seconds, bytes_read: stats.source_read + stats.target_read, bytes_sent: stats.written }, m))
     };
-    let (hash_compare, hc_manifest) = hash_compare_into("stale.qcow2", false).await?;
-    let (hash_compare_reading_target, rt_manifest) = hash_compare_into("stale2.qcow2", true).await?;
-    if hc_manifest != manifest || rt_manifest != manifest {
+    let (hash_compare, hc_manifest) = hash_compare_into("stale.qcow2", Hc::Direct).await?;
+    let (hash_compare_through_nbd, nbd_manifest) = hash_compare_into("stale1.qcow2", Hc::Nbd).await?;
+    let (hash_compare_reading_target, rt_manifest) = hash_compare_into("stale2.qcow2", Hc::ReadingTarget).await?;
+    if hc_manifest != manifest || nbd_manifest != manifest || rt_manifest != manifest {
         bail!("hash-compare and the incremental path disagree on the source's content");
     }
     let (st_node, st_export) = rig.export(&path("stale.qcow2"), Backing::FromImage, false, &[]).await?;
@@ -457,11 +474,13 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         incremental_ratio: incremental.bytes_sent as f64 / changed_bytes.max(1) as f64,
         hash_compare_vs_rsync: rsync_seconds.map(|r| hash_compare.seconds / r.max(1e-9)),
         hash_compare_vs_read_both: hash_compare.seconds / read_both_seconds.max(1e-9),
+        through_nbd_vs_rsync: rsync_seconds.map(|r| hash_compare_through_nbd.seconds / r.max(1e-9)),
         reading_target_vs_rsync: rsync_seconds.map(|r| hash_compare_reading_target.seconds / r.max(1e-9)),
         reading_target_vs_read_both: hash_compare_reading_target.seconds / read_both_seconds.max(1e-9),
         full_copy,
         incremental,
         hash_compare,
+        hash_compare_through_nbd,
         hash_compare_reading_target,
         read_both_seconds,
         failback,
@@ -502,6 +521,12 @@ fn print_report(r: &Report) {
         mib(r.hash_compare.bytes_sent)
     );
     println!(
+        "  hash-compare, source through NBD (running VM) {:>10}  read {:>12}  sent {:>12}",
+        d(r.hash_compare_through_nbd.seconds),
+        mib(r.hash_compare_through_nbd.bytes_read),
+        mib(r.hash_compare_through_nbd.bytes_sent)
+    );
+    println!(
         "  hash-compare reading the target too {:>10}  read {:>12}  sent {:>12}",
         d(r.hash_compare_reading_target.seconds),
         mib(r.hash_compare_reading_target.bytes_read),
@@ -513,11 +538,12 @@ fn print_report(r: &Report) {
         r.hash_compare_vs_read_both,
         r.reading_target_vs_read_both
     );
-    match (r.rsync_seconds, r.hash_compare_vs_rsync, r.reading_target_vs_rsync) {
-        (Some(s), Some(x), Some(y)) => println!(
-            "  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2}; reading the target too {:.2})",
+    match (r.rsync_seconds, r.hash_compare_vs_rsync, r.through_nbd_vs_rsync, r.reading_target_vs_rsync) {
+        (Some(s), Some(x), Some(n), Some(y)) => println!(
+            "  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2}; through NBD {:.2}; reading the target too {:.2})",
             d(s),
             x,
+            n,
             y
         ),
         _ => println!("  rsync: not installed"),
