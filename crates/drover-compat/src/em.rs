@@ -1,0 +1,1 @@
+//! The Enterprise Manager dialect.

@@ -1,0 +1,1 @@
+//! The Recovery Orchestrator dialect.
