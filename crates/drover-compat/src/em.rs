@@ -1,1 +1,99 @@
-//! The Enterprise Manager dialect.
+//! The Enterprise Manager dialect (spec `veeam-compat.md` section 2): XML in
+//! `http://www.veeam.com/ent/v1.0` by default, JSON on `Accept: application/json`, under `/api`.
+//!
+//! A thin facade over [`App`]: handlers parse, call the application layer, and build an
+//! [`render::Element`] from [`views`]; [`render::negotiate`] writes it (or the `Error`) in the
+//! format asked for. The dialect's own state is only its logon sessions ([`logon`]) and its
+//! tasks ([`tasks`]), both in memory.
+//!
+//! Code map: [`handlers`] (routes), [`views`] (representations), [`render`] (XML/JSON and
+//! errors, the one place), [`query`] (the query service), [`filter`] (its filter language).
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use drover_engine::app::App;
+use uuid::Uuid;
+
+pub mod filter;
+pub mod handlers;
+pub mod logon;
+pub mod query;
+pub mod render;
+pub mod tasks;
+pub mod views;
+
+/// How the dialect is served.
+#[derive(Debug, Clone)]
+pub struct EmConfig {
+    /// A logon session ends after this long without a request (15 minutes in the product).
+    pub idle_timeout: Duration,
+    /// The scheme of the `Href`s: `https` unless the listener is the legacy plain-HTTP one.
+    pub scheme: &'static str,
+    /// The control plane as the "backup server": a stable id and a name.
+    pub backup_server_id: Uuid,
+    pub backup_server_name: String,
+}
+
+impl Default for EmConfig {
+    fn default() -> Self {
+        EmConfig {
+            idle_timeout: Duration::from_secs(15 * 60),
+            scheme: "https",
+            backup_server_id: default_backup_server_id(),
+            backup_server_name: "drover".into(),
+        }
+    }
+}
+
+/// The same on every start and every installation, so saved links and UIDs stay valid.
+pub fn default_backup_server_id() -> Uuid {
+    // A fixed random UUID (v4 layout), chosen once for drover.
+    Uuid::from_u128(0x3f5e_0c2a_9b7d_4e61_8a43_d2f0_6c19_b7e5)
+}
+
+#[derive(Debug, Clone)]
+pub struct EmState {
+    pub app: App,
+    pub config: EmConfig,
+    pub logons: logon::LogonSessions,
+    pub tasks: tasks::Tasks,
+}
+
+/// The dialect with the default configuration.
+pub fn router(app: App) -> Router {
+    router_with(app, EmConfig::default())
+}
+
+pub fn router_with(app: App, config: EmConfig) -> Router {
+    use handlers as h;
+    let state =
+        EmState { app, logons: logon::LogonSessions::new(config.idle_timeout), config, tasks: Default::default() };
+    // Full paths rather than `nest`: `/api/` and `/api/sessionMngr/` end in a slash, as the
+    // product writes them, and must match exactly that.
+    Router::new()
+        .route("/api", get(h::enterprise_manager))
+        .route("/api/", get(h::enterprise_manager))
+        .route("/api/sessionMngr/", post(h::logon).get(h::logon_current))
+        .route("/api/logonSessions", get(h::logon_sessions))
+        .route("/api/logonSessions/{id}", get(h::logon_session_get).delete(h::logon_session_delete))
+        .route("/api/backupServers", get(h::backup_servers))
+        .route("/api/backupServers/{id}", get(h::backup_server_get))
+        .route("/api/cloud/failoverSessions", get(h::sessions_list))
+        .route("/api/cloud/failoverSessions/{id}", get(h::session_get))
+        .route("/api/cloud/cloudFailoverPlans", get(h::cloud_plans_list))
+        .route(
+            "/api/cloud/cloudFailoverPlans/{id}",
+            get(h::cloud_plan_get).post(h::cloud_plan_action).delete(h::cloud_plan_delete),
+        )
+        .route("/api/failoverPlans", get(h::plans_list))
+        .route("/api/failoverPlans/{id}", get(h::plan_get).post(h::plan_action).delete(h::plan_delete))
+        .route("/api/tasks", get(h::tasks_list))
+        .route("/api/tasks/{id}", get(h::task_get).delete(h::task_delete))
+        .route("/api/query", get(h::query))
+        .fallback(h::not_found)
+        .layer(axum::middleware::from_fn(render::negotiate))
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}

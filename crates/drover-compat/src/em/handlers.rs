@@ -1,0 +1,459 @@
+//! The EM routes. Thin: parse, call [`App`], build a view; [`super::render`] writes it.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use drover_engine::app::{App, Caller, PlanActionOptions};
+use drover_types::{Error, Plan, PlanAction, PlanId, Session, SessionFilter, SessionId, SessionKind, Timestamp, Vm};
+use serde::Deserialize;
+
+use super::EmState;
+use super::logon::{self, LogonSession, SESSION_HEADER};
+use super::render::{EmError, EmResult, Reply};
+use super::views::{self, BackupServer, Ctx, PlanKind, PlanView, Shape};
+
+// -------------------------------------------------------------------------------------------------
+// Extractors
+
+impl FromRequestParts<EmState> for Ctx {
+    type Rejection = EmError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &EmState) -> Result<Self, Self::Rejection> {
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
+            .unwrap_or("localhost");
+        Ok(Ctx {
+            base: format!("{}://{host}", state.config.scheme),
+            server: BackupServer { id: state.config.backup_server_id, name: state.config.backup_server_name.clone() },
+        })
+    }
+}
+
+/// The logged-on caller, from `X-RestSvcSessionId` (cookie or header).
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub caller: Caller,
+    pub logon: LogonSession,
+}
+
+impl FromRequestParts<EmState> for Auth {
+    type Rejection = EmError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &EmState) -> Result<Self, Self::Rejection> {
+        let token = logon::token_of(&parts.headers).ok_or_else(|| {
+            Error::Unauthorized(format!("log on first: POST /api/sessionMngr/?v=latest, then send {SESSION_HEADER}"))
+        })?;
+        let logon = state.logons.touch(&token)?;
+        let caller = match state.app.caller_for(logon.user_id).await {
+            Err(Error::NotFound { .. }) => Err(Error::Unauthorized("the logon session's user no longer exists".into())),
+            other => other,
+        }?;
+        Ok(Auth { caller, logon })
+    }
+}
+
+/// The query string, every key once.
+#[derive(Debug, Clone, Default)]
+pub struct Params(pub HashMap<String, String>);
+
+impl FromRequestParts<EmState> for Params {
+    type Rejection = EmError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &EmState) -> Result<Self, Self::Rejection> {
+        let axum::extract::Query(map) =
+            axum::extract::Query::<HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| Error::invalid(format!("bad query string: {}", e.body_text())))?;
+        Ok(Params(map))
+    }
+}
+
+impl Params {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+    }
+
+    /// `?format=Entity` or the reference (the default).
+    fn shape(&self, reference: Shape) -> EmResult<Shape> {
+        match self.get("format") {
+            None => Ok(reference),
+            Some(f) if f.eq_ignore_ascii_case("Entity") => Ok(Shape::Entity),
+            Some(f) => Err(Error::invalid(format!("format must be Entity, not {f:?}")).into()),
+        }
+    }
+}
+
+/// An id in a path; a malformed one names nothing, so it is not found.
+fn parse_id<T: std::str::FromStr>(kind: &'static str, id: &str) -> EmResult<T> {
+    id.parse().map_err(|_| EmError(Error::not_found(kind, id)))
+}
+
+pub async fn not_found() -> EmError {
+    EmError(Error::not_found("resource", "at this path"))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Logon
+
+pub async fn enterprise_manager(ctx: Ctx) -> Reply {
+    Reply::ok(views::enterprise_manager(&ctx))
+}
+
+pub async fn logon(State(state): State<EmState>, ctx: Ctx, params: Params, headers: HeaderMap) -> EmResult {
+    let version = params.get("v").unwrap_or("latest");
+    if !views::VERSIONS.contains(&version) {
+        return Err(Error::invalid(format!("unsupported version {version:?}; see GET /api/")).into());
+    }
+    let (user, password) = logon::basic_credentials(&headers)?;
+    let (session, caller) = state.logons.logon(&state.app, &user, &password).await?;
+    let mut reply = Reply::with_status(StatusCode::CREATED, views::logon_session(&ctx, session.id, &caller.name));
+    let token = HeaderValue::from_str(&session.token).map_err(|e| Error::internal(e.to_string()))?;
+    let cookie = HeaderValue::from_str(&format!("{SESSION_HEADER}={}; Path=/api", session.token))
+        .map_err(|e| Error::internal(e.to_string()))?;
+    reply.headers.push((header::HeaderName::from_static("x-restsvcsessionid"), token));
+    reply.headers.push((header::SET_COOKIE, cookie));
+    Ok(reply)
+}
+
+/// `GET /api/sessionMngr/`: the caller's own logon session (so the links to it resolve).
+pub async fn logon_current(auth: Auth, ctx: Ctx) -> Reply {
+    Reply::ok(views::logon_session(&ctx, auth.logon.id, &auth.logon.user_name))
+}
+
+pub async fn logon_sessions(auth: Auth, State(state): State<EmState>, ctx: Ctx) -> Reply {
+    let list: Vec<_> = state.logons.of_user(auth.caller.user_id).into_iter().map(|s| (s.id, s.user_name)).collect();
+    Reply::ok(views::logon_sessions(&ctx, &list))
+}
+
+pub async fn logon_session_get(auth: Auth, State(state): State<EmState>, ctx: Ctx, Path(id): Path<String>) -> EmResult {
+    let id: uuid::Uuid = parse_id("logon session", &id)?;
+    let s = state
+        .logons
+        .of_user(auth.caller.user_id)
+        .into_iter()
+        .find(|s| s.id == id)
+        .ok_or_else(|| Error::not_found("logon session", id))?;
+    Ok(Reply::ok(views::logon_session(&ctx, s.id, &s.user_name)))
+}
+
+pub async fn logon_session_delete(auth: Auth, State(state): State<EmState>, Path(id): Path<String>) -> EmResult {
+    let id: uuid::Uuid = parse_id("logon session", &id)?;
+    if state.logons.end(auth.caller.user_id, id) {
+        Ok(Reply::no_content())
+    } else {
+        Err(Error::not_found("logon session", id).into())
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Backup servers
+
+pub async fn backup_servers(_: Auth, ctx: Ctx, params: Params) -> EmResult {
+    let shape = params.shape(Shape::Ref)?;
+    Ok(Reply::ok(views::collection(shape, "BackupServers", vec![views::backup_server(&ctx, shape)])))
+}
+
+pub async fn backup_server_get(_: Auth, ctx: Ctx, params: Params, Path(id): Path<String>) -> EmResult {
+    let shape = params.shape(Shape::EntityRef)?;
+    if id.parse::<uuid::Uuid>().ok() != Some(ctx.server.id) {
+        return Err(Error::not_found("backup server", id).into());
+    }
+    Ok(Reply::ok(views::backup_server(&ctx, shape)))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Failover sessions
+
+/// The plan executions EM shows as cloud failover sessions.
+pub const PLAN_SESSION_KINDS: [SessionKind; 8] = [
+    SessionKind::PlanFailover,
+    SessionKind::PlanTestFailover,
+    SessionKind::PlanUndoFailover,
+    SessionKind::PlanPermanentFailover,
+    SessionKind::PlanPrepareFailback,
+    SessionKind::PlanFailback,
+    SessionKind::PlanUndoFailback,
+    SessionKind::PlanCommitFailback,
+];
+
+/// The plan sessions created since `since`, newest first.
+pub async fn plan_sessions(app: &App, caller: &Caller, since: Timestamp) -> Result<Vec<Session>, Error> {
+    const PAGE: u64 = 1000;
+    let mut all = Vec::new();
+    for kind in PLAN_SESSION_KINDS {
+        let mut offset = 0;
+        loop {
+            let filter = SessionFilter {
+                kind: Some(kind),
+                created_after: Some(since),
+                offset,
+                limit: PAGE,
+                ..Default::default()
+            };
+            let (page, _) = app.session_list(caller, &filter).await?;
+            let n = page.len() as u64;
+            all.extend(page);
+            if n < PAGE {
+                break;
+            }
+            offset += PAGE;
+        }
+    }
+    all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    Ok(all)
+}
+
+pub fn thirty_days_ago() -> Timestamp {
+    drover_types::now() - chrono::Duration::days(30)
+}
+
+/// A plan session with its tasks; any other session is not found here.
+pub async fn plan_session(
+    app: &App,
+    caller: &Caller,
+    id: SessionId,
+) -> Result<(Session, Vec<drover_types::Task>), Error> {
+    let (s, tasks) = app.session_get(caller, id).await?;
+    if !PLAN_SESSION_KINDS.contains(&s.kind) {
+        return Err(Error::not_found("failover session", id));
+    }
+    Ok((s, tasks))
+}
+
+pub async fn sessions_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
+    let shape = params.shape(Shape::Ref)?;
+    let sessions = plan_sessions(&state.app, &auth.caller, thirty_days_ago()).await?;
+    let mut items = Vec::with_capacity(sessions.len());
+    for s in sessions {
+        let tasks =
+            if shape == Shape::Entity { state.app.session_get(&auth.caller, s.id).await?.1 } else { Vec::new() };
+        items.push(views::cloud_failover_session(&ctx, &s, &tasks, shape));
+    }
+    Ok(Reply::ok(views::collection(shape, "CloudFailoverSessions", items)))
+}
+
+pub async fn session_get(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    params: Params,
+    Path(id): Path<String>,
+) -> EmResult {
+    let shape = params.shape(Shape::EntityRef)?;
+    let id: SessionId = parse_id("failover session", &id)?;
+    let (s, tasks) = plan_session(&state.app, &auth.caller, id).await?;
+    Ok(Reply::ok(views::cloud_failover_session(&ctx, &s, &tasks, shape)))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Plans
+
+/// A plan with its tenant's name and its VMs' names.
+pub async fn plan_view(app: &App, caller: &Caller, plan: Plan) -> Result<PlanView, Error> {
+    let tenant_name =
+        app.tenant_list(caller).await?.into_iter().find(|t| t.id == plan.tenant_id).map(|t| t.name).unwrap_or_default();
+    let mut vms = Vec::new();
+    for vm_id in plan.vm_ids() {
+        let name = app.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
+        vms.push((vm_id, name));
+    }
+    Ok(PlanView { plan, tenant_name, vms })
+}
+
+async fn list_plans(state: &EmState, auth: &Auth, ctx: &Ctx, params: &Params, kind: PlanKind) -> EmResult {
+    let shape = params.shape(Shape::Ref)?;
+    let mut plans = state.app.list::<Plan>(&auth.caller).await?;
+    plans.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    let mut items = Vec::with_capacity(plans.len());
+    for p in plans {
+        let view = plan_view(&state.app, &auth.caller, p).await?;
+        items.push(views::plan(ctx, &view, kind, shape));
+    }
+    let plural = match kind {
+        PlanKind::Cloud => "CloudFailoverPlans",
+        PlanKind::Plain => "FailoverPlans",
+    };
+    Ok(Reply::ok(views::collection(shape, plural, items)))
+}
+
+async fn get_plan(state: &EmState, auth: &Auth, ctx: &Ctx, params: &Params, id: &str, kind: PlanKind) -> EmResult {
+    // A GET on an action link (`?action=start`) shows the plan: only POST acts.
+    let shape = params.shape(Shape::EntityRef)?;
+    let id: PlanId = parse_id("plan", id)?;
+    let plan = state.app.get::<Plan>(&auth.caller, id.0).await?;
+    let view = plan_view(&state.app, &auth.caller, plan).await?;
+    Ok(Reply::ok(views::plan(ctx, &view, kind, shape)))
+}
+
+pub async fn cloud_plans_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
+    list_plans(&state, &auth, &ctx, &params, PlanKind::Cloud).await
+}
+
+pub async fn plans_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
+    list_plans(&state, &auth, &ctx, &params, PlanKind::Plain).await
+}
+
+pub async fn cloud_plan_get(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    params: Params,
+    Path(id): Path<String>,
+) -> EmResult {
+    get_plan(&state, &auth, &ctx, &params, &id, PlanKind::Cloud).await
+}
+
+pub async fn plan_get(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    params: Params,
+    Path(id): Path<String>,
+) -> EmResult {
+    get_plan(&state, &auth, &ctx, &params, &id, PlanKind::Plain).await
+}
+
+async fn delete_plan(state: &EmState, auth: &Auth, id: &str) -> EmResult {
+    let id: PlanId = parse_id("plan", id)?;
+    state.app.delete::<Plan>(&auth.caller, id.0).await?;
+    Ok(Reply::no_content())
+}
+
+pub async fn cloud_plan_delete(auth: Auth, State(state): State<EmState>, Path(id): Path<String>) -> EmResult {
+    delete_plan(&state, &auth, &id).await
+}
+
+pub async fn plan_delete(auth: Auth, State(state): State<EmState>, Path(id): Path<String>) -> EmResult {
+    delete_plan(&state, &auth, &id).await
+}
+
+/// `CloudFailoverPlanManagementSpec` (XML, or JSON with `Content-Type: application/json`).
+#[derive(Debug, Default, Deserialize)]
+pub struct ManagementSpec {
+    #[serde(rename = "StartNow", default)]
+    pub start_now: Option<bool>,
+    #[serde(rename = "StartDate", default)]
+    pub start_date: Option<String>,
+}
+
+impl ManagementSpec {
+    /// Parses a body; an empty body means "start now".
+    pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<ManagementSpec, Error> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ManagementSpec::default());
+        }
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+        let bad = |e: String| Error::invalid(format!("malformed CloudFailoverPlanManagementSpec: {e}"));
+        if json {
+            serde_json::from_slice(body).map_err(|e| bad(e.to_string()))
+        } else {
+            let text = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
+            quick_xml::de::from_str(text).map_err(|e| bad(e.to_string()))
+        }
+    }
+
+    /// The newest point at or before `StartDate`, or the newest point.
+    pub fn point_date(&self) -> Result<Option<Timestamp>, Error> {
+        match (&self.start_date, self.start_now) {
+            (Some(d), _) => chrono::DateTime::parse_from_rfc3339(d.trim())
+                .map(|t| Some(t.with_timezone(&chrono::Utc)))
+                .map_err(|_| Error::invalid(format!("StartDate {d:?} is not a date-time like 2015-12-07T17:38:16Z"))),
+            (None, Some(false)) => Err(Error::invalid("give StartNow true, or a StartDate")),
+            (None, _) => Ok(None),
+        }
+    }
+}
+
+async fn act(
+    state: &EmState,
+    auth: &Auth,
+    ctx: &Ctx,
+    params: &Params,
+    (headers, body): (&HeaderMap, &[u8]),
+    id: &str,
+    kind: PlanKind,
+) -> EmResult {
+    let action = params.get("action").unwrap_or("").to_ascii_lowercase();
+    let allowed: &[&str] = match kind {
+        PlanKind::Cloud => &["start", "test", "undo"],
+        PlanKind::Plain => &["start", "undo"],
+    };
+    if !allowed.contains(&action.as_str()) {
+        return Err(Error::invalid(format!("action must be one of {}", allowed.join(", "))).into());
+    }
+    let id: PlanId = parse_id("plan", id)?;
+    let plan = state.app.get::<Plan>(&auth.caller, id.0).await?;
+    let spec = ManagementSpec::parse(headers, body)?;
+    let opts = PlanActionOptions { point_date: spec.point_date()?, ..Default::default() };
+    let (session, operation) = match (action.as_str(), kind) {
+        ("test", _) => (Some(state.app.plan_test_failover(&auth.caller, id, opts).await?), "TestCloudFailoverPlan"),
+        ("start", k) => {
+            let (_, s) = state.app.plan_action(&auth.caller, id, PlanAction::Failover, opts).await?;
+            (s, if k == PlanKind::Cloud { "StartCloudFailoverPlan" } else { "StartFailoverPlan" })
+        }
+        (_, k) => {
+            let (_, s) = state.app.plan_action(&auth.caller, id, PlanAction::Undo, opts).await?;
+            (s, if k == PlanKind::Cloud { "UndoCloudFailoverPlan" } else { "UndoFailoverPlan" })
+        }
+    };
+    let session = session.ok_or_else(|| Error::internal("the plan action started no session"))?;
+    let task = state.tasks.finished(auth.caller.tenant_id, operation, &plan.name, session);
+    Ok(Reply::with_status(StatusCode::ACCEPTED, views::task(ctx, &task)))
+}
+
+pub async fn cloud_plan_action(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    params: Params,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> EmResult {
+    act(&state, &auth, &ctx, &params, (&headers, &body), &id, PlanKind::Cloud).await
+}
+
+pub async fn plan_action(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    params: Params,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> EmResult {
+    act(&state, &auth, &ctx, &params, (&headers, &body), &id, PlanKind::Plain).await
+}
+
+// -------------------------------------------------------------------------------------------------
+// Tasks
+
+pub async fn tasks_list(auth: Auth, State(state): State<EmState>, ctx: Ctx) -> Reply {
+    Reply::ok(views::tasks(&ctx, &state.tasks.list(auth.caller.tenant_id)))
+}
+
+pub async fn task_get(auth: Auth, State(state): State<EmState>, ctx: Ctx, Path(id): Path<String>) -> EmResult {
+    let t = state.tasks.get(auth.caller.tenant_id, &id).ok_or_else(|| Error::not_found("task", &id))?;
+    Ok(Reply::ok(views::task(&ctx, &t)))
+}
+
+pub async fn task_delete(auth: Auth, State(state): State<EmState>, Path(id): Path<String>) -> EmResult {
+    state.tasks.remove(auth.caller.tenant_id, &id).ok_or_else(|| Error::not_found("task", &id))?;
+    Ok(Reply::no_content())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Query service
+
+pub async fn query(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
+    Ok(Reply::ok(super::query::run(&state, &auth.caller, &ctx, &params).await?))
+}

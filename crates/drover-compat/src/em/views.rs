@@ -1,0 +1,385 @@
+//! The EM representations, built from drover's domain values (wire shapes apart from domain types).
+//!
+//! Element and attribute order follows the documented examples (clients validate against the
+//! XSD): an entity reference is `Type, Href, Name, UID` then `Links`; a link is `Rel, Type, Href,
+//! Name`. Every `Href` is absolute, from the request's host, and resolves with GET.
+
+use drover_types::{Plan, Session, SessionResult, SessionState, Task, Timestamp, VmId};
+use uuid::Uuid;
+
+use super::render::Element;
+use super::tasks::{EmTask, TaskState};
+
+/// The drover control plane as the EM "backup server" every `Up` link points to.
+#[derive(Debug, Clone)]
+pub struct BackupServer {
+    pub id: Uuid,
+    pub name: String,
+}
+
+/// What every representation needs beside its value: where it is served from.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// `http://host:port`, from the request's `Host`.
+    pub base: String,
+    pub server: BackupServer,
+}
+
+/// `YYYY-MM-DDThh:mm:ssZ`: UTC, no fractions.
+pub fn utc(t: Timestamp) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+pub fn uid(kind: &str, id: impl std::fmt::Display) -> String {
+    format!("urn:veeam:{kind}:{id}")
+}
+
+impl Ctx {
+    pub fn href(&self, path: &str) -> String {
+        format!("{}/api{}", self.base, path)
+    }
+
+    pub fn link(&self, rel: &str, kind: Option<&str>, path: &str, name: Option<&str>) -> Element {
+        let mut l = Element::new("Link").attr("Rel", rel);
+        if let Some(k) = kind {
+            l = l.attr("Type", k);
+        }
+        l = l.attr("Href", self.href(path));
+        if let Some(n) = name {
+            l = l.attr("Name", n);
+        }
+        l
+    }
+
+    fn up(&self) -> Element {
+        self.link("Up", Some("BackupServerReference"), &server_path(&self.server), Some(&self.server.name))
+    }
+
+    /// An `EntityRef` (the root of a reference) or a `Ref` (one of a collection).
+    fn reference(
+        &self,
+        element: &'static str,
+        kind: &str,
+        path: &str,
+        name: &str,
+        id: &str,
+        links: Vec<Element>,
+    ) -> Element {
+        Element::new(element)
+            .attr("Type", format!("{kind}Reference"))
+            .attr("Href", self.href(path))
+            .attr("Name", name)
+            .attr("UID", uid(kind, id))
+            .child(Element::list("Links", "Links", links))
+    }
+
+    /// The head of an entity: its attributes and links; the caller appends the fields.
+    fn entity(
+        &self,
+        element: &'static str,
+        kind: &str,
+        path: &str,
+        name: &str,
+        id: &str,
+        links: Vec<Element>,
+    ) -> Element {
+        Element::new(element)
+            .attr("Type", kind.to_string())
+            .attr("Href", self.href(&format!("{path}?format=Entity")))
+            .attr("Name", name)
+            .attr("UID", uid(kind, id))
+            .child(Element::list("Links", "Links", links))
+    }
+}
+
+/// Whether a resource is shown as a reference or as the entity (`?format=Entity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// The root `EntityRef`.
+    EntityRef,
+    /// A `Ref` inside `EntityReferences` or a query's `Refs`.
+    Ref,
+    Entity,
+}
+
+impl Shape {
+    fn element(self) -> &'static str {
+        match self {
+            Shape::EntityRef => "EntityRef",
+            _ => "Ref",
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Logon
+
+pub const VERSIONS: [&str; 5] = ["v1_4", "v1_5", "v1_6", "v1_7", "latest"];
+
+pub fn enterprise_manager(ctx: &Ctx) -> Element {
+    let versions = VERSIONS
+        .iter()
+        .map(|v| {
+            let link = ctx.link("Create", Some("LogonSession"), &format!("/sessionMngr/?v={v}"), None);
+            Element::new("SupportedVersion").attr("Name", *v).child(Element::list("Links", "Links", vec![link]))
+        })
+        .collect();
+    Element::new("EnterpriseManager").child(Element::list("SupportedVersions", "SupportedVersions", versions))
+}
+
+/// The collections a logged-on client goes down to.
+pub const COLLECTIONS: [(&str, &str); 6] = [
+    ("/backupServers", "BackupServerReferenceList"),
+    ("/cloud/failoverSessions", "CloudFailoverSessionReferenceList"),
+    ("/cloud/cloudFailoverPlans", "CloudFailoverPlanReferenceList"),
+    ("/failoverPlans", "FailoverPlanReferenceList"),
+    ("/tasks", "TaskList"),
+    ("/logonSessions", "LogonSessionList"),
+];
+
+pub fn logon_session(ctx: &Ctx, id: Uuid, user_name: &str) -> Element {
+    let path = format!("/logonSessions/{id}");
+    let mut links = vec![ctx.link("Up", Some("EnterpriseManager"), "/", None)];
+    links.extend(COLLECTIONS.iter().map(|(p, k)| ctx.link("Down", Some(k), p, None)));
+    links.push(ctx.link("Delete", Some("LogonSession"), &path, None));
+    Element::new("LogonSession")
+        .attr("Type", "LogonSession")
+        .attr("Href", ctx.href(&path))
+        .child(Element::list("Links", "Links", links))
+        .child(Element::text("UserName", user_name))
+        .child(Element::text("SessionId", id.to_string()))
+}
+
+pub fn logon_sessions(ctx: &Ctx, sessions: &[(Uuid, String)]) -> Element {
+    let items = sessions.iter().map(|(id, user)| logon_session(ctx, *id, user)).collect();
+    Element::list("LogonSessions", "LogonSessions", items)
+}
+
+// -------------------------------------------------------------------------------------------------
+// Backup servers
+
+pub fn server_path(s: &BackupServer) -> String {
+    format!("/backupServers/{}", s.id)
+}
+
+pub fn backup_server(ctx: &Ctx, shape: Shape) -> Element {
+    let s = &ctx.server;
+    let path = server_path(s);
+    let id = s.id.to_string();
+    match shape {
+        Shape::Entity => {
+            let links = vec![ctx.link("Alternate", Some("BackupServerReference"), &path, Some(&s.name))];
+            ctx.entity("BackupServer", "BackupServer", &path, &s.name, &id, links)
+                .child(Element::text("Description", "drover control plane"))
+                .child(Element::text("Version", env!("CARGO_PKG_VERSION")))
+        }
+        _ => {
+            let entity = format!("{path}?format=Entity");
+            let links = vec![ctx.link("Alternate", Some("BackupServer"), &entity, Some(&s.name))];
+            ctx.reference(shape.element(), "BackupServer", &path, &s.name, &id, links)
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Failover sessions (seed 002)
+
+pub fn session_path(id: impl std::fmt::Display) -> String {
+    format!("/cloud/failoverSessions/{id}")
+}
+
+pub fn state_name(s: SessionState) -> &'static str {
+    match s {
+        SessionState::Starting => "Starting",
+        SessionState::Working => "Working",
+        SessionState::Stopping => "Stopping",
+        SessionState::Stopped => "Stopped",
+    }
+}
+
+pub fn result_name(r: SessionResult) -> &'static str {
+    match r {
+        SessionResult::None => "None",
+        SessionResult::Success => "Success",
+        SessionResult::Warning => "Warning",
+        SessionResult::Failed => "Failed",
+    }
+}
+
+pub fn cloud_failover_session(ctx: &Ctx, session: &Session, tasks: &[Task], shape: Shape) -> Element {
+    let path = session_path(session.id);
+    let id = session.id.to_string();
+    let name = session.name.as_str();
+    if shape != Shape::Entity {
+        let entity = format!("{path}?format=Entity");
+        let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSession"), &entity, Some(name))];
+        return ctx.reference(shape.element(), "CloudFailoverSession", &path, name, &id, links);
+    }
+    let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSessionReference"), &path, Some(name))];
+    let tasks = tasks.iter().map(cloud_failover_task).collect();
+    ctx.entity("CloudFailoverSession", "CloudFailoverSession", &path, name, &id, links)
+        .child(Element::text("JobType", "FailoverPlan"))
+        .child(Element::text("CreationTimeUTC", utc(session.created_at)))
+        .child_opt(session.ended_at.map(|t| Element::text("EndTimeUTC", utc(t))))
+        .child(Element::text("State", state_name(session.state)))
+        .child(Element::text("Result", result_name(session.result)))
+        .child(Element::text("Progress", i64::from(session.progress)))
+        .child_opt(session.failure_message.clone().map(|m| Element::text("FailureMessage", m)))
+        .child(Element::list("CloudFailoverTasks", "CloudFailoverTasks", tasks))
+}
+
+/// One VM of a session. `VmReplicaPointLink` is left out: the dialect serves no restore-point
+/// resource for it to point to, and every emitted `Href` must resolve.
+fn cloud_failover_task(t: &Task) -> Element {
+    Element::new("CloudFailoverTask")
+        .attr("VmName", t.name.as_str())
+        .child(Element::text("CreationTimeUTC", utc(t.created_at)))
+        .child_opt(t.ended_at.map(|e| Element::text("EndTimeUTC", utc(e))))
+        .child(Element::text("State", state_name(t.state)))
+        .child(Element::text("Result", result_name(t.result)))
+        .child(Element::text("Progress", i64::from(t.progress)))
+        .child_opt(t.failure_message.clone().map(|m| Element::text("FailureMessage", m)))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Plans, as CloudFailoverPlan and as FailoverPlan
+
+/// A plan with what its representation names: its tenant and its VMs (in order).
+#[derive(Debug, Clone)]
+pub struct PlanView {
+    pub plan: Plan,
+    pub tenant_name: String,
+    pub vms: Vec<(VmId, String)>,
+}
+
+/// The two ways EM sees a replica plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    Cloud,
+    Plain,
+}
+
+impl PlanKind {
+    pub fn kind(self) -> &'static str {
+        match self {
+            PlanKind::Cloud => "CloudFailoverPlan",
+            PlanKind::Plain => "FailoverPlan",
+        }
+    }
+    pub fn collection(self) -> &'static str {
+        match self {
+            PlanKind::Cloud => "/cloud/cloudFailoverPlans",
+            PlanKind::Plain => "/failoverPlans",
+        }
+    }
+    pub fn path(self, id: impl std::fmt::Display) -> String {
+        format!("{}/{id}", self.collection())
+    }
+}
+
+pub fn plan(ctx: &Ctx, view: &PlanView, kind: PlanKind, shape: Shape) -> Element {
+    let p = &view.plan;
+    let path = kind.path(p.id);
+    let id = p.id.to_string();
+    let name = p.name.as_str();
+    let k = kind.kind();
+    if shape != Shape::Entity {
+        let links = vec![ctx.up(), ctx.link("Alternate", Some(k), &format!("{path}?format=Entity"), Some(name))];
+        return ctx.reference(shape.element(), k, &path, name, &id, links);
+    }
+    let reference = format!("{k}Reference");
+    let mut links = vec![ctx.up(), ctx.link("Alternate", Some(&reference), &path, Some(name))];
+    let actions: &[(&str, &str)] = match kind {
+        PlanKind::Cloud => &[("Start", "start"), ("Test", "test"), ("Undo", "undo")],
+        PlanKind::Plain => &[("Start", "start"), ("Undo", "undo")],
+    };
+    for (rel, action) in actions {
+        links.push(ctx.link(rel, Some("Task"), &format!("{path}?action={action}"), Some(name)));
+    }
+    links.push(ctx.link("Delete", Some(&reference), &path, Some(name)));
+    let vm = |(i, (vm_id, vm_name)): (usize, &(VmId, String))| {
+        let element = match kind {
+            PlanKind::Cloud => "CloudFailoverPlanVm",
+            PlanKind::Plain => "FailoveredVm",
+        };
+        let mut e = Element::new(element);
+        if kind == PlanKind::Cloud {
+            e = e.attr("Type", "CloudFailoveredVm");
+        }
+        e.child(Element::text("FailoverPlanVMId", vm_id.to_string()))
+            .child(Element::text("Name", vm_name.as_str()))
+            .child(Element::text("Order", i as i64 + 1))
+    };
+    let vms = view.vms.iter().enumerate().map(vm).collect();
+    let head = ctx.entity(k, k, &path, name, &id, links);
+    match kind {
+        PlanKind::Cloud => head
+            .child(Element::text("TenantUid", uid("Tenant", p.tenant_id)))
+            .child(Element::text("TenantName", view.tenant_name.as_str()))
+            .child(Element::text("Description", p.description.as_str()))
+            // drover runs no commands around a whole plan (its steps are per VM): always off.
+            .child(
+                Element::new("CloudFailoverPlanOptions")
+                    .child(Element::text("PreFailoverPlanCommandEnabled", false))
+                    .child(Element::text("PreFailoverPlanCommand", ""))
+                    .child(Element::text("PostFailoverPlanCommandEnabled", false))
+                    .child(Element::text("PostFailoverPlanCommand", "")),
+            )
+            .child(Element::new("CloudFailoverPlanInfo").child(Element::list("Includes", "Includes", vms))),
+        PlanKind::Plain => head
+            .child(Element::text("Description", p.description.as_str()))
+            .child(Element::new("FailoverPlanInfo").child(Element::list("Includes", "Includes", vms))),
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Tasks
+
+pub fn task_path(t: &EmTask) -> String {
+    format!("/tasks/{}", t.task_id())
+}
+
+pub fn task(ctx: &Ctx, t: &EmTask) -> Element {
+    let path = task_path(t);
+    let mut links = vec![ctx.link("Delete", Some("Task"), &path, None)];
+    if t.state != TaskState::Running
+        && let Some(s) = t.session_id
+    {
+        let entity = format!("{}?format=Entity", session_path(s));
+        links.push(ctx.link("Related", Some("CloudFailoverSession"), &entity, Some(&t.name)));
+    }
+    let mut e = Element::new("Task")
+        .attr("Type", "Task")
+        .attr("Href", ctx.href(&path))
+        .child(Element::list("Links", "Links", links))
+        .child(Element::text("TaskId", t.task_id()))
+        .child(Element::text("State", t.state.as_str()))
+        .child(Element::text("Operation", t.operation));
+    if t.state != TaskState::Running {
+        e = e.child(Element::new("Result").attr("Success", t.success).attr("Message", t.message.as_str()));
+    }
+    e
+}
+
+/// A task as a query's `Ref` (tasks have no reference form of their own).
+pub fn task_ref(ctx: &Ctx, t: &EmTask) -> Element {
+    let path = task_path(t);
+    let id = t.task_id();
+    let links = vec![ctx.link("Alternate", Some("Task"), &path, Some(&id))];
+    ctx.reference("Ref", "Task", &path, &id, &id, links)
+}
+
+pub fn tasks(ctx: &Ctx, list: &[EmTask]) -> Element {
+    Element::list("Tasks", "Tasks", list.iter().map(|t| task(ctx, t)).collect())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Collections
+
+/// `EntityReferences` of `Ref`s, or with `?format=Entity` the plural root of entities.
+pub fn collection(shape: Shape, plural: &'static str, items: Vec<Element>) -> Element {
+    match shape {
+        Shape::Entity => Element::list(plural, plural, items),
+        _ => Element::list("EntityReferences", "Refs", items),
+    }
+}
