@@ -1,0 +1,671 @@
+//! The EM dialect over real HTTP on loopback: the in-process server on SQLite with the simulated
+//! hypervisor, set up through the native API, driven through the dialect's own listener.
+
+#[path = "../../drover-api/tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+use common::Server;
+use drover_compat::em::EmConfig;
+use drover_types::*;
+use quick_xml::events::Event;
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const NS: &str = "http://www.veeam.com/ent/v1.0";
+
+struct Em {
+    base: String,
+    http: reqwest::Client,
+    listener: drover_api::Listener,
+}
+
+/// An answer: status, headers, body text.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// How a request names its logon session.
+#[derive(Clone, Copy)]
+enum Token<'a> {
+    None,
+    Header(&'a str),
+    Cookie(&'a str),
+    Both { header: &'a str, cookie: &'a str },
+}
+
+impl Em {
+    async fn start(server: &Server, idle_timeout: Duration) -> Em {
+        let config = EmConfig { idle_timeout, scheme: "http", ..EmConfig::default() };
+        let listener = drover_api::listen(
+            drover_compat::em::router_with(server.app.clone(), config),
+            "127.0.0.1:0".parse().unwrap(),
+            drover_api::Tls::Plain,
+        )
+        .await
+        .unwrap();
+        Em { base: listener.url(), http: reqwest::Client::new(), listener }
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http") { path.to_string() } else { format!("{}{path}", self.base) }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Token<'_>,
+        json: bool,
+        body: Option<(&str, String)>,
+    ) -> Answer {
+        let mut req = self.http.request(method, self.url(path));
+        match token {
+            Token::None => {}
+            Token::Header(t) => req = req.header("X-RestSvcSessionId", t),
+            Token::Cookie(t) => req = req.header("Cookie", format!("X-RestSvcSessionId={t}")),
+            Token::Both { header, cookie } => {
+                req = req.header("X-RestSvcSessionId", header).header("Cookie", format!("X-RestSvcSessionId={cookie}"))
+            }
+        }
+        if json {
+            req = req.header("Accept", "application/json");
+        }
+        if let Some((content_type, b)) = body {
+            req = req.header("Content-Type", content_type).body(b);
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(30), req.send()).await.unwrap().unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.text().await.unwrap();
+        Answer { status, headers, body }
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Answer {
+        self.send(Method::GET, path, Token::Header(token), false, None).await
+    }
+
+    /// A GET that must succeed, as XML in the namespace.
+    async fn ok(&self, path: &str, token: &str) -> String {
+        let a = self.get(path, token).await;
+        assert_eq!(a.status, StatusCode::OK, "GET {path}: {}", a.body);
+        assert!(a.body.contains(&format!("xmlns=\"{NS}\"")), "{}", a.body);
+        a.body
+    }
+
+    async fn logon_as(&self, user: &str, password: &str) -> Answer {
+        let req = self.http.post(self.url("/api/sessionMngr/?v=latest")).basic_auth(user, Some(password));
+        let resp = req.send().await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        Answer { status, headers, body: resp.text().await.unwrap() }
+    }
+
+    async fn logon(&self) -> String {
+        let a = self.logon_as("admin", common::ADMIN_PASSWORD).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        a.headers["X-RestSvcSessionId"].to_str().unwrap().to_string()
+    }
+}
+
+/// Every `Href` in a document.
+fn hrefs(xml: &str) -> Vec<String> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut out = Vec::new();
+    loop {
+        match reader.read_event().unwrap() {
+            Event::Start(e) | Event::Empty(e) => {
+                for a in e.attributes() {
+                    let a = a.unwrap();
+                    if a.key.as_ref() == b"Href" {
+                        out.push(a.unescape_value().unwrap().into_owned());
+                    }
+                }
+            }
+            Event::Eof => return out,
+            _ => {}
+        }
+    }
+}
+
+/// The text of the first element with this name.
+fn text(xml: &str, name: &str) -> Option<String> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut inside = false;
+    loop {
+        match reader.read_event().unwrap() {
+            Event::Start(e) if e.name().as_ref() == name.as_bytes() => inside = true,
+            Event::Text(t) if inside => return Some(t.unescape().unwrap().into_owned()),
+            Event::End(_) if inside => return Some(String::new()),
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+/// The value of an attribute on the first element with this name (and `Rel`, for links).
+fn attr(xml: &str, element: &str, rel: Option<&str>, name: &str) -> Option<String> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    loop {
+        match reader.read_event().unwrap() {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == element.as_bytes() => {
+                let get = |key: &str| {
+                    e.attributes()
+                        .map(|a| a.unwrap())
+                        .find(|a| a.key.as_ref() == key.as_bytes())
+                        .map(|a| a.unescape_value().unwrap().into_owned())
+                };
+                if rel.is_none() || get("Rel").as_deref() == rel {
+                    return get(name);
+                }
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+fn count(xml: &str, element: &str) -> usize {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut n = 0;
+    loop {
+        match reader.read_event().unwrap() {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == element.as_bytes() => n += 1,
+            Event::Eof => return n,
+            _ => {}
+        }
+    }
+}
+
+/// A VM with a ready replica and one published point (the simulated hypervisor cannot
+/// replicate): a real qcow2 file, so failover's boot overlay works. Returns the VM id.
+async fn replicated_vm(server: &Server, t: &str, host: &str, ds: &str, name: &str) -> String {
+    let vm = server.vm(t, host, ds, name, json!({})).await;
+    let dr_path = server.dir.path().join(format!("dr-{name}"));
+    let dr = server
+        .ok(
+            t,
+            Method::POST,
+            "/v1/datastores",
+            Some(json!({"host_id": host, "name": format!("dr-{name}"), "path": dr_path})),
+        )
+        .await;
+    let job = server
+        .ok(
+            t,
+            Method::POST,
+            "/v1/replication-jobs",
+            Some(json!({"name": format!("{name}-job"), "vm_ids": [vm], "target_host_id": host,
+                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 2})),
+        )
+        .await;
+    let store = server.app.engine().store();
+    let tenant = store.user_by_name("admin").await.unwrap().unwrap().0.tenant_id;
+    let replica = Replica::new(
+        tenant,
+        job["id"].as_str().unwrap().parse().unwrap(),
+        (vm.parse().unwrap(), name),
+        dr["id"].as_str().unwrap().parse().unwrap(),
+    );
+    store.object_insert(&replica).await.unwrap();
+    let chain = dr_path.join(replica.id.to_string()).join("data");
+    std::fs::create_dir_all(&chain).unwrap();
+    let file = chain.join("point-1.qcow2");
+    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
+    let point = RestorePoint {
+        id: RestorePointId::new(),
+        replica_id: replica.id,
+        sequence: 0,
+        session_id: SessionId::new(),
+        state: RestorePointState::Published,
+        created_at: replica.created_at,
+        bytes_written: 0,
+        disks: vec![RestorePointDisk {
+            disk: "data".into(),
+            file: file.to_string_lossy().into(),
+            size_bytes: 64 << 20,
+            manifest_digest: String::new(),
+        }],
+        verified: false,
+    };
+    store.restore_point_publish(tenant, &point).await.unwrap();
+    vm
+}
+
+/// A plan of these VMs whose steps only power them on; returns its id.
+async fn plan(server: &Server, t: &str, name: &str, vms: &[&str]) -> String {
+    let vms: Vec<Value> = vms
+        .iter()
+        .map(|v| json!({"vm_id": v, "steps": [{"name": "on", "kind": {"type": "PowerOn"}, "critical": true}]}))
+        .collect();
+    let p = server
+        .ok(
+            t,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": name, "description": "web tier", "groups": [{"name": "g", "vms": vms}]})),
+        )
+        .await;
+    p["id"].as_str().unwrap().to_string()
+}
+
+/// Polls a session's entity (as JSON, where the session's own fields are easy to tell from its
+/// tasks') until it is Stopped, checking that a running session has no end and no result; then
+/// returns the XML. Bounded in count and time.
+async fn until_stopped(em: &Em, href: &str, token: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for _ in 0..600 {
+        let a = em.send(Method::GET, href, Token::Header(token), true, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        let j = a.json();
+        if j["State"] == "Stopped" {
+            assert!(j["EndTimeUTC"].is_string(), "{j}");
+            return em.ok(href, token).await;
+        }
+        assert!(j.get("EndTimeUTC").is_none(), "a running session has no end: {j}");
+        assert_eq!(j["Result"], "None", "a running session has no result: {j}");
+        assert!(tokio::time::Instant::now() < deadline, "session did not stop: {j}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("session did not stop after 600 polls");
+}
+
+/// Gets every `Href` reachable from `start` (breadth first, bounded) and asserts 200 for each.
+async fn walk(em: &Em, token: &str, start: Vec<String>) -> usize {
+    let mut seen = BTreeSet::new();
+    let mut queue: VecDeque<String> = start.into();
+    while let Some(href) = queue.pop_front() {
+        if !seen.insert(href.clone()) {
+            continue;
+        }
+        assert!(seen.len() < 500, "too many links to walk");
+        assert!(href.starts_with(&em.base), "{href} is not absolute on this host ({})", em.base);
+        let a = em.get(&href, token).await;
+        assert_eq!(a.status, StatusCode::OK, "GET {href}: {}", a.body);
+        queue.extend(hrefs(&a.body));
+    }
+    seen.len()
+}
+
+#[tokio::test]
+async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
+    let server = Server::simulated().await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let web = replicated_vm(&server, &t, &host, &ds, "web").await;
+    let db = replicated_vm(&server, &t, &host, &ds, "db").await;
+    let plan_id = plan(&server, &t, "ABC Company Failover Plan", &[&web, &db]).await;
+    let em = Em::start(&server, Duration::from_secs(900)).await;
+    let mut emitted = Vec::new();
+
+    // Logon: the entry point needs no session.
+    let root = em.send(Method::GET, "/api/", Token::None, false, None).await;
+    assert_eq!(root.status, StatusCode::OK);
+    assert_eq!(count(&root.body, "SupportedVersion"), 5);
+    emitted.extend(hrefs(&root.body));
+    let logon = em.logon_as("admin", common::ADMIN_PASSWORD).await;
+    assert_eq!(logon.status, StatusCode::CREATED);
+    let token = logon.headers["X-RestSvcSessionId"].to_str().unwrap().to_string();
+    assert_eq!(text(&logon.body, "UserName").as_deref(), Some("admin"));
+    emitted.extend(hrefs(&logon.body));
+
+    // The plan, both ways.
+    let plans = em.ok("/api/cloud/cloudFailoverPlans", &token).await;
+    assert_eq!(count(&plans, "Ref"), 1);
+    let plan_href = attr(&plans, "Ref", None, "Href").unwrap();
+    assert!(plan_href.ends_with(&format!("/api/cloud/cloudFailoverPlans/{plan_id}")), "{plan_href}");
+    let entity = em.ok(&format!("{plan_href}?format=Entity"), &token).await;
+    assert_eq!(count(&entity, "CloudFailoverPlanVm"), 2);
+    assert_eq!(text(&entity, "Description").as_deref(), Some("web tier"));
+    assert_eq!(text(&entity, "TenantName").as_deref(), Some("default"));
+    emitted.extend(hrefs(&plans));
+    emitted.extend(hrefs(&entity));
+    let plain = em.ok(&format!("/api/failoverPlans/{plan_id}?format=Entity"), &token).await;
+    assert_eq!(count(&plain, "FailoveredVm"), 2);
+    emitted.extend(hrefs(&plain));
+
+    // Start it: 202 and a finished Task that links to the session.
+    let start = attr(&entity, "Link", Some("Start"), "Href").unwrap();
+    let body = format!(
+        r#"<CloudFailoverPlanManagementSpec xmlns="{NS}"><StartNow>true</StartNow></CloudFailoverPlanManagementSpec>"#
+    );
+    let task = em.send(Method::POST, &start, Token::Header(&token), false, Some(("application/xml", body))).await;
+    assert_eq!(task.status, StatusCode::ACCEPTED, "{}", task.body);
+    assert_eq!(text(&task.body, "TaskId").as_deref(), Some("task-1"));
+    assert_eq!(text(&task.body, "Operation").as_deref(), Some("StartCloudFailoverPlan"));
+    assert_eq!(text(&task.body, "State").as_deref(), Some("Finished"));
+    assert_eq!(attr(&task.body, "Result", None, "Success").as_deref(), Some("true"));
+    emitted.extend(hrefs(&task.body));
+    let task_again = em.ok(&attr(&task.body, "Task", None, "Href").unwrap(), &token).await;
+    let session_href = attr(&task_again, "Link", Some("Related"), "Href").unwrap();
+    assert!(session_href.contains("/api/cloud/failoverSessions/") && session_href.ends_with("?format=Entity"));
+
+    // The session, until it is finished.
+    let done = until_stopped(&em, &session_href, &token).await;
+    assert_eq!(text(&done, "Result").as_deref(), Some("Success"), "{done}");
+    assert_eq!(text(&done, "JobType").as_deref(), Some("FailoverPlan"));
+    assert_eq!(text(&done, "Progress").as_deref(), Some("100"));
+    assert!(text(&done, "EndTimeUTC").is_some_and(|t| t.len() == 20 && t.ends_with('Z')), "{done}");
+    assert_eq!(count(&done, "CloudFailoverTask"), 2);
+    let vm_names: Vec<_> = ["web", "db"].iter().filter(|n| done.contains(&format!("VmName=\"{n}\""))).collect();
+    assert_eq!(vm_names.len(), 2, "{done}");
+    emitted.extend(hrefs(&done));
+    let session_id = session_href.rsplit('/').next().unwrap().trim_end_matches("?format=Entity").to_string();
+
+    // The same session through the collection, the reference and the query service.
+    let list = em.ok("/api/cloud/failoverSessions", &token).await;
+    assert_eq!(count(&list, "Ref"), 1);
+    assert!(list.contains(&session_id));
+    emitted.extend(hrefs(&list));
+    let reference = em.ok(&format!("/api/cloud/failoverSessions/{session_id}"), &token).await;
+    assert_eq!(attr(&reference, "EntityRef", None, "Type").as_deref(), Some("CloudFailoverSessionReference"));
+    emitted.extend(hrefs(&reference));
+    let query = em
+        .ok(
+            "/api/query?type=CloudFailoverSession&format=Entities&filter=Name%3D%3D%22ABC%20Company%20Failover%20Plan%22%3BState%3D%3DStopped%3BResult%3C%3DWarning",
+            &token,
+        )
+        .await;
+    assert_eq!(count(&query, "CloudFailoverSession"), 1, "{query}");
+    emitted.extend(hrefs(&query));
+    let none = em.ok("/api/query?type=CloudFailoverSession&filter=Result%3E%3DWarning", &token).await;
+    assert_eq!(count(&none, "Ref"), 0, "{none}");
+
+    // JSON mirrors the XML.
+    let j = em.send(Method::GET, &session_href, Token::Header(&token), true, None).await;
+    assert_eq!(j.status, StatusCode::OK);
+    assert!(j.headers["content-type"].to_str().unwrap().starts_with("application/json"));
+    let j = j.json();
+    assert_eq!(j["State"], "Stopped");
+    assert_eq!(j["Links"][0]["Rel"], "Up");
+    assert_eq!(j["CloudFailoverTasks"].as_array().unwrap().len(), 2);
+
+    // Undo through the non-cloud view: another task, another session.
+    let undo = em
+        .send(Method::POST, &format!("/api/failoverPlans/{plan_id}?action=undo"), Token::Cookie(&token), false, None)
+        .await;
+    assert_eq!(undo.status, StatusCode::ACCEPTED, "{}", undo.body);
+    assert_eq!(text(&undo.body, "Operation").as_deref(), Some("UndoFailoverPlan"));
+    let undo_session = attr(&undo.body, "Link", Some("Related"), "Href").unwrap();
+    let undone = until_stopped(&em, &undo_session, &token).await;
+    assert_eq!(text(&undone, "Result").as_deref(), Some("Success"), "{undone}");
+    emitted.extend(hrefs(&undo.body));
+    let tasks = em.ok("/api/tasks", &token).await;
+    assert_eq!(count(&tasks, "Task"), 2);
+    emitted.extend(hrefs(&tasks));
+    assert_eq!(count(&em.ok("/api/cloud/failoverSessions", &token).await, "Ref"), 2);
+
+    // Every Href emitted along the way, and every one reachable from them, answers 200.
+    let walked = walk(&em, &token, emitted).await;
+    assert!(walked >= 20, "only {walked} links");
+
+    // A finished task can be deleted; then it is gone.
+    let del = em.send(Method::DELETE, "/api/tasks/task-1", Token::Header(&token), false, None).await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    assert_eq!(em.get("/api/tasks/task-1", &token).await.status, StatusCode::NOT_FOUND);
+
+    em.listener.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn logon_sessions_take_the_token_from_header_or_cookie_and_end_on_delete_or_idleness() {
+    let server = Server::simulated().await;
+    let em = Em::start(&server, Duration::from_millis(800)).await;
+    let logon = em.logon_as("DOMAIN\\admin", common::ADMIN_PASSWORD).await;
+    assert_eq!(logon.status, StatusCode::CREATED, "{}", logon.body);
+    let token = logon.headers["X-RestSvcSessionId"].to_str().unwrap().to_string();
+    assert_eq!(
+        logon.headers["set-cookie"],
+        HeaderValue::from_str(&format!("X-RestSvcSessionId={token}; Path=/api")).unwrap()
+    );
+    let id = text(&logon.body, "SessionId").unwrap();
+    assert!(attr(&logon.body, "Link", Some("Delete"), "Href").unwrap().ends_with(&format!("/api/logonSessions/{id}")));
+
+    // Header, cookie, both (the cookie wins).
+    let path = "/api/logonSessions";
+    let get = |token| em.send(Method::GET, path, token, false, None);
+    assert_eq!(get(Token::Header(&token)).await.status, StatusCode::OK);
+    assert_eq!(get(Token::Cookie(&token)).await.status, StatusCode::OK);
+    assert_eq!(get(Token::Both { header: "bogus", cookie: &token }).await.status, StatusCode::OK);
+    assert_eq!(get(Token::Both { header: &token, cookie: "bogus" }).await.status, StatusCode::UNAUTHORIZED);
+    let list = em.ok(path, &token).await;
+    assert_eq!(count(&list, "LogonSession"), 1);
+    assert_eq!(text(&em.ok(&format!("/api/logonSessions/{id}"), &token).await, "SessionId"), Some(id.clone()));
+
+    // Idleness ends a session; requests keep it alive.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(em.get(path, &token).await.status, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let expired = em.get(path, &token).await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+    assert!(expired.body.contains("expired"), "{}", expired.body);
+
+    // Delete logs off.
+    let token = em.logon().await;
+    let id = text(&em.ok("/api/sessionMngr/", &token).await, "SessionId").unwrap();
+    let other = em.logon().await;
+    let del = em.send(Method::DELETE, &format!("/api/logonSessions/{id}"), Token::Header(&token), false, None).await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    assert_eq!(em.get(path, &token).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(em.get(path, &other).await.status, StatusCode::OK);
+    let again = em.send(Method::DELETE, &format!("/api/logonSessions/{id}"), Token::Header(&other), false, None).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+
+    em.listener.stop().await;
+    server.stop().await;
+}
+
+/// Asserts an `Error` document with this status (XML) and returns its message.
+fn error(a: &Answer, status: StatusCode) -> String {
+    assert_eq!(a.status, status, "{}", a.body);
+    assert_eq!(attr(&a.body, "Error", None, "StatusCode"), Some(status.as_u16().to_string()), "{}", a.body);
+    assert!(a.body.contains(&format!("xmlns=\"{NS}\"")), "{}", a.body);
+    attr(&a.body, "Error", None, "Message").unwrap()
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_dialects_errors_and_changes_nothing() {
+    let server = Server::simulated().await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let web = replicated_vm(&server, &t, &host, &ds, "web").await;
+    let lone = server.vm(&t, &host, &ds, "lone", json!({})).await;
+    let ready = plan(&server, &t, "ready", &[&web]).await;
+    let unreplicated = plan(&server, &t, "unreplicated", &[&lone]).await;
+    server
+        .ok(
+            &t,
+            Method::POST,
+            "/v1/users",
+            Some(json!({"name": "viewer", "password": "viewer-password", "role": "Viewer"})),
+        )
+        .await;
+    let em = Em::start(&server, Duration::from_secs(900)).await;
+
+    // Credentials.
+    let none = em.send(Method::POST, "/api/sessionMngr/?v=latest", Token::None, false, None).await;
+    error(&none, StatusCode::UNAUTHORIZED);
+    assert_eq!(none.headers["www-authenticate"], "Basic Realm=RestSvc");
+    let wrong = em.logon_as("admin", "wrong-password").await;
+    error(&wrong, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.headers["www-authenticate"], "Basic Realm=RestSvc");
+    error(&em.logon_as("nobody", "whatever-password").await, StatusCode::UNAUTHORIZED);
+    let version = em.http.post(em.url("/api/sessionMngr/?v=v0_1")).basic_auth("admin", Some(common::ADMIN_PASSWORD));
+    let version = version.send().await.unwrap();
+    assert_eq!(version.status(), StatusCode::BAD_REQUEST);
+    for path in ["/api/cloud/failoverSessions", "/api/tasks", "/api/query?type=Task", "/api/logonSessions"] {
+        error(&em.send(Method::GET, path, Token::None, false, None).await, StatusCode::UNAUTHORIZED);
+        error(&em.get(path, "not-a-session").await, StatusCode::UNAUTHORIZED);
+    }
+
+    let token = em.logon().await;
+    // Unknown ids, malformed ids, a session that is not a plan's, unknown routes.
+    let vm_session =
+        server.ok(&t, Method::GET, "/v1/sessions", None).await["items"][0]["id"].as_str().unwrap().to_string();
+    let unknown = uuid::Uuid::new_v4();
+    for path in [
+        format!("/api/cloud/failoverSessions/{unknown}"),
+        "/api/cloud/failoverSessions/not-a-uuid".to_string(),
+        format!("/api/cloud/failoverSessions/{vm_session}"),
+        format!("/api/cloud/cloudFailoverPlans/{unknown}"),
+        format!("/api/failoverPlans/{unknown}?format=Entity"),
+        format!("/api/backupServers/{unknown}"),
+        "/api/tasks/task-99".to_string(),
+        "/api/tasks/99".to_string(),
+        format!("/api/logonSessions/{unknown}"),
+        "/api/nothing/here".to_string(),
+    ] {
+        error(&em.get(&path, &token).await, StatusCode::NOT_FOUND);
+    }
+    let post_unknown = em
+        .send(
+            Method::POST,
+            &format!("/api/cloud/cloudFailoverPlans/{unknown}?action=start"),
+            Token::Header(&token),
+            false,
+            None,
+        )
+        .await;
+    error(&post_unknown, StatusCode::NOT_FOUND);
+    error(
+        &em.send(Method::PUT, "/api/tasks", Token::Header(&token), false, None).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    error(&em.get("/api/cloud/failoverSessions?format=Everything", &token).await, StatusCode::BAD_REQUEST);
+
+    // Malformed bodies and actions.
+    let start = format!("/api/cloud/cloudFailoverPlans/{ready}?action=start");
+    for (content_type, body) in [
+        (
+            "application/xml",
+            "<CloudFailoverPlanManagementSpec><StartNow>maybe</StartNow></CloudFailoverPlanManagementSpec>",
+        ),
+        ("application/xml", "<CloudFailoverPlanManagementSpec><StartNow>true</StartNo"),
+        (
+            "application/xml",
+            "<CloudFailoverPlanManagementSpec><StartDate>yesterday</StartDate></CloudFailoverPlanManagementSpec>",
+        ),
+        (
+            "application/xml",
+            "<CloudFailoverPlanManagementSpec><StartNow>false</StartNow></CloudFailoverPlanManagementSpec>",
+        ),
+        ("application/json", "{\"StartNow\": "),
+        ("application/json", "{\"StartNow\": \"yes\"}"),
+    ] {
+        let a =
+            em.send(Method::POST, &start, Token::Header(&token), false, Some((content_type, body.to_string()))).await;
+        let message = error(&a, StatusCode::BAD_REQUEST);
+        assert!(
+            message.contains("StartNow") || message.contains("StartDate") || message.contains("malformed"),
+            "{message}"
+        );
+    }
+    for action in ["", "?action=fly", "?action=test"] {
+        let path = format!("/api/failoverPlans/{ready}{action}");
+        error(&em.send(Method::POST, &path, Token::Header(&token), false, None).await, StatusCode::BAD_REQUEST);
+    }
+
+    // Malformed filters say where they broke; bad query parameters are 400.
+    let q = |query: &str| {
+        let path = format!("/api/query?{query}");
+        let (em, token) = (&em, &token);
+        async move { em.get(&path, token).await }
+    };
+    let message =
+        error(&q("type=CloudFailoverSession&filter=State%3D%3DWorking%3B(Name%3D%3Dx").await, StatusCode::BAD_REQUEST);
+    assert!(message.contains("character 24"), "{message}");
+    let message = error(&q("type=CloudFailoverSession&filter=Colour%3D%3Dred").await, StatusCode::BAD_REQUEST);
+    assert!(message.contains("character 1") && message.contains("Colour"), "{message}");
+    let message = error(&q("type=CloudFailoverSession&filter=Result%3D%3DGreat").await, StatusCode::BAD_REQUEST);
+    assert!(message.contains("character 9"), "{message}");
+    for query in
+        ["", "type=Vm", "type=Task&format=All", "type=Task&sortAsc=Colour", "type=Task&pageSize=0", "type=Task&page=2"]
+    {
+        error(&q(query).await, StatusCode::BAD_REQUEST);
+    }
+
+    // Actions illegal in the plan's state, or without replicas: 409.
+    for (plan, action) in [(&ready, "undo"), (&unreplicated, "start"), (&unreplicated, "test")] {
+        let path = format!("/api/cloud/cloudFailoverPlans/{plan}?action={action}");
+        error(&em.send(Method::POST, &path, Token::Header(&token), false, None).await, StatusCode::CONFLICT);
+    }
+
+    // A viewer may look but not act: 403, in JSON when asked for.
+    let viewer = em.logon_as("viewer", "viewer-password").await;
+    let viewer = viewer.headers["X-RestSvcSessionId"].to_str().unwrap().to_string();
+    assert_eq!(em.get("/api/cloud/cloudFailoverPlans", &viewer).await.status, StatusCode::OK);
+    let forbidden = em.send(Method::POST, &start, Token::Header(&viewer), true, None).await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    let j = forbidden.json();
+    assert_eq!((j["StatusCode"].clone(), j["Status"].clone()), (json!(403), json!("Forbidden")), "{j}");
+    assert!(j["Message"].as_str().unwrap().contains("PlanOperator"));
+    let deleted =
+        em.send(Method::DELETE, &format!("/api/failoverPlans/{ready}"), Token::Header(&viewer), false, None).await;
+    error(&deleted, StatusCode::FORBIDDEN);
+
+    // After all of that, nothing changed: no plan session, no task, both plans as they were.
+    assert_eq!(count(&em.ok("/api/cloud/failoverSessions", &token).await, "Ref"), 0);
+    assert_eq!(count(&em.ok("/api/tasks", &token).await, "Task"), 0);
+    for id in [&ready, &unreplicated] {
+        let p = server.ok(&t, Method::GET, &format!("/v1/plans/{id}"), None).await;
+        assert_eq!(p["state"], "NeedsVerified", "{p}");
+    }
+
+    em.listener.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_query_service_filters_sorts_and_pages_with_links_that_resolve() {
+    let server = Server::simulated().await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let vm = server.vm(&t, &host, &ds, "app", json!({})).await;
+    for name in ["alpha", "bravo", "charlie"] {
+        plan(&server, &t, name, &[&vm]).await;
+    }
+    let em = Em::start(&server, Duration::from_secs(900)).await;
+    let token = em.logon().await;
+
+    let page1 = em.ok("/api/query?type=FailoverPlan&sortDesc=Name&pageSize=2&page=1", &token).await;
+    assert_eq!(count(&page1, "Ref"), 2);
+    assert!(page1.find("charlie").unwrap() < page1.find("bravo").unwrap(), "{page1}");
+    assert_eq!(attr(&page1, "PagingInfo", None, "PagesCount").as_deref(), Some("2"));
+    assert!(attr(&page1, "Link", Some("Previous"), "Href").is_none());
+    let next = attr(&page1, "Link", Some("Next"), "Href").unwrap();
+    let page2 = em.ok(&next, &token).await;
+    assert_eq!(count(&page2, "Ref"), 1);
+    assert!(page2.contains("alpha") && !page2.contains("bravo"), "{page2}");
+    assert!(attr(&page2, "Link", Some("Next"), "Href").is_none());
+    assert_eq!(attr(&page2, "Link", Some("Last"), "Href"), Some(next));
+    walk(&em, &token, hrefs(&page1)).await;
+
+    let filtered = em
+        .ok("/api/query?type=CloudFailoverPlan&format=Entities&filter=(Name%3D%3Dalpha%2CName%3D%3D%22CHARLIE%22)&sortAsc=Name", &token)
+        .await;
+    assert_eq!(count(&filtered, "CloudFailoverPlan"), 2, "{filtered}");
+    assert!(filtered.find("alpha").unwrap() < filtered.find("charlie").unwrap());
+    let j = em
+        .send(Method::GET, "/api/query?type=FailoverPlan&filter=Name!%3Dalpha", Token::Header(&token), true, None)
+        .await
+        .json();
+    assert_eq!(j["Refs"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(count(&em.ok("/api/query?type=Task", &token).await, "Ref"), 0);
+
+    em.listener.stop().await;
+    server.stop().await;
+}
