@@ -244,3 +244,25 @@ fn errors() {
         &error_element(reqwest::StatusCode::BAD_REQUEST, "malformed filter at character 9: expected ')'"),
     );
 }
+
+#[test]
+fn query_results_with_paging() {
+    let s = running_session();
+    let path = |n: u64| {
+        format!("/query?type=CloudFailoverSession&format=References&sortDesc=CreationTime&pageSize=1&page={n}")
+    };
+    let paging = views::paging_info(&ctx(), 2, 1, 3, path);
+    let xml = paging.to_xml();
+    for rel in ["First", "Previous", "Next", "Last"] {
+        assert!(xml.contains(&format!("Rel=\"{rel}\"")), "{rel}: {xml}");
+    }
+    let refs = vec![views::cloud_failover_session(&ctx(), &s, &[], Shape::Ref)];
+    golden_both("query_result", &views::query_result(Shape::Ref, "CloudFailoverSessions", refs, Some(paging)));
+    let entities = vec![views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), Shape::Entity)];
+    golden_both("query_result_entities", &views::query_result(Shape::Entity, "CloudFailoverSessions", entities, None));
+    // The first page has no Previous link, the last no Next.
+    let first = views::paging_info(&ctx(), 1, 1, 3, path).to_xml();
+    let last = views::paging_info(&ctx(), 3, 1, 3, path).to_xml();
+    assert!(!first.contains("Previous") && first.contains("Next"));
+    assert!(last.contains("Previous") && !last.contains("\"Next\""));
+}

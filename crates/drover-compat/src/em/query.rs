@@ -279,21 +279,7 @@ pub async fn run(state: &EmState, caller: &Caller, ctx: &Ctx, params: &Params) -
         let start = ((page - 1).saturating_mul(size)).min(total) as usize;
         let end = (start as u64 + size).min(total) as usize;
         records = records.drain(start..end).collect();
-        let mut links = vec![ctx.link("First", Some("QueryResult"), &q.path_at(1), None)];
-        if page > 1 {
-            links.push(ctx.link("Previous", Some("QueryResult"), &q.path_at((page - 1).min(pages)), None));
-        }
-        if page < pages {
-            links.push(ctx.link("Next", Some("QueryResult"), &q.path_at(page + 1), None));
-        }
-        links.push(ctx.link("Last", Some("QueryResult"), &q.path_at(pages), None));
-        paging_info = Some(
-            Element::new("PagingInfo")
-                .attr("PageNum", page as i64)
-                .attr("PageSize", size as i64)
-                .attr("PagesCount", pages as i64)
-                .child(Element::list("Links", "Links", links)),
-        );
+        paging_info = Some(views::paging_info(ctx, page, size, pages, |n| q.path_at(n)));
     }
     let mut items = Vec::with_capacity(records.len());
     for r in &records {
@@ -310,11 +296,7 @@ pub async fn run(state: &EmState, caller: &Caller, ctx: &Ctx, params: &Params) -
             Record::Task(t) => views::task_ref(ctx, t),
         });
     }
-    let body = match q.shape {
-        Shape::Entity => Element::new("Entities").child(Element::list(q.kind.plural(), q.kind.plural(), items)),
-        _ => Element::list("Refs", "Refs", items),
-    };
-    Ok(Element::new("QueryResult").child(body).child_opt(paging_info))
+    Ok(views::query_result(q.shape, q.kind.plural(), items, paging_info))
 }
 
 #[cfg(test)]

@@ -383,3 +383,33 @@ pub fn collection(shape: Shape, plural: &'static str, items: Vec<Element>) -> El
         _ => Element::list("EntityReferences", "Refs", items),
     }
 }
+
+// -------------------------------------------------------------------------------------------------
+// The query service
+
+/// `PagingInfo` with its First, Previous, Next and Last links; `path_at` gives the query's path
+/// at another page.
+pub fn paging_info(ctx: &Ctx, page: u64, size: u64, pages: u64, path_at: impl Fn(u64) -> String) -> Element {
+    let mut links = vec![ctx.link("First", Some("QueryResult"), &path_at(1), None)];
+    if page > 1 {
+        links.push(ctx.link("Previous", Some("QueryResult"), &path_at((page - 1).min(pages)), None));
+    }
+    if page < pages {
+        links.push(ctx.link("Next", Some("QueryResult"), &path_at(page + 1), None));
+    }
+    links.push(ctx.link("Last", Some("QueryResult"), &path_at(pages), None));
+    Element::new("PagingInfo")
+        .attr("PageNum", page as i64)
+        .attr("PageSize", size as i64)
+        .attr("PagesCount", pages as i64)
+        .child(Element::list("Links", "Links", links))
+}
+
+/// `QueryResult`: `Refs` of references, or `Entities` holding the plural root of entities.
+pub fn query_result(shape: Shape, plural: &'static str, items: Vec<Element>, paging: Option<Element>) -> Element {
+    let body = match shape {
+        Shape::Entity => Element::new("Entities").child(Element::list(plural, plural, items)),
+        _ => Element::list("Refs", "Refs", items),
+    };
+    Element::new("QueryResult").child(body).child_opt(paging)
+}
