@@ -1166,6 +1166,25 @@ impl App {
         self.store().log_list(id, after_seq, limit).await
     }
 
+    /// The restore point each VM task of a (test) failover session booted from, once its boot
+    /// step has run: what the EM dialect links a failover task to. Empty for other sessions.
+    pub async fn session_boot_points(
+        &self,
+        caller: &Caller,
+        id: SessionId,
+    ) -> Result<Vec<(TaskId, ReplicaId, RestorePointId)>> {
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        let steps = self.store().steps_of(id).await?;
+        Ok(steps
+            .iter()
+            .filter(|s| s.name.starts_with("boot:") && s.state != StepState::Failed)
+            .filter_map(|s| {
+                let (replica, point) = crate::failover::booted_from(&s.output)?;
+                Some((s.task_id?, replica, point))
+            })
+            .collect())
+    }
+
     pub async fn session_halt(&self, caller: &Caller, id: SessionId) -> Result<()> {
         caller.require(Role::PlanOperator)?;
         self.store().session_get(Some(caller.tenant_id), id).await?;

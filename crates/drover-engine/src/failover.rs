@@ -297,6 +297,12 @@ struct Booted {
     overlays: Vec<PathBuf>,
 }
 
+/// The replica and restore point a boot step's output names (failover and test failover).
+pub(crate) fn booted_from(output: &Value) -> Option<(ReplicaId, RestorePointId)> {
+    let b: Booted = serde_json::from_value(output.clone()).ok()?;
+    Some((b.replica_id, b.point_id))
+}
+
 /// The replica of a VM in the plan's tenant.
 async fn replica_of(engine: &Engine, tenant: TenantId, vm: VmId) -> Result<Replica> {
     engine

@@ -1,0 +1,128 @@
+//! `App::session_boot_points`: which restore point each VM of a failover booted from, read back
+//! from the session's step records (the simulated hypervisor; points made by hand).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_engine::app::{App, NewDatastore, NewHost, NewReplicationJob, NewVm, PlanInput};
+use drover_engine::{Engine, EngineConfig};
+use drover_hv::sim::SimulatedHypervisor;
+use drover_store::Store;
+use drover_types::*;
+
+#[tokio::test]
+async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+    let config = EngineConfig {
+        heartbeat_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(2),
+        monitor_interval: Duration::from_millis(100),
+        ..EngineConfig::default()
+    };
+    let app = App::new(Engine::new(store, Arc::new(SimulatedHypervisor::new()), config));
+    app.bootstrap(Some("adminpass".into())).await.unwrap();
+    let caller = app.authenticate(&app.login("admin", "adminpass").await.unwrap().access_token).await.unwrap();
+    let wait = |s: SessionId| {
+        let app = app.clone();
+        async move { app.engine().wait(s, Duration::from_secs(20)).await.unwrap() }
+    };
+    let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
+    let host = app
+        .host_create(&caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() })
+        .await
+        .unwrap();
+    let datastore = |name: &str| NewDatastore {
+        host_id: host.id,
+        name: name.into(),
+        path: dir.path().join(name).to_string_lossy().into(),
+    };
+    let prod = app.datastore_create(&caller, datastore("prod")).await.unwrap();
+    let dr = app.datastore_create(&caller, datastore("dr")).await.unwrap();
+    let new_vm = NewVm {
+        name: "web".into(),
+        host_id: host.id,
+        datastore_id: prod.id,
+        vcpus: 1,
+        memory_mib: 96,
+        disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
+        nics: vec![],
+        tags: vec![],
+        boot: VmBoot { kernel: None, initrd: None, cmdline: None },
+    };
+    let (vm, created) = app.vm_create(&caller, new_vm).await.unwrap();
+    assert_eq!(wait(created).await.result, SessionResult::Success);
+    let job = app
+        .replication_job_create(
+            &caller,
+            NewReplicationJob {
+                name: "j".into(),
+                vm_ids: vec![vm.id],
+                target_host_id: host.id,
+                target_datastore_id: dr.id,
+                schedule: Schedule::Manual,
+                retention_points: 2,
+            },
+        )
+        .await
+        .unwrap();
+    let replica = Replica::new(caller.tenant_id, job.id, (vm.id, "web"), dr.id);
+    app.engine().store().object_insert(&replica).await.unwrap();
+    let chain = dir.path().join("dr").join(replica.id.to_string()).join("data");
+    std::fs::create_dir_all(&chain).unwrap();
+    let file = chain.join("point-1.qcow2");
+    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
+    let point = RestorePoint {
+        id: RestorePointId::new(),
+        replica_id: replica.id,
+        sequence: 0,
+        session_id: SessionId::new(),
+        state: RestorePointState::Published,
+        created_at: replica.created_at,
+        bytes_written: 0,
+        disks: vec![RestorePointDisk {
+            disk: "data".into(),
+            file: file.to_string_lossy().into(),
+            size_bytes: 64 << 20,
+            manifest_digest: String::new(),
+        }],
+        verified: false,
+    };
+    app.engine().store().restore_point_publish(caller.tenant_id, &point).await.unwrap();
+    let on = PlanStep { id: PlanStepId::new(), name: "on".into(), kind: PlanStepKind::PowerOn, critical: true };
+    let plan = app
+        .plan_create(
+            &caller,
+            PlanInput {
+                name: "p".into(),
+                description: String::new(),
+                recovery_location_id: RecoveryLocationId::ORIGINAL,
+                groups: vec![PlanGroup {
+                    id: PlanGroupId::new(),
+                    name: "g".into(),
+                    mode: GroupMode::Sequential,
+                    delay_secs: 0,
+                    critical: true,
+                    restore_tags: false,
+                    vms: vec![PlanVm { vm_id: vm.id, steps: vec![on] }],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+
+    let (_, s) = app.plan_action(&caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    let s = wait(s.unwrap()).await;
+    assert_eq!(s.result, SessionResult::Success, "{:?}", s.failure_message);
+    let (_, tasks) = app.session_get(&caller, s.id).await.unwrap();
+    let points = app.session_boot_points(&caller, s.id).await.unwrap();
+    assert_eq!(points, vec![(tasks[0].id, replica.id, point.id)]);
+
+    // Sessions that boot nothing report nothing; an unknown session is not found.
+    assert!(app.session_boot_points(&caller, created).await.unwrap().is_empty());
+    let (_, undo) = app.plan_action(&caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    let undo = wait(undo.unwrap()).await;
+    assert!(app.session_boot_points(&caller, undo.id).await.unwrap().is_empty());
+    assert!(matches!(app.session_boot_points(&caller, SessionId::new()).await, Err(Error::NotFound { .. })));
+    app.engine().shutdown();
+}
