@@ -82,6 +82,7 @@ pub fn router_with(app: App, config: EmConfig) -> Router {
         .route("/api/backupServers/{id}", get(h::backup_server_get))
         .route("/api/cloud/failoverSessions", get(h::sessions_list))
         .route("/api/cloud/failoverSessions/{id}", get(h::session_get))
+        .route("/api/vmReplicaPoints/{id}", get(h::replica_point_get))
         .route("/api/cloud/cloudFailoverPlans", get(h::cloud_plans_list))
         .route(
             "/api/cloud/cloudFailoverPlans/{id}",

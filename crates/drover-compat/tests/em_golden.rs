@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use chrono::TimeZone;
 use drover_compat::em::render::{Element, error_element};
 use drover_compat::em::tasks::Tasks;
-use drover_compat::em::views::{self, BackupServer, Ctx, PlanKind, PlanView, Shape};
+use drover_compat::em::views::{self, BackupServer, Ctx, PlanKind, PlanView, PointLink, Shape};
 use drover_types::*;
 use uuid::Uuid;
 
@@ -80,8 +80,8 @@ fn seed_session() -> Session {
 fn seed_002_is_reproduced_exactly() {
     let ctx = seed_ctx();
     let s = seed_session();
-    let reference = views::cloud_failover_session(&ctx, &s, &[], Shape::EntityRef).to_xml();
-    let entity = views::cloud_failover_session(&ctx, &s, &[], Shape::Entity).to_xml();
+    let reference = views::cloud_failover_session(&ctx, &s, &[], &[], Shape::EntityRef).to_xml();
+    let entity = views::cloud_failover_session(&ctx, &s, &[], &[], Shape::Entity).to_xml();
     let seed_ref = std::fs::read_to_string(golden_path("seed002_entity_ref.xml")).unwrap();
     let seed_entity = std::fs::read_to_string(golden_path("seed002_entity.xml")).unwrap();
     assert_eq!(normalise(&reference), normalise(&seed_ref));
@@ -130,11 +130,17 @@ fn ctx() -> Ctx {
 #[test]
 fn a_running_session_has_no_end_and_no_result_and_one_task_per_vm() {
     let s = running_session();
-    let e = views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), Shape::Entity);
+    // The VM that has booted links to its restore point.
+    let points = [PointLink {
+        task_id: TaskId(Uuid::from_u128(0xb1)),
+        point_id: RestorePointId(Uuid::from_u128(0xd1)),
+        name: "web_replica".into(),
+    }];
+    let e = views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), &points, Shape::Entity);
     let xml = e.to_xml();
     assert!(xml.contains("<Result>None</Result>") && !xml.contains("<EndTimeUTC>2026-11-22T10:00"), "{xml}");
     golden_both("cloud_failover_session_running", &e);
-    golden_both("cloud_failover_session_ref", &views::cloud_failover_session(&ctx(), &s, &[], Shape::EntityRef));
+    golden_both("cloud_failover_session_ref", &views::cloud_failover_session(&ctx(), &s, &[], &[], Shape::EntityRef));
 }
 
 #[test]
@@ -150,15 +156,18 @@ fn a_failed_session_says_why() {
     tasks[1].result = SessionResult::Failed;
     tasks[1].ended_at = s.ended_at;
     tasks[1].failure_message = s.failure_message.clone();
-    golden_both("cloud_failover_session_failed", &views::cloud_failover_session(&ctx(), &s, &tasks, Shape::Entity));
+    golden_both(
+        "cloud_failover_session_failed",
+        &views::cloud_failover_session(&ctx(), &s, &tasks, &[], Shape::Entity),
+    );
 }
 
 #[test]
 fn collections_are_entity_references_or_plural_entities() {
     let s = running_session();
-    let refs = vec![views::cloud_failover_session(&ctx(), &s, &[], Shape::Ref)];
+    let refs = vec![views::cloud_failover_session(&ctx(), &s, &[], &[], Shape::Ref)];
     golden_both("cloud_failover_sessions", &views::collection(Shape::Ref, "CloudFailoverSessions", refs));
-    let entities = vec![views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), Shape::Entity)];
+    let entities = vec![views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), &[], Shape::Entity)];
     golden_both(
         "cloud_failover_sessions_entities",
         &views::collection(Shape::Entity, "CloudFailoverSessions", entities),
@@ -234,6 +243,30 @@ fn the_backup_server_is_the_control_plane() {
 }
 
 #[test]
+fn replica_points() {
+    let mut replica = Replica::new(
+        TenantId(Uuid::nil()),
+        ReplicationJobId(Uuid::from_u128(0x10b)),
+        (VmId(Uuid::from_u128(0xa1)), "web"),
+        DatastoreId(Uuid::from_u128(0xd5)),
+    );
+    replica.id = ReplicaId(Uuid::from_u128(0x4e));
+    let point = RestorePoint {
+        id: RestorePointId(Uuid::from_u128(0xd1)),
+        replica_id: replica.id,
+        sequence: 3,
+        session_id: SessionId(Uuid::from_u128(0x5e)),
+        state: RestorePointState::Published,
+        created_at: at("2026-11-22T09:30:00.250Z"),
+        bytes_written: 1 << 20,
+        disks: vec![],
+        verified: true,
+    };
+    golden_both("vm_replica_point", &views::vm_replica_point(&ctx(), &replica, &point, Shape::Entity));
+    golden_both("vm_replica_point_ref", &views::vm_replica_point(&ctx(), &replica, &point, Shape::EntityRef));
+}
+
+#[test]
 fn errors() {
     golden_both(
         "error_not_found",
@@ -256,9 +289,9 @@ fn query_results_with_paging() {
     for rel in ["First", "Previous", "Next", "Last"] {
         assert!(xml.contains(&format!("Rel=\"{rel}\"")), "{rel}: {xml}");
     }
-    let refs = vec![views::cloud_failover_session(&ctx(), &s, &[], Shape::Ref)];
+    let refs = vec![views::cloud_failover_session(&ctx(), &s, &[], &[], Shape::Ref)];
     golden_both("query_result", &views::query_result(Shape::Ref, "CloudFailoverSessions", refs, Some(paging)));
-    let entities = vec![views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), Shape::Entity)];
+    let entities = vec![views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), &[], Shape::Entity)];
     golden_both("query_result_entities", &views::query_result(Shape::Entity, "CloudFailoverSessions", entities, None));
     // The first page has no Previous link, the last no Next.
     let first = views::paging_info(&ctx(), 1, 1, 3, path).to_xml();

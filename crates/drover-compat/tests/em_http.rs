@@ -358,6 +358,10 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     assert_eq!(text(&done, "Progress").as_deref(), Some("100"));
     assert!(text(&done, "EndTimeUTC").is_some_and(|t| t.len() == 20 && t.ends_with('Z')), "{done}");
     assert_eq!(count(&done, "CloudFailoverTask"), 2);
+    // Each VM links to the restore point it booted from (walked below with the rest).
+    assert_eq!(count(&done, "VmReplicaPointLink"), 2, "{done}");
+    let point = em.ok(&attr(&done, "VmReplicaPointLink", None, "Href").unwrap(), &token).await;
+    assert_eq!(attr(&point, "EntityRef", None, "Type").as_deref(), Some("VmReplicaPointReference"));
     let vm_names: Vec<_> = ["web", "db"].iter().filter(|n| done.contains(&format!("VmName=\"{n}\""))).collect();
     assert_eq!(vm_names.len(), 2, "{done}");
     emitted.extend(hrefs(&done));
@@ -400,6 +404,7 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     let undo_session = attr(&undo.body, "Link", Some("Related"), "Href").unwrap();
     let undone = until_stopped(&em, &undo_session, &token).await;
     assert_eq!(text(&undone, "Result").as_deref(), Some("Success"), "{undone}");
+    assert_eq!(count(&undone, "VmReplicaPointLink"), 0, "an undo boots nothing: {undone}");
     emitted.extend(hrefs(&undo.body));
     let tasks = em.ok("/api/tasks", &token).await;
     assert_eq!(count(&tasks, "Task"), 2);
@@ -527,6 +532,7 @@ async fn bad_input_gets_the_dialects_errors_and_changes_nothing() {
         "/api/tasks/task-99".to_string(),
         "/api/tasks/99".to_string(),
         format!("/api/logonSessions/{unknown}"),
+        format!("/api/vmReplicaPoints/{unknown}"),
         "/api/nothing/here".to_string(),
     ] {
         error(&em.get(&path, &token).await, StatusCode::NOT_FOUND);
@@ -764,6 +770,7 @@ async fn a_test_failover_in_json() {
     let done = until_stopped(&em, related["Href"].as_str().unwrap(), &token).await;
     assert_eq!(text(&done, "Result").as_deref(), Some("Success"), "{done}");
     assert_eq!(text(&done, "JobType").as_deref(), Some("FailoverPlan"));
+    assert_eq!(count(&done, "VmReplicaPointLink"), 1, "{done}");
     // A test leaves the plan as it was.
     let p = server.ok(&t, Method::GET, &format!("/v1/plans/{plan_id}"), None).await;
     assert_eq!(p["state"], "NeedsVerified", "{p}");

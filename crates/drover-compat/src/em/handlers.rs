@@ -1,19 +1,23 @@
 //! The EM routes. Thin: parse, call [`App`], build a view; [`super::render`] writes it.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use drover_engine::app::{App, Caller, PlanActionOptions};
-use drover_types::{Error, Plan, PlanAction, PlanId, Session, SessionFilter, SessionId, SessionKind, Timestamp, Vm};
+use drover_types::{
+    Error, Plan, PlanAction, PlanId, Replica, ReplicaId, RestorePointId, Session, SessionFilter, SessionId,
+    SessionKind, Timestamp, Vm,
+};
 use serde::Deserialize;
 
 use super::EmState;
 use super::logon::{self, LogonSession, SESSION_HEADER};
 use super::render::{EmError, EmResult, Reply};
-use super::views::{self, BackupServer, Ctx, PlanKind, PlanView, Shape};
+use super::views::{self, BackupServer, Ctx, PlanKind, PlanView, PointLink, Shape};
 
 // -------------------------------------------------------------------------------------------------
 // Extractors
@@ -226,14 +230,43 @@ pub async fn plan_session(
     Ok((s, tasks))
 }
 
+/// What a session entity shows beside the session: its VM tasks and the restore points they
+/// booted from (only points that still exist, so the links resolve).
+pub async fn session_details(
+    app: &App,
+    caller: &Caller,
+    id: SessionId,
+) -> Result<(Vec<drover_types::Task>, Vec<PointLink>), Error> {
+    let (_, tasks) = app.session_get(caller, id).await?;
+    let mut links = Vec::new();
+    let mut existing: HashMap<ReplicaId, (String, Vec<RestorePointId>)> = HashMap::new();
+    for (task_id, replica_id, point_id) in app.session_boot_points(caller, id).await? {
+        let (name, points) = match existing.entry(replica_id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let Ok(replica) = app.get::<Replica>(caller, replica_id.0).await else { continue };
+                let points = app.restore_points(caller, replica_id).await?.into_iter().map(|p| p.id).collect();
+                v.insert((replica.name, points))
+            }
+        };
+        if points.contains(&point_id) {
+            links.push(PointLink { task_id, point_id, name: name.clone() });
+        }
+    }
+    Ok((tasks, links))
+}
+
 pub async fn sessions_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
     let shape = params.shape(Shape::Ref)?;
     let sessions = plan_sessions(&state.app, &auth.caller, thirty_days_ago()).await?;
     let mut items = Vec::with_capacity(sessions.len());
     for s in sessions {
-        let tasks =
-            if shape == Shape::Entity { state.app.session_get(&auth.caller, s.id).await?.1 } else { Vec::new() };
-        items.push(views::cloud_failover_session(&ctx, &s, &tasks, shape));
+        let (tasks, points) = if shape == Shape::Entity {
+            session_details(&state.app, &auth.caller, s.id).await?
+        } else {
+            Default::default()
+        };
+        items.push(views::cloud_failover_session(&ctx, &s, &tasks, &points, shape));
     }
     Ok(Reply::ok(views::collection(shape, "CloudFailoverSessions", items)))
 }
@@ -247,8 +280,29 @@ pub async fn session_get(
 ) -> EmResult {
     let shape = params.shape(Shape::EntityRef)?;
     let id: SessionId = parse_id("failover session", &id)?;
-    let (s, tasks) = plan_session(&state.app, &auth.caller, id).await?;
-    Ok(Reply::ok(views::cloud_failover_session(&ctx, &s, &tasks, shape)))
+    let (s, _) = plan_session(&state.app, &auth.caller, id).await?;
+    let (tasks, points) =
+        if shape == Shape::Entity { session_details(&state.app, &auth.caller, id).await? } else { Default::default() };
+    Ok(Reply::ok(views::cloud_failover_session(&ctx, &s, &tasks, &points, shape)))
+}
+
+/// `GET /api/vmReplicaPoints/{ID}`: the points failover tasks link to.
+pub async fn replica_point_get(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    params: Params,
+    Path(id): Path<String>,
+) -> EmResult {
+    let shape = params.shape(Shape::EntityRef)?;
+    let id: RestorePointId = parse_id("restore point", &id)?;
+    for replica in state.app.list::<Replica>(&auth.caller).await? {
+        let points = state.app.restore_points(&auth.caller, replica.id).await?;
+        if let Some(point) = points.iter().find(|p| p.id == id) {
+            return Ok(Reply::ok(views::vm_replica_point(&ctx, &replica, point, shape)));
+        }
+    }
+    Err(Error::not_found("restore point", id).into())
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ use drover_types::{Error, Plan, Session};
 
 use super::EmState;
 use super::filter::{self, Compiled, FieldType, Value};
-use super::handlers::{Params, plan_sessions, plan_view};
+use super::handlers::{Params, plan_sessions, plan_view, session_details};
 use super::render::{Element, EmResult};
 use super::tasks::EmTask;
 use super::views::{self, Ctx, PlanKind, PlanView, Shape};
@@ -285,8 +285,12 @@ pub async fn run(state: &EmState, caller: &Caller, ctx: &Ctx, params: &Params) -
     for r in &records {
         items.push(match r {
             Record::Session(s) => {
-                let tasks = if q.shape == Shape::Entity { app.session_get(caller, s.id).await?.1 } else { Vec::new() };
-                views::cloud_failover_session(ctx, s, &tasks, q.shape)
+                let (tasks, points) = if q.shape == Shape::Entity {
+                    session_details(app, caller, s.id).await?
+                } else {
+                    Default::default()
+                };
+                views::cloud_failover_session(ctx, s, &tasks, &points, q.shape)
             }
             Record::Plan(v) => {
                 let kind = if q.kind == QueryType::FailoverPlan { PlanKind::Plain } else { PlanKind::Cloud };

@@ -4,7 +4,9 @@
 //! XSD): an entity reference is `Type, Href, Name, UID` then `Links`; a link is `Rel, Type, Href,
 //! Name`. Every `Href` is absolute, from the request's host, and resolves with GET.
 
-use drover_types::{Plan, Session, SessionResult, SessionState, Task, Timestamp, VmId};
+use drover_types::{
+    Plan, Replica, RestorePoint, RestorePointId, Session, SessionResult, SessionState, Task, TaskId, Timestamp, VmId,
+};
 use uuid::Uuid;
 
 use super::render::Element;
@@ -206,7 +208,22 @@ pub fn result_name(r: SessionResult) -> &'static str {
     }
 }
 
-pub fn cloud_failover_session(ctx: &Ctx, session: &Session, tasks: &[Task], shape: Shape) -> Element {
+/// The restore point a VM's task booted from, as its `VmReplicaPointLink` names it.
+#[derive(Debug, Clone)]
+pub struct PointLink {
+    pub task_id: TaskId,
+    pub point_id: RestorePointId,
+    /// The replica's name.
+    pub name: String,
+}
+
+pub fn cloud_failover_session(
+    ctx: &Ctx,
+    session: &Session,
+    tasks: &[Task],
+    points: &[PointLink],
+    shape: Shape,
+) -> Element {
     let path = session_path(session.id);
     let id = session.id.to_string();
     let name = session.name.as_str();
@@ -216,7 +233,16 @@ pub fn cloud_failover_session(ctx: &Ctx, session: &Session, tasks: &[Task], shap
         return ctx.reference(shape.element(), "CloudFailoverSession", &path, name, &id, links);
     }
     let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSessionReference"), &path, Some(name))];
-    let tasks = tasks.iter().map(cloud_failover_task).collect();
+    let tasks = tasks
+        .iter()
+        .map(|t| {
+            let point = points.iter().find(|p| p.task_id == t.id).map(|p| {
+                let link = ctx.link("Related", Some("VmReplicaPointReference"), &point_path(p.point_id), Some(&p.name));
+                Element { name: "VmReplicaPointLink", ..link }
+            });
+            cloud_failover_task(t, point)
+        })
+        .collect();
     ctx.entity("CloudFailoverSession", "CloudFailoverSession", &path, name, &id, links)
         .child(Element::text("JobType", "FailoverPlan"))
         .child(Element::text("CreationTimeUTC", utc(session.created_at)))
@@ -228,17 +254,41 @@ pub fn cloud_failover_session(ctx: &Ctx, session: &Session, tasks: &[Task], shap
         .child(Element::list("CloudFailoverTasks", "CloudFailoverTasks", tasks))
 }
 
-/// One VM of a session. `VmReplicaPointLink` is left out: the dialect serves no restore-point
-/// resource for it to point to, and every emitted `Href` must resolve.
-fn cloud_failover_task(t: &Task) -> Element {
+/// One VM of a session; `VmReplicaPointLink` once the VM has booted from a point (failover and
+/// test failover) and while that point exists (every emitted `Href` must resolve).
+fn cloud_failover_task(t: &Task, point: Option<Element>) -> Element {
     Element::new("CloudFailoverTask")
         .attr("VmName", t.name.as_str())
+        .child_opt(point)
         .child(Element::text("CreationTimeUTC", utc(t.created_at)))
         .child_opt(t.ended_at.map(|e| Element::text("EndTimeUTC", utc(e))))
         .child(Element::text("State", state_name(t.state)))
         .child(Element::text("Result", result_name(t.result)))
         .child(Element::text("Progress", i64::from(t.progress)))
         .child_opt(t.failure_message.clone().map(|m| Element::text("FailureMessage", m)))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Replica restore points
+
+pub fn point_path(id: RestorePointId) -> String {
+    format!("/vmReplicaPoints/{id}")
+}
+
+/// A restore point of a VM replica: where a failover VM booted from.
+pub fn vm_replica_point(ctx: &Ctx, replica: &Replica, point: &RestorePoint, shape: Shape) -> Element {
+    let path = point_path(point.id);
+    let id = point.id.to_string();
+    let name = replica.name.as_str();
+    if shape != Shape::Entity {
+        let links =
+            vec![ctx.up(), ctx.link("Alternate", Some("VmReplicaPoint"), &format!("{path}?format=Entity"), Some(name))];
+        return ctx.reference(shape.element(), "VmReplicaPoint", &path, name, &id, links);
+    }
+    let links = vec![ctx.up(), ctx.link("Alternate", Some("VmReplicaPointReference"), &path, Some(name))];
+    ctx.entity("VmReplicaPoint", "VmReplicaPoint", &path, name, &id, links)
+        .child(Element::text("CreationTimeUTC", utc(point.created_at)))
+        .child(Element::text("VmName", name))
 }
 
 // -------------------------------------------------------------------------------------------------
