@@ -561,6 +561,8 @@ async fn bad_input_gets_the_dialects_errors_and_changes_nothing() {
             "<CloudFailoverPlanManagementSpec><StartNow>maybe</StartNow></CloudFailoverPlanManagementSpec>",
         ),
         ("application/xml", "<CloudFailoverPlanManagementSpec><StartNow>true</StartNo"),
+        ("application/xml", "<FailoverPlanSpec><StartNow>true</StartNow></FailoverPlanSpec>"),
+        ("text/plain", "start please"),
         (
             "application/xml",
             "<CloudFailoverPlanManagementSpec><StartDate>yesterday</StartDate></CloudFailoverPlanManagementSpec>",

@@ -411,6 +411,21 @@ impl ManagementSpec {
             serde_json::from_slice(body).map_err(|e| bad(e.to_string()))
         } else {
             let text = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
+            // The deserializer does not look at the root's name; a client that sends another
+            // document by mistake must hear about it rather than start a failover.
+            let mut reader = quick_xml::Reader::from_str(text);
+            let root = loop {
+                match reader.read_event().map_err(|e| bad(e.to_string()))? {
+                    quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                        break String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                    }
+                    quick_xml::events::Event::Eof => return Err(bad("no root element".into())),
+                    _ => {}
+                }
+            };
+            if root != "CloudFailoverPlanManagementSpec" {
+                return Err(bad(format!("the root element is {root}, not CloudFailoverPlanManagementSpec")));
+            }
             quick_xml::de::from_str(text).map_err(|e| bad(e.to_string()))
         }
     }
