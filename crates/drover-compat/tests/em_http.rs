@@ -427,7 +427,7 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
 #[tokio::test]
 async fn logon_sessions_take_the_token_from_header_or_cookie_and_end_on_delete_or_idleness() {
     let server = Server::simulated().await;
-    let em = Em::start(&server, Duration::from_millis(800)).await;
+    let em = Em::start(&server, Duration::from_millis(1500)).await;
     let logon = em.logon_as("DOMAIN\\admin", common::ADMIN_PASSWORD).await;
     assert_eq!(logon.status, StatusCode::CREATED, "{}", logon.body);
     let token = logon.headers["X-RestSvcSessionId"].to_str().unwrap().to_string();
@@ -454,7 +454,7 @@ async fn logon_sessions_take_the_token_from_header_or_cookie_and_end_on_delete_o
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(em.get(path, &token).await.status, StatusCode::OK);
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(1800)).await;
     let expired = em.get(path, &token).await;
     assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
     assert!(expired.body.contains("expired"), "{}", expired.body);
