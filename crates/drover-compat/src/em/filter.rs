@@ -451,6 +451,39 @@ mod tests {
         }
 
         #[test]
+        fn enum_comparisons_follow_positions_and_connectives_follow_logic(
+            record in 0..4usize, a in 0..4usize, b in 0..4usize, c in 0..4usize,
+            op_a in 0..6usize, op_b in 0..6usize, op_c in 0..6usize
+        ) {
+            let ops = [("==", Op::Eq), ("!=", Op::Ne), ("<", Op::Lt), (">", Op::Gt), ("<=", Op::Le), (">=", Op::Ge)];
+            let holds = |op: Op, x: usize, y: usize| match op {
+                Op::Eq => x == y,
+                Op::Ne => x != y,
+                Op::Lt => x < y,
+                Op::Gt => x > y,
+                Op::Le => x <= y,
+                Op::Ge => x >= y,
+            };
+            let get = move |_: &str| Some(Value::Enum(record));
+            let left = format!("Result{}{}", ops[op_a].0, RESULTS[a]);
+            let right = format!("result {} {}", ops[op_b].0, RESULTS[b].to_uppercase());
+            let (l, r) = (holds(ops[op_a].1, record, a), holds(ops[op_b].1, record, b));
+            let check = |text: String, expected: bool| -> Result<(), TestCaseError> {
+                let f = compile(&parse(&text).unwrap(), FIELDS).unwrap();
+                prop_assert_eq!(f.matches(&get), expected, "{}", text);
+                Ok(())
+            };
+            check(left.clone(), l)?;
+            check(format!("{left};{right}"), l && r)?;
+            check(format!("{left},{right}"), l || r)?;
+            // Precedence: `;` binds tighter than `,`, parentheses override it.
+            let third = format!("Result{}{}", ops[op_c].0, RESULTS[c]);
+            let t = holds(ops[op_c].1, record, c);
+            check(format!("{left},{right};{third}"), l || (r && t))?;
+            check(format!("({left},{right});{third}"), (l || r) && t)?;
+        }
+
+        #[test]
         fn any_input_parses_or_fails_at_a_position_inside_it(s in "[ -~]{0,40}") {
             if let Err(e) = parse(&s) {
                 prop_assert!(e.position >= 1 && e.position <= s.chars().count() + 1, "{} for {:?}", e, s);
