@@ -67,9 +67,26 @@ pub fn router(app: App) -> Router {
 }
 
 pub fn router_with(app: App, config: EmConfig) -> Router {
+    routes(EmState::new(app, config))
+}
+
+impl EmState {
+    /// The dialect's state: its logon sessions and tasks, shared by every router made from it.
+    pub fn new(app: App, config: EmConfig) -> EmState {
+        EmState { app, logons: logon::LogonSessions::new(config.idle_timeout), config, tasks: Default::default() }
+    }
+
+    /// The dialect on a listener whose `Href`s use `scheme`: the HTTPS listener and the legacy
+    /// plain-HTTP one are one service (a logon on either works on both), only their links differ.
+    pub fn router_for_scheme(&self, scheme: &'static str) -> Router {
+        let mut state = self.clone();
+        state.config.scheme = scheme;
+        routes(state)
+    }
+}
+
+fn routes(state: EmState) -> Router {
     use handlers as h;
-    let state =
-        EmState { app, logons: logon::LogonSessions::new(config.idle_timeout), config, tasks: Default::default() };
     // Full paths rather than `nest`: `/api/` and `/api/sessionMngr/` end in a slash, as the
     // product writes them, and must match exactly that.
     Router::new()

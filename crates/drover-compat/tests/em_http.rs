@@ -782,3 +782,32 @@ async fn a_test_failover_in_json() {
     em.listener.stop().await;
     server.stop().await;
 }
+
+/// The HTTPS listener and the legacy plain-HTTP one are one service: a logon on one works on the
+/// other, and each writes its own scheme into its links.
+#[tokio::test]
+async fn both_listeners_share_logon_sessions_and_differ_only_in_their_links() {
+    let server = Server::simulated().await;
+    let state = drover_compat::em::EmState::new(server.app.clone(), EmConfig::default());
+    let mut ems = Vec::new();
+    for scheme in ["https", "http"] {
+        let listener =
+            drover_api::listen(state.router_for_scheme(scheme), "127.0.0.1:0".parse().unwrap(), drover_api::Tls::Plain)
+                .await
+                .unwrap();
+        ems.push(Em { base: listener.url(), http: reqwest::Client::new(), listener });
+    }
+    let token = ems[0].logon().await;
+    for (em, scheme) in ems.iter().zip(["https", "http"]) {
+        let body = em.ok("/api/logonSessions", &token).await;
+        assert_eq!(count(&body, "LogonSession"), 1, "{body}");
+        let links = hrefs(&body);
+        assert!(!links.is_empty() && links.iter().all(|h| h.starts_with(&format!("{scheme}://"))), "{links:?}");
+    }
+    let other = ems[1].logon().await;
+    assert_eq!(count(&ems[0].ok("/api/logonSessions", &other).await, "LogonSession"), 2, "both of admin's logons");
+    for em in ems {
+        em.listener.stop().await;
+    }
+    server.stop().await;
+}
