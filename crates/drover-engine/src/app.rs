@@ -255,6 +255,41 @@ impl App {
     }
 
     // ---------------------------------------------------------------------------------------------
+    // API clients (the `client_credentials` grant of the Recovery Orchestrator dialect)
+
+    /// The user a client is stored as: `client:<id>`, a name [`App::user_create`] refuses (it
+    /// contains ':'), so no person can hold it. Being a user, a client is listed, re-roled and
+    /// deleted (revoked) like one.
+    pub fn client_user_name(client_id: uuid::Uuid) -> String {
+        format!("client:{client_id}")
+    }
+
+    /// A new API client of the caller's tenant that acts with `role`. Returns its id and secret;
+    /// the secret is shown once and only its argon2 hash is stored, like a password.
+    pub async fn client_create(&self, caller: &Caller, role: Role) -> Result<(uuid::Uuid, String)> {
+        caller.require(Role::Administrator)?;
+        let id = uuid::Uuid::new_v4();
+        let secret = auth::random_secret(32);
+        let user = User {
+            id: UserId(id),
+            tenant_id: caller.tenant_id,
+            name: Self::client_user_name(id),
+            role,
+            created_at: now(),
+        };
+        self.store().user_create(&user, &auth::hash_password(&secret)?).await?;
+        Ok((id, secret))
+    }
+
+    /// Logs a client in with its secret.
+    pub async fn client_login(&self, client_id: uuid::Uuid, secret: &str) -> Result<TokenPair> {
+        self.login(&Self::client_user_name(client_id), secret).await.map_err(|e| match e {
+            Error::Unauthorized(_) => Error::Unauthorized("wrong client id or secret".into()),
+            e => e,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------------
     // Tenants and users
 
     pub async fn tenant_create(&self, caller: &Caller, name: &str) -> Result<Tenant> {
