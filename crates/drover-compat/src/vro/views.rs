@@ -90,6 +90,41 @@ pub struct PlanFacts {
     pub recovery_to_new_location: bool,
 }
 
+impl PlanFacts {
+    /// The state to show. A plan session moves the plan to its stable state in its last step and
+    /// stops just after; in between, the plan still shows the running state, so that a client
+    /// that polls until a stable state reads a finished result.
+    pub fn state(&self, p: &d::Plan) -> PlanState {
+        let s = p.lifecycle.state;
+        match &self.current {
+            Some(c) if s.is_stable() && s != PlanState::Halted && c.state != SessionState::Stopped && !c.halted => {
+                running_state_of(c).unwrap_or(s)
+            }
+            _ => s,
+        }
+    }
+}
+
+/// The running state a plan session stands for (its undo's, when it is being undone).
+pub fn running_state_of(s: &Session) -> Option<PlanState> {
+    use d::SessionKind as K;
+    let undoing = s.params.get("_undo").and_then(serde_json::Value::as_bool) == Some(true);
+    Some(match (s.kind, undoing) {
+        (K::PlanFailover | K::PlanPermanentFailover, true) => PlanState::UndoFailoverInProgress,
+        (K::PlanFailback | K::PlanPrepareFailback, true) => PlanState::UndoFailbackInProgress,
+        (_, true) => return None,
+        (K::PlanReadinessCheck, _) => PlanState::Checking,
+        (K::PlanFailover, _) => PlanState::FailoverInProgress,
+        (K::PlanUndoFailover, _) => PlanState::UndoFailoverInProgress,
+        (K::PlanPermanentFailover, _) => PlanState::PermanentFailoverInProgress,
+        (K::PlanPrepareFailback, _) => PlanState::PrepareForFailbackInProgress,
+        (K::PlanFailback, _) => PlanState::FailbackInProgress,
+        (K::PlanUndoFailback, _) => PlanState::UndoFailbackInProgress,
+        (K::PlanCommitFailback, _) => PlanState::CommitFailbackInProgress,
+        _ => return None,
+    })
+}
+
 fn count(n: u64, one: &str, many: &str) -> String {
     if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
 }
@@ -151,6 +186,7 @@ pub struct RecoveryPlanInfo {
 impl From<(&d::Plan, &PlanFacts)> for RecoveryPlanInfo {
     fn from((p, f): (&d::Plan, &PlanFacts)) -> Self {
         let l = p.lifecycle;
+        let state = f.state(p);
         RecoveryPlanInfo {
             id: p.id.0,
             plan_type: "Replica",
@@ -159,8 +195,8 @@ impl From<(&d::Plan, &PlanFacts)> for RecoveryPlanInfo {
             site_scope_id: f.site_scope_id,
             site_scope_name: f.site_scope_name.clone(),
             name: p.name.clone(),
-            state: state_id(l.state),
-            state_name: l.state.display_name(),
+            state: state_id(state),
+            state_name: state.display_name(),
             result_name: result_name(f.current.as_ref(), f.warnings, f.errors),
             last_stable_state: state_id(l.last_stable),
             last_stable_state_name: l.last_stable.display_name(),
@@ -222,8 +258,9 @@ pub fn role_name(r: Role) -> &'static str {
 impl PlanRuntimeDetails {
     pub fn new(p: &d::Plan, f: &PlanFacts, caller_role: Role) -> Self {
         let l = p.lifecycle;
-        let possible = |a| l.apply(d::PlanEvent::Requested(a), true).is_ok();
-        let running = l.state.is_running();
+        let state = f.state(p);
+        let possible = |a| state.is_stable() && l.apply(d::PlanEvent::Requested(a), true).is_ok();
+        let running = state.is_running();
         let total_progress = match &f.current {
             Some(s) => s.progress.min(100),
             None => 0,
@@ -231,9 +268,9 @@ impl PlanRuntimeDetails {
         PlanRuntimeDetails {
             id: p.id.0,
             plan_type: "Replica",
-            state: state_id(l.state),
-            state_name: l.state.display_name(),
-            state_order: state_order(l.state),
+            state: state_id(state),
+            state_name: state.display_name(),
+            state_order: state_order(state),
             result_name: result_name(f.current.as_ref(), f.warnings, f.errors),
             last_stable_state: state_id(l.last_stable),
             last_stable_state_name: l.last_stable.display_name(),
@@ -670,6 +707,38 @@ mod tests {
         assert_eq!(ExecutionResult::of(Some(&running)), ExecutionResult::Undefined);
         assert_eq!(ExecutionResult::of(Some(&halted)), ExecutionResult::Error);
         assert_eq!(ExecutionResult::of(Some(&done)), ExecutionResult::Success);
+    }
+
+    #[test]
+    fn a_concluded_plan_shows_its_running_state_until_its_session_stops() {
+        let mut plan = d::Plan {
+            id: d::PlanId::new(),
+            tenant_id: d::TenantId::new(),
+            name: "p".into(),
+            description: String::new(),
+            enabled: true,
+            lifecycle: d::PlanLifecycle::default(),
+            recovery_location_id: d::RecoveryLocationId::ORIGINAL,
+            groups: Vec::new(),
+            created_at: d::now(),
+            updated_at: d::now(),
+        };
+        plan.lifecycle.state = PlanState::Failover;
+        let mut f = PlanFacts {
+            current: Some(session(SessionState::Working, SessionResult::None, false)),
+            ..Default::default()
+        };
+        assert_eq!(f.state(&plan), PlanState::FailoverInProgress);
+        let info = PlanRuntimeDetails::new(&plan, &f, Role::Viewer);
+        assert!(info.is_running_state && !info.is_undo_possible && !info.is_reverse_possible);
+        f.current = Some(session(SessionState::Stopped, SessionResult::Success, false));
+        assert_eq!(f.state(&plan), PlanState::Failover);
+        // Being undone after a halt: the undo's running state.
+        let mut undoing = session(SessionState::Working, SessionResult::None, false);
+        undoing.params = serde_json::json!({"_undo": true});
+        plan.lifecycle.state = PlanState::UndoFailover;
+        f.current = Some(undoing);
+        assert_eq!(f.state(&plan), PlanState::UndoFailoverInProgress);
     }
 
     #[test]
