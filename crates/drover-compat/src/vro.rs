@@ -13,8 +13,9 @@
 //!   original VMs, failback to any other location makes full copies as new VMs.
 //! - `siteScopeId`/`siteScopeName` are the caller's tenant; `serverId` is [`views::SERVER_ID`].
 //! - A path id that is not a UUID names nothing: 404 `NotFound`, like an unknown id.
-//! - Wrong credentials at the token endpoint are 401 `AccessDenied`; a missing, unknown or
-//!   expired bearer or refresh token is 401 `InvalidToken`.
+//! - Wrong credentials at the token endpoint are 401 `AccessDenied`; a missing or unknown bearer
+//!   token, and a spent or unknown refresh token, are 401 `InvalidToken`; an expired bearer token
+//!   is 401 `ExpiredToken`.
 //! - A client of `client_credentials` is a user of the caller's tenant named `client:<id>` (a
 //!   name no API can give a person), so administrators see and delete clients like users.
 
@@ -63,7 +64,10 @@ impl FromRequestParts<VroState> for Auth {
             .ok_or_else(|| invalid("Authorization must be Bearer <access_token>"))?;
         match state.app.authenticate(token).await {
             Ok(c) => Ok(Auth(c)),
-            Err(drover_types::Error::Unauthorized(m)) => Err(invalid(&m)),
+            Err(drover_types::Error::Unauthorized(m)) => match state.app.token_expired(token).await {
+                Ok(true) => Err(VroError::Token { expired: true, message: "the access token has expired".into() }),
+                _ => Err(invalid(&m)),
+            },
             Err(e) => Err(e.into()),
         }
     }

@@ -375,7 +375,7 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
             format!("/api/v3/Plans/{plan}"),
             None,
             StatusCode::UNAUTHORIZED,
-            "InvalidToken",
+            "ExpiredToken",
         ),
         (
             "viewer_failover",
@@ -548,5 +548,81 @@ async fn the_openapi_document_covers_the_dialect() {
     assert!(body.get("restoreLocationId").is_some() && body.get("failbackRestoreVMTags").is_some(), "{body}");
     let info = &doc["components"]["schemas"]["RecoveryPlanInfo"]["properties"];
     assert!(info.get("previousExecutionState").is_some(), "{info}");
+    vro.stop().await;
+}
+
+/// Halt (with the documented `fullstop` spelling) lets the running step finish, then HALTED;
+/// Continue goes on to FAILOVER; PermanentFailover ends the way back. Another tenant sees none
+/// of the plan.
+#[tokio::test]
+async fn halt_continue_permanent_failover_and_tenants() {
+    let hv = std::sync::Arc::new(drover_hv::sim::SimulatedHypervisor::new());
+    let vro = Vro::on(common::Server::start(hv.clone(), common::fast_config()).await).await;
+    let site = site(&vro).await;
+    let plan = &site.plan;
+    let t = vro.token("admin", common::ADMIN_PASSWORD).await;
+    // The replica takes 2 s to send its heartbeat: the failover is running meanwhile.
+    hv.set_heartbeat_delay(std::time::Duration::from_secs(2));
+    let later = (drover_types::now() + chrono::Duration::hours(1)).to_rfc3339();
+    vro.act(&t, plan, "Failover", json!({"restorePointDate": later})).await;
+    let running = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}")).await;
+    assert_eq!(
+        (running["state"].as_str(), running["stateName"].as_str(), running["isRunningState"].as_bool()),
+        (Some("FailoverInProgress"), Some("FAILOVER"), Some(true)),
+        "{running}"
+    );
+    assert_eq!(running["resultName"], "In progress");
+    golden("runtime_running", &running);
+    // Only Halt is accepted while running.
+    let (s, e) = vro.call(&t, Method::POST, &format!("/api/v3/Plans/{plan}/Undo"), None).await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::CONFLICT, Some("Conflict")), "{e}");
+    vro.act(&t, plan, "Halt", json!({"fullstop": true})).await;
+    let halted = vro.wait_state(&t, plan, "Halted").await;
+    assert_eq!(
+        (halted["isStableState"].as_bool(), halted["currentRunResult"].as_str()),
+        (Some(true), Some("Undefined"))
+    );
+    let info = vro.get(&t, &format!("/api/v3/Plans/{plan}")).await;
+    assert_eq!(info["previousExecutionState"], "FailoverInProgress", "{info}");
+    hv.set_heartbeat_delay(std::time::Duration::ZERO);
+    vro.act(&t, plan, "Continue", json!({"executionContinueOptions": "ProceedToNextStep"})).await;
+    let done = vro.wait_state(&t, plan, "Failover").await;
+    assert_eq!(done["currentRunResult"], "Success", "{done}");
+    assert_eq!(vro.get(&t, &format!("/api/v3/Plans/{plan}")).await["previousExecutionState"], Value::Null);
+
+    vro.act(&t, plan, "PermanentFailover", Value::Null).await;
+    let permanent = vro.wait_state(&t, plan, "PermanentFailover").await;
+    assert_eq!(
+        (permanent["isReversePossible"].as_bool(), permanent["isUndoPossible"].as_bool()),
+        (Some(false), Some(false))
+    );
+    let body = json!({"restoreLocationId": NIL, "failbackRestoreVMTags": false});
+    let (s, e) = vro.call(&t, Method::POST, &format!("/api/v3/Plans/{plan}/FailbackToProduction"), Some(body)).await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::CONFLICT, Some("Conflict")), "{e}");
+
+    // Another tenant: nothing of it is visible, and unknown is 404, not 403.
+    let native = vro.server.admin().await;
+    let acme = vro.server.ok(&native, Method::POST, "/v1/tenants", Some(json!({"name": "acme"}))).await;
+    vro.server
+        .ok(
+            &native,
+            Method::POST,
+            "/v1/users",
+            Some(json!({"name": "acme-admin", "password": "password1", "role": "Administrator", "tenant_id": acme["id"]})),
+        )
+        .await;
+    let other = vro.token("ACME\\acme-admin", "password1").await;
+    assert_eq!(vro.get(&other, "/api/v3/Plans").await["total"], 0);
+    assert_eq!(vro.get(&other, "/api/v3/RecoveryLocations").await["total"], 1, "only the built-in location");
+    for (method, path) in [
+        (Method::GET, format!("/api/v3/Plans/{plan}")),
+        (Method::GET, format!("/api/v3/RuntimeDetails/Plans/{plan}")),
+        (Method::POST, format!("/api/v3/Plans/{plan}/ResetState")),
+        (Method::GET, format!("/api/v3/RecoveryLocations/{}", site.location)),
+    ] {
+        let (s, e) = vro.call(&other, method, &path, None).await;
+        assert_eq!((s, e["errorCode"].as_str()), (StatusCode::NOT_FOUND, Some("NotFound")), "{path}: {e}");
+    }
+    assert_eq!(vro.get(&t, &format!("/api/v3/Plans/{plan}")).await["state"], "PermanentFailover");
     vro.stop().await;
 }

@@ -254,6 +254,15 @@ impl App {
         }
     }
 
+    /// Whether `bearer` is an access token drover issued that has expired (and has not been
+    /// purged yet), for a dialect that tells an expired token from an unknown one. Nothing is
+    /// revealed to the caller beyond that: the token's user is not looked up.
+    pub async fn token_expired(&self, bearer: &str) -> Result<bool> {
+        let ever = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        let rec = self.store().access_token_get(&auth::token_hash(bearer), ever).await?;
+        Ok(rec.is_some_and(|r| r.expires_at <= now()))
+    }
+
     // ---------------------------------------------------------------------------------------------
     // API clients (the `client_credentials` grant of the Recovery Orchestrator dialect)
 

@@ -58,10 +58,13 @@ pub enum ExecutionResult {
 }
 
 impl ExecutionResult {
-    pub fn of(session: Option<&Session>) -> ExecutionResult {
+    /// `log_errors`: the error lines in the session's log. A session halted by a failure (one
+    /// logged) is an error; one halted on request has simply not finished.
+    pub fn of(session: Option<&Session>, log_errors: u64) -> ExecutionResult {
         match session {
             None => ExecutionResult::Undefined,
-            Some(s) if s.halted => ExecutionResult::Error,
+            Some(s) if s.halted && (log_errors > 0 || s.failure_message.is_some()) => ExecutionResult::Error,
+            Some(s) if s.halted => ExecutionResult::Undefined,
             Some(s) if s.state != SessionState::Stopped => ExecutionResult::Undefined,
             Some(s) => match s.result {
                 SessionResult::None => ExecutionResult::Undefined,
@@ -91,6 +94,15 @@ pub struct PlanFacts {
 }
 
 impl PlanFacts {
+    /// The error lines of a session's log: counted for the current session; for an older one,
+    /// assumed (only the current session can be halted).
+    fn errors_of(&self, s: Option<&Session>) -> u64 {
+        match (s, &self.current) {
+            (Some(s), Some(c)) if s.id == c.id => self.errors,
+            _ => 1,
+        }
+    }
+
     /// The state to show. A plan session moves the plan to its stable state in its last step and
     /// stops just after; in between, the plan still shows the running state, so that a client
     /// that polls until a stable state reads a finished result.
@@ -133,7 +145,7 @@ fn count(n: u64, one: &str, many: &str) -> String {
 /// "In progress" while running, "Halted, ..." while halted, "Failed, ..." after a failure).
 pub fn result_name(current: Option<&Session>, warnings: u64, errors: u64) -> String {
     let Some(s) = current else { return String::new() };
-    let errors = if (s.halted || s.result == SessionResult::Failed) && errors == 0 { 1 } else { errors };
+    let errors = if s.result == SessionResult::Failed && errors == 0 { 1 } else { errors };
     let head = if s.halted {
         "Halted"
     } else if s.state != SessionState::Stopped {
@@ -277,9 +289,9 @@ impl PlanRuntimeDetails {
             total_progress,
             is_running_state: running,
             is_stable_state: !running,
-            current_run_result: ExecutionResult::of(f.last_run.as_ref()),
-            current_test_result: ExecutionResult::of(f.last_test.as_ref()),
-            current_check_result: ExecutionResult::of(f.last_check.as_ref()),
+            current_run_result: ExecutionResult::of(f.last_run.as_ref(), f.errors_of(f.last_run.as_ref())),
+            current_test_result: ExecutionResult::of(f.last_test.as_ref(), f.errors_of(f.last_test.as_ref())),
+            current_check_result: ExecutionResult::of(f.last_check.as_ref(), f.errors_of(f.last_check.as_ref())),
             recovery_location_id: p.recovery_location_id.0,
             site_scope_id: f.site_scope_id,
             site_scope_name: f.site_scope_name.clone(),
@@ -702,11 +714,13 @@ mod tests {
         assert_eq!(result_name(Some(&failed), 0, 0), "Failed, 1 error");
         let halted = session(SessionState::Working, SessionResult::None, true);
         assert_eq!(result_name(Some(&halted), 0, 2), "Halted, 2 errors");
+        assert_eq!(result_name(Some(&halted), 1, 0), "Halted, no errors, 1 warning");
         let running = session(SessionState::Working, SessionResult::None, false);
         assert_eq!(result_name(Some(&running), 0, 0), "In progress");
-        assert_eq!(ExecutionResult::of(Some(&running)), ExecutionResult::Undefined);
-        assert_eq!(ExecutionResult::of(Some(&halted)), ExecutionResult::Error);
-        assert_eq!(ExecutionResult::of(Some(&done)), ExecutionResult::Success);
+        assert_eq!(ExecutionResult::of(Some(&running), 0), ExecutionResult::Undefined);
+        assert_eq!(ExecutionResult::of(Some(&halted), 1), ExecutionResult::Error);
+        assert_eq!(ExecutionResult::of(Some(&halted), 0), ExecutionResult::Undefined, "halted on request");
+        assert_eq!(ExecutionResult::of(Some(&done), 0), ExecutionResult::Success);
     }
 
     #[test]

@@ -233,7 +233,9 @@ pub fn normalize(v: &Value) -> Value {
         Value::Array(a) => Value::Array(a.iter().map(normalize).collect()),
         Value::String(s) => {
             let keep = [NIL, &drover_compat::vro::views::SERVER_ID.to_string()];
-            if uuid::Uuid::parse_str(s).is_ok() && !keep.contains(&s.as_str()) {
+            if keep.contains(&s.as_str()) {
+                v.clone()
+            } else if uuid::Uuid::parse_str(s).is_ok() {
                 json!("<uuid>")
             } else if chrono::DateTime::parse_from_rfc3339(s).is_ok() {
                 json!("<time>")
