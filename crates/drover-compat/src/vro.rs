@@ -98,7 +98,8 @@ pub struct Path<T>(pub T);
         handlers::plans_permanent_failover, handlers::plans_prepare_to_failback, handlers::plans_failback,
         handlers::plans_switchover, handlers::plans_commit_failback, handlers::plans_undo, handlers::plans_halt,
         handlers::plans_continue, handlers::plans_reset,
-        handlers::runtime_plan, handlers::runtime_groups, handlers::runtime_group_vms,
+        handlers::runtime_plan, handlers::runtime_groups, handlers::runtime_group_vms, handlers::runtime_vm_steps,
+        handlers::runtime_step,
         handlers::locations_list, handlers::locations_get,
     ),
     modifiers(&BearerScheme)
@@ -156,6 +157,8 @@ fn versioned() -> Router<VroState> {
         .route("/RuntimeDetails/Plans/{planId}", get(h::runtime_plan))
         .route("/RuntimeDetails/Plans/{planId}/Groups", get(h::runtime_groups))
         .route("/RuntimeDetails/Plans/{planId}/Groups/{groupId}", get(h::runtime_group_vms))
+        .route("/RuntimeDetails/Plans/{planId}/Vms/{vmId}/Steps", get(h::runtime_vm_steps))
+        .route("/RuntimeDetails/Plans/{planId}/Steps/{stepId}", get(h::runtime_step))
         .route("/RecoveryLocations", get(h::locations_list))
         .route("/RecoveryLocations/{id}", get(h::locations_get))
 }

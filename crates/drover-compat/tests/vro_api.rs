@@ -79,6 +79,12 @@ async fn story_failover_failback_commit_through_the_dialect_alone() {
     assert!(after["resultName"].as_str().unwrap().starts_with("Complete, no errors"), "{after}");
     golden("runtime_failover", &after);
     golden("runtime_groups", &vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups")).await);
+    let steps = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Vms/{}/Steps", site.vm)).await;
+    let states: Vec<_> = steps["data"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["Success", "Success"], "{steps}");
+    golden("runtime_vm_steps", &steps);
+    let second = steps["data"][1]["id"].as_str().unwrap();
+    assert_eq!(vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Steps/{second}")).await, steps["data"][1]);
 
     // Failover again in the FAILOVER state: 409 in the dialect's body, and nothing changes.
     let plan_before = vro.get(&t, &format!("/api/v3/Plans/{plan}")).await;
@@ -120,7 +126,7 @@ async fn story_failover_failback_commit_through_the_dialect_alone() {
     assert_eq!((info["state"].as_str(), info["mode"].as_str()), (Some("NeedsVerified"), Some("DISABLED")));
     let (s, e) = vro.call(&t, Method::POST, &format!("/api/v3/Plans/{plan}/Failover"), None).await;
     assert_eq!((s, e["errorCode"].as_str()), (StatusCode::CONFLICT, Some("Conflict")), "a disabled plan does not run");
-    let _ = (site.vm, site.location);
+    let _ = site.location;
     vro.stop().await;
 }
 
@@ -149,10 +155,14 @@ async fn plan_structure_locations_and_collection_parameters() {
         format!("/api/v3/Plans/{plan}/Vms/{}/Steps", uuid::Uuid::new_v4()),
         format!("/api/v3/Plans/{plan}/Steps/{}/Parameters", uuid::Uuid::new_v4()),
         format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups/{}", uuid::Uuid::new_v4()),
+        format!("/api/v3/RuntimeDetails/Plans/{plan}/Vms/{}/Steps", uuid::Uuid::new_v4()),
+        format!("/api/v3/RuntimeDetails/Plans/{plan}/Steps/{}", uuid::Uuid::new_v4()),
     ] {
         let (s, e) = vro.call(&t, Method::GET, &path, None).await;
         assert_eq!((s, e["errorCode"].as_str()), (StatusCode::NOT_FOUND, Some("NotFound")), "{path}: {e}");
     }
+    let rsteps = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Vms/{}/Steps", site.vm)).await;
+    assert_eq!((rsteps["total"].as_u64(), rsteps["data"][0]["state"].as_str()), (Some(2), Some("Pending")));
     let rvms = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups/{group}")).await;
     assert_eq!(
         (rvms["data"][0]["state"].as_str(), rvms["data"][0]["result"].as_str()),
@@ -540,6 +550,9 @@ async fn the_openapi_document_covers_the_dialect() {
         "/api/v3/Plans/{planId}/CommitFailback",
         "/api/v3/Plans/{planId}/Halt",
         "/api/v3/RuntimeDetails/Plans/{planId}",
+        "/api/v3/RuntimeDetails/Plans/{planId}/Vms/{vmId}/Steps",
+        "/api/v3/RuntimeDetails/Plans/{planId}/Steps/{stepId}",
+        "/api/v3/Plans/{planId}/Steps/{stepId}/Parameters",
         "/api/v3/RecoveryLocations",
     ] {
         assert!(paths.contains_key(p), "{p} missing");

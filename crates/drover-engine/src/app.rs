@@ -1210,6 +1210,12 @@ impl App {
         self.store().log_list(id, after_seq, limit).await
     }
 
+    /// The saga step records of a session (what each step did, and how it ended), in saga order.
+    pub async fn session_steps(&self, caller: &Caller, id: SessionId) -> Result<Vec<StepRecord>> {
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        self.store().steps_of(id).await
+    }
+
     pub async fn session_halt(&self, caller: &Caller, id: SessionId) -> Result<()> {
         caller.require(Role::PlanOperator)?;
         self.store().session_get(Some(caller.tenant_id), id).await?;

@@ -579,6 +579,66 @@ pub async fn runtime_group_vms(
     Ok(Json(q.apply(runtime_vms(&st, &c, &p, g).await?)?))
 }
 
+/// The runtime views of the plan's steps, from the saga records of its newest failover;
+/// `keep` chooses which (VM, step) to show.
+async fn runtime_steps(
+    st: &VroState,
+    c: &Caller,
+    p: &d::Plan,
+    keep: &(dyn Fn(&d::PlanVm, &d::PlanStep) -> bool + Sync),
+) -> VroResult<Vec<RuntimeStep>> {
+    let filter = SessionFilter {
+        target_id: Some(p.id.0),
+        kind: Some(SessionKind::PlanFailover),
+        limit: 1,
+        ..Default::default()
+    };
+    let (sessions, _) = st.app.session_list(c, &filter).await?;
+    let records = match sessions.first() {
+        Some(s) => st.app.session_steps(c, s.id).await?,
+        None => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (index, v) in p.groups.iter().flat_map(|g| g.vms.iter()).enumerate() {
+        for (k, step) in v.steps.iter().enumerate() {
+            if keep(v, step) {
+                let name = saga_step_name(index, k, &step.kind);
+                out.push(RuntimeStep::new(v.vm_id, k, step, records.iter().find(|r| r.name == name)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[utoipa::path(get, path = "/api/v3/RuntimeDetails/Plans/{planId}/Vms/{vmId}/Steps", tag = "Runtime details",
+    security(("bearer" = [])), params(("planId" = Uuid, Path), ("vmId" = Uuid, Path), CollectionQuery),
+    responses((status = 200, body = Collection<RuntimeStep>), (status = 404, body = ErrorBody)))]
+pub async fn runtime_vm_steps(
+    State(st): State<VroState>,
+    Auth(c): Auth,
+    Path((id, vm_id)): Path<(String, String)>,
+    Query(q): Query<CollectionQuery>,
+) -> VroResult<Json<Collection<Value>>> {
+    let p = plan(&st, &c, &id).await?;
+    let (_, vm) = plan_vm(&p, &vm_id)?;
+    let vm = vm.vm_id;
+    Ok(Json(q.apply(runtime_steps(&st, &c, &p, &|v, _| v.vm_id == vm).await?)?))
+}
+
+#[utoipa::path(get, path = "/api/v3/RuntimeDetails/Plans/{planId}/Steps/{stepId}", tag = "Runtime details",
+    security(("bearer" = [])), params(("planId" = Uuid, Path), ("stepId" = Uuid, Path)),
+    responses((status = 200, body = RuntimeStep), (status = 404, body = ErrorBody)))]
+pub async fn runtime_step(
+    State(st): State<VroState>,
+    Auth(c): Auth,
+    Path((id, step_id)): Path<(String, String)>,
+) -> VroResult<Json<RuntimeStep>> {
+    let p = plan(&st, &c, &id).await?;
+    let wanted = |s: &d::PlanStep| s.id.0.to_string().eq_ignore_ascii_case(&step_id);
+    let found = runtime_steps(&st, &c, &p, &|_, s| wanted(s)).await?.pop();
+    Ok(Json(found.ok_or_else(|| Error::not_found(d::PlanStepId::KIND, &step_id))?))
+}
+
 // ------------------------------------------------------------------------------------------------
 // Recovery locations
 

@@ -503,6 +503,55 @@ pub fn runtime_group(g: &d::PlanGroup, order: usize, vms: &[RuntimeVm]) -> Runti
     RuntimeGroup { id: g.id.0, name: g.name.clone(), order: order as u32 + 1, state, result, progress }
 }
 
+/// How one plan step fared in the plan's newest failover (plan steps run there).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeStep {
+    /// The plan step's id.
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub r#type: &'static str,
+    /// Position among the VM's steps, from 1.
+    pub order: u32,
+    /// `Pending`, `Running`, `Success`, `Error`, `Skipped` or `Undone`.
+    pub state: &'static str,
+    pub attempts: u32,
+    pub error_message: Option<String>,
+}
+
+/// The saga step that carries plan step `k` of the plan's `index`-th VM in a failover: the
+/// power-on is the VM's boot, every other step its own (see the engine's failover saga).
+pub fn saga_step_name(index: usize, k: usize, kind: &d::PlanStepKind) -> String {
+    match kind {
+        d::PlanStepKind::PowerOn => format!("boot:{index}"),
+        _ => format!("step:{index}:{k}"),
+    }
+}
+
+impl RuntimeStep {
+    pub fn new(vm: d::VmId, k: usize, step: &d::PlanStep, record: Option<&d::StepRecord>) -> Self {
+        use d::StepState as S;
+        RuntimeStep {
+            id: step.id.0,
+            vm_id: vm.0,
+            name: step.name.clone(),
+            r#type: step_type(&step.kind),
+            order: k as u32 + 1,
+            state: match record.map(|r| r.state) {
+                None | Some(S::Pending) => "Pending",
+                Some(S::Started) => "Running",
+                Some(S::Done) => "Success",
+                Some(S::Failed) => "Error",
+                Some(S::Skipped) => "Skipped",
+                Some(S::UndoStarted | S::Undone) => "Undone",
+            },
+            attempts: record.map_or(0, |r| r.attempts),
+            error_message: record.and_then(|r| r.error.clone()),
+        }
+    }
+}
+
 /// A recovery location (spec 1.5).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
