@@ -254,6 +254,50 @@ impl App {
         }
     }
 
+    /// Whether `bearer` is an access token drover issued that has expired (and has not been
+    /// purged yet), for a dialect that tells an expired token from an unknown one. Nothing is
+    /// revealed to the caller beyond that: the token's user is not looked up.
+    pub async fn token_expired(&self, bearer: &str) -> Result<bool> {
+        let ever = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        let rec = self.store().access_token_get(&auth::token_hash(bearer), ever).await?;
+        Ok(rec.is_some_and(|r| r.expires_at <= now()))
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // API clients (the `client_credentials` grant of the Recovery Orchestrator dialect)
+
+    /// The user a client is stored as: `client:<id>`, a name [`App::user_create`] refuses (it
+    /// contains ':'), so no person can hold it. Being a user, a client is listed, re-roled and
+    /// deleted (revoked) like one.
+    pub fn client_user_name(client_id: uuid::Uuid) -> String {
+        format!("client:{client_id}")
+    }
+
+    /// A new API client of the caller's tenant that acts with `role`. Returns its id and secret;
+    /// the secret is shown once and only its argon2 hash is stored, like a password.
+    pub async fn client_create(&self, caller: &Caller, role: Role) -> Result<(uuid::Uuid, String)> {
+        caller.require(Role::Administrator)?;
+        let id = uuid::Uuid::new_v4();
+        let secret = auth::random_secret(32);
+        let user = User {
+            id: UserId(id),
+            tenant_id: caller.tenant_id,
+            name: Self::client_user_name(id),
+            role,
+            created_at: now(),
+        };
+        self.store().user_create(&user, &auth::hash_password(&secret)?).await?;
+        Ok((id, secret))
+    }
+
+    /// Logs a client in with its secret.
+    pub async fn client_login(&self, client_id: uuid::Uuid, secret: &str) -> Result<TokenPair> {
+        self.login(&Self::client_user_name(client_id), secret).await.map_err(|e| match e {
+            Error::Unauthorized(_) => Error::Unauthorized("wrong client id or secret".into()),
+            e => e,
+        })
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Tenants and users
 
@@ -1166,6 +1210,12 @@ impl App {
         self.store().log_list(id, after_seq, limit).await
     }
 
+    /// The saga step records of a session (what each step did, and how it ended), in saga order.
+    pub async fn session_steps(&self, caller: &Caller, id: SessionId) -> Result<Vec<StepRecord>> {
+        self.store().session_get(Some(caller.tenant_id), id).await?;
+        self.store().steps_of(id).await
+    }
+
     /// The restore point each VM task of a (test) failover session booted from, once its boot
     /// step has run: what the EM dialect links a failover task to. Empty for other sessions.
     pub async fn session_boot_points(
@@ -1173,8 +1223,7 @@ impl App {
         caller: &Caller,
         id: SessionId,
     ) -> Result<Vec<(TaskId, ReplicaId, RestorePointId)>> {
-        self.store().session_get(Some(caller.tenant_id), id).await?;
-        let steps = self.store().steps_of(id).await?;
+        let steps = self.session_steps(caller, id).await?;
         Ok(steps
             .iter()
             .filter(|s| s.name.starts_with("boot:") && s.state != StepState::Failed)

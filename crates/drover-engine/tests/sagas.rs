@@ -839,3 +839,46 @@ async fn a_crash_in_a_parallel_group_is_resumed_by_the_next_engine() {
     }
     assert!(env.steps(s).await.iter().all(|r| r.state == StepState::Done));
 }
+
+/// `Undo` of a HALTED failback lands the plan in FAILOVER, for both kinds of failback: the
+/// failback saga's first step is the last one undone, and moves the plan out of UNDO FAILBACK.
+/// (The simulated hypervisor cannot copy disks, so every failback halts on its first VM step.)
+#[tokio::test]
+async fn undo_of_a_halted_failback_lands_in_failover() {
+    let env = env().await;
+    let (vm, _) = replicated_vm(&env, "web", "console=ttyS0 drover.listen=22").await;
+    let (app, caller) = (&env.app, &env.caller);
+    let input = drover_engine::app::PlanInput {
+        name: "fb".into(),
+        description: String::new(),
+        recovery_location_id: RecoveryLocationId::ORIGINAL,
+        groups: port_check_groups(vm.id, 22, 1),
+    };
+    let plan = app.plan_create(caller, input).await.unwrap();
+    let state = || async { app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state };
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    assert_eq!(env.wait(s.unwrap()).await.result, SessionResult::Success);
+    let location = app
+        .recovery_location_create(
+            caller,
+            drover_engine::app::NewRecoveryLocation {
+                name: "elsewhere".into(),
+                description: String::new(),
+                host_id: env.host,
+                datastore_id: vm.datastore_id,
+                network_mappings: Vec::new(),
+            },
+        )
+        .await
+        .unwrap();
+    for to in [None, Some(location.id)] {
+        let opts = drover_engine::app::PlanActionOptions { recovery_location_id: to, ..Default::default() };
+        let (_, s) = app.plan_action(caller, plan.id, PlanAction::FailbackToProduction, opts).await.unwrap();
+        let halted = env.wait(s.unwrap()).await;
+        assert!(halted.halted, "{to:?}: {halted:?}");
+        assert_eq!(state().await, PlanState::Halted);
+        let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+        env.wait(s.unwrap()).await;
+        assert_eq!(state().await, PlanState::Failover, "{to:?}");
+    }
+}

@@ -1,0 +1,845 @@
+//! The dialect's wire types, separate from drover's domain types, with explicit conversions.
+//!
+//! Property names are camelCase as the Recovery Orchestrator documents them. State identifiers
+//! and names follow spec 1.6; the conversion is spelled out here (not derived from the domain
+//! enum's variant names), so a renamed domain variant cannot change the wire.
+
+use drover_types::{self as d, PlanState, RecoveryLocationKind, Role, Session, SessionResult, SessionState};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The control plane as this dialect's `serverId`: one drover is one orchestrator server.
+/// **Decision:** a fixed id, the same on every installation.
+pub const SERVER_ID: Uuid = Uuid::from_u128(0x0d20_7e50_0000_4000_8000_0000_0000_0001);
+
+/// **Decision:** drover has no report templates; every plan names this one.
+pub const REPORT_TEMPLATE_ID: Uuid = Uuid::nil();
+
+/// The API identifier of a plan state (`state`, spec 1.6).
+pub fn state_id(s: PlanState) -> &'static str {
+    use PlanState as S;
+    match s {
+        S::NeedsVerified => "NeedsVerified",
+        S::NotVerified => "NotVerified",
+        S::Verified => "Verified",
+        S::Checking => "Checking",
+        S::FailoverInProgress => "FailoverInProgress",
+        S::Failover => "Failover",
+        S::Halting => "Halting",
+        S::Halted => "Halted",
+        S::UndoFailoverInProgress => "UndoFailoverInProgress",
+        S::UndoFailover => "UndoFailover",
+        S::PermanentFailoverInProgress => "PermanentFailoverInProgress",
+        S::PermanentFailover => "PermanentFailover",
+        S::PrepareForFailbackInProgress => "PrepareForFailbackInProgress",
+        S::PrepareForFailback => "PrepareForFailback",
+        S::FailbackInProgress => "FailbackInProgress",
+        S::Failback => "Failback",
+        S::UndoFailbackInProgress => "UndoFailbackInProgress",
+        S::UndoFailback => "UndoFailback",
+        S::CommitFailbackInProgress => "CommitFailbackInProgress",
+        S::CommitFailback => "CommitFailback",
+    }
+}
+
+/// `stateOrder`: **decision** the state's position in the table of spec 1.6 (from 0).
+pub fn state_order(s: PlanState) -> u32 {
+    PlanState::ALL.iter().position(|x| *x == s).unwrap_or(0) as u32
+}
+
+/// `Undefined` | `Success` | `Warning` | `Error`: how the last run, test or check went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ExecutionResult {
+    Undefined,
+    Success,
+    Warning,
+    Error,
+}
+
+impl ExecutionResult {
+    /// `log_errors`: the error lines in the session's log. A session halted by a failure (one
+    /// logged) is an error; one halted on request has simply not finished.
+    pub fn of(session: Option<&Session>, log_errors: u64) -> ExecutionResult {
+        match session {
+            None => ExecutionResult::Undefined,
+            Some(s) if s.halted && (log_errors > 0 || s.failure_message.is_some()) => ExecutionResult::Error,
+            Some(s) if s.halted => ExecutionResult::Undefined,
+            Some(s) if s.state != SessionState::Stopped => ExecutionResult::Undefined,
+            Some(s) => match s.result {
+                SessionResult::None => ExecutionResult::Undefined,
+                SessionResult::Success => ExecutionResult::Success,
+                SessionResult::Warning => ExecutionResult::Warning,
+                SessionResult::Failed => ExecutionResult::Error,
+            },
+        }
+    }
+}
+
+/// What a plan's representations need besides the plan: its tenant and its sessions.
+#[derive(Debug, Clone, Default)]
+pub struct PlanFacts {
+    pub site_scope_id: Uuid,
+    pub site_scope_name: String,
+    /// The newest session that moves the plan's state (everything but test failovers).
+    pub current: Option<Session>,
+    /// Warning and error lines in the current session's log.
+    pub warnings: u64,
+    pub errors: u64,
+    pub last_run: Option<Session>,
+    pub last_test: Option<Session>,
+    pub last_check: Option<Session>,
+    /// The newest failback went to another location than the original VMs.
+    pub recovery_to_new_location: bool,
+}
+
+impl PlanFacts {
+    /// The error lines of a session's log: counted for the current session; for an older one,
+    /// assumed (only the current session can be halted).
+    fn errors_of(&self, s: Option<&Session>) -> u64 {
+        match (s, &self.current) {
+            (Some(s), Some(c)) if s.id == c.id => self.errors,
+            _ => 1,
+        }
+    }
+
+    /// The state to show. A plan session moves the plan to its stable state in its last step and
+    /// stops just after; in between, the plan still shows the running state, so that a client
+    /// that polls until a stable state reads a finished result.
+    pub fn state(&self, p: &d::Plan) -> PlanState {
+        let s = p.lifecycle.state;
+        match &self.current {
+            Some(c) if s.is_stable() && s != PlanState::Halted && c.state != SessionState::Stopped && !c.halted => {
+                running_state_of(c).unwrap_or(s)
+            }
+            _ => s,
+        }
+    }
+}
+
+/// The running state a plan session stands for (its undo's, when it is being undone).
+pub fn running_state_of(s: &Session) -> Option<PlanState> {
+    use d::SessionKind as K;
+    let undoing = s.params.get("_undo").and_then(serde_json::Value::as_bool) == Some(true);
+    Some(match (s.kind, undoing) {
+        (K::PlanFailover | K::PlanPermanentFailover, true) => PlanState::UndoFailoverInProgress,
+        (K::PlanFailback | K::PlanPrepareFailback, true) => PlanState::UndoFailbackInProgress,
+        (_, true) => return None,
+        (K::PlanReadinessCheck, _) => PlanState::Checking,
+        (K::PlanFailover, _) => PlanState::FailoverInProgress,
+        (K::PlanUndoFailover, _) => PlanState::UndoFailoverInProgress,
+        (K::PlanPermanentFailover, _) => PlanState::PermanentFailoverInProgress,
+        (K::PlanPrepareFailback, _) => PlanState::PrepareForFailbackInProgress,
+        (K::PlanFailback, _) => PlanState::FailbackInProgress,
+        (K::PlanUndoFailback, _) => PlanState::UndoFailbackInProgress,
+        (K::PlanCommitFailback, _) => PlanState::CommitFailbackInProgress,
+        _ => return None,
+    })
+}
+
+fn count(n: u64, one: &str, many: &str) -> String {
+    if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+}
+
+/// `resultName`, e.g. "Complete, no errors, 1 warning" (**decision**: empty before the first run,
+/// "In progress" while running, "Halted, ..." while halted, "Failed, ..." after a failure).
+pub fn result_name(current: Option<&Session>, warnings: u64, errors: u64) -> String {
+    let Some(s) = current else { return String::new() };
+    let errors = if s.result == SessionResult::Failed && errors == 0 { 1 } else { errors };
+    let head = if s.halted {
+        "Halted"
+    } else if s.state != SessionState::Stopped {
+        return "In progress".into();
+    } else if s.result == SessionResult::Failed {
+        "Failed"
+    } else {
+        "Complete"
+    };
+    let errors = if errors == 0 { "no errors".to_string() } else { count(errors, "error", "errors") };
+    let mut name = format!("{head}, {errors}");
+    if warnings > 0 {
+        name.push_str(", ");
+        name.push_str(&count(warnings, "warning", "warnings"));
+    }
+    name
+}
+
+/// `RecoveryPlanInfo` (spec 1.3).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanInfo {
+    pub id: Uuid,
+    /// Always `Replica`.
+    pub plan_type: &'static str,
+    pub recovery_location_id: Uuid,
+    pub server_id: Uuid,
+    /// The plan's tenant.
+    pub site_scope_id: Uuid,
+    pub site_scope_name: String,
+    pub name: String,
+    /// The API identifier of the state (spec 1.6), e.g. `FailoverInProgress`.
+    pub state: &'static str,
+    /// The UI name, e.g. `FAILOVER`.
+    pub state_name: &'static str,
+    /// How the newest execution went, e.g. "Complete, no errors, 1 warning".
+    pub result_name: String,
+    pub last_stable_state: &'static str,
+    pub last_stable_state_name: &'static str,
+    /// The running state a HALTED plan was in when it halted; null otherwise.
+    pub previous_execution_state: Option<&'static str>,
+    pub report_template_id: Uuid,
+    pub description: String,
+    /// Only an enabled plan runs.
+    pub enabled: bool,
+    /// `ENABLED`, `DISABLED` or `IN-USE`.
+    pub mode: &'static str,
+}
+
+impl From<(&d::Plan, &PlanFacts)> for RecoveryPlanInfo {
+    fn from((p, f): (&d::Plan, &PlanFacts)) -> Self {
+        let l = p.lifecycle;
+        let state = f.state(p);
+        RecoveryPlanInfo {
+            id: p.id.0,
+            plan_type: "Replica",
+            recovery_location_id: p.recovery_location_id.0,
+            server_id: SERVER_ID,
+            site_scope_id: f.site_scope_id,
+            site_scope_name: f.site_scope_name.clone(),
+            name: p.name.clone(),
+            state: state_id(state),
+            state_name: state.display_name(),
+            result_name: result_name(f.current.as_ref(), f.warnings, f.errors),
+            last_stable_state: state_id(l.last_stable),
+            last_stable_state_name: l.last_stable.display_name(),
+            previous_execution_state: l.interrupted.map(state_id),
+            report_template_id: REPORT_TEMPLATE_ID,
+            description: p.description.clone(),
+            enabled: p.enabled,
+            mode: match p.mode() {
+                d::PlanMode::Enabled => "ENABLED",
+                d::PlanMode::Disabled => "DISABLED",
+                d::PlanMode::InUse => "IN-USE",
+            },
+        }
+    }
+}
+
+/// `GET /RuntimeDetails/Plans/{planId}` (spec 1.4).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanRuntimeDetails {
+    pub id: Uuid,
+    pub plan_type: &'static str,
+    pub state: &'static str,
+    pub state_name: &'static str,
+    pub state_order: u32,
+    pub result_name: String,
+    pub last_stable_state: &'static str,
+    pub last_stable_state_name: &'static str,
+    /// 0–100, of the current execution.
+    pub total_progress: u8,
+    pub is_running_state: bool,
+    pub is_stable_state: bool,
+    pub current_run_result: ExecutionResult,
+    pub current_test_result: ExecutionResult,
+    pub current_check_result: ExecutionResult,
+    pub recovery_location_id: Uuid,
+    pub site_scope_id: Uuid,
+    pub site_scope_name: String,
+    pub recovery_to_new_location: bool,
+    pub is_undo_possible: bool,
+    pub is_reverse_possible: bool,
+    pub is_editing_by_current_user: bool,
+    /// Who edits the plan now: drover edits plans in one request, so always null.
+    pub current_editing_user: Option<String>,
+    /// The caller's roles.
+    pub roles: Vec<&'static str>,
+}
+
+/// The role names of the Recovery Orchestrator.
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Viewer => "Viewer",
+        Role::PlanOperator => "Plan Operator",
+        Role::PlanAuthor => "Plan Author",
+        Role::Administrator => "Administrator",
+    }
+}
+
+impl PlanRuntimeDetails {
+    pub fn new(p: &d::Plan, f: &PlanFacts, caller_role: Role) -> Self {
+        let l = p.lifecycle;
+        let state = f.state(p);
+        let possible = |a| state.is_stable() && l.apply(d::PlanEvent::Requested(a), true).is_ok();
+        let running = state.is_running();
+        let total_progress = match &f.current {
+            Some(s) => s.progress.min(100),
+            None => 0,
+        };
+        PlanRuntimeDetails {
+            id: p.id.0,
+            plan_type: "Replica",
+            state: state_id(state),
+            state_name: state.display_name(),
+            state_order: state_order(state),
+            result_name: result_name(f.current.as_ref(), f.warnings, f.errors),
+            last_stable_state: state_id(l.last_stable),
+            last_stable_state_name: l.last_stable.display_name(),
+            total_progress,
+            is_running_state: running,
+            is_stable_state: !running,
+            current_run_result: ExecutionResult::of(f.last_run.as_ref(), f.errors_of(f.last_run.as_ref())),
+            current_test_result: ExecutionResult::of(f.last_test.as_ref(), f.errors_of(f.last_test.as_ref())),
+            current_check_result: ExecutionResult::of(f.last_check.as_ref(), f.errors_of(f.last_check.as_ref())),
+            recovery_location_id: p.recovery_location_id.0,
+            site_scope_id: f.site_scope_id,
+            site_scope_name: f.site_scope_name.clone(),
+            recovery_to_new_location: f.recovery_to_new_location,
+            is_undo_possible: possible(d::PlanAction::Undo),
+            is_reverse_possible: possible(d::PlanAction::FailbackToProduction)
+                || possible(d::PlanAction::PrepareToFailback),
+            is_editing_by_current_user: false,
+            current_editing_user: None,
+            roles: vec![role_name(caller_role)],
+        }
+    }
+}
+
+/// A group of a plan.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanGroupInfo {
+    pub id: Uuid,
+    pub plan_id: Uuid,
+    pub name: String,
+    /// Position in the plan, from 1.
+    pub order: u32,
+    pub is_parallel: bool,
+    /// VMs of the group started at once (1 when sequential).
+    pub max_parallel_vms: u32,
+    pub delay_seconds: u32,
+    /// A failure in a critical group halts the plan.
+    pub is_critical: bool,
+    pub restore_vm_tags: bool,
+    pub vm_count: u32,
+}
+
+impl From<(&d::Plan, usize, &d::PlanGroup)> for PlanGroupInfo {
+    fn from((p, i, g): (&d::Plan, usize, &d::PlanGroup)) -> Self {
+        let (is_parallel, max) = match g.mode {
+            d::GroupMode::Sequential => (false, 1),
+            d::GroupMode::Parallel { max } => (true, max),
+        };
+        PlanGroupInfo {
+            id: g.id.0,
+            plan_id: p.id.0,
+            name: g.name.clone(),
+            order: i as u32 + 1,
+            is_parallel,
+            max_parallel_vms: max,
+            delay_seconds: g.delay_secs,
+            is_critical: g.critical,
+            restore_vm_tags: g.restore_tags,
+            vm_count: g.vms.len() as u32,
+        }
+    }
+}
+
+/// A VM of a plan group.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanVmInfo {
+    /// The VM's id.
+    pub id: Uuid,
+    pub plan_id: Uuid,
+    pub group_id: Uuid,
+    pub name: String,
+    /// Position in its group, from 1.
+    pub order: u32,
+    pub step_count: u32,
+}
+
+/// A step of a VM in a plan.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanStepInfo {
+    pub id: Uuid,
+    pub plan_id: Uuid,
+    pub group_id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    /// `PowerOn`, `WaitHeartbeat`, `CheckTcpPort` or `RunScript`.
+    pub r#type: &'static str,
+    /// A failed critical step fails its VM; a non-critical one gives a warning.
+    pub is_critical: bool,
+    /// Position among the VM's steps, from 1.
+    pub order: u32,
+}
+
+pub fn step_type(k: &d::PlanStepKind) -> &'static str {
+    match k {
+        d::PlanStepKind::PowerOn => "PowerOn",
+        d::PlanStepKind::WaitHeartbeat { .. } => "WaitHeartbeat",
+        d::PlanStepKind::CheckTcpPort { .. } => "CheckTcpPort",
+        d::PlanStepKind::RunScript { .. } => "RunScript",
+    }
+}
+
+/// A parameter of a step, as text.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepParameter {
+    pub name: &'static str,
+    pub value: String,
+}
+
+pub fn step_parameters(k: &d::PlanStepKind) -> Vec<StepParameter> {
+    let p = |name, value: String| StepParameter { name, value };
+    match k {
+        d::PlanStepKind::PowerOn => Vec::new(),
+        d::PlanStepKind::WaitHeartbeat { timeout_secs } => vec![p("TimeoutSeconds", timeout_secs.to_string())],
+        d::PlanStepKind::CheckTcpPort { port, timeout_secs } => {
+            vec![p("Port", port.to_string()), p("TimeoutSeconds", timeout_secs.to_string())]
+        }
+        d::PlanStepKind::RunScript { path, args, timeout_secs } => {
+            vec![p("Path", path.clone()), p("Arguments", args.join(" ")), p("TimeoutSeconds", timeout_secs.to_string())]
+        }
+    }
+}
+
+/// How one VM of the plan fares in the current execution.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeVm {
+    pub id: Uuid,
+    pub group_id: Uuid,
+    pub name: String,
+    /// `Pending`, `Running` or `Complete`.
+    pub state: &'static str,
+    pub result: ExecutionResult,
+    pub progress: u8,
+    pub failure_message: Option<String>,
+}
+
+/// How one group of the plan fares in the current execution.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeGroup {
+    pub id: Uuid,
+    pub name: String,
+    pub order: u32,
+    /// `Pending`, `Running` or `Complete`.
+    pub state: &'static str,
+    pub result: ExecutionResult,
+    pub progress: u8,
+}
+
+/// The runtime view of one VM from its task in the current session (none: not run yet).
+pub fn runtime_vm(group: Uuid, vm: Uuid, name: String, task: Option<&d::Task>) -> RuntimeVm {
+    let Some(t) = task else {
+        return RuntimeVm {
+            id: vm,
+            group_id: group,
+            name,
+            state: "Pending",
+            result: ExecutionResult::Undefined,
+            progress: 0,
+            failure_message: None,
+        };
+    };
+    RuntimeVm {
+        id: vm,
+        group_id: group,
+        name,
+        state: match t.state {
+            SessionState::Starting => "Pending",
+            SessionState::Working | SessionState::Stopping => "Running",
+            SessionState::Stopped => "Complete",
+        },
+        result: match t.result {
+            SessionResult::None => ExecutionResult::Undefined,
+            SessionResult::Success => ExecutionResult::Success,
+            SessionResult::Warning => ExecutionResult::Warning,
+            SessionResult::Failed => ExecutionResult::Error,
+        },
+        progress: t.progress.min(100),
+        failure_message: t.failure_message.clone(),
+    }
+}
+
+/// A group's runtime view from those of its VMs: the worst result, the least advanced state.
+pub fn runtime_group(g: &d::PlanGroup, order: usize, vms: &[RuntimeVm]) -> RuntimeGroup {
+    let rank = |s: &str| match s {
+        "Pending" => 0,
+        "Running" => 1,
+        _ => 2,
+    };
+    let state = if vms.iter().any(|v| v.state == "Running")
+        || (vms.iter().any(|v| v.state == "Complete") && vms.iter().any(|v| v.state == "Pending"))
+    {
+        "Running"
+    } else {
+        vms.iter().map(|v| v.state).min_by_key(|s| rank(s)).unwrap_or("Pending")
+    };
+    let result_rank = |r: ExecutionResult| match r {
+        ExecutionResult::Undefined => 0,
+        ExecutionResult::Success => 1,
+        ExecutionResult::Warning => 2,
+        ExecutionResult::Error => 3,
+    };
+    let result = if state == "Complete" {
+        vms.iter().map(|v| v.result).max_by_key(|r| result_rank(*r)).unwrap_or(ExecutionResult::Undefined)
+    } else if vms.iter().any(|v| v.result == ExecutionResult::Error) {
+        ExecutionResult::Error
+    } else {
+        ExecutionResult::Undefined
+    };
+    let progress = if vms.is_empty() {
+        0
+    } else {
+        (vms.iter().map(|v| u32::from(v.progress)).sum::<u32>() / vms.len() as u32) as u8
+    };
+    RuntimeGroup { id: g.id.0, name: g.name.clone(), order: order as u32 + 1, state, result, progress }
+}
+
+/// How one plan step fared in the plan's newest failover (plan steps run there).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeStep {
+    /// The plan step's id.
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub r#type: &'static str,
+    /// Position among the VM's steps, from 1.
+    pub order: u32,
+    /// `Pending`, `Running`, `Success`, `Error`, `Skipped` or `Undone`.
+    pub state: &'static str,
+    pub attempts: u32,
+    pub error_message: Option<String>,
+}
+
+/// The saga step that carries plan step `k` of the plan's `index`-th VM in a failover: the
+/// power-on is the VM's boot, every other step its own (see the engine's failover saga).
+pub fn saga_step_name(index: usize, k: usize, kind: &d::PlanStepKind) -> String {
+    match kind {
+        d::PlanStepKind::PowerOn => format!("boot:{index}"),
+        _ => format!("step:{index}:{k}"),
+    }
+}
+
+impl RuntimeStep {
+    pub fn new(vm: d::VmId, k: usize, step: &d::PlanStep, record: Option<&d::StepRecord>) -> Self {
+        use d::StepState as S;
+        RuntimeStep {
+            id: step.id.0,
+            vm_id: vm.0,
+            name: step.name.clone(),
+            r#type: step_type(&step.kind),
+            order: k as u32 + 1,
+            state: match record.map(|r| r.state) {
+                None | Some(S::Pending) => "Pending",
+                Some(S::Started) => "Running",
+                Some(S::Done) => "Success",
+                Some(S::Failed) => "Error",
+                Some(S::Skipped) => "Skipped",
+                Some(S::UndoStarted | S::Undone) => "Undone",
+            },
+            attempts: record.map_or(0, |r| r.attempts),
+            error_message: record.and_then(|r| r.error.clone()),
+        }
+    }
+}
+
+/// A recovery location (spec 1.5).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryLocationInfo {
+    pub id: Uuid,
+    /// `Restore` (drover has no storage locations).
+    pub r#type: &'static str,
+    pub name: String,
+    pub description: String,
+    /// drover does not re-address VMs: always false.
+    pub use_re_ip: bool,
+    pub use_network_mapping: bool,
+    /// The hosts VMs restored here run on.
+    pub compute_groups: Vec<ComputeGroup>,
+    pub re_ip_rules: Vec<serde_json::Value>,
+    pub network_mapping_rules: Vec<NetworkMappingRule>,
+    /// `Available`, `PartiallyAvailable` or `Unavailable`.
+    pub availability: &'static str,
+    pub is_original: bool,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeGroup {
+    pub host_id: Uuid,
+    pub datastore_id: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkMappingRule {
+    pub source_network: String,
+    pub target_network: String,
+}
+
+impl RecoveryLocationInfo {
+    /// `host_and_datastore_exist`: whether what the location points at is still there.
+    pub fn new(l: &d::RecoveryLocation, host_and_datastore_exist: bool) -> Self {
+        let original = l.kind == RecoveryLocationKind::Original;
+        RecoveryLocationInfo {
+            id: l.id.0,
+            r#type: "Restore",
+            name: l.name.clone(),
+            description: l.description.clone(),
+            use_re_ip: false,
+            use_network_mapping: !l.network_mappings.is_empty(),
+            compute_groups: match (l.host_id, l.datastore_id) {
+                (Some(h), Some(ds)) => vec![ComputeGroup { host_id: h.0, datastore_id: ds.0 }],
+                _ => Vec::new(),
+            },
+            re_ip_rules: Vec::new(),
+            network_mapping_rules: l
+                .network_mappings
+                .iter()
+                .map(|m| NetworkMappingRule { source_network: m.from.clone(), target_network: m.to.clone() })
+                .collect(),
+            availability: if original || host_and_datastore_exist { "Available" } else { "Unavailable" },
+            is_original: original,
+        }
+    }
+}
+
+/// `POST /api/token` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `bearer`.
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    /// Single use: each refresh returns a new one.
+    pub refresh_token: String,
+}
+
+impl From<drover_engine::auth::TokenPair> for TokenResponse {
+    fn from(p: drover_engine::auth::TokenPair) -> Self {
+        TokenResponse {
+            access_token: p.access_token,
+            token_type: "bearer",
+            expires_in: p.expires_in,
+            refresh_token: p.refresh_token,
+        }
+    }
+}
+
+/// The fields of `POST /api/token` (form-urlencoded or multipart).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct TokenRequest {
+    /// `password`, `refresh_token` or `client_credentials`.
+    pub grant_type: String,
+    /// `USER` or `DOMAIN\USER`.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub refresh_token: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+}
+
+/// `POST /api/v3/Clients` body (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewClientBody {
+    /// The role the client acts with: `Viewer`, `Plan Operator` (default), `Plan Author` or
+    /// `Administrator`.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// A new client's credentials, for `grant_type=client_credentials`. The secret is shown once.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClientCredentials {
+    pub client_id: Uuid,
+    pub client_secret: String,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Action bodies
+
+/// `POST /Plans/{planId}/Failover`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverBody {
+    /// drover has no chained plans: accepted and ignored.
+    #[serde(default)]
+    pub execute_chained_plans: bool,
+    /// The newest restore point at or before this time; null: the newest point.
+    #[serde(default, alias = "restorepointDate")]
+    pub restore_point_date: Option<chrono::DateTime<chrono::Utc>>,
+    /// drover has no storage volumes: accepted and ignored.
+    #[serde(default)]
+    pub protect_storage_volumes: bool,
+}
+
+/// `POST /Plans/{planId}/FailbackToProduction` (seed 000).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailbackBody {
+    /// The Original VM Location (`00000000-0000-0000-0000-000000000000`) or another recovery
+    /// location; absent: the plan's recovery location.
+    #[serde(default)]
+    pub restore_location_id: Option<Uuid>,
+    /// Give the restored VMs the original VMs' tags (failback to another location).
+    #[serde(default, rename = "failbackRestoreVMTags", alias = "failbackRestoreVmTags")]
+    pub failback_restore_vm_tags: bool,
+}
+
+/// `POST /Plans/{planId}/Halt`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HaltBody {
+    /// drover always lets running steps finish: accepted, with the same effect either way.
+    #[serde(default, alias = "fullstop")]
+    pub full_stop: bool,
+}
+
+/// `POST /Plans/{planId}/Continue`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContinueBody {
+    /// Default: `RetryFailedStep`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub execution_continue_options: Option<drover_engine::saga::ContinueOption>,
+}
+
+/// `POST /Plans/{planId}/ReadinessCheck`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessCheckBody {
+    /// drover writes the check into the session's log; no separate report.
+    #[serde(default)]
+    pub generate_report: bool,
+}
+
+/// `POST /Plans/{planId}/ResetState`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResetStateBody {
+    /// Not supported: a reset plan is disabled, and only an enabled plan is checked. Accepted
+    /// and ignored.
+    #[serde(default)]
+    pub execute_readiness_check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(state: SessionState, result: SessionResult, halted: bool) -> Session {
+        let mut s = Session::new(
+            d::TenantId::new(),
+            d::SessionKind::PlanFailover,
+            "p",
+            d::SessionTarget::Plan(d::PlanId::new()),
+            serde_json::Value::Null,
+        );
+        (s.state, s.result, s.halted) = (state, result, halted);
+        s
+    }
+
+    #[test]
+    fn result_names_read_like_the_products() {
+        let done = session(SessionState::Stopped, SessionResult::Success, false);
+        assert_eq!(result_name(None, 0, 0), "");
+        assert_eq!(result_name(Some(&done), 0, 0), "Complete, no errors");
+        assert_eq!(result_name(Some(&done), 1, 0), "Complete, no errors, 1 warning");
+        assert_eq!(result_name(Some(&done), 3, 2), "Complete, 2 errors, 3 warnings");
+        let failed = session(SessionState::Stopped, SessionResult::Failed, false);
+        assert_eq!(result_name(Some(&failed), 0, 0), "Failed, 1 error");
+        let halted = session(SessionState::Working, SessionResult::None, true);
+        assert_eq!(result_name(Some(&halted), 0, 2), "Halted, 2 errors");
+        assert_eq!(result_name(Some(&halted), 1, 0), "Halted, no errors, 1 warning");
+        let running = session(SessionState::Working, SessionResult::None, false);
+        assert_eq!(result_name(Some(&running), 0, 0), "In progress");
+        assert_eq!(ExecutionResult::of(Some(&running), 0), ExecutionResult::Undefined);
+        assert_eq!(ExecutionResult::of(Some(&halted), 1), ExecutionResult::Error);
+        assert_eq!(ExecutionResult::of(Some(&halted), 0), ExecutionResult::Undefined, "halted on request");
+        assert_eq!(ExecutionResult::of(Some(&done), 0), ExecutionResult::Success);
+    }
+
+    #[test]
+    fn a_concluded_plan_shows_its_running_state_until_its_session_stops() {
+        let mut plan = d::Plan {
+            id: d::PlanId::new(),
+            tenant_id: d::TenantId::new(),
+            name: "p".into(),
+            description: String::new(),
+            enabled: true,
+            lifecycle: d::PlanLifecycle::default(),
+            recovery_location_id: d::RecoveryLocationId::ORIGINAL,
+            groups: Vec::new(),
+            created_at: d::now(),
+            updated_at: d::now(),
+        };
+        plan.lifecycle.state = PlanState::Failover;
+        let mut f = PlanFacts {
+            current: Some(session(SessionState::Working, SessionResult::None, false)),
+            ..Default::default()
+        };
+        assert_eq!(f.state(&plan), PlanState::FailoverInProgress);
+        let info = PlanRuntimeDetails::new(&plan, &f, Role::Viewer);
+        assert!(info.is_running_state && !info.is_undo_possible && !info.is_reverse_possible);
+        f.current = Some(session(SessionState::Stopped, SessionResult::Success, false));
+        assert_eq!(f.state(&plan), PlanState::Failover);
+        // Being undone after a halt: the undo's running state.
+        let mut undoing = session(SessionState::Working, SessionResult::None, false);
+        undoing.params = serde_json::json!({"_undo": true});
+        plan.lifecycle.state = PlanState::UndoFailover;
+        f.current = Some(undoing);
+        assert_eq!(f.state(&plan), PlanState::UndoFailoverInProgress);
+    }
+
+    #[test]
+    fn every_state_has_the_identifier_and_name_of_the_spec_table() {
+        for s in PlanState::ALL {
+            // The identifier is the variant name (spec 1.6), and the name drops "InProgress".
+            assert_eq!(state_id(s), format!("{s:?}"));
+            let expected = state_id(s).trim_end_matches("InProgress");
+            let spaced: String = expected
+                .chars()
+                .enumerate()
+                .flat_map(|(i, c)| {
+                    let sep = (i > 0 && c.is_ascii_uppercase()).then_some(' ');
+                    sep.into_iter().chain(std::iter::once(c.to_ascii_uppercase()))
+                })
+                .collect();
+            assert_eq!(s.display_name(), spaced, "{s:?}");
+        }
+        assert_eq!(state_order(PlanState::NeedsVerified), 0);
+        assert_eq!(state_order(PlanState::CommitFailback), 19);
+    }
+
+    #[test]
+    fn action_bodies_take_the_documented_misspellings() {
+        let b: FailoverBody = serde_json::from_str(r#"{"restorepointDate": "2026-01-02T03:04:05Z"}"#).unwrap();
+        assert_eq!(b.restore_point_date.unwrap().to_rfc3339(), "2026-01-02T03:04:05+00:00");
+        let b: FailoverBody =
+            serde_json::from_str(r#"{"restorePointDate": null, "executeChainedPlans": true}"#).unwrap();
+        assert!(b.restore_point_date.is_none() && b.execute_chained_plans);
+        let b: HaltBody = serde_json::from_str(r#"{"fullstop": true}"#).unwrap();
+        assert!(b.full_stop);
+        let b: FailbackBody = serde_json::from_str(
+            r#"{"restoreLocationId": "00000000-0000-0000-0000-000000000000", "failbackRestoreVMTags": true}"#,
+        )
+        .unwrap();
+        assert_eq!((b.restore_location_id, b.failback_restore_vm_tags), (Some(Uuid::nil()), true));
+        let b: ContinueBody = serde_json::from_str(r#"{"executionContinueOptions": "ProceedToNextVm"}"#).unwrap();
+        assert_eq!(b.execution_continue_options, Some(drover_engine::saga::ContinueOption::ProceedToNextVm));
+        assert!(serde_json::from_str::<ContinueBody>(r#"{"executionContinueOptions": "Sideways"}"#).is_err());
+    }
+}

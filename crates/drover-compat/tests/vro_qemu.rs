@@ -1,0 +1,114 @@
+//! The seed's endpoint end to end with real QEMU guests (TCG): a VM replicated for real, then,
+//! through the Recovery Orchestrator dialect alone, Failover → FailbackToProduction to the
+//! Original VM Location → CommitFailback, and a second round failing back to another recovery
+//! location with the VMs' tags. Needs the tiny guest (`scripts/build-guest`, or
+//! `DROVER_GUEST_DIR`); fails, never skips, without it.
+
+#[path = "../../drover-api/tests/common/mod.rs"]
+mod common;
+mod vro_common;
+
+use std::time::Duration;
+
+use drover_hv::Hypervisor;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use vro_common::*;
+
+#[tokio::test]
+async fn failback_to_production_with_qemu_to_the_original_vms_and_to_another_location() {
+    let (server, driver) = common::with_qemu().await;
+    let mut vro = Vro::on(server).await;
+    vro.patience = Duration::from_secs(240);
+    let server = &vro.server;
+    let admin = server.admin().await;
+    let (host, ds) = server.infrastructure(&admin).await;
+    let guest = common::tiny_guest();
+    let boot = json!({"kernel": guest.vmlinux, "initrd": guest.initramfs, "cmdline": guest.cmdline});
+    let vm = server.vm(&admin, &host, &ds, "app", json!({"boot": boot, "memory_mib": 128, "tags": ["tier:web"]})).await;
+    let datastore = |name: &str| json!({"host_id": host, "name": name, "path": server.dir.path().join(name)});
+    let dr = server.ok(&admin, Method::POST, "/v1/datastores", Some(datastore("dr"))).await;
+    let job = server
+        .ok(
+            &admin,
+            Method::POST,
+            "/v1/replication-jobs",
+            Some(json!({"name": "j", "vm_ids": [vm], "target_host_id": host,
+                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 3})),
+        )
+        .await;
+    // Replicate the (powered-off) production VM for real.
+    let (status, run) = server
+        .call(Some(&admin), Method::POST, &format!("/v1/replication-jobs/{}/run", job["id"].as_str().unwrap()), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let s = server.wait_session(&admin, run["session_id"].as_str().unwrap(), Duration::from_secs(180)).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    let elsewhere = server.ok(&admin, Method::POST, "/v1/datastores", Some(datastore("elsewhere"))).await;
+    let location = server
+        .ok(
+            &admin,
+            Method::POST,
+            "/v1/recovery-locations",
+            Some(json!({"name": "Elsewhere", "host_id": host, "datastore_id": elsewhere["id"]})),
+        )
+        .await;
+    let plan = server
+        .ok(
+            &admin,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": "Web", "groups": [{"name": "web", "vms": [{"vm_id": vm}]}]})),
+        )
+        .await;
+    let plan = plan["id"].as_str().unwrap().to_string();
+    let replica =
+        server.ok(&admin, Method::GET, "/v1/replicas", None).await["items"][0]["id"].as_str().unwrap().to_string();
+    let vm_uuid: uuid::Uuid = vm.parse().unwrap();
+    let replica_uuid: uuid::Uuid = replica.parse().unwrap();
+
+    // From here on, the dialect alone.
+    let t = vro.token("LAB\\admin", common::ADMIN_PASSWORD).await;
+    let body = json!({"executeChainedPlans": false, "restorepointDate": null, "protectStorageVolumes": false});
+    vro.act(&t, &plan, "Failover", body).await;
+    let d = vro.wait_state(&t, &plan, "Failover").await;
+    assert_eq!((d["currentRunResult"].as_str(), d["totalProgress"].as_u64()), (Some("Success"), Some(100)), "{d}");
+    driver.write_marker(replica_uuid, "written in the replica").await.unwrap();
+
+    // Seed 000: back to the Original VM Location.
+    let body = json!({"restoreLocationId": NIL, "failbackRestoreVMTags": false});
+    vro.act(&t, &plan, "FailbackToProduction", body).await;
+    let d = vro.wait_state(&t, &plan, "Failback").await;
+    assert_eq!((d["recoveryToNewLocation"].as_bool(), d["currentRunResult"].as_str()), (Some(false), Some("Success")));
+    let hb = driver.wait_heartbeat(vm_uuid, Duration::from_secs(90)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written in the replica"), "production has the replica's writes");
+    vro.act(&t, &plan, "CommitFailback", Value::Null).await;
+    let d = vro.wait_state(&t, &plan, "CommitFailback").await;
+    assert_eq!(d["resultName"].as_str().map(|r| r.starts_with("Complete, no errors")), Some(true), "{d}");
+
+    // Second round: production stops, fail over again, fail back to another location with tags.
+    let (status, off) = server.call(Some(&admin), Method::POST, &format!("/v1/vms/{vm}/shutdown"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{off}");
+    server.wait_session(&admin, off["session_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    vro.act(&t, &plan, "Failover", json!({})).await;
+    vro.wait_state(&t, &plan, "Failover").await;
+    let body = json!({"restoreLocationId": location["id"], "failbackRestoreVMTags": true});
+    vro.act(&t, &plan, "FailbackToProduction", body).await;
+    let d = vro.wait_state(&t, &plan, "Failback").await;
+    assert_eq!(d["recoveryToNewLocation"], true, "{d}");
+    let vms = server.ok(&admin, Method::GET, "/v1/vms", None).await;
+    let restored = vms["items"].as_array().unwrap().iter().find(|v| v["name"] == "app_restored").expect("the new VM");
+    assert_eq!(
+        (restored["tags"].clone(), restored["datastore_id"].clone()),
+        (json!(["tier:web"]), elsewhere["id"].clone())
+    );
+    vro.act(&t, &plan, "CommitFailback", Value::Null).await;
+    vro.wait_state(&t, &plan, "CommitFailback").await;
+
+    // Leave no guest running.
+    for v in server.ok(&admin, Method::GET, "/v1/vms", None).await["items"].as_array().unwrap() {
+        let _ = driver.power_off(v["id"].as_str().unwrap().parse().unwrap()).await;
+    }
+    let _ = driver.power_off(replica_uuid).await;
+    vro.stop().await;
+}
