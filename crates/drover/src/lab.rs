@@ -165,12 +165,16 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     let url = server.listener.url();
     println!("drover lab is up in {:.1} s", started.elapsed().as_secs_f64());
     println!("  API:        {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+    for (what, endpoint) in server.endpoints().into_iter().skip(1) {
+        println!("  {what}:{:width$}{endpoint}", "", width = 11 - what.len());
+    }
     println!("  data:       {} (SQLite: drover.db)", args.serve.data_dir.display());
     match (&server.generated_admin_password, std::env::var(LAB_PASSWORD_ENV)) {
         (Some(p), _) => println!("  login:      admin / {p}   (shown once)"),
         (None, Ok(_)) => println!("  login:      admin / ${LAB_PASSWORD_ENV}"),
         (None, Err(_)) => println!("  login:      admin / the password shown on the lab's first start"),
     }
+    println!("              (the Veeam dialects take the same credentials)");
     if server.listener.tls {
         println!(
             "  CLI:        drover --server {url} --ca-cert {} login --user admin",
@@ -197,7 +201,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     }
     if args.exit {
         app.engine().shutdown();
-        server.listener.stop().await;
+        server.stop_listeners().await;
         println!("lab stopped (--exit); the VMs keep running and are re-attached on the next start");
         return Ok(());
     }

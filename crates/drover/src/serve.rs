@@ -37,7 +37,18 @@ pub struct ServeArgs {
     /// Address of the native API.
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
-    /// Serve plain HTTP instead of HTTPS. Only for a trusted loopback or a TLS-terminating proxy.
+    /// Address of the Veeam Recovery Orchestrator dialect (JSON under `/api/v3`), or `off`.
+    #[arg(long, env = "DROVER_VRO_LISTEN", default_value = "127.0.0.1:9898")]
+    pub vro_listen: Endpoint,
+    /// Address of the Veeam Enterprise Manager dialect (XML/JSON under `/api`), or `off`.
+    #[arg(long, env = "DROVER_EM_LISTEN", default_value = "127.0.0.1:9398")]
+    pub em_listen: Endpoint,
+    /// Also serve the Enterprise Manager dialect over plain HTTP here (the legacy port 9399 of the
+    /// product), sharing its logon sessions with the HTTPS listener. Off unless given.
+    #[arg(long, env = "DROVER_EM_HTTP_LISTEN")]
+    pub em_http_listen: Option<SocketAddr>,
+    /// Serve plain HTTP instead of HTTPS (every listener). Only for a trusted loopback or a
+    /// TLS-terminating proxy.
     #[arg(long)]
     pub plain_http: bool,
     /// PEM certificate; a self-signed one is generated in the data directory when absent.
@@ -63,6 +74,22 @@ pub struct ServeArgs {
     pub shutdown_timeout_secs: u64,
 }
 
+/// A listener's address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint(pub Option<SocketAddr>);
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Endpoint(None));
+        }
+        s.parse()
+            .map(|a| Endpoint(Some(a)))
+            .map_err(|e| format!("{s:?} is neither an address (host:port) nor `off`: {e}"))
+    }
+}
+
 pub fn default_data_dir() -> PathBuf {
     match std::env::var_os("HOME") {
         Some(h) => Path::new(&h).join(".local/share/drover"),
@@ -74,7 +101,13 @@ pub fn default_data_dir() -> PathBuf {
 #[derive(Debug)]
 pub struct Server {
     pub app: App,
+    /// The native API.
     pub listener: drover_api::Listener,
+    /// The Veeam dialects that are on: Recovery Orchestrator, Enterprise Manager, and its legacy
+    /// plain-HTTP listener.
+    pub vro: Option<drover_api::Listener>,
+    pub em: Option<drover_api::Listener>,
+    pub em_http: Option<drover_api::Listener>,
     /// The admin password when it was generated on this start.
     pub generated_admin_password: Option<String>,
 }
@@ -126,10 +159,64 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         let (cert, key) = drover_api::self_signed(&args.data_dir).context("cannot make a self-signed certificate")?;
         Tls::Files { cert, key }
     };
-    let listener = drover_api::listen(drover_api::router(app.clone()), args.listen, tls)
+    let listener = drover_api::listen(drover_api::router(app.clone()), args.listen, tls.clone())
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    Ok(Server { app, listener, generated_admin_password })
+    let listen = |what: &'static str, router: axum::Router, addr: SocketAddr, tls: Tls| async move {
+        drover_api::listen(router, addr, tls).await.with_context(|| format!("cannot listen on {addr} ({what})"))
+    };
+    let vro = match args.vro_listen.0 {
+        Some(addr) => Some(
+            listen("Recovery Orchestrator dialect", drover_compat::vro::router(app.clone()), addr, tls.clone()).await?,
+        ),
+        None => None,
+    };
+    let em_state = drover_compat::em::EmState::new(app.clone(), drover_compat::em::EmConfig::default());
+    let em = match args.em_listen.0 {
+        Some(addr) => {
+            let scheme = if matches!(tls, Tls::Plain) { "http" } else { "https" };
+            Some(listen("Enterprise Manager dialect", em_state.router_for_scheme(scheme), addr, tls.clone()).await?)
+        }
+        None => None,
+    };
+    let em_http = match args.em_http_listen {
+        Some(addr) => Some(
+            listen("Enterprise Manager dialect, plain HTTP", em_state.router_for_scheme("http"), addr, Tls::Plain)
+                .await?,
+        ),
+        None => None,
+    };
+    Ok(Server { app, listener, vro, em, em_http, generated_admin_password })
+}
+
+impl Server {
+    /// Each listener that is on, with what it serves.
+    pub fn endpoints(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![("API", format!("{}/v1", self.listener.url()))];
+        if let Some(l) = &self.vro {
+            out.push(("VRO", format!("{}/api/v3   (token: POST {}/api/token)", l.url(), l.url())));
+        }
+        for l in [&self.em, &self.em_http].into_iter().flatten() {
+            out.push(("EM", format!("{}/api/   (logon: POST {}/api/sessionMngr/?v=latest, Basic)", l.url(), l.url())));
+        }
+        out
+    }
+
+    /// Stops every listener.
+    pub async fn stop_listeners(self) {
+        for l in [Some(self.listener), self.vro, self.em, self.em_http].into_iter().flatten() {
+            l.stop().await;
+        }
+    }
+
+    /// Serves until a listener fails.
+    async fn wait(self) -> anyhow::Result<()> {
+        let waits = [Some(self.listener), self.vro, self.em, self.em_http].into_iter().flatten().map(|l| {
+            let url = l.url();
+            Box::pin(async move { l.wait().await.with_context(|| format!("the listener on {url} failed")) })
+        });
+        futures::future::select_all(waits).await.0
+    }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -143,10 +230,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(p) = &server.generated_admin_password {
         println!("admin password (shown once; set DROVER_ADMIN_PASSWORD to choose it): {p}");
     }
+    for (what, url) in server.endpoints().into_iter().skip(1) {
+        println!("  {what}: {url}");
+    }
     let engine = server.app.engine().clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = server.listener.wait() => r.context("the API listener failed")?,
+        r = server.wait() => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

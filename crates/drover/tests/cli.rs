@@ -37,13 +37,24 @@ impl Server {
         let data_dir = tempfile::tempdir().unwrap();
         let log = data_dir.path().join("server.log");
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--hypervisor", "simulated", "--data-dir"])
-            .arg(data_dir.path().join("data"))
-            .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env_remove("DROVER_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--vro-listen",
+            "off",
+            "--em-listen",
+            "off",
+            "--hypervisor",
+            "simulated",
+            "--data-dir",
+        ])
+        .arg(data_dir.path().join("data"))
+        .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env_remove("DROVER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
         if !tls {
             cmd.arg("--plain-http");
         }

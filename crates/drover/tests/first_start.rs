@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 
 fn start(data: &std::path::Path) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--hypervisor", "simulated"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--vro-listen", "127.0.0.1:0", "--em-listen", "127.0.0.1:0"])
+        .args(["--hypervisor", "simulated"])
         .arg("--data-dir")
         .arg(data)
         .env_remove("DROVER_ADMIN_PASSWORD")
@@ -19,18 +20,27 @@ fn start(data: &std::path::Path) -> (std::process::Child, Vec<String>) {
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     lines.push(line.trim().to_string());
-    // The password line, when there is one, follows at once; give it a moment.
+    // The password line (when there is one) and the dialects' lines follow at once; give them a
+    // moment.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut l = String::new();
-        if reader.read_line(&mut l).is_ok() {
-            let _ = tx.send(l);
+        while reader.read_line(&mut l).is_ok_and(|n| n > 0) {
+            if tx.send(std::mem::take(&mut l)).is_err() {
+                break;
+            }
         }
     });
-    if let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(2)) {
+    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(2)) {
         lines.push(l.trim().to_string());
     }
     (child, lines)
+}
+
+/// The URL printed on the line that starts with `what`.
+fn endpoint(lines: &[String], what: &str) -> String {
+    let line = lines.iter().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("no {what} line: {lines:?}"));
+    line.split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string()
 }
 
 #[tokio::test]
@@ -40,7 +50,8 @@ async fn first_start_prints_a_password_once_and_serves_https() {
     assert!(lines[0].contains("https://127.0.0.1:") && lines[0].contains("simulated"), "{lines:?}");
     let url = lines[0].split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
     let password = lines
-        .get(1)
+        .iter()
+        .find(|l| l.starts_with("admin password"))
         .and_then(|l| l.rsplit(' ').next())
         .unwrap_or_else(|| panic!("no password line: {lines:?}"))
         .to_string();
@@ -69,12 +80,35 @@ async fn first_start_prints_a_password_once_and_serves_https() {
     // Plain HTTP is not served on the HTTPS port.
     let plain = reqwest::get(url.replace("https://", "http://") + "/v1/openapi.json").await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    // The Veeam dialects are up, over HTTPS with the same certificate, with the same admin.
+    let vro = endpoint(&lines, "VRO:");
+    assert!(vro.ends_with("/api/v3"), "{vro}");
+    let token = http
+        .post(vro.replace("/api/v3", "/api/token"))
+        .form(&[("grant_type", "password"), ("username", "admin"), ("password", password.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token.status(), reqwest::StatusCode::OK);
+    let em = endpoint(&lines, "EM:");
+    let logon = http
+        .post(format!("{em}sessionMngr/?v=latest"))
+        .basic_auth("admin", Some(password.as_str()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logon.status(), reqwest::StatusCode::CREATED);
+    let body = logon.text().await.unwrap();
+    assert!(body.contains("<LogonSession") && body.contains("https://127.0.0.1:"), "{body}");
     child.kill().unwrap();
     child.wait().unwrap();
 
     // Second start: same certificate, no new password, the old one still works.
     let (mut child, lines) = start(data.path());
-    assert_eq!(lines.len(), 1, "the password is printed only on the first start: {lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.contains("password")),
+        "the password is printed only on the first start: {lines:?}"
+    );
     assert_eq!(std::fs::read(data.path().join("tls-cert.pem")).unwrap(), cert);
     let url = lines[0].split_whitespace().find(|w| w.starts_with("https://")).unwrap().to_string();
     let status = http

@@ -25,6 +25,7 @@ impl Serve {
     fn start_killing(data: &Path, kill_after: Option<&str>) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
             .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--heartbeat-timeout-secs", "120"])
+            .args(["--vro-listen", "off", "--em-listen", "off"])
             .args(["--accel", "tcg"])
             .arg("--data-dir")
             .arg(data)

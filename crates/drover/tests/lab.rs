@@ -13,6 +13,7 @@ fn lab_scenario_runs_the_whole_story() {
     let data = tempfile::Builder::new().prefix("drl").tempdir_in("/tmp").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
         .args(["lab", "--exit", "--scenario", "--accel", "tcg", "--listen", "127.0.0.1:0"])
+        .args(["--vro-listen", "127.0.0.1:0", "--em-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data.path())
         .arg("--guest-dir")
@@ -34,6 +35,10 @@ fn lab_scenario_runs_the_whole_story() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for want in [
         "drover lab is up",
+        "  VRO:",
+        "/api/v3",
+        "  EM:",
+        "/api/sessionMngr/?v=latest",
         "replica lab-vm1_replica  Ready, 1 restore point(s)",
         "fail over to DR",
         "production shows the markers written at DR",
