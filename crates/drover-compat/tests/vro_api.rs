@@ -527,6 +527,12 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
     assert_eq!(bodies["unknown_plan"]["resourceId"], unknown.as_str());
     golden("errors", &Value::Object(bodies));
 
+    // A body over the limit (1 MiB) is refused in the dialect's words too.
+    let big = format!("{{\"generateReport\": false, \"pad\": \"{}\"}}", "x".repeat(2 << 20));
+    let (s, e) = vro.raw(Some(admin), Method::POST, &format!("/api/v3/Plans/{plan}/ReadinessCheck"), Some(&big)).await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::BAD_REQUEST, Some("UnexpectedContent")), "{e}");
+    assert_eq!(snapshot().await, before);
+
     // The viewer reads what it may.
     assert_eq!(vro.get(viewer, "/api/v3/Plans").await["total"], 1);
     vro.stop().await;
