@@ -126,7 +126,6 @@ async fn story_failover_failback_commit_through_the_dialect_alone() {
     assert_eq!((info["state"].as_str(), info["mode"].as_str()), (Some("NeedsVerified"), Some("DISABLED")));
     let (s, e) = vro.call(&t, Method::POST, &format!("/api/v3/Plans/{plan}/Failover"), None).await;
     assert_eq!((s, e["errorCode"].as_str()), (StatusCode::CONFLICT, Some("Conflict")), "a disabled plan does not run");
-    let _ = site.location;
     vro.stop().await;
 }
 
