@@ -224,6 +224,15 @@ async fn plan_structure_locations_and_collection_parameters() {
     for v in drover_compat::vro::VERSION_ALIASES {
         assert_eq!(vro.get(&t, &format!("/api/{v}/Plans?sort={sort_asc}")).await, all, "{v}");
     }
+
+    // The readiness check: CHECKING, then VERIFIED (the replica is there), as a check result.
+    vro.act(&t, plan, "ReadinessCheck", json!({"generateReport": true})).await;
+    let checked = vro.wait_state(&t, plan, "Verified").await;
+    assert_eq!(
+        (checked["currentCheckResult"].as_str(), checked["currentRunResult"].as_str()),
+        (Some("Success"), Some("Undefined"))
+    );
+    assert_eq!(checked["resultName"], "Complete, no errors", "{checked}");
     vro.stop().await;
 }
 
