@@ -535,6 +535,12 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
     assert_eq!(bodies["unknown_plan"]["resourceId"], unknown.as_str());
     golden("errors", &Value::Object(bodies));
 
+    // Wrong credentials: 401 in the dialect's body, and nothing changes.
+    let (s, e) = vro.login("CORP\\admin", "not the password").await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::UNAUTHORIZED, Some("AccessDenied")), "{e}");
+    assert_eq!(keys(&e), ["errorCode", "message", "resourceId"]);
+    assert_eq!(snapshot().await, before);
+
     // A body over the limit (1 MiB) is refused in the dialect's words too.
     let big = format!("{{\"generateReport\": false, \"pad\": \"{}\"}}", "x".repeat(2 << 20));
     let (s, e) = vro.raw(Some(admin), Method::POST, &format!("/api/v3/Plans/{plan}/ReadinessCheck"), Some(&big)).await;
