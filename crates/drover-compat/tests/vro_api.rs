@@ -126,7 +126,6 @@ async fn story_failover_failback_commit_through_the_dialect_alone() {
     assert_eq!((info["state"].as_str(), info["mode"].as_str()), (Some("NeedsVerified"), Some("DISABLED")));
     let (s, e) = vro.call(&t, Method::POST, &format!("/api/v3/Plans/{plan}/Failover"), None).await;
     assert_eq!((s, e["errorCode"].as_str()), (StatusCode::CONFLICT, Some("Conflict")), "a disabled plan does not run");
-    let _ = site.location;
     vro.stop().await;
 }
 
@@ -225,6 +224,15 @@ async fn plan_structure_locations_and_collection_parameters() {
     for v in drover_compat::vro::VERSION_ALIASES {
         assert_eq!(vro.get(&t, &format!("/api/{v}/Plans?sort={sort_asc}")).await, all, "{v}");
     }
+
+    // The readiness check: CHECKING, then VERIFIED (the replica is there), as a check result.
+    vro.act(&t, plan, "ReadinessCheck", json!({"generateReport": true})).await;
+    let checked = vro.wait_state(&t, plan, "Verified").await;
+    assert_eq!(
+        (checked["currentCheckResult"].as_str(), checked["currentRunResult"].as_str()),
+        (Some("Success"), Some("Undefined"))
+    );
+    assert_eq!(checked["resultName"], "Complete, no errors", "{checked}");
     vro.stop().await;
 }
 
@@ -526,6 +534,18 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
     }
     assert_eq!(bodies["unknown_plan"]["resourceId"], unknown.as_str());
     golden("errors", &Value::Object(bodies));
+
+    // Wrong credentials: 401 in the dialect's body, and nothing changes.
+    let (s, e) = vro.login("CORP\\admin", "not the password").await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::UNAUTHORIZED, Some("AccessDenied")), "{e}");
+    assert_eq!(keys(&e), ["errorCode", "message", "resourceId"]);
+    assert_eq!(snapshot().await, before);
+
+    // A body over the limit (1 MiB) is refused in the dialect's words too.
+    let big = format!("{{\"generateReport\": false, \"pad\": \"{}\"}}", "x".repeat(2 << 20));
+    let (s, e) = vro.raw(Some(admin), Method::POST, &format!("/api/v3/Plans/{plan}/ReadinessCheck"), Some(&big)).await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::BAD_REQUEST, Some("UnexpectedContent")), "{e}");
+    assert_eq!(snapshot().await, before);
 
     // The viewer reads what it may.
     assert_eq!(vro.get(viewer, "/api/v3/Plans").await["total"], 1);

@@ -1,7 +1,8 @@
 //! The seed's endpoint end to end with real QEMU guests (TCG): a VM replicated for real, then,
 //! through the Recovery Orchestrator dialect alone, Failover → FailbackToProduction to the
-//! Original VM Location → CommitFailback, and a second round failing back to another recovery
-//! location with the VMs' tags. Needs the tiny guest (`scripts/build-guest`, or
+//! Original VM Location → CommitFailback, a second round failing back to another recovery
+//! location with the VMs' tags, and a third in two phases (PrepareToFailback, then
+//! SwitchoverToProduction). Needs the tiny guest (`scripts/build-guest`, or
 //! `DROVER_GUEST_DIR`); fails, never skips, without it.
 
 #[path = "../../drover-api/tests/common/mod.rs"]
@@ -102,6 +103,30 @@ async fn failback_to_production_with_qemu_to_the_original_vms_and_to_another_loc
         (restored["tags"].clone(), restored["datastore_id"].clone()),
         (json!(["tier:web"]), elsewhere["id"].clone())
     );
+    vro.act(&t, &plan, "CommitFailback", Value::Null).await;
+    vro.wait_state(&t, &plan, "CommitFailback").await;
+
+    // Third round, in two phases: the restored VM is production now (it took the original's
+    // place in the plan). PrepareToFailback syncs it while the replica runs, then
+    // SwitchoverToProduction finishes.
+    let restored = restored["id"].as_str().unwrap().to_string();
+    let group =
+        vro.get(&t, &format!("/api/v3/Plans/{plan}/Groups")).await["data"][0]["id"].as_str().unwrap().to_string();
+    let members = vro.get(&t, &format!("/api/v3/Plans/{plan}/Groups/{group}/Vms")).await;
+    assert_eq!(members["data"][0]["id"], restored.as_str(), "{members}");
+    let (status, off) = server.call(Some(&admin), Method::POST, &format!("/v1/vms/{restored}/shutdown"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{off}");
+    server.wait_session(&admin, off["session_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    vro.act(&t, &plan, "Failover", json!({})).await;
+    vro.wait_state(&t, &plan, "Failover").await;
+    driver.write_marker(replica_uuid, "third round").await.unwrap();
+    vro.act(&t, &plan, "PrepareToFailback", Value::Null).await;
+    let d = vro.wait_state(&t, &plan, "PrepareForFailback").await;
+    assert_eq!((d["stateName"].as_str(), d["isUndoPossible"].as_bool()), (Some("PREPARE FOR FAILBACK"), Some(true)));
+    vro.act(&t, &plan, "SwitchoverToProduction", Value::Null).await;
+    vro.wait_state(&t, &plan, "Failback").await;
+    let hb = driver.wait_heartbeat(restored.parse().unwrap(), Duration::from_secs(90)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("third round"));
     vro.act(&t, &plan, "CommitFailback", Value::Null).await;
     vro.wait_state(&t, &plan, "CommitFailback").await;
 

@@ -149,6 +149,22 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
+/// The raw request body, whose rejection (unreadable, or over the size limit) is this
+/// dialect's 400.
+#[derive(Debug)]
+pub struct Body(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = VroError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|r| VroError::Body(format!("cannot read the request body: {}", r.body_text())))
+    }
+}
+
 /// An optional JSON body: empty means `T::default()`; anything else must parse as `T`.
 pub fn body_or_default<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> VroResult<T> {
     if body.iter().all(u8::is_ascii_whitespace) {

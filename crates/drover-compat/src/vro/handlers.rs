@@ -1,7 +1,6 @@
 //! The dialect's handlers: parse, call [`drover_engine::app::App`], render the wire types of
 //! [`super::views`]. None touches the store or the engine.
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
@@ -14,7 +13,7 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::collection::{Collection, CollectionQuery};
-use super::error::{ErrorBody, Json, Query, VroError, VroResult, body_or_default};
+use super::error::{Body, ErrorBody, Json, Query, VroError, VroResult, body_or_default};
 use super::views::*;
 use super::{Auth, Path, VroState};
 
@@ -112,7 +111,7 @@ async fn token_fields_multipart(req: Request) -> VroResult<TokenRequest> {
 pub async fn clients_create(
     State(st): State<VroState>,
     Auth(c): Auth,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<Json<ClientCredentials>> {
     let b: NewClientBody = body_or_default(&body)?;
     let role = match b.role.as_deref() {
@@ -421,7 +420,7 @@ pub async fn plans_readiness_check(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<StatusCode> {
     let _: ReadinessCheckBody = body_or_default(&body)?;
     act(&st, &c, &id, PlanAction::ReadinessCheck, PlanActionOptions::default()).await
@@ -437,7 +436,7 @@ pub async fn plans_failover(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<StatusCode> {
     let b: FailoverBody = body_or_default(&body)?;
     let opts = PlanActionOptions { point_date: b.restore_point_date, ..Default::default() };
@@ -457,7 +456,7 @@ pub async fn plans_failback(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<StatusCode> {
     let b: FailbackBody = body_or_default(&body)?;
     let opts = PlanActionOptions {
@@ -477,7 +476,7 @@ pub async fn plans_halt(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<StatusCode> {
     let _: HaltBody = body_or_default(&body)?;
     act(&st, &c, &id, PlanAction::Halt, PlanActionOptions::default()).await
@@ -492,7 +491,7 @@ pub async fn plans_continue(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<StatusCode> {
     let b: ContinueBody = body_or_default(&body)?;
     let option = b.execution_continue_options.unwrap_or(ContinueOption::RetryFailedStep);
@@ -509,7 +508,7 @@ pub async fn plans_reset(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    Body(body): Body,
 ) -> VroResult<StatusCode> {
     let _: ResetStateBody = body_or_default(&body)?;
     act(&st, &c, &id, PlanAction::ResetState, PlanActionOptions::default()).await

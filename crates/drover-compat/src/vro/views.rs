@@ -103,6 +103,23 @@ impl PlanFacts {
         }
     }
 
+    /// `resultName` as of the state shown: a plan that has just been moved to a running state
+    /// and whose session is not recorded yet is "In progress" too, not the previous result.
+    pub fn result_name(&self, p: &d::Plan) -> String {
+        if self.state(p).is_running() && self.current.as_ref().is_none_or(|c| c.state == SessionState::Stopped) {
+            return "In progress".into();
+        }
+        result_name(self.current.as_ref(), self.warnings, self.errors)
+    }
+
+    /// `totalProgress` of the execution the state shows.
+    pub fn progress(&self, p: &d::Plan) -> u8 {
+        match &self.current {
+            Some(c) if !(self.state(p).is_running() && c.state == SessionState::Stopped) => c.progress.min(100),
+            _ => 0,
+        }
+    }
+
     /// The state to show. A plan session moves the plan to its stable state in its last step and
     /// stops just after; in between, the plan still shows the running state, so that a client
     /// that polls until a stable state reads a finished result.
@@ -209,7 +226,7 @@ impl From<(&d::Plan, &PlanFacts)> for RecoveryPlanInfo {
             name: p.name.clone(),
             state: state_id(state),
             state_name: state.display_name(),
-            result_name: result_name(f.current.as_ref(), f.warnings, f.errors),
+            result_name: f.result_name(p),
             last_stable_state: state_id(l.last_stable),
             last_stable_state_name: l.last_stable.display_name(),
             previous_execution_state: l.interrupted.map(state_id),
@@ -273,20 +290,16 @@ impl PlanRuntimeDetails {
         let state = f.state(p);
         let possible = |a| state.is_stable() && l.apply(d::PlanEvent::Requested(a), true).is_ok();
         let running = state.is_running();
-        let total_progress = match &f.current {
-            Some(s) => s.progress.min(100),
-            None => 0,
-        };
         PlanRuntimeDetails {
             id: p.id.0,
             plan_type: "Replica",
             state: state_id(state),
             state_name: state.display_name(),
             state_order: state_order(state),
-            result_name: result_name(f.current.as_ref(), f.warnings, f.errors),
+            result_name: f.result_name(p),
             last_stable_state: state_id(l.last_stable),
             last_stable_state_name: l.last_stable.display_name(),
-            total_progress,
+            total_progress: f.progress(p),
             is_running_state: running,
             is_stable_state: !running,
             current_run_result: ExecutionResult::of(f.last_run.as_ref(), f.errors_of(f.last_run.as_ref())),
@@ -795,7 +808,13 @@ mod tests {
         let info = PlanRuntimeDetails::new(&plan, &f, Role::Viewer);
         assert!(info.is_running_state && !info.is_undo_possible && !info.is_reverse_possible);
         f.current = Some(session(SessionState::Stopped, SessionResult::Success, false));
+        f.current.as_mut().unwrap().progress = 100;
         assert_eq!(f.state(&plan), PlanState::Failover);
+        assert_eq!((f.result_name(&plan), f.progress(&plan)), ("Complete, no errors".to_string(), 100));
+        // Moved to a running state before its session is recorded: not the previous result.
+        plan.lifecycle.state = PlanState::UndoFailoverInProgress;
+        assert_eq!((f.result_name(&plan), f.progress(&plan)), ("In progress".to_string(), 0));
+        plan.lifecycle.state = PlanState::Failover;
         // Being undone after a halt: the undo's running state.
         let mut undoing = session(SessionState::Working, SessionResult::None, false);
         undoing.params = serde_json::json!({"_undo": true});
