@@ -47,10 +47,9 @@ impl Default for EmConfig {
     }
 }
 
-/// The same on every start and every installation, so saved links and UIDs stay valid.
+/// The backup server's id: the control plane's ([`crate::CONTROL_PLANE_ID`]).
 pub fn default_backup_server_id() -> Uuid {
-    // A fixed random UUID (v4 layout), chosen once for drover.
-    Uuid::from_u128(0x3f5e_0c2a_9b7d_4e61_8a43_d2f0_6c19_b7e5)
+    crate::CONTROL_PLANE_ID
 }
 
 #[derive(Debug, Clone)]

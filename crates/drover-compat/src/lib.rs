@@ -10,3 +10,8 @@
 
 pub mod em;
 pub mod vro;
+
+/// The control plane as both dialects name it: the Recovery Orchestrator's `serverId` and the
+/// Enterprise Manager's backup server. The same on every start and every installation, so saved
+/// links and UIDs stay valid; a fixed random UUID (v4 layout), chosen once for drover.
+pub const CONTROL_PLANE_ID: uuid::Uuid = uuid::Uuid::from_u128(0x3f5e_0c2a_9b7d_4e61_8a43_d2f0_6c19_b7e5);

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 /// The control plane as this dialect's `serverId`: one drover is one orchestrator server.
 /// **Decision:** a fixed id, the same on every installation.
-pub const SERVER_ID: Uuid = Uuid::from_u128(0x0d20_7e50_0000_4000_8000_0000_0000_0001);
+pub const SERVER_ID: Uuid = crate::CONTROL_PLANE_ID;
 
 /// **Decision:** drover has no report templates; every plan names this one.
 pub const REPORT_TEMPLATE_ID: Uuid = Uuid::nil();
