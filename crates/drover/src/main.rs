@@ -1,10 +1,11 @@
 //! The `drover` binary: `drover serve` runs the control plane; every other command is a client
 //! of its API.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
 mod client;
+mod config;
 mod lab;
 mod serve;
 
@@ -31,8 +32,27 @@ enum Command {
     Client(client::ClientCommand),
 }
 
+/// The command line, with the defaults of a config file when `serve` or `lab` names one.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let matches = Cli::command().get_matches();
+    for sub in ["serve", "lab"] {
+        if let Some(file) = config::named(&matches, sub) {
+            let settings = config::read(&file)?;
+            let command = config::with_defaults(Cli::command(), sub, &settings, &file)?;
+            return Cli::from_arg_matches(&command.get_matches()).map_err(|e| e.exit());
+        }
+    }
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

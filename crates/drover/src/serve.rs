@@ -31,6 +31,10 @@ pub enum AccelArg {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A TOML file of settings: its keys are these long options (`listen = "0.0.0.0:8443"`,
+    /// `em-http-listen = "0.0.0.0:9399"`, ...). The command line and the environment win over it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Where drover keeps its database, certificates and VM runtime files.
     #[arg(long, env = "DROVER_DATA_DIR", default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,
@@ -45,8 +49,8 @@ pub struct ServeArgs {
     pub em_listen: Endpoint,
     /// Also serve the Enterprise Manager dialect over plain HTTP here (the legacy port 9399 of the
     /// product), sharing its logon sessions with the HTTPS listener. Off unless given.
-    #[arg(long, env = "DROVER_EM_HTTP_LISTEN")]
-    pub em_http_listen: Option<SocketAddr>,
+    #[arg(long, env = "DROVER_EM_HTTP_LISTEN", default_value = "off")]
+    pub em_http_listen: Endpoint,
     /// Serve plain HTTP instead of HTTPS (every listener). Only for a trusted loopback or a
     /// TLS-terminating proxy.
     #[arg(long)]
@@ -179,7 +183,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         }
         None => None,
     };
-    let em_http = match args.em_http_listen {
+    let em_http = match args.em_http_listen.0 {
         Some(addr) => Some(
             listen("Enterprise Manager dialect, plain HTTP", em_state.router_for_scheme("http"), addr, Tls::Plain)
                 .await?,
