@@ -39,34 +39,15 @@ async fn replicated_vm(server: &Server, t: &str, host: &str, ds: &str, name: &st
         .await;
     let store = server.app.engine().store();
     let tenant = store.user_by_name("admin").await.unwrap().unwrap().0.tenant_id;
-    let replica = Replica::new(
+    drover_engine::testing::replica_with_point(
+        store,
         tenant,
         job["id"].as_str().unwrap().parse().unwrap(),
         (vm.parse().unwrap(), name),
         dr["id"].as_str().unwrap().parse().unwrap(),
-    );
-    store.object_insert(&replica).await.unwrap();
-    let chain = dr_path.join(replica.id.to_string()).join("data");
-    std::fs::create_dir_all(&chain).unwrap();
-    let file = chain.join("point-1.qcow2");
-    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
-    let point = RestorePoint {
-        id: RestorePointId::new(),
-        replica_id: replica.id,
-        sequence: 0,
-        session_id: SessionId::new(),
-        state: RestorePointState::Published,
-        created_at: replica.created_at,
-        bytes_written: 0,
-        disks: vec![RestorePointDisk {
-            disk: "data".into(),
-            file: file.to_string_lossy().into(),
-            size_bytes: 64 << 20,
-            manifest_digest: String::new(),
-        }],
-        verified: false,
-    };
-    store.restore_point_publish(tenant, &point).await.unwrap();
+        &dr_path,
+    )
+    .await;
     vm
 }
 

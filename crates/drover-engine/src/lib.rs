@@ -29,6 +29,8 @@ mod plan_state;
 pub mod replication;
 pub mod saga;
 pub mod scheduler;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 pub use drover_types::{Error, Result};
 

@@ -66,29 +66,15 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
         )
         .await
         .unwrap();
-    let replica = Replica::new(caller.tenant_id, job.id, (vm.id, "web"), dr.id);
-    app.engine().store().object_insert(&replica).await.unwrap();
-    let chain = dir.path().join("dr").join(replica.id.to_string()).join("data");
-    std::fs::create_dir_all(&chain).unwrap();
-    let file = chain.join("point-1.qcow2");
-    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
-    let point = RestorePoint {
-        id: RestorePointId::new(),
-        replica_id: replica.id,
-        sequence: 0,
-        session_id: SessionId::new(),
-        state: RestorePointState::Published,
-        created_at: replica.created_at,
-        bytes_written: 0,
-        disks: vec![RestorePointDisk {
-            disk: "data".into(),
-            file: file.to_string_lossy().into(),
-            size_bytes: 64 << 20,
-            manifest_digest: String::new(),
-        }],
-        verified: false,
-    };
-    app.engine().store().restore_point_publish(caller.tenant_id, &point).await.unwrap();
+    let (replica, point) = drover_engine::testing::replica_with_point(
+        app.engine().store(),
+        caller.tenant_id,
+        job.id,
+        (vm.id, "web"),
+        dr.id,
+        &dir.path().join("dr"),
+    )
+    .await;
     let on = PlanStep { id: PlanStepId::new(), name: "on".into(), kind: PlanStepKind::PowerOn, critical: true };
     let plan = app
         .plan_create(

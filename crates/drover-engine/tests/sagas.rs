@@ -700,29 +700,15 @@ async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
         )
         .await
         .unwrap();
-    let replica = Replica::new(env.caller.tenant_id, job.id, (vm.id, name), dr.id);
-    env.app.engine().store().object_insert(&replica).await.unwrap();
-    let chain = dr_path.join(replica.id.to_string()).join("data");
-    std::fs::create_dir_all(&chain).unwrap();
-    let file = chain.join("point-1.qcow2");
-    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
-    let point = RestorePoint {
-        id: RestorePointId::new(),
-        replica_id: replica.id,
-        sequence: 0,
-        session_id: SessionId::new(),
-        state: RestorePointState::Published,
-        created_at: replica.created_at,
-        bytes_written: 0,
-        disks: vec![RestorePointDisk {
-            disk: "data".into(),
-            file: file.to_string_lossy().into(),
-            size_bytes: 64 << 20,
-            manifest_digest: String::new(),
-        }],
-        verified: false,
-    };
-    env.app.engine().store().restore_point_publish(env.caller.tenant_id, &point).await.unwrap();
+    let (replica, _) = drover_engine::testing::replica_with_point(
+        env.app.engine().store(),
+        env.caller.tenant_id,
+        job.id,
+        (vm.id, name),
+        dr.id,
+        &dr_path,
+    )
+    .await;
     (env.vm(vm.id).await.unwrap(), replica)
 }
 

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use drover_types::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -164,34 +163,15 @@ pub async fn site(vro: &Vro) -> Site {
         .await;
     let store = server.app.engine().store();
     let admin = store.user_by_name("admin").await.unwrap().unwrap().0;
-    let replica = Replica::new(
+    drover_engine::testing::replica_with_point(
+        store,
         admin.tenant_id,
         job["id"].as_str().unwrap().parse().unwrap(),
         (vm.parse().unwrap(), "app"),
         dr["id"].as_str().unwrap().parse().unwrap(),
-    );
-    store.object_insert(&replica).await.unwrap();
-    let chain = dr_path.join(replica.id.to_string()).join("data");
-    std::fs::create_dir_all(&chain).unwrap();
-    let file = chain.join("point-1.qcow2");
-    drover_hv::image::create_qcow2(&file, 64 << 20).await.unwrap();
-    let point = RestorePoint {
-        id: RestorePointId::new(),
-        replica_id: replica.id,
-        sequence: 0,
-        session_id: SessionId::new(),
-        state: RestorePointState::Published,
-        created_at: now(),
-        bytes_written: 0,
-        disks: vec![RestorePointDisk {
-            disk: "data".into(),
-            file: file.to_string_lossy().into(),
-            size_bytes: 64 << 20,
-            manifest_digest: String::new(),
-        }],
-        verified: false,
-    };
-    store.restore_point_publish(admin.tenant_id, &point).await.unwrap();
+        &dr_path,
+    )
+    .await;
     let elsewhere = server.ok(&t, Method::POST, "/v1/datastores", Some(datastore("elsewhere"))).await;
     let location = server
         .ok(
