@@ -82,32 +82,18 @@ fn conclude(p: &FailbackParams, from: PlanState) -> SagaStep {
     SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(step) }
 }
 
-/// The first step of a failback. It does nothing; its undo is the last one of a failback that
-/// halted and was then undone (`Undo` from HALTED unwinds the halted session), and lands the
-/// plan where the undo of a failback lands: FAILOVER. Without it the plan would stay in
-/// UNDO FAILBACK (running) for ever.
-struct Begin(FailbackParams);
-
-#[async_trait]
-impl Step for Begin {
-    fn name(&self) -> String {
-        "begin".into()
-    }
-    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        ctx.engine.store().object_get::<Plan>(self.0.tenant_id, self.0.plan_id.0).await?;
-        Ok(Value::Null)
-    }
-    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
-        let (engine, p) = (&ctx.engine, &self.0);
-        let only_if = &[PlanState::UndoFailbackInProgress];
-        crate::plan_state::plan_event(engine, p.tenant_id, p.plan_id, PlanEvent::Completed, true, only_if).await
-    }
-}
-
 fn failback_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let p = params(session)?;
-    let begin = SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Begin(p.clone())) };
-    let mut steps = vec![begin];
+    // Undo from HALTED unwinds a halted failback; its last undo lands the plan where the undo
+    // of a failback lands, FAILOVER (without it the plan would stay in UNDO FAILBACK for ever).
+    let begin = crate::plan_state::Begin {
+        tenant: p.tenant_id,
+        plan: p.plan_id,
+        unwinding: PlanState::UndoFailbackInProgress,
+        event: PlanEvent::Completed,
+        passed: true,
+    };
+    let mut steps = vec![begin.step()];
     if let Some(location) = p.location {
         steps.extend(crate::plan_state::per_vm_steps(tasks, 4, |i, vm| {
             Box::new(RestoreToLocation { p: p.clone(), vm, index: i, location })

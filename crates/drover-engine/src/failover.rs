@@ -82,7 +82,17 @@ fn failover_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     let plan = plan_of(session)?;
     let task_of = |vm: VmId| tasks.iter().position(|t| t.vm_id == Some(vm));
     let mut steps =
-        vec![SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Begin(p.clone())) }];
+        // The last undo of an unwound failover: the plan lands in UNDO FAILOVER.
+        vec![
+            crate::plan_state::Begin {
+                tenant: p.tenant_id,
+                plan: p.plan_id,
+                unwinding: PlanState::UndoFailoverInProgress,
+                event: PlanEvent::Completed,
+                passed: true,
+            }
+            .step(),
+        ];
     let mut i = 0usize;
     for (g, group) in plan.groups.iter().enumerate() {
         if g > 0 && plan.groups[g - 1].delay_secs > 0 {
@@ -238,10 +248,6 @@ fn undo_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     Ok(Saga::unwinding(steps))
 }
 
-async fn plan_event(engine: &Engine, p: &FailoverParams, event: PlanEvent, only_if: &[PlanState]) -> Result<()> {
-    crate::plan_state::plan_event(engine, p.tenant_id, p.plan_id, event, true, only_if).await
-}
-
 fn conclude(p: &FailoverParams, from: PlanState) -> SagaStep {
     let step = crate::plan_state::Conclude { tenant: p.tenant_id, plan: p.plan_id, from };
     SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(step) }
@@ -250,23 +256,6 @@ fn conclude(p: &FailoverParams, from: PlanState) -> SagaStep {
 fn halted(p: &FailoverParams) -> Option<Box<dyn crate::saga::HaltHook>> {
     let running = vec![PlanState::FailoverInProgress];
     Some(Box::new(crate::plan_state::PlanHalted { tenant: p.tenant_id, plan: p.plan_id, running }))
-}
-
-struct Begin(FailoverParams);
-
-#[async_trait]
-impl Step for Begin {
-    fn name(&self) -> String {
-        "begin".into()
-    }
-    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        ctx.engine.store().object_get::<Plan>(self.0.tenant_id, self.0.plan_id.0).await?;
-        Ok(Value::Null)
-    }
-    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
-        // The last undo of an unwound failover: the plan lands in UNDO FAILOVER.
-        plan_event(&ctx.engine, &self.0, PlanEvent::Completed, &[PlanState::UndoFailoverInProgress]).await
-    }
 }
 
 struct Delay {

@@ -8,9 +8,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use drover_types::{
-    LogLevel, Plan, PlanEvent, PlanId, PlanState, Replica, ReplicaState, SessionKind, TenantId, Vm, VmId,
-};
+use drover_types::{LogLevel, PlanEvent, PlanId, PlanState, Replica, ReplicaState, SessionKind, TenantId, Vm, VmId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -29,8 +27,16 @@ pub(crate) fn register(engine: &Engine) {
         Arc::new(|session, tasks| {
             let p: PlanParams = serde_json::from_value(session.params.clone())
                 .map_err(|e| Error::internal(format!("session {}: unreadable parameters: {e}", session.id)))?;
-            let mut steps =
-                vec![SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(Begin(p.clone())) }];
+            let mut steps = vec![
+                crate::plan_state::Begin {
+                    tenant: p.tenant_id,
+                    plan: p.plan_id,
+                    unwinding: PlanState::Checking,
+                    event: PlanEvent::Failed,
+                    passed: false,
+                }
+                .step(),
+            ];
             for (i, t) in tasks.iter().enumerate() {
                 let vm = t.vm_id.ok_or_else(|| Error::internal("a plan task without a VM"))?;
                 steps.push(SagaStep {
@@ -56,22 +62,6 @@ pub(crate) fn register(engine: &Engine) {
 
 async fn plan_event(ctx: &StepCtx, p: &PlanParams, event: PlanEvent, passed: bool, only_if: PlanState) -> Result<()> {
     crate::plan_state::plan_event(&ctx.engine, p.tenant_id, p.plan_id, event, passed, &[only_if]).await
-}
-
-struct Begin(PlanParams);
-
-#[async_trait]
-impl Step for Begin {
-    fn name(&self) -> String {
-        "begin".into()
-    }
-    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        ctx.engine.store().object_get::<Plan>(self.0.tenant_id, self.0.plan_id.0).await?;
-        Ok(Value::Null)
-    }
-    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
-        plan_event(ctx, &self.0, PlanEvent::Failed, false, PlanState::Checking).await
-    }
 }
 
 struct CheckVm {

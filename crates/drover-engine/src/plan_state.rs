@@ -56,6 +56,38 @@ impl Step for Conclude {
     }
 }
 
+/// The first step of a plan saga. Its run only checks that the plan is there; its undo is the
+/// last of an unwound saga and lands the plan where that unwinding ends: `event` (with
+/// `passed`) from the running state `unwinding`.
+pub(crate) struct Begin {
+    pub tenant: TenantId,
+    pub plan: PlanId,
+    pub unwinding: PlanState,
+    pub event: PlanEvent,
+    pub passed: bool,
+}
+
+impl Begin {
+    /// As the first step of a saga.
+    pub fn step(self) -> SagaStep {
+        SagaStep { task: None, group: None, weight: 1, critical: true, step: Box::new(self) }
+    }
+}
+
+#[async_trait]
+impl Step for Begin {
+    fn name(&self) -> String {
+        "begin".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        ctx.engine.store().object_get::<Plan>(self.tenant, self.plan.0).await?;
+        Ok(Value::Null)
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        plan_event(&ctx.engine, self.tenant, self.plan, self.event, self.passed, &[self.unwinding]).await
+    }
+}
+
 /// When a plan saga halts: a requested halt reaches HALTED, and a critical failure of one of the
 /// `running` states halts the plan too.
 pub(crate) struct PlanHalted {
