@@ -102,10 +102,10 @@ fn routes(state: EmState) -> Router {
         .route("/api/cloud/cloudFailoverPlans", get(h::cloud_plans_list))
         .route(
             "/api/cloud/cloudFailoverPlans/{id}",
-            get(h::cloud_plan_get).post(h::cloud_plan_action).delete(h::cloud_plan_delete),
+            get(h::cloud_plan_get).post(h::cloud_plan_action).put(h::cloud_plan_put).delete(h::cloud_plan_delete),
         )
         .route("/api/failoverPlans", get(h::plans_list))
-        .route("/api/failoverPlans/{id}", get(h::plan_get).post(h::plan_action).delete(h::plan_delete))
+        .route("/api/failoverPlans/{id}", get(h::plan_get).post(h::plan_action).put(h::plan_put).delete(h::plan_delete))
         .route("/api/tasks", get(h::tasks_list))
         .route("/api/tasks/{id}", get(h::task_get).delete(h::task_delete))
         .route("/api/query", get(h::query))

@@ -581,3 +581,62 @@ async fn both_listeners_share_logon_sessions_and_differ_only_in_their_links() {
     }
     server.stop().await;
 }
+
+/// A PUT on a plan's Edit link changes its description (XML or JSON), answers 202 with no body,
+/// and refuses plan commands drover would not run, changing nothing.
+#[tokio::test]
+async fn a_plan_is_edited_through_its_edit_link() {
+    let server = Server::simulated().await;
+    let em = Em::start(&server, Duration::from_secs(60)).await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let vm = server.vm(&t, &host, &ds, "web", json!({})).await;
+    let plan_id = plan(&server, &t, "Web", &[&vm]).await;
+    let token = em.logon().await;
+    let entity = em.ok(&format!("/api/cloud/cloudFailoverPlans/{plan_id}?format=Entity"), &token).await;
+    let edit = attr(&entity, "Link", Some("Edit"), "Href").unwrap();
+    assert!(edit.ends_with(&format!("/api/cloud/cloudFailoverPlans/{plan_id}")), "{edit}");
+    let description = |path: String| {
+        let em = &em;
+        let token = token.clone();
+        async move { text(&em.ok(&format!("{path}?format=Entity"), &token).await, "Description") }
+    };
+    let put = |path: String, content_type: &'static str, body: String| {
+        let em = &em;
+        let token = token.clone();
+        async move { em.send(Method::PUT, &path, Token::Header(&token), false, Some((content_type, body))).await }
+    };
+
+    // XML on the plain view, JSON on the cloud one.
+    let plain = format!("/api/failoverPlans/{plan_id}");
+    let xml = format!(r#"<FailoverPlan xmlns="{NS}"><Description>the shop's web tier</Description></FailoverPlan>"#);
+    let a = put(plain.clone(), "application/xml", xml).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::ACCEPTED, ""));
+    assert_eq!(description(plain.clone()).await.as_deref(), Some("the shop's web tier"));
+    let body = json!({"Description": "web", "CloudFailoverPlanOptions": {"PreFailoverPlanCommandEnabled": false}});
+    let a = put(edit.clone(), "application/json", body.to_string()).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(description(edit.clone()).await.as_deref(), Some("web"));
+
+    // Refused, and nothing changes: a plan command, the wrong document, an unknown plan.
+    let commands = format!(
+        r#"<CloudFailoverPlan xmlns="{NS}"><Description>x</Description><CloudFailoverPlanOptions><PreFailoverPlanCommandEnabled>true</PreFailoverPlanCommandEnabled><PreFailoverPlanCommand>C:\pre.bat</PreFailoverPlanCommand></CloudFailoverPlanOptions></CloudFailoverPlan>"#
+    );
+    let a = put(edit.clone(), "application/xml", commands).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("pre- or post-failover plan commands"), "{}", a.body);
+    let wrong = format!(
+        r#"<CloudFailoverPlanManagementSpec xmlns="{NS}"><StartNow>true</StartNow></CloudFailoverPlanManagementSpec>"#
+    );
+    let a = put(edit.clone(), "application/xml", wrong).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.body.contains("not CloudFailoverPlan"), "{}", a.body);
+    let unknown = format!("/api/failoverPlans/{}", uuid::Uuid::new_v4());
+    assert_eq!(put(unknown, "application/xml", "<FailoverPlan/>".into()).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(description(edit).await.as_deref(), Some("web"));
+    let sessions = em.ok("/api/cloud/failoverSessions", &token).await;
+    assert_eq!(count(&sessions, "Ref"), 0, "an edit starts nothing");
+
+    em.listener.stop().await;
+    server.stop().await;
+}

@@ -953,6 +953,20 @@ impl App {
         Ok(plan)
     }
 
+    /// Changes a plan's description, in any state (it changes nothing a running plan does).
+    pub async fn plan_set_description(&self, caller: &Caller, id: PlanId, description: &str) -> Result<Plan> {
+        caller.require(Role::PlanAuthor)?;
+        let (plan, ()) = self
+            .store()
+            .object_modify::<Plan, _, _>(caller.tenant_id, id.0, |p| {
+                p.description = description.to_string();
+                p.updated_at = now();
+                p.validate()
+            })
+            .await?;
+        Ok(plan)
+    }
+
     /// Applies a lifecycle request to a plan. Actions that need replicas (failover and the rest)
     /// are refused with 409 until every VM of the plan has a ready replica.
     pub async fn plan_action(

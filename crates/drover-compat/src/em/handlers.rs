@@ -396,38 +396,46 @@ pub struct ManagementSpec {
     pub start_date: Option<String>,
 }
 
+/// A request body: JSON with `Content-Type: application/json`, XML otherwise, whose root must be
+/// `root` (the XML deserializer does not look at the root's name; a client that sends another
+/// document by mistake must hear about it rather than have it acted on). `None` for an empty body.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+    root: &str,
+) -> Result<Option<T>, Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let bad = |e: String| Error::invalid(format!("malformed {root}: {e}"));
+    if json {
+        return serde_json::from_slice(body).map(Some).map_err(|e| bad(e.to_string()));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
+    let mut reader = quick_xml::Reader::from_str(text);
+    let found = loop {
+        match reader.read_event().map_err(|e| bad(e.to_string()))? {
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                break String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+            }
+            quick_xml::events::Event::Eof => return Err(bad("no root element".into())),
+            _ => {}
+        }
+    };
+    if found != root {
+        return Err(bad(format!("the root element is {found}, not {root}")));
+    }
+    quick_xml::de::from_str(text).map(Some).map_err(|e| bad(e.to_string()))
+}
+
 impl ManagementSpec {
     /// Parses a body; an empty body means "start now".
     pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<ManagementSpec, Error> {
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(ManagementSpec::default());
-        }
-        let json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-        let bad = |e: String| Error::invalid(format!("malformed CloudFailoverPlanManagementSpec: {e}"));
-        if json {
-            serde_json::from_slice(body).map_err(|e| bad(e.to_string()))
-        } else {
-            let text = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
-            // The deserializer does not look at the root's name; a client that sends another
-            // document by mistake must hear about it rather than start a failover.
-            let mut reader = quick_xml::Reader::from_str(text);
-            let root = loop {
-                match reader.read_event().map_err(|e| bad(e.to_string()))? {
-                    quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
-                        break String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
-                    }
-                    quick_xml::events::Event::Eof => return Err(bad("no root element".into())),
-                    _ => {}
-                }
-            };
-            if root != "CloudFailoverPlanManagementSpec" {
-                return Err(bad(format!("the root element is {root}, not CloudFailoverPlanManagementSpec")));
-            }
-            quick_xml::de::from_str(text).map_err(|e| bad(e.to_string()))
-        }
+        Ok(parse_body(headers, body, "CloudFailoverPlanManagementSpec")?.unwrap_or_default())
     }
 
     /// The newest point at or before `StartDate`, or the newest point.
@@ -440,6 +448,80 @@ impl ManagementSpec {
             (None, _) => Ok(None),
         }
     }
+}
+
+/// The body of a PUT on a plan: `FailoverPlan` (its `Description`) or `CloudFailoverPlan` (its
+/// `CloudFailoverPlanOptions`, and a `Description` too).
+#[derive(Debug, Default, Deserialize)]
+pub struct PlanEdit {
+    #[serde(rename = "Description", default)]
+    pub description: Option<String>,
+    #[serde(rename = "CloudFailoverPlanOptions", default)]
+    pub options: Option<PlanCommands>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PlanCommands {
+    #[serde(rename = "PreFailoverPlanCommandEnabled", default)]
+    pub pre_enabled: Option<bool>,
+    #[serde(rename = "PreFailoverPlanCommand", default)]
+    pub pre: Option<String>,
+    #[serde(rename = "PostFailoverPlanCommandEnabled", default)]
+    pub post_enabled: Option<bool>,
+    #[serde(rename = "PostFailoverPlanCommand", default)]
+    pub post: Option<String>,
+}
+
+/// `PUT` on a plan: 202 with no body, as EM answers. drover runs no commands around a whole plan
+/// (checks and scripts are per-VM plan steps), so enabling one is refused rather than accepted
+/// and silently not run.
+async fn edit_plan(
+    state: &EmState,
+    auth: &Auth,
+    (headers, body): (&HeaderMap, &[u8]),
+    id: &str,
+    kind: PlanKind,
+) -> EmResult {
+    let id: PlanId = parse_id("plan", id)?;
+    state.app.get::<Plan>(&auth.caller, id.0).await?;
+    let edit: PlanEdit = parse_body(headers, body, kind.kind())?.unwrap_or_default();
+    if let Some(c) = &edit.options {
+        if kind == PlanKind::Plain {
+            return Err(Error::invalid("a FailoverPlan has no CloudFailoverPlanOptions").into());
+        }
+        let set = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.trim().is_empty());
+        if c.pre_enabled == Some(true) || c.post_enabled == Some(true) || set(&c.pre) || set(&c.post) {
+            return Err(Error::invalid(
+                "drover runs no pre- or post-failover plan commands (put checks and scripts in the plan's steps): \
+                 leave PreFailoverPlanCommandEnabled and PostFailoverPlanCommandEnabled false and the commands empty",
+            )
+            .into());
+        }
+    }
+    if let Some(description) = &edit.description {
+        state.app.plan_set_description(&auth.caller, id, description).await?;
+    }
+    Ok(Reply::empty(StatusCode::ACCEPTED))
+}
+
+pub async fn cloud_plan_put(
+    auth: Auth,
+    State(state): State<EmState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> EmResult {
+    edit_plan(&state, &auth, (&headers, &body), &id, PlanKind::Cloud).await
+}
+
+pub async fn plan_put(
+    auth: Auth,
+    State(state): State<EmState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> EmResult {
+    edit_plan(&state, &auth, (&headers, &body), &id, PlanKind::Plain).await
 }
 
 async fn act(

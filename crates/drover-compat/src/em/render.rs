@@ -270,7 +270,11 @@ impl Reply {
         Reply { status, headers: Vec::new(), body: Some(body) }
     }
     pub fn no_content() -> Reply {
-        Reply { status: StatusCode::NO_CONTENT, headers: Vec::new(), body: None }
+        Reply::empty(StatusCode::NO_CONTENT)
+    }
+    /// A status with no body (an accepted edit: 202).
+    pub fn empty(status: StatusCode) -> Reply {
+        Reply { status, headers: Vec::new(), body: None }
     }
 }
 

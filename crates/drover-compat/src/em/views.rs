@@ -338,7 +338,13 @@ pub fn plan(ctx: &Ctx, view: &PlanView, kind: PlanKind, shape: Shape) -> Element
         return ctx.reference(shape.element(), k, &path, name, &id, links);
     }
     let reference = format!("{k}Reference");
-    let mut links = vec![ctx.up(), ctx.link("Alternate", Some(&reference), &path, Some(name))];
+    // Edit: a PUT of the entity (its description; for a cloud plan, its plan commands) on the
+    // plan's own URL.
+    let mut links = vec![
+        ctx.up(),
+        ctx.link("Alternate", Some(&reference), &path, Some(name)),
+        ctx.link("Edit", Some(k), &path, Some(name)),
+    ];
     let actions: &[(&str, &str)] = match kind {
         PlanKind::Cloud => &[("Start", "start"), ("Test", "test"), ("Undo", "undo")],
         PlanKind::Plain => &[("Start", "start"), ("Undo", "undo")],
