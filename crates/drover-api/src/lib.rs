@@ -75,7 +75,10 @@ impl FromRequestParts<ApiState> for Auth {
 #[derive(Debug)]
 pub struct ApiDoc;
 
-struct BearerScheme;
+/// Adds the `bearer` security scheme to an OpenAPI document (this API's and the Recovery
+/// Orchestrator dialect's).
+#[derive(Debug)]
+pub struct BearerScheme;
 
 impl utoipa::Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

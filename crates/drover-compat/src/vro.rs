@@ -24,6 +24,7 @@ use axum::extract::FromRequestParts;
 use axum::extract::rejection::PathRejection;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
+use drover_api::BearerScheme;
 use drover_engine::app::{App, Caller};
 use utoipa::OpenApi;
 
@@ -106,19 +107,6 @@ pub struct Path<T>(pub T);
 )]
 #[derive(Debug)]
 pub struct VroApiDoc;
-
-struct BearerScheme;
-
-impl utoipa::Modify for BearerScheme {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(VroApiDoc::openapi())
