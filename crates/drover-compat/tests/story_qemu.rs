@@ -18,7 +18,7 @@ use drover_hv::Hypervisor;
 use em_common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use vro_common::{NIL, Vro};
+use vro_common::{NIL, Vro, replicated_for_real};
 
 #[tokio::test]
 async fn a_whole_story_through_the_dialects_alone_with_qemu() {
@@ -31,28 +31,7 @@ async fn a_whole_story_through_the_dialects_alone_with_qemu() {
     // Set-up through the native API: a VM with the tiny guest, replicated for real, in a plan.
     let admin = server.admin().await;
     let (host, ds) = server.infrastructure(&admin).await;
-    let guest = common::tiny_guest();
-    let boot = json!({"kernel": guest.vmlinux, "initrd": guest.initramfs, "cmdline": guest.cmdline});
-    let vm = server.vm(&admin, &host, &ds, "shop", json!({"boot": boot, "memory_mib": 128})).await;
-    let dr_path = server.dir.path().join("dr");
-    let dr = server
-        .ok(&admin, Method::POST, "/v1/datastores", Some(json!({"host_id": host, "name": "dr", "path": dr_path})))
-        .await;
-    let job = server
-        .ok(
-            &admin,
-            Method::POST,
-            "/v1/replication-jobs",
-            Some(json!({"name": "shop-job", "vm_ids": [vm], "target_host_id": host,
-                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 3})),
-        )
-        .await;
-    let (status, run) = server
-        .call(Some(&admin), Method::POST, &format!("/v1/replication-jobs/{}/run", job["id"].as_str().unwrap()), None)
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
-    let s = server.wait_session(&admin, run["session_id"].as_str().unwrap(), Duration::from_secs(180)).await;
-    assert_eq!(s["result"], "Success", "{s}");
+    let vm = replicated_for_real(server, &admin, (&host, &ds), "shop", json!({})).await;
     let plan = server
         .ok(
             &admin,

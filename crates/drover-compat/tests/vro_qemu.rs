@@ -24,27 +24,9 @@ async fn failback_to_production_with_qemu_to_the_original_vms_and_to_another_loc
     let server = &vro.server;
     let admin = server.admin().await;
     let (host, ds) = server.infrastructure(&admin).await;
-    let guest = common::tiny_guest();
-    let boot = json!({"kernel": guest.vmlinux, "initrd": guest.initramfs, "cmdline": guest.cmdline});
-    let vm = server.vm(&admin, &host, &ds, "app", json!({"boot": boot, "memory_mib": 128, "tags": ["tier:web"]})).await;
+    // The (powered-off) production VM, replicated for real.
+    let vm = replicated_for_real(server, &admin, (&host, &ds), "app", json!({"tags": ["tier:web"]})).await;
     let datastore = |name: &str| json!({"host_id": host, "name": name, "path": server.dir.path().join(name)});
-    let dr = server.ok(&admin, Method::POST, "/v1/datastores", Some(datastore("dr"))).await;
-    let job = server
-        .ok(
-            &admin,
-            Method::POST,
-            "/v1/replication-jobs",
-            Some(json!({"name": "j", "vm_ids": [vm], "target_host_id": host,
-                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 3})),
-        )
-        .await;
-    // Replicate the (powered-off) production VM for real.
-    let (status, run) = server
-        .call(Some(&admin), Method::POST, &format!("/v1/replication-jobs/{}/run", job["id"].as_str().unwrap()), None)
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
-    let s = server.wait_session(&admin, run["session_id"].as_str().unwrap(), Duration::from_secs(180)).await;
-    assert_eq!(s["result"], "Success", "{s}");
     let elsewhere = server.ok(&admin, Method::POST, "/v1/datastores", Some(datastore("elsewhere"))).await;
     let location = server
         .ok(

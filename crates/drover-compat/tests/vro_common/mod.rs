@@ -194,6 +194,41 @@ pub async fn site(vro: &Vro) -> Site {
     Site { plan: plan["id"].as_str().unwrap().into(), vm, location: location["id"].as_str().unwrap().into() }
 }
 
+/// A VM booting the tiny guest (128 MiB, with `extra` fields such as tags) on `host`/`ds`,
+/// replicated for real by a first run of a manual job to a new datastore `dr`. Returns the VM's id.
+pub async fn replicated_for_real(
+    server: &Server,
+    admin: &str,
+    (host, ds): (&str, &str),
+    name: &str,
+    extra: Value,
+) -> String {
+    let guest = crate::common::tiny_guest();
+    let mut fields = json!({"boot": {"kernel": guest.vmlinux, "initrd": guest.initramfs, "cmdline": guest.cmdline},
+        "memory_mib": 128});
+    if let (Some(f), Value::Object(extra)) = (fields.as_object_mut(), extra) {
+        f.extend(extra);
+    }
+    let vm = server.vm(admin, host, ds, name, fields).await;
+    let dr = json!({"host_id": host, "name": "dr", "path": server.dir.path().join("dr")});
+    let dr = server.ok(admin, Method::POST, "/v1/datastores", Some(dr)).await;
+    let job = server
+        .ok(
+            admin,
+            Method::POST,
+            "/v1/replication-jobs",
+            Some(json!({"name": format!("{name}-job"), "vm_ids": [vm], "target_host_id": host,
+                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 3})),
+        )
+        .await;
+    let run = format!("/v1/replication-jobs/{}/run", job["id"].as_str().unwrap());
+    let (status, run) = server.call(Some(admin), Method::POST, &run, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let s = server.wait_session(admin, run["session_id"].as_str().unwrap(), Duration::from_secs(180)).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    vm
+}
+
 // ------------------------------------------------------------------------------------------------
 // Golden files
 
