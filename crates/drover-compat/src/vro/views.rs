@@ -627,28 +627,8 @@ impl RecoveryLocationInfo {
     }
 }
 
-/// `POST /api/token` response.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TokenResponse {
-    pub access_token: String,
-    /// Always `bearer`.
-    pub token_type: &'static str,
-    /// Seconds until the access token expires.
-    pub expires_in: i64,
-    /// Single use: each refresh returns a new one.
-    pub refresh_token: String,
-}
-
-impl From<drover_engine::auth::TokenPair> for TokenResponse {
-    fn from(p: drover_engine::auth::TokenPair) -> Self {
-        TokenResponse {
-            access_token: p.access_token,
-            token_type: "bearer",
-            expires_in: p.expires_in,
-            refresh_token: p.refresh_token,
-        }
-    }
-}
+/// `POST /api/token` response: the native API's token, the same on the wire.
+pub use drover_api::views::TokenResponse;
 
 /// The fields of `POST /api/token` (form-urlencoded or multipart).
 #[derive(Debug, Default, Deserialize, ToSchema)]
