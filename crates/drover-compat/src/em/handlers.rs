@@ -238,6 +238,11 @@ pub async fn session_details(
     id: SessionId,
 ) -> Result<(Vec<drover_types::Task>, Vec<PointLink>), Error> {
     let (_, tasks) = app.session_get(caller, id).await?;
+    Ok((tasks, point_links(app, caller, id).await?))
+}
+
+/// The restore points a session's VM tasks booted from (only points that still exist).
+async fn point_links(app: &App, caller: &Caller, id: SessionId) -> Result<Vec<PointLink>, Error> {
     let mut links = Vec::new();
     let mut existing: HashMap<ReplicaId, (String, Vec<RestorePointId>)> = HashMap::new();
     for (task_id, replica_id, point_id) in app.session_boot_points(caller, id).await? {
@@ -253,7 +258,7 @@ pub async fn session_details(
             links.push(PointLink { task_id, point_id, name: name.clone() });
         }
     }
-    Ok((tasks, links))
+    Ok(links)
 }
 
 pub async fn sessions_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
@@ -280,9 +285,12 @@ pub async fn session_get(
 ) -> EmResult {
     let shape = params.shape(Shape::EntityRef)?;
     let id: SessionId = parse_id("failover session", &id)?;
-    let (s, _) = plan_session(&state.app, &auth.caller, id).await?;
-    let (tasks, points) =
-        if shape == Shape::Entity { session_details(&state.app, &auth.caller, id).await? } else { Default::default() };
+    let (s, tasks) = plan_session(&state.app, &auth.caller, id).await?;
+    let (tasks, points) = if shape == Shape::Entity {
+        (tasks, point_links(&state.app, &auth.caller, id).await?)
+    } else {
+        Default::default()
+    };
     Ok(Reply::ok(views::cloud_failover_session(&ctx, &s, &tasks, &points, shape)))
 }
 

@@ -531,14 +531,18 @@ pub async fn runtime_plan(
     Ok(Json(PlanRuntimeDetails::new(&p, &f, c.role)))
 }
 
-/// The runtime views of a group's VMs, from their tasks in the plan's current session.
-async fn runtime_vms(st: &VroState, c: &Caller, p: &d::Plan, g: &d::PlanGroup) -> VroResult<Vec<RuntimeVm>> {
+/// The VM tasks of the plan's current session (its newest that is not a test failover).
+async fn current_tasks(st: &VroState, c: &Caller, p: &d::Plan) -> VroResult<Vec<d::Task>> {
     let filter = SessionFilter { target_id: Some(p.id.0), limit: 50, ..Default::default() };
     let (sessions, _) = st.app.session_list(c, &filter).await?;
-    let tasks = match sessions.iter().find(|s| s.kind != SessionKind::PlanTestFailover) {
+    Ok(match sessions.iter().find(|s| s.kind != SessionKind::PlanTestFailover) {
         Some(s) => st.app.session_get(c, s.id).await?.1,
         None => Vec::new(),
-    };
+    })
+}
+
+/// The runtime views of a group's VMs, from their `tasks` in the plan's current session.
+async fn runtime_vms(st: &VroState, c: &Caller, g: &d::PlanGroup, tasks: &[d::Task]) -> VroResult<Vec<RuntimeVm>> {
     let mut out = Vec::new();
     for v in &g.vms {
         let task = tasks.iter().find(|t| t.vm_id == Some(v.vm_id));
@@ -557,9 +561,10 @@ pub async fn runtime_groups(
     Query(q): Query<CollectionQuery>,
 ) -> VroResult<Json<Collection<Value>>> {
     let p = plan(&st, &c, &id).await?;
+    let tasks = current_tasks(&st, &c, &p).await?;
     let mut out = Vec::new();
     for (i, g) in p.groups.iter().enumerate() {
-        out.push(runtime_group(g, i, &runtime_vms(&st, &c, &p, g).await?));
+        out.push(runtime_group(g, i, &runtime_vms(&st, &c, g, &tasks).await?));
     }
     Ok(Json(q.apply(out)?))
 }
@@ -575,7 +580,8 @@ pub async fn runtime_group_vms(
 ) -> VroResult<Json<Collection<Value>>> {
     let p = plan(&st, &c, &id).await?;
     let (_, g) = group(&p, &group_id)?;
-    Ok(Json(q.apply(runtime_vms(&st, &c, &p, g).await?)?))
+    let tasks = current_tasks(&st, &c, &p).await?;
+    Ok(Json(q.apply(runtime_vms(&st, &c, g, &tasks).await?)?))
 }
 
 /// The runtime views of the plan's steps, from the saga records of its newest failover;
