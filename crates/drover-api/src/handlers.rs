@@ -42,7 +42,11 @@ fn accepted(session: d::SessionId) -> Response {
 #[utoipa::path(post, path = "/v1/token", tag = "auth",
     request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-pub async fn token(State(st): State<ApiState>, req: axum::extract::Request) -> ApiResult<Json<TokenResponse>> {
+pub async fn token(
+    State(st): State<ApiState>,
+    crate::ClientAddr(from): crate::ClientAddr,
+    req: axum::extract::Request,
+) -> ApiResult<Json<TokenResponse>> {
     let is_json = req
         .headers()
         .get(CONTENT_TYPE)
@@ -63,7 +67,7 @@ pub async fn token(State(st): State<ApiState>, req: axum::extract::Request) -> A
             let (Some(u), Some(p)) = (body.username.as_deref(), body.password.as_deref()) else {
                 return Err(Error::invalid("grant_type=password needs username and password").into());
             };
-            st.app.login(u, p).await?
+            st.app.login(u, p, from).await?
         }
         "refresh_token" => {
             let Some(r) = body.refresh_token.as_deref() else {

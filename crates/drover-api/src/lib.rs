@@ -27,6 +27,25 @@ pub struct ApiState {
     pub app: App,
 }
 
+/// The client's address, as the listener saw the connection (`None` when the router runs without
+/// a listener, as in-process tests do). No forwarded-for header is trusted: a client could claim any
+/// address with one, and login throttling keys on this address.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|axum::extract::ConnectInfo(a)| a.ip()),
+        ))
+    }
+}
+
 /// The authenticated caller, from `Authorization: Bearer <token>`.
 #[derive(Debug, Clone)]
 pub struct Auth(pub Caller);
@@ -222,7 +241,7 @@ pub async fn listen(router: Router, addr: SocketAddr, tls: Tls) -> std::io::Resu
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
     let handle = axum_server::Handle::new();
-    let service = router.into_make_service();
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let (task, is_tls) = match tls {
         Tls::Plain => {
             let server = axum_server::from_tcp(std_listener).handle(handle.clone());

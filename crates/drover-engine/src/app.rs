@@ -5,6 +5,7 @@
 //! tenant's object is simply not found), validate the input, and either change the inventory or
 //! start an operation and return its session at once. Nothing here knows HTTP.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use drover_store::{RefreshOutcome, SessionFilter};
@@ -186,7 +187,8 @@ impl App {
     }
 
     /// Password login. User names may come as `DOMAIN\USER`; the domain part is ignored.
-    pub async fn login(&self, username: &str, password: &str) -> Result<TokenPair> {
+    /// `from` is the client's address (`None` for in-process callers such as the lab).
+    pub async fn login(&self, username: &str, password: &str, from: Option<IpAddr>) -> Result<TokenPair> {
         let name = username.rsplit('\\').next().unwrap_or(username);
         let bad = || Error::Unauthorized("wrong user name or password".into());
         let Some((user, hash)) = self.store().user_by_name(name).await? else {
@@ -291,8 +293,8 @@ impl App {
     }
 
     /// Logs a client in with its secret.
-    pub async fn client_login(&self, client_id: uuid::Uuid, secret: &str) -> Result<TokenPair> {
-        self.login(&Self::client_user_name(client_id), secret).await.map_err(|e| match e {
+    pub async fn client_login(&self, client_id: uuid::Uuid, secret: &str, from: Option<IpAddr>) -> Result<TokenPair> {
+        self.login(&Self::client_user_name(client_id), secret, from).await.map_err(|e| match e {
             Error::Unauthorized(_) => Error::Unauthorized("wrong client id or secret".into()),
             e => e,
         })

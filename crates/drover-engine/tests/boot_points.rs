@@ -22,7 +22,7 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
     };
     let app = App::new(Engine::new(store, Arc::new(SimulatedHypervisor::new()), config));
     app.bootstrap(Some("adminpass".into())).await.unwrap();
-    let caller = app.authenticate(&app.login("admin", "adminpass").await.unwrap().access_token).await.unwrap();
+    let caller = app.authenticate(&app.login("admin", "adminpass", None).await.unwrap().access_token).await.unwrap();
     let wait = |s: SessionId| {
         let app = app.clone();
         async move { app.engine().wait(s, Duration::from_secs(20)).await.unwrap() }

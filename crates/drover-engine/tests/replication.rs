@@ -69,7 +69,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
     };
     let app = App::new(Engine::new(store, driver.clone(), config));
     app.bootstrap(Some("password1".into())).await.unwrap();
-    let tokens = app.login("admin", "password1").await.unwrap();
+    let tokens = app.login("admin", "password1", None).await.unwrap();
     let caller = app.authenticate(&tokens.access_token).await.unwrap();
     let env = Env { _dir: dir, app, caller, driver };
     let (app, caller) = (&env.app, &env.caller);
@@ -222,7 +222,8 @@ impl Rig {
         let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
         let app = App::new(Engine::new(store, driver.clone(), Rig::config(dir.path())));
         app.bootstrap(Some("password1".into())).await.unwrap();
-        let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
+        let caller =
+            app.authenticate(&app.login("admin", "password1", None).await.unwrap().access_token).await.unwrap();
         let site = app.site_create(&caller, "s", SiteKind::Production).await.unwrap();
         let host = app
             .host_create(&caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() })
@@ -499,7 +500,7 @@ async fn qemu_site(prefix: &str) -> (Env, Host, Datastore, Datastore, VmBoot) {
     };
     let app = App::new(Engine::new(store, driver.clone(), config));
     app.bootstrap(Some("password1".into())).await.unwrap();
-    let caller = app.authenticate(&app.login("admin", "password1").await.unwrap().access_token).await.unwrap();
+    let caller = app.authenticate(&app.login("admin", "password1", None).await.unwrap().access_token).await.unwrap();
     let root = dir.path().to_path_buf();
     let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
     let host = app

@@ -41,7 +41,7 @@ async fn env() -> Env {
     let store = Store::open_sqlite(&db).await.unwrap();
     let app = App::new(Engine::new(store, hv.clone(), config()));
     app.bootstrap(Some("adminpass".into())).await.unwrap();
-    let tokens = app.login("admin", "adminpass").await.unwrap();
+    let tokens = app.login("admin", "adminpass", None).await.unwrap();
     let caller = app.authenticate(&tokens.access_token).await.unwrap();
     let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
     let host = app

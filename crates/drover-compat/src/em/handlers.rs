@@ -109,13 +109,19 @@ pub async fn enterprise_manager(ctx: Ctx) -> Reply {
     Reply::ok(views::enterprise_manager(&ctx))
 }
 
-pub async fn logon(State(state): State<EmState>, ctx: Ctx, params: Params, headers: HeaderMap) -> EmResult {
+pub async fn logon(
+    State(state): State<EmState>,
+    drover_api::ClientAddr(from): drover_api::ClientAddr,
+    ctx: Ctx,
+    params: Params,
+    headers: HeaderMap,
+) -> EmResult {
     let version = params.get("v").unwrap_or("latest");
     if !views::VERSIONS.contains(&version) {
         return Err(Error::invalid(format!("unsupported version {version:?}; see GET /api/")).into());
     }
     let (user, password) = logon::basic_credentials(&headers)?;
-    let (session, caller) = state.logons.logon(&state.app, &user, &password).await?;
+    let (session, caller) = state.logons.logon(&state.app, &user, &password, from).await?;
     let mut reply = Reply::with_status(StatusCode::CREATED, views::logon_session(&ctx, session.id, &caller.name));
     let token = HeaderValue::from_str(&session.token).map_err(|e| Error::internal(e.to_string()))?;
     let cookie = HeaderValue::from_str(&format!("{SESSION_HEADER}={}; Path=/api", session.token))

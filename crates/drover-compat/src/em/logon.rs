@@ -49,8 +49,14 @@ impl LogonSessions {
     }
 
     /// Checks the credentials with the application layer and opens a logon session.
-    pub async fn logon(&self, app: &App, user: &str, password: &str) -> Result<(LogonSession, Caller), Error> {
-        let tokens = app.login(user, password).await?;
+    pub async fn logon(
+        &self,
+        app: &App,
+        user: &str,
+        password: &str,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<(LogonSession, Caller), Error> {
+        let tokens = app.login(user, password, from).await?;
         let caller = app.authenticate(&tokens.access_token).await?;
         let session = LogonSession {
             id: Uuid::new_v4(),

@@ -25,7 +25,11 @@ use super::{Auth, Path, VroState};
 #[utoipa::path(post, path = "/api/token", tag = "Authorization",
     request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
     responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-pub async fn token(State(st): State<VroState>, req: Request) -> VroResult<Json<TokenResponse>> {
+pub async fn token(
+    State(st): State<VroState>,
+    drover_api::ClientAddr(from): drover_api::ClientAddr,
+    req: Request,
+) -> VroResult<Json<TokenResponse>> {
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let body = if content_type.starts_with("multipart/form-data") {
         token_fields_multipart(req).await?
@@ -47,7 +51,7 @@ pub async fn token(State(st): State<VroState>, req: Request) -> VroResult<Json<T
         "password" => {
             let username = need(body.username.clone(), "username")?;
             let password = need(body.password.clone(), "password")?;
-            st.app.login(&username, &password).await.map_err(credentials)?
+            st.app.login(&username, &password, from).await.map_err(credentials)?
         }
         "refresh_token" => {
             let refresh = need(body.refresh_token.clone(), "refresh_token")?;
@@ -60,7 +64,7 @@ pub async fn token(State(st): State<VroState>, req: Request) -> VroResult<Json<T
             let id = need(body.client_id.clone(), "client_id")?;
             let secret = need(body.client_secret.clone(), "client_secret")?;
             let id = Uuid::parse_str(&id).map_err(|_| VroError::Credentials("wrong client id or secret".into()))?;
-            st.app.client_login(id, &secret).await.map_err(credentials)?
+            st.app.client_login(id, &secret, from).await.map_err(credentials)?
         }
         "" => return Err(VroError::Body("grant_type is missing".into())),
         other => {
