@@ -24,6 +24,10 @@ pub fn hash_password(password: &str) -> Result<String> {
         .map_err(|e| Error::internal(format!("cannot hash password: {e}")))
 }
 
+/// A well-formed argon2id hash that matches no password: what an unknown user's login is checked
+/// against, so that it takes as long as a known user's.
+pub const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
 }

@@ -81,6 +81,7 @@ impl VroError {
                     Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, C::InvalidToken),
                     Error::Forbidden(_) => (StatusCode::FORBIDDEN, C::AccessDenied),
                     Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, C::ServiceUnavailable),
+                    Error::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, C::AccessDenied),
                     Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, C::UnknownError),
                 };
                 let resource = match e {
@@ -109,11 +110,18 @@ impl VroError {
 
 impl IntoResponse for VroError {
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            VroError::Domain(e) => e.retry_after_secs(),
+            _ => None,
+        };
         let (status, error_code, message, resource_id) = self.parts();
         if status.is_server_error() {
             tracing::error!(error = %message, "Recovery Orchestrator request failed");
         }
         let mut resp = (status, axum::Json(ErrorBody { error_code, message, resource_id })).into_response();
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
