@@ -630,6 +630,16 @@ impl Store {
         Err(Error::Unavailable("the audit log is busy".into()))
     }
 
+    /// Deletes the entries recorded before `before`; returns how many.
+    pub async fn audit_purge_before(&self, before: Timestamp) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM audit_log WHERE at < $1")
+            .bind(ms(before))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(done.rows_affected())
+    }
+
     /// Entries newest first.
     pub async fn audit_list(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
         let rows = sqlx::query(
