@@ -260,7 +260,7 @@ impl Step for CreateDisks {
                     image::create_qcow2(&partial, d.size_bytes).await.map_err(hv_err)?;
                 }
             }
-            tokio::fs::rename(&partial, &path)
+            drover_hv::durable::publish(&partial, &path)
                 .await
                 .map_err(|e| Error::Unavailable(format!("cannot move {} into place: {e}", path.display())))?;
             paths.push(path);
