@@ -746,8 +746,8 @@ impl App {
         };
         let (session, tasks) = vm_session(caller, &vm, kind, &params)?;
         let session_id = session.id;
-        // The power state's move and the session commit together; the checks run on the record
-        // as it is inside that transaction.
+        // The power state's move and the session commit together; the checks run on the version
+        // of the record that is written (a concurrent change makes them run again).
         self.engine
             .submit_with::<Vm, _, _>(session, tasks, caller.tenant_id, id.0, |vm| {
                 if !vm.provisioned {

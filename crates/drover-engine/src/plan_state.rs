@@ -72,7 +72,25 @@ impl Step for Conclude {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         plan_event(&ctx.engine, self.tenant, self.plan, PlanEvent::Completed, true, &[self.from]).await?;
-        Ok(Value::Null)
+        // A halt that came while this last step ran finds nothing left to halt: the action
+        // completed all the same, and the plan must not wait in HALTING for a session that ends.
+        let r = ctx
+            .engine
+            .store()
+            .object_modify::<Plan, _, _>(self.tenant, self.plan.0, |p| {
+                if p.lifecycle.state == PlanState::Halting && p.lifecycle.interrupted == Some(self.from) {
+                    if let Some(done) = p.lifecycle.abandoned(true) {
+                        p.lifecycle = done;
+                        p.updated_at = now();
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(_) | Err(Error::NotFound { .. }) => Ok(Value::Null),
+            Err(e) => Err(e),
+        }
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
         Ok(())

@@ -306,3 +306,28 @@ async fn a_refused_power_request_records_nothing() {
     let kinds: Vec<SessionKind> = env.sessions_of(vm.id.0).await.into_iter().map(|s| s.kind).collect();
     assert_eq!(kinds, [SessionKind::VmCreate]);
 }
+
+/// A halt that reaches the plan while its session runs its last step: the session ends in
+/// success and the plan lands where the action completes, not in HALTING. Made deterministic by
+/// stopping the runner before the last step and moving the plan as such a halt does.
+#[tokio::test]
+async fn a_halt_during_the_last_step_lands_the_plan_where_the_action_completes() {
+    let mut env = env().await;
+    let (a, _) = env.replicated("a").await;
+    let plan = env.plan("p", a.id).await;
+    env.app.engine().hooks().crash_after("boot:0");
+    let (_, s) = env.app.plan_action(&env.caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    let s = s.unwrap();
+    for _ in 0..200 {
+        if !env.app.engine().is_running(s) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let running = env.lifecycle(&plan).await;
+    env.set_lifecycle(&plan, running.apply(PlanEvent::Requested(PlanAction::Halt), true).unwrap()).await;
+    env.restart().await;
+    assert_eq!(env.wait(s).await.result, SessionResult::Success);
+    assert_eq!(env.lifecycle(&plan).await.state, PlanState::Failover);
+    assert_eq!(env.act(&plan, PlanAction::Undo).await.result, SessionResult::Success);
+}
