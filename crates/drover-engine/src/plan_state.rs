@@ -78,11 +78,12 @@ impl Step for Conclude {
             .engine
             .store()
             .object_modify::<Plan, _, _>(self.tenant, self.plan.0, |p| {
-                if p.lifecycle.state == PlanState::Halting && p.lifecycle.interrupted == Some(self.from) {
-                    if let Some(done) = p.lifecycle.abandoned(true) {
-                        p.lifecycle = done;
-                        p.updated_at = now();
-                    }
+                if p.lifecycle.state == PlanState::Halting
+                    && p.lifecycle.interrupted == Some(self.from)
+                    && let Some(done) = p.lifecycle.abandoned(true)
+                {
+                    p.lifecycle = done;
+                    p.updated_at = now();
                 }
                 Ok(())
             })
