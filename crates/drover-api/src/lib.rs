@@ -206,18 +206,12 @@ pub fn self_signed(dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
     }
     let generated = rcgen::generate_simple_self_signed(names).map_err(std::io::Error::other)?;
     std::fs::create_dir_all(dir)?;
-    // Key first and private: a crash between the two writes leaves no certificate without its key.
-    let tmp_key = key.with_extension("pem.tmp");
-    std::fs::write(&tmp_key, generated.key_pair.serialize_pem())?;
-    set_private(&tmp_key)?;
-    std::fs::rename(&tmp_key, &key)?;
-    std::fs::write(&cert, generated.cert.pem())?;
+    // Key first and private from its creation: a crash between the two writes leaves no
+    // certificate without its key. Each is published durably, so a crash or a power cut never
+    // leaves a half-written file that the check above would take for a whole one.
+    drover_hv::durable::write_blocking(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
+    drover_hv::durable::write_blocking(&cert, generated.cert.pem().as_bytes(), 0o644)?;
     Ok((cert, key))
-}
-
-fn set_private(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// A bound listener, ready to serve.
