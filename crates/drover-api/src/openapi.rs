@@ -1,0 +1,255 @@
+//! What the OpenAPI documents (this API's and the Recovery Orchestrator dialect's) say beyond
+//! what the handlers' annotations list: the error answers every operation can give, and the
+//! schemas of the string rules and domain enums the application layer enforces.
+//!
+//! The rules here are the application layer's, written as JSON Schema, so that a schema-driven
+//! client (or fuzzer) that sends what the document allows is not refused for breaking a rule the
+//! document does not show. Patterns are ECMA-262 and Python `re` alike: no `\s`, `\p{..}` or
+//! flags, whose meanings differ between the two.
+
+use drover_types as d;
+use serde::Serialize;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
+use utoipa::openapi::{HeaderBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
+
+/// A character that is neither a control character (`char::is_control`: U+0000-U+001F and
+/// U+007F-U+009F) nor whitespace (`char::is_whitespace`, what `str::trim` removes).
+const VISIBLE: &str = r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+
+/// What `drover_types::validate_name` accepts: 1 to 128 characters, no control characters, not
+/// only whitespace.
+pub fn name() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(128))
+        .pattern(Some(format!(r"^[^\x00-\x1f\x7f-\x9f]*{VISIBLE}[^\x00-\x1f\x7f-\x9f]*$")))
+        .description(Some("1-128 characters, not only whitespace, no control characters."))
+        .build()
+}
+
+/// A user's name: a [`name`] without `\` (it separates a domain) or `:` (client users are
+/// `client:<id>`).
+pub fn user_name() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(128))
+        .pattern(Some(format!(r"^[^\x00-\x1f\x7f-\x9f\\:]*{VISIBLE}[^\x00-\x1f\x7f-\x9f\\:]*$")))
+        .description(Some("1-128 characters, not only whitespace, no control characters, no '\\' or ':'."))
+        .build()
+}
+
+/// A password: at least 8 characters.
+pub fn password() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(8))
+        .description(Some("At least 8 characters."))
+        .build()
+}
+
+/// Text that is not empty or only whitespace (a host's address, a script's path).
+pub fn not_blank() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .pattern(Some(format!(r"{VISIBLE}")))
+        .description(Some("Not empty or only whitespace."))
+        .build()
+}
+
+/// An absolute path on the host.
+pub fn absolute_path() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^/"))
+        .description(Some("An absolute path on the host."))
+        .build()
+}
+
+/// A VM disk's name, which is also its image's file name.
+pub fn disk_name() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[A-Za-z0-9_-]{1,64}$"))
+        .description(Some("1-64 letters, digits, '-' or '_'; the image is `<name>.qcow2`."))
+        .build()
+}
+
+/// A disk's size in bytes: up to `drover_types::DISK_MAX_BYTES` (0 only when importing).
+pub fn disk_size() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::Int64)))
+        .minimum(Some(0))
+        .maximum(Some(d::DISK_MAX_BYTES as i64))
+        .description(Some("Bytes, 1 to 64 TiB; ignored (and may be 0) when importing."))
+        .build()
+}
+
+/// A MAC address, `aa:bb:cc:dd:ee:ff`.
+pub fn mac() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"))
+        .description(Some("aa:bb:cc:dd:ee:ff"))
+        .build()
+}
+
+/// A VM tag as `Tag::from_str` reads it: `category:name`, each side not blank, no `:` in the
+/// category.
+pub fn tag() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!(r"^[^:]*{VISIBLE}[^:]*:[\s\S]*{VISIBLE}[\s\S]*$")))
+        .description(Some("`category:name`; neither side blank, no ':' in the category."))
+        .build()
+}
+
+/// A VM's tags: each a [`tag`].
+pub fn tags() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new().items(tag()).build()
+}
+
+/// Ids, at least one, each once.
+pub fn unique_ids() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::Uuid))),
+        )
+        .min_items(Some(1))
+        .unique_items(true)
+        .build()
+}
+
+/// A string schema whose values are `values`, as serde writes them.
+pub fn string_enum<T: Serialize>(values: impl IntoIterator<Item = T>) -> Object {
+    let values: Vec<serde_json::Value> =
+        values.into_iter().map(|v| serde_json::to_value(v).expect("an enum serialises")).collect();
+    ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values)).build()
+}
+
+/// Defines a function returning the string enum schema of a domain enum without data, listing
+/// every variant. The `match` makes a variant added to the domain a compile error here until it
+/// is listed, so the document cannot fall behind the domain.
+macro_rules! domain_enum {
+    ($(#[$doc:meta])* $fn:ident: $ty:ty => [$($v:ident),+ $(,)?]) => {
+        $(#[$doc])*
+        pub fn $fn() -> Object {
+            type E = $ty;
+            fn _every_variant_is_listed(e: E) {
+                match e {
+                    $(E::$v)|+ => {}
+                }
+            }
+            string_enum([$(E::$v),+])
+        }
+    };
+}
+
+/// A role, as this API writes it.
+pub fn role() -> Object {
+    string_enum(d::Role::ALL)
+}
+
+/// A session kind.
+pub fn session_kind() -> Object {
+    string_enum(d::SessionKind::ALL)
+}
+
+/// A plan state's API identifier.
+pub fn plan_state() -> Object {
+    string_enum(d::PlanState::ALL)
+}
+
+/// A plan state's API identifier, or null.
+pub fn plan_state_or_null() -> Object {
+    or_null(plan_state())
+}
+
+/// `schema` (a string enum) that may also be null.
+pub fn or_null(mut schema: Object) -> Object {
+    schema.schema_type = utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]);
+    if let Some(values) = &mut schema.enum_values {
+        values.push(serde_json::Value::Null);
+    }
+    schema
+}
+
+domain_enum!(site_kind: d::SiteKind => [Production, DisasterRecovery]);
+domain_enum!(vm_power_state: d::VmPowerState => [Off, Starting, Running, Stopping, Died]);
+domain_enum!(replica_state: d::ReplicaState => [
+    Ready, Processing, Failover, FailedFailover, PermanentFailover, ReadyToSwitch, Failback
+]);
+domain_enum!(restore_point_state: d::RestorePointState => [Published, Retiring]);
+domain_enum!(recovery_location_kind: d::RecoveryLocationKind => [Original, Restore]);
+domain_enum!(plan_mode: d::PlanMode => [Enabled, Disabled, InUse]);
+domain_enum!(session_state: d::SessionState => [Starting, Working, Stopping, Stopped]);
+domain_enum!(session_result: d::SessionResult => [None, Success, Warning, Failed]);
+domain_enum!(log_level: d::LogLevel => [Info, Warning, Error]);
+domain_enum!(continue_option: drover_engine::saga::ContinueOption => [
+    RetryFailedStep, ProceedToNextStep, RetryFailedVm, ProceedToNextVm, RetryFailedGroup, ProceedToNextGroup
+]);
+
+/// Adds to every operation the error answers that follow from how it is served, with the error
+/// body (the component `ErrorBody`, in this API and in the dialects), unless its annotation lists
+/// them already:
+///
+/// - 400 where it takes a parameter or a body: a malformed id, query or body;
+/// - 401 where it needs a bearer token: missing, malformed, unknown or expired;
+/// - 404 where the path names an object: it does not exist, or belongs to another tenant;
+/// - 503 everywhere: the store is busy (a pool time-out, a contended update), try again.
+///
+/// The rest (403 for a role that is not enough, 409 for a conflict with the state, 404 for an
+/// object a body names) depends on what the operation does, and its annotation says it.
+#[derive(Debug)]
+pub struct ErrorResponses;
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, doc: &mut OpenApi) {
+        for item in doc.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for op in operations.into_iter().flatten() {
+                self.add_to(op);
+            }
+        }
+    }
+}
+
+impl ErrorResponses {
+    fn add_to(&self, op: &mut Operation) {
+        let params = op.parameters.as_deref().unwrap_or_default();
+        let takes_input = !params.is_empty() || op.request_body.is_some();
+        let names_object = params.iter().any(|p| p.parameter_in == ParameterIn::Path);
+        let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+        let wanted = [
+            (takes_input, "400", "The request is malformed or breaks a rule of the schema; nothing changed."),
+            (secured, "401", "The bearer token is missing, malformed, unknown or expired."),
+            (names_object, "404", "No such object (another tenant's objects are not found either)."),
+            (true, "503", "The control plane is busy; try again later (see Retry-After)."),
+        ];
+        for (applies, status, description) in wanted {
+            if !applies || op.responses.responses.contains_key(status) {
+                continue;
+            }
+            let mut response = ResponseBuilder::new().description(description).content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+            );
+            if status == "503" {
+                response = response.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)))
+                        .description(Some("Seconds to wait before trying again."))
+                        .build(),
+                );
+            }
+            op.responses.responses.insert(status.to_string(), RefOr::T(response.build()));
+        }
+    }
+}
