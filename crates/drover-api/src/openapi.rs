@@ -151,6 +151,23 @@ macro_rules! domain_enum {
     };
 }
 
+/// The `error` codes of this API's error body: what `error::status_of` gives each domain error,
+/// and the router's own answer to a method a path does not take.
+pub fn error_code() -> Object {
+    let samples = [
+        d::Error::not_found("object", "id"),
+        d::Error::AlreadyExists(String::new()),
+        d::Error::invalid(""),
+        d::Error::conflict(""),
+        d::Error::Unauthorized(String::new()),
+        d::Error::Forbidden(String::new()),
+        d::Error::Unavailable(String::new()),
+        d::Error::internal(""),
+    ];
+    let codes = samples.iter().map(|e| crate::error::status_of(e).1);
+    string_enum(codes.chain(["method_not_allowed"]))
+}
+
 /// A role, as this API writes it.
 pub fn role() -> Object {
     string_enum(d::Role::ALL)
@@ -251,5 +268,116 @@ impl ErrorResponses {
             }
             op.responses.responses.insert(status.to_string(), RefOr::T(response.build()));
         }
+    }
+}
+
+/// The ways `doc` (an OpenAPI document as JSON) breaks the rules this API's and the dialects'
+/// documents keep, one line each; empty when it keeps them. Their document tests run it, so a
+/// document cannot silently stop telling the truth:
+///
+/// - every operation answers 401 unless its path is in `unauthenticated`, and 503;
+/// - every operation that takes a parameter or a body answers 400;
+/// - every operation that changes something (not GET) and needs a token answers 403;
+/// - every operation with a path parameter answers 404;
+/// - every 4xx and 5xx answer has the `ErrorBody` schema;
+/// - every id (a property or parameter named `id`, `…_id`, `…Id`, or an item of `…_ids`) is a
+///   string of format `uuid`, except the names in `free_text_ids`;
+/// - every property named like an enumeration (`state`, `kind`, `role`, `mode`, `result`, ...)
+///   has its values listed.
+pub fn problems(doc: &serde_json::Value, unauthenticated: &[&str], free_text_ids: &[&str]) -> Vec<String> {
+    use serde_json::Value;
+    let mut out = Vec::new();
+    let empty = serde_json::Map::new();
+    for (path, item) in doc["paths"].as_object().unwrap_or(&empty) {
+        for (method, op) in item.as_object().unwrap_or(&empty) {
+            let at = format!("{} {path}", method.to_uppercase());
+            let responses = op["responses"].as_object().unwrap_or(&empty);
+            let params = op["parameters"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let takes_input = !params.is_empty() || op.get("requestBody").is_some();
+            let names_object = params.iter().any(|p| p["in"] == "path");
+            let secured = !unauthenticated.contains(&path.as_str());
+            let wanted = [
+                ("400", takes_input),
+                ("401", secured),
+                ("403", secured && method != "get"),
+                ("404", names_object),
+                ("503", true),
+            ];
+            for (status, needed) in wanted {
+                if needed && !responses.contains_key(status) {
+                    out.push(format!("{at}: no {status} response"));
+                }
+            }
+            for (status, response) in responses {
+                let error = status.starts_with('4') || status.starts_with('5');
+                let schema = &response["content"]["application/json"]["schema"]["$ref"];
+                if error && schema != "#/components/schemas/ErrorBody" {
+                    out.push(format!("{at}: {status} has no ErrorBody schema"));
+                }
+            }
+            for p in params {
+                let name = p["name"].as_str().unwrap_or_default();
+                check_property(&mut out, &format!("{at} parameter"), name, &p["schema"], free_text_ids);
+            }
+        }
+    }
+    for (schema_name, schema) in doc["components"]["schemas"].as_object().unwrap_or(&empty) {
+        visit_properties(schema, &mut |name, property| {
+            check_property(&mut out, &format!("schema {schema_name}"), name, property, free_text_ids);
+        });
+    }
+    return out;
+
+    fn visit_properties(schema: &Value, f: &mut dyn FnMut(&str, &Value)) {
+        if let Some(props) = schema["properties"].as_object() {
+            for (name, property) in props {
+                f(name, property);
+                visit_properties(property, f);
+            }
+        }
+        for key in ["oneOf", "anyOf", "allOf"] {
+            for variant in schema[key].as_array().into_iter().flatten() {
+                visit_properties(variant, f);
+            }
+        }
+        if schema["items"].is_object() {
+            visit_properties(&schema["items"], f);
+        }
+    }
+}
+
+/// Names of text properties whose values are a fixed set.
+const ENUM_NAMES: [&str; 14] = [
+    "state",
+    "kind",
+    "role",
+    "mode",
+    "result",
+    "level",
+    "power_state",
+    "grant_type",
+    "target_kind",
+    "order",
+    "option",
+    "availability",
+    "errorCode",
+    "error",
+];
+
+fn check_property(out: &mut Vec<String>, at: &str, name: &str, schema: &serde_json::Value, free_text_ids: &[&str]) {
+    let is_ref = schema.get("$ref").is_some();
+    let id_like = name == "id" || name.ends_with("_id") || name.ends_with("Id");
+    if id_like && !is_ref && !free_text_ids.contains(&name) && schema["format"] != "uuid" {
+        out.push(format!("{at}: {name} is not format uuid"));
+    }
+    if (name.ends_with("_ids") || name.ends_with("Ids")) && schema["items"]["format"] != "uuid" {
+        out.push(format!("{at}: {name} items are not format uuid"));
+    }
+    let enumerated = is_ref || schema.get("enum").is_some() || schema["items"].get("enum").is_some();
+    let string = |t: &serde_json::Value| t == "string" || t.as_array().is_some_and(|t| t.iter().any(|t| t == "string"));
+    let textual = string(&schema["type"]) || string(&schema["items"]["type"]);
+    // A number named like an enumeration (a position's `order`) is no enumeration.
+    if ENUM_NAMES.contains(&name) && (textual || is_ref) && !enumerated {
+        out.push(format!("{at}: {name} does not list its values"));
     }
 }

@@ -715,6 +715,8 @@ pub struct TokenRequest {
     pub username: Option<String>,
     pub password: Option<String>,
     pub refresh_token: Option<String>,
+    /// A client's id (a UUID); any other text is refused like a wrong secret (401).
+    #[schema(format = Uuid)]
     pub client_id: Option<String>,
     pub client_secret: Option<String>,
 }
