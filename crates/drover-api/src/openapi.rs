@@ -188,13 +188,46 @@ pub fn plan_state_or_null() -> Object {
     or_null(plan_state())
 }
 
-/// `schema` (a string enum) that may also be null.
+/// `schema` (of one type, maybe an enum) that may also be null: what an `Option` field takes and
+/// gives.
 pub fn or_null(mut schema: Object) -> Object {
-    schema.schema_type = utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]);
+    if let utoipa::openapi::schema::SchemaType::Type(t) = schema.schema_type {
+        schema.schema_type = utoipa::openapi::schema::SchemaType::from_iter([t, Type::Null]);
+    }
     if let Some(values) = &mut schema.enum_values {
         values.push(serde_json::Value::Null);
     }
     schema
+}
+
+/// Defines `Option` forms of schema functions (`schema_with` replaces the schema utoipa would
+/// make, null included).
+macro_rules! or_null {
+    ($($fn:ident => $base:ident),+ $(,)?) => {
+        $(
+            #[doc = concat!("[`", stringify!($base), "`], or null.")]
+            pub fn $fn() -> Object {
+                or_null($base())
+            }
+        )+
+    };
+}
+
+or_null!(
+    name_or_null => name,
+    password_or_null => password,
+    role_or_null => role,
+    not_blank_or_null => not_blank,
+    absolute_path_or_null => absolute_path,
+    mac_or_null => mac,
+    continue_option_or_null => continue_option,
+);
+
+/// [`tags`], or null.
+pub fn tags_or_null() -> utoipa::openapi::schema::Array {
+    let mut tags = tags();
+    tags.schema_type = utoipa::openapi::schema::SchemaType::from_iter([Type::Array, Type::Null]);
+    tags
 }
 
 domain_enum!(site_kind: d::SiteKind => [Production, DisasterRecovery]);

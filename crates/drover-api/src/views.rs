@@ -117,9 +117,9 @@ pub struct CreateUser {
 #[serde(deny_unknown_fields)]
 pub struct PatchUser {
     /// At least 8 characters. Users may change their own; administrators anyone's in their tenant.
-    #[schema(schema_with = crate::openapi::password)]
+    #[schema(schema_with = crate::openapi::password_or_null)]
     pub password: Option<String>,
-    #[schema(schema_with = crate::openapi::role)]
+    #[schema(schema_with = crate::openapi::role_or_null)]
     pub role: Option<String>,
 }
 
@@ -127,23 +127,23 @@ pub struct PatchUser {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchName {
-    #[schema(schema_with = crate::openapi::name)]
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchHost {
-    #[schema(schema_with = crate::openapi::name)]
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
-    #[schema(schema_with = crate::openapi::not_blank)]
+    #[schema(schema_with = crate::openapi::not_blank_or_null)]
     pub address: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchRecoveryLocation {
-    #[schema(schema_with = crate::openapi::name)]
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
     pub description: Option<String>,
     pub network_mappings: Option<Vec<NetworkMappingBody>>,
@@ -152,7 +152,7 @@ pub struct PatchRecoveryLocation {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchReplicationJob {
-    #[schema(schema_with = crate::openapi::name)]
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
     pub schedule: Option<ScheduleBody>,
     #[schema(minimum = 1, maximum = 10000)]
@@ -252,7 +252,7 @@ pub struct DiskBody {
     #[schema(schema_with = crate::openapi::disk_size)]
     pub size_bytes: u64,
     /// An existing image to copy (never moved): an absolute path of a file on the host.
-    #[schema(schema_with = crate::openapi::absolute_path)]
+    #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub import_from: Option<String>,
 }
 
@@ -262,7 +262,7 @@ pub struct NicBody {
     #[schema(schema_with = crate::openapi::name)]
     pub network: String,
     /// Derived from the VM id when absent.
-    #[schema(schema_with = crate::openapi::mac)]
+    #[schema(schema_with = crate::openapi::mac_or_null)]
     pub mac: Option<String>,
 }
 
@@ -270,10 +270,10 @@ pub struct NicBody {
 #[serde(deny_unknown_fields)]
 pub struct BootBody {
     /// A file on the host.
-    #[schema(schema_with = crate::openapi::absolute_path)]
+    #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub kernel: Option<String>,
     /// A file on the host.
-    #[schema(schema_with = crate::openapi::absolute_path)]
+    #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
 }
@@ -306,7 +306,7 @@ pub struct CreateVm {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchVm {
-    #[schema(schema_with = crate::openapi::name)]
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
     /// Only while the VM is off.
     #[schema(minimum = 1, maximum = 64)]
@@ -314,7 +314,7 @@ pub struct PatchVm {
     /// Only while the VM is off.
     #[schema(minimum = 64, maximum = 1048576)]
     pub memory_mib: Option<u32>,
-    #[schema(schema_with = crate::openapi::tags)]
+    #[schema(schema_with = crate::openapi::tags_or_null)]
     pub tags: Option<Vec<String>>,
 }
 
@@ -893,7 +893,7 @@ pub enum PlanActionName {
 #[serde(deny_unknown_fields)]
 pub struct PlanActionBody {
     /// For `continue`: as in `ContinueBody`.
-    #[schema(schema_with = crate::openapi::continue_option)]
+    #[schema(schema_with = crate::openapi::continue_option_or_null)]
     pub option: Option<drover_engine::saga::ContinueOption>,
     /// For `failover`: the newest restore point at or before this time (default: the newest).
     pub restore_point_date: Option<chrono::DateTime<chrono::Utc>>,
@@ -908,7 +908,7 @@ pub struct PlanActionBody {
 #[serde(deny_unknown_fields)]
 pub struct ContinueBody {
     /// Default `RetryFailedStep`.
-    #[schema(schema_with = crate::openapi::continue_option)]
+    #[schema(schema_with = crate::openapi::continue_option_or_null)]
     pub option: Option<drover_engine::saga::ContinueOption>,
 }
 

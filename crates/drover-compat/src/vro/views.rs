@@ -239,7 +239,7 @@ fn schema_grant_type() -> Object {
     string_enum(["password", "refresh_token", "client_credentials"])
 }
 fn schema_client_role() -> Object {
-    string_enum(Role::ALL.map(role_name).into_iter().chain(Role::ALL.map(Role::as_str)))
+    or_null(string_enum(Role::ALL.map(role_name).into_iter().chain(Role::ALL.map(Role::as_str))))
 }
 
 /// `RecoveryPlanInfo` (spec 1.3).
@@ -784,7 +784,7 @@ pub struct HaltBody {
 pub struct ContinueBody {
     /// Default: `RetryFailedStep`.
     #[serde(default)]
-    #[schema(schema_with = drover_api::openapi::continue_option)]
+    #[schema(schema_with = drover_api::openapi::continue_option_or_null)]
     pub execution_continue_options: Option<drover_engine::saga::ContinueOption>,
 }
 
