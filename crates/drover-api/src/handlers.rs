@@ -566,11 +566,7 @@ pub async fn plans_action(
     let action = match action.as_str() {
         "enable" => return Ok(no_session(st.app.plan_set_enabled(&c, id, true).await?)),
         "test-failover" => {
-            let b: PlanActionBody = if body.is_empty() {
-                PlanActionBody::default()
-            } else {
-                serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
-            };
+            let b = action_body(&body)?;
             let opts = drover_engine::app::PlanActionOptions { point_date: b.restore_point_date, ..Default::default() };
             let session = st.app.plan_test_failover(&c, id, opts).await?;
             let plan = st.app.get::<d::Plan>(&c, id.0).await?;
@@ -590,11 +586,7 @@ pub async fn plans_action(
         "reset" => d::PlanAction::ResetState,
         other => return Err(Error::not_found("plan action", other).into()),
     };
-    let b: PlanActionBody = if body.is_empty() {
-        PlanActionBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
-    };
+    let b = action_body(&body)?;
     let opts = drover_engine::app::PlanActionOptions {
         continue_option: b.option,
         point_date: b.restore_point_date,
@@ -603,6 +595,17 @@ pub async fn plans_action(
     };
     let (plan, session) = st.app.plan_action(&c, id, action, opts).await?;
     Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))
+}
+
+/// A plan action's optional body: none, or `null` (the document's body is optional and nullable),
+/// is the default.
+fn action_body(body: &[u8]) -> d::Result<PlanActionBody> {
+    if body.is_empty() {
+        return Ok(PlanActionBody::default());
+    }
+    let b: Option<PlanActionBody> =
+        serde_json::from_slice(body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?;
+    Ok(b.unwrap_or_default())
 }
 
 // ------------------------------------------------------------------------------------------------

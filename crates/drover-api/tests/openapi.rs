@@ -132,3 +132,25 @@ async fn the_served_document_is_the_one_tested_and_its_name_rules_hold() {
     }
     server.stop().await;
 }
+
+/// A plan action's body is optional and nullable in the document (the fuzzer sent `null`, and
+/// the server refused it with a 400): none and `null` both mean the defaults.
+#[tokio::test]
+async fn a_plan_action_takes_no_body_or_null() {
+    let doc = document();
+    let body = &doc["paths"]["/v1/plans/{id}/{action}"]["post"]["requestBody"];
+    assert_ne!(body["required"], true, "{body}");
+    let server = common::Server::simulated().await;
+    let t = server.admin().await;
+    let plan = server.ok(&t, Method::POST, "/v1/plans", Some(json!({"name": "p"}))).await;
+    // `reset` reads the body before it acts; whatever it answers, null must answer the same as
+    // no body, and not the 400 of a bad body.
+    let path = format!("/v1/plans/{}/reset", plan["id"].as_str().unwrap());
+    let (without, v) = server.call(Some(&t), Method::POST, &path, None).await;
+    assert_ne!(without.as_u16(), 400, "{v}");
+    let (with_null, v) = server.call(Some(&t), Method::POST, &path, Some(Value::Null)).await;
+    assert_eq!(with_null, without, "{v}");
+    let (status, v) = server.call(Some(&t), Method::POST, &path, Some(json!({"option": "Sideways"}))).await;
+    assert_eq!(status.as_u16(), 400, "a body that is there is still checked: {v}");
+    server.stop().await;
+}
