@@ -55,7 +55,7 @@ pub fn not_blank() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::String)
         .min_length(Some(1))
-        .pattern(Some(format!(r"{VISIBLE}")))
+        .pattern(Some(VISIBLE))
         .description(Some("Not empty or only whitespace."))
         .build()
 }
