@@ -19,9 +19,11 @@ use utoipa::OpenApi;
 pub mod audit;
 pub mod error;
 pub mod handlers;
+pub mod openapi;
 pub mod views;
 
 use error::ApiError;
+use openapi::ErrorResponses;
 
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -94,7 +96,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::sessions_list, handlers::sessions_get, handlers::sessions_log, handlers::sessions_events,
         handlers::sessions_halt, handlers::sessions_continue, handlers::sessions_undo,
     ),
-    modifiers(&BearerScheme)
+    modifiers(&BearerScheme, &ErrorResponses)
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
