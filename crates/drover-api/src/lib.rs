@@ -212,7 +212,7 @@ pub fn self_signed(dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
     // certificate without its key. Each is published durably, so a crash or a power cut never
     // leaves a half-written file that the check above would take for a whole one.
     drover_hv::durable::write_blocking(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
-    drover_hv::durable::write_blocking(&cert, generated.cert.pem().as_bytes(), 0o644)?;
+    drover_hv::durable::write_blocking(&cert, generated.cert.pem().as_bytes(), 0o600)?;
     Ok((cert, key))
 }
 

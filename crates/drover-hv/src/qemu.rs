@@ -759,7 +759,7 @@ async fn remove_if_present(path: &Path) -> HvResult<()> {
 
 /// Published durably, so neither a crash nor a power cut leaves a half-written spec.json.
 async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
-    crate::durable::write(path, bytes.to_vec(), 0o644)
+    crate::durable::write(path, bytes.to_vec(), 0o600)
         .await
         .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
 }
