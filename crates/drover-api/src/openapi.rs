@@ -162,8 +162,23 @@ pub fn error_code() -> Object {
         d::Error::Unauthorized(String::new()),
         d::Error::Forbidden(String::new()),
         d::Error::Unavailable(String::new()),
+        d::Error::TooManyRequests { message: String::new(), retry_after_secs: 1 },
         d::Error::internal(""),
     ];
+    // Every variant is above: a new one fails to compile here until it is listed.
+    for e in &samples {
+        match e {
+            d::Error::NotFound { .. }
+            | d::Error::AlreadyExists(_)
+            | d::Error::InvalidRequest(_)
+            | d::Error::Conflict(_)
+            | d::Error::Unauthorized(_)
+            | d::Error::Forbidden(_)
+            | d::Error::Unavailable(_)
+            | d::Error::TooManyRequests { .. }
+            | d::Error::Internal(_) => {}
+        }
+    }
     let codes = samples.iter().map(|e| crate::error::status_of(e).1);
     string_enum(codes.chain(["method_not_allowed"]))
 }
