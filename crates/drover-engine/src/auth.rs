@@ -4,6 +4,11 @@
 //! and a single-use refresh token that rotates on every use; the store keeps only their BLAKE3
 //! hashes, so a copy of the database holds no usable credential. Reusing a refresh token revokes
 //! the whole login (a stolen token is worth nothing once the rightful client refreshes).
+//!
+//! Every argon2 computation goes through one bound per process ([`PasswordWork`]): on blocking
+//! threads, a few at once, a short queue, and a 503 beyond it.
+
+use std::sync::{Arc, OnceLock};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -11,12 +16,30 @@ use base64::Engine as _;
 use drover_store::{TokenKind, TokenRecord};
 use drover_types::{Error, Result, Timestamp, UserId};
 use rand::RngCore;
+use tokio::sync::Semaphore;
 
 /// Access tokens live 15 minutes; `expires_in` reports one second less so a client refreshes in time.
 pub const ACCESS_TOKEN_SECS: i64 = 900;
 pub const REFRESH_TOKEN_SECS: i64 = 24 * 3600;
 
-pub fn hash_password(password: &str) -> Result<String> {
+/// What a login of an unknown user is checked against: a well-formed hash with the default
+/// parameters, so the check costs what a real one costs.
+pub const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+/// An argon2id hash of `password`, computed through the process's password-work bound.
+pub async fn hash_password(password: &str) -> Result<String> {
+    let password = password.to_string();
+    password_work().run(move || hash_password_now(&password)).await?
+}
+
+/// Whether `password` matches `hash`, checked through the process's password-work bound
+/// (`Err(Unavailable)` when that bound's queue is full).
+pub async fn verify_password(password: &str, hash: &str) -> Result<bool> {
+    let (password, hash) = (password.to_string(), hash.to_string());
+    password_work().run(move || verify_password_now(&password, &hash)).await
+}
+
+fn hash_password_now(password: &str) -> Result<String> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -24,8 +47,60 @@ pub fn hash_password(password: &str) -> Result<String> {
         .map_err(|e| Error::internal(format!("cannot hash password: {e}")))
 }
 
-pub fn verify_password(password: &str, hash: &str) -> bool {
+fn verify_password_now(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+/// The bound on argon2 work (hashing and verifying passwords and client secrets).
+///
+/// Each argon2id computation takes about 19 MiB and tens of milliseconds of one core. Run
+/// unbounded, a flood of wrong passwords held hundreds of them at once (4.8 GB resident, never
+/// given back to the system) and, run on an async worker, stalled every other request. So every
+/// computation runs on a blocking thread, at most `workers` at once (about the number of cores:
+/// more would only share the same cores), with at most `queue` more waiting; a request beyond
+/// that is refused at once with `Unavailable` (503 and `Retry-After`) rather than queued without
+/// end. Both permits move into the blocking closure, so a client that hangs up does not free a
+/// slot while its computation still runs.
+#[derive(Debug, Clone)]
+pub struct PasswordWork {
+    running: Arc<Semaphore>,
+    admitted: Arc<Semaphore>,
+}
+
+impl PasswordWork {
+    pub fn new(workers: usize, queue: usize) -> PasswordWork {
+        let workers = workers.max(1);
+        PasswordWork { running: Arc::new(Semaphore::new(workers)), admitted: Arc::new(Semaphore::new(workers + queue)) }
+    }
+
+    /// Runs `work` on a blocking thread within the bound.
+    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let admitted = self.admitted.clone().try_acquire_owned().map_err(|_| {
+            Error::Unavailable("too many password checks are waiting; try again in a moment".into())
+        })?;
+        let running =
+            self.running.clone().acquire_owned().await.map_err(|e| Error::internal(format!("password work: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let _permits = (admitted, running);
+            work()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("password work: {e}")))
+    }
+}
+
+/// Waiting password checks per worker: enough to absorb a burst of logins (a few hundred
+/// milliseconds of work), few enough that a queued login still answers within about a second.
+const QUEUE_PER_WORKER: usize = 8;
+
+/// The process's one bound: the limit is on cores and memory, which every API and every
+/// in-process server share.
+fn password_work() -> &'static PasswordWork {
+    static WORK: OnceLock<PasswordWork> = OnceLock::new();
+    WORK.get_or_init(|| {
+        let workers = std::thread::available_parallelism().map_or(2, usize::from);
+        PasswordWork::new(workers, workers * QUEUE_PER_WORKER)
+    })
 }
 
 /// A fresh random secret, URL-safe.
@@ -68,13 +143,61 @@ pub fn issue(user: UserId, family: uuid::Uuid, now: Timestamp) -> (TokenPair, [T
 mod tests {
     use super::*;
 
-    #[test]
-    fn passwords_verify_and_tokens_hash_stably() {
-        let h = hash_password("s3cret").unwrap();
-        assert!(verify_password("s3cret", &h));
-        assert!(!verify_password("S3cret", &h));
-        assert!(!verify_password("s3cret", "not a hash"));
+    #[tokio::test]
+    async fn passwords_verify_and_tokens_hash_stably() {
+        let h = hash_password("s3cret").await.unwrap();
+        assert!(verify_password("s3cret", &h).await.unwrap());
+        assert!(!verify_password("S3cret", &h).await.unwrap());
+        assert!(!verify_password("s3cret", "not a hash").await.unwrap());
+        // The unknown user's check must really run argon2 with the real parameters.
+        let dummy = PasswordHash::new(DUMMY_HASH).unwrap();
+        assert_eq!(dummy.params, PasswordHash::new(&h).unwrap().params);
+        assert!(!verify_password("s3cret", DUMMY_HASH).await.unwrap());
         assert_eq!(token_hash("a"), token_hash("a"));
         assert_ne!(random_secret(32), random_secret(32));
+    }
+
+    #[tokio::test]
+    async fn password_work_runs_a_few_at_once_and_refuses_beyond_its_queue() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let work = PasswordWork::new(2, 3);
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let job = || {
+            let (running, most, gate) = (running.clone(), most.clone(), gate.clone());
+            move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Held until the test lets one job go.
+                let _ = gate.lock().unwrap().recv();
+                running.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        // Five fit (two running, three waiting); the sixth is refused at once.
+        let admitted: Vec<_> = (0..5).map(|_| tokio::spawn({
+            let (work, job) = (work.clone(), job());
+            async move { work.run(job).await }
+        })).collect();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while work.admitted.available_permits() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the five jobs were not admitted");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        while running.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "two jobs did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let refused = work.run(|| ()).await.unwrap_err();
+        assert!(matches!(refused, Error::Unavailable(_)), "{refused:?}");
+        for _ in 0..5 {
+            release.send(()).unwrap();
+        }
+        for a in admitted {
+            a.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2, "never more than two ran at once");
+        // Once the queue has drained, work is admitted again.
+        assert_eq!(work.run(|| 7).await.unwrap(), 7);
     }
 }
