@@ -226,6 +226,10 @@ impl Listener {
     pub fn url(&self) -> String {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
+    /// Connections open now (those in their TLS handshake included).
+    pub fn connection_count(&self) -> usize {
+        self.handle.connection_count()
+    }
     /// Stops accepting and ends open connections within a grace period.
     pub async fn stop(self) {
         self.handle.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
