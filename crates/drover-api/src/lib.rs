@@ -247,7 +247,12 @@ pub async fn listen(router: Router, addr: SocketAddr, tls: Tls) -> std::io::Resu
 }
 
 /// Binds `addr` and serves `router` on it in the background, within `limits`.
-pub async fn listen_with(router: Router, addr: SocketAddr, tls: Tls, limits: ListenerLimits) -> std::io::Result<Listener> {
+pub async fn listen_with(
+    router: Router,
+    addr: SocketAddr,
+    tls: Tls,
+    limits: ListenerLimits,
+) -> std::io::Result<Listener> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
@@ -263,7 +268,8 @@ pub async fn listen_with(router: Router, addr: SocketAddr, tls: Tls, limits: Lis
             // One process-wide crypto provider; installing it twice is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await?;
-            let tls = axum_server::tls_rustls::RustlsAcceptor::new(config).handshake_timeout(limits.tls_handshake_timeout);
+            let tls =
+                axum_server::tls_rustls::RustlsAcceptor::new(config).handshake_timeout(limits.tls_handshake_timeout);
             let server = server.acceptor(limits::LimitedAcceptor::new(tls, limits));
             (tokio::spawn(async move { server.serve(service).await }), true)
         }

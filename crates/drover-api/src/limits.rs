@@ -175,7 +175,10 @@ where
             let (stream, service) = inner.accept(stream, service).await?;
             let conn = Arc::new(Conn::new(limits));
             let sleep = Box::pin(tokio::time::sleep(limits.header_read_timeout));
-            Ok((Guarded { inner: stream, conn: conn.clone(), sleep, _permit: permit }, Counted { inner: service, conn }))
+            Ok((
+                Guarded { inner: stream, conn: conn.clone(), sleep, _permit: permit },
+                Counted { inner: service, conn },
+            ))
         })
     }
 }

@@ -79,10 +79,14 @@ async fn wait_for_connections(listener: &drover_api::Listener, count: usize) {
 async fn idle_and_slow_clients_are_closed_after_the_timeouts() {
     let server = Server::simulated().await;
     let limits = short_limits();
-    let listener =
-        drover_api::listen_with(drover_api::router(server.app.clone()), "127.0.0.1:0".parse().unwrap(), Tls::Plain, limits)
-            .await
-            .unwrap();
+    let listener = drover_api::listen_with(
+        drover_api::router(server.app.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        Tls::Plain,
+        limits,
+    )
+    .await
+    .unwrap();
     let margin = Duration::from_secs(2);
 
     // A connection that sends nothing: closed after the header timeout.
@@ -184,10 +188,14 @@ async fn tls_handshakes_and_idle_tls_connections_are_timed_out() {
 async fn connections_beyond_the_cap_are_closed_and_the_server_still_answers() {
     let server = Server::simulated().await;
     let limits = ListenerLimits { max_connections: 4, header_read_timeout: Duration::from_secs(30), ..short_limits() };
-    let listener =
-        drover_api::listen_with(drover_api::router(server.app.clone()), "127.0.0.1:0".parse().unwrap(), Tls::Plain, limits)
-            .await
-            .unwrap();
+    let listener = drover_api::listen_with(
+        drover_api::router(server.app.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        Tls::Plain,
+        limits,
+    )
+    .await
+    .unwrap();
     let url = format!("{}/v1/openapi.json", listener.url());
 
     let mut held = Vec::new();
@@ -286,7 +294,8 @@ async fn another_tenants_objects_are_not_found_on_every_verb() {
 
     // A plan body that names objects the caller cannot see: checked against the caller's tenant,
     // it would be a 400 ("does not exist"); the plan is not found first.
-    let plan_body = json!({"name": "p2", "recovery_location_id": location, "groups": [{"name": "g", "vms": [{"vm_id": vm}]}]});
+    let plan_body =
+        json!({"name": "p2", "recovery_location_id": location, "groups": [{"name": "g", "vms": [{"vm_id": vm}]}]});
     let mut requests = vec![
         (Method::GET, format!("/v1/plans/{plan}"), None),
         (Method::PUT, format!("/v1/plans/{plan}"), Some(plan_body.clone())),

@@ -34,7 +34,12 @@ async fn a_flood_of_wrong_logins_neither_holds_memory_nor_locks_out_other_users(
     let server = Server::simulated().await;
     let admin = server.admin().await;
     server
-        .ok(&admin, Method::POST, "/v1/users", Some(json!({"name": "alice", "password": "alice-password", "role": "Viewer"})))
+        .ok(
+            &admin,
+            Method::POST,
+            "/v1/users",
+            Some(json!({"name": "alice", "password": "alice-password", "role": "Viewer"})),
+        )
         .await;
     // Idle, after one login of each kind has run (so argon2's first allocations are counted in).
     let _ = server.token("alice", "alice-password").await;

@@ -22,14 +22,24 @@ async fn plan(server: &Server) -> (String, String) {
     let (host, ds) = server.infrastructure(&admin).await;
     let vm = server.vm(&admin, &host, &ds, "app", json!({})).await;
     let plan = server
-        .ok(&admin, Method::POST, "/v1/plans", Some(json!({"name": "p", "groups": [{"name": "g", "vms": [{"vm_id": vm}]}]})))
+        .ok(
+            &admin,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": "p", "groups": [{"name": "g", "vms": [{"vm_id": vm}]}]})),
+        )
         .await;
     (admin, plan["id"].as_str().unwrap().to_string())
 }
 
 async fn viewer(server: &Server, admin: &str) {
     server
-        .ok(admin, Method::POST, "/v1/users", Some(json!({"name": "viewer", "password": "viewer-password", "role": "Viewer"})))
+        .ok(
+            admin,
+            Method::POST,
+            "/v1/users",
+            Some(json!({"name": "viewer", "password": "viewer-password", "role": "Viewer"})),
+        )
         .await;
 }
 
@@ -44,7 +54,9 @@ async fn beside_an_ordinary_request(
 ) -> (Answer, Duration, Duration) {
     let hostile = async {
         let started = Instant::now();
-        let a = em.send(method, path, Token::Header(token), false, body.as_ref().map(|b| ("application/xml", b.clone()))).await;
+        let a = em
+            .send(method, path, Token::Header(token), false, body.as_ref().map(|b| ("application/xml", b.clone())))
+            .await;
         (a, started.elapsed())
     };
     let ordinary = async {
@@ -145,7 +157,8 @@ async fn vro_refuses_deep_json_with_its_own_400() {
     let token = vro.token("admin", common::ADMIN_PASSWORD).await;
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let started = Instant::now();
-    let (status, body) = vro.raw(Some(&token), Method::POST, &format!("/api/v3/Plans/{plan}/Failover"), Some(&deep)).await;
+    let (status, body) =
+        vro.raw(Some(&token), Method::POST, &format!("/api/v3/Plans/{plan}/Failover"), Some(&deep)).await;
     println!("100,000 nested JSON arrays: {status} in {:?}", started.elapsed());
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["errorCode"], "UnexpectedContent", "{body}");

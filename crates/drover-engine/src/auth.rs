@@ -105,9 +105,10 @@ impl PasswordWork {
 
     /// Runs `work` on one of the bound's threads.
     pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let admitted = self.admitted.clone().try_acquire_owned().map_err(|_| {
-            Error::Unavailable("too many password checks are waiting; try again in a moment".into())
-        })?;
+        let admitted =
+            self.admitted.clone().try_acquire_owned().map_err(|_| {
+                Error::Unavailable("too many password checks are waiting; try again in a moment".into())
+            })?;
         let (done, result) = tokio::sync::oneshot::channel();
         // The permit moves into the job: a client that hangs up does not free a place in the
         // queue while its computation is still to run.
@@ -206,10 +207,14 @@ mod tests {
             }
         };
         // Five fit (two running, three waiting); the sixth is refused at once.
-        let admitted: Vec<_> = (0..5).map(|_| tokio::spawn({
-            let (work, job) = (work.clone(), job());
-            async move { work.run(job).await }
-        })).collect();
+        let admitted: Vec<_> = (0..5)
+            .map(|_| {
+                tokio::spawn({
+                    let (work, job) = (work.clone(), job());
+                    async move { work.run(job).await }
+                })
+            })
+            .collect();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while work.admitted.available_permits() > 0 {
             assert!(tokio::time::Instant::now() < deadline, "the five jobs were not admitted");

@@ -80,10 +80,7 @@ pub fn parse(input: &str) -> Result<Expr, FilterError> {
     // Counted before collecting, so an over-long filter costs no allocation.
     if let Some((at, _)) = input.char_indices().nth(MAX_LENGTH) {
         let position = input[..at].chars().count() + 1;
-        return Err(FilterError {
-            position,
-            message: format!("the filter is longer than {MAX_LENGTH} characters"),
-        });
+        return Err(FilterError { position, message: format!("the filter is longer than {MAX_LENGTH} characters") });
     }
     let mut p = Parser { chars: input.chars().collect(), at: 0, depth: 0 };
     let expr = p.or()?;

@@ -226,7 +226,10 @@ mod tests {
         let resp = VroError::from(Error::Unavailable("busy".into())).into_response();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
-        assert_eq!(body_of(resp).await, serde_json::json!({"errorCode": "ServiceUnavailable", "message": "busy", "resourceId": ""}));
+        assert_eq!(
+            body_of(resp).await,
+            serde_json::json!({"errorCode": "ServiceUnavailable", "message": "busy", "resourceId": ""})
+        );
     }
 
     #[test]
