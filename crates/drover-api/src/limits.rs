@@ -18,7 +18,8 @@
 //! ```
 //!
 //! When the deadline of `Waiting` or `Head` passes while the connection waits for bytes, its
-//! stream fails and hyper closes the connection. A connection over the cap is closed as soon as
+//! stream fails and hyper closes the connection. A request's body has a deadline of its own
+//! ([`TimedBody`]), so a client cannot hold a handler by sending its body slowly. A connection over the cap is closed as soon as
 //! it is accepted, before its TLS handshake; the permit is held by the stream, so it is given
 //! back when hyper drops the connection.
 
@@ -29,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::http::Request;
 use axum_server::accept::Accept;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -46,6 +48,9 @@ pub struct ListenerLimits {
     pub tls_handshake_timeout: Duration,
     /// A connection with no request in progress is closed after this long without a new one.
     pub idle_timeout: Duration,
+    /// A request's body must have arrived within this time of its head (the handler then fails
+    /// to read it: 400, and the connection is closed).
+    pub body_read_timeout: Duration,
     /// Connections open at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
 }
@@ -56,6 +61,7 @@ impl Default for ListenerLimits {
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
             max_connections: 1024,
         }
     }
@@ -290,9 +296,9 @@ impl Drop for InFlight {
     }
 }
 
-impl<S, R> tower::Service<R> for Counted<S>
+impl<S, B> tower::Service<Request<B>> for Counted<S>
 where
-    S: tower::Service<R>,
+    S: tower::Service<Request<TimedBody<B>>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -303,15 +309,56 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: R) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         self.conn.request_started();
         let in_flight = InFlight(self.conn.clone());
-        let response = self.inner.call(request);
+        let deadline = Box::pin(tokio::time::sleep(self.conn.limits.body_read_timeout));
+        let response = self.inner.call(request.map(|inner| TimedBody { inner, deadline }));
         Box::pin(async move {
             let response = response.await;
             drop(in_flight);
             response
         })
+    }
+}
+
+/// A request body that must arrive whole before a deadline. A per-frame timeout would not do: a
+/// client trickling one byte at a time makes a frame each time.
+#[derive(Debug)]
+pub struct TimedBody<B> {
+    inner: B,
+    deadline: Pin<Box<Sleep>>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("the request body did not arrive in time".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -19,6 +19,7 @@ fn short_limits() -> ListenerLimits {
         header_read_timeout: Duration::from_millis(800),
         tls_handshake_timeout: Duration::from_millis(800),
         idle_timeout: Duration::from_millis(2500),
+        body_read_timeout: Duration::from_millis(1500),
         max_connections: 1024,
     }
 }
@@ -140,6 +141,35 @@ async fn idle_and_slow_clients_are_closed_after_the_timeouts() {
     println!("idle keep-alive connection closed after {after:?} (idle timeout {:?})", limits.idle_timeout);
     let after = after.expect("an idle keep-alive connection was never closed");
     assert!(after >= limits.idle_timeout - Duration::from_millis(100), "closed too early: {after:?}");
+
+    // A body sent slowly: the handler's read fails at the body timeout, the client hears a 400
+    // and the connection is closed.
+    let mut slow_body = TcpStream::connect(listener.addr).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /v1/token HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+              Content-Length: 100\r\n\r\ngrant_type=pass",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < limits.body_read_timeout + margin {
+        match tokio::time::timeout(Duration::from_millis(200), slow_body.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            // Keep trickling: one byte every 200 ms, which a per-frame timeout would never stop.
+            Err(_) => {
+                let _ = slow_body.write_all(b"x").await;
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    println!("slow body: closed after {:?}, answer {:?}", started.elapsed(), answer.lines().next());
+    assert!(started.elapsed() < limits.body_read_timeout + margin, "a slow body held its connection");
+    assert!(started.elapsed() >= limits.body_read_timeout - Duration::from_millis(100), "{:?}", started.elapsed());
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     wait_for_connections(&listener, 0).await;
     listener.stop().await;
