@@ -1,6 +1,6 @@
 //! Limits on the connections of every listener (the native API's and both Veeam dialects'):
 //! how many at once, how long a TLS handshake may take, how long a client may take to send a
-//! request head, and how long a connection may sit idle.
+//! request head and body, and how long a connection may sit idle.
 //!
 //! hyper alone bounds none of this here: the listener serves HTTP/1.1 and HTTP/2 through
 //! hyper-util's `auto` builder, which first waits, without any timeout, for enough bytes to tell
@@ -10,18 +10,22 @@
 //! shared by its stream (which sees bytes) and its service (which sees requests):
 //!
 //! ```text
-//!  accepted ─▶ Waiting (header timeout) ──first byte──▶ Head (header timeout from that byte)
-//!                 ▲                                          │ request head complete
-//!                 │ last request answered                    ▼
-//!  Waiting (idle timeout, renewed by       ◀───────────── Busy (n requests; no deadline of ours)
-//!   each write of a response body)
+//!  accepted ──▶ Waiting ──first byte──▶ Head ──request head complete──▶ Busy(n)
+//!                  ▲                                                      │
+//!                  └────────────── last request answered ─────────────────┘
+//!
+//!  Waiting  the next request must start by the deadline: the header timeout on a new
+//!           connection, the idle timeout after an answer (renewed by each write of its body)
+//!  Head     the head must be complete within the header timeout of its first byte
+//!  Busy     no deadline of ours; the request's body has its own (TimedBody)
 //! ```
 //!
 //! When the deadline of `Waiting` or `Head` passes while the connection waits for bytes, its
-//! stream fails and hyper closes the connection. A request's body has a deadline of its own
-//! ([`TimedBody`]), so a client cannot hold a handler by sending its body slowly. A connection over the cap is closed as soon as
-//! it is accepted, before its TLS handshake; the permit is held by the stream, so it is given
-//! back when hyper drops the connection.
+//! stream fails and hyper closes the connection. A request's body must arrive whole within
+//! [`ListenerLimits::body_read_timeout`] of its head, so a client cannot hold a handler by
+//! sending its body slowly. A connection over the cap is closed as soon as it is accepted,
+//! before its TLS handshake; the permit is held by the stream, so it is given back when hyper
+//! drops the connection.
 
 use std::future::Future;
 use std::io;
