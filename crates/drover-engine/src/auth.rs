@@ -11,7 +11,7 @@
 use std::sync::{Arc, OnceLock};
 
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use base64::Engine as _;
 use drover_store::{TokenKind, TokenRecord};
 use drover_types::{Error, Result, Timestamp, UserId};
@@ -47,8 +47,33 @@ fn hash_password_now(password: &str) -> Result<String> {
         .map_err(|e| Error::internal(format!("cannot hash password: {e}")))
 }
 
+/// Checks a password with the calling thread's own argon2 memory (see [`PasswordWork`]); what
+/// `Argon2::verify_password` does, but without allocating 19 MiB each time.
 fn verify_password_now(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    thread_local! {
+        static MEMORY: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let Ok(hash) = PasswordHash::new(hash) else { return false };
+    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else { return false };
+    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm) else { return false };
+    let Ok(version) = hash.version.map(argon2::Version::try_from).transpose() else { return false };
+    let Ok(params) = argon2::Params::try_from(&hash) else { return false };
+    let mut salt_buffer = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buffer) else { return false };
+    let blocks = params.block_count();
+    let argon2 = Argon2::new(algorithm, version.unwrap_or_default(), params);
+    MEMORY.with_borrow_mut(|memory| {
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        // Output's comparison is constant-time.
+        argon2::password_hash::Output::init_with(expected.len(), |out| {
+            argon2
+                .hash_password_into_with_memory(password.as_bytes(), salt, out, &mut memory[..blocks])
+                .map_err(Into::into)
+        })
+        .is_ok_and(|computed| computed == expected)
+    })
 }
 
 /// The bound on argon2 work (hashing and verifying passwords and client secrets).
@@ -60,10 +85,11 @@ fn verify_password_now(password: &str, hash: &str) -> bool {
 /// only share the same cores), with at most `queue` more waiting; a request beyond that is
 /// refused at once with `Unavailable` (503 and `Retry-After`) rather than queued without end.
 ///
-/// Threads of its own rather than tokio's blocking pool: glibc's allocator gives each thread an
-/// arena and keeps freed memory in it, so 19 MiB blocks allocated on whichever pool thread was
-/// free left up to about 40 MB behind in each of a dozen arenas (600 MB after a flood, measured);
-/// on two fixed threads they stay in two.
+/// Threads of its own rather than tokio's blocking pool, each verifying with the same memory
+/// every time: glibc's allocator keeps freed memory in per-thread arenas, and a fresh 19 MiB for
+/// each check left most of them behind (a flood of 500 logins grew the process by 600 MB on
+/// tokio's pool, by 210 MB on two threads that allocated afresh; by the two threads' 2 × 19 MiB
+/// now). Hashing a new password (rare, and only for callers who are logged in) allocates.
 #[derive(Debug, Clone)]
 pub struct PasswordWork {
     admitted: Arc<Semaphore>,
@@ -187,6 +213,31 @@ mod tests {
         assert!(!verify_password("s3cret", DUMMY_HASH).await.unwrap());
         assert_eq!(token_hash("a"), token_hash("a"));
         assert_ne!(random_secret(32), random_secret(32));
+    }
+
+    #[test]
+    fn the_reused_memory_check_agrees_with_argon2s_own() {
+        use argon2::password_hash::PasswordVerifier;
+        // Other parameters and algorithms than the default, and the same thread's memory reused
+        // across sizes.
+        let salt = SaltString::from_b64("c2FsdHNhbHRzYWx0").unwrap();
+        let hashes: Vec<String> = [
+            (argon2::Algorithm::Argon2id, argon2::Params::new(4096, 3, 1, None).unwrap()),
+            (argon2::Algorithm::Argon2i, argon2::Params::new(8192, 2, 2, Some(16)).unwrap()),
+            (argon2::Algorithm::Argon2d, argon2::Params::default()),
+        ]
+        .into_iter()
+        .map(|(a, p)| Argon2::new(a, argon2::Version::V0x13, p).hash_password(b"right", &salt).unwrap().to_string())
+        .collect();
+        for hash in &hashes {
+            let parsed = PasswordHash::new(hash).unwrap();
+            for password in ["right", "wrong", ""] {
+                let theirs = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+                assert_eq!(verify_password_now(password, hash), theirs, "{password} against {hash}");
+            }
+            assert!(verify_password_now("right", hash));
+        }
+        assert!(!verify_password_now("right", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA"));
     }
 
     #[tokio::test]
