@@ -42,6 +42,7 @@ pub fn status_of(e: &Error) -> (StatusCode, &'static str) {
         Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
         Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
         Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        Error::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
         Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
@@ -61,7 +62,7 @@ pub fn internal_message(error: &Error, api: &'static str) -> String {
 }
 
 /// The message of an error for the client (the reference for an `Internal`, logging it; the
-/// error's own text otherwise), and the `Retry-After` a 503 carries.
+/// error's own text otherwise), and the `Retry-After` a 503 or a 429 carries.
 pub fn client_message(error: &Error, api: &'static str) -> (String, Option<axum::http::HeaderValue>) {
     match error {
         Error::Internal(_) => (internal_message(error, api), None),
@@ -69,7 +70,8 @@ pub fn client_message(error: &Error, api: &'static str) -> (String, Option<axum:
             tracing::warn!(api, error = %error, "request refused: unavailable");
             (error.to_string(), Some(axum::http::HeaderValue::from(RETRY_AFTER_SECS)))
         }
-        _ => (error.to_string(), None),
+        // Login throttling says when to come back.
+        _ => (error.to_string(), error.retry_after_secs().map(axum::http::HeaderValue::from)),
     }
 }
 

@@ -296,6 +296,46 @@ pub async fn datastores_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Grants a tenant a datastore of the system tenant (system administrators only). Its users then
+/// see the datastore, its host and its site, and may place VMs, replicas and recovery locations on it.
+#[utoipa::path(post, path = "/v1/datastores/{id}/grants", tag = "inventory", security(("bearer" = [])), request_body = GrantDatastore,
+    responses((status = 200, body = DatastoreGrants), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn datastores_grant(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    Json(b): Json<GrantDatastore>,
+) -> ApiResult<Json<DatastoreGrants>> {
+    let tenants = st.app.datastore_grant(&c, id.into(), b.tenant_id.into()).await?;
+    Ok(Json(DatastoreGrants { datastore_id: id, tenant_ids: tenants.into_iter().map(|t| t.0).collect() }))
+}
+
+#[utoipa::path(get, path = "/v1/datastores/{id}/grants", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = DatastoreGrants), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn datastores_grants(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<DatastoreGrants>> {
+    let tenants = st.app.datastore_grants(&c, id.into()).await?;
+    Ok(Json(DatastoreGrants { datastore_id: id, tenant_ids: tenants.into_iter().map(|t| t.0).collect() }))
+}
+
+/// Takes a grant back; refused (409) while the tenant still has something on the datastore.
+#[utoipa::path(delete, path = "/v1/datastores/{id}/grants/{tenant_id}", tag = "inventory", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn datastores_revoke(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path((id, tenant)): Path<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    st.app.datastore_revoke(&c, id.into(), tenant.into()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ------------------------------------------------------------------------------------------------
 // VMs
 
@@ -610,6 +650,21 @@ pub async fn plans_action(
 fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, v: &str) -> d::Result<T> {
     serde_json::from_value(serde_json::Value::String(v.to_string()))
         .map_err(|_| Error::invalid(format!("unknown {what} {v:?}")))
+}
+
+/// The audit log, newest first (administrators: the system tenant's see every tenant's entries,
+/// others their own tenant's).
+#[utoipa::path(get, path = "/v1/audit", tag = "auth", security(("bearer" = [])), params(AuditQuery),
+    responses((status = 200, body = Page<AuditView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
+pub async fn audit_list(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Page<AuditView>>> {
+    let filter =
+        d::AuditFilter { tenant_id: None, before_seq: q.before_seq, action: q.action, limit: q.limit.unwrap_or(100) };
+    Ok(list(st.app.audit_list(&c, filter).await?))
 }
 
 #[utoipa::path(get, path = "/v1/sessions", tag = "sessions", security(("bearer" = [])), params(SessionQuery),

@@ -16,6 +16,7 @@ use drover_engine::app::{App, Caller};
 use drover_types::Error;
 use utoipa::OpenApi;
 
+pub mod audit;
 pub mod error;
 pub mod handlers;
 pub mod limits;
@@ -67,7 +68,9 @@ impl FromRequestParts<ApiState> for Auth {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::Unauthorized("Authorization must be Bearer <token>".into()))?;
-        Ok(Auth(state.app.authenticate(token).await?))
+        let caller = state.app.authenticate(token).await?;
+        audit::note_caller(parts, &caller);
+        Ok(Auth(caller))
     }
 }
 
@@ -81,6 +84,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::sites_list, handlers::sites_create, handlers::sites_get, handlers::sites_patch, handlers::sites_delete,
         handlers::hosts_list, handlers::hosts_create, handlers::hosts_get, handlers::hosts_patch, handlers::hosts_delete,
         handlers::datastores_list, handlers::datastores_create, handlers::datastores_get, handlers::datastores_patch, handlers::datastores_delete,
+        handlers::datastores_grant, handlers::datastores_grants, handlers::datastores_revoke,
         handlers::vms_list, handlers::vms_create, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
         handlers::vms_power_on, handlers::vms_shutdown, handlers::vms_power_off,
         handlers::jobs_list, handlers::jobs_create, handlers::jobs_get, handlers::jobs_patch, handlers::jobs_delete,
@@ -88,6 +92,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::locations_list, handlers::locations_create, handlers::locations_get, handlers::locations_patch, handlers::locations_delete,
         handlers::plans_list, handlers::plans_create, handlers::plans_get, handlers::plans_put, handlers::plans_delete,
         handlers::plans_action,
+        handlers::audit_list,
         handlers::sessions_list, handlers::sessions_get, handlers::sessions_log, handlers::sessions_events,
         handlers::sessions_halt, handlers::sessions_continue, handlers::sessions_undo,
     ),
@@ -134,6 +139,8 @@ pub fn router(app: App) -> Router {
         .route("/hosts/{id}", get(h::hosts_get).patch(h::hosts_patch).delete(h::hosts_delete))
         .route("/datastores", get(h::datastores_list).post(h::datastores_create))
         .route("/datastores/{id}", get(h::datastores_get).patch(h::datastores_patch).delete(h::datastores_delete))
+        .route("/datastores/{id}/grants", get(h::datastores_grants).post(h::datastores_grant))
+        .route("/datastores/{id}/grants/{tenant_id}", axum::routing::delete(h::datastores_revoke))
         .route("/vms", get(h::vms_list).post(h::vms_create))
         .route("/vms/{id}", get(h::vms_get).patch(h::vms_patch).delete(h::vms_delete))
         .route("/vms/{id}/power-on", post(h::vms_power_on))
@@ -150,6 +157,7 @@ pub fn router(app: App) -> Router {
         .route("/plans", get(h::plans_list).post(h::plans_create))
         .route("/plans/{id}", get(h::plans_get).put(h::plans_put).delete(h::plans_delete))
         .route("/plans/{id}/{action}", post(h::plans_action))
+        .route("/audit", get(h::audit_list))
         .route("/sessions", get(h::sessions_list))
         .route("/sessions/{id}", get(h::sessions_get))
         .route("/sessions/{id}/log", get(h::sessions_log))
@@ -170,6 +178,7 @@ pub fn router(app: App) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), audit::record))
         .with_state(ApiState { app })
 }
 

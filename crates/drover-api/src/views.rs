@@ -211,12 +211,27 @@ impl From<d::Datastore> for DatastoreView {
     }
 }
 
+/// The tenants a datastore is granted to.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DatastoreGrants {
+    pub datastore_id: Uuid,
+    pub tenant_ids: Vec<Uuid>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantDatastore {
+    /// The tenant whose users may then place VMs, replicas and recovery locations on the datastore.
+    pub tenant_id: Uuid,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDatastore {
     pub host_id: Uuid,
     pub name: String,
-    /// An absolute directory on the host; created when missing.
+    /// An absolute directory on the host, inside one of the host's datastore roots (the
+    /// `--datastore-root` settings); created, private to the service, when missing.
     pub path: String,
 }
 
@@ -960,4 +975,52 @@ pub struct LogQuery {
     pub after: i64,
     /// 1-10000, default 1000.
     pub limit: Option<u64>,
+}
+
+/// Which audit entries to read, newest first.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only entries older than this position (paging backwards: the `seq` of the last entry seen).
+    pub before_seq: Option<i64>,
+    /// Only this action, e.g. `login`, `login_lockout`, `POST /v1/vms`.
+    pub action: Option<String>,
+    /// At most this many (1 to 1000, default 100).
+    pub limit: Option<u64>,
+}
+
+/// One audit entry: who did what, when, from where.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditView {
+    /// Its position in the log (newer entries have larger ones).
+    pub seq: i64,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub tenant_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    /// The user name given (for a failed login, what was tried).
+    pub user_name: String,
+    /// `login`, `login_lockout`, or a request such as `POST /v1/vms`.
+    pub action: String,
+    /// `Success`, `Refused` (4xx, wrong password) or `Failed` (5xx).
+    pub outcome: String,
+    /// The client's address; empty for in-process callers.
+    pub address: Option<String>,
+    pub detail: String,
+}
+
+impl From<d::AuditEntry> for AuditView {
+    fn from(e: d::AuditEntry) -> Self {
+        let r = e.record;
+        AuditView {
+            seq: e.seq,
+            at: r.at,
+            tenant_id: r.tenant_id.map(|t| t.0),
+            user_id: r.user_id.map(|u| u.0),
+            user_name: r.user_name,
+            action: r.action,
+            outcome: format!("{:?}", r.outcome),
+            address: r.address,
+            detail: r.detail,
+        }
+    }
 }

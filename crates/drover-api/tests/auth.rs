@@ -186,11 +186,15 @@ async fn roles_are_enforced_and_tenants_are_isolated() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = server.call(Some(&operator), Method::POST, format!("/v1/vms/{vm}/power-on").as_str(), None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    // Authors edit the inventory but do not manage users.
+    // Authors edit the inventory but do not manage users, nor the host's resources (sites, hosts
+    // and datastores are the system administrators').
     let (status, _) = server
         .call(Some(&author), Method::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"})))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) =
+        server.call(Some(&author), Method::PATCH, &format!("/v1/vms/{vm}"), Some(json!({"tags": ["env:prod"]}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, _) = server.call(Some(&author), Method::GET, "/v1/users", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // Only the system tenant's administrators create tenants.

@@ -178,7 +178,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         "/v1/datastores",
         Some(json!({"host_id": host, "name": "d", "path": "relative/dir"})),
         StatusCode::BAD_REQUEST,
-        "absolute",
+        "is not inside a datastore root",
     )
     .await;
     expect(
@@ -209,8 +209,8 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         (json!({"disks": [{"name": "../etc", "size_bytes": 1}]}), "disk name"),
         (json!({"disks": [{"name": "d", "size_bytes": 0}]}), "size_bytes"),
         (json!({"disks": [{"name": "d", "size_bytes": 1}, {"name": "d", "size_bytes": 1}]}), "twice"),
-        (json!({"disks": [{"name": "d", "import_from": "/nonexistent/image.qcow2"}]}), "cannot be read"),
-        (json!({"disks": [{"name": "d", "import_from": "relative.qcow2"}]}), "absolute"),
+        (json!({"disks": [{"name": "d", "import_from": "/nonexistent/image.qcow2"}]}), "inside an import directory"),
+        (json!({"disks": [{"name": "d", "import_from": "relative.qcow2"}]}), "inside an import directory"),
         (json!({"tags": ["nocolon"]}), "category:name"),
         (json!({"nics": [{"network": "lan", "mac": "zz:zz"}]}), "MAC"),
         (json!({"boot": {"kernel": "/nonexistent/vmlinux"}}), "boot kernel"),

@@ -113,6 +113,7 @@ fn routes(state: EmState) -> Router {
         .route("/api/query", get(h::query))
         .fallback(h::not_found)
         .layer(axum::middleware::from_fn(render::negotiate))
+        .layer(axum::middleware::from_fn_with_state(state.app.clone(), drover_api::audit::record))
         .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)
 }

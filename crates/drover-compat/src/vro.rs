@@ -64,7 +64,10 @@ impl FromRequestParts<VroState> for Auth {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| invalid("Authorization must be Bearer <access_token>"))?;
         match state.app.authenticate(token).await {
-            Ok(c) => Ok(Auth(c)),
+            Ok(c) => {
+                drover_api::audit::note_caller(parts, &c);
+                Ok(Auth(c))
+            }
             Err(drover_types::Error::Unauthorized(m)) => match state.app.token_expired(token).await {
                 Ok(true) => Err(VroError::Token { expired: true, message: "the access token has expired".into() }),
                 _ => Err(invalid(&m)),
@@ -160,5 +163,6 @@ pub fn router(app: App) -> Router {
     r.fallback(no_route)
         .method_not_allowed_fallback(|| async { VroError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), drover_api::audit::record))
         .with_state(VroState { app })
 }

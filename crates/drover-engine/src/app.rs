@@ -6,13 +6,13 @@
 //! start an operation and return its session at once. Nothing here knows HTTP.
 
 use std::net::IpAddr;
-use std::path::Path;
 
 use drover_store::{RefreshOutcome, SessionFilter};
 use drover_types::*;
 use serde_json::json;
 
 use crate::auth::{self, TokenPair};
+use crate::login_guard::{LoginGuard, ThrottlePolicy};
 use crate::ops::{self, VmOpParams};
 use crate::saga::ContinueOption;
 use crate::{Engine, Error, Result};
@@ -39,6 +39,20 @@ impl Caller {
                 self.name,
                 self.role.as_str()
             )))
+        }
+    }
+
+    /// Sites, hosts and datastores are the host's resources: only administrators of the system
+    /// tenant create, change or delete them, and grant datastores to tenants.
+    pub fn require_system_admin(&self) -> Result<()> {
+        if self.system_tenant && self.role == Role::Administrator {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(
+                "this needs the Administrator role in the system tenant: sites, hosts and datastores are the host's \
+                 resources; ask a system administrator to grant your tenant a datastore"
+                    .into(),
+            ))
         }
     }
 }
@@ -138,11 +152,17 @@ pub struct PlanInput {
 #[derive(Clone, Debug)]
 pub struct App {
     engine: Engine,
+    /// Login throttling, shared by every API (they all log in through [`App::login`]).
+    logins: std::sync::Arc<LoginGuard>,
 }
 
 impl App {
     pub fn new(engine: Engine) -> App {
-        App { engine }
+        App::with_throttle(engine, ThrottlePolicy::default())
+    }
+
+    pub fn with_throttle(engine: Engine, policy: ThrottlePolicy) -> App {
+        App { engine, logins: std::sync::Arc::new(LoginGuard::new(policy)) }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -190,18 +210,89 @@ impl App {
     /// `from` is the client's address (`None` for in-process callers such as the lab).
     pub async fn login(&self, username: &str, password: &str, from: Option<IpAddr>) -> Result<TokenPair> {
         let name = username.rsplit('\\').next().unwrap_or(username);
-        let bad = || Error::Unauthorized("wrong user name or password".into());
-        let Some((user, hash)) = self.store().user_by_name(name).await? else {
-            // Spend the time a real check takes, so a probe cannot tell names apart by timing
-            // (through the same bound, so it is refused alike when the queue is full).
-            auth::verify_password(password, auth::DUMMY_HASH).await?;
-            return Err(bad());
-        };
-        let ok = auth::verify_password(password, &hash).await?;
-        if !ok {
-            return Err(bad());
+        // Throttled attempts are refused before any password work, and not logged one by one
+        // (the lockout that started them was).
+        if let Err(t) = self.logins.check(name, from, std::time::Instant::now()) {
+            let secs = t.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let whom = if t.address { "this address" } else { "this user from this address" };
+            return Err(Error::TooManyRequests {
+                message: format!("too many failed logins for {whom}; try again in {secs} s"),
+                retry_after_secs: secs,
+            });
         }
+        let found = self.store().user_by_name(name).await?;
+        let ok = {
+            // Unknown users cost the time a real check takes, so a probe cannot tell names apart.
+            // Through the process's bound on argon2 work (a 503 when its queue is full).
+            let hash = found.as_ref().map_or(auth::DUMMY_HASH, |(_, h)| h.as_str());
+            auth::verify_password(password, hash).await?
+        };
+        let known = found.map(|(u, _)| u);
+        let audit = |tenant_id, user_id, action: &str, outcome, detail: String| AuditRecord {
+            at: now(),
+            tenant_id,
+            user_id,
+            user_name: name.to_string(),
+            action: action.to_string(),
+            outcome,
+            address: from.map(|a| a.to_string()),
+            detail,
+        };
+        let Some(user) = known.clone().filter(|_| ok) else {
+            let (tenant, id) = (known.as_ref().map(|u| u.tenant_id), known.as_ref().map(|u| u.id));
+            let started = self.logins.failed(name, from, std::time::Instant::now());
+            self.audit(audit(tenant, id, "login", AuditOutcome::Refused, "wrong user name or password".into())).await;
+            if let Some(l) = started {
+                let detail = format!(
+                    "{} locked for {} s after {} failed logins",
+                    if l.address { "the address" } else { "the user from this address" },
+                    l.lock.as_secs(),
+                    l.failures
+                );
+                tracing::warn!(user = name, address = ?from, "{detail}");
+                self.audit(audit(tenant, id, "login_lockout", AuditOutcome::Refused, detail)).await;
+            }
+            return Err(Error::Unauthorized("wrong user name or password".into()));
+        };
+        self.logins.succeeded(name, from);
+        self.audit(audit(Some(user.tenant_id), Some(user.id), "login", AuditOutcome::Success, String::new())).await;
         self.issue_tokens(user.id, uuid::Uuid::new_v4()).await
+    }
+
+    /// Records an audit entry. A failure to record is logged, not returned: the audit log must
+    /// not turn into a way to break logins or requests.
+    pub async fn audit(&self, record: AuditRecord) {
+        if let Err(e) = self.store().audit_append(&record).await {
+            tracing::error!(error = %e, action = %record.action, "cannot write the audit log");
+        }
+    }
+
+    /// Records a mutating request an authenticated caller made (the APIs' audit middleware).
+    pub async fn audit_request(&self, caller: &Caller, action: String, status: u16, from: Option<IpAddr>) {
+        self.audit(AuditRecord {
+            at: now(),
+            tenant_id: Some(caller.tenant_id),
+            user_id: Some(caller.user_id),
+            user_name: caller.name.clone(),
+            action,
+            outcome: AuditOutcome::of_status(status),
+            address: from.map(|a| a.to_string()),
+            detail: format!("status {status}"),
+        })
+        .await;
+    }
+
+    /// The audit log, newest first: all of it for administrators of the system tenant, their own
+    /// tenant's entries for other administrators.
+    pub async fn audit_list(&self, caller: &Caller, mut filter: AuditFilter) -> Result<Vec<AuditEntry>> {
+        caller.require(Role::Administrator)?;
+        if filter.limit == 0 || filter.limit > 1000 {
+            return Err(Error::invalid("limit must be between 1 and 1000"));
+        }
+        if !caller.system_tenant {
+            filter.tenant_id = Some(caller.tenant_id);
+        }
+        self.store().audit_list(&filter).await
     }
 
     async fn issue_tokens(&self, user: UserId, family: uuid::Uuid) -> Result<TokenPair> {
@@ -355,7 +446,7 @@ impl App {
     // Sites, hosts, datastores, recovery locations
 
     pub async fn site_create(&self, caller: &Caller, name: &str, kind: SiteKind) -> Result<Site> {
-        caller.require(Role::PlanAuthor)?;
+        caller.require_system_admin()?;
         validate_name("site", name)?;
         let site =
             Site { id: SiteId::new(), tenant_id: caller.tenant_id, name: name.trim().into(), kind, created_at: now() };
@@ -364,7 +455,7 @@ impl App {
     }
 
     pub async fn host_create(&self, caller: &Caller, new: NewHost) -> Result<Host> {
-        caller.require(Role::PlanAuthor)?;
+        caller.require_system_admin()?;
         validate_name("host", &new.name)?;
         if new.address.trim().is_empty() {
             return Err(Error::invalid("host address must not be empty (use \"local\" for the built-in agent)"));
@@ -382,29 +473,74 @@ impl App {
         Ok(host)
     }
 
+    /// A datastore: a directory on its host inside one of the host's datastore roots (created,
+    /// private to the service, when missing). Until remote agents exist every host's files are
+    /// this machine's, so the local roots apply to every host.
     pub async fn datastore_create(&self, caller: &Caller, new: NewDatastore) -> Result<Datastore> {
-        caller.require(Role::PlanAuthor)?;
+        caller.require_system_admin()?;
         validate_name("datastore", &new.name)?;
-        let path = Path::new(&new.path);
-        if !path.is_absolute() {
-            return Err(Error::invalid(format!("datastore path {:?} must be absolute", new.path)));
-        }
         let host = self.get::<Host>(caller, new.host_id.0).await?;
-        if host.address == "local" {
-            tokio::fs::create_dir_all(path)
-                .await
-                .map_err(|e| Error::invalid(format!("cannot use {:?} as a datastore: {e}", new.path)))?;
-        }
+        let paths = self.engine.config().host_paths.clone();
+        let requested = new.path.clone();
+        let dir = tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
+            let dir = paths.datastore_dir(&requested)?;
+            crate::host_paths::create_private_dir_all(&dir)
+                .map_err(|e| Error::invalid(format!("cannot make the datastore directory {requested:?}: {e}")))?;
+            if !std::fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                return Err(Error::invalid(format!("datastore path {requested:?} is not a directory")));
+            }
+            Ok(dir)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("datastore check: {e}")))??;
         let ds = Datastore {
             id: DatastoreId::new(),
             tenant_id: caller.tenant_id,
             host_id: host.id,
             name: new.name.trim().into(),
-            path: new.path,
+            path: dir.to_string_lossy().into_owned(),
             created_at: now(),
         };
         self.store().object_insert(&ds).await?;
         Ok(ds)
+    }
+
+    /// Lets `tenant`'s users place VMs, replicas and recovery locations on a datastore of the
+    /// system tenant; they then see it, its host and its site (read-only).
+    pub async fn datastore_grant(&self, caller: &Caller, id: DatastoreId, tenant: TenantId) -> Result<Vec<TenantId>> {
+        caller.require_system_admin()?;
+        let ds = self.store().object_get::<Datastore>(caller.tenant_id, id.0).await?;
+        if ds.tenant_id != caller.tenant_id {
+            return Err(Error::conflict(format!(
+                "datastore {:?} belongs to another tenant and cannot be granted",
+                ds.name
+            )));
+        }
+        let target = self.store().tenant_get(tenant).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::invalid(format!("tenant {tenant} does not exist")),
+            e => e,
+        })?;
+        if target.id == caller.tenant_id {
+            return Err(Error::invalid("the system tenant has its datastores already; grant them to other tenants"));
+        }
+        let host = self.store().object_get::<Host>(caller.tenant_id, ds.host_id.0).await?;
+        let objects = [("datastore", ds.id.0), ("host", host.id.0), ("site", host.site_id.0)];
+        self.store().grant_insert(tenant, ds.id.0, &objects).await?;
+        self.store().grant_tenants(ds.id.0).await
+    }
+
+    /// Takes a grant back; refused while the tenant still has something on the datastore.
+    pub async fn datastore_revoke(&self, caller: &Caller, id: DatastoreId, tenant: TenantId) -> Result<()> {
+        caller.require_system_admin()?;
+        self.store().object_get::<Datastore>(caller.tenant_id, id.0).await?;
+        self.store().grant_delete(tenant, id.0).await
+    }
+
+    /// The tenants a datastore is granted to.
+    pub async fn datastore_grants(&self, caller: &Caller, id: DatastoreId) -> Result<Vec<TenantId>> {
+        caller.require_system_admin()?;
+        self.store().object_get::<Datastore>(caller.tenant_id, id.0).await?;
+        self.store().grant_tenants(id.0).await
     }
 
     pub async fn recovery_location_create(
@@ -470,6 +606,9 @@ impl App {
         F: Fn(&mut T) -> Result<()>,
     {
         caller.require(Role::PlanAuthor)?;
+        if is_host_resource(T::KIND) {
+            caller.require_system_admin()?;
+        }
         if let Some(n) = &name {
             validate_name(T::LABEL, n)?;
         }
@@ -605,6 +744,9 @@ impl App {
     /// Deletes an object nothing refers to. VMs are deleted through [`App::vm_delete`].
     pub async fn delete<T: drover_store::Entity>(&self, caller: &Caller, id: uuid::Uuid) -> Result<()> {
         caller.require(Role::PlanAuthor)?;
+        if is_host_resource(T::KIND) {
+            caller.require_system_admin()?;
+        }
         if T::KIND == "vm" {
             return Err(Error::internal("VMs are deleted by a session"));
         }
@@ -642,14 +784,17 @@ impl App {
                 mac: mac.clone().unwrap_or_else(|| mac_for(id, i)),
             })
             .collect();
-        for d in &new.disks {
+        // Imports and boot files come only from the host's import directories; what is kept is
+        // the resolved path, so a symlink changed later cannot point the VM elsewhere.
+        let mut new = new;
+        for d in &mut new.disks {
             if let Some(src) = &d.import_from {
-                check_file(&format!("disk {:?} import_from", d.name), src).await?;
+                d.import_from = Some(self.import_file(&format!("disk {:?} import_from", d.name), src).await?);
             }
         }
-        for (what, path) in [("boot kernel", &new.boot.kernel), ("boot initrd", &new.boot.initrd)] {
+        for (what, path) in [("boot kernel", &mut new.boot.kernel), ("boot initrd", &mut new.boot.initrd)] {
             if let Some(p) = path {
-                check_file(what, p).await?;
+                *p = self.import_file(what, p).await?;
             }
         }
         let t = now();
@@ -797,6 +942,16 @@ impl App {
             wait_heartbeat: false,
         };
         self.submit_vm_session(caller, &vm, SessionKind::VmDelete, &params).await
+    }
+
+    /// A file an import or boot setting names, resolved inside the host's import directories.
+    async fn import_file(&self, what: &str, requested: &str) -> Result<String> {
+        let paths = self.engine.config().host_paths.clone();
+        let (what, requested) = (what.to_string(), requested.to_string());
+        let resolved = tokio::task::spawn_blocking(move || paths.import_file(&what, &requested))
+            .await
+            .map_err(|e| Error::internal(format!("import path check: {e}")))??;
+        Ok(resolved.to_string_lossy().into_owned())
     }
 
     async fn submit_vm_session(
@@ -1264,13 +1419,7 @@ impl App {
     }
 }
 
-async fn check_file(what: &str, path: &str) -> Result<()> {
-    if !Path::new(path).is_absolute() {
-        return Err(Error::invalid(format!("{what} {path:?} must be an absolute path")));
-    }
-    match tokio::fs::metadata(path).await {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::invalid(format!("{what} {path:?} is not a file"))),
-        Err(e) => Err(Error::invalid(format!("{what} {path:?} cannot be read: {e}"))),
-    }
+/// Sites, hosts and datastores: see [`Caller::require_system_admin`].
+fn is_host_resource(kind: &str) -> bool {
+    matches!(kind, "site" | "host" | "datastore")
 }

@@ -22,6 +22,8 @@ pub mod app;
 pub mod auth;
 mod failback;
 mod failover;
+pub mod host_paths;
+pub mod login_guard;
 pub mod monitor;
 pub mod ops;
 mod plan_ops;
@@ -58,6 +60,9 @@ pub struct EngineConfig {
     /// Where replication runs keep their sockets and daemons. Keep it short: unix socket paths
     /// are limited to 107 bytes.
     pub work_dir: std::path::PathBuf,
+    /// The host directories requests may reach (datastore roots, import directories). The
+    /// default allows none.
+    pub host_paths: host_paths::HostPaths,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +73,7 @@ impl Default for EngineConfig {
             monitor_interval: Duration::from_secs(5),
             scheduler_interval: Duration::from_secs(5),
             work_dir: std::env::temp_dir().join("drover-work"),
+            host_paths: host_paths::HostPaths::default(),
         }
     }
 }

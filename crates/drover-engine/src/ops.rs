@@ -236,7 +236,10 @@ impl Step for CreateDisks {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let vm = vm_get(ctx, &self.0).await?;
-        tokio::fs::create_dir_all(&self.0.disk_dir)
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.0.disk_dir)
             .await
             .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", self.0.disk_dir.display())))?;
         let mut paths = Vec::new();
@@ -260,6 +263,10 @@ impl Step for CreateDisks {
                     image::create_qcow2(&partial, d.size_bytes).await.map_err(hv_err)?;
                 }
             }
+            // Private whatever the process's umask: a disk image is the tenant's data.
+            tokio::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .await
+                .map_err(|e| Error::Unavailable(format!("cannot make {} private: {e}", partial.display())))?;
             tokio::fs::rename(&partial, &path)
                 .await
                 .map_err(|e| Error::Unavailable(format!("cannot move {} into place: {e}", path.display())))?;

@@ -44,3 +44,17 @@ pub async fn replica_with_point(
     store.restore_point_publish(tenant, &point).await.expect("published point");
     (replica, point)
 }
+
+/// The host paths of a test: `root` (a test's temporary directory) holds its datastores and its
+/// imports, and the tiny guest's directory, when it is built, is an import directory too (the
+/// real-QEMU tests boot its kernel and initrd).
+pub fn host_paths(root: &Path) -> crate::host_paths::HostPaths {
+    let mut imports = vec![root.to_path_buf()];
+    let guest = std::env::var_os("DROVER_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
+    if let Ok(guest) = std::fs::canonicalize(guest) {
+        imports.push(guest);
+    }
+    crate::host_paths::HostPaths::new(&[root.to_path_buf()], &imports).expect("test host paths")
+}

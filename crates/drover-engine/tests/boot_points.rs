@@ -18,6 +18,7 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
         heartbeat_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(2),
         monitor_interval: Duration::from_millis(100),
+        host_paths: drover_engine::testing::host_paths(dir.path()),
         ..EngineConfig::default()
     };
     let app = App::new(Engine::new(store, Arc::new(SimulatedHypervisor::new()), config));

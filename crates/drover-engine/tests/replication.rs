@@ -65,6 +65,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
         shutdown_timeout: Duration::from_secs(30),
         monitor_interval: Duration::from_secs(1),
         work_dir: dir.path().join("w"),
+        host_paths: drover_engine::testing::host_paths(dir.path()),
         ..EngineConfig::default()
     };
     let app = App::new(Engine::new(store, driver.clone(), config));
@@ -213,6 +214,7 @@ impl Rig {
             monitor_interval: Duration::from_secs(1),
             work_dir: root.join("w"),
             scheduler_interval: Duration::from_millis(200),
+            host_paths: drover_engine::testing::host_paths(root),
         }
     }
 
@@ -496,6 +498,7 @@ async fn qemu_site(prefix: &str) -> (Env, Host, Datastore, Datastore, VmBoot) {
         heartbeat_timeout: Duration::from_secs(90),
         shutdown_timeout: Duration::from_secs(30),
         work_dir: dir.path().join("w"),
+        host_paths: drover_engine::testing::host_paths(dir.path()),
         ..EngineConfig::default()
     };
     let app = App::new(Engine::new(store, driver.clone(), config));

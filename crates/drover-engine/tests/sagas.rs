@@ -25,11 +25,12 @@ struct Env {
     ds: DatastoreId,
 }
 
-fn config() -> EngineConfig {
+fn config(root: &std::path::Path) -> EngineConfig {
     EngineConfig {
         heartbeat_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(2),
         monitor_interval: Duration::from_millis(100),
+        host_paths: drover_engine::testing::host_paths(root),
         ..EngineConfig::default()
     }
 }
@@ -39,7 +40,7 @@ async fn env() -> Env {
     let db = dir.path().join("drover.db");
     let hv = Arc::new(SimulatedHypervisor::new());
     let store = Store::open_sqlite(&db).await.unwrap();
-    let app = App::new(Engine::new(store, hv.clone(), config()));
+    let app = App::new(Engine::new(store, hv.clone(), config(dir.path())));
     app.bootstrap(Some("adminpass".into())).await.unwrap();
     let tokens = app.login("admin", "adminpass", None).await.unwrap();
     let caller = app.authenticate(&tokens.access_token).await.unwrap();
@@ -64,7 +65,7 @@ impl Env {
     async fn restart(&mut self) {
         self.app.engine().shutdown();
         let store = Store::open_sqlite(&self.db).await.unwrap();
-        self.app = App::new(Engine::new(store, self.hv.clone(), config()));
+        self.app = App::new(Engine::new(store, self.hv.clone(), config(self._dir.path())));
     }
 
     fn new_vm(&self, name: &str) -> NewVm {

@@ -17,9 +17,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    Error, LogEntry, LogLevel, ReplicaId, RestorePoint, RestorePointDisk, RestorePointId, RestorePointState, Role,
-    Session, SessionId, SessionKind, SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId, Timestamp,
-    User, UserId,
+    AuditEntry, AuditFilter, AuditRecord, Error, LogEntry, LogLevel, ReplicaId, RestorePoint, RestorePointDisk,
+    RestorePointId, RestorePointState, Role, Session, SessionId, SessionKind, SessionTarget, StepRecord, StepState,
+    Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -449,15 +449,17 @@ impl Store {
         Ok(())
     }
 
+    /// An object of the tenant, or one granted to it (see [`Store::grant_insert`]).
     pub async fn object_get<T: Entity>(&self, tenant: TenantId, id: Uuid) -> Result<T> {
-        let row = sqlx::query("SELECT body FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
-            .bind(T::KIND)
-            .bind(id.to_string())
-            .bind(tenant.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::from)?
-            .ok_or_else(|| Error::not_found(T::LABEL, id))?;
+        let row =
+            sqlx::query(&format!("SELECT body FROM inventory WHERE kind = $1 AND id = $2 AND {}", visible_to("$3")))
+                .bind(T::KIND)
+                .bind(id.to_string())
+                .bind(tenant.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::from)?
+                .ok_or_else(|| Error::not_found(T::LABEL, id))?;
         body_of(&row)
     }
 
@@ -474,9 +476,10 @@ impl Store {
         body_of(&row)
     }
 
-    /// All objects of a kind in a tenant, by name.
+    /// All objects of a kind a tenant has or was granted, by name.
     pub async fn object_list<T: Entity>(&self, tenant: TenantId) -> Result<Vec<T>> {
-        let rows = sqlx::query("SELECT body FROM inventory WHERE kind = $1 AND tenant_id = $2 ORDER BY name")
+        let sql = format!("SELECT body FROM inventory WHERE kind = $1 AND {} ORDER BY name", visible_to("$2"));
+        let rows = sqlx::query(&sql)
             .bind(T::KIND)
             .bind(tenant.to_string())
             .fetch_all(&self.pool)
@@ -575,6 +578,12 @@ impl Store {
             return Err(Error::not_found(T::LABEL, id));
         }
         refuse_if_referenced::<T>(&mut tx, id).await?;
+        sqlx::query("DELETE FROM inventory_grants WHERE (kind = $1 AND id = $2) OR via_id = $2")
+            .bind(T::KIND)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
         sqlx::query("DELETE FROM inventory WHERE kind = $1 AND id = $2")
             .bind(T::KIND)
             .bind(id.to_string())
@@ -589,6 +598,165 @@ impl Store {
             .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // The audit log
+
+    /// Appends an entry; returns its position.
+    pub async fn audit_append(&self, r: &AuditRecord) -> Result<i64> {
+        for _ in 0..10 {
+            let res = sqlx::query_scalar::<_, i64>(
+                "INSERT INTO audit_log (seq, at, tenant_id, user_id, user_name, action, outcome, address, detail)
+                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8 FROM audit_log
+                 RETURNING seq",
+            )
+            .bind(ms(r.at))
+            .bind(r.tenant_id.map(|t| t.to_string()))
+            .bind(r.user_id.map(|u| u.to_string()))
+            .bind(&r.user_name)
+            .bind(&r.action)
+            .bind(enum_str(&r.outcome))
+            .bind(&r.address)
+            .bind(&r.detail)
+            .fetch_one(&self.pool)
+            .await;
+            match res {
+                Ok(seq) => return Ok(seq),
+                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => continue,
+                Err(e) => return Err(StoreError::from(e).into()),
+            }
+        }
+        Err(Error::Unavailable("the audit log is busy".into()))
+    }
+
+    /// Entries newest first.
+    pub async fn audit_list(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, tenant_id, user_id, user_name, action, outcome, address, detail FROM audit_log
+              WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR seq < $2) AND ($3 IS NULL OR action = $3)
+              ORDER BY seq DESC LIMIT $4",
+        )
+        .bind(f.tenant_id.map(|t| t.to_string()))
+        .bind(f.before_seq)
+        .bind(&f.action)
+        .bind(f.limit.min(i64::MAX as u64) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|row| -> StoreResult<AuditEntry> {
+                let tenant: Option<String> = row.try_get("tenant_id")?;
+                let user: Option<String> = row.try_get("user_id")?;
+                let outcome: String = row.try_get("outcome")?;
+                Ok(AuditEntry {
+                    seq: row.try_get("seq")?,
+                    record: AuditRecord {
+                        at: from_ms(row.try_get("at")?)?,
+                        tenant_id: tenant.as_deref().map(uuid_parse).transpose()?.map(TenantId),
+                        user_id: user.as_deref().map(uuid_parse).transpose()?.map(UserId),
+                        user_name: row.try_get("user_name")?,
+                        action: row.try_get("action")?,
+                        outcome: enum_parse(&outcome)?,
+                        address: row.try_get("address")?,
+                        detail: row.try_get("detail")?,
+                    },
+                })
+            })
+            .collect::<StoreResult<_>>()
+            .map_err(Into::into)
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Grants: host resources of the system tenant lent to other tenants
+
+    /// Grants `tenant` the objects `objects` (kind, id), all through `via` (the object the grant
+    /// is about: a datastore, whose host and site come along). Granting twice changes nothing.
+    pub async fn grant_insert(&self, tenant: TenantId, via: Uuid, objects: &[(&'static str, Uuid)]) -> Result<()> {
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+        let now = ms(drover_types::now());
+        for (kind, id) in objects {
+            sqlx::query(
+                "INSERT INTO inventory_grants (kind, id, tenant_id, via_id, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(*kind)
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .bind(via.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// Takes back what [`Store::grant_insert`] granted through `via`. Refused (`Conflict`, nothing
+    /// changed) while an object of the tenant still uses something that only this grant shows it.
+    pub async fn grant_delete(&self, tenant: TenantId, via: Uuid) -> Result<()> {
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+        let granted = sqlx::query("SELECT kind, id FROM inventory_grants WHERE via_id = $1 AND tenant_id = $2")
+            .bind(via.to_string())
+            .bind(tenant.to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        if granted.is_empty() {
+            return Err(Error::not_found("grant", format!("of {via} to tenant {tenant}")));
+        }
+        for row in &granted {
+            let kind: String = row.try_get("kind").map_err(StoreError::from)?;
+            let id: String = row.try_get("id").map_err(StoreError::from)?;
+            let user = sqlx::query(
+                "SELECT r.from_kind, i.name FROM inventory_refs r
+                   JOIN inventory i ON i.kind = r.from_kind AND i.id = r.from_id
+                  WHERE r.to_kind = $1 AND r.to_id = $2 AND i.tenant_id = $3
+                    AND NOT EXISTS (SELECT 1 FROM inventory_grants g WHERE g.kind = $1 AND g.id = $2
+                                      AND g.tenant_id = $3 AND g.via_id <> $4)
+                  ORDER BY i.name LIMIT 1",
+            )
+            .bind(&kind)
+            .bind(&id)
+            .bind(tenant.to_string())
+            .bind(via.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            if let Some(u) = user {
+                let from_kind: String = u.try_get("from_kind").map_err(StoreError::from)?;
+                let name: String = u.try_get("name").map_err(StoreError::from)?;
+                return Err(Error::conflict(format!(
+                    "tenant {tenant} still uses {} {id} ({} {name:?}); move or delete that first",
+                    entity::label_of(&kind),
+                    entity::label_of(&from_kind)
+                )));
+            }
+        }
+        sqlx::query("DELETE FROM inventory_grants WHERE via_id = $1 AND tenant_id = $2")
+            .bind(via.to_string())
+            .bind(tenant.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// The tenants `via` is granted to.
+    pub async fn grant_tenants(&self, via: Uuid) -> Result<Vec<TenantId>> {
+        let rows = sqlx::query("SELECT DISTINCT tenant_id FROM inventory_grants WHERE via_id = $1 ORDER BY tenant_id")
+            .bind(via.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|r| {
+                let t: String = r.try_get("tenant_id").map_err(StoreError::from)?;
+                Ok(TenantId(uuid_parse(&t)?))
+            })
+            .collect()
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1101,15 +1269,26 @@ async fn refuse_if_referenced<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sq
     Ok(())
 }
 
+/// The condition on `inventory` rows for "the tenant in placeholder `tenant` has it, or was
+/// granted it".
+fn visible_to(tenant: &str) -> String {
+    format!(
+        "(tenant_id = {tenant} OR EXISTS (SELECT 1 FROM inventory_grants g
+          WHERE g.kind = inventory.kind AND g.id = inventory.id AND g.tenant_id = {tenant}))"
+    )
+}
+
 async fn check_refs<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, obj: &T) -> Result<()> {
     for (kind, id) in obj.refs() {
-        let found = sqlx::query("SELECT 1 FROM inventory WHERE kind = $1 AND id = $2 AND tenant_id = $3")
-            .bind(kind)
-            .bind(id.to_string())
-            .bind(obj.tenant().to_string())
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(StoreError::from)?;
+        // An object may refer to its own tenant's objects and to those granted to the tenant.
+        let found =
+            sqlx::query(&format!("SELECT 1 FROM inventory WHERE kind = $1 AND id = $2 AND {}", visible_to("$3")))
+                .bind(kind)
+                .bind(id.to_string())
+                .bind(obj.tenant().to_string())
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(StoreError::from)?;
         if found.is_none() {
             return Err(Error::invalid(format!("{} {id} does not exist", entity::label_of(kind))));
         }

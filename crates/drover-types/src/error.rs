@@ -18,6 +18,9 @@ pub enum Error {
     Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Too many attempts (login throttling): the caller may try again after `retry_after_secs`.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_secs: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -34,6 +37,13 @@ impl Error {
     }
     pub fn internal(msg: impl Into<String>) -> Self {
         Error::Internal(msg.into())
+    }
+    /// When the caller should try again, in seconds (the `Retry-After` header), if the error says.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Error::TooManyRequests { retry_after_secs, .. } => Some(*retry_after_secs),
+            _ => None,
+        }
     }
 }
 

@@ -34,6 +34,16 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Float(f) => f.to_string(),
+                // A list (`datastore-root = ["/srv/a", "/srv/b"]`): the options that take several
+                // values split them at commas.
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) if !s.contains(',') => Ok(s.clone()),
+                        _ => bail!("{}: `{key}` must be a list of strings without commas", path.display()),
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .join(","),
                 other => bail!(
                     "{}: `{key}` must be a string, a number or a boolean, not {}",
                     path.display(),

@@ -42,10 +42,15 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
     let guest = drover_hv::qemu::TinyGuest::load(&dir)
         .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
-    args.serve.guest_dir = Some(dir);
     if args.serve.data_dir == serve::default_data_dir() {
         args.serve.data_dir = args.serve.data_dir.with_file_name("drover-lab");
     }
+    // The lab's VMs boot the tiny guest's kernel and initrd: its directory is an import directory.
+    if args.serve.import_dirs.is_empty() {
+        args.serve.import_dirs.push(args.serve.data_dir.join("imports"));
+    }
+    args.serve.import_dirs.push(dir.clone());
+    args.serve.guest_dir = Some(dir);
     let started = Instant::now();
     let server = serve::start(&args.serve).await?;
     let app = server.app.clone();

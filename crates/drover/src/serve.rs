@@ -70,6 +70,14 @@ pub struct ServeArgs {
     /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
     #[arg(long, env = "DROVER_GUEST_DIR")]
     pub guest_dir: Option<PathBuf>,
+    /// A directory under which datastores may be created (repeat it, or separate with commas).
+    /// Requests can name no datastore path outside these. Default: `<data-dir>/datastores`.
+    #[arg(long = "datastore-root", env = "DROVER_DATASTORE_ROOTS", value_delimiter = ',')]
+    pub datastore_roots: Vec<PathBuf>,
+    /// A directory that disk images to import and boot files (kernel, initrd) may come from
+    /// (repeat it, or separate with commas). Default: `<data-dir>/imports`.
+    #[arg(long = "import-dir", env = "DROVER_IMPORT_DIRS", value_delimiter = ',')]
+    pub import_dirs: Vec<PathBuf>,
     /// Seconds to wait for a guest's first heartbeat after power-on.
     #[arg(long, default_value_t = 120)]
     pub heartbeat_timeout_secs: u64,
@@ -101,6 +109,18 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// Takes group and other permissions away from a file or directory (0600 / 0700).
+fn make_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A running control plane.
 #[derive(Debug)]
 pub struct Server {
@@ -117,10 +137,29 @@ pub struct Server {
 }
 
 pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
-    std::fs::create_dir_all(&args.data_dir)
+    // Everything drover and its QEMU children create (database, WAL, images, keys, sockets) is
+    // the service user's alone, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    drover_engine::host_paths::create_private_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    make_private(&args.data_dir)?;
+    let or_default = |dirs: &[PathBuf], default: &str| {
+        if dirs.is_empty() { vec![args.data_dir.join(default)] } else { dirs.to_vec() }
+    };
+    let host_paths = drover_engine::host_paths::HostPaths::new(
+        &or_default(&args.datastore_roots, "datastores"),
+        &or_default(&args.import_dirs, "imports"),
+    )
+    .context("bad --datastore-root or --import-dir")?;
     let db = args.data_dir.join("drover.db");
     let store = Store::open_sqlite(&db).await.map_err(|e| anyhow::anyhow!("cannot open {}: {e}", db.display()))?;
+    // Made by an older build, they may be world-readable: every tenant's password hashes are in there.
+    for file in ["drover.db", "drover.db-wal", "drover.db-shm", "tls-key.pem"] {
+        let path = args.data_dir.join(file);
+        if path.exists() {
+            make_private(&path)?;
+        }
+    }
     let hv: Arc<dyn Hypervisor> = match args.hypervisor {
         HypervisorKind::Qemu => {
             let mut config = QemuConfig::new(args.data_dir.join("run"));
@@ -148,6 +187,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
         work_dir: args.data_dir.join("work"),
+        host_paths,
         ..EngineConfig::default()
     };
     let engine = Engine::new(store, hv, config);

@@ -50,6 +50,9 @@ impl Server {
             "--data-dir",
         ])
         .arg(data_dir.path().join("data"))
+        // The tests' datastores live beside the data directory.
+        .arg("--datastore-root")
+        .arg(data_dir.path())
         .env("DROVER_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env_remove("DROVER_LOG")
         .stdin(Stdio::null())

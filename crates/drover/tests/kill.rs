@@ -29,6 +29,11 @@ impl Serve {
             .args(["--accel", "tcg"])
             .arg("--data-dir")
             .arg(data)
+            // The tests' datastores live in the data directory; the VMs boot the tiny guest.
+            .arg("--datastore-root")
+            .arg(data)
+            .arg("--import-dir")
+            .arg(guest_dir())
             .env("DROVER_ADMIN_PASSWORD", PASSWORD)
             .env("DROVER_TEST_KILL_AFTER_STEP", kill_after.unwrap_or(""))
             .stdout(Stdio::piped())

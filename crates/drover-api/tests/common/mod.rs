@@ -23,8 +23,11 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn start(hv: Arc<dyn Hypervisor>, config: EngineConfig) -> Server {
+    pub async fn start(hv: Arc<dyn Hypervisor>, mut config: EngineConfig) -> Server {
         let dir = tempfile::tempdir().unwrap();
+        if config.host_paths == Default::default() {
+            config.host_paths = drover_engine::testing::host_paths(dir.path());
+        }
         let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
         let engine = Engine::new(store, hv, config);
         let app = App::new(engine.clone());

@@ -59,6 +59,7 @@ impl FromRequestParts<EmState> for Auth {
             Err(Error::NotFound { .. }) => Err(Error::Unauthorized("the logon session's user no longer exists".into())),
             other => other,
         }?;
+        drover_api::audit::note_caller(parts, &caller);
         Ok(Auth { caller, logon })
     }
 }

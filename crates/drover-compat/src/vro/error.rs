@@ -82,6 +82,7 @@ impl VroError {
                     Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, C::InvalidToken),
                     Error::Forbidden(_) => (StatusCode::FORBIDDEN, C::AccessDenied),
                     Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, C::ServiceUnavailable),
+                    Error::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, C::AccessDenied),
                     Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, C::UnknownError),
                 };
                 let resource = match e {

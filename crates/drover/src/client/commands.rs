@@ -114,7 +114,8 @@ pub enum DatastoreCommand {
         name: String,
         #[arg(long)]
         host: Uuid,
-        /// An absolute directory on the host (not on this machine); created when missing.
+        /// An absolute directory on the host (not on this machine), inside one of the host's
+        /// datastore roots (`drover serve --datastore-root`); created when missing.
         #[arg(long)]
         path: String,
     },
@@ -124,6 +125,20 @@ pub enum DatastoreCommand {
     Update(RenameArgs),
     /// Removes a datastore.
     Delete(IdArg),
+    /// Lets a tenant place VMs, replicas and recovery locations on a datastore (system administrators).
+    Grant {
+        id: Uuid,
+        #[arg(long)]
+        tenant: Uuid,
+    },
+    /// Takes a grant back (refused while the tenant has something on the datastore).
+    Revoke {
+        id: Uuid,
+        #[arg(long)]
+        tenant: Uuid,
+    },
+    /// The tenants a datastore is granted to.
+    Grants(IdArg),
 }
 
 /// A `--disk` value.
@@ -853,6 +868,13 @@ async fn datastore(ctx: &Ctx, cmd: DatastoreCommand) -> anyhow::Result<()> {
             ctx.update(&format!("/datastores/{}", a.id), body, render::datastore).await
         }
         DatastoreCommand::Delete(a) => ctx.delete(&format!("/datastores/{}", a.id), "datastore", a.id).await,
+        DatastoreCommand::Grant { id, tenant } => {
+            ctx.create(&format!("/datastores/{id}/grants"), json!({ "tenant_id": tenant }), render::grants).await
+        }
+        DatastoreCommand::Revoke { id, tenant } => {
+            ctx.delete(&format!("/datastores/{id}/grants/{tenant}"), "the grant to tenant", tenant).await
+        }
+        DatastoreCommand::Grants(a) => ctx.get(&format!("/datastores/{}/grants", a.id), render::grants).await,
     }
 }
 

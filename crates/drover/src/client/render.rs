@@ -150,6 +150,14 @@ pub fn datastore(x: &DatastoreView) -> String {
     ])
 }
 
+pub fn grants(g: &DatastoreGrants) -> String {
+    let tenants: Vec<String> = g.tenant_ids.iter().map(|t| t.to_string()).collect();
+    details(&[
+        ("datastore", g.datastore_id.to_string()),
+        ("granted to", if tenants.is_empty() { "(no tenant)".into() } else { tenants.join(", ") }),
+    ])
+}
+
 pub fn vms(page: &Page<VmView>) -> Table {
     let mut t = Table::new(&["ID", "NAME", "POWER", "VCPUS", "MEMORY", "DISKS", "HOST", "TAGS"]);
     for v in &page.items {
