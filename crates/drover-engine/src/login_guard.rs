@@ -161,15 +161,15 @@ impl LoginGuard {
         }
         let room = pairs.len() + addresses.len() < p.max_entries;
         let mut started = None;
-        if let Some(a) = from.map(address_key) {
-            if room || addresses.contains_key(&a) {
-                let e = addresses.entry(a).or_insert_with(|| Entry::new(now));
-                if e.expired(now, p.window) {
-                    *e = Entry::new(now);
-                }
-                if let Some(lock) = e.fail(now, p.address_free, p.max_lock) {
-                    started = Some(LockStarted { lock, failures: e.failures, address: true });
-                }
+        if let Some(a) = from.map(address_key)
+            && (room || addresses.contains_key(&a))
+        {
+            let e = addresses.entry(a).or_insert_with(|| Entry::new(now));
+            if e.expired(now, p.window) {
+                *e = Entry::new(now);
+            }
+            if let Some(lock) = e.fail(now, p.address_free, p.max_lock) {
+                started = Some(LockStarted { lock, failures: e.failures, address: true });
             }
         }
         let key = (user_key(user), from.map(address_key));
@@ -216,7 +216,7 @@ mod tests {
         // The fourth failure locks the pair for 1 s, the fifth for 2 s, ...
         assert_eq!(g.failed("admin", A, t0).map(|l| l.lock), Some(Duration::from_secs(1)));
         assert_eq!(g.check("ADMIN", A, t0).unwrap_err().retry_after, Duration::from_secs(1));
-        assert_eq!(g.check("CORP\\admin", A, t0).unwrap_err().address, false);
+        assert!(!g.check("CORP\\admin", A, t0).unwrap_err().address);
         assert!(g.check("admin", A, t0 + Duration::from_millis(1001)).is_ok());
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(g.failed("admin", A, t1).map(|l| l.lock), Some(Duration::from_secs(2)));

@@ -74,6 +74,9 @@ async fn set_state(engine: &Engine, vm: &Vm, state: VmPowerState) -> Result<()> 
 }
 
 /// How often expired tokens are deleted (each login leaves two rows behind).
+/// How long audit entries are kept: a year and a bit, so a yearly review finds last year's.
+pub const AUDIT_KEEP_DAYS: i64 = 400;
+
 const TOKEN_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Polls running VMs and records the ones that died; now and then deletes expired tokens.
@@ -92,6 +95,14 @@ pub async fn run(engine: Engine) {
                 Ok(n) if n > 0 => tracing::info!(tokens = n, "deleted expired tokens"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot delete expired tokens"),
+            }
+            let keep_from = drover_types::now() - chrono::Duration::days(AUDIT_KEEP_DAYS);
+            match engine.store().audit_purge_before(keep_from).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(entries = n, "deleted audit entries older than {AUDIT_KEEP_DAYS} days")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot delete old audit entries"),
             }
         }
     }

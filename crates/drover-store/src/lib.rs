@@ -605,8 +605,8 @@ impl Store {
 
     /// Appends an entry; returns its position.
     pub async fn audit_append(&self, r: &AuditRecord) -> Result<i64> {
-        for _ in 0..10 {
-            let res = sqlx::query_scalar::<_, i64>(
+        insert_next_seq("audit log", || {
+            sqlx::query_scalar::<_, i64>(
                 "INSERT INTO audit_log (seq, at, tenant_id, user_id, user_name, action, outcome, address, detail)
                  SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8 FROM audit_log
                  RETURNING seq",
@@ -620,14 +620,18 @@ impl Store {
             .bind(&r.address)
             .bind(&r.detail)
             .fetch_one(&self.pool)
-            .await;
-            match res {
-                Ok(seq) => return Ok(seq),
-                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => continue,
-                Err(e) => return Err(StoreError::from(e).into()),
-            }
-        }
-        Err(Error::Unavailable("the audit log is busy".into()))
+        })
+        .await
+    }
+
+    /// Deletes the entries recorded before `before`; returns how many.
+    pub async fn audit_purge_before(&self, before: Timestamp) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM audit_log WHERE at < $1")
+            .bind(ms(before))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(done.rows_affected())
     }
 
     /// Entries newest first.
@@ -952,28 +956,21 @@ impl Store {
         level: LogLevel,
         message: &str,
     ) -> Result<i64> {
-        // The sequence is computed inside the INSERT so concurrent appends cannot share it; a
-        // collision (two writers at once) is retried.
-        for _ in 0..10 {
-            let res = sqlx::query_scalar::<_, i64>(
+        let at = ms(drover_types::now());
+        insert_next_seq("session log", || {
+            sqlx::query_scalar::<_, i64>(
                 "INSERT INTO session_log (session_id, seq, task_id, at, level, message)
                  SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM session_log WHERE session_id = $1
                  RETURNING seq",
             )
             .bind(session.to_string())
             .bind(task.map(|t| t.to_string()))
-            .bind(ms(drover_types::now()))
+            .bind(at)
             .bind(enum_str(&level))
             .bind(message)
             .fetch_one(&self.pool)
-            .await;
-            match res {
-                Ok(seq) => return Ok(seq),
-                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => continue,
-                Err(e) => return Err(StoreError::from(e).into()),
-            }
-        }
-        Err(Error::Unavailable("the session log is busy".into()))
+        })
+        .await
     }
 
     /// Log entries after `after_seq`, at most `limit`.
@@ -1267,6 +1264,23 @@ async fn refuse_if_referenced<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sq
         )));
     }
     Ok(())
+}
+
+/// Runs an INSERT that computes its own `seq` (`MAX(seq) + 1` inside the statement, so concurrent
+/// appends cannot share one) until it does not collide with a concurrent append.
+async fn insert_next_seq<F, Fut>(what: &str, mut insert: F) -> Result<i64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<i64, sqlx::Error>>,
+{
+    for _ in 0..10 {
+        match insert().await {
+            Ok(seq) => return Ok(seq),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(Error::Unavailable(format!("the {what} is busy")))
 }
 
 /// The condition on `inventory` rows for "the tenant in placeholder `tenant` has it, or was

@@ -282,3 +282,97 @@ async fn restore_points_publish_once_and_retire_atomically() {
     let p4 = store.restore_point_publish(t.id, &point(SessionId::new(), "/d.qcow2")).await.unwrap();
     assert_eq!(p4.sequence, 4);
 }
+
+#[tokio::test]
+async fn grants_show_objects_to_a_tenant_that_only_their_owner_changes() {
+    let (store, _dir, system) = fresh().await;
+    let acme = Tenant { id: TenantId::new(), name: "acme".into(), is_system: false, created_at: now() };
+    store.tenant_create(&acme).await.unwrap();
+    let s = site(system.id, "prod");
+    let h = host(system.id, s.id, "h1");
+    store.object_insert(&s).await.unwrap();
+    store.object_insert(&h).await.unwrap();
+    let ds = Datastore {
+        id: DatastoreId::new(),
+        tenant_id: system.id,
+        host_id: h.id,
+        name: "ds1".into(),
+        path: "/srv/ds1".into(),
+        created_at: now(),
+    };
+    store.object_insert(&ds).await.unwrap();
+    assert!(store.object_get::<Datastore>(acme.id, ds.id.0).await.is_err());
+    assert!(store.object_list::<Host>(acme.id).await.unwrap().is_empty());
+
+    let objects = [("datastore", ds.id.0), ("host", h.id.0), ("site", s.id.0)];
+    store.grant_insert(acme.id, ds.id.0, &objects).await.unwrap();
+    store.grant_insert(acme.id, ds.id.0, &objects).await.unwrap();
+    assert_eq!(store.grant_tenants(ds.id.0).await.unwrap(), vec![acme.id]);
+    assert_eq!(store.object_get::<Datastore>(acme.id, ds.id.0).await.unwrap(), ds);
+    assert_eq!(store.object_list::<Site>(acme.id).await.unwrap(), vec![s.clone()]);
+    // Seen, not owned: the grantee cannot change or delete it.
+    assert!(matches!(
+        store
+            .object_modify::<Datastore, _, _>(acme.id, ds.id.0, |d| {
+                d.name = "mine".into();
+                Ok(())
+            })
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(store.object_delete::<Datastore>(acme.id, ds.id.0).await, Err(Error::NotFound { .. })));
+
+    // An object of the grantee may refer to it; then the grant cannot be taken back.
+    let loc = RecoveryLocation {
+        id: RecoveryLocationId::new(),
+        tenant_id: acme.id,
+        name: "dr".into(),
+        description: String::new(),
+        kind: RecoveryLocationKind::Restore,
+        host_id: Some(h.id),
+        datastore_id: Some(ds.id),
+        network_mappings: Vec::new(),
+        created_at: now(),
+    };
+    store.object_insert(&loc).await.unwrap();
+    let refused = store.grant_delete(acme.id, ds.id.0).await.unwrap_err();
+    assert!(matches!(refused, Error::Conflict(ref m) if m.contains("\"dr\"")), "{refused:?}");
+    assert_eq!(store.grant_tenants(ds.id.0).await.unwrap(), vec![acme.id]);
+    store.object_delete::<RecoveryLocation>(acme.id, loc.id.0).await.unwrap();
+    store.grant_delete(acme.id, ds.id.0).await.unwrap();
+    assert!(store.object_get::<Host>(acme.id, h.id.0).await.is_err());
+    assert!(matches!(store.grant_delete(acme.id, ds.id.0).await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn the_audit_log_appends_pages_filters_and_purges() {
+    let (store, _dir, t) = fresh().await;
+    let record = |action: &str, tenant: Option<TenantId>, at: Timestamp| AuditRecord {
+        at,
+        tenant_id: tenant,
+        user_id: None,
+        user_name: "admin".into(),
+        action: action.into(),
+        outcome: AuditOutcome::Success,
+        address: Some("127.0.0.1".into()),
+        detail: String::new(),
+    };
+    let old = now() - chrono::Duration::days(500);
+    let first = store.audit_append(&record("login", Some(t.id), old)).await.unwrap();
+    let second = store.audit_append(&record("POST /v1/sites", Some(t.id), now())).await.unwrap();
+    let third = store.audit_append(&record("login", None, now())).await.unwrap();
+    assert!(first < second && second < third);
+    let all = store.audit_list(&AuditFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![third, second, first]);
+    assert_eq!(all[1].record, record("POST /v1/sites", Some(t.id), all[1].record.at));
+    let mine = store.audit_list(&AuditFilter { tenant_id: Some(t.id), limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(mine.len(), 2);
+    let logins =
+        store.audit_list(&AuditFilter { action: Some("login".into()), limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(logins.len(), 2);
+    let page =
+        store.audit_list(&AuditFilter { before_seq: Some(third), limit: 1, ..Default::default() }).await.unwrap();
+    assert_eq!(page[0].seq, second);
+    assert_eq!(store.audit_purge_before(now() - chrono::Duration::days(400)).await.unwrap(), 1);
+    assert_eq!(store.audit_list(&AuditFilter { limit: 10, ..Default::default() }).await.unwrap().len(), 2);
+}

@@ -112,6 +112,8 @@ pub enum ClientCommand {
     /// Tenants (administrators of the system tenant).
     #[command(subcommand)]
     Tenant(commands::TenantCommand),
+    /// The audit log, newest first: logins, lockouts and every change (administrators).
+    Audit(commands::AuditArgs),
 }
 
 // `--no-wait` for commands that start a session. (A `//` comment: clap would show a doc comment

@@ -221,6 +221,12 @@ fn cli_over_plain_http() {
     let (host, ds) = inventory(&cli, &server);
     let table = cli.ok(&["datastore", "list"]);
     assert!(table.starts_with("ID ") && table.contains("fast"), "{table}");
+    // The audit log has the wrong password and the changes, newest first.
+    let audit = cli.ok(&["audit"]);
+    assert!(audit.starts_with("SEQ ") && audit.contains("POST /v1/datastores"), "{audit}");
+    let logins = cli.json(&["audit", "--action", "login", "--limit", "10"]);
+    let outcomes: Vec<_> = logins["items"].as_array().unwrap().iter().map(|e| e["outcome"].clone()).collect();
+    assert_eq!(outcomes, [serde_json::json!("Success"), serde_json::json!("Refused")], "{logins}");
 
     // A create is followed to its end; --output json prints the final session.
     let session = cli.json(&[

@@ -820,7 +820,30 @@ pub async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Session(c) => session(ctx, c).await,
         ClientCommand::User(c) => user(ctx, c).await,
         ClientCommand::Tenant(c) => tenant(ctx, c).await,
+        ClientCommand::Audit(a) => {
+            let mut req = Request::get("/audit").query("limit", a.limit);
+            if let Some(b) = a.before {
+                req = req.query("before_seq", b);
+            }
+            if let Some(action) = a.action {
+                req = req.query("action", action);
+            }
+            ctx.list(req, "audit entries", render::audit).await
+        }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// At most this many entries (1 to 1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u64,
+    /// Only entries older than this position (the SEQ column), to page back.
+    #[arg(long)]
+    pub before: Option<i64>,
+    /// Only this action: `login`, `login_lockout`, or a request such as `POST /v1/vms`.
+    #[arg(long)]
+    pub action: Option<String>,
 }
 
 async fn site(ctx: &Ctx, cmd: SiteCommand) -> anyhow::Result<()> {

@@ -362,6 +362,22 @@ fn result_text(s: &SessionView) -> String {
     if s.halted { "Halted".into() } else { wire_name(&s.result) }
 }
 
+pub fn audit(page: &Page<AuditView>) -> Table {
+    let mut t = Table::new(&["SEQ", "AT", "USER", "ACTION", "OUTCOME", "FROM", "DETAIL"]);
+    for e in &page.items {
+        t.row(vec![
+            e.seq.to_string(),
+            local_time(&e.at),
+            e.user_name.clone(),
+            e.action.clone(),
+            e.outcome.clone(),
+            e.address.clone().unwrap_or_else(|| "-".into()),
+            e.detail.clone(),
+        ]);
+    }
+    t
+}
+
 pub fn sessions(page: &Page<SessionView>) -> Table {
     let mut t = Table::new(&["ID", "KIND", "NAME", "STATE", "RESULT", "PROGRESS", "CREATED"]);
     for s in &page.items {
