@@ -5,10 +5,11 @@
 //! hashes, so a copy of the database holds no usable credential. Reusing a refresh token revokes
 //! the whole login (a stolen token is worth nothing once the rightful client refreshes).
 //!
-//! Every argon2 computation goes through one bound per process ([`PasswordWork`]): on blocking
-//! threads, a few at once, a short queue, and a 503 beyond it.
+//! Every argon2 computation goes through one bound ([`PasswordWork`], one per `App`, which all the
+//! APIs of a process share): on threads of its own, a few at once, a short queue, and a 503
+//! beyond it.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
@@ -25,19 +26,6 @@ pub const REFRESH_TOKEN_SECS: i64 = 24 * 3600;
 /// What a login of an unknown user is checked against: a well-formed hash with the default
 /// parameters, so the check costs what a real one costs.
 pub const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-
-/// An argon2id hash of `password`, computed through the process's password-work bound.
-pub async fn hash_password(password: &str) -> Result<String> {
-    let password = password.to_string();
-    password_work().run(move || hash_password_now(&password)).await?
-}
-
-/// Whether `password` matches `hash`, checked through the process's password-work bound
-/// (`Err(Unavailable)` when that bound's queue is full).
-pub async fn verify_password(password: &str, hash: &str) -> Result<bool> {
-    let (password, hash) = (password.to_string(), hash.to_string());
-    password_work().run(move || verify_password_now(&password, &hash)).await
-}
 
 fn hash_password_now(password: &str) -> Result<String> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
@@ -129,6 +117,18 @@ impl PasswordWork {
         PasswordWork { admitted: Arc::new(Semaphore::new(workers + queue)), jobs }
     }
 
+    /// An argon2id hash of `password`.
+    pub async fn hash(&self, password: &str) -> Result<String> {
+        let password = password.to_string();
+        self.run(move || hash_password_now(&password)).await?
+    }
+
+    /// Whether `password` matches `hash` (`Err(Unavailable)` when the queue is full).
+    pub async fn verify(&self, password: &str, hash: &str) -> Result<bool> {
+        let (password, hash) = (password.to_string(), hash.to_string());
+        self.run(move || verify_password_now(&password, &hash)).await
+    }
+
     /// Runs `work` on one of the bound's threads.
     pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let admitted =
@@ -147,19 +147,18 @@ impl PasswordWork {
     }
 }
 
+/// As many threads as cores, each with [`QUEUE_PER_WORKER`] places in the queue. One per `App`,
+/// which every API of a process shares: the limit is on the cores and memory they all share.
+impl Default for PasswordWork {
+    fn default() -> Self {
+        let workers = std::thread::available_parallelism().map_or(2, usize::from);
+        PasswordWork::new(workers, workers * QUEUE_PER_WORKER)
+    }
+}
+
 /// Waiting password checks per worker: enough to absorb a burst of logins (a few hundred
 /// milliseconds of work), few enough that a queued login still answers within about a second.
 const QUEUE_PER_WORKER: usize = 8;
-
-/// The process's one bound: the limit is on cores and memory, which every API and every
-/// in-process server share.
-fn password_work() -> &'static PasswordWork {
-    static WORK: OnceLock<PasswordWork> = OnceLock::new();
-    WORK.get_or_init(|| {
-        let workers = std::thread::available_parallelism().map_or(2, usize::from);
-        PasswordWork::new(workers, workers * QUEUE_PER_WORKER)
-    })
-}
 
 /// A fresh random secret, URL-safe.
 pub fn random_secret(bytes: usize) -> String {
@@ -203,14 +202,15 @@ mod tests {
 
     #[tokio::test]
     async fn passwords_verify_and_tokens_hash_stably() {
-        let h = hash_password("s3cret").await.unwrap();
-        assert!(verify_password("s3cret", &h).await.unwrap());
-        assert!(!verify_password("S3cret", &h).await.unwrap());
-        assert!(!verify_password("s3cret", "not a hash").await.unwrap());
+        let work = PasswordWork::default();
+        let h = work.hash("s3cret").await.unwrap();
+        assert!(work.verify("s3cret", &h).await.unwrap());
+        assert!(!work.verify("S3cret", &h).await.unwrap());
+        assert!(!work.verify("s3cret", "not a hash").await.unwrap());
         // The unknown user's check must really run argon2 with the real parameters.
         let dummy = PasswordHash::new(DUMMY_HASH).unwrap();
         assert_eq!(dummy.params, PasswordHash::new(&h).unwrap().params);
-        assert!(!verify_password("s3cret", DUMMY_HASH).await.unwrap());
+        assert!(!work.verify("s3cret", DUMMY_HASH).await.unwrap());
         assert_eq!(token_hash("a"), token_hash("a"));
         assert_ne!(random_secret(32), random_secret(32));
     }
