@@ -19,6 +19,7 @@ use utoipa::ToSchema;
 pub struct ErrorBody {
     /// A stable code: `not_found`, `already_exists`, `invalid_request`, `conflict`,
     /// `unauthorized`, `forbidden`, `unavailable`, `internal`.
+    #[schema(schema_with = crate::openapi::error_code)]
     pub error: &'static str,
     /// What is wrong, for a person.
     pub message: String,

@@ -41,7 +41,11 @@ fn accepted(session: d::SessionId) -> Response {
 /// Logs in (`grant_type=password`) or trades a refresh token (`grant_type=refresh_token`).
 #[utoipa::path(post, path = "/v1/token", tag = "auth",
     request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "Too many failed logins for this user from this address, or from this address: try again after Retry-After seconds.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
+        (status = 503, body = ErrorBody, description = "Too many password checks are waiting; try again after Retry-After seconds.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again.")))))]
 pub async fn token(
     State(st): State<ApiState>,
     crate::ClientAddr(from): crate::ClientAddr,
@@ -112,7 +116,7 @@ pub async fn users_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<
 }
 
 #[utoipa::path(post, path = "/v1/users", tag = "admin", security(("bearer" = [])), request_body = CreateUser,
-    responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn users_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateUser>) -> ApiResult<Response> {
     let role: d::Role = b.role.parse()?;
     let user = st
@@ -123,14 +127,14 @@ pub async fn users_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Js
 }
 
 #[utoipa::path(delete, path = "/v1/users/{id}", tag = "admin", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn users_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.user_delete(&c, id.into()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(patch, path = "/v1/users/{id}", tag = "admin", security(("bearer" = [])), request_body = PatchUser,
-    responses((status = 200, body = UserView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = UserView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn users_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -145,7 +149,7 @@ pub async fn users_patch(
 // Sites, hosts, datastores
 
 #[utoipa::path(patch, path = "/v1/sites/{id}", tag = "inventory", security(("bearer" = [])), request_body = PatchName,
-    responses((status = 200, body = SiteView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = SiteView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn sites_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -156,7 +160,7 @@ pub async fn sites_patch(
 }
 
 #[utoipa::path(patch, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])), request_body = PatchHost,
-    responses((status = 200, body = HostView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = HostView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn hosts_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -168,7 +172,7 @@ pub async fn hosts_patch(
 }
 
 #[utoipa::path(patch, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])), request_body = PatchName,
-    responses((status = 200, body = DatastoreView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = DatastoreView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn datastores_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -180,7 +184,7 @@ pub async fn datastores_patch(
 
 #[utoipa::path(patch, path = "/v1/recovery-locations/{id}", tag = "plans", security(("bearer" = [])),
     request_body = PatchRecoveryLocation,
-    responses((status = 200, body = RecoveryLocationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = RecoveryLocationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn locations_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -195,7 +199,7 @@ pub async fn locations_patch(
 
 #[utoipa::path(patch, path = "/v1/replication-jobs/{id}", tag = "replication", security(("bearer" = [])),
     request_body = PatchReplicationJob,
-    responses((status = 200, body = ReplicationJobView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = ReplicationJobView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn jobs_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -215,7 +219,7 @@ pub async fn sites_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<
 }
 
 #[utoipa::path(post, path = "/v1/sites", tag = "inventory", security(("bearer" = [])), request_body = CreateSite,
-    responses((status = 201, body = SiteView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = SiteView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn sites_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateSite>) -> ApiResult<Response> {
     Ok(created(SiteView::from(st.app.site_create(&c, &b.name, b.kind).await?)))
 }
@@ -227,7 +231,7 @@ pub async fn sites_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path
 }
 
 #[utoipa::path(delete, path = "/v1/sites/{id}", tag = "inventory", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn sites_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.delete::<d::Site>(&c, id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -239,7 +243,7 @@ pub async fn hosts_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<
 }
 
 #[utoipa::path(post, path = "/v1/hosts", tag = "inventory", security(("bearer" = [])), request_body = CreateHost,
-    responses((status = 201, body = HostView), (status = 400, body = ErrorBody)))]
+    responses((status = 201, body = HostView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn hosts_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateHost>) -> ApiResult<Response> {
     let h = st.app.host_create(&c, NewHost { site_id: b.site_id.into(), name: b.name, address: b.address }).await?;
     Ok(created(HostView::from(h)))
@@ -252,7 +256,7 @@ pub async fn hosts_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path
 }
 
 #[utoipa::path(delete, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn hosts_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.delete::<d::Host>(&c, id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -265,7 +269,7 @@ pub async fn datastores_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiRe
 }
 
 #[utoipa::path(post, path = "/v1/datastores", tag = "inventory", security(("bearer" = [])), request_body = CreateDatastore,
-    responses((status = 201, body = DatastoreView), (status = 400, body = ErrorBody)))]
+    responses((status = 201, body = DatastoreView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn datastores_create(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -286,7 +290,7 @@ pub async fn datastores_get(
 }
 
 #[utoipa::path(delete, path = "/v1/datastores/{id}", tag = "inventory", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn datastores_delete(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -346,7 +350,7 @@ pub async fn vms_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<Js
 
 /// Records the VM and starts the session that creates its disks.
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", security(("bearer" = [])), request_body = CreateVm,
-    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn vms_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<CreateVm>) -> ApiResult<Response> {
     let (vm, session) = st.app.vm_create(&c, b.into_new_vm()?).await?;
     let mut resp = accepted(session);
@@ -363,7 +367,7 @@ pub async fn vms_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<U
 }
 
 #[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])), request_body = PatchVm,
-    responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn vms_patch(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -377,7 +381,7 @@ pub async fn vms_patch(
 
 /// Deletes a VM that is off: its disks, its runtime files, then its record. A running VM is a 409.
 #[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn vms_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
     Ok(accepted(st.app.vm_delete(&c, id.into()).await?))
 }
@@ -387,20 +391,20 @@ async fn power(st: ApiState, c: drover_engine::app::Caller, id: Uuid, action: Po
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/power-on", tag = "vms", security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn vms_power_on(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
     power(st, c, id, PowerAction::PowerOn).await
 }
 
 /// Graceful shutdown (ACPI), then power off after the configured timeout.
 #[utoipa::path(post, path = "/v1/vms/{id}/shutdown", tag = "vms", security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn vms_shutdown(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
     power(st, c, id, PowerAction::Shutdown).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/power-off", tag = "vms", security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn vms_power_off(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
     power(st, c, id, PowerAction::PowerOff).await
 }
@@ -416,7 +420,7 @@ pub async fn jobs_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<J
 
 #[utoipa::path(post, path = "/v1/replication-jobs", tag = "replication", security(("bearer" = [])),
     request_body = CreateReplicationJob,
-    responses((status = 201, body = ReplicationJobView), (status = 400, body = ErrorBody)))]
+    responses((status = 201, body = ReplicationJobView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn jobs_create(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -450,7 +454,7 @@ pub async fn jobs_get(
 }
 
 #[utoipa::path(delete, path = "/v1/replication-jobs/{id}", tag = "replication", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn jobs_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.delete::<d::ReplicationJob>(&c, id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -458,7 +462,7 @@ pub async fn jobs_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Pa
 
 /// Runs the job now; the run is a session with a task per VM.
 #[utoipa::path(post, path = "/v1/replication-jobs/{id}/run", tag = "replication", security(("bearer" = [])),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn jobs_run(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Response> {
     Ok(accepted(st.app.replication_job_run(&c, id.into()).await?))
 }
@@ -499,7 +503,7 @@ pub async fn locations_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiRes
 
 #[utoipa::path(post, path = "/v1/recovery-locations", tag = "plans", security(("bearer" = [])),
     request_body = CreateRecoveryLocation,
-    responses((status = 201, body = RecoveryLocationView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = RecoveryLocationView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn locations_create(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -536,7 +540,7 @@ pub async fn locations_get(
 }
 
 #[utoipa::path(delete, path = "/v1/recovery-locations/{id}", tag = "plans", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn locations_delete(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -555,7 +559,7 @@ pub async fn plans_list(State(st): State<ApiState>, Auth(c): Auth) -> ApiResult<
 }
 
 #[utoipa::path(post, path = "/v1/plans", tag = "plans", security(("bearer" = [])), request_body = PlanBody,
-    responses((status = 201, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<PlanBody>) -> ApiResult<Response> {
     Ok(created(PlanView::from(st.app.plan_create(&c, b.into_input()).await?)))
 }
@@ -568,7 +572,7 @@ pub async fn plans_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path
 
 /// Replaces the plan's definition; only while it is not IN-USE.
 #[utoipa::path(put, path = "/v1/plans/{id}", tag = "plans", security(("bearer" = [])), request_body = PlanBody,
-    responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_put(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -579,7 +583,7 @@ pub async fn plans_put(
 }
 
 #[utoipa::path(delete, path = "/v1/plans/{id}", tag = "plans", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.delete::<d::Plan>(&c, id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -590,10 +594,10 @@ pub async fn plans_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): P
 /// (body: `ContinueBody`), `reset`. Returns the plan as it is once the action is accepted, with
 /// the session the action started or acted on.
 #[utoipa::path(post, path = "/v1/plans/{id}/{action}", tag = "plans", security(("bearer" = [])),
-    params(("id" = Uuid, Path), ("action" = String, Path)),
+    params(("id" = Uuid, Path), ("action" = inline(PlanActionName), Path)),
     request_body(content = Option<PlanActionBody>),
     responses((status = 200, body = PlanActionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_action(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -605,11 +609,7 @@ pub async fn plans_action(
     let action = match action.as_str() {
         "enable" => return Ok(no_session(st.app.plan_set_enabled(&c, id, true).await?)),
         "test-failover" => {
-            let b: PlanActionBody = if body.is_empty() {
-                PlanActionBody::default()
-            } else {
-                serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
-            };
+            let b = action_body(&body)?;
             let opts = drover_engine::app::PlanActionOptions { point_date: b.restore_point_date, ..Default::default() };
             let session = st.app.plan_test_failover(&c, id, opts).await?;
             let plan = st.app.get::<d::Plan>(&c, id.0).await?;
@@ -629,11 +629,7 @@ pub async fn plans_action(
         "reset" => d::PlanAction::ResetState,
         other => return Err(Error::not_found("plan action", other).into()),
     };
-    let b: PlanActionBody = if body.is_empty() {
-        PlanActionBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?
-    };
+    let b = action_body(&body)?;
     let opts = drover_engine::app::PlanActionOptions {
         continue_option: b.option,
         point_date: b.restore_point_date,
@@ -642,6 +638,17 @@ pub async fn plans_action(
     };
     let (plan, session) = st.app.plan_action(&c, id, action, opts).await?;
     Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))
+}
+
+/// A plan action's optional body: none, or `null` (the document's body is optional and nullable),
+/// is the default.
+fn action_body(body: &[u8]) -> d::Result<PlanActionBody> {
+    if body.is_empty() {
+        return Ok(PlanActionBody::default());
+    }
+    let b: Option<PlanActionBody> =
+        serde_json::from_slice(body).map_err(|e| Error::invalid(format!("bad request body: {e}")))?;
+    Ok(b.unwrap_or_default())
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -787,7 +794,7 @@ where
 }
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/halt", tag = "sessions", security(("bearer" = [])),
-    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn sessions_halt(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.session_halt(&c, id.into()).await?;
     Ok(StatusCode::ACCEPTED)
@@ -795,7 +802,7 @@ pub async fn sessions_halt(State(st): State<ApiState>, Auth(c): Auth, Path(id): 
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/continue", tag = "sessions", security(("bearer" = [])),
     request_body = ContinueBody,
-    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn sessions_continue(
     State(st): State<ApiState>,
     Auth(c): Auth,
@@ -807,7 +814,7 @@ pub async fn sessions_continue(
 }
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/undo", tag = "sessions", security(("bearer" = [])),
-    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn sessions_undo(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     st.app.session_undo(&c, id.into()).await?;
     Ok(StatusCode::ACCEPTED)

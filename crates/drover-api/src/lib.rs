@@ -20,10 +20,12 @@ pub mod audit;
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod openapi;
 pub mod views;
 
 use error::ApiError;
 pub use limits::ListenerLimits;
+use openapi::ErrorResponses;
 
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -96,7 +98,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::sessions_list, handlers::sessions_get, handlers::sessions_log, handlers::sessions_events,
         handlers::sessions_halt, handlers::sessions_continue, handlers::sessions_undo,
     ),
-    modifiers(&BearerScheme)
+    modifiers(&BearerScheme, &ErrorResponses)
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
@@ -208,18 +210,12 @@ pub fn self_signed(dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
     }
     let generated = rcgen::generate_simple_self_signed(names).map_err(std::io::Error::other)?;
     std::fs::create_dir_all(dir)?;
-    // Key first and private: a crash between the two writes leaves no certificate without its key.
-    let tmp_key = key.with_extension("pem.tmp");
-    std::fs::write(&tmp_key, generated.key_pair.serialize_pem())?;
-    set_private(&tmp_key)?;
-    std::fs::rename(&tmp_key, &key)?;
-    std::fs::write(&cert, generated.cert.pem())?;
+    // Key first and private from its creation: a crash between the two writes leaves no
+    // certificate without its key. Each is published durably, so a crash or a power cut never
+    // leaves a half-written file that the check above would take for a whole one.
+    drover_hv::durable::write_blocking(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
+    drover_hv::durable::write_blocking(&cert, generated.cert.pem().as_bytes(), 0o600)?;
     Ok((cert, key))
-}
-
-fn set_private(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// A bound listener, ready to serve.

@@ -26,10 +26,15 @@ pub struct Page<T> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenRequest {
     /// `password` or `refresh_token`.
+    #[schema(schema_with = grant_type)]
     pub grant_type: String,
     pub username: Option<String>,
     pub password: Option<String>,
     pub refresh_token: Option<String>,
+}
+
+fn grant_type() -> utoipa::openapi::schema::Object {
+    crate::openapi::string_enum(["password", "refresh_token"])
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -74,6 +79,7 @@ impl From<d::Tenant> for TenantView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
 }
 
@@ -82,8 +88,7 @@ pub struct UserView {
     pub id: Uuid,
     pub tenant_id: Uuid,
     pub name: String,
-    /// `Viewer`, `PlanOperator`, `PlanAuthor` or `Administrator`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::role)]
     pub role: d::Role,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -97,10 +102,12 @@ impl From<d::User> for UserView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    #[schema(schema_with = crate::openapi::user_name)]
     pub name: String,
-    /// At least 8 characters.
+    #[schema(schema_with = crate::openapi::password)]
     pub password: String,
     /// `Viewer`, `PlanOperator`, `PlanAuthor` or `Administrator` ("Plan Author" also accepted).
+    #[schema(schema_with = crate::openapi::role)]
     pub role: String,
     /// Another tenant: only for administrators of the system tenant.
     pub tenant_id: Option<Uuid>,
@@ -110,7 +117,9 @@ pub struct CreateUser {
 #[serde(deny_unknown_fields)]
 pub struct PatchUser {
     /// At least 8 characters. Users may change their own; administrators anyone's in their tenant.
+    #[schema(schema_with = crate::openapi::password_or_null)]
     pub password: Option<String>,
+    #[schema(schema_with = crate::openapi::role_or_null)]
     pub role: Option<String>,
 }
 
@@ -118,19 +127,23 @@ pub struct PatchUser {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchName {
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchHost {
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
+    #[schema(schema_with = crate::openapi::not_blank_or_null)]
     pub address: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchRecoveryLocation {
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
     pub description: Option<String>,
     pub network_mappings: Option<Vec<NetworkMappingBody>>,
@@ -139,8 +152,10 @@ pub struct PatchRecoveryLocation {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchReplicationJob {
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
     pub schedule: Option<ScheduleBody>,
+    #[schema(minimum = 1, maximum = 10000)]
     pub retention_points: Option<u32>,
     pub enabled: Option<bool>,
 }
@@ -152,8 +167,7 @@ pub struct PatchReplicationJob {
 pub struct SiteView {
     pub id: Uuid,
     pub name: String,
-    /// `Production` or `DisasterRecovery`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::site_kind)]
     pub kind: d::SiteKind,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -167,8 +181,9 @@ impl From<d::Site> for SiteView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSite {
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::site_kind)]
     pub kind: d::SiteKind,
 }
 
@@ -191,8 +206,10 @@ impl From<d::Host> for HostView {
 #[serde(deny_unknown_fields)]
 pub struct CreateHost {
     pub site_id: Uuid,
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
     /// `local` for the agent inside `drover serve`.
+    #[schema(schema_with = crate::openapi::not_blank)]
     pub address: String,
 }
 
@@ -229,9 +246,11 @@ pub struct GrantDatastore {
 #[serde(deny_unknown_fields)]
 pub struct CreateDatastore {
     pub host_id: Uuid,
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
     /// An absolute directory on the host, inside one of the host's datastore roots (the
     /// `--datastore-root` settings); created, private to the service, when missing.
+    #[schema(schema_with = crate::openapi::absolute_path)]
     pub path: String,
 }
 
@@ -241,27 +260,35 @@ pub struct CreateDatastore {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskBody {
-    /// Letters, digits, '-' and '_'; the image is `<name>.qcow2`.
+    #[schema(schema_with = crate::openapi::disk_name)]
     pub name: String,
-    /// Size of an empty disk; ignored when importing.
+    /// Size of an empty disk.
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::disk_size)]
     pub size_bytes: u64,
-    /// An existing image to copy (never moved).
+    /// An existing image to copy (never moved): an absolute path of a file on the host.
+    #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub import_from: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NicBody {
+    #[schema(schema_with = crate::openapi::name)]
     pub network: String,
     /// Derived from the VM id when absent.
+    #[schema(schema_with = crate::openapi::mac_or_null)]
     pub mac: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootBody {
+    /// A file on the host.
+    #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub kernel: Option<String>,
+    /// A file on the host.
+    #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
 }
@@ -269,16 +296,23 @@ pub struct BootBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
     pub host_id: Uuid,
+    /// On the host `host_id`.
     pub datastore_id: Uuid,
+    #[schema(minimum = 1, maximum = 64)]
     pub vcpus: u32,
+    #[schema(minimum = 64, maximum = 1048576)]
     pub memory_mib: u32,
+    /// Names unique within the VM.
+    #[schema(min_items = 1)]
     pub disks: Vec<DiskBody>,
     #[serde(default)]
     pub nics: Vec<NicBody>,
     /// `category:name`.
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::tags)]
     pub tags: Vec<String>,
     #[serde(default)]
     pub boot: BootBody,
@@ -287,9 +321,15 @@ pub struct CreateVm {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchVm {
+    #[schema(schema_with = crate::openapi::name_or_null)]
     pub name: Option<String>,
+    /// Only while the VM is off.
+    #[schema(minimum = 1, maximum = 64)]
     pub vcpus: Option<u32>,
+    /// Only while the VM is off.
+    #[schema(minimum = 64, maximum = 1048576)]
     pub memory_mib: Option<u32>,
+    #[schema(schema_with = crate::openapi::tags_or_null)]
     pub tags: Option<Vec<String>>,
 }
 
@@ -305,8 +345,7 @@ pub struct VmView {
     pub nics: Vec<NicBody>,
     pub tags: Vec<String>,
     pub boot: BootBody,
-    /// `Off`, `Starting`, `Running`, `Stopping` or `Died`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::vm_power_state)]
     pub power_state: d::VmPowerState,
     /// False until the create session has made the disks.
     pub provisioned: bool,
@@ -370,7 +409,11 @@ impl CreateVm {
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum ScheduleBody {
     Manual,
-    Interval { secs: u32 },
+    Interval {
+        /// At least 10.
+        #[schema(minimum = 10)]
+        secs: u32,
+    },
     Continuous,
 }
 
@@ -397,11 +440,15 @@ impl From<d::Schedule> for ScheduleBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateReplicationJob {
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
+    #[schema(schema_with = crate::openapi::unique_ids)]
     pub vm_ids: Vec<Uuid>,
     pub target_host_id: Uuid,
+    /// On the host `target_host_id`.
     pub target_datastore_id: Uuid,
     pub schedule: ScheduleBody,
+    #[schema(minimum = 1, maximum = 10000)]
     pub retention_points: u32,
 }
 
@@ -442,8 +489,7 @@ pub struct ReplicaView {
     pub job_id: Uuid,
     pub source_vm_id: Uuid,
     pub target_datastore_id: Uuid,
-    /// `Ready`, `Processing`, `Failover`, `FailedFailover`, `PermanentFailover`, `ReadyToSwitch`, `Failback`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::replica_state)]
     pub state: d::ReplicaState,
     /// The point a failed-over replica booted from.
     pub failover_point_id: Option<Uuid>,
@@ -488,7 +534,7 @@ pub struct RestorePointView {
     /// The replication session that made it.
     pub session_id: Uuid,
     /// `Published`, or `Retiring` while retention merges it away.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::restore_point_state)]
     pub state: d::RestorePointState,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub bytes_written: u64,
@@ -523,17 +569,22 @@ impl From<d::RestorePoint> for RestorePointView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkMappingBody {
+    #[schema(schema_with = crate::openapi::name)]
     pub from: String,
+    #[schema(schema_with = crate::openapi::name)]
     pub to: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRecoveryLocation {
+    /// Not "Original VM Location" (built in: 409).
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
     #[serde(default)]
     pub description: String,
     pub host_id: Uuid,
+    /// On the host `host_id`.
     pub datastore_id: Uuid,
     #[serde(default)]
     pub network_mappings: Vec<NetworkMappingBody>,
@@ -545,7 +596,7 @@ pub struct RecoveryLocationView {
     pub name: String,
     pub description: String,
     /// `Original` (the built-in "Original VM Location") or `Restore`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::recovery_location_kind)]
     pub kind: d::RecoveryLocationKind,
     pub is_original: bool,
     pub host_id: Option<Uuid>,
@@ -580,16 +631,21 @@ impl From<d::RecoveryLocation> for RecoveryLocationView {
 pub enum StepKindBody {
     PowerOn,
     WaitHeartbeat {
+        #[schema(maximum = 86400)]
         timeout_secs: u32,
     },
     CheckTcpPort {
+        #[schema(minimum = 1)]
         port: u16,
+        #[schema(maximum = 86400)]
         timeout_secs: u32,
     },
     RunScript {
+        #[schema(schema_with = crate::openapi::not_blank)]
         path: String,
         #[serde(default)]
         args: Vec<String>,
+        #[schema(maximum = 86400)]
         timeout_secs: u32,
     },
 }
@@ -599,6 +655,7 @@ pub enum StepKindBody {
 pub struct PlanStepBody {
     /// Assigned when absent.
     pub id: Option<Uuid>,
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
     pub kind: StepKindBody,
     #[serde(default = "yes")]
@@ -622,16 +679,20 @@ pub struct PlanVmBody {
 pub struct PlanGroupBody {
     /// Assigned when absent.
     pub id: Option<Uuid>,
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
-    /// VMs of the group started at once; 1 (the default) means one after another.
+    /// VMs of the group started at once; 1 (the default) or 0 means one after another.
     #[serde(default = "one")]
+    #[schema(maximum = 256)]
     pub max_parallel: u32,
     #[serde(default)]
+    #[schema(maximum = 86400)]
     pub delay_secs: u32,
     #[serde(default)]
     pub critical: bool,
     #[serde(default)]
     pub restore_tags: bool,
+    /// Each VM once in the whole plan.
     pub vms: Vec<PlanVmBody>,
 }
 
@@ -642,8 +703,11 @@ fn one() -> u32 {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanBody {
+    #[schema(schema_with = crate::openapi::name)]
     pub name: String,
+    /// At most 4096 bytes (UTF-8).
     #[serde(default)]
+    #[schema(max_length = 4096)]
     pub description: String,
     /// Defaults to the Original VM Location.
     pub recovery_location_id: Option<Uuid>,
@@ -727,18 +791,17 @@ pub struct PlanView {
     pub name: String,
     pub description: String,
     pub enabled: bool,
-    /// `Enabled`, `Disabled` or `InUse`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::plan_mode)]
     pub mode: d::PlanMode,
     /// API identifier of the state, e.g. `Failover`, `FailbackInProgress`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::plan_state)]
     pub state: d::PlanState,
     /// The UI name, e.g. `FAILOVER`.
     pub state_name: String,
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::plan_state)]
     pub last_stable_state: d::PlanState,
     /// What was running when the plan halted.
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = crate::openapi::plan_state_or_null)]
     pub interrupted_state: Option<d::PlanState>,
     pub recovery_location_id: Uuid,
     pub groups: Vec<PlanGroupBody>,
@@ -819,12 +882,33 @@ pub struct PlanActionView {
     pub session_id: Option<Uuid>,
 }
 
+/// The `{action}` of `POST /v1/plans/{id}/{action}`: a schema only, for the document (the handler
+/// matches the path segment; any other is a 404).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanActionName {
+    Enable,
+    Disable,
+    ReadinessCheck,
+    Failover,
+    TestFailover,
+    PermanentFailover,
+    PrepareFailback,
+    Failback,
+    Switchover,
+    CommitFailback,
+    Undo,
+    Halt,
+    Continue,
+    Reset,
+}
+
 /// The optional body of a plan action.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanActionBody {
     /// For `continue`: as in `ContinueBody`.
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = crate::openapi::continue_option_or_null)]
     pub option: Option<drover_engine::saga::ContinueOption>,
     /// For `failover`: the newest restore point at or before this time (default: the newest).
     pub restore_point_date: Option<chrono::DateTime<chrono::Utc>>,
@@ -838,9 +922,8 @@ pub struct PlanActionBody {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContinueBody {
-    /// `RetryFailedStep` (default), `ProceedToNextStep`, `RetryFailedVm`, `ProceedToNextVm`,
-    /// `RetryFailedGroup` or `ProceedToNextGroup`.
-    #[schema(value_type = Option<String>)]
+    /// Default `RetryFailedStep`.
+    #[schema(schema_with = crate::openapi::continue_option_or_null)]
     pub option: Option<drover_engine::saga::ContinueOption>,
 }
 
@@ -852,9 +935,9 @@ pub struct TaskView {
     pub id: Uuid,
     pub vm_id: Option<Uuid>,
     pub name: String,
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::session_state)]
     pub state: d::SessionState,
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::session_result)]
     pub result: d::SessionResult,
     pub progress: u8,
     pub failure_message: Option<String>,
@@ -881,18 +964,16 @@ impl From<d::Task> for TaskView {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SessionView {
     pub id: Uuid,
-    /// e.g. `VmPowerOn`, `PlanFailover`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::session_kind)]
     pub kind: d::SessionKind,
     pub name: String,
-    /// `vm`, `plan` or `replication_job`.
+    #[schema(schema_with = target_kind)]
     pub target_kind: String,
     pub target_id: Uuid,
-    /// `Starting`, `Working`, `Stopping` or `Stopped`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::session_state)]
     pub state: d::SessionState,
     /// `None` while running, then `Success`, `Warning` or `Failed`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::session_result)]
     pub result: d::SessionResult,
     pub progress: u8,
     /// Halted and waiting for continue or undo.
@@ -903,6 +984,10 @@ pub struct SessionView {
     /// Present on `GET /v1/sessions/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tasks: Option<Vec<TaskView>>,
+}
+
+fn target_kind() -> utoipa::openapi::schema::Object {
+    crate::openapi::string_enum(["vm", "plan", "replication_job"])
 }
 
 impl From<d::Session> for SessionView {
@@ -935,7 +1020,7 @@ pub struct LogEntryView {
     pub seq: i64,
     pub task_id: Option<Uuid>,
     pub at: chrono::DateTime<chrono::Utc>,
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::openapi::log_level)]
     pub level: d::LogLevel,
     pub message: String,
 }
@@ -949,22 +1034,29 @@ impl From<d::LogEntry> for LogEntryView {
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct SessionQuery {
-    /// Session kind, e.g. `VmPowerOn`.
+    /// Session kind (any case).
+    #[param(schema_with = crate::openapi::session_kind)]
     pub kind: Option<String>,
-    /// `Starting`, `Working`, `Stopping` or `Stopped`.
+    #[param(schema_with = crate::openapi::session_state)]
     pub state: Option<String>,
-    /// `None`, `Success`, `Warning` or `Failed`.
+    #[param(schema_with = crate::openapi::session_result)]
     pub result: Option<String>,
     /// Only sessions of this VM, plan or job.
     pub target_id: Option<Uuid>,
     /// Only sessions created at or after this time.
     pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// `newest` (default) or `oldest` first.
+    #[param(schema_with = order)]
     pub order: Option<String>,
     #[serde(default)]
     pub offset: u64,
-    /// 1-1000, default 100.
+    /// Default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u64>,
+}
+
+fn order() -> utoipa::openapi::schema::Object {
+    crate::openapi::string_enum(["newest", "oldest"])
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -973,7 +1065,8 @@ pub struct LogQuery {
     /// Entries after this sequence number (default 0: from the start).
     #[serde(default)]
     pub after: i64,
-    /// 1-10000, default 1000.
+    /// Default 1000.
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u64>,
 }
 

@@ -119,9 +119,11 @@ impl ChainDir {
         let from = manifest_path(next);
         if tokio::fs::try_exists(&from).await.map_err(io(format!("checking {}", from.display())))? {
             let to = manifest_path(oldest);
-            let tmp = to.with_extension("manifest.tmp");
+            let tmp = drover_hv::durable::temp_path(&to);
             tokio::fs::copy(&from, &tmp).await.map_err(io(format!("copying {}", from.display())))?;
-            tokio::fs::rename(&tmp, &to).await.map_err(io(format!("renaming into {}", to.display())))?;
+            // Durable before the caller retires the point: a power cut must not leave the kept
+            // point with a manifest whose data never reached the disk.
+            drover_hv::durable::publish(&tmp, &to).await.map_err(io(format!("publishing {}", to.display())))?;
         }
         Ok(oldest.to_path_buf())
     }

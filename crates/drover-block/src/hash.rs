@@ -14,8 +14,6 @@
 
 use std::path::Path;
 
-use tokio::io::AsyncWriteExt;
-
 pub const BLOCK_SIZE: u64 = 64 * 1024;
 
 const MAGIC: &[u8; 8] = b"DRVMANI1";
@@ -184,18 +182,9 @@ impl Manifest {
 
     /// Writes the manifest durably: temporary file, fsync, rename, fsync of the directory.
     pub async fn save(&self, path: &Path) -> Result<(), ManifestError> {
-        let io = |what: &str, e| ManifestError::Io { context: format!("{what} {}", path.display()), source: e };
-        let tmp = path.with_extension("manifest.tmp");
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| io("creating", e))?;
-        f.write_all(&self.encode()).await.map_err(|e| io("writing", e))?;
-        f.sync_all().await.map_err(|e| io("syncing", e))?;
-        drop(f);
-        tokio::fs::rename(&tmp, path).await.map_err(|e| io("renaming into", e))?;
-        if let Some(dir) = path.parent() {
-            let d = tokio::fs::File::open(dir).await.map_err(|e| io("opening the directory of", e))?;
-            d.sync_all().await.map_err(|e| io("syncing the directory of", e))?;
-        }
-        Ok(())
+        drover_hv::durable::write(path, self.encode(), 0o600)
+            .await
+            .map_err(|e| ManifestError::Io { context: format!("writing {}", path.display()), source: e })
     }
 
     pub async fn load(path: &Path) -> Result<Manifest, ManifestError> {

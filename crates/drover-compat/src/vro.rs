@@ -25,6 +25,7 @@ use axum::extract::rejection::PathRejection;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use drover_api::BearerScheme;
+use drover_api::openapi::ErrorResponses;
 use drover_engine::app::{App, Caller};
 use utoipa::OpenApi;
 
@@ -106,7 +107,7 @@ pub struct Path<T>(pub T);
         handlers::runtime_step,
         handlers::locations_list, handlers::locations_get,
     ),
-    modifiers(&BearerScheme)
+    modifiers(&BearerScheme, &ErrorResponses)
 )]
 #[derive(Debug)]
 pub struct VroApiDoc;

@@ -818,20 +818,18 @@ impl App {
             updated_at: t,
         };
         vm.validate()?;
-        self.store().object_insert(&vm).await?;
         let params = VmOpParams {
             vm_id: id,
             tenant_id: caller.tenant_id,
             disk_dir: ops::disk_dir(&ds, id),
             wait_heartbeat: false,
         };
-        match self.submit_vm_session(caller, &vm, SessionKind::VmCreate, &params).await {
-            Ok(s) => Ok((vm, s)),
-            Err(e) => {
-                let _ = self.store().object_delete::<Vm>(caller.tenant_id, id.0).await;
-                Err(e)
-            }
-        }
+        // The VM's record and its create session commit together: no VM is left unprovisioned
+        // with no session to provision it.
+        let (session, tasks) = vm_session(caller, &vm, SessionKind::VmCreate, &params)?;
+        let session_id = session.id;
+        self.engine.submit_with_new(session, tasks, &vm).await?;
+        Ok((vm, session_id))
     }
 
     pub async fn vm_update(&self, caller: &Caller, id: VmId, patch: VmPatch) -> Result<Vm> {
@@ -873,25 +871,12 @@ impl App {
             PowerAction::PowerOn => VmPowerEvent::PowerOnRequested,
             PowerAction::Shutdown | PowerAction::PowerOff => VmPowerEvent::StopRequested,
         };
-        let (vm, before) = self
-            .store()
-            .object_modify::<Vm, _, _>(caller.tenant_id, id.0, |vm| {
-                if !vm.provisioned {
-                    return Err(Error::conflict(format!("VM {:?} is still being created", vm.name)));
-                }
-                let before = vm.power_state;
-                vm.power_state = vm.power_state.apply(event).map_err(|_| {
-                    Error::conflict(format!("VM {:?} is {:?}; cannot {action:?} now", vm.name, vm.power_state))
-                })?;
-                vm.updated_at = now();
-                Ok(before)
-            })
-            .await?;
         let kind = match action {
             PowerAction::PowerOn => SessionKind::VmPowerOn,
             PowerAction::Shutdown => SessionKind::VmShutdown,
             PowerAction::PowerOff => SessionKind::VmPowerOff,
         };
+        let vm = self.get::<Vm>(caller, id.0).await?;
         let ds = self.get::<Datastore>(caller, vm.datastore_id.0).await?;
         let params = VmOpParams {
             vm_id: id,
@@ -899,20 +884,23 @@ impl App {
             disk_dir: ops::disk_dir(&ds, id),
             wait_heartbeat: action == PowerAction::PowerOn,
         };
-        match self.submit_vm_session(caller, &vm, kind, &params).await {
-            Ok(s) => Ok(s),
-            Err(e) => {
-                // Not started: put the state back so the VM is not stuck.
-                let _ = self
-                    .store()
-                    .object_modify::<Vm, _, _>(caller.tenant_id, id.0, |vm| {
-                        vm.power_state = before;
-                        Ok(())
-                    })
-                    .await;
-                Err(e)
-            }
-        }
+        let (session, tasks) = vm_session(caller, &vm, kind, &params)?;
+        let session_id = session.id;
+        // The power state's move and the session commit together; the checks run on the version
+        // of the record that is written (a concurrent change makes them run again).
+        self.engine
+            .submit_with::<Vm, _, _>(session, tasks, caller.tenant_id, id.0, |vm| {
+                if !vm.provisioned {
+                    return Err(Error::conflict(format!("VM {:?} is still being created", vm.name)));
+                }
+                vm.power_state = vm.power_state.apply(event).map_err(|_| {
+                    Error::conflict(format!("VM {:?} is {:?}; cannot {action:?} now", vm.name, vm.power_state))
+                })?;
+                vm.updated_at = now();
+                Ok(())
+            })
+            .await?;
+        Ok(session_id)
     }
 
     pub async fn vm_delete(&self, caller: &Caller, id: VmId) -> Result<SessionId> {
@@ -963,10 +951,8 @@ impl App {
         kind: SessionKind,
         params: &VmOpParams,
     ) -> Result<SessionId> {
-        let params = serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?;
-        let session = Session::new(caller.tenant_id, kind, vm.name.clone(), SessionTarget::Vm(vm.id), params);
-        let task = session.task(Some(vm.id), vm.name.clone());
-        self.engine.submit(session, vec![task]).await
+        let (session, tasks) = vm_session(caller, vm, kind, params)?;
+        self.engine.submit(session, tasks).await
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1150,33 +1136,24 @@ impl App {
                 .filter(|s| s.state != SessionState::Stopped)
                 .ok_or_else(|| Error::conflict(format!("plan {:?} has no session to act on", plan.name)))
         };
-        // Moves the plan's lifecycle for an action that acts on the running session.
-        let move_plan = |action: PlanAction| async move {
-            self.store()
-                .object_modify::<Plan, _, _>(caller.tenant_id, id.0, |p| {
-                    p.lifecycle = p.lifecycle.apply(PlanEvent::Requested(action), true)?;
-                    p.updated_at = now();
-                    Ok(())
-                })
-                .await
-        };
+        // The plan's move for an action on the running session; the engine commits it together
+        // with the session's write.
+        let plan_move = crate::PlanMove { tenant: caller.tenant_id, plan: id, action };
         let session = match action {
             PlanAction::Halt => {
                 let s = running_session().await?.id;
-                move_plan(action).await?;
-                self.engine.halt(s).await?;
+                self.engine.plan_halt(s, plan_move).await?;
                 s
             }
             PlanAction::Continue => {
                 let s = running_session().await?.id;
-                self.engine.resume(s, opts.continue_option.unwrap_or(ContinueOption::RetryFailedStep)).await?;
-                move_plan(action).await?;
+                let option = opts.continue_option.unwrap_or(ContinueOption::RetryFailedStep);
+                self.engine.plan_resume(s, option, plan_move).await?;
                 s
             }
             PlanAction::Undo if plan.lifecycle.state == PlanState::Halted => {
                 let s = running_session().await?.id;
-                move_plan(action).await?;
-                self.engine.undo(s).await?;
+                self.engine.plan_undo(s, plan_move).await?;
                 s
             }
             PlanAction::Failover => {
@@ -1323,29 +1300,17 @@ impl App {
             let name = self.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
             tasks.push(session.task(Some(vm_id), name));
         }
-        // Move the plan first: a concurrent request then gets 409. If the session cannot be
-        // recorded, the move is reverted.
-        self.store()
-            .object_modify::<Plan, _, _>(caller.tenant_id, plan.id.0, |p| {
+        // The plan's move and its session commit together: a concurrent request finds the plan
+        // busy and gets 409, and a crash never leaves a move without the session behind it.
+        let session_id = session.id;
+        self.engine
+            .submit_with::<Plan, _, _>(session, tasks, caller.tenant_id, plan.id.0, |p| {
                 p.lifecycle = p.lifecycle.apply(PlanEvent::Requested(action), true)?;
                 p.updated_at = now();
                 Ok(())
             })
             .await?;
-        match self.engine.submit(session, tasks).await {
-            Ok(id) => Ok(id),
-            Err(e) => {
-                let before = plan.lifecycle;
-                let _ = self
-                    .store()
-                    .object_modify::<Plan, _, _>(caller.tenant_id, plan.id.0, |p| {
-                        p.lifecycle = before;
-                        Ok(())
-                    })
-                    .await;
-                Err(e)
-            }
-        }
+        Ok(session_id)
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1424,4 +1389,12 @@ impl App {
 /// Sites, hosts and datastores: see [`Caller::require_system_admin`].
 fn is_host_resource(kind: &str) -> bool {
     matches!(kind, "site" | "host" | "datastore")
+}
+
+/// A VM operation's session and its one task.
+fn vm_session(caller: &Caller, vm: &Vm, kind: SessionKind, params: &VmOpParams) -> Result<(Session, Vec<Task>)> {
+    let params = serde_json::to_value(params).map_err(|e| Error::internal(e.to_string()))?;
+    let session = Session::new(caller.tenant_id, kind, vm.name.clone(), SessionTarget::Vm(vm.id), params);
+    let task = session.task(Some(vm.id), vm.name.clone());
+    Ok((session, vec![task]))
 }

@@ -14,8 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_hv::Hypervisor;
-use drover_store::Store;
-use drover_types::{LogLevel, Session, SessionId, SessionKind, SessionState, Task, TaskId, TenantId};
+use drover_store::{SessionWrite, Store};
+use drover_types::{
+    LogLevel, Plan, PlanAction, PlanEvent, PlanId, Session, SessionId, SessionKind, SessionState, Task, TaskId,
+    TenantId,
+};
 use tokio::sync::broadcast;
 
 pub mod app;
@@ -75,6 +78,28 @@ impl Default for EngineConfig {
             work_dir: std::env::temp_dir().join("drover-work"),
             host_paths: host_paths::HostPaths::default(),
         }
+    }
+}
+
+/// A user's request that moves a plan's lifecycle (halt, continue, undo of a halted action),
+/// committed together with the write to the session that carries it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanMove {
+    pub tenant: TenantId,
+    pub plan: PlanId,
+    pub action: PlanAction,
+}
+
+impl PlanMove {
+    async fn commit_with(self, engine: &Engine, write: SessionWrite<'_>) -> Result<()> {
+        let noop = || {};
+        let change = |p: &mut Plan| {
+            p.lifecycle = p.lifecycle.apply(PlanEvent::Requested(self.action), true)?;
+            p.updated_at = drover_types::now();
+            Ok(())
+        };
+        engine.store().object_modify_with_session::<Plan, _, _>(self.tenant, self.plan.0, change, write, &noop).await?;
+        Ok(())
     }
 }
 
@@ -164,9 +189,12 @@ impl Engine {
     }
 
     /// Recovers after a start: re-attaches to VMs that outlived the last process, reconciles VM
-    /// power states, and resumes or unwinds every unfinished session. Then starts the monitor.
+    /// power states, lands plans and replicas whose in-progress state no unfinished session
+    /// carries, and resumes or unwinds every unfinished session. Then starts the monitor.
     pub async fn start(&self) -> Result<()> {
         monitor::reconcile(self).await?;
+        monitor::reconcile_plans(self).await?;
+        monitor::reconcile_replicas(self).await?;
         let unfinished = self.store().sessions_unfinished().await?;
         for s in unfinished {
             if s.halted {
@@ -200,6 +228,61 @@ impl Engine {
         self.notify(&session);
         self.spawn(session.id, session.kind);
         Ok(session.id)
+    }
+
+    /// Records a new session together with a change of the object it works on (the plan's move
+    /// into its in-progress state, the VM's into `Starting`) in one transaction, then starts
+    /// running it. A crash at any moment leaves both or neither: never a plan that waits for a
+    /// session nobody recorded. `change` may refuse; then nothing is recorded.
+    pub async fn submit_with<T, F, R>(
+        &self,
+        session: Session,
+        tasks: Vec<Task>,
+        tenant: TenantId,
+        object: uuid::Uuid,
+        change: F,
+    ) -> Result<(T, R)>
+    where
+        T: drover_store::Entity,
+        F: FnMut(&mut T) -> Result<R>,
+    {
+        self.builder(session.kind)?(&session, &tasks)?;
+        let before_commit = self.kill_point_fn(format!("before-commit:{}", session.kind.as_str()));
+        let out = self
+            .store()
+            .object_modify_with_session(tenant, object, change, SessionWrite::Insert(&session, &tasks), &before_commit)
+            .await?;
+        self.started(&session);
+        Ok(out)
+    }
+
+    /// Records a new object and the session that works on it (a VM and its create session) in
+    /// one transaction, then starts running the session.
+    pub async fn submit_with_new<T: drover_store::Entity>(
+        &self,
+        session: Session,
+        tasks: Vec<Task>,
+        object: &T,
+    ) -> Result<()> {
+        self.builder(session.kind)?(&session, &tasks)?;
+        let before_commit = self.kill_point_fn(format!("before-commit:{}", session.kind.as_str()));
+        self.store().object_insert_with_session(object, &session, &tasks, &before_commit).await?;
+        self.started(&session);
+        Ok(())
+    }
+
+    /// After a session's record committed: tells watchers and starts its runner. A crash before
+    /// the runner starts is covered by the resume on the next start.
+    fn started(&self, session: &Session) {
+        self.hooks().kill_point(&format!("after-commit:{}", session.kind.as_str()));
+        self.notify(session);
+        self.spawn(session.id, session.kind);
+    }
+
+    /// The fault-injection point run inside a transaction just before it commits.
+    fn kill_point_fn(&self, point: String) -> impl Fn() + Send + Sync + use<> {
+        let engine = self.clone();
+        move || engine.hooks().kill_point(&point)
     }
 
     /// Runs a session's saga in the background unless it already runs.
@@ -262,8 +345,26 @@ impl Engine {
 
     /// Asks a running session to halt after its running step.
     pub async fn halt(&self, id: SessionId) -> Result<()> {
-        if !self.store().session_request_halt(id).await? {
-            return Err(Error::conflict(format!("session {id} has already stopped")));
+        self.halt_moving(id, None).await
+    }
+
+    /// [`Engine::halt`] of a plan's session, with the plan's move to `Halting` in the same
+    /// transaction as the halt request (a crash between the two would leave a plan `Halting`
+    /// whose session never hears of the halt, finishes, and leaves the plan stuck).
+    pub async fn plan_halt(&self, id: SessionId, plan: PlanMove) -> Result<()> {
+        self.halt_moving(id, Some(plan)).await
+    }
+
+    async fn halt_moving(&self, id: SessionId, plan: Option<PlanMove>) -> Result<()> {
+        match plan {
+            Some(m) => {
+                m.commit_with(self, SessionWrite::RequestHalt(id)).await?;
+            }
+            None => {
+                if !self.store().session_request_halt(id).await? {
+                    return Err(Error::conflict(format!("session {id} has already stopped")));
+                }
+            }
         }
         let s = self.store().session_get(None, id).await?;
         self.log(id, None, LogLevel::Warning, "halt requested: the running step finishes first").await;
@@ -273,6 +374,17 @@ impl Engine {
 
     /// Goes on with a halted session.
     pub async fn resume(&self, id: SessionId, option: ContinueOption) -> Result<()> {
+        self.resume_moving(id, option, None).await
+    }
+
+    /// [`Engine::resume`] of a plan's session, with the plan's move back to the interrupted
+    /// action committed together with the session's `halted = false`, before the runner starts
+    /// (the runner's last step expects the plan in that state).
+    pub async fn plan_resume(&self, id: SessionId, option: ContinueOption, plan: PlanMove) -> Result<()> {
+        self.resume_moving(id, option, Some(plan)).await
+    }
+
+    async fn resume_moving(&self, id: SessionId, option: ContinueOption, plan: Option<PlanMove>) -> Result<()> {
         let mut s = self.store().session_get(None, id).await?;
         if !s.halted || s.state == SessionState::Stopped || self.is_running(id) {
             return Err(Error::conflict(format!("session {id} is not halted")));
@@ -282,7 +394,7 @@ impl Engine {
         saga::apply_continue(self, id, &saga, option).await?;
         s.halted = false;
         s.failure_message = None;
-        self.session_save(&s).await?;
+        self.session_save_moving(&s, plan).await?;
         self.log(id, None, LogLevel::Info, &format!("continuing: {option:?}")).await;
         self.spawn(id, s.kind);
         Ok(())
@@ -290,6 +402,16 @@ impl Engine {
 
     /// Unwinds a halted session: every step that had effects is undone.
     pub async fn undo(&self, id: SessionId) -> Result<()> {
+        self.undo_moving(id, None).await
+    }
+
+    /// [`Engine::undo`] of a plan's session, with the plan's move to the undo of the interrupted
+    /// action in the same transaction as the session's undo request.
+    pub async fn plan_undo(&self, id: SessionId, plan: PlanMove) -> Result<()> {
+        self.undo_moving(id, Some(plan)).await
+    }
+
+    async fn undo_moving(&self, id: SessionId, plan: Option<PlanMove>) -> Result<()> {
         let mut s = self.store().session_get(None, id).await?;
         if !s.halted || s.state == SessionState::Stopped || self.is_running(id) {
             return Err(Error::conflict(format!("session {id} is not halted")));
@@ -298,7 +420,7 @@ impl Engine {
             obj.insert("_undo".into(), serde_json::Value::Bool(true));
         }
         s.halted = false;
-        self.session_save(&s).await?;
+        self.session_save_moving(&s, plan).await?;
         self.log(id, None, LogLevel::Warning, "undo requested").await;
         self.spawn(id, s.kind);
         Ok(())
@@ -308,6 +430,16 @@ impl Engine {
     /// state that is not stored.
     pub async fn session_save(&self, s: &Session) -> Result<()> {
         self.store().session_update(s).await?;
+        self.notify(s);
+        Ok(())
+    }
+
+    /// [`Engine::session_save`], with a plan's move in the same transaction when there is one.
+    async fn session_save_moving(&self, s: &Session, plan: Option<PlanMove>) -> Result<()> {
+        match plan {
+            Some(m) => m.commit_with(self, SessionWrite::Update(s)).await?,
+            None => self.store().session_update(s).await?,
+        }
         self.notify(s);
         Ok(())
     }

@@ -267,7 +267,7 @@ impl Step for CreateDisks {
             tokio::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))
                 .await
                 .map_err(|e| Error::Unavailable(format!("cannot make {} private: {e}", partial.display())))?;
-            tokio::fs::rename(&partial, &path)
+            drover_hv::durable::publish(&partial, &path)
                 .await
                 .map_err(|e| Error::Unavailable(format!("cannot move {} into place: {e}", path.display())))?;
             paths.push(path);

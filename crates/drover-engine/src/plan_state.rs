@@ -3,11 +3,34 @@
 //! of `drover_types::plan` the same way.
 
 use async_trait::async_trait;
-use drover_types::{Plan, PlanEvent, PlanId, PlanState, Session, Task, TenantId, VmId, now};
+use drover_types::{Plan, PlanEvent, PlanId, PlanState, Session, SessionKind, Task, TenantId, VmId, now};
 use serde_json::Value;
 
 use crate::saga::{HaltHook, SagaStep, Step, StepCtx};
 use crate::{Engine, Error, Result};
+
+/// The in-progress state of a plan while a session of `kind` carries its action (for the
+/// reconciliation on start). A failback session carries both a one-shot failback and a
+/// switchover; a test failover moves no plan.
+pub(crate) fn carried_by(kind: SessionKind) -> Option<PlanState> {
+    Some(match kind {
+        SessionKind::PlanReadinessCheck => PlanState::Checking,
+        SessionKind::PlanFailover => PlanState::FailoverInProgress,
+        SessionKind::PlanUndoFailover => PlanState::UndoFailoverInProgress,
+        SessionKind::PlanPermanentFailover => PlanState::PermanentFailoverInProgress,
+        SessionKind::PlanPrepareFailback => PlanState::PrepareForFailbackInProgress,
+        SessionKind::PlanFailback => PlanState::FailbackInProgress,
+        SessionKind::PlanUndoFailback => PlanState::UndoFailbackInProgress,
+        SessionKind::PlanCommitFailback => PlanState::CommitFailbackInProgress,
+        SessionKind::PlanTestFailover
+        | SessionKind::VmCreate
+        | SessionKind::VmPowerOn
+        | SessionKind::VmShutdown
+        | SessionKind::VmPowerOff
+        | SessionKind::VmDelete
+        | SessionKind::Replication => return None,
+    })
+}
 
 /// Applies `event` to the plan if it is in one of `only_if` (so a rerun after a crash, or an
 /// event that no longer applies, changes nothing). `passed` matters for a readiness check only.
@@ -49,7 +72,26 @@ impl Step for Conclude {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         plan_event(&ctx.engine, self.tenant, self.plan, PlanEvent::Completed, true, &[self.from]).await?;
-        Ok(Value::Null)
+        // A halt that came while this last step ran finds nothing left to halt: the action
+        // completed all the same, and the plan must not wait in HALTING for a session that ends.
+        let r = ctx
+            .engine
+            .store()
+            .object_modify::<Plan, _, _>(self.tenant, self.plan.0, |p| {
+                if p.lifecycle.state == PlanState::Halting
+                    && p.lifecycle.interrupted == Some(self.from)
+                    && let Some(done) = p.lifecycle.abandoned(true)
+                {
+                    p.lifecycle = done;
+                    p.updated_at = now();
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(_) | Err(Error::NotFound { .. }) => Ok(Value::Null),
+            Err(e) => Err(e),
+        }
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
         Ok(())

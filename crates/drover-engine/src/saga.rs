@@ -157,6 +157,9 @@ pub struct TestHooks {
     /// From `DROVER_TEST_KILL_AFTER_STEP`: the process kills itself with SIGKILL right after this
     /// step ran, before its outcome is recorded — what the fault tests of the real server use.
     pub kill_after: Option<String>,
+    /// From `DROVER_TEST_KILL_AT`: the process kills itself with SIGKILL when it reaches this
+    /// named point outside a saga step (see [`TestHooks::kill_point`]).
+    pub kill_at: Option<String>,
 }
 
 impl std::fmt::Debug for TestHooks {
@@ -173,11 +176,21 @@ impl Default for TestHooks {
             crash_before_record: Default::default(),
             run_each_step_twice: Default::default(),
             kill_after: std::env::var("DROVER_TEST_KILL_AFTER_STEP").ok().filter(|s| !s.is_empty()),
+            kill_at: std::env::var("DROVER_TEST_KILL_AT").ok().filter(|s| !s.is_empty()),
         }
     }
 }
 
 impl TestHooks {
+    /// Kills the process (SIGKILL) if `DROVER_TEST_KILL_AT` names this point: the fault tests of
+    /// the real server use it for the moments between two writes that a saga step does not cover,
+    /// such as `before-commit:PlanFailover` (see [`crate::Engine::submit_with`]).
+    pub fn kill_point(&self, point: &str) {
+        if self.kill_at.as_deref() == Some(point) {
+            eprintln!("DROVER_TEST_KILL_AT: killing this process at {point}");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
     /// Fails the named step on its `attempt`-th attempt (1-based).
     pub fn fail(&self, step: &str, attempt: u32) {
         *self.fail_step.lock().unwrap_or_else(|e| e.into_inner()) = Some((step.to_string(), attempt));

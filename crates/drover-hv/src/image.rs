@@ -106,9 +106,7 @@ pub async fn import_qcow2(src: &Path, dst: &Path) -> HvResult<()> {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(e);
     }
-    tokio::fs::rename(&part, dst)
-        .await
-        .map_err(|e| HvError::io(format!("renaming {} to {}", part.display(), dst.display()), e))
+    crate::durable::publish(&part, dst).await.map_err(|e| HvError::io(format!("publishing {}", dst.display()), e))
 }
 
 /// Reads an image's metadata without taking its lock (`-U`), so it works while a VM runs.

@@ -757,13 +757,11 @@ async fn remove_if_present(path: &Path) -> HvResult<()> {
     }
 }
 
-/// Write-then-rename, so a crash never leaves a half-written spec.json.
+/// Published durably, so neither a crash nor a power cut leaves a half-written spec.json.
 async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    tokio::fs::write(&tmp, bytes).await.map_err(|e| HvError::io(format!("writing {}", tmp.display()), e))?;
-    tokio::fs::rename(&tmp, path).await.map_err(|e| HvError::io(format!("writing {}", path.display()), e))
+    crate::durable::write(path, bytes.to_vec(), 0o600)
+        .await
+        .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
 }
 
 fn validate_spec(spec: &VmSpec) -> HvResult<()> {

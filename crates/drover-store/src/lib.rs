@@ -428,6 +428,23 @@ impl Store {
     /// Inserts a new object with its references, in one transaction. Every referenced object must
     /// exist in the same tenant.
     pub async fn object_insert<T: Entity>(&self, obj: &T) -> Result<()> {
+        self.object_insert_with(obj, None).await
+    }
+
+    /// Inserts a new object and the session that works on it, in one transaction: a crash leaves
+    /// both or neither (never an object that waits for a session nobody recorded).
+    /// `before_commit` runs inside the transaction, just before it commits (fault injection).
+    pub async fn object_insert_with_session<T: Entity>(
+        &self,
+        obj: &T,
+        session: &Session,
+        tasks: &[Task],
+        before_commit: &(dyn Fn() + Send + Sync),
+    ) -> Result<()> {
+        self.object_insert_with(obj, Some((&SessionWrite::Insert(session, tasks), before_commit))).await
+    }
+
+    async fn object_insert_with<T: Entity>(&self, obj: &T, with: Option<WithSession<'_>>) -> Result<()> {
         let mut tx = self.write_tx().await.map_err(StoreError::from)?;
         check_refs(&mut tx, obj).await?;
         let now = ms(drover_types::now());
@@ -445,6 +462,10 @@ impl Store {
         .await
         .map_err(|e| unique_as(e, format!("a {} named {:?} already exists", T::LABEL, obj.name())))?;
         write_refs(&mut tx, obj).await?;
+        if let Some((write, before_commit)) = with {
+            session_write(&mut tx, write).await?;
+            before_commit();
+        }
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
     }
@@ -500,7 +521,41 @@ impl Store {
 
     /// Reads, changes and writes one object. `change` may refuse with a domain error, which is
     /// returned and changes nothing. A concurrent writer makes the cycle start again.
-    pub async fn object_modify<T, F, R>(&self, tenant: TenantId, id: Uuid, mut change: F) -> Result<(T, R)>
+    pub async fn object_modify<T, F, R>(&self, tenant: TenantId, id: Uuid, change: F) -> Result<(T, R)>
+    where
+        T: Entity,
+        F: FnMut(&mut T) -> Result<R>,
+    {
+        self.object_modify_with(tenant, id, change, None).await
+    }
+
+    /// [`Store::object_modify`] and a write of a session in the same transaction: an object's
+    /// move into a state that a session carries out (a plan's `FailoverInProgress`, a VM's
+    /// `Starting`) is never stored without that session, nor the session without the move.
+    /// A refused `change` or a refused session write changes nothing. `before_commit` runs
+    /// inside the transaction, just before it commits (fault injection).
+    pub async fn object_modify_with_session<T, F, R>(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        change: F,
+        write: SessionWrite<'_>,
+        before_commit: &(dyn Fn() + Send + Sync),
+    ) -> Result<(T, R)>
+    where
+        T: Entity,
+        F: FnMut(&mut T) -> Result<R>,
+    {
+        self.object_modify_with(tenant, id, change, Some((&write, before_commit))).await
+    }
+
+    async fn object_modify_with<T, F, R>(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        mut change: F,
+        with: Option<WithSession<'_>>,
+    ) -> Result<(T, R)>
     where
         T: Entity,
         F: FnMut(&mut T) -> Result<R>,
@@ -548,6 +603,10 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?;
             write_refs(&mut tx, &obj).await?;
+            if let Some((write, before_commit)) = with {
+                session_write(&mut tx, write).await?;
+                before_commit();
+            }
             tx.commit().await.map_err(StoreError::from)?;
             return Ok((obj, out));
         }
@@ -769,52 +828,7 @@ impl Store {
     /// Creates a session with its tasks in one transaction.
     pub async fn session_insert(&self, s: &Session, tasks: &[Task]) -> Result<()> {
         let mut tx = self.write_tx().await.map_err(StoreError::from)?;
-        let (target_kind, target_id) = target_parts(&s.target);
-        sqlx::query(
-            "INSERT INTO sessions (id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
-                                   failure_message, params, halt_requested, halted, created_at, ended_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(s.id.to_string())
-        .bind(s.tenant_id.to_string())
-        .bind(s.kind.as_str())
-        .bind(&s.name)
-        .bind(target_kind)
-        .bind(target_id.to_string())
-        .bind(enum_str(&s.state))
-        .bind(enum_str(&s.result))
-        .bind(i64::from(s.progress))
-        .bind(&s.failure_message)
-        .bind(json_str(&s.params)?)
-        .bind(s.halt_requested)
-        .bind(s.halted)
-        .bind(ms(s.created_at))
-        .bind(s.ended_at.map(ms))
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
-        for (position, t) in tasks.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO tasks (id, session_id, position, vm_id, name, state, result, progress, weight,
-                                    failure_message, created_at, ended_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(t.id.to_string())
-            .bind(s.id.to_string())
-            .bind(position as i64)
-            .bind(t.vm_id.map(|v| v.to_string()))
-            .bind(&t.name)
-            .bind(enum_str(&t.state))
-            .bind(enum_str(&t.result))
-            .bind(i64::from(t.progress))
-            .bind(i64::from(t.weight))
-            .bind(&t.failure_message)
-            .bind(ms(t.created_at))
-            .bind(t.ended_at.map(ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-        }
+        session_insert_rows(&mut tx, s, tasks).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
     }
@@ -875,36 +889,12 @@ impl Store {
     /// [`Store::session_request_halt`] and [`Store::session_clear_halt_request`] change (a runner's
     /// copy of the session must not overwrite a halt that a user asked for meanwhile).
     pub async fn session_update(&self, s: &Session) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE sessions SET state = $1, result = $2, progress = $3, failure_message = $4, params = $5,
-                                 halted = $6, ended_at = $7 WHERE id = $8",
-        )
-        .bind(enum_str(&s.state))
-        .bind(enum_str(&s.result))
-        .bind(i64::from(s.progress))
-        .bind(&s.failure_message)
-        .bind(json_str(&s.params)?)
-        .bind(s.halted)
-        .bind(s.ended_at.map(ms))
-        .bind(s.id.to_string())
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        if done.rows_affected() == 0 {
-            return Err(Error::not_found(SessionId::KIND, s.id));
-        }
-        Ok(())
+        session_update_row(&self.pool, s).await
     }
 
     /// Marks a halt request; returns false when the session had already stopped.
     pub async fn session_request_halt(&self, id: SessionId) -> Result<bool> {
-        let done = sqlx::query("UPDATE sessions SET halt_requested = $1 WHERE id = $2 AND state <> 'Stopped'")
-            .bind(true)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
-        Ok(done.rows_affected() == 1)
+        session_request_halt_row(&self.pool, id).await
     }
 
     pub async fn session_clear_halt_request(&self, id: SessionId) -> Result<()> {
@@ -1320,6 +1310,125 @@ async fn write_refs<T: Entity>(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, obj
         .bind(obj.id().to_string())
         .bind(kind)
         .bind(id.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::from)?;
+    }
+    Ok(())
+}
+
+/// A write of the sessions table that commits together with an inventory change, see
+/// [`Store::object_modify_with_session`].
+#[derive(Debug, Clone, Copy)]
+pub enum SessionWrite<'a> {
+    /// A new session with its tasks, as [`Store::session_insert`] writes them.
+    Insert(&'a Session, &'a [Task]),
+    /// A session's mutable fields, as [`Store::session_update`] writes them.
+    Update(&'a Session),
+    /// A halt request, as [`Store::session_request_halt`]; `Conflict` (and nothing written) when
+    /// the session has stopped.
+    RequestHalt(SessionId),
+}
+
+/// What a write of an object carries along: the session write and the fault-injection hook.
+type WithSession<'a> = (&'a SessionWrite<'a>, &'a (dyn Fn() + Send + Sync));
+
+async fn session_write(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, write: &SessionWrite<'_>) -> Result<()> {
+    match *write {
+        SessionWrite::Insert(s, tasks) => session_insert_rows(tx, s, tasks).await,
+        SessionWrite::Update(s) => session_update_row(&mut **tx, s).await,
+        SessionWrite::RequestHalt(id) => {
+            if session_request_halt_row(&mut **tx, id).await? {
+                Ok(())
+            } else {
+                Err(Error::conflict(format!("session {id} has already stopped")))
+            }
+        }
+    }
+}
+
+async fn session_update_row<'c, E>(ex: E, s: &Session) -> Result<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let done = sqlx::query(
+        "UPDATE sessions SET state = $1, result = $2, progress = $3, failure_message = $4, params = $5,
+                             halted = $6, ended_at = $7 WHERE id = $8",
+    )
+    .bind(enum_str(&s.state))
+    .bind(enum_str(&s.result))
+    .bind(i64::from(s.progress))
+    .bind(&s.failure_message)
+    .bind(json_str(&s.params)?)
+    .bind(s.halted)
+    .bind(s.ended_at.map(ms))
+    .bind(s.id.to_string())
+    .execute(ex)
+    .await
+    .map_err(StoreError::from)?;
+    if done.rows_affected() == 0 {
+        return Err(Error::not_found(SessionId::KIND, s.id));
+    }
+    Ok(())
+}
+
+async fn session_request_halt_row<'c, E>(ex: E, id: SessionId) -> Result<bool>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let done = sqlx::query("UPDATE sessions SET halt_requested = $1 WHERE id = $2 AND state <> 'Stopped'")
+        .bind(true)
+        .bind(id.to_string())
+        .execute(ex)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The rows of a new session and its tasks, inside the caller's transaction.
+async fn session_insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, s: &Session, tasks: &[Task]) -> Result<()> {
+    let (target_kind, target_id) = target_parts(&s.target);
+    sqlx::query(
+        "INSERT INTO sessions (id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
+                               failure_message, params, halt_requested, halted, created_at, ended_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(s.id.to_string())
+    .bind(s.tenant_id.to_string())
+    .bind(s.kind.as_str())
+    .bind(&s.name)
+    .bind(target_kind)
+    .bind(target_id.to_string())
+    .bind(enum_str(&s.state))
+    .bind(enum_str(&s.result))
+    .bind(i64::from(s.progress))
+    .bind(&s.failure_message)
+    .bind(json_str(&s.params)?)
+    .bind(s.halt_requested)
+    .bind(s.halted)
+    .bind(ms(s.created_at))
+    .bind(s.ended_at.map(ms))
+    .execute(&mut **tx)
+    .await
+    .map_err(StoreError::from)?;
+    for (position, t) in tasks.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO tasks (id, session_id, position, vm_id, name, state, result, progress, weight,
+                                failure_message, created_at, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(t.id.to_string())
+        .bind(s.id.to_string())
+        .bind(position as i64)
+        .bind(t.vm_id.map(|v| v.to_string()))
+        .bind(&t.name)
+        .bind(enum_str(&t.state))
+        .bind(enum_str(&t.result))
+        .bind(i64::from(t.progress))
+        .bind(i64::from(t.weight))
+        .bind(&t.failure_message)
+        .bind(ms(t.created_at))
+        .bind(t.ended_at.map(ms))
         .execute(&mut **tx)
         .await
         .map_err(StoreError::from)?;

@@ -376,3 +376,94 @@ async fn the_audit_log_appends_pages_filters_and_purges() {
     assert_eq!(store.audit_purge_before(now() - chrono::Duration::days(400)).await.unwrap(), 1);
     assert_eq!(store.audit_list(&AuditFilter { limit: 10, ..Default::default() }).await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn an_object_change_and_its_session_commit_together_or_not_at_all() {
+    let (store, _dir, t) = fresh().await;
+    let s = site(t.id, "prod");
+    store.object_insert(&s).await.unwrap();
+    let noop = || {};
+    let rename = |to: &'static str| {
+        move |x: &mut Site| -> drover_types::Result<()> {
+            x.name = to.into();
+            Ok(())
+        }
+    };
+    let name_now = || async { store.object_get::<Site>(t.id, s.id.0).await.unwrap().name };
+    let exists = |id: SessionId| {
+        let store = store.clone();
+        async move { store.session_get(None, id).await.is_ok() }
+    };
+
+    // Both are stored.
+    let first = session(t.id, SessionKind::VmPowerOn, now());
+    let (site_after, ()) = store
+        .object_modify_with_session::<Site, _, _>(t.id, s.id.0, rename("a"), SessionWrite::Insert(&first, &[]), &noop)
+        .await
+        .unwrap();
+    assert_eq!(site_after.name, "a");
+    assert!(exists(first.id).await);
+
+    // A refused change stores no session.
+    let refused = session(t.id, SessionKind::VmPowerOn, now());
+    let err = store
+        .object_modify_with_session::<Site, _, ()>(
+            t.id,
+            s.id.0,
+            |_| Err(Error::conflict("no")),
+            SessionWrite::Insert(&refused, &[]),
+            &noop,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)));
+    assert!(!exists(refused.id).await);
+
+    // A session write that is refused (a halt of a stopped session) undoes the change.
+    let mut stopped = first.clone();
+    stopped.state = SessionState::Stopped;
+    stopped.result = SessionResult::Success;
+    store
+        .object_modify_with_session::<Site, _, _>(t.id, s.id.0, rename("b"), SessionWrite::Update(&stopped), &noop)
+        .await
+        .unwrap();
+    assert_eq!((name_now().await, store.session_get(None, first.id).await.unwrap()), ("b".to_string(), stopped));
+    let err = store
+        .object_modify_with_session::<Site, _, _>(t.id, s.id.0, rename("c"), SessionWrite::RequestHalt(first.id), &noop)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    assert_eq!(name_now().await, "b");
+
+    // A process that dies just before the commit (here: a panic in the hook) leaves neither.
+    let lost = session(t.id, SessionKind::VmPowerOn, now());
+    let crashed = tokio::spawn({
+        let (store, lost) = (store.clone(), lost.clone());
+        async move {
+            let die = || panic!("killed before the commit");
+            store
+                .object_modify_with_session::<Site, _, _>(
+                    t.id,
+                    s.id.0,
+                    rename("d"),
+                    SessionWrite::Insert(&lost, &[]),
+                    &die,
+                )
+                .await
+        }
+    })
+    .await;
+    assert!(crashed.is_err_and(|e| e.is_panic()));
+    assert_eq!(name_now().await, "b");
+    assert!(!exists(lost.id).await);
+
+    // A new object and its session: both, or (name taken) neither.
+    let created = session(t.id, SessionKind::VmCreate, now());
+    let h = host(t.id, s.id, "h1");
+    store.object_insert_with_session(&h, &created, &[], &noop).await.unwrap();
+    assert!(exists(created.id).await);
+    let again = session(t.id, SessionKind::VmCreate, now());
+    let err = store.object_insert_with_session(&host(t.id, s.id, "h1"), &again, &[], &noop).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    assert!(!exists(again.id).await);
+}

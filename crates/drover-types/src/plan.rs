@@ -272,6 +272,48 @@ impl PlanLifecycle {
     }
 }
 
+/// Reconciliation on start: where a plan lands when its lifecycle and its sessions disagree.
+/// Not user requests, so not events of [`PlanLifecycle::apply`]; the engine calls these only for a
+/// running plan that no running session will move (a database written by an older build, which
+/// stored the plan's move and its session in two commits, or a halt that came after the
+/// session's last step).
+impl PlanLifecycle {
+    /// The in-progress state of the action under way: the state itself, or while `Halting` the
+    /// state that is being halted. `None` for a plan at rest.
+    pub fn running_action(self) -> Option<PlanState> {
+        match self.state {
+            PlanState::Halting => self.interrupted,
+            s if s.is_running() => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A running plan with no session behind it. When the action's session ended in success
+    /// (`completed`) the action is done, so the plan lands where the action completes; otherwise
+    /// nothing of the action is in effect (its session was never recorded, or it unwound
+    /// everything), so the plan goes back to the stable state it left. A readiness check that
+    /// did not conclude goes back too: its verdict is unknown. `None` for a plan at rest.
+    pub fn abandoned(self, completed: bool) -> Option<PlanLifecycle> {
+        if !self.state.is_running() {
+            return None;
+        }
+        let done = self.running_action().filter(|s| *s != PlanState::Checking).and_then(|s| s.completed(true));
+        let state = if completed { done.unwrap_or(self.last_stable) } else { self.last_stable };
+        Some(PlanLifecycle { state, interrupted: None, last_stable: state })
+    }
+
+    /// A running plan whose session is halted (it waits for Continue or Undo and will not move
+    /// the plan): the plan is `Halted` on `action`, the in-progress state of the session's
+    /// action, so Continue and Undo act on that session again. `None` for a plan at rest.
+    pub fn halted_on(self, action: PlanState) -> Option<PlanLifecycle> {
+        (self.state.is_running() && action.is_running() && action != PlanState::Halting).then_some(PlanLifecycle {
+            state: PlanState::Halted,
+            interrupted: Some(action),
+            ..self
+        })
+    }
+}
+
 /// Enabled or disabled by the user; `InUse` whenever the plan sits in a non-default state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlanMode {
@@ -481,7 +523,55 @@ mod tests {
         assert!(l.apply(PlanEvent::Requested(PlanAction::ResetState), true).is_err());
     }
 
+    #[test]
+    fn an_abandoned_action_goes_back_unless_its_session_completed_it() {
+        use PlanAction as A;
+        use PlanEvent as E;
+        let moved = run(&[E::Requested(A::Failover)]);
+        let back = moved.abandoned(false).unwrap();
+        assert_eq!(
+            (back.state, back.interrupted, back.last_stable),
+            (PlanState::NeedsVerified, None, PlanState::NeedsVerified)
+        );
+        assert_eq!(moved.abandoned(true).unwrap().state, PlanState::Failover);
+        // A halt that came after the last step: the action completed.
+        let halting = run(&[E::Requested(A::Failover), E::Completed, E::Requested(A::Undo), E::Requested(A::Halt)]);
+        assert_eq!(halting.running_action(), Some(PlanState::UndoFailoverInProgress));
+        assert_eq!(halting.abandoned(true).unwrap().state, PlanState::UndoFailover);
+        assert_eq!(halting.abandoned(false).unwrap().state, PlanState::Failover);
+        // A check that did not conclude says nothing.
+        let checking = run(&[E::Requested(A::ReadinessCheck)]);
+        assert_eq!(checking.abandoned(true).unwrap().state, PlanState::NeedsVerified);
+        assert_eq!(back.abandoned(false), None);
+        // Halted on the session's action: Continue and Undo work again.
+        let undoing = run(&[E::Requested(A::Failover), E::Failed, E::Requested(A::Undo)]);
+        let halted = undoing.halted_on(PlanState::FailoverInProgress).unwrap();
+        assert_eq!(halted.apply(E::Requested(A::Continue), true).unwrap().state, PlanState::FailoverInProgress);
+        assert_eq!(halted.apply(E::Requested(A::Undo), true).unwrap().state, PlanState::UndoFailoverInProgress);
+    }
+
     proptest! {
+        #[test]
+        fn an_abandoned_plan_rests_and_takes_requests_again(
+            events in proptest::collection::vec(any_event(), 0..60),
+            completed in any::<bool>(),
+        ) {
+            let mut l = PlanLifecycle::default();
+            for e in events {
+                if let Ok(next) = l.apply(e, true) { l = next; }
+            }
+            match l.abandoned(completed) {
+                None => prop_assert!(l.state.is_stable()),
+                Some(next) => {
+                    prop_assert!(next.state.is_stable() && next.state != PlanState::Halted);
+                    prop_assert!(next.apply(PlanEvent::Requested(PlanAction::ResetState), true).is_ok());
+                    if !completed {
+                        prop_assert_eq!(next.state, l.last_stable);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn running_states_refuse_everything_but_halt_and_outcomes(
             events in proptest::collection::vec(any_event(), 0..60),

@@ -23,6 +23,16 @@ impl Serve {
 
     /// With `kill_after`, the server kills itself (SIGKILL) right after that saga step ran.
     fn start_killing(data: &Path, kill_after: Option<&str>) -> Serve {
+        Serve::start_with(data, kill_after, None)
+    }
+
+    /// With `kill_at`, the server kills itself (SIGKILL) at that named point outside the saga
+    /// steps (`DROVER_TEST_KILL_AT`, e.g. `before-commit:PlanFailover`).
+    fn start_killing_at(data: &Path, kill_at: &str) -> Serve {
+        Serve::start_with(data, None, Some(kill_at))
+    }
+
+    fn start_with(data: &Path, kill_after: Option<&str>, kill_at: Option<&str>) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
             .args(["serve", "--plain-http", "--listen", "127.0.0.1:0", "--heartbeat-timeout-secs", "120"])
             .args(["--vro-listen", "off", "--em-listen", "off"])
@@ -36,6 +46,7 @@ impl Serve {
             .arg(guest_dir())
             .env("DROVER_ADMIN_PASSWORD", PASSWORD)
             .env("DROVER_TEST_KILL_AFTER_STEP", kill_after.unwrap_or(""))
+            .env("DROVER_TEST_KILL_AT", kill_at.unwrap_or(""))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -146,6 +157,12 @@ impl Api {
         }
         let s = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}"), None).await;
         panic!("session {session} did not finish: {s}\n{:#?}", self.log(session).await);
+    }
+
+    /// Sends a request to a server that is about to kill itself: no answer is expected.
+    async fn call_unanswered(&self, method: reqwest::Method, path: &str) {
+        let sent = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token).send().await;
+        assert!(sent.is_err(), "{path}: the server answered {:?} instead of dying", sent.map(|r| r.status()));
     }
 
     async fn log(&self, session: &str) -> Vec<String> {
@@ -391,4 +408,110 @@ async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
         points_intact(data.path()).await;
         drop(serve);
     }
+}
+
+/// The sessions that act on an object, newest first.
+async fn sessions_of(api: &Api, target: &str) -> Vec<Value> {
+    let v = api.call(reqwest::Method::GET, &format!("/v1/sessions?target_id={target}&limit=100"), None).await;
+    v["items"].as_array().unwrap().clone()
+}
+
+/// The moments around the one transaction that records a plan's move (or a VM's) with the
+/// session that carries it out: killed just before its commit, nothing of the request is stored
+/// and the plan is where it was; killed right after, before the runner starts, the session is
+/// resumed on the restart. Either way the plan takes the next action.
+#[tokio::test]
+async fn sigkill_around_the_commit_of_a_plan_move_and_its_session_leaves_a_plan_that_acts() {
+    use reqwest::Method as M;
+    let guest = guest_dir();
+    assert!(guest.join("guest.json").is_file(), "the tiny guest is missing: run scripts/build-guest first");
+    let data = tempfile::Builder::new().prefix("drc").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(data.path().to_path_buf());
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
+    let host =
+        api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
+    let mut ds = Vec::new();
+    for n in ["prod", "dr"] {
+        let body = json!({"host_id": host["id"], "name": n, "path": data.path().join(n)});
+        ds.push(api.call(M::POST, "/v1/datastores", Some(body)).await);
+    }
+    let vm_body = json!({
+        "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
+        "disks": [{"name": "data", "size_bytes": 33554432}],
+        "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
+    });
+    let created = api.call(M::POST, "/v1/vms", Some(vm_body)).await;
+    let vm = api.wait(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
+    let job_body = json!({"name": "j", "vm_ids": [vm], "target_host_id": host["id"],
+        "target_datastore_id": ds[1]["id"], "schedule": {"type": "Manual"}, "retention_points": 3});
+    let job = api.call(M::POST, "/v1/replication-jobs", Some(job_body)).await["id"].as_str().unwrap().to_string();
+    let run = api.call(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+    assert_eq!(api.wait(run["session_id"].as_str().unwrap()).await["result"], "Success");
+    let plan_body = json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm}]}]});
+    let plan = api.call(M::POST, "/v1/plans", Some(plan_body)).await["id"].as_str().unwrap().to_string();
+    let state_before = api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"].clone();
+    drop(serve);
+
+    // 1. Killed just before the commit of the failover's plan move and session: neither is
+    //    stored, and the failover can be started again and runs to its end.
+    let mut serve = Serve::start_killing_at(data.path(), "before-commit:PlanFailover");
+    let api = Api::login(&serve.base).await;
+    api.call_unanswered(M::POST, &format!("/v1/plans/{plan}/failover")).await;
+    assert!(serve.died_of_sigkill());
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    assert_eq!(api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], state_before);
+    assert!(sessions_of(&api, &plan).await.is_empty(), "no session was recorded");
+    let fo = api.call(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
+    assert_eq!(api.wait(fo["session_id"].as_str().unwrap()).await["result"], "Success");
+    assert_eq!(api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], "Failover");
+    drop(serve);
+
+    // 2. Killed right after the commit of the undo's plan move and session, before its runner
+    //    started: the restart resumes the session, which lands the plan in UNDO FAILOVER.
+    let mut serve = Serve::start_killing_at(data.path(), "after-commit:PlanUndoFailover");
+    let api = Api::login(&serve.base).await;
+    api.call_unanswered(M::POST, &format!("/v1/plans/{plan}/undo")).await;
+    assert!(serve.died_of_sigkill());
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    let undo = sessions_of(&api, &plan).await[0].clone();
+    assert_eq!(undo["kind"], "PlanUndoFailover", "{undo}");
+    let undo = undo["id"].as_str().unwrap().to_string();
+    let s = api.wait(&undo).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    assert!(api.log(&undo).await.iter().any(|l| l.contains("resumed after a restart")));
+    assert_eq!(api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], "UndoFailover");
+    // And it fails over again from there.
+    let fo = api.call(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
+    assert_eq!(api.wait(fo["session_id"].as_str().unwrap()).await["result"], "Success");
+    let undo = api.call(M::POST, &format!("/v1/plans/{plan}/undo"), None).await;
+    assert_eq!(api.wait(undo["session_id"].as_str().unwrap()).await["result"], "Success");
+    drop(serve);
+
+    // 3. A VM's power-on, killed just before its commit: the VM stays Off with no session, and
+    //    powers on and off again.
+    let mut serve = Serve::start_killing_at(data.path(), "before-commit:VmPowerOn");
+    let api = Api::login(&serve.base).await;
+    api.call_unanswered(M::POST, &format!("/v1/vms/{vm}/power-on")).await;
+    assert!(serve.died_of_sigkill());
+    let serve = Serve::start(data.path());
+    let api = Api::login(&serve.base).await;
+    assert_eq!(api.call(M::GET, &format!("/v1/vms/{vm}"), None).await["power_state"], "Off");
+    let kinds: Vec<Value> = sessions_of(&api, &vm).await.iter().map(|s| s["kind"].clone()).collect();
+    assert_eq!(kinds, [json!("VmCreate")]);
+    let on = api.call(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    assert_eq!(api.wait(on["session_id"].as_str().unwrap()).await["result"], "Success");
+    let off = api.call(M::POST, &format!("/v1/vms/{vm}/power-off"), None).await;
+    assert_eq!(api.wait(off["session_id"].as_str().unwrap()).await["result"], "Success");
+
+    // Every session is finished, none half-done.
+    let all = api.call(M::GET, "/v1/sessions?limit=100", None).await;
+    for s in all["items"].as_array().unwrap() {
+        assert_eq!(s["state"], "Stopped", "{s}");
+        assert_eq!(s["result"], "Success", "{s}");
+    }
+    drop(serve);
 }

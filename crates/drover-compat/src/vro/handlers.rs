@@ -24,7 +24,11 @@ use super::{Auth, Path, VroState};
 /// use: each use returns a new one). The body is form-urlencoded or multipart.
 #[utoipa::path(post, path = "/api/token", tag = "Authorization",
     request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
-    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "Too many failed logins for this user from this address, or from this address: try again after Retry-After seconds.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
+        (status = 503, body = ErrorBody, description = "Too many password checks are waiting; try again after Retry-After seconds.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again.")))))]
 pub async fn token(
     State(st): State<VroState>,
     drover_api::ClientAddr(from): drover_api::ClientAddr,
@@ -401,7 +405,7 @@ plain_action!(
 
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/Enable", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)),
-    responses((status = 200, description = "enabled"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, description = "enabled"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_enable(State(st): State<VroState>, Auth(c): Auth, Path(id): Path<String>) -> VroResult<StatusCode> {
     st.app.plan_set_enabled(&c, plan_id(&id)?, true).await?;
     Ok(StatusCode::OK)
@@ -409,7 +413,7 @@ pub async fn plans_enable(State(st): State<VroState>, Auth(c): Auth, Path(id): P
 
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/Disable", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)),
-    responses((status = 200, description = "disabled"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, description = "disabled"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_disable(State(st): State<VroState>, Auth(c): Auth, Path(id): Path<String>) -> VroResult<StatusCode> {
     st.app.plan_set_enabled(&c, plan_id(&id)?, false).await?;
     Ok(StatusCode::OK)
@@ -419,7 +423,7 @@ pub async fn plans_disable(State(st): State<VroState>, Auth(c): Auth, Path(id): 
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/ReadinessCheck", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)), request_body(content = ReadinessCheckBody, content_type = "application/json"),
     responses((status = 200, description = "accepted"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_readiness_check(
     State(st): State<VroState>,
     Auth(c): Auth,
@@ -475,7 +479,7 @@ pub async fn plans_failback(
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/Halt", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)), request_body(content = HaltBody, content_type = "application/json"),
     responses((status = 200, description = "accepted"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_halt(
     State(st): State<VroState>,
     Auth(c): Auth,
@@ -490,7 +494,7 @@ pub async fn plans_halt(
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/Continue", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)), request_body(content = ContinueBody, content_type = "application/json"),
     responses((status = 200, description = "accepted"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_continue(
     State(st): State<VroState>,
     Auth(c): Auth,
@@ -507,7 +511,7 @@ pub async fn plans_continue(
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/ResetState", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)), request_body(content = ResetStateBody, content_type = "application/json"),
     responses((status = 200, description = "reset"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_reset(
     State(st): State<VroState>,
     Auth(c): Auth,

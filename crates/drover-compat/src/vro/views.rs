@@ -181,12 +181,74 @@ pub fn result_name(current: Option<&Session>, warnings: u64, errors: u64) -> Str
     name
 }
 
+// ------------------------------------------------------------------------------------------------
+// Schemas of the string values below: each the values the functions that make them can return.
+
+use drover_api::openapi::{or_null, string_enum};
+use utoipa::openapi::schema::{Array, ArrayBuilder, Object};
+
+fn schema_plan_type() -> Object {
+    string_enum(["Replica"])
+}
+fn schema_state() -> Object {
+    string_enum(PlanState::ALL.map(state_id))
+}
+fn schema_state_or_null() -> Object {
+    or_null(schema_state())
+}
+fn schema_state_name() -> Object {
+    string_enum(PlanState::ALL.map(PlanState::display_name))
+}
+fn schema_mode() -> Object {
+    string_enum(["ENABLED", "DISABLED", "IN-USE"])
+}
+fn schema_roles() -> Array {
+    ArrayBuilder::new().items(string_enum(Role::ALL.map(role_name))).build()
+}
+fn schema_step_type() -> Object {
+    string_enum(example_step_kinds().iter().map(step_type))
+}
+fn schema_step_parameter() -> Object {
+    let mut names: Vec<&str> = example_step_kinds().iter().flat_map(step_parameters).map(|p| p.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    string_enum(names)
+}
+/// One step of each kind.
+fn example_step_kinds() -> [d::PlanStepKind; 4] {
+    [
+        d::PlanStepKind::PowerOn,
+        d::PlanStepKind::WaitHeartbeat { timeout_secs: 0 },
+        d::PlanStepKind::CheckTcpPort { port: 1, timeout_secs: 0 },
+        d::PlanStepKind::RunScript { path: String::new(), args: Vec::new(), timeout_secs: 0 },
+    ]
+}
+fn schema_progress_state() -> Object {
+    string_enum(["Pending", "Running", "Complete"])
+}
+fn schema_step_state() -> Object {
+    string_enum(["Pending", "Running", "Success", "Error", "Skipped", "Undone"])
+}
+fn schema_location_type() -> Object {
+    string_enum(["Restore"])
+}
+fn schema_availability() -> Object {
+    string_enum(["Available", "PartiallyAvailable", "Unavailable"])
+}
+fn schema_grant_type() -> Object {
+    string_enum(["password", "refresh_token", "client_credentials"])
+}
+fn schema_client_role() -> Object {
+    or_null(string_enum(Role::ALL.map(role_name).into_iter().chain(Role::ALL.map(Role::as_str))))
+}
+
 /// `RecoveryPlanInfo` (spec 1.3).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryPlanInfo {
     pub id: Uuid,
     /// Always `Replica`.
+    #[schema(schema_with = schema_plan_type)]
     pub plan_type: &'static str,
     pub recovery_location_id: Uuid,
     pub server_id: Uuid,
@@ -195,20 +257,25 @@ pub struct RecoveryPlanInfo {
     pub site_scope_name: String,
     pub name: String,
     /// The API identifier of the state (spec 1.6), e.g. `FailoverInProgress`.
+    #[schema(schema_with = schema_state)]
     pub state: &'static str,
     /// The UI name, e.g. `FAILOVER`.
+    #[schema(schema_with = schema_state_name)]
     pub state_name: &'static str,
     /// How the newest execution went, e.g. "Complete, no errors, 1 warning".
     pub result_name: String,
+    #[schema(schema_with = schema_state)]
     pub last_stable_state: &'static str,
+    #[schema(schema_with = schema_state_name)]
     pub last_stable_state_name: &'static str,
     /// The running state a HALTED plan was in when it halted; null otherwise.
+    #[schema(schema_with = schema_state_or_null)]
     pub previous_execution_state: Option<&'static str>,
     pub report_template_id: Uuid,
     pub description: String,
     /// Only an enabled plan runs.
     pub enabled: bool,
-    /// `ENABLED`, `DISABLED` or `IN-USE`.
+    #[schema(schema_with = schema_mode)]
     pub mode: &'static str,
 }
 
@@ -247,12 +314,17 @@ impl From<(&d::Plan, &PlanFacts)> for RecoveryPlanInfo {
 #[serde(rename_all = "camelCase")]
 pub struct PlanRuntimeDetails {
     pub id: Uuid,
+    #[schema(schema_with = schema_plan_type)]
     pub plan_type: &'static str,
+    #[schema(schema_with = schema_state)]
     pub state: &'static str,
+    #[schema(schema_with = schema_state_name)]
     pub state_name: &'static str,
     pub state_order: u32,
     pub result_name: String,
+    #[schema(schema_with = schema_state)]
     pub last_stable_state: &'static str,
+    #[schema(schema_with = schema_state_name)]
     pub last_stable_state_name: &'static str,
     /// 0–100, of the current execution.
     pub total_progress: u8,
@@ -271,6 +343,7 @@ pub struct PlanRuntimeDetails {
     /// Who edits the plan now: drover edits plans in one request, so always null.
     pub current_editing_user: Option<String>,
     /// The caller's roles.
+    #[schema(schema_with = schema_roles)]
     pub roles: Vec<&'static str>,
 }
 
@@ -382,7 +455,7 @@ pub struct PlanStepInfo {
     pub group_id: Uuid,
     pub vm_id: Uuid,
     pub name: String,
-    /// `PowerOn`, `WaitHeartbeat`, `CheckTcpPort` or `RunScript`.
+    #[schema(schema_with = schema_step_type)]
     pub r#type: &'static str,
     /// A failed critical step fails its VM; a non-critical one gives a warning.
     pub is_critical: bool,
@@ -403,6 +476,7 @@ pub fn step_type(k: &d::PlanStepKind) -> &'static str {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StepParameter {
+    #[schema(schema_with = schema_step_parameter)]
     pub name: &'static str,
     pub value: String,
 }
@@ -428,7 +502,7 @@ pub struct RuntimeVm {
     pub id: Uuid,
     pub group_id: Uuid,
     pub name: String,
-    /// `Pending`, `Running` or `Complete`.
+    #[schema(schema_with = schema_progress_state)]
     pub state: &'static str,
     pub result: ExecutionResult,
     pub progress: u8,
@@ -442,7 +516,7 @@ pub struct RuntimeGroup {
     pub id: Uuid,
     pub name: String,
     pub order: u32,
-    /// `Pending`, `Running` or `Complete`.
+    #[schema(schema_with = schema_progress_state)]
     pub state: &'static str,
     pub result: ExecutionResult,
     pub progress: u8,
@@ -524,10 +598,11 @@ pub struct RuntimeStep {
     pub id: Uuid,
     pub vm_id: Uuid,
     pub name: String,
+    #[schema(schema_with = schema_step_type)]
     pub r#type: &'static str,
     /// Position among the VM's steps, from 1.
     pub order: u32,
-    /// `Pending`, `Running`, `Success`, `Error`, `Skipped` or `Undone`.
+    #[schema(schema_with = schema_step_state)]
     pub state: &'static str,
     pub attempts: u32,
     pub error_message: Option<String>,
@@ -571,6 +646,7 @@ impl RuntimeStep {
 pub struct RecoveryLocationInfo {
     pub id: Uuid,
     /// `Restore` (drover has no storage locations).
+    #[schema(schema_with = schema_location_type)]
     pub r#type: &'static str,
     pub name: String,
     pub description: String,
@@ -581,7 +657,7 @@ pub struct RecoveryLocationInfo {
     pub compute_groups: Vec<ComputeGroup>,
     pub re_ip_rules: Vec<serde_json::Value>,
     pub network_mapping_rules: Vec<NetworkMappingRule>,
-    /// `Available`, `PartiallyAvailable` or `Unavailable`.
+    #[schema(schema_with = schema_availability)]
     pub availability: &'static str,
     pub is_original: bool,
 }
@@ -633,12 +709,14 @@ pub use drover_api::views::TokenResponse;
 /// The fields of `POST /api/token` (form-urlencoded or multipart).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct TokenRequest {
-    /// `password`, `refresh_token` or `client_credentials`.
+    #[schema(schema_with = schema_grant_type)]
     pub grant_type: String,
     /// `USER` or `DOMAIN\USER`.
     pub username: Option<String>,
     pub password: Option<String>,
     pub refresh_token: Option<String>,
+    /// A client's id (a UUID); any other text is refused like a wrong secret (401).
+    #[schema(format = Uuid)]
     pub client_id: Option<String>,
     pub client_secret: Option<String>,
 }
@@ -647,9 +725,9 @@ pub struct TokenRequest {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewClientBody {
-    /// The role the client acts with: `Viewer`, `Plan Operator` (default), `Plan Author` or
-    /// `Administrator`.
+    /// The role the client acts with (default `Plan Operator`; case and spaces do not matter).
     #[serde(default)]
+    #[schema(schema_with = schema_client_role)]
     pub role: Option<String>,
 }
 
@@ -706,7 +784,7 @@ pub struct HaltBody {
 pub struct ContinueBody {
     /// Default: `RetryFailedStep`.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = drover_api::openapi::continue_option_or_null)]
     pub execution_continue_options: Option<drover_engine::saga::ContinueOption>,
 }
 

@@ -102,8 +102,8 @@ impl CredentialStore {
             let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
             f.write_all(serde_json::to_string_pretty(creds).map_err(std::io::Error::other)?.as_bytes())?;
             f.write_all(b"\n")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            drop(f);
+            drover_hv::durable::publish_blocking(&tmp, &path)
         };
         write()
             .inspect_err(|_| {
