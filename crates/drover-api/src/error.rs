@@ -2,7 +2,9 @@
 //!
 //! Every handler returns `Result<_, ApiError>`. Domain errors map to their status; request
 //! rejections (bad JSON, wrong types, malformed ids) are 400 with axum's explanation; anything
-//! unclassified is a 500 that is logged with its chain. Bad input never becomes a 500.
+//! unclassified is a 500 that is logged with its chain under a reference (a UUID) that the client
+//! gets instead of the chain ([`internal_message`], shared by the Veeam dialects). A 503 carries
+//! `Retry-After`. Bad input never becomes a 500.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts};
@@ -46,19 +48,45 @@ pub fn status_of(e: &Error) -> (StatusCode, &'static str) {
     }
 }
 
+/// How long a client should wait before retrying a 503 (`Retry-After`, in seconds). A 503 means
+/// a bounded resource is full (the password-hashing queue, the database's connections) and frees
+/// up within about that.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// The message a client gets for an unclassified error, in every dialect: a reference to the log
+/// line, which has the whole chain. The chain itself (paths, SQL, internal names) is for the
+/// operator, not for whoever sent the request.
+pub fn internal_message(error: &Error, api: &'static str) -> String {
+    let reference = uuid::Uuid::new_v4();
+    tracing::error!(%reference, api, error = %error, "request failed with an internal error");
+    format!("internal error; reference {reference}")
+}
+
+/// The message of an error for the client (the reference for an `Internal`, logging it; the
+/// error's own text otherwise), and the `Retry-After` a 503 or a 429 carries.
+pub fn client_message(error: &Error, api: &'static str) -> (String, Option<axum::http::HeaderValue>) {
+    match error {
+        Error::Internal(_) => (internal_message(error, api), None),
+        Error::Unavailable(_) => {
+            tracing::warn!(api, error = %error, "request refused: unavailable");
+            (error.to_string(), Some(axum::http::HeaderValue::from(RETRY_AFTER_SECS)))
+        }
+        // Login throttling says when to come back.
+        _ => (error.to_string(), error.retry_after_secs().map(axum::http::HeaderValue::from)),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = status_of(&self.0);
-        if status.is_server_error() {
-            tracing::error!(error = %self.0, "request failed");
-        }
-        let mut resp = (status, axum::Json(ErrorBody { error: code, message: self.0.to_string() })).into_response();
-        if let Some(secs) = self.0.retry_after_secs() {
-            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
-        }
+        let (message, retry_after) = client_message(&self.0, "native");
+        let mut resp = (status, axum::Json(ErrorBody { error: code, message })).into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        if let Some(after) = retry_after {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, after);
         }
         resp
     }
@@ -102,3 +130,40 @@ pub struct Path<T>(pub T);
 pub struct Query<T>(pub T);
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_of(resp: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_internal_error_gives_the_client_a_reference_not_the_chain() {
+        let chain = "store: error returned from database: no such table: sessions";
+        let resp = ApiError(Error::internal(chain)).into_response();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = body_of(resp).await;
+        assert_eq!(body["error"], "internal");
+        let message = body["message"].as_str().unwrap();
+        let reference = message.strip_prefix("internal error; reference ").expect(message);
+        assert!(uuid::Uuid::parse_str(reference).is_ok(), "{message}");
+        assert!(!message.contains("sessions") && !message.contains("database"), "{message}");
+        // A new reference each time, so a log line names one request.
+        let again = body_of(ApiError(Error::internal(chain)).into_response()).await;
+        assert_ne!(again["message"], body["message"]);
+    }
+
+    #[tokio::test]
+    async fn a_503_says_when_to_retry_and_other_errors_keep_their_message() {
+        let resp = ApiError(Error::Unavailable("the password checks are all busy".into())).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[axum::http::header::RETRY_AFTER], "1");
+        assert_eq!(body_of(resp).await["message"], "the password checks are all busy");
+        let resp = ApiError(Error::invalid("name is empty")).into_response();
+        assert!(resp.headers().get(axum::http::header::RETRY_AFTER).is_none());
+        assert_eq!(body_of(resp).await["message"], "name is empty");
+    }
+}

@@ -19,10 +19,12 @@ use utoipa::OpenApi;
 pub mod audit;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 pub mod openapi;
 pub mod views;
 
 use error::ApiError;
+pub use limits::ListenerLimits;
 use openapi::ErrorResponses;
 
 #[derive(Clone, Debug)]
@@ -229,6 +231,10 @@ impl Listener {
     pub fn url(&self) -> String {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
+    /// Connections open now (those in their TLS handshake included).
+    pub fn connection_count(&self) -> usize {
+        self.handle.connection_count()
+    }
     /// Stops accepting and ends open connections within a grace period.
     pub async fn stop(self) {
         self.handle.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
@@ -240,23 +246,36 @@ impl Listener {
     }
 }
 
-/// Binds `addr` and serves `router` on it in the background.
+/// Binds `addr` and serves `router` on it in the background, with the default [`ListenerLimits`].
 pub async fn listen(router: Router, addr: SocketAddr, tls: Tls) -> std::io::Result<Listener> {
+    listen_with(router, addr, tls, ListenerLimits::default()).await
+}
+
+/// Binds `addr` and serves `router` on it in the background, within `limits`.
+pub async fn listen_with(
+    router: Router,
+    addr: SocketAddr,
+    tls: Tls,
+    limits: ListenerLimits,
+) -> std::io::Result<Listener> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
     let handle = axum_server::Handle::new();
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum_server::from_tcp(std_listener).handle(handle.clone());
     let (task, is_tls) = match tls {
         Tls::Plain => {
-            let server = axum_server::from_tcp(std_listener).handle(handle.clone());
+            let server = server.acceptor(limits::LimitedAcceptor::new(axum_server::accept::DefaultAcceptor, limits));
             (tokio::spawn(async move { server.serve(service).await }), false)
         }
         Tls::Files { cert, key } => {
             // One process-wide crypto provider; installing it twice is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await?;
-            let server = axum_server::from_tcp_rustls(std_listener, config).handle(handle.clone());
+            let tls =
+                axum_server::tls_rustls::RustlsAcceptor::new(config).handshake_timeout(limits.tls_handshake_timeout);
+            let server = server.acceptor(limits::LimitedAcceptor::new(tls, limits));
             (tokio::spawn(async move { server.serve(service).await }), true)
         }
     };

@@ -7,7 +7,8 @@
 //! tasks ([`tasks`]), both in memory.
 //!
 //! Code map: [`handlers`] (routes), [`views`] (representations), [`render`] (XML/JSON and
-//! errors, the one place), [`query`] (the query service), [`filter`] (its filter language).
+//! errors, the one place), [`query`] (the query service), [`filter`] (its filter language),
+//! [`body`] (request bodies, with their size, depth and attribute limits).
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use axum::routing::{get, post};
 use drover_engine::app::App;
 use uuid::Uuid;
 
+pub mod body;
 pub mod filter;
 pub mod handlers;
 pub mod logon;
@@ -112,6 +114,6 @@ fn routes(state: EmState) -> Router {
         .fallback(h::not_found)
         .layer(axum::middleware::from_fn(render::negotiate))
         .layer(axum::middleware::from_fn_with_state(state.app.clone(), drover_api::audit::record))
-        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)
 }

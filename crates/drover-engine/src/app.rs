@@ -154,6 +154,8 @@ pub struct App {
     engine: Engine,
     /// Login throttling, shared by every API (they all log in through [`App::login`]).
     logins: std::sync::Arc<LoginGuard>,
+    /// The bound on argon2 work, shared by every API (and every clone of this `App`).
+    passwords: auth::PasswordWork,
 }
 
 impl App {
@@ -162,7 +164,7 @@ impl App {
     }
 
     pub fn with_throttle(engine: Engine, policy: ThrottlePolicy) -> App {
-        App { engine, logins: std::sync::Arc::new(LoginGuard::new(policy)) }
+        App { engine, logins: std::sync::Arc::new(LoginGuard::new(policy)), passwords: auth::PasswordWork::default() }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -202,7 +204,7 @@ impl App {
             role: Role::Administrator,
             created_at: now(),
         };
-        self.store().user_create(&user, &auth::hash_password(&password)?).await?;
+        self.store().user_create(&user, &self.passwords.hash(&password).await?).await?;
         Ok(generated.then_some(password))
     }
 
@@ -223,11 +225,9 @@ impl App {
         let found = self.store().user_by_name(name).await?;
         let ok = {
             // Unknown users cost the time a real check takes, so a probe cannot tell names apart.
-            let hash = found.as_ref().map(|(_, h)| h.clone()).unwrap_or_else(|| auth::DUMMY_HASH.to_string());
-            let password = password.to_string();
-            tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-                .await
-                .map_err(|e| Error::internal(format!("password check: {e}")))?
+            // Through the process's bound on argon2 work (a 503 when its queue is full).
+            let hash = found.as_ref().map_or(auth::DUMMY_HASH, |(_, h)| h.as_str());
+            self.passwords.verify(password, hash).await?
         };
         let known = found.map(|(u, _)| u);
         let audit = |tenant_id, user_id, action: &str, outcome, detail: String| AuditRecord {
@@ -374,7 +374,7 @@ impl App {
             role,
             created_at: now(),
         };
-        self.store().user_create(&user, &auth::hash_password(&secret)?).await?;
+        self.store().user_create(&user, &self.passwords.hash(&secret).await?).await?;
         Ok((id, secret))
     }
 
@@ -427,7 +427,7 @@ impl App {
             return Err(Error::invalid("password must be at least 8 characters"));
         }
         let user = User { id: UserId::new(), tenant_id, name: new.name, role: new.role, created_at: now() };
-        self.store().user_create(&user, &auth::hash_password(&new.password)?).await?;
+        self.store().user_create(&user, &self.passwords.hash(&new.password).await?).await?;
         Ok(user)
     }
 
@@ -727,7 +727,7 @@ impl App {
             self.store().user_set_role(id, r).await?;
         }
         if let Some(p) = password {
-            self.store().user_set_password(id, &auth::hash_password(&p)?).await?;
+            self.store().user_set_password(id, &self.passwords.hash(&p).await?).await?;
         }
         self.store().user_get(id).await
     }
@@ -1053,6 +1053,8 @@ impl App {
     /// Replaces a plan's definition. Only while the plan is in a default state (not IN-USE).
     pub async fn plan_update(&self, caller: &Caller, id: PlanId, input: PlanInput) -> Result<Plan> {
         caller.require(Role::PlanAuthor)?;
+        // Another tenant's plan is not found, whatever the body says.
+        self.get::<Plan>(caller, id.0).await?;
         self.plan_check_refs(caller, &input).await?;
         let (plan, ()) = self
             .store()

@@ -13,6 +13,11 @@
 //! is a dozen lines, and a hand parser reports exactly where it broke (the character position
 //! the 400 names) without a dependency whose error messages we would have to translate.
 //!
+//! The parser recurses once per parenthesis, so nesting is bounded ([`MAX_DEPTH`]) and so is the
+//! filter's length ([`MAX_LENGTH`]): a deep filter would otherwise overflow the stack and abort
+//! the whole process (all three APIs), and a long one costs time for no real query. Both limits
+//! are far above what a script writes and fail with a position like any other syntax error.
+//!
 //! Parsing is separate from checking: [`parse`] gives the syntax tree, [`compile`] checks field
 //! names and values against the queried type's fields (so a bad filter fails even when there is
 //! nothing to filter) and turns values into what they are compared as. Enum fields compare by
@@ -58,14 +63,26 @@ impl std::fmt::Display for FilterError {
     }
 }
 
+/// The deepest nesting of parentheses a filter may have.
+pub const MAX_DEPTH: usize = 32;
+/// The longest filter, in characters.
+pub const MAX_LENGTH: usize = 4096;
+
 struct Parser {
     chars: Vec<char>,
     at: usize,
+    /// Open parentheses around the current position.
+    depth: usize,
 }
 
 /// Parses a whole filter.
 pub fn parse(input: &str) -> Result<Expr, FilterError> {
-    let mut p = Parser { chars: input.chars().collect(), at: 0 };
+    // Counted before collecting, so an over-long filter costs no allocation.
+    if let Some((at, _)) = input.char_indices().nth(MAX_LENGTH) {
+        let position = input[..at].chars().count() + 1;
+        return Err(FilterError { position, message: format!("the filter is longer than {MAX_LENGTH} characters") });
+    }
+    let mut p = Parser { chars: input.chars().collect(), at: 0, depth: 0 };
     let expr = p.or()?;
     p.skip_spaces();
     match p.peek() {
@@ -117,8 +134,13 @@ impl Parser {
     fn term(&mut self) -> Result<Expr, FilterError> {
         self.skip_spaces();
         if self.peek() == Some('(') {
+            if self.depth == MAX_DEPTH {
+                return Err(self.error(format!("parentheses are nested more than {MAX_DEPTH} deep")));
+            }
             self.at += 1;
+            self.depth += 1;
             let inner = self.or()?;
+            self.depth -= 1;
             self.skip_spaces();
             if self.peek() != Some(')') {
                 return Err(self.error("expected ')'"));
@@ -359,6 +381,34 @@ mod tests {
         assert_eq!(at("Name==a b"), 9);
         assert_eq!(at("Name==a;;"), 9);
         assert!(parse("Name==a;").unwrap_err().message.contains("field name"));
+    }
+
+    #[test]
+    fn nesting_is_limited_before_the_stack_is() {
+        let nested = |depth: usize| format!("{}Name==x{}", "(".repeat(depth), ")".repeat(depth));
+        assert_eq!(parse(&nested(MAX_DEPTH)).unwrap(), cmp("Name", MAX_DEPTH + 1, Op::Eq, "x", MAX_DEPTH + 7));
+        let e = parse(&nested(MAX_DEPTH + 1)).unwrap_err();
+        assert_eq!(e.position, MAX_DEPTH + 1, "{e}");
+        assert!(e.message.contains("nested more than 32 deep"), "{e}");
+        // What took the process down was thousands of parentheses: within the length limit they
+        // fail on depth, beyond it on length, closed or not.
+        assert!(parse(&nested(2000)).unwrap_err().message.contains("nested more than"));
+        assert!(parse(&"(".repeat(2000)).unwrap_err().message.contains("nested more than"));
+        assert!(parse(&nested(3000)).unwrap_err().message.contains("longer than"));
+        // Depth is nesting, not the number of groups: many groups side by side are fine.
+        let wide = vec!["(Name==x)"; 100].join(",");
+        assert!(matches!(parse(&wide).unwrap(), Expr::Or(t) if t.len() == 100));
+    }
+
+    #[test]
+    fn long_filters_are_refused_at_the_first_character_over_the_limit() {
+        let at_limit = format!("Name==\"{}\"", "x".repeat(MAX_LENGTH - 8));
+        assert_eq!(at_limit.chars().count(), MAX_LENGTH);
+        assert!(parse(&at_limit).is_ok());
+        let over = format!("Name==\"{}\"", "é".repeat(MAX_LENGTH));
+        let e = parse(&over).unwrap_err();
+        assert_eq!(e.position, MAX_LENGTH + 1, "{e}");
+        assert!(e.to_string().contains("longer than 4096 characters"), "{e}");
     }
 
     const RESULTS: &[&str] = &["None", "Success", "Warning", "Failed"];

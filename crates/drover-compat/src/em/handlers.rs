@@ -9,12 +9,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use drover_engine::app::{App, Caller, PlanActionOptions};
 use drover_types::{
-    Error, Plan, PlanAction, PlanId, Replica, ReplicaId, RestorePointId, Session, SessionFilter, SessionId,
+    Error, Plan, PlanAction, PlanId, Replica, ReplicaId, RestorePointId, Role, Session, SessionFilter, SessionId,
     SessionKind, Timestamp, Vm,
 };
 use serde::Deserialize;
 
 use super::EmState;
+use super::body::parse_body;
 use super::logon::{self, LogonSession, SESSION_HEADER};
 use super::render::{EmError, EmResult, Reply};
 use super::views::{self, BackupServer, Ctx, PlanKind, PlanView, PointLink, Shape};
@@ -411,42 +412,6 @@ pub struct ManagementSpec {
     pub start_date: Option<String>,
 }
 
-/// A request body: JSON with `Content-Type: application/json`, XML otherwise, whose root must be
-/// `root` (the XML deserializer does not look at the root's name; a client that sends another
-/// document by mistake must hear about it rather than have it acted on). `None` for an empty body.
-fn parse_body<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: &[u8],
-    root: &str,
-) -> Result<Option<T>, Error> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-    let bad = |e: String| Error::invalid(format!("malformed {root}: {e}"));
-    if json {
-        return serde_json::from_slice(body).map(Some).map_err(|e| bad(e.to_string()));
-    }
-    let text = std::str::from_utf8(body).map_err(|e| bad(e.to_string()))?;
-    let mut reader = quick_xml::Reader::from_str(text);
-    let found = loop {
-        match reader.read_event().map_err(|e| bad(e.to_string()))? {
-            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
-                break String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
-            }
-            quick_xml::events::Event::Eof => return Err(bad("no root element".into())),
-            _ => {}
-        }
-    };
-    if found != root {
-        return Err(bad(format!("the root element is {found}, not {root}")));
-    }
-    quick_xml::de::from_str(text).map(Some).map_err(|e| bad(e.to_string()))
-}
-
 impl ManagementSpec {
     /// Parses a body; an empty body means "start now".
     pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<ManagementSpec, Error> {
@@ -499,6 +464,8 @@ async fn edit_plan(
 ) -> EmResult {
     let id: PlanId = parse_id("plan", id)?;
     state.app.get::<Plan>(&auth.caller, id.0).await?;
+    // The role first: a caller who may not edit gets its 403 without the body being parsed.
+    auth.caller.require(Role::PlanAuthor)?;
     let edit: PlanEdit = parse_body(headers, body, kind.kind())?.unwrap_or_default();
     if let Some(c) = &edit.options {
         if kind == PlanKind::Plain {
@@ -558,6 +525,8 @@ async fn act(
     }
     let id: PlanId = parse_id("plan", id)?;
     let plan = state.app.get::<Plan>(&auth.caller, id.0).await?;
+    // The role first: a caller who may not act gets its 403 without the body being parsed.
+    auth.caller.require(Role::PlanOperator)?;
     let spec = ManagementSpec::parse(headers, body)?;
     let opts = PlanActionOptions { point_date: spec.point_date()?, ..Default::default() };
     let (session, operation) = match (action.as_str(), kind) {

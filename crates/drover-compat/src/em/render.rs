@@ -333,17 +333,16 @@ pub fn error_element(status: StatusCode, message: &str) -> Element {
 impl IntoResponse for EmError {
     fn into_response(self) -> Response {
         let status = status_of(&self.0);
-        if status.is_server_error() {
-            tracing::error!(error = %self.0, "EM request failed");
-        }
+        // An internal error's chain is logged under a reference; the client gets the reference.
+        let (message, retry_after) = drover_api::error::client_message(&self.0, "Enterprise Manager");
         let mut resp = status.into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic Realm=RestSvc"));
         }
-        if let Some(secs) = self.0.retry_after_secs() {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        if let Some(after) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, after);
         }
-        resp.extensions_mut().insert(Pending(error_element(status, &self.0.to_string())));
+        resp.extensions_mut().insert(Pending(error_element(status, &message)));
         resp
     }
 }
@@ -401,6 +400,23 @@ mod tests {
             serde_json::json!({"Message": "plan x not found", "StatusCode": 404, "Status": "NotFound"})
         );
         assert_eq!(status_name(StatusCode::BAD_REQUEST), "BadRequest");
+    }
+
+    #[test]
+    fn an_internal_error_gives_the_client_a_reference_not_the_chain_and_a_503_a_retry_after() {
+        let resp = EmError(Error::internal("store: no such table: sessions")).into_response();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let Some(Pending(e)) = resp.extensions().get::<Pending>().cloned() else { panic!("no document") };
+        let message = match &e.attributes[0] {
+            ("Message", Scalar::Text(m)) => m.clone(),
+            other => panic!("{other:?}"),
+        };
+        let reference = message.strip_prefix("internal error; reference ").expect(&message);
+        assert!(uuid::Uuid::parse_str(reference).is_ok(), "{message}");
+        assert!(!e.to_xml().contains("sessions"), "{}", e.to_xml());
+        let resp = EmError(Error::Unavailable("busy".into())).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

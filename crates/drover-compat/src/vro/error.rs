@@ -3,7 +3,8 @@
 //! Every body is `{"errorCode", "message", "resourceId"}` (spec 1.2), with `errorCode` one of
 //! [`ErrorCode`]. drover's domain [`Error`] is mapped here and nowhere else; request rejections
 //! (bad JSON, wrong types, bad query parameters) are 400s; unknown routes 404, wrong methods
-//! 405. Only an unclassified error is a 500, and it is logged with its message.
+//! 405. Only an unclassified error is a 500; it is logged with its chain under a reference that
+//! the client gets instead (`drover_api::error::client_message`). A 503 carries `Retry-After`.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts};
@@ -110,20 +111,18 @@ impl VroError {
 
 impl IntoResponse for VroError {
     fn into_response(self) -> Response {
-        let retry_after = match &self {
-            VroError::Domain(e) => e.retry_after_secs(),
-            _ => None,
-        };
-        let (status, error_code, message, resource_id) = self.parts();
-        if status.is_server_error() {
-            tracing::error!(error = %message, "Recovery Orchestrator request failed");
+        let (status, error_code, mut message, resource_id) = self.parts();
+        let mut retry_after = None;
+        if let VroError::Domain(e) = &self {
+            // An internal error's chain is logged under a reference; the client gets the reference.
+            (message, retry_after) = drover_api::error::client_message(e, "Recovery Orchestrator");
         }
         let mut resp = (status, axum::Json(ErrorBody { error_code, message, resource_id })).into_response();
-        if let Some(secs) = retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(after) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, after);
         }
         resp
     }
@@ -204,6 +203,34 @@ mod tests {
         let (s, c, ..) = VroError::Token { expired: true, message: String::new() }.parts();
         assert_eq!((s.as_u16(), c), (401, ErrorCode::ExpiredToken));
         assert_eq!(serde_json::to_value(ErrorCode::InvalidUri).unwrap(), "InvalidURI");
+    }
+
+    async fn body_of(resp: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_internal_error_gives_the_client_a_reference_not_the_chain() {
+        let resp = VroError::from(Error::internal("store: no such table: sessions")).into_response();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = body_of(resp).await;
+        assert_eq!(body["errorCode"], "UnknownError");
+        let message = body["message"].as_str().unwrap();
+        let reference = message.strip_prefix("internal error; reference ").expect(message);
+        assert!(uuid::Uuid::parse_str(reference).is_ok(), "{message}");
+        assert!(!message.contains("sessions"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_503_says_when_to_retry() {
+        let resp = VroError::from(Error::Unavailable("busy".into())).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            body_of(resp).await,
+            serde_json::json!({"errorCode": "ServiceUnavailable", "message": "busy", "resourceId": ""})
+        );
     }
 
     #[test]
