@@ -113,6 +113,11 @@ async fn a_flood_of_wrong_passwords_is_throttled_and_audited() {
     let nobody = audit(&server, &admin, "action=login&limit=1").await;
     assert_eq!(nobody[0]["user_name"], "nobody");
     assert!(nobody[0]["tenant_id"].is_null());
+    // What was tried is recorded clipped: failed logins cannot fill the disk.
+    let long = "x".repeat(100_000);
+    assert_eq!(login(&client_from("127.0.0.5"), &server.base, &long, "x").await.0, StatusCode::UNAUTHORIZED);
+    let clipped = audit(&server, &admin, "action=login&limit=1").await;
+    assert_eq!(clipped[0]["user_name"].as_str().unwrap().chars().count(), 129, "the name is not clipped");
     server.stop().await;
 }
 

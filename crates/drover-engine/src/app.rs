@@ -234,7 +234,8 @@ impl App {
             at: now(),
             tenant_id,
             user_id,
-            user_name: name.to_string(),
+            // What was tried, clipped: a failed login must not be a way to fill the disk.
+            user_name: clip(name, 128),
             action: action.to_string(),
             outcome,
             address: from.map(|a| a.to_string()),
@@ -1383,6 +1384,14 @@ impl App {
         caller.require(Role::PlanOperator)?;
         self.store().session_get(Some(caller.tenant_id), id).await?;
         self.engine.undo(id).await
+    }
+}
+
+/// At most `max` characters of `s`, with an ellipsis when it was longer.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
     }
 }
 
