@@ -58,3 +58,42 @@ pub fn host_paths(root: &Path) -> crate::host_paths::HostPaths {
     }
     crate::host_paths::HostPaths::new(&[root.to_path_buf()], &imports).expect("test host paths")
 }
+
+/// The inventory most engine tests start from: a production site, a host `h1` and one datastore
+/// per name at `root/<name>`, made by `admin` (a system administrator). Returns the host and the
+/// datastores with their paths.
+pub async fn infrastructure(
+    app: &crate::app::App,
+    admin: &crate::app::Caller,
+    root: &Path,
+    datastores: &[&str],
+) -> (drover_types::HostId, Vec<(DatastoreId, std::path::PathBuf)>) {
+    let site = app.site_create(admin, "prod", drover_types::SiteKind::Production).await.expect("site");
+    let host = app
+        .host_create(admin, crate::app::NewHost { site_id: site.id, name: "h1".into(), address: "local".into() })
+        .await
+        .expect("host");
+    let mut out = Vec::new();
+    for name in datastores {
+        let path = root.join(name);
+        let new =
+            crate::app::NewDatastore { host_id: host.id, name: (*name).into(), path: path.to_string_lossy().into() };
+        out.push((app.datastore_create(admin, new).await.expect("datastore").id, path));
+    }
+    (host.id, out)
+}
+
+/// A VM with one 64 MiB disk `data`, no NIC and no boot files: what the simulated hypervisor runs.
+pub fn new_vm(name: &str, host: drover_types::HostId, datastore: DatastoreId) -> crate::app::NewVm {
+    crate::app::NewVm {
+        name: name.into(),
+        host_id: host,
+        datastore_id: datastore,
+        vcpus: 1,
+        memory_mib: 96,
+        disks: vec![drover_types::VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
+        nics: vec![],
+        tags: vec![],
+        boot: drover_types::VmBoot { kernel: None, initrd: None, cmdline: None },
+    }
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_engine::app::{App, NewDatastore, NewHost, NewReplicationJob, NewVm, PlanInput};
+use drover_engine::app::{App, NewReplicationJob, PlanInput};
 use drover_engine::{Engine, EngineConfig};
 use drover_hv::sim::SimulatedHypervisor;
 use drover_store::Store;
@@ -28,30 +28,9 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
         let app = app.clone();
         async move { app.engine().wait(s, Duration::from_secs(20)).await.unwrap() }
     };
-    let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
-    let host = app
-        .host_create(&caller, NewHost { site_id: site.id, name: "h".into(), address: "local".into() })
-        .await
-        .unwrap();
-    let datastore = |name: &str| NewDatastore {
-        host_id: host.id,
-        name: name.into(),
-        path: dir.path().join(name).to_string_lossy().into(),
-    };
-    let prod = app.datastore_create(&caller, datastore("prod")).await.unwrap();
-    let dr = app.datastore_create(&caller, datastore("dr")).await.unwrap();
-    let new_vm = NewVm {
-        name: "web".into(),
-        host_id: host.id,
-        datastore_id: prod.id,
-        vcpus: 1,
-        memory_mib: 96,
-        disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
-        nics: vec![],
-        tags: vec![],
-        boot: VmBoot { kernel: None, initrd: None, cmdline: None },
-    };
-    let (vm, created) = app.vm_create(&caller, new_vm).await.unwrap();
+    let (host, datastores) = drover_engine::testing::infrastructure(&app, &caller, dir.path(), &["prod", "dr"]).await;
+    let (prod, (dr, dr_path)) = (datastores[0].0, datastores[1].clone());
+    let (vm, created) = app.vm_create(&caller, drover_engine::testing::new_vm("web", host, prod)).await.unwrap();
     assert_eq!(wait(created).await.result, SessionResult::Success);
     let job = app
         .replication_job_create(
@@ -59,8 +38,8 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
             NewReplicationJob {
                 name: "j".into(),
                 vm_ids: vec![vm.id],
-                target_host_id: host.id,
-                target_datastore_id: dr.id,
+                target_host_id: host,
+                target_datastore_id: dr,
                 schedule: Schedule::Manual,
                 retention_points: 2,
             },
@@ -72,8 +51,8 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
         caller.tenant_id,
         job.id,
         (vm.id, "web"),
-        dr.id,
-        &dir.path().join("dr"),
+        dr,
+        &dr_path,
     )
     .await;
     let on = PlanStep { id: PlanStepId::new(), name: "on".into(), kind: PlanStepKind::PowerOn, critical: true };

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_engine::app::{App, Caller, NewDatastore, NewHost, NewReplicationJob, NewVm, PlanInput, PowerAction};
+use drover_engine::app::{App, Caller, NewReplicationJob, PlanInput, PowerAction};
 use drover_engine::{Engine, EngineConfig};
 use drover_hv::sim::SimulatedHypervisor;
 use drover_store::Store;
@@ -41,20 +41,11 @@ async fn env() -> Env {
     app.bootstrap(Some("adminpass".into())).await.unwrap();
     let tokens = app.login("admin", "adminpass", None).await.unwrap();
     let caller = app.authenticate(&tokens.access_token).await.unwrap();
-    let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
-    let host = app
-        .host_create(&caller, NewHost { site_id: site.id, name: "h1".into(), address: "local".into() })
-        .await
-        .unwrap();
-    let mut datastores = Vec::new();
-    for name in ["ds1", "dr"] {
-        let path = dir.path().join(name);
-        let ds = NewDatastore { host_id: host.id, name: name.into(), path: path.to_string_lossy().into() };
-        datastores.push((app.datastore_create(&caller, ds).await.unwrap().id, path));
-    }
+    let (host, mut datastores) =
+        drover_engine::testing::infrastructure(&app, &caller, dir.path(), &["ds1", "dr"]).await;
     let dr = datastores.pop().unwrap();
     let ds = datastores.pop().unwrap().0;
-    Env { _dir: dir, db, hv, app, caller, host: host.id, ds, dr }
+    Env { _dir: dir, db, hv, app, caller, host, ds, dr }
 }
 
 impl Env {
@@ -76,17 +67,7 @@ impl Env {
     }
 
     async fn vm(&self, name: &str) -> Vm {
-        let new = NewVm {
-            name: name.into(),
-            host_id: self.host,
-            datastore_id: self.ds,
-            vcpus: 1,
-            memory_mib: 96,
-            disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
-            nics: vec![],
-            tags: vec![],
-            boot: VmBoot { kernel: None, initrd: None, cmdline: None },
-        };
+        let new = drover_engine::testing::new_vm(name, self.host, self.ds);
         let (vm, s) = self.app.vm_create(&self.caller, new).await.unwrap();
         assert_eq!(self.wait(s).await.result, SessionResult::Success);
         vm

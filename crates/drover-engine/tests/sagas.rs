@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_engine::app::{App, Caller, NewDatastore, NewHost, NewVm, PowerAction};
+use drover_engine::app::{App, Caller, NewDatastore, NewVm, PowerAction};
 use drover_engine::saga::{ContinueOption, FailurePolicy, Saga, SagaStep, Step, StepCtx};
 use drover_engine::{Engine, EngineConfig};
 use drover_hv::sim::SimulatedHypervisor;
@@ -44,20 +44,9 @@ async fn env() -> Env {
     app.bootstrap(Some("adminpass".into())).await.unwrap();
     let tokens = app.login("admin", "adminpass", None).await.unwrap();
     let caller = app.authenticate(&tokens.access_token).await.unwrap();
-    let site = app.site_create(&caller, "prod", SiteKind::Production).await.unwrap();
-    let host = app
-        .host_create(&caller, NewHost { site_id: site.id, name: "h1".into(), address: "local".into() })
-        .await
-        .unwrap();
-    let ds_path = dir.path().join("ds1");
-    let ds = app
-        .datastore_create(
-            &caller,
-            NewDatastore { host_id: host.id, name: "ds1".into(), path: ds_path.to_string_lossy().into() },
-        )
-        .await
-        .unwrap();
-    Env { db, ds_path, hv, app, caller, host: host.id, ds: ds.id, _dir: dir }
+    let (host, datastores) = drover_engine::testing::infrastructure(&app, &caller, dir.path(), &["ds1"]).await;
+    let (ds, ds_path) = datastores[0].clone();
+    Env { db, ds_path, hv, app, caller, host, ds, _dir: dir }
 }
 
 impl Env {
