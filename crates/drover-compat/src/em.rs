@@ -86,7 +86,63 @@ impl EmState {
     }
 }
 
+/// The literal segments of the dialect's paths, as the product spells them. Enterprise Manager
+/// matches paths without regard to case (clients generated from its schema call `/api/Tasks`,
+/// `/api/FailoverPlans`), so a request's segments are put in this spelling before routing.
+const PATH_SEGMENTS: &[&str] = &[
+    "api",
+    "sessionMngr",
+    "logonSessions",
+    "backupServers",
+    "cloud",
+    "failoverSessions",
+    "vmReplicaPoints",
+    "cloudFailoverPlans",
+    "failoverPlans",
+    "tasks",
+    "query",
+];
+
+/// `path` with each segment that is one of [`PATH_SEGMENTS`] in any case spelled as the product
+/// does; other segments (ids) are left as they are.
+fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let needs = path.split('/').any(|seg| PATH_SEGMENTS.iter().any(|c| c.eq_ignore_ascii_case(seg) && *c != seg));
+    if !needs {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let segments: Vec<&str> = path
+        .split('/')
+        .map(|seg| PATH_SEGMENTS.iter().find(|c| c.eq_ignore_ascii_case(seg)).copied().unwrap_or(seg))
+        .collect();
+    std::borrow::Cow::Owned(segments.join("/"))
+}
+
+/// The middleware that respells a request's path before it is routed ([`canonical_path`]).
+async fn case_insensitive_paths(mut req: axum::extract::Request) -> axum::extract::Request {
+    let path = req.uri().path();
+    if let std::borrow::Cow::Owned(canon) = canonical_path(path) {
+        let with_query = match req.uri().query() {
+            Some(q) => format!("{canon}?{q}"),
+            None => canon,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = with_query.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
 fn routes(state: EmState) -> Router {
+    // Paths are respelled before the router sees them: a layer on an outer router whose only
+    // route is the dialect's router runs before that router routes.
+    Router::new().fallback_service(dialect_routes(state)).layer(axum::middleware::map_request(case_insensitive_paths))
+}
+
+fn dialect_routes(state: EmState) -> Router {
     use handlers as h;
     // Full paths rather than `nest`: `/api/` and `/api/sessionMngr/` end in a slash, as the
     // product writes them, and must match exactly that.
@@ -116,4 +172,19 @@ fn routes(state: EmState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.app.clone(), drover_api::audit::record))
         .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_path;
+
+    #[test]
+    fn paths_are_respelled_as_the_product_spells_them_and_ids_are_left_alone() {
+        assert_eq!(canonical_path("/api/Tasks"), "/api/tasks");
+        assert_eq!(canonical_path("/API/FailoverPlans/ABC-def"), "/api/failoverPlans/ABC-def");
+        assert_eq!(canonical_path("/api/Cloud/CLOUDFAILOVERPLANS/x"), "/api/cloud/cloudFailoverPlans/x");
+        assert_eq!(canonical_path("/api/SessionMngr/"), "/api/sessionMngr/");
+        assert!(matches!(canonical_path("/api/tasks/Tasks-1"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(canonical_path("/api/query"), std::borrow::Cow::Borrowed(_)));
+    }
 }

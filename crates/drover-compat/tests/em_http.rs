@@ -640,3 +640,46 @@ async fn a_plan_is_edited_through_its_edit_link() {
     em.listener.stop().await;
     server.stop().await;
 }
+
+/// Paths match in any case, as Enterprise Manager's do (clients generated from its schema call
+/// `/api/Tasks`); and `Href`s are built from the request's authority over HTTP/2 as over
+/// HTTP/1.1 (HTTP/2 sends `:authority`, no `Host`).
+#[tokio::test]
+async fn paths_match_in_any_case_and_hrefs_follow_the_authority_over_http2() {
+    let server = Server::simulated().await;
+    let em = Em::start(&server, Duration::from_secs(900)).await;
+    let token = em.logon().await;
+    for path in [
+        "/api/Tasks",
+        "/API/BackupServers",
+        "/api/FailoverPlans",
+        "/api/Cloud/CloudFailoverPlans",
+        "/Api/LogonSessions",
+    ] {
+        let a = em.get(path, &token).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.body);
+    }
+    let a = em.get("/api/NoSuchThing", &token).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+
+    // HTTP/2 with prior knowledge on the plain listener (curl: reqwest is built without HTTP/2).
+    let out = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--http2-prior-knowledge", "--max-time", "20"])
+        .args(["--write-out", "\n%{http_version} %{http_code}"])
+        .arg("--header")
+        .arg(format!("X-RestSvcSessionId: {token}"))
+        .arg(em.url("/api/BackupServers"))
+        .output()
+        .await
+        .expect("curl (scripts/install-deps installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let body = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(body.trim_end().ends_with("2 200"), "not an HTTP/2 200: {body}");
+    let hrefs = hrefs(&body);
+    assert!(!hrefs.is_empty(), "{body}");
+    for href in &hrefs {
+        assert!(href.starts_with(&format!("{}/api/", em.base)), "{href} does not name {}", em.base);
+    }
+    em.listener.stop().await;
+    server.stop().await;
+}

@@ -27,10 +27,13 @@ impl FromRequestParts<EmState> for Ctx {
     type Rejection = EmError;
 
     async fn from_request_parts(parts: &mut Parts, state: &EmState) -> Result<Self, Self::Rejection> {
+        // The request's authority: HTTP/2 carries it in the URI (`:authority`) and sends no
+        // `Host`; HTTP/1.1 sends `Host` and an origin-form URI.
         let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
             .unwrap_or("localhost");
         Ok(Ctx {
