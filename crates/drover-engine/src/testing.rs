@@ -97,3 +97,15 @@ pub fn new_vm(name: &str, host: drover_types::HostId, datastore: DatastoreId) ->
         boot: drover_types::VmBoot { kernel: None, initrd: None, cmdline: None },
     }
 }
+
+/// The engine configuration of the simulated-hypervisor tests: short timeouts, a fast monitor,
+/// and `root` as the host's datastore root and import directory ([`host_paths`]).
+pub fn fast_config(root: &Path) -> crate::EngineConfig {
+    crate::EngineConfig {
+        heartbeat_timeout: std::time::Duration::from_secs(5),
+        shutdown_timeout: std::time::Duration::from_secs(2),
+        monitor_interval: std::time::Duration::from_millis(100),
+        host_paths: host_paths(root),
+        ..crate::EngineConfig::default()
+    }
+}

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_engine::Engine;
 use drover_engine::app::{App, NewReplicationJob, PlanInput};
-use drover_engine::{Engine, EngineConfig};
 use drover_hv::sim::SimulatedHypervisor;
 use drover_store::Store;
 use drover_types::*;
@@ -14,13 +14,7 @@ use drover_types::*;
 async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_none() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
-    let config = EngineConfig {
-        heartbeat_timeout: Duration::from_secs(5),
-        shutdown_timeout: Duration::from_secs(2),
-        monitor_interval: Duration::from_millis(100),
-        host_paths: drover_engine::testing::host_paths(dir.path()),
-        ..EngineConfig::default()
-    };
+    let config = drover_engine::testing::fast_config(dir.path());
     let app = App::new(Engine::new(store, Arc::new(SimulatedHypervisor::new()), config));
     app.bootstrap(Some("adminpass".into())).await.unwrap();
     let caller = app.authenticate(&app.login("admin", "adminpass", None).await.unwrap().access_token).await.unwrap();

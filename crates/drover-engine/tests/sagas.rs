@@ -26,13 +26,7 @@ struct Env {
 }
 
 fn config(root: &std::path::Path) -> EngineConfig {
-    EngineConfig {
-        heartbeat_timeout: Duration::from_secs(5),
-        shutdown_timeout: Duration::from_secs(2),
-        monitor_interval: Duration::from_millis(100),
-        host_paths: drover_engine::testing::host_paths(root),
-        ..EngineConfig::default()
-    }
+    drover_engine::testing::fast_config(root)
 }
 
 async fn env() -> Env {

@@ -121,6 +121,28 @@ struct Api {
 }
 
 impl Api {
+    /// A site, a host, datastores `prod` and `dr` in `data`, and a VM `db` booting the tiny guest
+    /// on `prod`, created and waited for. Returns the host, the datastores and the VM's id.
+    async fn vm_on_prod_and_dr(&self, data: &Path, guest: &Path) -> (Value, Vec<Value>, String) {
+        use reqwest::Method as M;
+        let site = self.call(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
+        let host = self
+            .call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"})))
+            .await;
+        let mut ds = Vec::new();
+        for n in ["prod", "dr"] {
+            let body = json!({"host_id": host["id"], "name": n, "path": data.join(n)});
+            ds.push(self.call(M::POST, "/v1/datastores", Some(body)).await);
+        }
+        let vm_body = json!({
+            "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
+            "disks": [{"name": "data", "size_bytes": 33554432}],
+            "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
+        });
+        let created = self.call(M::POST, "/v1/vms", Some(vm_body)).await;
+        let vm = self.wait(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
+        (host, ds, vm)
+    }
     async fn login(base: &str) -> Api {
         let http = reqwest::Client::new();
         let v: Value = http
@@ -312,27 +334,7 @@ async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
     let _reaper = QemuReaper(data.path().to_path_buf());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
-    let host =
-        api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
-    let mut ds = Vec::new();
-    for n in ["prod", "dr"] {
-        ds.push(
-            api.call(
-                M::POST,
-                "/v1/datastores",
-                Some(json!({"host_id": host["id"], "name": n, "path": data.path().join(n)})),
-            )
-            .await,
-        );
-    }
-    let vm_body = json!({
-        "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
-        "disks": [{"name": "data", "size_bytes": 33554432}],
-        "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
-    });
-    let created = api.call(M::POST, "/v1/vms", Some(vm_body)).await;
-    let vm = api.wait(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
+    let (host, ds, vm) = api.vm_on_prod_and_dr(data.path(), &guest).await;
     let job = api
         .call(
             M::POST,
@@ -429,21 +431,7 @@ async fn sigkill_around_the_commit_of_a_plan_move_and_its_session_leaves_a_plan_
     let _reaper = QemuReaper(data.path().to_path_buf());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
-    let host =
-        api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
-    let mut ds = Vec::new();
-    for n in ["prod", "dr"] {
-        let body = json!({"host_id": host["id"], "name": n, "path": data.path().join(n)});
-        ds.push(api.call(M::POST, "/v1/datastores", Some(body)).await);
-    }
-    let vm_body = json!({
-        "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
-        "disks": [{"name": "data", "size_bytes": 33554432}],
-        "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
-    });
-    let created = api.call(M::POST, "/v1/vms", Some(vm_body)).await;
-    let vm = api.wait(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
+    let (host, ds, vm) = api.vm_on_prod_and_dr(data.path(), &guest).await;
     let job_body = json!({"name": "j", "vm_ids": [vm], "target_host_id": host["id"],
         "target_datastore_id": ds[1]["id"], "schedule": {"type": "Manual"}, "retention_points": 3});
     let job = api.call(M::POST, "/v1/replication-jobs", Some(job_body)).await["id"].as_str().unwrap().to_string();
