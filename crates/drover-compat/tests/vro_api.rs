@@ -659,3 +659,59 @@ async fn halt_continue_permanent_failover_and_tenants() {
     assert_eq!(vro.get(&t, &format!("/api/v3/Plans/{plan}")).await["state"], "PermanentFailover");
     vro.stop().await;
 }
+
+/// A plan halted by a failed step reads as halted with one error, its VM and group not
+/// `Running`; after a Continue that retries the step and succeeds, the plan, its group and its VM
+/// read as succeeded ("Complete, no errors"): the result is the steps' final outcomes, not the
+/// log's error and warning lines.
+#[tokio::test]
+async fn a_plan_that_succeeds_on_retry_reads_as_succeeded() {
+    let hv = std::sync::Arc::new(drover_hv::sim::SimulatedHypervisor::new());
+    let vro = Vro::on(common::Server::start(hv.clone(), common::fast_config()).await).await;
+    let site = site(&vro).await;
+    let plan = &site.plan;
+    let t = vro.token("admin", common::ADMIN_PASSWORD).await;
+    hv.fail_next("power_on");
+    vro.act(&t, plan, "Failover", json!({})).await;
+    let halted = vro.wait_state(&t, plan, "Halted").await;
+    assert_eq!(
+        (halted["resultName"].as_str(), halted["currentRunResult"].as_str()),
+        (Some("Halted, 1 error"), Some("Error")),
+        "{halted}"
+    );
+    let groups = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups")).await;
+    let group = &groups["data"][0];
+    assert_eq!((group["state"].as_str(), group["result"].as_str()), (Some("Complete"), Some("Error")), "{groups}");
+    let gid = group["id"].as_str().unwrap();
+    let vms = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups/{gid}")).await;
+    let vm = &vms["data"][0];
+    assert_eq!((vm["state"].as_str(), vm["result"].as_str()), (Some("Complete"), Some("Error")), "{vms}");
+    assert!(vm["failureMessage"].as_str().is_some_and(|m| m.contains("injected")), "{vms}");
+
+    vro.act(&t, plan, "Continue", json!({"executionContinueOptions": "RetryFailedStep"})).await;
+    let done = vro.wait_state(&t, plan, "Failover").await;
+    assert_eq!(
+        (done["resultName"].as_str(), done["currentRunResult"].as_str()),
+        (Some("Complete, no errors"), Some("Success")),
+        "{done}"
+    );
+    let groups = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups")).await;
+    assert_eq!(
+        (groups["data"][0]["state"].as_str(), groups["data"][0]["result"].as_str()),
+        (Some("Complete"), Some("Success")),
+        "{groups}"
+    );
+    let vms = vro.get(&t, &format!("/api/v3/RuntimeDetails/Plans/{plan}/Groups/{gid}")).await;
+    assert_eq!(
+        (vms["data"][0]["state"].as_str(), vms["data"][0]["result"].as_str(), &vms["data"][0]["failureMessage"]),
+        (Some("Complete"), Some("Success"), &Value::Null),
+        "{vms}"
+    );
+    // The log still tells the whole story.
+    let admin = vro.server.admin().await;
+    let sessions = vro.server.ok(&admin, Method::GET, &format!("/v1/sessions?target_id={plan}"), None).await;
+    let id = sessions["items"][0]["id"].as_str().unwrap();
+    let log = vro.server.ok(&admin, Method::GET, &format!("/v1/sessions/{id}/log"), None).await.to_string();
+    assert!(log.contains("failed") && log.contains("continuing: RetryFailedStep"), "{log}");
+    vro.stop().await;
+}

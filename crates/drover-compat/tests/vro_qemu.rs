@@ -119,3 +119,85 @@ async fn failback_to_production_with_qemu_to_the_original_vms_and_to_another_loc
     let _ = driver.power_off(replica_uuid).await;
     vro.stop().await;
 }
+
+/// Seed 000 in its most ordinary use: the plan fails over while production still runs (a drill,
+/// a partial outage), then FailbackToProduction to the Original VM Location. drover shuts the
+/// running production VM down itself (the guest answers the power button), sends back only the
+/// changed extents, production boots with what was written in the replica, the plan reaches
+/// FAILBACK with a clean result, and the commit works.
+#[tokio::test]
+async fn seed_000_while_production_still_runs() {
+    let (server, driver) = common::with_qemu().await;
+    let mut vro = Vro::on(server).await;
+    vro.patience = Duration::from_secs(240);
+    let server = &vro.server;
+    let admin = server.admin().await;
+    let (host, ds) = server.infrastructure(&admin).await;
+    let vm = replicated_for_real(server, &admin, (&host, &ds), "app", json!({})).await;
+    let plan = server
+        .ok(
+            &admin,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": "Drill", "groups": [{"name": "app", "vms": [{"vm_id": vm}]}]})),
+        )
+        .await;
+    let plan = plan["id"].as_str().unwrap().to_string();
+    let replica =
+        server.ok(&admin, Method::GET, "/v1/replicas", None).await["items"][0]["id"].as_str().unwrap().to_string();
+    let (vm_uuid, replica_uuid): (uuid::Uuid, uuid::Uuid) = (vm.parse().unwrap(), replica.parse().unwrap());
+    // Production runs, and writes after the last replicated point.
+    let (status, on) = server.call(Some(&admin), Method::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{on}");
+    let on = server.wait_session(&admin, on["session_id"].as_str().unwrap(), Duration::from_secs(120)).await;
+    assert_eq!(on["result"], "Success", "{on}");
+    driver.write_marker(vm_uuid, "written in production").await.unwrap();
+
+    // The drill: fail over with production still running.
+    let t = vro.token("LAB\\admin", common::ADMIN_PASSWORD).await;
+    vro.act(&t, &plan, "Failover", json!({})).await;
+    let d = vro.wait_state(&t, &plan, "Failover").await;
+    assert_eq!(d["currentRunResult"], "Success", "{d}");
+    assert_eq!(driver.status(vm_uuid).await.unwrap(), drover_hv::PowerState::Running, "production still runs");
+    driver.write_marker(replica_uuid, "written in the replica").await.unwrap();
+
+    // Seed 000 to the Original VM Location.
+    let body = json!({"restoreLocationId": NIL, "failbackRestoreVMTags": false});
+    vro.act(&t, &plan, "FailbackToProduction", body).await;
+    let d = vro.wait_state(&t, &plan, "Failback").await;
+    assert_eq!(
+        (d["resultName"].as_str(), d["currentRunResult"].as_str()),
+        (Some("Complete, no errors"), Some("Success")),
+        "{d}"
+    );
+    let hb = driver.wait_heartbeat(vm_uuid, Duration::from_secs(90)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written in the replica"), "production has the replica's writes");
+    let vm_now = server.ok(&admin, Method::GET, &format!("/v1/vms/{vm}"), None).await;
+    assert_eq!(vm_now["power_state"], "Running", "{vm_now}");
+
+    // The session says what drover did: production shut down, then only extents travelled.
+    let sessions = server.ok(&admin, Method::GET, &format!("/v1/sessions?target_id={plan}"), None).await;
+    let failback = &sessions["items"][0];
+    assert_eq!(failback["kind"], "PlanFailback", "{sessions}");
+    let id = failback["id"].as_str().unwrap();
+    let log = server.ok(&admin, Method::GET, &format!("/v1/sessions/{id}/log"), None).await;
+    let lines: Vec<&str> = log["items"].as_array().unwrap().iter().filter_map(|e| e["message"].as_str()).collect();
+    let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(has("production VM app is running: shutting it down"), "{lines:#?}");
+    assert!(has("production VM app shut down") || has("production VM app did not shut down"), "{lines:#?}");
+    let synced = lines.iter().find(|l| l.contains("synced to production by")).expect("a sync line");
+    assert!(synced.contains("by extents"), "only what changed travels: {synced}");
+    let sent: u64 = synced.rsplit("sent ").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+    let disk = 64 << 20;
+    assert!(sent > 0 && sent < disk / 2, "sent {sent} of a {disk}-byte disk: {synced}");
+    eprintln!("failback with production running: {synced}");
+
+    vro.act(&t, &plan, "CommitFailback", Value::Null).await;
+    let d = vro.wait_state(&t, &plan, "CommitFailback").await;
+    assert_eq!(d["resultName"], "Complete, no errors", "{d}");
+
+    for id in [vm_uuid, replica_uuid] {
+        let _ = driver.power_off(id).await;
+    }
+    vro.stop().await;
+}

@@ -9,7 +9,9 @@
 //! Only those extents move; when production has no bitmap that can be trusted, that disk is
 //! brought level by hash-compare instead, and the session says so.
 //!
-//! Two phases per VM (production must be powered off):
+//! Two phases per VM. A production VM that still runs when its data is about to move (a drill, a
+//! partial outage) is shut down first, and powered off when the guest has not stopped after the
+//! engine's shutdown timeout, as the product does; the log and the step's output say so:
 //! - `sync:<i>` while the replica runs: a fresh bitmap `fb-0` is enabled on the replica first, then
 //!   the union above is computed, then a point-in-time cut of the replica (`fb-0` → `fb-1`) is
 //!   copied into production. Writes during the sync are in `fb-0`/`fb-1`, so none is missed.
@@ -338,12 +340,10 @@ impl Step for SyncStep {
         let engine = &ctx.engine;
         let parts = parts(engine, self.p.tenant_id, self.vm).await?;
         let q = engine.hv().qemu().ok_or_else(|| Error::conflict("failback needs the QEMU driver"))?;
-        if matches!(engine.hv().status(parts.vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
-            return Err(Error::conflict(format!(
-                "production VM {} is running; power it off to fail back into it",
-                parts.vm.name
-            )));
-        }
+        // A production VM that still runs (a drill, a partial outage) is powered off, as the
+        // product does: its writes since the last point are in its bitmap, which a clean stop
+        // writes into its image, so they are part of the union below.
+        let powered_off = power_off_production(ctx, &parts.vm).await?;
         let work = work_dir(ctx, "fb", self.index);
         let mut out = Vec::new();
         for (i, (disk, production, overlay, _point)) in parts.disks.iter().enumerate() {
@@ -384,11 +384,44 @@ impl Step for SyncStep {
         let _ = tokio::fs::remove_dir_all(&work).await;
         let (event, only_if) = (ReplicaEvent::FailbackSynced, &[ReplicaState::Failover]);
         crate::ops::replica_event(engine, self.p.tenant_id, parts.replica.id, event, only_if).await?;
-        Ok(json!({ "disks": out }))
+        Ok(json!({ "disks": out, "production_powered_off": powered_off }))
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        // A production VM this step powered off stays off: its disks may now hold part of the
+        // replica's data, so only a finished failback may start it again.
         Ok(())
     }
+}
+
+/// Powers a running production VM off before data is copied into it: the guest is asked to
+/// shut down, and powered off when it has not after the engine's shutdown timeout. Says so in
+/// the session log (on the VM's task) and records the VM off. `None` when it was not running.
+async fn power_off_production(ctx: &StepCtx, vm: &Vm) -> Result<Option<drover_hv::ShutdownOutcome>> {
+    let engine = &ctx.engine;
+    if !matches!(engine.hv().status(vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
+        return Ok(None);
+    }
+    let timeout = engine.config().shutdown_timeout;
+    ctx.log(
+        LogLevel::Info,
+        format!(
+            "production VM {} is running: shutting it down to fail back into it (powered off after {} s)",
+            vm.name,
+            timeout.as_secs()
+        ),
+    )
+    .await;
+    let outcome = engine.hv().shutdown(vm.id.0, timeout).await.map_err(unavailable)?;
+    let (level, how) = match outcome {
+        drover_hv::ShutdownOutcome::ForcedOff => {
+            (LogLevel::Warning, format!("did not shut down within {} s; powered off", timeout.as_secs()))
+        }
+        drover_hv::ShutdownOutcome::Graceful => (LogLevel::Info, "shut down".to_string()),
+        drover_hv::ShutdownOutcome::AlreadyOff => (LogLevel::Info, "was already off".to_string()),
+    };
+    ctx.log(level, format!("production VM {} {how}", vm.name)).await;
+    crate::ops::set_vm_power(engine, vm.tenant_id, vm.id, VmPowerState::Off).await?;
+    Ok(Some(outcome))
 }
 
 struct Switch {
@@ -405,11 +438,19 @@ impl Step for Switch {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let engine = &ctx.engine;
         let parts = parts(engine, self.p.tenant_id, self.vm).await?;
-        // Production is powered on only after it compared equal to the replica, so a production
-        // that runs already means an earlier run of this step got that far (then drover died):
-        // only the records are left to write.
-        let already = matches!(engine.hv().status(parts.vm.id.0).await, Ok(drover_hv::PowerState::Running));
-        if already {
+        // Production is powered on only after it compared equal to the replica, and the replica
+        // is stopped before that, so a production that runs beside a stopped replica means an
+        // earlier run of this step got that far (then drover died): only the records are left to
+        // write. A production that runs beside a running replica was started by somebody after
+        // the sync: it is powered off, and what it wrote since travels back too.
+        let running =
+            |id: uuid::Uuid| async move { matches!(engine.hv().status(id).await, Ok(drover_hv::PowerState::Running)) };
+        let (production_runs, replica_runs) = (running(parts.vm.id.0).await, running(parts.replica.id.0).await);
+        let restarted = production_runs && replica_runs;
+        if restarted {
+            power_off_production(ctx, &parts.vm).await?;
+        }
+        if production_runs && !restarted {
             ctx.log(LogLevel::Info, format!("production VM {} already runs: the switchover was done", parts.vm.name))
                 .await;
             mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
@@ -426,8 +467,13 @@ impl Step for Switch {
             // 2. The last delta: what the replica wrote since the sync's cut.
             let states = tracking::bitmap_state_offline(overlay).await.map_err(unavailable)?;
             let fb1 = states.iter().find(|b| b.name == "drover-fb1" && !b.inconsistent);
-            let (read, sent, mode) = match fb1 {
-                Some(b) => {
+            // What production wrote since the sync, when somebody ran it in between.
+            let production_wrote = match restarted {
+                true => production_changes(&work, production, size).await?,
+                false => Some(ExtentSet::new()),
+            };
+            let (read, sent, mode) = match (fb1, production_wrote) {
+                (Some(b), Some(production_wrote)) => {
                     let (daemon, ep) =
                         export(&work.join("replica"), overlay, false, std::slice::from_ref(&b.name)).await?;
                     let context = tracking::dirty_bitmap_context(&b.name);
@@ -440,14 +486,17 @@ impl Step for Switch {
                     .await
                     .map_err(unavailable);
                     let r = match dirty {
-                        Ok(set) => copy_into_production(&work, &ep, &[], production, Some(&set), size).await,
+                        Ok(set) => {
+                            let set = set.union(&production_wrote);
+                            copy_into_production(&work, &ep, &[], production, Some(&set), size).await
+                        }
                         Err(e) => Err(e),
                     };
                     let _ = daemon.shutdown().await;
                     let (read, sent) = r?;
                     (read, sent, "extents")
                 }
-                None => {
+                _ => {
                     let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
                     let r = copy_into_production(&work, &ep, &[], production, None, size).await;
                     let _ = daemon.shutdown().await;

@@ -153,13 +153,16 @@ async fn facts(st: &VroState, c: &Caller, p: &d::Plan, scope: &(Uuid, String)) -
     let (sessions, _) = st.app.session_list(c, &filter).await?;
     let first = |f: &dyn Fn(SessionKind) -> bool| sessions.iter().find(|s| f(s.kind)).cloned();
     let current = first(&|k| k != SessionKind::PlanTestFailover);
+    // The result is the steps' final outcomes, not the log: a step that failed and then
+    // succeeded on Continue is no error; a step that still stands failed is one, and a skipped
+    // step (a non-critical failure, or a Continue that proceeded past it) is a warning.
     let (mut warnings, mut errors) = (0, 0);
     if let Some(s) = &current {
-        for e in st.app.session_log(c, s.id, 0, 10_000).await? {
-            match e.level {
-                d::LogLevel::Warning => warnings += 1,
-                d::LogLevel::Error => errors += 1,
-                d::LogLevel::Info => {}
+        for step in st.app.session_steps(c, s.id).await? {
+            match step.state {
+                d::StepState::Failed => errors += 1,
+                d::StepState::Skipped => warnings += 1,
+                _ => {}
             }
         }
     }
@@ -539,22 +542,28 @@ pub async fn runtime_plan(
     Ok(Json(PlanRuntimeDetails::new(&p, &f, c.role)))
 }
 
-/// The VM tasks of the plan's current session (its newest that is not a test failover).
-async fn current_tasks(st: &VroState, c: &Caller, p: &d::Plan) -> VroResult<Vec<d::Task>> {
+/// The VM tasks of the plan's current session (its newest that is not a test failover), and
+/// whether that session is halted.
+async fn current_tasks(st: &VroState, c: &Caller, p: &d::Plan) -> VroResult<(bool, Vec<d::Task>)> {
     let filter = SessionFilter { target_id: Some(p.id.0), limit: 50, ..Default::default() };
     let (sessions, _) = st.app.session_list(c, &filter).await?;
     Ok(match sessions.iter().find(|s| s.kind != SessionKind::PlanTestFailover) {
-        Some(s) => st.app.session_get(c, s.id).await?.1,
-        None => Vec::new(),
+        Some(s) => (s.halted, st.app.session_get(c, s.id).await?.1),
+        None => (false, Vec::new()),
     })
 }
 
 /// The runtime views of a group's VMs, from their `tasks` in the plan's current session.
-async fn runtime_vms(st: &VroState, c: &Caller, g: &d::PlanGroup, tasks: &[d::Task]) -> VroResult<Vec<RuntimeVm>> {
+async fn runtime_vms(
+    st: &VroState,
+    c: &Caller,
+    g: &d::PlanGroup,
+    (halted, tasks): &(bool, Vec<d::Task>),
+) -> VroResult<Vec<RuntimeVm>> {
     let mut out = Vec::new();
     for v in &g.vms {
         let task = tasks.iter().find(|t| t.vm_id == Some(v.vm_id));
-        out.push(runtime_vm(g.id.0, v.vm_id.0, vm_name(st, c, v.vm_id).await, task));
+        out.push(runtime_vm(g.id.0, v.vm_id.0, vm_name(st, c, v.vm_id).await, task, *halted));
     }
     Ok(out)
 }
@@ -572,7 +581,7 @@ pub async fn runtime_groups(
     let tasks = current_tasks(&st, &c, &p).await?;
     let mut out = Vec::new();
     for (i, g) in p.groups.iter().enumerate() {
-        out.push(runtime_group(g, i, &runtime_vms(&st, &c, g, &tasks).await?));
+        out.push(runtime_group(g, i, &runtime_vms(&st, &c, g, &tasks).await?, tasks.0));
     }
     Ok(Json(q.apply(out)?))
 }

@@ -58,12 +58,12 @@ pub enum ExecutionResult {
 }
 
 impl ExecutionResult {
-    /// `log_errors`: the error lines in the session's log. A session halted by a failure (one
-    /// logged) is an error; one halted on request has simply not finished.
-    pub fn of(session: Option<&Session>, log_errors: u64) -> ExecutionResult {
+    /// `errors`: the session's steps that stand failed. A session halted by a failure is an
+    /// error; one halted on request has simply not finished.
+    pub fn of(session: Option<&Session>, errors: u64) -> ExecutionResult {
         match session {
             None => ExecutionResult::Undefined,
-            Some(s) if s.halted && (log_errors > 0 || s.failure_message.is_some()) => ExecutionResult::Error,
+            Some(s) if s.halted && (errors > 0 || s.failure_message.is_some()) => ExecutionResult::Error,
             Some(s) if s.halted => ExecutionResult::Undefined,
             Some(s) if s.state != SessionState::Stopped => ExecutionResult::Undefined,
             Some(s) => match s.result {
@@ -83,7 +83,7 @@ pub struct PlanFacts {
     pub site_scope_name: String,
     /// The newest session that moves the plan's state (everything but test failovers).
     pub current: Option<Session>,
-    /// Warning and error lines in the current session's log.
+    /// The current session's steps that were skipped (warnings) and that stand failed (errors).
     pub warnings: u64,
     pub errors: u64,
     pub last_run: Option<Session>,
@@ -94,7 +94,7 @@ pub struct PlanFacts {
 }
 
 impl PlanFacts {
-    /// The error lines of a session's log: counted for the current session; for an older one,
+    /// The failed steps of a session: counted for the current session; for an older one,
     /// assumed (only the current session can be halted).
     fn errors_of(&self, s: Option<&Session>) -> u64 {
         match (s, &self.current) {
@@ -522,8 +522,10 @@ pub struct RuntimeGroup {
     pub progress: u8,
 }
 
-/// The runtime view of one VM from its task in the current session (none: not run yet).
-pub fn runtime_vm(group: Uuid, vm: Uuid, name: String, task: Option<&d::Task>) -> RuntimeVm {
+/// The runtime view of one VM from its task in the current session (none: not run yet). In a
+/// halted session nothing runs: a VM whose step failed reads `Complete` with its error, one that
+/// has not finished `Pending` (a Continue runs it on).
+pub fn runtime_vm(group: Uuid, vm: Uuid, name: String, task: Option<&d::Task>, halted: bool) -> RuntimeVm {
     let Some(t) = task else {
         return RuntimeVm {
             id: vm,
@@ -540,9 +542,11 @@ pub fn runtime_vm(group: Uuid, vm: Uuid, name: String, task: Option<&d::Task>) -
         group_id: group,
         name,
         state: match t.state {
+            SessionState::Stopped => "Complete",
+            _ if halted && t.result == SessionResult::Failed => "Complete",
+            _ if halted => "Pending",
             SessionState::Starting => "Pending",
             SessionState::Working | SessionState::Stopping => "Running",
-            SessionState::Stopped => "Complete",
         },
         result: match t.result {
             SessionResult::None => ExecutionResult::Undefined,
@@ -555,15 +559,16 @@ pub fn runtime_vm(group: Uuid, vm: Uuid, name: String, task: Option<&d::Task>) -
     }
 }
 
-/// A group's runtime view from those of its VMs: the worst result, the least advanced state.
-pub fn runtime_group(g: &d::PlanGroup, order: usize, vms: &[RuntimeVm]) -> RuntimeGroup {
+/// A group's runtime view from those of its VMs: the worst result, the least advanced state
+/// (in a halted session, where nothing runs, `Pending` while a VM has not finished).
+pub fn runtime_group(g: &d::PlanGroup, order: usize, vms: &[RuntimeVm], halted: bool) -> RuntimeGroup {
     let rank = |s: &str| match s {
         "Pending" => 0,
         "Running" => 1,
         _ => 2,
     };
     let state = if vms.iter().any(|v| v.state == "Running")
-        || (vms.iter().any(|v| v.state == "Complete") && vms.iter().any(|v| v.state == "Pending"))
+        || (!halted && vms.iter().any(|v| v.state == "Complete") && vms.iter().any(|v| v.state == "Pending"))
     {
         "Running"
     } else {
