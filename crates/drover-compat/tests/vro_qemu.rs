@@ -196,6 +196,26 @@ async fn seed_000_while_production_still_runs() {
     let d = vro.wait_state(&t, &plan, "CommitFailback").await;
     assert_eq!(d["resultName"], "Complete, no errors", "{d}");
 
+    // Second round, in two phases, and somebody starts production between them: the
+    // switchover powers it off again, and what it wrote after the sync travels back too.
+    vro.act(&t, &plan, "Failover", json!({})).await;
+    vro.wait_state(&t, &plan, "Failover").await;
+    driver.write_marker(replica_uuid, "second round").await.unwrap();
+    vro.act(&t, &plan, "PrepareToFailback", Value::Null).await;
+    vro.wait_state(&t, &plan, "PrepareForFailback").await;
+    assert_ne!(driver.status(vm_uuid).await.unwrap(), drover_hv::PowerState::Running, "the sync stopped it");
+    let (status, on) = server.call(Some(&admin), Method::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{on}");
+    server.wait_session(&admin, on["session_id"].as_str().unwrap(), Duration::from_secs(120)).await;
+    driver.write_marker(vm_uuid, "written in production after the sync").await.unwrap();
+    vro.act(&t, &plan, "SwitchoverToProduction", Value::Null).await;
+    let d = vro.wait_state(&t, &plan, "Failback").await;
+    assert_eq!(d["resultName"], "Complete, no errors", "{d}");
+    let hb = driver.wait_heartbeat(vm_uuid, Duration::from_secs(90)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("second round"), "production equals the replica again");
+    vro.act(&t, &plan, "CommitFailback", Value::Null).await;
+    vro.wait_state(&t, &plan, "CommitFailback").await;
+
     for id in [vm_uuid, replica_uuid] {
         let _ = driver.power_off(id).await;
     }
