@@ -436,9 +436,12 @@ pub enum PlanCommand {
     TestFailover(FailoverArgs),
     /// Makes the failover permanent.
     PermanentFailover(PlanActionArgs),
-    /// Prepares the failback.
+    /// Prepares the failback: syncs the original VMs while the replicas keep running (an original
+    /// VM that still runs is shut down first).
     PrepareFailback(PlanActionArgs),
     /// Fails back to production (the original VMs, or new VMs at another recovery location).
+    /// An original VM that still runs is shut down first (powered off after the shutdown
+    /// timeout); only what changed travels back.
     Failback(FailbackArgs),
     /// Switches over to production.
     Switchover(PlanActionArgs),
