@@ -96,7 +96,13 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     let plan_href = attr(&plans, "Ref", None, "Href").unwrap();
     assert!(plan_href.ends_with(&format!("/api/cloud/cloudFailoverPlans/{plan_id}")), "{plan_href}");
     let entity = em.ok(&format!("{plan_href}?format=Entity"), &token).await;
-    assert_eq!(count(&entity, "CloudFailoverPlanVm"), 2);
+    assert_eq!(count(&entity, "CloudFailoveredVm"), 2);
+    // Each VM of the plan is a resource of its own under the plan's includes.
+    let vm_href = attr(&entity, "CloudFailoveredVm", None, "Href").unwrap();
+    assert!(vm_href.ends_with(&format!("/api/cloud/cloudFailoverPlans/{plan_id}/includes/{web}")), "{vm_href}");
+    let vm = em.ok(&vm_href, &token).await;
+    assert_eq!((text(&vm, "Name").as_deref(), text(&vm, "Order").as_deref()), (Some("web"), Some("0")), "{vm}");
+    assert_eq!(count(&em.ok(&format!("{plan_href}/includes"), &token).await, "CloudFailoveredVm"), 2);
     assert_eq!(text(&entity, "Description").as_deref(), Some("web tier"));
     assert_eq!(text(&entity, "TenantName").as_deref(), Some("default"));
     emitted.extend(hrefs(&plans));
@@ -127,13 +133,15 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     assert_eq!(text(&done, "JobType").as_deref(), Some("FailoverPlan"));
     assert_eq!(text(&done, "Progress").as_deref(), Some("100"));
     assert!(text(&done, "EndTimeUTC").is_some_and(|t| t.len() == 20 && t.ends_with('Z')), "{done}");
-    assert_eq!(count(&done, "CloudFailoverTask"), 2);
+    let booted = vm_tasks(&done);
+    assert_eq!(booted.len(), 2, "{done}");
     // Each VM links to the restore point it booted from (walked below with the rest).
-    assert_eq!(count(&done, "VmReplicaPointLink"), 2, "{done}");
+    assert!(booted.iter().all(|t| t.point_type == "VmReplicaPointReference"), "{done}");
     let point = em.ok(&attr(&done, "VmReplicaPointLink", None, "Href").unwrap(), &token).await;
     assert_eq!(attr(&point, "EntityRef", None, "Type").as_deref(), Some("VmReplicaPointReference"));
-    let vm_names: Vec<_> = ["web", "db"].iter().filter(|n| done.contains(&format!("VmName=\"{n}\""))).collect();
-    assert_eq!(vm_names.len(), 2, "{done}");
+    let mut vm_names: Vec<_> = booted.iter().map(|t| t.vm_name.as_str()).collect();
+    vm_names.sort();
+    assert_eq!(vm_names, ["db", "web"], "{done}");
     emitted.extend(hrefs(&done));
     let session_id = session_href.rsplit('/').next().unwrap().trim_end_matches("?format=Entity").to_string();
 
@@ -174,7 +182,8 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     let undo_session = attr(&undo.body, "Link", Some("Related"), "Href").unwrap();
     let undone = until_stopped(&em, &undo_session, &token).await;
     assert_eq!(text(&undone, "Result").as_deref(), Some("Success"), "{undone}");
-    assert_eq!(count(&undone, "VmReplicaPointLink"), 0, "an undo boots nothing: {undone}");
+    // An undo boots nothing: its VMs link to the points the failover it undoes booted from.
+    assert_eq!(vm_tasks(&undone), booted, "{undone}");
     emitted.extend(hrefs(&undo.body));
     let tasks = em.ok("/api/tasks", &token).await;
     assert_eq!(count(&tasks, "Task"), 2);
@@ -542,7 +551,9 @@ async fn a_test_failover_in_json() {
     let done = until_stopped(&em, related["Href"].as_str().unwrap(), &token).await;
     assert_eq!(text(&done, "Result").as_deref(), Some("Success"), "{done}");
     assert_eq!(text(&done, "JobType").as_deref(), Some("FailoverPlan"));
-    assert_eq!(count(&done, "VmReplicaPointLink"), 1, "{done}");
+    let vms = vm_tasks(&done);
+    assert_eq!(vms.len(), 1, "{done}");
+    assert_eq!(vms[0].point_type, "VmReplicaPointReference", "{done}");
     // A test leaves the plan as it was.
     let p = server.ok(&t, Method::GET, &format!("/v1/plans/{plan_id}"), None).await;
     assert_eq!(p["state"], "NeedsVerified", "{p}");

@@ -176,6 +176,43 @@ pub fn attr(xml: &str, element: &str, rel: Option<&str>, name: &str) -> Option<S
     }
 }
 
+/// One VM of a session entity (an item of `CloudFailoverTasks`, itself named
+/// `CloudFailoverTasks`): its `VmName` and the `Type` and `Href` of its `VmReplicaPointLink`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTask {
+    pub vm_name: String,
+    pub point_type: String,
+    pub point_href: String,
+}
+
+/// The VMs of a session entity, in order.
+pub fn vm_tasks(xml: &str) -> Vec<VmTask> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut out: Vec<VmTask> = Vec::new();
+    let value = |e: &quick_xml::events::BytesStart, key: &str| {
+        e.attributes()
+            .map(|a| a.unwrap())
+            .find(|a| a.key.as_ref() == key.as_bytes())
+            .map(|a| a.unescape_value().unwrap().into_owned())
+    };
+    loop {
+        match reader.read_event().unwrap() {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"CloudFailoverTasks" => {
+                if let Some(vm_name) = value(&e, "VmName") {
+                    out.push(VmTask { vm_name, point_type: String::new(), point_href: String::new() });
+                }
+            }
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"VmReplicaPointLink" => {
+                let last = out.last_mut().expect("a VmReplicaPointLink outside a VM's CloudFailoverTasks");
+                last.point_type = value(&e, "Type").unwrap_or_default();
+                last.point_href = value(&e, "Href").unwrap_or_default();
+            }
+            Event::Eof => return out,
+            _ => {}
+        }
+    }
+}
+
 pub fn count(xml: &str, element: &str) -> usize {
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut n = 0;
