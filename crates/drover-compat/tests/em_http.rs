@@ -13,7 +13,7 @@ use drover_types::*;
 use em_common::*;
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[tokio::test]
 async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
@@ -638,6 +638,61 @@ async fn paths_match_in_any_case_and_hrefs_follow_the_authority_over_http2() {
     for href in &hrefs {
         assert!(href.starts_with(&format!("{}/api/", em.base)), "{href} does not name {}", em.base);
     }
+    em.listener.stop().await;
+    server.stop().await;
+}
+
+/// Behind a proxy: with an external base URL configured, every `Href` starts with it (path
+/// included), whatever the request's `Host` says, on both listeners; and a path that the proxy
+/// maps back resolves on the dialect.
+#[tokio::test]
+async fn a_configured_external_url_is_the_base_of_every_href() {
+    let server = Server::simulated().await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let web = replicated_vm(&server, &t, &host, &ds, "web").await;
+    plan(&server, &t, "p", &[&web]).await;
+    let external = "https://dr.example.com:4443/veeam";
+    let config = EmConfig { external_base_url: Some(format!("{external}/").parse().unwrap()), ..EmConfig::default() };
+    let state = drover_compat::em::EmState::new(server.app.clone(), config);
+    let listener =
+        drover_api::listen(state.router_for_scheme("http"), "127.0.0.1:0".parse().unwrap(), drover_api::Tls::Plain)
+            .await
+            .unwrap();
+    let em = Em { base: listener.url(), http: reqwest::Client::new(), listener };
+    let token = em.logon().await;
+    let mut links = Vec::new();
+    for path in [
+        "/api/",
+        "/api/sessionMngr/",
+        "/api/cloud/cloudFailoverPlans?format=Entity",
+        "/api/failoverPlans?format=Entity",
+        "/api/backupServers?format=Entity",
+        "/api/query?type=CloudFailoverPlan&format=Entities",
+    ] {
+        let a = em
+            .http
+            .get(em.url(path))
+            .header("Host", "internal.invalid:9398")
+            .header("X-RestSvcSessionId", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), StatusCode::OK, "{path}");
+        links.extend(hrefs(&a.text().await.unwrap()));
+    }
+    assert!(links.len() > 20, "{links:?}");
+    for link in &links {
+        let rest = link.strip_prefix(&format!("{external}/api/")).unwrap_or_else(|| panic!("{link}"));
+        // What the proxy forwards: the path after the external base, on the dialect's listener.
+        if !rest.contains("action=") {
+            let a = em.get(&format!("/api/{rest}"), &token).await;
+            assert_eq!(a.status, StatusCode::OK, "{link}: {}", a.body);
+        }
+    }
+    // The root names itself with the external URL too.
+    let root = em.send(Method::GET, "/api/", Token::None, false, None).await;
+    assert_eq!(attr(&root.body, "EnterpriseManager", None, "Href").as_deref(), Some(&*format!("{external}/api/")));
     em.listener.stop().await;
     server.stop().await;
 }
