@@ -1,8 +1,10 @@
 //! The EM representations, built from drover's domain values (wire shapes apart from domain types).
 //!
-//! Element and attribute order follows the documented examples (clients validate against the
-//! XSD): an entity reference is `Type, Href, Name, UID` then `Links`; a link is `Rel, Type, Href,
-//! Name`. Every `Href` is absolute, from the request's host, and resolves with GET.
+//! Element and attribute order follows the documented examples, and every document validates
+//! against Veeam's `RestAPI.xsd` (`tests/em_schema.rs`) but for the schema's two known gaps (see
+//! `tests/golden/em/README.md`): an entity reference is `Type, Href, Name, UID` then `Links`; a
+//! link is `Rel, Type, Href, Name`. Every `Href` is absolute, from the request's authority or the
+//! configured external URL (`EmConfig::external_base_url`), and resolves with GET.
 
 use drover_types::{
     Plan, PlanId, Replica, RestorePoint, RestorePointId, Session, SessionResult, SessionState, Task, TaskId, Timestamp,
