@@ -33,9 +33,14 @@ pub struct EmConfig {
     pub idle_timeout: Duration,
     /// The scheme of the `Href`s: `https` unless the listener is the legacy plain-HTTP one.
     pub scheme: &'static str,
-    /// The control plane as the "backup server": a stable id and a name.
+    /// The control plane as the "backup server": a stable id, a name, and the port of its
+    /// native API.
     pub backup_server_id: Uuid,
     pub backup_server_name: String,
+    pub backup_server_port: u16,
+    /// Where clients reach the dialect when it is behind a proxy: every `Href` starts with it
+    /// instead of the request's scheme and authority.
+    pub external_base_url: Option<ExternalBaseUrl>,
 }
 
 impl Default for EmConfig {
@@ -45,7 +50,65 @@ impl Default for EmConfig {
             scheme: "https",
             backup_server_id: default_backup_server_id(),
             backup_server_name: "drover".into(),
+            backup_server_port: 8443,
+            external_base_url: None,
         }
+    }
+}
+
+/// The dialect's address as its clients see it behind a proxy (`https://dr.example.com` or
+/// `https://proxy.example.com/em`): an absolute `http` or `https` URL with a host, without
+/// query, fragment or user information. Kept without its trailing slash; `Href`s append
+/// `/api/...` to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalBaseUrl(String);
+
+impl ExternalBaseUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ExternalBaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ExternalBaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            Err(format!(
+                "the Enterprise Manager external URL {s:?} {why}: give an absolute http or https URL such as \
+                 https://dr.example.com or https://proxy.example.com/em"
+            ))
+        };
+        if s.contains('#') {
+            return bad("has a fragment");
+        }
+        let uri: axum::http::Uri = match s.parse() {
+            Ok(u) => u,
+            Err(e) => return bad(&format!("is not a URL ({e})")),
+        };
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            Some(other) => return bad(&format!("has the scheme {other:?}")),
+            None => return bad("is not absolute"),
+        }
+        let Some(authority) = uri.authority() else { return bad("has no host") };
+        if authority.host().is_empty() {
+            return bad("has no host");
+        }
+        if authority.as_str().contains('@') {
+            return bad("has user information");
+        }
+        if uri.query().is_some() {
+            return bad("has a query");
+        }
+        let path = uri.path().trim_end_matches('/');
+        Ok(ExternalBaseUrl(format!("{}://{}{path}", uri.scheme_str().unwrap_or("https"), authority)))
     }
 }
 
@@ -101,6 +164,7 @@ const PATH_SEGMENTS: &[&str] = &[
     "failoverPlans",
     "tasks",
     "query",
+    "includes",
 ];
 
 /// `path` with each segment that is one of [`PATH_SEGMENTS`] in any case spelled as the product
@@ -162,7 +226,11 @@ fn dialect_routes(state: EmState) -> Router {
             "/api/cloud/cloudFailoverPlans/{id}",
             get(h::cloud_plan_get).post(h::cloud_plan_action).put(h::cloud_plan_put).delete(h::cloud_plan_delete),
         )
+        .route("/api/cloud/cloudFailoverPlans/{id}/includes", get(h::cloud_plan_vms))
+        .route("/api/cloud/cloudFailoverPlans/{id}/includes/{vm}", get(h::cloud_plan_vm))
         .route("/api/failoverPlans", get(h::plans_list))
+        .route("/api/failoverPlans/{id}/includes", get(h::plan_vms))
+        .route("/api/failoverPlans/{id}/includes/{vm}", get(h::plan_vm))
         .route("/api/failoverPlans/{id}", get(h::plan_get).post(h::plan_action).put(h::plan_put).delete(h::plan_delete))
         .route("/api/tasks", get(h::tasks_list))
         .route("/api/tasks/{id}", get(h::task_get).delete(h::task_delete))
@@ -186,5 +254,28 @@ mod tests {
         assert_eq!(canonical_path("/api/SessionMngr/"), "/api/sessionMngr/");
         assert!(matches!(canonical_path("/api/tasks/Tasks-1"), std::borrow::Cow::Borrowed(_)));
         assert!(matches!(canonical_path("/api/query"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(canonical_path("/api/failoverPlans/x/Includes/y"), "/api/failoverPlans/x/includes/y");
+    }
+
+    #[test]
+    fn the_external_url_is_an_absolute_http_url_without_query_or_fragment() {
+        use super::ExternalBaseUrl;
+        let ok = |s: &str| s.parse::<ExternalBaseUrl>().unwrap().to_string();
+        assert_eq!(ok("https://dr.example.com"), "https://dr.example.com");
+        assert_eq!(ok("https://dr.example.com/"), "https://dr.example.com");
+        assert_eq!(ok("http://10.0.0.5:9399/em/"), "http://10.0.0.5:9399/em");
+        for (bad, why) in [
+            ("dr.example.com", "is not absolute"),
+            ("/em", "is not absolute"),
+            ("ftp://dr.example.com", "scheme"),
+            ("https://dr.example.com/?a=b", "has a query"),
+            ("https://dr.example.com/#top", "has a fragment"),
+            ("https://user:pw@dr.example.com", "user information"),
+            ("https://", "not a URL"),
+            ("", "not a URL"),
+        ] {
+            let e = bad.parse::<ExternalBaseUrl>().unwrap_err();
+            assert!(e.contains(why) && e.contains("external URL"), "{bad}: {e}");
+        }
     }
 }

@@ -55,6 +55,7 @@ fn seed_ctx() -> Ctx {
         server: BackupServer {
             id: "8fff3b8e-c3f1-4ef5-aecc-561f07bf9982".parse().unwrap(),
             name: "172.17.53.48".into(),
+            port: 9392,
         },
     }
 }
@@ -123,7 +124,7 @@ fn running_session() -> Session {
 fn ctx() -> Ctx {
     Ctx {
         base: "https://drover.example:9398".into(),
-        server: BackupServer { id: drover_compat::em::default_backup_server_id(), name: "drover".into() },
+        server: BackupServer { id: drover_compat::em::default_backup_server_id(), name: "drover".into(), port: 8443 },
     }
 }
 
@@ -206,6 +207,11 @@ fn plans_as_cloud_failover_plans_and_as_failover_plans() {
     golden_both("cloud_failover_plan_ref", &views::plan(&ctx(), &v, PlanKind::Cloud, Shape::EntityRef));
     golden_both("failover_plan", &views::plan(&ctx(), &v, PlanKind::Plain, Shape::Entity));
     golden_both("failover_plan_ref", &views::plan(&ctx(), &v, PlanKind::Plain, Shape::EntityRef));
+    golden_both("cloud_failover_plan_vms", &views::plan_vms(&ctx(), &v, PlanKind::Cloud));
+    golden_both("failover_plan_vms", &views::plan_vms(&ctx(), &v, PlanKind::Plain));
+    let (vm, name) = &v.vms[1];
+    golden_both("cloud_failover_plan_vm", &views::plan_vm(&ctx(), v.plan.id, PlanKind::Cloud, 1, *vm, name));
+    golden_both("failover_plan_vm", &views::plan_vm(&ctx(), v.plan.id, PlanKind::Plain, 1, *vm, name));
 }
 
 #[test]
@@ -262,8 +268,14 @@ fn replica_points() {
         disks: vec![],
         verified: true,
     };
-    golden_both("vm_replica_point", &views::vm_replica_point(&ctx(), &replica, &point, Shape::Entity));
-    golden_both("vm_replica_point_ref", &views::vm_replica_point(&ctx(), &replica, &point, Shape::EntityRef));
+    golden_both("vm_replica_point", &views::vm_replica_point(&ctx(), &replica, &point, false, Shape::Entity));
+    golden_both("vm_replica_point_ref", &views::vm_replica_point(&ctx(), &replica, &point, false, Shape::EntityRef));
+    // The oldest point holds the whole disk.
+    let oldest = views::vm_replica_point(&ctx(), &replica, &point, true, Shape::Entity).to_xml();
+    assert!(
+        oldest.contains("<Algorithm>Full</Algorithm>") && oldest.contains("<PointType>Full</PointType>"),
+        "{oldest}"
+    );
 }
 
 #[test]
@@ -290,9 +302,14 @@ fn query_results_with_paging() {
         assert!(xml.contains(&format!("Rel=\"{rel}\"")), "{rel}: {xml}");
     }
     let refs = vec![views::cloud_failover_session(&ctx(), &s, &[], &[], Shape::Ref)];
-    golden_both("query_result", &views::query_result(Shape::Ref, "CloudFailoverSessions", refs, Some(paging)));
+    golden_both("query_result", &views::query_result(Shape::Ref, "CloudFailoverSessions", refs, paging));
+    // Without pageSize, one page holds everything.
     let entities = vec![views::cloud_failover_session(&ctx(), &s, &tasks_of(&s), &[], Shape::Entity)];
-    golden_both("query_result_entities", &views::query_result(Shape::Entity, "CloudFailoverSessions", entities, None));
+    let one_page = views::paging_info(&ctx(), 1, 1, 1, |_| "/query?type=CloudFailoverSession&format=Entities".into());
+    golden_both(
+        "query_result_entities",
+        &views::query_result(Shape::Entity, "CloudFailoverSessions", entities, one_page),
+    );
     // The first page has no Previous link, the last no Next.
     let first = views::paging_info(&ctx(), 1, 1, 3, path).to_xml();
     let last = views::paging_info(&ctx(), 3, 1, 3, path).to_xml();

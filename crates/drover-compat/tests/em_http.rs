@@ -13,60 +13,7 @@ use drover_types::*;
 use em_common::*;
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
-
-/// A VM with a ready replica and one published point (the simulated hypervisor cannot
-/// replicate): a real qcow2 file, so failover's boot overlay works. Returns the VM id.
-async fn replicated_vm(server: &Server, t: &str, host: &str, ds: &str, name: &str) -> String {
-    let vm = server.vm(t, host, ds, name, json!({})).await;
-    let dr_path = server.dir.path().join(format!("dr-{name}"));
-    let dr = server
-        .ok(
-            t,
-            Method::POST,
-            "/v1/datastores",
-            Some(json!({"host_id": host, "name": format!("dr-{name}"), "path": dr_path})),
-        )
-        .await;
-    let job = server
-        .ok(
-            t,
-            Method::POST,
-            "/v1/replication-jobs",
-            Some(json!({"name": format!("{name}-job"), "vm_ids": [vm], "target_host_id": host,
-                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 2})),
-        )
-        .await;
-    let store = server.app.engine().store();
-    let tenant = store.user_by_name("admin").await.unwrap().unwrap().0.tenant_id;
-    drover_engine::testing::replica_with_point(
-        store,
-        tenant,
-        job["id"].as_str().unwrap().parse().unwrap(),
-        (vm.parse().unwrap(), name),
-        dr["id"].as_str().unwrap().parse().unwrap(),
-        &dr_path,
-    )
-    .await;
-    vm
-}
-
-/// A plan of these VMs whose steps only power them on; returns its id.
-async fn plan(server: &Server, t: &str, name: &str, vms: &[&str]) -> String {
-    let vms: Vec<Value> = vms
-        .iter()
-        .map(|v| json!({"vm_id": v, "steps": [{"name": "on", "kind": {"type": "PowerOn"}, "critical": true}]}))
-        .collect();
-    let p = server
-        .ok(
-            t,
-            Method::POST,
-            "/v1/plans",
-            Some(json!({"name": name, "description": "web tier", "groups": [{"name": "g", "vms": vms}]})),
-        )
-        .await;
-    p["id"].as_str().unwrap().to_string()
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
@@ -96,7 +43,13 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     let plan_href = attr(&plans, "Ref", None, "Href").unwrap();
     assert!(plan_href.ends_with(&format!("/api/cloud/cloudFailoverPlans/{plan_id}")), "{plan_href}");
     let entity = em.ok(&format!("{plan_href}?format=Entity"), &token).await;
-    assert_eq!(count(&entity, "CloudFailoverPlanVm"), 2);
+    assert_eq!(count(&entity, "CloudFailoveredVm"), 2);
+    // Each VM of the plan is a resource of its own under the plan's includes.
+    let vm_href = attr(&entity, "CloudFailoveredVm", None, "Href").unwrap();
+    assert!(vm_href.ends_with(&format!("/api/cloud/cloudFailoverPlans/{plan_id}/includes/{web}")), "{vm_href}");
+    let vm = em.ok(&vm_href, &token).await;
+    assert_eq!((text(&vm, "Name").as_deref(), text(&vm, "Order").as_deref()), (Some("web"), Some("0")), "{vm}");
+    assert_eq!(count(&em.ok(&format!("{plan_href}/includes"), &token).await, "CloudFailoveredVm"), 2);
     assert_eq!(text(&entity, "Description").as_deref(), Some("web tier"));
     assert_eq!(text(&entity, "TenantName").as_deref(), Some("default"));
     emitted.extend(hrefs(&plans));
@@ -127,13 +80,15 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     assert_eq!(text(&done, "JobType").as_deref(), Some("FailoverPlan"));
     assert_eq!(text(&done, "Progress").as_deref(), Some("100"));
     assert!(text(&done, "EndTimeUTC").is_some_and(|t| t.len() == 20 && t.ends_with('Z')), "{done}");
-    assert_eq!(count(&done, "CloudFailoverTask"), 2);
+    let booted = vm_tasks(&done);
+    assert_eq!(booted.len(), 2, "{done}");
     // Each VM links to the restore point it booted from (walked below with the rest).
-    assert_eq!(count(&done, "VmReplicaPointLink"), 2, "{done}");
+    assert!(booted.iter().all(|t| t.point_type == "VmReplicaPointReference"), "{done}");
     let point = em.ok(&attr(&done, "VmReplicaPointLink", None, "Href").unwrap(), &token).await;
     assert_eq!(attr(&point, "EntityRef", None, "Type").as_deref(), Some("VmReplicaPointReference"));
-    let vm_names: Vec<_> = ["web", "db"].iter().filter(|n| done.contains(&format!("VmName=\"{n}\""))).collect();
-    assert_eq!(vm_names.len(), 2, "{done}");
+    let mut vm_names: Vec<_> = booted.iter().map(|t| t.vm_name.as_str()).collect();
+    vm_names.sort();
+    assert_eq!(vm_names, ["db", "web"], "{done}");
     emitted.extend(hrefs(&done));
     let session_id = session_href.rsplit('/').next().unwrap().trim_end_matches("?format=Entity").to_string();
 
@@ -174,7 +129,8 @@ async fn start_a_plan_follow_its_task_to_the_session_and_every_href_resolves() {
     let undo_session = attr(&undo.body, "Link", Some("Related"), "Href").unwrap();
     let undone = until_stopped(&em, &undo_session, &token).await;
     assert_eq!(text(&undone, "Result").as_deref(), Some("Success"), "{undone}");
-    assert_eq!(count(&undone, "VmReplicaPointLink"), 0, "an undo boots nothing: {undone}");
+    // An undo boots nothing: its VMs link to the points the failover it undoes booted from.
+    assert_eq!(vm_tasks(&undone), booted, "{undone}");
     emitted.extend(hrefs(&undo.body));
     let tasks = em.ok("/api/tasks", &token).await;
     assert_eq!(count(&tasks, "Task"), 2);
@@ -542,7 +498,9 @@ async fn a_test_failover_in_json() {
     let done = until_stopped(&em, related["Href"].as_str().unwrap(), &token).await;
     assert_eq!(text(&done, "Result").as_deref(), Some("Success"), "{done}");
     assert_eq!(text(&done, "JobType").as_deref(), Some("FailoverPlan"));
-    assert_eq!(count(&done, "VmReplicaPointLink"), 1, "{done}");
+    let vms = vm_tasks(&done);
+    assert_eq!(vms.len(), 1, "{done}");
+    assert_eq!(vms[0].point_type, "VmReplicaPointReference", "{done}");
     // A test leaves the plan as it was.
     let p = server.ok(&t, Method::GET, &format!("/v1/plans/{plan_id}"), None).await;
     assert_eq!(p["state"], "NeedsVerified", "{p}");
@@ -680,6 +638,61 @@ async fn paths_match_in_any_case_and_hrefs_follow_the_authority_over_http2() {
     for href in &hrefs {
         assert!(href.starts_with(&format!("{}/api/", em.base)), "{href} does not name {}", em.base);
     }
+    em.listener.stop().await;
+    server.stop().await;
+}
+
+/// Behind a proxy: with an external base URL configured, every `Href` starts with it (path
+/// included), whatever the request's `Host` says, on both listeners; and a path that the proxy
+/// maps back resolves on the dialect.
+#[tokio::test]
+async fn a_configured_external_url_is_the_base_of_every_href() {
+    let server = Server::simulated().await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let web = replicated_vm(&server, &t, &host, &ds, "web").await;
+    plan(&server, &t, "p", &[&web]).await;
+    let external = "https://dr.example.com:4443/veeam";
+    let config = EmConfig { external_base_url: Some(format!("{external}/").parse().unwrap()), ..EmConfig::default() };
+    let state = drover_compat::em::EmState::new(server.app.clone(), config);
+    let listener =
+        drover_api::listen(state.router_for_scheme("http"), "127.0.0.1:0".parse().unwrap(), drover_api::Tls::Plain)
+            .await
+            .unwrap();
+    let em = Em { base: listener.url(), http: reqwest::Client::new(), listener };
+    let token = em.logon().await;
+    let mut links = Vec::new();
+    for path in [
+        "/api/",
+        "/api/sessionMngr/",
+        "/api/cloud/cloudFailoverPlans?format=Entity",
+        "/api/failoverPlans?format=Entity",
+        "/api/backupServers?format=Entity",
+        "/api/query?type=CloudFailoverPlan&format=Entities",
+    ] {
+        let a = em
+            .http
+            .get(em.url(path))
+            .header("Host", "internal.invalid:9398")
+            .header("X-RestSvcSessionId", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), StatusCode::OK, "{path}");
+        links.extend(hrefs(&a.text().await.unwrap()));
+    }
+    assert!(links.len() > 20, "{links:?}");
+    for link in &links {
+        let rest = link.strip_prefix(&format!("{external}/api/")).unwrap_or_else(|| panic!("{link}"));
+        // What the proxy forwards: the path after the external base, on the dialect's listener.
+        if !rest.contains("action=") {
+            let a = em.get(&format!("/api/{rest}"), &token).await;
+            assert_eq!(a.status, StatusCode::OK, "{link}: {}", a.body);
+        }
+    }
+    // The root names itself with the external URL too.
+    let root = em.send(Method::GET, "/api/", Token::None, false, None).await;
+    assert_eq!(attr(&root.body, "EnterpriseManager", None, "Href").as_deref(), Some(&*format!("{external}/api/")));
     em.listener.stop().await;
     server.stop().await;
 }

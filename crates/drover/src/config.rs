@@ -7,6 +7,7 @@
 //! vro-listen = "0.0.0.0:9898"
 //! em-listen = "0.0.0.0:9398"
 //! em-http-listen = "0.0.0.0:9399"
+//! em-external-url = "https://dr.example.com"
 //! data-dir = "/var/lib/drover"
 //! plain-http = false
 //! ```

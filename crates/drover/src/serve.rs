@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// product), sharing its logon sessions with the HTTPS listener. Off unless given.
     #[arg(long, env = "DROVER_EM_HTTP_LISTEN", default_value = "off")]
     pub em_http_listen: Endpoint,
+    /// The Enterprise Manager dialect's address as its clients see it behind a proxy
+    /// (`https://dr.example.com`, or with a path: `https://proxy.example.com/em`): every `Href`
+    /// then starts with it instead of the request's scheme, host and port. Absolute http or https,
+    /// without query or fragment.
+    #[arg(long = "em-external-url", env = "DROVER_EM_EXTERNAL_URL")]
+    pub em_external_url: Option<drover_compat::em::ExternalBaseUrl>,
     /// Serve plain HTTP instead of HTTPS (every listener). Only for a trusted loopback or a
     /// TLS-terminating proxy.
     #[arg(long)]
@@ -215,7 +221,12 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         ),
         None => None,
     };
-    let em_state = drover_compat::em::EmState::new(app.clone(), drover_compat::em::EmConfig::default());
+    let em_config = drover_compat::em::EmConfig {
+        backup_server_port: args.listen.port(),
+        external_base_url: args.em_external_url.clone(),
+        ..Default::default()
+    };
+    let em_state = drover_compat::em::EmState::new(app.clone(), em_config);
     let em = match args.em_listen.0 {
         Some(addr) => {
             let scheme = if matches!(tls, Tls::Plain) { "http" } else { "https" };

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use drover_engine::app::{App, Caller, PlanActionOptions};
 use drover_types::{
     Error, Plan, PlanAction, PlanId, Replica, ReplicaId, RestorePointId, Role, Session, SessionFilter, SessionId,
-    SessionKind, Timestamp, Vm,
+    SessionKind, SessionTarget, Timestamp, Vm, VmId,
 };
 use serde::Deserialize;
 
@@ -36,9 +36,18 @@ impl FromRequestParts<EmState> for Ctx {
             .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
             .unwrap_or("localhost");
+        let base = match &state.config.external_base_url {
+            // Behind a proxy: the address the clients see, whatever the request says.
+            Some(external) => external.to_string(),
+            None => format!("{}://{host}", state.config.scheme),
+        };
         Ok(Ctx {
-            base: format!("{}://{host}", state.config.scheme),
-            server: BackupServer { id: state.config.backup_server_id, name: state.config.backup_server_name.clone() },
+            base,
+            server: BackupServer {
+                id: state.config.backup_server_id,
+                name: state.config.backup_server_name.clone(),
+                port: state.config.backup_server_port,
+            },
         })
     }
 }
@@ -241,22 +250,37 @@ pub async fn plan_session(
     Ok((s, tasks))
 }
 
-/// What a session entity shows beside the session: its VM tasks and the restore points they
-/// booted from (only points that still exist, so the links resolve).
+/// What a session entity shows beside the session: its VM tasks and their restore points (only
+/// points that still exist, so the links resolve).
 pub async fn session_details(
     app: &App,
     caller: &Caller,
     id: SessionId,
 ) -> Result<(Vec<drover_types::Task>, Vec<PointLink>), Error> {
-    let (_, tasks) = app.session_get(caller, id).await?;
-    Ok((tasks, point_links(app, caller, id).await?))
+    let (session, tasks) = app.session_get(caller, id).await?;
+    let points = point_links(app, caller, &session, &tasks).await?;
+    Ok((tasks, points))
 }
 
-/// The restore points a session's VM tasks booted from (only points that still exist).
-async fn point_links(app: &App, caller: &Caller, id: SessionId) -> Result<Vec<PointLink>, Error> {
+/// The restore point of each VM task of a plan session (only points that still exist): the
+/// point it booted from (failover, test failover); for the sessions that follow a failover
+/// (its undo, permanent failover, failback, its undo, commit), the point the plan's latest
+/// failover before the session booted that VM from.
+async fn point_links(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    tasks: &[drover_types::Task],
+) -> Result<Vec<PointLink>, Error> {
+    let booted = match session.kind {
+        SessionKind::PlanFailover | SessionKind::PlanTestFailover => {
+            app.session_boot_points(caller, session.id).await?
+        }
+        _ => failover_points(app, caller, session, tasks).await?,
+    };
     let mut links = Vec::new();
     let mut existing: HashMap<ReplicaId, (String, Vec<RestorePointId>)> = HashMap::new();
-    for (task_id, replica_id, point_id) in app.session_boot_points(caller, id).await? {
+    for (task_id, replica_id, point_id) in booted {
         let (name, points) = match existing.entry(replica_id) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
@@ -270,6 +294,37 @@ async fn point_links(app: &App, caller: &Caller, id: SessionId) -> Result<Vec<Po
         }
     }
     Ok(links)
+}
+
+/// For a session that follows a failover: its VM tasks with the points the plan's latest
+/// failover created before it booted the same VMs from.
+async fn failover_points(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    tasks: &[drover_types::Task],
+) -> Result<Vec<(drover_types::TaskId, ReplicaId, RestorePointId)>, Error> {
+    let SessionTarget::Plan(plan) = session.target else { return Ok(Vec::new()) };
+    let filter = SessionFilter {
+        kind: Some(SessionKind::PlanFailover),
+        target_id: Some(plan.0),
+        limit: 100,
+        ..Default::default()
+    };
+    let (failovers, _) = app.session_list(caller, &filter).await?;
+    let Some(failover) = failovers.into_iter().find(|f| f.created_at <= session.created_at && f.id != session.id)
+    else {
+        return Ok(Vec::new());
+    };
+    let (_, failover_tasks) = app.session_get(caller, failover.id).await?;
+    let mut out = Vec::new();
+    for (failover_task, replica, point) in app.session_boot_points(caller, failover.id).await? {
+        let vm = failover_tasks.iter().find(|t| t.id == failover_task).and_then(|t| t.vm_id);
+        if let Some(task) = tasks.iter().find(|t| vm.is_some() && t.vm_id == vm) {
+            out.push((task.id, replica, point));
+        }
+    }
+    Ok(out)
 }
 
 pub async fn sessions_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
@@ -298,7 +353,8 @@ pub async fn session_get(
     let id: SessionId = parse_id("failover session", &id)?;
     let (s, tasks) = plan_session(&state.app, &auth.caller, id).await?;
     let (tasks, points) = if shape == Shape::Entity {
-        (tasks, point_links(&state.app, &auth.caller, id).await?)
+        let points = point_links(&state.app, &auth.caller, &s, &tasks).await?;
+        (tasks, points)
     } else {
         Default::default()
     };
@@ -318,7 +374,8 @@ pub async fn replica_point_get(
     for replica in state.app.list::<Replica>(&auth.caller).await? {
         let points = state.app.restore_points(&auth.caller, replica.id).await?;
         if let Some(point) = points.iter().find(|p| p.id == id) {
-            return Ok(Reply::ok(views::vm_replica_point(&ctx, &replica, point, shape)));
+            let oldest = points.iter().all(|p| p.sequence >= point.sequence);
+            return Ok(Reply::ok(views::vm_replica_point(&ctx, &replica, point, oldest, shape)));
         }
     }
     Err(Error::not_found("restore point", id).into())
@@ -390,6 +447,54 @@ pub async fn plan_get(
     Path(id): Path<String>,
 ) -> EmResult {
     get_plan(&state, &auth, &ctx, &params, &id, PlanKind::Plain).await
+}
+
+/// `GET .../includes` and `.../includes/{vm}`: a plan's VMs, and one of them.
+async fn plan_vms_of(
+    state: &EmState,
+    auth: &Auth,
+    ctx: &Ctx,
+    (id, vm): (&str, Option<&str>),
+    kind: PlanKind,
+) -> EmResult {
+    let id: PlanId = parse_id("plan", id)?;
+    let plan = state.app.get::<Plan>(&auth.caller, id.0).await?;
+    let view = plan_view(&state.app, &auth.caller, plan).await?;
+    let Some(vm) = vm else { return Ok(Reply::ok(views::plan_vms(ctx, &view, kind))) };
+    let vm_id: VmId = parse_id("VM of the plan", vm)?;
+    let (order, (_, name)) = view
+        .vms
+        .iter()
+        .enumerate()
+        .find(|(_, (v, _))| *v == vm_id)
+        .ok_or_else(|| Error::not_found("VM of the plan", vm_id))?;
+    Ok(Reply::ok(views::plan_vm(ctx, id, kind, order, vm_id, name)))
+}
+
+pub async fn cloud_plan_vms(auth: Auth, State(state): State<EmState>, ctx: Ctx, Path(id): Path<String>) -> EmResult {
+    plan_vms_of(&state, &auth, &ctx, (&id, None), PlanKind::Cloud).await
+}
+
+pub async fn plan_vms(auth: Auth, State(state): State<EmState>, ctx: Ctx, Path(id): Path<String>) -> EmResult {
+    plan_vms_of(&state, &auth, &ctx, (&id, None), PlanKind::Plain).await
+}
+
+pub async fn cloud_plan_vm(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    Path((id, vm)): Path<(String, String)>,
+) -> EmResult {
+    plan_vms_of(&state, &auth, &ctx, (&id, Some(&vm)), PlanKind::Cloud).await
+}
+
+pub async fn plan_vm(
+    auth: Auth,
+    State(state): State<EmState>,
+    ctx: Ctx,
+    Path((id, vm)): Path<(String, String)>,
+) -> EmResult {
+    plan_vms_of(&state, &auth, &ctx, (&id, Some(&vm)), PlanKind::Plain).await
 }
 
 async fn delete_plan(state: &EmState, auth: &Auth, id: &str) -> EmResult {

@@ -273,13 +273,14 @@ pub async fn run(state: &EmState, caller: &Caller, ctx: &Ctx, params: &Params) -
         });
     }
     let total = records.len() as u64;
-    let mut paging_info = None;
+    // Without pageSize, everything is one page (`PagingInfo` is always there: the schema says so).
+    let mut paging_info = views::paging_info(ctx, 1, total, 1, |n| q.path_at(n));
     if let Some((size, page)) = q.paging {
         let pages = total.div_ceil(size).max(1);
         let start = ((page - 1).saturating_mul(size)).min(total) as usize;
         let end = (start as u64 + size).min(total) as usize;
         records = records.drain(start..end).collect();
-        paging_info = Some(views::paging_info(ctx, page, size, pages, |n| q.path_at(n)));
+        paging_info = views::paging_info(ctx, page, size, pages, |n| q.path_at(n));
     }
     let mut items = Vec::with_capacity(records.len());
     for r in &records {

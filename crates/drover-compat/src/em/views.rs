@@ -1,11 +1,14 @@
 //! The EM representations, built from drover's domain values (wire shapes apart from domain types).
 //!
-//! Element and attribute order follows the documented examples (clients validate against the
-//! XSD): an entity reference is `Type, Href, Name, UID` then `Links`; a link is `Rel, Type, Href,
-//! Name`. Every `Href` is absolute, from the request's host, and resolves with GET.
+//! Element and attribute order follows the documented examples, and every document validates
+//! against Veeam's `RestAPI.xsd` (`tests/em_schema.rs`) but for the schema's two known gaps (see
+//! `tests/golden/em/README.md`): an entity reference is `Type, Href, Name, UID` then `Links`; a
+//! link is `Rel, Type, Href, Name`. Every `Href` is absolute, from the request's authority or the
+//! configured external URL (`EmConfig::external_base_url`), and resolves with GET.
 
 use drover_types::{
-    Plan, Replica, RestorePoint, RestorePointId, Session, SessionResult, SessionState, Task, TaskId, Timestamp, VmId,
+    Plan, PlanId, Replica, RestorePoint, RestorePointId, Session, SessionResult, SessionState, Task, TaskId, Timestamp,
+    VmId,
 };
 use uuid::Uuid;
 
@@ -17,12 +20,15 @@ use super::tasks::{EmTask, TaskState};
 pub struct BackupServer {
     pub id: Uuid,
     pub name: String,
+    /// The port of the control plane's native API (`BackupServer/Port`).
+    pub port: u16,
 }
 
 /// What every representation needs beside its value: where it is served from.
 #[derive(Debug, Clone)]
 pub struct Ctx {
-    /// `http://host:port`, from the request's `Host`.
+    /// `http://host:port` (from the request's authority), or the configured external base URL
+    /// (which may end in a path), without a trailing slash; `Href`s are this plus `/api/...`.
     pub base: String,
     pub server: BackupServer,
 }
@@ -126,7 +132,10 @@ pub fn enterprise_manager(ctx: &Ctx) -> Element {
             Element::new("SupportedVersion").attr("Name", *v).child(Element::list("Links", "Links", vec![link]))
         })
         .collect();
-    Element::new("EnterpriseManager").child(Element::list("SupportedVersions", "SupportedVersions", versions))
+    Element::new("EnterpriseManager")
+        .attr("Href", ctx.href("/"))
+        .attr("Type", "EnterpriseManager")
+        .child(Element::list("SupportedVersions", "SupportedVersions", versions))
 }
 
 /// The collections a logged-on client goes down to.
@@ -173,6 +182,7 @@ pub fn backup_server(ctx: &Ctx, shape: Shape) -> Element {
             let links = vec![ctx.link("Alternate", Some("BackupServerReference"), &path, Some(&s.name))];
             ctx.entity("BackupServer", "BackupServer", &path, &s.name, &id, links)
                 .child(Element::text("Description", "drover control plane"))
+                .child(Element::text("Port", i64::from(s.port)))
                 .child(Element::text("Version", env!("CARGO_PKG_VERSION")))
         }
         _ => {
@@ -208,7 +218,9 @@ pub fn result_name(r: SessionResult) -> &'static str {
     }
 }
 
-/// The restore point a VM's task booted from, as its `VmReplicaPointLink` names it.
+/// The restore point a VM's task is about, as its `VmReplicaPointLink` names it: the point the VM
+/// booted from (failover, test failover), or for the plan's later sessions (undo, failback,
+/// commit, permanent failover) the point of the failover they follow.
 #[derive(Debug, Clone)]
 pub struct PointLink {
     pub task_id: TaskId,
@@ -236,13 +248,18 @@ pub fn cloud_failover_session(
     let tasks = tasks
         .iter()
         .map(|t| {
-            let point = points.iter().find(|p| p.task_id == t.id).map(|p| {
-                let link = ctx.link("Related", Some("VmReplicaPointReference"), &point_path(p.point_id), Some(&p.name));
-                Element { name: "VmReplicaPointLink", ..link }
-            });
-            cloud_failover_task(t, point)
+            let link = match points.iter().find(|p| p.task_id == t.id) {
+                Some(p) => ctx.link("Related", Some("VmReplicaPointReference"), &point_path(p.point_id), Some(&p.name)),
+                // No point to name (the VM has not booted yet, or booted from none, or its point
+                // is gone): the schema requires the link and every link resolves, so it names
+                // the session itself, and its Type says so.
+                None => ctx.link("Related", Some("CloudFailoverSession"), &format!("{path}?format=Entity"), Some(name)),
+            };
+            cloud_failover_task(t, Element { name: "VmReplicaPointLink", ..link })
         })
         .collect();
+    // Seed 002 is Veeam's own example of this entity: it has no `JobUid` and `JobName`, and no
+    // `FailureMessage` when nothing failed, though `JobSessionEntityType` requires all three.
     ctx.entity("CloudFailoverSession", "CloudFailoverSession", &path, name, &id, links)
         .child(Element::text("JobType", "FailoverPlan"))
         .child(Element::text("CreationTimeUTC", utc(session.created_at)))
@@ -254,18 +271,18 @@ pub fn cloud_failover_session(
         .child(Element::list("CloudFailoverTasks", "CloudFailoverTasks", tasks))
 }
 
-/// One VM of a session; `VmReplicaPointLink` once the VM has booted from a point (failover and
-/// test failover) and while that point exists (every emitted `Href` must resolve).
-fn cloud_failover_task(t: &Task, point: Option<Element>) -> Element {
-    Element::new("CloudFailoverTask")
+/// One VM of a session (`CloudFailoverTaskSessionInfoType`: each item is itself named
+/// `CloudFailoverTasks`). `FailureMessage` is required there: empty when nothing failed.
+fn cloud_failover_task(t: &Task, point: Element) -> Element {
+    Element::new("CloudFailoverTasks")
         .attr("VmName", t.name.as_str())
-        .child_opt(point)
+        .child(point)
         .child(Element::text("CreationTimeUTC", utc(t.created_at)))
         .child_opt(t.ended_at.map(|e| Element::text("EndTimeUTC", utc(e))))
         .child(Element::text("State", state_name(t.state)))
         .child(Element::text("Result", result_name(t.result)))
         .child(Element::text("Progress", i64::from(t.progress)))
-        .child_opt(t.failure_message.clone().map(|m| Element::text("FailureMessage", m)))
+        .child(Element::text("FailureMessage", t.failure_message.clone().unwrap_or_default()))
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -275,8 +292,11 @@ pub fn point_path(id: RestorePointId) -> String {
     format!("/vmReplicaPoints/{id}")
 }
 
-/// A restore point of a VM replica: where a failover VM booted from.
-pub fn vm_replica_point(ctx: &Ctx, replica: &Replica, point: &RestorePoint, shape: Shape) -> Element {
+/// A restore point of a VM replica: where a failover VM booted from. `oldest`: the replica's
+/// oldest point, the one its qcow2 chain starts from, which holds the whole disk (`Full`); every
+/// later point is an overlay of the blocks that changed since the point before it (`Increment`,
+/// made by changed-block replication: `Incremental`).
+pub fn vm_replica_point(ctx: &Ctx, replica: &Replica, point: &RestorePoint, oldest: bool, shape: Shape) -> Element {
     let path = point_path(point.id);
     let id = point.id.to_string();
     let name = replica.name.as_str();
@@ -289,6 +309,8 @@ pub fn vm_replica_point(ctx: &Ctx, replica: &Replica, point: &RestorePoint, shap
     ctx.entity("VmReplicaPoint", "VmReplicaPoint", &path, name, &id, links)
         .child(Element::text("CreationTimeUTC", utc(point.created_at)))
         .child(Element::text("VmName", name))
+        .child(Element::text("Algorithm", if oldest { "Full" } else { "Incremental" }))
+        .child(Element::text("PointType", if oldest { "Full" } else { "Increment" }))
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -353,20 +375,8 @@ pub fn plan(ctx: &Ctx, view: &PlanView, kind: PlanKind, shape: Shape) -> Element
         links.push(ctx.link(rel, Some("Task"), &format!("{path}?action={action}"), Some(name)));
     }
     links.push(ctx.link("Delete", Some(&reference), &path, Some(name)));
-    let vm = |(i, (vm_id, vm_name)): (usize, &(VmId, String))| {
-        let element = match kind {
-            PlanKind::Cloud => "CloudFailoverPlanVm",
-            PlanKind::Plain => "FailoveredVm",
-        };
-        let mut e = Element::new(element);
-        if kind == PlanKind::Cloud {
-            e = e.attr("Type", "CloudFailoveredVm");
-        }
-        e.child(Element::text("FailoverPlanVMId", vm_id.to_string()))
-            .child(Element::text("Name", vm_name.as_str()))
-            .child(Element::text("Order", i as i64 + 1))
-    };
-    let vms = view.vms.iter().enumerate().map(vm).collect();
+    let vms =
+        view.vms.iter().enumerate().map(|(i, (vm_id, vm_name))| plan_vm(ctx, p.id, kind, i, *vm_id, vm_name)).collect();
     let head = ctx.entity(k, k, &path, name, &id, links);
     match kind {
         PlanKind::Cloud => head
@@ -374,17 +384,58 @@ pub fn plan(ctx: &Ctx, view: &PlanView, kind: PlanKind, shape: Shape) -> Element
             .child(Element::text("TenantName", view.tenant_name.as_str()))
             .child(Element::text("Description", p.description.as_str()))
             // drover runs no commands around a whole plan (its steps are per VM): always off.
+            // The schema puts the two Post... elements before the two Pre... ones.
             .child(
                 Element::new("CloudFailoverPlanOptions")
-                    .child(Element::text("PreFailoverPlanCommandEnabled", false))
-                    .child(Element::text("PreFailoverPlanCommand", ""))
                     .child(Element::text("PostFailoverPlanCommandEnabled", false))
-                    .child(Element::text("PostFailoverPlanCommand", "")),
+                    .child(Element::text("PostFailoverPlanCommand", ""))
+                    .child(Element::text("PreFailoverPlanCommandEnabled", false))
+                    .child(Element::text("PreFailoverPlanCommand", "")),
             )
             .child(Element::new("CloudFailoverPlanInfo").child(Element::list("Includes", "Includes", vms))),
         PlanKind::Plain => head
             .child(Element::text("Description", p.description.as_str()))
             .child(Element::new("FailoverPlanInfo").child(Element::list("Includes", "Includes", vms))),
+    }
+}
+
+/// `/cloud/cloudFailoverPlans/{plan}/includes/{vm}` or `/failoverPlans/{plan}/includes/{vm}`.
+pub fn plan_vm_path(plan: PlanId, kind: PlanKind, vm: VmId) -> String {
+    format!("{}/includes/{vm}", kind.path(plan))
+}
+
+/// A VM of a plan, `order` counted from 0 as the product counts it: a `CloudFailoveredVm`
+/// (`FailoverPlanVMId`, `Name`, `Order`) or a `FailoveredVm` (`FailoveredVmId`, `HierarchyObjRef`,
+/// `Name`, `DisplayName`, `Order`, `GuestProcessingOptions`: drover does no guest processing, so
+/// the options are empty). Its `Href` is its own resource under the plan's `includes`.
+pub fn plan_vm(ctx: &Ctx, plan: PlanId, kind: PlanKind, order: usize, vm: VmId, name: &str) -> Element {
+    let href = ctx.href(&plan_vm_path(plan, kind, vm));
+    match kind {
+        PlanKind::Cloud => Element::new("CloudFailoveredVm")
+            .attr("Href", href)
+            .attr("Type", "CloudFailoveredVm")
+            .child(Element::text("FailoverPlanVMId", vm.to_string()))
+            .child(Element::text("Name", name))
+            .child(Element::text("Order", order as i64)),
+        PlanKind::Plain => Element::new("FailoveredVm")
+            .attr("Href", href)
+            .attr("Type", "FailoveredVm")
+            .child(Element::text("FailoveredVmId", vm.to_string()))
+            .child(Element::text("HierarchyObjRef", format!("urn:drover:Vm:{vm}")))
+            .child(Element::text("Name", name))
+            .child(Element::text("DisplayName", name))
+            .child(Element::text("Order", order as i64))
+            .child(Element::new("GuestProcessingOptions")),
+    }
+}
+
+/// `GET .../includes`: the plan's VMs (`CloudFailoveredVms` or `FailoveredVms`).
+pub fn plan_vms(ctx: &Ctx, view: &PlanView, kind: PlanKind) -> Element {
+    let items =
+        view.vms.iter().enumerate().map(|(i, (vm, name))| plan_vm(ctx, view.plan.id, kind, i, *vm, name)).collect();
+    match kind {
+        PlanKind::Cloud => Element::list("CloudFailoveredVms", "CloudFailoveredVms", items),
+        PlanKind::Plain => Element::list("FailoveredVms", "FailoveredVms", items),
     }
 }
 
@@ -412,7 +463,10 @@ pub fn task(ctx: &Ctx, t: &EmTask) -> Element {
         .child(Element::text("State", t.state.as_str()))
         .child(Element::text("Operation", t.operation));
     if t.state != TaskState::Running {
-        e = e.child(Element::new("Result").attr("Success", t.success).attr("Message", t.message.as_str()));
+        // `TaskResultInfoType`: `Success` is an attribute, `Message` a child element.
+        let result = Element::new("Result").attr("Success", t.success);
+        let message = (!t.message.is_empty()).then(|| Element::text("Message", t.message.as_str()));
+        e = e.child(result.child_opt(message));
     }
     e
 }
@@ -461,11 +515,12 @@ pub fn paging_info(ctx: &Ctx, page: u64, size: u64, pages: u64, path_at: impl Fn
         .child(Element::list("Links", "Links", links))
 }
 
-/// `QueryResult`: `Refs` of references, or `Entities` holding the plural root of entities.
-pub fn query_result(shape: Shape, plural: &'static str, items: Vec<Element>, paging: Option<Element>) -> Element {
+/// `QueryResult`: `Refs` of references, or `Entities` holding the plural root of entities, then
+/// `PagingInfo`, which the schema requires even when no page was asked for.
+pub fn query_result(shape: Shape, plural: &'static str, items: Vec<Element>, paging: Element) -> Element {
     let body = match shape {
         Shape::Entity => Element::new("Entities").child(Element::list(plural, plural, items)),
         _ => Element::list("Refs", "Refs", items),
     };
-    Element::new("QueryResult").child(body).child_opt(paging)
+    Element::new("QueryResult").child(body).child(paging)
 }

@@ -11,7 +11,7 @@ use drover_compat::em::EmConfig;
 use quick_xml::events::Event;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::common::{self, Server};
 
@@ -176,6 +176,43 @@ pub fn attr(xml: &str, element: &str, rel: Option<&str>, name: &str) -> Option<S
     }
 }
 
+/// One VM of a session entity (an item of `CloudFailoverTasks`, itself named
+/// `CloudFailoverTasks`): its `VmName` and the `Type` and `Href` of its `VmReplicaPointLink`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTask {
+    pub vm_name: String,
+    pub point_type: String,
+    pub point_href: String,
+}
+
+/// The VMs of a session entity, in order.
+pub fn vm_tasks(xml: &str) -> Vec<VmTask> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut out: Vec<VmTask> = Vec::new();
+    let value = |e: &quick_xml::events::BytesStart, key: &str| {
+        e.attributes()
+            .map(|a| a.unwrap())
+            .find(|a| a.key.as_ref() == key.as_bytes())
+            .map(|a| a.unescape_value().unwrap().into_owned())
+    };
+    loop {
+        match reader.read_event().unwrap() {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"CloudFailoverTasks" => {
+                if let Some(vm_name) = value(&e, "VmName") {
+                    out.push(VmTask { vm_name, point_type: String::new(), point_href: String::new() });
+                }
+            }
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"VmReplicaPointLink" => {
+                let last = out.last_mut().expect("a VmReplicaPointLink outside a VM's CloudFailoverTasks");
+                last.point_type = value(&e, "Type").unwrap_or_default();
+                last.point_href = value(&e, "Href").unwrap_or_default();
+            }
+            Event::Eof => return out,
+            _ => {}
+        }
+    }
+}
+
 pub fn count(xml: &str, element: &str) -> usize {
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut n = 0;
@@ -224,4 +261,57 @@ pub async fn walk(em: &Em, token: &str, start: Vec<String>) -> usize {
         queue.extend(hrefs(&a.body));
     }
     seen.len()
+}
+
+/// A VM with a ready replica and one published point (the simulated hypervisor cannot
+/// replicate): a real qcow2 file, so failover's boot overlay works. Returns the VM id.
+pub async fn replicated_vm(server: &Server, t: &str, host: &str, ds: &str, name: &str) -> String {
+    let vm = server.vm(t, host, ds, name, json!({})).await;
+    let dr_path = server.dir.path().join(format!("dr-{name}"));
+    let dr = server
+        .ok(
+            t,
+            Method::POST,
+            "/v1/datastores",
+            Some(json!({"host_id": host, "name": format!("dr-{name}"), "path": dr_path})),
+        )
+        .await;
+    let job = server
+        .ok(
+            t,
+            Method::POST,
+            "/v1/replication-jobs",
+            Some(json!({"name": format!("{name}-job"), "vm_ids": [vm], "target_host_id": host,
+                "target_datastore_id": dr["id"], "schedule": {"type": "Manual"}, "retention_points": 2})),
+        )
+        .await;
+    let store = server.app.engine().store();
+    let tenant = store.user_by_name("admin").await.unwrap().unwrap().0.tenant_id;
+    drover_engine::testing::replica_with_point(
+        store,
+        tenant,
+        job["id"].as_str().unwrap().parse().unwrap(),
+        (vm.parse().unwrap(), name),
+        dr["id"].as_str().unwrap().parse().unwrap(),
+        &dr_path,
+    )
+    .await;
+    vm
+}
+
+/// A plan of these VMs whose steps only power them on; returns its id.
+pub async fn plan(server: &Server, t: &str, name: &str, vms: &[&str]) -> String {
+    let vms: Vec<Value> = vms
+        .iter()
+        .map(|v| json!({"vm_id": v, "steps": [{"name": "on", "kind": {"type": "PowerOn"}, "critical": true}]}))
+        .collect();
+    let p = server
+        .ok(
+            t,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": name, "description": "web tier", "groups": [{"name": "g", "vms": vms}]})),
+        )
+        .await;
+    p["id"].as_str().unwrap().to_string()
 }
