@@ -155,6 +155,11 @@ fn versioned() -> Router<VroState> {
         .route("/RecoveryLocations/{id}", get(h::locations_get))
 }
 
+/// Every answer of the dialect is JSON, an action's empty body included (seed 000).
+fn json_content_type(_: &axum::http::HeaderMap) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_static("application/json")
+}
+
 /// The dialect's router, to be served on its own listener (see [`drover_api::listen`]).
 pub fn router(app: App) -> Router {
     let mut r = Router::new().route("/api/token", post(handlers::token)).route("/token", post(handlers::token));
@@ -165,5 +170,9 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(|| async { VroError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .layer(axum::middleware::from_fn_with_state(app.clone(), drover_api::audit::record))
+        .layer(axum::middleware::from_fn_with_state(
+            json_content_type as crate::headers::DefaultContentType,
+            crate::headers::complete,
+        ))
         .with_state(VroState { app })
 }
