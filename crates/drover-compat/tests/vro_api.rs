@@ -635,7 +635,7 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
     let unknown_action = bodies["unknown_action"]["message"].as_str().unwrap();
     assert!(unknown_action.contains("\"Frobnicate\" is not an action of a plan"), "{unknown_action}");
     let misspelt = bodies["misspelt_action"]["message"].as_str().unwrap();
-    assert!(misspelt.ends_with("(action names are spelled as documented: Failover)"), "{misspelt}");
+    assert!(misspelt.ends_with("(names are spelled as documented: Failover)"), "{misspelt}");
     golden("errors", &Value::Object(bodies));
 
     // Wrong credentials: 401 in the dialect's body, and nothing changes.

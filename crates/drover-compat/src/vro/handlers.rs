@@ -463,8 +463,9 @@ const ACTIONS_NOT_SERVED: [(&str, NotServed); 3] = [
     ("Clone", NotServed::NotInDrover("create the plan anew through the native API")),
 ];
 
-/// The actions this dialect serves, to tell a misspelt one from an unknown one.
-const ACTIONS_SERVED: [&str; 14] = [
+/// The names after `/Plans/{planId}/` that routes serve, to tell a misspelt one from an unknown
+/// one.
+const SERVED_NAMES: [&str; 17] = [
     "Enable",
     "Disable",
     "ReadinessCheck",
@@ -479,6 +480,9 @@ const ACTIONS_SERVED: [&str; 14] = [
     "Continue",
     "ResetState",
     "LicenseUsage",
+    "Groups",
+    "Vms",
+    "Steps",
 ];
 
 /// `POST /Plans/{planId}/{action}` for every action no route serves: an action of the product
@@ -490,11 +494,11 @@ pub async fn plans_other_action(
     Path((id, action)): Path<(String, String)>,
 ) -> VroResult<StatusCode> {
     let Some((name, why)) = ACTIONS_NOT_SERVED.iter().find(|(name, _)| *name == action) else {
-        let hint = ACTIONS_SERVED
+        let hint = SERVED_NAMES
             .iter()
             .chain(ACTIONS_NOT_SERVED.iter().map(|(name, _)| name))
             .find(|name| name.eq_ignore_ascii_case(&action))
-            .map(|name| format!(" (action names are spelled as documented: {name})"))
+            .map(|name| format!(" (names are spelled as documented: {name})"))
             .unwrap_or_default();
         return Err(VroError::UnknownAction(format!("{action:?} is not an action of a plan{hint}")));
     };
