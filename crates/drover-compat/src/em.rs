@@ -203,7 +203,23 @@ async fn case_insensitive_paths(mut req: axum::extract::Request) -> axum::extrac
 fn routes(state: EmState) -> Router {
     // Paths are respelled before the router sees them: a layer on an outer router whose only
     // route is the dialect's router runs before that router routes.
-    Router::new().fallback_service(dialect_routes(state)).layer(axum::middleware::map_request(case_insensitive_paths))
+    Router::new()
+        .fallback_service(dialect_routes(state))
+        .layer(axum::middleware::map_request(case_insensitive_paths))
+        .layer(axum::middleware::from_fn_with_state(
+            default_content_type as crate::headers::DefaultContentType,
+            crate::headers::complete,
+        ))
+}
+
+/// The type of an answer that has none (an accepted edit's empty 202): the format the request's
+/// `Accept` chose, as [`render::Format::render`] writes it.
+fn default_content_type(headers: &axum::http::HeaderMap) -> axum::http::HeaderValue {
+    use axum::http::HeaderValue;
+    match render::Format::from_accept(headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok())) {
+        render::Format::Xml => HeaderValue::from_static("application/xml; charset=utf-8"),
+        render::Format::Json => HeaderValue::from_static("application/json; charset=utf-8"),
+    }
 }
 
 fn dialect_routes(state: EmState) -> Router {

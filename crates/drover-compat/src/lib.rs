@@ -9,6 +9,7 @@
 //! their state machines are the application layer's.
 
 pub mod em;
+pub mod headers;
 pub mod vro;
 
 /// The control plane as both dialects name it: the Recovery Orchestrator's `serverId` and the

@@ -5,9 +5,17 @@
 //! layer's, and this module only translates. [`error`] is the one place errors become HTTP,
 //! [`views`] holds the wire types, [`collection`] the `{"total","data"}` envelope with its
 //! `start`/`limit`/`filter`/`sort` parameters, [`handlers`] the thin handlers. Actions answer
-//! 200 with an empty body once accepted; progress is read from `RuntimeDetails`.
+//! 200 with an empty body (typed `application/json`, `Content-Length: 0`, see
+//! [`crate::headers`]) once accepted, except `ReadinessCheck`, which names the session that runs
+//! the check; progress is read from `RuntimeDetails`.
 //!
 //! Decisions of this dialect beyond the spec:
+//! - `POST /Plans/{planId}/<name>` for an action of the product that drover does not serve
+//!   (`Restore` and `MalwareScan`, which apply to restore plans only, and `Clone`) is 409
+//!   `Conflict` naming the plan; a name that is no action of the product is 400 `InvalidURI`.
+//! - `/Scopes` lists one scope, the caller's tenant; license usage counts the distinct VMs of the
+//!   caller's plans (`newInstances` is always 0: drover has no license).
+//! - `recoveryLocationName` is never null: a location in use cannot be deleted.
 //! - The built-in Original VM Location has the nil UUID (`00000000-0000-0000-0000-000000000000`,
 //!   the value of the seed's example) in every tenant; failback there syncs back into the
 //!   original VMs, failback to any other location makes full copies as new VMs.
@@ -106,6 +114,8 @@ pub struct Path<T>(pub T);
         handlers::runtime_plan, handlers::runtime_groups, handlers::runtime_group_vms, handlers::runtime_vm_steps,
         handlers::runtime_step,
         handlers::locations_list, handlers::locations_get,
+        handlers::scopes_list, handlers::license_usage_server, handlers::license_usage_server_later,
+        handlers::plan_license_usage,
     ),
     modifiers(&BearerScheme, &ErrorResponses)
 )]
@@ -146,6 +156,10 @@ fn versioned() -> Router<VroState> {
         .route("/Plans/{planId}/Halt", post(h::plans_halt))
         .route("/Plans/{planId}/Continue", post(h::plans_continue))
         .route("/Plans/{planId}/ResetState", post(h::plans_reset))
+        .route("/Plans/{planId}/LicenseUsage", get(h::plan_license_usage))
+        // Every other name after the plan: an action the product has but drover does not serve
+        // (409), or none (400); any other method finds nothing there (404).
+        .route("/Plans/{planId}/{action}", post(h::plans_other_action).fallback(no_route))
         .route("/RuntimeDetails/Plans/{planId}", get(h::runtime_plan))
         .route("/RuntimeDetails/Plans/{planId}/Groups", get(h::runtime_groups))
         .route("/RuntimeDetails/Plans/{planId}/Groups/{groupId}", get(h::runtime_group_vms))
@@ -153,6 +167,14 @@ fn versioned() -> Router<VroState> {
         .route("/RuntimeDetails/Plans/{planId}/Steps/{stepId}", get(h::runtime_step))
         .route("/RecoveryLocations", get(h::locations_list))
         .route("/RecoveryLocations/{id}", get(h::locations_get))
+        .route("/Scopes", get(h::scopes_list))
+        .route("/LicenseUsage/Server", get(h::license_usage_server))
+        .route("/License/Usage/Server", get(h::license_usage_server_later))
+}
+
+/// Every answer of the dialect is JSON, an action's empty body included (seed 000).
+fn json_content_type(_: &axum::http::HeaderMap) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_static("application/json")
 }
 
 /// The dialect's router, to be served on its own listener (see [`drover_api::listen`]).
@@ -165,5 +187,9 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(|| async { VroError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .layer(axum::middleware::from_fn_with_state(app.clone(), drover_api::audit::record))
+        .layer(axum::middleware::from_fn_with_state(
+            json_content_type as crate::headers::DefaultContentType,
+            crate::headers::complete,
+        ))
         .with_state(VroState { app })
 }

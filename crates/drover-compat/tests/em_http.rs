@@ -696,3 +696,79 @@ async fn a_configured_external_url_is_the_base_of_every_href() {
     em.listener.stop().await;
     server.stop().await;
 }
+
+/// A request and the status it gets: method, path, logon session, body, status.
+type EmRequest<'a> = (Method, String, Token<'a>, Option<(&'a str, String)>, StatusCode);
+
+/// Every kind of answer carries `Content-Type` (the format `Accept` chose) and `Content-Length`
+/// (the length of the body received): documents, the logon's 201, errors of every status, the
+/// fallback's 404, 405, an accepted edit's empty 202. A 204 carries neither, nor a body (RFC 9110
+/// forbids `Content-Length` on it).
+#[tokio::test]
+async fn every_answer_carries_content_type_and_content_length() {
+    let server = Server::simulated().await;
+    let em = Em::start(&server, Duration::from_secs(60)).await;
+    let t = server.admin().await;
+    let (host, ds) = server.infrastructure(&t).await;
+    let vm = server.vm(&t, &host, &ds, "web", json!({})).await;
+    let plan_id = plan(&server, &t, "Web", &[&vm]).await;
+    let check = |a: &Answer, status: StatusCode, json: bool, what: &str| {
+        assert_eq!(a.status, status, "{what}: {}", a.body);
+        let media = if json { "application/json" } else { "application/xml" };
+        let content_type = a.headers.get("content-type").map(|v| v.to_str().unwrap());
+        assert!(content_type.is_some_and(|t| t.starts_with(media)), "{what}: Content-Type {content_type:?}");
+        let length = a.headers.get("content-length").map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+        assert_eq!(length, Some(a.body.len()), "{what}: Content-Length");
+    };
+
+    let logon = em.logon_as("admin", common::ADMIN_PASSWORD).await;
+    check(&logon, StatusCode::CREATED, false, "logon");
+    let token = logon.headers["X-RestSvcSessionId"].to_str().unwrap().to_string();
+    let xml = format!(r#"<FailoverPlan xmlns="{NS}"><Description>shop</Description></FailoverPlan>"#);
+    for json in [false, true] {
+        let cases: Vec<EmRequest> = vec![
+            (Method::GET, "/api/".into(), Token::None, None, StatusCode::OK),
+            (Method::GET, "/api/backupServers".into(), Token::Header(&token), None, StatusCode::OK),
+            (Method::GET, "/api/Tasks".into(), Token::Header(&token), None, StatusCode::OK),
+            (Method::GET, "/api/backupServers".into(), Token::None, None, StatusCode::UNAUTHORIZED),
+            (Method::GET, "/api/nothing/here".into(), Token::Header(&token), None, StatusCode::NOT_FOUND),
+            (Method::GET, "/elsewhere".into(), Token::None, None, StatusCode::NOT_FOUND),
+            (Method::DELETE, "/api/backupServers".into(), Token::Header(&token), None, StatusCode::METHOD_NOT_ALLOWED),
+            (
+                Method::PUT,
+                format!("/api/failoverPlans/{plan_id}"),
+                Token::Header(&token),
+                Some(("application/xml", xml.clone())),
+                StatusCode::ACCEPTED,
+            ),
+            (
+                Method::PUT,
+                format!("/api/failoverPlans/{plan_id}"),
+                Token::Header(&token),
+                Some(("application/xml", "<FailoverPlan".into())),
+                StatusCode::BAD_REQUEST,
+            ),
+        ];
+        for (method, path, token, body, status) in cases {
+            let what = format!("{method} {path} (JSON: {json})");
+            let a = em.send(method, &path, token, json, body).await;
+            check(&a, status, json, &what);
+            if status == StatusCode::ACCEPTED {
+                assert_eq!(a.body, "", "{what}");
+            }
+        }
+    }
+
+    // 204: no body, no Content-Length, no Content-Type.
+    let id = text(&em.ok("/api/sessionMngr/", &token).await, "SessionId").unwrap();
+    let del = em.send(Method::DELETE, &format!("/api/logonSessions/{id}"), Token::Header(&token), false, None).await;
+    assert_eq!((del.status, del.body.as_str()), (StatusCode::NO_CONTENT, ""));
+    assert!(
+        del.headers.get("content-length").is_none() && del.headers.get("content-type").is_none(),
+        "{:?}",
+        del.headers
+    );
+
+    em.listener.stop().await;
+    server.stop().await;
+}

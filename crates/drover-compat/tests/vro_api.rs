@@ -15,6 +15,9 @@ use vro_common::*;
 // ------------------------------------------------------------------------------------------------
 // Tests
 
+/// A request and the status it gets: token, method, path, body, status.
+type Request<'a> = (Option<&'a str>, Method, String, Option<&'a str>, StatusCode);
+
 /// A request that must be refused: name, token, method, path, body, status, errorCode.
 type Refusal<'a> = (&'a str, Option<&'a str>, Method, String, Option<&'a str>, StatusCode, &'a str);
 
@@ -55,8 +58,13 @@ async fn story_failover_failback_commit_through_the_dialect_alone() {
     let info = vro.get(&t, &format!("/api/v3/Plans/{plan}")).await;
     assert_has_fields(
         &info,
-        "id, planType, recoveryLocationId, serverId, siteScopeId, siteScopeName, name, state, stateName, \
-         resultName, lastStableState, lastStableStateName, previousExecutionState, reportTemplateId, description",
+        "id, planType, recoveryLocationId, recoveryLocationName, serverId, siteScopeId, siteScopeName, name, state, \
+         stateName, resultName, lastStableState, lastStableStateName, previousExecutionState, reportTemplateId, \
+         description",
+    );
+    assert_eq!(
+        (info["recoveryLocationId"].as_str(), info["recoveryLocationName"].as_str()),
+        (Some(NIL), Some("Original VM Location"))
     );
     assert_eq!((info["state"].as_str(), info["stateName"].as_str()), (Some("NeedsVerified"), Some("NEEDS VERIFIED")));
     assert_eq!(info["siteScopeName"], "default");
@@ -226,7 +234,21 @@ async fn plan_structure_locations_and_collection_parameters() {
     }
 
     // The readiness check: CHECKING, then VERIFIED (the replica is there), as a check result.
-    vro.act(&t, plan, "ReadinessCheck", json!({"generateReport": true})).await;
+    // Its answer is JSON (clients parse it): the session that runs the check.
+    let path = format!("/api/v3/Plans/{plan}/ReadinessCheck");
+    let (s, started) = vro.call(&t, Method::POST, &path, Some(json!({"generateReport": true}))).await;
+    assert_eq!(s, StatusCode::OK, "{started}");
+    assert_eq!(keys(&started), ["planId", "reportGenerated", "sessionId", "state"]);
+    assert_eq!((started["planId"].as_str(), started["state"].as_str()), (Some(plan.as_str()), Some("Checking")));
+    assert_eq!(started["reportGenerated"], false);
+    let native = vro.server.admin().await;
+    let session = format!("/v1/sessions/{}", started["sessionId"].as_str().unwrap());
+    let session = vro.server.ok(&native, Method::GET, &session, None).await;
+    assert_eq!(
+        (session["kind"].as_str(), session["target_id"].as_str()),
+        (Some("PlanReadinessCheck"), Some(plan.as_str())),
+        "{session}"
+    );
     let checked = vro.wait_state(&t, plan, "Verified").await;
     assert_eq!(
         (checked["currentCheckResult"].as_str(), checked["currentRunResult"].as_str()),
@@ -505,6 +527,78 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
             "Conflict",
         ),
         (
+            "restore_on_a_replica_plan",
+            Some(admin),
+            Method::POST,
+            format!("/api/v3/Plans/{plan}/Restore"),
+            Some(nil_body.as_str()),
+            StatusCode::CONFLICT,
+            "Conflict",
+        ),
+        (
+            "clone_not_served",
+            Some(admin),
+            Method::POST,
+            format!("/api/v3/Plans/{plan}/Clone"),
+            None,
+            StatusCode::CONFLICT,
+            "Conflict",
+        ),
+        (
+            "malware_scan_on_an_unknown_plan",
+            Some(admin),
+            Method::POST,
+            format!("/api/v3/Plans/{unknown}/MalwareScan"),
+            None,
+            StatusCode::NOT_FOUND,
+            "NotFound",
+        ),
+        (
+            "unknown_action",
+            Some(admin),
+            Method::POST,
+            format!("/api/v3/Plans/{plan}/Frobnicate"),
+            Some("{}"),
+            StatusCode::BAD_REQUEST,
+            "InvalidURI",
+        ),
+        (
+            "misspelt_action",
+            Some(admin),
+            Method::POST,
+            format!("/api/v3/Plans/{plan}/failover"),
+            Some("{}"),
+            StatusCode::BAD_REQUEST,
+            "InvalidURI",
+        ),
+        (
+            "unknown_action_without_token",
+            None,
+            Method::POST,
+            format!("/api/v3/Plans/{plan}/Frobnicate"),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "InvalidToken",
+        ),
+        (
+            "get_on_an_unknown_action",
+            Some(admin),
+            Method::GET,
+            format!("/api/v3/Plans/{plan}/Frobnicate"),
+            None,
+            StatusCode::NOT_FOUND,
+            "NotFound",
+        ),
+        (
+            "post_on_a_collection_of_the_plan",
+            Some(admin),
+            Method::POST,
+            format!("/api/v3/Plans/{plan}/Groups"),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+        ),
+        (
             "wrong_method",
             Some(admin),
             Method::GET,
@@ -533,6 +627,15 @@ async fn refusals_are_the_dialects_errors_and_change_nothing() {
         assert_eq!(snapshot().await, before, "{name} changed something");
     }
     assert_eq!(bodies["unknown_plan"]["resourceId"], unknown.as_str());
+    // An action of the product that drover's replica plans do not take names the plan; an
+    // unknown one says it is none, and a misspelt one how it is spelled.
+    assert_eq!(bodies["restore_on_a_replica_plan"]["resourceId"], plan.as_str());
+    let restore = bodies["restore_on_a_replica_plan"]["message"].as_str().unwrap();
+    assert!(restore.contains("Restore applies only to restore plans") && restore.contains("replica plan"), "{restore}");
+    let unknown_action = bodies["unknown_action"]["message"].as_str().unwrap();
+    assert!(unknown_action.contains("\"Frobnicate\" is not an action of a plan"), "{unknown_action}");
+    let misspelt = bodies["misspelt_action"]["message"].as_str().unwrap();
+    assert!(misspelt.ends_with("(names are spelled as documented: Failover)"), "{misspelt}");
     golden("errors", &Value::Object(bodies));
 
     // Wrong credentials: 401 in the dialect's body, and nothing changes.
@@ -574,13 +677,24 @@ async fn the_openapi_document_covers_the_dialect() {
         "/api/v3/RuntimeDetails/Plans/{planId}/Steps/{stepId}",
         "/api/v3/Plans/{planId}/Steps/{stepId}/Parameters",
         "/api/v3/RecoveryLocations",
+        "/api/v3/Scopes",
+        "/api/v3/LicenseUsage/Server",
+        "/api/v3/License/Usage/Server",
+        "/api/v3/Plans/{planId}/LicenseUsage",
     ] {
         assert!(paths.contains_key(p), "{p} missing");
     }
+    let started = &doc["paths"]["/api/v3/Plans/{planId}/ReadinessCheck"]["post"]["responses"]["200"];
+    assert_eq!(
+        started["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/ReadinessCheckStarted",
+        "{started}"
+    );
     let body = &doc["components"]["schemas"]["FailbackBody"]["properties"];
     assert!(body.get("restoreLocationId").is_some() && body.get("failbackRestoreVMTags").is_some(), "{body}");
-    let info = &doc["components"]["schemas"]["RecoveryPlanInfo"]["properties"];
-    assert!(info.get("previousExecutionState").is_some(), "{info}");
+    let info = &doc["components"]["schemas"]["RecoveryPlanInfo"];
+    assert!(info["properties"].get("previousExecutionState").is_some(), "{info}");
+    assert_eq!(info["properties"]["recoveryLocationName"]["type"], "string", "{info}");
+    assert!(info["required"].as_array().unwrap().contains(&json!("recoveryLocationName")), "{info}");
     vro.stop().await;
 }
 
@@ -713,5 +827,187 @@ async fn a_plan_that_succeeds_on_retry_reads_as_succeeded() {
     let id = sessions["items"][0]["id"].as_str().unwrap();
     let log = vro.server.ok(&admin, Method::GET, &format!("/v1/sessions/{id}/log"), None).await.to_string();
     assert!(log.contains("failed") && log.contains("continuing: RetryFailedStep"), "{log}");
+    vro.stop().await;
+}
+
+/// Scopes: the caller's tenant, with the name of the disaster-recovery site it sees. License
+/// usage counts the distinct VMs of the caller's plans, at both paths the product has used, and
+/// of one plan. A plan names its recovery location.
+#[tokio::test]
+async fn scopes_license_usage_and_the_recovery_location_name() {
+    let vro = Vro::start().await;
+    let site = site(&vro).await;
+    let t = vro.token("admin", common::ADMIN_PASSWORD).await;
+    let native = vro.server.admin().await;
+    vro.server
+        .ok(&native, Method::POST, "/v1/sites", Some(json!({"name": "Ontario", "kind": "DisasterRecovery"})))
+        .await;
+
+    let scopes = vro.get(&t, "/api/v3/Scopes").await;
+    assert_eq!(scopes["total"], 1, "{scopes}");
+    let scope = &scopes["data"][0];
+    assert_eq!(keys(scope), ["description", "id", "isDefault", "name", "serverId", "siteName", "state"]);
+    let info = vro.get(&t, &format!("/api/v3/Plans/{}", site.plan)).await;
+    assert_eq!((&scope["id"], &scope["name"]), (&info["siteScopeId"], &info["siteScopeName"]));
+    assert_eq!(
+        (scope["isDefault"].as_bool(), scope["state"].as_str(), scope["siteName"].as_str()),
+        (Some(true), Some("Active"), Some("Ontario")),
+        "the disaster-recovery site, before the production one: {scope}"
+    );
+    assert_eq!(scope["serverId"], drover_compat::vro::views::SERVER_ID.to_string());
+    golden("scopes", &scopes);
+    let (s, e) = vro.call(&t, Method::GET, "/api/v3/Scopes?sort=name", None).await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::BAD_REQUEST, Some("InvalidURI")), "{e}");
+    let page = vro.get(&t, "/api/v3/Scopes?start=1").await;
+    assert_eq!((page["total"].as_u64(), page["data"].as_array().map(Vec::len)), (Some(1), Some(0)));
+    assert_eq!(vro.get(&t, "/api/v13.1/Scopes").await, scopes);
+
+    // One VM in one plan; a second plan of the same VM at the other location counts it once; an
+    // empty plan counts nothing.
+    let usage = |v: &Value| (v["newInstances"].as_u64(), v["managedInstances"].as_u64());
+    for path in ["/api/v3/LicenseUsage/Server", "/api/v3/License/Usage/Server"] {
+        let u = vro.get(&t, path).await;
+        assert_eq!(keys(&u), ["managedInstances", "newInstances"]);
+        assert_eq!(usage(&u), (Some(0), Some(1)), "{path}: {u}");
+    }
+    let again = vro
+        .server
+        .ok(
+            &native,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": "Again", "recovery_location_id": site.location,
+                "groups": [{"name": "g", "vms": [{"vm_id": site.vm}]}]})),
+        )
+        .await;
+    let again = again["id"].as_str().unwrap();
+    let empty = vro.server.ok(&native, Method::POST, "/v1/plans", Some(json!({"name": "Empty", "groups": []}))).await;
+    let empty = empty["id"].as_str().unwrap();
+    assert_eq!(usage(&vro.get(&t, "/api/v3/License/Usage/Server").await), (Some(0), Some(1)));
+    assert_eq!(usage(&vro.get(&t, &format!("/api/v3/Plans/{again}/LicenseUsage")).await), (Some(0), Some(1)));
+    assert_eq!(usage(&vro.get(&t, &format!("/api/v3/Plans/{empty}/LicenseUsage")).await), (Some(0), Some(0)));
+    let first_id = |list: Value| list["items"][0]["id"].as_str().unwrap().to_string();
+    let host = first_id(vro.server.ok(&native, Method::GET, "/v1/hosts", None).await);
+    let ds = first_id(vro.server.ok(&native, Method::GET, "/v1/datastores", None).await);
+    let second = vro.server.vm(&native, &host, &ds, "second", json!({})).await;
+    let both = vro
+        .server
+        .ok(
+            &native,
+            Method::POST,
+            "/v1/plans",
+            Some(json!({"name": "Both", "groups": [{"name": "g", "vms": [{"vm_id": site.vm}, {"vm_id": second}]}]})),
+        )
+        .await;
+    assert_eq!(usage(&vro.get(&t, "/api/v3/LicenseUsage/Server").await), (Some(0), Some(2)));
+    let both = both["id"].as_str().unwrap();
+    assert_eq!(usage(&vro.get(&t, &format!("/api/v3/Plans/{both}/LicenseUsage")).await), (Some(0), Some(2)));
+    let unknown = uuid::Uuid::new_v4();
+    let (s, e) = vro.call(&t, Method::GET, &format!("/api/v3/Plans/{unknown}/LicenseUsage"), None).await;
+    assert_eq!((s, e["resourceId"].as_str()), (StatusCode::NOT_FOUND, Some(unknown.to_string().as_str())), "{e}");
+    let (s, e) = vro.raw(None, Method::GET, "/api/v3/License/Usage/Server", None).await;
+    assert_eq!((s, e["errorCode"].as_str()), (StatusCode::UNAUTHORIZED, Some("InvalidToken")), "{e}");
+
+    // The plan at the other location names it.
+    let info = vro.get(&t, &format!("/api/v3/Plans/{again}")).await;
+    assert_eq!(
+        (info["recoveryLocationId"].as_str(), info["recoveryLocationName"].as_str()),
+        (Some(site.location.as_str()), Some("Elsewhere"))
+    );
+    let (_, filtered) = {
+        let filter = r#"[{"property":"recoveryLocationName","operator":"==","value":"Elsewhere"}]"#;
+        let r = vro.server.http.get(format!("{}/api/v3/Plans", vro.base)).bearer_auth(&t).query(&[("filter", filter)]);
+        let r = r.send().await.unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!((filtered["total"].as_u64(), filtered["data"][0]["name"].as_str()), (Some(1), Some("Again")));
+
+    // Another tenant: its own scope, not the default one, and it sees no site; no VMs.
+    let acme = vro.server.ok(&native, Method::POST, "/v1/tenants", Some(json!({"name": "acme"}))).await;
+    vro.server
+        .ok(
+            &native,
+            Method::POST,
+            "/v1/users",
+            Some(json!({"name": "acme-admin", "password": "password1", "role": "Viewer", "tenant_id": acme["id"]})),
+        )
+        .await;
+    let other = vro.token("ACME\\acme-admin", "password1").await;
+    let scopes = vro.get(&other, "/api/v3/Scopes").await;
+    assert_eq!(scopes["total"], 1);
+    assert_eq!(
+        (
+            scopes["data"][0]["id"].as_str(),
+            scopes["data"][0]["name"].as_str(),
+            scopes["data"][0]["isDefault"].as_bool()
+        ),
+        (acme["id"].as_str(), Some("acme"), Some(false))
+    );
+    assert_eq!(scopes["data"][0]["siteName"], Value::Null);
+    assert_eq!(usage(&vro.get(&other, "/api/v3/LicenseUsage/Server").await), (Some(0), Some(0)));
+    let (s, _) = vro.call(&other, Method::GET, &format!("/api/v3/Plans/{both}/LicenseUsage"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    vro.stop().await;
+}
+
+/// Every kind of answer carries `Content-Type` and `Content-Length` (the length of the body
+/// received): documents, errors of every status, the fallback's 404, 405, the token endpoint,
+/// the OpenAPI document, the actions' empty 200 and seed 000's above all.
+#[tokio::test]
+async fn every_answer_carries_content_type_and_content_length() {
+    let vro = Vro::start().await;
+    let site = site(&vro).await;
+    let t = vro.token("admin", common::ADMIN_PASSWORD).await;
+    let plan = &site.plan;
+    let unknown = uuid::Uuid::new_v4();
+    let failback = format!("/api/v3/Plans/{plan}/FailbackToProduction");
+    let cases: Vec<Request> = vec![
+        (Some(&t), Method::GET, "/api/v3/Plans".into(), None, StatusCode::OK),
+        (Some(&t), Method::GET, format!("/api/v7.2/Plans/{plan}"), None, StatusCode::OK),
+        (None, Method::GET, "/api/v3/openapi.json".into(), None, StatusCode::OK),
+        (Some(&t), Method::GET, "/api/v3/Scopes".into(), None, StatusCode::OK),
+        (Some(&t), Method::GET, "/api/v3/LicenseUsage/Server".into(), None, StatusCode::OK),
+        (Some(&t), Method::POST, format!("/api/v3/Plans/{plan}/Enable"), None, StatusCode::OK),
+        (None, Method::GET, "/api/v3/Plans".into(), None, StatusCode::UNAUTHORIZED),
+        (Some(&t), Method::GET, format!("/api/v3/Plans/{unknown}"), None, StatusCode::NOT_FOUND),
+        (Some(&t), Method::GET, "/api/v3/Nothing/Here".into(), None, StatusCode::NOT_FOUND),
+        (None, Method::GET, "/elsewhere".into(), None, StatusCode::NOT_FOUND),
+        (Some(&t), Method::DELETE, "/api/v3/Plans".into(), None, StatusCode::METHOD_NOT_ALLOWED),
+        (Some(&t), Method::POST, failback.clone(), Some("{"), StatusCode::BAD_REQUEST),
+        (Some(&t), Method::POST, failback.clone(), Some("{}"), StatusCode::CONFLICT),
+        (Some(&t), Method::POST, format!("/api/v3/Plans/{plan}/Frobnicate"), None, StatusCode::BAD_REQUEST),
+        (Some(&t), Method::POST, format!("/api/v3/Plans/{plan}/Restore"), None, StatusCode::CONFLICT),
+    ];
+    for (token, method, path, body, status) in cases {
+        let what = format!("{method} {path}");
+        let (s, headers, bytes) = vro.exchange(token, method, &path, body).await;
+        assert_eq!(s, status, "{what}: {}", String::from_utf8_lossy(&bytes));
+        assert_content_headers(&headers, bytes.len(), "application/json", &what);
+        if !bytes.is_empty() {
+            serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+    // The token endpoint, with a form body.
+    let r = vro
+        .server
+        .http
+        .post(format!("{}/api/token", vro.base))
+        .form(&[("grant_type", "password"), ("username", "admin"), ("password", common::ADMIN_PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    let headers = r.headers().clone();
+    assert_content_headers(&headers, r.bytes().await.unwrap().len(), "application/json", "POST /api/token");
+
+    // Seed 000: FailbackToProduction answers 200 with no body, typed JSON, of length 0.
+    vro.act(&t, plan, "Failover", json!({})).await;
+    vro.wait_state(&t, plan, "Failover").await;
+    let body = format!(r#"{{"restoreLocationId": "{NIL}", "failbackRestoreVMTags": false}}"#);
+    let (s, headers, bytes) = vro.exchange(Some(&t), Method::POST, &failback, Some(&body)).await;
+    assert_eq!((s, bytes.len()), (StatusCode::OK, 0));
+    assert_eq!(
+        (headers["content-type"].to_str().unwrap(), headers["content-length"].to_str().unwrap()),
+        ("application/json", "0")
+    );
     vro.stop().await;
 }

@@ -56,4 +56,6 @@ fn enumerations_are_the_dialects() {
         ["Arguments", "Path", "Port", "TimeoutSeconds"]
     );
     assert_eq!(enum_of(&schemas["ErrorCode"]).len(), 11);
+    assert_eq!(enum_of(&schemas["ScopeInfo"]["properties"]["state"]), ["Active"]);
+    assert_eq!(enum_of(&schemas["ReadinessCheckStarted"]["properties"]["state"]), ["Checking"]);
 }

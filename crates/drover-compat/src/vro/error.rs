@@ -59,6 +59,14 @@ pub enum VroError {
     Uri(String),
     NoRoute,
     MethodNotAllowed,
+    /// `POST /Plans/{planId}/<name>` where `<name>` is no action of the product.
+    UnknownAction(String),
+    /// An action of the product that does not apply to this plan (its type, in drover always
+    /// `Replica`).
+    ActionNotForPlan {
+        plan_id: uuid::Uuid,
+        message: String,
+    },
 }
 
 impl From<Error> for VroError {
@@ -99,6 +107,10 @@ impl VroError {
             VroError::Body(m) => (StatusCode::BAD_REQUEST, C::UnexpectedContent, m.clone(), none()),
             VroError::Uri(m) => (StatusCode::BAD_REQUEST, C::InvalidUri, m.clone(), none()),
             VroError::NoRoute => (StatusCode::NOT_FOUND, C::NotFound, "no resource at this path".into(), none()),
+            VroError::UnknownAction(m) => (StatusCode::BAD_REQUEST, C::InvalidUri, m.clone(), none()),
+            VroError::ActionNotForPlan { plan_id, message } => {
+                (StatusCode::CONFLICT, C::Conflict, message.clone(), plan_id.to_string())
+            }
             VroError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 C::MethodNotAllowed,
@@ -203,6 +215,11 @@ mod tests {
         let (s, c, ..) = VroError::Token { expired: true, message: String::new() }.parts();
         assert_eq!((s.as_u16(), c), (401, ErrorCode::ExpiredToken));
         assert_eq!(serde_json::to_value(ErrorCode::InvalidUri).unwrap(), "InvalidURI");
+        let (s, c, _, r) = VroError::UnknownAction("x".into()).parts();
+        assert_eq!((s.as_u16(), c, r.as_str()), (400, ErrorCode::InvalidUri, ""));
+        let plan_id = uuid::Uuid::new_v4();
+        let (s, c, _, r) = VroError::ActionNotForPlan { plan_id, message: "m".into() }.parts();
+        assert_eq!((s.as_u16(), c, r), (409, ErrorCode::Conflict, plan_id.to_string()));
     }
 
     async fn body_of(resp: Response) -> serde_json::Value {

@@ -173,9 +173,11 @@ async fn facts(st: &VroState, c: &Caller, p: &d::Plan, scope: &(Uuid, String)) -
             .and_then(|l| Uuid::parse_str(l).ok())
             .is_some_and(|l| l != d::RecoveryLocationId::ORIGINAL.0)
     });
+    let location = st.app.recovery_location_get(c, p.recovery_location_id).await?;
     Ok(PlanFacts {
         site_scope_id: scope.0,
         site_scope_name: scope.1.clone(),
+        recovery_location_name: location.name,
         current,
         warnings,
         errors,
@@ -422,19 +424,95 @@ pub async fn plans_disable(State(st): State<VroState>, Auth(c): Auth, Path(id): 
     Ok(StatusCode::OK)
 }
 
-/// Checks that every replica, host, datastore and network the plan needs is there.
+/// Checks that every replica, host, datastore and network the plan needs is there. Unlike the
+/// other actions, answers with a JSON body: the session that runs the check.
 #[utoipa::path(post, path = "/api/v3/Plans/{planId}/ReadinessCheck", tag = "Plan actions", security(("bearer" = [])),
     params(("planId" = Uuid, Path)), request_body(content = ReadinessCheckBody, content_type = "application/json"),
-    responses((status = 200, description = "accepted"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = ReadinessCheckStarted, description = "started; watch RuntimeDetails"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn plans_readiness_check(
     State(st): State<VroState>,
     Auth(c): Auth,
     Path(id): Path<String>,
     Body(body): Body,
-) -> VroResult<StatusCode> {
+) -> VroResult<Json<ReadinessCheckStarted>> {
     let _: ReadinessCheckBody = body_or_default(&body)?;
-    act(&st, &c, &id, PlanAction::ReadinessCheck, PlanActionOptions::default()).await
+    let (p, session) =
+        st.app.plan_action(&c, plan_id(&id)?, PlanAction::ReadinessCheck, PlanActionOptions::default()).await?;
+    Ok(Json(ReadinessCheckStarted {
+        plan_id: p.id.0,
+        session_id: session.map(|s| s.0),
+        state: state_id(p.lifecycle.state),
+        report_generated: false,
+    }))
+}
+
+/// Why an action of the product is not served.
+#[derive(Debug, Clone, Copy)]
+enum NotServed {
+    /// The product runs it on restore plans only; drover's plans are replica plans.
+    RestorePlansOnly,
+    /// drover has no such operation.
+    NotInDrover(&'static str),
+}
+
+/// The plan actions of the product (its documented `POST /Plans/{planId}/...`) that drover does
+/// not serve. Every other name after `/Plans/{planId}/` that no route serves is not an action of
+/// the product.
+const ACTIONS_NOT_SERVED: [(&str, NotServed); 3] = [
+    ("Restore", NotServed::RestorePlansOnly),
+    ("MalwareScan", NotServed::RestorePlansOnly),
+    ("Clone", NotServed::NotInDrover("create the plan anew through the native API")),
+];
+
+/// The names after `/Plans/{planId}/` that routes serve, to tell a misspelt one from an unknown
+/// one.
+const SERVED_NAMES: [&str; 17] = [
+    "Enable",
+    "Disable",
+    "ReadinessCheck",
+    "Failover",
+    "PermanentFailover",
+    "PrepareToFailback",
+    "FailbackToProduction",
+    "SwitchoverToProduction",
+    "CommitFailback",
+    "Undo",
+    "Halt",
+    "Continue",
+    "ResetState",
+    "LicenseUsage",
+    "Groups",
+    "Vms",
+    "Steps",
+];
+
+/// `POST /Plans/{planId}/{action}` for every action no route serves: an action of the product
+/// that does not apply to drover's (replica) plans is 409 `Conflict`; any other name is 400
+/// `InvalidURI`. Neither changes anything.
+pub async fn plans_other_action(
+    State(st): State<VroState>,
+    Auth(c): Auth,
+    Path((id, action)): Path<(String, String)>,
+) -> VroResult<StatusCode> {
+    let Some((name, why)) = ACTIONS_NOT_SERVED.iter().find(|(name, _)| *name == action) else {
+        let hint = SERVED_NAMES
+            .iter()
+            .chain(ACTIONS_NOT_SERVED.iter().map(|(name, _)| name))
+            .find(|name| name.eq_ignore_ascii_case(&action))
+            .map(|name| format!(" (names are spelled as documented: {name})"))
+            .unwrap_or_default();
+        return Err(VroError::UnknownAction(format!("{action:?} is not an action of a plan{hint}")));
+    };
+    let p = plan(&st, &c, &id).await?;
+    let message = match why {
+        NotServed::RestorePlansOnly => {
+            format!("{name} applies only to restore plans; plan {:?} is a replica plan", p.name)
+        }
+        NotServed::NotInDrover(instead) => format!("{name} is not supported for plan {:?}: {instead}", p.name),
+    };
+    Err(VroError::ActionNotForPlan { plan_id: p.id.0, message })
 }
 
 /// Fails over to the newest restore point, or the newest at or before `restorePointDate`.
@@ -701,4 +779,58 @@ pub async fn locations_get(
     let lid = Uuid::parse_str(&id).map_err(|_| Error::not_found(d::RecoveryLocationId::KIND, &id))?;
     let l = st.app.recovery_location_get(&c, d::RecoveryLocationId(lid)).await?;
     Ok(Json(location_info(&st, &c, &l).await))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scopes and license usage
+
+#[utoipa::path(get, path = "/api/v3/Scopes", tag = "Scopes", security(("bearer" = [])), params(CollectionQuery),
+    responses((status = 200, body = Collection<ScopeInfo>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody)))]
+pub async fn scopes_list(
+    State(st): State<VroState>,
+    Auth(c): Auth,
+    Query(q): Query<CollectionQuery>,
+) -> VroResult<Json<Collection<Value>>> {
+    let sites = st.app.list::<d::Site>(&c).await?;
+    let scopes: Vec<ScopeInfo> = st
+        .app
+        .tenant_list(&c)
+        .await?
+        .iter()
+        .filter(|t| t.id == c.tenant_id)
+        .map(|t| ScopeInfo::new(t, &sites))
+        .collect();
+    Ok(Json(q.apply(scopes)?))
+}
+
+async fn server_license_usage(st: &VroState, c: &Caller) -> VroResult<LicenseUsage> {
+    Ok(LicenseUsage::of(&st.app.list::<d::Plan>(c).await?))
+}
+
+/// The VMs the caller's plans protect.
+#[utoipa::path(get, path = "/api/v3/LicenseUsage/Server", tag = "LicenseUsage", security(("bearer" = [])),
+    responses((status = 200, body = LicenseUsage), (status = 401, body = ErrorBody)))]
+pub async fn license_usage_server(State(st): State<VroState>, Auth(c): Auth) -> VroResult<Json<LicenseUsage>> {
+    Ok(Json(server_license_usage(&st, &c).await?))
+}
+
+/// The same as `/LicenseUsage/Server`, at the path of the product's later versions.
+#[utoipa::path(get, path = "/api/v3/License/Usage/Server", tag = "LicenseUsage", security(("bearer" = [])),
+    responses((status = 200, body = LicenseUsage), (status = 401, body = ErrorBody)))]
+pub async fn license_usage_server_later(State(st): State<VroState>, Auth(c): Auth) -> VroResult<Json<LicenseUsage>> {
+    Ok(Json(server_license_usage(&st, &c).await?))
+}
+
+/// The VMs one plan protects.
+#[utoipa::path(get, path = "/api/v3/Plans/{planId}/LicenseUsage", tag = "LicenseUsage", security(("bearer" = [])),
+    params(("planId" = Uuid, Path)),
+    responses((status = 200, body = LicenseUsage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn plan_license_usage(
+    State(st): State<VroState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> VroResult<Json<LicenseUsage>> {
+    let p = plan(&st, &c, &id).await?;
+    Ok(Json(LicenseUsage::of([&p])))
 }

@@ -81,6 +81,8 @@ impl ExecutionResult {
 pub struct PlanFacts {
     pub site_scope_id: Uuid,
     pub site_scope_name: String,
+    /// The name of the plan's recovery location.
+    pub recovery_location_name: String,
     /// The newest session that moves the plan's state (everything but test failovers).
     pub current: Option<Session>,
     /// The current session's steps that were skipped (warnings) and that stand failed (errors).
@@ -251,6 +253,9 @@ pub struct RecoveryPlanInfo {
     #[schema(schema_with = schema_plan_type)]
     pub plan_type: &'static str,
     pub recovery_location_id: Uuid,
+    /// The name of that recovery location (**decision**: never null; a location a plan uses
+    /// cannot be deleted, and the Original VM Location is built in).
+    pub recovery_location_name: String,
     pub server_id: Uuid,
     /// The plan's tenant.
     pub site_scope_id: Uuid,
@@ -287,6 +292,7 @@ impl From<(&d::Plan, &PlanFacts)> for RecoveryPlanInfo {
             id: p.id.0,
             plan_type: "Replica",
             recovery_location_id: p.recovery_location_id.0,
+            recovery_location_name: f.recovery_location_name.clone(),
             server_id: SERVER_ID,
             site_scope_id: f.site_scope_id,
             site_scope_name: f.site_scope_name.clone(),
@@ -708,6 +714,91 @@ impl RecoveryLocationInfo {
     }
 }
 
+fn schema_scope_state() -> Object {
+    string_enum(["Active"])
+}
+
+/// A scope (`GET /Scopes`). **Decision:** a drover tenant is one scope: the caller's tenant, the
+/// same id and name as `siteScopeId`/`siteScopeName` of its plans.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScopeInfo {
+    /// The tenant's id.
+    pub id: Uuid,
+    /// The tenant's name.
+    pub name: String,
+    /// drover's tenants have no description: always empty.
+    pub description: String,
+    /// The tenant created on first start, as the product's built-in "Admin Scope" is its default.
+    pub is_default: bool,
+    /// A tenant is always active.
+    #[schema(schema_with = schema_scope_state)]
+    pub state: &'static str,
+    pub server_id: Uuid,
+    /// The name of the disaster-recovery site the tenant sees (the first by name; a production
+    /// site when it sees no disaster-recovery one); null when it sees no site.
+    pub site_name: Option<String>,
+}
+
+impl ScopeInfo {
+    /// `sites`: the sites the tenant sees, in any order.
+    pub fn new(tenant: &d::Tenant, sites: &[d::Site]) -> ScopeInfo {
+        let site_name = sites
+            .iter()
+            .min_by_key(|s| (s.kind != d::SiteKind::DisasterRecovery, s.name.to_lowercase(), s.id.0))
+            .map(|s| s.name.clone());
+        ScopeInfo {
+            id: tenant.id.0,
+            name: tenant.name.clone(),
+            description: String::new(),
+            is_default: tenant.is_system,
+            state: "Active",
+            server_id: SERVER_ID,
+            site_name,
+        }
+    }
+}
+
+/// License usage (`/LicenseUsage/Server`, `/License/Usage/Server`, `/Plans/{planId}/LicenseUsage`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LicenseUsage {
+    /// Instances of VMs added to plans that do not count yet. drover has no license and no
+    /// grace period: always 0.
+    pub new_instances: u64,
+    /// The distinct VMs in the plans counted (each VM once, however many plans hold it).
+    pub managed_instances: u64,
+}
+
+impl LicenseUsage {
+    /// The usage of `plans`: the distinct VMs they hold.
+    pub fn of<'a>(plans: impl IntoIterator<Item = &'a d::Plan>) -> LicenseUsage {
+        let vms: std::collections::BTreeSet<Uuid> =
+            plans.into_iter().flat_map(|p| p.groups.iter().flat_map(|g| g.vms.iter().map(|v| v.vm_id.0))).collect();
+        LicenseUsage { new_instances: 0, managed_instances: vms.len() as u64 }
+    }
+}
+
+fn schema_checking_state() -> Object {
+    string_enum([state_id(PlanState::Checking)])
+}
+
+/// The answer to `POST /Plans/{planId}/ReadinessCheck`: the check has started.
+/// **Decision:** the product documents no body for it; this one names what a client needs to
+/// follow the check (RuntimeDetails of the plan, or the session in the native API).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessCheckStarted {
+    pub plan_id: Uuid,
+    /// The session that runs the check.
+    pub session_id: Option<Uuid>,
+    /// The plan's state now: `Checking`.
+    #[schema(schema_with = schema_checking_state)]
+    pub state: &'static str,
+    /// drover writes the check into its session's log; no separate report: always false.
+    pub report_generated: bool,
+}
+
 /// `POST /api/token` response: the native API's token, the same on the wire.
 pub use drover_api::views::TokenResponse;
 
@@ -904,6 +995,53 @@ mod tests {
         }
         assert_eq!(state_order(PlanState::NeedsVerified), 0);
         assert_eq!(state_order(PlanState::CommitFailback), 19);
+    }
+
+    #[test]
+    fn a_scope_names_the_disaster_recovery_site_first_and_usage_counts_each_vm_once() {
+        let tenant = d::Tenant { id: d::TenantId::new(), name: "acme".into(), is_system: false, created_at: d::now() };
+        let site = |name: &str, kind| d::Site {
+            id: d::SiteId::new(),
+            tenant_id: tenant.id,
+            name: name.into(),
+            kind,
+            created_at: d::now(),
+        };
+        assert_eq!(ScopeInfo::new(&tenant, &[]).site_name, None);
+        let prod = site("alpha", d::SiteKind::Production);
+        assert_eq!(ScopeInfo::new(&tenant, std::slice::from_ref(&prod)).site_name.as_deref(), Some("alpha"));
+        let sites = [prod, site("zulu", d::SiteKind::DisasterRecovery), site("Mike", d::SiteKind::DisasterRecovery)];
+        let scope = ScopeInfo::new(&tenant, &sites);
+        assert_eq!(
+            (scope.id, scope.site_name.as_deref(), scope.is_default, scope.state),
+            (tenant.id.0, Some("Mike"), false, "Active")
+        );
+
+        let plan = |vms: &[d::VmId]| d::Plan {
+            id: d::PlanId::new(),
+            tenant_id: tenant.id,
+            name: "p".into(),
+            description: String::new(),
+            enabled: true,
+            lifecycle: d::PlanLifecycle::default(),
+            recovery_location_id: d::RecoveryLocationId::ORIGINAL,
+            groups: vec![d::PlanGroup {
+                id: d::PlanGroupId::new(),
+                name: "g".into(),
+                mode: d::GroupMode::Sequential,
+                delay_secs: 0,
+                critical: false,
+                restore_tags: false,
+                vms: vms.iter().map(|v| d::PlanVm { vm_id: *v, steps: Vec::new() }).collect(),
+            }],
+            created_at: d::now(),
+            updated_at: d::now(),
+        };
+        let (a, b) = (d::VmId::new(), d::VmId::new());
+        let plans = [plan(&[a]), plan(&[a, b]), plan(&[])];
+        assert_eq!(LicenseUsage::of(&plans), LicenseUsage { new_instances: 0, managed_instances: 2 });
+        assert_eq!(LicenseUsage::of(&plans[2..]).managed_instances, 0);
+        assert_eq!(LicenseUsage::of(&plans[..1]).managed_instances, 1);
     }
 
     #[test]

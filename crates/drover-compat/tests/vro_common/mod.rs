@@ -48,14 +48,14 @@ impl Vro {
         self.server.stop().await;
     }
 
-    /// A raw request to the dialect: the status and the body as JSON (Null when empty).
-    pub async fn raw(
+    /// A raw request to the dialect: the status, the headers and the body as it came.
+    pub async fn exchange(
         &self,
         token: Option<&str>,
         method: Method,
         path: &str,
         body: Option<&str>,
-    ) -> (StatusCode, Value) {
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
         let mut req = self.server.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -65,7 +65,21 @@ impl Vro {
         }
         let resp = req.send().await.unwrap();
         let status = resp.status();
-        let bytes = resp.bytes().await.unwrap();
+        let headers = resp.headers().clone();
+        (status, headers, resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// A raw request to the dialect: the status and the body as JSON (Null when empty). Every
+    /// answer carries `Content-Type: application/json` and its body's `Content-Length`.
+    pub async fn raw(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let (status, headers, bytes) = self.exchange(token, method.clone(), path, body).await;
+        assert_content_headers(&headers, bytes.len(), "application/json", &format!("{method} {path}"));
         let v = if bytes.is_empty() {
             Value::Null
         } else {
@@ -294,6 +308,14 @@ pub fn golden(name: &str, v: &Value) {
 
 pub fn keys(v: &Value) -> Vec<&str> {
     v.as_object().unwrap().keys().map(String::as_str).collect()
+}
+
+/// `Content-Type` starts with `media` and `Content-Length` is the length of the body received.
+pub fn assert_content_headers(headers: &reqwest::header::HeaderMap, body_len: usize, media: &str, what: &str) {
+    let content_type = headers.get("content-type").map(|v| v.to_str().unwrap());
+    assert!(content_type.is_some_and(|t| t.starts_with(media)), "{what}: Content-Type {content_type:?}");
+    let length = headers.get("content-length").map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+    assert_eq!(length, Some(body_len), "{what}: Content-Length");
 }
 
 pub fn assert_has_fields(v: &Value, fields: &str) {
