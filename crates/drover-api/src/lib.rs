@@ -213,8 +213,8 @@ pub fn self_signed(dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
     // Key first and private from its creation: a crash between the two writes leaves no
     // certificate without its key. Each is published durably, so a crash or a power cut never
     // leaves a half-written file that the check above would take for a whole one.
-    drover_hv::durable::write_blocking(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
-    drover_hv::durable::write_blocking(&cert, generated.cert.pem().as_bytes(), 0o600)?;
+    drover_qemu::durable::write_blocking(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
+    drover_qemu::durable::write_blocking(&cert, generated.cert.pem().as_bytes(), 0o600)?;
     Ok((cert, key))
 }
 

@@ -87,7 +87,7 @@ async fn a_real_vm_is_created_powered_on_and_shut_down_over_http() {
     let boot = json!({"kernel": guest.vmlinux, "initrd": guest.initramfs, "cmdline": guest.cmdline});
     let vm = server.vm(&t, &host, &ds, "tiny", json!({"boot": boot, "memory_mib": 128})).await;
     let image = server.dir.path().join("ds1").join(&vm).join("data.qcow2");
-    let info = drover_hv::image::info(&image).await.unwrap();
+    let info = drover_qemu::image::info(&image).await.unwrap();
     assert_eq!(info.format, "qcow2");
     assert_eq!(info.virtual_size, 64 << 20);
 

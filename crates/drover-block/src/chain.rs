@@ -23,12 +23,12 @@
 
 use std::path::{Path, PathBuf};
 
-use drover_hv::image;
+use drover_qemu::image;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     #[error(transparent)]
-    Image(#[from] drover_hv::HvError),
+    Image(#[from] drover_qemu::ToolError),
     #[error("{context}")]
     Io {
         context: String,
@@ -119,11 +119,11 @@ impl ChainDir {
         let from = manifest_path(next);
         if tokio::fs::try_exists(&from).await.map_err(io(format!("checking {}", from.display())))? {
             let to = manifest_path(oldest);
-            let tmp = drover_hv::durable::temp_path(&to);
+            let tmp = drover_qemu::durable::temp_path(&to);
             tokio::fs::copy(&from, &tmp).await.map_err(io(format!("copying {}", from.display())))?;
             // Durable before the caller retires the point: a power cut must not leave the kept
             // point with a manifest whose data never reached the disk.
-            drover_hv::durable::publish(&tmp, &to).await.map_err(io(format!("publishing {}", to.display())))?;
+            drover_qemu::durable::publish(&tmp, &to).await.map_err(io(format!("publishing {}", to.display())))?;
         }
         Ok(oldest.to_path_buf())
     }

@@ -4,7 +4,7 @@
 //! server that costs the server about as much CPU as the bytes are worth (measured: 0.6 CPU-s per
 //! GiB for `qemu-storage-daemon`, the whole floor of the sync on two cores), while the bytes are
 //! plain ranges of the qcow2 files. `qemu-img map` (the reference qcow2 implementation, see
-//! [`drover_hv::image::host_map`]) says where each guest range is; this module only reads those
+//! [`drover_qemu::image::host_map`]) says where each guest range is; this module only reads those
 //! ranges with `pread`. An image with anything QEMU must decode (compressed clusters, encryption,
 //! an external data file) is refused, and the caller reads it through NBD as before.
 //!
@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use drover_hv::image::{HostExtent, HostMap, Placement};
+use drover_qemu::image::{HostExtent, HostMap, Placement};
 
 use crate::extents::{Extent, ExtentSet};
 

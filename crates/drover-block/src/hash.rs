@@ -182,7 +182,7 @@ impl Manifest {
 
     /// Writes the manifest durably: temporary file, fsync, rename, fsync of the directory.
     pub async fn save(&self, path: &Path) -> Result<(), ManifestError> {
-        drover_hv::durable::write(path, self.encode(), 0o600)
+        drover_qemu::durable::write(path, self.encode(), 0o600)
             .await
             .map_err(|e| ManifestError::Io { context: format!("writing {}", path.display()), source: e })
     }

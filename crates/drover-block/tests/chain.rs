@@ -72,7 +72,7 @@ async fn points_retention_and_boot_overlays() {
     let again = chain.retire_oldest(&p1, &p2, Some(&p3)).await.unwrap();
     assert_eq!(again, p1);
     assert_eq!(read_all(&p3), want3);
-    assert_eq!(drover_hv::image::info(&p3).await.unwrap().backing.as_deref(), Some(p1.as_path()));
+    assert_eq!(drover_qemu::image::info(&p3).await.unwrap().backing.as_deref(), Some(p1.as_path()));
     assert_eq!(Manifest::load(&manifest_path(&p1)).await.unwrap(), m2);
 
     // Garbage: the merged-away file goes, the points stay, and still read the same.

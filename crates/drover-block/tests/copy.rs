@@ -212,7 +212,7 @@ async fn manifest_compare_reads_only_the_source_and_skips_its_holes() {
                     manifest_compare_sync(&mut s, &mut d, &mut manifest, |_, _| {}).await.unwrap()
                 }
                 None => {
-                    let map = drover_hv::image::host_map(&source).await.unwrap();
+                    let map = drover_qemu::image::host_map(&source).await.unwrap();
                     let mut s = DirectImage::open(&map).unwrap();
                     manifest_compare_sync(&mut s, &mut d, &mut manifest, |_, _| {}).await.unwrap()
                 }
@@ -262,7 +262,7 @@ async fn a_direct_image_reads_as_qemu_does() {
     run("qemu-img", &["convert", "-O", "raw", top.to_str().unwrap(), raw.to_str().unwrap()]);
     let truth = std::fs::read(&raw).unwrap();
 
-    let image = DirectImage::open(&drover_hv::image::host_map(&top).await.unwrap()).unwrap();
+    let image = DirectImage::open(&drover_qemu::image::host_map(&top).await.unwrap()).unwrap();
     assert_eq!(image.size(), SIZE);
     let mut whole = vec![0xeeu8; SIZE as usize];
     image.read_at(0, &mut whole).unwrap();
@@ -278,6 +278,6 @@ async fn a_direct_image_reads_as_qemu_does() {
     assert!(data < SIZE / 4, "holes are not data: {data}");
 
     run("qemu-io", &["-f", "qcow2", "-c", &format!("write -c -P 0x33 {} 65536", 12 << 20), top.to_str().unwrap()]);
-    let err = DirectImage::open(&drover_hv::image::host_map(&top).await.unwrap()).unwrap_err();
+    let err = DirectImage::open(&drover_qemu::image::host_map(&top).await.unwrap()).unwrap_err();
     assert!(err.to_string().contains("compressed"), "{err}");
 }

@@ -38,9 +38,9 @@ use drover_block::copy::{copy_extents, hash_compare_sync};
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
-use drover_hv::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_hv::tracking;
 use drover_hv::{DiskSpec, VmSpec};
+use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -351,7 +351,7 @@ impl Step for SyncStep {
             tracking::remove_tracking(q, parts.replica.id.0, i, "drover-fb1").await.map_err(unavailable)?;
             tracking::enable_tracking(q, parts.replica.id.0, i, "drover-fb0").await.map_err(unavailable)?;
             // 2. The union of what can differ.
-            let size = drover_hv::image::info(production).await.map_err(unavailable)?.virtual_size;
+            let size = drover_qemu::image::info(production).await.map_err(unavailable)?.virtual_size;
             let mut union = own_clusters(overlay).await?;
             for (d, file) in &parts.newer {
                 if d == disk {
@@ -463,7 +463,7 @@ impl Step for Switch {
         let work = work_dir(ctx, "sw", self.index);
         let mut out = Vec::new();
         for (disk, production, overlay, _) in &parts.disks {
-            let size = drover_hv::image::info(production).await.map_err(unavailable)?.virtual_size;
+            let size = drover_qemu::image::info(production).await.map_err(unavailable)?.virtual_size;
             // 2. The last delta: what the replica wrote since the sync's cut.
             let states = tracking::bitmap_state_offline(overlay).await.map_err(unavailable)?;
             let fb1 = states.iter().find(|b| b.name == "drover-fb1" && !b.inconsistent);
@@ -778,9 +778,9 @@ impl Step for RestoreToLocation {
         let work = work_dir(ctx, "rl", self.index);
         let mut sent_total = 0;
         for (disk, _production, overlay, _) in &parts.disks {
-            let size = drover_hv::image::info(overlay).await.map_err(unavailable)?.virtual_size;
+            let size = drover_qemu::image::info(overlay).await.map_err(unavailable)?.virtual_size;
             let target = disk_path(&dir, disk);
-            drover_hv::image::create_qcow2(&target, size).await.map_err(unavailable)?;
+            drover_qemu::image::create_qcow2(&target, size).await.map_err(unavailable)?;
             let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
             let copied = async {
                 let mut src = NbdClient::connect_unix(&ep.socket, &ep.export_name, &["base:allocation"]).await?;

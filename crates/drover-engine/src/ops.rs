@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_hv::{BootSpec, DiskSpec, NicSpec, VmSpec, image};
+use drover_hv::{BootSpec, DiskSpec, NicSpec, VmSpec};
+use drover_qemu::image;
 use drover_types::{
     Datastore, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent, VmPowerState,
 };
@@ -173,6 +174,11 @@ pub(crate) async fn replica_event(
     Ok(())
 }
 
+/// A tool's error, classed as the driver's.
+fn tool_err(e: drover_qemu::ToolError) -> Error {
+    hv_err(e.into())
+}
+
 fn hv_err(e: drover_hv::HvError) -> Error {
     match e {
         drover_hv::HvError::InvalidSpec(m) => Error::invalid(m),
@@ -256,18 +262,18 @@ impl Step for CreateDisks {
             match &d.import_from {
                 Some(src) => {
                     ctx.log(LogLevel::Info, format!("importing disk {} from {src}", d.name)).await;
-                    image::import_qcow2(Path::new(src), &partial).await.map_err(hv_err)?;
+                    image::import_qcow2(Path::new(src), &partial).await.map_err(tool_err)?;
                 }
                 None => {
                     ctx.log(LogLevel::Info, format!("creating disk {} ({} bytes)", d.name, d.size_bytes)).await;
-                    image::create_qcow2(&partial, d.size_bytes).await.map_err(hv_err)?;
+                    image::create_qcow2(&partial, d.size_bytes).await.map_err(tool_err)?;
                 }
             }
             // Private whatever the process's umask: a disk image is the tenant's data.
             tokio::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))
                 .await
                 .map_err(|e| Error::Unavailable(format!("cannot make {} private: {e}", partial.display())))?;
-            drover_hv::durable::publish(&partial, &path)
+            drover_qemu::durable::publish(&partial, &path)
                 .await
                 .map_err(|e| Error::Unavailable(format!("cannot move {} into place: {e}", path.display())))?;
             paths.push(path);

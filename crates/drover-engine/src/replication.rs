@@ -32,9 +32,9 @@ use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_co
 use drover_block::direct::DirectImage;
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
-use drover_hv::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
 use drover_hv::tracking::{self, CycleExport};
 use drover_hv::{HvError, PowerState};
+use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -299,7 +299,7 @@ impl Step for Prepare {
         let mut disks = Vec::new();
         for (index, d) in vm.disks.iter().enumerate() {
             let image = disk_path(&src_dir, &d.name);
-            let size = drover_hv::image::info(&image).await.map_err(unavailable)?.virtual_size;
+            let size = drover_qemu::image::info(&image).await.map_err(unavailable)?.virtual_size;
             let prev_file =
                 newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PathBuf::from(&x.file));
             let states = if running {
@@ -570,7 +570,7 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
 
 /// The files of `image` to read it from directly, or why they cannot be.
 async fn direct_source(image: &Path) -> std::result::Result<DirectImage, String> {
-    let map = drover_hv::image::host_map(image).await.map_err(|e| e.to_string())?;
+    let map = drover_qemu::image::host_map(image).await.map_err(|e| e.to_string())?;
     DirectImage::open(&map).map_err(|e| e.to_string())
 }
 

@@ -24,7 +24,7 @@ pub async fn replica_with_point(
     let chain = dr_path.join(replica.id.to_string()).join("data");
     std::fs::create_dir_all(&chain).expect("chain directory");
     let file = chain.join("point-1.qcow2");
-    drover_hv::image::create_qcow2(&file, 64 << 20).await.expect("point file");
+    drover_qemu::image::create_qcow2(&file, 64 << 20).await.expect("point file");
     let point = RestorePoint {
         id: RestorePointId::new(),
         replica_id: replica.id,

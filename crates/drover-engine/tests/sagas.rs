@@ -500,15 +500,15 @@ async fn the_readiness_check_saga_twice_and_with_failures() {
 async fn an_imported_disk_is_a_copy_of_its_source() {
     let env = env().await;
     let source = env.ds_path.join("source.qcow2");
-    drover_hv::image::create_qcow2(&source, 8 << 20).await.unwrap();
+    drover_qemu::image::create_qcow2(&source, 8 << 20).await.unwrap();
     let mut new = env.new_vm("imported");
     new.disks = vec![VmDisk { name: "boot".into(), size_bytes: 0, import_from: Some(source.to_string_lossy().into()) }];
     let (vm, s) = env.app.vm_create(&env.caller, new).await.unwrap();
     assert_eq!(env.wait(s).await.result, SessionResult::Success);
     let copy = env.ds_path.join(vm.id.to_string()).join("boot.qcow2");
-    assert!(drover_hv::image::compare(&source, &copy).await.unwrap());
+    assert!(drover_qemu::image::compare(&source, &copy).await.unwrap());
     assert!(source.is_file(), "the source is copied, never moved");
-    let info = drover_hv::image::info(&copy).await.unwrap();
+    let info = drover_qemu::image::info(&copy).await.unwrap();
     assert_eq!((info.format.as_str(), info.virtual_size), ("qcow2", 8 << 20));
 }
 

@@ -18,11 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub mod durable;
-pub mod image;
 pub mod qemu;
-pub mod qmp;
-pub mod qsd;
 pub mod sim;
 pub mod tracking;
 pub mod usernet;
@@ -147,6 +143,21 @@ pub enum HvError {
 impl HvError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         HvError::Io { context: context.into(), source }
+    }
+}
+
+/// A tool's error keeps its class as the driver's.
+impl From<drover_qemu::ToolError> for HvError {
+    fn from(e: drover_qemu::ToolError) -> Self {
+        use drover_qemu::ToolError as T;
+        match e {
+            T::Timeout(after, what) => HvError::Timeout(after, what),
+            T::Qmp { command, class, desc } => HvError::Qmp { command, class, desc },
+            T::QmpProtocol(m) => HvError::QmpProtocol(m),
+            T::Tool { program, stderr } => HvError::Tool { program, stderr },
+            T::InvalidArgument(m) => HvError::InvalidSpec(m),
+            T::Io { context, source } => HvError::Io { context, source },
+        }
     }
 }
 

@@ -59,8 +59,8 @@ use tokio::sync::{Mutex as AsyncMutex, OnceCell};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::qmp::QmpClient;
 use crate::{BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState, VmSpec};
+use drover_qemu::qmp::QmpClient;
 
 /// Name of the virtio-serial port the guest agent listens on.
 pub const AGENT_CHANNEL: &str = "org.drover.agent";
@@ -278,7 +278,7 @@ impl QemuDriver {
         if running_pid(&paths, vm).is_none() {
             return Err(self.not_running(vm));
         }
-        QmpClient::connect_timeout(&paths.qmp, QMP_TIMEOUT).await
+        Ok(QmpClient::connect_timeout(&paths.qmp, QMP_TIMEOUT).await?)
     }
 
     /// The QEMU process id, when the VM's process is alive.
@@ -678,7 +678,7 @@ async fn probe_kvm_in(qemu_binary: &Path, guest: &BootSpec, timeout: Duration, d
     tokio::fs::create_dir_all(dir).await.map_err(|e| HvError::io("creating the probe directory", e))?;
     // A data disk, so the guest does not wait for one before it prints.
     let disk = dir.join("probe.qcow2");
-    crate::image::create_qcow2(&disk, 16 << 20).await?;
+    drover_qemu::image::create_qcow2(&disk, 16 << 20).await?;
     let mut cmd = Command::new(qemu_binary);
     cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc"])
         .args(["-accel", "kvm", "-cpu", "host", "-m", "128M", "-serial", "stdio"])
@@ -759,7 +759,7 @@ async fn remove_if_present(path: &Path) -> HvResult<()> {
 
 /// Published durably, so neither a crash nor a power cut leaves a half-written spec.json.
 async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
-    crate::durable::write(path, bytes.to_vec(), 0o600)
+    drover_qemu::durable::write(path, bytes.to_vec(), 0o600)
         .await
         .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
 }

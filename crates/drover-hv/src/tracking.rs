@@ -86,9 +86,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::qemu::QemuDriver;
-use crate::qmp::QmpClient;
-use crate::qsd::{self, Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
-use crate::{HvError, HvResult, image};
+use crate::{HvError, HvResult};
+use drover_qemu::image;
+use drover_qemu::qmp::QmpClient;
+use drover_qemu::qsd::{self, Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 
 /// Bound on one QMP command (the cut itself takes a few milliseconds).
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -391,7 +392,7 @@ pub async fn end_cycle(hv: &QemuDriver, export: &CycleExport, success: bool) -> 
 }
 
 async fn exec(qmp: &mut QmpClient, command: &str, args: Value) -> HvResult<Value> {
-    qmp.execute_timeout(command, args, QMP_TIMEOUT).await
+    Ok(qmp.execute_timeout(command, args, QMP_TIMEOUT).await?)
 }
 
 /// The `query-named-block-nodes` entry of a disk; a VM without that disk is a bad request.

@@ -41,8 +41,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::qmp::QmpClient;
 use crate::{HvError, HvResult, TcpPortState};
+use drover_qemu::qmp::QmpClient;
 
 /// The guest's address on a user-mode network: slirp's first DHCP lease in its default
 /// 10.0.2.0/24, and the tiny guest's static address.

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest, probe_kvm};
-use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, TcpPortState, VmSpec, image};
+use drover_hv::{DiskSpec, HvError, Hypervisor, NicSpec, PowerState, ShutdownOutcome, TcpPortState, VmSpec};
+use drover_qemu::image;
 use uuid::Uuid;
 
 /// Generous: the guest needs ~3-4 s under TCG, but CI machines may be loaded.

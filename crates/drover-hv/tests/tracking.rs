@@ -15,9 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest};
-use drover_hv::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_hv::tracking::{self, BitmapState};
-use drover_hv::{DiskSpec, HvError, Hypervisor, VmSpec, image};
+use drover_hv::{DiskSpec, HvError, Hypervisor, VmSpec};
+use drover_qemu::image;
+use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use serde_json::json;
 use uuid::Uuid;
 

@@ -29,7 +29,7 @@ use drover_block::direct::DirectImage;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
-use drover_hv::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -329,7 +329,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         let start = Instant::now();
         let stats = match how {
             Hc::Direct => {
-                let mut image = DirectImage::open(&drover_hv::image::host_map(&path("source.qcow2")).await?)?;
+                let mut image = DirectImage::open(&drover_qemu::image::host_map(&path("source.qcow2")).await?)?;
                 manifest_compare_sync(&mut image, &mut stale, &mut m, |_, _| {}).await?
             }
             Hc::Nbd => manifest_compare_sync(&mut src, &mut stale, &mut m, |_, _| {}).await?,

@@ -103,7 +103,7 @@ impl CredentialStore {
             f.write_all(serde_json::to_string_pretty(creds).map_err(std::io::Error::other)?.as_bytes())?;
             f.write_all(b"\n")?;
             drop(f);
-            drover_hv::durable::publish_blocking(&tmp, &path)
+            drover_qemu::durable::publish_blocking(&tmp, &path)
         };
         write()
             .inspect_err(|_| {

@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::{HvError, HvResult};
+use crate::{ToolError, ToolResult};
 
 /// How many unread events are kept; older ones are dropped. Events are informational for drover
 /// (the state of record comes from commands), so a bound is better than unbounded growth on a
@@ -59,11 +59,11 @@ pub enum QmpMessage {
 
 /// Classifies one line of server output. Pure, so the protocol handling is unit-tested without
 /// a QEMU.
-pub fn parse_message(line: &str) -> HvResult<QmpMessage> {
+pub fn parse_message(line: &str) -> ToolResult<QmpMessage> {
     let value: Value = serde_json::from_str(line)
-        .map_err(|e| HvError::QmpProtocol(format!("invalid JSON from QEMU ({e}): {line}")))?;
+        .map_err(|e| ToolError::QmpProtocol(format!("invalid JSON from QEMU ({e}): {line}")))?;
     let Value::Object(mut obj) = value else {
-        return Err(HvError::QmpProtocol(format!("expected a JSON object: {line}")));
+        return Err(ToolError::QmpProtocol(format!("expected a JSON object: {line}")));
     };
     let id = obj.remove("id");
     if let Some(greeting) = obj.remove("QMP") {
@@ -78,20 +78,20 @@ pub fn parse_message(line: &str) -> HvResult<QmpMessage> {
     }
     if obj.contains_key("event") {
         let event: QmpEvent = serde_json::from_value(Value::Object(obj))
-            .map_err(|e| HvError::QmpProtocol(format!("malformed event ({e}): {line}")))?;
+            .map_err(|e| ToolError::QmpProtocol(format!("malformed event ({e}): {line}")))?;
         return Ok(QmpMessage::Event(event));
     }
-    Err(HvError::QmpProtocol(format!("unrecognised message: {line}")))
+    Err(ToolError::QmpProtocol(format!("unrecognised message: {line}")))
 }
 
 /// Builds the request line for `command`. `args` of `null` or `{}` sends no `arguments` member,
 /// which QEMU requires for commands that take none.
-fn request_line(command: &str, args: &Value, id: u64) -> HvResult<String> {
+fn request_line(command: &str, args: &Value, id: u64) -> ToolResult<String> {
     let mut request = json!({ "execute": command, "id": id });
     let empty = args.is_null() || args.as_object().is_some_and(|o| o.is_empty());
     if !empty {
         if !args.is_object() {
-            return Err(HvError::QmpProtocol(format!("arguments of {command} must be a JSON object, got {args}")));
+            return Err(ToolError::QmpProtocol(format!("arguments of {command} must be a JSON object, got {args}")));
         }
         request["arguments"] = args.clone();
     }
@@ -112,10 +112,10 @@ pub struct QmpClient {
 
 impl QmpClient {
     /// Connects, reads the greeting and leaves capabilities-negotiation mode.
-    pub async fn connect(socket: &Path) -> HvResult<Self> {
+    pub async fn connect(socket: &Path) -> ToolResult<Self> {
         let stream = UnixStream::connect(socket)
             .await
-            .map_err(|e| HvError::io(format!("connecting to QMP socket {}", socket.display()), e))?;
+            .map_err(|e| ToolError::io(format!("connecting to QMP socket {}", socket.display()), e))?;
         let (read, writer) = stream.into_split();
         let mut client = QmpClient {
             reader: BufReader::new(read),
@@ -132,7 +132,7 @@ impl QmpClient {
                 }
                 QmpMessage::Event(e) => client.push_event(e),
                 other => {
-                    return Err(HvError::QmpProtocol(format!("expected a greeting, got {other:?}")));
+                    return Err(ToolError::QmpProtocol(format!("expected a greeting, got {other:?}")));
                 }
             }
         }
@@ -141,10 +141,10 @@ impl QmpClient {
     }
 
     /// Like [`QmpClient::connect`], bounded in time: a wedged QEMU must not hang drover.
-    pub async fn connect_timeout(socket: &Path, timeout: Duration) -> HvResult<Self> {
+    pub async fn connect_timeout(socket: &Path, timeout: Duration) -> ToolResult<Self> {
         tokio::time::timeout(timeout, Self::connect(socket))
             .await
-            .map_err(|_| HvError::Timeout(timeout, "QMP connection"))?
+            .map_err(|_| ToolError::Timeout(timeout, "QMP connection"))?
     }
 
     /// The `QMP` member of the greeting (QEMU version and capabilities).
@@ -153,8 +153,8 @@ impl QmpClient {
     }
 
     /// Runs one command and returns its `return` value. A QMP error reply becomes
-    /// [`HvError::Qmp`]; events received meanwhile are buffered.
-    pub async fn execute(&mut self, command: &str, args: Value) -> HvResult<Value> {
+    /// [`ToolError::Qmp`]; events received meanwhile are buffered.
+    pub async fn execute(&mut self, command: &str, args: Value) -> ToolResult<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let line = request_line(command, &args, id)?;
@@ -162,7 +162,7 @@ impl QmpClient {
         self.writer
             .write_all(line.as_bytes())
             .await
-            .map_err(|e| HvError::io(format!("sending QMP command {command}"), e))?;
+            .map_err(|e| ToolError::io(format!("sending QMP command {command}"), e))?;
         loop {
             match self.read_message().await? {
                 QmpMessage::Event(e) => self.push_event(e),
@@ -170,7 +170,7 @@ impl QmpClient {
                     return Ok(value);
                 }
                 QmpMessage::Error { id: reply_id, class, desc } if Self::matches(&reply_id, id) => {
-                    return Err(HvError::Qmp { command: command.to_owned(), class, desc });
+                    return Err(ToolError::Qmp { command: command.to_owned(), class, desc });
                 }
                 // A reply to an earlier command whose caller gave up (timeout): not ours.
                 other => tracing::warn!(command, id, ?other, "skipping unexpected QMP message"),
@@ -179,10 +179,10 @@ impl QmpClient {
     }
 
     /// [`QmpClient::execute`] bounded in time.
-    pub async fn execute_timeout(&mut self, command: &str, args: Value, timeout: Duration) -> HvResult<Value> {
+    pub async fn execute_timeout(&mut self, command: &str, args: Value, timeout: Duration) -> ToolResult<Value> {
         tokio::time::timeout(timeout, self.execute(command, args))
             .await
-            .map_err(|_| HvError::Timeout(timeout, "QMP reply"))?
+            .map_err(|_| ToolError::Timeout(timeout, "QMP reply"))?
     }
 
     /// Returns and clears the events received so far.
@@ -192,7 +192,7 @@ impl QmpClient {
 
     /// Waits for the event named `name` (already buffered or arriving within `timeout`) and
     /// removes it from the buffer. Other events stay buffered.
-    pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> HvResult<QmpEvent> {
+    pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> ToolResult<QmpEvent> {
         if let Some(pos) = self.events.iter().position(|e| e.event == name)
             && let Some(event) = self.events.remove(pos)
         {
@@ -202,7 +202,7 @@ impl QmpClient {
         loop {
             let message = tokio::time::timeout_at(deadline, self.read_message())
                 .await
-                .map_err(|_| HvError::Timeout(timeout, "QMP event"))??;
+                .map_err(|_| ToolError::Timeout(timeout, "QMP event"))??;
             match message {
                 QmpMessage::Event(e) if e.event == name => return Ok(e),
                 QmpMessage::Event(e) => self.push_event(e),
@@ -223,13 +223,13 @@ impl QmpClient {
         self.events.push_back(event);
     }
 
-    async fn read_message(&mut self) -> HvResult<QmpMessage> {
+    async fn read_message(&mut self) -> ToolResult<QmpMessage> {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).await.map_err(|e| HvError::io("reading from QMP socket", e))?;
+            let n = self.reader.read_line(&mut line).await.map_err(|e| ToolError::io("reading from QMP socket", e))?;
             if n == 0 {
-                return Err(HvError::QmpProtocol("QEMU closed the QMP connection".into()));
+                return Err(ToolError::QmpProtocol("QEMU closed the QMP connection".into()));
             }
             if !line.trim().is_empty() {
                 return parse_message(line.trim_end());
@@ -270,9 +270,9 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_message("not json"), Err(HvError::QmpProtocol(_))));
-        assert!(matches!(parse_message("[1]"), Err(HvError::QmpProtocol(_))));
-        assert!(matches!(parse_message("{\"foo\": 1}"), Err(HvError::QmpProtocol(_))));
+        assert!(matches!(parse_message("not json"), Err(ToolError::QmpProtocol(_))));
+        assert!(matches!(parse_message("[1]"), Err(ToolError::QmpProtocol(_))));
+        assert!(matches!(parse_message("{\"foo\": 1}"), Err(ToolError::QmpProtocol(_))));
     }
 
     #[test]
@@ -333,7 +333,7 @@ mod tests {
         let err =
             client.execute("block-dirty-bitmap-add", json!({"node-name": "nope", "name": "bm"})).await.unwrap_err();
         match err {
-            HvError::Qmp { command, class, desc } => {
+            ToolError::Qmp { command, class, desc } => {
                 assert_eq!(command, "block-dirty-bitmap-add");
                 assert_eq!(class, "GenericError");
                 assert_eq!(desc, "Cannot find node nope");

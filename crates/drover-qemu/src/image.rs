@@ -2,7 +2,7 @@
 //!
 //! `qemu-img` is the reference implementation of qcow2; wrapping the tool keeps drover out of the
 //! business of writing qcow2 metadata. Every function runs one `qemu-img` process and maps a
-//! failure to [`HvError::Tool`] with its stderr.
+//! failure to [`ToolError::Tool`] with its stderr.
 //!
 //! Locking: QEMU locks the images of a running VM, so `create`/`convert`/`compare` on them fail.
 //! [`info`] reads with `-U` (no lock) so it works on images in use; live work on a running VM's
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use crate::{HvError, HvResult};
+use crate::{ToolError, ToolResult};
 
 const QEMU_IMG: &str = "qemu-img";
 
@@ -29,26 +29,26 @@ pub struct ImageInfo {
 }
 
 /// Runs `qemu-img` with `args`; returns its stdout. Exit status 0 is success; anything else is a
-/// [`HvError::Tool`] naming the subcommand.
-async fn qemu_img(args: &[&std::ffi::OsStr]) -> HvResult<Vec<u8>> {
+/// [`ToolError::Tool`] naming the subcommand.
+async fn qemu_img(args: &[&std::ffi::OsStr]) -> ToolResult<Vec<u8>> {
     let output = run_qemu_img(args).await?;
     if output.status.success() { Ok(output.stdout) } else { Err(tool_error(args, &output)) }
 }
 
-async fn run_qemu_img(args: &[&std::ffi::OsStr]) -> HvResult<std::process::Output> {
+async fn run_qemu_img(args: &[&std::ffi::OsStr]) -> ToolResult<std::process::Output> {
     tracing::debug!(?args, "qemu-img");
     Command::new(QEMU_IMG)
         .args(args)
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| HvError::io(format!("running {QEMU_IMG}"), e))
+        .map_err(|e| ToolError::io(format!("running {QEMU_IMG}"), e))
 }
 
-fn tool_error(args: &[&std::ffi::OsStr], output: &std::process::Output) -> HvError {
+fn tool_error(args: &[&std::ffi::OsStr], output: &std::process::Output) -> ToolError {
     let sub = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    HvError::Tool {
+    ToolError::Tool {
         program: format!("{QEMU_IMG} {sub}"),
         stderr: if stderr.is_empty() { format!("exited with {}", output.status) } else { stderr },
     }
@@ -59,14 +59,14 @@ fn tool_error(args: &[&std::ffi::OsStr], output: &std::process::Output) -> HvErr
 /// Idempotent: if `path` already is a qcow2 image of that size it is left alone (a retried saga
 /// step must not wipe a disk that has been written since). Any other existing file is an error,
 /// because `qemu-img create` would silently overwrite it.
-pub async fn create_qcow2(path: &Path, size_bytes: u64) -> HvResult<()> {
+pub async fn create_qcow2(path: &Path, size_bytes: u64) -> ToolResult<()> {
     match tokio::fs::metadata(path).await {
         Ok(_) => {
             let existing = info(path).await?;
             if existing.format == "qcow2" && existing.virtual_size == size_bytes {
                 return Ok(());
             }
-            return Err(HvError::io(
+            return Err(ToolError::io(
                 format!(
                     "{} exists as {} of {} bytes; refusing to overwrite it with a qcow2 of {size_bytes} bytes",
                     path.display(),
@@ -77,7 +77,7 @@ pub async fn create_qcow2(path: &Path, size_bytes: u64) -> HvResult<()> {
             ));
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(HvError::io(format!("checking {}", path.display()), e)),
+        Err(e) => return Err(ToolError::io(format!("checking {}", path.display()), e)),
     }
     let size = size_bytes.to_string();
     qemu_img(&["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])
@@ -89,7 +89,7 @@ pub async fn create_qcow2(path: &Path, size_bytes: u64) -> HvResult<()> {
 ///
 /// Writes to `<dst>.part` and renames, so `dst` either does not exist or is complete, even if
 /// drover dies mid-copy. An existing `dst` is replaced.
-pub async fn import_qcow2(src: &Path, dst: &Path) -> HvResult<()> {
+pub async fn import_qcow2(src: &Path, dst: &Path) -> ToolResult<()> {
     let mut part = dst.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
@@ -106,18 +106,18 @@ pub async fn import_qcow2(src: &Path, dst: &Path) -> HvResult<()> {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(e);
     }
-    crate::durable::publish(&part, dst).await.map_err(|e| HvError::io(format!("publishing {}", dst.display()), e))
+    crate::durable::publish(&part, dst).await.map_err(|e| ToolError::io(format!("publishing {}", dst.display()), e))
 }
 
 /// Reads an image's metadata without taking its lock (`-U`), so it works while a VM runs.
-pub async fn info(path: &Path) -> HvResult<ImageInfo> {
+pub async fn info(path: &Path) -> ToolResult<ImageInfo> {
     let stdout =
         qemu_img(&["info".as_ref(), "-U".as_ref(), "--output".as_ref(), "json".as_ref(), path.as_os_str()]).await?;
     parse_info(&stdout)
 }
 
 /// The fields of `qemu-img info --output json` that drover uses.
-fn parse_info(json: &[u8]) -> HvResult<ImageInfo> {
+fn parse_info(json: &[u8]) -> ToolResult<ImageInfo> {
     #[derive(Deserialize)]
     struct Raw {
         #[serde(rename = "virtual-size")]
@@ -128,7 +128,7 @@ fn parse_info(json: &[u8]) -> HvResult<ImageInfo> {
         #[serde(rename = "backing-filename")]
         backing: Option<PathBuf>,
     }
-    let raw: Raw = serde_json::from_slice(json).map_err(|e| HvError::Tool {
+    let raw: Raw = serde_json::from_slice(json).map_err(|e| ToolError::Tool {
         program: format!("{QEMU_IMG} info"),
         stderr: format!("unexpected JSON output: {e}"),
     })?;
@@ -136,11 +136,11 @@ fn parse_info(json: &[u8]) -> HvResult<ImageInfo> {
 }
 
 /// Deletes an image. Idempotent: a missing file is success.
-pub async fn remove(path: &Path) -> HvResult<()> {
+pub async fn remove(path: &Path) -> ToolResult<()> {
     match tokio::fs::remove_file(path).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(HvError::io(format!("removing {}", path.display()), e)),
+        Err(e) => Err(ToolError::io(format!("removing {}", path.display()), e)),
     }
 }
 
@@ -149,7 +149,7 @@ pub async fn remove(path: &Path) -> HvResult<()> {
 /// which plain `qemu-img compare` ignores when the extra area reads as zeros, and its strict mode
 /// (`-s`) would also fail on allocation differences. Both images must be closed, i.e. not in use
 /// by a running VM.
-pub async fn compare(a: &Path, b: &Path) -> HvResult<bool> {
+pub async fn compare(a: &Path, b: &Path) -> ToolResult<bool> {
     if info(a).await?.virtual_size != info(b).await?.virtual_size {
         return Ok(false);
     }
@@ -165,9 +165,9 @@ pub async fn compare(a: &Path, b: &Path) -> HvResult<bool> {
 
 /// Creates a qcow2 overlay at `path` whose backing file is `backing` (a qcow2, referenced by its
 /// absolute path). The overlay reads as its backing until written. Refuses to overwrite a file.
-pub async fn create_overlay(path: &Path, backing: &Path) -> HvResult<()> {
-    if tokio::fs::try_exists(path).await.map_err(|e| HvError::io(format!("checking {}", path.display()), e))? {
-        return Err(HvError::io(
+pub async fn create_overlay(path: &Path, backing: &Path) -> ToolResult<()> {
+    if tokio::fs::try_exists(path).await.map_err(|e| ToolError::io(format!("checking {}", path.display()), e))? {
+        return Err(ToolError::io(
             format!("{} exists; refusing to overwrite it with an overlay", path.display()),
             std::io::Error::from(ErrorKind::AlreadyExists),
         ));
@@ -189,14 +189,14 @@ pub async fn create_overlay(path: &Path, backing: &Path) -> HvResult<()> {
 
 /// Writes the clusters of `top` into its backing file, leaving `top` as it was (`-d`), so the view
 /// through `top` never changes while this runs and a retry after a crash is harmless.
-pub async fn commit_into_backing(top: &Path) -> HvResult<()> {
+pub async fn commit_into_backing(top: &Path) -> ToolResult<()> {
     qemu_img(&["commit".as_ref(), "-q".as_ref(), "-d".as_ref(), top.as_os_str()]).await?;
     Ok(())
 }
 
 /// Points `image` at another backing file without copying anything (`rebase -u`). Only correct
 /// when the new backing reads exactly as the old one did; the caller guarantees that.
-pub async fn set_backing_unsafe(image: &Path, backing: &Path) -> HvResult<()> {
+pub async fn set_backing_unsafe(image: &Path, backing: &Path) -> ToolResult<()> {
     qemu_img(&[
         "rebase".as_ref(),
         "-q".as_ref(),
@@ -262,9 +262,9 @@ impl HostMap {
 /// --backing-chain`, both without taking the image's lock (`-U`): the caller makes sure nobody
 /// writes the image meanwhile (a powered-off VM's disk held by a storage daemon that only reads
 /// it and keeps its bitmaps).
-pub async fn host_map(path: &Path) -> HvResult<HostMap> {
+pub async fn host_map(path: &Path) -> ToolResult<HostMap> {
     let path =
-        tokio::fs::canonicalize(path).await.map_err(|e| HvError::io(format!("resolving {}", path.display()), e))?;
+        tokio::fs::canonicalize(path).await.map_err(|e| ToolError::io(format!("resolving {}", path.display()), e))?;
     let chain = qemu_img(&[
         "info".as_ref(),
         "-U".as_ref(),
@@ -279,7 +279,7 @@ pub async fn host_map(path: &Path) -> HvResult<HostMap> {
     parse_host_map(&path, &chain, &map)
 }
 
-fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> HvResult<HostMap> {
+fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> ToolResult<HostMap> {
     #[derive(Deserialize)]
     struct Layer {
         #[serde(rename = "virtual-size")]
@@ -306,14 +306,14 @@ fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> HvResult<Ho
         compressed: bool,
         offset: Option<u64>,
     }
-    let bad = |what: &str, e: serde_json::Error| HvError::Tool {
+    let bad = |what: &str, e: serde_json::Error| ToolError::Tool {
         program: format!("{QEMU_IMG} {what}"),
         stderr: format!("unexpected JSON output: {e}"),
     };
     let layers: Vec<Layer> = serde_json::from_slice(chain_json).map_err(|e| bad("info", e))?;
     let entries: Vec<Entry> = serde_json::from_slice(map_json).map_err(|e| bad("map", e))?;
     let Some(first) = layers.first() else {
-        return Err(HvError::Tool { program: format!("{QEMU_IMG} info"), stderr: "an empty backing chain".into() });
+        return Err(ToolError::Tool { program: format!("{QEMU_IMG} info"), stderr: "an empty backing chain".into() });
     };
     let mut files = vec![top.to_path_buf()];
     let mut unreadable = None;
@@ -340,7 +340,7 @@ fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> HvResult<Ho
                 Some(b) if b.is_absolute() => files.push(b.clone()),
                 Some(b) => files.push(files[i].parent().unwrap_or(Path::new("/")).join(b)),
                 None => {
-                    return Err(HvError::Tool {
+                    return Err(ToolError::Tool {
                         program: format!("{QEMU_IMG} info"),
                         stderr: format!("{name} has a backing layer but no backing file name"),
                     });
@@ -352,7 +352,7 @@ fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> HvResult<Ho
     let mut at = 0;
     for e in entries {
         if e.start != at {
-            return Err(HvError::Tool {
+            return Err(ToolError::Tool {
                 program: format!("{QEMU_IMG} map"),
                 stderr: format!("the map skips from {at} to {}", e.start),
             });
@@ -373,7 +373,7 @@ fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> HvResult<Ho
         }
     }
     if at != first.virtual_size {
-        return Err(HvError::Tool {
+        return Err(ToolError::Tool {
             program: format!("{QEMU_IMG} map"),
             stderr: format!("the map covers {at} of {} bytes", first.virtual_size),
         });
@@ -402,7 +402,7 @@ mod tests {
         );
         let plain = br#"{"virtual-size": 512, "format": "raw"}"#;
         assert_eq!(parse_info(plain).unwrap().backing, None);
-        assert!(matches!(parse_info(b"nope"), Err(HvError::Tool { .. })));
+        assert!(matches!(parse_info(b"nope"), Err(ToolError::Tool { .. })));
     }
 
     /// A two-layer chain mapped to its files: data of each layer at its offsets (the bytes there
@@ -494,7 +494,7 @@ mod tests {
 
         let missing = dir.path().join("missing.qcow2");
         match compare(&a, &missing).await {
-            Err(HvError::Tool { program, stderr }) => {
+            Err(ToolError::Tool { program, stderr }) => {
                 assert_eq!(program, "qemu-img info");
                 assert!(stderr.contains("missing.qcow2"), "{stderr}");
             }

@@ -48,7 +48,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
 use crate::qmp::QmpClient;
-use crate::{HvError, HvResult};
+use crate::{ToolError, ToolResult};
 
 /// The binary, found on `PATH`.
 pub const QEMU_STORAGE_DAEMON: &str = "qemu-storage-daemon";
@@ -147,20 +147,20 @@ pub struct StorageDaemon {
 impl StorageDaemon {
     /// Starts a daemon with its sockets in `dir` (created if missing). A daemon left behind in
     /// `dir` by an earlier drover is killed first.
-    pub async fn start(dir: &Path) -> HvResult<Self> {
+    pub async fn start(dir: &Path) -> ToolResult<Self> {
         Self::start_with(Path::new(QEMU_STORAGE_DAEMON), dir).await
     }
 
     /// [`StorageDaemon::start`] with an explicit binary.
-    pub async fn start_with(binary: &Path, dir: &Path) -> HvResult<Self> {
-        tokio::fs::create_dir_all(dir).await.map_err(|e| HvError::io(format!("creating {}", dir.display()), e))?;
+    pub async fn start_with(binary: &Path, dir: &Path) -> ToolResult<Self> {
+        tokio::fs::create_dir_all(dir).await.map_err(|e| ToolError::io(format!("creating {}", dir.display()), e))?;
         let qmp_socket = dir.join("qmp.sock");
         let nbd_socket = dir.join("nbd.sock");
         let pidfile = dir.join("qsd.pid");
         let log = dir.join("qsd.log");
         for socket in [&qmp_socket, &nbd_socket] {
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(HvError::InvalidSpec(format!(
+                return Err(ToolError::InvalidArgument(format!(
                     "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter directory",
                     socket.display()
                 )));
@@ -172,7 +172,7 @@ impl StorageDaemon {
         }
 
         let log_file =
-            std::fs::File::create(&log).map_err(|e| HvError::io(format!("creating {}", log.display()), e))?;
+            std::fs::File::create(&log).map_err(|e| ToolError::io(format!("creating {}", log.display()), e))?;
         let mut args: Vec<OsString> = Vec::new();
         args.push("--chardev".into());
         args.push(format!("socket,id=qmp0,path={},server=on,wait=off", opt_path(&qmp_socket)?).into());
@@ -189,8 +189,8 @@ impl StorageDaemon {
             }
         };
         command.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| HvError::io(format!("running {}", binary.display()), e))?;
-        let pid = child.id().ok_or_else(|| HvError::Tool {
+        let mut child = command.spawn().map_err(|e| ToolError::io(format!("running {}", binary.display()), e))?;
+        let pid = child.id().ok_or_else(|| ToolError::Tool {
             program: QEMU_STORAGE_DAEMON.into(),
             stderr: "exited before it could be watched".into(),
         })?;
@@ -202,7 +202,7 @@ impl StorageDaemon {
         let qmp = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let stderr = std::fs::read_to_string(&log).unwrap_or_default().trim().to_owned();
-                return Err(HvError::Tool {
+                return Err(ToolError::Tool {
                     program: QEMU_STORAGE_DAEMON.into(),
                     stderr: if stderr.is_empty() { format!("exited with {status}") } else { stderr },
                 });
@@ -215,7 +215,7 @@ impl StorageDaemon {
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
-                return Err(HvError::Timeout(START_TIMEOUT, "qemu-storage-daemon QMP socket"));
+                return Err(ToolError::Timeout(START_TIMEOUT, "qemu-storage-daemon QMP socket"));
             }
             tokio::time::sleep(POLL).await;
         };
@@ -249,19 +249,19 @@ impl StorageDaemon {
     }
 
     /// Runs one QMP command on the daemon.
-    pub async fn execute(&self, command: &str, args: Value) -> HvResult<Value> {
+    pub async fn execute(&self, command: &str, args: Value) -> ToolResult<Value> {
         self.qmp.lock().await.execute_timeout(command, args, QMP_TIMEOUT).await
     }
 
     /// `query-named-block-nodes` entry of `node_name`, if the node exists.
-    pub async fn node(&self, node_name: &str) -> HvResult<Option<Value>> {
+    pub async fn node(&self, node_name: &str) -> ToolResult<Option<Value>> {
         let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
         Ok(find_node(&nodes, node_name).cloned())
     }
 
     /// Opens a qcow2 image as `node.node_name`. Idempotent: an existing node of that name is
     /// left as it is (it is not checked to be the same image).
-    pub async fn add_qcow2(&self, node: &Qcow2Node) -> HvResult<()> {
+    pub async fn add_qcow2(&self, node: &Qcow2Node) -> ToolResult<()> {
         let file_node = format!("{}-file", node.node_name);
         check_node_name(&file_node)?;
         if self.node(&node.node_name).await?.is_some() {
@@ -270,7 +270,7 @@ impl StorageDaemon {
         let filename = node
             .path
             .to_str()
-            .ok_or_else(|| HvError::InvalidSpec(format!("path {} is not UTF-8", node.path.display())))?;
+            .ok_or_else(|| ToolError::InvalidArgument(format!("path {} is not UTF-8", node.path.display())))?;
         let mut args = json!({
             "driver": "qcow2",
             "node-name": node.node_name,
@@ -293,7 +293,7 @@ impl StorageDaemon {
                     IO_URING.store(IO_URING_YES, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(HvError::Qmp { desc, .. }) if IO_URING.load(Ordering::Relaxed) == IO_URING_UNKNOWN => {
+                Err(ToolError::Qmp { desc, .. }) if IO_URING.load(Ordering::Relaxed) == IO_URING_UNKNOWN => {
                     // Not known yet whether io_uring or the node itself was refused: the thread
                     // pool decides.
                     self.execute("blockdev-add", args).await?;
@@ -310,7 +310,7 @@ impl StorageDaemon {
 
     /// Closes a node added with [`StorageDaemon::add_qcow2`] (its file node goes with it).
     /// Exports of the node must be removed first. Idempotent.
-    pub async fn remove_node(&self, node_name: &str) -> HvResult<()> {
+    pub async fn remove_node(&self, node_name: &str) -> ToolResult<()> {
         if self.node(node_name).await?.is_none() {
             return Ok(());
         }
@@ -319,13 +319,13 @@ impl StorageDaemon {
     }
 
     /// Starts the NBD server on [`StorageDaemon::nbd_socket_path`]. Idempotent.
-    pub async fn start_nbd_server(&self) -> HvResult<()> {
+    pub async fn start_nbd_server(&self) -> ToolResult<()> {
         start_nbd_server(&mut *self.qmp.lock().await, &self.nbd_socket).await
     }
 
     /// Exports a node over NBD (starting the server if needed). Idempotent: an export with the
     /// same id is taken to be this one.
-    pub async fn add_nbd_export(&self, export: &NbdExport) -> HvResult<NbdEndpoint> {
+    pub async fn add_nbd_export(&self, export: &NbdExport) -> ToolResult<NbdEndpoint> {
         let mut qmp = self.qmp.lock().await;
         start_nbd_server(&mut qmp, &self.nbd_socket).await?;
         add_nbd_export(&mut qmp, export).await?;
@@ -334,13 +334,13 @@ impl StorageDaemon {
 
     /// Removes an export, dropping connected clients, and returns once QEMU has let go of the
     /// node and its bitmaps. Idempotent.
-    pub async fn remove_nbd_export(&self, id: &str) -> HvResult<()> {
+    pub async fn remove_nbd_export(&self, id: &str) -> ToolResult<()> {
         remove_export(&mut *self.qmp.lock().await, id).await
     }
 
     /// Stops the daemon: QMP `quit`, which closes every node cleanly (qcow2 metadata and
     /// persistent bitmaps are written), then SIGKILL if it does not exit in time.
-    pub async fn shutdown(mut self) -> HvResult<()> {
+    pub async fn shutdown(mut self) -> ToolResult<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -354,14 +354,14 @@ impl StorageDaemon {
                     tracing::warn!(%status, log = %self.log.display(), "qemu-storage-daemon exited with an error");
                 }
             }
-            Ok(Err(e)) => return Err(HvError::io("waiting for qemu-storage-daemon", e)),
+            Ok(Err(e)) => return Err(ToolError::io("waiting for qemu-storage-daemon", e)),
             Err(_) => {
                 tracing::warn!(pid = self.pid, "qemu-storage-daemon did not quit; killing it");
                 let _ = child.start_kill();
                 tokio::time::timeout(KILL_WAIT, child.wait())
                     .await
-                    .map_err(|_| HvError::Timeout(KILL_WAIT, "qemu-storage-daemon to exit after SIGKILL"))?
-                    .map_err(|e| HvError::io("waiting for qemu-storage-daemon", e))?;
+                    .map_err(|_| ToolError::Timeout(KILL_WAIT, "qemu-storage-daemon to exit after SIGKILL"))?
+                    .map_err(|e| ToolError::io("waiting for qemu-storage-daemon", e))?;
             }
         }
         // A clean exit removes these; a killed daemon does not.
@@ -387,7 +387,7 @@ impl Drop for StorageDaemon {
 /// Kills a daemon that an earlier drover left in `dir`, if the pidfile names one whose command
 /// line holds this directory's QMP socket (a reused pid of some other process is left alone).
 /// Used by [`StorageDaemon::start`] and by recovery after a crash.
-pub async fn reap_stale(dir: &Path) -> HvResult<()> {
+pub async fn reap_stale(dir: &Path) -> ToolResult<()> {
     let Ok(text) = tokio::fs::read_to_string(dir.join("qsd.pid")).await else {
         return Ok(());
     };
@@ -401,12 +401,12 @@ pub async fn reap_stale(dir: &Path) -> HvResult<()> {
     tracing::warn!(pid, dir = %dir.display(), "killing a qemu-storage-daemon left behind");
     match kill(Pid::from_raw(pid), Signal::SIGKILL) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => return Err(HvError::io(format!("killing qemu-storage-daemon pid {pid}"), e.into())),
+        Err(e) => return Err(ToolError::io(format!("killing qemu-storage-daemon pid {pid}"), e.into())),
     }
     let deadline = Instant::now() + KILL_WAIT;
     while process_mentions(pid, &needle) {
         if Instant::now() >= deadline {
-            return Err(HvError::Timeout(KILL_WAIT, "a stale qemu-storage-daemon to exit"));
+            return Err(ToolError::Timeout(KILL_WAIT, "a stale qemu-storage-daemon to exit"));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -423,7 +423,7 @@ fn process_mentions(pid: i32, needle: &Path) -> bool {
 }
 
 /// The `query-named-block-nodes` entry named `node_name`.
-pub(crate) fn find_node<'a>(nodes: &'a Value, node_name: &str) -> Option<&'a Value> {
+pub fn find_node<'a>(nodes: &'a Value, node_name: &str) -> Option<&'a Value> {
     nodes.as_array()?.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(node_name))
 }
 
@@ -432,18 +432,18 @@ pub(crate) fn find_node<'a>(nodes: &'a Value, node_name: &str) -> Option<&'a Val
 /// one is accepted when our socket exists, since then it is ours (a retry, or another disk of
 /// the same VM); otherwise it belongs to someone else and reusing it would hand out the wrong
 /// socket.
-pub(crate) async fn start_nbd_server(qmp: &mut QmpClient, socket: &Path) -> HvResult<()> {
+pub async fn start_nbd_server(qmp: &mut QmpClient, socket: &Path) -> ToolResult<()> {
     let path = check_socket_path(socket)?;
     let args = json!({"addr": {"type": "unix", "data": {"path": path}}});
     match qmp.execute_timeout("nbd-server-start", args, QMP_TIMEOUT).await {
         Ok(_) => Ok(()),
-        Err(HvError::Qmp { desc, .. }) if desc.contains("already running") && socket.exists() => Ok(()),
+        Err(ToolError::Qmp { desc, .. }) if desc.contains("already running") && socket.exists() => Ok(()),
         Err(e) => Err(e),
     }
 }
 
 /// `nbd-server-stop`, unless other NBD exports still use the server. Idempotent.
-pub(crate) async fn stop_nbd_server_if_unused(qmp: &mut QmpClient) -> HvResult<()> {
+pub async fn stop_nbd_server_if_unused(qmp: &mut QmpClient) -> ToolResult<()> {
     let exports = qmp.execute_timeout("query-block-exports", Value::Null, QMP_TIMEOUT).await?;
     let nbd_exports = exports
         .as_array()
@@ -454,17 +454,17 @@ pub(crate) async fn stop_nbd_server_if_unused(qmp: &mut QmpClient) -> HvResult<(
     }
     match qmp.execute_timeout("nbd-server-stop", Value::Null, QMP_TIMEOUT).await {
         Ok(_) => Ok(()),
-        Err(HvError::Qmp { desc, .. }) if desc.contains("not running") => Ok(()),
+        Err(ToolError::Qmp { desc, .. }) if desc.contains("not running") => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-pub(crate) async fn export_exists(qmp: &mut QmpClient, id: &str) -> HvResult<bool> {
+pub async fn export_exists(qmp: &mut QmpClient, id: &str) -> ToolResult<bool> {
     let exports = qmp.execute_timeout("query-block-exports", Value::Null, QMP_TIMEOUT).await?;
     Ok(exports.as_array().is_some_and(|list| list.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(id))))
 }
 
-pub(crate) async fn add_nbd_export(qmp: &mut QmpClient, export: &NbdExport) -> HvResult<()> {
+pub async fn add_nbd_export(qmp: &mut QmpClient, export: &NbdExport) -> ToolResult<()> {
     if export_exists(qmp, &export.id).await? {
         return Ok(());
     }
@@ -484,20 +484,20 @@ pub(crate) async fn add_nbd_export(qmp: &mut QmpClient, export: &NbdExport) -> H
 /// done with it), then waits until the export is gone from `query-block-exports`: the command
 /// returns before QEMU has released the node, and until then the exported bitmaps are busy and
 /// the node cannot be deleted. Idempotent.
-pub(crate) async fn remove_export(qmp: &mut QmpClient, id: &str) -> HvResult<()> {
+pub async fn remove_export(qmp: &mut QmpClient, id: &str) -> ToolResult<()> {
     if !export_exists(qmp, id).await? {
         return Ok(());
     }
     match qmp.execute_timeout("block-export-del", json!({"id": id, "mode": "hard"}), QMP_TIMEOUT).await {
         Ok(_) => {}
         // Already shutting down (a retry): wait for it below.
-        Err(HvError::Qmp { desc, .. }) if desc.contains("not found") || desc.contains("shutting down") => {}
+        Err(ToolError::Qmp { desc, .. }) if desc.contains("not found") || desc.contains("shutting down") => {}
         Err(e) => return Err(e),
     }
     let deadline = Instant::now() + QMP_TIMEOUT;
     while export_exists(qmp, id).await? {
         if Instant::now() >= deadline {
-            return Err(HvError::Timeout(QMP_TIMEOUT, "NBD export to go away"));
+            return Err(ToolError::Timeout(QMP_TIMEOUT, "NBD export to go away"));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -505,25 +505,25 @@ pub(crate) async fn remove_export(qmp: &mut QmpClient, id: &str) -> HvResult<()>
 }
 
 /// A socket path QEMU can bind: UTF-8 (it goes into JSON) and short enough for `sun_path`.
-pub(crate) fn check_socket_path(socket: &Path) -> HvResult<&str> {
+pub fn check_socket_path(socket: &Path) -> ToolResult<&str> {
     let path =
-        socket.to_str().ok_or_else(|| HvError::InvalidSpec(format!("path {} is not UTF-8", socket.display())))?;
+        socket.to_str().ok_or_else(|| ToolError::InvalidArgument(format!("path {} is not UTF-8", socket.display())))?;
     if path.len() > MAX_SOCKET_PATH {
-        return Err(HvError::InvalidSpec(format!(
+        return Err(ToolError::InvalidArgument(format!(
             "socket path {path} is longer than {MAX_SOCKET_PATH} bytes; use a shorter directory"
         )));
     }
     Ok(path)
 }
 
-fn check_node_name(name: &str) -> HvResult<()> {
+fn check_node_name(name: &str) -> ToolResult<()> {
     let well_formed = name.len() <= MAX_NODE_NAME
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
     if well_formed {
         Ok(())
     } else {
-        Err(HvError::InvalidSpec(format!(
+        Err(ToolError::InvalidArgument(format!(
             "{name:?} is not a QEMU node name (a letter, then letters, digits, '-', '.', '_'; at most {} \
              characters, including the '-file' suffix of the file node)",
             MAX_NODE_NAME
@@ -533,10 +533,10 @@ fn check_node_name(name: &str) -> HvResult<()> {
 
 /// QEMU's option syntax separates `key=value` pairs with commas; a comma inside a value is
 /// written twice.
-fn opt_path(path: &Path) -> HvResult<String> {
+fn opt_path(path: &Path) -> ToolResult<String> {
     path.to_str()
         .map(|p| p.replace(',', ",,"))
-        .ok_or_else(|| HvError::InvalidSpec(format!("path {} is not UTF-8", path.display())))
+        .ok_or_else(|| ToolError::InvalidArgument(format!("path {} is not UTF-8", path.display())))
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
@@ -544,11 +544,11 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
 }
 
-async fn remove_if_present(path: &Path) -> HvResult<()> {
+async fn remove_if_present(path: &Path) -> ToolResult<()> {
     match tokio::fs::remove_file(path).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(HvError::io(format!("removing {}", path.display()), e)),
+        Err(e) => Err(ToolError::io(format!("removing {}", path.display()), e)),
     }
 }
 
