@@ -39,7 +39,7 @@ use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::tracking;
-use drover_hv::{DiskSpec, VmSpec};
+use drover_hv::{ChangeTracking, DiskSpec, VmSpec};
 use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
@@ -183,10 +183,11 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
         .ok_or_else(|| Error::conflict(format!("restore point {point_id} of {} is gone", replica.name)))?;
     let ds = store.object_get::<Datastore>(tenant, vm.datastore_id.0).await?;
     let dir = disk_dir(&ds, vm.id);
-    if engine.hv().qemu().is_none() {
+    if engine.hv().kind() != "qemu" {
+        // The replica's overlay is read and production written by QEMU's own tools and bitmaps.
         return Err(Error::conflict("failback needs the QEMU driver"));
     }
-    let spec = crate::failover::runtime_disks(engine, replica.id.0)?;
+    let spec = crate::failover::runtime_disks(engine, replica.id.0).await?;
     let mut disks = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
         let point_file = booted
@@ -273,8 +274,13 @@ async fn export(dir: &Path, image: &Path, writable: bool, bitmaps: &[String]) ->
 }
 
 /// Production's dirty extents since the last point, or `None` when no bitmap can be trusted.
-async fn production_changes(work: &Path, image: &Path, size: u64) -> Result<Option<ExtentSet>> {
-    let states = tracking::bitmap_state_offline(image).await.map_err(unavailable)?;
+async fn production_changes(
+    ct: &dyn ChangeTracking,
+    work: &Path,
+    image: &Path,
+    size: u64,
+) -> Result<Option<ExtentSet>> {
+    let states = ct.state_offline(image).await.map_err(unavailable)?;
     let usable: Vec<_> = states
         .iter()
         .filter(|b| b.name.starts_with("drover-") && b.recording && b.persistent && !b.inconsistent)
@@ -339,7 +345,7 @@ impl Step for SyncStep {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let engine = &ctx.engine;
         let parts = parts(engine, self.p.tenant_id, self.vm).await?;
-        let q = engine.hv().qemu().ok_or_else(|| Error::conflict("failback needs the QEMU driver"))?;
+        let ct = crate::change_tracking(engine, "failback")?;
         // A production VM that still runs (a drill, a partial outage) is powered off, as the
         // product does: its writes since the last point are in its bitmap, which a clean stop
         // writes into its image, so they are part of the union below.
@@ -348,8 +354,8 @@ impl Step for SyncStep {
         let mut out = Vec::new();
         for (i, (disk, production, overlay, _point)) in parts.disks.iter().enumerate() {
             // 1. Catch what the replica writes from now on.
-            tracking::remove_tracking(q, parts.replica.id.0, i, "drover-fb1").await.map_err(unavailable)?;
-            tracking::enable_tracking(q, parts.replica.id.0, i, "drover-fb0").await.map_err(unavailable)?;
+            ct.remove(parts.replica.id.0, i, "drover-fb1").await.map_err(unavailable)?;
+            ct.enable(parts.replica.id.0, i, "drover-fb0").await.map_err(unavailable)?;
             // 2. The union of what can differ.
             let size = drover_qemu::image::info(production).await.map_err(unavailable)?.virtual_size;
             let mut union = own_clusters(overlay).await?;
@@ -358,9 +364,10 @@ impl Step for SyncStep {
                     union = union.union(&own_clusters(file).await?);
                 }
             }
-            let prod = production_changes(&work, production, size).await?;
+            let prod = production_changes(ct, &work, production, size).await?;
             // 3. A point-in-time cut of the replica, copied into production.
-            let cut = tracking::begin_cycle(q, parts.replica.id.0, i, "drover-fb0", "drover-fb1", &work.join("live"))
+            let cut = ct
+                .cut_begin(parts.replica.id.0, i, "drover-fb0", "drover-fb1", &work.join("live"))
                 .await
                 .map_err(unavailable)?;
             let (mode, extents) = match &prod {
@@ -368,7 +375,7 @@ impl Step for SyncStep {
                 None => ("hash-compare", None),
             };
             let result = copy_into_production(&work, &cut.nbd, &[], production, extents.as_ref(), size).await;
-            tracking::end_cycle(q, &cut, result.is_ok()).await.map_err(unavailable)?;
+            ct.cut_end(&cut, result.is_ok()).await.map_err(unavailable)?;
             let (read, sent) = result?;
             let why = if prod.is_none() { " (production has no bitmap that can be trusted)" } else { "" };
             ctx.log(
@@ -456,6 +463,7 @@ impl Step for Switch {
             mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
             return Ok(json!({ "already_switched": true }));
         }
+        let ct = crate::change_tracking(engine, "failback")?;
         let timeout = engine.config().shutdown_timeout;
         // 1. Stop the replica: a clean stop writes its bitmaps into the overlay.
         let outcome = engine.hv().shutdown(parts.replica.id.0, timeout).await.map_err(unavailable)?;
@@ -465,11 +473,11 @@ impl Step for Switch {
         for (disk, production, overlay, _) in &parts.disks {
             let size = drover_qemu::image::info(production).await.map_err(unavailable)?.virtual_size;
             // 2. The last delta: what the replica wrote since the sync's cut.
-            let states = tracking::bitmap_state_offline(overlay).await.map_err(unavailable)?;
+            let states = ct.state_offline(overlay).await.map_err(unavailable)?;
             let fb1 = states.iter().find(|b| b.name == "drover-fb1" && !b.inconsistent);
             // What production wrote since the sync, when somebody ran it in between.
             let production_wrote = match restarted {
-                true => production_changes(&work, production, size).await?,
+                true => production_changes(ct, &work, production, size).await?,
                 false => Some(ExtentSet::new()),
             };
             let (read, sent, mode) = match (fb1, production_wrote) {

@@ -402,23 +402,15 @@ impl Step for Boot {
     }
 }
 
-/// The disk files a VM the driver runs was last started with (its runtime `spec.json`).
-pub(crate) fn runtime_disks(engine: &Engine, vm: uuid::Uuid) -> Result<Vec<PathBuf>> {
-    let Some(q) = engine.hv().qemu() else { return Ok(Vec::new()) };
-    let path = q.vm_dir(vm).join("spec.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::Unavailable(format!("reading {}: {e}", path.display()))),
-    };
-    let spec: VmSpec = serde_json::from_str(&text).map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
-    Ok(spec.disks.into_iter().map(|d| d.path).collect())
+/// The disk files a VM the driver runs was last started with (its runtime record).
+pub(crate) async fn runtime_disks(engine: &Engine, vm: uuid::Uuid) -> Result<Vec<PathBuf>> {
+    engine.hv().runtime_disks(vm).await.map_err(crate::unavailable)
 }
 
 /// Powers off and forgets a VM that ran on boot overlays (a replica, a test VM), and removes the
 /// overlays. Idempotent.
 pub(crate) async fn discard_vm(engine: &Engine, vm: uuid::Uuid) -> Result<()> {
-    let disks = runtime_disks(engine, vm)?;
+    let disks = runtime_disks(engine, vm).await?;
     engine.hv().forget(vm).await.map_err(unavailable)?;
     for d in disks {
         let boot = d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("boot-"));

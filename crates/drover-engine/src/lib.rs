@@ -44,6 +44,15 @@ pub use drover_types::{Error, Result};
 pub(crate) fn unavailable(e: impl std::error::Error + 'static) -> Error {
     Error::Unavailable(drover_types::error_chain(&e))
 }
+
+/// The hypervisor's change tracking (see [`drover_hv::ChangeTracking`]); a conflict naming
+/// `what` when it has none.
+pub(crate) fn change_tracking<'a>(engine: &'a Engine, what: &str) -> Result<&'a dyn drover_hv::ChangeTracking> {
+    engine
+        .hv()
+        .change_tracking()
+        .ok_or_else(|| Error::conflict(format!("{what} needs change tracking, which this hypervisor does not have")))
+}
 use saga::{ContinueOption, RunOutcome, Saga, TestHooks};
 
 /// Builds a session's saga from its record. Must give the same steps every time for the same

@@ -302,15 +302,11 @@ impl Step for Prepare {
             let size = drover_qemu::image::info(&image).await.map_err(unavailable)?.virtual_size;
             let prev_file =
                 newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PathBuf::from(&x.file));
+            let ct = crate::change_tracking(&ctx.engine, "replication")?;
             let states = if running {
-                let q = ctx.engine.hv().qemu().ok_or_else(|| {
-                    Error::conflict(
-                        "a running VM is replicated through QMP, which the simulated hypervisor does not have",
-                    )
-                })?;
-                tracking::bitmap_state(q, vm.id.0, index).await.map_err(unavailable)?
+                ct.state(vm.id.0, index).await.map_err(unavailable)?
             } else {
-                tracking::bitmap_state_offline(&image).await.map_err(unavailable)?
+                ct.state_offline(&image).await.map_err(unavailable)?
             };
             let bitmaps = plan_bitmaps(&ours(&states), prev_file.is_none(), &run);
             disks.push(DiskPlan {
@@ -390,15 +386,14 @@ impl Step for Transfer {
             // End the cut as failed, so the changes it covered stay tracked for the next run.
             match transferred.iter().find(|t| t.disk == d.name).and_then(|t| t.live.clone()) {
                 Some(live) => {
-                    if let Some(q) = ctx.engine.hv().qemu() {
-                        tracking::end_cycle(q, &live, false).await.map_err(unavailable)?;
+                    if let Some(ct) = ctx.engine.hv().change_tracking() {
+                        ct.cut_end(&live, false).await.map_err(unavailable)?;
                     }
                 }
                 None if !prep.running => {
                     let dir = prep.work_dir.join(format!("src{}", d.index));
-                    match tracking::recover_cycle_offline(&d.image, &d.current_bitmap, &d.next_bitmap, &dir, false)
-                        .await
-                    {
+                    let ct = crate::change_tracking(&ctx.engine, "replication")?;
+                    match ct.cut_recover_offline(&d.image, &d.current_bitmap, &d.next_bitmap, &dir, false).await {
                         Ok(()) | Err(HvError::BitmapUnusable { .. }) => {}
                         Err(e) => return Err(unavailable(e)),
                     }
@@ -440,29 +435,26 @@ async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) 
         });
     }
     // Set the bitmaps up as planned, then cut the point in time.
+    let ct = crate::change_tracking(&ctx.engine, "replication")?;
     let (live, offline) = if prep.running {
-        let q = ctx.engine.hv().qemu().ok_or_else(|| {
-            Error::conflict("a running VM is replicated through QMP, which the simulated hypervisor does not have")
-        })?;
         for b in &plan.remove {
-            tracking::remove_tracking(q, c.vm.0, d.index, b).await.map_err(unavailable)?;
+            ct.remove(c.vm.0, d.index, b).await.map_err(unavailable)?;
         }
         if plan.fresh {
-            tracking::enable_tracking(q, c.vm.0, d.index, &plan.current).await.map_err(unavailable)?;
+            ct.enable(c.vm.0, d.index, &plan.current).await.map_err(unavailable)?;
         }
         let dir = prep.work_dir.join("live");
-        let x =
-            tracking::begin_cycle(q, c.vm.0, d.index, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
+        let x = ct.cut_begin(c.vm.0, d.index, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
         (Some(x), None)
     } else {
         for b in &plan.remove {
-            tracking::remove_tracking_offline(&d.image, b).await.map_err(unavailable)?;
+            ct.remove_offline(&d.image, b).await.map_err(unavailable)?;
         }
         if plan.fresh {
-            tracking::enable_tracking_offline(&d.image, &plan.current).await.map_err(unavailable)?;
+            ct.enable_offline(&d.image, &plan.current).await.map_err(unavailable)?;
         }
         let dir = prep.work_dir.join(format!("src{}", d.index));
-        let x = tracking::begin_cycle_offline(&d.image, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
+        let x = ct.cut_begin_offline(&d.image, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
         (None, Some(x))
     };
     let (endpoint, context) = match (&live, &offline) {
@@ -626,15 +618,14 @@ impl Step for Release {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let prep: Prepared = output(ctx, &format!("prepare:{}", self.0.index))?;
         let done: Vec<Transferred> = output(ctx, &format!("transfer:{}", self.0.index))?;
+        let ct = crate::change_tracking(&ctx.engine, "replication")?;
         for t in &done {
             match (&t.live, &t.offline_dir) {
                 (Some(live), _) => {
-                    let q =
-                        ctx.engine.hv().qemu().ok_or_else(|| Error::internal("a live cut without the QEMU driver"))?;
-                    tracking::end_cycle(q, live, true).await.map_err(unavailable)?;
+                    ct.cut_end(live, true).await.map_err(unavailable)?;
                 }
                 (None, Some(dir)) => {
-                    tracking::recover_cycle_offline(&t.image, &t.current_bitmap, &t.next_bitmap, dir, true)
+                    ct.cut_recover_offline(&t.image, &t.current_bitmap, &t.next_bitmap, dir, true)
                         .await
                         .map_err(unavailable)?;
                 }

@@ -128,6 +128,9 @@ pub enum HvError {
     ImageLocked(String),
     #[error("invalid VM specification: {0}")]
     InvalidSpec(String),
+    /// The driver cannot do this at all (e.g. live change tracking in the simulated hypervisor).
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// A dirty bitmap is missing or cannot be trusted (QEMU did not close the image cleanly):
     /// the disk must fall back to hash-compare. See [`tracking`].
     #[error("dirty bitmap {bitmap:?} {reason}")]
@@ -192,16 +195,71 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn check_tcp_port(&self, vm: Uuid, guest_port: u16, timeout: Duration) -> HvResult<TcpPortState>;
 
     /// Removes what the driver keeps for the VM (runtime directory). Powers it off first.
-    /// Idempotent. Disk images are the engine's to delete, through [`image`].
+    /// Idempotent. Disk images are the engine's to delete, through [`drover_qemu::image`].
     async fn forget(&self, vm: Uuid) -> HvResult<()>;
 
-    /// The QEMU driver behind this hypervisor, for what only QMP can do (live change tracking,
-    /// see [`tracking`]). `None` for the simulated hypervisor.
-    fn qemu(&self) -> Option<&qemu::QemuDriver> {
+    /// The driver's change tracking, when it has one (see [`ChangeTracking`]). `None` for the
+    /// simulated hypervisor: replication then copies whole disks or compares hashes.
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
         None
+    }
+
+    /// The disk files a VM was last started with (from the driver's runtime record), in the
+    /// order of its spec; empty when the driver keeps no such record or never started it.
+    async fn runtime_disks(&self, _vm: Uuid) -> HvResult<Vec<PathBuf>> {
+        Ok(Vec::new())
     }
 
     /// Finds VMs that outlived a restart of drover and re-attaches to them.
     /// Returns every VM the driver has state for, with its power state.
     async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>>;
+}
+
+/// Change tracking of VM disks: persistent dirty bitmaps and point-in-time exports of a disk over
+/// NBD, as a capability of the hypervisor rather than of one driver (a libvirt driver does it with
+/// checkpoints and pull-mode backups). Live methods work through the running VM; the `_offline`
+/// ones on an image nobody has open. Every method is idempotent, and what a cut returns is plain
+/// data the caller may persist to end the cut after a restart. The semantics, the crash safety and
+/// the names are those of [`tracking`], which the QEMU driver implements this with.
+#[async_trait]
+pub trait ChangeTracking: Send + Sync + std::fmt::Debug {
+    /// Starts recording the changes of disk `disk` of a running VM into the persistent `bitmap`.
+    async fn enable(&self, vm: Uuid, disk: usize, bitmap: &str) -> HvResult<()>;
+    /// The bitmaps of disk `disk` of a running VM.
+    async fn state(&self, vm: Uuid, disk: usize) -> HvResult<Vec<tracking::BitmapState>>;
+    /// Removes `bitmap` from disk `disk` of a running VM.
+    async fn remove(&self, vm: Uuid, disk: usize, bitmap: &str) -> HvResult<()>;
+    /// Freezes `current`, starts `next`, and exports a point-in-time view of the disk with
+    /// `current` as its dirty-bitmap context, in `export_dir`.
+    async fn cut_begin(
+        &self,
+        vm: Uuid,
+        disk: usize,
+        current: &str,
+        next: &str,
+        export_dir: &std::path::Path,
+    ) -> HvResult<tracking::CycleExport>;
+    /// Ends a cut: `success` drops `current` (its changes arrived), otherwise folds it into `next`.
+    async fn cut_end(&self, cut: &tracking::CycleExport, success: bool) -> HvResult<()>;
+
+    async fn enable_offline(&self, image: &std::path::Path, bitmap: &str) -> HvResult<()>;
+    async fn state_offline(&self, image: &std::path::Path) -> HvResult<Vec<tracking::BitmapState>>;
+    async fn remove_offline(&self, image: &std::path::Path, bitmap: &str) -> HvResult<()>;
+    async fn cut_begin_offline(
+        &self,
+        image: &std::path::Path,
+        current: &str,
+        next: &str,
+        export_dir: &std::path::Path,
+    ) -> HvResult<tracking::OfflineCycleExport>;
+    async fn cut_end_offline(&self, cut: tracking::OfflineCycleExport, success: bool) -> HvResult<()>;
+    /// Ends an offline cut whose export was lost (a restart): idempotent.
+    async fn cut_recover_offline(
+        &self,
+        image: &std::path::Path,
+        current: &str,
+        next: &str,
+        export_dir: &std::path::Path,
+        success: bool,
+    ) -> HvResult<()>;
 }

@@ -59,7 +59,9 @@ use tokio::sync::{Mutex as AsyncMutex, OnceCell};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::{BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState, VmSpec};
+use crate::{
+    BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState, VmSpec, tracking,
+};
 use drover_qemu::qmp::QmpClient;
 
 /// Name of the virtio-serial port the guest agent listens on.
@@ -451,8 +453,20 @@ impl QemuDriver {
 
 #[async_trait]
 impl Hypervisor for QemuDriver {
-    fn qemu(&self) -> Option<&QemuDriver> {
+    fn change_tracking(&self) -> Option<&dyn crate::ChangeTracking> {
         Some(self)
+    }
+
+    async fn runtime_disks(&self, vm: Uuid) -> HvResult<Vec<PathBuf>> {
+        let path = self.vm_dir(vm).join("spec.json");
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HvError::io(format!("reading {}", path.display()), e)),
+        };
+        let spec: VmSpec =
+            serde_json::from_str(&text).map_err(|e| HvError::InvalidSpec(format!("{}: {e}", path.display())))?;
+        Ok(spec.disks.into_iter().map(|d| d.path).collect())
     }
 
     fn kind(&self) -> &'static str {
@@ -912,6 +926,65 @@ fn hex_decode(hex: &str) -> Option<Vec<u8>> {
         return None;
     }
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Change tracking through the VM's QMP (live) and `qemu-img` + `qemu-storage-daemon` (offline):
+/// see [`crate::tracking`].
+#[async_trait]
+impl crate::ChangeTracking for QemuDriver {
+    async fn enable(&self, vm: Uuid, disk: usize, bitmap: &str) -> HvResult<()> {
+        tracking::enable_tracking(self, vm, disk, bitmap).await
+    }
+    async fn state(&self, vm: Uuid, disk: usize) -> HvResult<Vec<tracking::BitmapState>> {
+        tracking::bitmap_state(self, vm, disk).await
+    }
+    async fn remove(&self, vm: Uuid, disk: usize, bitmap: &str) -> HvResult<()> {
+        tracking::remove_tracking(self, vm, disk, bitmap).await
+    }
+    async fn cut_begin(
+        &self,
+        vm: Uuid,
+        disk: usize,
+        current: &str,
+        next: &str,
+        export_dir: &Path,
+    ) -> HvResult<tracking::CycleExport> {
+        tracking::begin_cycle(self, vm, disk, current, next, export_dir).await
+    }
+    async fn cut_end(&self, cut: &tracking::CycleExport, success: bool) -> HvResult<()> {
+        tracking::end_cycle(self, cut, success).await
+    }
+    async fn enable_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
+        tracking::enable_tracking_offline(image, bitmap).await
+    }
+    async fn state_offline(&self, image: &Path) -> HvResult<Vec<tracking::BitmapState>> {
+        tracking::bitmap_state_offline(image).await
+    }
+    async fn remove_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
+        tracking::remove_tracking_offline(image, bitmap).await
+    }
+    async fn cut_begin_offline(
+        &self,
+        image: &Path,
+        current: &str,
+        next: &str,
+        export_dir: &Path,
+    ) -> HvResult<tracking::OfflineCycleExport> {
+        tracking::begin_cycle_offline(image, current, next, export_dir).await
+    }
+    async fn cut_end_offline(&self, cut: tracking::OfflineCycleExport, success: bool) -> HvResult<()> {
+        tracking::end_cycle_offline(cut, success).await
+    }
+    async fn cut_recover_offline(
+        &self,
+        image: &Path,
+        current: &str,
+        next: &str,
+        export_dir: &Path,
+        success: bool,
+    ) -> HvResult<()> {
+        tracking::recover_cycle_offline(image, current, next, export_dir, success).await
+    }
 }
 
 #[cfg(test)]

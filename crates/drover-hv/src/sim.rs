@@ -1,7 +1,8 @@
 //! `SimulatedHypervisor`: **a simulation for tests**, not a hypervisor.
 //!
 //! It keeps VMs in memory (a `Mutex<HashMap>`), never starts a process and never touches a disk
-//! image. It exists so the engine's sagas and reconcilers can be tested in milliseconds, with
+//! image, except that offline change tracking (of images nobody has open) is the real one, on the
+//! real images the engine creates. It exists so the engine's sagas and reconcilers can be tested in milliseconds, with
 //! faults injected on demand. [`Hypervisor::kind`] returns `"simulated"` so it is visible wherever
 //! it is used; the product never falls back to it.
 //!
@@ -202,6 +203,10 @@ fn first_disk(spec: &VmSpec) -> Option<PathBuf> {
 
 #[async_trait]
 impl Hypervisor for SimulatedHypervisor {
+    fn change_tracking(&self) -> Option<&dyn crate::ChangeTracking> {
+        Some(self)
+    }
+
     fn kind(&self) -> &'static str {
         "simulated"
     }
@@ -355,6 +360,71 @@ impl Hypervisor for SimulatedHypervisor {
         all.sort_by_key(|(id, _)| *id);
         Ok(all)
     }
+}
+
+/// The simulated VMs never run a QEMU, so there is nothing to track live: a live call is refused
+/// (a running simulated VM is replicated whole or by hash-compare). Their disks are real qcow2
+/// images, though, and offline tracking works on the images with the real tools, exactly as for
+/// the QEMU driver.
+#[async_trait]
+impl crate::ChangeTracking for SimulatedHypervisor {
+    async fn enable(&self, vm: Uuid, _: usize, _: &str) -> HvResult<()> {
+        Err(no_live_tracking(vm))
+    }
+    async fn state(&self, vm: Uuid, _: usize) -> HvResult<Vec<crate::tracking::BitmapState>> {
+        Err(no_live_tracking(vm))
+    }
+    async fn remove(&self, vm: Uuid, _: usize, _: &str) -> HvResult<()> {
+        Err(no_live_tracking(vm))
+    }
+    async fn cut_begin(
+        &self,
+        vm: Uuid,
+        _: usize,
+        _: &str,
+        _: &str,
+        _: &Path,
+    ) -> HvResult<crate::tracking::CycleExport> {
+        Err(no_live_tracking(vm))
+    }
+    async fn cut_end(&self, cut: &crate::tracking::CycleExport, _: bool) -> HvResult<()> {
+        Err(no_live_tracking(cut.vm))
+    }
+    async fn enable_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
+        crate::tracking::enable_tracking_offline(image, bitmap).await
+    }
+    async fn state_offline(&self, image: &Path) -> HvResult<Vec<crate::tracking::BitmapState>> {
+        crate::tracking::bitmap_state_offline(image).await
+    }
+    async fn remove_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
+        crate::tracking::remove_tracking_offline(image, bitmap).await
+    }
+    async fn cut_begin_offline(
+        &self,
+        image: &Path,
+        current: &str,
+        next: &str,
+        export_dir: &Path,
+    ) -> HvResult<crate::tracking::OfflineCycleExport> {
+        crate::tracking::begin_cycle_offline(image, current, next, export_dir).await
+    }
+    async fn cut_end_offline(&self, cut: crate::tracking::OfflineCycleExport, success: bool) -> HvResult<()> {
+        crate::tracking::end_cycle_offline(cut, success).await
+    }
+    async fn cut_recover_offline(
+        &self,
+        image: &Path,
+        current: &str,
+        next: &str,
+        export_dir: &Path,
+        success: bool,
+    ) -> HvResult<()> {
+        crate::tracking::recover_cycle_offline(image, current, next, export_dir, success).await
+    }
+}
+
+fn no_live_tracking(vm: Uuid) -> HvError {
+    HvError::Unsupported(format!("VM {vm}: the simulated hypervisor has no live change tracking"))
 }
 
 #[cfg(test)]
