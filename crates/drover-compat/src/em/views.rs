@@ -5,7 +5,8 @@
 //! Name`. Every `Href` is absolute, from the request's host, and resolves with GET.
 
 use drover_types::{
-    Plan, Replica, RestorePoint, RestorePointId, Session, SessionResult, SessionState, Task, TaskId, Timestamp, VmId,
+    Plan, Replica, RestorePoint, RestorePointId, Session, SessionId, SessionResult, SessionState, Task, TaskId,
+    Timestamp, VmId,
 };
 use uuid::Uuid;
 
@@ -208,6 +209,14 @@ pub fn result_name(r: SessionResult) -> &'static str {
     }
 }
 
+/// A session's reference: all it needs is the id and the name (lists build it from summaries).
+pub fn cloud_failover_session_ref(ctx: &Ctx, id: SessionId, name: &str, shape: Shape) -> Element {
+    let path = session_path(id);
+    let entity = format!("{path}?format=Entity");
+    let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSession"), &entity, Some(name))];
+    ctx.reference(shape.element(), "CloudFailoverSession", &path, name, &id.to_string(), links)
+}
+
 /// The restore point a VM's task booted from, as its `VmReplicaPointLink` names it.
 #[derive(Debug, Clone)]
 pub struct PointLink {
@@ -228,9 +237,7 @@ pub fn cloud_failover_session(
     let id = session.id.to_string();
     let name = session.name.as_str();
     if shape != Shape::Entity {
-        let entity = format!("{path}?format=Entity");
-        let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSession"), &entity, Some(name))];
-        return ctx.reference(shape.element(), "CloudFailoverSession", &path, name, &id, links);
+        return cloud_failover_session_ref(ctx, session.id, name, shape);
     }
     let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSessionReference"), &path, Some(name))];
     let tasks = tasks
