@@ -921,13 +921,14 @@ impl Store {
                 Bind::Int(i) => page.bind(*i),
             };
         }
-        let rows = page
-            .bind(q.limit.min(i64::MAX as u64) as i64)
-            .bind(q.offset.min(i64::MAX as u64) as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
-        let summaries = rows.iter().map(summary_from_row).collect::<StoreResult<_>>()?;
+        // Row by row: a row is decoded into its summary and dropped, so a long list costs the
+        // summaries only, not every row's buffers as well.
+        let mut rows =
+            page.bind(q.limit.min(i64::MAX as u64) as i64).bind(q.offset.min(i64::MAX as u64) as i64).fetch(&self.pool);
+        let mut summaries = Vec::with_capacity(q.limit.min(total as u64).min(10_000) as usize);
+        while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await.map_err(StoreError::from)? {
+            summaries.push(summary_from_row(&row)?);
+        }
         Ok((summaries, total as u64))
     }
 

@@ -15,7 +15,7 @@ use clap::Args;
 use drover_engine::Engine;
 use drover_engine::app::App;
 use drover_store::Store;
-use drover_types::{PlanId, Session, SessionKind, SessionResult, SessionState, SessionTarget, VmId};
+use drover_types::{PlanId, Session, SessionResult, SessionState, SessionTarget, VmId};
 use serde::Serialize;
 
 #[derive(Debug, Args)]
@@ -41,6 +41,8 @@ pub struct Timing {
     pub p99_ms: f64,
     /// Size of the answer's body.
     pub bytes: usize,
+    /// The process's resident memory after these requests.
+    pub rss_after_kib: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -168,6 +170,7 @@ async fn measure(
         median_ms: ms(at(0.5)),
         p99_ms: ms(at(0.99)),
         bytes,
+        rss_after_kib: status_kib("VmRSS:"),
     })
 }
 
@@ -247,16 +250,28 @@ pub async fn em_sessions(args: &EmSessionsArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+fn mib(k: Option<u64>) -> String {
+    k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into())
+}
+
 pub fn print_report(r: &Report) {
     println!("{} plan sessions stored in {:.2} s", r.sessions, r.insert_seconds);
-    println!("  {:<42} {:>5} {:>10} {:>10} {:>10} {:>10}", "request", "runs", "min ms", "median ms", "p99 ms", "bytes");
+    println!(
+        "  {:<42} {:>5} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "request", "runs", "min ms", "median ms", "p99 ms", "bytes", "RSS after"
+    );
     for t in &r.timings {
         println!(
-            "  {:<42} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>10}",
-            t.request, t.runs, t.min_ms, t.median_ms, t.p99_ms, t.bytes
+            "  {:<42} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>12}",
+            t.request,
+            t.runs,
+            t.min_ms,
+            t.median_ms,
+            t.p99_ms,
+            t.bytes,
+            mib(t.rss_after_kib)
         );
     }
-    let mib = |k: Option<u64>| k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into());
     println!(
         "  server RSS before the requests {}, after {}, peak {}",
         mib(r.rss_before_kib),
