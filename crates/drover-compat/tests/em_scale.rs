@@ -168,13 +168,13 @@ async fn fifty_thousand_sessions_page_filter_and_stay_in_their_tenant() {
         .copied()
         .filter(|s| s.failure_message.as_deref() == Some("check 2 failed") && s.name != "ÄRGER")
         .collect();
-    want.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    want.sort_by_key(|s| s.name.to_lowercase());
     assert_eq!(ref_ids(&xml), ids(&want[100..150]));
     assert_eq!(paging(&xml, "PagesCount"), (want.len() as u64).div_ceil(50));
 
     // The store's sort equals the stable sort: the last page sorted by name, descending.
     let mut by_name = plan.clone();
-    by_name.sort_by(|a, b| b.name.to_lowercase().cmp(&a.name.to_lowercase()));
+    by_name.sort_by_key(|s| std::cmp::Reverse(s.name.to_lowercase()));
     let xml =
         em.ok(&format!("/api/query?type=CloudFailoverSession&sortDesc=Name&pageSize=100&page={pages}"), &token).await;
     assert_eq!(ref_ids(&xml), ids(&by_name[(pages as usize - 1) * 100..]));

@@ -188,6 +188,9 @@ async fn summaries_fixture(store: &Store, tenant: TenantId) -> Vec<Session> {
     all
 }
 
+/// What a sort compares, for the expected orders.
+type SortKey = dyn Fn(&Session) -> (u8, String, Option<Timestamp>);
+
 fn query(condition: SessionCondition) -> SessionQuery {
     SessionQuery { kinds: Vec::new(), condition, order: None, offset: 0, limit: 1000 }
 }
@@ -254,12 +257,12 @@ async fn session_summaries_filter_sort_and_page_in_the_store() {
 
     // Sorts keep newest-first among ties, in both directions, as a stable sort of the default
     // order does; states and results sort in their domain order, missing end times first.
-    let sorted = |key: &dyn Fn(&Session) -> (u8, String, Option<Timestamp>), asc: bool| {
+    let sorted = |key: &SortKey, asc: bool| {
         let mut v: Vec<&Session> = all.iter().collect();
         v.sort_by(|a, b| if asc { key(a).cmp(&key(b)) } else { key(b).cmp(&key(a)) });
         v.iter().map(|s| s.id).collect::<Vec<_>>()
     };
-    let cases: [(SessionOrder, Box<dyn Fn(&Session) -> (u8, String, Option<Timestamp>)>); 5] = [
+    let cases: [(SessionOrder, Box<SortKey>); 5] = [
         (SessionOrder::NameLowercase, Box::new(|s| (0, s.name.to_lowercase(), None))),
         (SessionOrder::State, Box::new(|s| (s.state as u8, String::new(), None))),
         (SessionOrder::Result, Box::new(|s| (s.result as u8, String::new(), None))),

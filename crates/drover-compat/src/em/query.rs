@@ -528,4 +528,58 @@ mod tests {
             "/query?type=CloudFailoverSession&format=References&sortDesc=CreationTime&pageSize=2&page=3"
         );
     }
+
+    fn ctx() -> Ctx {
+        Ctx {
+            base: "http://localhost".into(),
+            server: views::BackupServer { id: uuid::Uuid::nil(), name: "drover".into() },
+        }
+    }
+
+    fn condition(f: &str) -> Option<SessionCondition> {
+        session_condition(&filter::compile(&filter::parse(f).unwrap(), SESSION_FIELDS).unwrap(), &ctx())
+    }
+
+    #[test]
+    fn filters_go_to_the_store_only_where_they_mean_the_same() {
+        use SessionCondition as C;
+        let id = uuid::Uuid::new_v4();
+        // A UID names the id past its prefix; other values compare with the prefix alone.
+        assert_eq!(
+            condition(&format!("UID==urn:veeam:CloudFailoverSession:{id}")),
+            Some(C::Id(CompareOp::Eq, id.to_string()))
+        );
+        assert_eq!(condition("UID==urn:veeam:Other:x"), Some(C::FALSE));
+        assert_eq!(condition("UID>urn:veeam:c"), Some(C::TRUE), "a proper prefix is smaller than every UID");
+        assert_eq!(condition("UID<urn:veeam:d"), Some(C::TRUE));
+        // Fields that are the same for every session are decided here.
+        assert_eq!(condition("Type==failoverplan;BackupServerName==DROVER"), Some(C::And(vec![C::TRUE, C::TRUE])));
+        assert_eq!(condition("Type!=FailoverPlan"), Some(C::FALSE));
+        // Enums become the values whose position passes.
+        assert_eq!(condition("State<Stopping"), Some(C::StateIn(vec![SessionState::Starting, SessionState::Working])));
+        assert_eq!(condition("Result>Failed"), Some(C::ResultIn(vec![])));
+        // A time between two milliseconds compares as the millisecond before it.
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(
+            condition("CreationTime<2024-01-01T00:00:00.0005Z"),
+            Some(C::CreatedAt(CompareOp::Le, t("2024-01-01T00:00:00Z")))
+        );
+        assert_eq!(condition("EndTime==2024-01-01T00:00:00.0005Z"), Some(C::FALSE));
+        assert_eq!(
+            condition("EndTime>=2024-01-01T00:00:01Z"),
+            Some(C::EndedAt(CompareOp::Ge, t("2024-01-01T00:00:01Z")))
+        );
+        // FailureMessage is not in the store lower-cased: the whole filter is checked here, after
+        // the store narrowed by the parts it can say.
+        assert_eq!(condition("Name==a,FailureMessage==x"), None);
+        let f = filter::compile(&filter::parse("Name==a;(FailureMessage==x,State==Working)").unwrap(), SESSION_FIELDS)
+            .unwrap();
+        assert_eq!(
+            prefilter(&f, &ctx()),
+            C::And(vec![
+                C::NameLowercase(CompareOp::Eq, "a".into()),
+                C::Or(vec![C::TRUE, C::StateIn(vec![SessionState::Working])])
+            ])
+        );
+    }
 }
