@@ -17,6 +17,9 @@ use crate::ops::{self, VmOpParams};
 use crate::saga::ContinueOption;
 use crate::{Engine, Error, Result};
 
+/// The most session summaries one read returns (about 30 MiB of them at worst).
+pub const SESSION_SUMMARIES_MAX: u64 = 100_000;
+
 /// Who is calling, as established from a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -1318,6 +1321,15 @@ impl App {
             return Err(Error::invalid("limit must be between 1 and 1000"));
         }
         self.store().session_list(caller.tenant_id, filter).await
+    }
+
+    /// A page of the caller's tenant's sessions as summaries, and how many meet the query in
+    /// all; at most [`SESSION_SUMMARIES_MAX`] at once.
+    pub async fn session_summaries(&self, caller: &Caller, q: &SessionQuery) -> Result<(Vec<SessionSummary>, u64)> {
+        if q.limit == 0 || q.limit > SESSION_SUMMARIES_MAX {
+            return Err(Error::invalid(format!("limit must be between 1 and {SESSION_SUMMARIES_MAX}")));
+        }
+        self.store().session_summaries(caller.tenant_id, q).await
     }
 
     pub async fn session_get(&self, caller: &Caller, id: SessionId) -> Result<(Session, Vec<Task>)> {

@@ -17,9 +17,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    AuditEntry, AuditFilter, AuditRecord, Error, LogEntry, LogLevel, ReplicaId, RestorePoint, RestorePointDisk,
-    RestorePointId, RestorePointState, Role, Session, SessionId, SessionKind, SessionTarget, StepRecord, StepState,
-    Task, TaskId, Tenant, TenantId, Timestamp, User, UserId,
+    AuditEntry, AuditFilter, AuditRecord, CompareOp, Error, LogEntry, LogLevel, ReplicaId, RestorePoint,
+    RestorePointDisk, RestorePointId, RestorePointState, Role, Session, SessionCondition, SessionId, SessionKind,
+    SessionOrder, SessionQuery, SessionSummary, SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId,
+    Timestamp, User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -170,6 +171,30 @@ impl Store {
 
     async fn migrate(&self) -> Result<()> {
         sqlx::migrate!("./migrations/sqlite").run(&self.pool).await.map_err(StoreError::from)?;
+        self.backfill_session_names().await
+    }
+
+    /// Writes `name_lower` of the sessions stored before migration 0005 (SQL cannot lower-case
+    /// as Rust does); a no-op once done.
+    async fn backfill_session_names(&self) -> Result<()> {
+        let rows = sqlx::query("SELECT id, name FROM sessions WHERE name_lower IS NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+        for r in &rows {
+            let (id, name): (String, String) = (r.get("id"), r.get("name"));
+            sqlx::query("UPDATE sessions SET name_lower = $1 WHERE id = $2")
+                .bind(name.to_lowercase())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
         Ok(())
     }
 
@@ -833,6 +858,80 @@ impl Store {
         Ok(())
     }
 
+    /// Creates many sessions with their tasks in one transaction (imports, benchmarks and tests
+    /// that need a long history fast).
+    pub async fn session_insert_many(&self, sessions: &[(Session, Vec<Task>)]) -> Result<()> {
+        let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+        for (s, tasks) in sessions {
+            session_insert_rows(&mut tx, s, tasks).await?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// A page of a tenant's sessions that meet `q`, as summaries (no parameters read), and how
+    /// many meet it in all. The condition, the order and the page are all evaluated in SQL.
+    pub async fn session_summaries(&self, tenant: TenantId, q: &SessionQuery) -> Result<(Vec<SessionSummary>, u64)> {
+        let mut binds = vec![Bind::Text(tenant.to_string())];
+        let mut where_clause = "tenant_id = $1".to_string();
+        if !q.kinds.is_empty() {
+            let list: Vec<String> =
+                q.kinds.iter().map(|k| push_bind(&mut binds, Bind::Text(k.as_str().into()))).collect();
+            where_clause.push_str(&format!(" AND kind IN ({})", list.join(", ")));
+        }
+        let condition = condition_sql(&q.condition, &mut binds);
+        where_clause.push_str(&format!(" AND {condition}"));
+        let newest_first = "created_at DESC, id DESC";
+        let order = match q.order {
+            None => newest_first.to_string(),
+            Some((field, ascending)) => {
+                let column = match field {
+                    SessionOrder::Id => "id",
+                    SessionOrder::NameLowercase => "name_lower",
+                    SessionOrder::CreatedAt => "created_at",
+                    SessionOrder::EndedAt => "ended_at",
+                    SessionOrder::State => STATE_RANK,
+                    SessionOrder::Result => RESULT_RANK,
+                };
+                // NULLs sort first in SQLite, and ascending is what a missing end time needs;
+                // PostgreSQL will need NULLS FIRST / LAST spelled out.
+                format!("{column} {}, {newest_first}", if ascending { "ASC" } else { "DESC" })
+            }
+        };
+        let count_sql = format!("SELECT COUNT(*) FROM sessions WHERE {where_clause}");
+        let page_sql = format!(
+            "SELECT id, tenant_id, kind, name, target_kind, target_id, state, result, progress, failure_message,
+                    created_at, ended_at
+             FROM sessions WHERE {where_clause} ORDER BY {order} LIMIT ${} OFFSET ${}",
+            binds.len() + 1,
+            binds.len() + 2
+        );
+        let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+        for b in &binds {
+            count = match b {
+                Bind::Text(t) => count.bind(t.as_str()),
+                Bind::Int(i) => count.bind(*i),
+            };
+        }
+        let total = count.fetch_one(&self.pool).await.map_err(StoreError::from)?;
+        let mut page = sqlx::query(&page_sql);
+        for b in &binds {
+            page = match b {
+                Bind::Text(t) => page.bind(t.as_str()),
+                Bind::Int(i) => page.bind(*i),
+            };
+        }
+        // Row by row: a row is decoded into its summary and dropped, so a long list costs the
+        // summaries only, not every row's buffers as well.
+        let mut rows =
+            page.bind(q.limit.min(i64::MAX as u64) as i64).bind(q.offset.min(i64::MAX as u64) as i64).fetch(&self.pool);
+        let mut summaries = Vec::with_capacity(q.limit.min(total as u64).min(10_000) as usize);
+        while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await.map_err(StoreError::from)? {
+            summaries.push(summary_from_row(&row)?);
+        }
+        Ok((summaries, total as u64))
+    }
+
     pub async fn session_get(&self, tenant: Option<TenantId>, id: SessionId) -> Result<Session> {
         let row = sqlx::query(&format!("{SESSION_SELECT} WHERE id = $1 AND ($2 IS NULL OR tenant_id = $2)"))
             .bind(id.to_string())
@@ -1390,8 +1489,8 @@ async fn session_insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, s: &S
     let (target_kind, target_id) = target_parts(&s.target);
     sqlx::query(
         "INSERT INTO sessions (id, tenant_id, kind, name, target_kind, target_id, state, result, progress,
-                               failure_message, params, halt_requested, halted, created_at, ended_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                               failure_message, params, halt_requested, halted, created_at, ended_at, name_lower)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(s.id.to_string())
     .bind(s.tenant_id.to_string())
@@ -1408,6 +1507,7 @@ async fn session_insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, s: &S
     .bind(s.halted)
     .bind(ms(s.created_at))
     .bind(s.ended_at.map(ms))
+    .bind(s.name.to_lowercase())
     .execute(&mut **tx)
     .await
     .map_err(StoreError::from)?;
@@ -1434,6 +1534,72 @@ async fn session_insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, s: &S
         .map_err(StoreError::from)?;
     }
     Ok(())
+}
+
+/// A value bound to a placeholder of a query built at run time.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// Adds a bound value and returns its placeholder.
+fn push_bind(binds: &mut Vec<Bind>, b: Bind) -> String {
+    binds.push(b);
+    format!("${}", binds.len())
+}
+
+/// Sessions' states and results ranked in their domain order, for sorting.
+const STATE_RANK: &str = "CASE state WHEN 'Starting' THEN 0 WHEN 'Working' THEN 1 WHEN 'Stopping' THEN 2 ELSE 3 END";
+const RESULT_RANK: &str = "CASE result WHEN 'None' THEN 0 WHEN 'Success' THEN 1 WHEN 'Warning' THEN 2 ELSE 3 END";
+
+fn op_sql(op: CompareOp) -> &'static str {
+    match op {
+        CompareOp::Eq => "=",
+        CompareOp::Ne => "<>",
+        CompareOp::Lt => "<",
+        CompareOp::Gt => ">",
+        CompareOp::Le => "<=",
+        CompareOp::Ge => ">=",
+    }
+}
+
+/// The SQL of a session condition, its values bound (never spliced into the text).
+fn condition_sql(c: &SessionCondition, binds: &mut Vec<Bind>) -> String {
+    let join = |parts: &[SessionCondition], binds: &mut Vec<Bind>, sep: &str, empty: &str| {
+        if parts.is_empty() {
+            return empty.to_string();
+        }
+        let sql: Vec<String> = parts.iter().map(|p| condition_sql(p, binds)).collect();
+        format!("({})", sql.join(sep))
+    };
+    let names = |list: Vec<String>, column: &str, binds: &mut Vec<Bind>| {
+        if list.is_empty() {
+            return "1 = 0".to_string();
+        }
+        let placeholders: Vec<String> = list.into_iter().map(|n| push_bind(binds, Bind::Text(n))).collect();
+        format!("{column} IN ({})", placeholders.join(", "))
+    };
+    match c {
+        SessionCondition::And(parts) => join(parts, binds, " AND ", "1 = 1"),
+        SessionCondition::Or(parts) => join(parts, binds, " OR ", "1 = 0"),
+        SessionCondition::Id(op, v) => format!("id {} {}", op_sql(*op), push_bind(binds, Bind::Text(v.clone()))),
+        SessionCondition::NameLowercase(op, v) => {
+            format!("name_lower {} {}", op_sql(*op), push_bind(binds, Bind::Text(v.clone())))
+        }
+        SessionCondition::CreatedAt(op, t) => {
+            format!("created_at {} {}", op_sql(*op), push_bind(binds, Bind::Int(ms(*t))))
+        }
+        // An absent end time equals nothing: only `<>` holds for it.
+        SessionCondition::EndedAt(CompareOp::Ne, t) => {
+            format!("(ended_at IS NULL OR ended_at <> {})", push_bind(binds, Bind::Int(ms(*t))))
+        }
+        SessionCondition::EndedAt(op, t) => {
+            format!("ended_at {} {}", op_sql(*op), push_bind(binds, Bind::Int(ms(*t))))
+        }
+        SessionCondition::StateIn(list) => names(list.iter().map(enum_str).collect(), "state", binds),
+        SessionCondition::ResultIn(list) => names(list.iter().map(enum_str).collect(), "result", binds),
+        SessionCondition::Target(id) => format!("target_id = {}", push_bind(binds, Bind::Text(id.to_string()))),
+    }
 }
 
 fn target_parts(t: &SessionTarget) -> (&'static str, Uuid) {
@@ -1476,15 +1642,36 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<TokenRecord> {
     })
 }
 
-fn session_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<Session> {
+fn target_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<SessionTarget> {
     let target_kind: String = r.try_get("target_kind")?;
     let target_id = uuid_parse(r.try_get("target_id")?)?;
-    let target = match target_kind.as_str() {
+    Ok(match target_kind.as_str() {
         "vm" => SessionTarget::Vm(target_id.into()),
         "plan" => SessionTarget::Plan(target_id.into()),
         "replication_job" => SessionTarget::ReplicationJob(target_id.into()),
         other => return Err(StoreError::Corrupt(format!("session target kind {other:?}"))),
-    };
+    })
+}
+
+fn summary_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<SessionSummary> {
+    let progress: i64 = r.try_get("progress")?;
+    Ok(SessionSummary {
+        id: SessionId(uuid_parse(r.try_get("id")?)?),
+        tenant_id: TenantId(uuid_parse(r.try_get("tenant_id")?)?),
+        kind: SessionKind::from_str(r.try_get("kind")?).map_err(StoreError::Domain)?,
+        name: r.try_get("name")?,
+        target: target_from_row(r)?,
+        state: enum_parse(r.try_get("state")?)?,
+        result: enum_parse(r.try_get("result")?)?,
+        progress: progress.clamp(0, 100) as u8,
+        failure_message: r.try_get("failure_message")?,
+        created_at: from_ms(r.try_get("created_at")?)?,
+        ended_at: opt_from_ms(r.try_get("ended_at")?)?,
+    })
+}
+
+fn session_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<Session> {
+    let target = target_from_row(r)?;
     let progress: i64 = r.try_get("progress")?;
     Ok(Session {
         id: SessionId(uuid_parse(r.try_get("id")?)?),

@@ -162,6 +162,134 @@ async fn sessions_filter_page_and_survive_reopen() {
     assert!(store.session_get(Some(other_tenant), ids[0]).await.is_err());
 }
 
+/// Twelve sessions of two kinds with names, states, results and end times to filter and sort on,
+/// stored in one transaction; returned newest first (the default order).
+async fn summaries_fixture(store: &Store, tenant: TenantId) -> Vec<Session> {
+    let base = now() - chrono::Duration::hours(1);
+    let mut all = Vec::new();
+    for i in 0..12i64 {
+        let kind = if i % 3 == 0 { SessionKind::Replication } else { SessionKind::PlanFailover };
+        let mut s = session(tenant, kind, base + chrono::Duration::seconds(i));
+        // Ties on purpose: every pair of sessions shares a name, a state and a result.
+        s.name = ["Ärger", "alpha", "Bravo"][(i % 3) as usize].to_string();
+        s.target = SessionTarget::Plan(PlanId::new());
+        if i % 2 == 0 {
+            s.state = SessionState::Stopped;
+            s.result = if i % 4 == 0 { SessionResult::Failed } else { SessionResult::Success };
+            s.ended_at = Some(s.created_at + chrono::Duration::seconds(100 - i));
+        } else {
+            s.state = SessionState::Working;
+        }
+        all.push(s);
+    }
+    let with_tasks: Vec<(Session, Vec<Task>)> = all.iter().map(|s| (s.clone(), vec![s.task(None, "vm")])).collect();
+    store.session_insert_many(&with_tasks).await.unwrap();
+    all.reverse();
+    all
+}
+
+/// What a sort compares, for the expected orders.
+type SortKey = dyn Fn(&Session) -> (u8, String, Option<Timestamp>);
+
+fn query(condition: SessionCondition) -> SessionQuery {
+    SessionQuery { kinds: Vec::new(), condition, order: None, offset: 0, limit: 1000 }
+}
+
+#[tokio::test]
+async fn session_summaries_filter_sort_and_page_in_the_store() {
+    let (store, dir, t) = fresh().await;
+    let all = summaries_fixture(&store, t.id).await;
+    let ids = |list: &[SessionSummary]| list.iter().map(|s| s.id).collect::<Vec<_>>();
+    let expect = |f: &dyn Fn(&Session) -> bool| all.iter().filter(|s| f(s)).map(|s| s.id).collect::<Vec<_>>();
+
+    // Everything, newest first, and a summary is the session without its parameters.
+    let (page, total) = store.session_summaries(t.id, &query(SessionCondition::TRUE)).await.unwrap();
+    assert_eq!((ids(&page), total), (expect(&|_| true), 12));
+    assert_eq!(page[0], SessionSummary::from(&all[0]));
+    assert_eq!(store.session_summaries(t.id, &query(SessionCondition::FALSE)).await.unwrap().1, 0);
+
+    // Kinds, then a page of them: the total counts every match, the page only its share.
+    let plans =
+        SessionQuery { kinds: vec![SessionKind::PlanFailover], offset: 3, limit: 2, ..query(SessionCondition::TRUE) };
+    let (page, total) = store.session_summaries(t.id, &plans).await.unwrap();
+    let plan_ids = expect(&|s| s.kind == SessionKind::PlanFailover);
+    assert_eq!((ids(&page), total), (plan_ids[3..5].to_vec(), 8));
+
+    // Names compare lower-cased as Rust lower-cases them, beyond ASCII too.
+    let c = SessionCondition::NameLowercase(CompareOp::Eq, "ärger".into());
+    assert_eq!(ids(&store.session_summaries(t.id, &query(c)).await.unwrap().0), expect(&|s| s.name == "Ärger"));
+    let c = SessionCondition::NameLowercase(CompareOp::Lt, "b".into());
+    assert_eq!(ids(&store.session_summaries(t.id, &query(c)).await.unwrap().0), expect(&|s| s.name == "alpha"));
+
+    // Absent end times equal nothing: only <> holds for running sessions.
+    let cut = all[5].ended_at.unwrap();
+    for (op, f) in [
+        (CompareOp::Ne, Box::new(|e: Option<Timestamp>| e != Some(cut)) as Box<dyn Fn(Option<Timestamp>) -> bool>),
+        (CompareOp::Eq, Box::new(|e| e == Some(cut))),
+        (CompareOp::Ge, Box::new(|e| e.is_some_and(|e| e >= cut))),
+    ] {
+        let c = SessionCondition::EndedAt(op, cut);
+        assert_eq!(
+            ids(&store.session_summaries(t.id, &query(c)).await.unwrap().0),
+            expect(&|s| f(s.ended_at)),
+            "{op:?}"
+        );
+    }
+
+    // And/Or, states, results, creation times, ids, targets.
+    let c = SessionCondition::Or(vec![
+        SessionCondition::And(vec![
+            SessionCondition::StateIn(vec![SessionState::Stopped]),
+            SessionCondition::ResultIn(vec![SessionResult::Failed]),
+        ]),
+        SessionCondition::CreatedAt(CompareOp::Gt, all[2].created_at),
+        SessionCondition::Id(CompareOp::Eq, all[7].id.to_string()),
+        SessionCondition::Target(match all[9].target {
+            SessionTarget::Plan(p) => p.0,
+            _ => unreachable!(),
+        }),
+    ]);
+    let want = expect(&|s| {
+        s.result == SessionResult::Failed || s.created_at > all[2].created_at || s.id == all[7].id || s.id == all[9].id
+    });
+    assert_eq!(ids(&store.session_summaries(t.id, &query(c)).await.unwrap().0), want);
+    assert_eq!(store.session_summaries(t.id, &query(SessionCondition::StateIn(vec![]))).await.unwrap().1, 0);
+
+    // Sorts keep newest-first among ties, in both directions, as a stable sort of the default
+    // order does; states and results sort in their domain order, missing end times first.
+    let sorted = |key: &SortKey, asc: bool| {
+        let mut v: Vec<&Session> = all.iter().collect();
+        v.sort_by(|a, b| if asc { key(a).cmp(&key(b)) } else { key(b).cmp(&key(a)) });
+        v.iter().map(|s| s.id).collect::<Vec<_>>()
+    };
+    let cases: [(SessionOrder, Box<SortKey>); 5] = [
+        (SessionOrder::NameLowercase, Box::new(|s| (0, s.name.to_lowercase(), None))),
+        (SessionOrder::State, Box::new(|s| (s.state as u8, String::new(), None))),
+        (SessionOrder::Result, Box::new(|s| (s.result as u8, String::new(), None))),
+        (SessionOrder::EndedAt, Box::new(|s| (0, String::new(), s.ended_at))),
+        (SessionOrder::CreatedAt, Box::new(|s| (0, String::new(), Some(s.created_at)))),
+    ];
+    for (order, key) in &cases {
+        for asc in [true, false] {
+            let q = SessionQuery { order: Some((*order, asc)), ..query(SessionCondition::TRUE) };
+            let got = ids(&store.session_summaries(t.id, &q).await.unwrap().0);
+            assert_eq!(got, sorted(key.as_ref(), asc), "{order:?} ascending {asc}");
+        }
+    }
+
+    // Another tenant sees none of them.
+    let other = Tenant { id: TenantId::new(), name: "acme".into(), is_system: false, created_at: now() };
+    store.tenant_create(&other).await.unwrap();
+    assert_eq!(store.session_summaries(other.id, &query(SessionCondition::TRUE)).await.unwrap(), (vec![], 0));
+
+    // Sessions stored before the lower-cased name existed get it when the store opens.
+    sqlx::query("UPDATE sessions SET name_lower = NULL").execute(&store.pool).await.unwrap();
+    drop(store);
+    let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
+    let c = SessionCondition::NameLowercase(CompareOp::Eq, "bravo".into());
+    assert_eq!(ids(&store.session_summaries(t.id, &query(c)).await.unwrap().0), expect(&|s| s.name == "Bravo"));
+}
+
 #[tokio::test]
 async fn log_sequence_is_dense_under_concurrent_appends() {
     let (store, _dir, t) = fresh().await;

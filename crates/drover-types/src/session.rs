@@ -273,6 +273,104 @@ pub struct SessionFilter {
     pub limit: u64,
 }
 
+/// A session without its parameters: what a list shows and filters on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub id: SessionId,
+    pub tenant_id: TenantId,
+    pub kind: SessionKind,
+    pub name: String,
+    pub target: SessionTarget,
+    pub state: SessionState,
+    pub result: SessionResult,
+    pub progress: u8,
+    pub failure_message: Option<String>,
+    pub created_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+}
+
+impl From<&Session> for SessionSummary {
+    fn from(s: &Session) -> SessionSummary {
+        SessionSummary {
+            id: s.id,
+            tenant_id: s.tenant_id,
+            kind: s.kind,
+            name: s.name.clone(),
+            target: s.target,
+            state: s.state,
+            result: s.result,
+            progress: s.progress,
+            failure_message: s.failure_message.clone(),
+            created_at: s.created_at,
+            ended_at: s.ended_at,
+        }
+    }
+}
+
+/// A comparison in a [`SessionCondition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Le,
+    Ge,
+}
+
+/// A condition on sessions' stored fields that the store evaluates where the sessions are (so a
+/// page of a filtered list reads only that page). Text compares byte by byte (code point order);
+/// an absent end time equals nothing, so only `Ne` holds for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionCondition {
+    /// All hold; `And(vec![])` is true.
+    And(Vec<SessionCondition>),
+    /// One holds; `Or(vec![])` is false.
+    Or(Vec<SessionCondition>),
+    /// The id as lower-case hyphenated text.
+    Id(CompareOp, String),
+    /// The name lower-cased (Unicode, as `str::to_lowercase`): compares without regard to case.
+    NameLowercase(CompareOp, String),
+    /// Millisecond precision, as sessions are stored.
+    CreatedAt(CompareOp, Timestamp),
+    EndedAt(CompareOp, Timestamp),
+    StateIn(Vec<SessionState>),
+    ResultIn(Vec<SessionResult>),
+    Target(uuid::Uuid),
+}
+
+impl SessionCondition {
+    pub const TRUE: SessionCondition = SessionCondition::And(Vec::new());
+    pub const FALSE: SessionCondition = SessionCondition::Or(Vec::new());
+}
+
+/// What a [`SessionQuery`] sorts by. Ties, and the query without a sort, are newest first (by
+/// creation time, then id, both descending), so pages are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOrder {
+    Id,
+    NameLowercase,
+    CreatedAt,
+    /// Sessions still running (no end time) come first ascending, last descending.
+    EndedAt,
+    /// By the lifecycle's order: Starting, Working, Stopping, Stopped.
+    State,
+    /// By severity: None, Success, Warning, Failed.
+    Result,
+}
+
+/// A page of one tenant's sessions of some kinds that meet a condition, in an order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionQuery {
+    /// Every kind when empty.
+    pub kinds: Vec<SessionKind>,
+    pub condition: SessionCondition,
+    /// `(field, ascending)`; newest first when `None`.
+    pub order: Option<(SessionOrder, bool)>,
+    pub offset: u64,
+    pub limit: u64,
+}
+
 /// Progress of a session from its tasks' progress, weighted. 0 when there are no tasks.
 pub fn weighted_progress(tasks: &[(u32, u8)]) -> u8 {
     let total: u64 = tasks.iter().map(|(w, _)| u64::from(*w)).sum();

@@ -33,10 +33,15 @@ use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
+mod em_sessions;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Full, incremental and hash-compare replication of one disk, failback bytes, and baselines.
     Replication(ReplicationArgs),
+    /// The Enterprise Manager dialect's session collection and query service over a long
+    /// history of plan sessions, over HTTP on loopback.
+    EmSessions(em_sessions::EmSessionsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +145,15 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print_report(&report);
+            }
+            Ok(())
+        }
+        BenchCommand::EmSessions(args) => {
+            let report = em_sessions::em_sessions(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                em_sessions::print_report(&report);
             }
             Ok(())
         }

@@ -25,7 +25,7 @@ enum Command {
     /// The embedded default on one machine: serve, plus a production and a DR site and small
     /// real VMs running the tiny guest.
     Lab(lab::LabArgs),
-    /// Measure the data path against baselines.
+    /// Measure the data path against baselines, and the Veeam dialects at scale.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     #[command(flatten)]

@@ -9,15 +9,16 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use drover_engine::app::{App, Caller, PlanActionOptions};
 use drover_types::{
-    Error, Plan, PlanAction, PlanId, Replica, ReplicaId, RestorePointId, Role, Session, SessionFilter, SessionId,
-    SessionKind, SessionTarget, Timestamp, Vm, VmId,
+    CompareOp, Error, Plan, PlanAction, PlanId, Replica, ReplicaId, RestorePointId, Role, Session, SessionCondition,
+    SessionFilter, SessionId, SessionKind, SessionOrder, SessionQuery, SessionSummary, SessionTarget, Timestamp, Vm,
+    VmId,
 };
 use serde::Deserialize;
 
 use super::EmState;
 use super::body::parse_body;
 use super::logon::{self, LogonSession, SESSION_HEADER};
-use super::render::{EmError, EmResult, Reply};
+use super::render::{Element, EmError, EmResult, Reply};
 use super::views::{self, BackupServer, Ctx, PlanKind, PlanView, PointLink, Shape};
 
 // -------------------------------------------------------------------------------------------------
@@ -206,31 +207,22 @@ pub const PLAN_SESSION_KINDS: [SessionKind; 8] = [
     SessionKind::PlanCommitFailback,
 ];
 
-/// The plan sessions created since `since`, newest first.
-pub async fn plan_sessions(app: &App, caller: &Caller, since: Timestamp) -> Result<Vec<Session>, Error> {
-    const PAGE: u64 = 1000;
-    let mut all = Vec::new();
-    for kind in PLAN_SESSION_KINDS {
-        let mut offset = 0;
-        loop {
-            let filter = SessionFilter {
-                kind: Some(kind),
-                created_after: Some(since),
-                offset,
-                limit: PAGE,
-                ..Default::default()
-            };
-            let (page, _) = app.session_list(caller, &filter).await?;
-            let n = page.len() as u64;
-            all.extend(page);
-            if n < PAGE {
-                break;
-            }
-            offset += PAGE;
-        }
-    }
-    all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-    Ok(all)
+/// The most sessions `GET /api/cloud/failoverSessions` lists: Enterprise Manager's collections
+/// are not paged, so the newest of the last 30 days are listed up to this bound (which bounds
+/// the answer's memory); the query service pages through every session.
+pub const COLLECTION_MAX: u64 = 10_000;
+
+/// The same bound for the collection as entities, each of which reads its tasks and steps.
+pub const COLLECTION_ENTITIES_MAX: u64 = 1_000;
+
+/// A tenant's plan sessions that meet `condition`, in the query's page and order.
+pub fn plan_sessions_query(
+    condition: SessionCondition,
+    order: Option<(SessionOrder, bool)>,
+    offset: u64,
+    limit: u64,
+) -> SessionQuery {
+    SessionQuery { kinds: PLAN_SESSION_KINDS.to_vec(), condition, order, offset, limit }
 }
 
 pub fn thirty_days_ago() -> Timestamp {
@@ -327,19 +319,40 @@ async fn failover_points(
     Ok(out)
 }
 
+/// `GET /api/cloud/failoverSessions`: references built from summaries; entities are read only for
+/// the sessions listed.
 pub async fn sessions_list(auth: Auth, State(state): State<EmState>, ctx: Ctx, params: Params) -> EmResult {
     let shape = params.shape(Shape::Ref)?;
-    let sessions = plan_sessions(&state.app, &auth.caller, thirty_days_ago()).await?;
+    let limit = if shape == Shape::Entity { COLLECTION_ENTITIES_MAX } else { COLLECTION_MAX };
+    let recent = SessionCondition::CreatedAt(CompareOp::Ge, thirty_days_ago());
+    let (sessions, _) = state.app.session_summaries(&auth.caller, &plan_sessions_query(recent, None, 0, limit)).await?;
+    let items = session_elements(&state.app, &auth.caller, &ctx, &sessions, shape).await?;
+    Ok(Reply::ok(views::collection(shape, "CloudFailoverSessions", items)))
+}
+
+/// The representations of listed sessions: references from their summaries, or entities read
+/// one by one (a session gone since it was listed is left out).
+pub async fn session_elements(
+    app: &App,
+    caller: &Caller,
+    ctx: &Ctx,
+    sessions: &[SessionSummary],
+    shape: Shape,
+) -> Result<Vec<Element>, Error> {
     let mut items = Vec::with_capacity(sessions.len());
     for s in sessions {
-        let (tasks, points) = if shape == Shape::Entity {
-            session_details(&state.app, &auth.caller, s.id).await?
-        } else {
-            Default::default()
+        if shape != Shape::Entity {
+            items.push(views::cloud_failover_session_ref(ctx, s.id, &s.name, shape));
+            continue;
+        }
+        let (session, tasks) = match app.session_get(caller, s.id).await {
+            Err(Error::NotFound { .. }) => continue,
+            other => other?,
         };
-        items.push(views::cloud_failover_session(&ctx, &s, &tasks, &points, shape));
+        let points = point_links(app, caller, &session, &tasks).await?;
+        items.push(views::cloud_failover_session(ctx, &session, &tasks, &points, shape));
     }
-    Ok(Reply::ok(views::collection(shape, "CloudFailoverSessions", items)))
+    Ok(items)
 }
 
 pub async fn session_get(
@@ -388,23 +401,39 @@ pub async fn replica_point_get(
 pub async fn plan_view(app: &App, caller: &Caller, plan: Plan) -> Result<PlanView, Error> {
     let tenant_name =
         app.tenant_list(caller).await?.into_iter().find(|t| t.id == plan.tenant_id).map(|t| t.name).unwrap_or_default();
+    Ok(with_vm_names(app, caller, PlanView { plan, tenant_name, vms: Vec::new() }).await)
+}
+
+/// The caller's plans by name, each with its tenant's name (read once) and, for entities, its
+/// VMs' names (a reference shows none).
+pub async fn plan_views(app: &App, caller: &Caller, shape: Shape) -> Result<Vec<PlanView>, Error> {
+    let mut plans = app.list::<Plan>(caller).await?;
+    plans.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    let tenants: HashMap<_, _> = app.tenant_list(caller).await?.into_iter().map(|t| (t.id, t.name)).collect();
+    let mut views = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let tenant_name = tenants.get(&plan.tenant_id).cloned().unwrap_or_default();
+        let view = PlanView { plan, tenant_name, vms: Vec::new() };
+        views.push(if shape == Shape::Entity { with_vm_names(app, caller, view).await } else { view });
+    }
+    Ok(views)
+}
+
+/// A plan's view with its VMs' names.
+pub async fn with_vm_names(app: &App, caller: &Caller, mut view: PlanView) -> PlanView {
     let mut vms = Vec::new();
-    for vm_id in plan.vm_ids() {
+    for vm_id in view.plan.vm_ids() {
         let name = app.get::<Vm>(caller, vm_id.0).await.map(|v| v.name).unwrap_or_else(|_| vm_id.to_string());
         vms.push((vm_id, name));
     }
-    Ok(PlanView { plan, tenant_name, vms })
+    view.vms = vms;
+    view
 }
 
 async fn list_plans(state: &EmState, auth: &Auth, ctx: &Ctx, params: &Params, kind: PlanKind) -> EmResult {
     let shape = params.shape(Shape::Ref)?;
-    let mut plans = state.app.list::<Plan>(&auth.caller).await?;
-    plans.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    let mut items = Vec::with_capacity(plans.len());
-    for p in plans {
-        let view = plan_view(&state.app, &auth.caller, p).await?;
-        items.push(views::plan(ctx, &view, kind, shape));
-    }
+    let plans = plan_views(&state.app, &auth.caller, shape).await?;
+    let items = plans.iter().map(|view| views::plan(ctx, view, kind, shape)).collect();
     let plural = match kind {
         PlanKind::Cloud => "CloudFailoverPlans",
         PlanKind::Plain => "FailoverPlans",

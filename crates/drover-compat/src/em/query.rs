@@ -2,21 +2,34 @@
 //! `pageSize`/`page` and `filter`.
 //!
 //! Every parameter is checked before anything is read, so a bad query is a 400 whatever the data.
-//! Records are read through the application layer (as the collections are), then filtered,
-//! sorted and paged here: the volumes are those of a control plane (plans, a month of plan
-//! sessions), not of a backup catalogue.
+//! Every result is paged: Enterprise Manager puts all results on one page when `pageSize` is not
+//! given, drover pages by [`DEFAULT_PAGE_SIZE`] (the `PagingInfo` links go on), so an answer's
+//! size is bounded however many sessions are stored.
+//!
+//! Sessions can be tens of thousands: the filter and the sort go to the store as a
+//! [`SessionCondition`] and a [`SessionOrder`] when they mean exactly the same there
+//! ([`session_condition`]), and only the page is read, as summaries; entities are read for the
+//! page's sessions only. A filter or sort the store cannot express (`FailureMessage`) reads the
+//! summaries that the rest of the filter narrows to and filters, sorts and pages them here.
+//! Plans and tasks are few (a control plane's, not a backup catalogue's) and are filtered,
+//! sorted and paged here.
 
 use std::cmp::Ordering;
 
-use drover_engine::app::Caller;
-use drover_types::{Error, Plan, Session};
+use drover_engine::app::{Caller, SESSION_SUMMARIES_MAX};
+use drover_types::{
+    CompareOp, Error, SessionCondition, SessionOrder, SessionResult, SessionState, SessionSummary, Timestamp,
+};
 
 use super::EmState;
-use super::filter::{self, Compiled, FieldType, Value};
-use super::handlers::{Params, plan_sessions, plan_view, session_details};
+use super::filter::{self, Compiled, FieldType, Op, Value};
+use super::handlers::{Params, plan_sessions_query, plan_views, session_elements, with_vm_names};
 use super::render::{Element, EmResult};
 use super::tasks::EmTask;
 use super::views::{self, Ctx, PlanKind, PlanView, Shape};
+
+/// The page size of a query that names none.
+pub const DEFAULT_PAGE_SIZE: u64 = 1000;
 
 const STATES: &[&str] = &["Starting", "Working", "Stopping", "Stopped"];
 const RESULTS: &[&str] = &["None", "Success", "Warning", "Failed"];
@@ -85,7 +98,7 @@ impl QueryType {
 }
 
 enum Record {
-    Session(Session),
+    Session(SessionSummary),
     Plan(PlanView),
     Task(EmTask),
 }
@@ -147,7 +160,8 @@ struct Query {
     kind: QueryType,
     shape: Shape,
     sort: Option<(&'static str, bool)>,
-    paging: Option<(u64, u64)>,
+    /// `(pageSize, page)`, [`DEFAULT_PAGE_SIZE`] and 1 when not given.
+    paging: (u64, u64),
     filter: Option<(String, Compiled)>,
 }
 
@@ -197,9 +211,9 @@ fn check(params: &Params) -> Result<Query, Error> {
         (None, None) => None,
     };
     let paging = match (number(params, "pageSize")?, number(params, "page")?) {
-        (Some(size), page) => Some((size, page.unwrap_or(1))),
+        (Some(size), page) => (size, page.unwrap_or(1)),
         (None, Some(_)) => return Err(Error::invalid("page needs pageSize")),
-        (None, None) => None,
+        (None, None) => (DEFAULT_PAGE_SIZE, 1),
     };
     let filter = match params.get("filter") {
         None => None,
@@ -237,9 +251,7 @@ impl Query {
         if let Some((field, asc)) = self.sort {
             parts.push(format!("{}={field}", if asc { "sortAsc" } else { "sortDesc" }));
         }
-        if let Some((size, _)) = self.paging {
-            parts.push(format!("pageSize={size}&page={page}"));
-        }
+        parts.push(format!("pageSize={}&page={page}", self.paging.0));
         format!("/query?{}", parts.join("&"))
     }
 }
@@ -247,62 +259,223 @@ impl Query {
 pub async fn run(state: &EmState, caller: &Caller, ctx: &Ctx, params: &Params) -> EmResult<Element> {
     let q = check(params)?;
     let app = &state.app;
-    let mut records: Vec<Record> = match q.kind {
-        QueryType::CloudFailoverSession => {
-            let since = chrono::DateTime::from_timestamp(0, 0).unwrap_or_default();
-            plan_sessions(app, caller, since).await?.into_iter().map(Record::Session).collect()
-        }
+    let (items, total) = match q.kind {
+        QueryType::CloudFailoverSession => sessions(state, caller, ctx, &q).await?,
         QueryType::CloudFailoverPlan | QueryType::FailoverPlan => {
-            let mut plans = app.list::<Plan>(caller).await?;
-            plans.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-            let mut out = Vec::with_capacity(plans.len());
-            for p in plans {
-                out.push(Record::Plan(plan_view(app, caller, p).await?));
+            let records = plan_views(app, caller, Shape::Ref).await?.into_iter().map(Record::Plan).collect();
+            let (page, total) = filter_sort_page(records, &q, |r, name| r.field(ctx, name));
+            let kind = if q.kind == QueryType::FailoverPlan { PlanKind::Plain } else { PlanKind::Cloud };
+            let mut items = Vec::with_capacity(page.len());
+            for r in page {
+                let Record::Plan(view) = r else { continue };
+                let view = if q.shape == Shape::Entity { with_vm_names(app, caller, view).await } else { view };
+                items.push(views::plan(ctx, &view, kind, q.shape));
             }
-            out
+            (items, total)
         }
-        QueryType::Task => state.tasks.list(caller.tenant_id).into_iter().map(Record::Task).collect(),
+        QueryType::Task => {
+            let records = state.tasks.list(caller.tenant_id).into_iter().map(Record::Task).collect();
+            let (page, total) = filter_sort_page(records, &q, |r, name| r.field(ctx, name));
+            let items = page
+                .iter()
+                .filter_map(|r| match r {
+                    Record::Task(t) if q.shape == Shape::Entity => Some(views::task(ctx, t)),
+                    Record::Task(t) => Some(views::task_ref(ctx, t)),
+                    _ => None,
+                })
+                .collect();
+            (items, total)
+        }
     };
+    let (size, page) = q.paging;
+    let pages = total.div_ceil(size).max(1);
+    let paging_info = views::paging_info(ctx, page, size, pages, |n| q.path_at(n));
+    Ok(views::query_result(q.shape, q.kind.plural(), items, paging_info))
+}
+
+/// Filters, sorts (stably: ties keep the records' order) and pages records in memory; returns the
+/// page and how many passed the filter.
+fn filter_sort_page<T>(mut records: Vec<T>, q: &Query, field: impl Fn(&T, &str) -> Option<Value>) -> (Vec<T>, u64) {
     if let Some((_, f)) = &q.filter {
-        records.retain(|r| f.matches(&|name: &str| r.field(ctx, name)));
+        records.retain(|r| f.matches(&|name: &str| field(r, name)));
     }
-    if let Some((field, asc)) = q.sort {
+    if let Some((name, asc)) = q.sort {
         records.sort_by(|a, b| {
-            let o = compare(&a.field(ctx, field), &b.field(ctx, field));
+            let o = compare(&field(a, name), &field(b, name));
             if asc { o } else { o.reverse() }
         });
     }
     let total = records.len() as u64;
-    // Without pageSize, everything is one page (`PagingInfo` is always there: the schema says so).
-    let mut paging_info = views::paging_info(ctx, 1, total, 1, |n| q.path_at(n));
-    if let Some((size, page)) = q.paging {
-        let pages = total.div_ceil(size).max(1);
-        let start = ((page - 1).saturating_mul(size)).min(total) as usize;
-        let end = (start as u64 + size).min(total) as usize;
-        records = records.drain(start..end).collect();
-        paging_info = views::paging_info(ctx, page, size, pages, |n| q.path_at(n));
-    }
-    let mut items = Vec::with_capacity(records.len());
-    for r in &records {
-        items.push(match r {
-            Record::Session(s) => {
-                let (tasks, points) = if q.shape == Shape::Entity {
-                    session_details(app, caller, s.id).await?
-                } else {
-                    Default::default()
-                };
-                views::cloud_failover_session(ctx, s, &tasks, &points, q.shape)
-            }
-            Record::Plan(v) => {
-                let kind = if q.kind == QueryType::FailoverPlan { PlanKind::Plain } else { PlanKind::Cloud };
-                views::plan(ctx, v, kind, q.shape)
-            }
-            Record::Task(t) if q.shape == Shape::Entity => views::task(ctx, t),
-            Record::Task(t) => views::task_ref(ctx, t),
-        });
-    }
-    Ok(views::query_result(q.shape, q.kind.plural(), items, paging_info))
+    let (size, page) = q.paging;
+    let start = (page - 1).saturating_mul(size).min(total) as usize;
+    let end = (start as u64 + size).min(total) as usize;
+    (records.drain(start..end).collect(), total)
 }
+
+/// A page of plan sessions: filter, sort and page in the store when they mean the same there;
+/// otherwise what the store can narrow, then the rest over summaries here.
+async fn sessions(state: &EmState, caller: &Caller, ctx: &Ctx, q: &Query) -> Result<(Vec<Element>, u64), Error> {
+    let app = &state.app;
+    let (size, page) = q.paging;
+    let condition = match &q.filter {
+        None => Some(SessionCondition::TRUE),
+        Some((_, f)) => session_condition(f, ctx),
+    };
+    let order = match q.sort {
+        None => Some(None),
+        Some((field, asc)) => session_order(field).map(|o| o.map(|o| (o, asc))),
+    };
+    let (summaries, total) = match (condition, order) {
+        (Some(condition), Some(order)) => {
+            let offset = (page - 1).saturating_mul(size);
+            app.session_summaries(caller, &plan_sessions_query(condition, order, offset, size)).await?
+        }
+        _ => {
+            let narrowed = q.filter.as_ref().map_or(SessionCondition::TRUE, |(_, f)| prefilter(f, ctx));
+            let query = plan_sessions_query(narrowed, None, 0, SESSION_SUMMARIES_MAX);
+            let (all, count) = app.session_summaries(caller, &query).await?;
+            if count > SESSION_SUMMARIES_MAX {
+                return Err(Error::invalid(format!(
+                    "this filter or sort is checked session by session, and {count} sessions would need it \
+                     (at most {SESSION_SUMMARIES_MAX}): narrow the filter by Name, State, Result or CreationTime"
+                )));
+            }
+            let records = all.into_iter().map(Record::Session).collect();
+            let (page, total) = filter_sort_page(records, q, |r, name| r.field(ctx, name));
+            let page = page
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Session(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
+            (page, total)
+        }
+    };
+    let shape = if q.shape == Shape::Entity { Shape::Entity } else { Shape::Ref };
+    Ok((session_elements(app, caller, ctx, &summaries, shape).await?, total))
+}
+
+fn compare_op(op: Op) -> CompareOp {
+    match op {
+        Op::Eq => CompareOp::Eq,
+        Op::Ne => CompareOp::Ne,
+        Op::Lt => CompareOp::Lt,
+        Op::Gt => CompareOp::Gt,
+        Op::Le => CompareOp::Le,
+        Op::Ge => CompareOp::Ge,
+    }
+}
+
+/// Whether `op` holds for a value that compares to the filter's value as `ordering`.
+fn holds(op: Op, ordering: Ordering) -> bool {
+    match op {
+        Op::Eq => ordering == Ordering::Equal,
+        Op::Ne => ordering != Ordering::Equal,
+        Op::Lt => ordering == Ordering::Less,
+        Op::Gt => ordering == Ordering::Greater,
+        Op::Le => ordering != Ordering::Greater,
+        Op::Ge => ordering != Ordering::Less,
+    }
+}
+
+fn constant(holds: bool) -> SessionCondition {
+    if holds { SessionCondition::TRUE } else { SessionCondition::FALSE }
+}
+
+/// A time comparison at the store's millisecond precision: a filter time between two
+/// milliseconds compares as the millisecond before it does, so the meaning stays exact.
+fn time_condition(make: fn(CompareOp, Timestamp) -> SessionCondition, op: Op, t: Timestamp) -> SessionCondition {
+    let Some(floor) = chrono::DateTime::from_timestamp_millis(t.timestamp_millis()) else {
+        return make(compare_op(op), t);
+    };
+    if floor == t {
+        return make(compare_op(op), t);
+    }
+    match op {
+        Op::Eq => SessionCondition::FALSE,
+        Op::Ne => SessionCondition::TRUE,
+        Op::Lt | Op::Le => make(CompareOp::Le, floor),
+        Op::Gt | Op::Ge => make(CompareOp::Gt, floor),
+    }
+}
+
+const SESSION_UID_PREFIX: &str = "urn:veeam:cloudfailoversession:";
+
+/// The store's condition that means exactly what the filter means for a session, or `None` when
+/// the store cannot say it (`FailureMessage`: the store keeps no lower-cased copy of it).
+fn session_condition(c: &Compiled, ctx: &Ctx) -> Option<SessionCondition> {
+    let (field, op, value) = match c {
+        Compiled::And(v) => {
+            return Some(SessionCondition::And(v.iter().map(|c| session_condition(c, ctx)).collect::<Option<_>>()?));
+        }
+        Compiled::Or(v) => {
+            return Some(SessionCondition::Or(v.iter().map(|c| session_condition(c, ctx)).collect::<Option<_>>()?));
+        }
+        Compiled::Compare { field, op, value } => (*field, *op, value),
+    };
+    // Text is compared lower-cased on both sides (the filter's value already is).
+    let fixed = |actual: String| match value {
+        Value::Text(v) => Some(constant(holds(op, actual.to_lowercase().as_str().cmp(v.as_str())))),
+        _ => None,
+    };
+    match (field, value) {
+        // `urn:veeam:CloudFailoverSession:<id>`: past the prefix, the id decides; a value that
+        // does not start with the prefix differs from every UID within the prefix (or is a
+        // proper prefix of it, so smaller), whatever the id.
+        ("UID", Value::Text(v)) => Some(match v.strip_prefix(SESSION_UID_PREFIX) {
+            Some(id) => SessionCondition::Id(compare_op(op), id.to_string()),
+            None => constant(holds(op, SESSION_UID_PREFIX.cmp(v.as_str()))),
+        }),
+        ("Name", Value::Text(v)) => Some(SessionCondition::NameLowercase(compare_op(op), v.clone())),
+        ("Type", _) => fixed("FailoverPlan".into()),
+        ("BackupServerUid", _) => fixed(views::uid("BackupServer", ctx.server.id)),
+        ("BackupServerName", _) => fixed(ctx.server.name.clone()),
+        ("CreationTime", Value::Time(t)) => Some(time_condition(SessionCondition::CreatedAt, op, *t)),
+        ("EndTime", Value::Time(t)) => Some(time_condition(SessionCondition::EndedAt, op, *t)),
+        ("State", Value::Enum(p)) => Some(SessionCondition::StateIn(
+            SESSION_STATES.into_iter().enumerate().filter(|(i, _)| holds(op, i.cmp(p))).map(|(_, s)| s).collect(),
+        )),
+        ("Result", Value::Enum(p)) => Some(SessionCondition::ResultIn(
+            SESSION_RESULTS.into_iter().enumerate().filter(|(i, _)| holds(op, i.cmp(p))).map(|(_, r)| r).collect(),
+        )),
+        _ => None,
+    }
+}
+
+/// A condition the store can check that every session the filter passes meets (the filter's
+/// parts the store can say exactly; the others are left out, so the store returns more).
+fn prefilter(c: &Compiled, ctx: &Ctx) -> SessionCondition {
+    if let Some(exact) = session_condition(c, ctx) {
+        return exact;
+    }
+    match c {
+        Compiled::And(v) => SessionCondition::And(v.iter().map(|c| prefilter(c, ctx)).collect()),
+        Compiled::Or(v) => SessionCondition::Or(v.iter().map(|c| prefilter(c, ctx)).collect()),
+        Compiled::Compare { .. } => SessionCondition::TRUE,
+    }
+}
+
+/// The store's order for a sort field: `Some(None)` when the field is the same for every session
+/// (the order stays newest first), `None` when the store cannot sort by it.
+fn session_order(field: &str) -> Option<Option<SessionOrder>> {
+    Some(Some(match field {
+        "UID" => SessionOrder::Id,
+        "Name" => SessionOrder::NameLowercase,
+        "CreationTime" => SessionOrder::CreatedAt,
+        "EndTime" => SessionOrder::EndedAt,
+        "State" => SessionOrder::State,
+        "Result" => SessionOrder::Result,
+        "Type" | "BackupServerUid" | "BackupServerName" => return Some(None),
+        _ => return None,
+    }))
+}
+
+/// The domain values in the order of [`STATES`] and [`RESULTS`].
+const SESSION_STATES: [SessionState; 4] =
+    [SessionState::Starting, SessionState::Working, SessionState::Stopping, SessionState::Stopped];
+const SESSION_RESULTS: [SessionResult; 4] =
+    [SessionResult::None, SessionResult::Success, SessionResult::Warning, SessionResult::Failed];
 
 #[cfg(test)]
 mod tests {
@@ -353,6 +526,60 @@ mod tests {
         assert_eq!(
             q.path_at(3),
             "/query?type=CloudFailoverSession&format=References&sortDesc=CreationTime&pageSize=2&page=3"
+        );
+    }
+
+    fn ctx() -> Ctx {
+        Ctx {
+            base: "http://localhost".into(),
+            server: views::BackupServer { id: uuid::Uuid::nil(), name: "drover".into(), port: 9419 },
+        }
+    }
+
+    fn condition(f: &str) -> Option<SessionCondition> {
+        session_condition(&filter::compile(&filter::parse(f).unwrap(), SESSION_FIELDS).unwrap(), &ctx())
+    }
+
+    #[test]
+    fn filters_go_to_the_store_only_where_they_mean_the_same() {
+        use SessionCondition as C;
+        let id = uuid::Uuid::new_v4();
+        // A UID names the id past its prefix; other values compare with the prefix alone.
+        assert_eq!(
+            condition(&format!("UID==urn:veeam:CloudFailoverSession:{id}")),
+            Some(C::Id(CompareOp::Eq, id.to_string()))
+        );
+        assert_eq!(condition("UID==urn:veeam:Other:x"), Some(C::FALSE));
+        assert_eq!(condition("UID>urn:veeam:c"), Some(C::TRUE), "a proper prefix is smaller than every UID");
+        assert_eq!(condition("UID<urn:veeam:d"), Some(C::TRUE));
+        // Fields that are the same for every session are decided here.
+        assert_eq!(condition("Type==failoverplan;BackupServerName==DROVER"), Some(C::And(vec![C::TRUE, C::TRUE])));
+        assert_eq!(condition("Type!=FailoverPlan"), Some(C::FALSE));
+        // Enums become the values whose position passes.
+        assert_eq!(condition("State<Stopping"), Some(C::StateIn(vec![SessionState::Starting, SessionState::Working])));
+        assert_eq!(condition("Result>Failed"), Some(C::ResultIn(vec![])));
+        // A time between two milliseconds compares as the millisecond before it.
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(
+            condition("CreationTime<2024-01-01T00:00:00.0005Z"),
+            Some(C::CreatedAt(CompareOp::Le, t("2024-01-01T00:00:00Z")))
+        );
+        assert_eq!(condition("EndTime==2024-01-01T00:00:00.0005Z"), Some(C::FALSE));
+        assert_eq!(
+            condition("EndTime>=2024-01-01T00:00:01Z"),
+            Some(C::EndedAt(CompareOp::Ge, t("2024-01-01T00:00:01Z")))
+        );
+        // FailureMessage is not in the store lower-cased: the whole filter is checked here, after
+        // the store narrowed by the parts it can say.
+        assert_eq!(condition("Name==a,FailureMessage==x"), None);
+        let f = filter::compile(&filter::parse("Name==a;(FailureMessage==x,State==Working)").unwrap(), SESSION_FIELDS)
+            .unwrap();
+        assert_eq!(
+            prefilter(&f, &ctx()),
+            C::And(vec![
+                C::NameLowercase(CompareOp::Eq, "a".into()),
+                C::Or(vec![C::TRUE, C::StateIn(vec![SessionState::Working])])
+            ])
         );
     }
 }

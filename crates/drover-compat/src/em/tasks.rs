@@ -54,6 +54,9 @@ impl EmTask {
     }
 }
 
+/// The most tasks kept, of all tenants together.
+pub const MAX_TASKS: usize = 10_000;
+
 /// The tasks of every tenant, numbered from 1.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks {
@@ -76,6 +79,10 @@ impl Tasks {
             session_id: Some(session),
         };
         inner.1.insert(task.number, task.clone());
+        // Bounded: the oldest tasks go first (a client reads its task right after the action).
+        while inner.1.len() > MAX_TASKS {
+            inner.1.pop_first();
+        }
         task
     }
 
@@ -120,5 +127,20 @@ mod tests {
         assert_eq!(tasks.list(b).len(), 1);
         assert!(tasks.remove(a, "task-1").is_some());
         assert!(tasks.get(a, "task-1").is_none());
+    }
+
+    #[test]
+    fn only_the_newest_tasks_are_kept() {
+        let tasks = Tasks::default();
+        let tenant = TenantId::new();
+        for _ in 0..MAX_TASKS + 3 {
+            tasks.finished(tenant, "StartCloudFailoverPlan", "p", SessionId::new());
+        }
+        let list = tasks.list(tenant);
+        assert_eq!(list.len(), MAX_TASKS);
+        assert_eq!(list[0].task_id(), "task-4");
+        assert!(
+            tasks.get(tenant, "task-3").is_none() && tasks.get(tenant, &format!("task-{}", MAX_TASKS + 3)).is_some()
+        );
     }
 }

@@ -7,8 +7,8 @@
 //! configured external URL (`EmConfig::external_base_url`), and resolves with GET.
 
 use drover_types::{
-    Plan, PlanId, Replica, RestorePoint, RestorePointId, Session, SessionResult, SessionState, Task, TaskId, Timestamp,
-    VmId,
+    Plan, PlanId, Replica, RestorePoint, RestorePointId, Session, SessionId, SessionResult, SessionState, Task, TaskId,
+    Timestamp, VmId,
 };
 use uuid::Uuid;
 
@@ -218,6 +218,14 @@ pub fn result_name(r: SessionResult) -> &'static str {
     }
 }
 
+/// A session's reference: all it needs is the id and the name (lists build it from summaries).
+pub fn cloud_failover_session_ref(ctx: &Ctx, id: SessionId, name: &str, shape: Shape) -> Element {
+    let path = session_path(id);
+    let entity = format!("{path}?format=Entity");
+    let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSession"), &entity, Some(name))];
+    ctx.reference(shape.element(), "CloudFailoverSession", &path, name, &id.to_string(), links)
+}
+
 /// The restore point a VM's task is about, as its `VmReplicaPointLink` names it: the point the VM
 /// booted from (failover, test failover), or for the plan's later sessions (undo, failback,
 /// commit, permanent failover) the point of the failover they follow.
@@ -240,9 +248,7 @@ pub fn cloud_failover_session(
     let id = session.id.to_string();
     let name = session.name.as_str();
     if shape != Shape::Entity {
-        let entity = format!("{path}?format=Entity");
-        let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSession"), &entity, Some(name))];
-        return ctx.reference(shape.element(), "CloudFailoverSession", &path, name, &id, links);
+        return cloud_failover_session_ref(ctx, session.id, name, shape);
     }
     let links = vec![ctx.up(), ctx.link("Alternate", Some("CloudFailoverSessionReference"), &path, Some(name))];
     let tasks = tasks
