@@ -65,6 +65,9 @@ pub struct EngineConfig {
     pub heartbeat_timeout: Duration,
     /// How long a graceful shutdown may take before the VM is powered off.
     pub shutdown_timeout: Duration,
+    /// The first wait before a failed step of a task that stands alone (a VM of a replication
+    /// run) runs again; each further attempt waits twice as long.
+    pub retry_backoff: Duration,
     /// How often the monitor compares VM power states with the hypervisor.
     pub monitor_interval: Duration,
     /// How often the scheduler looks for replication jobs that are due.
@@ -82,6 +85,7 @@ impl Default for EngineConfig {
         EngineConfig {
             heartbeat_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(2),
             monitor_interval: Duration::from_secs(5),
             scheduler_interval: Duration::from_secs(5),
             work_dir: std::env::temp_dir().join("drover-work"),

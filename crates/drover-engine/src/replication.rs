@@ -10,6 +10,12 @@
 //! | `release:<i>` | ends the cut as successful (the old bitmap goes), replica `Ready`, garbage of the chain removed | none |
 //! | `retention:<i>` | retires the oldest points beyond the job's retention | none |
 //!
+//! VMs stand alone ([`FailurePolicy::IsolateTasks`]): a failed step runs again within the run
+//! (twice, after the engine's `retry_backoff`, doubling); a VM whose step still fails is given up
+//! for this run, its own steps undone (its cut ends as failed, so its changes stay tracked for the
+//! next run), while the other VMs' points are published. The run then ends `Warning` (`Failed`
+//! when every VM was given up), and the VM's task says why.
+//!
 //! Each disk moves by one of three modes, recorded in the session log and the step output:
 //! `seed` (no point yet: the allocated data), `bitmap` (the dirty granules since the last point),
 //! `hash-compare` (a point exists but no bitmap can be trusted: after a crash of the VM, a new
@@ -40,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::ops::{disk_dir, disk_path};
-use crate::saga::{Saga, SagaStep, Step, StepCtx};
+use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
 use crate::{Engine, Error, Result, unavailable};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,8 +79,16 @@ fn saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
         steps.push(step(1, true, Box::new(Release(ctx.clone()))));
         steps.push(step(1, false, Box::new(Retention(ctx))));
     }
-    Ok(Saga::unwinding(steps))
+    // One VM's point does not depend on another's: a VM whose step keeps failing is given up
+    // (its steps undone, its changes still tracked for the next run) and the others go on.
+    let mut saga = Saga::unwinding(steps);
+    saga.on_failure = FailurePolicy::IsolateTasks { retries: RETRIES };
+    Ok(saga)
 }
+
+/// How many times a failed step of a VM runs again within the run (after the engine's
+/// `retry_backoff`, doubling) before the VM is given up for this run.
+const RETRIES: u32 = 2;
 
 /// Starts a replication run of a job now. Refused while another run of the job is unfinished.
 /// The newest run of a job, if it ever ran.

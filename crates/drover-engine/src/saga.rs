@@ -36,6 +36,12 @@ pub enum FailurePolicy {
     Unwind,
     /// Stop between steps and wait for Continue or Undo (plans: a critical failure halts).
     Halt,
+    /// Tasks stand alone (replication: one VM's restore point does not depend on another's). A
+    /// critical step that fails is run again up to `retries` times, waiting the engine's
+    /// `retry_backoff`, then twice that, and so on; a task whose step still fails has its own steps undone and ends `Failed`,
+    /// and the other tasks go on. The session ends `Warning` when some tasks failed, `Failed` when
+    /// every task did. A restart finishes an isolation that was under way.
+    IsolateTasks { retries: u32 },
 }
 
 /// How a halted saga goes on (the options of the Recovery Orchestrator's Continue).
@@ -191,7 +197,7 @@ impl TestHooks {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
     }
-    /// Fails the named step on its `attempt`-th attempt (1-based).
+    /// Fails the named step on its `attempt`-th attempt (1-based; 0: every attempt).
     pub fn fail(&self, step: &str, attempt: u32) {
         *self.fail_step.lock().unwrap_or_else(|e| e.into_inner()) = Some((step.to_string(), attempt));
     }
@@ -199,9 +205,17 @@ impl TestHooks {
     pub fn fail_after(&self, step: &str, attempt: u32) {
         *self.fail_after_step.lock().unwrap_or_else(|e| e.into_inner()) = Some((step.to_string(), attempt));
     }
+    /// Fails the named step on every attempt.
+    pub fn fail_every(&self, step: &str) {
+        self.fail(step, 0);
+    }
+    /// Lets the named step run on every attempt, then reports it failed.
+    pub fn fail_after_every(&self, step: &str) {
+        self.fail_after(step, 0);
+    }
     fn should_fail_after(&self, step: &str, attempt: u32) -> bool {
         let g = self.fail_after_step.lock().unwrap_or_else(|e| e.into_inner());
-        matches!(&*g, Some((s, a)) if s == step && *a == attempt)
+        matches!(&*g, Some((s, a)) if s == step && (*a == attempt || *a == 0))
     }
     /// Stops the runner right after the named step ran, before its outcome is recorded.
     pub fn crash_after(&self, step: &str) {
@@ -209,7 +223,7 @@ impl TestHooks {
     }
     fn should_fail(&self, step: &str, attempt: u32) -> bool {
         let g = self.fail_step.lock().unwrap_or_else(|e| e.into_inner());
-        matches!(&*g, Some((s, a)) if s == step && *a == attempt)
+        matches!(&*g, Some((s, a)) if s == step && (*a == attempt || *a == 0))
     }
     fn take_crash(&self, step: &str) -> bool {
         let mut g = self.crash_before_record.lock().unwrap_or_else(|e| e.into_inner());
@@ -250,15 +264,22 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
         engine.session_save(&session).await?;
         engine.log(session_id, None, LogLevel::Info, &format!("{} started", session.kind.as_str())).await;
     }
-    // A session found unwinding (after a crash, or asked to by Undo) keeps unwinding.
-    let unwinding = records.iter().any(|r| matches!(r.state, StepState::UndoStarted | StepState::Undone))
+    // A session found unwinding (after a crash, or asked to by Undo) keeps unwinding. With
+    // isolated tasks, undone steps belong to a task's isolation, not to the session's unwinding.
+    let isolating = matches!(saga.on_failure, FailurePolicy::IsolateTasks { .. });
+    let unwinding = (!isolating
+        && records.iter().any(|r| matches!(r.state, StepState::UndoStarted | StepState::Undone)))
         || session.params.get("_undo").and_then(Value::as_bool) == Some(true);
     if unwinding {
         return unwind(engine, &saga, session, tasks, records, None).await;
     }
     let state = tokio::sync::Mutex::new(RunState { session, tasks, records, warnings: 0 });
+    if isolating {
+        resume_isolation(engine, &saga, &state).await?;
+    }
     let mut i = 0;
     while i < saga.steps.len() {
+        let start = i;
         let (end, max) = saga.block_at(i);
         let stop = AtomicBool::new(false);
         let outcome = if end - i == 1 {
@@ -273,8 +294,40 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
             StepEnd::HaltRequested => None,
             StepEnd::Failed(at) => Some(at),
         };
+        if let (Some(at), FailurePolicy::IsolateTasks { retries }) = (failed_at, saga.on_failure) {
+            let backoff = engine.config().retry_backoff;
+            let task = saga.steps[at].task;
+            let attempts = state.lock().await.records[at].attempts;
+            if let Some(t) = task {
+                if attempts <= retries {
+                    let wait = backoff.saturating_mul(1 << (attempts.saturating_sub(1)).min(16));
+                    let name = saga.steps[at].step.name();
+                    let (id, task_id) = {
+                        let s = state.lock().await;
+                        (s.session.id, s.records[at].task_id)
+                    };
+                    let msg = format!(
+                        "step {name} failed (attempt {attempts} of {}): trying again in {} s",
+                        retries + 1,
+                        wait.as_secs_f64()
+                    );
+                    engine.log(id, task_id, LogLevel::Warning, &msg).await;
+                    tokio::time::sleep(wait).await;
+                    let mut s = state.lock().await;
+                    let RunState { session, tasks, .. } = &mut *s;
+                    session.failure_message = None;
+                    retry_task(engine, &mut tasks[t]).await?;
+                    i = start;
+                    continue;
+                }
+                isolate_task(engine, &saga, &state, t).await?;
+                // The block again: in a parallel block the other tasks' chains stopped early.
+                i = start;
+                continue;
+            }
+        }
         let RunState { mut session, tasks, records, .. } = state.into_inner();
-        if let (Some(at), FailurePolicy::Unwind) = (failed_at, saga.on_failure) {
+        if let (Some(at), FailurePolicy::Unwind | FailurePolicy::IsolateTasks { .. }) = (failed_at, saga.on_failure) {
             return unwind(engine, &saga, session, tasks, records, Some(at)).await;
         }
         // Halt, on request or after a critical failure. Log and tell the hook first, record the
@@ -298,7 +351,14 @@ pub(crate) async fn run(engine: &Engine, session_id: SessionId, saga: Saga) -> R
     // failed non-critical ones make a warning.
     let RunState { session, mut tasks, records, warnings } = state.into_inner();
     let skipped = records.iter().filter(|r| r.state == StepState::Skipped).count() as u32;
-    let result = if warnings > 0 || skipped > 0 { SessionResult::Warning } else { SessionResult::Success };
+    let isolated = if isolating { tasks.iter().filter(|t| is_isolated(t)).count() } else { 0 };
+    let result = if isolated > 0 && isolated == tasks.len() {
+        SessionResult::Failed
+    } else if warnings > 0 || skipped > 0 || isolated > 0 {
+        SessionResult::Warning
+    } else {
+        SessionResult::Success
+    };
     for t in tasks.iter_mut() {
         if t.state != SessionState::Stopped {
             t.state = SessionState::Stopped;
@@ -403,6 +463,10 @@ async fn run_step(engine: &Engine, saga: &Saga, state: &tokio::sync::Mutex<RunSt
         let mut guard = state.lock().await;
         let s = &mut *guard;
         if matches!(s.records[i].state, StepState::Done | StepState::Skipped) {
+            return Ok(StepEnd::Next);
+        }
+        let isolating = matches!(saga.on_failure, FailurePolicy::IsolateTasks { .. });
+        if isolating && entry.task.is_some_and(|t| s.tasks.get(t).is_some_and(is_isolated)) {
             return Ok(StepEnd::Next);
         }
         // Halt between steps: the running steps finish, nothing new starts.
@@ -553,6 +617,108 @@ async fn unwind(
     }
     finish(engine, session, SessionResult::Failed, &tasks).await?;
     Ok(RunOutcome::Finished(SessionResult::Failed))
+}
+
+/// A task given up by [`FailurePolicy::IsolateTasks`]: stopped, failed, its steps undone.
+fn is_isolated(t: &Task) -> bool {
+    t.state == SessionState::Stopped && t.result == SessionResult::Failed
+}
+
+/// A task whose failed step is about to run again is no longer failed.
+async fn retry_task(engine: &Engine, task: &mut Task) -> Result<()> {
+    task.result = SessionResult::None;
+    task.failure_message = None;
+    task.state = SessionState::Working;
+    engine.store().task_update(task).await
+}
+
+/// Gives up task `t` ([`FailurePolicy::IsolateTasks`]): undoes its steps that may have had effects,
+/// newest first; its steps that never ran are skipped; the task ends `Failed` (its failure
+/// message says why). An undo that fails is logged and left `UndoStarted` for a restart to try
+/// again; the task still ends, so the others go on.
+async fn isolate_task(engine: &Engine, saga: &Saga, state: &tokio::sync::Mutex<RunState>, t: usize) -> Result<()> {
+    let hooks = engine.hooks();
+    let mut s = state.lock().await;
+    let RunState { session, tasks, records, .. } = &mut *s;
+    let why = tasks[t].failure_message.clone().unwrap_or_else(|| "a step failed".into());
+    let name = tasks[t].name.clone();
+    let task_id = Some(tasks[t].id);
+    engine
+        .log(session.id, task_id, LogLevel::Warning, &format!("{name}: giving up after {why}; undoing its steps"))
+        .await;
+    for i in (0..saga.steps.len()).rev().filter(|&i| saga.steps[i].task == Some(t)) {
+        let entry = &saga.steps[i];
+        let step_name = entry.step.name();
+        match records[i].state {
+            StepState::Pending => {
+                records[i].state = StepState::Skipped;
+                records[i].updated_at = drover_types::now();
+                engine.store().step_put(&records[i]).await?;
+                continue;
+            }
+            StepState::Started | StepState::Done | StepState::Failed | StepState::UndoStarted => {}
+            StepState::Skipped | StepState::Undone => continue,
+        }
+        records[i].state = StepState::UndoStarted;
+        records[i].updated_at = drover_types::now();
+        engine.store().step_put(&records[i]).await?;
+        let ctx =
+            StepCtx { engine: engine.clone(), session: session.clone(), task_id, outputs: outputs_of(saga, records) };
+        let output = records[i].output.clone();
+        let mut result = entry.step.undo(&ctx, &output).await;
+        if result.is_ok() && hooks.run_each_step_twice.load(Ordering::Relaxed) {
+            result = entry.step.undo(&ctx, &output).await;
+        }
+        records[i].updated_at = drover_types::now();
+        match result {
+            Ok(()) => {
+                records[i].state = StepState::Undone;
+                engine.store().step_put(&records[i]).await?;
+                engine.log(session.id, task_id, LogLevel::Info, &format!("undid {step_name}")).await;
+            }
+            Err(e) => {
+                records[i].error = Some(format!("undo failed: {e}"));
+                engine.store().step_put(&records[i]).await?;
+                engine.log(session.id, task_id, LogLevel::Error, &format!("undo of {step_name} failed: {e}")).await;
+            }
+        }
+    }
+    let task = &mut tasks[t];
+    task.state = SessionState::Stopped;
+    task.result = SessionResult::Failed;
+    task.failure_message = Some(why);
+    task.ended_at = Some(drover_types::now());
+    engine.store().task_update(task).await?;
+    Ok(())
+}
+
+/// After a restart, under [`FailurePolicy::IsolateTasks`]: a task whose isolation was under way
+/// (some of its steps undone) is isolated to the end; a task that had failed and was waiting to
+/// run again runs again.
+async fn resume_isolation(engine: &Engine, saga: &Saga, state: &tokio::sync::Mutex<RunState>) -> Result<()> {
+    let count = state.lock().await.tasks.len();
+    for t in 0..count {
+        let (undoing, failed) = {
+            let s = state.lock().await;
+            let undoing = saga
+                .steps
+                .iter()
+                .zip(&s.records)
+                .any(|(e, r)| e.task == Some(t) && matches!(r.state, StepState::UndoStarted | StepState::Undone));
+            let task = &s.tasks[t];
+            (
+                undoing && task.state != SessionState::Stopped,
+                task.result == SessionResult::Failed && task.state != SessionState::Stopped,
+            )
+        };
+        if undoing {
+            isolate_task(engine, saga, state, t).await?;
+        } else if failed {
+            let mut s = state.lock().await;
+            retry_task(engine, &mut s.tasks[t]).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn finish(engine: &Engine, mut session: Session, result: SessionResult, tasks: &[Task]) -> Result<()> {

@@ -104,6 +104,7 @@ pub fn fast_config(root: &Path) -> crate::EngineConfig {
     crate::EngineConfig {
         heartbeat_timeout: std::time::Duration::from_secs(5),
         shutdown_timeout: std::time::Duration::from_secs(2),
+        retry_backoff: std::time::Duration::from_millis(10),
         monitor_interval: std::time::Duration::from_millis(100),
         host_paths: host_paths(root),
         ..crate::EngineConfig::default()

@@ -211,6 +211,7 @@ impl Rig {
         EngineConfig {
             heartbeat_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
+            retry_backoff: Duration::from_millis(10),
             monitor_interval: Duration::from_secs(1),
             work_dir: root.join("w"),
             scheduler_interval: Duration::from_millis(200),
@@ -338,16 +339,26 @@ async fn every_replication_step_is_idempotent_and_survives_failures_and_crashes(
     rig.app.engine().hooks().run_each_step_twice.store(false, std::sync::atomic::Ordering::Relaxed);
     rig.assert_consistent().await;
 
-    // A failure at each step, before it runs and after it ran: the run fails, no change is
-    // lost, and the next run catches up.
+    // A step that fails once runs again within the run, which then succeeds and says so.
+    rig.write(0x13, 2 << 20);
+    rig.app.engine().hooks().fail("transfer:0", 1);
+    let retried = rig.run().await;
+    assert_eq!(retried.result, SessionResult::Success, "{:?}", retried.failure_message);
+    let lines = log(&rig.app, &rig.caller, retried.id).await;
+    assert!(lines.iter().any(|l| l.contains("step transfer:0 failed (attempt 1 of 3): trying again")), "{lines:?}");
+    rig.app.engine().hooks().fail("none", 1);
+    rig.assert_consistent().await;
+
+    // A failure at each step, on every attempt, before it runs and after it ran: the VM is given
+    // up (the run fails: it is the only VM), no change is lost, and the next run catches up.
     let cases = STEPS.iter().map(|s| (*s, false)).chain(STEPS.iter().map(|s| (*s, true)));
     for (n, (step, after_it_ran)) in cases.enumerate() {
         rig.write(0x20 + n as u8, (2 + (n as u64 % 8)) << 20);
         let before = rig.points().await.len();
         if after_it_ran {
-            rig.app.engine().hooks().fail_after(step, 1);
+            rig.app.engine().hooks().fail_after_every(step);
         } else {
-            rig.app.engine().hooks().fail(step, 1);
+            rig.app.engine().hooks().fail_every(step);
         }
         let failed = rig.run().await;
         // A point stands once `publish` has run (a failure after it does not take it back).

@@ -852,3 +852,86 @@ async fn undo_of_a_halted_failback_lands_in_failover() {
         assert_eq!(state().await, PlanState::Failover, "{to:?}");
     }
 }
+
+/// Registers, for a kind no product saga uses yet, two counting steps per task under
+/// the isolating policy (replication's): a task's failing step runs again, then the task alone is
+/// given up.
+fn install_isolating_saga(env: &Env) -> (Counter, Counter) {
+    let runs: Counter = Default::default();
+    let undos: Counter = Default::default();
+    let (r, u) = (runs.clone(), undos.clone());
+    env.app.engine().register_saga(
+        SessionKind::PlanTestFailover,
+        Arc::new(move |_, tasks: &[Task]| {
+            let step = |task: usize, n: String| SagaStep {
+                task: Some(task),
+                group: Some(task as u32),
+                weight: 1,
+                critical: true,
+                step: Box::new(Counting { name: n, runs: r.clone(), undos: u.clone(), pause: Duration::ZERO }),
+            };
+            let steps = (0..tasks.len()).flat_map(|t| [step(t, format!("a{t}")), step(t, format!("b{t}"))]).collect();
+            let mut saga = Saga::unwinding(steps);
+            saga.on_failure = FailurePolicy::IsolateTasks { retries: 2 };
+            Ok(saga)
+        }),
+    );
+    (runs, undos)
+}
+
+/// Isolated tasks: a step that fails once runs again and the session succeeds; a task whose step
+/// keeps failing is given up alone (its steps undone, the others done) and the session warns;
+/// when every task is given up, the session fails.
+#[tokio::test]
+async fn isolated_tasks_retry_then_give_up_one_task_alone() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = env().await;
+    let (runs, undos) = install_isolating_saga(&env);
+
+    env.app.engine().hooks().fail("b1", 1);
+    let s = start_session_with_tasks(&env, 3).await;
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{done:?}");
+    assert_eq!((runs.load(SeqCst), undos.load(SeqCst)), (6, 0), "b1 ran again, nothing undone");
+    let log: Vec<String> =
+        env.app.session_log(&env.caller, s, 0, 100).await.unwrap().into_iter().map(|e| e.message).collect();
+    assert!(log.iter().any(|l| l.contains("step b1 failed (attempt 1 of 3): trying again")), "{log:?}");
+
+    runs.store(0, SeqCst);
+    env.app.engine().hooks().fail_every("b1");
+    let s = start_session_with_tasks(&env, 3).await;
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Warning, "{done:?}");
+    let states: Vec<_> = env.steps(s).await.iter().map(|r| (r.name.clone(), r.state)).collect();
+    assert_eq!(
+        states,
+        vec![
+            ("a0".into(), StepState::Done),
+            ("b0".into(), StepState::Done),
+            ("a1".into(), StepState::Undone),
+            ("b1".into(), StepState::Undone),
+            ("a2".into(), StepState::Done),
+            ("b2".into(), StepState::Done),
+        ]
+    );
+    assert_eq!(env.steps(s).await[3].attempts, 3, "b1 ran three times");
+    assert_eq!(undos.load(SeqCst), 2, "a1 and b1 undone, nothing else");
+    let (_, tasks) = env.app.session_get(&env.caller, s).await.unwrap();
+    let results: Vec<_> = tasks.iter().map(|t| (t.state, t.result)).collect();
+    assert_eq!(
+        results,
+        vec![
+            (SessionState::Stopped, SessionResult::Success),
+            (SessionState::Stopped, SessionResult::Failed),
+            (SessionState::Stopped, SessionResult::Success),
+        ]
+    );
+    assert!(tasks[1].failure_message.as_deref().is_some_and(|m| m.contains("injected")), "{tasks:?}");
+
+    // Every task given up: the session fails.
+    env.app.engine().hooks().fail_every("a0");
+    let s = start_session_with_tasks(&env, 1).await;
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Failed, "{done:?}");
+    env.app.engine().hooks().fail("none", 1);
+}

@@ -42,3 +42,26 @@ fn bench_refuses_bad_arguments() {
         assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
     }
 }
+
+/// `drover bench em-sessions` on a short history: every request type is timed with the runs asked
+/// for (min ≤ median ≤ p99), answers with a body, and the sessions were stored. Shape only: the
+/// figures themselves are the benchmark's to print, not a test's to assert.
+#[test]
+fn bench_em_sessions_reports_every_request_type() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["bench", "em-sessions", "--sessions", "500", "--runs", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["sessions"], 500, "{r}");
+    let timings = r["timings"].as_array().unwrap();
+    assert!(timings.len() >= 5, "{r}");
+    for t in timings {
+        let (min, median, p99) =
+            (t["min_ms"].as_f64().unwrap(), t["median_ms"].as_f64().unwrap(), t["p99_ms"].as_f64().unwrap());
+        assert!(0.0 < min && min <= median && median <= p99, "{t}");
+        assert_eq!(t["runs"], 3, "{t}");
+        assert!(t["bytes"].as_u64().unwrap() > 0, "{t}");
+    }
+}

@@ -159,6 +159,7 @@ pub fn fast_config() -> EngineConfig {
     EngineConfig {
         heartbeat_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(2),
+        retry_backoff: Duration::from_millis(10),
         monitor_interval: Duration::from_millis(200),
         // These tests create jobs to test the API, not to run them.
         scheduler_interval: Duration::from_secs(3600),
