@@ -13,8 +13,9 @@
 //! 5. Failback: a replica boots through an overlay on the new point and writes; production writes
 //!    too (tracked by the next bitmap). The union of the two is what must travel back; it is sent
 //!    and production is checked equal to the replica.
-//! 6. Baselines: reading both images once, `rsync --inplace --no-whole-file` between raw copies,
-//!    and `qemu-img convert`.
+//! 6. Baselines: reading both images once, `rsync --inplace --no-whole-file --ignore-times`
+//!    between raw copies, and `qemu-img convert`, each `--baseline-runs` times, interleaved, on a
+//!    fresh target and (as root) with the page cache dropped before each run; min and median.
 //!
 //! All other I/O goes through `qemu-storage-daemon` NBD exports and drover's own NBD client: the
 //! same path replication uses.
@@ -61,6 +62,9 @@ pub struct ReplicationArgs {
     /// Seed of the random data and block choice, for repeatable runs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Runs of each baseline (`rsync`, `qemu-img convert`), interleaved; min and median printed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub baseline_runs: u32,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -109,8 +113,14 @@ pub struct Report {
     /// Reading source and target once each, concurrently: the floor for hash-compare.
     pub read_both_seconds: f64,
     pub failback: FailbackReport,
+    /// The median of the rsync runs.
     pub rsync_seconds: Option<f64>,
+    /// The median of the `qemu-img convert` runs.
     pub qemu_img_convert_seconds: f64,
+    pub rsync: Option<Spread>,
+    pub qemu_img_convert: Spread,
+    /// Every baseline run started with the page cache dropped (needs root).
+    pub baselines_cold: bool,
     /// `incremental.bytes_sent / changed_bytes` (target ≤ 1.05).
     pub incremental_ratio: f64,
     /// `hash_compare.seconds / rsync_seconds` (target ≤ 0.5).
@@ -452,11 +462,30 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         path("seed.qcow2").to_str().unwrap_or_default(),
         raw("seed").to_str().unwrap_or_default(),
     ])?;
-    let rsync_seconds = match std::process::Command::new("rsync").arg("--version").output() {
-        Ok(o) if o.status.success() => {
+    // Each baseline runs `--baseline-runs` times, interleaved (rsync, convert, rsync, ...), each
+    // run on a fresh target and, where this process may, with the page cache dropped first, so
+    // neither profits from the other's writes or reads. rsync gets `--ignore-times`: two raw
+    // files of equal size and mtime would otherwise be taken as equal and nothing compared.
+    let has_rsync = matches!(
+        std::process::Command::new("rsync").arg("--version").output(),
+        Ok(o) if o.status.success()
+    );
+    let mut cold = true;
+    let (mut rsync_runs, mut convert_runs) = (Vec::new(), Vec::new());
+    for _ in 0..args.baseline_runs {
+        if has_rsync {
+            let _ = std::fs::remove_file(raw("seed"));
+            qemu_img(&[
+                "convert",
+                "-O",
+                "raw",
+                path("seed.qcow2").to_str().unwrap_or_default(),
+                raw("seed").to_str().unwrap_or_default(),
+            ])?;
+            cold &= drop_caches();
             let start = Instant::now();
             let ok = std::process::Command::new("rsync")
-                .args(["--inplace", "--no-whole-file"])
+                .args(["--inplace", "--no-whole-file", "--ignore-times"])
                 .arg(raw("source"))
                 .arg(raw("seed"))
                 .status()?
@@ -464,19 +493,24 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
             if !ok {
                 bail!("rsync failed");
             }
-            Some(start.elapsed().as_secs_f64())
+            rsync_runs.push(start.elapsed().as_secs_f64());
         }
-        _ => None,
-    };
-    let start = Instant::now();
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        path("source.qcow2").to_str().unwrap_or_default(),
-        path("convert.qcow2").to_str().unwrap_or_default(),
-    ])?;
-    let qemu_img_convert_seconds = start.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(path("convert.qcow2"));
+        cold &= drop_caches();
+        let start = Instant::now();
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            path("source.qcow2").to_str().unwrap_or_default(),
+            path("convert.qcow2").to_str().unwrap_or_default(),
+        ])?;
+        convert_runs.push(start.elapsed().as_secs_f64());
+    }
+    let rsync = (!rsync_runs.is_empty()).then(|| Spread::of(&rsync_runs));
+    let convert = Spread::of(&convert_runs);
+    let rsync_seconds = rsync.as_ref().map(|r| r.median);
+    let qemu_img_convert_seconds = convert.median;
     for f in ["source.raw", "seed.raw", "convert.qcow2"] {
         let _ = std::fs::remove_file(path(f));
     }
@@ -500,7 +534,40 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         failback,
         rsync_seconds,
         qemu_img_convert_seconds,
+        rsync,
+        qemu_img_convert: convert,
+        baselines_cold: cold,
     })
+}
+
+/// The minimum and median of repeated runs, in seconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spread {
+    pub runs: usize,
+    pub min: f64,
+    pub median: f64,
+}
+
+impl Spread {
+    fn of(runs: &[f64]) -> Spread {
+        let mut v = runs.to_vec();
+        v.sort_by(f64::total_cmp);
+        let median = if v.is_empty() {
+            0.0
+        } else if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        Spread { runs: v.len(), min: v.first().copied().unwrap_or(0.0), median }
+    }
+}
+
+/// Writes dirty pages back and drops the page cache, so the next timed run reads from the disk.
+/// Only root may; returns whether it was done.
+fn drop_caches() -> bool {
+    let synced = std::process::Command::new("sync").status().is_ok_and(|s| s.success());
+    synced && std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
 }
 
 fn mib(b: u64) -> String {
@@ -552,17 +619,25 @@ fn print_report(r: &Report) {
         r.hash_compare_vs_read_both,
         r.reading_target_vs_read_both
     );
-    match (r.rsync_seconds, r.hash_compare_vs_rsync, r.through_nbd_vs_rsync, r.reading_target_vs_rsync) {
+    let footing = if r.baselines_cold { "page cache dropped before each run" } else { "warm page cache" };
+    match (&r.rsync, r.hash_compare_vs_rsync, r.through_nbd_vs_rsync, r.reading_target_vs_rsync) {
         (Some(s), Some(x), Some(n), Some(y)) => println!(
-            "  rsync --inplace --no-whole-file {:>10}  (hash-compare / rsync {:.2}; through NBD {:.2}; reading the target too {:.2})",
-            d(s),
+            "  rsync --inplace --no-whole-file --ignore-times  min {:>10}  median {:>10}  ({} runs, {footing}; hash-compare / rsync median {:.2}; through NBD {:.2}; reading the target too {:.2})",
+            d(s.min),
+            d(s.median),
+            s.runs,
             x,
             n,
             y
         ),
         _ => println!("  rsync: not installed"),
     }
-    println!("  qemu-img convert {:>10}", d(r.qemu_img_convert_seconds));
+    println!(
+        "  qemu-img convert  min {:>10}  median {:>10}  ({} runs, {footing}, interleaved with rsync)",
+        d(r.qemu_img_convert.min),
+        d(r.qemu_img_convert.median),
+        r.qemu_img_convert.runs
+    );
     println!(
         "  failback       {:>10}  sent {:>12} for {} really changed (ratio {:.3}); production equals replica: {}",
         d(r.failback.seconds),
