@@ -1,0 +1,244 @@
+use super::*;
+use proptest::prelude::*;
+
+fn encode(m: &Message) -> BytesMut {
+    let mut buf = BytesMut::new();
+    Codec.encode(m.clone(), &mut buf).unwrap();
+    buf
+}
+
+fn decode_all(mut buf: BytesMut) -> Result<Vec<Message>, ProtoError> {
+    let mut out = Vec::new();
+    while let Some(m) = Codec.decode(&mut buf)? {
+        out.push(m);
+    }
+    assert!(buf.is_empty(), "{} bytes left undecoded", buf.len());
+    Ok(out)
+}
+
+fn samples() -> Vec<Message> {
+    let transfer = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    vec![
+        Message::Hello(Hello { version: PROTOCOL_VERSION, transfer, stream: 1, streams: 4, disk_size: 1 << 30 }),
+        Message::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            acknowledged: vec![Range { offset: 0, length: 4 << 20 }, Range { offset: 8 << 20, length: 65536 }],
+        }),
+        Message::Welcome(Welcome { version: PROTOCOL_VERSION, acknowledged: vec![] }),
+        Message::Data(Data::new(4096, &data, false)),
+        Message::Data(Data::new(1 << 20, &data, true)),
+        Message::Data(Data::new(0, &[], false)),
+        Message::Zero(Range { offset: 1 << 30, length: 1 << 20 }),
+        Message::Ack(Range { offset: 65536, length: 4 << 20 }),
+        Message::Flush(7),
+        Message::Flushed(7),
+        Message::Hashes { offset: 0, block_size: 65536, hashes: vec![[1; 32], [2; 32], [0; 32]] },
+        Message::Done { bytes: 123_456_789 },
+        Message::Refused(Refused { code: RefusalCode::UnknownTransfer, message: "no transfer 42 here".into() }),
+    ]
+}
+
+#[test]
+fn every_message_round_trips_alone_and_in_a_stream() {
+    let mut stream = BytesMut::new();
+    for m in samples() {
+        let one = encode(&m);
+        assert!(decode_all(one.clone()).unwrap() == vec![m.clone()], "{:?} did not round-trip", kind_of(&m));
+        stream.extend_from_slice(&one);
+    }
+    assert!(decode_all(stream).unwrap() == samples(), "the stream did not round-trip");
+}
+
+fn kind_of(m: &Message) -> String {
+    format!("{m:?}").chars().take(60).collect()
+}
+
+#[test]
+fn compressible_data_travels_compressed_and_comes_back_verified() {
+    let plain = vec![7u8; 1 << 20];
+    let d = Data::new(0, &plain, true);
+    assert_eq!(d.compression, Compression::Zstd);
+    assert!(d.payload.len() < plain.len() / 100, "{} bytes", d.payload.len());
+    assert_eq!(d.verified().unwrap(), plain.as_slice());
+    // Random-looking data is not worth compressing: sent as it is.
+    let mut noise = vec![0u8; 65536];
+    blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut noise);
+    let d = Data::new(0, &noise, true);
+    assert_eq!((d.compression, d.verified().unwrap().len()), (Compression::None, noise.len()));
+}
+
+#[test]
+fn a_truncated_frame_waits_for_more_and_never_yields_a_message() {
+    for m in samples() {
+        let full = encode(&m);
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert!(Codec.decode(&mut part).unwrap().is_none(), "{m:?} cut at {cut}");
+        }
+    }
+}
+
+#[test]
+fn bytes_that_do_not_match_their_hash_are_refused() {
+    let plain: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let mut d = Data::new(512, &plain, false);
+    let mut tampered = d.payload.to_vec();
+    tampered[5000] ^= 1;
+    d.payload = Bytes::from(tampered);
+    assert!(matches!(d.verified(), Err(ProtoError::HashMismatch { offset: 512 })));
+    // A wrong hash over right bytes too.
+    let mut d = Data::new(0, &plain, true);
+    d.hash[0] ^= 0xff;
+    assert!(matches!(d.verified(), Err(ProtoError::HashMismatch { .. })));
+}
+
+#[test]
+fn decompression_stops_at_the_declared_length() {
+    // 4 MiB of zeroes compress to a few hundred bytes; a frame that declares 4 KiB must not make
+    // the receiver inflate them.
+    let bomb = Data::new(0, &vec![0u8; 4 << 20], true);
+    let lying = Data { length: 4096, ..bomb };
+    assert!(matches!(lying.verified(), Err(ProtoError::HashMismatch { .. })));
+}
+
+#[test]
+fn oversized_unknown_and_malformed_frames_are_errors() {
+    // A length over the limit is refused before anything is read or reserved.
+    let mut big = BytesMut::new();
+    big.put_u32(MAX_FRAME as u32 + 1);
+    assert!(matches!(Codec.decode(&mut big), Err(ProtoError::FrameTooLarge(_))));
+    let frame = |body: &[u8]| {
+        let mut b = BytesMut::new();
+        b.put_u32(body.len() as u32);
+        b.put_slice(body);
+        b
+    };
+    let cases: Vec<(&str, BytesMut)> = vec![
+        ("empty", frame(&[])),
+        ("unknown kind", frame(&[200])),
+        ("truncated ack", frame(&[ACK, 0, 0, 0])),
+        ("trailing bytes", frame(&[FLUSH, 0, 0, 0, 0, 0, 0, 0, 1, 9])),
+        ("range past the end", {
+            let mut body = vec![ZERO];
+            body.extend_from_slice(&u64::MAX.to_be_bytes());
+            body.extend_from_slice(&2u64.to_be_bytes());
+            frame(&body)
+        }),
+        ("a welcome claiming more ranges than it holds", {
+            let mut body = vec![WELCOME, 0, 1];
+            body.extend_from_slice(&u32::MAX.to_be_bytes());
+            frame(&body)
+        }),
+        ("an extent over the limit", {
+            let mut body = vec![DATA];
+            body.extend_from_slice(&0u64.to_be_bytes());
+            body.extend_from_slice(&(MAX_EXTENT + 1).to_be_bytes());
+            body.extend_from_slice(&[0; 33]);
+            frame(&body)
+        }),
+        ("plain data of the wrong length", {
+            let mut body = vec![DATA];
+            body.extend_from_slice(&0u64.to_be_bytes());
+            body.extend_from_slice(&10u32.to_be_bytes());
+            body.extend_from_slice(&[0; 32]);
+            body.push(0);
+            body.extend_from_slice(&[1, 2, 3]);
+            frame(&body)
+        }),
+        ("unknown compression", {
+            let mut body = vec![DATA];
+            body.extend_from_slice(&0u64.to_be_bytes());
+            body.extend_from_slice(&0u32.to_be_bytes());
+            body.extend_from_slice(&[0; 32]);
+            body.push(9);
+            frame(&body)
+        }),
+        ("stream out of range", {
+            let mut body = vec![HELLO, 0, 1];
+            body.extend_from_slice(&[0; 16]);
+            body.extend_from_slice(&[0, 4, 0, 4]);
+            body.extend_from_slice(&0u64.to_be_bytes());
+            frame(&body)
+        }),
+        ("refusal not UTF-8", frame(&[REFUSED, 0, 1, 0, 2, 0xff, 0xfe])),
+        ("unknown refusal code", frame(&[REFUSED, 0, 99, 0, 0])),
+    ];
+    for (what, mut buf) in cases {
+        assert!(matches!(Codec.decode(&mut buf), Err(ProtoError::Malformed(_))), "{what}");
+    }
+}
+
+#[test]
+fn a_refusal_message_is_clipped_at_a_character_boundary() {
+    let long = "é".repeat(MAX_MESSAGE);
+    let m = Message::Refused(Refused { code: RefusalCode::Protocol, message: long });
+    let Message::Refused(back) = decode_all(encode(&m)).unwrap().remove(0) else { panic!() };
+    assert!(back.message.len() <= MAX_MESSAGE && back.message.chars().all(|c| c == 'é'));
+}
+
+#[test]
+fn another_version_is_told_apart() {
+    let hello = Hello { version: PROTOCOL_VERSION + 1, transfer: Uuid::nil(), stream: 0, streams: 1, disk_size: 1 };
+    assert!(matches!(hello.check_version(), Err(ProtoError::Version(v)) if v == PROTOCOL_VERSION + 1));
+    assert!(Hello { version: PROTOCOL_VERSION, ..hello }.check_version().is_ok());
+}
+
+#[tokio::test]
+async fn messages_cross_a_connection_in_order() {
+    use futures::{SinkExt, StreamExt};
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let mut tx = tokio_util::codec::Framed::new(a, Codec);
+    let mut rx = tokio_util::codec::Framed::new(b, Codec);
+    let sent = samples();
+    let expected = sent.clone();
+    let writer = tokio::spawn(async move {
+        for m in sent {
+            tx.send(m).await.unwrap();
+        }
+    });
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        got.push(rx.next().await.unwrap().unwrap());
+    }
+    writer.await.unwrap();
+    assert_eq!(got, expected);
+}
+
+proptest! {
+    #[test]
+    fn data_round_trips(offset in 0u64..(1 << 40), bytes in proptest::collection::vec(any::<u8>(), 0..20_000), compress: bool) {
+        let m = Message::Data(Data::new(offset, &bytes, compress));
+        let back = decode_all(encode(&m)).unwrap();
+        prop_assert_eq!(&back, &vec![m]);
+        let Message::Data(d) = &back[0] else { unreachable!() };
+        prop_assert_eq!(d.verified().unwrap(), bytes.as_slice());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut buf = BytesMut::from(bytes.as_slice());
+        // Errors are fine; a panic or an endless loop is not.
+        for _ in 0..64 {
+            match Codec.decode(&mut buf) {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_and_hashes_round_trip(ranges in proptest::collection::vec((0u64..(1 << 50), 0u64..(1 << 30)), 0..100),
+                                   hashes in proptest::collection::vec(any::<[u8; 32]>(), 0..100)) {
+        let acknowledged = ranges.iter().map(|&(offset, length)| Range { offset, length }).collect();
+        let msgs = vec![
+            Message::Welcome(Welcome { version: PROTOCOL_VERSION, acknowledged }),
+            Message::Hashes { offset: 4096, block_size: 65536, hashes },
+        ];
+        let mut buf = BytesMut::new();
+        for m in &msgs {
+            Codec.encode(m.clone(), &mut buf).unwrap();
+        }
+        prop_assert_eq!(decode_all(buf).unwrap(), msgs);
+    }
+}
