@@ -242,17 +242,29 @@ pub trait ChangeTracking: Send + Sync + std::fmt::Debug {
     /// Ends a cut: `success` drops `current` (its changes arrived), otherwise folds it into `next`.
     async fn cut_end(&self, cut: &tracking::CycleExport, success: bool) -> HvResult<()>;
 
-    async fn enable_offline(&self, image: &std::path::Path, bitmap: &str) -> HvResult<()>;
-    async fn state_offline(&self, image: &std::path::Path) -> HvResult<Vec<tracking::BitmapState>>;
-    async fn remove_offline(&self, image: &std::path::Path, bitmap: &str) -> HvResult<()>;
+    // Offline: the same for every driver whose disks are qcow2 images (QEMU's own tools on an
+    // image nobody has open), so these are provided; a driver with other disks overrides them.
+    async fn enable_offline(&self, image: &std::path::Path, bitmap: &str) -> HvResult<()> {
+        tracking::enable_tracking_offline(image, bitmap).await
+    }
+    async fn state_offline(&self, image: &std::path::Path) -> HvResult<Vec<tracking::BitmapState>> {
+        tracking::bitmap_state_offline(image).await
+    }
+    async fn remove_offline(&self, image: &std::path::Path, bitmap: &str) -> HvResult<()> {
+        tracking::remove_tracking_offline(image, bitmap).await
+    }
     async fn cut_begin_offline(
         &self,
         image: &std::path::Path,
         current: &str,
         next: &str,
         export_dir: &std::path::Path,
-    ) -> HvResult<tracking::OfflineCycleExport>;
-    async fn cut_end_offline(&self, cut: tracking::OfflineCycleExport, success: bool) -> HvResult<()>;
+    ) -> HvResult<tracking::OfflineCycleExport> {
+        tracking::begin_cycle_offline(image, current, next, export_dir).await
+    }
+    async fn cut_end_offline(&self, cut: tracking::OfflineCycleExport, success: bool) -> HvResult<()> {
+        tracking::end_cycle_offline(cut, success).await
+    }
     /// Ends an offline cut whose export was lost (a restart): idempotent.
     async fn cut_recover_offline(
         &self,
@@ -261,5 +273,7 @@ pub trait ChangeTracking: Send + Sync + std::fmt::Debug {
         next: &str,
         export_dir: &std::path::Path,
         success: bool,
-    ) -> HvResult<()>;
+    ) -> HvResult<()> {
+        tracking::recover_cycle_offline(image, current, next, export_dir, success).await
+    }
 }

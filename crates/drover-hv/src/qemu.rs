@@ -954,37 +954,6 @@ impl crate::ChangeTracking for QemuDriver {
     async fn cut_end(&self, cut: &tracking::CycleExport, success: bool) -> HvResult<()> {
         tracking::end_cycle(self, cut, success).await
     }
-    async fn enable_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
-        tracking::enable_tracking_offline(image, bitmap).await
-    }
-    async fn state_offline(&self, image: &Path) -> HvResult<Vec<tracking::BitmapState>> {
-        tracking::bitmap_state_offline(image).await
-    }
-    async fn remove_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
-        tracking::remove_tracking_offline(image, bitmap).await
-    }
-    async fn cut_begin_offline(
-        &self,
-        image: &Path,
-        current: &str,
-        next: &str,
-        export_dir: &Path,
-    ) -> HvResult<tracking::OfflineCycleExport> {
-        tracking::begin_cycle_offline(image, current, next, export_dir).await
-    }
-    async fn cut_end_offline(&self, cut: tracking::OfflineCycleExport, success: bool) -> HvResult<()> {
-        tracking::end_cycle_offline(cut, success).await
-    }
-    async fn cut_recover_offline(
-        &self,
-        image: &Path,
-        current: &str,
-        next: &str,
-        export_dir: &Path,
-        success: bool,
-    ) -> HvResult<()> {
-        tracking::recover_cycle_offline(image, current, next, export_dir, success).await
-    }
 }
 
 #[cfg(test)]

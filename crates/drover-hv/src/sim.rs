@@ -390,37 +390,6 @@ impl crate::ChangeTracking for SimulatedHypervisor {
     async fn cut_end(&self, cut: &crate::tracking::CycleExport, _: bool) -> HvResult<()> {
         Err(no_live_tracking(cut.vm))
     }
-    async fn enable_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
-        crate::tracking::enable_tracking_offline(image, bitmap).await
-    }
-    async fn state_offline(&self, image: &Path) -> HvResult<Vec<crate::tracking::BitmapState>> {
-        crate::tracking::bitmap_state_offline(image).await
-    }
-    async fn remove_offline(&self, image: &Path, bitmap: &str) -> HvResult<()> {
-        crate::tracking::remove_tracking_offline(image, bitmap).await
-    }
-    async fn cut_begin_offline(
-        &self,
-        image: &Path,
-        current: &str,
-        next: &str,
-        export_dir: &Path,
-    ) -> HvResult<crate::tracking::OfflineCycleExport> {
-        crate::tracking::begin_cycle_offline(image, current, next, export_dir).await
-    }
-    async fn cut_end_offline(&self, cut: crate::tracking::OfflineCycleExport, success: bool) -> HvResult<()> {
-        crate::tracking::end_cycle_offline(cut, success).await
-    }
-    async fn cut_recover_offline(
-        &self,
-        image: &Path,
-        current: &str,
-        next: &str,
-        export_dir: &Path,
-        success: bool,
-    ) -> HvResult<()> {
-        crate::tracking::recover_cycle_offline(image, current, next, export_dir, success).await
-    }
 }
 
 fn no_live_tracking(vm: Uuid) -> HvError {

@@ -455,13 +455,6 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         path("source.qcow2").to_str().unwrap_or_default(),
         raw("source").to_str().unwrap_or_default(),
     ])?;
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        path("seed.qcow2").to_str().unwrap_or_default(),
-        raw("seed").to_str().unwrap_or_default(),
-    ])?;
     // Each baseline runs `--baseline-runs` times, interleaved (rsync, convert, rsync, ...), each
     // run on a fresh target and, where this process may, with the page cache dropped first, so
     // neither profits from the other's writes or reads. rsync gets `--ignore-times`: two raw
