@@ -13,11 +13,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use drover_agent_api::{AgentError, DatastoreSpec, ErrorKind, HostAgent};
 use drover_hv::Hypervisor;
 use drover_store::{SessionWrite, Store};
 use drover_types::{
-    LogLevel, Plan, PlanAction, PlanEvent, PlanId, Session, SessionId, SessionKind, SessionState, Task, TaskId,
-    TenantId,
+    Datastore, Host, LogLevel, Plan, PlanAction, PlanEvent, PlanId, Session, SessionId, SessionKind, SessionState,
+    Task, TaskId, TenantId,
 };
 use tokio::sync::broadcast;
 
@@ -41,6 +42,15 @@ pub use drover_types::{Error, Result};
 
 /// An error of the hypervisor or the data path as a step reports it: unavailable, with its whole
 /// chain of causes.
+/// An agent's error as the engine's, by its class.
+pub(crate) fn agent_error(e: AgentError) -> Error {
+    match e.kind {
+        ErrorKind::Conflict | ErrorKind::Unsupported => Error::Conflict(e.message),
+        ErrorKind::Invalid => Error::InvalidRequest(e.message),
+        ErrorKind::Retry | ErrorKind::Gone | ErrorKind::Internal => Error::Unavailable(e.message),
+    }
+}
+
 pub(crate) fn unavailable(e: impl std::error::Error + 'static) -> Error {
     Error::Unavailable(drover_types::error_chain(&e))
 }
@@ -132,6 +142,8 @@ pub struct Engine {
 struct Inner {
     store: Store,
     hv: Arc<dyn Hypervisor>,
+    /// The agent of this process's own host (hosts with address `local`).
+    local_agent: Arc<dyn HostAgent>,
     config: EngineConfig,
     changes: broadcast::Sender<SessionChanged>,
     running: Mutex<HashSet<SessionId>>,
@@ -152,6 +164,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
+                local_agent: Arc::new(drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone())),
                 hv,
                 config,
                 changes,
@@ -175,6 +188,30 @@ impl Engine {
     pub fn hv(&self) -> &Arc<dyn Hypervisor> {
         &self.inner.hv
     }
+    /// The agent of a host: the in-process one for `local`; agents on other hosts come with
+    /// `drover agent`, and until then such a host is unreachable.
+    pub fn agent(&self, host: &Host) -> Result<Arc<dyn HostAgent>> {
+        if host.address == "local" {
+            Ok(self.inner.local_agent.clone())
+        } else {
+            Err(Error::Unavailable(format!(
+                "host {} has no reachable agent at {:?}: this control plane drives only its own host (address \"local\")",
+                host.name, host.address
+            )))
+        }
+    }
+
+    /// The agent of the host a datastore is on, with the datastore registered there.
+    pub async fn datastore_agent(&self, datastore: &Datastore) -> Result<Arc<dyn HostAgent>> {
+        let host = self.store().object_get_any_tenant::<Host>(datastore.host_id.0).await?;
+        let agent = self.agent(&host)?;
+        agent
+            .datastore_ensure(&DatastoreSpec { id: datastore.id.0, path: datastore.path.clone() })
+            .await
+            .map_err(agent_error)?;
+        Ok(agent)
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
     }

@@ -29,25 +29,21 @@
 //! failed or crashed run (whose cut ends by merging `current` into `next`) hands the next run a
 //! bitmap that still covers everything since the last point. See [`plan_bitmaps`].
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_block::chain::{ChainDir, manifest_path};
-use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_compare_sync};
-use drover_block::direct::DirectImage;
-use drover_block::hash::Manifest;
-use drover_block::nbd::NbdClient;
-use drover_hv::tracking::{self, CycleExport};
-use drover_hv::{HvError, PowerState};
-use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use drover_agent_api::{
+    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, HostAgent, PointFile, PointSpec, TransferMode,
+    TransferSpec, TransferState, TransferStatus,
+};
+use drover_hv::PowerState;
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::ops::{disk_dir, disk_path};
 use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
-use crate::{Engine, Error, Result, unavailable};
+use crate::{Engine, Error, Result, agent_error};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicationParams {
@@ -143,21 +139,34 @@ struct DiskPlan {
     index: usize,
     name: String,
     size: u64,
-    /// The source image.
-    image: PathBuf,
-    chain_dir: PathBuf,
-    /// The newest published point's file and manifest, if any.
-    prev_file: Option<PathBuf>,
+    /// The source disk, on the VM's host.
+    disk: DiskRef,
+    /// Its chain, on the target datastore's host.
+    chain: ChainRef,
+    /// The newest published point's file (its manifest beside it), if any.
+    prev_file: Option<PointFile>,
     bitmaps: BitmapPlan,
-    current_bitmap: String,
-    next_bitmap: String,
+}
+
+impl DiskPlan {
+    /// The cut of this disk in this run: its id (session, VM, disk) makes a rerun resume it.
+    fn cut(&self, ctx: &StepCtx, c: &VmCtx, live: bool) -> CutSpec {
+        CutSpec {
+            id: format!("{}-{}-{}", &ctx.session.id.to_string()[..8], c.index, self.index),
+            disk: self.disk.clone(),
+            live,
+            current: self.bitmaps.current.clone(),
+            next: self.bitmaps.next.clone(),
+            remove: self.bitmaps.remove.clone(),
+            fresh: self.bitmaps.fresh,
+        }
+    }
 }
 
 /// How one disk's changes are found in a run: decided from the bitmaps the disk has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BitmapPlan {
-    /// `seed`, `bitmap` or `hash-compare`.
-    pub mode: String,
+    pub mode: TransferMode,
     pub reason: Option<String>,
     /// The bitmap the cut exports and then drops.
     pub current: String,
@@ -170,88 +179,73 @@ pub struct BitmapPlan {
     pub remove: Vec<String>,
 }
 
-/// Decides a disk's bitmaps. `ours` are the disk's `drover-*` bitmaps as
-/// `(name, recording, persistent, inconsistent)`; `seed` says there is no point yet.
-pub fn plan_bitmaps(ours: &[(String, bool, bool, bool)], seed: bool, run: &str) -> BitmapPlan {
+/// Decides a disk's bitmaps from its `drover-*` bitmaps (`ours`); `seed` says there is no point yet.
+pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str) -> BitmapPlan {
     let next = format!("drover-{run}");
     let fresh_name = format!("drover-{run}-base");
     // A rerun of the same run finds its own `next` already made by an earlier cut attempt: the
     // cut is then resumed with the same names, which begin_cycle accepts.
-    let usable: Vec<&(String, bool, bool, bool)> =
-        ours.iter().filter(|(n, rec, pers, inc)| *rec && *pers && !*inc && *n != next).collect();
-    let broken: Vec<String> = ours.iter().filter(|(_, _, _, inc)| *inc).map(|(n, ..)| n.clone()).collect();
-    let plan = |mode: &str, reason: Option<String>, current: String, fresh: bool, remove: Vec<String>| BitmapPlan {
-        mode: mode.into(),
-        reason,
-        current,
-        next: next.clone(),
-        fresh,
-        remove,
+    let usable: Vec<&BitmapInfo> =
+        ours.iter().filter(|b| b.recording && b.persistent && !b.inconsistent && b.name != next).collect();
+    let broken: Vec<String> = ours.iter().filter(|b| b.inconsistent).map(|b| b.name.clone()).collect();
+    let all_but_next = || ours.iter().map(|b| b.name.clone()).filter(|n| *n != next).collect::<Vec<_>>();
+    let plan = |mode: TransferMode, reason: Option<String>, current: String, fresh: bool, remove: Vec<String>| {
+        BitmapPlan { mode, reason, current, next: next.clone(), fresh, remove }
     };
     match (seed, usable.as_slice()) {
-        (true, [one]) => plan("seed", None, one.0.clone(), false, broken),
-        (true, _) => {
-            plan("seed", None, fresh_name, true, ours.iter().map(|(n, ..)| n.clone()).filter(|n| *n != next).collect())
-        }
-        (false, [one]) => plan("bitmap", None, one.0.clone(), false, broken),
+        (true, [one]) => plan(TransferMode::Seed, None, one.name.clone(), false, broken),
+        (true, _) => plan(TransferMode::Seed, None, fresh_name, true, all_but_next()),
+        (false, [one]) => plan(TransferMode::Bitmap, None, one.name.clone(), false, broken),
         (false, []) => {
             let why = if broken.is_empty() {
                 "no bitmap records this disk's changes".to_string()
             } else {
                 format!("bitmap {} is inconsistent (the VM stopped uncleanly)", broken.join(", "))
             };
-            plan(
-                "hash-compare",
-                Some(why),
-                fresh_name,
-                true,
-                ours.iter().map(|(n, ..)| n.clone()).filter(|n| *n != next).collect(),
-            )
+            plan(TransferMode::HashCompare, Some(why), fresh_name, true, all_but_next())
         }
         (false, many) => plan(
-            "hash-compare",
+            TransferMode::HashCompare,
             Some(format!("{} bitmaps record this disk; which covers the last point is unclear", many.len())),
             fresh_name,
             true,
-            ours.iter().map(|(n, ..)| n.clone()).filter(|n| *n != next).collect(),
+            all_but_next(),
         ),
     }
-}
-
-fn ours(states: &[tracking::BitmapState]) -> Vec<(String, bool, bool, bool)> {
-    states
-        .iter()
-        .filter(|b| b.name.starts_with("drover-"))
-        .map(|b| (b.name.clone(), b.recording, b.persistent, b.inconsistent))
-        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Prepared {
     replica_id: ReplicaId,
     running: bool,
+    source_datastore: DatastoreId,
+    target_datastore: DatastoreId,
     disks: Vec<DiskPlan>,
-    /// Where this run's sockets and daemons live.
-    work_dir: PathBuf,
+}
+
+impl Prepared {
+    /// The agents of the source VM's host and of the target datastore's host.
+    async fn agents(&self, ctx: &StepCtx, c: &VmCtx) -> Result<(Arc<dyn HostAgent>, Arc<dyn HostAgent>)> {
+        let store = ctx.engine.store();
+        let source = store.object_get::<Datastore>(c.p.tenant_id, self.source_datastore.0).await?;
+        let target = store.object_get::<Datastore>(c.p.tenant_id, self.target_datastore.0).await?;
+        Ok((ctx.engine.datastore_agent(&source).await?, ctx.engine.datastore_agent(&target).await?))
+    }
 }
 
 /// What `transfer` made for one disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Transferred {
     disk: String,
-    file: PathBuf,
+    file: PointFile,
     size: u64,
     manifest_digest: String,
-    mode: String,
+    mode: TransferMode,
     reason: Option<String>,
     bytes_read: u64,
     bytes_written: u64,
-    /// The live cut, to end after publishing. `None` for an offline cut.
-    live: Option<CycleExport>,
-    offline_dir: Option<PathBuf>,
-    current_bitmap: String,
-    next_bitmap: String,
-    image: PathBuf,
+    /// The cut, to end after publishing.
+    cut: Cut,
 }
 
 fn output<T: for<'de> Deserialize<'de>>(ctx: &StepCtx, step: &str) -> Result<T> {
@@ -281,6 +275,8 @@ impl Step for Prepare {
         }
         let source_ds = store.object_get::<Datastore>(c.p.tenant_id, vm.datastore_id.0).await?;
         let target_ds = store.object_get::<Datastore>(c.p.tenant_id, job.target_datastore_id.0).await?;
+        let source = ctx.engine.datastore_agent(&source_ds).await?;
+        ctx.engine.datastore_agent(&target_ds).await?;
         let replica = match replica_for(ctx, c).await? {
             Some(r) => r,
             None => {
@@ -309,34 +305,30 @@ impl Step for Prepare {
         let newest = points.iter().rev().find(|p| p.state == RestorePointState::Published);
         let run = ctx.session.id.to_string()[..8].to_string();
         let running = matches!(ctx.engine.hv().status(vm.id.0).await, Ok(PowerState::Running | PowerState::Paused));
-        let src_dir = disk_dir(&source_ds, vm.id);
         let mut disks = Vec::new();
         for (index, d) in vm.disks.iter().enumerate() {
-            let image = disk_path(&src_dir, &d.name);
-            let size = drover_qemu::image::info(&image).await.map_err(unavailable)?.virtual_size;
+            let disk = DiskRef { datastore: source_ds.id.0, vm: vm.id.0, disk: d.name.clone(), index };
+            let info = source.disk_info(&disk, running).await.map_err(agent_error)?;
             let prev_file =
-                newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PathBuf::from(&x.file));
-            let ct = crate::change_tracking(&ctx.engine, "replication")?;
-            let states = if running {
-                ct.state(vm.id.0, index).await.map_err(unavailable)?
-            } else {
-                ct.state_offline(&image).await.map_err(unavailable)?
-            };
-            let bitmaps = plan_bitmaps(&ours(&states), prev_file.is_none(), &run);
+                newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PointFile(x.file.clone()));
+            let ours: Vec<BitmapInfo> = info.bitmaps.into_iter().filter(|b| b.name.starts_with("drover-")).collect();
             disks.push(DiskPlan {
                 index,
                 name: d.name.clone(),
-                size,
-                image,
-                chain_dir: Path::new(&target_ds.path).join(replica.id.to_string()).join(&d.name),
+                size: info.size,
+                disk,
+                chain: ChainRef { datastore: target_ds.id.0, replica: replica.id.0, disk: d.name.clone() },
+                bitmaps: plan_bitmaps(&ours, prev_file.is_none(), &run),
                 prev_file,
-                current_bitmap: bitmaps.current.clone(),
-                next_bitmap: bitmaps.next.clone(),
-                bitmaps,
             });
         }
-        let work_dir = ctx.engine.config().work_dir.join(format!("r{}-{}", &ctx.session.id.to_string()[..8], c.index));
-        let out = Prepared { replica_id: replica.id, running, disks, work_dir };
+        let out = Prepared {
+            replica_id: replica.id,
+            running,
+            source_datastore: source_ds.id,
+            target_datastore: target_ds.id,
+            disks,
+        };
         serde_json::to_value(out).map_err(|e| Error::internal(e.to_string()))
     }
     async fn undo(&self, ctx: &StepCtx, out: &Value) -> Result<()> {
@@ -373,10 +365,11 @@ impl Step for Transfer {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let prep = self.prepared(ctx)?;
+        let (source, target) = prep.agents(ctx, &self.0).await?;
         let mut done = Vec::new();
         for d in &prep.disks {
-            let t = transfer_disk(ctx, &self.0, &prep, d).await?;
-            let level = if t.mode == "hash-compare" { LogLevel::Warning } else { LogLevel::Info };
+            let t = transfer_disk(ctx, &self.0, &prep, d, &*source, &*target).await?;
+            let level = if t.mode == TransferMode::HashCompare { LogLevel::Warning } else { LogLevel::Info };
             ctx.log(
                 level,
                 format!(
@@ -395,189 +388,141 @@ impl Step for Transfer {
     }
     async fn undo(&self, ctx: &StepCtx, out: &Value) -> Result<()> {
         let Ok(prep) = self.prepared(ctx) else { return Ok(()) };
+        let (source, target) = prep.agents(ctx, &self.0).await?;
         let transferred: Vec<Transferred> = serde_json::from_value(out.clone()).unwrap_or_default();
         for d in &prep.disks {
             // End the cut as failed, so the changes it covered stay tracked for the next run.
-            match transferred.iter().find(|t| t.disk == d.name).and_then(|t| t.live.clone()) {
-                Some(live) => {
-                    if let Some(ct) = ctx.engine.hv().change_tracking() {
-                        ct.cut_end(&live, false).await.map_err(unavailable)?;
-                    }
-                }
-                None if !prep.running => {
-                    let dir = prep.work_dir.join(format!("src{}", d.index));
-                    let ct = crate::change_tracking(&ctx.engine, "replication")?;
-                    match ct.cut_recover_offline(&d.image, &d.current_bitmap, &d.next_bitmap, &dir, false).await {
-                        Ok(()) | Err(HvError::BitmapUnusable { .. }) => {}
-                        Err(e) => return Err(unavailable(e)),
-                    }
-                }
-                None => {}
-            }
-            collect_garbage(ctx, &self.0, &prep.replica_id, d).await?;
+            let cut = transferred.iter().find(|t| t.disk == d.name).map(|t| &t.cut);
+            let spec = d.cut(ctx, &self.0, prep.running);
+            source.cut_end(&spec, cut, false).await.map_err(agent_error)?;
+            target.transfer_forget(&spec.id).await.map_err(agent_error)?;
+            collect_garbage(ctx, &self.0, &prep.replica_id, d, &*target).await?;
         }
-        let _ = tokio::fs::remove_dir_all(&prep.work_dir).await;
         Ok(())
     }
 }
 
-/// Removes from a disk's chain directory everything no published point uses.
-async fn collect_garbage(ctx: &StepCtx, c: &VmCtx, replica: &ReplicaId, d: &DiskPlan) -> Result<()> {
+/// Removes from a disk's chain everything no published point uses.
+async fn collect_garbage(
+    ctx: &StepCtx,
+    c: &VmCtx,
+    replica: &ReplicaId,
+    d: &DiskPlan,
+    target: &dyn HostAgent,
+) -> Result<()> {
     let points = ctx.engine.store().restore_points_of(c.p.tenant_id, *replica).await?;
-    let keep: Vec<PathBuf> = points
+    let keep: Vec<PointFile> = points
         .iter()
         .flat_map(|p| p.disks.iter())
         .filter(|x| x.disk == d.name)
-        .map(|x| PathBuf::from(&x.file))
+        .map(|x| PointFile(x.file.clone()))
         .collect();
-    ChainDir::new(&d.chain_dir).collect_garbage(&keep).await.map_err(unavailable)?;
+    target.chain_collect_garbage(&d.chain, &keep).await.map_err(agent_error)?;
     Ok(())
 }
 
-async fn transfer_disk(ctx: &StepCtx, c: &VmCtx, prep: &Prepared, d: &DiskPlan) -> Result<Transferred> {
-    // A file left by an interrupted attempt is not a point: clear it first.
-    collect_garbage(ctx, c, &prep.replica_id, d).await?;
+/// How often a running transfer is asked how far it got, and how often that goes to the log.
+const POLL: Duration = Duration::from_millis(200);
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One disk: cut on the source, a new point on the target, the transfer between them, followed
+/// into the session log. Each call is an ensure keyed by the cut's id, so a rerun re-attaches.
+async fn transfer_disk(
+    ctx: &StepCtx,
+    c: &VmCtx,
+    prep: &Prepared,
+    d: &DiskPlan,
+    source: &dyn HostAgent,
+    target: &dyn HostAgent,
+) -> Result<Transferred> {
     let plan = &d.bitmaps;
-    let (mode, mut reason) = (plan.mode.as_str(), plan.reason.clone());
+    let (mode, mut reason) = (plan.mode, plan.reason.clone());
     // Hash-compare onto a new point over the newest one: that point's manifest says what the
     // target holds, so only the source is read.
-    let against_manifest = mode == "hash-compare" && d.prev_file.is_some();
-    if against_manifest {
+    if mode == TransferMode::HashCompare && d.prev_file.is_some() {
         reason = Some(match reason {
             Some(r) => format!("{r}; target hashes from the newest point's manifest"),
             None => "target hashes from the newest point's manifest".into(),
         });
     }
-    // Set the bitmaps up as planned, then cut the point in time.
-    let ct = crate::change_tracking(&ctx.engine, "replication")?;
-    let (live, offline) = if prep.running {
-        for b in &plan.remove {
-            ct.remove(c.vm.0, d.index, b).await.map_err(unavailable)?;
-        }
-        if plan.fresh {
-            ct.enable(c.vm.0, d.index, &plan.current).await.map_err(unavailable)?;
-        }
-        let dir = prep.work_dir.join("live");
-        let x = ct.cut_begin(c.vm.0, d.index, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
-        (Some(x), None)
-    } else {
-        for b in &plan.remove {
-            ct.remove_offline(&d.image, b).await.map_err(unavailable)?;
-        }
-        if plan.fresh {
-            ct.enable_offline(&d.image, &plan.current).await.map_err(unavailable)?;
-        }
-        let dir = prep.work_dir.join(format!("src{}", d.index));
-        let x = ct.cut_begin_offline(&d.image, &plan.current, &plan.next, &dir).await.map_err(unavailable)?;
-        (None, Some(x))
-    };
-    let (endpoint, context) = match (&live, &offline) {
-        (Some(x), _) => (x.nbd.clone(), x.meta_context.clone()),
-        (_, Some(x)) => (x.nbd.clone(), x.meta_context.clone()),
-        _ => return Err(Error::internal("no cut")),
-    };
-    // A powered-off disk compared against the manifest is read from its files: the cut's daemon
-    // holds it (nothing writes it) and reading through NBD would cost the daemon as much CPU as
-    // the whole comparison. Anything only QEMU can decode is read through NBD as before.
-    let direct = match &offline {
-        Some(_) if against_manifest => Some(direct_source(&d.image).await),
+    let spec = d.cut(ctx, c, prep.running);
+    let cut = source.cut_begin(&spec).await.map_err(agent_error)?;
+    let running = match target.transfer_status(&spec.id).await {
+        Ok(s) if s.state != TransferState::Failed => Some(s),
         _ => None,
     };
-    match &direct {
-        Some(Ok(_)) => reason = reason.map(|r| format!("{r}; source read from its files")),
-        Some(Err(why)) => reason = reason.map(|r| format!("{r}; source read through NBD: {why}")),
-        None => {}
-    }
-    // The target: a new point file, written through a storage daemon of its own.
-    let chain = ChainDir::new(&d.chain_dir);
-    let file = chain.new_point_file(d.size, d.prev_file.as_deref()).await.map_err(unavailable)?;
-    let daemon = StorageDaemon::start(&prep.work_dir.join(format!("dst{}", d.index))).await.map_err(unavailable)?;
-    let result = async {
-        daemon.start_nbd_server().await?;
-        daemon
-            .add_qcow2(&Qcow2Node {
-                node_name: "target".into(),
-                path: file.clone(),
-                backing: Backing::FromImage,
-                read_only: false,
-            })
-            .await?;
-        daemon
-            .add_nbd_export(&NbdExport {
-                id: "target".into(),
-                node_name: "target".into(),
-                name: "target".into(),
-                writable: true,
-                bitmaps: vec![],
-            })
-            .await
-    }
-    .await;
-    let target = match result {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = daemon.shutdown().await;
-            return Err(unavailable(e));
+    let status = match running {
+        // A rerun of this step while the transfer it started still runs or has finished.
+        Some(s) => s,
+        None => {
+            // A file left by an interrupted attempt is not a point: clear it first.
+            collect_garbage(ctx, c, &prep.replica_id, d, target).await?;
+            let file = target
+                .point_create(&PointSpec { chain: d.chain.clone(), size: d.size, prev: d.prev_file.clone() })
+                .await
+                .map_err(agent_error)?;
+            let source_files = (!prep.running).then(|| d.disk.clone());
+            let transfer = TransferSpec {
+                id: spec.id.clone(),
+                source: cut.source.clone(),
+                source_files,
+                mode,
+                target: file,
+                prev: d.prev_file.clone(),
+                size: d.size,
+            };
+            target.transfer_ensure(&transfer).await.map_err(agent_error)?
         }
     };
-    let copy = async {
-        let mut src =
-            NbdClient::connect_unix(&endpoint.socket, &endpoint.export_name, &[&context, "base:allocation"]).await?;
-        let mut dst = NbdClient::connect_unix(&target.socket, &target.export_name, &[]).await?;
-        let mut manifest = match &d.prev_file {
-            Some(prev) => Manifest::load(&manifest_path(prev)).await?,
-            None => Manifest::zeroed(d.size),
-        };
-        let total_hint = d.size;
-        let stats: CopyStats = match mode {
-            "seed" => {
-                let data = src.data_extents(0, d.size).await?;
-                copy_extents(&mut src, &mut dst, &data, &mut manifest, |_, _| {}).await?
-            }
-            "bitmap" => {
-                let dirty = src.dirty_extents(&context, 0, d.size).await?;
-                copy_extents(&mut src, &mut dst, &dirty, &mut manifest, |_, _| {}).await?
-            }
-            // The new point is an empty overlay on the newest one, which its manifest describes:
-            // only the source needs reading.
-            _ if against_manifest => match direct {
-                Some(Ok(mut image)) => manifest_compare_sync(&mut image, &mut dst, &mut manifest, |_, _| {}).await?,
-                _ => manifest_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
-            },
-            _ => hash_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
-        };
-        let _ = total_hint;
-        dst.disconnect().await?;
-        let _ = src.disconnect().await;
-        manifest.save(&manifest_path(&file)).await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((stats, manifest.digest()))
+    let status = follow(ctx, d, target, status).await?;
+    let outcome = status.outcome.clone().ok_or_else(|| Error::internal("a finished transfer without an outcome"))?;
+    if let Some(note) = outcome.note {
+        reason = Some(match reason {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
     }
-    .await;
-    let _ = daemon.shutdown().await;
-    // An offline cut's daemon goes now; its bitmaps are ended after publishing (release).
-    drop(offline);
-    let (stats, digest) = copy.map_err(|e| Error::Unavailable(format!("disk {}: {e}", d.name)))?;
     Ok(Transferred {
         disk: d.name.clone(),
-        file,
+        file: status.target,
         size: d.size,
-        manifest_digest: digest,
-        mode: mode.to_string(),
+        manifest_digest: outcome.manifest_digest,
+        mode,
         reason,
-        bytes_read: stats.source_read + stats.target_read,
-        bytes_written: stats.written,
-        live,
-        offline_dir: (!prep.running).then(|| prep.work_dir.join(format!("src{}", d.index))),
-        current_bitmap: d.current_bitmap.clone(),
-        next_bitmap: d.next_bitmap.clone(),
-        image: d.image.clone(),
+        bytes_read: outcome.bytes_read,
+        bytes_written: outcome.bytes_written,
+        cut,
     })
 }
 
-/// The files of `image` to read it from directly, or why they cannot be.
-async fn direct_source(image: &Path) -> std::result::Result<DirectImage, String> {
-    let map = drover_qemu::image::host_map(image).await.map_err(|e| e.to_string())?;
-    DirectImage::open(&map).map_err(|e| e.to_string())
+/// Waits for a transfer to end, saying in the session log how far it got.
+async fn follow(
+    ctx: &StepCtx,
+    d: &DiskPlan,
+    target: &dyn HostAgent,
+    mut status: TransferStatus,
+) -> Result<TransferStatus> {
+    let mut logged = tokio::time::Instant::now();
+    loop {
+        match status.state {
+            TransferState::Done => return Ok(status),
+            TransferState::Failed => {
+                let e = status.error.unwrap_or_else(|| AgentError::internal("the transfer failed"));
+                return Err(agent_error(e.context(format!("disk {}", d.name))));
+            }
+            TransferState::Running => {}
+        }
+        if logged.elapsed() >= LOG_EVERY {
+            logged = tokio::time::Instant::now();
+            ctx.log(
+                LogLevel::Info,
+                format!("disk {}: {} of {} bytes done", d.name, status.bytes_done, status.bytes_total),
+            )
+            .await;
+        }
+        tokio::time::sleep(POLL).await;
+        status = target.transfer_status(&status.id).await.map_err(agent_error)?;
+    }
 }
 
 struct Publish(VmCtx);
@@ -602,7 +547,7 @@ impl Step for Publish {
                 .iter()
                 .map(|t| RestorePointDisk {
                     disk: t.disk.clone(),
-                    file: t.file.to_string_lossy().into_owned(),
+                    file: t.file.0.clone(),
                     size_bytes: t.size,
                     manifest_digest: t.manifest_digest.clone(),
                 })
@@ -632,19 +577,12 @@ impl Step for Release {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let prep: Prepared = output(ctx, &format!("prepare:{}", self.0.index))?;
         let done: Vec<Transferred> = output(ctx, &format!("transfer:{}", self.0.index))?;
-        let ct = crate::change_tracking(&ctx.engine, "replication")?;
-        for t in &done {
-            match (&t.live, &t.offline_dir) {
-                (Some(live), _) => {
-                    ct.cut_end(live, true).await.map_err(unavailable)?;
-                }
-                (None, Some(dir)) => {
-                    ct.cut_recover_offline(&t.image, &t.current_bitmap, &t.next_bitmap, dir, true)
-                        .await
-                        .map_err(unavailable)?;
-                }
-                (None, None) => {}
-            }
+        let (source, target) = prep.agents(ctx, &self.0).await?;
+        for d in &prep.disks {
+            let spec = d.cut(ctx, &self.0, prep.running);
+            let cut = done.iter().find(|t| t.disk == d.name).map(|t| &t.cut);
+            source.cut_end(&spec, cut, true).await.map_err(agent_error)?;
+            target.transfer_forget(&spec.id).await.map_err(agent_error)?;
         }
         crate::ops::replica_event(
             &ctx.engine,
@@ -655,9 +593,8 @@ impl Step for Release {
         )
         .await?;
         for d in &prep.disks {
-            collect_garbage(ctx, &self.0, &prep.replica_id, d).await?;
+            collect_garbage(ctx, &self.0, &prep.replica_id, d, &*target).await?;
         }
-        let _ = tokio::fs::remove_dir_all(&prep.work_dir).await;
         Ok(Value::Null)
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
@@ -675,6 +612,7 @@ impl Step for Retention {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let c = &self.0;
         let prep: Prepared = output(ctx, &format!("prepare:{}", c.index))?;
+        let (_, target) = prep.agents(ctx, c).await?;
         let store = ctx.engine.store();
         let job = store.object_get::<ReplicationJob>(c.p.tenant_id, c.p.job_id.0).await?;
         let mut retired = 0;
@@ -694,19 +632,21 @@ impl Step for Retention {
                     moved.push(nd.clone());
                     continue;
                 };
-                let ad = after.and_then(|a| a.disks.iter().find(|x| x.disk == nd.disk)).map(|x| PathBuf::from(&x.file));
-                let chain = ChainDir::new(Path::new(&nd.file).parent().unwrap_or(Path::new("/")));
-                let holder = chain
-                    .retire_oldest(Path::new(&od.file), Path::new(&nd.file), ad.as_deref())
+                let ad =
+                    after.and_then(|a| a.disks.iter().find(|x| x.disk == nd.disk)).map(|x| PointFile(x.file.clone()));
+                let chain =
+                    ChainRef { datastore: prep.target_datastore.0, replica: prep.replica_id.0, disk: nd.disk.clone() };
+                let holder = target
+                    .chain_retire_oldest(&chain, &PointFile(od.file.clone()), &PointFile(nd.file.clone()), ad.as_ref())
                     .await
-                    .map_err(unavailable)?;
-                moved.push(RestorePointDisk { file: holder.to_string_lossy().into_owned(), ..nd.clone() });
+                    .map_err(agent_error)?;
+                moved.push(RestorePointDisk { file: holder.0, ..nd.clone() });
             }
             store.restore_point_retire(oldest.id, next.id, &moved).await?;
             retired += 1;
         }
         for d in &prep.disks {
-            collect_garbage(ctx, c, &prep.replica_id, d).await?;
+            collect_garbage(ctx, c, &prep.replica_id, d, &*target).await?;
         }
         if retired > 0 {
             ctx.log(LogLevel::Info, format!("retention: merged {retired} oldest point(s)")).await;
@@ -722,33 +662,33 @@ impl Step for Retention {
 mod tests {
     use super::*;
 
-    fn b(name: &str, recording: bool, inconsistent: bool) -> (String, bool, bool, bool) {
-        (name.into(), recording, true, inconsistent)
+    fn b(name: &str, recording: bool, inconsistent: bool) -> BitmapInfo {
+        BitmapInfo { name: name.into(), recording, persistent: true, inconsistent }
     }
 
     #[test]
     fn the_one_recording_bitmap_is_current_and_next_is_named_after_the_run() {
         let p = plan_bitmaps(&[b("drover-aaaa", true, false)], false, "bbbb");
         assert_eq!(
-            (p.mode.as_str(), p.current.as_str(), p.next.as_str(), p.fresh),
-            ("bitmap", "drover-aaaa", "drover-bbbb", false)
+            (p.mode, p.current.as_str(), p.next.as_str(), p.fresh),
+            (TransferMode::Bitmap, "drover-aaaa", "drover-bbbb", false)
         );
         assert!(p.remove.is_empty());
         // A disabled leftover is not a candidate, and is left alone.
         let p = plan_bitmaps(&[b("drover-old", false, false), b("drover-aaaa", true, false)], false, "bbbb");
-        assert_eq!((p.mode.as_str(), p.current.as_str()), ("bitmap", "drover-aaaa"));
+        assert_eq!((p.mode, p.current.as_str()), (TransferMode::Bitmap, "drover-aaaa"));
     }
 
     #[test]
     fn anything_unclear_falls_back_to_hash_compare_with_a_fresh_bitmap() {
         let none = plan_bitmaps(&[], false, "r1");
-        assert_eq!((none.mode.as_str(), none.current.as_str(), none.fresh), ("hash-compare", "drover-r1-base", true));
+        assert_eq!((none.mode, none.current.as_str(), none.fresh), (TransferMode::HashCompare, "drover-r1-base", true));
         let broken = plan_bitmaps(&[b("drover-x", true, true)], false, "r1");
-        assert_eq!(broken.mode, "hash-compare");
+        assert_eq!(broken.mode, TransferMode::HashCompare);
         assert!(broken.reason.unwrap().contains("inconsistent"));
         assert_eq!(broken.remove, vec!["drover-x".to_string()]);
         let two = plan_bitmaps(&[b("drover-x", true, false), b("drover-y", true, false)], false, "r1");
-        assert_eq!((two.mode.as_str(), two.remove.len()), ("hash-compare", 2));
+        assert_eq!((two.mode, two.remove.len()), (TransferMode::HashCompare, 2));
     }
 
     #[test]
@@ -761,9 +701,9 @@ mod tests {
 
     #[test]
     fn a_seed_uses_a_recording_bitmap_or_makes_one() {
-        assert_eq!(plan_bitmaps(&[], true, "r").mode, "seed");
+        assert_eq!(plan_bitmaps(&[], true, "r").mode, TransferMode::Seed);
         assert!(plan_bitmaps(&[], true, "r").fresh);
         let p = plan_bitmaps(&[b("drover-z", true, false)], true, "r");
-        assert_eq!((p.mode.as_str(), p.current.as_str(), p.fresh), ("seed", "drover-z", false));
+        assert_eq!((p.mode, p.current.as_str(), p.fresh), (TransferMode::Seed, "drover-z", false));
     }
 }

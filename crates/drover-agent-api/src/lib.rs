@@ -1,0 +1,380 @@
+//! The host agent's contract: what the control plane asks of the agent that owns a host's disks.
+//!
+//! One agent per hypervisor host owns its datastores, its VMs' disks and the restore-point chains
+//! stored there. The control plane never touches a host file: it names things by reference
+//! ([`DiskRef`]: datastore, VM, disk; [`ChainRef`]: datastore, replica, disk) and the agent turns
+//! references into paths. Point files come back as opaque [`PointFile`] handles the control plane
+//! stores and hands back, never builds.
+//!
+//! Every call is an *ensure* keyed by an id the caller chooses (the session and step), so a saga
+//! step run twice re-attaches to what the first run started instead of starting over:
+//! [`HostAgent::cut_begin`] with the same [`CutSpec::id`] resumes the same cut,
+//! [`HostAgent::transfer_ensure`] with the same [`TransferSpec::id`] returns the running or
+//! finished transfer. Errors carry their class as data ([`ErrorKind`]) so a caller across a
+//! network still knows "try again" from "conflict" from "gone".
+//!
+//! Implementations: `drover_agent::LocalAgent` (in-process, over the hypervisor driver and
+//! drover-block: what `drover serve` uses for its own host; over the simulated hypervisor it is
+//! the simulated agent of the fast tests). The remote client over HTTPS comes with `drover agent`.
+//!
+//! Not yet here: VM control (the engine still calls `drover_hv::Hypervisor` for the local host).
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The version of this contract. An agent and a control plane with different versions refuse
+/// each other at the first call.
+pub const API_VERSION: u32 = 1;
+
+/// The longest id a caller may choose (cut and transfer ids).
+pub const MAX_ID_LEN: usize = 128;
+
+/// What kind of failure an agent call met: what the caller should do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Transient (a daemon slow to start, a lock held for a moment, a cut link): try again.
+    Retry,
+    /// The request conflicts with the state of the host (an image in use, a bitmap busy).
+    Conflict,
+    /// What the request names does not exist on the host (anymore).
+    Gone,
+    /// The request is malformed (a bad id, an unknown datastore reference).
+    Invalid,
+    /// The host cannot do this at all (e.g. live change tracking on the simulated hypervisor).
+    Unsupported,
+    /// Anything else; the message says what.
+    Internal,
+}
+
+/// An agent's error: its class and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        AgentError { kind, message: message.into() }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, message)
+    }
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Gone, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+    /// The same error with `context: ` in front of its message.
+    pub fn context(self, context: impl fmt::Display) -> Self {
+        AgentError { kind: self.kind, message: format!("{context}: {}", self.message) }
+    }
+}
+
+pub type AgentResult<T> = Result<T, AgentError>;
+
+/// Checks a caller-chosen id: 1 to [`MAX_ID_LEN`] characters of `[A-Za-z0-9._:-]`, not starting
+/// with a dot (an agent may name files and directories after it).
+pub fn check_id(what: &str, id: &str) -> AgentResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::invalid(format!(
+            "{what} id {id:?} must be 1 to {MAX_ID_LEN} characters of letters, digits, '.', '_', ':' and '-', not starting with '.'"
+        )))
+    }
+}
+
+/// Checks a disk name taken from the inventory before an agent names a file after it.
+pub fn check_disk_name(name: &str) -> AgentResult<()> {
+    check_id("disk", name)
+        .map_err(|_| AgentError::invalid(format!("disk name {name:?} must be letters, digits, '.', '_', ':' and '-'")))
+}
+
+/// Who the agent is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub api_version: u32,
+    /// The hypervisor it drives: `qemu` or `simulated`.
+    pub hypervisor: String,
+    /// Whether the hypervisor tracks changes of running VMs' disks.
+    pub live_change_tracking: bool,
+}
+
+/// A datastore as the control plane registered it with the agent. Its path was checked against
+/// the host's datastore roots when the system administrator created it; nothing else names a
+/// host path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatastoreSpec {
+    pub id: Uuid,
+    pub path: String,
+}
+
+/// A VM's disk on a host: the agent finds its image in the datastore.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DiskRef {
+    pub datastore: Uuid,
+    pub vm: Uuid,
+    pub disk: String,
+    /// Its place in the VM's disks (the live tracking of a running VM addresses disks so).
+    pub index: usize,
+}
+
+/// The restore-point chain of one disk of a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChainRef {
+    pub datastore: Uuid,
+    pub replica: Uuid,
+    pub disk: String,
+}
+
+/// A point file of a chain, as the agent that made it named it. Opaque to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PointFile(pub String);
+
+/// How a disk's changes are found and moved in a replication run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferMode {
+    /// No point yet: the allocated data of the disk.
+    #[serde(rename = "seed")]
+    Seed,
+    /// The extents the cut's dirty bitmap marks.
+    #[serde(rename = "bitmap")]
+    Bitmap,
+    /// No bitmap can be trusted: blocks whose hashes differ.
+    #[serde(rename = "hash-compare")]
+    HashCompare,
+}
+
+impl TransferMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferMode::Seed => "seed",
+            TransferMode::Bitmap => "bitmap",
+            TransferMode::HashCompare => "hash-compare",
+        }
+    }
+}
+
+impl fmt::Display for TransferMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One dirty bitmap of a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitmapInfo {
+    pub name: String,
+    /// Stored in the image.
+    pub persistent: bool,
+    /// Guest writes are being recorded.
+    pub recording: bool,
+    /// Left in use by a hypervisor that stopped uncleanly: its content cannot be trusted.
+    pub inconsistent: bool,
+}
+
+/// A disk as its host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Virtual size in bytes.
+    pub size: u64,
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// A point in time of a disk to cut: its dirty bitmap `current` is frozen and exported with the
+/// disk's content as of now, and `next` records from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutSpec {
+    /// The caller's id (session and step); the same id resumes the same cut.
+    pub id: String,
+    pub disk: DiskRef,
+    /// The VM runs: cut through the hypervisor. Otherwise the image is cut with nobody writing it.
+    pub live: bool,
+    pub current: String,
+    pub next: String,
+    /// Bitmaps to remove before the cut (inconsistent ones, or ones that cannot be told apart).
+    pub remove: Vec<String>,
+    /// `current` does not exist yet: create it before the cut.
+    pub fresh: bool,
+}
+
+/// Where a transfer reads a cut from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceEndpoint {
+    /// An NBD export on the same host as the reader, with the cut's bitmap as a meta context.
+    LocalNbd { socket: String, export: String, meta_context: String },
+}
+
+/// A cut as the agent made it: plain data the caller keeps (in its step log) and hands back to
+/// end the cut, across restarts of either side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cut {
+    pub id: String,
+    /// The disk's size in bytes.
+    pub size: u64,
+    pub source: SourceEndpoint,
+    /// The agent's own record of the cut; the caller does not read it.
+    pub token: serde_json::Value,
+}
+
+/// A new point file in a chain, over the chain's newest point (`prev`) or empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointSpec {
+    pub chain: ChainRef,
+    pub size: u64,
+    pub prev: Option<PointFile>,
+}
+
+/// Moves a cut's changes into a point file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferSpec {
+    /// The caller's id (session and step); the same id re-attaches to the same transfer.
+    pub id: String,
+    pub source: SourceEndpoint,
+    /// The source disk, when it may be read from its files directly (a powered-off disk whose
+    /// cut holds it still) and the reader is on its host.
+    pub source_files: Option<DiskRef>,
+    pub mode: TransferMode,
+    /// The point file to write, made by [`HostAgent::point_create`].
+    pub target: PointFile,
+    /// The point `target` is over, whose manifest says what the target holds.
+    pub prev: Option<PointFile>,
+    pub size: u64,
+}
+
+/// Where a transfer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// What a finished transfer did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferOutcome {
+    /// The BLAKE3 digest of the point's manifest (written beside the point file).
+    pub manifest_digest: String,
+    pub bytes_read: u64,
+    /// Bytes written to the target: what travels between sites.
+    pub bytes_written: u64,
+    /// How the data was read, when it is worth saying (e.g. "source read from its files").
+    pub note: Option<String>,
+}
+
+/// A transfer's state and progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    pub id: String,
+    /// The point file it writes.
+    pub target: PointFile,
+    pub state: TransferState,
+    /// Bytes of the work done so far, out of `bytes_total` (extents to copy or blocks to compare).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub outcome: Option<TransferOutcome>,
+    pub error: Option<AgentError>,
+}
+
+/// The host agent. Every method is idempotent (see the crate documentation).
+#[async_trait]
+pub trait HostAgent: Send + Sync + fmt::Debug {
+    fn info(&self) -> AgentInfo;
+
+    /// Registers a datastore (idempotent; a changed path replaces the old one).
+    async fn datastore_ensure(&self, spec: &DatastoreSpec) -> AgentResult<()>;
+
+    // --- change tracking -------------------------------------------------------------------
+
+    /// The disk's size and dirty bitmaps; `live` reads them from the running VM.
+    async fn disk_info(&self, disk: &DiskRef, live: bool) -> AgentResult<DiskInfo>;
+
+    /// Cuts a point in time of a disk and exports it for a transfer. Re-running with the same
+    /// id resumes the same cut.
+    async fn cut_begin(&self, spec: &CutSpec) -> AgentResult<Cut>;
+
+    /// Ends a cut: `success` drops its frozen bitmap (its changes arrived), otherwise they are
+    /// folded into `next` so the next run still has them. `cut` is what [`cut_begin`] returned,
+    /// when the caller has it (a step that failed may not). Idempotent.
+    ///
+    /// [`cut_begin`]: HostAgent::cut_begin
+    async fn cut_end(&self, spec: &CutSpec, cut: Option<&Cut>, success: bool) -> AgentResult<()>;
+
+    // --- the disk store --------------------------------------------------------------------
+
+    /// Creates a new, empty point file in a chain.
+    async fn point_create(&self, spec: &PointSpec) -> AgentResult<PointFile>;
+
+    /// Removes from a chain every file that none of `keep` uses (interrupted attempts, retired
+    /// points). Returns what it removed.
+    async fn chain_collect_garbage(&self, chain: &ChainRef, keep: &[PointFile]) -> AgentResult<Vec<String>>;
+
+    /// Merges the chain's oldest point into the next one (retention). Returns the file that now
+    /// holds the next point's content.
+    async fn chain_retire_oldest(
+        &self,
+        chain: &ChainRef,
+        oldest: &PointFile,
+        next: &PointFile,
+        after: Option<&PointFile>,
+    ) -> AgentResult<PointFile>;
+
+    // --- transfers -------------------------------------------------------------------------
+
+    /// Starts the transfer, or returns the one with this id (running, done, or failed: a failed
+    /// one is started again).
+    async fn transfer_ensure(&self, spec: &TransferSpec) -> AgentResult<TransferStatus>;
+
+    /// The transfer's state and progress; `Gone` when the agent has no such transfer.
+    async fn transfer_status(&self, id: &str) -> AgentResult<TransferStatus>;
+
+    /// Forgets a finished transfer, or stops a running one. Idempotent.
+    async fn transfer_forget(&self, id: &str) -> AgentResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_safe_names() {
+        for ok in ["r1234abcd-0-d0", "a", "s:1.step_2-x", &"x".repeat(MAX_ID_LEN)] {
+            assert!(check_id("cut", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a b", "é", "a\0b", &"x".repeat(MAX_ID_LEN + 1)] {
+            let e = check_id("cut", bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Invalid, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wire_shapes() {
+        assert_eq!(serde_json::to_value(TransferMode::HashCompare).unwrap(), "hash-compare");
+        assert_eq!(serde_json::from_value::<TransferMode>("seed".into()).unwrap(), TransferMode::Seed);
+        let e = AgentError::new(ErrorKind::Retry, "daemon slow").context("disk sda");
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"kind": "retry", "message": "disk sda: daemon slow"})
+        );
+        let s = SourceEndpoint::LocalNbd { socket: "/s".into(), export: "e".into(), meta_context: "m".into() };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            serde_json::json!({"kind": "local_nbd", "socket": "/s", "export": "e", "meta_context": "m"})
+        );
+        assert_eq!(serde_json::to_value(PointFile("f".into())).unwrap(), "f");
+    }
+}

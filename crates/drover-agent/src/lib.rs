@@ -1,0 +1,513 @@
+//! The host agent's service side: [`LocalAgent`] implements [`HostAgent`] on the host it runs on,
+//! over the hypervisor driver (change tracking) and drover-block (chains, NBD, copies).
+//!
+//! `drover serve` runs one in-process for its own host; over the simulated hypervisor it is the
+//! simulated agent of the fast tests (its change tracking is offline only, with real QEMU tools).
+//!
+//! Paths. The agent turns references into paths and nothing else does: a disk is
+//! `<datastore>/<vm>/<disk>.qcow2`, a chain `<datastore>/<replica>/<disk>/`, and a [`PointFile`]
+//! handed back by the control plane is accepted only inside a registered datastore. Cuts and
+//! transfers work in `<work_dir>/c-<id>` and `<work_dir>/t-<id>`, named after the caller's
+//! checked id.
+//!
+//! State. A transfer runs as a task of the agent; its status is kept in memory until the caller
+//! forgets it (bounded: the oldest finished ones go first). An offline cut keeps its storage
+//! daemon (the point in time) until it is ended; after a restart of the agent the cut is ended
+//! from its names alone, which the tracking layer makes idempotent.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use drover_agent_api::*;
+use drover_block::chain::{ChainDir, manifest_path};
+use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::direct::DirectImage;
+use drover_block::hash::Manifest;
+use drover_block::nbd::NbdClient;
+use drover_hv::tracking::{BitmapState, CycleExport, OfflineCycleExport};
+use drover_hv::{ChangeTracking, HvError, Hypervisor};
+use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Finished transfers kept for their callers to read before the oldest are dropped.
+const KEEP_FINISHED: usize = 256;
+
+/// The agent of the host this process runs on.
+#[derive(Debug)]
+pub struct LocalAgent {
+    hv: Arc<dyn Hypervisor>,
+    work_dir: PathBuf,
+    datastores: Mutex<HashMap<Uuid, PathBuf>>,
+    offline_cuts: tokio::sync::Mutex<HashMap<String, OfflineCycleExport>>,
+    transfers: Mutex<Transfers>,
+}
+
+#[derive(Debug, Default)]
+struct Transfers {
+    by_id: HashMap<String, Arc<TransferEntry>>,
+    /// Ids in the order their transfers began, for dropping the oldest finished ones.
+    order: VecDeque<String>,
+}
+
+#[derive(Debug)]
+struct TransferEntry {
+    target: PointFile,
+    done: AtomicU64,
+    total: AtomicU64,
+    result: Mutex<Option<AgentResult<TransferOutcome>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl TransferEntry {
+    fn status(&self, id: &str) -> TransferStatus {
+        let result = self.result.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (state, outcome, error) = match result {
+            None => (TransferState::Running, None, None),
+            Some(Ok(o)) => (TransferState::Done, Some(o), None),
+            Some(Err(e)) => (TransferState::Failed, None, Some(e)),
+        };
+        TransferStatus {
+            id: id.to_string(),
+            target: self.target.clone(),
+            state,
+            bytes_done: self.done.load(Ordering::Relaxed),
+            bytes_total: self.total.load(Ordering::Relaxed),
+            outcome,
+            error,
+        }
+    }
+}
+
+/// What a cut's token holds: enough to end it after a restart of either side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum CutToken {
+    Live(CycleExport),
+    Offline,
+}
+
+/// The class of a driver error, for the caller across the seam.
+pub fn hv_error(e: HvError) -> AgentError {
+    let kind = match &e {
+        HvError::Timeout(..) => ErrorKind::Retry,
+        HvError::ImageLocked(_) | HvError::NotRunning(_) | HvError::BitmapUnusable { .. } => ErrorKind::Conflict,
+        HvError::UnknownVm(_) => ErrorKind::Gone,
+        HvError::InvalidSpec(_) => ErrorKind::Invalid,
+        HvError::Unsupported(_) => ErrorKind::Unsupported,
+        _ => ErrorKind::Internal,
+    };
+    AgentError::new(kind, drover_types::error_chain(&e))
+}
+
+fn internal(e: impl std::error::Error + 'static) -> AgentError {
+    AgentError::internal(drover_types::error_chain(&e))
+}
+
+impl LocalAgent {
+    /// An agent driving `hv`, working (sockets, daemons, fleece images) under `work_dir`.
+    pub fn new(hv: Arc<dyn Hypervisor>, work_dir: impl Into<PathBuf>) -> LocalAgent {
+        LocalAgent {
+            hv,
+            work_dir: work_dir.into(),
+            datastores: Mutex::new(HashMap::new()),
+            offline_cuts: tokio::sync::Mutex::new(HashMap::new()),
+            transfers: Mutex::new(Transfers::default()),
+        }
+    }
+
+    fn tracking(&self) -> AgentResult<&dyn ChangeTracking> {
+        self.hv.change_tracking().ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::Unsupported,
+                format!("replication needs change tracking, which the {} hypervisor does not have", self.hv.kind()),
+            )
+        })
+    }
+
+    fn datastore(&self, id: Uuid) -> AgentResult<PathBuf> {
+        self.datastores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| AgentError::invalid(format!("datastore {id} is not registered with this agent")))
+    }
+
+    fn disk_image(&self, disk: &DiskRef) -> AgentResult<PathBuf> {
+        check_disk_name(&disk.disk)?;
+        Ok(self.datastore(disk.datastore)?.join(disk.vm.to_string()).join(format!("{}.qcow2", disk.disk)))
+    }
+
+    fn chain_dir(&self, chain: &ChainRef) -> AgentResult<ChainDir> {
+        check_disk_name(&chain.disk)?;
+        Ok(ChainDir::new(self.datastore(chain.datastore)?.join(chain.replica.to_string()).join(&chain.disk)))
+    }
+
+    /// The path of a point file, which must lie inside a registered datastore: the handle comes
+    /// back from the control plane, and nothing but this agent's own files may be opened by it.
+    fn point_path(&self, file: &PointFile) -> AgentResult<PathBuf> {
+        let path = Path::new(&file.0);
+        let plain =
+            path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        let inside = self.datastores.lock().unwrap_or_else(|e| e.into_inner()).values().any(|d| path.starts_with(d));
+        if plain && inside {
+            Ok(path.to_owned())
+        } else {
+            Err(AgentError::invalid(format!("point file {:?} is not in a datastore of this agent", file.0)))
+        }
+    }
+
+    fn cut_dir(&self, id: &str) -> PathBuf {
+        self.work_dir.join(format!("c-{id}"))
+    }
+
+    fn entry(&self, id: &str) -> Option<Arc<TransferEntry>> {
+        self.transfers.lock().unwrap_or_else(|e| e.into_inner()).by_id.get(id).cloned()
+    }
+}
+
+fn bitmap_info(states: Vec<BitmapState>) -> Vec<BitmapInfo> {
+    states
+        .into_iter()
+        .map(|b| BitmapInfo {
+            name: b.name,
+            persistent: b.persistent,
+            recording: b.recording,
+            inconsistent: b.inconsistent,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl HostAgent for LocalAgent {
+    fn info(&self) -> AgentInfo {
+        AgentInfo {
+            api_version: API_VERSION,
+            hypervisor: self.hv.kind().to_string(),
+            live_change_tracking: self.hv.kind() == "qemu",
+        }
+    }
+
+    async fn datastore_ensure(&self, spec: &DatastoreSpec) -> AgentResult<()> {
+        let path = Path::new(&spec.path);
+        if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+            return Err(AgentError::invalid(format!("datastore path {:?} must be absolute and plain", spec.path)));
+        }
+        self.datastores.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id, path.to_owned());
+        Ok(())
+    }
+
+    async fn disk_info(&self, disk: &DiskRef, live: bool) -> AgentResult<DiskInfo> {
+        let image = self.disk_image(disk)?;
+        let size = drover_qemu::image::info(&image).await.map_err(|e| hv_error(e.into()))?.virtual_size;
+        let ct = self.tracking()?;
+        let states = if live { ct.state(disk.vm, disk.index).await } else { ct.state_offline(&image).await }
+            .map_err(hv_error)?;
+        Ok(DiskInfo { size, bitmaps: bitmap_info(states) })
+    }
+
+    async fn cut_begin(&self, spec: &CutSpec) -> AgentResult<Cut> {
+        check_id("cut", &spec.id)?;
+        let image = self.disk_image(&spec.disk)?;
+        let ct = self.tracking()?;
+        let dir = self.cut_dir(&spec.id);
+        let ctx = |e: HvError| hv_error(e).context(format!("disk {}", spec.disk.disk));
+        if spec.live {
+            for b in &spec.remove {
+                ct.remove(spec.disk.vm, spec.disk.index, b).await.map_err(ctx)?;
+            }
+            if spec.fresh {
+                ct.enable(spec.disk.vm, spec.disk.index, &spec.current).await.map_err(ctx)?;
+            }
+            let x = ct.cut_begin(spec.disk.vm, spec.disk.index, &spec.current, &spec.next, &dir).await.map_err(ctx)?;
+            return Ok(Cut {
+                id: spec.id.clone(),
+                size: x.virtual_size,
+                source: SourceEndpoint::LocalNbd {
+                    socket: x.nbd.socket.to_string_lossy().into_owned(),
+                    export: x.nbd.export_name.clone(),
+                    meta_context: x.meta_context.clone(),
+                },
+                token: serde_json::to_value(CutToken::Live(x)).map_err(internal)?,
+            });
+        }
+        let mut cuts = self.offline_cuts.lock().await;
+        if !cuts.contains_key(&spec.id) {
+            for b in &spec.remove {
+                ct.remove_offline(&image, b).await.map_err(ctx)?;
+            }
+            if spec.fresh {
+                ct.enable_offline(&image, &spec.current).await.map_err(ctx)?;
+            }
+            let x = ct.cut_begin_offline(&image, &spec.current, &spec.next, &dir).await.map_err(ctx)?;
+            cuts.insert(spec.id.clone(), x);
+        }
+        let x = &cuts[&spec.id];
+        Ok(Cut {
+            id: spec.id.clone(),
+            size: x.virtual_size,
+            source: SourceEndpoint::LocalNbd {
+                socket: x.nbd.socket.to_string_lossy().into_owned(),
+                export: x.nbd.export_name.clone(),
+                meta_context: x.meta_context.clone(),
+            },
+            token: serde_json::to_value(CutToken::Offline).map_err(internal)?,
+        })
+    }
+
+    async fn cut_end(&self, spec: &CutSpec, cut: Option<&Cut>, success: bool) -> AgentResult<()> {
+        check_id("cut", &spec.id)?;
+        let ct = self.tracking()?;
+        let ctx = |e: HvError| hv_error(e).context(format!("disk {}", spec.disk.disk));
+        if spec.live {
+            // Without the cut's record (its step failed before returning it) there is nothing to
+            // end here: a rerun's cut with the same names resumes it.
+            let token = cut.map(|c| serde_json::from_value::<CutToken>(c.token.clone()));
+            if let Some(Ok(CutToken::Live(x))) = token {
+                ct.cut_end(&x, success).await.map_err(ctx)?;
+            }
+        } else {
+            let image = self.disk_image(&spec.disk)?;
+            let held = self.offline_cuts.lock().await.remove(&spec.id);
+            let result = match held {
+                Some(x) => ct.cut_end_offline(x, success).await,
+                None => {
+                    ct.cut_recover_offline(&image, &spec.current, &spec.next, &self.cut_dir(&spec.id), success).await
+                }
+            };
+            match result {
+                // Nothing left to end: the bitmap is gone (a cut ended before, or never begun).
+                Ok(()) | Err(HvError::BitmapUnusable { .. }) => {}
+                Err(e) => return Err(ctx(e)),
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(self.cut_dir(&spec.id)).await;
+        Ok(())
+    }
+
+    async fn point_create(&self, spec: &PointSpec) -> AgentResult<PointFile> {
+        let chain = self.chain_dir(&spec.chain)?;
+        let prev = spec.prev.as_ref().map(|p| self.point_path(p)).transpose()?;
+        let file = chain.new_point_file(spec.size, prev.as_deref()).await.map_err(internal)?;
+        Ok(PointFile(file.to_string_lossy().into_owned()))
+    }
+
+    async fn chain_collect_garbage(&self, chain: &ChainRef, keep: &[PointFile]) -> AgentResult<Vec<String>> {
+        let dir = self.chain_dir(chain)?;
+        let keep: Vec<PathBuf> = keep.iter().map(|k| PathBuf::from(&k.0)).collect();
+        let gone = dir.collect_garbage(&keep).await.map_err(internal)?;
+        Ok(gone.into_iter().map(|p| p.to_string_lossy().into_owned()).collect())
+    }
+
+    async fn chain_retire_oldest(
+        &self,
+        chain: &ChainRef,
+        oldest: &PointFile,
+        next: &PointFile,
+        after: Option<&PointFile>,
+    ) -> AgentResult<PointFile> {
+        let dir = self.chain_dir(chain)?;
+        let (oldest, next) = (self.point_path(oldest)?, self.point_path(next)?);
+        let after = after.map(|a| self.point_path(a)).transpose()?;
+        let holder = dir.retire_oldest(&oldest, &next, after.as_deref()).await.map_err(internal)?;
+        Ok(PointFile(holder.to_string_lossy().into_owned()))
+    }
+
+    async fn transfer_ensure(&self, spec: &TransferSpec) -> AgentResult<TransferStatus> {
+        check_id("transfer", &spec.id)?;
+        if let Some(e) = self.entry(&spec.id) {
+            let status = e.status(&spec.id);
+            if status.state != TransferState::Failed {
+                return Ok(status);
+            }
+        }
+        let target = self.point_path(&spec.target)?;
+        let prev = spec.prev.as_ref().map(|p| self.point_path(p)).transpose()?;
+        let direct = spec.source_files.as_ref().map(|d| self.disk_image(d)).transpose()?;
+        let entry = Arc::new(TransferEntry {
+            target: spec.target.clone(),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(spec.size),
+            result: Mutex::new(None),
+            task: Mutex::new(None),
+        });
+        let job = Job {
+            spec: spec.clone(),
+            target,
+            prev,
+            direct,
+            work: self.work_dir.join(format!("t-{}", spec.id)),
+            entry: entry.clone(),
+        };
+        {
+            let mut t = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = t.by_id.insert(spec.id.clone(), entry.clone()) {
+                if let Some(h) = old.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    h.abort();
+                }
+            }
+            t.order.retain(|x| x != &spec.id);
+        }
+        let handle = tokio::spawn(async move {
+            let entry = job.entry.clone();
+            let result = job.run().await;
+            *entry.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        });
+        *entry.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        {
+            let mut t = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+            t.order.push_back(spec.id.clone());
+            // Bounded memory: drop the oldest finished transfers nobody forgot.
+            while t.order.len() > KEEP_FINISHED {
+                let Some(old) = t.order.pop_front() else { break };
+                let gone =
+                    t.by_id.get(&old).is_some_and(|e| e.result.lock().unwrap_or_else(|p| p.into_inner()).is_some());
+                if gone {
+                    t.by_id.remove(&old);
+                } else {
+                    t.order.push_back(old);
+                    break;
+                }
+            }
+        }
+        Ok(entry.status(&spec.id))
+    }
+
+    async fn transfer_status(&self, id: &str) -> AgentResult<TransferStatus> {
+        check_id("transfer", id)?;
+        self.entry(id).map(|e| e.status(id)).ok_or_else(|| AgentError::gone(format!("this agent has no transfer {id}")))
+    }
+
+    async fn transfer_forget(&self, id: &str) -> AgentResult<()> {
+        check_id("transfer", id)?;
+        let entry = {
+            let mut t = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
+            t.order.retain(|x| x != id);
+            t.by_id.remove(id)
+        };
+        if let Some(e) = entry {
+            if let Some(h) = e.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                h.abort();
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(self.work_dir.join(format!("t-{id}"))).await;
+        Ok(())
+    }
+}
+
+/// One transfer, run as a task of the agent.
+struct Job {
+    spec: TransferSpec,
+    target: PathBuf,
+    prev: Option<PathBuf>,
+    direct: Option<PathBuf>,
+    work: PathBuf,
+    entry: Arc<TransferEntry>,
+}
+
+impl Job {
+    async fn run(self) -> AgentResult<TransferOutcome> {
+        // The target: the new point file, written through a storage daemon of its own.
+        let daemon = StorageDaemon::start(&self.work).await.map_err(|e| hv_error(e.into()))?;
+        let result = async {
+            daemon.start_nbd_server().await?;
+            daemon
+                .add_qcow2(&Qcow2Node {
+                    node_name: "target".into(),
+                    path: self.target.clone(),
+                    backing: Backing::FromImage,
+                    read_only: false,
+                })
+                .await?;
+            daemon
+                .add_nbd_export(&NbdExport {
+                    id: "target".into(),
+                    node_name: "target".into(),
+                    name: "target".into(),
+                    writable: true,
+                    bitmaps: vec![],
+                })
+                .await
+        }
+        .await;
+        let target = match result {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = daemon.shutdown().await;
+                return Err(hv_error(e.into()));
+            }
+        };
+        let result = self.copy(&target.socket, &target.export_name).await;
+        let _ = daemon.shutdown().await;
+        let _ = tokio::fs::remove_dir_all(&self.work).await;
+        result
+    }
+
+    async fn copy(&self, target_socket: &Path, target_export: &str) -> AgentResult<TransferOutcome> {
+        let SourceEndpoint::LocalNbd { socket, export, meta_context } = &self.spec.source;
+        let entry = self.entry.clone();
+        let progress = move |done: u64, total: u64| {
+            entry.done.store(done, Ordering::Relaxed);
+            entry.total.store(total, Ordering::Relaxed);
+        };
+        let size = self.spec.size;
+        let against_manifest = self.spec.mode == TransferMode::HashCompare && self.prev.is_some();
+        // A powered-off disk compared against the manifest may be read from its files: its cut
+        // holds it (nothing writes it), and reading through NBD would cost the daemon as much CPU
+        // as the whole comparison. Anything only QEMU can decode is read through NBD.
+        let (direct, note) = match &self.direct {
+            Some(image) if against_manifest => match direct_source(image).await {
+                Ok(d) => (Some(d), Some("source read from its files".to_string())),
+                Err(why) => (None, Some(format!("source read through NBD: {why}"))),
+            },
+            _ => (None, None),
+        };
+        let copy = async {
+            let mut src = NbdClient::connect_unix(socket, export, &[meta_context, "base:allocation"]).await?;
+            let mut dst = NbdClient::connect_unix(target_socket, target_export, &[]).await?;
+            let mut manifest = match &self.prev {
+                Some(prev) => Manifest::load(&manifest_path(prev)).await?,
+                None => Manifest::zeroed(size),
+            };
+            let stats: CopyStats = match self.spec.mode {
+                TransferMode::Seed => {
+                    let data = src.data_extents(0, size).await?;
+                    copy_extents(&mut src, &mut dst, &data, &mut manifest, progress).await?
+                }
+                TransferMode::Bitmap => {
+                    let dirty = src.dirty_extents(meta_context, 0, size).await?;
+                    copy_extents(&mut src, &mut dst, &dirty, &mut manifest, progress).await?
+                }
+                // The new point is an empty overlay on the newest one, which its manifest
+                // describes: only the source needs reading.
+                TransferMode::HashCompare if against_manifest => match direct {
+                    Some(mut image) => manifest_compare_sync(&mut image, &mut dst, &mut manifest, progress).await?,
+                    None => manifest_compare_sync(&mut src, &mut dst, &mut manifest, progress).await?,
+                },
+                TransferMode::HashCompare => hash_compare_sync(&mut src, &mut dst, &mut manifest, progress).await?,
+            };
+            dst.disconnect().await?;
+            let _ = src.disconnect().await;
+            manifest.save(&manifest_path(&self.target)).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((stats, manifest.digest()))
+        }
+        .await;
+        let (stats, digest) = copy.map_err(|e| AgentError::new(ErrorKind::Retry, e.to_string()))?;
+        Ok(TransferOutcome {
+            manifest_digest: digest,
+            bytes_read: stats.source_read + stats.target_read,
+            bytes_written: stats.written,
+            note,
+        })
+    }
+}
+
+/// The files of `image` to read it from directly, or why they cannot be.
+async fn direct_source(image: &Path) -> Result<DirectImage, String> {
+    let map = drover_qemu::image::host_map(image).await.map_err(|e| e.to_string())?;
+    DirectImage::open(&map).map_err(|e| e.to_string())
+}
