@@ -290,6 +290,57 @@ pub struct TransferStatus {
     pub error: Option<AgentError>,
 }
 
+/// The bodies of the agent's HTTP routes that are not one of the types above.
+pub mod wire {
+    use super::*;
+
+    /// The request header that carries [`API_VERSION`]; an agent refuses a request without it
+    /// or with another version.
+    pub const VERSION_HEADER: &str = "drover-agent-api";
+
+    /// The largest request body an agent reads.
+    pub const MAX_BODY: usize = 1 << 20;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct DiskInfoRequest {
+        pub disk: DiskRef,
+        pub live: bool,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct CutEndRequest {
+        pub spec: CutSpec,
+        pub cut: Option<Cut>,
+        pub success: bool,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CollectGarbageRequest {
+        pub chain: ChainRef,
+        pub keep: Vec<PointFile>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RetireOldestRequest {
+        pub chain: ChainRef,
+        pub oldest: PointFile,
+        pub next: PointFile,
+        pub after: Option<PointFile>,
+    }
+
+    /// The HTTP status an error of this kind is answered with (the body is the [`AgentError`]).
+    pub fn status_of(kind: ErrorKind) -> u16 {
+        match kind {
+            ErrorKind::Invalid => 400,
+            ErrorKind::Gone => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::Internal => 500,
+            ErrorKind::Unsupported => 501,
+            ErrorKind::Retry => 503,
+        }
+    }
+}
+
 /// The host agent. Every method is idempotent (see the crate documentation).
 #[async_trait]
 pub trait HostAgent: Send + Sync + fmt::Debug {

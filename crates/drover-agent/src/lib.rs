@@ -15,6 +15,10 @@
 //! daemon (the point in time) until it is ended; after a restart of the agent the cut is ended
 //! from its names alone, which the tracking layer makes idempotent.
 
+#[cfg(feature = "test-support")]
+pub mod conformance;
+pub mod server;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -345,10 +349,10 @@ impl HostAgent for LocalAgent {
         };
         {
             let mut t = self.transfers.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(old) = t.by_id.insert(spec.id.clone(), entry.clone()) {
-                if let Some(h) = old.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    h.abort();
-                }
+            if let Some(old) = t.by_id.insert(spec.id.clone(), entry.clone())
+                && let Some(h) = old.task.lock().unwrap_or_else(|e| e.into_inner()).take()
+            {
+                h.abort();
             }
             t.order.retain(|x| x != &spec.id);
         }
@@ -389,10 +393,8 @@ impl HostAgent for LocalAgent {
             t.order.retain(|x| x != id);
             t.by_id.remove(id)
         };
-        if let Some(e) = entry {
-            if let Some(h) = e.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                h.abort();
-            }
+        if let Some(h) = entry.and_then(|e| e.task.lock().unwrap_or_else(|p| p.into_inner()).take()) {
+            h.abort();
         }
         let _ = tokio::fs::remove_dir_all(self.work_dir.join(format!("t-{id}"))).await;
         Ok(())

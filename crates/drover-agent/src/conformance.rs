@@ -1,0 +1,163 @@
+//! The behaviour every [`HostAgent`] must show, as scenarios any implementation can be run
+//! through (the in-process agent, the same agent behind its HTTP API). For tests only
+//! (feature `test-support`): they create images with `qemu-io` and panic on a failed check.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use drover_agent_api::*;
+use uuid::Uuid;
+
+fn qemu_io(image: &Path, cmd: &str) {
+    let out = Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(image).output().unwrap();
+    assert!(out.status.success(), "qemu-io {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A datastore at `root` with one VM disk of 16 MiB holding some data, registered with `agent`.
+#[derive(Debug)]
+pub struct Rig {
+    pub root: PathBuf,
+    pub ds: Uuid,
+    pub disk: DiskRef,
+    pub image: PathBuf,
+    pub chain: ChainRef,
+}
+
+impl Rig {
+    pub async fn new(agent: &dyn HostAgent, root: &Path) -> Rig {
+        let ds = Uuid::new_v4();
+        agent.datastore_ensure(&DatastoreSpec { id: ds, path: root.to_string_lossy().into_owned() }).await.unwrap();
+        let vm = Uuid::new_v4();
+        let image = root.join(vm.to_string()).join("sda.qcow2");
+        std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+        drover_qemu::image::create_qcow2(&image, 16 << 20).await.unwrap();
+        qemu_io(&image, "write -P 0xab 1M 2M");
+        qemu_io(&image, "write -P 0xcd 9M 64k");
+        let disk = DiskRef { datastore: ds, vm, disk: "sda".into(), index: 0 };
+        let chain = ChainRef { datastore: ds, replica: Uuid::new_v4(), disk: "sda".into() };
+        Rig { root: root.to_owned(), ds, disk, image, chain }
+    }
+
+    pub fn cut_spec(&self, id: &str, current: &str, next: &str, fresh: bool) -> CutSpec {
+        CutSpec {
+            id: id.into(),
+            disk: self.disk.clone(),
+            live: false,
+            current: current.into(),
+            next: next.into(),
+            remove: vec![],
+            fresh,
+        }
+    }
+}
+
+/// Waits (up to 30 s) for a transfer to end.
+pub async fn wait(agent: &dyn HostAgent, id: &str) -> TransferStatus {
+    for _ in 0..600 {
+        let s = agent.transfer_status(id).await.unwrap();
+        if s.state != TransferState::Running {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("transfer {id} did not end in 30 s");
+}
+
+/// A seed, then a bitmap delta into a point over it, by reference, with ensures that
+/// re-attach; then retention and garbage collection of the chain.
+pub async fn seed_then_delta(agent: &dyn HostAgent, r: &Rig) {
+    let info = agent.disk_info(&r.disk, false).await.unwrap();
+    assert_eq!((info.size, info.bitmaps.len()), (16 << 20, 0));
+
+    // Seed: a fresh bitmap, the allocated data into a new point.
+    let spec = r.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = agent.cut_begin(&spec).await.unwrap();
+    assert_eq!(agent.cut_begin(&spec).await.unwrap(), cut, "a second begin resumes the same cut");
+    let file = agent.point_create(&PointSpec { chain: r.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let t = TransferSpec {
+        id: spec.id.clone(),
+        source: cut.source.clone(),
+        source_files: None,
+        mode: TransferMode::Seed,
+        target: file.clone(),
+        prev: None,
+        size: cut.size,
+    };
+    agent.transfer_ensure(&t).await.unwrap();
+    let done = wait(agent, &t.id).await;
+    assert_eq!(done.state, TransferState::Done, "{:?}", done.error);
+    let seed = done.outcome.clone().unwrap();
+    assert!(seed.bytes_written >= (2 << 20) + (64 << 10), "{seed:?}");
+    assert!(seed.bytes_written < 4 << 20, "only allocated data travels: {seed:?}");
+    assert_eq!(done.target, file);
+    // Ensuring it again re-attaches to the finished transfer: nothing runs twice.
+    let again = agent.transfer_ensure(&t).await.unwrap();
+    assert_eq!((again.state, again.outcome), (TransferState::Done, Some(seed.clone())));
+    agent.cut_end(&spec, Some(&cut), true).await.unwrap();
+    agent.cut_end(&spec, Some(&cut), true).await.unwrap();
+    agent.transfer_forget(&t.id).await.unwrap();
+    assert_eq!(agent.transfer_status(&t.id).await.unwrap_err().kind, ErrorKind::Gone);
+    assert!(drover_qemu::image::compare(&r.image, Path::new(&file.0)).await.unwrap(), "the seed equals the source");
+
+    // The guest writes 64 KiB; the next run sends only that, into a point over the first.
+    qemu_io(&r.image, "write -P 0xef 5M 64k");
+    let names: Vec<String> =
+        agent.disk_info(&r.disk, false).await.unwrap().bitmaps.into_iter().map(|b| b.name).collect();
+    assert_eq!(names, vec!["drover-run1".to_string()]);
+    let spec2 = r.cut_spec("run2-0-0", "drover-run1", "drover-run2", false);
+    let cut2 = agent.cut_begin(&spec2).await.unwrap();
+    let file2 = agent
+        .point_create(&PointSpec { chain: r.chain.clone(), size: cut2.size, prev: Some(file.clone()) })
+        .await
+        .unwrap();
+    let t2 = TransferSpec {
+        id: spec2.id.clone(),
+        source: cut2.source.clone(),
+        source_files: Some(r.disk.clone()),
+        mode: TransferMode::Bitmap,
+        target: file2.clone(),
+        prev: Some(file.clone()),
+        size: cut2.size,
+    };
+    agent.transfer_ensure(&t2).await.unwrap();
+    let done2 = wait(agent, &t2.id).await;
+    assert_eq!(done2.outcome.as_ref().map(|o| o.bytes_written), Some(64 << 10), "{done2:?}");
+    agent.cut_end(&spec2, Some(&cut2), true).await.unwrap();
+    assert!(drover_qemu::image::compare(&r.image, Path::new(&file2.0)).await.unwrap());
+
+    // Retention merges the first point into the second.
+    let holder = agent.chain_retire_oldest(&r.chain, &file, &file2, None).await.unwrap();
+    assert!(drover_qemu::image::compare(&r.image, Path::new(&holder.0)).await.unwrap());
+    let removed = agent.chain_collect_garbage(&r.chain, std::slice::from_ref(&holder)).await.unwrap();
+    assert!(!removed.contains(&holder.0), "{removed:?}");
+}
+
+/// References and ids that would leave the registered datastores are refused as invalid.
+pub async fn refuses_what_leaves_the_datastores(agent: &dyn HostAgent, r: &Rig) {
+    let outside = r.root.parent().unwrap().join("elsewhere.qcow2");
+    drover_qemu::image::create_qcow2(&outside, 1 << 20).await.unwrap();
+    let sneaky = [
+        PointFile(outside.to_string_lossy().into_owned()),
+        PointFile("/etc/passwd".into()),
+        PointFile(format!("{}/../elsewhere.qcow2", r.root.display())),
+        PointFile("relative/file.qcow2".into()),
+    ];
+    for f in &sneaky {
+        let e = agent.point_create(&PointSpec { chain: r.chain.clone(), size: 1 << 20, prev: Some(f.clone()) }).await;
+        assert_eq!(e.unwrap_err().kind, ErrorKind::Invalid, "{f:?}");
+        let e = agent.chain_retire_oldest(&r.chain, f, f, None).await;
+        assert_eq!(e.unwrap_err().kind, ErrorKind::Invalid, "{f:?}");
+    }
+    let unknown = DiskRef { datastore: Uuid::new_v4(), ..r.disk.clone() };
+    assert_eq!(agent.disk_info(&unknown, false).await.unwrap_err().kind, ErrorKind::Invalid);
+    let escaping = DiskRef { disk: "../../x".into(), ..r.disk.clone() };
+    assert_eq!(agent.disk_info(&escaping, false).await.unwrap_err().kind, ErrorKind::Invalid);
+    let bad_id = r.cut_spec("../x", "drover-a", "drover-b", true);
+    assert_eq!(agent.cut_begin(&bad_id).await.unwrap_err().kind, ErrorKind::Invalid);
+    assert_eq!(agent.transfer_status("a/b").await.unwrap_err().kind, ErrorKind::Invalid);
+    let relative = DatastoreSpec { id: Uuid::new_v4(), path: "data/ds".into() };
+    assert_eq!(agent.datastore_ensure(&relative).await.unwrap_err().kind, ErrorKind::Invalid);
+    // The simulated hypervisor cannot track a running VM's disk: said as such, not as a failure.
+    assert_eq!(agent.disk_info(&r.disk, true).await.unwrap_err().kind, ErrorKind::Unsupported);
+}

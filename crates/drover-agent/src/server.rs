@@ -1,0 +1,154 @@
+//! The agent API over HTTP: each [`HostAgent`] call is one route, its body the call's wire type,
+//! an error the [`AgentError`] with the status of its kind ([`wire::status_of`]).
+//!
+//! Every request carries [`wire::VERSION_HEADER`]; another version is refused before anything
+//! runs. Bodies are limited to [`wire::MAX_BODY`]; ids in paths are checked like every id.
+//! `drover agent` serves this router over HTTPS with mutual TLS only; the plain listener of
+//! [`serve_plain`] exists for in-process tests.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use drover_agent_api::wire::*;
+use drover_agent_api::*;
+
+type Agent = Arc<dyn HostAgent>;
+
+/// An agent error as an HTTP answer.
+#[derive(Debug)]
+pub struct ErrorResponse(pub AgentError);
+
+impl IntoResponse for ErrorResponse {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(status_of(self.0.kind)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<AgentError> for ErrorResponse {
+    fn from(e: AgentError) -> Self {
+        ErrorResponse(e)
+    }
+}
+
+type Answer<T> = Result<Json<T>, ErrorResponse>;
+type Empty = Result<StatusCode, ErrorResponse>;
+
+/// The agent API's routes over `agent`.
+pub fn router(agent: Agent) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/datastores/{id}", put(datastore_ensure))
+        .route("/v1/disk-info", post(disk_info))
+        .route("/v1/cuts/{id}", put(cut_begin))
+        .route("/v1/cuts/{id}/end", post(cut_end))
+        .route("/v1/points", post(point_create))
+        .route("/v1/chains/collect-garbage", post(collect_garbage))
+        .route("/v1/chains/retire-oldest", post(retire_oldest))
+        .route("/v1/transfers/{id}", put(transfer_ensure).get(transfer_status).delete(transfer_forget))
+        .fallback(|| async { ErrorResponse(AgentError::gone("no such route in this agent's API")) })
+        .layer(axum::middleware::from_fn(check_version))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(agent)
+}
+
+async fn check_version(request: Request, next: Next) -> Response {
+    let theirs = request.headers().get(VERSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if theirs.as_deref() != Some(API_VERSION.to_string().as_str()) {
+        let e = AgentError::invalid(format!(
+            "this agent speaks agent API version {API_VERSION}; the request says {}",
+            theirs.map_or_else(|| "none".to_string(), |v| format!("{v:?}"))
+        ));
+        return ErrorResponse(e).into_response();
+    }
+    next.run(request).await
+}
+
+fn same_id(path: &str, body: &str) -> Result<(), ErrorResponse> {
+    if path == body {
+        Ok(())
+    } else {
+        Err(AgentError::invalid(format!("the path names {path:?} but the body {body:?}")).into())
+    }
+}
+
+async fn info(State(a): State<Agent>) -> Json<AgentInfo> {
+    Json(a.info())
+}
+
+async fn datastore_ensure(
+    State(a): State<Agent>,
+    Path(id): Path<uuid::Uuid>,
+    Json(spec): Json<DatastoreSpec>,
+) -> Empty {
+    same_id(&id.to_string(), &spec.id.to_string())?;
+    a.datastore_ensure(&spec).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn disk_info(State(a): State<Agent>, Json(r): Json<DiskInfoRequest>) -> Answer<DiskInfo> {
+    Ok(Json(a.disk_info(&r.disk, r.live).await?))
+}
+
+async fn cut_begin(State(a): State<Agent>, Path(id): Path<String>, Json(spec): Json<CutSpec>) -> Answer<Cut> {
+    same_id(&id, &spec.id)?;
+    Ok(Json(a.cut_begin(&spec).await?))
+}
+
+async fn cut_end(State(a): State<Agent>, Path(id): Path<String>, Json(r): Json<CutEndRequest>) -> Empty {
+    same_id(&id, &r.spec.id)?;
+    a.cut_end(&r.spec, r.cut.as_ref(), r.success).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn point_create(State(a): State<Agent>, Json(spec): Json<PointSpec>) -> Answer<PointFile> {
+    Ok(Json(a.point_create(&spec).await?))
+}
+
+async fn collect_garbage(State(a): State<Agent>, Json(r): Json<CollectGarbageRequest>) -> Answer<Vec<String>> {
+    Ok(Json(a.chain_collect_garbage(&r.chain, &r.keep).await?))
+}
+
+async fn retire_oldest(State(a): State<Agent>, Json(r): Json<RetireOldestRequest>) -> Answer<PointFile> {
+    Ok(Json(a.chain_retire_oldest(&r.chain, &r.oldest, &r.next, r.after.as_ref()).await?))
+}
+
+async fn transfer_ensure(
+    State(a): State<Agent>,
+    Path(id): Path<String>,
+    Json(spec): Json<TransferSpec>,
+) -> Answer<TransferStatus> {
+    same_id(&id, &spec.id)?;
+    Ok(Json(a.transfer_ensure(&spec).await?))
+}
+
+async fn transfer_status(State(a): State<Agent>, Path(id): Path<String>) -> Answer<TransferStatus> {
+    Ok(Json(a.transfer_status(&id).await?))
+}
+
+async fn transfer_forget(State(a): State<Agent>, Path(id): Path<String>) -> Empty {
+    a.transfer_forget(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Serves the router on a plain TCP listener: **for in-process tests only** (the product serves
+/// the agent API over mutual TLS, see [`serve_tls`]).
+pub async fn serve_plain(listener: tokio::net::TcpListener, agent: Agent) -> std::io::Result<()> {
+    axum::serve(listener, router(agent)).await
+}
+
+/// Serves the router over TLS with `config`, which must require client certificates (mutual
+/// TLS: see `drover_pki`), until the process ends.
+pub async fn serve_tls(
+    listener: std::net::TcpListener,
+    agent: Agent,
+    config: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(config);
+    axum_server::from_tcp_rustls(listener, tls).serve(router(agent).into_make_service()).await
+}
