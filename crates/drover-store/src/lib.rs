@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    AuditEntry, AuditFilter, AuditRecord, CompareOp, Error, LogEntry, LogLevel, ReplicaId, RestorePoint,
+    AgentEnrolment, AgentStatus, AuditEntry, HostId, AuditFilter, AuditRecord, CompareOp, Error, LogEntry, LogLevel, ReplicaId, RestorePoint,
     RestorePointDisk, RestorePointId, RestorePointState, Role, Session, SessionCondition, SessionId, SessionKind,
     SessionOrder, SessionQuery, SessionSummary, SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId,
     Timestamp, User, UserId,
@@ -706,6 +706,120 @@ impl Store {
             .fetch_one(&self.pool)
         })
         .await
+    }
+
+    /// Stores a new enrolment token's record.
+    pub async fn enrolment_insert(&self, e: &AgentEnrolment) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO agent_enrolments (token_hash, host_id, created_at, expires_at, consumed_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&e.token_hash)
+        .bind(e.host_id.to_string())
+        .bind(ms(e.created_at))
+        .bind(ms(e.expires_at))
+        .bind(e.consumed_at.map(ms))
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// The record of the token with this hash, if any.
+    pub async fn enrolment_get(&self, token_hash: &str) -> Result<Option<AgentEnrolment>> {
+        let row = sqlx::query(
+            "SELECT token_hash, host_id, created_at, expires_at, consumed_at FROM agent_enrolments WHERE token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        let Some(row) = row else { return Ok(None) };
+        let read = || -> StoreResult<AgentEnrolment> {
+            let host: String = row.try_get("host_id")?;
+            Ok(AgentEnrolment {
+                host_id: HostId(Uuid::from_str(&host).map_err(|e| StoreError::Corrupt(format!("host id {host}: {e}")))?),
+                token_hash: row.try_get("token_hash")?,
+                created_at: from_ms(row.try_get("created_at")?)?,
+                expires_at: from_ms(row.try_get("expires_at")?)?,
+                consumed_at: opt_from_ms(row.try_get("consumed_at")?)?,
+            })
+        };
+        Ok(Some(read()?))
+    }
+
+    /// Marks the token used, if it is not yet: `false` when another enrolment used it first.
+    /// The host's earlier unused tokens are withdrawn with it, and its agent counts as enrolled.
+    pub async fn enrolment_consume(&self, token_hash: &str, host: HostId, now: Timestamp) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let done = sqlx::query(
+            "UPDATE agent_enrolments SET consumed_at = $1 WHERE token_hash = $2 AND host_id = $3 AND consumed_at IS NULL",
+        )
+        .bind(ms(now))
+        .bind(token_hash)
+        .bind(host.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM agent_enrolments WHERE host_id = $1 AND consumed_at IS NULL")
+            .bind(host.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        sqlx::query(
+            "INSERT INTO agent_status (host_id, enrolled_at) VALUES ($1, $2)
+             ON CONFLICT (host_id) DO UPDATE SET enrolled_at = excluded.enrolled_at",
+        )
+        .bind(host.to_string())
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(true)
+    }
+
+    /// Records the outcome of a call to a host's agent: `error` `None` is a success at `at`.
+    pub async fn agent_seen(&self, host: HostId, at: Timestamp, error: Option<&str>) -> Result<()> {
+        let query = match error {
+            None => {
+                "INSERT INTO agent_status (host_id, last_seen) VALUES ($1, $2)
+                 ON CONFLICT (host_id) DO UPDATE SET last_seen = excluded.last_seen, last_error = NULL"
+            }
+            Some(_) => {
+                "INSERT INTO agent_status (host_id, last_error) VALUES ($1, $3)
+                 ON CONFLICT (host_id) DO UPDATE SET last_error = excluded.last_error"
+            }
+        };
+        sqlx::query(query)
+            .bind(host.to_string())
+            .bind(ms(at))
+            .bind(error)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// What is known of a host's agent (all `None` when nothing is).
+    pub async fn agent_status(&self, host: HostId) -> Result<AgentStatus> {
+        let row = sqlx::query("SELECT enrolled_at, last_seen, last_error FROM agent_status WHERE host_id = $1")
+            .bind(host.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        let Some(row) = row else { return Ok(AgentStatus::default()) };
+        let read = || -> StoreResult<AgentStatus> {
+            Ok(AgentStatus {
+                enrolled_at: opt_from_ms(row.try_get("enrolled_at")?)?,
+                last_seen: opt_from_ms(row.try_get("last_seen")?)?,
+                last_error: row.try_get("last_error")?,
+            })
+        };
+        Ok(read()?)
     }
 
     /// Deletes the entries recorded before `before`; returns how many.

@@ -4,6 +4,7 @@
 //! transition function that refuses illegal moves; the engine persists the result of a transition
 //! before it reports it.
 
+pub mod agent;
 pub mod audit;
 pub mod error;
 pub mod ids;
@@ -12,6 +13,7 @@ pub mod plan;
 pub mod replica;
 pub mod session;
 
+pub use agent::*;
 pub use audit::*;
 pub use error::{Error, Result, error_chain};
 pub use ids::*;
