@@ -67,6 +67,29 @@ pub struct IssuedCertificate {
     pub ca_pem: String,
 }
 
+/// A certificate chain and its new private key, in PEM. The key is redacted from `Debug`.
+#[derive(Clone)]
+pub struct IssuedIdentity {
+    pub chain_pem: String,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedIdentity").field("chain_pem", &self.chain_pem).field("key_pem", &"<redacted>").finish()
+    }
+}
+
+impl IssuedIdentity {
+    /// The private key (PKCS#8 PEM): write it 0600, never log it.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+    pub fn tls_identity(&self) -> Result<TlsIdentity> {
+        TlsIdentity::from_pem(&self.chain_pem, &self.key_pem)
+    }
+}
+
 impl ControlPlaneCa {
     /// Loads the CA in `dir`, or creates it (and the directory, 0700) if there is none.
     pub fn create_or_load(dir: &Path) -> Result<Self> {
@@ -157,9 +180,10 @@ impl ControlPlaneCa {
         Ok(IssuedCertificate { certificate_pem: cert.pem(), ca_pem: self.certificate_pem().to_string() })
     }
 
-    /// Issues a new control-plane certificate for `names` with a new key; the chain returned
-    /// holds the CA after the certificate (an enrolling agent finds its pinned CA there).
-    pub fn issue_control_plane_identity(&self, names: &[SubjectName]) -> Result<(String, String)> {
+    /// Issues a new control-plane certificate for `names` with a new key, without storing it
+    /// ([`ControlPlaneCa::control_plane_identity`] stores it). The chain holds the CA after the
+    /// certificate: an enrolling agent finds its pinned CA there.
+    pub fn issue_control_plane_identity(&self, names: &[SubjectName]) -> Result<IssuedIdentity> {
         let key = KeyPair::generate().map_err(PkiError::Certificate)?;
         let mut sans = vec![SanType::URI(names::CONTROL_PLANE_URI.try_into().map_err(PkiError::Certificate)?)];
         for name in names {
@@ -168,7 +192,7 @@ impl ControlPlaneCa {
         let params = self.leaf_params("drover control plane".to_string(), sans);
         let cert = params.signed_by(&key, &self.issuer, &self.key).map_err(PkiError::Certificate)?;
         let chain_pem = format!("{}{}", cert.pem(), self.certificate_pem());
-        Ok((chain_pem, key.serialize_pem()))
+        Ok(IssuedIdentity { chain_pem, key_pem: key.serialize_pem() })
     }
 
     /// The control plane's own identity, for its listener and for its connections to agents:
@@ -183,10 +207,10 @@ impl ControlPlaneCa {
                 Err(reason) => tracing::info!(%reason, "issuing a new control-plane certificate"),
             }
         }
-        let (chain_pem, key_pem) = self.issue_control_plane_identity(names)?;
-        files::write_private(&key_path, key_pem.as_bytes())?;
-        files::write_public(&cert_path, chain_pem.as_bytes())?;
-        TlsIdentity::from_pem(&chain_pem, &key_pem)
+        let issued = self.issue_control_plane_identity(names)?;
+        files::write_private(&key_path, issued.key_pem.as_bytes())?;
+        files::write_public(&cert_path, issued.chain_pem.as_bytes())?;
+        issued.tls_identity()
     }
 
     /// Why a stored control-plane identity must be issued again, if it must.

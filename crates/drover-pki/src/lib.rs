@@ -7,7 +7,7 @@
 //! agent and the control plane present a certificate it issued, and every connection between
 //! them is mutual TLS ([`server_config_requiring_client_cert`], [`client_config`]). A server
 //! learns who connected from the verified certificate ([`peer_identity`]): a host id or the
-//! control plane. How identities are written into certificates is in [`names`](crate::names).
+//! control plane. How identities are written into certificates is in [`names`].
 //!
 //! # Enrolment
 //! ```text
@@ -38,8 +38,8 @@
 //!    one, which is cheaper than reasoning about a token used twice;
 //! 3. signs the CSR for the record's host ([`ControlPlaneCa::sign_agent_csr`]).
 //!
-//! Making a new token for a host deletes its earlier ones; expired and used records can be
-//! deleted at any time. Neither tokens nor private keys are ever logged: the `Debug` of every
+//! Making a new token for a host should delete its earlier ones; expired and used records can
+//! be deleted at any time. Neither tokens nor private keys are ever logged: the `Debug` of every
 //! type holding one is redacted, and errors never quote them.
 //!
 //! # Errors
@@ -62,9 +62,12 @@ mod tls;
 mod token;
 
 pub use agent::{AgentIdentity, PendingAgentIdentity};
-pub use ca::{CA_VALIDITY_DAYS, ControlPlaneCa, IssuedCertificate, LEAF_VALIDITY_DAYS, MAX_CSR_PEM, RENEW_BEFORE_DAYS};
+pub use ca::{
+    CA_VALIDITY_DAYS, ControlPlaneCa, IssuedCertificate, IssuedIdentity, LEAF_VALIDITY_DAYS, MAX_CSR_PEM,
+    RENEW_BEFORE_DAYS,
+};
 pub use error::{PkiError, PkiErrorKind, Result};
-pub use names::{PeerIdentity, SubjectName, agent_dns_name, agent_server_name, peer_identity};
+pub use names::{PeerIdentity, SubjectName, agent_dns_name, agent_server_name, peer_host_id, peer_identity};
 pub use tls::{
     CaFingerprint, MAX_CERTIFICATE_PEM, TlsIdentity, TrustedCa, client_config, crypto_provider,
     enrolment_client_config, server_config_optional_client_cert, server_config_requiring_client_cert,

@@ -102,6 +102,15 @@ pub fn peer_identity(peer_certificates: &[CertificateDer<'_>]) -> Result<PeerIde
     certificate_identity(end_entity)
 }
 
+/// The host a verified peer is: for routes only agents may call. The control plane, or a
+/// certificate that names no host, is refused (unauthorized).
+pub fn peer_host_id(peer_certificates: &[CertificateDer<'_>]) -> Result<HostId> {
+    match peer_identity(peer_certificates)? {
+        PeerIdentity::Host(host_id) => Ok(host_id),
+        PeerIdentity::ControlPlane => Err(PkiError::Untrusted("the peer is the control plane, not an agent".into())),
+    }
+}
+
 /// The drover identity a certificate names (see the module doc). A certificate that names none,
 /// or more than one, is refused.
 pub(crate) fn certificate_identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity> {

@@ -251,3 +251,55 @@ fn the_control_plane_identity_is_kept_while_its_names_stay_the_same() {
     let renamed = ca.control_plane_identity(&more).unwrap();
     assert_ne!(renamed.certificate_chain()[0], first.certificate_chain()[0]);
 }
+
+#[test]
+fn private_keys_stay_out_of_debug_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_in(&dir);
+    let issued = ca.issue_control_plane_identity(&control_plane_names()).unwrap();
+    let key_body: String = issued.key_pem().lines().nth(1).unwrap().to_string();
+    assert!(!format!("{issued:?}").contains(&key_body));
+    let identity = issued.tls_identity().unwrap();
+    assert!(format!("{identity:?}").contains("redacted"));
+    let agent = enrol(&ca, HostId::new(), &dir.path().join("agent"));
+    let agent_key = std::fs::read_to_string(dir.path().join("agent/agent.key.pem")).unwrap();
+    assert!(!format!("{agent:?}").contains(agent_key.lines().nth(1).unwrap()));
+    let pending = AgentIdentity::generate(&dir.path().join("agent")).unwrap();
+    let pending_key = std::fs::read_to_string(dir.path().join("agent/pending.key.pem")).unwrap();
+    assert!(!format!("{pending:?}").contains(pending_key.lines().nth(1).unwrap()));
+    assert!(!format!("{ca:?}").contains("PRIVATE"));
+}
+
+#[test]
+fn an_agent_certificate_is_a_one_year_leaf_for_client_and_server_authentication() {
+    use x509_parser::extensions::ParsedExtension;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_in(&dir);
+    let host = HostId::new();
+    let agent = enrol(&ca, host, &dir.path().join("agent"));
+    let chain = agent.tls_identity().certificate_chain();
+    assert_eq!(drover_pki::peer_host_id(chain).unwrap(), host);
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let validity = cert.validity();
+    let days = (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86_400;
+    assert_eq!(days, drover_pki::LEAF_VALIDITY_DAYS);
+    assert!(!cert.is_ca());
+    assert_eq!(cert.subject().iter_common_name().next().unwrap().as_str().unwrap(), host.0.to_string());
+    let eku = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::ExtendedKeyUsage(eku) => Some(eku.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(eku.client_auth && eku.server_auth && !eku.any);
+
+    // The control plane is not an agent.
+    let control_plane = ca.control_plane_identity(&control_plane_names()).unwrap();
+    assert_eq!(
+        drover_pki::peer_host_id(control_plane.certificate_chain()).unwrap_err().kind(),
+        PkiErrorKind::Unauthorized
+    );
+    assert!(drover_pki::peer_identity(&[]).is_err());
+}
