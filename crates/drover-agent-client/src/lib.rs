@@ -37,7 +37,30 @@ impl RemoteAgent {
     /// side's certificate and trusts the CA that signed the agent's), and reads who it is. A
     /// different API version is refused here.
     pub async fn connect(base: &str, tls: Option<Arc<rustls::ClientConfig>>) -> AgentResult<RemoteAgent> {
+        Self::connect_with(base, tls, None).await
+    }
+
+    /// [`RemoteAgent::connect`] to `https://<server_name>:<port>` at the address `addr`: the
+    /// agent's certificate is checked for its host's own name (`drover_pki::agent_dns_name`)
+    /// whatever address reaches it, so one agent cannot answer for another.
+    pub async fn connect_named(
+        server_name: &str,
+        addr: std::net::SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> AgentResult<RemoteAgent> {
+        let base = format!("https://{server_name}:{}", addr.port());
+        Self::connect_with(&base, Some(tls), Some((server_name, addr))).await
+    }
+
+    async fn connect_with(
+        base: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        resolve: Option<(&str, std::net::SocketAddr)>,
+    ) -> AgentResult<RemoteAgent> {
         let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT);
+        if let Some((name, addr)) = resolve {
+            builder = builder.resolve(name, addr);
+        }
         if let Some(tls) = tls {
             builder = builder.use_preconfigured_tls((*tls).clone());
         }

@@ -22,6 +22,7 @@ use drover_types::{
 };
 use tokio::sync::broadcast;
 
+pub mod agents;
 pub mod app;
 pub mod auth;
 mod failback;
@@ -144,6 +145,8 @@ struct Inner {
     hv: Arc<dyn Hypervisor>,
     /// The agent of this process's own host (hosts with address `local`).
     local_agent: Arc<dyn HostAgent>,
+    agent_pki: std::sync::OnceLock<Arc<agents::AgentPki>>,
+    remote: agents::Remote,
     config: EngineConfig,
     changes: broadcast::Sender<SessionChanged>,
     running: Mutex<HashSet<SessionId>>,
@@ -165,6 +168,8 @@ impl Engine {
             inner: Arc::new(Inner {
                 store,
                 local_agent: Arc::new(drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone())),
+                agent_pki: std::sync::OnceLock::new(),
+                remote: agents::Remote::default(),
                 hv,
                 config,
                 changes,
@@ -188,23 +193,10 @@ impl Engine {
     pub fn hv(&self) -> &Arc<dyn Hypervisor> {
         &self.inner.hv
     }
-    /// The agent of a host: the in-process one for `local`; agents on other hosts come with
-    /// `drover agent`, and until then such a host is unreachable.
-    pub fn agent(&self, host: &Host) -> Result<Arc<dyn HostAgent>> {
-        if host.address == "local" {
-            Ok(self.inner.local_agent.clone())
-        } else {
-            Err(Error::Unavailable(format!(
-                "host {} has no reachable agent at {:?}: this control plane drives only its own host (address \"local\")",
-                host.name, host.address
-            )))
-        }
-    }
-
     /// The agent of the host a datastore is on, with the datastore registered there.
     pub async fn datastore_agent(&self, datastore: &Datastore) -> Result<Arc<dyn HostAgent>> {
         let host = self.store().object_get_any_tenant::<Host>(datastore.host_id.0).await?;
-        let agent = self.agent(&host)?;
+        let agent = self.agent(&host).await?;
         agent
             .datastore_ensure(&DatastoreSpec { id: datastore.id.0, path: datastore.path.clone() })
             .await

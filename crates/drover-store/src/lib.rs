@@ -17,10 +17,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use drover_types::{
-    AgentEnrolment, AgentStatus, AuditEntry, HostId, AuditFilter, AuditRecord, CompareOp, Error, LogEntry, LogLevel, ReplicaId, RestorePoint,
-    RestorePointDisk, RestorePointId, RestorePointState, Role, Session, SessionCondition, SessionId, SessionKind,
-    SessionOrder, SessionQuery, SessionSummary, SessionTarget, StepRecord, StepState, Task, TaskId, Tenant, TenantId,
-    Timestamp, User, UserId,
+    AgentEnrolment, AgentStatus, AuditEntry, AuditFilter, AuditRecord, CompareOp, Error, HostId, LogEntry, LogLevel,
+    ReplicaId, RestorePoint, RestorePointDisk, RestorePointId, RestorePointState, Role, Session, SessionCondition,
+    SessionId, SessionKind, SessionOrder, SessionQuery, SessionSummary, SessionTarget, StepRecord, StepState, Task,
+    TaskId, Tenant, TenantId, Timestamp, User, UserId,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -738,7 +738,9 @@ impl Store {
         let read = || -> StoreResult<AgentEnrolment> {
             let host: String = row.try_get("host_id")?;
             Ok(AgentEnrolment {
-                host_id: HostId(Uuid::from_str(&host).map_err(|e| StoreError::Corrupt(format!("host id {host}: {e}")))?),
+                host_id: HostId(
+                    Uuid::from_str(&host).map_err(|e| StoreError::Corrupt(format!("host id {host}: {e}")))?,
+                ),
                 token_hash: row.try_get("token_hash")?,
                 created_at: from_ms(row.try_get("created_at")?)?,
                 expires_at: from_ms(row.try_get("expires_at")?)?,

@@ -1,0 +1,186 @@
+//! The host → agent directory, and agent enrolment.
+//!
+//! A host's `address` says where its agent is: `local` is the agent inside this process
+//! ([`drover_agent::LocalAgent`]); `https://name-or-ip:port` is a `drover agent` on that host,
+//! reached over mutual TLS with the control plane's certificate. The agent must present the
+//! certificate the control plane's CA issued *for that host* (its name is checked, whatever
+//! address reaches it), so one agent cannot answer for another. Remote agents need the agent
+//! PKI, which `drover serve` sets up with `--agent-listen` ([`Engine::set_agent_pki`]).
+//!
+//! Every connection attempt is recorded in the store ([`drover_store::Store::agent_seen`]): a host
+//! whose agent cannot be reached is shown so, with when it was last seen, and operations that
+//! do not need it go on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_agent_api::HostAgent;
+use drover_agent_client::RemoteAgent;
+use drover_pki::{ControlPlaneCa, EnrolmentRecord, EnrolmentToken, IssuedCertificate, PresentedToken, TlsIdentity};
+use drover_types::{AgentEnrolment, Error, Host, HostId, Result, now};
+
+use crate::Engine;
+
+/// The control plane's CA and its own certificate (issued by that CA), for agents.
+#[derive(Debug)]
+pub struct AgentPki {
+    pub ca: ControlPlaneCa,
+    pub identity: TlsIdentity,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl AgentPki {
+    pub fn new(ca: ControlPlaneCa, identity: TlsIdentity) -> Result<AgentPki> {
+        let client = drover_pki::client_config(&identity, ca.trusted_ca())?;
+        Ok(AgentPki { ca, identity, client: Arc::new(client) })
+    }
+}
+
+/// How long an enrolment token is good for when the administrator does not say.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The longest an enrolment token may be good for.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, Default)]
+pub(crate) struct Remote {
+    by_host: tokio::sync::Mutex<HashMap<HostId, (String, Arc<RemoteAgent>)>>,
+}
+
+/// Where a remote agent listens: `https://host:port`.
+fn agent_address(address: &str) -> Option<&str> {
+    let rest = address.strip_prefix("https://")?.trim_end_matches('/');
+    (!rest.is_empty()
+        && !rest.contains('/')
+        && rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()))
+    .then_some(rest)
+}
+
+/// Checks a host address as the administrator gives it.
+pub fn check_host_address(address: &str) -> Result<()> {
+    if address == "local" || agent_address(address).is_some() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "host address {address:?} must be \"local\" (the agent inside drover serve) or https://host:port (a drover agent)"
+        )))
+    }
+}
+
+impl Engine {
+    /// Sets the agent PKI: from now on hosts with an `https://` address are reached over mutual TLS.
+    pub fn set_agent_pki(&self, pki: AgentPki) {
+        let _ = self.inner.agent_pki.set(Arc::new(pki));
+    }
+
+    pub fn agent_pki(&self) -> Option<&Arc<AgentPki>> {
+        self.inner.agent_pki.get()
+    }
+
+    /// The agent of a host (see the module documentation). A remote agent that cannot be
+    /// reached is `Unavailable`, recorded as the host's last error.
+    pub async fn agent(&self, host: &Host) -> Result<Arc<dyn HostAgent>> {
+        if host.address == "local" {
+            return Ok(self.inner.local_agent.clone());
+        }
+        let Some(hostport) = agent_address(&host.address) else {
+            return Err(Error::Unavailable(format!(
+                "host {} has no agent address drover can use: {:?}",
+                host.name, host.address
+            )));
+        };
+        let Some(pki) = self.agent_pki() else {
+            return Err(Error::Unavailable(format!(
+                "host {}'s agent is at {}, but this control plane has no agent PKI (serve it with --agent-listen)",
+                host.name, host.address
+            )));
+        };
+        let mut cache = self.inner.remote.by_host.lock().await;
+        if let Some((address, agent)) = cache.get(&host.id)
+            && *address == host.address
+        {
+            return Ok(agent.clone());
+        }
+        let connected = async {
+            let addr: SocketAddr = tokio::net::lookup_host(hostport)
+                .await
+                .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{hostport} resolves to no address"))?;
+            RemoteAgent::connect_named(&drover_pki::agent_dns_name(host.id), addr, pki.client.clone())
+                .await
+                .map_err(|e| e.message)
+        }
+        .await;
+        match connected {
+            Ok(agent) => {
+                let _ = self.store().agent_seen(host.id, now(), None).await;
+                let agent = Arc::new(agent);
+                cache.insert(host.id, (host.address.clone(), agent.clone()));
+                Ok(agent)
+            }
+            Err(why) => {
+                let _ = self.store().agent_seen(host.id, now(), Some(&why)).await;
+                Err(Error::Unavailable(format!("host {}'s agent is unreachable: {why}", host.name)))
+            }
+        }
+    }
+
+    /// Forgets the connection to a host's agent (the next call connects again).
+    pub async fn agent_disconnect(&self, host: HostId) {
+        self.inner.remote.by_host.lock().await.remove(&host);
+    }
+
+    /// A new enrolment token for a host: the secret (show it once) and when it expires.
+    pub async fn enrolment_token(&self, host: &Host, ttl: Duration) -> Result<(String, drover_types::Timestamp)> {
+        let pki = self.agent_pki().ok_or_else(|| {
+            Error::conflict(
+                "agents cannot enrol: this control plane has no agent listener (serve it with --agent-listen)",
+            )
+        })?;
+        if host.address == "local" {
+            return Err(Error::conflict(format!(
+                "host {} is this control plane's own (address \"local\"): it has no agent to enrol",
+                host.name
+            )));
+        }
+        let ttl = ttl.min(MAX_TOKEN_TTL);
+        let token = EnrolmentToken::new(host.id, ttl, &pki.ca.fingerprint());
+        let r = token.record();
+        self.store()
+            .enrolment_insert(&AgentEnrolment {
+                host_id: r.host_id,
+                token_hash: r.token_hash.to_hex(),
+                created_at: r.created_at,
+                expires_at: r.expires_at,
+                consumed_at: None,
+            })
+            .await?;
+        Ok((token.secret().to_string(), r.expires_at))
+    }
+
+    /// Enrols a host's agent: checks and uses up the token, signs the agent's CSR.
+    pub async fn enrol(&self, host: HostId, token: &str, csr_pem: &str) -> Result<IssuedCertificate> {
+        let pki = self.agent_pki().ok_or_else(|| Error::conflict("this control plane does not enrol agents"))?;
+        let presented = PresentedToken::parse(token)?;
+        let hash = presented.hash().to_hex();
+        let refused = || Error::Unauthorized("the enrolment token is not valid for this host".into());
+        let stored = self.store().enrolment_get(&hash).await?.ok_or_else(refused)?;
+        let record = EnrolmentRecord {
+            host_id: stored.host_id,
+            token_hash: drover_pki::TokenHash::from_hex(&stored.token_hash)?,
+            created_at: stored.created_at,
+            expires_at: stored.expires_at,
+            consumed_at: stored.consumed_at,
+        };
+        record.verify(&presented, host, now())?;
+        if !self.store().enrolment_consume(&hash, host, now()).await? {
+            return Err(refused());
+        }
+        self.agent_disconnect(host).await;
+        let issued = pki.ca.sign_agent_csr(host, csr_pem, &[])?;
+        tracing::info!(host = %host, "agent enrolled");
+        Ok(issued)
+    }
+}
