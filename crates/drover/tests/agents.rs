@@ -72,7 +72,8 @@ impl Drop for Proc {
 }
 
 struct ControlPlane {
-    proc: Proc,
+    /// Killed when the control plane is dropped.
+    _proc: Proc,
     api: String,
     agent_url: String,
     data: PathBuf,
@@ -88,7 +89,7 @@ fn serve(dir: &Path) -> ControlPlane {
     let mut proc = Proc::spawn(cmd, dir.join("serve.log"));
     let api = proc.line("drover serving on ").split_whitespace().next().unwrap().to_string();
     let agent_url = proc.line("agents: ").split_whitespace().next().unwrap().to_string();
-    ControlPlane { proc, api, agent_url, data }
+    ControlPlane { _proc: proc, api, agent_url, data }
 }
 
 fn agent_command(data: &Path) -> Command {
