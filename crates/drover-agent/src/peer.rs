@@ -54,7 +54,7 @@ use uuid::Uuid;
 
 /// The largest extent per data frame between agents: what a cut link can lose in flight (a frame
 /// half across), so small next to what one transfer sends; large enough that framing is noise.
-pub const PEER_CHUNK: u32 = 256 << 10;
+pub const PEER_CHUNK: u32 = 128 << 10;
 
 /// The sender asks the receiver to make what it holds durable every this many bytes: the most a
 /// killed receiving agent has to be sent again.
