@@ -700,7 +700,13 @@ async fn attempt(
         Ok(Some(Ok(Message::Offer { bytes, .. }))) => bytes,
         Ok(Some(Ok(Message::Refused(r)))) => return Err(TransferError::Refused(r.code, r.message)),
         Ok(Some(Ok(_))) => return Err(TransferError::Protocol("expected the source's offer".into())),
-        Ok(Some(Err(e))) => return Err(cut(e)),
+        // A TLS refusal (a certificate the source does not accept) shows here, on the first read.
+        Ok(Some(Err(drover_proto::ProtoError::Io(e)))) => return Err(TransferError::Io(e)),
+        Ok(Some(Err(e))) => {
+            return Err(TransferError::Protocol(format!(
+                "the source does not answer in the agents' protocol ({e}): a TLS listener dialled without TLS?"
+            )));
+        }
         Ok(None) | Err(_) => return Err(TransferError::Cut),
     };
     sink.total = offer.max(1);

@@ -446,7 +446,9 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() 
     let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
     let cut = a.cut_begin(&spec).await.unwrap();
 
-    // An agent of another control plane, one with no certificate, one on plain TCP.
+    // An agent of another control plane (which trusts this one's CA: the source must refuse its
+    // certificate), one with no certificate, one on plain TCP.
+    let stranger = client_config(pki.stranger.tls_identity(), pki.dr.trusted_ca()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.dr.trusted_ca().der().clone()).unwrap();
     let no_cert = rustls::ClientConfig::builder_with_provider(drover_pki::crypto_provider())
@@ -455,7 +457,7 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() 
         .with_root_certificates(roots)
         .with_no_client_auth();
     let clients: Vec<(&str, Option<rustls::ClientConfig>)> =
-        vec![("another CA", Some(Pki::client(&pki.stranger))), ("no certificate", Some(no_cert)), ("plain TCP", None)];
+        vec![("another CA", Some(stranger)), ("no certificate", Some(no_cert)), ("plain TCP", None)];
     for (what, tls) in clients {
         let dr = Dr::new();
         let b = dr
@@ -471,7 +473,14 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() 
         let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
         let s = run(&b, &transfer_spec("refused", &cut, TransferMode::Seed, &file, None)).await;
         assert_eq!(s.state, TransferState::Failed, "{what}: {s:?}");
-        println!("{what}: refused: {:?}", s.error.unwrap());
+        let e = s.error.unwrap();
+        println!("{what}: refused: {e:?}");
+        let said = match what {
+            "another CA" => "UnknownCA",
+            "no certificate" => "CertificateRequired",
+            _ => "TLS",
+        };
+        assert!(e.message.contains(said), "{what}: {e:?}");
     }
     assert_eq!(listener.stats().streams, 0, "no pull was served to any of them");
 
