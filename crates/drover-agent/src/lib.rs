@@ -181,12 +181,9 @@ impl LocalAgent {
         };
         let instance = peer::register_cut(&self.peer_cuts, id, cut);
         match self.advert.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            Some(a) => SourceEndpoint::Peer {
-                address: a.address,
-                server_name: a.server_name,
-                cut: id.to_string(),
-                instance,
-            },
+            Some(a) => {
+                SourceEndpoint::Peer { address: a.address, server_name: a.server_name, cut: id.to_string(), instance }
+            }
             None => SourceEndpoint::LocalNbd {
                 socket: socket.to_string_lossy().into_owned(),
                 export: export.to_string(),

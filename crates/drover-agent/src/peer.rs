@@ -304,8 +304,7 @@ where
     } else {
         None
     };
-    let mut src = match NbdClient::connect_unix(&cut.socket, &cut.export, &[&cut.meta_context, BASE_ALLOCATION]).await
-    {
+    let mut src = match NbdClient::connect_unix(&cut.socket, &cut.export, &[&cut.meta_context, BASE_ALLOCATION]).await {
         Ok(c) => c,
         Err(e) => {
             let why = format!("cut {} cannot be read: {e}", pull.cut);
@@ -571,7 +570,10 @@ pub(crate) async fn pull(
     let expect = Expect { transfer: pull.transfer, disk_size: size };
     let retry = client.retry;
     if client.tls.is_none() {
-        tracing::warn!(address = job.address, "pulling from a peer over plain TCP: for tests only, never in the product");
+        tracing::warn!(
+            address = job.address,
+            "pulling from a peer over plain TCP: for tests only, never in the product"
+        );
     }
     let (mut failures, mut backoff) = (0u32, retry.initial_backoff);
     // Every connection that brings progress resets `failures`; this bounds the whole loop.
@@ -663,7 +665,8 @@ async fn connect(
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("server name {server_name:?}: {e}"))
             })?;
             let connector = tokio_rustls::TlsConnector::from(config.clone());
-            let tls = tokio::time::timeout(limit, connector.connect(name, counted)).await.map_err(|_| timed_out())??;
+            let tls =
+                tokio::time::timeout(limit, connector.connect(name, counted)).await.map_err(|_| timed_out())??;
             Ok(Box::new(tls))
         }
         None => Ok(Box::new(counted)),

@@ -119,7 +119,13 @@ async fn serve(agent: &LocalAgent, tls: Option<rustls::ServerConfig>, name: &str
     agent.serve_data(bind, None, name.to_string(), tls).await.unwrap()
 }
 
-fn transfer_spec(id: &str, cut: &Cut, mode: TransferMode, target: &PointFile, prev: Option<&PointFile>) -> TransferSpec {
+fn transfer_spec(
+    id: &str,
+    cut: &Cut,
+    mode: TransferMode,
+    target: &PointFile,
+    prev: Option<&PointFile>,
+) -> TransferSpec {
     TransferSpec {
         id: id.into(),
         source: cut.source.clone(),
@@ -359,7 +365,10 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
     let delta = outcome(&run(&b, &transfer_spec("run2-0-0", &cut2, TransferMode::Bitmap, &p2, Some(&p1))).await);
     let peer = delta.peer.unwrap();
     let ratio = peer.wire_bytes_in as f64 / changed as f64;
-    println!("bitmap delta: {changed} bytes changed, {} bytes on the wire in ({ratio:.4}x), {peer:?}", peer.wire_bytes_in);
+    println!(
+        "bitmap delta: {changed} bytes changed, {} bytes on the wire in ({ratio:.4}x), {peer:?}",
+        peer.wire_bytes_in
+    );
     assert_eq!(delta.bytes_written, changed, "{delta:?}");
     assert!(ratio <= 1.05, "wire bytes {} > 1.05x the changed {changed}", peer.wire_bytes_in);
     a.cut_end(&spec2, Some(&cut2), true).await.unwrap();
