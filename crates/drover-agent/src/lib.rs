@@ -170,6 +170,32 @@ impl LocalAgent {
         Ok(listener)
     }
 
+    /// Checks a transfer's source, and reads a cut of this very agent locally rather than
+    /// through its own data listener.
+    fn source_view(&self, source: &SourceEndpoint) -> AgentResult<SourceEndpoint> {
+        let SourceEndpoint::Peer { address, server_name, cut, instance } = source else {
+            return Ok(source.clone());
+        };
+        check_id("cut", cut)?;
+        if address.is_empty() || address.len() > 255 {
+            return Err(AgentError::invalid(format!("peer address {address:?} must be host:port")));
+        }
+        if rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+            return Err(AgentError::invalid(format!("peer server name {server_name:?} is not a DNS name or address")));
+        }
+        let own = self.peer_cuts.lock().unwrap_or_else(|e| e.into_inner()).get(cut).cloned();
+        let mine =
+            self.advert.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|a| &a.address == address);
+        Ok(match own {
+            Some(c) if mine && c.instance == *instance => SourceEndpoint::LocalNbd {
+                socket: c.socket.to_string_lossy().into_owned(),
+                export: c.export,
+                meta_context: c.meta_context,
+            },
+            _ => source.clone(),
+        })
+    }
+
     /// The endpoint a cut is read from: over the data listener when this agent serves one.
     fn cut_endpoint(&self, id: &str, socket: &Path, export: &str, meta_context: &str, size: u64) -> SourceEndpoint {
         let cut = PeerCut {
@@ -395,6 +421,9 @@ impl HostAgent for LocalAgent {
         let target = self.point_path(&spec.target)?;
         let prev = spec.prev.as_ref().map(|p| self.point_path(p)).transpose()?;
         let direct = spec.source_files.as_ref().map(|d| self.disk_image(d)).transpose()?;
+        let mut spec = spec.clone();
+        spec.source = self.source_view(&spec.source)?;
+        let spec = &spec;
         let entry = Arc::new(TransferEntry {
             target: spec.target.clone(),
             done: AtomicU64::new(0),

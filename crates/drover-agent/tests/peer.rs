@@ -137,20 +137,28 @@ fn transfer_spec(
     }
 }
 
-/// Runs a transfer to its end (at most 180 s), checking that its progress never goes backwards.
+/// Runs a transfer to its end (at most 180 s).
 async fn run(agent: &LocalAgent, spec: &TransferSpec) -> TransferStatus {
+    run_watching(agent, spec).await.0
+}
+
+/// [`run`], with the progress (done, total) seen while it ran, which never goes backwards.
+async fn run_watching(agent: &LocalAgent, spec: &TransferSpec) -> (TransferStatus, Vec<(u64, u64)>) {
     agent.transfer_ensure(spec).await.unwrap();
-    let mut last = 0;
+    let mut seen: Vec<(u64, u64)> = Vec::new();
     for _ in 0..3600 {
         let s = agent.transfer_status(&spec.id).await.unwrap();
-        assert!(s.bytes_done <= s.bytes_total.max(s.bytes_done), "{s:?}");
-        last = last.max(s.bytes_done);
         if s.state != TransferState::Running {
-            return s;
+            return (s, seen);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(s.bytes_done <= s.bytes_total, "{s:?}");
+        if let Some(&(done, _)) = seen.last() {
+            assert!(s.bytes_done >= done, "progress went back: {seen:?} then {s:?}");
+        }
+        seen.push((s.bytes_done, s.bytes_total));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("transfer {} did not end in 180 s (progress {last})", spec.id);
+    panic!("transfer {} did not end in 180 s (progress {seen:?})", spec.id);
 }
 
 fn outcome(s: &TransferStatus) -> TransferOutcome {
@@ -348,6 +356,13 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
     assert!(peer.data_bytes >= DATA && peer.data_bytes < DATA + (1 << 20), "{peer:?}");
     assert!(peer.wire_bytes_in < DATA + DATA / 50, "only the data and a little framing travel: {peer:?}");
     assert_eq!((peer.reconnects, peer.resumed_bytes, peer.received_twice), (0, 0, 0));
+    // The source agent reading its own cut reads it locally, not through its own listener.
+    let own_chain = ChainRef { datastore: src.site.ds, replica: Uuid::new_v4(), disk: "sda".into() };
+    let own = a.point_create(&PointSpec { chain: own_chain, size: cut1.size, prev: None }).await.unwrap();
+    let streams = listener.stats().streams;
+    let local = outcome(&run(&a, &transfer_spec("own", &cut1, TransferMode::Seed, &own, None)).await);
+    assert_eq!((local.peer, listener.stats().streams), (None, streams), "{local:?}");
+    assert_point_is(&src.image, &own).await;
     a.cut_end(&spec1, Some(&cut1), true).await.unwrap();
     assert_point_is(&src.image, &p1).await;
     assert!(!dr.site.work.join("j-run1-0-0").exists(), "the journal goes with the finished point");
@@ -420,7 +435,13 @@ async fn a_cut_link_mid_transfer_resumes_and_resends_under_one_percent() {
     let chain2 = ChainRef { replica: Uuid::new_v4(), ..dr.chain.clone() };
     let file = b.point_create(&PointSpec { chain: chain2, size: cut.size, prev: None }).await.unwrap();
     let cut_link = through(&cut, proxy.addr);
-    let done = outcome(&run(&b, &transfer_spec("cutlink", &cut_link, TransferMode::Seed, &file, None)).await);
+    let (status, progress) =
+        run_watching(&b, &transfer_spec("cutlink", &cut_link, TransferMode::Seed, &file, None)).await;
+    let done = outcome(&status);
+    assert!(
+        progress.iter().any(|&(d, t)| d > 0 && d < t && t >= DATA),
+        "the status showed progress in bytes of the offer: {progress:?}"
+    );
     let peer = done.peer.unwrap();
     let forwarded = proxy.forwarded();
     let total: u64 = forwarded.iter().sum();
