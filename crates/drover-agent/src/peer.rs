@@ -14,8 +14,9 @@
 //!
 //! - **The receiver dials.** The DR agent runs the transfer (it owns the point file and the
 //!   journal), so it is the one that retries: a broken stream is dialled again with a doubling
-//!   backoff ([`PeerRetry`]); consecutive failures without progress are bounded, a stream that
-//!   stalls longer than the idle timeout counts as broken.
+//!   backoff ([`PeerRetry`]); consecutive failures without progress are bounded. A stream that
+//!   stalls longer than the idle timeout (a link that drops packets silently) fails its reads,
+//!   so the receiver journals what arrived as it does for a stream that broke.
 //! - **Resumable across cut links and killed agents.** The journal lives under the agent's work
 //!   dir (`j-<transfer id>/`), bound to the cut *instance*, the target file and the mode
 //!   (`binding.json`): a journal of another binding is discarded, never spliced. A re-run of
@@ -36,7 +37,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_agent_api::*;
@@ -589,6 +590,8 @@ pub(crate) async fn pull(
             stats.resumed_bytes += held;
             stats.resumed_extents += journal.durable().len() as u64;
         }
+        // The idle timeout applies once the source streams (it may hash its cut for long first).
+        wire.idle_ms.store(0, Ordering::Relaxed);
         let result = match connect(job.address, job.server_name, client, wire.clone()).await {
             Ok(conn) => {
                 attempt(conn, &pull, hashes.as_deref(), &mut sink, &mut journal, &expect, &wire, retry.idle_timeout)
@@ -658,7 +661,7 @@ async fn connect(
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {address} timed out"));
     let tcp = tokio::time::timeout(limit, TcpStream::connect(address)).await.map_err(|_| timed_out())??;
     tcp.set_nodelay(true)?;
-    let counted = Counted { inner: tcp, wire };
+    let counted = Counted::new(tcp, wire);
     match &client.tls {
         Some(config) => {
             let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| {
@@ -673,7 +676,7 @@ async fn connect(
     }
 }
 
-/// One connection: pull, wait for the offer, receive under an idle watchdog.
+/// One connection: pull, wait for the offer, receive.
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     conn: Box<dyn Conn>,
@@ -713,25 +716,11 @@ async fn attempt(
         Ok(None) | Err(_) => return Err(TransferError::Cut),
     };
     sink.total = offer.max(1);
-    let receiving = drover_transfer::receive_framed(framed, sink, journal, expect);
-    // A link that drops packets silently never errors: a stream that brings nothing for `idle`
-    // is taken as cut (what arrived and was acknowledged since the last flush is sent again).
-    let watchdog = async {
-        let (mut last, mut since) = (wire.read.load(Ordering::Relaxed), Instant::now());
-        loop {
-            tokio::time::sleep((idle / 4).max(Duration::from_millis(10))).await;
-            let now = wire.read.load(Ordering::Relaxed);
-            if now != last {
-                (last, since) = (now, Instant::now());
-            } else if since.elapsed() >= idle {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        r = receiving => r.map(|_| ()),
-        () = watchdog => Err(TransferError::Cut),
-    }
+    // From here the source streams: a link that drops packets silently never errors, so a
+    // stream that brings nothing for `idle` fails its reads (see `Counted`), and the receiver
+    // makes durable and journals what arrived before it gives the stream up.
+    wire.idle_ms.store(idle.as_millis().max(1) as u64, Ordering::Relaxed);
+    drover_transfer::receive_framed(framed, sink, journal, expect).await.map(|_| ())
 }
 
 /// Reads `extents` (rounded out to whole blocks) back from the target and hashes them into the
@@ -831,34 +820,73 @@ impl BlockTarget for PointTarget<'_> {
 struct WireCounters {
     read: AtomicU64,
     written: AtomicU64,
+    /// Once set (milliseconds), a connection that reads nothing for this long fails its reads
+    /// and writes with `TimedOut`.
+    idle_ms: AtomicU64,
 }
 
 struct Counted<S> {
     inner: S,
     wire: Arc<WireCounters>,
+    /// When the connection is taken as dead, once `idle_ms` is set; pushed back by every read.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, wire: Arc<WireCounters>) -> Counted<S> {
+        Counted { inner, wire, deadline: None }
+    }
+
+    /// On a pending read or write: whether the idle time is up (and the waker registered if not).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let ms = self.wire.idle_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            return false;
+        }
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
+        deadline.as_mut().poll(cx).is_ready()
+    }
+
+    fn idle_error() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "the link brought nothing for the idle timeout")
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            self.wire.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                self.wire.read.fetch_add(n as u64, Ordering::Relaxed);
+                let ms = self.wire.idle_ms.load(Ordering::Relaxed);
+                if let Some(d) = self.deadline.as_mut() {
+                    d.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(ms));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(Self::idle_error())),
+            other => other,
         }
-        r
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.wire.written.fetch_add(n as u64, Ordering::Relaxed);
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                self.wire.written.fetch_add(n as u64, Ordering::Relaxed);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(Self::idle_error())),
+            other => other,
         }
-        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(Self::idle_error())),
+            other => other,
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)

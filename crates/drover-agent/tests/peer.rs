@@ -249,6 +249,16 @@ impl Drop for Proxy {
 
 impl Proxy {
     async fn new(target: SocketAddr, cut_after: u64) -> Proxy {
+        Proxy::failing(target, cut_after, false).await
+    }
+
+    /// A proxy whose first connection stalls after `stall_after` bytes instead: nothing more
+    /// crosses either way, and nothing tells the client (a link that drops packets).
+    async fn stalling(target: SocketAddr, stall_after: u64) -> Proxy {
+        Proxy::failing(target, stall_after, true).await
+    }
+
+    async fn failing(target: SocketAddr, cut_after: u64, stall: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let forwarded = Arc::new(Mutex::new(Vec::new()));
@@ -291,7 +301,9 @@ impl Proxy {
                         // client's side stays readable there (a reset would throw it away, which
                         // a dead link does not do), and the client sees the end of the stream.
                         drop((server_read, server_write));
-                        let _ = client_write.shutdown().await;
+                        if !stall {
+                            let _ = client_write.shutdown().await;
+                        }
                         let drain = async {
                             let mut sink = vec![0u8; 16 << 10];
                             while let Ok(got) = client_read.read(&mut sink).await {
@@ -612,6 +624,40 @@ async fn a_killed_dr_agent_resumes_from_its_journal() {
     assert!(peer.resumed_bytes >= 31 << 20, "{peer:?}");
     assert!(peer.data_bytes <= DATA - (31 << 20), "only the rest was sent: {peer:?}");
     assert!(done.bytes_read >= 31 << 20, "the journalled blocks were rehashed: {done:?}");
+    assert_point_is(&src.image, &file).await;
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stalled_link_is_given_up_after_the_idle_timeout_and_resumed() {
+    let src = Source::new().await;
+    let dr = Dr::new();
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+    let retry = PeerRetry { idle_timeout: Duration::from_secs(1), ..fast_retry(2) };
+    let b = dr.site.agent(|b| b.with_peer_retry(retry)).await;
+    let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+
+    // After 24 MiB the link drops everything silently: no reset, no end of stream.
+    let proxy = Proxy::stalling(listener.local_addr(), 24 << 20).await;
+    let started = std::time::Instant::now();
+    let done =
+        outcome(&run(&b, &transfer_spec("stall", &through(&cut, proxy.addr), TransferMode::Seed, &file, None)).await);
+    let peer = done.peer.unwrap();
+    let forwarded = proxy.forwarded();
+    let lost = forwarded[0] - peer.resumed_bytes.min(forwarded[0]);
+    println!(
+        "stalled link: {} bytes crossed before the stall, {} journalled when it was given up ({lost} not, {:.3}%), \
+         done in {:?}; {peer:?}",
+        forwarded[0],
+        peer.resumed_bytes,
+        lost as f64 * 100.0 / forwarded[0] as f64,
+        started.elapsed()
+    );
+    assert_eq!(peer.reconnects, 1, "{peer:?}");
+    assert!(lost * 100 <= forwarded[0], "what arrived before the stall was journalled: {peer:?}");
     assert_point_is(&src.image, &file).await;
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
 }
