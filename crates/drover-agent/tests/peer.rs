@@ -661,3 +661,66 @@ async fn a_stalled_link_is_given_up_after_the_idle_timeout_and_resumed() {
     assert_point_is(&src.image, &file).await;
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_dr_agent_killed_mid_stream_resumes_from_its_last_flush_point() {
+    let src = Source::new().await;
+    let dr = Dr::new();
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+
+    // The first DR agent runs its transfer on a runtime of its own, which is then shut down
+    // mid-stream: its tasks and the point's storage daemon die where they are, nothing is
+    // flushed or journalled on the way out, as with a killed process.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let b = Arc::new(dr.site.agent(|b| b).await);
+    let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let t = transfer_spec("run1-0-0", &cut, TransferMode::Seed, &file, None);
+    let (handle, agent, spec_t) = (runtime.handle().clone(), b.clone(), t.clone());
+    std::thread::spawn(move || handle.block_on(async move { agent.transfer_ensure(&spec_t).await.unwrap() }))
+        .join()
+        .unwrap();
+    let mut at_kill = 0;
+    for _ in 0..3000 {
+        let s = b.transfer_status(&t.id).await.unwrap();
+        assert_eq!(s.state, TransferState::Running, "the transfer ended before it could be killed: {s:?}");
+        if s.bytes_done >= 36 << 20 {
+            at_kill = s.bytes_done;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(at_kill > 0, "the transfer never got to 36 MiB");
+    runtime.shutdown_background();
+    drop(b);
+
+    // A new DR agent on the same work directory resumes the same transfer. The point file may
+    // still be locked by the dying daemon for a moment: a failed start is ensured again.
+    let b2 = dr.site.agent(|b| b).await;
+    let mut status = run(&b2, &t).await;
+    for _ in 0..5 {
+        if status.state == TransferState::Done {
+            break;
+        }
+        println!("after the kill, the transfer failed ({:?}); ensured again", status.error);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status = run(&b2, &t).await;
+    }
+    let done = outcome(&status);
+    let peer = done.peer.unwrap();
+    let lost = at_kill.saturating_sub(peer.resumed_bytes);
+    println!(
+        "killed DR agent: {at_kill} bytes had arrived, {} were journalled (flush point every {} bytes): {lost} sent \
+         again ({:.2}%); {peer:?}; the source read {} bytes to send in all",
+        peer.resumed_bytes,
+        drover_agent::peer::PEER_FLUSH_EVERY,
+        lost as f64 * 100.0 / at_kill as f64,
+        listener.stats().sent_bytes
+    );
+    assert!(peer.resumed_bytes > 0, "something was journalled before the kill: {peer:?}");
+    assert!(lost <= drover_agent::peer::PEER_FLUSH_EVERY + (4 << 20), "{lost} bytes sent again");
+    assert_point_is(&src.image, &file).await;
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
