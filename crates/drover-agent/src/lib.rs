@@ -21,6 +21,7 @@
 
 #[cfg(feature = "test-support")]
 pub mod conformance;
+pub mod host_paths;
 pub mod peer;
 pub mod server;
 
@@ -55,6 +56,9 @@ pub struct LocalAgent {
     datastores: Mutex<HashMap<Uuid, PathBuf>>,
     offline_cuts: tokio::sync::Mutex<HashMap<String, OfflineCycleExport>>,
     transfers: Mutex<Transfers>,
+    /// Where datastores may be (a `drover agent`'s `--datastore-root`); `None` for the agent
+    /// inside `drover serve`, whose control plane checks its own roots before it registers one.
+    datastore_roots: Option<host_paths::HostPaths>,
     /// Cuts served to other agents by the data listener, with their instances.
     peer_cuts: PeerCuts,
     /// Where other agents reach this one's data listener, once it serves one.
@@ -133,6 +137,7 @@ impl LocalAgent {
             datastores: Mutex::new(HashMap::new()),
             offline_cuts: tokio::sync::Mutex::new(HashMap::new()),
             transfers: Mutex::new(Transfers::default()),
+            datastore_roots: None,
             peer_cuts: PeerCuts::default(),
             advert: Mutex::new(None),
             peer: Arc::new(PeerClient::default()),
@@ -218,6 +223,14 @@ impl LocalAgent {
         }
     }
 
+    /// Confines datastores to `roots`: a datastore outside them is refused, one inside is created
+    /// (private, 0700) when missing. What a standalone agent does: the control plane that names
+    /// the datastore is not trusted with the host's whole file system.
+    pub fn with_datastore_roots(mut self, roots: host_paths::HostPaths) -> LocalAgent {
+        self.datastore_roots = Some(roots);
+        self
+    }
+
     fn tracking(&self) -> AgentResult<&dyn ChangeTracking> {
         self.hv.change_tracking().ok_or_else(|| {
             AgentError::new(
@@ -296,7 +309,22 @@ impl HostAgent for LocalAgent {
         if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
             return Err(AgentError::invalid(format!("datastore path {:?} must be absolute and plain", spec.path)));
         }
-        self.datastores.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id, path.to_owned());
+        let path = match &self.datastore_roots {
+            None => path.to_owned(),
+            Some(roots) => {
+                let (roots, requested) = (roots.clone(), spec.path.clone());
+                tokio::task::spawn_blocking(move || -> AgentResult<PathBuf> {
+                    let dir = roots.datastore_dir(&requested).map_err(|e| AgentError::invalid(e.to_string()))?;
+                    host_paths::create_private_dir_all(&dir).map_err(|e| {
+                        AgentError::internal(format!("cannot make the datastore directory {requested:?}: {e}"))
+                    })?;
+                    Ok(dir)
+                })
+                .await
+                .map_err(internal)??
+            }
+        };
+        self.datastores.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id, path);
         Ok(())
     }
 

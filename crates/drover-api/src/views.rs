@@ -202,6 +202,61 @@ impl From<d::Host> for HostView {
     }
 }
 
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentRequest {
+    /// Seconds the token is good for: 60 to 604800 (a week); default 3600.
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnrolmentView {
+    pub host_id: Uuid,
+    /// The one-time token. Shown once: drover keeps only its hash.
+    pub token: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// Where the agent enrols.
+    pub enrol_url: String,
+    /// What to run on the host.
+    pub command: String,
+}
+
+impl From<drover_engine::app::HostEnrolment> for EnrolmentView {
+    fn from(e: drover_engine::app::HostEnrolment) -> Self {
+        EnrolmentView {
+            host_id: e.host_id.0,
+            token: e.token,
+            expires_at: e.expires_at,
+            enrol_url: e.enrol_url,
+            command: e.command,
+        }
+    }
+}
+
+/// A host's agent as the control plane last saw it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    /// `local` (inside drover serve), `not_enrolled`, `enrolled`, `connected` or `unreachable`.
+    #[schema(value_type = String)]
+    pub state: drover_engine::app::AgentState,
+    pub enrolled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When a call to the agent last succeeded.
+    pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the last call failed, while it is the latest.
+    pub last_error: Option<String>,
+}
+
+impl From<drover_engine::app::HostAgentState> for AgentView {
+    fn from(a: drover_engine::app::HostAgentState) -> Self {
+        AgentView {
+            state: a.state,
+            enrolled_at: a.status.enrolled_at,
+            last_seen: a.status.last_seen,
+            last_error: a.status.last_error,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateHost {

@@ -28,14 +28,23 @@ use crate::Engine;
 pub struct AgentPki {
     pub ca: ControlPlaneCa,
     pub identity: TlsIdentity,
+    /// The URL agents enrol at (the control plane's agent listener, as agents reach it).
+    pub enrol_url: String,
     client: Arc<rustls::ClientConfig>,
 }
 
 impl AgentPki {
-    pub fn new(ca: ControlPlaneCa, identity: TlsIdentity) -> Result<AgentPki> {
+    pub fn new(ca: ControlPlaneCa, identity: TlsIdentity, enrol_url: String) -> Result<AgentPki> {
         let client = drover_pki::client_config(&identity, ca.trusted_ca())?;
-        Ok(AgentPki { ca, identity, client: Arc::new(client) })
+        Ok(AgentPki { ca, identity, enrol_url, client: Arc::new(client) })
     }
+}
+
+/// What an enrolment gives the agent.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub host_id: HostId,
+    pub certificate: IssuedCertificate,
 }
 
 /// How long an enrolment token is good for when the administrator does not say.
@@ -160,13 +169,19 @@ impl Engine {
         Ok((token.secret().to_string(), r.expires_at))
     }
 
-    /// Enrols a host's agent: checks and uses up the token, signs the agent's CSR.
-    pub async fn enrol(&self, host: HostId, token: &str, csr_pem: &str) -> Result<IssuedCertificate> {
+    /// Enrols a host's agent: finds the token's host, checks and uses up the token (once: a
+    /// second enrolment with it is refused), signs the agent's CSR for that host. Every refusal
+    /// reads the same, so a caller learns nothing about other hosts' tokens.
+    pub async fn enrol(&self, token: &str, csr_pem: &str) -> Result<Enrolled> {
         let pki = self.agent_pki().ok_or_else(|| Error::conflict("this control plane does not enrol agents"))?;
-        let presented = PresentedToken::parse(token)?;
+        let refused = || Error::Unauthorized("the enrolment token is not valid (unknown, used or expired)".into());
+        let presented = PresentedToken::parse(token).map_err(|_| refused())?;
+        if presented.ca_fingerprint() != pki.ca.fingerprint() {
+            return Err(refused());
+        }
         let hash = presented.hash().to_hex();
-        let refused = || Error::Unauthorized("the enrolment token is not valid for this host".into());
         let stored = self.store().enrolment_get(&hash).await?.ok_or_else(refused)?;
+        let host = stored.host_id;
         let record = EnrolmentRecord {
             host_id: stored.host_id,
             token_hash: drover_pki::TokenHash::from_hex(&stored.token_hash)?,
@@ -174,13 +189,14 @@ impl Engine {
             expires_at: stored.expires_at,
             consumed_at: stored.consumed_at,
         };
-        record.verify(&presented, host, now())?;
+        record.verify(&presented, host, now()).map_err(|_| refused())?;
+        // The CSR is checked before the token is used up: a bad request leaves the token good.
+        let issued = pki.ca.sign_agent_csr(host, csr_pem, &[])?;
         if !self.store().enrolment_consume(&hash, host, now()).await? {
             return Err(refused());
         }
         self.agent_disconnect(host).await;
-        let issued = pki.ca.sign_agent_csr(host, csr_pem, &[])?;
         tracing::info!(host = %host, "agent enrolled");
-        Ok(issued)
+        Ok(Enrolled { host_id: host, certificate: issued })
     }
 }

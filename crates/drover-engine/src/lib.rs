@@ -27,7 +27,7 @@ pub mod app;
 pub mod auth;
 mod failback;
 mod failover;
-pub mod host_paths;
+pub use drover_agent::host_paths;
 pub mod login_guard;
 pub mod monitor;
 pub mod ops;
