@@ -420,8 +420,19 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
     assert_eq!(hc.bytes_written, 1 << 20, "{hc:?}");
     assert!(peer.wire_bytes_in <= (1 << 20) * 105 / 100, "{peer:?}");
     assert!(peer.wire_bytes_out >= hashes && peer.wire_bytes_out < hashes + (64 << 10), "{peer:?}");
-    a.cut_end(&spec3, Some(&cut3), true).await.unwrap();
     assert_point_is(&src.image, &p3).await;
+
+    // Hash-compare into a file no manifest describes (no `prev`): the DR agent hashes what the
+    // file holds itself, and the source sends the blocks that differ (here, all its data).
+    let fresh = ChainRef { replica: Uuid::new_v4(), ..dr.chain.clone() };
+    let p4 = b.point_create(&PointSpec { chain: fresh, size: cut3.size, prev: None }).await.unwrap();
+    let hc = outcome(&run(&b, &transfer_spec("run3-0-1", &cut3, TransferMode::HashCompare, &p4, None)).await);
+    let peer = hc.peer.unwrap();
+    println!("hash-compare with no manifest: {} bytes read to hash the target, {peer:?}", hc.bytes_read);
+    assert_eq!(hc.bytes_read, DISK, "the target was hashed where it is: {hc:?}");
+    assert!(peer.data_bytes >= DATA && peer.data_bytes <= DATA + (2 << 20), "{peer:?}");
+    assert_point_is(&src.image, &p4).await;
+    a.cut_end(&spec3, Some(&cut3), true).await.unwrap();
     assert_eq!(listener.stats().refused, 0);
 }
 
