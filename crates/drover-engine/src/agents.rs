@@ -16,7 +16,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_agent_api::HostAgent;
+use drover_agent_api::{
+    AgentError, AgentInfo, AgentResult, ChainRef, Cut, CutSpec, DatastoreSpec, DiskInfo, DiskRef, ErrorKind, HostAgent,
+    PointFile, PointSpec, TransferSpec, TransferStatus,
+};
 use drover_agent_client::RemoteAgent;
 use drover_pki::{ControlPlaneCa, EnrolmentRecord, EnrolmentToken, IssuedCertificate, PresentedToken, TlsIdentity};
 use drover_types::{AgentEnrolment, Error, Host, HostId, Result, now};
@@ -54,7 +57,95 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Default)]
 pub(crate) struct Remote {
-    by_host: tokio::sync::Mutex<HashMap<HostId, (String, Arc<RemoteAgent>)>>,
+    by_host: tokio::sync::Mutex<HashMap<HostId, (String, Arc<Watched>)>>,
+}
+
+/// How often a remote agent's successful calls are written down as "last seen" (a failure is
+/// written at once).
+const SEEN_EVERY: Duration = Duration::from_secs(10);
+
+/// A remote agent whose calls are watched: a call that fails because the agent cannot be
+/// reached (class `Retry`) records the host as unreachable, with why; a success records it seen
+/// (at most every [`SEEN_EVERY`]), clearing the error.
+#[derive(Debug)]
+struct Watched {
+    host: HostId,
+    name: String,
+    agent: RemoteAgent,
+    store: drover_store::Store,
+    last_recorded: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Watched {
+    async fn record<T>(&self, result: AgentResult<T>) -> AgentResult<T> {
+        match result {
+            Err(e) if e.kind == ErrorKind::Retry => {
+                *self.last_recorded.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let _ = self.store.agent_seen(self.host, now(), Some(&e.message)).await;
+                Err(AgentError::new(
+                    ErrorKind::Retry,
+                    format!("host {}'s agent is unreachable: {}", self.name, e.message),
+                ))
+            }
+            _ => {
+                let due = {
+                    let mut last = self.last_recorded.lock().unwrap_or_else(|p| p.into_inner());
+                    let due = last.is_none_or(|t| t.elapsed() >= SEEN_EVERY);
+                    if due {
+                        *last = Some(std::time::Instant::now());
+                    }
+                    due
+                };
+                if due {
+                    let _ = self.store.agent_seen(self.host, now(), None).await;
+                }
+                result
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl HostAgent for Watched {
+    fn info(&self) -> AgentInfo {
+        self.agent.info()
+    }
+    async fn datastore_ensure(&self, spec: &DatastoreSpec) -> AgentResult<()> {
+        self.record(self.agent.datastore_ensure(spec).await).await
+    }
+    async fn disk_info(&self, disk: &DiskRef, live: bool) -> AgentResult<DiskInfo> {
+        self.record(self.agent.disk_info(disk, live).await).await
+    }
+    async fn cut_begin(&self, spec: &CutSpec) -> AgentResult<Cut> {
+        self.record(self.agent.cut_begin(spec).await).await
+    }
+    async fn cut_end(&self, spec: &CutSpec, cut: Option<&Cut>, success: bool) -> AgentResult<()> {
+        self.record(self.agent.cut_end(spec, cut, success).await).await
+    }
+    async fn point_create(&self, spec: &PointSpec) -> AgentResult<PointFile> {
+        self.record(self.agent.point_create(spec).await).await
+    }
+    async fn chain_collect_garbage(&self, chain: &ChainRef, keep: &[PointFile]) -> AgentResult<Vec<String>> {
+        self.record(self.agent.chain_collect_garbage(chain, keep).await).await
+    }
+    async fn chain_retire_oldest(
+        &self,
+        chain: &ChainRef,
+        oldest: &PointFile,
+        next: &PointFile,
+        after: Option<&PointFile>,
+    ) -> AgentResult<PointFile> {
+        self.record(self.agent.chain_retire_oldest(chain, oldest, next, after).await).await
+    }
+    async fn transfer_ensure(&self, spec: &TransferSpec) -> AgentResult<TransferStatus> {
+        self.record(self.agent.transfer_ensure(spec).await).await
+    }
+    async fn transfer_status(&self, id: &str) -> AgentResult<TransferStatus> {
+        self.record(self.agent.transfer_status(id).await).await
+    }
+    async fn transfer_forget(&self, id: &str) -> AgentResult<()> {
+        self.record(self.agent.transfer_forget(id).await).await
+    }
 }
 
 /// Where a remote agent listens: `https://host:port`.
@@ -125,7 +216,13 @@ impl Engine {
         match connected {
             Ok(agent) => {
                 let _ = self.store().agent_seen(host.id, now(), None).await;
-                let agent = Arc::new(agent);
+                let agent = Arc::new(Watched {
+                    host: host.id,
+                    name: host.name.clone(),
+                    agent,
+                    store: self.store().clone(),
+                    last_recorded: std::sync::Mutex::new(Some(std::time::Instant::now())),
+                });
                 cache.insert(host.id, (host.address.clone(), agent.clone()));
                 Ok(agent)
             }
