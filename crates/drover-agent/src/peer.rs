@@ -27,8 +27,9 @@
 //!   is made (a re-run of the same cut keeps it). A source restarted and cut again under the same
 //!   id has another instance, so a stale endpoint is refused and a stale journal discarded.
 //! - **TLS.** The product serves and dials with mutual TLS (`drover_pki`'s configs: the CA is
-//!   the only root, a client certificate is required). Plain TCP exists for tests only and says
-//!   so in the log whenever it is used.
+//!   the only root, a client certificate is required, and only an agent's is served: the
+//!   control plane never carries disk bytes). Plain TCP exists for tests only and says so in
+//!   the log whenever it is used.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -247,7 +248,21 @@ async fn accept_loop(
             let _ = tcp.set_nodelay(true);
             let result = match acceptor {
                 Some(a) => match tokio::time::timeout(PULL_PHASE, a.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_pull(stream, &cuts, &counters).await,
+                    Ok(Ok(stream)) => {
+                        // Disk bytes go from agent to agent only: not to the control plane,
+                        // whose certificate the same CA signed.
+                        let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                        match drover_pki::peer_identity(certificates) {
+                            Ok(drover_pki::PeerIdentity::Host(host)) => {
+                                tracing::debug!(%peer, %host, "data listener: an agent connected");
+                                serve_pull(stream, &cuts, &counters).await
+                            }
+                            Ok(drover_pki::PeerIdentity::ControlPlane) => {
+                                Err("refused the control plane: disk bytes go between agents only".into())
+                            }
+                            Err(e) => Err(format!("refused: {e}")),
+                        }
+                    }
                     Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },

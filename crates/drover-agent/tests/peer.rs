@@ -202,6 +202,8 @@ struct Pki {
     dr: AgentIdentity,
     /// An agent of another control plane.
     stranger: AgentIdentity,
+    /// The control plane's own client config (its certificate is from the same CA).
+    control_plane: rustls::ClientConfig,
 }
 
 impl Pki {
@@ -212,7 +214,9 @@ impl Pki {
         let source = enrol(&ca, &dir.path().join("source"));
         let dr = enrol(&ca, &dir.path().join("dr"));
         let stranger = enrol(&other, &dir.path().join("stranger"));
-        Pki { _dir: dir, source, dr, stranger }
+        let cp = ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
+        let control_plane = client_config(&cp, ca.trusted_ca()).unwrap();
+        Pki { _dir: dir, source, dr, stranger, control_plane }
     }
 
     fn server(&self) -> rustls::ServerConfig {
@@ -491,7 +495,7 @@ async fn a_cut_link_mid_transfer_resumes_and_resends_under_one_percent() {
 }
 
 #[tokio::test]
-async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() {
+async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
     let pki = Pki::new();
     let src = Source::new().await;
     let a = src.site.agent(|a| a).await;
@@ -500,7 +504,8 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() 
     let cut = a.cut_begin(&spec).await.unwrap();
 
     // An agent of another control plane (which trusts this one's CA: the source must refuse its
-    // certificate), one with no certificate, one on plain TCP.
+    // certificate), the control plane itself (disk bytes go between agents only), one with no
+    // certificate, one on plain TCP.
     let stranger = client_config(pki.stranger.tls_identity(), pki.dr.trusted_ca()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.dr.trusted_ca().der().clone()).unwrap();
@@ -509,8 +514,12 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() 
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let clients: Vec<(&str, Option<rustls::ClientConfig>)> =
-        vec![("another CA", Some(stranger)), ("no certificate", Some(no_cert)), ("plain TCP", None)];
+    let clients: Vec<(&str, Option<rustls::ClientConfig>)> = vec![
+        ("another CA", Some(stranger)),
+        ("the control plane", Some(pki.control_plane.clone())),
+        ("no certificate", Some(no_cert)),
+        ("plain TCP", None),
+    ];
     for (what, tls) in clients {
         let dr = Dr::new();
         let b = dr
@@ -531,7 +540,8 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_or_from_another_ca() 
         let said = match what {
             "another CA" => "UnknownCA",
             "no certificate" => "CertificateRequired",
-            _ => "TLS",
+            "plain TCP" => "TLS",
+            _ => "",
         };
         assert!(e.message.contains(said), "{what}: {e:?}");
     }
