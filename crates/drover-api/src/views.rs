@@ -236,9 +236,7 @@ impl From<drover_engine::app::HostEnrolment> for EnrolmentView {
 /// A host's agent as the control plane last saw it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AgentView {
-    /// `local` (inside drover serve), `not_enrolled`, `enrolled`, `connected` or `unreachable`.
-    #[schema(value_type = String)]
-    pub state: drover_engine::app::AgentState,
+    pub state: AgentStateView,
     pub enrolled_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When a call to the agent last succeeded.
     pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
@@ -246,10 +244,35 @@ pub struct AgentView {
     pub last_error: Option<String>,
 }
 
+/// `local`: the agent inside drover serve; `not_enrolled`: a `drover agent` that has not enrolled;
+/// `enrolled`: not contacted since; `connected`: the last call succeeded; `unreachable`: it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStateView {
+    Local,
+    NotEnrolled,
+    Enrolled,
+    Connected,
+    Unreachable,
+}
+
+impl From<drover_engine::app::AgentState> for AgentStateView {
+    fn from(s: drover_engine::app::AgentState) -> Self {
+        use drover_engine::app::AgentState as S;
+        match s {
+            S::Local => AgentStateView::Local,
+            S::NotEnrolled => AgentStateView::NotEnrolled,
+            S::Enrolled => AgentStateView::Enrolled,
+            S::Connected => AgentStateView::Connected,
+            S::Unreachable => AgentStateView::Unreachable,
+        }
+    }
+}
+
 impl From<drover_engine::app::HostAgentState> for AgentView {
     fn from(a: drover_engine::app::HostAgentState) -> Self {
         AgentView {
-            state: a.state,
+            state: a.state.into(),
             enrolled_at: a.status.enrolled_at,
             last_seen: a.status.last_seen,
             last_error: a.status.last_error,
