@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use drover_agent::LocalAgent;
 use drover_agent::host_paths::HostPaths;
+use drover_agent::peer::DataListener;
 use drover_hv::Hypervisor;
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver};
 use drover_pki::{AgentIdentity, PresentedToken};
@@ -52,6 +53,13 @@ pub struct AgentArgs {
     /// it, or separate with commas). Default: `<data-dir>/datastores`.
     #[arg(long = "datastore-root", env = "DROVER_AGENT_DATASTORE_ROOTS", value_delimiter = ',')]
     pub datastore_roots: Vec<PathBuf>,
+    /// Address of the agent-to-agent data listener (mutual TLS: only agents enrolled with the
+    /// same control plane may pull this host's cuts). Without it, cuts are read on this host only.
+    #[arg(long, env = "DROVER_AGENT_DATA_LISTEN")]
+    pub data_listen: Option<SocketAddr>,
+    /// `host:port` other agents reach the data listener at. Default: `--data-listen`.
+    #[arg(long, env = "DROVER_AGENT_DATA_ADVERTISE", requires = "data_listen")]
+    pub data_advertise: Option<String>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -146,6 +154,8 @@ pub fn hypervisor(
 pub struct RunningAgent {
     pub identity: AgentIdentity,
     pub addr: SocketAddr,
+    /// The agent-to-agent data listener, when the agent serves one.
+    pub data: Option<DataListener>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -154,6 +164,8 @@ impl RunningAgent {
         format!("https://{}", self.addr)
     }
     pub async fn wait(self) -> anyhow::Result<()> {
+        // The data listener serves as long as the agent API does.
+        let _data = self.data;
         self.task.await.context("the agent listener")?.context("the agent listener failed")
     }
 }
@@ -191,13 +203,33 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     };
     let roots = HostPaths::new(&roots, &[]).context("bad --datastore-root")?;
     let hv = hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
-    let agent = LocalAgent::new(hv, args.data_dir.join("work")).with_datastore_roots(roots);
+    // Other agents are dialled (to pull their cuts) with this agent's identity, and trusted only
+    // with a certificate from the same CA.
+    let peer_tls = drover_pki::client_config(identity.tls_identity(), identity.trusted_ca())?;
+    let agent = LocalAgent::new(hv, args.data_dir.join("work")).with_datastore_roots(roots).with_peer_tls(peer_tls);
     let config = drover_pki::server_config_requiring_client_cert(identity.tls_identity(), identity.trusted_ca())?;
+    let data = match args.data_listen {
+        Some(bind) => {
+            if bind.ip().is_unspecified() && args.data_advertise.is_none() {
+                bail!(
+                    "--data-listen {bind} is a wildcard address: say where other agents reach it with --data-advertise"
+                );
+            }
+            let name = drover_pki::agent_dns_name(identity.host_id());
+            let listener = agent
+                .serve_data(bind, args.data_advertise.clone(), name, Some(config.clone()))
+                .await
+                .with_context(|| format!("cannot listen for other agents on {bind}"))?;
+            println!("serving cuts to other agents on {}", listener.local_addr());
+            Some(listener)
+        }
+        None => None,
+    };
     let listener =
         std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(drover_agent::server::serve_tls(listener, Arc::new(agent), Arc::new(config)));
-    Ok(RunningAgent { identity, addr, task })
+    Ok(RunningAgent { identity, addr, data, task })
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
