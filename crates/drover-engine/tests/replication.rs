@@ -135,7 +135,8 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
 
     // 2. The VM runs and writes a marker; the run is incremental through its dirty bitmap.
     let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
-    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let done = wait(app, s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {:?}", done.failure_message, log(app, caller, s).await);
     env.driver.write_marker(vm.id.0, "written in production").await.unwrap();
     let s2 = app.replication_job_run(caller, job.id).await.unwrap();
     let done = wait(app, s2).await;
@@ -682,23 +683,33 @@ async fn a_power_on_waits_for_a_disk_held_by_another_process() {
     assert_eq!(wait(app, s).await.result, SessionResult::Success);
     let image = Path::new(&prod.path).join(vm.id.to_string()).join("data.qcow2");
     // A storage daemon with the image open for writing, for two seconds.
-    let mut holder = std::process::Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name=f", image.display()))
-        .arg("--blockdev")
-        .arg("driver=qcow2,file=f,node-name=d")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when dropped, so a failing assertion does not leave it behind.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Holder(
+        std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={},node-name=f", image.display()))
+            .arg("--blockdev")
+            .arg("driver=qcow2,file=f,node-name=d")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(holder.try_wait().unwrap().is_none(), "the storage daemon holds the image");
+    assert!(holder.0.try_wait().unwrap().is_none(), "the storage daemon holds the image");
     let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lines = log(app, caller, s).await;
     assert!(lines.iter().any(|l| l.contains("in use by another process")), "{lines:?}");
     assert_ne!(app.engine().store().session_get(None, s).await.unwrap().state, SessionState::Stopped, "still waiting");
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
     let done = wait(app, s).await;
     assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
     assert!(log(app, caller, s).await.iter().any(|l| l.contains("the disk was released")));
