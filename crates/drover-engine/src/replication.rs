@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_agent_api::{
-    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, ErrorKind, HostAgent, PointFile, PointSpec, TransferMode,
-    TransferSpec, TransferState, TransferStatus,
+    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, ErrorKind, HostAgent, PointFile, PointSpec,
+    SourceEndpoint, TransferMode, TransferSpec, TransferState, TransferStatus,
 };
 use drover_hv::PowerState;
 use drover_types::*;
@@ -447,11 +447,22 @@ async fn transfer_disk(
     }
     let spec = d.cut(ctx, c, prep.running);
     let cut = source.cut_begin(&spec).await.map_err(agent_error)?;
+    // A cut read through a local socket is for an agent on the same host only.
+    let same_agent = std::ptr::addr_eq(source as *const dyn HostAgent, target as *const dyn HostAgent);
+    if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !same_agent {
+        let _ = source.cut_end(&spec, Some(&cut), false).await;
+        return Err(Error::conflict(format!(
+            "disk {}: the source host's agent does not serve its cuts to other hosts' agents, so the target's agent \
+             cannot read them; start it with a data listener (drover serve or drover agent --data-listen)",
+            d.name
+        )));
+    }
     let running = match target.transfer_status(&spec.id).await {
         Ok(s) if s.state != TransferState::Failed => Some(s),
         _ => None,
     };
-    let source_files = (!prep.running).then(|| d.disk.clone());
+    // A powered-off disk may be read from its files, by an agent on its host.
+    let source_files = (!prep.running && same_agent).then(|| d.disk.clone());
     let transfer_into = |file: PointFile| TransferSpec {
         id: spec.id.clone(),
         source: cut.source.clone(),
@@ -478,6 +489,24 @@ async fn transfer_disk(
     };
     let status = follow(ctx, d, target, &transfer, status).await?;
     let outcome = status.outcome.clone().ok_or_else(|| Error::internal("a finished transfer without an outcome"))?;
+    if let Some(p) = &outcome.peer {
+        let note = format!(
+            "pulled by the target's agent from the source's: {} bytes on the wire for {} bytes of data and {} of zeroes{}{}",
+            p.wire_bytes_in,
+            p.data_bytes,
+            p.zero_bytes,
+            if p.reconnects > 0 { format!(", {} reconnections", p.reconnects) } else { String::new() },
+            if p.resumed_bytes > 0 {
+                format!(", {} bytes resumed from the journal", p.resumed_bytes)
+            } else {
+                String::new()
+            },
+        );
+        reason = Some(match reason {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
     if let Some(note) = outcome.note {
         reason = Some(match reason {
             Some(r) => format!("{r}; {note}"),

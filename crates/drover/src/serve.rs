@@ -93,6 +93,14 @@ pub struct ServeArgs {
     /// `--agent-listen` (the machine's name when it listens on every address).
     #[arg(long, env = "DROVER_AGENT_URL")]
     pub agent_url: Option<String>,
+    /// Address where this machine's own agent serves its cuts to other hosts' agents (mutual
+    /// TLS with the certificate the control plane's CA issued it): what lets a `drover agent`
+    /// on a DR host replicate this machine's VMs. Needs `--agent-listen`.
+    #[arg(long, env = "DROVER_DATA_LISTEN", requires = "agent_listen")]
+    pub data_listen: Option<SocketAddr>,
+    /// `host:port` other agents reach `--data-listen` at. Default: `--data-listen`.
+    #[arg(long, env = "DROVER_DATA_ADVERTISE", requires = "data_listen")]
+    pub data_advertise: Option<String>,
     /// Seconds to wait for a guest's first heartbeat after power-on.
     #[arg(long, default_value_t = 120)]
     pub heartbeat_timeout_secs: u64,
@@ -149,6 +157,8 @@ pub struct Server {
     pub em_http: Option<drover_api::Listener>,
     /// The listener agents enrol at, when on.
     pub agents: Option<drover_api::Listener>,
+    /// Where this machine's agent serves its cuts to other agents, when on.
+    pub data: Option<drover_agent::peer::DataListener>,
     /// The admin password when it was generated on this start.
     pub generated_admin_password: Option<String>,
 }
@@ -186,14 +196,40 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         host_paths,
         ..EngineConfig::default()
     };
-    let engine = Engine::new(store, hv, config);
+    // With agents, this machine's agent has an identity of its own from the control plane's CA:
+    // it pulls from other agents with it, and serves its cuts to them with it.
+    let pki = match args.agent_listen.0 {
+        Some(_) => Some(AgentPkiFiles::create_or_load(args)?),
+        None => None,
+    };
+    let mut local_agent = drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone());
+    let mut data = None;
+    if let Some(pki) = &pki {
+        let local = &pki.local;
+        local_agent = local_agent.with_peer_tls(drover_pki::client_config(local.tls_identity(), local.trusted_ca())?);
+        if let Some(bind) = args.data_listen {
+            if bind.ip().is_unspecified() && args.data_advertise.is_none() {
+                bail!(
+                    "--data-listen {bind} is a wildcard address: say where other agents reach it with --data-advertise"
+                );
+            }
+            let tls = drover_pki::server_config_requiring_client_cert(local.tls_identity(), local.trusted_ca())?;
+            let name = drover_pki::agent_dns_name(local.host_id());
+            let listener = local_agent
+                .serve_data(bind, args.data_advertise.clone(), name, Some(tls))
+                .await
+                .with_context(|| format!("cannot listen for other agents on {bind}"))?;
+            data = Some(listener);
+        }
+    }
+    let engine = Engine::with_local_agent(store, hv, config, Arc::new(local_agent));
     let app = App::new(engine.clone());
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok();
     let generated_admin_password = app.bootstrap(admin_password).await?;
     // Before the engine starts: sessions it resumes may need hosts' agents.
-    let agents = match args.agent_listen.0 {
-        Some(addr) => Some(agent_listener(args, &app, addr).await?),
-        None => None,
+    let agents = match (args.agent_listen.0, pki) {
+        (Some(addr), Some(pki)) => Some(agent_listener(args, &app, addr, pki).await?),
+        _ => None,
     };
     engine.start().await?;
     let tls = if args.plain_http {
@@ -236,14 +272,42 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         ),
         None => None,
     };
-    Ok(Server { app, listener, vro, em, em_http, agents, generated_admin_password })
+    Ok(Server { app, listener, vro, em, em_http, agents, data, generated_admin_password })
 }
 
-/// The control plane's CA and the listener agents enrol at (see `--agent-listen`).
-async fn agent_listener(args: &ServeArgs, app: &App, addr: SocketAddr) -> anyhow::Result<drover_api::Listener> {
+/// The control plane's CA, and the identity of this machine's own agent (a host certificate
+/// from that CA, for a host id of its own, kept in `<data-dir>/local-agent`).
+struct AgentPkiFiles {
+    ca: drover_pki::ControlPlaneCa,
+    local: drover_pki::AgentIdentity,
+}
+
+impl AgentPkiFiles {
+    fn create_or_load(args: &ServeArgs) -> anyhow::Result<AgentPkiFiles> {
+        let ca = drover_pki::ControlPlaneCa::create_or_load(&args.data_dir.join("ca"))
+            .context("cannot set up the control plane's CA")?;
+        let dir = args.data_dir.join("local-agent");
+        let local = match drover_pki::AgentIdentity::load(&dir) {
+            Ok(identity) if identity.trusted_ca().fingerprint() == ca.fingerprint() => identity,
+            _ => {
+                let pending = drover_pki::AgentIdentity::generate(&dir).context("cannot make the local agent's key")?;
+                let issued = ca.sign_agent_csr(drover_types::HostId::new(), pending.csr_pem(), &[])?;
+                pending.install(&issued.certificate_pem, &issued.ca_pem)?
+            }
+        };
+        Ok(AgentPkiFiles { ca, local })
+    }
+}
+
+/// The listener agents enrol at (see `--agent-listen`), with a certificate from the CA.
+async fn agent_listener(
+    args: &ServeArgs,
+    app: &App,
+    addr: SocketAddr,
+    pki: AgentPkiFiles,
+) -> anyhow::Result<drover_api::Listener> {
     use drover_pki::SubjectName;
-    let ca = drover_pki::ControlPlaneCa::create_or_load(&args.data_dir.join("ca"))
-        .context("cannot set up the control plane's CA")?;
+    let ca = pki.ca;
     let host_of_url = |url: &str| -> anyhow::Result<String> {
         let rest = url.strip_prefix("https://").context("--agent-url must start with https://")?;
         let authority = rest.split('/').next().unwrap_or_default();
@@ -303,6 +367,9 @@ impl Server {
                 "agents",
                 format!("{}   (enrolment: drover agent --enroll {} <token>)", pki.enrol_url, pki.enrol_url),
             ));
+        }
+        if let Some(d) = &self.data {
+            out.push(("data", format!("{}   (this machine's cuts, to other agents)", d.local_addr())));
         }
         out
     }
