@@ -863,7 +863,14 @@ impl App {
         if ds.host_id != new.host_id {
             return Err(Error::invalid(format!("datastore {:?} is not on host {}", ds.name, new.host_id)));
         }
-        self.get::<Host>(caller, new.host_id.0).await?;
+        let host = self.get::<Host>(caller, new.host_id.0).await?;
+        if host.address != "local" {
+            return Err(Error::conflict(format!(
+                "host {} runs its own drover agent, and VMs are not yet run through agents: place the VM on a \
+                 `local` host (replicas and restore points may be on the agent's host)",
+                host.name
+            )));
+        }
         let id = VmId::new();
         let nics = new
             .nics

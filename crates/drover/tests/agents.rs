@@ -332,12 +332,12 @@ async fn an_agent_enrols_once_serves_only_its_control_plane_and_is_shown_unreach
 async fn wait_session(api: &Api, id: &str) -> Value {
     for _ in 0..1800 {
         let s = api.ok(M::GET, &format!("/v1/sessions/{id}"), None).await;
-        if s["state"] == "Stopped" {
+        if s["state"] == "Stopped" || s["halted"] == true {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("session {id} did not finish");
+    panic!("session {id} did not finish (or halt)");
 }
 
 async fn session_log(api: &Api, id: &str) -> Vec<String> {
@@ -477,6 +477,30 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     let newest = newest_point(&dr_root.join("ds"));
     assert_ne!(newest, point);
     assert!(compare(&source, &newest), "the newest point equals the source");
+
+    // What is not built yet says so: VMs are not run through agents.
+    let (status, v) = api
+        .send(
+            M::POST,
+            "/v1/vms",
+            Some(json!({"name": "x", "host_id": dr_id, "datastore_id": dr_ds["id"], "vcpus": 1,
+                "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 1048576}]})),
+        )
+        .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("not yet run through agents"), "{v}");
+    let plan = api
+        .ok(
+            M::POST,
+            "/v1/plans",
+            Some(json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm_id}]}]})),
+        )
+        .await;
+    let fo = api.ok(M::POST, &format!("/v1/plans/{}/failover", plan["id"].as_str().unwrap()), None).await;
+    let s = wait_session(&api, fo["session_id"].as_str().unwrap()).await;
+    assert_ne!(s["result"], "Success", "{s}");
+    let lines = session_log(&api, fo["session_id"].as_str().unwrap()).await;
+    assert!(lines.iter().any(|l| l.contains("booting VMs through an agent is not built yet")), "{s}: {lines:?}");
     drop(dr_agent);
     drop(serve);
 }
