@@ -35,6 +35,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
 mod em_sessions;
+mod remote;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -65,6 +66,11 @@ pub struct ReplicationArgs {
     /// Runs of each baseline (`rsync`, `qemu-img convert`), interleaved; min and median printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub baseline_runs: u32,
+    /// Between two agents over the agent-to-agent data path (mutual TLS on loopback): the full
+    /// seed and the incremental in MB/s, bytes on the wire, CPU per GiB, against `qemu-img
+    /// convert` and `nbdcopy` over NBD (`--baseline-runs` seeds, interleaved with them).
+    #[arg(long)]
+    pub remote: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -149,6 +155,15 @@ pub struct FailbackReport {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Replication(args) if args.remote => {
+            let report = remote::remote(&args).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                remote::print(&report);
+            }
+            Ok(())
+        }
         BenchCommand::Replication(args) => {
             let report = replication(&args).await?;
             if args.json {

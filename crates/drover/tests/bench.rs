@@ -36,6 +36,28 @@ fn bench_replication_reports_what_moved() {
     }
 }
 
+/// Between two agents over mutual TLS: the seed sends the whole (random, incompressible) disk,
+/// the incremental exactly the changed blocks, within 1.05x on the wire, and the point it makes
+/// equals the source (the bench checks and fails otherwise).
+#[test]
+fn bench_replication_remote_reports_what_crossed_the_wire() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["bench", "replication", "--remote", "--size", "16MiB", "--change", "10%", "--baseline-runs", "2"])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let wire = r["seed_wire_bytes"].as_u64().unwrap();
+    assert!(wire >= 16 << 20 && wire <= (16 << 20) * 105 / 100, "{r}");
+    let changed = r["changed_bytes"].as_u64().unwrap();
+    assert!(changed > 0);
+    assert_eq!(r["incremental_data_bytes"].as_u64(), Some(changed), "{r}");
+    assert!(r["incremental_wire_bytes"].as_u64().unwrap() <= changed * 105 / 100, "{r}");
+    assert_eq!(r["seed_seconds"].as_array().unwrap().len(), 2);
+    assert_eq!(r["qemu_img_convert_seconds"].as_array().unwrap().len(), 2);
+}
+
 #[test]
 fn bench_refuses_bad_arguments() {
     for args in [["--size", "3MiB"], ["--size", "lots"], ["--change", "0%"], ["--change", "150%"]] {
