@@ -27,8 +27,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use drover_agent_api::*;
 use drover_block::chain::{ChainDir, manifest_path};
-use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::copy::{
+    CopyStats, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
+};
 use drover_block::direct::DirectImage;
+use drover_block::extents::ExtentSet;
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::tracking::{BitmapState, CycleExport, OfflineCycleExport};
@@ -417,14 +420,18 @@ impl Job {
         let daemon = StorageDaemon::start(&self.work).await.map_err(|e| hv_error(e.into()))?;
         let result = async {
             daemon.start_nbd_server().await?;
-            daemon
-                .add_qcow2(&Qcow2Node {
-                    node_name: "target".into(),
-                    path: self.target.clone(),
-                    backing: Backing::FromImage,
-                    read_only: false,
-                })
-                .await?;
+            let node = Qcow2Node {
+                node_name: "target".into(),
+                path: self.target.clone(),
+                backing: Backing::FromImage,
+                read_only: false,
+            };
+            // A seed writes a new image once: past the page cache, as `add_qcow2_direct` says.
+            if self.prev.is_none() {
+                daemon.add_qcow2_direct(&node).await?;
+            } else {
+                daemon.add_qcow2(&node).await?;
+            }
             daemon
                 .add_nbd_export(&NbdExport {
                     id: "target".into(),
@@ -477,8 +484,11 @@ impl Job {
             };
             let stats: CopyStats = match self.spec.mode {
                 TransferMode::Seed => {
-                    let data = src.data_extents(0, size).await?;
-                    copy_extents(&mut src, &mut dst, &data, &mut manifest, progress).await?
+                    // The source's block status decides what is read; a new point without a
+                    // backing file reads as zeroes, so zeroes are not written into it at all.
+                    let target = if self.prev.is_none() { TargetBefore::Zeroes } else { TargetBefore::Unknown };
+                    let whole = ExtentSet::from_range(0, size);
+                    copy_extents_into(&mut src, &mut dst, &whole, target, &mut manifest, progress).await?
                 }
                 TransferMode::Bitmap => {
                     let dirty = src.dirty_extents(meta_context, 0, size).await?;

@@ -262,6 +262,32 @@ impl StorageDaemon {
     /// Opens a qcow2 image as `node.node_name`. Idempotent: an existing node of that name is
     /// left as it is (it is not checked to be the same image).
     pub async fn add_qcow2(&self, node: &Qcow2Node) -> ToolResult<()> {
+        self.add_qcow2_cached(node, false).await
+    }
+
+    /// As [`StorageDaemon::add_qcow2`], with the host's page cache bypassed (`cache.direct`,
+    /// `O_DIRECT`) where the file system allows it; returns whether it does. For an image that
+    /// is written once and must then be durable (a seed's new point): its data goes straight to
+    /// the disk instead of being copied into the page cache and written back by the flush at the
+    /// end. Measured on a 1 GiB copy here: writing 1 GiB and then `fsync` took 4-7 s through the
+    /// page cache, 1.1-1.4 s with `O_DIRECT`. A file system without `O_DIRECT` (tmpfs) gets the
+    /// page cache, as with `add_qcow2`.
+    pub async fn add_qcow2_direct(&self, node: &Qcow2Node) -> ToolResult<bool> {
+        if self.node(&node.node_name).await?.is_some() {
+            return Ok(false);
+        }
+        match self.add_qcow2_cached(node, true).await {
+            Ok(()) => Ok(true),
+            Err(ToolError::Qmp { desc, .. }) => {
+                tracing::info!(error = %desc, path = %node.path.display(), "storage daemon: no O_DIRECT here; using the page cache");
+                self.add_qcow2_cached(node, false).await?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn add_qcow2_cached(&self, node: &Qcow2Node, direct: bool) -> ToolResult<()> {
         let file_node = format!("{}-file", node.node_name);
         check_node_name(&file_node)?;
         if self.node(&node.node_name).await?.is_some() {
@@ -277,6 +303,10 @@ impl StorageDaemon {
             "read-only": node.read_only,
             "file": {"driver": "file", "node-name": file_node, "filename": filename, "read-only": node.read_only},
         });
+        if direct {
+            args["cache"] = json!({"direct": true});
+            args["file"]["cache"] = json!({"direct": true});
+        }
         match &node.backing {
             Backing::FromImage => {}
             Backing::None => args["backing"] = Value::Null,

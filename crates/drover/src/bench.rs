@@ -1,7 +1,12 @@
 //! `drover bench replication`: the data path measured on one disk image, with the baselines
 //! beside it, all in the same run and on the same data.
 //!
-//! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full copy).
+//! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full
+//!    copy, the target opened with `O_DIRECT` as a seed's point is, and flushed), `--baseline-runs`
+//!    times, interleaved with `qemu-img convert` of the same source to qcow2, once as it runs by
+//!    default (`-t unsafe` for the target: no flush, the data is left in the page cache) and
+//!    once durable (`-t writeback`: flushed when closed), each run cold; min and median, and
+//!    where the full copy's time went (source map, read, write, hash, flush).
 //! 2. A persistent dirty bitmap is added, `--change` of the 64 KiB blocks are rewritten at random.
 //! 3. Incremental: the dirty granules go into a new overlay on the seed (bytes read and sent).
 //! 4. Hash-compare, as replication falls back to it without a trusted bitmap: a stale overlay on
@@ -13,9 +18,9 @@
 //! 5. Failback: a replica boots through an overlay on the new point and writes; production writes
 //!    too (tracked by the next bitmap). The union of the two is what must travel back; it is sent
 //!    and production is checked equal to the replica.
-//! 6. Baselines: reading both images once, `rsync --inplace --no-whole-file --ignore-times`
-//!    between raw copies, and `qemu-img convert`, each `--baseline-runs` times, interleaved, on a
-//!    fresh target and (as root) with the page cache dropped before each run; min and median.
+//! 6. Baselines: reading both images once, and `rsync --inplace --no-whole-file --ignore-times`
+//!    between raw copies `--baseline-runs` times, on a fresh target and (as root) with the page
+//!    cache dropped before each run; min and median.
 //!
 //! All other I/O goes through `qemu-storage-daemon` NBD exports and drover's own NBD client: the
 //! same path replication uses.
@@ -25,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::copy::{
+    CopyStats, CopyTiming, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
+};
 use drover_block::direct::DirectImage;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
@@ -62,7 +69,8 @@ pub struct ReplicationArgs {
     /// Seed of the random data and block choice, for repeatable runs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Runs of each baseline (`rsync`, `qemu-img convert`), interleaved; min and median printed.
+    /// Runs of the full copy and of each baseline (`qemu-img convert`, `rsync`), interleaved;
+    /// min and median printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub baseline_runs: u32,
 }
@@ -96,12 +104,56 @@ pub struct Phase {
     pub bytes_sent: u64,
 }
 
+/// Where a copy's time went, in seconds. The stages overlap; the wall time is `seconds`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Breakdown {
+    pub seconds: f64,
+    /// Block status of the source (what holds data).
+    pub source_map: f64,
+    /// Waiting for the source's reads.
+    pub read: f64,
+    /// Waiting for the target's writes.
+    pub write: f64,
+    /// Hashing for the manifest (a thread of its own).
+    pub hash: f64,
+    /// The final flush of the target.
+    pub flush: f64,
+}
+
+impl Breakdown {
+    fn of(seconds: f64, t: &CopyTiming) -> Breakdown {
+        Breakdown {
+            seconds,
+            source_map: t.source_map.as_secs_f64(),
+            read: t.read.as_secs_f64(),
+            write: t.write.as_secs_f64(),
+            hash: t.hash.as_secs_f64(),
+            flush: t.flush.as_secs_f64(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub size_bytes: u64,
     pub change_fraction: f64,
     pub changed_bytes: u64,
+    /// The first full copy (the seed the later phases build on).
     pub full_copy: Phase,
+    /// Every full copy run, cold, interleaved with the `qemu-img convert` runs.
+    pub full_copy_runs: Spread,
+    /// Where the time of the median full copy run went.
+    pub full_copy_breakdown: Breakdown,
+    /// `qemu-img convert -O qcow2` as it runs by default: the target with `cache=unsafe`, so
+    /// nothing is flushed and the data is still in the page cache when it exits.
+    pub convert_default: Spread,
+    /// `qemu-img convert -t writeback -O qcow2`: flushed at close, durable like the full copy.
+    pub convert_durable: Spread,
+    /// `convert_durable.median / full_copy_runs.median`: the full copy's speed relative to a
+    /// durable `qemu-img convert` (target ≥ 1.0).
+    pub full_copy_speed_vs_convert_durable: f64,
+    /// `convert_default.median / full_copy_runs.median`: relative to the default, non-durable one.
+    pub full_copy_speed_vs_convert_default: f64,
     pub incremental: Phase,
     /// Replication's fallback: the source hashed against the target point's manifest, read from
     /// its files (a powered-off VM's disk).
@@ -115,11 +167,8 @@ pub struct Report {
     pub failback: FailbackReport,
     /// The median of the rsync runs.
     pub rsync_seconds: Option<f64>,
-    /// The median of the `qemu-img convert` runs.
-    pub qemu_img_convert_seconds: f64,
     pub rsync: Option<Spread>,
-    pub qemu_img_convert: Spread,
-    /// Every baseline run started with the page cache dropped (needs root).
+    /// Every full copy and baseline run started with the page cache dropped (needs root).
     pub baselines_cold: bool,
     /// `incremental.bytes_sent / changed_bytes` (target ≤ 1.05).
     pub incremental_ratio: f64,
@@ -201,6 +250,24 @@ impl Rig {
                 bitmaps: bitmaps.iter().map(|b| b.to_string()).collect(),
             })
             .await?;
+        Ok((node, endpoint.export_name))
+    }
+
+    /// A new image to write once, opened as a seed's point is: `O_DIRECT` where possible.
+    async fn export_new_target(&mut self, path: &Path) -> anyhow::Result<(String, String)> {
+        self.counter += 1;
+        let node = format!("n{}", self.counter);
+        let qcow2 =
+            Qcow2Node { node_name: node.clone(), path: path.to_path_buf(), backing: Backing::None, read_only: false };
+        self.qsd.add_qcow2_direct(&qcow2).await?;
+        let export = NbdExport {
+            id: format!("e{}", self.counter),
+            node_name: node.clone(),
+            name: node.clone(),
+            writable: true,
+            bitmaps: vec![],
+        };
+        let endpoint = self.qsd.add_nbd_export(&export).await?;
         Ok((node, endpoint.export_name))
     }
 
@@ -286,18 +353,70 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
     let mut src = rig.client(&src_export, &["base:allocation"]).await?;
     write_random(&mut src, &mut rng, &ExtentSet::from_range(0, size)).await?;
+    src.disconnect().await?;
+    rig.close(&src_node).await?;
 
-    // 1. Full copy into the empty seed.
-    let (seed_node, seed_export) = rig.export(&path("seed.qcow2"), Backing::None, true, &[]).await?;
-    let mut seed = rig.client(&seed_export, &[]).await?;
-    let mut manifest = Manifest::zeroed(size);
-    let start = Instant::now();
-    let data = src.data_extents(0, size).await?;
-    let (stats, full_secs) = timed(start, copy_extents(&mut src, &mut seed, &data, &mut manifest, |_, _| {}).await?);
-    let full_copy = Phase { seconds: full_secs, bytes_read: stats.source_read, bytes_sent: stats.written };
+    // 1. Full copies into empty images, as a seed's (the whole disk asked for: the source's block
+    // status decides what is read), interleaved with `qemu-img convert` of the same source, each
+    // run cold. The source is exported read-only, so `qemu-img` may open it meanwhile.
+    let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, false, &[]).await?;
+    let mut src = rig.client(&src_export, &["base:allocation"]).await?;
+    let mut cold = true;
+    let (mut full_runs, mut convert_runs, mut durable_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first: Option<(CopyStats, Manifest)> = None;
+    for run in 0..args.baseline_runs {
+        let file = path(if run == 0 { "seed.qcow2" } else { "seed-again.qcow2" });
+        let _ = std::fs::remove_file(&file);
+        qemu_img(&["create", "-q", "-f", "qcow2", file.to_str().unwrap_or_default(), &size_s])?;
+        let (seed_node, seed_export) = rig.export_new_target(&file).await?;
+        let mut seed = rig.client(&seed_export, &[]).await?;
+        let mut m = Manifest::zeroed(size);
+        cold &= drop_caches();
+        let whole = ExtentSet::from_range(0, size);
+        let start = Instant::now();
+        let stats = copy_extents_into(&mut src, &mut seed, &whole, TargetBefore::Zeroes, &mut m, |_, _| {}).await?;
+        full_runs.push((start.elapsed().as_secs_f64(), stats.timing));
+        seed.disconnect().await?;
+        rig.close(&seed_node).await?;
+        if first.is_none() {
+            first = Some((stats, m));
+        }
+        for (durable, runs) in [(false, &mut convert_runs), (true, &mut durable_runs)] {
+            let _ = std::fs::remove_file(path("convert.qcow2"));
+            cold &= drop_caches();
+            let start = Instant::now();
+            let cache: &[&str] = if durable { &["-t", "writeback"] } else { &[] };
+            let (from, to) = (path("source.qcow2"), path("convert.qcow2"));
+            let mut convert_args = vec!["convert"];
+            convert_args.extend_from_slice(cache);
+            convert_args.extend_from_slice(&[
+                "-O",
+                "qcow2",
+                from.to_str().unwrap_or_default(),
+                to.to_str().unwrap_or_default(),
+            ]);
+            qemu_img(&convert_args)?;
+            runs.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let _ = std::fs::remove_file(path("seed-again.qcow2"));
+    let _ = std::fs::remove_file(path("convert.qcow2"));
+    let Some((stats, mut manifest)) = first else { bail!("no full copy ran") };
+    let full_copy = Phase { seconds: full_runs[0].0, bytes_read: stats.source_read, bytes_sent: stats.written };
+    let full_copy_runs = Spread::of(&full_runs.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+    let full_copy_breakdown = {
+        let mut by_time = full_runs.clone();
+        by_time.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (secs, timing) = by_time[by_time.len() / 2];
+        Breakdown::of(secs, &timing)
+    };
+    let convert_default = Spread::of(&convert_runs);
+    let convert_durable = Spread::of(&durable_runs);
     let seed_manifest = manifest.clone();
-    seed.disconnect().await?;
-    rig.close(&seed_node).await?;
+    src.disconnect().await?;
+    rig.close(&src_node).await?;
+    let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
+    let mut src = rig.client(&src_export, &[]).await?;
 
     // 2. Tracking from here: a persistent bitmap on the source; then random blocks change.
     rig.qsd
@@ -463,8 +582,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         std::process::Command::new("rsync").arg("--version").output(),
         Ok(o) if o.status.success()
     );
-    let mut cold = true;
-    let (mut rsync_runs, mut convert_runs) = (Vec::new(), Vec::new());
+    let mut rsync_runs = Vec::new();
     for _ in 0..args.baseline_runs {
         if has_rsync {
             let _ = std::fs::remove_file(raw("seed"));
@@ -488,23 +606,10 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
             }
             rsync_runs.push(start.elapsed().as_secs_f64());
         }
-        let _ = std::fs::remove_file(path("convert.qcow2"));
-        cold &= drop_caches();
-        let start = Instant::now();
-        qemu_img(&[
-            "convert",
-            "-O",
-            "qcow2",
-            path("source.qcow2").to_str().unwrap_or_default(),
-            path("convert.qcow2").to_str().unwrap_or_default(),
-        ])?;
-        convert_runs.push(start.elapsed().as_secs_f64());
     }
     let rsync = (!rsync_runs.is_empty()).then(|| Spread::of(&rsync_runs));
-    let convert = Spread::of(&convert_runs);
     let rsync_seconds = rsync.as_ref().map(|r| r.median);
-    let qemu_img_convert_seconds = convert.median;
-    for f in ["source.raw", "seed.raw", "convert.qcow2"] {
+    for f in ["source.raw", "seed.raw"] {
         let _ = std::fs::remove_file(path(f));
     }
 
@@ -518,7 +623,13 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         through_nbd_vs_rsync: rsync_seconds.map(|r| hash_compare_through_nbd.seconds / r.max(1e-9)),
         reading_target_vs_rsync: rsync_seconds.map(|r| hash_compare_reading_target.seconds / r.max(1e-9)),
         reading_target_vs_read_both: hash_compare_reading_target.seconds / read_both_seconds.max(1e-9),
+        full_copy_speed_vs_convert_durable: convert_durable.median / full_copy_runs.median.max(1e-9),
+        full_copy_speed_vs_convert_default: convert_default.median / full_copy_runs.median.max(1e-9),
         full_copy,
+        full_copy_runs,
+        full_copy_breakdown,
+        convert_default,
+        convert_durable,
         incremental,
         hash_compare,
         hash_compare_through_nbd,
@@ -526,9 +637,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         read_both_seconds,
         failback,
         rsync_seconds,
-        qemu_img_convert_seconds,
         rsync,
-        qemu_img_convert: convert,
         baselines_cold: cold,
     })
 }
@@ -575,11 +684,40 @@ fn print_report(r: &Report) {
         r.change_fraction * 100.0,
         mib(r.changed_bytes)
     );
+    let footing = if r.baselines_cold { "page cache dropped before each run" } else { "warm page cache" };
     println!(
         "  full copy      {:>10}  read {:>12}  sent {:>12}",
         d(r.full_copy.seconds),
         mib(r.full_copy.bytes_read),
         mib(r.full_copy.bytes_sent)
+    );
+    println!(
+        "    full copy runs                    min {:>10}  median {:>10}  ({} runs, {footing}, interleaved with convert)",
+        d(r.full_copy_runs.min),
+        d(r.full_copy_runs.median),
+        r.full_copy_runs.runs
+    );
+    let b = &r.full_copy_breakdown;
+    println!(
+        "      where the median run's {} went (stages overlap): source map {}, read {}, write {}, hash {}, flush {}",
+        d(b.seconds),
+        d(b.source_map),
+        d(b.read),
+        d(b.write),
+        d(b.hash),
+        d(b.flush)
+    );
+    println!(
+        "    qemu-img convert -t writeback     min {:>10}  median {:>10}  (durable; full copy speed {:.2}x)",
+        d(r.convert_durable.min),
+        d(r.convert_durable.median),
+        r.full_copy_speed_vs_convert_durable
+    );
+    println!(
+        "    qemu-img convert (default: unsafe) min {:>9}  median {:>10}  (no flush, data left in the page cache; full copy speed {:.2}x)",
+        d(r.convert_default.min),
+        d(r.convert_default.median),
+        r.full_copy_speed_vs_convert_default
     );
     println!(
         "  incremental    {:>10}  read {:>12}  sent {:>12}  sent/changed {:.3}",
@@ -612,7 +750,6 @@ fn print_report(r: &Report) {
         r.hash_compare_vs_read_both,
         r.reading_target_vs_read_both
     );
-    let footing = if r.baselines_cold { "page cache dropped before each run" } else { "warm page cache" };
     match (&r.rsync, r.hash_compare_vs_rsync, r.through_nbd_vs_rsync, r.reading_target_vs_rsync) {
         (Some(s), Some(x), Some(n), Some(y)) => println!(
             "  rsync --inplace --no-whole-file --ignore-times  min {:>10}  median {:>10}  ({} runs, {footing}; hash-compare / rsync median {:.2}; through NBD {:.2}; reading the target too {:.2})",
@@ -625,12 +762,6 @@ fn print_report(r: &Report) {
         ),
         _ => println!("  rsync: not installed"),
     }
-    println!(
-        "  qemu-img convert  min {:>10}  median {:>10}  ({} runs, {footing}, interleaved with rsync)",
-        d(r.qemu_img_convert.min),
-        d(r.qemu_img_convert.median),
-        r.qemu_img_convert.runs
-    );
     println!(
         "  failback       {:>10}  sent {:>12} for {} really changed (ratio {:.3}); production equals replica: {}",
         d(r.failback.seconds),
