@@ -34,16 +34,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::direct::{DirectError, DirectImage};
 use crate::extents::{Extent, ExtentSet};
 use crate::hash::{BLOCK_SIZE, BlockHash, Manifest, ManifestError, hash_block, zero_hash};
-use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, READ_DEPTH, WriteOp};
+use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, WriteOp};
 
 /// How much one read or write moves at most: large enough to amortise a round trip, small
 /// enough to keep memory flat.
 pub const CHUNK: u64 = 4 << 20;
 
-/// How many chunks are read per round: they are pipelined on the connection (see
+/// How many chunks are read per round: their requests are pipelined on the connection (see
 /// [`crate::nbd::READ_DEPTH`]), and the next round is read while the current one is written and
 /// hashed. Memory in use is about `4 * WINDOW_CHUNKS * CHUNK` (two rounds, two sides).
-const WINDOW_CHUNKS: usize = READ_DEPTH;
+const WINDOW_CHUNKS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {

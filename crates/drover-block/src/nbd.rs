@@ -146,19 +146,24 @@ pub const MAX_ERROR_CHUNK: u32 = 6 + 4096 + 8;
 /// Block status chunks: 4 + 8 per extent. QEMU sends at most 2^17 extents per chunk; this
 /// allows 2^20.
 pub const MAX_BLOCK_STATUS_CHUNK: u32 = 4 + 8 * (1 << 20);
-/// How many `NBD_CMD_READ` requests a pipelined read keeps in flight on one connection. QEMU's
-/// server handles up to 16 requests per connection concurrently.
-pub const READ_DEPTH: usize = 8;
+/// How many `NBD_CMD_READ` requests a pipelined read keeps in flight on one connection: QEMU's
+/// server handles up to 16 requests per connection concurrently. Measured on a cold 1 GiB seed
+/// (qcow2 source through `qemu-storage-daemon`, two cores shared with other work): the reads'
+/// wall time fell from 2.3 s with 8 in flight to 1.2-1.4 s with 16.
+pub const READ_DEPTH: usize = 16;
 /// How large one pipelined `NBD_CMD_READ` is at most (below the server's maximum). Measured
 /// against QEMU's server on a 1 GiB qcow2 held in the page cache, one connection, 8 in flight:
 /// 4 MiB requests 1.65 s, 1 MiB 1.12 s, 256 KiB 0.46 s, 128 KiB 0.56 s. Large requests make the
 /// server read and send each one whole before the next; small ones keep both ends busy.
 pub const READ_REQUEST: u32 = 256 * 1024;
 /// How many write requests (`NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES`) a pipelined write keeps in
-/// flight on one connection.
+/// flight on one connection (one at a time, a 1 GiB seed waited for 256 round trips); 16 in
+/// flight measured no better than 8.
 pub const WRITE_DEPTH: usize = 8;
-/// How large one pipelined `NBD_CMD_WRITE` is at most (below the server's maximum).
-pub const WRITE_REQUEST: u32 = 1024 * 1024;
+/// How large one pipelined `NBD_CMD_WRITE` is at most (below the server's maximum). Measured
+/// on a cold 1 GiB seed into an `O_DIRECT` qcow2, 8 in flight: 256 KiB requests (16 in flight)
+/// 2.0-2.7 s, 1 MiB 1.4-1.7 s, 2 MiB 1.4-1.6 s; the server then writes whole clusters.
+pub const WRITE_REQUEST: u32 = 2 * 1024 * 1024;
 /// A server that keeps answering an option with more and more replies is not making progress.
 const MAX_REPLIES_PER_OPTION: usize = 1024;
 

@@ -144,6 +144,9 @@ pub struct Report {
     pub full_copy_runs: Spread,
     /// Where the time of the median full copy run went.
     pub full_copy_breakdown: Breakdown,
+    /// The same full copy with the source read from its files (a powered-off VM's disk).
+    pub full_copy_from_files_runs: Spread,
+    pub full_copy_from_files_breakdown: Breakdown,
     /// `qemu-img convert -O qcow2` as it runs by default: the target with `cache=unsafe`, so
     /// nothing is flushed and the data is still in the page cache when it exits.
     pub convert_default: Spread,
@@ -154,6 +157,8 @@ pub struct Report {
     pub full_copy_speed_vs_convert_durable: f64,
     /// `convert_default.median / full_copy_runs.median`: relative to the default, non-durable one.
     pub full_copy_speed_vs_convert_default: f64,
+    /// `convert_durable.median / full_copy_from_files_runs.median`.
+    pub from_files_speed_vs_convert_durable: f64,
     pub incremental: Phase,
     /// Replication's fallback: the source hashed against the target point's manifest, read from
     /// its files (a powered-off VM's disk).
@@ -253,13 +258,14 @@ impl Rig {
         Ok((node, endpoint.export_name))
     }
 
-    /// A new image to write once, opened as a seed's point is: `O_DIRECT` where possible.
-    async fn export_new_target(&mut self, path: &Path) -> anyhow::Result<(String, String)> {
+    /// A new image to write once, opened as a seed's point is: in a daemon of its own
+    /// (`targets`), `O_DIRECT` where possible.
+    async fn export_new_target(&mut self, targets: &StorageDaemon, path: &Path) -> anyhow::Result<(String, String)> {
         self.counter += 1;
         let node = format!("n{}", self.counter);
         let qcow2 =
             Qcow2Node { node_name: node.clone(), path: path.to_path_buf(), backing: Backing::None, read_only: false };
-        self.qsd.add_qcow2_direct(&qcow2).await?;
+        targets.add_qcow2_direct(&qcow2).await?;
         let export = NbdExport {
             id: format!("e{}", self.counter),
             node_name: node.clone(),
@@ -267,7 +273,7 @@ impl Rig {
             writable: true,
             bitmaps: vec![],
         };
-        let endpoint = self.qsd.add_nbd_export(&export).await?;
+        let endpoint = targets.add_nbd_export(&export).await?;
         Ok((node, endpoint.export_name))
     }
 
@@ -276,11 +282,48 @@ impl Rig {
     }
 
     async fn close(&self, node: &str) -> anyhow::Result<()> {
-        let id = format!("e{}", node.trim_start_matches('n'));
-        self.qsd.remove_nbd_export(&id).await?;
-        self.qsd.remove_node(node).await?;
-        Ok(())
+        close_on(&self.qsd, node).await
     }
+}
+
+async fn close_on(daemon: &StorageDaemon, node: &str) -> anyhow::Result<()> {
+    let id = format!("e{}", node.trim_start_matches('n'));
+    daemon.remove_nbd_export(&id).await?;
+    daemon.remove_node(node).await?;
+    Ok(())
+}
+
+/// One cold full copy of `src` (through NBD, or with `None` from the source image's files) into
+/// a new image at `file`, as a seed's: the whole disk asked for, the source's block status or map
+/// deciding what is read, the target exported by `targets` and flushed at the end.
+async fn full_copy_once(
+    rig: &mut Rig,
+    targets: &StorageDaemon,
+    src: Option<&mut Client>,
+    source_file: &Path,
+    file: &Path,
+    size: u64,
+    cold: &mut bool,
+) -> anyhow::Result<(f64, CopyStats, Manifest)> {
+    let _ = std::fs::remove_file(file);
+    qemu_img(&["create", "-q", "-f", "qcow2", file.to_str().unwrap_or_default(), &size.to_string()])?;
+    let (node, export) = rig.export_new_target(targets, file).await?;
+    let mut dst: Client = NbdClient::connect_unix(targets.nbd_socket_path(), &export, &[]).await?;
+    let mut manifest = Manifest::zeroed(size);
+    let whole = ExtentSet::from_range(0, size);
+    *cold &= drop_caches();
+    let start = Instant::now();
+    let stats = match src {
+        Some(src) => copy_extents_into(src, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?,
+        None => {
+            let mut image = DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?;
+            copy_extents_into(&mut image, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    dst.disconnect().await?;
+    close_on(targets, &node).await?;
+    Ok((seconds, stats, manifest))
 }
 
 fn qemu_img(args: &[&str]) -> anyhow::Result<()> {
@@ -356,30 +399,32 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     src.disconnect().await?;
     rig.close(&src_node).await?;
 
-    // 1. Full copies into empty images, as a seed's (the whole disk asked for: the source's block
-    // status decides what is read), interleaved with `qemu-img convert` of the same source, each
-    // run cold. The source is exported read-only, so `qemu-img` may open it meanwhile.
+    // 1. Full copies into empty images, as a seed's, the target in a daemon of its own as a
+    // transfer's is: the source through NBD (a running VM's disk, read through its QEMU) and from
+    // its files (a powered-off VM's), interleaved with `qemu-img convert` of the same source,
+    // each run cold. The source is exported read-only, so `qemu-img` may open it meanwhile.
+    let targets = StorageDaemon::start(&dir.join("qsd-t")).await?;
+    targets.start_nbd_server().await?;
     let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, false, &[]).await?;
     let mut src = rig.client(&src_export, &["base:allocation"]).await?;
     let mut cold = true;
-    let (mut full_runs, mut convert_runs, mut durable_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut nbd_runs, mut file_runs) = (Vec::new(), Vec::new());
+    let (mut convert_runs, mut durable_runs) = (Vec::new(), Vec::new());
     let mut first: Option<(CopyStats, Manifest)> = None;
+    let source_file = path("source.qcow2");
     for run in 0..args.baseline_runs {
         let file = path(if run == 0 { "seed.qcow2" } else { "seed-again.qcow2" });
-        let _ = std::fs::remove_file(&file);
-        qemu_img(&["create", "-q", "-f", "qcow2", file.to_str().unwrap_or_default(), &size_s])?;
-        let (seed_node, seed_export) = rig.export_new_target(&file).await?;
-        let mut seed = rig.client(&seed_export, &[]).await?;
-        let mut m = Manifest::zeroed(size);
-        cold &= drop_caches();
-        let whole = ExtentSet::from_range(0, size);
-        let start = Instant::now();
-        let stats = copy_extents_into(&mut src, &mut seed, &whole, TargetBefore::Zeroes, &mut m, |_, _| {}).await?;
-        full_runs.push((start.elapsed().as_secs_f64(), stats.timing));
-        seed.disconnect().await?;
-        rig.close(&seed_node).await?;
+        let (secs, stats, m) =
+            full_copy_once(&mut rig, &targets, Some(&mut src), &source_file, &file, size, &mut cold).await?;
+        nbd_runs.push((secs, stats.timing));
         if first.is_none() {
             first = Some((stats, m));
+        }
+        let again = path("seed-again.qcow2");
+        let (secs, stats, m) = full_copy_once(&mut rig, &targets, None, &source_file, &again, size, &mut cold).await?;
+        file_runs.push((secs, stats.timing));
+        if first.as_ref().is_some_and(|(_, first)| *first != m) {
+            bail!("the full copies from the files and through NBD disagree on the source's content");
         }
         for (durable, runs) in [(false, &mut convert_runs), (true, &mut durable_runs)] {
             let _ = std::fs::remove_file(path("convert.qcow2"));
@@ -399,17 +444,13 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
             runs.push(start.elapsed().as_secs_f64());
         }
     }
+    targets.shutdown().await?;
     let _ = std::fs::remove_file(path("seed-again.qcow2"));
     let _ = std::fs::remove_file(path("convert.qcow2"));
     let Some((stats, mut manifest)) = first else { bail!("no full copy ran") };
-    let full_copy = Phase { seconds: full_runs[0].0, bytes_read: stats.source_read, bytes_sent: stats.written };
-    let full_copy_runs = Spread::of(&full_runs.iter().map(|(s, _)| *s).collect::<Vec<_>>());
-    let full_copy_breakdown = {
-        let mut by_time = full_runs.clone();
-        by_time.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (secs, timing) = by_time[by_time.len() / 2];
-        Breakdown::of(secs, &timing)
-    };
+    let full_copy = Phase { seconds: nbd_runs[0].0, bytes_read: stats.source_read, bytes_sent: stats.written };
+    let (full_copy_runs, full_copy_breakdown) = spread_and_median(&nbd_runs);
+    let (full_copy_from_files_runs, full_copy_from_files_breakdown) = spread_and_median(&file_runs);
     let convert_default = Spread::of(&convert_runs);
     let convert_durable = Spread::of(&durable_runs);
     let seed_manifest = manifest.clone();
@@ -625,6 +666,9 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         reading_target_vs_read_both: hash_compare_reading_target.seconds / read_both_seconds.max(1e-9),
         full_copy_speed_vs_convert_durable: convert_durable.median / full_copy_runs.median.max(1e-9),
         full_copy_speed_vs_convert_default: convert_default.median / full_copy_runs.median.max(1e-9),
+        from_files_speed_vs_convert_durable: convert_durable.median / full_copy_from_files_runs.median.max(1e-9),
+        full_copy_from_files_runs,
+        full_copy_from_files_breakdown,
         full_copy,
         full_copy_runs,
         full_copy_breakdown,
@@ -640,6 +684,15 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         rsync,
         baselines_cold: cold,
     })
+}
+
+/// The spread of timed copies, and the breakdown of the median one.
+fn spread_and_median(runs: &[(f64, CopyTiming)]) -> (Spread, Breakdown) {
+    let spread = Spread::of(&runs.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+    let mut by_time = runs.to_vec();
+    by_time.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (seconds, timing) = by_time[by_time.len() / 2];
+    (spread, Breakdown::of(seconds, &timing))
 }
 
 /// The minimum and median of repeated runs, in seconds.
@@ -691,30 +744,36 @@ fn print_report(r: &Report) {
         mib(r.full_copy.bytes_read),
         mib(r.full_copy.bytes_sent)
     );
+    let runs = |label: &str, spread: &Spread, b: &Breakdown| {
+        println!(
+            "    {label:<36} min {:>9}  median {:>9}  ({} runs, {footing}, interleaved with convert)",
+            d(spread.min),
+            d(spread.median),
+            spread.runs
+        );
+        println!(
+            "      the median run's {} (stages overlap): source map {}, read {}, write {}, hash {}, flush {}",
+            d(b.seconds),
+            d(b.source_map),
+            d(b.read),
+            d(b.write),
+            d(b.hash),
+            d(b.flush)
+        );
+    };
+    runs("full copy, source through NBD", &r.full_copy_runs, &r.full_copy_breakdown);
+    runs("full copy, source from its files", &r.full_copy_from_files_runs, &r.full_copy_from_files_breakdown);
     println!(
-        "    full copy runs                    min {:>10}  median {:>10}  ({} runs, {footing}, interleaved with convert)",
-        d(r.full_copy_runs.min),
-        d(r.full_copy_runs.median),
-        r.full_copy_runs.runs
-    );
-    let b = &r.full_copy_breakdown;
-    println!(
-        "      where the median run's {} went (stages overlap): source map {}, read {}, write {}, hash {}, flush {}",
-        d(b.seconds),
-        d(b.source_map),
-        d(b.read),
-        d(b.write),
-        d(b.hash),
-        d(b.flush)
-    );
-    println!(
-        "    qemu-img convert -t writeback     min {:>10}  median {:>10}  (durable; full copy speed {:.2}x)",
+        "    {:<36} min {:>9}  median {:>9}  (durable; full copy speed {:.2}x through NBD, {:.2}x from files)",
+        "qemu-img convert -t writeback",
         d(r.convert_durable.min),
         d(r.convert_durable.median),
-        r.full_copy_speed_vs_convert_durable
+        r.full_copy_speed_vs_convert_durable,
+        r.from_files_speed_vs_convert_durable
     );
     println!(
-        "    qemu-img convert (default: unsafe) min {:>9}  median {:>10}  (no flush, data left in the page cache; full copy speed {:.2}x)",
+        "    {:<36} min {:>9}  median {:>9}  (default cache=unsafe: no flush, data left in the page cache; full copy speed {:.2}x)",
+        "qemu-img convert",
         d(r.convert_default.min),
         d(r.convert_default.median),
         r.full_copy_speed_vs_convert_default
