@@ -465,11 +465,13 @@ impl Job {
         };
         let size = self.spec.size;
         let against_manifest = self.spec.mode == TransferMode::HashCompare && self.prev.is_some();
-        // A powered-off disk compared against the manifest may be read from its files: its cut
-        // holds it (nothing writes it), and reading through NBD would cost the daemon as much CPU
-        // as the whole comparison. Anything only QEMU can decode is read through NBD.
+        // A powered-off disk read whole (a seed, or compared against the manifest) may be read
+        // from its files: its cut holds it (nothing writes it), and reading through NBD would
+        // cost the daemon as much CPU as the whole comparison. Anything only QEMU can decode is
+        // read through NBD.
+        let reads_whole = self.spec.mode == TransferMode::Seed || against_manifest;
         let (direct, note) = match &self.direct {
-            Some(image) if against_manifest => match direct_source(image).await {
+            Some(image) if reads_whole => match direct_source(image).await {
                 Ok(d) => (Some(d), Some("source read from its files".to_string())),
                 Err(why) => (None, Some(format!("source read through NBD: {why}"))),
             },
@@ -488,7 +490,12 @@ impl Job {
                     // backing file reads as zeroes, so zeroes are not written into it at all.
                     let target = if self.prev.is_none() { TargetBefore::Zeroes } else { TargetBefore::Unknown };
                     let whole = ExtentSet::from_range(0, size);
-                    copy_extents_into(&mut src, &mut dst, &whole, target, &mut manifest, progress).await?
+                    match direct {
+                        Some(mut image) => {
+                            copy_extents_into(&mut image, &mut dst, &whole, target, &mut manifest, progress).await?
+                        }
+                        None => copy_extents_into(&mut src, &mut dst, &whole, target, &mut manifest, progress).await?,
+                    }
                 }
                 TransferMode::Bitmap => {
                     let dirty = src.dirty_extents(meta_context, 0, size).await?;

@@ -2,11 +2,12 @@
 //! beside it, all in the same run and on the same data.
 //!
 //! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full
-//!    copy, the target opened with `O_DIRECT` as a seed's point is, and flushed), `--baseline-runs`
-//!    times, interleaved with `qemu-img convert` of the same source to qcow2, once as it runs by
-//!    default (`-t unsafe` for the target: no flush, the data is left in the page cache) and
-//!    once durable (`-t writeback`: flushed when closed), each run cold; min and median, and
-//!    where the full copy's time went (source map, read, write, hash, flush).
+//!    copy, the target opened with `O_DIRECT` in a daemon of its own as a seed's point is, and
+//!    flushed), the source read through NBD and from its files, `--baseline-runs` times,
+//!    interleaved with `qemu-img convert` of the same source to qcow2: as it runs by default
+//!    (`-t unsafe` for the target: no flush, the data is left in the page cache), durable
+//!    (`-t writeback`: flushed when closed) and with `O_DIRECT` (`-t none`), each run cold; min
+//!    and median, and where the full copy's time went (source map, read, write, hash, flush).
 //! 2. A persistent dirty bitmap is added, `--change` of the 64 KiB blocks are rewritten at random.
 //! 3. Incremental: the dirty granules go into a new overlay on the seed (bytes read and sent).
 //! 4. Hash-compare, as replication falls back to it without a trusted bitmap: a stale overlay on
@@ -152,6 +153,9 @@ pub struct Report {
     pub convert_default: Spread,
     /// `qemu-img convert -t writeback -O qcow2`: flushed at close, durable like the full copy.
     pub convert_durable: Spread,
+    /// `qemu-img convert -t none -O qcow2`: the target with `O_DIRECT` (as the full copy's),
+    /// flushed at close.
+    pub convert_direct: Spread,
     /// `convert_durable.median / full_copy_runs.median`: the full copy's speed relative to a
     /// durable `qemu-img convert` (target ≥ 1.0).
     pub full_copy_speed_vs_convert_durable: f64,
@@ -409,7 +413,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let mut src = rig.client(&src_export, &["base:allocation"]).await?;
     let mut cold = true;
     let (mut nbd_runs, mut file_runs) = (Vec::new(), Vec::new());
-    let (mut convert_runs, mut durable_runs) = (Vec::new(), Vec::new());
+    let (mut convert_runs, mut durable_runs, mut direct_runs) = (Vec::new(), Vec::new(), Vec::new());
     let mut first: Option<(CopyStats, Manifest)> = None;
     let source_file = path("source.qcow2");
     for run in 0..args.baseline_runs {
@@ -426,11 +430,14 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         if first.as_ref().is_some_and(|(_, first)| *first != m) {
             bail!("the full copies from the files and through NBD disagree on the source's content");
         }
-        for (durable, runs) in [(false, &mut convert_runs), (true, &mut durable_runs)] {
+        for (cache, runs) in [
+            (&[][..], &mut convert_runs),
+            (&["-t", "writeback"][..], &mut durable_runs),
+            (&["-t", "none"][..], &mut direct_runs),
+        ] {
             let _ = std::fs::remove_file(path("convert.qcow2"));
             cold &= drop_caches();
             let start = Instant::now();
-            let cache: &[&str] = if durable { &["-t", "writeback"] } else { &[] };
             let (from, to) = (path("source.qcow2"), path("convert.qcow2"));
             let mut convert_args = vec!["convert"];
             convert_args.extend_from_slice(cache);
@@ -453,6 +460,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let (full_copy_from_files_runs, full_copy_from_files_breakdown) = spread_and_median(&file_runs);
     let convert_default = Spread::of(&convert_runs);
     let convert_durable = Spread::of(&durable_runs);
+    let convert_direct = Spread::of(&direct_runs);
     let seed_manifest = manifest.clone();
     src.disconnect().await?;
     rig.close(&src_node).await?;
@@ -674,6 +682,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         full_copy_breakdown,
         convert_default,
         convert_durable,
+        convert_direct,
         incremental,
         hash_compare,
         hash_compare_through_nbd,
@@ -770,6 +779,12 @@ fn print_report(r: &Report) {
         d(r.convert_durable.median),
         r.full_copy_speed_vs_convert_durable,
         r.from_files_speed_vs_convert_durable
+    );
+    println!(
+        "    {:<36} min {:>9}  median {:>9}  (durable, O_DIRECT target as the full copy's)",
+        "qemu-img convert -t none",
+        d(r.convert_direct.min),
+        d(r.convert_direct.median)
     );
     println!(
         "    {:<36} min {:>9}  median {:>9}  (default cache=unsafe: no flush, data left in the page cache; full copy speed {:.2}x)",
