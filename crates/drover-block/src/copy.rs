@@ -676,3 +676,75 @@ where
     dst.flush().await?;
     Ok(stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks of `pattern` (0 = zeroes), plus a short tail of data.
+    fn blocks(pattern: &[u8]) -> Vec<u8> {
+        let mut data: Vec<u8> = pattern.iter().flat_map(|&b| vec![b; BLOCK_SIZE as usize]).collect();
+        data.extend_from_slice(&[9; 100]);
+        data
+    }
+
+    fn describe(ops: &[WriteOp<'_>]) -> Vec<(char, u64, u64)> {
+        ops.iter()
+            .map(|op| match *op {
+                WriteOp::Data { offset, data } => ('d', offset, data.len() as u64),
+                WriteOp::Zeroes { offset, len } => ('z', offset, len),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_are_planned_by_runs_of_blocks() {
+        let b = BLOCK_SIZE;
+        let data = blocks(&[1, 1, 0, 0, 0, 2, 0]);
+        let at = 10 * b;
+
+        let mut ops = Vec::new();
+        let (written, skipped) = plan_writes(&mut ops, at, &data, TargetBefore::Zeroes, true);
+        assert_eq!(describe(&ops), [('d', at, 2 * b), ('d', at + 5 * b, b), ('d', at + 7 * b, 100)]);
+        assert_eq!((written, skipped), (3 * b + 100, 4 * b));
+
+        let mut ops = Vec::new();
+        let (written, skipped) = plan_writes(&mut ops, at, &data, TargetBefore::Unknown, true);
+        assert_eq!(
+            describe(&ops),
+            [
+                ('d', at, 2 * b),
+                ('z', at + 2 * b, 3 * b),
+                ('d', at + 5 * b, b),
+                ('z', at + 6 * b, b),
+                ('d', at + 7 * b, 100)
+            ]
+        );
+        assert_eq!((written, skipped), (data.len() as u64, 0));
+
+        // Without NBD_CMD_WRITE_ZEROES the zeroes are sent as they are, in one run with the rest.
+        let mut ops = Vec::new();
+        plan_writes(&mut ops, at, &data, TargetBefore::Unknown, false);
+        assert_eq!(describe(&ops), [('d', at, data.len() as u64)]);
+        let WriteOp::Data { data: sent, .. } = ops[0] else { panic!("data") };
+        assert!(std::ptr::eq(sent, &data[..]), "sent from the caller's buffer, not a copy");
+
+        // All zeroes into zeroes: nothing at all.
+        let zeroes = vec![0; 3 * b as usize];
+        let mut ops = Vec::new();
+        assert_eq!(plan_writes(&mut ops, 0, &zeroes, TargetBefore::Zeroes, true), (0, 3 * b));
+        assert!(ops.is_empty());
+    }
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        let mut data = vec![0u8; 64 * 1024 + 37];
+        assert!(is_zero(&data));
+        assert!(is_zero(&[]));
+        for at in [0, 63, 64, 4095, 65535, data.len() - 1] {
+            data[at] = 1;
+            assert!(!is_zero(&data), "a byte at {at}");
+            data[at] = 0;
+        }
+    }
+}
