@@ -122,8 +122,9 @@ pub trait SyncSource {
     fn size(&self) -> u64;
     /// The largest read in one request.
     fn max_read(&self) -> u64;
-    /// Where the source holds data (everything else reads as zeros), if it can tell.
-    fn data_extents(&mut self) -> impl Future<Output = Result<Option<ExtentSet>>> + Send;
+    /// Where the source holds data within `within` (everything else reads as zeros), if it can
+    /// tell. `within` lies inside the disk and is aligned to manifest blocks but at its end.
+    fn data_extents(&mut self, within: Extent) -> impl Future<Output = Result<Option<ExtentSet>>> + Send;
     /// Reads `pieces` into `data` (their lengths summed, in order) and gives the buffer back.
     fn read_pieces(&mut self, pieces: &[Extent], data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>>> + Send;
 }
@@ -137,12 +138,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SyncSource for NbdClient<S> {
         u64::from(self.max_io_size())
     }
 
-    async fn data_extents(&mut self) -> Result<Option<ExtentSet>> {
+    async fn data_extents(&mut self, within: Extent) -> Result<Option<ExtentSet>> {
         if !self.meta_contexts().iter().any(|c| c.name == BASE_ALLOCATION) {
             return Ok(None);
         }
-        let size = NbdClient::size(self);
-        Ok(Some(NbdClient::data_extents(self, 0, size).await?))
+        Ok(Some(NbdClient::data_extents(self, within.offset, within.len).await?))
     }
 
     async fn read_pieces(&mut self, pieces: &[Extent], mut data: Vec<u8>) -> Result<Vec<u8>> {
@@ -160,8 +160,8 @@ impl SyncSource for DirectImage {
         CHUNK
     }
 
-    async fn data_extents(&mut self) -> Result<Option<ExtentSet>> {
-        Ok(Some(DirectImage::data_extents(self)))
+    async fn data_extents(&mut self, within: Extent) -> Result<Option<ExtentSet>> {
+        Ok(Some(DirectImage::data_extents(self).clip(within.offset, within.len)))
     }
 
     /// `pread`s on a blocking thread (the pages are usually cached: a copy, no waiting).
@@ -281,10 +281,18 @@ where
     let mut stats = CopyStats::default();
     let mut done = 0;
 
+    // Block status only where there is something to copy (a bitmap's few dirty granules need
+    // not have the whole disk mapped).
     let started = Instant::now();
-    let data = match src.data_extents().await? {
-        Some(data) => todo.intersect(&data.align_out(BLOCK_SIZE)),
-        None => todo.clone(),
+    let data = match (todo.iter().next(), todo.iter().last()) {
+        (Some(first), Some(last)) => {
+            let hull = Extent::new(first.offset, last.end() - first.offset);
+            match src.data_extents(hull).await? {
+                Some(data) => todo.intersect(&data.align_out(BLOCK_SIZE)),
+                None => todo.clone(),
+            }
+        }
+        _ => ExtentSet::new(),
     };
     stats.timing.source_map = started.elapsed();
     let zeroes = todo.subtract(&data);
@@ -608,7 +616,7 @@ where
 {
     let size = check_sizes(src.size(), dst, manifest)?;
     let whole = ExtentSet::from_range(0, size);
-    let data = match src.data_extents().await? {
+    let data = match src.data_extents(Extent::new(0, size)).await? {
         Some(data) => data.align_out(BLOCK_SIZE).clip(0, size),
         None => whole.clone(),
     };
