@@ -3,7 +3,8 @@
 //!
 //! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full
 //!    copy, the target opened with `O_DIRECT` in a daemon of its own as a seed's point is, and
-//!    flushed), the source read through NBD and from its files, `--baseline-runs` times,
+//!    flushed), the source read through NBD and from its files (and, for comparison, through NBD
+//!    into a target in the page cache), `--baseline-runs` times,
 //!    interleaved with `qemu-img convert` of the same source to qcow2: as it runs by default
 //!    (`-t unsafe` for the target: no flush, the data is left in the page cache), durable
 //!    (`-t writeback`: flushed when closed) and with `O_DIRECT` (`-t none`), each run cold; min
@@ -148,6 +149,10 @@ pub struct Report {
     /// The same full copy with the source read from its files (a powered-off VM's disk).
     pub full_copy_from_files_runs: Spread,
     pub full_copy_from_files_breakdown: Breakdown,
+    /// The full copy through NBD with the target through the page cache instead of `O_DIRECT`
+    /// (the final flush then writes it all back).
+    pub full_copy_page_cache_runs: Spread,
+    pub full_copy_page_cache_breakdown: Breakdown,
     /// `qemu-img convert -O qcow2` as it runs by default: the target with `cache=unsafe`, so
     /// nothing is flushed and the data is still in the page cache when it exits.
     pub convert_default: Spread,
@@ -263,13 +268,22 @@ impl Rig {
     }
 
     /// A new image to write once, opened as a seed's point is: in a daemon of its own
-    /// (`targets`), `O_DIRECT` where possible.
-    async fn export_new_target(&mut self, targets: &StorageDaemon, path: &Path) -> anyhow::Result<(String, String)> {
+    /// (`targets`), `O_DIRECT` where possible (`direct`; else through the page cache).
+    async fn export_new_target(
+        &mut self,
+        targets: &StorageDaemon,
+        path: &Path,
+        direct: bool,
+    ) -> anyhow::Result<(String, String)> {
         self.counter += 1;
         let node = format!("n{}", self.counter);
         let qcow2 =
             Qcow2Node { node_name: node.clone(), path: path.to_path_buf(), backing: Backing::None, read_only: false };
-        targets.add_qcow2_direct(&qcow2).await?;
+        if direct {
+            targets.add_qcow2_direct(&qcow2).await?;
+        } else {
+            targets.add_qcow2(&qcow2).await?;
+        }
         let export = NbdExport {
             id: format!("e{}", self.counter),
             node_name: node.clone(),
@@ -297,29 +311,38 @@ async fn close_on(daemon: &StorageDaemon, node: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One cold full copy of `src` (through NBD, or with `None` from the source image's files) into
-/// a new image at `file`, as a seed's: the whole disk asked for, the source's block status or map
-/// deciding what is read, the target exported by `targets` and flushed at the end.
+/// Where a full copy reads its source.
+enum FullCopySource<'a> {
+    Nbd(&'a mut Client),
+    /// The source image's files (a powered-off VM's disk).
+    Files(&'a Path),
+}
+
+/// One cold full copy into a new image at `file`, as a seed's: the whole disk asked for, the
+/// source's block status or map deciding what is read, the target exported by `targets`
+/// (`O_DIRECT` if `direct`) and flushed at the end.
 async fn full_copy_once(
     rig: &mut Rig,
     targets: &StorageDaemon,
-    src: Option<&mut Client>,
-    source_file: &Path,
+    src: FullCopySource<'_>,
     file: &Path,
+    direct: bool,
     size: u64,
     cold: &mut bool,
 ) -> anyhow::Result<(f64, CopyStats, Manifest)> {
     let _ = std::fs::remove_file(file);
     qemu_img(&["create", "-q", "-f", "qcow2", file.to_str().unwrap_or_default(), &size.to_string()])?;
-    let (node, export) = rig.export_new_target(targets, file).await?;
+    let (node, export) = rig.export_new_target(targets, file, direct).await?;
     let mut dst: Client = NbdClient::connect_unix(targets.nbd_socket_path(), &export, &[]).await?;
     let mut manifest = Manifest::zeroed(size);
     let whole = ExtentSet::from_range(0, size);
     *cold &= drop_caches();
     let start = Instant::now();
     let stats = match src {
-        Some(src) => copy_extents_into(src, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?,
-        None => {
+        FullCopySource::Nbd(src) => {
+            copy_extents_into(src, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
+        }
+        FullCopySource::Files(source_file) => {
             let mut image = DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?;
             copy_extents_into(&mut image, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
         }
@@ -412,24 +435,28 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, false, &[]).await?;
     let mut src = rig.client(&src_export, &["base:allocation"]).await?;
     let mut cold = true;
-    let (mut nbd_runs, mut file_runs) = (Vec::new(), Vec::new());
+    let (mut nbd_runs, mut file_runs, mut page_cache_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut convert_runs, mut durable_runs, mut direct_runs) = (Vec::new(), Vec::new(), Vec::new());
     let mut first: Option<(CopyStats, Manifest)> = None;
     let source_file = path("source.qcow2");
     for run in 0..args.baseline_runs {
         let file = path(if run == 0 { "seed.qcow2" } else { "seed-again.qcow2" });
-        let (secs, stats, m) =
-            full_copy_once(&mut rig, &targets, Some(&mut src), &source_file, &file, size, &mut cold).await?;
+        let via_nbd = FullCopySource::Nbd(&mut src);
+        let (secs, stats, m) = full_copy_once(&mut rig, &targets, via_nbd, &file, true, size, &mut cold).await?;
         nbd_runs.push((secs, stats.timing));
         if first.is_none() {
             first = Some((stats, m));
         }
         let again = path("seed-again.qcow2");
-        let (secs, stats, m) = full_copy_once(&mut rig, &targets, None, &source_file, &again, size, &mut cold).await?;
+        let from_files = FullCopySource::Files(&source_file);
+        let (secs, stats, m) = full_copy_once(&mut rig, &targets, from_files, &again, true, size, &mut cold).await?;
         file_runs.push((secs, stats.timing));
         if first.as_ref().is_some_and(|(_, first)| *first != m) {
             bail!("the full copies from the files and through NBD disagree on the source's content");
         }
+        let via_nbd = FullCopySource::Nbd(&mut src);
+        let (secs, stats, _) = full_copy_once(&mut rig, &targets, via_nbd, &again, false, size, &mut cold).await?;
+        page_cache_runs.push((secs, stats.timing));
         for (cache, runs) in [
             (&[][..], &mut convert_runs),
             (&["-t", "writeback"][..], &mut durable_runs),
@@ -458,6 +485,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let full_copy = Phase { seconds: nbd_runs[0].0, bytes_read: stats.source_read, bytes_sent: stats.written };
     let (full_copy_runs, full_copy_breakdown) = spread_and_median(&nbd_runs);
     let (full_copy_from_files_runs, full_copy_from_files_breakdown) = spread_and_median(&file_runs);
+    let (full_copy_page_cache_runs, full_copy_page_cache_breakdown) = spread_and_median(&page_cache_runs);
     let convert_default = Spread::of(&convert_runs);
     let convert_durable = Spread::of(&durable_runs);
     let convert_direct = Spread::of(&direct_runs);
@@ -677,6 +705,8 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         from_files_speed_vs_convert_durable: convert_durable.median / full_copy_from_files_runs.median.max(1e-9),
         full_copy_from_files_runs,
         full_copy_from_files_breakdown,
+        full_copy_page_cache_runs,
+        full_copy_page_cache_breakdown,
         full_copy,
         full_copy_runs,
         full_copy_breakdown,
@@ -772,6 +802,7 @@ fn print_report(r: &Report) {
     };
     runs("full copy, source through NBD", &r.full_copy_runs, &r.full_copy_breakdown);
     runs("full copy, source from its files", &r.full_copy_from_files_runs, &r.full_copy_from_files_breakdown);
+    runs("full copy, NBD, target in page cache", &r.full_copy_page_cache_runs, &r.full_copy_page_cache_breakdown);
     println!(
         "    {:<36} min {:>9}  median {:>9}  (durable; full copy speed {:.2}x through NBD, {:.2}x from files)",
         "qemu-img convert -t writeback",
