@@ -216,6 +216,19 @@ pub struct CutSpec {
 pub enum SourceEndpoint {
     /// An NBD export on the same host as the reader, with the cut's bitmap as a meta context.
     LocalNbd { socket: String, export: String, meta_context: String },
+    /// A cut on another agent, read over the agent-to-agent data path: the reader dials the
+    /// source agent's data listener (mutual TLS in the product) and pulls the cut.
+    Peer {
+        /// `host:port` of the source agent's data listener.
+        address: String,
+        /// The TLS name the source agent's certificate carries (`drover_pki::agent_dns_name`).
+        server_name: String,
+        /// The cut's id on the source.
+        cut: String,
+        /// The cut's instance, chosen by the source when it made the cut: a source restarted and
+        /// cut again under the same id has another, so a transfer is never spliced across them.
+        instance: Uuid,
+    },
 }
 
 /// A cut as the agent made it: plain data the caller keeps (in its step log) and hands back to
@@ -274,6 +287,30 @@ pub struct TransferOutcome {
     pub bytes_written: u64,
     /// How the data was read, when it is worth saying (e.g. "source read from its files").
     pub note: Option<String>,
+    /// What crossed the link, when the source was another agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerTransferStats>,
+}
+
+/// What a transfer from another agent sent over the link, over all its connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerTransferStats {
+    /// Bytes read off the connections (TLS records and framing included).
+    pub wire_bytes_in: u64,
+    /// Bytes written to the connections (pulls, hashes, acknowledgements).
+    pub wire_bytes_out: u64,
+    /// Bytes that arrived as data (before compression; `wire_bytes_in` is what they took).
+    pub data_bytes: u64,
+    /// Bytes that arrived as zero ranges (no payload).
+    pub zero_bytes: u64,
+    /// Bytes the source did not send because the journal already held them (resumed streams).
+    pub resumed_bytes: u64,
+    /// Extents of the journal a resumed stream started from, summed over streams.
+    pub resumed_extents: u64,
+    /// Bytes that arrived more than once (sent again after a cut link or a killed agent).
+    pub received_twice: u64,
+    /// Connections after the first.
+    pub reconnects: u32,
 }
 
 /// A transfer's state and progress.
@@ -427,5 +464,22 @@ mod tests {
             serde_json::json!({"kind": "local_nbd", "socket": "/s", "export": "e", "meta_context": "m"})
         );
         assert_eq!(serde_json::to_value(PointFile("f".into())).unwrap(), "f");
+        let p = SourceEndpoint::Peer {
+            address: "10.0.0.1:7420".into(),
+            server_name: "x.host.drover.internal".into(),
+            cut: "c1".into(),
+            instance: Uuid::nil(),
+        };
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            serde_json::json!({"kind": "peer", "address": "10.0.0.1:7420", "server_name": "x.host.drover.internal",
+                "cut": "c1", "instance": "00000000-0000-0000-0000-000000000000"})
+        );
+        // An outcome without peer statistics reads as before.
+        let o: TransferOutcome = serde_json::from_value(serde_json::json!(
+            {"manifest_digest": "d", "bytes_read": 1, "bytes_written": 2, "note": null}
+        ))
+        .unwrap();
+        assert_eq!(o.peer, None);
     }
 }

@@ -14,12 +14,19 @@
 //! forgets it (bounded: the oldest finished ones go first). An offline cut keeps its storage
 //! daemon (the point in time) until it is ended; after a restart of the agent the cut is ended
 //! from its names alone, which the tracking layer makes idempotent.
+//!
+//! Between agents ([`peer`]): an agent with a data listener ([`LocalAgent::serve_data`]) hands
+//! out its cuts as [`SourceEndpoint::Peer`]; an agent whose transfer names such a source dials it
+//! and pulls the cut, journalling under `<work_dir>/j-<id>` so a re-run resumes.
 
 #[cfg(feature = "test-support")]
 pub mod conformance;
+pub mod host_paths;
+pub mod peer;
 pub mod server;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +44,7 @@ use drover_block::nbd::NbdClient;
 use drover_hv::tracking::{BitmapState, CycleExport, OfflineCycleExport};
 use drover_hv::{ChangeTracking, HvError, Hypervisor};
 use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use peer::{Advert, DataListener, PeerClient, PeerCut, PeerCuts, PeerRetry};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -51,6 +59,15 @@ pub struct LocalAgent {
     datastores: Mutex<HashMap<Uuid, PathBuf>>,
     offline_cuts: tokio::sync::Mutex<HashMap<String, OfflineCycleExport>>,
     transfers: Mutex<Transfers>,
+    /// Where datastores may be (a `drover agent`'s `--datastore-root`); `None` for the agent
+    /// inside `drover serve`, whose control plane checks its own roots before it registers one.
+    datastore_roots: Option<host_paths::HostPaths>,
+    /// Cuts served to other agents by the data listener, with their instances.
+    peer_cuts: PeerCuts,
+    /// Where other agents reach this one's data listener, once it serves one.
+    advert: Mutex<Option<Advert>>,
+    /// How this agent dials other agents' data listeners.
+    peer: Arc<PeerClient>,
 }
 
 #[derive(Debug, Default)]
@@ -123,7 +140,98 @@ impl LocalAgent {
             datastores: Mutex::new(HashMap::new()),
             offline_cuts: tokio::sync::Mutex::new(HashMap::new()),
             transfers: Mutex::new(Transfers::default()),
+            datastore_roots: None,
+            peer_cuts: PeerCuts::default(),
+            advert: Mutex::new(None),
+            peer: Arc::new(PeerClient::default()),
         }
+    }
+
+    /// Dials other agents' data listeners with mutual TLS (`drover_pki::client_config` of this
+    /// agent's identity). Without it the agent dials plain TCP, which is for tests only.
+    pub fn with_peer_tls(mut self, config: rustls::ClientConfig) -> LocalAgent {
+        self.peer = Arc::new(PeerClient { tls: Some(Arc::new(config)), retry: self.peer.retry });
+        self
+    }
+
+    /// How a transfer from another agent retries a broken connection.
+    pub fn with_peer_retry(mut self, retry: PeerRetry) -> LocalAgent {
+        self.peer = Arc::new(PeerClient { tls: self.peer.tls.clone(), retry });
+        self
+    }
+
+    /// Serves this agent's cuts to other agents on `bind`, and from now on hands out cuts as
+    /// [`SourceEndpoint::Peer`] at `advertise` (`host:port`; the bound address when `None`)
+    /// under the TLS name `server_name` (`drover_pki::agent_dns_name` of this agent's host).
+    /// `tls` is `drover_pki::server_config_requiring_client_cert` of this agent's identity;
+    /// `None` serves plain TCP, for tests only (logged as such).
+    pub async fn serve_data(
+        &self,
+        bind: SocketAddr,
+        advertise: Option<String>,
+        server_name: String,
+        tls: Option<rustls::ServerConfig>,
+    ) -> std::io::Result<DataListener> {
+        let listener = peer::listen(bind, tls, self.peer_cuts.clone()).await?;
+        let address = advertise.unwrap_or_else(|| listener.local_addr().to_string());
+        *self.advert.lock().unwrap_or_else(|e| e.into_inner()) = Some(Advert { address, server_name });
+        Ok(listener)
+    }
+
+    /// Checks a transfer's source, and reads a cut of this very agent locally rather than
+    /// through its own data listener.
+    fn source_view(&self, source: &SourceEndpoint) -> AgentResult<SourceEndpoint> {
+        let SourceEndpoint::Peer { address, server_name, cut, instance } = source else {
+            return Ok(source.clone());
+        };
+        check_id("cut", cut)?;
+        if address.is_empty() || address.len() > 255 {
+            return Err(AgentError::invalid(format!("peer address {address:?} must be host:port")));
+        }
+        if rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+            return Err(AgentError::invalid(format!("peer server name {server_name:?} is not a DNS name or address")));
+        }
+        let own = self.peer_cuts.lock().unwrap_or_else(|e| e.into_inner()).get(cut).cloned();
+        let mine =
+            self.advert.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|a| &a.address == address);
+        Ok(match own {
+            Some(c) if mine && c.instance == *instance => SourceEndpoint::LocalNbd {
+                socket: c.socket.to_string_lossy().into_owned(),
+                export: c.export,
+                meta_context: c.meta_context,
+            },
+            _ => source.clone(),
+        })
+    }
+
+    /// The endpoint a cut is read from: over the data listener when this agent serves one.
+    fn cut_endpoint(&self, id: &str, socket: &Path, export: &str, meta_context: &str, size: u64) -> SourceEndpoint {
+        let cut = PeerCut {
+            instance: Uuid::nil(),
+            socket: socket.to_owned(),
+            export: export.to_string(),
+            meta_context: meta_context.to_string(),
+            size,
+        };
+        let instance = peer::register_cut(&self.peer_cuts, id, cut);
+        match self.advert.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(a) => {
+                SourceEndpoint::Peer { address: a.address, server_name: a.server_name, cut: id.to_string(), instance }
+            }
+            None => SourceEndpoint::LocalNbd {
+                socket: socket.to_string_lossy().into_owned(),
+                export: export.to_string(),
+                meta_context: meta_context.to_string(),
+            },
+        }
+    }
+
+    /// Confines datastores to `roots`: a datastore outside them is refused, one inside is created
+    /// (private, 0700) when missing. What a standalone agent does: the control plane that names
+    /// the datastore is not trusted with the host's whole file system.
+    pub fn with_datastore_roots(mut self, roots: host_paths::HostPaths) -> LocalAgent {
+        self.datastore_roots = Some(roots);
+        self
     }
 
     fn tracking(&self) -> AgentResult<&dyn ChangeTracking> {
@@ -204,7 +312,22 @@ impl HostAgent for LocalAgent {
         if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
             return Err(AgentError::invalid(format!("datastore path {:?} must be absolute and plain", spec.path)));
         }
-        self.datastores.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id, path.to_owned());
+        let path = match &self.datastore_roots {
+            None => path.to_owned(),
+            Some(roots) => {
+                let (roots, requested) = (roots.clone(), spec.path.clone());
+                tokio::task::spawn_blocking(move || -> AgentResult<PathBuf> {
+                    let dir = roots.datastore_dir(&requested).map_err(|e| AgentError::invalid(e.to_string()))?;
+                    host_paths::create_private_dir_all(&dir).map_err(|e| {
+                        AgentError::internal(format!("cannot make the datastore directory {requested:?}: {e}"))
+                    })?;
+                    Ok(dir)
+                })
+                .await
+                .map_err(internal)??
+            }
+        };
+        self.datastores.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id, path);
         Ok(())
     }
 
@@ -234,11 +357,7 @@ impl HostAgent for LocalAgent {
             return Ok(Cut {
                 id: spec.id.clone(),
                 size: x.virtual_size,
-                source: SourceEndpoint::LocalNbd {
-                    socket: x.nbd.socket.to_string_lossy().into_owned(),
-                    export: x.nbd.export_name.clone(),
-                    meta_context: x.meta_context.clone(),
-                },
+                source: self.cut_endpoint(&spec.id, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
                 token: serde_json::to_value(CutToken::Live(x)).map_err(internal)?,
             });
         }
@@ -257,11 +376,7 @@ impl HostAgent for LocalAgent {
         Ok(Cut {
             id: spec.id.clone(),
             size: x.virtual_size,
-            source: SourceEndpoint::LocalNbd {
-                socket: x.nbd.socket.to_string_lossy().into_owned(),
-                export: x.nbd.export_name.clone(),
-                meta_context: x.meta_context.clone(),
-            },
+            source: self.cut_endpoint(&spec.id, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
             token: serde_json::to_value(CutToken::Offline).map_err(internal)?,
         })
     }
@@ -270,6 +385,8 @@ impl HostAgent for LocalAgent {
         check_id("cut", &spec.id)?;
         let ct = self.tracking()?;
         let ctx = |e: HvError| hv_error(e).context(format!("disk {}", spec.disk.disk));
+        // No peer may pull it any more.
+        self.peer_cuts.lock().unwrap_or_else(|e| e.into_inner()).remove(&spec.id);
         if spec.live {
             // Without the cut's record (its step failed before returning it) there is nothing to
             // end here: a rerun's cut with the same names resumes it.
@@ -335,6 +452,9 @@ impl HostAgent for LocalAgent {
         let target = self.point_path(&spec.target)?;
         let prev = spec.prev.as_ref().map(|p| self.point_path(p)).transpose()?;
         let direct = spec.source_files.as_ref().map(|d| self.disk_image(d)).transpose()?;
+        let mut spec = spec.clone();
+        spec.source = self.source_view(&spec.source)?;
+        let spec = &spec;
         let entry = Arc::new(TransferEntry {
             target: spec.target.clone(),
             done: AtomicU64::new(0),
@@ -348,6 +468,8 @@ impl HostAgent for LocalAgent {
             prev,
             direct,
             work: self.work_dir.join(format!("t-{}", spec.id)),
+            journal: self.work_dir.join(format!("j-{}", spec.id)),
+            peer: self.peer.clone(),
             entry: entry.clone(),
         };
         {
@@ -400,6 +522,7 @@ impl HostAgent for LocalAgent {
             h.abort();
         }
         let _ = tokio::fs::remove_dir_all(self.work_dir.join(format!("t-{id}"))).await;
+        peer::remove_journal(&self.work_dir.join(format!("j-{id}"))).await;
         Ok(())
     }
 }
@@ -411,6 +534,9 @@ struct Job {
     prev: Option<PathBuf>,
     direct: Option<PathBuf>,
     work: PathBuf,
+    /// The journal of a transfer from another agent (kept across failures, for resuming).
+    journal: PathBuf,
+    peer: Arc<PeerClient>,
     entry: Arc<TransferEntry>,
 }
 
@@ -457,7 +583,12 @@ impl Job {
     }
 
     async fn copy(&self, target_socket: &Path, target_export: &str) -> AgentResult<TransferOutcome> {
-        let SourceEndpoint::LocalNbd { socket, export, meta_context } = &self.spec.source;
+        let (socket, export, meta_context) = match &self.spec.source {
+            SourceEndpoint::LocalNbd { socket, export, meta_context } => (socket, export, meta_context),
+            SourceEndpoint::Peer { address, server_name, cut, instance } => {
+                return self.copy_from_peer(target_socket, target_export, address, server_name, cut, *instance).await;
+            }
+        };
         let entry = self.entry.clone();
         let progress = move |done: u64, total: u64| {
             entry.done.store(done, Ordering::Relaxed);
@@ -521,6 +652,58 @@ impl Job {
             bytes_read: stats.source_read + stats.target_read,
             bytes_written: stats.written,
             note,
+            peer: None,
+        })
+    }
+
+    /// The transfer from another agent's cut: pulled over the data path, journalled, resumed.
+    async fn copy_from_peer(
+        &self,
+        target_socket: &Path,
+        target_export: &str,
+        address: &str,
+        server_name: &str,
+        cut: &str,
+        instance: Uuid,
+    ) -> AgentResult<TransferOutcome> {
+        let size = self.spec.size;
+        let retry = |e: drover_block::nbd::NbdError| AgentError::new(ErrorKind::Retry, format!("the point file: {e}"));
+        let mut dst = NbdClient::connect_unix(target_socket, target_export, &[]).await.map_err(retry)?;
+        let (manifest, hash_target) = match &self.prev {
+            Some(prev) => (Manifest::load(&manifest_path(prev)).await.map_err(internal)?, false),
+            // A hash-compare into a file no manifest describes hashes what it holds; otherwise
+            // the new point starts empty.
+            None => (Manifest::zeroed(size), self.spec.mode == TransferMode::HashCompare),
+        };
+        let entry = self.entry.clone();
+        let progress = move |done: u64, total: u64| {
+            entry.done.store(done, Ordering::Relaxed);
+            entry.total.store(total, Ordering::Relaxed);
+        };
+        let job = peer::PullJob {
+            address,
+            server_name,
+            cut,
+            instance,
+            spec: &self.spec,
+            target_path: &self.target,
+            journal_dir: self.journal.clone(),
+            manifest,
+            hash_target,
+            progress: &progress,
+        };
+        let pulled = peer::pull(job, &self.peer, &mut dst).await?;
+        dst.flush().await.map_err(retry)?;
+        dst.disconnect().await.map_err(retry)?;
+        pulled.manifest.save(&manifest_path(&self.target)).await.map_err(internal)?;
+        // The point is whole and described: the journal has done its work.
+        peer::remove_journal(&self.journal).await;
+        Ok(TransferOutcome {
+            manifest_digest: pulled.manifest.digest(),
+            bytes_read: pulled.read_back,
+            bytes_written: pulled.written,
+            note: Some(format!("pulled from the agent at {address}")),
+            peer: Some(pulled.stats),
         })
     }
 }

@@ -143,12 +143,50 @@ pub async fn serve_plain(listener: tokio::net::TcpListener, agent: Agent) -> std
 }
 
 /// Serves the router over TLS with `config`, which must require client certificates (mutual
-/// TLS: see `drover_pki`), until the process ends.
+/// TLS: [`drover_pki::server_config_requiring_client_cert`]), until the process ends. Only the
+/// control plane may call: a connection whose verified certificate is an agent's (another host,
+/// a peer of the data path) is closed after the handshake, before any request is read.
 pub async fn serve_tls(
     listener: std::net::TcpListener,
     agent: Agent,
     config: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
     let tls = axum_server::tls_rustls::RustlsConfig::from_config(config);
-    axum_server::from_tcp_rustls(listener, tls).serve(router(agent).into_make_service()).await
+    let acceptor = ControlPlaneOnly(
+        axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(std::time::Duration::from_secs(10)),
+    );
+    axum_server::from_tcp(listener).acceptor(acceptor).serve(router(agent).into_make_service()).await
+}
+
+/// A TLS acceptor that keeps only connections from the control plane.
+#[derive(Clone)]
+struct ControlPlaneOnly(axum_server::tls_rustls::RustlsAcceptor);
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> for ControlPlaneOnly {
+    type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Service = S;
+    type Future = BoxFuture<std::io::Result<(Self::Stream, S)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let peer = stream.peer_addr().ok();
+        let handshake = self.0.accept(stream, service);
+        Box::pin(async move {
+            let (stream, service) = handshake.await?;
+            let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
+            match drover_pki::peer_identity(certificates) {
+                Ok(drover_pki::PeerIdentity::ControlPlane) => Ok((stream, service)),
+                Ok(drover_pki::PeerIdentity::Host(host)) => {
+                    tracing::warn!(?peer, %host, "agent API: refused a connection from another host's agent");
+                    Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "only the control plane may call"))
+                }
+                Err(e) => {
+                    tracing::warn!(?peer, "agent API: refused a connection: {e}");
+                    Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))
+                }
+            }
+        })
+    }
 }

@@ -255,6 +255,37 @@ pub async fn hosts_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path
     Ok(Json(st.app.get::<d::Host>(&c, id).await?.into()))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{id}/enrolment", tag = "inventory", security(("bearer" = [])), request_body(content = EnrolmentRequest, description = "Optional: how long the token is good for."),
+    responses((status = 201, body = EnrolmentView, description = "A one-time token for the host's `drover agent --enroll`: shown once."),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The host is `local`, or this control plane has no agent listener."), (status = 403, body = ErrorBody)))]
+pub async fn hosts_enrolment(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<EnrolmentView>)> {
+    // The body is optional: none, or `{"ttl_secs": n}`.
+    let ttl = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice::<EnrolmentRequest>(&body)
+            .map_err(|e| Error::invalid(format!("bad request body: {e}")))?
+            .ttl_secs
+    };
+    let e = st.app.host_enrolment(&c, id.into(), ttl).await?;
+    Ok((StatusCode::CREATED, Json(e.into())))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{id}/agent", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
+pub async fn hosts_agent(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<AgentView>> {
+    Ok(Json(st.app.host_agent(&c, id.into()).await?.into()))
+}
+
 #[utoipa::path(delete, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn hosts_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {

@@ -16,6 +16,7 @@ use drover_engine::app::{App, Caller};
 use drover_types::Error;
 use utoipa::OpenApi;
 
+pub mod agents;
 pub mod audit;
 pub mod error;
 pub mod handlers;
@@ -85,6 +86,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::users_list, handlers::users_create, handlers::users_delete, handlers::users_patch,
         handlers::sites_list, handlers::sites_create, handlers::sites_get, handlers::sites_patch, handlers::sites_delete,
         handlers::hosts_list, handlers::hosts_create, handlers::hosts_get, handlers::hosts_patch, handlers::hosts_delete,
+        handlers::hosts_enrolment, handlers::hosts_agent,
         handlers::datastores_list, handlers::datastores_create, handlers::datastores_get, handlers::datastores_patch, handlers::datastores_delete,
         handlers::datastores_grant, handlers::datastores_grants, handlers::datastores_revoke,
         handlers::vms_list, handlers::vms_create, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
@@ -139,6 +141,8 @@ pub fn router(app: App) -> Router {
         .route("/sites/{id}", get(h::sites_get).patch(h::sites_patch).delete(h::sites_delete))
         .route("/hosts", get(h::hosts_list).post(h::hosts_create))
         .route("/hosts/{id}", get(h::hosts_get).patch(h::hosts_patch).delete(h::hosts_delete))
+        .route("/hosts/{id}/enrolment", post(h::hosts_enrolment))
+        .route("/hosts/{id}/agent", get(h::hosts_agent))
         .route("/datastores", get(h::datastores_list).post(h::datastores_create))
         .route("/datastores/{id}", get(h::datastores_get).patch(h::datastores_patch).delete(h::datastores_delete))
         .route("/datastores/{id}/grants", get(h::datastores_grants).post(h::datastores_grant))
@@ -191,6 +195,9 @@ pub enum Tls {
     Files { cert: PathBuf, key: PathBuf },
     /// Plain HTTP: only when asked for explicitly.
     Plain,
+    /// HTTPS with a ready rustls configuration (the agent listener: the control plane's
+    /// certificate from its own CA, client certificates optional).
+    Config(std::sync::Arc<rustls::ServerConfig>),
 }
 
 /// Makes (once) a self-signed certificate for `localhost` and the machine's name in `dir`, and
@@ -269,10 +276,14 @@ pub async fn listen_with(
             let server = server.acceptor(limits::LimitedAcceptor::new(axum_server::accept::DefaultAcceptor, limits));
             (tokio::spawn(async move { server.serve(service).await }), false)
         }
-        Tls::Files { cert, key } => {
+        Tls::Files { .. } | Tls::Config(_) => {
             // One process-wide crypto provider; installing it twice is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await?;
+            let config = match tls {
+                Tls::Config(config) => axum_server::tls_rustls::RustlsConfig::from_config(config),
+                Tls::Files { cert, key } => axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key).await?,
+                Tls::Plain => unreachable!("matched above"),
+            };
             let tls =
                 axum_server::tls_rustls::RustlsAcceptor::new(config).handshake_timeout(limits.tls_handshake_timeout);
             let server = server.acceptor(limits::LimitedAcceptor::new(tls, limits));

@@ -202,6 +202,84 @@ impl From<d::Host> for HostView {
     }
 }
 
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentRequest {
+    /// Seconds the token is good for: 60 to 604800 (a week); default 3600.
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnrolmentView {
+    pub host_id: Uuid,
+    /// The one-time token. Shown once: drover keeps only its hash.
+    pub token: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// Where the agent enrols.
+    pub enrol_url: String,
+    /// What to run on the host.
+    pub command: String,
+}
+
+impl From<drover_engine::app::HostEnrolment> for EnrolmentView {
+    fn from(e: drover_engine::app::HostEnrolment) -> Self {
+        EnrolmentView {
+            host_id: e.host_id.0,
+            token: e.token,
+            expires_at: e.expires_at,
+            enrol_url: e.enrol_url,
+            command: e.command,
+        }
+    }
+}
+
+/// A host's agent as the control plane last saw it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    pub state: AgentStateView,
+    pub enrolled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When a call to the agent last succeeded.
+    pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the last call failed, while it is the latest.
+    pub last_error: Option<String>,
+}
+
+/// `local`: the agent inside drover serve; `not_enrolled`: a `drover agent` that has not enrolled;
+/// `enrolled`: not contacted since; `connected`: the last call succeeded; `unreachable`: it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStateView {
+    Local,
+    NotEnrolled,
+    Enrolled,
+    Connected,
+    Unreachable,
+}
+
+impl From<drover_engine::app::AgentState> for AgentStateView {
+    fn from(s: drover_engine::app::AgentState) -> Self {
+        use drover_engine::app::AgentState as S;
+        match s {
+            S::Local => AgentStateView::Local,
+            S::NotEnrolled => AgentStateView::NotEnrolled,
+            S::Enrolled => AgentStateView::Enrolled,
+            S::Connected => AgentStateView::Connected,
+            S::Unreachable => AgentStateView::Unreachable,
+        }
+    }
+}
+
+impl From<drover_engine::app::HostAgentState> for AgentView {
+    fn from(a: drover_engine::app::HostAgentState) -> Self {
+        AgentView {
+            state: a.state.into(),
+            enrolled_at: a.status.enrolled_at,
+            last_seen: a.status.last_seen,
+            last_error: a.status.last_error,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateHost {

@@ -16,7 +16,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_agent_api::HostAgent;
+use drover_agent_api::{
+    AgentError, AgentInfo, AgentResult, ChainRef, Cut, CutSpec, DatastoreSpec, DiskInfo, DiskRef, ErrorKind, HostAgent,
+    PointFile, PointSpec, TransferSpec, TransferStatus,
+};
 use drover_agent_client::RemoteAgent;
 use drover_pki::{ControlPlaneCa, EnrolmentRecord, EnrolmentToken, IssuedCertificate, PresentedToken, TlsIdentity};
 use drover_types::{AgentEnrolment, Error, Host, HostId, Result, now};
@@ -28,14 +31,23 @@ use crate::Engine;
 pub struct AgentPki {
     pub ca: ControlPlaneCa,
     pub identity: TlsIdentity,
+    /// The URL agents enrol at (the control plane's agent listener, as agents reach it).
+    pub enrol_url: String,
     client: Arc<rustls::ClientConfig>,
 }
 
 impl AgentPki {
-    pub fn new(ca: ControlPlaneCa, identity: TlsIdentity) -> Result<AgentPki> {
+    pub fn new(ca: ControlPlaneCa, identity: TlsIdentity, enrol_url: String) -> Result<AgentPki> {
         let client = drover_pki::client_config(&identity, ca.trusted_ca())?;
-        Ok(AgentPki { ca, identity, client: Arc::new(client) })
+        Ok(AgentPki { ca, identity, enrol_url, client: Arc::new(client) })
     }
+}
+
+/// What an enrolment gives the agent.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub host_id: HostId,
+    pub certificate: IssuedCertificate,
 }
 
 /// How long an enrolment token is good for when the administrator does not say.
@@ -45,7 +57,95 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Default)]
 pub(crate) struct Remote {
-    by_host: tokio::sync::Mutex<HashMap<HostId, (String, Arc<RemoteAgent>)>>,
+    by_host: tokio::sync::Mutex<HashMap<HostId, (String, Arc<Watched>)>>,
+}
+
+/// How often a remote agent's successful calls are written down as "last seen" (a failure is
+/// written at once).
+const SEEN_EVERY: Duration = Duration::from_secs(10);
+
+/// A remote agent whose calls are watched: a call that fails because the agent cannot be
+/// reached (class `Retry`) records the host as unreachable, with why; a success records it seen
+/// (at most every [`SEEN_EVERY`]), clearing the error.
+#[derive(Debug)]
+struct Watched {
+    host: HostId,
+    name: String,
+    agent: RemoteAgent,
+    store: drover_store::Store,
+    last_recorded: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Watched {
+    async fn record<T>(&self, result: AgentResult<T>) -> AgentResult<T> {
+        match result {
+            Err(e) if e.kind == ErrorKind::Retry => {
+                *self.last_recorded.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let _ = self.store.agent_seen(self.host, now(), Some(&e.message)).await;
+                Err(AgentError::new(
+                    ErrorKind::Retry,
+                    format!("host {}'s agent is unreachable: {}", self.name, e.message),
+                ))
+            }
+            _ => {
+                let due = {
+                    let mut last = self.last_recorded.lock().unwrap_or_else(|p| p.into_inner());
+                    let due = last.is_none_or(|t| t.elapsed() >= SEEN_EVERY);
+                    if due {
+                        *last = Some(std::time::Instant::now());
+                    }
+                    due
+                };
+                if due {
+                    let _ = self.store.agent_seen(self.host, now(), None).await;
+                }
+                result
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl HostAgent for Watched {
+    fn info(&self) -> AgentInfo {
+        self.agent.info()
+    }
+    async fn datastore_ensure(&self, spec: &DatastoreSpec) -> AgentResult<()> {
+        self.record(self.agent.datastore_ensure(spec).await).await
+    }
+    async fn disk_info(&self, disk: &DiskRef, live: bool) -> AgentResult<DiskInfo> {
+        self.record(self.agent.disk_info(disk, live).await).await
+    }
+    async fn cut_begin(&self, spec: &CutSpec) -> AgentResult<Cut> {
+        self.record(self.agent.cut_begin(spec).await).await
+    }
+    async fn cut_end(&self, spec: &CutSpec, cut: Option<&Cut>, success: bool) -> AgentResult<()> {
+        self.record(self.agent.cut_end(spec, cut, success).await).await
+    }
+    async fn point_create(&self, spec: &PointSpec) -> AgentResult<PointFile> {
+        self.record(self.agent.point_create(spec).await).await
+    }
+    async fn chain_collect_garbage(&self, chain: &ChainRef, keep: &[PointFile]) -> AgentResult<Vec<String>> {
+        self.record(self.agent.chain_collect_garbage(chain, keep).await).await
+    }
+    async fn chain_retire_oldest(
+        &self,
+        chain: &ChainRef,
+        oldest: &PointFile,
+        next: &PointFile,
+        after: Option<&PointFile>,
+    ) -> AgentResult<PointFile> {
+        self.record(self.agent.chain_retire_oldest(chain, oldest, next, after).await).await
+    }
+    async fn transfer_ensure(&self, spec: &TransferSpec) -> AgentResult<TransferStatus> {
+        self.record(self.agent.transfer_ensure(spec).await).await
+    }
+    async fn transfer_status(&self, id: &str) -> AgentResult<TransferStatus> {
+        self.record(self.agent.transfer_status(id).await).await
+    }
+    async fn transfer_forget(&self, id: &str) -> AgentResult<()> {
+        self.record(self.agent.transfer_forget(id).await).await
+    }
 }
 
 /// Where a remote agent listens: `https://host:port`.
@@ -116,7 +216,13 @@ impl Engine {
         match connected {
             Ok(agent) => {
                 let _ = self.store().agent_seen(host.id, now(), None).await;
-                let agent = Arc::new(agent);
+                let agent = Arc::new(Watched {
+                    host: host.id,
+                    name: host.name.clone(),
+                    agent,
+                    store: self.store().clone(),
+                    last_recorded: std::sync::Mutex::new(Some(std::time::Instant::now())),
+                });
                 cache.insert(host.id, (host.address.clone(), agent.clone()));
                 Ok(agent)
             }
@@ -160,13 +266,19 @@ impl Engine {
         Ok((token.secret().to_string(), r.expires_at))
     }
 
-    /// Enrols a host's agent: checks and uses up the token, signs the agent's CSR.
-    pub async fn enrol(&self, host: HostId, token: &str, csr_pem: &str) -> Result<IssuedCertificate> {
+    /// Enrols a host's agent: finds the token's host, checks and uses up the token (once: a
+    /// second enrolment with it is refused), signs the agent's CSR for that host. Every refusal
+    /// reads the same, so a caller learns nothing about other hosts' tokens.
+    pub async fn enrol(&self, token: &str, csr_pem: &str) -> Result<Enrolled> {
         let pki = self.agent_pki().ok_or_else(|| Error::conflict("this control plane does not enrol agents"))?;
-        let presented = PresentedToken::parse(token)?;
+        let refused = || Error::Unauthorized("the enrolment token is not valid (unknown, used or expired)".into());
+        let presented = PresentedToken::parse(token).map_err(|_| refused())?;
+        if presented.ca_fingerprint() != pki.ca.fingerprint() {
+            return Err(refused());
+        }
         let hash = presented.hash().to_hex();
-        let refused = || Error::Unauthorized("the enrolment token is not valid for this host".into());
         let stored = self.store().enrolment_get(&hash).await?.ok_or_else(refused)?;
+        let host = stored.host_id;
         let record = EnrolmentRecord {
             host_id: stored.host_id,
             token_hash: drover_pki::TokenHash::from_hex(&stored.token_hash)?,
@@ -174,13 +286,14 @@ impl Engine {
             expires_at: stored.expires_at,
             consumed_at: stored.consumed_at,
         };
-        record.verify(&presented, host, now())?;
+        record.verify(&presented, host, now()).map_err(|_| refused())?;
+        // The CSR is checked before the token is used up: a bad request leaves the token good.
+        let issued = pki.ca.sign_agent_csr(host, csr_pem, &[])?;
         if !self.store().enrolment_consume(&hash, host, now()).await? {
             return Err(refused());
         }
         self.agent_disconnect(host).await;
-        let issued = pki.ca.sign_agent_csr(host, csr_pem, &[])?;
         tracing::info!(host = %host, "agent enrolled");
-        Ok(issued)
+        Ok(Enrolled { host_id: host, certificate: issued })
     }
 }

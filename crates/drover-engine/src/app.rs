@@ -70,6 +70,40 @@ pub struct NewUser {
 }
 
 #[derive(Debug, Clone)]
+pub struct HostEnrolment {
+    pub host_id: HostId,
+    /// The one-time token: shown once, never stored (the store keeps its hash).
+    pub token: String,
+    pub expires_at: drover_types::Timestamp,
+    /// Where the agent enrols (the control plane's agent listener).
+    pub enrol_url: String,
+    /// The command to run on the host.
+    pub command: String,
+}
+
+/// A host's agent as the control plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// The agent inside this control plane's process.
+    Local,
+    /// A `drover agent` that has not enrolled yet.
+    NotEnrolled,
+    /// Enrolled, not contacted since.
+    Enrolled,
+    /// The last call to the agent succeeded.
+    Connected,
+    /// The last call to the agent failed (see the status's `last_error`).
+    Unreachable,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostAgentState {
+    pub state: AgentState,
+    pub status: drover_types::AgentStatus,
+}
+
+#[derive(Debug, Clone)]
 pub struct NewHost {
     pub site_id: SiteId,
     pub name: String,
@@ -466,6 +500,7 @@ impl App {
         if new.address.trim().is_empty() {
             return Err(Error::invalid("host address must not be empty (use \"local\" for the built-in agent)"));
         }
+        crate::agents::check_host_address(new.address.trim())?;
         self.get::<Site>(caller, new.site_id.0).await?;
         let host = Host {
             id: HostId::new(),
@@ -480,27 +515,39 @@ impl App {
     }
 
     /// A datastore: a directory on its host inside one of the host's datastore roots (created,
-    /// private to the service, when missing). Until remote agents exist every host's files are
-    /// this machine's, so the local roots apply to every host.
+    /// private to the service, when missing). For a host whose agent is this process (`local`)
+    /// the roots are this control plane's (`--datastore-root`); for a `drover agent` they are the
+    /// agent's own, which it checks when the datastore is registered with it here (so the agent
+    /// must be reachable to create one).
     pub async fn datastore_create(&self, caller: &Caller, new: NewDatastore) -> Result<Datastore> {
         caller.require_system_admin()?;
         validate_name("datastore", &new.name)?;
         let host = self.get::<Host>(caller, new.host_id.0).await?;
-        let paths = self.engine.config().host_paths.clone();
-        let requested = new.path.clone();
-        let dir = tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
-            let dir = paths.datastore_dir(&requested)?;
-            crate::host_paths::create_private_dir_all(&dir)
-                .map_err(|e| Error::invalid(format!("cannot make the datastore directory {requested:?}: {e}")))?;
-            if !std::fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
-                return Err(Error::invalid(format!("datastore path {requested:?} is not a directory")));
-            }
-            Ok(dir)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("datastore check: {e}")))??;
+        let id = DatastoreId::new();
+        let dir = if host.address == "local" {
+            let paths = self.engine.config().host_paths.clone();
+            let requested = new.path.clone();
+            tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
+                let dir = paths.datastore_dir(&requested)?;
+                crate::host_paths::create_private_dir_all(&dir)
+                    .map_err(|e| Error::invalid(format!("cannot make the datastore directory {requested:?}: {e}")))?;
+                if !std::fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                    return Err(Error::invalid(format!("datastore path {requested:?} is not a directory")));
+                }
+                Ok(dir)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("datastore check: {e}")))??
+        } else {
+            let agent = self.engine.agent(&host).await?;
+            agent
+                .datastore_ensure(&drover_agent_api::DatastoreSpec { id: id.0, path: new.path.clone() })
+                .await
+                .map_err(crate::agent_error)?;
+            std::path::PathBuf::from(new.path.trim())
+        };
         let ds = Datastore {
-            id: DatastoreId::new(),
+            id,
             tenant_id: caller.tenant_id,
             host_id: host.id,
             name: new.name.trim().into(),
@@ -636,6 +683,9 @@ impl App {
         if address.as_deref().is_some_and(|a| a.trim().is_empty()) {
             return Err(Error::invalid("host address must not be empty"));
         }
+        if let Some(a) = &address {
+            crate::agents::check_host_address(a.trim())?;
+        }
         self.update::<Host, _>(caller, id.0, name, |h| {
             if let Some(a) = &address {
                 h.address = a.trim().to_string();
@@ -643,6 +693,44 @@ impl App {
             Ok(())
         })
         .await
+    }
+
+    /// A one-time enrolment token for a host's `drover agent` (system administrators only):
+    /// the token (shown once, never stored), when it expires, and the command that enrols the
+    /// agent with it. A new token withdraws none; enrolling with one withdraws the host's others.
+    pub async fn host_enrolment(&self, caller: &Caller, id: HostId, ttl_secs: Option<u64>) -> Result<HostEnrolment> {
+        caller.require_system_admin()?;
+        let host = self.get::<Host>(caller, id.0).await?;
+        let ttl = match ttl_secs {
+            None => crate::agents::DEFAULT_TOKEN_TTL,
+            Some(s) if s >= 60 && s <= crate::agents::MAX_TOKEN_TTL.as_secs() => std::time::Duration::from_secs(s),
+            Some(s) => {
+                return Err(Error::invalid(format!(
+                    "ttl_secs {s} is out of range: a token is good for 60 s to {} s",
+                    crate::agents::MAX_TOKEN_TTL.as_secs()
+                )));
+            }
+        };
+        let (token, expires_at) = self.engine.enrolment_token(&host, ttl).await?;
+        let url = self.engine.agent_pki().map(|p| p.enrol_url.clone()).unwrap_or_default();
+        let command = format!("drover agent --enroll {url} {token}");
+        Ok(HostEnrolment { host_id: host.id, token, expires_at, enrol_url: url, command })
+    }
+
+    /// What the control plane knows of a host's agent.
+    pub async fn host_agent(&self, caller: &Caller, id: HostId) -> Result<HostAgentState> {
+        let host = self.get::<Host>(caller, id.0).await?;
+        if host.address == "local" {
+            return Ok(HostAgentState { state: AgentState::Local, status: drover_types::AgentStatus::default() });
+        }
+        let status = self.store().agent_status(host.id).await?;
+        let state = match (&status.enrolled_at, &status.last_seen, &status.last_error) {
+            (None, _, _) => AgentState::NotEnrolled,
+            (_, _, Some(_)) => AgentState::Unreachable,
+            (_, Some(_), None) => AgentState::Connected,
+            (_, None, None) => AgentState::Enrolled,
+        };
+        Ok(HostAgentState { state, status })
     }
 
     pub async fn recovery_location_update(
@@ -775,7 +863,14 @@ impl App {
         if ds.host_id != new.host_id {
             return Err(Error::invalid(format!("datastore {:?} is not on host {}", ds.name, new.host_id)));
         }
-        self.get::<Host>(caller, new.host_id.0).await?;
+        let host = self.get::<Host>(caller, new.host_id.0).await?;
+        if host.address != "local" {
+            return Err(Error::conflict(format!(
+                "host {} runs its own drover agent, and VMs are not yet run through agents: place the VM on a \
+                 `local` host (replicas and restore points may be on the agent's host)",
+                host.name
+            )));
+        }
         let id = VmId::new();
         let nics = new
             .nics

@@ -329,6 +329,15 @@ impl Step for Boot {
         if self.test.is_none() && !matches!(replica.state, ReplicaState::Ready | ReplicaState::Failover) {
             return Err(Error::conflict(format!("replica {} is {:?}", replica.name, replica.state)));
         }
+        let ds = engine.store().object_get_any_tenant::<Datastore>(replica.target_datastore_id.0).await?;
+        let host = engine.store().object_get_any_tenant::<Host>(ds.host_id.0).await?;
+        if host.address != "local" {
+            return Err(Error::conflict(format!(
+                "replica {} is on host {}, which runs its own drover agent: booting VMs through an agent is not built \
+                 yet, so it cannot be failed over there",
+                replica.name, host.name
+            )));
+        }
         let points = engine.store().restore_points_of(self.p.tenant_id, replica.id).await?;
         let point = points
             .iter()

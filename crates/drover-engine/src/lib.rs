@@ -27,7 +27,7 @@ pub mod app;
 pub mod auth;
 mod failback;
 mod failover;
-pub mod host_paths;
+pub use drover_agent::host_paths;
 pub mod login_guard;
 pub mod monitor;
 pub mod ops;
@@ -89,6 +89,9 @@ pub struct EngineConfig {
     /// The host directories requests may reach (datastore roots, import directories). The
     /// default allows none.
     pub host_paths: host_paths::HostPaths,
+    /// How long a running transfer waits for an agent that cannot be reached (a restarting
+    /// agent, a cut link) before its step fails.
+    pub agent_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +104,7 @@ impl Default for EngineConfig {
             scheduler_interval: Duration::from_secs(5),
             work_dir: std::env::temp_dir().join("drover-work"),
             host_paths: host_paths::HostPaths::default(),
+            agent_wait: Duration::from_secs(600),
         }
     }
 }
@@ -163,11 +167,23 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     pub fn new(store: Store, hv: Arc<dyn Hypervisor>, config: EngineConfig) -> Engine {
+        let local_agent = Arc::new(drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone()));
+        Engine::with_local_agent(store, hv, config, local_agent)
+    }
+
+    /// An engine whose `local` hosts are served by `local_agent` (a `LocalAgent` over `hv` set up
+    /// by the caller, e.g. with a data listener; or, in tests, one wrapped to inject faults).
+    pub fn with_local_agent(
+        store: Store,
+        hv: Arc<dyn Hypervisor>,
+        config: EngineConfig,
+        local_agent: Arc<dyn HostAgent>,
+    ) -> Engine {
         let (changes, _) = broadcast::channel(1024);
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
-                local_agent: Arc::new(drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone())),
+                local_agent,
                 agent_pki: std::sync::OnceLock::new(),
                 remote: agents::Remote::default(),
                 hv,

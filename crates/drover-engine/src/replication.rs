@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_agent_api::{
-    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, HostAgent, PointFile, PointSpec, TransferMode,
-    TransferSpec, TransferState, TransferStatus,
+    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, ErrorKind, HostAgent, PointFile, PointSpec,
+    SourceEndpoint, TransferMode, TransferSpec, TransferState, TransferStatus,
 };
 use drover_hv::PowerState;
 use drover_types::*;
@@ -447,13 +447,34 @@ async fn transfer_disk(
     }
     let spec = d.cut(ctx, c, prep.running);
     let cut = source.cut_begin(&spec).await.map_err(agent_error)?;
+    // A cut read through a local socket is for an agent on the same host only.
+    let same_agent = std::ptr::addr_eq(source as *const dyn HostAgent, target as *const dyn HostAgent);
+    if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !same_agent {
+        let _ = source.cut_end(&spec, Some(&cut), false).await;
+        return Err(Error::conflict(format!(
+            "disk {}: the source host's agent does not serve its cuts to other hosts' agents, so the target's agent \
+             cannot read them; start it with a data listener (drover serve or drover agent --data-listen)",
+            d.name
+        )));
+    }
     let running = match target.transfer_status(&spec.id).await {
         Ok(s) if s.state != TransferState::Failed => Some(s),
         _ => None,
     };
-    let status = match running {
+    // A powered-off disk may be read from its files, by an agent on its host.
+    let source_files = (!prep.running && same_agent).then(|| d.disk.clone());
+    let transfer_into = |file: PointFile| TransferSpec {
+        id: spec.id.clone(),
+        source: cut.source.clone(),
+        source_files: source_files.clone(),
+        mode,
+        target: file,
+        prev: d.prev_file.clone(),
+        size: d.size,
+    };
+    let (transfer, status) = match running {
         // A rerun of this step while the transfer it started still runs or has finished.
-        Some(s) => s,
+        Some(s) => (transfer_into(s.target.clone()), s),
         None => {
             // A file left by an interrupted attempt is not a point: clear it first.
             collect_garbage(ctx, c, &prep.replica_id, d, target).await?;
@@ -461,21 +482,31 @@ async fn transfer_disk(
                 .point_create(&PointSpec { chain: d.chain.clone(), size: d.size, prev: d.prev_file.clone() })
                 .await
                 .map_err(agent_error)?;
-            let source_files = (!prep.running).then(|| d.disk.clone());
-            let transfer = TransferSpec {
-                id: spec.id.clone(),
-                source: cut.source.clone(),
-                source_files,
-                mode,
-                target: file,
-                prev: d.prev_file.clone(),
-                size: d.size,
-            };
-            target.transfer_ensure(&transfer).await.map_err(agent_error)?
+            let transfer = transfer_into(file);
+            let status = target.transfer_ensure(&transfer).await.map_err(agent_error)?;
+            (transfer, status)
         }
     };
-    let status = follow(ctx, d, target, status).await?;
+    let status = follow(ctx, d, target, &transfer, status).await?;
     let outcome = status.outcome.clone().ok_or_else(|| Error::internal("a finished transfer without an outcome"))?;
+    if let Some(p) = &outcome.peer {
+        let note = format!(
+            "pulled by the target's agent from the source's: {} bytes on the wire for {} bytes of data and {} of zeroes{}{}",
+            p.wire_bytes_in,
+            p.data_bytes,
+            p.zero_bytes,
+            if p.reconnects > 0 { format!(", {} reconnections", p.reconnects) } else { String::new() },
+            if p.resumed_bytes > 0 {
+                format!(", {} bytes resumed from the journal", p.resumed_bytes)
+            } else {
+                String::new()
+            },
+        );
+        reason = Some(match reason {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
     if let Some(note) = outcome.note {
         reason = Some(match reason {
             Some(r) => format!("{r}; {note}"),
@@ -496,13 +527,22 @@ async fn transfer_disk(
 }
 
 /// Waits for a transfer to end, saying in the session log how far it got.
+///
+/// The agent that runs it may go away for a while (a restart, a cut link): calls that cannot
+/// reach it are retried, with the wait said in the log, for up to `EngineConfig::agent_wait`.
+/// An agent that comes back without the transfer (it restarted) is asked for it again: the same
+/// id and the same point file, so it goes on from what it had made durable (a peer transfer
+/// from its journal) instead of a new point from the start.
 async fn follow(
     ctx: &StepCtx,
     d: &DiskPlan,
     target: &dyn HostAgent,
+    transfer: &TransferSpec,
     mut status: TransferStatus,
 ) -> Result<TransferStatus> {
     let mut logged = tokio::time::Instant::now();
+    let mut unreachable: Option<tokio::time::Instant> = None;
+    let mut restarts = 0;
     loop {
         match status.state {
             TransferState::Done => return Ok(status),
@@ -521,9 +561,62 @@ async fn follow(
             .await;
         }
         tokio::time::sleep(POLL).await;
-        status = target.transfer_status(&status.id).await.map_err(agent_error)?;
+        status = loop {
+            let asked = match target.transfer_status(&transfer.id).await {
+                Err(e) if e.kind == ErrorKind::Gone && restarts < MAX_TRANSFER_RESTARTS => {
+                    restarts += 1;
+                    ctx.log(
+                        LogLevel::Warning,
+                        format!(
+                            "disk {}: the agent writing the point no longer knows its transfer (it restarted); \
+                             asked again into the same point file, going on from what it had made durable",
+                            d.name
+                        ),
+                    )
+                    .await;
+                    target.transfer_ensure(transfer).await
+                }
+                other => other,
+            };
+            match asked {
+                Ok(s) => {
+                    if unreachable.take().is_some() {
+                        ctx.log(LogLevel::Info, format!("disk {}: the agent is reachable again", d.name)).await;
+                    }
+                    break s;
+                }
+                Err(e) if e.kind == ErrorKind::Retry => {
+                    let since = match unreachable {
+                        Some(t) => t,
+                        None => {
+                            ctx.log(
+                                LogLevel::Warning,
+                                format!(
+                                    "disk {}: {}; waiting for it (up to {} s)",
+                                    d.name,
+                                    e.message,
+                                    ctx.engine.config().agent_wait.as_secs()
+                                ),
+                            )
+                            .await;
+                            *unreachable.insert(tokio::time::Instant::now())
+                        }
+                    };
+                    if since.elapsed() >= ctx.engine.config().agent_wait {
+                        return Err(agent_error(e.context(format!("disk {}", d.name))));
+                    }
+                    tokio::time::sleep(UNREACHABLE_POLL).await;
+                }
+                Err(e) => return Err(agent_error(e.context(format!("disk {}", d.name)))),
+            }
+        };
     }
 }
+
+/// How often an unreachable agent is tried again while a transfer waits for it.
+const UNREACHABLE_POLL: Duration = Duration::from_secs(1);
+/// How many times one step asks a restarted agent for its transfer again.
+const MAX_TRANSFER_RESTARTS: u32 = 5;
 
 struct Publish(VmCtx);
 

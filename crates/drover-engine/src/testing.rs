@@ -107,6 +107,7 @@ pub fn fast_config(root: &Path) -> crate::EngineConfig {
         retry_backoff: std::time::Duration::from_millis(10),
         monitor_interval: std::time::Duration::from_millis(100),
         host_paths: host_paths(root),
+        agent_wait: std::time::Duration::from_secs(30),
         ..crate::EngineConfig::default()
     }
 }

@@ -135,7 +135,8 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
 
     // 2. The VM runs and writes a marker; the run is incremental through its dirty bitmap.
     let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
-    assert_eq!(wait(app, s).await.result, SessionResult::Success);
+    let done = wait(app, s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {:?}", done.failure_message, log(app, caller, s).await);
     env.driver.write_marker(vm.id.0, "written in production").await.unwrap();
     let s2 = app.replication_job_run(caller, job.id).await.unwrap();
     let done = wait(app, s2).await;
@@ -216,14 +217,22 @@ impl Rig {
             work_dir: root.join("w"),
             scheduler_interval: Duration::from_millis(200),
             host_paths: drover_engine::testing::host_paths(root),
+            agent_wait: Duration::from_secs(30),
         }
     }
 
     async fn new() -> Rig {
+        Rig::with_agent(|agent| Arc::new(agent)).await
+    }
+
+    /// A rig whose local agent is `wrap` of the real one (to inject faults).
+    async fn with_agent(wrap: impl FnOnce(drover_agent::LocalAgent) -> Arc<dyn drover_agent_api::HostAgent>) -> Rig {
         let dir = tempfile::Builder::new().prefix("drf").tempdir_in("/tmp").unwrap();
         let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
         let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
-        let app = App::new(Engine::new(store, driver.clone(), Rig::config(dir.path())));
+        let config = Rig::config(dir.path());
+        let agent = wrap(drover_agent::LocalAgent::new(driver.clone(), config.work_dir.clone()));
+        let app = App::new(Engine::with_local_agent(store, driver.clone(), config, agent));
         app.bootstrap(Some("password1".into())).await.unwrap();
         let caller =
             app.authenticate(&app.login("admin", "password1", None).await.unwrap().access_token).await.unwrap();
@@ -326,6 +335,127 @@ impl Rig {
 }
 
 const STEPS: [&str; 5] = ["prepare:0", "transfer:0", "publish:0", "release:0", "retention:0"];
+
+/// The real local agent, except that once a transfer has begun its agent "goes away": the
+/// next status calls cannot reach it, then it "restarts" (the transfer is dropped, its task
+/// stopped) and says it has no such transfer.
+#[derive(Debug)]
+struct Flaky {
+    inner: drover_agent::LocalAgent,
+    began: std::sync::atomic::AtomicBool,
+    status_calls: std::sync::atomic::AtomicU32,
+    ensures: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl drover_agent_api::HostAgent for Flaky {
+    fn info(&self) -> drover_agent_api::AgentInfo {
+        self.inner.info()
+    }
+    async fn datastore_ensure(&self, spec: &drover_agent_api::DatastoreSpec) -> drover_agent_api::AgentResult<()> {
+        self.inner.datastore_ensure(spec).await
+    }
+    async fn disk_info(
+        &self,
+        disk: &drover_agent_api::DiskRef,
+        live: bool,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::DiskInfo> {
+        self.inner.disk_info(disk, live).await
+    }
+    async fn cut_begin(
+        &self,
+        spec: &drover_agent_api::CutSpec,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::Cut> {
+        self.inner.cut_begin(spec).await
+    }
+    async fn cut_end(
+        &self,
+        spec: &drover_agent_api::CutSpec,
+        cut: Option<&drover_agent_api::Cut>,
+        success: bool,
+    ) -> drover_agent_api::AgentResult<()> {
+        self.inner.cut_end(spec, cut, success).await
+    }
+    async fn point_create(
+        &self,
+        spec: &drover_agent_api::PointSpec,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::PointFile> {
+        self.inner.point_create(spec).await
+    }
+    async fn chain_collect_garbage(
+        &self,
+        chain: &drover_agent_api::ChainRef,
+        keep: &[drover_agent_api::PointFile],
+    ) -> drover_agent_api::AgentResult<Vec<String>> {
+        self.inner.chain_collect_garbage(chain, keep).await
+    }
+    async fn chain_retire_oldest(
+        &self,
+        chain: &drover_agent_api::ChainRef,
+        oldest: &drover_agent_api::PointFile,
+        next: &drover_agent_api::PointFile,
+        after: Option<&drover_agent_api::PointFile>,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::PointFile> {
+        self.inner.chain_retire_oldest(chain, oldest, next, after).await
+    }
+    async fn transfer_ensure(
+        &self,
+        spec: &drover_agent_api::TransferSpec,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::TransferStatus> {
+        self.began.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ensures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.transfer_ensure(spec).await
+    }
+    async fn transfer_status(&self, id: &str) -> drover_agent_api::AgentResult<drover_agent_api::TransferStatus> {
+        use drover_agent_api::{AgentError, ErrorKind};
+        if self.began.load(std::sync::atomic::Ordering::SeqCst) {
+            match self.status_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0..3 => {
+                    return Err(AgentError::new(ErrorKind::Retry, "the agent at 127.0.0.1:1 cannot be reached (test)"));
+                }
+                3 => {
+                    self.inner.transfer_forget(id).await?;
+                    return Err(AgentError::gone(format!("this agent has no transfer {id}")));
+                }
+                _ => {}
+            }
+        }
+        self.inner.transfer_status(id).await
+    }
+    async fn transfer_forget(&self, id: &str) -> drover_agent_api::AgentResult<()> {
+        self.inner.transfer_forget(id).await
+    }
+}
+
+#[tokio::test]
+async fn a_transfer_waits_for_an_unreachable_agent_and_is_asked_again_after_it_restarts() {
+    let flaky = Arc::new(std::sync::OnceLock::<Arc<Flaky>>::new());
+    let keep = flaky.clone();
+    let rig = Rig::with_agent(move |inner| {
+        let agent = Arc::new(Flaky {
+            inner,
+            began: Default::default(),
+            status_calls: Default::default(),
+            ensures: Default::default(),
+        });
+        let _ = keep.set(agent.clone());
+        agent
+    })
+    .await;
+    rig.write(0x21, 0);
+    rig.write(0x22, 5 << 20);
+    let s = rig.run().await;
+    let lines = log(&rig.app, &rig.caller, s.id).await;
+    assert_eq!(s.result, SessionResult::Success, "{:?}: {lines:?}", s.failure_message);
+    let agent = flaky.get().unwrap();
+    assert_eq!(agent.ensures.load(std::sync::atomic::Ordering::SeqCst), 2, "asked once, then again after the restart");
+    assert!(lines.iter().any(|l| l.contains("cannot be reached (test); waiting for it")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("reachable again")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("no longer knows its transfer")), "{lines:?}");
+    // One point, whole, equal to the source, its chain directory holding nothing else.
+    assert_eq!(rig.points().await.len(), 1);
+    rig.assert_consistent().await;
+}
 
 #[tokio::test]
 async fn every_replication_step_is_idempotent_and_survives_failures_and_crashes() {
@@ -553,23 +683,33 @@ async fn a_power_on_waits_for_a_disk_held_by_another_process() {
     assert_eq!(wait(app, s).await.result, SessionResult::Success);
     let image = Path::new(&prod.path).join(vm.id.to_string()).join("data.qcow2");
     // A storage daemon with the image open for writing, for two seconds.
-    let mut holder = std::process::Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name=f", image.display()))
-        .arg("--blockdev")
-        .arg("driver=qcow2,file=f,node-name=d")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when dropped, so a failing assertion does not leave it behind.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Holder(
+        std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={},node-name=f", image.display()))
+            .arg("--blockdev")
+            .arg("driver=qcow2,file=f,node-name=d")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(holder.try_wait().unwrap().is_none(), "the storage daemon holds the image");
+    assert!(holder.0.try_wait().unwrap().is_none(), "the storage daemon holds the image");
     let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lines = log(app, caller, s).await;
     assert!(lines.iter().any(|l| l.contains("in use by another process")), "{lines:?}");
     assert_ne!(app.engine().store().session_get(None, s).await.unwrap().state, SessionState::Stopped, "still waiting");
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
     let done = wait(app, s).await;
     assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
     assert!(log(app, caller, s).await.iter().any(|l| l.contains("the disk was released")));

@@ -13,6 +13,16 @@
 //! says it is. Hash-compare runs its hashing on each side: the receiver sends [`Hashes`] of its
 //! blocks and only the blocks that differ travel. [`Done`] ends a stream.
 //!
+//! # Pulling
+//! Between agents the receiver (the DR agent) dials the sender (the source agent's data
+//! listener), so a stream may open with a pull before the hello: the receiver sends [`Pull`]
+//! (the cut, its instance, the transfer, the mode); for hash-compare, the [`Message::Hashes`]
+//! of its blocks follow, ended by `Done { bytes: 0 }`. The source answers [`Message::Refused`]
+//! (no such cut, another instance of it, another size) or [`Message::Offer`] (what it will send
+//! before the receiver's journal is taken off), and then speaks as the sender above: hello,
+//! data, done. The cut's instance is chosen by the source when it makes the cut, so a
+//! restarted source whose new cut has the same id is never spliced into an older transfer.
+//!
 //! # Frames
 //! `length: u32` (big-endian, the bytes after it) · `kind: u8` · body. Integers are big-endian,
 //! ids are 16 raw bytes, hashes 32. A frame is at most [`MAX_FRAME`] bytes, so a peer can never
@@ -30,6 +40,9 @@ use uuid::Uuid;
 /// The protocol version this build speaks. A peer that speaks another is refused in its
 /// [`Hello`]: no mixed-version transfer.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The longest cut id a [`Pull`] names, in bytes.
+pub const MAX_CUT_ID: usize = 128;
 
 /// The largest extent one [`Data`] frame carries, before compression.
 pub const MAX_EXTENT: u32 = 4 << 20;
@@ -78,6 +91,50 @@ pub struct Hello {
     pub disk_size: u64,
 }
 
+/// How the source finds what to send for a [`Pull`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullMode {
+    /// The allocated data of the cut.
+    Seed,
+    /// The extents the cut's dirty bitmap marks.
+    Bitmap,
+    /// The blocks whose hashes differ from the [`Message::Hashes`] the receiver sends next.
+    HashCompare,
+}
+
+impl PullMode {
+    fn to_u8(self) -> u8 {
+        match self {
+            PullMode::Seed => 1,
+            PullMode::Bitmap => 2,
+            PullMode::HashCompare => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Result<Self, ProtoError> {
+        Ok(match v {
+            1 => PullMode::Seed,
+            2 => PullMode::Bitmap,
+            3 => PullMode::HashCompare,
+            other => return Err(ProtoError::Malformed(format!("unknown pull mode {other}"))),
+        })
+    }
+}
+
+/// The receiver's request to a source agent: send the cut `cut` (of instance `instance`) for
+/// the transfer `transfer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pull {
+    pub version: u16,
+    pub transfer: Uuid,
+    /// The cut's id on the source (at most [`MAX_CUT_ID`] bytes).
+    pub cut: String,
+    /// The cut's instance, as the source made it: another instance is refused.
+    pub instance: Uuid,
+    pub mode: PullMode,
+    /// The disk's size as the receiver expects it.
+    pub disk_size: u64,
+}
+
 /// The receiver's answer to [`Hello`]: the extents it already holds (written and journalled),
 /// which the sender does not send again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +168,8 @@ pub enum RefusalCode {
     Unavailable,
     /// Anything else the peer did wrong (an extent past the end, a message out of place).
     Protocol,
+    /// The source has no such cut, or another instance of it (it was restarted and cut again).
+    UnknownCut,
 }
 
 impl RefusalCode {
@@ -122,6 +181,7 @@ impl RefusalCode {
             RefusalCode::HashMismatch => 4,
             RefusalCode::Unavailable => 5,
             RefusalCode::Protocol => 6,
+            RefusalCode::UnknownCut => 7,
         }
     }
     fn from_u16(v: u16) -> Result<Self, ProtoError> {
@@ -132,6 +192,7 @@ impl RefusalCode {
             4 => RefusalCode::HashMismatch,
             5 => RefusalCode::Unavailable,
             6 => RefusalCode::Protocol,
+            7 => RefusalCode::UnknownCut,
             other => return Err(ProtoError::Malformed(format!("unknown refusal code {other}"))),
         })
     }
@@ -167,6 +228,14 @@ pub enum Message {
         bytes: u64,
     },
     Refused(Refused),
+    /// The receiver asks a source for a cut (see "Pulling" above).
+    Pull(Pull),
+    /// The source's answer to a pull: `bytes` in `extents` extents will be sent, less what the
+    /// receiver's journal already holds.
+    Offer {
+        bytes: u64,
+        extents: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +262,8 @@ const FLUSHED: u8 = 7;
 const HASHES: u8 = 8;
 const DONE: u8 = 9;
 const REFUSED: u8 = 10;
+const PULL: u8 = 11;
+const OFFER: u8 = 12;
 
 impl Data {
     /// The data frame of `bytes` at `offset`, compressed when `compress` and it pays.
@@ -360,6 +431,24 @@ fn encode_body(m: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
             dst.put_u16(msg.len() as u16);
             dst.put_slice(msg.as_bytes());
         }
+        Message::Pull(p) => {
+            if p.cut.is_empty() || p.cut.len() > MAX_CUT_ID {
+                return Err(ProtoError::Malformed(format!("a cut id of {} bytes", p.cut.len())));
+            }
+            dst.put_u8(PULL);
+            dst.put_u16(p.version);
+            dst.put_slice(p.transfer.as_bytes());
+            dst.put_slice(p.instance.as_bytes());
+            dst.put_u8(p.mode.to_u8());
+            dst.put_u64(p.disk_size);
+            dst.put_u16(p.cut.len() as u16);
+            dst.put_slice(p.cut.as_bytes());
+        }
+        Message::Offer { bytes, extents } => {
+            dst.put_u8(OFFER);
+            dst.put_u64(*bytes);
+            dst.put_u64(*extents);
+        }
     }
     Ok(())
 }
@@ -428,6 +517,11 @@ impl Reader {
         }
         Ok(())
     }
+}
+
+fn uuid(r: &mut Reader, what: &str) -> Result<Uuid, ProtoError> {
+    let id = r.bytes(16, what)?;
+    Uuid::from_slice(&id).map_err(|e| ProtoError::Malformed(e.to_string()))
 }
 
 fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
@@ -521,6 +615,27 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
                 .map_err(|_| ProtoError::Malformed("a refusal message not UTF-8".into()))?;
             r.end("refusal")?;
             Message::Refused(Refused { code, message })
+        }
+        PULL => {
+            let version = r.u16("pull")?;
+            let transfer = uuid(&mut r, "pull")?;
+            let instance = uuid(&mut r, "pull")?;
+            let mode = PullMode::from_u8(r.u8("pull")?)?;
+            let disk_size = r.u64("pull")?;
+            let n = r.u16("pull")? as usize;
+            if n == 0 || n > MAX_CUT_ID {
+                return Err(ProtoError::Malformed(format!("a cut id of {n} bytes")));
+            }
+            let text = r.bytes(n, "cut id")?;
+            let cut =
+                String::from_utf8(text.to_vec()).map_err(|_| ProtoError::Malformed("a cut id not UTF-8".into()))?;
+            r.end("pull")?;
+            Message::Pull(Pull { version, transfer, cut, instance, mode, disk_size })
+        }
+        OFFER => {
+            let (bytes, extents) = (r.u64("offer")?, r.u64("offer")?);
+            r.end("offer")?;
+            Message::Offer { bytes, extents }
         }
         other => return Err(ProtoError::Malformed(format!("unknown frame kind {other}"))),
     };

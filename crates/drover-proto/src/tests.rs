@@ -36,7 +36,42 @@ fn samples() -> Vec<Message> {
         Message::Hashes { offset: 0, block_size: 65536, hashes: vec![[1; 32], [2; 32], [0; 32]] },
         Message::Done { bytes: 123_456_789 },
         Message::Refused(Refused { code: RefusalCode::UnknownTransfer, message: "no transfer 42 here".into() }),
+        Message::Refused(Refused { code: RefusalCode::UnknownCut, message: "no cut run1-0-0 here".into() }),
+        Message::Pull(Pull {
+            version: PROTOCOL_VERSION,
+            transfer,
+            cut: "run1-0-0".into(),
+            instance: Uuid::from_u128(7),
+            mode: PullMode::HashCompare,
+            disk_size: 1 << 30,
+        }),
+        Message::Offer { bytes: 4 << 20, extents: 3 },
     ]
+}
+
+#[test]
+fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
+    for cut in [String::new(), "x".repeat(MAX_CUT_ID + 1)] {
+        let m = Message::Pull(Pull {
+            version: PROTOCOL_VERSION,
+            transfer: Uuid::nil(),
+            cut,
+            instance: Uuid::nil(),
+            mode: PullMode::Seed,
+            disk_size: 1,
+        });
+        assert!(matches!(Codec.encode(m, &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
+    }
+    // Decoding checks the same: a frame claiming a 0-byte cut id.
+    let mut frame = BytesMut::new();
+    frame.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2);
+    frame.put_u8(11);
+    frame.put_u16(PROTOCOL_VERSION);
+    frame.put_slice(&[0; 32]);
+    frame.put_u8(1);
+    frame.put_u64(1);
+    frame.put_u16(0);
+    assert!(matches!(decode_all(frame), Err(ProtoError::Malformed(_))));
 }
 
 #[test]

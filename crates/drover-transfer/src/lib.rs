@@ -158,9 +158,24 @@ pub async fn receive<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut framed = Framed::new(stream, Codec);
+    receive_framed(Framed::new(stream, Codec), target, journal, expect).await
+}
+
+/// [`receive`] on a stream already framed, where other messages came first (a receiver that
+/// dialled the sender and pulled: see `drover_proto`'s "Pulling"). A refusal in place of the
+/// hello is the sender's answer, returned as [`TransferError::Refused`].
+pub async fn receive_framed<S>(
+    mut framed: Framed<S, Codec>,
+    target: &mut dyn BlockTarget,
+    journal: &mut Journal,
+    expect: &Expect,
+) -> Result<ReceiveStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let hello = match framed.next().await {
         Some(Ok(Message::Hello(h))) => h,
+        Some(Ok(Message::Refused(r))) => return Err(TransferError::Refused(r.code, r.message)),
         Some(Ok(other)) => {
             return refuse(&mut framed, RefusalCode::Protocol, format!("expected hello, got {}", kind(&other))).await;
         }
@@ -288,6 +303,8 @@ fn kind(m: &Message) -> &'static str {
         Message::Hashes { .. } => "hashes",
         Message::Done { .. } => "done",
         Message::Refused(_) => "refusal",
+        Message::Pull(_) => "pull",
+        Message::Offer { .. } => "offer",
     }
 }
 
@@ -328,8 +345,19 @@ pub async fn send<S>(stream: S, source: &mut dyn BlockSource, spec: &SendSpec) -
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    send_framed(Framed::new(stream, Codec), source, spec).await
+}
+
+/// [`send`] on a stream already framed, where other messages came first (a pull).
+pub async fn send_framed<S>(
+    mut framed: Framed<S, Codec>,
+    source: &mut dyn BlockSource,
+    spec: &SendSpec,
+) -> Result<SendStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let chunk = spec.chunk.clamp(4096, MAX_EXTENT);
-    let mut framed = Framed::new(stream, Codec);
     let hello =
         Hello { version: PROTOCOL_VERSION, transfer: spec.transfer, stream: 0, streams: 1, disk_size: spec.disk_size };
     framed.send(Message::Hello(hello)).await.map_err(cut)?;

@@ -12,6 +12,7 @@ use drover_proto::{Codec, Data, Hello, Message, PROTOCOL_VERSION, RefusalCode};
 use drover_transfer::*;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::codec::Framed;
 use uuid::Uuid;
 
 const SIZE: u64 = 32 << 20;
@@ -289,4 +290,33 @@ async fn a_torn_journal_record_is_dropped() {
     Journal::open(&fresh).await.unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+/// A receiver that dialled the sender and pulled first (between agents) frames the stream
+/// itself: the sender's refusal in place of the hello comes back as the refusal it is, and an
+/// accepted pull goes on as any stream.
+#[tokio::test]
+async fn framed_streams_after_a_pull_carry_the_senders_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, mut dst) = (source(), target());
+    let mut j = journal(&dir).await;
+    let id = Uuid::new_v4();
+    let expect = Expect { transfer: id, disk_size: SIZE };
+
+    let (a, b) = tokio::io::duplex(64 << 10);
+    let (mut sender, receiver) = (Framed::new(a, Codec), Framed::new(b, Codec));
+    let refusal = Message::Refused(drover_proto::Refused { code: RefusalCode::UnknownCut, message: "no cut".into() });
+    sender.send(refusal).await.unwrap();
+    let e = receive_framed(receiver, &mut dst, &mut j, &expect).await.unwrap_err();
+    assert!(matches!(e, TransferError::Refused(RefusalCode::UnknownCut, ref m) if m == "no cut"), "{e:?}");
+
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let (mut sender, mut receiver) = (Framed::new(a, Codec), Framed::new(b, Codec));
+    receiver.send(Message::Offer { bytes: SIZE, extents: 1 }).await.unwrap();
+    assert!(matches!(sender.next().await, Some(Ok(Message::Offer { bytes: SIZE, .. }))));
+    let sp = spec(id, 8 << 20);
+    let (sent, received) =
+        tokio::join!(send_framed(sender, &mut src, &sp), receive_framed(receiver, &mut dst, &mut j, &expect));
+    assert_eq!(sent.unwrap().data_bytes, received.unwrap().data_bytes);
+    assert!(dst.durable == src.volatile);
 }

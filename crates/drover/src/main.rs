@@ -3,6 +3,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod agent;
 mod bench;
 mod client;
 mod config;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the control plane (API, store, session engine) with its local agent.
     Serve(serve::ServeArgs),
+    /// Run the agent of a hypervisor host (enrol it first with --enroll URL TOKEN).
+    Agent(agent::AgentArgs),
     /// The embedded default on one machine: serve, plus a production and a DR site and small
     /// real VMs running the tiny guest.
     Lab(lab::LabArgs),
@@ -68,6 +71,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
             Command::Lab(args) => lab::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Client(cmd) => client::run(cmd, &cli.global).await,

@@ -10,7 +10,6 @@ use drover_api::Tls;
 use drover_engine::app::App;
 use drover_engine::{Engine, EngineConfig};
 use drover_hv::Hypervisor;
-use drover_hv::qemu::{Accel, QemuConfig, QemuDriver};
 use drover_store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +83,24 @@ pub struct ServeArgs {
     /// (repeat it, or separate with commas). Default: `<data-dir>/imports`.
     #[arg(long = "import-dir", env = "DROVER_IMPORT_DIRS", value_delimiter = ',')]
     pub import_dirs: Vec<PathBuf>,
+    /// Address of the listener `drover agent`s enrol at (HTTPS with a certificate from the
+    /// control plane's own CA, kept in `<data-dir>/ca`), or `off`: without it, hosts can only
+    /// be `local`.
+    #[arg(long, env = "DROVER_AGENT_LISTEN", default_value = "off")]
+    pub agent_listen: Endpoint,
+    /// The agent listener's URL as agents reach it (`https://dr-cp.example.com:8444`): shown
+    /// in enrolment commands, and a name of the control plane's certificate. Default: from
+    /// `--agent-listen` (the machine's name when it listens on every address).
+    #[arg(long, env = "DROVER_AGENT_URL")]
+    pub agent_url: Option<String>,
+    /// Address where this machine's own agent serves its cuts to other hosts' agents (mutual
+    /// TLS with the certificate the control plane's CA issued it): what lets a `drover agent`
+    /// on a DR host replicate this machine's VMs. Needs `--agent-listen`.
+    #[arg(long, env = "DROVER_DATA_LISTEN", requires = "agent_listen")]
+    pub data_listen: Option<SocketAddr>,
+    /// `host:port` other agents reach `--data-listen` at. Default: `--data-listen`.
+    #[arg(long, env = "DROVER_DATA_ADVERTISE", requires = "data_listen")]
+    pub data_advertise: Option<String>,
     /// Seconds to wait for a guest's first heartbeat after power-on.
     #[arg(long, default_value_t = 120)]
     pub heartbeat_timeout_secs: u64,
@@ -138,6 +155,10 @@ pub struct Server {
     pub vro: Option<drover_api::Listener>,
     pub em: Option<drover_api::Listener>,
     pub em_http: Option<drover_api::Listener>,
+    /// The listener agents enrol at, when on.
+    pub agents: Option<drover_api::Listener>,
+    /// Where this machine's agent serves its cuts to other agents, when on.
+    pub data: Option<drover_agent::peer::DataListener>,
     /// The admin password when it was generated on this start.
     pub generated_admin_password: Option<String>,
 }
@@ -166,29 +187,8 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             make_private(&path)?;
         }
     }
-    let hv: Arc<dyn Hypervisor> = match args.hypervisor {
-        HypervisorKind::Qemu => {
-            let mut config = QemuConfig::new(args.data_dir.join("run"));
-            config.accel = match args.accel {
-                AccelArg::Tcg => Accel::Tcg,
-                AccelArg::Kvm => Accel::Kvm,
-                AccelArg::Auto => Accel::Auto,
-            };
-            if let Some(dir) = &args.guest_dir {
-                config.kvm_probe_guest = drover_hv::qemu::TinyGuest::load(dir).ok().map(|g| g.boot_spec());
-            }
-            if which("qemu-system-x86_64").is_none() {
-                bail!(
-                    "qemu-system-x86_64 is not installed: run scripts/install-deps (or use --hypervisor simulated for a demo without VMs)"
-                );
-            }
-            Arc::new(QemuDriver::new(config))
-        }
-        HypervisorKind::Simulated => {
-            tracing::warn!("SIMULATED hypervisor: no VM really runs; for tests and demos only");
-            Arc::new(drover_hv::sim::SimulatedHypervisor::new())
-        }
-    };
+    let hv: Arc<dyn Hypervisor> =
+        crate::agent::hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
     let config = EngineConfig {
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
@@ -196,10 +196,41 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         host_paths,
         ..EngineConfig::default()
     };
-    let engine = Engine::new(store, hv, config);
+    // With agents, this machine's agent has an identity of its own from the control plane's CA:
+    // it pulls from other agents with it, and serves its cuts to them with it.
+    let pki = match args.agent_listen.0 {
+        Some(_) => Some(AgentPkiFiles::create_or_load(args)?),
+        None => None,
+    };
+    let mut local_agent = drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone());
+    let mut data = None;
+    if let Some(pki) = &pki {
+        let local = &pki.local;
+        local_agent = local_agent.with_peer_tls(drover_pki::client_config(local.tls_identity(), local.trusted_ca())?);
+        if let Some(bind) = args.data_listen {
+            if bind.ip().is_unspecified() && args.data_advertise.is_none() {
+                bail!(
+                    "--data-listen {bind} is a wildcard address: say where other agents reach it with --data-advertise"
+                );
+            }
+            let tls = drover_pki::server_config_requiring_client_cert(local.tls_identity(), local.trusted_ca())?;
+            let name = drover_pki::agent_dns_name(local.host_id());
+            let listener = local_agent
+                .serve_data(bind, args.data_advertise.clone(), name, Some(tls))
+                .await
+                .with_context(|| format!("cannot listen for other agents on {bind}"))?;
+            data = Some(listener);
+        }
+    }
+    let engine = Engine::with_local_agent(store, hv, config, Arc::new(local_agent));
     let app = App::new(engine.clone());
     let admin_password = std::env::var("DROVER_ADMIN_PASSWORD").ok();
     let generated_admin_password = app.bootstrap(admin_password).await?;
+    // Before the engine starts: sessions it resumes may need hosts' agents.
+    let agents = match (args.agent_listen.0, pki) {
+        (Some(addr), Some(pki)) => Some(agent_listener(args, &app, addr, pki).await?),
+        _ => None,
+    };
     engine.start().await?;
     let tls = if args.plain_http {
         Tls::Plain
@@ -241,7 +272,82 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         ),
         None => None,
     };
-    Ok(Server { app, listener, vro, em, em_http, generated_admin_password })
+    Ok(Server { app, listener, vro, em, em_http, agents, data, generated_admin_password })
+}
+
+/// The control plane's CA, and the identity of this machine's own agent (a host certificate
+/// from that CA, for a host id of its own, kept in `<data-dir>/local-agent`).
+struct AgentPkiFiles {
+    ca: drover_pki::ControlPlaneCa,
+    local: drover_pki::AgentIdentity,
+}
+
+impl AgentPkiFiles {
+    fn create_or_load(args: &ServeArgs) -> anyhow::Result<AgentPkiFiles> {
+        let ca = drover_pki::ControlPlaneCa::create_or_load(&args.data_dir.join("ca"))
+            .context("cannot set up the control plane's CA")?;
+        let dir = args.data_dir.join("local-agent");
+        let local = match drover_pki::AgentIdentity::load(&dir) {
+            Ok(identity) if identity.trusted_ca().fingerprint() == ca.fingerprint() => identity,
+            _ => {
+                let pending = drover_pki::AgentIdentity::generate(&dir).context("cannot make the local agent's key")?;
+                let issued = ca.sign_agent_csr(drover_types::HostId::new(), pending.csr_pem(), &[])?;
+                pending.install(&issued.certificate_pem, &issued.ca_pem)?
+            }
+        };
+        Ok(AgentPkiFiles { ca, local })
+    }
+}
+
+/// The listener agents enrol at (see `--agent-listen`), with a certificate from the CA.
+async fn agent_listener(
+    args: &ServeArgs,
+    app: &App,
+    addr: SocketAddr,
+    pki: AgentPkiFiles,
+) -> anyhow::Result<drover_api::Listener> {
+    use drover_pki::SubjectName;
+    let ca = pki.ca;
+    let host_of_url = |url: &str| -> anyhow::Result<String> {
+        let rest = url.strip_prefix("https://").context("--agent-url must start with https://")?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            _ => bail!("--agent-url {url:?} must name a port: https://host:port"),
+        };
+        Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+    };
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    let machine = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    if !machine.is_empty() {
+        names.push(machine.clone());
+    }
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    if let Some(url) = &args.agent_url {
+        names.push(host_of_url(url)?);
+    }
+    names.sort();
+    names.dedup();
+    let names = names
+        .iter()
+        .map(|n| n.parse::<SubjectName>().with_context(|| format!("{n:?} cannot name the control plane's certificate")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let identity = ca.control_plane_identity(&names).context("cannot issue the control plane's certificate")?;
+    let config = drover_pki::server_config_optional_client_cert(&identity, ca.trusted_ca())?;
+    let listener = drover_api::listen(drover_api::agents::router(app.clone()), addr, Tls::Config(Arc::new(config)))
+        .await
+        .with_context(|| format!("cannot listen on {addr} (agents)"))?;
+    let url = match &args.agent_url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None if listener.addr.ip().is_unspecified() && !machine.is_empty() => {
+            format!("https://{machine}:{}", listener.addr.port())
+        }
+        None => format!("https://{}", listener.addr),
+    };
+    app.engine().set_agent_pki(drover_engine::agents::AgentPki::new(ca, identity, url)?);
+    Ok(listener)
 }
 
 impl Server {
@@ -254,22 +360,34 @@ impl Server {
         for l in [&self.em, &self.em_http].into_iter().flatten() {
             out.push(("EM", format!("{}/api/   (logon: POST {}/api/sessionMngr/?v=latest, Basic)", l.url(), l.url())));
         }
+        if self.agents.is_some()
+            && let Some(pki) = self.app.engine().agent_pki()
+        {
+            out.push((
+                "agents",
+                format!("{}   (enrolment: drover agent --enroll {} <token>)", pki.enrol_url, pki.enrol_url),
+            ));
+        }
+        if let Some(d) = &self.data {
+            out.push(("data", format!("{}   (this machine's cuts, to other agents)", d.local_addr())));
+        }
         out
     }
 
     /// Stops every listener.
     pub async fn stop_listeners(self) {
-        for l in [Some(self.listener), self.vro, self.em, self.em_http].into_iter().flatten() {
+        for l in [Some(self.listener), self.vro, self.em, self.em_http, self.agents].into_iter().flatten() {
             l.stop().await;
         }
     }
 
     /// Serves until a listener fails.
     async fn wait(self) -> anyhow::Result<()> {
-        let waits = [Some(self.listener), self.vro, self.em, self.em_http].into_iter().flatten().map(|l| {
-            let url = l.url();
-            Box::pin(async move { l.wait().await.with_context(|| format!("the listener on {url} failed")) })
-        });
+        let waits =
+            [Some(self.listener), self.vro, self.em, self.em_http, self.agents].into_iter().flatten().map(|l| {
+                let url = l.url();
+                Box::pin(async move { l.wait().await.with_context(|| format!("the listener on {url} failed")) })
+            });
         futures::future::select_all(waits).await.0
     }
 }
@@ -301,6 +419,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }

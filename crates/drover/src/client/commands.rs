@@ -103,6 +103,16 @@ pub enum HostCommand {
     },
     /// Removes a host.
     Delete(IdArg),
+    /// A one-time enrolment token for the host's `drover agent` (printed once, with the command
+    /// to run on the host).
+    Enrol {
+        id: Uuid,
+        /// Seconds the token is good for (60 to 604800).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// How the control plane last saw the host's agent: state, enrolled, last seen, last error.
+    Agent(IdArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -875,6 +885,14 @@ async fn host(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
             ctx.update(&format!("/hosts/{id}"), body, render::host).await
         }
         HostCommand::Delete(a) => ctx.delete(&format!("/hosts/{}", a.id), "host", a.id).await,
+        HostCommand::Enrol { id, ttl_secs } => {
+            let body = match ttl_secs {
+                Some(t) => json!({ "ttl_secs": t }),
+                None => json!({}),
+            };
+            ctx.create(&format!("/hosts/{id}/enrolment"), body, render::enrolment).await
+        }
+        HostCommand::Agent(a) => ctx.get(&format!("/hosts/{}/agent", a.id), render::host_agent).await,
     }
 }
 

@@ -132,6 +132,25 @@ pub fn host(h: &HostView) -> String {
     ])
 }
 
+pub fn enrolment(e: &EnrolmentView) -> String {
+    format!(
+        "{}\n\nOn the host, run (the token works once, until {}):\n\n  {}\n",
+        details(&[("host", e.host_id.to_string()), ("enrol at", e.enrol_url.clone()), ("token", e.token.clone())]),
+        local_time(&e.expires_at),
+        e.command
+    )
+}
+
+pub fn host_agent(a: &AgentView) -> String {
+    let state = serde_json::to_value(a.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    details(&[
+        ("state", state),
+        ("enrolled", a.enrolled_at.as_ref().map_or_else(|| "-".into(), local_time)),
+        ("last seen", a.last_seen.as_ref().map_or_else(|| "-".into(), local_time)),
+        ("last error", a.last_error.clone().unwrap_or_else(|| "-".into())),
+    ])
+}
+
 pub fn datastores(page: &Page<DatastoreView>) -> Table {
     let mut t = Table::new(&["ID", "NAME", "HOST", "PATH"]);
     for x in &page.items {

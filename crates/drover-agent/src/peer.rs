@@ -1,0 +1,937 @@
+//! The agent-to-agent data path (issue 11, item 3): a cut on one agent read into a point file on
+//! another, over `drover_proto` and `drover_transfer`. The control plane only names the two ends.
+//!
+//! ```text
+//!  DR agent (transfer_ensure, Peer source)           source agent (serve_data)
+//!  ────────────────────────────────────────           ──────────────────────────
+//!  dial address, TLS as server_name ───────────────▶  accept (client certificate required)
+//!  Pull {cut, instance, transfer, mode} ───────────▶  the cut must exist *as this instance*
+//!  [Hashes of prev's blocks…, Done]   ─────────────▶  (hash-compare: hash the cut, compare)
+//!                                     ◀───────────── Offer {bytes} | Refused
+//!  receive_framed ◀──── Hello/Welcome/Data/Zero ────▶ send_framed (NBD export of the cut)
+//!  writes the point file through its storage daemon, journals what is durable
+//! ```
+//!
+//! - **The receiver dials.** The DR agent runs the transfer (it owns the point file and the
+//!   journal), so it is the one that retries: a broken stream is dialled again with a doubling
+//!   backoff ([`PeerRetry`]); consecutive failures without progress are bounded. A stream that
+//!   stalls longer than the idle timeout (a link that drops packets silently) fails its reads,
+//!   so the receiver journals what arrived as it does for a stream that broke.
+//! - **Resumable across cut links and killed agents.** The journal lives under the agent's work
+//!   dir (`j-<transfer id>/`), bound to the cut *instance*, the target file and the mode
+//!   (`binding.json`): a journal of another binding is discarded, never spliced. A re-run of
+//!   `transfer_ensure` with the same id resumes from it. The manifest of the point is the
+//!   manifest of `prev` with every block that arrived rehashed as it passes; blocks journalled
+//!   by an earlier run are read back from the point file and rehashed at the end.
+//! - **Cut instances.** A cut registered with the data listener gets a random instance when it
+//!   is made (a re-run of the same cut keeps it). A source restarted and cut again under the same
+//!   id has another instance, so a stale endpoint is refused and a stale journal discarded.
+//! - **TLS.** The product serves and dials with mutual TLS (`drover_pki`'s configs: the CA is
+//!   the only root, a client certificate is required, and only an agent's is served: the
+//!   control plane never carries disk bytes). Plain TCP exists for tests only and says so in
+//!   the log whenever it is used.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_agent_api::*;
+use drover_block::extents::{Extent, ExtentSet};
+use drover_block::hash::{BLOCK_SIZE, BlockHash, Manifest, hash_block, zero_hash};
+use drover_block::nbd::{BASE_ALLOCATION, NbdClient};
+use drover_proto::{Codec, Message, PROTOCOL_VERSION, Pull, PullMode, RefusalCode, Refused};
+use drover_transfer::{BlockSource, BlockTarget, Expect, Journal, SendSpec, TransferError};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio_util::codec::Framed;
+use uuid::Uuid;
+
+/// The largest extent per data frame between agents: what a cut link can lose in flight (a frame
+/// half across), so small next to what one transfer sends; large enough that framing is noise.
+pub const PEER_CHUNK: u32 = 128 << 10;
+
+/// The sender asks the receiver to make what it holds durable every this many bytes: the most a
+/// killed receiving agent has to be sent again.
+pub const PEER_FLUSH_EVERY: u64 = 16 << 20;
+
+/// Hashes per [`Message::Hashes`] frame (2 MiB of hashes, 4 GiB of disk).
+const HASHES_PER_FRAME: usize = 65536;
+
+/// Connections one data listener serves at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to say what it wants (TLS handshake, pull, hashes).
+const PULL_PHASE: Duration = Duration::from_secs(60);
+
+/// How long the receiver waits for the source's offer (the source hashes its whole cut first in
+/// a hash-compare).
+const OFFER_WAIT: Duration = Duration::from_secs(3600);
+
+/// How a receiving agent retries a broken connection to a source agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRetry {
+    /// Consecutive failed connections (no progress between them) before the transfer fails.
+    pub attempts: u32,
+    /// The first wait after a failure; doubled after each failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Connecting and the TLS handshake.
+    pub connect_timeout: Duration,
+    /// A stream that brings nothing for this long is taken as broken.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PeerRetry {
+    fn default() -> Self {
+        PeerRetry {
+            attempts: 8,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How the receiving side dials: TLS (the product) or plain TCP (tests).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerClient {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub retry: PeerRetry,
+}
+
+// ------------------------------------------------------------------------------------------------
+// The source side: cuts registered for pulling, and the listener.
+
+/// A cut this agent serves to peers.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerCut {
+    pub instance: Uuid,
+    pub socket: PathBuf,
+    pub export: String,
+    pub meta_context: String,
+    pub size: u64,
+}
+
+pub(crate) type PeerCuts = Arc<Mutex<HashMap<String, PeerCut>>>;
+
+/// Registers a cut, keeping the instance of the same cut made before (a re-run of `cut_begin`)
+/// and choosing a new one otherwise.
+pub(crate) fn register_cut(cuts: &PeerCuts, id: &str, mut cut: PeerCut) -> Uuid {
+    let mut cuts = cuts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(old) = cuts.get(id)
+        && old.socket == cut.socket
+        && old.export == cut.export
+        && old.size == cut.size
+    {
+        return old.instance;
+    }
+    cut.instance = Uuid::new_v4();
+    let instance = cut.instance;
+    cuts.insert(id.to_string(), cut);
+    instance
+}
+
+/// Where peers reach this agent's data listener.
+#[derive(Debug, Clone)]
+pub(crate) struct Advert {
+    pub address: String,
+    pub server_name: String,
+}
+
+#[derive(Debug, Default)]
+struct ListenerCounters {
+    streams: AtomicU64,
+    refused: AtomicU64,
+    sent_bytes: AtomicU64,
+    hashed_bytes: AtomicU64,
+}
+
+/// What a data listener served so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataListenerStats {
+    /// Pulls accepted.
+    pub streams: u64,
+    /// Pulls refused (unknown cut, another instance, another size, a bad request).
+    pub refused: u64,
+    /// Bytes of cuts read to be sent (data and zero chunks), over all streams: what a resumed
+    /// transfer sent again shows here.
+    pub sent_bytes: u64,
+    /// Bytes of cuts read to hash them (hash-compare).
+    pub hashed_bytes: u64,
+}
+
+/// A running data listener; dropping it stops accepting (streams in progress go on).
+#[derive(Debug)]
+pub struct DataListener {
+    local_addr: SocketAddr,
+    tls: bool,
+    counters: Arc<ListenerCounters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DataListener {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Whether connections are TLS (the product) or plain TCP (tests only).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    pub fn stats(&self) -> DataListenerStats {
+        DataListenerStats {
+            streams: self.counters.streams.load(Ordering::Relaxed),
+            refused: self.counters.refused.load(Ordering::Relaxed),
+            sent_bytes: self.counters.sent_bytes.load(Ordering::Relaxed),
+            hashed_bytes: self.counters.hashed_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for DataListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub(crate) async fn listen(
+    bind: SocketAddr,
+    tls: Option<rustls::ServerConfig>,
+    cuts: PeerCuts,
+) -> std::io::Result<DataListener> {
+    let listener = TcpListener::bind(bind).await?;
+    let local_addr = listener.local_addr()?;
+    let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    if acceptor.is_none() {
+        tracing::warn!(%local_addr, "agent data listener on plain TCP: for tests only, never in the product");
+    }
+    let counters = Arc::new(ListenerCounters::default());
+    let tls = acceptor.is_some();
+    let task = tokio::spawn(accept_loop(listener, acceptor, cuts, counters.clone()));
+    Ok(DataListener { local_addr, tls, counters, task })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    cuts: PeerCuts,
+    counters: Arc<ListenerCounters>,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!(error = %e, "data listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "data listener: {MAX_CONNECTIONS} connections already; closing this one");
+            continue;
+        };
+        let (acceptor, cuts, counters) = (acceptor.clone(), cuts.clone(), counters.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            let result = match acceptor {
+                Some(a) => match tokio::time::timeout(PULL_PHASE, a.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        // Disk bytes go from agent to agent only: not to the control plane,
+                        // whose certificate the same CA signed.
+                        let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                        match drover_pki::peer_identity(certificates) {
+                            Ok(drover_pki::PeerIdentity::Host(host)) => {
+                                tracing::debug!(%peer, %host, "data listener: an agent connected");
+                                serve_pull(stream, &cuts, &counters).await
+                            }
+                            Ok(drover_pki::PeerIdentity::ControlPlane) => {
+                                Err("refused the control plane: disk bytes go between agents only".into())
+                            }
+                            Err(e) => Err(format!("refused: {e}")),
+                        }
+                    }
+                    Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                    Err(_) => Err("TLS handshake timed out".into()),
+                },
+                None => serve_pull(tcp, &cuts, &counters).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(%peer, error = %e, "data listener: stream ended");
+            }
+        });
+    }
+}
+
+/// Serves one pull: checks the cut, finds what to send, and sends it.
+async fn serve_pull<S>(stream: S, cuts: &PeerCuts, counters: &ListenerCounters) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut framed = Framed::new(stream, Codec);
+    let pull = match tokio::time::timeout(PULL_PHASE, framed.next()).await {
+        Ok(Some(Ok(Message::Pull(p)))) => p,
+        Ok(Some(Ok(_))) => return refuse(&mut framed, counters, RefusalCode::Protocol, "expected a pull".into()).await,
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(None) => return Err("closed before a pull".into()),
+        Err(_) => return Err("no pull in time".into()),
+    };
+    if pull.version != PROTOCOL_VERSION {
+        let why = format!("this agent speaks protocol version {PROTOCOL_VERSION}, not {}", pull.version);
+        return refuse(&mut framed, counters, RefusalCode::Version, why).await;
+    }
+    let cut = cuts.lock().unwrap_or_else(|e| e.into_inner()).get(&pull.cut).cloned();
+    let cut = match cut {
+        Some(c) if c.instance == pull.instance => c,
+        Some(c) => {
+            let why = format!(
+                "cut {} here is instance {}, not {} (the source agent cut it again)",
+                pull.cut, c.instance, pull.instance
+            );
+            return refuse(&mut framed, counters, RefusalCode::UnknownCut, why).await;
+        }
+        None => {
+            let why = format!("this agent has no cut {}", pull.cut);
+            return refuse(&mut framed, counters, RefusalCode::UnknownCut, why).await;
+        }
+    };
+    if pull.disk_size != cut.size {
+        let why = format!("cut {} is {} bytes, not {}", pull.cut, cut.size, pull.disk_size);
+        return refuse(&mut framed, counters, RefusalCode::SizeMismatch, why).await;
+    }
+    let theirs = if pull.mode == PullMode::HashCompare {
+        match tokio::time::timeout(PULL_PHASE, read_hashes(&mut framed, cut.size)).await {
+            Ok(Ok(h)) => Some(h),
+            Ok(Err(why)) => return refuse(&mut framed, counters, RefusalCode::Protocol, why).await,
+            Err(_) => return Err("the receiver's hashes did not arrive in time".into()),
+        }
+    } else {
+        None
+    };
+    let mut src = match NbdClient::connect_unix(&cut.socket, &cut.export, &[&cut.meta_context, BASE_ALLOCATION]).await {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!("cut {} cannot be read: {e}", pull.cut);
+            return refuse(&mut framed, counters, RefusalCode::Unavailable, why).await;
+        }
+    };
+    let extents = match find_extents(&mut src, &cut, pull.mode, theirs.as_deref(), counters).await {
+        Ok(e) => e,
+        Err(why) => return refuse(&mut framed, counters, RefusalCode::Unavailable, why).await,
+    };
+    counters.streams.fetch_add(1, Ordering::Relaxed);
+    let offer = Message::Offer { bytes: extents.total_bytes(), extents: extents.len() as u64 };
+    framed.send(offer).await.map_err(|e| e.to_string())?;
+    let spec = SendSpec {
+        transfer: pull.transfer,
+        disk_size: cut.size,
+        extents,
+        chunk: PEER_CHUNK,
+        compress: true,
+        flush_every: PEER_FLUSH_EVERY,
+    };
+    let mut source = NbdSource { client: src, counters };
+    let result = drover_transfer::send_framed(framed, &mut source, &spec).await;
+    let _ = source.client.disconnect().await;
+    result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+async fn refuse<S>(
+    framed: &mut Framed<S, Codec>,
+    counters: &ListenerCounters,
+    code: RefusalCode,
+    message: String,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    counters.refused.fetch_add(1, Ordering::Relaxed);
+    let _ = framed.send(Message::Refused(Refused { code, message: message.clone() })).await;
+    Err(format!("refused: {message}"))
+}
+
+/// The receiver's block hashes, in order, every block of the disk once, then `Done`.
+async fn read_hashes<S>(framed: &mut Framed<S, Codec>, size: u64) -> Result<Vec<BlockHash>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let blocks = size.div_ceil(BLOCK_SIZE) as usize;
+    let mut hashes = Vec::with_capacity(blocks.min(1 << 20));
+    loop {
+        match framed.next().await {
+            Some(Ok(Message::Hashes { offset, block_size, hashes: part })) => {
+                if u64::from(block_size) != BLOCK_SIZE || offset != hashes.len() as u64 * BLOCK_SIZE {
+                    return Err(format!("hashes at {offset} of {block_size}-byte blocks out of place"));
+                }
+                if hashes.len() + part.len() > blocks {
+                    return Err(format!("more than the disk's {blocks} block hashes"));
+                }
+                hashes.extend(part);
+            }
+            Some(Ok(Message::Done { .. })) if hashes.len() == blocks => return Ok(hashes),
+            Some(Ok(Message::Done { .. })) => return Err(format!("{} block hashes of {blocks}", hashes.len())),
+            Some(Ok(_)) => return Err("expected block hashes".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("closed while sending hashes".into()),
+        }
+    }
+}
+
+/// What of the cut to send, in whole manifest blocks.
+async fn find_extents(
+    src: &mut NbdClient<UnixStream>,
+    cut: &PeerCut,
+    mode: PullMode,
+    theirs: Option<&[BlockHash]>,
+    counters: &ListenerCounters,
+) -> Result<ExtentSet, String> {
+    let size = cut.size;
+    let found = match (mode, theirs) {
+        (PullMode::Seed, _) => src.data_extents(0, size).await.map_err(|e| e.to_string())?,
+        (PullMode::Bitmap, _) => src.dirty_extents(&cut.meta_context, 0, size).await.map_err(|e| e.to_string())?,
+        (PullMode::HashCompare, Some(theirs)) => {
+            // Hashed here, on the source's side: only the hashes crossed the link.
+            let data = src.data_extents(0, size).await.map_err(|e| e.to_string())?.align_out(BLOCK_SIZE).clip(0, size);
+            let mut differ = ExtentSet::new();
+            let mut buf = Vec::new();
+            let mut hashed = ExtentSet::new();
+            for e in data.chunks(4 << 20) {
+                buf.resize(e.len as usize, 0);
+                src.read_into(e.offset, &mut buf).await.map_err(|e| e.to_string())?;
+                counters.hashed_bytes.fetch_add(e.len, Ordering::Relaxed);
+                for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
+                    let b = (e.offset / BLOCK_SIZE) as usize + i;
+                    if theirs.get(b) != Some(&hash_block(block)) {
+                        differ.insert(Extent::new(b as u64 * BLOCK_SIZE, block.len() as u64));
+                    }
+                }
+                hashed.insert(e);
+            }
+            // Holes read as zeroes: the receiver's block differs where it is not zeroes.
+            let zero_full = zero_hash(BLOCK_SIZE as usize);
+            for (b, h) in theirs.iter().enumerate() {
+                let offset = b as u64 * BLOCK_SIZE;
+                if hashed.contains(offset) {
+                    continue;
+                }
+                let len = BLOCK_SIZE.min(size - offset);
+                let zero = if len == BLOCK_SIZE { zero_full } else { zero_hash(len as usize) };
+                if *h != zero {
+                    differ.insert(Extent::new(offset, len));
+                }
+            }
+            differ
+        }
+        (PullMode::HashCompare, None) => return Err("a hash-compare without hashes".into()),
+    };
+    Ok(found.align_out(BLOCK_SIZE).clip(0, size))
+}
+
+/// The cut, read through its NBD export.
+struct NbdSource<'a> {
+    client: NbdClient<UnixStream>,
+    counters: &'a ListenerCounters,
+}
+
+#[async_trait]
+impl BlockSource for NbdSource<'_> {
+    async fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.client.read_into(offset, buf).await.map_err(std::io::Error::other)?;
+        self.counters.sent_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The receiving side.
+
+/// What the receiving job needs to pull one cut.
+pub(crate) struct PullJob<'a> {
+    pub address: &'a str,
+    pub server_name: &'a str,
+    pub cut: &'a str,
+    pub instance: Uuid,
+    pub spec: &'a TransferSpec,
+    /// The point file's path (the journal is bound to it).
+    pub target_path: &'a Path,
+    pub journal_dir: PathBuf,
+    /// The manifest the point starts from (`prev`'s, or a zeroed one).
+    pub manifest: Manifest,
+    /// `true` when no manifest describes what the target holds: it is read and hashed here.
+    pub hash_target: bool,
+    pub progress: &'a (dyn Fn(u64, u64) + Send + Sync),
+}
+
+/// What a pull did.
+pub(crate) struct Pulled {
+    pub manifest: Manifest,
+    /// Bytes read back from the point file (rehashing, or hashing an undescribed target).
+    pub read_back: u64,
+    /// Bytes written to the point file by this run.
+    pub written: u64,
+    pub stats: PeerTransferStats,
+}
+
+/// What binds a journal to one transfer: another binding's journal is discarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Binding {
+    cut: String,
+    instance: Uuid,
+    target: String,
+    mode: TransferMode,
+    size: u64,
+}
+
+/// The transfer id as the wire's 16 bytes.
+fn transfer_uuid(id: &str) -> Uuid {
+    let h = blake3::hash(id.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.as_bytes()[..16]);
+    Uuid::from_bytes(b)
+}
+
+fn pull_mode(mode: TransferMode) -> PullMode {
+    match mode {
+        TransferMode::Seed => PullMode::Seed,
+        TransferMode::Bitmap => PullMode::Bitmap,
+        TransferMode::HashCompare => PullMode::HashCompare,
+    }
+}
+
+fn io_error(what: &str, e: impl std::fmt::Display) -> AgentError {
+    AgentError::internal(format!("{what}: {e}"))
+}
+
+/// Opens the journal bound to this transfer, discarding one bound to anything else.
+async fn open_journal(dir: &Path, binding: &Binding) -> AgentResult<Journal> {
+    let path = dir.join("binding.json");
+    let same = match tokio::fs::read(&path).await {
+        Ok(b) => serde_json::from_slice::<Binding>(&b).ok().as_ref() == Some(binding),
+        Err(_) => false,
+    };
+    if !same {
+        if tokio::fs::try_exists(dir).await.unwrap_or(false) {
+            tracing::info!(dir = %dir.display(), "a journal of another cut instance, target or mode: discarded");
+        }
+        let _ = tokio::fs::remove_dir_all(dir).await;
+        let mut builder = tokio::fs::DirBuilder::new();
+        builder.recursive(true).mode(0o700);
+        builder.create(dir).await.map_err(|e| io_error("creating the transfer's journal directory", e))?;
+        let bytes = serde_json::to_vec(binding).map_err(|e| io_error("the journal's binding", e))?;
+        drover_qemu::durable::write(&path, bytes, 0o600).await.map_err(|e| io_error("writing the binding", e))?;
+    }
+    Journal::open(&dir.join("extents")).await.map_err(|e| io_error("opening the transfer's journal", e))
+}
+
+/// Pulls the cut into `target` (the point file's NBD export), resuming from the journal and
+/// reconnecting with backoff; returns the point's manifest.
+pub(crate) async fn pull(
+    job: PullJob<'_>,
+    client: &PeerClient,
+    target: &mut NbdClient<UnixStream>,
+) -> AgentResult<Pulled> {
+    let spec = job.spec;
+    let size = spec.size;
+    let binding = Binding {
+        cut: job.cut.to_string(),
+        instance: job.instance,
+        target: job.target_path.to_string_lossy().into_owned(),
+        mode: spec.mode,
+        size,
+    };
+    let mut journal = open_journal(&job.journal_dir, &binding).await?;
+    let held_at_start = journal.durable().clone();
+    let mut manifest = job.manifest;
+    let mut read_back = 0u64;
+    if job.hash_target {
+        read_back += rehash(target, &mut manifest, &ExtentSet::from_range(0, size)).await?;
+    }
+    let hashes: Option<Vec<BlockHash>> = (spec.mode == TransferMode::HashCompare)
+        .then(|| (0..manifest.blocks()).filter_map(|b| manifest.hash(b).copied()).collect());
+
+    let wire = Arc::new(WireCounters::default());
+    let mut stats = PeerTransferStats::default();
+    let mut sink = PointTarget {
+        dst: target,
+        manifest: &mut manifest,
+        received: held_at_start.clone(),
+        rehash: ExtentSet::new(),
+        data_bytes: 0,
+        zero_bytes: 0,
+        received_twice: 0,
+        progress: job.progress,
+        total: size,
+        zero_block: zero_hash(BLOCK_SIZE as usize),
+    };
+    let pull = Pull {
+        version: PROTOCOL_VERSION,
+        transfer: transfer_uuid(&spec.id),
+        cut: job.cut.to_string(),
+        instance: job.instance,
+        mode: pull_mode(spec.mode),
+        disk_size: size,
+    };
+    let expect = Expect { transfer: pull.transfer, disk_size: size };
+    let retry = client.retry;
+    if client.tls.is_none() {
+        tracing::warn!(
+            address = job.address,
+            "pulling from a peer over plain TCP: for tests only, never in the product"
+        );
+    }
+    let (mut failures, mut backoff) = (0u32, retry.initial_backoff);
+    // Every connection that brings progress resets `failures`; this bounds the whole loop.
+    let max_connections = u64::from(retry.attempts.max(1)) * 1000;
+    let mut connections = 0u64;
+    loop {
+        connections += 1;
+        if connections > 1 {
+            stats.reconnects += 1;
+        }
+        let held = journal.durable().total_bytes();
+        if held > 0 {
+            stats.resumed_bytes += held;
+            stats.resumed_extents += journal.durable().len() as u64;
+        }
+        // The idle timeout applies once the source streams (it may hash its cut for long first).
+        wire.idle_ms.store(0, Ordering::Relaxed);
+        let result = match connect(job.address, job.server_name, client, wire.clone()).await {
+            Ok(conn) => {
+                attempt(conn, &pull, hashes.as_deref(), &mut sink, &mut journal, &expect, &wire, retry.idle_timeout)
+                    .await
+            }
+            Err(e) => Err(TransferError::Io(e)),
+        };
+        let e = match result {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        let from = format!("the source agent at {}", job.address);
+        match &e {
+            TransferError::Cut | TransferError::Io(_) | TransferError::Refused(RefusalCode::Unavailable, _) => {}
+            TransferError::Refused(RefusalCode::UnknownCut, m) => {
+                return Err(AgentError::gone(format!("{from}: {m}")));
+            }
+            TransferError::Refused(RefusalCode::SizeMismatch | RefusalCode::Version, m) => {
+                return Err(AgentError::new(ErrorKind::Conflict, format!("{from}: {m}")));
+            }
+            other => return Err(AgentError::internal(format!("{from}: {other}"))),
+        }
+        if journal.durable().total_bytes() > held {
+            failures = 0;
+            backoff = retry.initial_backoff;
+        }
+        failures += 1;
+        if failures > retry.attempts || connections >= max_connections {
+            return Err(AgentError::new(
+                ErrorKind::Retry,
+                format!("{from}: {e} ({failures} connections in a row without progress)"),
+            ));
+        }
+        tracing::warn!(address = job.address, error = %e, failures, ?backoff, "peer transfer: reconnecting");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(retry.max_backoff);
+    }
+    // Blocks journalled by an earlier run (a killed agent) did not pass through here: read them
+    // back from the point file and hash them; likewise any write that was not whole blocks.
+    let rehash_set = held_at_start.union(&sink.rehash);
+    let (written, data_bytes, zero_bytes, received_twice) =
+        (sink.data_bytes + sink.zero_bytes, sink.data_bytes, sink.zero_bytes, sink.received_twice);
+    read_back += rehash(target, &mut manifest, &rehash_set).await?;
+    stats.wire_bytes_in = wire.read.load(Ordering::Relaxed);
+    stats.wire_bytes_out = wire.written.load(Ordering::Relaxed);
+    stats.data_bytes = data_bytes;
+    stats.zero_bytes = zero_bytes;
+    stats.received_twice = received_twice;
+    Ok(Pulled { manifest, read_back, written, stats })
+}
+
+/// Removes a transfer's journal (the point is done, or the transfer forgotten).
+pub(crate) async fn remove_journal(dir: &Path) {
+    let _ = tokio::fs::remove_dir_all(dir).await;
+}
+
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+async fn connect(
+    address: &str,
+    server_name: &str,
+    client: &PeerClient,
+    wire: Arc<WireCounters>,
+) -> std::io::Result<Box<dyn Conn>> {
+    let limit = client.retry.connect_timeout;
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {address} timed out"));
+    let tcp = tokio::time::timeout(limit, TcpStream::connect(address)).await.map_err(|_| timed_out())??;
+    tcp.set_nodelay(true)?;
+    let counted = Counted::new(tcp, wire);
+    match &client.tls {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("server name {server_name:?}: {e}"))
+            })?;
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let tls =
+                tokio::time::timeout(limit, connector.connect(name, counted)).await.map_err(|_| timed_out())??;
+            Ok(Box::new(tls))
+        }
+        None => Ok(Box::new(counted)),
+    }
+}
+
+/// One connection: pull, wait for the offer, receive.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    conn: Box<dyn Conn>,
+    pull: &Pull,
+    hashes: Option<&[BlockHash]>,
+    sink: &mut PointTarget<'_>,
+    journal: &mut Journal,
+    expect: &Expect,
+    wire: &WireCounters,
+    idle: Duration,
+) -> Result<(), TransferError> {
+    let mut framed = Framed::new(conn, Codec);
+    let cut = |e: drover_proto::ProtoError| match e {
+        drover_proto::ProtoError::Io(_) => TransferError::Cut,
+        other => TransferError::Proto(other),
+    };
+    framed.send(Message::Pull(pull.clone())).await.map_err(cut)?;
+    if let Some(hashes) = hashes {
+        for (i, part) in hashes.chunks(HASHES_PER_FRAME).enumerate() {
+            let offset = (i * HASHES_PER_FRAME) as u64 * BLOCK_SIZE;
+            let m = Message::Hashes { offset, block_size: BLOCK_SIZE as u32, hashes: part.to_vec() };
+            framed.send(m).await.map_err(cut)?;
+        }
+        framed.send(Message::Done { bytes: 0 }).await.map_err(cut)?;
+    }
+    let offer = match tokio::time::timeout(OFFER_WAIT, framed.next()).await {
+        Ok(Some(Ok(Message::Offer { bytes, .. }))) => bytes,
+        Ok(Some(Ok(Message::Refused(r)))) => return Err(TransferError::Refused(r.code, r.message)),
+        Ok(Some(Ok(_))) => return Err(TransferError::Protocol("expected the source's offer".into())),
+        // A TLS refusal (a certificate the source does not accept) shows here, on the first read.
+        Ok(Some(Err(drover_proto::ProtoError::Io(e)))) => return Err(TransferError::Io(e)),
+        Ok(Some(Err(e))) => {
+            return Err(TransferError::Protocol(format!(
+                "the source does not answer in the agents' protocol ({e}): a TLS listener dialled without TLS?"
+            )));
+        }
+        Ok(None) | Err(_) => return Err(TransferError::Cut),
+    };
+    sink.total = offer.max(1);
+    // From here the source streams: a link that drops packets silently never errors, so a
+    // stream that brings nothing for `idle` fails its reads (see `Counted`), and the receiver
+    // makes durable and journals what arrived before it gives the stream up.
+    wire.idle_ms.store(idle.as_millis().max(1) as u64, Ordering::Relaxed);
+    drover_transfer::receive_framed(framed, sink, journal, expect).await.map(|_| ())
+}
+
+/// Reads `extents` (rounded out to whole blocks) back from the target and hashes them into the
+/// manifest. Returns the bytes read.
+async fn rehash(target: &mut NbdClient<UnixStream>, manifest: &mut Manifest, extents: &ExtentSet) -> AgentResult<u64> {
+    let size = manifest.disk_size;
+    let blocks = extents.align_out(BLOCK_SIZE).clip(0, size);
+    let mut buf = Vec::new();
+    for e in blocks.chunks(4 << 20) {
+        buf.resize(e.len as usize, 0);
+        target.read_into(e.offset, &mut buf).await.map_err(|e| io_error("reading the point file back", e))?;
+        manifest.set_range(e.offset, &buf).map_err(|e| io_error("the point's manifest", e))?;
+    }
+    Ok(blocks.total_bytes())
+}
+
+/// The point file as the transfer's target: writes go to its NBD export and into the manifest.
+struct PointTarget<'a> {
+    dst: &'a mut NbdClient<UnixStream>,
+    manifest: &'a mut Manifest,
+    /// What arrived (and what the journal held when this run began).
+    received: ExtentSet,
+    /// Writes that were not whole blocks: hashed from the file at the end.
+    rehash: ExtentSet,
+    data_bytes: u64,
+    zero_bytes: u64,
+    received_twice: u64,
+    progress: &'a (dyn Fn(u64, u64) + Send + Sync),
+    total: u64,
+    zero_block: BlockHash,
+}
+
+impl PointTarget<'_> {
+    /// Whether `offset..offset+len` is whole blocks (the last one may end at the disk's end).
+    fn whole_blocks(&self, offset: u64, len: u64) -> bool {
+        let end = offset + len;
+        offset.is_multiple_of(BLOCK_SIZE) && (end.is_multiple_of(BLOCK_SIZE) || end == self.manifest.disk_size)
+    }
+
+    fn arrived(&mut self, offset: u64, len: u64) {
+        let twice = self.received.intersect(&ExtentSet::from_range(offset, len)).total_bytes();
+        self.received_twice += twice;
+        self.received.insert(Extent::new(offset, len));
+        let done = self.received.total_bytes();
+        (self.progress)(done.min(self.total), self.total.max(done));
+    }
+}
+
+#[async_trait]
+impl BlockTarget for PointTarget<'_> {
+    async fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.dst.write(offset, data).await.map_err(std::io::Error::other)?;
+        let len = data.len() as u64;
+        if self.whole_blocks(offset, len) {
+            self.manifest.set_range(offset, data).map_err(std::io::Error::other)?;
+        } else {
+            self.rehash.insert(Extent::new(offset, len));
+        }
+        self.data_bytes += len;
+        self.arrived(offset, len);
+        Ok(())
+    }
+
+    async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
+        if self.dst.can_write_zeroes() {
+            self.dst.write_zeroes(offset, length).await.map_err(std::io::Error::other)?;
+        } else {
+            let zeroes = vec![0u8; (1 << 20).min(length) as usize];
+            let mut at = offset;
+            while at < offset + length {
+                let n = (offset + length - at).min(zeroes.len() as u64);
+                self.dst.write(at, &zeroes[..n as usize]).await.map_err(std::io::Error::other)?;
+                at += n;
+            }
+        }
+        if self.whole_blocks(offset, length) {
+            for b in offset / BLOCK_SIZE..(offset + length).div_ceil(BLOCK_SIZE) {
+                let len = self.manifest.block_range(b).1;
+                let h = if len == BLOCK_SIZE { self.zero_block } else { zero_hash(len as usize) };
+                self.manifest.set_hash(b, h).map_err(std::io::Error::other)?;
+            }
+        } else {
+            self.rehash.insert(Extent::new(offset, length));
+        }
+        self.zero_bytes += length;
+        self.arrived(offset, length);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.dst.flush().await.map_err(std::io::Error::other)
+    }
+}
+
+/// Bytes read from and written to a connection, below TLS: what crossed the link.
+#[derive(Debug, Default)]
+struct WireCounters {
+    read: AtomicU64,
+    written: AtomicU64,
+    /// Once set (milliseconds), a connection that reads nothing for this long fails its reads
+    /// and writes with `TimedOut`.
+    idle_ms: AtomicU64,
+}
+
+struct Counted<S> {
+    inner: S,
+    wire: Arc<WireCounters>,
+    /// When the connection is taken as dead, once `idle_ms` is set; pushed back by every read.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, wire: Arc<WireCounters>) -> Counted<S> {
+        Counted { inner, wire, deadline: None }
+    }
+
+    /// On a pending read or write: whether the idle time is up (and the waker registered if not).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let ms = self.wire.idle_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            return false;
+        }
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
+        deadline.as_mut().poll(cx).is_ready()
+    }
+
+    fn idle_error() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "the link brought nothing for the idle timeout")
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                self.wire.read.fetch_add(n as u64, Ordering::Relaxed);
+                let ms = self.wire.idle_ms.load(Ordering::Relaxed);
+                if let Some(d) = self.deadline.as_mut() {
+                    d.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(ms));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(Self::idle_error())),
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                self.wire.written.fetch_add(n as u64, Ordering::Relaxed);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(Self::idle_error())),
+            other => other,
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(Self::idle_error())),
+            other => other,
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_made_again_keeps_its_instance_and_another_cut_gets_a_new_one() {
+        let cuts = PeerCuts::default();
+        let cut = |socket: &str| PeerCut {
+            instance: Uuid::nil(),
+            socket: socket.into(),
+            export: "e".into(),
+            meta_context: "m".into(),
+            size: 1 << 20,
+        };
+        let first = register_cut(&cuts, "c1", cut("/a"));
+        assert_ne!(first, Uuid::nil());
+        assert_eq!(register_cut(&cuts, "c1", cut("/a")), first, "a re-run of the same cut");
+        let again = register_cut(&cuts, "c1", cut("/b"));
+        assert_ne!(again, first, "the same id over another export is another instance");
+    }
+
+    #[test]
+    fn transfer_ids_map_to_stable_wire_ids() {
+        assert_eq!(transfer_uuid("run1-0-0"), transfer_uuid("run1-0-0"));
+        assert_ne!(transfer_uuid("run1-0-0"), transfer_uuid("run1-0-1"));
+    }
+}

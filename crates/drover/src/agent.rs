@@ -1,0 +1,261 @@
+//! `drover agent`: the agent of one hypervisor host. It owns the host's datastores and serves
+//! the agent API (`drover_agent::server`) to the control plane over HTTPS with mutual TLS.
+//!
+//! First start: `drover agent --enroll <url> <token>` with the one-time token the administrator
+//! got from `POST /v1/hosts/{id}/enrolment`. The agent makes its key, sends a certificate request
+//! with the token to the control plane (trusting it only if its CA has the fingerprint the token
+//! pins), and installs the certificate it gets back in `<data-dir>/identity`. Later starts load
+//! that identity; `--enroll` is then refused unless `--re-enroll` says to replace it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use drover_agent::LocalAgent;
+use drover_agent::host_paths::HostPaths;
+use drover_agent::peer::DataListener;
+use drover_hv::Hypervisor;
+use drover_hv::qemu::{Accel, QemuConfig, QemuDriver};
+use drover_pki::{AgentIdentity, PresentedToken};
+
+use crate::serve::{AccelArg, HypervisorKind};
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where the agent keeps its identity (key and certificate), work files and, by default,
+    /// its datastores.
+    #[arg(long, env = "DROVER_AGENT_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Address of the agent API (HTTPS, mutual TLS: only the control plane that enrolled the
+    /// agent may call).
+    #[arg(long, env = "DROVER_AGENT_LISTEN", default_value = "127.0.0.1:8445")]
+    pub listen: SocketAddr,
+    /// Enrol with the control plane first: its agent URL (`https://host:port`) and the one-time
+    /// token from `POST /v1/hosts/{id}/enrolment` (or `drover host enrol`).
+    #[arg(long, num_args = 2, value_names = ["URL", "TOKEN"])]
+    pub enroll: Option<Vec<String>>,
+    /// With `--enroll`: replace an identity this agent already has.
+    #[arg(long, requires = "enroll")]
+    pub re_enroll: bool,
+    /// Enrol, then exit instead of serving.
+    #[arg(long, requires = "enroll")]
+    pub enroll_only: bool,
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub hypervisor: HypervisorKind,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+    /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
+    #[arg(long, env = "DROVER_GUEST_DIR")]
+    pub guest_dir: Option<PathBuf>,
+    /// A directory under which the control plane may create datastores on this host (repeat
+    /// it, or separate with commas). Default: `<data-dir>/datastores`.
+    #[arg(long = "datastore-root", env = "DROVER_AGENT_DATASTORE_ROOTS", value_delimiter = ',')]
+    pub datastore_roots: Vec<PathBuf>,
+    /// Address of the agent-to-agent data listener (mutual TLS: only agents enrolled with the
+    /// same control plane may pull this host's cuts). Without it, cuts are read on this host only.
+    #[arg(long, env = "DROVER_AGENT_DATA_LISTEN")]
+    pub data_listen: Option<SocketAddr>,
+    /// `host:port` other agents reach the data listener at. Default: `--data-listen`.
+    #[arg(long, env = "DROVER_AGENT_DATA_ADVERTISE", requires = "data_listen")]
+    pub data_advertise: Option<String>,
+}
+
+pub fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(h) => std::path::Path::new(&h).join(".local/share/drover-agent"),
+        None => PathBuf::from("/var/lib/drover-agent"),
+    }
+}
+
+/// What the control plane answers an enrolment with (`drover_api::agents::EnrolResponse`).
+#[derive(Debug, serde::Deserialize)]
+struct EnrolResponse {
+    certificate_pem: String,
+    ca_pem: String,
+}
+
+/// Enrols the agent whose identity lives in `dir` with the control plane at `url`.
+pub async fn enrol(dir: &std::path::Path, url: &str, token: &str) -> anyhow::Result<AgentIdentity> {
+    let url = url.trim_end_matches('/');
+    if !url.starts_with("https://") {
+        bail!("the control plane's agent URL must be https://host:port, not {url:?}");
+    }
+    let presented = PresentedToken::parse(token).context("the enrolment token")?;
+    let pending = AgentIdentity::generate(dir).context("cannot make the agent's key")?;
+    let tls = drover_pki::enrolment_client_config(&presented.ca_fingerprint())?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .context("enrolment client")?;
+    let response = http
+        .post(format!("{url}/agent/v1/enrol"))
+        .json(&serde_json::json!({ "token": token.trim(), "csr_pem": pending.csr_pem() }))
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the control plane at {url} (or its certificate is not from the CA the token names)")
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let message = body["message"].as_str().unwrap_or("no message").to_string();
+        bail!("the control plane refused the enrolment ({status}): {message}");
+    }
+    // Bounded: a certificate and a CA are a few KiB.
+    let body = response.bytes().await.context("reading the enrolment answer")?;
+    if body.len() > 256 << 10 {
+        bail!("the control plane's enrolment answer is too large ({} bytes)", body.len());
+    }
+    let answer: EnrolResponse = serde_json::from_slice(&body).context("the control plane's enrolment answer")?;
+    // The CA we were pinned to must be the one that signed us.
+    drover_pki::TrustedCa::from_pem_pinned(&answer.ca_pem, &presented.ca_fingerprint())
+        .context("the control plane answered with another CA than its token names")?;
+    Ok(pending.install(&answer.certificate_pem, &answer.ca_pem)?)
+}
+
+/// The hypervisor driver an agent (or `drover serve`) runs VMs with.
+pub fn hypervisor(
+    kind: HypervisorKind,
+    accel: AccelArg,
+    guest_dir: Option<&std::path::Path>,
+    run_dir: PathBuf,
+) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    Ok(match kind {
+        HypervisorKind::Qemu => {
+            let mut config = QemuConfig::new(run_dir);
+            config.accel = match accel {
+                AccelArg::Tcg => Accel::Tcg,
+                AccelArg::Kvm => Accel::Kvm,
+                AccelArg::Auto => Accel::Auto,
+            };
+            if let Some(dir) = guest_dir {
+                config.kvm_probe_guest = drover_hv::qemu::TinyGuest::load(dir).ok().map(|g| g.boot_spec());
+            }
+            if crate::serve::which("qemu-system-x86_64").is_none() {
+                bail!(
+                    "qemu-system-x86_64 is not installed: run scripts/install-deps (or use --hypervisor simulated for a demo without VMs)"
+                );
+            }
+            Arc::new(QemuDriver::new(config))
+        }
+        HypervisorKind::Simulated => {
+            tracing::warn!("SIMULATED hypervisor: no VM really runs; for tests and demos only");
+            Arc::new(drover_hv::sim::SimulatedHypervisor::new())
+        }
+    })
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub identity: AgentIdentity,
+    pub addr: SocketAddr,
+    /// The agent-to-agent data listener, when the agent serves one.
+    pub data: Option<DataListener>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningAgent {
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+    pub async fn wait(self) -> anyhow::Result<()> {
+        // The data listener serves as long as the agent API does.
+        let _data = self.data;
+        self.task.await.context("the agent listener")?.context("the agent listener failed")
+    }
+}
+
+/// Enrols if asked, then serves the agent API.
+pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    drover_agent::host_paths::create_private_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let identity_dir = args.data_dir.join("identity");
+    let identity = match &args.enroll {
+        Some(v) => {
+            let [url, token] = v.as_slice() else { bail!("--enroll takes the control plane's URL and a token") };
+            if AgentIdentity::load(&identity_dir).is_ok() && !args.re_enroll {
+                bail!(
+                    "this agent is already enrolled ({}); add --re-enroll to replace its identity",
+                    identity_dir.display()
+                );
+            }
+            let identity = enrol(&identity_dir, url, token).await?;
+            println!("enrolled as host {}", identity.host_id());
+            identity
+        }
+        None => AgentIdentity::load(&identity_dir).with_context(|| {
+            format!(
+                "this agent has no identity in {}: enrol it first (drover agent --enroll <url> <token>)",
+                identity_dir.display()
+            )
+        })?,
+    };
+    let roots = if args.datastore_roots.is_empty() {
+        vec![args.data_dir.join("datastores")]
+    } else {
+        args.datastore_roots.clone()
+    };
+    let roots = HostPaths::new(&roots, &[]).context("bad --datastore-root")?;
+    let hv = hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
+    // Other agents are dialled (to pull their cuts) with this agent's identity, and trusted only
+    // with a certificate from the same CA.
+    let peer_tls = drover_pki::client_config(identity.tls_identity(), identity.trusted_ca())?;
+    let agent = LocalAgent::new(hv, args.data_dir.join("work")).with_datastore_roots(roots).with_peer_tls(peer_tls);
+    let config = drover_pki::server_config_requiring_client_cert(identity.tls_identity(), identity.trusted_ca())?;
+    let data = match args.data_listen {
+        Some(bind) => {
+            if bind.ip().is_unspecified() && args.data_advertise.is_none() {
+                bail!(
+                    "--data-listen {bind} is a wildcard address: say where other agents reach it with --data-advertise"
+                );
+            }
+            let name = drover_pki::agent_dns_name(identity.host_id());
+            let listener = agent
+                .serve_data(bind, args.data_advertise.clone(), name, Some(config.clone()))
+                .await
+                .with_context(|| format!("cannot listen for other agents on {bind}"))?;
+            println!("serving cuts to other agents on {}", listener.local_addr());
+            Some(listener)
+        }
+        None => None,
+    };
+    let listener =
+        std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(drover_agent::server::serve_tls(listener, Arc::new(agent), Arc::new(config)));
+    Ok(RunningAgent { identity, addr, data, task })
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.enroll_only {
+        let Some([url, token]) = args.enroll.as_deref() else { bail!("--enroll takes a URL and a token") };
+        let dir = args.data_dir.join("identity");
+        if AgentIdentity::load(&dir).is_ok() && !args.re_enroll {
+            bail!("this agent is already enrolled ({}); add --re-enroll to replace its identity", dir.display());
+        }
+        drover_agent::host_paths::create_private_dir_all(&args.data_dir)?;
+        let identity = enrol(&dir, url, token).await?;
+        println!(
+            "enrolled as host {}; start the agent with: drover agent --data-dir {}",
+            identity.host_id(),
+            args.data_dir.display()
+        );
+        return Ok(());
+    }
+    let agent = start(&args).await?;
+    println!("drover agent for host {} serving on {}", agent.identity.host_id(), agent.url());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = agent.wait() => r?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("drover agent stopped; running VMs keep running");
+    Ok(())
+}
