@@ -34,8 +34,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use drover_agent_api::*;
 use drover_block::chain::{ChainDir, manifest_path};
-use drover_block::copy::{CopyStats, copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::copy::{
+    CopyStats, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
+};
 use drover_block::direct::DirectImage;
+use drover_block::extents::ExtentSet;
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::tracking::{BitmapState, CycleExport, OfflineCycleExport};
@@ -543,14 +546,18 @@ impl Job {
         let daemon = StorageDaemon::start(&self.work).await.map_err(|e| hv_error(e.into()))?;
         let result = async {
             daemon.start_nbd_server().await?;
-            daemon
-                .add_qcow2(&Qcow2Node {
-                    node_name: "target".into(),
-                    path: self.target.clone(),
-                    backing: Backing::FromImage,
-                    read_only: false,
-                })
-                .await?;
+            let node = Qcow2Node {
+                node_name: "target".into(),
+                path: self.target.clone(),
+                backing: Backing::FromImage,
+                read_only: false,
+            };
+            // A seed writes a new image once: past the page cache, as `add_qcow2_direct` says.
+            if self.prev.is_none() {
+                daemon.add_qcow2_direct(&node).await?;
+            } else {
+                daemon.add_qcow2(&node).await?;
+            }
             daemon
                 .add_nbd_export(&NbdExport {
                     id: "target".into(),
@@ -589,11 +596,13 @@ impl Job {
         };
         let size = self.spec.size;
         let against_manifest = self.spec.mode == TransferMode::HashCompare && self.prev.is_some();
-        // A powered-off disk compared against the manifest may be read from its files: its cut
-        // holds it (nothing writes it), and reading through NBD would cost the daemon as much CPU
-        // as the whole comparison. Anything only QEMU can decode is read through NBD.
+        // A powered-off disk read whole (a seed, or compared against the manifest) may be read
+        // from its files: its cut holds it (nothing writes it), and reading through NBD would
+        // cost the daemon as much CPU as the whole comparison. Anything only QEMU can decode is
+        // read through NBD.
+        let reads_whole = self.spec.mode == TransferMode::Seed || against_manifest;
         let (direct, note) = match &self.direct {
-            Some(image) if against_manifest => match direct_source(image).await {
+            Some(image) if reads_whole => match direct_source(image).await {
                 Ok(d) => (Some(d), Some("source read from its files".to_string())),
                 Err(why) => (None, Some(format!("source read through NBD: {why}"))),
             },
@@ -608,8 +617,16 @@ impl Job {
             };
             let stats: CopyStats = match self.spec.mode {
                 TransferMode::Seed => {
-                    let data = src.data_extents(0, size).await?;
-                    copy_extents(&mut src, &mut dst, &data, &mut manifest, progress).await?
+                    // The source's block status decides what is read; a new point without a
+                    // backing file reads as zeroes, so zeroes are not written into it at all.
+                    let target = if self.prev.is_none() { TargetBefore::Zeroes } else { TargetBefore::Unknown };
+                    let whole = ExtentSet::from_range(0, size);
+                    match direct {
+                        Some(mut image) => {
+                            copy_extents_into(&mut image, &mut dst, &whole, target, &mut manifest, progress).await?
+                        }
+                        None => copy_extents_into(&mut src, &mut dst, &whole, target, &mut manifest, progress).await?,
+                    }
                 }
                 TransferMode::Bitmap => {
                     let dirty = src.dirty_extents(meta_context, 0, size).await?;

@@ -1,9 +1,13 @@
 //! Moving blocks between two NBD exports: the source's point-in-time view and the target's new
 //! restore-point file.
 //!
-//! - [`copy_extents`]: the incremental path. Copies exactly the given extents (the dirty
-//!   granules of a bitmap, or the allocated ranges of a seed), rounded out to manifest blocks,
-//!   and rehashes those blocks into the manifest as they pass.
+//! - [`copy_extents_into`] (and [`copy_extents`], its form for a target of unknown content): the
+//!   seed and incremental path. Copies exactly the given extents (the dirty granules of a bitmap,
+//!   or the whole disk for a seed), rounded out to manifest blocks, and rehashes those blocks into
+//!   the manifest as they pass. Where the source's block status says it reads as zeroes nothing is
+//!   read, and blocks that read as zeroes are not written at all when the target is known to read
+//!   as zeroes already ([`TargetBefore::Zeroes`]: a new image without a backing file, whose
+//!   clusters then stay unallocated), else written as `NBD_CMD_WRITE_ZEROES`.
 //! - [`manifest_compare_sync`]: the fallback when no dirty bitmap can be trusted (first cycle
 //!   after an unclean shutdown, a changed bitmap set) and the target's content is described by a
 //!   manifest (a new point on the newest restore point). The source is read once (its holes not
@@ -14,30 +18,32 @@
 //!   during failback, a resized disk). Both sides are read once, concurrently, blocks are
 //!   compared, and only differing blocks are written.
 //!
-//! Reads are pipelined on each connection ([`NbdClient::read_many_into`]), a round of
-//! `WINDOW_CHUNKS` chunks at a time.
+//! Reads and writes are pipelined on each connection ([`NbdClient::read_many_into`],
+//! [`NbdClient::write_many`]), a round of `WINDOW_CHUNKS` chunks at a time: the next round is read
+//! while the current one is written and hashed, so memory stays at about four rounds.
 //!
 //! Both end with a flush of the target, so that what they report as written is on disk before
 //! the caller publishes the restore point. Progress is reported through a callback, never through
 //! the store (the data path knows nothing of sessions).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::direct::{DirectError, DirectImage};
 use crate::extents::{Extent, ExtentSet};
 use crate::hash::{BLOCK_SIZE, BlockHash, Manifest, ManifestError, hash_block, zero_hash};
-use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, READ_DEPTH};
+use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, WriteOp};
 
 /// How much one read or write moves at most: large enough to amortise a round trip, small
 /// enough to keep memory flat.
 pub const CHUNK: u64 = 4 << 20;
 
-/// How many chunks are read per round: they are pipelined on the connection (see
+/// How many chunks are read per round: their requests are pipelined on the connection (see
 /// [`crate::nbd::READ_DEPTH`]), and the next round is read while the current one is written and
 /// hashed. Memory in use is about `4 * WINDOW_CHUNKS * CHUNK` (two rounds, two sides).
-const WINDOW_CHUNKS: usize = READ_DEPTH;
+const WINDOW_CHUNKS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -62,8 +68,42 @@ pub struct CopyStats {
     pub source_read: u64,
     /// Bytes read from the target (hash-compare only).
     pub target_read: u64,
-    /// Bytes written to the target: what would travel between sites.
+    /// Bytes written to the target (data, and ranges written as zeroes): what would travel
+    /// between sites.
     pub written: u64,
+    /// Bytes to copy that read as zeroes and were left alone, the target reading as zeroes
+    /// there already ([`TargetBefore::Zeroes`]).
+    pub zeroes_skipped: u64,
+    /// Where the time went ([`copy_extents_into`] fills it).
+    pub timing: CopyTiming,
+}
+
+/// Where the time of a copy went. The stages overlap (the next round is read while the current
+/// one is written and hashed), so they add up to more than the wall time; the largest one is
+/// what bounds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyTiming {
+    /// Asking the source where it holds data (block status, or the image's map).
+    pub source_map: Duration,
+    /// Waiting for the source's reads.
+    pub read: Duration,
+    /// Waiting for the target to acknowledge the writes (data and zeroes).
+    pub write: Duration,
+    /// Hashing blocks for the manifest (on a blocking thread, beside the I/O).
+    pub hash: Duration,
+    /// The final flush: what the target still had to make durable.
+    pub flush: Duration,
+}
+
+/// What the target reads as, before the copy, where the copy writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetBefore {
+    /// Zeroes everywhere: a brand-new image without a backing file (a seed's first point). Blocks
+    /// that read as zeroes on the source are not written at all, so they stay unallocated.
+    Zeroes,
+    /// Anything else (an overlay on a restore point, a production disk): blocks that read as
+    /// zeroes on the source are written as zeroes.
+    Unknown,
 }
 
 fn check_sizes<B>(source_size: u64, dst: &NbdClient<B>, manifest: &Manifest) -> Result<u64>
@@ -82,8 +122,9 @@ pub trait SyncSource {
     fn size(&self) -> u64;
     /// The largest read in one request.
     fn max_read(&self) -> u64;
-    /// Where the source holds data (everything else reads as zeros), if it can tell.
-    fn data_extents(&mut self) -> impl Future<Output = Result<Option<ExtentSet>>> + Send;
+    /// Where the source holds data within `within` (everything else reads as zeros), if it can
+    /// tell. `within` lies inside the disk and is aligned to manifest blocks but at its end.
+    fn data_extents(&mut self, within: Extent) -> impl Future<Output = Result<Option<ExtentSet>>> + Send;
     /// Reads `pieces` into `data` (their lengths summed, in order) and gives the buffer back.
     fn read_pieces(&mut self, pieces: &[Extent], data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>>> + Send;
 }
@@ -97,12 +138,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SyncSource for NbdClient<S> {
         u64::from(self.max_io_size())
     }
 
-    async fn data_extents(&mut self) -> Result<Option<ExtentSet>> {
+    async fn data_extents(&mut self, within: Extent) -> Result<Option<ExtentSet>> {
         if !self.meta_contexts().iter().any(|c| c.name == BASE_ALLOCATION) {
             return Ok(None);
         }
-        let size = NbdClient::size(self);
-        Ok(Some(NbdClient::data_extents(self, 0, size).await?))
+        Ok(Some(NbdClient::data_extents(self, within.offset, within.len).await?))
     }
 
     async fn read_pieces(&mut self, pieces: &[Extent], mut data: Vec<u8>) -> Result<Vec<u8>> {
@@ -120,8 +160,8 @@ impl SyncSource for DirectImage {
         CHUNK
     }
 
-    async fn data_extents(&mut self) -> Result<Option<ExtentSet>> {
-        Ok(Some(DirectImage::data_extents(self)))
+    async fn data_extents(&mut self, within: Extent) -> Result<Option<ExtentSet>> {
+        Ok(Some(DirectImage::data_extents(self).clip(within.offset, within.len)))
     }
 
     /// `pread`s on a blocking thread (the pages are usually cached: a copy, no waiting).
@@ -198,31 +238,93 @@ where
     chunk.max(BLOCK_SIZE)
 }
 
-/// Copies `extents` from `src` to `dst`, rounded out to whole manifest blocks, and records those
-/// blocks in `manifest`. `progress(done, total)` is called after every chunk.
-///
-/// Reads are pipelined (a round of up to `WINDOW_CHUNKS` chunks at a time), and the next round
-/// is read from `src` while the current one is written to `dst`.
+/// Copies `extents` from `src` to `dst` whose content is unknown: [`copy_extents_into`] with
+/// [`TargetBefore::Unknown`].
 pub async fn copy_extents<S, D>(
     src: &mut NbdClient<S>,
     dst: &mut NbdClient<D>,
     extents: &ExtentSet,
     manifest: &mut Manifest,
+    progress: impl FnMut(u64, u64),
+) -> Result<CopyStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    copy_extents_into(src, dst, extents, TargetBefore::Unknown, manifest, progress).await
+}
+
+/// Copies `extents` from `src` to `dst`, rounded out to whole manifest blocks, records those
+/// blocks in `manifest`, and flushes the target. `progress(done, total)` is called after every
+/// round.
+///
+/// What the source's block status (or map) says reads as zeroes is not read: its blocks get the
+/// zero hash, and are written as zeroes unless `target` says the target reads as zeroes already.
+/// The rest is read in rounds of up to `WINDOW_CHUNKS` chunks, pipelined; the next round is read
+/// from `src` while the current one is written to `dst` (pipelined too) and hashed on a blocking
+/// thread. Blocks of the data that turn out to be zeroes are treated like the zero ranges.
+pub async fn copy_extents_into<S, D>(
+    src: &mut S,
+    dst: &mut NbdClient<D>,
+    extents: &ExtentSet,
+    target: TargetBefore,
+    manifest: &mut Manifest,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: SyncSource,
     D: AsyncRead + AsyncWrite + Unpin,
 {
     let size = check_sizes(src.size(), dst, manifest)?;
     let todo = extents.align_out(BLOCK_SIZE).clip(0, size);
     let total = todo.total_bytes();
-    let chunk = chunk_size(u64::from(src.max_io_size()), dst);
-    let mut chunks = todo.chunks(chunk);
     let mut stats = CopyStats::default();
+    let mut done = 0;
+
+    // Block status only where there is something to copy (a bitmap's few dirty granules need
+    // not have the whole disk mapped).
+    let started = Instant::now();
+    let data = match (todo.iter().next(), todo.iter().last()) {
+        (Some(first), Some(last)) => {
+            let hull = Extent::new(first.offset, last.end() - first.offset);
+            match src.data_extents(hull).await? {
+                Some(data) => todo.intersect(&data.align_out(BLOCK_SIZE)),
+                None => todo.clone(),
+            }
+        }
+        _ => ExtentSet::new(),
+    };
+    stats.timing.source_map = started.elapsed();
+    let zeroes = todo.subtract(&data);
+    if !zeroes.is_empty() {
+        let full_zero = zero_hash(BLOCK_SIZE as usize);
+        for e in zeroes.iter() {
+            // Both sets are aligned to blocks (clipped at the disk's end), so these are whole blocks.
+            for block in e.offset / BLOCK_SIZE..e.end().div_ceil(BLOCK_SIZE) {
+                let (_, len) = manifest.block_range(block);
+                manifest.set_hash(block, if len == BLOCK_SIZE { full_zero } else { zero_hash(len as usize) })?;
+            }
+        }
+        match target {
+            TargetBefore::Zeroes => stats.zeroes_skipped += zeroes.total_bytes(),
+            TargetBefore::Unknown => {
+                let started = Instant::now();
+                write_zero_ranges(dst, &zeroes).await?;
+                stats.timing.write += started.elapsed();
+                stats.written += zeroes.total_bytes();
+            }
+        }
+        done += zeroes.total_bytes();
+        progress(done, total);
+    }
+
+    let chunk = chunk_size(src.max_read(), dst);
+    let mut chunks = data.chunks(chunk);
     let (mut current, mut next) = (Batch::default(), Batch::default());
     current.fill(&mut chunks);
-    read_batch(src, &current.pieces, &mut current.data).await?;
+    let started = Instant::now();
+    current.data = src.read_pieces(&current.pieces, std::mem::take(&mut current.data)).await?;
+    stats.timing.read += started.elapsed();
     stats.source_read += current.bytes();
     while !current.pieces.is_empty() {
         next.fill(&mut chunks);
@@ -230,42 +332,136 @@ where
         let round = Arc::new(std::mem::take(&mut current));
         let hashing = spawn_hashing(&round);
         let write = async {
-            for (e, data) in round.iter() {
-                write_block_data(dst, e.offset, data).await?;
-            }
-            Ok::<_, CopyError>(())
+            let started = Instant::now();
+            let written = write_round(dst, &round, target).await;
+            (written, started.elapsed())
         };
-        let (read, write) = tokio::join!(read_batch(src, &next.pieces, &mut next.data), write);
-        let hashes = hashes_of(hashing).await?;
-        write?;
-        read?;
+        let buffer = std::mem::take(&mut next.data);
+        let read = async {
+            let started = Instant::now();
+            let read = src.read_pieces(&next.pieces, buffer).await;
+            (read, started.elapsed())
+        };
+        let ((read, read_time), (written, write_time)) = tokio::join!(read, write);
+        let (hashes, hash_time) = hashes_of(hashing).await?;
+        let (written, skipped) = written?;
+        next.data = read?;
+        stats.timing.read += read_time;
+        stats.timing.write += write_time;
+        stats.timing.hash += hash_time;
+        stats.written += written;
+        stats.zeroes_skipped += skipped;
         stats.source_read += next.bytes();
         for ((e, _), chunk_hashes) in round.iter().zip(hashes) {
             for (i, hash) in chunk_hashes.into_iter().enumerate() {
                 manifest.set_hash(e.offset / BLOCK_SIZE + i as u64, hash)?;
             }
-            stats.written += e.len;
-            progress(stats.written, total);
         }
+        done += round.bytes();
+        progress(done, total);
         current = reclaim(round);
         std::mem::swap(&mut current, &mut next);
     }
+    let started = Instant::now();
     dst.flush().await?;
+    stats.timing.flush = started.elapsed();
     Ok(stats)
 }
 
-/// Writes data to the target; all-zero data goes as a write-zeroes request where the server
-/// takes one (the target file is an overlay, so zeros must be written, not skipped).
-async fn write_block_data<D: AsyncRead + AsyncWrite + Unpin>(
+/// Writes a round to the target, pipelined: see [`plan_writes`]. Returns the bytes written and
+/// the bytes of zeroes skipped.
+async fn write_round<D: AsyncRead + AsyncWrite + Unpin>(
     dst: &mut NbdClient<D>,
-    offset: u64,
-    data: &[u8],
-) -> Result<()> {
-    if dst.can_write_zeroes() && data.iter().all(|b| *b == 0) {
-        dst.write_zeroes(offset, data.len() as u64).await?;
-    } else {
-        dst.write(offset, data).await?;
+    round: &Batch,
+    target: TargetBefore,
+) -> Result<(u64, u64)> {
+    let mut ops = Vec::new();
+    let (mut written, mut skipped) = (0, 0);
+    for (e, data) in round.iter() {
+        let (w, s) = plan_writes(&mut ops, e.offset, data, target, dst.can_write_zeroes());
+        written += w;
+        skipped += s;
     }
+    dst.write_many(&ops).await?;
+    Ok((written, skipped))
+}
+
+/// What a block of data becomes on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockWrite {
+    Data,
+    Zeroes,
+    Skip,
+}
+
+/// Adds to `ops` the writes that make `offset..offset + data.len()` of the target read as
+/// `data`, block by block: blocks of zeroes are skipped when the target reads as zeroes already,
+/// else written as zeroes where the server takes `NBD_CMD_WRITE_ZEROES` (`zeroes_by_request`),
+/// else sent as they are. Runs of blocks treated alike become one op. Returns the bytes
+/// written and the bytes skipped.
+fn plan_writes<'a>(
+    ops: &mut Vec<WriteOp<'a>>,
+    offset: u64,
+    data: &'a [u8],
+    target: TargetBefore,
+    zeroes_by_request: bool,
+) -> (u64, u64) {
+    let block_len = BLOCK_SIZE as usize;
+    let kind = |block: &[u8]| match (is_zero(block), target) {
+        (false, _) => BlockWrite::Data,
+        (true, TargetBefore::Zeroes) => BlockWrite::Skip,
+        (true, TargetBefore::Unknown) if zeroes_by_request => BlockWrite::Zeroes,
+        (true, TargetBefore::Unknown) => BlockWrite::Data,
+    };
+    let (mut written, mut skipped) = (0, 0);
+    let mut run: Option<(BlockWrite, usize)> = None;
+    let mut close = |ops: &mut Vec<WriteOp<'a>>, what: BlockWrite, start: usize, end: usize| {
+        let len = (end - start) as u64;
+        match what {
+            BlockWrite::Data => ops.push(WriteOp::Data { offset: offset + start as u64, data: &data[start..end] }),
+            BlockWrite::Zeroes => ops.push(WriteOp::Zeroes { offset: offset + start as u64, len }),
+            BlockWrite::Skip => skipped += len,
+        }
+        if what != BlockWrite::Skip {
+            written += len;
+        }
+    };
+    for (i, block) in data.chunks(block_len).enumerate() {
+        let what = kind(block);
+        match run {
+            Some((current, _)) if current == what => {}
+            Some((current, start)) => {
+                close(ops, current, start, i * block_len);
+                run = Some((what, i * block_len));
+            }
+            None => run = Some((what, i * block_len)),
+        }
+    }
+    if let Some((current, start)) = run {
+        close(ops, current, start, data.len());
+    }
+    (written, skipped)
+}
+
+/// Whether `data` is all zeroes (64 bytes at a time, which the compiler vectorises).
+fn is_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    for block in &mut blocks {
+        if block.iter().fold(0u8, |acc, &b| acc | b) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Writes each `(offset, data)` run to `dst`, pipelined; blocks of zeroes as write-zeroes
+/// where the server takes them.
+async fn write_runs<D: AsyncRead + AsyncWrite + Unpin>(dst: &mut NbdClient<D>, runs: &[(u64, &[u8])]) -> Result<()> {
+    let mut ops = Vec::new();
+    for &(offset, data) in runs {
+        plan_writes(&mut ops, offset, data, TargetBefore::Unknown, dst.can_write_zeroes());
+    }
+    dst.write_many(&ops).await?;
     Ok(())
 }
 
@@ -328,10 +524,10 @@ where
         stats.target_read += b.bytes();
         // The batch is contiguous: chunks of one range, in order.
         let offset = a.pieces[0].offset;
-        for (s, e) in differing_runs(&a.data, &b.data) {
-            write_block_data(dst, offset + s as u64, &a.data[s..e]).await?;
-            stats.written += (e - s) as u64;
-        }
+        let runs: Vec<(u64, &[u8])> =
+            differing_runs(&a.data, &b.data).into_iter().map(|(s, e)| (offset + s as u64, &a.data[s..e])).collect();
+        write_runs(dst, &runs).await?;
+        stats.written += runs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
         for (e, data) in a.iter() {
             manifest.set_range(e.offset, data)?;
             done += e.len;
@@ -346,14 +542,26 @@ where
 /// (writing it, reading the next). The result is, per chunk of the round, its blocks' hashes in
 /// order: chunks are whole blocks (only the disk's last block may be short), so hash `i` of a
 /// chunk is manifest block `offset / BLOCK_SIZE + i`.
-fn spawn_hashing(round: &Arc<Batch>) -> tokio::task::JoinHandle<Vec<Vec<BlockHash>>> {
+///
+/// Blocks of zeroes (common in disks) get the zero hash without hashing them.
+fn spawn_hashing(round: &Arc<Batch>) -> tokio::task::JoinHandle<(Vec<Vec<BlockHash>>, Duration)> {
     let round = round.clone();
     tokio::task::spawn_blocking(move || {
-        round.iter().map(|(_, data)| data.chunks(BLOCK_SIZE as usize).map(hash_block).collect()).collect()
+        let started = Instant::now();
+        let full_zero = zero_hash(BLOCK_SIZE as usize);
+        let hash = |block: &[u8]| match is_zero(block) {
+            true if block.len() == BLOCK_SIZE as usize => full_zero,
+            _ => hash_block(block),
+        };
+        let hashes = round.iter().map(|(_, data)| data.chunks(BLOCK_SIZE as usize).map(hash).collect()).collect();
+        (hashes, started.elapsed())
     })
 }
 
-async fn hashes_of(hashing: tokio::task::JoinHandle<Vec<Vec<BlockHash>>>) -> Result<Vec<Vec<BlockHash>>> {
+type Hashing = tokio::task::JoinHandle<(Vec<Vec<BlockHash>>, Duration)>;
+
+/// The hashes of a round and the time they took.
+async fn hashes_of(hashing: Hashing) -> Result<(Vec<Vec<BlockHash>>, Duration)> {
     hashing.await.map_err(|e| CopyError::Worker(format!("hashing: {e}")))
 }
 
@@ -362,23 +570,27 @@ fn reclaim(round: Arc<Batch>) -> Batch {
     Arc::try_unwrap(round).unwrap_or_default()
 }
 
-/// Writes zeros over `offset..offset + len` of the target: one write-zeroes request where the
-/// server takes them, else zero-filled writes.
-async fn write_zero_range<D: AsyncRead + AsyncWrite + Unpin>(
+/// Writes zeros over `ranges` of the target, pipelined: write-zeroes requests where the server
+/// takes them, else zero-filled writes (from one shared buffer).
+async fn write_zero_ranges<D: AsyncRead + AsyncWrite + Unpin>(
     dst: &mut NbdClient<D>,
-    offset: u64,
-    len: u64,
+    ranges: &ExtentSet,
 ) -> Result<()> {
     if dst.can_write_zeroes() {
-        dst.write_zeroes(offset, len).await?;
+        let ops: Vec<WriteOp<'_>> = ranges.iter().map(|e| WriteOp::Zeroes { offset: e.offset, len: e.len }).collect();
+        dst.write_many(&ops).await?;
         return Ok(());
     }
-    let zeros = vec![0u8; CHUNK.min(len) as usize];
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(CHUNK);
-        dst.write(at, &zeros[..n as usize]).await?;
-        at += n;
+    let zeros = vec![0u8; CHUNK.min(ranges.iter().map(|e| e.len).max().unwrap_or(0)) as usize];
+    // A bounded number of writes at a time, so a large range does not make a large list.
+    let mut pieces = ranges.chunks(CHUNK).peekable();
+    while pieces.peek().is_some() {
+        let ops: Vec<WriteOp<'_>> = pieces
+            .by_ref()
+            .take(WINDOW_CHUNKS)
+            .map(|e| WriteOp::Data { offset: e.offset, data: &zeros[..e.len as usize] })
+            .collect();
+        dst.write_many(&ops).await?;
     }
     Ok(())
 }
@@ -404,7 +616,7 @@ where
 {
     let size = check_sizes(src.size(), dst, manifest)?;
     let whole = ExtentSet::from_range(0, size);
-    let data = match src.data_extents().await? {
+    let data = match src.data_extents(Extent::new(0, size)).await? {
         Some(data) => data.align_out(BLOCK_SIZE).clip(0, size),
         None => whole.clone(),
     };
@@ -423,10 +635,8 @@ where
             }
         }
     }
-    for e in zeroed.iter() {
-        write_zero_range(dst, e.offset, e.len).await?;
-        stats.written += e.len;
-    }
+    write_zero_ranges(dst, &zeroed).await?;
+    stats.written += zeroed.total_bytes();
 
     // Data, in three stages at once: round N+1 is read while round N is hashed on a blocking
     // thread and what differed in round N-1 is written (copied out of its buffer: a small share).
@@ -442,15 +652,10 @@ where
         let round = Arc::new(std::mem::take(&mut current));
         let hashing = spawn_hashing(&round);
         let to_write = std::mem::take(&mut differing);
-        let write = async {
-            for (offset, data) in &to_write {
-                write_block_data(dst, *offset, data).await?;
-            }
-            Ok::<_, CopyError>(())
-        };
+        let runs: Vec<(u64, &[u8])> = to_write.iter().map(|(offset, data)| (*offset, data.as_slice())).collect();
         let buffer = std::mem::take(&mut next.data);
-        let (read, write) = tokio::join!(src.read_pieces(&next.pieces, buffer), write);
-        let hashes = hashes_of(hashing).await?;
+        let (read, write) = tokio::join!(src.read_pieces(&next.pieces, buffer), write_runs(dst, &runs));
+        let (hashes, _) = hashes_of(hashing).await?;
         next.data = read?;
         write?;
         stats.written += to_write.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
@@ -473,10 +678,81 @@ where
         current = reclaim(round);
         std::mem::swap(&mut current, &mut next);
     }
-    for (offset, data) in &differing {
-        write_block_data(dst, *offset, data).await?;
-        stats.written += data.len() as u64;
-    }
+    let runs: Vec<(u64, &[u8])> = differing.iter().map(|(offset, data)| (*offset, data.as_slice())).collect();
+    write_runs(dst, &runs).await?;
+    stats.written += runs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
     dst.flush().await?;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks of `pattern` (0 = zeroes), plus a short tail of data.
+    fn blocks(pattern: &[u8]) -> Vec<u8> {
+        let mut data: Vec<u8> = pattern.iter().flat_map(|&b| vec![b; BLOCK_SIZE as usize]).collect();
+        data.extend_from_slice(&[9; 100]);
+        data
+    }
+
+    fn describe(ops: &[WriteOp<'_>]) -> Vec<(char, u64, u64)> {
+        ops.iter()
+            .map(|op| match *op {
+                WriteOp::Data { offset, data } => ('d', offset, data.len() as u64),
+                WriteOp::Zeroes { offset, len } => ('z', offset, len),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_are_planned_by_runs_of_blocks() {
+        let b = BLOCK_SIZE;
+        let data = blocks(&[1, 1, 0, 0, 0, 2, 0]);
+        let at = 10 * b;
+
+        let mut ops = Vec::new();
+        let (written, skipped) = plan_writes(&mut ops, at, &data, TargetBefore::Zeroes, true);
+        assert_eq!(describe(&ops), [('d', at, 2 * b), ('d', at + 5 * b, b), ('d', at + 7 * b, 100)]);
+        assert_eq!((written, skipped), (3 * b + 100, 4 * b));
+
+        let mut ops = Vec::new();
+        let (written, skipped) = plan_writes(&mut ops, at, &data, TargetBefore::Unknown, true);
+        assert_eq!(
+            describe(&ops),
+            [
+                ('d', at, 2 * b),
+                ('z', at + 2 * b, 3 * b),
+                ('d', at + 5 * b, b),
+                ('z', at + 6 * b, b),
+                ('d', at + 7 * b, 100)
+            ]
+        );
+        assert_eq!((written, skipped), (data.len() as u64, 0));
+
+        // Without NBD_CMD_WRITE_ZEROES the zeroes are sent as they are, in one run with the rest.
+        let mut ops = Vec::new();
+        plan_writes(&mut ops, at, &data, TargetBefore::Unknown, false);
+        assert_eq!(describe(&ops), [('d', at, data.len() as u64)]);
+        let WriteOp::Data { data: sent, .. } = ops[0] else { panic!("data") };
+        assert!(std::ptr::eq(sent, &data[..]), "sent from the caller's buffer, not a copy");
+
+        // All zeroes into zeroes: nothing at all.
+        let zeroes = vec![0; 3 * b as usize];
+        let mut ops = Vec::new();
+        assert_eq!(plan_writes(&mut ops, 0, &zeroes, TargetBefore::Zeroes, true), (0, 3 * b));
+        assert!(ops.is_empty());
+    }
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        let mut data = vec![0u8; 64 * 1024 + 37];
+        assert!(is_zero(&data));
+        assert!(is_zero(&[]));
+        for at in [0, 63, 64, 4095, 65535, data.len() - 1] {
+            data[at] = 1;
+            assert!(!is_zero(&data), "a byte at {at}");
+            data[at] = 0;
+        }
+    }
 }

@@ -23,16 +23,18 @@
 //!
 //! # Transmission
 //!
-//! Writes, flushes and block status have one request in flight at a time: each call sends a
-//! request and reads its whole reply before returning. Reads are pipelined: [`NbdClient::read_into`]
+//! Flushes and block status have one request in flight at a time: each call sends a request and
+//! reads its whole reply before returning. Reads and writes are pipelined: [`NbdClient::read_into`]
 //! (for buffers larger than one request) and [`NbdClient::read_many_into`] keep up to
-//! [`READ_DEPTH`] `NBD_CMD_READ` requests in flight on the connection. Replies are routed to
-//! their request by handle; structured reply chunks of different requests may interleave (the
-//! protocol allows it) and each request's chunks are checked on their own (inside the request,
-//! no overlap, full coverage). Results land in the caller's buffers, so the order replies
-//! arrive in does not matter. When one read fails with a server error, no new requests are
-//! sent, the replies of those in flight are still consumed (the stream stays in step), and the
-//! first error is returned.
+//! [`READ_DEPTH`] `NBD_CMD_READ` requests in flight on the connection, and
+//! [`NbdClient::write_many`] (under [`NbdClient::write`] and [`NbdClient::write_zeroes`] too) up
+//! to [`WRITE_DEPTH`] `NBD_CMD_WRITE`/`NBD_CMD_WRITE_ZEROES`, their payloads sent straight from
+//! the caller's buffers. Replies are routed to their request by handle; structured reply chunks
+//! of different requests may interleave (the protocol allows it) and each request's chunks are
+//! checked on their own (inside the request, no overlap, full coverage). Results land in the
+//! caller's buffers, so the order replies arrive in does not matter. When one request fails
+//! with a server error, no new requests are sent, the replies of those in flight are still
+//! consumed (the stream stays in step), and the first error is returned.
 //!
 //! # Robustness against a bad server
 //!
@@ -144,14 +146,24 @@ pub const MAX_ERROR_CHUNK: u32 = 6 + 4096 + 8;
 /// Block status chunks: 4 + 8 per extent. QEMU sends at most 2^17 extents per chunk; this
 /// allows 2^20.
 pub const MAX_BLOCK_STATUS_CHUNK: u32 = 4 + 8 * (1 << 20);
-/// How many `NBD_CMD_READ` requests a pipelined read keeps in flight on one connection. QEMU's
-/// server handles up to 16 requests per connection concurrently.
-pub const READ_DEPTH: usize = 8;
+/// How many `NBD_CMD_READ` requests a pipelined read keeps in flight on one connection: QEMU's
+/// server handles up to 16 requests per connection concurrently. Measured on a cold 1 GiB seed
+/// (qcow2 source through `qemu-storage-daemon`, two cores shared with other work): the reads'
+/// wall time fell from 2.3 s with 8 in flight to 1.2-1.4 s with 16.
+pub const READ_DEPTH: usize = 16;
 /// How large one pipelined `NBD_CMD_READ` is at most (below the server's maximum). Measured
 /// against QEMU's server on a 1 GiB qcow2 held in the page cache, one connection, 8 in flight:
 /// 4 MiB requests 1.65 s, 1 MiB 1.12 s, 256 KiB 0.46 s, 128 KiB 0.56 s. Large requests make the
 /// server read and send each one whole before the next; small ones keep both ends busy.
 pub const READ_REQUEST: u32 = 256 * 1024;
+/// How many write requests (`NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES`) a pipelined write keeps in
+/// flight on one connection (one at a time, a 1 GiB seed waited for 256 round trips); 16 in
+/// flight measured no better than 8.
+pub const WRITE_DEPTH: usize = 8;
+/// How large one pipelined `NBD_CMD_WRITE` is at most (below the server's maximum). Measured
+/// on a cold 1 GiB seed into an `O_DIRECT` qcow2, 8 in flight: 256 KiB requests (16 in flight)
+/// 2.0-2.7 s, 1 MiB 1.4-1.7 s, 2 MiB 1.4-1.6 s; the server then writes whole clusters.
+pub const WRITE_REQUEST: u32 = 2 * 1024 * 1024;
 /// A server that keeps answering an option with more and more replies is not making progress.
 const MAX_REPLIES_PER_OPTION: usize = 1024;
 
@@ -321,6 +333,34 @@ struct PendingRead {
     index: usize,
     /// The parts of the request the reply's chunks covered so far.
     covered: ExtentSet,
+    /// The first error chunk of the reply; reported once the reply is done.
+    error: Option<ErrorChunk>,
+    chunks_seen: bool,
+}
+
+/// One write of a pipelined batch ([`NbdClient::write_many`]).
+#[derive(Debug, Clone, Copy)]
+pub enum WriteOp<'a> {
+    /// `NBD_CMD_WRITE` of `data` at `offset`.
+    Data { offset: u64, data: &'a [u8] },
+    /// `NBD_CMD_WRITE_ZEROES` over `offset..offset + len` (the server must offer it).
+    Zeroes { offset: u64, len: u64 },
+}
+
+/// One request whose reply carries no data, ready to send.
+#[derive(Debug, Clone, Copy)]
+struct Request<'a> {
+    command: u16,
+    offset: u64,
+    len: u32,
+    payload: &'a [u8],
+}
+
+/// A request in flight whose reply carries no data.
+#[derive(Debug)]
+struct PendingReply {
+    handle: u64,
+    command: u16,
     /// The first error chunk of the reply; reported once the reply is done.
     error: Option<ErrorChunk>,
     chunks_seen: bool,
@@ -520,41 +560,80 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         Ok(bufs)
     }
 
-    /// Writes `data` at `offset`, in requests of at most [`NbdClient::max_io_size`] bytes.
+    /// Writes `data` at `offset`, in requests of at most [`NbdClient::max_io_size`] bytes, up to
+    /// [`WRITE_DEPTH`] of them in flight.
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        if self.is_read_only() {
-            return Err(NbdError::ReadOnly);
-        }
-        self.check_range("write", offset, data.len() as u64)?;
-        let step = self.max_io_size() as usize;
-        let mut done = 0;
-        for piece in data.chunks(step) {
-            let at = offset + done;
-            // `piece.len()` ≤ `step` ≤ `MAX_IO_SIZE`, so it fits in the 32-bit length field.
-            self.simple_request(wire::CMD_WRITE, at, piece.len() as u32, piece).await?;
-            done += piece.len() as u64;
-        }
-        Ok(())
+        self.write_many(&[WriteOp::Data { offset, data }]).await
     }
 
     /// Makes `len` bytes at `offset` read as zeroes without sending them
     /// (`NBD_CMD_WRITE_ZEROES`; the server may punch a hole). Fails with
     /// [`NbdError::Unsupported`] when the server does not offer it ([`NbdClient::can_write_zeroes`]).
     pub async fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
-        if !self.can_write_zeroes() {
-            return Err(NbdError::Unsupported("NBD_CMD_WRITE_ZEROES"));
+        self.write_many(&[WriteOp::Zeroes { offset, len }]).await
+    }
+
+    /// Several writes, pipelined: each op is cut into requests (data at
+    /// [`NbdClient::max_io_size`] and [`WRITE_REQUEST`], zeroes at the server's maximum block
+    /// size), and up to [`WRITE_DEPTH`] requests are in flight at a time, their replies matched
+    /// by handle in whatever order they come. The payloads are sent from the caller's buffers, so
+    /// memory stays what the caller holds. Every op is checked before anything is sent. On a
+    /// server error no new request is sent, the replies in flight are consumed (the connection
+    /// stays usable) and the first error is returned; which of the other writes landed is then
+    /// unspecified.
+    pub async fn write_many(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
         }
         if self.is_read_only() {
             return Err(NbdError::ReadOnly);
         }
-        self.check_range("write zeroes", offset, len)?;
-        // The maximum block size applies to write zeroes too, though no payload is sent.
-        let max = self.block_size.maximum - self.block_size.maximum % self.block_size.minimum;
-        for piece in ExtentSet::from_range(offset, len).chunks(u64::from(max)) {
-            // `piece.len` ≤ `max` ≤ `u32::MAX`.
-            self.simple_request(wire::CMD_WRITE_ZEROES, piece.offset, piece.len as u32, &[]).await?;
+        for op in ops {
+            match *op {
+                WriteOp::Data { offset, data } => self.check_range("write", offset, data.len() as u64)?,
+                WriteOp::Zeroes { offset, len } => {
+                    if !self.can_write_zeroes() {
+                        return Err(NbdError::Unsupported("NBD_CMD_WRITE_ZEROES"));
+                    }
+                    self.check_range("write zeroes", offset, len)?;
+                }
+            }
         }
-        Ok(())
+        let step = self.max_io_size().min(WRITE_REQUEST).max(self.block_size.minimum) as usize;
+        // The maximum block size applies to write zeroes too, though no payload is sent.
+        let zeroes_step = u64::from(self.block_size.maximum - self.block_size.maximum % self.block_size.minimum);
+        let mut requests: Vec<Request<'_>> = Vec::new();
+        for op in ops {
+            match *op {
+                WriteOp::Data { offset, data } => {
+                    let mut at = offset;
+                    for piece in data.chunks(step) {
+                        // `piece.len()` ≤ `step` ≤ `MAX_IO_SIZE`: it fits in 32 bits.
+                        requests.push(Request {
+                            command: wire::CMD_WRITE,
+                            offset: at,
+                            len: piece.len() as u32,
+                            payload: piece,
+                        });
+                        at += piece.len() as u64;
+                    }
+                }
+                WriteOp::Zeroes { offset, len } => {
+                    for piece in ExtentSet::from_range(offset, len).chunks(zeroes_step) {
+                        // `piece.len` ≤ `zeroes_step` ≤ `u32::MAX`.
+                        requests.push(Request {
+                            command: wire::CMD_WRITE_ZEROES,
+                            offset: piece.offset,
+                            len: piece.len as u32,
+                            payload: &[],
+                        });
+                    }
+                }
+            }
+        }
+        self.begin_request()?;
+        let result = self.requests_pipelined(&requests, WRITE_DEPTH).await;
+        self.end_request(result)
     }
 
     /// Asks the server to make completed writes durable. A server that does not advertise
@@ -565,7 +644,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
             tracing::debug!(export = %self.export_name, "NBD server does not support flush; skipped");
             return Ok(());
         }
-        self.simple_request(wire::CMD_FLUSH, 0, 0, &[]).await
+        self.begin_request()?;
+        let flush = Request { command: wire::CMD_FLUSH, offset: 0, len: 0, payload: &[] };
+        let result = self.requests_pipelined(&[flush], 1).await;
+        self.end_request(result)
     }
 
     /// The status of `offset..offset + len` in the metadata context `context`, as consecutive
@@ -969,50 +1051,86 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         result
     }
 
-    /// A command whose reply carries no data: write, write zeroes, flush.
-    async fn simple_request(&mut self, command: u16, offset: u64, len: u32, payload: &[u8]) -> Result<()> {
-        self.begin_request()?;
-        let result = self.simple_request_inner(command, offset, len, payload).await;
-        self.end_request(result)
+    /// Sends `requests` (commands whose reply carries no data: write, write zeroes, flush) with
+    /// up to `depth` in flight, matching replies by handle. An `Err` from a server error leaves
+    /// the stream in step (every reply in flight was consumed, nothing new was sent after the
+    /// error came back); any other `Err` leaves it broken.
+    async fn requests_pipelined(&mut self, requests: &[Request<'_>], depth: usize) -> Result<()> {
+        let depth = depth.max(1);
+        let mut pending: Vec<PendingReply> = Vec::with_capacity(depth);
+        let mut next = 0;
+        let mut first_error: Option<NbdError> = None;
+        loop {
+            if first_error.is_none() && pending.len() < depth && next < requests.len() {
+                while pending.len() < depth && next < requests.len() {
+                    let r = &requests[next];
+                    let handle = self.queue_request(r.command, 0, r.offset, r.len, r.payload).await?;
+                    pending.push(PendingReply { handle, command: r.command, error: None, chunks_seen: false });
+                    next += 1;
+                }
+                self.stream.flush().await?;
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let header = self.read_reply_header_any().await?;
+            let handle = header.handle();
+            let Some(pos) = pending.iter().position(|p| p.handle == handle) else {
+                return Err(protocol(format!("reply for handle {handle}, which is not pending")));
+            };
+            if let Some(result) = self.no_data_reply_part(header, &mut pending[pos]).await? {
+                pending.swap_remove(pos);
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    async fn simple_request_inner(&mut self, command: u16, offset: u64, len: u32, payload: &[u8]) -> Result<()> {
-        let handle = self.send_request(command, 0, offset, len, payload).await?;
-        let mut error: Option<ErrorChunk> = None;
-        let mut chunks_seen = false;
-        loop {
-            match self.read_reply_header(handle).await? {
-                ReplyHeader::Simple { error: errno, .. } => {
-                    if chunks_seen {
-                        return Err(protocol("simple reply in the middle of a structured reply"));
-                    }
-                    if errno != 0 {
-                        return Err(ErrorChunk { errno, message: String::new(), offset: None }.into_error(command));
-                    }
-                    return Ok(());
+    /// Consumes one reply message (a simple reply, or one structured chunk) for a request whose
+    /// reply carries no data. `Ok(None)`: more chunks follow; `Ok(Some(result))`: the reply is
+    /// complete, with the request's outcome; `Err`: the stream is broken.
+    async fn no_data_reply_part(
+        &mut self,
+        header: ReplyHeader,
+        state: &mut PendingReply,
+    ) -> Result<Option<Result<()>>> {
+        let command = state.command;
+        match header {
+            ReplyHeader::Simple { error: errno, .. } => {
+                if state.chunks_seen {
+                    return Err(protocol("simple reply in the middle of a structured reply"));
                 }
-                ReplyHeader::Chunk { flags, kind, length, .. } => {
-                    chunks_seen = true;
-                    match kind {
-                        wire::REPLY_TYPE_NONE if length == 0 => {}
-                        kind if kind & wire::REPLY_TYPE_FLAG_ERROR != 0 => {
-                            let chunk = self.read_error_chunk(kind, length).await?;
-                            error.get_or_insert(chunk);
-                        }
-                        _ => {
-                            return Err(protocol(format!(
-                                "chunk type {kind} in the reply to {}",
-                                command_name(command)
-                            )));
-                        }
+                if errno != 0 {
+                    return Ok(Some(Err(
+                        ErrorChunk { errno, message: String::new(), offset: None }.into_error(command)
+                    )));
+                }
+                Ok(Some(Ok(())))
+            }
+            ReplyHeader::Chunk { flags, kind, length, .. } => {
+                state.chunks_seen = true;
+                match kind {
+                    wire::REPLY_TYPE_NONE if length == 0 => {}
+                    kind if kind & wire::REPLY_TYPE_FLAG_ERROR != 0 => {
+                        let chunk = self.read_error_chunk(kind, length).await?;
+                        state.error.get_or_insert(chunk);
                     }
-                    if flags & wire::REPLY_FLAG_DONE != 0 {
-                        return match error {
-                            Some(chunk) => Err(chunk.into_error(command)),
-                            None => Ok(()),
-                        };
+                    _ => {
+                        return Err(protocol(format!("chunk type {kind} in the reply to {}", command_name(command))));
                     }
                 }
+                if flags & wire::REPLY_FLAG_DONE == 0 {
+                    return Ok(None);
+                }
+                Ok(Some(match state.error.take() {
+                    Some(chunk) => Err(chunk.into_error(command)),
+                    None => Ok(()),
+                }))
             }
         }
     }

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::copy::{TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync};
 use drover_block::direct::DirectImage;
+use drover_block::extents::ExtentSet;
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
 
@@ -280,4 +281,107 @@ async fn a_direct_image_reads_as_qemu_does() {
     run("qemu-io", &["-f", "qcow2", "-c", &format!("write -c -P 0x33 {} 65536", 12 << 20), top.to_str().unwrap()]);
     let err = DirectImage::open(&drover_qemu::image::host_map(&top).await.unwrap()).unwrap_err();
     assert!(err.to_string().contains("compressed"), "{err}");
+}
+
+/// The guest ranges `qemu-img map` says hold data in the image itself (its own clusters, not a
+/// backing file's; zero clusters excluded), merged.
+fn allocated_data(image: &Path) -> ExtentSet {
+    let out = Command::new("qemu-img").args(["map", "--output=json", "-U"]).arg(image).output().unwrap();
+    assert!(out.status.success(), "qemu-img map: {}", String::from_utf8_lossy(&out.stderr));
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .filter(|e| e["data"] == true && e["depth"] == 0)
+        .map(|e| drover_block::extents::Extent::new(e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// A seed into a brand-new image: the source's block status says where its holes are (not
+/// read), and blocks that read as zeroes among its data (written zeroes, allocated) are read
+/// but not written: the target's clusters stay unallocated there.
+#[tokio::test]
+async fn a_seed_into_a_new_image_leaves_zero_blocks_unallocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", source.to_str().unwrap(), &SIZE.to_string()]);
+    write(&source, 0x11, 0, 1 << 20);
+    // Allocated, reads as zeroes: data to the source's block status.
+    write(&source, 0x00, 2 << 20, 1 << 20);
+    // 4 KiB of data in the middle of a block: the whole block is copied.
+    write(&source, 0x22, (5 << 20) + 4096, 4096);
+    // A hole the source reports as zeroes.
+    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -z {} {}", 9 << 20, 1 << 20), source.to_str().unwrap()]);
+
+    for (name, contexts) in [("seed-a.qcow2", &["base:allocation"][..]), ("seed-b.qcow2", &[][..])] {
+        let seed = dir.path().join(name);
+        run("qemu-img", &["create", "-q", "-f", "qcow2", seed.to_str().unwrap(), &SIZE.to_string()]);
+        let mut manifest = Manifest::zeroed(SIZE);
+        let stats = {
+            let src = Nbd::serve(&source, &["--read-only"]);
+            let dst = Nbd::serve(&seed, &[]);
+            let (mut s, mut d) = (src.client(contexts).await, dst.client(&[]).await);
+            let whole = ExtentSet::from_range(0, SIZE);
+            let stats = copy_extents_into(&mut s, &mut d, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {})
+                .await
+                .unwrap();
+            d.disconnect().await.unwrap();
+            stats
+        };
+        assert!(equal(&source, &seed), "{name} equals the source");
+        assert_eq!(manifest, full_manifest(&source).await);
+        let data = (1 << 20) + BLOCK_SIZE;
+        assert_eq!(stats.written, data, "only blocks with data are written: {stats:?}");
+        assert_eq!(stats.zeroes_skipped, SIZE - data, "{stats:?}");
+        let expected: ExtentSet = [(0, 1 << 20), (5 << 20, BLOCK_SIZE)]
+            .iter()
+            .map(|&(o, l)| drover_block::extents::Extent::new(o, l))
+            .collect();
+        assert_eq!(allocated_data(&seed), expected, "{name}: only clusters with data are allocated");
+        if contexts.is_empty() {
+            assert_eq!(stats.source_read, SIZE, "without block status the whole source is read");
+        } else {
+            assert!(stats.source_read <= (4 << 20), "the source's holes are not read: {stats:?}");
+        }
+    }
+}
+
+/// Into a target that is not known to read as zeroes (an overlay on older data), zeroes on the
+/// source, holes or written zeroes, are written as zeroes; the images end equal. The source
+/// may be read from its files as well.
+#[tokio::test]
+async fn a_copy_into_an_overlay_writes_zeroes_over_older_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, source) = (dir.path().join("base.qcow2"), dir.path().join("source.qcow2"));
+    for image in [&base, &source] {
+        run("qemu-img", &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), &SIZE.to_string()]);
+    }
+    write(&base, 0x77, 0, SIZE);
+    write(&source, 0x11, 0, 1 << 20);
+    write(&source, 0x00, 3 << 20, 256 << 10);
+    write(&source, 0x22, 12 << 20, 64 << 10);
+
+    for (name, direct) in [("a.qcow2", false), ("b.qcow2", true)] {
+        let overlay = dir.path().join(name);
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap(), overlay.to_str().unwrap()],
+        );
+        let mut manifest = Manifest::zeroed(SIZE);
+        let whole = ExtentSet::from_range(0, SIZE);
+        let dst = Nbd::serve(&overlay, &[]);
+        let mut d = dst.client(&[]).await;
+        let stats = if direct {
+            let mut s = DirectImage::open(&drover_qemu::image::host_map(&source).await.unwrap()).unwrap();
+            copy_extents_into(&mut s, &mut d, &whole, TargetBefore::Unknown, &mut manifest, |_, _| {}).await.unwrap()
+        } else {
+            let src = Nbd::serve(&source, &["--read-only"]);
+            let mut s = src.client(&["base:allocation"]).await;
+            copy_extents_into(&mut s, &mut d, &whole, TargetBefore::Unknown, &mut manifest, |_, _| {}).await.unwrap()
+        };
+        d.disconnect().await.unwrap();
+        drop(dst);
+        assert!(equal(&source, &overlay), "{name} equals the source");
+        assert_eq!(manifest, full_manifest(&source).await);
+        assert_eq!((stats.written, stats.zeroes_skipped), (SIZE, 0), "{name}: {stats:?}");
+        assert!(stats.source_read < SIZE / 2, "{name}: the source's holes are not read: {stats:?}");
+    }
 }

@@ -3,12 +3,18 @@
 //! bytes from a fake server that answers out of order with interleaved chunks. A server error on
 //! one of the reads in flight is reported after the others were consumed, and the connection
 //! stays usable; a reply for a handle that is not pending breaks it.
+//!
+//! Pipelined writes (`write_many`, and `write`/`write_zeroes` over several requests): the right
+//! bytes on a real export, never more than `WRITE_DEPTH` requests in flight, replies matched by
+//! handle whatever their order and kind (simple or structured), a server error reported after the
+//! replies in flight were consumed with nothing new sent after it, and a stray handle breaking
+//! the connection.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_block::nbd::{NbdClient, NbdError, READ_DEPTH};
+use drover_block::nbd::{NbdClient, NbdError, READ_DEPTH, WRITE_DEPTH, WRITE_REQUEST, WriteOp};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -75,8 +81,8 @@ async fn pipelined_reads_return_the_same_bytes_as_sequential_reads() {
     client.flush().await.unwrap();
 
     // Many ranges of different sizes, more than READ_DEPTH of them, some across data/hole borders.
-    let ranges: Vec<(u64, u64)> = (0..3 * READ_DEPTH as u64)
-        .map(|i| (i * 2 * MIB, if i % 3 == 0 { 2 * MIB } else { MIB + 4 * KIB * i }))
+    let ranges: Vec<(u64, u64)> = (0..2 * READ_DEPTH as u64 + 3)
+        .map(|i| (i * MIB, if i % 3 == 0 { MIB } else { MIB / 2 + 4 * KIB * i }))
         .collect();
     let pipelined = client.read_many(&ranges).await.unwrap();
     assert_eq!(pipelined.len(), ranges.len());
@@ -123,6 +129,11 @@ where
 /// The server side of a fixed newstyle handshake with structured replies, an export of `size`
 /// bytes, no block size constraints.
 async fn fake_handshake(s: &mut UnixStream, size: u64) {
+    fake_handshake_with_flags(s, size, 1).await;
+}
+
+/// As `fake_handshake`, with these transmission flags.
+async fn fake_handshake_with_flags(s: &mut UnixStream, size: u64, flags: u16) {
     s.write_u64(0x4e42_444d_4147_4943).await.unwrap();
     s.write_u64(0x4948_4156_454f_5054).await.unwrap();
     s.write_u16(0b11).await.unwrap();
@@ -147,7 +158,7 @@ async fn fake_handshake(s: &mut UnixStream, size: u64) {
             7 => {
                 let mut info = 0u16.to_be_bytes().to_vec();
                 info.extend_from_slice(&size.to_be_bytes());
-                info.extend_from_slice(&1u16.to_be_bytes());
+                info.extend_from_slice(&flags.to_be_bytes());
                 s.write_all(&reply(3, info)).await.unwrap();
                 s.write_all(&reply(1, vec![])).await.unwrap();
                 return;
@@ -279,4 +290,182 @@ async fn an_error_on_one_pipelined_read_is_reported_after_the_others_and_keeps_t
     assert_eq!(client.read(64 * KIB, 4 * KIB).await.expect("the connection is usable"), fake_data(64 * KIB, 4096));
     assert!(matches!(client.read(0, 4 * KIB).await, Err(NbdError::Protocol(_))));
     assert!(matches!(client.read(0, 4 * KIB).await, Err(NbdError::ConnectionBroken)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined writes.
+
+#[tokio::test]
+async fn pipelined_writes_put_the_right_bytes_on_a_real_export() {
+    const SIZE: u64 = 48 * MIB;
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), &SIZE.to_string()]);
+    let server = QemuNbd::serve(dir.path(), &image);
+    let mut client = NbdClient::connect_unix(&server.socket, "disk", &[]).await.unwrap();
+    assert!(client.can_write_zeroes());
+    // Something under the zero ranges first, so zeroes must really be written.
+    client.write(0, &vec![0xee; SIZE as usize]).await.unwrap();
+
+    // Data ranges larger than one request, small ones, and zero ranges, more than WRITE_DEPTH
+    // requests in all, not in offset order.
+    let big = 3 * u64::from(WRITE_REQUEST) + 4 * KIB;
+    let data: Vec<(u64, Vec<u8>)> = [(20 * MIB, big), (0, 64 * KIB), (MIB, 4 * KIB), (40 * MIB, 2 * MIB)]
+        .iter()
+        .chain((0..2 * WRITE_DEPTH as u64).map(|i| (8 * MIB + i * 128 * KIB, 64 * KIB)).collect::<Vec<_>>().iter())
+        .map(|&(offset, len)| (offset, pattern(offset, len as usize)))
+        .collect();
+    let zeroes = [(2 * MIB, 3 * MIB), (30 * MIB, 64 * KIB)];
+    let mut ops: Vec<WriteOp<'_>> = data.iter().map(|(offset, d)| WriteOp::Data { offset: *offset, data: d }).collect();
+    ops.extend(zeroes.iter().map(|&(offset, len)| WriteOp::Zeroes { offset, len }));
+    client.write_many(&ops).await.expect("pipelined writes");
+    client.flush().await.unwrap();
+
+    let mut expected = vec![0xeeu8; SIZE as usize];
+    for (offset, d) in &data {
+        expected[*offset as usize..*offset as usize + d.len()].copy_from_slice(d);
+    }
+    for &(offset, len) in &zeroes {
+        expected[offset as usize..(offset + len) as usize].fill(0);
+    }
+    let back = client.read(0, SIZE).await.unwrap();
+    assert!(back == expected, "what was written differs from what reads back");
+
+    // Refused before anything is sent; the connection survives.
+    let bad = [WriteOp::Data { offset: 0, data: &data[1].1 }, WriteOp::Zeroes { offset: SIZE - 512, len: 4096 }];
+    assert!(matches!(client.write_many(&bad).await, Err(NbdError::InvalidRequest(_))));
+    client.write_many(&[]).await.unwrap();
+    assert_eq!(client.read(0, 64 * KIB).await.unwrap(), pattern(0, 64 * KIB as usize));
+    client.disconnect().await.unwrap();
+    drop(server);
+    let check = Command::new("qemu-img").args(["check", "-q"]).arg(&image).status().unwrap();
+    assert!(check.success(), "qemu-img check");
+}
+
+/// `NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_WRITE_ZEROES`.
+const WRITABLE: u16 = 1 | (1 << 2) | (1 << 6);
+
+/// A simple reply: `error` 0 for success.
+async fn fake_simple_reply(s: &mut UnixStream, error: u32, handle: u64) {
+    let mut m = 0x6744_6698u32.to_be_bytes().to_vec();
+    m.extend_from_slice(&error.to_be_bytes());
+    m.extend_from_slice(&handle.to_be_bytes());
+    s.write_all(&m).await.unwrap();
+}
+
+/// Reads one request and, for a write, its payload: `(command, handle, offset, payload or length)`.
+async fn fake_write_request(s: &mut UnixStream) -> (u16, u64, u64, u32, Vec<u8>) {
+    let (command, handle, offset, len) = fake_request(s).await;
+    let mut payload = Vec::new();
+    if command == 1 {
+        payload.resize(len as usize, 0);
+        s.read_exact(&mut payload).await.unwrap();
+    }
+    (command, handle, offset, len, payload)
+}
+
+/// Whether the client sent anything more within a short while (it should not while it waits
+/// for replies). Consumes what it finds, so only a failing check leaves the stream out of step.
+async fn sends_more(s: &mut UnixStream) -> bool {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut byte = [0u8; 1];
+    matches!(s.try_read(&mut byte), Ok(n) if n > 0)
+}
+
+#[tokio::test]
+async fn pipelined_writes_stay_within_the_depth_and_match_replies_out_of_order() {
+    let dir = TempDir::new().unwrap();
+    let total = 3 * WRITE_DEPTH;
+    let path = fake_server(dir.path(), move |mut s| async move {
+        fake_handshake_with_flags(&mut s, MIB, WRITABLE).await;
+        let mut received: Vec<(u16, u64, u32, Vec<u8>)> = Vec::new();
+        while received.len() < total + 1 {
+            // Take what the client keeps in flight; it must then wait for replies.
+            let mut round = Vec::new();
+            for _ in 0..WRITE_DEPTH.min(total + 1 - received.len()) {
+                round.push(fake_write_request(&mut s).await);
+            }
+            if received.len() + round.len() < total + 1 {
+                assert!(!sends_more(&mut s).await, "more than WRITE_DEPTH requests in flight");
+            }
+            // Answer in reverse, alternating simple replies and structured NONE chunks.
+            for (i, (_, handle, _, _, _)) in round.iter().rev().enumerate() {
+                if i % 2 == 0 {
+                    fake_simple_reply(&mut s, 0, *handle).await;
+                } else {
+                    fake_chunk(&mut s, DONE, 0, *handle, &[]).await;
+                }
+            }
+            received.extend(round.into_iter().map(|(c, _, o, l, p)| (c, o, l, p)));
+        }
+        // The data went where it was meant to, once each; the zeroes as one request.
+        let mut writes: Vec<_> = received.iter().filter(|r| r.0 == 1).collect();
+        writes.sort_by_key(|r| r.1);
+        assert_eq!(writes.len(), total);
+        for (i, (_, offset, len, payload)) in writes.iter().enumerate() {
+            assert_eq!((*offset, *len), (i as u64 * 8 * KIB, 4096));
+            assert!(*payload == pattern(*offset, 4096), "payload of the write at {offset}");
+        }
+        assert!(received.iter().any(|r| (r.0, r.1, r.2) == (6, 512 * KIB, 64 * 1024)));
+        assert_eq!(fake_request(&mut s).await.0, 2);
+    })
+    .await;
+    let mut client = NbdClient::connect_unix(&path, "disk", &[]).await.expect("connect");
+    let data: Vec<(u64, Vec<u8>)> = (0..total as u64).map(|i| (i * 8 * KIB, pattern(i * 8 * KIB, 4096))).collect();
+    let mut ops: Vec<WriteOp<'_>> = data.iter().map(|(offset, d)| WriteOp::Data { offset: *offset, data: d }).collect();
+    ops.insert(WRITE_DEPTH + 3, WriteOp::Zeroes { offset: 512 * KIB, len: 64 * KIB });
+    client.write_many(&ops).await.expect("pipelined writes");
+    client.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_error_on_one_pipelined_write_is_reported_after_the_others_and_stops_sending() {
+    let dir = TempDir::new().unwrap();
+    let path = fake_server(dir.path(), |mut s| async move {
+        fake_handshake_with_flags(&mut s, MIB, WRITABLE).await;
+        let mut round = Vec::new();
+        for _ in 0..WRITE_DEPTH {
+            round.push(fake_write_request(&mut s).await);
+        }
+        // The third write fails with ENOSPC (an error chunk with its offset); the others succeed,
+        // answered after it.
+        let (_, handle, offset, _, _) = round[2];
+        let mut p = 28u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&4u16.to_be_bytes());
+        p.extend_from_slice(b"full");
+        p.extend_from_slice(&offset.to_be_bytes());
+        fake_chunk(&mut s, DONE, 0x8002, handle, &p).await;
+        for (i, r) in round.iter().enumerate().rev() {
+            if i != 2 {
+                fake_simple_reply(&mut s, 0, r.1).await;
+            }
+        }
+        // Nothing of the failed batch follows: the next request is the client's next call.
+        let (command, handle, offset, len, _) = fake_write_request(&mut s).await;
+        assert_eq!(
+            (command, offset, len),
+            (1, 900 * KIB, 4096),
+            "a write of the failed batch was sent after the error"
+        );
+        fake_chunk(&mut s, DONE, 0, handle, &[]).await;
+        // Then a reply for a handle that was never sent.
+        let (_, handle, _, _, _) = fake_write_request(&mut s).await;
+        fake_simple_reply(&mut s, 0, handle + 1000).await;
+        let _ = s.read_u8().await;
+    })
+    .await;
+    let mut client = NbdClient::connect_unix(&path, "disk", &[]).await.expect("connect");
+    let data: Vec<(u64, Vec<u8>)> =
+        (0..2 * WRITE_DEPTH as u64).map(|i| (i * 8 * KIB, pattern(i * 8 * KIB, 4096))).collect();
+    let ops: Vec<WriteOp<'_>> = data.iter().map(|(offset, d)| WriteOp::Data { offset: *offset, data: d }).collect();
+    match client.write_many(&ops).await {
+        Err(NbdError::Server { command: "NBD_CMD_WRITE", errno: 28, message, offset, .. }) => {
+            assert_eq!(message, "full");
+            assert_eq!(offset, Some(16 * KIB));
+        }
+        other => panic!("expected ENOSPC, got {other:?}"),
+    }
+    client.write(900 * KIB, &pattern(900 * KIB, 4096)).await.expect("the connection is usable");
+    assert!(matches!(client.write(0, &[1; 4096]).await, Err(NbdError::Protocol(_))));
+    assert!(matches!(client.write(0, &[1; 4096]).await, Err(NbdError::ConnectionBroken)));
 }

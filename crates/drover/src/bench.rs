@@ -1,7 +1,14 @@
 //! `drover bench replication`: the data path measured on one disk image, with the baselines
 //! beside it, all in the same run and on the same data.
 //!
-//! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full copy).
+//! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full
+//!    copy, the target opened with `O_DIRECT` in a daemon of its own as a seed's point is, and
+//!    flushed), the source read through NBD and from its files (and, for comparison, through NBD
+//!    into a target in the page cache), `--baseline-runs` times,
+//!    interleaved with `qemu-img convert` of the same source to qcow2: as it runs by default
+//!    (`-t unsafe` for the target: no flush, the data is left in the page cache), durable
+//!    (`-t writeback`: flushed when closed) and with `O_DIRECT` (`-t none`), each run cold; min
+//!    and median, and where the full copy's time went (source map, read, write, hash, flush).
 //! 2. A persistent dirty bitmap is added, `--change` of the 64 KiB blocks are rewritten at random.
 //! 3. Incremental: the dirty granules go into a new overlay on the seed (bytes read and sent).
 //! 4. Hash-compare, as replication falls back to it without a trusted bitmap: a stale overlay on
@@ -13,9 +20,9 @@
 //! 5. Failback: a replica boots through an overlay on the new point and writes; production writes
 //!    too (tracked by the next bitmap). The union of the two is what must travel back; it is sent
 //!    and production is checked equal to the replica.
-//! 6. Baselines: reading both images once, `rsync --inplace --no-whole-file --ignore-times`
-//!    between raw copies, and `qemu-img convert`, each `--baseline-runs` times, interleaved, on a
-//!    fresh target and (as root) with the page cache dropped before each run; min and median.
+//! 6. Baselines: reading both images once, and `rsync --inplace --no-whole-file --ignore-times`
+//!    between raw copies `--baseline-runs` times, on a fresh target and (as root) with the page
+//!    cache dropped before each run; min and median.
 //!
 //! All other I/O goes through `qemu-storage-daemon` NBD exports and drover's own NBD client: the
 //! same path replication uses.
@@ -25,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use drover_block::copy::{copy_extents, hash_compare_sync, manifest_compare_sync};
+use drover_block::copy::{
+    CopyStats, CopyTiming, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
+};
 use drover_block::direct::DirectImage;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
@@ -63,7 +72,8 @@ pub struct ReplicationArgs {
     /// Seed of the random data and block choice, for repeatable runs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Runs of each baseline (`rsync`, `qemu-img convert`), interleaved; min and median printed.
+    /// Runs of the full copy and of each baseline (`qemu-img convert`, `rsync`), interleaved;
+    /// min and median printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub baseline_runs: u32,
     /// Between two agents over the agent-to-agent data path (mutual TLS on loopback): the full
@@ -102,12 +112,68 @@ pub struct Phase {
     pub bytes_sent: u64,
 }
 
+/// Where a copy's time went, in seconds. The stages overlap; the wall time is `seconds`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Breakdown {
+    pub seconds: f64,
+    /// Block status of the source (what holds data).
+    pub source_map: f64,
+    /// Waiting for the source's reads.
+    pub read: f64,
+    /// Waiting for the target's writes.
+    pub write: f64,
+    /// Hashing for the manifest (a thread of its own).
+    pub hash: f64,
+    /// The final flush of the target.
+    pub flush: f64,
+}
+
+impl Breakdown {
+    fn of(seconds: f64, t: &CopyTiming) -> Breakdown {
+        Breakdown {
+            seconds,
+            source_map: t.source_map.as_secs_f64(),
+            read: t.read.as_secs_f64(),
+            write: t.write.as_secs_f64(),
+            hash: t.hash.as_secs_f64(),
+            flush: t.flush.as_secs_f64(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub size_bytes: u64,
     pub change_fraction: f64,
     pub changed_bytes: u64,
+    /// The first full copy (the seed the later phases build on).
     pub full_copy: Phase,
+    /// Every full copy run, cold, interleaved with the `qemu-img convert` runs.
+    pub full_copy_runs: Spread,
+    /// Where the time of the median full copy run went.
+    pub full_copy_breakdown: Breakdown,
+    /// The same full copy with the source read from its files (a powered-off VM's disk).
+    pub full_copy_from_files_runs: Spread,
+    pub full_copy_from_files_breakdown: Breakdown,
+    /// The full copy through NBD with the target through the page cache instead of `O_DIRECT`
+    /// (the final flush then writes it all back).
+    pub full_copy_page_cache_runs: Spread,
+    pub full_copy_page_cache_breakdown: Breakdown,
+    /// `qemu-img convert -O qcow2` as it runs by default: the target with `cache=unsafe`, so
+    /// nothing is flushed and the data is still in the page cache when it exits.
+    pub convert_default: Spread,
+    /// `qemu-img convert -t writeback -O qcow2`: flushed at close, durable like the full copy.
+    pub convert_durable: Spread,
+    /// `qemu-img convert -t none -O qcow2`: the target with `O_DIRECT` (as the full copy's),
+    /// flushed at close.
+    pub convert_direct: Spread,
+    /// `convert_durable.median / full_copy_runs.median`: the full copy's speed relative to a
+    /// durable `qemu-img convert` (target ≥ 1.0).
+    pub full_copy_speed_vs_convert_durable: f64,
+    /// `convert_default.median / full_copy_runs.median`: relative to the default, non-durable one.
+    pub full_copy_speed_vs_convert_default: f64,
+    /// `convert_durable.median / full_copy_from_files_runs.median`.
+    pub from_files_speed_vs_convert_durable: f64,
     pub incremental: Phase,
     /// Replication's fallback: the source hashed against the target point's manifest, read from
     /// its files (a powered-off VM's disk).
@@ -121,11 +187,8 @@ pub struct Report {
     pub failback: FailbackReport,
     /// The median of the rsync runs.
     pub rsync_seconds: Option<f64>,
-    /// The median of the `qemu-img convert` runs.
-    pub qemu_img_convert_seconds: f64,
     pub rsync: Option<Spread>,
-    pub qemu_img_convert: Spread,
-    /// Every baseline run started with the page cache dropped (needs root).
+    /// Every full copy and baseline run started with the page cache dropped (needs root).
     pub baselines_cold: bool,
     /// `incremental.bytes_sent / changed_bytes` (target ≤ 1.05).
     pub incremental_ratio: f64,
@@ -219,16 +282,90 @@ impl Rig {
         Ok((node, endpoint.export_name))
     }
 
+    /// A new image to write once, opened as a seed's point is: in a daemon of its own
+    /// (`targets`), `O_DIRECT` where possible (`direct`; else through the page cache).
+    async fn export_new_target(
+        &mut self,
+        targets: &StorageDaemon,
+        path: &Path,
+        direct: bool,
+    ) -> anyhow::Result<(String, String)> {
+        self.counter += 1;
+        let node = format!("n{}", self.counter);
+        let qcow2 =
+            Qcow2Node { node_name: node.clone(), path: path.to_path_buf(), backing: Backing::None, read_only: false };
+        if direct {
+            targets.add_qcow2_direct(&qcow2).await?;
+        } else {
+            targets.add_qcow2(&qcow2).await?;
+        }
+        let export = NbdExport {
+            id: format!("e{}", self.counter),
+            node_name: node.clone(),
+            name: node.clone(),
+            writable: true,
+            bitmaps: vec![],
+        };
+        let endpoint = targets.add_nbd_export(&export).await?;
+        Ok((node, endpoint.export_name))
+    }
+
     async fn client(&self, export: &str, contexts: &[&str]) -> anyhow::Result<Client> {
         Ok(NbdClient::connect_unix(self.qsd.nbd_socket_path(), export, contexts).await?)
     }
 
     async fn close(&self, node: &str) -> anyhow::Result<()> {
-        let id = format!("e{}", node.trim_start_matches('n'));
-        self.qsd.remove_nbd_export(&id).await?;
-        self.qsd.remove_node(node).await?;
-        Ok(())
+        close_on(&self.qsd, node).await
     }
+}
+
+async fn close_on(daemon: &StorageDaemon, node: &str) -> anyhow::Result<()> {
+    let id = format!("e{}", node.trim_start_matches('n'));
+    daemon.remove_nbd_export(&id).await?;
+    daemon.remove_node(node).await?;
+    Ok(())
+}
+
+/// Where a full copy reads its source.
+enum FullCopySource<'a> {
+    Nbd(&'a mut Client),
+    /// The source image's files (a powered-off VM's disk).
+    Files(&'a Path),
+}
+
+/// One cold full copy into a new image at `file`, as a seed's: the whole disk asked for, the
+/// source's block status or map deciding what is read, the target exported by `targets`
+/// (`O_DIRECT` if `direct`) and flushed at the end.
+async fn full_copy_once(
+    rig: &mut Rig,
+    targets: &StorageDaemon,
+    src: FullCopySource<'_>,
+    file: &Path,
+    direct: bool,
+    size: u64,
+    cold: &mut bool,
+) -> anyhow::Result<(f64, CopyStats, Manifest)> {
+    let _ = std::fs::remove_file(file);
+    qemu_img(&["create", "-q", "-f", "qcow2", file.to_str().unwrap_or_default(), &size.to_string()])?;
+    let (node, export) = rig.export_new_target(targets, file, direct).await?;
+    let mut dst: Client = NbdClient::connect_unix(targets.nbd_socket_path(), &export, &[]).await?;
+    let mut manifest = Manifest::zeroed(size);
+    let whole = ExtentSet::from_range(0, size);
+    *cold &= drop_caches();
+    let start = Instant::now();
+    let stats = match src {
+        FullCopySource::Nbd(src) => {
+            copy_extents_into(src, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
+        }
+        FullCopySource::Files(source_file) => {
+            let mut image = DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?;
+            copy_extents_into(&mut image, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    dst.disconnect().await?;
+    close_on(targets, &node).await?;
+    Ok((seconds, stats, manifest))
 }
 
 fn qemu_img(args: &[&str]) -> anyhow::Result<()> {
@@ -301,18 +438,77 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
     let mut src = rig.client(&src_export, &["base:allocation"]).await?;
     write_random(&mut src, &mut rng, &ExtentSet::from_range(0, size)).await?;
+    src.disconnect().await?;
+    rig.close(&src_node).await?;
 
-    // 1. Full copy into the empty seed.
-    let (seed_node, seed_export) = rig.export(&path("seed.qcow2"), Backing::None, true, &[]).await?;
-    let mut seed = rig.client(&seed_export, &[]).await?;
-    let mut manifest = Manifest::zeroed(size);
-    let start = Instant::now();
-    let data = src.data_extents(0, size).await?;
-    let (stats, full_secs) = timed(start, copy_extents(&mut src, &mut seed, &data, &mut manifest, |_, _| {}).await?);
-    let full_copy = Phase { seconds: full_secs, bytes_read: stats.source_read, bytes_sent: stats.written };
+    // 1. Full copies into empty images, as a seed's, the target in a daemon of its own as a
+    // transfer's is: the source through NBD (a running VM's disk, read through its QEMU) and from
+    // its files (a powered-off VM's), interleaved with `qemu-img convert` of the same source,
+    // each run cold. The source is exported read-only, so `qemu-img` may open it meanwhile.
+    let targets = StorageDaemon::start(&dir.join("qsd-t")).await?;
+    targets.start_nbd_server().await?;
+    let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, false, &[]).await?;
+    let mut src = rig.client(&src_export, &["base:allocation"]).await?;
+    let mut cold = true;
+    let (mut nbd_runs, mut file_runs, mut page_cache_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut convert_runs, mut durable_runs, mut direct_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first: Option<(CopyStats, Manifest)> = None;
+    let source_file = path("source.qcow2");
+    for run in 0..args.baseline_runs {
+        let file = path(if run == 0 { "seed.qcow2" } else { "seed-again.qcow2" });
+        let via_nbd = FullCopySource::Nbd(&mut src);
+        let (secs, stats, m) = full_copy_once(&mut rig, &targets, via_nbd, &file, true, size, &mut cold).await?;
+        nbd_runs.push((secs, stats.timing));
+        if first.is_none() {
+            first = Some((stats, m));
+        }
+        let again = path("seed-again.qcow2");
+        let from_files = FullCopySource::Files(&source_file);
+        let (secs, stats, m) = full_copy_once(&mut rig, &targets, from_files, &again, true, size, &mut cold).await?;
+        file_runs.push((secs, stats.timing));
+        if first.as_ref().is_some_and(|(_, first)| *first != m) {
+            bail!("the full copies from the files and through NBD disagree on the source's content");
+        }
+        let via_nbd = FullCopySource::Nbd(&mut src);
+        let (secs, stats, _) = full_copy_once(&mut rig, &targets, via_nbd, &again, false, size, &mut cold).await?;
+        page_cache_runs.push((secs, stats.timing));
+        for (cache, runs) in [
+            (&[][..], &mut convert_runs),
+            (&["-t", "writeback"][..], &mut durable_runs),
+            (&["-t", "none"][..], &mut direct_runs),
+        ] {
+            let _ = std::fs::remove_file(path("convert.qcow2"));
+            cold &= drop_caches();
+            let start = Instant::now();
+            let (from, to) = (path("source.qcow2"), path("convert.qcow2"));
+            let mut convert_args = vec!["convert"];
+            convert_args.extend_from_slice(cache);
+            convert_args.extend_from_slice(&[
+                "-O",
+                "qcow2",
+                from.to_str().unwrap_or_default(),
+                to.to_str().unwrap_or_default(),
+            ]);
+            qemu_img(&convert_args)?;
+            runs.push(start.elapsed().as_secs_f64());
+        }
+    }
+    targets.shutdown().await?;
+    let _ = std::fs::remove_file(path("seed-again.qcow2"));
+    let _ = std::fs::remove_file(path("convert.qcow2"));
+    let Some((stats, mut manifest)) = first else { bail!("no full copy ran") };
+    let full_copy = Phase { seconds: nbd_runs[0].0, bytes_read: stats.source_read, bytes_sent: stats.written };
+    let (full_copy_runs, full_copy_breakdown) = spread_and_median(&nbd_runs);
+    let (full_copy_from_files_runs, full_copy_from_files_breakdown) = spread_and_median(&file_runs);
+    let (full_copy_page_cache_runs, full_copy_page_cache_breakdown) = spread_and_median(&page_cache_runs);
+    let convert_default = Spread::of(&convert_runs);
+    let convert_durable = Spread::of(&durable_runs);
+    let convert_direct = Spread::of(&direct_runs);
     let seed_manifest = manifest.clone();
-    seed.disconnect().await?;
-    rig.close(&seed_node).await?;
+    src.disconnect().await?;
+    rig.close(&src_node).await?;
+    let (src_node, src_export) = rig.export(&path("source.qcow2"), Backing::None, true, &[]).await?;
+    let mut src = rig.client(&src_export, &[]).await?;
 
     // 2. Tracking from here: a persistent bitmap on the source; then random blocks change.
     rig.qsd
@@ -478,8 +674,7 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         std::process::Command::new("rsync").arg("--version").output(),
         Ok(o) if o.status.success()
     );
-    let mut cold = true;
-    let (mut rsync_runs, mut convert_runs) = (Vec::new(), Vec::new());
+    let mut rsync_runs = Vec::new();
     for _ in 0..args.baseline_runs {
         if has_rsync {
             let _ = std::fs::remove_file(raw("seed"));
@@ -503,23 +698,10 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
             }
             rsync_runs.push(start.elapsed().as_secs_f64());
         }
-        let _ = std::fs::remove_file(path("convert.qcow2"));
-        cold &= drop_caches();
-        let start = Instant::now();
-        qemu_img(&[
-            "convert",
-            "-O",
-            "qcow2",
-            path("source.qcow2").to_str().unwrap_or_default(),
-            path("convert.qcow2").to_str().unwrap_or_default(),
-        ])?;
-        convert_runs.push(start.elapsed().as_secs_f64());
     }
     let rsync = (!rsync_runs.is_empty()).then(|| Spread::of(&rsync_runs));
-    let convert = Spread::of(&convert_runs);
     let rsync_seconds = rsync.as_ref().map(|r| r.median);
-    let qemu_img_convert_seconds = convert.median;
-    for f in ["source.raw", "seed.raw", "convert.qcow2"] {
+    for f in ["source.raw", "seed.raw"] {
         let _ = std::fs::remove_file(path(f));
     }
 
@@ -533,7 +715,19 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         through_nbd_vs_rsync: rsync_seconds.map(|r| hash_compare_through_nbd.seconds / r.max(1e-9)),
         reading_target_vs_rsync: rsync_seconds.map(|r| hash_compare_reading_target.seconds / r.max(1e-9)),
         reading_target_vs_read_both: hash_compare_reading_target.seconds / read_both_seconds.max(1e-9),
+        full_copy_speed_vs_convert_durable: convert_durable.median / full_copy_runs.median.max(1e-9),
+        full_copy_speed_vs_convert_default: convert_default.median / full_copy_runs.median.max(1e-9),
+        from_files_speed_vs_convert_durable: convert_durable.median / full_copy_from_files_runs.median.max(1e-9),
+        full_copy_from_files_runs,
+        full_copy_from_files_breakdown,
+        full_copy_page_cache_runs,
+        full_copy_page_cache_breakdown,
         full_copy,
+        full_copy_runs,
+        full_copy_breakdown,
+        convert_default,
+        convert_durable,
+        convert_direct,
         incremental,
         hash_compare,
         hash_compare_through_nbd,
@@ -541,11 +735,18 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
         read_both_seconds,
         failback,
         rsync_seconds,
-        qemu_img_convert_seconds,
         rsync,
-        qemu_img_convert: convert,
         baselines_cold: cold,
     })
+}
+
+/// The spread of timed copies, and the breakdown of the median one.
+fn spread_and_median(runs: &[(f64, CopyTiming)]) -> (Spread, Breakdown) {
+    let spread = Spread::of(&runs.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+    let mut by_time = runs.to_vec();
+    by_time.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (seconds, timing) = by_time[by_time.len() / 2];
+    (spread, Breakdown::of(seconds, &timing))
 }
 
 /// The minimum and median of repeated runs, in seconds.
@@ -590,11 +791,53 @@ fn print_report(r: &Report) {
         r.change_fraction * 100.0,
         mib(r.changed_bytes)
     );
+    let footing = if r.baselines_cold { "page cache dropped before each run" } else { "warm page cache" };
     println!(
         "  full copy      {:>10}  read {:>12}  sent {:>12}",
         d(r.full_copy.seconds),
         mib(r.full_copy.bytes_read),
         mib(r.full_copy.bytes_sent)
+    );
+    let runs = |label: &str, spread: &Spread, b: &Breakdown| {
+        println!(
+            "    {label:<36} min {:>9}  median {:>9}  ({} runs, {footing}, interleaved with convert)",
+            d(spread.min),
+            d(spread.median),
+            spread.runs
+        );
+        println!(
+            "      the median run's {} (stages overlap): source map {}, read {}, write {}, hash {}, flush {}",
+            d(b.seconds),
+            d(b.source_map),
+            d(b.read),
+            d(b.write),
+            d(b.hash),
+            d(b.flush)
+        );
+    };
+    runs("full copy, source through NBD", &r.full_copy_runs, &r.full_copy_breakdown);
+    runs("full copy, source from its files", &r.full_copy_from_files_runs, &r.full_copy_from_files_breakdown);
+    runs("full copy, NBD, target in page cache", &r.full_copy_page_cache_runs, &r.full_copy_page_cache_breakdown);
+    println!(
+        "    {:<36} min {:>9}  median {:>9}  (durable; full copy speed {:.2}x through NBD, {:.2}x from files)",
+        "qemu-img convert -t writeback",
+        d(r.convert_durable.min),
+        d(r.convert_durable.median),
+        r.full_copy_speed_vs_convert_durable,
+        r.from_files_speed_vs_convert_durable
+    );
+    println!(
+        "    {:<36} min {:>9}  median {:>9}  (durable, O_DIRECT target as the full copy's)",
+        "qemu-img convert -t none",
+        d(r.convert_direct.min),
+        d(r.convert_direct.median)
+    );
+    println!(
+        "    {:<36} min {:>9}  median {:>9}  (default cache=unsafe: no flush, data left in the page cache; full copy speed {:.2}x)",
+        "qemu-img convert",
+        d(r.convert_default.min),
+        d(r.convert_default.median),
+        r.full_copy_speed_vs_convert_default
     );
     println!(
         "  incremental    {:>10}  read {:>12}  sent {:>12}  sent/changed {:.3}",
@@ -627,7 +870,6 @@ fn print_report(r: &Report) {
         r.hash_compare_vs_read_both,
         r.reading_target_vs_read_both
     );
-    let footing = if r.baselines_cold { "page cache dropped before each run" } else { "warm page cache" };
     match (&r.rsync, r.hash_compare_vs_rsync, r.through_nbd_vs_rsync, r.reading_target_vs_rsync) {
         (Some(s), Some(x), Some(n), Some(y)) => println!(
             "  rsync --inplace --no-whole-file --ignore-times  min {:>10}  median {:>10}  ({} runs, {footing}; hash-compare / rsync median {:.2}; through NBD {:.2}; reading the target too {:.2})",
@@ -640,12 +882,6 @@ fn print_report(r: &Report) {
         ),
         _ => println!("  rsync: not installed"),
     }
-    println!(
-        "  qemu-img convert  min {:>10}  median {:>10}  ({} runs, {footing}, interleaved with rsync)",
-        d(r.qemu_img_convert.min),
-        d(r.qemu_img_convert.median),
-        r.qemu_img_convert.runs
-    );
     println!(
         "  failback       {:>10}  sent {:>12} for {} really changed (ratio {:.3}); production equals replica: {}",
         d(r.failback.seconds),
