@@ -266,6 +266,12 @@ pub struct TransferSpec {
     /// The point `target` is over, whose manifest says what the target holds.
     pub prev: Option<PointFile>,
     pub size: u64,
+    /// The most this transfer may send between agents, in bytes per second; `None` for no limit
+    /// of its own (a source agent's global cap still applies). Carried in the pull to the source
+    /// agent, which paces what it writes to the connection; a source read on the agent's own
+    /// host crosses no link and is not paced. 0 is refused as invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
 }
 
 /// Where a transfer is.
@@ -481,5 +487,15 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(o.peer, None);
+        // A transfer without a bandwidth limit is written and read as before the limit existed.
+        let old = serde_json::json!({
+            "id": "t", "source": {"kind": "local_nbd", "socket": "/s", "export": "e", "meta_context": "m"},
+            "source_files": null, "mode": "seed", "target": "/p", "prev": null, "size": 1
+        });
+        let mut t: TransferSpec = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(t.bandwidth_limit, None);
+        assert_eq!(serde_json::to_value(&t).unwrap(), old);
+        t.bandwidth_limit = Some(4 << 20);
+        assert_eq!(serde_json::to_value(&t).unwrap()["bandwidth_limit"], 4 << 20);
     }
 }

@@ -83,6 +83,7 @@ pub async fn seed_then_delta(agent: &dyn HostAgent, r: &Rig) {
         target: file.clone(),
         prev: None,
         size: cut.size,
+        bandwidth_limit: None,
     };
     agent.transfer_ensure(&t).await.unwrap();
     let done = wait(agent, &t.id).await;
@@ -119,6 +120,7 @@ pub async fn seed_then_delta(agent: &dyn HostAgent, r: &Rig) {
         target: file2.clone(),
         prev: Some(file.clone()),
         size: cut2.size,
+        bandwidth_limit: None,
     };
     agent.transfer_ensure(&t2).await.unwrap();
     let done2 = wait(agent, &t2.id).await;

@@ -22,6 +22,7 @@
 #[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod host_paths;
+mod pace;
 pub mod peer;
 pub mod server;
 
@@ -68,6 +69,8 @@ pub struct LocalAgent {
     advert: Mutex<Option<Advert>>,
     /// How this agent dials other agents' data listeners.
     peer: Arc<PeerClient>,
+    /// The most this agent's data listener sends, over all the transfers it serves at once.
+    global_bandwidth_cap: Option<Arc<pace::TokenBucket>>,
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +147,17 @@ impl LocalAgent {
             peer_cuts: PeerCuts::default(),
             advert: Mutex::new(None),
             peer: Arc::new(PeerClient::default()),
+            global_bandwidth_cap: None,
         }
+    }
+
+    /// Caps what this agent's data listener sends, over every transfer it serves at once, in
+    /// bytes per second (`None` or 0: no cap). A transfer with a limit of its own
+    /// ([`TransferSpec::bandwidth_limit`]) is paced by both. No schedule: the cap holds at all
+    /// hours. Set it before [`LocalAgent::serve_data`].
+    pub fn with_global_bandwidth_cap(mut self, bytes_per_second: Option<u64>) -> LocalAgent {
+        self.global_bandwidth_cap = bytes_per_second.and_then(pace::TokenBucket::new).map(Arc::new);
+        self
     }
 
     /// Dials other agents' data listeners with mutual TLS (`drover_pki::client_config` of this
@@ -172,7 +185,7 @@ impl LocalAgent {
         server_name: String,
         tls: Option<rustls::ServerConfig>,
     ) -> std::io::Result<DataListener> {
-        let listener = peer::listen(bind, tls, self.peer_cuts.clone()).await?;
+        let listener = peer::listen(bind, tls, self.peer_cuts.clone(), self.global_bandwidth_cap.clone()).await?;
         let address = advertise.unwrap_or_else(|| listener.local_addr().to_string());
         *self.advert.lock().unwrap_or_else(|e| e.into_inner()) = Some(Advert { address, server_name });
         Ok(listener)
@@ -443,6 +456,9 @@ impl HostAgent for LocalAgent {
 
     async fn transfer_ensure(&self, spec: &TransferSpec) -> AgentResult<TransferStatus> {
         check_id("transfer", &spec.id)?;
+        if spec.bandwidth_limit == Some(0) {
+            return Err(AgentError::invalid("a bandwidth limit of 0 bytes per second would never finish"));
+        }
         if let Some(e) = self.entry(&spec.id) {
             let status = e.status(&spec.id);
             if status.state != TransferState::Failed {

@@ -5,7 +5,7 @@
 //!  DR agent (transfer_ensure, Peer source)           source agent (serve_data)
 //!  ────────────────────────────────────────           ──────────────────────────
 //!  dial address, TLS as server_name ───────────────▶  accept (client certificate required)
-//!  Pull {cut, instance, transfer, mode} ───────────▶  the cut must exist *as this instance*
+//!  Pull {cut, instance, transfer, mode, limit} ────▶  the cut must exist *as this instance*
 //!  [Hashes of prev's blocks…, Done]   ─────────────▶  (hash-compare: hash the cut, compare)
 //!                                     ◀───────────── Offer {bytes} | Refused
 //!  receive_framed ◀──── Hello/Welcome/Data/Zero ────▶ send_framed (NBD export of the cut)
@@ -26,6 +26,9 @@
 //! - **Cut instances.** A cut registered with the data listener gets a random instance when it
 //!   is made (a re-run of the same cut keeps it). A source restarted and cut again under the same
 //!   id has another instance, so a stale endpoint is refused and a stale journal discarded.
+//! - **Bandwidth.** The source paces what it writes to the connection (below TLS) by the
+//!   transfer's limit from the pull and by the agent's global cap, one bucket over every
+//!   connection it serves ([`crate::pace`]); the receiver needs to do nothing.
 //! - **TLS.** The product serves and dials with mutual TLS (`drover_pki`'s configs: the CA is
 //!   the only root, a client certificate is required, and only an agent's is served: the
 //!   control plane never carries disk bytes). Plain TCP exists for tests only and says so in
@@ -53,6 +56,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio_util::codec::Framed;
 use uuid::Uuid;
+
+use crate::pace::{Paced, Pacer, TokenBucket};
 
 /// The largest extent per data frame between agents: what a cut link can lose in flight (a frame
 /// half across), so small next to what one transfer sends; large enough that framing is noise.
@@ -153,6 +158,7 @@ struct ListenerCounters {
     refused: AtomicU64,
     sent_bytes: AtomicU64,
     hashed_bytes: AtomicU64,
+    paced_waits: Arc<AtomicU64>,
 }
 
 /// What a data listener served so far.
@@ -167,6 +173,9 @@ pub struct DataListenerStats {
     pub sent_bytes: u64,
     /// Bytes of cuts read to hash them (hash-compare).
     pub hashed_bytes: u64,
+    /// Writes held back for a bandwidth limit or the global cap, over all streams: 0 when
+    /// nothing was paced.
+    pub paced_waits: u64,
 }
 
 /// A running data listener; dropping it stops accepting (streams in progress go on).
@@ -194,6 +203,7 @@ impl DataListener {
             refused: self.counters.refused.load(Ordering::Relaxed),
             sent_bytes: self.counters.sent_bytes.load(Ordering::Relaxed),
             hashed_bytes: self.counters.hashed_bytes.load(Ordering::Relaxed),
+            paced_waits: self.counters.paced_waits.load(Ordering::Relaxed),
         }
     }
 }
@@ -208,6 +218,7 @@ pub(crate) async fn listen(
     bind: SocketAddr,
     tls: Option<rustls::ServerConfig>,
     cuts: PeerCuts,
+    global_cap: Option<Arc<TokenBucket>>,
 ) -> std::io::Result<DataListener> {
     let listener = TcpListener::bind(bind).await?;
     let local_addr = listener.local_addr()?;
@@ -217,7 +228,7 @@ pub(crate) async fn listen(
     }
     let counters = Arc::new(ListenerCounters::default());
     let tls = acceptor.is_some();
-    let task = tokio::spawn(accept_loop(listener, acceptor, cuts, counters.clone()));
+    let task = tokio::spawn(accept_loop(listener, acceptor, cuts, counters.clone(), global_cap));
     Ok(DataListener { local_addr, tls, counters, task })
 }
 
@@ -226,6 +237,7 @@ async fn accept_loop(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     cuts: PeerCuts,
     counters: Arc<ListenerCounters>,
+    global_cap: Option<Arc<TokenBucket>>,
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -243,9 +255,13 @@ async fn accept_loop(
             continue;
         };
         let (acceptor, cuts, counters) = (acceptor.clone(), cuts.clone(), counters.clone());
+        // Paced below TLS, so the limits count what crosses the link; the transfer's own limit
+        // joins the global cap once its pull is read.
+        let pacer = Arc::new(Pacer::new(global_cap.clone(), counters.paced_waits.clone()));
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tcp.set_nodelay(true);
+            let tcp = Paced::new(tcp, pacer.clone());
             let result = match acceptor {
                 Some(a) => match tokio::time::timeout(PULL_PHASE, a.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -255,7 +271,7 @@ async fn accept_loop(
                         match drover_pki::peer_identity(certificates) {
                             Ok(drover_pki::PeerIdentity::Host(host)) => {
                                 tracing::debug!(%peer, %host, "data listener: an agent connected");
-                                serve_pull(stream, &cuts, &counters).await
+                                serve_pull(stream, &cuts, &counters, &pacer).await
                             }
                             Ok(drover_pki::PeerIdentity::ControlPlane) => {
                                 Err("refused the control plane: disk bytes go between agents only".into())
@@ -266,7 +282,7 @@ async fn accept_loop(
                     Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },
-                None => serve_pull(tcp, &cuts, &counters).await,
+                None => serve_pull(tcp, &cuts, &counters, &pacer).await,
             };
             if let Err(e) = result {
                 tracing::warn!(%peer, error = %e, "data listener: stream ended");
@@ -276,7 +292,7 @@ async fn accept_loop(
 }
 
 /// Serves one pull: checks the cut, finds what to send, and sends it.
-async fn serve_pull<S>(stream: S, cuts: &PeerCuts, counters: &ListenerCounters) -> Result<(), String>
+async fn serve_pull<S>(stream: S, cuts: &PeerCuts, counters: &ListenerCounters, pacer: &Pacer) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -292,6 +308,7 @@ where
         let why = format!("this agent speaks protocol version {PROTOCOL_VERSION}, not {}", pull.version);
         return refuse(&mut framed, counters, RefusalCode::Version, why).await;
     }
+    pacer.set_job_limit(pull.bandwidth_limit);
     let cut = cuts.lock().unwrap_or_else(|e| e.into_inner()).get(&pull.cut).cloned();
     let cut = match cut {
         Some(c) if c.instance == pull.instance => c,
@@ -582,6 +599,7 @@ pub(crate) async fn pull(
         instance: job.instance,
         mode: pull_mode(spec.mode),
         disk_size: size,
+        bandwidth_limit: spec.bandwidth_limit,
     };
     let expect = Expect { transfer: pull.transfer, disk_size: size };
     let retry = client.retry;

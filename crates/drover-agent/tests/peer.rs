@@ -77,12 +77,17 @@ struct Source {
 
 impl Source {
     async fn new() -> Source {
+        Source::with_data(DATA).await
+    }
+
+    /// A source disk of 64 MiB with `data` bytes of random data from offset 0.
+    async fn with_data(data: u64) -> Source {
         let site = Site::new();
         let vm = Uuid::new_v4();
         let image = site.root.join(vm.to_string()).join("sda.qcow2");
         std::fs::create_dir_all(image.parent().unwrap()).unwrap();
         drover_qemu::image::create_qcow2(&image, DISK).await.unwrap();
-        guest_write(&image, 0, DATA, "seed");
+        guest_write(&image, 0, data, "seed");
         let disk = DiskRef { datastore: site.ds, vm, disk: "sda".into(), index: 0 };
         Source { site, disk, image }
     }
@@ -134,6 +139,7 @@ fn transfer_spec(
         target: target.clone(),
         prev: prev.cloned(),
         size: cut.size,
+        bandwidth_limit: None,
     }
 }
 
@@ -751,5 +757,95 @@ async fn a_dr_agent_killed_mid_stream_resumes_from_its_last_flush_point() {
     assert!(peer.resumed_bytes > 0, "something was journalled before the kill: {peer:?}");
     assert!(lost <= drover_agent::peer::PEER_FLUSH_EVERY + (4 << 20), "{lost} bytes sent again");
     assert_point_is(&src.image, &file).await;
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Bandwidth limits
+
+/// The seed of the bandwidth tests: 16 MiB of random (incompressible) data.
+const PACED_DATA: u64 = 16 << 20;
+const LIMIT: u64 = 4 << 20;
+
+/// Pulls a seed of `src`'s cut through agent `a`'s listener into a new point of a fresh DR site,
+/// with the transfer's own `limit`; returns how long it took and what crossed the link.
+async fn timed_seed(src: &Source, cut: &Cut, id: &str, limit: Option<u64>) -> (Duration, PeerTransferStats) {
+    let dr = Dr::new();
+    let b = dr.site.agent(|b| b).await;
+    let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let spec = TransferSpec { bandwidth_limit: limit, ..transfer_spec(id, cut, TransferMode::Seed, &file, None) };
+    let started = std::time::Instant::now();
+    let done = outcome(&run(&b, &spec).await);
+    let took = started.elapsed();
+    assert_point_is(&src.image, &file).await;
+    let peer = done.peer.unwrap();
+    assert!(peer.wire_bytes_in >= PACED_DATA, "random data crossed whole: {peer:?}");
+    (took, peer)
+}
+
+/// The least time `bytes` can take at `limit` bytes per second, less a quarter for the bucket's
+/// burst and the clock: a lower bound only (a loaded machine only makes it slower).
+fn at_least(bytes: u64, limit: u64) -> Duration {
+    Duration::from_secs_f64(0.75 * bytes as f64 / limit as f64)
+}
+
+#[tokio::test]
+async fn a_transfer_with_a_bandwidth_limit_is_paced_by_the_source_and_one_without_is_not() {
+    let src = Source::with_data(PACED_DATA).await;
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+
+    // Without a limit nothing waits for tokens.
+    let (free, free_peer) = timed_seed(&src, &cut, "free", None).await;
+    assert_eq!(listener.stats().paced_waits, 0, "an unlimited transfer is not paced");
+
+    let (paced, paced_peer) = timed_seed(&src, &cut, "paced", Some(LIMIT)).await;
+    let floor = at_least(paced_peer.wire_bytes_in, LIMIT);
+    println!(
+        "bandwidth limit {LIMIT} B/s: {} bytes on the wire in {paced:?} ({:.2} MB/s; at least {floor:?}); \
+         unlimited: {} bytes in {free:?}; {} writes held back",
+        paced_peer.wire_bytes_in,
+        paced_peer.wire_bytes_in as f64 / paced.as_secs_f64() / 1e6,
+        free_peer.wire_bytes_in,
+        listener.stats().paced_waits
+    );
+    assert!(paced >= floor, "{paced:?} for {} bytes at {LIMIT} B/s", paced_peer.wire_bytes_in);
+    assert!(listener.stats().paced_waits > 0);
+
+    // A limit of 0 would never finish: refused.
+    let e = a
+        .transfer_ensure(&TransferSpec {
+            bandwidth_limit: Some(0),
+            ..transfer_spec("zero", &cut, TransferMode::Seed, &PointFile("/nowhere".into()), None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid, "{e:?}");
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_global_cap_paces_a_transfer_without_a_limit_of_its_own() {
+    let src = Source::with_data(PACED_DATA).await;
+    let a = src.site.agent(|a| a.with_global_bandwidth_cap(Some(LIMIT))).await;
+    let listener = serve(&a, None, "localhost").await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+
+    // No limit of its own (and a looser one): the agent's cap paces it all the same.
+    for (id, limit) in [("capped", None), ("loose", Some(64 * LIMIT))] {
+        let (took, peer) = timed_seed(&src, &cut, id, limit).await;
+        let floor = at_least(peer.wire_bytes_in, LIMIT);
+        println!(
+            "global cap {LIMIT} B/s, the transfer's own limit {limit:?}: {} bytes on the wire in {took:?} \
+             ({:.2} MB/s; at least {floor:?})",
+            peer.wire_bytes_in,
+            peer.wire_bytes_in as f64 / took.as_secs_f64() / 1e6
+        );
+        assert!(took >= floor, "{took:?} for {} bytes under a cap of {LIMIT} B/s", peer.wire_bytes_in);
+    }
+    assert!(listener.stats().paced_waits > 0);
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
 }

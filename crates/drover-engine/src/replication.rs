@@ -471,6 +471,7 @@ async fn transfer_disk(
         target: file,
         prev: d.prev_file.clone(),
         size: d.size,
+        bandwidth_limit: None,
     };
     let (transfer, status) = match running {
         // A rerun of this step while the transfer it started still runs or has finished.

@@ -16,7 +16,8 @@
 //! # Pulling
 //! Between agents the receiver (the DR agent) dials the sender (the source agent's data
 //! listener), so a stream may open with a pull before the hello: the receiver sends [`Pull`]
-//! (the cut, its instance, the transfer, the mode); for hash-compare, the [`Message::Hashes`]
+//! (the cut, its instance, the transfer, the mode, and the transfer's bandwidth limit, which the
+//! source paces what it sends by); for hash-compare, the [`Message::Hashes`]
 //! of its blocks follow, ended by `Done { bytes: 0 }`. The source answers [`Message::Refused`]
 //! (no such cut, another instance of it, another size) or [`Message::Offer`] (what it will send
 //! before the receiver's journal is taken off), and then speaks as the sender above: hello,
@@ -133,6 +134,13 @@ pub struct Pull {
     pub mode: PullMode,
     /// The disk's size as the receiver expects it.
     pub disk_size: u64,
+    /// The most the source may send for this transfer, in bytes per second (`None`: no limit of
+    /// the transfer's own; the source's global cap, if any, still applies). Never 0.
+    ///
+    /// On the wire: an optional `u64` after the cut id, present only when set. A pull without a
+    /// limit is byte for byte what version 1 always sent; a limited pull to a source built
+    /// before limits existed is refused by it as malformed rather than sent unpaced.
+    pub bandwidth_limit: Option<u64>,
 }
 
 /// The receiver's answer to [`Hello`]: the extents it already holds (written and journalled),
@@ -443,6 +451,11 @@ fn encode_body(m: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
             dst.put_u64(p.disk_size);
             dst.put_u16(p.cut.len() as u16);
             dst.put_slice(p.cut.as_bytes());
+            match p.bandwidth_limit {
+                None => {}
+                Some(0) => return Err(ProtoError::Malformed("a bandwidth limit of 0 bytes per second".into())),
+                Some(limit) => dst.put_u64(limit),
+            }
         }
         Message::Offer { bytes, extents } => {
             dst.put_u8(OFFER);
@@ -629,8 +642,15 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
             let text = r.bytes(n, "cut id")?;
             let cut =
                 String::from_utf8(text.to_vec()).map_err(|_| ProtoError::Malformed("a cut id not UTF-8".into()))?;
+            let bandwidth_limit = match r.buf.remaining() {
+                0 => None,
+                _ => match r.u64("pull's bandwidth limit")? {
+                    0 => return Err(ProtoError::Malformed("a bandwidth limit of 0 bytes per second".into())),
+                    limit => Some(limit),
+                },
+            };
             r.end("pull")?;
-            Message::Pull(Pull { version, transfer, cut, instance, mode, disk_size })
+            Message::Pull(Pull { version, transfer, cut, instance, mode, disk_size, bandwidth_limit })
         }
         OFFER => {
             let (bytes, extents) = (r.u64("offer")?, r.u64("offer")?);

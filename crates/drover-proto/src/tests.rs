@@ -44,6 +44,16 @@ fn samples() -> Vec<Message> {
             instance: Uuid::from_u128(7),
             mode: PullMode::HashCompare,
             disk_size: 1 << 30,
+            bandwidth_limit: None,
+        }),
+        Message::Pull(Pull {
+            version: PROTOCOL_VERSION,
+            transfer,
+            cut: "run1-0-0".into(),
+            instance: Uuid::from_u128(7),
+            mode: PullMode::Seed,
+            disk_size: 1 << 30,
+            bandwidth_limit: Some(4 << 20),
         }),
         Message::Offer { bytes: 4 << 20, extents: 3 },
     ]
@@ -59,6 +69,7 @@ fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
             instance: Uuid::nil(),
             mode: PullMode::Seed,
             disk_size: 1,
+            bandwidth_limit: None,
         });
         assert!(matches!(Codec.encode(m, &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
     }
@@ -72,6 +83,44 @@ fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
     frame.put_u64(1);
     frame.put_u16(0);
     assert!(matches!(decode_all(frame), Err(ProtoError::Malformed(_))));
+}
+
+#[test]
+fn a_pull_without_a_limit_is_what_version_1_sent_and_a_limit_of_0_is_malformed() {
+    let pull = |bandwidth_limit| Pull {
+        version: PROTOCOL_VERSION,
+        transfer: Uuid::nil(),
+        cut: "c".into(),
+        instance: Uuid::nil(),
+        mode: PullMode::Seed,
+        disk_size: 1,
+        bandwidth_limit,
+    };
+    // Golden: length, kind, version, transfer, instance, mode, size, cut id; nothing after it.
+    let mut v1 = BytesMut::new();
+    v1.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2 + 1);
+    v1.put_u8(11);
+    v1.put_u16(PROTOCOL_VERSION);
+    v1.put_slice(&[0; 32]);
+    v1.put_u8(1);
+    v1.put_u64(1);
+    v1.put_u16(1);
+    v1.put_slice(b"c");
+    assert_eq!(encode(&Message::Pull(pull(None))), v1);
+    // With a limit, its u64 follows the cut id.
+    let limited = encode(&Message::Pull(pull(Some(4 << 20))));
+    assert_eq!(limited.len(), v1.len() + 8);
+    assert_eq!(&limited[limited.len() - 8..], &(4u64 << 20).to_be_bytes());
+    assert!(matches!(Codec.encode(Message::Pull(pull(Some(0))), &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
+    let mut zero = v1.clone();
+    zero[..4].copy_from_slice(&(1u32 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 8).to_be_bytes());
+    zero.put_u64(0);
+    assert!(matches!(decode_all(zero), Err(ProtoError::Malformed(_))));
+    // A truncated limit is malformed, not a limit of its first bytes.
+    let mut short = v1.clone();
+    short[..4].copy_from_slice(&(1u32 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 4).to_be_bytes());
+    short.put_u32(7);
+    assert!(matches!(decode_all(short), Err(ProtoError::Malformed(_))));
 }
 
 #[test]

@@ -219,6 +219,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
             target: file.clone(),
             prev: None,
             size,
+            bandwidth_limit: None,
         };
         super::drop_caches();
         let cpu = cpu_seconds();
@@ -259,6 +260,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         target: file.clone(),
         prev: Some(seed_file),
         size,
+        bandwidth_limit: None,
     };
     super::drop_caches();
     let cpu = cpu_seconds();
