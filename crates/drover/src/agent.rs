@@ -60,6 +60,25 @@ pub struct AgentArgs {
     /// `host:port` other agents reach the data listener at. Default: `--data-listen`.
     #[arg(long, env = "DROVER_AGENT_DATA_ADVERTISE", requires = "data_listen")]
     pub data_advertise: Option<String>,
+    /// The most this agent sends to other agents, all transfers together, per second
+    /// (`100MiB`, `1GiB`, or bytes). Default: no cap.
+    #[arg(long, env = "DROVER_AGENT_BANDWIDTH_CAP", value_parser = parse_rate, requires = "data_listen")]
+    pub bandwidth_cap: Option<u64>,
+}
+
+/// A rate in bytes per second: a number with an optional KiB/MiB/GiB suffix.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    let (num, mult) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
+        .iter()
+        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n, *m)))
+        .unwrap_or((t, 1));
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a rate like 100MiB or 1GiB (per second)"))?;
+    match n.checked_mul(mult) {
+        Some(0) => Err("a bandwidth cap must be more than 0".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too large")),
+    }
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -206,7 +225,10 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     // Other agents are dialled (to pull their cuts) with this agent's identity, and trusted only
     // with a certificate from the same CA.
     let peer_tls = drover_pki::client_config(identity.tls_identity(), identity.trusted_ca())?;
-    let agent = LocalAgent::new(hv, args.data_dir.join("work")).with_datastore_roots(roots).with_peer_tls(peer_tls);
+    let agent = LocalAgent::new(hv, args.data_dir.join("work"))
+        .with_datastore_roots(roots)
+        .with_peer_tls(peer_tls)
+        .with_global_bandwidth_cap(args.bandwidth_cap);
     let config = drover_pki::server_config_requiring_client_cert(identity.tls_identity(), identity.trusted_ca())?;
     let data = match args.data_listen {
         Some(bind) => {
@@ -258,4 +280,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     println!("drover agent stopped; running VMs keep running");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_read_with_binary_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_rate("100MiB"), Ok(100 << 20));
+        assert_eq!(parse_rate("1GiB/s"), Ok(1 << 30));
+        assert_eq!(parse_rate("4096"), Ok(4096));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("99999999999GiB").is_err());
+    }
 }

@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// `host:port` other agents reach `--data-listen` at. Default: `--data-listen`.
     #[arg(long, env = "DROVER_DATA_ADVERTISE", requires = "data_listen")]
     pub data_advertise: Option<String>,
+    /// The most this machine's agent sends to other agents, all transfers together, per second
+    /// (`100MiB`, `1GiB`, or bytes). Default: no cap.
+    #[arg(long, env = "DROVER_DATA_BANDWIDTH_CAP", value_parser = crate::agent::parse_rate, requires = "data_listen")]
+    pub data_bandwidth_cap: Option<u64>,
     /// Seconds to wait for a guest's first heartbeat after power-on.
     #[arg(long, default_value_t = 120)]
     pub heartbeat_timeout_secs: u64,
