@@ -446,12 +446,7 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     let job = job["id"].as_str().unwrap().to_string();
 
     // The seed: pulled by the DR agent, into its datastore, equal to the source.
-    let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
-    let session = run["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
-    let line = lines.iter().find(|l| l.contains("pulled by the target's agent")).unwrap_or_else(|| panic!("{lines:?}"));
+    let line = run_job(&api, &job).await;
     assert!(line.contains("seed mode"), "{line}");
     println!("seed: {line}");
     let point = newest_point(&dr_root.join("ds"));
@@ -459,12 +454,7 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
 
     // An incremental: only the changed blocks cross between the agents.
     qemu_io_write(&source, 0x5c, 16 << 20, 64 << 10);
-    let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
-    let session = run["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
-    let line = lines.iter().find(|l| l.contains("pulled by the target's agent")).unwrap_or_else(|| panic!("{lines:?}"));
+    let line = run_job(&api, &job).await;
     assert!(line.contains("bitmap mode"), "{line}");
     println!("incremental: {line}");
     let data: u64 = line
@@ -503,6 +493,16 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     assert!(lines.iter().any(|l| l.contains("booting VMs through an agent is not built yet")), "{s}: {lines:?}");
     drop(dr_agent);
     drop(serve);
+}
+
+/// Runs a replication job to success; returns its session's line about what was pulled.
+async fn run_job(api: &Api, job: &str) -> String {
+    let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+    let session = run["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(api, &session).await;
+    let lines = session_log(api, &session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    lines.into_iter().find(|l| l.contains("pulled by the target's agent")).unwrap_or_else(|| panic!("no pull in {s}"))
 }
 
 fn compare(a: &Path, b: &Path) -> bool {
