@@ -540,11 +540,12 @@ impl App {
             .map_err(|e| Error::internal(format!("datastore check: {e}")))??
         } else {
             let agent = self.engine.agent(&host).await?;
+            let path = new.path.trim().to_string();
             agent
-                .datastore_ensure(&drover_agent_api::DatastoreSpec { id: id.0, path: new.path.clone() })
+                .datastore_ensure(&drover_agent_api::DatastoreSpec { id: id.0, path: path.clone() })
                 .await
                 .map_err(crate::agent_error)?;
-            std::path::PathBuf::from(new.path.trim())
+            std::path::PathBuf::from(path)
         };
         let ds = Datastore {
             id,

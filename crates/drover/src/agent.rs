@@ -119,21 +119,33 @@ pub async fn enrol(dir: &std::path::Path, url: &str, token: &str) -> anyhow::Res
             format!("cannot reach the control plane at {url} (or its certificate is not from the CA the token names)")
         })?;
     let status = response.status();
+    let body = bounded_body(response).await?;
     if !status.is_success() {
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let message = body["message"].as_str().unwrap_or("no message").to_string();
         bail!("the control plane refused the enrolment ({status}): {message}");
-    }
-    // Bounded: a certificate and a CA are a few KiB.
-    let body = response.bytes().await.context("reading the enrolment answer")?;
-    if body.len() > 256 << 10 {
-        bail!("the control plane's enrolment answer is too large ({} bytes)", body.len());
     }
     let answer: EnrolResponse = serde_json::from_slice(&body).context("the control plane's enrolment answer")?;
     // The CA we were pinned to must be the one that signed us.
     drover_pki::TrustedCa::from_pem_pinned(&answer.ca_pem, &presented.ca_fingerprint())
         .context("the control plane answered with another CA than its token names")?;
     Ok(pending.install(&answer.certificate_pem, &answer.ca_pem)?)
+}
+
+/// The largest enrolment answer read: a certificate and a CA are a few KiB.
+const MAX_ENROL_ANSWER: usize = 256 << 10;
+
+/// A response's body, read chunk by chunk and refused past [`MAX_ENROL_ANSWER`] before it is
+/// held whole.
+async fn bounded_body(mut response: reqwest::Response) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.context("reading the enrolment answer")? {
+        if body.len() + chunk.len() > MAX_ENROL_ANSWER {
+            bail!("the control plane's enrolment answer is larger than {MAX_ENROL_ANSWER} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The hypervisor driver an agent (or `drover serve`) runs VMs with.
@@ -189,13 +201,15 @@ impl RunningAgent {
     }
 }
 
-/// Enrols if asked, then serves the agent API.
-pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
+/// The agent's identity: enrolled now when `--enroll` says so (refused over an existing one
+/// unless `--re-enroll`), else the one enrolled before. Sets the umask and makes the data
+/// directory first: everything the agent writes is private.
+async fn identity(args: &AgentArgs) -> anyhow::Result<AgentIdentity> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     drover_agent::host_paths::create_private_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
     let identity_dir = args.data_dir.join("identity");
-    let identity = match &args.enroll {
+    match &args.enroll {
         Some(v) => {
             let [url, token] = v.as_slice() else { bail!("--enroll takes the control plane's URL and a token") };
             if AgentIdentity::load(&identity_dir).is_ok() && !args.re_enroll {
@@ -206,15 +220,20 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
             }
             let identity = enrol(&identity_dir, url, token).await?;
             println!("enrolled as host {}", identity.host_id());
-            identity
+            Ok(identity)
         }
         None => AgentIdentity::load(&identity_dir).with_context(|| {
             format!(
                 "this agent has no identity in {}: enrol it first (drover agent --enroll <url> <token>)",
                 identity_dir.display()
             )
-        })?,
-    };
+        }),
+    }
+}
+
+/// Enrols if asked, then serves the agent API.
+pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
+    let identity = identity(args).await?;
     let roots = if args.datastore_roots.is_empty() {
         vec![args.data_dir.join("datastores")]
     } else {
@@ -256,18 +275,8 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.enroll_only {
-        let Some([url, token]) = args.enroll.as_deref() else { bail!("--enroll takes a URL and a token") };
-        let dir = args.data_dir.join("identity");
-        if AgentIdentity::load(&dir).is_ok() && !args.re_enroll {
-            bail!("this agent is already enrolled ({}); add --re-enroll to replace its identity", dir.display());
-        }
-        drover_agent::host_paths::create_private_dir_all(&args.data_dir)?;
-        let identity = enrol(&dir, url, token).await?;
-        println!(
-            "enrolled as host {}; start the agent with: drover agent --data-dir {}",
-            identity.host_id(),
-            args.data_dir.display()
-        );
+        identity(&args).await?;
+        println!("start the agent with: drover agent --data-dir {}", args.data_dir.display());
         return Ok(());
     }
     let agent = start(&args).await?;

@@ -64,13 +64,11 @@ fn cpu_seconds() -> f64 {
 }
 
 fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(0.0)
+    super::Spread::of(v).median
 }
 
 fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
+    super::Spread::of(v).min
 }
 
 struct Side {
