@@ -17,7 +17,10 @@
 //! drover-block: what `drover serve` uses for its own host; over the simulated hypervisor it is
 //! the simulated agent of the fast tests). The remote client over HTTPS comes with `drover agent`.
 //!
-//! Not yet here: VM control (the engine still calls `drover_hv::Hypervisor` for the local host).
+//! VM control ([`HostAgent::vm_power_on`] and the rest) names disks by reference too: a VM's
+//! own images ([`VmDisk::Image`]) or the boot overlays the agent made over restore points
+//! ([`HostAgent::boot_overlay_ensure`]). Files a VM imports or boots from (a disk image, a
+//! kernel) are names the *agent* checks against its own import directories.
 
 use std::fmt;
 
@@ -27,7 +30,7 @@ use uuid::Uuid;
 
 /// The version of this contract. An agent and a control plane with different versions refuse
 /// each other at the first call.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// The longest id a caller may choose (cut and transfer ids).
 pub const MAX_ID_LEN: usize = 128;
@@ -48,6 +51,9 @@ pub enum ErrorKind {
     Unsupported,
     /// Anything else; the message says what.
     Internal,
+    /// A resource is held by another process for a while (a disk image a replication cut or a
+    /// retention merge has open): wait and try again. Unlike `Retry`, the agent answered.
+    Busy,
 }
 
 /// An agent's error: its class and a message for people.
@@ -70,6 +76,9 @@ impl AgentError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Conflict, message)
     }
     /// The same error with `context: ` in front of its message.
     pub fn context(self, context: impl fmt::Display) -> Self {
@@ -333,6 +342,144 @@ pub struct TransferStatus {
     pub error: Option<AgentError>,
 }
 
+
+// --- VMs -------------------------------------------------------------------------------------
+
+/// The longest VM name, boot command line or marker an agent accepts.
+pub const MAX_TEXT_LEN: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    /// No process (never started, shut down, or powered off).
+    Off,
+    Running,
+    Paused,
+    /// The process is gone but drover did not stop it (crash, OOM, killed from outside).
+    Died,
+}
+
+/// What the guest reports over its channel.
+// No `Eq`: `uptime_secs` is an `f64`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Seconds since the guest booted, as the guest counts them.
+    pub uptime_secs: f64,
+    /// Content of the marker file on the data disk, when there is one.
+    pub marker: Option<String>,
+}
+
+/// What a guest's TCP port did when the host connected to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpPortState {
+    /// The guest accepted the connection.
+    Open,
+    /// The guest refused it: nothing listens on the port.
+    Closed,
+    /// The guest did not answer at all: not booted yet, no address, or its packets are dropped.
+    NoAnswer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownOutcome {
+    /// The guest shut itself down when asked (ACPI power button).
+    Graceful,
+    /// The guest did not stop within the timeout and was powered off.
+    ForcedOff,
+    /// It was not running.
+    AlreadyOff,
+}
+
+/// A disk to make for a VM in a datastore of the agent: empty, or a copy of an image file the
+/// agent's administrator put in one of its import directories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDisk {
+    pub name: String,
+    /// Virtual size in bytes (an import keeps the image's own).
+    pub size: u64,
+    /// A qcow2 image on the agent's host, inside one of its import directories.
+    pub import_from: Option<String>,
+}
+
+/// The disks of one VM in one datastore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDisksSpec {
+    pub datastore: Uuid,
+    pub vm: Uuid,
+    pub disks: Vec<NewDisk>,
+}
+
+/// A disk a VM runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmDisk {
+    /// The VM's own image in a datastore.
+    Image(DiskRef),
+    /// A boot overlay over a restore point ([`HostAgent::boot_overlay_ensure`]).
+    Overlay { file: PointFile },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNic {
+    /// The network name from the inventory.
+    pub network: String,
+    pub mac: String,
+    /// No uplink whatever bridges the host has (replica and test VMs, until network mapping).
+    pub no_uplink: bool,
+}
+
+/// Direct kernel boot, or from the first disk. The kernel and initrd are files on the agent's
+/// host, inside one of its import directories.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmBoot {
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// A VM to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRunSpec {
+    /// The VM's id on the host (a VM's, a replica's or a test VM's).
+    pub id: Uuid,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<VmDisk>,
+    pub nics: Vec<VmNic>,
+    pub boot: VmBoot,
+}
+
+impl VmRunSpec {
+    /// Checks what an agent would otherwise pass on to its hypervisor.
+    pub fn check(&self) -> AgentResult<()> {
+        if self.name.is_empty() || self.name.len() > 255 || self.name.chars().any(char::is_control) {
+            return Err(AgentError::invalid("a VM name must be 1 to 255 printable characters"));
+        }
+        if self.disks.len() > 64 || self.nics.len() > 64 {
+            return Err(AgentError::invalid("a VM has at most 64 disks and 64 NICs"));
+        }
+        if self.boot.cmdline.as_ref().is_some_and(|c| c.len() > MAX_TEXT_LEN) {
+            return Err(AgentError::invalid(format!("a boot command line is at most {MAX_TEXT_LEN} bytes")));
+        }
+        for d in &self.disks {
+            if let VmDisk::Image(r) = d {
+                check_disk_name(&r.disk)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A VM the agent runs or keeps state for, with its power state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPresence {
+    pub vm: Uuid,
+    pub power: PowerState,
+}
+
 /// The bodies of the agent's HTTP routes that are not one of the types above.
 pub mod wire {
     use super::*;
@@ -371,6 +518,44 @@ pub mod wire {
         pub after: Option<PointFile>,
     }
 
+    /// A wait's length on the wire, in milliseconds.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct WaitRequest {
+        pub timeout_ms: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MarkerRequest {
+        pub marker: String,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct TcpPortRequest {
+        pub port: u16,
+        pub timeout_ms: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct BootOverlayRequest {
+        pub chain: ChainRef,
+        pub point: PointFile,
+        pub label: String,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ForgetRequest {
+        pub discard_overlays: bool,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct DisksRemoveRequest {
+        pub datastore: Uuid,
+        pub vm: Uuid,
+    }
+
+    /// The longest wait one call may ask for (a heartbeat, a shutdown, a port check).
+    pub const MAX_WAIT_MS: u64 = 3600 * 1000;
+
     /// The HTTP status an error of this kind is answered with (the body is the [`AgentError`]).
     pub fn status_of(kind: ErrorKind) -> u16 {
         match kind {
@@ -380,6 +565,7 @@ pub mod wire {
             ErrorKind::Internal => 500,
             ErrorKind::Unsupported => 501,
             ErrorKind::Retry => 503,
+            ErrorKind::Busy => 423,
         }
     }
 }
@@ -438,6 +624,50 @@ pub trait HostAgent: Send + Sync + fmt::Debug {
 
     /// Forgets a finished transfer, or stops a running one. Idempotent.
     async fn transfer_forget(&self, id: &str) -> AgentResult<()>;
+
+    // --- VMs ---------------------------------------------------------------------------------
+
+    /// Makes the VM's disks in a datastore (empty or imported) when they are not there yet; a
+    /// disk that is there is kept as it is. Each appears whole or not at all.
+    async fn vm_disks_ensure(&self, spec: &VmDisksSpec) -> AgentResult<()>;
+
+    /// Removes a VM's disks from a datastore. Idempotent.
+    async fn vm_disks_remove(&self, datastore: Uuid, vm: Uuid) -> AgentResult<()>;
+
+    /// Starts the VM; a running one is left as it is. A disk held by another process for a
+    /// while is `Busy`.
+    async fn vm_power_on(&self, spec: &VmRunSpec) -> AgentResult<()>;
+
+    /// Asks the guest to shut down, waits up to `timeout`, then powers it off.
+    async fn vm_shutdown(&self, vm: Uuid, timeout: std::time::Duration) -> AgentResult<ShutdownOutcome>;
+
+    /// Stops the VM at once. Idempotent.
+    async fn vm_power_off(&self, vm: Uuid) -> AgentResult<()>;
+
+    /// The VM's power state; `Off` for a VM the agent does not know.
+    async fn vm_status(&self, vm: Uuid) -> AgentResult<PowerState>;
+
+    /// Waits until the guest answers on its channel.
+    async fn vm_wait_heartbeat(&self, vm: Uuid, timeout: std::time::Duration) -> AgentResult<Heartbeat>;
+
+    /// Writes the marker file on the guest's data disk and syncs it.
+    async fn vm_write_marker(&self, vm: Uuid, marker: &str) -> AgentResult<()>;
+
+    /// Checks from the host whether the guest accepts TCP connections on `port`.
+    async fn vm_check_tcp_port(&self, vm: Uuid, port: u16, timeout: std::time::Duration)
+    -> AgentResult<TcpPortState>;
+
+    /// Powers the VM off and forgets what the agent keeps for it; with `discard_overlays`, the
+    /// boot overlays it ran on are removed too (a replica's or test VM's changes thrown away).
+    /// Idempotent.
+    async fn vm_forget(&self, vm: Uuid, discard_overlays: bool) -> AgentResult<()>;
+
+    /// Every VM the agent runs or keeps state for (after a restart of either side).
+    async fn vm_list(&self) -> AgentResult<Vec<VmPresence>>;
+
+    /// A boot overlay over a restore point of a chain, named by `label` (the same label gives
+    /// the same overlay, with what a VM wrote on it).
+    async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile>;
 }
 
 #[cfg(test)]

@@ -84,8 +84,23 @@ impl RemoteAgent {
     }
 
     async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> AgentResult<reqwest::Response> {
+        self.send_waiting(method, path, body, None).await
+    }
+
+    /// [`RemoteAgent::send`] of a call that waits on the agent for up to `wait` (a heartbeat, a
+    /// shutdown): its own timeout is the wait plus [`CALL_TIMEOUT`].
+    async fn send_waiting<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        wait: Option<Duration>,
+    ) -> AgentResult<reqwest::Response> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url).header(VERSION_HEADER, API_VERSION.to_string());
+        if let Some(wait) = wait {
+            request = request.timeout(wait.saturating_add(CALL_TIMEOUT));
+        }
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -116,6 +131,18 @@ impl RemoteAgent {
         body: Option<&B>,
     ) -> AgentResult<T> {
         let response = self.send(method, path, body).await?;
+        let bytes = read_limited(response, &self.base).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::internal(format!("the agent at {} answered {path} unreadably: {e}", self.base)))
+    }
+
+    async fn call_waiting<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        wait: Duration,
+    ) -> AgentResult<T> {
+        let response = self.send_waiting(Method::POST, path, Some(body), Some(wait)).await?;
         let bytes = read_limited(response, &self.base).await?;
         serde_json::from_slice(&bytes)
             .map_err(|e| AgentError::internal(format!("the agent at {} answered {path} unreadably: {e}", self.base)))
@@ -217,4 +244,67 @@ impl HostAgent for RemoteAgent {
     async fn transfer_forget(&self, id: &str) -> AgentResult<()> {
         self.call_empty(Method::DELETE, &id_path("transfer", "/v1/transfers/", id, "")?, None::<&()>).await
     }
+
+    async fn vm_disks_ensure(&self, spec: &VmDisksSpec) -> AgentResult<()> {
+        // Imports copy whole images: as long as a wait.
+        let response = self.send_waiting(Method::POST, "/v1/vm-disks", Some(spec), Some(IMPORT_WAIT)).await;
+        response.map(drop)
+    }
+
+    async fn vm_disks_remove(&self, datastore: uuid::Uuid, vm: uuid::Uuid) -> AgentResult<()> {
+        self.call_empty(Method::POST, "/v1/vm-disks/remove", Some(&DisksRemoveRequest { datastore, vm })).await
+    }
+
+    async fn vm_power_on(&self, spec: &VmRunSpec) -> AgentResult<()> {
+        self.call_empty(Method::POST, &format!("/v1/vms/{}/power-on", spec.id), Some(spec)).await
+    }
+
+    async fn vm_shutdown(&self, vm: uuid::Uuid, timeout: Duration) -> AgentResult<ShutdownOutcome> {
+        self.call_waiting(&format!("/v1/vms/{vm}/shutdown"), &WaitRequest { timeout_ms: millis(timeout) }, timeout)
+            .await
+    }
+
+    async fn vm_power_off(&self, vm: uuid::Uuid) -> AgentResult<()> {
+        self.call_empty(Method::POST, &format!("/v1/vms/{vm}/power-off"), None::<&()>).await
+    }
+
+    async fn vm_status(&self, vm: uuid::Uuid) -> AgentResult<PowerState> {
+        self.call(Method::GET, &format!("/v1/vms/{vm}"), None::<&()>).await
+    }
+
+    async fn vm_wait_heartbeat(&self, vm: uuid::Uuid, timeout: Duration) -> AgentResult<Heartbeat> {
+        self.call_waiting(&format!("/v1/vms/{vm}/heartbeat"), &WaitRequest { timeout_ms: millis(timeout) }, timeout)
+            .await
+    }
+
+    async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> AgentResult<()> {
+        let body = MarkerRequest { marker: marker.to_string() };
+        self.call_empty(Method::POST, &format!("/v1/vms/{vm}/marker"), Some(&body)).await
+    }
+
+    async fn vm_check_tcp_port(&self, vm: uuid::Uuid, port: u16, timeout: Duration) -> AgentResult<TcpPortState> {
+        let body = TcpPortRequest { port, timeout_ms: millis(timeout) };
+        self.call_waiting(&format!("/v1/vms/{vm}/tcp-port"), &body, timeout).await
+    }
+
+    async fn vm_forget(&self, vm: uuid::Uuid, discard_overlays: bool) -> AgentResult<()> {
+        let body = ForgetRequest { discard_overlays };
+        self.call_empty(Method::POST, &format!("/v1/vms/{vm}/forget"), Some(&body)).await
+    }
+
+    async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
+        self.call(Method::GET, "/v1/vms", None::<&()>).await
+    }
+
+    async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile> {
+        let body = BootOverlayRequest { chain: chain.clone(), point: point.clone(), label: label.to_string() };
+        self.call(Method::POST, "/v1/boot-overlays", Some(&body)).await
+    }
+}
+
+/// How long making a VM's disks may take (an import copies a whole image).
+const IMPORT_WAIT: Duration = Duration::from_secs(3600);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

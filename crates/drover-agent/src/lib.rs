@@ -121,7 +121,8 @@ enum CutToken {
 pub fn hv_error(e: HvError) -> AgentError {
     let kind = match &e {
         HvError::Timeout(..) => ErrorKind::Retry,
-        HvError::ImageLocked(_) | HvError::NotRunning(_) | HvError::BitmapUnusable { .. } => ErrorKind::Conflict,
+        HvError::ImageLocked(_) => ErrorKind::Busy,
+        HvError::NotRunning(_) | HvError::BitmapUnusable { .. } => ErrorKind::Conflict,
         HvError::UnknownVm(_) => ErrorKind::Gone,
         HvError::InvalidSpec(_) => ErrorKind::Invalid,
         HvError::Unsupported(_) => ErrorKind::Unsupported,
@@ -289,6 +290,75 @@ impl LocalAgent {
         }
     }
 
+    /// A file a VM imports or boots from. A standalone agent checks it against its own import
+    /// directories (the control plane is not trusted with the host's files); the agent inside
+    /// `drover serve` takes the path its control plane already resolved against its own.
+    async fn import_file(&self, what: &str, requested: &str) -> AgentResult<PathBuf> {
+        match &self.datastore_roots {
+            Some(roots) => {
+                let (roots, what, requested) = (roots.clone(), what.to_string(), requested.to_string());
+                tokio::task::spawn_blocking(move || roots.import_file(&what, &requested))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| AgentError::invalid(e.to_string()))
+            }
+            None => {
+                let path = Path::new(requested);
+                if path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+                {
+                    Ok(path.to_owned())
+                } else {
+                    Err(AgentError::invalid(format!("{what} {requested:?} must be an absolute, plain path")))
+                }
+            }
+        }
+    }
+
+    /// The directory of a VM's own disks in a datastore.
+    fn vm_dir(&self, datastore: Uuid, vm: Uuid) -> AgentResult<PathBuf> {
+        Ok(self.datastore(datastore)?.join(vm.to_string()))
+    }
+
+    /// The driver's spec of a VM to run: references turned into this host's paths.
+    async fn hv_spec(&self, spec: &VmRunSpec) -> AgentResult<drover_hv::VmSpec> {
+        spec.check()?;
+        let mut disks = Vec::with_capacity(spec.disks.len());
+        for d in &spec.disks {
+            let path = match d {
+                VmDisk::Image(r) => self.disk_image(r)?,
+                VmDisk::Overlay { file } => {
+                    let path = self.point_path(file)?;
+                    if !is_boot_overlay(&path) {
+                        return Err(AgentError::invalid(format!("{:?} is not a boot overlay", file.0)));
+                    }
+                    path
+                }
+            };
+            disks.push(drover_hv::DiskSpec { path });
+        }
+        let kernel = match &spec.boot.kernel {
+            Some(k) => Some(self.import_file("boot kernel", k).await?),
+            None => None,
+        };
+        let initrd = match &spec.boot.initrd {
+            Some(k) => Some(self.import_file("boot initrd", k).await?),
+            None => None,
+        };
+        Ok(drover_hv::VmSpec {
+            id: spec.id,
+            name: spec.name.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disks,
+            nics: spec
+                .nics
+                .iter()
+                .map(|n| drover_hv::NicSpec { network: n.network.clone(), mac: n.mac.clone(), no_uplink: n.no_uplink })
+                .collect(),
+            boot: drover_hv::BootSpec { kernel, initrd, cmdline: spec.boot.cmdline.clone() },
+        })
+    }
+
     fn cut_dir(&self, id: &str) -> PathBuf {
         self.work_dir.join(format!("c-{id}"))
     }
@@ -296,6 +366,26 @@ impl LocalAgent {
     fn entry(&self, id: &str) -> Option<Arc<TransferEntry>> {
         self.transfers.lock().unwrap_or_else(|e| e.into_inner()).by_id.get(id).cloned()
     }
+}
+
+/// Whether a file is a boot overlay of a chain (`boot-<label>.qcow2`, see `ChainDir::boot_overlay`).
+fn is_boot_overlay(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("boot-") && n.ends_with(".qcow2"))
+}
+
+async fn remove_dir_if_there(dir: &Path) -> AgentResult<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::internal(format!("cannot remove {}: {e}", dir.display()))),
+    }
+}
+
+fn wait_of(timeout: std::time::Duration) -> AgentResult<std::time::Duration> {
+    if timeout.as_millis() > u128::from(wire::MAX_WAIT_MS) {
+        return Err(AgentError::invalid(format!("a wait is at most {} s", wire::MAX_WAIT_MS / 1000)));
+    }
+    Ok(timeout)
 }
 
 fn bitmap_info(states: Vec<BitmapState>) -> Vec<BitmapInfo> {
@@ -540,6 +630,120 @@ impl HostAgent for LocalAgent {
         let _ = tokio::fs::remove_dir_all(self.work_dir.join(format!("t-{id}"))).await;
         peer::remove_journal(&self.work_dir.join(format!("j-{id}"))).await;
         Ok(())
+    }
+
+    async fn vm_disks_ensure(&self, spec: &VmDisksSpec) -> AgentResult<()> {
+        let dir = self.vm_dir(spec.datastore, spec.vm)?;
+        if spec.disks.len() > 64 {
+            return Err(AgentError::invalid("a VM has at most 64 disks"));
+        }
+        for d in &spec.disks {
+            check_disk_name(&d.name)?;
+        }
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .await
+            .map_err(|e| AgentError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        for d in &spec.disks {
+            let path = dir.join(format!("{}.qcow2", d.name));
+            // Idempotent: an image that is there and readable was made by an earlier attempt,
+            // which wrote it under a temporary name and renamed it only when complete.
+            if drover_qemu::image::info(&path).await.is_ok() {
+                continue;
+            }
+            let partial = path.with_extension("qcow2.partial");
+            let _ = drover_qemu::image::remove(&partial).await;
+            let made = match &d.import_from {
+                Some(src) => {
+                    let src = self.import_file(&format!("disk {:?} import_from", d.name), src).await?;
+                    drover_qemu::image::import_qcow2(&src, &partial).await
+                }
+                None => drover_qemu::image::create_qcow2(&partial, d.size).await,
+            };
+            made.map_err(|e| hv_error(e.into()).context(format!("disk {}", d.name)))?;
+            // Private whatever the process's umask: a disk image is the tenant's data.
+            tokio::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .await
+                .map_err(|e| AgentError::internal(format!("cannot make {} private: {e}", partial.display())))?;
+            drover_qemu::durable::publish(&partial, &path)
+                .await
+                .map_err(|e| AgentError::internal(format!("cannot move {} into place: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    async fn vm_disks_remove(&self, datastore: Uuid, vm: Uuid) -> AgentResult<()> {
+        remove_dir_if_there(&self.vm_dir(datastore, vm)?).await
+    }
+
+    async fn vm_power_on(&self, spec: &VmRunSpec) -> AgentResult<()> {
+        let spec = self.hv_spec(spec).await?;
+        self.hv.power_on(&spec).await.map_err(hv_error)
+    }
+
+    async fn vm_shutdown(&self, vm: Uuid, timeout: std::time::Duration) -> AgentResult<ShutdownOutcome> {
+        self.hv.shutdown(vm, wait_of(timeout)?).await.map_err(hv_error)
+    }
+
+    async fn vm_power_off(&self, vm: Uuid) -> AgentResult<()> {
+        self.hv.power_off(vm).await.map_err(hv_error)
+    }
+
+    async fn vm_status(&self, vm: Uuid) -> AgentResult<PowerState> {
+        match self.hv.status(vm).await {
+            Err(HvError::UnknownVm(_)) => Ok(PowerState::Off),
+            other => other.map_err(hv_error),
+        }
+    }
+
+    async fn vm_wait_heartbeat(&self, vm: Uuid, timeout: std::time::Duration) -> AgentResult<Heartbeat> {
+        self.hv.wait_heartbeat(vm, wait_of(timeout)?).await.map_err(hv_error)
+    }
+
+    async fn vm_write_marker(&self, vm: Uuid, marker: &str) -> AgentResult<()> {
+        if marker.len() > MAX_TEXT_LEN {
+            return Err(AgentError::invalid(format!("a marker is at most {MAX_TEXT_LEN} bytes")));
+        }
+        self.hv.write_marker(vm, marker).await.map_err(hv_error)
+    }
+
+    async fn vm_check_tcp_port(&self, vm: Uuid, port: u16, timeout: std::time::Duration) -> AgentResult<TcpPortState> {
+        self.hv.check_tcp_port(vm, port, wait_of(timeout)?).await.map_err(hv_error)
+    }
+
+    async fn vm_forget(&self, vm: Uuid, discard_overlays: bool) -> AgentResult<()> {
+        let disks = if discard_overlays { self.hv.runtime_disks(vm).await.map_err(hv_error)? } else { Vec::new() };
+        self.hv.forget(vm).await.map_err(hv_error)?;
+        for d in disks {
+            // Only this agent's own boot overlays, whatever the runtime record says.
+            let file = PointFile(d.to_string_lossy().into_owned());
+            if is_boot_overlay(&d) && self.point_path(&file).is_ok() {
+                match tokio::fs::remove_file(&d).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(AgentError::internal(format!("removing {}: {e}", d.display()))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
+        let vms = self.hv.reattach().await.map_err(hv_error)?;
+        Ok(vms.into_iter().map(|(vm, power)| VmPresence { vm, power }).collect())
+    }
+
+    async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile> {
+        check_id("boot overlay label", label)?;
+        let dir = self.chain_dir(chain)?;
+        let file = self.point_path(point)?;
+        if file.parent() != Some(dir.path()) {
+            return Err(AgentError::invalid(format!("point file {:?} is not in chain {}", point.0, chain.disk)));
+        }
+        let overlay = dir.boot_overlay(&file, label).await.map_err(|e| AgentError::conflict(e.to_string()))?;
+        Ok(PointFile(overlay.to_string_lossy().into_owned()))
     }
 }
 

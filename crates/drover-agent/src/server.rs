@@ -51,6 +51,18 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/chains/collect-garbage", post(collect_garbage))
         .route("/v1/chains/retire-oldest", post(retire_oldest))
         .route("/v1/transfers/{id}", put(transfer_ensure).get(transfer_status).delete(transfer_forget))
+        .route("/v1/vm-disks", post(vm_disks_ensure))
+        .route("/v1/vm-disks/remove", post(vm_disks_remove))
+        .route("/v1/vms", get(vm_list))
+        .route("/v1/vms/{id}", get(vm_status))
+        .route("/v1/vms/{id}/power-on", post(vm_power_on))
+        .route("/v1/vms/{id}/shutdown", post(vm_shutdown))
+        .route("/v1/vms/{id}/power-off", post(vm_power_off))
+        .route("/v1/vms/{id}/heartbeat", post(vm_heartbeat))
+        .route("/v1/vms/{id}/marker", post(vm_marker))
+        .route("/v1/vms/{id}/tcp-port", post(vm_tcp_port))
+        .route("/v1/vms/{id}/forget", post(vm_forget))
+        .route("/v1/boot-overlays", post(boot_overlay_ensure))
         .fallback(|| async { ErrorResponse(AgentError::gone("no such route in this agent's API")) })
         .layer(axum::middleware::from_fn(check_version))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -189,4 +201,74 @@ impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> fo
             }
         })
     }
+}
+
+fn wait(ms: u64) -> Result<std::time::Duration, ErrorResponse> {
+    if ms > MAX_WAIT_MS {
+        return Err(AgentError::invalid(format!("a wait is at most {} ms", MAX_WAIT_MS)).into());
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+async fn vm_disks_ensure(State(a): State<Agent>, Json(spec): Json<VmDisksSpec>) -> Empty {
+    a.vm_disks_ensure(&spec).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_disks_remove(State(a): State<Agent>, Json(r): Json<DisksRemoveRequest>) -> Empty {
+    a.vm_disks_remove(r.datastore, r.vm).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_list(State(a): State<Agent>) -> Answer<Vec<VmPresence>> {
+    Ok(Json(a.vm_list().await?))
+}
+
+async fn vm_status(State(a): State<Agent>, Path(id): Path<uuid::Uuid>) -> Answer<PowerState> {
+    Ok(Json(a.vm_status(id).await?))
+}
+
+async fn vm_power_on(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(spec): Json<VmRunSpec>) -> Empty {
+    same_id(&id.to_string(), &spec.id.to_string())?;
+    a.vm_power_on(&spec).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_shutdown(
+    State(a): State<Agent>,
+    Path(id): Path<uuid::Uuid>,
+    Json(r): Json<WaitRequest>,
+) -> Answer<ShutdownOutcome> {
+    Ok(Json(a.vm_shutdown(id, wait(r.timeout_ms)?).await?))
+}
+
+async fn vm_power_off(State(a): State<Agent>, Path(id): Path<uuid::Uuid>) -> Empty {
+    a.vm_power_off(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_heartbeat(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(r): Json<WaitRequest>) -> Answer<Heartbeat> {
+    Ok(Json(a.vm_wait_heartbeat(id, wait(r.timeout_ms)?).await?))
+}
+
+async fn vm_marker(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(r): Json<MarkerRequest>) -> Empty {
+    a.vm_write_marker(id, &r.marker).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_tcp_port(
+    State(a): State<Agent>,
+    Path(id): Path<uuid::Uuid>,
+    Json(r): Json<TcpPortRequest>,
+) -> Answer<TcpPortState> {
+    Ok(Json(a.vm_check_tcp_port(id, r.port, wait(r.timeout_ms)?).await?))
+}
+
+async fn vm_forget(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(r): Json<ForgetRequest>) -> Empty {
+    a.vm_forget(id, r.discard_overlays).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn boot_overlay_ensure(State(a): State<Agent>, Json(r): Json<BootOverlayRequest>) -> Answer<PointFile> {
+    Ok(Json(a.boot_overlay_ensure(&r.chain, &r.point, &r.label).await?))
 }

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_agent_api::{
-    AgentError, AgentInfo, AgentResult, ChainRef, Cut, CutSpec, DatastoreSpec, DiskInfo, DiskRef, ErrorKind, HostAgent,
-    PointFile, PointSpec, TransferSpec, TransferStatus,
+    AgentError, AgentInfo, AgentResult, ChainRef, Cut, CutSpec, DatastoreSpec, DiskInfo, DiskRef, ErrorKind, Heartbeat,
+    HostAgent, PointFile, PointSpec, PowerState, ShutdownOutcome, TcpPortState, TransferSpec, TransferStatus,
+    VmDisksSpec, VmPresence, VmRunSpec,
 };
 use drover_agent_client::RemoteAgent;
 use drover_pki::{ControlPlaneCa, EnrolmentRecord, EnrolmentToken, IssuedCertificate, PresentedToken, TlsIdentity};
@@ -145,6 +146,42 @@ impl HostAgent for Watched {
     }
     async fn transfer_forget(&self, id: &str) -> AgentResult<()> {
         self.record(self.agent.transfer_forget(id).await).await
+    }
+    async fn vm_disks_ensure(&self, spec: &VmDisksSpec) -> AgentResult<()> {
+        self.record(self.agent.vm_disks_ensure(spec).await).await
+    }
+    async fn vm_disks_remove(&self, datastore: uuid::Uuid, vm: uuid::Uuid) -> AgentResult<()> {
+        self.record(self.agent.vm_disks_remove(datastore, vm).await).await
+    }
+    async fn vm_power_on(&self, spec: &VmRunSpec) -> AgentResult<()> {
+        self.record(self.agent.vm_power_on(spec).await).await
+    }
+    async fn vm_shutdown(&self, vm: uuid::Uuid, timeout: std::time::Duration) -> AgentResult<ShutdownOutcome> {
+        self.record(self.agent.vm_shutdown(vm, timeout).await).await
+    }
+    async fn vm_power_off(&self, vm: uuid::Uuid) -> AgentResult<()> {
+        self.record(self.agent.vm_power_off(vm).await).await
+    }
+    async fn vm_status(&self, vm: uuid::Uuid) -> AgentResult<PowerState> {
+        self.record(self.agent.vm_status(vm).await).await
+    }
+    async fn vm_wait_heartbeat(&self, vm: uuid::Uuid, timeout: std::time::Duration) -> AgentResult<Heartbeat> {
+        self.record(self.agent.vm_wait_heartbeat(vm, timeout).await).await
+    }
+    async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> AgentResult<()> {
+        self.record(self.agent.vm_write_marker(vm, marker).await).await
+    }
+    async fn vm_check_tcp_port(&self, vm: uuid::Uuid, port: u16, timeout: std::time::Duration) -> AgentResult<TcpPortState> {
+        self.record(self.agent.vm_check_tcp_port(vm, port, timeout).await).await
+    }
+    async fn vm_forget(&self, vm: uuid::Uuid, discard_overlays: bool) -> AgentResult<()> {
+        self.record(self.agent.vm_forget(vm, discard_overlays).await).await
+    }
+    async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
+        self.record(self.agent.vm_list().await).await
+    }
+    async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile> {
+        self.record(self.agent.boot_overlay_ensure(chain, point, label).await).await
     }
 }
 

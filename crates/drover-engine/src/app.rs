@@ -865,13 +865,6 @@ impl App {
             return Err(Error::invalid(format!("datastore {:?} is not on host {}", ds.name, new.host_id)));
         }
         let host = self.get::<Host>(caller, new.host_id.0).await?;
-        if host.address != "local" {
-            return Err(Error::conflict(format!(
-                "host {} runs its own drover agent, and VMs are not yet run through agents: place the VM on a \
-                 `local` host (replicas and restore points may be on the agent's host)",
-                host.name
-            )));
-        }
         let id = VmId::new();
         let nics = new
             .nics
@@ -882,17 +875,20 @@ impl App {
                 mac: mac.clone().unwrap_or_else(|| mac_for(id, i)),
             })
             .collect();
-        // Imports and boot files come only from the host's import directories; what is kept is
-        // the resolved path, so a symlink changed later cannot point the VM elsewhere.
+        // Imports and boot files come only from the host's import directories. On this control
+        // plane's own host what is kept is the resolved path, so a symlink changed later cannot
+        // point the VM elsewhere; a `drover agent` checks them against its own import directories
+        // each time it uses them (this side only checks they are plain absolute paths).
         let mut new = new;
+        let local = host.address == "local";
         for d in &mut new.disks {
             if let Some(src) = &d.import_from {
-                d.import_from = Some(self.import_file(&format!("disk {:?} import_from", d.name), src).await?);
+                d.import_from = Some(self.import_file(local, &format!("disk {:?} import_from", d.name), src).await?);
             }
         }
         for (what, path) in [("boot kernel", &mut new.boot.kernel), ("boot initrd", &mut new.boot.initrd)] {
             if let Some(p) = path {
-                *p = self.import_file(what, p).await?;
+                *p = self.import_file(local, what, p).await?;
             }
         }
         let t = now();
@@ -919,6 +915,7 @@ impl App {
             tenant_id: caller.tenant_id,
             disk_dir: ops::disk_dir(&ds, id),
             wait_heartbeat: false,
+            datastore_id: Some(ds.id),
         };
         // The VM's record and its create session commit together: no VM is left unprovisioned
         // with no session to provision it.
@@ -979,6 +976,7 @@ impl App {
             tenant_id: caller.tenant_id,
             disk_dir: ops::disk_dir(&ds, id),
             wait_heartbeat: action == PowerAction::PowerOn,
+            datastore_id: Some(ds.id),
         };
         let (session, tasks) = vm_session(caller, &vm, kind, &params)?;
         let session_id = session.id;
@@ -1026,12 +1024,27 @@ impl App {
             tenant_id: caller.tenant_id,
             disk_dir: ops::disk_dir(&ds, id),
             wait_heartbeat: false,
+            datastore_id: Some(ds.id),
         };
         self.submit_vm_session(caller, &vm, SessionKind::VmDelete, &params).await
     }
 
-    /// A file an import or boot setting names, resolved inside the host's import directories.
-    async fn import_file(&self, what: &str, requested: &str) -> Result<String> {
+    /// A file an import or boot setting names, resolved inside this host's import directories
+    /// (`local`), or checked to be a plain absolute path for an agent's host to resolve.
+    async fn import_file(&self, local: bool, what: &str, requested: &str) -> Result<String> {
+        if !local {
+            let path = std::path::Path::new(requested);
+            let plain = path.is_absolute()
+                && requested.len() <= 4096
+                && path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+            if !plain {
+                return Err(Error::invalid(format!(
+                    "{what} {requested:?} must be an absolute path without '.' or '..', inside one of the import \
+                     directories of the host's agent"
+                )));
+            }
+            return Ok(requested.to_string());
+        }
         let paths = self.engine.config().host_paths.clone();
         let (what, requested) = (what.to_string(), requested.to_string());
         let resolved = tokio::task::spawn_blocking(move || paths.import_file(&what, &requested))

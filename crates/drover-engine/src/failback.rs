@@ -39,7 +39,8 @@ use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::tracking;
-use drover_hv::{ChangeTracking, DiskSpec, VmSpec};
+use drover_agent_api::{PointFile, VmRunSpec};
+use drover_hv::ChangeTracking;
 use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
@@ -183,6 +184,17 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
         .ok_or_else(|| Error::conflict(format!("restore point {point_id} of {} is gone", replica.name)))?;
     let ds = store.object_get::<Datastore>(tenant, vm.datastore_id.0).await?;
     let dir = disk_dir(&ds, vm.id);
+    let target = store.object_get_any_tenant::<Datastore>(replica.target_datastore_id.0).await?;
+    for d in [&ds, &target] {
+        let host = store.object_get_any_tenant::<drover_types::Host>(d.host_id.0).await?;
+        if host.address != "local" {
+            return Err(Error::conflict(format!(
+                "host {} runs its own drover agent: failback through agents is not built yet (failover, undo \
+                 and commit are)",
+                host.name
+            )));
+        }
+    }
     if engine.hv().kind() != "qemu" {
         // The replica's overlay is read and production written by QEMU's own tools and bitmaps.
         return Err(Error::conflict("failback needs the QEMU driver"));
@@ -532,9 +544,8 @@ impl Step for Switch {
         }
         let _ = tokio::fs::remove_dir_all(&work).await;
         // 4. Production runs again.
-        let ds = engine.store().object_get::<Datastore>(self.p.tenant_id, parts.vm.datastore_id.0).await?;
-        let spec = crate::ops::vm_spec(&parts.vm, &disk_dir(&ds, parts.vm.id));
-        crate::ops::power_on(ctx, &spec).await?;
+        let agent = crate::ops::vm_agent(engine, &parts.vm).await?;
+        crate::ops::power_on(ctx, agent.as_ref(), &crate::ops::run_spec(&parts.vm)).await?;
         mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
         ctx.log(LogLevel::Info, format!("production VM {} powered on", parts.vm.name)).await;
         Ok(json!({ "disks": out }))
@@ -618,16 +629,21 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
     let parts = parts(engine, p.tenant_id, vm_id).await?;
     engine.hv().power_off(parts.vm.id.0).await.map_err(unavailable)?;
     crate::ops::set_vm_power(engine, p.tenant_id, parts.vm.id, VmPowerState::Off).await?;
-    let spec = VmSpec {
+    let spec = VmRunSpec {
         id: parts.replica.id.0,
         name: parts.replica.name.clone(),
         vcpus: parts.vm.vcpus,
         memory_mib: parts.vm.memory_mib,
-        disks: parts.disks.iter().map(|(_, _, overlay, _)| DiskSpec { path: overlay.clone() }).collect(),
-        nics: crate::ops::no_uplink_nics(&parts.vm),
-        boot: crate::ops::boot_spec(&parts.vm),
+        disks: parts
+            .disks
+            .iter()
+            .map(|(_, _, overlay, _)| drover_agent_api::VmDisk::Overlay { file: PointFile(overlay.to_string_lossy().into_owned()) })
+            .collect(),
+        nics: crate::ops::no_uplink_vm_nics(&parts.vm),
+        boot: crate::ops::vm_boot(&parts.vm),
     };
-    crate::ops::power_on(ctx, &spec).await?;
+    let agent = crate::failover::replica_agent(engine, &parts.replica).await?;
+    crate::ops::power_on(ctx, agent.as_ref(), &spec).await?;
     set_switched_to(engine, p.tenant_id, parts.replica.id, None).await?;
     let only_if = &[ReplicaState::Failback, ReplicaState::ReadyToSwitch];
     crate::ops::replica_event(engine, p.tenant_id, parts.replica.id, ReplicaEvent::FailbackUndone, only_if).await?;
@@ -677,7 +693,7 @@ impl Step for Commit {
             .find(|r| r.source_vm_id == self.vm || r.replaced_source_vm_id == Some(self.vm))
             .ok_or_else(|| Error::conflict("no replica"))?;
         // The replica's runtime and overlays go; the restore points stay.
-        crate::failover::discard_vm(engine, replica.id.0).await?;
+        crate::failover::discard_vm(engine, &replica, replica.id.0).await?;
         if let Some(new) = replica.switched_to_vm_id.filter(|v| *v != replica.source_vm_id) {
             adopt_restored_vm(ctx, &self.p, &replica, self.vm, new).await?;
         }
@@ -687,6 +703,7 @@ impl Step for Commit {
                     r.state = r.state.apply(ReplicaEvent::FailbackCommitted)?;
                 }
                 r.failover_point_id = None;
+                r.fence_source = false;
                 r.switched_to_vm_id = None;
                 r.updated_at = now();
                 Ok(())
@@ -827,8 +844,8 @@ impl Step for RestoreToLocation {
                 Ok(())
             })
             .await?;
-        let spec = crate::ops::vm_spec(&new_vm, &dir);
-        crate::ops::power_on(ctx, &spec).await?;
+        let agent = crate::ops::vm_agent(engine, &new_vm).await?;
+        crate::ops::power_on(ctx, agent.as_ref(), &crate::ops::run_spec(&new_vm)).await?;
         mark_switched(engine, self.p.tenant_id, new_vm.id, parts.replica.id).await?;
         ctx.log(
             LogLevel::Info,

@@ -36,19 +36,19 @@
 //! retries until its timeout and fails naming the VM, the port and the timeout when the port stays
 //! closed or silent.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_block::chain::ChainDir;
-use drover_hv::{DiskSpec, TcpPortState, VmSpec};
+use drover_agent_api::{ChainRef, HostAgent, PointFile, VmDisk, VmRunSpec};
+use drover_hv::TcpPortState;
 use drover_types::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::saga::{FailurePolicy, Saga, SagaStep, Step, StepCtx};
-use crate::{Engine, Error, Result, unavailable};
+use crate::{Engine, Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverParams {
@@ -181,7 +181,7 @@ fn test_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
                     steps.push(entry);
                 }
             }
-            ends.push(step(1, Box::new(EndTest { vm: tasks[task].id.0, index: i })));
+            ends.push(step(1, Box::new(EndTest { p: p.clone(), source: pvm.vm_id, vm: tasks[task].id.0, index: i })));
             i += 1;
         }
     }
@@ -190,6 +190,9 @@ fn test_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
 }
 
 struct EndTest {
+    p: FailoverParams,
+    /// The plan's VM, whose replica the test VM was booted from.
+    source: VmId,
     vm: uuid::Uuid,
     index: usize,
 }
@@ -200,7 +203,8 @@ impl Step for EndTest {
         format!("end_test:{}", self.index)
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        discard_vm(&ctx.engine, self.vm).await?;
+        let replica = replica_of(&ctx.engine, self.p.tenant_id, self.source).await?;
+        discard_vm(&ctx.engine, &replica, self.vm).await?;
         ctx.log(LogLevel::Info, "test VM powered off; its overlay discarded").await;
         Ok(Value::Null)
     }
@@ -283,7 +287,7 @@ struct Booted {
     replica_id: ReplicaId,
     point_id: RestorePointId,
     point_sequence: u64,
-    overlays: Vec<PathBuf>,
+    overlays: Vec<PointFile>,
 }
 
 /// The replica and restore point a boot step's output names (failover and test failover).
@@ -329,15 +333,7 @@ impl Step for Boot {
         if self.test.is_none() && !matches!(replica.state, ReplicaState::Ready | ReplicaState::Failover) {
             return Err(Error::conflict(format!("replica {} is {:?}", replica.name, replica.state)));
         }
-        let ds = engine.store().object_get_any_tenant::<Datastore>(replica.target_datastore_id.0).await?;
-        let host = engine.store().object_get_any_tenant::<Host>(ds.host_id.0).await?;
-        if host.address != "local" {
-            return Err(Error::conflict(format!(
-                "replica {} is on host {}, which runs its own drover agent: booting VMs through an agent is not built \
-                 yet, so it cannot be failed over there",
-                replica.name, host.name
-            )));
-        }
+        let agent = replica_agent(engine, &replica).await?;
         let points = engine.store().restore_points_of(self.p.tenant_id, replica.id).await?;
         let point = points
             .iter()
@@ -348,6 +344,20 @@ impl Step for Boot {
                 Some(d) => Error::conflict(format!("replica {} has no restore point at or before {d}", replica.name)),
                 None => Error::conflict(format!("replica {} has no restore point", replica.name)),
             })?;
+        // Failover never needs production: its host is only asked whether it can be reached, so
+        // the session says so, and production is fenced once it comes back.
+        let production_lost = match self.test {
+            Some(_) => None,
+            None => crate::ops::vm_agent(engine, &source).await.err(),
+        };
+        if let Some(e) = &production_lost {
+            let msg = format!(
+                "{}: the production host cannot be reached ({e}); failing over from the newest published restore point \
+                 ({}); the production VM will be fenced (kept powered off) when its host returns",
+                source.name, point.sequence
+            );
+            ctx.log(LogLevel::Warning, msg).await;
+        }
         let label = match self.test {
             Some(id) => format!("test-{id}"),
             None => overlay_label(&ctx.session),
@@ -358,22 +368,23 @@ impl Step for Boot {
                 point.disks.iter().find(|x| x.disk == d.name).ok_or_else(|| {
                     Error::conflict(format!("restore point {} has no disk {}", point.sequence, d.name))
                 })?;
-            let file = Path::new(&pd.file);
-            let chain = ChainDir::new(file.parent().unwrap_or(Path::new("/")));
-            overlays.push(chain.boot_overlay(file, &label).await.map_err(unavailable)?);
+            let chain = ChainRef { datastore: replica.target_datastore_id.0, replica: replica.id.0, disk: d.name.clone() };
+            let overlay =
+                agent.boot_overlay_ensure(&chain, &PointFile(pd.file.clone()), &label).await.map_err(crate::ops::vm_err)?;
+            overlays.push(overlay);
         }
-        let spec = VmSpec {
+        let spec = VmRunSpec {
             id: self.test.unwrap_or(replica.id.0),
             name: if self.test.is_some() { format!("{}_test", source.name) } else { replica.name.clone() },
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
-            disks: overlays.iter().map(|o| DiskSpec { path: o.clone() }).collect(),
+            disks: overlays.iter().map(|o| VmDisk::Overlay { file: o.clone() }).collect(),
             // No uplink until network mapping exists: the replica cannot reach production, and
             // the host reaches it only to check a port.
-            nics: crate::ops::no_uplink_nics(&source),
-            boot: crate::ops::boot_spec(&source),
+            nics: crate::ops::no_uplink_vm_nics(&source),
+            boot: crate::ops::vm_boot(&source),
         };
-        crate::ops::power_on(ctx, &spec).await?;
+        crate::ops::power_on(ctx, agent.as_ref(), &spec).await?;
         if self.test.is_some() {
             ctx.log(
                 LogLevel::Info,
@@ -390,6 +401,9 @@ impl Step for Boot {
                     r.state = r.state.apply(ReplicaEvent::FailedOver)?;
                 }
                 r.failover_point_id = Some(point.id);
+                if production_lost.is_some() {
+                    r.fence_source = true;
+                }
                 r.updated_at = now();
                 Ok(())
             })
@@ -405,33 +419,31 @@ impl Step for Boot {
     }
     async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
         match self.test {
-            Some(id) => discard_vm(&ctx.engine, id).await,
+            Some(id) => {
+                let replica = replica_of(&ctx.engine, self.p.tenant_id, self.vm).await?;
+                discard_vm(&ctx.engine, &replica, id).await
+            }
             None => stop_replica(ctx, self.p.tenant_id, self.vm).await,
         }
     }
 }
 
-/// The disk files a VM the driver runs was last started with (its runtime record).
+/// The disk files a VM of this control plane's own host was last started with (its runtime
+/// record): failback, which still runs on this host only, reads a replica's overlays so.
 pub(crate) async fn runtime_disks(engine: &Engine, vm: uuid::Uuid) -> Result<Vec<PathBuf>> {
     engine.hv().runtime_disks(vm).await.map_err(crate::unavailable)
 }
 
-/// Powers off and forgets a VM that ran on boot overlays (a replica, a test VM), and removes the
-/// overlays. Idempotent.
-pub(crate) async fn discard_vm(engine: &Engine, vm: uuid::Uuid) -> Result<()> {
-    let disks = runtime_disks(engine, vm).await?;
-    engine.hv().forget(vm).await.map_err(unavailable)?;
-    for d in disks {
-        let boot = d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("boot-"));
-        if boot {
-            match tokio::fs::remove_file(&d).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Unavailable(format!("removing {}: {e}", d.display()))),
-            }
-        }
-    }
-    Ok(())
+/// The agent of the host a replica's restore points (and so its VM, once failed over) are on.
+pub(crate) async fn replica_agent(engine: &Engine, replica: &Replica) -> Result<Arc<dyn HostAgent>> {
+    crate::ops::datastore_agent_of(engine, replica.target_datastore_id).await
+}
+
+/// Powers off and forgets a VM that ran on boot overlays of `replica`'s chains (the replica
+/// itself, a test VM), and removes the overlays. Idempotent.
+pub(crate) async fn discard_vm(engine: &Engine, replica: &Replica, vm: uuid::Uuid) -> Result<()> {
+    let agent = replica_agent(engine, replica).await?;
+    agent.vm_forget(vm, true).await.map_err(crate::ops::vm_err)
 }
 
 /// Powers a failed-over replica off, discards its overlays, and returns it to `Ready`.
@@ -442,7 +454,7 @@ async fn stop_replica(ctx: &StepCtx, tenant: TenantId, vm: VmId) -> Result<()> {
         Err(Error::Conflict(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    discard_vm(engine, replica.id.0).await?;
+    discard_vm(engine, &replica, replica.id.0).await?;
     engine
         .store()
         .object_modify::<Replica, _, _>(tenant, replica.id.0, |r| {
@@ -450,6 +462,7 @@ async fn stop_replica(ctx: &StepCtx, tenant: TenantId, vm: VmId) -> Result<()> {
                 r.state = r.state.apply(ReplicaEvent::FailoverUndone)?;
             }
             r.failover_point_id = None;
+            r.fence_source = false;
             r.updated_at = now();
             Ok(())
         })
@@ -479,12 +492,11 @@ impl Step for PlanVmStep {
         match &self.step.kind {
             PlanStepKind::PowerOn => Ok(Value::Null),
             PlanStepKind::WaitHeartbeat { timeout_secs } => {
-                let hb = ctx
-                    .engine
-                    .hv()
-                    .wait_heartbeat(target, Duration::from_secs(u64::from(*timeout_secs)))
+                let agent = replica_agent(&ctx.engine, &replica).await?;
+                let hb = agent
+                    .vm_wait_heartbeat(target, Duration::from_secs(u64::from(*timeout_secs)))
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(crate::ops::vm_err)?;
                 ctx.log(LogLevel::Info, format!("{}: heartbeat, guest up {:.1} s", replica.name, hb.uptime_secs)).await;
                 Ok(json!({ "uptime_secs": hb.uptime_secs }))
             }
@@ -498,8 +510,9 @@ impl Step for PlanVmStep {
                 };
                 let timeout = Duration::from_secs(u64::from(*timeout_secs));
                 let started = std::time::Instant::now();
-                let state = ctx.engine.hv().check_tcp_port(target, *port, timeout).await.map_err(|e| {
-                    Error::Unavailable(format!("{name}: cannot check TCP port {port}: {}", error_chain(&e)))
+                let agent = replica_agent(&ctx.engine, &replica).await?;
+                let state = agent.vm_check_tcp_port(target, *port, timeout).await.map_err(|e| {
+                    Error::Unavailable(format!("{name}: cannot check TCP port {port}: {}", e.message))
                 })?;
                 let took = started.elapsed().as_secs_f64();
                 match state {

@@ -48,7 +48,7 @@ pub(crate) fn agent_error(e: AgentError) -> Error {
     match e.kind {
         ErrorKind::Conflict | ErrorKind::Unsupported => Error::Conflict(e.message),
         ErrorKind::Invalid => Error::InvalidRequest(e.message),
-        ErrorKind::Retry | ErrorKind::Gone | ErrorKind::Internal => Error::Unavailable(e.message),
+        ErrorKind::Retry | ErrorKind::Gone | ErrorKind::Internal | ErrorKind::Busy => Error::Unavailable(e.message),
     }
 }
 

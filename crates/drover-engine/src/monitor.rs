@@ -6,14 +6,30 @@
 //! `Stopping` takes what the hypervisor shows). [`reconcile_plans`] and [`reconcile_replicas`]
 //! land plans and replicas whose in-progress state no unfinished session will move, so a user can
 //! act on them again. While drover runs, [`run`] notices VMs that died (crashed, killed from
-//! outside) and records `Died`.
+//! outside) and records `Died`, and VMs recorded `Died` that their host shows running again (an
+//! agent that was unreachable came back).
+//!
+//! VMs are asked of the agent of their host. A host whose agent cannot be reached keeps its VMs'
+//! recorded states (they are unknown, not dead); its host record says it is unreachable.
+//!
+//! **Fencing.** A production VM whose replica failed over while production could not be reached
+//! (`Replica::fence_source`) must not run: it would write to a disk whose changes no longer
+//! count, and a later replication from it would overwrite what users did at DR (split brain).
+//! When its host comes back and shows it running (started by the host, or never stopped behind
+//! a cut link), the monitor powers it off, says so in the log and records it `Off`. A failover
+//! with production reachable leaves production as it is (a drill may keep it running; failback
+//! powers it off first). Replication from it is refused
+//! while the replica is failed over; failback is what brings production back.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
+use drover_agent_api::HostAgent;
 use drover_hv::PowerState;
 use drover_store::SessionFilter;
 use drover_types::{
-    Plan, Replica, ReplicaEvent, ReplicaState, Session, SessionResult, SessionState, SessionTarget, Vm, VmPowerState,
+    DatastoreId, Plan, Replica, ReplicaEvent, ReplicaState, Session, SessionResult, SessionState, SessionTarget, Vm,
+    VmId, VmPowerState,
 };
 
 use crate::plan_state::carried_by;
@@ -35,15 +51,35 @@ fn recorded_for(observed: Option<PowerState>, recorded: VmPowerState) -> VmPower
     }
 }
 
+/// The agents of the hosts VMs run on, asked once per pass: `None` for a host whose agent
+/// cannot be reached (its VMs keep their recorded states).
+#[derive(Default)]
+struct Agents {
+    by_datastore: HashMap<DatastoreId, Option<Arc<dyn HostAgent>>>,
+}
+
+impl Agents {
+    async fn of(&mut self, engine: &Engine, vm: &Vm) -> Option<Arc<dyn HostAgent>> {
+        if let Some(a) = self.by_datastore.get(&vm.datastore_id) {
+            return a.clone();
+        }
+        let agent = match crate::ops::vm_agent(engine, vm).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(vm = %vm.id, name = %vm.name, error = %e, "cannot reach the VM's host; its state is left as recorded");
+                None
+            }
+        };
+        self.by_datastore.insert(vm.datastore_id, agent.clone());
+        agent
+    }
+}
+
 /// Re-attaches and corrects VM states. VMs that an unfinished session works on are left to it.
 pub async fn reconcile(engine: &Engine) -> Result<()> {
-    let observed: HashMap<uuid::Uuid, PowerState> = match engine.hv().reattach().await {
-        Ok(v) => v.into_iter().collect(),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot re-attach to running VMs; their states are left as recorded");
-            return Ok(());
-        }
-    };
+    let mut agents = Agents::default();
+    // Each agent's VMs, listed once (the local agent re-attaches to its QEMU processes so).
+    let mut observed_by_agent: HashMap<DatastoreId, Option<HashMap<uuid::Uuid, PowerState>>> = HashMap::new();
     let busy: HashSet<uuid::Uuid> = engine
         .store()
         .sessions_unfinished()
@@ -58,6 +94,20 @@ pub async fn reconcile(engine: &Engine) -> Result<()> {
         if busy.contains(&vm.id.0) {
             continue;
         }
+        if !observed_by_agent.contains_key(&vm.datastore_id) {
+            let listed = match agents.of(engine, &vm).await {
+                Some(agent) => match agent.vm_list().await {
+                    Ok(v) => Some(v.into_iter().map(|p| (p.vm, p.power)).collect()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot re-attach to a host's running VMs; their states are left as recorded");
+                        None
+                    }
+                },
+                None => None,
+            };
+            observed_by_agent.insert(vm.datastore_id, listed);
+        }
+        let Some(Some(observed)) = observed_by_agent.get(&vm.datastore_id) else { continue };
         let want = recorded_for(observed.get(&vm.id.0).copied(), vm.power_state);
         if want != vm.power_state {
             tracing::warn!(vm = %vm.id, name = %vm.name, from = ?vm.power_state, to = ?want, "correcting VM power state");
@@ -225,11 +275,53 @@ pub async fn run(engine: Engine) {
 }
 
 async fn check_running(engine: &Engine) -> Result<()> {
+    let mut agents = Agents::default();
+    let failed_over: HashSet<VmId> = engine
+        .store()
+        .object_list_all::<Replica>()
+        .await?
+        .into_iter()
+        .filter(|r| r.fence_source && matches!(r.state, ReplicaState::Failover | ReplicaState::FailedFailover))
+        .map(|r| r.source_vm_id)
+        .collect();
+    let busy: HashSet<uuid::Uuid> = engine
+        .store()
+        .sessions_unfinished()
+        .await?
+        .into_iter()
+        .filter_map(|s| match s.target {
+            SessionTarget::Vm(v) => Some(v.0),
+            _ => None,
+        })
+        .collect();
     for vm in engine.store().object_list_all::<Vm>().await? {
-        if vm.power_state != VmPowerState::Running {
+        let fence = failed_over.contains(&vm.id);
+        let watched = matches!(vm.power_state, VmPowerState::Running | VmPowerState::Died) || fence;
+        if !watched || busy.contains(&vm.id.0) {
             continue;
         }
-        if let Ok(PowerState::Died | PowerState::Off) = engine.hv().status(vm.id.0).await {
+        let Some(agent) = agents.of(engine, &vm).await else { continue };
+        let Ok(observed) = agent.vm_status(vm.id.0).await else { continue };
+        let running = matches!(observed, PowerState::Running | PowerState::Paused);
+        if fence && running {
+            fence_vm(engine, agent.as_ref(), &vm).await?;
+            continue;
+        }
+        if vm.power_state == VmPowerState::Died && running {
+            engine
+                .store()
+                .object_modify::<Vm, _, _>(vm.tenant_id, vm.id.0, |v| {
+                    if v.power_state == VmPowerState::Died {
+                        v.power_state = VmPowerState::Running;
+                        v.updated_at = drover_types::now();
+                    }
+                    Ok(())
+                })
+                .await?;
+            tracing::info!(vm = %vm.id, name = %vm.name, "VM recorded as died runs on its host: recorded running");
+            continue;
+        }
+        if vm.power_state == VmPowerState::Running && matches!(observed, PowerState::Died | PowerState::Off) {
             // Re-read under the version guard: a session may have changed it meanwhile.
             engine
                 .store()
@@ -244,6 +336,25 @@ async fn check_running(engine: &Engine) -> Result<()> {
             tracing::warn!(vm = %vm.id, name = %vm.name, "VM died");
         }
     }
+    Ok(())
+}
+
+/// Powers off a production VM whose replica is failed over (see the module documentation).
+async fn fence_vm(engine: &Engine, agent: &dyn HostAgent, vm: &Vm) -> Result<()> {
+    tracing::warn!(
+        vm = %vm.id,
+        name = %vm.name,
+        "fencing: production VM runs while its replica is failed over; powering it off"
+    );
+    agent.vm_power_off(vm.id.0).await.map_err(crate::ops::vm_err)?;
+    engine
+        .store()
+        .object_modify::<Vm, _, _>(vm.tenant_id, vm.id.0, |v| {
+            v.power_state = VmPowerState::Off;
+            v.updated_at = drover_types::now();
+            Ok(())
+        })
+        .await?;
     Ok(())
 }
 

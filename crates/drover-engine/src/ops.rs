@@ -12,6 +12,10 @@
 //! session, so a second request is refused at once (409); the first step of each saga checks that
 //! state and its undo puts the VM back as it really is.
 //!
+//! Every step acts through the agent of the host the VM's datastore is on
+//! ([`crate::Engine::datastore_agent`]): the agent inside `drover serve` for a `local` host, a
+//! `drover agent` for another; the engine never names a disk's path.
+//!
 //! Deleting is not undone. Its record goes last, so a delete that fails half-way leaves a VM
 //! record (marked not provisioned once its disks are going) that a second delete finishes;
 //! nothing is ever left on disk without a record that points at it.
@@ -21,10 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_hv::{BootSpec, DiskSpec, NicSpec, VmSpec};
-use drover_qemu::image;
+use drover_agent_api::{AgentError, DiskRef, ErrorKind, HostAgent, NewDisk, VmBoot, VmDisk, VmDisksSpec, VmNic, VmRunSpec};
 use drover_types::{
-    Datastore, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent, VmPowerState,
+    Datastore, DatastoreId, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent, VmPowerState,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -37,10 +40,15 @@ use crate::{Engine, Error, Result};
 pub struct VmOpParams {
     pub vm_id: VmId,
     pub tenant_id: TenantId,
-    /// `<datastore>/<vm id>`: where the VM's disk images live.
+    /// `<datastore>/<vm id>`: where the VM's disk images live, as recorded by sessions before
+    /// VMs ran through agents; steps now name disks by datastore (below) and the agent finds them.
     pub disk_dir: PathBuf,
     #[serde(default)]
     pub wait_heartbeat: bool,
+    /// The VM's datastore, so a step finds its agent even after the VM record is gone. `None`
+    /// in sessions recorded before it existed: the VM record says.
+    #[serde(default)]
+    pub datastore_id: Option<DatastoreId>,
 }
 
 pub(crate) fn register(engine: &Engine) {
@@ -107,35 +115,53 @@ fn vm_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
     Ok(Saga::unwinding(steps))
 }
 
-/// The hypervisor's view of a VM, built from the inventory.
-pub fn vm_spec(vm: &Vm, disk_dir: &Path) -> VmSpec {
-    VmSpec {
+/// What the agent runs for a VM of the inventory: its own disks, by reference.
+pub fn run_spec(vm: &Vm) -> VmRunSpec {
+    VmRunSpec {
         id: vm.id.0,
         name: vm.name.clone(),
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
-        disks: vm.disks.iter().map(|d| DiskSpec { path: disk_path(disk_dir, &d.name) }).collect(),
-        nics: vm
-            .nics
+        disks: vm
+            .disks
             .iter()
-            .map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone(), no_uplink: false })
+            .enumerate()
+            .map(|(index, d)| {
+                VmDisk::Image(DiskRef { datastore: vm.datastore_id.0, vm: vm.id.0, disk: d.name.clone(), index })
+            })
             .collect(),
-        boot: boot_spec(vm),
+        nics: vm.nics.iter().map(|n| VmNic { network: n.network.clone(), mac: n.mac.clone(), no_uplink: false }).collect(),
+        boot: vm_boot(vm),
     }
 }
 
 /// The NICs of a replica or test VM made from `vm`: the same networks and MACs, with no uplink
 /// until network mapping exists. The host still reaches them to check a port.
-pub(crate) fn no_uplink_nics(vm: &Vm) -> Vec<NicSpec> {
-    vm.nics.iter().map(|n| NicSpec { network: n.network.clone(), mac: n.mac.clone(), no_uplink: true }).collect()
+pub(crate) fn no_uplink_vm_nics(vm: &Vm) -> Vec<VmNic> {
+    vm.nics.iter().map(|n| VmNic { network: n.network.clone(), mac: n.mac.clone(), no_uplink: true }).collect()
 }
 
-/// How the hypervisor boots a VM (or a replica or test VM made from it).
-pub(crate) fn boot_spec(vm: &Vm) -> BootSpec {
-    BootSpec {
-        kernel: vm.boot.kernel.as_ref().map(PathBuf::from),
-        initrd: vm.boot.initrd.as_ref().map(PathBuf::from),
-        cmdline: vm.boot.cmdline.clone(),
+/// How the agent boots a VM (or a replica or test VM made from it).
+pub(crate) fn vm_boot(vm: &Vm) -> VmBoot {
+    VmBoot { kernel: vm.boot.kernel.clone(), initrd: vm.boot.initrd.clone(), cmdline: vm.boot.cmdline.clone() }
+}
+
+/// The agent of the host a datastore is on, with the datastore registered there.
+pub(crate) async fn datastore_agent_of(engine: &Engine, datastore: DatastoreId) -> Result<Arc<dyn HostAgent>> {
+    let ds = engine.store().object_get_any_tenant::<Datastore>(datastore.0).await?;
+    engine.datastore_agent(&ds).await
+}
+
+/// The agent that runs a VM (the host of its datastore).
+pub(crate) async fn vm_agent(engine: &Engine, vm: &Vm) -> Result<Arc<dyn HostAgent>> {
+    datastore_agent_of(engine, vm.datastore_id).await
+}
+
+/// An agent's error about a VM, as a step reports it.
+pub(crate) fn vm_err(e: AgentError) -> Error {
+    match e.kind {
+        ErrorKind::Invalid => Error::invalid(e.message),
+        _ => Error::Unavailable(e.message),
     }
 }
 
@@ -174,19 +200,6 @@ pub(crate) async fn replica_event(
     Ok(())
 }
 
-/// A tool's error, classed as the driver's.
-fn tool_err(e: drover_qemu::ToolError) -> Error {
-    hv_err(e.into())
-}
-
-fn hv_err(e: drover_hv::HvError) -> Error {
-    match e {
-        drover_hv::HvError::InvalidSpec(m) => Error::invalid(m),
-        drover_hv::HvError::UnknownVm(id) => Error::not_found(VmId::KIND, id),
-        other => Error::Unavailable(drover_types::error_chain(&other)),
-    }
-}
-
 async fn vm_get(ctx: &StepCtx, p: &VmOpParams) -> Result<Vm> {
     ctx.engine.store().object_get::<Vm>(p.tenant_id, p.vm_id.0).await
 }
@@ -204,13 +217,22 @@ async fn vm_set_state(ctx: &StepCtx, p: &VmOpParams, f: impl Fn(&mut Vm) -> Resu
     Ok(vm)
 }
 
-/// The VM state that matches what the hypervisor says now.
+/// The agent of the VM a session acts on.
+async fn op_agent(ctx: &StepCtx, p: &VmOpParams) -> Result<Arc<dyn HostAgent>> {
+    let datastore = match p.datastore_id {
+        Some(d) => d,
+        None => vm_get(ctx, p).await?.datastore_id,
+    };
+    datastore_agent_of(&ctx.engine, datastore).await
+}
+
+/// The VM state that matches what its host says now.
 async fn observed_state(ctx: &StepCtx, p: &VmOpParams) -> Result<VmPowerState> {
-    Ok(match ctx.engine.hv().status(p.vm_id.0).await {
-        Ok(drover_hv::PowerState::Running | drover_hv::PowerState::Paused) => VmPowerState::Running,
-        Ok(drover_hv::PowerState::Died) => VmPowerState::Died,
-        Ok(drover_hv::PowerState::Off) | Err(drover_hv::HvError::UnknownVm(_)) => VmPowerState::Off,
-        Err(e) => return Err(hv_err(e)),
+    let agent = op_agent(ctx, p).await?;
+    Ok(match agent.vm_status(p.vm_id.0).await.map_err(vm_err)? {
+        drover_hv::PowerState::Running | drover_hv::PowerState::Paused => VmPowerState::Running,
+        drover_hv::PowerState::Died => VmPowerState::Died,
+        drover_hv::PowerState::Off => VmPowerState::Off,
     })
 }
 
@@ -242,47 +264,43 @@ impl Step for CreateDisks {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let vm = vm_get(ctx, &self.0).await?;
-        tokio::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.0.disk_dir)
-            .await
-            .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", self.0.disk_dir.display())))?;
-        let mut paths = Vec::new();
+        let agent = vm_agent(&ctx.engine, &vm).await?;
         for d in &vm.disks {
-            let path = disk_path(&self.0.disk_dir, &d.name);
-            // Idempotent: an image that is there and readable was made by an earlier attempt,
-            // which wrote it under a temporary name and renamed it only when complete.
-            if image::info(&path).await.is_ok() {
-                paths.push(path);
-                continue;
-            }
-            let partial = path.with_extension("qcow2.partial");
-            let _ = image::remove(&partial).await;
             match &d.import_from {
-                Some(src) => {
-                    ctx.log(LogLevel::Info, format!("importing disk {} from {src}", d.name)).await;
-                    image::import_qcow2(Path::new(src), &partial).await.map_err(tool_err)?;
-                }
-                None => {
-                    ctx.log(LogLevel::Info, format!("creating disk {} ({} bytes)", d.name, d.size_bytes)).await;
-                    image::create_qcow2(&partial, d.size_bytes).await.map_err(tool_err)?;
-                }
+                Some(src) => ctx.log(LogLevel::Info, format!("importing disk {} from {src}", d.name)).await,
+                None => ctx.log(LogLevel::Info, format!("creating disk {} ({} bytes)", d.name, d.size_bytes)).await,
             }
-            // Private whatever the process's umask: a disk image is the tenant's data.
-            tokio::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .await
-                .map_err(|e| Error::Unavailable(format!("cannot make {} private: {e}", partial.display())))?;
-            drover_qemu::durable::publish(&partial, &path)
-                .await
-                .map_err(|e| Error::Unavailable(format!("cannot move {} into place: {e}", path.display())))?;
-            paths.push(path);
         }
-        Ok(json!({ "paths": paths }))
+        let spec = VmDisksSpec {
+            datastore: vm.datastore_id.0,
+            vm: vm.id.0,
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| NewDisk { name: d.name.clone(), size: d.size_bytes, import_from: d.import_from.clone() })
+                .collect(),
+        };
+        agent.vm_disks_ensure(&spec).await.map_err(vm_err)?;
+        Ok(json!({ "disks": vm.disks.iter().map(|d| &d.name).collect::<Vec<_>>() }))
     }
-    async fn undo(&self, _ctx: &StepCtx, _: &Value) -> Result<()> {
-        remove_dir(&self.0.disk_dir).await
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        remove_disks(ctx, &self.0).await
     }
+}
+
+/// Removes the VM's disks through its agent. Idempotent; nothing to do once the VM record and
+/// the session's datastore are both unknown (a session of before agents whose VM is gone).
+async fn remove_disks(ctx: &StepCtx, p: &VmOpParams) -> Result<()> {
+    let datastore = match p.datastore_id {
+        Some(d) => d,
+        None => match vm_get(ctx, p).await {
+            Ok(vm) => vm.datastore_id,
+            Err(Error::NotFound { .. }) => return remove_dir(&p.disk_dir).await,
+            Err(e) => return Err(e),
+        },
+    };
+    let agent = datastore_agent_of(&ctx.engine, datastore).await?;
+    agent.vm_disks_remove(datastore.0, p.vm_id.0).await.map_err(vm_err)
 }
 
 async fn remove_dir(dir: &Path) -> Result<()> {
@@ -355,14 +373,15 @@ impl Step for BeginPower {
 /// a retention merge) to let go of a disk image before it fails.
 pub(crate) const IMAGE_LOCK_WAIT: Duration = Duration::from_secs(120);
 
-/// Powers a VM on; while one of its disk images is held by another process, waits for it (up to
-/// [`IMAGE_LOCK_WAIT`]) and says so in the session's log once.
-pub(crate) async fn power_on(ctx: &StepCtx, spec: &drover_hv::VmSpec) -> Result<()> {
+/// Powers a VM on through `agent`; while one of its disk images is held by another process,
+/// waits for it (up to [`IMAGE_LOCK_WAIT`]) and says so in the session's log once.
+pub(crate) async fn power_on(ctx: &StepCtx, agent: &dyn HostAgent, spec: &VmRunSpec) -> Result<()> {
     let deadline = tokio::time::Instant::now() + IMAGE_LOCK_WAIT;
     let mut told = false;
     loop {
-        match ctx.engine.hv().power_on(spec).await {
-            Err(drover_hv::HvError::ImageLocked(why)) if tokio::time::Instant::now() < deadline => {
+        match agent.vm_power_on(spec).await {
+            Err(e) if e.kind == ErrorKind::Busy && tokio::time::Instant::now() < deadline => {
+                let why = e.message;
                 if !told {
                     let msg = format!(
                         "{}: a disk is in use by another process (a replication run?); waiting: {why}",
@@ -373,7 +392,7 @@ pub(crate) async fn power_on(ctx: &StepCtx, spec: &drover_hv::VmSpec) -> Result<
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => return Err(hv_err(e)),
+            Err(e) => return Err(vm_err(e)),
             Ok(()) => {
                 if told {
                     ctx.log(LogLevel::Info, format!("{}: the disk was released", spec.name)).await;
@@ -396,13 +415,13 @@ impl Step for PowerOn {
         if !vm.provisioned {
             return Err(Error::conflict(format!("VM {} has no disks yet: its create session did not finish", vm.name)));
         }
-        let spec = vm_spec(&vm, &self.0.disk_dir);
-        power_on(ctx, &spec).await?;
-        ctx.log(LogLevel::Info, format!("VM {} powered on ({})", vm.name, ctx.engine.hv().kind())).await;
+        let agent = vm_agent(&ctx.engine, &vm).await?;
+        power_on(ctx, agent.as_ref(), &run_spec(&vm)).await?;
+        ctx.log(LogLevel::Info, format!("VM {} powered on ({})", vm.name, agent.info().hypervisor)).await;
         Ok(Value::Null)
     }
     async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
-        ctx.engine.hv().power_off(self.0.vm_id.0).await.map_err(hv_err)
+        op_agent(ctx, &self.0).await?.vm_power_off(self.0.vm_id.0).await.map_err(vm_err)
     }
 }
 
@@ -415,7 +434,7 @@ impl Step for WaitHeartbeat {
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let timeout = ctx.engine.config().heartbeat_timeout;
-        let hb = ctx.engine.hv().wait_heartbeat(self.0.vm_id.0, timeout).await.map_err(hv_err)?;
+        let hb = op_agent(ctx, &self.0).await?.vm_wait_heartbeat(self.0.vm_id.0, timeout).await.map_err(vm_err)?;
         ctx.log(LogLevel::Info, format!("heartbeat: guest up {:.1} s", hb.uptime_secs)).await;
         Ok(json!({ "uptime_secs": hb.uptime_secs, "marker": hb.marker }))
     }
@@ -460,15 +479,16 @@ impl Step for Stop {
         if self.graceful { "shutdown_guest".into() } else { "power_off".into() }
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        let hv = ctx.engine.hv();
+        let agent = op_agent(ctx, &self.p).await?;
         if self.graceful {
-            let outcome = hv.shutdown(self.p.vm_id.0, ctx.engine.config().shutdown_timeout).await.map_err(hv_err)?;
+            let outcome =
+                agent.vm_shutdown(self.p.vm_id.0, ctx.engine.config().shutdown_timeout).await.map_err(vm_err)?;
             let level =
                 if outcome == drover_hv::ShutdownOutcome::ForcedOff { LogLevel::Warning } else { LogLevel::Info };
             ctx.log(level, format!("shutdown: {outcome:?}")).await;
             Ok(json!({ "outcome": outcome }))
         } else {
-            hv.power_off(self.p.vm_id.0).await.map_err(hv_err)?;
+            agent.vm_power_off(self.p.vm_id.0).await.map_err(vm_err)?;
             Ok(Value::Null)
         }
     }
@@ -520,7 +540,7 @@ impl Step for ForgetRuntime {
         "forget_runtime".into()
     }
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
-        ctx.engine.hv().forget(self.0.vm_id.0).await.map_err(hv_err)?;
+        op_agent(ctx, &self.0).await?.vm_forget(self.0.vm_id.0, false).await.map_err(vm_err)?;
         Ok(Value::Null)
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
@@ -546,8 +566,8 @@ impl Step for DeleteDisks {
             Ok(_) | Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-        remove_dir(&self.0.disk_dir).await?;
-        ctx.log(LogLevel::Info, format!("removed {}", self.0.disk_dir.display())).await;
+        remove_disks(ctx, &self.0).await?;
+        ctx.log(LogLevel::Info, "removed the VM's disks").await;
         Ok(Value::Null)
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {

@@ -304,7 +304,7 @@ impl Step for Prepare {
         let points = store.restore_points_of(c.p.tenant_id, replica.id).await?;
         let newest = points.iter().rev().find(|p| p.state == RestorePointState::Published);
         let run = ctx.session.id.to_string()[..8].to_string();
-        let running = matches!(ctx.engine.hv().status(vm.id.0).await, Ok(PowerState::Running | PowerState::Paused));
+        let running = matches!(source.vm_status(vm.id.0).await, Ok(PowerState::Running | PowerState::Paused));
         let mut disks = Vec::new();
         for (index, d) in vm.disks.iter().enumerate() {
             let disk = DiskRef { datastore: source_ds.id.0, vm: vm.id.0, disk: d.name.clone(), index };

@@ -62,49 +62,8 @@ pub struct BootSpec {
     pub cmdline: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PowerState {
-    /// No process (never started, shut down, or powered off).
-    Off,
-    Running,
-    Paused,
-    /// The process is gone but drover did not stop it (crash, OOM, killed from outside).
-    Died,
-}
-
-/// What the guest reports over its channel.
-// No `Eq`: `uptime_secs` is an `f64`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Heartbeat {
-    /// Seconds since the guest booted, as the guest counts them.
-    pub uptime_secs: f64,
-    /// Content of the marker file on the data disk, when there is one.
-    pub marker: Option<String>,
-}
-
-/// What a guest's TCP port did when the host connected to it (see [`Hypervisor::check_tcp_port`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TcpPortState {
-    /// The guest accepted the connection.
-    Open,
-    /// The guest refused it: nothing listens on the port.
-    Closed,
-    /// The guest did not answer at all: not booted yet, no address, or its packets are dropped.
-    NoAnswer,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ShutdownOutcome {
-    /// The guest shut itself down when asked (ACPI power button).
-    Graceful,
-    /// The guest did not stop within the timeout and was powered off.
-    ForcedOff,
-    /// It was not running.
-    AlreadyOff,
-}
+// The plain vocabulary of VM control is the agent contract's: the driver speaks it as it is.
+pub use drover_agent_api::{Heartbeat, PowerState, ShutdownOutcome, TcpPortState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {

@@ -138,6 +138,11 @@ pub struct Replica {
     /// VM its source.
     #[serde(default)]
     pub replaced_source_vm_id: Option<VmId>,
+    /// The source's host could not be reached when the replica failed over (a lost production
+    /// site): while the replica is failed over, the source VM is fenced (powered off whenever
+    /// its host shows it running). Cleared with the failover (undo, failback's commit).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fence_source: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -157,6 +162,7 @@ impl Replica {
             failover_point_id: None,
             switched_to_vm_id: None,
             replaced_source_vm_id: None,
+            fence_source: false,
             created_at: t,
             updated_at: t,
         }

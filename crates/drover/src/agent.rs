@@ -53,6 +53,11 @@ pub struct AgentArgs {
     /// it, or separate with commas). Default: `<data-dir>/datastores`.
     #[arg(long = "datastore-root", env = "DROVER_AGENT_DATASTORE_ROOTS", value_delimiter = ',')]
     pub datastore_roots: Vec<PathBuf>,
+    /// A directory of this host that disk images to import and boot files (kernel, initrd) of
+    /// its VMs may come from (repeat it, or separate with commas). Default: none, so VMs on
+    /// this host start with empty disks and boot from them.
+    #[arg(long = "import-dir", env = "DROVER_AGENT_IMPORT_DIRS", value_delimiter = ',')]
+    pub import_dirs: Vec<PathBuf>,
     /// Address of the agent-to-agent data listener (mutual TLS: only agents enrolled with the
     /// same control plane may pull this host's cuts). Without it, cuts are read on this host only.
     #[arg(long, env = "DROVER_AGENT_DATA_LISTEN")]
@@ -239,7 +244,7 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     } else {
         args.datastore_roots.clone()
     };
-    let roots = HostPaths::new(&roots, &[]).context("bad --datastore-root")?;
+    let roots = HostPaths::new(&roots, &args.import_dirs).context("bad --datastore-root or --import-dir")?;
     let hv = hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
     // Other agents are dialled (to pull their cuts) with this agent's identity, and trusted only
     // with a certificate from the same CA.

@@ -182,7 +182,7 @@ async fn call_agent(
         .build()
         .unwrap();
     http.get(format!("https://{name}:{}/v1/info", addr.port()))
-        .header("drover-agent-api", "1")
+        .header("drover-agent-api", drover_agent_api::API_VERSION.to_string())
         .send()
         .await
         .map(|r| r.status().as_u16())
@@ -468,29 +468,6 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     assert_ne!(newest, point);
     assert!(compare(&source, &newest), "the newest point equals the source");
 
-    // What is not built yet says so: VMs are not run through agents.
-    let (status, v) = api
-        .send(
-            M::POST,
-            "/v1/vms",
-            Some(json!({"name": "x", "host_id": dr_id, "datastore_id": dr_ds["id"], "vcpus": 1,
-                "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 1048576}]})),
-        )
-        .await;
-    assert_eq!(status, 409, "{v}");
-    assert!(v["message"].as_str().unwrap().contains("not yet run through agents"), "{v}");
-    let plan = api
-        .ok(
-            M::POST,
-            "/v1/plans",
-            Some(json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm_id}]}]})),
-        )
-        .await;
-    let fo = api.ok(M::POST, &format!("/v1/plans/{}/failover", plan["id"].as_str().unwrap()), None).await;
-    let s = wait_session(&api, fo["session_id"].as_str().unwrap()).await;
-    assert_ne!(s["result"], "Success", "{s}");
-    let lines = session_log(&api, fo["session_id"].as_str().unwrap()).await;
-    assert!(lines.iter().any(|l| l.contains("booting VMs through an agent is not built yet")), "{s}: {lines:?}");
     drop(dr_agent);
     drop(serve);
 }
@@ -507,4 +484,243 @@ async fn run_job(api: &Api, job: &str) -> String {
 
 fn compare(a: &Path, b: &Path) -> bool {
     Command::new("qemu-img").args(["compare", "-q", "-U"]).arg(a).arg(b).status().unwrap().success()
+}
+
+/// The tiny guest (`scripts/build-guest`), which real-QEMU tests boot.
+fn guest_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    assert!(dir.join("vmlinux").exists(), "build the tiny guest first: scripts/build-guest");
+    dir.canonicalize().unwrap()
+}
+
+/// The control plane's own client of an agent (its certificate, from its CA), for what the API
+/// does not do: writing and reading a guest's marker.
+async fn agent_client(cp_data: &Path, host: &str, url: &str) -> drover_agent_client::RemoteAgent {
+    let ca = drover_pki::ControlPlaneCa::load(&cp_data.join("ca")).unwrap();
+    let identity = ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
+    let tls = drover_pki::client_config(&identity, ca.trusted_ca()).unwrap();
+    let name = drover_pki::agent_dns_name(drover_types::HostId(host.parse::<uuid::Uuid>().unwrap()));
+    let addr: std::net::SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
+    drover_agent_client::RemoteAgent::connect_named(&name, addr, std::sync::Arc::new(tls)).await.unwrap()
+}
+
+/// Starts a QEMU agent for `name` under `root`, enrolling it when `token` is given; returns it
+/// and its URL.
+fn qemu_agent(root: &Path, name: &str, enroll: Option<(&str, &str)>, data_listen: bool) -> (Proc, String) {
+    let mut cmd = agent_command_with(&root.join(name), "qemu");
+    cmd.args(["--accel", "tcg", "--import-dir"]).arg(guest_dir());
+    if data_listen {
+        cmd.args(["--data-listen", "127.0.0.1:0"]);
+    }
+    if let Some((url, token)) = enroll {
+        cmd.args(["--enroll", url, token]);
+    }
+    let mut proc = Proc::spawn(cmd, root.join(format!("{name}.log")));
+    let rest = proc.line("drover agent for host ");
+    let url = rest.split_once(" serving on ").unwrap().1.to_string();
+    (proc, url)
+}
+
+/// Kills every QEMU process of a VM (its uuid is on QEMU's command line): the host is lost.
+fn kill_vm(vm: &str) {
+    let _ = Command::new("pkill").args(["-KILL", "-f", &format!("qemu-system.*{vm}")]).status();
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..600 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Production and DR each on a `drover agent` with real QEMU (TCG): a VM runs on the
+/// production agent, its restore points are pulled by the DR agent; the production site is lost
+/// (agent and VM killed); the plan fails over on the DR agent from the newest point, the
+/// session says production was unreachable, and the replica shows the marker written before
+/// that point; production comes back and is fenced (its VM powered off, replication refused);
+/// undo brings the replica back to Ready and replication resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent() {
+    let dir = tempfile::Builder::new().prefix("two").tempdir_in("/tmp").unwrap();
+    let root = dir.path();
+    let cp = serve(root);
+    let api = Api::login(&cp.api).await;
+    let prod_site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
+    let dr_site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"}))).await;
+    let mut hosts = Vec::new();
+    for (site, name) in [(&prod_site, "prod"), (&dr_site, "dr")] {
+        let h = api
+            .ok(
+                M::POST,
+                "/v1/hosts",
+                Some(json!({"site_id": site["id"], "name": name, "address": "https://127.0.0.1:1"})),
+            )
+            .await;
+        hosts.push(h["id"].as_str().unwrap().to_string());
+    }
+    let (prod_id, dr_id) = (hosts[0].clone(), hosts[1].clone());
+    let token = |id: String| {
+        let api = &api;
+        async move {
+            api.ok(M::POST, &format!("/v1/hosts/{id}/enrolment"), None).await["token"].as_str().unwrap().to_string()
+        }
+    };
+    let prod_token = token(prod_id.clone()).await;
+    let (mut prod_agent, prod_url) = qemu_agent(root, "pa", Some((&cp.agent_url, &prod_token)), true);
+    let dr_token = token(dr_id.clone()).await;
+    let (_dr_agent, dr_url) = qemu_agent(root, "da", Some((&cp.agent_url, &dr_token)), false);
+    api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
+    api.ok(M::PATCH, &format!("/v1/hosts/{dr_id}"), Some(json!({"address": dr_url}))).await;
+    let prod_ds = api
+        .ok(
+            M::POST,
+            "/v1/datastores",
+            Some(json!({"host_id": prod_id, "name": "p", "path": root.join("pa/datastores/ds")})),
+        )
+        .await;
+    let dr_ds = api
+        .ok(
+            M::POST,
+            "/v1/datastores",
+            Some(json!({"host_id": dr_id, "name": "d", "path": root.join("da/datastores/ds")})),
+        )
+        .await;
+
+    // A boot file outside the agent's import directories is refused by the agent.
+    let guest = guest_dir();
+    let bad = api
+        .ok(
+            M::POST,
+            "/v1/vms",
+            Some(json!({"name": "bad", "host_id": prod_id, "datastore_id": prod_ds["id"], "vcpus": 1,
+                "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 1048576, "import_from": "/etc/passwd"}]})),
+        )
+        .await;
+    let s = wait_session(&api, bad["session_id"].as_str().unwrap()).await;
+    assert_ne!(s["result"], "Success", "{s}");
+    let lines = session_log(&api, bad["session_id"].as_str().unwrap()).await;
+    assert!(lines.iter().any(|l| l.contains("import")), "{lines:?}");
+
+    // A VM on the production agent: its disk made there, powered on there, heartbeating.
+    let vm = api
+        .ok(
+            M::POST,
+            "/v1/vms",
+            Some(json!({"name": "db", "host_id": prod_id, "datastore_id": prod_ds["id"], "vcpus": 1,
+                "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 33554432}],
+                "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"),
+                    "cmdline": "console=ttyS0 quiet"}})),
+        )
+        .await;
+    let s = wait_session(&api, vm["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    let vm_id = s["target_id"].as_str().unwrap().to_string();
+    assert!(root.join("pa/datastores/ds").join(&vm_id).join("data.qcow2").exists(), "the disk is the agent's");
+    assert_eq!(mode(&root.join("pa/datastores/ds").join(&vm_id).join("data.qcow2")), 0o600);
+    let on = api.ok(M::POST, &format!("/v1/vms/{vm_id}/power-on"), None).await;
+    let s = wait_session(&api, on["session_id"].as_str().unwrap()).await;
+    let lines = session_log(&api, on["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("heartbeat")), "{lines:?}");
+    let vm_uuid: uuid::Uuid = vm_id.parse().unwrap();
+    let prod = agent_client(&cp.data, &prod_id, &prod_url).await;
+    use drover_agent_api::HostAgent as _;
+    prod.vm_write_marker(vm_uuid, "before the disaster").await.unwrap();
+
+    // Replication: the DR agent pulls the running VM's cut from the production agent.
+    let job = api
+        .ok(
+            M::POST,
+            "/v1/replication-jobs",
+            Some(json!({"name": "j", "vm_ids": [vm_id], "target_host_id": dr_id, "target_datastore_id": dr_ds["id"],
+                "schedule": {"type": "Manual"}, "retention_points": 3})),
+        )
+        .await;
+    let job = job["id"].as_str().unwrap().to_string();
+    let line = run_job(&api, &job).await;
+    assert!(line.contains("seed mode"), "{line}");
+    let plan = api
+        .ok(
+            M::POST,
+            "/v1/plans",
+            Some(json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm_id,
+                "steps": [{"name": "up", "kind": {"type": "WaitHeartbeat", "timeout_secs": 120}}]}]}]})),
+        )
+        .await;
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+
+    // The production site is lost: its agent and its VM are killed.
+    prod_agent.kill();
+    kill_vm(&vm_id);
+    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
+    let session = fo["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(&api, &session).await;
+    let lines = session_log(&api, &session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("production host cannot be reached")), "{lines:?}");
+    let replica = api.ok(M::GET, "/v1/replicas", None).await;
+    let replica = &replica["items"].as_array().unwrap_or_else(|| panic!("{replica}"))[0];
+    assert_eq!(replica["state"], "Failover", "{replica}");
+    let replica_id: uuid::Uuid = replica["id"].as_str().unwrap().parse().unwrap();
+    let dr = agent_client(&cp.data, &dr_id, &dr_url).await;
+    let hb = dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("before the disaster"), "the replica shows production's marker");
+
+    // Production comes back (its agent with its identity, no new enrolment) and its VM is
+    // started behind drover's back: it is fenced, and replication from it is refused.
+    let (_prod_agent, prod_url) = qemu_agent(root, "pa", None, true);
+    api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
+    let prod = agent_client(&cp.data, &prod_id, &prod_url).await;
+    let spec = drover_agent_api::VmRunSpec {
+        id: vm_uuid,
+        name: "db".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![drover_agent_api::VmDisk::Image(drover_agent_api::DiskRef {
+            datastore: prod_ds["id"].as_str().unwrap().parse().unwrap(),
+            vm: vm_uuid,
+            disk: "data".into(),
+            index: 0,
+        })],
+        nics: vec![],
+        boot: drover_agent_api::VmBoot {
+            kernel: Some(guest.join("vmlinux").to_string_lossy().into_owned()),
+            initrd: Some(guest.join("initramfs.img").to_string_lossy().into_owned()),
+            cmdline: Some("console=ttyS0 quiet".into()),
+        },
+    };
+    // (A restarted agent learns its datastores again from the control plane's next call.)
+    let ds = drover_agent_api::DatastoreSpec {
+        id: prod_ds["id"].as_str().unwrap().parse().unwrap(),
+        path: prod_ds["path"].as_str().unwrap().into(),
+    };
+    prod.datastore_ensure(&ds).await.unwrap();
+    prod.vm_power_on(&spec).await.unwrap();
+    wait_for("the production VM to be fenced", async || {
+        matches!(prod.vm_status(vm_uuid).await, Ok(drover_agent_api::PowerState::Off | drover_agent_api::PowerState::Died))
+    })
+    .await;
+    let v = api.ok(M::GET, &format!("/v1/vms/{vm_id}"), None).await;
+    assert_eq!(v["power_state"], "Off", "{v}");
+    let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+    let s = wait_session(&api, run["session_id"].as_str().unwrap()).await;
+    assert_ne!(s["result"], "Success", "replication from a fenced production ran: {s}");
+
+    // Undo: the replica's VM is discarded on the DR agent, and replication resumes.
+    let undo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/undo"), None).await;
+    let s = wait_session(&api, undo["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
+    let overlays: Vec<_> = std::fs::read_dir(root.join("da/datastores/ds").join(replica_id.to_string()).join("data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("boot-"))
+        .collect();
+    assert!(overlays.is_empty(), "the replica's overlay was discarded: {overlays:?}");
+    let line = run_job(&api, &job).await;
+    println!("after undo: {line}");
+    drop(cp);
 }
