@@ -217,6 +217,10 @@ pub struct CutSpec {
     pub remove: Vec<String>,
     /// `current` does not exist yet: create it before the cut.
     pub fresh: bool,
+    /// Cut this boot overlay (of a replica's VM that is stopped) instead of the disk's own
+    /// image: a failback's last delta. Offline cuts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PointFile>,
 }
 
 /// Where a transfer reads a cut from.
@@ -270,7 +274,9 @@ pub struct TransferSpec {
     /// cut holds it still) and the reader is on its host.
     pub source_files: Option<DiskRef>,
     pub mode: TransferMode,
-    /// The point file to write, made by [`HostAgent::point_create`].
+    /// The point file to write, made by [`HostAgent::point_create`]; or, for a failback, the
+    /// image of a VM's disk in a datastore of the agent (with `prev` `None` and mode
+    /// hash-compare: what it holds is hashed, and only the blocks that differ are written).
     pub target: PointFile,
     /// The point `target` is over, whose manifest says what the target holds.
     pub prev: Option<PointFile>,
@@ -664,6 +670,10 @@ pub trait HostAgent: Send + Sync + fmt::Debug {
 
     /// Every VM the agent runs or keeps state for (after a restart of either side).
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>>;
+
+    /// The boot overlays a VM was last started on, in the order of its disks (empty when it
+    /// ran on none, or the agent has no record of it).
+    async fn vm_boot_overlays(&self, vm: Uuid) -> AgentResult<Vec<PointFile>>;
 
     /// A boot overlay over a restore point of a chain, named by `label` (the same label gives
     /// the same overlay, with what a VM wrote on it).

@@ -296,6 +296,10 @@ impl HostAgent for RemoteAgent {
         self.call(Method::GET, "/v1/vms", None::<&()>).await
     }
 
+    async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> AgentResult<Vec<PointFile>> {
+        self.call(Method::GET, &format!("/v1/vms/{vm}/boot-overlays"), None::<&()>).await
+    }
+
     async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile> {
         let body = BootOverlayRequest { chain: chain.clone(), point: point.clone(), label: label.to_string() };
         self.call(Method::POST, "/v1/boot-overlays", Some(&body)).await

@@ -48,6 +48,7 @@ impl Rig {
             next: next.into(),
             remove: vec![],
             fresh,
+            file: None,
         }
     }
 }

@@ -271,6 +271,21 @@ impl LocalAgent {
         Ok(self.datastore(disk.datastore)?.join(disk.vm.to_string()).join(format!("{}.qcow2", disk.disk)))
     }
 
+    /// The image a cut reads: the disk's own, or a boot overlay it names (offline only).
+    fn cut_image(&self, spec: &CutSpec) -> AgentResult<PathBuf> {
+        match &spec.file {
+            None => self.disk_image(&spec.disk),
+            Some(_) if spec.live => Err(AgentError::invalid("a boot overlay is cut with its VM stopped (offline)")),
+            Some(file) => {
+                let path = self.point_path(file)?;
+                if !is_boot_overlay(&path) {
+                    return Err(AgentError::invalid(format!("{:?} is not a boot overlay", file.0)));
+                }
+                Ok(path)
+            }
+        }
+    }
+
     fn chain_dir(&self, chain: &ChainRef) -> AgentResult<ChainDir> {
         check_disk_name(&chain.disk)?;
         Ok(ChainDir::new(self.datastore(chain.datastore)?.join(chain.replica.to_string()).join(&chain.disk)))
@@ -435,7 +450,14 @@ impl HostAgent for LocalAgent {
     }
 
     async fn disk_info(&self, disk: &DiskRef, live: bool) -> AgentResult<DiskInfo> {
-        let image = self.disk_image(disk)?;
+        let mut image = self.disk_image(disk)?;
+        if live {
+            // A running VM's disk is the file it was started on (a replica's: its boot overlay).
+            let runtime = self.hv.runtime_disks(disk.vm).await.map_err(hv_error)?;
+            if let Some(file) = runtime.get(disk.index) {
+                image = file.clone();
+            }
+        }
         let size = drover_qemu::image::info(&image).await.map_err(|e| hv_error(e.into()))?.virtual_size;
         let ct = self.tracking()?;
         let states = if live { ct.state(disk.vm, disk.index).await } else { ct.state_offline(&image).await }
@@ -445,7 +467,7 @@ impl HostAgent for LocalAgent {
 
     async fn cut_begin(&self, spec: &CutSpec) -> AgentResult<Cut> {
         check_id("cut", &spec.id)?;
-        let image = self.disk_image(&spec.disk)?;
+        let image = self.cut_image(spec)?;
         let ct = self.tracking()?;
         let dir = self.cut_dir(&spec.id);
         let ctx = |e: HvError| hv_error(e).context(format!("disk {}", spec.disk.disk));
@@ -498,7 +520,7 @@ impl HostAgent for LocalAgent {
                 ct.cut_end(&x, success).await.map_err(ctx)?;
             }
         } else {
-            let image = self.disk_image(&spec.disk)?;
+            let image = self.cut_image(spec)?;
             let held = self.offline_cuts.lock().await.remove(&spec.id);
             let result = match held {
                 Some(x) => ct.cut_end_offline(x, success).await,
@@ -733,6 +755,17 @@ impl HostAgent for LocalAgent {
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
         let vms = self.hv.reattach().await.map_err(hv_error)?;
         Ok(vms.into_iter().map(|(vm, power)| VmPresence { vm, power }).collect())
+    }
+
+    async fn vm_boot_overlays(&self, vm: Uuid) -> AgentResult<Vec<PointFile>> {
+        let disks = self.hv.runtime_disks(vm).await.map_err(hv_error)?;
+        let files: Vec<PointFile> = disks.iter().map(|d| PointFile(d.to_string_lossy().into_owned())).collect();
+        // Only this agent's own boot overlays; a VM that ran on anything else has none.
+        if files.iter().zip(&disks).all(|(f, d)| is_boot_overlay(d) && self.point_path(f).is_ok()) {
+            Ok(files)
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile> {

@@ -62,6 +62,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/vms/{id}/marker", post(vm_marker))
         .route("/v1/vms/{id}/tcp-port", post(vm_tcp_port))
         .route("/v1/vms/{id}/forget", post(vm_forget))
+        .route("/v1/vms/{id}/boot-overlays", get(vm_boot_overlays))
         .route("/v1/boot-overlays", post(boot_overlay_ensure))
         .fallback(|| async { ErrorResponse(AgentError::gone("no such route in this agent's API")) })
         .layer(axum::middleware::from_fn(check_version))
@@ -271,4 +272,8 @@ async fn vm_forget(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(r): 
 
 async fn boot_overlay_ensure(State(a): State<Agent>, Json(r): Json<BootOverlayRequest>) -> Answer<PointFile> {
     Ok(Json(a.boot_overlay_ensure(&r.chain, &r.point, &r.label).await?))
+}
+
+async fn vm_boot_overlays(State(a): State<Agent>, Path(id): Path<uuid::Uuid>) -> Answer<Vec<PointFile>> {
+    Ok(Json(a.vm_boot_overlays(id).await?))
 }

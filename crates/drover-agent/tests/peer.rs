@@ -101,6 +101,7 @@ impl Source {
             next: next.into(),
             remove: vec![],
             fresh,
+            file: None,
         }
     }
 }

@@ -180,6 +180,9 @@ impl HostAgent for Watched {
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
         self.record(self.agent.vm_list().await).await
     }
+    async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> AgentResult<Vec<PointFile>> {
+        self.record(self.agent.vm_boot_overlays(vm).await).await
+    }
     async fn boot_overlay_ensure(&self, chain: &ChainRef, point: &PointFile, label: &str) -> AgentResult<PointFile> {
         self.record(self.agent.boot_overlay_ensure(chain, point, label).await).await
     }

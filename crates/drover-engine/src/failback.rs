@@ -39,7 +39,9 @@ use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::tracking;
-use drover_agent_api::{PointFile, VmRunSpec};
+use drover_agent_api::{
+    CutSpec, DiskRef, HostAgent, PointFile, SourceEndpoint, TransferMode, TransferOutcome, TransferSpec, VmRunSpec,
+};
 use drover_hv::ChangeTracking;
 use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_types::*;
@@ -163,6 +165,19 @@ struct Parts {
     disks: Vec<(String, PathBuf, PathBuf, PathBuf)>,
     /// Files of points newer than the booted one, per disk name.
     newer: Vec<(String, PathBuf)>,
+    /// Production's and the replica's agents when either runs on a `drover agent`: the data
+    /// then moves between the two agents (see [`Across`]).
+    across: Option<Across>,
+}
+
+/// A failback between two agents: production's (which pulls) and the replica's (whose cut is
+/// pulled, over its data listener). Each side hashes its own disk and only hashes and the
+/// blocks that differ cross between them; the replica's writes, production's own since the last
+/// point and the points newer than the booted one are all among those blocks, so no bitmap is
+/// needed (production's may not survive a lost site anyway).
+struct Across {
+    prod: Arc<dyn HostAgent>,
+    dr: Arc<dyn HostAgent>,
 }
 
 async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> {
@@ -185,21 +200,22 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
     let ds = store.object_get::<Datastore>(tenant, vm.datastore_id.0).await?;
     let dir = disk_dir(&ds, vm.id);
     let target = store.object_get_any_tenant::<Datastore>(replica.target_datastore_id.0).await?;
+    let mut local = true;
     for d in [&ds, &target] {
-        let host = store.object_get_any_tenant::<drover_types::Host>(d.host_id.0).await?;
-        if host.address != "local" {
-            return Err(Error::conflict(format!(
-                "host {} runs its own drover agent: failback through agents is not built yet (failover, undo \
-                 and commit are)",
-                host.name
-            )));
+        local &= store.object_get_any_tenant::<drover_types::Host>(d.host_id.0).await?.address == "local";
+    }
+    let (spec, across) = if local {
+        if engine.hv().kind() != "qemu" {
+            // The replica's overlay is read and production written by QEMU's own tools and bitmaps.
+            return Err(Error::conflict("failback needs the QEMU driver"));
         }
-    }
-    if engine.hv().kind() != "qemu" {
-        // The replica's overlay is read and production written by QEMU's own tools and bitmaps.
-        return Err(Error::conflict("failback needs the QEMU driver"));
-    }
-    let spec = crate::failover::runtime_disks(engine, replica.id.0).await?;
+        (crate::failover::runtime_disks(engine, replica.id.0).await?, None)
+    } else {
+        let prod = engine.datastore_agent(&ds).await?;
+        let dr = engine.datastore_agent(&target).await?;
+        let overlays = dr.vm_boot_overlays(replica.id.0).await.map_err(crate::ops::vm_err)?;
+        (overlays.into_iter().map(|f| PathBuf::from(f.0)).collect(), Some(Across { prod, dr }))
+    };
     let mut disks = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
         let point_file = booted
@@ -216,7 +232,7 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
         .filter(|p| p.sequence > booted.sequence)
         .flat_map(|p| p.disks.iter().map(|d| (d.disk.clone(), PathBuf::from(&d.file))))
         .collect();
-    Ok(Parts { vm, replica, disks, newer })
+    Ok(Parts { vm, replica, disks, newer, across })
 }
 
 /// The clusters an image holds itself (not through its backing), from `qemu-img map`. `-U`: the
@@ -357,11 +373,17 @@ impl Step for SyncStep {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let engine = &ctx.engine;
         let parts = parts(engine, self.p.tenant_id, self.vm).await?;
-        let ct = crate::change_tracking(engine, "failback")?;
         // A production VM that still runs (a drill, a partial outage) is powered off, as the
         // product does: its writes since the last point are in its bitmap, which a clean stop
         // writes into its image, so they are part of the union below.
         let powered_off = power_off_production(ctx, &parts.vm).await?;
+        if let Some(across) = &parts.across {
+            let out = sync_across(ctx, across, &parts, self.index).await?;
+            let (event, only_if) = (ReplicaEvent::FailbackSynced, &[ReplicaState::Failover]);
+            crate::ops::replica_event(engine, self.p.tenant_id, parts.replica.id, event, only_if).await?;
+            return Ok(json!({ "disks": out, "production_powered_off": powered_off }));
+        }
+        let ct = crate::change_tracking(engine, "failback")?;
         let work = work_dir(ctx, "fb", self.index);
         let mut out = Vec::new();
         for (i, (disk, production, overlay, _point)) in parts.disks.iter().enumerate() {
@@ -417,7 +439,8 @@ impl Step for SyncStep {
 /// the session log (on the VM's task) and records the VM off. `None` when it was not running.
 async fn power_off_production(ctx: &StepCtx, vm: &Vm) -> Result<Option<drover_hv::ShutdownOutcome>> {
     let engine = &ctx.engine;
-    if !matches!(engine.hv().status(vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
+    let agent = crate::ops::vm_agent(engine, vm).await?;
+    if !matches!(agent.vm_status(vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
         return Ok(None);
     }
     let timeout = engine.config().shutdown_timeout;
@@ -430,7 +453,7 @@ async fn power_off_production(ctx: &StepCtx, vm: &Vm) -> Result<Option<drover_hv
         ),
     )
     .await;
-    let outcome = engine.hv().shutdown(vm.id.0, timeout).await.map_err(unavailable)?;
+    let outcome = agent.vm_shutdown(vm.id.0, timeout).await.map_err(crate::ops::vm_err)?;
     let (level, how) = match outcome {
         drover_hv::ShutdownOutcome::ForcedOff => {
             (LogLevel::Warning, format!("did not shut down within {} s; powered off", timeout.as_secs()))
@@ -441,6 +464,157 @@ async fn power_off_production(ctx: &StepCtx, vm: &Vm) -> Result<Option<drover_hv
     ctx.log(level, format!("production VM {} {how}", vm.name)).await;
     crate::ops::set_vm_power(engine, vm.tenant_id, vm.id, VmPowerState::Off).await?;
     Ok(Some(outcome))
+}
+
+/// The id of a failback's cut or transfer of one disk (the same on a rerun of the step).
+fn across_id(ctx: &StepCtx, what: &str, index: usize, disk: usize) -> String {
+    format!("fb{}-{what}-{index}-{disk}", &ctx.session.id.to_string()[..8])
+}
+
+/// Pulls a cut of the replica's disk into production's image on production's agent, by
+/// hash-compare (see [`Across`]), following the transfer to its end; the cut ends either way.
+async fn pull_into_production(
+    ctx: &StepCtx,
+    across: &Across,
+    parts: &Parts,
+    disk: &str,
+    cut_spec: CutSpec,
+    id: String,
+) -> Result<Value> {
+    let cut = across.dr.cut_begin(&cut_spec).await.map_err(crate::agent_error)?;
+    if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !Arc::ptr_eq(&across.prod, &across.dr) {
+        let _ = across.dr.cut_end(&cut_spec, Some(&cut), false).await;
+        return Err(Error::conflict(format!(
+            "the replica's host serves no data listener for other agents (drover agent --data-listen, or drover \
+             serve --data-listen): production's agent cannot pull {} from it",
+            parts.replica.name
+        )));
+    }
+    let (_, production, _, _) = parts
+        .disks
+        .iter()
+        .find(|(d, ..)| d == disk)
+        .ok_or_else(|| Error::internal(format!("no disk {disk}")))?;
+    let transfer = TransferSpec {
+        id,
+        source: cut.source.clone(),
+        source_files: None,
+        mode: TransferMode::HashCompare,
+        target: PointFile(production.to_string_lossy().into_owned()),
+        prev: None,
+        size: cut.size,
+        bandwidth_limit: None,
+    };
+    let result = async {
+        let status = across.prod.transfer_ensure(&transfer).await.map_err(crate::agent_error)?;
+        crate::replication::follow(ctx, disk, across.prod.as_ref(), &transfer, status).await
+    }
+    .await;
+    across.dr.cut_end(&cut_spec, Some(&cut), result.is_ok()).await.map_err(crate::agent_error)?;
+    let status = result?;
+    let _ = across.prod.transfer_forget(&transfer.id).await;
+    let outcome = status.outcome.unwrap_or_else(|| TransferOutcome {
+        manifest_digest: String::new(),
+        bytes_read: 0,
+        bytes_written: 0,
+        note: None,
+        peer: None,
+    });
+    let wire = outcome.peer.map(|p| p.wire_bytes_in + p.wire_bytes_out).unwrap_or(0);
+    Ok(json!({
+        "disk": disk, "mode": "hash-compare", "bytes_sent": outcome.bytes_written, "wire_bytes": wire,
+        "production_manifest": outcome.manifest_digest,
+    }))
+}
+
+/// The names of the failback bitmaps a live cut of the replica's disk uses, and whether an
+/// earlier attempt's cut is there to resume.
+async fn replica_cut(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize, i: usize) -> Result<CutSpec> {
+    let disk = DiskRef {
+        datastore: parts.replica.target_datastore_id.0,
+        vm: parts.replica.id.0,
+        disk: parts.disks[i].0.clone(),
+        index: i,
+    };
+    let info = across.dr.disk_info(&disk, true).await.map_err(crate::agent_error)?;
+    let has = |name: &str| info.bitmaps.iter().find(|b| b.name == name);
+    // fb0 frozen with fb1 recording is an earlier attempt's cut: resume it. Anything else is
+    // started afresh (a hash-compare needs no bitmap's content, only a point in time).
+    let resume = has("drover-fb0").is_some_and(|b| !b.recording && !b.inconsistent)
+        && has("drover-fb1").is_some_and(|b| b.recording && !b.inconsistent);
+    let remove = if resume {
+        Vec::new()
+    } else {
+        ["drover-fb0", "drover-fb1"].iter().filter(|n| has(n).is_some()).map(|n| n.to_string()).collect()
+    };
+    Ok(CutSpec {
+        id: across_id(ctx, "sync", index, i),
+        disk,
+        live: true,
+        current: "drover-fb0".into(),
+        next: "drover-fb1".into(),
+        remove,
+        fresh: !resume,
+        file: None,
+    })
+}
+
+/// Phase 1 between agents: while the replica runs, a point-in-time cut of each disk is pulled
+/// into production by its agent.
+async fn sync_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (i, (disk, ..)) in parts.disks.iter().enumerate() {
+        let cut = replica_cut(ctx, across, parts, index, i).await?;
+        let r = pull_into_production(ctx, across, parts, disk, cut, across_id(ctx, "sync", index, i)).await?;
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "{}: disk {disk} synced to production by hash-compare between the agents (each side hashed its own \
+                 disk): sent {} bytes, {} bytes on the wire",
+                parts.vm.name, r["bytes_sent"], r["wire_bytes"]
+            ),
+        )
+        .await;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Phase 2 between agents, with the replica stopped: its overlays are cut (nothing writes them)
+/// and pulled into production again, which sends only what changed since the sync. Production
+/// then holds, block for block, what the replica holds: every block's hash was compared on the
+/// two sides and every block that differed was sent and checked against its hash on arrival.
+async fn switch_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (i, (disk, _, overlay, _)) in parts.disks.iter().enumerate() {
+        let cut = CutSpec {
+            id: across_id(ctx, "switch", index, i),
+            disk: DiskRef {
+                datastore: parts.replica.target_datastore_id.0,
+                vm: parts.replica.id.0,
+                disk: disk.clone(),
+                index: i,
+            },
+            live: false,
+            current: "drover-fbs".into(),
+            next: "drover-fbt".into(),
+            remove: vec!["drover-fbs".into(), "drover-fbt".into()],
+            fresh: true,
+            file: Some(PointFile(overlay.to_string_lossy().into_owned())),
+        };
+        let r = pull_into_production(ctx, across, parts, disk, cut, across_id(ctx, "switch", index, i)).await?;
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "{}: disk {disk} switched over by hash-compare between the agents: sent {} bytes, {} bytes on the \
+                 wire; production equals the replica (every block's hash compared)",
+                parts.vm.name, r["bytes_sent"], r["wire_bytes"]
+            ),
+        )
+        .await;
+        out.push(r);
+    }
+    Ok(out)
 }
 
 struct Switch {
@@ -462,9 +636,13 @@ impl Step for Switch {
         // earlier run of this step got that far (then drover died): only the records are left to
         // write. A production that runs beside a running replica was started by somebody after
         // the sync: it is powered off, and what it wrote since travels back too.
-        let running =
-            |id: uuid::Uuid| async move { matches!(engine.hv().status(id).await, Ok(drover_hv::PowerState::Running)) };
-        let (production_runs, replica_runs) = (running(parts.vm.id.0).await, running(parts.replica.id.0).await);
+        let prod_agent = crate::ops::vm_agent(engine, &parts.vm).await?;
+        let dr_agent = crate::failover::replica_agent(engine, &parts.replica).await?;
+        let running = |agent: Arc<dyn HostAgent>, id: uuid::Uuid| async move {
+            matches!(agent.vm_status(id).await, Ok(drover_hv::PowerState::Running))
+        };
+        let production_runs = running(prod_agent.clone(), parts.vm.id.0).await;
+        let replica_runs = running(dr_agent.clone(), parts.replica.id.0).await;
         let restarted = production_runs && replica_runs;
         if restarted {
             power_off_production(ctx, &parts.vm).await?;
@@ -475,11 +653,18 @@ impl Step for Switch {
             mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
             return Ok(json!({ "already_switched": true }));
         }
-        let ct = crate::change_tracking(engine, "failback")?;
         let timeout = engine.config().shutdown_timeout;
         // 1. Stop the replica: a clean stop writes its bitmaps into the overlay.
-        let outcome = engine.hv().shutdown(parts.replica.id.0, timeout).await.map_err(unavailable)?;
+        let outcome = dr_agent.vm_shutdown(parts.replica.id.0, timeout).await.map_err(crate::ops::vm_err)?;
         ctx.log(LogLevel::Info, format!("{} stopped ({outcome:?})", parts.replica.name)).await;
+        if let Some(across) = &parts.across {
+            let out = switch_across(ctx, across, &parts, self.index).await?;
+            crate::ops::power_on(ctx, prod_agent.as_ref(), &crate::ops::run_spec(&parts.vm)).await?;
+            mark_switched(engine, self.p.tenant_id, parts.vm.id, parts.replica.id).await?;
+            ctx.log(LogLevel::Info, format!("production VM {} powered on", parts.vm.name)).await;
+            return Ok(json!({ "disks": out }));
+        }
+        let ct = crate::change_tracking(engine, "failback")?;
         let work = work_dir(ctx, "sw", self.index);
         let mut out = Vec::new();
         for (disk, production, overlay, _) in &parts.disks {
@@ -627,7 +812,7 @@ async fn adopt_restored_vm(ctx: &StepCtx, p: &FailbackParams, replica: &Replica,
 async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
     let engine = &ctx.engine;
     let parts = parts(engine, p.tenant_id, vm_id).await?;
-    engine.hv().power_off(parts.vm.id.0).await.map_err(unavailable)?;
+    crate::ops::vm_agent(engine, &parts.vm).await?.vm_power_off(parts.vm.id.0).await.map_err(crate::ops::vm_err)?;
     crate::ops::set_vm_power(engine, p.tenant_id, parts.vm.id, VmPowerState::Off).await?;
     let spec = VmRunSpec {
         id: parts.replica.id.0,
@@ -748,6 +933,14 @@ impl Step for RestoreToLocation {
             return Err(Error::conflict(format!("recovery location {:?} has no host or datastore", loc.name)));
         };
         let ds = store.object_get::<Datastore>(self.p.tenant_id, ds_id.0).await?;
+        let location_host = store.object_get_any_tenant::<drover_types::Host>(ds.host_id.0).await?;
+        if parts.across.is_some() || location_host.address != "local" {
+            return Err(Error::conflict(format!(
+                "failback of {} to another recovery location runs on this control plane's own host only for now; \
+                 with drover agents, fail back to the original VM",
+                parts.vm.name
+            )));
+        }
         // The new VM: found again on a rerun, by its name.
         let name = restored_name(&parts.vm.name);
         let existing = store.object_list::<Vm>(self.p.tenant_id).await?.into_iter().find(|v| v.name == name);

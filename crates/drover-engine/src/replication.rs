@@ -159,6 +159,7 @@ impl DiskPlan {
             next: self.bitmaps.next.clone(),
             remove: self.bitmaps.remove.clone(),
             fresh: self.bitmaps.fresh,
+            file: None,
         }
     }
 }
@@ -488,7 +489,7 @@ async fn transfer_disk(
             (transfer, status)
         }
     };
-    let status = follow(ctx, d, target, &transfer, status).await?;
+    let status = follow(ctx, &d.name, target, &transfer, status).await?;
     let outcome = status.outcome.clone().ok_or_else(|| Error::internal("a finished transfer without an outcome"))?;
     if let Some(p) = &outcome.peer {
         let note = format!(
@@ -533,10 +534,10 @@ async fn transfer_disk(
 /// reach it are retried, with the wait said in the log, for up to `EngineConfig::agent_wait`.
 /// An agent that comes back without the transfer (it restarted) is asked for it again: the same
 /// id and the same point file, so it goes on from what it had made durable (a peer transfer
-/// from its journal) instead of a new point from the start.
-async fn follow(
+/// from its journal) instead of a new point from the start. Failback follows its transfers so too.
+pub(crate) async fn follow(
     ctx: &StepCtx,
-    d: &DiskPlan,
+    disk: &str,
     target: &dyn HostAgent,
     transfer: &TransferSpec,
     mut status: TransferStatus,
@@ -549,7 +550,7 @@ async fn follow(
             TransferState::Done => return Ok(status),
             TransferState::Failed => {
                 let e = status.error.unwrap_or_else(|| AgentError::internal("the transfer failed"));
-                return Err(agent_error(e.context(format!("disk {}", d.name))));
+                return Err(agent_error(e.context(format!("disk {}", disk))));
             }
             TransferState::Running => {}
         }
@@ -557,7 +558,7 @@ async fn follow(
             logged = tokio::time::Instant::now();
             ctx.log(
                 LogLevel::Info,
-                format!("disk {}: {} of {} bytes done", d.name, status.bytes_done, status.bytes_total),
+                format!("disk {}: {} of {} bytes done", disk, status.bytes_done, status.bytes_total),
             )
             .await;
         }
@@ -571,7 +572,7 @@ async fn follow(
                         format!(
                             "disk {}: the agent writing the point no longer knows its transfer (it restarted); \
                              asked again into the same point file, going on from what it had made durable",
-                            d.name
+                            disk
                         ),
                     )
                     .await;
@@ -582,7 +583,7 @@ async fn follow(
             match asked {
                 Ok(s) => {
                     if unreachable.take().is_some() {
-                        ctx.log(LogLevel::Info, format!("disk {}: the agent is reachable again", d.name)).await;
+                        ctx.log(LogLevel::Info, format!("disk {}: the agent is reachable again", disk)).await;
                     }
                     break s;
                 }
@@ -594,7 +595,7 @@ async fn follow(
                                 LogLevel::Warning,
                                 format!(
                                     "disk {}: {}; waiting for it (up to {} s)",
-                                    d.name,
+                                    disk,
                                     e.message,
                                     ctx.engine.config().agent_wait.as_secs()
                                 ),
@@ -604,11 +605,11 @@ async fn follow(
                         }
                     };
                     if since.elapsed() >= ctx.engine.config().agent_wait {
-                        return Err(agent_error(e.context(format!("disk {}", d.name))));
+                        return Err(agent_error(e.context(format!("disk {}", disk))));
                     }
                     tokio::time::sleep(UNREACHABLE_POLL).await;
                 }
-                Err(e) => return Err(agent_error(e.context(format!("disk {}", d.name)))),
+                Err(e) => return Err(agent_error(e.context(format!("disk {}", disk)))),
             }
         };
     }

@@ -458,6 +458,9 @@ impl drover_agent_api::HostAgent for Flaky {
     async fn vm_list(&self) -> drover_agent_api::AgentResult<Vec<drover_agent_api::VmPresence>> {
         self.inner.vm_list().await
     }
+    async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> drover_agent_api::AgentResult<Vec<drover_agent_api::PointFile>> {
+        self.inner.vm_boot_overlays(vm).await
+    }
     async fn boot_overlay_ensure(&self, chain: &drover_agent_api::ChainRef, point: &drover_agent_api::PointFile, label: &str) -> drover_agent_api::AgentResult<drover_agent_api::PointFile> {
         self.inner.boot_overlay_ensure(chain, point, label).await
     }

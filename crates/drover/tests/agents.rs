@@ -571,7 +571,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     let prod_token = token(prod_id.clone()).await;
     let (mut prod_agent, prod_url) = qemu_agent(root, "pa", Some((&cp.agent_url, &prod_token)), true);
     let dr_token = token(dr_id.clone()).await;
-    let (_dr_agent, dr_url) = qemu_agent(root, "da", Some((&cp.agent_url, &dr_token)), false);
+    let (_dr_agent, dr_url) = qemu_agent(root, "da", Some((&cp.agent_url, &dr_token)), true);
     api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
     api.ok(M::PATCH, &format!("/v1/hosts/{dr_id}"), Some(json!({"address": dr_url}))).await;
     let prod_ds = api
@@ -722,5 +722,34 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     assert!(overlays.is_empty(), "the replica's overlay was discarded: {overlays:?}");
     let line = run_job(&api, &job).await;
     println!("after undo: {line}");
+
+    // Failover again, with production reachable this time; the replica writes at DR; failback
+    // brings that back to production (pulled by production's agent from the DR agent), and the
+    // commit returns the replica to Ready.
+    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
+    let s = wait_session(&api, fo["session_id"].as_str().unwrap()).await;
+    let lines = session_log(&api, fo["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("cannot be reached")), "{lines:?}");
+    dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
+    dr.vm_write_marker(replica_id, "written at DR").await.unwrap();
+    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failback"), None).await;
+    let session = fb["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(&api, &session).await;
+    let lines = session_log(&api, &session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
+    println!("failback: {lines:#?}");
+    let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written at DR"), "production shows what was written at DR");
+    let commit = api.ok(M::POST, &format!("/v1/plans/{plan_id}/commit-failback"), None).await;
+    let s = wait_session(&api, commit["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    let replica = api.ok(M::GET, "/v1/replicas", None).await;
+    assert_eq!(replica["items"][0]["state"], "Ready", "{replica}");
+    assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
+    let line = run_job(&api, &job).await;
+    println!("after the failback: {line}");
     drop(cp);
 }

@@ -172,6 +172,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         next: next.into(),
         remove: vec![],
         fresh,
+        file: None,
     };
     let e = |e: AgentError| anyhow::anyhow!("{e}");
 
