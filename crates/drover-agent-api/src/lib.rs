@@ -348,7 +348,6 @@ pub struct TransferStatus {
     pub error: Option<AgentError>,
 }
 
-
 // --- VMs -------------------------------------------------------------------------------------
 
 /// The longest VM name, boot command line or marker an agent accepts.
@@ -660,8 +659,7 @@ pub trait HostAgent: Send + Sync + fmt::Debug {
     async fn vm_write_marker(&self, vm: Uuid, marker: &str) -> AgentResult<()>;
 
     /// Checks from the host whether the guest accepts TCP connections on `port`.
-    async fn vm_check_tcp_port(&self, vm: Uuid, port: u16, timeout: std::time::Duration)
-    -> AgentResult<TcpPortState>;
+    async fn vm_check_tcp_port(&self, vm: Uuid, port: u16, timeout: std::time::Duration) -> AgentResult<TcpPortState>;
 
     /// Powers the VM off and forgets what the agent keeps for it; with `discard_overlays`, the
     /// boot overlays it ran on are removed too (a replica's or test VM's changes thrown away).

@@ -29,6 +29,7 @@ async fn the_conformance_scenarios_pass_over_the_wire() {
     conformance::seed_then_delta(&agent, &rig).await;
     // Error classes survive the wire.
     conformance::refuses_what_leaves_the_datastores(&agent, &rig).await;
+    conformance::runs_vms_on_its_own_disks_only(&agent, &rig).await;
     assert_eq!(agent.transfer_status("nothing-here").await.unwrap_err().kind, ErrorKind::Gone);
 }
 
@@ -38,7 +39,7 @@ async fn the_wire_refuses_other_versions_mismatched_ids_and_big_bodies() {
     let (_, base) = serve(&dir).await;
     let http = reqwest::Client::new();
     // No version, another version: refused before anything runs, as an agent error.
-    for version in [None, Some("0"), Some("2"), Some("1; drop")] {
+    for version in [None, Some("0"), Some("1"), Some("3"), Some("2; drop")] {
         let mut r = http.get(format!("{base}/v1/info"));
         if let Some(v) = version {
             r = r.header(VERSION_HEADER, v);

@@ -164,3 +164,66 @@ pub async fn refuses_what_leaves_the_datastores(agent: &dyn HostAgent, r: &Rig) 
     // The simulated hypervisor cannot track a running VM's disk: said as such, not as a failure.
     assert_eq!(agent.disk_info(&r.disk, true).await.unwrap_err().kind, ErrorKind::Unsupported);
 }
+
+/// VM control: a VM's disks made in a datastore (private), run, seen, stopped, forgotten; what
+/// would run a VM on a file outside this agent's datastores, or on one that is not a boot
+/// overlay, is refused as invalid.
+pub async fn runs_vms_on_its_own_disks_only(agent: &dyn HostAgent, r: &Rig) {
+    let vm = Uuid::new_v4();
+    let spec = VmDisksSpec {
+        datastore: r.ds,
+        vm,
+        disks: vec![NewDisk { name: "root".into(), size: 4 << 20, import_from: None }],
+    };
+    agent.vm_disks_ensure(&spec).await.unwrap();
+    agent.vm_disks_ensure(&spec).await.unwrap();
+    let image = r.root.join(vm.to_string()).join("root.qcow2");
+    assert_eq!(drover_qemu::image::info(&image).await.unwrap().virtual_size, 4 << 20);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&image).unwrap().permissions().mode() & 0o777, 0o600);
+    let bad_name =
+        VmDisksSpec { disks: vec![NewDisk { name: "../x".into(), size: 1 << 20, import_from: None }], ..spec.clone() };
+    assert_eq!(agent.vm_disks_ensure(&bad_name).await.unwrap_err().kind, ErrorKind::Invalid);
+
+    assert_eq!(agent.vm_status(vm).await.unwrap(), PowerState::Off, "a VM never started is off");
+    let run = VmRunSpec {
+        id: vm,
+        name: "t".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        disks: vec![VmDisk::Image(DiskRef { datastore: r.ds, vm, disk: "root".into(), index: 0 })],
+        nics: vec![],
+        boot: VmBoot::default(),
+    };
+    agent.vm_power_on(&run).await.unwrap();
+    assert_eq!(agent.vm_status(vm).await.unwrap(), PowerState::Running);
+    assert!(agent.vm_list().await.unwrap().contains(&VmPresence { vm, power: PowerState::Running }));
+    agent.vm_power_off(vm).await.unwrap();
+    assert_eq!(agent.vm_status(vm).await.unwrap(), PowerState::Off);
+    agent.vm_forget(vm, false).await.unwrap();
+    agent.vm_forget(vm, false).await.unwrap();
+
+    let outside = r.root.parent().unwrap().join("not-ours.qcow2");
+    drover_qemu::image::create_qcow2(&outside, 1 << 20).await.unwrap();
+    for file in [
+        PointFile(outside.to_string_lossy().into_owned()),
+        PointFile(image.to_string_lossy().into_owned()),
+        PointFile("/etc/passwd".into()),
+    ] {
+        let sneaky = VmRunSpec { disks: vec![VmDisk::Overlay { file: file.clone() }], ..run.clone() };
+        assert_eq!(agent.vm_power_on(&sneaky).await.unwrap_err().kind, ErrorKind::Invalid, "{file:?}");
+    }
+    let relative = VmRunSpec { boot: VmBoot { kernel: Some("vmlinux".into()), ..VmBoot::default() }, ..run.clone() };
+    assert_eq!(agent.vm_power_on(&relative).await.unwrap_err().kind, ErrorKind::Invalid);
+    let long = VmRunSpec { name: "x".repeat(300), ..run.clone() };
+    assert_eq!(agent.vm_power_on(&long).await.unwrap_err().kind, ErrorKind::Invalid);
+    let far = r.chain.clone();
+    let e = agent.boot_overlay_ensure(&far, &PointFile(outside.to_string_lossy().into_owned()), "l").await;
+    assert_eq!(e.unwrap_err().kind, ErrorKind::Invalid);
+    let e = agent.boot_overlay_ensure(&far, &PointFile(image.to_string_lossy().into_owned()), "../l").await;
+    assert_eq!(e.unwrap_err().kind, ErrorKind::Invalid);
+
+    agent.vm_disks_remove(r.ds, vm).await.unwrap();
+    agent.vm_disks_remove(r.ds, vm).await.unwrap();
+    assert!(!image.exists());
+}

@@ -319,7 +319,8 @@ impl LocalAgent {
             }
             None => {
                 let path = Path::new(requested);
-                if path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+                if path.is_absolute()
+                    && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
                 {
                     Ok(path.to_owned())
                 } else {

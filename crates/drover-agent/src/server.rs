@@ -248,7 +248,11 @@ async fn vm_power_off(State(a): State<Agent>, Path(id): Path<uuid::Uuid>) -> Emp
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn vm_heartbeat(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(r): Json<WaitRequest>) -> Answer<Heartbeat> {
+async fn vm_heartbeat(
+    State(a): State<Agent>,
+    Path(id): Path<uuid::Uuid>,
+    Json(r): Json<WaitRequest>,
+) -> Answer<Heartbeat> {
     Ok(Json(a.vm_wait_heartbeat(id, wait(r.timeout_ms)?).await?))
 }
 

@@ -26,6 +26,7 @@ async fn references_never_reach_outside_the_registered_datastores() {
     let agent = agent(&dir);
     let rig = Rig::new(&agent, &dir.path().join("ds")).await;
     conformance::refuses_what_leaves_the_datastores(&agent, &rig).await;
+    conformance::runs_vms_on_its_own_disks_only(&agent, &rig).await;
 }
 
 #[tokio::test]

@@ -171,7 +171,12 @@ impl HostAgent for Watched {
     async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> AgentResult<()> {
         self.record(self.agent.vm_write_marker(vm, marker).await).await
     }
-    async fn vm_check_tcp_port(&self, vm: uuid::Uuid, port: u16, timeout: std::time::Duration) -> AgentResult<TcpPortState> {
+    async fn vm_check_tcp_port(
+        &self,
+        vm: uuid::Uuid,
+        port: u16,
+        timeout: std::time::Duration,
+    ) -> AgentResult<TcpPortState> {
         self.record(self.agent.vm_check_tcp_port(vm, port, timeout).await).await
     }
     async fn vm_forget(&self, vm: uuid::Uuid, discard_overlays: bool) -> AgentResult<()> {

@@ -1036,7 +1036,9 @@ impl App {
             let path = std::path::Path::new(requested);
             let plain = path.is_absolute()
                 && requested.len() <= 4096
-                && path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+                && path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
             if !plain {
                 return Err(Error::invalid(format!(
                     "{what} {requested:?} must be an absolute path without '.' or '..', inside one of the import \

@@ -34,15 +34,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use drover_agent_api::{
+    CutSpec, DiskRef, HostAgent, PointFile, SourceEndpoint, TransferMode, TransferOutcome, TransferSpec, VmRunSpec,
+};
 use drover_block::copy::{copy_extents, hash_compare_sync};
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
-use drover_hv::tracking;
-use drover_agent_api::{
-    CutSpec, DiskRef, HostAgent, PointFile, SourceEndpoint, TransferMode, TransferOutcome, TransferSpec, VmRunSpec,
-};
 use drover_hv::ChangeTracking;
+use drover_hv::tracking;
 use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use drover_types::*;
 use serde::{Deserialize, Serialize};
@@ -490,11 +490,8 @@ async fn pull_into_production(
             parts.replica.name
         )));
     }
-    let (_, production, _, _) = parts
-        .disks
-        .iter()
-        .find(|(d, ..)| d == disk)
-        .ok_or_else(|| Error::internal(format!("no disk {disk}")))?;
+    let (_, production, _, _) =
+        parts.disks.iter().find(|(d, ..)| d == disk).ok_or_else(|| Error::internal(format!("no disk {disk}")))?;
     let transfer = TransferSpec {
         id,
         source: cut.source.clone(),
@@ -822,7 +819,9 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
         disks: parts
             .disks
             .iter()
-            .map(|(_, _, overlay, _)| drover_agent_api::VmDisk::Overlay { file: PointFile(overlay.to_string_lossy().into_owned()) })
+            .map(|(_, _, overlay, _)| drover_agent_api::VmDisk::Overlay {
+                file: PointFile(overlay.to_string_lossy().into_owned()),
+            })
             .collect(),
         nics: crate::ops::no_uplink_vm_nics(&parts.vm),
         boot: crate::ops::vm_boot(&parts.vm),

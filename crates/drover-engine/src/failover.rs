@@ -368,9 +368,12 @@ impl Step for Boot {
                 point.disks.iter().find(|x| x.disk == d.name).ok_or_else(|| {
                     Error::conflict(format!("restore point {} has no disk {}", point.sequence, d.name))
                 })?;
-            let chain = ChainRef { datastore: replica.target_datastore_id.0, replica: replica.id.0, disk: d.name.clone() };
-            let overlay =
-                agent.boot_overlay_ensure(&chain, &PointFile(pd.file.clone()), &label).await.map_err(crate::ops::vm_err)?;
+            let chain =
+                ChainRef { datastore: replica.target_datastore_id.0, replica: replica.id.0, disk: d.name.clone() };
+            let overlay = agent
+                .boot_overlay_ensure(&chain, &PointFile(pd.file.clone()), &label)
+                .await
+                .map_err(crate::ops::vm_err)?;
             overlays.push(overlay);
         }
         let spec = VmRunSpec {
@@ -511,9 +514,10 @@ impl Step for PlanVmStep {
                 let timeout = Duration::from_secs(u64::from(*timeout_secs));
                 let started = std::time::Instant::now();
                 let agent = replica_agent(&ctx.engine, &replica).await?;
-                let state = agent.vm_check_tcp_port(target, *port, timeout).await.map_err(|e| {
-                    Error::Unavailable(format!("{name}: cannot check TCP port {port}: {}", e.message))
-                })?;
+                let state = agent
+                    .vm_check_tcp_port(target, *port, timeout)
+                    .await
+                    .map_err(|e| Error::Unavailable(format!("{name}: cannot check TCP port {port}: {}", e.message)))?;
                 let took = started.elapsed().as_secs_f64();
                 match state {
                     TcpPortState::Open => {

@@ -25,9 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_agent_api::{AgentError, DiskRef, ErrorKind, HostAgent, NewDisk, VmBoot, VmDisk, VmDisksSpec, VmNic, VmRunSpec};
+use drover_agent_api::{
+    AgentError, DiskRef, ErrorKind, HostAgent, NewDisk, VmBoot, VmDisk, VmDisksSpec, VmNic, VmRunSpec,
+};
 use drover_types::{
-    Datastore, DatastoreId, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent, VmPowerState,
+    Datastore, DatastoreId, LogLevel, Session, SessionKind, SessionTarget, Task, TenantId, Vm, VmId, VmPowerEvent,
+    VmPowerState,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -130,7 +133,11 @@ pub fn run_spec(vm: &Vm) -> VmRunSpec {
                 VmDisk::Image(DiskRef { datastore: vm.datastore_id.0, vm: vm.id.0, disk: d.name.clone(), index })
             })
             .collect(),
-        nics: vm.nics.iter().map(|n| VmNic { network: n.network.clone(), mac: n.mac.clone(), no_uplink: false }).collect(),
+        nics: vm
+            .nics
+            .iter()
+            .map(|n| VmNic { network: n.network.clone(), mac: n.mac.clone(), no_uplink: false })
+            .collect(),
         boot: vm_boot(vm),
     }
 }

@@ -434,7 +434,11 @@ impl drover_agent_api::HostAgent for Flaky {
     async fn vm_power_on(&self, spec: &drover_agent_api::VmRunSpec) -> drover_agent_api::AgentResult<()> {
         self.inner.vm_power_on(spec).await
     }
-    async fn vm_shutdown(&self, vm: uuid::Uuid, timeout: std::time::Duration) -> drover_agent_api::AgentResult<drover_agent_api::ShutdownOutcome> {
+    async fn vm_shutdown(
+        &self,
+        vm: uuid::Uuid,
+        timeout: std::time::Duration,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::ShutdownOutcome> {
         self.inner.vm_shutdown(vm, timeout).await
     }
     async fn vm_power_off(&self, vm: uuid::Uuid) -> drover_agent_api::AgentResult<()> {
@@ -443,13 +447,22 @@ impl drover_agent_api::HostAgent for Flaky {
     async fn vm_status(&self, vm: uuid::Uuid) -> drover_agent_api::AgentResult<drover_agent_api::PowerState> {
         self.inner.vm_status(vm).await
     }
-    async fn vm_wait_heartbeat(&self, vm: uuid::Uuid, timeout: std::time::Duration) -> drover_agent_api::AgentResult<drover_agent_api::Heartbeat> {
+    async fn vm_wait_heartbeat(
+        &self,
+        vm: uuid::Uuid,
+        timeout: std::time::Duration,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::Heartbeat> {
         self.inner.vm_wait_heartbeat(vm, timeout).await
     }
     async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> drover_agent_api::AgentResult<()> {
         self.inner.vm_write_marker(vm, marker).await
     }
-    async fn vm_check_tcp_port(&self, vm: uuid::Uuid, port: u16, timeout: std::time::Duration) -> drover_agent_api::AgentResult<drover_agent_api::TcpPortState> {
+    async fn vm_check_tcp_port(
+        &self,
+        vm: uuid::Uuid,
+        port: u16,
+        timeout: std::time::Duration,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::TcpPortState> {
         self.inner.vm_check_tcp_port(vm, port, timeout).await
     }
     async fn vm_forget(&self, vm: uuid::Uuid, discard_overlays: bool) -> drover_agent_api::AgentResult<()> {
@@ -458,10 +471,18 @@ impl drover_agent_api::HostAgent for Flaky {
     async fn vm_list(&self) -> drover_agent_api::AgentResult<Vec<drover_agent_api::VmPresence>> {
         self.inner.vm_list().await
     }
-    async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> drover_agent_api::AgentResult<Vec<drover_agent_api::PointFile>> {
+    async fn vm_boot_overlays(
+        &self,
+        vm: uuid::Uuid,
+    ) -> drover_agent_api::AgentResult<Vec<drover_agent_api::PointFile>> {
         self.inner.vm_boot_overlays(vm).await
     }
-    async fn boot_overlay_ensure(&self, chain: &drover_agent_api::ChainRef, point: &drover_agent_api::PointFile, label: &str) -> drover_agent_api::AgentResult<drover_agent_api::PointFile> {
+    async fn boot_overlay_ensure(
+        &self,
+        chain: &drover_agent_api::ChainRef,
+        point: &drover_agent_api::PointFile,
+        label: &str,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::PointFile> {
         self.inner.boot_overlay_ensure(chain, point, label).await
     }
 }

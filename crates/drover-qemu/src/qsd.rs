@@ -54,8 +54,39 @@ use crate::{ToolError, ToolResult};
 pub const QEMU_STORAGE_DAEMON: &str = "qemu-storage-daemon";
 /// Bound on one QMP command; the block layer answers in milliseconds unless wedged.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a fresh daemon may take to open its QMP socket (it takes ~20 ms).
+/// How long a fresh daemon may take to open its QMP socket (it takes ~20 ms) when it is the only
+/// one starting; see [`start_timeout`].
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// What each other daemon starting at the same time adds to [`START_TIMEOUT`]: fifty VMs of one
+/// replication run start fifty daemons at once on a machine with two cores, and a fixed bound
+/// failed whole runs that way (issue 11, item 6).
+const START_TIMEOUT_PER_PEER: Duration = Duration::from_secs(2);
+
+/// Daemons of this process starting right now.
+static STARTING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How long a daemon may take to start when `concurrent` start at once (itself included): the
+/// bound grows with what it waits behind.
+fn start_timeout(concurrent: usize) -> Duration {
+    let others = u32::try_from(concurrent.saturating_sub(1)).unwrap_or(u32::MAX);
+    START_TIMEOUT.saturating_add(START_TIMEOUT_PER_PEER.saturating_mul(others))
+}
+
+/// Counts a daemon as starting while it lives.
+struct Starting;
+
+impl Starting {
+    fn new() -> Starting {
+        STARTING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Starting
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        STARTING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 /// After QMP `quit`, how long before SIGKILL. Closing flushes qcow2 caches and writes bitmaps.
 const QUIT_WAIT: Duration = Duration::from_secs(10);
 /// After SIGKILL, how long until we call the process unkillable.
@@ -209,8 +240,13 @@ impl StorageDaemon {
 
         // The socket appears once the daemon has parsed its options; poll for it, and give up
         // early if the process has exited (bad options, missing binary behind setpriv).
-        let deadline = Instant::now() + START_TIMEOUT;
+        let _starting = Starting::new();
+        let began = Instant::now();
+        // The most daemons seen starting together while this one waited: its bound.
+        let mut crowd = 1usize;
         let qmp = loop {
+            crowd = crowd.max(STARTING.load(std::sync::atomic::Ordering::SeqCst));
+            let timeout = start_timeout(crowd);
             if let Ok(Some(status)) = child.try_wait() {
                 let stderr = std::fs::read_to_string(&log).unwrap_or_default().trim().to_owned();
                 return Err(ToolError::Tool {
@@ -224,9 +260,9 @@ impl StorageDaemon {
                     Err(e) => tracing::debug!(error = %e, "storage daemon QMP not ready"),
                 }
             }
-            if Instant::now() >= deadline {
+            if began.elapsed() >= timeout {
                 let _ = child.start_kill();
-                return Err(ToolError::Timeout(START_TIMEOUT, "qemu-storage-daemon QMP socket"));
+                return Err(ToolError::Timeout(timeout, "qemu-storage-daemon QMP socket"));
             }
             tokio::time::sleep(POLL).await;
         };
@@ -600,6 +636,14 @@ async fn remove_if_present(path: &Path) -> ToolResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_timeout_grows_with_the_daemons_starting_together() {
+        assert_eq!(start_timeout(0), START_TIMEOUT);
+        assert_eq!(start_timeout(1), START_TIMEOUT);
+        assert_eq!(start_timeout(50), Duration::from_secs(10 + 2 * 49));
+        assert!(start_timeout(usize::MAX) >= start_timeout(50));
+    }
 
     #[test]
     fn node_names() {

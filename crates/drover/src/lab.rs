@@ -1,11 +1,18 @@
-//! `drover lab`: the embedded default on one machine. Starts the control plane on SQLite with its
-//! local agent, lays out a production and a DR site with a datastore each, creates two small real
-//! VMs running the tiny guest, powers them on (waiting for their heartbeats), and serves the API.
+//! `drover lab`: the embedded default on one machine, in the real topology. Starts the control
+//! plane on SQLite with its agent listener on loopback, and two `drover agent` processes (this
+//! same binary), one per site, each with its own data directory (`<data-dir>/agents/prod` and
+//! `/dr`) and listeners on loopback, enrolled by the lab with one-time tokens. Lays out a
+//! production and a DR site with a host (its agent) and a datastore each, creates two small real
+//! VMs running the tiny guest on the production agent, powers them on (waiting for their
+//! heartbeats), replicates them agent to agent, and serves the API.
 //!
-//! It is idempotent: run it again on the same data directory and it reuses what is there, powering
-//! on the lab VMs that are off.
+//! It is idempotent: run it again on the same data directory and it reuses what is there (the
+//! agents keep their identities), powering on the lab VMs that are off. `--scenario` then runs the
+//! whole story over the agents' wire, with the production site lost (its agent and VMs killed)
+//! before the failover.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -16,6 +23,78 @@ use drover_types::{
 };
 
 use crate::serve::{self, ServeArgs};
+
+/// A `drover agent` the lab runs (this binary), killed when dropped; its VMs outlive it.
+struct LabAgent {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl LabAgent {
+    /// Starts the agent of `dir`, enrolling it at `enroll` (URL, token) when it has no identity
+    /// yet, and waits for it to serve.
+    async fn start(
+        dir: &Path,
+        args: &ServeArgs,
+        guest: &Path,
+        enroll: Option<(&str, &str)>,
+    ) -> anyhow::Result<LabAgent> {
+        use clap::ValueEnum as _;
+        use tokio::io::AsyncBufReadExt as _;
+        let name = |v: Option<clap::builder::PossibleValue>| v.map(|p| p.get_name().to_string()).unwrap_or_default();
+        drover_agent::host_paths::create_private_dir_all(dir)
+            .with_context(|| format!("cannot make {}", dir.display()))?;
+        let log = std::fs::File::create(dir.join("agent.log")).context("the agent's log")?;
+        let mut cmd = tokio::process::Command::new(std::env::current_exe().context("this binary")?);
+        cmd.arg("agent")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+            .args(["--hypervisor", &name(args.hypervisor.to_possible_value())])
+            .args(["--accel", &name(args.accel.to_possible_value())])
+            .arg("--import-dir")
+            .arg(guest)
+            .arg("--guest-dir")
+            .arg(guest)
+            .env_remove("DROVER_AGENT_LISTEN")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some((url, token)) = enroll {
+            cmd.args(["--enroll", url, token]);
+        }
+        let mut child = cmd.spawn().context("cannot start drover agent")?;
+        let stdout = child.stdout.take().context("the agent's output")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some((_, url)) =
+                    line.trim().strip_prefix("drover agent for host ").and_then(|r| r.split_once(" serving on "))
+                {
+                    return Ok(url.to_string());
+                }
+            }
+            anyhow::bail!("drover agent stopped before it served")
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("drover agent did not serve within 120 s"))?
+        .with_context(|| format!("the agent in {} (its log: {})", dir.display(), dir.join("agent.log").display()))?;
+        // Keep reading what it prints, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(LabAgent { child, url })
+    }
+
+    async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// The lab's agents, by site name.
+struct Agents {
+    prod: LabAgent,
+    dr: LabAgent,
+}
 
 #[derive(Debug, Args)]
 pub struct LabArgs {
@@ -50,12 +129,16 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         args.serve.import_dirs.push(args.serve.data_dir.join("imports"));
     }
     args.serve.import_dirs.push(dir.clone());
-    args.serve.guest_dir = Some(dir);
+    args.serve.guest_dir = Some(dir.clone());
+    // Agents enrol with the control plane over its agent listener, on loopback.
+    if args.serve.agent_listen.0.is_none() {
+        args.serve.agent_listen = serve::Endpoint(Some("127.0.0.1:0".parse()?));
+    }
     let started = Instant::now();
     let server = serve::start(&args.serve).await?;
     let app = server.app.clone();
     let admin = admin_caller(&app).await?;
-    let (prod_ds, dr_ds) = layout(&app, &admin, &args.serve.data_dir).await?;
+    let (prod_ds, dr_ds, agents) = layout(&app, &admin, &args.serve, &dir).await?;
 
     let mut vms = Vec::new();
     for i in 1..=args.vms {
@@ -193,26 +276,36 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         let points = app.restore_points(&admin, r.id).await?;
         println!("  replica {:<16} {:?}, {} restore point(s)", r.name, r.state, points.len());
     }
+    let prod_host = app.get::<Host>(&admin, prod_ds.host_id.0).await?;
+    let prod_agent = app.engine().agent(&prod_host).await?;
     for vm in &vms {
         let vm = app.get::<Vm>(&admin, vm.id.0).await?;
-        let hb = app.engine().hv().wait_heartbeat(vm.id.0, Duration::from_secs(5)).await;
+        let hb = prod_agent.vm_wait_heartbeat(vm.id.0, Duration::from_secs(5)).await;
         let beat = hb
             .map(|h| format!("heartbeat, guest up {:.1} s", h.uptime_secs))
             .unwrap_or_else(|e| format!("no heartbeat: {e}"));
         println!("  VM {:<10} {:?}, {beat}", vm.name, vm.power_state);
     }
-    if args.scenario {
-        scenario(&app, &admin, &vms).await?;
-    }
+    println!(
+        "  agents:     production {}, DR {} (data in {})",
+        agents.prod.url,
+        agents.dr.url,
+        args.serve.data_dir.join("agents").display()
+    );
+    let agents = if args.scenario { scenario(&app, &admin, &vms, &args.serve, &dir, agents).await? } else { agents };
     if args.exit {
         app.engine().shutdown();
         server.stop_listeners().await;
+        agents.prod.kill().await;
+        agents.dr.kill().await;
         println!("lab stopped (--exit); the VMs keep running and are re-attached on the next start");
         return Ok(());
     }
-    println!("Ctrl-C stops drover; the VMs keep running and are re-attached on the next start.");
+    println!("Ctrl-C stops drover and its agents; the VMs keep running and are re-attached on the next start.");
     tokio::signal::ctrl_c().await?;
     app.engine().shutdown();
+    agents.prod.kill().await;
+    agents.dr.kill().await;
     Ok(())
 }
 
@@ -221,9 +314,42 @@ async fn admin_caller(app: &App) -> anyhow::Result<Caller> {
     Ok(app.caller_for(user.id).await?)
 }
 
-/// The production and DR sites with a local host and a datastore each. Returns the datastores.
-async fn layout(app: &App, admin: &Caller, data: &std::path::Path) -> anyhow::Result<(Datastore, Datastore)> {
+/// The directory of a site's agent.
+fn agent_dir(args: &ServeArgs, site: &str) -> PathBuf {
+    args.data_dir.join("agents").join(site)
+}
+
+/// Starts a site's agent (enrolling it on its first start) and points its host at it.
+async fn site_agent(
+    app: &App,
+    admin: &Caller,
+    args: &ServeArgs,
+    guest: &Path,
+    host: &Host,
+    site: &str,
+) -> anyhow::Result<LabAgent> {
+    let dir = agent_dir(args, site);
+    let agent = if dir.join("identity/agent.cert.pem").exists() {
+        LabAgent::start(&dir, args, guest, None).await?
+    } else {
+        let e = app.host_enrolment(admin, host.id, None).await?;
+        LabAgent::start(&dir, args, guest, Some((&e.enrol_url, &e.token))).await?
+    };
+    app.host_update(admin, host.id, None, Some(agent.url.clone())).await?;
+    app.engine().agent_disconnect(host.id).await;
+    Ok(agent)
+}
+
+/// The production and DR sites with a host (run by its own agent) and a datastore each. Returns
+/// the datastores and the running agents.
+async fn layout(
+    app: &App,
+    admin: &Caller,
+    args: &ServeArgs,
+    guest: &Path,
+) -> anyhow::Result<(Datastore, Datastore, Agents)> {
     let mut out = Vec::new();
+    let mut agents = Vec::new();
     for (site_name, kind) in [("prod", SiteKind::Production), ("dr", SiteKind::DisasterRecovery)] {
         let site = match app.list::<Site>(admin).await?.into_iter().find(|s| s.name == site_name) {
             Some(s) => s,
@@ -231,24 +357,46 @@ async fn layout(app: &App, admin: &Caller, data: &std::path::Path) -> anyhow::Re
         };
         let host_name = format!("{site_name}-host");
         let host = match app.list::<Host>(admin).await?.into_iter().find(|h| h.name == host_name) {
+            Some(h) if h.address == "local" => bail!(
+                "{} holds a lab from before the lab ran its sites on agents: remove it, or use another --data-dir",
+                args.data_dir.display()
+            ),
             Some(h) => h,
             None => {
-                app.host_create(admin, NewHost { site_id: site.id, name: host_name, address: "local".into() }).await?
+                // Its address is set once its agent serves.
+                let new = NewHost { site_id: site.id, name: host_name, address: "https://127.0.0.1:1".into() };
+                app.host_create(admin, new).await?
             }
         };
+        let agent = site_agent(app, admin, args, guest, &host, site_name).await?;
         let ds_name = format!("{site_name}-ds");
         let ds = match app.list::<Datastore>(admin).await?.into_iter().find(|d| d.name == ds_name) {
             Some(d) => d,
             None => {
-                let path = data.join("datastores").join(site_name).to_string_lossy().to_string();
+                let path = agent_dir(args, site_name).join("datastores").join(site_name).to_string_lossy().to_string();
                 app.datastore_create(admin, NewDatastore { host_id: host.id, name: ds_name, path }).await?
             }
         };
         out.push(ds);
+        agents.push(agent);
     }
     let dr = out.pop().context("no DR datastore")?;
     let prod = out.pop().context("no production datastore")?;
-    Ok((prod, dr))
+    let dr_agent = agents.pop().context("no DR agent")?;
+    let prod_agent = agents.pop().context("no production agent")?;
+    Ok((prod, dr, Agents { prod: prod_agent, dr: dr_agent }))
+}
+
+/// Kills a VM's QEMU process the way a lost site does (SIGKILL): the pid from its pidfile under
+/// the agent's runtime directory, checked to be that VM's QEMU.
+fn kill_vm(agent_dir: &Path, vm: uuid::Uuid) {
+    let Ok(pid) = std::fs::read_to_string(agent_dir.join("run").join(vm.to_string()).join("qemu.pid")) else { return };
+    let Ok(pid) = pid.trim().parse::<i32>() else { return };
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&vm.to_string()));
+    if ours {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 async fn expect_success(app: &App, session: drover_types::SessionId, what: &str, vm: &str) -> anyhow::Result<Session> {
@@ -275,10 +423,23 @@ async fn bytes_sent(app: &App, caller: &Caller, s: drover_types::SessionId) -> a
         .sum())
 }
 
-/// The whole story on the lab, each step a session, with what it did.
-async fn scenario(app: &App, admin: &Caller, vms: &[Vm]) -> anyhow::Result<()> {
+/// The whole story on the lab, each step a session, with what it did: over the agents' wire,
+/// and with the production site lost before the failover. Returns the agents as they run after.
+async fn scenario(
+    app: &App,
+    admin: &Caller,
+    vms: &[Vm],
+    args: &ServeArgs,
+    guest: &Path,
+    agents: Agents,
+) -> anyhow::Result<Agents> {
+    use drover_agent_api::HostAgent;
     use drover_types::{PlanAction, Replica};
-    let hv = app.engine().hv().clone();
+    let hosts = app.list::<Host>(admin).await?;
+    let host = |name: &str| hosts.iter().find(|h| h.name == name).cloned().context("a lab host is missing");
+    let (prod_host, dr_host) = (host("prod-host")?, host("dr-host")?);
+    let dr: Arc<dyn HostAgent> = app.engine().agent(&dr_host).await?;
+    let prod: Arc<dyn HostAgent> = app.engine().agent(&prod_host).await?;
     let plan =
         app.list::<Plan>(admin).await?.into_iter().find(|p| p.name == "lab-plan").context("lab-plan is missing")?;
     let job = app
@@ -287,7 +448,7 @@ async fn scenario(app: &App, admin: &Caller, vms: &[Vm]) -> anyhow::Result<()> {
         .into_iter()
         .find(|j| j.name == "lab-replication")
         .context("lab-replication is missing")?;
-    println!("\nscenario:");
+    println!("\nscenario (production and DR each on a drover agent):");
     println!("  {:<34} {:<8} {:>12} {:>8}", "step", "result", "bytes sent", "seconds");
     let report = |what: &str, s: &Session, bytes: u64, t: Instant| {
         println!("  {what:<34} {:<8} {bytes:>12} {:>8.1}", format!("{:?}", s.result), t.elapsed().as_secs_f64());
@@ -303,44 +464,53 @@ async fn scenario(app: &App, admin: &Caller, vms: &[Vm]) -> anyhow::Result<()> {
         let t = Instant::now();
         let s = app.engine().wait(app.replication_job_run(admin, job.id).await?, Duration::from_secs(600)).await?;
         report(what, &s, bytes_sent(app, admin, s.id).await?, t);
-        check(&s, what)
+        check(&s, what)?;
+        Ok::<_, anyhow::Error>(s)
     };
     let plan_action = |what: &'static str, action: PlanAction| async move {
         let t = Instant::now();
         let (_, s) = app.plan_action(admin, plan.id, action, Default::default()).await?;
         let s = app.engine().wait(s.context("no session")?, Duration::from_secs(600)).await?;
         report(what, &s, bytes_sent(app, admin, s.id).await?, t);
-        check(&s, what)
+        check(&s, what)?;
+        Ok::<_, anyhow::Error>(s)
     };
 
     for vm in vms {
-        hv.write_marker(vm.id.0, &format!("{} in production", vm.name)).await?;
+        prod.vm_write_marker(vm.id.0, &format!("{} in production", vm.name)).await?;
     }
     replicate("replicate (marker in production)").await?;
+    // The production site is lost: its agent and its VMs die at once.
     let t = Instant::now();
+    agents.prod.kill().await;
     for vm in vms {
-        let s = app
-            .engine()
-            .wait(app.vm_power(admin, vm.id, PowerAction::Shutdown).await?, Duration::from_secs(120))
-            .await?;
-        check(&s, "shutdown of production")?;
+        kill_vm(&agent_dir(args, "prod"), vm.id.0);
     }
-    println!("  {:<34} {:<8} {:>12} {:>8.1}", "production goes down", "Success", 0, t.elapsed().as_secs_f64());
-    plan_action("fail over to DR", PlanAction::Failover).await?;
+    println!("  {:<34} {:<8} {:>12} {:>8.1}", "production site lost", "-", 0, t.elapsed().as_secs_f64());
+    let s = plan_action("fail over to DR", PlanAction::Failover).await?;
+    let log = app.session_log(admin, s.id, 0, 1000).await?;
+    if let Some(line) = log.iter().find(|e| e.message.contains("cannot be reached")) {
+        println!("    {}", line.message);
+    }
     let replicas = app.list::<Replica>(admin).await?;
     for vm in vms {
         let r = replicas.iter().find(|r| r.source_vm_id == vm.id).context("no replica")?;
-        let hb = hv.wait_heartbeat(r.id.0, Duration::from_secs(60)).await?;
+        let hb = dr.vm_wait_heartbeat(r.id.0, Duration::from_secs(60)).await?;
         let want = format!("{} in production", vm.name);
         if hb.marker.as_deref() != Some(want.as_str()) {
             bail!("{} at DR shows {:?}, expected {want:?}", r.name, hb.marker);
         }
-        hv.write_marker(r.id.0, &format!("{} written at DR", vm.name)).await?;
+        dr.vm_write_marker(r.id.0, &format!("{} written at DR", vm.name)).await?;
     }
     println!("  replicas show production's markers; each writes its own at DR");
+    // Production comes back: its agent re-attaches (the VMs it ran are dead and stay off).
+    let t = Instant::now();
+    let prod_agent = site_agent(app, admin, args, guest, &prod_host, "prod").await?;
+    let prod: Arc<dyn HostAgent> = app.engine().agent(&app.get::<Host>(admin, prod_host.id.0).await?).await?;
+    println!("  {:<34} {:<8} {:>12} {:>8.1}", "production site returns (fenced)", "-", 0, t.elapsed().as_secs_f64());
     plan_action("fail back to production", PlanAction::FailbackToProduction).await?;
     for vm in vms {
-        let hb = hv.wait_heartbeat(vm.id.0, Duration::from_secs(120)).await?;
+        let hb = prod.vm_wait_heartbeat(vm.id.0, Duration::from_secs(120)).await?;
         let want = format!("{} written at DR", vm.name);
         if hb.marker.as_deref() != Some(want.as_str()) {
             bail!("{} shows {:?} after failback, expected {want:?}", vm.name, hb.marker);
@@ -350,5 +520,5 @@ async fn scenario(app: &App, admin: &Caller, vms: &[Vm]) -> anyhow::Result<()> {
     plan_action("commit failback", PlanAction::CommitFailback).await?;
     replicate("replicate again (production -> DR)").await?;
     println!("scenario complete");
-    Ok(())
+    Ok(Agents { prod: prod_agent, dr: agents.dr })
 }

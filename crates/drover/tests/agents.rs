@@ -700,7 +700,10 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     prod.datastore_ensure(&ds).await.unwrap();
     prod.vm_power_on(&spec).await.unwrap();
     wait_for("the production VM to be fenced", async || {
-        matches!(prod.vm_status(vm_uuid).await, Ok(drover_agent_api::PowerState::Off | drover_agent_api::PowerState::Died))
+        matches!(
+            prod.vm_status(vm_uuid).await,
+            Ok(drover_agent_api::PowerState::Off | drover_agent_api::PowerState::Died)
+        )
     })
     .await;
     let v = api.ok(M::GET, &format!("/v1/vms/{vm_id}"), None).await;

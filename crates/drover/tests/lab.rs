@@ -41,6 +41,8 @@ fn lab_scenario_runs_the_whole_story() {
         "/api/sessionMngr/?v=latest",
         "replica lab-vm1_replica  Ready, 1 restore point(s)",
         "fail over to DR",
+        "production site lost",
+        "production host cannot be reached",
         "production shows the markers written at DR",
         "scenario complete",
     ] {
