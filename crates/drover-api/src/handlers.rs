@@ -666,6 +666,7 @@ pub async fn plans_action(
         point_date: b.restore_point_date,
         recovery_location_id: b.recovery_location_id.map(Into::into),
         restore_tags: b.restore_tags,
+        planned: b.planned,
     };
     let (plan, session) = st.app.plan_action(&c, id, action, opts).await?;
     Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))

@@ -995,6 +995,11 @@ pub struct PlanActionBody {
     /// For `failback` to another location: give the new VMs the original VMs' tags.
     #[serde(default)]
     pub restore_tags: bool,
+    /// For `failover`: a planned failover. Production (which must be reachable) is shut down,
+    /// its last changes are replicated, then the plan fails over to that point: nothing written
+    /// before the command is lost. Takes no `restore_point_date`.
+    #[serde(default)]
+    pub planned: bool,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]

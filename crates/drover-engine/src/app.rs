@@ -176,6 +176,8 @@ pub struct PlanActionOptions {
     pub recovery_location_id: Option<RecoveryLocationId>,
     /// For failback to another location: give the new VMs the original VMs' tags.
     pub restore_tags: bool,
+    /// For Failover: a planned failover (production shut down, its last changes replicated).
+    pub planned: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1275,7 +1277,12 @@ impl App {
                         missing.join(", ")
                     )));
                 }
-                let extra = json!({ "point_date": opts.point_date, "plan": plan });
+                if opts.planned && opts.point_date.is_some() {
+                    return Err(Error::invalid(
+                        "a planned failover goes to production's state at the command: it takes no restore point date",
+                    ));
+                }
+                let extra = json!({ "point_date": opts.point_date, "planned": opts.planned, "plan": plan });
                 self.plan_submit(caller, &plan, SessionKind::PlanFailover, action, extra).await?
             }
             PlanAction::Undo if plan.lifecycle.state == PlanState::Failover => {

@@ -57,6 +57,10 @@ pub struct FailoverParams {
     /// The newest point at or before this time; `None` for the newest.
     #[serde(default)]
     pub point_date: Option<Timestamp>,
+    /// A planned failover: production is reachable and is shut down first, and its last changes
+    /// are replicated, so nothing written before the command is lost.
+    #[serde(default)]
+    pub planned: bool,
 }
 
 pub(crate) fn register(engine: &Engine) {
@@ -93,6 +97,29 @@ fn failover_saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
             }
             .step(),
         ];
+    if p.planned {
+        let mut i = 0usize;
+        for group in &plan.groups {
+            for pvm in &group.vms {
+                let task = task_of(pvm.vm_id).ok_or_else(|| Error::internal("a plan VM without a task"))?;
+                steps.push(SagaStep {
+                    task: Some(task),
+                    group: None,
+                    weight: 2,
+                    critical: true,
+                    step: Box::new(ShutdownSource { p: p.clone(), vm: pvm.vm_id, index: i }),
+                });
+                i += 1;
+            }
+        }
+        steps.push(SagaStep {
+            task: None,
+            group: None,
+            weight: 4,
+            critical: true,
+            step: Box::new(LastDelta { p: p.clone() }),
+        });
+    }
     let mut i = 0usize;
     for (g, group) in plan.groups.iter().enumerate() {
         if g > 0 && plan.groups[g - 1].delay_secs > 0 {
@@ -260,6 +287,115 @@ fn conclude(p: &FailoverParams, from: PlanState) -> SagaStep {
 fn halted(p: &FailoverParams) -> Option<Box<dyn crate::saga::HaltHook>> {
     let running = vec![PlanState::FailoverInProgress];
     Some(Box::new(crate::plan_state::PlanHalted { tenant: p.tenant_id, plan: p.plan_id, running }))
+}
+
+/// A planned failover's first step per VM: production is shut down (powered off after the
+/// engine's shutdown timeout), through its agent, which must be reachable.
+struct ShutdownSource {
+    p: FailoverParams,
+    vm: VmId,
+    index: usize,
+}
+
+#[async_trait]
+impl Step for ShutdownSource {
+    fn name(&self) -> String {
+        format!("shutdown:{}", self.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let engine = &ctx.engine;
+        let vm = engine.store().object_get::<Vm>(self.p.tenant_id, self.vm.0).await?;
+        let agent = crate::ops::vm_agent(engine, &vm).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "a planned failover shuts production down first, and {}'s host cannot be reached ({e}); fail over \
+                 without `planned` to go on from the newest restore point",
+                vm.name
+            ))
+        })?;
+        let timeout = engine.config().shutdown_timeout;
+        let outcome = agent.vm_shutdown(vm.id.0, timeout).await.map_err(crate::ops::vm_err)?;
+        crate::ops::set_vm_power(engine, vm.tenant_id, vm.id, VmPowerState::Off).await?;
+        let level = if outcome == drover_hv::ShutdownOutcome::ForcedOff { LogLevel::Warning } else { LogLevel::Info };
+        ctx.log(level, format!("planned failover: production VM {} shut down ({outcome:?})", vm.name)).await;
+        Ok(json!({ "outcome": outcome }))
+    }
+    async fn undo(&self, ctx: &StepCtx, _: &Value) -> Result<()> {
+        // Production stays off: what ran at DR meanwhile may matter more; it is started on request.
+        ctx.log(LogLevel::Info, "production stays powered off; power it on when wanted").await;
+        Ok(())
+    }
+}
+
+/// How long a planned failover waits for the replication of production's last changes.
+const LAST_DELTA_WAIT: Duration = Duration::from_secs(6 * 3600);
+
+/// A planned failover's replication of what production wrote until it was shut down: a run of
+/// every replication job of the plan's VMs (after a run already going ends), which must leave
+/// each VM a restore point made after the shutdown.
+struct LastDelta {
+    p: FailoverParams,
+}
+
+#[async_trait]
+impl Step for LastDelta {
+    fn name(&self) -> String {
+        "last_delta".into()
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let engine = &ctx.engine;
+        let plan = plan_of(&ctx.session)?;
+        let since = now();
+        let mut jobs: Vec<ReplicationJobId> = Vec::new();
+        for vm in plan.groups.iter().flat_map(|g| g.vms.iter()) {
+            let replica = replica_of(engine, self.p.tenant_id, vm.vm_id).await?;
+            if !jobs.contains(&replica.job_id) {
+                jobs.push(replica.job_id);
+            }
+        }
+        let mut runs = Vec::new();
+        for job_id in jobs {
+            let job = engine.store().object_get::<ReplicationJob>(self.p.tenant_id, job_id.0).await?;
+            if let Some(s) = crate::replication::newest_run(engine, &job).await?
+                && s.state != SessionState::Stopped
+            {
+                ctx.log(LogLevel::Info, format!("waiting for the run of {} under way", job.name)).await;
+                engine.wait(s.id, LAST_DELTA_WAIT).await?;
+            }
+            let run = crate::replication::submit(engine, &job).await?;
+            ctx.log(LogLevel::Info, format!("replicating production's last changes: job {} (session {run})", job.name))
+                .await;
+            let s = engine.wait(run, LAST_DELTA_WAIT).await?;
+            if !matches!(s.result, SessionResult::Success | SessionResult::Warning) {
+                return Err(Error::Unavailable(format!(
+                    "the last replication of job {} ended {:?}: {}",
+                    job.name,
+                    s.result,
+                    s.failure_message.unwrap_or_default()
+                )));
+            }
+            runs.push(run);
+        }
+        for vm in plan.groups.iter().flat_map(|g| g.vms.iter()) {
+            let replica = replica_of(engine, self.p.tenant_id, vm.vm_id).await?;
+            let points = engine.store().restore_points_of(self.p.tenant_id, replica.id).await?;
+            let fresh = points.iter().any(|p| p.state == RestorePointState::Published && p.created_at >= since);
+            if !fresh {
+                return Err(Error::Unavailable(format!(
+                    "{} has no restore point of production's last state: its last replication did not publish one",
+                    replica.name
+                )));
+            }
+        }
+        ctx.log(
+            LogLevel::Info,
+            "production's last changes are replicated: nothing written before the failover is lost",
+        )
+        .await;
+        Ok(json!({ "runs": runs }))
+    }
+    async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct Delay {

@@ -754,5 +754,27 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
     let line = run_job(&api, &job).await;
     println!("after the failback: {line}");
+
+    // A planned failover: production, reachable and running, is shut down and its last
+    // changes replicated first, so what it wrote just before the command is at DR.
+    prod.vm_write_marker(vm_uuid, "the last words").await.unwrap();
+    let (status, v) = api
+        .send(
+            M::POST,
+            &format!("/v1/plans/{plan_id}/failover"),
+            Some(json!({"planned": true, "restore_point_date": "2026-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, 400, "a planned failover takes no date: {v}");
+    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), Some(json!({"planned": true}))).await;
+    let session = fo["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(&api, &session).await;
+    let lines = session_log(&api, &session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("production VM db shut down")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("nothing written before the failover is lost")), "{lines:?}");
+    assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
+    let hb = dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("the last words"), "the replica has what production wrote last");
     drop(cp);
 }
