@@ -377,6 +377,10 @@ pub struct FailoverArgs {
     /// default: the newest point.
     #[arg(long)]
     pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A planned failover (not with test-failover): production, which must be reachable, is
+    /// shut down and its last changes replicated first, so nothing written before is lost.
+    #[arg(long, conflicts_with = "at")]
+    pub planned: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -395,8 +399,12 @@ pub struct FailbackArgs {
     pub wait: WaitArgs,
 }
 
-fn failover_body(at: Option<chrono::DateTime<chrono::Utc>>) -> Option<Value> {
-    at.map(|t| json!({ "restore_point_date": t }))
+fn failover_body(at: Option<chrono::DateTime<chrono::Utc>>, planned: bool) -> Option<Value> {
+    match (at, planned) {
+        (_, true) => Some(json!({ "planned": true })),
+        (Some(t), false) => Some(json!({ "restore_point_date": t })),
+        (None, false) => None,
+    }
 }
 
 fn failback_body(a: &FailbackArgs) -> Option<Value> {
@@ -1042,8 +1050,13 @@ async fn plan(ctx: &Ctx, cmd: PlanCommand) -> anyhow::Result<()> {
         PlanCommand::Enable(a) => action("enable", a),
         PlanCommand::Disable(a) => action("disable", a),
         PlanCommand::ReadinessCheck(a) => action("readiness-check", a),
-        PlanCommand::Failover(a) => ("failover", a.id, failover_body(a.at), a.wait),
-        PlanCommand::TestFailover(a) => ("test-failover", a.id, failover_body(a.at), a.wait),
+        PlanCommand::Failover(a) => ("failover", a.id, failover_body(a.at, a.planned), a.wait),
+        PlanCommand::TestFailover(a) => {
+            if a.planned {
+                anyhow::bail!("--planned is for failover: a test failover leaves production as it is");
+            }
+            ("test-failover", a.id, failover_body(a.at, false), a.wait)
+        }
         PlanCommand::PermanentFailover(a) => action("permanent-failover", a),
         PlanCommand::PrepareFailback(a) => action("prepare-failback", a),
         PlanCommand::Failback(a) => ("failback", a.id, failback_body(&a), a.wait),
@@ -1223,8 +1236,15 @@ mod tests {
         else {
             panic!("not a failover")
         };
-        let parsed: v::PlanActionBody = serde_json::from_value(failover_body(a.at).unwrap()).unwrap();
+        let parsed: v::PlanActionBody = serde_json::from_value(failover_body(a.at, a.planned).unwrap()).unwrap();
         assert_eq!(parsed.restore_point_date.unwrap().to_rfc3339(), "2026-11-22T18:00:00+00:00");
+        assert!(!parsed.planned);
+        let ClientCommand::Plan(PlanCommand::Failover(a)) = parse(&["plan", "failover", A, "--planned"]) else {
+            panic!("not a failover")
+        };
+        let parsed: v::PlanActionBody = serde_json::from_value(failover_body(a.at, a.planned).unwrap()).unwrap();
+        assert!(parsed.planned && parsed.restore_point_date.is_none());
+        assert!(try_parse(&["plan", "failover", A, "--planned", "--at", "2026-11-22T18:00:00Z"]).is_err());
         assert!(try_parse(&["plan", "failover", A, "--at", "yesterday"]).is_err());
         assert!(matches!(parse(&["plan", "test-failover", A]), ClientCommand::Plan(PlanCommand::TestFailover(_))));
     }
