@@ -109,6 +109,12 @@ impl Pacer {
         *self.job.lock().unwrap_or_else(|e| e.into_inner()) = limit.and_then(TokenBucket::new).map(Arc::new);
     }
 
+    /// Paces what follows by `bucket` as well: one bucket shared by every stream of a transfer,
+    /// so a transfer over several streams keeps to its limit in sum.
+    pub(crate) fn set_job_bucket(&self, bucket: Option<Arc<TokenBucket>>) {
+        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = bucket;
+    }
+
     fn buckets(&self) -> [Option<Arc<TokenBucket>>; 2] {
         [self.job.lock().unwrap_or_else(|e| e.into_inner()).clone(), self.global.clone()]
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_agent::LocalAgent;
-use drover_agent::peer::{DataListener, PeerRetry};
+use drover_agent::peer::{DataListener, PEER_CHUNK, PeerRetry, PeerStreams};
 use drover_agent_api::*;
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_hv::sim::SimulatedHypervisor;
@@ -505,6 +505,97 @@ async fn a_cut_link_mid_transfer_resumes_and_resends_under_one_percent() {
     assert!(ratio <= 0.01, "resent {resent} bytes, {:.3}% of {}", ratio * 100.0, forwarded[0]);
     assert_point_is(&src.image, &file).await;
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
+
+/// Four streams for the tests' 64 MiB disks (16 MiB each).
+fn four_streams() -> PeerStreams {
+    PeerStreams { streams: 4, min_stream_bytes: 8 << 20 }
+}
+
+#[tokio::test]
+async fn a_transfer_over_four_streams_cut_mid_way_resumes_that_stream_and_deltas_use_them_too() {
+    let pki = Pki::new();
+    // Data over the whole disk, so each of the four streams carries 16 MiB.
+    let src = Source::with_data(DISK).await;
+    let dr = Dr::new();
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, Some(pki.server()), &pki.source_name()).await;
+    let b = dr
+        .site
+        .agent(|b| b.with_peer_tls(Pki::client(&pki.dr)).with_peer_retry(fast_retry(4)).with_peer_streams(four_streams()))
+        .await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+
+    // Unbroken, for the figure four streams carry without a cut.
+    let clean_file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let clean = outcome(&run(&b, &transfer_spec("clean", &cut, TransferMode::Seed, &clean_file, None)).await);
+    let clean_peer = clean.peer.unwrap();
+    assert_eq!(listener.stats().streams, 4, "one pull per stream");
+    assert_eq!(clean_peer.data_bytes, DISK, "the streams' stats sum to the whole disk: {clean_peer:?}");
+    assert_eq!((clean_peer.reconnects, clean_peer.resumed_bytes, clean_peer.received_twice), (0, 0, 0));
+    assert!(clean_peer.wire_bytes_in >= DISK && clean_peer.wire_bytes_in < DISK + DISK / 50, "{clean_peer:?}");
+    assert_point_is(&src.image, &clean_file).await;
+
+    // The first connection goes down after 8 MiB toward the DR agent: that stream resumes,
+    // the other three are not disturbed.
+    let proxy = Proxy::new(listener.local_addr(), 8 << 20).await;
+    let chain2 = ChainRef { replica: Uuid::new_v4(), ..dr.chain.clone() };
+    let file = b.point_create(&PointSpec { chain: chain2.clone(), size: cut.size, prev: None }).await.unwrap();
+    let (status, progress) =
+        run_watching(&b, &transfer_spec("cutlink", &through(&cut, proxy.addr), TransferMode::Seed, &file, None)).await;
+    let done = outcome(&status);
+    let peer = done.peer.unwrap();
+    let forwarded = proxy.forwarded();
+    let total: u64 = forwarded.iter().sum();
+    let resent = total.saturating_sub(clean_peer.wire_bytes_in);
+    println!(
+        "four streams, one cut after {} bytes: {total} bytes in all over {} connections, {} without a cut: {resent} \
+         bytes sent again; {peer:?}",
+        forwarded[0],
+        forwarded.len(),
+        clean_peer.wire_bytes_in
+    );
+    assert!(progress.iter().any(|&(d, t)| d > 0 && d < t && t >= DISK), "{progress:?}");
+    assert_eq!(forwarded.len(), 5, "four streams and one reconnect: {forwarded:?}");
+    assert_eq!(forwarded[0], 8 << 20);
+    assert_eq!(peer.reconnects, 1, "{peer:?}");
+    assert!(peer.resumed_bytes >= 7 << 20, "the journal held what arrived before the cut: {peer:?}");
+    assert_eq!(peer.received_twice, 0, "nothing that arrived came again: {peer:?}");
+    assert_eq!(peer.data_bytes + peer.resumed_bytes, DISK, "what was sent and what was held make the disk: {peer:?}");
+    assert!(resent <= 2 * u64::from(PEER_CHUNK), "{resent} bytes sent again: at most the frame in flight");
+    assert_point_is(&src.image, &file).await;
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+
+    // A bitmap delta and a hash-compare over four streams: the guest writes into three of the
+    // four ranges.
+    let mut changed = 0;
+    for at in [BLOCK_SIZE, (20 << 20) + BLOCK_SIZE, (63 << 20) - 2 * BLOCK_SIZE] {
+        guest_write(&src.image, at, 2 * BLOCK_SIZE, &format!("delta{at}"));
+        changed += 2 * BLOCK_SIZE;
+    }
+    let spec2 = src.cut_spec("run2-0-0", "drover-run1", "drover-run2", false);
+    let cut2 = a.cut_begin(&spec2).await.unwrap();
+    let p2 = b.point_create(&PointSpec { chain: chain2.clone(), size: cut2.size, prev: Some(file.clone()) }).await.unwrap();
+    let delta = outcome(&run(&b, &transfer_spec("run2-0-0", &cut2, TransferMode::Bitmap, &p2, Some(&file))).await);
+    assert_eq!(delta.bytes_written, changed, "{delta:?}");
+    assert_point_is(&src.image, &p2).await;
+    a.cut_end(&spec2, Some(&cut2), true).await.unwrap();
+
+    guest_write(&src.image, 40 << 20, 1 << 20, "hc");
+    let spec3 = src.cut_spec("run3-0-0", "drover-run2", "drover-run3", false);
+    let cut3 = a.cut_begin(&spec3).await.unwrap();
+    let p3 = b.point_create(&PointSpec { chain: chain2, size: cut3.size, prev: Some(p2.clone()) }).await.unwrap();
+    let before = listener.stats();
+    let hc = outcome(&run(&b, &transfer_spec("run3-0-0", &cut3, TransferMode::HashCompare, &p3, Some(&p2))).await);
+    let peer = hc.peer.unwrap();
+    let hashes = DISK / BLOCK_SIZE * 32;
+    assert_eq!(hc.bytes_written, 1 << 20, "{hc:?}");
+    assert_eq!(listener.stats().hashed_bytes - before.hashed_bytes, DISK, "each block hashed once, by its stream");
+    assert!(peer.wire_bytes_out >= hashes && peer.wire_bytes_out < hashes + (64 << 10), "{peer:?}");
+    assert_point_is(&src.image, &p3).await;
+    a.cut_end(&spec3, Some(&cut3), true).await.unwrap();
+    assert_eq!(listener.stats().refused, 0);
 }
 
 #[tokio::test]

@@ -142,7 +142,7 @@ async fn a_whole_disk_arrives_checked_with_zero_ranges_as_ranges() {
     assert_eq!(j.durable().total_bytes(), SIZE);
     // The journal survives a reopen; a new stream of the same transfer sends nothing.
     let mut j = journal(&dir).await;
-    assert_eq!(j.durable(), &ExtentSet::from_range(0, SIZE));
+    assert_eq!(j.durable(), ExtentSet::from_range(0, SIZE));
     let (a, b) = tokio::io::duplex(64 << 10);
     let (again, _) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &mut j, &expect));
     let again = again.unwrap();
@@ -283,7 +283,7 @@ async fn a_torn_journal_record_is_dropped() {
     bytes.extend_from_slice(&[1, 2, 3]);
     std::fs::write(&path, bytes).unwrap();
     let j = Journal::open(&path).await.unwrap();
-    assert_eq!(j.durable(), &ExtentSet::from_range(0, 65536));
+    assert_eq!(j.durable(), ExtentSet::from_range(0, 65536));
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 16, "the torn tail is cut off");
     // A new journal is private to the service user.
     let fresh = dir.path().join("fresh");
@@ -319,4 +319,56 @@ async fn framed_streams_after_a_pull_carry_the_senders_answer() {
         tokio::join!(send_framed(sender, &mut src, &sp), receive_framed(receiver, &mut dst, &mut j, &expect));
     assert_eq!(sent.unwrap().data_bytes, received.unwrap().data_bytes);
     assert!(dst.durable == src.volatile);
+}
+
+/// Sends `bytes` whole into a target of other bytes; returns what the sender counted, after
+/// checking the target holds `bytes`.
+async fn send_whole(bytes: Vec<u8>) -> SendStats {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, mut dst) = (Disk::new(bytes), target());
+    let j = journal(&dir).await;
+    let id = Uuid::new_v4();
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let expect = Expect { transfer: id, disk_size: SIZE };
+    let sp = spec(id, 8 << 20);
+    let (sent, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
+    let (sent, received) = (sent.unwrap(), received.unwrap());
+    assert!(dst.durable == src.volatile, "the target holds the source's bytes");
+    assert_eq!((received.data_bytes, received.wire_bytes), (sent.data_bytes, sent.wire_bytes));
+    sent
+}
+
+#[tokio::test]
+async fn random_data_travels_raw_and_zstd_stops_trying_it_whole_after_a_few_chunks() {
+    let mut bytes = vec![0u8; SIZE as usize];
+    blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut bytes);
+    let sent = send_whole(bytes).await;
+    let chunks = SIZE / u64::from(CHUNK);
+    println!("random: {sent:?}");
+    assert_eq!(sent.wire_bytes, SIZE, "sent raw: {sent:?}");
+    assert_eq!(sent.compressed_chunks, 0, "{sent:?}");
+    assert_eq!(sent.incompressible_chunks, u64::from(COMPRESSION_MISSES), "only the first chunks were tried whole");
+    assert_eq!(sent.untried_chunks, chunks - u64::from(COMPRESSION_MISSES), "{sent:?}");
+}
+
+#[tokio::test]
+async fn compressible_data_travels_compressed_even_after_random_data() {
+    // Text-like: a short alphabet, repeated with variation.
+    let text: Vec<u8> = (0..SIZE).map(|i| b"drover replicates disks "[(i * 7 % 24) as usize] ^ ((i / 4096) % 3) as u8).collect();
+    let sent = send_whole(text.clone()).await;
+    let chunks = SIZE / u64::from(CHUNK);
+    println!("compressible: {sent:?}");
+    assert_eq!(sent.compressed_chunks, chunks, "{sent:?}");
+    assert!(sent.wire_bytes < SIZE / 4, "{sent:?}");
+    // Random first, then the same text: zstd stops trying random chunks whole, and finds the
+    // text again from its first chunk (its sample shrinks).
+    let mut mixed = vec![0u8; SIZE as usize];
+    blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut mixed);
+    let half = SIZE as usize / 2;
+    mixed[half..].copy_from_slice(&text[half..]);
+    let sent = send_whole(mixed).await;
+    println!("random then compressible: {sent:?}");
+    assert_eq!(sent.compressed_chunks, chunks / 2, "{sent:?}");
+    assert_eq!(sent.incompressible_chunks, u64::from(COMPRESSION_MISSES), "{sent:?}");
+    assert!(sent.wire_bytes < SIZE / 2 + SIZE / 8, "{sent:?}");
 }
