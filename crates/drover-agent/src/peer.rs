@@ -409,7 +409,9 @@ where
     }
     let range = pull.range;
     let end = range.end().unwrap_or(u64::MAX);
-    if !range.offset.is_multiple_of(BLOCK_SIZE) || end > cut.size || !(end.is_multiple_of(BLOCK_SIZE) || end == cut.size)
+    if !range.offset.is_multiple_of(BLOCK_SIZE)
+        || end > cut.size
+        || !(end.is_multiple_of(BLOCK_SIZE) || end == cut.size)
     {
         let why = format!("{range:?} is not whole blocks of the cut's {} bytes", cut.size);
         return refuse(&mut framed, counters, RefusalCode::Protocol, why).await;

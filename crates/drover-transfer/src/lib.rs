@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_proto::{
-    Codec, Compression, Data, Hello, MAX_EXTENT, Message, PROTOCOL_VERSION, ProtoError, Range, RefusalCode, Refused, Welcome,
+    Codec, Compression, Data, Hello, MAX_EXTENT, Message, PROTOCOL_VERSION, ProtoError, Range, RefusalCode, Refused,
+    Welcome,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};

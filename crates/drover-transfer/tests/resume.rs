@@ -354,7 +354,8 @@ async fn random_data_travels_raw_and_zstd_stops_trying_it_whole_after_a_few_chun
 #[tokio::test]
 async fn compressible_data_travels_compressed_even_after_random_data() {
     // Text-like: a short alphabet, repeated with variation.
-    let text: Vec<u8> = (0..SIZE).map(|i| b"drover replicates disks "[(i * 7 % 24) as usize] ^ ((i / 4096) % 3) as u8).collect();
+    let text: Vec<u8> =
+        (0..SIZE).map(|i| b"drover replicates disks "[(i * 7 % 24) as usize] ^ ((i / 4096) % 3) as u8).collect();
     let sent = send_whole(text.clone()).await;
     let chunks = SIZE / u64::from(CHUNK);
     println!("compressible: {sent:?}");
