@@ -864,8 +864,19 @@ const LIMIT: u64 = 4 << 20;
 /// Pulls a seed of `src`'s cut through agent `a`'s listener into a new point of a fresh DR site,
 /// with the transfer's own `limit`; returns how long it took and what crossed the link.
 async fn timed_seed(src: &Source, cut: &Cut, id: &str, limit: Option<u64>) -> (Duration, PeerTransferStats) {
+    timed_seed_over(src, cut, id, limit, PeerStreams::default()).await
+}
+
+/// [`timed_seed`] by a DR agent that pulls over `streams`.
+async fn timed_seed_over(
+    src: &Source,
+    cut: &Cut,
+    id: &str,
+    limit: Option<u64>,
+    streams: PeerStreams,
+) -> (Duration, PeerTransferStats) {
     let dr = Dr::new();
-    let b = dr.site.agent(|b| b).await;
+    let b = dr.site.agent(|b| b.with_peer_streams(streams)).await;
     let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
     let spec = TransferSpec { bandwidth_limit: limit, ..transfer_spec(id, cut, TransferMode::Seed, &file, None) };
     let started = std::time::Instant::now();
@@ -941,5 +952,28 @@ async fn the_global_cap_paces_a_transfer_without_a_limit_of_its_own() {
         assert!(took >= floor, "{took:?} for {} bytes under a cap of {LIMIT} B/s", peer.wire_bytes_in);
     }
     assert!(listener.stats().paced_waits > 0);
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_transfer_limit_holds_over_all_its_streams_together() {
+    // 16 MiB of data, 4 MiB in each of the four streams' ranges.
+    let src = Source::with_data(PACED_DATA / 4).await;
+    for i in 1..4u64 {
+        guest_write(&src.image, i * (DISK / 4), PACED_DATA / 4, &format!("part{i}"));
+    }
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+    let (paced, peer) = timed_seed_over(&src, &cut, "paced4", Some(LIMIT), four_streams()).await;
+    let floor = at_least(peer.wire_bytes_in, LIMIT);
+    println!(
+        "bandwidth limit {LIMIT} B/s over four streams: {} bytes in {paced:?} ({:.2} MB/s; at least {floor:?})",
+        peer.wire_bytes_in,
+        peer.wire_bytes_in as f64 / paced.as_secs_f64() / 1e6
+    );
+    assert_eq!(listener.stats().streams, 4, "pulled over four streams");
+    assert!(paced >= floor, "{paced:?} for {} bytes at {LIMIT} B/s: the limit is the transfer's", peer.wire_bytes_in);
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
 }

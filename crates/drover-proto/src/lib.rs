@@ -8,9 +8,9 @@
 //! over, or [`Refused`] (an unknown transfer, a version it does not speak). Then the sender sends
 //! [`Data`] (an extent's bytes, optionally zstd-compressed, with the BLAKE3 of the plain bytes,
 //! which the receiver checks before it writes anything) and [`Zero`] (a range that reads as
-//! zeroes: sent as a range, not as bytes); the receiver answers [`Ack`] once an extent is written
-//! and journalled. [`Flush`] asks for everything acknowledged so far to be durable; [`Flushed`]
-//! says it is. Hash-compare runs its hashing on each side: the receiver sends [`Hashes`] of its
+//! zeroes: sent as a range, not as bytes); the receiver answers [`Ack`] once it has taken an
+//! extent (checked; it may gather writes). [`Flush`] asks for everything acknowledged so far to
+//! be written, durable and journalled; [`Flushed`] says it is. Hash-compare runs its hashing on each side: the receiver sends [`Hashes`] of its
 //! blocks and only the blocks that differ travel. [`Done`] ends a stream.
 //!
 //! # Pulling
@@ -231,7 +231,8 @@ pub enum Message {
     Data(Data),
     /// A range that reads as zeroes.
     Zero(Range),
-    /// The receiver wrote and journalled this range.
+    /// The receiver took this range (checked, and written or about to be); it is durable and
+    /// journalled once a later `Flushed` answers.
     Ack(Range),
     /// Make everything acknowledged so far durable; answered by `Flushed` with the same number.
     Flush(u64),

@@ -461,7 +461,7 @@ impl AdaptiveCompression {
 
 /// Chunks read from the source in one go (their reads in flight together), while the chunks
 /// read before are hashed and sent.
-const READ_BATCH: usize = 8;
+const READ_BATCH: usize = 16;
 
 /// Sends what of `spec.extents` the receiver does not hold yet, over one stream, and waits until
 /// the receiver has made it durable. [`TransferError::Cut`] when the stream breaks: call again
