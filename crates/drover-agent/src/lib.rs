@@ -45,7 +45,7 @@ use drover_block::nbd::NbdClient;
 use drover_hv::tracking::{BitmapState, CycleExport, OfflineCycleExport};
 use drover_hv::{ChangeTracking, HvError, Hypervisor};
 use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
-use peer::{Advert, DataListener, PeerClient, PeerCut, PeerCuts, PeerRetry};
+use peer::{Advert, DataListener, PeerClient, PeerCut, PeerCuts, PeerRetry, PeerStreams};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -164,13 +164,19 @@ impl LocalAgent {
     /// Dials other agents' data listeners with mutual TLS (`drover_pki::client_config` of this
     /// agent's identity). Without it the agent dials plain TCP, which is for tests only.
     pub fn with_peer_tls(mut self, config: rustls::ClientConfig) -> LocalAgent {
-        self.peer = Arc::new(PeerClient { tls: Some(Arc::new(config)), retry: self.peer.retry });
+        self.peer = Arc::new(PeerClient { tls: Some(Arc::new(config)), ..(*self.peer).clone() });
         self
     }
 
     /// How a transfer from another agent retries a broken connection.
     pub fn with_peer_retry(mut self, retry: PeerRetry) -> LocalAgent {
-        self.peer = Arc::new(PeerClient { tls: self.peer.tls.clone(), retry });
+        self.peer = Arc::new(PeerClient { retry, ..(*self.peer).clone() });
+        self
+    }
+
+    /// How many streams a transfer from another agent is pulled over.
+    pub fn with_peer_streams(mut self, streams: PeerStreams) -> LocalAgent {
+        self.peer = Arc::new(PeerClient { streams, ..(*self.peer).clone() });
         self
     }
 
@@ -930,10 +936,10 @@ impl Job {
             None => (Manifest::zeroed(size), self.spec.mode == TransferMode::HashCompare),
         };
         let entry = self.entry.clone();
-        let progress = move |done: u64, total: u64| {
+        let progress = Arc::new(move |done: u64, total: u64| {
             entry.done.store(done, Ordering::Relaxed);
             entry.total.store(total, Ordering::Relaxed);
-        };
+        });
         let job = peer::PullJob {
             address,
             server_name,
@@ -941,10 +947,12 @@ impl Job {
             instance,
             spec: &self.spec,
             target_path: &self.target,
+            target_socket,
+            target_export,
             journal_dir: self.journal.clone(),
             manifest,
             hash_target,
-            progress: &progress,
+            progress,
         };
         let pulled = peer::pull(job, &self.peer, &mut dst).await?;
         dst.flush().await.map_err(retry)?;

@@ -104,9 +104,10 @@ impl Pacer {
         Pacer { global, job: Mutex::new(None), waits }
     }
 
-    /// Paces what follows by `limit` bytes per second as well (`None` or 0: no limit of its own).
-    pub(crate) fn set_job_limit(&self, limit: Option<u64>) {
-        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = limit.and_then(TokenBucket::new).map(Arc::new);
+    /// Paces what follows by `bucket` as well: one bucket shared by every stream of a transfer,
+    /// so a transfer over several streams keeps to its limit in sum.
+    pub(crate) fn set_job_bucket(&self, bucket: Option<Arc<TokenBucket>>) {
+        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = bucket;
     }
 
     fn buckets(&self) -> [Option<Arc<TokenBucket>>; 2] {
@@ -235,7 +236,7 @@ mod tests {
     async fn writes_through_a_paced_connection_take_their_time() {
         let waits = Arc::new(AtomicU64::new(0));
         let pacer = Arc::new(Pacer::new(None, waits.clone()));
-        pacer.set_job_limit(Some(1 << 20));
+        pacer.set_job_bucket(TokenBucket::new(1 << 20).map(Arc::new));
         let (client, mut server) = tokio::io::duplex(64 << 10);
         let mut paced = Paced::new(client, pacer);
         let reader = tokio::spawn(async move {

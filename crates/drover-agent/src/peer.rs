@@ -4,19 +4,31 @@
 //! ```text
 //!  DR agent (transfer_ensure, Peer source)           source agent (serve_data)
 //!  ────────────────────────────────────────           ──────────────────────────
+//!  split the disk into N ranges (PeerStreams); per range, one task and one connection:
 //!  dial address, TLS as server_name ───────────────▶  accept (client certificate required)
-//!  Pull {cut, instance, transfer, mode, limit} ────▶  the cut must exist *as this instance*
-//!  [Hashes of prev's blocks…, Done]   ─────────────▶  (hash-compare: hash the cut, compare)
+//!  Pull {cut, instance, transfer, mode, range,      ▶  the cut must exist *as this instance*
+//!        limit}                                        (the limit: one bucket per transfer)
+//!  [Hashes of the range's blocks…, Done] ──────────▶  (hash-compare: hash the range, compare)
 //!                                     ◀───────────── Offer {bytes} | Refused
-//!  receive_framed ◀──── Hello/Welcome/Data/Zero ────▶ send_framed (NBD export of the cut)
-//!  writes the point file through its storage daemon, journals what is durable
+//!  receive_framed_within ◀─ Hello/Welcome/Data/Zero ▶ send_framed (NBD export of the cut,
+//!                                                     a batch of reads ahead)
+//!  writes the point file through its own connection to the storage daemon (frames gathered
+//!  into writes of a few MiB), hashes the blocks into the shared manifest, journals what is
+//!  durable into the shared journal
 //! ```
 //!
+//! - **Several streams.** A transfer runs over [`PeerStreams`] connections at once (4 by default,
+//!   1..=16, fewer for a small disk), each carrying a disjoint range of whole blocks: the source
+//!   sends only its range's extents, so both sides' CPU work (reading, hashing, zstd, TLS,
+//!   writing) spreads over cores. Each stream retries on its own; the first that fails for good
+//!   ends the others. They share one journal (appends serialized; a stream journals only what
+//!   it flushed itself) and one manifest; the transfer's stats are their sum.
 //! - **The receiver dials.** The DR agent runs the transfer (it owns the point file and the
 //!   journal), so it is the one that retries: a broken stream is dialled again with a doubling
 //!   backoff ([`PeerRetry`]); consecutive failures without progress are bounded. A stream that
 //!   stalls longer than the idle timeout (a link that drops packets silently) fails its reads,
-//!   so the receiver journals what arrived as it does for a stream that broke.
+//!   so the receiver journals what arrived as it does for a stream that broke. Each stream of a
+//!   transfer retries on its own, from what the journal holds in its range.
 //! - **Resumable across cut links and killed agents.** The journal lives under the agent's work
 //!   dir (`j-<transfer id>/`), bound to the cut *instance*, the target file and the mode
 //!   (`binding.json`): a journal of another binding is discarded, never spliced. A re-run of
@@ -27,8 +39,12 @@
 //!   is made (a re-run of the same cut keeps it). A source restarted and cut again under the same
 //!   id has another instance, so a stale endpoint is refused and a stale journal discarded.
 //! - **Bandwidth.** The source paces what it writes to the connection (below TLS) by the
-//!   transfer's limit from the pull and by the agent's global cap, one bucket over every
-//!   connection it serves ([`crate::pace`]); the receiver needs to do nothing.
+//!   transfer's limit from the pull (one bucket shared by the transfer's streams) and by the
+//!   agent's global cap, one bucket over every connection it serves ([`crate::pace`]); the
+//!   receiver needs to do nothing.
+//! - **Compression.** Data chunks are zstd-compressed where that saves 5% or more; after a few
+//!   chunks that do not shrink, only a 4 KiB sample of each is tried until one does
+//!   (`drover_transfer::AdaptiveCompression`), so random data costs next to no zstd CPU.
 //! - **TLS.** The product serves and dials with mutual TLS (`drover_pki`'s configs: the CA is
 //!   the only root, a client certificate is required, and only an agent's is served: the
 //!   control plane never carries disk bytes). Plain TCP exists for tests only and says so in
@@ -48,7 +64,7 @@ use drover_agent_api::*;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, BlockHash, Manifest, hash_block, zero_hash};
 use drover_block::nbd::{BASE_ALLOCATION, NbdClient};
-use drover_proto::{Codec, Message, PROTOCOL_VERSION, Pull, PullMode, RefusalCode, Refused};
+use drover_proto::{Codec, Message, PROTOCOL_VERSION, Pull, PullMode, Range, RefusalCode, Refused};
 use drover_transfer::{BlockSource, BlockTarget, Expect, Journal, SendSpec, TransferError};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -66,6 +82,12 @@ pub const PEER_CHUNK: u32 = 128 << 10;
 /// The sender asks the receiver to make what it holds durable every this many bytes: the most a
 /// killed receiving agent has to be sent again.
 pub const PEER_FLUSH_EVERY: u64 = 16 << 20;
+
+/// The most data a stream's point target holds before it writes it to the point file: the
+/// frames that arrive are gathered into one write of up to this many bytes (one NBD request per
+/// few MiB instead of one per chunk, with its round trip to the storage daemon). Written out at
+/// every flush point, before anything is journalled.
+const WRITE_GATHER: usize = 4 << 20;
 
 /// Hashes per [`Message::Hashes`] frame (2 MiB of hashes, 4 GiB of disk).
 const HASHES_PER_FRAME: usize = 65536;
@@ -106,11 +128,56 @@ impl Default for PeerRetry {
     }
 }
 
+/// The most streams one transfer is pulled over.
+pub const MAX_STREAMS: u16 = 16;
+
+/// How many streams (connections) a receiving agent pulls one transfer over. Each stream
+/// carries a disjoint range of the disk, so the source reads, hashes, compresses and encrypts,
+/// and the receiver decrypts, checks and writes, on several cores at once, and one TCP
+/// connection's window does not bound the transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStreams {
+    /// At most this many streams (clamped to 1..=[`MAX_STREAMS`]).
+    pub streams: u16,
+    /// Each stream carries at least this much of the disk: a smaller disk gets fewer streams
+    /// (one for a disk below twice this), as a stream costs a connection, a TLS handshake and
+    /// a flush of its own.
+    pub min_stream_bytes: u64,
+}
+
+impl Default for PeerStreams {
+    fn default() -> Self {
+        PeerStreams { streams: 4, min_stream_bytes: 128 << 20 }
+    }
+}
+
+impl PeerStreams {
+    /// The ranges of a disk of `size` bytes, one per stream: disjoint, in whole blocks (the last
+    /// ends at the disk's end), covering it all. At least one range, empty for an empty disk.
+    pub fn ranges(&self, size: u64) -> Vec<Range> {
+        let by_size = size / self.min_stream_bytes.max(1);
+        let n = u64::from(self.streams.clamp(1, MAX_STREAMS)).min(by_size).max(1);
+        let per = size.div_ceil(BLOCK_SIZE).div_ceil(n).max(1) * BLOCK_SIZE;
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        while at < size && (ranges.len() as u64) < n {
+            let length = per.min(size - at);
+            ranges.push(Range { offset: at, length });
+            at += length;
+        }
+        if ranges.is_empty() {
+            ranges.push(Range { offset: 0, length: size });
+        }
+        ranges
+    }
+}
+
 /// How the receiving side dials: TLS (the product) or plain TCP (tests).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerClient {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub retry: PeerRetry,
+    pub streams: PeerStreams,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -159,6 +226,24 @@ struct ListenerCounters {
     sent_bytes: AtomicU64,
     hashed_bytes: AtomicU64,
     paced_waits: Arc<AtomicU64>,
+    /// The bucket of each transfer with a limit of its own, shared by its streams; an entry
+    /// whose streams are all gone is dropped at the next lookup.
+    job_buckets: Mutex<HashMap<(Uuid, u64), std::sync::Weak<TokenBucket>>>,
+}
+
+impl ListenerCounters {
+    /// The bucket every stream of `transfer` is paced by for its `limit`.
+    fn job_bucket(&self, transfer: Uuid, limit: Option<u64>) -> Option<Arc<TokenBucket>> {
+        let limit = limit?;
+        let mut buckets = self.job_buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.retain(|_, b| b.strong_count() > 0);
+        if let Some(b) = buckets.get(&(transfer, limit)).and_then(|b| b.upgrade()) {
+            return Some(b);
+        }
+        let bucket = Arc::new(TokenBucket::new(limit)?);
+        buckets.insert((transfer, limit), Arc::downgrade(&bucket));
+        Some(bucket)
+    }
 }
 
 /// What a data listener served so far.
@@ -308,7 +393,9 @@ where
         let why = format!("this agent speaks protocol version {PROTOCOL_VERSION}, not {}", pull.version);
         return refuse(&mut framed, counters, RefusalCode::Version, why).await;
     }
-    pacer.set_job_limit(pull.bandwidth_limit);
+    // Every stream of the transfer shares one bucket: the limit holds for the transfer, not
+    // for each stream.
+    pacer.set_job_bucket(counters.job_bucket(pull.transfer, pull.bandwidth_limit));
     let cut = cuts.lock().unwrap_or_else(|e| e.into_inner()).get(&pull.cut).cloned();
     let cut = match cut {
         Some(c) if c.instance == pull.instance => c,
@@ -328,8 +415,17 @@ where
         let why = format!("cut {} is {} bytes, not {}", pull.cut, cut.size, pull.disk_size);
         return refuse(&mut framed, counters, RefusalCode::SizeMismatch, why).await;
     }
+    let range = pull.range;
+    let end = range.end().unwrap_or(u64::MAX);
+    if !range.offset.is_multiple_of(BLOCK_SIZE)
+        || end > cut.size
+        || !(end.is_multiple_of(BLOCK_SIZE) || end == cut.size)
+    {
+        let why = format!("{range:?} is not whole blocks of the cut's {} bytes", cut.size);
+        return refuse(&mut framed, counters, RefusalCode::Protocol, why).await;
+    }
     let theirs = if pull.mode == PullMode::HashCompare {
-        match tokio::time::timeout(PULL_PHASE, read_hashes(&mut framed, cut.size)).await {
+        match tokio::time::timeout(PULL_PHASE, read_hashes(&mut framed, range)).await {
             Ok(Ok(h)) => Some(h),
             Ok(Err(why)) => return refuse(&mut framed, counters, RefusalCode::Protocol, why).await,
             Err(_) => return Err("the receiver's hashes did not arrive in time".into()),
@@ -344,7 +440,7 @@ where
             return refuse(&mut framed, counters, RefusalCode::Unavailable, why).await;
         }
     };
-    let extents = match find_extents(&mut src, &cut, pull.mode, theirs.as_deref(), counters).await {
+    let extents = match find_extents(&mut src, &cut, pull.mode, range, theirs.as_deref(), counters).await {
         Ok(e) => e,
         Err(why) => return refuse(&mut framed, counters, RefusalCode::Unavailable, why).await,
     };
@@ -379,21 +475,23 @@ where
     Err(format!("refused: {message}"))
 }
 
-/// The receiver's block hashes, in order, every block of the disk once, then `Done`.
-async fn read_hashes<S>(framed: &mut Framed<S, Codec>, size: u64) -> Result<Vec<BlockHash>, String>
+/// The receiver's block hashes of `range` (whole blocks), in order, every block of it once, then
+/// `Done`.
+async fn read_hashes<S>(framed: &mut Framed<S, Codec>, range: Range) -> Result<Vec<BlockHash>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let blocks = size.div_ceil(BLOCK_SIZE) as usize;
+    let blocks = range.length.div_ceil(BLOCK_SIZE) as usize;
     let mut hashes = Vec::with_capacity(blocks.min(1 << 20));
+    // Bounded: every frame adds at least one hash or ends the loop, and at most `blocks` fit.
     loop {
         match framed.next().await {
             Some(Ok(Message::Hashes { offset, block_size, hashes: part })) => {
-                if u64::from(block_size) != BLOCK_SIZE || offset != hashes.len() as u64 * BLOCK_SIZE {
+                if u64::from(block_size) != BLOCK_SIZE || offset != range.offset + hashes.len() as u64 * BLOCK_SIZE {
                     return Err(format!("hashes at {offset} of {block_size}-byte blocks out of place"));
                 }
-                if hashes.len() + part.len() > blocks {
-                    return Err(format!("more than the disk's {blocks} block hashes"));
+                if part.is_empty() || hashes.len() + part.len() > blocks {
+                    return Err(format!("none, or more than the range's {blocks} block hashes"));
                 }
                 hashes.extend(part);
             }
@@ -406,21 +504,31 @@ where
     }
 }
 
-/// What of the cut to send, in whole manifest blocks.
+/// What of `range` of the cut to send, in whole manifest blocks (`theirs`: the receiver's hashes
+/// of the range's blocks).
 async fn find_extents(
     src: &mut NbdClient<UnixStream>,
     cut: &PeerCut,
     mode: PullMode,
+    range: Range,
     theirs: Option<&[BlockHash]>,
     counters: &ListenerCounters,
 ) -> Result<ExtentSet, String> {
-    let size = cut.size;
+    let (from, len) = (range.offset, range.length);
+    let first_block = from / BLOCK_SIZE;
     let found = match (mode, theirs) {
-        (PullMode::Seed, _) => src.data_extents(0, size).await.map_err(|e| e.to_string())?,
-        (PullMode::Bitmap, _) => src.dirty_extents(&cut.meta_context, 0, size).await.map_err(|e| e.to_string())?,
+        (PullMode::Seed, _) if len == 0 => ExtentSet::new(),
+        (PullMode::Seed, _) => src.data_extents(from, len).await.map_err(|e| e.to_string())?,
+        (PullMode::Bitmap, _) if len == 0 => ExtentSet::new(),
+        (PullMode::Bitmap, _) => src.dirty_extents(&cut.meta_context, from, len).await.map_err(|e| e.to_string())?,
         (PullMode::HashCompare, Some(theirs)) => {
-            // Hashed here, on the source's side: only the hashes crossed the link.
-            let data = src.data_extents(0, size).await.map_err(|e| e.to_string())?.align_out(BLOCK_SIZE).clip(0, size);
+            // Hashed here, on the source's side: only the hashes crossed the link. Each stream
+            // hashes its own range, so the streams of a transfer hash in parallel.
+            let data = match len {
+                0 => ExtentSet::new(),
+                _ => src.data_extents(from, len).await.map_err(|e| e.to_string())?,
+            };
+            let data = data.align_out(BLOCK_SIZE).clip(from, len);
             let mut differ = ExtentSet::new();
             let mut buf = Vec::new();
             let mut hashed = ExtentSet::new();
@@ -430,7 +538,7 @@ async fn find_extents(
                 counters.hashed_bytes.fetch_add(e.len, Ordering::Relaxed);
                 for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
                     let b = (e.offset / BLOCK_SIZE) as usize + i;
-                    if theirs.get(b) != Some(&hash_block(block)) {
+                    if theirs.get(b - first_block as usize) != Some(&hash_block(block)) {
                         differ.insert(Extent::new(b as u64 * BLOCK_SIZE, block.len() as u64));
                     }
                 }
@@ -438,12 +546,12 @@ async fn find_extents(
             }
             // Holes read as zeroes: the receiver's block differs where it is not zeroes.
             let zero_full = zero_hash(BLOCK_SIZE as usize);
-            for (b, h) in theirs.iter().enumerate() {
-                let offset = b as u64 * BLOCK_SIZE;
+            for (i, h) in theirs.iter().enumerate() {
+                let offset = (first_block + i as u64) * BLOCK_SIZE;
                 if hashed.contains(offset) {
                     continue;
                 }
-                let len = BLOCK_SIZE.min(size - offset);
+                let len = BLOCK_SIZE.min(cut.size - offset);
                 let zero = if len == BLOCK_SIZE { zero_full } else { zero_hash(len as usize) };
                 if *h != zero {
                     differ.insert(Extent::new(offset, len));
@@ -453,7 +561,7 @@ async fn find_extents(
         }
         (PullMode::HashCompare, None) => return Err("a hash-compare without hashes".into()),
     };
-    Ok(found.align_out(BLOCK_SIZE).clip(0, size))
+    Ok(found.align_out(BLOCK_SIZE).clip(from, len))
 }
 
 /// The cut, read through its NBD export.
@@ -467,6 +575,13 @@ impl BlockSource for NbdSource<'_> {
     async fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.client.read_into(offset, buf).await.map_err(std::io::Error::other)?;
         self.counters.sent_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn read_many(&mut self, reads: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
+        self.client.read_many_into(reads).await.map_err(std::io::Error::other)?;
+        let bytes: usize = reads.iter().map(|(_, b)| b.len()).sum();
+        self.counters.sent_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -483,12 +598,15 @@ pub(crate) struct PullJob<'a> {
     pub spec: &'a TransferSpec,
     /// The point file's path (the journal is bound to it).
     pub target_path: &'a Path,
+    /// The point file's NBD export: each stream writes through a connection of its own.
+    pub target_socket: &'a Path,
+    pub target_export: &'a str,
     pub journal_dir: PathBuf,
     /// The manifest the point starts from (`prev`'s, or a zeroed one).
     pub manifest: Manifest,
     /// `true` when no manifest describes what the target holds: it is read and hashed here.
     pub hash_target: bool,
-    pub progress: &'a (dyn Fn(u64, u64) + Send + Sync),
+    pub progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
 }
 
 /// What a pull did.
@@ -552,8 +670,70 @@ async fn open_journal(dir: &Path, binding: &Binding) -> AgentResult<Journal> {
     Journal::open(&dir.join("extents")).await.map_err(|e| io_error("opening the transfer's journal", e))
 }
 
-/// Pulls the cut into `target` (the point file's NBD export), resuming from the journal and
-/// reconnecting with backoff; returns the point's manifest.
+/// The progress of a transfer's streams together: bytes arrived (or held by the journal when the
+/// run began) out of the sum of the streams' offers (a stream not offered yet counts its range).
+struct StreamsProgress {
+    done: AtomicU64,
+    totals: Vec<AtomicU64>,
+    report: Arc<dyn Fn(u64, u64) + Send + Sync>,
+}
+
+impl StreamsProgress {
+    fn set_total(&self, stream: usize, total: u64) {
+        if let Some(t) = self.totals.get(stream) {
+            t.store(total, Ordering::Relaxed);
+        }
+        self.tell();
+    }
+
+    fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+        self.tell();
+    }
+
+    fn tell(&self) {
+        let done = self.done.load(Ordering::Relaxed);
+        let total: u64 = self.totals.iter().map(|t| t.load(Ordering::Relaxed)).sum::<u64>().max(1);
+        (self.report)(done.min(total), total.max(done));
+    }
+}
+
+/// One stream of a pull: its range of the disk and everything it shares with the others.
+struct StreamJob {
+    index: usize,
+    range: Range,
+    address: String,
+    server_name: String,
+    client: PeerClient,
+    pull: Pull,
+    /// The receiver's hashes of the whole disk (hash-compare); the stream sends its range's.
+    hashes: Option<Arc<Vec<BlockHash>>>,
+    journal: Arc<Journal>,
+    manifest: Arc<Mutex<Manifest>>,
+    target_socket: PathBuf,
+    target_export: String,
+    progress: Arc<StreamsProgress>,
+}
+
+/// What one stream did.
+#[derive(Default)]
+struct StreamPulled {
+    /// Writes that were not whole blocks: hashed from the point file at the end.
+    rehash: ExtentSet,
+    data_bytes: u64,
+    zero_bytes: u64,
+    received_twice: u64,
+    reconnects: u32,
+    resumed_bytes: u64,
+    resumed_extents: u64,
+    wire_in: u64,
+    wire_out: u64,
+}
+
+/// Pulls the cut into the point file over [`PeerStreams`] streams at once, each resuming from
+/// the shared journal and reconnecting with backoff on its own; returns the point's manifest.
+/// `target` is a connection to the point file's export, used before the streams (hashing an
+/// undescribed target) and after them (rehashing).
 pub(crate) async fn pull(
     job: PullJob<'_>,
     client: &PeerClient,
@@ -568,30 +748,28 @@ pub(crate) async fn pull(
         mode: spec.mode,
         size,
     };
-    let mut journal = open_journal(&job.journal_dir, &binding).await?;
-    let held_at_start = journal.durable().clone();
+    let journal = Arc::new(open_journal(&job.journal_dir, &binding).await?);
+    let held_at_start = journal.durable();
     let mut manifest = job.manifest;
     let mut read_back = 0u64;
     if job.hash_target {
         read_back += rehash(target, &mut manifest, &ExtentSet::from_range(0, size)).await?;
     }
-    let hashes: Option<Vec<BlockHash>> = (spec.mode == TransferMode::HashCompare)
-        .then(|| (0..manifest.blocks()).filter_map(|b| manifest.hash(b).copied()).collect());
-
-    let wire = Arc::new(WireCounters::default());
-    let mut stats = PeerTransferStats::default();
-    let mut sink = PointTarget {
-        dst: target,
-        manifest: &mut manifest,
-        received: held_at_start.clone(),
-        rehash: ExtentSet::new(),
-        data_bytes: 0,
-        zero_bytes: 0,
-        received_twice: 0,
-        progress: job.progress,
-        total: size,
-        zero_block: zero_hash(BLOCK_SIZE as usize),
-    };
+    let hashes: Option<Arc<Vec<BlockHash>>> = (spec.mode == TransferMode::HashCompare)
+        .then(|| Arc::new((0..manifest.blocks()).filter_map(|b| manifest.hash(b).copied()).collect()));
+    if client.tls.is_none() {
+        tracing::warn!(
+            address = job.address,
+            "pulling from a peer over plain TCP: for tests only, never in the product"
+        );
+    }
+    let ranges = client.streams.ranges(size);
+    let progress = Arc::new(StreamsProgress {
+        done: AtomicU64::new(held_at_start.total_bytes()),
+        totals: ranges.iter().map(|r| AtomicU64::new(r.length)).collect(),
+        report: job.progress.clone(),
+    });
+    let manifest = Arc::new(Mutex::new(manifest));
     let pull = Pull {
         version: PROTOCOL_VERSION,
         transfer: transfer_uuid(&spec.id),
@@ -599,16 +777,89 @@ pub(crate) async fn pull(
         instance: job.instance,
         mode: pull_mode(spec.mode),
         disk_size: size,
+        range: Range { offset: 0, length: size },
         bandwidth_limit: spec.bandwidth_limit,
     };
-    let expect = Expect { transfer: pull.transfer, disk_size: size };
-    let retry = client.retry;
-    if client.tls.is_none() {
-        tracing::warn!(
-            address = job.address,
-            "pulling from a peer over plain TCP: for tests only, never in the product"
-        );
+    tracing::debug!(address = job.address, streams = ranges.len(), "peer transfer: pulling");
+    let mut streams = tokio::task::JoinSet::new();
+    for (index, range) in ranges.iter().enumerate() {
+        // Spawned, not joined here: the streams' TLS, hashing and writes run on all cores.
+        streams.spawn(pull_stream(StreamJob {
+            index,
+            range: *range,
+            address: job.address.to_string(),
+            server_name: job.server_name.to_string(),
+            client: client.clone(),
+            pull: Pull { range: *range, ..pull.clone() },
+            hashes: hashes.clone(),
+            journal: journal.clone(),
+            manifest: manifest.clone(),
+            target_socket: job.target_socket.to_path_buf(),
+            target_export: job.target_export.to_string(),
+            progress: progress.clone(),
+        }));
     }
+    let mut stats = PeerTransferStats::default();
+    let mut rehash_set = held_at_start;
+    // Bounded by the streams spawned; the first that fails ends the others (dropping the set
+    // aborts them: what they journalled stays for the next run).
+    while let Some(done) = streams.join_next().await {
+        let s = match done {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(AgentError::internal(format!("a stream of the transfer: {e}"))),
+        };
+        rehash_set = rehash_set.union(&s.rehash);
+        stats.data_bytes += s.data_bytes;
+        stats.zero_bytes += s.zero_bytes;
+        stats.received_twice += s.received_twice;
+        stats.reconnects += s.reconnects;
+        stats.resumed_bytes += s.resumed_bytes;
+        stats.resumed_extents += s.resumed_extents;
+        stats.wire_bytes_in += s.wire_in;
+        stats.wire_bytes_out += s.wire_out;
+    }
+    let mut manifest = match Arc::try_unwrap(manifest) {
+        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+        Err(shared) => shared.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+    };
+    // Blocks journalled by an earlier run (a killed agent) did not pass through here: read them
+    // back from the point file and hash them; likewise any write that was not whole blocks.
+    read_back += rehash(target, &mut manifest, &rehash_set).await?;
+    let written = stats.data_bytes + stats.zero_bytes;
+    Ok(Pulled { manifest, read_back, written, stats })
+}
+
+/// One stream: dials, pulls its range, receives, and on a broken stream dials again with a
+/// doubling backoff until the range is done or the failures in a row without progress run out.
+async fn pull_stream(job: StreamJob) -> AgentResult<StreamPulled> {
+    let retry_kind = |e: drover_block::nbd::NbdError| AgentError::new(ErrorKind::Retry, format!("the point file: {e}"));
+    let mut dst = NbdClient::connect_unix(&job.target_socket, &job.target_export, &[]).await.map_err(retry_kind)?;
+    let (lo, len) = (job.range.offset, job.range.length);
+    let disk_size = job.pull.disk_size;
+    let mut sink = PointTarget {
+        dst: &mut dst,
+        gathered: Vec::with_capacity(WRITE_GATHER),
+        gathered_at: 0,
+        manifest: &job.manifest,
+        disk_size,
+        received: job.journal.durable().clip(lo, len),
+        rehash: ExtentSet::new(),
+        data_bytes: 0,
+        zero_bytes: 0,
+        received_twice: 0,
+        progress: &job.progress,
+        zero_block: zero_hash(BLOCK_SIZE as usize),
+    };
+    let hashes = job.hashes.as_deref().map(|all| {
+        let first = (lo / BLOCK_SIZE) as usize;
+        let end = (lo + len).div_ceil(BLOCK_SIZE) as usize;
+        all.get(first..end.min(all.len())).unwrap_or_default()
+    });
+    let expect = Expect { transfer: job.pull.transfer, disk_size };
+    let retry = job.client.retry;
+    let wire = Arc::new(WireCounters::default());
+    let mut out = StreamPulled::default();
     let (mut failures, mut backoff) = (0u32, retry.initial_backoff);
     // Every connection that brings progress resets `failures`; this bounds the whole loop.
     let max_connections = u64::from(retry.attempts.max(1)) * 1000;
@@ -616,19 +867,21 @@ pub(crate) async fn pull(
     loop {
         connections += 1;
         if connections > 1 {
-            stats.reconnects += 1;
+            out.reconnects += 1;
         }
-        let held = journal.durable().total_bytes();
+        let held_here = job.journal.durable().clip(lo, len);
+        let held = held_here.total_bytes();
         if held > 0 {
-            stats.resumed_bytes += held;
-            stats.resumed_extents += journal.durable().len() as u64;
+            out.resumed_bytes += held;
+            out.resumed_extents += held_here.len() as u64;
         }
-        // The idle timeout applies once the source streams (it may hash its cut for long first).
+        // The idle timeout applies once the source streams (it may hash its range for long
+        // first).
         wire.idle_ms.store(0, Ordering::Relaxed);
-        let result = match connect(job.address, job.server_name, client, wire.clone()).await {
+        let result = match connect(&job.address, &job.server_name, &job.client, wire.clone()).await {
             Ok(conn) => {
-                attempt(conn, &pull, hashes.as_deref(), &mut sink, &mut journal, &expect, &wire, retry.idle_timeout)
-                    .await
+                let stream = Stream { index: job.index, range: job.range, journal: &job.journal, expect: &expect };
+                attempt(conn, &job.pull, hashes, &mut sink, &stream, &wire, retry.idle_timeout).await
             }
             Err(e) => Err(TransferError::Io(e)),
         };
@@ -647,7 +900,7 @@ pub(crate) async fn pull(
             }
             other => return Err(AgentError::internal(format!("{from}: {other}"))),
         }
-        if journal.durable().total_bytes() > held {
+        if job.journal.durable().clip(lo, len).total_bytes() > held {
             failures = 0;
             backoff = retry.initial_backoff;
         }
@@ -658,22 +911,16 @@ pub(crate) async fn pull(
                 format!("{from}: {e} ({failures} connections in a row without progress)"),
             ));
         }
-        tracing::warn!(address = job.address, error = %e, failures, ?backoff, "peer transfer: reconnecting");
+        tracing::warn!(address = %job.address, stream = job.index, error = %e, failures, ?backoff, "peer transfer: reconnecting");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(retry.max_backoff);
     }
-    // Blocks journalled by an earlier run (a killed agent) did not pass through here: read them
-    // back from the point file and hash them; likewise any write that was not whole blocks.
-    let rehash_set = held_at_start.union(&sink.rehash);
-    let (written, data_bytes, zero_bytes, received_twice) =
-        (sink.data_bytes + sink.zero_bytes, sink.data_bytes, sink.zero_bytes, sink.received_twice);
-    read_back += rehash(target, &mut manifest, &rehash_set).await?;
-    stats.wire_bytes_in = wire.read.load(Ordering::Relaxed);
-    stats.wire_bytes_out = wire.written.load(Ordering::Relaxed);
-    stats.data_bytes = data_bytes;
-    stats.zero_bytes = zero_bytes;
-    stats.received_twice = received_twice;
-    Ok(Pulled { manifest, read_back, written, stats })
+    (out.rehash, out.data_bytes, out.zero_bytes, out.received_twice) =
+        (std::mem::take(&mut sink.rehash), sink.data_bytes, sink.zero_bytes, sink.received_twice);
+    dst.disconnect().await.map_err(retry_kind)?;
+    out.wire_in = wire.read.load(Ordering::Relaxed);
+    out.wire_out = wire.written.load(Ordering::Relaxed);
+    Ok(out)
 }
 
 /// Removes a transfer's journal (the point is done, or the transfer forgotten).
@@ -709,15 +956,21 @@ async fn connect(
     }
 }
 
+/// Which stream a connection serves, and what it shares with the others.
+struct Stream<'a> {
+    index: usize,
+    range: Range,
+    journal: &'a Journal,
+    expect: &'a Expect,
+}
+
 /// One connection: pull, wait for the offer, receive.
-#[allow(clippy::too_many_arguments)]
 async fn attempt(
     conn: Box<dyn Conn>,
     pull: &Pull,
     hashes: Option<&[BlockHash]>,
     sink: &mut PointTarget<'_>,
-    journal: &mut Journal,
-    expect: &Expect,
+    stream: &Stream<'_>,
     wire: &WireCounters,
     idle: Duration,
 ) -> Result<(), TransferError> {
@@ -729,7 +982,7 @@ async fn attempt(
     framed.send(Message::Pull(pull.clone())).await.map_err(cut)?;
     if let Some(hashes) = hashes {
         for (i, part) in hashes.chunks(HASHES_PER_FRAME).enumerate() {
-            let offset = (i * HASHES_PER_FRAME) as u64 * BLOCK_SIZE;
+            let offset = stream.range.offset + (i * HASHES_PER_FRAME) as u64 * BLOCK_SIZE;
             let m = Message::Hashes { offset, block_size: BLOCK_SIZE as u32, hashes: part.to_vec() };
             framed.send(m).await.map_err(cut)?;
         }
@@ -748,12 +1001,12 @@ async fn attempt(
         }
         Ok(None) | Err(_) => return Err(TransferError::Cut),
     };
-    sink.total = offer.max(1);
+    sink.progress.set_total(stream.index, offer);
     // From here the source streams: a link that drops packets silently never errors, so a
     // stream that brings nothing for `idle` fails its reads (see `Counted`), and the receiver
     // makes durable and journals what arrived before it gives the stream up.
     wire.idle_ms.store(idle.as_millis().max(1) as u64, Ordering::Relaxed);
-    drover_transfer::receive_framed(framed, sink, journal, expect).await.map(|_| ())
+    drover_transfer::receive_framed_within(framed, sink, stream.journal, stream.expect, stream.range).await.map(|_| ())
 }
 
 /// Reads `extents` (rounded out to whole blocks) back from the target and hashes them into the
@@ -770,19 +1023,26 @@ async fn rehash(target: &mut NbdClient<UnixStream>, manifest: &mut Manifest, ext
     Ok(blocks.total_bytes())
 }
 
-/// The point file as the transfer's target: writes go to its NBD export and into the manifest.
+/// The point file as one stream's target: writes go to the stream's own connection to its NBD
+/// export, gathered while contiguous into writes of up to [`WRITE_GATHER`] bytes (written out
+/// before a zero range, a flush or a write elsewhere), and into the shared manifest (hashed as
+/// they arrive, outside its lock).
 struct PointTarget<'a> {
     dst: &'a mut NbdClient<UnixStream>,
-    manifest: &'a mut Manifest,
-    /// What arrived (and what the journal held when this run began).
+    /// Data taken but not written yet: contiguous from `gathered_at`.
+    gathered: Vec<u8>,
+    gathered_at: u64,
+    manifest: &'a Mutex<Manifest>,
+    disk_size: u64,
+    /// What arrived in this stream's range (and what the journal held there when this run
+    /// began).
     received: ExtentSet,
     /// Writes that were not whole blocks: hashed from the file at the end.
     rehash: ExtentSet,
     data_bytes: u64,
     zero_bytes: u64,
     received_twice: u64,
-    progress: &'a (dyn Fn(u64, u64) + Send + Sync),
-    total: u64,
+    progress: &'a StreamsProgress,
     zero_block: BlockHash,
 }
 
@@ -790,25 +1050,51 @@ impl PointTarget<'_> {
     /// Whether `offset..offset+len` is whole blocks (the last one may end at the disk's end).
     fn whole_blocks(&self, offset: u64, len: u64) -> bool {
         let end = offset + len;
-        offset.is_multiple_of(BLOCK_SIZE) && (end.is_multiple_of(BLOCK_SIZE) || end == self.manifest.disk_size)
+        offset.is_multiple_of(BLOCK_SIZE) && (end.is_multiple_of(BLOCK_SIZE) || end == self.disk_size)
     }
 
     fn arrived(&mut self, offset: u64, len: u64) {
         let twice = self.received.intersect(&ExtentSet::from_range(offset, len)).total_bytes();
         self.received_twice += twice;
         self.received.insert(Extent::new(offset, len));
-        let done = self.received.total_bytes();
-        (self.progress)(done.min(self.total), self.total.max(done));
+        self.progress.add(len - twice);
+    }
+
+    /// Writes what was gathered.
+    async fn write_gathered(&mut self) -> std::io::Result<()> {
+        if !self.gathered.is_empty() {
+            self.dst.write(self.gathered_at, &self.gathered).await.map_err(std::io::Error::other)?;
+            self.gathered.clear();
+        }
+        Ok(())
+    }
+
+    fn set_hashes(&self, hashes: impl IntoIterator<Item = (u64, BlockHash)>) -> std::io::Result<()> {
+        let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        for (b, h) in hashes {
+            manifest.set_hash(b, h).map_err(std::io::Error::other)?;
+        }
+        Ok(())
     }
 }
 
 #[async_trait]
 impl BlockTarget for PointTarget<'_> {
     async fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.dst.write(offset, data).await.map_err(std::io::Error::other)?;
+        let follows = offset == self.gathered_at + self.gathered.len() as u64;
+        if !self.gathered.is_empty() && (!follows || self.gathered.len() + data.len() > WRITE_GATHER) {
+            self.write_gathered().await?;
+        }
+        if self.gathered.is_empty() {
+            self.gathered_at = offset;
+        }
+        self.gathered.extend_from_slice(data);
         let len = data.len() as u64;
         if self.whole_blocks(offset, len) {
-            self.manifest.set_range(offset, data).map_err(std::io::Error::other)?;
+            let first = offset / BLOCK_SIZE;
+            let hashes: Vec<_> =
+                data.chunks(BLOCK_SIZE as usize).enumerate().map(|(i, b)| (first + i as u64, hash_block(b))).collect();
+            self.set_hashes(hashes)?;
         } else {
             self.rehash.insert(Extent::new(offset, len));
         }
@@ -818,6 +1104,7 @@ impl BlockTarget for PointTarget<'_> {
     }
 
     async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.write_gathered().await?;
         if self.dst.can_write_zeroes() {
             self.dst.write_zeroes(offset, length).await.map_err(std::io::Error::other)?;
         } else {
@@ -830,11 +1117,14 @@ impl BlockTarget for PointTarget<'_> {
             }
         }
         if self.whole_blocks(offset, length) {
-            for b in offset / BLOCK_SIZE..(offset + length).div_ceil(BLOCK_SIZE) {
-                let len = self.manifest.block_range(b).1;
-                let h = if len == BLOCK_SIZE { self.zero_block } else { zero_hash(len as usize) };
-                self.manifest.set_hash(b, h).map_err(std::io::Error::other)?;
-            }
+            let blocks = offset / BLOCK_SIZE..(offset + length).div_ceil(BLOCK_SIZE);
+            let hashes: Vec<_> = blocks
+                .map(|b| {
+                    let len = BLOCK_SIZE.min(self.disk_size - b * BLOCK_SIZE);
+                    (b, if len == BLOCK_SIZE { self.zero_block } else { zero_hash(len as usize) })
+                })
+                .collect();
+            self.set_hashes(hashes)?;
         } else {
             self.rehash.insert(Extent::new(offset, length));
         }
@@ -844,6 +1134,7 @@ impl BlockTarget for PointTarget<'_> {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.write_gathered().await?;
         self.dst.flush().await.map_err(std::io::Error::other)
     }
 }
@@ -945,6 +1236,40 @@ mod tests {
         assert_eq!(register_cut(&cuts, "c1", cut("/a")), first, "a re-run of the same cut");
         let again = register_cut(&cuts, "c1", cut("/b"));
         assert_ne!(again, first, "the same id over another export is another instance");
+    }
+
+    #[test]
+    fn a_disk_is_split_into_disjoint_block_ranges_fewer_for_a_small_disk() {
+        let streams = |n, min| PeerStreams { streams: n, min_stream_bytes: min };
+        let covers = |ranges: &[Range], size: u64| {
+            let mut at = 0;
+            for r in ranges {
+                assert_eq!(r.offset, at, "{ranges:?}");
+                assert!(r.offset.is_multiple_of(BLOCK_SIZE) && r.length > 0, "{ranges:?}");
+                at += r.length;
+            }
+            assert_eq!(at, size, "{ranges:?}");
+        };
+        let gib = 1u64 << 30;
+        let r = PeerStreams::default().ranges(gib);
+        assert_eq!(r.len(), 4);
+        covers(&r, gib);
+        assert!(r.iter().all(|r| r.length == gib / 4));
+        // A small disk: one stream, the whole of it.
+        assert_eq!(PeerStreams::default().ranges(64 << 20), vec![Range { offset: 0, length: 64 << 20 }]);
+        assert_eq!(PeerStreams::default().ranges(0), vec![Range { offset: 0, length: 0 }]);
+        // Bounded 1..=16 whatever is asked.
+        assert_eq!(streams(0, 1).ranges(gib).len(), 1);
+        assert_eq!(streams(100, 1).ranges(gib).len(), MAX_STREAMS as usize);
+        // A size that is not whole blocks: the last range ends at the disk's end.
+        let odd = 5 * BLOCK_SIZE + 100;
+        let r = streams(3, 1).ranges(odd);
+        covers(&r, odd);
+        assert_eq!(r.len(), 3);
+        // Fewer blocks than streams: one block each.
+        let r = streams(16, 1).ranges(3 * BLOCK_SIZE);
+        covers(&r, 3 * BLOCK_SIZE);
+        assert_eq!(r.len(), 3);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_agent::LocalAgent;
-use drover_agent::peer::{DataListener, PeerRetry};
+use drover_agent::peer::{DataListener, PEER_CHUNK, PeerRetry, PeerStreams};
 use drover_agent_api::*;
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_hv::sim::SimulatedHypervisor;
@@ -508,6 +508,100 @@ async fn a_cut_link_mid_transfer_resumes_and_resends_under_one_percent() {
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
 }
 
+/// Four streams for the tests' 64 MiB disks (16 MiB each).
+fn four_streams() -> PeerStreams {
+    PeerStreams { streams: 4, min_stream_bytes: 8 << 20 }
+}
+
+#[tokio::test]
+async fn a_transfer_over_four_streams_cut_mid_way_resumes_that_stream_and_deltas_use_them_too() {
+    let pki = Pki::new();
+    // Data over the whole disk, so each of the four streams carries 16 MiB.
+    let src = Source::with_data(DISK).await;
+    let dr = Dr::new();
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, Some(pki.server()), &pki.source_name()).await;
+    let b = dr
+        .site
+        .agent(|b| {
+            b.with_peer_tls(Pki::client(&pki.dr)).with_peer_retry(fast_retry(4)).with_peer_streams(four_streams())
+        })
+        .await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+
+    // Unbroken, for the figure four streams carry without a cut.
+    let clean_file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let clean = outcome(&run(&b, &transfer_spec("clean", &cut, TransferMode::Seed, &clean_file, None)).await);
+    let clean_peer = clean.peer.unwrap();
+    assert_eq!(listener.stats().streams, 4, "one pull per stream");
+    assert_eq!(clean_peer.data_bytes, DISK, "the streams' stats sum to the whole disk: {clean_peer:?}");
+    assert_eq!((clean_peer.reconnects, clean_peer.resumed_bytes, clean_peer.received_twice), (0, 0, 0));
+    assert!(clean_peer.wire_bytes_in >= DISK && clean_peer.wire_bytes_in < DISK + DISK / 50, "{clean_peer:?}");
+    assert_point_is(&src.image, &clean_file).await;
+
+    // The first connection goes down after 8 MiB toward the DR agent: that stream resumes,
+    // the other three are not disturbed.
+    let proxy = Proxy::new(listener.local_addr(), 8 << 20).await;
+    let chain2 = ChainRef { replica: Uuid::new_v4(), ..dr.chain.clone() };
+    let file = b.point_create(&PointSpec { chain: chain2.clone(), size: cut.size, prev: None }).await.unwrap();
+    let (status, progress) =
+        run_watching(&b, &transfer_spec("cutlink", &through(&cut, proxy.addr), TransferMode::Seed, &file, None)).await;
+    let done = outcome(&status);
+    let peer = done.peer.unwrap();
+    let forwarded = proxy.forwarded();
+    let total: u64 = forwarded.iter().sum();
+    let resent = total.saturating_sub(clean_peer.wire_bytes_in);
+    println!(
+        "four streams, one cut after {} bytes: {total} bytes in all over {} connections, {} without a cut: {resent} \
+         bytes sent again; {peer:?}",
+        forwarded[0],
+        forwarded.len(),
+        clean_peer.wire_bytes_in
+    );
+    assert!(progress.iter().any(|&(d, t)| d > 0 && d < t && t >= DISK), "{progress:?}");
+    assert_eq!(forwarded.len(), 5, "four streams and one reconnect: {forwarded:?}");
+    assert_eq!(forwarded[0], 8 << 20);
+    assert_eq!(peer.reconnects, 1, "{peer:?}");
+    assert!(peer.resumed_bytes >= 7 << 20, "the journal held what arrived before the cut: {peer:?}");
+    assert_eq!(peer.received_twice, 0, "nothing that arrived came again: {peer:?}");
+    assert_eq!(peer.data_bytes, DISK, "every byte arrived once, over the streams together: {peer:?}");
+    assert!(resent <= 2 * u64::from(PEER_CHUNK), "{resent} bytes sent again: at most the frame in flight");
+    assert_point_is(&src.image, &file).await;
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+
+    // A bitmap delta and a hash-compare over four streams: the guest writes into three of the
+    // four ranges.
+    let mut changed = 0;
+    for at in [BLOCK_SIZE, (20 << 20) + BLOCK_SIZE, (63 << 20) - 2 * BLOCK_SIZE] {
+        guest_write(&src.image, at, 2 * BLOCK_SIZE, &format!("delta{at}"));
+        changed += 2 * BLOCK_SIZE;
+    }
+    let spec2 = src.cut_spec("run2-0-0", "drover-run1", "drover-run2", false);
+    let cut2 = a.cut_begin(&spec2).await.unwrap();
+    let p2 =
+        b.point_create(&PointSpec { chain: chain2.clone(), size: cut2.size, prev: Some(file.clone()) }).await.unwrap();
+    let delta = outcome(&run(&b, &transfer_spec("run2-0-0", &cut2, TransferMode::Bitmap, &p2, Some(&file))).await);
+    assert_eq!(delta.bytes_written, changed, "{delta:?}");
+    assert_point_is(&src.image, &p2).await;
+    a.cut_end(&spec2, Some(&cut2), true).await.unwrap();
+
+    guest_write(&src.image, 40 << 20, 1 << 20, "hc");
+    let spec3 = src.cut_spec("run3-0-0", "drover-run2", "drover-run3", false);
+    let cut3 = a.cut_begin(&spec3).await.unwrap();
+    let p3 = b.point_create(&PointSpec { chain: chain2, size: cut3.size, prev: Some(p2.clone()) }).await.unwrap();
+    let before = listener.stats();
+    let hc = outcome(&run(&b, &transfer_spec("run3-0-0", &cut3, TransferMode::HashCompare, &p3, Some(&p2))).await);
+    let peer = hc.peer.unwrap();
+    let hashes = DISK / BLOCK_SIZE * 32;
+    assert_eq!(hc.bytes_written, 1 << 20, "{hc:?}");
+    assert_eq!(listener.stats().hashed_bytes - before.hashed_bytes, DISK, "each block hashed once, by its stream");
+    assert!(peer.wire_bytes_out >= hashes && peer.wire_bytes_out < hashes + (64 << 10), "{peer:?}");
+    assert_point_is(&src.image, &p3).await;
+    a.cut_end(&spec3, Some(&cut3), true).await.unwrap();
+    assert_eq!(listener.stats().refused, 0);
+}
+
 #[tokio::test]
 async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
     let pki = Pki::new();
@@ -771,8 +865,19 @@ const LIMIT: u64 = 4 << 20;
 /// Pulls a seed of `src`'s cut through agent `a`'s listener into a new point of a fresh DR site,
 /// with the transfer's own `limit`; returns how long it took and what crossed the link.
 async fn timed_seed(src: &Source, cut: &Cut, id: &str, limit: Option<u64>) -> (Duration, PeerTransferStats) {
+    timed_seed_over(src, cut, id, limit, PeerStreams::default()).await
+}
+
+/// [`timed_seed`] by a DR agent that pulls over `streams`.
+async fn timed_seed_over(
+    src: &Source,
+    cut: &Cut,
+    id: &str,
+    limit: Option<u64>,
+    streams: PeerStreams,
+) -> (Duration, PeerTransferStats) {
     let dr = Dr::new();
-    let b = dr.site.agent(|b| b).await;
+    let b = dr.site.agent(|b| b.with_peer_streams(streams)).await;
     let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
     let spec = TransferSpec { bandwidth_limit: limit, ..transfer_spec(id, cut, TransferMode::Seed, &file, None) };
     let started = std::time::Instant::now();
@@ -848,5 +953,28 @@ async fn the_global_cap_paces_a_transfer_without_a_limit_of_its_own() {
         assert!(took >= floor, "{took:?} for {} bytes under a cap of {LIMIT} B/s", peer.wire_bytes_in);
     }
     assert!(listener.stats().paced_waits > 0);
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_transfer_limit_holds_over_all_its_streams_together() {
+    // 16 MiB of data, 4 MiB in each of the four streams' ranges.
+    let src = Source::with_data(PACED_DATA / 4).await;
+    for i in 1..4u64 {
+        guest_write(&src.image, i * (DISK / 4), PACED_DATA / 4, &format!("part{i}"));
+    }
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+    let (paced, peer) = timed_seed_over(&src, &cut, "paced4", Some(LIMIT), four_streams()).await;
+    let floor = at_least(peer.wire_bytes_in, LIMIT);
+    println!(
+        "bandwidth limit {LIMIT} B/s over four streams: {} bytes in {paced:?} ({:.2} MB/s; at least {floor:?})",
+        peer.wire_bytes_in,
+        peer.wire_bytes_in as f64 / paced.as_secs_f64() / 1e6
+    );
+    assert_eq!(listener.stats().streams, 4, "pulled over four streams");
+    assert!(paced >= floor, "{paced:?} for {} bytes at {LIMIT} B/s: the limit is the transfer's", peer.wire_bytes_in);
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
 }

@@ -8,17 +8,18 @@
 //! over, or [`Refused`] (an unknown transfer, a version it does not speak). Then the sender sends
 //! [`Data`] (an extent's bytes, optionally zstd-compressed, with the BLAKE3 of the plain bytes,
 //! which the receiver checks before it writes anything) and [`Zero`] (a range that reads as
-//! zeroes: sent as a range, not as bytes); the receiver answers [`Ack`] once an extent is written
-//! and journalled. [`Flush`] asks for everything acknowledged so far to be durable; [`Flushed`]
-//! says it is. Hash-compare runs its hashing on each side: the receiver sends [`Hashes`] of its
+//! zeroes: sent as a range, not as bytes); the receiver answers [`Ack`] once it has taken an
+//! extent (checked; it may gather writes). [`Flush`] asks for everything acknowledged so far to
+//! be written, durable and journalled; [`Flushed`] says it is. Hash-compare runs its hashing on each side: the receiver sends [`Hashes`] of its
 //! blocks and only the blocks that differ travel. [`Done`] ends a stream.
 //!
 //! # Pulling
 //! Between agents the receiver (the DR agent) dials the sender (the source agent's data
 //! listener), so a stream may open with a pull before the hello: the receiver sends [`Pull`]
-//! (the cut, its instance, the transfer, the mode, and the transfer's bandwidth limit, which the
-//! source paces what it sends by); for hash-compare, the [`Message::Hashes`]
-//! of its blocks follow, ended by `Done { bytes: 0 }`. The source answers [`Message::Refused`]
+//! (the cut, its instance, the transfer, the mode, the range of the disk this stream carries,
+//! and the transfer's bandwidth limit, which the source paces what it sends by); for
+//! hash-compare, the [`Message::Hashes`] of the range's blocks follow, ended by
+//! `Done { bytes: 0 }`. A transfer pulled over several streams gives each a disjoint range. The source answers [`Message::Refused`]
 //! (no such cut, another instance of it, another size) or [`Message::Offer`] (what it will send
 //! before the receiver's journal is taken off), and then speaks as the sender above: hello,
 //! data, done. The cut's instance is chosen by the source when it makes the cut, so a
@@ -40,7 +41,15 @@ use uuid::Uuid;
 
 /// The protocol version this build speaks. A peer that speaks another is refused in its
 /// [`Hello`]: no mixed-version transfer.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: a [`Pull`] names the range of the disk its stream carries (several streams per
+/// transfer), and a [`Data`] payload is zstd only where that saves at least
+/// [`COMPRESSION_WORTH`].
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// A chunk is sent compressed only when zstd shrinks it below this fraction (in percent) of its
+/// plain size: less than that saving does not pay for the receiver's decompression.
+pub const COMPRESSION_WORTH: usize = 95;
 
 /// The longest cut id a [`Pull`] names, in bytes.
 pub const MAX_CUT_ID: usize = 128;
@@ -134,12 +143,14 @@ pub struct Pull {
     pub mode: PullMode,
     /// The disk's size as the receiver expects it.
     pub disk_size: u64,
+    /// The part of the disk this stream carries: the source sends only extents within it. Its
+    /// offset is block-aligned (as its end, unless that is the disk's end). The whole disk for a
+    /// transfer of one stream.
+    pub range: Range,
     /// The most the source may send for this transfer, in bytes per second (`None`: no limit of
     /// the transfer's own; the source's global cap, if any, still applies). Never 0.
     ///
-    /// On the wire: an optional `u64` after the cut id, present only when set. A pull without a
-    /// limit is byte for byte what version 1 always sent; a limited pull to a source built
-    /// before limits existed is refused by it as malformed rather than sent unpaced.
+    /// On the wire: an optional `u64` after the range, present only when set.
     pub bandwidth_limit: Option<u64>,
 }
 
@@ -220,7 +231,8 @@ pub enum Message {
     Data(Data),
     /// A range that reads as zeroes.
     Zero(Range),
-    /// The receiver wrote and journalled this range.
+    /// The receiver took this range (checked, and written or about to be); it is durable and
+    /// journalled once a later `Flushed` answers.
     Ack(Range),
     /// Make everything acknowledged so far durable; answered by `Flushed` with the same number.
     Flush(u64),
@@ -274,7 +286,9 @@ const PULL: u8 = 11;
 const OFFER: u8 = 12;
 
 impl Data {
-    /// The data frame of `bytes` at `offset`, compressed when `compress` and it pays.
+    /// The data frame of `bytes` at `offset`, compressed when `compress` and zstd shrinks it
+    /// below [`COMPRESSION_WORTH`] percent; otherwise (random data, already compressed data) the
+    /// plain bytes, flagged [`Compression::None`].
     ///
     /// # Panics
     /// When `bytes` is longer than [`MAX_EXTENT`]: the sender splits extents first.
@@ -282,10 +296,7 @@ impl Data {
         assert!(bytes.len() <= MAX_EXTENT as usize, "an extent of {} bytes is over {MAX_EXTENT}", bytes.len());
         let hash = *blake3::hash(bytes).as_bytes();
         let length = bytes.len() as u32;
-        if compress
-            && let Ok(z) = zstd::bulk::compress(bytes, 1)
-            && z.len() < bytes.len()
-        {
+        if compress && let Some(z) = compressed(bytes) {
             return Data { offset, length, hash, compression: Compression::Zstd, payload: Bytes::from(z) };
         }
         Data { offset, length, hash, compression: Compression::None, payload: Bytes::copy_from_slice(bytes) }
@@ -306,6 +317,30 @@ impl Data {
         }
         Ok(plain)
     }
+}
+
+thread_local! {
+    /// One zstd context per thread, kept: making one per chunk costs more than compressing a
+    /// small chunk.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `bytes` zstd-compressed (level 1), when that saves enough ([`COMPRESSION_WORTH`]).
+fn compressed(bytes: &[u8]) -> Option<Vec<u8>> {
+    let z = ZSTD.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(1).ok();
+        }
+        cell.as_mut()?.compress(bytes).ok()
+    })?;
+    (z.len() * 100 < bytes.len() * COMPRESSION_WORTH).then_some(z)
+}
+
+/// Whether zstd saves enough on `sample` ([`COMPRESSION_WORTH`]): a cheap look at a part of a
+/// chunk before the whole is compressed.
+pub fn compresses(sample: &[u8]) -> bool {
+    !sample.is_empty() && compressed(sample).is_some()
 }
 
 impl Hello {
@@ -451,6 +486,7 @@ fn encode_body(m: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
             dst.put_u64(p.disk_size);
             dst.put_u16(p.cut.len() as u16);
             dst.put_slice(p.cut.as_bytes());
+            put_range(dst, &p.range);
             match p.bandwidth_limit {
                 None => {}
                 Some(0) => return Err(ProtoError::Malformed("a bandwidth limit of 0 bytes per second".into())),
@@ -642,6 +678,22 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
             let text = r.bytes(n, "cut id")?;
             let cut =
                 String::from_utf8(text.to_vec()).map_err(|_| ProtoError::Malformed("a cut id not UTF-8".into()))?;
+            if version != PROTOCOL_VERSION {
+                // Another version's pull is read as far as its version, so the source can refuse
+                // it for that rather than as malformed.
+                let whole = Range { offset: 0, length: disk_size };
+                return Ok(Message::Pull(Pull {
+                    version,
+                    transfer,
+                    cut,
+                    instance,
+                    mode,
+                    disk_size,
+                    range: whole,
+                    bandwidth_limit: None,
+                }));
+            }
+            let range = r.range("pull's range")?;
             let bandwidth_limit = match r.buf.remaining() {
                 0 => None,
                 _ => match r.u64("pull's bandwidth limit")? {
@@ -650,7 +702,7 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
                 },
             };
             r.end("pull")?;
-            Message::Pull(Pull { version, transfer, cut, instance, mode, disk_size, bandwidth_limit })
+            Message::Pull(Pull { version, transfer, cut, instance, mode, disk_size, range, bandwidth_limit })
         }
         OFFER => {
             let (bytes, extents) = (r.u64("offer")?, r.u64("offer")?);

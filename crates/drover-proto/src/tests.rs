@@ -44,6 +44,7 @@ fn samples() -> Vec<Message> {
             instance: Uuid::from_u128(7),
             mode: PullMode::HashCompare,
             disk_size: 1 << 30,
+            range: Range { offset: 0, length: 1 << 30 },
             bandwidth_limit: None,
         }),
         Message::Pull(Pull {
@@ -53,6 +54,7 @@ fn samples() -> Vec<Message> {
             instance: Uuid::from_u128(7),
             mode: PullMode::Seed,
             disk_size: 1 << 30,
+            range: Range { offset: 256 << 20, length: 256 << 20 },
             bandwidth_limit: Some(4 << 20),
         }),
         Message::Offer { bytes: 4 << 20, extents: 3 },
@@ -69,6 +71,7 @@ fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
             instance: Uuid::nil(),
             mode: PullMode::Seed,
             disk_size: 1,
+            range: Range { offset: 0, length: 1 },
             bandwidth_limit: None,
         });
         assert!(matches!(Codec.encode(m, &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
@@ -86,41 +89,63 @@ fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
 }
 
 #[test]
-fn a_pull_without_a_limit_is_what_version_1_sent_and_a_limit_of_0_is_malformed() {
+fn a_pull_names_its_range_then_an_optional_limit_and_a_limit_of_0_is_malformed() {
     let pull = |bandwidth_limit| Pull {
         version: PROTOCOL_VERSION,
         transfer: Uuid::nil(),
         cut: "c".into(),
         instance: Uuid::nil(),
         mode: PullMode::Seed,
-        disk_size: 1,
+        disk_size: 1 << 20,
+        range: Range { offset: 65536, length: 131072 },
         bandwidth_limit,
     };
-    // Golden: length, kind, version, transfer, instance, mode, size, cut id; nothing after it.
-    let mut v1 = BytesMut::new();
-    v1.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2 + 1);
-    v1.put_u8(11);
-    v1.put_u16(PROTOCOL_VERSION);
-    v1.put_slice(&[0; 32]);
-    v1.put_u8(1);
-    v1.put_u64(1);
-    v1.put_u16(1);
-    v1.put_slice(b"c");
-    assert_eq!(encode(&Message::Pull(pull(None))), v1);
-    // With a limit, its u64 follows the cut id.
+    // Golden: length, kind, version, transfer, instance, mode, size, cut id, range; no limit.
+    let mut v2 = BytesMut::new();
+    v2.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 16);
+    v2.put_u8(11);
+    v2.put_u16(2);
+    v2.put_slice(&[0; 32]);
+    v2.put_u8(1);
+    v2.put_u64(1 << 20);
+    v2.put_u16(1);
+    v2.put_slice(b"c");
+    v2.put_u64(65536);
+    v2.put_u64(131072);
+    assert_eq!(encode(&Message::Pull(pull(None))), v2);
+    // With a limit, its u64 follows the range.
     let limited = encode(&Message::Pull(pull(Some(4 << 20))));
-    assert_eq!(limited.len(), v1.len() + 8);
+    assert_eq!(limited.len(), v2.len() + 8);
     assert_eq!(&limited[limited.len() - 8..], &(4u64 << 20).to_be_bytes());
     assert!(matches!(Codec.encode(Message::Pull(pull(Some(0))), &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
-    let mut zero = v1.clone();
-    zero[..4].copy_from_slice(&(1u32 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 8).to_be_bytes());
+    let mut zero = v2.clone();
+    zero[..4].copy_from_slice(&(1u32 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 16 + 8).to_be_bytes());
     zero.put_u64(0);
     assert!(matches!(decode_all(zero), Err(ProtoError::Malformed(_))));
     // A truncated limit is malformed, not a limit of its first bytes.
-    let mut short = v1.clone();
-    short[..4].copy_from_slice(&(1u32 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 4).to_be_bytes());
+    let mut short = v2.clone();
+    short[..4].copy_from_slice(&(1u32 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 16 + 4).to_be_bytes());
     short.put_u32(7);
     assert!(matches!(decode_all(short), Err(ProtoError::Malformed(_))));
+}
+
+#[test]
+fn a_pull_of_version_1_is_read_as_far_as_its_version_so_it_can_be_refused_for_it() {
+    // What version 1 sent: no range, a limit after the cut id.
+    let mut v1 = BytesMut::new();
+    v1.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 8);
+    v1.put_u8(11);
+    v1.put_u16(1);
+    v1.put_slice(&[0; 32]);
+    v1.put_u8(1);
+    v1.put_u64(1 << 20);
+    v1.put_u16(1);
+    v1.put_slice(b"c");
+    v1.put_u64(4 << 20);
+    match decode_all(v1).unwrap().as_slice() {
+        [Message::Pull(p)] => assert_eq!((p.version, p.cut.as_str(), p.disk_size), (1, "c", 1 << 20)),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -150,6 +175,15 @@ fn compressible_data_travels_compressed_and_comes_back_verified() {
     blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut noise);
     let d = Data::new(0, &noise, true);
     assert_eq!((d.compression, d.verified().unwrap().len()), (Compression::None, noise.len()));
+    assert_eq!(d.payload, noise.as_slice());
+    // Nearly random (97% noise, 3% zeroes): zstd saves under 5%, so the plain bytes travel.
+    let mut nearly = noise.clone();
+    nearly[..65536 * 3 / 100].fill(0);
+    let z = zstd::bulk::compress(&nearly, 1).unwrap();
+    assert!(z.len() < nearly.len(), "zstd does shrink it a little: {}", z.len());
+    let d = Data::new(0, &nearly, true);
+    assert_eq!(d.compression, Compression::None, "saving {} bytes is not worth it", nearly.len() - z.len());
+    assert_eq!(d.verified().unwrap(), nearly.as_slice());
 }
 
 #[test]

@@ -6,7 +6,13 @@
 //! - Every extent carries the BLAKE3 of its plain bytes; the receiver checks it before it writes
 //!   anything, and refuses the stream on a mismatch.
 //! - A chunk that reads as zeroes travels as a [`Message::Zero`] range, not as bytes; data may be
-//!   zstd-compressed.
+//!   zstd-compressed, chunk by chunk where it pays ([`drover_proto::COMPRESSION_WORTH`]); after a
+//!   run of chunks that do not shrink the sender only tries a sample of each until one shrinks
+//!   ([`AdaptiveCompression`]), so random data costs next to no compression CPU.
+//! - The sender reads the source a batch of chunks ahead: the next batch's reads are in flight
+//!   while this one is hashed and sent.
+//! - A transfer may run over several streams at once, each carrying a disjoint range of the disk
+//!   ([`receive_framed_within`]), into one [`Journal`].
 //! - **Resumable.** The receiver writes what arrives and acknowledges it, and at every flush
 //!   point (the sender asks every `flush_every` bytes, and the receiver flushes by itself when the
 //!   stream ends or breaks) makes it durable *then* records it in its [`Journal`]. A resumed
@@ -21,7 +27,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use drover_block::extents::{Extent, ExtentSet};
 use drover_proto::{
-    Codec, Data, Hello, MAX_EXTENT, Message, PROTOCOL_VERSION, ProtoError, Range, RefusalCode, Refused, Welcome,
+    Codec, Compression, Data, Hello, MAX_EXTENT, Message, PROTOCOL_VERSION, ProtoError, Range, RefusalCode, Refused,
+    Welcome,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -33,6 +40,15 @@ use uuid::Uuid;
 pub trait BlockSource: Send {
     /// Fills `buf` with the disk's bytes at `offset`.
     async fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+
+    /// Fills each `(offset, buffer)`: a source that can keep several reads in flight (NBD)
+    /// overrides this; the default reads one after the other.
+    async fn read_many(&mut self, reads: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
+        for (offset, buf) in reads.iter_mut() {
+            self.read(*offset, buf).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Where the receiver writes the disk (the new restore point).
@@ -67,11 +83,15 @@ type Result<T> = std::result::Result<T, TransferError>;
 /// The receiver's record of the extents that are durable in the target: a file of 16-byte
 /// records (offset, length; big-endian), appended and synced after the target was flushed. A torn
 /// last record (a crash while appending) is dropped when the journal is opened.
+///
+/// One journal serves every stream of a transfer at once (`&Journal`): appends are serialized,
+/// and each stream records only extents it flushed itself, so a record never names data that is
+/// not durable whichever stream wrote it.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: tokio::fs::File,
-    durable: ExtentSet,
+    file: tokio::sync::Mutex<tokio::fs::File>,
+    durable: std::sync::Mutex<ExtentSet>,
 }
 
 impl Journal {
@@ -95,12 +115,12 @@ impl Journal {
         if whole != bytes.len() {
             file.set_len(whole as u64).await?;
         }
-        Ok(Journal { path: path.to_path_buf(), file, durable })
+        Ok(Journal { path: path.to_path_buf(), file: tokio::sync::Mutex::new(file), durable: durable.into() })
     }
 
-    /// The extents recorded as durable.
-    pub fn durable(&self) -> &ExtentSet {
-        &self.durable
+    /// The extents recorded as durable (so far: other streams may be adding to them).
+    pub fn durable(&self) -> ExtentSet {
+        self.durable.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -108,7 +128,7 @@ impl Journal {
     }
 
     /// Records `extents` as durable: call only after the target was flushed.
-    async fn record(&mut self, extents: &ExtentSet) -> std::io::Result<()> {
+    async fn record(&self, extents: &ExtentSet) -> std::io::Result<()> {
         if extents.is_empty() {
             return Ok(());
         }
@@ -117,9 +137,11 @@ impl Journal {
             buf.extend_from_slice(&e.offset.to_be_bytes());
             buf.extend_from_slice(&e.len.to_be_bytes());
         }
-        self.file.write_all(&buf).await?;
-        self.file.sync_data().await?;
-        self.durable = self.durable.union(extents);
+        let mut file = self.file.lock().await;
+        file.write_all(&buf).await?;
+        file.sync_data().await?;
+        let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+        *durable = durable.union(extents);
         Ok(())
     }
 }
@@ -152,7 +174,7 @@ pub struct ReceiveStats {
 pub async fn receive<S>(
     stream: S,
     target: &mut dyn BlockTarget,
-    journal: &mut Journal,
+    journal: &Journal,
     expect: &Expect,
 ) -> Result<ReceiveStats>
 where
@@ -161,14 +183,31 @@ where
     receive_framed(Framed::new(stream, Codec), target, journal, expect).await
 }
 
-/// [`receive`] on a stream already framed, where other messages came first (a receiver that
-/// dialled the sender and pulled: see `drover_proto`'s "Pulling"). A refusal in place of the
-/// hello is the sender's answer, returned as [`TransferError::Refused`].
+/// [`receive_framed_within`] the whole disk.
 pub async fn receive_framed<S>(
+    framed: Framed<S, Codec>,
+    target: &mut dyn BlockTarget,
+    journal: &Journal,
+    expect: &Expect,
+) -> Result<ReceiveStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let whole = Range { offset: 0, length: expect.disk_size };
+    receive_framed_within(framed, target, journal, expect, whole).await
+}
+
+/// [`receive`] on a stream already framed, where other messages came first (a receiver that
+/// dialled the sender and pulled: see `drover_proto`'s "Pulling"), for a stream that carries
+/// `within` of the disk (one of several streams of a transfer): the welcome names what the
+/// journal holds there, and an extent outside it is refused. A refusal in place of the hello is
+/// the sender's answer, returned as [`TransferError::Refused`].
+pub async fn receive_framed_within<S>(
     mut framed: Framed<S, Codec>,
     target: &mut dyn BlockTarget,
-    journal: &mut Journal,
+    journal: &Journal,
     expect: &Expect,
+    within: Range,
 ) -> Result<ReceiveStats>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -193,7 +232,13 @@ where
         let why = format!("the disk is {} bytes, not {}", expect.disk_size, hello.disk_size);
         return refuse(&mut framed, RefusalCode::SizeMismatch, why).await;
     }
-    let acknowledged = journal.durable().iter().map(|e| Range { offset: e.offset, length: e.len }).collect();
+    let (lo, hi) = (within.offset, within.end().unwrap_or(u64::MAX).min(expect.disk_size));
+    let acknowledged = journal
+        .durable()
+        .clip(lo, hi.saturating_sub(lo))
+        .iter()
+        .map(|e| Range { offset: e.offset, length: e.len })
+        .collect();
     framed.send(Message::Welcome(Welcome { version: PROTOCOL_VERSION, acknowledged })).await.map_err(cut)?;
 
     let mut stats = ReceiveStats::default();
@@ -214,10 +259,10 @@ where
         match m {
             Message::Data(d) => {
                 let range = Range { offset: d.offset, length: u64::from(d.length) };
-                if !within(&range, expect.disk_size) {
+                if !inside(&range, lo, hi) {
                     make_durable(target, journal, &mut pending).await?;
-                    return refuse(&mut framed, RefusalCode::Protocol, format!("{range:?} is past the disk's end"))
-                        .await;
+                    let why = format!("{range:?} is outside this stream's {within:?} of the disk");
+                    return refuse(&mut framed, RefusalCode::Protocol, why).await;
                 }
                 let plain = match d.verified() {
                     Ok(p) => p,
@@ -236,10 +281,10 @@ where
                 }
             }
             Message::Zero(range) => {
-                if !within(&range, expect.disk_size) {
+                if !inside(&range, lo, hi) {
                     make_durable(target, journal, &mut pending).await?;
-                    return refuse(&mut framed, RefusalCode::Protocol, format!("{range:?} is past the disk's end"))
-                        .await;
+                    let why = format!("{range:?} is outside this stream's {within:?} of the disk");
+                    return refuse(&mut framed, RefusalCode::Protocol, why).await;
                 }
                 target.write_zeroes(range.offset, range.length).await?;
                 stats.zero_bytes += range.length;
@@ -268,12 +313,12 @@ where
     }
 }
 
-fn within(r: &Range, size: u64) -> bool {
-    r.end().is_some_and(|end| end <= size)
+fn inside(r: &Range, lo: u64, hi: u64) -> bool {
+    r.offset >= lo && r.end().is_some_and(|end| end <= hi)
 }
 
 /// Flushes the target, then journals what it now durably holds.
-async fn make_durable(target: &mut dyn BlockTarget, journal: &mut Journal, pending: &mut ExtentSet) -> Result<()> {
+async fn make_durable(target: &mut dyn BlockTarget, journal: &Journal, pending: &mut ExtentSet) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -336,7 +381,87 @@ pub struct SendStats {
     pub wire_bytes: u64,
     /// Bytes sent as zero ranges.
     pub zero_bytes: u64,
+    /// Data chunks sent zstd-compressed.
+    pub compressed_chunks: u64,
+    /// Data chunks zstd was tried on whole and did not shrink enough: sent plain.
+    pub incompressible_chunks: u64,
+    /// Data chunks sent plain without trying zstd on the whole (compression off, or only a
+    /// sample tried: see [`AdaptiveCompression`]).
+    pub untried_chunks: u64,
 }
+
+/// Consecutive chunks zstd does not shrink before the sender stops trying whole chunks.
+pub const COMPRESSION_MISSES: u32 = 4;
+
+/// The bytes of a chunk (from its middle) zstd looks at first once whole chunks stopped
+/// shrinking: 1/32 of a 128 KiB chunk's compression CPU.
+pub const COMPRESSION_SAMPLE: usize = 4096;
+
+/// How much zstd the sender tries on the next data chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionTry {
+    /// Compression is off.
+    No,
+    /// Compress the whole chunk; sent compressed if that saves enough.
+    Whole,
+    /// Compress [`COMPRESSION_SAMPLE`] bytes of it first; the whole only if the sample shrinks.
+    Sample,
+}
+
+/// Whether to spend CPU on zstd for the next chunk. Random or already compressed data does not
+/// shrink, and compressing it costs more CPU than the rest of the sender's work: after
+/// [`COMPRESSION_MISSES`] chunks in a row that did not shrink, the sender only compresses a
+/// sample of each chunk ([`CompressionTry::Sample`]), and the whole chunk only when the sample
+/// shrinks; a chunk that shrinks whole returns it to trying whole chunks. So a disk of random
+/// data costs a thirty-second of the compression CPU, and a compressible region after a random
+/// one is still found at its first chunk.
+#[derive(Debug, Clone)]
+pub struct AdaptiveCompression {
+    enabled: bool,
+    misses: u32,
+}
+
+impl AdaptiveCompression {
+    pub fn new(enabled: bool) -> AdaptiveCompression {
+        AdaptiveCompression { enabled, misses: 0 }
+    }
+
+    /// How much to try on the next chunk.
+    pub fn next(&self) -> CompressionTry {
+        match (self.enabled, self.misses >= COMPRESSION_MISSES) {
+            (false, _) => CompressionTry::No,
+            (true, false) => CompressionTry::Whole,
+            (true, true) => CompressionTry::Sample,
+        }
+    }
+
+    /// What compressing a whole chunk did: `shrank` when it travelled compressed.
+    pub fn learn(&mut self, shrank: bool) {
+        self.misses = if shrank { 0 } else { (self.misses + 1).min(COMPRESSION_MISSES) };
+    }
+
+    /// The data frame of `bytes` at `offset`, compressed as far as this says; learns from it.
+    /// Returns the frame and whether zstd ran on the whole chunk.
+    pub fn frame(&mut self, offset: u64, bytes: &[u8]) -> (Data, bool) {
+        let whole = match self.next() {
+            CompressionTry::No => false,
+            CompressionTry::Whole => true,
+            CompressionTry::Sample => {
+                let at = (bytes.len() / 2).saturating_sub(COMPRESSION_SAMPLE / 2);
+                drover_proto::compresses(&bytes[at..(at + COMPRESSION_SAMPLE).min(bytes.len())])
+            }
+        };
+        let d = Data::new(offset, bytes, whole);
+        if whole {
+            self.learn(d.compression != Compression::None);
+        }
+        (d, whole)
+    }
+}
+
+/// Chunks read from the source in one go (their reads in flight together), while the chunks
+/// read before are hashed and sent.
+const READ_BATCH: usize = 16;
 
 /// Sends what of `spec.extents` the receiver does not hold yet, over one stream, and waits until
 /// the receiver has made it durable. [`TransferError::Cut`] when the stream breaks: call again
@@ -396,27 +521,50 @@ where
         }
     };
     let data = async {
-        let mut buf = vec![0u8; chunk as usize];
+        let mut compression = AdaptiveCompression::new(spec.compress);
         let (mut since_flush, mut flushes) = (0u64, 0u64);
-        for e in todo.chunks(u64::from(chunk)) {
-            let part = &mut buf[..e.len as usize];
-            source.read(e.offset, part).await?;
-            let m = if part.iter().all(|b| *b == 0) {
-                stats.zero_bytes += e.len;
-                Message::Zero(Range { offset: e.offset, length: e.len })
-            } else {
-                let d = Data::new(e.offset, part, spec.compress);
-                stats.data_bytes += e.len;
-                stats.wire_bytes += d.payload.len() as u64;
-                Message::Data(d)
+        // Two buffers: the next batch is read from the source while this one is hashed and sent.
+        let batch_bytes = chunk as usize * READ_BATCH;
+        let (mut current, mut next) = (vec![0u8; batch_bytes], vec![0u8; batch_bytes]);
+        let mut chunks = todo.chunks(u64::from(chunk));
+        let mut this: Vec<Extent> = chunks.by_ref().take(READ_BATCH).collect();
+        read_batch(source, &this, &mut current).await?;
+        // Bounded by the chunks of `todo`: every round takes up to READ_BATCH of them.
+        while !this.is_empty() {
+            let following: Vec<Extent> = chunks.by_ref().take(READ_BATCH).collect();
+            let send_this = async {
+                let mut at = 0usize;
+                for e in &this {
+                    let part = &current[at..at + e.len as usize];
+                    at += e.len as usize;
+                    let m = if part.iter().all(|b| *b == 0) {
+                        stats.zero_bytes += e.len;
+                        Message::Zero(Range { offset: e.offset, length: e.len })
+                    } else {
+                        let (d, tried) = compression.frame(e.offset, part);
+                        match (tried, d.compression != Compression::None) {
+                            (_, true) => stats.compressed_chunks += 1,
+                            (true, false) => stats.incompressible_chunks += 1,
+                            (false, _) => stats.untried_chunks += 1,
+                        }
+                        stats.data_bytes += e.len;
+                        stats.wire_bytes += d.payload.len() as u64;
+                        Message::Data(d)
+                    };
+                    sink.feed(m).await.map_err(cut)?;
+                    since_flush += e.len;
+                    if spec.flush_every > 0 && since_flush >= spec.flush_every {
+                        flushes += 1;
+                        sink.feed(Message::Flush(flushes)).await.map_err(cut)?;
+                        since_flush = 0;
+                    }
+                }
+                sink.flush().await.map_err(cut)?;
+                Ok::<_, TransferError>(())
             };
-            sink.send(m).await.map_err(cut)?;
-            since_flush += e.len;
-            if spec.flush_every > 0 && since_flush >= spec.flush_every {
-                flushes += 1;
-                sink.send(Message::Flush(flushes)).await.map_err(cut)?;
-                since_flush = 0;
-            }
+            tokio::try_join!(send_this, read_batch(source, &following, &mut next))?;
+            std::mem::swap(&mut current, &mut next);
+            this = following;
         }
         sink.send(Message::Flush(final_flush)).await.map_err(cut)?;
         Ok::<_, TransferError>(())
@@ -424,6 +572,21 @@ where
     tokio::try_join!(data, acks)?;
     sink.send(Message::Done { bytes: stats.data_bytes }).await.map_err(cut)?;
     Ok(stats)
+}
+
+/// Reads `extents` (at most [`READ_BATCH`] chunks) into `buf`, one after the other.
+async fn read_batch(source: &mut dyn BlockSource, extents: &[Extent], buf: &mut [u8]) -> Result<()> {
+    let mut reads = Vec::with_capacity(extents.len());
+    let mut rest = buf;
+    for e in extents {
+        let (part, tail) = rest.split_at_mut(e.len as usize);
+        reads.push((e.offset, part));
+        rest = tail;
+    }
+    if !reads.is_empty() {
+        source.read_many(&mut reads).await?;
+    }
+    Ok(())
 }
 
 /// An I/O error on the stream is a cut (resume with a new stream); anything else is what it is.

@@ -127,12 +127,12 @@ async fn journal(dir: &tempfile::TempDir) -> Journal {
 async fn a_whole_disk_arrives_checked_with_zero_ranges_as_ranges() {
     let dir = tempfile::tempdir().unwrap();
     let (mut src, mut dst) = (source(), target());
-    let mut j = journal(&dir).await;
+    let j = journal(&dir).await;
     let id = Uuid::new_v4();
     let (a, b) = tokio::io::duplex(256 << 10);
     let expect = Expect { transfer: id, disk_size: SIZE };
     let sp = spec(id, 8 << 20);
-    let (sent, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &mut j, &expect));
+    let (sent, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
     let (sent, received) = (sent.unwrap(), received.unwrap());
     assert!(dst.durable == src.volatile, "the target is the source, durably");
     assert_eq!(sent.zero_bytes, 4 << 20, "the hole travelled as a range");
@@ -141,10 +141,10 @@ async fn a_whole_disk_arrives_checked_with_zero_ranges_as_ranges() {
     assert!(dst.flushes >= 4, "flushed every 8 MiB and at the end: {}", dst.flushes);
     assert_eq!(j.durable().total_bytes(), SIZE);
     // The journal survives a reopen; a new stream of the same transfer sends nothing.
-    let mut j = journal(&dir).await;
-    assert_eq!(j.durable(), &ExtentSet::from_range(0, SIZE));
+    let j = journal(&dir).await;
+    assert_eq!(j.durable(), ExtentSet::from_range(0, SIZE));
     let (a, b) = tokio::io::duplex(64 << 10);
-    let (again, _) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &mut j, &expect));
+    let (again, _) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
     let again = again.unwrap();
     assert_eq!((again.already_there, again.data_bytes + again.zero_bytes), (SIZE, 0));
 }
@@ -155,21 +155,21 @@ async fn a_whole_disk_arrives_checked_with_zero_ranges_as_ranges() {
 async fn a_cut_link_resumes_after_the_last_acknowledged_extent() {
     let dir = tempfile::tempdir().unwrap();
     let (mut src, mut dst) = (source(), target());
-    let mut j = journal(&dir).await;
+    let j = journal(&dir).await;
     let id = Uuid::new_v4();
     let expect = Expect { transfer: id, disk_size: SIZE };
     let (a, b) = tokio::io::duplex(64 << 10);
     let cut_at = 13 << 20;
     let sp = spec(id, 64 << 20);
     let (first, received) =
-        tokio::join!(send(CutAfter { inner: a, budget: cut_at }, &mut src, &sp), receive(b, &mut dst, &mut j, &expect));
+        tokio::join!(send(CutAfter { inner: a, budget: cut_at }, &mut src, &sp), receive(b, &mut dst, &j, &expect));
     assert!(matches!(first, Err(TransferError::Cut)), "{first:?}");
     assert!(matches!(received, Err(TransferError::Cut)), "{received:?}");
     let held = j.durable().total_bytes();
     assert!(held > 10 << 20, "what arrived before the cut is kept: {held}");
 
     let (a, b) = tokio::io::duplex(64 << 10);
-    let (second, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &mut j, &expect));
+    let (second, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
     let second = second.unwrap();
     received.unwrap();
     assert!(dst.durable == src.volatile, "the resumed transfer completes the disk");
@@ -189,9 +189,9 @@ async fn a_killed_receiver_resends_at_most_since_its_last_flush() {
     let flush_every = 2 << 20;
     let sp = spec(id, flush_every);
     {
-        let mut j = journal(&dir).await;
+        let j = journal(&dir).await;
         let (a, b) = tokio::io::duplex(64 << 10);
-        let recv = receive(b, &mut dst, &mut j, &expect);
+        let recv = receive(b, &mut dst, &j, &expect);
         let killed = async {
             // The receiver is dropped mid-transfer, as a killed process stops: no flush.
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
@@ -204,10 +204,10 @@ async fn a_killed_receiver_resends_at_most_since_its_last_flush() {
         }
     }
     let mut dst = dst.after_crash();
-    let mut j = journal(&dir).await;
+    let j = journal(&dir).await;
     let held = j.durable().total_bytes();
     let (a, b) = tokio::io::duplex(64 << 10);
-    let (second, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &mut j, &expect));
+    let (second, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
     let second = second.unwrap();
     received.unwrap();
     assert!(dst.durable == src.volatile, "nothing the crash lost is skipped");
@@ -219,7 +219,7 @@ async fn tampered_bytes_unknown_transfers_and_other_versions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut dst = target();
     let before = dst.volatile.clone();
-    let mut j = journal(&dir).await;
+    let j = journal(&dir).await;
     let id = Uuid::new_v4();
     let expect = Expect { transfer: id, disk_size: SIZE };
 
@@ -242,7 +242,7 @@ async fn tampered_bytes_unknown_transfers_and_other_versions_are_refused() {
         f.send(Message::Data(d)).await.unwrap();
         f.next().await
     };
-    let (answer, received) = tokio::join!(peer, receive(b, &mut dst, &mut j, &expect));
+    let (answer, received) = tokio::join!(peer, receive(b, &mut dst, &j, &expect));
     assert!(matches!(received, Err(TransferError::Refused(RefusalCode::HashMismatch, _))), "{received:?}");
     assert!(matches!(answer, Some(Ok(Message::Refused(r))) if r.code == RefusalCode::HashMismatch));
     assert!(dst.volatile == before && j.durable().is_empty(), "nothing written, nothing journalled");
@@ -254,7 +254,7 @@ async fn tampered_bytes_unknown_transfers_and_other_versions_are_refused() {
         let (a, b) = tokio::io::duplex(64 << 10);
         let mut src = source();
         let s = SendSpec { transfer, disk_size, ..spec(id, 0) };
-        let (sent, received) = tokio::join!(send(a, &mut src, &s), receive(b, &mut dst, &mut j, &expect));
+        let (sent, received) = tokio::join!(send(a, &mut src, &s), receive(b, &mut dst, &j, &expect));
         assert!(matches!(sent, Err(TransferError::Refused(c, _)) if c == code), "{sent:?}");
         assert!(matches!(received, Err(TransferError::Refused(c, _)) if c == code), "{received:?}");
     }
@@ -265,7 +265,7 @@ async fn tampered_bytes_unknown_transfers_and_other_versions_are_refused() {
         f.send(Message::Hello(hello)).await.unwrap();
         f.next().await
     };
-    let (answer, received) = tokio::join!(peer, receive(b, &mut dst, &mut j, &expect));
+    let (answer, received) = tokio::join!(peer, receive(b, &mut dst, &j, &expect));
     assert!(matches!(received, Err(TransferError::Refused(RefusalCode::Version, _))));
     assert!(
         matches!(answer, Some(Ok(Message::Refused(r))) if r.code == RefusalCode::Version && r.message.contains("version"))
@@ -283,7 +283,7 @@ async fn a_torn_journal_record_is_dropped() {
     bytes.extend_from_slice(&[1, 2, 3]);
     std::fs::write(&path, bytes).unwrap();
     let j = Journal::open(&path).await.unwrap();
-    assert_eq!(j.durable(), &ExtentSet::from_range(0, 65536));
+    assert_eq!(j.durable(), ExtentSet::from_range(0, 65536));
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 16, "the torn tail is cut off");
     // A new journal is private to the service user.
     let fresh = dir.path().join("fresh");
@@ -299,7 +299,7 @@ async fn a_torn_journal_record_is_dropped() {
 async fn framed_streams_after_a_pull_carry_the_senders_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (mut src, mut dst) = (source(), target());
-    let mut j = journal(&dir).await;
+    let j = journal(&dir).await;
     let id = Uuid::new_v4();
     let expect = Expect { transfer: id, disk_size: SIZE };
 
@@ -307,7 +307,7 @@ async fn framed_streams_after_a_pull_carry_the_senders_answer() {
     let (mut sender, receiver) = (Framed::new(a, Codec), Framed::new(b, Codec));
     let refusal = Message::Refused(drover_proto::Refused { code: RefusalCode::UnknownCut, message: "no cut".into() });
     sender.send(refusal).await.unwrap();
-    let e = receive_framed(receiver, &mut dst, &mut j, &expect).await.unwrap_err();
+    let e = receive_framed(receiver, &mut dst, &j, &expect).await.unwrap_err();
     assert!(matches!(e, TransferError::Refused(RefusalCode::UnknownCut, ref m) if m == "no cut"), "{e:?}");
 
     let (a, b) = tokio::io::duplex(256 << 10);
@@ -316,7 +316,60 @@ async fn framed_streams_after_a_pull_carry_the_senders_answer() {
     assert!(matches!(sender.next().await, Some(Ok(Message::Offer { bytes: SIZE, .. }))));
     let sp = spec(id, 8 << 20);
     let (sent, received) =
-        tokio::join!(send_framed(sender, &mut src, &sp), receive_framed(receiver, &mut dst, &mut j, &expect));
+        tokio::join!(send_framed(sender, &mut src, &sp), receive_framed(receiver, &mut dst, &j, &expect));
     assert_eq!(sent.unwrap().data_bytes, received.unwrap().data_bytes);
     assert!(dst.durable == src.volatile);
+}
+
+/// Sends `bytes` whole into a target of other bytes; returns what the sender counted, after
+/// checking the target holds `bytes`.
+async fn send_whole(bytes: Vec<u8>) -> SendStats {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, mut dst) = (Disk::new(bytes), target());
+    let j = journal(&dir).await;
+    let id = Uuid::new_v4();
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let expect = Expect { transfer: id, disk_size: SIZE };
+    let sp = spec(id, 8 << 20);
+    let (sent, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
+    let (sent, received) = (sent.unwrap(), received.unwrap());
+    assert!(dst.durable == src.volatile, "the target holds the source's bytes");
+    assert_eq!((received.data_bytes, received.wire_bytes), (sent.data_bytes, sent.wire_bytes));
+    sent
+}
+
+#[tokio::test]
+async fn random_data_travels_raw_and_zstd_stops_trying_it_whole_after_a_few_chunks() {
+    let mut bytes = vec![0u8; SIZE as usize];
+    blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut bytes);
+    let sent = send_whole(bytes).await;
+    let chunks = SIZE / u64::from(CHUNK);
+    println!("random: {sent:?}");
+    assert_eq!(sent.wire_bytes, SIZE, "sent raw: {sent:?}");
+    assert_eq!(sent.compressed_chunks, 0, "{sent:?}");
+    assert_eq!(sent.incompressible_chunks, u64::from(COMPRESSION_MISSES), "only the first chunks were tried whole");
+    assert_eq!(sent.untried_chunks, chunks - u64::from(COMPRESSION_MISSES), "{sent:?}");
+}
+
+#[tokio::test]
+async fn compressible_data_travels_compressed_even_after_random_data() {
+    // Text-like: a short alphabet, repeated with variation.
+    let text: Vec<u8> =
+        (0..SIZE).map(|i| b"drover replicates disks "[(i * 7 % 24) as usize] ^ ((i / 4096) % 3) as u8).collect();
+    let sent = send_whole(text.clone()).await;
+    let chunks = SIZE / u64::from(CHUNK);
+    println!("compressible: {sent:?}");
+    assert_eq!(sent.compressed_chunks, chunks, "{sent:?}");
+    assert!(sent.wire_bytes < SIZE / 4, "{sent:?}");
+    // Random first, then the same text: zstd stops trying random chunks whole, and finds the
+    // text again from its first chunk (its sample shrinks).
+    let mut mixed = vec![0u8; SIZE as usize];
+    blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut mixed);
+    let half = SIZE as usize / 2;
+    mixed[half..].copy_from_slice(&text[half..]);
+    let sent = send_whole(mixed).await;
+    println!("random then compressible: {sent:?}");
+    assert_eq!(sent.compressed_chunks, chunks / 2, "{sent:?}");
+    assert_eq!(sent.incompressible_chunks, u64::from(COMPRESSION_MISSES), "{sent:?}");
+    assert!(sent.wire_bytes < SIZE / 2 + SIZE / 8, "{sent:?}");
 }

@@ -81,6 +81,10 @@ pub struct ReplicationArgs {
     /// convert` and `nbdcopy` over NBD (`--baseline-runs` seeds, interleaved with them).
     #[arg(long)]
     pub remote: bool,
+    /// With `--remote`: the most streams (connections) one transfer is pulled over (a disk
+    /// below 256 MiB gets one).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub streams: u16,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -31,6 +31,8 @@ pub struct RemoteReport {
     pub size: u64,
     pub change_fraction: f64,
     pub runs: u32,
+    /// The most streams one transfer was pulled over.
+    pub streams: u16,
     /// Full seed over the wire, each run into a new point (seconds).
     pub seed_seconds: Vec<f64>,
     pub seed_mb_per_s_median: f64,
@@ -81,14 +83,17 @@ async fn side(
     ca: &drover_pki::ControlPlaneCa,
     dir: &Path,
     serve: bool,
+    streams: u16,
 ) -> anyhow::Result<(Side, Option<drover_agent::peer::DataListener>)> {
     let pending = drover_pki::AgentIdentity::generate(&dir.join("identity"))?;
     let host = drover_types::HostId::new();
     let issued = ca.sign_agent_csr(host, pending.csr_pem(), &[])?;
     let identity = pending.install(&issued.certificate_pem, &issued.ca_pem)?;
     let hv = Arc::new(QemuDriver::new(QemuConfig::new(dir.join("run"))));
+    let streams = drover_agent::peer::PeerStreams { streams, ..Default::default() };
     let agent = LocalAgent::new(hv, dir.join("w"))
-        .with_peer_tls(drover_pki::client_config(identity.tls_identity(), identity.trusted_ca())?);
+        .with_peer_tls(drover_pki::client_config(identity.tls_identity(), identity.trusted_ca())?)
+        .with_peer_streams(streams);
     let data = if serve {
         let tls = drover_pki::server_config_requiring_client_cert(identity.tls_identity(), identity.trusted_ca())?;
         let name = drover_pki::agent_dns_name(identity.host_id());
@@ -144,8 +149,8 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
     let size = args.size;
     let runs = args.baseline_runs;
     let ca = drover_pki::ControlPlaneCa::create_or_load(&dir.join("ca"))?;
-    let (prod, _data) = side(&ca, &dir.join("p"), true).await?;
-    let (dr, _) = side(&ca, &dir.join("d"), false).await?;
+    let (prod, _data) = side(&ca, &dir.join("p"), true, args.streams).await?;
+    let (dr, _) = side(&ca, &dir.join("d"), false, args.streams).await?;
 
     // The source disk: random data everywhere (nothing for zstd to shrink), written through a
     // storage daemon of the benchmark's own.
@@ -278,6 +283,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         size,
         change_fraction: args.change,
         runs,
+        streams: args.streams,
         seed_mb_per_s_median: size as f64 / 1e6 / seed_median,
         seed_wire_bytes: seed_wire,
         seed_cpu_seconds_per_gib: seed_cpu / gib(size),
@@ -297,10 +303,11 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
 pub fn print(r: &RemoteReport) {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
-        "replication between two agents over mutual TLS on loopback: {:.0} MiB disk, {:.1}% of blocks changed, {} runs",
+        "replication between two agents over mutual TLS on loopback: {:.0} MiB disk, {:.1}% of blocks changed, {} runs, up to {} streams",
         mib(r.size),
         r.change_fraction * 100.0,
-        r.runs
+        r.runs,
+        r.streams
     );
     println!(
         "  full seed over the wire:   min {:.2} s, median {:.2} s ({:.0} MB/s), {} bytes on the wire, {:.2} CPU s/GiB (drover, both agents)",
