@@ -69,6 +69,11 @@ pub struct AgentArgs {
     /// (`100MiB`, `1GiB`, or bytes). Default: no cap.
     #[arg(long, env = "DROVER_AGENT_BANDWIDTH_CAP", value_parser = parse_rate, requires = "data_listen")]
     pub bandwidth_cap: Option<u64>,
+    /// How many connections a transfer from another agent is pulled over at most (a small disk
+    /// gets fewer).
+    #[arg(long, env = "DROVER_AGENT_DATA_STREAMS", default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(1..=drover_agent::peer::MAX_STREAMS as i64))]
+    pub data_streams: u16,
 }
 
 /// A rate in bytes per second: a number with an optional KiB/MiB/GiB suffix.
@@ -252,7 +257,11 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     let agent = LocalAgent::new(hv, args.data_dir.join("work"))
         .with_datastore_roots(roots)
         .with_peer_tls(peer_tls)
-        .with_global_bandwidth_cap(args.bandwidth_cap);
+        .with_global_bandwidth_cap(args.bandwidth_cap)
+        .with_peer_streams(drover_agent::peer::PeerStreams {
+            streams: args.data_streams,
+            ..drover_agent::peer::PeerStreams::default()
+        });
     let config = drover_pki::server_config_requiring_client_cert(identity.tls_identity(), identity.trusted_ca())?;
     let data = match args.data_listen {
         Some(bind) => {
