@@ -531,18 +531,36 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     let replica = replicas["items"][0].clone();
     let replica_id = replica["id"].as_str().unwrap().to_string();
     let chain = |disk: &str| root.join("da/datastores/ds").join(&replica_id).join(disk);
-    let verify = || {
+    // After each run while the VM is off: the newest point of each disk equals its source, and
+    // a copy of the source is kept; every point published so far still equals the copy taken
+    // when it was published, and every point file passes `qemu-img check`.
+    let copies = root.join("copies");
+    std::fs::create_dir_all(&copies).unwrap();
+    let mut published: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut verify = |what: &str| {
         for disk in ["data", "bulk"] {
             let all = points(&chain(disk));
-            let newest = all.last().unwrap();
-            assert!(same(&source(disk), newest), "{disk}: the newest point {} equals the source", newest.display());
+            let newest = all.last().unwrap().clone();
+            assert!(
+                same(&source(disk), &newest),
+                "{what}: {disk}: the newest point {} equals the source",
+                newest.display()
+            );
+            if !published.iter().any(|(p, _)| *p == newest) {
+                let copy = copies.join(format!("{disk}-{}.qcow2", published.len()));
+                std::fs::copy(source(disk), &copy).unwrap();
+                published.push((newest, copy));
+            }
             for p in &all {
-                assert!(readable(p), "{disk}: the point {} is readable", p.display());
+                assert!(readable(p), "{what}: {disk}: the point {} is readable", p.display());
             }
         }
+        for (point, copy) in &published {
+            assert!(same(copy, point), "{what}: the point {} still holds what it was published with", point.display());
+        }
+        println!("{what}: {} points verified", published.len());
     };
-    verify();
-    println!("seed: ok ({:?})", points(&chain("bulk")));
+    verify("seed");
 
     // 2. The link between production and DR is cut in the middle of a transfer (nftables in
     // the production namespace drops everything to and from DR) and restored a few seconds
@@ -569,7 +587,7 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     for l in lines.iter().filter(|l| l.contains("pulled by") || l.contains("reach") || l.contains("resum")) {
         println!("cut link: {l}");
     }
-    verify();
+    verify("cut link");
 
     // 3. The production agent SIGKILLed at each step of a run, and restarted (same data dir,
     // same ports, no new enrolment): the run succeeds or fails cleanly, the next one succeeds,
@@ -608,10 +626,13 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
         let lines = api.log(&session).await;
         println!("kill at {at}: {} ({})", s["result"], s["failure_message"]);
         assert!(s["result"] == "Success" || s["state"] == "Stopped", "{s}: {lines:?}");
+        for l in lines.iter().filter(|l| !l.contains("bitmap mode") || l.contains("reconnect")) {
+            println!("kill at {at}: {l}");
+        }
         if s["result"] != "Success" {
             api.run_job(&job).await;
         }
-        verify();
+        verify(&format!("kill at {at}"));
     }
 
     // 4. The site is lost while the VM runs: the VM is powered on, a marker written, a point
@@ -688,12 +709,19 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
         )
     })
     .await;
+    // The control plane records it off once the agent has done it (the same monitor pass), and
+    // says it fenced it.
+    wait_for("the control plane to record the fenced VM off", 30, async || {
+        api.ok(M::GET, &format!("/v1/vms/{vm_id}"), None).await["power_state"] == "Off"
+    })
+    .await;
     println!("fenced after {:.1} s", behind.elapsed().as_secs_f64());
-    let v = api.ok(M::GET, &format!("/v1/vms/{vm_id}"), None).await;
-    assert_eq!(v["power_state"], "Off", "{v}");
+    let serve_log = std::fs::read_to_string(root.join("serve.log")).unwrap();
+    assert!(serve_log.contains("fencing: production VM runs while its replica is failed over"), "{serve_log}");
     let session = api.start_run(&job).await;
     let s = api.wait_session(&session).await;
     assert_ne!(s["result"], "Success", "replication from a fenced production ran: {s}");
+    println!("refused: {}", s["failure_message"]);
 
     // Undo: the replica's VM goes, replication resumes and its point verifies.
     let undo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/undo"), None).await;
@@ -701,7 +729,7 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     assert_eq!(s["result"], "Success", "{s}");
     assert_eq!(dr.vm_status(replica_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
     api.run_job(&job).await;
-    verify();
+    verify("after undo");
     drop(prod_agent);
     drop(serve);
 }
