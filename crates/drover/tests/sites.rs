@@ -7,7 +7,7 @@
 //! The story: enrolment and a seed; a link cut between production and DR in the middle of a
 //! transfer, which resumes; the production agent SIGKILLed at each step of a replication run and
 //! restarted; the production site lost and the plan failed over to DR; production returning
-//! fenced; undo.
+//! fenced; undo; failback of what was written at DR, and its commit.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
@@ -282,6 +282,7 @@ impl Api {
 /// `prepare` done at 8 %, `transfer` at 75 %, `publish` at 83 %, `release` at 91 %.
 const AFTER_PREPARE: u64 = 8;
 const AFTER_TRANSFER: u64 = 75;
+const AFTER_PUBLISH: u64 = 83;
 
 fn guest_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
@@ -468,6 +469,7 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
             .iter()
             .map(|s| s.to_string())
             .chain(["--import-dir".into(), guest_dir().to_string_lossy().into_owned()])
+            .chain(["--data-listen".into(), format!("{DR_ADDR}:7001")])
             .chain(["--data-dir".into(), root.join("da").to_string_lossy().into_owned()])
             .chain(["--enroll".into(), enrol_url.clone(), dr_token])
             .collect();
@@ -592,30 +594,42 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     // 3. The production agent SIGKILLed at each step of a run, and restarted (same data dir,
     // same ports, no new enrolment): the run succeeds or fails cleanly, the next one succeeds,
     // and every point still verifies.
-    for (i, at) in ["prepare", "transfer", "publish/release"].into_iter().enumerate() {
+    //  - prepare: killed before the run; the first step finds it unreachable.
+    //  - transfer: killed while the DR agent pulls the cut from it.
+    //  - release (`publish` only writes the control plane's store): the control plane is cut
+    //    off from production once the transfer is under way (the pull between the agents goes
+    //    on), so `release` (ending the cut on production) hangs; the agent is killed there and
+    //    the link restored.
+    for (i, at) in ["prepare", "transfer", "release"].into_iter().enumerate() {
         write_random(&source("bulk"), &scratch, 10 + i as u64, (30 + 8 * i as u64) * MIB, 8 * MIB);
-        let session = if at == "prepare" {
-            prod_agent.kill();
-            let session = api.start_run(&job).await;
-            // The run's first step cannot reach the production agent.
-            wait_for("the run to try production", 30, async || {
-                api.log(&session).await.iter().any(|l| l.contains("reach")) || !api.task_progress(&session).await.0
-            })
-            .await;
-            session
-        } else {
-            let session = api.start_run(&job).await;
-            let floor = if at == "transfer" { AFTER_PREPARE } else { AFTER_TRANSFER };
-            wait_for(&format!("the run to reach {at}"), 60, async || {
-                let (running, p) = api.task_progress(&session).await;
-                !running || p >= floor
-            })
-            .await;
-            if at == "transfer" {
-                tokio::time::sleep(Duration::from_millis(700)).await;
+        let files = points(&chain("bulk")).len();
+        let session = match at {
+            "prepare" => {
+                prod_agent.kill();
+                let session = api.start_run(&job).await;
+                wait_for("the run to try production", 30, async || {
+                    api.log(&session).await.iter().any(|l| l.contains("step prepare:0 failed"))
+                })
+                .await;
+                session
             }
-            prod_agent.kill();
-            session
+            "transfer" => {
+                let session = api.start_run(&job).await;
+                wait_for("the transfer to start", 60, async || points(&chain("bulk")).len() > files).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                prod_agent.kill();
+                session
+            }
+            _ => {
+                let session = api.start_run(&job).await;
+                // The new point file on DR: the cut on production has begun.
+                wait_for("the transfer to start", 60, async || points(&chain("bulk")).len() > files).await;
+                let cut = Net::cut(&prod_ns, CP_ADDR);
+                wait_for("the run to publish", 60, async || api.task_progress(&session).await.1 >= AFTER_PUBLISH).await;
+                prod_agent.kill();
+                drop(cut);
+                session
+            }
         };
         let (running, progress) = api.task_progress(&session).await;
         println!("kill at {at}: the run was at {progress} % (running: {running})");
@@ -626,6 +640,14 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
         let lines = api.log(&session).await;
         println!("kill at {at}: {} ({})", s["result"], s["failure_message"]);
         assert!(s["result"] == "Success" || s["state"] == "Stopped", "{s}: {lines:?}");
+        let felt = match at {
+            "prepare" => lines.iter().any(|l| l.contains("step prepare:0 failed")),
+            "transfer" => lines
+                .iter()
+                .any(|l| l.contains("step transfer:0 failed") || l.contains("reconnection") || l.contains("restarted")),
+            _ => lines.iter().any(|l| l.contains("step release:0 failed")),
+        };
+        assert!(felt, "the kill at {at} shows in the session: {lines:?}");
         for l in lines.iter().filter(|l| !l.contains("bitmap mode") || l.contains("reconnect")) {
             println!("kill at {at}: {l}");
         }
@@ -730,6 +752,34 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     assert_eq!(dr.vm_status(replica_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
     api.run_job(&job).await;
     verify("after undo");
+
+    // Failover again, production reachable this time; the replica writes at DR; failback brings
+    // that back to production (pulled by production's agent from the DR agent's data listener,
+    // across the bridge), and the commit returns the replica to Ready.
+    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
+    let s = api.wait_session(fo["session_id"].as_str().unwrap()).await;
+    let lines = api.log(fo["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("cannot be reached")), "{lines:?}");
+    dr.vm_wait_heartbeat(replica_uuid, Duration::from_secs(120)).await.unwrap();
+    dr.vm_write_marker(replica_uuid, "written at DR").await.unwrap();
+    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failback"), None).await;
+    let session = fb["session_id"].as_str().unwrap().to_string();
+    let s = api.wait_session(&session).await;
+    let lines = api.log(&session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
+    let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written at DR"), "production shows what was written at DR");
+    let commit = api.ok(M::POST, &format!("/v1/plans/{plan_id}/commit-failback"), None).await;
+    let s = api.wait_session(commit["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    let replica = api.ok(M::GET, &format!("/v1/replicas/{replica_id}"), None).await;
+    assert_eq!(replica["state"], "Ready", "{replica}");
+    assert_eq!(dr.vm_status(replica_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
+    api.run_job(&job).await;
+    println!("failback and commit: ok");
     drop(prod_agent);
     drop(serve);
 }
