@@ -94,7 +94,7 @@ pub async fn reconcile(engine: &Engine) -> Result<()> {
         if busy.contains(&vm.id.0) {
             continue;
         }
-        if !observed_by_agent.contains_key(&vm.datastore_id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = observed_by_agent.entry(vm.datastore_id) {
             let listed = match agents.of(engine, &vm).await {
                 Some(agent) => match agent.vm_list().await {
                     Ok(v) => Some(v.into_iter().map(|p| (p.vm, p.power)).collect()),
@@ -105,7 +105,7 @@ pub async fn reconcile(engine: &Engine) -> Result<()> {
                 },
                 None => None,
             };
-            observed_by_agent.insert(vm.datastore_id, listed);
+            slot.insert(listed);
         }
         let Some(Some(observed)) = observed_by_agent.get(&vm.datastore_id) else { continue };
         let want = recorded_for(observed.get(&vm.id.0).copied(), vm.power_state);
