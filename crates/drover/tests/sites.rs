@@ -568,9 +568,13 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     // the production namespace drops everything to and from DR) and restored a few seconds
     // later: the transfer goes on and the run succeeds.
     write_random(&source("bulk"), &scratch, 2, 4 * MIB, 24 * MIB);
+    let files = points(&chain("bulk")).len();
     let session = api.start_run(&job).await;
-    wait_for("the transfer to start", 60, async || api.task_progress(&session).await.1 >= AFTER_PREPARE).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The new point file on DR: the pull of `bulk` begins (24 MiB at 4 MiB/s: about 6 s).
+    wait_for("the transfer to start", 60, async || points(&chain("bulk")).len() > files).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (running, progress) = api.task_progress(&session).await;
+    assert!(running && (AFTER_PREPARE..AFTER_TRANSFER).contains(&progress), "the transfer runs ({progress} %)");
     let cut = Net::cut(&prod_ns, DR_ADDR);
     // While it is cut, the DR host cannot reach production's data listener (bounded by timeout).
     let reached = Command::new("ip")
@@ -589,6 +593,10 @@ async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
     for l in lines.iter().filter(|l| l.contains("pulled by") || l.contains("reach") || l.contains("resum")) {
         println!("cut link: {l}");
     }
+    // Only what changed crossed, once: what the wire carried beyond it is framing (and any
+    // resend after the cut), printed above.
+    let bulk = lines.iter().find(|l| l.starts_with("disk bulk:") && l.contains("pulled by")).unwrap();
+    assert!(bulk.contains(&format!("for {} bytes of data", 24 * MIB)), "{bulk}");
     verify("cut link");
 
     // 3. The production agent SIGKILLed at each step of a run, and restarted (same data dir,
