@@ -412,16 +412,18 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl AsyncFnOnce() -> T + Send + 'st
 #[test]
 fn three_sites_on_network_namespaces_survive_a_cut_link_killed_agents_and_the_loss_of_production() {
     let started = Instant::now();
+    // Dropped after `net` (also on a panic): the QEMU processes writing into it are gone first.
+    let dir = tempfile::Builder::new().prefix("sites").tempdir_in("/tmp").unwrap();
     let net = Net::new();
     let (cp_ns, prod_ns, dr_ns) = (net.cp.clone(), net.prod.clone(), net.dr.clone());
-    in_netns(&net.cp.clone(), async move || story(cp_ns, prod_ns, dr_ns).await);
+    let root = dir.path().to_path_buf();
+    in_netns(&net.cp.clone(), async move || story(root, cp_ns, prod_ns, dr_ns).await);
     drop(net);
+    drop(dir);
     println!("sites: {:.1} s", started.elapsed().as_secs_f64());
 }
 
-async fn story(cp_ns: String, prod_ns: String, dr_ns: String) {
-    let dir = tempfile::Builder::new().prefix("sites").tempdir_in("/tmp").unwrap();
-    let root = dir.path().to_path_buf();
+async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     let cp_data = root.join("cp");
     let cp_data_s = cp_data.to_string_lossy().into_owned();
     let listen = format!("{CP_ADDR}:8080");
