@@ -385,6 +385,13 @@ impl LocalAgent {
         self.work_dir.join(format!("c-{id}"))
     }
 
+    /// Where a running VM's live cuts are exported: one directory per VM, since QEMU runs one
+    /// NBD server per process and every disk of the VM shares its socket (see
+    /// `drover_hv::tracking`).
+    fn live_cut_dir(&self, vm: Uuid) -> PathBuf {
+        self.work_dir.join(format!("v-{vm}"))
+    }
+
     fn entry(&self, id: &str) -> Option<Arc<TransferEntry>> {
         self.transfers.lock().unwrap_or_else(|e| e.into_inner()).by_id.get(id).cloned()
     }
@@ -485,6 +492,7 @@ impl HostAgent for LocalAgent {
             if spec.fresh {
                 ct.enable(spec.disk.vm, spec.disk.index, &spec.current).await.map_err(ctx)?;
             }
+            let dir = self.live_cut_dir(spec.disk.vm);
             let x = ct.cut_begin(spec.disk.vm, spec.disk.index, &spec.current, &spec.next, &dir).await.map_err(ctx)?;
             return Ok(Cut {
                 id: spec.id.clone(),
@@ -526,6 +534,8 @@ impl HostAgent for LocalAgent {
             if let Some(Ok(CutToken::Live(x))) = token {
                 ct.cut_end(&x, success).await.map_err(ctx)?;
             }
+            // Removed once the VM's last cut has ended (its other disks' may still be exported).
+            let _ = tokio::fs::remove_dir(self.live_cut_dir(spec.disk.vm)).await;
         } else {
             let image = self.cut_image(spec)?;
             let held = self.offline_cuts.lock().await.remove(&spec.id);
