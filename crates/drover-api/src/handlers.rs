@@ -208,7 +208,15 @@ pub async fn jobs_patch(
 ) -> ApiResult<Json<ReplicationJobView>> {
     let job = st
         .app
-        .replication_job_update(&c, id.into(), b.name, b.schedule.map(Into::into), b.retention_points, b.enabled)
+        .replication_job_update(
+            &c,
+            id.into(),
+            b.name,
+            b.schedule.map(Into::into),
+            b.retention_points,
+            b.enabled,
+            b.bandwidth_limit.map(|b| (b > 0).then_some(b)),
+        )
         .await?;
     Ok(Json(job.into()))
 }
@@ -468,6 +476,7 @@ pub async fn jobs_create(
                 target_datastore_id: b.target_datastore_id.into(),
                 schedule: b.schedule.into(),
                 retention_points: b.retention_points,
+                bandwidth_limit: b.bandwidth_limit.filter(|b| *b > 0),
             },
         )
         .await?;

@@ -158,6 +158,9 @@ pub struct PatchReplicationJob {
     #[schema(minimum = 1, maximum = 10000)]
     pub retention_points: Option<u32>,
     pub enabled: Option<bool>,
+    /// Bytes per second the job's transfers may send between agents (at least 65536); 0
+    /// removes the limit.
+    pub bandwidth_limit: Option<u64>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -528,6 +531,10 @@ pub struct CreateReplicationJob {
     pub schedule: ScheduleBody,
     #[schema(minimum = 1, maximum = 10000)]
     pub retention_points: u32,
+    /// Bytes per second each of the job's transfers may send between agents (at least 65536);
+    /// absent or 0: no limit (a source agent's global cap still applies).
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -539,6 +546,9 @@ pub struct ReplicationJobView {
     pub target_datastore_id: Uuid,
     pub schedule: ScheduleBody,
     pub retention_points: u32,
+    /// Bytes per second; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
     pub enabled: bool,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -553,6 +563,7 @@ impl From<d::ReplicationJob> for ReplicationJobView {
             target_datastore_id: j.target_datastore_id.0,
             schedule: j.schedule.into(),
             retention_points: j.retention_points,
+            bandwidth_limit: j.bandwidth_limit,
             enabled: j.enabled,
             created_at: j.created_at,
         }

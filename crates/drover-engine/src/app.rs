@@ -163,6 +163,8 @@ pub struct NewReplicationJob {
     pub target_datastore_id: DatastoreId,
     pub schedule: Schedule,
     pub retention_points: u32,
+    /// Bytes per second; `None` for no limit.
+    pub bandwidth_limit: Option<u64>,
 }
 
 /// What some plan actions take besides the action.
@@ -775,8 +777,12 @@ impl App {
         schedule: Option<Schedule>,
         retention_points: Option<u32>,
         enabled: Option<bool>,
+        bandwidth_limit: Option<Option<u64>>,
     ) -> Result<ReplicationJob> {
         self.update::<ReplicationJob, _>(caller, id.0, name, |j| {
+            if let Some(b) = bandwidth_limit {
+                j.bandwidth_limit = b;
+            }
             if let Some(s) = &schedule {
                 j.schedule = s.clone();
             }
@@ -1096,6 +1102,7 @@ impl App {
             target_datastore_id: new.target_datastore_id,
             schedule: new.schedule,
             retention_points: new.retention_points,
+            bandwidth_limit: new.bandwidth_limit,
             enabled: true,
             created_at: t,
             updated_at: t,

@@ -222,6 +222,9 @@ struct Prepared {
     source_datastore: DatastoreId,
     target_datastore: DatastoreId,
     disks: Vec<DiskPlan>,
+    /// The job's bandwidth limit when the run began (bytes per second).
+    #[serde(default)]
+    bandwidth_limit: Option<u64>,
 }
 
 impl Prepared {
@@ -329,6 +332,7 @@ impl Step for Prepare {
             source_datastore: source_ds.id,
             target_datastore: target_ds.id,
             disks,
+            bandwidth_limit: job.bandwidth_limit,
         };
         serde_json::to_value(out).map_err(|e| Error::internal(e.to_string()))
     }
@@ -472,7 +476,7 @@ async fn transfer_disk(
         target: file,
         prev: d.prev_file.clone(),
         size: d.size,
-        bandwidth_limit: None,
+        bandwidth_limit: prep.bandwidth_limit,
     };
     let (transfer, status) = match running {
         // A rerun of this step while the transfer it started still runs or has finished.

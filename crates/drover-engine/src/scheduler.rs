@@ -66,6 +66,7 @@ mod tests {
 
     fn job(schedule: Schedule, enabled: bool) -> ReplicationJob {
         ReplicationJob {
+            bandwidth_limit: None,
             id: ReplicationJobId::new(),
             tenant_id: TenantId::new(),
             name: "j".into(),

@@ -78,6 +78,7 @@ impl Env {
             target_datastore_id: self.dr.0,
             schedule: Schedule::Manual,
             retention_points: 2,
+            bandwidth_limit: None,
         };
         let job = self.app.replication_job_create(&self.caller, job).await.unwrap();
         let (replica, _) = drover_engine::testing::replica_with_point(

@@ -115,6 +115,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
                 target_datastore_id: dr.id,
                 schedule: Schedule::Manual,
                 retention_points: 2,
+                bandwidth_limit: None,
             },
         )
         .await
@@ -269,6 +270,7 @@ impl Rig {
                     target_datastore_id: dr.id,
                     schedule: Schedule::Manual,
                     retention_points: 3,
+                    bandwidth_limit: None,
                 },
             )
             .await
@@ -345,6 +347,8 @@ struct Flaky {
     began: std::sync::atomic::AtomicBool,
     status_calls: std::sync::atomic::AtomicU32,
     ensures: std::sync::atomic::AtomicU32,
+    /// The bandwidth limit of every transfer asked for.
+    limits: std::sync::Mutex<Vec<Option<u64>>>,
 }
 
 #[async_trait::async_trait]
@@ -404,6 +408,7 @@ impl drover_agent_api::HostAgent for Flaky {
     ) -> drover_agent_api::AgentResult<drover_agent_api::TransferStatus> {
         self.began.store(true, std::sync::atomic::Ordering::SeqCst);
         self.ensures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.limits.lock().unwrap().push(spec.bandwidth_limit);
         self.inner.transfer_ensure(spec).await
     }
     async fn transfer_status(&self, id: &str) -> drover_agent_api::AgentResult<drover_agent_api::TransferStatus> {
@@ -497,11 +502,17 @@ async fn a_transfer_waits_for_an_unreachable_agent_and_is_asked_again_after_it_r
             began: Default::default(),
             status_calls: Default::default(),
             ensures: Default::default(),
+            limits: Default::default(),
         });
         let _ = keep.set(agent.clone());
         agent
     })
     .await;
+    // The job's bandwidth limit goes with each of its transfers; a limit too low to be meant
+    // is refused and changes nothing.
+    let too_low = rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, None, Some(Some(1000))).await;
+    assert!(matches!(too_low, Err(drover_types::Error::InvalidRequest(_))), "{too_low:?}");
+    rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, None, Some(Some(64 << 20))).await.unwrap();
     rig.write(0x21, 0);
     rig.write(0x22, 5 << 20);
     let s = rig.run().await;
@@ -509,6 +520,7 @@ async fn a_transfer_waits_for_an_unreachable_agent_and_is_asked_again_after_it_r
     assert_eq!(s.result, SessionResult::Success, "{:?}: {lines:?}", s.failure_message);
     let agent = flaky.get().unwrap();
     assert_eq!(agent.ensures.load(std::sync::atomic::Ordering::SeqCst), 2, "asked once, then again after the restart");
+    assert_eq!(*agent.limits.lock().unwrap(), [Some(64 << 20), Some(64 << 20)], "the job's limit");
     assert!(lines.iter().any(|l| l.contains("cannot be reached (test); waiting for it")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("reachable again")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("no longer knows its transfer")), "{lines:?}");
@@ -656,7 +668,10 @@ async fn a_lost_bitmap_falls_back_to_hash_compare_against_the_manifest() {
 async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     let rig = Rig::new().await;
     rig.write(0x61, 0);
-    rig.app.replication_job_update(&rig.caller, rig.job, None, Some(Schedule::Continuous), None, None).await.unwrap();
+    rig.app
+        .replication_job_update(&rig.caller, rig.job, None, Some(Schedule::Continuous), None, None, None)
+        .await
+        .unwrap();
     rig.app.engine().start().await.unwrap();
     let finished = || async {
         let (s, _) = rig
@@ -675,7 +690,7 @@ async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     let runs = finished().await;
     assert!(runs.iter().filter(|s| s.state != SessionState::Stopped).count() <= 1);
     // Disabled: the running one ends, nothing new starts.
-    rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, Some(false)).await.unwrap();
+    rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, Some(false), None).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while finished().await.iter().any(|s| s.state != SessionState::Stopped) {
         assert!(tokio::time::Instant::now() < deadline);
@@ -806,6 +821,7 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
                 target_datastore_id: dr.id,
                 schedule: Schedule::Manual,
                 retention_points: 5,
+                bandwidth_limit: None,
             },
         )
         .await
@@ -1015,6 +1031,7 @@ async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
                 target_datastore_id: dr.id,
                 schedule: Schedule::Manual,
                 retention_points: 5,
+                bandwidth_limit: None,
             },
         )
         .await
@@ -1169,6 +1186,7 @@ async fn failback_to_another_location_makes_a_new_vm_and_undo_removes_it() {
                 target_datastore_id: dr.id,
                 schedule: Schedule::Manual,
                 retention_points: 3,
+                bandwidth_limit: None,
             },
         )
         .await

@@ -680,6 +680,7 @@ async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
                 target_datastore_id: dr.id,
                 schedule: Schedule::Manual,
                 retention_points: 2,
+                bandwidth_limit: None,
             },
         )
         .await

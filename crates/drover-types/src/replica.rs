@@ -88,6 +88,10 @@ pub struct ReplicationJob {
     pub schedule: Schedule,
     /// Restore points to keep per replica.
     pub retention_points: u32,
+    /// The most this job's transfers send between agents, in bytes per second (each disk's
+    /// transfer on its own; a source agent's global cap applies too). `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
     pub enabled: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -95,6 +99,9 @@ pub struct ReplicationJob {
 
 pub const MIN_INTERVAL_SECS: u32 = 10;
 pub const MAX_RETENTION_POINTS: u32 = 10_000;
+/// The lowest bandwidth limit a job may have, in bytes per second: below it a disk would take
+/// days, which is a typo more often than a wish.
+pub const MIN_BANDWIDTH_LIMIT: u64 = 64 << 10;
 
 impl ReplicationJob {
     pub fn validate(&self) -> Result<()> {
@@ -113,6 +120,11 @@ impl ReplicationJob {
         }
         if self.retention_points == 0 || self.retention_points > MAX_RETENTION_POINTS {
             return Err(Error::invalid(format!("retention_points must be between 1 and {MAX_RETENTION_POINTS}")));
+        }
+        if self.bandwidth_limit.is_some_and(|b| b < MIN_BANDWIDTH_LIMIT) {
+            return Err(Error::invalid(format!(
+                "bandwidth_limit must be at least {MIN_BANDWIDTH_LIMIT} bytes per second (64 KiB/s), or none"
+            )));
         }
         Ok(())
     }

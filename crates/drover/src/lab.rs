@@ -189,6 +189,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                     target_datastore_id: dr_ds.id,
                     schedule: drover_types::Schedule::Interval { secs: 300 },
                     retention_points: 7,
+                    bandwidth_limit: None,
                 };
                 app.replication_job_create(&admin, new).await?
             }

@@ -630,15 +630,17 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     use drover_agent_api::HostAgent as _;
     prod.vm_write_marker(vm_uuid, "before the disaster").await.unwrap();
 
-    // Replication: the DR agent pulls the running VM's cut from the production agent.
-    let job = api
-        .ok(
-            M::POST,
-            "/v1/replication-jobs",
-            Some(json!({"name": "j", "vm_ids": [vm_id], "target_host_id": dr_id, "target_datastore_id": dr_ds["id"],
-                "schedule": {"type": "Manual"}, "retention_points": 3})),
-        )
-        .await;
+    // Replication: the DR agent pulls the running VM's cut from the production agent, within
+    // the job's bandwidth limit (one too low to be meant is refused).
+    let body = |limit: u64| {
+        json!({"name": "j", "vm_ids": [vm_id], "target_host_id": dr_id, "target_datastore_id": dr_ds["id"],
+            "schedule": {"type": "Manual"}, "retention_points": 3, "bandwidth_limit": limit})
+    };
+    let (status, v) = api.send(M::POST, "/v1/replication-jobs", Some(body(1000))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("bandwidth_limit"), "{v}");
+    let job = api.ok(M::POST, "/v1/replication-jobs", Some(body(256 << 20))).await;
+    assert_eq!(job["bandwidth_limit"], 256 << 20, "{job}");
     let job = job["id"].as_str().unwrap().to_string();
     let line = run_job(&api, &job).await;
     assert!(line.contains("seed mode"), "{line}");

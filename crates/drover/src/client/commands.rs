@@ -259,6 +259,10 @@ pub struct JobCreateArgs {
     /// Restore points to keep.
     #[arg(long, value_name = "N")]
     pub retention: u32,
+    /// The most each of the job's transfers sends between agents per second (`100MiB`, `1GiB`,
+    /// or bytes; at least 64KiB). Default: no limit.
+    #[arg(long, value_name = "RATE", value_parser = crate::agent::parse_rate)]
+    pub bandwidth_limit: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +289,15 @@ pub struct JobUpdateArgs {
     /// Stops the job from running; its replicas and restore points stay.
     #[arg(long)]
     pub disable: bool,
+    /// The most each transfer sends between agents per second (`100MiB`, `1GiB`, or bytes), or
+    /// `none` to remove the limit.
+    #[arg(long, value_name = "RATE|none", value_parser = rate_or_none)]
+    pub bandwidth_limit: Option<u64>,
+}
+
+/// A rate, or `none` (0 on the wire: no limit).
+fn rate_or_none(s: &str) -> Result<u64, String> {
+    if s.eq_ignore_ascii_case("none") { Ok(0) } else { crate::agent::parse_rate(s) }
 }
 
 #[derive(Debug, Subcommand)]
@@ -698,6 +711,7 @@ fn job_body(a: &JobCreateArgs) -> Value {
         "target_datastore_id": a.target_datastore,
         "schedule": schedule,
         "retention_points": a.retention,
+        "bandwidth_limit": a.bandwidth_limit,
     })
 }
 
@@ -715,8 +729,14 @@ fn job_update_body(a: &JobUpdateArgs) -> anyhow::Result<Value> {
     if a.enable || a.disable {
         body.insert("enabled".into(), json!(a.enable));
     }
+    if let Some(b) = a.bandwidth_limit {
+        body.insert("bandwidth_limit".into(), json!(b));
+    }
     if body.is_empty() {
-        bail!("nothing to update: give --name, --interval, --manual, --continuous, --retention, --enable or --disable");
+        bail!(
+            "nothing to update: give --name, --interval, --manual, --continuous, --retention, --enable, --disable or \
+             --bandwidth-limit"
+        );
     }
     Ok(Value::Object(body))
 }
@@ -1378,6 +1398,17 @@ mod tests {
             panic!()
         };
         assert_eq!(job_update_body(&a).unwrap(), json!({"name": "n", "enabled": true}));
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--bandwidth-limit", "none"])
+        else {
+            panic!()
+        };
+        assert_eq!(job_update_body(&a).unwrap(), json!({"bandwidth_limit": 0}));
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--bandwidth-limit", "4MiB"])
+        else {
+            panic!()
+        };
+        let patch: v::PatchReplicationJob = serde_json::from_value(job_update_body(&a).unwrap()).unwrap();
+        assert_eq!(patch.bandwidth_limit, Some(4 << 20));
         let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--interval", "60"]) else {
             panic!()
         };
