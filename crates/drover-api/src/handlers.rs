@@ -211,11 +211,13 @@ pub async fn jobs_patch(
         .replication_job_update(
             &c,
             id.into(),
-            b.name,
-            b.schedule.map(Into::into),
-            b.retention_points,
-            b.enabled,
-            b.bandwidth_limit.map(|b| (b > 0).then_some(b)),
+            drover_engine::app::ReplicationJobPatch {
+                name: b.name,
+                schedule: b.schedule.map(Into::into),
+                retention_points: b.retention_points,
+                enabled: b.enabled,
+                bandwidth_limit: b.bandwidth_limit.map(|b| (b > 0).then_some(b)),
+            },
         )
         .await?;
     Ok(Json(job.into()))

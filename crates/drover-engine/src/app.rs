@@ -167,6 +167,17 @@ pub struct NewReplicationJob {
     pub bandwidth_limit: Option<u64>,
 }
 
+/// What an update of a replication job changes (`None`: left as it is).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationJobPatch {
+    pub name: Option<String>,
+    pub schedule: Option<Schedule>,
+    pub retention_points: Option<u32>,
+    pub enabled: Option<bool>,
+    /// `Some(None)` removes the limit.
+    pub bandwidth_limit: Option<Option<u64>>,
+}
+
 /// What some plan actions take besides the action.
 #[derive(Debug, Clone, Default)]
 pub struct PlanActionOptions {
@@ -773,12 +784,9 @@ impl App {
         &self,
         caller: &Caller,
         id: ReplicationJobId,
-        name: Option<String>,
-        schedule: Option<Schedule>,
-        retention_points: Option<u32>,
-        enabled: Option<bool>,
-        bandwidth_limit: Option<Option<u64>>,
+        patch: ReplicationJobPatch,
     ) -> Result<ReplicationJob> {
+        let ReplicationJobPatch { name, schedule, retention_points, enabled, bandwidth_limit } = patch;
         self.update::<ReplicationJob, _>(caller, id.0, name, |j| {
             if let Some(b) = bandwidth_limit {
                 j.bandwidth_limit = b;

@@ -510,9 +510,11 @@ async fn a_transfer_waits_for_an_unreachable_agent_and_is_asked_again_after_it_r
     .await;
     // The job's bandwidth limit goes with each of its transfers; a limit too low to be meant
     // is refused and changes nothing.
-    let too_low = rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, None, Some(Some(1000))).await;
+    let limit =
+        |b: u64| drover_engine::app::ReplicationJobPatch { bandwidth_limit: Some(Some(b)), ..Default::default() };
+    let too_low = rig.app.replication_job_update(&rig.caller, rig.job, limit(1000)).await;
     assert!(matches!(too_low, Err(drover_types::Error::InvalidRequest(_))), "{too_low:?}");
-    rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, None, Some(Some(64 << 20))).await.unwrap();
+    rig.app.replication_job_update(&rig.caller, rig.job, limit(64 << 20)).await.unwrap();
     rig.write(0x21, 0);
     rig.write(0x22, 5 << 20);
     let s = rig.run().await;
@@ -668,10 +670,8 @@ async fn a_lost_bitmap_falls_back_to_hash_compare_against_the_manifest() {
 async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     let rig = Rig::new().await;
     rig.write(0x61, 0);
-    rig.app
-        .replication_job_update(&rig.caller, rig.job, None, Some(Schedule::Continuous), None, None, None)
-        .await
-        .unwrap();
+    let patch = drover_engine::app::ReplicationJobPatch { schedule: Some(Schedule::Continuous), ..Default::default() };
+    rig.app.replication_job_update(&rig.caller, rig.job, patch).await.unwrap();
     rig.app.engine().start().await.unwrap();
     let finished = || async {
         let (s, _) = rig
@@ -690,7 +690,8 @@ async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     let runs = finished().await;
     assert!(runs.iter().filter(|s| s.state != SessionState::Stopped).count() <= 1);
     // Disabled: the running one ends, nothing new starts.
-    rig.app.replication_job_update(&rig.caller, rig.job, None, None, None, Some(false), None).await.unwrap();
+    let patch = drover_engine::app::ReplicationJobPatch { enabled: Some(false), ..Default::default() };
+    rig.app.replication_job_update(&rig.caller, rig.job, patch).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while finished().await.iter().any(|s| s.state != SessionState::Stopped) {
         assert!(tokio::time::Instant::now() < deadline);
