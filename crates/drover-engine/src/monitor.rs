@@ -75,21 +75,24 @@ impl Agents {
     }
 }
 
-/// Re-attaches and corrects VM states. VMs that an unfinished session works on are left to it.
-pub async fn reconcile(engine: &Engine) -> Result<()> {
-    let mut agents = Agents::default();
-    // Each agent's VMs, listed once (the local agent re-attaches to its QEMU processes so).
-    let mut observed_by_agent: HashMap<DatastoreId, Option<HashMap<uuid::Uuid, PowerState>>> = HashMap::new();
-    let busy: HashSet<uuid::Uuid> = engine
-        .store()
-        .sessions_unfinished()
-        .await?
+/// The VMs an unfinished session works on: their states are the session's to set.
+async fn busy_vms(engine: &Engine) -> Result<HashSet<uuid::Uuid>> {
+    let unfinished = engine.store().sessions_unfinished().await?;
+    Ok(unfinished
         .into_iter()
         .filter_map(|s| match s.target {
             SessionTarget::Vm(v) => Some(v.0),
             _ => None,
         })
-        .collect();
+        .collect())
+}
+
+/// Re-attaches and corrects VM states. VMs that an unfinished session works on are left to it.
+pub async fn reconcile(engine: &Engine) -> Result<()> {
+    let mut agents = Agents::default();
+    // Each agent's VMs, listed once (the local agent re-attaches to its QEMU processes so).
+    let mut observed_by_agent: HashMap<DatastoreId, Option<HashMap<uuid::Uuid, PowerState>>> = HashMap::new();
+    let busy = busy_vms(engine).await?;
     for vm in engine.store().object_list_all::<Vm>().await? {
         if busy.contains(&vm.id.0) {
             continue;
@@ -284,16 +287,7 @@ async fn check_running(engine: &Engine) -> Result<()> {
         .filter(|r| r.fence_source && matches!(r.state, ReplicaState::Failover | ReplicaState::FailedFailover))
         .map(|r| r.source_vm_id)
         .collect();
-    let busy: HashSet<uuid::Uuid> = engine
-        .store()
-        .sessions_unfinished()
-        .await?
-        .into_iter()
-        .filter_map(|s| match s.target {
-            SessionTarget::Vm(v) => Some(v.0),
-            _ => None,
-        })
-        .collect();
+    let busy = busy_vms(engine).await?;
     for vm in engine.store().object_list_all::<Vm>().await? {
         let fence = failed_over.contains(&vm.id);
         let watched = matches!(vm.power_state, VmPowerState::Running | VmPowerState::Died) || fence;
@@ -347,14 +341,7 @@ async fn fence_vm(engine: &Engine, agent: &dyn HostAgent, vm: &Vm) -> Result<()>
         "fencing: production VM runs while its replica is failed over; powering it off"
     );
     agent.vm_power_off(vm.id.0).await.map_err(crate::ops::vm_err)?;
-    engine
-        .store()
-        .object_modify::<Vm, _, _>(vm.tenant_id, vm.id.0, |v| {
-            v.power_state = VmPowerState::Off;
-            v.updated_at = drover_types::now();
-            Ok(())
-        })
-        .await?;
+    set_state(engine, vm, VmPowerState::Off).await?;
     Ok(())
 }
 
