@@ -105,13 +105,28 @@ impl PlanFacts {
         }
     }
 
+    /// The result of one of the plan's sessions. The saga moves the plan to HALTED just before it
+    /// records its session halted, so a plan already HALTED shows its current session as halted.
+    pub fn result_of(&self, p: &d::Plan, s: Option<&Session>) -> ExecutionResult {
+        ExecutionResult::of(s.map(|s| self.as_shown(p, s)).as_ref(), self.errors_of(s))
+    }
+
+    /// A session as the plan shows it: the current one, still working, of a HALTED plan is halted.
+    fn as_shown(&self, p: &d::Plan, s: &Session) -> Session {
+        let halting = p.lifecycle.state == PlanState::Halted
+            && s.state != SessionState::Stopped
+            && self.current.as_ref().is_some_and(|c| c.id == s.id);
+        Session { halted: s.halted || halting, ..s.clone() }
+    }
+
     /// `resultName` as of the state shown: a plan that has just been moved to a running state
     /// and whose session is not recorded yet is "In progress" too, not the previous result.
     pub fn result_name(&self, p: &d::Plan) -> String {
         if self.state(p).is_running() && self.current.as_ref().is_none_or(|c| c.state == SessionState::Stopped) {
             return "In progress".into();
         }
-        result_name(self.current.as_ref(), self.warnings, self.errors)
+        let current = self.current.as_ref().map(|c| self.as_shown(p, c));
+        result_name(current.as_ref(), self.warnings, self.errors)
     }
 
     /// `totalProgress` of the execution the state shows.
@@ -381,9 +396,9 @@ impl PlanRuntimeDetails {
             total_progress: f.progress(p),
             is_running_state: running,
             is_stable_state: !running,
-            current_run_result: ExecutionResult::of(f.last_run.as_ref(), f.errors_of(f.last_run.as_ref())),
-            current_test_result: ExecutionResult::of(f.last_test.as_ref(), f.errors_of(f.last_test.as_ref())),
-            current_check_result: ExecutionResult::of(f.last_check.as_ref(), f.errors_of(f.last_check.as_ref())),
+            current_run_result: f.result_of(p, f.last_run.as_ref()),
+            current_test_result: f.result_of(p, f.last_test.as_ref()),
+            current_check_result: f.result_of(p, f.last_check.as_ref()),
             recovery_location_id: p.recovery_location_id.0,
             site_scope_id: f.site_scope_id,
             site_scope_name: f.site_scope_name.clone(),
@@ -975,6 +990,15 @@ mod tests {
         plan.lifecycle.state = PlanState::UndoFailover;
         f.current = Some(undoing);
         assert_eq!(f.state(&plan), PlanState::UndoFailoverInProgress);
+        // HALTED by a critical failure, its session not yet recorded halted: already an error.
+        let failing = session(SessionState::Working, SessionResult::None, false);
+        (f.current, f.last_run, f.errors) = (Some(failing.clone()), Some(failing), 1);
+        plan.lifecycle.state = PlanState::Halted;
+        let info = PlanRuntimeDetails::new(&plan, &f, Role::Viewer);
+        assert_eq!((info.current_run_result, info.result_name.as_str()), (ExecutionResult::Error, "Halted, 1 error"));
+        plan.lifecycle.state = PlanState::FailbackInProgress;
+        let info = PlanRuntimeDetails::new(&plan, &f, Role::Viewer);
+        assert_eq!((info.current_run_result, info.result_name.as_str()), (ExecutionResult::Undefined, "In progress"));
     }
 
     #[test]
