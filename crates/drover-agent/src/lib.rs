@@ -596,6 +596,19 @@ impl HostAgent for LocalAgent {
         }
         let target = self.point_path(&spec.target)?;
         let prev = spec.prev.as_ref().map(|p| self.point_path(p)).transpose()?;
+        // What the target holds before the transfer, as a manifest: the previous point's (the
+        // target is an empty overlay on it), or, for the blocks of a bitmap written straight into a
+        // file (a failback's last delta into production), the file's own, which must describe it
+        // still.
+        let base_manifest = match (&prev, spec.mode) {
+            (Some(prev), _) => Some(manifest_path(prev)),
+            (None, TransferMode::Bitmap) => {
+                let manifest = manifest_path(&target);
+                check_manifest_current(&target, &manifest).await?;
+                Some(manifest)
+            }
+            (None, _) => None,
+        };
         let direct = spec.source_files.as_ref().map(|d| self.disk_image(d)).transpose()?;
         let mut spec = spec.clone();
         spec.source = self.source_view(&spec.source)?;
@@ -611,6 +624,7 @@ impl HostAgent for LocalAgent {
             spec: spec.clone(),
             target,
             prev,
+            base_manifest,
             direct,
             work: self.work_dir.join(format!("t-{}", spec.id)),
             journal: self.work_dir.join(format!("j-{}", spec.id)),
@@ -802,6 +816,8 @@ struct Job {
     spec: TransferSpec,
     target: PathBuf,
     prev: Option<PathBuf>,
+    /// The manifest the target's starts from (see `transfer_ensure`); none: the target is new.
+    base_manifest: Option<PathBuf>,
     direct: Option<PathBuf>,
     work: PathBuf,
     /// The journal of a transfer from another agent (kept across failures, for resuming).
@@ -849,10 +865,25 @@ impl Job {
         let result = self.copy(&target.socket, &target.export_name).await;
         let _ = daemon.shutdown().await;
         let _ = tokio::fs::remove_dir_all(&self.work).await;
-        result
+        // The manifest is saved once the daemon has closed the target (closing writes its header),
+        // so a manifest newer than its file describes it (see `check_manifest_current`).
+        let (outcome, manifest) = result?;
+        manifest.save(&manifest_path(&self.target)).await.map_err(internal)?;
+        // The point is whole and described: a peer transfer's journal has done its work.
+        if outcome.peer.is_some() {
+            peer::remove_journal(&self.journal).await;
+        }
+        Ok(outcome)
     }
 
-    async fn copy(&self, target_socket: &Path, target_export: &str) -> AgentResult<TransferOutcome> {
+    async fn base_manifest(&self) -> Result<Manifest, drover_block::hash::ManifestError> {
+        match &self.base_manifest {
+            Some(path) => Manifest::load(path).await,
+            None => Ok(Manifest::zeroed(self.spec.size)),
+        }
+    }
+
+    async fn copy(&self, target_socket: &Path, target_export: &str) -> AgentResult<(TransferOutcome, Manifest)> {
         let (socket, export, meta_context) = match &self.spec.source {
             SourceEndpoint::LocalNbd { socket, export, meta_context } => (socket, export, meta_context),
             SourceEndpoint::Peer { address, server_name, cut, instance } => {
@@ -881,10 +912,7 @@ impl Job {
         let copy = async {
             let mut src = NbdClient::connect_unix(socket, export, &[meta_context, "base:allocation"]).await?;
             let mut dst = NbdClient::connect_unix(target_socket, target_export, &[]).await?;
-            let mut manifest = match &self.prev {
-                Some(prev) => Manifest::load(&manifest_path(prev)).await?,
-                None => Manifest::zeroed(size),
-            };
+            let mut manifest = self.base_manifest().await?;
             let stats: CopyStats = match self.spec.mode {
                 TransferMode::Seed => {
                     // The source's block status decides what is read; a new point without a
@@ -912,18 +940,18 @@ impl Job {
             };
             dst.disconnect().await?;
             let _ = src.disconnect().await;
-            manifest.save(&manifest_path(&self.target)).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((stats, manifest.digest()))
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((stats, manifest))
         }
         .await;
-        let (stats, digest) = copy.map_err(|e| AgentError::new(ErrorKind::Retry, e.to_string()))?;
-        Ok(TransferOutcome {
-            manifest_digest: digest,
+        let (stats, manifest) = copy.map_err(|e| AgentError::new(ErrorKind::Retry, e.to_string()))?;
+        let outcome = TransferOutcome {
+            manifest_digest: manifest.digest(),
             bytes_read: stats.source_read + stats.target_read,
             bytes_written: stats.written,
             note,
             peer: None,
-        })
+        };
+        Ok((outcome, manifest))
     }
 
     /// The transfer from another agent's cut: pulled over the data path, journalled, resumed.
@@ -935,16 +963,13 @@ impl Job {
         server_name: &str,
         cut: &str,
         instance: Uuid,
-    ) -> AgentResult<TransferOutcome> {
-        let size = self.spec.size;
+    ) -> AgentResult<(TransferOutcome, Manifest)> {
         let retry = |e: drover_block::nbd::NbdError| AgentError::new(ErrorKind::Retry, format!("the point file: {e}"));
         let mut dst = NbdClient::connect_unix(target_socket, target_export, &[]).await.map_err(retry)?;
-        let (manifest, hash_target) = match &self.prev {
-            Some(prev) => (Manifest::load(&manifest_path(prev)).await.map_err(internal)?, false),
-            // A hash-compare into a file no manifest describes hashes what it holds; otherwise
-            // the new point starts empty.
-            None => (Manifest::zeroed(size), self.spec.mode == TransferMode::HashCompare),
-        };
+        let manifest = self.base_manifest().await.map_err(internal)?;
+        // A hash-compare into a file no manifest describes hashes what it holds; otherwise the
+        // target starts as its manifest says (empty, for a new point without a previous one).
+        let hash_target = self.base_manifest.is_none() && self.spec.mode == TransferMode::HashCompare;
         let entry = self.entry.clone();
         let progress = Arc::new(move |done: u64, total: u64| {
             entry.done.store(done, Ordering::Relaxed);
@@ -967,17 +992,38 @@ impl Job {
         let pulled = peer::pull(job, &self.peer, &mut dst).await?;
         dst.flush().await.map_err(retry)?;
         dst.disconnect().await.map_err(retry)?;
-        pulled.manifest.save(&manifest_path(&self.target)).await.map_err(internal)?;
-        // The point is whole and described: the journal has done its work.
-        peer::remove_journal(&self.journal).await;
-        Ok(TransferOutcome {
+        let outcome = TransferOutcome {
             manifest_digest: pulled.manifest.digest(),
             bytes_read: pulled.read_back,
             bytes_written: pulled.written,
             note: Some(format!("pulled from the agent at {address}")),
             peer: Some(pulled.stats),
-        })
+        };
+        Ok((outcome, pulled.manifest))
     }
+}
+
+/// A bitmap's blocks written into a file keep its manifest true only if nothing wrote the file
+/// since the manifest was saved (a production VM started after a failback's sync): its manifest
+/// must be newer than the file. The manifest is saved after the storage daemon that wrote the
+/// file closed it; a VM or daemon that opens the file for writing later changes its time.
+async fn check_manifest_current(file: &Path, manifest: &Path) -> AgentResult<()> {
+    let modified = |p: &Path| {
+        let p = p.to_owned();
+        async move { tokio::fs::metadata(&p).await.and_then(|m| m.modified()) }
+    };
+    let stale = |why: String| {
+        AgentError::conflict(format!(
+            "disk image {} cannot take a bitmap's blocks alone: {why}; a hash-compare brings it level",
+            file.file_name().unwrap_or_default().to_string_lossy()
+        ))
+    };
+    let written = modified(file).await.map_err(|e| stale(format!("{e}")))?;
+    let described = modified(manifest).await.map_err(|_| stale("no manifest describes it".into()))?;
+    if written > described {
+        return Err(stale("it was written after its manifest was saved".into()));
+    }
+    Ok(())
 }
 
 /// The files of `image` to read it from directly, or why they cannot be.

@@ -171,10 +171,11 @@ struct Parts {
 }
 
 /// A failback between two agents: production's (which pulls) and the replica's (whose cut is
-/// pulled, over its data listener). Each side hashes its own disk and only hashes and the
-/// blocks that differ cross between them; the replica's writes, production's own since the last
-/// point and the points newer than the booted one are all among those blocks, so no bitmap is
-/// needed (production's may not survive a lost site anyway).
+/// pulled, over its data listener). The sync compares by hash: each side hashes its own disk and
+/// only hashes and the blocks that differ cross between them; the replica's writes, production's
+/// own since the last point and the points newer than the booted one are all among those blocks,
+/// so production's bitmap is not needed (it may not survive a lost site anyway). The switchover
+/// sends the replica's bitmap since the sync's cut (see [`switch_across`]).
 struct Across {
     prod: Arc<dyn HostAgent>,
     dr: Arc<dyn HostAgent>,
@@ -472,13 +473,15 @@ fn across_id(ctx: &StepCtx, what: &str, index: usize, disk: usize) -> String {
 }
 
 /// Pulls a cut of the replica's disk into production's image on production's agent, by
-/// hash-compare (see [`Across`]), following the transfer to its end; the cut ends either way.
+/// hash-compare (see [`Across`]) or only the blocks of the cut's bitmap, following the transfer
+/// to its end; the cut ends either way.
 async fn pull_into_production(
     ctx: &StepCtx,
     across: &Across,
     parts: &Parts,
     disk: &str,
     cut_spec: CutSpec,
+    mode: TransferMode,
     id: String,
 ) -> Result<Value> {
     let cut = across.dr.cut_begin(&cut_spec).await.map_err(crate::agent_error)?;
@@ -496,7 +499,7 @@ async fn pull_into_production(
         id,
         source: cut.source.clone(),
         source_files: None,
-        mode: TransferMode::HashCompare,
+        mode,
         target: PointFile(production.to_string_lossy().into_owned()),
         prev: None,
         size: cut.size,
@@ -519,7 +522,7 @@ async fn pull_into_production(
     });
     let wire = outcome.peer.map(|p| p.wire_bytes_in + p.wire_bytes_out).unwrap_or(0);
     Ok(json!({
-        "disk": disk, "mode": "hash-compare", "bytes_sent": outcome.bytes_written, "wire_bytes": wire,
+        "disk": disk, "mode": mode.as_str(), "bytes_sent": outcome.bytes_written, "wire_bytes": wire,
         "production_manifest": outcome.manifest_digest,
     }))
 }
@@ -562,7 +565,8 @@ async fn sync_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize
     let mut out = Vec::new();
     for (i, (disk, ..)) in parts.disks.iter().enumerate() {
         let cut = replica_cut(ctx, across, parts, index, i).await?;
-        let r = pull_into_production(ctx, across, parts, disk, cut, across_id(ctx, "sync", index, i)).await?;
+        let id = across_id(ctx, "sync", index, i);
+        let r = pull_into_production(ctx, across, parts, disk, cut, TransferMode::HashCompare, id).await?;
         ctx.log(
             LogLevel::Info,
             format!(
@@ -577,15 +581,19 @@ async fn sync_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize
     Ok(out)
 }
 
-/// Phase 2 between agents, with the replica stopped: its overlays are cut (nothing writes them)
-/// and pulled into production again, which sends only what changed since the sync. Production
-/// then holds, block for block, what the replica holds: every block's hash was compared on the
-/// two sides and every block that differed was sent and checked against its hash on arrival.
+/// Phase 2 between agents, with the replica stopped, so the switchover's downtime is what
+/// changed, not the disk's size: what the replica wrote since the sync's cut (its bitmap
+/// `drover-fb1`, stored in the overlay by the clean stop) is pulled into production, whose
+/// manifest from the sync still describes it. When that cannot be trusted (the replica was
+/// killed and its bitmap lost, or production was written since the sync: somebody ran it, or an
+/// earlier attempt wrote part of it), the stopped overlay is pulled by hash-compare instead,
+/// which sends only what differs all the same. Either way every block sent is checked against
+/// its hash on arrival, and production then holds, block for block, what the replica holds.
 async fn switch_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for (i, (disk, _, overlay, _)) in parts.disks.iter().enumerate() {
-        let cut = CutSpec {
-            id: across_id(ctx, "switch", index, i),
+        let cut = |what: &str, current: &str, next: &str, fresh: bool, remove: &[&str]| CutSpec {
+            id: across_id(ctx, what, index, i),
             disk: DiskRef {
                 datastore: parts.replica.target_datastore_id.0,
                 vm: parts.replica.id.0,
@@ -593,19 +601,37 @@ async fn switch_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usi
                 index: i,
             },
             live: false,
-            current: "drover-fbs".into(),
-            next: "drover-fbt".into(),
-            remove: vec!["drover-fbs".into(), "drover-fbt".into()],
-            fresh: true,
+            current: current.into(),
+            next: next.into(),
+            remove: remove.iter().map(|b| b.to_string()).collect(),
+            fresh,
             file: Some(PointFile(overlay.to_string_lossy().into_owned())),
         };
-        let r = pull_into_production(ctx, across, parts, disk, cut, across_id(ctx, "switch", index, i)).await?;
+        let by_bitmap = cut("switchb", "drover-fb1", "drover-fbt", false, &["drover-fbt"]);
+        let id = across_id(ctx, "switchb", index, i);
+        let r = match pull_into_production(ctx, across, parts, disk, by_bitmap, TransferMode::Bitmap, id).await {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.log(
+                    LogLevel::Warning,
+                    format!(
+                        "{}: disk {disk}: the replica's writes since the sync cannot be sent by bitmap alone ({e}); \
+                         comparing the whole disk by hash instead",
+                        parts.vm.name
+                    ),
+                )
+                .await;
+                let whole = cut("switch", "drover-fbs", "drover-fbt", true, &["drover-fbs", "drover-fbt"]);
+                let id = across_id(ctx, "switch", index, i);
+                pull_into_production(ctx, across, parts, disk, whole, TransferMode::HashCompare, id).await?
+            }
+        };
         ctx.log(
             LogLevel::Info,
             format!(
-                "{}: disk {disk} switched over by hash-compare between the agents: sent {} bytes, {} bytes on the \
-                 wire; production equals the replica (every block's hash compared)",
-                parts.vm.name, r["bytes_sent"], r["wire_bytes"]
+                "{}: disk {disk} switched over by {} between the agents: sent {} bytes, {} bytes on the wire; \
+                 production equals the replica (every block sent checked against its hash)",
+                parts.vm.name, r["mode"].as_str().unwrap_or("?"), r["bytes_sent"], r["wire_bytes"]
             ),
         )
         .await;

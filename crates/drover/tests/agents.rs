@@ -738,16 +738,31 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     assert!(!lines.iter().any(|l| l.contains("cannot be reached")), "{lines:?}");
     dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
     dr.vm_write_marker(replica_id, "written at DR").await.unwrap();
-    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failback"), None).await;
+    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/prepare-failback"), None).await;
     let session = fb["session_id"].as_str().unwrap().to_string();
     let s = wait_session(&api, &session).await;
     let lines = session_log(&api, &session).await;
     assert_eq!(s["result"], "Success", "{s}: {lines:?}");
     assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
+    println!("prepare-failback: {lines:#?}");
+    // Between the sync and the switchover the replica writes again, and somebody runs production
+    // behind drover's back, which writes its disk: the switchover cannot trust production's
+    // manifest from the sync, so it compares by hash, and production ends as the replica.
+    dr.vm_write_marker(replica_id, "written at DR after the sync").await.unwrap();
+    prod.vm_power_on(&spec).await.unwrap();
+    prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
+    prod.vm_write_marker(vm_uuid, "production's own").await.unwrap();
+    let sw = api.ok(M::POST, &format!("/v1/plans/{plan_id}/switchover"), None).await;
+    let session = sw["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(&api, &session).await;
+    let lines = session_log(&api, &session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("cannot be sent by bitmap alone")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("switched over by hash-compare between the agents")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
-    println!("failback: {lines:#?}");
+    println!("switchover: {lines:#?}");
     let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
-    assert_eq!(hb.marker.as_deref(), Some("written at DR"), "production shows what was written at DR");
+    assert_eq!(hb.marker.as_deref(), Some("written at DR after the sync"), "production shows what was written at DR");
     let commit = api.ok(M::POST, &format!("/v1/plans/{plan_id}/commit-failback"), None).await;
     let s = wait_session(&api, commit["session_id"].as_str().unwrap()).await;
     assert_eq!(s["result"], "Success", "{s}");

@@ -779,6 +779,9 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     let lines = api.log(&session).await;
     assert_eq!(s["result"], "Success", "{s}: {lines:?}");
     assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
+    // The switchover, with the replica stopped cleanly and production untouched since the sync,
+    // sends only what the replica's bitmap recorded after the sync's cut.
+    assert!(lines.iter().any(|l| l.contains("switched over by bitmap between the agents")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
     let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
     assert_eq!(hb.marker.as_deref(), Some("written at DR"), "production shows what was written at DR");
