@@ -1031,3 +1031,24 @@ async fn direct_source(image: &Path) -> Result<DirectImage, String> {
     let map = drover_qemu::image::host_map(image).await.map_err(|e| e.to_string())?;
     DirectImage::open(&map).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bitmap_goes_into_a_file_only_while_its_manifest_is_newer_than_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, manifest) = (dir.path().join("data.qcow2"), dir.path().join("data.manifest"));
+        std::fs::write(&file, b"disk").unwrap();
+        let e = check_manifest_current(&file, &manifest).await.unwrap_err();
+        assert!(e.message.contains("no manifest describes it") && e.kind == ErrorKind::Conflict, "{e:?}");
+        std::fs::write(&manifest, b"hashes").unwrap();
+        check_manifest_current(&file, &manifest).await.unwrap();
+        // Written after its manifest (a VM ran on it): a timestamp later than the manifest's.
+        let later = std::fs::metadata(&manifest).unwrap().modified().unwrap() + std::time::Duration::from_secs(1);
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(later).unwrap();
+        let e = check_manifest_current(&file, &manifest).await.unwrap_err();
+        assert!(e.message.contains("written after its manifest") && !e.message.contains('/'), "{e:?}");
+    }
+}

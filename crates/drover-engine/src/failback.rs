@@ -631,7 +631,10 @@ async fn switch_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usi
             format!(
                 "{}: disk {disk} switched over by {} between the agents: sent {} bytes, {} bytes on the wire; \
                  production equals the replica (every block sent checked against its hash)",
-                parts.vm.name, r["mode"].as_str().unwrap_or("?"), r["bytes_sent"], r["wire_bytes"]
+                parts.vm.name,
+                r["mode"].as_str().unwrap_or("?"),
+                r["bytes_sent"],
+                r["wire_bytes"]
             ),
         )
         .await;
