@@ -6,8 +6,9 @@
 //! receiver answers [`Welcome`] with the extents its journal already holds, so a transfer cut off
 //! (a dropped link, a killed agent) resumes from the last acknowledged extent instead of starting
 //! over, or [`Refused`] (an unknown transfer, a version it does not speak). Then the sender sends
-//! [`Data`] (an extent's bytes, optionally zstd-compressed, with the BLAKE3 of the plain bytes,
-//! which the receiver checks before it writes anything) and [`Zero`] (a range that reads as
+//! [`Data`] (an extent's bytes, optionally zstd-compressed, with the BLAKE3 of each
+//! [`HASH_PIECE`] of the plain bytes, which the receiver checks before it writes anything, and
+//! which are the very hashes of a restore point's manifest, so the receiver hashes each byte once) and [`Zero`] (a range that reads as
 //! zeroes: sent as a range, not as bytes); the receiver answers [`Ack`] once it has taken an
 //! extent (checked; it may gather writes). [`Flush`] asks for everything acknowledged so far to
 //! be written, durable and journalled; [`Flushed`] says it is. Hash-compare runs its hashing on each side: the receiver sends [`Hashes`] of its
@@ -45,7 +46,19 @@ use uuid::Uuid;
 /// Version 2: a [`Pull`] names the range of the disk its stream carries (several streams per
 /// transfer), and a [`Data`] payload is zstd only where that saves at least
 /// [`COMPRESSION_WORTH`].
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3: a [`Data`] frame carries the hash of each [`HASH_PIECE`] of its bytes instead of one
+/// hash of the whole extent.
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The piece of an extent's bytes each hash of a [`Data`] frame covers, from the extent's offset
+/// (the last piece may be shorter): the block of a restore point's manifest.
+pub const HASH_PIECE: u32 = 64 << 10;
+
+/// How many hashes a [`Data`] frame of `length` bytes carries.
+pub fn pieces(length: u32) -> usize {
+    length.div_ceil(HASH_PIECE) as usize
+}
 
 /// A chunk is sent compressed only when zstd shrinks it below this fraction (in percent) of its
 /// plain size: less than that saving does not pay for the receiver's decompression.
@@ -162,12 +175,13 @@ pub struct Welcome {
     pub acknowledged: Vec<Range>,
 }
 
-/// An extent's bytes. `hash` is the BLAKE3 of the plain bytes; `length` their count.
+/// An extent's bytes. `hashes` are the BLAKE3 of each [`HASH_PIECE`] of the plain bytes;
+/// `length` their count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Data {
     pub offset: u64,
     pub length: u32,
-    pub hash: Hash,
+    pub hashes: Vec<Hash>,
     pub compression: Compression,
     pub payload: Bytes,
 }
@@ -294,17 +308,20 @@ impl Data {
     /// When `bytes` is longer than [`MAX_EXTENT`]: the sender splits extents first.
     pub fn new(offset: u64, bytes: &[u8], compress: bool) -> Data {
         assert!(bytes.len() <= MAX_EXTENT as usize, "an extent of {} bytes is over {MAX_EXTENT}", bytes.len());
-        let hash = *blake3::hash(bytes).as_bytes();
+        let hashes = piece_hashes(bytes);
         let length = bytes.len() as u32;
         if compress && let Some(z) = compressed(bytes) {
-            return Data { offset, length, hash, compression: Compression::Zstd, payload: Bytes::from(z) };
+            return Data { offset, length, hashes, compression: Compression::Zstd, payload: Bytes::from(z) };
         }
-        Data { offset, length, hash, compression: Compression::None, payload: Bytes::copy_from_slice(bytes) }
+        Data { offset, length, hashes, compression: Compression::None, payload: Bytes::copy_from_slice(bytes) }
     }
 
-    /// The plain bytes, decompressed (never more than `length`) and checked against the hash:
+    /// The plain bytes, decompressed (never more than `length`) and checked against the hashes:
     /// what a receiver may write. Nothing is returned that does not match.
     pub fn verified(&self) -> Result<Bytes, ProtoError> {
+        if self.hashes.len() != pieces(self.length) {
+            return Err(ProtoError::HashMismatch { offset: self.offset });
+        }
         let plain = match self.compression {
             Compression::None => self.payload.clone(),
             Compression::Zstd => Bytes::from(
@@ -312,11 +329,16 @@ impl Data {
                     .map_err(|_| ProtoError::HashMismatch { offset: self.offset })?,
             ),
         };
-        if plain.len() != self.length as usize || blake3::hash(&plain).as_bytes() != &self.hash {
+        if plain.len() != self.length as usize || piece_hashes(&plain) != self.hashes {
             return Err(ProtoError::HashMismatch { offset: self.offset });
         }
         Ok(plain)
     }
+}
+
+/// The BLAKE3 of each [`HASH_PIECE`] of `bytes`.
+fn piece_hashes(bytes: &[u8]) -> Vec<Hash> {
+    bytes.chunks(HASH_PIECE as usize).map(|p| *blake3::hash(p).as_bytes()).collect()
 }
 
 thread_local! {
@@ -427,11 +449,16 @@ fn encode_body(m: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
             if d.length > MAX_EXTENT {
                 return Err(ProtoError::Malformed(format!("an extent of {} bytes", d.length)));
             }
-            dst.reserve(1 + 8 + 4 + 32 + 1 + d.payload.len());
+            if d.hashes.len() != pieces(d.length) {
+                return Err(ProtoError::Malformed(format!("{} hashes for an extent of {}", d.hashes.len(), d.length)));
+            }
+            dst.reserve(1 + 8 + 4 + 32 * d.hashes.len() + 1 + d.payload.len());
             dst.put_u8(DATA);
             dst.put_u64(d.offset);
             dst.put_u32(d.length);
-            dst.put_slice(&d.hash);
+            for h in &d.hashes {
+                dst.put_slice(h);
+            }
             dst.put_u8(match d.compression {
                 Compression::None => 0,
                 Compression::Zstd => 1,
@@ -606,7 +633,8 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
             if offset.checked_add(u64::from(length)).is_none() {
                 return Err(ProtoError::Malformed("an extent past the end of any disk".into()));
             }
-            let hash = r.hash("data")?;
+            // The count follows from the length (at most MAX_EXTENT / HASH_PIECE).
+            let hashes = (0..pieces(length)).map(|_| r.hash("data")).collect::<Result<Vec<_>, _>>()?;
             let compression = match r.u8("data")? {
                 0 => Compression::None,
                 1 => Compression::Zstd,
@@ -619,7 +647,7 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
                     payload.len()
                 )));
             }
-            Message::Data(Data { offset, length, hash, compression, payload })
+            Message::Data(Data { offset, length, hashes, compression, payload })
         }
         ZERO => {
             let range = r.range("zero")?;

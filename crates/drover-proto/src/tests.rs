@@ -104,7 +104,7 @@ fn a_pull_names_its_range_then_an_optional_limit_and_a_limit_of_0_is_malformed()
     let mut v2 = BytesMut::new();
     v2.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 16);
     v2.put_u8(11);
-    v2.put_u16(2);
+    v2.put_u16(PROTOCOL_VERSION);
     v2.put_slice(&[0; 32]);
     v2.put_u8(1);
     v2.put_u64(1 << 20);
@@ -207,7 +207,7 @@ fn bytes_that_do_not_match_their_hash_are_refused() {
     assert!(matches!(d.verified(), Err(ProtoError::HashMismatch { offset: 512 })));
     // A wrong hash over right bytes too.
     let mut d = Data::new(0, &plain, true);
-    d.hash[0] ^= 0xff;
+    d.hashes[0][0] ^= 0xff;
     assert!(matches!(d.verified(), Err(ProtoError::HashMismatch { .. })));
 }
 
@@ -359,4 +359,27 @@ proptest! {
         }
         prop_assert_eq!(decode_all(buf).unwrap(), msgs);
     }
+}
+
+#[test]
+fn a_data_frame_carries_a_hash_per_piece_and_a_wrong_count_is_malformed() {
+    // 64 KiB + 1 byte: two pieces, the second one byte long.
+    let plain: Vec<u8> = (0..HASH_PIECE + 1).map(|i| (i % 251) as u8).collect();
+    let d = Data::new(1 << 20, &plain, false);
+    let expected = [
+        *blake3::hash(&plain[..HASH_PIECE as usize]).as_bytes(),
+        *blake3::hash(&plain[HASH_PIECE as usize..]).as_bytes(),
+    ];
+    assert_eq!(d.hashes, expected);
+    // Golden: length, kind, offset, length, the hashes, compression, payload.
+    let frame = encode(&Message::Data(d.clone()));
+    assert_eq!(frame.len(), 4 + 1 + 8 + 4 + 64 + 1 + plain.len());
+    assert_eq!(&frame[17..49], &expected[0]);
+    assert_eq!(&frame[49..81], &expected[1]);
+    assert_eq!(frame[81], 0);
+    assert_eq!(d.verified().unwrap(), plain);
+    // A frame with one hash short is refused when sent and when checked.
+    let short = Data { hashes: vec![expected[0]], ..d };
+    assert!(matches!(Codec.encode(Message::Data(short.clone()), &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
+    assert!(matches!(short.verified(), Err(ProtoError::HashMismatch { .. })));
 }

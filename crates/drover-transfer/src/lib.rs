@@ -54,7 +54,9 @@ pub trait BlockSource: Send {
 /// Where the receiver writes the disk (the new restore point).
 #[async_trait]
 pub trait BlockTarget: Send {
-    async fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    /// `hashes` are the BLAKE3 of each [`drover_proto::HASH_PIECE`] of `data` from `offset`,
+    /// checked against the bytes already: a target that keeps block hashes takes them as they are.
+    async fn write(&mut self, offset: u64, data: &[u8], hashes: &[drover_proto::Hash]) -> std::io::Result<()>;
     async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()>;
     /// Makes every write so far durable.
     async fn flush(&mut self) -> std::io::Result<()>;
@@ -271,7 +273,7 @@ where
                         return refuse(&mut framed, RefusalCode::HashMismatch, e.to_string()).await;
                     }
                 };
-                target.write(d.offset, &plain).await?;
+                target.write(d.offset, &plain, &d.hashes).await?;
                 stats.data_bytes += plain.len() as u64;
                 stats.wire_bytes += d.payload.len() as u64;
                 pending.insert(Extent::new(range.offset, range.length));

@@ -45,7 +45,11 @@ impl BlockSource for Disk {
 
 #[async_trait]
 impl BlockTarget for Disk {
-    async fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    async fn write(&mut self, offset: u64, data: &[u8], hashes: &[drover_proto::Hash]) -> std::io::Result<()> {
+        // The target is handed the hash of each piece, as a manifest would keep it.
+        let pieces: Vec<_> =
+            data.chunks(drover_proto::HASH_PIECE as usize).map(|p| *blake3::hash(p).as_bytes()).collect();
+        assert_eq!(hashes, pieces.as_slice(), "the piece hashes of the write at {offset}");
         self.volatile[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -238,7 +242,7 @@ async fn tampered_bytes_unknown_transfers_and_other_versions_are_refused() {
         .unwrap();
         assert!(matches!(f.next().await, Some(Ok(Message::Welcome(_)))));
         let mut d = Data::new(4096, &[7u8; 4096], false);
-        d.hash[0] ^= 1;
+        d.hashes[0][0] ^= 1;
         f.send(Message::Data(d)).await.unwrap();
         f.next().await
     };
