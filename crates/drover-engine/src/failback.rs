@@ -330,21 +330,29 @@ async fn production_changes(
 
 /// Copies `extents` (or, with `None`, everything that differs, by hash-compare) from a source
 /// export into production.
+/// Copies `extents` (and the dirty extents of each of the source's `dirty_contexts`) of the
+/// source into production, or everything that differs by hash-compare (`None`).
 async fn copy_into_production(
     work: &Path,
     source: &NbdEndpoint,
-    source_contexts: &[&str],
+    dirty_contexts: &[&str],
     production: &Path,
     extents: Option<&ExtentSet>,
     size: u64,
 ) -> Result<(u64, u64)> {
     let (daemon, ep) = export(&work.join("prod"), production, true, &[]).await?;
     let r = async {
-        let mut src = NbdClient::connect_unix(&source.socket, &source.export_name, source_contexts).await?;
+        let mut src = NbdClient::connect_unix(&source.socket, &source.export_name, dirty_contexts).await?;
         let mut dst = NbdClient::connect_unix(&ep.socket, &ep.export_name, &[]).await?;
         let mut manifest = Manifest::zeroed(size);
         let stats = match extents {
-            Some(set) => copy_extents(&mut src, &mut dst, set, &mut manifest, |_, _| {}).await?,
+            Some(set) => {
+                let mut set = set.clone();
+                for context in dirty_contexts {
+                    set = set.union(&src.dirty_extents(context, 0, size).await?);
+                }
+                copy_extents(&mut src, &mut dst, &set, &mut manifest, |_, _| {}).await?
+            }
             None => hash_compare_sync(&mut src, &mut dst, &mut manifest, |_, _| {}).await?,
         };
         dst.disconnect().await?;
@@ -409,7 +417,11 @@ impl Step for SyncStep {
                 Some(p) => ("extents", Some(union.union(p))),
                 None => ("hash-compare", None),
             };
-            let result = copy_into_production(&work, &cut.nbd, &[], production, extents.as_ref(), size).await;
+            // What the replica wrote after `drover-fb0` was enabled is in it, frozen by the cut:
+            // among it a cluster first written after the overlay's map was read, which the union
+            // does not hold.
+            let fb0 = [cut.meta_context.as_str()];
+            let result = copy_into_production(&work, &cut.nbd, &fb0, production, extents.as_ref(), size).await;
             ct.cut_end(&cut, result.is_ok()).await.map_err(unavailable)?;
             let (read, sent) = result?;
             let why = if prod.is_none() { " (production has no bitmap that can be trusted)" } else { "" };
