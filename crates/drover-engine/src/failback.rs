@@ -26,7 +26,9 @@
 //! production off and boots the replica again from its overlay.
 //!
 //! Failback to another recovery location (`restore:<i>`): the replica stops, its disks are copied
-//! whole into new images on the location's datastore and checked equal, and a new VM
+//! whole into new images on the location's datastore (on one host, checked equal with `qemu-img
+//! compare`; between agents, pulled by the location's agent as a seed of an offline cut of the
+//! replica's boot overlay, every block checked against its hash), and a new VM
 //! `<vm>_restored` with the original's settings (networks mapped, tags when asked) starts there;
 //! the original VM is not touched. Undo removes the new VM and runs the replica again.
 
@@ -35,7 +37,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use drover_agent_api::{
-    CutSpec, DiskRef, HostAgent, PointFile, SourceEndpoint, TransferMode, TransferOutcome, TransferSpec, VmRunSpec,
+    CutSpec, DiskRef, HostAgent, NewDisk, PointFile, SourceEndpoint, TransferMode, TransferOutcome, TransferSpec,
+    VmDisksSpec, VmRunSpec,
 };
 use drover_block::copy::{copy_extents, hash_compare_sync};
 use drover_block::extents::{Extent, ExtentSet};
@@ -974,13 +977,7 @@ impl Step for RestoreToLocation {
         };
         let ds = store.object_get::<Datastore>(self.p.tenant_id, ds_id.0).await?;
         let location_host = store.object_get_any_tenant::<drover_types::Host>(ds.host_id.0).await?;
-        if parts.across.is_some() || location_host.address != "local" {
-            return Err(Error::conflict(format!(
-                "failback of {} to another recovery location runs on this control plane's own host only for now; \
-                 with drover agents, fail back to the original VM",
-                parts.vm.name
-            )));
-        }
+        let through_agents = parts.across.is_some() || location_host.address != "local";
         // The new VM: found again on a rerun, by its name.
         let name = restored_name(&parts.vm.name);
         let existing = store.object_list::<Vm>(self.p.tenant_id).await?.into_iter().find(|v| v.name == name);
@@ -1023,62 +1020,26 @@ impl Step for RestoreToLocation {
                 v
             }
         };
-        if matches!(engine.hv().status(new_vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
+        let location_agent = crate::ops::vm_agent(engine, &new_vm).await?;
+        if matches!(location_agent.vm_status(new_vm.id.0).await, Ok(drover_hv::PowerState::Running)) {
             // An earlier run of this step got to the end (it starts the VM last).
             return Ok(json!({ "vm_id": new_vm.id }));
         }
         // A stopped replica is exact: nothing changes under the copy.
-        engine.hv().shutdown(parts.replica.id.0, engine.config().shutdown_timeout).await.map_err(unavailable)?;
-        let dir = disk_dir(&ds, new_vm.id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| Error::Unavailable(format!("creating {}: {e}", dir.display())))?;
-        let work = work_dir(ctx, "rl", self.index);
-        let mut sent_total = 0;
-        for (disk, _production, overlay, _) in &parts.disks {
-            let size = drover_qemu::image::info(overlay).await.map_err(unavailable)?.virtual_size;
-            let target = disk_path(&dir, disk);
-            drover_qemu::image::create_qcow2(&target, size).await.map_err(unavailable)?;
-            let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
-            let copied = async {
-                let mut src = NbdClient::connect_unix(&ep.socket, &ep.export_name, &["base:allocation"]).await?;
-                let data = src.data_extents(0, size).await?;
-                let _ = src.disconnect().await;
-                Ok::<_, drover_block::nbd::NbdError>(data)
-            }
-            .await
-            .map_err(unavailable);
-            let r = match copied {
-                Ok(data) => copy_into_production(&work, &ep, &[], &target, Some(&data), size).await,
-                Err(e) => Err(e),
-            };
-            let _ = daemon.shutdown().await;
-            let (_, sent) = r?;
-            sent_total += sent;
-            let equal = tokio::process::Command::new("qemu-img")
-                .args(["compare", "-q", "-U"])
-                .arg(&target)
-                .arg(overlay)
-                .status()
-                .await
-                .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?
-                .success();
-            if !equal {
-                return Err(Error::Unavailable(format!(
-                    "disk {disk}: the copy at {:?} does not equal the replica",
-                    loc.name
-                )));
-            }
-        }
-        let _ = tokio::fs::remove_dir_all(&work).await;
+        let dr_agent = crate::failover::replica_agent(engine, &parts.replica).await?;
+        dr_agent.vm_shutdown(parts.replica.id.0, engine.config().shutdown_timeout).await.map_err(crate::ops::vm_err)?;
+        let sent_total = if through_agents {
+            restore_across(ctx, &parts, &new_vm, dr_agent, location_agent.clone(), self.index).await?
+        } else {
+            restore_local(ctx, &parts, &ds, &new_vm, &loc.name, self.index).await?
+        };
         store
             .object_modify::<Vm, _, _>(self.p.tenant_id, new_vm.id.0, |v| {
                 v.provisioned = true;
                 Ok(())
             })
             .await?;
-        let agent = crate::ops::vm_agent(engine, &new_vm).await?;
-        crate::ops::power_on(ctx, agent.as_ref(), &crate::ops::run_spec(&new_vm)).await?;
+        crate::ops::power_on(ctx, location_agent.as_ref(), &crate::ops::run_spec(&new_vm)).await?;
         mark_switched(engine, self.p.tenant_id, new_vm.id, parts.replica.id).await?;
         ctx.log(
             LogLevel::Info,
@@ -1096,6 +1057,138 @@ impl Step for RestoreToLocation {
     }
 }
 
+/// The stopped replica's disks copied into the new VM's on this host, checked equal with
+/// `qemu-img compare`; the bytes copied.
+async fn restore_local(
+    ctx: &StepCtx,
+    parts: &Parts,
+    ds: &Datastore,
+    new_vm: &Vm,
+    location: &str,
+    index: usize,
+) -> Result<u64> {
+    let dir = disk_dir(ds, new_vm.id);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| Error::Unavailable(format!("creating {}: {e}", dir.display())))?;
+    let work = work_dir(ctx, "rl", index);
+    let mut sent_total = 0;
+    for (disk, _production, overlay, _) in &parts.disks {
+        let size = drover_qemu::image::info(overlay).await.map_err(unavailable)?.virtual_size;
+        let target = disk_path(&dir, disk);
+        drover_qemu::image::create_qcow2(&target, size).await.map_err(unavailable)?;
+        let (daemon, ep) = export(&work.join("replica"), overlay, false, &[]).await?;
+        let copied = async {
+            let mut src = NbdClient::connect_unix(&ep.socket, &ep.export_name, &["base:allocation"]).await?;
+            let data = src.data_extents(0, size).await?;
+            let _ = src.disconnect().await;
+            Ok::<_, drover_block::nbd::NbdError>(data)
+        }
+        .await
+        .map_err(unavailable);
+        let r = match copied {
+            Ok(data) => copy_into_production(&work, &ep, &[], &target, Some(&data), size).await,
+            Err(e) => Err(e),
+        };
+        let _ = daemon.shutdown().await;
+        let (_, sent) = r?;
+        sent_total += sent;
+        let equal = tokio::process::Command::new("qemu-img")
+            .args(["compare", "-q", "-U"])
+            .arg(&target)
+            .arg(overlay)
+            .status()
+            .await
+            .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?
+            .success();
+        if !equal {
+            return Err(Error::Unavailable(format!(
+                "disk {disk}: the copy at {location:?} does not equal the replica"
+            )));
+        }
+    }
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    Ok(sent_total)
+}
+
+/// The stopped replica's disks pulled by the location's agent from the replica's (each an
+/// offline cut of the replica's boot overlay, seeded into a new empty disk of the new VM, every
+/// block checked against its hash on arrival); the bytes sent.
+async fn restore_across(
+    ctx: &StepCtx,
+    parts: &Parts,
+    new_vm: &Vm,
+    dr: Arc<dyn HostAgent>,
+    location: Arc<dyn HostAgent>,
+    index: usize,
+) -> Result<u64> {
+    // Made afresh on every run: a disk an earlier run half wrote is not trusted.
+    let (datastore, vm) = (new_vm.datastore_id.0, new_vm.id.0);
+    location.vm_disks_remove(datastore, vm).await.map_err(crate::ops::vm_err)?;
+    let disks = new_vm.disks.iter().map(|d| NewDisk { name: d.name.clone(), size: d.size_bytes, import_from: None });
+    let spec = VmDisksSpec { datastore, vm, disks: disks.collect() };
+    location.vm_disks_ensure(&spec).await.map_err(crate::ops::vm_err)?;
+    let ds = ctx.engine.store().object_get_any_tenant::<Datastore>(datastore).await?;
+    let dir = disk_dir(&ds, new_vm.id);
+    let mut sent_total = 0;
+    for (i, (disk, _, overlay, _)) in parts.disks.iter().enumerate() {
+        let cut_spec = CutSpec {
+            id: across_id(ctx, "restore", index, i),
+            disk: DiskRef {
+                datastore: parts.replica.target_datastore_id.0,
+                vm: parts.replica.id.0,
+                disk: disk.clone(),
+                index: i,
+            },
+            live: false,
+            current: "drover-fbs".into(),
+            next: "drover-fbt".into(),
+            remove: vec!["drover-fbs".into(), "drover-fbt".into()],
+            fresh: true,
+            file: Some(PointFile(overlay.to_string_lossy().into_owned())),
+        };
+        let cut = dr.cut_begin(&cut_spec).await.map_err(crate::agent_error)?;
+        if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !Arc::ptr_eq(&dr, &location) {
+            let _ = dr.cut_end(&cut_spec, Some(&cut), false).await;
+            return Err(Error::conflict(format!(
+                "the replica's host serves no data listener for other agents (drover agent --data-listen, or drover \
+                 serve --data-listen): the location's agent cannot pull {} from it",
+                parts.replica.name
+            )));
+        }
+        let transfer = TransferSpec {
+            id: across_id(ctx, "restore", index, i),
+            source: cut.source.clone(),
+            source_files: None,
+            mode: TransferMode::Seed,
+            target: PointFile(disk_path(&dir, disk).to_string_lossy().into_owned()),
+            prev: None,
+            size: cut.size,
+            bandwidth_limit: None,
+        };
+        let result = async {
+            let status = location.transfer_ensure(&transfer).await.map_err(crate::agent_error)?;
+            crate::replication::follow(ctx, disk, location.as_ref(), &transfer, status).await
+        }
+        .await;
+        dr.cut_end(&cut_spec, Some(&cut), result.is_ok()).await.map_err(crate::agent_error)?;
+        let status = result?;
+        let _ = location.transfer_forget(&transfer.id).await;
+        let sent = status.outcome.map_or(0, |o| o.bytes_written);
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "{}: disk {disk} copied to the new VM by its host's agent from the replica's ({sent} bytes, every \
+                 block checked against its hash on arrival)",
+                parts.vm.name
+            ),
+        )
+        .await;
+        sent_total += sent;
+    }
+    Ok(sent_total)
+}
+
 /// Removes the VM a failback to another location made (powered off, its disks deleted).
 async fn remove_restored(ctx: &StepCtx, p: &FailbackParams, vm: VmId) -> Result<()> {
     let engine = &ctx.engine;
@@ -1105,14 +1198,9 @@ async fn remove_restored(ctx: &StepCtx, p: &FailbackParams, vm: VmId) -> Result<
     let Some(new_vm) = store.object_list::<Vm>(p.tenant_id).await?.into_iter().find(|v| v.name == name) else {
         return Ok(());
     };
-    engine.hv().forget(new_vm.id.0).await.map_err(unavailable)?;
-    let ds = store.object_get::<Datastore>(p.tenant_id, new_vm.datastore_id.0).await?;
-    let dir = disk_dir(&ds, new_vm.id);
-    match tokio::fs::remove_dir_all(&dir).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::Unavailable(format!("removing {}: {e}", dir.display()))),
-    }
+    let agent = crate::ops::vm_agent(engine, &new_vm).await?;
+    agent.vm_forget(new_vm.id.0, false).await.map_err(crate::ops::vm_err)?;
+    agent.vm_disks_remove(new_vm.datastore_id.0, new_vm.id.0).await.map_err(crate::ops::vm_err)?;
     match store.object_delete::<Vm>(p.tenant_id, new_vm.id.0).await {
         Ok(()) | Err(Error::NotFound { .. }) => {}
         Err(e) => return Err(e),

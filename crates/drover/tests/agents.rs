@@ -793,5 +793,40 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
     let hb = dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(hb.marker.as_deref(), Some("the last words"), "the replica has what production wrote last");
+
+    // Failback to another recovery location on the production host: a new VM there, its disks
+    // pulled by production's agent from the DR agent's stopped replica; the original VM is not
+    // touched. Undo removes the new VM and its disks, and the replica runs again.
+    let loc = api
+        .ok(
+            M::POST,
+            "/v1/recovery-locations",
+            Some(json!({"name": "elsewhere", "host_id": prod_id, "datastore_id": prod_ds["id"]})),
+        )
+        .await;
+    let body = json!({"recovery_location_id": loc["id"]});
+    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failback"), Some(body)).await;
+    let session = fb["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(&api, &session).await;
+    let lines = session_log(&api, &session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("copied to the new VM by its host's agent")), "{lines:?}");
+    let vms = api.ok(M::GET, "/v1/vms", None).await;
+    let restored = vms["items"].as_array().unwrap().iter().find(|v| v["name"] == "db_restored").cloned();
+    let restored = restored.unwrap_or_else(|| panic!("a new VM at the location: {vms}"));
+    let restored_id: uuid::Uuid = restored["id"].as_str().unwrap().parse().unwrap();
+    let hb = prod.vm_wait_heartbeat(restored_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("the last words"), "the new VM holds the replica's data");
+    assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), drover_agent_api::PowerState::Off, "the original stays off");
+    assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
+    let undo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/undo"), None).await;
+    let s = wait_session(&api, undo["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}");
+    let vms = api.ok(M::GET, "/v1/vms", None).await;
+    assert!(!vms["items"].as_array().unwrap().iter().any(|v| v["name"] == "db_restored"), "{vms}");
+    assert_eq!(prod.vm_status(restored_id).await.unwrap(), drover_agent_api::PowerState::Off);
+    assert!(!root.join("pa/datastores/ds").join(restored_id.to_string()).exists(), "the new VM's disks are gone");
+    let hb = dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("the last words"), "the replica runs again with its data");
     drop(cp);
 }
