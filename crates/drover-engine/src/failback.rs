@@ -272,6 +272,24 @@ async fn own_clusters(image: &Path) -> Result<ExtentSet> {
     Ok(set)
 }
 
+/// Whether two images read the same, guest byte for guest byte (`qemu-img compare`; `-U`: the
+/// images may be open elsewhere, nobody writing them).
+async fn images_equal(a: &Path, b: &Path) -> Result<bool> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .await
+        .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?;
+    // 0: equal, 1: they differ; anything else: it could not tell.
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(Error::Unavailable(format!("qemu-img compare: {}", String::from_utf8_lossy(&out.stderr).trim()))),
+    }
+}
+
 /// Opens an image in a storage daemon and exports it; `writable` or read-only with `bitmaps`.
 async fn export(dir: &Path, image: &Path, writable: bool, bitmaps: &[String]) -> Result<(StorageDaemon, NbdEndpoint)> {
     let daemon = StorageDaemon::start(dir).await.map_err(unavailable)?;
@@ -596,6 +614,27 @@ async fn sync_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize
     Ok(out)
 }
 
+/// An offline cut of disk `i` of the stopped replica's boot overlay `overlay`, with fresh
+/// bitmaps `drover-fbs` (cut) and `drover-fbt` (recording after it): a point in time to pull
+/// whole or by hash-compare.
+fn overlay_cut(id: String, parts: &Parts, i: usize, overlay: &Path) -> CutSpec {
+    CutSpec {
+        id,
+        disk: DiskRef {
+            datastore: parts.replica.target_datastore_id.0,
+            vm: parts.replica.id.0,
+            disk: parts.disks[i].0.clone(),
+            index: i,
+        },
+        live: false,
+        current: "drover-fbs".into(),
+        next: "drover-fbt".into(),
+        remove: vec!["drover-fbs".into(), "drover-fbt".into()],
+        fresh: true,
+        file: Some(PointFile(overlay.to_string_lossy().into_owned())),
+    }
+}
+
 /// Phase 2 between agents, with the replica stopped, so the switchover's downtime is what
 /// changed, not the disk's size: what the replica wrote since the sync's cut (its bitmap
 /// `drover-fb1`, stored in the overlay by the clean stop) is pulled into production, whose
@@ -608,19 +647,11 @@ async fn switch_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usi
     let mut out = Vec::new();
     for (i, (disk, _, overlay, _)) in parts.disks.iter().enumerate() {
         let cut = |what: &str, current: &str, next: &str, fresh: bool, remove: &[&str]| CutSpec {
-            id: across_id(ctx, what, index, i),
-            disk: DiskRef {
-                datastore: parts.replica.target_datastore_id.0,
-                vm: parts.replica.id.0,
-                disk: disk.clone(),
-                index: i,
-            },
-            live: false,
             current: current.into(),
             next: next.into(),
             remove: remove.iter().map(|b| b.to_string()).collect(),
             fresh,
-            file: Some(PointFile(overlay.to_string_lossy().into_owned())),
+            ..overlay_cut(across_id(ctx, what, index, i), parts, i, overlay)
         };
         let by_bitmap = cut("switchb", "drover-fb1", "drover-fbt", false, &["drover-fbt"]);
         let id = across_id(ctx, "switchb", index, i);
@@ -751,15 +782,7 @@ impl Step for Switch {
                 }
             };
             // 3. Production must now read exactly as the replica.
-            let equal = tokio::process::Command::new("qemu-img")
-                .args(["compare", "-q", "-U"])
-                .arg(production)
-                .arg(overlay)
-                .status()
-                .await
-                .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?
-                .success();
-            if !equal {
+            if !images_equal(production, overlay).await? {
                 return Err(Error::Unavailable(format!(
                     "disk {disk}: production does not equal the replica after the switchover copy"
                 )));
@@ -1093,15 +1116,7 @@ async fn restore_local(
         let _ = daemon.shutdown().await;
         let (_, sent) = r?;
         sent_total += sent;
-        let equal = tokio::process::Command::new("qemu-img")
-            .args(["compare", "-q", "-U"])
-            .arg(&target)
-            .arg(overlay)
-            .status()
-            .await
-            .map_err(|e| Error::Unavailable(format!("qemu-img compare: {e}")))?
-            .success();
-        if !equal {
+        if !images_equal(&target, overlay).await? {
             return Err(Error::Unavailable(format!(
                 "disk {disk}: the copy at {location:?} does not equal the replica"
             )));
@@ -1132,21 +1147,7 @@ async fn restore_across(
     let dir = disk_dir(&ds, new_vm.id);
     let mut sent_total = 0;
     for (i, (disk, _, overlay, _)) in parts.disks.iter().enumerate() {
-        let cut_spec = CutSpec {
-            id: across_id(ctx, "restore", index, i),
-            disk: DiskRef {
-                datastore: parts.replica.target_datastore_id.0,
-                vm: parts.replica.id.0,
-                disk: disk.clone(),
-                index: i,
-            },
-            live: false,
-            current: "drover-fbs".into(),
-            next: "drover-fbt".into(),
-            remove: vec!["drover-fbs".into(), "drover-fbt".into()],
-            fresh: true,
-            file: Some(PointFile(overlay.to_string_lossy().into_owned())),
-        };
+        let cut_spec = overlay_cut(across_id(ctx, "restore", index, i), parts, i, overlay);
         let cut = dr.cut_begin(&cut_spec).await.map_err(crate::agent_error)?;
         if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !Arc::ptr_eq(&dr, &location) {
             let _ = dr.cut_end(&cut_spec, Some(&cut), false).await;

@@ -340,6 +340,17 @@ async fn wait_session(api: &Api, id: &str) -> Value {
     panic!("session {id} did not finish (or halt)");
 }
 
+/// Runs a plan action (`POST /v1/plans/{plan}/{action}`), waits for its session, asserts it
+/// succeeded and returns its log.
+async fn plan_action(api: &Api, plan: &str, action: &str, body: Option<Value>) -> Vec<String> {
+    let started = api.ok(M::POST, &format!("/v1/plans/{plan}/{action}"), body).await;
+    let session = started["session_id"].as_str().unwrap().to_string();
+    let s = wait_session(api, &session).await;
+    let lines = session_log(api, &session).await;
+    assert_eq!(s["result"], "Success", "{action}: {s}: {lines:?}");
+    lines
+}
+
 async fn session_log(api: &Api, id: &str) -> Vec<String> {
     let v = api.ok(M::GET, &format!("/v1/sessions/{id}/log"), None).await;
     v["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
@@ -657,11 +668,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     // The production site is lost: its agent and its VM are killed.
     prod_agent.kill();
     kill_vm(&vm_id);
-    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
-    let session = fo["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = plan_action(&api, &plan_id, "failover", None).await;
     assert!(lines.iter().any(|l| l.contains("production host cannot be reached")), "{lines:?}");
     let replica = api.ok(M::GET, "/v1/replicas", None).await;
     let replica = &replica["items"].as_array().unwrap_or_else(|| panic!("{replica}"))[0];
@@ -738,11 +745,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     assert!(!lines.iter().any(|l| l.contains("cannot be reached")), "{lines:?}");
     dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
     dr.vm_write_marker(replica_id, "written at DR").await.unwrap();
-    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/prepare-failback"), None).await;
-    let session = fb["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = plan_action(&api, &plan_id, "prepare-failback", None).await;
     assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
     println!("prepare-failback: {lines:#?}");
     // Between the sync and the switchover the replica writes again, and somebody runs production
@@ -752,11 +755,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     prod.vm_power_on(&spec).await.unwrap();
     prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
     prod.vm_write_marker(vm_uuid, "production's own").await.unwrap();
-    let sw = api.ok(M::POST, &format!("/v1/plans/{plan_id}/switchover"), None).await;
-    let session = sw["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = plan_action(&api, &plan_id, "switchover", None).await;
     assert!(lines.iter().any(|l| l.contains("cannot be sent by bitmap alone")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("switched over by hash-compare between the agents")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
@@ -783,11 +782,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
         )
         .await;
     assert_eq!(status, 400, "a planned failover takes no date: {v}");
-    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), Some(json!({"planned": true}))).await;
-    let session = fo["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = plan_action(&api, &plan_id, "failover", Some(json!({"planned": true}))).await;
     assert!(lines.iter().any(|l| l.contains("production VM db shut down")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("nothing written before the failover is lost")), "{lines:?}");
     assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
@@ -805,11 +800,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
         )
         .await;
     let body = json!({"recovery_location_id": loc["id"]});
-    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failback"), Some(body)).await;
-    let session = fb["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(&api, &session).await;
-    let lines = session_log(&api, &session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = plan_action(&api, &plan_id, "failback", Some(body)).await;
     assert!(lines.iter().any(|l| l.contains("copied to the new VM by its host's agent")), "{lines:?}");
     let vms = api.ok(M::GET, "/v1/vms", None).await;
     let restored = vms["items"].as_array().unwrap().iter().find(|v| v["name"] == "db_restored").cloned();
