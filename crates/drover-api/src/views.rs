@@ -245,6 +245,12 @@ pub struct AgentView {
     pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
     /// Why the last call failed, while it is the latest.
     pub last_error: Option<String>,
+    /// When the agent's certificate stops being valid; the control plane can no longer reach
+    /// the agent after that.
+    pub certificate_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The certificate ends within 30 days: enrol the agent again (a new token, then
+    /// `drover agent --enroll URL TOKEN --re-enroll` on its host).
+    pub certificate_renewal_due: bool,
 }
 
 /// `local`: the agent inside drover serve; `not_enrolled`: a `drover agent` that has not enrolled;
@@ -276,9 +282,11 @@ impl From<drover_engine::app::HostAgentState> for AgentView {
     fn from(a: drover_engine::app::HostAgentState) -> Self {
         AgentView {
             state: a.state.into(),
+            certificate_renewal_due: a.certificate_renewal_due(),
             enrolled_at: a.status.enrolled_at,
             last_seen: a.status.last_seen,
             last_error: a.status.last_error,
+            certificate_expires_at: a.status.certificate_expires_at,
         }
     }
 }

@@ -334,7 +334,7 @@ impl Engine {
         record.verify(&presented, host, now()).map_err(|_| refused())?;
         // The CSR is checked before the token is used up: a bad request leaves the token good.
         let issued = pki.ca.sign_agent_csr(host, csr_pem, &[])?;
-        if !self.store().enrolment_consume(&hash, host, now()).await? {
+        if !self.store().enrolment_consume(&hash, host, now(), issued.not_after).await? {
             return Err(refused());
         }
         self.agent_disconnect(host).await;

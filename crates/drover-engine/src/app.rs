@@ -103,6 +103,37 @@ pub struct HostAgentState {
     pub status: drover_types::AgentStatus,
 }
 
+impl HostAgentState {
+    /// The agent's certificate ends within [`drover_pki::RENEW_BEFORE_DAYS`] (or has ended): it
+    /// must be enrolled again (`drover agent --enroll URL TOKEN --re-enroll`) before it does.
+    pub fn certificate_renewal_due(&self) -> bool {
+        let soon = drover_types::now() + chrono::Duration::days(drover_pki::RENEW_BEFORE_DAYS);
+        self.status.certificate_expires_at.is_some_and(|at| at < soon)
+    }
+}
+
+#[cfg(test)]
+mod host_agent_state_tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_due_for_renewal_in_its_last_month() {
+        let with = |days: i64| HostAgentState {
+            state: AgentState::Connected,
+            status: drover_types::AgentStatus {
+                certificate_expires_at: Some(drover_types::now() + chrono::Duration::days(days)),
+                ..Default::default()
+            },
+        };
+        assert!(!with(365).certificate_renewal_due());
+        assert!(!with(31).certificate_renewal_due());
+        assert!(with(29).certificate_renewal_due());
+        assert!(with(-1).certificate_renewal_due(), "an ended one too");
+        let never = HostAgentState { state: AgentState::NotEnrolled, status: Default::default() };
+        assert!(!never.certificate_renewal_due());
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NewHost {
     pub site_id: SiteId,

@@ -65,6 +65,8 @@ impl std::fmt::Debug for ControlPlaneCa {
 pub struct IssuedCertificate {
     pub certificate_pem: String,
     pub ca_pem: String,
+    /// When the certificate stops being valid ([`LEAF_VALIDITY_DAYS`] after it was issued).
+    pub not_after: drover_types::Timestamp,
 }
 
 /// A certificate chain and its new private key, in PEM. The key is redacted from `Debug`.
@@ -175,9 +177,12 @@ impl ControlPlaneCa {
             sans.push(name.to_san()?);
         }
         let params = self.leaf_params(host_id.0.as_hyphenated().to_string(), sans);
+        // A year from now is always within chrono's range.
+        let not_after = chrono::DateTime::from_timestamp(params.not_after.unix_timestamp(), 0)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
         let cert = params.signed_by(&public_key, &self.issuer, &self.key).map_err(PkiError::Certificate)?;
-        tracing::info!(host = %host_id, "signed an agent certificate");
-        Ok(IssuedCertificate { certificate_pem: cert.pem(), ca_pem: self.certificate_pem().to_string() })
+        tracing::info!(host = %host_id, %not_after, "signed an agent certificate");
+        Ok(IssuedCertificate { certificate_pem: cert.pem(), ca_pem: self.certificate_pem().to_string(), not_after })
     }
 
     /// Issues a new control-plane certificate for `names` with a new key, without storing it

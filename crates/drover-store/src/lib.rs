@@ -752,7 +752,13 @@ impl Store {
 
     /// Marks the token used, if it is not yet: `false` when another enrolment used it first.
     /// The host's earlier unused tokens are withdrawn with it, and its agent counts as enrolled.
-    pub async fn enrolment_consume(&self, token_hash: &str, host: HostId, now: Timestamp) -> Result<bool> {
+    pub async fn enrolment_consume(
+        &self,
+        token_hash: &str,
+        host: HostId,
+        now: Timestamp,
+        certificate_expires_at: Timestamp,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let done = sqlx::query(
             "UPDATE agent_enrolments SET consumed_at = $1 WHERE token_hash = $2 AND host_id = $3 AND consumed_at IS NULL",
@@ -772,11 +778,13 @@ impl Store {
             .await
             .map_err(StoreError::from)?;
         sqlx::query(
-            "INSERT INTO agent_status (host_id, enrolled_at) VALUES ($1, $2)
-             ON CONFLICT (host_id) DO UPDATE SET enrolled_at = excluded.enrolled_at",
+            "INSERT INTO agent_status (host_id, enrolled_at, certificate_expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (host_id) DO UPDATE SET enrolled_at = excluded.enrolled_at,
+                 certificate_expires_at = excluded.certificate_expires_at",
         )
         .bind(host.to_string())
         .bind(ms(now))
+        .bind(ms(certificate_expires_at))
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?;
@@ -808,17 +816,20 @@ impl Store {
 
     /// What is known of a host's agent (all `None` when nothing is).
     pub async fn agent_status(&self, host: HostId) -> Result<AgentStatus> {
-        let row = sqlx::query("SELECT enrolled_at, last_seen, last_error FROM agent_status WHERE host_id = $1")
-            .bind(host.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
+        let row = sqlx::query(
+            "SELECT enrolled_at, last_seen, last_error, certificate_expires_at FROM agent_status WHERE host_id = $1",
+        )
+        .bind(host.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
         let Some(row) = row else { return Ok(AgentStatus::default()) };
         let read = || -> StoreResult<AgentStatus> {
             Ok(AgentStatus {
                 enrolled_at: opt_from_ms(row.try_get("enrolled_at")?)?,
                 last_seen: opt_from_ms(row.try_get("last_seen")?)?,
                 last_error: row.try_get("last_error")?,
+                certificate_expires_at: opt_from_ms(row.try_get("certificate_expires_at")?)?,
             })
         };
         Ok(read()?)

@@ -25,4 +25,6 @@ pub struct AgentStatus {
     pub last_seen: Option<Timestamp>,
     /// Why the last call failed, when it did (cleared by a success).
     pub last_error: Option<String>,
+    /// When the agent's certificate stops being valid (set at enrolment).
+    pub certificate_expires_at: Option<Timestamp>,
 }

@@ -276,6 +276,11 @@ async fn an_agent_enrols_once_serves_only_its_control_plane_and_is_shown_unreach
     let state = api.ok(M::GET, &format!("/v1/hosts/{host_id}/agent"), None).await;
     assert_eq!(state["state"], "connected", "{state}");
     assert!(state["enrolled_at"].is_string() && state["last_seen"].is_string(), "{state}");
+    // The certificate is good for a year from enrolment, so no renewal is due.
+    let until: chrono::DateTime<chrono::Utc> = state["certificate_expires_at"].as_str().unwrap().parse().unwrap();
+    let days = (until - chrono::Utc::now()).num_days();
+    assert!((363..=366).contains(&days), "{state}");
+    assert_eq!(state["certificate_renewal_due"], false, "{state}");
 
     // Who may call the agent: the control plane (its certificate from its CA) and no one else.
     let ca =
@@ -320,12 +325,41 @@ async fn an_agent_enrols_once_serves_only_its_control_plane_and_is_shown_unreach
     api.ok(M::GET, "/v1/datastores", None).await;
 
     // It comes back with its identity (no new enrolment) and is reached again.
-    let (_prod, again, url) = agent(dir.path(), "prod", None);
+    let (mut prod, again, url) = agent(dir.path(), "prod", None);
     assert_eq!(again, host_id);
     api.ok(M::PATCH, &format!("/v1/hosts/{host_id}"), Some(json!({"address": url}))).await;
     api.ok(M::POST, "/v1/datastores", Some(json!({"host_id": host_id, "name": "d", "path": root.join("d")}))).await;
     let state = api.ok(M::GET, &format!("/v1/hosts/{host_id}/agent"), None).await;
     assert_eq!(state["state"], "connected", "{state}");
+
+    // Renewal: with a new token, `--re-enroll` replaces the agent's certificate, and the control
+    // plane records the new one's end; without it, an enrolled agent keeps its identity.
+    prod.kill();
+    let renew = api.ok(M::POST, &format!("/v1/hosts/{host_id}/enrolment"), None).await;
+    let renew = renew["token"].as_str().unwrap().to_string();
+    let cert = identity_dir.join("agent.cert.pem");
+    let before = std::fs::read(&cert).unwrap();
+    let out =
+        agent_command(&dir.path().join("prod")).args(["--enroll", &cp.agent_url, &renew, "--enroll-only"]).output();
+    let out = out.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--re-enroll"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&cert).unwrap(), before);
+    let out = agent_command(&dir.path().join("prod"))
+        .args(["--enroll", &cp.agent_url, &renew, "--enroll-only", "--re-enroll"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(std::fs::read(&cert).unwrap(), before, "a new certificate");
+    assert_eq!(mode(&identity_dir.join("agent.key.pem")), 0o600);
+    let renewed = api.ok(M::GET, &format!("/v1/hosts/{host_id}/agent"), None).await;
+    let at = |v: &Value, k: &str| v[k].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert!(at(&renewed, "enrolled_at") > at(&state, "enrolled_at"), "{renewed}");
+    assert!(at(&renewed, "certificate_expires_at") >= at(&state, "certificate_expires_at"), "{renewed}");
+    let (_prod, again, url) = agent(dir.path(), "prod", None);
+    assert_eq!(again, host_id);
+    api.ok(M::PATCH, &format!("/v1/hosts/{host_id}"), Some(json!({"address": url}))).await;
+    api.ok(M::POST, "/v1/datastores", Some(json!({"host_id": host_id, "name": "e", "path": root.join("e")}))).await;
     drop(cp);
 }
 

@@ -148,6 +148,14 @@ pub fn host_agent(a: &AgentView) -> String {
         ("enrolled", a.enrolled_at.as_ref().map_or_else(|| "-".into(), local_time)),
         ("last seen", a.last_seen.as_ref().map_or_else(|| "-".into(), local_time)),
         ("last error", a.last_error.clone().unwrap_or_else(|| "-".into())),
+        (
+            "certificate until",
+            match (&a.certificate_expires_at, a.certificate_renewal_due) {
+                (None, _) => "-".into(),
+                (Some(at), false) => local_time(at),
+                (Some(at), true) => format!("{} (renew it: enrol the agent again with --re-enroll)", local_time(at)),
+            },
+        ),
     ])
 }
 
