@@ -3,6 +3,10 @@
 //! whose agent goes away. The hypervisor is the SIMULATED one: what is under test is the
 //! control plane ↔ agent seam, not QEMU.
 
+mod common;
+
+use common::QemuReaper;
+
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -424,6 +428,7 @@ fn newest_point(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     let dir = tempfile::Builder::new().prefix("dra").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(dir.path().to_path_buf());
     let root = dir.path();
     let data = root.join("cp");
     let mut cmd = Command::new(BIN);
@@ -590,6 +595,7 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread")]
 async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent() {
     let dir = tempfile::Builder::new().prefix("two").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(dir.path().to_path_buf());
     let root = dir.path();
     let cp = serve(root);
     let api = Api::login(&cp.api).await;

@@ -2,7 +2,11 @@
 //! restarted on the same data directory: the sessions resume, their records are consistent, and
 //! the VM's QEMU process, which outlived drover, is re-attached rather than restarted.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
+
+use common::{QemuReaper, qemu_pids};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -86,32 +90,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Kills every QEMU process started under `data` (they outlive drover by design).
-struct QemuReaper(PathBuf);
-
-impl Drop for QemuReaper {
-    fn drop(&mut self) {
-        for pid in qemu_pids(&self.0) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-fn qemu_pids(data: &Path) -> Vec<u32> {
-    let needle = data.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c).contains("qemu-system") && String::from_utf8_lossy(&c).contains(&needle)
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 struct Api {

@@ -1,6 +1,10 @@
 //! The README's first command, as CI can run it: `drover lab --exit --scenario` on a fresh data
 //! directory brings up real VMs, replicates them, fails over, fails back and commits.
 
+mod common;
+
+use common::QemuReaper;
+
 use std::path::Path;
 
 #[test]
@@ -11,6 +15,7 @@ fn lab_scenario_runs_the_whole_story() {
     assert!(guest.join("guest.json").is_file(), "the tiny guest is missing: run scripts/build-guest first");
     // Short path: QEMU's sockets live under it.
     let data = tempfile::Builder::new().prefix("drl").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(data.path().to_path_buf());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
         .args(["lab", "--exit", "--scenario", "--accel", "tcg", "--listen", "127.0.0.1:0"])
         .args(["--vro-listen", "127.0.0.1:0", "--em-listen", "127.0.0.1:0"])

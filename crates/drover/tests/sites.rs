@@ -9,6 +9,10 @@
 //! restarted; the production site lost and the plan failed over to DR; production returning
 //! fenced; undo; failback of what was written at DR, and its commit.
 
+mod common;
+
+use common::QemuReaper;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -414,6 +418,7 @@ fn three_sites_on_network_namespaces_survive_a_cut_link_killed_agents_and_the_lo
     let started = Instant::now();
     // Dropped after `net` (also on a panic): the QEMU processes writing into it are gone first.
     let dir = tempfile::Builder::new().prefix("sites").tempdir_in("/tmp").unwrap();
+    let _reaper = QemuReaper(dir.path().to_path_buf());
     let net = Net::new();
     let (cp_ns, prod_ns, dr_ns) = (net.cp.clone(), net.prod.clone(), net.dr.clone());
     let root = dir.path().to_path_buf();
