@@ -487,7 +487,7 @@ async fn power_off_production(ctx: &StepCtx, vm: &Vm) -> Result<Option<drover_hv
         ),
     )
     .await;
-    let outcome = agent.vm_shutdown(vm.id.0, timeout).await.map_err(crate::ops::vm_err)?;
+    let outcome = crate::ops::shut_down(engine, agent.as_ref(), vm).await?;
     let (level, how) = match outcome {
         drover_hv::ShutdownOutcome::ForcedOff => {
             (LogLevel::Warning, format!("did not shut down within {} s; powered off", timeout.as_secs()))
@@ -496,7 +496,6 @@ async fn power_off_production(ctx: &StepCtx, vm: &Vm) -> Result<Option<drover_hv
         drover_hv::ShutdownOutcome::AlreadyOff => (LogLevel::Info, "was already off".to_string()),
     };
     ctx.log(level, format!("production VM {} {how}", vm.name)).await;
-    crate::ops::set_vm_power(engine, vm.tenant_id, vm.id, VmPowerState::Off).await?;
     Ok(Some(outcome))
 }
 

@@ -312,9 +312,7 @@ impl Step for ShutdownSource {
                 vm.name
             ))
         })?;
-        let timeout = engine.config().shutdown_timeout;
-        let outcome = agent.vm_shutdown(vm.id.0, timeout).await.map_err(crate::ops::vm_err)?;
-        crate::ops::set_vm_power(engine, vm.tenant_id, vm.id, VmPowerState::Off).await?;
+        let outcome = crate::ops::shut_down(engine, agent.as_ref(), &vm).await?;
         let level = if outcome == drover_hv::ShutdownOutcome::ForcedOff { LogLevel::Warning } else { LogLevel::Info };
         ctx.log(level, format!("planned failover: production VM {} shut down ({outcome:?})", vm.name)).await;
         Ok(json!({ "outcome": outcome }))

@@ -380,6 +380,14 @@ impl Step for BeginPower {
 /// a retention merge) to let go of a disk image before it fails.
 pub(crate) const IMAGE_LOCK_WAIT: Duration = Duration::from_secs(120);
 
+/// Asks the guest of `vm` to shut down through its agent, powers it off after the engine's
+/// shutdown timeout, and records it off. How it went.
+pub(crate) async fn shut_down(engine: &Engine, agent: &dyn HostAgent, vm: &Vm) -> Result<drover_hv::ShutdownOutcome> {
+    let outcome = agent.vm_shutdown(vm.id.0, engine.config().shutdown_timeout).await.map_err(vm_err)?;
+    set_vm_power(engine, vm.tenant_id, vm.id, VmPowerState::Off).await?;
+    Ok(outcome)
+}
+
 /// Powers a VM on through `agent`; while one of its disk images is held by another process,
 /// waits for it (up to [`IMAGE_LOCK_WAIT`]) and says so in the session's log once.
 pub(crate) async fn power_on(ctx: &StepCtx, agent: &dyn HostAgent, spec: &VmRunSpec) -> Result<()> {

@@ -133,11 +133,8 @@ async fn a_whole_disk_arrives_checked_with_zero_ranges_as_ranges() {
     let (mut src, mut dst) = (source(), target());
     let j = journal(&dir).await;
     let id = Uuid::new_v4();
-    let (a, b) = tokio::io::duplex(256 << 10);
-    let expect = Expect { transfer: id, disk_size: SIZE };
-    let sp = spec(id, 8 << 20);
-    let (sent, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
-    let (sent, received) = (sent.unwrap(), received.unwrap());
+    let (sent, received) = whole(&mut src, &mut dst, &j, id).await;
+    let (expect, sp) = (Expect { transfer: id, disk_size: SIZE }, spec(id, 8 << 20));
     assert!(dst.durable == src.volatile, "the target is the source, durably");
     assert_eq!(sent.zero_bytes, 4 << 20, "the hole travelled as a range");
     assert_eq!((received.zero_bytes, received.data_bytes), (sent.zero_bytes, sent.data_bytes));
@@ -325,18 +322,21 @@ async fn framed_streams_after_a_pull_carry_the_senders_answer() {
     assert!(dst.durable == src.volatile);
 }
 
+/// Transfer `id` of the whole of `src` into `dst` over one stream, flushing every 8 MiB.
+async fn whole(src: &mut Disk, dst: &mut Disk, j: &Journal, id: Uuid) -> (SendStats, ReceiveStats) {
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let (expect, sp) = (Expect { transfer: id, disk_size: SIZE }, spec(id, 8 << 20));
+    let (sent, received) = tokio::join!(send(a, src, &sp), receive(b, dst, j, &expect));
+    (sent.unwrap(), received.unwrap())
+}
+
 /// Sends `bytes` whole into a target of other bytes; returns what the sender counted, after
 /// checking the target holds `bytes`.
 async fn send_whole(bytes: Vec<u8>) -> SendStats {
     let dir = tempfile::tempdir().unwrap();
     let (mut src, mut dst) = (Disk::new(bytes), target());
     let j = journal(&dir).await;
-    let id = Uuid::new_v4();
-    let (a, b) = tokio::io::duplex(256 << 10);
-    let expect = Expect { transfer: id, disk_size: SIZE };
-    let sp = spec(id, 8 << 20);
-    let (sent, received) = tokio::join!(send(a, &mut src, &sp), receive(b, &mut dst, &j, &expect));
-    let (sent, received) = (sent.unwrap(), received.unwrap());
+    let (sent, received) = whole(&mut src, &mut dst, &j, Uuid::new_v4()).await;
     assert!(dst.durable == src.volatile, "the target holds the source's bytes");
     assert_eq!((received.data_bytes, received.wire_bytes), (sent.data_bytes, sent.wire_bytes));
     sent

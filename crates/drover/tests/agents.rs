@@ -5,75 +5,17 @@
 
 mod common;
 
-use common::QemuReaper;
+use common::{
+    Api, BIN, PASSWORD, Proc, QemuReaper, agent_client, guest_dir, same, start_behind_drovers_back, wait_fenced,
+};
 
-use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use reqwest::Method as M;
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_drover");
-const PASSWORD: &str = "correct-horse-battery";
-
-/// A child process, killed when dropped (also when a test panics), with the lines it printed.
-struct Proc {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-        cmd.env_remove("DROVER_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut child = cmd.spawn().expect("start drover");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines, log }
-    }
-
-    /// The rest of the first printed line that starts with `prefix` (after trimming), within 60 s.
-    fn line(&mut self, prefix: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.trim().strip_prefix(prefix) {
-                        return rest.to_string();
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        panic!("no line {prefix:?}; stderr:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct ControlPlane {
     /// Killed when the control plane is dropped.
@@ -117,44 +59,6 @@ fn agent(dir: &Path, name: &str, enroll: Option<(&str, &str)>) -> (Proc, String,
     let rest = proc.line("drover agent for host ");
     let (host, url) = rest.split_once(" serving on ").unwrap();
     (proc, host.to_string(), url.to_string())
-}
-
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    async fn login(base: &str) -> Api {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        let v: Value = http
-            .post(format!("{base}/v1/token"))
-            .form(&[("grant_type", "password"), ("username", "admin"), ("password", PASSWORD)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        Api { http, base: base.into(), token: v["access_token"].as_str().unwrap().into() }
-    }
-
-    async fn send(&self, method: M, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn ok(&self, method: M, path: &str, body: Option<Value>) -> Value {
-        let (status, v) = self.send(method.clone(), path, body).await;
-        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
-        v
-    }
 }
 
 /// A client of an agent's API that presents `identity` (or nothing) and trusts `ca`.
@@ -367,33 +271,6 @@ async fn an_agent_enrols_once_serves_only_its_control_plane_and_is_shown_unreach
     drop(cp);
 }
 
-async fn wait_session(api: &Api, id: &str) -> Value {
-    for _ in 0..1800 {
-        let s = api.ok(M::GET, &format!("/v1/sessions/{id}"), None).await;
-        if s["state"] == "Stopped" || s["halted"] == true {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("session {id} did not finish (or halt)");
-}
-
-/// Runs a plan action (`POST /v1/plans/{plan}/{action}`), waits for its session, asserts it
-/// succeeded and returns its log.
-async fn plan_action(api: &Api, plan: &str, action: &str, body: Option<Value>) -> Vec<String> {
-    let started = api.ok(M::POST, &format!("/v1/plans/{plan}/{action}"), body).await;
-    let session = started["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(api, &session).await;
-    let lines = session_log(api, &session).await;
-    assert_eq!(s["result"], "Success", "{action}: {s}: {lines:?}");
-    lines
-}
-
-async fn session_log(api: &Api, id: &str) -> Vec<String> {
-    let v = api.ok(M::GET, &format!("/v1/sessions/{id}/log"), None).await;
-    v["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
-}
-
 fn qemu_io_write(image: &Path, pattern: u8, offset: u64, len: u64) {
     let out = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", &format!("write -P {pattern} {offset} {len}")])
@@ -471,36 +348,21 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     let dr_ds = api
         .ok(M::POST, "/v1/datastores", Some(json!({"host_id": dr_id, "name": "d", "path": dr_root.join("ds")})))
         .await;
-    let vm = api
-        .ok(
-            M::POST,
-            "/v1/vms",
-            Some(json!({"name": "db", "host_id": prod["id"], "datastore_id": prod_ds["id"], "vcpus": 1,
-                "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 33554432}]})),
-        )
+    let vm_id = api
+        .create_vm(json!({"name": "db", "host_id": prod["id"], "datastore_id": prod_ds["id"], "vcpus": 1,
+                "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 33554432}]}))
         .await;
-    let s = wait_session(&api, vm["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
-    let vm_id = s["target_id"].as_str().unwrap().to_string();
     let source = root.join("prod/ds").join(&vm_id).join("data.qcow2");
     qemu_io_write(&source, 0x5a, 0, 1 << 20);
     qemu_io_write(&source, 0x5b, 8 << 20, 1 << 20);
-    let job = api
-        .ok(
-            M::POST,
-            "/v1/replication-jobs",
-            Some(json!({"name": "j", "vm_ids": [vm_id], "target_host_id": dr_id, "target_datastore_id": dr_ds["id"],
-                "schedule": {"type": "Manual"}, "retention_points": 3})),
-        )
-        .await;
-    let job = job["id"].as_str().unwrap().to_string();
+    let job = api.manual_job(&vm_id, dr_id, &dr_ds, 3).await;
 
     // The seed: pulled by the DR agent, into its datastore, equal to the source.
     let line = run_job(&api, &job).await;
     assert!(line.contains("seed mode"), "{line}");
     println!("seed: {line}");
     let point = newest_point(&dr_root.join("ds"));
-    assert!(compare(&source, &point), "the DR agent's point equals the source");
+    assert!(same(&source, &point), "the DR agent's point equals the source");
 
     // An incremental: only the changed blocks cross between the agents.
     qemu_io_write(&source, 0x5c, 16 << 20, 64 << 10);
@@ -516,7 +378,7 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
     assert_eq!(data, 64 << 10, "only the changed 64 KiB crossed: {line}");
     let newest = newest_point(&dr_root.join("ds"));
     assert_ne!(newest, point);
-    assert!(compare(&source, &newest), "the newest point equals the source");
+    assert!(same(&source, &newest), "the newest point equals the source");
 
     drop(dr_agent);
     drop(serve);
@@ -526,32 +388,10 @@ async fn a_dr_agent_pulls_the_restore_points_from_the_production_agent() {
 async fn run_job(api: &Api, job: &str) -> String {
     let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
     let session = run["session_id"].as_str().unwrap().to_string();
-    let s = wait_session(api, &session).await;
-    let lines = session_log(api, &session).await;
+    let s = api.wait_session(&session).await;
+    let lines = api.log(&session).await;
     assert_eq!(s["result"], "Success", "{s}: {lines:?}");
     lines.into_iter().find(|l| l.contains("pulled by the target's agent")).unwrap_or_else(|| panic!("no pull in {s}"))
-}
-
-fn compare(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img").args(["compare", "-q", "-U"]).arg(a).arg(b).status().unwrap().success()
-}
-
-/// The tiny guest (`scripts/build-guest`), which real-QEMU tests boot.
-fn guest_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    assert!(dir.join("vmlinux").exists(), "build the tiny guest first: scripts/build-guest");
-    dir.canonicalize().unwrap()
-}
-
-/// The control plane's own client of an agent (its certificate, from its CA), for what the API
-/// does not do: writing and reading a guest's marker.
-async fn agent_client(cp_data: &Path, host: &str, url: &str) -> drover_agent_client::RemoteAgent {
-    let ca = drover_pki::ControlPlaneCa::load(&cp_data.join("ca")).unwrap();
-    let identity = ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
-    let tls = drover_pki::client_config(&identity, ca.trusted_ca()).unwrap();
-    let name = drover_pki::agent_dns_name(drover_types::HostId(host.parse::<uuid::Uuid>().unwrap()));
-    let addr: std::net::SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
-    drover_agent_client::RemoteAgent::connect_named(&name, addr, std::sync::Arc::new(tls)).await.unwrap()
 }
 
 /// Starts a QEMU agent for `name` under `root`, enrolling it when `token` is given; returns it
@@ -576,16 +416,6 @@ fn kill_vm(vm: &str) {
     let _ = Command::new("pkill").args(["-KILL", "-f", &format!("qemu-system.*{vm}")]).status();
 }
 
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..600 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// Production and DR each on a `drover agent` with real QEMU (TCG): a VM runs on the
 /// production agent, its restore points are pulled by the DR agent; the production site is lost
 /// (agent and VM killed); the plan fails over on the DR agent from the newest point, the
@@ -599,46 +429,14 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     let root = dir.path();
     let cp = serve(root);
     let api = Api::login(&cp.api).await;
-    let prod_site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
-    let dr_site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"}))).await;
-    let mut hosts = Vec::new();
-    for (site, name) in [(&prod_site, "prod"), (&dr_site, "dr")] {
-        let h = api
-            .ok(
-                M::POST,
-                "/v1/hosts",
-                Some(json!({"site_id": site["id"], "name": name, "address": "https://127.0.0.1:1"})),
-            )
-            .await;
-        hosts.push(h["id"].as_str().unwrap().to_string());
-    }
-    let (prod_id, dr_id) = (hosts[0].clone(), hosts[1].clone());
-    let token = |id: String| {
-        let api = &api;
-        async move {
-            api.ok(M::POST, &format!("/v1/hosts/{id}/enrolment"), None).await["token"].as_str().unwrap().to_string()
-        }
-    };
-    let prod_token = token(prod_id.clone()).await;
+    let (prod_id, dr_id) = api.prod_and_dr_hosts().await;
+    let prod_token = api.enrolment_token(&prod_id).await;
     let (mut prod_agent, prod_url) = qemu_agent(root, "pa", Some((&cp.agent_url, &prod_token)), true);
-    let dr_token = token(dr_id.clone()).await;
+    let dr_token = api.enrolment_token(&dr_id).await;
     let (_dr_agent, dr_url) = qemu_agent(root, "da", Some((&cp.agent_url, &dr_token)), true);
     api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
     api.ok(M::PATCH, &format!("/v1/hosts/{dr_id}"), Some(json!({"address": dr_url}))).await;
-    let prod_ds = api
-        .ok(
-            M::POST,
-            "/v1/datastores",
-            Some(json!({"host_id": prod_id, "name": "p", "path": root.join("pa/datastores/ds")})),
-        )
-        .await;
-    let dr_ds = api
-        .ok(
-            M::POST,
-            "/v1/datastores",
-            Some(json!({"host_id": dr_id, "name": "d", "path": root.join("da/datastores/ds")})),
-        )
-        .await;
+    let (prod_ds, dr_ds) = api.prod_and_dr_datastores(root.as_ref(), &prod_id, &dr_id).await;
 
     // A boot file outside the agent's import directories is refused by the agent.
     let guest = guest_dir();
@@ -650,30 +448,23 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
                 "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 1048576, "import_from": "/etc/passwd"}]})),
         )
         .await;
-    let s = wait_session(&api, bad["session_id"].as_str().unwrap()).await;
+    let s = api.wait_session(bad["session_id"].as_str().unwrap()).await;
     assert_ne!(s["result"], "Success", "{s}");
-    let lines = session_log(&api, bad["session_id"].as_str().unwrap()).await;
+    let lines = api.log(bad["session_id"].as_str().unwrap()).await;
     assert!(lines.iter().any(|l| l.contains("import")), "{lines:?}");
 
     // A VM on the production agent: its disk made there, powered on there, heartbeating.
-    let vm = api
-        .ok(
-            M::POST,
-            "/v1/vms",
-            Some(json!({"name": "db", "host_id": prod_id, "datastore_id": prod_ds["id"], "vcpus": 1,
+    let vm_id = api
+        .create_vm(json!({"name": "db", "host_id": prod_id, "datastore_id": prod_ds["id"], "vcpus": 1,
                 "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 33554432}],
                 "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"),
-                    "cmdline": "console=ttyS0 quiet"}})),
-        )
+                    "cmdline": "console=ttyS0 quiet"}}))
         .await;
-    let s = wait_session(&api, vm["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
-    let vm_id = s["target_id"].as_str().unwrap().to_string();
     assert!(root.join("pa/datastores/ds").join(&vm_id).join("data.qcow2").exists(), "the disk is the agent's");
     assert_eq!(mode(&root.join("pa/datastores/ds").join(&vm_id).join("data.qcow2")), 0o600);
     let on = api.ok(M::POST, &format!("/v1/vms/{vm_id}/power-on"), None).await;
-    let s = wait_session(&api, on["session_id"].as_str().unwrap()).await;
-    let lines = session_log(&api, on["session_id"].as_str().unwrap()).await;
+    let s = api.wait_session(on["session_id"].as_str().unwrap()).await;
+    let lines = api.log(on["session_id"].as_str().unwrap()).await;
     assert_eq!(s["result"], "Success", "{s}: {lines:?}");
     assert!(lines.iter().any(|l| l.contains("heartbeat")), "{lines:?}");
     let vm_uuid: uuid::Uuid = vm_id.parse().unwrap();
@@ -695,20 +486,12 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     let job = job["id"].as_str().unwrap().to_string();
     let line = run_job(&api, &job).await;
     assert!(line.contains("seed mode"), "{line}");
-    let plan = api
-        .ok(
-            M::POST,
-            "/v1/plans",
-            Some(json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm_id,
-                "steps": [{"name": "up", "kind": {"type": "WaitHeartbeat", "timeout_secs": 120}}]}]}]})),
-        )
-        .await;
-    let plan_id = plan["id"].as_str().unwrap().to_string();
+    let plan_id = api.heartbeat_plan(&vm_id).await;
 
     // The production site is lost: its agent and its VM are killed.
     prod_agent.kill();
     kill_vm(&vm_id);
-    let lines = plan_action(&api, &plan_id, "failover", None).await;
+    let lines = api.plan_action(&plan_id, "failover", None).await;
     assert!(lines.iter().any(|l| l.contains("production host cannot be reached")), "{lines:?}");
     let replica = api.ok(M::GET, "/v1/replicas", None).await;
     let replica = &replica["items"].as_array().unwrap_or_else(|| panic!("{replica}"))[0];
@@ -723,48 +506,16 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     let (_prod_agent, prod_url) = qemu_agent(root, "pa", None, true);
     api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
     let prod = agent_client(&cp.data, &prod_id, &prod_url).await;
-    let spec = drover_agent_api::VmRunSpec {
-        id: vm_uuid,
-        name: "db".into(),
-        vcpus: 1,
-        memory_mib: 128,
-        disks: vec![drover_agent_api::VmDisk::Image(drover_agent_api::DiskRef {
-            datastore: prod_ds["id"].as_str().unwrap().parse().unwrap(),
-            vm: vm_uuid,
-            disk: "data".into(),
-            index: 0,
-        })],
-        nics: vec![],
-        boot: drover_agent_api::VmBoot {
-            kernel: Some(guest.join("vmlinux").to_string_lossy().into_owned()),
-            initrd: Some(guest.join("initramfs.img").to_string_lossy().into_owned()),
-            cmdline: Some("console=ttyS0 quiet".into()),
-        },
-    };
-    // (A restarted agent learns its datastores again from the control plane's next call.)
-    let ds = drover_agent_api::DatastoreSpec {
-        id: prod_ds["id"].as_str().unwrap().parse().unwrap(),
-        path: prod_ds["path"].as_str().unwrap().into(),
-    };
-    prod.datastore_ensure(&ds).await.unwrap();
-    prod.vm_power_on(&spec).await.unwrap();
-    wait_for("the production VM to be fenced", async || {
-        matches!(
-            prod.vm_status(vm_uuid).await,
-            Ok(drover_agent_api::PowerState::Off | drover_agent_api::PowerState::Died)
-        )
-    })
-    .await;
+    let spec = start_behind_drovers_back(&prod, &prod_ds, vm_uuid, &["data"]).await;
+    wait_fenced(&prod, vm_uuid).await;
     let v = api.ok(M::GET, &format!("/v1/vms/{vm_id}"), None).await;
     assert_eq!(v["power_state"], "Off", "{v}");
     let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
-    let s = wait_session(&api, run["session_id"].as_str().unwrap()).await;
+    let s = api.wait_session(run["session_id"].as_str().unwrap()).await;
     assert_ne!(s["result"], "Success", "replication from a fenced production ran: {s}");
 
     // Undo: the replica's VM is discarded on the DR agent, and replication resumes.
-    let undo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/undo"), None).await;
-    let s = wait_session(&api, undo["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
+    api.plan_action(&plan_id, "undo", None).await;
     assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
     let overlays: Vec<_> = std::fs::read_dir(root.join("da/datastores/ds").join(replica_id.to_string()).join("data"))
         .unwrap()
@@ -778,14 +529,11 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     // Failover again, with production reachable this time; the replica writes at DR; failback
     // brings that back to production (pulled by production's agent from the DR agent), and the
     // commit returns the replica to Ready.
-    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
-    let s = wait_session(&api, fo["session_id"].as_str().unwrap()).await;
-    let lines = session_log(&api, fo["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = api.plan_action(&plan_id, "failover", None).await;
     assert!(!lines.iter().any(|l| l.contains("cannot be reached")), "{lines:?}");
     dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
     dr.vm_write_marker(replica_id, "written at DR").await.unwrap();
-    let lines = plan_action(&api, &plan_id, "prepare-failback", None).await;
+    let lines = api.plan_action(&plan_id, "prepare-failback", None).await;
     assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
     println!("prepare-failback: {lines:#?}");
     // Between the sync and the switchover the replica writes again, and somebody runs production
@@ -795,16 +543,14 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     prod.vm_power_on(&spec).await.unwrap();
     prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
     prod.vm_write_marker(vm_uuid, "production's own").await.unwrap();
-    let lines = plan_action(&api, &plan_id, "switchover", None).await;
+    let lines = api.plan_action(&plan_id, "switchover", None).await;
     assert!(lines.iter().any(|l| l.contains("cannot be sent by bitmap alone")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("switched over by hash-compare between the agents")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
     println!("switchover: {lines:#?}");
     let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
     assert_eq!(hb.marker.as_deref(), Some("written at DR after the sync"), "production shows what was written at DR");
-    let commit = api.ok(M::POST, &format!("/v1/plans/{plan_id}/commit-failback"), None).await;
-    let s = wait_session(&api, commit["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
+    api.plan_action(&plan_id, "commit-failback", None).await;
     let replica = api.ok(M::GET, "/v1/replicas", None).await;
     assert_eq!(replica["items"][0]["state"], "Ready", "{replica}");
     assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
@@ -822,7 +568,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
         )
         .await;
     assert_eq!(status, 400, "a planned failover takes no date: {v}");
-    let lines = plan_action(&api, &plan_id, "failover", Some(json!({"planned": true}))).await;
+    let lines = api.plan_action(&plan_id, "failover", Some(json!({"planned": true}))).await;
     assert!(lines.iter().any(|l| l.contains("production VM db shut down")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("nothing written before the failover is lost")), "{lines:?}");
     assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
@@ -840,7 +586,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
         )
         .await;
     let body = json!({"recovery_location_id": loc["id"]});
-    let lines = plan_action(&api, &plan_id, "failback", Some(body)).await;
+    let lines = api.plan_action(&plan_id, "failback", Some(body)).await;
     assert!(lines.iter().any(|l| l.contains("copied to the new VM by its host's agent")), "{lines:?}");
     let vms = api.ok(M::GET, "/v1/vms", None).await;
     let restored = vms["items"].as_array().unwrap().iter().find(|v| v["name"] == "db_restored").cloned();
@@ -850,9 +596,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     assert_eq!(hb.marker.as_deref(), Some("the last words"), "the new VM holds the replica's data");
     assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), drover_agent_api::PowerState::Off, "the original stays off");
     assert_eq!(dr.vm_status(replica_id).await.unwrap(), drover_agent_api::PowerState::Off);
-    let undo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/undo"), None).await;
-    let s = wait_session(&api, undo["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
+    api.plan_action(&plan_id, "undo", None).await;
     let vms = api.ok(M::GET, "/v1/vms", None).await;
     assert!(!vms["items"].as_array().unwrap().iter().any(|v| v["name"] == "db_restored"), "{vms}");
     assert_eq!(prod.vm_status(restored_id).await.unwrap(), drover_agent_api::PowerState::Off);

@@ -11,19 +11,20 @@
 
 mod common;
 
-use common::QemuReaper;
+use common::{
+    Api, BIN, PASSWORD, Proc, QemuReaper, agent_client, guest_dir, same, start_behind_drovers_back, wait_fenced,
+    wait_for,
+};
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_agent_api::HostAgent as _;
 use reqwest::Method as M;
-use serde_json::{Value, json};
+use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_drover");
-const PASSWORD: &str = "correct-horse-battery";
 const CP_ADDR: &str = "10.213.0.1";
 const PROD_ADDR: &str = "10.213.0.2";
 const DR_ADDR: &str = "10.213.0.3";
@@ -138,126 +139,14 @@ impl Drop for Cut {
     }
 }
 
-/// A child process, killed when dropped (also when a test panics), with the lines it printed.
-struct Proc {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    log: PathBuf,
+/// What the replication scenarios add to the API client.
+trait Replication {
+    async fn start_run(&self, job: &str) -> String;
+    async fn run_job(&self, job: &str) -> Vec<String>;
+    async fn task_progress(&self, session: &str) -> (bool, u64);
 }
 
-impl Proc {
-    /// `BIN args…` inside namespace `ns` (`ip netns exec` execs it: the child is drover itself).
-    fn spawn(ns: &str, args: &[&str], log: PathBuf) -> Proc {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, BIN])
-            .args(args)
-            .env_remove("DROVER_LOG")
-            .env("DROVER_ADMIN_PASSWORD", PASSWORD)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
-        let mut child = cmd.spawn().expect("start drover");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines, log }
-    }
-
-    /// The rest of the first printed line that starts with `prefix` (after trimming), within 60 s.
-    fn line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.trim().strip_prefix(prefix) {
-                        return rest.to_string();
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        panic!("no line {prefix:?}; stderr:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-    }
-
-    /// SIGKILL, then reaped.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    async fn login(base: &str) -> Api {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        let v: Value = http
-            .post(format!("{base}/v1/token"))
-            .form(&[("grant_type", "password"), ("username", "admin"), ("password", PASSWORD)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        Api { http, base: base.into(), token: v["access_token"].as_str().unwrap().into() }
-    }
-
-    async fn send(&self, method: M, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn ok(&self, method: M, path: &str, body: Option<Value>) -> Value {
-        let (status, v) = self.send(method.clone(), path, body).await;
-        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
-        v
-    }
-
-    async fn session(&self, id: &str) -> Value {
-        self.ok(M::GET, &format!("/v1/sessions/{id}"), None).await
-    }
-
-    /// Waits (up to 3 minutes) for a session to stop or halt.
-    async fn wait_session(&self, id: &str) -> Value {
-        for _ in 0..1800 {
-            let s = self.session(id).await;
-            if s["state"] == "Stopped" || s["halted"] == true {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("session {id} did not finish (or halt)");
-    }
-
-    async fn log(&self, id: &str) -> Vec<String> {
-        let v = self.ok(M::GET, &format!("/v1/sessions/{id}/log"), None).await;
-        v["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
-    }
-
+impl Replication for Api {
     /// Starts a run of a replication job; its session id.
     async fn start_run(&self, job: &str) -> String {
         let run = self.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
@@ -288,12 +177,6 @@ const AFTER_PREPARE: u64 = 8;
 const AFTER_TRANSFER: u64 = 75;
 const AFTER_PUBLISH: u64 = 83;
 
-fn guest_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    assert!(dir.join("vmlinux").exists(), "build the tiny guest first: scripts/build-guest");
-    dir.canonicalize().unwrap()
-}
-
 /// Writes `len` bytes of incompressible data at `offset` of a qcow2 image (not in use).
 fn write_random(image: &Path, scratch: &Path, seed: u64, offset: u64, len: u64) {
     let mut x = seed | 1;
@@ -312,10 +195,6 @@ fn write_random(image: &Path, scratch: &Path, seed: u64, offset: u64, len: u64) 
         .arg(format!("write -q -s {} {offset} {len}", scratch.display()))
         .arg(image));
     std::fs::remove_file(scratch).unwrap();
-}
-
-fn same(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img").args(["compare", "-q", "-U"]).arg(a).arg(b).status().unwrap().success()
 }
 
 fn readable(point: &Path) -> bool {
@@ -355,9 +234,16 @@ fn prod_args(root: &Path, enroll: Option<(&str, &str)>) -> Vec<String> {
     a
 }
 
+/// `drover args…` inside namespace `ns` (`ip netns exec` execs it: the child is drover itself).
+fn in_netns_cmd(ns: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, BIN]).args(args).env("DROVER_ADMIN_PASSWORD", PASSWORD);
+    cmd
+}
+
 fn start_agent(ns: &str, args: &[String], log: PathBuf) -> (Proc, String, String) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut proc = Proc::spawn(ns, &args, log);
+    let mut proc = Proc::spawn(in_netns_cmd(ns, &args), log);
     let rest = proc.line("drover agent for host ");
     let (host, url) = rest.split_once(" serving on ").unwrap();
     (proc, host.to_string(), url.to_string())
@@ -365,15 +251,6 @@ fn start_agent(ns: &str, args: &[String], log: PathBuf) -> (Proc, String, String
 
 /// The control plane's own client of an agent (its certificate, from its CA), for what the API
 /// does not do: writing and reading a guest's marker, starting a VM behind drover's back.
-async fn agent_client(cp_data: &Path, host: &str, url: &str) -> drover_agent_client::RemoteAgent {
-    let ca = drover_pki::ControlPlaneCa::load(&cp_data.join("ca")).unwrap();
-    let identity = ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
-    let tls = drover_pki::client_config(&identity, ca.trusted_ca()).unwrap();
-    let name = drover_pki::agent_dns_name(drover_types::HostId(host.parse::<uuid::Uuid>().unwrap()));
-    let addr: std::net::SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
-    drover_agent_client::RemoteAgent::connect_named(&name, addr, std::sync::Arc::new(tls)).await.unwrap()
-}
-
 /// SIGKILLs the QEMU processes of a VM inside a namespace (the VM's uuid is on their command
 /// line): the host is lost.
 fn kill_vm(ns: &str, vm: &str) -> usize {
@@ -387,17 +264,6 @@ fn kill_vm(ns: &str, vm: &str) -> usize {
         }
     }
     killed
-}
-
-async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Runs `f` on a thread inside network namespace `ns`, on its own runtime; re-raises its panic.
@@ -434,11 +300,23 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     let listen = format!("{CP_ADDR}:8080");
     let agent_listen = format!("{CP_ADDR}:8443");
     let mut serve = Proc::spawn(
-        &cp_ns,
-        &["serve", "--listen", &listen, "--vro-listen", "off", "--em-listen", "off", "--agent-listen", &agent_listen]
+        in_netns_cmd(
+            &cp_ns,
+            &[
+                "serve",
+                "--listen",
+                &listen,
+                "--vro-listen",
+                "off",
+                "--em-listen",
+                "off",
+                "--agent-listen",
+                &agent_listen,
+            ]
             .into_iter()
             .chain(["--plain-http", "--hypervisor", "simulated", "--data-dir", &cp_data_s])
             .collect::<Vec<_>>(),
+        ),
         root.join("serve.log"),
     );
     let base = serve.line("drover serving on ").split_whitespace().next().unwrap().to_string();
@@ -448,29 +326,13 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
 
     // 1. Enrolment over the veths: each agent reaches the control plane at its namespace's
     // address, and is reached at its own.
-    let prod_site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
-    let dr_site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "dr", "kind": "DisasterRecovery"}))).await;
-    let mut hosts = Vec::new();
-    for (site, name) in [(&prod_site, "prod"), (&dr_site, "dr")] {
-        let h = api
-            .ok(
-                M::POST,
-                "/v1/hosts",
-                Some(json!({"site_id": site["id"], "name": name, "address": "https://127.0.0.1:1"})),
-            )
-            .await;
-        hosts.push(h["id"].as_str().unwrap().to_string());
-    }
-    let (prod_id, dr_id) = (hosts[0].clone(), hosts[1].clone());
-    let token = async |id: &str| {
-        api.ok(M::POST, &format!("/v1/hosts/{id}/enrolment"), None).await["token"].as_str().unwrap().to_string()
-    };
-    let prod_token = token(&prod_id).await;
+    let (prod_id, dr_id) = api.prod_and_dr_hosts().await;
+    let prod_token = api.enrolment_token(&prod_id).await;
     let (mut prod_agent, host, prod_url) =
         start_agent(&prod_ns, &prod_args(&root, Some((&enrol_url, &prod_token))), root.join("pa.log"));
     assert_eq!(host, prod_id);
     assert_eq!(prod_url, format!("https://{PROD_ADDR}:7000"));
-    let dr_token = token(&dr_id).await;
+    let dr_token = api.enrolment_token(&dr_id).await;
     let dr_args: Vec<String> =
         ["agent", "--listen", &format!("{DR_ADDR}:7000"), "--hypervisor", "qemu", "--accel", "tcg"]
             .iter()
@@ -484,20 +346,7 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     assert_eq!(host, dr_id);
     api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
     api.ok(M::PATCH, &format!("/v1/hosts/{dr_id}"), Some(json!({"address": dr_url}))).await;
-    let prod_ds = api
-        .ok(
-            M::POST,
-            "/v1/datastores",
-            Some(json!({"host_id": prod_id, "name": "p", "path": root.join("pa/datastores/ds")})),
-        )
-        .await;
-    let dr_ds = api
-        .ok(
-            M::POST,
-            "/v1/datastores",
-            Some(json!({"host_id": dr_id, "name": "d", "path": root.join("da/datastores/ds")})),
-        )
-        .await;
+    let (prod_ds, dr_ds) = api.prod_and_dr_datastores(root.as_ref(), &prod_id, &dr_id).await;
     for id in [&prod_id, &dr_id] {
         let state = api.ok(M::GET, &format!("/v1/hosts/{id}/agent"), None).await;
         assert_eq!(state["state"], "connected", "{state}");
@@ -506,31 +355,14 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     // A VM on the production agent: `data` is the guest's filesystem (its marker), `bulk` a
     // disk the guest leaves alone, which the test fills while the VM is off.
     let guest = guest_dir();
-    let vm = api
-        .ok(
-            M::POST,
-            "/v1/vms",
-            Some(json!({"name": "db", "host_id": prod_id, "datastore_id": prod_ds["id"], "vcpus": 1,
+    let vm_id = api.create_vm(json!({"name": "db", "host_id": prod_id, "datastore_id": prod_ds["id"], "vcpus": 1,
                 "memory_mib": 128, "disks": [{"name": "data", "size_bytes": 32 * MIB}, {"name": "bulk", "size_bytes": 64 * MIB}],
                 "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"),
-                    "cmdline": "console=ttyS0 quiet"}})),
-        )
-        .await;
-    let s = api.wait_session(vm["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
-    let vm_id = s["target_id"].as_str().unwrap().to_string();
+                    "cmdline": "console=ttyS0 quiet"}})).await;
     let source = |disk: &str| root.join("pa/datastores/ds").join(&vm_id).join(format!("{disk}.qcow2"));
     let scratch = root.join("random.bin");
     write_random(&source("bulk"), &scratch, 1, 0, MIB);
-    let job = api
-        .ok(
-            M::POST,
-            "/v1/replication-jobs",
-            Some(json!({"name": "j", "vm_ids": [vm_id], "target_host_id": dr_id, "target_datastore_id": dr_ds["id"],
-                "schedule": {"type": "Manual"}, "retention_points": 20})),
-        )
-        .await;
-    let job = job["id"].as_str().unwrap().to_string();
+    let job = api.manual_job(&vm_id, &dr_id, &dr_ds, 20).await;
 
     // The seed, pulled by the DR agent from the production agent across the bridge; each
     // disk's point equals its source.
@@ -682,22 +514,10 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     let prod = agent_client(&cp_data, &prod_id, &prod_url).await;
     prod.vm_write_marker(vm_uuid, "before the disaster").await.unwrap();
     api.run_job(&job).await;
-    let plan = api
-        .ok(
-            M::POST,
-            "/v1/plans",
-            Some(json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm_id,
-                "steps": [{"name": "up", "kind": {"type": "WaitHeartbeat", "timeout_secs": 120}}]}]}]})),
-        )
-        .await;
-    let plan_id = plan["id"].as_str().unwrap().to_string();
+    let plan_id = api.heartbeat_plan(&vm_id).await;
     prod_agent.kill();
     assert_eq!(kill_vm(&prod_ns, &vm_id), 1, "the production VM's QEMU was running");
-    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
-    let session = fo["session_id"].as_str().unwrap().to_string();
-    let s = api.wait_session(&session).await;
-    let lines = api.log(&session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = api.plan_action(&plan_id, "failover", None).await;
     assert!(lines.iter().any(|l| l.contains("production host cannot be reached")), "{lines:?}");
     let replica = api.ok(M::GET, &format!("/v1/replicas/{replica_id}"), None).await;
     assert_eq!(replica["state"], "Failover", "{replica}");
@@ -711,41 +531,9 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     let (again, _, _) = start_agent(&prod_ns, &prod_args(&root, None), root.join("pa.log"));
     prod_agent = again;
     let prod = agent_client(&cp_data, &prod_id, &prod_url).await;
-    let disk = |name: &str, index| {
-        drover_agent_api::VmDisk::Image(drover_agent_api::DiskRef {
-            datastore: prod_ds["id"].as_str().unwrap().parse().unwrap(),
-            vm: vm_uuid,
-            disk: name.into(),
-            index,
-        })
-    };
-    let spec = drover_agent_api::VmRunSpec {
-        id: vm_uuid,
-        name: "db".into(),
-        vcpus: 1,
-        memory_mib: 128,
-        disks: vec![disk("data", 0), disk("bulk", 1)],
-        nics: vec![],
-        boot: drover_agent_api::VmBoot {
-            kernel: Some(guest.join("vmlinux").to_string_lossy().into_owned()),
-            initrd: Some(guest.join("initramfs.img").to_string_lossy().into_owned()),
-            cmdline: Some("console=ttyS0 quiet".into()),
-        },
-    };
-    let ds = drover_agent_api::DatastoreSpec {
-        id: prod_ds["id"].as_str().unwrap().parse().unwrap(),
-        path: prod_ds["path"].as_str().unwrap().into(),
-    };
-    prod.datastore_ensure(&ds).await.unwrap();
-    prod.vm_power_on(&spec).await.unwrap();
+    start_behind_drovers_back(&prod, &prod_ds, vm_uuid, &["data", "bulk"]).await;
     let behind = Instant::now();
-    wait_for("the production VM to be fenced", 60, async || {
-        matches!(
-            prod.vm_status(vm_uuid).await,
-            Ok(drover_agent_api::PowerState::Off | drover_agent_api::PowerState::Died)
-        )
-    })
-    .await;
+    wait_fenced(&prod, vm_uuid).await;
     // The control plane records it off once the agent has done it (the same monitor pass), and
     // says it fenced it.
     wait_for("the control plane to record the fenced VM off", 30, async || {
@@ -761,9 +549,7 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     println!("refused: {}", s["failure_message"]);
 
     // Undo: the replica's VM goes, replication resumes and its point verifies.
-    let undo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/undo"), None).await;
-    let s = api.wait_session(undo["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
+    api.plan_action(&plan_id, "undo", None).await;
     assert_eq!(dr.vm_status(replica_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
     api.run_job(&job).await;
     verify("after undo");
@@ -771,18 +557,11 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     // Failover again, production reachable this time; the replica writes at DR; failback brings
     // that back to production (pulled by production's agent from the DR agent's data listener,
     // across the bridge), and the commit returns the replica to Ready.
-    let fo = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failover"), None).await;
-    let s = api.wait_session(fo["session_id"].as_str().unwrap()).await;
-    let lines = api.log(fo["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = api.plan_action(&plan_id, "failover", None).await;
     assert!(!lines.iter().any(|l| l.contains("cannot be reached")), "{lines:?}");
     dr.vm_wait_heartbeat(replica_uuid, Duration::from_secs(120)).await.unwrap();
     dr.vm_write_marker(replica_uuid, "written at DR").await.unwrap();
-    let fb = api.ok(M::POST, &format!("/v1/plans/{plan_id}/failback"), None).await;
-    let session = fb["session_id"].as_str().unwrap().to_string();
-    let s = api.wait_session(&session).await;
-    let lines = api.log(&session).await;
-    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let lines = api.plan_action(&plan_id, "failback", None).await;
     assert!(lines.iter().any(|l| l.contains("synced to production by hash-compare between the agents")), "{lines:?}");
     // The switchover, with the replica stopped cleanly and production untouched since the sync,
     // sends only what the replica's bitmap recorded after the sync's cut.
@@ -790,9 +569,7 @@ async fn story(root: PathBuf, cp_ns: String, prod_ns: String, dr_ns: String) {
     assert!(lines.iter().any(|l| l.contains("production equals the replica")), "{lines:?}");
     let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
     assert_eq!(hb.marker.as_deref(), Some("written at DR"), "production shows what was written at DR");
-    let commit = api.ok(M::POST, &format!("/v1/plans/{plan_id}/commit-failback"), None).await;
-    let s = api.wait_session(commit["session_id"].as_str().unwrap()).await;
-    assert_eq!(s["result"], "Success", "{s}");
+    api.plan_action(&plan_id, "commit-failback", None).await;
     let replica = api.ok(M::GET, &format!("/v1/replicas/{replica_id}"), None).await;
     assert_eq!(replica["state"], "Ready", "{replica}");
     assert_eq!(dr.vm_status(replica_uuid).await.unwrap(), drover_agent_api::PowerState::Off);
