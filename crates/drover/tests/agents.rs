@@ -507,7 +507,7 @@ async fn vms_run_on_agents_and_a_lost_production_site_fails_over_to_the_dr_agent
     api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
     let prod = agent_client(&cp.data, &prod_id, &prod_url).await;
     let spec = start_behind_drovers_back(&prod, &prod_ds, vm_uuid, &["data"]).await;
-    wait_fenced(&prod, vm_uuid).await;
+    wait_fenced(&api, &prod, vm_uuid).await;
     let v = api.ok(M::GET, &format!("/v1/vms/{vm_id}"), None).await;
     assert_eq!(v["power_state"], "Off", "{v}");
     let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;

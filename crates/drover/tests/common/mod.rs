@@ -308,11 +308,16 @@ pub async fn start_behind_drovers_back(
     spec
 }
 
-/// Waits until `agent` shows VM `vm` off (fenced by the control plane's monitor).
-pub async fn wait_fenced(agent: &drover_agent_client::RemoteAgent, vm: uuid::Uuid) {
+/// Waits until `agent` shows VM `vm` off (fenced by the control plane's monitor), then until the
+/// control plane records it off too (the same monitor pass, once the agent has done it).
+pub async fn wait_fenced(api: &Api, agent: &drover_agent_client::RemoteAgent, vm: uuid::Uuid) {
     use drover_agent_api::HostAgent as _;
     wait_for("the production VM to be fenced", 60, async || {
         matches!(agent.vm_status(vm).await, Ok(drover_agent_api::PowerState::Off | drover_agent_api::PowerState::Died))
+    })
+    .await;
+    wait_for("the control plane to record the fenced VM off", 30, async || {
+        api.ok(M::GET, &format!("/v1/vms/{vm}"), None).await["power_state"] == "Off"
     })
     .await;
 }
