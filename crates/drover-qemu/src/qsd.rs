@@ -238,8 +238,11 @@ impl StorageDaemon {
         })?;
         tracing::debug!(pid, dir = %dir.display(), "qemu-storage-daemon started");
 
-        // The socket appears once the daemon has parsed its options; poll for it, and give up
-        // early if the process has exited (bad options, missing binary behind setpriv).
+        // The daemon writes its pidfile once its chardevs and monitor are set up, before it
+        // accepts connections (qemu-storage-daemon(1) documents the order); a client that
+        // connects as soon as the socket appears can meet a monitor not attached yet (seen: a
+        // second greeting, then its commands misparsed). Poll for both, and give up early if
+        // the process has exited (bad options, missing binary behind setpriv).
         let _starting = Starting::new();
         let began = Instant::now();
         // The most daemons seen starting together while this one waited: its bound.
@@ -254,7 +257,7 @@ impl StorageDaemon {
                     stderr: if stderr.is_empty() { format!("exited with {status}") } else { stderr },
                 });
             }
-            if qmp_socket.exists() {
+            if pidfile.exists() && qmp_socket.exists() {
                 match QmpClient::connect_timeout(&qmp_socket, QMP_TIMEOUT).await {
                     Ok(qmp) => break qmp,
                     Err(e) => tracing::debug!(error = %e, "storage daemon QMP not ready"),
