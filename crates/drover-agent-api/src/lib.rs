@@ -221,6 +221,13 @@ pub struct CutSpec {
     /// image: a failback's last delta. Offline cuts only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PointFile>,
+    /// The host whose agent will pull this cut over the data path: the data listener serves the
+    /// cut to that agent only (the host named in its certificate), so an agent of another host,
+    /// or of a host the control plane has since deleted, cannot read it even if it learnt the
+    /// cut's id and instance. Absent: the cut is read on this host only, never served to another
+    /// agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader: Option<Uuid>,
 }
 
 /// Where a transfer reads a cut from.
@@ -332,6 +339,13 @@ pub struct PeerTransferStats {
     pub received_twice: u64,
     /// Connections after the first.
     pub reconnects: u32,
+    /// Streams the transfer was pulled over.
+    #[serde(default)]
+    pub streams: u32,
+    /// The most bytes (data and zero ranges) one stream carried: near `(data_bytes +
+    /// zero_bytes) / streams` when the streams' ranges were split by where the bytes are.
+    #[serde(default)]
+    pub largest_stream_bytes: u64,
 }
 
 /// A transfer's state and progress.

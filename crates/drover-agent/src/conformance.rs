@@ -49,6 +49,8 @@ impl Rig {
             remove: vec![],
             fresh,
             file: None,
+            // Read by this same agent.
+            reader: None,
         }
     }
 }

@@ -224,21 +224,31 @@ impl LocalAgent {
         })
     }
 
-    /// The endpoint a cut is read from: over the data listener when this agent serves one.
-    fn cut_endpoint(&self, id: &str, socket: &Path, export: &str, meta_context: &str, size: u64) -> SourceEndpoint {
+    /// The endpoint a cut is read from: over the data listener when this agent serves one and
+    /// the cut names the host that reads it (`reader`); else on this host.
+    fn cut_endpoint(
+        &self,
+        spec: &CutSpec,
+        socket: &Path,
+        export: &str,
+        meta_context: &str,
+        size: u64,
+    ) -> SourceEndpoint {
         let cut = PeerCut {
             instance: Uuid::nil(),
             socket: socket.to_owned(),
             export: export.to_string(),
             meta_context: meta_context.to_string(),
             size,
+            reader: spec.reader,
         };
+        let id = spec.id.as_str();
         let instance = peer::register_cut(&self.peer_cuts, id, cut);
         match self.advert.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            Some(a) => {
+            Some(a) if spec.reader.is_some() => {
                 SourceEndpoint::Peer { address: a.address, server_name: a.server_name, cut: id.to_string(), instance }
             }
-            None => SourceEndpoint::LocalNbd {
+            _ => SourceEndpoint::LocalNbd {
                 socket: socket.to_string_lossy().into_owned(),
                 export: export.to_string(),
                 meta_context: meta_context.to_string(),
@@ -497,7 +507,7 @@ impl HostAgent for LocalAgent {
             return Ok(Cut {
                 id: spec.id.clone(),
                 size: x.virtual_size,
-                source: self.cut_endpoint(&spec.id, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
+                source: self.cut_endpoint(spec, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
                 token: serde_json::to_value(CutToken::Live(x)).map_err(internal)?,
             });
         }
@@ -516,7 +526,7 @@ impl HostAgent for LocalAgent {
         Ok(Cut {
             id: spec.id.clone(),
             size: x.virtual_size,
-            source: self.cut_endpoint(&spec.id, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
+            source: self.cut_endpoint(spec, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
             token: serde_json::to_value(CutToken::Offline).map_err(internal)?,
         })
     }

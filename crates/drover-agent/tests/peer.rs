@@ -102,9 +102,13 @@ impl Source {
             remove: vec![],
             fresh,
             file: None,
+            reader: Some(DR_HOST),
         }
     }
 }
+
+/// The host of the DR agent that pulls the cuts (the one [`Pki`] enrols as `dr`).
+const DR_HOST: Uuid = Uuid::from_u128(0xd7d7_0000_0000_4000_8000_0000_0000_0001);
 
 /// The DR side: a chain of restore points.
 struct Dr {
@@ -192,7 +196,10 @@ async fn assert_point_is(source: &Path, point: &PointFile) {
 // Identities
 
 fn enrol(ca: &ControlPlaneCa, agent_dir: &Path) -> AgentIdentity {
-    let host_id = HostId::new();
+    enrol_as(ca, agent_dir, HostId::new())
+}
+
+fn enrol_as(ca: &ControlPlaneCa, agent_dir: &Path, host_id: HostId) -> AgentIdentity {
     let token = EnrolmentToken::new(host_id, Duration::from_secs(600), &ca.fingerprint());
     let mut record = token.record().clone();
     let presented = PresentedToken::parse(token.secret()).unwrap();
@@ -207,6 +214,8 @@ struct Pki {
     _dir: tempfile::TempDir,
     source: AgentIdentity,
     dr: AgentIdentity,
+    /// An agent of another host of the same control plane (a cut names the host that reads it).
+    other_host: AgentIdentity,
     /// An agent of another control plane.
     stranger: AgentIdentity,
     /// The control plane's own client config (its certificate is from the same CA).
@@ -219,11 +228,12 @@ impl Pki {
         let ca = ControlPlaneCa::create_or_load(&dir.path().join("ca")).unwrap();
         let other = ControlPlaneCa::create_or_load(&dir.path().join("other-ca")).unwrap();
         let source = enrol(&ca, &dir.path().join("source"));
-        let dr = enrol(&ca, &dir.path().join("dr"));
+        let dr = enrol_as(&ca, &dir.path().join("dr"), HostId(DR_HOST));
+        let other_host = enrol(&ca, &dir.path().join("other-host"));
         let stranger = enrol(&other, &dir.path().join("stranger"));
         let cp = ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
         let control_plane = client_config(&cp, ca.trusted_ca()).unwrap();
-        Pki { _dir: dir, source, dr, stranger, control_plane }
+        Pki { _dir: dir, source, dr, other_host, stranger, control_plane }
     }
 
     fn server(&self) -> rustls::ServerConfig {
@@ -242,8 +252,9 @@ impl Pki {
 // ------------------------------------------------------------------------------------------------
 // A link that can be cut
 
-/// A TCP proxy on 127.0.0.1 in front of `target` that cuts its first connection once it has
-/// forwarded `cut_after` bytes toward the client, and passes later ones; it counts what it
+/// A TCP proxy on 127.0.0.1 in front of `target` that cuts its first connection (or the one
+/// [`Proxy::cutting_nth`] names) once it has forwarded `cut_after` bytes toward the client, and
+/// passes the others; it counts what it
 /// forwarded toward the client per connection. At most 16 connections, each bounded by the
 /// test's own time limit.
 struct Proxy {
@@ -260,16 +271,21 @@ impl Drop for Proxy {
 
 impl Proxy {
     async fn new(target: SocketAddr, cut_after: u64) -> Proxy {
-        Proxy::failing(target, cut_after, false).await
+        Proxy::failing(target, cut_after, false, 0).await
+    }
+
+    /// Cuts connection `nth` (from 0) instead of the first.
+    async fn cutting_nth(target: SocketAddr, cut_after: u64, nth: usize) -> Proxy {
+        Proxy::failing(target, cut_after, false, nth).await
     }
 
     /// A proxy whose first connection stalls after `stall_after` bytes instead: nothing more
     /// crosses either way, and nothing tells the client (a link that drops packets).
     async fn stalling(target: SocketAddr, stall_after: u64) -> Proxy {
-        Proxy::failing(target, stall_after, true).await
+        Proxy::failing(target, stall_after, true, 0).await
     }
 
-    async fn failing(target: SocketAddr, cut_after: u64, stall: bool) -> Proxy {
+    async fn failing(target: SocketAddr, cut_after: u64, stall: bool, nth: usize) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let forwarded = Arc::new(Mutex::new(Vec::new()));
@@ -280,7 +296,7 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(target).await else { return };
                 counts.lock().unwrap().push(0);
                 let counts = counts.clone();
-                let budget = if n == 0 { cut_after } else { u64::MAX };
+                let budget = if n == nth { cut_after } else { u64::MAX };
                 tokio::spawn(async move {
                     let (mut client_read, mut client_write) = client.into_split();
                     let (mut server_read, mut server_write) = server.into_split();
@@ -514,6 +530,44 @@ fn four_streams() -> PeerStreams {
 }
 
 #[tokio::test]
+async fn the_streams_of_a_sparse_disk_are_split_where_its_data_is_not_by_size() {
+    // 16 MiB of data at the start of the 64 MiB disk: split by size, the first stream would
+    // carry all of it and the other three nothing.
+    let src = Source::with_data(16 << 20).await;
+    let dr = Dr::new();
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let b = dr.site.agent(|b| b.with_peer_retry(fast_retry(1)).with_peer_streams(four_streams())).await;
+    let spec = src.cut_spec("run1-0-0", "drover-base", "drover-run1", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+    let file = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let done = outcome(&run(&b, &transfer_spec("run1-0-0", &cut, TransferMode::Seed, &file, None)).await);
+    let peer = done.peer.unwrap();
+    println!("a sparse seed over four streams: {peer:?}");
+    assert_eq!(peer.data_bytes, 16 << 20, "{peer:?}");
+    assert_eq!(peer.streams, 4, "{peer:?}");
+    assert_eq!(peer.largest_stream_bytes, 4 << 20, "each stream carried a quarter of the data: {peer:?}");
+    assert_eq!(listener.stats().streams, 4, "the survey is not a pull");
+    assert_point_is(&src.image, &file).await;
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+
+    // A bitmap delta in the last 4 MiB only: the same, by where the dirty blocks are.
+    guest_write(&src.image, 60 << 20, 4 << 20, "tail");
+    let spec2 = src.cut_spec("run2-0-0", "drover-run1", "drover-run2", false);
+    let cut2 = a.cut_begin(&spec2).await.unwrap();
+    let p2 = b
+        .point_create(&PointSpec { chain: dr.chain.clone(), size: cut2.size, prev: Some(file.clone()) })
+        .await
+        .unwrap();
+    let delta = outcome(&run(&b, &transfer_spec("run2-0-0", &cut2, TransferMode::Bitmap, &p2, Some(&file))).await);
+    let peer = delta.peer.unwrap();
+    assert_eq!((peer.data_bytes, peer.streams, peer.largest_stream_bytes), (4 << 20, 4, 1 << 20), "{peer:?}");
+    assert_point_is(&src.image, &p2).await;
+    a.cut_end(&spec2, Some(&cut2), true).await.unwrap();
+    assert_eq!(listener.stats().refused, 0);
+}
+
+#[tokio::test]
 async fn a_transfer_over_four_streams_cut_mid_way_resumes_that_stream_and_deltas_use_them_too() {
     let pki = Pki::new();
     // Data over the whole disk, so each of the four streams carries 16 MiB.
@@ -536,13 +590,14 @@ async fn a_transfer_over_four_streams_cut_mid_way_resumes_that_stream_and_deltas
     let clean_peer = clean.peer.unwrap();
     assert_eq!(listener.stats().streams, 4, "one pull per stream");
     assert_eq!(clean_peer.data_bytes, DISK, "the streams' stats sum to the whole disk: {clean_peer:?}");
+    assert_eq!((clean_peer.streams, clean_peer.largest_stream_bytes), (4, DISK / 4), "{clean_peer:?}");
     assert_eq!((clean_peer.reconnects, clean_peer.resumed_bytes, clean_peer.received_twice), (0, 0, 0));
     assert!(clean_peer.wire_bytes_in >= DISK && clean_peer.wire_bytes_in < DISK + DISK / 50, "{clean_peer:?}");
     assert_point_is(&src.image, &clean_file).await;
 
-    // The first connection goes down after 8 MiB toward the DR agent: that stream resumes,
-    // the other three are not disturbed.
-    let proxy = Proxy::new(listener.local_addr(), 8 << 20).await;
+    // The first stream's connection (after the survey's) goes down after 8 MiB toward the DR
+    // agent: that stream resumes, the other three are not disturbed.
+    let proxy = Proxy::cutting_nth(listener.local_addr(), 8 << 20, 1).await;
     let chain2 = ChainRef { replica: Uuid::new_v4(), ..dr.chain.clone() };
     let file = b.point_create(&PointSpec { chain: chain2.clone(), size: cut.size, prev: None }).await.unwrap();
     let (status, progress) =
@@ -555,13 +610,14 @@ async fn a_transfer_over_four_streams_cut_mid_way_resumes_that_stream_and_deltas
     println!(
         "four streams, one cut after {} bytes: {total} bytes in all over {} connections, {} without a cut: {resent} \
          bytes sent again; {peer:?}",
-        forwarded[0],
+        forwarded[1],
         forwarded.len(),
         clean_peer.wire_bytes_in
     );
     assert!(progress.iter().any(|&(d, t)| d > 0 && d < t && t >= DISK), "{progress:?}");
-    assert_eq!(forwarded.len(), 5, "four streams and one reconnect: {forwarded:?}");
-    assert_eq!(forwarded[0], 8 << 20);
+    assert_eq!(forwarded.len(), 6, "the survey, four streams and one reconnect: {forwarded:?}");
+    assert!(forwarded[0] < 64 << 10, "the survey's answer is small: {forwarded:?}");
+    assert_eq!(forwarded[1], 8 << 20);
     assert_eq!(peer.reconnects, 1, "{peer:?}");
     assert!(peer.resumed_bytes >= 7 << 20, "the journal held what arrived before the cut: {peer:?}");
     assert_eq!(peer.received_twice, 0, "nothing that arrived came again: {peer:?}");
@@ -603,7 +659,7 @@ async fn a_transfer_over_four_streams_cut_mid_way_resumes_that_stream_and_deltas
 }
 
 #[tokio::test]
-async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
+async fn mutual_tls_serves_a_cut_to_its_readers_agent_only_not_other_hosts_cas_or_the_control_plane() {
     let pki = Pki::new();
     let src = Source::new().await;
     let a = src.site.agent(|a| a).await;
@@ -623,6 +679,9 @@ async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let clients: Vec<(&str, Option<rustls::ClientConfig>)> = vec![
+        // Enrolled with the same control plane, but the cut is not for its host (as an agent of
+        // a host the control plane deleted, whose certificate is still in date).
+        ("another host", Some(Pki::client(&pki.other_host))),
         ("another CA", Some(stranger)),
         ("the control plane", Some(pki.control_plane.clone())),
         ("no certificate", Some(no_cert)),
@@ -646,6 +705,7 @@ async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
         let e = s.error.unwrap();
         println!("{what}: refused: {e:?}");
         let said = match what {
+            "another host" => "no cut run1-0-0 for this host",
             "another CA" => "UnknownCA",
             "no certificate" => "CertificateRequired",
             "plain TCP" => "TLS",
@@ -654,6 +714,7 @@ async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
         assert!(e.message.contains(said), "{what}: {e:?}");
     }
     assert_eq!(listener.stats().streams, 0, "no pull was served to any of them");
+    assert_eq!(listener.stats().refused, 1, "the other host's pull was refused by the listener");
 
     // The DR agent of the same control plane is served, under the source's name only.
     let dr = Dr::new();
@@ -668,6 +729,12 @@ async fn mutual_tls_serves_agents_of_the_same_ca_only_not_the_control_plane() {
     outcome(&run(&b, &transfer_spec("served", &cut, TransferMode::Seed, &file, None)).await);
     assert_eq!(listener.stats().streams, 1);
     a.cut_end(&spec, Some(&cut), true).await.unwrap();
+
+    // A cut that names no reader is not offered to other agents at all.
+    let local = CutSpec { reader: None, ..src.cut_spec("run2-0-0", "drover-run1", "drover-run2", false) };
+    let cut = a.cut_begin(&local).await.unwrap();
+    assert!(matches!(cut.source, SourceEndpoint::LocalNbd { .. }), "{:?}", cut.source);
+    a.cut_end(&local, Some(&cut), true).await.unwrap();
 }
 
 #[tokio::test]

@@ -70,13 +70,15 @@ impl ChainDir {
         tokio::fs::create_dir_all(&self.dir).await.map_err(io(format!("creating {}", self.dir.display())))
     }
 
-    /// A new file for the next point: standalone of `size` bytes for the seed, else an overlay on
-    /// the previous point's file. It is not a restore point until the caller publishes it.
+    /// A new file for the next point: standalone of `size` bytes for the seed (its metadata
+    /// preallocated, as a seed is written whole: [`image::create_qcow2_preallocated`]), else an
+    /// overlay on the previous point's file. It is not a restore point until the caller
+    /// publishes it.
     pub async fn new_point_file(&self, size: u64, backing: Option<&Path>) -> Result<PathBuf> {
         self.ensure().await?;
         let path = self.dir.join(format!("{}.qcow2", uuid::Uuid::new_v4()));
         match backing {
-            None => image::create_qcow2(&path, size).await?,
+            None => image::create_qcow2_preallocated(&path, size).await?,
             Some(b) => {
                 let info = image::info(b).await?;
                 if info.virtual_size != size {

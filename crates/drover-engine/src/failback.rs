@@ -182,6 +182,8 @@ struct Parts {
 struct Across {
     prod: Arc<dyn HostAgent>,
     dr: Arc<dyn HostAgent>,
+    /// Production's host: the reader of the replica's cuts.
+    prod_host: uuid::Uuid,
 }
 
 async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> {
@@ -218,7 +220,7 @@ async fn parts(engine: &Engine, tenant: TenantId, vm_id: VmId) -> Result<Parts> 
         let prod = engine.datastore_agent(&ds).await?;
         let dr = engine.datastore_agent(&target).await?;
         let overlays = dr.vm_boot_overlays(replica.id.0).await.map_err(crate::ops::vm_err)?;
-        (overlays.into_iter().map(|f| PathBuf::from(f.0)).collect(), Some(Across { prod, dr }))
+        (overlays.into_iter().map(|f| PathBuf::from(f.0)).collect(), Some(Across { prod, dr, prod_host: ds.host_id.0 }))
     };
     let mut disks = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
@@ -588,6 +590,7 @@ async fn replica_cut(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize
         remove,
         fresh: !resume,
         file: None,
+        reader: Some(across.prod_host),
     })
 }
 
@@ -615,8 +618,8 @@ async fn sync_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize
 
 /// An offline cut of disk `i` of the stopped replica's boot overlay `overlay`, with fresh
 /// bitmaps `drover-fbs` (cut) and `drover-fbt` (recording after it): a point in time to pull
-/// whole or by hash-compare.
-fn overlay_cut(id: String, parts: &Parts, i: usize, overlay: &Path) -> CutSpec {
+/// whole or by hash-compare, by the agent of host `reader`.
+fn overlay_cut(id: String, parts: &Parts, i: usize, overlay: &Path, reader: uuid::Uuid) -> CutSpec {
     CutSpec {
         id,
         disk: DiskRef {
@@ -631,6 +634,7 @@ fn overlay_cut(id: String, parts: &Parts, i: usize, overlay: &Path) -> CutSpec {
         remove: vec!["drover-fbs".into(), "drover-fbt".into()],
         fresh: true,
         file: Some(PointFile(overlay.to_string_lossy().into_owned())),
+        reader: Some(reader),
     }
 }
 
@@ -650,7 +654,7 @@ async fn switch_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usi
             next: next.into(),
             remove: remove.iter().map(|b| b.to_string()).collect(),
             fresh,
-            ..overlay_cut(across_id(ctx, what, index, i), parts, i, overlay)
+            ..overlay_cut(across_id(ctx, what, index, i), parts, i, overlay, across.prod_host)
         };
         let by_bitmap = cut("switchb", "drover-fb1", "drover-fbt", false, &["drover-fbt"]);
         let id = across_id(ctx, "switchb", index, i);
@@ -1146,7 +1150,7 @@ async fn restore_across(
     let dir = disk_dir(&ds, new_vm.id);
     let mut sent_total = 0;
     for (i, (disk, _, overlay, _)) in parts.disks.iter().enumerate() {
-        let cut_spec = overlay_cut(across_id(ctx, "restore", index, i), parts, i, overlay);
+        let cut_spec = overlay_cut(across_id(ctx, "restore", index, i), parts, i, overlay, ds.host_id.0);
         let cut = dr.cut_begin(&cut_spec).await.map_err(crate::agent_error)?;
         if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !Arc::ptr_eq(&dr, &location) {
             let _ = dr.cut_end(&cut_spec, Some(&cut), false).await;

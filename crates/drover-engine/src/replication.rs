@@ -146,6 +146,10 @@ struct DiskPlan {
     /// The newest published point's file (its manifest beside it), if any.
     prev_file: Option<PointFile>,
     bitmaps: BitmapPlan,
+    /// The host of the chain's datastore, whose agent pulls the cut (absent in a plan recorded
+    /// before cuts named their reader: such a cut is read on its own host only).
+    #[serde(default)]
+    reader: Option<uuid::Uuid>,
 }
 
 impl DiskPlan {
@@ -160,6 +164,7 @@ impl DiskPlan {
             remove: self.bitmaps.remove.clone(),
             fresh: self.bitmaps.fresh,
             file: None,
+            reader: self.reader,
         }
     }
 }
@@ -324,6 +329,7 @@ impl Step for Prepare {
                 chain: ChainRef { datastore: target_ds.id.0, replica: replica.id.0, disk: d.name.clone() },
                 bitmaps: plan_bitmaps(&ours, prev_file.is_none(), &run),
                 prev_file,
+                reader: Some(target_ds.host_id.0),
             });
         }
         let out = Prepared {

@@ -26,6 +26,14 @@
 //! data, done. The cut's instance is chosen by the source when it makes the cut, so a
 //! restarted source whose new cut has the same id is never spliced into an older transfer.
 //!
+//! # Surveying
+//! Before it splits a seed or a bitmap delta into streams, the receiver asks where the bytes
+//! are: [`Message::Survey`] (a pull's fields, the whole disk) is answered by
+//! [`Message::Surveyed`], the bytes the source would send in each of at most [`MAX_SURVEY`]
+//! equal granules of the disk, and the connection ends. The receiver then gives each stream a
+//! range holding about as many of those bytes as the others, so a disk whose data sits in its
+//! first tenth still keeps every stream busy; one round trip, whatever the disk's size.
+//!
 //! # Frames
 //! `length: u32` (big-endian, the bytes after it) · `kind: u8` · body. Integers are big-endian,
 //! ids are 16 raw bytes, hashes 32. A frame is at most [`MAX_FRAME`] bytes, so a peer can never
@@ -49,7 +57,9 @@ use uuid::Uuid;
 ///
 /// Version 3: a [`Data`] frame carries the hash of each [`HASH_PIECE`] of its bytes instead of one
 /// hash of the whole extent.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// Version 4: [`Message::Survey`] and [`Message::Surveyed`].
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The piece of an extent's bytes each hash of a [`Data`] frame covers, from the extent's offset
 /// (the last piece may be shorter): the block of a restore point's manifest.
@@ -76,6 +86,9 @@ pub const MAX_FRAME: usize = MAX_EXTENT as usize + 4096;
 
 /// The longest message a [`Refused`] carries, in bytes.
 pub const MAX_MESSAGE: usize = 1024;
+
+/// The most granules a [`Message::Surveyed`] counts (32 KiB of counts).
+pub const MAX_SURVEY: usize = 4096;
 
 /// A range of a disk, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -270,6 +283,14 @@ pub enum Message {
         bytes: u64,
         extents: u64,
     },
+    /// The receiver asks where the bytes of a pull of the whole disk would be (see "Surveying").
+    Survey(Pull),
+    /// The source's answer to a survey: `bytes[i]` would be sent from
+    /// `i * granule..(i + 1) * granule`. `granule` is a whole number of [`HASH_PIECE`]s.
+    Surveyed {
+        granule: u64,
+        bytes: Vec<u64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +319,8 @@ const DONE: u8 = 9;
 const REFUSED: u8 = 10;
 const PULL: u8 = 11;
 const OFFER: u8 = 12;
+const SURVEY: u8 = 13;
+const SURVEYED: u8 = 14;
 
 impl Data {
     /// The data frame of `bytes` at `offset`, compressed when `compress` and zstd shrinks it
@@ -501,11 +524,11 @@ fn encode_body(m: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
             dst.put_u16(msg.len() as u16);
             dst.put_slice(msg.as_bytes());
         }
-        Message::Pull(p) => {
+        Message::Pull(p) | Message::Survey(p) => {
             if p.cut.is_empty() || p.cut.len() > MAX_CUT_ID {
                 return Err(ProtoError::Malformed(format!("a cut id of {} bytes", p.cut.len())));
             }
-            dst.put_u8(PULL);
+            dst.put_u8(if matches!(m, Message::Pull(_)) { PULL } else { SURVEY });
             dst.put_u16(p.version);
             dst.put_slice(p.transfer.as_bytes());
             dst.put_slice(p.instance.as_bytes());
@@ -524,6 +547,17 @@ fn encode_body(m: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
             dst.put_u8(OFFER);
             dst.put_u64(*bytes);
             dst.put_u64(*extents);
+        }
+        Message::Surveyed { granule, bytes } => {
+            if *granule == 0 || !granule.is_multiple_of(u64::from(HASH_PIECE)) || bytes.len() > MAX_SURVEY {
+                return Err(ProtoError::Malformed(format!("a survey of {} granules of {granule} bytes", bytes.len())));
+            }
+            dst.put_u8(SURVEYED);
+            dst.put_u64(*granule);
+            dst.put_u32(bytes.len() as u32);
+            for b in bytes {
+                dst.put_u64(*b);
+            }
         }
     }
     Ok(())
@@ -693,7 +727,8 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
             r.end("refusal")?;
             Message::Refused(Refused { code, message })
         }
-        PULL => {
+        PULL | SURVEY => {
+            let wrap = if kind == PULL { Message::Pull } else { Message::Survey };
             let version = r.u16("pull")?;
             let transfer = uuid(&mut r, "pull")?;
             let instance = uuid(&mut r, "pull")?;
@@ -710,7 +745,7 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
                 // Another version's pull is read as far as its version, so the source can refuse
                 // it for that rather than as malformed.
                 let whole = Range { offset: 0, length: disk_size };
-                return Ok(Message::Pull(Pull {
+                return Ok(wrap(Pull {
                     version,
                     transfer,
                     cut,
@@ -730,12 +765,26 @@ fn decode_frame(frame: Bytes) -> Result<Message, ProtoError> {
                 },
             };
             r.end("pull")?;
-            Message::Pull(Pull { version, transfer, cut, instance, mode, disk_size, range, bandwidth_limit })
+            wrap(Pull { version, transfer, cut, instance, mode, disk_size, range, bandwidth_limit })
         }
         OFFER => {
             let (bytes, extents) = (r.u64("offer")?, r.u64("offer")?);
             r.end("offer")?;
             Message::Offer { bytes, extents }
+        }
+        SURVEYED => {
+            let granule = r.u64("survey")?;
+            if granule == 0 || !granule.is_multiple_of(u64::from(HASH_PIECE)) {
+                return Err(ProtoError::Malformed(format!("survey granules of {granule} bytes")));
+            }
+            let n = r.u32("survey")? as usize;
+            if n > MAX_SURVEY {
+                return Err(ProtoError::Malformed(format!("a survey of {n} granules (at most {MAX_SURVEY})")));
+            }
+            r.need(n * 8, "survey")?;
+            let bytes = (0..n).map(|_| r.u64("survey")).collect::<Result<Vec<_>, _>>()?;
+            r.end("survey")?;
+            Message::Surveyed { granule, bytes }
         }
         other => return Err(ProtoError::Malformed(format!("unknown frame kind {other}"))),
     };

@@ -58,6 +58,18 @@ fn samples() -> Vec<Message> {
             bandwidth_limit: Some(4 << 20),
         }),
         Message::Offer { bytes: 4 << 20, extents: 3 },
+        Message::Survey(Pull {
+            version: PROTOCOL_VERSION,
+            transfer,
+            cut: "run1-0-0".into(),
+            instance: Uuid::from_u128(7),
+            mode: PullMode::Bitmap,
+            disk_size: 1 << 30,
+            range: Range { offset: 0, length: 1 << 30 },
+            bandwidth_limit: None,
+        }),
+        Message::Surveyed { granule: 1 << 20, bytes: vec![1 << 20, 0, 65536] },
+        Message::Surveyed { granule: 65536, bytes: vec![] },
     ]
 }
 
@@ -382,4 +394,54 @@ fn a_data_frame_carries_a_hash_per_piece_and_a_wrong_count_is_malformed() {
     let short = Data { hashes: vec![expected[0]], ..d };
     assert!(matches!(Codec.encode(Message::Data(short.clone()), &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
     assert!(matches!(short.verified(), Err(ProtoError::HashMismatch { .. })));
+}
+
+#[test]
+fn a_survey_answer_is_granule_count_and_counts_within_its_limits() {
+    // Golden: length, kind, granule, count, the counts.
+    let mut golden = BytesMut::new();
+    golden.put_u32(1 + 8 + 4 + 16);
+    golden.put_u8(14);
+    golden.put_u64(1 << 20);
+    golden.put_u32(2);
+    golden.put_u64(5 << 16);
+    golden.put_u64(0);
+    let m = Message::Surveyed { granule: 1 << 20, bytes: vec![5 << 16, 0] };
+    assert_eq!(encode(&m), golden);
+    assert_eq!(decode_all(golden).unwrap(), vec![m]);
+    // A survey is a pull's fields under its own kind.
+    let pull = Pull {
+        version: PROTOCOL_VERSION,
+        transfer: Uuid::nil(),
+        cut: "c".into(),
+        instance: Uuid::nil(),
+        mode: PullMode::Seed,
+        disk_size: 1 << 20,
+        range: Range { offset: 0, length: 1 << 20 },
+        bandwidth_limit: None,
+    };
+    let (p, s) = (encode(&Message::Pull(pull.clone())), encode(&Message::Survey(pull)));
+    assert_eq!((p[4], s[4]), (11, 13));
+    assert_eq!((&p[..4], &p[5..]), (&s[..4], &s[5..]));
+
+    // Too many granules, granules of 0 bytes or not whole pieces: refused on both sides.
+    for (granule, n) in [(65536, MAX_SURVEY + 1), (0, 1), (1000, 1)] {
+        let m = Message::Surveyed { granule, bytes: vec![0; n] };
+        assert!(matches!(Codec.encode(m, &mut BytesMut::new()), Err(ProtoError::Malformed(_))), "{granule} {n}");
+        let mut frame = BytesMut::new();
+        frame.put_u32((1 + 8 + 4 + 8 * n) as u32);
+        frame.put_u8(14);
+        frame.put_u64(granule);
+        frame.put_u32(n as u32);
+        frame.put_slice(&vec![0; 8 * n]);
+        assert!(matches!(decode_all(frame), Err(ProtoError::Malformed(_))), "{granule} {n}");
+    }
+    // A count that claims more than the frame holds is refused before anything is allocated.
+    let mut short = BytesMut::new();
+    short.put_u32(1 + 8 + 4 + 8);
+    short.put_u8(14);
+    short.put_u64(65536);
+    short.put_u32(4000);
+    short.put_u64(1);
+    assert!(matches!(decode_all(short), Err(ProtoError::Malformed(_))));
 }

@@ -60,6 +60,23 @@ fn tool_error(args: &[&std::ffi::OsStr], output: &std::process::Output) -> ToolE
 /// step must not wipe a disk that has been written since). Any other existing file is an error,
 /// because `qemu-img create` would silently overwrite it.
 pub async fn create_qcow2(path: &Path, size_bytes: u64) -> ToolResult<()> {
+    create_qcow2_with(path, size_bytes, false).await
+}
+
+/// As [`create_qcow2`], with every cluster's metadata allocated up front
+/// (`preallocation=metadata`): the file is sparse (unwritten clusters are holes, which read as
+/// zeros and are reported `zero`), but every guest cluster already has its place in the file.
+/// For an image that is about to be written whole, from several connections at once (a seed
+/// point): each write then lands in place instead of growing the file and its L2 and refcount
+/// tables (metadata the flushes along the way must write and sync too). Measured on cold 1 GiB
+/// seeds between two agents here: 1.10-1.14 s against 1.22-1.29 s without, the receiving
+/// streams' time in writes falling by about a fifth. Not for an overlay: an allocated cluster
+/// hides its backing file's.
+pub async fn create_qcow2_preallocated(path: &Path, size_bytes: u64) -> ToolResult<()> {
+    create_qcow2_with(path, size_bytes, true).await
+}
+
+async fn create_qcow2_with(path: &Path, size_bytes: u64, preallocate: bool) -> ToolResult<()> {
     match tokio::fs::metadata(path).await {
         Ok(_) => {
             let existing = info(path).await?;
@@ -80,8 +97,12 @@ pub async fn create_qcow2(path: &Path, size_bytes: u64) -> ToolResult<()> {
         Err(e) => return Err(ToolError::io(format!("checking {}", path.display()), e)),
     }
     let size = size_bytes.to_string();
-    qemu_img(&["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])
-        .await?;
+    let mut args: Vec<&std::ffi::OsStr> = vec!["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref()];
+    if preallocate {
+        args.extend::<[&std::ffi::OsStr; 2]>(["-o".as_ref(), "preallocation=metadata".as_ref()]);
+    }
+    args.extend::<[&std::ffi::OsStr; 2]>([path.as_os_str(), size.as_ref()]);
+    qemu_img(&args).await?;
     Ok(())
 }
 
@@ -359,11 +380,12 @@ fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> ToolResult<
         }
         at = e.start + e.length;
         let placement = match (e.data, e.offset) {
+            // Known zeros, allocated or not (a preallocated cluster never written is a hole).
+            (_, _) if e.zero => Placement::Zero,
             (true, Some(offset)) if !e.compressed && e.depth < files.len() => {
                 Placement::File { layer: e.depth, offset }
             }
             (true, _) => Placement::Opaque,
-            (false, _) if e.zero => Placement::Zero,
             // Neither data nor known zeros: only QEMU knows what it reads as.
             (false, _) => Placement::Opaque,
         };

@@ -352,6 +352,8 @@ fn kind(m: &Message) -> &'static str {
         Message::Refused(_) => "refusal",
         Message::Pull(_) => "pull",
         Message::Offer { .. } => "offer",
+        Message::Survey(_) => "survey",
+        Message::Surveyed { .. } => "survey answer",
     }
 }
 
@@ -576,13 +578,24 @@ where
     Ok(stats)
 }
 
-/// Reads `extents` (at most [`READ_BATCH`] chunks) into `buf`, one after the other.
+/// Reads `extents` (at most [`READ_BATCH`] chunks) into `buf`, one after the other: chunks that
+/// follow each other on the disk in one read (a whole batch of a seed is one request of
+/// [`READ_BATCH`] chunks instead of as many requests).
 async fn read_batch(source: &mut dyn BlockSource, extents: &[Extent], buf: &mut [u8]) -> Result<()> {
-    let mut reads = Vec::with_capacity(extents.len());
+    let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(extents.len());
     let mut rest = buf;
-    for e in extents {
-        let (part, tail) = rest.split_at_mut(e.len as usize);
-        reads.push((e.offset, part));
+    let mut i = 0;
+    // Bounded by `extents`: every round takes at least one.
+    while i < extents.len() {
+        let offset = extents[i].offset;
+        let mut len = extents[i].len;
+        i += 1;
+        while i < extents.len() && extents[i].offset == offset + len {
+            len += extents[i].len;
+            i += 1;
+        }
+        let (part, tail) = rest.split_at_mut(len as usize);
+        reads.push((offset, part));
         rest = tail;
     }
     if !reads.is_empty() {

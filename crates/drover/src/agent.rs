@@ -71,7 +71,7 @@ pub struct AgentArgs {
     pub bandwidth_cap: Option<u64>,
     /// How many connections a transfer from another agent is pulled over at most (a small disk
     /// gets fewer).
-    #[arg(long, env = "DROVER_AGENT_DATA_STREAMS", default_value_t = 4,
+    #[arg(long, env = "DROVER_AGENT_DATA_STREAMS", default_value_t = 8,
         value_parser = clap::value_parser!(u16).range(1..=drover_agent::peer::MAX_STREAMS as i64))]
     pub data_streams: u16,
 }

@@ -83,7 +83,7 @@ pub struct ReplicationArgs {
     pub remote: bool,
     /// With `--remote`: the most streams (connections) one transfer is pulled over (a disk
     /// below 256 MiB gets one).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub streams: u16,
 }
 
@@ -350,7 +350,8 @@ async fn full_copy_once(
     cold: &mut bool,
 ) -> anyhow::Result<(f64, CopyStats, Manifest)> {
     let _ = std::fs::remove_file(file);
-    qemu_img(&["create", "-q", "-f", "qcow2", file.to_str().unwrap_or_default(), &size.to_string()])?;
+    // Made as a seed's point file is (`ChainDir::new_point_file`).
+    drover_qemu::image::create_qcow2_preallocated(file, size).await?;
     let (node, export) = rig.export_new_target(targets, file, direct).await?;
     let mut dst: Client = NbdClient::connect_unix(targets.nbd_socket_path(), &export, &[]).await?;
     let mut manifest = Manifest::zeroed(size);

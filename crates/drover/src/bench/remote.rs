@@ -76,6 +76,8 @@ fn min(v: &[f64]) -> f64 {
 struct Side {
     agent: Arc<LocalAgent>,
     ds: Uuid,
+    /// The host its certificate names.
+    host: Uuid,
 }
 
 /// An agent with an identity from `ca` for a new host id, working under `dir`.
@@ -108,7 +110,7 @@ async fn side(
         .datastore_ensure(&DatastoreSpec { id: ds, path: root.to_string_lossy().into_owned() })
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((Side { agent: Arc::new(agent), ds }, data))
+    Ok((Side { agent: Arc::new(agent), ds, host: host.0 }, data))
 }
 
 /// Runs one transfer to its end; returns its outcome and the seconds it took.
@@ -178,6 +180,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         remove: vec![],
         fresh,
         file: None,
+        reader: Some(dr.host),
     };
     let e = |e: AgentError| anyhow::anyhow!("{e}");
 
