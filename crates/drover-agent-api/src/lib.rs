@@ -346,6 +346,15 @@ pub struct PeerTransferStats {
     /// zero_bytes) / streams` when the streams' ranges were split by where the bytes are.
     #[serde(default)]
     pub largest_stream_bytes: u64,
+    /// Milliseconds the receiving streams spent writing into the point file, summed over the
+    /// streams: with `flush_ms`, where a transfer's time goes at the receiving end (the rest is
+    /// waiting for the source, or work on the received bytes).
+    #[serde(default)]
+    pub write_ms: u64,
+    /// Milliseconds the receiving streams spent making the point file durable (flushes), summed
+    /// over the streams.
+    #[serde(default)]
+    pub flush_ms: u64,
 }
 
 /// A transfer's state and progress.

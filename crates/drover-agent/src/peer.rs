@@ -841,6 +841,8 @@ struct StreamPulled {
     data_bytes: u64,
     zero_bytes: u64,
     received_twice: u64,
+    write_time: Duration,
+    flush_time: Duration,
     reconnects: u32,
     resumed_bytes: u64,
     resumed_extents: u64,
@@ -950,6 +952,8 @@ pub(crate) async fn pull(
         stats.zero_bytes += s.zero_bytes;
         stats.largest_stream_bytes = stats.largest_stream_bytes.max(s.data_bytes + s.zero_bytes);
         stats.received_twice += s.received_twice;
+        stats.write_ms += s.write_time.as_millis() as u64;
+        stats.flush_ms += s.flush_time.as_millis() as u64;
         stats.reconnects += s.reconnects;
         stats.resumed_bytes += s.resumed_bytes;
         stats.resumed_extents += s.resumed_extents;
@@ -1021,6 +1025,8 @@ async fn pull_stream(job: StreamJob) -> AgentResult<StreamPulled> {
         data_bytes: 0,
         zero_bytes: 0,
         received_twice: 0,
+        write_time: Duration::ZERO,
+        flush_time: Duration::ZERO,
         progress: &job.progress,
         zero_block: zero_hash(BLOCK_SIZE as usize),
     };
@@ -1090,6 +1096,7 @@ async fn pull_stream(job: StreamJob) -> AgentResult<StreamPulled> {
     }
     (out.rehash, out.data_bytes, out.zero_bytes, out.received_twice) =
         (std::mem::take(&mut sink.rehash), sink.data_bytes, sink.zero_bytes, sink.received_twice);
+    (out.write_time, out.flush_time) = (sink.write_time, sink.flush_time);
     dst.disconnect().await.map_err(retry_kind)?;
     out.wire_in = wire.read.load(Ordering::Relaxed);
     out.wire_out = wire.written.load(Ordering::Relaxed);
@@ -1220,6 +1227,9 @@ struct PointTarget<'a> {
     data_bytes: u64,
     zero_bytes: u64,
     received_twice: u64,
+    /// Time spent in writes to the point file, and in flushes of it.
+    write_time: Duration,
+    flush_time: Duration,
     progress: &'a StreamsProgress,
     zero_block: BlockHash,
 }
@@ -1241,7 +1251,9 @@ impl PointTarget<'_> {
     /// Writes what was gathered.
     async fn write_gathered(&mut self) -> std::io::Result<()> {
         if !self.gathered.is_empty() {
+            let start = std::time::Instant::now();
             self.dst.write(self.gathered_at, &self.gathered).await.map_err(std::io::Error::other)?;
+            self.write_time += start.elapsed();
             self.gathered.clear();
         }
         Ok(())
@@ -1283,6 +1295,7 @@ impl BlockTarget for PointTarget<'_> {
 
     async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
         self.write_gathered().await?;
+        let start = std::time::Instant::now();
         if self.dst.can_write_zeroes() {
             self.dst.write_zeroes(offset, length).await.map_err(std::io::Error::other)?;
         } else {
@@ -1294,6 +1307,7 @@ impl BlockTarget for PointTarget<'_> {
                 at += n;
             }
         }
+        self.write_time += start.elapsed();
         if self.whole_blocks(offset, length) {
             let blocks = offset / BLOCK_SIZE..(offset + length).div_ceil(BLOCK_SIZE);
             let hashes: Vec<_> = blocks
@@ -1313,7 +1327,10 @@ impl BlockTarget for PointTarget<'_> {
 
     async fn flush(&mut self) -> std::io::Result<()> {
         self.write_gathered().await?;
-        self.dst.flush().await.map_err(std::io::Error::other)
+        let start = std::time::Instant::now();
+        let flushed = self.dst.flush().await.map_err(std::io::Error::other);
+        self.flush_time += start.elapsed();
+        flushed
     }
 }
 

@@ -38,6 +38,12 @@ pub struct RemoteReport {
     pub seed_mb_per_s_median: f64,
     pub seed_wire_bytes: u64,
     pub seed_cpu_seconds_per_gib: f64,
+    /// Where the last seed's receiving streams spent their time: fractions of (streams × the
+    /// seed's seconds) in writes to the point file and in its flushes; the rest is waiting for
+    /// the source and work on what arrived.
+    pub seed_streams: u32,
+    pub seed_write_share: f64,
+    pub seed_flush_share: f64,
     /// The incremental (`change_fraction` of the blocks changed) over the wire.
     pub incremental_seconds: f64,
     pub incremental_mb_per_s: f64,
@@ -194,6 +200,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
     let nbdcopy = crate::serve::which("nbdcopy");
     let mut nbdcopy_seconds = nbdcopy.as_ref().map(|_| Vec::new());
     let (mut seed_wire, mut seed_cpu) = (0, 0.0);
+    let (mut seed_streams, mut seed_write_share, mut seed_flush_share) = (0, 0.0, 0.0);
     let mut seed_file = None;
     for run in 0..runs {
         // The baselines read the source through an NBD export of the same image.
@@ -238,6 +245,12 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         seed_cpu = cpu_seconds() - cpu;
         seed_seconds.push(secs);
         seed_wire = outcome.peer.as_ref().map_or(0, |p| p.wire_bytes_in);
+        if let Some(p) = &outcome.peer {
+            let stream_ms = f64::from(p.streams.max(1)) * secs * 1000.0;
+            seed_streams = p.streams;
+            seed_write_share = p.write_ms as f64 / stream_ms;
+            seed_flush_share = p.flush_ms as f64 / stream_ms;
+        }
         dr.agent.transfer_forget(&id).await.map_err(e)?;
         let last = run + 1 == runs;
         prod.agent.cut_end(&spec, Some(&cut), last).await.map_err(e)?;
@@ -294,6 +307,9 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         seed_mb_per_s_median: size as f64 / 1e6 / seed_median,
         seed_wire_bytes: seed_wire,
         seed_cpu_seconds_per_gib: seed_cpu / gib(size),
+        seed_streams,
+        seed_write_share,
+        seed_flush_share,
         incremental_mb_per_s: changed_bytes as f64 / 1e6 / incremental_seconds,
         incremental_seconds,
         changed_bytes,
@@ -326,6 +342,13 @@ pub fn print(r: &RemoteReport) {
         r.seed_mb_per_s_median,
         r.seed_wire_bytes,
         r.seed_cpu_seconds_per_gib
+    );
+    println!(
+        "    the last seed's {} receiving streams: {:.0}% of their time writing the point file, {:.0}% flushing it, \
+         the rest waiting for the source or checking what arrived",
+        r.seed_streams,
+        r.seed_write_share * 100.0,
+        r.seed_flush_share * 100.0
     );
     println!(
         "  qemu-img convert over NBD: min {:.2} s, median {:.2} s (-t writeback, flushed)",
