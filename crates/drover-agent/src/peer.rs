@@ -27,12 +27,13 @@
 //!   writing) spreads over cores. The ranges of a seed or a bitmap delta are cut where the
 //!   source's survey says each holds its share of the bytes to send (a disk whose data is in its
 //!   first tenth, or a delta in one corner, still keeps every stream busy); a survey that fails
-//!   only costs the balance (the ranges are then split by size).
+//!   only costs the balance (the ranges are then split by size). Each stream retries on its
+//!   own; the first that fails for good ends the others. They share one journal (appends
+//!   serialized; a stream journals only what it flushed itself) and one manifest; the
+//!   transfer's stats are their sum.
 //! - **A cut for one reader.** The listener serves a cut only to the agent of the host the cut
 //!   names (`CutSpec::reader`, the host in the client certificate); anyone else is told the cut
-//!   does not exist. Each stream retries on its own; the first that fails for good
-//!   ends the others. They share one journal (appends serialized; a stream journals only what
-//!   it flushed itself) and one manifest; the transfer's stats are their sum.
+//!   does not exist.
 //! - **The receiver dials.** The DR agent runs the transfer (it owns the point file and the
 //!   journal), so it is the one that retries: a broken stream is dialled again with a doubling
 //!   backoff ([`PeerRetry`]); consecutive failures without progress are bounded. A stream that
@@ -169,10 +170,11 @@ impl PeerStreams {
     /// about as many of the bytes to send as the others: `bytes[i]` are in the `granule`-sized
     /// piece `i` of the disk (a survey of the source's cut). Without any bytes, by size.
     pub fn ranges_by_bytes(&self, size: u64, granule: u64, bytes: &[u64]) -> Vec<Range> {
-        let n = self.ranges(size).len() as u64;
+        let by_size = self.ranges(size);
+        let n = by_size.len() as u64;
         let total: u64 = bytes.iter().sum();
         if n <= 1 || total == 0 || granule == 0 || !granule.is_multiple_of(BLOCK_SIZE) {
-            return self.ranges(size);
+            return by_size;
         }
         let mut ranges = Vec::new();
         let (mut start, mut seen, mut seen_at_start) = (0u64, 0u64, 0u64);
@@ -484,8 +486,9 @@ where
         let why = format!("{range:?} is not whole blocks of the cut's {} bytes", cut.size);
         return refuse(&mut framed, counters, RefusalCode::Protocol, why).await;
     }
-    if survey {
-        return serve_survey(framed, &cut, pull.mode, range, counters).await;
+    if survey && pull.mode == PullMode::HashCompare {
+        let why = "a hash-compare sends what differs, which only the hashes tell: nothing to survey".to_string();
+        return refuse(&mut framed, counters, RefusalCode::Protocol, why).await;
     }
     let theirs = if pull.mode == PullMode::HashCompare {
         match tokio::time::timeout(PULL_PHASE, read_hashes(&mut framed, range)).await {
@@ -507,6 +510,12 @@ where
         Ok(e) => e,
         Err(why) => return refuse(&mut framed, counters, RefusalCode::Unavailable, why).await,
     };
+    if survey {
+        // Where the bytes are, not the bytes: the receiver splits its streams by it.
+        let _ = src.disconnect().await;
+        let (granule, bytes) = survey_of(&extents, range);
+        return framed.send(Message::Surveyed { granule, bytes }).await.map_err(|e| e.to_string());
+    }
     counters.streams.fetch_add(1, Ordering::Relaxed);
     let offer = Message::Offer { bytes: extents.total_bytes(), extents: extents.len() as u64 };
     framed.send(offer).await.map_err(|e| e.to_string())?;
@@ -567,42 +576,9 @@ where
     }
 }
 
-/// Answers a survey: the bytes a pull of `range` in `mode` would send, per granule (at most
-/// [`drover_proto::MAX_SURVEY`] of them, whole blocks each).
-async fn serve_survey<S>(
-    mut framed: Framed<S, Codec>,
-    cut: &PeerCut,
-    mode: PullMode,
-    range: Range,
-    counters: &ListenerCounters,
-) -> Result<(), String>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    if mode == PullMode::HashCompare {
-        let why = "a hash-compare sends what differs, which only the hashes tell: nothing to survey".to_string();
-        return refuse(&mut framed, counters, RefusalCode::Protocol, why).await;
-    }
-    let mut src = match NbdClient::connect_unix(&cut.socket, &cut.export, &[&cut.meta_context, BASE_ALLOCATION]).await {
-        Ok(c) => c,
-        Err(e) => {
-            return refuse(&mut framed, counters, RefusalCode::Unavailable, format!("the cut cannot be read: {e}"))
-                .await;
-        }
-    };
-    let found = find_extents(&mut src, cut, mode, range, None, counters).await;
-    let _ = src.disconnect().await;
-    let extents = match found {
-        Ok(e) => e,
-        Err(why) => return refuse(&mut framed, counters, RefusalCode::Unavailable, why).await,
-    };
-    let (granule, bytes) = survey(&extents, range);
-    framed.send(Message::Surveyed { granule, bytes }).await.map_err(|e| e.to_string())
-}
-
 /// The bytes of `extents` in each granule of `range`: granules of whole blocks, as few as make
 /// at most [`drover_proto::MAX_SURVEY`] of them.
-fn survey(extents: &ExtentSet, range: Range) -> (u64, Vec<u64>) {
+fn survey_of(extents: &ExtentSet, range: Range) -> (u64, Vec<u64>) {
     let blocks = range.length.div_ceil(BLOCK_SIZE).max(1);
     let granule = blocks.div_ceil(drover_proto::MAX_SURVEY as u64) * BLOCK_SIZE;
     let mut bytes = vec![0u64; range.length.div_ceil(granule) as usize];
@@ -894,10 +870,11 @@ pub(crate) async fn pull(
         bandwidth_limit: spec.bandwidth_limit,
     };
     let mut stats = PeerTransferStats::default();
+    let by_size = client.streams.ranges(size);
     let ranges = match spec.mode {
         // Every block is hashed on both sides: the work is the disk's size, split by size.
-        TransferMode::HashCompare => client.streams.ranges(size),
-        _ if client.streams.ranges(size).len() <= 1 => client.streams.ranges(size),
+        TransferMode::HashCompare => by_size,
+        _ if by_size.len() <= 1 => by_size,
         _ => {
             let wire = Arc::new(WireCounters::default());
             let surveyed = survey_cut(job.address, job.server_name, client, &pull, wire.clone()).await;
@@ -907,7 +884,7 @@ pub(crate) async fn pull(
                 Ok((granule, bytes)) => client.streams.ranges_by_bytes(size, granule, &bytes),
                 Err(e) => {
                     tracing::warn!(address = job.address, error = %e, "peer transfer: no survey of the cut; streams split by size");
-                    client.streams.ranges(size)
+                    by_size
                 }
             }
         }
@@ -1446,14 +1423,14 @@ mod tests {
         let mut data = ExtentSet::new();
         data.insert(Extent::new(0, 100 << 20));
         data.insert(Extent::new(gib - BLOCK_SIZE, BLOCK_SIZE));
-        let (granule, bytes) = survey(&data, Range { offset: 0, length: gib });
+        let (granule, bytes) = survey_of(&data, Range { offset: 0, length: gib });
         assert_eq!(granule, 4 * BLOCK_SIZE);
         assert_eq!(bytes.len(), drover_proto::MAX_SURVEY);
         assert_eq!(bytes.iter().sum::<u64>(), (100 << 20) + BLOCK_SIZE);
         assert_eq!((bytes[0], bytes[399], bytes[400], bytes[4095]), (granule, granule, 0, BLOCK_SIZE));
         // A small disk: one granule per block, the last one short.
         let (g, b) =
-            survey(&ExtentSet::from_range(0, 3 * BLOCK_SIZE + 7), Range { offset: 0, length: 3 * BLOCK_SIZE + 7 });
+            survey_of(&ExtentSet::from_range(0, 3 * BLOCK_SIZE + 7), Range { offset: 0, length: 3 * BLOCK_SIZE + 7 });
         assert_eq!((g, b), (BLOCK_SIZE, vec![BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE, 7]));
 
         // Eight streams over 1 GiB whose data is its first 100 MiB: each holds an eighth of it,

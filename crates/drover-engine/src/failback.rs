@@ -351,8 +351,6 @@ async fn production_changes(
     Ok(Some(r.map_err(unavailable)?))
 }
 
-/// Copies `extents` (or, with `None`, everything that differs, by hash-compare) from a source
-/// export into production.
 /// Copies `extents` (and the dirty extents of each of the source's `dirty_contexts`) of the
 /// source into production, or everything that differs by hash-compare (`None`).
 async fn copy_into_production(

@@ -2,15 +2,17 @@
 //! its WAL, the TLS key, datastores, VM directories and disk images are 0700 / 0600, whatever
 //! umask it was started with; and files an older build left world-readable are made private.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
-
-const PASSWORD: &str = "file-modes-password";
+use common::{Api, PASSWORD};
+use reqwest::Method as M;
+use serde_json::json;
 
 struct Serve {
     child: std::process::Child,
@@ -67,21 +69,6 @@ fn not_private(dir: &Path, out: &mut Vec<String>) {
     }
 }
 
-async fn call(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Value,
-) -> Value {
-    let resp = http.request(method, format!("{url}{path}")).bearer_auth(token).json(&body).send().await.unwrap();
-    let status = resp.status();
-    let v: Value = resp.json().await.unwrap_or(Value::Null);
-    assert!(status.is_success(), "{path}: {status} {v}");
-    v
-}
-
 #[tokio::test]
 async fn everything_drover_writes_is_private() {
     let top = tempfile::tempdir().unwrap();
@@ -93,54 +80,20 @@ async fn everything_drover_writes_is_private() {
     std::fs::set_permissions(data.join("drover.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let server = serve(&data);
-    let http = reqwest::Client::new();
-    let token: Value = http
-        .post(format!("{}/v1/token", server.url))
-        .form(&[("grant_type", "password"), ("username", "admin"), ("password", PASSWORD)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_string();
-    let post = reqwest::Method::POST;
-    let site =
-        call(&http, &server.url, &token, post.clone(), "/v1/sites", json!({"name": "p", "kind": "Production"})).await;
-    let host = call(
-        &http,
-        &server.url,
-        &token,
-        post.clone(),
-        "/v1/hosts",
-        json!({"site_id": site["id"], "name": "h", "address": "local"}),
-    )
-    .await;
+    let api = Api::login(&server.url).await;
+    let site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "p", "kind": "Production"}))).await;
+    let host =
+        api.ok(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
     let ds_path = data.join("datastores/ds1");
-    let ds = call(
-        &http,
-        &server.url,
-        &token,
-        post.clone(),
-        "/v1/datastores",
-        json!({"host_id": host["id"], "name": "ds1", "path": ds_path}),
-    )
-    .await;
-    let accepted = call(
-        &http,
-        &server.url,
-        &token,
-        post.clone(),
-        "/v1/vms",
-        json!({"name": "app", "host_id": host["id"], "datastore_id": ds["id"], "vcpus": 1, "memory_mib": 96,
-               "disks": [{"name": "root", "size_bytes": 1048576}]}),
-    )
-    .await;
+    let body = json!({"host_id": host["id"], "name": "ds1", "path": ds_path});
+    let ds = api.ok(M::POST, "/v1/datastores", Some(body)).await;
+    let body = json!({"name": "app", "host_id": host["id"], "datastore_id": ds["id"], "vcpus": 1, "memory_mib": 96,
+        "disks": [{"name": "root", "size_bytes": 1048576}]});
+    let accepted = api.ok(M::POST, "/v1/vms", Some(body)).await;
     let session = accepted["session_id"].as_str().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let s = call(&http, &server.url, &token, reqwest::Method::GET, &format!("/v1/sessions/{session}"), Value::Null)
-            .await;
+        let s = api.session(session).await;
         if s["state"] == "Stopped" {
             assert_eq!(s["result"], "Success", "{s}");
             break;

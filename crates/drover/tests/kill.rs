@@ -6,14 +6,12 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 
-use common::{QemuReaper, qemu_pids};
+use common::{Api, PASSWORD, QemuReaper, qemu_pids};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-
-const PASSWORD: &str = "kill-test-password";
 
 struct Serve {
     child: Child,
@@ -92,83 +90,26 @@ impl Drop for Serve {
     }
 }
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    /// A site, a host, datastores `prod` and `dr` in `data`, and a VM `db` booting the tiny guest
-    /// on `prod`, created and waited for. Returns the host, the datastores and the VM's id.
-    async fn vm_on_prod_and_dr(&self, data: &Path, guest: &Path) -> (Value, Vec<Value>, String) {
-        use reqwest::Method as M;
-        let site = self.call(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
-        let host = self
-            .call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"})))
-            .await;
-        let mut ds = Vec::new();
-        for n in ["prod", "dr"] {
-            let body = json!({"host_id": host["id"], "name": n, "path": data.join(n)});
-            ds.push(self.call(M::POST, "/v1/datastores", Some(body)).await);
-        }
-        let vm_body = json!({
-            "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
-            "disks": [{"name": "data", "size_bytes": 33554432}],
-            "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
-        });
-        let created = self.call(M::POST, "/v1/vms", Some(vm_body)).await;
-        let vm = self.wait(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
-        (host, ds, vm)
+/// A site, a host, datastores `prod` and `dr` in `data`, and a VM `db` booting the tiny guest on
+/// `prod`, created and waited for. Returns the host, the datastores and the VM's id.
+async fn vm_on_prod_and_dr(api: &Api, data: &Path, guest: &Path) -> (Value, Vec<Value>, String) {
+    use reqwest::Method as M;
+    let site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "s", "kind": "Production"}))).await;
+    let host =
+        api.ok(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
+    let mut ds = Vec::new();
+    for n in ["prod", "dr"] {
+        let body = json!({"host_id": host["id"], "name": n, "path": data.join(n)});
+        ds.push(api.ok(M::POST, "/v1/datastores", Some(body)).await);
     }
-    async fn login(base: &str) -> Api {
-        let http = reqwest::Client::new();
-        let v: Value = http
-            .post(format!("{base}/v1/token"))
-            .form(&[("grant_type", "password"), ("username", "admin"), ("password", PASSWORD)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        Api { http, base: base.into(), token: v["access_token"].as_str().unwrap().into() }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{method} {path}: {status} {v}");
-        v
-    }
-
-    async fn wait(&self, session: &str) -> Value {
-        for _ in 0..1200 {
-            let s = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}"), None).await;
-            if s["state"] == "Stopped" {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let s = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}"), None).await;
-        panic!("session {session} did not finish: {s}\n{:#?}", self.log(session).await);
-    }
-
-    /// Sends a request to a server that is about to kill itself: no answer is expected.
-    async fn call_unanswered(&self, method: reqwest::Method, path: &str) {
-        let sent = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token).send().await;
-        assert!(sent.is_err(), "{path}: the server answered {:?} instead of dying", sent.map(|r| r.status()));
-    }
-
-    async fn log(&self, session: &str) -> Vec<String> {
-        let v = self.call(reqwest::Method::GET, &format!("/v1/sessions/{session}/log"), None).await;
-        v["items"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
-    }
+    let vm_body = json!({
+        "name": "db", "host_id": host["id"], "datastore_id": ds[0]["id"], "vcpus": 1, "memory_mib": 128,
+        "disks": [{"name": "data", "size_bytes": 33554432}],
+        "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
+    });
+    let created = api.ok(M::POST, "/v1/vms", Some(vm_body)).await;
+    let vm = api.wait_session(created["session_id"].as_str().unwrap()).await["target_id"].as_str().unwrap().to_string();
+    (host, ds, vm)
 }
 
 fn guest_dir() -> PathBuf {
@@ -187,11 +128,11 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
     let mut serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
     use reqwest::Method as M;
-    let site = api.call(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
+    let site = api.ok(M::POST, "/v1/sites", Some(json!({"name": "prod", "kind": "Production"}))).await;
     let host =
-        api.call(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
+        api.ok(M::POST, "/v1/hosts", Some(json!({"site_id": site["id"], "name": "h", "address": "local"}))).await;
     let ds = api
-        .call(
+        .ok(
             M::POST,
             "/v1/datastores",
             Some(json!({"host_id": host["id"], "name": "ds", "path": data.path().join("ds")})),
@@ -202,13 +143,13 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
         "disks": [{"name": "data", "size_bytes": 33554432}],
         "boot": {"kernel": guest.join("vmlinux"), "initrd": guest.join("initramfs.img"), "cmdline": "console=ttyS0 quiet"}
     });
-    let created = api.call(M::POST, "/v1/vms", Some(vm_body)).await;
-    let s = api.wait(created["session_id"].as_str().unwrap()).await;
+    let created = api.ok(M::POST, "/v1/vms", Some(vm_body)).await;
+    let s = api.wait_session(created["session_id"].as_str().unwrap()).await;
     assert_eq!(s["result"], "Success");
     let vm = s["target_id"].as_str().unwrap().to_string();
 
     // 1. Power on; kill drover once QEMU is up and the heartbeat wait has begun.
-    let accepted = api.call(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    let accepted = api.ok(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
     let session = accepted["session_id"].as_str().unwrap().to_string();
     for _ in 0..600 {
         if api.log(&session).await.iter().any(|l| l.contains("powered on")) {
@@ -222,7 +163,7 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
 
     let mut serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let s = api.wait(&session).await;
+    let s = api.wait_session(&session).await;
     assert_eq!(s["result"], "Success", "{s}");
     assert_eq!(s["progress"], 100);
     assert!(s["tasks"].as_array().unwrap().iter().all(|t| t["state"] == "Stopped" && t["result"] == "Success"));
@@ -230,18 +171,18 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
     assert!(log.iter().any(|l| l.contains("resumed after a restart")), "{log:?}");
     assert!(log.iter().any(|l| l.starts_with("heartbeat: guest up")), "{log:?}");
     assert_eq!(qemu_pids(data.path()), pids, "re-attached to the same QEMU, not a new one");
-    let v = api.call(M::GET, &format!("/v1/vms/{vm}"), None).await;
+    let v = api.ok(M::GET, &format!("/v1/vms/{vm}"), None).await;
     assert_eq!(v["power_state"], "Running");
 
     // 2. Shutdown, killed right after it was accepted: it resumes and the VM ends Off.
-    let accepted = api.call(M::POST, &format!("/v1/vms/{vm}/shutdown"), None).await;
+    let accepted = api.ok(M::POST, &format!("/v1/vms/{vm}/shutdown"), None).await;
     let session = accepted["session_id"].as_str().unwrap().to_string();
     serve.kill();
     let mut serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let s = api.wait(&session).await;
+    let s = api.wait_session(&session).await;
     assert_eq!(s["result"], "Success", "{s}");
-    let v = api.call(M::GET, &format!("/v1/vms/{vm}"), None).await;
+    let v = api.ok(M::GET, &format!("/v1/vms/{vm}"), None).await;
     assert_eq!(v["power_state"], "Off");
     for _ in 0..50 {
         if qemu_pids(data.path()).is_empty() {
@@ -252,19 +193,19 @@ async fn sigkill_mid_operation_then_restart_resumes_every_session() {
     assert!(qemu_pids(data.path()).is_empty());
 
     // 3. A VM that died while drover was down is recorded as Died on the next start.
-    let accepted = api.call(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
-    assert_eq!(api.wait(accepted["session_id"].as_str().unwrap()).await["result"], "Success");
+    let accepted = api.ok(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    assert_eq!(api.wait_session(accepted["session_id"].as_str().unwrap()).await["result"], "Success");
     serve.kill();
     for pid in qemu_pids(data.path()) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     }
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let v = api.call(M::GET, &format!("/v1/vms/{vm}"), None).await;
+    let v = api.ok(M::GET, &format!("/v1/vms/{vm}"), None).await;
     assert_eq!(v["power_state"], "Died");
 
     // Every session is finished, none half-done.
-    let all = api.call(M::GET, "/v1/sessions?limit=100", None).await;
+    let all = api.ok(M::GET, "/v1/sessions?limit=100", None).await;
     for s in all["items"].as_array().unwrap() {
         assert_eq!(s["state"], "Stopped", "{s}");
         assert_eq!(s["result"], "Success", "{s}");
@@ -312,9 +253,9 @@ async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
     let _reaper = QemuReaper(data.path().to_path_buf());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let (host, ds, vm) = api.vm_on_prod_and_dr(data.path(), &guest).await;
+    let (host, ds, vm) = vm_on_prod_and_dr(&api, data.path(), &guest).await;
     let job = api
-        .call(
+        .ok(
             M::POST,
             "/v1/replication-jobs",
             Some(json!({"name": "j", "vm_ids": [vm], "target_host_id": host["id"],
@@ -335,13 +276,13 @@ async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
         assert!(out.status.success());
         let mut serve = Serve::start_killing(data.path(), Some(step));
         let api = Api::login(&serve.base).await;
-        let run = api.call(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+        let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
         let session = run["session_id"].as_str().unwrap().to_string();
         assert!(serve.died_of_sigkill(), "{step}");
         points_intact(data.path()).await;
         let serve = Serve::start(data.path());
         let api = Api::login(&serve.base).await;
-        let s = api.wait(&session).await;
+        let s = api.wait_session(&session).await;
         assert_eq!(s["result"], "Success", "after SIGKILL at {step}: {s}");
         assert!(api.log(&session).await.iter().any(|l| l.contains("resumed after a restart")));
         let points = points_on_disk(data.path()).await;
@@ -358,33 +299,33 @@ async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
     let plan_body = json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm}]}]});
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let plan = api.call(M::POST, "/v1/plans", Some(plan_body)).await["id"].as_str().unwrap().to_string();
+    let plan = api.ok(M::POST, "/v1/plans", Some(plan_body)).await["id"].as_str().unwrap().to_string();
     drop(serve);
     for step in ["sync:0", "switch:0", "conclude"] {
         let serve = Serve::start(data.path());
         let api = Api::login(&serve.base).await;
-        let fo = api.call(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
-        assert_eq!(api.wait(fo["session_id"].as_str().unwrap()).await["result"], "Success");
+        let fo = api.ok(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
+        assert_eq!(api.wait_session(fo["session_id"].as_str().unwrap()).await["result"], "Success");
         drop(serve);
         let mut serve = Serve::start_killing(data.path(), Some(step));
         let api = Api::login(&serve.base).await;
-        let fb = api.call(M::POST, &format!("/v1/plans/{plan}/failback"), None).await;
+        let fb = api.ok(M::POST, &format!("/v1/plans/{plan}/failback"), None).await;
         let session = fb["session_id"].as_str().unwrap().to_string();
         assert!(serve.died_of_sigkill(), "{step}");
         points_intact(data.path()).await;
         let serve = Serve::start(data.path());
         let api = Api::login(&serve.base).await;
-        let s = api.wait(&session).await;
+        let s = api.wait_session(&session).await;
         assert_eq!(s["result"], "Success", "failback after SIGKILL at {step}: {s}");
         let log = api.log(&session).await;
         assert!(log.iter().any(|l| l.contains("production equals the replica")), "{step}: {log:?}");
-        let plan_now = api.call(M::GET, &format!("/v1/plans/{plan}"), None).await;
+        let plan_now = api.ok(M::GET, &format!("/v1/plans/{plan}"), None).await;
         assert_eq!(plan_now["state"], "Failback", "{step}");
-        let commit = api.call(M::POST, &format!("/v1/plans/{plan}/commit-failback"), None).await;
-        assert_eq!(api.wait(commit["session_id"].as_str().unwrap()).await["result"], "Success");
+        let commit = api.ok(M::POST, &format!("/v1/plans/{plan}/commit-failback"), None).await;
+        assert_eq!(api.wait_session(commit["session_id"].as_str().unwrap()).await["result"], "Success");
         // Production runs after the failback; power it off for the next round.
-        let off = api.call(M::POST, &format!("/v1/vms/{vm}/power-off"), None).await;
-        assert_eq!(api.wait(off["session_id"].as_str().unwrap()).await["result"], "Success");
+        let off = api.ok(M::POST, &format!("/v1/vms/{vm}/power-off"), None).await;
+        assert_eq!(api.wait_session(off["session_id"].as_str().unwrap()).await["result"], "Success");
         points_intact(data.path()).await;
         drop(serve);
     }
@@ -392,7 +333,7 @@ async fn sigkill_at_each_step_of_replication_and_failback_loses_nothing() {
 
 /// The sessions that act on an object, newest first.
 async fn sessions_of(api: &Api, target: &str) -> Vec<Value> {
-    let v = api.call(reqwest::Method::GET, &format!("/v1/sessions?target_id={target}&limit=100"), None).await;
+    let v = api.ok(reqwest::Method::GET, &format!("/v1/sessions?target_id={target}&limit=100"), None).await;
     v["items"].as_array().unwrap().clone()
 }
 
@@ -409,72 +350,72 @@ async fn sigkill_around_the_commit_of_a_plan_move_and_its_session_leaves_a_plan_
     let _reaper = QemuReaper(data.path().to_path_buf());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    let (host, ds, vm) = api.vm_on_prod_and_dr(data.path(), &guest).await;
+    let (host, ds, vm) = vm_on_prod_and_dr(&api, data.path(), &guest).await;
     let job_body = json!({"name": "j", "vm_ids": [vm], "target_host_id": host["id"],
         "target_datastore_id": ds[1]["id"], "schedule": {"type": "Manual"}, "retention_points": 3});
-    let job = api.call(M::POST, "/v1/replication-jobs", Some(job_body)).await["id"].as_str().unwrap().to_string();
-    let run = api.call(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
-    assert_eq!(api.wait(run["session_id"].as_str().unwrap()).await["result"], "Success");
+    let job = api.ok(M::POST, "/v1/replication-jobs", Some(job_body)).await["id"].as_str().unwrap().to_string();
+    let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+    assert_eq!(api.wait_session(run["session_id"].as_str().unwrap()).await["result"], "Success");
     let plan_body = json!({"name": "p", "groups": [{"name": "g", "critical": true, "vms": [{"vm_id": vm}]}]});
-    let plan = api.call(M::POST, "/v1/plans", Some(plan_body)).await["id"].as_str().unwrap().to_string();
-    let state_before = api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"].clone();
+    let plan = api.ok(M::POST, "/v1/plans", Some(plan_body)).await["id"].as_str().unwrap().to_string();
+    let state_before = api.ok(M::GET, &format!("/v1/plans/{plan}"), None).await["state"].clone();
     drop(serve);
 
     // 1. Killed just before the commit of the failover's plan move and session: neither is
     //    stored, and the failover can be started again and runs to its end.
     let mut serve = Serve::start_killing_at(data.path(), "before-commit:PlanFailover");
     let api = Api::login(&serve.base).await;
-    api.call_unanswered(M::POST, &format!("/v1/plans/{plan}/failover")).await;
+    api.unanswered(M::POST, &format!("/v1/plans/{plan}/failover")).await;
     assert!(serve.died_of_sigkill());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    assert_eq!(api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], state_before);
+    assert_eq!(api.ok(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], state_before);
     assert!(sessions_of(&api, &plan).await.is_empty(), "no session was recorded");
-    let fo = api.call(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
-    assert_eq!(api.wait(fo["session_id"].as_str().unwrap()).await["result"], "Success");
-    assert_eq!(api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], "Failover");
+    let fo = api.ok(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
+    assert_eq!(api.wait_session(fo["session_id"].as_str().unwrap()).await["result"], "Success");
+    assert_eq!(api.ok(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], "Failover");
     drop(serve);
 
     // 2. Killed right after the commit of the undo's plan move and session, before its runner
     //    started: the restart resumes the session, which lands the plan in UNDO FAILOVER.
     let mut serve = Serve::start_killing_at(data.path(), "after-commit:PlanUndoFailover");
     let api = Api::login(&serve.base).await;
-    api.call_unanswered(M::POST, &format!("/v1/plans/{plan}/undo")).await;
+    api.unanswered(M::POST, &format!("/v1/plans/{plan}/undo")).await;
     assert!(serve.died_of_sigkill());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
     let undo = sessions_of(&api, &plan).await[0].clone();
     assert_eq!(undo["kind"], "PlanUndoFailover", "{undo}");
     let undo = undo["id"].as_str().unwrap().to_string();
-    let s = api.wait(&undo).await;
+    let s = api.wait_session(&undo).await;
     assert_eq!(s["result"], "Success", "{s}");
     assert!(api.log(&undo).await.iter().any(|l| l.contains("resumed after a restart")));
-    assert_eq!(api.call(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], "UndoFailover");
+    assert_eq!(api.ok(M::GET, &format!("/v1/plans/{plan}"), None).await["state"], "UndoFailover");
     // And it fails over again from there.
-    let fo = api.call(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
-    assert_eq!(api.wait(fo["session_id"].as_str().unwrap()).await["result"], "Success");
-    let undo = api.call(M::POST, &format!("/v1/plans/{plan}/undo"), None).await;
-    assert_eq!(api.wait(undo["session_id"].as_str().unwrap()).await["result"], "Success");
+    let fo = api.ok(M::POST, &format!("/v1/plans/{plan}/failover"), None).await;
+    assert_eq!(api.wait_session(fo["session_id"].as_str().unwrap()).await["result"], "Success");
+    let undo = api.ok(M::POST, &format!("/v1/plans/{plan}/undo"), None).await;
+    assert_eq!(api.wait_session(undo["session_id"].as_str().unwrap()).await["result"], "Success");
     drop(serve);
 
     // 3. A VM's power-on, killed just before its commit: the VM stays Off with no session, and
     //    powers on and off again.
     let mut serve = Serve::start_killing_at(data.path(), "before-commit:VmPowerOn");
     let api = Api::login(&serve.base).await;
-    api.call_unanswered(M::POST, &format!("/v1/vms/{vm}/power-on")).await;
+    api.unanswered(M::POST, &format!("/v1/vms/{vm}/power-on")).await;
     assert!(serve.died_of_sigkill());
     let serve = Serve::start(data.path());
     let api = Api::login(&serve.base).await;
-    assert_eq!(api.call(M::GET, &format!("/v1/vms/{vm}"), None).await["power_state"], "Off");
+    assert_eq!(api.ok(M::GET, &format!("/v1/vms/{vm}"), None).await["power_state"], "Off");
     let kinds: Vec<Value> = sessions_of(&api, &vm).await.iter().map(|s| s["kind"].clone()).collect();
     assert_eq!(kinds, [json!("VmCreate")]);
-    let on = api.call(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
-    assert_eq!(api.wait(on["session_id"].as_str().unwrap()).await["result"], "Success");
-    let off = api.call(M::POST, &format!("/v1/vms/{vm}/power-off"), None).await;
-    assert_eq!(api.wait(off["session_id"].as_str().unwrap()).await["result"], "Success");
+    let on = api.ok(M::POST, &format!("/v1/vms/{vm}/power-on"), None).await;
+    assert_eq!(api.wait_session(on["session_id"].as_str().unwrap()).await["result"], "Success");
+    let off = api.ok(M::POST, &format!("/v1/vms/{vm}/power-off"), None).await;
+    assert_eq!(api.wait_session(off["session_id"].as_str().unwrap()).await["result"], "Success");
 
     // Every session is finished, none half-done.
-    let all = api.call(M::GET, "/v1/sessions?limit=100", None).await;
+    let all = api.ok(M::GET, "/v1/sessions?limit=100", None).await;
     for s in all["items"].as_array().unwrap() {
         assert_eq!(s["state"], "Stopped", "{s}");
         assert_eq!(s["result"], "Success", "{s}");

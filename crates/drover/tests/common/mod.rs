@@ -109,6 +109,12 @@ impl Api {
         v
     }
 
+    /// Sends a request to a server that is about to kill itself: no answer is expected.
+    pub async fn unanswered(&self, method: M, path: &str) {
+        let sent = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token).send().await;
+        assert!(sent.is_err(), "{path}: the server answered {:?} instead of dying", sent.map(|r| r.status()));
+    }
+
     pub async fn session(&self, id: &str) -> Value {
         self.ok(M::GET, &format!("/v1/sessions/{id}"), None).await
     }
