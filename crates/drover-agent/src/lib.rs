@@ -233,6 +233,7 @@ impl LocalAgent {
         export: &str,
         meta_context: &str,
         size: u64,
+        image: Option<&Path>,
     ) -> SourceEndpoint {
         let cut = PeerCut {
             instance: Uuid::nil(),
@@ -241,6 +242,8 @@ impl LocalAgent {
             meta_context: meta_context.to_string(),
             size,
             reader: spec.reader,
+            image: image.map(Path::to_owned),
+            files: Default::default(),
         };
         let id = spec.id.as_str();
         let instance = peer::register_cut(&self.peer_cuts, id, cut);
@@ -507,7 +510,14 @@ impl HostAgent for LocalAgent {
             return Ok(Cut {
                 id: spec.id.clone(),
                 size: x.virtual_size,
-                source: self.cut_endpoint(spec, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
+                source: self.cut_endpoint(
+                    spec,
+                    &x.nbd.socket,
+                    &x.nbd.export_name,
+                    &x.meta_context,
+                    x.virtual_size,
+                    None,
+                ),
                 token: serde_json::to_value(CutToken::Live(x)).map_err(internal)?,
             });
         }
@@ -526,7 +536,14 @@ impl HostAgent for LocalAgent {
         Ok(Cut {
             id: spec.id.clone(),
             size: x.virtual_size,
-            source: self.cut_endpoint(spec, &x.nbd.socket, &x.nbd.export_name, &x.meta_context, x.virtual_size),
+            source: self.cut_endpoint(
+                spec,
+                &x.nbd.socket,
+                &x.nbd.export_name,
+                &x.meta_context,
+                x.virtual_size,
+                Some(&image),
+            ),
             token: serde_json::to_value(CutToken::Offline).map_err(internal)?,
         })
     }
@@ -1037,7 +1054,7 @@ async fn check_manifest_current(file: &Path, manifest: &Path) -> AgentResult<()>
 }
 
 /// The files of `image` to read it from directly, or why they cannot be.
-async fn direct_source(image: &Path) -> Result<DirectImage, String> {
+pub(crate) async fn direct_source(image: &Path) -> Result<DirectImage, String> {
     let map = drover_qemu::image::host_map(image).await.map_err(|e| e.to_string())?;
     DirectImage::open(&map).map_err(|e| e.to_string())
 }

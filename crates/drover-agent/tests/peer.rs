@@ -402,6 +402,9 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
     assert!(peer.data_bytes >= DATA && peer.data_bytes < DATA + (1 << 20), "{peer:?}");
     assert!(peer.wire_bytes_in < DATA + DATA / 50, "only the data and a little framing travel: {peer:?}");
     assert_eq!((peer.reconnects, peer.resumed_bytes, peer.received_twice), (0, 0, 0));
+    // An offline cut: its bytes were read from the image's files, not through its export.
+    let served = listener.stats();
+    assert!(served.sent_bytes >= DATA && served.sent_from_files == served.sent_bytes, "{served:?}");
     // The source agent reading its own cut reads it locally, not through its own listener.
     let own_chain = ChainRef { datastore: src.site.ds, replica: Uuid::new_v4(), disk: "sda".into() };
     let own = a.point_create(&PointSpec { chain: own_chain, size: cut1.size, prev: None }).await.unwrap();
@@ -468,6 +471,25 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
     assert_point_is(&src.image, &p4).await;
     a.cut_end(&spec3, Some(&cut3), true).await.unwrap();
     assert_eq!(listener.stats().refused, 0);
+}
+
+#[tokio::test]
+async fn a_cut_that_cannot_be_read_from_its_files_is_sent_through_its_export() {
+    let src = Source::with_data(4 << 20).await;
+    // A compressed cluster: only QEMU can read it, so the whole cut goes through the export.
+    qemu_io(&src.image, "write -c -P 0x5a 8M 64k");
+    let dr = Dr::new();
+    let a = src.site.agent(|a| a).await;
+    let listener = serve(&a, None, "localhost").await;
+    let b = dr.site.agent(|b| b).await;
+    let spec = src.cut_spec("c-0-0", "drover-base", "drover-c", true);
+    let cut = a.cut_begin(&spec).await.unwrap();
+    let p = b.point_create(&PointSpec { chain: dr.chain.clone(), size: cut.size, prev: None }).await.unwrap();
+    let seed = outcome(&run(&b, &transfer_spec("c-0-0", &cut, TransferMode::Seed, &p, None)).await);
+    let served = listener.stats();
+    assert!(served.sent_bytes > 4 << 20 && served.sent_from_files == 0, "{served:?} {seed:?}");
+    a.cut_end(&spec, Some(&cut), true).await.unwrap();
+    assert_point_is(&src.image, &p).await;
 }
 
 #[tokio::test]

@@ -38,6 +38,11 @@ pub struct RemoteReport {
     pub seed_mb_per_s_median: f64,
     pub seed_wire_bytes: u64,
     pub seed_cpu_seconds_per_gib: f64,
+    /// CPU of every process a seed ran (both agents, the cut's and the point's storage daemons),
+    /// and of every process a `qemu-img convert` ran (qemu-img and the export's daemon), per
+    /// GiB, medians: whether the copies are bound by two cores or wait on something.
+    pub seed_cpu_all_seconds_per_gib: f64,
+    pub convert_cpu_all_seconds_per_gib: f64,
     /// Where the last seed's receiving streams spent their time: fractions of (streams × the
     /// seed's seconds) in writes to the point file and in its flushes; the rest is waiting for
     /// the source and work on what arrived.
@@ -65,14 +70,25 @@ pub struct RemoteReport {
 
 /// This process's CPU time so far (user + system), in seconds.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    process_cpu("self").0
+}
+
+/// A process's CPU time so far (user + system) and that of its children it waited for (the
+/// storage daemons the agents started and stopped, `qemu-img`), in seconds; zeros if it is gone.
+fn process_cpu(pid: &str) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return (0.0, 0.0) };
     // The command may contain spaces; fields after its closing parenthesis are plain.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let field = |i: usize| fields.get(i).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0);
     // /proc reports in USER_HZ, which Linux fixes at 100 for user space.
-    ticks / 100.0
+    ((field(11) + field(12)) / 100.0, (field(13) + field(14)) / 100.0)
+}
+
+/// CPU seconds of this process and the children it reaped, together.
+fn cpu_with_children() -> f64 {
+    let (own, children) = process_cpu("self");
+    own + children
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -200,6 +216,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
     let nbdcopy = crate::serve::which("nbdcopy");
     let mut nbdcopy_seconds = nbdcopy.as_ref().map(|_| Vec::new());
     let (mut seed_wire, mut seed_cpu) = (0, 0.0);
+    let (mut seed_cpu_all, mut convert_cpu_all) = (Vec::new(), Vec::new());
     let (mut seed_streams, mut seed_write_share, mut seed_flush_share) = (0, 0.0, 0.0);
     let mut seed_file = None;
     for run in 0..runs {
@@ -207,11 +224,14 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         let (node, export) = rig.export(&image, Backing::None, false, &[]).await?;
         let url = format!("nbd+unix:///{export}?socket={}", rig.qsd.nbd_socket_path().display());
         let out = dir.join(format!("convert-{run}.qcow2"));
+        let rig_pid = rig.qsd.pid().to_string();
+        let cpu = cpu_with_children() + process_cpu(&rig_pid).0;
         let secs = run_timed(
             "qemu-img",
             &["convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", &url, out.to_str().unwrap_or_default()],
         )?;
         convert_seconds.push(secs);
+        convert_cpu_all.push(cpu_with_children() + process_cpu(&rig_pid).0 - cpu);
         std::fs::remove_file(&out)?;
         if let (Some(program), Some(times)) = (&nbdcopy, nbdcopy_seconds.as_mut()) {
             let out = dir.join(format!("nbdcopy-{run}.raw"));
@@ -240,7 +260,7 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
             bandwidth_limit: None,
         };
         super::drop_caches();
-        let cpu = cpu_seconds();
+        let (cpu, cpu_all) = (cpu_seconds(), cpu_with_children());
         let (outcome, secs) = transfer(&dr.agent, &t).await?;
         seed_cpu = cpu_seconds() - cpu;
         seed_seconds.push(secs);
@@ -254,6 +274,8 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         dr.agent.transfer_forget(&id).await.map_err(e)?;
         let last = run + 1 == runs;
         prod.agent.cut_end(&spec, Some(&cut), last).await.map_err(e)?;
+        // The cut's daemon is reaped once the cut ends; the point's when its transfer did.
+        seed_cpu_all.push(cpu_with_children() - cpu_all);
         if last {
             seed_file = Some((chain, file, format!("drover-{id}")));
         }
@@ -307,6 +329,8 @@ pub async fn remote(args: &ReplicationArgs) -> anyhow::Result<RemoteReport> {
         seed_mb_per_s_median: size as f64 / 1e6 / seed_median,
         seed_wire_bytes: seed_wire,
         seed_cpu_seconds_per_gib: seed_cpu / gib(size),
+        seed_cpu_all_seconds_per_gib: median(&seed_cpu_all) / gib(size),
+        convert_cpu_all_seconds_per_gib: median(&convert_cpu_all) / gib(size),
         seed_streams,
         seed_write_share,
         seed_flush_share,
@@ -354,6 +378,13 @@ pub fn print(r: &RemoteReport) {
         "  qemu-img convert over NBD: min {:.2} s, median {:.2} s (-t writeback, flushed)",
         min(&r.qemu_img_convert_seconds),
         median(&r.qemu_img_convert_seconds)
+    );
+    println!(
+        "  CPU of every process:      seed {:.2} s/GiB (both agents and storage daemons), qemu-img convert {:.2} s/GiB \
+         (with its export's daemon); {} cores here",
+        r.seed_cpu_all_seconds_per_gib,
+        r.convert_cpu_all_seconds_per_gib,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     match &r.nbdcopy_seconds {
         Some(t) => println!("  nbdcopy over NBD:          min {:.2} s, median {:.2} s (--flush)", min(t), median(t)),
