@@ -38,7 +38,7 @@ use drover_block::chain::{ChainDir, manifest_path};
 use drover_block::copy::{
     CopyStats, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
 };
-use drover_block::direct::DirectImage;
+use drover_block::direct::{DirectImage, PlacedImage};
 use drover_block::extents::ExtentSet;
 use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
@@ -1002,6 +1002,20 @@ impl Job {
             entry.done.store(done, Ordering::Relaxed);
             entry.total.store(total, Ordering::Relaxed);
         });
+        // A seed into a new file (its metadata preallocated: `ChainDir::new_point_file`) is
+        // written at its places by the streams themselves; anything else, or a file that is not
+        // placed whole, through its storage daemon.
+        let (placed, written_how) = if self.spec.mode == TransferMode::Seed && self.prev.is_none() {
+            match placed_target(&self.target).await {
+                Ok(p) => (Some(p), "written at its places in the point file"),
+                Err(why) => {
+                    tracing::info!(%why, "peer transfer: the seed is written through the point's storage daemon");
+                    (None, "written through the point's storage daemon")
+                }
+            }
+        } else {
+            (None, "written through the point's storage daemon")
+        };
         let job = peer::PullJob {
             address,
             server_name,
@@ -1011,6 +1025,7 @@ impl Job {
             target_path: &self.target,
             target_socket,
             target_export,
+            placed,
             journal_dir: self.journal.clone(),
             manifest,
             hash_target,
@@ -1023,7 +1038,7 @@ impl Job {
             manifest_digest: pulled.manifest.digest(),
             bytes_read: pulled.read_back,
             bytes_written: pulled.written,
-            note: Some(format!("pulled from the agent at {address}")),
+            note: Some(format!("pulled from the agent at {address}, {written_how}")),
             peer: Some(pulled.stats),
         };
         Ok((outcome, pulled.manifest))
@@ -1051,6 +1066,12 @@ async fn check_manifest_current(file: &Path, manifest: &Path) -> AgentResult<()>
         return Err(stale("it was written after its manifest was saved".into()));
     }
     Ok(())
+}
+
+/// `image` opened to be written at its places, or why it cannot be.
+async fn placed_target(image: &Path) -> Result<PlacedImage, String> {
+    let map = drover_qemu::image::placed_map(image).await.map_err(|e| e.to_string())??;
+    PlacedImage::open(&map).map_err(|e| e.to_string())
 }
 
 /// The files of `image` to read it from directly, or why they cannot be.

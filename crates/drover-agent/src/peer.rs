@@ -16,9 +16,10 @@
 //!                                     ◀───────────── Offer {bytes} | Refused
 //!  receive_framed_within ◀─ Hello/Welcome/Data/Zero ▶ send_framed (NBD export of the cut,
 //!                                                     a batch of reads ahead)
-//!  writes the point file through its own connection to the storage daemon (frames gathered
-//!  into writes of a few MiB), hashes the blocks into the shared manifest, journals what is
-//!  durable into the shared journal
+//!  writes the point file (a seed: at its places in the file, `PlacedImage`; else through its
+//!  own connection to the storage daemon), frames gathered into writes of a few MiB, one in
+//!  flight while the next gathers; hashes the blocks into the shared manifest, journals what
+//!  is durable into the shared journal
 //! ```
 //!
 //! - **Several streams.** A transfer runs over [`PeerStreams`] connections at once (8 by default,
@@ -31,6 +32,13 @@
 //!   own; the first that fails for good ends the others. They share one journal (appends
 //!   serialized; a stream journals only what it flushed itself) and one manifest; the
 //!   transfer's stats are their sum.
+//! - **A seed is written at its places.** A new point without a previous one is created with its
+//!   qcow2 metadata preallocated: every guest byte already has its place in the file, which
+//!   `qemu-img map` gives, so the streams `pwrite` there (`O_DIRECT`, as the storage daemon
+//!   would) instead of sending every byte through a socket to the daemon (measured: 1.57 against
+//!   1.77-1.94 CPU-s per GiB over every process, 1.11 against 1.24-1.41 s for 1 GiB). The
+//!   metadata never changes (nothing allocates); a few blocks are read back through QEMU at the
+//!   end against the manifest.
 //! - **A cut for one reader.** The listener serves a cut only to the agent of the host the cut
 //!   names (`CutSpec::reader`, the host in the client certificate); anyone else is told the cut
 //!   does not exist.
@@ -72,7 +80,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_agent_api::*;
-use drover_block::direct::DirectImage;
+use drover_block::direct::{DirectBuf, DirectImage, PlacedImage, direct_buf};
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, BlockHash, Manifest, hash_block, zero_hash};
 use drover_block::nbd::{BASE_ALLOCATION, NbdClient};
@@ -98,7 +106,8 @@ pub const PEER_FLUSH_EVERY: u64 = 16 << 20;
 /// The most data a stream's point target holds before it writes it to the point file: the
 /// frames that arrive are gathered into one write of up to this many bytes (one NBD request per
 /// few MiB instead of one per chunk, with its round trip to the storage daemon). Written out at
-/// every flush point, before anything is journalled.
+/// every flush point, before anything is journalled. One such write is in flight while the
+/// stream gathers the next (see [`PointTarget`]).
 const WRITE_GATHER: usize = 4 << 20;
 
 /// Hashes per [`Message::Hashes`] frame (2 MiB of hashes, 4 GiB of disk).
@@ -771,6 +780,10 @@ pub(crate) struct PullJob<'a> {
     /// The point file's NBD export: each stream writes through a connection of its own.
     pub target_socket: &'a Path,
     pub target_export: &'a str,
+    /// The point file written straight at its places by the streams (a seed into a file whose
+    /// metadata is preallocated: see [`PlacedImage`]), skipping its export and a copy of every
+    /// byte through a socket.
+    pub placed: Option<PlacedImage>,
     pub journal_dir: PathBuf,
     /// The manifest the point starts from (`prev`'s, or a zeroed one).
     pub manifest: Manifest,
@@ -882,6 +895,8 @@ struct StreamJob {
     manifest: Arc<Mutex<Manifest>>,
     target_socket: PathBuf,
     target_export: String,
+    /// The point file written at its places, not through its export (see [`PullJob::placed`]).
+    placed: Option<PlacedImage>,
     progress: Arc<StreamsProgress>,
 }
 
@@ -987,6 +1002,7 @@ pub(crate) async fn pull(
             manifest: manifest.clone(),
             target_socket: job.target_socket.to_path_buf(),
             target_export: job.target_export.to_string(),
+            placed: job.placed.clone(),
             progress: progress.clone(),
         }));
     }
@@ -1020,6 +1036,9 @@ pub(crate) async fn pull(
     // Blocks journalled by an earlier run (a killed agent) did not pass through here: read them
     // back from the point file and hash them; likewise any write that was not whole blocks.
     read_back += rehash(target, &mut manifest, &rehash_set).await?;
+    if job.placed.is_some() {
+        read_back += check_placed(target, &manifest).await?;
+    }
     let written = stats.data_bytes + stats.zero_bytes;
     Ok(Pulled { manifest, read_back, written, stats })
 }
@@ -1064,12 +1083,19 @@ async fn survey_cut(
 /// doubling backoff until the range is done or the failures in a row without progress run out.
 async fn pull_stream(job: StreamJob) -> AgentResult<StreamPulled> {
     let retry_kind = |e: drover_block::nbd::NbdError| AgentError::new(ErrorKind::Retry, format!("the point file: {e}"));
-    let mut dst = NbdClient::connect_unix(&job.target_socket, &job.target_export, &[]).await.map_err(retry_kind)?;
+    let dst = match &job.placed {
+        Some(image) => PointFile::Placed(image.clone()),
+        None => PointFile::Nbd(
+            NbdClient::connect_unix(&job.target_socket, &job.target_export, &[]).await.map_err(retry_kind)?,
+        ),
+    };
     let (lo, len) = (job.range.offset, job.range.length);
     let disk_size = job.pull.disk_size;
     let mut sink = PointTarget {
-        dst: &mut dst,
-        gathered: Vec::with_capacity(WRITE_GATHER),
+        dst: Some(dst),
+        in_flight: None,
+        spare: direct_buf(WRITE_GATHER),
+        gathered: direct_buf(WRITE_GATHER),
         gathered_at: 0,
         manifest: &job.manifest,
         disk_size,
@@ -1150,7 +1176,12 @@ async fn pull_stream(job: StreamJob) -> AgentResult<StreamPulled> {
     (out.rehash, out.data_bytes, out.zero_bytes, out.received_twice) =
         (std::mem::take(&mut sink.rehash), sink.data_bytes, sink.zero_bytes, sink.received_twice);
     (out.write_time, out.flush_time) = (sink.write_time, sink.flush_time);
-    dst.disconnect().await.map_err(retry_kind)?;
+    // The stream ended with a flush: nothing is in flight.
+    let dst = sink.settle().await.map_err(|e| io_error("the point file", e))?.take();
+    match dst.ok_or_else(|| AgentError::internal("the point file's connection is gone"))? {
+        PointFile::Nbd(nbd) => nbd.disconnect().await.map_err(retry_kind)?,
+        PointFile::Placed(_) => {}
+    }
     out.wire_in = wire.read.load(Ordering::Relaxed);
     out.wire_out = wire.written.load(Ordering::Relaxed);
     Ok(out)
@@ -1261,14 +1292,129 @@ async fn rehash(target: &mut NbdClient<UnixStream>, manifest: &mut Manifest, ext
     Ok(blocks.total_bytes())
 }
 
+/// Where a stream writes the point file.
+enum PointFile {
+    /// Through the stream's own connection to the point file's NBD export.
+    Nbd(NbdClient<UnixStream>),
+    /// Straight into the file, at the places of the guest's bytes (a seed: see [`PullJob`]).
+    Placed(PlacedImage),
+}
+
+impl PointFile {
+    /// Writes `data` at `offset`; gives itself and the buffer back with the result.
+    async fn write(mut self, offset: u64, data: DirectBuf) -> (PointFile, DirectBuf, std::io::Result<()>) {
+        match &mut self {
+            PointFile::Nbd(nbd) => {
+                let written = nbd.write(offset, &data).await.map_err(std::io::Error::other);
+                (self, data, written)
+            }
+            PointFile::Placed(image) => {
+                let image = image.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    let written = image.write_at(offset, &data).map_err(std::io::Error::other);
+                    (data, written)
+                })
+                .await;
+                match done {
+                    Ok((data, written)) => (self, data, written),
+                    Err(e) => (self, direct_buf(WRITE_GATHER), Err(std::io::Error::other(e))),
+                }
+            }
+        }
+    }
+
+    async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
+        match self {
+            PointFile::Nbd(nbd) if nbd.can_write_zeroes() => {
+                nbd.write_zeroes(offset, length).await.map_err(std::io::Error::other)
+            }
+            PointFile::Nbd(nbd) => {
+                let zeroes = vec![0u8; (1 << 20).min(length) as usize];
+                let mut at = offset;
+                while at < offset + length {
+                    let n = (offset + length - at).min(zeroes.len() as u64);
+                    nbd.write(at, &zeroes[..n as usize]).await.map_err(std::io::Error::other)?;
+                    at += n;
+                }
+                Ok(())
+            }
+            PointFile::Placed(image) => {
+                let image = image.clone();
+                let done = tokio::task::spawn_blocking(move || image.write_zeroes(offset, length)).await;
+                done.map_err(std::io::Error::other)?.map_err(std::io::Error::other)
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            PointFile::Nbd(nbd) => nbd.flush().await.map_err(std::io::Error::other),
+            PointFile::Placed(image) => {
+                let image = image.clone();
+                let done = tokio::task::spawn_blocking(move || image.sync()).await;
+                done.map_err(std::io::Error::other)?.map_err(std::io::Error::other)
+            }
+        }
+    }
+}
+
+/// How many blocks of a point written at its places are read back through QEMU (see
+/// [`check_placed`]).
+const PLACED_SAMPLES: u64 = 16;
+
+/// Reads back, through the point file's storage daemon (QEMU's reading of the qcow2), up to
+/// [`PLACED_SAMPLES`] blocks that hold data, spread over the disk, and checks them against the
+/// manifest. Writing a qcow2 at its places relies on QEMU's metadata preallocation leaving the
+/// clusters allocated but not marked zero (reading as zeros only because the file has holes
+/// there): a QEMU that marked them zero would make the bytes written there invisible, and this
+/// fails the transfer instead of publishing a point that reads otherwise than its manifest says.
+/// Returns the bytes read.
+async fn check_placed(target: &mut NbdClient<UnixStream>, manifest: &Manifest) -> AgentResult<u64> {
+    let zero_block = zero_hash(BLOCK_SIZE as usize);
+    let with_data: Vec<u64> = (0..manifest.blocks())
+        .filter(|b| {
+            let (_, len) = manifest.block_range(*b);
+            let zero = if len == BLOCK_SIZE { zero_block } else { zero_hash(len as usize) };
+            manifest.hash(*b).is_some_and(|h| *h != zero)
+        })
+        .collect();
+    let step = (with_data.len() as u64).div_ceil(PLACED_SAMPLES).max(1) as usize;
+    let mut buf = Vec::new();
+    let mut read = 0;
+    for b in with_data.iter().step_by(step) {
+        let (offset, len) = manifest.block_range(*b);
+        buf.resize(len as usize, 0);
+        target.read_into(offset, &mut buf).await.map_err(|e| io_error("reading the point file back", e))?;
+        read += len;
+        if Some(&hash_block(&buf)) != manifest.hash(*b) {
+            return Err(AgentError::internal(format!(
+                "the point file does not read back what was written at its places (the block at {offset}): \
+                 this QEMU's preallocated qcow2 metadata is not what drover expects"
+            )));
+        }
+    }
+    Ok(read)
+}
+
+/// A write to the point file on its way: the destination and the buffer come back with its
+/// result.
+type WriteInFlight = tokio::task::JoinHandle<(PointFile, DirectBuf, std::io::Result<()>)>;
+
 /// The point file as one stream's target: writes go to the stream's own connection to its NBD
-/// export, gathered while contiguous into writes of up to [`WRITE_GATHER`] bytes (written out
+/// export (or straight into the file: [`PointFile`]), gathered while contiguous into writes of up to [`WRITE_GATHER`] bytes (written out
 /// before a zero range, a flush or a write elsewhere), and into the shared manifest (hashed as
-/// they arrive, outside its lock).
+/// they arrive, outside its lock). One gathered write is in flight (a task of its own, holding
+/// the connection) while the stream receives, checks and gathers the next: the stream waits for
+/// a write only when the next one is ready, or at a zero range or a flush point, which is when
+/// the write's error, if any, shows.
 struct PointTarget<'a> {
-    dst: &'a mut NbdClient<UnixStream>,
+    /// The destination, while no write holds it.
+    dst: Option<PointFile>,
+    in_flight: Option<WriteInFlight>,
+    /// The buffer of the last write, for the next gathering.
+    spare: DirectBuf,
     /// Data taken but not written yet: contiguous from `gathered_at`.
-    gathered: Vec<u8>,
+    gathered: DirectBuf,
     gathered_at: u64,
     manifest: &'a Mutex<Manifest>,
     disk_size: u64,
@@ -1280,7 +1426,7 @@ struct PointTarget<'a> {
     data_bytes: u64,
     zero_bytes: u64,
     received_twice: u64,
-    /// Time spent in writes to the point file, and in flushes of it.
+    /// Time spent waiting for writes to the point file, and in flushes of it.
     write_time: Duration,
     flush_time: Duration,
     progress: &'a StreamsProgress,
@@ -1301,13 +1447,35 @@ impl PointTarget<'_> {
         self.progress.add(len - twice);
     }
 
-    /// Writes what was gathered.
+    /// Waits for the write in flight, if any; returns the connection (`None` in it only once the
+    /// stream is done with it).
+    async fn settle(&mut self) -> std::io::Result<&mut Option<PointFile>> {
+        if let Some(write) = self.in_flight.take() {
+            let start = std::time::Instant::now();
+            let done = write.await;
+            self.write_time += start.elapsed();
+            let (dst, buffer, written) = done.map_err(std::io::Error::other)?;
+            self.dst = Some(dst);
+            self.spare = buffer;
+            written?;
+        }
+        Ok(&mut self.dst)
+    }
+
+    /// The connection, once no write holds it.
+    async fn connection(&mut self) -> std::io::Result<&mut PointFile> {
+        self.settle().await?.as_mut().ok_or_else(|| std::io::Error::other("the point file's connection is gone"))
+    }
+
+    /// Sends what was gathered on its way, once the write before it is done.
     async fn write_gathered(&mut self) -> std::io::Result<()> {
         if !self.gathered.is_empty() {
-            let start = std::time::Instant::now();
-            self.dst.write(self.gathered_at, &self.gathered).await.map_err(std::io::Error::other)?;
-            self.write_time += start.elapsed();
-            self.gathered.clear();
+            self.connection().await?;
+            let Some(dst) = self.dst.take() else { unreachable!("settled just now") };
+            let mut data = std::mem::replace(&mut self.spare, direct_buf(0));
+            data.clear();
+            std::mem::swap(&mut data, &mut self.gathered);
+            self.in_flight = Some(tokio::spawn(dst.write(self.gathered_at, data)));
         }
         Ok(())
     }
@@ -1318,6 +1486,15 @@ impl PointTarget<'_> {
             manifest.set_hash(b, h).map_err(std::io::Error::other)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for PointTarget<'_> {
+    /// A stream given up (its transfer failed elsewhere) leaves no write behind it.
+    fn drop(&mut self) {
+        if let Some(write) = self.in_flight.take() {
+            write.abort();
+        }
     }
 }
 
@@ -1349,17 +1526,7 @@ impl BlockTarget for PointTarget<'_> {
     async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
         self.write_gathered().await?;
         let start = std::time::Instant::now();
-        if self.dst.can_write_zeroes() {
-            self.dst.write_zeroes(offset, length).await.map_err(std::io::Error::other)?;
-        } else {
-            let zeroes = vec![0u8; (1 << 20).min(length) as usize];
-            let mut at = offset;
-            while at < offset + length {
-                let n = (offset + length - at).min(zeroes.len() as u64);
-                self.dst.write(at, &zeroes[..n as usize]).await.map_err(std::io::Error::other)?;
-                at += n;
-            }
-        }
+        self.connection().await?.write_zeroes(offset, length).await?;
         self.write_time += start.elapsed();
         if self.whole_blocks(offset, length) {
             let blocks = offset / BLOCK_SIZE..(offset + length).div_ceil(BLOCK_SIZE);
@@ -1380,8 +1547,9 @@ impl BlockTarget for PointTarget<'_> {
 
     async fn flush(&mut self) -> std::io::Result<()> {
         self.write_gathered().await?;
+        let dst = self.connection().await?;
         let start = std::time::Instant::now();
-        let flushed = self.dst.flush().await.map_err(std::io::Error::other);
+        let flushed = dst.flush().await;
         self.flush_time += start.elapsed();
         flushed
     }

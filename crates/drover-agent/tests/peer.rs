@@ -405,6 +405,8 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
     // An offline cut: its bytes were read from the image's files, not through its export.
     let served = listener.stats();
     assert!(served.sent_bytes >= DATA && served.sent_from_files == served.sent_bytes, "{served:?}");
+    // A new point without a previous one is preallocated: the streams wrote it at its places.
+    assert!(seed.note.as_deref().is_some_and(|n| n.contains("written at its places")), "{seed:?}");
     // The source agent reading its own cut reads it locally, not through its own listener.
     let own_chain = ChainRef { datastore: src.site.ds, replica: Uuid::new_v4(), disk: "sda".into() };
     let own = a.point_create(&PointSpec { chain: own_chain, size: cut1.size, prev: None }).await.unwrap();
@@ -434,6 +436,7 @@ async fn seed_bitmap_delta_and_hash_compare_over_mutual_tls() {
         peer.wire_bytes_in
     );
     assert_eq!(delta.bytes_written, changed, "{delta:?}");
+    assert!(delta.note.as_deref().is_some_and(|n| n.contains("through the point's storage daemon")), "{delta:?}");
     assert!(ratio <= 1.05, "wire bytes {} > 1.05x the changed {changed}", peer.wire_bytes_in);
     a.cut_end(&spec2, Some(&cut2), true).await.unwrap();
     assert_point_is(&src.image, &p2).await;

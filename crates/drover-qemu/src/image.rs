@@ -279,6 +279,88 @@ impl HostMap {
     }
 }
 
+/// Where each guest byte of a one-file image has its place in that file, when every byte has
+/// one: an image whose qcow2 metadata was preallocated ([`create_qcow2_preallocated`]) and that
+/// has no backing file. Such an image can be written from outside QEMU at those places without
+/// QEMU's metadata changing: the seed point a receiving agent writes from several streams at
+/// once, skipping the storage daemon (see `drover_block::direct::PlacedImage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedMap {
+    pub virtual_size: u64,
+    pub file: PathBuf,
+    /// In order, covering `0..virtual_size`; contiguous pieces merged.
+    pub extents: Vec<PlacedExtent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacedExtent {
+    pub start: u64,
+    pub len: u64,
+    /// Where `start` is in the file.
+    pub offset: u64,
+}
+
+/// [`PlacedMap`] of `path`: `Ok(Err(why))` when some guest byte has no place of its own in the
+/// file (a backing file, an unallocated or compressed cluster, anything [`host_map`] cannot read
+/// directly). Reads the map without the image's lock (`-U`), as `host_map`.
+pub async fn placed_map(path: &Path) -> ToolResult<Result<PlacedMap, String>> {
+    let path =
+        tokio::fs::canonicalize(path).await.map_err(|e| ToolError::io(format!("resolving {}", path.display()), e))?;
+    let chain = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--backing-chain".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        path.as_os_str(),
+    ])
+    .await?;
+    let map =
+        qemu_img(&["map".as_ref(), "-U".as_ref(), "--output".as_ref(), "json".as_ref(), path.as_os_str()]).await?;
+    parse_placed_map(&path, &chain, &map)
+}
+
+fn parse_placed_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> ToolResult<Result<PlacedMap, String>> {
+    let host = parse_host_map(top, chain_json, map_json)?;
+    if let Some(why) = host.why_not_direct() {
+        return Ok(Err(why));
+    }
+    if host.files.len() != 1 {
+        return Ok(Err(format!("{} has a backing file", top.display())));
+    }
+    let entries: Vec<MapEntry> = serde_json::from_slice(map_json).map_err(|e| ToolError::Tool {
+        program: format!("{QEMU_IMG} map"),
+        stderr: format!("unexpected JSON output: {e}"),
+    })?;
+    let mut extents: Vec<PlacedExtent> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let offset = match (e.data, e.offset) {
+            (true, Some(offset)) if e.depth == 0 && !e.compressed => offset,
+            _ => return Ok(Err(format!("{} bytes at offset {} have no place in the file", e.length, e.start))),
+        };
+        match extents.last_mut() {
+            Some(last) if last.start + last.len == e.start && last.offset + last.len == offset => last.len += e.length,
+            _ => extents.push(PlacedExtent { start: e.start, len: e.length, offset }),
+        }
+    }
+    // `parse_host_map` checked that the entries cover the image without a gap.
+    Ok(Ok(PlacedMap { virtual_size: host.virtual_size, file: top.to_path_buf(), extents }))
+}
+
+/// One entry of `qemu-img map --output json`.
+#[derive(Deserialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    #[serde(default)]
+    depth: usize,
+    data: bool,
+    zero: bool,
+    #[serde(default)]
+    compressed: bool,
+    offset: Option<u64>,
+}
+
 /// Maps an image (and its backing chain) to its files with `qemu-img map` and `qemu-img info
 /// --backing-chain`, both without taking the image's lock (`-U`): the caller makes sure nobody
 /// writes the image meanwhile (a powered-off VM's disk held by a storage daemon that only reads
@@ -315,24 +397,12 @@ fn parse_host_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> ToolResult<
         #[serde(default)]
         children: Vec<serde_json::Value>,
     }
-    #[derive(Deserialize)]
-    struct Entry {
-        start: u64,
-        length: u64,
-        #[serde(default)]
-        depth: usize,
-        data: bool,
-        zero: bool,
-        #[serde(default)]
-        compressed: bool,
-        offset: Option<u64>,
-    }
     let bad = |what: &str, e: serde_json::Error| ToolError::Tool {
         program: format!("{QEMU_IMG} {what}"),
         stderr: format!("unexpected JSON output: {e}"),
     };
     let layers: Vec<Layer> = serde_json::from_slice(chain_json).map_err(|e| bad("info", e))?;
-    let entries: Vec<Entry> = serde_json::from_slice(map_json).map_err(|e| bad("map", e))?;
+    let entries: Vec<MapEntry> = serde_json::from_slice(map_json).map_err(|e| bad("map", e))?;
     let Some(first) = layers.first() else {
         return Err(ToolError::Tool { program: format!("{QEMU_IMG} info"), stderr: "an empty backing chain".into() });
     };
@@ -476,6 +546,35 @@ mod tests {
         io(&top, "write -c -P 0x33 8M 64k");
         let why = host_map(&top).await.unwrap().why_not_direct().unwrap();
         assert!(why.contains("compressed") && why.contains(&(8u64 << 20).to_string()), "{why}");
+    }
+
+    /// Only an image whose every guest byte has its own place in its one file is placed: a
+    /// preallocated one (merged to few extents), not a sparse one, an overlay, or one whose
+    /// clusters are marked zero (bytes written at their places would not be read).
+    #[tokio::test]
+    async fn placed_map_covers_a_preallocated_image_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pre, sparse, top) =
+            (dir.path().join("pre.qcow2"), dir.path().join("sparse.qcow2"), dir.path().join("top.qcow2"));
+        create_qcow2_preallocated(&pre, 8 << 20).await.unwrap();
+        let map = placed_map(&pre).await.unwrap().unwrap();
+        assert_eq!((map.virtual_size, map.file.clone()), (8 << 20, std::fs::canonicalize(&pre).unwrap()));
+        assert_eq!(map.extents.first().map(|e| e.start), Some(0));
+        assert!(map.extents.windows(2).all(|w| w[0].start + w[0].len == w[1].start), "{map:?}");
+        assert_eq!(map.extents.iter().map(|e| e.len).sum::<u64>(), 8 << 20);
+        assert!(map.extents.iter().all(|e| e.offset.is_multiple_of(64 << 10)), "{map:?}");
+
+        create_qcow2(&sparse, 8 << 20).await.unwrap();
+        let why = placed_map(&sparse).await.unwrap().unwrap_err();
+        assert!(why.contains("no place in the file"), "{why}");
+        create_overlay(&top, &pre).await.unwrap();
+        let why = placed_map(&top).await.unwrap().unwrap_err();
+        assert!(why.contains("backing file"), "{why}");
+
+        let out = std::process::Command::new("qemu-io").args(["-c", "write -z 1M 64k"]).arg(&pre).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let why = placed_map(&pre).await.unwrap().unwrap_err();
+        assert!(why.contains(&format!("at offset {}", 1 << 20)), "{why}");
     }
 
     #[test]
