@@ -44,7 +44,7 @@ use drover_block::hash::Manifest;
 use drover_block::nbd::NbdClient;
 use drover_hv::tracking::{BitmapState, CycleExport, OfflineCycleExport};
 use drover_hv::{ChangeTracking, HvError, Hypervisor};
-use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
+use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
 use peer::{Advert, DataListener, PeerClient, PeerCut, PeerCuts, PeerRetry, PeerStreams};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -229,12 +229,12 @@ impl LocalAgent {
     fn cut_endpoint(
         &self,
         spec: &CutSpec,
-        socket: &Path,
-        export: &str,
+        nbd: &NbdEndpoint,
         meta_context: &str,
         size: u64,
         image: Option<&Path>,
     ) -> SourceEndpoint {
+        let (socket, export) = (&nbd.socket, &nbd.export_name);
         let cut = PeerCut {
             instance: Uuid::nil(),
             socket: socket.to_owned(),
@@ -510,14 +510,7 @@ impl HostAgent for LocalAgent {
             return Ok(Cut {
                 id: spec.id.clone(),
                 size: x.virtual_size,
-                source: self.cut_endpoint(
-                    spec,
-                    &x.nbd.socket,
-                    &x.nbd.export_name,
-                    &x.meta_context,
-                    x.virtual_size,
-                    None,
-                ),
+                source: self.cut_endpoint(spec, &x.nbd, &x.meta_context, x.virtual_size, None),
                 token: serde_json::to_value(CutToken::Live(x)).map_err(internal)?,
             });
         }
@@ -536,14 +529,7 @@ impl HostAgent for LocalAgent {
         Ok(Cut {
             id: spec.id.clone(),
             size: x.virtual_size,
-            source: self.cut_endpoint(
-                spec,
-                &x.nbd.socket,
-                &x.nbd.export_name,
-                &x.meta_context,
-                x.virtual_size,
-                Some(&image),
-            ),
+            source: self.cut_endpoint(spec, &x.nbd, &x.meta_context, x.virtual_size, Some(&image)),
             token: serde_json::to_value(CutToken::Offline).map_err(internal)?,
         })
     }

@@ -91,13 +91,7 @@ impl DirectImage {
                 source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end of the image"),
             });
         }
-        let extents = &self.0.extents;
-        // The extent holding `offset`: the last one starting at or before it.
-        let mut i = extents.partition_point(|e| e.start <= offset).saturating_sub(1);
-        let mut at = offset;
-        while at < end {
-            let e = &extents[i];
-            let n = (e.start + e.len).min(end) - at;
+        each_piece(&self.0.extents, offset, end, |e, at, n| {
             let piece = &mut buf[(at - offset) as usize..(at - offset + n) as usize];
             match e.at {
                 Placement::Zero => piece.fill(0),
@@ -112,11 +106,47 @@ impl DirectImage {
                 // Refused by `open`.
                 Placement::Opaque => unreachable!("an opaque extent in a direct image"),
             }
-            at += n;
-            i += 1;
-        }
-        Ok(())
+            Ok(())
+        })
     }
+}
+
+/// An extent of a map: where it starts in the guest's view, and how long it is.
+trait Span {
+    fn span(&self) -> (u64, u64);
+}
+
+impl Span for HostExtent {
+    fn span(&self) -> (u64, u64) {
+        (self.start, self.len)
+    }
+}
+
+impl Span for PlacedExtent {
+    fn span(&self) -> (u64, u64) {
+        (self.start, self.len)
+    }
+}
+
+/// Calls `f(extent, at, n)` for each piece `at..at+n` of `offset..end` within one of `extents`
+/// (in order, covering the image), in order.
+fn each_piece<T: Span, E>(
+    extents: &[T],
+    offset: u64,
+    end: u64,
+    mut f: impl FnMut(&T, u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
+    // The extent holding `offset`: the last one starting at or before it.
+    let mut i = extents.partition_point(|e| e.span().0 <= offset).saturating_sub(1);
+    let mut at = offset;
+    while at < end {
+        let (start, len) = extents[i].span();
+        let n = (start + len).min(end) - at;
+        f(&extents[i], at, n)?;
+        at += n;
+        i += 1;
+    }
+    Ok(())
 }
 
 /// A buffer [`PlacedImage::write_at`] writes past the page cache (`O_DIRECT` wants the memory
@@ -191,21 +221,13 @@ impl PlacedImage {
             context: format!("writing {len} bytes at {offset}"),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "past the end of the image"),
         })?;
-        let extents = &self.0.extents;
-        let mut i = extents.partition_point(|e| e.start <= offset).saturating_sub(1);
-        let mut at = offset;
-        while at < end {
-            let e = &extents[i];
-            let n = (e.start + e.len).min(end) - at;
+        each_piece(&self.0.extents, offset, end, |e, at, n| {
             let host = e.offset + (at - e.start);
             f(host, (at - offset) as usize..(at - offset + n) as usize).map_err(|source| DirectError::Io {
                 context: format!("writing {n} bytes at {host} of {}", self.0.path.display()),
                 source,
-            })?;
-            at += n;
-            i += 1;
-        }
-        Ok(())
+            })
+        })
     }
 
     /// Writes `data` as the guest's bytes at `offset`: each piece whose memory, place and length

@@ -304,6 +304,13 @@ pub struct PlacedExtent {
 /// file (a backing file, an unallocated or compressed cluster, anything [`host_map`] cannot read
 /// directly). Reads the map without the image's lock (`-U`), as `host_map`.
 pub async fn placed_map(path: &Path) -> ToolResult<Result<PlacedMap, String>> {
+    let (path, chain, map) = chain_and_map(path).await?;
+    parse_placed_map(&path, &chain, &map)
+}
+
+/// `path` resolved, and what `qemu-img info --backing-chain` and `qemu-img map` say of it (JSON,
+/// without the image's lock).
+async fn chain_and_map(path: &Path) -> ToolResult<(PathBuf, Vec<u8>, Vec<u8>)> {
     let path =
         tokio::fs::canonicalize(path).await.map_err(|e| ToolError::io(format!("resolving {}", path.display()), e))?;
     let chain = qemu_img(&[
@@ -317,7 +324,7 @@ pub async fn placed_map(path: &Path) -> ToolResult<Result<PlacedMap, String>> {
     .await?;
     let map =
         qemu_img(&["map".as_ref(), "-U".as_ref(), "--output".as_ref(), "json".as_ref(), path.as_os_str()]).await?;
-    parse_placed_map(&path, &chain, &map)
+    Ok((path, chain, map))
 }
 
 fn parse_placed_map(top: &Path, chain_json: &[u8], map_json: &[u8]) -> ToolResult<Result<PlacedMap, String>> {
@@ -366,19 +373,7 @@ struct MapEntry {
 /// writes the image meanwhile (a powered-off VM's disk held by a storage daemon that only reads
 /// it and keeps its bitmaps).
 pub async fn host_map(path: &Path) -> ToolResult<HostMap> {
-    let path =
-        tokio::fs::canonicalize(path).await.map_err(|e| ToolError::io(format!("resolving {}", path.display()), e))?;
-    let chain = qemu_img(&[
-        "info".as_ref(),
-        "-U".as_ref(),
-        "--backing-chain".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-        path.as_os_str(),
-    ])
-    .await?;
-    let map =
-        qemu_img(&["map".as_ref(), "-U".as_ref(), "--output".as_ref(), "json".as_ref(), path.as_os_str()]).await?;
+    let (path, chain, map) = chain_and_map(path).await?;
     parse_host_map(&path, &chain, &map)
 }
 
