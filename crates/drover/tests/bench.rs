@@ -56,6 +56,11 @@ fn bench_replication_remote_reports_what_crossed_the_wire() {
     assert!(r["incremental_wire_bytes"].as_u64().unwrap() <= changed * 105 / 100, "{r}");
     assert_eq!(r["seed_seconds"].as_array().unwrap().len(), 2);
     assert_eq!(r["qemu_img_convert_seconds"].as_array().unwrap().len(), 2);
+    // The CPU of every process of each copy (at the kernel's 10 ms ticks: a 16 MiB copy may
+    // show none).
+    for key in ["seed_cpu_all_seconds_per_gib", "convert_cpu_all_seconds_per_gib"] {
+        assert!(r[key].as_f64().is_some_and(|c| c.is_finite() && c >= 0.0), "{key}: {r}");
+    }
 }
 
 #[test]
