@@ -922,6 +922,22 @@ impl Job {
             },
             _ => (None, None),
         };
+        // A seed into a new point (its metadata preallocated) is written at its places, as a
+        // seed pulled from another agent is (see `peer::PullJob::placed`).
+        let mut placed = match self.spec.mode {
+            TransferMode::Seed if self.prev.is_none() => match placed_target(&self.target).await {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    tracing::info!(%why, "transfer: the seed is written through the point's storage daemon");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let note = match (note, &placed) {
+            (Some(n), Some(_)) => Some(format!("{n}, written at its places in the point file")),
+            (n, _) => n,
+        };
         let copy = async {
             let mut src = NbdClient::connect_unix(socket, export, &[meta_context, "base:allocation"]).await?;
             let mut dst = NbdClient::connect_unix(target_socket, target_export, &[]).await?;
@@ -932,12 +948,17 @@ impl Job {
                     // backing file reads as zeroes, so zeroes are not written into it at all.
                     let target = if self.prev.is_none() { TargetBefore::Zeroes } else { TargetBefore::Unknown };
                     let whole = ExtentSet::from_range(0, size);
-                    match direct {
-                        Some(mut image) => {
-                            copy_extents_into(&mut image, &mut dst, &whole, target, &mut manifest, progress).await?
-                        }
-                        None => copy_extents_into(&mut src, &mut dst, &whole, target, &mut manifest, progress).await?,
+                    let m = &mut manifest;
+                    let stats = match (direct, placed.as_mut()) {
+                        (Some(mut i), Some(p)) => copy_extents_into(&mut i, p, &whole, target, m, progress).await?,
+                        (Some(mut i), None) => copy_extents_into(&mut i, &mut dst, &whole, target, m, progress).await?,
+                        (None, Some(p)) => copy_extents_into(&mut src, p, &whole, target, m, progress).await?,
+                        (None, None) => copy_extents_into(&mut src, &mut dst, &whole, target, m, progress).await?,
+                    };
+                    if placed.is_some() {
+                        peer::check_placed(&mut dst, &manifest).await?;
                     }
+                    stats
                 }
                 TransferMode::Bitmap => {
                     let dirty = src.dirty_extents(meta_context, 0, size).await?;

@@ -1369,7 +1369,7 @@ const PLACED_SAMPLES: u64 = 16;
 /// there): a QEMU that marked them zero would make the bytes written there invisible, and this
 /// fails the transfer instead of publishing a point that reads otherwise than its manifest says.
 /// Returns the bytes read.
-async fn check_placed(target: &mut NbdClient<UnixStream>, manifest: &Manifest) -> AgentResult<u64> {
+pub(crate) async fn check_placed(target: &mut NbdClient<UnixStream>, manifest: &Manifest) -> AgentResult<u64> {
     let zero_block = zero_hash(BLOCK_SIZE as usize);
     let with_data: Vec<u64> = (0..manifest.blocks())
         .filter(|b| {

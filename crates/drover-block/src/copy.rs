@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::direct::{DirectError, DirectImage};
+use crate::direct::{DirectBuf, DirectError, DirectImage, PlacedImage, direct_buf};
 use crate::extents::{Extent, ExtentSet};
 use crate::hash::{BLOCK_SIZE, BlockHash, Manifest, ManifestError, hash_block, zero_hash};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, WriteOp};
@@ -106,14 +106,93 @@ pub enum TargetBefore {
     Unknown,
 }
 
-fn check_sizes<B>(source_size: u64, dst: &NbdClient<B>, manifest: &Manifest) -> Result<u64>
-where
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+fn check_sizes(source_size: u64, dst: &impl CopyTarget, manifest: &Manifest) -> Result<u64> {
     if source_size != dst.size() || source_size != manifest.disk_size {
         return Err(CopyError::SizeMismatch { source_size, target_size: dst.size() });
     }
     Ok(source_size)
+}
+
+/// What a copy writes its target through: the target's NBD export, or a new image's file at
+/// its places ([`PlacedImage`], which skips the storage daemon and a copy of every byte through
+/// its socket).
+pub trait CopyTarget: Send {
+    /// The size the guest sees.
+    fn size(&self) -> u64;
+    /// The largest write in one request.
+    fn max_io_size(&self) -> u32;
+    /// Whether zeros can be written without sending them.
+    fn can_write_zeroes(&self) -> bool;
+    /// The writes, in any order (they do not overlap).
+    fn write_many(&mut self, ops: &[WriteOp<'_>]) -> impl Future<Output = Result<()>> + Send;
+    /// Makes every write so far durable.
+    fn flush(&mut self) -> impl Future<Output = Result<()>> + Send;
+}
+
+impl<D: AsyncRead + AsyncWrite + Unpin + Send> CopyTarget for NbdClient<D> {
+    fn size(&self) -> u64 {
+        NbdClient::size(self)
+    }
+
+    fn max_io_size(&self) -> u32 {
+        NbdClient::max_io_size(self)
+    }
+
+    fn can_write_zeroes(&self) -> bool {
+        NbdClient::can_write_zeroes(self)
+    }
+
+    async fn write_many(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
+        Ok(NbdClient::write_many(self, ops).await?)
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        Ok(NbdClient::flush(self).await?)
+    }
+}
+
+impl CopyTarget for PlacedImage {
+    fn size(&self) -> u64 {
+        PlacedImage::size(self)
+    }
+
+    fn max_io_size(&self) -> u32 {
+        CHUNK as u32
+    }
+
+    fn can_write_zeroes(&self) -> bool {
+        true
+    }
+
+    /// `pwrite`s in place (the buffers are the caller's: on a multi-threaded runtime the worker
+    /// hands its other tasks away while it writes).
+    async fn write_many(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
+        blocking_here(|| {
+            ops.iter().try_for_each(|op| match *op {
+                WriteOp::Data { offset, data } => self.write_at(offset, data),
+                WriteOp::Zeroes { offset, len } => self.write_zeroes(offset, len),
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        let image = self.clone();
+        tokio::task::spawn_blocking(move || image.sync())
+            .await
+            .map_err(|e| CopyError::Worker(format!("syncing: {e}")))??;
+        Ok(())
+    }
+}
+
+/// Runs `f`, which blocks on file I/O into buffers the caller lends: on a multi-threaded runtime
+/// the worker hands its other tasks away first (`block_in_place`); on a single-threaded one
+/// (tests) it simply runs.
+fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// What a sync reads its source through.
@@ -126,7 +205,7 @@ pub trait SyncSource {
     /// tell. `within` lies inside the disk and is aligned to manifest blocks but at its end.
     fn data_extents(&mut self, within: Extent) -> impl Future<Output = Result<Option<ExtentSet>>> + Send;
     /// Reads `pieces` into `data` (their lengths summed, in order) and gives the buffer back.
-    fn read_pieces(&mut self, pieces: &[Extent], data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    fn read_pieces(&mut self, pieces: &[Extent], data: DirectBuf) -> impl Future<Output = Result<DirectBuf>> + Send;
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> SyncSource for NbdClient<S> {
@@ -145,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> SyncSource for NbdClient<S> {
         Ok(Some(NbdClient::data_extents(self, within.offset, within.len).await?))
     }
 
-    async fn read_pieces(&mut self, pieces: &[Extent], mut data: Vec<u8>) -> Result<Vec<u8>> {
+    async fn read_pieces(&mut self, pieces: &[Extent], mut data: DirectBuf) -> Result<DirectBuf> {
         read_batch(self, pieces, &mut data).await?;
         Ok(data)
     }
@@ -165,7 +244,7 @@ impl SyncSource for DirectImage {
     }
 
     /// `pread`s on a blocking thread (the pages are usually cached: a copy, no waiting).
-    async fn read_pieces(&mut self, pieces: &[Extent], mut data: Vec<u8>) -> Result<Vec<u8>> {
+    async fn read_pieces(&mut self, pieces: &[Extent], mut data: DirectBuf) -> Result<DirectBuf> {
         let image = self.clone();
         let pieces = pieces.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -181,11 +260,17 @@ impl SyncSource for DirectImage {
     }
 }
 
-/// A round of chunks and one contiguous buffer holding them in order.
-#[derive(Default)]
+/// A round of chunks and one contiguous buffer holding them in order (aligned, so that a
+/// [`PlacedImage`] target writes it past the page cache).
 struct Batch {
     pieces: Vec<Extent>,
-    data: Vec<u8>,
+    data: DirectBuf,
+}
+
+impl Default for Batch {
+    fn default() -> Batch {
+        Batch { pieces: Vec::new(), data: direct_buf(0) }
+    }
 }
 
 impl Batch {
@@ -230,10 +315,7 @@ async fn read_batch<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn chunk_size<B>(src_max_read: u64, dst: &NbdClient<B>) -> u64
-where
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+fn chunk_size(src_max_read: u64, dst: &impl CopyTarget) -> u64 {
     let chunk = CHUNK.min(src_max_read).min(u64::from(dst.max_io_size())) / BLOCK_SIZE * BLOCK_SIZE;
     chunk.max(BLOCK_SIZE)
 }
@@ -242,14 +324,14 @@ where
 /// [`TargetBefore::Unknown`].
 pub async fn copy_extents<S, D>(
     src: &mut NbdClient<S>,
-    dst: &mut NbdClient<D>,
+    dst: &mut D,
     extents: &ExtentSet,
     manifest: &mut Manifest,
     progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: CopyTarget,
 {
     copy_extents_into(src, dst, extents, TargetBefore::Unknown, manifest, progress).await
 }
@@ -265,7 +347,7 @@ where
 /// thread. Blocks of the data that turn out to be zeroes are treated like the zero ranges.
 pub async fn copy_extents_into<S, D>(
     src: &mut S,
-    dst: &mut NbdClient<D>,
+    dst: &mut D,
     extents: &ExtentSet,
     target: TargetBefore,
     manifest: &mut Manifest,
@@ -273,7 +355,7 @@ pub async fn copy_extents_into<S, D>(
 ) -> Result<CopyStats>
 where
     S: SyncSource,
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: CopyTarget,
 {
     let size = check_sizes(src.size(), dst, manifest)?;
     let todo = extents.align_out(BLOCK_SIZE).clip(0, size);
@@ -323,7 +405,7 @@ where
     let (mut current, mut next) = (Batch::default(), Batch::default());
     current.fill(&mut chunks);
     let started = Instant::now();
-    current.data = src.read_pieces(&current.pieces, std::mem::take(&mut current.data)).await?;
+    current.data = src.read_pieces(&current.pieces, std::mem::replace(&mut current.data, direct_buf(0))).await?;
     stats.timing.read += started.elapsed();
     stats.source_read += current.bytes();
     while !current.pieces.is_empty() {
@@ -336,7 +418,7 @@ where
             let written = write_round(dst, &round, target).await;
             (written, started.elapsed())
         };
-        let buffer = std::mem::take(&mut next.data);
+        let buffer = std::mem::replace(&mut next.data, direct_buf(0));
         let read = async {
             let started = Instant::now();
             let read = src.read_pieces(&next.pieces, buffer).await;
@@ -370,11 +452,7 @@ where
 
 /// Writes a round to the target, pipelined: see [`plan_writes`]. Returns the bytes written and
 /// the bytes of zeroes skipped.
-async fn write_round<D: AsyncRead + AsyncWrite + Unpin>(
-    dst: &mut NbdClient<D>,
-    round: &Batch,
-    target: TargetBefore,
-) -> Result<(u64, u64)> {
+async fn write_round<D: CopyTarget>(dst: &mut D, round: &Batch, target: TargetBefore) -> Result<(u64, u64)> {
     let mut ops = Vec::new();
     let (mut written, mut skipped) = (0, 0);
     for (e, data) in round.iter() {
@@ -501,7 +579,7 @@ pub async fn hash_compare_sync<S, D>(
 ) -> Result<CopyStats>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let size = check_sizes(src.size(), dst, manifest)?;
     let chunk = chunk_size(u64::from(src.max_io_size()), dst);
@@ -572,10 +650,7 @@ fn reclaim(round: Arc<Batch>) -> Batch {
 
 /// Writes zeros over `ranges` of the target, pipelined: write-zeroes requests where the server
 /// takes them, else zero-filled writes (from one shared buffer).
-async fn write_zero_ranges<D: AsyncRead + AsyncWrite + Unpin>(
-    dst: &mut NbdClient<D>,
-    ranges: &ExtentSet,
-) -> Result<()> {
+async fn write_zero_ranges<D: CopyTarget>(dst: &mut D, ranges: &ExtentSet) -> Result<()> {
     if dst.can_write_zeroes() {
         let ops: Vec<WriteOp<'_>> = ranges.iter().map(|e| WriteOp::Zeroes { offset: e.offset, len: e.len }).collect();
         dst.write_many(&ops).await?;
@@ -612,7 +687,7 @@ pub async fn manifest_compare_sync<S, D>(
 ) -> Result<CopyStats>
 where
     S: SyncSource,
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let size = check_sizes(src.size(), dst, manifest)?;
     let whole = ExtentSet::from_range(0, size);
@@ -645,7 +720,7 @@ where
     let (mut current, mut next) = (Batch::default(), Batch::default());
     let mut differing: Vec<(u64, Vec<u8>)> = Vec::new();
     current.fill(&mut chunks);
-    current.data = src.read_pieces(&current.pieces, std::mem::take(&mut current.data)).await?;
+    current.data = src.read_pieces(&current.pieces, std::mem::replace(&mut current.data, direct_buf(0))).await?;
     stats.source_read += current.bytes();
     while !current.pieces.is_empty() {
         next.fill(&mut chunks);
@@ -653,7 +728,7 @@ where
         let hashing = spawn_hashing(&round);
         let to_write = std::mem::take(&mut differing);
         let runs: Vec<(u64, &[u8])> = to_write.iter().map(|(offset, data)| (*offset, data.as_slice())).collect();
-        let buffer = std::mem::take(&mut next.data);
+        let buffer = std::mem::replace(&mut next.data, direct_buf(0));
         let (read, write) = tokio::join!(src.read_pieces(&next.pieces, buffer), write_runs(dst, &runs));
         let (hashes, _) = hashes_of(hashing).await?;
         next.data = read?;

@@ -54,3 +54,31 @@ async fn bytes_written_at_their_places_are_what_qemu_reads() {
     let err = placed.write_at(size - 512, &[7u8; 1024]).unwrap_err();
     assert!(err.to_string().contains("past the end"), "{err}");
 }
+
+/// A seed's copy into a new image written at its places: the image equals its source, and the
+/// zero ranges of the source were never written (the file stays sparse there).
+#[tokio::test]
+async fn a_full_copy_into_a_placed_image_equals_its_source() {
+    use drover_block::copy::{TargetBefore, copy_extents_into};
+    use drover_block::direct::DirectImage;
+    use drover_block::extents::ExtentSet;
+    use drover_block::hash::Manifest;
+    let dir = tempfile::tempdir().unwrap();
+    let (source, seed) = (dir.path().join("source.qcow2"), dir.path().join("seed.qcow2"));
+    let size = 16 << 20;
+    drover_qemu::image::create_qcow2(&source, size).await.unwrap();
+    qemu_io(&source, "write -P 0x42 0 3M");
+    qemu_io(&source, "write -P 0x17 9M 2M");
+    drover_qemu::image::create_qcow2_preallocated(&seed, size).await.unwrap();
+    let mut src = DirectImage::open(&drover_qemu::image::host_map(&source).await.unwrap()).unwrap();
+    let mut dst = PlacedImage::open(&drover_qemu::image::placed_map(&seed).await.unwrap().unwrap()).unwrap();
+    let mut manifest = Manifest::zeroed(size);
+    let whole = ExtentSet::from_range(0, size);
+    let stats =
+        copy_extents_into(&mut src, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await.unwrap();
+    assert_eq!(stats.written, 5 << 20, "{stats:?}");
+    assert!(drover_qemu::image::compare(&source, &seed).await.unwrap());
+    let mut expect = Manifest::zeroed(size);
+    expect.set_range(0, &guest_bytes(&source)).unwrap();
+    assert_eq!(manifest.digest(), expect.digest());
+}

@@ -2,9 +2,9 @@
 //! beside it, all in the same run and on the same data.
 //!
 //! 1. A source qcow2 of `--size`, filled with random data, is seeded into an empty target (full
-//!    copy, the target opened with `O_DIRECT` in a daemon of its own as a seed's point is, and
-//!    flushed), the source read through NBD and from its files (and, for comparison, through NBD
-//!    into a target in the page cache), `--baseline-runs` times,
+//!    copy, the target written at its places with `O_DIRECT` as a seed's point is, and flushed),
+//!    the source read through NBD and from its files (and, for comparison, through NBD into a
+//!    target exported by a daemon through the page cache), `--baseline-runs` times,
 //!    interleaved with `qemu-img convert` of the same source to qcow2: as it runs by default
 //!    (`-t unsafe` for the target: no flush, the data is left in the page cache), durable
 //!    (`-t writeback`: flushed when closed) and with `O_DIRECT` (`-t none`), each run cold; min
@@ -35,7 +35,7 @@ use clap::{Args, Subcommand};
 use drover_block::copy::{
     CopyStats, CopyTiming, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
 };
-use drover_block::direct::DirectImage;
+use drover_block::direct::{DirectImage, PlacedImage};
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, Manifest};
 use drover_block::nbd::NbdClient;
@@ -286,8 +286,8 @@ impl Rig {
         Ok((node, endpoint.export_name))
     }
 
-    /// A new image to write once, opened as a seed's point is: in a daemon of its own
-    /// (`targets`), `O_DIRECT` where possible (`direct`; else through the page cache).
+    /// A new image to write once, exported by a daemon of its own (`targets`), `O_DIRECT` where
+    /// possible (`direct`; else through the page cache).
     async fn export_new_target(
         &mut self,
         targets: &StorageDaemon,
@@ -337,9 +337,17 @@ enum FullCopySource<'a> {
     Files(&'a Path),
 }
 
+/// Where a full copy writes.
+enum Target {
+    Placed(PlacedImage),
+    /// A connection to the target's export, and its node in the daemon.
+    Nbd(Client, String),
+}
+
 /// One cold full copy into a new image at `file`, as a seed's: the whole disk asked for, the
-/// source's block status or map deciding what is read, the target exported by `targets`
-/// (`O_DIRECT` if `direct`) and flushed at the end.
+/// source's block status or map deciding what is read, the target written at its places
+/// (`PlacedImage`, `O_DIRECT`) as an agent writes a seed if `direct`, else exported by `targets`
+/// through the page cache; flushed at the end.
 async fn full_copy_once(
     rig: &mut Rig,
     targets: &StorageDaemon,
@@ -352,24 +360,37 @@ async fn full_copy_once(
     let _ = std::fs::remove_file(file);
     // Made as a seed's point file is (`ChainDir::new_point_file`).
     drover_qemu::image::create_qcow2_preallocated(file, size).await?;
-    let (node, export) = rig.export_new_target(targets, file, direct).await?;
-    let mut dst: Client = NbdClient::connect_unix(targets.nbd_socket_path(), &export, &[]).await?;
+    let mut dst = if direct {
+        let map = drover_qemu::image::placed_map(file).await?.map_err(|why| anyhow::anyhow!("{why}"))?;
+        Target::Placed(PlacedImage::open(&map)?)
+    } else {
+        let (node, export) = rig.export_new_target(targets, file, false).await?;
+        Target::Nbd(NbdClient::connect_unix(targets.nbd_socket_path(), &export, &[]).await?, node)
+    };
     let mut manifest = Manifest::zeroed(size);
     let whole = ExtentSet::from_range(0, size);
     *cold &= drop_caches();
     let start = Instant::now();
-    let stats = match src {
-        FullCopySource::Nbd(src) => {
-            copy_extents_into(src, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
-        }
+    let mut files = match src {
+        FullCopySource::Nbd(_) => None,
         FullCopySource::Files(source_file) => {
-            let mut image = DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?;
-            copy_extents_into(&mut image, &mut dst, &whole, TargetBefore::Zeroes, &mut manifest, |_, _| {}).await?
+            Some(DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?)
         }
     };
+    let m = &mut manifest;
+    let z = TargetBefore::Zeroes;
+    let stats = match (src, files.as_mut(), &mut dst) {
+        (FullCopySource::Nbd(s), _, Target::Placed(d)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
+        (FullCopySource::Nbd(s), _, Target::Nbd(d, _)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
+        (_, Some(s), Target::Placed(d)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
+        (_, Some(s), Target::Nbd(d, _)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
+        (FullCopySource::Files(_), None, _) => unreachable!("opened above"),
+    };
     let seconds = start.elapsed().as_secs_f64();
-    dst.disconnect().await?;
-    close_on(targets, &node).await?;
+    if let Target::Nbd(d, node) = dst {
+        d.disconnect().await?;
+        close_on(targets, &node).await?;
+    }
     Ok((seconds, stats, manifest))
 }
 
@@ -446,8 +467,8 @@ pub async fn replication(args: &ReplicationArgs) -> anyhow::Result<Report> {
     src.disconnect().await?;
     rig.close(&src_node).await?;
 
-    // 1. Full copies into empty images, as a seed's, the target in a daemon of its own as a
-    // transfer's is: the source through NBD (a running VM's disk, read through its QEMU) and from
+    // 1. Full copies into empty images, as a seed's, the target written at its places as a
+    // transfer's is (or, for comparison, exported by a daemon of its own): the source through NBD (a running VM's disk, read through its QEMU) and from
     // its files (a powered-off VM's), interleaved with `qemu-img convert` of the same source,
     // each run cold. The source is exported read-only, so `qemu-img` may open it meanwhile.
     let targets = StorageDaemon::start(&dir.join("qsd-t")).await?;
