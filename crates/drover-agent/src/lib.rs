@@ -889,6 +889,26 @@ impl Job {
         Ok(outcome)
     }
 
+    /// The point file to write at its places: a seed into a new file (its metadata
+    /// preallocated, `ChainDir::new_point_file`), locally or pulled from another agent. Anything
+    /// else, or a file that is not placed whole, is written through its storage daemon.
+    async fn placed_target(&self) -> Option<PlacedImage> {
+        if self.spec.mode != TransferMode::Seed || self.prev.is_some() {
+            return None;
+        }
+        let placed = async {
+            let map = drover_qemu::image::placed_map(&self.target).await.map_err(|e| e.to_string())??;
+            PlacedImage::open(&map).map_err(|e| e.to_string())
+        };
+        match placed.await {
+            Ok(p) => Some(p),
+            Err(why) => {
+                tracing::info!(%why, "transfer: the seed is written through the point's storage daemon");
+                None
+            }
+        }
+    }
+
     async fn base_manifest(&self) -> Result<Manifest, drover_block::hash::ManifestError> {
         match &self.base_manifest {
             Some(path) => Manifest::load(path).await,
@@ -922,18 +942,7 @@ impl Job {
             },
             _ => (None, None),
         };
-        // A seed into a new point (its metadata preallocated) is written at its places, as a
-        // seed pulled from another agent is (see `peer::PullJob::placed`).
-        let mut placed = match self.spec.mode {
-            TransferMode::Seed if self.prev.is_none() => match placed_target(&self.target).await {
-                Ok(p) => Some(p),
-                Err(why) => {
-                    tracing::info!(%why, "transfer: the seed is written through the point's storage daemon");
-                    None
-                }
-            },
-            _ => None,
-        };
+        let mut placed = self.placed_target().await;
         let note = match (note, &placed) {
             (Some(n), Some(_)) => Some(format!("{n}, written at its places in the point file")),
             (n, _) => n,
@@ -1009,19 +1018,10 @@ impl Job {
             entry.done.store(done, Ordering::Relaxed);
             entry.total.store(total, Ordering::Relaxed);
         });
-        // A seed into a new file (its metadata preallocated: `ChainDir::new_point_file`) is
-        // written at its places by the streams themselves; anything else, or a file that is not
-        // placed whole, through its storage daemon.
-        let (placed, written_how) = if self.spec.mode == TransferMode::Seed && self.prev.is_none() {
-            match placed_target(&self.target).await {
-                Ok(p) => (Some(p), "written at its places in the point file"),
-                Err(why) => {
-                    tracing::info!(%why, "peer transfer: the seed is written through the point's storage daemon");
-                    (None, "written through the point's storage daemon")
-                }
-            }
-        } else {
-            (None, "written through the point's storage daemon")
+        let placed = self.placed_target().await;
+        let written_how = match placed {
+            Some(_) => "written at its places in the point file",
+            None => "written through the point's storage daemon",
         };
         let job = peer::PullJob {
             address,
@@ -1073,12 +1073,6 @@ async fn check_manifest_current(file: &Path, manifest: &Path) -> AgentResult<()>
         return Err(stale("it was written after its manifest was saved".into()));
     }
     Ok(())
-}
-
-/// `image` opened to be written at its places, or why it cannot be.
-async fn placed_target(image: &Path) -> Result<PlacedImage, String> {
-    let map = drover_qemu::image::placed_map(image).await.map_err(|e| e.to_string())??;
-    PlacedImage::open(&map).map_err(|e| e.to_string())
 }
 
 /// The files of `image` to read it from directly, or why they cannot be.

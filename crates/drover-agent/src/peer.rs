@@ -80,10 +80,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_agent_api::*;
-use drover_block::direct::{DirectBuf, DirectImage, PlacedImage, direct_buf};
+use drover_block::copy::{CopyTarget, write_zero_ranges};
+use drover_block::direct::{DirectBuf, DirectImage, PlacedImage, blocking_here, direct_buf};
 use drover_block::extents::{Extent, ExtentSet};
 use drover_block::hash::{BLOCK_SIZE, BlockHash, Manifest, hash_block, zero_hash};
-use drover_block::nbd::{BASE_ALLOCATION, NbdClient};
+use drover_block::nbd::{BASE_ALLOCATION, NbdClient, WriteOp};
 use drover_proto::{Codec, Message, PROTOCOL_VERSION, Pull, PullMode, Range, RefusalCode, Refused};
 use drover_transfer::{BlockSource, BlockTarget, Expect, Journal, SendSpec, TransferError};
 use futures::{SinkExt, StreamExt};
@@ -755,16 +756,6 @@ impl BlockSource for FileSource<'_> {
     }
 }
 
-/// Runs `f`, which blocks on file reads (`pread`s of cached pages, mostly), into buffers the
-/// caller lends: on a multi-threaded runtime the worker hands its other tasks away first
-/// (`block_in_place`); on a single-threaded one (tests) it simply runs.
-fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // The receiving side.
 
@@ -1300,61 +1291,33 @@ enum PointFile {
     Placed(PlacedImage),
 }
 
+/// Both are a copy's [`CopyTarget`]: these go through it.
 impl PointFile {
     /// Writes `data` at `offset`; gives itself and the buffer back with the result.
     async fn write(mut self, offset: u64, data: DirectBuf) -> (PointFile, DirectBuf, std::io::Result<()>) {
-        match &mut self {
-            PointFile::Nbd(nbd) => {
-                let written = nbd.write(offset, &data).await.map_err(std::io::Error::other);
-                (self, data, written)
-            }
-            PointFile::Placed(image) => {
-                let image = image.clone();
-                let done = tokio::task::spawn_blocking(move || {
-                    let written = image.write_at(offset, &data).map_err(std::io::Error::other);
-                    (data, written)
-                })
-                .await;
-                match done {
-                    Ok((data, written)) => (self, data, written),
-                    Err(e) => (self, direct_buf(WRITE_GATHER), Err(std::io::Error::other(e))),
-                }
-            }
-        }
+        let op = [WriteOp::Data { offset, data: &data[..] }];
+        let written = match &mut self {
+            PointFile::Nbd(nbd) => CopyTarget::write_many(nbd, &op).await,
+            PointFile::Placed(image) => image.write_many(&op).await,
+        };
+        (self, data, written.map_err(std::io::Error::other))
     }
 
     async fn write_zeroes(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
-        match self {
-            PointFile::Nbd(nbd) if nbd.can_write_zeroes() => {
-                nbd.write_zeroes(offset, length).await.map_err(std::io::Error::other)
-            }
-            PointFile::Nbd(nbd) => {
-                let zeroes = vec![0u8; (1 << 20).min(length) as usize];
-                let mut at = offset;
-                while at < offset + length {
-                    let n = (offset + length - at).min(zeroes.len() as u64);
-                    nbd.write(at, &zeroes[..n as usize]).await.map_err(std::io::Error::other)?;
-                    at += n;
-                }
-                Ok(())
-            }
-            PointFile::Placed(image) => {
-                let image = image.clone();
-                let done = tokio::task::spawn_blocking(move || image.write_zeroes(offset, length)).await;
-                done.map_err(std::io::Error::other)?.map_err(std::io::Error::other)
-            }
-        }
+        let range = ExtentSet::from_range(offset, length);
+        let written = match self {
+            PointFile::Nbd(nbd) => write_zero_ranges(nbd, &range).await,
+            PointFile::Placed(image) => write_zero_ranges(image, &range).await,
+        };
+        written.map_err(std::io::Error::other)
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            PointFile::Nbd(nbd) => nbd.flush().await.map_err(std::io::Error::other),
-            PointFile::Placed(image) => {
-                let image = image.clone();
-                let done = tokio::task::spawn_blocking(move || image.sync()).await;
-                done.map_err(std::io::Error::other)?.map_err(std::io::Error::other)
-            }
-        }
+        let flushed = match self {
+            PointFile::Nbd(nbd) => CopyTarget::flush(nbd).await,
+            PointFile::Placed(image) => image.flush().await,
+        };
+        flushed.map_err(std::io::Error::other)
     }
 }
 

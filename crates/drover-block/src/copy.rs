@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::direct::{DirectBuf, DirectError, DirectImage, PlacedImage, direct_buf};
+use crate::direct::{DirectBuf, DirectError, DirectImage, PlacedImage, blocking_here, direct_buf};
 use crate::extents::{Extent, ExtentSet};
 use crate::hash::{BLOCK_SIZE, BlockHash, Manifest, ManifestError, hash_block, zero_hash};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdError, WriteOp};
@@ -182,16 +182,6 @@ impl CopyTarget for PlacedImage {
             .await
             .map_err(|e| CopyError::Worker(format!("syncing: {e}")))??;
         Ok(())
-    }
-}
-
-/// Runs `f`, which blocks on file I/O into buffers the caller lends: on a multi-threaded runtime
-/// the worker hands its other tasks away first (`block_in_place`); on a single-threaded one
-/// (tests) it simply runs.
-fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 
@@ -650,7 +640,7 @@ fn reclaim(round: Arc<Batch>) -> Batch {
 
 /// Writes zeros over `ranges` of the target, pipelined: write-zeroes requests where the server
 /// takes them, else zero-filled writes (from one shared buffer).
-async fn write_zero_ranges<D: CopyTarget>(dst: &mut D, ranges: &ExtentSet) -> Result<()> {
+pub async fn write_zero_ranges<D: CopyTarget>(dst: &mut D, ranges: &ExtentSet) -> Result<()> {
     if dst.can_write_zeroes() {
         let ops: Vec<WriteOp<'_>> = ranges.iter().map(|e| WriteOp::Zeroes { offset: e.offset, len: e.len }).collect();
         dst.write_many(&ops).await?;

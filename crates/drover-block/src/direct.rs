@@ -149,6 +149,16 @@ fn each_piece<T: Span, E>(
     Ok(())
 }
 
+/// Runs `f`, which blocks on file I/O into buffers the caller lends: on a multi-threaded runtime
+/// the worker hands its other tasks away first (`block_in_place`); on a single-threaded one
+/// (tests) it simply runs.
+pub fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A buffer [`PlacedImage::write_at`] writes past the page cache (`O_DIRECT` wants the memory
 /// aligned, which `Vec` cannot promise).
 pub type DirectBuf = aligned_vec::AVec<u8, aligned_vec::ConstAlign<DIRECT_ALIGN>>;

@@ -16,6 +16,20 @@ fn decode_all(mut buf: BytesMut) -> Result<Vec<Message>, ProtoError> {
     Ok(out)
 }
 
+/// A seed's pull of cut "c" (nil ids, no limit) of a disk of `disk_size`, for `range`.
+fn a_pull(disk_size: u64, range: Range) -> Pull {
+    Pull {
+        version: PROTOCOL_VERSION,
+        transfer: Uuid::nil(),
+        cut: "c".into(),
+        instance: Uuid::nil(),
+        mode: PullMode::Seed,
+        disk_size,
+        range,
+        bandwidth_limit: None,
+    }
+}
+
 fn samples() -> Vec<Message> {
     let transfer = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
     let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
@@ -76,16 +90,7 @@ fn samples() -> Vec<Message> {
 #[test]
 fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
     for cut in [String::new(), "x".repeat(MAX_CUT_ID + 1)] {
-        let m = Message::Pull(Pull {
-            version: PROTOCOL_VERSION,
-            transfer: Uuid::nil(),
-            cut,
-            instance: Uuid::nil(),
-            mode: PullMode::Seed,
-            disk_size: 1,
-            range: Range { offset: 0, length: 1 },
-            bandwidth_limit: None,
-        });
+        let m = Message::Pull(Pull { cut, ..a_pull(1, Range { offset: 0, length: 1 }) });
         assert!(matches!(Codec.encode(m, &mut BytesMut::new()), Err(ProtoError::Malformed(_))));
     }
     // Decoding checks the same: a frame claiming a 0-byte cut id.
@@ -102,16 +107,7 @@ fn a_pull_with_no_cut_id_or_a_long_one_is_malformed() {
 
 #[test]
 fn a_pull_names_its_range_then_an_optional_limit_and_a_limit_of_0_is_malformed() {
-    let pull = |bandwidth_limit| Pull {
-        version: PROTOCOL_VERSION,
-        transfer: Uuid::nil(),
-        cut: "c".into(),
-        instance: Uuid::nil(),
-        mode: PullMode::Seed,
-        disk_size: 1 << 20,
-        range: Range { offset: 65536, length: 131072 },
-        bandwidth_limit,
-    };
+    let pull = |bandwidth_limit| Pull { bandwidth_limit, ..a_pull(1 << 20, Range { offset: 65536, length: 131072 }) };
     // Golden: length, kind, version, transfer, instance, mode, size, cut id, range; no limit.
     let mut v2 = BytesMut::new();
     v2.put_u32(1 + 2 + 16 + 16 + 1 + 8 + 2 + 1 + 16);
@@ -410,16 +406,7 @@ fn a_survey_answer_is_granule_count_and_counts_within_its_limits() {
     assert_eq!(encode(&m), golden);
     assert_eq!(decode_all(golden).unwrap(), vec![m]);
     // A survey is a pull's fields under its own kind.
-    let pull = Pull {
-        version: PROTOCOL_VERSION,
-        transfer: Uuid::nil(),
-        cut: "c".into(),
-        instance: Uuid::nil(),
-        mode: PullMode::Seed,
-        disk_size: 1 << 20,
-        range: Range { offset: 0, length: 1 << 20 },
-        bandwidth_limit: None,
-    };
+    let pull = a_pull(1 << 20, Range { offset: 0, length: 1 << 20 });
     let (p, s) = (encode(&Message::Pull(pull.clone())), encode(&Message::Survey(pull)));
     assert_eq!((p[4], s[4]), (11, 13));
     assert_eq!((&p[..4], &p[5..]), (&s[..4], &s[5..]));

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use drover_block::copy::{
-    CopyStats, CopyTiming, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync, manifest_compare_sync,
+    CopyStats, CopyTiming, SyncSource, TargetBefore, copy_extents, copy_extents_into, hash_compare_sync,
+    manifest_compare_sync,
 };
 use drover_block::direct::{DirectImage, PlacedImage};
 use drover_block::extents::{Extent, ExtentSet};
@@ -344,6 +345,20 @@ enum Target {
     Nbd(Client, String),
 }
 
+/// `copy_extents_into` a new image (zeros not written) at `dst`, whichever way it is written.
+async fn seed_into(
+    src: &mut impl SyncSource,
+    dst: &mut Target,
+    whole: &ExtentSet,
+    manifest: &mut Manifest,
+) -> anyhow::Result<CopyStats> {
+    let z = TargetBefore::Zeroes;
+    Ok(match dst {
+        Target::Placed(d) => copy_extents_into(src, d, whole, z, manifest, |_, _| {}).await?,
+        Target::Nbd(d, _) => copy_extents_into(src, d, whole, z, manifest, |_, _| {}).await?,
+    })
+}
+
 /// One cold full copy into a new image at `file`, as a seed's: the whole disk asked for, the
 /// source's block status or map deciding what is read, the target written at its places
 /// (`PlacedImage`, `O_DIRECT`) as an agent writes a seed if `direct`, else exported by `targets`
@@ -371,20 +386,12 @@ async fn full_copy_once(
     let whole = ExtentSet::from_range(0, size);
     *cold &= drop_caches();
     let start = Instant::now();
-    let mut files = match src {
-        FullCopySource::Nbd(_) => None,
+    let stats = match src {
+        FullCopySource::Nbd(s) => seed_into(s, &mut dst, &whole, &mut manifest).await?,
         FullCopySource::Files(source_file) => {
-            Some(DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?)
+            let mut image = DirectImage::open(&drover_qemu::image::host_map(source_file).await?)?;
+            seed_into(&mut image, &mut dst, &whole, &mut manifest).await?
         }
-    };
-    let m = &mut manifest;
-    let z = TargetBefore::Zeroes;
-    let stats = match (src, files.as_mut(), &mut dst) {
-        (FullCopySource::Nbd(s), _, Target::Placed(d)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
-        (FullCopySource::Nbd(s), _, Target::Nbd(d, _)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
-        (_, Some(s), Target::Placed(d)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
-        (_, Some(s), Target::Nbd(d, _)) => copy_extents_into(s, d, &whole, z, m, |_, _| {}).await?,
-        (FullCopySource::Files(_), None, _) => unreachable!("opened above"),
     };
     let seconds = start.elapsed().as_secs_f64();
     if let Target::Nbd(d, node) = dst {
