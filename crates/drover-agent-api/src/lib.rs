@@ -519,6 +519,24 @@ pub mod wire {
     /// The largest request body an agent reads.
     pub const MAX_BODY: usize = 1 << 20;
 
+    /// The agent's answer to `POST /v1/identity/renewal`: the CSR of its next key.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RenewalCsr {
+        pub csr_pem: String,
+    }
+
+    /// `PUT /v1/identity/certificate`: the certificate the control plane signed for that CSR.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct InstallCertificate {
+        pub certificate_pem: String,
+    }
+
+    /// The agent's answer once it presents the new certificate.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CertificateInstalled {
+        pub not_after: chrono::DateTime<chrono::Utc>,
+    }
+
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct DiskInfoRequest {
         pub disk: DiskRef,

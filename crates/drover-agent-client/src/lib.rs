@@ -83,6 +83,21 @@ impl RemoteAgent {
         &self.base
     }
 
+    /// The CSR of the agent's next key, to renew its certificate with (a `drover agent` only:
+    /// an agent without a certificate answers `Gone`).
+    pub async fn renewal_csr(&self) -> AgentResult<String> {
+        let answer: wire::RenewalCsr = self.call(Method::POST, "/v1/identity/renewal", None::<&()>).await?;
+        Ok(answer.csr_pem)
+    }
+
+    /// Installs the certificate signed for [`RemoteAgent::renewal_csr`]; returns when it ends.
+    pub async fn install_certificate(&self, certificate_pem: &str) -> AgentResult<chrono::DateTime<chrono::Utc>> {
+        let body = wire::InstallCertificate { certificate_pem: certificate_pem.to_string() };
+        let answer: wire::CertificateInstalled =
+            self.call(Method::PUT, "/v1/identity/certificate", Some(&body)).await?;
+        Ok(answer.not_after)
+    }
+
     async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> AgentResult<reqwest::Response> {
         self.send_waiting(method, path, body, None).await
     }

@@ -22,6 +22,7 @@
 #[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod host_paths;
+pub mod identity;
 mod pace;
 pub mod peer;
 pub mod server;

@@ -17,6 +17,8 @@ use axum::{Json, Router};
 use drover_agent_api::wire::*;
 use drover_agent_api::*;
 
+use crate::identity::IdentityKeeper;
+
 type Agent = Arc<dyn HostAgent>;
 
 /// An agent error as an HTTP answer.
@@ -41,6 +43,19 @@ type Empty = Result<StatusCode, ErrorResponse>;
 
 /// The agent API's routes over `agent`.
 pub fn router(agent: Agent) -> Router {
+    router_with_identity(agent, None)
+}
+
+/// The agent API's routes over `agent`, and, for a `drover agent` with a certificate, the
+/// routes that renew it ([`crate::identity`]).
+pub fn router_with_identity(agent: Agent, identity: Option<Arc<IdentityKeeper>>) -> Router {
+    let identity_routes = match identity {
+        Some(keeper) => Router::new()
+            .route("/v1/identity/renewal", post(identity_renewal))
+            .route("/v1/identity/certificate", put(identity_install))
+            .with_state(keeper),
+        None => Router::new(),
+    };
     Router::new()
         .route("/v1/info", get(info))
         .route("/v1/datastores/{id}", put(datastore_ensure))
@@ -65,9 +80,21 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/vms/{id}/boot-overlays", get(vm_boot_overlays))
         .route("/v1/boot-overlays", post(boot_overlay_ensure))
         .fallback(|| async { ErrorResponse(AgentError::gone("no such route in this agent's API")) })
+        .with_state(agent)
+        .merge(identity_routes)
         .layer(axum::middleware::from_fn(check_version))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(agent)
+}
+
+async fn identity_renewal(State(k): State<Arc<IdentityKeeper>>) -> Answer<RenewalCsr> {
+    Ok(Json(RenewalCsr { csr_pem: k.renewal_csr().await? }))
+}
+
+async fn identity_install(
+    State(k): State<Arc<IdentityKeeper>>,
+    Json(r): Json<InstallCertificate>,
+) -> Answer<CertificateInstalled> {
+    Ok(Json(CertificateInstalled { not_after: k.install(&r.certificate_pem).await? }))
 }
 
 async fn check_version(request: Request, next: Next) -> Response {
@@ -163,13 +190,17 @@ pub async fn serve_tls(
     listener: std::net::TcpListener,
     agent: Agent,
     config: Arc<rustls::ServerConfig>,
+    identity: Option<Arc<IdentityKeeper>>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let tls = axum_server::tls_rustls::RustlsConfig::from_config(config);
     let acceptor = ControlPlaneOnly(
         axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(std::time::Duration::from_secs(10)),
     );
-    axum_server::from_tcp(listener).acceptor(acceptor).serve(router(agent).into_make_service()).await
+    axum_server::from_tcp(listener)
+        .acceptor(acceptor)
+        .serve(router_with_identity(agent, identity).into_make_service())
+        .await
 }
 
 /// A TLS acceptor that keeps only connections from the control plane.

@@ -296,6 +296,18 @@ pub async fn hosts_agent(
     Ok(Json(st.app.host_agent(&c, id.into()).await?.into()))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{id}/agent/certificate", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = AgentView, description = "The agent presents a new certificate, from a new key; the view says when it ends. The control plane also renews every agent's certificate by itself in its last month."),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The host is `local`, its agent has not enrolled, or this control plane has no agent listener."),
+        (status = 503, body = ErrorBody, description = "The agent cannot be reached."), (status = 403, body = ErrorBody)))]
+pub async fn hosts_agent_certificate(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<AgentView>> {
+    Ok(Json(st.app.host_agent_certificate_renew(&c, id.into()).await?.into()))
+}
+
 #[utoipa::path(delete, path = "/v1/hosts/{id}", tag = "inventory", security(("bearer" = [])),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn hosts_delete(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {

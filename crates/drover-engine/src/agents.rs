@@ -229,6 +229,11 @@ impl Engine {
         if host.address == "local" {
             return Ok(self.inner.local_agent.clone());
         }
+        Ok(self.remote_agent(host).await?)
+    }
+
+    /// A `drover agent`'s connection, connected if it is not yet.
+    async fn remote_agent(&self, host: &Host) -> Result<Arc<Watched>> {
         let Some(hostport) = agent_address(&host.address) else {
             return Err(Error::Unavailable(format!(
                 "host {} has no agent address drover can use: {:?}",
@@ -276,6 +281,61 @@ impl Engine {
                 Err(Error::Unavailable(format!("host {}'s agent is unreachable: {why}", host.name)))
             }
         }
+    }
+
+    /// Renews a host's agent certificate now, over the mutual-TLS connection the control plane
+    /// has with it (no token, no restart): the agent makes a new key and sends its CSR, the CA
+    /// signs it for this host (whatever the request names), the agent installs it and presents
+    /// it from its next handshake on, and the store records when it ends. Returns that time. A
+    /// renewal cut short is simply run again: the agent answers the same CSR until a certificate
+    /// for it is installed.
+    pub async fn renew_agent_certificate(&self, host: &Host) -> Result<drover_types::Timestamp> {
+        let pki = self.agent_pki().ok_or_else(|| {
+            Error::conflict("this control plane has no agent PKI (serve it with --agent-listen): nothing to renew")
+        })?;
+        if host.address == "local" {
+            return Err(Error::conflict(format!(
+                "host {} is this control plane's own (address \"local\"): it has no certificate",
+                host.name
+            )));
+        }
+        if self.store().agent_status(host.id).await?.enrolled_at.is_none() {
+            return Err(Error::conflict(format!("host {}'s agent has not enrolled: enrol it first", host.name)));
+        }
+        let agent = self.remote_agent(host).await?;
+        let csr = agent.record(agent.agent.renewal_csr().await).await.map_err(crate::agent_error)?;
+        let issued = pki.ca.sign_agent_csr(host.id, &csr, &[])?;
+        let installed = agent.agent.install_certificate(&issued.certificate_pem).await;
+        let not_after = agent.record(installed).await.map_err(crate::agent_error)?;
+        self.store().agent_certificate_renewed(host.id, not_after).await?;
+        tracing::info!(host = %host.name, %not_after, "renewed the agent's certificate");
+        Ok(not_after)
+    }
+
+    /// Renews the certificate of every enrolled agent whose certificate ends within
+    /// [`drover_pki::RENEW_BEFORE_DAYS`] (the monitor calls this now and then). An agent that
+    /// cannot be reached is tried again next time (its certificate stays valid meanwhile, and the
+    /// host's agent state says renewal is due). Returns the hosts renewed.
+    pub async fn renew_due_agent_certificates(&self) -> Result<Vec<HostId>> {
+        if self.agent_pki().is_none() {
+            return Ok(Vec::new());
+        }
+        let soon = now() + chrono::Duration::days(drover_pki::RENEW_BEFORE_DAYS);
+        let mut renewed = Vec::new();
+        for host in self.store().object_list_all::<Host>().await? {
+            if host.address == "local" {
+                continue;
+            }
+            let status = self.store().agent_status(host.id).await?;
+            if status.enrolled_at.is_none() || status.certificate_expires_at.is_none_or(|at| at >= soon) {
+                continue;
+            }
+            match self.renew_agent_certificate(&host).await {
+                Ok(_) => renewed.push(host.id),
+                Err(e) => tracing::warn!(host = %host.name, error = %e, "cannot renew the agent's certificate yet"),
+            }
+        }
+        Ok(renewed)
     }
 
     /// Forgets the connection to a host's agent (the next call connects again).

@@ -104,8 +104,11 @@ pub struct HostAgentState {
 }
 
 impl HostAgentState {
-    /// The agent's certificate ends within [`drover_pki::RENEW_BEFORE_DAYS`] (or has ended): it
-    /// must be enrolled again (`drover agent --enroll URL TOKEN --re-enroll`) before it does.
+    /// The agent's certificate ends within [`drover_pki::RENEW_BEFORE_DAYS`] (or has ended). The
+    /// control plane renews it by itself while the agent is reachable
+    /// ([`crate::Engine::renew_due_agent_certificates`]), so this stays true only while it cannot;
+    /// an agent whose certificate ended must be enrolled again (`drover agent --enroll URL TOKEN
+    /// --re-enroll`).
     pub fn certificate_renewal_due(&self) -> bool {
         let soon = drover_types::now() + chrono::Duration::days(drover_pki::RENEW_BEFORE_DAYS);
         self.status.certificate_expires_at.is_some_and(|at| at < soon)
@@ -762,6 +765,16 @@ impl App {
         let url = self.engine.agent_pki().map(|p| p.enrol_url.clone()).unwrap_or_default();
         let command = format!("drover agent --enroll {url} {token}");
         Ok(HostEnrolment { host_id: host.id, token, expires_at, enrol_url: url, command })
+    }
+
+    /// Renews a host's agent certificate now (system administrators only; the control plane
+    /// also does it by itself in a certificate's last month): see
+    /// [`crate::Engine::renew_agent_certificate`]. Answers the agent's state afterwards.
+    pub async fn host_agent_certificate_renew(&self, caller: &Caller, id: HostId) -> Result<HostAgentState> {
+        caller.require_system_admin()?;
+        let host = self.get::<Host>(caller, id.0).await?;
+        self.engine.renew_agent_certificate(&host).await?;
+        self.host_agent(caller, id).await
     }
 
     /// What the control plane knows of a host's agent.

@@ -267,11 +267,12 @@ impl Engine {
         let monitor = tokio::spawn(async move { monitor::run(engine).await });
         let engine = self.clone();
         let scheduler = tokio::spawn(async move { scheduler::run(engine).await });
-        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend([monitor, scheduler]);
+        let renewals = tokio::spawn(monitor::renew_certificates(self.clone()));
+        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).extend([monitor, scheduler, renewals]);
         Ok(())
     }
 
-    /// Stops background work (the monitor and the scheduler). Running sessions are left to finish or to be resumed.
+    /// Stops background work (the monitor, the scheduler and certificate renewals). Running sessions are left to finish or to be resumed.
     pub fn shutdown(&self) {
         for h in self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             h.abort();

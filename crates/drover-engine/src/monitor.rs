@@ -277,6 +277,26 @@ pub async fn run(engine: Engine) {
     }
 }
 
+/// How often agents' certificates are checked for renewal (they are renewed in their last
+/// [`drover_pki::RENEW_BEFORE_DAYS`] days, so an hour is plenty; the first check is at start).
+const CERTIFICATE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Renews the agents' certificates that are due, now and every [`CERTIFICATE_CHECK_EVERY`].
+/// Renewals wait on agents (up to a connection timeout each): this runs as a task of its own, so
+/// an unreachable agent never delays the VM monitor.
+pub async fn renew_certificates(engine: Engine) {
+    let mut tick = tokio::time::interval(CERTIFICATE_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match engine.renew_due_agent_certificates().await {
+            Ok(hosts) if !hosts.is_empty() => tracing::info!(hosts = hosts.len(), "renewed agents' certificates"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check the agents' certificates"),
+        }
+    }
+}
+
 async fn check_running(engine: &Engine) -> Result<()> {
     let mut agents = Agents::default();
     let failed_over: HashSet<VmId> = engine

@@ -5,6 +5,17 @@
 //! enrolled; while enrolling, `pending.key.pem` (0600) and `pending.csr.pem`. The pending key is
 //! kept apart so that re-enrolling an agent leaves its working identity in place until the new
 //! certificate is installed.
+//!
+//! # Renewal
+//! The control plane renews an enrolled agent's certificate over the mutual-TLS connection it
+//! already has, no token needed: the agent makes a new key and a CSR
+//! ([`AgentIdentity::renewal_csr`]: `renew.key.pem`, `renew.csr.pem`; asked again, it answers the
+//! same CSR until one is installed), the control plane signs it for the host it knows the agent
+//! as, and the agent installs the certificate ([`AgentIdentity::install_renewal`]). The new key
+//! and certificate are first written whole as `next.key.pem` and `next.cert.pem`, then renamed
+//! over the working pair, key first. A process killed at any point leaves either the old pair,
+//! or the new key with `next.cert.pem` beside it, which [`AgentIdentity::load`] finishes
+//! installing: never a key without its certificate.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +33,10 @@ const CERT: &str = "agent.cert.pem";
 const CA_CERT: &str = "ca.cert.pem";
 const PENDING_KEY: &str = "pending.key.pem";
 const PENDING_CSR: &str = "pending.csr.pem";
+const RENEW_KEY: &str = "renew.key.pem";
+const RENEW_CSR: &str = "renew.csr.pem";
+const NEXT_KEY: &str = "next.key.pem";
+const NEXT_CERT: &str = "next.cert.pem";
 
 /// An enrolled agent's identity.
 #[derive(Debug, Clone)]
@@ -51,23 +66,70 @@ impl AgentIdentity {
     /// installed identity is left alone until [`PendingAgentIdentity::install`].
     pub fn generate(dir: &Path) -> Result<PendingAgentIdentity> {
         files::ensure_private_dir(dir)?;
-        let key = KeyPair::generate().map_err(PkiError::Certificate)?;
-        let mut params = CertificateParams::default();
-        // The control plane ignores every name in the request (it writes its own); this one is
-        // for people reading it.
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "drover agent");
-        params.distinguished_name = dn;
-        let csr_pem = params.serialize_request(&key).and_then(|csr| csr.pem()).map_err(PkiError::Certificate)?;
+        let (key, csr_pem) = new_key_and_csr()?;
         files::write_private(&dir.join(PENDING_KEY), key.serialize_pem().as_bytes())?;
         files::write_public(&dir.join(PENDING_CSR), csr_pem.as_bytes())?;
         Ok(PendingAgentIdentity { dir: dir.to_path_buf(), key, csr_pem })
+    }
+
+    /// The CSR of this agent's next key, for the control plane to renew its certificate with
+    /// (see the module documentation). The key is made on the first call and kept (0600) until a
+    /// certificate for it is installed; later calls answer its CSR again, so a renewal retried
+    /// after a lost answer signs the key the agent holds.
+    pub fn renewal_csr(&self) -> Result<String> {
+        let (key_path, csr_path) = (self.dir.join(RENEW_KEY), self.dir.join(RENEW_CSR));
+        if files::exists(&key_path)? && files::exists(&csr_path)? {
+            let key_pem = files::read_private(&key_path)?;
+            let csr_pem = files::read_bounded(&csr_path)?;
+            if KeyPair::from_pem(&key_pem).is_ok() && csr_pem.contains("CERTIFICATE REQUEST") {
+                return Ok(csr_pem);
+            }
+            tracing::warn!(dir = %self.dir.display(), "replacing an unreadable renewal key");
+        }
+        let (key, csr_pem) = new_key_and_csr()?;
+        files::write_private(&key_path, key.serialize_pem().as_bytes())?;
+        files::write_public(&csr_path, csr_pem.as_bytes())?;
+        Ok(csr_pem)
+    }
+
+    /// Installs a renewed certificate for the key of [`AgentIdentity::renewal_csr`]: refused
+    /// unless it is for that key, issued by the CA this agent trusts, valid now, and names this
+    /// agent's host. Returns the new identity; the files hold it (durably) before this returns.
+    pub fn install_renewal(&self, signed_cert_pem: &str) -> Result<AgentIdentity> {
+        let key_path = self.dir.join(RENEW_KEY);
+        if !files::exists(&key_path)? {
+            return Err(PkiError::Untrusted("this agent has no renewal key waiting for a certificate".into()));
+        }
+        let key_pem = files::read_private(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|_| PkiError::CorruptFile { path: key_path.clone(), reason: "not a PEM private key".into() })?;
+        let (host_id, tls) = checked_identity(&key, &key_pem, signed_cert_pem, &self.ca)?;
+        if host_id != self.host_id {
+            return Err(PkiError::Untrusted(format!(
+                "the certificate names host {host_id}, and this agent is host {}",
+                self.host_id
+            )));
+        }
+        files::write_private(&self.dir.join(NEXT_KEY), key_pem.as_bytes())?;
+        files::write_public(&self.dir.join(NEXT_CERT), signed_cert_pem.as_bytes())?;
+        finish_renewal(&self.dir)?;
+        files::remove_if_present(&self.dir.join(RENEW_CSR))?;
+        files::remove_if_present(&key_path)?;
+        tracing::info!(host = %host_id, dir = %self.dir.display(), "installed the agent's renewed certificate");
+        Ok(AgentIdentity { dir: self.dir.clone(), host_id, tls, ca: self.ca.clone() })
+    }
+
+    /// When the certificate ends.
+    pub fn not_after(&self) -> Result<chrono::DateTime<chrono::Utc>> {
+        let cert = self.tls.chain.first().ok_or_else(|| PkiError::malformed("agent certificate", "no certificate"))?;
+        crate::ca::not_after(cert)
     }
 
     /// Loads the enrolled identity in `dir`, checking that the certificate is the key's, was
     /// issued by the stored CA, is valid now and names a host.
     pub fn load(dir: &Path) -> Result<Self> {
         files::ensure_private_dir(dir)?;
+        recover_renewal(dir)?;
         let key_pem = files::read_private(&dir.join(KEY))?;
         let cert_pem = files::read_bounded(&dir.join(CERT))?;
         let ca_pem = files::read_bounded(&dir.join(CA_CERT))?;
@@ -102,6 +164,7 @@ impl PendingAgentIdentity {
     /// The pending key and CSR in `dir`, from an earlier [`AgentIdentity::generate`].
     pub fn load(dir: &Path) -> Result<Self> {
         files::ensure_private_dir(dir)?;
+        recover_renewal(dir)?;
         let key_pem = files::read_private(&dir.join(PENDING_KEY))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|_| PkiError::CorruptFile {
             path: dir.join(PENDING_KEY),
@@ -133,6 +196,62 @@ impl PendingAgentIdentity {
         files::remove_if_present(&self.dir.join(PENDING_CSR))?;
         tracing::info!(host = %host_id, dir = %self.dir.display(), "installed the agent's certificate");
         Ok(AgentIdentity { dir: self.dir, host_id, tls, ca })
+    }
+}
+
+/// A new key pair and its CSR.
+fn new_key_and_csr() -> Result<(KeyPair, String)> {
+    let key = KeyPair::generate().map_err(PkiError::Certificate)?;
+    let mut params = CertificateParams::default();
+    // The control plane ignores every name in the request (it writes its own); this one is
+    // for people reading it.
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "drover agent");
+    params.distinguished_name = dn;
+    let csr_pem = params.serialize_request(&key).and_then(|csr| csr.pem()).map_err(PkiError::Certificate)?;
+    Ok((key, csr_pem))
+}
+
+/// Renames the staged pair over the working one, key first (each rename durable): see the
+/// module documentation.
+fn finish_renewal(dir: &Path) -> Result<()> {
+    let publish = |from: &str, to: &str| {
+        let (from, to) = (dir.join(from), dir.join(to));
+        drover_qemu::durable::publish_blocking(&from, &to).map_err(PkiError::io("installing", &to))
+    };
+    if files::exists(&dir.join(NEXT_KEY))? {
+        publish(NEXT_KEY, KEY)?;
+    }
+    publish(NEXT_CERT, CERT)
+}
+
+/// Finishes or forgets a renewal a killed process left staged. `next.cert.pem` is written after
+/// `next.key.pem`, so without it the staged key is an unfinished write, forgotten (the renewal
+/// key stays, and the control plane's next try installs it). With it, the staged certificate is
+/// installed if it is for the staged key (or, that one already renamed, for the working key).
+fn recover_renewal(dir: &Path) -> Result<()> {
+    let (next_key, next_cert) = (dir.join(NEXT_KEY), dir.join(NEXT_CERT));
+    if !files::exists(&next_cert)? {
+        return files::remove_if_present(&next_key);
+    }
+    let key_path = if files::exists(&next_key)? { next_key.clone() } else { dir.join(KEY) };
+    let ca = TrustedCa::from_pem(&files::read_bounded(&dir.join(CA_CERT))?)?;
+    let staged = (|| {
+        let key_pem = files::read_private(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|_| PkiError::malformed("renewal key", "not a PEM key"))?;
+        checked_identity(&key, &key_pem, &files::read_bounded(&next_cert)?, &ca)
+    })();
+    match staged {
+        Ok((host, _)) => {
+            finish_renewal(dir)?;
+            tracing::info!(%host, dir = %dir.display(), "finished installing a renewed certificate");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), "forgetting a staged renewal that does not check: {e}");
+            files::remove_if_present(&next_key)?;
+            files::remove_if_present(&next_cert)
+        }
     }
 }
 

@@ -294,6 +294,13 @@ pub(crate) fn spki_key(der: &[u8]) -> Result<Vec<u8>> {
     Ok(parsed.tbs_certificate.subject_pki.subject_public_key.data.to_vec())
 }
 
+/// When a certificate ends.
+pub(crate) fn not_after(der: &[u8]) -> Result<chrono::DateTime<chrono::Utc>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::malformed("certificate", e))?;
+    let at = parsed.validity().not_after.timestamp();
+    Ok(chrono::DateTime::from_timestamp(at, 0).unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC))
+}
+
 /// 16 random bytes, positive and without a leading zero byte (so it keeps its length in DER).
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();

@@ -21,6 +21,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::error::{PkiError, Result};
@@ -177,16 +178,21 @@ impl TlsIdentity {
 /// (the control plane's or a peer agent's); one without a certificate, or with any other,
 /// fails the handshake. The server reads who connected with [`crate::peer_identity`].
 pub fn server_config_requiring_client_cert(identity: &TlsIdentity, ca: &TrustedCa) -> Result<ServerConfig> {
+    server_config_requiring_client_cert_live(&LiveIdentity::new(identity)?, ca)
+}
+
+/// [`server_config_requiring_client_cert`] presenting whatever `identity` holds when a client
+/// connects: a renewed certificate is served from the next handshake on.
+pub fn server_config_requiring_client_cert_live(identity: &LiveIdentity, ca: &TrustedCa) -> Result<ServerConfig> {
     let provider = crypto_provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(ca.root_store()?, provider.clone())
         .build()
         .map_err(PkiError::Verifier)?;
-    ServerConfig::builder_with_provider(provider)
+    Ok(ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(PkiError::Tls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(PkiError::Tls)
+        .with_cert_resolver(Arc::new(identity.clone())))
 }
 
 /// The server config of the control plane: a client may come without a certificate (people,
@@ -211,12 +217,78 @@ pub fn server_config_optional_client_cert(identity: &TlsIdentity, ca: &TrustedCa
 /// trusts only servers whose certificate `ca` issued. To reach an agent, connect with
 /// [`crate::agent_server_name`] of the host meant, whatever its address.
 pub fn client_config(identity: &TlsIdentity, ca: &TrustedCa) -> Result<ClientConfig> {
-    ClientConfig::builder_with_provider(crypto_provider())
+    client_config_live(&LiveIdentity::new(identity)?, ca)
+}
+
+/// [`client_config`] presenting whatever `identity` holds when a connection is made.
+pub fn client_config_live(identity: &LiveIdentity, ca: &TrustedCa) -> Result<ClientConfig> {
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(PkiError::Tls)?
         .with_root_certificates(ca.root_store()?)
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(PkiError::Tls)
+        .with_client_cert_resolver(Arc::new(identity.clone())))
+}
+
+/// A certificate and key that can be replaced while connections are served and made: the
+/// configs built with it ([`server_config_requiring_client_cert_live`], [`client_config_live`])
+/// ask it for the identity at each handshake, so an agent whose certificate was renewed presents
+/// the new one from then on without restarting its listeners. Connections already made keep the
+/// one they were made with. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct LiveIdentity(Arc<std::sync::RwLock<Arc<CertifiedKey>>>);
+
+impl std::fmt::Debug for LiveIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveIdentity").finish_non_exhaustive()
+    }
+}
+
+impl LiveIdentity {
+    pub fn new(identity: &TlsIdentity) -> Result<LiveIdentity> {
+        Ok(LiveIdentity(Arc::new(std::sync::RwLock::new(certified_key(identity)?))))
+    }
+
+    /// Presents `identity` from the next handshake on.
+    pub fn replace(&self, identity: &TlsIdentity) -> Result<()> {
+        let key = certified_key(identity)?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+
+    /// The end-entity certificate presented now.
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.current().cert[0].clone()
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The chain with its key loaded for signing; refused unless the key is the certificate's.
+fn certified_key(identity: &TlsIdentity) -> Result<Arc<CertifiedKey>> {
+    let key = crypto_provider().key_provider.load_private_key(identity.key.clone_key()).map_err(PkiError::Tls)?;
+    let certified = CertifiedKey::new(identity.chain.clone(), key);
+    certified.keys_match().map_err(PkiError::Tls)?;
+    Ok(Arc::new(certified))
+}
+
+impl rustls::server::ResolvesServerCert for LiveIdentity {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveIdentity {
+    fn resolve(&self, _hints: &[&[u8]], schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        let key = self.current();
+        // A server that accepts none of our key's schemes gets no certificate (and refuses us).
+        key.key.choose_scheme(schemes).is_some().then_some(key)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The client config of an agent that is enrolling: it has no certificate yet and knows the

@@ -792,6 +792,20 @@ impl Store {
         Ok(true)
     }
 
+    /// Records that a host's agent now presents a certificate that ends at `not_after`.
+    pub async fn agent_certificate_renewed(&self, host: HostId, not_after: Timestamp) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO agent_status (host_id, certificate_expires_at) VALUES ($1, $2)
+             ON CONFLICT (host_id) DO UPDATE SET certificate_expires_at = excluded.certificate_expires_at",
+        )
+        .bind(host.to_string())
+        .bind(ms(not_after))
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+
     /// Records the outcome of a call to a host's agent: `error` `None` is a success at `at`.
     pub async fn agent_seen(&self, host: HostId, at: Timestamp, error: Option<&str>) -> Result<()> {
         let query = match error {

@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use drover_agent::LocalAgent;
 use drover_agent::host_paths::HostPaths;
+use drover_agent::identity::IdentityKeeper;
 use drover_agent::peer::DataListener;
 use drover_hv::Hypervisor;
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver};
@@ -251,9 +252,12 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     };
     let roots = HostPaths::new(&roots, &args.import_dirs).context("bad --datastore-root or --import-dir")?;
     let hv = hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
+    // Every TLS config presents the identity the keeper holds, so a certificate the control
+    // plane renews is presented from the next handshake on, on every listener and connection.
+    let keeper = Arc::new(IdentityKeeper::new(identity.clone())?);
     // Other agents are dialled (to pull their cuts) with this agent's identity, and trusted only
     // with a certificate from the same CA.
-    let peer_tls = drover_pki::client_config(identity.tls_identity(), identity.trusted_ca())?;
+    let peer_tls = drover_pki::client_config_live(keeper.live(), identity.trusted_ca())?;
     let agent = LocalAgent::new(hv, args.data_dir.join("work"))
         .with_datastore_roots(roots)
         .with_peer_tls(peer_tls)
@@ -262,7 +266,7 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
             streams: args.data_streams,
             ..drover_agent::peer::PeerStreams::default()
         });
-    let config = drover_pki::server_config_requiring_client_cert(identity.tls_identity(), identity.trusted_ca())?;
+    let config = drover_pki::server_config_requiring_client_cert_live(keeper.live(), identity.trusted_ca())?;
     let data = match args.data_listen {
         Some(bind) => {
             if bind.ip().is_unspecified() && args.data_advertise.is_none() {
@@ -283,7 +287,7 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     let listener =
         std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(drover_agent::server::serve_tls(listener, Arc::new(agent), Arc::new(config)));
+    let task = tokio::spawn(drover_agent::server::serve_tls(listener, Arc::new(agent), Arc::new(config), Some(keeper)));
     Ok(RunningAgent { identity, addr, data, task })
 }
 

@@ -97,6 +97,29 @@ async fn call_agent(
         .map_err(|e| format!("{e:?}"))
 }
 
+/// The certificate the agent at `url` presents to a new connection from the control plane.
+async fn presented_certificate(
+    url: &str,
+    host: &str,
+    ca: &drover_pki::TrustedCa,
+    cp: &drover_pki::TlsIdentity,
+) -> Vec<u8> {
+    let config = std::sync::Arc::new(drover_pki::client_config(cp, ca).unwrap());
+    let name = drover_pki::agent_server_name(drover_types::HostId(host.parse::<uuid::Uuid>().unwrap()));
+    let tcp = tokio::net::TcpStream::connect(url.strip_prefix("https://").unwrap()).await.unwrap();
+    let tls =
+        tokio::time::timeout(Duration::from_secs(20), tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn pem_der(pem: &[u8]) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem).unwrap().to_vec()
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -240,13 +263,29 @@ async fn an_agent_enrols_once_serves_only_its_control_plane_and_is_shown_unreach
     let state = api.ok(M::GET, &format!("/v1/hosts/{host_id}/agent"), None).await;
     assert_eq!(state["state"], "connected", "{state}");
 
+    // Renewal without a token or a restart: the control plane renews the running agent's
+    // certificate over the agent API (by itself in its last month; here, asked to). The agent
+    // presents the new one to the next connection, and is reached with it.
+    let cert = identity_dir.join("agent.cert.pem");
+    let before = std::fs::read(&cert).unwrap();
+    assert_eq!(presented_certificate(&url, &host_id, &ca, &cp_identity).await, pem_der(&before));
+    let renewed = api.ok(M::POST, &format!("/v1/hosts/{host_id}/agent/certificate"), None).await;
+    assert_eq!(renewed["state"], "connected", "{renewed}");
+    assert_eq!(renewed["certificate_renewal_due"], false, "{renewed}");
+    let after = std::fs::read(&cert).unwrap();
+    assert_ne!(after, before, "a new certificate");
+    assert_eq!(mode(&identity_dir.join("agent.key.pem")), 0o600);
+    assert_eq!(presented_certificate(&url, &host_id, &ca, &cp_identity).await, pem_der(&after));
+    api.ok(M::POST, "/v1/datastores", Some(json!({"host_id": host_id, "name": "r", "path": root.join("r")}))).await;
+    let (status, v) = api.send(M::POST, &format!("/v1/hosts/{impostor_id}/agent/certificate"), None).await;
+    assert_eq!(status, 409, "a host whose agent never enrolled: {v}");
+
     // Renewal: with a new token, `--re-enroll` replaces the agent's certificate, and the control
     // plane records the new one's end; without it, an enrolled agent keeps its identity.
     prod.kill();
     let renew = api.ok(M::POST, &format!("/v1/hosts/{host_id}/enrolment"), None).await;
     let renew = renew["token"].as_str().unwrap().to_string();
-    let cert = identity_dir.join("agent.cert.pem");
-    let before = std::fs::read(&cert).unwrap();
+    let before = after;
     let out =
         agent_command(&dir.path().join("prod")).args(["--enroll", &cp.agent_url, &renew, "--enroll-only"]).output();
     let out = out.unwrap();

@@ -113,6 +113,9 @@ pub enum HostCommand {
     },
     /// How the control plane last saw the host's agent: state, enrolled, last seen, last error.
     Agent(IdArg),
+    /// Renews the host's agent certificate now, from a new key (the control plane also does it
+    /// by itself in the certificate's last month). The agent must be reachable.
+    RenewCertificate(IdArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -921,6 +924,9 @@ async fn host(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
             ctx.create(&format!("/hosts/{id}/enrolment"), body, render::enrolment).await
         }
         HostCommand::Agent(a) => ctx.get(&format!("/hosts/{}/agent", a.id), render::host_agent).await,
+        HostCommand::RenewCertificate(a) => {
+            ctx.create(&format!("/hosts/{}/agent/certificate", a.id), json!({}), render::host_agent).await
+        }
     }
 }
 

@@ -153,7 +153,10 @@ pub fn host_agent(a: &AgentView) -> String {
             match (&a.certificate_expires_at, a.certificate_renewal_due) {
                 (None, _) => "-".into(),
                 (Some(at), false) => local_time(at),
-                (Some(at), true) => format!("{} (renew it: enrol the agent again with --re-enroll)", local_time(at)),
+                (Some(at), true) => format!(
+                    "{} (renewal due: the control plane renews it while the agent is reachable; now: drover host renew-certificate)",
+                    local_time(at)
+                ),
             },
         ),
     ])
