@@ -22,7 +22,9 @@ use drover_agent_api::{
     VmDisksSpec, VmPresence, VmRunSpec,
 };
 use drover_agent_client::RemoteAgent;
-use drover_pki::{ControlPlaneCa, EnrolmentRecord, EnrolmentToken, IssuedCertificate, PresentedToken, TlsIdentity};
+use drover_pki::{
+    ControlPlaneCa, EnrolmentRecord, EnrolmentToken, IssuedCertificate, LiveIdentity, PresentedToken, SubjectName,
+};
 use drover_types::{AgentEnrolment, Error, Host, HostId, Result, now};
 
 use crate::Engine;
@@ -31,16 +33,27 @@ use crate::Engine;
 #[derive(Debug)]
 pub struct AgentPki {
     pub ca: ControlPlaneCa,
-    pub identity: TlsIdentity,
+    /// The control plane's certificate, as its agent listener and its connections to agents
+    /// present it: reissued in its last month by [`Engine::renew_own_certificate`].
+    pub identity: LiveIdentity,
+    /// The names the control plane's certificate carries.
+    names: Vec<SubjectName>,
     /// The URL agents enrol at (the control plane's agent listener, as agents reach it).
     pub enrol_url: String,
     client: Arc<rustls::ClientConfig>,
 }
 
 impl AgentPki {
-    pub fn new(ca: ControlPlaneCa, identity: TlsIdentity, enrol_url: String) -> Result<AgentPki> {
-        let client = drover_pki::client_config(&identity, ca.trusted_ca())?;
-        Ok(AgentPki { ca, identity, enrol_url, client: Arc::new(client) })
+    /// `identity` presents the certificate [`ControlPlaneCa::control_plane_identity`] gave for
+    /// `names`.
+    pub fn new(
+        ca: ControlPlaneCa,
+        identity: LiveIdentity,
+        names: Vec<SubjectName>,
+        enrol_url: String,
+    ) -> Result<AgentPki> {
+        let client = drover_pki::client_config_live(&identity, ca.trusted_ca())?;
+        Ok(AgentPki { ca, identity, names, enrol_url, client: Arc::new(client) })
     }
 }
 
@@ -310,6 +323,20 @@ impl Engine {
         self.store().agent_certificate_renewed(host.id, not_after).await?;
         tracing::info!(host = %host.name, %not_after, "renewed the agent's certificate");
         Ok(not_after)
+    }
+
+    /// The control plane's own certificate, issued again by its CA when it ends within
+    /// [`drover_pki::RENEW_BEFORE_DAYS`] (the store of the CA directory decides: see
+    /// [`ControlPlaneCa::control_plane_identity`]) and presented from the next connection on, so
+    /// a control plane that runs for more than a year keeps reaching its agents.
+    pub fn renew_own_certificate(&self) -> Result<()> {
+        let Some(pki) = self.agent_pki() else { return Ok(()) };
+        let identity = pki.ca.control_plane_identity(&pki.names)?;
+        if identity.certificate_chain().first() != Some(&pki.identity.certificate()) {
+            pki.identity.replace(&identity)?;
+            tracing::info!("the control plane presents its renewed certificate");
+        }
+        Ok(())
     }
 
     /// Renews the certificate of every enrolled agent whose certificate ends within

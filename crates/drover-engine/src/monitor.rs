@@ -281,7 +281,8 @@ pub async fn run(engine: Engine) {
 /// [`drover_pki::RENEW_BEFORE_DAYS`] days, so an hour is plenty; the first check is at start).
 const CERTIFICATE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Renews the agents' certificates that are due, now and every [`CERTIFICATE_CHECK_EVERY`].
+/// Renews the control plane's own certificate and the agents' that are due, now and every
+/// [`CERTIFICATE_CHECK_EVERY`].
 /// Renewals wait on agents (up to a connection timeout each): this runs as a task of its own, so
 /// an unreachable agent never delays the VM monitor.
 pub async fn renew_certificates(engine: Engine) {
@@ -289,6 +290,13 @@ pub async fn renew_certificates(engine: Engine) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // A few KiB of files read (and, once a year, written and fsynced).
+        let own = engine.clone();
+        match tokio::task::spawn_blocking(move || own.renew_own_certificate()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the control plane's own certificate"),
+            Err(e) => tracing::warn!(error = %e, "the control plane's certificate check failed"),
+        }
         match engine.renew_due_agent_certificates().await {
             Ok(hosts) if !hosts.is_empty() => tracing::info!(hosts = hosts.len(), "renewed agents' certificates"),
             Ok(_) => {}

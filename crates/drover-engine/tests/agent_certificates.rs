@@ -30,8 +30,13 @@ async fn an_agent_certificate_in_its_last_month_is_renewed_by_the_control_plane(
 
     // The control plane's CA, as `drover serve --agent-listen` sets it up.
     let ca = ControlPlaneCa::create_or_load(&dir.path().join("ca")).unwrap();
-    let cp_identity = ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
-    engine.set_agent_pki(AgentPki::new(ca, cp_identity, "https://127.0.0.1:1".into()).unwrap());
+    let names = vec!["localhost".parse().unwrap()];
+    let cp_identity = drover_pki::LiveIdentity::new(&ca.control_plane_identity(&names).unwrap()).unwrap();
+    engine.set_agent_pki(AgentPki::new(ca, cp_identity.clone(), names, "https://127.0.0.1:1".into()).unwrap());
+    // Its own certificate has a year to go: kept.
+    let own = cp_identity.certificate();
+    engine.renew_own_certificate().unwrap();
+    assert_eq!(cp_identity.certificate(), own);
 
     // A host, its agent enrolled with a token, serving the agent API on loopback.
     let site = app.site_create(&admin, "prod", SiteKind::Production).await.unwrap();
@@ -84,6 +89,19 @@ async fn an_agent_certificate_in_its_last_month_is_renewed_by_the_control_plane(
     engine.agent_disconnect(host.id).await;
     assert!(engine.agent(&host).await.unwrap().vm_list().await.is_ok());
     assert!(engine.renew_due_agent_certificates().await.unwrap().is_empty(), "nothing due any more");
+
+    // The control plane's own certificate, once its stored one will not do (here: a certificate
+    // for another key, as a broken or replaced file would be), is issued again and presented
+    // to the agents from the next connection on.
+    let pki = engine.agent_pki().unwrap().clone();
+    let stray = pki.ca.issue_control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
+    std::fs::write(dir.path().join("ca/control-plane.cert.pem"), stray.chain_pem).unwrap();
+    engine.renew_own_certificate().unwrap();
+    assert_ne!(cp_identity.certificate(), own, "a new certificate for the control plane");
+    let reloaded = pki.ca.control_plane_identity(&["localhost".parse().unwrap()]).unwrap();
+    assert_eq!(reloaded.certificate_chain()[0], cp_identity.certificate(), "the stored one is presented");
+    engine.agent_disconnect(host.id).await;
+    assert!(engine.agent(&host).await.unwrap().vm_list().await.is_ok(), "the agent takes it");
 
     // Due again while the agent is gone: it is tried, reported unreachable, left due, and
     // nothing on the agent's side changes.

@@ -70,7 +70,8 @@ pub use error::{PkiError, PkiErrorKind, Result};
 pub use names::{PeerIdentity, SubjectName, agent_dns_name, agent_server_name, peer_host_id, peer_identity};
 pub use tls::{
     CaFingerprint, LiveIdentity, MAX_CERTIFICATE_PEM, TlsIdentity, TrustedCa, client_config, client_config_live,
-    crypto_provider, enrolment_client_config, server_config_optional_client_cert, server_config_requiring_client_cert,
+    crypto_provider, enrolment_client_config, server_config_optional_client_cert,
+    server_config_optional_client_cert_live, server_config_requiring_client_cert,
     server_config_requiring_client_cert_live,
 };
 pub use token::{EnrolmentRecord, EnrolmentToken, MAX_TOKEN_LEN, PresentedToken, TOKEN_PREFIX, TokenHash};

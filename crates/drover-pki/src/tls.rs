@@ -200,17 +200,21 @@ pub fn server_config_requiring_client_cert_live(identity: &LiveIdentity, ca: &Tr
 /// issued by `ca`, or the handshake fails. A route for agents refuses a connection whose
 /// [`crate::peer_identity`] is not an agent.
 pub fn server_config_optional_client_cert(identity: &TlsIdentity, ca: &TrustedCa) -> Result<ServerConfig> {
+    server_config_optional_client_cert_live(&LiveIdentity::new(identity)?, ca)
+}
+
+/// [`server_config_optional_client_cert`] presenting whatever `identity` holds at each handshake.
+pub fn server_config_optional_client_cert_live(identity: &LiveIdentity, ca: &TrustedCa) -> Result<ServerConfig> {
     let provider = crypto_provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(ca.root_store()?, provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(PkiError::Verifier)?;
-    ServerConfig::builder_with_provider(provider)
+    Ok(ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(PkiError::Tls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(PkiError::Tls)
+        .with_cert_resolver(Arc::new(identity.clone())))
 }
 
 /// The client config of an enrolled agent or of the control plane: presents `identity` and

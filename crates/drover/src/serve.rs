@@ -339,7 +339,10 @@ async fn agent_listener(
         .map(|n| n.parse::<SubjectName>().with_context(|| format!("{n:?} cannot name the control plane's certificate")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let identity = ca.control_plane_identity(&names).context("cannot issue the control plane's certificate")?;
-    let config = drover_pki::server_config_optional_client_cert(&identity, ca.trusted_ca())?;
+    // Presented through a live identity: the engine reissues it in its last month, and this
+    // listener and the connections to agents present the new one without a restart.
+    let identity = drover_pki::LiveIdentity::new(&identity)?;
+    let config = drover_pki::server_config_optional_client_cert_live(&identity, ca.trusted_ca())?;
     let listener = drover_api::listen(drover_api::agents::router(app.clone()), addr, Tls::Config(Arc::new(config)))
         .await
         .with_context(|| format!("cannot listen on {addr} (agents)"))?;
@@ -350,7 +353,7 @@ async fn agent_listener(
         }
         None => format!("https://{}", listener.addr),
     };
-    app.engine().set_agent_pki(drover_engine::agents::AgentPki::new(ca, identity, url)?);
+    app.engine().set_agent_pki(drover_engine::agents::AgentPki::new(ca, identity, names, url)?);
     Ok(listener)
 }
 
