@@ -116,6 +116,7 @@ impl From<drover_qemu::ToolError> for HvError {
             T::Timeout(after, what) => HvError::Timeout(after, what),
             T::Qmp { command, class, desc } => HvError::Qmp { command, class, desc },
             T::QmpProtocol(m) => HvError::QmpProtocol(m),
+            e @ (T::GuestAgent { .. } | T::GuestAgentProtocol(_)) => HvError::GuestChannel(e.to_string()),
             T::Tool { program, stderr } => HvError::Tool { program, stderr },
             T::InvalidArgument(m) => HvError::InvalidSpec(m),
             T::Io { context, source } => HvError::Io { context, source },

@@ -1,4 +1,5 @@
-//! The QEMU tools drover drives, and nothing else: a QMP client ([`qmp`]), `qemu-img`
+//! The QEMU tools drover drives, and nothing else: a QMP client ([`qmp`]), a guest agent client
+//! ([`qga`]), `qemu-img`
 //! ([`image`]), `qemu-storage-daemon` ([`qsd`]) and durable file publishing ([`durable`]).
 //!
 //! No trait and no store: this is the toolbox under both the hypervisor driver (`drover-hv`) and
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 pub mod durable;
 pub mod image;
+pub mod qga;
 pub mod qmp;
 pub mod qsd;
 
@@ -21,6 +23,12 @@ pub enum ToolError {
     Qmp { command: String, class: String, desc: String },
     #[error("QMP protocol: {0}")]
     QmpProtocol(String),
+    /// The guest agent refused a command (its class: `CommandNotFound`, `GenericError`...).
+    #[error("guest agent command {command} failed: {class}: {desc}")]
+    GuestAgent { command: String, class: String, desc: String },
+    /// The guest agent (the guest: untrusted) answered something that is not its protocol.
+    #[error("guest agent: {0}")]
+    GuestAgentProtocol(String),
     #[error("{program} failed: {stderr}")]
     Tool { program: String, stderr: String },
     /// What the caller asked for cannot be done as asked (a node name, an export, a size).
