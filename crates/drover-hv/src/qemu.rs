@@ -64,8 +64,13 @@ use crate::{
 };
 use drover_qemu::qmp::QmpClient;
 
-/// Name of the virtio-serial port the guest agent listens on.
+/// Name of the virtio-serial port drover's own guest channel listens on (the tiny guest's).
 pub const AGENT_CHANNEL: &str = "org.drover.agent";
+/// Name of the virtio-serial port the standard QEMU guest agent (`qemu-ga`) listens on. Every VM
+/// gets both ports; a heartbeat is an answer on either ([`QemuDriver`]'s `wait_heartbeat`).
+pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+/// The longest line taken from drover's guest channel (a pong with a marker is under 1 KiB).
+const MAX_GUEST_LINE: usize = 64 << 10;
 
 /// Bound on one QMP connection + command; QEMU answers in milliseconds unless wedged.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -202,6 +207,8 @@ struct VmPaths {
     pidfile: PathBuf,
     qmp: PathBuf,
     agent: PathBuf,
+    /// The QEMU guest agent's port.
+    qga: PathBuf,
     console: PathBuf,
     console_prev: PathBuf,
     stopped: PathBuf,
@@ -215,6 +222,7 @@ impl VmPaths {
             pidfile: dir.join("qemu.pid"),
             qmp: dir.join("qmp.sock"),
             agent: dir.join("agent.sock"),
+            qga: dir.join("qga.sock"),
             console: dir.join("console.log"),
             console_prev: dir.join("console.prev.log"),
             stopped: dir.join("stopped"),
@@ -406,16 +414,17 @@ impl QemuDriver {
             .write_all(format!("{request}\n").as_bytes())
             .await
             .map_err(|e| HvError::io("writing to the guest channel", e))?;
-        let mut lines = BufReader::new(read).lines();
+        // The guest is not trusted: a line is bounded before it is held whole.
+        let mut read = BufReader::new(read);
         loop {
-            let line = lines
-                .next_line()
+            let line = drover_qemu::qga::read_line_bounded(&mut read, MAX_GUEST_LINE)
                 .await
                 .map_err(|e| HvError::io("reading from the guest channel", e))?
                 .ok_or_else(|| HvError::GuestChannel("channel closed".into()))?;
+            let line = String::from_utf8_lossy(&line);
             match accept(line.trim_end()) {
                 Some(answer) => return Ok(answer),
-                None => tracing::debug!(line, "skipping unexpected guest line"),
+                None => tracing::debug!(line = %line, "skipping unexpected guest line"),
             }
         }
     }
@@ -595,8 +604,27 @@ impl Hypervisor for QemuDriver {
         self.read_status(vm).await
     }
 
+    /// An answer on drover's channel (`ping`, with the guest's uptime and marker) or from the
+    /// QEMU guest agent (`guest-ping`; it says neither, so the uptime is the VM's QEMU's and
+    /// there is no marker), whichever comes first.
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
-        self.agent_retry(vm, timeout, "guest heartbeat", "ping", parse_pong).await
+        let paths = self.paths(vm);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if running_pid(&paths, vm).is_none() {
+                return Err(self.not_running(vm));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(HvError::Timeout(timeout, "guest heartbeat"));
+            }
+            let attempt = remaining.min(AGENT_ATTEMPT);
+            if let Ok(Some(answer)) = tokio::time::timeout(attempt, heartbeat_once(&paths, vm, attempt)).await {
+                return answer;
+            }
+            let pause = Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(pause).await;
+        }
     }
 
     async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()> {
@@ -845,6 +873,8 @@ fn qemu_args(
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     push(&["-chardev", &format!("socket,id=agent,path={},server=on,wait=off", qemu_opt_path(&paths.agent)?)]);
     push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_CHANNEL}")]);
+    push(&["-chardev", &format!("socket,id=qga,path={},server=on,wait=off", qemu_opt_path(&paths.qga)?)]);
+    push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=qga,name={GUEST_AGENT_CHANNEL}")]);
     for (i, disk) in spec.disks.iter().enumerate() {
         push(&["-blockdev", &format!("driver=file,node-name=file{i},filename={}", qemu_opt_path(&disk.path)?)]);
         push(&["-blockdev", &format!("driver=qcow2,node-name=disk{i},file=file{i},discard=unmap")]);
@@ -884,6 +914,40 @@ fn user_netdev(spec: &VmSpec, bridges: &BTreeMap<String, String>) -> Option<Stri
 }
 
 /// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
+/// One try at a heartbeat on both channels at once: the first answer, or `None` when neither
+/// answered (the caller tries again).
+async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<HvResult<Heartbeat>> {
+    let drover = QemuDriver::agent_exchange(paths, "ping", parse_pong);
+    let qga = async {
+        let mut agent = drover_qemu::qga::GuestAgent::connect(&paths.qga, attempt).await?;
+        agent.ping().await?;
+        let started = std::fs::metadata(&paths.pidfile).and_then(|m| m.modified()).ok();
+        let uptime_secs = started.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
+        Ok::<_, HvError>(Heartbeat { uptime_secs, marker: None })
+    };
+    tokio::pin!(drover, qga);
+    let (mut drover_done, mut qga_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut drover, if !drover_done => match r {
+                Ok(answer) => return Some(answer),
+                Err(e) => {
+                    tracing::debug!(%vm, error = %e, "guest channel not ready");
+                    drover_done = true;
+                }
+            },
+            r = &mut qga, if !qga_done => match r {
+                Ok(heartbeat) => return Some(Ok(heartbeat)),
+                Err(e) => {
+                    tracing::debug!(%vm, error = %e, "guest agent not ready");
+                    qga_done = true;
+                }
+            },
+            else => return None,
+        }
+    }
+}
+
 fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
     let rest = line.strip_prefix("pong ")?;
     let mut fields = rest.splitn(2, ' ');
@@ -1028,6 +1092,8 @@ mod tests {
              -serial chardev:serial0 -device virtio-serial-pci,id=vser0 \
              -chardev socket,id=agent,path={d}/agent.sock,server=on,wait=off \
              -device virtserialport,bus=vser0.0,chardev=agent,name=org.drover.agent \
+             -chardev socket,id=qga,path={d}/qga.sock,server=on,wait=off \
+             -device virtserialport,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0 \
              -blockdev driver=file,node-name=file0,filename=/images/a.qcow2 \
              -blockdev driver=qcow2,node-name=disk0,file=file0,discard=unmap \
              -device virtio-blk-pci,drive=disk0,id=vblk0 \

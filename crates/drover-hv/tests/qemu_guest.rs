@@ -282,3 +282,55 @@ async fn kvm_probe_answers_within_its_timeout() {
     eprintln!("KVM probe: {ok} after {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < timeout + Duration::from_secs(5));
 }
+
+/// A real guest with no drover code in it (`scripts/build-debian-guest`: Debian, systemd,
+/// `qemu-guest-agent`) is heard through the standard QEMU guest agent's port, which every VM the
+/// driver starts has; the heartbeat says so (no marker, its QEMU's uptime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
+    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(debian.join("guest.json"))
+            .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest")),
+    )
+    .unwrap();
+    let f = Fixture::new();
+    let hv = QemuDriver::new(f.config());
+    // An overlay: the cached image stays as built.
+    let disk = f.dir.path().join("debian.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(debian.join("disk.qcow2"))
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = VmSpec {
+        id: Uuid::new_v4(),
+        name: "debian".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        disks: vec![DiskSpec { path: disk }],
+        nics: vec![],
+        boot: drover_hv::BootSpec {
+            kernel: Some(debian.join(manifest["kernel"].as_str().unwrap())),
+            initrd: Some(debian.join(manifest["initrd"].as_str().unwrap())),
+            cmdline: Some(manifest["cmdline"].as_str().unwrap().to_string()),
+        },
+    };
+    let started = Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    let hb = hv.wait_heartbeat(spec.id, Duration::from_secs(240)).await.unwrap_or_else(|e| {
+        let console = console(&hv, spec.id);
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        panic!("no heartbeat from the Debian guest: {e}; console (last lines first):\n{}", tail.join("\n"))
+    });
+    println!("the Debian guest's heartbeat (guest agent) {:.1} s after power-on", started.elapsed().as_secs_f64());
+    assert_eq!(hb.marker, None, "the guest agent carries no marker");
+    assert!(hb.uptime_secs > 0.0 && hb.uptime_secs <= started.elapsed().as_secs_f64() + 1.0, "{hb:?}");
+    // Heard again on a new connection (the first client gone).
+    hv.wait_heartbeat(spec.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(hv.power_off(spec.id).await.ok(), Some(()));
+}

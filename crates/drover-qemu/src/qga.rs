@@ -217,27 +217,44 @@ impl GuestAgent {
         }
     }
 
-    /// One line (without its newline), refused past [`MAX_LINE`] bytes before it is held whole.
     async fn read_line(&mut self) -> ToolResult<Vec<u8>> {
-        let mut line = Vec::new();
-        loop {
-            let buf = self.stream.fill_buf().await.map_err(|e| ToolError::io("reading from the guest agent", e))?;
-            if buf.is_empty() {
-                return Err(protocol("the guest agent closed the connection"));
-            }
-            let (take, done) = match buf.iter().position(|b| *b == b'\n') {
-                Some(at) => (at + 1, true),
-                None => (buf.len(), false),
-            };
-            if line.len() + take > MAX_LINE + 1 {
-                return Err(protocol(format!("a line longer than {MAX_LINE} bytes")));
-            }
-            line.extend_from_slice(&buf[..take]);
-            self.stream.consume(take);
-            if done {
-                line.pop();
-                return Ok(line);
-            }
+        match read_line_bounded(&mut self.stream, MAX_LINE).await {
+            Ok(Some(line)) => Ok(line),
+            Ok(None) => Err(protocol("the guest agent closed the connection")),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(protocol(e.to_string())),
+            Err(e) => Err(ToolError::io("reading from the guest agent", e)),
+        }
+    }
+}
+
+/// One line (without its newline) from a peer that may not be trusted: refused
+/// (`InvalidData`) once it passes `max` bytes, before it is held whole; `None` at the end of the
+/// stream. Whatever follows a refused line is not read.
+pub async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > max + 1 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a line longer than {max} bytes"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            line.pop();
+            return Ok(Some(line));
         }
     }
 }
