@@ -439,6 +439,31 @@ impl QemuDriver {
         accept: impl Fn(&str) -> Option<HvResult<T>> + Copy,
     ) -> HvResult<T> {
         let paths = self.paths(vm);
+        self.retry_until(vm, timeout, what, |_| async {
+            match Self::agent_exchange(&paths, request, accept).await {
+                Ok(answer) => Some(answer),
+                Err(e) => {
+                    tracing::debug!(%vm, error = %e, "guest channel not ready");
+                    None
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` (given its time budget, at most [`AGENT_ATTEMPT`]) until it answers, the
+    /// VM stops, or `timeout` passes (`what` names the wait in the timeout error).
+    async fn retry_until<T, Fut>(
+        &self,
+        vm: Uuid,
+        timeout: Duration,
+        what: &'static str,
+        attempt: impl Fn(Duration) -> Fut,
+    ) -> HvResult<T>
+    where
+        Fut: std::future::Future<Output = Option<HvResult<T>>>,
+    {
+        let paths = self.paths(vm);
         let deadline = Instant::now() + timeout;
         loop {
             if running_pid(&paths, vm).is_none() {
@@ -448,11 +473,11 @@ impl QemuDriver {
             if remaining.is_zero() {
                 return Err(HvError::Timeout(timeout, what));
             }
-            let attempt = remaining.min(AGENT_ATTEMPT);
-            match tokio::time::timeout(attempt, Self::agent_exchange(&paths, request, accept)).await {
-                Ok(Ok(answer)) => return answer,
-                Ok(Err(e)) => tracing::debug!(%vm, error = %e, "guest channel not ready"),
-                Err(_) => tracing::debug!(%vm, "guest channel: no answer yet"),
+            let budget = remaining.min(AGENT_ATTEMPT);
+            match tokio::time::timeout(budget, attempt(budget)).await {
+                Ok(Some(answer)) => return answer,
+                Ok(None) => {}
+                Err(_) => tracing::debug!(%vm, what, "no answer yet"),
             }
             let pause = Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(pause).await;
@@ -609,22 +634,7 @@ impl Hypervisor for QemuDriver {
     /// there is no marker), whichever comes first.
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
         let paths = self.paths(vm);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if running_pid(&paths, vm).is_none() {
-                return Err(self.not_running(vm));
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(HvError::Timeout(timeout, "guest heartbeat"));
-            }
-            let attempt = remaining.min(AGENT_ATTEMPT);
-            if let Ok(Some(answer)) = tokio::time::timeout(attempt, heartbeat_once(&paths, vm, attempt)).await {
-                return answer;
-            }
-            let pause = Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()));
-            tokio::time::sleep(pause).await;
-        }
+        self.retry_until(vm, timeout, "guest heartbeat", |budget| heartbeat_once(&paths, vm, budget)).await
     }
 
     async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()> {

@@ -300,13 +300,7 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
     let hv = QemuDriver::new(f.config());
     // An overlay: the cached image stays as built.
     let disk = f.dir.path().join("debian.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(debian.join("disk.qcow2"))
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    image::create_overlay(&disk, &debian.join("disk.qcow2")).await.unwrap();
     let spec = VmSpec {
         id: Uuid::new_v4(),
         name: "debian".into(),

@@ -34,17 +34,12 @@ impl Drop for Vm {
     }
 }
 
-fn boot(guest: &Path, dir: &Path) -> Vm {
+async fn boot(guest: &Path, dir: &Path) -> Vm {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(guest.join("guest.json")).unwrap()).unwrap();
     let disk = dir.join("disk.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(guest.join("disk.qcow2"))
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // An overlay: the cached image stays as built.
+    drover_qemu::image::create_overlay(&disk, &guest.join("disk.qcow2")).await.unwrap();
     let child = Command::new("qemu-system-x86_64")
         .args(["-machine", "pc,accel=tcg", "-m", "512", "-smp", "1", "-nodefaults", "-display", "none"])
         .arg("-kernel")
@@ -92,7 +87,7 @@ async fn wait_for_agent(vm: &mut Vm, dir: &Path) -> (GuestAgent, Duration) {
 async fn the_guest_agent_of_a_debian_guest_answers_and_freezes_its_file_systems() {
     let guest = debian_guest();
     let dir = tempfile::tempdir().unwrap();
-    let mut vm = boot(&guest, dir.path());
+    let mut vm = boot(&guest, dir.path()).await;
     let (mut agent, after) = wait_for_agent(&mut vm, dir.path()).await;
     println!("the Debian guest's agent answered {:.1} s after QEMU started (TCG)", after.as_secs_f64());
 
