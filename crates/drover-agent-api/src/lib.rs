@@ -395,6 +395,10 @@ pub struct Heartbeat {
     pub uptime_secs: f64,
     /// Content of the marker file on the data disk, when there is one.
     pub marker: Option<String>,
+    /// The guest's IP addresses (neither loopback nor link-local), as the QEMU guest agent
+    /// reports them; empty when the guest did not say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// What a guest's TCP port did when the host connected to it.

@@ -634,8 +634,10 @@ impl Step for PlanVmStep {
                     .vm_wait_heartbeat(target, Duration::from_secs(u64::from(*timeout_secs)))
                     .await
                     .map_err(crate::ops::vm_err)?;
-                ctx.log(LogLevel::Info, format!("{}: heartbeat, guest up {:.1} s", replica.name, hb.uptime_secs)).await;
-                Ok(json!({ "uptime_secs": hb.uptime_secs }))
+                let at = crate::ops::at_addresses(&hb);
+                ctx.log(LogLevel::Info, format!("{}: heartbeat, guest up {:.1} s{at}", replica.name, hb.uptime_secs))
+                    .await;
+                Ok(json!({ "uptime_secs": hb.uptime_secs, "addresses": hb.addresses }))
             }
             PlanStepKind::CheckTcpPort { port, timeout_secs } => {
                 let name = match self.test {

@@ -442,6 +442,11 @@ impl Step for PowerOn {
 
 struct WaitHeartbeat(VmOpParams);
 
+/// `, at 10.0.2.15, ...` when the guest said where it is (its guest agent), else nothing.
+pub(crate) fn at_addresses(hb: &drover_agent_api::Heartbeat) -> String {
+    if hb.addresses.is_empty() { String::new() } else { format!(", at {}", hb.addresses.join(", ")) }
+}
+
 #[async_trait]
 impl Step for WaitHeartbeat {
     fn name(&self) -> String {
@@ -450,8 +455,8 @@ impl Step for WaitHeartbeat {
     async fn run(&self, ctx: &StepCtx) -> Result<Value> {
         let timeout = ctx.engine.config().heartbeat_timeout;
         let hb = op_agent(ctx, &self.0).await?.vm_wait_heartbeat(self.0.vm_id.0, timeout).await.map_err(vm_err)?;
-        ctx.log(LogLevel::Info, format!("heartbeat: guest up {:.1} s", hb.uptime_secs)).await;
-        Ok(json!({ "uptime_secs": hb.uptime_secs, "marker": hb.marker }))
+        ctx.log(LogLevel::Info, format!("heartbeat: guest up {:.1} s{}", hb.uptime_secs, at_addresses(&hb))).await;
+        Ok(json!({ "uptime_secs": hb.uptime_secs, "marker": hb.marker, "addresses": hb.addresses }))
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {
         Ok(())

@@ -933,7 +933,16 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
         agent.ping().await?;
         let started = std::fs::metadata(&paths.pidfile).and_then(|m| m.modified()).ok();
         let uptime_secs = started.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
-        Ok::<_, HvError>(Heartbeat { uptime_secs, marker: None })
+        // The addresses are extra: an agent that will not say (an old one, the command
+        // disabled by the guest's administrator) is still a heartbeat.
+        let addresses = match agent.network_interfaces().await {
+            Ok(interfaces) => guest_addresses(&interfaces),
+            Err(e) => {
+                tracing::debug!(%vm, error = %e, "the guest agent does not list its interfaces");
+                Vec::new()
+            }
+        };
+        Ok::<_, HvError>(Heartbeat { uptime_secs, marker: None, addresses })
     };
     tokio::pin!(drover, qga);
     let (mut drover_done, mut qga_done) = (false, false);
@@ -958,6 +967,30 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
     }
 }
 
+/// The most addresses a heartbeat carries (the guest chooses how many it reports).
+const MAX_GUEST_ADDRESSES: usize = 32;
+
+/// The addresses of a guest's interfaces that reach beyond it: not loopback, not link-local,
+/// and only what parses as an IP address (the guest is not trusted to send one).
+fn guest_addresses(interfaces: &[drover_qemu::qga::GuestInterface]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in interfaces.iter().flat_map(|i| &i.ip_addresses) {
+        let Ok(ip) = a.address.parse::<std::net::IpAddr>() else { continue };
+        let link_local = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if ip.is_loopback() || ip.is_unspecified() || link_local || out.contains(&ip.to_string()) {
+            continue;
+        }
+        out.push(ip.to_string());
+        if out.len() == MAX_GUEST_ADDRESSES {
+            break;
+        }
+    }
+    out
+}
+
 fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
     let rest = line.strip_prefix("pong ")?;
     let mut fields = rest.splitn(2, ' ');
@@ -976,7 +1009,7 @@ fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
                 Some(String::from_utf8_lossy(&bytes).into_owned())
             }
         };
-        Ok(Heartbeat { uptime_secs, marker })
+        Ok(Heartbeat { uptime_secs, marker, addresses: Vec::new() })
     })();
     Some(parsed)
 }
@@ -1036,9 +1069,39 @@ mod tests {
     use crate::{DiskSpec, NicSpec};
 
     #[test]
+    fn a_guests_addresses_are_the_ones_that_reach_beyond_it() {
+        use drover_qemu::qga::{GuestInterface, GuestIpAddress};
+        let ip = |a: &str, prefix| GuestIpAddress { kind: "ipv4".into(), address: a.into(), prefix };
+        let interfaces = vec![
+            GuestInterface {
+                name: "lo".into(),
+                hardware_address: None,
+                ip_addresses: vec![ip("127.0.0.1", 8), ip("::1", 128)],
+            },
+            GuestInterface {
+                name: "ens3".into(),
+                hardware_address: Some("52:54:00:12:34:56".into()),
+                ip_addresses: vec![ip("10.0.2.15", 24), ip("fe80::5054:ff:fe12:3456", 64), ip("169.254.1.2", 16)],
+            },
+            GuestInterface {
+                name: "evil".into(),
+                hardware_address: None,
+                ip_addresses: vec![ip("not an address; rm -rf /", 8), ip("10.0.2.15", 24), ip("2001:db8::7", 64)],
+            },
+        ];
+        assert_eq!(guest_addresses(&interfaces), vec!["10.0.2.15".to_string(), "2001:db8::7".to_string()]);
+        let many = GuestInterface {
+            name: "many".into(),
+            hardware_address: None,
+            ip_addresses: (0..1000).map(|i| ip(&format!("10.1.{}.{}", i / 250, i % 250 + 1), 24)).collect(),
+        };
+        assert_eq!(guest_addresses(&[many]).len(), MAX_GUEST_ADDRESSES, "a guest cannot make it carry more");
+    }
+
+    #[test]
     fn pong_lines() {
         let hb = parse_pong("pong 4.19 -").unwrap().unwrap();
-        assert_eq!(hb, Heartbeat { uptime_secs: 4.19, marker: None });
+        assert_eq!(hb, Heartbeat { uptime_secs: 4.19, marker: None, addresses: vec![] });
         let hb = parse_pong("pong 12.5 68656c6c6f").unwrap().unwrap();
         assert_eq!(hb.marker.as_deref(), Some("hello"));
         assert_eq!(parse_pong("pong 1.0 ").unwrap().unwrap().marker.as_deref(), Some(""));

@@ -286,7 +286,11 @@ impl Hypervisor for SimulatedHypervisor {
                         let ready_at = booted + inner.heartbeat_delay;
                         if Instant::now() >= ready_at {
                             let marker = first_disk(&v.spec).and_then(|d| inner.disk_markers.get(&d).cloned());
-                            return Ok(Heartbeat { uptime_secs: booted.elapsed().as_secs_f64(), marker });
+                            return Ok(Heartbeat {
+                                uptime_secs: booted.elapsed().as_secs_f64(),
+                                marker,
+                                addresses: Vec::new(),
+                            });
                         }
                         ready_at
                     }

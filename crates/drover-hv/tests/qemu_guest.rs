@@ -285,7 +285,8 @@ async fn kvm_probe_answers_within_its_timeout() {
 
 /// A real guest with no drover code in it (`scripts/build-debian-guest`: Debian, systemd,
 /// `qemu-guest-agent`) is heard through the standard QEMU guest agent's port, which every VM the
-/// driver starts has; the heartbeat says so (no marker, its QEMU's uptime).
+/// driver starts has; the heartbeat says so (no marker, its QEMU's uptime) and carries the
+/// guest's address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
     let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
@@ -307,7 +308,8 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
         vcpus: 1,
         memory_mib: 512,
         disks: vec![DiskSpec { path: disk }],
-        nics: vec![],
+        // User networking (no uplink): QEMU's DHCP gives it 10.0.2.15.
+        nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:0d:eb".into(), no_uplink: false }],
         boot: drover_hv::BootSpec {
             kernel: Some(debian.join(manifest["kernel"].as_str().unwrap())),
             initrd: Some(debian.join(manifest["initrd"].as_str().unwrap())),
@@ -324,7 +326,16 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
     println!("the Debian guest's heartbeat (guest agent) {:.1} s after power-on", started.elapsed().as_secs_f64());
     assert_eq!(hb.marker, None, "the guest agent carries no marker");
     assert!(hb.uptime_secs > 0.0 && hb.uptime_secs <= started.elapsed().as_secs_f64() + 1.0, "{hb:?}");
-    // Heard again on a new connection (the first client gone).
-    hv.wait_heartbeat(spec.id, Duration::from_secs(20)).await.unwrap();
+    // Heard again on a new connection (the first client gone), with the address the guest
+    // took by DHCP once it has it (not loopback or link-local).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let hb = loop {
+        let hb = hv.wait_heartbeat(spec.id, Duration::from_secs(20)).await.unwrap();
+        if !hb.addresses.is_empty() || Instant::now() > deadline {
+            break hb;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(hb.addresses, vec!["10.0.2.15".to_string()], "{hb:?}");
     assert_eq!(hv.power_off(spec.id).await.ok(), Some(()));
 }
