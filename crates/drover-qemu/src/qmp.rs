@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -36,6 +36,11 @@ use crate::{ToolError, ToolResult};
 /// (the state of record comes from commands), so a bound is better than unbounded growth on a
 /// long-lived connection nobody drains.
 const MAX_BUFFERED_EVENTS: usize = 256;
+
+/// The longest QMP line read. QEMU is a host process, not the guest, but a line is still bounded
+/// before it is held: the largest answers drover asks for (`query-named-block-nodes` of a VM with
+/// a few disks and their bitmaps) are tens of KiB.
+const MAX_QMP_LINE: usize = 16 << 20;
 
 /// An asynchronous QMP event, e.g. `SHUTDOWN` or `BLOCK_JOB_COMPLETED`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,13 +229,17 @@ impl QmpClient {
     }
 
     async fn read_message(&mut self) -> ToolResult<QmpMessage> {
-        let mut line = String::new();
         loop {
-            line.clear();
-            let n = self.reader.read_line(&mut line).await.map_err(|e| ToolError::io("reading from QMP socket", e))?;
-            if n == 0 {
-                return Err(ToolError::QmpProtocol("QEMU closed the QMP connection".into()));
-            }
+            let line = match crate::qga::read_line_bounded(&mut self.reader, MAX_QMP_LINE).await {
+                Ok(Some(line)) => line,
+                Ok(None) => return Err(ToolError::QmpProtocol("QEMU closed the QMP connection".into())),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(ToolError::QmpProtocol(e.to_string()));
+                }
+                Err(e) => return Err(ToolError::io("reading from QMP socket", e)),
+            };
+            let line = std::str::from_utf8(&line)
+                .map_err(|_| ToolError::QmpProtocol("a QMP line that is not UTF-8".into()))?;
             if !line.trim().is_empty() {
                 return parse_message(line.trim_end());
             }
@@ -241,6 +250,7 @@ impl QmpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
     #[test]
