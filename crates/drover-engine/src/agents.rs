@@ -206,6 +206,13 @@ impl HostAgent for Watched {
     }
 }
 
+/// The agent's certificate ends within [`drover_pki::RENEW_BEFORE_DAYS`] (or has ended): what
+/// the renewal task renews and the host's agent view shows.
+pub fn certificate_renewal_due(status: &drover_types::AgentStatus) -> bool {
+    let soon = now() + chrono::Duration::days(drover_pki::RENEW_BEFORE_DAYS);
+    status.certificate_expires_at.is_some_and(|at| at < soon)
+}
+
 /// Where a remote agent listens: `https://host:port`.
 fn agent_address(address: &str) -> Option<&str> {
     let rest = address.strip_prefix("https://")?.trim_end_matches('/');
@@ -315,6 +322,11 @@ impl Engine {
         if self.store().agent_status(host.id).await?.enrolled_at.is_none() {
             return Err(Error::conflict(format!("host {}'s agent has not enrolled: enrol it first", host.name)));
         }
+        self.renew_enrolled(pki, host).await
+    }
+
+    /// [`Engine::renew_agent_certificate`] of a remote host whose agent has enrolled.
+    async fn renew_enrolled(&self, pki: &AgentPki, host: &Host) -> Result<drover_types::Timestamp> {
         let agent = self.remote_agent(host).await?;
         let csr = agent.record(agent.agent.renewal_csr().await).await.map_err(crate::agent_error)?;
         let issued = pki.ca.sign_agent_csr(host.id, &csr, &[])?;
@@ -344,20 +356,17 @@ impl Engine {
     /// cannot be reached is tried again next time (its certificate stays valid meanwhile, and the
     /// host's agent state says renewal is due). Returns the hosts renewed.
     pub async fn renew_due_agent_certificates(&self) -> Result<Vec<HostId>> {
-        if self.agent_pki().is_none() {
-            return Ok(Vec::new());
-        }
-        let soon = now() + chrono::Duration::days(drover_pki::RENEW_BEFORE_DAYS);
+        let Some(pki) = self.agent_pki() else { return Ok(Vec::new()) };
         let mut renewed = Vec::new();
         for host in self.store().object_list_all::<Host>().await? {
             if host.address == "local" {
                 continue;
             }
             let status = self.store().agent_status(host.id).await?;
-            if status.enrolled_at.is_none() || status.certificate_expires_at.is_none_or(|at| at >= soon) {
+            if status.enrolled_at.is_none() || !certificate_renewal_due(&status) {
                 continue;
             }
-            match self.renew_agent_certificate(&host).await {
+            match self.renew_enrolled(pki, &host).await {
                 Ok(_) => renewed.push(host.id),
                 Err(e) => tracing::warn!(host = %host.name, error = %e, "cannot renew the agent's certificate yet"),
             }

@@ -110,8 +110,7 @@ impl HostAgentState {
     /// an agent whose certificate ended must be enrolled again (`drover agent --enroll URL TOKEN
     /// --re-enroll`).
     pub fn certificate_renewal_due(&self) -> bool {
-        let soon = drover_types::now() + chrono::Duration::days(drover_pki::RENEW_BEFORE_DAYS);
-        self.status.certificate_expires_at.is_some_and(|at| at < soon)
+        crate::agents::certificate_renewal_due(&self.status)
     }
 }
 

@@ -79,9 +79,8 @@ impl AgentIdentity {
     pub fn renewal_csr(&self) -> Result<String> {
         let (key_path, csr_path) = (self.dir.join(RENEW_KEY), self.dir.join(RENEW_CSR));
         if files::exists(&key_path)? && files::exists(&csr_path)? {
-            let key_pem = files::read_private(&key_path)?;
             let csr_pem = files::read_bounded(&csr_path)?;
-            if KeyPair::from_pem(&key_pem).is_ok() && csr_pem.contains("CERTIFICATE REQUEST") {
+            if read_key(&key_path).is_ok() && csr_pem.contains("CERTIFICATE REQUEST") {
                 return Ok(csr_pem);
             }
             tracing::warn!(dir = %self.dir.display(), "replacing an unreadable renewal key");
@@ -100,9 +99,7 @@ impl AgentIdentity {
         if !files::exists(&key_path)? {
             return Err(PkiError::Untrusted("this agent has no renewal key waiting for a certificate".into()));
         }
-        let key_pem = files::read_private(&key_path)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|_| PkiError::CorruptFile { path: key_path.clone(), reason: "not a PEM private key".into() })?;
+        let (key, key_pem) = read_key(&key_path)?;
         let (host_id, tls) = checked_identity(&key, &key_pem, signed_cert_pem, &self.ca)?;
         if host_id != self.host_id {
             return Err(PkiError::Untrusted(format!(
@@ -130,11 +127,9 @@ impl AgentIdentity {
     pub fn load(dir: &Path) -> Result<Self> {
         files::ensure_private_dir(dir)?;
         recover_renewal(dir)?;
-        let key_pem = files::read_private(&dir.join(KEY))?;
+        let (key, key_pem) = read_key(&dir.join(KEY))?;
         let cert_pem = files::read_bounded(&dir.join(CERT))?;
         let ca_pem = files::read_bounded(&dir.join(CA_CERT))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|_| PkiError::CorruptFile { path: dir.join(KEY), reason: "not a PEM private key".into() })?;
         let ca = TrustedCa::from_pem(&ca_pem)
             .map_err(|e| PkiError::CorruptFile { path: dir.join(CA_CERT), reason: e.to_string() })?;
         let (host_id, tls) = checked_identity(&key, &key_pem, &cert_pem, &ca).map_err(|e| match e {
@@ -165,11 +160,7 @@ impl PendingAgentIdentity {
     pub fn load(dir: &Path) -> Result<Self> {
         files::ensure_private_dir(dir)?;
         recover_renewal(dir)?;
-        let key_pem = files::read_private(&dir.join(PENDING_KEY))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|_| PkiError::CorruptFile {
-            path: dir.join(PENDING_KEY),
-            reason: "not a PEM private key".into(),
-        })?;
+        let (key, _) = read_key(&dir.join(PENDING_KEY))?;
         let csr_pem = files::read_bounded(&dir.join(PENDING_CSR))?;
         Ok(PendingAgentIdentity { dir: dir.to_path_buf(), key, csr_pem })
     }
@@ -197,6 +188,14 @@ impl PendingAgentIdentity {
         tracing::info!(host = %host_id, dir = %self.dir.display(), "installed the agent's certificate");
         Ok(AgentIdentity { dir: self.dir, host_id, tls, ca })
     }
+}
+
+/// A private key file (0600, bounded): the key, and its PEM as read.
+fn read_key(path: &Path) -> Result<(KeyPair, String)> {
+    let pem = files::read_private(path)?;
+    let key = KeyPair::from_pem(&pem)
+        .map_err(|_| PkiError::CorruptFile { path: path.to_path_buf(), reason: "not a PEM private key".into() })?;
+    Ok((key, pem))
 }
 
 /// A new key pair and its CSR.
@@ -237,8 +236,7 @@ fn recover_renewal(dir: &Path) -> Result<()> {
     let key_path = if files::exists(&next_key)? { next_key.clone() } else { dir.join(KEY) };
     let ca = TrustedCa::from_pem(&files::read_bounded(&dir.join(CA_CERT))?)?;
     let staged = (|| {
-        let key_pem = files::read_private(&key_path)?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|_| PkiError::malformed("renewal key", "not a PEM key"))?;
+        let (key, key_pem) = read_key(&key_path)?;
         checked_identity(&key, &key_pem, &files::read_bounded(&next_cert)?, &ca)
     })();
     match staged {
