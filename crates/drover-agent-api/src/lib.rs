@@ -401,6 +401,44 @@ pub struct Heartbeat {
     pub addresses: Vec<String>,
 }
 
+/// A freeze of a guest's file systems, asked for by the caller that will cut its disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeSpec {
+    /// The caller's id (session and step); asking again with the same id while the freeze holds
+    /// answers what the first ask did.
+    pub id: String,
+    /// The longest the guest stays frozen, in milliseconds from this request: then the agent
+    /// thaws it itself, whether or not the caller ever asks (its watchdog), so a caller that
+    /// dies or loses the agent never leaves a guest frozen. At most [`MAX_FREEZE_MS`].
+    pub max_ms: u64,
+}
+
+/// The longest freeze a caller may ask for. Writes in the guest wait while it holds.
+pub const MAX_FREEZE_MS: u64 = 10 * 60 * 1000;
+
+/// Whether the guest's file systems were frozen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeOutcome {
+    pub frozen: bool,
+    /// How many file systems the guest agent froze.
+    pub filesystems: u64,
+    /// Why the guest was not frozen (no guest agent answers, it cannot freeze, the freeze
+    /// failed), or what froze it.
+    pub reason: String,
+}
+
+/// What a thaw found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThawOutcome {
+    /// The freeze asked for with this id held until this thaw: everything cut since the freeze
+    /// answered `frozen` was cut while the guest was frozen. False when the watchdog thawed it
+    /// first, the agent restarted meanwhile, or it was never frozen.
+    pub held: bool,
+    /// Why it did not hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// What a guest's TCP port did when the host connected to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -522,6 +560,12 @@ pub mod wire {
 
     /// The largest request body an agent reads.
     pub const MAX_BODY: usize = 1 << 20;
+
+    /// `POST /v1/vms/{vm}/thaw`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ThawRequest {
+        pub id: String,
+    }
 
     /// The agent's answer to `POST /v1/identity/renewal`: the CSR of its next key.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -713,6 +757,15 @@ pub trait HostAgent: Send + Sync + fmt::Debug {
 
     /// Every VM the agent runs or keeps state for (after a restart of either side).
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>>;
+
+    /// Freezes the guest's file systems through its guest agent, for at most `spec.max_ms`
+    /// (then the agent thaws them itself). A guest that cannot be frozen is an outcome with
+    /// `frozen: false` and the reason, not an error. See [`FreezeSpec`].
+    async fn vm_freeze(&self, vm: Uuid, spec: &FreezeSpec) -> AgentResult<FreezeOutcome>;
+
+    /// Thaws what [`vm_freeze`](HostAgent::vm_freeze) with this id froze, and says whether the
+    /// freeze held until now. Idempotent: thawing a thawed guest holds nothing and fails nothing.
+    async fn vm_thaw(&self, vm: Uuid, id: &str) -> AgentResult<ThawOutcome>;
 
     /// The boot overlays a VM was last started on, in the order of its disks (empty when it
     /// ran on none, or the agent has no record of it).

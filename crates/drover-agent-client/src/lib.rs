@@ -292,6 +292,14 @@ impl HostAgent for RemoteAgent {
             .await
     }
 
+    async fn vm_freeze(&self, vm: uuid::Uuid, spec: &FreezeSpec) -> AgentResult<FreezeOutcome> {
+        self.call_waiting(&format!("/v1/vms/{vm}/freeze"), spec, GUEST_FREEZE_WAIT).await
+    }
+
+    async fn vm_thaw(&self, vm: uuid::Uuid, id: &str) -> AgentResult<ThawOutcome> {
+        self.call_waiting(&format!("/v1/vms/{vm}/thaw"), &ThawRequest { id: id.to_string() }, GUEST_FREEZE_WAIT).await
+    }
+
     async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> AgentResult<()> {
         let body = MarkerRequest { marker: marker.to_string() };
         self.call_empty(Method::POST, &format!("/v1/vms/{vm}/marker"), Some(&body)).await
@@ -323,6 +331,9 @@ impl HostAgent for RemoteAgent {
 
 /// How long making a VM's disks may take (an import copies a whole image).
 const IMPORT_WAIT: Duration = Duration::from_secs(3600);
+/// How long a freeze or a thaw may take on the agent: the guest agent must answer, then run its
+/// fsfreeze hooks and sync every file system (the QEMU driver allows a minute for that).
+const GUEST_FREEZE_WAIT: Duration = Duration::from_secs(180);
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

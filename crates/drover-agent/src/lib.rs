@@ -21,6 +21,7 @@
 
 #[cfg(feature = "test-support")]
 pub mod conformance;
+mod freeze;
 pub mod host_paths;
 pub mod identity;
 mod pace;
@@ -72,6 +73,8 @@ pub struct LocalAgent {
     peer: Arc<PeerClient>,
     /// The most this agent's data listener sends, over all the transfers it serves at once.
     global_bandwidth_cap: Option<Arc<pace::TokenBucket>>,
+    /// Guest freezes holding now, each with its watchdog.
+    freezes: freeze::Freezes,
 }
 
 #[derive(Debug, Default)]
@@ -139,9 +142,11 @@ fn internal(e: impl std::error::Error + 'static) -> AgentError {
 impl LocalAgent {
     /// An agent driving `hv`, working (sockets, daemons, fleece images) under `work_dir`.
     pub fn new(hv: Arc<dyn Hypervisor>, work_dir: impl Into<PathBuf>) -> LocalAgent {
+        let work_dir = work_dir.into();
         LocalAgent {
+            freezes: freeze::Freezes::new(hv.clone(), &work_dir),
             hv,
-            work_dir: work_dir.into(),
+            work_dir,
             datastores: Mutex::new(HashMap::new()),
             offline_cuts: tokio::sync::Mutex::new(HashMap::new()),
             transfers: Mutex::new(Transfers::default()),
@@ -151,6 +156,12 @@ impl LocalAgent {
             peer: Arc::new(PeerClient::default()),
             global_bandwidth_cap: None,
         }
+    }
+
+    /// Thaws every guest a freeze of an earlier run of this agent left frozen (it was killed
+    /// while the freeze held): call once at start. Returns how many were thawed.
+    pub async fn thaw_leftover_freezes(&self) -> usize {
+        self.freezes.thaw_leftovers().await
     }
 
     /// Caps what this agent's data listener sends, over every transfer it serves at once, in
@@ -800,6 +811,14 @@ impl HostAgent for LocalAgent {
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
         let vms = self.hv.reattach().await.map_err(hv_error)?;
         Ok(vms.into_iter().map(|(vm, power)| VmPresence { vm, power }).collect())
+    }
+
+    async fn vm_freeze(&self, vm: Uuid, spec: &FreezeSpec) -> AgentResult<FreezeOutcome> {
+        self.freezes.freeze(vm, spec).await
+    }
+
+    async fn vm_thaw(&self, vm: Uuid, id: &str) -> AgentResult<ThawOutcome> {
+        self.freezes.thaw(vm, id).await
     }
 
     async fn vm_boot_overlays(&self, vm: Uuid) -> AgentResult<Vec<PointFile>> {

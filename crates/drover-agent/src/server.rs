@@ -75,6 +75,8 @@ pub fn router_with_identity(agent: Agent, identity: Option<Arc<IdentityKeeper>>)
         .route("/v1/vms/{id}/power-off", post(vm_power_off))
         .route("/v1/vms/{id}/heartbeat", post(vm_heartbeat))
         .route("/v1/vms/{id}/marker", post(vm_marker))
+        .route("/v1/vms/{id}/freeze", post(vm_freeze))
+        .route("/v1/vms/{id}/thaw", post(vm_thaw))
         .route("/v1/vms/{id}/tcp-port", post(vm_tcp_port))
         .route("/v1/vms/{id}/forget", post(vm_forget))
         .route("/v1/vms/{id}/boot-overlays", get(vm_boot_overlays))
@@ -288,6 +290,22 @@ async fn vm_heartbeat(
 async fn vm_marker(State(a): State<Agent>, Path(id): Path<uuid::Uuid>, Json(r): Json<MarkerRequest>) -> Empty {
     a.vm_write_marker(id, &r.marker).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_freeze(
+    State(a): State<Agent>,
+    Path(id): Path<uuid::Uuid>,
+    Json(spec): Json<FreezeSpec>,
+) -> Answer<FreezeOutcome> {
+    Ok(Json(a.vm_freeze(id, &spec).await?))
+}
+
+async fn vm_thaw(
+    State(a): State<Agent>,
+    Path(id): Path<uuid::Uuid>,
+    Json(r): Json<ThawRequest>,
+) -> Answer<ThawOutcome> {
+    Ok(Json(a.vm_thaw(id, &r.id).await?))
 }
 
 async fn vm_tcp_port(

@@ -217,6 +217,7 @@ pub async fn jobs_patch(
                 retention_points: b.retention_points,
                 enabled: b.enabled,
                 bandwidth_limit: b.bandwidth_limit.map(|b| (b > 0).then_some(b)),
+                consistency: b.consistency,
             },
         )
         .await?;
@@ -491,6 +492,7 @@ pub async fn jobs_create(
                 schedule: b.schedule.into(),
                 retention_points: b.retention_points,
                 bandwidth_limit: b.bandwidth_limit.filter(|b| *b > 0),
+                consistency: b.consistency,
             },
         )
         .await?;

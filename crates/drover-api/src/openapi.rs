@@ -236,6 +236,7 @@ or_null!(
     absolute_path_or_null => absolute_path,
     mac_or_null => mac,
     continue_option_or_null => continue_option,
+    consistency_mode_or_null => consistency_mode,
 );
 
 /// [`tags`], or null.
@@ -251,6 +252,8 @@ domain_enum!(replica_state: d::ReplicaState => [
     Ready, Processing, Failover, FailedFailover, PermanentFailover, ReadyToSwitch, Failback
 ]);
 domain_enum!(restore_point_state: d::RestorePointState => [Published, Retiring]);
+domain_enum!(consistency_mode: d::ConsistencyMode => [Require, Try, Off]);
+domain_enum!(consistency_kind: d::ConsistencyKind => [Application, Crash]);
 domain_enum!(recovery_location_kind: d::RecoveryLocationKind => [Original, Restore]);
 domain_enum!(plan_mode: d::PlanMode => [Enabled, Disabled, InUse]);
 domain_enum!(session_state: d::SessionState => [Starting, Working, Stopping, Stopped]);

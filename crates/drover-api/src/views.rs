@@ -161,6 +161,8 @@ pub struct PatchReplicationJob {
     /// Bytes per second the job's transfers may send between agents (at least 65536); 0
     /// removes the limit.
     pub bandwidth_limit: Option<u64>,
+    #[schema(schema_with = crate::openapi::consistency_mode_or_null)]
+    pub consistency: Option<d::ConsistencyMode>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -543,6 +545,12 @@ pub struct CreateReplicationJob {
     /// absent or 0: no limit (a source agent's global cap still applies).
     #[serde(default)]
     pub bandwidth_limit: Option<u64>,
+    /// Whether each running VM's point is taken with its guest frozen by the QEMU guest agent:
+    /// `require` (no point without it: the VM's task fails), `try` (the default: crash-consistent
+    /// with a warning when the guest cannot be frozen) or `off`.
+    #[serde(default)]
+    #[schema(schema_with = crate::openapi::consistency_mode)]
+    pub consistency: d::ConsistencyMode,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -557,6 +565,9 @@ pub struct ReplicationJobView {
     /// Bytes per second; absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_limit: Option<u64>,
+    /// `require`, `try` or `off`: see the job's creation.
+    #[schema(schema_with = crate::openapi::consistency_mode)]
+    pub consistency: d::ConsistencyMode,
     pub enabled: bool,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -572,6 +583,7 @@ impl From<d::ReplicationJob> for ReplicationJobView {
             schedule: j.schedule.into(),
             retention_points: j.retention_points,
             bandwidth_limit: j.bandwidth_limit,
+            consistency: j.consistency,
             enabled: j.enabled,
             created_at: j.created_at,
         }
@@ -636,6 +648,13 @@ pub struct RestorePointView {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub bytes_written: u64,
     pub verified: bool,
+    /// `application` (cut while the guest agent held the guest's file systems frozen) or
+    /// `crash` (cut without the guest's cooperation: it boots as after a power cut).
+    #[schema(schema_with = crate::openapi::consistency_kind)]
+    pub consistency: d::ConsistencyKind,
+    /// Why the point is crash-consistent, or what froze it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency_reason: Option<String>,
     pub disks: Vec<RestorePointDiskView>,
 }
 
@@ -650,6 +669,8 @@ impl From<d::RestorePoint> for RestorePointView {
             created_at: p.created_at,
             bytes_written: p.bytes_written,
             verified: p.verified,
+            consistency: p.consistency.kind,
+            consistency_reason: p.consistency.reason,
             disks: p
                 .disks
                 .into_iter()

@@ -51,6 +51,7 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
                 manifest_digest: "ab".into(),
             }],
             verified: false,
+            consistency: Default::default(),
         };
         store.restore_point_publish(admin.tenant_id, &p).await.unwrap();
     }

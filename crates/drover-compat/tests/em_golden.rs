@@ -267,6 +267,7 @@ fn replica_points() {
         bytes_written: 1 << 20,
         disks: vec![],
         verified: true,
+        consistency: Default::default(),
     };
     golden_both("vm_replica_point", &views::vm_replica_point(&ctx(), &replica, &point, false, Shape::Entity));
     golden_both("vm_replica_point_ref", &views::vm_replica_point(&ctx(), &replica, &point, false, Shape::EntityRef));

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_agent_api::{
-    AgentError, AgentInfo, AgentResult, ChainRef, Cut, CutSpec, DatastoreSpec, DiskInfo, DiskRef, ErrorKind, Heartbeat,
-    HostAgent, PointFile, PointSpec, PowerState, ShutdownOutcome, TcpPortState, TransferSpec, TransferStatus,
-    VmDisksSpec, VmPresence, VmRunSpec,
+    AgentError, AgentInfo, AgentResult, ChainRef, Cut, CutSpec, DatastoreSpec, DiskInfo, DiskRef, ErrorKind,
+    FreezeOutcome, FreezeSpec, Heartbeat, HostAgent, PointFile, PointSpec, PowerState, ShutdownOutcome, TcpPortState,
+    ThawOutcome, TransferSpec, TransferStatus, VmDisksSpec, VmPresence, VmRunSpec,
 };
 use drover_agent_client::RemoteAgent;
 use drover_pki::{
@@ -183,6 +183,12 @@ impl HostAgent for Watched {
     }
     async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> AgentResult<()> {
         self.record(self.agent.vm_write_marker(vm, marker).await).await
+    }
+    async fn vm_freeze(&self, vm: uuid::Uuid, spec: &FreezeSpec) -> AgentResult<FreezeOutcome> {
+        self.record(self.agent.vm_freeze(vm, spec).await).await
+    }
+    async fn vm_thaw(&self, vm: uuid::Uuid, id: &str) -> AgentResult<ThawOutcome> {
+        self.record(self.agent.vm_thaw(vm, id).await).await
     }
     async fn vm_check_tcp_port(
         &self,

@@ -198,6 +198,7 @@ pub struct NewReplicationJob {
     pub retention_points: u32,
     /// Bytes per second; `None` for no limit.
     pub bandwidth_limit: Option<u64>,
+    pub consistency: ConsistencyMode,
 }
 
 /// What an update of a replication job changes (`None`: left as it is).
@@ -209,6 +210,7 @@ pub struct ReplicationJobPatch {
     pub enabled: Option<bool>,
     /// `Some(None)` removes the limit.
     pub bandwidth_limit: Option<Option<u64>>,
+    pub consistency: Option<ConsistencyMode>,
 }
 
 /// What some plan actions take besides the action.
@@ -829,8 +831,11 @@ impl App {
         id: ReplicationJobId,
         patch: ReplicationJobPatch,
     ) -> Result<ReplicationJob> {
-        let ReplicationJobPatch { name, schedule, retention_points, enabled, bandwidth_limit } = patch;
+        let ReplicationJobPatch { name, schedule, retention_points, enabled, bandwidth_limit, consistency } = patch;
         self.update::<ReplicationJob, _>(caller, id.0, name, |j| {
+            if let Some(c) = consistency {
+                j.consistency = c;
+            }
             if let Some(b) = bandwidth_limit {
                 j.bandwidth_limit = b;
             }
@@ -1154,6 +1159,7 @@ impl App {
             schedule: new.schedule,
             retention_points: new.retention_points,
             bandwidth_limit: new.bandwidth_limit,
+            consistency: new.consistency,
             enabled: true,
             created_at: t,
             updated_at: t,

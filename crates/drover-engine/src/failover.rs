@@ -525,7 +525,12 @@ impl Step for Boot {
         if self.test.is_some() {
             ctx.log(
                 LogLevel::Info,
-                format!("test VM {} booted from restore point {} (no uplink)", spec.name, point.sequence),
+                format!(
+                    "test VM {} booted from restore point {} ({}; no uplink)",
+                    spec.name,
+                    point.sequence,
+                    point.consistency.describe()
+                ),
             )
             .await;
             let out = Booted { replica_id: replica.id, point_id: point.id, point_sequence: point.sequence, overlays };
@@ -550,7 +555,16 @@ impl Step for Boot {
         } else {
             String::new()
         };
-        ctx.log(LogLevel::Info, format!("{} booted from restore point {}{tags}", replica.name, point.sequence)).await;
+        ctx.log(
+            LogLevel::Info,
+            format!(
+                "{} booted from restore point {} ({}){tags}",
+                replica.name,
+                point.sequence,
+                point.consistency.describe()
+            ),
+        )
+        .await;
         let out = Booted { replica_id: replica.id, point_id: point.id, point_sequence: point.sequence, overlays };
         serde_json::to_value(out).map_err(|e| Error::internal(e.to_string()))
     }

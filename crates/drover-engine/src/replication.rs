@@ -5,7 +5,8 @@
 //! | step | does | undo |
 //! |---|---|---|
 //! | `prepare:<i>` | finds or creates the replica, moves it `Ready → Processing`, decides each disk's bitmaps | back to `Ready` |
-//! | `transfer:<i>` | cuts a point in time of each disk (live over QMP, or offline with a storage daemon), copies what changed into a new point file on the target, flushes, writes the manifest | ends the cut as failed (the changes stay tracked) and deletes the unpublished file |
+//! | `cut:<i>` | freezes the guest through its guest agent (as the job's consistency says), cuts a point in time of every disk at once (live over QMP, or offline with a storage daemon), thaws | ends the cuts as failed, thaws |
+//! | `transfer:<i>` | copies what changed since each disk's cut into a new point file on the target, flushes, writes the manifest | ends the cut as failed (the changes stay tracked) and deletes the unpublished file |
 //! | `publish:<i>` | records the restore point: from now on it exists | none: a published point is valid |
 //! | `release:<i>` | ends the cut as successful (the old bitmap goes), replica `Ready`, garbage of the chain removed | none |
 //! | `retention:<i>` | retires the oldest points beyond the job's retention | none |
@@ -21,6 +22,18 @@
 //! `hash-compare` (a point exists but no bitmap can be trusted: after a crash of the VM, a new
 //! disk; both sides are read and only differing blocks written).
 //!
+//! Consistency. A running VM's disks are cut together, between a freeze of the guest's file
+//! systems and their thaw through the QEMU guest agent (whose fsfreeze hooks let applications
+//! flush), when the job's [`ConsistencyMode`] is `require` or `try`: such a point is
+//! application-consistent. The freeze is bounded ([`FREEZE_BOUND`]; the agent's watchdog thaws a
+//! guest whose freeze outlasts it, even if the control plane is gone), and the point is
+//! application-consistent only if the freeze held until every disk was cut. Otherwise (no guest
+//! agent, it cannot freeze, the freeze did not hold, a cut resumed from an earlier attempt) the
+//! point is crash-consistent, with the reason on the point and a warning in the log; `require`
+//! fails the VM's task instead, its changes kept for the next run. A VM that is not running is
+//! cut as it was left (crash-consistent, and `require` does not apply: there is no guest to
+//! freeze).
+//!
 //! Invariants. The cut's bitmap is dropped only after the point is published, so a crash at any
 //! moment loses no change: an unfinished cut is ended as failed, which merges its changes into
 //! the next bitmap. A point file is never visible before its data is flushed and its manifest is
@@ -34,7 +47,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_agent_api::{
-    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, ErrorKind, HostAgent, PointFile, PointSpec,
+    AgentError, BitmapInfo, ChainRef, Cut, CutSpec, DiskRef, ErrorKind, FreezeSpec, HostAgent, PointFile, PointSpec,
     SourceEndpoint, TransferMode, TransferSpec, TransferState, TransferStatus,
 };
 use drover_hv::PowerState;
@@ -70,6 +83,7 @@ fn saga(session: &Session, tasks: &[Task]) -> Result<Saga> {
         };
         let ctx = VmCtx { p: p.clone(), vm, index: i };
         steps.push(step(1, true, Box::new(Prepare(ctx.clone()))));
+        steps.push(step(1, true, Box::new(CutStep(ctx.clone()))));
         steps.push(step(8, true, Box::new(Transfer(ctx.clone()))));
         steps.push(step(1, true, Box::new(Publish(ctx.clone()))));
         steps.push(step(1, true, Box::new(Release(ctx.clone()))));
@@ -356,6 +370,150 @@ impl Step for Prepare {
                 &[ReplicaState::Processing],
             )
             .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest a guest stays frozen for its disks' cuts (from when it is frozen): the agent
+/// thaws it when this passes, and the point is then crash-consistent. Cutting every disk of a
+/// running VM is a few QMP commands per disk.
+pub const FREEZE_BOUND: Duration = Duration::from_secs(30);
+
+/// What `cut` did: the consistency of the point its cuts make.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CutsMade {
+    consistency: PointConsistency,
+    /// Each disk's cut, in the order of the plan's disks.
+    cuts: Vec<Cut>,
+}
+
+struct CutStep(VmCtx);
+
+impl CutStep {
+    fn freeze_id(&self, ctx: &StepCtx) -> String {
+        format!("{}-{}", &ctx.session.id.to_string()[..8], self.0.index)
+    }
+}
+
+#[async_trait]
+impl Step for CutStep {
+    fn name(&self) -> String {
+        format!("cut:{}", self.0.index)
+    }
+    async fn run(&self, ctx: &StepCtx) -> Result<Value> {
+        let c = &self.0;
+        let prep: Prepared = output(ctx, &format!("prepare:{}", c.index))?;
+        let (source, _) = prep.agents(ctx, c).await?;
+        let job = ctx.engine.store().object_get::<ReplicationJob>(c.p.tenant_id, c.p.job_id.0).await?;
+        let vm = c.vm.0;
+        let freeze_id = self.freeze_id(ctx);
+        // Why the point cannot be application-consistent, when it cannot.
+        let mut not_app: Option<String> = None;
+        let mut frozen = None;
+        if !prep.running {
+            not_app = Some("the VM was not running: its disks were cut as it left them".into());
+        } else if job.consistency == ConsistencyMode::Off {
+            not_app = Some("the job's consistency is off: the guest was not frozen".into());
+        } else {
+            // A cut an earlier attempt of this step made is resumed, not made again, and was
+            // not necessarily made inside a freeze: `next` exists once a disk was cut.
+            for d in &prep.disks {
+                let info = source.disk_info(&d.disk, true).await.map_err(agent_error)?;
+                if info.bitmaps.iter().any(|b| b.name == d.bitmaps.next) {
+                    not_app = Some(format!(
+                        "disk {} was cut by an earlier attempt, which is resumed (not necessarily inside a freeze)",
+                        d.name
+                    ));
+                    break;
+                }
+            }
+            if not_app.is_none() {
+                let spec = FreezeSpec { id: freeze_id.clone(), max_ms: FREEZE_BOUND.as_millis() as u64 };
+                match source.vm_freeze(vm, &spec).await {
+                    Ok(o) if o.frozen => frozen = Some(o),
+                    Ok(o) => not_app = Some(o.reason),
+                    // The agent cannot be reached: the step is tried again.
+                    Err(e) if e.kind == ErrorKind::Retry => return Err(agent_error(e)),
+                    Err(e) => not_app = Some(format!("the freeze failed: {}", e.message)),
+                }
+            }
+        }
+        if let (Some(why), ConsistencyMode::Require, true) = (&not_app, job.consistency, prep.running) {
+            return Err(Error::conflict(format!(
+                "the job requires application-consistent points and this VM's cannot be: {why}"
+            )));
+        }
+        // Every disk at once, while the guest is frozen.
+        let mut cuts = Vec::new();
+        let mut failed = None;
+        for d in &prep.disks {
+            match source.cut_begin(&d.cut(ctx, c, prep.running)).await {
+                Ok(cut) => cuts.push(cut),
+                Err(e) => {
+                    failed = Some(e.context(format!("disk {}", d.name)));
+                    break;
+                }
+            }
+        }
+        let consistency = match (frozen, not_app) {
+            (Some(f), _) => match source.vm_thaw(vm, &freeze_id).await {
+                Ok(t) if t.held => PointConsistency::application(f.reason),
+                Ok(t) => PointConsistency::crash(t.reason.unwrap_or_else(|| "the freeze did not hold".into())),
+                Err(e) => PointConsistency::crash(format!(
+                    "the thaw failed ({}); the agent's watchdog thaws the guest",
+                    e.message
+                )),
+            },
+            (None, why) => PointConsistency::crash(why.unwrap_or_else(|| "the guest was not frozen".into())),
+        };
+        if let Some(e) = failed {
+            // The cuts made are ended as failed (their changes fold into `next`), so nothing
+            // stays exported and no change is lost; this run of the VM cannot resume them.
+            for (d, cut) in prep.disks.iter().zip(&cuts) {
+                if let Err(end) = source.cut_end(&d.cut(ctx, c, prep.running), Some(cut), false).await {
+                    tracing::warn!(disk = %d.name, error = %end.message, "ending a cut after another failed");
+                }
+            }
+            return Err(agent_error(e));
+        }
+        match consistency.kind {
+            ConsistencyKind::Application => {
+                ctx.log(
+                    LogLevel::Info,
+                    format!("application-consistent cut: {}", consistency.reason.as_deref().unwrap_or("")),
+                )
+                .await;
+            }
+            ConsistencyKind::Crash => {
+                let why = consistency.reason.clone().unwrap_or_default();
+                if job.consistency == ConsistencyMode::Require && prep.running {
+                    return Err(Error::conflict(format!(
+                        "the job requires application-consistent points and this VM's is not: {why}"
+                    )));
+                }
+                let level = if prep.running && job.consistency == ConsistencyMode::Try {
+                    LogLevel::Warning
+                } else {
+                    LogLevel::Info
+                };
+                ctx.log(level, format!("crash-consistent cut: {why}")).await;
+            }
+        }
+        serde_json::to_value(CutsMade { consistency, cuts }).map_err(|e| Error::internal(e.to_string()))
+    }
+    async fn undo(&self, ctx: &StepCtx, out: &Value) -> Result<()> {
+        let c = &self.0;
+        let Ok(prep) = output::<Prepared>(ctx, &format!("prepare:{}", c.index)) else { return Ok(()) };
+        let made: Option<CutsMade> = serde_json::from_value(out.clone()).ok();
+        let (source, _) = prep.agents(ctx, c).await?;
+        if prep.running {
+            // A freeze a crash left holding: the watchdog would thaw it too, later.
+            source.vm_thaw(c.vm.0, &self.freeze_id(ctx)).await.map_err(agent_error)?;
+        }
+        for (i, d) in prep.disks.iter().enumerate() {
+            let cut = made.as_ref().and_then(|m| m.cuts.get(i));
+            source.cut_end(&d.cut(ctx, c, prep.running), cut, false).await.map_err(agent_error)?;
         }
         Ok(())
     }
@@ -658,6 +816,9 @@ impl Step for Publish {
                 })
                 .collect(),
             verified: false,
+            consistency: output::<CutsMade>(ctx, &format!("cut:{}", self.0.index))
+                .map(|c| c.consistency)
+                .unwrap_or_default(),
         };
         let stored = ctx.engine.store().restore_point_publish(self.0.p.tenant_id, &point).await?;
         ctx.log(

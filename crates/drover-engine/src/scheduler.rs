@@ -67,6 +67,7 @@ mod tests {
     fn job(schedule: Schedule, enabled: bool) -> ReplicationJob {
         ReplicationJob {
             bandwidth_limit: None,
+            consistency: ConsistencyMode::Try,
             id: ReplicationJobId::new(),
             tenant_id: TenantId::new(),
             name: "j".into(),

@@ -40,6 +40,7 @@ pub async fn replica_with_point(
             manifest_digest: String::new(),
         }],
         verified: false,
+        consistency: Default::default(),
     };
     store.restore_point_publish(tenant, &point).await.expect("published point");
     (replica, point)

@@ -79,6 +79,7 @@ impl Env {
             schedule: Schedule::Manual,
             retention_points: 2,
             bandwidth_limit: None,
+            consistency: Default::default(),
         };
         let job = self.app.replication_job_create(&self.caller, job).await.unwrap();
         let (replica, _) = drover_engine::testing::replica_with_point(

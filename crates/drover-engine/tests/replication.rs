@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_engine::app::{App, Caller, NewDatastore, NewHost, NewReplicationJob, NewVm, PowerAction};
+use drover_engine::app::{
+    App, Caller, NewDatastore, NewHost, NewReplicationJob, NewVm, PowerAction, ReplicationJobPatch,
+};
 use drover_engine::{Engine, EngineConfig};
 use drover_hv::Hypervisor;
 use drover_hv::qemu::{QemuConfig, QemuDriver, TinyGuest};
@@ -66,6 +68,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
         monitor_interval: Duration::from_secs(1),
         work_dir: dir.path().join("w"),
         host_paths: drover_engine::testing::host_paths(dir.path()),
+        retry_backoff: Duration::from_millis(100),
         ..EngineConfig::default()
     };
     let app = App::new(Engine::new(store, driver.clone(), config));
@@ -116,6 +119,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
                 schedule: Schedule::Manual,
                 retention_points: 2,
                 bandwidth_limit: None,
+                consistency: Default::default(),
             },
         )
         .await
@@ -133,6 +137,10 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
     let points = app.restore_points(caller, replica.id).await.unwrap();
     assert_eq!(points.len(), 1);
     assert!(compare(&source, Path::new(&points[0].disks[0].file)));
+    // A VM that is not running is cut as it was left: crash-consistent, and the job's `try`
+    // does not warn about it.
+    assert_eq!(points[0].consistency.kind, ConsistencyKind::Crash);
+    assert!(points[0].consistency.reason.as_deref().unwrap().contains("not running"), "{:?}", points[0].consistency);
 
     // 2. The VM runs and writes a marker; the run is incremental through its dirty bitmap.
     let s = app.vm_power(caller, vm.id, PowerAction::PowerOn).await.unwrap();
@@ -151,6 +159,35 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
         "incremental: {} bytes",
         points[1].bytes_written
     );
+    // The tiny guest has no QEMU guest agent: `try` makes a crash-consistent point and says why.
+    assert_eq!(points[1].consistency.kind, ConsistencyKind::Crash);
+    let why = points[1].consistency.reason.clone().unwrap();
+    assert!(why.contains("no guest agent runs in the guest"), "{why}");
+    assert!(lines.iter().any(|l| l.contains("crash-consistent cut") && l.contains("no guest agent")), "{lines:?}");
+
+    // `require` gives the VM no point, says why, and keeps its changes for the next run.
+    let set = |c: ConsistencyMode| ReplicationJobPatch { consistency: Some(c), ..Default::default() };
+    app.replication_job_update(caller, job.id, set(ConsistencyMode::Require)).await.unwrap();
+    env.driver.write_marker(vm.id.0, "written while require failed").await.unwrap();
+    let s = app.replication_job_run(caller, job.id).await.unwrap();
+    let done = wait(app, s).await;
+    assert_eq!(done.result, SessionResult::Failed, "{:?}", log(app, caller, s).await);
+    let lines = log(app, caller, s).await;
+    assert!(
+        lines.iter().any(|l| l.contains("requires application-consistent points") && l.contains("no guest agent")),
+        "{lines:?}"
+    );
+    assert_eq!(app.restore_points(caller, replica.id).await.unwrap().len(), 2, "no point was published");
+    // `off` does not ask the guest at all, and the changes of the failed run arrive.
+    app.replication_job_update(caller, job.id, set(ConsistencyMode::Off)).await.unwrap();
+    let s = app.replication_job_run(caller, job.id).await.unwrap();
+    let done = wait(app, s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {:?}", done.failure_message, log(app, caller, s).await);
+    assert!(log(app, caller, s).await.iter().any(|l| l.contains("bitmap mode")));
+    let points = app.restore_points(caller, replica.id).await.unwrap();
+    let newest = points.last().unwrap();
+    assert!(newest.consistency.reason.as_deref().unwrap().contains("consistency is off"), "{:?}", newest.consistency);
+    app.replication_job_update(caller, job.id, set(ConsistencyMode::Try)).await.unwrap();
 
     // 3. Shut down; the next run reads the image offline, still incrementally; retention keeps 2.
     let s = app.vm_power(caller, vm.id, PowerAction::Shutdown).await.unwrap();
@@ -160,7 +197,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
     assert_eq!(done.result, SessionResult::Success, "{:?}: {:?}", done.failure_message, log(app, caller, s3).await);
     assert!(log(app, caller, s3).await.iter().any(|l| l.contains("bitmap mode")));
     let points = app.restore_points(caller, replica.id).await.unwrap();
-    assert_eq!(points.iter().map(|p| p.sequence).collect::<Vec<_>>(), vec![2, 3], "retention kept the newest 2");
+    assert_eq!(points.iter().map(|p| p.sequence).collect::<Vec<_>>(), vec![3, 4], "retention kept the newest 2");
     let newest = PathBuf::from(&points[1].disks[0].file);
     assert!(compare(&source, &newest), "the newest point equals the source disk");
     // Nothing but the points' files is left in the chain directory.
@@ -191,7 +228,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
     };
     env.driver.power_on(&spec).await.unwrap();
     let hb = env.driver.wait_heartbeat(spec.id, Duration::from_secs(90)).await.unwrap();
-    assert_eq!(hb.marker.as_deref(), Some("written in production"));
+    assert_eq!(hb.marker.as_deref(), Some("written while require failed"));
     env.driver.power_off(spec.id).await.unwrap();
     env.driver.forget(spec.id).await.unwrap();
     // The point itself was never written.
@@ -271,6 +308,7 @@ impl Rig {
                     schedule: Schedule::Manual,
                     retention_points: 3,
                     bandwidth_limit: None,
+                    consistency: Default::default(),
                 },
             )
             .await
@@ -461,6 +499,16 @@ impl drover_agent_api::HostAgent for Flaky {
     }
     async fn vm_write_marker(&self, vm: uuid::Uuid, marker: &str) -> drover_agent_api::AgentResult<()> {
         self.inner.vm_write_marker(vm, marker).await
+    }
+    async fn vm_freeze(
+        &self,
+        vm: uuid::Uuid,
+        spec: &drover_agent_api::FreezeSpec,
+    ) -> drover_agent_api::AgentResult<drover_agent_api::FreezeOutcome> {
+        self.inner.vm_freeze(vm, spec).await
+    }
+    async fn vm_thaw(&self, vm: uuid::Uuid, id: &str) -> drover_agent_api::AgentResult<drover_agent_api::ThawOutcome> {
+        self.inner.vm_thaw(vm, id).await
     }
     async fn vm_check_tcp_port(
         &self,
@@ -823,6 +871,7 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
                 schedule: Schedule::Manual,
                 retention_points: 5,
                 bandwidth_limit: None,
+                consistency: Default::default(),
             },
         )
         .await
@@ -1033,6 +1082,7 @@ async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
                 schedule: Schedule::Manual,
                 retention_points: 5,
                 bandwidth_limit: None,
+                consistency: Default::default(),
             },
         )
         .await
@@ -1188,6 +1238,7 @@ async fn failback_to_another_location_makes_a_new_vm_and_undo_removes_it() {
                 schedule: Schedule::Manual,
                 retention_points: 3,
                 bandwidth_limit: None,
+                consistency: Default::default(),
             },
         )
         .await

@@ -681,6 +681,7 @@ async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
                 schedule: Schedule::Manual,
                 retention_points: 2,
                 bandwidth_limit: None,
+                consistency: Default::default(),
             },
         )
         .await

@@ -63,7 +63,7 @@ pub struct BootSpec {
 }
 
 // The plain vocabulary of VM control is the agent contract's: the driver speaks it as it is.
-pub use drover_agent_api::{Heartbeat, PowerState, ShutdownOutcome, TcpPortState};
+pub use drover_agent_api::{FreezeOutcome, Heartbeat, PowerState, ShutdownOutcome, TcpPortState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
@@ -153,6 +153,26 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// saw. The QEMU driver checks through a NIC on a network without a bridge (user-mode
     /// networking, see [`usernet`]); a VM without one is an error.
     async fn check_tcp_port(&self, vm: Uuid, guest_port: u16, timeout: Duration) -> HvResult<TcpPortState>;
+
+    /// Freezes the guest's file systems through the QEMU guest agent (`guest-fsfreeze-freeze`,
+    /// which runs the guest's fsfreeze hooks first, so applications flush). A guest that cannot
+    /// be frozen (no guest agent answers, freezing is disabled, the freeze failed and was
+    /// undone) is `frozen: false` with the reason. The driver does not thaw by itself: the
+    /// caller (the agent, with its watchdog) does, with [`Hypervisor::guest_thaw`].
+    async fn guest_freeze(&self, vm: Uuid) -> HvResult<FreezeOutcome> {
+        let _ = vm;
+        Ok(FreezeOutcome {
+            frozen: false,
+            filesystems: 0,
+            reason: format!("the {} hypervisor has no guest agent", self.kind()),
+        })
+    }
+
+    /// Thaws the guest's file systems; returns how many were thawed (0 when none were frozen).
+    async fn guest_thaw(&self, vm: Uuid) -> HvResult<u64> {
+        let _ = vm;
+        Ok(0)
+    }
 
     /// Removes what the driver keeps for the VM (runtime directory). Powers it off first.
     /// Idempotent. Disk images are the engine's to delete, through [`drover_qemu::image`].

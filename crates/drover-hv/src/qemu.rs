@@ -60,7 +60,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    BootSpec, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState, VmSpec, tracking,
+    BootSpec, FreezeOutcome, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState,
+    VmSpec, tracking,
 };
 use drover_qemu::qmp::QmpClient;
 
@@ -84,6 +85,12 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const AGENT_ATTEMPT: Duration = Duration::from_secs(3);
 /// `write_marker` has no timeout parameter; this bounds its retries.
 const WRITE_MARKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest agent has to answer before a freeze (it runs in the guest, and a busy
+/// guest under TCG is slow).
+const GUEST_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a freeze or a thaw may take: the guest's fsfreeze hooks run first (a database
+/// checkpoint), then every file system is synced.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The tiny guest reaches its ready line in about 3 s under TCG and faster under a working KVM;
 /// a guest that has not after 10 s under KVM is hanging (the trap this probe exists for), and
 /// every start of drover with `--accel auto` pays this much on such a host.
@@ -635,6 +642,83 @@ impl Hypervisor for QemuDriver {
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {
         let paths = self.paths(vm);
         self.retry_until(vm, timeout, "guest heartbeat", |budget| heartbeat_once(&paths, vm, budget)).await
+    }
+
+    /// Asks QEMU first whether anything in the guest has the guest agent's port open (QMP
+    /// `query-chardev`, `frontend-open`), so a guest without `qemu-ga` is told apart at once
+    /// instead of after a timeout; then the guest agent itself: it must answer, have
+    /// `guest-fsfreeze-freeze` enabled, and not be frozen already (by someone else: drover's
+    /// own freezes are the agent's to track).
+    async fn guest_freeze(&self, vm: Uuid) -> HvResult<FreezeOutcome> {
+        let paths = self.paths(vm);
+        let not = |reason: String| Ok(FreezeOutcome { frozen: false, filesystems: 0, reason });
+        let mut qmp = self.qmp(vm).await?;
+        let chardevs = qmp.execute_timeout("query-chardev", Value::Null, QMP_TIMEOUT).await?;
+        drop(qmp);
+        let open = chardevs.as_array().and_then(|list| {
+            list.iter()
+                .find(|c| c.get("label").and_then(Value::as_str) == Some("qga"))
+                .and_then(|c| c.get("frontend-open").and_then(Value::as_bool))
+        });
+        match open {
+            None => return not("the VM has no guest agent port (it was started before drover gave VMs one)".into()),
+            Some(false) => {
+                return not("no guest agent runs in the guest (its port is closed: qemu-guest-agent is not                             installed or not started)"
+                    .into());
+            }
+            Some(true) => {}
+        }
+        let mut agent = match drover_qemu::qga::GuestAgent::connect(&paths.qga, GUEST_AGENT_TIMEOUT).await {
+            Ok(a) => a,
+            Err(e) => return not(format!("the guest agent does not answer: {e}")),
+        };
+        let info = match agent.info().await {
+            Ok(i) => i,
+            Err(e) => return not(format!("the guest agent does not say what it can do: {e}")),
+        };
+        if !info.can("guest-fsfreeze-freeze") || !info.can("guest-fsfreeze-thaw") {
+            return not(format!(
+                "the guest agent {} cannot freeze file systems (guest-fsfreeze-freeze is disabled or missing)",
+                info.version
+            ));
+        }
+        match agent.fsfreeze_status().await {
+            Ok(drover_qemu::qga::FreezeStatus::Thawed) => {}
+            Ok(drover_qemu::qga::FreezeStatus::Frozen) => {
+                return not("the guest's file systems are already frozen by someone else".into());
+            }
+            Err(e) => return not(format!("the guest agent does not say whether it is frozen: {e}")),
+        }
+        agent.set_timeout(FREEZE_TIMEOUT);
+        match agent.fsfreeze_freeze().await {
+            Ok(n) => Ok(FreezeOutcome {
+                frozen: true,
+                filesystems: n,
+                reason: format!("{n} file systems frozen by the guest agent {}", info.version),
+            }),
+            Err(e) => {
+                // A freeze that failed part-way (a hook refused, a file system would not freeze)
+                // or did not answer in time may hold some file systems: thaw on a new
+                // connection, which the guest agent serves after the freeze it is still running.
+                drop(agent);
+                let thawed = self.guest_thaw(vm).await;
+                tracing::warn!(%vm, error = %e, ?thawed, "guest freeze failed; thawed");
+                not(format!("the guest agent's freeze failed and was undone: {e}"))
+            }
+        }
+    }
+
+    async fn guest_thaw(&self, vm: Uuid) -> HvResult<u64> {
+        let paths = self.paths(vm);
+        if running_pid(&paths, vm).is_none() {
+            // A guest that is not running holds nothing frozen: the next boot starts thawed.
+            return Ok(0);
+        }
+        let mut agent = drover_qemu::qga::GuestAgent::connect(&paths.qga, FREEZE_TIMEOUT).await?;
+        if agent.fsfreeze_status().await? == drover_qemu::qga::FreezeStatus::Thawed {
+            return Ok(0);
+        }
+        Ok(agent.fsfreeze_thaw().await?)
     }
 
     async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()> {

@@ -18,6 +18,8 @@
 //! - TCP ports a guest listens on: those named by `drover.listen=<port>,...` on the kernel
 //!   command line, like the tiny guest, or set per VM with [`SimulatedHypervisor::set_open_ports`];
 //!   a port check needs a NIC, like the QEMU driver's;
+//! - a guest agent that freezes and thaws file systems ([`SimulatedHypervisor::set_guest_agent`],
+//!   [`SimulatedHypervisor::frozen`]);
 //! - one-shot failures of any operation ([`SimulatedHypervisor::fail_next`]).
 //!
 //! Time is measured with `tokio::time`, so tests may run with a paused clock (tokio `test-util`).
@@ -44,6 +46,8 @@ pub const SIM_OPS: &[&str] = &[
     "check_tcp_port",
     "forget",
     "reattach",
+    "guest_freeze",
+    "guest_thaw",
 ];
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,8 @@ struct SimInner {
     calls: HashMap<&'static str, u64>,
     /// Open TCP ports per VM, overriding the kernel command line's `drover.listen=`.
     open_ports: HashMap<Uuid, BTreeSet<u16>>,
+    /// VMs whose simulated guest agent answers, and whether it holds their file systems frozen.
+    guest_agents: HashMap<Uuid, bool>,
 }
 
 /// In-memory hypervisor for tests. See the module documentation.
@@ -95,6 +101,22 @@ impl SimulatedHypervisor {
         self.lock().failures.clear();
     }
 
+    /// Gives the VM's guest a guest agent that freezes and thaws its file systems (or takes it
+    /// away). Without one, a freeze answers `frozen: false`, like a guest without `qemu-ga`.
+    pub fn set_guest_agent(&self, vm: Uuid, present: bool) {
+        let mut inner = self.lock();
+        if present {
+            inner.guest_agents.entry(vm).or_insert(false);
+        } else {
+            inner.guest_agents.remove(&vm);
+        }
+    }
+
+    /// Whether the VM's guest agent holds its file systems frozen.
+    pub fn frozen(&self, vm: Uuid) -> bool {
+        self.lock().guest_agents.get(&vm).copied().unwrap_or(false)
+    }
+
     /// How long after power-on the guest starts answering heartbeats (default: at once).
     pub fn set_heartbeat_delay(&self, delay: Duration) {
         self.lock().heartbeat_delay = delay;
@@ -114,6 +136,10 @@ impl SimulatedHypervisor {
             Some(v) if matches!(v.state, PowerState::Running | PowerState::Paused) => {
                 v.state = PowerState::Died;
                 v.booted_at = None;
+                // A guest that stops is no longer frozen: the next boot starts thawed.
+                if let Some(frozen) = inner.guest_agents.get_mut(&vm) {
+                    *frozen = false;
+                }
                 true
             }
             _ => false,
@@ -261,9 +287,13 @@ impl Hypervisor for SimulatedHypervisor {
 
     async fn power_off(&self, vm: Uuid) -> HvResult<()> {
         self.enter("power_off")?;
-        if let Some(v) = self.lock().vms.get_mut(&vm) {
+        let mut inner = self.lock();
+        if let Some(v) = inner.vms.get_mut(&vm) {
             v.state = PowerState::Off;
             v.booted_at = None;
+        }
+        if let Some(frozen) = inner.guest_agents.get_mut(&vm) {
+            *frozen = false;
         }
         Ok(())
     }
@@ -271,6 +301,39 @@ impl Hypervisor for SimulatedHypervisor {
     async fn status(&self, vm: Uuid) -> HvResult<PowerState> {
         self.enter("status")?;
         Ok(self.lock().vms.get(&vm).map_or(PowerState::Off, |v| v.state))
+    }
+
+    async fn guest_freeze(&self, vm: Uuid) -> HvResult<crate::FreezeOutcome> {
+        self.enter("guest_freeze")?;
+        let mut inner = self.lock();
+        if !matches!(inner.vms.get(&vm).map(|v| v.state), Some(PowerState::Running)) {
+            return Err(HvError::NotRunning(vm));
+        }
+        let outcome = |frozen, reason: &str| crate::FreezeOutcome {
+            frozen,
+            filesystems: u64::from(frozen),
+            reason: reason.to_string(),
+        };
+        match inner.guest_agents.get_mut(&vm) {
+            None => Ok(outcome(false, "the simulated guest has no guest agent")),
+            Some(true) => Ok(outcome(false, "the guest's file systems are already frozen")),
+            Some(frozen) => {
+                *frozen = true;
+                Ok(outcome(true, "frozen by the simulated guest agent"))
+            }
+        }
+    }
+
+    async fn guest_thaw(&self, vm: Uuid) -> HvResult<u64> {
+        self.enter("guest_thaw")?;
+        let mut inner = self.lock();
+        match inner.guest_agents.get_mut(&vm) {
+            Some(frozen) if *frozen => {
+                *frozen = false;
+                Ok(1)
+            }
+            _ => Ok(0),
+        }
     }
 
     async fn wait_heartbeat(&self, vm: Uuid, timeout: Duration) -> HvResult<Heartbeat> {

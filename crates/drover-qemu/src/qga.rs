@@ -111,6 +111,12 @@ impl GuestAgent {
         Ok(agent)
     }
 
+    /// The limit of every later command (a freeze runs the guest's hooks, which may take longer
+    /// than a ping).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Runs one command and returns its `return` value, within the connection's timeout.
     pub async fn execute(&mut self, command: &str, args: Value) -> ToolResult<Value> {
         let timeout = self.timeout;

@@ -1315,8 +1315,8 @@ impl Store {
         stored.sequence = max.unwrap_or(0) as u64 + 1;
         sqlx::query(
             "INSERT INTO restore_points (id, replica_id, tenant_id, sequence, session_id, state, created_at,
-                                         bytes_written, disks, verified)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                         bytes_written, disks, verified, consistency)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(stored.id.to_string())
         .bind(stored.replica_id.to_string())
@@ -1328,6 +1328,7 @@ impl Store {
         .bind(stored.bytes_written as i64)
         .bind(json_str(&stored.disks)?)
         .bind(stored.verified)
+        .bind(json_str(&stored.consistency)?)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?;
@@ -1437,7 +1438,7 @@ async fn tokio_yield() {
 }
 
 const POINT_SELECT: &str = "SELECT id, replica_id, sequence, session_id, state, created_at, bytes_written, disks,
-    verified FROM restore_points";
+    verified, consistency FROM restore_points";
 
 fn point_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<RestorePoint> {
     let sequence: i64 = r.try_get("sequence")?;
@@ -1452,6 +1453,10 @@ fn point_from_row(r: &sqlx::sqlite::SqliteRow) -> StoreResult<RestorePoint> {
         bytes_written: bytes as u64,
         disks: json_parse(r.try_get("disks")?)?,
         verified: r.try_get("verified")?,
+        consistency: match r.try_get::<Option<String>, _>("consistency")? {
+            Some(c) => json_parse(&c)?,
+            None => drover_types::PointConsistency::default(),
+        },
     })
 }
 

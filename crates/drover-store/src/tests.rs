@@ -365,6 +365,28 @@ async fn saga_steps_upsert_by_position() {
 }
 
 #[tokio::test]
+async fn a_point_published_before_consistency_was_recorded_reads_as_crash_consistent() {
+    let (store, _dir, t) = fresh().await;
+    let replica = ReplicaId::new();
+    sqlx::query(
+        "INSERT INTO restore_points (id, replica_id, tenant_id, sequence, session_id, state, created_at,
+                                     bytes_written, disks, verified)
+         VALUES ($1, $2, $3, 1, $4, 'Published', 0, 0, '[]', 0)",
+    )
+    .bind(RestorePointId::new().to_string())
+    .bind(replica.to_string())
+    .bind(t.id.to_string())
+    .bind(SessionId::new().to_string())
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    let points = store.restore_points_of(t.id, replica).await.unwrap();
+    assert_eq!(points.len(), 1);
+    assert_eq!(points[0].consistency.kind, drover_types::ConsistencyKind::Crash);
+    assert!(points[0].consistency.reason.as_deref().unwrap().contains("before drover recorded"));
+}
+
+#[tokio::test]
 async fn restore_points_publish_once_and_retire_atomically() {
     let (store, _dir, t) = fresh().await;
     let replica = ReplicaId::new();
@@ -383,6 +405,7 @@ async fn restore_points_publish_once_and_retire_atomically() {
             manifest_digest: "d".into(),
         }],
         verified: false,
+        consistency: drover_types::PointConsistency::application("2 file systems frozen"),
     };
     let s1 = SessionId::new();
     let p1 = store.restore_point_publish(t.id, &point(s1, "/a.qcow2")).await.unwrap();
@@ -393,7 +416,9 @@ async fn restore_points_publish_once_and_retire_atomically() {
     let p2 = store.restore_point_publish(t.id, &point(SessionId::new(), "/b.qcow2")).await.unwrap();
     let p3 = store.restore_point_publish(t.id, &point(SessionId::new(), "/c.qcow2")).await.unwrap();
     assert_eq!((p2.sequence, p3.sequence), (2, 3));
-    assert_eq!(store.restore_points_of(t.id, replica).await.unwrap().len(), 3);
+    let listed = store.restore_points_of(t.id, replica).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].consistency, point(s1, "/a.qcow2").consistency, "the consistency is stored with the point");
     assert!(store.restore_points_of(TenantId::new(), replica).await.unwrap().is_empty(), "tenant-scoped");
 
     // Retire refuses a point that was not marked retiring, and changes nothing.

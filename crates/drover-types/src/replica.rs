@@ -92,9 +92,98 @@ pub struct ReplicationJob {
     /// transfer on its own; a source agent's global cap applies too). `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_limit: Option<u64>,
+    /// Whether each VM's point is taken with the guest's file systems frozen through its guest
+    /// agent (application-consistent). Jobs made before this setting existed `try`.
+    #[serde(default)]
+    pub consistency: ConsistencyMode,
     pub enabled: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// How a replication job takes each running VM's point in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyMode {
+    /// Application-consistent or nothing: a VM whose guest agent cannot freeze its file systems
+    /// (not running, not installed, the freeze failed or outlasted its bound) gets no point in
+    /// this run; its task fails and says why, and its changes stay tracked for the next run.
+    Require,
+    /// Application-consistent when the guest agent answers; otherwise crash-consistent, with a
+    /// warning in the session log and the reason on the point.
+    #[default]
+    Try,
+    /// Crash-consistent always: the guest is never frozen.
+    Off,
+}
+
+impl std::fmt::Display for ConsistencyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConsistencyMode::Require => "require",
+            ConsistencyMode::Try => "try",
+            ConsistencyMode::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for ConsistencyMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "require" => Ok(ConsistencyMode::Require),
+            "try" => Ok(ConsistencyMode::Try),
+            "off" => Ok(ConsistencyMode::Off),
+            other => Err(Error::invalid(format!("consistency {other:?}: expected require, try or off"))),
+        }
+    }
+}
+
+/// What a restore point's data is consistent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyKind {
+    /// Cut while the guest's file systems were frozen by its guest agent (whose fsfreeze hooks
+    /// let applications flush first): it boots as after a clean freeze, with no file-system
+    /// recovery.
+    Application,
+    /// Cut of a running guest without its cooperation (or of a stopped VM's disks, which is as
+    /// good as a clean one when it was shut down cleanly): it boots as after a power cut.
+    Crash,
+}
+
+/// A point's consistency and why it is what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointConsistency {
+    pub kind: ConsistencyKind,
+    /// Why a point is crash-consistent, or what froze an application-consistent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl PointConsistency {
+    pub fn crash(reason: impl Into<String>) -> Self {
+        PointConsistency { kind: ConsistencyKind::Crash, reason: Some(reason.into()) }
+    }
+    pub fn application(reason: impl Into<String>) -> Self {
+        PointConsistency { kind: ConsistencyKind::Application, reason: Some(reason.into()) }
+    }
+
+    /// `application-consistent` or `crash-consistent: <why>`, for logs and tables.
+    pub fn describe(&self) -> String {
+        match (self.kind, &self.reason) {
+            (ConsistencyKind::Application, _) => "application-consistent".into(),
+            (ConsistencyKind::Crash, Some(why)) => format!("crash-consistent: {why}"),
+            (ConsistencyKind::Crash, None) => "crash-consistent".into(),
+        }
+    }
+}
+
+impl Default for PointConsistency {
+    /// What a point recorded before drover recorded consistency was.
+    fn default() -> Self {
+        PointConsistency::crash("taken before drover recorded consistency")
+    }
 }
 
 pub const MIN_INTERVAL_SECS: u32 = 10;
@@ -217,6 +306,8 @@ pub struct RestorePoint {
     pub disks: Vec<RestorePointDisk>,
     /// Set when a check found the target's data equal to the manifests.
     pub verified: bool,
+    #[serde(default)]
+    pub consistency: PointConsistency,
 }
 
 #[cfg(test)]

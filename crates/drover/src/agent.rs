@@ -266,6 +266,11 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
             streams: args.data_streams,
             ..drover_agent::peer::PeerStreams::default()
         });
+    // A guest a killed earlier run left frozen is thawed before anything else happens.
+    let thawed = agent.thaw_leftover_freezes().await;
+    if thawed > 0 {
+        tracing::warn!(thawed, "thawed guests frozen when the agent last stopped");
+    }
     let config = drover_pki::server_config_requiring_client_cert_live(keeper.live(), identity.trusted_ca())?;
     let data = match args.data_listen {
         Some(bind) => {

@@ -190,6 +190,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                     schedule: drover_types::Schedule::Interval { secs: 300 },
                     retention_points: 7,
                     bandwidth_limit: None,
+                    consistency: Default::default(),
                 };
                 app.replication_job_create(&admin, new).await?
             }

@@ -207,6 +207,11 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         None => None,
     };
     let mut local_agent = drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone());
+    // A guest a killed earlier run left frozen is thawed before anything else happens.
+    let thawed = local_agent.thaw_leftover_freezes().await;
+    if thawed > 0 {
+        tracing::warn!(thawed, "thawed guests frozen when drover last stopped");
+    }
     let mut data = None;
     if let Some(pki) = &pki {
         let local = &pki.local;

@@ -266,6 +266,10 @@ pub struct JobCreateArgs {
     /// or bytes; at least 64KiB). Default: no limit.
     #[arg(long, value_name = "RATE", value_parser = crate::agent::parse_rate)]
     pub bandwidth_limit: Option<u64>,
+    /// Application-consistent points: `require` (a running VM whose guest agent cannot freeze
+    /// its file systems gets no point), `try` (crash-consistent then, with a warning) or `off`.
+    #[arg(long, value_name = "MODE", default_value = "try", value_parser = consistency_mode)]
+    pub consistency: drover_types::ConsistencyMode,
 }
 
 #[derive(Debug, Args)]
@@ -296,6 +300,13 @@ pub struct JobUpdateArgs {
     /// `none` to remove the limit.
     #[arg(long, value_name = "RATE|none", value_parser = rate_or_none)]
     pub bandwidth_limit: Option<u64>,
+    /// Application-consistent points: `require`, `try` or `off`.
+    #[arg(long, value_name = "MODE", value_parser = consistency_mode)]
+    pub consistency: Option<drover_types::ConsistencyMode>,
+}
+
+fn consistency_mode(s: &str) -> Result<drover_types::ConsistencyMode, String> {
+    s.parse().map_err(|e: drover_types::Error| e.to_string())
 }
 
 /// A rate, or `none` (0 on the wire: no limit).
@@ -715,6 +726,7 @@ fn job_body(a: &JobCreateArgs) -> Value {
         "schedule": schedule,
         "retention_points": a.retention,
         "bandwidth_limit": a.bandwidth_limit,
+        "consistency": a.consistency,
     })
 }
 
@@ -735,10 +747,13 @@ fn job_update_body(a: &JobUpdateArgs) -> anyhow::Result<Value> {
     if let Some(b) = a.bandwidth_limit {
         body.insert("bandwidth_limit".into(), json!(b));
     }
+    if let Some(c) = a.consistency {
+        body.insert("consistency".into(), json!(c));
+    }
     if body.is_empty() {
         bail!(
-            "nothing to update: give --name, --interval, --manual, --continuous, --retention, --enable, --disable or \
-             --bandwidth-limit"
+            "nothing to update: give --name, --interval, --manual, --continuous, --retention, --enable, --disable, \
+             --bandwidth-limit or --consistency"
         );
     }
     Ok(Value::Object(body))

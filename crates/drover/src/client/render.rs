@@ -268,6 +268,7 @@ pub fn job(j: &ReplicationJobView) -> String {
         ("target datastore", j.target_datastore_id.to_string()),
         ("schedule", schedule(&j.schedule)),
         ("retention", format!("{} restore points", j.retention_points)),
+        ("consistency", wire_name(&j.consistency)),
         ("enabled", j.enabled.to_string()),
         ("created", local_time(&j.created_at)),
     ])
@@ -302,15 +303,17 @@ pub fn replica(r: &ReplicaView) -> String {
 }
 
 pub fn restore_points(page: &Page<RestorePointView>) -> Table {
-    let mut t = Table::new(&["SEQUENCE", "CREATED", "STATE", "BYTES WRITTEN", "VERIFIED", "ID"]);
+    let mut t = Table::new(&["SEQUENCE", "CREATED", "STATE", "CONSISTENCY", "BYTES WRITTEN", "VERIFIED", "ID", "WHY"]);
     for p in &page.items {
         t.row(vec![
             p.sequence.to_string(),
             local_time(&p.created_at),
             wire_name(&p.state),
+            wire_name(&p.consistency),
             approx_size(p.bytes_written),
             if p.verified { "yes" } else { "no" }.into(),
             p.id.to_string(),
+            p.consistency_reason.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     t
