@@ -34,6 +34,18 @@ async fn the_conformance_scenarios_pass_over_the_wire() {
 }
 
 #[tokio::test]
+async fn freezes_and_thaws_pass_over_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Arc::new(SimulatedHypervisor::new());
+    let local: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(sim.clone(), dir.path().join("work")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(drover_agent::server::serve_plain(listener, local));
+    let agent = RemoteAgent::connect(&base, None).await.unwrap();
+    conformance::freezes_are_bounded_and_thawed(&agent, &sim).await;
+}
+
+#[tokio::test]
 async fn the_wire_refuses_other_versions_mismatched_ids_and_big_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let (_, base) = serve(&dir).await;

@@ -229,3 +229,61 @@ pub async fn runs_vms_on_its_own_disks_only(agent: &dyn HostAgent, r: &Rig) {
     agent.vm_disks_remove(r.ds, vm).await.unwrap();
     assert!(!image.exists());
 }
+
+/// Freezes of a running guest (through `sim`, the agent's simulated hypervisor, whose guest agent
+/// this turns on): refused bounds, a guest without a guest agent, the same freeze asked twice,
+/// another freeze while one holds, thaws by the wrong id and twice, and the watchdog thawing a
+/// freeze that outlasts its bound.
+pub async fn freezes_are_bounded_and_thawed(agent: &dyn HostAgent, sim: &drover_hv::sim::SimulatedHypervisor) {
+    use drover_hv::Hypervisor;
+    let vm = Uuid::new_v4();
+    let vm_spec = drover_hv::VmSpec {
+        id: vm,
+        name: "frozen".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        disks: vec![drover_hv::DiskSpec { path: PathBuf::from(format!("/nonexistent/{vm}.qcow2")) }],
+        nics: vec![],
+        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None },
+    };
+    sim.power_on(&vm_spec).await.unwrap();
+    let spec = |id: &str, max_ms: u64| FreezeSpec { id: id.into(), max_ms };
+
+    // A guest without a guest agent is not frozen, and says why; nothing holds.
+    let o = agent.vm_freeze(vm, &spec("f1", 60_000)).await.unwrap();
+    assert!(!o.frozen && o.reason.contains("no guest agent"), "{o:?}");
+    let t = agent.vm_thaw(vm, "f1").await.unwrap();
+    assert!(!t.held, "{t:?}");
+    for bad in [spec("f1", 0), spec("f1", MAX_FREEZE_MS + 1), spec("../f1", 1000), spec("", 1000)] {
+        assert_eq!(agent.vm_freeze(vm, &bad).await.unwrap_err().kind, ErrorKind::Invalid, "{bad:?}");
+    }
+
+    sim.set_guest_agent(vm, true);
+    let o = agent.vm_freeze(vm, &spec("f2", 60_000)).await.unwrap();
+    assert!(o.frozen && o.filesystems > 0, "{o:?}");
+    assert!(sim.frozen(vm));
+    assert_eq!(agent.vm_freeze(vm, &spec("f2", 60_000)).await.unwrap(), o, "asked again: the same freeze");
+    let e = agent.vm_freeze(vm, &spec("f3", 60_000)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e:?}");
+    let t = agent.vm_thaw(vm, "f3").await.unwrap();
+    assert!(!t.held && sim.frozen(vm), "another freeze's thaw leaves this one holding: {t:?}");
+    let t = agent.vm_thaw(vm, "f2").await.unwrap();
+    assert!(t.held && !sim.frozen(vm), "{t:?}");
+    let t = agent.vm_thaw(vm, "f2").await.unwrap();
+    assert!(!t.held && !sim.frozen(vm), "thawing again holds nothing and fails nothing: {t:?}");
+
+    // A freeze that outlasts its bound is thawed by the agent's watchdog, and its thaw says so.
+    let o = agent.vm_freeze(vm, &spec("f4", 300)).await.unwrap();
+    assert!(o.frozen);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.frozen(vm) {
+        assert!(std::time::Instant::now() < deadline, "the watchdog never thawed the guest");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = agent.vm_thaw(vm, "f4").await.unwrap();
+    assert!(!t.held && t.reason.as_deref().is_some_and(|r| r.contains("watchdog")), "{t:?}");
+    // And the VM can be frozen again afterwards.
+    assert!(agent.vm_freeze(vm, &spec("f5", 60_000)).await.unwrap().frozen);
+    assert!(agent.vm_thaw(vm, "f5").await.unwrap().held);
+    sim.power_off(vm).await.unwrap();
+}

@@ -663,8 +663,11 @@ impl Hypervisor for QemuDriver {
         match open {
             None => return not("the VM has no guest agent port (it was started before drover gave VMs one)".into()),
             Some(false) => {
-                return not("no guest agent runs in the guest (its port is closed: qemu-guest-agent is not                             installed or not started)"
-                    .into());
+                return not(
+                    "no guest agent runs in the guest (its port is closed: qemu-guest-agent is not installed or not \
+                     started)"
+                        .into(),
+                );
             }
             Some(true) => {}
         }
@@ -672,6 +675,14 @@ impl Hypervisor for QemuDriver {
             Ok(a) => a,
             Err(e) => return not(format!("the guest agent does not answer: {e}")),
         };
+        // The status first: a frozen guest agent disables most of its commands, freezing among them.
+        match agent.fsfreeze_status().await {
+            Ok(drover_qemu::qga::FreezeStatus::Thawed) => {}
+            Ok(drover_qemu::qga::FreezeStatus::Frozen) => {
+                return not("the guest's file systems are already frozen by someone else".into());
+            }
+            Err(e) => return not(format!("the guest agent does not say whether it is frozen: {e}")),
+        }
         let info = match agent.info().await {
             Ok(i) => i,
             Err(e) => return not(format!("the guest agent does not say what it can do: {e}")),
@@ -681,13 +692,6 @@ impl Hypervisor for QemuDriver {
                 "the guest agent {} cannot freeze file systems (guest-fsfreeze-freeze is disabled or missing)",
                 info.version
             ));
-        }
-        match agent.fsfreeze_status().await {
-            Ok(drover_qemu::qga::FreezeStatus::Thawed) => {}
-            Ok(drover_qemu::qga::FreezeStatus::Frozen) => {
-                return not("the guest's file systems are already frozen by someone else".into());
-            }
-            Err(e) => return not(format!("the guest agent does not say whether it is frozen: {e}")),
         }
         agent.set_timeout(FREEZE_TIMEOUT);
         match agent.fsfreeze_freeze().await {

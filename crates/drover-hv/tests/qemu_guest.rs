@@ -337,5 +337,16 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     assert_eq!(hb.addresses, vec!["10.0.2.15".to_string()], "{hb:?}");
+
+    // Its file systems freeze through the guest agent, and thaw.
+    let started = Instant::now();
+    let frozen = hv.guest_freeze(spec.id).await.unwrap();
+    println!("the Debian guest froze in {:.2} s: {}", started.elapsed().as_secs_f64(), frozen.reason);
+    assert!(frozen.frozen && frozen.filesystems >= 1, "{frozen:?}");
+    // The guest agent says it is frozen: a second freeze is refused as someone else's.
+    let again = hv.guest_freeze(spec.id).await.unwrap();
+    assert!(!again.frozen && again.reason.contains("already frozen"), "{again:?}");
+    assert_eq!(hv.guest_thaw(spec.id).await.unwrap(), frozen.filesystems);
+    assert_eq!(hv.guest_thaw(spec.id).await.unwrap(), 0, "thawing a thawed guest thaws nothing");
     assert_eq!(hv.power_off(spec.id).await.ok(), Some(()));
 }
