@@ -47,8 +47,8 @@ pub async fn replica_with_point(
 }
 
 /// The host paths of a test: `root` (a test's temporary directory) holds its datastores and its
-/// imports, and the tiny guest's directory, when it is built, is an import directory too (the
-/// real-QEMU tests boot its kernel and initrd).
+/// imports, and the tiny guest's and the Debian guest's directories, when they are built, are
+/// import directories too (the real-QEMU tests boot their kernels and import the Debian disk).
 pub fn host_paths(root: &Path) -> crate::host_paths::HostPaths {
     let mut imports = vec![root.to_path_buf()];
     let guest = std::env::var_os("DROVER_GUEST_DIR")
@@ -56,6 +56,12 @@ pub fn host_paths(root: &Path) -> crate::host_paths::HostPaths {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
     if let Ok(guest) = std::fs::canonicalize(guest) {
         imports.push(guest);
+    }
+    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    if let Ok(debian) = std::fs::canonicalize(debian) {
+        imports.push(debian);
     }
     crate::host_paths::HostPaths::new(&[root.to_path_buf()], &imports).expect("test host paths")
 }
