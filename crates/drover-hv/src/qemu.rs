@@ -289,6 +289,12 @@ impl QemuDriver {
         self.paths(vm).qmp
     }
 
+    /// The VM's socket of the QEMU guest agent's port, for commands beyond the trait (a test
+    /// running a workload in the guest). One client at a time, like QMP.
+    pub fn guest_agent_socket_path(&self, vm: Uuid) -> PathBuf {
+        self.paths(vm).qga
+    }
+
     /// A negotiated QMP connection to a running VM.
     pub async fn qmp(&self, vm: Uuid) -> HvResult<QmpClient> {
         let paths = self.paths(vm);

@@ -88,6 +88,30 @@ pub enum FreezeStatus {
     Frozen,
 }
 
+/// How a process started with `guest-exec` ended (or that it has not yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecStatus {
+    pub exited: bool,
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecStatus {
+    /// It ended with exit code 0.
+    pub fn success(&self) -> bool {
+        self.exited && self.exit_code == Some(0)
+    }
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
 /// A synchronised connection to a guest agent.
 #[derive(Debug)]
 pub struct GuestAgent {
@@ -156,6 +180,75 @@ impl GuestAgent {
     pub async fn fsfreeze_thaw(&mut self) -> ToolResult<u64> {
         let v = self.execute("guest-fsfreeze-thaw", Value::Null).await?;
         parse_answer("guest-fsfreeze-thaw", v)
+    }
+
+    /// `guest-exec`: starts `path` with `args` in the guest (as the guest agent's user, root on
+    /// most guests), its standard input `input`, its output captured; returns its pid in the
+    /// guest. Follow it with [`GuestAgent::exec_status`].
+    pub async fn exec(&mut self, path: &str, args: &[&str], input: Option<&[u8]>) -> ToolResult<i64> {
+        use base64::Engine as _;
+        let mut arguments = json!({"path": path, "arg": args, "capture-output": true});
+        if let Some(input) = input {
+            arguments["input-data"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+        }
+        let v = self.execute("guest-exec", arguments).await?;
+        #[derive(Deserialize)]
+        struct Started {
+            pid: i64,
+        }
+        Ok(parse_answer::<Started>("guest-exec", v)?.pid)
+    }
+
+    /// `guest-exec-status`: whether the process `pid` started by [`GuestAgent::exec`] ended, and
+    /// what it wrote (the guest agent keeps at most 16 MiB of each stream, and this client reads
+    /// answers up to [`MAX_LINE`]).
+    pub async fn exec_status(&mut self, pid: i64) -> ToolResult<ExecStatus> {
+        use base64::Engine as _;
+        let v = self.execute("guest-exec-status", json!({"pid": pid})).await?;
+        #[derive(Deserialize)]
+        struct Raw {
+            exited: bool,
+            exitcode: Option<i32>,
+            signal: Option<i32>,
+            #[serde(rename = "out-data")]
+            out: Option<String>,
+            #[serde(rename = "err-data")]
+            err: Option<String>,
+        }
+        let raw: Raw = parse_answer("guest-exec-status", v)?;
+        let decode = |field: &str, data: Option<String>| -> ToolResult<Vec<u8>> {
+            match data {
+                None => Ok(Vec::new()),
+                Some(d) => base64::engine::general_purpose::STANDARD.decode(d).map_err(|e| {
+                    ToolError::GuestAgentProtocol(format!("guest-exec-status {field} is not base64: {e}"))
+                }),
+            }
+        };
+        Ok(ExecStatus {
+            exited: raw.exited,
+            exit_code: raw.exitcode,
+            signal: raw.signal,
+            stdout: decode("out-data", raw.out)?,
+            stderr: decode("err-data", raw.err)?,
+        })
+    }
+
+    /// Runs `sh -c script` in the guest with `input` on its standard input and waits (polling,
+    /// within `timeout`) until it ends; returns how it ended. A script still running at the
+    /// timeout is left running in the guest.
+    pub async fn run_shell(&mut self, script: &str, input: Option<&[u8]>, timeout: Duration) -> ToolResult<ExecStatus> {
+        let pid = self.exec("/bin/sh", &["-c", script], input).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.exec_status(pid).await?;
+            if status.exited {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ToolError::Timeout(timeout, "a command in the guest"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn sync(&mut self) -> ToolResult<()> {
