@@ -51,7 +51,11 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
                 manifest_digest: "ab".into(),
             }],
             verified: false,
-            consistency: Default::default(),
+            consistency: if i == 0 {
+                PointConsistency::crash("no guest agent runs in the guest")
+            } else {
+                PointConsistency::application("1 file systems frozen by the guest agent 7.2")
+            },
         };
         store.restore_point_publish(admin.tenant_id, &p).await.unwrap();
     }
@@ -68,6 +72,21 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
     assert_eq!(points["total"], 2);
     assert_eq!(points["items"][0]["sequence"], 1);
     assert_eq!(points["items"][1]["bytes_written"], 2000);
+    assert_eq!(
+        (points["items"][0]["consistency"].as_str(), points["items"][0]["consistency_reason"].as_str()),
+        (Some("crash"), Some("no guest agent runs in the guest"))
+    );
+    assert_eq!(points["items"][1]["consistency"], "application");
+
+    // A job's consistency: `try` unless asked, changed by an update; anything else is a 400
+    // that changes nothing.
+    let job_path = format!("/v1/replication-jobs/{}", job["id"].as_str().unwrap());
+    assert_eq!(job["consistency"], "try", "{job}");
+    let updated = server.ok(&t, Method::PATCH, &job_path, Some(json!({"consistency": "require"}))).await;
+    assert_eq!(updated["consistency"], "require");
+    let (status, body) = server.call(Some(&t), Method::PATCH, &job_path, Some(json!({"consistency": "always"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(server.ok(&t, Method::GET, &job_path, None).await["consistency"], "require");
     // File paths on the target are not shown to API users.
     assert!(points["items"][0]["disks"][0].get("file").is_none());
 

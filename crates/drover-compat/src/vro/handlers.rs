@@ -312,9 +312,24 @@ pub async fn plan_group_vms(
             name: vm_name(&st, &c, v.vm_id).await,
             order: i as u32 + 1,
             step_count: v.steps.len() as u32,
+            latest_restore_point: latest_point(&st, &c, v.vm_id).await?.as_ref().map(Into::into),
         });
     }
     Ok(Json(q.apply(vms)?))
+}
+
+/// The newest published restore point of any replica of `vm` the caller sees.
+async fn latest_point(st: &VroState, c: &Caller, vm: d::VmId) -> VroResult<Option<d::RestorePoint>> {
+    let mut newest: Option<d::RestorePoint> = None;
+    for r in st.app.list::<d::Replica>(c).await?.into_iter().filter(|r| r.source_vm_id == vm) {
+        let points = st.app.restore_points(c, r.id).await?;
+        if let Some(p) = points.into_iter().rev().find(|p| p.state == d::RestorePointState::Published)
+            && newest.as_ref().is_none_or(|n| p.created_at > n.created_at)
+        {
+            newest = Some(p);
+        }
+    }
+    Ok(newest)
 }
 
 #[utoipa::path(get, path = "/api/v3/Plans/{planId}/Groups/{groupId}/Steps", tag = "Plans", security(("bearer" = [])),

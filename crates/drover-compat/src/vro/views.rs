@@ -465,6 +465,38 @@ pub struct PlanVmInfo {
     /// Position in its group, from 1.
     pub order: u32,
     pub step_count: u32,
+    /// **Decision (a drover extension; clients that do not know it ignore it):** the newest
+    /// restore point a failover of this VM would boot, with whether it is application- or
+    /// crash-consistent and why. Absent while the VM has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_restore_point: Option<RestorePointSummary>,
+}
+
+/// A restore point as a plan's VM shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestorePointSummary {
+    pub id: Uuid,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// `ApplicationConsistent` (cut while the guest agent held the guest's file systems frozen)
+    /// or `CrashConsistent`.
+    #[schema(example = "ApplicationConsistent")]
+    pub consistency: &'static str,
+    pub consistency_reason: Option<String>,
+}
+
+impl From<&d::RestorePoint> for RestorePointSummary {
+    fn from(p: &d::RestorePoint) -> Self {
+        RestorePointSummary {
+            id: p.id.0,
+            created_at: p.created_at,
+            consistency: match p.consistency.kind {
+                d::ConsistencyKind::Application => "ApplicationConsistent",
+                d::ConsistencyKind::Crash => "CrashConsistent",
+            },
+            consistency_reason: p.consistency.reason.clone(),
+        }
+    }
 }
 
 /// A step of a VM in a plan.

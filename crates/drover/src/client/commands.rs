@@ -1400,8 +1400,25 @@ mod tests {
             let ClientCommand::Job(JobCommand::Create(a)) = parse(&args) else { panic!() };
             let body = job_body(&a);
             assert_eq!(body["schedule"]["type"], expected);
+            assert_eq!(body["consistency"], "try", "the default");
             let _: v::CreateReplicationJob = serde_json::from_value(body).unwrap();
         }
+    }
+
+    #[test]
+    fn job_consistency() {
+        let args = ["job", "create", "j", "--vm", A, "--target-host", A, "--target-datastore", B, "--manual"];
+        let mut with = args.to_vec();
+        with.extend(["--retention", "3", "--consistency", "require"]);
+        let ClientCommand::Job(JobCommand::Create(a)) = parse(&with) else { panic!() };
+        let create: v::CreateReplicationJob = serde_json::from_value(job_body(&a)).unwrap();
+        assert_eq!(create.consistency, drover_types::ConsistencyMode::Require);
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--consistency", "off"]) else {
+            panic!()
+        };
+        assert_eq!(job_update_body(&a).unwrap(), json!({"consistency": "off"}));
+        let e = try_parse(&["job", "update", A, "--consistency", "sometimes"]).unwrap_err();
+        assert!(e.to_string().contains("expected require, try or off"), "{e}");
     }
 
     #[test]
