@@ -118,3 +118,15 @@ pub fn fast_config(root: &Path) -> crate::EngineConfig {
         ..crate::EngineConfig::default()
     }
 }
+
+/// Kills every VM `driver` has a runtime directory for: VMs outlive drover by design, and a test
+/// must not leave them behind (call it from a test fixture's `Drop`).
+pub fn kill_vms(driver: &drover_hv::qemu::QemuDriver) {
+    for vm in std::fs::read_dir(driver.config().runtime_dir.clone()).into_iter().flatten().flatten() {
+        if let Ok(id) = vm.file_name().to_string_lossy().parse::<uuid::Uuid>()
+            && let Some(pid) = driver.pid(id)
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

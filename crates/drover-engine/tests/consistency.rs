@@ -28,15 +28,7 @@ struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // VMs outlive drover by design; a test must not leave them behind.
-        for vm in std::fs::read_dir(self.driver.config().runtime_dir.clone()).into_iter().flatten().flatten() {
-            if let Ok(id) = vm.file_name().to_string_lossy().parse::<uuid::Uuid>()
-                && let Some(pid) = self.driver.pid(id)
-            {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
+        drover_engine::testing::kill_vms(&self.driver);
     }
 }
 
@@ -70,6 +62,15 @@ async fn sh_ok(driver: &QemuDriver, vm: uuid::Uuid, script: &str, input: Option<
     let out = sh(driver, vm, script, input).await;
     assert!(out.success(), "{script}: {:?} {}{}", out.exit_code, out.stdout_text(), out.stderr_text());
     out.stdout_text()
+}
+
+/// Fails the plan over and waits for it to succeed; the session's log.
+async fn fail_over(app: &App, caller: &Caller, plan: PlanId) -> Vec<String> {
+    let (_, s) = app.plan_action(caller, plan, PlanAction::Failover, Default::default()).await.unwrap();
+    let done = wait(app, s.unwrap()).await;
+    let lines = log(app, caller, done.id).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {lines:?}", done.failure_message);
+    lines
 }
 
 /// A plan over one VM: power on, wait for its heartbeat.
@@ -230,21 +231,9 @@ async fn postgresql_holds_every_row_committed_before_the_cut_of_either_kind_of_p
         assert!(p.consistency.reason.as_deref().unwrap().contains("frozen by the guest agent"), "{:?}", p.consistency);
     }
     let running = sh_ok(driver, prod_vm, "su postgres -c \"psql -XAtc 'select max(n) from t'\"", None).await;
-    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
-    let done = wait(app, s.unwrap()).await;
-    assert_eq!(
-        done.result,
-        SessionResult::Success,
-        "{:?}: {:?}",
-        done.failure_message,
-        log(app, caller, done.id).await
-    );
+    let lines = fail_over(app, caller, plan.id).await;
     let booted = format!("booted from restore point {} (application-consistent)", points[1].sequence);
-    assert!(
-        log(app, caller, done.id).await.iter().any(|l| l.contains(&booted)),
-        "{:?}",
-        log(app, caller, done.id).await
-    );
+    assert!(lines.iter().any(|l| l.contains(&booted)), "{lines:?}");
     let replica = replica_vm().await;
     let mark: u64 = sh_ok(driver, replica, "cat /var/lib/postgresql/freeze-mark", None).await.trim().parse().unwrap();
     let r = recovered(driver, replica).await;
@@ -278,16 +267,8 @@ async fn postgresql_holds_every_row_committed_before_the_cut_of_either_kind_of_p
     assert!(lines.iter().any(|l| l.contains("crash-consistent cut") && l.contains("no guest agent")), "{lines:?}");
     let points = app.restore_points(caller, app.list::<Replica>(caller).await.unwrap()[0].id).await.unwrap();
     assert_eq!(points.last().unwrap().consistency.kind, ConsistencyKind::Crash);
-    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
-    let done = wait(app, s.unwrap()).await;
-    assert_eq!(
-        done.result,
-        SessionResult::Success,
-        "{:?}: {:?}",
-        done.failure_message,
-        log(app, caller, done.id).await
-    );
-    assert!(log(app, caller, done.id).await.iter().any(|l| l.contains("(crash-consistent: ")));
+    let lines = fail_over(app, caller, plan.id).await;
+    assert!(lines.iter().any(|l| l.contains("(crash-consistent: ")), "{lines:?}");
     let r = recovered(driver, replica_vm().await).await;
     println!(
         "crash-consistent point: {} rows (production had {before} before the run); PostgreSQL's start: {:?}",

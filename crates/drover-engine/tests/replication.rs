@@ -32,15 +32,7 @@ struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // VMs outlive drover by design; a test must not leave them behind.
-        for vm in std::fs::read_dir(self.driver.config().runtime_dir.clone()).into_iter().flatten().flatten() {
-            if let Ok(id) = vm.file_name().to_string_lossy().parse::<uuid::Uuid>()
-                && let Some(pid) = self.driver.pid(id)
-            {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
+        drover_engine::testing::kill_vms(&self.driver);
     }
 }
 
