@@ -285,5 +285,11 @@ pub async fn freezes_are_bounded_and_thawed(agent: &dyn HostAgent, sim: &drover_
     // And the VM can be frozen again afterwards.
     assert!(agent.vm_freeze(vm, &spec("f5", 60_000)).await.unwrap().frozen);
     assert!(agent.vm_thaw(vm, "f5").await.unwrap().held);
+    // Thawed behind the agent's back (the guest agent restarted, a detached watchdog): the freeze
+    // did not hold, and the thaw says so.
+    assert!(agent.vm_freeze(vm, &spec("f6", 60_000)).await.unwrap().frozen);
+    sim.guest_thaw(vm).await.unwrap();
+    let t = agent.vm_thaw(vm, "f6").await.unwrap();
+    assert!(!t.held && t.reason.as_deref().is_some_and(|r| r.contains("no longer frozen")), "{t:?}");
     sim.power_off(vm).await.unwrap();
 }

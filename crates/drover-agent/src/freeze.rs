@@ -8,9 +8,18 @@
 //! happens whichever process dies: the caller's (the watchdog), or the agent's own (at its
 //! restart). A freeze's outcome says whether it held until its caller's thaw, which is what
 //! makes a point application-consistent.
+//!
+//! The watchdog task dies with the agent's process, and so does the agent inside `drover serve`
+//! when the control plane is killed. So, when the driver has a guest agent socket and the agent
+//! was given a program for it ([`crate::LocalAgent::with_thaw_watchdog`]: `drover` itself), a
+//! detached process (`drover thaw-watchdog`, its own process group, so killing the agent's
+//! does not kill it) is started before each freeze: a little after the bound it thaws the guest
+//! itself if the freeze's record is still there with the freeze's id ([`run_detached_watchdog`]).
+//! Whichever thaw comes first wins; the others find the guest thawed and do nothing.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,6 +36,10 @@ use crate::hv_error;
 const WATCHDOG_TRIES: u32 = 5;
 const WATCHDOG_PAUSE: Duration = Duration::from_secs(2);
 
+/// How much later than the bound the detached watchdog acts: the freeze itself (the guest's
+/// hooks) may take this long, and the agent's own watchdog should come first.
+pub const DETACHED_SLACK: Duration = Duration::from_secs(90);
+
 #[derive(Debug)]
 pub(crate) struct Freezes {
     hv: Arc<dyn Hypervisor>,
@@ -34,6 +47,8 @@ pub(crate) struct Freezes {
     /// Freezes holding now, by VM. Held across a freeze or a thaw of the guest, so one VM's
     /// freeze and thaw (and its watchdog's) never run at once.
     held: Arc<tokio::sync::Mutex<HashMap<Uuid, Held>>>,
+    /// The program started as a detached watchdog (`<program> thaw-watchdog ...`), if any.
+    pub(crate) program: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -55,7 +70,7 @@ struct Record {
 
 impl Freezes {
     pub(crate) fn new(hv: Arc<dyn Hypervisor>, work_dir: &std::path::Path) -> Freezes {
-        Freezes { hv, dir: work_dir.join("freezes"), held: Arc::default() }
+        Freezes { hv, dir: work_dir.join("freezes"), held: Arc::default(), program: None }
     }
 
     fn record_path(&self, vm: Uuid) -> PathBuf {
@@ -102,6 +117,14 @@ impl Freezes {
         }
         // Written down first: an agent killed from here on thaws the guest when it starts again.
         self.write_record(vm, &spec.id).await?;
+        if let (Some(program), Some(socket)) = (&self.program, self.hv.guest_agent_socket(vm)) {
+            let after = Duration::from_millis(spec.max_ms) + DETACHED_SLACK;
+            if let Err(e) = spawn_detached(program, &socket, &self.record_path(vm), &spec.id, after) {
+                // Still bounded by this process's watchdog and by the record at its next start.
+                tracing::warn!(%vm, program = %program.display(), error = %e,
+                    "cannot start the detached thaw watchdog; the freeze is bounded by this process alone");
+            }
+        }
         let outcome = match self.hv.guest_freeze(vm).await {
             Ok(o) => o,
             Err(e) => {
@@ -154,12 +177,26 @@ impl Freezes {
                     });
                 }
                 // The thaw first: if it fails, the watchdog stays armed and the caller may retry.
-                self.hv.guest_thaw(vm).await.map_err(|e| hv_error(e).context(format!("thawing VM {vm}")))?;
+                let thawed =
+                    self.hv.guest_thaw(vm).await.map_err(|e| hv_error(e).context(format!("thawing VM {vm}")))?;
+                let froze = h.outcome.filesystems;
                 if let Some(h) = held.remove(&vm) {
                     h.watchdog.abort();
                 }
                 self.remove_record(vm).await;
-                tracing::info!(%vm, %id, "guest thawed");
+                tracing::info!(%vm, %id, thawed, "guest thawed");
+                if thawed == 0 && froze > 0 {
+                    // Someone thawed it first: the detached watchdog, the guest agent restarted,
+                    // or the guest rebooted. Since when is unknown.
+                    return Ok(ThawOutcome {
+                        held: false,
+                        reason: Some(
+                            "the guest was no longer frozen when it was thawed (thawed by someone else, \
+                                      or its guest agent or the guest restarted)"
+                                .into(),
+                        ),
+                    });
+                }
                 Ok(ThawOutcome { held: true, reason: None })
             }
             Some(h) => Ok(ThawOutcome {
@@ -220,6 +257,68 @@ impl Freezes {
     }
 }
 
+/// Starts `<program> thaw-watchdog` detached (its own process group, no standard streams), and
+/// reaps it when it ends.
+fn spawn_detached(program: &Path, socket: &Path, record: &Path, id: &str, after: Duration) -> std::io::Result<()> {
+    let mut child = tokio::process::Command::new(program)
+        .arg("thaw-watchdog")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--record")
+        .arg(record)
+        .arg("--id")
+        .arg(id)
+        .arg("--after-ms")
+        .arg(after.as_millis().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(())
+}
+
+/// How long the detached watchdog keeps trying to reach the guest agent (whose socket serves one
+/// client at a time) once its time has come.
+const DETACHED_TRYING: Duration = Duration::from_secs(300);
+
+/// The detached watchdog (`drover thaw-watchdog`): waits `after`, then, if the freeze record at
+/// `record` still names freeze `id` (it was not thawed), thaws the guest through the guest agent
+/// at `socket` and removes the record. Returns whether it found the freeze still written down.
+pub async fn run_detached_watchdog(socket: &Path, record: &Path, id: &str, after: Duration) -> Result<bool, String> {
+    tokio::time::sleep(after).await;
+    if read_record(record).await.is_none_or(|r| r.id != id) {
+        return Ok(false);
+    }
+    let deadline = tokio::time::Instant::now() + DETACHED_TRYING;
+    loop {
+        let attempt = async {
+            let mut agent = drover_qemu::qga::GuestAgent::connect(socket, Duration::from_secs(20)).await?;
+            agent.set_timeout(Duration::from_secs(60));
+            if agent.fsfreeze_status().await? == drover_qemu::qga::FreezeStatus::Frozen {
+                agent.fsfreeze_thaw().await?;
+            }
+            Ok::<_, drover_qemu::ToolError>(())
+        };
+        match attempt.await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "the thaw watchdog cannot reach the guest agent yet");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(format!("the guest agent at {} did not thaw: {e}", socket.display())),
+        }
+    }
+    // Only this freeze's record: a newer freeze of the VM writes its own.
+    if read_record(record).await.is_some_and(|r| r.id == id) {
+        remove_record(record).await;
+    }
+    Ok(true)
+}
+
 async fn read_record(path: &std::path::Path) -> Option<Record> {
     let bytes = tokio::fs::read(path).await.ok()?;
     if bytes.len() > 4096 {
@@ -270,4 +369,77 @@ async fn watchdog(
     // Still frozen as far as anyone knows: the record stays, so the caller's thaw or the next
     // start of the agent tries again.
     drop(map);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// **A simulated guest agent** on a unix socket, for the detached watchdog's protocol only:
+    /// it answers `guest-sync-delimited`, `guest-fsfreeze-status` and `guest-fsfreeze-thaw`, and
+    /// counts thaws. (The real one is tested with the Debian guest.)
+    async fn fake_guest_agent(socket: PathBuf, frozen: Arc<AtomicBool>, thaws: Arc<AtomicU32>) {
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (frozen, thaws) = (frozen.clone(), thaws.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).split(b'\n');
+                    while let Ok(Some(line)) = lines.next_segment().await {
+                        let line: Vec<u8> = line.into_iter().skip_while(|b| *b == 0xFF).collect();
+                        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                        let reply = match v["execute"].as_str() {
+                            Some("guest-sync-delimited") => {
+                                let mut r = vec![0xFF];
+                                r.extend(serde_json::json!({"return": v["arguments"]["id"]}).to_string().bytes());
+                                r
+                            }
+                            Some("guest-fsfreeze-status") => {
+                                let s = if frozen.load(Ordering::SeqCst) { "frozen" } else { "thawed" };
+                                serde_json::json!({"return": s}).to_string().into_bytes()
+                            }
+                            Some("guest-fsfreeze-thaw") => {
+                                frozen.store(false, Ordering::SeqCst);
+                                thaws.fetch_add(1, Ordering::SeqCst);
+                                serde_json::json!({"return": 1}).to_string().into_bytes()
+                            }
+                            _ => serde_json::json!({"error": {"class": "CommandNotFound", "desc": "no"}})
+                                .to_string()
+                                .into_bytes(),
+                        };
+                        if write.write_all(&[reply, b"\n".to_vec()].concat()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn the_detached_watchdog_thaws_only_a_freeze_still_written_down_under_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qga.sock");
+        let (frozen, thaws) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU32::new(0)));
+        fake_guest_agent(socket.clone(), frozen.clone(), thaws.clone()).await;
+        let record = dir.path().join("vm.json");
+        let write =
+            |id: &str| std::fs::write(&record, serde_json::to_vec(&Record { id: id.into(), vm: Uuid::nil() }).unwrap());
+        let after = Duration::from_millis(50);
+
+        // Thawed by the agent meanwhile (its record gone): nothing is done.
+        assert_eq!(run_detached_watchdog(&socket, &record, "f1", after).await, Ok(false));
+        // A newer freeze of the VM wrote its own record: not this watchdog's to thaw.
+        write("f2").unwrap();
+        assert_eq!(run_detached_watchdog(&socket, &record, "f1", after).await, Ok(false));
+        assert_eq!((frozen.load(Ordering::SeqCst), thaws.load(Ordering::SeqCst)), (true, 0));
+        assert!(record.exists());
+        // Its own freeze, never thawed (the agent died): thawed, and the record removed.
+        assert_eq!(run_detached_watchdog(&socket, &record, "f2", after).await, Ok(true));
+        assert_eq!((frozen.load(Ordering::SeqCst), thaws.load(Ordering::SeqCst)), (false, 1));
+        assert!(!record.exists());
+    }
 }

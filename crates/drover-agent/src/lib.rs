@@ -21,7 +21,7 @@
 
 #[cfg(feature = "test-support")]
 pub mod conformance;
-mod freeze;
+pub mod freeze;
 pub mod host_paths;
 pub mod identity;
 mod pace;
@@ -156,6 +156,14 @@ impl LocalAgent {
             peer: Arc::new(PeerClient::default()),
             global_bandwidth_cap: None,
         }
+    }
+
+    /// Starts `program thaw-watchdog` (the `drover` binary) as a detached process before each
+    /// freeze of a guest whose driver has a guest agent socket, so the guest is thawed even if
+    /// this process dies while the freeze holds (see the freeze module).
+    pub fn with_thaw_watchdog(mut self, program: PathBuf) -> LocalAgent {
+        self.freezes.program = Some(program);
+        self
     }
 
     /// Thaws every guest a freeze of an earlier run of this agent left frozen (it was killed

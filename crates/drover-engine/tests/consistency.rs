@@ -224,6 +224,19 @@ async fn postgresql_holds_every_row_committed_before_the_cut_of_either_kind_of_p
         assert!(again.frozen, "run {run}: the guest was left frozen: {again:?}");
         driver.guest_thaw(prod_vm).await.unwrap();
     }
+    // The detached watchdog (what thaws a guest when the agent's process died while it was
+    // frozen) thaws this real guest through its guest agent.
+    let frozen = driver.guest_freeze(prod_vm).await.unwrap();
+    assert!(frozen.frozen, "{frozen:?}");
+    let record = env.dir.path().join("freeze-record.json");
+    std::fs::write(&record, serde_json::json!({"id": "lost-agent", "vm": prod_vm}).to_string()).unwrap();
+    let socket = driver.guest_agent_socket_path(prod_vm);
+    let thawed = drover_agent::freeze::run_detached_watchdog(&socket, &record, "lost-agent", Duration::ZERO).await;
+    assert_eq!(thawed, Ok(true));
+    assert!(!record.exists());
+    let again = driver.guest_freeze(prod_vm).await.unwrap();
+    assert!(again.frozen, "the detached watchdog left the guest frozen: {again:?}");
+    driver.guest_thaw(prod_vm).await.unwrap();
     let points = app.restore_points(caller, app.list::<Replica>(caller).await.unwrap()[0].id).await.unwrap();
     assert_eq!(points.len(), 2);
     for p in &points {

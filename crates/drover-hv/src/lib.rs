@@ -168,6 +168,13 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// The host-side unix socket of the VM's QEMU guest agent port, when the driver has one: a
+    /// watchdog outside the agent's process thaws through it (see `drover_agent`'s freezes).
+    fn guest_agent_socket(&self, vm: Uuid) -> Option<PathBuf> {
+        let _ = vm;
+        None
+    }
+
     /// Thaws the guest's file systems; returns how many were thawed (0 when none were frozen).
     async fn guest_thaw(&self, vm: Uuid) -> HvResult<u64> {
         let _ = vm;

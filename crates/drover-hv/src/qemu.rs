@@ -718,6 +718,10 @@ impl Hypervisor for QemuDriver {
         }
     }
 
+    fn guest_agent_socket(&self, vm: Uuid) -> Option<PathBuf> {
+        Some(self.paths(vm).qga)
+    }
+
     async fn guest_thaw(&self, vm: Uuid) -> HvResult<u64> {
         let paths = self.paths(vm);
         if running_pid(&paths, vm).is_none() {

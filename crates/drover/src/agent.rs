@@ -258,7 +258,12 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
     // Other agents are dialled (to pull their cuts) with this agent's identity, and trusted only
     // with a certificate from the same CA.
     let peer_tls = drover_pki::client_config_live(keeper.live(), identity.trusted_ca())?;
-    let agent = LocalAgent::new(hv, args.data_dir.join("work"))
+    let mut agent = LocalAgent::new(hv, args.data_dir.join("work"));
+    // The thaw watchdog outlives this process: it is this very binary.
+    if let Ok(exe) = std::env::current_exe() {
+        agent = agent.with_thaw_watchdog(exe);
+    }
+    let agent = agent
         .with_datastore_roots(roots)
         .with_peer_tls(peer_tls)
         .with_global_bandwidth_cap(args.bandwidth_cap)

@@ -31,8 +31,27 @@ enum Command {
     /// Measure the data path against baselines, and the Veeam dialects at scale.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Internal: the detached watchdog an agent starts before it freezes a guest (thaws it a
+    /// while after the freeze's bound unless the agent thawed it first).
+    #[command(hide = true)]
+    ThawWatchdog(ThawWatchdogArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ThawWatchdogArgs {
+    /// The guest agent's socket on the host.
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    /// The agent's record of the freeze; nothing is done unless it still names `--id`.
+    #[arg(long)]
+    record: std::path::PathBuf,
+    #[arg(long)]
+    id: String,
+    /// How long to wait first, in milliseconds.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=24 * 3600 * 1000))]
+    after_ms: u64,
 }
 
 /// The command line, with the defaults of a config file when `serve` or `lab` names one.
@@ -74,6 +93,13 @@ fn main() -> std::process::ExitCode {
             Command::Agent(args) => agent::run(args).await,
             Command::Lab(args) => lab::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
+            Command::ThawWatchdog(a) => {
+                let after = std::time::Duration::from_millis(a.after_ms);
+                drover_agent::freeze::run_detached_watchdog(&a.socket, &a.record, &a.id, after)
+                    .await
+                    .map(drop)
+                    .map_err(anyhow::Error::msg)
+            }
             Command::Client(cmd) => client::run(cmd, &cli.global).await,
         }
     });

@@ -207,6 +207,10 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         None => None,
     };
     let mut local_agent = drover_agent::LocalAgent::new(hv.clone(), config.work_dir.clone());
+    // The thaw watchdog outlives this process: it is this very binary.
+    if let Ok(exe) = std::env::current_exe() {
+        local_agent = local_agent.with_thaw_watchdog(exe);
+    }
     // A guest a killed earlier run left frozen is thawed before anything else happens.
     let thawed = local_agent.thaw_leftover_freezes().await;
     if thawed > 0 {

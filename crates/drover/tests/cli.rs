@@ -572,3 +572,20 @@ fn cli_updates_inventory_locations_and_users() {
     assert!(cli.fails(&["user", "update", &user, "--password", "short"]).contains("(HTTP 400)"));
     assert!(cli.fails(&["user", "update", &user]).contains("--password"));
 }
+
+/// The detached thaw watchdog an agent starts before a freeze is this binary, and a hidden
+/// command: with no freeze record left (the agent thawed the guest) it does nothing and ends.
+#[test]
+fn the_thaw_watchdog_command_does_nothing_once_the_freeze_record_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["thaw-watchdog", "--id", "run1-0", "--after-ms", "10", "--socket"])
+        .arg(dir.path().join("qga.sock"))
+        .arg("--record")
+        .arg(dir.path().join("vm.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("thaw-watchdog"), "an internal command stays hidden");
+}
