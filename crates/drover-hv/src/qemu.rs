@@ -442,28 +442,6 @@ impl QemuDriver {
         }
     }
 
-    /// Repeats the exchange until the guest answers, the VM stops, or `timeout` passes.
-    async fn agent_retry<T>(
-        &self,
-        vm: Uuid,
-        timeout: Duration,
-        what: &'static str,
-        request: &str,
-        accept: impl Fn(&str) -> Option<HvResult<T>> + Copy,
-    ) -> HvResult<T> {
-        let paths = self.paths(vm);
-        self.retry_until(vm, timeout, what, |_| async {
-            match Self::agent_exchange(&paths, request, accept).await {
-                Ok(answer) => Some(answer),
-                Err(e) => {
-                    tracing::debug!(%vm, error = %e, "guest channel not ready");
-                    None
-                }
-            }
-        })
-        .await
-    }
-
     /// Runs `attempt` (given its time budget, at most [`AGENT_ATTEMPT`]) until it answers, the
     /// VM stops, or `timeout` passes (`what` names the wait in the timeout error).
     async fn retry_until<T, Fut>(
@@ -740,7 +718,11 @@ impl Hypervisor for QemuDriver {
             return Err(HvError::InvalidSpec(format!("marker is {} bytes; at most {MAX_MARKER_BYTES}", marker.len())));
         }
         let request = format!("marker-write {}", hex_encode(marker.as_bytes()));
-        self.agent_retry(vm, WRITE_MARKER_TIMEOUT, "marker write", &request, parse_write_reply).await
+        let paths = self.paths(vm);
+        self.retry_until(vm, WRITE_MARKER_TIMEOUT, "marker write", |budget| {
+            write_marker_once(&paths, vm, &request, marker, budget)
+        })
+        .await
     }
 
     async fn check_tcp_port(&self, vm: Uuid, guest_port: u16, timeout: Duration) -> HvResult<TcpPortState> {
@@ -1040,7 +1022,17 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
                 Vec::new()
             }
         };
-        Ok::<_, HvError>(Heartbeat { uptime_secs, marker: None, addresses })
+        let marker = match agent.run_shell(READ_MARKER, None, attempt).await {
+            Ok(out) if out.success() && out.stdout.len() <= MAX_MARKER_BYTES => {
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(%vm, error = %e, "the guest agent does not read the marker");
+                None
+            }
+        };
+        Ok::<_, HvError>(Heartbeat { uptime_secs, marker, addresses })
     };
     tokio::pin!(drover, qga);
     let (mut drover_done, mut qga_done) = (false, false);
@@ -1055,6 +1047,61 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
             },
             r = &mut qga, if !qga_done => match r {
                 Ok(heartbeat) => return Some(Ok(heartbeat)),
+                Err(e) => {
+                    tracing::debug!(%vm, error = %e, "guest agent not ready");
+                    qga_done = true;
+                }
+            },
+            else => return None,
+        }
+    }
+}
+
+/// Where a guest with the QEMU guest agent (and no drover channel) keeps its marker: on its root
+/// file system, written with `guest-exec` and synced.
+const GUEST_MARKER: &str = "/var/lib/drover/marker";
+const READ_MARKER: &str = "exec cat /var/lib/drover/marker";
+const WRITE_MARKER: &str = "mkdir -p /var/lib/drover && cat > /var/lib/drover/marker.tmp && sync /var/lib/drover/marker.tmp \
+                            && mv /var/lib/drover/marker.tmp /var/lib/drover/marker && sync /var/lib/drover";
+
+/// One try at writing the marker, on drover's channel and through the QEMU guest agent at once
+/// (a guest has one or the other): the first that answers, or `None` when neither did.
+async fn write_marker_once(
+    paths: &VmPaths,
+    vm: Uuid,
+    request: &str,
+    marker: &str,
+    attempt: Duration,
+) -> Option<HvResult<()>> {
+    let drover = QemuDriver::agent_exchange(paths, request, parse_write_reply);
+    let qga = async {
+        let mut agent = drover_qemu::qga::GuestAgent::connect(&paths.qga, attempt).await?;
+        let out = agent.run_shell(WRITE_MARKER, Some(marker.as_bytes()), WRITE_MARKER_TIMEOUT).await?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(HvError::GuestChannel(format!(
+                "writing {GUEST_MARKER} in the guest failed ({:?}): {}",
+                out.exit_code,
+                out.stderr_text().chars().take(500).collect::<String>()
+            )))
+        }
+    };
+    tokio::pin!(drover, qga);
+    let (mut drover_done, mut qga_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut drover, if !drover_done => match r {
+                Ok(answer) => return Some(answer),
+                Err(e) => {
+                    tracing::debug!(%vm, error = %e, "guest channel not ready");
+                    drover_done = true;
+                }
+            },
+            r = &mut qga, if !qga_done => match r {
+                Ok(()) => return Some(Ok(())),
+                // The guest agent answered and the write failed: that is the answer.
+                Err(e @ HvError::GuestChannel(_)) => return Some(Err(e)),
                 Err(e) => {
                     tracing::debug!(%vm, error = %e, "guest agent not ready");
                     qga_done = true;

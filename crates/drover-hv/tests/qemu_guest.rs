@@ -348,5 +348,11 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
     assert!(!again.frozen && again.reason.contains("already frozen"), "{again:?}");
     assert_eq!(hv.guest_thaw(spec.id).await.unwrap(), frozen.filesystems);
     assert_eq!(hv.guest_thaw(spec.id).await.unwrap(), 0, "thawing a thawed guest thaws nothing");
+
+    // A marker, written and read through the guest agent (the guest has no drover channel).
+    assert_eq!(hv.wait_heartbeat(spec.id, Duration::from_secs(20)).await.unwrap().marker, None);
+    hv.write_marker(spec.id, "written through qemu-ga").await.unwrap();
+    let hb = hv.wait_heartbeat(spec.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written through qemu-ga"));
     assert_eq!(hv.power_off(spec.id).await.ok(), Some(()));
 }
