@@ -3,7 +3,8 @@
 //! same binary), one per site, each with its own data directory (`<data-dir>/agents/prod` and
 //! `/dr`) and listeners on loopback, enrolled by the lab with one-time tokens. Lays out a
 //! production and a DR site with a host (its agent) and a datastore each, creates two small real
-//! VMs running the tiny guest on the production agent, powers them on (waiting for their
+//! VMs running the tiny guest (or, with `--guest debian`, the Debian guest with the QEMU guest
+//! agent and PostgreSQL) on the production agent, powers them on (waiting for their
 //! heartbeats), replicates them agent to agent, and serves the API.
 //!
 //! It is idempotent: run it again on the same data directory and it reuses what is there (the
@@ -36,7 +37,7 @@ impl LabAgent {
     async fn start(
         dir: &Path,
         args: &ServeArgs,
-        guest: &Path,
+        guests: &LabGuests,
         enroll: Option<(&str, &str)>,
     ) -> anyhow::Result<LabAgent> {
         use clap::ValueEnum as _;
@@ -53,14 +54,17 @@ impl LabAgent {
             .args(["--hypervisor", &name(args.hypervisor.to_possible_value())])
             .args(["--accel", &name(args.accel.to_possible_value())])
             .arg("--import-dir")
-            .arg(guest)
+            .arg(&guests.tiny)
             .arg("--guest-dir")
-            .arg(guest)
+            .arg(&guests.tiny)
             .env_remove("DROVER_AGENT_LISTEN")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(log)
             .kill_on_drop(true);
+        if let Some(debian) = &guests.debian {
+            cmd.arg("--import-dir").arg(&debian.dir);
+        }
         if let Some((url, token)) = enroll {
             cmd.args(["--enroll", url, token]);
         }
@@ -108,8 +112,63 @@ pub struct LabArgs {
     /// fail back, commit, replicate; print each session's result, bytes moved and time.
     #[arg(long)]
     pub scenario: bool,
+    /// The lab VMs' guest: `tiny` (a busybox initramfs with drover's channel, 3 s to boot) or
+    /// `debian` (the real guest of scripts/build-debian-guest: systemd, the QEMU guest agent,
+    /// PostgreSQL; 512 MiB each, about 20 s to boot under TCG, application-consistent points).
+    #[arg(long, value_enum, default_value_t = LabGuest::Tiny)]
+    pub guest: LabGuest,
+    /// Where the Debian guest is (default: $DROVER_DEBIAN_GUEST_DIR, else guest/debian).
+    #[arg(long, value_name = "DIR")]
+    pub debian_guest_dir: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabGuest {
+    Tiny,
+    Debian,
+}
+
+/// The guests the lab uses: the tiny one always (the agents' KVM probe boots it), the Debian one
+/// when asked for.
+struct LabGuests {
+    tiny: PathBuf,
+    debian: Option<DebianGuest>,
+}
+
+struct DebianGuest {
+    dir: PathBuf,
+    manifest: serde_json::Value,
+}
+
+impl DebianGuest {
+    fn load(dir: &Path) -> anyhow::Result<DebianGuest> {
+        let missing = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("the Debian guest is not in {} ({e}): run scripts/build-debian-guest", dir.display())
+        };
+        let dir = std::fs::canonicalize(dir).map_err(|e| missing(&e))?;
+        let text = std::fs::read_to_string(dir.join("guest.json")).map_err(|e| missing(&e))?;
+        let manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| missing(&e))?;
+        for key in ["kernel", "initrd", "disk", "cmdline"] {
+            if !manifest[key].is_string() {
+                return Err(missing(&format!("guest.json has no {key}")));
+            }
+        }
+        Ok(DebianGuest { dir, manifest })
+    }
+
+    fn file(&self, key: &str) -> String {
+        self.dir.join(self.manifest[key].as_str().unwrap_or_default()).to_string_lossy().into_owned()
+    }
+}
+
+/// What the lab's objects are called: the Debian lab's are its own, so both kinds of lab can
+/// live in one data directory.
+struct LabNames {
+    vm_prefix: &'static str,
+    job: &'static str,
+    plan: &'static str,
 }
 
 const LAB_PASSWORD_ENV: &str = "DROVER_ADMIN_PASSWORD";
@@ -121,6 +180,21 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
     let guest = drover_hv::qemu::TinyGuest::load(&dir)
         .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
+    let debian = match args.guest {
+        LabGuest::Tiny => None,
+        LabGuest::Debian => {
+            let dir = args.debian_guest_dir.clone().unwrap_or_else(|| {
+                std::env::var_os("DROVER_DEBIAN_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| "guest/debian".into())
+            });
+            Some(DebianGuest::load(&dir)?)
+        }
+    };
+    let names = match args.guest {
+        LabGuest::Tiny => LabNames { vm_prefix: "lab-vm", job: "lab-replication", plan: "lab-plan" },
+        LabGuest::Debian => {
+            LabNames { vm_prefix: "lab-debian", job: "lab-debian-replication", plan: "lab-debian-plan" }
+        }
+    };
     if args.serve.data_dir == serve::default_data_dir() {
         args.serve.data_dir = args.serve.data_dir.with_file_name("drover-lab");
     }
@@ -129,7 +203,11 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         args.serve.import_dirs.push(args.serve.data_dir.join("imports"));
     }
     args.serve.import_dirs.push(dir.clone());
+    if let Some(d) = &debian {
+        args.serve.import_dirs.push(d.dir.clone());
+    }
     args.serve.guest_dir = Some(dir.clone());
+    let guests = LabGuests { tiny: dir.clone(), debian };
     // Agents enrol with the control plane over its agent listener, on loopback.
     if args.serve.agent_listen.0.is_none() {
         args.serve.agent_listen = serve::Endpoint(Some("127.0.0.1:0".parse()?));
@@ -138,28 +216,54 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     let server = serve::start(&args.serve).await?;
     let app = server.app.clone();
     let admin = admin_caller(&app).await?;
-    let (prod_ds, dr_ds, agents) = layout(&app, &admin, &args.serve, &dir).await?;
+    let (prod_ds, dr_ds, agents) = layout(&app, &admin, &args.serve, &guests).await?;
 
     let mut vms = Vec::new();
     for i in 1..=args.vms {
-        let name = format!("lab-vm{i}");
+        let name = format!("{}{i}", names.vm_prefix);
         let vm = match app.list::<Vm>(&admin).await?.into_iter().find(|v| v.name == name) {
             Some(vm) => vm,
             None => {
-                let new = NewVm {
-                    name: name.clone(),
-                    host_id: prod_ds.host_id,
-                    datastore_id: prod_ds.id,
-                    vcpus: 1,
-                    memory_mib: 128,
-                    disks: vec![drover_types::VmDisk { name: "data".into(), size_bytes: 256 << 20, import_from: None }],
-                    nics: vec![("lan".into(), None)],
-                    tags: vec!["lab:web".parse()?],
-                    boot: drover_types::VmBoot {
-                        kernel: Some(guest.vmlinux.to_string_lossy().into()),
-                        initrd: Some(guest.initramfs.to_string_lossy().into()),
-                        // The guest listens on port 22, which the plan's port check probes.
-                        cmdline: Some(guest.cmdline_listening(&[22])),
+                let new = match &guests.debian {
+                    None => NewVm {
+                        name: name.clone(),
+                        host_id: prod_ds.host_id,
+                        datastore_id: prod_ds.id,
+                        vcpus: 1,
+                        memory_mib: 128,
+                        disks: vec![drover_types::VmDisk {
+                            name: "data".into(),
+                            size_bytes: 256 << 20,
+                            import_from: None,
+                        }],
+                        nics: vec![("lan".into(), None)],
+                        tags: vec!["lab:web".parse()?],
+                        boot: drover_types::VmBoot {
+                            kernel: Some(guest.vmlinux.to_string_lossy().into()),
+                            initrd: Some(guest.initramfs.to_string_lossy().into()),
+                            // The guest listens on port 22, which the plan's port check probes.
+                            cmdline: Some(guest.cmdline_listening(&[22])),
+                        },
+                    },
+                    Some(d) => NewVm {
+                        name: name.clone(),
+                        host_id: prod_ds.host_id,
+                        datastore_id: prod_ds.id,
+                        vcpus: 1,
+                        memory_mib: 512,
+                        // Imported from the built image: the guest's root file system.
+                        disks: vec![drover_types::VmDisk {
+                            name: "root".into(),
+                            size_bytes: 0,
+                            import_from: Some(d.file("disk")),
+                        }],
+                        nics: vec![("lan".into(), None)],
+                        tags: vec!["lab:db".parse()?],
+                        boot: drover_types::VmBoot {
+                            kernel: Some(d.file("kernel")),
+                            initrd: Some(d.file("initrd")),
+                            cmdline: d.manifest["cmdline"].as_str().map(str::to_string),
+                        },
                     },
                 };
                 let (vm, session) = app.vm_create(&admin, new).await?;
@@ -183,7 +287,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             Some(j) => j,
             None => {
                 let new = drover_engine::app::NewReplicationJob {
-                    name: "lab-replication".into(),
+                    name: names.job.into(),
                     vm_ids: vms.iter().map(|v| v.id).collect(),
                     target_host_id: dr_ds.host_id,
                     target_datastore_id: dr_ds.id,
@@ -208,7 +312,33 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     }
     // A plan over the lab VMs, ready to fail over and back.
-    if !app.list::<Plan>(&admin).await?.iter().any(|p| p.name == "lab-plan") {
+    if !app.list::<Plan>(&admin).await?.iter().any(|p| p.name == names.plan) {
+        let steps = || {
+            let mut steps = vec![
+                drover_types::PlanStep {
+                    id: Default::default(),
+                    name: "Power on".into(),
+                    kind: drover_types::PlanStepKind::PowerOn,
+                    critical: true,
+                },
+                drover_types::PlanStep {
+                    id: Default::default(),
+                    name: "Wait for heartbeat".into(),
+                    kind: drover_types::PlanStepKind::WaitHeartbeat { timeout_secs: 240 },
+                    critical: true,
+                },
+            ];
+            // The tiny guest listens on port 22; the Debian guest's PostgreSQL only on loopback.
+            if guests.debian.is_none() {
+                steps.push(drover_types::PlanStep {
+                    id: Default::default(),
+                    name: "Check port 22".into(),
+                    kind: drover_types::PlanStepKind::CheckTcpPort { port: 22, timeout_secs: 60 },
+                    critical: true,
+                });
+            }
+            steps
+        };
         let groups = vec![drover_types::PlanGroup {
             id: Default::default(),
             name: "web".into(),
@@ -216,35 +346,10 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             delay_secs: 0,
             critical: true,
             restore_tags: true,
-            vms: vms
-                .iter()
-                .map(|v| drover_types::PlanVm {
-                    vm_id: v.id,
-                    steps: vec![
-                        drover_types::PlanStep {
-                            id: Default::default(),
-                            name: "Power on".into(),
-                            kind: drover_types::PlanStepKind::PowerOn,
-                            critical: true,
-                        },
-                        drover_types::PlanStep {
-                            id: Default::default(),
-                            name: "Wait for heartbeat".into(),
-                            kind: drover_types::PlanStepKind::WaitHeartbeat { timeout_secs: 120 },
-                            critical: true,
-                        },
-                        drover_types::PlanStep {
-                            id: Default::default(),
-                            name: "Check port 22".into(),
-                            kind: drover_types::PlanStepKind::CheckTcpPort { port: 22, timeout_secs: 60 },
-                            critical: true,
-                        },
-                    ],
-                })
-                .collect(),
+            vms: vms.iter().map(|v| drover_types::PlanVm { vm_id: v.id, steps: steps() }).collect(),
         }];
         let input = drover_engine::app::PlanInput {
-            name: "lab-plan".into(),
+            name: names.plan.into(),
             description: "The lab VMs, in one group".into(),
             recovery_location_id: RecoveryLocationId::ORIGINAL,
             groups,
@@ -276,7 +381,8 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     println!("  production: datastore {} on site prod; DR: datastore {} on site dr", prod_ds.path, dr_ds.path);
     for r in app.list::<drover_types::Replica>(&admin).await? {
         let points = app.restore_points(&admin, r.id).await?;
-        println!("  replica {:<16} {:?}, {} restore point(s)", r.name, r.state, points.len());
+        let newest = points.last().map(|p| format!(", the newest {}", p.consistency.describe())).unwrap_or_default();
+        println!("  replica {:<16} {:?}, {} restore point(s){newest}", r.name, r.state, points.len());
     }
     let prod_host = app.get::<Host>(&admin, prod_ds.host_id.0).await?;
     let prod_agent = app.engine().agent(&prod_host).await?;
@@ -294,7 +400,8 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         agents.dr.url,
         args.serve.data_dir.join("agents").display()
     );
-    let agents = if args.scenario { scenario(&app, &admin, &vms, &args.serve, &dir, agents).await? } else { agents };
+    let agents =
+        if args.scenario { scenario(&app, &admin, &vms, &args.serve, &guests, &names, agents).await? } else { agents };
     if args.exit {
         app.engine().shutdown();
         server.stop_listeners().await;
@@ -326,16 +433,16 @@ async fn site_agent(
     app: &App,
     admin: &Caller,
     args: &ServeArgs,
-    guest: &Path,
+    guests: &LabGuests,
     host: &Host,
     site: &str,
 ) -> anyhow::Result<LabAgent> {
     let dir = agent_dir(args, site);
     let agent = if dir.join("identity/agent.cert.pem").exists() {
-        LabAgent::start(&dir, args, guest, None).await?
+        LabAgent::start(&dir, args, guests, None).await?
     } else {
         let e = app.host_enrolment(admin, host.id, None).await?;
-        LabAgent::start(&dir, args, guest, Some((&e.enrol_url, &e.token))).await?
+        LabAgent::start(&dir, args, guests, Some((&e.enrol_url, &e.token))).await?
     };
     app.host_update(admin, host.id, None, Some(agent.url.clone())).await?;
     app.engine().agent_disconnect(host.id).await;
@@ -348,7 +455,7 @@ async fn layout(
     app: &App,
     admin: &Caller,
     args: &ServeArgs,
-    guest: &Path,
+    guests: &LabGuests,
 ) -> anyhow::Result<(Datastore, Datastore, Agents)> {
     let mut out = Vec::new();
     let mut agents = Vec::new();
@@ -370,7 +477,7 @@ async fn layout(
                 app.host_create(admin, new).await?
             }
         };
-        let agent = site_agent(app, admin, args, guest, &host, site_name).await?;
+        let agent = site_agent(app, admin, args, guests, &host, site_name).await?;
         let ds_name = format!("{site_name}-ds");
         let ds = match app.list::<Datastore>(admin).await?.into_iter().find(|d| d.name == ds_name) {
             Some(d) => d,
@@ -432,7 +539,8 @@ async fn scenario(
     admin: &Caller,
     vms: &[Vm],
     args: &ServeArgs,
-    guest: &Path,
+    guests: &LabGuests,
+    names: &LabNames,
     agents: Agents,
 ) -> anyhow::Result<Agents> {
     use drover_agent_api::HostAgent;
@@ -443,13 +551,13 @@ async fn scenario(
     let dr: Arc<dyn HostAgent> = app.engine().agent(&dr_host).await?;
     let prod: Arc<dyn HostAgent> = app.engine().agent(&prod_host).await?;
     let plan =
-        app.list::<Plan>(admin).await?.into_iter().find(|p| p.name == "lab-plan").context("lab-plan is missing")?;
+        app.list::<Plan>(admin).await?.into_iter().find(|p| p.name == names.plan).context("the plan is missing")?;
     let job = app
         .list::<drover_types::ReplicationJob>(admin)
         .await?
         .into_iter()
-        .find(|j| j.name == "lab-replication")
-        .context("lab-replication is missing")?;
+        .find(|j| j.name == names.job)
+        .context("the replication job is missing")?;
     println!("\nscenario (production and DR each on a drover agent):");
     println!("  {:<34} {:<8} {:>12} {:>8}", "step", "result", "bytes sent", "seconds");
     let report = |what: &str, s: &Session, bytes: u64, t: Instant| {
@@ -466,6 +574,10 @@ async fn scenario(
         let t = Instant::now();
         let s = app.engine().wait(app.replication_job_run(admin, job.id).await?, Duration::from_secs(600)).await?;
         report(what, &s, bytes_sent(app, admin, s.id).await?, t);
+        for line in app.session_log(admin, s.id, 0, 1000).await?.iter().filter(|e| e.message.contains("consistent cut"))
+        {
+            println!("    {}", line.message);
+        }
         check(&s, what)?;
         Ok::<_, anyhow::Error>(s)
     };
@@ -497,7 +609,7 @@ async fn scenario(
     let replicas = app.list::<Replica>(admin).await?;
     for vm in vms {
         let r = replicas.iter().find(|r| r.source_vm_id == vm.id).context("no replica")?;
-        let hb = dr.vm_wait_heartbeat(r.id.0, Duration::from_secs(60)).await?;
+        let hb = dr.vm_wait_heartbeat(r.id.0, Duration::from_secs(120)).await?;
         let want = format!("{} in production", vm.name);
         if hb.marker.as_deref() != Some(want.as_str()) {
             bail!("{} at DR shows {:?}, expected {want:?}", r.name, hb.marker);
@@ -507,12 +619,12 @@ async fn scenario(
     println!("  replicas show production's markers; each writes its own at DR");
     // Production comes back: its agent re-attaches (the VMs it ran are dead and stay off).
     let t = Instant::now();
-    let prod_agent = site_agent(app, admin, args, guest, &prod_host, "prod").await?;
+    let prod_agent = site_agent(app, admin, args, guests, &prod_host, "prod").await?;
     let prod: Arc<dyn HostAgent> = app.engine().agent(&app.get::<Host>(admin, prod_host.id.0).await?).await?;
     println!("  {:<34} {:<8} {:>12} {:>8.1}", "production site returns (fenced)", "-", 0, t.elapsed().as_secs_f64());
     plan_action("fail back to production", PlanAction::FailbackToProduction).await?;
     for vm in vms {
-        let hb = prod.vm_wait_heartbeat(vm.id.0, Duration::from_secs(120)).await?;
+        let hb = prod.vm_wait_heartbeat(vm.id.0, Duration::from_secs(240)).await?;
         let want = format!("{} written at DR", vm.name);
         if hb.marker.as_deref() != Some(want.as_str()) {
             bail!("{} shows {:?} after failback, expected {want:?}", vm.name, hb.marker);

@@ -7,8 +7,10 @@ use common::QemuReaper;
 
 use std::path::Path;
 
-#[test]
-fn lab_scenario_runs_the_whole_story() {
+/// Runs `drover lab --exit --scenario` with `extra` arguments on a fresh data directory and
+/// returns what it printed, after killing every process that names the directory (the lab's VMs
+/// outlive it by design). Fails unless the lab succeeded.
+fn run_lab(extra: &[&str]) -> String {
     let guest = std::env::var_os("DROVER_GUEST_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
@@ -19,6 +21,7 @@ fn lab_scenario_runs_the_whole_story() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
         .args(["lab", "--exit", "--scenario", "--accel", "tcg", "--listen", "127.0.0.1:0"])
         .args(["--vro-listen", "127.0.0.1:0", "--em-listen", "127.0.0.1:0"])
+        .args(extra)
         .arg("--data-dir")
         .arg(data.path())
         .arg("--guest-dir")
@@ -26,8 +29,8 @@ fn lab_scenario_runs_the_whole_story() {
         .env_remove("DROVER_ADMIN_PASSWORD")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // The lab's VMs outlive it by design; stop them.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The lab's VMs (and any thaw watchdog) outlive it by design; stop them.
     let needle = data.path().to_string_lossy().to_string();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
@@ -38,6 +41,13 @@ fn lab_scenario_runs_the_whole_story() {
         }
     }
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("Failed"), "{stdout}");
+    stdout
+}
+
+#[test]
+fn lab_scenario_runs_the_whole_story() {
+    let stdout = run_lab(&[]);
     for want in [
         "drover lab is up",
         "  VRO:",
@@ -53,7 +63,27 @@ fn lab_scenario_runs_the_whole_story() {
     ] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
-    assert!(!stdout.contains("Failed"), "{stdout}");
     // The admin password is printed once, on this first start.
     assert!(stdout.contains("login:      admin / "), "{stdout}");
+}
+
+/// The same story with the real guest: a Debian VM whose points are application-consistent
+/// (frozen through its guest agent, on the production agent), and whose markers travel through
+/// its guest agent.
+#[test]
+fn lab_scenario_runs_with_the_debian_guest() {
+    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    let stdout = run_lab(&["--guest", "debian", "--vms", "1", "--debian-guest-dir", debian.to_str().unwrap()]);
+    for want in [
+        "replica lab-debian1_replica Ready, 1 restore point(s), the newest application-consistent",
+        "application-consistent cut: ",
+        "production host cannot be reached",
+        "replicas show production's markers",
+        "production shows the markers written at DR",
+        "scenario complete",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
 }
