@@ -1003,7 +1003,6 @@ fn user_netdev(spec: &VmSpec, bridges: &BTreeMap<String, String>) -> Option<Stri
     spec.nics.iter().position(|nic| nic.no_uplink || !bridges.contains_key(&nic.network)).map(|i| format!("net{i}"))
 }
 
-/// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
 /// One try at a heartbeat on both channels at once: the first answer, or `None` when neither
 /// answered (the caller tries again).
 async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<HvResult<Heartbeat>> {
@@ -1034,6 +1033,18 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
         };
         Ok::<_, HvError>(Heartbeat { uptime_secs, marker, addresses })
     };
+    first_answer(vm, drover, qga, |_| false).await
+}
+
+/// The first answer of drover's channel (`drover`: an outer error means it did not answer) and
+/// of the QEMU guest agent (`qga`: an error means it did not answer, unless `answered` says the
+/// error is its answer), tried at once; `None` when neither answered (the caller tries again).
+async fn first_answer<T>(
+    vm: Uuid,
+    drover: impl std::future::Future<Output = HvResult<HvResult<T>>>,
+    qga: impl std::future::Future<Output = HvResult<T>>,
+    answered: impl Fn(&HvError) -> bool,
+) -> Option<HvResult<T>> {
     tokio::pin!(drover, qga);
     let (mut drover_done, mut qga_done) = (false, false);
     loop {
@@ -1046,7 +1057,8 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
                 }
             },
             r = &mut qga, if !qga_done => match r {
-                Ok(heartbeat) => return Some(Ok(heartbeat)),
+                Ok(answer) => return Some(Ok(answer)),
+                Err(e) if answered(&e) => return Some(Err(e)),
                 Err(e) => {
                     tracing::debug!(%vm, error = %e, "guest agent not ready");
                     qga_done = true;
@@ -1087,29 +1099,8 @@ async fn write_marker_once(
             )))
         }
     };
-    tokio::pin!(drover, qga);
-    let (mut drover_done, mut qga_done) = (false, false);
-    loop {
-        tokio::select! {
-            r = &mut drover, if !drover_done => match r {
-                Ok(answer) => return Some(answer),
-                Err(e) => {
-                    tracing::debug!(%vm, error = %e, "guest channel not ready");
-                    drover_done = true;
-                }
-            },
-            r = &mut qga, if !qga_done => match r {
-                Ok(()) => return Some(Ok(())),
-                // The guest agent answered and the write failed: that is the answer.
-                Err(e @ HvError::GuestChannel(_)) => return Some(Err(e)),
-                Err(e) => {
-                    tracing::debug!(%vm, error = %e, "guest agent not ready");
-                    qga_done = true;
-                }
-            },
-            else => return None,
-        }
-    }
+    // The guest agent answered and the write failed: that is the answer.
+    first_answer(vm, drover, qga, |e| matches!(e, HvError::GuestChannel(_))).await
 }
 
 /// The most addresses a heartbeat carries (the guest chooses how many it reports).
@@ -1136,6 +1127,7 @@ fn guest_addresses(interfaces: &[drover_qemu::qga::GuestInterface]) -> Vec<Strin
     out
 }
 
+/// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
 fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
     let rest = line.strip_prefix("pong ")?;
     let mut fields = rest.splitn(2, ' ');
