@@ -407,7 +407,7 @@ pub struct FreezeSpec {
     /// The caller's id (session and step); asking again with the same id while the freeze holds
     /// answers what the first ask did.
     pub id: String,
-    /// The longest the guest stays frozen, in milliseconds from this request: then the agent
+    /// The longest the guest stays frozen, in milliseconds from when it is frozen: then the agent
     /// thaws it itself, whether or not the caller ever asks (its watchdog), so a caller that
     /// dies or loses the agent never leaves a guest frozen. At most [`MAX_FREEZE_MS`].
     pub max_ms: u64,

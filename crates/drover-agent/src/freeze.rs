@@ -69,7 +69,7 @@ struct Record {
 }
 
 impl Freezes {
-    pub(crate) fn new(hv: Arc<dyn Hypervisor>, work_dir: &std::path::Path) -> Freezes {
+    pub(crate) fn new(hv: Arc<dyn Hypervisor>, work_dir: &Path) -> Freezes {
         Freezes { hv, dir: work_dir.join("freezes"), held: Arc::default(), program: None }
     }
 
@@ -161,43 +161,28 @@ impl Freezes {
         let mut held = self.held.lock().await;
         match held.get(&vm) {
             Some(h) if h.id == id => {
-                if h.expired.load(Ordering::SeqCst) {
-                    let max_ms = h.max_ms;
-                    // The watchdog thawed it, or tried and failed: thawing again is harmless.
-                    self.hv.guest_thaw(vm).await.map_err(|e| hv_error(e).context(format!("thawing VM {vm}")))?;
-                    if let Some(h) = held.remove(&vm) {
-                        h.watchdog.abort();
-                    }
-                    self.remove_record(vm).await;
-                    return Ok(ThawOutcome {
-                        held: false,
-                        reason: Some(format!(
-                            "the freeze outlasted its bound of {max_ms} ms and the agent's watchdog thawed the guest"
-                        )),
-                    });
-                }
+                let (expired, max_ms, froze) = (h.expired.load(Ordering::SeqCst), h.max_ms, h.outcome.filesystems);
                 // The thaw first: if it fails, the watchdog stays armed and the caller may retry.
+                // After the watchdog (which thawed, or tried and failed) it is harmless.
                 let thawed =
                     self.hv.guest_thaw(vm).await.map_err(|e| hv_error(e).context(format!("thawing VM {vm}")))?;
-                let froze = h.outcome.filesystems;
                 if let Some(h) = held.remove(&vm) {
                     h.watchdog.abort();
                 }
                 self.remove_record(vm).await;
-                tracing::info!(%vm, %id, thawed, "guest thawed");
-                if thawed == 0 && froze > 0 {
+                tracing::info!(%vm, %id, thawed, expired, "guest thawed");
+                let reason = if expired {
+                    format!("the freeze outlasted its bound of {max_ms} ms and the agent's watchdog thawed the guest")
+                } else if thawed == 0 && froze > 0 {
                     // Someone thawed it first: the detached watchdog, the guest agent restarted,
                     // or the guest rebooted. Since when is unknown.
-                    return Ok(ThawOutcome {
-                        held: false,
-                        reason: Some(
-                            "the guest was no longer frozen when it was thawed (thawed by someone else, \
-                                      or its guest agent or the guest restarted)"
-                                .into(),
-                        ),
-                    });
-                }
-                Ok(ThawOutcome { held: true, reason: None })
+                    "the guest was no longer frozen when it was thawed (thawed by someone else, or its guest agent \
+                     or the guest restarted)"
+                        .to_string()
+                } else {
+                    return Ok(ThawOutcome { held: true, reason: None });
+                };
+                Ok(ThawOutcome { held: false, reason: Some(reason) })
             }
             Some(h) => Ok(ThawOutcome {
                 held: false,
@@ -295,16 +280,8 @@ pub async fn run_detached_watchdog(socket: &Path, record: &Path, id: &str, after
     }
     let deadline = tokio::time::Instant::now() + DETACHED_TRYING;
     loop {
-        let attempt = async {
-            let mut agent = drover_qemu::qga::GuestAgent::connect(socket, Duration::from_secs(20)).await?;
-            agent.set_timeout(Duration::from_secs(60));
-            if agent.fsfreeze_status().await? == drover_qemu::qga::FreezeStatus::Frozen {
-                agent.fsfreeze_thaw().await?;
-            }
-            Ok::<_, drover_qemu::ToolError>(())
-        };
-        match attempt.await {
-            Ok(()) => break,
+        match drover_qemu::qga::thaw(socket, Duration::from_secs(60)).await {
+            Ok(_) => break,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "the thaw watchdog cannot reach the guest agent yet");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -319,15 +296,15 @@ pub async fn run_detached_watchdog(socket: &Path, record: &Path, id: &str, after
     Ok(true)
 }
 
-async fn read_record(path: &std::path::Path) -> Option<Record> {
-    let bytes = tokio::fs::read(path).await.ok()?;
-    if bytes.len() > 4096 {
-        return None;
-    }
+/// A freeze record, if `path` holds one (at most 4 KiB is read: a record is a few dozen bytes).
+async fn read_record(path: &Path) -> Option<Record> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    tokio::fs::File::open(path).await.ok()?.take(4096).read_to_end(&mut bytes).await.ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
-async fn remove_record(path: &std::path::Path) {
+async fn remove_record(path: &Path) {
     match tokio::fs::remove_file(path).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -368,7 +345,6 @@ async fn watchdog(
     }
     // Still frozen as far as anyone knows: the record stays, so the caller's thaw or the next
     // start of the agent tries again.
-    drop(map);
 }
 
 #[cfg(test)]

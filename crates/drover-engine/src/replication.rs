@@ -439,10 +439,11 @@ impl Step for CutStep {
                 }
             }
         }
-        if let (Some(why), ConsistencyMode::Require, true) = (&not_app, job.consistency, prep.running) {
-            return Err(Error::conflict(format!(
-                "the job requires application-consistent points and this VM's cannot be: {why}"
-            )));
+        // `require` applies to a running guest only: a stopped VM has nothing to freeze.
+        let required = job.consistency == ConsistencyMode::Require && prep.running;
+        let unmet = |why: &str| Error::conflict(format!("the job requires application-consistent points: {why}"));
+        if let (Some(why), true) = (&not_app, required) {
+            return Err(unmet(why));
         }
         // Every disk at once, while the guest is frozen.
         let mut cuts = Vec::new();
@@ -467,39 +468,33 @@ impl Step for CutStep {
             },
             (None, why) => PointConsistency::crash(why.unwrap_or_else(|| "the guest was not frozen".into())),
         };
+        let failed = match failed {
+            Some(e) => Some(agent_error(e)),
+            None if required && consistency.kind == ConsistencyKind::Crash => {
+                Some(unmet(consistency.reason.as_deref().unwrap_or("the freeze did not hold")))
+            }
+            None => None,
+        };
         if let Some(e) = failed {
             // The cuts made are ended as failed (their changes fold into `next`), so nothing
             // stays exported and no change is lost; this run of the VM cannot resume them.
             for (d, cut) in prep.disks.iter().zip(&cuts) {
                 if let Err(end) = source.cut_end(&d.cut(ctx, c, prep.running), Some(cut), false).await {
-                    tracing::warn!(disk = %d.name, error = %end.message, "ending a cut after another failed");
+                    tracing::warn!(disk = %d.name, error = %end.message, "ending a cut after the step failed");
                 }
             }
-            return Err(agent_error(e));
+            return Err(e);
         }
-        match consistency.kind {
-            ConsistencyKind::Application => {
-                ctx.log(
-                    LogLevel::Info,
-                    format!("application-consistent cut: {}", consistency.reason.as_deref().unwrap_or("")),
-                )
-                .await;
+        let why = consistency.reason.as_deref().unwrap_or_default();
+        let (level, kind) = match consistency.kind {
+            ConsistencyKind::Application => (LogLevel::Info, "application"),
+            // Worth a warning only where a freeze was tried.
+            ConsistencyKind::Crash if prep.running && job.consistency == ConsistencyMode::Try => {
+                (LogLevel::Warning, "crash")
             }
-            ConsistencyKind::Crash => {
-                let why = consistency.reason.clone().unwrap_or_default();
-                if job.consistency == ConsistencyMode::Require && prep.running {
-                    return Err(Error::conflict(format!(
-                        "the job requires application-consistent points and this VM's is not: {why}"
-                    )));
-                }
-                let level = if prep.running && job.consistency == ConsistencyMode::Try {
-                    LogLevel::Warning
-                } else {
-                    LogLevel::Info
-                };
-                ctx.log(level, format!("crash-consistent cut: {why}")).await;
-            }
-        }
+            ConsistencyKind::Crash => (LogLevel::Info, "crash"),
+        };
+        ctx.log(level, format!("{kind}-consistent cut: {why}")).await;
         serde_json::to_value(CutsMade { consistency, cuts }).map_err(|e| Error::internal(e.to_string()))
     }
     async fn undo(&self, ctx: &StepCtx, out: &Value) -> Result<()> {

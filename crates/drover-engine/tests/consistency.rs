@@ -14,7 +14,7 @@ use drover_engine::app::{
 };
 use drover_engine::{Engine, EngineConfig};
 use drover_hv::Hypervisor;
-use drover_hv::qemu::{QemuConfig, QemuDriver};
+use drover_hv::qemu::{DebianGuest, QemuConfig, QemuDriver};
 use drover_qemu::qga::{ExecStatus, GuestAgent};
 use drover_store::Store;
 use drover_types::*;
@@ -40,14 +40,12 @@ async fn log(app: &App, caller: &Caller, s: SessionId) -> Vec<String> {
     app.session_log(caller, s, 0, 1000).await.unwrap().into_iter().map(|e| e.message).collect()
 }
 
-fn debian() -> (PathBuf, serde_json::Value) {
+fn debian() -> DebianGuest {
     let dir = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
-    let dir = std::fs::canonicalize(&dir)
-        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
-    let manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("guest.json")).unwrap()).unwrap();
-    (dir, manifest)
+    DebianGuest::load(&dir)
+        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"))
 }
 
 /// Runs `script` with `sh -c` in the guest through its QEMU guest agent, `input` on its stdin.
@@ -301,7 +299,7 @@ async fn postgresql_holds_every_row_committed_before_the_cut_of_either_kind_of_p
 /// imported into production and running (its guest agent answering). Returns the host, the DR
 /// datastore and the VM.
 async fn debian_site(prefix: &str) -> (Env, HostId, DatastoreId, Vm) {
-    let (guest, manifest) = debian();
+    let guest = debian();
     let dir = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap();
     let driver = Arc::new(QemuDriver::new(QemuConfig::new(dir.path().join("run"))));
     let store = Store::open_sqlite(&dir.path().join("drover.db")).await.unwrap();
@@ -324,25 +322,17 @@ async fn debian_site(prefix: &str) -> (Env, HostId, DatastoreId, Vm) {
     let ds = |n: &str| NewDatastore { host_id: host.id, name: n.into(), path: root.join(n).to_string_lossy().into() };
     let prod = app.datastore_create(caller, ds("prod")).await.unwrap();
     let dr = app.datastore_create(caller, ds("dr")).await.unwrap();
-    let file = |key: &str| Some(guest.join(manifest[key].as_str().unwrap()).to_string_lossy().into_owned());
+    let file = |f: &Path| Some(f.to_string_lossy().into_owned());
     let new_vm = NewVm {
         name: "db".into(),
         host_id: host.id,
         datastore_id: prod.id,
         vcpus: 1,
         memory_mib: 512,
-        disks: vec![VmDisk {
-            name: "root".into(),
-            size_bytes: 0,
-            import_from: Some(guest.join("disk.qcow2").to_string_lossy().into_owned()),
-        }],
+        disks: vec![VmDisk { name: "root".into(), size_bytes: 0, import_from: file(&guest.disk) }],
         nics: vec![("lan".into(), None)],
         tags: vec![],
-        boot: VmBoot {
-            kernel: file("kernel"),
-            initrd: file("initrd"),
-            cmdline: Some(manifest["cmdline"].as_str().unwrap().to_string()),
-        },
+        boot: VmBoot { kernel: file(&guest.kernel), initrd: file(&guest.initrd), cmdline: Some(guest.cmdline.clone()) },
     };
     let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
     let done = wait(app, s).await;

@@ -145,6 +145,58 @@ impl QemuConfig {
     }
 }
 
+/// The real guest built by `scripts/build-debian-guest` (Debian with systemd, the QEMU guest
+/// agent and PostgreSQL): its disk image to import and how to boot it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianGuest {
+    /// The directory it was loaded from (canonical).
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The root file system's qcow2 image, to import or to put an overlay on (never to boot).
+    pub disk: PathBuf,
+    pub cmdline: String,
+}
+
+impl DebianGuest {
+    /// Reads `<dir>/guest.json` and checks that the files it names exist.
+    pub fn load(dir: &Path) -> HvResult<Self> {
+        #[derive(Deserialize)]
+        struct Manifest {
+            kernel: PathBuf,
+            initrd: PathBuf,
+            disk: PathBuf,
+            cmdline: String,
+        }
+        let dir = std::fs::canonicalize(dir).map_err(|e| HvError::io(format!("reading {}", dir.display()), e))?;
+        let path = dir.join("guest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| HvError::io(format!("reading {}", path.display()), e))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| HvError::InvalidSpec(format!("{} is not a guest manifest: {e}", path.display())))?;
+        let guest = DebianGuest {
+            kernel: dir.join(m.kernel),
+            initrd: dir.join(m.initrd),
+            disk: dir.join(m.disk),
+            cmdline: m.cmdline,
+            dir,
+        };
+        for file in [&guest.kernel, &guest.initrd, &guest.disk] {
+            if !file.is_file() {
+                return Err(HvError::InvalidSpec(format!("{} is missing", file.display())));
+            }
+        }
+        Ok(guest)
+    }
+
+    pub fn boot_spec(&self) -> BootSpec {
+        BootSpec {
+            kernel: Some(self.kernel.clone()),
+            initrd: Some(self.initrd.clone()),
+            cmdline: Some(self.cmdline.clone()),
+        }
+    }
+}
+
 /// The tiny guest built by `scripts/build-guest`: where its files are and how to boot it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TinyGuest {
@@ -706,11 +758,7 @@ impl Hypervisor for QemuDriver {
             // A guest that is not running holds nothing frozen: the next boot starts thawed.
             return Ok(0);
         }
-        let mut agent = drover_qemu::qga::GuestAgent::connect(&paths.qga, FREEZE_TIMEOUT).await?;
-        if agent.fsfreeze_status().await? == drover_qemu::qga::FreezeStatus::Thawed {
-            return Ok(0);
-        }
-        Ok(agent.fsfreeze_thaw().await?)
+        Ok(drover_qemu::qga::thaw(&paths.qga, FREEZE_TIMEOUT).await?)
     }
 
     async fn write_marker(&self, vm: Uuid, marker: &str) -> HvResult<()> {

@@ -292,16 +292,13 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
     let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(debian.join("guest.json"))
-            .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest")),
-    )
-    .unwrap();
+    let debian = drover_hv::qemu::DebianGuest::load(&debian)
+        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
     let f = Fixture::new();
     let hv = QemuDriver::new(f.config());
     // An overlay: the cached image stays as built.
     let disk = f.dir.path().join("debian.qcow2");
-    image::create_overlay(&disk, &debian.join("disk.qcow2")).await.unwrap();
+    image::create_overlay(&disk, &debian.disk).await.unwrap();
     let spec = VmSpec {
         id: Uuid::new_v4(),
         name: "debian".into(),
@@ -310,11 +307,7 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
         disks: vec![DiskSpec { path: disk }],
         // User networking (no uplink): QEMU's DHCP gives it 10.0.2.15.
         nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:0d:eb".into(), no_uplink: false }],
-        boot: drover_hv::BootSpec {
-            kernel: Some(debian.join(manifest["kernel"].as_str().unwrap())),
-            initrd: Some(debian.join(manifest["initrd"].as_str().unwrap())),
-            cmdline: Some(manifest["cmdline"].as_str().unwrap().to_string()),
-        },
+        boot: debian.boot_spec(),
     };
     let started = Instant::now();
     hv.power_on(&spec).await.unwrap();

@@ -88,6 +88,16 @@ pub enum FreezeStatus {
     Frozen,
 }
 
+/// Thaws the guest behind the guest agent at `socket` if it is frozen (each step within
+/// `timeout`); returns how many file systems were thawed, 0 when none were frozen.
+pub async fn thaw(socket: &Path, timeout: Duration) -> ToolResult<u64> {
+    let mut agent = GuestAgent::connect(socket, timeout).await?;
+    if agent.fsfreeze_status().await? == FreezeStatus::Thawed {
+        return Ok(0);
+    }
+    agent.fsfreeze_thaw().await
+}
+
 /// How a process started with `guest-exec` ended (or that it has not yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecStatus {

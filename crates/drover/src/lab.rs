@@ -134,33 +134,7 @@ pub enum LabGuest {
 /// when asked for.
 struct LabGuests {
     tiny: PathBuf,
-    debian: Option<DebianGuest>,
-}
-
-struct DebianGuest {
-    dir: PathBuf,
-    manifest: serde_json::Value,
-}
-
-impl DebianGuest {
-    fn load(dir: &Path) -> anyhow::Result<DebianGuest> {
-        let missing = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("the Debian guest is not in {} ({e}): run scripts/build-debian-guest", dir.display())
-        };
-        let dir = std::fs::canonicalize(dir).map_err(|e| missing(&e))?;
-        let text = std::fs::read_to_string(dir.join("guest.json")).map_err(|e| missing(&e))?;
-        let manifest: serde_json::Value = serde_json::from_str(&text).map_err(|e| missing(&e))?;
-        for key in ["kernel", "initrd", "disk", "cmdline"] {
-            if !manifest[key].is_string() {
-                return Err(missing(&format!("guest.json has no {key}")));
-            }
-        }
-        Ok(DebianGuest { dir, manifest })
-    }
-
-    fn file(&self, key: &str) -> String {
-        self.dir.join(self.manifest[key].as_str().unwrap_or_default()).to_string_lossy().into_owned()
-    }
+    debian: Option<drover_hv::qemu::DebianGuest>,
 }
 
 /// What the lab's objects are called: the Debian lab's are its own, so both kinds of lab can
@@ -186,7 +160,10 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             let dir = args.debian_guest_dir.clone().unwrap_or_else(|| {
                 std::env::var_os("DROVER_DEBIAN_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| "guest/debian".into())
             });
-            Some(DebianGuest::load(&dir)?)
+            let guest = drover_hv::qemu::DebianGuest::load(&dir).map_err(|e| {
+                anyhow::anyhow!("the Debian guest is not in {} ({e}): run scripts/build-debian-guest", dir.display())
+            })?;
+            Some(guest)
         }
     };
     let names = match args.guest {
@@ -224,47 +201,41 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         let vm = match app.list::<Vm>(&admin).await?.into_iter().find(|v| v.name == name) {
             Some(vm) => vm,
             None => {
-                let new = match &guests.debian {
-                    None => NewVm {
-                        name: name.clone(),
-                        host_id: prod_ds.host_id,
-                        datastore_id: prod_ds.id,
-                        vcpus: 1,
-                        memory_mib: 128,
-                        disks: vec![drover_types::VmDisk {
-                            name: "data".into(),
-                            size_bytes: 256 << 20,
-                            import_from: None,
-                        }],
-                        nics: vec![("lan".into(), None)],
-                        tags: vec!["lab:web".parse()?],
-                        boot: drover_types::VmBoot {
-                            kernel: Some(guest.vmlinux.to_string_lossy().into()),
-                            initrd: Some(guest.initramfs.to_string_lossy().into()),
+                let path = |p: &Path| Some(p.to_string_lossy().into_owned());
+                let (memory_mib, disk, tag, boot) = match &guests.debian {
+                    None => (
+                        128,
+                        drover_types::VmDisk { name: "data".into(), size_bytes: 256 << 20, import_from: None },
+                        "lab:web",
+                        drover_types::VmBoot {
+                            kernel: path(&guest.vmlinux),
+                            initrd: path(&guest.initramfs),
                             // The guest listens on port 22, which the plan's port check probes.
                             cmdline: Some(guest.cmdline_listening(&[22])),
                         },
-                    },
-                    Some(d) => NewVm {
-                        name: name.clone(),
-                        host_id: prod_ds.host_id,
-                        datastore_id: prod_ds.id,
-                        vcpus: 1,
-                        memory_mib: 512,
+                    ),
+                    Some(d) => (
+                        512,
                         // Imported from the built image: the guest's root file system.
-                        disks: vec![drover_types::VmDisk {
-                            name: "root".into(),
-                            size_bytes: 0,
-                            import_from: Some(d.file("disk")),
-                        }],
-                        nics: vec![("lan".into(), None)],
-                        tags: vec!["lab:db".parse()?],
-                        boot: drover_types::VmBoot {
-                            kernel: Some(d.file("kernel")),
-                            initrd: Some(d.file("initrd")),
-                            cmdline: d.manifest["cmdline"].as_str().map(str::to_string),
+                        drover_types::VmDisk { name: "root".into(), size_bytes: 0, import_from: path(&d.disk) },
+                        "lab:db",
+                        drover_types::VmBoot {
+                            kernel: path(&d.kernel),
+                            initrd: path(&d.initrd),
+                            cmdline: Some(d.cmdline.clone()),
                         },
-                    },
+                    ),
+                };
+                let new = NewVm {
+                    name: name.clone(),
+                    host_id: prod_ds.host_id,
+                    datastore_id: prod_ds.id,
+                    vcpus: 1,
+                    memory_mib,
+                    disks: vec![disk],
+                    nics: vec![("lan".into(), None)],
+                    tags: vec![tag.parse()?],
+                    boot,
                 };
                 let (vm, session) = app.vm_create(&admin, new).await?;
                 expect_success(&app, session, "create", &name).await?;
