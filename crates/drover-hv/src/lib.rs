@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub mod libvirt;
 pub mod qemu;
 pub mod sim;
 pub mod tracking;

@@ -96,7 +96,7 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// every start of drover with `--accel auto` pays this much on such a host.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Markers travel as one hex line; keep them small.
-const MAX_MARKER_BYTES: usize = 4096;
+pub(crate) const MAX_MARKER_BYTES: usize = 4096;
 /// Poll interval while waiting for a process to exit (a graceful guest stops in ~60 ms).
 const EXIT_POLL: Duration = Duration::from_millis(25);
 /// `sun_path` is 108 bytes including the terminating NUL.
@@ -471,27 +471,7 @@ impl QemuDriver {
         request: &str,
         accept: impl Fn(&str) -> Option<HvResult<T>>,
     ) -> HvResult<HvResult<T>> {
-        let stream = UnixStream::connect(&paths.agent)
-            .await
-            .map_err(|e| HvError::io(format!("connecting to {}", paths.agent.display()), e))?;
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .map_err(|e| HvError::io("writing to the guest channel", e))?;
-        // The guest is not trusted: a line is bounded before it is held whole.
-        let mut read = BufReader::new(read);
-        loop {
-            let line = drover_qemu::qga::read_line_bounded(&mut read, MAX_GUEST_LINE)
-                .await
-                .map_err(|e| HvError::io("reading from the guest channel", e))?
-                .ok_or_else(|| HvError::GuestChannel("channel closed".into()))?;
-            let line = String::from_utf8_lossy(&line);
-            match accept(line.trim_end()) {
-                Some(answer) => return Ok(answer),
-                None => tracing::debug!(line = %line, "skipping unexpected guest line"),
-            }
-        }
+        channel_exchange(&paths.agent, request, accept).await
     }
 
     /// Runs `attempt` (given its time budget, at most [`AGENT_ATTEMPT`]) until it answers, the
@@ -1053,6 +1033,37 @@ fn user_netdev(spec: &VmSpec, bridges: &BTreeMap<String, String>) -> Option<Stri
 
 /// One try at a heartbeat on both channels at once: the first answer, or `None` when neither
 /// answered (the caller tries again).
+/// One request line on drover's guest channel at `socket`, reading reply lines until `accept`
+/// recognises one. Lines it does not recognise (e.g. a late answer to an earlier, timed-out
+/// request) are skipped. The outer error is the transport (worth retrying: the guest may still be
+/// booting); the inner result is the guest's answer (final).
+pub(crate) async fn channel_exchange<T>(
+    socket: &Path,
+    request: &str,
+    accept: impl Fn(&str) -> Option<HvResult<T>>,
+) -> HvResult<HvResult<T>> {
+    let stream =
+        UnixStream::connect(socket).await.map_err(|e| HvError::io(format!("connecting to {}", socket.display()), e))?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| HvError::io("writing to the guest channel", e))?;
+    // The guest is not trusted: a line is bounded before it is held whole.
+    let mut read = BufReader::new(read);
+    loop {
+        let line = drover_qemu::qga::read_line_bounded(&mut read, MAX_GUEST_LINE)
+            .await
+            .map_err(|e| HvError::io("reading from the guest channel", e))?
+            .ok_or_else(|| HvError::GuestChannel("channel closed".into()))?;
+        let line = String::from_utf8_lossy(&line);
+        match accept(line.trim_end()) {
+            Some(answer) => return Ok(answer),
+            None => tracing::debug!(line = %line, "skipping unexpected guest line"),
+        }
+    }
+}
+
 async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<HvResult<Heartbeat>> {
     let drover = QemuDriver::agent_exchange(paths, "ping", parse_pong);
     let qga = async {
@@ -1087,7 +1098,7 @@ async fn heartbeat_once(paths: &VmPaths, vm: Uuid, attempt: Duration) -> Option<
 /// The first answer of drover's channel (`drover`: an outer error means it did not answer) and
 /// of the QEMU guest agent (`qga`: an error means it did not answer, unless `answered` says the
 /// error is its answer), tried at once; `None` when neither answered (the caller tries again).
-async fn first_answer<T>(
+pub(crate) async fn first_answer<T>(
     vm: Uuid,
     drover: impl std::future::Future<Output = HvResult<HvResult<T>>>,
     qga: impl std::future::Future<Output = HvResult<T>>,
@@ -1156,7 +1167,7 @@ const MAX_GUEST_ADDRESSES: usize = 32;
 
 /// The addresses of a guest's interfaces that reach beyond it: not loopback, not link-local,
 /// and only what parses as an IP address (the guest is not trusted to send one).
-fn guest_addresses(interfaces: &[drover_qemu::qga::GuestInterface]) -> Vec<String> {
+pub(crate) fn guest_addresses(interfaces: &[drover_qemu::qga::GuestInterface]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for a in interfaces.iter().flat_map(|i| &i.ip_addresses) {
         let Ok(ip) = a.address.parse::<std::net::IpAddr>() else { continue };
@@ -1176,7 +1187,7 @@ fn guest_addresses(interfaces: &[drover_qemu::qga::GuestInterface]) -> Vec<Strin
 }
 
 /// `pong <uptime> <marker-hex or ->` → Heartbeat. An empty hex field is an empty marker.
-fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
+pub(crate) fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
     let rest = line.strip_prefix("pong ")?;
     let mut fields = rest.splitn(2, ' ');
     let uptime = fields.next().unwrap_or("");
@@ -1200,7 +1211,7 @@ fn parse_pong(line: &str) -> Option<HvResult<Heartbeat>> {
 }
 
 /// `ok` or `err <reason>` (a refusal from the guest, final); anything else is skipped.
-fn parse_write_reply(line: &str) -> Option<HvResult<()>> {
+pub(crate) fn parse_write_reply(line: &str) -> Option<HvResult<()>> {
     if line == "ok" {
         Some(Ok(()))
     } else {
@@ -1209,7 +1220,7 @@ fn parse_write_reply(line: &str) -> Option<HvResult<()>> {
     }
 }
 
-fn hex_encode(bytes: &[u8]) -> String {
+pub(crate) fn hex_encode(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -1,0 +1,301 @@
+//! The libvirt driver against a real libvirt daemon (started by [`testing::ensure_daemon`] when
+//! none runs) and a domain defined outside drover with `virsh define`, booting the tiny guest
+//! (`scripts/build-guest`): discovery, power control, drover's channel through the domain's
+//! `<channel>`, and change tracking with checkpoints and pull-mode backups — the point in time,
+//! the exact dirty extents, a failed cycle that keeps its changes, and a `kill -9` of the
+//! domain's QEMU that leaves the checkpoint's bitmap broken and is seen as such.
+//!
+//! Needs libvirt (scripts/install-deps), `qemu-img`, libnbd's `nbdinfo`/`nbdcopy` (they stand in
+//! for drover-block's NBD client here) and the built guest.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use drover_hv::libvirt::{LibvirtDriver, testing};
+use drover_hv::qemu::TinyGuest;
+use drover_hv::tracking::BitmapState;
+use drover_hv::{ChangeTracking, HvError, Hypervisor, PowerState, VmSpec};
+use drover_qemu::qsd::NbdEndpoint;
+use uuid::Uuid;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const DISK_BYTES: u64 = 64 << 20;
+const SMALL_DIRTY_BYTES: u64 = 4 << 20;
+
+fn tiny_guest() -> TinyGuest {
+    let dir = std::env::var_os("DROVER_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
+    TinyGuest::load(&dir)
+        .unwrap_or_else(|e| panic!("the tiny guest is not built in {} ({e}): run scripts/build-guest", dir.display()))
+}
+
+fn run(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh").args(["-c", testing::URI]).args(args).output().unwrap()
+}
+
+/// A domain defined outside drover, destroyed and undefined (with its checkpoints' metadata)
+/// when dropped.
+struct Domain {
+    name: String,
+    uuid: Uuid,
+    dir: tempfile::TempDir,
+}
+
+impl Domain {
+    fn define(guest: &TinyGuest) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let uuid = Uuid::new_v4();
+        let name = format!("drover-test-{}", &uuid.to_string()[..8]);
+        let disk = dir.path().join("vda.qcow2");
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "compat=1.1"])
+            .arg(&disk)
+            .arg(DISK_BYTES.to_string()));
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+               <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{c}</cmdline></os>
+               <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
+               <devices>
+                 <disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>
+                   <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+                 <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
+                 <channel type='unix'><source mode='bind' path='{d}/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
+                 <memballoon model='none'/>
+               </devices></domain>",
+            k = guest.vmlinux.display(),
+            i = guest.initramfs.display(),
+            c = guest.cmdline,
+            disk = disk.display(),
+            d = dir.path().display(),
+        );
+        let file = dir.path().join("domain.xml");
+        std::fs::write(&file, xml).unwrap();
+        run(Command::new("virsh").args(["-c", testing::URI, "define"]).arg(&file));
+        Domain { name, uuid, dir }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    fn qemu_pid(&self) -> i32 {
+        let text = std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", self.name)).unwrap();
+        text.trim().parse().unwrap()
+    }
+
+    fn image_bitmaps(&self) -> String {
+        let out =
+            run(Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(self.dir.path().join("vda.qcow2")));
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name, "--checkpoints-metadata"]);
+    }
+}
+
+fn dirty_extents(nbd: &NbdEndpoint, context: &str) -> Vec<(u64, u64)> {
+    let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg(nbd.uri()));
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[2] == "1").then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+        })
+        .collect()
+}
+
+fn total(extents: &[(u64, u64)]) -> u64 {
+    extents.iter().map(|(_, l)| l).sum()
+}
+
+fn read_view(nbd: &NbdEndpoint) -> Vec<u8> {
+    let view = run(Command::new("nbdcopy").arg(nbd.uri()).arg("-"));
+    assert_eq!(view.len() as u64, DISK_BYTES);
+    view
+}
+
+fn found_in(view: &[u8], extents: &[(u64, u64)], needle: &str) -> bool {
+    extents.iter().any(|&(off, len)| {
+        view[off as usize..(off + len) as usize].windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+fn patched(base: &[u8], update: &[u8], extents: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = base.to_vec();
+    for &(off, len) in extents {
+        let r = off as usize..(off + len) as usize;
+        out[r.clone()].copy_from_slice(&update[r]);
+    }
+    out
+}
+
+fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
+    inner.iter().all(|&(off, len)| {
+        let mut pos = off;
+        while pos < off + len {
+            match outer.iter().find(|&&(o, l)| o <= pos && pos < o + l) {
+                Some(&(o, l)) => pos = o + l,
+                None => return false,
+            }
+        }
+        true
+    })
+}
+
+fn ours(state: &[BitmapState]) -> Vec<&BitmapState> {
+    state.iter().filter(|b| b.name.starts_with("drover-") && b.name != drover_hv::libvirt::EXPORT_BITMAP).collect()
+}
+
+fn names(state: &[BitmapState]) -> Vec<String> {
+    let mut n: Vec<String> = ours(state).iter().map(|b| b.name.clone()).collect();
+    n.sort();
+    n
+}
+
+fn spec(dom: &Domain) -> VmSpec {
+    VmSpec {
+        id: dom.uuid,
+        name: dom.name.clone(),
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![],
+        nics: vec![],
+        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None },
+    }
+}
+
+#[tokio::test]
+async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints() {
+    testing::ensure_daemon();
+    let guest = tiny_guest();
+    let dom = Domain::define(&guest);
+    let hv = LibvirtDriver::new(testing::URI);
+    let vm = dom.uuid;
+    let exports = dom.dir.path().join("exp");
+
+    // Discovery lists it as the administrator defined it: not drover's, one trackable disk.
+    let found = hv.discover().await.unwrap();
+    let d = found.iter().find(|d| d.description.uuid == vm).expect("the domain is discovered");
+    assert_eq!(d.description.name, dom.name);
+    assert!(!d.description.owned_by_drover);
+    assert_eq!(d.description.disks.len(), 1);
+    assert_eq!(d.description.disks[0].format.as_deref(), Some("qcow2"));
+    assert!(d.unsupported.is_empty(), "{:?}", d.unsupported);
+    assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
+    assert_eq!(hv.status(Uuid::new_v4()).await.unwrap(), PowerState::Off, "an unknown domain is off");
+    let unknown = VmSpec { id: Uuid::new_v4(), ..spec(&dom) };
+    assert!(matches!(hv.power_on(&unknown).await, Err(HvError::Unsupported(_))), "drover does not define domains");
+
+    hv.power_on(&spec(&dom)).await.unwrap();
+    hv.power_on(&spec(&dom)).await.unwrap(); // idempotent
+    assert_eq!(hv.status(vm).await.unwrap(), PowerState::Running);
+    hv.wait_heartbeat(vm, BOOT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no heartbeat: {e}; console:\n{}", dom.console()));
+    assert_eq!(hv.runtime_disks(vm).await.unwrap(), vec![dom.dir.path().join("vda.qcow2")]);
+
+    // A checkpoint records the disk from here on.
+    hv.enable(vm, 0, "drover-a").await.unwrap();
+    hv.enable(vm, 0, "drover-a").await.unwrap(); // idempotent
+    let state = hv.state(vm, 0).await.unwrap();
+    assert_eq!(names(&state), ["drover-a"]);
+    let a = ours(&state)[0];
+    assert!(a.recording && a.persistent && !a.inconsistent, "{a:?}");
+
+    let first = format!("first-{}", Uuid::new_v4());
+    hv.write_marker(vm, &first).await.unwrap();
+    let cut = hv.cut_begin(vm, 0, "drover-a", "drover-b", &exports).await.unwrap();
+    assert_eq!(hv.cut_begin(vm, 0, "drover-a", "drover-b", &exports).await.unwrap(), cut, "a rerun re-exports the job");
+    assert_eq!(cut.virtual_size, DISK_BYTES);
+    let extents1 = dirty_extents(&cut.nbd, &cut.meta_context);
+    assert!(
+        total(&extents1) > 0 && total(&extents1) <= SMALL_DIRTY_BYTES,
+        "dirty after one write: {}",
+        total(&extents1)
+    );
+    let view1 = read_view(&cut.nbd);
+    assert!(found_in(&view1, &extents1, &first), "the marker is inside the dirty extents");
+    // The guest writes during the cut; the export keeps the point in time.
+    let second = format!("second-{}", Uuid::new_v4());
+    hv.write_marker(vm, &second).await.unwrap();
+    assert!(read_view(&cut.nbd) == view1, "the point-in-time view changed while the guest wrote");
+    // A second disk cut while the job runs would wait (libvirt runs one backup job per domain):
+    // the same disk under other names is refused as busy.
+    assert!(matches!(
+        hv.cut_begin(vm, 0, "drover-a", "drover-x", &exports.join("other")).await,
+        Err(HvError::ImageLocked(_))
+    ));
+    hv.cut_end(&cut, true).await.unwrap();
+    hv.cut_end(&cut, true).await.unwrap(); // idempotent
+    assert!(!cut.fleece_image.exists(), "the scratch image is gone");
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-b"]);
+
+    // Cycle 2 carries exactly the change made during cycle 1.
+    let cut2 = hv.cut_begin(vm, 0, "drover-b", "drover-c", &exports).await.unwrap();
+    let extents2 = dirty_extents(&cut2.nbd, &cut2.meta_context);
+    let view2 = read_view(&cut2.nbd);
+    assert!(found_in(&view2, &extents2, &second), "the second marker is in the new extents");
+    assert!(patched(&view1, &view2, &extents2) == view2, "the checkpoint missed a write made during cycle 1");
+    // The transfer fails: the new checkpoint goes, `drover-b` still covers everything.
+    hv.cut_end(&cut2, false).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-b"]);
+    let third = format!("third-{}", Uuid::new_v4());
+    hv.write_marker(vm, &third).await.unwrap();
+    let cut3 = hv.cut_begin(vm, 0, "drover-b", "drover-d", &exports).await.unwrap();
+    let extents3 = dirty_extents(&cut3.nbd, &cut3.meta_context);
+    let view3 = read_view(&cut3.nbd);
+    assert!(covered(&extents2, &extents3), "the failed cycle's changes are sent again");
+    assert!(patched(&view1, &view3, &extents3) == view3);
+    assert!(found_in(&view3, &extents3, &third));
+    hv.cut_end(&cut3, true).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-d"]);
+
+    // kill -9 of the domain's QEMU: the bitmap in the image is left in use.
+    let pid = dom.qemu_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let died = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match hv.status(vm).await.unwrap() {
+                PowerState::Died => return,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert!(died.is_ok(), "the killed domain reads as died");
+    eprintln!("image after kill -9: {}", dom.image_bitmaps());
+    hv.power_on(&spec(&dom)).await.unwrap();
+    hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap_or_else(|e| panic!("no heartbeat after restart: {e}"));
+    let state = hv.state(vm, 0).await.unwrap();
+    let d_state = ours(&state).into_iter().find(|b| b.name == "drover-d").cloned().expect("drover-d is reported");
+    assert!(d_state.inconsistent, "the broken checkpoint reads as inconsistent: {state:?}");
+    match hv.cut_begin(vm, 0, "drover-d", "drover-e", &exports).await {
+        Err(HvError::BitmapUnusable { bitmap, .. }) => assert_eq!(bitmap, "drover-d"),
+        other => panic!("a cut from the broken checkpoint must fail as unusable: {other:?}"),
+    }
+    // What the engine does then: remove it, start a fresh one (and hash-compare this disk).
+    hv.remove(vm, 0, "drover-d").await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), Vec::<String>::new());
+    assert!(!dom.image_bitmaps().contains("drover-d"), "the broken bitmap left the image");
+    hv.enable(vm, 0, "drover-f").await.unwrap();
+    let cut4 = hv.cut_begin(vm, 0, "drover-f", "drover-g", &exports).await.unwrap();
+    hv.cut_end(&cut4, true).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-g"]);
+
+    assert_ne!(hv.shutdown(vm, Duration::from_secs(20)).await.unwrap(), drover_hv::ShutdownOutcome::AlreadyOff);
+    assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
+    assert_eq!(hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(), drover_hv::ShutdownOutcome::AlreadyOff);
+}

@@ -1,0 +1,481 @@
+//! Domain XML as drover reads it (a description of a domain: its disks, NICs, channels and
+//! whether drover defined it) and the XML drover writes (pull-mode backups and checkpoints).
+//! Parsed with quick-xml, bounded in size and depth.
+
+use std::path::PathBuf;
+
+use quick_xml::escape::escape;
+use quick_xml::events::{BytesStart, Event};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{ErrorClass, LibvirtError, LibvirtResult};
+
+/// The largest domain XML read (a domain with hundreds of devices is a few tens of KiB).
+pub const MAX_XML_BYTES: usize = 4 << 20;
+/// The deepest element nesting read (libvirt's domain XML is under ten levels deep).
+pub const MAX_DEPTH: usize = 64;
+/// The namespace of drover's `<metadata>` element in a domain drover defined.
+pub const DROVER_NS: &str = "urn:drover:libvirt:1";
+
+/// A domain as libvirt describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainDescription {
+    pub uuid: Uuid,
+    pub name: String,
+    /// `kvm` or `qemu` (TCG).
+    pub domain_type: String,
+    pub memory_kib: u64,
+    pub vcpus: u32,
+    /// The disks (`device='disk'`; CD-ROMs and floppies are not), in the XML's order: drover's
+    /// disk index is the position here.
+    pub disks: Vec<DomainDisk>,
+    pub nics: Vec<DomainNic>,
+    pub channels: Vec<DomainChannel>,
+    /// Direct kernel boot, when the domain boots that way.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    /// Defined by drover (its `<metadata>` carries drover's element): drover may redefine or
+    /// undefine it. Any other domain is the administrator's and is never redefined.
+    pub owned_by_drover: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainDisk {
+    /// `file`, `block`, `network`, `volume`.
+    pub source_type: String,
+    /// The image format (`qcow2`, `raw`), from `<driver type>`.
+    pub format: Option<String>,
+    /// The image file or block device, when it has one.
+    pub source: Option<PathBuf>,
+    /// The guest's name for it (`vda`).
+    pub target: String,
+    pub bus: Option<String>,
+}
+
+impl DomainDisk {
+    /// Why drover cannot track this disk's changes, if it cannot: libvirt's checkpoints are
+    /// bitmaps inside qcow2 images.
+    pub fn untrackable(&self) -> Option<String> {
+        if self.source_type != "file" || self.source.is_none() {
+            return Some(format!("disk {} is not a file (type {})", self.target, self.source_type));
+        }
+        if self.format.as_deref() != Some("qcow2") {
+            return Some(format!(
+                "disk {} is {} (checkpoints need qcow2)",
+                self.target,
+                self.format.as_deref().unwrap_or("of no declared format")
+            ));
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainNic {
+    /// `network`, `bridge`, `user`, `direct`...
+    pub kind: String,
+    pub mac: Option<String>,
+    /// The libvirt network or the bridge it is on.
+    pub source: Option<String>,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainChannel {
+    /// The port's name in the guest (`org.qemu.guest_agent.0`).
+    pub name: String,
+    /// The host side's unix socket, for a `type='unix'` channel.
+    pub path: Option<PathBuf>,
+}
+
+fn xml_err(message: impl Into<String>) -> LibvirtError {
+    LibvirtError::new(ErrorClass::Other, "reading domain XML", message)
+}
+
+fn attr(e: &BytesStart<'_>, name: &str) -> LibvirtResult<Option<String>> {
+    for a in e.attributes() {
+        let a = a.map_err(|e| xml_err(e.to_string()))?;
+        if a.key.as_ref() == name.as_bytes() {
+            return Ok(Some(a.unescape_value().map_err(|e| xml_err(e.to_string()))?.into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+impl DomainDescription {
+    pub fn parse(text: &str) -> LibvirtResult<Self> {
+        if text.len() > MAX_XML_BYTES {
+            return Err(xml_err(format!("the domain XML is {} bytes; at most {MAX_XML_BYTES}", text.len())));
+        }
+        let mut reader = quick_xml::Reader::from_str(text);
+        let mut path: Vec<String> = Vec::new();
+        let mut d = DomainDescription {
+            uuid: Uuid::nil(),
+            name: String::new(),
+            domain_type: String::new(),
+            memory_kib: 0,
+            vcpus: 0,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            channels: Vec::new(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            owned_by_drover: false,
+        };
+        // The device being read (its element ended pushes it).
+        let mut disk: Option<DomainDisk> = None;
+        let mut nic: Option<DomainNic> = None;
+        let mut channel: Option<DomainChannel> = None;
+        let mut memory_unit = String::from("KiB");
+        loop {
+            let ev = reader.read_event().map_err(|e| xml_err(e.to_string()))?;
+            let (start, empty) = match &ev {
+                Event::Start(e) => (Some(e.clone()), false),
+                Event::Empty(e) => (Some(e.clone()), true),
+                _ => (None, false),
+            };
+            if let Some(e) = start {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                path.push(name.clone());
+                if path.len() > MAX_DEPTH {
+                    return Err(xml_err(format!("the domain XML nests deeper than {MAX_DEPTH}")));
+                }
+                let p: Vec<&str> = path.iter().map(String::as_str).collect();
+                match p.as_slice() {
+                    ["domain"] => d.domain_type = attr(&e, "type")?.unwrap_or_default(),
+                    ["domain", "memory"] => memory_unit = attr(&e, "unit")?.unwrap_or_else(|| "KiB".into()),
+                    ["domain", "metadata", _] if name.ends_with(":vm") || name == "vm" => {
+                        let prefix = name.split_once(':').map(|(p, _)| p);
+                        let ns_attr = prefix.map_or("xmlns".to_string(), |p| format!("xmlns:{p}"));
+                        if attr(&e, &ns_attr)?.as_deref() == Some(DROVER_NS) {
+                            d.owned_by_drover = true;
+                        }
+                    }
+                    ["domain", "devices", "disk"] if attr(&e, "device")?.as_deref().unwrap_or("disk") == "disk" => {
+                        disk = Some(DomainDisk {
+                            source_type: attr(&e, "type")?.unwrap_or_else(|| "file".into()),
+                            format: None,
+                            source: None,
+                            target: String::new(),
+                            bus: None,
+                        });
+                    }
+                    ["domain", "devices", "disk", "driver"] => {
+                        if let Some(dk) = disk.as_mut() {
+                            dk.format = attr(&e, "type")?;
+                        }
+                    }
+                    ["domain", "devices", "disk", "source"] => {
+                        if let Some(dk) = disk.as_mut() {
+                            dk.source = attr(&e, "file")?.or(attr(&e, "dev")?).map(PathBuf::from);
+                        }
+                    }
+                    ["domain", "devices", "disk", "target"] => {
+                        if let Some(dk) = disk.as_mut() {
+                            dk.target = attr(&e, "dev")?.unwrap_or_default();
+                            dk.bus = attr(&e, "bus")?;
+                        }
+                    }
+                    ["domain", "devices", "interface"] => {
+                        nic = Some(DomainNic {
+                            kind: attr(&e, "type")?.unwrap_or_default(),
+                            mac: None,
+                            source: None,
+                            model: None,
+                        })
+                    }
+                    ["domain", "devices", "interface", "mac"] => {
+                        if let Some(n) = nic.as_mut() {
+                            n.mac = attr(&e, "address")?;
+                        }
+                    }
+                    ["domain", "devices", "interface", "source"] => {
+                        if let Some(n) = nic.as_mut() {
+                            n.source = attr(&e, "network")?.or(attr(&e, "bridge")?).or(attr(&e, "dev")?);
+                        }
+                    }
+                    ["domain", "devices", "interface", "model"] => {
+                        if let Some(n) = nic.as_mut() {
+                            n.model = attr(&e, "type")?;
+                        }
+                    }
+                    ["domain", "devices", "channel"] => {
+                        channel = Some(DomainChannel { name: String::new(), path: None });
+                    }
+                    ["domain", "devices", "channel", "source"] => {
+                        if let Some(c) = channel.as_mut() {
+                            c.path = attr(&e, "path")?.map(PathBuf::from);
+                        }
+                    }
+                    ["domain", "devices", "channel", "target"] => {
+                        if let Some(c) = channel.as_mut() {
+                            c.name = attr(&e, "name")?.unwrap_or_default();
+                        }
+                    }
+                    _ => {}
+                }
+                if empty {
+                    end_element(&mut path, &mut d, &mut disk, &mut nic, &mut channel);
+                }
+                continue;
+            }
+            match ev {
+                Event::Text(t) => {
+                    let text = t.unescape().map_err(|e| xml_err(e.to_string()))?.trim().to_string();
+                    let p: Vec<&str> = path.iter().map(String::as_str).collect();
+                    match p.as_slice() {
+                        ["domain", "name"] => d.name = text,
+                        ["domain", "uuid"] => {
+                            d.uuid = text
+                                .parse()
+                                .map_err(|_| xml_err(format!("the domain's uuid {text:?} does not parse")))?
+                        }
+                        ["domain", "memory"] => {
+                            let n: u64 =
+                                text.parse().map_err(|_| xml_err(format!("memory {text:?} does not parse")))?;
+                            d.memory_kib = match memory_unit.as_str() {
+                                "b" | "bytes" => n / 1024,
+                                "KiB" | "k" => n,
+                                "MiB" | "M" => n.saturating_mul(1024),
+                                "GiB" | "G" => n.saturating_mul(1 << 20),
+                                "TiB" | "T" => n.saturating_mul(1 << 30),
+                                other => return Err(xml_err(format!("memory unit {other:?} is not known"))),
+                            };
+                        }
+                        ["domain", "vcpu"] => {
+                            d.vcpus = text.parse().map_err(|_| xml_err(format!("vcpu {text:?} does not parse")))?
+                        }
+                        ["domain", "os", "kernel"] => d.kernel = Some(PathBuf::from(text)),
+                        ["domain", "os", "initrd"] => d.initrd = Some(PathBuf::from(text)),
+                        ["domain", "os", "cmdline"] => d.cmdline = Some(text),
+                        _ => {}
+                    }
+                }
+                Event::End(_) => end_element(&mut path, &mut d, &mut disk, &mut nic, &mut channel),
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        if d.uuid.is_nil() || d.name.is_empty() {
+            return Err(xml_err("the domain XML has no name or no uuid"));
+        }
+        Ok(d)
+    }
+
+    /// The disk at drover's index `index`.
+    pub fn disk(&self, index: usize) -> LibvirtResult<&DomainDisk> {
+        self.disks.get(index).ok_or_else(|| {
+            LibvirtError::new(
+                ErrorClass::Other,
+                "finding a disk",
+                format!("domain {} has {} disks; there is no disk {index}", self.name, self.disks.len()),
+            )
+        })
+    }
+
+    /// The host socket of the channel named `name`.
+    pub fn channel_path(&self, name: &str) -> Option<&std::path::Path> {
+        self.channels.iter().find(|c| c.name == name).and_then(|c| c.path.as_deref())
+    }
+}
+
+fn end_element(
+    path: &mut Vec<String>,
+    d: &mut DomainDescription,
+    disk: &mut Option<DomainDisk>,
+    nic: &mut Option<DomainNic>,
+    channel: &mut Option<DomainChannel>,
+) {
+    let p: Vec<&str> = path.iter().map(String::as_str).collect();
+    match p.as_slice() {
+        ["domain", "devices", "disk"] => {
+            if let Some(dk) = disk.take() {
+                d.disks.push(dk);
+            }
+        }
+        ["domain", "devices", "interface"] => {
+            if let Some(n) = nic.take() {
+                d.nics.push(n);
+            }
+        }
+        ["domain", "devices", "channel"] => {
+            if let Some(c) = channel.take() {
+                d.channels.push(c);
+            }
+        }
+        _ => {}
+    }
+    path.pop();
+}
+
+/// A pull-mode backup of one disk (`target`) served on the unix socket `socket` as the NBD
+/// export `export_name`; with `incremental`, the changes since that checkpoint are the export's
+/// `qemu:dirty-bitmap:<export_bitmap>` context. `scratch` holds what the guest overwrites while
+/// the backup runs. Every other disk of `all_targets` is left out.
+pub fn backup_xml(
+    socket: &std::path::Path,
+    target: &str,
+    all_targets: &[&str],
+    export_name: &str,
+    export_bitmap: &str,
+    scratch: &std::path::Path,
+    incremental: Option<&str>,
+) -> String {
+    let mut x = String::from("<domainbackup mode='pull'>");
+    if let Some(cp) = incremental {
+        x.push_str(&format!("<incremental>{}</incremental>", escape(cp)));
+    }
+    x.push_str(&format!("<server transport='unix' socket='{}'/><disks>", escape(&*socket.to_string_lossy())));
+    for t in all_targets {
+        if *t == target {
+            x.push_str(&format!(
+                "<disk name='{}' backup='yes' type='file' exportname='{}'{}><scratch file='{}'/></disk>",
+                escape(*t),
+                escape(export_name),
+                if incremental.is_some() {
+                    format!(" exportbitmap='{}'", escape(export_bitmap))
+                } else {
+                    String::new()
+                },
+                escape(&*scratch.to_string_lossy()),
+            ));
+        } else {
+            x.push_str(&format!("<disk name='{}' backup='no'/>", escape(*t)));
+        }
+    }
+    x.push_str("</disks></domainbackup>");
+    x
+}
+
+/// A checkpoint named `name` that tracks disk `target` only.
+pub fn checkpoint_xml(name: &str, target: &str, all_targets: &[&str]) -> String {
+    let mut x = format!("<domaincheckpoint><name>{}</name><disks>", escape(name));
+    for t in all_targets {
+        let how = if *t == target { "bitmap" } else { "no" };
+        x.push_str(&format!("<disk name='{}' checkpoint='{how}'/>", escape(*t)));
+    }
+    x.push_str("</disks></domaincheckpoint>");
+    x
+}
+
+/// The disks a checkpoint's XML says it tracks with a bitmap, with the bitmap's name.
+pub fn checkpoint_disks(text: &str) -> LibvirtResult<Vec<(String, String)>> {
+    if text.len() > MAX_XML_BYTES {
+        return Err(xml_err("the checkpoint XML is too large"));
+    }
+    let mut reader = quick_xml::Reader::from_str(text);
+    let mut depth = 0usize;
+    let mut name = String::new();
+    let mut in_name = false;
+    let mut out = Vec::new();
+    loop {
+        match reader.read_event().map_err(|e| xml_err(e.to_string()))? {
+            Event::Start(e) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(xml_err("the checkpoint XML nests too deep"));
+                }
+                in_name = depth == 2 && e.name().as_ref() == b"name";
+            }
+            Event::Empty(e) if e.name().as_ref() == b"disk" && attr(&e, "checkpoint")?.as_deref() == Some("bitmap") => {
+                let disk = attr(&e, "name")?.unwrap_or_default();
+                let bitmap = attr(&e, "bitmap")?.unwrap_or_else(|| name.clone());
+                out.push((disk, bitmap));
+            }
+            Event::Text(t) if in_name => name = t.unescape().map_err(|e| xml_err(e.to_string()))?.trim().to_string(),
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                in_name = false;
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOMAIN: &str = r#"<domain type='qemu' id='3'>
+  <name>web-1</name>
+  <uuid>6f1c1c4e-9d1a-4d57-9d6b-2f7a3c1f0b11</uuid>
+  <metadata><drover:vm xmlns:drover="urn:drover:libvirt:1" id="x"/></metadata>
+  <memory unit='MiB'>192</memory>
+  <vcpu placement='static'>2</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/g/vmlinux</kernel><initrd>/g/init.img</initrd><cmdline>console=ttyS0 quiet</cmdline></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/web&amp;1.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='/iso/d.iso'/><target dev='sda' bus='sata'/></disk>
+    <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/vg/data'/><target dev='vdb' bus='virtio'/></disk>
+    <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/><model type='virtio'/></interface>
+    <channel type='unix'><source mode='bind' path='/run/x/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn a_domain_is_described() {
+        let d = DomainDescription::parse(DOMAIN).unwrap();
+        assert_eq!(d.name, "web-1");
+        assert_eq!(d.uuid.to_string(), "6f1c1c4e-9d1a-4d57-9d6b-2f7a3c1f0b11");
+        assert_eq!((d.memory_kib, d.vcpus, d.domain_type.as_str()), (192 * 1024, 2, "qemu"));
+        assert!(d.owned_by_drover);
+        assert_eq!(d.disks.len(), 2, "the CD-ROM is not a disk: {:?}", d.disks);
+        assert_eq!(d.disks[0].source.as_deref(), Some(std::path::Path::new("/var/lib/libvirt/images/web&1.qcow2")));
+        assert_eq!(d.disks[0].untrackable(), None);
+        assert_eq!(d.disks[1].target, "vdb");
+        assert!(d.disks[1].untrackable().unwrap().contains("not a file"));
+        assert_eq!(d.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+        assert_eq!(d.nics[0].source.as_deref(), Some("default"));
+        assert_eq!(d.channel_path("org.drover.agent"), Some(std::path::Path::new("/run/x/agent.sock")));
+        assert_eq!(d.channel_path("org.qemu.guest_agent.0"), None);
+        assert_eq!(d.cmdline.as_deref(), Some("console=ttyS0 quiet"));
+    }
+
+    #[test]
+    fn a_domain_of_someone_else_is_not_ours() {
+        let other = DOMAIN.replace("urn:drover:libvirt:1", "urn:someone:else");
+        assert!(!DomainDescription::parse(&other).unwrap().owned_by_drover);
+    }
+
+    #[test]
+    fn bounds_and_garbage_are_refused() {
+        let deep = format!("<domain>{}{}</domain>", "<a>".repeat(100), "</a>".repeat(100));
+        assert!(DomainDescription::parse(&deep).unwrap_err().message.contains("deeper"));
+        let big = format!("<domain><name>{}</name></domain>", "x".repeat(MAX_XML_BYTES));
+        assert!(DomainDescription::parse(&big).unwrap_err().message.contains("at most"));
+        assert!(DomainDescription::parse("<domain><name>x</name></domain>").is_err(), "no uuid");
+        assert!(DomainDescription::parse("<domain><uuid>nope</uuid>").is_err());
+    }
+
+    #[test]
+    fn backup_and_checkpoint_xml_name_one_disk_and_escape() {
+        let b = backup_xml(
+            std::path::Path::new("/run/d'x/nbd.sock"),
+            "vda",
+            &["vda", "vdb"],
+            "disk0",
+            "drover-export",
+            std::path::Path::new("/run/s.qcow2"),
+            Some("drover-r1"),
+        );
+        assert!(b.contains("<incremental>drover-r1</incremental>"));
+        assert!(b.contains("socket='/run/d&apos;x/nbd.sock'"), "{b}");
+        assert!(b.contains("<disk name='vdb' backup='no'/>"));
+        assert!(b.contains("exportbitmap='drover-export'"));
+        let full =
+            backup_xml(std::path::Path::new("/s"), "vda", &["vda"], "disk0", "e", std::path::Path::new("/x"), None);
+        assert!(!full.contains("exportbitmap") && !full.contains("incremental"));
+        let c = checkpoint_xml("drover-r2", "vda", &["vda", "vdb"]);
+        assert_eq!(
+            checkpoint_disks(&c.replace("checkpoint='bitmap'", "checkpoint='bitmap' bitmap='drover-r2'")).unwrap(),
+            vec![("vda".to_string(), "drover-r2".to_string())]
+        );
+        assert_eq!(checkpoint_disks(&c).unwrap(), vec![("vda".to_string(), "drover-r2".to_string())]);
+    }
+}
