@@ -543,6 +543,50 @@ impl VmRunSpec {
     }
 }
 
+/// A libvirt domain of the agent's host, as discovery shows it to an administrator choosing what
+/// to import (only an agent on the libvirt driver has domains).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDomain {
+    /// The domain's UUID: an imported domain's VM id.
+    pub uuid: Uuid,
+    pub name: String,
+    /// `running`, `paused`, `shut_off`, `crashed` or `other`.
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// In drover's disk order (the domain's `<disk device='disk'>` elements).
+    pub disks: Vec<HostDomainDisk>,
+    pub nics: Vec<HostDomainNic>,
+    /// Direct kernel boot, when the domain boots so (else it boots from its disk).
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+    /// Defined by drover (a replica run as a domain): not for import.
+    pub owned_by_drover: bool,
+    /// Why drover cannot protect the domain as it is; empty when it can.
+    pub unsupported: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDomainDisk {
+    /// The guest's name for it (`vda`): an imported VM's disk name.
+    pub target: String,
+    pub format: Option<String>,
+    /// The image on the host (shown to the administrator; never taken from a request).
+    pub source: Option<String>,
+    pub size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDomainNic {
+    /// `network`, `bridge`, `user`...
+    pub kind: String,
+    pub mac: Option<String>,
+    /// The libvirt network or bridge.
+    pub source: Option<String>,
+    pub model: Option<String>,
+}
+
 /// A VM the agent runs or keeps state for, with its power state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmPresence {
@@ -757,6 +801,10 @@ pub trait HostAgent: Send + Sync + fmt::Debug {
 
     /// Every VM the agent runs or keeps state for (after a restart of either side).
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>>;
+
+    /// The host's libvirt domains, for import (`Unsupported` from an agent whose hypervisor has
+    /// none).
+    async fn domains(&self) -> AgentResult<Vec<HostDomain>>;
 
     /// Freezes the guest's file systems through its guest agent, for at most `spec.max_ms`
     /// (then the agent thaws them itself). A guest that cannot be frozen is an outcome with

@@ -319,6 +319,10 @@ impl HostAgent for RemoteAgent {
         self.call(Method::GET, "/v1/vms", None::<&()>).await
     }
 
+    async fn domains(&self) -> AgentResult<Vec<drover_agent_api::HostDomain>> {
+        self.call(Method::GET, "/v1/domains", None::<&()>).await
+    }
+
     async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> AgentResult<Vec<PointFile>> {
         self.call(Method::GET, &format!("/v1/vms/{vm}/boot-overlays"), None::<&()>).await
     }

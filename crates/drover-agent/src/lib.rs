@@ -305,15 +305,20 @@ impl LocalAgent {
             .ok_or_else(|| AgentError::invalid(format!("datastore {id} is not registered with this agent")))
     }
 
-    fn disk_image(&self, disk: &DiskRef) -> AgentResult<PathBuf> {
+    /// A VM's disk image: where the hypervisor holds it (an imported libvirt domain's disk, at
+    /// the path its definition gives), else in the VM's datastore.
+    async fn disk_image(&self, disk: &DiskRef) -> AgentResult<PathBuf> {
         check_disk_name(&disk.disk)?;
+        if let Some(path) = self.hv.disk_location(disk.vm, disk.index).await.map_err(hv_error)? {
+            return Ok(path);
+        }
         Ok(self.datastore(disk.datastore)?.join(disk.vm.to_string()).join(format!("{}.qcow2", disk.disk)))
     }
 
     /// The image a cut reads: the disk's own, or a boot overlay it names (offline only).
-    fn cut_image(&self, spec: &CutSpec) -> AgentResult<PathBuf> {
+    async fn cut_image(&self, spec: &CutSpec) -> AgentResult<PathBuf> {
         match &spec.file {
-            None => self.disk_image(&spec.disk),
+            None => self.disk_image(&spec.disk).await,
             Some(_) if spec.live => Err(AgentError::invalid("a boot overlay is cut with its VM stopped (offline)")),
             Some(file) => {
                 let path = self.point_path(file)?;
@@ -380,7 +385,7 @@ impl LocalAgent {
         let mut disks = Vec::with_capacity(spec.disks.len());
         for d in &spec.disks {
             let path = match d {
-                VmDisk::Image(r) => self.disk_image(r)?,
+                VmDisk::Image(r) => self.disk_image(r).await?,
                 VmDisk::Overlay { file } => {
                     let path = self.point_path(file)?;
                     if !is_boot_overlay(&path) {
@@ -468,7 +473,7 @@ impl HostAgent for LocalAgent {
         AgentInfo {
             api_version: API_VERSION,
             hypervisor: self.hv.kind().to_string(),
-            live_change_tracking: self.hv.kind() == "qemu",
+            live_change_tracking: matches!(self.hv.kind(), "qemu" | "libvirt"),
         }
     }
 
@@ -497,7 +502,7 @@ impl HostAgent for LocalAgent {
     }
 
     async fn disk_info(&self, disk: &DiskRef, live: bool) -> AgentResult<DiskInfo> {
-        let mut image = self.disk_image(disk)?;
+        let mut image = self.disk_image(disk).await?;
         if live {
             // A running VM's disk is the file it was started on (a replica's: its boot overlay).
             let runtime = self.hv.runtime_disks(disk.vm).await.map_err(hv_error)?;
@@ -514,7 +519,7 @@ impl HostAgent for LocalAgent {
 
     async fn cut_begin(&self, spec: &CutSpec) -> AgentResult<Cut> {
         check_id("cut", &spec.id)?;
-        let image = self.cut_image(spec)?;
+        let image = self.cut_image(spec).await?;
         let ct = self.tracking()?;
         let dir = self.cut_dir(&spec.id);
         let ctx = |e: HvError| hv_error(e).context(format!("disk {}", spec.disk.disk));
@@ -570,7 +575,7 @@ impl HostAgent for LocalAgent {
             // Removed once the VM's last cut has ended (its other disks' may still be exported).
             let _ = tokio::fs::remove_dir(self.live_cut_dir(spec.disk.vm)).await;
         } else {
-            let image = self.cut_image(spec)?;
+            let image = self.cut_image(spec).await?;
             let held = self.offline_cuts.lock().await.remove(&spec.id);
             let result = match held {
                 Some(x) => ct.cut_end_offline(x, success).await,
@@ -642,7 +647,10 @@ impl HostAgent for LocalAgent {
             }
             (None, _) => None,
         };
-        let direct = spec.source_files.as_ref().map(|d| self.disk_image(d)).transpose()?;
+        let direct = match &spec.source_files {
+            Some(d) => Some(self.disk_image(d).await?),
+            None => None,
+        };
         let mut spec = spec.clone();
         spec.source = self.source_view(&spec.source)?;
         let spec = &spec;
@@ -814,6 +822,10 @@ impl HostAgent for LocalAgent {
             }
         }
         Ok(())
+    }
+
+    async fn domains(&self) -> AgentResult<Vec<drover_agent_api::HostDomain>> {
+        self.hv.domains().await.map_err(hv_error)
     }
 
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {

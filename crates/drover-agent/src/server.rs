@@ -69,6 +69,7 @@ pub fn router_with_identity(agent: Agent, identity: Option<Arc<IdentityKeeper>>)
         .route("/v1/vm-disks", post(vm_disks_ensure))
         .route("/v1/vm-disks/remove", post(vm_disks_remove))
         .route("/v1/vms", get(vm_list))
+        .route("/v1/domains", get(domains))
         .route("/v1/vms/{id}", get(vm_status))
         .route("/v1/vms/{id}/power-on", post(vm_power_on))
         .route("/v1/vms/{id}/shutdown", post(vm_shutdown))
@@ -254,6 +255,10 @@ async fn vm_disks_remove(State(a): State<Agent>, Json(r): Json<DisksRemoveReques
 
 async fn vm_list(State(a): State<Agent>) -> Answer<Vec<VmPresence>> {
     Ok(Json(a.vm_list().await?))
+}
+
+async fn domains(State(a): State<Agent>) -> Answer<Vec<drover_agent_api::HostDomain>> {
+    Ok(Json(a.domains().await?))
 }
 
 async fn vm_status(State(a): State<Agent>, Path(id): Path<uuid::Uuid>) -> Answer<PowerState> {

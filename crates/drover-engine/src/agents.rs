@@ -204,6 +204,9 @@ impl HostAgent for Watched {
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
         self.record(self.agent.vm_list().await).await
     }
+    async fn domains(&self) -> AgentResult<Vec<drover_agent_api::HostDomain>> {
+        self.record(self.agent.domains().await).await
+    }
     async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> AgentResult<Vec<PointFile>> {
         self.record(self.agent.vm_boot_overlays(vm).await).await
     }

@@ -198,6 +198,21 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 
+    /// The host's libvirt domains, for import. Only the libvirt driver has any.
+    async fn domains(&self) -> HvResult<Vec<drover_agent_api::HostDomain>> {
+        Err(HvError::Unsupported(format!(
+            "the {} hypervisor runs drover's own VMs; only an agent on the libvirt driver (--hypervisor libvirt) has \
+             domains to import",
+            self.kind()
+        )))
+    }
+
+    /// Where disk `index` of VM `vm` lives when the hypervisor, not a drover datastore, holds it
+    /// (an imported libvirt domain's disk); `None` for drover's own VMs.
+    async fn disk_location(&self, _vm: Uuid, _index: usize) -> HvResult<Option<PathBuf>> {
+        Ok(None)
+    }
+
     /// Finds VMs that outlived a restart of drover and re-attaches to them.
     /// Returns every VM the driver has state for, with its power state.
     async fn reattach(&self) -> HvResult<Vec<(Uuid, PowerState)>>;

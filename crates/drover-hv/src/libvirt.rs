@@ -48,13 +48,14 @@ use async_trait::async_trait;
 use drover_libvirt::xml::{self, DomainDescription};
 use drover_libvirt::{DomainState, ErrorClass, Libvirt, LibvirtError, ffi, virt_err};
 use drover_qemu::qsd::NbdEndpoint;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::qemu::{AGENT_CHANNEL, MAX_MARKER_BYTES};
 use crate::tracking::{self, BitmapState, CycleExport};
+use drover_agent_api::{HostDomain, HostDomainDisk, HostDomainNic};
+
 use crate::{
     ChangeTracking, FreezeOutcome, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState,
     VmSpec,
@@ -70,20 +71,14 @@ const POLL: Duration = Duration::from_millis(200);
 const JOB_GONE_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_MARKER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A domain the host has, as discovery shows it to an administrator choosing what to import.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiscoveredDomain {
-    #[serde(flatten)]
-    pub description: DomainDescription,
-    pub state: DomainState,
-    /// Why drover cannot protect it as it is, when it cannot.
-    pub unsupported: Vec<String>,
-}
-
 /// The libvirt hypervisor driver. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct LibvirtDriver {
     libvirt: Libvirt,
+    /// Where the domains drover defines keep their console log and channel sockets.
+    run_dir: PathBuf,
+    /// The domains drover defines run under KVM (else TCG).
+    kvm: bool,
 }
 
 fn lv(e: LibvirtError) -> HvError {
@@ -98,9 +93,78 @@ fn lv(e: LibvirtError) -> HvError {
 }
 
 impl LibvirtDriver {
-    /// A driver for the libvirt daemon at `uri` (`qemu:///system`). Nothing is connected yet.
-    pub fn new(uri: impl Into<String>) -> Self {
-        LibvirtDriver { libvirt: Libvirt::new(uri) }
+    /// A driver for the libvirt daemon at `uri` (`qemu:///system`); the domains drover defines
+    /// keep their files under `run_dir`. Nothing is connected yet.
+    pub fn new(uri: impl Into<String>, run_dir: impl Into<PathBuf>) -> Self {
+        LibvirtDriver { libvirt: Libvirt::new(uri), run_dir: run_dir.into(), kvm: false }
+    }
+
+    /// Runs the domains drover defines under KVM instead of TCG.
+    pub fn set_kvm(&mut self, kvm: bool) {
+        self.kvm = kvm;
+    }
+
+    /// The directory of a domain drover defines (console log, drover's channel).
+    pub fn vm_dir(&self, vm: Uuid) -> PathBuf {
+        self.run_dir.join(vm.to_string())
+    }
+
+    /// Defines (or redefines, while it is shut off) a domain of drover's own from `spec`: a
+    /// replica or test VM. NICs are on the libvirt network of the spec's (mapped) network when
+    /// the host has one, and left out otherwise, as every NIC is when the spec says no uplink:
+    /// a replica never reaches a network the recovery location did not map it to.
+    async fn define_own(&self, spec: &VmSpec) -> HvResult<()> {
+        let dir = self.vm_dir(spec.id);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| HvError::io(format!("creating {}", dir.display()), e))?;
+        let mut nics = Vec::new();
+        for n in &spec.nics {
+            if n.no_uplink {
+                tracing::info!(vm = %spec.id, mac = %n.mac, "NIC left out: the VM has no uplink");
+                continue;
+            }
+            let name = n.network.clone();
+            let exists = self
+                .libvirt
+                .call("looking up a network", move |conn| {
+                    Ok(drover_libvirt::virt::network::Network::lookup_by_name(conn, &name).is_ok())
+                })
+                .await
+                .map_err(lv)?;
+            if exists {
+                nics.push((n.mac.clone(), n.network.clone()));
+            } else {
+                tracing::warn!(vm = %spec.id, network = %n.network, "NIC left out: no libvirt network of that name here");
+            }
+        }
+        let safe: String = spec
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .take(48)
+            .collect();
+        let new = xml::NewDomain {
+            uuid: spec.id,
+            name: format!("drover-{safe}-{}", &spec.id.simple().to_string()[..8]),
+            domain_type: if self.kvm { "kvm" } else { "qemu" }.into(),
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            kernel: spec.boot.kernel.clone(),
+            initrd: spec.boot.initrd.clone(),
+            cmdline: spec.boot.cmdline.clone(),
+            disks: spec.disks.iter().map(|d| d.path.clone()).collect(),
+            nics,
+            console_log: dir.join("console.log"),
+            drover_channel: dir.join("agent.sock"),
+        };
+        let text = new.xml();
+        self.libvirt
+            .call("defining the domain", move |conn| {
+                drover_libvirt::virt::domain::Domain::define_xml(conn, &text)
+                    .map(|_| ())
+                    .map_err(virt_err("defining the domain"))
+            })
+            .await
+            .map_err(lv)
     }
 
     pub fn libvirt(&self) -> &Libvirt {
@@ -108,18 +172,57 @@ impl LibvirtDriver {
     }
 
     /// Every domain of the host, with what stops drover from protecting it.
-    pub async fn discover(&self) -> HvResult<Vec<DiscoveredDomain>> {
+    pub async fn discover(&self) -> HvResult<Vec<HostDomain>> {
         let domains = self.libvirt.list_domains().await.map_err(lv)?;
-        Ok(domains
-            .into_iter()
-            .map(|(description, state)| {
-                let mut unsupported: Vec<String> = description.disks.iter().filter_map(|d| d.untrackable()).collect();
-                if description.disks.is_empty() {
-                    unsupported.push("it has no disk".into());
-                }
-                DiscoveredDomain { description, state, unsupported }
-            })
-            .collect())
+        let mut out = Vec::with_capacity(domains.len());
+        for (d, state) in domains {
+            let mut unsupported: Vec<String> = d.disks.iter().filter_map(|d| d.untrackable()).collect();
+            if d.disks.is_empty() {
+                unsupported.push("it has no disk".into());
+            }
+            if d.owned_by_drover {
+                unsupported.push("drover defined it (a replica or test VM)".into());
+            }
+            let mut disks = Vec::with_capacity(d.disks.len());
+            for disk in &d.disks {
+                let size_bytes = match &disk.source {
+                    Some(p) if disk.source_type == "file" => {
+                        drover_qemu::image::info(p).await.ok().map(|i| i.virtual_size)
+                    }
+                    _ => None,
+                };
+                disks.push(HostDomainDisk {
+                    target: disk.target.clone(),
+                    format: disk.format.clone(),
+                    source: disk.source.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                    size_bytes,
+                });
+            }
+            out.push(HostDomain {
+                uuid: d.uuid,
+                name: d.name.clone(),
+                state: serde_json::to_value(state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                vcpus: d.vcpus,
+                memory_mib: u32::try_from(d.memory_kib / 1024).unwrap_or(u32::MAX),
+                disks,
+                nics: d
+                    .nics
+                    .iter()
+                    .map(|n| HostDomainNic {
+                        kind: n.kind.clone(),
+                        mac: n.mac.clone(),
+                        source: n.source.clone(),
+                        model: n.model.clone(),
+                    })
+                    .collect(),
+                kernel: d.kernel.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                initrd: d.initrd.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                cmdline: d.cmdline.clone(),
+                owned_by_drover: d.owned_by_drover,
+                unsupported,
+            });
+        }
+        Ok(out)
     }
 
     async fn describe(&self, vm: Uuid) -> HvResult<(DomainDescription, DomainState)> {
@@ -313,24 +416,45 @@ impl Hypervisor for LibvirtDriver {
         "libvirt"
     }
 
+    async fn domains(&self) -> HvResult<Vec<HostDomain>> {
+        self.discover().await
+    }
+
+    /// An imported domain's disks are where its definition says; a domain drover defined runs on
+    /// drover's files, which drover finds itself.
+    async fn disk_location(&self, vm: Uuid, index: usize) -> HvResult<Option<PathBuf>> {
+        match self.describe(vm).await {
+            Ok((d, _)) if !d.owned_by_drover => {
+                let disk = d.disk(index).map_err(|e| HvError::InvalidSpec(e.message))?;
+                match (&disk.source, disk.untrackable()) {
+                    (Some(p), None) => Ok(Some(p.clone())),
+                    (_, why) => Err(HvError::Unsupported(format!(
+                        "domain {}: {}",
+                        d.name,
+                        why.unwrap_or_else(|| "the disk has no file".into())
+                    ))),
+                }
+            }
+            Ok(_) | Err(HvError::UnknownVm(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn runtime_disks(&self, vm: Uuid) -> HvResult<Vec<PathBuf>> {
         let (d, _) = self.describe(vm).await?;
         Ok(d.disks.iter().filter_map(|d| d.source.clone()).collect())
     }
 
-    /// Starts the domain whose UUID is the VM's id. The specification is not applied: the
-    /// domain is defined by its administrator.
+    /// Starts the domain whose UUID is the VM's id. A domain of the administrator's is started
+    /// as it is defined (the specification is not applied); a VM that is no domain yet, or a
+    /// domain drover defined, is (re)defined from the specification first.
     async fn power_on(&self, spec: &VmSpec) -> HvResult<()> {
         let (d, state) = match self.describe(spec.id).await {
-            Ok(x) => x,
-            Err(HvError::UnknownVm(_)) => {
-                return Err(HvError::Unsupported(format!(
-                    "VM {} ({}) is not a domain of libvirt at {}: the libvirt driver starts the domains the host has \
-                     (defining new ones is not built yet)",
-                    spec.name,
-                    spec.id,
-                    self.libvirt.uri()
-                )));
+            Ok((d, state)) if !d.owned_by_drover || state.is_active() => (d, state),
+            Ok(_) | Err(HvError::UnknownVm(_)) => {
+                crate::qemu::validate_spec(spec)?;
+                self.define_own(spec).await?;
+                self.describe(spec.id).await?
             }
             Err(e) => return Err(e),
         };
@@ -486,10 +610,26 @@ impl Hypervisor for LibvirtDriver {
         Ok(self.domain_call(vm, "thawing the guest", ffi::fs_thaw).await?.into())
     }
 
-    /// A domain drover did not define is the administrator's: drover forgets it and leaves it as
-    /// it is. (drover defines none yet.)
-    async fn forget(&self, _vm: Uuid) -> HvResult<()> {
-        Ok(())
+    /// A domain drover defined is powered off and undefined (its checkpoints' metadata too); one
+    /// of the administrator's is left exactly as it is.
+    async fn forget(&self, vm: Uuid) -> HvResult<()> {
+        match self.describe(vm).await {
+            Ok((d, _)) if d.owned_by_drover => {
+                self.power_off(vm).await?;
+                self.domain_call(vm, "undefining the domain", |dom| {
+                    dom.undefine_flags(drover_libvirt::virt::sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+                        .map_err(virt_err("undefining the domain"))
+                })
+                .await?;
+            }
+            Ok(_) | Err(HvError::UnknownVm(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match tokio::fs::remove_dir_all(self.vm_dir(vm)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(HvError::io(format!("removing {}", self.vm_dir(vm).display()), e)),
+        }
     }
 
     fn change_tracking(&self) -> Option<&dyn ChangeTracking> {

@@ -924,7 +924,7 @@ async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
         .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
 }
 
-fn validate_spec(spec: &VmSpec) -> HvResult<()> {
+pub(crate) fn validate_spec(spec: &VmSpec) -> HvResult<()> {
     if spec.vcpus == 0 {
         return Err(HvError::InvalidSpec("vcpus must be at least 1".into()));
     }

@@ -182,22 +182,25 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     testing::ensure_daemon();
     let guest = tiny_guest();
     let dom = Domain::define(&guest);
-    let hv = LibvirtDriver::new(testing::URI);
+    let hv = LibvirtDriver::new(testing::URI, dom.dir.path().join("run"));
     let vm = dom.uuid;
     let exports = dom.dir.path().join("exp");
 
     // Discovery lists it as the administrator defined it: not drover's, one trackable disk.
     let found = hv.discover().await.unwrap();
-    let d = found.iter().find(|d| d.description.uuid == vm).expect("the domain is discovered");
-    assert_eq!(d.description.name, dom.name);
-    assert!(!d.description.owned_by_drover);
-    assert_eq!(d.description.disks.len(), 1);
-    assert_eq!(d.description.disks[0].format.as_deref(), Some("qcow2"));
+    let d = found.iter().find(|d| d.uuid == vm).expect("the domain is discovered");
+    assert_eq!(d.name, dom.name);
+    assert_eq!((d.state.as_str(), d.vcpus, d.memory_mib), ("shut_off", 1, 128));
+    assert!(!d.owned_by_drover);
+    assert_eq!(d.disks.len(), 1);
+    assert_eq!(d.disks[0].format.as_deref(), Some("qcow2"));
+    assert_eq!(d.disks[0].size_bytes, Some(DISK_BYTES));
     assert!(d.unsupported.is_empty(), "{:?}", d.unsupported);
+    assert_eq!(hv.disk_location(vm, 0).await.unwrap(), Some(dom.dir.path().join("vda.qcow2")));
+    assert!(hv.disk_location(vm, 1).await.is_err(), "it has one disk");
+    assert_eq!(hv.disk_location(Uuid::new_v4(), 0).await.unwrap(), None, "not a domain: drover's own");
     assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
     assert_eq!(hv.status(Uuid::new_v4()).await.unwrap(), PowerState::Off, "an unknown domain is off");
-    let unknown = VmSpec { id: Uuid::new_v4(), ..spec(&dom) };
-    assert!(matches!(hv.power_on(&unknown).await, Err(HvError::Unsupported(_))), "drover does not define domains");
 
     hv.power_on(&spec(&dom)).await.unwrap();
     hv.power_on(&spec(&dom)).await.unwrap(); // idempotent
@@ -298,4 +301,62 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     assert_ne!(hv.shutdown(vm, Duration::from_secs(20)).await.unwrap(), drover_hv::ShutdownOutcome::AlreadyOff);
     assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
     assert_eq!(hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(), drover_hv::ShutdownOutcome::AlreadyOff);
+}
+
+/// A VM that is no domain yet (a replica on its boot overlay) is defined as drover's own, runs,
+/// shows as drover's in discovery, is redefined from its specification on its next start, and
+/// is undefined when forgotten; an administrator's domain is never undefined.
+#[tokio::test]
+async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten() {
+    testing::ensure_daemon();
+    let guest = tiny_guest();
+    let admins = Domain::define(&guest);
+    let dir = tempfile::tempdir().unwrap();
+    let hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
+    let disk = dir.path().join("overlay.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg(DISK_BYTES.to_string()));
+    let id = Uuid::new_v4();
+    let spec = VmSpec {
+        id,
+        name: "db replica".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![drover_hv::DiskSpec { path: disk.clone() }],
+        nics: vec![drover_hv::NicSpec { network: "nowhere".into(), mac: "52:54:00:12:34:56".into(), no_uplink: false }],
+        boot: guest.boot_spec(),
+    };
+    struct Undefine(Uuid);
+    impl Drop for Undefine {
+        fn drop(&mut self) {
+            let _ = virsh(&["destroy", &self.0.to_string()]);
+            let _ = virsh(&["undefine", &self.0.to_string(), "--checkpoints-metadata"]);
+        }
+    }
+    let _undefine = Undefine(id);
+    hv.power_on(&spec).await.unwrap();
+    hv.wait_heartbeat(id, BOOT_TIMEOUT).await.unwrap();
+    hv.write_marker(id, "at DR").await.unwrap();
+    let found = hv.discover().await.unwrap();
+    let d = found.iter().find(|d| d.uuid == id).expect("the replica is a domain");
+    assert!(d.owned_by_drover && d.name.starts_with("drover-db_replica-"), "{d:?}");
+    assert!(d.unsupported.iter().any(|u| u.contains("drover defined it")), "{d:?}");
+    assert!(d.nics.is_empty(), "a NIC on a network libvirt does not have is left out: {d:?}");
+    assert_eq!(hv.disk_location(id, 0).await.unwrap(), None, "drover finds its own files itself");
+    // Changes persist in the overlay across a restart; a second disk given on the next start is
+    // there (the domain is redefined from the specification while it is off).
+    hv.power_off(id).await.unwrap();
+    let disk2 = dir.path().join("second.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk2).arg("1048576"));
+    let spec2 = VmSpec { disks: vec![drover_hv::DiskSpec { path: disk }, drover_hv::DiskSpec { path: disk2.clone() }], ..spec };
+    hv.power_on(&spec2).await.unwrap();
+    assert_eq!(hv.wait_heartbeat(id, BOOT_TIMEOUT).await.unwrap().marker.as_deref(), Some("at DR"));
+    assert_eq!(hv.runtime_disks(id).await.unwrap()[1], disk2);
+
+    hv.forget(id).await.unwrap();
+    hv.forget(id).await.unwrap(); // idempotent
+    assert!(virsh(&["dominfo", &id.to_string()]).status.code() != Some(0), "the replica's domain is undefined");
+    assert!(!hv.vm_dir(id).exists());
+    // The administrator's domain is left as it is.
+    hv.forget(admins.uuid).await.unwrap();
+    assert!(virsh(&["dominfo", &admins.name]).status.success(), "an imported domain is never undefined");
 }

@@ -90,6 +90,8 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn new(uri: impl Into<String>) -> Self {
+        // libvirt prints every error to stderr by default; drover reports them itself.
+        virt::error::clear_error_callback();
         Libvirt { uri: uri.into(), conn: Arc::new(Mutex::new(None)) }
     }
 

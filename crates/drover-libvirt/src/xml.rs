@@ -311,6 +311,96 @@ fn end_element(
     path.pop();
 }
 
+/// A domain drover defines (a replica, a test VM): its `<metadata>` marks it as drover's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDomain {
+    pub uuid: Uuid,
+    pub name: String,
+    /// `qemu` (TCG) or `kvm`.
+    pub domain_type: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Direct kernel boot; without a kernel the domain boots from its first disk.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    /// qcow2 images, in order (`vda`, `vdb`, ...).
+    pub disks: Vec<PathBuf>,
+    /// NICs: MAC and the libvirt network it is on.
+    pub nics: Vec<(String, String)>,
+    pub console_log: PathBuf,
+    /// The host socket of drover's channel (`org.drover.agent`).
+    pub drover_channel: PathBuf,
+}
+
+impl NewDomain {
+    pub fn xml(&self) -> String {
+        let e = |s: &str| escape(s).into_owned();
+        let p = |p: &std::path::Path| escape(&*p.to_string_lossy()).into_owned();
+        let mut x = format!(
+            "<domain type='{}'><name>{}</name><uuid>{}</uuid>\
+             <metadata><drover:vm xmlns:drover='{DROVER_NS}'/></metadata>\
+             <memory unit='MiB'>{}</memory><vcpu>{}</vcpu><os><type arch='x86_64' machine='pc'>hvm</type>",
+            e(&self.domain_type),
+            e(&self.name),
+            self.uuid,
+            self.memory_mib,
+            self.vcpus
+        );
+        match &self.kernel {
+            Some(k) => {
+                x.push_str(&format!("<kernel>{}</kernel>", p(k)));
+                if let Some(i) = &self.initrd {
+                    x.push_str(&format!("<initrd>{}</initrd>", p(i)));
+                }
+                if let Some(c) = &self.cmdline {
+                    x.push_str(&format!("<cmdline>{}</cmdline>", e(c)));
+                }
+            }
+            None => x.push_str("<boot dev='hd'/>"),
+        }
+        x.push_str("</os><features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash><devices>");
+        for (i, d) in self.disks.iter().enumerate() {
+            x.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>\
+                 <source file='{}'/><target dev='vd{}' bus='virtio'/></disk>",
+                p(d),
+                disk_letter(i)
+            ));
+        }
+        for (mac, network) in &self.nics {
+            x.push_str(&format!(
+                "<interface type='network'><mac address='{}'/><source network='{}'/><model type='virtio'/></interface>",
+                e(mac),
+                e(network)
+            ));
+        }
+        x.push_str(&format!(
+            "<serial type='file'><source path='{}'/><target port='0'/></serial>\
+             <channel type='unix'><source mode='bind' path='{}'/><target type='virtio' name='org.drover.agent'/></channel>\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             <memballoon model='none'/></devices></domain>",
+            p(&self.console_log),
+            p(&self.drover_channel)
+        ));
+        x
+    }
+}
+
+/// `a`..`z`, then `aa`.. as libvirt names disks.
+fn disk_letter(mut i: usize) -> String {
+    let mut s = Vec::new();
+    loop {
+        s.push(b'a' + (i % 26) as u8);
+        if i < 26 {
+            break;
+        }
+        i = i / 26 - 1;
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}
+
 /// A pull-mode backup of one disk (`target`) served on the unix socket `socket` as the NBD
 /// export `export_name`; with `incremental`, the changes since that checkpoint are the export's
 /// `qemu:dirty-bitmap:<export_bitmap>` context. `scratch` holds what the guest overwrites while
@@ -435,6 +525,34 @@ mod tests {
         assert_eq!(d.channel_path("org.drover.agent"), Some(std::path::Path::new("/run/x/agent.sock")));
         assert_eq!(d.channel_path("org.qemu.guest_agent.0"), None);
         assert_eq!(d.cmdline.as_deref(), Some("console=ttyS0 quiet"));
+    }
+
+    #[test]
+    fn a_domain_drover_defines_reads_back_as_drovers() {
+        let n = NewDomain {
+            uuid: Uuid::new_v4(),
+            name: "drover-db<1>".into(),
+            domain_type: "qemu".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: Some("/g/vmlinux".into()),
+            initrd: None,
+            cmdline: Some("console=ttyS0 a='b'".into()),
+            disks: (0..28).map(|i| PathBuf::from(format!("/d/{i}.qcow2"))).collect(),
+            nics: vec![("52:54:00:00:00:01".into(), "dr-net".into())],
+            console_log: "/r/console.log".into(),
+            drover_channel: "/r/agent.sock".into(),
+        };
+        let d = DomainDescription::parse(&n.xml()).unwrap();
+        assert!(d.owned_by_drover);
+        assert_eq!((d.uuid, d.name.as_str(), d.memory_kib), (n.uuid, "drover-db<1>", 128 * 1024));
+        assert_eq!(d.disks.len(), 28);
+        assert_eq!((d.disks[25].target.as_str(), d.disks[26].target.as_str()), ("vdz", "vdaa"));
+        assert_eq!(d.cmdline.as_deref(), Some("console=ttyS0 a='b'"));
+        assert_eq!(d.nics[0].source.as_deref(), Some("dr-net"));
+        assert_eq!(d.channel_path("org.drover.agent"), Some(std::path::Path::new("/r/agent.sock")));
+        let disk_boot = NewDomain { kernel: None, ..n };
+        assert!(disk_boot.xml().contains("<boot dev='hd'/>"));
     }
 
     #[test]

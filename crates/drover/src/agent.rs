@@ -45,6 +45,9 @@ pub struct AgentArgs {
     pub enroll_only: bool,
     #[arg(long, value_enum, default_value = "qemu")]
     pub hypervisor: HypervisorKind,
+    /// The libvirt daemon of `--hypervisor libvirt` (the agent runs beside it).
+    #[arg(long, env = "DROVER_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
     /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
@@ -165,6 +168,7 @@ pub fn hypervisor(
     accel: AccelArg,
     guest_dir: Option<&std::path::Path>,
     run_dir: PathBuf,
+    libvirt_uri: &str,
 ) -> anyhow::Result<Arc<dyn Hypervisor>> {
     Ok(match kind {
         HypervisorKind::Qemu => {
@@ -183,6 +187,13 @@ pub fn hypervisor(
                 );
             }
             Arc::new(QemuDriver::new(config))
+        }
+        HypervisorKind::Libvirt => {
+            let mut driver = drover_hv::libvirt::LibvirtDriver::new(libvirt_uri, run_dir);
+            // The domains drover defines (replicas) run under KVM only when asked: `auto` is TCG
+            // here, as KVM is not probed through libvirt.
+            driver.set_kvm(accel == AccelArg::Kvm);
+            Arc::new(driver)
         }
         HypervisorKind::Simulated => {
             tracing::warn!("SIMULATED hypervisor: no VM really runs; for tests and demos only");
@@ -251,7 +262,13 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
         args.datastore_roots.clone()
     };
     let roots = HostPaths::new(&roots, &args.import_dirs).context("bad --datastore-root or --import-dir")?;
-    let hv = hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
+    let hv = hypervisor(
+        args.hypervisor,
+        args.accel,
+        args.guest_dir.as_deref(),
+        args.data_dir.join("run"),
+        &args.libvirt_uri,
+    )?;
     // Every TLS config presents the identity the keeper holds, so a certificate the control
     // plane renews is presented from the next handshake on, on every listener and connection.
     let keeper = Arc::new(IdentityKeeper::new(identity.clone())?);

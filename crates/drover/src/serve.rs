@@ -16,6 +16,8 @@ use drover_store::Store;
 pub enum HypervisorKind {
     /// Real VMs: qemu-system-x86_64 processes controlled over QMP.
     Qemu,
+    /// The host's libvirt (`--libvirt-uri`): its existing domains are imported and protected.
+    Libvirt,
     /// A SIMULATION for tests and demos without QEMU: no VM really runs.
     Simulated,
 }
@@ -67,6 +69,9 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "qemu")]
     pub hypervisor: HypervisorKind,
+    /// The libvirt daemon of `--hypervisor libvirt`.
+    #[arg(long, env = "DROVER_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
     /// CPU acceleration for QEMU. `auto` uses KVM only when /dev/kvm opens and a probe boot of
     /// the tiny guest under KVM reaches the guest in time (some hosts hang normal guests under
     /// KVM); otherwise, and without the tiny guest to probe with, TCG.
@@ -192,7 +197,13 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         }
     }
     let hv: Arc<dyn Hypervisor> =
-        crate::agent::hypervisor(args.hypervisor, args.accel, args.guest_dir.as_deref(), args.data_dir.join("run"))?;
+        crate::agent::hypervisor(
+            args.hypervisor,
+            args.accel,
+            args.guest_dir.as_deref(),
+            args.data_dir.join("run"),
+            &args.libvirt_uri,
+        )?;
     let config = EngineConfig {
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
