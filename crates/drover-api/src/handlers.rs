@@ -414,6 +414,50 @@ pub async fn vms_create(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json
     Ok(resp)
 }
 
+/// Takes a libvirt domain of a host into the inventory as a VM, as it is (its id is the domain's
+/// UUID). Nothing on the host changes. System administrators only.
+#[utoipa::path(post, path = "/v1/vms/import", tag = "vms", security(("bearer" = [])), request_body = ImportVm,
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody, description = "The domain cannot be protected as it is, or the host's agent has no libvirt."),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The domain is already imported."),
+        (status = 503, body = ErrorBody, description = "The host's agent cannot be reached.")))]
+pub async fn vms_import(State(st): State<ApiState>, Auth(c): Auth, Json(b): Json<ImportVm>) -> ApiResult<Response> {
+    let import = drover_engine::app::ImportVm {
+        host_id: b.host_id.into(),
+        domain: b.domain,
+        datastore_id: b.datastore_id.map(Into::into),
+        name: b.name,
+        tags: parse_tags(&b.tags)?,
+    };
+    let vm = st.app.vm_import(&c, import).await?;
+    let mut resp = (StatusCode::CREATED, Json(VmView::from(vm.clone()))).into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("/v1/vms/{}", vm.id)) {
+        resp.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// The host's libvirt domains as its agent sees them, with what stops drover from protecting
+/// each and the VM each is imported as. System administrators only.
+#[utoipa::path(get, path = "/v1/hosts/{id}/domains", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = Vec<HostDomainView>), (status = 400, body = ErrorBody, description = "The host's agent has no libvirt."),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn hosts_domains(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Vec<HostDomainView>>> {
+    let (domains, imported) = st.app.host_domains(&c, id.into()).await?;
+    Ok(Json(
+        domains
+            .into_iter()
+            .map(|d| {
+                let imported_as = imported.contains(&d.uuid).then_some(d.uuid);
+                HostDomainView::new(d, imported_as)
+            })
+            .collect(),
+    ))
+}
+
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])),
     responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
 pub async fn vms_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<VmView>> {

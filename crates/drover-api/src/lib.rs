@@ -86,10 +86,10 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::users_list, handlers::users_create, handlers::users_delete, handlers::users_patch,
         handlers::sites_list, handlers::sites_create, handlers::sites_get, handlers::sites_patch, handlers::sites_delete,
         handlers::hosts_list, handlers::hosts_create, handlers::hosts_get, handlers::hosts_patch, handlers::hosts_delete,
-        handlers::hosts_enrolment, handlers::hosts_agent, handlers::hosts_agent_certificate,
+        handlers::hosts_enrolment, handlers::hosts_agent, handlers::hosts_agent_certificate, handlers::hosts_domains,
         handlers::datastores_list, handlers::datastores_create, handlers::datastores_get, handlers::datastores_patch, handlers::datastores_delete,
         handlers::datastores_grant, handlers::datastores_grants, handlers::datastores_revoke,
-        handlers::vms_list, handlers::vms_create, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
+        handlers::vms_list, handlers::vms_create, handlers::vms_import, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
         handlers::vms_power_on, handlers::vms_shutdown, handlers::vms_power_off,
         handlers::jobs_list, handlers::jobs_create, handlers::jobs_get, handlers::jobs_patch, handlers::jobs_delete,
         handlers::jobs_run, handlers::replicas_list, handlers::replicas_get, handlers::replicas_points,
@@ -143,12 +143,14 @@ pub fn router(app: App) -> Router {
         .route("/hosts/{id}", get(h::hosts_get).patch(h::hosts_patch).delete(h::hosts_delete))
         .route("/hosts/{id}/enrolment", post(h::hosts_enrolment))
         .route("/hosts/{id}/agent", get(h::hosts_agent))
+        .route("/hosts/{id}/domains", get(h::hosts_domains))
         .route("/hosts/{id}/agent/certificate", post(h::hosts_agent_certificate))
         .route("/datastores", get(h::datastores_list).post(h::datastores_create))
         .route("/datastores/{id}", get(h::datastores_get).patch(h::datastores_patch).delete(h::datastores_delete))
         .route("/datastores/{id}/grants", get(h::datastores_grants).post(h::datastores_grant))
         .route("/datastores/{id}/grants/{tenant_id}", axum::routing::delete(h::datastores_revoke))
         .route("/vms", get(h::vms_list).post(h::vms_create))
+        .route("/vms/import", post(h::vms_import))
         .route("/vms/{id}", get(h::vms_get).patch(h::vms_patch).delete(h::vms_delete))
         .route("/vms/{id}/power-on", post(h::vms_power_on))
         .route("/vms/{id}/shutdown", post(h::vms_shutdown))

@@ -409,6 +409,86 @@ pub struct CreateVm {
     pub boot: BootBody,
 }
 
+/// A libvirt domain of a host to take into the inventory as a VM, as it is.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportVm {
+    pub host_id: Uuid,
+    /// The domain's name or UUID (`GET /v1/hosts/{id}/domains` lists them).
+    #[schema(min_length = 1, max_length = 256)]
+    pub domain: String,
+    /// Where drover keeps the VM's work files on the host; default: the host's only datastore.
+    #[serde(default)]
+    pub datastore_id: Option<Uuid>,
+    /// The VM's name in drover; default: the domain's.
+    #[serde(default)]
+    #[schema(schema_with = crate::openapi::name_or_null)]
+    pub name: Option<String>,
+    /// `category:name`.
+    #[serde(default)]
+    #[schema(schema_with = crate::openapi::tags)]
+    pub tags: Vec<String>,
+}
+
+/// A libvirt domain of a host, as its agent sees it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostDomainView {
+    /// An imported domain's VM id.
+    pub uuid: Uuid,
+    pub name: String,
+    /// `running`, `paused`, `shut_off`, `crashed` or `other`.
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<HostDomainDiskView>,
+    pub nics: Vec<HostDomainNicView>,
+    /// Direct kernel boot, when the domain boots so.
+    pub kernel: Option<String>,
+    pub owned_by_drover: bool,
+    /// Why drover cannot protect it as it is; empty when it can be imported.
+    pub unsupported: Vec<String>,
+    /// The VM it is imported as, if it is.
+    pub imported_as: Option<Uuid>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostDomainDiskView {
+    pub target: String,
+    pub format: Option<String>,
+    /// The image on the host.
+    pub source: Option<String>,
+    pub size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostDomainNicView {
+    pub kind: String,
+    pub mac: Option<String>,
+    pub source: Option<String>,
+}
+
+impl HostDomainView {
+    pub fn new(d: drover_agent_api::HostDomain, imported_as: Option<Uuid>) -> Self {
+        HostDomainView {
+            uuid: d.uuid,
+            name: d.name,
+            state: d.state,
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disks: d
+                .disks
+                .into_iter()
+                .map(|x| HostDomainDiskView { target: x.target, format: x.format, source: x.source, size_bytes: x.size_bytes })
+                .collect(),
+            nics: d.nics.into_iter().map(|n| HostDomainNicView { kind: n.kind, mac: n.mac, source: n.source }).collect(),
+            kernel: d.kernel,
+            owned_by_drover: d.owned_by_drover,
+            unsupported: d.unsupported,
+            imported_as,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchVm {
@@ -440,6 +520,9 @@ pub struct VmView {
     pub power_state: d::VmPowerState,
     /// False until the create session has made the disks.
     pub provisioned: bool,
+    /// The libvirt domain this VM is, when it was imported from its host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt_domain: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -463,6 +546,7 @@ impl From<d::Vm> for VmView {
             boot: BootBody { kernel: v.boot.kernel, initrd: v.boot.initrd, cmdline: v.boot.cmdline },
             power_state: v.power_state,
             provisioned: v.provisioned,
+            libvirt_domain: v.libvirt_domain,
             created_at: v.created_at,
             updated_at: v.updated_at,
         }

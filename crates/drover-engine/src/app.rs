@@ -164,6 +164,19 @@ pub struct NewVm {
     pub boot: VmBoot,
 }
 
+/// A libvirt domain of a host to take into the inventory as a VM.
+#[derive(Debug, Clone)]
+pub struct ImportVm {
+    pub host_id: HostId,
+    /// The domain's name or UUID.
+    pub domain: String,
+    /// Where drover keeps the VM's work files on its host; default: the host's only datastore.
+    pub datastore_id: Option<DatastoreId>,
+    /// The VM's name in drover; default: the domain's.
+    pub name: Option<String>,
+    pub tags: Vec<Tag>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct VmPatch {
     pub name: Option<String>,
@@ -970,6 +983,7 @@ impl App {
             boot: new.boot,
             power_state: VmPowerState::Off,
             provisioned: false,
+            libvirt_domain: None,
             created_at: t,
             updated_at: t,
         };
@@ -987,6 +1001,135 @@ impl App {
         let session_id = session.id;
         self.engine.submit_with_new(session, tasks, &vm).await?;
         Ok((vm, session_id))
+    }
+
+    /// The host's libvirt domains, with the ids of those imported (as this tenant's VMs).
+    pub async fn host_domains(
+        &self,
+        caller: &Caller,
+        host: HostId,
+    ) -> Result<(Vec<drover_agent_api::HostDomain>, Vec<uuid::Uuid>)> {
+        caller.require_system_admin()?;
+        let host = self.get::<Host>(caller, host.0).await?;
+        let domains = self.domains_of(&host).await?;
+        let mut imported = Vec::new();
+        for d in &domains {
+            if self.store().object_get::<Vm>(caller.tenant_id, d.uuid).await.is_ok() {
+                imported.push(d.uuid);
+            }
+        }
+        Ok((domains, imported))
+    }
+
+    async fn domains_of(&self, host: &Host) -> Result<Vec<drover_agent_api::HostDomain>> {
+        let agent = self.engine.agent(host).await?;
+        agent.domains().await.map_err(|e| match e.kind {
+            drover_agent_api::ErrorKind::Unsupported => Error::invalid(format!("host {}: {}", host.name, e.message)),
+            _ => crate::agent_error(e),
+        })
+    }
+
+    /// Takes a libvirt domain of a host into the inventory, as it is: its id is the domain's
+    /// UUID, its disks, NICs and boot are the domain's. Nothing on the host changes. Only the
+    /// system tenant's administrators import (a domain is the host's, not a tenant's).
+    pub async fn vm_import(&self, caller: &Caller, import: ImportVm) -> Result<Vm> {
+        caller.require_system_admin()?;
+        let host = self.get::<Host>(caller, import.host_id.0).await?;
+        let ds = match import.datastore_id {
+            Some(id) => {
+                let ds = self.get::<Datastore>(caller, id.0).await?;
+                if ds.host_id != host.id {
+                    return Err(Error::invalid(format!("datastore {:?} is not on host {}", ds.name, host.name)));
+                }
+                ds
+            }
+            None => {
+                let on_host: Vec<Datastore> = self
+                    .store()
+                    .object_list_all::<Datastore>()
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.host_id == host.id && d.tenant_id == caller.tenant_id)
+                    .collect();
+                match on_host.as_slice() {
+                    [one] => one.clone(),
+                    [] => {
+                        return Err(Error::invalid(format!(
+                            "host {} has no datastore: create one first (drover keeps an imported VM's work files there)",
+                            host.name
+                        )));
+                    }
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "host {} has {} datastores: say which one (datastore_id)",
+                            host.name,
+                            on_host.len()
+                        )));
+                    }
+                }
+            }
+        };
+        let domains = self.domains_of(&host).await?;
+        let wanted = import.domain.trim();
+        let Some(d) = domains.iter().find(|d| d.name == wanted || d.uuid.to_string() == wanted.to_ascii_lowercase())
+        else {
+            let names: Vec<&str> = domains.iter().take(20).map(|d| d.name.as_str()).collect();
+            return Err(Error::not_found(
+                "libvirt domain",
+                format!("{wanted:?} on host {} (it has: {})", host.name, names.join(", ")),
+            ));
+        };
+        if !d.unsupported.is_empty() {
+            return Err(Error::invalid(format!(
+                "domain {} cannot be protected as it is: {}",
+                d.name,
+                d.unsupported.join("; ")
+            )));
+        }
+        if let Ok(existing) = self.store().object_get::<Vm>(caller.tenant_id, d.uuid).await {
+            return Err(Error::conflict(format!("domain {} is already imported as VM {:?}", d.name, existing.name)));
+        }
+        let mut disks = Vec::with_capacity(d.disks.len());
+        for disk in &d.disks {
+            let Some(size_bytes) = disk.size_bytes else {
+                return Err(Error::invalid(format!("domain {}: the size of disk {} cannot be read", d.name, disk.target)));
+            };
+            disks.push(VmDisk { name: disk.target.clone(), size_bytes, import_from: None });
+        }
+        let mut nics = Vec::with_capacity(d.nics.len());
+        for (i, n) in d.nics.iter().enumerate() {
+            nics.push(VmNic {
+                network: n.source.clone().unwrap_or_else(|| n.kind.clone()),
+                mac: n.mac.clone().unwrap_or_else(|| mac_for(VmId(d.uuid), i)),
+            });
+        }
+        let t = now();
+        let vm = Vm {
+            id: VmId(d.uuid),
+            tenant_id: caller.tenant_id,
+            name: import.name.as_deref().unwrap_or(&d.name).trim().to_string(),
+            host_id: host.id,
+            datastore_id: ds.id,
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disks,
+            nics,
+            tags: import.tags,
+            boot: VmBoot { kernel: d.kernel.clone(), initrd: d.initrd.clone(), cmdline: d.cmdline.clone() },
+            power_state: if matches!(d.state.as_str(), "shut_off" | "crashed") {
+                VmPowerState::Off
+            } else {
+                VmPowerState::Running
+            },
+            provisioned: true,
+            libvirt_domain: Some(d.name.clone()),
+            created_at: t,
+            updated_at: t,
+        };
+        vm.validate()?;
+        self.store().object_insert(&vm).await?;
+        tracing::info!(vm = %vm.id, domain = %d.name, host = %host.name, "libvirt domain imported");
+        Ok(vm)
     }
 
     pub async fn vm_update(&self, caller: &Caller, id: VmId, patch: VmPatch) -> Result<Vm> {

@@ -1037,6 +1037,7 @@ impl Step for RestoreToLocation {
                     boot: parts.vm.boot.clone(),
                     power_state: VmPowerState::Off,
                     provisioned: false,
+                    libvirt_domain: None,
                     created_at: t,
                     updated_at: t,
                 };

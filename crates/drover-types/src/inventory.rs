@@ -216,6 +216,11 @@ pub struct Vm {
     pub power_state: VmPowerState,
     /// Set once the VM's disks exist; a VM whose create session failed is never provisioned.
     pub provisioned: bool,
+    /// The libvirt domain this VM is, when it was imported from its host's libvirt (its id is
+    /// the domain's UUID, its disks are the domain's): drover starts, stops and replicates it
+    /// but never redefines it or removes its disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_domain: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -116,6 +116,9 @@ pub enum HostCommand {
     /// Renews the host's agent certificate now, from a new key (the control plane also does it
     /// by itself in the certificate's last month). The agent must be reachable.
     RenewCertificate(IdArg),
+    /// The host's libvirt domains (its agent runs `--hypervisor libvirt`): which can be imported
+    /// with `drover vm import`, and which are.
+    Domains(IdArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +198,25 @@ pub struct VmCreateArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct VmImportArgs {
+    /// The host whose agent runs beside its libvirt.
+    #[arg(long)]
+    pub host: Uuid,
+    /// The domain's name or UUID.
+    #[arg(long)]
+    pub domain: String,
+    /// Where drover keeps the VM's work files; default: the host's only datastore.
+    #[arg(long)]
+    pub datastore: Option<Uuid>,
+    /// The VM's name in drover; default: the domain's.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A `category:name` tag; repeat for more.
+    #[arg(long = "tag", value_name = "CATEGORY:NAME")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct VmUpdateArgs {
     pub id: Uuid,
     #[arg(long)]
@@ -227,6 +249,9 @@ pub enum VmCommand {
     Get(IdArg),
     /// Records the VM and creates its disks.
     Create(VmCreateArgs),
+    /// Takes an existing libvirt domain of a host into the inventory, as it is (see `drover host
+    /// domains`). Nothing on the host changes; drover never redefines it.
+    Import(VmImportArgs),
     /// Changes the name, the tags, or (while powered off) vCPUs and memory.
     Update(VmUpdateArgs),
     /// Deletes a powered-off VM with its disks.
@@ -942,6 +967,12 @@ async fn host(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
         HostCommand::RenewCertificate(a) => {
             ctx.create(&format!("/hosts/{}/agent/certificate", a.id), json!({}), render::host_agent).await
         }
+        HostCommand::Domains(a) => {
+            ctx.get(&format!("/hosts/{}/domains", a.id), |d: &Vec<drover_api::views::HostDomainView>| {
+                render::host_domains(d).render()
+            })
+            .await
+        }
     }
 }
 
@@ -983,6 +1014,16 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<()> {
                 emit(format!("vm {} has id {id}", a.name).as_bytes())?;
             }
             ctx.started(&resp, &a.wait).await.map(drop)
+        }
+        VmCommand::Import(a) => {
+            let mut body = json!({ "host_id": a.host, "domain": a.domain, "tags": a.tags });
+            if let Some(ds) = a.datastore {
+                body["datastore_id"] = json!(ds);
+            }
+            if let Some(n) = &a.name {
+                body["name"] = json!(n);
+            }
+            ctx.create("/vms/import", body, render::vm).await
         }
         VmCommand::Update(a) => {
             let body = vm_update_body(&a)?;

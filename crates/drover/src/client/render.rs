@@ -206,6 +206,35 @@ pub fn vms(page: &Page<VmView>) -> Table {
     t
 }
 
+pub fn host_domains(domains: &[drover_api::views::HostDomainView]) -> Table {
+    let mut t = Table::new(&["UUID", "NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "IMPORT"]);
+    for d in domains {
+        let disks: Vec<String> = d
+            .disks
+            .iter()
+            .map(|x| match x.size_bytes {
+                Some(s) => format!("{} {} ({})", x.target, x.format.as_deref().unwrap_or("?"), format_size(s)),
+                None => format!("{} {}", x.target, x.format.as_deref().unwrap_or("?")),
+            })
+            .collect();
+        let import = match (d.imported_as, d.unsupported.is_empty()) {
+            (Some(vm), _) => format!("imported as VM {vm}"),
+            (None, true) => "can be imported".into(),
+            (None, false) => format!("no: {}", d.unsupported.join("; ")),
+        };
+        t.row(vec![
+            d.uuid.to_string(),
+            d.name.clone(),
+            d.state.clone(),
+            d.vcpus.to_string(),
+            format!("{} MiB", d.memory_mib),
+            list_or_dash(&disks),
+            import,
+        ]);
+    }
+    t
+}
+
 pub fn vm(v: &VmView) -> String {
     let disks: Vec<String> = v
         .disks
@@ -228,6 +257,7 @@ pub fn vm(v: &VmView) -> String {
         ("nics", list_or_dash(&nics)),
         ("tags", list_or_dash(&v.tags)),
         ("kernel", opt(&v.boot.kernel)),
+        ("libvirt domain", opt(&v.libvirt_domain)),
         ("host", v.host_id.to_string()),
         ("datastore", v.datastore_id.to_string()),
         ("created", local_time(&v.created_at)),
