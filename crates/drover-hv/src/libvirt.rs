@@ -587,6 +587,18 @@ impl Hypervisor for LibvirtDriver {
 
     /// Freezes through libvirt's `virDomainFSFreeze` (the guest agent, whose fsfreeze hooks run).
     async fn guest_freeze(&self, vm: Uuid) -> HvResult<FreezeOutcome> {
+        let (d, _) = self.describe(vm).await?;
+        if !d.channels.iter().any(|c| c.name == crate::qemu::GUEST_AGENT_CHANNEL) {
+            return Ok(FreezeOutcome {
+                frozen: false,
+                filesystems: 0,
+                reason: format!(
+                    "domain {} has no guest agent channel ({}): add one to its definition and install qemu-guest-agent",
+                    d.name,
+                    crate::qemu::GUEST_AGENT_CHANNEL
+                ),
+            });
+        }
         let r = self.domain_call(vm, "freezing the guest", ffi::fs_freeze).await;
         Ok(match r {
             Ok(n) => FreezeOutcome {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    Api, BIN, PASSWORD, Proc, QemuReaper, agent_client, guest_dir, same, start_behind_drovers_back, wait_fenced,
+    Api, BIN, PASSWORD, Proc, QemuReaper, serve, agent_client, guest_dir, same, start_behind_drovers_back, wait_fenced,
 };
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -16,27 +16,6 @@ use std::time::Duration;
 
 use reqwest::Method as M;
 use serde_json::{Value, json};
-
-struct ControlPlane {
-    /// Killed when the control plane is dropped.
-    _proc: Proc,
-    api: String,
-    agent_url: String,
-    data: PathBuf,
-}
-
-fn serve(dir: &Path) -> ControlPlane {
-    let data = dir.join("cp");
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--vro-listen", "off", "--em-listen", "off"])
-        .args(["--agent-listen", "127.0.0.1:0", "--plain-http", "--hypervisor", "simulated", "--data-dir"])
-        .arg(&data)
-        .env("DROVER_ADMIN_PASSWORD", PASSWORD);
-    let mut proc = Proc::spawn(cmd, dir.join("serve.log"));
-    let api = proc.line("drover serving on ").split_whitespace().next().unwrap().to_string();
-    let agent_url = proc.line("agents: ").split_whitespace().next().unwrap().to_string();
-    ControlPlane { _proc: proc, api, agent_url, data }
-}
 
 fn agent_command(data: &Path) -> Command {
     agent_command_with(data, "simulated")

@@ -327,3 +327,27 @@ pub async fn wait_fenced(api: &Api, agent: &drover_agent_client::RemoteAgent, vm
     })
     .await;
 }
+
+/// `drover serve` with an agent listener and the SIMULATED hypervisor for its own agent (the
+/// hosts under test have `drover agent`s), on loopback.
+pub struct ControlPlane {
+    /// Killed when the control plane is dropped.
+    _proc: Proc,
+    pub api: String,
+    pub agent_url: String,
+    pub data: PathBuf,
+}
+
+pub fn serve(dir: &Path) -> ControlPlane {
+    let data = dir.join("cp");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--vro-listen", "off", "--em-listen", "off"])
+        .args(["--agent-listen", "127.0.0.1:0", "--plain-http", "--hypervisor", "simulated", "--data-dir"])
+        .arg(&data)
+        .env("DROVER_ADMIN_PASSWORD", PASSWORD);
+    let mut proc = Proc::spawn(cmd, dir.join("serve.log"));
+    let api = proc.line("drover serving on ").split_whitespace().next().unwrap().to_string();
+    let agent_url = proc.line("agents: ").split_whitespace().next().unwrap().to_string();
+    ControlPlane { _proc: proc, api, agent_url, data }
+}
+

@@ -1,0 +1,230 @@
+//! Protecting a libvirt domain that drover did not make: two `drover agent`s on the libvirt
+//! driver (`--hypervisor libvirt`) beside a libvirt daemon (started here when none runs), and a
+//! domain defined with `virsh define` outside drover, booting the tiny guest from an image that
+//! is in no drover datastore. It is discovered and imported, powered on through drover,
+//! replicated (seed, then its dirty extents only), its QEMU killed with `kill -9` between cycles
+//! (the next cycle finds the checkpoint's bitmap broken and hash-compares that disk, the one
+//! after is incremental again), failed over into a domain drover defines on the DR host, and
+//! undone (that domain undefined). The administrator's domain is never redefined.
+
+mod common;
+
+use common::{Api, Proc, agent_client, guest_dir, serve};
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use drover_agent_api::{HostAgent as _, PowerState};
+use reqwest::Method as M;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const URI: &str = drover_hv::libvirt::testing::URI;
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh").args(["-c", URI]).args(args).output().unwrap()
+}
+
+/// A libvirt agent for `name` under `root`, enrolled with `token`; it and its URL.
+fn libvirt_agent(root: &Path, name: &str, enroll: (&str, &str)) -> (Proc, String) {
+    let mut cmd = Command::new(common::BIN);
+    cmd.args(["agent", "--listen", "127.0.0.1:0", "--hypervisor", "libvirt", "--libvirt-uri", URI, "--data-dir"])
+        .arg(root.join(name))
+        .args(["--data-listen", "127.0.0.1:0", "--import-dir"])
+        .arg(guest_dir())
+        .args(["--enroll", enroll.0, enroll.1]);
+    let mut proc = Proc::spawn(cmd, root.join(format!("{name}.log")));
+    let rest = proc.line("drover agent for host ");
+    let url = rest.split_once(" serving on ").unwrap().1.to_string();
+    (proc, url)
+}
+
+/// The administrator's domain: defined with virsh, its image under `root/images`. Destroyed and
+/// undefined when dropped, with every domain drover defined for it.
+struct AdminDomain {
+    name: String,
+    uuid: Uuid,
+    image: std::path::PathBuf,
+    also: Vec<Uuid>,
+}
+
+impl AdminDomain {
+    fn define(root: &Path) -> Self {
+        let guest = drover_hv::qemu::TinyGuest::load(&guest_dir()).unwrap();
+        let uuid = Uuid::new_v4();
+        let name = format!("web-{}", &uuid.simple().to_string()[..8]);
+        let dir = root.join("images");
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("web.qcow2");
+        let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M").output().unwrap();
+        assert!(out.status.success());
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+               <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{c}</cmdline></os>
+               <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
+               <devices>
+                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/><target dev='vda' bus='virtio'/></disk>
+                 <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
+                 <channel type='unix'><source mode='bind' path='{d}/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
+                 <memballoon model='none'/>
+               </devices></domain>",
+            k = guest.vmlinux.display(),
+            i = guest.initramfs.display(),
+            c = guest.cmdline,
+            img = image.display(),
+            d = dir.display(),
+        );
+        let file = dir.join("domain.xml");
+        std::fs::write(&file, xml).unwrap();
+        assert!(virsh(&["define", &file.to_string_lossy()]).status.success());
+        AdminDomain { name, uuid, image, also: Vec::new() }
+    }
+
+    fn qemu_pid(&self) -> i32 {
+        std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", self.name)).unwrap().trim().parse().unwrap()
+    }
+
+    fn xml(&self) -> String {
+        String::from_utf8_lossy(&virsh(&["dumpxml", &self.name]).stdout).into_owned()
+    }
+}
+
+impl Drop for AdminDomain {
+    fn drop(&mut self) {
+        for id in self.also.iter().map(Uuid::to_string).chain([self.uuid.to_string()]) {
+            let _ = virsh(&["destroy", &id]);
+            let _ = virsh(&["undefine", &id, "--checkpoints-metadata"]);
+        }
+    }
+}
+
+/// Runs the job, asserts it succeeded; its session's log.
+async fn run_job(api: &Api, job: &str) -> Vec<String> {
+    let run = api.ok(M::POST, &format!("/v1/replication-jobs/{job}/run"), None).await;
+    let session = run["session_id"].as_str().unwrap().to_string();
+    let s = api.wait_session(&session).await;
+    let lines = api.log(&session).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    lines
+}
+
+fn mentions(lines: &[String], what: &str) -> bool {
+    lines.iter().any(|l| l.contains(what))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_a_domain_at_dr() {
+    drover_hv::libvirt::testing::ensure_daemon();
+    let dir = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
+    let root = dir.path();
+    let mut dom = AdminDomain::define(root);
+    let defined_xml = dom.xml();
+
+    let cp = serve(root);
+    let api = Api::login(&cp.api).await;
+    let (prod_id, dr_id) = api.prod_and_dr_hosts().await;
+    let token = api.enrolment_token(&prod_id).await;
+    let (_prod_agent, prod_url) = libvirt_agent(root, "pa", (&cp.agent_url, &token));
+    let token = api.enrolment_token(&dr_id).await;
+    let (_dr_agent, dr_url) = libvirt_agent(root, "da", (&cp.agent_url, &token));
+    api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
+    api.ok(M::PATCH, &format!("/v1/hosts/{dr_id}"), Some(json!({"address": dr_url}))).await;
+
+    // Importing needs a datastore on the host (for drover's own files there).
+    let import = json!({"host_id": prod_id, "domain": dom.name});
+    let (status, v) = api.send(M::POST, "/v1/vms/import", Some(import.clone())).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("no datastore"), "{v}");
+    let (_prod_ds, dr_ds) = api.prod_and_dr_datastores(root, &prod_id, &dr_id).await;
+
+    // Discovery: the production agent lists the domain, importable.
+    let domains = api.ok(M::GET, &format!("/v1/hosts/{prod_id}/domains"), None).await;
+    let listed = domains.as_array().unwrap().iter().find(|d| d["name"] == dom.name.as_str()).cloned();
+    let listed = listed.unwrap_or_else(|| panic!("{domains}"));
+    assert_eq!(listed["uuid"], dom.uuid.to_string());
+    assert_eq!(listed["unsupported"], json!([]), "{listed}");
+    assert_eq!(listed["imported_as"], Value::Null);
+    assert_eq!(listed["disks"][0]["source"], dom.image.to_string_lossy().as_ref());
+
+    let (status, v) = api.send(M::POST, "/v1/vms/import", Some(json!({"host_id": prod_id, "domain": "nope"}))).await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["message"].as_str().unwrap().contains(&dom.name), "the error lists what the host has: {v}");
+    let (status, vm) = api.send(M::POST, "/v1/vms/import", Some(import.clone())).await;
+    assert_eq!(status, 201, "{vm}");
+    let vm_id = vm["id"].as_str().unwrap().to_string();
+    assert_eq!(vm_id, dom.uuid.to_string(), "the VM is the domain");
+    assert_eq!(vm["libvirt_domain"], dom.name.as_str());
+    assert_eq!(vm["disks"][0]["name"], "vda");
+    assert_eq!(vm["disks"][0]["size_bytes"], 64 << 20);
+    assert_eq!(vm["power_state"], "Off");
+    let (status, v) = api.send(M::POST, "/v1/vms/import", Some(import)).await;
+    assert_eq!(status, 409, "imported twice: {v}");
+    let domains = api.ok(M::GET, &format!("/v1/hosts/{prod_id}/domains"), None).await;
+    assert!(domains.as_array().unwrap().iter().any(|d| d["imported_as"] == vm_id.as_str()), "{domains}");
+
+    // drover powers it on through libvirt and hears its heartbeat.
+    let on = api.ok(M::POST, &format!("/v1/vms/{vm_id}/power-on"), None).await;
+    let s = api.wait_session(on["session_id"].as_str().unwrap()).await;
+    let lines = api.log(on["session_id"].as_str().unwrap()).await;
+    assert_eq!(s["result"], "Success", "{s}: {lines:?}");
+    let vm_uuid = dom.uuid;
+    let prod = agent_client(&cp.data, &prod_id, &prod_url).await;
+    let dr = agent_client(&cp.data, &dr_id, &dr_url).await;
+    assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), PowerState::Running);
+    prod.vm_write_marker(vm_uuid, "one").await.unwrap();
+
+    // Replication: a seed, then only the dirty extents of the checkpoint.
+    let job = api.manual_job(&vm_id, &dr_id, &dr_ds, 3).await;
+    let lines = run_job(&api, &job).await;
+    assert!(mentions(&lines, "seed mode"), "{lines:?}");
+    prod.vm_write_marker(vm_uuid, "two").await.unwrap();
+    let lines = run_job(&api, &job).await;
+    assert!(mentions(&lines, "bitmap mode"), "{lines:?}");
+    println!("incremental: {lines:#?}");
+
+    // kill -9 of the domain's QEMU between cycles: the checkpoint's bitmap is broken; the
+    // administrator starts the domain again.
+    let pid = dom.qemu_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    common::wait_for("the killed domain to read as died", 30, async || {
+        prod.vm_status(vm_uuid).await.is_ok_and(|p| p == PowerState::Died)
+    })
+    .await;
+    assert!(virsh(&["start", &dom.name]).status.success());
+    prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
+    prod.vm_write_marker(vm_uuid, "three").await.unwrap();
+    let lines = run_job(&api, &job).await;
+    assert!(mentions(&lines, "hash-compare"), "the broken bitmap makes a hash-compare: {lines:?}");
+    assert!(mentions(&lines, "inconsistent"), "with the reason: {lines:?}");
+    println!("after kill -9: {lines:#?}");
+    let lines = run_job(&api, &job).await;
+    assert!(mentions(&lines, "bitmap mode"), "incremental again: {lines:?}");
+
+    // Failover: the replica runs as a domain drover defines on the DR host, from the newest
+    // point, with what production wrote last.
+    let plan_id = api.heartbeat_plan(&vm_id).await;
+    let lines = api.plan_action(&plan_id, "failover", None).await;
+    println!("failover: {lines:#?}");
+    let replicas = api.ok(M::GET, "/v1/replicas", None).await;
+    let replica_id: Uuid = replicas["items"][0]["id"].as_str().unwrap().parse().unwrap();
+    dom.also.push(replica_id);
+    let hb = dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("three"));
+    let replica_xml = String::from_utf8_lossy(&virsh(&["dumpxml", &replica_id.to_string()]).stdout).into_owned();
+    assert!(replica_xml.contains("urn:drover:libvirt:1"), "the replica is a domain of drover's: {replica_xml}");
+    let at_dr = dr.domains().await.unwrap();
+    assert!(at_dr.iter().any(|d| d.uuid == replica_id && d.owned_by_drover), "{at_dr:?}");
+
+    // Undo: the replica's domain is gone; the administrator's domain is as it was defined.
+    api.plan_action(&plan_id, "undo", None).await;
+    assert!(!virsh(&["dominfo", &replica_id.to_string()]).status.success(), "the replica's domain is undefined");
+    assert!(!dom.xml().contains("urn:drover"), "drover never redefined the administrator's domain");
+    assert_eq!(
+        dom.xml().lines().filter(|l| l.contains("<source file=")).count(),
+        defined_xml.lines().filter(|l| l.contains("<source file=")).count()
+    );
+    let lines = run_job(&api, &job).await;
+    println!("after undo: {lines:#?}");
+    drop(cp);
+}
