@@ -285,6 +285,11 @@ pub struct TransferSpec {
     /// image of a VM's disk in a datastore of the agent (with `prev` `None` and mode
     /// hash-compare: what it holds is hashed, and only the blocks that differ are written).
     pub target: PointFile,
+    /// For a failback into a VM's own disk: the disk, which the agent finds (an imported libvirt
+    /// domain's disk is where its definition says, outside any datastore; its manifest is kept
+    /// in the VM's datastore). When given, `target` is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_disk: Option<DiskRef>,
     /// The point `target` is over, whose manifest says what the target holds.
     pub prev: Option<PointFile>,
     pub size: u64,

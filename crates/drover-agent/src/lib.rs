@@ -315,6 +315,28 @@ impl LocalAgent {
         Ok(self.datastore(disk.datastore)?.join(disk.vm.to_string()).join(format!("{}.qcow2", disk.disk)))
     }
 
+    /// A VM's own disk as a failback's target, and where its manifest is kept: beside a disk in
+    /// a datastore; for a disk the hypervisor holds elsewhere (an imported libvirt domain's), in
+    /// the VM's directory of its datastore (0700), so nothing is added beside the
+    /// administrator's image.
+    async fn disk_target(&self, disk: &DiskRef) -> AgentResult<(PathBuf, PathBuf)> {
+        check_disk_name(&disk.disk)?;
+        let in_datastore =
+            self.datastore(disk.datastore)?.join(disk.vm.to_string()).join(format!("{}.qcow2", disk.disk));
+        let image = self.disk_image(disk).await?;
+        if image == in_datastore {
+            let manifest = manifest_path(&image);
+            return Ok((image, manifest));
+        }
+        let dir = self.datastore(disk.datastore)?.join(disk.vm.to_string());
+        let made = dir.clone();
+        tokio::task::spawn_blocking(move || host_paths::create_private_dir_all(&made))
+            .await
+            .map_err(internal)?
+            .map_err(|e| AgentError::internal(format!("creating {}: {e}", dir.display())))?;
+        Ok((image, dir.join(format!("{}.manifest", disk.disk))))
+    }
+
     /// The image a cut reads: the disk's own, or a boot overlay it names (offline only).
     async fn cut_image(&self, spec: &CutSpec) -> AgentResult<PathBuf> {
         match &spec.file {
@@ -632,7 +654,17 @@ impl HostAgent for LocalAgent {
                 return Ok(status);
             }
         }
-        let target = self.point_path(&spec.target)?;
+        let (target, target_manifest) = match &spec.target_disk {
+            None => {
+                let target = self.point_path(&spec.target)?;
+                let manifest = manifest_path(&target);
+                (target, manifest)
+            }
+            Some(disk) => self.disk_target(disk).await?,
+        };
+        if spec.target_disk.is_some() && spec.prev.is_some() {
+            return Err(AgentError::invalid("a transfer into a VM's own disk is over no point"));
+        }
         let prev = spec.prev.as_ref().map(|p| self.point_path(p)).transpose()?;
         // What the target holds before the transfer, as a manifest: the previous point's (the
         // target is an empty overlay on it), or, for the blocks of a bitmap written straight into a
@@ -641,9 +673,8 @@ impl HostAgent for LocalAgent {
         let base_manifest = match (&prev, spec.mode) {
             (Some(prev), _) => Some(manifest_path(prev)),
             (None, TransferMode::Bitmap) => {
-                let manifest = manifest_path(&target);
-                check_manifest_current(&target, &manifest).await?;
-                Some(manifest)
+                check_manifest_current(&target, &target_manifest).await?;
+                Some(target_manifest.clone())
             }
             (None, _) => None,
         };
@@ -664,6 +695,7 @@ impl HostAgent for LocalAgent {
         let job = Job {
             spec: spec.clone(),
             target,
+            target_manifest,
             prev,
             base_manifest,
             direct,
@@ -868,6 +900,9 @@ impl HostAgent for LocalAgent {
 struct Job {
     spec: TransferSpec,
     target: PathBuf,
+    /// Where the target's manifest is written (beside a point file; in the VM's datastore for
+    /// an imported domain's disk, not beside the administrator's image).
+    target_manifest: PathBuf,
     prev: Option<PathBuf>,
     /// The manifest the target's starts from (see `transfer_ensure`); none: the target is new.
     base_manifest: Option<PathBuf>,
@@ -921,7 +956,7 @@ impl Job {
         // The manifest is saved once the daemon has closed the target (closing writes its header),
         // so a manifest newer than its file describes it (see `check_manifest_current`).
         let (outcome, manifest) = result?;
-        manifest.save(&manifest_path(&self.target)).await.map_err(internal)?;
+        manifest.save(&self.target_manifest).await.map_err(internal)?;
         // The point is whole and described: a peer transfer's journal has done its work.
         if outcome.peer.is_some() {
             peer::remove_journal(&self.journal).await;

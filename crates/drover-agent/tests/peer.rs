@@ -142,6 +142,7 @@ fn transfer_spec(
         source_files: None,
         mode,
         target: target.clone(),
+        target_disk: None,
         prev: prev.cloned(),
         size: cut.size,
         bandwidth_limit: None,

@@ -478,9 +478,18 @@ impl HostDomainView {
             disks: d
                 .disks
                 .into_iter()
-                .map(|x| HostDomainDiskView { target: x.target, format: x.format, source: x.source, size_bytes: x.size_bytes })
+                .map(|x| HostDomainDiskView {
+                    target: x.target,
+                    format: x.format,
+                    source: x.source,
+                    size_bytes: x.size_bytes,
+                })
                 .collect(),
-            nics: d.nics.into_iter().map(|n| HostDomainNicView { kind: n.kind, mac: n.mac, source: n.source }).collect(),
+            nics: d
+                .nics
+                .into_iter()
+                .map(|n| HostDomainNicView { kind: n.kind, mac: n.mac, source: n.source })
+                .collect(),
             kernel: d.kernel,
             owned_by_drover: d.owned_by_drover,
             unsupported: d.unsupported,

@@ -1092,7 +1092,10 @@ impl App {
         let mut disks = Vec::with_capacity(d.disks.len());
         for disk in &d.disks {
             let Some(size_bytes) = disk.size_bytes else {
-                return Err(Error::invalid(format!("domain {}: the size of disk {} cannot be read", d.name, disk.target)));
+                return Err(Error::invalid(format!(
+                    "domain {}: the size of disk {} cannot be read",
+                    d.name, disk.target
+                )));
             };
             disks.push(VmDisk { name: disk.target.clone(), size_bytes, import_from: None });
         }

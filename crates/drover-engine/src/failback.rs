@@ -525,14 +525,26 @@ async fn pull_into_production(
             parts.replica.name
         )));
     }
-    let (_, production, _, _) =
-        parts.disks.iter().find(|(d, ..)| d == disk).ok_or_else(|| Error::internal(format!("no disk {disk}")))?;
+    let (index, (_, production, _, _)) = parts
+        .disks
+        .iter()
+        .enumerate()
+        .find(|(_, (d, ..))| d == disk)
+        .ok_or_else(|| Error::internal(format!("no disk {disk}")))?;
     let transfer = TransferSpec {
         id,
         source: cut.source.clone(),
         source_files: None,
         mode,
         target: PointFile(production.to_string_lossy().into_owned()),
+        // Production's agent finds the disk itself: an imported libvirt domain's is not in the
+        // datastore.
+        target_disk: Some(DiskRef {
+            datastore: parts.vm.datastore_id.0,
+            vm: parts.vm.id.0,
+            disk: disk.to_string(),
+            index,
+        }),
         prev: None,
         size: cut.size,
         bandwidth_limit: None,
@@ -1165,6 +1177,7 @@ async fn restore_across(
             source_files: None,
             mode: TransferMode::Seed,
             target: PointFile(disk_path(&dir, disk).to_string_lossy().into_owned()),
+            target_disk: None,
             prev: None,
             size: cut.size,
             bandwidth_limit: None,

@@ -633,6 +633,7 @@ async fn transfer_disk(
         source_files: source_files.clone(),
         mode,
         target: file,
+        target_disk: None,
         prev: d.prev_file.clone(),
         size: d.size,
         bandwidth_limit: prep.bandwidth_limit,

@@ -516,6 +516,9 @@ impl drover_agent_api::HostAgent for Flaky {
     async fn vm_list(&self) -> drover_agent_api::AgentResult<Vec<drover_agent_api::VmPresence>> {
         self.inner.vm_list().await
     }
+    async fn domains(&self) -> drover_agent_api::AgentResult<Vec<drover_agent_api::HostDomain>> {
+        self.inner.domains().await
+    }
     async fn vm_boot_overlays(
         &self,
         vm: uuid::Uuid,

@@ -347,7 +347,8 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     hv.power_off(id).await.unwrap();
     let disk2 = dir.path().join("second.qcow2");
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk2).arg("1048576"));
-    let spec2 = VmSpec { disks: vec![drover_hv::DiskSpec { path: disk }, drover_hv::DiskSpec { path: disk2.clone() }], ..spec };
+    let spec2 =
+        VmSpec { disks: vec![drover_hv::DiskSpec { path: disk }, drover_hv::DiskSpec { path: disk2.clone() }], ..spec };
     hv.power_on(&spec2).await.unwrap();
     assert_eq!(hv.wait_heartbeat(id, BOOT_TIMEOUT).await.unwrap().marker.as_deref(), Some("at DR"));
     assert_eq!(hv.runtime_disks(id).await.unwrap()[1], disk2);

@@ -359,7 +359,9 @@ impl NewDomain {
             }
             None => x.push_str("<boot dev='hd'/>"),
         }
-        x.push_str("</os><features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash><devices>");
+        x.push_str(
+            "</os><features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash><devices>",
+        );
         for (i, d) in self.disks.iter().enumerate() {
             x.push_str(&format!(
                 "<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>\

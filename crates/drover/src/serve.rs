@@ -196,14 +196,13 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             make_private(&path)?;
         }
     }
-    let hv: Arc<dyn Hypervisor> =
-        crate::agent::hypervisor(
-            args.hypervisor,
-            args.accel,
-            args.guest_dir.as_deref(),
-            args.data_dir.join("run"),
-            &args.libvirt_uri,
-        )?;
+    let hv: Arc<dyn Hypervisor> = crate::agent::hypervisor(
+        args.hypervisor,
+        args.accel,
+        args.guest_dir.as_deref(),
+        args.data_dir.join("run"),
+        &args.libvirt_uri,
+    )?;
     let config = EngineConfig {
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    Api, BIN, PASSWORD, Proc, QemuReaper, serve, agent_client, guest_dir, same, start_behind_drovers_back, wait_fenced,
+    Api, BIN, PASSWORD, Proc, QemuReaper, agent_client, guest_dir, same, serve, start_behind_drovers_back, wait_fenced,
 };
 
 use std::os::unix::fs::PermissionsExt as _;

@@ -5,7 +5,8 @@
 //! replicated (seed, then its dirty extents only), its QEMU killed with `kill -9` between cycles
 //! (the next cycle finds the checkpoint's bitmap broken and hash-compares that disk, the one
 //! after is incremental again), failed over into a domain drover defines on the DR host, and
-//! undone (that domain undefined). The administrator's domain is never redefined.
+//! undone (that domain undefined); failed over again and failed back into the domain's own image,
+//! started through libvirt, and committed. The administrator's domain is never redefined.
 
 mod common;
 
@@ -57,7 +58,8 @@ impl AdminDomain {
         let dir = root.join("images");
         std::fs::create_dir_all(&dir).unwrap();
         let image = dir.join("web.qcow2");
-        let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M").output().unwrap();
+        let out =
+            Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M").output().unwrap();
         assert!(out.status.success());
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
@@ -226,5 +228,36 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     );
     let lines = run_job(&api, &job).await;
     println!("after undo: {lines:#?}");
+
+    // Failover again; the replica writes at DR; failback writes that into the administrator's
+    // domain's own image (pulled by production's agent from the DR agent) and starts the domain
+    // through libvirt; the commit removes the replica's domain.
+    api.plan_action(&plan_id, "failover", None).await;
+    dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
+    dr.vm_write_marker(replica_id, "written at DR").await.unwrap();
+    let lines = api.plan_action(&plan_id, "prepare-failback", None).await;
+    assert!(mentions(&lines, "synced to production by hash-compare between the agents"), "{lines:?}");
+    println!("prepare-failback: {lines:#?}");
+    dr.vm_write_marker(replica_id, "written at DR after the sync").await.unwrap();
+    let lines = api.plan_action(&plan_id, "switchover", None).await;
+    println!("switchover: {lines:#?}");
+    let hb = prod.vm_wait_heartbeat(vm_uuid, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(hb.marker.as_deref(), Some("written at DR after the sync"), "production has what was written at DR");
+    api.plan_action(&plan_id, "commit-failback", None).await;
+    let replicas = api.ok(M::GET, "/v1/replicas", None).await;
+    assert_eq!(replicas["items"][0]["state"], "Ready", "{replicas}");
+    assert!(!virsh(&["dominfo", &replica_id.to_string()]).status.success(), "the replica's domain is undefined");
+    assert!(!dom.xml().contains("urn:drover"), "the failback did not redefine the administrator's domain");
+    // Nothing of drover's beside the administrator's image: the manifest is in the datastore.
+    let beside: Vec<String> = std::fs::read_dir(dom.image.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("manifest"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+    let manifest = root.join("pa/datastores/ds").join(&vm_id).join("vda.manifest");
+    assert!(manifest.exists(), "production's manifest is kept in its datastore");
+    let lines = run_job(&api, &job).await;
+    println!("after the failback: {lines:#?}");
     drop(cp);
 }

@@ -350,4 +350,3 @@ pub fn serve(dir: &Path) -> ControlPlane {
     let agent_url = proc.line("agents: ").split_whitespace().next().unwrap().to_string();
     ControlPlane { _proc: proc, api, agent_url, data }
 }
-
