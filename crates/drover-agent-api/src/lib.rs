@@ -555,8 +555,7 @@ pub struct HostDomain {
     /// The domain's UUID: an imported domain's VM id.
     pub uuid: Uuid,
     pub name: String,
-    /// `running`, `paused`, `shut_off`, `crashed` or `other`.
-    pub state: String,
+    pub state: HostDomainState,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// In drover's disk order (the domain's `<disk device='disk'>` elements).
@@ -570,6 +569,19 @@ pub struct HostDomain {
     pub owned_by_drover: bool,
     /// Why drover cannot protect the domain as it is; empty when it can.
     pub unsupported: Vec<String>,
+}
+
+/// A libvirt domain's state as drover reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostDomainState {
+    Running,
+    Paused,
+    ShutOff,
+    /// Shut off because its QEMU died (killed, crashed).
+    Crashed,
+    /// Shutting down, being started, suspended.
+    Other,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

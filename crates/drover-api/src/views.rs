@@ -436,8 +436,7 @@ pub struct HostDomainView {
     /// An imported domain's VM id.
     pub uuid: Uuid,
     pub name: String,
-    /// `running`, `paused`, `shut_off`, `crashed` or `other`.
-    pub state: String,
+    pub state: HostDomainStateView,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disks: Vec<HostDomainDiskView>,
@@ -460,9 +459,35 @@ pub struct HostDomainDiskView {
     pub size_bytes: Option<u64>,
 }
 
+/// A libvirt domain's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostDomainStateView {
+    Running,
+    Paused,
+    ShutOff,
+    /// Shut off because its QEMU died.
+    Crashed,
+    Other,
+}
+
+impl From<drover_agent_api::HostDomainState> for HostDomainStateView {
+    fn from(s: drover_agent_api::HostDomainState) -> Self {
+        use drover_agent_api::HostDomainState as S;
+        match s {
+            S::Running => Self::Running,
+            S::Paused => Self::Paused,
+            S::ShutOff => Self::ShutOff,
+            S::Crashed => Self::Crashed,
+            S::Other => Self::Other,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HostDomainNicView {
-    pub kind: String,
+    /// libvirt's interface type (`network`, `bridge`, `user`, `direct`, ...).
+    pub interface_type: String,
     pub mac: Option<String>,
     pub source: Option<String>,
 }
@@ -472,7 +497,7 @@ impl HostDomainView {
         HostDomainView {
             uuid: d.uuid,
             name: d.name,
-            state: d.state,
+            state: d.state.into(),
             vcpus: d.vcpus,
             memory_mib: d.memory_mib,
             disks: d
@@ -488,7 +513,7 @@ impl HostDomainView {
             nics: d
                 .nics
                 .into_iter()
-                .map(|n| HostDomainNicView { kind: n.kind, mac: n.mac, source: n.source })
+                .map(|n| HostDomainNicView { interface_type: n.kind, mac: n.mac, source: n.source })
                 .collect(),
             kernel: d.kernel,
             owned_by_drover: d.owned_by_drover,

@@ -1119,7 +1119,10 @@ impl App {
             nics,
             tags: import.tags,
             boot: VmBoot { kernel: d.kernel.clone(), initrd: d.initrd.clone(), cmdline: d.cmdline.clone() },
-            power_state: if matches!(d.state.as_str(), "shut_off" | "crashed") {
+            power_state: if matches!(
+                d.state,
+                drover_agent_api::HostDomainState::ShutOff | drover_agent_api::HostDomainState::Crashed
+            ) {
                 VmPowerState::Off
             } else {
                 VmPowerState::Running

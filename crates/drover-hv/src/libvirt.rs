@@ -54,7 +54,7 @@ use uuid::Uuid;
 
 use crate::qemu::{AGENT_CHANNEL, MAX_MARKER_BYTES};
 use crate::tracking::{self, BitmapState, CycleExport};
-use drover_agent_api::{HostDomain, HostDomainDisk, HostDomainNic};
+use drover_agent_api::{HostDomain, HostDomainDisk, HostDomainNic, HostDomainState};
 
 use crate::{
     ChangeTracking, FreezeOutcome, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState,
@@ -201,7 +201,13 @@ impl LibvirtDriver {
             out.push(HostDomain {
                 uuid: d.uuid,
                 name: d.name.clone(),
-                state: serde_json::to_value(state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                state: match state {
+                    DomainState::Running => HostDomainState::Running,
+                    DomainState::Paused => HostDomainState::Paused,
+                    DomainState::ShutOff => HostDomainState::ShutOff,
+                    DomainState::Crashed => HostDomainState::Crashed,
+                    DomainState::Other => HostDomainState::Other,
+                },
                 vcpus: d.vcpus,
                 memory_mib: u32::try_from(d.memory_kib / 1024).unwrap_or(u32::MAX),
                 disks,
@@ -337,6 +343,21 @@ impl LibvirtDriver {
             Ok(out)
         })
         .await
+    }
+
+    /// Records in libvirt a checkpoint for the bitmap `name` already in disk `target`'s image
+    /// (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE`: nothing in the image changes).
+    async fn redefine_checkpoint(&self, vm: Uuid, target: &str, name: &str) -> HvResult<()> {
+        let (d, _) = self.describe(vm).await?;
+        let targets: Vec<&str> = d.disks.iter().map(|d| d.target.as_str()).collect();
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or_default();
+        let text = xml::checkpoint_xml(name, target, &targets).replacen(
+            "</name>",
+            &format!("</name><creationTime>{created}</creationTime>"),
+            1,
+        );
+        self.domain_call(vm, "redefining a checkpoint", move |dom| ffi::checkpoint_create(dom, &text, true)).await
     }
 
     /// Deletes checkpoint `name` if it exists: for real, or when libvirt cannot (its bitmap is
@@ -697,8 +718,21 @@ impl ChangeTracking for LibvirtDriver {
             if checkpoints.contains(&b.name) || b.name == EXPORT_BITMAP {
                 continue;
             }
-            // A bitmap of ours libvirt does not know cannot be backed up from: unusable.
             let ours = b.name.starts_with("drover-");
+            // A sound bitmap of ours libvirt has no record of: made by an offline cycle (QEMU's
+            // own tools), or libvirt's metadata was lost (the domain was redefined, migrated).
+            // Its record is redefined, so libvirt backs up from it.
+            if ours && b.persistent && b.recording && !b.inconsistent && !b.busy {
+                match self.redefine_checkpoint(vm, &d.target, &b.name).await {
+                    Ok(()) => {
+                        tracing::info!(%vm, disk = %d.target, bitmap = %b.name, "checkpoint record redefined for a bitmap libvirt did not know");
+                        out.push(b);
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(%vm, bitmap = %b.name, error = %e, "checkpoint record not redefined"),
+                }
+            }
+            // A bitmap of ours libvirt does not know cannot be backed up from: unusable.
             out.push(BitmapState { inconsistent: b.inconsistent || ours, ..b });
         }
         Ok(out)

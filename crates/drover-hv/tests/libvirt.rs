@@ -2,8 +2,9 @@
 //! none runs) and a domain defined outside drover with `virsh define`, booting the tiny guest
 //! (`scripts/build-guest`): discovery, power control, drover's channel through the domain's
 //! `<channel>`, and change tracking with checkpoints and pull-mode backups — the point in time,
-//! the exact dirty extents, a failed cycle that keeps its changes, and a `kill -9` of the
-//! domain's QEMU that leaves the checkpoint's bitmap broken and is seen as such.
+//! the exact dirty extents, a failed cycle that keeps its changes, a cycle while the domain is off
+//! and lost libvirt metadata (the checkpoint is redefined), and a `kill -9` of the domain's QEMU
+//! that leaves the checkpoint's bitmap broken and is seen as such.
 //!
 //! Needs libvirt (scripts/install-deps), `qemu-img`, libnbd's `nbdinfo`/`nbdcopy` (they stand in
 //! for drover-block's NBD client here) and the built guest.
@@ -190,7 +191,7 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     let found = hv.discover().await.unwrap();
     let d = found.iter().find(|d| d.uuid == vm).expect("the domain is discovered");
     assert_eq!(d.name, dom.name);
-    assert_eq!((d.state.as_str(), d.vcpus, d.memory_mib), ("shut_off", 1, 128));
+    assert_eq!((d.state, d.vcpus, d.memory_mib), (drover_agent_api::HostDomainState::ShutOff, 1, 128));
     assert!(!d.owned_by_drover);
     assert_eq!(d.disks.len(), 1);
     assert_eq!(d.disks[0].format.as_deref(), Some("qcow2"));
@@ -264,6 +265,34 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     assert!(patched(&view1, &view3, &extents3) == view3);
     assert!(found_in(&view3, &extents3, &third));
     hv.cut_end(&cut3, true).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-d"]);
+
+    // A cycle while the domain is off, with QEMU's own tools on its image; then its libvirt
+    // metadata is lost (undefined and defined again, as after a migration). The next live cycle
+    // finds the offline cycle's bitmap sound, redefines its checkpoint and goes on incrementally.
+    hv.power_off(vm).await.unwrap();
+    let image = dom.dir.path().join("vda.qcow2");
+    let off = hv.cut_begin_offline(&image, "drover-d", "drover-o", &dom.dir.path().join("off")).await.unwrap();
+    hv.cut_end_offline(off, true).await.unwrap();
+    let xml = String::from_utf8(virsh(&["dumpxml", "--inactive", &dom.name]).stdout).unwrap();
+    assert!(virsh(&["undefine", &dom.name, "--checkpoints-metadata"]).status.success());
+    let file = dom.dir.path().join("again.xml");
+    std::fs::write(&file, xml).unwrap();
+    assert!(virsh(&["define", &file.to_string_lossy()]).status.success());
+    hv.power_on(&spec(&dom)).await.unwrap();
+    hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap();
+    let state = hv.state(vm, 0).await.unwrap();
+    assert_eq!(names(&state), ["drover-o"]);
+    assert!(!ours(&state)[0].inconsistent && ours(&state)[0].recording, "{state:?}");
+    let listed = String::from_utf8_lossy(&virsh(&["checkpoint-list", &dom.name]).stdout).into_owned();
+    assert!(listed.contains("drover-o"), "the checkpoint is redefined: {listed}");
+    let fourth = format!("fourth-{}", Uuid::new_v4());
+    hv.write_marker(vm, &fourth).await.unwrap();
+    let cut_o = hv.cut_begin(vm, 0, "drover-o", "drover-d", &exports).await.unwrap();
+    let extents_o = dirty_extents(&cut_o.nbd, &cut_o.meta_context);
+    assert!(total(&extents_o) > 0 && total(&extents_o) <= SMALL_DIRTY_BYTES, "{}", total(&extents_o));
+    assert!(found_in(&read_view(&cut_o.nbd), &extents_o, &fourth), "the write after the restart is in the extents");
+    hv.cut_end(&cut_o, true).await.unwrap();
     assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-d"]);
 
     // kill -9 of the domain's QEMU: the bitmap in the image is left in use.

@@ -1015,16 +1015,7 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<()> {
             }
             ctx.started(&resp, &a.wait).await.map(drop)
         }
-        VmCommand::Import(a) => {
-            let mut body = json!({ "host_id": a.host, "domain": a.domain, "tags": a.tags });
-            if let Some(ds) = a.datastore {
-                body["datastore_id"] = json!(ds);
-            }
-            if let Some(n) = &a.name {
-                body["name"] = json!(n);
-            }
-            ctx.create("/vms/import", body, render::vm).await
-        }
+        VmCommand::Import(a) => ctx.create("/vms/import", vm_import_body(&a), render::vm).await,
         VmCommand::Update(a) => {
             let body = vm_update_body(&a)?;
             ctx.update(&format!("/vms/{}", a.id), body, render::vm).await
@@ -1036,6 +1027,17 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<()> {
             ctx.start(Request::post(&format!("/vms/{}/power-off", a.id)), &a.wait).await.map(drop)
         }
     }
+}
+
+fn vm_import_body(a: &VmImportArgs) -> Value {
+    let mut body = json!({ "host_id": a.host, "domain": a.domain, "tags": a.tags });
+    if let Some(ds) = a.datastore {
+        body["datastore_id"] = json!(ds);
+    }
+    if let Some(n) = &a.name {
+        body["name"] = json!(n);
+    }
+    body
 }
 
 async fn job(ctx: &Ctx, cmd: JobCommand) -> anyhow::Result<()> {
@@ -1412,6 +1414,23 @@ mod tests {
         assert_eq!(patch.name, None);
         let ClientCommand::Vm(VmCommand::Update(a)) = parse(&["vm", "update", A]) else { panic!() };
         assert!(vm_update_body(&a).is_err());
+    }
+
+    #[test]
+    fn vm_import_names_a_host_and_a_domain() {
+        let cmd = parse(&["vm", "import", "--host", A, "--domain", "web-1", "--tag", "tier:gold"]);
+        let ClientCommand::Vm(VmCommand::Import(a)) = cmd else { panic!("{cmd:?}") };
+        let body = vm_import_body(&a);
+        let _: v::ImportVm = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(body, json!({"host_id": A, "domain": "web-1", "tags": ["tier:gold"]}));
+        let cmd = parse(&["vm", "import", "--host", A, "--domain", "web-1", "--datastore", A, "--name", "web"]);
+        let ClientCommand::Vm(VmCommand::Import(a)) = cmd else { panic!("{cmd:?}") };
+        let body = vm_import_body(&a);
+        let _: v::ImportVm = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!((body["datastore_id"].as_str(), body["name"].as_str()), (Some(A), Some("web")));
+        assert!(try_parse(&["vm", "import", "--host", A]).is_err(), "the domain is required");
+        let ClientCommand::Host(HostCommand::Domains(h)) = parse(&["host", "domains", A]) else { panic!() };
+        assert_eq!(h.id.to_string(), A);
     }
 
     #[test]

@@ -225,7 +225,7 @@ pub fn host_domains(domains: &[drover_api::views::HostDomainView]) -> Table {
         t.row(vec![
             d.uuid.to_string(),
             d.name.clone(),
-            d.state.clone(),
+            wire_name(&d.state),
             d.vcpus.to_string(),
             format!("{} MiB", d.memory_mib),
             list_or_dash(&disks),
