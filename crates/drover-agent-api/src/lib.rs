@@ -512,6 +512,23 @@ pub struct VmBoot {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Firmware::is_bios")]
+    pub firmware: Firmware,
+}
+
+/// The firmware a VM starts with: BIOS (SeaBIOS) or UEFI (OVMF).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    pub fn is_bios(&self) -> bool {
+        *self == Firmware::Bios
+    }
 }
 
 /// A VM to run.
@@ -565,6 +582,9 @@ pub struct HostDomain {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    /// UEFI when its definition names EFI firmware (`<os firmware='efi'>` or an OVMF loader).
+    #[serde(default)]
+    pub firmware: Firmware,
     /// Defined by drover (a replica run as a domain): not for import.
     pub owned_by_drover: bool,
     /// Why drover cannot protect the domain as it is; empty when it can.

@@ -246,7 +246,7 @@ pub async fn freezes_are_bounded_and_thawed(agent: &dyn HostAgent, sim: &drover_
         memory_mib: 64,
         disks: vec![drover_hv::DiskSpec { path: PathBuf::from(format!("/nonexistent/{vm}.qcow2")) }],
         nics: vec![],
-        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None },
+        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
     };
     sim.power_on(&vm_spec).await.unwrap();
     let spec = |id: &str, max_ms: u64| FreezeSpec { id: id.into(), max_ms };

@@ -437,7 +437,12 @@ impl LocalAgent {
                 .iter()
                 .map(|n| drover_hv::NicSpec { network: n.network.clone(), mac: n.mac.clone(), no_uplink: n.no_uplink })
                 .collect(),
-            boot: drover_hv::BootSpec { kernel, initrd, cmdline: spec.boot.cmdline.clone() },
+            boot: drover_hv::BootSpec {
+                kernel,
+                initrd,
+                cmdline: spec.boot.cmdline.clone(),
+                firmware: spec.boot.firmware,
+            },
         })
     }
 

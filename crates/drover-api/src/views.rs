@@ -382,6 +382,36 @@ pub struct BootBody {
     #[schema(schema_with = crate::openapi::absolute_path_or_null)]
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    /// The firmware a VM that boots from its disk starts with (`uefi`: OVMF).
+    #[serde(default)]
+    pub firmware: FirmwareBody,
+}
+
+/// `bios` (SeaBIOS) or `uefi` (OVMF).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareBody {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+impl From<d::Firmware> for FirmwareBody {
+    fn from(f: d::Firmware) -> Self {
+        match f {
+            d::Firmware::Bios => FirmwareBody::Bios,
+            d::Firmware::Uefi => FirmwareBody::Uefi,
+        }
+    }
+}
+
+impl From<FirmwareBody> for d::Firmware {
+    fn from(f: FirmwareBody) -> Self {
+        match f {
+            FirmwareBody::Bios => d::Firmware::Bios,
+            FirmwareBody::Uefi => d::Firmware::Uefi,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -577,7 +607,12 @@ impl From<d::Vm> for VmView {
                 .collect(),
             nics: v.nics.into_iter().map(|n| NicBody { network: n.network, mac: Some(n.mac) }).collect(),
             tags: v.tags.iter().map(ToString::to_string).collect(),
-            boot: BootBody { kernel: v.boot.kernel, initrd: v.boot.initrd, cmdline: v.boot.cmdline },
+            boot: BootBody {
+                kernel: v.boot.kernel,
+                initrd: v.boot.initrd,
+                cmdline: v.boot.cmdline,
+                firmware: v.boot.firmware.into(),
+            },
             power_state: v.power_state,
             provisioned: v.provisioned,
             libvirt_domain: v.libvirt_domain,
@@ -606,7 +641,12 @@ impl CreateVm {
                 .collect(),
             nics: self.nics.into_iter().map(|n| (n.network, n.mac)).collect(),
             tags: parse_tags(&self.tags)?,
-            boot: d::VmBoot { kernel: self.boot.kernel, initrd: self.boot.initrd, cmdline: self.boot.cmdline },
+            boot: d::VmBoot {
+                kernel: self.boot.kernel,
+                initrd: self.boot.initrd,
+                cmdline: self.boot.cmdline,
+                firmware: self.boot.firmware.into(),
+            },
         })
     }
 }

@@ -1118,7 +1118,15 @@ impl App {
             disks,
             nics,
             tags: import.tags,
-            boot: VmBoot { kernel: d.kernel.clone(), initrd: d.initrd.clone(), cmdline: d.cmdline.clone() },
+            boot: VmBoot {
+                kernel: d.kernel.clone(),
+                initrd: d.initrd.clone(),
+                cmdline: d.cmdline.clone(),
+                firmware: match d.firmware {
+                    drover_agent_api::Firmware::Bios => Firmware::Bios,
+                    drover_agent_api::Firmware::Uefi => Firmware::Uefi,
+                },
+            },
             power_state: if matches!(
                 d.state,
                 drover_agent_api::HostDomainState::ShutOff | drover_agent_api::HostDomainState::Crashed

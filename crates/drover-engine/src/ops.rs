@@ -150,7 +150,15 @@ pub(crate) fn no_uplink_vm_nics(vm: &Vm) -> Vec<VmNic> {
 
 /// How the agent boots a VM (or a replica or test VM made from it).
 pub(crate) fn vm_boot(vm: &Vm) -> VmBoot {
-    VmBoot { kernel: vm.boot.kernel.clone(), initrd: vm.boot.initrd.clone(), cmdline: vm.boot.cmdline.clone() }
+    VmBoot {
+        kernel: vm.boot.kernel.clone(),
+        initrd: vm.boot.initrd.clone(),
+        cmdline: vm.boot.cmdline.clone(),
+        firmware: match vm.boot.firmware {
+            drover_types::Firmware::Bios => drover_agent_api::Firmware::Bios,
+            drover_types::Firmware::Uefi => drover_agent_api::Firmware::Uefi,
+        },
+    }
 }
 
 /// The agent of the host a datastore is on, with the datastore registered there.

@@ -101,7 +101,7 @@ pub fn new_vm(name: &str, host: drover_types::HostId, datastore: DatastoreId) ->
         disks: vec![drover_types::VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
         nics: vec![],
         tags: vec![],
-        boot: drover_types::VmBoot { kernel: None, initrd: None, cmdline: None },
+        boot: drover_types::VmBoot { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
     }
 }
 

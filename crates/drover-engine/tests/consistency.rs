@@ -332,7 +332,12 @@ async fn debian_site(prefix: &str) -> (Env, HostId, DatastoreId, Vm) {
         disks: vec![VmDisk { name: "root".into(), size_bytes: 0, import_from: file(&guest.disk) }],
         nics: vec![("lan".into(), None)],
         tags: vec![],
-        boot: VmBoot { kernel: file(&guest.kernel), initrd: file(&guest.initrd), cmdline: Some(guest.cmdline.clone()) },
+        boot: VmBoot {
+            kernel: file(&guest.kernel),
+            initrd: file(&guest.initrd),
+            cmdline: Some(guest.cmdline.clone()),
+            firmware: Default::default(),
+        },
     };
     let (vm, s) = app.vm_create(caller, new_vm).await.unwrap();
     let done = wait(app, s).await;

@@ -85,6 +85,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
         kernel: Some(guest.vmlinux.to_string_lossy().into()),
         initrd: Some(guest.initramfs.to_string_lossy().into()),
         cmdline: Some(guest.cmdline.clone()),
+        firmware: Default::default(),
     };
     let new_vm = NewVm {
         name: "web".into(),
@@ -216,6 +217,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
             kernel: boot.kernel.map(Into::into),
             initrd: boot.initrd.map(Into::into),
             cmdline: boot.cmdline,
+            firmware: Default::default(),
         },
     };
     env.driver.power_on(&spec).await.unwrap();
@@ -285,7 +287,7 @@ impl Rig {
             disks: vec![VmDisk { name: "data".into(), size_bytes: 16 << 20, import_from: None }],
             nics: vec![],
             tags: vec![],
-            boot: VmBoot { kernel: None, initrd: None, cmdline: None },
+            boot: VmBoot { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
         };
         let (vm, s) = app.vm_create(&caller, new_vm).await.unwrap();
         assert_eq!(wait(&app, s).await.result, SessionResult::Success);
@@ -777,6 +779,7 @@ async fn qemu_site(prefix: &str) -> (Env, Host, Datastore, Datastore, VmBoot) {
         kernel: Some(guest.vmlinux.to_string_lossy().into()),
         initrd: Some(guest.initramfs.to_string_lossy().into()),
         cmdline: Some(guest.cmdline.clone()),
+        firmware: Default::default(),
     };
     (Env { _dir: dir, app, caller, driver }, host, prod, dr, boot)
 }

@@ -61,7 +61,7 @@ impl Env {
             disks: vec![VmDisk { name: "data".into(), size_bytes: 64 << 20, import_from: None }],
             nics: vec![("lan".into(), None)],
             tags: vec!["env:test".parse().unwrap()],
-            boot: VmBoot { kernel: None, initrd: None, cmdline: None },
+            boot: VmBoot { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
         }
     }
 

@@ -61,10 +61,12 @@ pub struct BootSpec {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
+    #[serde(default)]
+    pub firmware: Firmware,
 }
 
 // The plain vocabulary of VM control is the agent contract's: the driver speaks it as it is.
-pub use drover_agent_api::{FreezeOutcome, Heartbeat, PowerState, ShutdownOutcome, TcpPortState};
+pub use drover_agent_api::{Firmware, FreezeOutcome, Heartbeat, PowerState, ShutdownOutcome, TcpPortState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {

@@ -151,6 +151,7 @@ impl LibvirtDriver {
             kernel: spec.boot.kernel.clone(),
             initrd: spec.boot.initrd.clone(),
             cmdline: spec.boot.cmdline.clone(),
+            uefi: spec.boot.firmware == crate::Firmware::Uefi,
             disks: spec.disks.iter().map(|d| d.path.clone()).collect(),
             nics,
             console_log: dir.join("console.log"),
@@ -224,6 +225,7 @@ impl LibvirtDriver {
                 kernel: d.kernel.as_ref().map(|p| p.to_string_lossy().into_owned()),
                 initrd: d.initrd.as_ref().map(|p| p.to_string_lossy().into_owned()),
                 cmdline: d.cmdline.clone(),
+                firmware: if d.uefi { crate::Firmware::Uefi } else { crate::Firmware::Bios },
                 owned_by_drover: d.owned_by_drover,
                 unsupported,
             });

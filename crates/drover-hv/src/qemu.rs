@@ -193,6 +193,7 @@ impl DebianGuest {
             kernel: Some(self.kernel.clone()),
             initrd: Some(self.initrd.clone()),
             cmdline: Some(self.cmdline.clone()),
+            firmware: Default::default(),
         }
     }
 }
@@ -239,6 +240,7 @@ impl TinyGuest {
             kernel: Some(self.vmlinux.clone()),
             initrd: Some(self.initramfs.clone()),
             cmdline: Some(self.cmdline.clone()),
+            firmware: Default::default(),
         }
     }
 
@@ -271,6 +273,8 @@ struct VmPaths {
     console: PathBuf,
     console_prev: PathBuf,
     stopped: PathBuf,
+    /// The VM's own UEFI variables (a copy of OVMF's template, made at its first UEFI start).
+    uefi_vars: PathBuf,
 }
 
 impl VmPaths {
@@ -285,6 +289,7 @@ impl VmPaths {
             console: dir.join("console.log"),
             console_prev: dir.join("console.prev.log"),
             stopped: dir.join("stopped"),
+            uefi_vars: dir.join("uefi-vars.fd"),
             dir,
         }
     }
@@ -564,6 +569,13 @@ impl Hypervisor for QemuDriver {
         let spec_json = serde_json::to_vec_pretty(spec)
             .map_err(|e| HvError::InvalidSpec(format!("spec does not serialise: {e}")))?;
         write_atomic(&paths.spec, &spec_json).await?;
+        if spec.boot.firmware == crate::Firmware::Uefi && tokio::fs::metadata(&paths.uefi_vars).await.is_err() {
+            // The VM's UEFI variables (boot entries) are its own and persist across its starts.
+            let template = tokio::fs::read(OVMF_VARS)
+                .await
+                .map_err(|e| HvError::io(format!("reading {OVMF_VARS} (Debian's ovmf package)"), e))?;
+            write_atomic(&paths.uefi_vars, &template).await?;
+        }
 
         let args = qemu_args(spec, &paths, accel, &self.config.bridges)?;
         tracing::info!(vm = %spec.id, name = %spec.name, ?accel, "starting QEMU");
@@ -924,6 +936,11 @@ async fn write_atomic(path: &Path, bytes: &[u8]) -> HvResult<()> {
         .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
 }
 
+/// OVMF as Debian's `ovmf` package installs it: the firmware (read-only) and the template of a
+/// VM's variables (copied per VM).
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
 pub(crate) fn validate_spec(spec: &VmSpec) -> HvResult<()> {
     if spec.vcpus == 0 {
         return Err(HvError::InvalidSpec("vcpus must be at least 1".into()));
@@ -943,6 +960,12 @@ pub(crate) fn validate_spec(spec: &VmSpec) -> HvResult<()> {
         if !is_mac(&nic.mac) {
             return Err(HvError::InvalidSpec(format!("{:?} is not a MAC address", nic.mac)));
         }
+    }
+    if spec.boot.firmware == crate::Firmware::Uefi && !Path::new(OVMF_CODE).is_file() {
+        return Err(HvError::InvalidSpec(format!(
+            "VM {} boots with UEFI, which needs OVMF: {OVMF_CODE} is missing (Debian's ovmf package; scripts/install-deps)",
+            spec.name
+        )));
     }
     if spec.boot.kernel.is_none() && (spec.boot.initrd.is_some() || spec.boot.cmdline.is_some()) {
         return Err(HvError::InvalidSpec("initrd or cmdline given without a kernel".into()));
@@ -1009,6 +1032,13 @@ fn qemu_args(
         };
         push(&["-netdev", &netdev]);
         push(&["-device", &format!("virtio-net-pci,netdev=net{i},mac={},id=nic{i}", nic.mac)]);
+    }
+    if spec.boot.firmware == crate::Firmware::Uefi {
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", qemu_opt_path(Path::new(OVMF_CODE))?),
+        ]);
+        push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", qemu_opt_path(&paths.uefi_vars)?)]);
     }
     if let Some(kernel) = &spec.boot.kernel {
         args.push("-kernel".into());
@@ -1347,6 +1377,7 @@ mod tests {
                 kernel: Some("/g/vmlinux".into()),
                 initrd: Some("/g/initramfs.img".into()),
                 cmdline: Some("console=ttyS0 quiet".into()),
+                firmware: Default::default(),
             },
         };
         let paths = VmPaths::new(Path::new("/run/drover"), id);
@@ -1405,7 +1436,7 @@ mod tests {
             memory_mib: 256,
             disks: vec![DiskSpec { path: "/images/a.qcow2".into() }],
             nics: vec![],
-            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
         };
         let args = qemu_args(&spec, &VmPaths::new(Path::new("/r"), id), ResolvedAccel::Tcg, &BTreeMap::new()).unwrap();
         assert!(args.iter().any(|a| a == "virtio-blk-pci,drive=disk0,id=vblk0,bootindex=0"));
@@ -1424,7 +1455,7 @@ mod tests {
             memory_mib: 96,
             disks: vec![DiskSpec { path: disk }],
             nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false }],
-            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
         };
         validate_spec(&ok).unwrap();
         let bad = |f: &dyn Fn(&mut VmSpec)| {

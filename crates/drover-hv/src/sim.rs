@@ -476,7 +476,7 @@ mod tests {
             memory_mib: 96,
             disks: vec![DiskSpec { path: PathBuf::from(disk) }],
             nics: vec![],
-            boot: BootSpec { kernel: None, initrd: None, cmdline: None },
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
         }
     }
 

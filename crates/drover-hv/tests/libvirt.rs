@@ -174,7 +174,7 @@ fn spec(dom: &Domain) -> VmSpec {
         memory_mib: 128,
         disks: vec![],
         nics: vec![],
-        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None },
+        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
     }
 }
 

@@ -349,3 +349,53 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
     assert_eq!(hb.marker.as_deref(), Some("written through qemu-ga"));
     assert_eq!(hv.power_off(spec.id).await.ok(), Some(()));
 }
+
+/// The Debian guest boots from its own disk, with no kernel given (SYSLINUX on its boot
+/// partition, `scripts/build-debian-guest`): under SeaBIOS and under UEFI (OVMF, with the VM's
+/// own copy of the UEFI variables), and is heard through its guest agent each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_guest_boots_from_its_disk_under_bios_and_uefi() {
+    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    let debian = drover_hv::qemu::DebianGuest::load(&debian)
+        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
+    let f = Fixture::new();
+    let hv = QemuDriver::new(f.config());
+    for firmware in [drover_hv::Firmware::Bios, drover_hv::Firmware::Uefi] {
+        let disk = f.dir.path().join(format!("debian-{firmware:?}.qcow2"));
+        image::create_overlay(&disk, &debian.disk).await.unwrap();
+        let spec = VmSpec {
+            id: Uuid::new_v4(),
+            name: format!("debian-{firmware:?}"),
+            vcpus: 1,
+            memory_mib: 512,
+            disks: vec![DiskSpec { path: disk }],
+            nics: vec![],
+            boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware },
+        };
+        let started = Instant::now();
+        hv.power_on(&spec).await.unwrap();
+        let hb = hv.wait_heartbeat(spec.id, Duration::from_secs(300)).await.unwrap_or_else(|e| {
+            let console = console(&hv, spec.id);
+            let tail: Vec<&str> = console.lines().rev().take(30).collect();
+            panic!("no heartbeat from the Debian guest booted by {firmware:?}: {e}; console:\n{}", tail.join("\n"))
+        });
+        println!(
+            "{firmware:?}: the Debian guest, booted from its disk, answered {:.1} s after power-on",
+            started.elapsed().as_secs_f64()
+        );
+        assert_eq!(hb.marker, None);
+        let console = console(&hv, spec.id);
+        assert!(console.contains("Linux version"), "the kernel came from the disk: {console}");
+        if firmware == drover_hv::Firmware::Bios {
+            assert!(console.contains("SYSLINUX"), "SeaBIOS ran SYSLINUX from the disk");
+        } else {
+            let vars = hv.vm_dir(spec.id).join("uefi-vars.fd");
+            let mode =
+                std::fs::metadata(&vars).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+            assert_eq!(mode.ok(), Some(0o600), "the VM's own UEFI variables, private");
+        }
+        hv.power_off(spec.id).await.unwrap();
+    }
+}

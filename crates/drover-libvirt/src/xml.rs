@@ -36,6 +36,8 @@ pub struct DomainDescription {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
+    /// Its firmware is UEFI (`<os firmware='efi'>`, or a pflash loader).
+    pub uefi: bool,
     /// Defined by drover (its `<metadata>` carries drover's element): drover may redefine or
     /// undefine it. Any other domain is the administrator's and is never redefined.
     pub owned_by_drover: bool,
@@ -123,6 +125,7 @@ impl DomainDescription {
             kernel: None,
             initrd: None,
             cmdline: None,
+            uefi: false,
             owned_by_drover: false,
         };
         // The device being read (its element ended pushes it).
@@ -147,6 +150,8 @@ impl DomainDescription {
                 match p.as_slice() {
                     ["domain"] => d.domain_type = attr(&e, "type")?.unwrap_or_default(),
                     ["domain", "memory"] => memory_unit = attr(&e, "unit")?.unwrap_or_else(|| "KiB".into()),
+                    ["domain", "os"] => d.uefi |= attr(&e, "firmware")?.as_deref() == Some("efi"),
+                    ["domain", "os", "loader"] => d.uefi |= attr(&e, "type")?.as_deref() == Some("pflash"),
                     ["domain", "metadata", _] if name.ends_with(":vm") || name == "vm" => {
                         let prefix = name.split_once(':').map(|(p, _)| p);
                         let ns_attr = prefix.map_or("xmlns".to_string(), |p| format!("xmlns:{p}"));
@@ -324,6 +329,8 @@ pub struct NewDomain {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
+    /// UEFI firmware (libvirt picks OVMF) instead of BIOS.
+    pub uefi: bool,
     /// qcow2 images, in order (`vda`, `vdb`, ...).
     pub disks: Vec<PathBuf>,
     /// NICs: MAC and the libvirt network it is on.
@@ -340,12 +347,13 @@ impl NewDomain {
         let mut x = format!(
             "<domain type='{}'><name>{}</name><uuid>{}</uuid>\
              <metadata><drover:vm xmlns:drover='{DROVER_NS}'/></metadata>\
-             <memory unit='MiB'>{}</memory><vcpu>{}</vcpu><os><type arch='x86_64' machine='pc'>hvm</type>",
+             <memory unit='MiB'>{}</memory><vcpu>{}</vcpu><os{}><type arch='x86_64' machine='pc'>hvm</type>",
             e(&self.domain_type),
             e(&self.name),
             self.uuid,
             self.memory_mib,
-            self.vcpus
+            self.vcpus,
+            if self.uefi { " firmware='efi'" } else { "" }
         );
         match &self.kernel {
             Some(k) => {
@@ -540,6 +548,7 @@ mod tests {
             kernel: Some("/g/vmlinux".into()),
             initrd: None,
             cmdline: Some("console=ttyS0 a='b'".into()),
+            uefi: false,
             disks: (0..28).map(|i| PathBuf::from(format!("/d/{i}.qcow2"))).collect(),
             nics: vec![("52:54:00:00:00:01".into(), "dr-net".into())],
             console_log: "/r/console.log".into(),
@@ -553,8 +562,10 @@ mod tests {
         assert_eq!(d.cmdline.as_deref(), Some("console=ttyS0 a='b'"));
         assert_eq!(d.nics[0].source.as_deref(), Some("dr-net"));
         assert_eq!(d.channel_path("org.drover.agent"), Some(std::path::Path::new("/r/agent.sock")));
-        let disk_boot = NewDomain { kernel: None, ..n };
+        assert!(!d.uefi);
+        let disk_boot = NewDomain { kernel: None, uefi: true, ..n };
         assert!(disk_boot.xml().contains("<boot dev='hd'/>"));
+        assert!(DomainDescription::parse(&disk_boot.xml()).unwrap().uefi, "UEFI reads back");
     }
 
     #[test]

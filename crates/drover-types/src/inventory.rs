@@ -149,6 +149,18 @@ pub struct VmBoot {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    /// The firmware a VM that boots from its disk starts with.
+    #[serde(default)]
+    pub firmware: Firmware,
+}
+
+/// BIOS (SeaBIOS) or UEFI (OVMF, from Debian's `ovmf` package).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
 }
 
 /// VM power lifecycle as drover sees it.

@@ -212,6 +212,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                             initrd: path(&guest.initramfs),
                             // The guest listens on port 22, which the plan's port check probes.
                             cmdline: Some(guest.cmdline_listening(&[22])),
+                            firmware: Default::default(),
                         },
                     ),
                     Some(d) => (
@@ -223,6 +224,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                             kernel: path(&d.kernel),
                             initrd: path(&d.initrd),
                             cmdline: Some(d.cmdline.clone()),
+                            firmware: Default::default(),
                         },
                     ),
                 };

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use drover_api::views::{
-    BootBody, DiskBody, NetworkMappingBody, NicBody, PlanActionView, PlanView, ReplicationJobView, ScheduleBody,
-    SessionView,
+    BootBody, DiskBody, FirmwareBody, NetworkMappingBody, NicBody, PlanActionView, PlanView, ReplicationJobView,
+    ScheduleBody, SessionView,
 };
 use drover_engine::saga::ContinueOption;
 use serde_json::{Value, json};
@@ -193,6 +193,9 @@ pub struct VmCreateArgs {
     pub initrd: Option<String>,
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
+    /// The firmware the VM boots its disk with: `bios` (SeaBIOS) or `uefi` (OVMF).
+    #[arg(long, default_value = "bios", value_parser = ["bios", "uefi"])]
+    pub firmware: String,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -696,7 +699,8 @@ fn vm_create_body(a: &VmCreateArgs) -> Value {
         .map(|d| DiskBody { name: d.name.clone(), size_bytes: d.size_bytes, import_from: d.import_from.clone() })
         .collect();
     let nics: Vec<NicBody> = a.nics.iter().map(|n| NicBody { network: n.clone(), mac: None }).collect();
-    let boot = BootBody { kernel: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: a.cmdline.clone() };
+    let firmware = if a.firmware == "uefi" { FirmwareBody::Uefi } else { FirmwareBody::Bios };
+    let boot = BootBody { kernel: a.kernel.clone(), initrd: a.initrd.clone(), cmdline: a.cmdline.clone(), firmware };
     json!({
         "name": a.name,
         "host_id": a.host,

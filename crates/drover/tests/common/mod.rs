@@ -305,6 +305,7 @@ pub async fn start_behind_drovers_back(
             kernel: Some(guest.join("vmlinux").to_string_lossy().into_owned()),
             initrd: Some(guest.join("initramfs.img").to_string_lossy().into_owned()),
             cmdline: Some("console=ttyS0 quiet".into()),
+            firmware: Default::default(),
         },
     };
     // A restarted agent learns its datastores again from the control plane's next call.
