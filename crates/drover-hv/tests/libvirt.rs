@@ -390,3 +390,78 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     hv.forget(admins.uuid).await.unwrap();
     assert!(virsh(&["dominfo", &admins.name]).status.success(), "an imported domain is never undefined");
 }
+
+/// A real guest as users have them: the Debian guest booting from its own disk (no kernel in
+/// the definition), with a guest agent channel, defined outside drover. It is heard through the
+/// guest agent by way of libvirt (which holds the agent's port), and frozen and thawed through
+/// libvirt's `virDomainFSFreeze`; a domain without the channel says why it cannot be frozen.
+#[tokio::test]
+async fn a_debian_domain_is_heard_and_frozen_through_libvirt() {
+    testing::ensure_daemon();
+    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    let debian = drover_hv::qemu::DebianGuest::load(&debian)
+        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("debian.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&debian.disk)
+        .arg(&disk));
+    let uuid = Uuid::new_v4();
+    let name = format!("drover-test-debian-{}", &uuid.to_string()[..8]);
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>512</memory><vcpu>1</vcpu>
+           <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+           <features><acpi/></features><on_poweroff>destroy</on_poweroff>
+           <devices>
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+             <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+             <memballoon model='none'/>
+           </devices></domain>",
+        disk = disk.display(),
+        d = dir.path().display(),
+    );
+    let file = dir.path().join("domain.xml");
+    std::fs::write(&file, xml).unwrap();
+    run(Command::new("virsh").args(["-c", testing::URI, "define"]).arg(&file));
+    struct Undefine(String);
+    impl Drop for Undefine {
+        fn drop(&mut self) {
+            let _ = virsh(&["destroy", &self.0]);
+            let _ = virsh(&["undefine", &self.0, "--checkpoints-metadata"]);
+        }
+    }
+    let _undefine = Undefine(name.clone());
+    let hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
+    let spec = VmSpec {
+        id: uuid,
+        name: name.clone(),
+        vcpus: 1,
+        memory_mib: 512,
+        disks: vec![],
+        nics: vec![],
+        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+    };
+    let started = std::time::Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    hv.wait_heartbeat(uuid, Duration::from_secs(300)).await.unwrap_or_else(|e| {
+        let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+        panic!("no heartbeat through libvirt's guest agent: {e}; console:\n{console}")
+    });
+    println!(
+        "the Debian domain answered through libvirt {:.1} s after it was started",
+        started.elapsed().as_secs_f64()
+    );
+    let frozen = hv.guest_freeze(uuid).await.unwrap();
+    assert!(frozen.frozen && frozen.filesystems >= 1, "{frozen:?}");
+    println!("{}", frozen.reason);
+    assert_eq!(hv.guest_thaw(uuid).await.unwrap(), frozen.filesystems);
+    // Thawed: the guest answers again and can be frozen again.
+    hv.wait_heartbeat(uuid, Duration::from_secs(30)).await.unwrap();
+    assert!(hv.guest_freeze(uuid).await.unwrap().frozen);
+    assert!(hv.guest_thaw(uuid).await.unwrap() >= 1);
+    hv.power_off(uuid).await.unwrap();
+}
