@@ -587,6 +587,10 @@ pub struct VmView {
     /// The libvirt domain this VM is, when it was imported from its host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub libvirt_domain: Option<String>,
+    /// Where the guest is: the addresses its guest agent reported when it was last powered on,
+    /// while it runs (empty otherwise, or when the guest has no guest agent).
+    #[serde(default)]
+    pub guest_addresses: Vec<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -616,6 +620,7 @@ impl From<d::Vm> for VmView {
             power_state: v.power_state,
             provisioned: v.provisioned,
             libvirt_domain: v.libvirt_domain,
+            guest_addresses: if v.power_state == d::VmPowerState::Running { v.guest_addresses } else { Vec::new() },
             created_at: v.created_at,
             updated_at: v.updated_at,
         }

@@ -984,6 +984,7 @@ impl App {
             power_state: VmPowerState::Off,
             provisioned: false,
             libvirt_domain: None,
+            guest_addresses: Vec::new(),
             created_at: t,
             updated_at: t,
         };
@@ -1137,6 +1138,7 @@ impl App {
             },
             provisioned: true,
             libvirt_domain: Some(d.name.clone()),
+            guest_addresses: Vec::new(),
             created_at: t,
             updated_at: t,
         };

@@ -1050,6 +1050,7 @@ impl Step for RestoreToLocation {
                     power_state: VmPowerState::Off,
                     provisioned: false,
                     libvirt_domain: None,
+                    guest_addresses: Vec::new(),
                     created_at: t,
                     updated_at: t,
                 };

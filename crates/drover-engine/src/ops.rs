@@ -464,6 +464,13 @@ impl Step for WaitHeartbeat {
         let timeout = ctx.engine.config().heartbeat_timeout;
         let hb = op_agent(ctx, &self.0).await?.vm_wait_heartbeat(self.0.vm_id.0, timeout).await.map_err(vm_err)?;
         ctx.log(LogLevel::Info, format!("heartbeat: guest up {:.1} s{}", hb.uptime_secs, at_addresses(&hb))).await;
+        // The VM's view shows where its guest is (the agent bounds the list).
+        let addresses: Vec<String> = hb.addresses.iter().take(32).cloned().collect();
+        vm_set_state(ctx, &self.0, |vm| {
+            vm.guest_addresses = addresses.clone();
+            Ok(())
+        })
+        .await?;
         Ok(json!({ "uptime_secs": hb.uptime_secs, "marker": hb.marker, "addresses": hb.addresses }))
     }
     async fn undo(&self, _: &StepCtx, _: &Value) -> Result<()> {

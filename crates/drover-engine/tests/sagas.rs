@@ -119,6 +119,7 @@ async fn vm_lifecycle_records_every_session() {
     assert!(vm.provisioned);
     assert!(env.ds_path.join(vm.id.to_string()).join("data.qcow2").is_file());
 
+    env.hv.set_guest_addresses(vm.id.0, vec!["10.0.2.15".into()]);
     let s = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap();
     // The state moved before the call returned, so a second request is refused.
     let again = env.app.vm_power(&env.caller, vm.id, PowerAction::PowerOn).await.unwrap_err();
@@ -127,6 +128,7 @@ async fn vm_lifecycle_records_every_session() {
     assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
     assert_consistent(&env, &done).await;
     assert_eq!(env.vm(vm.id).await.unwrap().power_state, VmPowerState::Running);
+    assert_eq!(env.vm(vm.id).await.unwrap().guest_addresses, ["10.0.2.15"], "the heartbeat's addresses are the VM's");
 
     let s = env.app.vm_power(&env.caller, vm.id, PowerAction::Shutdown).await.unwrap();
     let done = env.wait(s).await;

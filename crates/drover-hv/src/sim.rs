@@ -73,6 +73,8 @@ struct SimInner {
     open_ports: HashMap<Uuid, BTreeSet<u16>>,
     /// VMs whose simulated guest agent answers, and whether it holds their file systems frozen.
     guest_agents: HashMap<Uuid, bool>,
+    /// The addresses a VM's guest reports in its heartbeats.
+    guest_addresses: HashMap<Uuid, Vec<String>>,
 }
 
 /// In-memory hypervisor for tests. See the module documentation.
@@ -110,6 +112,11 @@ impl SimulatedHypervisor {
         } else {
             inner.guest_agents.remove(&vm);
         }
+    }
+
+    /// The addresses the VM's guest reports in its heartbeats (as a guest agent would).
+    pub fn set_guest_addresses(&self, vm: Uuid, addresses: Vec<String>) {
+        self.lock().guest_addresses.insert(vm, addresses);
     }
 
     /// Whether the VM's guest agent holds its file systems frozen.
@@ -352,7 +359,7 @@ impl Hypervisor for SimulatedHypervisor {
                             return Ok(Heartbeat {
                                 uptime_secs: booted.elapsed().as_secs_f64(),
                                 marker,
-                                addresses: Vec::new(),
+                                addresses: inner.guest_addresses.get(&vm).cloned().unwrap_or_default(),
                             });
                         }
                         ready_at

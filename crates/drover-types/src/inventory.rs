@@ -233,6 +233,10 @@ pub struct Vm {
     /// but never redefines it or removes its disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_domain: Option<String>,
+    /// The guest's addresses as its guest agent reported them in the heartbeat of its last
+    /// power-on (neither loopback nor link-local; at most 32).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_addresses: Vec<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -257,6 +257,7 @@ pub fn vm(v: &VmView) -> String {
         ("nics", list_or_dash(&nics)),
         ("tags", list_or_dash(&v.tags)),
         ("kernel", opt(&v.boot.kernel)),
+        ("addresses", list_or_dash(&v.guest_addresses)),
         ("libvirt domain", opt(&v.libvirt_domain)),
         ("host", v.host_id.to_string()),
         ("datastore", v.datastore_id.to_string()),
