@@ -9,6 +9,9 @@
 //! Needs libvirt (scripts/install-deps), `qemu-img`, libnbd's `nbdinfo`/`nbdcopy` (they stand in
 //! for drover-block's NBD client here) and the built guest.
 
+mod common;
+
+use common::{covered, dirty_extents, found_in, patched, read_view, run, total};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,7 +20,6 @@ use drover_hv::libvirt::{LibvirtDriver, testing};
 use drover_hv::qemu::TinyGuest;
 use drover_hv::tracking::BitmapState;
 use drover_hv::{ChangeTracking, HvError, Hypervisor, PowerState, VmSpec};
-use drover_qemu::qsd::NbdEndpoint;
 use uuid::Uuid;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -30,12 +32,6 @@ fn tiny_guest() -> TinyGuest {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out"));
     TinyGuest::load(&dir)
         .unwrap_or_else(|e| panic!("the tiny guest is not built in {} ({e}): run scripts/build-guest", dir.display()))
-}
-
-fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out.stdout
 }
 
 fn virsh(args: &[&str]) -> std::process::Output {
@@ -104,56 +100,6 @@ impl Drop for Domain {
         let _ = virsh(&["destroy", &self.name]);
         let _ = virsh(&["undefine", &self.name, "--checkpoints-metadata"]);
     }
-}
-
-fn dirty_extents(nbd: &NbdEndpoint, context: &str) -> Vec<(u64, u64)> {
-    let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg(nbd.uri()));
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && f[2] == "1").then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
-        })
-        .collect()
-}
-
-fn total(extents: &[(u64, u64)]) -> u64 {
-    extents.iter().map(|(_, l)| l).sum()
-}
-
-fn read_view(nbd: &NbdEndpoint) -> Vec<u8> {
-    let view = run(Command::new("nbdcopy").arg(nbd.uri()).arg("-"));
-    assert_eq!(view.len() as u64, DISK_BYTES);
-    view
-}
-
-fn found_in(view: &[u8], extents: &[(u64, u64)], needle: &str) -> bool {
-    extents.iter().any(|&(off, len)| {
-        view[off as usize..(off + len) as usize].windows(needle.len()).any(|w| w == needle.as_bytes())
-    })
-}
-
-fn patched(base: &[u8], update: &[u8], extents: &[(u64, u64)]) -> Vec<u8> {
-    let mut out = base.to_vec();
-    for &(off, len) in extents {
-        let r = off as usize..(off + len) as usize;
-        out[r.clone()].copy_from_slice(&update[r]);
-    }
-    out
-}
-
-fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
-    inner.iter().all(|&(off, len)| {
-        let mut pos = off;
-        while pos < off + len {
-            match outer.iter().find(|&&(o, l)| o <= pos && pos < o + l) {
-                Some(&(o, l)) => pos = o + l,
-                None => return false,
-            }
-        }
-        true
-    })
 }
 
 fn ours(state: &[BitmapState]) -> Vec<&BitmapState> {
@@ -230,12 +176,12 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
         "dirty after one write: {}",
         total(&extents1)
     );
-    let view1 = read_view(&cut.nbd);
+    let view1 = read_view(&cut.nbd, DISK_BYTES);
     assert!(found_in(&view1, &extents1, &first), "the marker is inside the dirty extents");
     // The guest writes during the cut; the export keeps the point in time.
     let second = format!("second-{}", Uuid::new_v4());
     hv.write_marker(vm, &second).await.unwrap();
-    assert!(read_view(&cut.nbd) == view1, "the point-in-time view changed while the guest wrote");
+    assert!(read_view(&cut.nbd, DISK_BYTES) == view1, "the point-in-time view changed while the guest wrote");
     // A second disk cut while the job runs would wait (libvirt runs one backup job per domain):
     // the same disk under other names is refused as busy.
     assert!(matches!(
@@ -250,7 +196,7 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     // Cycle 2 carries exactly the change made during cycle 1.
     let cut2 = hv.cut_begin(vm, 0, "drover-b", "drover-c", &exports).await.unwrap();
     let extents2 = dirty_extents(&cut2.nbd, &cut2.meta_context);
-    let view2 = read_view(&cut2.nbd);
+    let view2 = read_view(&cut2.nbd, DISK_BYTES);
     assert!(found_in(&view2, &extents2, &second), "the second marker is in the new extents");
     assert!(patched(&view1, &view2, &extents2) == view2, "the checkpoint missed a write made during cycle 1");
     // The transfer fails: the new checkpoint goes, `drover-b` still covers everything.
@@ -260,7 +206,7 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     hv.write_marker(vm, &third).await.unwrap();
     let cut3 = hv.cut_begin(vm, 0, "drover-b", "drover-d", &exports).await.unwrap();
     let extents3 = dirty_extents(&cut3.nbd, &cut3.meta_context);
-    let view3 = read_view(&cut3.nbd);
+    let view3 = read_view(&cut3.nbd, DISK_BYTES);
     assert!(covered(&extents2, &extents3), "the failed cycle's changes are sent again");
     assert!(patched(&view1, &view3, &extents3) == view3);
     assert!(found_in(&view3, &extents3, &third));
@@ -291,7 +237,10 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     let cut_o = hv.cut_begin(vm, 0, "drover-o", "drover-d", &exports).await.unwrap();
     let extents_o = dirty_extents(&cut_o.nbd, &cut_o.meta_context);
     assert!(total(&extents_o) > 0 && total(&extents_o) <= SMALL_DIRTY_BYTES, "{}", total(&extents_o));
-    assert!(found_in(&read_view(&cut_o.nbd), &extents_o, &fourth), "the write after the restart is in the extents");
+    assert!(
+        found_in(&read_view(&cut_o.nbd, DISK_BYTES), &extents_o, &fourth),
+        "the write after the restart is in the extents"
+    );
     hv.cut_end(&cut_o, true).await.unwrap();
     assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-d"]);
 

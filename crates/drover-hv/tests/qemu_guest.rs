@@ -99,6 +99,15 @@ impl Fixture {
     }
 }
 
+/// The Debian guest (`scripts/build-debian-guest`; missing is a failure, not a skip).
+fn debian_guest() -> drover_hv::qemu::DebianGuest {
+    let dir = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    drover_hv::qemu::DebianGuest::load(&dir)
+        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"))
+}
+
 fn console(hv: &QemuDriver, vm: Uuid) -> String {
     std::fs::read_to_string(hv.console_log_path(vm)).unwrap_or_default()
 }
@@ -289,11 +298,7 @@ async fn kvm_probe_answers_within_its_timeout() {
 /// guest's address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
-    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
-    let debian = drover_hv::qemu::DebianGuest::load(&debian)
-        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
+    let debian = debian_guest();
     let f = Fixture::new();
     let hv = QemuDriver::new(f.config());
     // An overlay: the cached image stays as built.
@@ -355,11 +360,7 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
 /// own copy of the UEFI variables), and is heard through its guest agent each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debian_guest_boots_from_its_disk_under_bios_and_uefi() {
-    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
-    let debian = drover_hv::qemu::DebianGuest::load(&debian)
-        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
+    let debian = debian_guest();
     let f = Fixture::new();
     let hv = QemuDriver::new(f.config());
     for firmware in [drover_hv::Firmware::Bios, drover_hv::Firmware::Uefi] {

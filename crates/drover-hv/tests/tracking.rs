@@ -10,6 +10,9 @@
 //! dirty extents of the next cycle, equals the next point in time. If a bitmap missed a write,
 //! the patched copy would differ.
 
+mod common;
+
+use common::{covered, dirty_extents, found_in, patched, read_view, run, total};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use drover_hv::qemu::{Accel, QemuConfig, QemuDriver, TinyGuest};
 use drover_hv::tracking::{self, BitmapState};
 use drover_hv::{DiskSpec, HvError, Hypervisor, VmSpec};
 use drover_qemu::image;
-use drover_qemu::qsd::{Backing, NbdEndpoint, NbdExport, Qcow2Node, StorageDaemon};
+use drover_qemu::qsd::{Backing, NbdExport, Qcow2Node, StorageDaemon};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -156,68 +159,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out.stdout
-}
-
-/// Dirty `(offset, length)` ranges of `context` on the export, from `nbdinfo --map`.
-fn dirty_extents(nbd: &NbdEndpoint, context: &str) -> Vec<(u64, u64)> {
-    let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg(nbd.uri()));
-    let mut extents = Vec::new();
-    for line in String::from_utf8(out).unwrap().lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() >= 3 && fields[2] == "1" {
-            extents.push((fields[0].parse().unwrap(), fields[1].parse().unwrap()));
-        }
-    }
-    extents
-}
-
-fn total(extents: &[(u64, u64)]) -> u64 {
-    extents.iter().map(|(_, len)| len).sum()
-}
-
-/// The whole exported view.
-fn read_view(nbd: &NbdEndpoint) -> Vec<u8> {
-    let view = run(Command::new("nbdcopy").arg(nbd.uri()).arg("-"));
-    assert_eq!(view.len() as u64, DISK_BYTES);
-    view
-}
-
-/// Whether `needle` occurs inside one of `extents` of `view`.
-fn found_in(view: &[u8], extents: &[(u64, u64)], needle: &str) -> bool {
-    extents.iter().any(|&(off, len)| {
-        let range = &view[off as usize..(off + len) as usize];
-        range.windows(needle.len()).any(|w| w == needle.as_bytes())
-    })
-}
-
-/// `base` patched with `extents` of `update`: what a replica holds after applying a cycle.
-fn patched(base: &[u8], update: &[u8], extents: &[(u64, u64)]) -> Vec<u8> {
-    let mut out = base.to_vec();
-    for &(off, len) in extents {
-        let range = off as usize..(off + len) as usize;
-        out[range.clone()].copy_from_slice(&update[range]);
-    }
-    out
-}
-
-/// Every byte range of `inner` lies inside `outer`.
-fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
-    inner.iter().all(|&(off, len)| {
-        let mut pos = off;
-        while pos < off + len {
-            match outer.iter().find(|&&(o, l)| o <= pos && pos < o + l) {
-                Some(&(o, l)) => pos = o + l,
-                None => return false,
-            }
-        }
-        true
-    })
-}
-
 fn bitmap<'a>(bitmaps: &'a [BitmapState], name: &str) -> Option<&'a BitmapState> {
     bitmaps.iter().find(|b| b.name == name)
 }
@@ -258,14 +199,14 @@ async fn running_vm_cycle_is_a_point_in_time_and_next_holds_later_writes() {
     let extents1 = dirty_extents(&cycle.nbd, &cycle.meta_context);
     let dirty1 = total(&extents1);
     assert!(dirty1 > 0 && dirty1 <= SMALL_DIRTY_BYTES, "dirty bytes after one marker write: {dirty1}");
-    let view1 = read_view(&cycle.nbd);
+    let view1 = read_view(&cycle.nbd, DISK_BYTES);
     assert!(found_in(&view1, &extents1, &first), "the first marker is inside the dirty extents");
 
     // The guest writes again during the cycle; the export keeps showing the point in time.
     let second = format!("second-marker-{}", Uuid::new_v4());
     hv.write_marker(vm, &second).await.unwrap();
     assert_eq!(hv.wait_heartbeat(vm, BOOT_TIMEOUT).await.unwrap().marker.as_deref(), Some(second.as_str()));
-    let view1_later = read_view(&cycle.nbd);
+    let view1_later = read_view(&cycle.nbd, DISK_BYTES);
     for &(off, len) in &extents1 {
         let r = off as usize..(off + len) as usize;
         assert!(view1[r.clone()] == view1_later[r], "dirty range {off}+{len} changed in the point-in-time view");
@@ -288,7 +229,7 @@ async fn running_vm_cycle_is_a_point_in_time_and_next_holds_later_writes() {
     let extents2 = dirty_extents(&cycle2.nbd, &cycle2.meta_context);
     let dirty2 = total(&extents2);
     assert!(dirty2 > 0 && dirty2 <= SMALL_DIRTY_BYTES, "dirty bytes after the second write: {dirty2}");
-    let view2 = read_view(&cycle2.nbd);
+    let view2 = read_view(&cycle2.nbd, DISK_BYTES);
     assert!(view2 != view1);
     assert!(found_in(&view2, &extents2, &second), "the second marker is inside the new dirty extents");
     assert!(patched(&view1, &view2, &extents2) == view2, "next missed a write made during cycle 1");
@@ -317,7 +258,7 @@ async fn a_failed_cycle_leaves_its_changes_for_the_next_one() {
     let cycle1 = tracking::begin_cycle(&hv, vm, 0, "a", "b", &exports).await.unwrap();
     let extents1 = dirty_extents(&cycle1.nbd, &cycle1.meta_context);
     assert!(!extents1.is_empty());
-    let view1 = read_view(&cycle1.nbd);
+    let view1 = read_view(&cycle1.nbd, DISK_BYTES);
     tracking::end_cycle(&hv, &cycle1, false).await.unwrap();
     tracking::end_cycle(&hv, &cycle1, false).await.unwrap(); // idempotent
     assert_eq!(names(&tracking::bitmap_state(&hv, vm, 0).await.unwrap()), ["b"]);
@@ -326,7 +267,7 @@ async fn a_failed_cycle_leaves_its_changes_for_the_next_one() {
     let cycle2 = tracking::begin_cycle(&hv, vm, 0, "b", "c", &exports).await.unwrap();
     let extents2 = dirty_extents(&cycle2.nbd, &cycle2.meta_context);
     assert!(covered(&extents1, &extents2), "cycle 2 {extents2:?} must include cycle 1 {extents1:?}");
-    let view2 = read_view(&cycle2.nbd);
+    let view2 = read_view(&cycle2.nbd, DISK_BYTES);
     assert!(patched(&view1, &view2, &extents2) == view2, "cycle 2 misses a write");
     tracking::end_cycle(&hv, &cycle2, true).await.unwrap();
 
@@ -344,7 +285,7 @@ async fn a_failed_cycle_leaves_its_changes_for_the_next_one() {
     let retried = tracking::begin_cycle(&hv, vm, 0, "c", "d", &exports).await.unwrap();
     let extents3b = dirty_extents(&retried.nbd, &retried.meta_context);
     assert!(covered(&extents3, &extents3b));
-    let view3 = read_view(&retried.nbd);
+    let view3 = read_view(&retried.nbd, DISK_BYTES);
     assert!(patched(&view2, &view3, &extents3b) == view3, "the re-cut misses a write");
     assert!(view3 != view2);
     tracking::end_cycle(&hv, &retried, true).await.unwrap();
@@ -387,7 +328,7 @@ async fn powered_off_vm_cycles_through_a_storage_daemon() {
     let extents = dirty_extents(&cycle.nbd, &cycle.meta_context);
     let dirty = total(&extents);
     assert!(dirty > 0 && dirty <= SMALL_DIRTY_BYTES, "{dirty}");
-    let view = read_view(&cycle.nbd);
+    let view = read_view(&cycle.nbd, DISK_BYTES);
     assert!(found_in(&view, &extents, &marker));
     // The daemon holds the image: nobody can open it for writing meanwhile (a VM neither).
     let locked = tracking::enable_tracking_offline(&disk, "not-now").await.unwrap_err();
