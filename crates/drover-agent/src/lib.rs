@@ -321,14 +321,12 @@ impl LocalAgent {
     /// administrator's image.
     async fn disk_target(&self, disk: &DiskRef) -> AgentResult<(PathBuf, PathBuf)> {
         check_disk_name(&disk.disk)?;
-        let in_datastore =
-            self.datastore(disk.datastore)?.join(disk.vm.to_string()).join(format!("{}.qcow2", disk.disk));
-        let image = self.disk_image(disk).await?;
-        if image == in_datastore {
+        let dir = self.datastore(disk.datastore)?.join(disk.vm.to_string());
+        let Some(image) = self.hv.disk_location(disk.vm, disk.index).await.map_err(hv_error)? else {
+            let image = dir.join(format!("{}.qcow2", disk.disk));
             let manifest = manifest_path(&image);
             return Ok((image, manifest));
-        }
-        let dir = self.datastore(disk.datastore)?.join(disk.vm.to_string());
+        };
         let made = dir.clone();
         tokio::task::spawn_blocking(move || host_paths::create_private_dir_all(&made))
             .await

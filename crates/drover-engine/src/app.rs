@@ -1013,12 +1013,9 @@ impl App {
         caller.require_system_admin()?;
         let host = self.get::<Host>(caller, host.0).await?;
         let domains = self.domains_of(&host).await?;
-        let mut imported = Vec::new();
-        for d in &domains {
-            if self.store().object_get::<Vm>(caller.tenant_id, d.uuid).await.is_ok() {
-                imported.push(d.uuid);
-            }
-        }
+        let vms: std::collections::HashSet<uuid::Uuid> =
+            self.store().object_list::<Vm>(caller.tenant_id).await?.into_iter().map(|v| v.id.0).collect();
+        let imported = domains.iter().map(|d| d.uuid).filter(|u| vms.contains(u)).collect();
         Ok((domains, imported))
     }
 
@@ -1047,10 +1044,10 @@ impl App {
             None => {
                 let on_host: Vec<Datastore> = self
                     .store()
-                    .object_list_all::<Datastore>()
+                    .object_list::<Datastore>(caller.tenant_id)
                     .await?
                     .into_iter()
-                    .filter(|d| d.host_id == host.id && d.tenant_id == caller.tenant_id)
+                    .filter(|d| d.host_id == host.id)
                     .collect();
                 match on_host.as_slice() {
                     [one] => one.clone(),

@@ -464,7 +464,7 @@ impl Step for WaitHeartbeat {
         let timeout = ctx.engine.config().heartbeat_timeout;
         let hb = op_agent(ctx, &self.0).await?.vm_wait_heartbeat(self.0.vm_id.0, timeout).await.map_err(vm_err)?;
         ctx.log(LogLevel::Info, format!("heartbeat: guest up {:.1} s{}", hb.uptime_secs, at_addresses(&hb))).await;
-        // The VM's view shows where its guest is (the agent bounds the list).
+        // The VM's view shows where its guest is; a remote agent's list is bounded here too.
         let addresses: Vec<String> = hb.addresses.iter().take(32).cloned().collect();
         vm_set_state(ctx, &self.0, |vm| {
             vm.guest_addresses = addresses.clone();

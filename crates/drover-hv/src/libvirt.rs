@@ -35,11 +35,11 @@
 //! and removes them, which deletes the checkpoint's metadata and the bitmap through QMP
 //! `block-dirty-bitmap-remove` (libvirt cannot delete a broken checkpoint for real).
 //!
-//! Limits of this driver today: one backup job runs per domain, so one disk of a domain is cut
-//! at a time (a domain's second disk waits as "busy"); a shut-off domain is tracked through its
-//! images with QEMU's tools (the provided `_offline` methods), whose bitmaps libvirt does not
-//! know, so the next cycle after one hash-compares; VMs are not defined as domains by drover yet
-//! (a replica boots in the QEMU driver).
+//! Limits of this driver today: libvirt runs one backup job per domain and the engine cuts a
+//! VM's disks one by one, each held until its transfer ends, so a domain with more than one disk
+//! cannot be replicated yet (its second disk's cut answers "busy" until the run gives up); a
+//! shut-off domain is tracked through its images with QEMU's tools (the provided `_offline`
+//! methods), and the next live cycle redefines the checkpoint of the bitmap they left.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -349,9 +349,8 @@ impl LibvirtDriver {
 
     /// Records in libvirt a checkpoint for the bitmap `name` already in disk `target`'s image
     /// (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE`: nothing in the image changes).
-    async fn redefine_checkpoint(&self, vm: Uuid, target: &str, name: &str) -> HvResult<()> {
-        let (d, _) = self.describe(vm).await?;
-        let targets: Vec<&str> = d.disks.iter().map(|d| d.target.as_str()).collect();
+    async fn redefine_checkpoint(&self, vm: Uuid, target: &str, targets: &[String], name: &str) -> HvResult<()> {
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
         let created =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or_default();
         let text = xml::checkpoint_xml(name, target, &targets).replacen(
@@ -693,7 +692,7 @@ impl ChangeTracking for LibvirtDriver {
     }
 
     async fn state(&self, vm: Uuid, disk: usize) -> HvResult<Vec<BitmapState>> {
-        let (d, _, state) = self.tracked_disk(vm, disk).await?;
+        let (d, targets, state) = self.tracked_disk(vm, disk).await?;
         if !state.is_active() {
             return Err(HvError::NotRunning(vm));
         }
@@ -725,7 +724,7 @@ impl ChangeTracking for LibvirtDriver {
             // own tools), or libvirt's metadata was lost (the domain was redefined, migrated).
             // Its record is redefined, so libvirt backs up from it.
             if ours && b.persistent && b.recording && !b.inconsistent && !b.busy {
-                match self.redefine_checkpoint(vm, &d.target, &b.name).await {
+                match self.redefine_checkpoint(vm, &d.target, &targets, &b.name).await {
                     Ok(()) => {
                         tracing::info!(%vm, disk = %d.target, bitmap = %b.name, "checkpoint record redefined for a bitmap libvirt did not know");
                         out.push(b);
@@ -873,6 +872,39 @@ pub mod testing {
 
     fn answers() -> bool {
         Command::new("virsh").args(["-c", URI, "version"]).output().map(|o| o.status.success()).unwrap_or(false)
+    }
+
+    /// Defines, with `virsh define`, as an administrator would outside drover, a domain named
+    /// `name` that boots the tiny guest (`guest`) directly with `image` as its disk `vda` and
+    /// drover's channel as a socket in `dir` (where its console log and definition go too).
+    pub fn define_tiny_guest_domain(
+        name: &str,
+        uuid: uuid::Uuid,
+        guest: &crate::qemu::TinyGuest,
+        image: &std::path::Path,
+        dir: &std::path::Path,
+    ) {
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+               <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{c}</cmdline></os>
+               <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
+               <devices>
+                 <disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>
+                   <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+                 <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
+                 <channel type='unix'><source mode='bind' path='{d}/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
+                 <memballoon model='none'/>
+               </devices></domain>",
+            k = guest.vmlinux.display(),
+            i = guest.initramfs.display(),
+            c = guest.cmdline,
+            disk = image.display(),
+            d = dir.display(),
+        );
+        let file = dir.join("domain.xml");
+        std::fs::write(&file, xml).unwrap();
+        let out = Command::new("virsh").args(["-c", URI, "define"]).arg(&file).output().unwrap();
+        assert!(out.status.success(), "virsh define: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Makes sure a libvirt daemon answers at [`URI`], starting one if needed. Panics with what

@@ -56,26 +56,7 @@ impl Domain {
             .args(["create", "-q", "-f", "qcow2", "-o", "compat=1.1"])
             .arg(&disk)
             .arg(DISK_BYTES.to_string()));
-        let xml = format!(
-            "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
-               <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{c}</cmdline></os>
-               <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
-               <devices>
-                 <disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>
-                   <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
-                 <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
-                 <channel type='unix'><source mode='bind' path='{d}/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
-                 <memballoon model='none'/>
-               </devices></domain>",
-            k = guest.vmlinux.display(),
-            i = guest.initramfs.display(),
-            c = guest.cmdline,
-            disk = disk.display(),
-            d = dir.path().display(),
-        );
-        let file = dir.path().join("domain.xml");
-        std::fs::write(&file, xml).unwrap();
-        run(Command::new("virsh").args(["-c", testing::URI, "define"]).arg(&file));
+        testing::define_tiny_guest_domain(&name, uuid, guest, &disk, dir.path());
         Domain { name, uuid, dir }
     }
 

@@ -21,7 +21,7 @@ use drover_hv::Hypervisor;
 use drover_hv::qemu::{Accel, QemuConfig, QemuDriver};
 use drover_pki::{AgentIdentity, PresentedToken};
 
-use crate::serve::{AccelArg, HypervisorKind};
+use crate::serve::{AccelArg, HypervisorArgs, HypervisorKind};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -43,16 +43,8 @@ pub struct AgentArgs {
     /// Enrol, then exit instead of serving.
     #[arg(long, requires = "enroll")]
     pub enroll_only: bool,
-    #[arg(long, value_enum, default_value = "qemu")]
-    pub hypervisor: HypervisorKind,
-    /// The libvirt daemon of `--hypervisor libvirt` (the agent runs beside it).
-    #[arg(long, env = "DROVER_LIBVIRT_URI", default_value = "qemu:///system")]
-    pub libvirt_uri: String,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub accel: AccelArg,
-    /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
-    #[arg(long, env = "DROVER_GUEST_DIR")]
-    pub guest_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub hv: HypervisorArgs,
     /// A directory under which the control plane may create datastores on this host (repeat
     /// it, or separate with commas). Default: `<data-dir>/datastores`.
     #[arg(long = "datastore-root", env = "DROVER_AGENT_DATASTORE_ROOTS", value_delimiter = ',')]
@@ -163,14 +155,9 @@ async fn bounded_body(mut response: reqwest::Response) -> anyhow::Result<Vec<u8>
 }
 
 /// The hypervisor driver an agent (or `drover serve`) runs VMs with.
-pub fn hypervisor(
-    kind: HypervisorKind,
-    accel: AccelArg,
-    guest_dir: Option<&std::path::Path>,
-    run_dir: PathBuf,
-    libvirt_uri: &str,
-) -> anyhow::Result<Arc<dyn Hypervisor>> {
-    Ok(match kind {
+pub fn hypervisor(args: &HypervisorArgs, run_dir: PathBuf) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    let accel = args.accel;
+    Ok(match args.hypervisor {
         HypervisorKind::Qemu => {
             let mut config = QemuConfig::new(run_dir);
             config.accel = match accel {
@@ -178,7 +165,7 @@ pub fn hypervisor(
                 AccelArg::Kvm => Accel::Kvm,
                 AccelArg::Auto => Accel::Auto,
             };
-            if let Some(dir) = guest_dir {
+            if let Some(dir) = &args.guest_dir {
                 config.kvm_probe_guest = drover_hv::qemu::TinyGuest::load(dir).ok().map(|g| g.boot_spec());
             }
             if crate::serve::which("qemu-system-x86_64").is_none() {
@@ -189,7 +176,7 @@ pub fn hypervisor(
             Arc::new(QemuDriver::new(config))
         }
         HypervisorKind::Libvirt => {
-            let mut driver = drover_hv::libvirt::LibvirtDriver::new(libvirt_uri, run_dir);
+            let mut driver = drover_hv::libvirt::LibvirtDriver::new(&args.libvirt_uri, run_dir);
             // The domains drover defines (replicas) run under KVM only when asked: `auto` is TCG
             // here, as KVM is not probed through libvirt.
             driver.set_kvm(accel == AccelArg::Kvm);
@@ -262,13 +249,7 @@ pub async fn start(args: &AgentArgs) -> anyhow::Result<RunningAgent> {
         args.datastore_roots.clone()
     };
     let roots = HostPaths::new(&roots, &args.import_dirs).context("bad --datastore-root or --import-dir")?;
-    let hv = hypervisor(
-        args.hypervisor,
-        args.accel,
-        args.guest_dir.as_deref(),
-        args.data_dir.join("run"),
-        &args.libvirt_uri,
-    )?;
+    let hv = hypervisor(&args.hv, args.data_dir.join("run"))?;
     // Every TLS config presents the identity the keeper holds, so a certificate the control
     // plane renews is presented from the next handshake on, on every listener and connection.
     let keeper = Arc::new(IdentityKeeper::new(identity.clone())?);

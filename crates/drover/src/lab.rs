@@ -51,8 +51,8 @@ impl LabAgent {
             .arg("--data-dir")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
-            .args(["--hypervisor", &name(args.hypervisor.to_possible_value())])
-            .args(["--accel", &name(args.accel.to_possible_value())])
+            .args(["--hypervisor", &name(args.hv.hypervisor.to_possible_value())])
+            .args(["--accel", &name(args.hv.accel.to_possible_value())])
             .arg("--import-dir")
             .arg(&guests.tiny)
             .arg("--guest-dir")
@@ -149,7 +149,7 @@ const LAB_PASSWORD_ENV: &str = "DROVER_ADMIN_PASSWORD";
 
 pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     // The tiny guest built by scripts/build-guest (`--guest-dir`, default guest/out).
-    let dir = args.serve.guest_dir.clone().unwrap_or_else(|| PathBuf::from("guest/out"));
+    let dir = args.serve.hv.guest_dir.clone().unwrap_or_else(|| PathBuf::from("guest/out"));
     let dir = std::fs::canonicalize(&dir)
         .map_err(|e| anyhow::anyhow!("the tiny guest is not in {} ({e}): run scripts/build-guest", dir.display()))?;
     let guest = drover_hv::qemu::TinyGuest::load(&dir)
@@ -183,7 +183,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     if let Some(d) = &debian {
         args.serve.import_dirs.push(d.dir.clone());
     }
-    args.serve.guest_dir = Some(dir.clone());
+    args.serve.hv.guest_dir = Some(dir.clone());
     let guests = LabGuests { tiny: dir.clone(), debian };
     // Agents enrol with the control plane over its agent listener, on loopback.
     if args.serve.agent_listen.0.is_none() {

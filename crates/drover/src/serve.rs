@@ -22,6 +22,24 @@ pub enum HypervisorKind {
     Simulated,
 }
 
+/// The hypervisor driver `drover serve` and `drover agent` run VMs with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HypervisorArgs {
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub hypervisor: HypervisorKind,
+    /// The libvirt daemon of `--hypervisor libvirt` (the agent runs beside it).
+    #[arg(long, env = "DROVER_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// CPU acceleration for QEMU. `auto` uses KVM only when /dev/kvm opens and a probe boot of
+    /// the tiny guest under KVM reaches the guest in time (some hosts hang normal guests under
+    /// KVM); otherwise, and without the tiny guest to probe with, TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+    /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
+    #[arg(long, env = "DROVER_GUEST_DIR")]
+    pub guest_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AccelArg {
     Tcg,
@@ -67,19 +85,8 @@ pub struct ServeArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "qemu")]
-    pub hypervisor: HypervisorKind,
-    /// The libvirt daemon of `--hypervisor libvirt`.
-    #[arg(long, env = "DROVER_LIBVIRT_URI", default_value = "qemu:///system")]
-    pub libvirt_uri: String,
-    /// CPU acceleration for QEMU. `auto` uses KVM only when /dev/kvm opens and a probe boot of
-    /// the tiny guest under KVM reaches the guest in time (some hosts hang normal guests under
-    /// KVM); otherwise, and without the tiny guest to probe with, TCG.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub accel: AccelArg,
-    /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
-    #[arg(long, env = "DROVER_GUEST_DIR")]
-    pub guest_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub hv: HypervisorArgs,
     /// A directory under which datastores may be created (repeat it, or separate with commas).
     /// Requests can name no datastore path outside these. Default: `<data-dir>/datastores`.
     #[arg(long = "datastore-root", env = "DROVER_DATASTORE_ROOTS", value_delimiter = ',')]
@@ -196,13 +203,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             make_private(&path)?;
         }
     }
-    let hv: Arc<dyn Hypervisor> = crate::agent::hypervisor(
-        args.hypervisor,
-        args.accel,
-        args.guest_dir.as_deref(),
-        args.data_dir.join("run"),
-        &args.libvirt_uri,
-    )?;
+    let hv: Arc<dyn Hypervisor> = crate::agent::hypervisor(&args.hv, args.data_dir.join("run"))?;
     let config = EngineConfig {
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),

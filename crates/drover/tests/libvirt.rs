@@ -61,25 +61,7 @@ impl AdminDomain {
         let out =
             Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M").output().unwrap();
         assert!(out.status.success());
-        let xml = format!(
-            "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
-               <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{c}</cmdline></os>
-               <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
-               <devices>
-                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/><target dev='vda' bus='virtio'/></disk>
-                 <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
-                 <channel type='unix'><source mode='bind' path='{d}/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
-                 <memballoon model='none'/>
-               </devices></domain>",
-            k = guest.vmlinux.display(),
-            i = guest.initramfs.display(),
-            c = guest.cmdline,
-            img = image.display(),
-            d = dir.display(),
-        );
-        let file = dir.join("domain.xml");
-        std::fs::write(&file, xml).unwrap();
-        assert!(virsh(&["define", &file.to_string_lossy()]).status.success());
+        drover_hv::libvirt::testing::define_tiny_guest_domain(&name, uuid, &guest, &image, &dir);
         AdminDomain { name, uuid, image, also: Vec::new() }
     }
 
