@@ -415,12 +415,15 @@ impl Step for SyncStep {
         }
         let ct = crate::change_tracking(engine, "failback")?;
         let work = work_dir(ctx, "fb", self.index);
-        let mut out = Vec::new();
-        for (i, (disk, production, overlay, _point)) in parts.disks.iter().enumerate() {
-            // 1. Catch what the replica writes from now on.
-            ct.remove(parts.replica.id.0, i, "drover-fb1").await.map_err(unavailable)?;
-            ct.enable(parts.replica.id.0, i, "drover-fb0").await.map_err(unavailable)?;
-            // 2. The union of what can differ.
+        let replica = parts.replica.id.0;
+        // 1. Catch what the replica writes from now on, on every disk.
+        for i in 0..parts.disks.len() {
+            ct.remove(replica, i, "drover-fb1").await.map_err(unavailable)?;
+            ct.enable(replica, i, "drover-fb0").await.map_err(unavailable)?;
+        }
+        // 2. The union of what can differ, per disk.
+        let mut plans = Vec::new();
+        for (disk, production, overlay, _point) in &parts.disks {
             let size = drover_qemu::image::info(production).await.map_err(unavailable)?.virtual_size;
             let mut union = own_clusters(overlay).await?;
             for (d, file) in &parts.newer {
@@ -429,11 +432,31 @@ impl Step for SyncStep {
                 }
             }
             let prod = production_changes(ct, &work, production, size).await?;
-            // 3. A point-in-time cut of the replica, copied into production.
-            let cut = ct
-                .cut_begin(parts.replica.id.0, i, "drover-fb0", "drover-fb1", &work.join("live"))
-                .await
-                .map_err(unavailable)?;
+            plans.push((size, union, prod));
+        }
+        // 3. A point-in-time cut of the replica, every disk at one instant (a libvirt domain's
+        // disks share one backup job, begun when the last disk asks), each copied into
+        // production; a cut not copied ends as failed.
+        let mut cuts = Vec::new();
+        for i in 0..parts.disks.len() {
+            match ct.cut_begin(replica, i, "drover-fb0", "drover-fb1", &work.join("live")).await {
+                Ok(cut) => cuts.push(cut),
+                Err(e) => {
+                    for cut in &cuts {
+                        let _ = ct.cut_end(cut, false).await;
+                    }
+                    return Err(unavailable(e));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut failed = None;
+        for (i, (cut, (size, union, prod))) in cuts.iter().zip(plans).enumerate() {
+            if failed.is_some() {
+                let _ = ct.cut_end(cut, false).await;
+                continue;
+            }
+            let (disk, production, ..) = &parts.disks[i];
             let (mode, extents) = match &prod {
                 Some(p) => ("extents", Some(union.union(p))),
                 None => ("hash-compare", None),
@@ -443,18 +466,25 @@ impl Step for SyncStep {
             // does not hold.
             let fb0 = [cut.meta_context.as_str()];
             let result = copy_into_production(&work, &cut.nbd, &fb0, production, extents.as_ref(), size).await;
-            ct.cut_end(&cut, result.is_ok()).await.map_err(unavailable)?;
-            let (read, sent) = result?;
-            let why = if prod.is_none() { " (production has no bitmap that can be trusted)" } else { "" };
-            ctx.log(
-                LogLevel::Info,
-                format!(
-                    "{}: disk {disk} synced to production by {mode}{why}: read {read} bytes, sent {sent} bytes",
-                    parts.vm.name
-                ),
-            )
-            .await;
-            out.push(json!({ "disk": disk, "mode": mode, "bytes_read": read, "bytes_sent": sent }));
+            ct.cut_end(cut, result.is_ok()).await.map_err(unavailable)?;
+            match result {
+                Ok((read, sent)) => {
+                    let why = if prod.is_none() { " (production has no bitmap that can be trusted)" } else { "" };
+                    ctx.log(
+                        LogLevel::Info,
+                        format!(
+                            "{}: disk {disk} synced to production by {mode}{why}: read {read} bytes, sent {sent} bytes",
+                            parts.vm.name
+                        ),
+                    )
+                    .await;
+                    out.push(json!({ "disk": disk, "mode": mode, "bytes_read": read, "bytes_sent": sent }));
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let _ = tokio::fs::remove_dir_all(&work).await;
         let (event, only_if) = (ReplicaEvent::FailbackSynced, &[ReplicaState::Failover]);
@@ -517,6 +547,21 @@ async fn pull_into_production(
     id: String,
 ) -> Result<Value> {
     let cut = across.dr.cut_begin(&cut_spec).await.map_err(crate::agent_error)?;
+    pull_cut(ctx, across, parts, disk, cut_spec, cut, mode, id).await
+}
+
+/// [`pull_into_production`] of a cut already made.
+#[allow(clippy::too_many_arguments)]
+async fn pull_cut(
+    ctx: &StepCtx,
+    across: &Across,
+    parts: &Parts,
+    disk: &str,
+    cut_spec: CutSpec,
+    cut: drover_agent_api::Cut,
+    mode: TransferMode,
+    id: String,
+) -> Result<Value> {
     if matches!(cut.source, SourceEndpoint::LocalNbd { .. }) && !Arc::ptr_eq(&across.prod, &across.dr) {
         let _ = across.dr.cut_end(&cut_spec, Some(&cut), false).await;
         return Err(Error::conflict(format!(
@@ -607,23 +652,53 @@ async fn replica_cut(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize
 /// Phase 1 between agents: while the replica runs, a point-in-time cut of each disk is pulled
 /// into production by its agent.
 async fn sync_across(ctx: &StepCtx, across: &Across, parts: &Parts, index: usize) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for (i, (disk, ..)) in parts.disks.iter().enumerate() {
-        let cut = replica_cut(ctx, across, parts, index, i).await?;
-        let id = across_id(ctx, "sync", index, i);
-        let r = pull_into_production(ctx, across, parts, disk, cut, TransferMode::HashCompare, id).await?;
-        ctx.log(
-            LogLevel::Info,
-            format!(
-                "{}: disk {disk} synced to production by hash-compare between the agents (each side hashed its own \
-                 disk): sent {} bytes, {} bytes on the wire",
-                parts.vm.name, r["bytes_sent"], r["wire_bytes"]
-            ),
-        )
-        .await;
-        out.push(r);
+    // Every disk is cut at one instant (a libvirt domain's disks share one backup job, begun
+    // when the last disk asks), then each is pulled; a cut not pulled ends as failed.
+    let mut specs = Vec::new();
+    for i in 0..parts.disks.len() {
+        specs.push(replica_cut(ctx, across, parts, index, i).await?);
     }
-    Ok(out)
+    let mut cuts = Vec::new();
+    for spec in &specs {
+        match across.dr.cut_begin(spec).await {
+            Ok(cut) => cuts.push(cut),
+            Err(e) => {
+                for (spec, cut) in specs.iter().zip(&cuts) {
+                    let _ = across.dr.cut_end(spec, Some(cut), false).await;
+                }
+                return Err(crate::agent_error(e));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut failed = None;
+    for (i, (spec, cut)) in specs.into_iter().zip(cuts).enumerate() {
+        let disk = &parts.disks[i].0;
+        if failed.is_some() {
+            let _ = across.dr.cut_end(&spec, Some(&cut), false).await;
+            continue;
+        }
+        let id = across_id(ctx, "sync", index, i);
+        match pull_cut(ctx, across, parts, disk, spec, cut, TransferMode::HashCompare, id).await {
+            Ok(r) => {
+                ctx.log(
+                    LogLevel::Info,
+                    format!(
+                        "{}: disk {disk} synced to production by hash-compare between the agents (each side hashed \
+                         its own disk): sent {} bytes, {} bytes on the wire",
+                        parts.vm.name, r["bytes_sent"], r["wire_bytes"]
+                    ),
+                )
+                .await;
+                out.push(r);
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
 
 /// An offline cut of disk `i` of the stopped replica's boot overlay `overlay`, with fresh

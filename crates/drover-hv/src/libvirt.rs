@@ -5,25 +5,28 @@
 //! `<metadata>`).
 //!
 //! # Change tracking: checkpoints and pull-mode backups
-//! The engine's bitmap names are libvirt checkpoint names, each checkpoint tracking one disk
-//! (its bitmap in the disk's qcow2 has the same name). libvirt (since 6.x) keeps every
-//! checkpoint's bitmap recording from its creation on, so a checkpoint covers every write since
-//! it was made, whatever checkpoints came after it:
+//! The engine's bitmap names are libvirt checkpoint names, each checkpoint tracking every
+//! trackable disk of the domain (its bitmap in each disk's qcow2 has the same name). libvirt
+//! (since 6.x) keeps every checkpoint's bitmap recording from its creation on, so a checkpoint
+//! covers every write since it was made, whatever checkpoints came after it:
 //! ```text
-//!   enable       virDomainCheckpointCreateXML <name>, disk bitmap, the others no
-//!   cut_begin    virDomainBackupBegin pull, unix socket <export_dir>/nbd.sock, export disk<i>,
-//!                  <incremental>current</incremental>, exportbitmap drover-export,
-//!                  scratch <export_dir>/scratch-<target>.qcow2
-//!                + checkpoint `next` created at the same instant
-//!   ... the data path reads qemu:dirty-bitmap:drover-export through the export ...
-//!   cut_end      virDomainAbortJob (how a pull job ends: libvirt calls it "canceled"), wait
-//!                success: delete checkpoint `current` (its changes arrived; `next` records)
-//!                failure: delete checkpoint `next` (`current` still covers everything)
+//!   enable       virDomainCheckpointCreateXML <name>, a bitmap on every disk
+//!   cut_begin    the disk asks (JobLedger, <export_dir>/job.json); when every disk has asked:
+//!                virDomainBackupBegin pull, unix socket <export_dir>/nbd.sock, export disk<i>
+//!                  each since its own `current` (per-disk backupmode='incremental'),
+//!                  exportbitmap drover-export, scratch <export_dir>/scratch-<target>.qcow2
+//!                + checkpoint `next` over every disk, created at the same instant
+//!   ... the data path reads qemu:dirty-bitmap:drover-export through each disk's export ...
+//!   cut_end      the disk has ended; when every disk that asked has ended:
+//!                virDomainAbortJob (how a pull job ends: libvirt calls it "canceled"), wait
+//!                all succeeded: delete each `current` (their changes arrived; `next` records)
+//!                any failed: delete `next` (each `current` still covers everything)
 //! ```
 //! The commit point is the checkpoint deletion. Before it, a rerun of cut_begin finds the job
-//! and re-exports it; `next` without a job (drover or libvirt restarted) is deleted and the cut
-//! made again. A failed transfer deletes `next`, so no change is ever skipped (libvirt itself
-//! keeps the checkpoint of an "aborted" pull job).
+//! and re-exports the disk; `next` without a job (drover or libvirt restarted) is deleted and the
+//! cut made again. A failed transfer deletes `next`, so no change is ever skipped (libvirt itself
+//! keeps the checkpoint of an "aborted" pull job). The engine cuts every disk of a VM before it
+//! reads any (a cut that never got its job ends as failed, and commits nothing).
 //!
 //! # Broken bitmaps
 //! When QEMU dies (`kill -9`, a host crash) the bitmaps in the image are left "in use" or are
@@ -35,10 +38,8 @@
 //! and removes them, which deletes the checkpoint's metadata and the bitmap through QMP
 //! `block-dirty-bitmap-remove` (libvirt cannot delete a broken checkpoint for real).
 //!
-//! Limits of this driver today: libvirt runs one backup job per domain and the engine cuts a
-//! VM's disks one by one, each held until its transfer ends, so a domain with more than one disk
-//! cannot be replicated yet (its second disk's cut answers "busy" until the run gives up); a
-//! shut-off domain is tracked through its images with QEMU's tools (the provided `_offline`
+//! Limits of this driver today: a shut-off domain is tracked through its images with QEMU's
+//! tools (the provided `_offline`
 //! methods), and the next live cycle redefines the checkpoint of the bitmap they left.
 
 use std::path::{Path, PathBuf};
@@ -48,7 +49,9 @@ use async_trait::async_trait;
 use drover_libvirt::xml::{self, DomainDescription};
 use drover_libvirt::{DomainState, ErrorClass, Libvirt, LibvirtError, ffi, virt_err};
 use drover_qemu::qsd::NbdEndpoint;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -79,6 +82,8 @@ pub struct LibvirtDriver {
     run_dir: PathBuf,
     /// The domains drover defines run under KVM (else TCG).
     kvm: bool,
+    /// Held while a cut reads or changes a domain's [`JobLedger`].
+    jobs: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn lv(e: LibvirtError) -> HvError {
@@ -96,7 +101,7 @@ impl LibvirtDriver {
     /// A driver for the libvirt daemon at `uri` (`qemu:///system`); the domains drover defines
     /// keep their files under `run_dir`. Nothing is connected yet.
     pub fn new(uri: impl Into<String>, run_dir: impl Into<PathBuf>) -> Self {
-        LibvirtDriver { libvirt: Libvirt::new(uri), run_dir: run_dir.into(), kvm: false }
+        LibvirtDriver { libvirt: Libvirt::new(uri), run_dir: run_dir.into(), kvm: false, jobs: Default::default() }
     }
 
     /// Runs the domains drover defines under KVM instead of TCG.
@@ -334,26 +339,36 @@ impl LibvirtDriver {
 
     /// The checkpoints tracking disk `target`, by name.
     async fn checkpoints_of(&self, vm: Uuid, target: String) -> HvResult<Vec<String>> {
+        let all = self.checkpoints(vm).await?;
+        Ok(all.into_iter().filter(|(_, disks)| disks.contains(&target)).map(|(name, _)| name).collect())
+    }
+
+    /// Every checkpoint of the domain, by name, with the disks it tracks (a bitmap of its name
+    /// in each).
+    async fn checkpoints(&self, vm: Uuid) -> HvResult<Vec<(String, Vec<String>)>> {
         self.domain_call(vm, "listing the checkpoints", move |dom| {
             let mut out = Vec::new();
             for name in ffi::checkpoint_names(dom)? {
                 let xml = ffi::checkpoint_xml(dom, &name)?;
-                if xml::checkpoint_disks(&xml)?.iter().any(|(disk, bitmap)| *disk == target && *bitmap == name) {
-                    out.push(name);
-                }
+                let disks = xml::checkpoint_disks(&xml)?
+                    .into_iter()
+                    .filter(|(_, bitmap)| *bitmap == name)
+                    .map(|(d, _)| d)
+                    .collect();
+                out.push((name, disks));
             }
             Ok(out)
         })
         .await
     }
 
-    /// Records in libvirt a checkpoint for the bitmap `name` already in disk `target`'s image
-    /// (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE`: nothing in the image changes).
-    async fn redefine_checkpoint(&self, vm: Uuid, target: &str, targets: &[String], name: &str) -> HvResult<()> {
+    /// Records in libvirt a checkpoint for the bitmap `name` already in the images of disks
+    /// `tracked` (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE`: nothing in the images changes).
+    async fn redefine_checkpoint(&self, vm: Uuid, tracked: &[&str], targets: &[String], name: &str) -> HvResult<()> {
         let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
         let created =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or_default();
-        let text = xml::checkpoint_xml(name, target, &targets).replacen(
+        let text = xml::checkpoint_xml(name, tracked, &targets).replacen(
             "</name>",
             &format!("</name><creationTime>{created}</creationTime>"),
             1,
@@ -361,9 +376,9 @@ impl LibvirtDriver {
         self.domain_call(vm, "redefining a checkpoint", move |dom| ffi::checkpoint_create(dom, &text, true)).await
     }
 
-    /// Deletes checkpoint `name` if it exists: for real, or when libvirt cannot (its bitmap is
-    /// broken), its metadata and then the bitmap through QMP.
-    async fn delete_checkpoint(&self, vm: Uuid, disk: &xml::DomainDisk, name: &str) -> HvResult<()> {
+    /// Deletes checkpoint `name` if it exists: for real, or when libvirt cannot (a bitmap of it
+    /// is broken), its metadata and then its bitmaps through QMP, on every disk.
+    async fn delete_checkpoint(&self, vm: Uuid, name: &str) -> HvResult<()> {
         let n = name.to_string();
         let deleted = self
             .domain_call(vm, "deleting a checkpoint", move |dom| match ffi::checkpoint_delete(dom, &n, false) {
@@ -380,7 +395,10 @@ impl LibvirtDriver {
             })
             .await?;
         if !deleted {
-            self.remove_qemu_bitmap(vm, disk, name).await?;
+            let (d, _) = self.describe(vm).await?;
+            for disk in d.disks.iter().filter(|d| d.untrackable().is_none()) {
+                self.remove_qemu_bitmap(vm, disk, name).await?;
+            }
         }
         Ok(())
     }
@@ -398,14 +416,24 @@ impl LibvirtDriver {
         Ok(())
     }
 
-    /// The tracked disk `index` of a running domain, with every disk target of the domain.
-    async fn tracked_disk(&self, vm: Uuid, index: usize) -> HvResult<(xml::DomainDisk, Vec<String>, DomainState)> {
+    /// The tracked disk `index` of a running domain, with the domain's disks.
+    async fn tracked_disk(&self, vm: Uuid, index: usize) -> HvResult<(xml::DomainDisk, Disks, DomainState)> {
         let (d, state) = self.describe(vm).await?;
         let disk = d.disk(index).map_err(|e| HvError::InvalidSpec(e.message))?.clone();
         if let Some(why) = disk.untrackable() {
             return Err(HvError::Unsupported(format!("domain {}: {why}", d.name)));
         }
-        Ok((disk, d.disks.iter().map(|d| d.target.clone()).collect(), state))
+        let disks = Disks {
+            all: d.disks.iter().map(|d| d.target.clone()).collect(),
+            tracked: d
+                .disks
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.untrackable().is_none())
+                .map(|(i, d)| (i, d.target.clone()))
+                .collect(),
+        };
+        Ok((disk, disks, state))
     }
 
     async fn wait_job_gone(&self, vm: Uuid) -> HvResult<()> {
@@ -676,23 +704,118 @@ impl Hypervisor for LibvirtDriver {
     }
 }
 
+/// A domain's disks: every target, and the trackable ones (qcow2 files) with their index.
+struct Disks {
+    all: Vec<String>,
+    tracked: Vec<(usize, String)>,
+}
+
+impl Disks {
+    fn all(&self) -> Vec<&str> {
+        self.all.iter().map(String::as_str).collect()
+    }
+
+    fn tracked(&self) -> Vec<&str> {
+        self.tracked.iter().map(|(_, t)| t.as_str()).collect()
+    }
+
+    fn target(&self, index: usize) -> Option<&str> {
+        self.tracked.iter().find(|(i, _)| *i == index).map(|(_, t)| t.as_str())
+    }
+}
+
+/// The cuts of one domain's disks and its one backup job (libvirt runs one per domain). The
+/// engine cuts a VM's disks one after the other and ends each cut when that disk's transfer
+/// ends; libvirt wants every disk of the job, and each disk's checkpoint, when the job begins.
+/// So a cut only asks (this ledger records it) until every trackable disk of the domain has
+/// asked: then the job begins for all of them at one instant, each disk exported since its own
+/// checkpoint, and checkpoint `next` is created over all of them. Likewise the job ends, and
+/// the cycle commits, when the last cut has ended: every disk succeeded → each `current` is
+/// deleted; any failed → `next` is deleted (every `current` still covers everything, so no
+/// change is skipped; disks that did succeed send their changes again next time).
+///
+/// Kept as `job.json` in the VM's cut directory (0600, written whole and renamed), so an agent
+/// restarted in the middle of a run knows which disks still read the job.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct JobLedger {
+    /// The checkpoint the job creates.
+    next: String,
+    /// Each disk that asked, by index: the checkpoint its changes are exported since.
+    asked: BTreeMap<usize, String>,
+    /// Each disk whose cut ended, by index: whether its transfer succeeded.
+    ended: BTreeMap<usize, bool>,
+    /// The job was begun.
+    begun: bool,
+}
+
+impl JobLedger {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("job.json")
+    }
+
+    async fn load(dir: &Path) -> HvResult<Option<JobLedger>> {
+        let path = JobLedger::path(dir);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| HvError::Unsupported(format!("{} cannot be read: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(HvError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    async fn save(&self, dir: &Path) -> HvResult<()> {
+        let path = JobLedger::path(dir);
+        let bytes = serde_json::to_vec(self).map_err(|e| HvError::Unsupported(e.to_string()))?;
+        drover_qemu::durable::write(&path, bytes, 0o600)
+            .await
+            .map_err(|e| HvError::io(format!("writing {}", path.display()), e))
+    }
+
+    async fn remove(dir: &Path) -> HvResult<()> {
+        let path = JobLedger::path(dir);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(HvError::io(format!("removing {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Disks that asked and whose cut has not ended.
+    fn waiting(&self) -> Vec<usize> {
+        self.asked.keys().filter(|i| !self.ended.contains_key(i)).copied().collect()
+    }
+}
+
+fn scratch_path(dir: &Path, target: &str) -> PathBuf {
+    dir.join(format!("scratch-{target}.qcow2"))
+}
+
 #[async_trait]
 impl ChangeTracking for LibvirtDriver {
+    /// A checkpoint over every trackable disk of the domain (so the disks' bitmaps are made at
+    /// one instant, and a second disk's `enable` of the same name finds it).
     async fn enable(&self, vm: Uuid, disk: usize, bitmap: &str) -> HvResult<()> {
-        let (d, targets, state) = self.tracked_disk(vm, disk).await?;
+        let (d, disks, state) = self.tracked_disk(vm, disk).await?;
         if !state.is_active() {
             return Err(HvError::NotRunning(vm));
         }
-        if self.checkpoints_of(vm, d.target.clone()).await?.iter().any(|c| c == bitmap) {
-            return Ok(());
+        if let Some((_, tracked)) = self.checkpoints(vm).await?.into_iter().find(|(name, _)| name == bitmap) {
+            if tracked.contains(&d.target) {
+                return Ok(());
+            }
+            return Err(HvError::BitmapUnusable {
+                bitmap: bitmap.to_string(),
+                reason: format!("libvirt's checkpoint of that name does not track disk {} (added since?)", d.target),
+            });
         }
-        let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
-        let x = xml::checkpoint_xml(bitmap, &d.target, &refs);
+        let x = xml::checkpoint_xml(bitmap, &disks.tracked(), &disks.all());
         self.domain_call(vm, "creating a checkpoint", move |dom| ffi::checkpoint_create(dom, &x, false)).await
     }
 
     async fn state(&self, vm: Uuid, disk: usize) -> HvResult<Vec<BitmapState>> {
-        let (d, targets, state) = self.tracked_disk(vm, disk).await?;
+        let (d, disks, state) = self.tracked_disk(vm, disk).await?;
         if !state.is_active() {
             return Err(HvError::NotRunning(vm));
         }
@@ -724,9 +847,11 @@ impl ChangeTracking for LibvirtDriver {
             // own tools), or libvirt's metadata was lost (the domain was redefined, migrated).
             // Its record is redefined, so libvirt backs up from it.
             if ours && b.persistent && b.recording && !b.inconsistent && !b.busy {
-                match self.redefine_checkpoint(vm, &d.target, &targets, &b.name).await {
+                let tracked = self.disks_with_sound_bitmap(vm, &disks, &b.name).await?;
+                let tracked: Vec<&str> = tracked.iter().map(String::as_str).collect();
+                match self.redefine_checkpoint(vm, &tracked, &disks.all, &b.name).await {
                     Ok(()) => {
-                        tracing::info!(%vm, disk = %d.target, bitmap = %b.name, "checkpoint record redefined for a bitmap libvirt did not know");
+                        tracing::info!(%vm, disks = ?tracked, bitmap = %b.name, "checkpoint record redefined for a bitmap libvirt did not know");
                         out.push(b);
                         continue;
                     }
@@ -739,15 +864,18 @@ impl ChangeTracking for LibvirtDriver {
         Ok(out)
     }
 
+    /// Deletes the checkpoint (of every disk: a checkpoint is the domain's), or this disk's
+    /// bitmap libvirt has no checkpoint for.
     async fn remove(&self, vm: Uuid, disk: usize, bitmap: &str) -> HvResult<()> {
         let (d, _, _) = self.tracked_disk(vm, disk).await?;
-        if self.checkpoints_of(vm, d.target.clone()).await?.iter().any(|c| c == bitmap) {
-            self.delete_checkpoint(vm, &d, bitmap).await
+        if self.checkpoints(vm).await?.iter().any(|(c, _)| c == bitmap) {
+            self.delete_checkpoint(vm, bitmap).await
         } else {
             self.remove_qemu_bitmap(vm, &d, bitmap).await
         }
     }
 
+    /// See [`JobLedger`]: the export exists once every trackable disk of the domain has asked.
     async fn cut_begin(
         &self,
         vm: Uuid,
@@ -756,13 +884,13 @@ impl ChangeTracking for LibvirtDriver {
         next: &str,
         export_dir: &Path,
     ) -> HvResult<CycleExport> {
-        let (d, targets, state) = self.tracked_disk(vm, disk).await?;
+        let _jobs = self.jobs.lock().await;
+        let (d, disks, state) = self.tracked_disk(vm, disk).await?;
         if !state.is_active() {
             return Err(HvError::NotRunning(vm));
         }
         let image = d.source.clone().unwrap_or_default();
         let socket = export_dir.join("nbd.sock");
-        let scratch = export_dir.join(format!("scratch-{}.qcow2", d.target));
         let export_name = format!("disk{disk}");
         let target = d.target.clone();
         let capacity = self
@@ -779,64 +907,141 @@ impl ChangeTracking for LibvirtDriver {
             meta_context: tracking::dirty_bitmap_context(EXPORT_BITMAP),
             virtual_size: capacity,
             image,
-            fleece_image: scratch.clone(),
+            fleece_image: scratch_path(export_dir, &d.target),
         };
-        let checkpoints = self.checkpoints_of(vm, d.target.clone()).await?;
+        let checkpoints = self.checkpoints(vm).await?;
+        let has = |name: &str| checkpoints.iter().find(|(c, _)| c == name);
         let job = self.domain_call(vm, "reading the backup job", ffi::backup_xml).await?;
         if let Some(job) = job {
-            // Ours, begun by an earlier attempt of this cut: it is re-exported as it is.
-            let sock = socket.to_string_lossy();
-            if job.contains(&*sock)
-                && [format!("'{export_name}'"), format!("\"{export_name}\"")].iter().any(|n| job.contains(n.as_str()))
-                && checkpoints.iter().any(|c| c == next)
-            {
-                return Ok(cut);
+            // Ours, begun by an earlier attempt of this cut or when the last disk asked: this
+            // disk is re-exported as it is, if the job exports it since the checkpoint asked.
+            if job.contains(&*socket.to_string_lossy()) && has(next).is_some() {
+                let exported = xml::backup_job_disk(&job, &d.target).map_err(lv)?;
+                match exported {
+                    Some((name, Some(since))) if name == export_name && since == current => return Ok(cut),
+                    Some((name, since)) if name == export_name => {
+                        return Err(HvError::ImageLocked(format!(
+                            "the backup job running on the domain of VM {vm} exports disk {} {}, not since {current}",
+                            d.target,
+                            since.map(|s| format!("since checkpoint {s}")).unwrap_or_else(|| "whole".into()),
+                        )));
+                    }
+                    _ => {}
+                }
             }
             return Err(HvError::ImageLocked(format!(
                 "another backup job runs on the domain of VM {vm} (libvirt runs one per domain); disk {} waits",
                 d.target
             )));
         }
-        if !checkpoints.iter().any(|c| c == current) {
+        if !has(current).is_some_and(|(_, tracked)| tracked.contains(&d.target)) {
             return Err(HvError::BitmapUnusable {
                 bitmap: current.to_string(),
                 reason: format!("has no libvirt checkpoint on disk {}", d.target),
             });
         }
-        if checkpoints.iter().any(|c| c == next) {
-            // An earlier cut whose job is gone: `current` still covers everything since it.
-            self.delete_checkpoint(vm, &d, next).await?;
-        }
         tokio::fs::create_dir_all(export_dir)
             .await
             .map_err(|e| HvError::io(format!("creating {}", export_dir.display()), e))?;
-        for stale in [&scratch, &socket] {
-            if let Err(e) = tokio::fs::remove_file(stale).await
+        let mut ledger = match JobLedger::load(export_dir).await? {
+            // Another cycle's, or a job that is gone (libvirt or QEMU restarted): started over.
+            Some(l) if l.next == next && !l.begun => l,
+            _ => JobLedger { next: next.to_string(), ..Default::default() },
+        };
+        if ledger.asked.is_empty() && has(next).is_some() {
+            // An earlier cut whose job is gone: `current` still covers everything since it.
+            self.delete_checkpoint(vm, next).await?;
+        }
+        ledger.asked.insert(disk, current.to_string());
+        ledger.ended.remove(&disk);
+        if disks.tracked.iter().any(|(i, _)| !ledger.asked.contains_key(i)) {
+            ledger.save(export_dir).await?;
+            return Ok(cut);
+        }
+
+        // Every disk asked: the job begins for all of them.
+        let mut stale = vec![socket.clone()];
+        stale.extend(disks.tracked.iter().map(|(_, t)| scratch_path(export_dir, t)));
+        for path in &stale {
+            if let Err(e) = tokio::fs::remove_file(path).await
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                return Err(HvError::io(format!("removing {}", stale.display()), e));
+                return Err(HvError::io(format!("removing {}", path.display()), e));
             }
         }
-        let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
-        let backup = xml::backup_xml(&socket, &d.target, &refs, &export_name, EXPORT_BITMAP, &scratch, Some(current));
-        let checkpoint = xml::checkpoint_xml(next, &d.target, &refs);
+        let names: Vec<(String, PathBuf, &str, &str)> = ledger
+            .asked
+            .iter()
+            .filter_map(|(i, since)| {
+                disks.target(*i).map(|t| (format!("disk{i}"), scratch_path(export_dir, t), t, since.as_str()))
+            })
+            .collect();
+        let backup_disks: Vec<xml::BackupDisk<'_>> = names
+            .iter()
+            .map(|(export_name, scratch, target, since)| xml::BackupDisk {
+                target,
+                export_name,
+                scratch,
+                incremental: Some(since),
+            })
+            .collect();
+        let backup = xml::backup_xml(&socket, &backup_disks, &disks.all(), EXPORT_BITMAP);
+        let checkpoint = xml::checkpoint_xml(next, &disks.tracked(), &disks.all());
         let begun = self
             .domain_call(vm, "beginning the backup", move |dom| ffi::backup_begin(dom, &backup, Some(&checkpoint)))
             .await;
         match begun {
-            Ok(()) => Ok(cut),
-            Err(HvError::BitmapUnusable { reason, .. }) => {
-                Err(HvError::BitmapUnusable { bitmap: current.to_string(), reason })
+            Ok(()) => {
+                ledger.begun = true;
+                ledger.save(export_dir).await?;
+                Ok(cut)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // This disk did not get its cut; the others' end as failed (the engine ends them).
+                ledger.asked.remove(&disk);
+                ledger.save(export_dir).await?;
+                match e {
+                    HvError::BitmapUnusable { reason, .. } => {
+                        Err(HvError::BitmapUnusable { bitmap: current.to_string(), reason })
+                    }
+                    e => Err(e),
+                }
+            }
         }
     }
 
+    /// See [`JobLedger`]: the job ends, and the cycle commits, when the last disk's cut ends.
     async fn cut_end(&self, cut: &CycleExport, success: bool) -> HvResult<()> {
+        let _jobs = self.jobs.lock().await;
         let vm = cut.vm;
-        let (d, _, _) = self.tracked_disk(vm, cut.disk_index).await?;
+        let dir = cut.nbd.socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let mut ledger = JobLedger::load(&dir)
+            .await?
+            .filter(|l| l.next == cut.next_bitmap && l.asked.contains_key(&cut.disk_index))
+            // No record (ended already, or lost): this disk's cut alone, as exported.
+            .unwrap_or_else(|| JobLedger {
+                next: cut.next_bitmap.clone(),
+                asked: [(cut.disk_index, cut.current_bitmap.clone())].into(),
+                ended: Default::default(),
+                begun: true,
+            });
+        // A cut whose job never began was never exported: it cannot have succeeded.
+        ledger.ended.insert(cut.disk_index, success && ledger.begun);
         let job = self.domain_call(vm, "reading the backup job", ffi::backup_xml).await?;
-        if job.is_some_and(|j| j.contains(&*cut.nbd.socket.to_string_lossy())) {
+        let ours = job.is_some_and(|j| j.contains(&*cut.nbd.socket.to_string_lossy()));
+        if !ledger.waiting().is_empty() {
+            if !ledger.begun && !ours {
+                // Ended before every disk asked (the cut step failed): this disk asks no more.
+                ledger.asked.remove(&cut.disk_index);
+                ledger.ended.remove(&cut.disk_index);
+            }
+            // Other disks still read the job (or may still ask): it runs on.
+            return match ledger.asked.is_empty() {
+                true => JobLedger::remove(&dir).await,
+                false => ledger.save(&dir).await,
+            };
+        }
+        if ours {
             self.domain_call(vm, "ending the backup job", |dom| match ffi::abort_job(dom) {
                 Ok(()) => Ok(()),
                 // It ended meanwhile.
@@ -846,14 +1051,39 @@ impl ChangeTracking for LibvirtDriver {
             .await?;
             self.wait_job_gone(vm).await?;
         }
-        let drop = if success { &cut.current_bitmap } else { &cut.next_bitmap };
-        self.delete_checkpoint(vm, &d, drop).await?;
-        if let Err(e) = tokio::fs::remove_file(&cut.fleece_image).await
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %cut.fleece_image.display(), error = %e, "scratch image not removed");
+        if ledger.ended.values().all(|ok| *ok) {
+            let currents: std::collections::BTreeSet<&String> = ledger.asked.values().collect();
+            for current in currents {
+                self.delete_checkpoint(vm, current).await?;
+            }
+        } else {
+            self.delete_checkpoint(vm, &ledger.next).await?;
         }
-        Ok(())
+        let (d, _) = self.describe(vm).await?;
+        for target in d.disks.iter().map(|d| &d.target) {
+            let scratch = scratch_path(&dir, target);
+            if let Err(e) = tokio::fs::remove_file(&scratch).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %scratch.display(), error = %e, "scratch image not removed");
+            }
+        }
+        JobLedger::remove(&dir).await
+    }
+}
+
+impl LibvirtDriver {
+    /// The disks whose image has a sound (persistent, recording, consistent) bitmap `name`.
+    async fn disks_with_sound_bitmap(&self, vm: Uuid, disks: &Disks, name: &str) -> HvResult<Vec<String>> {
+        let (d, _) = self.describe(vm).await?;
+        let mut out = Vec::new();
+        for disk in d.disks.iter().filter(|x| disks.tracked.iter().any(|(_, t)| *t == x.target)) {
+            let (_, bitmaps) = self.qemu_bitmaps(vm, disk.source.as_deref().unwrap_or(Path::new(""))).await?;
+            if bitmaps.iter().any(|b| b.name == name && b.persistent && b.recording && !b.inconsistent && !b.busy) {
+                out.push(disk.target.clone());
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -884,13 +1114,35 @@ pub mod testing {
         image: &std::path::Path,
         dir: &std::path::Path,
     ) {
+        define_tiny_guest_domain_with_disks(name, uuid, guest, &[image], dir)
+    }
+
+    /// [`define_tiny_guest_domain`] with `images` as disks `vda`, `vdb`...
+    pub fn define_tiny_guest_domain_with_disks(
+        name: &str,
+        uuid: uuid::Uuid,
+        guest: &crate::qemu::TinyGuest,
+        images: &[&std::path::Path],
+        dir: &std::path::Path,
+    ) {
+        let disks: String = images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| {
+                format!(
+                    "<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>
+                       <source file='{}'/><target dev='vd{}' bus='virtio'/></disk>",
+                    image.display(),
+                    (b'a' + i as u8) as char
+                )
+            })
+            .collect();
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
                <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{c}</cmdline></os>
                <features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>
                <devices>
-                 <disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>
-                   <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+                 {disks}
                  <serial type='file'><source path='{d}/console.log'/><target port='0'/></serial>
                  <channel type='unix'><source mode='bind' path='{d}/agent.sock'/><target type='virtio' name='org.drover.agent'/></channel>
                  <memballoon model='none'/>
@@ -898,7 +1150,6 @@ pub mod testing {
             k = guest.vmlinux.display(),
             i = guest.initramfs.display(),
             c = guest.cmdline,
-            disk = image.display(),
             d = dir.display(),
         );
         let file = dir.join("domain.xml");

@@ -4,7 +4,8 @@
 //! `<channel>`, and change tracking with checkpoints and pull-mode backups — the point in time,
 //! the exact dirty extents, a failed cycle that keeps its changes, a cycle while the domain is off
 //! and lost libvirt metadata (the checkpoint is redefined), and a `kill -9` of the domain's QEMU
-//! that leaves the checkpoint's bitmap broken and is seen as such.
+//! that leaves the checkpoint's bitmap broken and is seen as such; a two-disk domain's disks
+//! share one backup job.
 //!
 //! Needs libvirt (scripts/install-deps), `qemu-img`, libnbd's `nbdinfo`/`nbdcopy` (they stand in
 //! for drover-block's NBD client here) and the built guest.
@@ -163,8 +164,8 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     let second = format!("second-{}", Uuid::new_v4());
     hv.write_marker(vm, &second).await.unwrap();
     assert!(read_view(&cut.nbd, DISK_BYTES) == view1, "the point-in-time view changed while the guest wrote");
-    // A second disk cut while the job runs would wait (libvirt runs one backup job per domain):
-    // the same disk under other names is refused as busy.
+    // A cut for another directory while the job runs is another job's (libvirt runs one backup
+    // job per domain): refused as busy.
     assert!(matches!(
         hv.cut_begin(vm, 0, "drover-a", "drover-x", &exports.join("other")).await,
         Err(HvError::ImageLocked(_))
@@ -260,6 +261,103 @@ async fn an_existing_domain_is_discovered_started_and_tracked_with_checkpoints()
     assert_ne!(hv.shutdown(vm, Duration::from_secs(20)).await.unwrap(), drover_hv::ShutdownOutcome::AlreadyOff);
     assert_eq!(hv.status(vm).await.unwrap(), PowerState::Off);
     assert_eq!(hv.shutdown(vm, Duration::from_secs(1)).await.unwrap(), drover_hv::ShutdownOutcome::AlreadyOff);
+}
+
+/// A domain with two disks: one backup job for both (libvirt runs one per domain), begun when
+/// the second disk's cut asks, each disk exported since its own checkpoint; the first disk's cut
+/// ends while the second's export is still read, and the cycle commits when the last one ends.
+/// A failed disk keeps every `current`, so the next cycle sends its changes again.
+#[tokio::test]
+async fn a_two_disk_domain_is_cut_in_one_job() {
+    testing::ensure_daemon();
+    let guest = tiny_guest();
+    let dir = tempfile::tempdir().unwrap();
+    let uuid = Uuid::new_v4();
+    let name = format!("drover-test-{}", &uuid.to_string()[..8]);
+    let images = [dir.path().join("vda.qcow2"), dir.path().join("vdb.qcow2")];
+    for image in &images {
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(image).arg(DISK_BYTES.to_string()));
+    }
+    let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    testing::define_tiny_guest_domain_with_disks(&name, uuid, &guest, &refs, dir.path());
+    let dom = Domain { name, uuid, dir };
+    let hv = LibvirtDriver::new(testing::URI, dom.dir.path().join("run"));
+    let vm = dom.uuid;
+    let exports = dom.dir.path().join("exp");
+    assert_eq!(hv.discover().await.unwrap().iter().find(|d| d.uuid == vm).unwrap().disks.len(), 2);
+    hv.power_on(&spec(&dom)).await.unwrap();
+    hv.wait_heartbeat(vm, BOOT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no heartbeat: {e}; console:\n{}", dom.console()));
+
+    // One checkpoint tracks both disks; the second disk's enable finds it.
+    hv.enable(vm, 0, "drover-a").await.unwrap();
+    hv.enable(vm, 1, "drover-a").await.unwrap();
+    for disk in 0..2 {
+        assert_eq!(names(&hv.state(vm, disk).await.unwrap()), ["drover-a"], "disk {disk}");
+    }
+
+    let first = format!("first-{}", Uuid::new_v4());
+    hv.write_marker(vm, &first).await.unwrap();
+    let c0 = hv.cut_begin(vm, 0, "drover-a", "drover-b", &exports).await.unwrap();
+    assert!(!c0.nbd.socket.exists(), "no job before the second disk asks");
+    let c1 = hv.cut_begin(vm, 1, "drover-a", "drover-b", &exports).await.unwrap();
+    assert_eq!(c0.nbd.socket, c1.nbd.socket, "one job, one server");
+    assert_eq!(hv.cut_begin(vm, 0, "drover-a", "drover-b", &exports).await.unwrap(), c0, "a rerun re-exports");
+    let e0 = dirty_extents(&c0.nbd, &c0.meta_context);
+    assert!(found_in(&read_view(&c0.nbd, DISK_BYTES), &e0, &first), "the marker is in disk 0's changes");
+    assert!(total(&dirty_extents(&c1.nbd, &c1.meta_context)) <= SMALL_DIRTY_BYTES);
+    // Disk 0's transfer ends first: the job runs on for disk 1, nothing is committed yet.
+    hv.cut_end(&c0, true).await.unwrap();
+    let view1 = read_view(&c1.nbd, DISK_BYTES);
+    assert_eq!(view1.len() as u64, DISK_BYTES, "disk 1's export is still read");
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-a", "drover-b"]);
+    hv.cut_end(&c1, true).await.unwrap();
+    for disk in 0..2 {
+        assert_eq!(names(&hv.state(vm, disk).await.unwrap()), ["drover-b"], "committed on disk {disk}");
+    }
+
+    // Disk 1's transfer fails: `next` goes, both disks keep `drover-b`, and the next cycle
+    // sends disk 0's change again although its own transfer had succeeded.
+    let second = format!("second-{}", Uuid::new_v4());
+    hv.write_marker(vm, &second).await.unwrap();
+    let c0 = hv.cut_begin(vm, 0, "drover-b", "drover-c", &exports).await.unwrap();
+    let c1 = hv.cut_begin(vm, 1, "drover-b", "drover-c", &exports).await.unwrap();
+    let e0 = dirty_extents(&c0.nbd, &c0.meta_context);
+    hv.cut_end(&c1, false).await.unwrap();
+    hv.cut_end(&c0, true).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-b"]);
+    // Disk 1 starts over from a checkpoint of its own (as after a hash-compare), disk 0 goes on
+    // from `drover-b`: one job, each disk since its own checkpoint.
+    hv.enable(vm, 1, "drover-r-base").await.unwrap();
+    let c0 = hv.cut_begin(vm, 0, "drover-b", "drover-d", &exports).await.unwrap();
+    let c1 = hv.cut_begin(vm, 1, "drover-r-base", "drover-d", &exports).await.unwrap();
+    let again = dirty_extents(&c0.nbd, &c0.meta_context);
+    assert!(covered(&e0, &again), "the failed cycle's changes are sent again");
+    assert!(found_in(&read_view(&c0.nbd, DISK_BYTES), &again, &second));
+    let job = String::from_utf8_lossy(&virsh(&["backup-dumpxml", &dom.name]).stdout).into_owned();
+    assert!(job.contains("incremental='drover-b'") && job.contains("incremental='drover-r-base'"), "{job}");
+    // Asked under another checkpoint while the job exports it since its own: refused, not mixed up.
+    assert!(matches!(hv.cut_begin(vm, 1, "drover-b", "drover-d", &exports).await, Err(HvError::ImageLocked(_))));
+    hv.cut_end(&c1, true).await.unwrap();
+    hv.cut_end(&c0, true).await.unwrap();
+    for disk in 0..2 {
+        assert_eq!(names(&hv.state(vm, disk).await.unwrap()), ["drover-d"], "disk {disk}");
+    }
+
+    // A cut step that fails before the second disk asked: the first disk's cut ends unexported,
+    // nothing changes, and the next attempt starts clean.
+    let c0 = hv.cut_begin(vm, 0, "drover-d", "drover-e", &exports).await.unwrap();
+    hv.cut_end(&c0, true).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 0).await.unwrap()), ["drover-d"], "an unexported cut commits nothing");
+    assert!(!exports.join("job.json").exists());
+    let c0 = hv.cut_begin(vm, 0, "drover-d", "drover-e", &exports).await.unwrap();
+    let c1 = hv.cut_begin(vm, 1, "drover-d", "drover-e", &exports).await.unwrap();
+    hv.cut_end(&c0, true).await.unwrap();
+    hv.cut_end(&c1, true).await.unwrap();
+    assert_eq!(names(&hv.state(vm, 1).await.unwrap()), ["drover-e"]);
+    assert!(!exports.join("job.json").exists(), "the ledger goes with the cycle");
+    hv.power_off(vm).await.unwrap();
 }
 
 /// A VM that is no domain yet (a replica on its boot overlay) is defined as drover's own, runs,

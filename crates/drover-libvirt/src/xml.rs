@@ -411,54 +411,120 @@ fn disk_letter(mut i: usize) -> String {
     String::from_utf8(s).unwrap_or_default()
 }
 
-/// A pull-mode backup of one disk (`target`) served on the unix socket `socket` as the NBD
-/// export `export_name`; with `incremental`, the changes since that checkpoint are the export's
-/// `qemu:dirty-bitmap:<export_bitmap>` context. `scratch` holds what the guest overwrites while
-/// the backup runs. Every other disk of `all_targets` is left out.
+/// One disk of a pull-mode backup ([`backup_xml`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDisk<'a> {
+    /// The disk's target (`vda`).
+    pub target: &'a str,
+    /// The NBD export it is served as.
+    pub export_name: &'a str,
+    /// Holds what the guest overwrites while the backup runs.
+    pub scratch: &'a std::path::Path,
+    /// The changes since this checkpoint are the export's `qemu:dirty-bitmap:<export_bitmap>`
+    /// context; without one the disk is exported whole, with no bitmap.
+    pub incremental: Option<&'a str>,
+}
+
+/// A pull-mode backup of `disks`, all at one instant, served on the unix socket `socket`; every
+/// other disk of `all_targets` is left out. Each disk says its own mode and checkpoint (libvirt
+/// ≥ 7.6's per-disk `backupmode`/`incremental`), so disks whose bitmaps differ share one job.
 pub fn backup_xml(
     socket: &std::path::Path,
-    target: &str,
+    disks: &[BackupDisk<'_>],
     all_targets: &[&str],
-    export_name: &str,
     export_bitmap: &str,
-    scratch: &std::path::Path,
-    incremental: Option<&str>,
 ) -> String {
     let mut x = String::from("<domainbackup mode='pull'>");
-    if let Some(cp) = incremental {
-        x.push_str(&format!("<incremental>{}</incremental>", escape(cp)));
-    }
     x.push_str(&format!("<server transport='unix' socket='{}'/><disks>", escape(&*socket.to_string_lossy())));
     for t in all_targets {
-        if *t == target {
-            x.push_str(&format!(
-                "<disk name='{}' backup='yes' type='file' exportname='{}'{}><scratch file='{}'/></disk>",
-                escape(*t),
-                escape(export_name),
-                if incremental.is_some() {
-                    format!(" exportbitmap='{}'", escape(export_bitmap))
-                } else {
-                    String::new()
-                },
-                escape(&*scratch.to_string_lossy()),
-            ));
-        } else {
-            x.push_str(&format!("<disk name='{}' backup='no'/>", escape(*t)));
+        match disks.iter().find(|d| d.target == *t) {
+            Some(d) => {
+                let mode = match d.incremental {
+                    Some(cp) => format!(
+                        "backupmode='incremental' incremental='{}' exportbitmap='{}'",
+                        escape(cp),
+                        escape(export_bitmap)
+                    ),
+                    None => "backupmode='full'".to_string(),
+                };
+                x.push_str(&format!(
+                    "<disk name='{}' backup='yes' type='file' {mode} exportname='{}'><scratch file='{}'/></disk>",
+                    escape(*t),
+                    escape(d.export_name),
+                    escape(&*d.scratch.to_string_lossy()),
+                ));
+            }
+            None => x.push_str(&format!("<disk name='{}' backup='no'/>", escape(*t))),
         }
     }
     x.push_str("</disks></domainbackup>");
     x
 }
 
-/// A checkpoint named `name` that tracks disk `target` only.
-pub fn checkpoint_xml(name: &str, target: &str, all_targets: &[&str]) -> String {
+/// A checkpoint named `name` that tracks the disks `tracked` (a bitmap of that name in each),
+/// every other disk of `all_targets` not.
+pub fn checkpoint_xml(name: &str, tracked: &[&str], all_targets: &[&str]) -> String {
     let mut x = format!("<domaincheckpoint><name>{}</name><disks>", escape(name));
     for t in all_targets {
-        let how = if *t == target { "bitmap" } else { "no" };
+        let how = if tracked.contains(t) { "bitmap" } else { "no" };
         x.push_str(&format!("<disk name='{}' checkpoint='{how}'/>", escape(*t)));
     }
     x.push_str("</disks></domaincheckpoint>");
     x
+}
+
+/// What a running backup job's XML says of disk `target`: whether it is backed up, under which
+/// export name, and since which checkpoint (`None`: whole).
+pub fn backup_job_disk(text: &str, target: &str) -> LibvirtResult<Option<(String, Option<String>)>> {
+    if text.len() > MAX_XML_BYTES {
+        return Err(xml_err("the backup XML is too large"));
+    }
+    let mut reader = quick_xml::Reader::from_str(text);
+    let mut depth = 0usize;
+    let mut global_incremental: Option<String> = None;
+    let mut in_incremental = false;
+    let mut found: Option<(String, Option<String>)> = None;
+    loop {
+        let e = match reader.read_event().map_err(|e| xml_err(e.to_string()))? {
+            Event::Start(e) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(xml_err("the backup XML nests too deep"));
+                }
+                in_incremental = depth == 2 && e.name().as_ref() == b"incremental";
+                Some(e)
+            }
+            Event::Empty(e) => Some(e),
+            Event::Text(t) if in_incremental => {
+                global_incremental = Some(t.unescape().map_err(|e| xml_err(e.to_string()))?.trim().to_string());
+                None
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                in_incremental = false;
+                None
+            }
+            Event::Eof => break,
+            _ => None,
+        };
+        if let Some(e) = e
+            && e.name().as_ref() == b"disk"
+            && attr(&e, "name")?.as_deref() == Some(target)
+            && attr(&e, "backup")?.as_deref() != Some("no")
+        {
+            let export = attr(&e, "exportname")?.unwrap_or_default();
+            let since = match attr(&e, "backupmode")?.as_deref() {
+                Some("full") => None,
+                _ => attr(&e, "incremental")?.or(Some(String::new())),
+            };
+            found = Some((export, since));
+        }
+    }
+    // A disk without its own checkpoint follows the job's.
+    Ok(found.map(|(export, since)| match since {
+        Some(s) if s.is_empty() => (export, global_incremental),
+        other => (export, other),
+    }))
 }
 
 /// The disks a checkpoint's XML says it tracks with a bitmap, with the bitmap's name.
@@ -585,28 +651,34 @@ mod tests {
     }
 
     #[test]
-    fn backup_and_checkpoint_xml_name_one_disk_and_escape() {
-        let b = backup_xml(
-            std::path::Path::new("/run/d'x/nbd.sock"),
-            "vda",
-            &["vda", "vdb"],
-            "disk0",
-            "drover-export",
-            std::path::Path::new("/run/s.qcow2"),
-            Some("drover-r1"),
-        );
-        assert!(b.contains("<incremental>drover-r1</incremental>"));
+    fn backup_and_checkpoint_xml_name_their_disks_and_escape() {
+        let scratch = std::path::Path::new("/run/s.qcow2");
+        let disks = [
+            BackupDisk { target: "vda", export_name: "disk0", scratch, incremental: Some("drover-r1") },
+            BackupDisk { target: "vdc", export_name: "disk2", scratch, incremental: None },
+        ];
+        let b = backup_xml(std::path::Path::new("/run/d'x/nbd.sock"), &disks, &["vda", "vdb", "vdc"], "drover-export");
         assert!(b.contains("socket='/run/d&apos;x/nbd.sock'"), "{b}");
         assert!(b.contains("<disk name='vdb' backup='no'/>"));
-        assert!(b.contains("exportbitmap='drover-export'"));
-        let full =
-            backup_xml(std::path::Path::new("/s"), "vda", &["vda"], "disk0", "e", std::path::Path::new("/x"), None);
-        assert!(!full.contains("exportbitmap") && !full.contains("incremental"));
-        let c = checkpoint_xml("drover-r2", "vda", &["vda", "vdb"]);
+        assert!(
+            b.contains(
+                "backupmode='incremental' incremental='drover-r1' exportbitmap='drover-export' exportname='disk0'"
+            ),
+            "{b}"
+        );
+        assert!(b.contains("<disk name='vdc' backup='yes' type='file' backupmode='full' exportname='disk2'>"), "{b}");
+        // What libvirt answers for a running job reads back per disk.
+        assert_eq!(backup_job_disk(&b, "vda").unwrap(), Some(("disk0".into(), Some("drover-r1".into()))));
+        assert_eq!(backup_job_disk(&b, "vdc").unwrap(), Some(("disk2".into(), None)));
+        assert_eq!(backup_job_disk(&b, "vdb").unwrap(), None);
+        let global = "<domainbackup mode='pull'><incremental>cp</incremental><disks><disk name='vda' backup='yes' exportname='d'/></disks></domainbackup>";
+        assert_eq!(backup_job_disk(global, "vda").unwrap(), Some(("d".into(), Some("cp".into()))));
+
+        let c = checkpoint_xml("drover-r2", &["vda", "vdc"], &["vda", "vdb", "vdc"]);
         assert_eq!(
             checkpoint_disks(&c.replace("checkpoint='bitmap'", "checkpoint='bitmap' bitmap='drover-r2'")).unwrap(),
-            vec![("vda".to_string(), "drover-r2".to_string())]
+            vec![("vda".to_string(), "drover-r2".to_string()), ("vdc".to_string(), "drover-r2".to_string())]
         );
-        assert_eq!(checkpoint_disks(&c).unwrap(), vec![("vda".to_string(), "drover-r2".to_string())]);
+        assert!(c.contains("<disk name='vdb' checkpoint='no'/>"));
     }
 }

@@ -1,11 +1,12 @@
 //! Protecting a libvirt domain that drover did not make: two `drover agent`s on the libvirt
 //! driver (`--hypervisor libvirt`) beside a libvirt daemon (started here when none runs), and a
-//! domain defined with `virsh define` outside drover, booting the tiny guest from an image that
-//! is in no drover datastore. It is discovered and imported, powered on through drover,
-//! replicated (seed, then its dirty extents only), its QEMU killed with `kill -9` between cycles
-//! (the next cycle finds the checkpoint's bitmap broken and hash-compares that disk, the one
-//! after is incremental again), failed over into a domain drover defines on the DR host, and
-//! undone (that domain undefined); failed over again and failed back into the domain's own image,
+//! domain defined with `virsh define` outside drover, booting the tiny guest from two images
+//! (a system and a data disk, cut in one libvirt backup job) that are in no drover datastore.
+//! It is discovered and imported, powered on through drover, replicated (seed, then its dirty
+//! extents only), its QEMU killed with `kill -9` between cycles (the next cycle finds the
+//! checkpoints' bitmaps broken and hash-compares the disks, the one after is incremental again),
+//! failed over into a domain drover defines on the DR host, and undone (that domain undefined);
+//! failed over again and failed back into the domain's own images,
 //! started through libvirt, and committed. The administrator's domain is never redefined.
 
 mod common;
@@ -57,11 +58,16 @@ impl AdminDomain {
         let name = format!("web-{}", &uuid.simple().to_string()[..8]);
         let dir = root.join("images");
         std::fs::create_dir_all(&dir).unwrap();
+        // Two disks: the system disk the guest writes its markers to, and a data disk; libvirt
+        // cuts both in one backup job.
         let image = dir.join("web.qcow2");
-        let out =
-            Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M").output().unwrap();
-        assert!(out.status.success());
-        drover_hv::libvirt::testing::define_tiny_guest_domain(&name, uuid, &guest, &image, &dir);
+        let data = dir.join("web-data.qcow2");
+        for file in [&image, &data] {
+            let out =
+                Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(file).arg("64M").output().unwrap();
+            assert!(out.status.success());
+        }
+        drover_hv::libvirt::testing::define_tiny_guest_domain_with_disks(&name, uuid, &guest, &[&image, &data], &dir);
         AdminDomain { name, uuid, image, also: Vec::new() }
     }
 
@@ -141,6 +147,7 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     assert_eq!(vm["libvirt_domain"], dom.name.as_str());
     assert_eq!(vm["disks"][0]["name"], "vda");
     assert_eq!(vm["disks"][0]["size_bytes"], 64 << 20);
+    assert_eq!(vm["disks"][1]["name"], "vdb", "every disk of the domain: {vm}");
     assert_eq!(vm["power_state"], "Off");
     let (status, v) = api.send(M::POST, "/v1/vms/import", Some(import)).await;
     assert_eq!(status, 409, "imported twice: {v}");
@@ -164,7 +171,7 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     assert!(mentions(&lines, "seed mode"), "{lines:?}");
     prod.vm_write_marker(vm_uuid, "two").await.unwrap();
     let lines = run_job(&api, &job).await;
-    assert!(mentions(&lines, "bitmap mode"), "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.contains("bitmap mode")).count(), 2, "both disks incrementally: {lines:?}");
     println!("incremental: {lines:#?}");
 
     // kill -9 of the domain's QEMU between cycles: the checkpoint's bitmap is broken; the
@@ -197,6 +204,7 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     assert_eq!(hb.marker.as_deref(), Some("three"));
     let replica_xml = String::from_utf8_lossy(&virsh(&["dumpxml", &replica_id.to_string()]).stdout).into_owned();
     assert!(replica_xml.contains("urn:drover:libvirt:1"), "the replica is a domain of drover's: {replica_xml}");
+    assert!(replica_xml.contains("dev='vdb'"), "with both disks: {replica_xml}");
     let at_dr = dr.domains().await.unwrap();
     assert!(at_dr.iter().any(|d| d.uuid == replica_id && d.owned_by_drover), "{at_dr:?}");
 
@@ -218,7 +226,8 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     dr.vm_wait_heartbeat(replica_id, Duration::from_secs(120)).await.unwrap();
     dr.vm_write_marker(replica_id, "written at DR").await.unwrap();
     let lines = api.plan_action(&plan_id, "prepare-failback", None).await;
-    assert!(mentions(&lines, "synced to production by hash-compare between the agents"), "{lines:?}");
+    let synced = lines.iter().filter(|l| l.contains("synced to production by hash-compare between the agents"));
+    assert_eq!(synced.count(), 2, "both disks: {lines:?}");
     println!("prepare-failback: {lines:#?}");
     dr.vm_write_marker(replica_id, "written at DR after the sync").await.unwrap();
     let lines = api.plan_action(&plan_id, "switchover", None).await;
@@ -237,8 +246,10 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
         .filter(|n| n.contains("manifest"))
         .collect();
     assert!(beside.is_empty(), "{beside:?}");
-    let manifest = root.join("pa/datastores/ds").join(&vm_id).join("vda.manifest");
-    assert!(manifest.exists(), "production's manifest is kept in its datastore");
+    for disk in ["vda", "vdb"] {
+        let manifest = root.join("pa/datastores/ds").join(&vm_id).join(format!("{disk}.manifest"));
+        assert!(manifest.exists(), "production's manifest of {disk} is kept in its datastore");
+    }
     let lines = run_job(&api, &job).await;
     println!("after the failback: {lines:#?}");
     drop(cp);
