@@ -64,6 +64,9 @@ use crate::{
     VmSpec,
 };
 
+/// The libvirt network the NICs of replicas and test VMs without an uplink are on (see
+/// [`LibvirtDriver::ensure_isolated_network`]).
+pub const ISOLATED_NETWORK: &str = "drover-isolated";
 /// The bitmap libvirt exports the changes since `current` under.
 pub const EXPORT_BITMAP: &str = "drover-export";
 /// How long one guest agent command may take (libvirt's own bound, in seconds).
@@ -115,16 +118,18 @@ impl LibvirtDriver {
     }
 
     /// Defines (or redefines, while it is shut off) a domain of drover's own from `spec`: a
-    /// replica or test VM. NICs are on the libvirt network of the spec's (mapped) network when
-    /// the host has one, and left out otherwise, as every NIC is when the spec says no uplink:
-    /// a replica never reaches a network the recovery location did not map it to.
+    /// replica or test VM. A NIC the spec says has no uplink is on [`ISOLATED_NETWORK`] (the
+    /// guest has its NIC, with its MAC, and reaches nothing); any other is on the libvirt network
+    /// of the spec's (mapped) network when the host has one, and left out otherwise: a replica
+    /// never reaches a network the recovery location did not map it to.
     async fn define_own(&self, spec: &VmSpec) -> HvResult<()> {
         let dir = self.vm_dir(spec.id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| HvError::io(format!("creating {}", dir.display()), e))?;
         let mut nics = Vec::new();
         for n in &spec.nics {
             if n.no_uplink {
-                tracing::info!(vm = %spec.id, mac = %n.mac, "NIC left out: the VM has no uplink");
+                self.ensure_isolated_network().await?;
+                nics.push((n.mac.clone(), ISOLATED_NETWORK.to_string()));
                 continue;
             }
             let name = n.network.clone();
@@ -168,6 +173,42 @@ impl LibvirtDriver {
                 drover_libvirt::virt::domain::Domain::define_xml(conn, &text)
                     .map(|_| ())
                     .map_err(virt_err("defining the domain"))
+            })
+            .await
+            .map_err(lv)
+    }
+
+    /// Makes sure [`ISOLATED_NETWORK`] is defined and active on this host: no forwarding, no
+    /// address or DHCP of the host's, every port isolated from every other (libvirt's
+    /// `<port isolated='yes'/>`), so a VM on it reaches neither the host, nor another VM on it,
+    /// nor any network: a test failover's VM cannot reach production, nor another tenant's VM.
+    async fn ensure_isolated_network(&self) -> HvResult<()> {
+        use drover_libvirt::virt::network::Network;
+        self.libvirt
+            .call("ensuring drover's isolated network", |conn| {
+                let net = match Network::lookup_by_name(conn, ISOLATED_NETWORK) {
+                    Ok(net) => net,
+                    Err(_) => {
+                        let xml = format!(
+                            "<network><name>{ISOLATED_NETWORK}</name><bridge stp='off'/><port isolated='yes'/></network>"
+                        );
+                        match Network::define_xml(conn, &xml) {
+                            Ok(net) => net,
+                            // Defined meanwhile by another call.
+                            Err(_) => Network::lookup_by_name(conn, ISOLATED_NETWORK)
+                                .map_err(virt_err("defining drover's isolated network"))?,
+                        }
+                    }
+                };
+                if !net.is_active().map_err(virt_err("reading drover's isolated network"))?
+                    && let Err(e) = net.create()
+                    // Started meanwhile by another call.
+                    && !net.is_active().unwrap_or(false)
+                {
+                    return Err(virt_err("starting drover's isolated network")(e));
+                }
+                let _ = net.set_autostart(true);
+                Ok(())
             })
             .await
             .map_err(lv)

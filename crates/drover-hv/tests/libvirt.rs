@@ -379,7 +379,10 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
         vcpus: 1,
         memory_mib: 128,
         disks: vec![drover_hv::DiskSpec { path: disk.clone() }],
-        nics: vec![drover_hv::NicSpec { network: "nowhere".into(), mac: "52:54:00:12:34:56".into(), no_uplink: false }],
+        nics: vec![
+            drover_hv::NicSpec { network: "nowhere".into(), mac: "52:54:00:12:34:56".into(), no_uplink: false },
+            drover_hv::NicSpec { network: "lan".into(), mac: "52:54:00:12:34:57".into(), no_uplink: true },
+        ],
         boot: guest.boot_spec(),
     };
     struct Undefine(Uuid);
@@ -397,7 +400,20 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     let d = found.iter().find(|d| d.uuid == id).expect("the replica is a domain");
     assert!(d.owned_by_drover && d.name.starts_with("drover-db_replica-"), "{d:?}");
     assert!(d.unsupported.iter().any(|u| u.contains("drover defined it")), "{d:?}");
-    assert!(d.nics.is_empty(), "a NIC on a network libvirt does not have is left out: {d:?}");
+    // A NIC on a network libvirt does not have is left out; one without an uplink is on drover's
+    // isolated network, whose ports reach nothing, not even each other.
+    assert_eq!(d.nics.len(), 1, "{d:?}");
+    assert_eq!(d.nics[0].mac.as_deref(), Some("52:54:00:12:34:57"));
+    assert_eq!(
+        (d.nics[0].kind.as_str(), d.nics[0].source.as_deref()),
+        ("network", Some(drover_hv::libvirt::ISOLATED_NETWORK))
+    );
+    let net =
+        String::from_utf8_lossy(&virsh(&["net-dumpxml", drover_hv::libvirt::ISOLATED_NETWORK]).stdout).into_owned();
+    assert!(net.contains("<port isolated='yes'/>") && !net.contains("<forward") && !net.contains("<ip"), "{net}");
+    let active =
+        String::from_utf8_lossy(&virsh(&["net-info", drover_hv::libvirt::ISOLATED_NETWORK]).stdout).into_owned();
+    assert!(active.lines().any(|l| l.starts_with("Active:") && l.ends_with("yes")), "{active}");
     assert_eq!(hv.disk_location(id, 0).await.unwrap(), None, "drover finds its own files itself");
     // Changes persist in the overlay across a restart; a second disk given on the next start is
     // there (the domain is redefined from the specification while it is off).
