@@ -49,6 +49,7 @@ async fn replicas_and_restore_points_are_listed_per_tenant() {
                 file: format!("/x/{i}.qcow2"),
                 size_bytes: 1 << 26,
                 manifest_digest: "ab".into(),
+                tracking_bitmap: None,
             }],
             verified: false,
             consistency: if i == 0 {

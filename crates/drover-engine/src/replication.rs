@@ -199,8 +199,14 @@ pub struct BitmapPlan {
     pub remove: Vec<String>,
 }
 
-/// Decides a disk's bitmaps from its `drover-*` bitmaps (`ours`); `seed` says there is no point yet.
-pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str) -> BitmapPlan {
+/// Decides a disk's bitmaps from its `drover-*` bitmaps (`ours`); `seed` says there is no point
+/// yet; `ledger` is the bitmap the newest point recorded as tracking the disk since it (absent on
+/// points older than the ledger).
+///
+/// With a ledger, only that bitmap may carry the cycle: another sound bitmap (made by a run that
+/// published nothing, left by a restored or reverted disk) does not cover everything since the
+/// point, so the disk is hash-compared and the strays are removed.
+pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str, ledger: Option<&str>) -> BitmapPlan {
     let next = format!("drover-{run}");
     let fresh_name = format!("drover-{run}-base");
     // A rerun of the same run finds its own `next` already made by an earlier cut attempt: the
@@ -209,14 +215,35 @@ pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str) -> BitmapPlan {
         ours.iter().filter(|b| b.recording && b.persistent && !b.inconsistent && b.name != next).collect();
     let broken: Vec<String> = ours.iter().filter(|b| b.inconsistent).map(|b| b.name.clone()).collect();
     let all_but_next = || ours.iter().map(|b| b.name.clone()).filter(|n| *n != next).collect::<Vec<_>>();
+    let all_but = |keep: &str| ours.iter().map(|b| b.name.clone()).filter(|n| *n != next && n != keep).collect();
     let plan = |mode: TransferMode, reason: Option<String>, current: String, fresh: bool, remove: Vec<String>| {
         BitmapPlan { mode, reason, current, next: next.clone(), fresh, remove }
     };
-    match (seed, usable.as_slice()) {
-        (true, [one]) => plan(TransferMode::Seed, None, one.name.clone(), false, broken),
-        (true, _) => plan(TransferMode::Seed, None, fresh_name, true, all_but_next()),
-        (false, [one]) => plan(TransferMode::Bitmap, None, one.name.clone(), false, broken),
-        (false, []) => {
+    match (seed, ledger, usable.as_slice()) {
+        (true, _, [one]) => plan(TransferMode::Seed, None, one.name.clone(), false, broken),
+        (true, _, _) => plan(TransferMode::Seed, None, fresh_name, true, all_but_next()),
+        (false, Some(recorded), usable) => match usable.iter().find(|b| b.name == recorded) {
+            // Strays beside it are removed: they cover less, or something else.
+            Some(b) => plan(TransferMode::Bitmap, None, b.name.clone(), false, all_but(recorded)),
+            None => {
+                let state = match ours.iter().find(|b| b.name == recorded) {
+                    Some(b) if b.inconsistent => "is inconsistent (the VM stopped uncleanly)",
+                    Some(_) => "no longer records",
+                    None => "is gone",
+                };
+                let mut why = format!("bitmap {recorded}, recorded at the newest point, {state}");
+                if !usable.is_empty() {
+                    let names: Vec<&str> = usable.iter().map(|b| b.name.as_str()).collect();
+                    why.push_str(&format!(
+                        "; {} cannot stand for it (made since that point, or the disk was replaced)",
+                        names.join(", ")
+                    ));
+                }
+                plan(TransferMode::HashCompare, Some(why), fresh_name, true, all_but_next())
+            }
+        },
+        (false, None, [one]) => plan(TransferMode::Bitmap, None, one.name.clone(), false, broken),
+        (false, None, []) => {
             let why = if broken.is_empty() {
                 "no bitmap records this disk's changes".to_string()
             } else {
@@ -224,7 +251,7 @@ pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str) -> BitmapPlan {
             };
             plan(TransferMode::HashCompare, Some(why), fresh_name, true, all_but_next())
         }
-        (false, many) => plan(
+        (false, None, many) => plan(
             TransferMode::HashCompare,
             Some(format!("{} bitmaps record this disk; which covers the last point is unclear", many.len())),
             fresh_name,
@@ -332,8 +359,9 @@ impl Step for Prepare {
         for (index, d) in vm.disks.iter().enumerate() {
             let disk = DiskRef { datastore: source_ds.id.0, vm: vm.id.0, disk: d.name.clone(), index };
             let info = source.disk_info(&disk, running).await.map_err(agent_error)?;
-            let prev_file =
-                newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name)).map(|x| PointFile(x.file.clone()));
+            let newest_disk = newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name));
+            let prev_file = newest_disk.map(|x| PointFile(x.file.clone()));
+            let ledger = newest_disk.and_then(|x| x.tracking_bitmap.as_deref());
             let ours: Vec<BitmapInfo> = info.bitmaps.into_iter().filter(|b| b.name.starts_with("drover-")).collect();
             disks.push(DiskPlan {
                 index,
@@ -341,7 +369,7 @@ impl Step for Prepare {
                 size: info.size,
                 disk,
                 chain: ChainRef { datastore: target_ds.id.0, replica: replica.id.0, disk: d.name.clone() },
-                bitmaps: plan_bitmaps(&ours, prev_file.is_none(), &run),
+                bitmaps: plan_bitmaps(&ours, prev_file.is_none(), &run, ledger),
                 prev_file,
                 reader: Some(target_ds.host_id.0),
             });
@@ -809,6 +837,8 @@ impl Step for Publish {
                     file: t.file.0.clone(),
                     size_bytes: t.size,
                     manifest_digest: t.manifest_digest.clone(),
+                    // The cut's `next` records from the point on.
+                    tracking_bitmap: prep.disks.iter().find(|d| d.name == t.disk).map(|d| d.bitmaps.next.clone()),
                 })
                 .collect(),
             verified: false,
@@ -930,42 +960,68 @@ mod tests {
 
     #[test]
     fn the_one_recording_bitmap_is_current_and_next_is_named_after_the_run() {
-        let p = plan_bitmaps(&[b("drover-aaaa", true, false)], false, "bbbb");
+        let p = plan_bitmaps(&[b("drover-aaaa", true, false)], false, "bbbb", None);
         assert_eq!(
             (p.mode, p.current.as_str(), p.next.as_str(), p.fresh),
             (TransferMode::Bitmap, "drover-aaaa", "drover-bbbb", false)
         );
         assert!(p.remove.is_empty());
         // A disabled leftover is not a candidate, and is left alone.
-        let p = plan_bitmaps(&[b("drover-old", false, false), b("drover-aaaa", true, false)], false, "bbbb");
+        let p = plan_bitmaps(&[b("drover-old", false, false), b("drover-aaaa", true, false)], false, "bbbb", None);
         assert_eq!((p.mode, p.current.as_str()), (TransferMode::Bitmap, "drover-aaaa"));
     }
 
     #[test]
     fn anything_unclear_falls_back_to_hash_compare_with_a_fresh_bitmap() {
-        let none = plan_bitmaps(&[], false, "r1");
+        let none = plan_bitmaps(&[], false, "r1", None);
         assert_eq!((none.mode, none.current.as_str(), none.fresh), (TransferMode::HashCompare, "drover-r1-base", true));
-        let broken = plan_bitmaps(&[b("drover-x", true, true)], false, "r1");
+        let broken = plan_bitmaps(&[b("drover-x", true, true)], false, "r1", None);
         assert_eq!(broken.mode, TransferMode::HashCompare);
         assert!(broken.reason.unwrap().contains("inconsistent"));
         assert_eq!(broken.remove, vec!["drover-x".to_string()]);
-        let two = plan_bitmaps(&[b("drover-x", true, false), b("drover-y", true, false)], false, "r1");
+        let two = plan_bitmaps(&[b("drover-x", true, false), b("drover-y", true, false)], false, "r1", None);
         assert_eq!((two.mode, two.remove.len()), (TransferMode::HashCompare, 2));
+    }
+
+    #[test]
+    fn the_ledger_says_which_bitmap_carries_the_cycle() {
+        // The one the newest point recorded, strays beside it removed.
+        let p = plan_bitmaps(&[b("drover-a", true, false), b("drover-s", true, false)], false, "r2", Some("drover-a"));
+        assert_eq!(
+            (p.mode, p.current.as_str(), p.remove.clone()),
+            (TransferMode::Bitmap, "drover-a", vec!["drover-s".into()])
+        );
+        // A sound bitmap that is not the recorded one (a run that published nothing made it, so
+        // it misses what changed between the point and its making): hash-compare, and why.
+        let p = plan_bitmaps(&[b("drover-r1-base", true, false)], false, "r2", Some("drover-a"));
+        assert_eq!((p.mode, p.fresh), (TransferMode::HashCompare, true));
+        let why = p.reason.unwrap();
+        assert!(
+            why.contains("drover-a, recorded at the newest point, is gone") && why.contains("drover-r1-base"),
+            "{why}"
+        );
+        assert_eq!(p.remove, vec!["drover-r1-base".to_string()]);
+        let p = plan_bitmaps(&[b("drover-a", true, true)], false, "r2", Some("drover-a"));
+        assert!(p.reason.unwrap().contains("inconsistent"));
+        // Without a ledger (points made before it), the one recording bitmap.
+        let p = plan_bitmaps(&[b("drover-r1-base", true, false)], false, "r2", None);
+        assert_eq!(p.mode, TransferMode::Bitmap);
     }
 
     #[test]
     fn a_rerun_keeps_its_own_next_bitmap() {
         // A first attempt of run r1 already added drover-r1 and disabled drover-a.
-        let p = plan_bitmaps(&[b("drover-a", false, false), b("drover-r1", true, false)], false, "r1");
+        let p =
+            plan_bitmaps(&[b("drover-a", false, false), b("drover-r1", true, false)], false, "r1", Some("drover-a"));
         assert_ne!(p.current, "drover-r1", "the run's own next is never its current");
         assert!(!p.remove.contains(&"drover-r1".to_string()));
     }
 
     #[test]
     fn a_seed_uses_a_recording_bitmap_or_makes_one() {
-        assert_eq!(plan_bitmaps(&[], true, "r").mode, TransferMode::Seed);
-        assert!(plan_bitmaps(&[], true, "r").fresh);
-        let p = plan_bitmaps(&[b("drover-z", true, false)], true, "r");
+        assert_eq!(plan_bitmaps(&[], true, "r", None).mode, TransferMode::Seed);
+        assert!(plan_bitmaps(&[], true, "r", None).fresh);
+        let p = plan_bitmaps(&[b("drover-z", true, false)], true, "r", None);
         assert_eq!((p.mode, p.current.as_str(), p.fresh), (TransferMode::Seed, "drover-z", false));
     }
 }

@@ -38,6 +38,7 @@ pub async fn replica_with_point(
             file: file.to_string_lossy().into(),
             size_bytes: 64 << 20,
             manifest_digest: String::new(),
+            tracking_bitmap: None,
         }],
         verified: false,
         consistency: Default::default(),

@@ -711,6 +711,44 @@ async fn a_lost_bitmap_falls_back_to_hash_compare_against_the_manifest() {
     rig.assert_consistent().await;
 }
 
+/// The newest point records which bitmap tracks each disk since it (the ledger). A sound
+/// bitmap of another name (a tool replaced the disk's bitmaps, a run that published nothing made
+/// it) misses what changed before it existed: the disk is hash-compared, with the reason, the
+/// stray removed, and the replica holds every change.
+#[tokio::test]
+async fn a_bitmap_that_is_not_the_recorded_one_is_not_trusted() {
+    let rig = Rig::new().await;
+    rig.write(0x21, 0);
+    assert_eq!(rig.run().await.result, SessionResult::Success);
+    let recorded = rig.points().await.last().unwrap().disks[0].tracking_bitmap.clone().expect("the ledger");
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let source = rig.source.to_string_lossy().into_owned();
+    // A change the recorded bitmap holds; then the bitmaps are replaced by a sound one that
+    // records only what follows.
+    rig.write(0x22, 2 << 20);
+    qemu_img(&["bitmap", "--remove", &source, &recorded]);
+    qemu_img(&["bitmap", "--add", &source, "drover-stray"]);
+    rig.write(0x23, 5 << 20);
+
+    let s = rig.run().await;
+    assert_eq!(s.result, SessionResult::Success, "{:?}", s.failure_message);
+    let lines = log(&rig.app, &rig.caller, s.id).await;
+    let line = lines.iter().find(|l| l.contains("hash-compare mode")).unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(line.contains(&format!("bitmap {recorded}, recorded at the newest point, is gone")), "{line}");
+    assert!(line.contains("drover-stray"), "{line}");
+    rig.assert_consistent().await;
+    let info = std::process::Command::new("qemu-img").args(["info", "-U"]).arg(&rig.source).output().unwrap();
+    assert!(!String::from_utf8_lossy(&info.stdout).contains("drover-stray"), "the stray bitmap is removed");
+
+    rig.write(0x24, 7 << 20);
+    let next = rig.run().await;
+    assert!(log(&rig.app, &rig.caller, next.id).await.iter().any(|l| l.contains("bitmap mode")), "incremental again");
+    rig.assert_consistent().await;
+}
+
 #[tokio::test]
 async fn the_scheduler_runs_continuous_jobs_and_stops_when_disabled() {
     let rig = Rig::new().await;

@@ -403,6 +403,7 @@ async fn restore_points_publish_once_and_retire_atomically() {
             file: file.into(),
             size_bytes: 1 << 20,
             manifest_digest: "d".into(),
+            tracking_bitmap: Some("drover-r1".into()),
         }],
         verified: false,
         consistency: drover_types::PointConsistency::application("2 file systems frozen"),
@@ -419,6 +420,7 @@ async fn restore_points_publish_once_and_retire_atomically() {
     let listed = store.restore_points_of(t.id, replica).await.unwrap();
     assert_eq!(listed.len(), 3);
     assert_eq!(listed[0].consistency, point(s1, "/a.qcow2").consistency, "the consistency is stored with the point");
+    assert_eq!(listed[0].disks[0].tracking_bitmap.as_deref(), Some("drover-r1"), "the bitmap ledger is stored too");
     assert!(store.restore_points_of(TenantId::new(), replica).await.unwrap().is_empty(), "tenant-scoped");
 
     // Retire refuses a point that was not marked retiring, and changes nothing.

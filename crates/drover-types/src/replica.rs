@@ -289,6 +289,11 @@ pub struct RestorePointDisk {
     pub size_bytes: u64,
     /// Digest of the disk's block manifest at this point.
     pub manifest_digest: String,
+    /// The bitmap on the source disk that records its changes since this point (the cut's
+    /// `next`): the ledger the next cycle checks the disk's bitmaps against. Absent on points
+    /// made before drover kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_bitmap: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
