@@ -199,14 +199,37 @@ pub struct BitmapPlan {
     pub remove: Vec<String>,
 }
 
+/// Sets the replica's bitmap ledger of `disks` (see `Replica::tracking_bitmaps`).
+async fn record_ledger(
+    ctx: &StepCtx,
+    tenant: TenantId,
+    replica: ReplicaId,
+    disks: Vec<(String, Vec<String>)>,
+) -> Result<()> {
+    if disks.is_empty() {
+        return Ok(());
+    }
+    ctx.engine
+        .store()
+        .object_modify::<Replica, _, _>(tenant, replica.0, |r| {
+            for (disk, bitmaps) in &disks {
+                r.tracking_bitmaps.insert(disk.clone(), bitmaps.clone());
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
 /// Decides a disk's bitmaps from its `drover-*` bitmaps (`ours`); `seed` says there is no point
-/// yet; `ledger` is the bitmap the newest point recorded as tracking the disk since it (absent on
-/// points older than the ledger).
+/// yet; `ledger` is the replica's ledger for the disk (`Replica::tracking_bitmaps`: the bitmaps
+/// that cover every change since the newest point, in order; absent for replicas older than it).
 ///
-/// With a ledger, only that bitmap may carry the cycle: another sound bitmap (made by a run that
-/// published nothing, left by a restored or reverted disk) does not cover everything since the
-/// point, so the disk is hash-compared and the strays are removed.
-pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str, ledger: Option<&str>) -> BitmapPlan {
+/// With a ledger, only the first of its bitmaps the disk has sound may carry the cycle: another
+/// sound bitmap (made by a run that published nothing, such as a failed hash-compare's fresh
+/// one, or left by a restored or reverted disk) does not cover everything since the point, so
+/// the disk is hash-compared and the strays are removed.
+pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str, ledger: Option<&[String]>) -> BitmapPlan {
     let next = format!("drover-{run}");
     let fresh_name = format!("drover-{run}-base");
     // A rerun of the same run finds its own `next` already made by an earlier cut attempt: the
@@ -222,16 +245,17 @@ pub fn plan_bitmaps(ours: &[BitmapInfo], seed: bool, run: &str, ledger: Option<&
     match (seed, ledger, usable.as_slice()) {
         (true, _, [one]) => plan(TransferMode::Seed, None, one.name.clone(), false, broken),
         (true, _, _) => plan(TransferMode::Seed, None, fresh_name, true, all_but_next()),
-        (false, Some(recorded), usable) => match usable.iter().find(|b| b.name == recorded) {
+        (false, Some(recorded), usable) => match recorded.iter().find_map(|r| usable.iter().find(|b| b.name == *r)) {
             // Strays beside it are removed: they cover less, or something else.
-            Some(b) => plan(TransferMode::Bitmap, None, b.name.clone(), false, all_but(recorded)),
+            Some(b) => plan(TransferMode::Bitmap, None, b.name.clone(), false, all_but(&b.name)),
             None => {
-                let state = match ours.iter().find(|b| b.name == recorded) {
-                    Some(b) if b.inconsistent => "is inconsistent (the VM stopped uncleanly)",
-                    Some(_) => "no longer records",
-                    None => "is gone",
+                let state = |name: &String| match ours.iter().find(|b| b.name == *name) {
+                    Some(b) if b.inconsistent => format!("{name} is inconsistent (the VM stopped uncleanly)"),
+                    Some(_) => format!("{name} no longer records"),
+                    None => format!("{name} is gone"),
                 };
-                let mut why = format!("bitmap {recorded}, recorded at the newest point, {state}");
+                let states: Vec<String> = recorded.iter().map(state).collect();
+                let mut why = format!("the bitmap recorded since the newest point: {}", states.join(", "));
                 if !usable.is_empty() {
                     let names: Vec<&str> = usable.iter().map(|b| b.name.as_str()).collect();
                     why.push_str(&format!(
@@ -361,7 +385,12 @@ impl Step for Prepare {
             let info = source.disk_info(&disk, running).await.map_err(agent_error)?;
             let newest_disk = newest.and_then(|p| p.disks.iter().find(|x| x.disk == d.name));
             let prev_file = newest_disk.map(|x| PointFile(x.file.clone()));
-            let ledger = newest_disk.and_then(|x| x.tracking_bitmap.as_deref());
+            // The replica's ledger, or (for a replica older than it) what the point recorded.
+            let ledger: Option<Vec<String>> = replica
+                .tracking_bitmaps
+                .get(&d.name)
+                .cloned()
+                .or_else(|| newest_disk.and_then(|x| x.tracking_bitmap.clone()).map(|b| vec![b]));
             let ours: Vec<BitmapInfo> = info.bitmaps.into_iter().filter(|b| b.name.starts_with("drover-")).collect();
             disks.push(DiskPlan {
                 index,
@@ -369,7 +398,7 @@ impl Step for Prepare {
                 size: info.size,
                 disk,
                 chain: ChainRef { datastore: target_ds.id.0, replica: replica.id.0, disk: d.name.clone() },
-                bitmaps: plan_bitmaps(&ours, prev_file.is_none(), &run, ledger),
+                bitmaps: plan_bitmaps(&ours, prev_file.is_none(), &run, ledger.as_deref()),
                 prev_file,
                 reader: Some(target_ds.host_id.0),
             });
@@ -513,6 +542,15 @@ impl Step for CutStep {
             }
             return Err(e);
         }
+        // The ledger: a disk cut from a bitmap of the ledger is covered by that `current` and the
+        // new `next` together, whichever the cut's end leaves.
+        let covering: Vec<(String, Vec<String>)> = prep
+            .disks
+            .iter()
+            .filter(|d| d.bitmaps.mode == TransferMode::Bitmap)
+            .map(|d| (d.name.clone(), vec![d.bitmaps.current.clone(), d.bitmaps.next.clone()]))
+            .collect();
+        record_ledger(ctx, c.p.tenant_id, prep.replica_id, covering).await?;
         let why = consistency.reason.as_deref().unwrap_or_default();
         let (level, kind) = match consistency.kind {
             ConsistencyKind::Application => (LogLevel::Info, "application"),
@@ -847,6 +885,8 @@ impl Step for Publish {
                 .unwrap_or_default(),
         };
         let stored = ctx.engine.store().restore_point_publish(self.0.p.tenant_id, &point).await?;
+        let since_point = point.disks.iter().filter_map(|d| Some((d.disk.clone(), vec![d.tracking_bitmap.clone()?])));
+        record_ledger(ctx, self.0.p.tenant_id, prep.replica_id, since_point.collect()).await?;
         ctx.log(
             LogLevel::Info,
             format!("restore point {} published ({} bytes)", stored.sequence, stored.bytes_written),
@@ -985,25 +1025,34 @@ mod tests {
 
     #[test]
     fn the_ledger_says_which_bitmap_carries_the_cycle() {
+        let ledger = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<String>>();
         // The one the newest point recorded, strays beside it removed.
-        let p = plan_bitmaps(&[b("drover-a", true, false), b("drover-s", true, false)], false, "r2", Some("drover-a"));
+        let l = ledger(&["drover-a"]);
+        let p = plan_bitmaps(&[b("drover-a", true, false), b("drover-s", true, false)], false, "r2", Some(&l));
         assert_eq!(
             (p.mode, p.current.as_str(), p.remove.clone()),
             (TransferMode::Bitmap, "drover-a", vec!["drover-s".into()])
         );
-        // A sound bitmap that is not the recorded one (a run that published nothing made it, so
-        // it misses what changed between the point and its making): hash-compare, and why.
-        let p = plan_bitmaps(&[b("drover-r1-base", true, false)], false, "r2", Some("drover-a"));
+        // A sound bitmap that is not in the ledger (a failed hash-compare made it, so it misses
+        // what changed between the point and its making): hash-compare, and why.
+        let p = plan_bitmaps(&[b("drover-r1-base", true, false)], false, "r2", Some(&l));
         assert_eq!((p.mode, p.fresh), (TransferMode::HashCompare, true));
         let why = p.reason.unwrap();
-        assert!(
-            why.contains("drover-a, recorded at the newest point, is gone") && why.contains("drover-r1-base"),
-            "{why}"
-        );
+        assert!(why.contains("drover-a is gone") && why.contains("drover-r1-base cannot stand for it"), "{why}");
         assert_eq!(p.remove, vec!["drover-r1-base".to_string()]);
-        let p = plan_bitmaps(&[b("drover-a", true, true)], false, "r2", Some("drover-a"));
+        let p = plan_bitmaps(&[b("drover-a", true, true)], false, "r2", Some(&l));
         assert!(p.reason.unwrap().contains("inconsistent"));
-        // Without a ledger (points made before it), the one recording bitmap.
+        // A failed cut from the ledger folded into its `next`: that one carries the cycle; with
+        // both left, the earlier (which covers everything) does.
+        let l = ledger(&["drover-a", "drover-r1"]);
+        let p = plan_bitmaps(&[b("drover-r1", true, false)], false, "r2", Some(&l));
+        assert_eq!((p.mode, p.current.as_str()), (TransferMode::Bitmap, "drover-r1"));
+        let p = plan_bitmaps(&[b("drover-a", true, false), b("drover-r1", true, false)], false, "r2", Some(&l));
+        assert_eq!(
+            (p.mode, p.current.as_str(), p.remove.clone()),
+            (TransferMode::Bitmap, "drover-a", vec!["drover-r1".into()])
+        );
+        // Without a ledger (replicas older than it), the one recording bitmap.
         let p = plan_bitmaps(&[b("drover-r1-base", true, false)], false, "r2", None);
         assert_eq!(p.mode, TransferMode::Bitmap);
     }
@@ -1011,8 +1060,12 @@ mod tests {
     #[test]
     fn a_rerun_keeps_its_own_next_bitmap() {
         // A first attempt of run r1 already added drover-r1 and disabled drover-a.
-        let p =
-            plan_bitmaps(&[b("drover-a", false, false), b("drover-r1", true, false)], false, "r1", Some("drover-a"));
+        let p = plan_bitmaps(
+            &[b("drover-a", false, false), b("drover-r1", true, false)],
+            false,
+            "r1",
+            Some(&["drover-a".into()]),
+        );
         assert_ne!(p.current, "drover-r1", "the run's own next is never its current");
         assert!(!p.remove.contains(&"drover-r1".to_string()));
     }

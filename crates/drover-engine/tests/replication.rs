@@ -737,7 +737,7 @@ async fn a_bitmap_that_is_not_the_recorded_one_is_not_trusted() {
     assert_eq!(s.result, SessionResult::Success, "{:?}", s.failure_message);
     let lines = log(&rig.app, &rig.caller, s.id).await;
     let line = lines.iter().find(|l| l.contains("hash-compare mode")).unwrap_or_else(|| panic!("{lines:?}"));
-    assert!(line.contains(&format!("bitmap {recorded}, recorded at the newest point, is gone")), "{line}");
+    assert!(line.contains(&format!("the bitmap recorded since the newest point: {recorded} is gone")), "{line}");
     assert!(line.contains("drover-stray"), "{line}");
     rig.assert_consistent().await;
     let info = std::process::Command::new("qemu-img").args(["info", "-U"]).arg(&rig.source).output().unwrap();

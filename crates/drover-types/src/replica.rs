@@ -244,6 +244,12 @@ pub struct Replica {
     /// its host shows it running). Cleared with the failover (undo, failback's commit).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fence_source: bool,
+    /// The bitmap ledger: per source disk, the bitmaps that cover every change since the newest
+    /// point, in order (the newest point's `next`; once a cycle has cut from it, that cut's
+    /// `current` then its `next`: whichever the cut's end leaves covers everything, as a failed
+    /// cut folds into `next` or keeps `current`). Only these may carry an incremental cycle.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tracking_bitmaps: std::collections::BTreeMap<String, Vec<String>>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -261,6 +267,7 @@ impl Replica {
             target_datastore_id: target,
             state: ReplicaState::Ready,
             failover_point_id: None,
+            tracking_bitmaps: Default::default(),
             switched_to_vm_id: None,
             replaced_source_vm_id: None,
             fence_source: false,
