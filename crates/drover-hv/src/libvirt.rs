@@ -39,8 +39,8 @@
 //! `block-dirty-bitmap-remove` (libvirt cannot delete a broken checkpoint for real).
 //!
 //! Limits of this driver today: a shut-off domain is tracked through its images with QEMU's
-//! tools (the provided `_offline`
-//! methods), and the next live cycle redefines the checkpoint of the bitmap they left.
+//! tools (the provided `_offline` methods), and the next live cycle redefines the checkpoint of
+//! the bitmap they left.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -350,13 +350,22 @@ impl LibvirtDriver {
 
     /// The node name and the bitmaps QEMU has on the disk whose image is `image`.
     async fn qemu_bitmaps(&self, vm: Uuid, image: &Path) -> HvResult<(String, Vec<BitmapState>)> {
-        let blocks = self.monitor(vm, json!({"execute": "query-block"})).await?;
         let image = image.to_string_lossy();
+        self.qemu_block_bitmaps(vm)
+            .await?
+            .into_iter()
+            .find(|(file, _, _)| *file == image)
+            .map(|(_, node, bitmaps)| (node, bitmaps))
+            .ok_or_else(|| HvError::Unsupported(format!("QEMU has no block device for {image}")))
+    }
+
+    /// Every block device QEMU has open (one `query-block`): its image, node name and bitmaps.
+    async fn qemu_block_bitmaps(&self, vm: Uuid) -> HvResult<Vec<(String, String, Vec<BitmapState>)>> {
+        let blocks = self.monitor(vm, json!({"execute": "query-block"})).await?;
+        let mut out = Vec::new();
         for b in blocks.as_array().into_iter().flatten() {
             let Some(inserted) = b.get("inserted") else { continue };
-            if inserted.get("file").and_then(Value::as_str) != Some(&*image) {
-                continue;
-            }
+            let file = inserted.get("file").and_then(Value::as_str).unwrap_or_default().to_string();
             let node = inserted.get("node-name").and_then(Value::as_str).unwrap_or_default().to_string();
             let bitmaps = inserted
                 .get("dirty-bitmaps")
@@ -373,9 +382,9 @@ impl LibvirtDriver {
                     dirty_bytes: m.get("count").and_then(Value::as_u64),
                 })
                 .collect();
-            return Ok((node, bitmaps));
+            out.push((file, node, bitmaps));
         }
-        Err(HvError::Unsupported(format!("QEMU has no block device for {image}")))
+        Ok(out)
     }
 
     /// The checkpoints tracking disk `target`, by name.
@@ -437,16 +446,15 @@ impl LibvirtDriver {
             .await?;
         if !deleted {
             let (d, _) = self.describe(vm).await?;
-            for disk in d.disks.iter().filter(|d| d.untrackable().is_none()) {
-                self.remove_qemu_bitmap(vm, disk, name).await?;
+            for disk in Disks::of(&d).tracked {
+                self.remove_qemu_bitmap(vm, &disk.image, name).await?;
             }
         }
         Ok(())
     }
 
-    async fn remove_qemu_bitmap(&self, vm: Uuid, disk: &xml::DomainDisk, name: &str) -> HvResult<()> {
-        let image = disk.source.clone().unwrap_or_default();
-        let (node, bitmaps) = self.qemu_bitmaps(vm, &image).await?;
+    async fn remove_qemu_bitmap(&self, vm: Uuid, image: &Path, name: &str) -> HvResult<()> {
+        let (node, bitmaps) = self.qemu_bitmaps(vm, image).await?;
         if bitmaps.iter().any(|b| b.name == name) {
             self.monitor(
                 vm,
@@ -464,17 +472,7 @@ impl LibvirtDriver {
         if let Some(why) = disk.untrackable() {
             return Err(HvError::Unsupported(format!("domain {}: {why}", d.name)));
         }
-        let disks = Disks {
-            all: d.disks.iter().map(|d| d.target.clone()).collect(),
-            tracked: d
-                .disks
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.untrackable().is_none())
-                .map(|(i, d)| (i, d.target.clone()))
-                .collect(),
-        };
-        Ok((disk, disks, state))
+        Ok((disk, Disks::of(&d), state))
     }
 
     async fn wait_job_gone(&self, vm: Uuid) -> HvResult<()> {
@@ -745,23 +743,47 @@ impl Hypervisor for LibvirtDriver {
     }
 }
 
-/// A domain's disks: every target, and the trackable ones (qcow2 files) with their index.
+/// A domain's disks: every target, and the trackable ones (qcow2 files).
 struct Disks {
     all: Vec<String>,
-    tracked: Vec<(usize, String)>,
+    tracked: Vec<TrackedDisk>,
+}
+
+/// A trackable disk of a domain: its index among the domain's disks, target and image.
+struct TrackedDisk {
+    index: usize,
+    target: String,
+    image: PathBuf,
 }
 
 impl Disks {
+    fn of(d: &DomainDescription) -> Disks {
+        Disks {
+            all: d.disks.iter().map(|d| d.target.clone()).collect(),
+            tracked: d
+                .disks
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.untrackable().is_none())
+                .map(|(index, d)| TrackedDisk {
+                    index,
+                    target: d.target.clone(),
+                    image: d.source.clone().unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
     fn all(&self) -> Vec<&str> {
         self.all.iter().map(String::as_str).collect()
     }
 
     fn tracked(&self) -> Vec<&str> {
-        self.tracked.iter().map(|(_, t)| t.as_str()).collect()
+        self.tracked.iter().map(|t| t.target.as_str()).collect()
     }
 
     fn target(&self, index: usize) -> Option<&str> {
-        self.tracked.iter().find(|(i, _)| *i == index).map(|(_, t)| t.as_str())
+        self.tracked.iter().find(|t| t.index == index).map(|t| t.target.as_str())
     }
 }
 
@@ -823,9 +845,9 @@ impl JobLedger {
         }
     }
 
-    /// Disks that asked and whose cut has not ended.
-    fn waiting(&self) -> Vec<usize> {
-        self.asked.keys().filter(|i| !self.ended.contains_key(i)).copied().collect()
+    /// Every disk that asked has ended its cut.
+    fn all_ended(&self) -> bool {
+        self.asked.keys().all(|i| self.ended.contains_key(i))
     }
 }
 
@@ -887,7 +909,7 @@ impl ChangeTracking for LibvirtDriver {
             // A sound bitmap of ours libvirt has no record of: made by an offline cycle (QEMU's
             // own tools), or libvirt's metadata was lost (the domain was redefined, migrated).
             // Its record is redefined, so libvirt backs up from it.
-            if ours && b.persistent && b.recording && !b.inconsistent && !b.busy {
+            if ours && b.is_sound() {
                 let tracked = self.disks_with_sound_bitmap(vm, &disks, &b.name).await?;
                 let tracked: Vec<&str> = tracked.iter().map(String::as_str).collect();
                 match self.redefine_checkpoint(vm, &tracked, &disks.all, &b.name).await {
@@ -912,7 +934,7 @@ impl ChangeTracking for LibvirtDriver {
         if self.checkpoints(vm).await?.iter().any(|(c, _)| c == bitmap) {
             self.delete_checkpoint(vm, bitmap).await
         } else {
-            self.remove_qemu_bitmap(vm, &d, bitmap).await
+            self.remove_qemu_bitmap(vm, d.source.as_deref().unwrap_or(Path::new("")), bitmap).await
         }
     }
 
@@ -995,14 +1017,14 @@ impl ChangeTracking for LibvirtDriver {
         }
         ledger.asked.insert(disk, current.to_string());
         ledger.ended.remove(&disk);
-        if disks.tracked.iter().any(|(i, _)| !ledger.asked.contains_key(i)) {
+        if disks.tracked.iter().any(|t| !ledger.asked.contains_key(&t.index)) {
             ledger.save(export_dir).await?;
             return Ok(cut);
         }
 
         // Every disk asked: the job begins for all of them.
         let mut stale = vec![socket.clone()];
-        stale.extend(disks.tracked.iter().map(|(_, t)| scratch_path(export_dir, t)));
+        stale.extend(disks.tracked.iter().map(|t| scratch_path(export_dir, &t.target)));
         for path in &stale {
             if let Err(e) = tokio::fs::remove_file(path).await
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -1070,7 +1092,7 @@ impl ChangeTracking for LibvirtDriver {
         ledger.ended.insert(cut.disk_index, success && ledger.begun);
         let job = self.domain_call(vm, "reading the backup job", ffi::backup_xml).await?;
         let ours = job.is_some_and(|j| j.contains(&*cut.nbd.socket.to_string_lossy()));
-        if !ledger.waiting().is_empty() {
+        if !ledger.all_ended() {
             if !ledger.begun && !ours {
                 // Ended before every disk asked (the cut step failed): this disk asks no more.
                 ledger.asked.remove(&cut.disk_index);
@@ -1101,8 +1123,8 @@ impl ChangeTracking for LibvirtDriver {
             self.delete_checkpoint(vm, &ledger.next).await?;
         }
         let (d, _) = self.describe(vm).await?;
-        for target in d.disks.iter().map(|d| &d.target) {
-            let scratch = scratch_path(&dir, target);
+        for disk in Disks::of(&d).tracked {
+            let scratch = scratch_path(&dir, &disk.target);
             if let Err(e) = tokio::fs::remove_file(&scratch).await
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -1114,17 +1136,16 @@ impl ChangeTracking for LibvirtDriver {
 }
 
 impl LibvirtDriver {
-    /// The disks whose image has a sound (persistent, recording, consistent) bitmap `name`.
+    /// The disks whose image has a sound bitmap `name` (see [`BitmapState::is_sound`]).
     async fn disks_with_sound_bitmap(&self, vm: Uuid, disks: &Disks, name: &str) -> HvResult<Vec<String>> {
-        let (d, _) = self.describe(vm).await?;
-        let mut out = Vec::new();
-        for disk in d.disks.iter().filter(|x| disks.tracked.iter().any(|(_, t)| *t == x.target)) {
-            let (_, bitmaps) = self.qemu_bitmaps(vm, disk.source.as_deref().unwrap_or(Path::new(""))).await?;
-            if bitmaps.iter().any(|b| b.name == name && b.persistent && b.recording && !b.inconsistent && !b.busy) {
-                out.push(disk.target.clone());
-            }
-        }
-        Ok(out)
+        let blocks = self.qemu_block_bitmaps(vm).await?;
+        let sound_in = |image: &Path| {
+            let image = image.to_string_lossy();
+            blocks
+                .iter()
+                .any(|(file, _, bitmaps)| *file == image && bitmaps.iter().any(|b| b.name == name && b.is_sound()))
+        };
+        Ok(disks.tracked.iter().filter(|t| sound_in(&t.image)).map(|t| t.target.clone()).collect())
     }
 }
 

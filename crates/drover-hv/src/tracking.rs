@@ -128,6 +128,13 @@ pub struct BitmapState {
     pub dirty_bytes: Option<u64>,
 }
 
+impl BitmapState {
+    /// Persistent, recording, consistent and not in use: it can carry a cycle.
+    pub fn is_sound(&self) -> bool {
+        self.persistent && self.recording && !self.inconsistent && !self.busy
+    }
+}
+
 /// A point-in-time view of a running VM's disk, exported over NBD. Plain data: the engine can
 /// persist it in its step log and call [`end_cycle`] with it after a restart of drover.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

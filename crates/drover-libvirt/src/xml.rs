@@ -483,7 +483,8 @@ pub fn backup_job_disk(text: &str, target: &str) -> LibvirtResult<Option<(String
     let mut depth = 0usize;
     let mut global_incremental: Option<String> = None;
     let mut in_incremental = false;
-    let mut found: Option<(String, Option<String>)> = None;
+    // The disk's export name, backup mode and own checkpoint.
+    let mut found: Option<(String, Option<String>, Option<String>)> = None;
     loop {
         let e = match reader.read_event().map_err(|e| xml_err(e.to_string()))? {
             Event::Start(e) => {
@@ -513,17 +514,13 @@ pub fn backup_job_disk(text: &str, target: &str) -> LibvirtResult<Option<(String
             && attr(&e, "backup")?.as_deref() != Some("no")
         {
             let export = attr(&e, "exportname")?.unwrap_or_default();
-            let since = match attr(&e, "backupmode")?.as_deref() {
-                Some("full") => None,
-                _ => attr(&e, "incremental")?.or(Some(String::new())),
-            };
-            found = Some((export, since));
+            found = Some((export, attr(&e, "backupmode")?, attr(&e, "incremental")?));
         }
     }
-    // A disk without its own checkpoint follows the job's.
-    Ok(found.map(|(export, since)| match since {
-        Some(s) if s.is_empty() => (export, global_incremental),
-        other => (export, other),
+    // A disk without its own checkpoint follows the job's; a full one has none.
+    Ok(found.map(|(export, mode, own)| match mode.as_deref() {
+        Some("full") => (export, None),
+        _ => (export, own.or(global_incremental)),
     }))
 }
 
