@@ -498,10 +498,11 @@ pub enum VmDisk {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmNic {
-    /// The network name from the inventory.
+    /// The host network ([`HostNetwork::name`]) to connect it to.
     pub network: String,
     pub mac: String,
-    /// No uplink whatever bridges the host has (replica and test VMs, until network mapping).
+    /// Not connected, whatever networks the host has: test VMs, and a replica's NIC that maps
+    /// to no network of its host.
     pub no_uplink: bool,
 }
 
@@ -563,6 +564,23 @@ impl VmRunSpec {
         }
         Ok(())
     }
+}
+
+/// A network of the agent's host that VMs may be connected to: declared by the host's
+/// administrator (`drover agent --network NAME=TARGET`), never named by a request. Replicas are
+/// connected to these by name (a replication job's network mapping, or the source network's own
+/// name); anything else gets an isolated NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNetwork {
+    /// The name the inventory and network mappings use.
+    pub name: String,
+    /// What it is on the host: `libvirt network default`, `bridge br0`.
+    pub target: String,
+    /// Whether a NIC can be connected to it now (the libvirt network active, the bridge there).
+    pub available: bool,
+    /// Why not, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A libvirt domain of the agent's host, as discovery shows it to an administrator choosing what
@@ -842,6 +860,10 @@ pub trait HostAgent: Send + Sync + fmt::Debug {
     /// The host's libvirt domains, for import (`Unsupported` from an agent whose hypervisor has
     /// none).
     async fn domains(&self) -> AgentResult<Vec<HostDomain>>;
+
+    /// The networks this host's administrator lets VMs be connected to (`--network`), each
+    /// with whether it is there now. A replica's NIC is connected only to one of these.
+    async fn networks(&self) -> AgentResult<Vec<HostNetwork>>;
 
     /// Freezes the guest's file systems through its guest agent, for at most `spec.max_ms`
     /// (then the agent thaws them itself). A guest that cannot be frozen is an outcome with

@@ -323,6 +323,10 @@ impl HostAgent for RemoteAgent {
         self.call(Method::GET, "/v1/domains", None::<&()>).await
     }
 
+    async fn networks(&self) -> AgentResult<Vec<drover_agent_api::HostNetwork>> {
+        self.call(Method::GET, "/v1/networks", None::<&()>).await
+    }
+
     async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> AgentResult<Vec<PointFile>> {
         self.call(Method::GET, &format!("/v1/vms/{vm}/boot-overlays"), None::<&()>).await
     }

@@ -863,6 +863,10 @@ impl HostAgent for LocalAgent {
         self.hv.domains().await.map_err(hv_error)
     }
 
+    async fn networks(&self) -> AgentResult<Vec<drover_agent_api::HostNetwork>> {
+        self.hv.networks().await.map_err(hv_error)
+    }
+
     async fn vm_list(&self) -> AgentResult<Vec<VmPresence>> {
         let vms = self.hv.reattach().await.map_err(hv_error)?;
         Ok(vms.into_iter().map(|(vm, power)| VmPresence { vm, power }).collect())

@@ -70,6 +70,7 @@ pub fn router_with_identity(agent: Agent, identity: Option<Arc<IdentityKeeper>>)
         .route("/v1/vm-disks/remove", post(vm_disks_remove))
         .route("/v1/vms", get(vm_list))
         .route("/v1/domains", get(domains))
+        .route("/v1/networks", get(networks))
         .route("/v1/vms/{id}", get(vm_status))
         .route("/v1/vms/{id}/power-on", post(vm_power_on))
         .route("/v1/vms/{id}/shutdown", post(vm_shutdown))
@@ -259,6 +260,10 @@ async fn vm_list(State(a): State<Agent>) -> Answer<Vec<VmPresence>> {
 
 async fn domains(State(a): State<Agent>) -> Answer<Vec<drover_agent_api::HostDomain>> {
     Ok(Json(a.domains().await?))
+}
+
+async fn networks(State(a): State<Agent>) -> Answer<Vec<drover_agent_api::HostNetwork>> {
+    Ok(Json(a.networks().await?))
 }
 
 async fn vm_status(State(a): State<Agent>, Path(id): Path<uuid::Uuid>) -> Answer<PowerState> {

@@ -191,9 +191,8 @@ pub async fn locations_patch(
     Path(id): Path<Uuid>,
     Json(b): Json<PatchRecoveryLocation>,
 ) -> ApiResult<Json<RecoveryLocationView>> {
-    let mappings =
-        b.network_mappings.map(|m| m.into_iter().map(|x| d::NetworkMapping { from: x.from, to: x.to }).collect());
-    let loc = st.app.recovery_location_update(&c, id.into(), b.name, b.description, mappings).await?;
+    let loc =
+        st.app.recovery_location_update(&c, id.into(), b.name, b.description, b.network_mappings.map(mappings)).await?;
     Ok(Json(loc.into()))
 }
 
@@ -218,6 +217,7 @@ pub async fn jobs_patch(
                 enabled: b.enabled,
                 bandwidth_limit: b.bandwidth_limit.map(|b| (b > 0).then_some(b)),
                 consistency: b.consistency,
+                network_mappings: b.network_mappings.map(mappings),
             },
         )
         .await?;
@@ -458,6 +458,19 @@ pub async fn hosts_domains(
     ))
 }
 
+/// The networks VMs may be connected to on the host, as its administrator declared them to its
+/// agent (`--network NAME=TARGET`), each with whether it is there now: what a replication job's
+/// network mapping may name.
+#[utoipa::path(get, path = "/v1/hosts/{id}/networks", tag = "inventory", security(("bearer" = [])),
+    responses((status = 200, body = Vec<HostNetworkView>), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn hosts_networks(
+    State(st): State<ApiState>,
+    Auth(c): Auth,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Vec<HostNetworkView>>> {
+    Ok(Json(st.app.host_networks(&c, id.into()).await?.into_iter().map(Into::into).collect()))
+}
+
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", security(("bearer" = [])),
     responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
 pub async fn vms_get(State(st): State<ApiState>, Auth(c): Auth, Path(id): Path<Uuid>) -> ApiResult<Json<VmView>> {
@@ -537,6 +550,7 @@ pub async fn jobs_create(
                 retention_points: b.retention_points,
                 bandwidth_limit: b.bandwidth_limit.filter(|b| *b > 0),
                 consistency: b.consistency,
+                network_mappings: mappings(b.network_mappings),
             },
         )
         .await?;
@@ -618,11 +632,7 @@ pub async fn locations_create(
                 description: b.description,
                 host_id: b.host_id.into(),
                 datastore_id: b.datastore_id.into(),
-                network_mappings: b
-                    .network_mappings
-                    .into_iter()
-                    .map(|m| d::NetworkMapping { from: m.from, to: m.to })
-                    .collect(),
+                network_mappings: mappings(b.network_mappings),
             },
         )
         .await?;
@@ -739,6 +749,11 @@ pub async fn plans_action(
     };
     let (plan, session) = st.app.plan_action(&c, id, action, opts).await?;
     Ok(Json(PlanActionView { plan: plan.into(), session_id: session.map(|s| s.0) }))
+}
+
+/// A network mapping table as the engine takes it.
+fn mappings(body: Vec<NetworkMappingBody>) -> Vec<d::NetworkMapping> {
+    body.into_iter().map(|m| d::NetworkMapping { from: m.from, to: m.to }).collect()
 }
 
 /// A plan action's optional body: none, or `null` (the document's body is optional and nullable),

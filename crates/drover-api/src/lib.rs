@@ -86,7 +86,7 @@ impl FromRequestParts<ApiState> for Auth {
         handlers::users_list, handlers::users_create, handlers::users_delete, handlers::users_patch,
         handlers::sites_list, handlers::sites_create, handlers::sites_get, handlers::sites_patch, handlers::sites_delete,
         handlers::hosts_list, handlers::hosts_create, handlers::hosts_get, handlers::hosts_patch, handlers::hosts_delete,
-        handlers::hosts_enrolment, handlers::hosts_agent, handlers::hosts_agent_certificate, handlers::hosts_domains,
+        handlers::hosts_enrolment, handlers::hosts_agent, handlers::hosts_agent_certificate, handlers::hosts_domains, handlers::hosts_networks,
         handlers::datastores_list, handlers::datastores_create, handlers::datastores_get, handlers::datastores_patch, handlers::datastores_delete,
         handlers::datastores_grant, handlers::datastores_grants, handlers::datastores_revoke,
         handlers::vms_list, handlers::vms_create, handlers::vms_import, handlers::vms_get, handlers::vms_patch, handlers::vms_delete,
@@ -144,6 +144,7 @@ pub fn router(app: App) -> Router {
         .route("/hosts/{id}/enrolment", post(h::hosts_enrolment))
         .route("/hosts/{id}/agent", get(h::hosts_agent))
         .route("/hosts/{id}/domains", get(h::hosts_domains))
+        .route("/hosts/{id}/networks", get(h::hosts_networks))
         .route("/hosts/{id}/agent/certificate", post(h::hosts_agent_certificate))
         .route("/datastores", get(h::datastores_list).post(h::datastores_create))
         .route("/datastores/{id}", get(h::datastores_get).patch(h::datastores_patch).delete(h::datastores_delete))

@@ -163,6 +163,9 @@ pub struct PatchReplicationJob {
     pub bandwidth_limit: Option<u64>,
     #[schema(schema_with = crate::openapi::consistency_mode_or_null)]
     pub consistency: Option<d::ConsistencyMode>,
+    /// Replaces the job's network mapping table (`[]` empties it).
+    #[schema(max_items = 64)]
+    pub network_mappings: Option<Vec<NetworkMappingBody>>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -714,6 +717,12 @@ pub struct CreateReplicationJob {
     #[serde(default)]
     #[schema(schema_with = crate::openapi::consistency_mode)]
     pub consistency: d::ConsistencyMode,
+    /// Source network → network of the target host for the replicas' NICs at failover. A source
+    /// network not listed goes to the target host's network of the same name when it has one;
+    /// any other NIC is isolated. The target host's networks: `GET /v1/hosts/{id}/networks`.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub network_mappings: Vec<NetworkMappingBody>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -731,6 +740,9 @@ pub struct ReplicationJobView {
     /// `require`, `try` or `off`: see the job's creation.
     #[schema(schema_with = crate::openapi::consistency_mode)]
     pub consistency: d::ConsistencyMode,
+    /// Source network → network of the target host, for failover.
+    #[serde(default)]
+    pub network_mappings: Vec<NetworkMappingBody>,
     pub enabled: bool,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -747,6 +759,11 @@ impl From<d::ReplicationJob> for ReplicationJobView {
             retention_points: j.retention_points,
             bandwidth_limit: j.bandwidth_limit,
             consistency: j.consistency,
+            network_mappings: j
+                .network_mappings
+                .into_iter()
+                .map(|m| NetworkMappingBody { from: m.from, to: m.to })
+                .collect(),
             enabled: j.enabled,
             created_at: j.created_at,
         }
@@ -844,6 +861,26 @@ impl From<d::RestorePoint> for RestorePointView {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A network of a host that VMs may be connected to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostNetworkView {
+    /// The name network mappings use.
+    pub name: String,
+    /// What it is on the host (`libvirt network default`, `bridge br0`).
+    pub target: String,
+    /// Whether a NIC can be connected to it now.
+    pub available: bool,
+    /// Why not, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+impl From<drover_agent_api::HostNetwork> for HostNetworkView {
+    fn from(n: drover_agent_api::HostNetwork) -> Self {
+        HostNetworkView { name: n.name, target: n.target, available: n.available, problem: n.problem }
     }
 }
 

@@ -207,6 +207,9 @@ impl HostAgent for Watched {
     async fn domains(&self) -> AgentResult<Vec<drover_agent_api::HostDomain>> {
         self.record(self.agent.domains().await).await
     }
+    async fn networks(&self) -> AgentResult<Vec<drover_agent_api::HostNetwork>> {
+        self.record(self.agent.networks().await).await
+    }
     async fn vm_boot_overlays(&self, vm: uuid::Uuid) -> AgentResult<Vec<PointFile>> {
         self.record(self.agent.vm_boot_overlays(vm).await).await
     }

@@ -212,6 +212,9 @@ pub struct NewReplicationJob {
     /// Bytes per second; `None` for no limit.
     pub bandwidth_limit: Option<u64>,
     pub consistency: ConsistencyMode,
+    /// Source network → target host's network for failover (see
+    /// [`ReplicationJob::network_mappings`]).
+    pub network_mappings: Vec<NetworkMapping>,
 }
 
 /// What an update of a replication job changes (`None`: left as it is).
@@ -224,6 +227,8 @@ pub struct ReplicationJobPatch {
     /// `Some(None)` removes the limit.
     pub bandwidth_limit: Option<Option<u64>>,
     pub consistency: Option<ConsistencyMode>,
+    /// Replaces the whole table.
+    pub network_mappings: Option<Vec<NetworkMapping>>,
 }
 
 /// What some plan actions take besides the action.
@@ -670,10 +675,7 @@ impl App {
         if ds.host_id != new.host_id {
             return Err(Error::invalid(format!("datastore {} is not on host {}", ds.id, new.host_id)));
         }
-        for m in &new.network_mappings {
-            validate_name("network", &m.from)?;
-            validate_name("network", &m.to)?;
-        }
+        drover_types::validate_network_mappings(&new.network_mappings)?;
         let loc = RecoveryLocation {
             id: RecoveryLocationId::new(),
             tenant_id: caller.tenant_id,
@@ -822,9 +824,8 @@ impl App {
         if name.as_deref().is_some_and(|n| n.trim().eq_ignore_ascii_case(RecoveryLocation::ORIGINAL_NAME)) {
             return Err(Error::AlreadyExists(format!("{:?} is built in", RecoveryLocation::ORIGINAL_NAME)));
         }
-        for m in network_mappings.iter().flatten() {
-            validate_name("network", &m.from)?;
-            validate_name("network", &m.to)?;
+        if let Some(m) = &network_mappings {
+            drover_types::validate_network_mappings(m)?;
         }
         self.update::<RecoveryLocation, _>(caller, id.0, name, |l| {
             if let Some(d) = &description {
@@ -844,8 +845,19 @@ impl App {
         id: ReplicationJobId,
         patch: ReplicationJobPatch,
     ) -> Result<ReplicationJob> {
-        let ReplicationJobPatch { name, schedule, retention_points, enabled, bandwidth_limit, consistency } = patch;
+        let ReplicationJobPatch {
+            name,
+            schedule,
+            retention_points,
+            enabled,
+            bandwidth_limit,
+            consistency,
+            network_mappings,
+        } = patch;
         self.update::<ReplicationJob, _>(caller, id.0, name, |j| {
+            if let Some(m) = &network_mappings {
+                j.network_mappings = m.clone();
+            }
             if let Some(c) = consistency {
                 j.consistency = c;
             }
@@ -1017,6 +1029,13 @@ impl App {
             self.store().object_list::<Vm>(caller.tenant_id).await?.into_iter().map(|v| v.id.0).collect();
         let imported = domains.iter().map(|d| d.uuid).filter(|u| vms.contains(u)).collect();
         Ok((domains, imported))
+    }
+
+    /// The networks the host's administrator declared to its agent: what a replication job's
+    /// network mapping may name as a target.
+    pub async fn host_networks(&self, caller: &Caller, host: HostId) -> Result<Vec<drover_agent_api::HostNetwork>> {
+        let host = self.get::<Host>(caller, host.0).await?;
+        self.engine.agent(&host).await?.networks().await.map_err(crate::agent_error)
     }
 
     async fn domains_of(&self, host: &Host) -> Result<Vec<drover_agent_api::HostDomain>> {
@@ -1316,6 +1335,7 @@ impl App {
             retention_points: new.retention_points,
             bandwidth_limit: new.bandwidth_limit,
             consistency: new.consistency,
+            network_mappings: new.network_mappings,
             enabled: true,
             created_at: t,
             updated_at: t,

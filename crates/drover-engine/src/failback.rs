@@ -978,10 +978,14 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
                 file: PointFile(overlay.to_string_lossy().into_owned()),
             })
             .collect(),
-        nics: crate::ops::no_uplink_vm_nics(&parts.vm),
+        nics: Vec::new(),
         boot: crate::ops::vm_boot(&parts.vm),
     };
     let agent = crate::failover::replica_agent(engine, &parts.replica).await?;
+    let spec = VmRunSpec {
+        nics: crate::networks::failover_nics(ctx, agent.as_ref(), &parts.replica, &parts.vm).await?,
+        ..spec
+    };
     crate::ops::power_on(ctx, agent.as_ref(), &spec).await?;
     set_switched_to(engine, p.tenant_id, parts.replica.id, None).await?;
     let only_if = &[ReplicaState::Failback, ReplicaState::ReadyToSwitch];

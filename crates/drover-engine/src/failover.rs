@@ -516,9 +516,12 @@ impl Step for Boot {
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
             disks: overlays.iter().map(|o| VmDisk::Overlay { file: o.clone() }).collect(),
-            // No uplink until network mapping exists: the replica cannot reach production, and
-            // the host reaches it only to check a port.
-            nics: crate::ops::no_uplink_vm_nics(&source),
+            // A test VM is isolated: it cannot reach production, and the host reaches it only to
+            // check a port. The replica is on the networks the job maps its source's to.
+            nics: match self.test {
+                Some(_) => crate::ops::no_uplink_vm_nics(&source),
+                None => crate::networks::failover_nics(ctx, agent.as_ref(), &replica, &source).await?,
+            },
             boot: crate::ops::vm_boot(&source),
         };
         crate::ops::power_on(ctx, agent.as_ref(), &spec).await?;

@@ -27,6 +27,7 @@ pub mod app;
 pub mod auth;
 mod failback;
 mod failover;
+mod networks;
 pub use drover_agent::host_paths;
 pub mod login_guard;
 pub mod monitor;

@@ -142,8 +142,8 @@ pub fn run_spec(vm: &Vm) -> VmRunSpec {
     }
 }
 
-/// The NICs of a replica or test VM made from `vm`: the same networks and MACs, with no uplink
-/// until network mapping exists. The host still reaches them to check a port.
+/// The NICs of a test VM made from `vm`: the same networks and MACs, isolated. The host still
+/// reaches them to check a port.
 pub(crate) fn no_uplink_vm_nics(vm: &Vm) -> Vec<VmNic> {
     vm.nics.iter().map(|n| VmNic { network: n.network.clone(), mac: n.mac.clone(), no_uplink: true }).collect()
 }

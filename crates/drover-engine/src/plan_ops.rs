@@ -1,7 +1,8 @@
 //! The sagas of plan operations available before replication exists: the readiness check.
 //!
 //! Readiness check: one `check_vm:<n>` step per VM of the plan (the VM exists and is provisioned,
-//! and a ready replica of it exists), then `conclude`, which lands the plan in `Verified` when
+//! a ready replica of it exists, and the recovery host can give its NICs the networks the job
+//! maps them to), then `conclude`, which lands the plan in `Verified` when
 //! every VM passed and in `NotVerified` otherwise. The first step's undo moves a plan that is
 //! still `Checking` to `NotVerified`, so a failed or unwound check never leaves it busy.
 
@@ -85,8 +86,28 @@ impl Step for CheckVm {
             Err(e) => return Err(e),
         }
         let replicas = store.object_list::<Replica>(self.p.tenant_id).await?;
-        if !replicas.iter().any(|r| r.source_vm_id == self.vm && r.state == ReplicaState::Ready) {
+        let ready = replicas.iter().find(|r| r.source_vm_id == self.vm && r.state == ReplicaState::Ready);
+        if ready.is_none() {
             problems.push(format!("VM {} has no ready replica", self.vm));
+        }
+        // Where the replica's NICs would go at failover: a mapping the recovery host cannot
+        // honour now is a problem; a NIC isolated for want of any mapping is said, not a problem.
+        if let (Some(replica), Ok(vm)) = (ready, store.object_get::<Vm>(self.p.tenant_id, self.vm.0).await) {
+            let placed = match crate::failover::replica_agent(&ctx.engine, replica).await {
+                Ok(agent) => crate::networks::placements(&ctx.engine, agent.as_ref(), replica, &vm).await?,
+                Err(e) => {
+                    problems.push(format!("{}: the recovery host's agent: {e}", replica.name));
+                    Vec::new()
+                }
+            };
+            for p in placed {
+                let line = format!("{}: at failover, {}", replica.name, p.message);
+                if p.against_mapping {
+                    problems.push(line);
+                } else {
+                    ctx.log(LogLevel::Info, line).await;
+                }
+            }
         }
         for p in &problems {
             ctx.log(LogLevel::Warning, p).await;

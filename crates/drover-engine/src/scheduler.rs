@@ -68,6 +68,7 @@ mod tests {
         ReplicationJob {
             bandwidth_limit: None,
             consistency: ConsistencyMode::Try,
+            network_mappings: Vec::new(),
             id: ReplicationJobId::new(),
             tenant_id: TenantId::new(),
             name: "j".into(),

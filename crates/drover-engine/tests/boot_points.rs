@@ -38,6 +38,7 @@ async fn a_failover_reports_the_point_each_vm_booted_from_and_other_sessions_non
                 retention_points: 2,
                 bandwidth_limit: None,
                 consistency: Default::default(),
+                network_mappings: Vec::new(),
             },
         )
         .await

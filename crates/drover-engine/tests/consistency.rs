@@ -201,6 +201,7 @@ async fn postgresql_holds_every_row_committed_before_the_cut_of_either_kind_of_p
                 retention_points: 3,
                 bandwidth_limit: None,
                 consistency: ConsistencyMode::Require,
+                network_mappings: Vec::new(),
             },
         )
         .await

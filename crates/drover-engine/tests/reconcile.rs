@@ -80,6 +80,7 @@ impl Env {
             retention_points: 2,
             bandwidth_limit: None,
             consistency: Default::default(),
+            network_mappings: Vec::new(),
         };
         let job = self.app.replication_job_create(&self.caller, job).await.unwrap();
         let (replica, _) = drover_engine::testing::replica_with_point(

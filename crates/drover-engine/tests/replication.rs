@@ -113,6 +113,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
                 retention_points: 2,
                 bandwidth_limit: None,
                 consistency: Default::default(),
+                network_mappings: Vec::new(),
             },
         )
         .await
@@ -303,6 +304,7 @@ impl Rig {
                     retention_points: 3,
                     bandwidth_limit: None,
                     consistency: Default::default(),
+                    network_mappings: Vec::new(),
                 },
             )
             .await
@@ -520,6 +522,9 @@ impl drover_agent_api::HostAgent for Flaky {
     }
     async fn domains(&self) -> drover_agent_api::AgentResult<Vec<drover_agent_api::HostDomain>> {
         self.inner.domains().await
+    }
+    async fn networks(&self) -> drover_agent_api::AgentResult<Vec<drover_agent_api::HostNetwork>> {
+        self.inner.networks().await
     }
     async fn vm_boot_overlays(
         &self,
@@ -908,6 +913,7 @@ async fn failover_boots_the_replica_and_undo_discards_its_changes() {
                 retention_points: 5,
                 bandwidth_limit: None,
                 consistency: Default::default(),
+                network_mappings: Vec::new(),
             },
         )
         .await
@@ -1124,6 +1130,7 @@ async fn failback_sends_only_what_changed_then_commit_resumes_replication() {
                 retention_points: 5,
                 bandwidth_limit: None,
                 consistency: Default::default(),
+                network_mappings: Vec::new(),
             },
         )
         .await
@@ -1280,6 +1287,7 @@ async fn failback_to_another_location_makes_a_new_vm_and_undo_removes_it() {
                 retention_points: 3,
                 bandwidth_limit: None,
                 consistency: Default::default(),
+                network_mappings: Vec::new(),
             },
         )
         .await

@@ -660,6 +660,13 @@ async fn a_failure_in_a_parallel_group_lets_the_others_finish_their_step_then_ha
 async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
     let mut new = env.new_vm(name);
     new.boot.cmdline = Some(cmdline.into());
+    replicated(env, new).await
+}
+
+/// `new` created, in a replication job to a datastore `dr` of the same host, with one point.
+async fn replicated(env: &Env, new: NewVm) -> (Vm, Replica) {
+    let name = new.name.clone();
+    let name = name.as_str();
     let (vm, s) = env.app.vm_create(&env.caller, new).await.unwrap();
     assert_eq!(env.wait(s).await.result, SessionResult::Success);
     let dr_path = env.ds_path.with_file_name("dr");
@@ -684,6 +691,7 @@ async fn replicated_vm(env: &Env, name: &str, cmdline: &str) -> (Vm, Replica) {
                 retention_points: 2,
                 bandwidth_limit: None,
                 consistency: Default::default(),
+                network_mappings: Vec::new(),
             },
         )
         .await
@@ -785,6 +793,105 @@ async fn a_check_tcp_port_step_passes_when_open_and_halts_when_closed() {
     assert_eq!(done.result, SessionResult::Success, "{:?}: {lines:?}", done.failure_message);
     assert!(lines.iter().any(|l| l.contains("test VM web_test: TCP port 23 is open")), "{lines:?}");
     assert_eq!(env.hv.status(task_vm(s).await).await.unwrap(), drover_hv::PowerState::Off);
+}
+
+/// Failover puts each NIC of the replica on the network the job's mapping names, else on the
+/// recovery host's network of the same name, else isolates it, and the session says which; an
+/// undone failback runs the replica on the same networks; a test failover's VM is always
+/// isolated. The job's table is checked and replaced whole.
+#[tokio::test]
+async fn a_failover_maps_the_replicas_networks_and_a_test_failover_isolates_them() {
+    let env = env().await;
+    let (app, caller) = (&env.app, &env.caller);
+    let mut new = env.new_vm("web");
+    new.nics = vec![("lan".into(), None), ("dmz".into(), None), ("mgmt".into(), None), ("backup".into(), None)];
+    let (vm, replica) = replicated(&env, new).await;
+    env.hv.set_networks(&[("dr-lan", true), ("lan", true), ("dmz", true), ("dr-backup", false)]);
+    let map = |from: &str, to: &str| NetworkMapping { from: from.into(), to: to.into() };
+    let patch = |m: Vec<NetworkMapping>| drover_engine::app::ReplicationJobPatch {
+        network_mappings: Some(m),
+        ..Default::default()
+    };
+
+    // Refused, and nothing changed: a network mapped twice, an empty name.
+    let twice = vec![map("lan", "dr-lan"), map("lan", "dmz")];
+    let e = app.replication_job_update(caller, replica.job_id, patch(twice)).await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("network \"lan\" is mapped twice")), "{e:?}");
+    let e = app.replication_job_update(caller, replica.job_id, patch(vec![map("lan", " ")])).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
+    let job = app.get::<ReplicationJob>(caller, replica.job_id.0).await.unwrap();
+    assert!(job.network_mappings.is_empty());
+    let table = vec![map("lan", "dr-lan"), map("mgmt", "dr-mgmt"), map("backup", "dr-backup")];
+    let job = app.replication_job_update(caller, replica.job_id, patch(table.clone())).await.unwrap();
+    assert_eq!(job.network_mappings, table);
+    let listed = app.host_networks(caller, env.host).await.unwrap();
+    assert_eq!(listed.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["dr-lan", "lan", "dmz", "dr-backup"]);
+
+    let plan = app
+        .plan_create(
+            caller,
+            drover_engine::app::PlanInput {
+                name: "nets".into(),
+                description: String::new(),
+                recovery_location_id: RecoveryLocationId::ORIGINAL,
+                groups: port_check_groups(vm.id, 22, 1),
+            },
+        )
+        .await
+        .unwrap();
+    // The readiness check reports the mappings the recovery host cannot honour.
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::ReadinessCheck, Default::default()).await.unwrap();
+    let checked = env.wait(s.unwrap()).await;
+    let lines = log_lines(&env, checked.id).await;
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state, PlanState::NotVerified, "{lines:?}");
+    let warned = |text: &str| lines.iter().any(|l| l.contains("web_replica: at failover, NIC") && l.contains(text));
+    assert!(warned("(mgmt): isolated: the job maps it to network dr-mgmt"), "{lines:?}");
+    assert!(warned("(backup): isolated: network dr-backup of host"), "{lines:?}");
+    assert!(warned("(lan): on network dr-lan"), "{lines:?}");
+
+    env.hv.set_open_ports(replica.id.0, &[22]);
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Failover, Default::default()).await.unwrap();
+    let done = env.wait(s.unwrap()).await;
+    let lines = log_lines(&env, done.id).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}: {lines:?}", done.failure_message);
+    let spec = env.hv.spec(replica.id.0).unwrap();
+    let placed: Vec<(&str, bool, &str)> =
+        spec.nics.iter().map(|n| (n.network.as_str(), n.no_uplink, n.mac.as_str())).collect();
+    let macs: Vec<&str> = vm.nics.iter().map(|n| n.mac.as_str()).collect();
+    assert_eq!(
+        placed,
+        [("dr-lan", false, macs[0]), ("dmz", false, macs[1]), ("mgmt", true, macs[2]), ("backup", true, macs[3])],
+        "lan mapped (though the host has a lan too), dmz by its name, mgmt mapped to nothing offered, backup to a \
+         network not available: {lines:?}"
+    );
+    let said = |text: &str| lines.iter().any(|l| l.starts_with("web_replica: ") && l.contains(text));
+    assert!(said("(lan): on network dr-lan of host"), "{lines:?}");
+    assert!(said("(dmz): on network dmz of host") && said("the same name"), "{lines:?}");
+    assert!(said("(mgmt): isolated: the job maps it to network dr-mgmt, which host"), "{lines:?}");
+    assert!(said("(backup): isolated: network dr-backup of host"), "{lines:?}");
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::Undo, Default::default()).await.unwrap();
+    assert_eq!(env.wait(s.unwrap()).await.result, SessionResult::Success);
+
+    // A test failover's VM reaches nothing, whatever the mapping.
+    let s = app.plan_test_failover(caller, plan.id, Default::default()).await.unwrap();
+    let (_, tasks) = app.session_get(caller, s).await.unwrap();
+    let test_vm = tasks[0].id.0;
+    env.hv.set_open_ports(test_vm, &[22]);
+    let done = env.wait(s).await;
+    assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
+    let spec = env.hv.started_with(test_vm).pop().unwrap();
+    assert_eq!(spec.nics.len(), 4);
+    assert!(spec.nics.iter().all(|n| n.no_uplink), "{spec:?}");
+
+    // With every mapping honoured the check passes.
+    let job = patch(vec![map("lan", "dr-lan")]);
+    app.replication_job_update(caller, replica.job_id, job).await.unwrap();
+    app.plan_action(caller, plan.id, PlanAction::ResetState, Default::default()).await.unwrap();
+    app.plan_set_enabled(caller, plan.id, true).await.unwrap();
+    let (_, s) = app.plan_action(caller, plan.id, PlanAction::ReadinessCheck, Default::default()).await.unwrap();
+    let checked = env.wait(s.unwrap()).await;
+    let lines = log_lines(&env, checked.id).await;
+    assert_eq!(app.get::<Plan>(caller, plan.id.0).await.unwrap().lifecycle.state, PlanState::Verified, "{lines:?}");
 }
 
 #[tokio::test]

@@ -48,9 +48,10 @@ pub struct NicSpec {
     /// The network name from the inventory. Without a configured bridge the NIC has no uplink.
     pub network: String,
     pub mac: String,
-    /// Never gives the NIC its network's bridge: user-mode networking with no uplink, whatever
-    /// bridges the driver has. Replica and test VMs get this until network mapping exists, so a
-    /// failover drill cannot reach production's network.
+    /// Never connects the NIC to its network, whatever networks the driver has: the guest keeps
+    /// its NIC (and MAC) and reaches nothing. Test VMs always get this, so a failover drill
+    /// cannot reach production's network, and a replica's NIC that maps to no network of its
+    /// host.
     #[serde(default)]
     pub no_uplink: bool,
 }
@@ -207,6 +208,12 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
              domains to import",
             self.kind()
         )))
+    }
+
+    /// The networks VMs may be connected to on this host (the administrator's `--network`
+    /// declarations), each with whether it is there now. None by default: every NIC isolated.
+    async fn networks(&self) -> HvResult<Vec<drover_agent_api::HostNetwork>> {
+        Ok(Vec::new())
     }
 
     /// Where disk `index` of VM `vm` lives when the hypervisor, not a drover datastore, holds it

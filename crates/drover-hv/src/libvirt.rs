@@ -87,6 +87,10 @@ pub struct LibvirtDriver {
     kvm: bool,
     /// Held while a cut reads or changes a domain's [`JobLedger`].
     jobs: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The networks the domains drover defines may be on: drover's name → libvirt network
+    /// (`--network NAME=LIBVIRT_NETWORK`; a host bridge is a libvirt network with
+    /// `<forward mode='bridge'/>`).
+    networks: BTreeMap<String, String>,
 }
 
 fn lv(e: LibvirtError) -> HvError {
@@ -104,7 +108,19 @@ impl LibvirtDriver {
     /// A driver for the libvirt daemon at `uri` (`qemu:///system`); the domains drover defines
     /// keep their files under `run_dir`. Nothing is connected yet.
     pub fn new(uri: impl Into<String>, run_dir: impl Into<PathBuf>) -> Self {
-        LibvirtDriver { libvirt: Libvirt::new(uri), run_dir: run_dir.into(), kvm: false, jobs: Default::default() }
+        LibvirtDriver {
+            libvirt: Libvirt::new(uri),
+            run_dir: run_dir.into(),
+            kvm: false,
+            jobs: Default::default(),
+            networks: BTreeMap::new(),
+        }
+    }
+
+    /// The networks the domains drover defines may be connected to: drover's name → libvirt
+    /// network. Without any, every NIC of those domains is on [`ISOLATED_NETWORK`].
+    pub fn set_networks(&mut self, networks: BTreeMap<String, String>) {
+        self.networks = networks;
     }
 
     /// Runs the domains drover defines under KVM instead of TCG.
@@ -118,33 +134,43 @@ impl LibvirtDriver {
     }
 
     /// Defines (or redefines, while it is shut off) a domain of drover's own from `spec`: a
-    /// replica or test VM. A NIC the spec says has no uplink is on [`ISOLATED_NETWORK`] (the
-    /// guest has its NIC, with its MAC, and reaches nothing); any other is on the libvirt network
-    /// of the spec's (mapped) network when the host has one, and left out otherwise: a replica
-    /// never reaches a network the recovery location did not map it to.
+    /// replica or test VM. A NIC is on the libvirt network its (mapped) network names in
+    /// [`LibvirtDriver::set_networks`] when that network is active; any other NIC (no uplink,
+    /// a network not declared here, or not active) is on [`ISOLATED_NETWORK`]: the guest keeps
+    /// its NIC, with its MAC, and reaches nothing. A request never names a libvirt network.
     async fn define_own(&self, spec: &VmSpec) -> HvResult<()> {
         let dir = self.vm_dir(spec.id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| HvError::io(format!("creating {}", dir.display()), e))?;
         let mut nics = Vec::new();
         for n in &spec.nics {
-            if n.no_uplink {
-                self.ensure_isolated_network().await?;
-                nics.push((n.mac.clone(), ISOLATED_NETWORK.to_string()));
-                continue;
-            }
-            let name = n.network.clone();
-            let exists = self
-                .libvirt
-                .call("looking up a network", move |conn| {
-                    Ok(drover_libvirt::virt::network::Network::lookup_by_name(conn, &name).is_ok())
-                })
-                .await
-                .map_err(lv)?;
-            if exists {
-                nics.push((n.mac.clone(), n.network.clone()));
-            } else {
-                tracing::warn!(vm = %spec.id, network = %n.network, "NIC left out: no libvirt network of that name here");
-            }
+            let target = match self.networks.get(&n.network).filter(|_| !n.no_uplink) {
+                Some(target) => {
+                    let name = target.clone();
+                    let active = self
+                        .libvirt
+                        .call("looking up a network", move |conn| {
+                            Ok(drover_libvirt::virt::network::Network::lookup_by_name(conn, &name)
+                                .and_then(|net| net.is_active())
+                                .unwrap_or(false))
+                        })
+                        .await
+                        .map_err(lv)?;
+                    if !active {
+                        tracing::warn!(vm = %spec.id, network = %n.network, libvirt_network = %target,
+                            "NIC isolated: its libvirt network is not there or not active");
+                    }
+                    active.then(|| target.clone())
+                }
+                None => None,
+            };
+            let target = match target {
+                Some(t) => t,
+                None => {
+                    self.ensure_isolated_network().await?;
+                    ISOLATED_NETWORK.to_string()
+                }
+            };
+            nics.push((n.mac.clone(), target));
         }
         let safe: String = spec
             .name
@@ -507,6 +533,35 @@ impl Hypervisor for LibvirtDriver {
 
     async fn domains(&self) -> HvResult<Vec<HostDomain>> {
         self.discover().await
+    }
+
+    /// The declared networks, each available when its libvirt network is active.
+    async fn networks(&self) -> HvResult<Vec<drover_agent_api::HostNetwork>> {
+        let declared = self.networks.clone();
+        self.libvirt
+            .call("listing networks", move |conn| {
+                use drover_libvirt::virt::network::Network;
+                Ok(declared
+                    .into_iter()
+                    .map(|(name, target)| {
+                        let problem = match Network::lookup_by_name(conn, &target) {
+                            Err(_) => Some(format!("libvirt has no network {target}")),
+                            Ok(net) if !net.is_active().unwrap_or(false) => {
+                                Some(format!("libvirt network {target} is not active"))
+                            }
+                            Ok(_) => None,
+                        };
+                        drover_agent_api::HostNetwork {
+                            name,
+                            target: format!("libvirt network {target}"),
+                            available: problem.is_none(),
+                            problem,
+                        }
+                    })
+                    .collect())
+            })
+            .await
+            .map_err(lv)
     }
 
     /// An imported domain's disks are where its definition says; a domain drover defined runs on

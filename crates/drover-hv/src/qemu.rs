@@ -535,6 +535,25 @@ impl Hypervisor for QemuDriver {
         "qemu"
     }
 
+    /// The configured bridges (`--network NAME=BRIDGE`), each available when the host has a
+    /// bridge of that name.
+    async fn networks(&self) -> HvResult<Vec<drover_agent_api::HostNetwork>> {
+        Ok(self
+            .config
+            .bridges
+            .iter()
+            .map(|(name, bridge)| {
+                let there = Path::new("/sys/class/net").join(bridge).join("bridge").is_dir();
+                drover_agent_api::HostNetwork {
+                    name: name.clone(),
+                    target: format!("bridge {bridge}"),
+                    available: there,
+                    problem: (!there).then(|| format!("this host has no bridge {bridge}")),
+                }
+            })
+            .collect())
+    }
+
     async fn power_on(&self, spec: &VmSpec) -> HvResult<()> {
         validate_spec(spec)?;
         let lock = self.vm_lock(spec.id);

@@ -75,6 +75,10 @@ struct SimInner {
     guest_agents: HashMap<Uuid, bool>,
     /// The addresses a VM's guest reports in its heartbeats.
     guest_addresses: HashMap<Uuid, Vec<String>>,
+    /// The host's networks, as [`SimulatedHypervisor::set_networks`] declared them.
+    networks: Vec<drover_agent_api::HostNetwork>,
+    /// Every spec a VM was started with, kept after it is forgotten.
+    started: HashMap<Uuid, Vec<VmSpec>>,
 }
 
 /// In-memory hypervisor for tests. See the module documentation.
@@ -86,6 +90,20 @@ pub struct SimulatedHypervisor {
 impl SimulatedHypervisor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Declares the host's networks (name, whether available), as `--network` does for a real
+    /// driver.
+    pub fn set_networks(&self, networks: &[(&str, bool)]) {
+        self.lock().networks = networks
+            .iter()
+            .map(|(name, available)| drover_agent_api::HostNetwork {
+                name: (*name).to_string(),
+                target: format!("simulated network {name}"),
+                available: *available,
+                problem: (!available).then(|| "simulated: not available".to_string()),
+            })
+            .collect();
     }
 
     /// Makes the next call of `op` (one of [`SIM_OPS`]) fail with an injected error. Calling it
@@ -191,6 +209,11 @@ impl SimulatedHypervisor {
         self.lock().vms.get(&vm).map(|v| v.spec.clone())
     }
 
+    /// Every spec `vm` was started with (from off), oldest first; kept after it is forgotten.
+    pub fn started_with(&self, vm: Uuid) -> Vec<VmSpec> {
+        self.lock().started.get(&vm).cloned().unwrap_or_default()
+    }
+
     /// How many times `op` was called (including calls that failed by injection).
     pub fn calls(&self, op: &'static str) -> u64 {
         self.lock().calls.get(op).copied().unwrap_or(0)
@@ -244,6 +267,10 @@ impl Hypervisor for SimulatedHypervisor {
         "simulated"
     }
 
+    async fn networks(&self) -> HvResult<Vec<drover_agent_api::HostNetwork>> {
+        Ok(self.lock().networks.clone())
+    }
+
     async fn power_on(&self, spec: &VmSpec) -> HvResult<()> {
         self.enter("power_on")?;
         if spec.memory_mib == 0 || spec.vcpus == 0 {
@@ -257,11 +284,13 @@ impl Hypervisor for SimulatedHypervisor {
                 v.spec = spec.clone();
                 v.state = PowerState::Running;
                 v.booted_at = Some(now);
+                inner.started.entry(spec.id).or_default().push(spec.clone());
             }
             None => {
                 inner
                     .vms
                     .insert(spec.id, SimVm { spec: spec.clone(), state: PowerState::Running, booted_at: Some(now) });
+                inner.started.entry(spec.id).or_default().push(spec.clone());
             }
         }
         Ok(())

@@ -362,14 +362,27 @@ async fn a_two_disk_domain_is_cut_in_one_job() {
 
 /// A VM that is no domain yet (a replica on its boot overlay) is defined as drover's own, runs,
 /// shows as drover's in discovery, is redefined from its specification on its next start, and
-/// is undefined when forgotten; an administrator's domain is never undefined.
+/// is undefined when forgotten; an administrator's domain is never undefined. Its NICs are on
+/// the libvirt networks the driver was given for their (mapped) networks, and on drover's
+/// isolated network otherwise.
 #[tokio::test]
 async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten() {
     testing::ensure_daemon();
     let guest = tiny_guest();
     let admins = Domain::define(&guest);
     let dir = tempfile::tempdir().unwrap();
-    let hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
+    // A libvirt network of the host's ("dr-lan" to drover), and one declared but not there.
+    let net = TestNetwork::start();
+    let mut hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
+    let missing = format!("{}-missing", net.0);
+    hv.set_networks([("dr-lan".to_string(), net.0.clone()), ("gone".to_string(), missing.clone())].into());
+    let networks = hv.networks().await.unwrap();
+    assert_eq!(networks.len(), 2, "{networks:?}");
+    let dr_lan = networks.iter().find(|n| n.name == "dr-lan").unwrap();
+    assert!(dr_lan.available && dr_lan.target == format!("libvirt network {}", net.0), "{dr_lan:?}");
+    let gone = networks.iter().find(|n| n.name == "gone").unwrap();
+    assert!(!gone.available, "{gone:?}");
+    assert_eq!(gone.problem.as_deref(), Some(format!("libvirt has no network {missing}").as_str()));
     let disk = dir.path().join("overlay.qcow2");
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg(DISK_BYTES.to_string()));
     let id = Uuid::new_v4();
@@ -382,6 +395,9 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
         nics: vec![
             drover_hv::NicSpec { network: "nowhere".into(), mac: "52:54:00:12:34:56".into(), no_uplink: false },
             drover_hv::NicSpec { network: "lan".into(), mac: "52:54:00:12:34:57".into(), no_uplink: true },
+            drover_hv::NicSpec { network: "dr-lan".into(), mac: "52:54:00:12:34:58".into(), no_uplink: false },
+            drover_hv::NicSpec { network: "dr-lan".into(), mac: "52:54:00:12:34:59".into(), no_uplink: true },
+            drover_hv::NicSpec { network: "gone".into(), mac: "52:54:00:12:34:5a".into(), no_uplink: false },
         ],
         boot: guest.boot_spec(),
     };
@@ -400,13 +416,21 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     let d = found.iter().find(|d| d.uuid == id).expect("the replica is a domain");
     assert!(d.owned_by_drover && d.name.starts_with("drover-db_replica-"), "{d:?}");
     assert!(d.unsupported.iter().any(|u| u.contains("drover defined it")), "{d:?}");
-    // A NIC on a network libvirt does not have is left out; one without an uplink is on drover's
-    // isolated network, whose ports reach nothing, not even each other.
-    assert_eq!(d.nics.len(), 1, "{d:?}");
-    assert_eq!(d.nics[0].mac.as_deref(), Some("52:54:00:12:34:57"));
+    // Only the NIC on a declared, active network is on it; the others (a network not declared,
+    // no uplink, a declared network libvirt does not have) are on drover's isolated network,
+    // whose ports reach nothing, not even each other. Every NIC keeps its MAC.
+    let isolated = Some(drover_hv::libvirt::ISOLATED_NETWORK);
+    let placed: Vec<(Option<&str>, &str, Option<&str>)> =
+        d.nics.iter().map(|n| (n.mac.as_deref(), n.kind.as_str(), n.source.as_deref())).collect();
     assert_eq!(
-        (d.nics[0].kind.as_str(), d.nics[0].source.as_deref()),
-        ("network", Some(drover_hv::libvirt::ISOLATED_NETWORK))
+        placed,
+        [
+            (Some("52:54:00:12:34:56"), "network", isolated),
+            (Some("52:54:00:12:34:57"), "network", isolated),
+            (Some("52:54:00:12:34:58"), "network", Some(net.0.as_str())),
+            (Some("52:54:00:12:34:59"), "network", isolated),
+            (Some("52:54:00:12:34:5a"), "network", isolated),
+        ]
     );
     let net =
         String::from_utf8_lossy(&virsh(&["net-dumpxml", drover_hv::libvirt::ISOLATED_NETWORK]).stdout).into_owned();
@@ -433,6 +457,30 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     // The administrator's domain is left as it is.
     hv.forget(admins.uuid).await.unwrap();
     assert!(virsh(&["dominfo", &admins.name]).status.success(), "an imported domain is never undefined");
+}
+
+/// A libvirt network of the test's (no forward, no address), destroyed and undefined when
+/// dropped.
+struct TestNetwork(String);
+
+impl TestNetwork {
+    fn start() -> Self {
+        let name = format!("drover-t-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let dir = tempfile::tempdir().unwrap();
+        let xml = dir.path().join("net.xml");
+        std::fs::write(&xml, format!("<network><name>{name}</name><bridge stp='off'/></network>")).unwrap();
+        let net = TestNetwork(name);
+        assert!(virsh(&["net-define", xml.to_str().unwrap()]).status.success(), "defining {}", net.0);
+        assert!(virsh(&["net-start", &net.0]).status.success(), "starting {}", net.0);
+        net
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        let _ = virsh(&["net-destroy", &self.0]);
+        let _ = virsh(&["net-undefine", &self.0]);
+    }
 }
 
 /// A real guest as users have them: the Debian guest booting from its own disk (no kernel in

@@ -331,6 +331,26 @@ pub struct NetworkMapping {
     pub to: String,
 }
 
+/// The most rules a network mapping table holds.
+pub const MAX_NETWORK_MAPPINGS: usize = 64;
+
+/// Checks a network mapping table: valid names, each source network once, at most
+/// [`MAX_NETWORK_MAPPINGS`] rules.
+pub fn validate_network_mappings(mappings: &[NetworkMapping]) -> Result<()> {
+    if mappings.len() > MAX_NETWORK_MAPPINGS {
+        return Err(Error::invalid(format!("at most {MAX_NETWORK_MAPPINGS} network mappings, got {}", mappings.len())));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for m in mappings {
+        validate_name("network", &m.from)?;
+        validate_name("network", &m.to)?;
+        if !seen.insert(m.from.as_str()) {
+            return Err(Error::invalid(format!("network {:?} is mapped twice", m.from)));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryLocation {
     pub id: RecoveryLocationId,

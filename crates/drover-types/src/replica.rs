@@ -96,6 +96,11 @@ pub struct ReplicationJob {
     /// agent (application-consistent). Jobs made before this setting existed `try`.
     #[serde(default)]
     pub consistency: ConsistencyMode,
+    /// Source network → network of the target host, for the replicas' NICs when they fail over
+    /// (Veeam's network mapping table). A source network not listed goes to the target host's
+    /// network of the same name when it has one; otherwise the NIC is isolated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_mappings: Vec<crate::NetworkMapping>,
     pub enabled: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -215,6 +220,7 @@ impl ReplicationJob {
                 "bandwidth_limit must be at least {MIN_BANDWIDTH_LIMIT} bytes per second (64 KiB/s), or none"
             )));
         }
+        crate::validate_network_mappings(&self.network_mappings)?;
         Ok(())
     }
 }

@@ -173,6 +173,7 @@ pub fn hypervisor(args: &HypervisorArgs, run_dir: PathBuf) -> anyhow::Result<Arc
                     "qemu-system-x86_64 is not installed: run scripts/install-deps (or use --hypervisor simulated for a demo without VMs)"
                 );
             }
+            config.bridges = args.networks.iter().cloned().collect();
             Arc::new(QemuDriver::new(config))
         }
         HypervisorKind::Libvirt => {
@@ -180,11 +181,15 @@ pub fn hypervisor(args: &HypervisorArgs, run_dir: PathBuf) -> anyhow::Result<Arc
             // The domains drover defines (replicas) run under KVM only when asked: `auto` is TCG
             // here, as KVM is not probed through libvirt.
             driver.set_kvm(accel == AccelArg::Kvm);
+            driver.set_networks(args.networks.iter().cloned().collect());
             Arc::new(driver)
         }
         HypervisorKind::Simulated => {
             tracing::warn!("SIMULATED hypervisor: no VM really runs; for tests and demos only");
-            Arc::new(drover_hv::sim::SimulatedHypervisor::new())
+            let sim = drover_hv::sim::SimulatedHypervisor::new();
+            let names: Vec<(&str, bool)> = args.networks.iter().map(|(n, _)| (n.as_str(), true)).collect();
+            sim.set_networks(&names);
+            Arc::new(sim)
         }
     })
 }

@@ -268,6 +268,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
                     retention_points: 7,
                     bandwidth_limit: None,
                     consistency: Default::default(),
+                    network_mappings: Vec::new(),
                 };
                 app.replication_job_create(&admin, new).await?
             }

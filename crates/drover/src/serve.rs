@@ -38,6 +38,34 @@ pub struct HypervisorArgs {
     /// The tiny guest (`scripts/build-guest` output), used to probe KVM with `--accel auto`.
     #[arg(long, env = "DROVER_GUEST_DIR")]
     pub guest_dir: Option<PathBuf>,
+    /// A network VMs on this host may be connected to, `NAME=TARGET` (repeat it, or separate
+    /// with commas): a replica's NIC whose source network maps to NAME (the replication job's
+    /// network mapping, else the same name) is connected to TARGET, a libvirt network with
+    /// `--hypervisor libvirt` (a host bridge through a libvirt network with `<forward
+    /// mode='bridge'/>`), a bridge with `--hypervisor qemu` (allowed in qemu-bridge-helper's
+    /// bridge.conf). `NAME` alone means `NAME=NAME`. Requests never name host networks: any
+    /// NIC that maps to none of these is isolated (the guest keeps it and reaches nothing).
+    #[arg(long = "network", env = "DROVER_NETWORKS", value_delimiter = ',', value_parser = parse_network)]
+    pub networks: Vec<(String, String)>,
+}
+
+/// `NAME=TARGET` or `NAME` of `--network`: a network name as the inventory allows it, and a host
+/// network (libvirt network or bridge) name of letters, digits, `-`, `_` and `.`, at most 64
+/// bytes (a bridge's is at most 15, which the kernel checks).
+pub fn parse_network(s: &str) -> Result<(String, String), String> {
+    let (name, target) = s.split_once('=').unwrap_or((s, s));
+    let (name, target) = (name.trim(), target.trim());
+    drover_types::validate_name("network", name).map_err(|e| e.to_string())?;
+    if target.is_empty()
+        || target.len() > 64
+        || target.starts_with('.')
+        || !target.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "host network {target:?}: letters, digits, '-', '_' and '.', at most 64, not starting with '.'"
+        ));
+    }
+    Ok((name.to_string(), target.to_string()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -448,4 +476,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_network;
+
+    #[test]
+    fn a_network_declaration_names_a_host_network_safely() {
+        assert_eq!(parse_network("lan=br0"), Ok(("lan".into(), "br0".into())));
+        assert_eq!(parse_network(" dr lan = virbr-dr.1 "), Ok(("dr lan".into(), "virbr-dr.1".into())));
+        assert_eq!(parse_network("default"), Ok(("default".into(), "default".into())));
+        for bad in
+            ["lan=", "=br0", "lan=../etc", "lan=br 0", "lan=.hidden", "lan=a/b", &format!("lan={}", "x".repeat(65))]
+        {
+            assert!(parse_network(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -28,11 +28,36 @@ fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh").args(["-c", URI]).args(args).output().unwrap()
 }
 
-/// A libvirt agent for `name` under `root`, enrolled with `token`; it and its URL.
-fn libvirt_agent(root: &Path, name: &str, enroll: (&str, &str)) -> (Proc, String) {
+/// A libvirt network of the test's (no forward, no address), destroyed and undefined when
+/// dropped.
+struct TestNetwork(String);
+
+impl TestNetwork {
+    fn start(root: &Path) -> Self {
+        let name = format!("drover-t-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let xml = root.join(format!("{name}.xml"));
+        std::fs::write(&xml, format!("<network><name>{name}</name><bridge stp='off'/></network>")).unwrap();
+        let net = TestNetwork(name);
+        assert!(virsh(&["net-define", xml.to_str().unwrap()]).status.success(), "defining {}", net.0);
+        assert!(virsh(&["net-start", &net.0]).status.success(), "starting {}", net.0);
+        net
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        let _ = virsh(&["net-destroy", &self.0]);
+        let _ = virsh(&["net-undefine", &self.0]);
+    }
+}
+
+/// A libvirt agent for `name` under `root`, enrolled with `token`, offering `networks`
+/// (`--network`); it and its URL.
+fn libvirt_agent(root: &Path, name: &str, enroll: (&str, &str), networks: &[String]) -> (Proc, String) {
     let mut cmd = Command::new(common::BIN);
     cmd.args(["agent", "--listen", "127.0.0.1:0", "--hypervisor", "libvirt", "--libvirt-uri", URI, "--data-dir"])
         .arg(root.join(name))
+        .args(networks.iter().flat_map(|n| ["--network", n.as_str()]))
         .args(["--data-listen", "127.0.0.1:0", "--import-dir"])
         .arg(guest_dir())
         .args(["--enroll", enroll.0, enroll.1]);
@@ -108,16 +133,21 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     drover_hv::libvirt::testing::ensure_daemon();
     let dir = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
     let root = dir.path();
+    // The administrator's domain has a NIC on a network of production's; the DR agent offers
+    // another network as "dr-lan".
+    let (prod_net, dr_net) = (TestNetwork::start(root), TestNetwork::start(root));
     let mut dom = AdminDomain::define(root);
+    let nic = ["attach-interface", &dom.name, "network", &prod_net.0, "--mac", "52:54:00:6c:76:01", "--config"];
+    assert!(virsh(&nic).status.success());
     let defined_xml = dom.xml();
 
     let cp = serve(root);
     let api = Api::login(&cp.api).await;
     let (prod_id, dr_id) = api.prod_and_dr_hosts().await;
     let token = api.enrolment_token(&prod_id).await;
-    let (_prod_agent, prod_url) = libvirt_agent(root, "pa", (&cp.agent_url, &token));
+    let (_prod_agent, prod_url) = libvirt_agent(root, "pa", (&cp.agent_url, &token), &[]);
     let token = api.enrolment_token(&dr_id).await;
-    let (_dr_agent, dr_url) = libvirt_agent(root, "da", (&cp.agent_url, &token));
+    let (_dr_agent, dr_url) = libvirt_agent(root, "da", (&cp.agent_url, &token), &[format!("dr-lan={}", dr_net.0)]);
     api.ok(M::PATCH, &format!("/v1/hosts/{prod_id}"), Some(json!({"address": prod_url}))).await;
     api.ok(M::PATCH, &format!("/v1/hosts/{dr_id}"), Some(json!({"address": dr_url}))).await;
 
@@ -165,8 +195,17 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     assert_eq!(prod.vm_status(vm_uuid).await.unwrap(), PowerState::Running);
     prod.vm_write_marker(vm_uuid, "one").await.unwrap();
 
-    // Replication: a seed, then only the dirty extents of the checkpoint.
+    assert_eq!(vm["nics"][0]["network"], prod_net.0.as_str(), "{vm}");
+    let networks = api.ok(M::GET, &format!("/v1/hosts/{dr_id}/networks"), None).await;
+    let offered = json!([{"name": "dr-lan", "target": format!("libvirt network {}", dr_net.0), "available": true}]);
+    assert_eq!(networks, offered);
+
+    // Replication: a seed, then only the dirty extents of the checkpoint. At failover the
+    // replica's NIC goes to dr-lan.
     let job = api.manual_job(&vm_id, &dr_id, &dr_ds, 3).await;
+    let mapping = json!({"network_mappings": [{"from": prod_net.0, "to": "dr-lan"}]});
+    let patched = api.ok(M::PATCH, &format!("/v1/replication-jobs/{job}"), Some(mapping)).await;
+    assert_eq!(patched["network_mappings"][0]["to"], "dr-lan", "{patched}");
     let lines = run_job(&api, &job).await;
     assert!(mentions(&lines, "seed mode"), "{lines:?}");
     prod.vm_write_marker(vm_uuid, "two").await.unwrap();
@@ -205,6 +244,9 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     let replica_xml = String::from_utf8_lossy(&virsh(&["dumpxml", &replica_id.to_string()]).stdout).into_owned();
     assert!(replica_xml.contains("urn:drover:libvirt:1"), "the replica is a domain of drover's: {replica_xml}");
     assert!(replica_xml.contains("dev='vdb'"), "with both disks: {replica_xml}");
+    assert!(replica_xml.contains(&format!("<source network='{}'", dr_net.0)), "on dr-lan: {replica_xml}");
+    assert!(replica_xml.contains("52:54:00:6c:76:01"), "with production's MAC: {replica_xml}");
+    assert!(mentions(&lines, &format!("NIC 52:54:00:6c:76:01 ({}): on network dr-lan", prod_net.0)), "{lines:?}");
     let at_dr = dr.domains().await.unwrap();
     assert!(at_dr.iter().any(|d| d.uuid == replica_id && d.owned_by_drover), "{at_dr:?}");
 

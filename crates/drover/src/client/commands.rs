@@ -119,6 +119,9 @@ pub enum HostCommand {
     /// The host's libvirt domains (its agent runs `--hypervisor libvirt`): which can be imported
     /// with `drover vm import`, and which are.
     Domains(IdArg),
+    /// The networks VMs may be connected to on the host (its agent's `--network`): what a
+    /// replication job's `--network FROM=TO` may map to.
+    Networks(IdArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +301,11 @@ pub struct JobCreateArgs {
     /// its file systems gets no point), `try` (crash-consistent then, with a warning) or `off`.
     #[arg(long, value_name = "MODE", default_value = "try", value_parser = consistency_mode)]
     pub consistency: drover_types::ConsistencyMode,
+    /// At failover, connect the replicas' NICs on production network FROM to the target host's
+    /// network TO (`drover host networks`); repeatable. A network not mapped goes to the target
+    /// host's network of the same name when it has one; any other NIC is isolated.
+    #[arg(long = "network", value_name = "FROM=TO", value_parser = parse_mapping)]
+    pub networks: Vec<(String, String)>,
 }
 
 #[derive(Debug, Args)]
@@ -331,6 +339,12 @@ pub struct JobUpdateArgs {
     /// Application-consistent points: `require`, `try` or `off`.
     #[arg(long, value_name = "MODE", value_parser = consistency_mode)]
     pub consistency: Option<drover_types::ConsistencyMode>,
+    /// Replaces the job's network mappings with these (`FROM=TO`, repeatable).
+    #[arg(long = "network", value_name = "FROM=TO", value_parser = parse_mapping, conflicts_with = "clear_networks")]
+    pub networks: Vec<(String, String)>,
+    /// Removes all of the job's network mappings.
+    #[arg(long)]
+    pub clear_networks: bool,
 }
 
 fn consistency_mode(s: &str) -> Result<drover_types::ConsistencyMode, String> {
@@ -756,6 +770,7 @@ fn job_body(a: &JobCreateArgs) -> Value {
         "retention_points": a.retention,
         "bandwidth_limit": a.bandwidth_limit,
         "consistency": a.consistency,
+        "network_mappings": mappings_body(&a.networks),
     })
 }
 
@@ -779,10 +794,13 @@ fn job_update_body(a: &JobUpdateArgs) -> anyhow::Result<Value> {
     if let Some(c) = a.consistency {
         body.insert("consistency".into(), json!(c));
     }
+    if !a.networks.is_empty() || a.clear_networks {
+        body.insert("network_mappings".into(), json!(mappings_body(&a.networks)));
+    }
     if body.is_empty() {
         bail!(
             "nothing to update: give --name, --interval, --manual, --continuous, --retention, --enable, --disable, \
-             --bandwidth-limit or --consistency"
+             --bandwidth-limit, --consistency, --network or --clear-networks"
         );
     }
     Ok(Value::Object(body))
@@ -974,6 +992,12 @@ async fn host(ctx: &Ctx, cmd: HostCommand) -> anyhow::Result<()> {
         HostCommand::Domains(a) => {
             ctx.get(&format!("/hosts/{}/domains", a.id), |d: &Vec<drover_api::views::HostDomainView>| {
                 render::host_domains(d).render()
+            })
+            .await
+        }
+        HostCommand::Networks(a) => {
+            ctx.get(&format!("/hosts/{}/networks", a.id), |n: &Vec<drover_api::views::HostNetworkView>| {
+                render::host_networks(n).render()
             })
             .await
         }
@@ -1483,6 +1507,30 @@ mod tests {
         assert_eq!(job_update_body(&a).unwrap(), json!({"consistency": "off"}));
         let e = try_parse(&["job", "update", A, "--consistency", "sometimes"]).unwrap_err();
         assert!(e.to_string().contains("expected require, try or off"), "{e}");
+    }
+
+    #[test]
+    fn job_network_mappings() {
+        let args = ["job", "create", "j", "--vm", A, "--target-host", A, "--target-datastore", B, "--manual"];
+        let mut with = args.to_vec();
+        with.extend(["--retention", "3", "--network", "lan=dr-lan", "--network", "dmz=dr-dmz"]);
+        let ClientCommand::Job(JobCommand::Create(a)) = parse(&with) else { panic!() };
+        let create: v::CreateReplicationJob = serde_json::from_value(job_body(&a)).unwrap();
+        let pairs: Vec<(&str, &str)> =
+            create.network_mappings.iter().map(|m| (m.from.as_str(), m.to.as_str())).collect();
+        assert_eq!(pairs, [("lan", "dr-lan"), ("dmz", "dr-dmz")]);
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--network", "lan=dr-lan"]) else {
+            panic!()
+        };
+        assert_eq!(job_update_body(&a).unwrap(), json!({"network_mappings": [{"from": "lan", "to": "dr-lan"}]}));
+        let ClientCommand::Job(JobCommand::Update(a)) = parse(&["job", "update", A, "--clear-networks"]) else {
+            panic!()
+        };
+        assert_eq!(job_update_body(&a).unwrap(), json!({"network_mappings": []}));
+        assert!(try_parse(&["job", "update", A, "--network", "lan=x", "--clear-networks"]).is_err());
+        assert!(try_parse(&["job", "update", A, "--network", "lan"]).is_err(), "FROM=TO");
+        let ClientCommand::Host(HostCommand::Networks(h)) = parse(&["host", "networks", A]) else { panic!() };
+        assert_eq!(h.id.to_string(), A);
     }
 
     #[test]

@@ -235,6 +235,19 @@ pub fn host_domains(domains: &[drover_api::views::HostDomainView]) -> Table {
     t
 }
 
+pub fn host_networks(networks: &[drover_api::views::HostNetworkView]) -> Table {
+    let mut t = Table::new(&["NAME", "ON THE HOST", "AVAILABLE"]);
+    for n in networks {
+        let available = match (&n.problem, n.available) {
+            (_, true) => "yes".to_string(),
+            (Some(p), false) => format!("no: {p}"),
+            (None, false) => "no".to_string(),
+        };
+        t.row(vec![n.name.clone(), n.target.clone(), available]);
+    }
+    t
+}
+
 pub fn vm(v: &VmView) -> String {
     let disks: Vec<String> = v
         .disks
@@ -300,6 +313,10 @@ pub fn job(j: &ReplicationJobView) -> String {
         ("schedule", schedule(&j.schedule)),
         ("retention", format!("{} restore points", j.retention_points)),
         ("consistency", wire_name(&j.consistency)),
+        (
+            "networks",
+            list_or_dash(&j.network_mappings.iter().map(|m| format!("{}={}", m.from, m.to)).collect::<Vec<_>>()),
+        ),
         ("enabled", j.enabled.to_string()),
         ("created", local_time(&j.created_at)),
     ])
