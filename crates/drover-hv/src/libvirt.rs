@@ -766,14 +766,18 @@ impl Hypervisor for LibvirtDriver {
         Ok(self.domain_call(vm, "thawing the guest", ffi::fs_thaw).await?.into())
     }
 
-    /// A domain drover defined is powered off and undefined (its checkpoints' metadata too); one
-    /// of the administrator's is left exactly as it is.
+    /// A domain drover defined is powered off and undefined, with its checkpoints' metadata and
+    /// the UEFI variables store libvirt made for it; one of the administrator's is left exactly
+    /// as it is.
     async fn forget(&self, vm: Uuid) -> HvResult<()> {
         match self.describe(vm).await {
             Ok((d, _)) if d.owned_by_drover => {
                 self.power_off(vm).await?;
                 self.domain_call(vm, "undefining the domain", |dom| {
-                    dom.undefine_flags(drover_libvirt::virt::sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+                    use drover_libvirt::virt::sys::{
+                        VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA, VIR_DOMAIN_UNDEFINE_NVRAM,
+                    };
+                    dom.undefine_flags(VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | VIR_DOMAIN_UNDEFINE_NVRAM)
                         .map_err(virt_err("undefining the domain"))
                 })
                 .await?;

@@ -5,7 +5,7 @@
 //! the exact dirty extents, a failed cycle that keeps its changes, a cycle while the domain is off
 //! and lost libvirt metadata (the checkpoint is redefined), and a `kill -9` of the domain's QEMU
 //! that leaves the checkpoint's bitmap broken and is seen as such; a two-disk domain's disks
-//! share one backup job.
+//! share one backup job; drover's own domains on declared or isolated networks, and under UEFI.
 //!
 //! Needs libvirt (scripts/install-deps), `qemu-img`, libnbd's `nbdinfo`/`nbdcopy` (they stand in
 //! for drover-block's NBD client here) and the built guest.
@@ -483,6 +483,71 @@ impl Drop for TestNetwork {
     }
 }
 
+/// The Debian guest (`scripts/build-debian-guest`), or a panic saying how to build it.
+fn debian_guest() -> drover_hv::qemu::DebianGuest {
+    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
+    drover_hv::qemu::DebianGuest::load(&debian)
+        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"))
+}
+
+/// A replica of a VM that boots under UEFI is a domain of drover's that boots its disk under
+/// UEFI (`<os firmware='efi'>`: libvirt picks OVMF from its firmware descriptors and gives the
+/// domain its own variables store), heard through the guest agent; forgetting it undefines it
+/// with its variables store.
+#[tokio::test]
+async fn a_replica_of_a_uefi_vm_boots_its_disk_under_uefi_as_a_domain_of_drovers() {
+    testing::ensure_daemon();
+    let debian = debian_guest();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&debian.disk)
+        .arg(&disk));
+    let id = Uuid::new_v4();
+    struct Undefine(Uuid);
+    impl Drop for Undefine {
+        fn drop(&mut self) {
+            let _ = virsh(&["destroy", &self.0.to_string()]);
+            let _ = virsh(&["undefine", &self.0.to_string(), "--nvram"]);
+        }
+    }
+    let _undefine = Undefine(id);
+    let hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
+    let spec = VmSpec {
+        id,
+        name: "uefi replica".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        disks: vec![drover_hv::DiskSpec { path: disk }],
+        nics: vec![],
+        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: drover_hv::Firmware::Uefi },
+    };
+    let started = std::time::Instant::now();
+    hv.power_on(&spec).await.unwrap();
+    hv.wait_heartbeat(id, Duration::from_secs(300)).await.unwrap_or_else(|e| {
+        let console = std::fs::read_to_string(hv.vm_dir(id).join("console.log")).unwrap_or_default();
+        panic!("no heartbeat from the UEFI domain: {e}; console:\n{console}")
+    });
+    println!("the UEFI domain answered {:.1} s after it was started", started.elapsed().as_secs_f64());
+    let xml = String::from_utf8_lossy(&virsh(&["dumpxml", &id.to_string()]).stdout).into_owned();
+    // libvirt resolved `firmware='efi'` into OVMF's code and a variables store of the domain's.
+    let nvram = xml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("<nvram")?.split_once('>')?.1.strip_suffix("</nvram>").map(PathBuf::from))
+        .unwrap_or_else(|| panic!("no variables store: {xml}"));
+    assert!(nvram.exists(), "{}", nvram.display());
+    assert!(xml.contains("<loader") && xml.contains("OVMF_CODE"), "OVMF as the loader: {xml}");
+    let found = hv.discover().await.unwrap();
+    let d = found.iter().find(|d| d.uuid == id).expect("the replica is a domain");
+    assert_eq!(d.firmware, drover_agent_api::Firmware::Uefi, "{d:?}");
+    hv.forget(id).await.unwrap();
+    assert!(virsh(&["dominfo", &id.to_string()]).status.code() != Some(0), "undefined");
+    assert!(!nvram.exists(), "its variables store is removed with it: {}", nvram.display());
+}
+
 /// A real guest as users have them: the Debian guest booting from its own disk (no kernel in
 /// the definition), with a guest agent channel, defined outside drover. It is heard through the
 /// guest agent by way of libvirt (which holds the agent's port), and frozen and thawed through
@@ -490,11 +555,7 @@ impl Drop for TestNetwork {
 #[tokio::test]
 async fn a_debian_domain_is_heard_and_frozen_through_libvirt() {
     testing::ensure_daemon();
-    let debian = std::env::var_os("DROVER_DEBIAN_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/debian"));
-    let debian = drover_hv::qemu::DebianGuest::load(&debian)
-        .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"));
+    let debian = debian_guest();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("debian.qcow2");
     run(Command::new("qemu-img")
