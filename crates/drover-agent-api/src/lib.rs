@@ -532,6 +532,114 @@ impl Firmware {
     }
 }
 
+/// The virtual hardware a guest was installed on, which its replica gets too: a guest without
+/// virtio drivers (Windows as installed, an old Linux) boots only from the disk bus and talks
+/// only through the NIC model it knows. The default is what drover's own VMs get.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardware {
+    #[serde(default)]
+    pub machine: Machine,
+    /// Per disk, in the VM's disk order; a disk past the end is on virtio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_buses: Vec<DiskBus>,
+    /// Per NIC, in order; a NIC past the end is virtio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nic_models: Vec<NicModel>,
+}
+
+impl Hardware {
+    pub fn is_default(&self) -> bool {
+        *self == Hardware::default()
+    }
+    /// The bus of disk `i`.
+    pub fn disk_bus(&self, i: usize) -> DiskBus {
+        self.disk_buses.get(i).copied().unwrap_or_default()
+    }
+    /// The model of NIC `i`.
+    pub fn nic_model(&self, i: usize) -> NicModel {
+        self.nic_models.get(i).copied().unwrap_or_default()
+    }
+    /// Checks the combination QEMU can build: q35 has no IDE bus.
+    pub fn check(&self, disks: usize, nics: usize) -> Result<(), String> {
+        if self.disk_buses.len() > disks || self.nic_models.len() > nics {
+            return Err("more disk buses or NIC models than disks or NICs".into());
+        }
+        if self.machine == Machine::Q35 && self.disk_buses.contains(&DiskBus::Ide) {
+            return Err("a q35 machine has no IDE bus".into());
+        }
+        if self.disk_buses.iter().filter(|b| **b == DiskBus::Ide).count() > 4 {
+            return Err("the IDE channels take at most 4 disks".into());
+        }
+        if self.disk_buses.iter().filter(|b| **b == DiskBus::Sata).count() > 6 {
+            return Err("an AHCI controller takes at most 6 SATA disks".into());
+        }
+        Ok(())
+    }
+}
+
+/// The machine type: QEMU's `pc` (i440FX) or `q35` (ICH9, PCIe), each the newest version the
+/// host's QEMU has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    #[default]
+    Pc,
+    Q35,
+}
+
+/// The bus a disk is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Sata,
+    Scsi,
+    Ide,
+}
+
+/// A NIC's model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    #[default]
+    Virtio,
+    E1000,
+    E1000e,
+    Rtl8139,
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Machine::Pc => "pc",
+            Machine::Q35 => "q35",
+        })
+    }
+}
+
+impl std::fmt::Display for DiskBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Sata => "sata",
+            DiskBus::Scsi => "scsi",
+            DiskBus::Ide => "ide",
+        })
+    }
+}
+
+impl std::fmt::Display for NicModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NicModel::Virtio => "virtio",
+            NicModel::E1000 => "e1000",
+            NicModel::E1000e => "e1000e",
+            NicModel::Rtl8139 => "rtl8139",
+        })
+    }
+}
+
 /// A VM to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRunSpec {
@@ -543,6 +651,8 @@ pub struct VmRunSpec {
     pub disks: Vec<VmDisk>,
     pub nics: Vec<VmNic>,
     pub boot: VmBoot,
+    #[serde(default, skip_serializing_if = "Hardware::is_default")]
+    pub hardware: Hardware,
 }
 
 impl VmRunSpec {
@@ -554,6 +664,7 @@ impl VmRunSpec {
         if self.disks.len() > 64 || self.nics.len() > 64 {
             return Err(AgentError::invalid("a VM has at most 64 disks and 64 NICs"));
         }
+        self.hardware.check(self.disks.len(), self.nics.len()).map_err(AgentError::invalid)?;
         if self.boot.cmdline.as_ref().is_some_and(|c| c.len() > MAX_TEXT_LEN) {
             return Err(AgentError::invalid(format!("a boot command line is at most {MAX_TEXT_LEN} bytes")));
         }
@@ -603,6 +714,9 @@ pub struct HostDomain {
     /// UEFI when its definition names EFI firmware (`<os firmware='efi'>` or an OVMF loader).
     #[serde(default)]
     pub firmware: Firmware,
+    /// Its machine type, disk buses and NIC models, as its replica gets them.
+    #[serde(default, skip_serializing_if = "Hardware::is_default")]
+    pub hardware: Hardware,
     /// Defined by drover (a replica run as a domain): not for import.
     pub owned_by_drover: bool,
     /// Why drover cannot protect the domain as it is; empty when it can.

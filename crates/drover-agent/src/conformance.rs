@@ -198,6 +198,7 @@ pub async fn runs_vms_on_its_own_disks_only(agent: &dyn HostAgent, r: &Rig) {
         disks: vec![VmDisk::Image(DiskRef { datastore: r.ds, vm, disk: "root".into(), index: 0 })],
         nics: vec![],
         boot: VmBoot::default(),
+        hardware: Default::default(),
     };
     agent.vm_power_on(&run).await.unwrap();
     assert_eq!(agent.vm_status(vm).await.unwrap(), PowerState::Running);
@@ -247,6 +248,7 @@ pub async fn freezes_are_bounded_and_thawed(agent: &dyn HostAgent, sim: &drover_
         disks: vec![drover_hv::DiskSpec { path: PathBuf::from(format!("/nonexistent/{vm}.qcow2")) }],
         nics: vec![],
         boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+        hardware: Default::default(),
     };
     sim.power_on(&vm_spec).await.unwrap();
     let spec = |id: &str, max_ms: u64| FreezeSpec { id: id.into(), max_ms };

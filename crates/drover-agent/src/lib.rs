@@ -441,6 +441,7 @@ impl LocalAgent {
                 cmdline: spec.boot.cmdline.clone(),
                 firmware: spec.boot.firmware,
             },
+            hardware: spec.hardware.clone(),
         })
     }
 

@@ -73,6 +73,7 @@ async fn a_guest_an_agent_left_frozen_when_it_was_killed_is_thawed_when_it_start
         disks: vec![drover_hv::DiskSpec { path: dir.path().join("db.qcow2") }],
         nics: vec![],
         boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+        hardware: Default::default(),
     };
     sim.power_on(&spec).await.unwrap();
     sim.set_guest_agent(vm, true);

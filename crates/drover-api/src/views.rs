@@ -594,13 +594,43 @@ pub struct VmView {
     /// while it runs (empty otherwise, or when the guest has no guest agent).
     #[serde(default)]
     pub guest_addresses: Vec<String>,
+    /// The virtual hardware its guest was installed on (an imported domain's), which its
+    /// replica gets too.
+    pub hardware: HardwareView,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A VM's machine type, disk buses and NIC models.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HardwareView {
+    /// `pc` (i440FX) or `q35`.
+    pub machine: String,
+    /// Per disk, in order: `virtio`, `sata`, `scsi` or `ide`.
+    pub disk_buses: Vec<String>,
+    /// Per NIC, in order: `virtio`, `e1000`, `e1000e` or `rtl8139`.
+    pub nic_models: Vec<String>,
+}
+
+impl HardwareView {
+    fn of(v: &d::Vm) -> Self {
+        fn wire<T: Serialize>(t: &T) -> String {
+            serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+        }
+        let h = &v.hardware;
+        HardwareView {
+            machine: wire(&h.machine),
+            disk_buses: (0..v.disks.len()).map(|i| wire(&h.disk_bus(i))).collect(),
+            nic_models: (0..v.nics.len()).map(|i| wire(&h.nic_model(i))).collect(),
+        }
+    }
+}
+
 impl From<d::Vm> for VmView {
     fn from(v: d::Vm) -> Self {
+        let hardware = HardwareView::of(&v);
         VmView {
+            hardware,
             id: v.id.0,
             name: v.name,
             host_id: v.host_id.0,

@@ -999,6 +999,7 @@ impl App {
             guest_addresses: Vec::new(),
             created_at: t,
             updated_at: t,
+            hardware: Default::default(),
         };
         vm.validate()?;
         let params = VmOpParams {
@@ -1157,6 +1158,7 @@ impl App {
             guest_addresses: Vec::new(),
             created_at: t,
             updated_at: t,
+            hardware: crate::ops::hardware_of(&d.hardware),
         };
         vm.validate()?;
         self.store().object_insert(&vm).await?;

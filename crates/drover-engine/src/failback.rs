@@ -980,6 +980,7 @@ async fn undo_vm(ctx: &StepCtx, p: &FailbackParams, vm_id: VmId) -> Result<()> {
             .collect(),
         nics: Vec::new(),
         boot: crate::ops::vm_boot(&parts.vm),
+        hardware: crate::ops::vm_hardware(&parts.vm),
     };
     let agent = crate::failover::replica_agent(engine, &parts.replica).await?;
     let spec = VmRunSpec {
@@ -1132,6 +1133,7 @@ impl Step for RestoreToLocation {
                     guest_addresses: Vec::new(),
                     created_at: t,
                     updated_at: t,
+                    hardware: parts.vm.hardware.clone(),
                 };
                 store.object_insert(&v).await?;
                 v

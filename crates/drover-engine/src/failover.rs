@@ -523,6 +523,7 @@ impl Step for Boot {
                 None => crate::networks::failover_nics(ctx, agent.as_ref(), &replica, &source).await?,
             },
             boot: crate::ops::vm_boot(&source),
+            hardware: crate::ops::vm_hardware(&source),
         };
         crate::ops::power_on(ctx, agent.as_ref(), &spec).await?;
         if self.test.is_some() {

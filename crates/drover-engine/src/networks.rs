@@ -160,6 +160,7 @@ mod tests {
             guest_addresses: Vec::new(),
             created_at: t,
             updated_at: t,
+            hardware: Default::default(),
         }
     }
 

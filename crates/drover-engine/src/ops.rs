@@ -139,6 +139,70 @@ pub fn run_spec(vm: &Vm) -> VmRunSpec {
             .map(|n| VmNic { network: n.network.clone(), mac: n.mac.clone(), no_uplink: false })
             .collect(),
         boot: vm_boot(vm),
+        hardware: vm_hardware(vm),
+    }
+}
+
+/// The VM's hardware as the agent contract says it.
+pub(crate) fn vm_hardware(vm: &Vm) -> drover_agent_api::Hardware {
+    use drover_agent_api::{DiskBus as B, Machine as M, NicModel as N};
+    let h = &vm.hardware;
+    drover_agent_api::Hardware {
+        machine: match h.machine {
+            drover_types::MachineType::Pc => M::Pc,
+            drover_types::MachineType::Q35 => M::Q35,
+        },
+        disk_buses: h
+            .disk_buses
+            .iter()
+            .map(|b| match b {
+                drover_types::DiskBus::Virtio => B::Virtio,
+                drover_types::DiskBus::Sata => B::Sata,
+                drover_types::DiskBus::Scsi => B::Scsi,
+                drover_types::DiskBus::Ide => B::Ide,
+            })
+            .collect(),
+        nic_models: h
+            .nic_models
+            .iter()
+            .map(|n| match n {
+                drover_types::NicModel::Virtio => N::Virtio,
+                drover_types::NicModel::E1000 => N::E1000,
+                drover_types::NicModel::E1000e => N::E1000e,
+                drover_types::NicModel::Rtl8139 => N::Rtl8139,
+            })
+            .collect(),
+    }
+}
+
+/// The hardware an agent found on a domain, as the inventory keeps it.
+pub(crate) fn hardware_of(h: &drover_agent_api::Hardware) -> drover_types::VmHardware {
+    use drover_types::{DiskBus as B, MachineType as M, NicModel as N};
+    drover_types::VmHardware {
+        machine: match h.machine {
+            drover_agent_api::Machine::Pc => M::Pc,
+            drover_agent_api::Machine::Q35 => M::Q35,
+        },
+        disk_buses: h
+            .disk_buses
+            .iter()
+            .map(|b| match b {
+                drover_agent_api::DiskBus::Virtio => B::Virtio,
+                drover_agent_api::DiskBus::Sata => B::Sata,
+                drover_agent_api::DiskBus::Scsi => B::Scsi,
+                drover_agent_api::DiskBus::Ide => B::Ide,
+            })
+            .collect(),
+        nic_models: h
+            .nic_models
+            .iter()
+            .map(|n| match n {
+                drover_agent_api::NicModel::Virtio => N::Virtio,
+                drover_agent_api::NicModel::E1000 => N::E1000,
+                drover_agent_api::NicModel::E1000e => N::E1000e,
+                drover_agent_api::NicModel::Rtl8139 => N::Rtl8139,
+            })
+            .collect(),
     }
 }
 

@@ -220,6 +220,7 @@ async fn replicate_off_running_and_off_again_then_boot_the_newest_point() {
             cmdline: boot.cmdline,
             firmware: Default::default(),
         },
+        hardware: Default::default(),
     };
     env.driver.power_on(&spec).await.unwrap();
     let hb = env.driver.wait_heartbeat(spec.id, Duration::from_secs(90)).await.unwrap();

@@ -807,6 +807,21 @@ async fn a_failover_maps_the_replicas_networks_and_a_test_failover_isolates_them
     new.nics = vec![("lan".into(), None), ("dmz".into(), None), ("mgmt".into(), None), ("backup".into(), None)];
     let (vm, replica) = replicated(&env, new).await;
     env.hv.set_networks(&[("dr-lan", true), ("lan", true), ("dmz", true), ("dr-backup", false)]);
+    // The source's hardware (as an imported domain's is recorded) goes to its replica.
+    let hardware = VmHardware {
+        machine: MachineType::Q35,
+        disk_buses: vec![DiskBus::Sata],
+        nic_models: vec![NicModel::E1000, NicModel::Rtl8139],
+    };
+    let h = hardware.clone();
+    app.engine()
+        .store()
+        .object_modify::<Vm, _, _>(caller.tenant_id, vm.id.0, move |v| {
+            v.hardware = h.clone();
+            Ok(())
+        })
+        .await
+        .unwrap();
     let map = |from: &str, to: &str| NetworkMapping { from: from.into(), to: to.into() };
     let patch = |m: Vec<NetworkMapping>| drover_engine::app::ReplicationJobPatch {
         network_mappings: Some(m),
@@ -855,6 +870,12 @@ async fn a_failover_maps_the_replicas_networks_and_a_test_failover_isolates_them
     let lines = log_lines(&env, done.id).await;
     assert_eq!(done.result, SessionResult::Success, "{:?}: {lines:?}", done.failure_message);
     let spec = env.hv.spec(replica.id.0).unwrap();
+    let expected = drover_hv::Hardware {
+        machine: drover_hv::Machine::Q35,
+        disk_buses: vec![drover_hv::DiskBus::Sata],
+        nic_models: vec![drover_hv::NicModel::E1000, drover_hv::NicModel::Rtl8139],
+    };
+    assert_eq!(spec.hardware, expected);
     let placed: Vec<(&str, bool, &str)> =
         spec.nics.iter().map(|n| (n.network.as_str(), n.no_uplink, n.mac.as_str())).collect();
     let macs: Vec<&str> = vm.nics.iter().map(|n| n.mac.as_str()).collect();
@@ -880,6 +901,7 @@ async fn a_failover_maps_the_replicas_networks_and_a_test_failover_isolates_them
     let done = env.wait(s).await;
     assert_eq!(done.result, SessionResult::Success, "{:?}", done.failure_message);
     let spec = env.hv.started_with(test_vm).pop().unwrap();
+    assert_eq!(spec.hardware, expected, "a test VM has the source's hardware too");
     assert_eq!(spec.nics.len(), 4);
     assert!(spec.nics.iter().all(|n| n.no_uplink), "{spec:?}");
 

@@ -35,6 +35,9 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     pub nics: Vec<NicSpec>,
     pub boot: BootSpec,
+    /// The machine type, disk buses and NIC models (a replica's are its source's).
+    #[serde(default)]
+    pub hardware: Hardware,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +70,9 @@ pub struct BootSpec {
 }
 
 // The plain vocabulary of VM control is the agent contract's: the driver speaks it as it is.
-pub use drover_agent_api::{Firmware, FreezeOutcome, Heartbeat, PowerState, ShutdownOutcome, TcpPortState};
+pub use drover_agent_api::{
+    DiskBus, Firmware, FreezeOutcome, Hardware, Heartbeat, Machine, NicModel, PowerState, ShutdownOutcome, TcpPortState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {

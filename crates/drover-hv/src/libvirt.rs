@@ -170,7 +170,8 @@ impl LibvirtDriver {
                     ISOLATED_NETWORK.to_string()
                 }
             };
-            nics.push((n.mac.clone(), target));
+            let model = spec.hardware.nic_model(nics.len()).to_string();
+            nics.push(xml::NewNic { mac: n.mac.clone(), network: target, model });
         }
         let safe: String = spec
             .name
@@ -188,7 +189,13 @@ impl LibvirtDriver {
             initrd: spec.boot.initrd.clone(),
             cmdline: spec.boot.cmdline.clone(),
             uefi: spec.boot.firmware == crate::Firmware::Uefi,
-            disks: spec.disks.iter().map(|d| d.path.clone()).collect(),
+            machine: spec.hardware.machine.to_string(),
+            disks: spec
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| xml::NewDisk { image: d.path.clone(), bus: spec.hardware.disk_bus(i).to_string() })
+                .collect(),
             nics,
             console_log: dir.join("console.log"),
             drover_channel: dir.join("agent.sock"),
@@ -250,6 +257,7 @@ impl LibvirtDriver {
         let mut out = Vec::with_capacity(domains.len());
         for (d, state) in domains {
             let mut unsupported: Vec<String> = d.disks.iter().filter_map(|d| d.untrackable()).collect();
+            let hardware = hardware_of(&d, &mut unsupported);
             if d.disks.is_empty() {
                 unsupported.push("it has no disk".into());
             }
@@ -300,6 +308,7 @@ impl LibvirtDriver {
                 firmware: if d.uefi { crate::Firmware::Uefi } else { crate::Firmware::Bios },
                 owned_by_drover: d.owned_by_drover,
                 unsupported,
+                hardware,
             });
         }
         Ok(out)
@@ -523,6 +532,63 @@ fn power_state(s: DomainState) -> PowerState {
         DomainState::ShutOff => PowerState::Off,
         DomainState::Crashed => PowerState::Died,
     }
+}
+
+/// The hardware a domain's replica gets: its machine family (`q35` in its machine type, else
+/// `pc`), its disks' buses and its NICs' models (libvirt's default, `rtl8139`, when it names
+/// none). A bus or model drover cannot give a replica goes into `unsupported`.
+fn hardware_of(d: &DomainDescription, unsupported: &mut Vec<String>) -> crate::Hardware {
+    use crate::{DiskBus, Machine, NicModel};
+    let machine = match d.machine.as_deref() {
+        Some(m) if m.contains("q35") => Machine::Q35,
+        Some(m) if m == "pc" || m.contains("i440fx") => Machine::Pc,
+        None => Machine::Pc,
+        Some(other) => {
+            unsupported.push(format!("machine type {other} (drover runs replicas as pc or q35)"));
+            Machine::Pc
+        }
+    };
+    let disk_buses = d
+        .disks
+        .iter()
+        .map(|disk| match disk.bus.as_deref() {
+            None | Some("virtio") => DiskBus::Virtio,
+            Some("sata") => DiskBus::Sata,
+            Some("scsi") => DiskBus::Scsi,
+            Some("ide") => DiskBus::Ide,
+            Some(other) => {
+                unsupported.push(format!("disk {} is on bus {other} (virtio, sata, scsi or ide)", disk.target));
+                DiskBus::Virtio
+            }
+        })
+        .collect();
+    let nic_models = d
+        .nics
+        .iter()
+        .map(|n| match n.model.as_deref() {
+            Some("virtio") => NicModel::Virtio,
+            Some("e1000") => NicModel::E1000,
+            Some("e1000e") => NicModel::E1000e,
+            None | Some("rtl8139") => NicModel::Rtl8139,
+            Some(other) => {
+                let mac = n.mac.as_deref().unwrap_or("?");
+                unsupported.push(format!("NIC {mac} is a {other} (virtio, e1000, e1000e or rtl8139)"));
+                NicModel::Virtio
+            }
+        })
+        .collect();
+    let mut h = crate::Hardware { machine, disk_buses, nic_models };
+    // The defaults say nothing: a plain virtio pc VM keeps an empty record.
+    if h.disk_buses.iter().all(|b| *b == DiskBus::Virtio) {
+        h.disk_buses.clear();
+    }
+    if h.nic_models.iter().all(|m| *m == NicModel::Virtio) {
+        h.nic_models.clear();
+    }
+    if let Err(e) = h.check(d.disks.len(), d.nics.len()) {
+        unsupported.push(e);
+    }
+    h
 }
 
 #[async_trait]

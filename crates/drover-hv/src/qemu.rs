@@ -60,8 +60,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    BootSpec, FreezeOutcome, Heartbeat, HvError, HvResult, Hypervisor, PowerState, ShutdownOutcome, TcpPortState,
-    VmSpec, tracking,
+    BootSpec, DiskBus, FreezeOutcome, Heartbeat, HvError, HvResult, Hypervisor, NicModel, PowerState, ShutdownOutcome,
+    TcpPortState, VmSpec, tracking,
 };
 use drover_qemu::qmp::QmpClient;
 
@@ -1021,7 +1021,9 @@ fn qemu_args(
     push(&["-name", &format!("guest={},process=drover-qemu", qemu_opt_escape(&spec.name))]);
     push(&["-uuid", &spec.id.to_string()]);
     push(&["-daemonize", "-pidfile", &qemu_opt_path(&paths.pidfile)?]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc"]);
+    let h = &spec.hardware;
+    h.check(spec.disks.len(), spec.nics.len()).map_err(HvError::InvalidSpec)?;
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-machine", &h.machine.to_string()]);
     match accel {
         ResolvedAccel::Tcg => push(&["-accel", "tcg"]),
         ResolvedAccel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -1035,11 +1037,29 @@ fn qemu_args(
     push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=agent,name={AGENT_CHANNEL}")]);
     push(&["-chardev", &format!("socket,id=qga,path={},server=on,wait=off", qemu_opt_path(&paths.qga)?)]);
     push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=qga,name={GUEST_AGENT_CHANNEL}")]);
+    // The guest's disk buses (a replica's are its source's): an AHCI controller for SATA disks,
+    // a virtio-scsi one for SCSI disks, the machine's own IDE channels (pc only).
+    let buses: Vec<DiskBus> = (0..spec.disks.len()).map(|i| h.disk_bus(i)).collect();
+    if buses.contains(&DiskBus::Sata) {
+        push(&["-device", "ahci,id=ahci0"]);
+    }
+    if buses.contains(&DiskBus::Scsi) {
+        push(&["-device", "virtio-scsi-pci,id=scsi0"]);
+    }
+    let mut on_bus: BTreeMap<DiskBus, usize> = BTreeMap::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         push(&["-blockdev", &format!("driver=file,node-name=file{i},filename={}", qemu_opt_path(&disk.path)?)]);
         push(&["-blockdev", &format!("driver=qcow2,node-name=disk{i},file=file{i},discard=unmap")]);
         let boot = if i == 0 && spec.boot.kernel.is_none() { ",bootindex=0" } else { "" };
-        push(&["-device", &format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{boot}")]);
+        let n = on_bus.entry(buses[i]).or_default();
+        let device = match buses[i] {
+            DiskBus::Virtio => format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{boot}"),
+            DiskBus::Sata => format!("ide-hd,drive=disk{i},bus=ahci0.{n},id=sata{i}{boot}"),
+            DiskBus::Scsi => format!("scsi-hd,drive=disk{i},bus=scsi0.0,id=scsi{i}{boot}"),
+            DiskBus::Ide => format!("ide-hd,drive=disk{i},bus=ide.{},unit={},id=ide{i}{boot}", *n / 2, *n % 2),
+        };
+        *n += 1;
+        push(&["-device", &device]);
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         // Without a bridge: user-mode networking with restrict=on. The guest reaches nothing
@@ -1050,7 +1070,13 @@ fn qemu_args(
             None => format!("user,id=net{i},restrict=on"),
         };
         push(&["-netdev", &netdev]);
-        push(&["-device", &format!("virtio-net-pci,netdev=net{i},mac={},id=nic{i}", nic.mac)]);
+        let model = match h.nic_model(i) {
+            NicModel::Virtio => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+            NicModel::E1000e => "e1000e",
+            NicModel::Rtl8139 => "rtl8139",
+        };
+        push(&["-device", &format!("{model},netdev=net{i},mac={},id=nic{i}", nic.mac)]);
     }
     if spec.boot.firmware == crate::Firmware::Uefi {
         push(&[
@@ -1398,6 +1424,7 @@ mod tests {
                 cmdline: Some("console=ttyS0 quiet".into()),
                 firmware: Default::default(),
             },
+            hardware: Default::default(),
         };
         let paths = VmPaths::new(Path::new("/run/drover"), id);
         let bridges = BTreeMap::from([("dmz".to_owned(), "br-dmz".to_owned())]);
@@ -1456,10 +1483,67 @@ mod tests {
             disks: vec![DiskSpec { path: "/images/a.qcow2".into() }],
             nics: vec![],
             boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+            hardware: Default::default(),
         };
         let args = qemu_args(&spec, &VmPaths::new(Path::new("/r"), id), ResolvedAccel::Tcg, &BTreeMap::new()).unwrap();
         assert!(args.iter().any(|a| a == "virtio-blk-pci,drive=disk0,id=vblk0,bootindex=0"));
         assert!(!args.iter().any(|a| a == "-kernel"));
+    }
+
+    /// Another guest's hardware, as a replica of an imported domain has it: the machine type,
+    /// each disk on its bus (the first one booting), each NIC of its model.
+    #[test]
+    fn a_guests_own_hardware_is_what_qemu_gets() {
+        let id = Uuid::new_v4();
+        let disk = |i: usize| DiskSpec { path: format!("/images/{i}.qcow2").into() };
+        let nic = |i: u8| NicSpec { network: "n".into(), mac: format!("52:54:00:00:00:0{i}"), no_uplink: true };
+        let mut spec = VmSpec {
+            id,
+            name: "vm".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disks: (0..6).map(disk).collect(),
+            nics: vec![nic(1), nic(2), nic(3)],
+            boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+            hardware: crate::Hardware {
+                machine: crate::Machine::Pc,
+                disk_buses: vec![
+                    DiskBus::Sata,
+                    DiskBus::Virtio,
+                    DiskBus::Scsi,
+                    DiskBus::Ide,
+                    DiskBus::Ide,
+                    DiskBus::Sata,
+                ],
+                nic_models: vec![NicModel::E1000, NicModel::Rtl8139],
+            },
+        };
+        let paths = VmPaths::new(Path::new("/r"), id);
+        let line = |spec: &VmSpec| {
+            let args = qemu_args(spec, &paths, ResolvedAccel::Tcg, &BTreeMap::new())?;
+            Ok::<_, HvError>(args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" "))
+        };
+        let l = line(&spec).unwrap();
+        for part in [
+            "-machine pc ",
+            "-device ahci,id=ahci0 -device virtio-scsi-pci,id=scsi0 ",
+            "-device ide-hd,drive=disk0,bus=ahci0.0,id=sata0,bootindex=0 ",
+            "-device virtio-blk-pci,drive=disk1,id=vblk1 ",
+            "-device scsi-hd,drive=disk2,bus=scsi0.0,id=scsi2 ",
+            "-device ide-hd,drive=disk3,bus=ide.0,unit=0,id=ide3 ",
+            "-device ide-hd,drive=disk4,bus=ide.0,unit=1,id=ide4 ",
+            "-device ide-hd,drive=disk5,bus=ahci0.1,id=sata5 ",
+            "-device e1000,netdev=net0,mac=52:54:00:00:00:01,id=nic0 ",
+            "-device rtl8139,netdev=net1,mac=52:54:00:00:00:02,id=nic1 ",
+            "-device virtio-net-pci,netdev=net2,mac=52:54:00:00:00:03,id=nic2",
+        ] {
+            assert!(l.contains(part), "{part:?} in {l}");
+        }
+        // q35 has no IDE channels.
+        spec.hardware.machine = crate::Machine::Q35;
+        assert!(matches!(line(&spec), Err(HvError::InvalidSpec(m)) if m.contains("no IDE")));
+        spec.hardware.disk_buses.retain(|b| *b != DiskBus::Ide);
+        assert!(line(&spec).unwrap().contains("-machine q35 "));
     }
 
     #[test]
@@ -1475,6 +1559,7 @@ mod tests {
             disks: vec![DiskSpec { path: disk }],
             nics: vec![NicSpec { network: "n".into(), mac: "52:54:00:00:00:01".into(), no_uplink: false }],
             boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+            hardware: Default::default(),
         };
         validate_spec(&ok).unwrap();
         let bad = |f: &dyn Fn(&mut VmSpec)| {

@@ -513,6 +513,7 @@ mod tests {
             disks: vec![DiskSpec { path: PathBuf::from(disk) }],
             nics: vec![],
             boot: BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+            hardware: Default::default(),
         }
     }
 

@@ -103,6 +103,7 @@ fn spec(dom: &Domain) -> VmSpec {
         disks: vec![],
         nics: vec![],
         boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+        hardware: Default::default(),
     }
 }
 
@@ -400,6 +401,7 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
             drover_hv::NicSpec { network: "gone".into(), mac: "52:54:00:12:34:5a".into(), no_uplink: false },
         ],
         boot: guest.boot_spec(),
+        hardware: Default::default(),
     };
     struct Undefine(Uuid);
     impl Drop for Undefine {
@@ -492,21 +494,17 @@ fn debian_guest() -> drover_hv::qemu::DebianGuest {
         .unwrap_or_else(|e| panic!("the Debian guest is missing ({e}): run scripts/build-debian-guest"))
 }
 
-/// A replica of a VM that boots under UEFI is a domain of drover's that boots its disk under
-/// UEFI (`<os firmware='efi'>`: libvirt picks OVMF from its firmware descriptors and gives the
-/// domain its own variables store), heard through the guest agent; forgetting it undefines it
-/// with its variables store.
+/// A replica of a VM installed on other hardware than drover's own is a domain of drover's
+/// with that hardware, and the guest boots its disk there, heard through the guest agent:
+/// under UEFI (`<os firmware='efi'>`: libvirt picks OVMF, without Secure Boot, and gives the
+/// domain its own variables store, removed with the domain), and on a q35 machine with its disk
+/// on SATA and an e1000 NIC under BIOS. Discovery reads the same hardware back.
 #[tokio::test]
-async fn a_replica_of_a_uefi_vm_boots_its_disk_under_uefi_as_a_domain_of_drovers() {
+async fn a_replica_boots_on_its_sources_hardware_as_a_domain_of_drovers() {
     testing::ensure_daemon();
     let debian = debian_guest();
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("overlay.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&debian.disk)
-        .arg(&disk));
-    let id = Uuid::new_v4();
+    let hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
     struct Undefine(Uuid);
     impl Drop for Undefine {
         fn drop(&mut self) {
@@ -514,38 +512,69 @@ async fn a_replica_of_a_uefi_vm_boots_its_disk_under_uefi_as_a_domain_of_drovers
             let _ = virsh(&["undefine", &self.0.to_string(), "--nvram"]);
         }
     }
-    let _undefine = Undefine(id);
-    let hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
-    let spec = VmSpec {
-        id,
-        name: "uefi replica".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        disks: vec![drover_hv::DiskSpec { path: disk }],
-        nics: vec![],
-        boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: drover_hv::Firmware::Uefi },
+    let uefi = drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: drover_hv::Firmware::Uefi };
+    let bios = drover_hv::BootSpec { firmware: drover_hv::Firmware::Bios, ..uefi.clone() };
+    let q35_sata = drover_hv::Hardware {
+        machine: drover_hv::Machine::Q35,
+        disk_buses: vec![drover_hv::DiskBus::Sata],
+        nic_models: vec![drover_hv::NicModel::E1000],
     };
-    let started = std::time::Instant::now();
-    hv.power_on(&spec).await.unwrap();
-    hv.wait_heartbeat(id, Duration::from_secs(300)).await.unwrap_or_else(|e| {
-        let console = std::fs::read_to_string(hv.vm_dir(id).join("console.log")).unwrap_or_default();
-        panic!("no heartbeat from the UEFI domain: {e}; console:\n{console}")
-    });
-    println!("the UEFI domain answered {:.1} s after it was started", started.elapsed().as_secs_f64());
-    let xml = String::from_utf8_lossy(&virsh(&["dumpxml", &id.to_string()]).stdout).into_owned();
-    // libvirt resolved `firmware='efi'` into OVMF's code and a variables store of the domain's.
-    let nvram = xml
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("<nvram")?.split_once('>')?.1.strip_suffix("</nvram>").map(PathBuf::from))
-        .unwrap_or_else(|| panic!("no variables store: {xml}"));
-    assert!(nvram.exists(), "{}", nvram.display());
-    assert!(xml.contains("<loader") && xml.contains("OVMF_CODE"), "OVMF as the loader: {xml}");
-    let found = hv.discover().await.unwrap();
-    let d = found.iter().find(|d| d.uuid == id).expect("the replica is a domain");
-    assert_eq!(d.firmware, drover_agent_api::Firmware::Uefi, "{d:?}");
-    hv.forget(id).await.unwrap();
-    assert!(virsh(&["dominfo", &id.to_string()]).status.code() != Some(0), "undefined");
-    assert!(!nvram.exists(), "its variables store is removed with it: {}", nvram.display());
+    for (what, boot, hardware) in [("uefi", uefi, drover_hv::Hardware::default()), ("q35-sata", bios, q35_sata)] {
+        let disk = dir.path().join(format!("{what}.qcow2"));
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&debian.disk)
+            .arg(&disk));
+        let id = Uuid::new_v4();
+        let _undefine = Undefine(id);
+        let nics = if hardware.nic_models.is_empty() {
+            vec![]
+        } else {
+            vec![drover_hv::NicSpec { network: "lan".into(), mac: "52:54:00:12:34:60".into(), no_uplink: true }]
+        };
+        let spec = VmSpec {
+            id,
+            name: format!("{what} replica"),
+            vcpus: 1,
+            memory_mib: 512,
+            disks: vec![drover_hv::DiskSpec { path: disk }],
+            nics,
+            boot,
+            hardware,
+        };
+        let started = std::time::Instant::now();
+        hv.power_on(&spec).await.unwrap();
+        hv.wait_heartbeat(id, Duration::from_secs(300)).await.unwrap_or_else(|e| {
+            let console = std::fs::read_to_string(hv.vm_dir(id).join("console.log")).unwrap_or_default();
+            panic!("no heartbeat from the {what} domain: {e}; console:\n{console}")
+        });
+        println!("the {what} domain answered {:.1} s after it was started", started.elapsed().as_secs_f64());
+        let xml = String::from_utf8_lossy(&virsh(&["dumpxml", &id.to_string()]).stdout).into_owned();
+        let found = hv.discover().await.unwrap();
+        let d = found.iter().find(|d| d.uuid == id).expect("the replica is a domain");
+        assert_eq!(d.hardware, spec.hardware, "{d:?}");
+        if spec.boot.firmware == drover_hv::Firmware::Uefi {
+            assert_eq!(d.firmware, drover_agent_api::Firmware::Uefi, "{d:?}");
+            // libvirt resolved `firmware='efi'` into OVMF's code and a variables store of the
+            // domain's.
+            assert!(xml.contains("<loader") && xml.contains("OVMF_CODE"), "OVMF as the loader: {xml}");
+            let nvram = xml
+                .lines()
+                .find_map(|l| {
+                    l.trim().strip_prefix("<nvram")?.split_once('>')?.1.strip_suffix("</nvram>").map(PathBuf::from)
+                })
+                .unwrap_or_else(|| panic!("no variables store: {xml}"));
+            assert!(nvram.exists(), "{}", nvram.display());
+            hv.forget(id).await.unwrap();
+            assert!(!nvram.exists(), "its variables store is removed with it: {}", nvram.display());
+        } else {
+            assert!(xml.contains("machine='pc-q35"), "{xml}");
+            assert_eq!(d.disks[0].target, "sda");
+            assert!(xml.contains("<model type='e1000'/>"), "{xml}");
+            hv.forget(id).await.unwrap();
+        }
+        assert!(virsh(&["dominfo", &id.to_string()]).status.code() != Some(0), "undefined");
+    }
 }
 
 /// A real guest as users have them: the Debian guest booting from its own disk (no kernel in
@@ -597,6 +626,7 @@ async fn a_debian_domain_is_heard_and_frozen_through_libvirt() {
         disks: vec![],
         nics: vec![],
         boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware: Default::default() },
+        hardware: Default::default(),
     };
     let started = std::time::Instant::now();
     hv.power_on(&spec).await.unwrap();

@@ -95,6 +95,7 @@ impl Fixture {
             disks: vec![DiskSpec { path: disk }],
             nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:00:01".into(), no_uplink: false }],
             boot: self.guest.boot_spec(),
+            hardware: Default::default(),
         }
     }
 }
@@ -313,6 +314,7 @@ async fn a_debian_guest_is_heard_through_the_qemu_guest_agent() {
         // User networking (no uplink): QEMU's DHCP gives it 10.0.2.15.
         nics: vec![NicSpec { network: "test-net".into(), mac: "52:54:00:d0:0d:eb".into(), no_uplink: false }],
         boot: debian.boot_spec(),
+        hardware: Default::default(),
     };
     let started = Instant::now();
     hv.power_on(&spec).await.unwrap();
@@ -374,6 +376,7 @@ async fn a_debian_guest_boots_from_its_disk_under_bios_and_uefi() {
             disks: vec![DiskSpec { path: disk }],
             nics: vec![],
             boot: drover_hv::BootSpec { kernel: None, initrd: None, cmdline: None, firmware },
+            hardware: Default::default(),
         };
         let started = Instant::now();
         hv.power_on(&spec).await.unwrap();

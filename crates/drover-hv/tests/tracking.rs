@@ -121,6 +121,7 @@ impl Fixture {
             disks: vec![DiskSpec { path: disk }],
             nics: vec![],
             boot: self.guest.as_ref().expect("a guest").boot_spec(),
+            hardware: Default::default(),
         };
         hv.power_on(&spec).await.unwrap();
         hv.wait_heartbeat(spec.id, BOOT_TIMEOUT).await.unwrap_or_else(|e| {

@@ -38,6 +38,8 @@ pub struct DomainDescription {
     pub cmdline: Option<String>,
     /// Its firmware is UEFI (`<os firmware='efi'>`, or a pflash loader).
     pub uefi: bool,
+    /// Its machine type (`<os><type machine=...>`: `pc-q35-7.2`, `pc-i440fx-8.0`, `pc`...).
+    pub machine: Option<String>,
     /// Defined by drover (its `<metadata>` carries drover's element): drover may redefine or
     /// undefine it. Any other domain is the administrator's and is never redefined.
     pub owned_by_drover: bool,
@@ -126,6 +128,7 @@ impl DomainDescription {
             initrd: None,
             cmdline: None,
             uefi: false,
+            machine: None,
             owned_by_drover: false,
         };
         // The device being read (its element ended pushes it).
@@ -152,6 +155,7 @@ impl DomainDescription {
                     ["domain", "memory"] => memory_unit = attr(&e, "unit")?.unwrap_or_else(|| "KiB".into()),
                     ["domain", "os"] => d.uefi |= attr(&e, "firmware")?.as_deref() == Some("efi"),
                     ["domain", "os", "loader"] => d.uefi |= attr(&e, "type")?.as_deref() == Some("pflash"),
+                    ["domain", "os", "type"] => d.machine = attr(&e, "machine")?,
                     ["domain", "metadata", _] if name.ends_with(":vm") || name == "vm" => {
                         let prefix = name.split_once(':').map(|(p, _)| p);
                         let ns_attr = prefix.map_or("xmlns".to_string(), |p| format!("xmlns:{p}"));
@@ -329,15 +333,35 @@ pub struct NewDomain {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
-    /// UEFI firmware (libvirt picks OVMF) instead of BIOS.
+    /// UEFI firmware (libvirt picks OVMF, without Secure Boot) instead of BIOS.
     pub uefi: bool,
-    /// qcow2 images, in order (`vda`, `vdb`, ...).
-    pub disks: Vec<PathBuf>,
-    /// NICs: MAC and the libvirt network it is on.
-    pub nics: Vec<(String, String)>,
+    /// The machine type: `pc` or `q35` (libvirt takes the newest of that family).
+    pub machine: String,
+    /// qcow2 images, in order (named `vda`, `vdb`... on virtio, `sda`... on SATA or SCSI, `hda`...
+    /// on IDE).
+    pub disks: Vec<NewDisk>,
+    pub nics: Vec<NewNic>,
     pub console_log: PathBuf,
     /// The host socket of drover's channel (`org.drover.agent`).
     pub drover_channel: PathBuf,
+}
+
+/// A disk of a [`NewDomain`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDisk {
+    pub image: PathBuf,
+    /// `virtio`, `sata`, `scsi` (on a virtio-scsi controller) or `ide`.
+    pub bus: String,
+}
+
+/// A NIC of a [`NewDomain`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNic {
+    pub mac: String,
+    /// The libvirt network it is on.
+    pub network: String,
+    /// `virtio`, `e1000`, `e1000e`, `rtl8139`.
+    pub model: String,
 }
 
 impl NewDomain {
@@ -347,14 +371,22 @@ impl NewDomain {
         let mut x = format!(
             "<domain type='{}'><name>{}</name><uuid>{}</uuid>\
              <metadata><drover:vm xmlns:drover='{DROVER_NS}'/></metadata>\
-             <memory unit='MiB'>{}</memory><vcpu>{}</vcpu><os{}><type arch='x86_64' machine='pc'>hvm</type>",
+             <memory unit='MiB'>{}</memory><vcpu>{}</vcpu><os{}><type arch='x86_64' machine='{}'>hvm</type>",
             e(&self.domain_type),
             e(&self.name),
             self.uuid,
             self.memory_mib,
             self.vcpus,
-            if self.uefi { " firmware='efi'" } else { "" }
+            if self.uefi { " firmware='efi'" } else { "" },
+            e(&self.machine)
         );
+        if self.uefi {
+            // Without this libvirt picks the Secure Boot firmware with Microsoft's keys enrolled
+            // wherever the machine has SMM (q35), and an unsigned bootloader is refused.
+            x.push_str(
+                "<firmware><feature enabled='no' name='secure-boot'/><feature enabled='no' name='enrolled-keys'/></firmware>",
+            );
+        }
         match &self.kernel {
             Some(k) => {
                 x.push_str(&format!("<kernel>{}</kernel>", p(k)));
@@ -370,19 +402,33 @@ impl NewDomain {
         x.push_str(
             "</os><features><acpi/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash><devices>",
         );
-        for (i, d) in self.disks.iter().enumerate() {
+        // Each bus family names its disks from `a` on: vd (virtio), sd (SATA and SCSI), hd (IDE).
+        let mut named: std::collections::BTreeMap<&str, usize> = Default::default();
+        for d in &self.disks {
+            let prefix = match d.bus.as_str() {
+                "sata" | "scsi" => "sd",
+                "ide" => "hd",
+                _ => "vd",
+            };
+            let n = named.entry(prefix).or_default();
             x.push_str(&format!(
                 "<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>\
-                 <source file='{}'/><target dev='vd{}' bus='virtio'/></disk>",
-                p(d),
-                disk_letter(i)
+                 <source file='{}'/><target dev='{prefix}{}' bus='{}'/></disk>",
+                p(&d.image),
+                disk_letter(*n),
+                e(&d.bus)
             ));
+            *n += 1;
         }
-        for (mac, network) in &self.nics {
+        if self.disks.iter().any(|d| d.bus == "scsi") {
+            x.push_str("<controller type='scsi' index='0' model='virtio-scsi'/>");
+        }
+        for n in &self.nics {
             x.push_str(&format!(
-                "<interface type='network'><mac address='{}'/><source network='{}'/><model type='virtio'/></interface>",
-                e(mac),
-                e(network)
+                "<interface type='network'><mac address='{}'/><source network='{}'/><model type='{}'/></interface>",
+                e(&n.mac),
+                e(&n.network),
+                e(&n.model)
             ));
         }
         x.push_str(&format!(
@@ -612,8 +658,9 @@ mod tests {
             initrd: None,
             cmdline: Some("console=ttyS0 a='b'".into()),
             uefi: false,
-            disks: (0..28).map(|i| PathBuf::from(format!("/d/{i}.qcow2"))).collect(),
-            nics: vec![("52:54:00:00:00:01".into(), "dr-net".into())],
+            machine: "pc".into(),
+            disks: (0..28).map(|i| NewDisk { image: format!("/d/{i}.qcow2").into(), bus: "virtio".into() }).collect(),
+            nics: vec![NewNic { mac: "52:54:00:00:00:01".into(), network: "dr-net".into(), model: "virtio".into() }],
             console_log: "/r/console.log".into(),
             drover_channel: "/r/agent.sock".into(),
         };
@@ -626,9 +673,34 @@ mod tests {
         assert_eq!(d.nics[0].source.as_deref(), Some("dr-net"));
         assert_eq!(d.channel_path("org.drover.agent"), Some(std::path::Path::new("/r/agent.sock")));
         assert!(!d.uefi);
-        let disk_boot = NewDomain { kernel: None, uefi: true, ..n };
+        assert_eq!(d.machine.as_deref(), Some("pc"));
+        let disk_boot = NewDomain { kernel: None, uefi: true, ..n.clone() };
         assert!(disk_boot.xml().contains("<boot dev='hd'/>"));
         assert!(DomainDescription::parse(&disk_boot.xml()).unwrap().uefi, "UEFI reads back");
+
+        // Another guest's hardware: q35, SATA and SCSI disks named in one family, an IDE-less
+        // machine, an e1000 NIC.
+        let buses = ["sata", "virtio", "scsi", "sata"];
+        let other = NewDomain {
+            machine: "q35".into(),
+            disks: buses
+                .iter()
+                .enumerate()
+                .map(|(i, b)| NewDisk { image: format!("/d/{i}.qcow2").into(), bus: (*b).into() })
+                .collect(),
+            nics: vec![NewNic { mac: "52:54:00:00:00:02".into(), network: "n".into(), model: "e1000".into() }],
+            ..n
+        };
+        let xml = other.xml();
+        assert!(xml.contains("<controller type='scsi' index='0' model='virtio-scsi'/>"), "{xml}");
+        let d = DomainDescription::parse(&xml).unwrap();
+        assert_eq!(d.machine.as_deref(), Some("q35"));
+        let disks: Vec<(&str, Option<&str>)> = d.disks.iter().map(|x| (x.target.as_str(), x.bus.as_deref())).collect();
+        assert_eq!(
+            disks,
+            [("sda", Some("sata")), ("vda", Some("virtio")), ("sdb", Some("scsi")), ("sdc", Some("sata"))]
+        );
+        assert_eq!(d.nics[0].model.as_deref(), Some("e1000"));
     }
 
     #[test]

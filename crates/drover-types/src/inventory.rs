@@ -237,8 +237,67 @@ pub struct Vm {
     /// power-on (neither loopback nor link-local; at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guest_addresses: Vec<String>,
+    /// The machine type, disk buses and NIC models its guest was installed on (an imported
+    /// domain's); its replica gets the same.
+    #[serde(default, skip_serializing_if = "VmHardware::is_default")]
+    pub hardware: VmHardware,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// A VM's virtual hardware: the machine type, and per disk and per NIC (in their order; past
+/// the end: virtio) the bus and model. The default is what drover's own VMs get.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHardware {
+    #[serde(default)]
+    pub machine: MachineType,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_buses: Vec<DiskBus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nic_models: Vec<NicModel>,
+}
+
+impl VmHardware {
+    pub fn is_default(&self) -> bool {
+        *self == VmHardware::default()
+    }
+    pub fn disk_bus(&self, i: usize) -> DiskBus {
+        self.disk_buses.get(i).copied().unwrap_or_default()
+    }
+    pub fn nic_model(&self, i: usize) -> NicModel {
+        self.nic_models.get(i).copied().unwrap_or_default()
+    }
+}
+
+/// QEMU's `pc` (i440FX) or `q35` machine type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineType {
+    #[default]
+    Pc,
+    Q35,
+}
+
+/// The bus a VM's disk is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Sata,
+    Scsi,
+    Ide,
+}
+
+/// A VM's NIC model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    #[default]
+    Virtio,
+    E1000,
+    E1000e,
+    Rtl8139,
 }
 
 pub const VM_MAX_VCPUS: u32 = 64;

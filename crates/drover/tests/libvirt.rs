@@ -196,6 +196,14 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     prod.vm_write_marker(vm_uuid, "one").await.unwrap();
 
     assert_eq!(vm["nics"][0]["network"], prod_net.0.as_str(), "{vm}");
+    // Its hardware as its definition says (libvirt's default NIC model when it names none),
+    // for its replica.
+    assert_eq!(vm["hardware"]["machine"], "pc", "{vm}");
+    assert_eq!(vm["hardware"]["disk_buses"], json!(["virtio", "virtio"]), "{vm}");
+    let model = vm["hardware"]["nic_models"][0].as_str().unwrap().to_string();
+    let defined = dom.xml();
+    let named = defined.split("<interface").nth(1).and_then(|i| i.split("<model type='").nth(1));
+    assert_eq!(named.map_or("rtl8139", |m| m.split('\'').next().unwrap()), model, "{defined}");
     let networks = api.ok(M::GET, &format!("/v1/hosts/{dr_id}/networks"), None).await;
     let offered = json!([{"name": "dr-lan", "target": format!("libvirt network {}", dr_net.0), "available": true}]);
     assert_eq!(networks, offered);
@@ -246,6 +254,7 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     assert!(replica_xml.contains("dev='vdb'"), "with both disks: {replica_xml}");
     assert!(replica_xml.contains(&format!("<source network='{}'", dr_net.0)), "on dr-lan: {replica_xml}");
     assert!(replica_xml.contains("52:54:00:6c:76:01"), "with production's MAC: {replica_xml}");
+    assert!(replica_xml.contains(&format!("<model type='{model}'/>")), "and its NIC model: {replica_xml}");
     assert!(mentions(&lines, &format!("NIC 52:54:00:6c:76:01 ({}): on network dr-lan", prod_net.0)), "{lines:?}");
     let at_dr = dr.domains().await.unwrap();
     assert!(at_dr.iter().any(|d| d.uuid == replica_id && d.owned_by_drover), "{at_dr:?}");

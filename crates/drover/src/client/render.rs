@@ -249,16 +249,23 @@ pub fn host_networks(networks: &[drover_api::views::HostNetworkView]) -> Table {
 }
 
 pub fn vm(v: &VmView) -> String {
+    let bus = |i: usize| v.hardware.disk_buses.get(i).map_or("virtio", String::as_str);
     let disks: Vec<String> = v
         .disks
         .iter()
-        .map(|d| match &d.import_from {
-            Some(src) => format!("{} (imported from {src})", d.name),
-            None => format!("{} ({})", d.name, format_size(d.size_bytes)),
+        .enumerate()
+        .map(|(i, d)| match &d.import_from {
+            Some(src) => format!("{} (imported from {src}; {})", d.name, bus(i)),
+            None => format!("{} ({}, {})", d.name, format_size(d.size_bytes), bus(i)),
         })
         .collect();
-    let nics: Vec<String> =
-        v.nics.iter().map(|n| format!("{} ({})", n.network, n.mac.as_deref().unwrap_or("auto"))).collect();
+    let model = |i: usize| v.hardware.nic_models.get(i).map_or("virtio", String::as_str);
+    let nics: Vec<String> = v
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{} ({}, {})", n.network, n.mac.as_deref().unwrap_or("auto"), model(i)))
+        .collect();
     details(&[
         ("id", v.id.to_string()),
         ("name", v.name.clone()),
@@ -270,6 +277,7 @@ pub fn vm(v: &VmView) -> String {
         ("nics", list_or_dash(&nics)),
         ("tags", list_or_dash(&v.tags)),
         ("kernel", opt(&v.boot.kernel)),
+        ("machine", v.hardware.machine.clone()),
         ("addresses", list_or_dash(&v.guest_addresses)),
         ("libvirt domain", opt(&v.libvirt_domain)),
         ("host", v.host_id.to_string()),

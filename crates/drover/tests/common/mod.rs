@@ -307,6 +307,7 @@ pub async fn start_behind_drovers_back(
             cmdline: Some("console=ttyS0 quiet".into()),
             firmware: Default::default(),
         },
+        hardware: Default::default(),
     };
     // A restarted agent learns its datastores again from the control plane's next call.
     let path = datastore["path"].as_str().unwrap().into();
