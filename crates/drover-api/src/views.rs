@@ -476,6 +476,8 @@ pub struct HostDomainView {
     pub nics: Vec<HostDomainNicView>,
     /// Direct kernel boot, when the domain boots so.
     pub kernel: Option<String>,
+    /// The machine type, disk buses and NIC models its replica would get.
+    pub hardware: HardwareView,
     pub owned_by_drover: bool,
     /// Why drover cannot protect it as it is; empty when it can be imported.
     pub unsupported: Vec<String>,
@@ -527,7 +529,14 @@ pub struct HostDomainNicView {
 
 impl HostDomainView {
     pub fn new(d: drover_agent_api::HostDomain, imported_as: Option<Uuid>) -> Self {
+        let h = &d.hardware;
+        let hardware = HardwareView {
+            machine: h.machine.to_string(),
+            disk_buses: (0..d.disks.len()).map(|i| h.disk_bus(i).to_string()).collect(),
+            nic_models: (0..d.nics.len()).map(|i| h.nic_model(i).to_string()).collect(),
+        };
         HostDomainView {
+            hardware,
             uuid: d.uuid,
             name: d.name,
             state: d.state.into(),

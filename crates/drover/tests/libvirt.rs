@@ -166,6 +166,8 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     assert_eq!(listed["unsupported"], json!([]), "{listed}");
     assert_eq!(listed["imported_as"], Value::Null);
     assert_eq!(listed["disks"][0]["source"], dom.image.to_string_lossy().as_ref());
+    assert_eq!(listed["hardware"]["machine"], "pc", "{listed}");
+    assert_eq!(listed["hardware"]["disk_buses"], json!(["virtio", "virtio"]), "{listed}");
 
     let (status, v) = api.send(M::POST, "/v1/vms/import", Some(json!({"host_id": prod_id, "domain": "nope"}))).await;
     assert_eq!(status, 404, "{v}");

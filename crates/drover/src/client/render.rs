@@ -207,14 +207,20 @@ pub fn vms(page: &Page<VmView>) -> Table {
 }
 
 pub fn host_domains(domains: &[drover_api::views::HostDomainView]) -> Table {
-    let mut t = Table::new(&["UUID", "NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "IMPORT"]);
+    let mut t = Table::new(&["UUID", "NAME", "STATE", "VCPUS", "MEMORY", "MACHINE", "DISKS", "IMPORT"]);
     for d in domains {
         let disks: Vec<String> = d
             .disks
             .iter()
-            .map(|x| match x.size_bytes {
-                Some(s) => format!("{} {} ({})", x.target, x.format.as_deref().unwrap_or("?"), format_size(s)),
-                None => format!("{} {}", x.target, x.format.as_deref().unwrap_or("?")),
+            .enumerate()
+            .map(|(i, x)| {
+                let bus = d.hardware.disk_buses.get(i).map_or("?", String::as_str);
+                match x.size_bytes {
+                    Some(s) => {
+                        format!("{} {} {bus} ({})", x.target, x.format.as_deref().unwrap_or("?"), format_size(s))
+                    }
+                    None => format!("{} {} {bus}", x.target, x.format.as_deref().unwrap_or("?")),
+                }
             })
             .collect();
         let import = match (d.imported_as, d.unsupported.is_empty()) {
@@ -228,6 +234,7 @@ pub fn host_domains(domains: &[drover_api::views::HostDomainView]) -> Table {
             wire_name(&d.state),
             d.vcpus.to_string(),
             format!("{} MiB", d.memory_mib),
+            d.hardware.machine.clone(),
             list_or_dash(&disks),
             import,
         ]);
