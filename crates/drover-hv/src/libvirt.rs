@@ -1291,6 +1291,36 @@ pub mod testing {
         Command::new("virsh").args(["-c", URI, "version"]).output().map(|o| o.status.success()).unwrap_or(false)
     }
 
+    /// A libvirt network of a test's (no forward, no address), defined and started under a
+    /// fresh name (its `.0`); destroyed and undefined when dropped.
+    #[derive(Debug)]
+    pub struct TestNetwork(pub String);
+
+    impl TestNetwork {
+        /// # Panics
+        /// When libvirt refuses it.
+        pub fn start() -> Self {
+            let name = format!("drover-t-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+            let dir = std::env::temp_dir().join(format!("{name}.xml"));
+            std::fs::write(&dir, format!("<network><name>{name}</name><bridge stp='off'/></network>")).unwrap();
+            let virsh = |args: &[&str]| Command::new("virsh").args(["-c", URI]).args(args).output().unwrap();
+            let net = TestNetwork(name);
+            let defined = virsh(&["net-define", &dir.to_string_lossy()]);
+            let _ = std::fs::remove_file(&dir);
+            assert!(defined.status.success(), "defining {}: {}", net.0, String::from_utf8_lossy(&defined.stderr));
+            assert!(virsh(&["net-start", &net.0]).status.success(), "starting {}", net.0);
+            net
+        }
+    }
+
+    impl Drop for TestNetwork {
+        fn drop(&mut self) {
+            for what in ["net-destroy", "net-undefine"] {
+                let _ = Command::new("virsh").args(["-c", URI, what, &self.0]).output();
+            }
+        }
+    }
+
     /// Defines, with `virsh define`, as an administrator would outside drover, a domain named
     /// `name` that boots the tiny guest (`guest`) directly with `image` as its disk `vda` and
     /// drover's channel as a socket in `dir` (where its console log and definition go too).

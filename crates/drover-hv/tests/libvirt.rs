@@ -373,7 +373,7 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     let admins = Domain::define(&guest);
     let dir = tempfile::tempdir().unwrap();
     // A libvirt network of the host's ("dr-lan" to drover), and one declared but not there.
-    let net = TestNetwork::start();
+    let net = testing::TestNetwork::start();
     let mut hv = LibvirtDriver::new(testing::URI, dir.path().join("run"));
     let missing = format!("{}-missing", net.0);
     hv.set_networks([("dr-lan".to_string(), net.0.clone()), ("gone".to_string(), missing.clone())].into());
@@ -459,30 +459,6 @@ async fn a_replica_runs_as_a_domain_of_drovers_and_is_undefined_when_forgotten()
     // The administrator's domain is left as it is.
     hv.forget(admins.uuid).await.unwrap();
     assert!(virsh(&["dominfo", &admins.name]).status.success(), "an imported domain is never undefined");
-}
-
-/// A libvirt network of the test's (no forward, no address), destroyed and undefined when
-/// dropped.
-struct TestNetwork(String);
-
-impl TestNetwork {
-    fn start() -> Self {
-        let name = format!("drover-t-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let dir = tempfile::tempdir().unwrap();
-        let xml = dir.path().join("net.xml");
-        std::fs::write(&xml, format!("<network><name>{name}</name><bridge stp='off'/></network>")).unwrap();
-        let net = TestNetwork(name);
-        assert!(virsh(&["net-define", xml.to_str().unwrap()]).status.success(), "defining {}", net.0);
-        assert!(virsh(&["net-start", &net.0]).status.success(), "starting {}", net.0);
-        net
-    }
-}
-
-impl Drop for TestNetwork {
-    fn drop(&mut self) {
-        let _ = virsh(&["net-destroy", &self.0]);
-        let _ = virsh(&["net-undefine", &self.0]);
-    }
 }
 
 /// The Debian guest (`scripts/build-debian-guest`), or a panic saying how to build it.

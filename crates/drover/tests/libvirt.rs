@@ -28,29 +28,6 @@ fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh").args(["-c", URI]).args(args).output().unwrap()
 }
 
-/// A libvirt network of the test's (no forward, no address), destroyed and undefined when
-/// dropped.
-struct TestNetwork(String);
-
-impl TestNetwork {
-    fn start(root: &Path) -> Self {
-        let name = format!("drover-t-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let xml = root.join(format!("{name}.xml"));
-        std::fs::write(&xml, format!("<network><name>{name}</name><bridge stp='off'/></network>")).unwrap();
-        let net = TestNetwork(name);
-        assert!(virsh(&["net-define", xml.to_str().unwrap()]).status.success(), "defining {}", net.0);
-        assert!(virsh(&["net-start", &net.0]).status.success(), "starting {}", net.0);
-        net
-    }
-}
-
-impl Drop for TestNetwork {
-    fn drop(&mut self) {
-        let _ = virsh(&["net-destroy", &self.0]);
-        let _ = virsh(&["net-undefine", &self.0]);
-    }
-}
-
 /// A libvirt agent for `name` under `root`, enrolled with `token`, offering `networks`
 /// (`--network`); it and its URL.
 fn libvirt_agent(root: &Path, name: &str, enroll: (&str, &str), networks: &[String]) -> (Proc, String) {
@@ -135,7 +112,8 @@ async fn an_existing_libvirt_domain_is_imported_replicated_and_failed_over_into_
     let root = dir.path();
     // The administrator's domain has a NIC on a network of production's; the DR agent offers
     // another network as "dr-lan".
-    let (prod_net, dr_net) = (TestNetwork::start(root), TestNetwork::start(root));
+    let (prod_net, dr_net) =
+        (drover_hv::libvirt::testing::TestNetwork::start(), drover_hv::libvirt::testing::TestNetwork::start());
     let mut dom = AdminDomain::define(root);
     let nic = ["attach-interface", &dom.name, "network", &prod_net.0, "--mac", "52:54:00:6c:76:01", "--config"];
     assert!(virsh(&nic).status.success());
