@@ -593,6 +593,14 @@ async fn updates_apply_and_bad_updates_change_nothing() {
         "retention_points",
     )
     .await;
+    let twice = json!({"network_mappings": [{"from": "lan", "to": "a"}, {"from": "lan", "to": "b"}]});
+    let path = format!("/v1/replication-jobs/{job}");
+    expect(&server, &t, Method::PATCH, &path, Some(twice), StatusCode::BAD_REQUEST, "\"lan\" is mapped twice").await;
+    let many: Vec<_> = (0..65).map(|i| json!({"from": format!("n{i}"), "to": "dr"})).collect();
+    let many = json!({ "network_mappings": many });
+    expect(&server, &t, Method::PATCH, &path, Some(many), StatusCode::BAD_REQUEST, "at most 64 network mappings").await;
+    let unnamed = json!({"network_mappings": [{"from": "lan", "to": ""}]});
+    expect(&server, &t, Method::PATCH, &path, Some(unnamed), StatusCode::BAD_REQUEST, "network name").await;
     expect(
         &server,
         &t,

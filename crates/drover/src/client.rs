@@ -68,7 +68,9 @@ pub struct GlobalOpts {
         global = true,
         help_heading = "Global options",
         value_name = "ACCESS_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        // An access token is base64url: one in 64 starts with '-'.
+        allow_hyphen_values = true
     )]
     pub token: Option<String>,
 }
@@ -330,5 +332,23 @@ fn read_input_file(path: &std::path::Path) -> anyhow::Result<String> {
         std::io::read_to_string(std::io::stdin()).context("cannot read stdin")
     } else {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: super::GlobalOpts,
+    }
+
+    /// A token is base64url: it may start with '-' and is still the token's value.
+    #[test]
+    fn a_token_may_start_with_a_hyphen() {
+        let cli = Cli::try_parse_from(["drover", "--token", "-3lgesqbvcsnH5HjGZ9"]).unwrap();
+        assert_eq!(cli.global.token.as_deref(), Some("-3lgesqbvcsnH5HjGZ9"));
     }
 }
