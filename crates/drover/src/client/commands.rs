@@ -31,7 +31,7 @@ pub struct LoginArgs {
     pub user: String,
     /// The password; asked for on the terminal when absent. Visible to other local users in the
     /// process list: prefer the prompt or DROVER_PASSWORD.
-    #[arg(long, env = "DROVER_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = "DROVER_PASSWORD", hide_env_values = true, allow_hyphen_values = true)]
     pub password: Option<String>,
 }
 
@@ -594,7 +594,7 @@ pub enum UserCommand {
         #[arg(long)]
         role: String,
         /// At least 8 characters; asked for on the terminal when absent.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         password: Option<String>,
         /// Another tenant (administrators of the system tenant only).
         #[arg(long)]
@@ -606,7 +606,7 @@ pub enum UserCommand {
         id: Uuid,
         /// The new password, at least 8 characters. Visible to other local users in the process
         /// list: prefer DROVER_NEW_PASSWORD.
-        #[arg(long, env = "DROVER_NEW_PASSWORD", hide_env_values = true)]
+        #[arg(long, env = "DROVER_NEW_PASSWORD", hide_env_values = true, allow_hyphen_values = true)]
         password: Option<String>,
         /// Viewer, PlanOperator, PlanAuthor or Administrator.
         #[arg(long)]
@@ -1507,6 +1507,19 @@ mod tests {
         assert_eq!(job_update_body(&a).unwrap(), json!({"consistency": "off"}));
         let e = try_parse(&["job", "update", A, "--consistency", "sometimes"]).unwrap_err();
         assert!(e.to_string().contains("expected require, try or off"), "{e}");
+    }
+
+    /// A password may start with '-': it is the password, not an option.
+    #[test]
+    fn passwords_may_start_with_a_hyphen() {
+        let ClientCommand::Login(l) = parse(&["login", "--user", "admin", "--password", "-secret-1"]) else { panic!() };
+        assert_eq!(l.password.as_deref(), Some("-secret-1"));
+        let ClientCommand::User(UserCommand::Update { password, .. }) =
+            parse(&["user", "update", A, "--password", "--long-one"])
+        else {
+            panic!()
+        };
+        assert_eq!(password.as_deref(), Some("--long-one"));
     }
 
     #[test]
