@@ -39,8 +39,9 @@ pub struct HypervisorArgs {
     #[arg(long, env = "DROVER_GUEST_DIR")]
     pub guest_dir: Option<PathBuf>,
     /// A network VMs on this host may be connected to, `NAME=TARGET` (repeat it, or separate
-    /// with commas): a replica's NIC whose source network maps to NAME (the replication job's
-    /// network mapping, else the same name) is connected to TARGET, a libvirt network with
+    /// with commas): a NIC on network NAME of a VM drover runs here, and a replica's NIC whose
+    /// source network maps to NAME (the replication job's network mapping, else the same name),
+    /// is connected to TARGET, a libvirt network with
     /// `--hypervisor libvirt` (a host bridge through a libvirt network with `<forward
     /// mode='bridge'/>`), a bridge with `--hypervisor qemu` (allowed in qemu-bridge-helper's
     /// bridge.conf). `NAME` alone means `NAME=NAME`. Requests never name host networks: any
